@@ -1,0 +1,49 @@
+"""Attention metadata for one forward step, and the paged attention layer op.
+
+The runner builds one ``AttentionMetadata`` per step for the flat batch of
+scheduled tokens; every layer reads it. Sequences appear in the same order
+as their tokens in the flat batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (-1: skip)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_query_lens: torch.Tensor  # [B+1] int32 offsets of each sequence's tokens
+    context_lens: torch.Tensor  # [B] int32 tokens in cache after this step
+    decode_only: bool  # every sequence has exactly one new token
+    k_scale: float = 1.0  # fp8 KV scales (1.0 for bf16/fp16/fp32 caches)
+    v_scale: float = 1.0
+
+
+def paged_attention_layer(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,  # [T, Hk, D]
+    layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V into the cache, then attend over the cache.
+
+    Returns [T, Hq, D]."""
+    k_cache, v_cache = layer_cache[0], layer_cache[1]
+    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.k_scale, meta.v_scale)
+    if meta.decode_only:
+        return ops.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+            meta.k_scale, meta.v_scale,
+        )
+    return ops.paged_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.cu_query_lens, meta.context_lens,
+        scale, meta.k_scale, meta.v_scale,
+    )

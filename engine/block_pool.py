@@ -1,0 +1,118 @@
+"""The KV block pool: reference counts, prefix-cache map and LRU eviction.
+
+Plain integers only; tensors live in the model runner. A block is *free*
+when no sequence references it. A free block may still hold a cached
+prefix (it has a hash): it stays findable until it is reused, and free
+blocks are reused least-recently-freed first, uncached ones before cached.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from engine.errors import OutOfBlocksError
+
+
+@dataclass
+class CacheEvents:
+    """Prefix-cache changes since the last drain (the router's index feed)."""
+
+    stored: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # free block ids in reuse order: front is reused first
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._events = CacheEvents()
+        self.hits = 0
+        self.queries = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The block holding the cached content with this hash, if any."""
+        if not self.enable_prefix_caching:
+            return None
+        return self.hash_to_block.get(block_hash)
+
+    def allocate(self) -> int:
+        """Take a free block for new content (ref count 1), evicting its cached
+        content if it had any."""
+        if not self._free:
+            raise OutOfBlocksError("no free KV blocks")
+        block_id, _ = self._free.popitem(last=False)
+        old = self.block_hash[block_id]
+        if old is not None:
+            del self.hash_to_block[old]
+            self.block_hash[block_id] = None
+            self._events.evicted.append(old)
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def acquire(self, block_id: int) -> None:
+        """Add a reference to an existing (possibly free, cached) block."""
+        if self.ref_counts[block_id] == 0:
+            del self._free[block_id]
+        self.ref_counts[block_id] += 1
+
+    def release(self, block_id: int) -> None:
+        rc = self.ref_counts[block_id]
+        if rc <= 0:
+            raise RuntimeError(f"block {block_id} released more often than acquired")
+        self.ref_counts[block_id] = rc - 1
+        if rc == 1:
+            self._free[block_id] = None
+            if self.block_hash[block_id] is None:
+                # nothing worth keeping: reuse it before any cached block
+                self._free.move_to_end(block_id, last=False)
+
+    def set_hash(self, block_id: int, block_hash: int) -> None:
+        """Register a full, computed block's content for prefix reuse."""
+        if not self.enable_prefix_caching or self.block_hash[block_id] is not None:
+            return
+        if block_hash in self.hash_to_block:
+            return  # the same content already lives in another block
+        self.block_hash[block_id] = block_hash
+        self.hash_to_block[block_hash] = block_id
+        self._events.stored.append(block_hash)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached-but-free block (e.g. after weights change)."""
+        for block_id in list(self._free):
+            h = self.block_hash[block_id]
+            if h is not None:
+                del self.hash_to_block[h]
+                self.block_hash[block_id] = None
+                self._events.evicted.append(h)
+
+    def drain_events(self) -> CacheEvents:
+        ev, self._events = self._events, CacheEvents()
+        return ev
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the accounting is inconsistent."""
+        free = set(self._free)
+        assert len(free) == len(self._free)
+        for b in range(self.num_blocks):
+            rc = self.ref_counts[b]
+            assert rc >= 0, f"block {b} has negative refs"
+            assert (rc == 0) == (b in free), f"block {b}: refs {rc} but free={b in free}"
+        for h, b in self.hash_to_block.items():
+            assert self.block_hash[b] == h, f"hash map points {h} at block {b} holding another hash"
+        assert sum(1 for h in self.block_hash if h is not None) == len(self.hash_to_block)

@@ -1,0 +1,166 @@
+"""Model and engine configuration.
+
+``ModelConfig`` is what the engine needs from a Hugging Face ``config.json``
+(parsed and checked by ``engine.loader``); ``EngineConfig`` is how one engine
+instance runs (cache size, batching limits, device, dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.errors import CheckpointError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+# architecture name -> family; families share one implementation with flags.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    o_proj_bias: bool = False  # Llama/Qwen3 ``attention_bias`` also covers o_proj
+    mlp_bias: bool = False  # Llama ``mlp_bias``: gate/up/down carry a bias
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise CheckpointError(
+                f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        family = ARCHITECTURES[arch]
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+            rope_theta, rope_scaling = _rope_params(cfg)
+            # Which projections carry biases differs by family, as in transformers:
+            # Qwen2 always biases q/k/v, Mistral never, Llama/Qwen3 follow attention_bias.
+            cfg_bias = bool(cfg.get("attention_bias", False))
+            qkv_bias = {"qwen2": True, "mistral": False}.get(family, cfg_bias)
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{source}: unsupported torch_dtype {dtype!r}")
+            return cls(
+                architecture=arch,
+                family=family,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                max_position=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=qkv_bias,
+                qk_norm=family == "qwen3",
+                rope_scaling=rope_scaling,
+                # Mistral has no use_sliding_window switch: a window is on when set.
+                sliding_window=(
+                    cfg.get("sliding_window")
+                    if cfg.get("use_sliding_window") or family == "mistral"
+                    else None
+                ),
+                dtype=dtype,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                o_proj_bias=family in ("llama", "qwen3") and cfg_bias,
+                mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: invalid value: {e}") from None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=kv_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either config layout.
+
+    transformers < 5 writes ``rope_theta`` and ``rope_scaling`` at top level;
+    transformers >= 5 writes one ``rope_parameters`` dict holding both, with
+    ``rope_type: "default"`` meaning no scaling. Scaling dicts are returned as
+    written (``type`` or ``rope_type``); engine.models.rope reads either."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be an object, got {params!r}")
+    theta = cfg.get("rope_theta") or (params or {}).get("rope_theta") or 10000.0
+    kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
+    scaling = None if kind == "default" else dict(params)
+    return float(theta), scaling
+
+
+@dataclass
+class EngineConfig:
+    model: str  # checkpoint directory
+    model_id: str | None = None  # served name; defaults to the directory name
+    dtype: str | None = None  # None: the checkpoint's dtype (bf16 -> fp32 on CPU)
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 0.5
+    kv_cache_dtype: str = "auto"  # auto (= model dtype) | fp8
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    max_model_len: int | None = None  # None: the model's max_position
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be positive")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be positive")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")

@@ -1,0 +1,27 @@
+"""Specific exceptions the engine raises; each message says what to fix."""
+
+
+class SplitserveError(Exception):
+    """Base class of every error splitserve raises on purpose."""
+
+
+class CheckpointError(SplitserveError):
+    """A checkpoint directory is missing a file, has an unsupported
+    architecture, or holds a tensor of the wrong name or shape."""
+
+
+class InvalidRequestError(SplitserveError, ValueError):
+    """A request's parameters are invalid. ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class IncompatibleKVError(SplitserveError):
+    """A KV hand-off between engines that do not share model, dtype, block
+    size, layer count or layout."""
+
+
+class OutOfBlocksError(SplitserveError):
+    """The KV block pool cannot hold what was asked of it."""

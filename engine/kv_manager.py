@@ -1,0 +1,172 @@
+"""Per-sequence block tables over the shared ``BlockPool``.
+
+The scheduler asks this manager for room; it answers with counts and never
+exposes the pool's internals. Block tables leave as ``BlockTable`` values
+(read-only). Reservations for incoming hand-offs are block tables owned by a
+hand-off id until a sequence adopts them.
+"""
+
+from __future__ import annotations
+
+from engine.block_pool import BlockPool
+from engine.sequence import Sequence
+
+
+class BlockTable:
+    """An opaque, read-only view of the blocks a sequence owns, in order."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: list[int]):
+        self._ids = ids
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        return tuple(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"BlockTable({self._ids})"
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self._tables: dict[str, list[int]] = {}
+        self._num_hashed: dict[str, int] = {}  # full blocks already registered per owner
+
+    # -- queries ---------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, owner: str) -> BlockTable:
+        return BlockTable(self._tables[owner])
+
+    def raw_block_ids(self, owner: str) -> list[int]:
+        """The live list, for the model runner's hot path. Do not mutate."""
+        return self._tables[owner]
+
+    def owners(self) -> list[str]:
+        return list(self._tables)
+
+    def _match_prefix(self, token_hashes: list[int], max_blocks: int) -> list[int]:
+        hits: list[int] = []
+        for h in token_hashes[:max_blocks]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    # -- allocation ------------------------------------------------------
+    def allocate_prompt(self, seq: Sequence, token_budget: int) -> int:
+        """First allocation of a waiting sequence: reuse its cached prefix,
+        then allocate blocks for up to ``token_budget`` new tokens.
+
+        Sets ``seq.num_computed_tokens`` to the cached length and returns how
+        many tokens to compute now (0: not enough free blocks, nothing held).
+        At least one token is always left to compute, for its logits.
+        """
+        assert seq.seq_id not in self._tables, f"{seq.seq_id} already has blocks"
+        self.pool.queries += 1
+        max_cached = (seq.num_tokens - 1) // self.block_size
+        hits = self._match_prefix(seq.block_hashes(), max_cached)
+        num_cached = len(hits) * self.block_size
+        n = min(seq.num_tokens - num_cached, token_budget)
+        if n <= 0:
+            return 0
+        need = self.blocks_for(num_cached + n) - len(hits)
+        hits_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if need > self.pool.num_free_blocks - hits_free:
+            return 0
+        for b in hits:
+            self.pool.acquire(b)
+        if hits:
+            self.pool.hits += 1
+        table = hits + [self.pool.allocate() for _ in range(need)]
+        self._tables[seq.seq_id] = table
+        self._num_hashed[seq.seq_id] = len(hits)
+        seq.num_computed_tokens = num_cached
+        seq.num_cached_tokens = num_cached
+        return n
+
+    def allocate_more(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow a running sequence's table to hold ``num_new_tokens`` more."""
+        table = self._tables[seq.seq_id]
+        need = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table)
+        if need > self.pool.num_free_blocks:
+            return False
+        for _ in range(need):
+            table.append(self.pool.allocate())
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that became full and computed."""
+        if not self.pool.enable_prefix_caching:
+            return
+        table = self._tables[seq.seq_id]
+        done = self._num_hashed.get(seq.seq_id, 0)
+        full = min(seq.num_computed_tokens // self.block_size, len(table))
+        if full <= done:
+            return
+        hashes = seq.block_hashes()
+        for i in range(done, min(full, len(hashes))):
+            self.pool.set_hash(table[i], hashes[i])
+        self._num_hashed[seq.seq_id] = min(full, len(hashes))
+
+    def free(self, owner: str) -> None:
+        """Release every block of ``owner``. Tail blocks go first so the
+        shared head of a prefix stays cached longest. Idempotent."""
+        table = self._tables.pop(owner, None)
+        self._num_hashed.pop(owner, None)
+        if table is None:
+            return
+        for b in reversed(table):
+            self.pool.release(b)
+
+    # -- hand-off reservations ------------------------------------------
+    def reserve(self, owner: str, token_hashes: list[int], num_tokens: int) -> tuple[list[int], int] | None:
+        """Hold blocks for an incoming sequence of ``num_tokens`` tokens whose
+        full-block hashes are ``token_hashes``. Returns (block ids, tokens
+        already cached here, whose blocks need not be sent) or None if full."""
+        assert owner not in self._tables, f"{owner} already holds blocks"
+        hits = self._match_prefix(token_hashes, (num_tokens - 1) // self.block_size)
+        need = self.blocks_for(num_tokens) - len(hits)
+        hits_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if need > self.pool.num_free_blocks - hits_free:
+            return None
+        for b in hits:
+            self.pool.acquire(b)
+        table = hits + [self.pool.allocate() for _ in range(need)]
+        self._tables[owner] = table
+        self._num_hashed[owner] = len(hits)
+        return list(table), len(hits) * self.block_size
+
+    def transfer_ownership(self, old: str, new: str) -> None:
+        """Hand a reservation's blocks to the sequence that adopts them."""
+        assert new not in self._tables, f"{new} already holds blocks"
+        self._tables[new] = self._tables.pop(old)
+        self._num_hashed[new] = self._num_hashed.pop(old, 0)
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs = [0] * self.pool.num_blocks
+        for table in self._tables.values():
+            for b in table:
+                refs[b] += 1
+        assert refs == self.pool.ref_counts, "block tables and reference counts disagree"
+
+    def all_free(self) -> bool:
+        """True when no block is referenced: the leak check tests end with."""
+        return not self._tables and self.pool.num_free_blocks == self.pool.num_blocks

@@ -1,0 +1,95 @@
+"""One registry of kernel backends, chosen by name.
+
+Backends: ``reference`` (torch, every device) and ``triton`` (CUDA, or CPU
+under ``TRITON_INTERPRET=1`` for tests). Tensors on CUDA use ``triton`` when
+it is importable; everything else uses ``reference``. Tests and operators
+override the choice with ``force_backend`` or ``SPLITSERVE_KERNELS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+from kernels import reference
+
+OP_NAMES = (
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kv",
+    "paged_attention",
+    "paged_decode_attention",
+    "pack_kv",
+    "unpack_kv",
+)
+
+# Backends that register themselves on import of their module.
+_BACKEND_MODULES = {"triton": "kernels.triton_ops"}
+
+_registry: dict[str, dict[str, Callable]] = {
+    "reference": {name: getattr(reference, name) for name in OP_NAMES}
+}
+_forced = threading.local()
+
+
+class UnknownBackendError(ValueError):
+    pass
+
+
+def register(backend: str, name: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of op ``name``."""
+    if name not in OP_NAMES:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OP_NAMES)}")
+    _registry.setdefault(backend, {})[name] = fn
+
+
+def _load(backend: str) -> dict[str, Callable] | None:
+    if backend not in _registry and backend in _BACKEND_MODULES:
+        try:
+            importlib.import_module(_BACKEND_MODULES[backend])
+        except ImportError:
+            return None
+    return _registry.get(backend)
+
+
+def available_backends() -> list[str]:
+    return [b for b in ("reference", *_BACKEND_MODULES) if _load(b) is not None]
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend an op on ``device`` runs with, after overrides."""
+    forced = getattr(_forced, "name", None) or os.environ.get("SPLITSERVE_KERNELS")
+    if forced:
+        if _load(forced) is None:
+            raise UnknownBackendError(
+                f"kernel backend {forced!r} is not available; available: {available_backends()}"
+            )
+        return forced
+    if device.type == "cuda" and _load("triton") is not None:
+        return "triton"
+    return "reference"
+
+
+def get_op(name: str, device: torch.device) -> Callable:
+    table = _load(backend_for(device)) or _registry["reference"]
+    # A backend may leave an op out; the reference is always complete.
+    return table.get(name) or _registry["reference"][name]
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run the block with every op on backend ``name`` (this thread only)."""
+    if _load(name) is None:
+        raise UnknownBackendError(f"kernel backend {name!r} is not available")
+    prev = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = prev

@@ -1,0 +1,48 @@
+"""The ops the engine calls: each dispatches on its first tensor's device.
+
+Signatures and semantics are those of ``kernels.reference``.
+"""
+
+from __future__ import annotations
+
+from kernels.dispatch import get_op
+
+
+def rms_norm(x, weight, eps, residual=None):
+    return get_op("rms_norm", x.device)(x, weight, eps, residual)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    return get_op("rotary_embedding", q.device)(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return get_op("silu_and_mul", x.device)(x)
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+    return get_op("store_kv", key.device)(
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale
+    )
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens,
+                    scale, k_scale=1.0, v_scale=1.0):
+    return get_op("paged_attention", q.device)(
+        q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale, k_scale, v_scale
+    )
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           k_scale=1.0, v_scale=1.0):
+    return get_op("paged_decode_attention", q.device)(
+        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale
+    )
+
+
+def pack_kv(kv_cache, block_ids, layer_start, layer_end):
+    return get_op("pack_kv", kv_cache.device)(kv_cache, block_ids, layer_start, layer_end)
+
+
+def unpack_kv(buf, kv_cache, block_ids, layer_start):
+    return get_op("unpack_kv", kv_cache.device)(buf, kv_cache, block_ids, layer_start)

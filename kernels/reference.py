@@ -1,0 +1,230 @@
+"""Torch reference implementations of the engine's hot-path ops.
+
+These are the CPU path and the oracle every Triton kernel is tested against.
+Each op's signature here is the contract: a kernel registered under the same
+name in ``kernels.dispatch`` must accept the same arguments and return the
+same thing (or mutate the same tensors in place).
+
+KV cache layout (one tensor for the whole model, so a hand-off of a sequence
+is one gather):
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+
+``kv_cache[l, 0]`` is layer l's key cache, ``kv_cache[l, 1]`` its value cache.
+A token's *slot* is ``block_id * block_size + offset``. A cache stored in
+``torch.float8_e4m3fn`` holds ``value / scale``; readers multiply by the scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm with an optional fused residual add.
+
+    x: [T, D], weight: [D]. Without ``residual`` returns (norm(x), None).
+    With it, computes ``r = x + residual`` and returns (norm(r), r), the
+    second being the new residual stream. Math in float32, output in x.dtype.
+    """
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+        residual = x
+    xf = x.float()
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    out = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    return weight * out, residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding, applied in place.
+
+    positions: [T] int64; q: [T, Hq, D]; k: [T, Hk, D];
+    cos_sin_cache: [max_position, D] float32 holding cos in [:, :D/2] and
+    sin in [:, D/2:]. Scaling (llama3, linear...) is already baked into the
+    cache. Returns (q, k), the same tensors, rotated.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache.index_select(0, positions.long())
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+    for t in (q, k):
+        x1 = t[..., :half].float()
+        x2 = t[..., half:].float()
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        t[..., :half] = o1.to(t.dtype)
+        t[..., half:] = o2.to(t.dtype)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] holding [gate | up] -> silu(gate) * up: [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Scatter new keys/values into their cache slots, in place.
+
+    key, value: [T, Hk, D]; k_cache, v_cache: [NB, BS, Hk, D];
+    slot_mapping: [T] int, -1 means "do not store" (padding).
+    FP8 caches store value / scale.
+    """
+    nb, bs, hk, d = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kf = k_cache.view(nb * bs, hk, d)
+    vf = v_cache.view(nb * bs, hk, d)
+    kk, vv = key[keep], value[keep]
+    if k_cache.dtype in FP8_DTYPES:
+        kk = kk.float() / k_scale
+        vv = vv.float() / v_scale
+    kf.index_copy_(0, slots, kk.to(k_cache.dtype))
+    vf.index_copy_(0, slots, vv.to(v_cache.dtype))
+
+
+def _gather_seq_kv(cache, block_table, ctx_len, scale, dtype):
+    # cache: [NB, BS, Hk, D] -> [ctx_len, Hk, D] for one sequence
+    bs = cache.shape[1]
+    nblocks = (ctx_len + bs - 1) // bs
+    blocks = cache.index_select(0, block_table[:nblocks].long())
+    out = blocks.reshape(-1, cache.shape[2], cache.shape[3])[:ctx_len]
+    if cache.dtype in FP8_DTYPES:
+        return out.to(torch.float32).mul(scale).to(dtype)
+    return out.to(dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Variable-length causal attention over a paged KV cache.
+
+    The batch holds B sequences; sequence b contributes the query tokens
+    ``q[cu_query_lens[b]:cu_query_lens[b+1]]`` which are its *last* q_len
+    tokens, and its whole context (prefix + new tokens, ``context_lens[b]``
+    of them) is already stored in the cache at ``block_tables[b]``.
+    Query i of sequence b sits at position ``context_lens[b] - q_len + i`` and
+    attends to cache positions ``<=`` its own.
+
+    q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D] (Hq % Hk == 0);
+    block_tables: [B, max_blocks] int32; cu_query_lens: [B+1] int32;
+    context_lens: [B] int32. Returns [T, Hq, D] in q.dtype.
+    """
+    out = torch.empty_like(q)
+    hq, hk = q.shape[1], k_cache.shape[2]
+    cu = cu_query_lens.tolist()
+    ctx = context_lens.tolist()
+    for b in range(len(ctx)):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        q_len, c = e - s, ctx[b]
+        k = _gather_seq_kv(k_cache, block_tables[b], c, k_scale, q.dtype)
+        v = _gather_seq_kv(v_cache, block_tables[b], c, v_scale, q.dtype)
+        qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
+        k = k.transpose(0, 1).repeat_interleave(hq // hk, dim=0)  # [Hq, c, D]
+        v = v.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        # query i may see keys j <= (c - q_len + i)
+        qpos = torch.arange(c - q_len, c, device=q.device)[:, None]
+        kpos = torch.arange(c, device=q.device)[None, :]
+        mask = kpos <= qpos  # [q_len, c]
+        o = F.scaled_dot_product_attention(
+            qb.float(), k.float(), v.float(), attn_mask=mask, scale=scale
+        )
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """One query token per sequence (the decode step), batched.
+
+    q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
+    context_lens: [B] (>= 1, including the token being decoded).
+    Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
+    context and masked, which is what a CPU wants.
+    """
+    b, hq, d = q.shape
+    nb, bs, hk, _ = k_cache.shape
+    max_ctx = int(context_lens.max().item()) if b else 0
+    nblk = (max_ctx + bs - 1) // bs
+    tables = block_tables[:, :nblk].long()
+    k = k_cache[tables].reshape(b, nblk * bs, hk, d)
+    v = v_cache[tables].reshape(b, nblk * bs, hk, d)
+    if k_cache.dtype in FP8_DTYPES:
+        k = k.float() * k_scale
+        v = v.float() * v_scale
+    k = k.to(torch.float32).transpose(1, 2)  # [B, Hk, S, D]
+    v = v.to(torch.float32).transpose(1, 2)
+    g = hq // hk
+    qf = q.float().view(b, hk, g, d)  # group query heads by their kv head
+    scores = torch.einsum("bhgd,bhsd->bhgs", qf, k) * scale
+    pos = torch.arange(nblk * bs, device=q.device)[None, :]
+    valid = pos < context_lens[:, None].to(q.device)  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def pack_kv(
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    layer_start: int,
+    layer_end: int,
+) -> torch.Tensor:
+    """Gather a sequence's blocks for layers [layer_start, layer_end) into one
+    contiguous buffer: [layer_end - layer_start, 2, n, BS, Hk, D]."""
+    return kv_cache[layer_start:layer_end].index_select(2, block_ids.long()).contiguous()
+
+
+def unpack_kv(
+    buf: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    layer_start: int,
+) -> None:
+    """Scatter a buffer made by ``pack_kv`` into ``block_ids`` of ``kv_cache``
+    starting at layer ``layer_start``, in place."""
+    n_layers = buf.shape[0]
+    kv_cache[layer_start : layer_start + n_layers].index_copy_(
+        2, block_ids.long().to(kv_cache.device), buf.to(kv_cache.device, kv_cache.dtype)
+    )
