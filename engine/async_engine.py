@@ -1,0 +1,211 @@
+"""Run an ``LLMEngine`` on its own thread and stream outputs to asyncio.
+
+The engine is single-threaded by design: one thread owns it and steps it;
+everything else (new requests, aborts, hand-off reservations and commits)
+reaches it as commands executed between steps. Outputs go back to each
+request's ``asyncio.Queue`` on the caller's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (crashed or was shut down)."""
+
+
+_END = object()
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    q: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, name: str = "engine"):
+        self.engine = engine
+        self._cmds: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopped = threading.Event()
+        self.error: BaseException | None = None
+        self.step_listeners: list[Callable[[LLMEngine], None]] = []
+        self.layer_listener = None  # see LLMEngine.step
+        self._started = False
+
+    def start(self) -> "AsyncEngine":
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        self._cmds.put(None)
+        if self._started:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    # -- engine thread ---------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopped.is_set():
+                block = not eng.has_unfinished()
+                self._drain(block)
+                if self._stopped.is_set():
+                    break
+                if not eng.has_unfinished():
+                    continue
+                for out in eng.step(self.layer_listener):
+                    self._emit(out)
+                for fn in self.step_listeners:
+                    fn(eng)
+        except BaseException as e:  # the engine is unusable: fail every stream
+            self.error = e
+            for s in list(self._streams.values()):
+                s.put(EngineDeadError(f"engine thread failed: {e!r}"))
+            self._streams.clear()
+        finally:
+            self._stopped.set()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._cmds.get(timeout=0.05) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, fut, loop = item
+            try:
+                res = fn(self.engine)
+            except BaseException as e:  # delivered to the caller
+                loop.call_soon_threadsafe(_set_exc, fut, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, res)
+            try:
+                item = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _emit(self, out: RequestOutput) -> None:
+        s = self._streams.get(out.request_id)
+        if s is None:
+            return
+        s.put(out)
+        if out.finished:
+            s.put(_END)
+            del self._streams[out.request_id]
+
+    # -- caller side -----------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps."""
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._cmds.put((fn, fut, loop))
+        return await fut
+
+    def _open_stream(self, request_id: str) -> _Stream:
+        s = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = s
+        return s
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Cancelling the iteration aborts it."""
+        stream = self._open_stream(request_id)
+
+        def add(eng: LLMEngine):
+            eng.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
+                            prefill_only=prefill_only)
+
+        try:
+            await self.call(add)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self._iterate(request_id, stream):
+            yield out
+
+    async def adopt(self, fn: Callable[[LLMEngine], tuple[str, RequestOutput]],
+                    request_id: str) -> AsyncIterator[RequestOutput]:
+        """Run ``fn`` (which admits an imported sequence and returns its first
+        output) on the engine thread, then stream the rest."""
+        stream = self._open_stream(request_id)
+
+        def run(eng: LLMEngine):
+            rid, first = fn(eng)
+            self._emit(first)
+            return rid
+
+        try:
+            await self.call(run)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self._iterate(request_id, stream):
+            yield out
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.q.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                if self.alive:
+                    self._cmds.put((lambda eng: eng.abort(request_id),
+                                    _Detached(), _DetachedLoop()))
+
+    async def abort(self, request_id: str) -> bool:
+        self._streams.pop(request_id, None)
+        return await self.call(lambda eng: eng.abort(request_id))
+
+
+def _set_result(fut: asyncio.Future, res) -> None:
+    if not fut.done():
+        fut.set_result(res)
+
+
+def _set_exc(fut: asyncio.Future, e: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(e)
+
+
+class _Detached:
+    """A future nobody awaits (fire-and-forget commands from finalisers)."""
+
+    def done(self) -> bool:
+        return True
+
+
+class _DetachedLoop:
+    def call_soon_threadsafe(self, *a) -> None:
+        pass
+

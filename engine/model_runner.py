@@ -1,0 +1,128 @@
+"""Owns the model, the KV cache tensor and the per-step input tensors.
+
+The scheduler hands over ``ScheduledSeq`` items (plain integers); this
+module turns them into the flat batch the model runs on and returns the
+logits of the sequences whose chunk reached their last token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import DTYPES, EngineConfig, ModelConfig
+from engine.kv_manager import KVCacheManager
+from engine.scheduler import ScheduledSeq
+
+
+def resolve_dtype(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype and cfg.dtype != "auto":
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        return DTYPES[cfg.dtype]
+    dtype = model_cfg.torch_dtype
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32  # CPU half-precision matmuls are slow and less exact
+    return dtype
+
+
+def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    return torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else dtype
+
+
+def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
+    if cfg.num_blocks is not None:
+        return cfg.num_blocks
+    per_block = model_cfg.kv_bytes_per_token(kv_dtype) * cfg.block_size
+    return max(16, int(cfg.kv_cache_memory_gb * (1 << 30)) // per_block)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor  # [N] rows of the flat batch whose logits are needed
+    logit_seqs: list[int]  # index into the scheduled list for each logit row
+
+
+class ModelRunner:
+    def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig,
+                 dtype: torch.dtype, device: torch.device, num_blocks: int):
+        self.model = model
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cfg.block_size
+        self.kv_dtype = kv_cache_dtype(cfg, dtype)
+        # [L, 2, NB, BS, Hk, D]; zeroed so unused slots never hold NaNs
+        self.kv_cache = torch.zeros(
+            model_cfg.num_layers, 2, num_blocks, cfg.block_size,
+            model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
+        )
+        self.k_scale = float(cfg.extra.get("k_scale", 1.0))
+        self.v_scale = float(cfg.extra.get("v_scale", 1.0))
+        self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
+
+    def prepare(self, scheduled: list[ScheduledSeq], kv: KVCacheManager) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx: list[int] = []
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []
+        logit_seqs: list[int] = []
+        for i, s in enumerate(scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n
+            table = kv.raw_block_ids(seq.seq_id)
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + n)
+            ctx.append(end)
+            tables.append(table)
+            if end == seq.num_tokens:
+                logit_rows.append(cu[-1] - 1)
+                logit_seqs.append(i)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            decode_only=len(ids) == len(scheduled),
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            meta=meta,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            logit_seqs=logit_seqs,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq], kv: KVCacheManager,
+                on_layer_done=None) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns (logits [N, V] float32, scheduled index per row).
+
+        ``on_layer_done(layer_index)`` is called after each layer's KV is in
+        the cache (the prefill worker starts layer-group transfers from it)."""
+        inp = self.prepare(scheduled, kv)
+        kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
+        if inp.logit_rows.numel() == 0:
+            return hidden.new_empty((0, self.model_cfg.vocab_size), dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden.index_select(0, inp.logit_rows))
+        return logits.float(), inp.logit_seqs

@@ -1,0 +1,96 @@
+"""Per-request output processing: stop conditions, detokenization, streaming.
+
+Kept apart from the engine loop so the same logic runs wherever a
+sequence's tokens are produced (a colocated engine, or the decode side of
+a hand-off, which also processes the first token sampled by prefill).
+"""
+
+from __future__ import annotations
+
+from engine.outputs import RequestOutput
+from engine.sampler import SeqSamplingState, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence
+from engine.stop import StopChecker
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class RequestState:
+    def __init__(self, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer | None,
+                 eos_token_ids: tuple[int, ...], max_model_len: int):
+        self.seq = seq
+        self.params = params
+        self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
+        self.sampling = SeqSamplingState.create(params, seq.prompt_token_ids, tuple(eos_token_ids))
+        self.stop_ids = set(params.stop_token_ids or ())
+        self.max_model_len = max_model_len
+        self.detok = (
+            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            if tokenizer is not None else None
+        )
+        self.stop = StopChecker(list(params.stop or ()), params.include_stop_str_in_output)
+        self.text = ""
+        self.logprobs: list[TokenLogprobs] = []
+
+    def prepare_sampling(self) -> SeqSamplingState:
+        """The sampler reseeds seeded rows from (seed, output position), so a
+        sequence samples the same tokens wherever each step runs (prefill on
+        one replica, decode on another, or after preemption)."""
+        self.sampling.output_ids = self.seq.output_token_ids
+        return self.sampling
+
+    def record_handoff_token(self, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        """A prefill-only request's first token: appended, not processed."""
+        self.seq.append_token(token_id)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        return RequestOutput(
+            request_id=self.seq.seq_id, new_token_ids=[token_id], new_text="", finished=True,
+            finish_reason="handoff", num_prompt_tokens=self.seq.num_prompt_tokens,
+            num_output_tokens=1, num_cached_tokens=self.seq.num_cached_tokens,
+            new_logprobs=[logprobs] if logprobs is not None else None,
+        )
+
+    def on_token(self, token_id: int, logprobs: TokenLogprobs | None) -> tuple[RequestOutput, FinishReason | None]:
+        """Append one sampled token; return the delta to stream and whether
+        the request finished (and why)."""
+        seq = self.seq
+        seq.append_token(token_id)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        n_out = seq.num_output_tokens
+        reason: FinishReason | None = None
+        min_ok = n_out >= self.params.min_tokens
+        if min_ok and (token_id in self.eos_token_ids or token_id in self.stop_ids):
+            reason = FinishReason.STOP
+        new_text = ""
+        if self.detok is not None:
+            # a stopping special token contributes no text
+            delta = self.detok.step([token_id]) if reason is None else ""
+            new_text, stopped = self.stop.check(self.text, delta)
+            if stopped:
+                reason = FinishReason.STOP
+        if reason is None and (
+            (self.params.max_tokens is not None and n_out >= self.params.max_tokens)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None and self.detok is not None and not self.stop.stopped:
+            # release what the detokenizer and the stop checker still hold
+            tail, stopped = self.stop.check(self.text + new_text, self.detok.flush())
+            new_text += tail + self.stop.flush()
+            if stopped:
+                reason = FinishReason.STOP
+        self.text += new_text
+        out = RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[token_id],
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=n_out,
+            num_cached_tokens=seq.num_cached_tokens,
+            new_logprobs=[logprobs] if logprobs is not None else None,
+        )
+        return out, reason
