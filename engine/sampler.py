@@ -1,0 +1,306 @@
+"""Batched next-token sampling over one decode step's logits.
+
+Per row, in this order:
+  1. repetition penalty over prompt + output tokens (Hugging Face semantics:
+     a seen token's positive logit is divided by the penalty, a negative one
+     multiplied);
+  2. presence / frequency penalties over output tokens (OpenAI semantics:
+     ``logit -= frequency * count + presence * (count > 0)``);
+  3. min_tokens: EOS and stop_token_ids get -inf until ``min_tokens`` output
+     tokens exist;
+  4. greedy rows (temperature 0) take the argmax; the others divide by the
+     temperature, keep the top_k logits (ties at the k-th value stay), keep
+     the smallest most-probable set whose mass reaches top_p, drop tokens
+     below ``min_p * max_prob``, and sample.
+
+Logprobs are the log_softmax of the logits after steps 1-3 and before the
+temperature and truncation of step 4: they describe the model's
+distribution as the request shaped it with penalties, not the sampling
+temperature, so a greedy and a sampled request report the same numbers and
+a token outside top_p still has a finite logprob among the alternatives.
+
+Sampling is an exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)``
+per token, which draws exactly from ``probs``. A seeded row draws its noise
+from its own generator, reseeded each step from (seed, completion index,
+output position): the token depends only on the request and the logits,
+not on batch neighbours, on which replica runs the step (the first token is
+sampled by prefill, the rest by decode) or on preemption and recompute.
+Unseeded rows share the sampler's generator and one vectorised draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.sampling_params import SamplingParams
+
+# Temperatures below this are sampled greedily: dividing by them overflows.
+GREEDY_TEMPERATURE = 1e-5
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SeqSamplingState:
+    """What the sampler needs to know about one sequence at this step."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens sampled so far; len() is this step's position
+    generator: torch.Generator | None = None  # seeded rows; made on first use when None
+    eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
+    sample_index: int = 0  # which of the request's n completions; seeded siblings differ
+
+    @classmethod
+    def create(
+        cls,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        eos_token_ids: tuple[int, ...] = (),
+        sample_index: int = 0,
+    ) -> "SeqSamplingState":
+        generator = torch.Generator() if params.seed is not None else None
+        return cls(params, prompt_ids, [], generator, tuple(eos_token_ids), sample_index)
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), most probable first
+
+
+class Sampler:
+    """One per engine. ``seed`` fixes the shared generator of unseeded rows
+    (tests, benchmarks); None seeds it from the OS."""
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(
+        self, logits: Tensor, states: list[SeqSamplingState]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        # logits: [B, V]
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(
+                f"logits must be [batch, vocab] with one row per state; got shape "
+                f"{tuple(logits.shape)} for {len(states)} states"
+            )
+        if not states:
+            return [], []
+        params = [s.params for s in states]
+        greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+        want_logprobs = any(p.logprobs is not None for p in params)
+        needs_rewrite = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0 or len(s.output_ids) < p.min_tokens
+            for s, p in zip(states, params)
+        )
+        x = logits if logits.dtype == torch.float32 else logits.float()
+        if all(greedy) and not needs_rewrite and not want_logprobs:
+            return x.argmax(dim=-1).tolist(), [None] * len(states)
+
+        if needs_rewrite:
+            x = x.clone() if x is logits else x  # never write into the caller's logits
+            _apply_repetition_penalty(x, states)
+            _apply_presence_frequency(x, states)
+            _mask_until_min_tokens(x, states)
+
+        if all(greedy):
+            tokens = x.argmax(dim=-1)  # [B]
+        else:
+            tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+            g_rows = [i for i, g in enumerate(greedy) if g]
+            s_rows = [i for i, g in enumerate(greedy) if not g]
+            if g_rows:
+                g_idx = torch.tensor(g_rows, device=x.device)
+                tokens[g_idx] = x[g_idx].argmax(dim=-1)
+            s_idx = torch.tensor(s_rows, device=x.device)
+            tokens[s_idx] = self._sample(x[s_idx], [states[i] for i in s_rows])
+        token_ids = tokens.tolist()
+        return token_ids, _logprobs(x, tokens, params) if want_logprobs else [None] * len(states)
+
+    def _sample(self, x: Tensor, states: list[SeqSamplingState]) -> Tensor:
+        # x: [S, V] penalised logits of the rows that sample; returns [S] token ids
+        params = [s.params for s in states]
+        dev = x.device
+        temps = torch.tensor([p.temperature for p in params], device=dev)
+        y = x / temps[:, None]  # a new tensor, so the masks below may write in place
+        _mask_top_k(y, [p.top_k for p in params])
+        _mask_top_p(y, [p.top_p for p in params])
+        _mask_min_p(y, [p.min_p for p in params])
+        probs = y.softmax(dim=-1)  # [S, V]
+        return probs.div_(self._exponential_noise(probs, states)).argmax(dim=-1)
+
+    def _exponential_noise(self, probs: Tensor, states: list[SeqSamplingState]) -> Tensor:
+        # probs: [S, V] -> Exp(1) noise of the same shape
+        seeded = [i for i, s in enumerate(states) if s.params.seed is not None]
+        noise = torch.empty_like(probs)
+        if len(seeded) < len(states):
+            shared = self._shared_generator(probs.device)
+            if not seeded:
+                noise.exponential_(generator=shared)
+            else:
+                unseeded = [i for i in range(len(states)) if states[i].params.seed is None]
+                idx = torch.tensor(unseeded, device=probs.device)
+                noise[idx] = torch.empty(
+                    len(unseeded), probs.shape[1], device=probs.device
+                ).exponential_(generator=shared)
+        for i in seeded:
+            noise[i] = _seeded_noise(states[i], probs.shape[1]).to(probs.device)
+        # Exp(1) may round to 0; a zero would make any token, even a masked one, win.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+
+def _seeded_noise(state: SeqSamplingState, vocab: int) -> Tensor:
+    """[V] Exp(1) noise that depends only on (seed, sample_index, position).
+    Drawn on the generator's device (CPU unless the caller supplied another),
+    so a CPU and a GPU replica draw the same noise for the same step."""
+    if state.generator is None:
+        state.generator = torch.Generator()
+    gen = state.generator
+    gen.manual_seed(_step_seed(state.params.seed, state.sample_index, len(state.output_ids)))
+    return torch.empty(vocab, device=gen.device).exponential_(generator=gen)
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _step_seed(seed: int, sample_index: int, position: int) -> int:
+    # Hashing, not adding: seed s at step k must not equal seed s+1 at step k-1.
+    return _splitmix64(_splitmix64(seed) ^ _splitmix64((sample_index << 40) ^ position))
+
+
+def _flat_ids(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    # -> (row index per token, token id per token), both [sum(len(r))]
+    row_idx = [i for i, r in enumerate(rows) for _ in r]
+    ids = [t for r in rows for t in r]
+    return (torch.tensor(row_idx, dtype=torch.long, device=device),
+            torch.tensor(ids, dtype=torch.long, device=device))
+
+
+def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None:
+    rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    dev = x.device
+    idx = torch.tensor(rows, device=dev)
+    r_idx, ids = _flat_ids([states[i].prompt_ids + states[i].output_ids for i in rows], dev)
+    seen = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=dev)  # [R, V]
+    seen[r_idx, ids] = True
+    pen = torch.tensor([states[i].params.repetition_penalty for i in rows], device=dev)[:, None]
+    sub = x[idx]  # [R, V]
+    penalised = torch.where(sub < 0, sub * pen, sub / pen)
+    x[idx] = torch.where(seen, penalised, sub)
+
+
+def _apply_presence_frequency(x: Tensor, states: list[SeqSamplingState]) -> None:
+    rows = [
+        i for i, s in enumerate(states)
+        if s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0
+    ]
+    if not rows:
+        return
+    dev = x.device
+    idx = torch.tensor(rows, device=dev)
+    r_idx, ids = _flat_ids([states[i].output_ids for i in rows], dev)
+    counts = torch.zeros(len(rows), x.shape[1], device=dev)  # [R, V]
+    counts.index_put_((r_idx, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=dev)[:, None]
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=dev)[:, None]
+    x[idx] = x[idx] - freq * counts - pres * (counts > 0).to(counts.dtype)
+
+
+def _mask_until_min_tokens(x: Tensor, states: list[SeqSamplingState]) -> None:
+    vocab = x.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, s in enumerate(states):
+        p = s.params
+        if len(s.output_ids) >= p.min_tokens:
+            continue
+        # With ignore_eos, EOS never ends the sequence, so there is nothing to hold off.
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids))
+        for t in sorted(banned):
+            if t < vocab:  # ids past the vocabulary can never be sampled anyway
+                rows.append(i)
+                cols.append(t)
+    if rows:
+        x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = -torch.inf
+
+
+def _mask_top_k(y: Tensor, top_ks: list[int]) -> None:
+    # y: [S, V]; keep logits >= the k-th largest of their row
+    vocab = y.shape[1]
+    ks = [k if 0 < k < vocab else 0 for k in top_ks]  # 0: off for this row
+    if not any(ks):
+        return
+    k_max = max(ks)
+    kth = y.topk(k_max, dim=-1).values  # [S, k_max], descending
+    pos = torch.tensor([max(k, 1) - 1 for k in ks], device=y.device)[:, None]
+    thresh = kth.gather(1, pos)  # [S, 1]
+    off = torch.tensor([k == 0 for k in ks], device=y.device)[:, None]
+    y.masked_fill_((y < thresh) & ~off, -torch.inf)
+
+
+def _mask_top_p(y: Tensor, top_ps: list[float]) -> None:
+    # y: [S, V]; keep the most probable tokens until their mass reaches top_p
+    if all(p >= 1.0 for p in top_ps):
+        return
+    sorted_logits, order = y.sort(dim=-1, descending=True)  # [S, V]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more probable tokens
+    # top_p == 1 rows keep everything, even where float sums pass 1.0 early.
+    limit = torch.tensor([p if p < 1.0 else torch.inf for p in top_ps], device=y.device)
+    drop_sorted = mass_before >= limit[:, None]
+    drop_sorted[:, 0] = False  # the most probable token always stays
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    y.masked_fill_(drop, -torch.inf)
+
+
+def _mask_min_p(y: Tensor, min_ps: list[float]) -> None:
+    # y: [S, V]; drop tokens whose probability is below min_p * the row's top probability
+    if not any(p > 0.0 for p in min_ps):
+        return
+    probs = y.softmax(dim=-1)
+    floor = torch.tensor(min_ps, device=y.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    y.masked_fill_(probs < floor, -torch.inf)
+
+
+def _logprobs(x: Tensor, tokens: Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+    # x: [B, V] penalised logits; tokens: [B]
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    idx = torch.tensor(rows, device=x.device)
+    lp = x[idx].log_softmax(dim=-1)  # [R, V]
+    chosen_ids = tokens[idx]
+    chosen = lp.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    n_max = max(params[i].logprobs for i in rows)
+    top_vals: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if n_max > 0:
+        top = lp.topk(min(n_max, lp.shape[1]), dim=-1)
+        top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    for j, (i, tok) in enumerate(zip(rows, chosen_ids.tolist())):
+        n = params[i].logprobs
+        alts = list(zip(top_ids[j][:n], top_vals[j][:n])) if n > 0 else []
+        out[i] = TokenLogprobs(token_id=tok, logprob=chosen[j], top=alts)
+    return out

@@ -1,0 +1,176 @@
+"""Per-request sampling parameters, with the OpenAI API's names and ranges.
+
+``SamplingParams`` travels between processes (ingress -> prefill -> decode)
+as the plain dict of ``to_dict()``; ``from_dict()`` rebuilds and validates
+it on the receiving side, so a replica never samples with parameters that
+ingress would have refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from engine.errors import InvalidRequestError
+
+MAX_N = 16  # completions per request; each one is a full sequence in the batch
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_SEED = 2**63  # exclusive; seeds are signed 64-bit on the wire
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None  # None: until EOS, a stop, or the model's context length
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # <= 0 means off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-N alternatives; 0 = only the chosen token's logprob
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # The OpenAI API accepts a single stop string as well as a list.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    def validate(self) -> "SamplingParams":
+        """Raise ``InvalidRequestError`` naming the first bad field; return self."""
+        _check_float(self.temperature, "temperature", 0.0, 2.0)
+        _check_float(self.top_p, "top_p", 0.0, 1.0)
+        if self.top_p <= 0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        _check_int(self.top_k, "top_k")
+        if self.top_k < -1:
+            raise InvalidRequestError(
+                f"top_k must be -1 or 0 (off) or a positive number of tokens, got {self.top_k}",
+                param="top_k",
+            )
+        _check_float(self.min_p, "min_p", 0.0, 1.0)
+        _check_float(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        _check_float(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        _check_float(self.repetition_penalty, "repetition_penalty", 0.0, None)
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        if self.max_tokens is not None:
+            _check_int(self.max_tokens, "max_tokens")
+            if self.max_tokens < 1:
+                raise InvalidRequestError(
+                    f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens"
+                )
+        _check_int(self.min_tokens, "min_tokens")
+        if self.min_tokens < 0:
+            raise InvalidRequestError(
+                f"min_tokens must be >= 0, got {self.min_tokens}", param="min_tokens"
+            )
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
+        if self.logprobs is not None:
+            _check_int(self.logprobs, "logprobs")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise InvalidRequestError(
+                    f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+                    param="logprobs",
+                )
+        self._validate_stop()
+        _check_int(self.n, "n")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
+        if self.seed is not None:
+            _check_int(self.seed, "seed")
+            if not 0 <= self.seed < MAX_SEED:
+                raise InvalidRequestError(
+                    f"seed must be an integer in [0, 2**63), got {self.seed}", param="seed"
+                )
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(
+                    f"{name} must be true or false, got {getattr(self, name)!r}", param=name
+                )
+        return self
+
+    def _validate_stop(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}",
+                param="stop",
+            )
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise InvalidRequestError(f"stop entries must be strings, got {s!r}", param="stop")
+            if not s:
+                raise InvalidRequestError("stop strings must not be empty", param="stop")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError(
+                    f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, "
+                    f"got one of {len(s)}",
+                    param="stop",
+                )
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise InvalidRequestError(
+                    f"stop_token_ids must be non-negative integers, got {t!r}",
+                    param="stop_token_ids",
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (ints, floats, bools, lists of str/int, None)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        """Rebuild from ``to_dict()`` output and validate; unknown keys are
+        refused so that a sender and receiver at different versions fail
+        loudly instead of silently dropping a parameter."""
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise InvalidRequestError(f"unknown sampling parameter {key!r}", param=str(key))
+        return cls(**data).validate()
+
+
+def _check_int(value: Any, name: str) -> None:
+    # bool is an int subclass; `"n": true` is a client bug, not n=1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
+
+
+def _check_float(value: Any, name: str, lo: float, hi: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", param=name)
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", param=name)
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise InvalidRequestError(f"{name} must be {bounds}, got {value}", param=name)

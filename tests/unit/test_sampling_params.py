@@ -1,0 +1,153 @@
+import json
+import math
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
+
+INVALID = [
+    ("temperature", -0.1),
+    ("temperature", 2.01),
+    ("temperature", math.nan),
+    ("temperature", "1.0"),
+    ("top_p", 0.0),
+    ("top_p", -0.5),
+    ("top_p", 1.0001),
+    ("top_k", -2),
+    ("top_k", 2.5),
+    ("min_p", -0.01),
+    ("min_p", 1.01),
+    ("presence_penalty", -2.01),
+    ("presence_penalty", 2.01),
+    ("frequency_penalty", -2.5),
+    ("frequency_penalty", 2.5),
+    ("frequency_penalty", math.inf),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", math.inf),
+    ("max_tokens", 0),
+    ("max_tokens", -3),
+    ("max_tokens", True),
+    ("min_tokens", -1),
+    ("logprobs", -1),
+    ("logprobs", MAX_LOGPROBS + 1),
+    ("stop", ["x"] * (MAX_STOP_STRINGS + 1)),
+    ("stop", ["ok", ""]),
+    ("stop", ["y" * (MAX_STOP_STRING_CHARS + 1)]),
+    ("stop", [3]),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", ["2"]),
+    ("n", 0),
+    ("n", MAX_N + 1),
+    ("n", True),
+    ("seed", -1),
+    ("seed", 2**63),
+    ("seed", 1.5),
+    ("ignore_eos", 1),
+    ("skip_special_tokens", "yes"),
+    ("include_stop_str_in_output", None),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID)
+def test_invalid_value_names_its_param(name, value):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**{name: value}).validate()
+    assert err.value.param == name
+    assert name in str(err.value)
+
+
+def test_min_tokens_above_max_tokens_names_min_tokens():
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(max_tokens=4, min_tokens=5).validate()
+    assert err.value.param == "min_tokens"
+
+
+VALID = [
+    {},
+    {"temperature": 0.0},
+    {"temperature": 2.0},
+    {"temperature": 1},
+    {"top_p": 1.0},
+    {"top_p": 1e-6},
+    {"top_k": -1},
+    {"top_k": 0},
+    {"top_k": 1},
+    {"min_p": 0.0},
+    {"min_p": 1.0},
+    {"presence_penalty": -2.0, "frequency_penalty": 2.0},
+    {"repetition_penalty": 0.5},
+    {"max_tokens": 1, "min_tokens": 1},
+    {"logprobs": 0},
+    {"logprobs": MAX_LOGPROBS},
+    {"stop": ["x"] * MAX_STOP_STRINGS},
+    {"stop": ["y" * MAX_STOP_STRING_CHARS]},
+    {"n": MAX_N},
+    {"seed": 0},
+    {"seed": 2**63 - 1},
+]
+
+
+@pytest.mark.parametrize("kwargs", VALID)
+def test_boundary_values_are_accepted(kwargs):
+    p = SamplingParams(**kwargs)
+    assert p.validate() is p
+
+
+def test_defaults():
+    p = SamplingParams().validate()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (None, 1.0, 1.0, -1, 0.0)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert (p.stop, p.stop_token_ids, p.ignore_eos, p.min_tokens) == ([], [], False, 0)
+    assert (p.logprobs, p.skip_special_tokens, p.include_stop_str_in_output, p.n) == (
+        None, True, False, 1)
+    assert p.seed is None
+
+
+def test_greedy_is_temperature_zero():
+    assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=0).greedy
+    assert not SamplingParams(temperature=1e-3).greedy
+    assert not SamplingParams().greedy
+
+
+def test_top_k_zero_and_minus_one_are_off():
+    assert not SamplingParams(top_k=0).validate().top_k_enabled
+    assert not SamplingParams(top_k=-1).validate().top_k_enabled
+    assert SamplingParams(top_k=3).validate().top_k_enabled
+
+
+def test_single_stop_string_becomes_a_list():
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop=None).stop == []
+
+
+def test_dict_round_trip_is_plain_and_exact():
+    p = SamplingParams(
+        max_tokens=7, temperature=0.3, top_p=0.8, top_k=5, min_p=0.1, seed=123,
+        presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
+        stop=["\n\n", "END"], stop_token_ids=[2, 9], ignore_eos=True, min_tokens=2,
+        logprobs=3, skip_special_tokens=False, include_stop_str_in_output=True, n=2,
+    )
+    d = p.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain types only
+    q = SamplingParams.from_dict(json.loads(json.dumps(d)))
+    assert q == p
+    assert q.stop is not p.stop
+
+
+def test_from_dict_refuses_unknown_keys_and_validates():
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_dict({"temperature": 0.5, "best_of": 2})
+    assert err.value.param == "best_of"
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_dict({"top_p": 0.0})
+    assert err.value.param == "top_p"
