@@ -57,7 +57,9 @@ class LLMEngine:
         if gen_eos is not None:
             eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = tuple(sorted(eos))
-        self.hash_salt = self.model_id.encode()[:64]
+        # Prefix caches are per engine (one model each), so no per-model salt:
+        # the router hashes prompts with the same function and no salt.
+        self.hash_salt = b""
         self.requests: dict[str, RequestState] = {}
         self._prefill_only: set[str] = set()
         self.step_count = 0

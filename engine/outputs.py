@@ -19,6 +19,18 @@ class RequestOutput:
     new_logprobs: list[Any] | None = None  # TokenLogprobs per new token
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form streamed to ingresses (msgpack/JSON-able)."""
+        d: dict[str, Any] = {
+            "request_id": self.request_id, "token_ids": self.new_token_ids, "text": self.new_text,
+            "finished": self.finished, "finish_reason": self.finish_reason,
+            "prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_output_tokens,
+            "cached_tokens": self.num_cached_tokens}
+        if self.new_logprobs:
+            d["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                              "top": [list(t) for t in lp.top]} for lp in self.new_logprobs]
+        return d
+
 
 @dataclass
 class CompletionResult:

@@ -1,0 +1,131 @@
+"""One decoder-only transformer for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+The families differ only in flags read from ``ModelConfig``: q/k/v biases
+(Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), o_proj/MLP biases (Llama
+options), tied embeddings, GQA head counts and RoPE scaling.
+
+The model runs on a flat batch: the scheduled tokens of every sequence
+concatenated, ``positions`` giving each token's position in its sequence and
+``AttentionMetadata`` saying which cache slots and blocks belong to whom.
+Checkpoint tensors are read by their Hugging Face names (``model.layers.3.
+self_attn.q_proj.weight``...) and fused on load.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+from engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
+from engine.models.rope import build_cos_sin_cache
+
+# Checkpoint entries that are not weights of this implementation but that
+# older exports carry; skipped on load.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        )
+        self.register_buffer("cos_sin_cache", build_cos_sin_cache(cfg, device), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
+        meta: AttentionMetadata,
+        on_layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm: [T, hidden]. Writes this step's
+        keys/values into ``kv_cache`` at ``meta.slot_mapping``; calls
+        ``on_layer_done(i)`` once layer i's keys/values are stored."""
+        if kv_cache.shape[0] != len(self.layers):
+            raise ValueError(
+                f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}"
+            )
+        x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache)
+            if on_layer_done is not None:
+                on_layer_done(i)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def weight_slots(self) -> dict[str, ShardSlot]:
+        """Every checkpoint tensor this model needs, by its Hugging Face name."""
+        slots = {"model.embed_tokens.weight": ShardSlot(self.embed_tokens)}
+        for i, layer in enumerate(self.layers):
+            slots.update(layer.weight_slots(f"model.layers.{i}"))
+        slots["model.norm.weight"] = ShardSlot(self.norm.weight)
+        if self.lm_head is not None:
+            slots["lm_head.weight"] = ShardSlot(self.lm_head)
+        return slots
+
+    def _skipped(self, name: str) -> bool:
+        # Tied checkpoints sometimes still store lm_head.weight (a copy of the
+        # embeddings); the tie in config.json decides.
+        return name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight")
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into the model, converting dtype and device.
+
+        Raises CheckpointError naming the tensor for an unexpected name, a
+        shape mismatch, a non-float tensor, a duplicate, or (at the end) the
+        tensors that never arrived."""
+        slots = self.weight_slots()
+        loaded: set[str] = set()
+        arch = self.cfg.architecture
+        for name, tensor in weights:
+            if self._skipped(name):
+                continue
+            slot = slots.get(name)
+            if slot is None:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r}: not a weight of {arch} with this config.json "
+                    f"({self.cfg.num_layers} layers, tie_word_embeddings={self.cfg.tie_word_embeddings})"
+                )
+            if name in loaded:
+                raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
+            if not tensor.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {name!r} has dtype {tensor.dtype}; quantized checkpoints are not supported"
+                )
+            target = slot.target
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {name!r}: expected shape {list(target.shape)}, got {list(tensor.shape)}"
+                )
+            target.copy_(tensor)
+            loaded.add(name)
+        missing = [name for name in slots if name not in loaded]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointError(f"missing tensor(s) for {arch}: {shown}{more}")

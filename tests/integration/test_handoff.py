@@ -1,0 +1,203 @@
+"""Prefill -> KV transfer -> decode hand-off between two engines over real
+gRPC on loopback: parity with a single engine, and every failure ending in a
+defined state with all blocks back in both pools."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from engine.rpc import RpcError
+from engine.sampling_params import SamplingParams
+from tests.integration.pd_harness import make_engine, start_pd, wait_until
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def prompts(n, vocab, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    lengths = [1, 3, 4, 5, 9, 16, 17, 30][:n]
+    return [[rng.randrange(vocab) for _ in range(k)] for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return make_engine(tiny_llama)
+
+
+def expected(reference, ps, params=GREEDY):
+    return [r.token_ids for r in reference.generate(ps, params)]
+
+
+def test_concurrent_handoffs_match_single_engine(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        try:
+            ps = prompts(8, reference.model_cfg.vocab_size)
+            got = await asyncio.gather(*[pd.generate(p, GREEDY) for p in ps])
+            assert [g[0] for g in got] == expected(reference, ps)
+            assert all(g[1]["mode"] == "remote" for g in got)
+            s = await pd.decode.stats()
+            assert s["handoffs"] == 8 and s["fallbacks"] == 0
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size, seed=3)[-1]  # 30 tokens
+            a = await pd.generate(p, GREEDY)
+            b = await pd.generate(p, GREEDY)
+            assert a[0] == b[0] == expected(reference, [p])[0]
+            # 30 tokens = 8 blocks of 4; 7 full blocks are cached the second time
+            assert b[1]["bytes"] == a[1]["bytes"] // 8
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def _stop_prefill_on_first_chunk(pd, loop):
+    stopped = []
+
+    def hook(_bytes):
+        if not stopped:
+            stopped.append(1)
+            fut = asyncio.run_coroutine_threadsafe(pd.servers[0].stop(0), loop)
+            fut.result(5)
+    return hook
+
+
+@pytest.mark.parametrize("policy", ["local", "error"])
+def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), policy=policy)
+        pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size)[5]
+            if policy == "local":
+                toks, t = await pd.generate(p, GREEDY)
+                assert toks == expected(reference, [p])[0]
+                assert t["mode"] == "local" and "fallback_reason" in t
+                assert (await pd.decode.stats())["fallbacks"] == 1
+            else:
+                with pytest.raises(RpcError) as e:
+                    await pd.generate(p, GREEDY)
+                assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            assert await wait_until(pd.all_free, 10)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transfer_timeout_s=0.3)
+        pd.decode.receiver.fault_hook = lambda _b: time.sleep(1.0)  # a stalled link
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size)[4]
+            t0 = time.monotonic()
+            toks, t = await pd.generate(p, GREEDY)
+            assert toks == expected(reference, [p])[0]
+            assert t["mode"] == "local" and "DEADLINE_EXCEEDED" in t["fallback_reason"]
+            assert time.monotonic() - t0 < 5
+            assert await wait_until(pd.all_free, 10)
+            assert pd.prefill.failed == 1
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_checksum_mismatch_is_caught(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+
+        def corrupt(b):
+            if b.numel():
+                b[0] ^= 0xFF
+        pd.decode.receiver.fault_hook = corrupt
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size)[6]
+            toks, t = await pd.generate(p, GREEDY)
+            assert toks == expected(reference, [p])[0]  # never garbage
+            assert t["mode"] == "local"
+            assert await wait_until(pd.all_free, 10)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_client_cancel_mid_transfer_frees_both_sides(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        pd.decode.receiver.fault_hook = lambda _b: time.sleep(0.5)
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size)[7]
+            task = asyncio.ensure_future(pd.generate(p, GREEDY))
+            assert await wait_until(lambda: len(pd.decode.reservations) == 1, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await wait_until(pd.all_free, 10)
+            assert len(pd.decode.reservations) == 0
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_mismatched_pair_refused_at_handshake(tiny_llama):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama, block_size=8),
+                            policy="error")
+        try:
+            with pytest.raises(RpcError) as e:
+                await pd.generate([1, 2, 3, 4, 5], GREEDY)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "block_size" in e.value.message
+            assert pd.prefill.engine.step_count == 0  # refused before any work
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_reservation_lease_expires(tiny_llama):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), lease_s=0.2)
+        try:
+            res = pd.decode.reservations
+            await pd.decode.aengine.call(
+                lambda e: res.reserve("orphan", res.layout, list(range(1, 20)), 4))
+            assert pd.decode.engine.kv.num_free_blocks == 64 - 5
+            assert await wait_until(pd.all_free, 3)
+            assert (await pd.decode.stats())["expired"] == 1
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_full_decode_refuses_with_resource_exhausted(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama, num_blocks=16),
+                            policy="error")
+        try:
+            vocab = reference.model_cfg.vocab_size
+            long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+            holder = asyncio.ensure_future(pd.generate([i % vocab for i in range(40)], long,
+                                                       prefill=False))
+            assert await wait_until(lambda: pd.decode.engine.kv.num_free_blocks <= 6, 5)
+            with pytest.raises(RpcError) as e:
+                await pd.generate([(7 * i) % vocab for i in range(40)], GREEDY)
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await holder
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
