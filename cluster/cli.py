@@ -41,13 +41,14 @@ def cmd_generate(args) -> int:
     try:
         eng = LLMEngine(EngineConfig(model=model, device=args.device, dtype=args.dtype,
                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size))
-        if args.chat:
-            prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": p}])
-                       for p in prompts]
+        if args.chat:  # the rendered template carries its own special tokens
+            inputs = [eng.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        else:
+            inputs = list(prompts)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         t0 = time.perf_counter()
-        results = eng.generate(prompts, params)
+        results = eng.generate(inputs, params)
         dt = time.perf_counter() - t0
     except SplitserveError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,31 @@
+"""Model families by name; ``build_model`` picks the implementation for a config."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+from engine.models.llama import CausalLM
+
+# family -> implementation; the four families share one decoder with flags.
+MODEL_FAMILIES: dict[str, type[CausalLM]] = {
+    "llama": CausalLM,
+    "mistral": CausalLM,
+    "qwen2": CausalLM,
+    "qwen3": CausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+    """An unloaded model (parameters allocated, not initialised) for ``cfg``."""
+    impl = MODEL_FAMILIES.get(cfg.family)
+    if impl is None:
+        raise CheckpointError(
+            f"model family {cfg.family!r} ({cfg.architecture}) has no implementation; "
+            f"supported: {', '.join(MODEL_FAMILIES)}"
+        )
+    return impl(cfg, dtype, torch.device(device)).eval()
+
+
+__all__ = ["CausalLM", "MODEL_FAMILIES", "build_model"]

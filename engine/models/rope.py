@@ -1,0 +1,136 @@
+"""Rotary position embedding tables, with the scaling variants checkpoints use.
+
+The engine precomputes one float32 table of cos/sin per model (``kernels``
+index it by position), so every scaling variant is reduced here to its
+inverse frequencies and an amplitude factor, computed exactly as
+transformers computes them (same float32 ops in the same order) so that
+logits match the reference implementation bit for bit in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The scaling kind named by a config's rope dict (``rope_type`` or the older ``type``)."""
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type") or scaling.get("type") or "default")
+
+
+def _base_inv_freq(theta: float, dim: int, device: torch.device | str) -> torch.Tensor:
+    # [dim/2]; int64 arange then float, as transformers does, for identical rounding
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (theta**exponents)
+
+
+def _param(scaling: dict[str, Any], key: str, kind: str) -> Any:
+    if scaling.get(key) is None:
+        raise CheckpointError(f"config.json: rope scaling {kind!r} needs {key!r}; got {scaling!r}")
+    return scaling[key]
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by ``factor``, short ones kept, a smooth ramp between."""
+    factor = float(_param(scaling, "factor", "llama3"))
+    low_freq_factor = float(_param(scaling, "low_freq_factor", "llama3"))
+    high_freq_factor = float(_param(scaling, "high_freq_factor", "llama3"))
+    old_context_len = _param(scaling, "original_max_position_embeddings", "llama3")
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(
+    cfg: ModelConfig, scaling: dict[str, Any], device: torch.device | str
+) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context): per-frequency blend of interpolated and
+    extrapolated frequencies, plus an amplitude factor on cos/sin."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    original_max = _param(scaling, "original_max_position_embeddings", "yarn")
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = cfg.max_position / original_max
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = (1 - ramp).to(device=device, dtype=torch.float)
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """([head_dim/2] float32 inverse frequencies, cos/sin amplitude factor)."""
+    scaling = cfg.rope_scaling or {}
+    kind = rope_type(scaling)
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return _base_inv_freq(cfg.rope_theta, cfg.head_dim, device), 1.0
+    if kind == "linear":
+        factor = float(_param(scaling, "factor", kind))
+        return _base_inv_freq(cfg.rope_theta, cfg.head_dim, device) / factor, 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(_base_inv_freq(cfg.rope_theta, cfg.head_dim, device), scaling), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, scaling, device)
+    # "dynamic" (NTK) recomputes frequencies from each batch's longest sequence,
+    # which a table shared by all sequences in a batch cannot express.
+    raise CheckpointError(
+        f"config.json: rope scaling type {kind!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def build_cos_sin_cache(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[max_position, head_dim] float32: cos in [:, :D/2], sin in [:, D/2:].
+
+    Rotate-half (neox) layout: frequency i pairs dims i and i + D/2, so one
+    half-width cos/sin row per position covers both halves. Computed on the
+    CPU, as transformers computes its frequencies, then moved: the same table
+    on every device."""
+    inv_freq, amplitude = inv_freq_and_scale(cfg, "cpu")  # [D/2]
+    positions = torch.arange(cfg.max_position, dtype=torch.float)
+    freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2]
+    table = torch.cat([freqs.cos() * amplitude, freqs.sin() * amplitude], dim=-1)
+    return table.to(device)
