@@ -1,0 +1,114 @@
+"""Build and deploy the Ray Serve applications described by a ClusterConfig.
+
+Each pool is its own Serve application (``<model>-prefill``,
+``<model>-decode`` or ``<model>-colocated``) so each can be scaled and
+updated on its own; the router is a detached named actor; the ingress
+application serves the client APIs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.config import ClusterConfig, ServedModel
+from cluster.router_actor import NAMESPACE, get_router
+from cluster.worker_deployment import worker_deployment
+
+log = logging.getLogger("splitserve.app")
+
+
+def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[str, Any]]:
+    """app name -> (role, bound deployment) for one model's pools."""
+    name = served.model.name
+    token = cfg.cluster_token()
+    roles = [("colocated", served.decode)] if served.mode == "colocated" else [
+        ("prefill", served.prefill), ("decode", served.decode)]
+    out = {}
+    for role, pool in roles:
+        app = f"{name}-{role}"
+        out[app] = (role, worker_deployment(app, role, pool, served.model, cfg.transfer,
+                                            cfg.router, token))
+    return out
+
+
+def router_config(cfg: ClusterConfig) -> dict[str, Any]:
+    """RouterConfig fields from the operator config (KV size read per model)."""
+    from cluster.client import _model_path
+    from engine.loader import load_checkpoint
+
+    kv_bytes = {}
+    block_sizes = set()
+    for served in cfg.models:
+        mc = load_checkpoint(_model_path(served.model)).model_config
+        elem = 1 if served.model.kv_cache_dtype == "fp8" else (
+            4 if served.model.dtype in ("auto", "float32") else 2)
+        kv_bytes[served.model.name] = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
+        block_sizes.add(served.model.block_size)
+    r = cfg.router
+    return {"policy": r.policy, "block_size": min(block_sizes), "kv_bytes_per_token": kv_bytes,
+            "max_queue_per_model": r.max_queue_per_model, "stats_ttl_s": r.stats_ttl_s,
+            "network_bandwidth_bytes_per_s": r.network_bytes_per_s,
+            "local_prefill_max_tokens": r.local_prefill_max_tokens}
+
+
+def connect(address: str | None = None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+
+
+def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0,
+           with_ingress: bool = True) -> dict[str, Any]:
+    """Deploy (or update in place) every application of ``cfg``. Returns a
+    summary {apps, router}. Blocks until every pool has registered with the
+    router, or raises TimeoutError naming the missing pools."""
+    connect(address)
+    rcfg = router_config(cfg)
+    router = get_router(create_with=rcfg)
+    ray.get(router.reconfigure.remote(rcfg))
+    serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
+    apps: dict[str, str] = {}
+    for served in cfg.models:
+        for app, (role, bound) in pool_apps(served, cfg).items():
+            serve.run(bound, name=app, route_prefix=None, blocking=False)
+            apps[app] = role
+    if with_ingress:
+        from cluster.ingress_deployment import ingress_app
+
+        serve.run(ingress_app(cfg), name="ingress", route_prefix="/", blocking=False)
+        apps["ingress"] = "ingress"
+    wait_for_pools(cfg, wait_s)
+    return {"apps": apps}
+
+
+def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
+    router = get_router()
+    deadline = time.monotonic() + wait_s
+    while True:
+        reps = ray.get(router.replicas.remote())
+        missing = []
+        for served in cfg.models:
+            name = served.model.name
+            r = reps.get(name, {"prefill": [], "decode": []})
+            if not r["decode"]:
+                missing.append(f"{name}-decode")
+            if served.mode == "disaggregated" and served.prefill.min_replicas > 0 and not r["prefill"]:
+                missing.append(f"{name}-prefill")
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pools not ready after {wait_s:.0f}s: {', '.join(missing)}")
+        time.sleep(0.5)
+
+
+def shutdown() -> None:
+    """Tear down every splitserve application and the router."""
+    serve.shutdown()
+    try:
+        ray.kill(get_router())
+    except ValueError:
+        pass

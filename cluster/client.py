@@ -1,0 +1,196 @@
+"""ClusterBackend: places each request on a (prefill, decode) pair and
+streams its tokens back, surviving refusals and replica deaths.
+
+Per request: the router admits it (bounded per-model queue) and picks a
+pair; the decode replica's Generate stream carries the tokens. A refusal
+before the first token (the decode replica is full, or died) moves the
+request to another pair. If a decode replica dies mid-stream, the request
+resumes on another one by prefilling prompt + tokens generated so far, so
+the client sees neither lost nor duplicated tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+
+from cluster.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from cluster.config import ClusterConfig
+from engine.errors import InvalidRequestError
+from engine.hashing import block_hashes
+from engine.rpc import RpcError, WorkerClient
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger("splitserve.client")
+
+# A decode replica that fails with one of these before any token was
+# produced is skipped and the request placed again.
+_RETRY_BEFORE_FIRST = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
+# After tokens were produced, only a dead replica justifies resuming elsewhere.
+_RESUME_AFTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+@dataclasses.dataclass
+class _Model:
+    name: str
+    tokenizer: Tokenizer
+    block_size: int
+    max_model_len: int
+
+
+def _model_path(spec) -> Path:
+    if spec.path:
+        return Path(spec.path)
+    from engine.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+class ClusterBackend(Backend):
+    def __init__(self, cfg: ClusterConfig, router=None):
+        from engine.loader import load_checkpoint
+
+        self.cfg = cfg
+        self.token = cfg.cluster_token()
+        self._router = router
+        self._clients: dict[str, WorkerClient] = {}
+        self._models: dict[str, _Model] = {}
+        for served in cfg.models:
+            spec = served.model
+            path = _model_path(spec)
+            mc = load_checkpoint(path).model_config
+            limit = min(spec.max_model_len or mc.max_position, mc.max_position)
+            self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size, limit)
+        self._created = int(time.time())
+        self.counters = {"retries": 0, "resumed": 0, "refused": 0}
+
+    @property
+    def router(self):
+        if self._router is None:
+            from cluster.router_actor import get_router
+
+            self._router = get_router()
+        return self._router
+
+    def _model(self, name: str) -> _Model:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModel(name, list(self._models)) from None
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(m.name, m.max_model_len, self._created) for m in self._models.values()]
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        return self._model(model).tokenizer
+
+    def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        m = self._model(model)
+        params.validate()
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if n >= m.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but this model's context is {m.max_model_len} tokens",
+                param="prompt")
+        if params.max_tokens is not None and n + params.max_tokens > m.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the context of "
+                f"{m.max_model_len} tokens", param="max_tokens")
+
+    def _client(self, address: str) -> WorkerClient:
+        c = self._clients.get(address)
+        if c is None:
+            c = self._clients[address] = WorkerClient(address, self.token)
+        return c
+
+    async def _route(self, req: dict, admit: bool) -> dict:
+        try:
+            res = await self.router.route.remote(req, admit)
+        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
+            raise Unavailable(f"the router is unavailable: {type(e).__name__}", 1.0) from None
+        err = res.get("error")
+        if err == "overloaded":
+            raise Overloaded(res["message"], float(res.get("retry_after_s", 1.0)))
+        if err == "unknown_model":
+            raise UnknownModel(req["model"], list(self._models))
+        if err == "no_capacity":
+            raise Unavailable(res["message"], float(res.get("retry_after_s", 1.0)))
+        return res["placement"]
+
+    async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[dict]:
+        m = self._model(model)
+        self.validate(model, prompt_token_ids, params)
+        produced: list[int] = []
+        exclude: set[str] = set()
+        admitted = False
+        attempts_left = self.cfg.router.max_retries + 1
+        try:
+            while True:
+                ids = list(prompt_token_ids) + produced
+                p = params if not produced else dataclasses.replace(
+                    params, max_tokens=(params.max_tokens - len(produced))
+                    if params.max_tokens is not None else None,
+                    min_tokens=max(0, params.min_tokens - len(produced)))
+                req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
+                       "model": model, "prompt_len": len(ids),
+                       "max_tokens": p.max_tokens or 1,
+                       "block_hashes": block_hashes(ids, m.block_size), "exclude": sorted(exclude)}
+                placement = await self._route(req, admit=not admitted)
+                admitted = True
+                decode = placement["decode_replica"]
+                prefill = placement["prefill_replica"]
+                body = {"request_id": request_id, "prompt_token_ids": ids, "params": p.to_dict(),
+                        "prefill": {"address": prefill} if prefill else None}
+                before = len(produced)
+                try:
+                    async for d in self._client(decode).stream("Generate", body):
+                        if produced and d.get("prompt_tokens") is not None:
+                            # usage is the client's view: the original prompt
+                            d["prompt_tokens"] = len(prompt_token_ids)
+                            d["completion_tokens"] = len(produced) + len(d["token_ids"])
+                        produced.extend(d["token_ids"])
+                        d["placement"] = {"prefill": prefill, "decode": decode,
+                                          "reason": placement["reason"]}
+                        yield d
+                        if d["finished"]:
+                            return
+                    raise Unavailable(f"decode replica {decode} ended the stream early")
+                except RpcError as e:
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise InvalidRequestError(e.message, param=e.param) from None
+                    retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
+                    attempts_left -= 1
+                    if e.code not in retry or attempts_left <= 0:
+                        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise Overloaded(f"no decode replica could hold the request: {e.message}",
+                                             1.0) from None
+                        raise Unavailable(f"generation failed on {decode}: {e.message}") from None
+                    exclude.add(decode)
+                    if len(produced) > before or produced:
+                        self.counters["resumed"] += 1
+                    else:
+                        self.counters["retries"] += 1
+                    log.warning("request %s: %s on %s, placing again", request_id, e.code.name, decode)
+        finally:
+            if admitted:
+                try:
+                    self.router.release.remote(model)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()

@@ -1,0 +1,139 @@
+"""The router as a Ray actor: one per cluster, named, restarted on failure.
+
+It wraps ``router.core.RouterCore``. Workers push their stats and prefix
+cache events to it; ingresses ask it for placements. It is never on the
+token path, so a restart only costs the stats it held, which the workers
+push again within one period (in-flight streams are unaffected).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from router.core import RouterCore
+from router.types import (
+    DecodeReplicaStats,
+    NoCapacityError,
+    OverloadedError,
+    PrefillReplicaStats,
+    RouteRequest,
+    RouterConfig,
+    UnknownModelError,
+)
+
+ROUTER_NAME = "splitserve-router"
+NAMESPACE = "splitserve"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
+class RouterActor:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg_dict = cfg
+        self.core = RouterCore(RouterConfig(**cfg))
+        self.addresses: dict[str, dict[str, Any]] = {}  # replica id -> {role, model, ...}
+        self.started_at = time.time()
+        self._last_prune = 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def reconfigure(self, cfg: dict[str, Any]) -> None:
+        """Replace the routing config; replica stats are pushed again."""
+        self.cfg_dict = cfg
+        self.core = RouterCore(RouterConfig(**cfg))
+
+    def update_stats(self, role: str, stats: dict[str, Any], info: dict[str, Any] | None = None,
+                     stored: list[int] | None = None, evicted: list[int] | None = None) -> None:
+        cls = PrefillReplicaStats if role == "prefill" else DecodeReplicaStats
+        s = cls(**stats)
+        try:
+            self.core.update_stats(s)
+        except UnknownModelError:
+            return
+        if info is not None:
+            self.addresses[s.replica_id] = info
+        if stored:
+            self.core.on_blocks_stored(s.replica_id, stored)
+        if evicted:
+            self.core.on_blocks_evicted(s.replica_id, evicted)
+
+    def remove_replica(self, replica_id: str) -> bool:
+        self.addresses.pop(replica_id, None)
+        return self.core.remove_replica(replica_id)
+
+    def set_prefer_local_prefill(self, prefer: bool) -> None:
+        self.core.set_prefer_local_prefill(prefer)
+
+    def route(self, req: dict[str, Any], admit: bool = True) -> dict[str, Any]:
+        """Admit (optionally) and place a request. Returns {"placement": ...}
+        or {"error": kind, "message": ..., "retry_after_s": ...}."""
+        now = time.time()
+        if now - self._last_prune > 1.0:
+            self._last_prune = now
+            self.prune(now)
+        try:
+            if admit:
+                self.core.admit(req["model"])
+            try:
+                p = self.core.route(RouteRequest(
+                    request_id=req["request_id"], model=req["model"], prompt_len=req["prompt_len"],
+                    max_tokens=req["max_tokens"], block_hashes=tuple(req["block_hashes"]),
+                    exclude_replicas=frozenset(req.get("exclude", ()))))
+            except BaseException:
+                if admit:
+                    self.core.release(req["model"])
+                raise
+        except OverloadedError as e:
+            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+        except NoCapacityError as e:
+            return {"error": "no_capacity", "message": str(e), "retry_after_s": 1.0}
+        except UnknownModelError as e:
+            return {"error": "unknown_model", "message": str(e)}
+        return {"placement": asdict(p)}
+
+    def release(self, model: str) -> None:
+        try:
+            self.core.release(model)
+        except Exception:  # noqa: BLE001 - a restart lost the slot: nothing to give back
+            pass
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Forget replicas silent for 3 stats TTLs (dead without deregistering:
+        killed, or their node lost). Returns the ids removed."""
+        now = time.time() if now is None else now
+        limit = 3 * self.core.cfg.stats_ttl_s
+        gone = []
+        for model in self.core.cfg.kv_bytes_per_token:
+            snap = self.core.snapshot(model)
+            gone += [s.replica_id for s in (*snap.prefill, *snap.decode)
+                     if now - s.updated_at > limit]
+        for rid in gone:
+            self.remove_replica(rid)
+        return gone
+
+    def replicas(self) -> dict[str, Any]:
+        self.prune()
+        out: dict[str, Any] = {}
+        for model in self.core.cfg.kv_bytes_per_token:
+            snap = self.core.snapshot(model)
+            out[model] = {"prefill": [asdict(s) for s in snap.prefill],
+                          "decode": [asdict(s) for s in snap.decode]}
+        return out
+
+    def counters(self) -> dict[str, Any]:
+        return asdict(self.core.counters())
+
+
+def get_router(create_with: dict[str, Any] | None = None):
+    """The cluster's router actor; created (detached) if ``create_with`` is given."""
+    try:
+        return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        if create_with is None:
+            raise
+    return RouterActor.options(name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached",
+                               get_if_exists=True).remote(create_with)

@@ -1,0 +1,175 @@
+"""The prefill, decode and colocated pools as Ray Serve deployments.
+
+Serve owns each pool's lifecycle: replica counts and bounds, placement by
+``ray_actor_options`` (CPUs/GPUs, a custom resource naming the node type),
+health checks, autoscaling and graceful drain. A replica builds one engine,
+serves the worker RPCs (``engine.rpc``) on its node's address, and pushes
+its stats and prefix-cache events to the router actor every period. Requests
+do not flow through Serve's handles: the router picks the exact replica
+pair, which Serve's own request routing cannot express.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.config import ModelSpec, RouterSpec, TransferSpec
+from cluster.router_actor import get_router
+
+log = logging.getLogger("splitserve.worker")
+ROLES = ("prefill", "decode", "colocated")
+
+
+def build_engine(spec: ModelSpec):
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.default_model import ensure_default_model
+    from engine.llm_engine import LLMEngine
+
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # one intra-op thread per CPU this replica was given, so replicas
+        # sharing a node do not oversubscribe its cores
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+    return LLMEngine(EngineConfig(
+        model=spec.path or str(ensure_default_model()), model_id=spec.name,
+        dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
+        block_size=spec.block_size, num_blocks=spec.num_blocks,
+        kv_cache_memory_gb=spec.kv_cache_memory_gb, kv_cache_dtype=spec.kv_cache_dtype,
+        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_model_len=spec.max_model_len,
+    ))
+
+
+class WorkerServer:
+    """One replica of a pool. ``role`` is prefill, decode or colocated."""
+
+    async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
+                       cluster_token: str):
+        from engine import rpc
+        from engine.kv_handoff import engine_layout
+        from engine.transfer.base import TransportConfig, get_transport
+
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.spec = ModelSpec(**model)
+        self.transfer = TransferSpec(**transfer)
+        self.router_spec = RouterSpec(**router)
+        self.host = ray.util.get_node_ip_address()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        engine = build_engine(self.spec)
+        self.engine = engine
+        sender_cls, receiver_cls = get_transport(self.transfer.transport)
+        tcfg = TransportConfig(token=cluster_token, host=self.host,
+                               chunk_bytes=self.transfer.chunk_bytes,
+                               max_message_bytes=self.transfer.chunk_bytes + (1 << 20),
+                               device=str(engine.device), layout=engine_layout(engine))
+        unary: dict[str, Any] = {}
+        streams: dict[str, Any] = {}
+        if role == "prefill":
+            from prefill.worker import PrefillWorker
+
+            self.worker = PrefillWorker(engine, sender_cls(tcfg), self.transfer.layer_group_size,
+                                        self.transfer.timeout_s).start()
+            unary["Prefill"] = self.worker.prefill
+        else:
+            from decode.worker import DecodeWorker
+
+            self.worker = DecodeWorker(engine, receiver_cls(tcfg), cluster_token,
+                                       self.transfer.on_prefill_failure, self.transfer.lease_s,
+                                       self.transfer.prefill_timeout_s).start()
+            streams["Generate"] = self.worker.generate
+        unary["Stats"] = self.worker.stats
+        self.server, self.address = await rpc.serve(unary, streams, cluster_token, host=self.host)
+        self.replica_id = self.address
+        self.router = get_router()
+        self.draining = False
+        self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
+        log.info("%s replica of %s serving on %s", role, self.spec.name, self.address)
+
+    # -- stats to the router ----------------------------------------------------
+    async def _push_loop(self) -> None:
+        period = self.router_spec.stats_period_s
+        while True:
+            try:
+                await self.push_stats()
+            except Exception as e:  # noqa: BLE001 - the router may be restarting
+                log.debug("stats push failed: %r", e)
+            await asyncio.sleep(period)
+
+    async def push_stats(self) -> None:
+        s = await self.worker.stats()
+        ev = await self.worker.aengine.call(lambda e: e.kv.pool.drain_events())
+        now = time.time()
+        busy = max(s["busy_time_s"], 1e-9)
+        if self.role == "prefill":
+            role = "prefill"
+            stats = dict(replica_id=self.replica_id, model=self.spec.name,
+                         pending_prompt_tokens=s["pending_prompt_tokens"],
+                         running_requests=s["running"] + s["waiting"],
+                         prefill_tokens_per_s=s["prompt_tokens_computed"] / busy
+                         if s["prompt_tokens_computed"] else 0.0,
+                         healthy=self.worker.aengine.alive, draining=self.draining,
+                         node_id=self.node_id, updated_at=now)
+        else:
+            role = "decode"
+            steps = max(s["steps"], 1)
+            stats = dict(replica_id=self.replica_id, model=self.spec.name,
+                         free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
+                         running_seqs=s["running"], max_seqs=s["max_seqs"],
+                         block_size=s["block_size"], waiting_requests=s["waiting"],
+                         decode_step_s=s["busy_time_s"] / steps, prefill_tokens_per_s=0.0,
+                         healthy=self.worker.aengine.alive, draining=self.draining,
+                         node_id=self.node_id, updated_at=now)
+        info = {"role": self.role, "model": self.spec.name, "address": self.address,
+                "kv_endpoint": getattr(self.worker, "kv_endpoint", ""), "node_id": self.node_id}
+        self.router.update_stats.remote(role, stats, info, ev.stored, ev.evicted)
+
+    # -- Serve hooks --------------------------------------------------------------
+    async def check_health(self) -> None:
+        if not self.worker.aengine.alive:
+            raise RuntimeError(f"engine thread is dead: {self.worker.aengine.error!r}")
+
+    async def info(self) -> dict:
+        return {"role": self.role, "model": self.spec.name, "address": self.address,
+                "node_id": self.node_id, "pid": __import__("os").getpid()}
+
+    async def stats(self) -> dict:
+        return await self.worker.stats()
+
+    async def __del__(self) -> None:
+        try:
+            self._push_task.cancel()
+            self.router.remove_replica.remote(self.replica_id)
+            await self.worker.stop()
+            await self.server.stop(1.0)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
+                      router: RouterSpec, cluster_token: str):
+    """A bound Serve application for one pool of one model."""
+    initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
+    dep = serve.deployment(WorkerServer).options(
+        name=name,
+        num_replicas=max(initial, pool.min_replicas, 1) if pool.autoscaling is None else None,
+        ray_actor_options=pool.ray_actor_options(),
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=30.0,
+        max_ongoing_requests=1000,
+    )
+    return dep.bind(role, model.model_dump(), transfer.model_dump(), router.model_dump(),
+                    cluster_token)

@@ -1,0 +1,24 @@
+"""A real local Ray cluster on loopback for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import ray
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 4):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    try:
+        yield
+    finally:
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
