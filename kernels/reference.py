@@ -99,8 +99,12 @@ def store_kv(
     vf = v_cache.view(nb * bs, hk, d)
     kk, vv = key[keep], value[keep]
     if k_cache.dtype in FP8_DTYPES:
-        kk = kk.float() / k_scale
-        vv = vv.float() / v_scale
+        # torch has no fp8 index_copy_ on CPU: copy the bytes
+        kk = (kk.float() / k_scale).to(k_cache.dtype).view(torch.uint8)
+        vv = (vv.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
+        kf.view(torch.uint8).index_copy_(0, slots, kk)
+        vf.view(torch.uint8).index_copy_(0, slots, vv)
+        return
     kf.index_copy_(0, slots, kk.to(k_cache.dtype))
     vf.index_copy_(0, slots, vv.to(v_cache.dtype))
 
@@ -178,31 +182,30 @@ def paged_decode_attention(
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
-    context_lens: [B] (>= 1, including the token being decoded).
+    context_lens: [B] (including the token being decoded; 0 yields zeros).
     Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
-    context and masked, which is what a CPU wants.
+    context, masked, and attended in one fused SDPA call.
     """
     b, hq, d = q.shape
     nb, bs, hk, _ = k_cache.shape
-    max_ctx = int(context_lens.max().item()) if b else 0
+    if b == 0:
+        return q.new_empty((0, hq, d))
+    max_ctx = int(context_lens.max().item())
     nblk = (max_ctx + bs - 1) // bs
     tables = block_tables[:, :nblk].long()
-    k = k_cache[tables].reshape(b, nblk * bs, hk, d)
-    v = v_cache[tables].reshape(b, nblk * bs, hk, d)
+    # gather every sequence's blocks: [B, S, Hk, D] -> [B, Hk, S, D]
+    k = k_cache[tables].reshape(b, nblk * bs, hk, d).transpose(1, 2)
+    v = v_cache[tables].reshape(b, nblk * bs, hk, d).transpose(1, 2)
     if k_cache.dtype in FP8_DTYPES:
-        k = k.float() * k_scale
-        v = v.float() * v_scale
-    k = k.to(torch.float32).transpose(1, 2)  # [B, Hk, S, D]
-    v = v.to(torch.float32).transpose(1, 2)
-    g = hq // hk
-    qf = q.float().view(b, hk, g, d)  # group query heads by their kv head
-    scores = torch.einsum("bhgd,bhsd->bhgs", qf, k) * scale
+        k = k.to(torch.float32) * k_scale
+        v = v.to(torch.float32) * v_scale
+    k, v = k.to(q.dtype), v.to(q.dtype)
     pos = torch.arange(nblk * bs, device=q.device)[None, :]
-    valid = pos < context_lens[:, None].to(q.device)  # [B, S]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
-    return out.reshape(b, hq, d).to(q.dtype)
+    valid = pos < context_lens[:, None].to(q.device).long()  # [B, S]
+    # one fused SDPA call; GQA by grouping query heads per kv head
+    qg = q.view(b, hk, hq // hk, d)  # [B, Hk, G, D]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(b, hq, d)
 
 
 def pack_kv(
@@ -225,6 +228,8 @@ def unpack_kv(
     """Scatter a buffer made by ``pack_kv`` into ``block_ids`` of ``kv_cache``
     starting at layer ``layer_start``, in place."""
     n_layers = buf.shape[0]
-    kv_cache[layer_start : layer_start + n_layers].index_copy_(
-        2, block_ids.long().to(kv_cache.device), buf.to(kv_cache.device, kv_cache.dtype)
-    )
+    dst = kv_cache[layer_start : layer_start + n_layers]
+    src = buf.to(kv_cache.device, kv_cache.dtype)
+    if kv_cache.dtype in FP8_DTYPES:  # no fp8 index_copy_ on CPU: copy the bytes
+        dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+    dst.index_copy_(2, block_ids.long().to(kv_cache.device), src)

@@ -1,0 +1,48 @@
+"""Jitted building blocks shared by the paged attention kernels: locating a
+tile of cached tokens through a block table, and one online-softmax step
+over such a tile (flash-attention style, log2 domain, fp32 statistics).
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.triton.fp8_codec import decode_e4m3
+
+
+@triton.jit
+def paged_token_offsets(block_table_row, n, nmask, kv_head, BS, stride_cb, stride_cs, stride_ch):
+    """n: [BLOCK_N] token positions of one sequence -> element offsets of
+    their (block, slot, kv_head) rows in a [NB, BS, Hk, D] cache."""
+    blk = tl.load(block_table_row + n // BS, mask=nmask, other=0).to(tl.int64)
+    return blk * stride_cb + (n % BS).to(tl.int64) * stride_cs + kv_head * stride_ch
+
+
+@triton.jit
+def attend_tile(
+    q, m_i, l_i, acc,
+    k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
+    k_scale, v_scale, scale_log2,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One KV tile of online softmax for a block of query rows.
+
+    q: [M, BD] (in the dot dtype); m_i, l_i: [M] running max (log2 units)
+    and denominator; acc: [M, BD] fp32 unnormalised output; tok_off,
+    nmask: [N]; visible: [M, N] which scores count. Returns (m_i, l_i, acc).
+    Rows that see nothing keep m = -inf, l = 0 and acc = 0 (no NaN).
+    """
+    k_t = tl.load(k_cache_ptr + tok_off[None, :] + d[:, None], mask=nmask[None, :] & dmask[:, None], other=0)
+    if FP8_KV:
+        k_t = decode_e4m3(k_t, k_scale)
+    s = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2  # [M, N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + tok_off[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
+    if FP8_KV:
+        v = decode_e4m3(v, v_scale)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return m_new, l_i, acc

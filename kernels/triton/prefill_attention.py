@@ -1,0 +1,164 @@
+"""Variable-length causal attention over a paged KV cache (prefill and
+chunked prefill; a sequence's earlier tokens may already be cached).
+
+Each program owns one tile of BLOCK_Q query tokens of one sequence times the
+G query heads sharing one kv head, packed as BLOCK_M = BLOCK_Q * G rows
+(padded to a power of two), and runs flash-attention's online softmax over
+KV tiles read through the block table, up to its last query's position.
+
+The grid is sized from shapes alone, ``T // BLOCK_Q + B`` tiles per kv head
+(an upper bound on the tiles all sequences need); a program finds its
+sequence by binary search over cu_query_lens and exits if its tile is past
+the sequence's end. No host sync, so the launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton._common import (
+    INDEX_DTYPES,
+    as_kernel_cache,
+    check_device,
+    check_dtype,
+    check_ndim,
+    check_paged_attention_args,
+    dot_in_fp32,
+    dot_precision,
+    is_fp8,
+    next_pow2,
+)
+from kernels.triton.paged_tile import attend_tile, paged_token_offsets
+
+
+@triton.jit
+def _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q: tl.constexpr):
+    # Sequence b owns tiles [cu[b] // BLOCK_Q + b, cu[b+1] // BLOCK_Q + b + 1):
+    # the last b whose first tile is <= tile_id.
+    lo: tl.int32 = 0
+    hi = B
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(cu_query_lens_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
+    scale_log2, k_scale, v_scale,
+    B, G, D, BS,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q)
+    q_start = tl.load(cu_query_lens_ptr + seq)
+    q_len = tl.load(cu_query_lens_ptr + seq + 1) - q_start
+    tile = tile_id - (q_start // BLOCK_Q + seq)
+    if tile * BLOCK_Q >= q_len:
+        return  # spare tile of the upper-bound grid
+    ctx = tl.load(context_lens_ptr + seq)
+    prefix = ctx - q_len  # cached tokens before this chunk
+
+    r = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + r // G  # [BLOCK_M] query index within the sequence
+    heads = kv_head * G + r % G
+    rmask = (r < BLOCK_Q * G) & (tok < q_len)
+    pos = prefix + tok  # each row's position; it sees keys <= pos
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    row_off = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + row_off[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(ctx, prefix + tl.minimum((tile + 1) * BLOCK_Q, q_len))  # last row's pos + 1
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(0, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < kv_end
+        tok_off = paged_token_offsets(bt_row, n, nmask, kv_head, BS, stride_cb, stride_cs, stride_ch)
+        visible = nmask[None, :] & (n[None, :] <= pos[:, None])
+        m_i, l_i, acc = attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
+            k_scale, v_scale, scale_log2, FP8_KV, PRECISION,
+        )
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _tile_shape(g: int, d: int, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for G query heads per kv head."""
+    if not on_gpu:  # interpreter: small tiles keep numpy work per step small
+        block_m, block_n = 16, 16
+    elif d <= 128 and not fp32:
+        block_m, block_n = 128, 64
+    else:  # fp32 operands or wide heads: halve the tiles to stay within shared memory
+        block_m, block_n = 64, 32
+    block_m = max(block_m, next_pow2(g))
+    return block_m, block_m // g, block_n, 8 if block_m >= 128 else 4
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [NB, BS, Hk, D]
+    v_cache: torch.Tensor,  # [NB, BS, Hk, D]
+    block_tables: torch.Tensor,  # [B, M] int
+    cu_query_lens: torch.Tensor,  # [B+1] int
+    context_lens: torch.Tensor,  # [B] int
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Same contract as ``kernels.reference.paged_attention``.
+
+    A query row that can see no key (context_len < q_len, invalid input)
+    gets zeros.
+    """
+    op = "paged_attention"
+    check_paged_attention_args(op, q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
+    b = context_lens.shape[0]
+    check_ndim(op, "cu_query_lens", cu_query_lens, 1, "[num_seqs + 1]")
+    check_dtype(op, "cu_query_lens", cu_query_lens, INDEX_DTYPES)
+    check_device(op, q, cu_query_lens=cu_query_lens)
+    if cu_query_lens.shape[0] != b + 1:
+        raise ValueError(
+            f"{op}: cu_query_lens has {cu_query_lens.shape[0]} entries; expected num_seqs + 1 = {b + 1}"
+        )
+    t, hq, d = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if t == 0 or b == 0:
+        return out
+    _, bs, hk, _ = k_cache.shape
+    g = hq // hk
+    block_m, block_q, block_n, num_warps = _tile_shape(g, d, q.device.type == "cuda", dot_in_fp32(q))
+    kc, vc = as_kernel_cache(k_cache), as_kernel_cache(v_cache)
+    _paged_prefill_kernel[(t // block_q + b, hk)](
+        q, kc, vc, block_tables, cu_query_lens, context_lens, out,
+        float(scale) * math.log2(math.e), float(k_scale), float(v_scale),
+        b, g, d, bs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
+        num_warps=num_warps,
+    )
+    return out

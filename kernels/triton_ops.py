@@ -1,0 +1,33 @@
+"""Registers the Triton kernels as kernel backend "triton".
+
+Importing this module imports triton; an ImportError propagates so that
+``kernels.dispatch`` reports the backend unavailable and falls back to the
+reference ops.
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (fail here, not halfway through registration)
+
+from kernels import dispatch
+from kernels.triton.activation import silu_and_mul
+from kernels.triton.decode_attention import paged_decode_attention
+from kernels.triton.kv_pack import pack_kv, unpack_kv
+from kernels.triton.kv_store import store_kv
+from kernels.triton.prefill_attention import paged_attention
+from kernels.triton.rmsnorm import rms_norm
+from kernels.triton.rope import rotary_embedding
+
+OPS = {
+    "rms_norm": rms_norm,
+    "rotary_embedding": rotary_embedding,
+    "silu_and_mul": silu_and_mul,
+    "store_kv": store_kv,
+    "paged_attention": paged_attention,
+    "paged_decode_attention": paged_decode_attention,
+    "pack_kv": pack_kv,
+    "unpack_kv": unpack_kv,
+}
+
+for _name, _fn in OPS.items():
+    dispatch.register("triton", _name, _fn)
