@@ -16,12 +16,17 @@ from typing import Sequence
 ROOT_HASH = 0
 
 
+_STRUCTS: dict[int, struct.Struct] = {}
+
+
 def hash_block(parent_hash: int, token_ids: Sequence[int], salt: bytes = b"") -> int:
     """64-bit hash of one full block given its parent's hash (ROOT_HASH first)."""
-    h = hashlib.blake2b(digest_size=8, key=salt[:64])
-    h.update(struct.pack("<Q", parent_hash))
-    h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
-    return int.from_bytes(h.digest(), "little")
+    n = len(token_ids)
+    st = _STRUCTS.get(n)
+    if st is None:
+        st = _STRUCTS.setdefault(n, struct.Struct(f"<Q{n}I"))
+    digest = hashlib.blake2b(st.pack(parent_hash, *token_ids), digest_size=8, key=salt[:64]).digest()
+    return int.from_bytes(digest, "little")
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -> list[int]:

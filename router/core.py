@@ -1,0 +1,220 @@
+"""RouterCore: the router's state and decisions, without Ray.
+
+It keeps the latest stats each replica pushed (per model, in replica-id
+order), the prefix index fed by the replicas' block events, per-model
+admission control and decision counters, and places requests with the
+configured policy. The router actor wraps one instance; every method is
+synchronous and cheap (no I/O, no sleeping).
+
+Between stats pushes each placement is counted against its replicas
+(``RouterConfig.optimistic_updates``): queued prompt tokens on the prefill
+replica, blocks and a waiting sequence on the decode replica. Otherwise
+every request of a burst would see the same stats and pile onto the same
+replica. The next push replaces the estimate with the replica's own
+numbers (requests still in transit to it are briefly uncounted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from engine.hashing import block_hashes
+from router.admission import AdmissionControl
+from router.cost_model import decode_blocks_needed
+from router.policies import get_policy
+from router.prefix_index import PrefixIndex
+from router.types import (
+    ClusterSnapshot,
+    DecodeReplicaStats,
+    InvalidStatsError,
+    NoCapacityError,
+    OverloadedError,
+    Placement,
+    PolicyState,
+    PrefillReplicaStats,
+    RouteRequest,
+    RouterConfig,
+    UnknownModelError,
+)
+
+ReplicaStats = PrefillReplicaStats | DecodeReplicaStats
+
+
+@dataclass(frozen=True, slots=True)
+class RouterCounters:
+    decisions: int  # placements returned
+    local_prefill: int  # of which prefill runs on the decode replica
+    no_capacity: int  # route() calls that raised NoCapacityError
+    overloaded: int  # admit() calls refused
+    by_reason: dict[str, int]
+    in_flight: dict[str, int]  # admitted, not yet released, per model
+
+
+class RouterCore:
+    def __init__(self, cfg: RouterConfig, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self._policy = get_policy(cfg.policy)
+        self._clock = clock
+        self.index = PrefixIndex(cfg.prefix_index_max_entries)
+        self.state = PolicyState()
+        self._models = tuple(cfg.kv_bytes_per_token)
+        self._prefill: dict[str, dict[str, PrefillReplicaStats]] = {m: {} for m in self._models}
+        self._decode: dict[str, dict[str, DecodeReplicaStats]] = {m: {} for m in self._models}
+        self._admission = AdmissionControl(
+            cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock
+        )
+        self._decisions = 0
+        self._local_prefill = 0
+        self._no_capacity = 0
+        self._overloaded = 0
+        self._by_reason: Counter[str] = Counter()
+
+    # -- replica state ---------------------------------------------------
+
+    def update_stats(self, stats: ReplicaStats) -> None:
+        """Record a replica's pushed stats; older than what is held: ignored."""
+        if stats.model not in self._prefill:
+            raise UnknownModelError(stats.model, self._models)
+        _check_stats(stats)
+        pool = self._prefill if isinstance(stats, PrefillReplicaStats) else self._decode
+        replicas = pool[stats.model]
+        held = replicas.get(stats.replica_id)
+        if held is not None:
+            if stats.updated_at >= held.updated_at:
+                replicas[stats.replica_id] = stats
+            return
+        # A new id (or one that changed pool or model): forget its old role first.
+        self.remove_replica(stats.replica_id)
+        replicas[stats.replica_id] = stats
+        pool[stats.model] = dict(sorted(replicas.items()))
+
+    def remove_replica(self, replica_id: str) -> bool:
+        """Forget a replica's stats and cached blocks; False if it was unknown."""
+        found = False
+        for pool in (self._prefill, self._decode):
+            for replicas in pool.values():
+                found = replicas.pop(replica_id, None) is not None or found
+        self.index.drop_replica(replica_id)
+        return found
+
+    def on_blocks_stored(self, replica_id: str, hashes: Sequence[int]) -> None:
+        """A replica's block pool cached these blocks (a chain, first block first)."""
+        self.index.on_stored(replica_id, hashes)
+
+    def on_blocks_evicted(self, replica_id: str, hashes: Sequence[int]) -> None:
+        self.index.on_evicted(replica_id, hashes)
+
+    def set_prefer_local_prefill(self, prefer: bool) -> None:
+        """The autoscaler's network signal: prefer prefilling on decode replicas."""
+        self.state.prefer_local_prefill = prefer
+
+    def snapshot(self, model: str) -> ClusterSnapshot:
+        """Stats of ``model``'s replicas as the policies see them now."""
+        if model not in self._prefill:
+            raise UnknownModelError(model, self._models)
+        return ClusterSnapshot(
+            prefill=tuple(self._prefill[model].values()),
+            decode=tuple(self._decode[model].values()),
+            now=self._clock(),
+        )
+
+    # -- admission -------------------------------------------------------
+
+    def admit(self, model: str) -> None:
+        """Take an in-flight slot for a request of ``model``; raises
+        OverloadedError (with ``retry_after_s``) when the model is full."""
+        if model not in self._prefill:
+            raise UnknownModelError(model, self._models)
+        try:
+            self._admission.admit(model)
+        except OverloadedError:
+            self._overloaded += 1
+            raise
+
+    def release(self, model: str) -> None:
+        """Give back the slot of a request of ``model`` that ended."""
+        self._admission.release(model)
+
+    # -- placement -------------------------------------------------------
+
+    def route(self, req: RouteRequest) -> Placement:
+        """Place ``req``: raises UnknownModelError or NoCapacityError."""
+        snap = self.snapshot(req.model)
+        hashes = req.block_hashes
+        if hashes is None:
+            hashes = block_hashes(req.prompt_token_ids, self.cfg.block_size, self.cfg.hash_salt)
+        matches = self.index.match(hashes)
+        try:
+            placement = self._policy(req, snap, matches, self.cfg, self.state)
+        except NoCapacityError:
+            self._no_capacity += 1
+            raise
+        self._decisions += 1
+        self._by_reason[placement.reason] += 1
+        if placement.prefill_replica is None:
+            self._local_prefill += 1
+        if self.cfg.optimistic_updates:
+            self._count_placement(req, placement)
+        if self.cfg.optimistic_prefix_insert:
+            self._insert_prefix(placement, hashes)
+        return placement
+
+    def counters(self) -> RouterCounters:
+        return RouterCounters(
+            decisions=self._decisions,
+            local_prefill=self._local_prefill,
+            no_capacity=self._no_capacity,
+            overloaded=self._overloaded,
+            by_reason=dict(self._by_reason),
+            in_flight={m: self._admission.in_flight(m) for m in self._models},
+        )
+
+    def _count_placement(self, req: RouteRequest, placement: Placement) -> None:
+        uncached = req.prompt_len - placement.prefix_hit_tokens
+        decodes = self._decode[req.model]
+        d = decodes[placement.decode_replica]
+        needed = decode_blocks_needed(d, req.prompt_len, req.max_tokens)
+        decodes[d.replica_id] = replace(
+            d,
+            free_blocks=max(d.free_blocks - needed, 0),
+            waiting_requests=d.waiting_requests + 1,
+            pending_prefill_tokens=d.pending_prefill_tokens
+            + (uncached if placement.prefill_replica is None else 0),
+        )
+        if placement.prefill_replica is not None:
+            prefills = self._prefill[req.model]
+            p = prefills[placement.prefill_replica]
+            prefills[p.replica_id] = replace(p, pending_prompt_tokens=p.pending_prompt_tokens + uncached)
+
+    def _insert_prefix(self, placement: Placement, hashes: Sequence[int]) -> None:
+        self.index.on_stored(placement.decode_replica, hashes)
+        if placement.prefill_replica is not None:
+            self.index.on_stored(placement.prefill_replica, hashes)
+
+
+def _check_stats(stats: ReplicaStats) -> None:
+    """Reject stats the cost model would divide by or misread."""
+    problems: list[str] = []
+    if isinstance(stats, DecodeReplicaStats):
+        if stats.block_size < 1:
+            problems.append(f"block_size={stats.block_size} (must be >= 1)")
+        if stats.total_blocks < 1:
+            problems.append(f"total_blocks={stats.total_blocks} (must be >= 1)")
+        if not 0 <= stats.free_blocks <= stats.total_blocks:
+            problems.append(f"free_blocks={stats.free_blocks} (must be in 0..total_blocks)")
+        if stats.max_seqs < 1:
+            problems.append(f"max_seqs={stats.max_seqs} (must be >= 1)")
+        counts = ("running_seqs", "waiting_requests", "pending_prefill_tokens")
+    else:
+        counts = ("pending_prompt_tokens", "running_requests")
+    problems += [
+        f"{name}={getattr(stats, name)} (must be >= 0)" for name in counts if getattr(stats, name) < 0
+    ]
+    if problems:
+        raise InvalidStatsError(
+            f"replica {stats.replica_id!r} (model {stats.model!r}) pushed invalid stats: "
+            + ", ".join(problems)
+        )

@@ -1,0 +1,203 @@
+"""Finding the best replica of a pool without scoring every replica.
+
+Each search first scores the replicas that cache part of the prompt (few,
+found through ``index_matches``), then visits the others in ascending
+(bound, replica id) order, sorted at C speed by a stored attribute the
+bound grows with: a decode replica's ``load`` (its exact score when nothing
+is cached there), a prefill replica's ``queue_s`` (to which the prompt's
+compute at the pool's fastest speed and the cheapest link add a lower
+bound of its TTFT). The visit stops once the bound passes the best score so
+far (or equals it at a larger id, which would lose the tie), so a pool of
+any size usually costs a handful of evaluations. The result is the
+minimum over all usable replicas, ties broken on the smaller replica id.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Callable, Mapping, Sequence, TypeVar
+
+from router.cost_model import prefill_queue_s, remote_ttft_s, transfer_s, usable_hit_tokens
+from router.eligibility import decode_usable, no_decode_capacity, prefill_usable
+from router.types import (
+    ClusterSnapshot,
+    DecodeReplicaStats,
+    PolicyState,
+    PrefillReplicaStats,
+    RouteRequest,
+    RouterConfig,
+)
+
+_ID = attrgetter("replica_id")
+_SPEED = attrgetter("prefill_tokens_per_s")
+_LOAD = attrgetter("load")
+_QUEUE = attrgetter("queue_s")
+_INF = float("inf")
+
+R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
+
+
+def _by_id(replicas: Sequence[R]) -> dict[str, R]:
+    return dict(zip(map(_ID, replicas), replicas))
+
+
+def _in_order(replicas: Sequence[R], key: attrgetter) -> list[R]:
+    """``replicas`` by (key, replica id). Two stable single-attribute sorts
+    beat one sort on a tuple key several times over; the id pass is nearly
+    free on a snapshot already in id order (RouterCore's are)."""
+    return sorted(sorted(replicas, key=_ID), key=key)
+
+
+def _max_speed(prefills: Sequence[PrefillReplicaStats], cfg: RouterConfig) -> float:
+    """At least every replica's prefill speed (the assumed one included)."""
+    return max(max(map(_SPEED, prefills)), cfg.assumed_prefill_tokens_per_s)
+
+
+def pick_decode(
+    req: RouteRequest,
+    snap: ClusterSnapshot,
+    matches: Mapping[str, int],
+    cfg: RouterConfig,
+    prefix_weight: float,
+) -> DecodeReplicaStats:
+    """Usable decode replica with the lowest
+    ``load - prefix_weight * cached fraction of the prompt``; raises
+    NoCapacityError when none is usable."""
+    model, excluded = req.model, req.exclude_replicas
+    horizon = snap.now - cfg.stats_ttl_s
+    total = req.prompt_len + req.max_tokens
+    best: DecodeReplicaStats | None = None
+    best_score = _INF
+    if matches and prefix_weight:
+        by_id = _by_id(snap.decode)
+        credit_per_token = prefix_weight / req.prompt_len
+        for rid, blocks in matches.items():
+            d = by_id.get(rid)
+            if d is None or not decode_usable(d, model, horizon, excluded, total):
+                continue
+            score = d.load - credit_per_token * usable_hit_tokens(blocks, req.prompt_len, cfg.block_size)
+            if score < best_score or (score == best_score and rid < best.replica_id):
+                best, best_score = d, score
+    # Uncached replicas score exactly their load: the first usable one in
+    # (load, id) order is the best of them.
+    for d in _in_order(snap.decode, _LOAD):
+        if d.load > best_score or (d.load == best_score and d.replica_id > best.replica_id):
+            break
+        if decode_usable(d, model, horizon, excluded, total):
+            best = d
+            break
+    if best is None:
+        raise no_decode_capacity(req, snap, cfg)
+    return best
+
+
+def fastest_remote_prefill(
+    req: RouteRequest,
+    snap: ClusterSnapshot,
+    matches: Mapping[str, int],
+    cfg: RouterConfig,
+    decode: DecodeReplicaStats,
+    kv_bytes_per_token: int,
+) -> tuple[PrefillReplicaStats | None, float]:
+    """Usable prefill replica with the smallest predicted TTFT when handing
+    off to ``decode``, and that TTFT; (None, inf) when none is usable."""
+    if not snap.prefill:
+        return None, _INF
+    model, excluded = req.model, req.exclude_replicas
+    horizon = snap.now - cfg.stats_ttl_s
+    prompt_len, block_size = req.prompt_len, cfg.block_size
+    best: PrefillReplicaStats | None = None
+    best_s = _INF
+
+    def consider(p: PrefillReplicaStats) -> None:
+        nonlocal best, best_s
+        if not prefill_usable(p, model, horizon, excluded):
+            return
+        hit = usable_hit_tokens(matches.get(p.replica_id, 0), prompt_len, block_size)
+        t = remote_ttft_s(p, decode, prompt_len, prompt_len - hit, kv_bytes_per_token, cfg)
+        if t < best_s or (t == best_s and p.replica_id < best.replica_id):
+            best, best_s = p, t
+
+    if matches:
+        by_id = _by_id(snap.prefill)
+        for rid in matches:
+            if (p := by_id.get(rid)) is not None:
+                consider(p)
+    # Uncached replicas compute the whole prompt and use at best the cheapest link.
+    min_transfer = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
+    if decode.node_id:
+        min_transfer = min(min_transfer, transfer_s(prompt_len, kv_bytes_per_token, True, cfg))
+    best_compute_s = prompt_len / _max_speed(snap.prefill, cfg)
+    for p in _in_order(snap.prefill, _QUEUE):
+        bound = p.queue_s + best_compute_s + min_transfer
+        if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
+            break
+        consider(p)
+    return best, best_s
+
+
+def shortest_queue_prefill(
+    req: RouteRequest, snap: ClusterSnapshot, cfg: RouterConfig
+) -> tuple[PrefillReplicaStats | None, float]:
+    """Usable prefill replica with the smallest queue delay, and that delay;
+    (None, inf) when none is usable."""
+    if not snap.prefill:
+        return None, _INF
+    model, excluded = req.model, req.exclude_replicas
+    horizon = snap.now - cfg.stats_ttl_s
+    best: PrefillReplicaStats | None = None
+    best_q = _INF
+    for p in _in_order(snap.prefill, _QUEUE):
+        bound = p.queue_s  # exact once measured; 0 <= the assumed-speed queue before
+        if bound > best_q or (bound == best_q and p.replica_id > best.replica_id):
+            break
+        if prefill_usable(p, model, horizon, excluded):
+            q = prefill_queue_s(p, cfg)
+            if q < best_q or (q == best_q and p.replica_id < best.replica_id):
+                best, best_q = p, q
+    return best, best_q
+
+
+def longest_prefix_prefill(
+    req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, int], cfg: RouterConfig
+) -> PrefillReplicaStats | None:
+    """Among usable prefill replicas whose queue delay is within
+    ``prefix_max_extra_queue_s`` of the shortest, the one caching the most
+    of the prompt, then the shortest queue; None when none is usable."""
+    shortest, shortest_q = shortest_queue_prefill(req, snap, cfg)
+    if shortest is None:
+        return None
+    model, excluded = req.model, req.exclude_replicas
+    horizon = snap.now - cfg.stats_ttl_s
+    band = shortest_q + cfg.prefix_max_extra_queue_s
+
+    def key(p: PrefillReplicaStats, q: float) -> tuple[int, float, str]:
+        hit = usable_hit_tokens(matches.get(p.replica_id, 0), req.prompt_len, cfg.block_size)
+        return -hit, q, p.replica_id
+
+    best, best_key = shortest, key(shortest, shortest_q)
+    by_id = _by_id(snap.prefill) if matches else {}
+    for rid in matches:
+        p = by_id.get(rid)
+        if p is None or not prefill_usable(p, model, horizon, excluded):
+            continue
+        q = prefill_queue_s(p, cfg)
+        if q <= band and (k := key(p, q)) < best_key:
+            best, best_key = p, k
+    return best
+
+
+def next_in_cycle(
+    state: PolicyState, key: tuple[str, str], replicas: Sequence[R], usable: Callable[[R], bool]
+) -> R | None:
+    """Next usable replica after the last pick, cycling in replica-id order;
+    None when none is usable."""
+    ordered = sorted(replicas, key=_ID)
+    n = len(ordered)
+    start = state.round_robin_next.get(key, 0)
+    for step in range(n):
+        i = (start + step) % n
+        if usable(ordered[i]):
+            state.round_robin_next[key] = i + 1
+            return ordered[i]
+    return None

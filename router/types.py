@@ -1,0 +1,309 @@
+"""Contracts of the router: replica stats in, placements out, and its errors.
+
+Replicas push ``PrefillReplicaStats`` / ``DecodeReplicaStats``; the ingress
+sends a ``RouteRequest`` and gets a ``Placement`` back. Everything here is
+plain immutable data so policies stay pure functions over a
+``ClusterSnapshot`` and the router actor can ship these objects as they are.
+Times (``updated_at``, ``now``) are wall-clock seconds (``time.time()``) so
+stats stamped on one node can be aged on another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+class RouterError(Exception):
+    """Base class of every error the router raises on purpose."""
+
+
+class UnknownModelError(RouterError, LookupError):
+    """A request or a replica names a model the router was not configured with."""
+
+    def __init__(self, model: str, known: tuple[str, ...]):
+        self.model = model
+        self.known = known
+        super().__init__(
+            f"unknown model {model!r}; this router serves {sorted(known)}. "
+            "Add it to RouterConfig.kv_bytes_per_token or fix the model name."
+        )
+
+
+class NoCapacityError(RouterError):
+    """No replica of the request's model can take it right now."""
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
+
+
+class OverloadedError(RouterError):
+    """A model's in-flight queue is full; retry after ``retry_after_s``."""
+
+    def __init__(self, model: str, in_flight: int, limit: int, retry_after_s: float):
+        self.model = model
+        self.in_flight = in_flight
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"model {model!r} has {in_flight} requests in flight (limit {limit}); "
+            f"retry after {retry_after_s:.3f} s or raise RouterConfig.max_queue_per_model"
+        )
+
+
+class UnbalancedReleaseError(RouterError):
+    """``release(model)`` was called more often than ``admit(model)``."""
+
+
+class InvalidRouteRequestError(RouterError, ValueError):
+    """A ``RouteRequest`` is inconsistent; the message names the field."""
+
+
+class InvalidStatsError(RouterError, ValueError):
+    """A replica pushed stats that cannot be right (zero block size, free
+    blocks above total, ...); the message names the replica and field."""
+
+
+class RouterConfigError(RouterError, ValueError):
+    """A ``RouterConfig`` value is out of range or names an unknown policy."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefillReplicaStats:
+    replica_id: str
+    model: str
+    pending_prompt_tokens: int  # queued and running prompt tokens not yet computed
+    running_requests: int
+    prefill_tokens_per_s: float  # measured throughput; <= 0 means not measured yet
+    healthy: bool = True
+    draining: bool = False
+    node_id: str = ""  # "" = unknown node, treated as remote to every other replica
+    updated_at: float
+    # Derived, not sent: seconds of queued prompt work at the measured speed
+    # (0 before a measurement, a lower bound then). Stored so policies can
+    # order replicas by it at C speed.
+    queue_s: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        speed = self.prefill_tokens_per_s
+        object.__setattr__(self, "queue_s", self.pending_prompt_tokens / speed if speed > 0 else 0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeReplicaStats:
+    replica_id: str
+    model: str
+    free_blocks: int
+    total_blocks: int
+    running_seqs: int
+    max_seqs: int
+    block_size: int
+    waiting_requests: int  # admitted by the replica but not yet in its running batch
+    decode_step_s: float  # recent mean time of one decode step
+    prefill_tokens_per_s: float  # local prefill speed; <= 0 means not measured yet
+    pending_prefill_tokens: int = 0  # prompt tokens queued for local prefill here
+    healthy: bool = True
+    draining: bool = False
+    node_id: str = ""
+    updated_at: float
+    # Derived, not sent: how full the replica is once one more sequence
+    # joins, by its binding resource: max((running + waiting + 1) / max_seqs,
+    # (used blocks + 1) / total_blocks), 0 idle .. 1 full. Decode replicas are
+    # ranked by it; it ignores the request's size so policies can sort by it
+    # at C speed (whether the request fits is checked on its own).
+    load: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_seqs > 0 and self.total_blocks > 0:
+            slots = (self.running_seqs + self.waiting_requests + 1) / self.max_seqs
+            blocks = (self.total_blocks - self.free_blocks + 1) / self.total_blocks
+            load = slots if slots > blocks else blocks
+        else:
+            load = float("inf")
+        object.__setattr__(self, "load", load)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One request to place. Give either ``prompt_token_ids`` (the router
+    hashes them) or ``block_hashes`` precomputed with ``engine.hashing`` at
+    the router's block size and salt (the ingress can do this off the
+    router's critical path)."""
+
+    request_id: str
+    model: str
+    prompt_len: int
+    max_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()
+    block_hashes: tuple[int, ...] | None = None
+    exclude_replicas: frozenset[str] = frozenset()  # replicas that already refused it
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1:
+            raise InvalidRouteRequestError(
+                f"request {self.request_id!r}: prompt_len must be >= 1, got {self.prompt_len}"
+            )
+        if self.max_tokens < 1:
+            raise InvalidRouteRequestError(
+                f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}"
+            )
+        if self.block_hashes is None:
+            if len(self.prompt_token_ids) != self.prompt_len:
+                raise InvalidRouteRequestError(
+                    f"request {self.request_id!r}: prompt_token_ids has {len(self.prompt_token_ids)} "
+                    f"tokens but prompt_len is {self.prompt_len}; pass the prompt's token ids "
+                    "or its precomputed block_hashes"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    prefill: tuple[PrefillReplicaStats, ...]
+    decode: tuple[DecodeReplicaStats, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    prefill_replica: str | None  # None = prefill locally on the decode replica
+    decode_replica: str
+    reason: str  # one of the REASON_* constants
+    predicted_ttft_s: float
+    prefix_hit_tokens: int  # cached prompt tokens on the replica that runs the prefill
+
+
+@dataclass(slots=True)
+class PolicyState:
+    """What a policy may remember between decisions; RouterCore owns one and
+    passes it to every call."""
+
+    round_robin_next: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(model, "prefill" | "decode") -> position of the next pick in the cycle."""
+
+    prefer_local_prefill: bool = False
+    """Set at run time when the autoscaler reports the network as the bottleneck."""
+
+
+# Why a placement was made; RouterCore counts decisions by these.
+REASON_ROUND_ROBIN = "round_robin"
+REASON_LEAST_LOADED = "least_loaded"
+REASON_PREFIX_HIT = "prefix_hit"
+REASON_REMOTE_CHEAPER = "remote_cheaper"
+REASON_LOCAL_CHEAPER = "local_cheaper"
+REASON_LOCAL_PREFERRED = "local_preferred"  # network flagged as the bottleneck
+REASON_LOCAL_OVER_LIMIT = "local_over_limit"  # local was cheaper but the prompt is too long
+REASON_NO_PREFILL_REPLICA = "no_prefill_replica"  # prefill pool empty: prefill on decode
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Every knob of the router. Defaults suit a 100 Gb/s cluster of GPU
+    replicas; all time values are seconds, bandwidths bytes per second."""
+
+    policy: str = "cost"
+    """Placement policy by registry name: cost, prefix_aware, least_loaded, round_robin."""
+
+    block_size: int = 16
+    """Tokens per KV block; must equal the engines' so prefix hashes match."""
+
+    hash_salt: bytes = b""
+    """Salt of ``engine.hashing.block_hashes``; must equal the engines'."""
+
+    kv_bytes_per_token: Mapping[str, int] = field(default_factory=dict)
+    """KV cache bytes of one token (all layers, K and V) per model. Its keys
+    are the models this router serves; any other model is unknown."""
+
+    max_queue_per_model: int = 1024
+    """Requests admitted and not yet released, per model, before admit()
+    refuses with OverloadedError."""
+
+    stats_ttl_s: float = 5.0
+    """Stats older than this are ignored: the replica may be dead or stuck."""
+
+    network_bandwidth_bytes_per_s: float = 12.5e9
+    """Usable bandwidth of one link between nodes (100 Gb/s)."""
+
+    same_node_bandwidth_bytes_per_s: float = 50e9
+    """Bandwidth between replicas with the same non-empty node_id (NVLink/PCIe)."""
+
+    handoff_overhead_s: float = 0.002
+    """Fixed cost of a remote hand-off (reservation RPC, stream setup) that
+    a short prompt pays even when its bytes take no time."""
+
+    local_prefill_max_tokens: int = 512
+    """Uncached prompt tokens above which a decode replica never prefills
+    locally: a long local prefill stalls every running sequence there."""
+
+    prefer_local_prefill: bool = False
+    """Prefill locally whenever local_prefill_max_tokens allows, whatever the
+    predicted TTFT (the network is the bottleneck). RouterCore can also set
+    this at run time from the autoscaler's signal."""
+
+    assumed_prefill_tokens_per_s: float = 5000.0
+    """Prefill speed assumed for a replica that has not measured its own yet."""
+
+    prefix_weight: float = 0.5
+    """How much decode load (0..1) a fully cached prompt is worth when
+    choosing the decode replica: score = load - prefix_weight * cached fraction."""
+
+    prefix_max_extra_queue_s: float = 0.25
+    """prefix_aware: a prefill replica with a longer cached prefix wins only
+    while its queue delay is at most this much above the shortest queue."""
+
+    retry_after_min_s: float = 0.05
+    """Lower clamp of OverloadedError.retry_after_s."""
+
+    retry_after_max_s: float = 5.0
+    """Upper clamp of OverloadedError.retry_after_s, also used before any
+    request of the model has finished."""
+
+    prefix_index_max_entries: int = 1_000_000
+    """Block hashes the prefix index remembers (LRU beyond that). About 350
+    bytes each when two replicas hold a block: 1M entries take ~350 MB."""
+
+    optimistic_updates: bool = True
+    """Between stats pushes, count each placement against its replicas
+    (queued prompt tokens, free blocks, waiting sequences) so a burst does
+    not pile onto the replica that looked idlest at the last push."""
+
+    optimistic_prefix_insert: bool = False
+    """Also record each placed prompt's blocks as cached on its replicas
+    before they report it, so a burst sharing a new prefix stays together.
+    Off by default: it costs about a microsecond per prompt block and
+    replica per decision, and at high request rates its entries push the
+    replicas' own reports out of the LRU index."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "block_size": self.block_size,
+            "max_queue_per_model": self.max_queue_per_model,
+            "stats_ttl_s": self.stats_ttl_s,
+            "network_bandwidth_bytes_per_s": self.network_bandwidth_bytes_per_s,
+            "same_node_bandwidth_bytes_per_s": self.same_node_bandwidth_bytes_per_s,
+            "assumed_prefill_tokens_per_s": self.assumed_prefill_tokens_per_s,
+            "prefix_index_max_entries": self.prefix_index_max_entries,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise RouterConfigError(f"RouterConfig.{name} must be > 0, got {value}")
+        non_negative = {
+            "handoff_overhead_s": self.handoff_overhead_s,
+            "local_prefill_max_tokens": self.local_prefill_max_tokens,
+            "prefix_weight": self.prefix_weight,
+            "prefix_max_extra_queue_s": self.prefix_max_extra_queue_s,
+            "retry_after_min_s": self.retry_after_min_s,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise RouterConfigError(f"RouterConfig.{name} must be >= 0, got {value}")
+        if self.retry_after_max_s < self.retry_after_min_s:
+            raise RouterConfigError(
+                f"RouterConfig.retry_after_max_s ({self.retry_after_max_s}) must be >= "
+                f"retry_after_min_s ({self.retry_after_min_s})"
+            )
+        for model, nbytes in self.kv_bytes_per_token.items():
+            if nbytes <= 0:
+                raise RouterConfigError(
+                    f"RouterConfig.kv_bytes_per_token[{model!r}] must be > 0, got {nbytes}"
+                )
