@@ -67,9 +67,89 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start a local cluster and serve the OpenAI HTTP and gRPC APIs",
+                       description="Start Ray on this machine (or join --address), deploy the "
+                                   "prefill and decode pools, the router and the ingress, and serve "
+                                   "until interrupted. Without --config: the embedded default model "
+                                   "(random weights), one prefill and one decode replica.")
+    p.add_argument("--config", default=None, help="operator YAML (see deploy/configs/)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster instead")
+    p.add_argument("--host", default=None, help="bind address of the APIs (default: config's)")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node")
+    p.add_argument("--smoke", action="store_true",
+                   help="send one request through each API once ready, print it, and exit")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import os
+    import signal
+
+    import ray
+
+    from cluster import app
+    from cluster.config import ClusterConfig, ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config) if args.config else ClusterConfig()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ep = cfg.endpoints
+    updates = {k: v for k, v in (("host", args.host), ("http_port", args.http_port),
+                                 ("grpc_port", args.grpc_port)) if v is not None}
+    if updates:
+        cfg = cfg.model_copy(update={"endpoints": ep.model_copy(update=updates)})
+    ep = cfg.endpoints
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.address:
+        ray.init(address=args.address, namespace="splitserve", log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), namespace="splitserve",
+                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    t0 = time.time()
+    print("deploying: " + ", ".join(f"{m.model.name} ({m.mode})" for m in cfg.models), flush=True)
+    try:
+        app.deploy(cfg)
+    except Exception as e:  # noqa: BLE001 - report and tear down
+        print(f"error: deploy failed: {e}", file=sys.stderr)
+        app.shutdown()
+        return 1
+    base = f"http://{ep.host}:{ep.http_port}"
+    name = cfg.models[0].model.name
+    print(f"ready in {time.time() - t0:.0f}s\n"
+          f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)})\n"
+          f"  gRPC API:        {ep.host}:{ep.grpc_port}\n"
+          f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    if args.smoke:
+        from cluster.smoke import smoke_test
+
+        ok = smoke_test(cfg)
+        app.shutdown()
+        ray.shutdown()
+        return 0 if ok else 1
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop["now"]:
+        time.sleep(0.5)
+    print("shutting down", flush=True)
+    app.shutdown()
+    ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
     _add_generate(sub)
     return parser
 
