@@ -1,0 +1,118 @@
+"""The whole cluster on a real local Ray node: ingress (HTTP via Serve's
+proxy, gRPC), router, prefill and decode pools for two models. Clients are
+the official openai package and the generated gRPC stubs."""
+
+import socket
+
+import grpc
+import pytest
+import ray
+from openai import OpenAI
+
+from cluster import app
+from cluster.config import parse_config
+from cluster.proto import splitserve_pb2 as pb
+from cluster.proto import splitserve_pb2_grpc as pb_grpc
+from engine.sampling_params import SamplingParams
+from tests.integration.pd_harness import make_engine
+from tests.integration.ray_cluster import local_ray
+
+KEY = "sk-e2e-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoints):
+    llama, qwen = tiny_checkpoints["llama"], tiny_checkpoints["qwen3"]
+    http, grpc_port = free_port(), free_port()
+    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
+    cfg = parse_config({
+        "models": [
+            {"model": {"name": "llama", "path": str(llama), "num_blocks": 128, "block_size": 4},
+             "prefill": pool, "decode": pool},
+            {"model": {"name": "qwen", "path": str(qwen), "num_blocks": 128, "block_size": 4},
+             "mode": "colocated", "decode": pool},
+        ],
+        "router": {"local_prefill_max_tokens": 0},
+        "auth": {"api_keys": [KEY], "cluster_token": "e2e-token"},
+        "endpoints": {"http_port": http, "grpc_port": grpc_port},
+    })
+    with local_ray(num_cpus=4):
+        app.deploy(cfg, wait_s=180)
+        yield cfg, {"llama": llama, "qwen": qwen}
+        app.shutdown()
+
+
+def test_openai_client_matches_engine_for_both_models(cluster):
+    cfg, paths = cluster
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    assert sorted(m.id for m in client.models.list().data) == ["llama", "qwen"]
+    for model in ("llama", "qwen"):
+        eng = make_engine(paths[model], block_size=4)
+        prompt = "the quick brown fox"
+        want = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0))[0]
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+        assert out.choices[0].text == want.text
+        assert out.usage.completion_tokens == len(want.token_ids)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=model, prompt=prompt, max_tokens=10, temperature=0, stream=True) if c.choices)
+        assert streamed == want.text
+        msgs = [{"role": "user", "content": "hello there"}]
+        ids = eng.tokenizer.encode_chat(msgs)
+        want_chat = eng.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]
+        chat = client.chat.completions.create(model=model, messages=msgs, max_tokens=8,
+                                              temperature=0)
+        assert chat.choices[0].message.content == want_chat.text
+
+
+def test_wrong_key_and_unknown_model(cluster):
+    cfg, _ = cluster
+    import openai
+
+    bad = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key="wrong",
+                 max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                  max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        good.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        good.completions.create(model="llama", prompt="x", max_tokens=100000)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_grpc_client_streams_same_tokens(cluster):
+    cfg, paths = cluster
+    eng = make_engine(paths["llama"], block_size=4)
+    ids = eng.tokenize("splitserve serves")
+    want = eng.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    md = [("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}") as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        req = pb.GenerateRequest(model="llama", token_ids=pb.TokenIds(ids=ids),
+                                 params=pb.SamplingParams(max_tokens=12, temperature=0.0))
+        resps = list(stub.Generate(req, metadata=md, timeout=60))
+        assert [t for r in resps for t in r.token_ids] == want.token_ids
+        assert resps[-1].finish_reason == "length"
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req, timeout=30))  # no key
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_requests_go_only_to_their_models_replicas(cluster):
+    cfg, _ = cluster
+    reps = ray.get(app.get_router().replicas.remote())
+    llama = {r["replica_id"] for r in reps["llama"]["decode"] + reps["llama"]["prefill"]}
+    qwen = {r["replica_id"] for r in reps["qwen"]["decode"]}
+    assert llama and qwen and not llama & qwen
+    assert reps["qwen"]["prefill"] == []  # colocated model: prefill on decode
+    counters = ray.get(app.get_router().counters.remote())
+    assert counters["decisions"] > 0
+    assert counters["by_reason"].get("no_prefill_replica", 0) > 0  # the qwen requests
