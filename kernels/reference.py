@@ -100,8 +100,9 @@ def store_kv(
     kk, vv = key[keep], value[keep]
     if k_cache.dtype in FP8_DTYPES:
         # torch has no fp8 index_copy_ on CPU: copy the bytes
-        kk = (kk.float() / k_scale).to(k_cache.dtype).view(torch.uint8)
-        vv = (vv.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
+        lim = torch.finfo(k_cache.dtype).max  # saturate: e4m3fn has no inf
+        kk = (kk.float() / k_scale).clamp(-lim, lim).to(k_cache.dtype).view(torch.uint8)
+        vv = (vv.float() / v_scale).clamp(-lim, lim).to(v_cache.dtype).view(torch.uint8)
         kf.view(torch.uint8).index_copy_(0, slots, kk)
         vf.view(torch.uint8).index_copy_(0, slots, vv)
         return
