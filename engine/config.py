@@ -152,6 +152,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # CUDA: skip capturing decode steps as CUDA graphs
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -67,6 +67,15 @@ class ModelRunner:
         self.k_scale = float(cfg.extra.get("k_scale", 1.0))
         self.v_scale = float(cfg.extra.get("v_scale", 1.0))
         self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
+        self.graphs = None
+        if device.type == "cuda" and not cfg.enforce_eager:
+            from engine.cuda_graphs import CudaGraphRunner
+
+            max_len = cfg.max_model_len or model_cfg.max_position
+            self.graphs = CudaGraphRunner(
+                model, self.kv_cache, cfg.max_num_seqs, -(-max_len // cfg.block_size),
+                self.k_scale, self.v_scale)
+            self.graphs.capture()
 
     def prepare(self, scheduled: list[ScheduledSeq], kv: KVCacheManager) -> StepInputs:
         bs = self.block_size
@@ -120,8 +129,12 @@ class ModelRunner:
         ``on_layer_done(layer_index)`` is called after each layer's KV is in
         the cache (the prefill worker starts layer-group transfers from it)."""
         inp = self.prepare(scheduled, kv)
-        kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
+        hidden = None
+        if self.graphs is not None and on_layer_done is None:
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        if hidden is None:
+            kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
         if inp.logit_rows.numel() == 0:
             return hidden.new_empty((0, self.model_cfg.vocab_size), dtype=torch.float32), []
         logits = self.model.compute_logits(hidden.index_select(0, inp.logit_rows))
