@@ -102,9 +102,14 @@ class LocalBackend(Backend):
         self._engine(model).validate(prompt_token_ids, params)
 
     async def generate(self, model, request_id, prompt_token_ids, params):
+        from engine.async_engine import EngineDeadError
+
         self._engine(model)
-        async for out in self._async[model].generate(request_id, prompt_token_ids, params):
-            yield out.to_dict()
+        try:
+            async for out in self._async[model].generate(request_id, prompt_token_ids, params):
+                yield out.to_dict()
+        except EngineDeadError as e:
+            raise Unavailable(f"the engine for {model!r} is not running: {e}") from None
 
     async def close(self) -> None:
         for a in self._async.values():

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -124,6 +125,9 @@ class AsyncEngine:
         return await fut
 
     def _open_stream(self, request_id: str) -> _Stream:
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already streaming",
+                                      param="request_id")
         s = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = s
         return s
