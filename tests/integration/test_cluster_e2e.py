@@ -116,3 +116,81 @@ def test_requests_go_only_to_their_models_replicas(cluster):
     counters = ray.get(app.get_router().counters.remote())
     assert counters["decisions"] > 0
     assert counters["by_reason"].get("no_prefill_replica", 0) > 0  # the qwen requests
+
+
+def pools_free(cfg, model) -> dict:
+    """free == total on every replica of ``model`` (asked over the worker RPC)."""
+    from engine.rpc import WorkerClient
+
+    reps = ray.get(app.get_router().replicas.remote())[model]
+
+    async def ask():
+        out = {}
+        for r in reps["prefill"] + reps["decode"]:
+            c = WorkerClient(r["replica_id"], cfg.cluster_token())
+            try:
+                s = await c.call("Stats", {}, timeout=10)
+                out[r["replica_id"]] = s["free_blocks"] == s["total_blocks"]
+            finally:
+                await c.close()
+        return out
+    import asyncio
+
+    return asyncio.run(ask())
+
+
+def wait_for(pred, timeout=20.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
+def test_cancelled_grpc_stream_frees_blocks_on_both_pools(cluster):
+    cfg, _ = cluster
+    md = [("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}") as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        req = pb.GenerateRequest(model="llama", text="a long story",
+                                 params=pb.SamplingParams(max_tokens=200, temperature=0.0,
+                                                          ignore_eos=True))
+        call = stub.Generate(req, metadata=md, timeout=60)
+        got = [next(call) for _ in range(3)]
+        assert all(r.token_ids for r in got)
+        call.cancel()
+    assert wait_for(lambda: all(pools_free(cfg, "llama").values()))
+
+
+def test_router_killed_restarts_and_streams_survive(cluster):
+    cfg, _ = cluster
+    import time
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    stream = client.completions.create(model="llama", prompt="once upon a time", max_tokens=60,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    ray.kill(app.get_router(), no_restart=False)
+    # the in-flight stream never touches the router: it finishes
+    rest = [c for c in stream]
+    n = len(first.choices[0].text and [1] or []) + sum(1 for c in rest if c.choices)
+    assert n >= 1 and rest[-1].choices[0].finish_reason == "length"
+    # new requests: 503 with Retry-After while the router is down, then served again
+    import openai
+
+    statuses, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            out = client.completions.create(model="llama", prompt="hi", max_tokens=3, temperature=0)
+            assert out.choices[0].finish_reason in ("length", "stop")
+            break
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and e.response.headers.get("retry-after"), e
+            statuses.append(e.status_code)
+            time.sleep(0.3)
+    else:
+        raise AssertionError(f"router did not come back; saw {statuses}")
