@@ -1,0 +1,156 @@
+"""torch_dist between two processes over gloo (the NCCL code path with CPU
+tensors), and pair teardown: on close, on a timeout, when the sender
+process dies, when the receiver stops."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.transfer.base import TransportConfig, make_header
+from engine.transfer.errors import PeerUnavailable, TransferTimeout
+from engine.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
+from tests.unit.transfer_sinks import RecordingSink
+
+pytestmark = pytest.mark.timeout(60)
+TOKEN = "cluster-secret"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _chunk(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return (torch.randn(2, 2, 3 + i, 16, 2, 32, generator=g) * 10).to(DTYPES[i % 3])
+
+
+def _sender_process(endpoint: str, n: int, close: bool, results) -> None:
+    """Send chunks 0..n-1 as hand-off "p<i>"; then close, or die without a word."""
+    async def main():
+        tx = TorchDistKVSender(TransportConfig(token=TOKEN, connect_timeout_s=20))
+        for i in range(n):
+            buf = _chunk(i)
+            await tx.send(endpoint, make_header(f"p{i}", 0, 2, buf), buf, 20.0)
+        results.put(("sent", tx.num_pairs))
+        if close:
+            await tx.close()
+            results.put(("closed", tx.num_pairs))
+    asyncio.run(main())
+    if not close:
+        os._exit(0)  # no ClosePair, no clean teardown: the receiver must notice
+
+
+def _wait_for(pred, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def _start(pair_idle_s=300.0):
+    rx = TorchDistKVReceiver(TransportConfig(token=TOKEN, connect_timeout_s=20,
+                                             pair_idle_s=pair_idle_s))
+    sink = RecordingSink()
+    for i in range(6):
+        sink.reserve(f"p{i}", 1 << 24)
+    return rx, sink, rx.start(sink)
+
+
+def test_two_processes_over_gloo_and_close_tears_down():
+    rx, sink, endpoint = _start()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_sender_process, args=(endpoint, 3, True, results))
+    proc.start()
+    try:
+        assert results.get(timeout=45) == ("sent", 1)
+        assert results.get(timeout=10) == ("closed", 0)
+        proc.join(10)
+        assert proc.exitcode == 0
+        for i in range(3):
+            (got,) = sink.received(f"p{i}")
+            want = _chunk(i)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert rx.num_pairs == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        rx.stop(0.2)
+
+
+def test_pair_of_a_dead_sender_is_reaped():
+    rx, sink, endpoint = _start(pair_idle_s=0.3)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_sender_process, args=(endpoint, 1, False, results))
+    proc.start()
+    try:
+        assert results.get(timeout=45) == ("sent", 1)
+        proc.join(10)
+        assert torch.equal(sink.received("p0")[0], _chunk(0))
+        assert _wait_for(lambda: rx.num_pairs == 0, 5.0)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        rx.stop(0.2)
+
+
+def test_timeout_tears_the_pair_down_and_the_next_send_rebuilds_it():
+    rx, sink, endpoint = _start()
+    sink.gate = threading.Event()
+    buf = _chunk(0)
+
+    async def main():
+        tx = TorchDistKVSender(TransportConfig(token=TOKEN, connect_timeout_s=10))
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TransferTimeout):
+                await tx.send(endpoint, make_header("p0", 0, 2, buf), buf, 0.5)
+            elapsed = time.monotonic() - t0
+            assert tx.num_pairs == 0
+            sink.gate.set()
+            sink.gate = None
+            await tx.send(endpoint, make_header("p1", 0, 2, buf), buf, 10.0)
+            assert tx.num_pairs == 1
+            return elapsed
+        finally:
+            await tx.close()
+
+    try:
+        elapsed = asyncio.run(main())
+        assert 0.45 <= elapsed < 1.0, elapsed
+        assert torch.equal(sink.received("p1")[0], buf)
+        assert _wait_for(lambda: rx.num_pairs == 0, 5.0)
+    finally:
+        if sink.gate is not None:
+            sink.gate.set()
+        rx.stop(0.2)
+
+
+def test_receiver_stop_drops_the_senders_pair():
+    rx, sink, endpoint = _start()
+    buf = _chunk(1)
+
+    async def main():
+        tx = TorchDistKVSender(TransportConfig(token=TOKEN, connect_timeout_s=10))
+        try:
+            await tx.send(endpoint, make_header("p0", 0, 2, buf), buf, 10.0)
+            assert tx.num_pairs == 1 and rx.num_pairs == 1
+            rx.stop(0.1)
+            assert rx.num_pairs == 0
+            with pytest.raises(PeerUnavailable):
+                await tx.send(endpoint, make_header("p1", 0, 2, buf), buf, 3.0)
+            assert tx.num_pairs == 0
+        finally:
+            await tx.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        rx.stop(0.1)
