@@ -108,8 +108,10 @@ def cmd_serve(args) -> int:
     if args.address:
         ray.init(address=args.address, namespace="splitserve", log_to_driver=False)
     else:
+        # a single-machine cluster: workers talk over loopback only
         ray.init(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), namespace="splitserve",
-                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"SPLITSERVE_BIND_HOST": "127.0.0.1"}})
     t0 = time.time()
     print("deploying: " + ", ".join(f"{m.model.name} ({m.mode})" for m in cfg.models), flush=True)
     try:

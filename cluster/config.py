@@ -26,15 +26,19 @@ class ModelSpec(_Strict):
     name: str = Field("default", description="Served model name clients ask for.")
     path: str | None = Field(None, description="Local Hugging Face checkpoint directory; "
                              "None serves the embedded default model.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype; auto: the checkpoint's.")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="KV cache element type; fp8 halves KV memory and hand-off bytes.")
     block_size: int = Field(16, ge=1, le=256, description="Tokens per KV block (power of two).")
     max_model_len: int | None = Field(None, ge=16, description="Context cap; None: the model's.")
     num_blocks: int | None = Field(None, ge=16, description="KV blocks per replica; None: sized "
                                    "from kv_cache_memory_gb.")
-    kv_cache_memory_gb: float = Field(0.25, gt=0)
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(1024, ge=16)
+    kv_cache_memory_gb: float = Field(0.25, gt=0, description="KV cache size per replica when "
+                                      "num_blocks is not given.")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences one replica runs at once.")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget of one engine "
+                                        "step (prompt chunks plus decode tokens).")
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
 
     @model_validator(mode="after")
@@ -47,29 +51,59 @@ class ModelSpec(_Strict):
 class AutoscalingSpec(_Strict):
     bottleneck: Literal["compute", "memory", "network"] = Field(
         ..., description="What limits this pool: prefill is compute-bound, decode memory-bound; "
-        "network scales on hand-off bandwidth.")
-    target_ttft_s: float = Field(1.0, gt=0, description="compute: predicted queueing delay target.")
-    target_busy_fraction: float = Field(0.8, gt=0, le=1)
-    target_kv_usage: float = Field(0.75, gt=0, le=1, description="memory: KV block usage target.")
-    target_tpot_s: float | None = Field(None, gt=0, description="memory: time per output token.")
-    target_link_utilization: float = Field(0.7, gt=0, le=1, description="network: share of link.")
-    link_bytes_per_s: float = Field(1.25e9, gt=0, description="network: configured link capacity.")
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
-    cooldown_s: float = Field(10.0, ge=0)
-    look_back_s: float = Field(10.0, gt=0)
+        "network scales on hand-off bandwidth (and makes the router prefer local prefill).")
+    target_ttft_s: float = Field(1.0, gt=0, description="compute: target of the predicted "
+                                 "queueing delay (pending prompt tokens / measured prefill "
+                                 "tokens per second).")
+    target_busy_fraction: float = Field(0.8, gt=0, le=1, description="compute: target share of "
+                                        "wall time the engine loop is busy (and GPU SM "
+                                        "utilization, where NVML reports it).")
+    target_kv_usage: float = Field(0.75, gt=0, le=1, description="memory: target share of KV "
+                                   "blocks in use.")
+    target_seq_fraction: float = Field(0.75, gt=0, le=1, description="memory: target share of "
+                                       "max_num_seqs running.")
+    target_tpot_s: float | None = Field(None, gt=0, description="memory: target time per "
+                                        "output token (decode step time); None: not used.")
+    target_link_utilization: float = Field(0.7, gt=0, le=1, description="network: target share "
+                                           "of link_bytes_per_s used by KV hand-offs.")
+    link_bytes_per_s: float = Field(1.25e9, gt=0, description="network: link capacity of one "
+                                    "replica's node, bytes per second.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long the pool must want more "
+                                   "replicas, without interruption, before it scales up.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="How long the pool must want fewer "
+                                     "replicas, without interruption, before it scales down.")
+    cooldown_s: float = Field(10.0, ge=0, description="Minimum time between two changes of the "
+                              "replica count.")
+    look_back_s: float = Field(10.0, gt=0, description="Window of replica metrics each "
+                               "decision averages over.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas push their "
+                                      "metrics to the Serve controller.")
+
+    @model_validator(mode="after")
+    def _window(self) -> "AutoscalingSpec":
+        if self.look_back_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_s ({self.look_back_s}) must exceed metrics_interval_s "
+                             f"({self.metrics_interval_s}) so each window holds a metrics push")
+        return self
 
 
 class PoolSpec(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; at least 1 when the pool "
+                              "autoscales (its metrics come from running replicas).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at first deploy; "
+                                         "None: min_replicas. Ignored when re-applied to a "
+                                         "running pool.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
     node_type: str | None = Field(None, description="Custom resource the replica requests "
                                   "(e.g. 'prefill_node'), so it lands on that node type.")
-    resources: dict[str, float] = Field(default_factory=dict)
-    autoscaling: AutoscalingSpec | None = None
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra custom Ray "
+                                        "resources each replica requests.")
+    graceful_shutdown_timeout_s: float = Field(30.0, gt=0, description="How long a replica being "
+                                               "removed may drain its in-flight requests.")
+    autoscaling: AutoscalingSpec | None = Field(None, description="Scale on the pool's "
+                                                "bottleneck; None: a fixed size.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolSpec":
@@ -78,6 +112,9 @@ class PoolSpec(_Strict):
         init = self.initial_replicas
         if init is not None and not self.min_replicas <= init <= self.max_replicas:
             raise ValueError(f"initial_replicas ({init}) outside [min_replicas, max_replicas]")
+        if self.autoscaling is not None and self.min_replicas < 1:
+            raise ValueError("min_replicas must be at least 1 when autoscaling is set: the "
+                             "policy scales on metrics that running replicas report")
         return self
 
     def ray_actor_options(self) -> dict[str, Any]:
@@ -91,12 +128,15 @@ class PoolSpec(_Strict):
 
 
 class ServedModel(_Strict):
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model and its engine.")
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated: separate prefill and decode pools; "
+        "colocated: one pool (the decode pool's spec) does both.")
     prefill: PoolSpec = Field(default_factory=lambda: PoolSpec(
-        autoscaling=AutoscalingSpec(bottleneck="compute")))
+        autoscaling=AutoscalingSpec(bottleneck="compute")), description="The prefill pool "
+        "(unused when colocated).")
     decode: PoolSpec = Field(default_factory=lambda: PoolSpec(
-        autoscaling=AutoscalingSpec(bottleneck="memory")))
+        autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool.")
 
 
 class TransferSpec(_Strict):
@@ -108,16 +148,26 @@ class TransferSpec(_Strict):
     lease_s: float = Field(30.0, gt=0, description="How long a decode reservation waits for KV.")
     on_prefill_failure: Literal["local", "error"] = Field(
         "local", description="local: prefill on the decode replica; error: fail the request.")
-    chunk_bytes: int = Field(4 << 20, ge=1 << 16)
+    bind_host: str | None = Field(
+        None, description="Address worker RPCs and KV receivers bind and advertise; None: "
+        "$SPLITSERVE_BIND_HOST, else the node's Ray address.")
+    chunk_bytes: int = Field(1 << 20, ge=1 << 16, description="Largest message of a KV "
+                             "transfer, bytes.")
 
 
 class RouterSpec(_Strict):
-    policy: Literal["cost", "prefix_aware", "least_loaded", "round_robin"] = "cost"
-    max_queue_per_model: int = Field(256, ge=1)
-    stats_period_s: float = Field(0.25, gt=0)
-    stats_ttl_s: float = Field(5.0, gt=0)
-    network_bytes_per_s: float = Field(1.25e9, gt=0)
-    local_prefill_max_tokens: int = Field(512, ge=0)
+    policy: Literal["cost", "prefix_aware", "least_loaded", "round_robin"] = Field(
+        "cost", description="Placement policy of (prefill, decode) pairs.")
+    max_queue_per_model: int = Field(256, ge=1, description="Requests in flight per model "
+                                     "before new ones are refused (HTTP 429).")
+    stats_period_s: float = Field(0.25, gt=0, description="How often replicas push their load "
+                                  "to the router.")
+    stats_ttl_s: float = Field(5.0, gt=0, description="Stats older than this make a replica "
+                               "ineligible; 3x this forgets it.")
+    network_bytes_per_s: float = Field(1.25e9, gt=0, description="Bandwidth the cost model "
+                                       "assumes for KV hand-offs.")
+    local_prefill_max_tokens: int = Field(512, ge=0, description="Prompts up to this many "
+                                          "uncached tokens may prefill on the decode replica.")
     max_retries: int = Field(2, ge=0, description="Other replica pairs tried after a refusal.")
 
 
@@ -129,27 +179,29 @@ class AuthSpec(_Strict):
 
 
 class EndpointSpec(_Strict):
-    host: str = "127.0.0.1"
-    http_port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    grpc_tls_cert: str | None = None
-    grpc_tls_key: str | None = None
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC APIs listen on.")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API port.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC API port.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    grpc_tls_cert: str | None = Field(None, description="PEM certificate file for gRPC TLS.")
+    grpc_tls_key: str | None = Field(None, description="PEM key file for gRPC TLS.")
 
 
 class SLOSpec(_Strict):
-    ttft_s: float = Field(1.0, gt=0)
-    tpot_s: float = Field(0.2, gt=0)
+    ttft_s: float = Field(1.0, gt=0, description="Time-to-first-token objective (reports and "
+                          "benchmarks).")
+    tpot_s: float = Field(0.2, gt=0, description="Time-per-output-token objective.")
 
 
 class ClusterConfig(_Strict):
-    name: str = "splitserve"
-    models: list[ServedModel] = Field(default_factory=lambda: [ServedModel()], min_length=1)
-    router: RouterSpec = Field(default_factory=RouterSpec)
-    transfer: TransferSpec = Field(default_factory=TransferSpec)
-    auth: AuthSpec = Field(default_factory=AuthSpec)
-    endpoints: EndpointSpec = Field(default_factory=EndpointSpec)
-    slo: SLOSpec = Field(default_factory=SLOSpec)
+    name: str = Field("splitserve", description="Cluster name, shown by `splitserve status`.")
+    models: list[ServedModel] = Field(default_factory=lambda: [ServedModel()], min_length=1,
+                                      description="The models served, each with its pools.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="Request placement.")
+    transfer: TransferSpec = Field(default_factory=TransferSpec, description="KV hand-off.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="Client and worker secrets.")
+    endpoints: EndpointSpec = Field(default_factory=EndpointSpec, description="Client APIs.")
+    slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency objectives.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ClusterConfig":
@@ -193,3 +245,39 @@ def load_config(path: str | Path) -> ClusterConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
     return parse_config(data, str(p))
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(
+            isinstance(v, dict) and "model" in v for v in value):
+        for v in value:  # served models are keyed by name, not position
+            _flatten(v, f"{prefix}[{v['model']['name']}]", out)
+    else:
+        out[prefix] = value
+
+
+def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
+    """What applying ``new`` over ``old`` changes, one line per key, e.g.
+    ``models[tiny].decode.max_replicas: 2 -> 4``; secrets are not shown."""
+    if old is None:
+        return ["(new cluster)"]
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(old.model_dump(), "", a)
+    _flatten(new.model_dump(), "", b)
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        if key.startswith("auth."):
+            lines.append(f"{key}: changed")
+        elif key not in a:
+            lines.append(f"{key}: added {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: removed")
+        else:
+            lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return lines

@@ -12,6 +12,7 @@ pair, which Serve's own request routing cannot express.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import ray
 from ray import serve
 
 from cluster.config import ModelSpec, RouterSpec, TransferSpec
+from cluster.metrics import record_worker_metrics
 from cluster.router_actor import get_router
 
 log = logging.getLogger("splitserve.worker")
@@ -51,11 +53,22 @@ def build_engine(spec: ModelSpec):
     ))
 
 
+def node_address() -> str:
+    """The address this node registered with Ray (``--node-ip-address``),
+    so workers bind where the operator said, e.g. 127.0.0.1 for a local
+    cluster, rather than whichever interface the OS would pick."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
 class WorkerServer:
     """One replica of a pool. ``role`` is prefill, decode or colocated."""
 
     async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
-                       cluster_token: str):
+                       cluster_token: str, drain_timeout_s: float = 25.0):
         from engine import rpc
         from engine.kv_handoff import engine_layout
         from engine.transfer.base import TransportConfig, get_transport
@@ -66,7 +79,8 @@ class WorkerServer:
         self.spec = ModelSpec(**model)
         self.transfer = TransferSpec(**transfer)
         self.router_spec = RouterSpec(**router)
-        self.host = ray.util.get_node_ip_address()
+        self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
+                     or node_address())
         self.node_id = ray.get_runtime_context().get_node_id()
         engine = build_engine(self.spec)
         self.engine = engine
@@ -95,6 +109,8 @@ class WorkerServer:
         self.replica_id = self.address
         self.router = get_router()
         self.draining = False
+        self.drain_timeout_s = drain_timeout_s
+        self._last_push_warning = float("-inf")
         self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
         log.info("%s replica of %s serving on %s", role, self.spec.name, self.address)
 
@@ -105,11 +121,15 @@ class WorkerServer:
             try:
                 await self.push_stats()
             except Exception as e:  # noqa: BLE001 - the router may be restarting
-                log.debug("stats push failed: %r", e)
+                now = time.monotonic()
+                if now - self._last_push_warning > 30.0:
+                    self._last_push_warning = now
+                    log.warning("stats push to the router failed: %r", e)
             await asyncio.sleep(period)
 
     async def push_stats(self) -> None:
         s = await self.worker.stats()
+        record_worker_metrics(self.role, self.spec.name, s)
         ev = await self.worker.aengine.call(lambda e: e.kv.pool.drain_events())
         now = time.time()
         busy = max(s["busy_time_s"], 1e-9)
@@ -148,12 +168,53 @@ class WorkerServer:
     async def stats(self) -> dict:
         return await self.worker.stats()
 
-    async def __del__(self) -> None:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for the pool's Serve autoscaling policy
+        (``cluster.autoscaling.serve_policy``); Serve calls it periodically."""
+        from cluster.autoscaling.signals import replica_metrics
+        from cluster.telemetry import replica_gpu_telemetry
+
+        return replica_metrics(self.role, await self.worker.stats(), self.draining,
+                               replica_gpu_telemetry())
+
+    # -- graceful drain -------------------------------------------------------------
+    def _idle(self, s: dict) -> bool:
+        busy = s["running"] + s["waiting"]
+        busy += s.get("inflight", 0) if self.role == "prefill" else s.get("reservations", 0)
+        return busy == 0
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Take no new work and wait (at most ``timeout_s``) until in-flight
+        requests finish. Returns whether the replica went idle in time."""
+        deadline = time.monotonic() + (self.drain_timeout_s if timeout_s is None else timeout_s)
+        self.draining = True
         try:
-            self._push_task.cancel()
+            await self.push_stats()  # the router stops placing work here
+        except Exception as e:  # noqa: BLE001 - it also learns it from the periodic push
+            log.warning("could not tell the router this replica drains: %r", e)
+        # placements made before the router saw the flag may still arrive
+        settle = 2 * self.router_spec.stats_period_s + 0.5
+        await asyncio.sleep(max(0.0, min(settle, deadline - time.monotonic())))
+        while True:
+            if self._idle(await self.worker.stats()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def __del__(self) -> None:
+        # Serve calls this when the replica is removed (scale-down, update,
+        # shutdown), at most graceful_shutdown_timeout_s before killing it
+        try:
+            idle = await self.drain()
+            if not idle:
+                log.warning("%s still busy after %.0fs of draining; stopping anyway",
+                            self.address, self.drain_timeout_s)
             self.router.remove_replica.remote(self.replica_id)
+            # refuses new RPCs (clients place them again), lets running ones end
+            await self.server.stop(2.0)
+            self._push_task.cancel()
             await self.worker.stop()
-            await self.server.stop(1.0)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
 
@@ -161,15 +222,26 @@ class WorkerServer:
 def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
                       router: RouterSpec, cluster_token: str):
     """A bound Serve application for one pool of one model."""
+    from cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
+
     initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
+    scaling = {} if pool.autoscaling is None else {
+        "autoscaling_config": serve_autoscaling_config(pool, role, model.name)}
+    # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
+    drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
+    args = (role, model.model_dump(), transfer.model_dump(), router.model_dump(), cluster_token,
+            drain_s)
     dep = serve.deployment(WorkerServer).options(
         name=name,
         num_replicas=max(initial, pool.min_replicas, 1) if pool.autoscaling is None else None,
         ray_actor_options=pool.ray_actor_options(),
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=30.0,
+        graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         max_ongoing_requests=1000,
+        **scaling,
     )
-    return dep.bind(role, model.model_dump(), transfer.model_dump(), router.model_dump(),
-                    cluster_token)
+    # a version that changes only when replicas must be rebuilt: re-applying an
+    # edited autoscaling section reconfigures the running replicas in place
+    dep = dep.options(version=replica_version(args, pool.ray_actor_options()), _internal=True)
+    return dep.bind(*args)

@@ -13,7 +13,8 @@ def local_ray(num_cpus: int = 4):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(),
+                                       "SPLITSERVE_BIND_HOST": "127.0.0.1"}})
     try:
         yield
     finally:

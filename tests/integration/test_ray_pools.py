@@ -65,10 +65,12 @@ async def pool_free(addresses, token):
 
 def replica_addresses():
     reps = ray.get(app.get_router().replicas.remote())["tiny"]
-    return [r["replica_id"] for r in reps["prefill"]], [r["replica_id"] for r in reps["decode"]]
+    ids = [r["replica_id"] for r in reps["prefill"]], [r["replica_id"] for r in reps["decode"]]
+    assert all(i.startswith("127.0.0.1:") for i in ids[0] + ids[1]), ids  # loopback only
+    return ids
 
 
-@pytest.mark.parametrize("transport", ["grpc"])
+@pytest.mark.parametrize("transport", ["grpc", "torch_dist"])
 def test_pools_match_single_engine(cluster, tiny_llama, transport):
     cfg = config(tiny_llama, transport)
     app.deploy(cfg, with_ingress=False, wait_s=180)
@@ -114,7 +116,11 @@ def test_decode_replica_killed_requests_move(cluster, tiny_llama):
     be = ClusterBackend(cfg)
 
     async def main():
-        up = [a for a in before if await alive(a, cfg.cluster_token())]
+        for _ in range(50):  # ray.kill returns before the process is gone
+            up = [a for a in before if await alive(a, cfg.cluster_token())]
+            if len(up) == 1:
+                break
+            await asyncio.sleep(0.2)
         assert len(up) == 1, up
         # the dead replica's stats are still fresh in the router: requests
         # placed on it are refused and placed again, none is lost
