@@ -22,7 +22,7 @@ from engine.model_runner import ModelRunner, num_kv_blocks, resolve_dtype, kv_ca
 from engine.outputs import CompletionResult, RequestOutput
 from engine.request_state import RequestState
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, validate_request
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
@@ -76,24 +76,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError (with ``param``) if this request cannot run."""
-        params.validate()
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
-                "(at least one token must remain for the completion)", param="prompt")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the context of "
-                f"{self.max_model_len} tokens; at most {self.max_model_len - n} tokens can be generated",
-                param="max_tokens")
-        vocab = self.model_cfg.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})",
-                                      param="prompt")
+        validate_request(prompt_token_ids, params, self.max_model_len, self.model_cfg.vocab_size)
 
     def new_sequence(self, request_id: str, prompt_token_ids: list[int]) -> Sequence:
         return Sequence(request_id, prompt_token_ids, None, self.cfg.block_size, self.hash_salt)

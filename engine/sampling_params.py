@@ -174,3 +174,28 @@ def _check_float(value: Any, name: str, lo: float, hi: float | None) -> None:
     if value < lo or (hi is not None and value > hi):
         bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise InvalidRequestError(f"{name} must be {bounds}, got {value}", param=name)
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                     vocab_size: int | None = None) -> None:
+    """Raise InvalidRequestError (naming ``param``) if a request with this
+    prompt and these parameters cannot run in a context of ``max_model_len``
+    tokens. Shared by engines and ingresses so both refuse the same input."""
+    params.validate()
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if n >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {n} tokens but this model's context is {max_model_len} tokens "
+            "(at least one token must remain for the completion)", param="prompt")
+    if params.max_tokens is not None and n + params.max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the context of "
+            f"{max_model_len} tokens; at most {max_model_len - n} tokens can be generated",
+            param="max_tokens")
+    if vocab_size is not None:
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
