@@ -32,9 +32,10 @@ def expected(reference, ps, params=GREEDY):
     return [r.token_ids for r in reference.generate(ps, params)]
 
 
-def test_concurrent_handoffs_match_single_engine(tiny_llama, reference):
+@pytest.mark.parametrize("transport", ["grpc", "torch_dist", "inproc"])
+def test_concurrent_handoffs_match_single_engine(tiny_llama, reference, transport):
     async def main():
-        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transport=transport)
         try:
             ps = prompts(8, reference.model_cfg.vocab_size)
             got = await asyncio.gather(*[pd.generate(p, GREEDY) for p in ps])
@@ -198,6 +199,36 @@ def test_full_decode_refuses_with_resource_exhausted(tiny_llama, reference):
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             await holder
             assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_decode_killed_while_holding_reservation_frees_prefill(tiny_llama, reference):
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transfer_timeout_s=2.0)
+        loop = asyncio.get_running_loop()
+        killed = []
+
+        def kill_decode(_bytes):
+            # the decode replica goes away mid-transfer: its KV receiver and
+            # its RPC server stop, as when the process dies
+            if not killed:
+                killed.append(1)
+                pd.decode.receiver.stop(0)
+                asyncio.run_coroutine_threadsafe(pd.servers[1].stop(0), loop).result(5)
+                raise ConnectionResetError("receiver gone")
+        pd.decode.receiver.fault_hook = kill_decode
+        try:
+            p = prompts(8, reference.model_cfg.vocab_size)[7]
+            with pytest.raises(RpcError) as e:
+                await pd.generate(p, GREEDY)
+            assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+            # prefill's blocks come back once its transfer fails (within its deadline)
+            assert await wait_until(pd.prefill.engine.kv.all_free, 5)
+            assert pd.prefill.failed == 1
+            assert not pd.prefill._handoffs
         finally:
             await pd.close()
     asyncio.run(main())
