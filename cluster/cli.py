@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    from cluster.cli_bench import add_subcommand as add_bench
+
+    add_bench(sub)
     return parser
 
 

@@ -22,10 +22,11 @@ import grpc
 
 from cluster.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
 from cluster.config import ClusterConfig
+from cluster.metrics import RequestRecorder, record_retry
 from engine.errors import InvalidRequestError
 from engine.hashing import block_hashes
 from engine.rpc import RpcError, WorkerClient
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, validate_request
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("splitserve.client")
@@ -46,6 +47,7 @@ class _Model:
     tokenizer: Tokenizer
     block_size: int
     max_model_len: int
+    vocab_size: int
 
 
 def _model_path(spec) -> Path:
@@ -70,7 +72,8 @@ class ClusterBackend(Backend):
             path = _model_path(spec)
             mc = load_checkpoint(path).model_config
             limit = min(spec.max_model_len or mc.max_position, mc.max_position)
-            self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size, limit)
+            self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size,
+                                             limit, mc.vocab_size)
         self._created = int(time.time())
         self.counters = {"retries": 0, "resumed": 0, "refused": 0}
 
@@ -96,18 +99,7 @@ class ClusterBackend(Backend):
 
     def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         m = self._model(model)
-        params.validate()
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if n >= m.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but this model's context is {m.max_model_len} tokens",
-                param="prompt")
-        if params.max_tokens is not None and n + params.max_tokens > m.max_model_len:
-            raise InvalidRequestError(
-                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the context of "
-                f"{m.max_model_len} tokens", param="max_tokens")
+        validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
     def _client(self, address: str) -> WorkerClient:
         c = self._clients.get(address)
@@ -137,6 +129,8 @@ class ClusterBackend(Backend):
         exclude: set[str] = set()
         admitted = False
         attempts_left = self.cfg.router.max_retries + 1
+        rec = RequestRecorder(model)
+        error: BaseException | None = None
         try:
             while True:
                 ids = list(prompt_token_ids) + produced
@@ -164,6 +158,7 @@ class ClusterBackend(Backend):
                         produced.extend(d["token_ids"])
                         d["placement"] = {"prefill": prefill, "decode": decode,
                                           "reason": placement["reason"]}
+                        rec.on_output(d)
                         yield d
                         if d["finished"]:
                             return
@@ -183,8 +178,13 @@ class ClusterBackend(Backend):
                         self.counters["resumed"] += 1
                     else:
                         self.counters["retries"] += 1
+                    record_retry(model, resumed=bool(produced))
                     log.warning("request %s: %s on %s, placing again", request_id, e.code.name, decode)
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            rec.finish(error)
             if admitted:
                 try:
                     self.router.release.remote(model)

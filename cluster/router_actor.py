@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from cluster.metrics import RouterMetrics
 from router.core import RouterCore
 from router.types import (
     DecodeReplicaStats,
@@ -37,6 +38,7 @@ class RouterActor:
         self.addresses: dict[str, dict[str, Any]] = {}  # replica id -> {role, model, ...}
         self.started_at = time.time()
         self._last_prune = 0.0
+        self.metrics = RouterMetrics()
 
     def ready(self) -> bool:
         return True
@@ -60,6 +62,7 @@ class RouterActor:
             self.core.on_blocks_stored(s.replica_id, stored)
         if evicted:
             self.core.on_blocks_evicted(s.replica_id, evicted)
+        self.metrics.publish(self.core, self.addresses)
 
     def remove_replica(self, replica_id: str) -> bool:
         self.addresses.pop(replica_id, None)
@@ -88,11 +91,14 @@ class RouterActor:
                     self.core.release(req["model"])
                 raise
         except OverloadedError as e:
+            self.metrics.on_rejection(req["model"], "overloaded")
             return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
         except NoCapacityError as e:
+            self.metrics.on_rejection(req["model"], "no_capacity")
             return {"error": "no_capacity", "message": str(e), "retry_after_s": 1.0}
         except UnknownModelError as e:
             return {"error": "unknown_model", "message": str(e)}
+        self.metrics.on_placement(req["model"], p.reason)
         return {"placement": asdict(p)}
 
     def release(self, model: str) -> None:

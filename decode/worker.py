@@ -154,7 +154,9 @@ class DecodeWorker:
                     "running": e.num_running, "waiting": e.num_waiting,
                     "max_seqs": e.cfg.max_num_seqs, "block_size": e.cfg.block_size,
                     "reservations": len(self.reservations), "busy_time_s": e.busy_time_s,
-                    "steps": e.step_count, "preemptions": e.scheduler.num_preemptions}
+                    "steps": e.step_count, "preemptions": e.scheduler.num_preemptions,
+                    "pending_prompt_tokens": e.pending_prompt_tokens(),
+                    "prefix_hits": e.kv.pool.hits, "prefix_queries": e.kv.pool.queries}
         s = await self.aengine.call(snap)
         s.update(self.counters, draining=self.draining, kv_endpoint=self.kv_endpoint)
         return s

@@ -141,6 +141,7 @@ class KVCacheManager:
         full-block hashes are ``token_hashes``. Returns (block ids, tokens
         already cached here, whose blocks need not be sent) or None if full."""
         assert owner not in self._tables, f"{owner} already holds blocks"
+        self.pool.queries += 1
         hits = self._match_prefix(token_hashes, (num_tokens - 1) // self.block_size)
         need = self.blocks_for(num_tokens) - len(hits)
         hits_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
@@ -148,6 +149,8 @@ class KVCacheManager:
             return None
         for b in hits:
             self.pool.acquire(b)
+        if hits:
+            self.pool.hits += 1
         table = hits + [self.pool.allocate() for _ in range(need)]
         self._tables[owner] = table
         self._num_hashed[owner] = len(hits)

@@ -139,7 +139,8 @@ class PrefillWorker:
                     "running": e.num_running, "waiting": e.num_waiting,
                     "free_blocks": e.kv.num_free_blocks, "total_blocks": e.kv.num_blocks,
                     "prompt_tokens_computed": e.prompt_tokens_computed,
-                    "busy_time_s": e.busy_time_s}
+                    "busy_time_s": e.busy_time_s, "preemptions": e.scheduler.num_preemptions,
+                    "prefix_hits": e.kv.pool.hits, "prefix_queries": e.kv.pool.queries}
         s = await self.aengine.call(snap)
         s.update(completed=self.completed, failed=self.failed, bytes_sent=self.bytes_sent,
                  inflight=len(self._handoffs))
