@@ -64,25 +64,76 @@ def connect(address: str | None = None) -> None:
 def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0,
            with_ingress: bool = True) -> dict[str, Any]:
     """Deploy (or update in place) every application of ``cfg``. Returns a
-    summary {apps, router}. Blocks until every pool has registered with the
-    router, or raises TimeoutError naming the missing pools."""
+    summary {apps, removed}. Blocks until every pool has registered with the
+    router, or raises TimeoutError naming the missing pools.
+
+    On a running cluster only what changed is touched: a pool whose replicas
+    are built the same way (only its bounds or autoscaling differ) keeps its
+    replicas; the router is reconfigured, and the ingress redeployed, only
+    when their settings changed; pools of models no longer listed are
+    deleted (their replicas drain)."""
+    from cluster.autoscaling.ledger import get_ledger
+
     connect(address)
+    ledger = get_ledger(create=True)
+    prev_dump = ray.get(ledger.config.remote())
+    prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
+    serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
+    running = set(serve.status().applications)
+    if prev is not None and not running & {a for m in prev.models for a in pool_apps_names(m)}:
+        prev = None  # a ledger left from a cluster since shut down
+        ray.get(ledger.reset.remote())
     rcfg = router_config(cfg)
     router = get_router(create_with=rcfg)
-    ray.get(router.reconfigure.remote(rcfg))
-    serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
+    if prev is None or router_config(prev) != rcfg:
+        ray.get(router.reconfigure.remote(rcfg))
     apps: dict[str, str] = {}
     for served in cfg.models:
-        for app, (role, bound) in pool_apps(served, cfg).items():
+        for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg).items():
             serve.run(bound, name=app, route_prefix=None, blocking=False)
             apps[app] = role
+    removed = []
+    if prev is not None:
+        for served in prev.models:
+            for app in pool_apps_names(served):
+                if app not in apps and app in running:
+                    serve.delete(app, _blocking=False)
+                    ledger.forget.remote(app)
+                    removed.append(app)
     if with_ingress:
         from cluster.ingress_deployment import ingress_app
 
-        serve.run(ingress_app(cfg), name="ingress", route_prefix="/", blocking=False)
+        if "ingress" not in running or prev is None or _ingress_view(prev) != _ingress_view(cfg):
+            serve.run(ingress_app(cfg), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"
+    ray.get(ledger.set_config.remote(cfg.model_dump()))
     wait_for_pools(cfg, wait_s)
-    return {"apps": apps}
+    return {"apps": apps, "removed": removed}
+
+
+def pool_apps_names(served: ServedModel) -> list[str]:
+    roles = ["colocated"] if served.mode == "colocated" else ["prefill", "decode"]
+    return [f"{served.model.name}-{r}" for r in roles]
+
+
+def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
+    """``initial_replicas`` sizes a pool's first deploy; applied to a running
+    pool it would reset the size its autoscaler chose."""
+    out = served.model_copy(deep=True)
+    name = served.model.name
+    for role, pool in (("prefill", out.prefill), ("decode", out.decode), ("colocated", out.decode)):
+        if f"{name}-{role}" in running:
+            pool.initial_replicas = None
+    return out
+
+
+def _ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
+    """The settings the ingress uses: everything but the pools."""
+    d = cfg.model_dump()
+    for m in d["models"]:
+        m.pop("prefill")
+        m.pop("decode")
+    return d
 
 
 def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:

@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     from cluster.cli_bench import add_subcommand as add_bench
+    from cluster.cli_ops import add_subcommands as add_ops
 
+    add_ops(sub)
     add_bench(sub)
     return parser
 

@@ -134,9 +134,10 @@ class ServedModel(_Strict):
         "colocated: one pool (the decode pool's spec) does both.")
     prefill: PoolSpec = Field(default_factory=lambda: PoolSpec(
         autoscaling=AutoscalingSpec(bottleneck="compute")), description="The prefill pool "
-        "(unused when colocated).")
+        "(unused when colocated); by default 1 replica with compute autoscaling.")
     decode: PoolSpec = Field(default_factory=lambda: PoolSpec(
-        autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool.")
+        autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool; by "
+        "default 1 replica with memory autoscaling.")
 
 
 class TransferSpec(_Strict):
@@ -281,3 +282,42 @@ def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
         else:
             lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
     return lines
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    for name in ("ModelSpec", "PoolSpec", "AutoscalingSpec", "ServedModel", "RouterSpec",
+                 "TransferSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
+        text = text.replace(f"cluster.config.{name}", name)
+    return text.replace("NoneType", "None").replace("|", "or").replace("Literal", "one of ")
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            return f"{len(value)} entry with its defaults"
+        return "(its defaults)" if isinstance(value, BaseModel) else repr(value)
+    return repr(field.default)
+
+
+def config_reference() -> str:
+    """The Markdown reference of every operator config key, from the Field
+    descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
+    sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
+                ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
+                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
+                ("transfer", TransferSpec), ("auth", AuthSpec), ("endpoints", EndpointSpec),
+                ("slo", SLOSpec)]
+    out = []
+    for title, model in sections:
+        out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            desc = (f.description or "").replace("|", "\\|")
+            ty = _type_name(f.annotation).replace("|", "\\|")
+            out.append(f"| `{name}` | {ty} | `{_default_text(f)}` | {desc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

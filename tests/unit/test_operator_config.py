@@ -1,0 +1,141 @@
+"""The operator YAML: each invalid file is refused with its own message naming
+the key; what an edit changes; the deploy/status commands' parsing, errors
+and table."""
+
+import argparse
+
+import pytest
+
+from cluster import cli_ops
+from cluster.cli_ops import PoolStatus, format_status
+from cluster.config import ConfigError, config_changes, load_config, parse_config
+
+
+def write(tmp_path, text, name="cluster.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+INVALID = [
+    ("- a\n- b\n", "the top level must be a mapping, got list"),
+    ("models: [\n", "invalid YAML: "),
+    ("modles: []\n", "modles: Extra inputs are not permitted"),
+    ("models: []\n", "models: List should have at least 1 item after validation, not 0"),
+    ("models:\n  - prefill: {max_replica: 3}\n",
+     "models.0.prefill.max_replica: Extra inputs are not permitted"),
+    ("models:\n  - decode: {min_replicas: 4, max_replicas: 2}\n",
+     "models.0.decode: Value error, min_replicas (4) > max_replicas (2)"),
+    ("models:\n  - decode: {min_replicas: 1, max_replicas: 2, initial_replicas: 3}\n",
+     "models.0.decode: Value error, initial_replicas (3) outside [min_replicas, max_replicas]"),
+    ("models:\n  - decode: {min_replicas: 0, max_replicas: 2, autoscaling: {bottleneck: memory}}\n",
+     "models.0.decode: Value error, min_replicas must be at least 1 when autoscaling is set: "
+     "the policy scales on metrics that running replicas report"),
+    ("models:\n  - decode: {autoscaling: {bottleneck: disk}}\n",
+     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory' or 'network'"),
+    ("models:\n  - decode: {autoscaling: {target_kv_usage: 0.5}}\n",
+     "models.0.decode.autoscaling.bottleneck: Field required"),
+    ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_busy_fraction: 1.5}}\n",
+     "models.0.prefill.autoscaling.target_busy_fraction: Input should be less than or equal to 1"),
+    ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_ttft_s: 0}}\n",
+     "models.0.prefill.autoscaling.target_ttft_s: Input should be greater than 0"),
+    ("models:\n  - prefill: {autoscaling: {bottleneck: compute, look_back_s: 2, "
+     "metrics_interval_s: 2}}\n",
+     "models.0.prefill.autoscaling: Value error, look_back_s (2.0) must exceed metrics_interval_s "
+     "(2.0) so each window holds a metrics push"),
+    ("models:\n  - decode: {autoscaling: {bottleneck: memory, upscale_delay_s: -1}}\n",
+     "models.0.decode.autoscaling.upscale_delay_s: Input should be greater than or equal to 0"),
+    ("models:\n  - model: {name: a}\n  - model: {name: a}\n",
+     "(top level): Value error, model names must be unique; repeated: ['a']"),
+    ("models:\n  - model: {block_size: 12}\n",
+     "models.0.model: Value error, block_size must be a power of two, got 12"),
+    ("models:\n  - mode: split\n",
+     "models.0.mode: Input should be 'disaggregated' or 'colocated'"),
+    ("router: {policy: random}\n",
+     "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
+]
+
+
+@pytest.mark.parametrize("text,message", INVALID, ids=[m.split(":")[0] for _, m in INVALID])
+def test_invalid_yaml_is_refused_with_its_specific_error(tmp_path, text, message):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    if message.endswith(": "):  # the parser's own detail follows
+        assert str(e.value).startswith(f"{p}: {message}")
+    else:
+        assert str(e.value) == f"{p}: {message}"
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "missing.yaml")
+    assert str(e.value) == f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+
+
+def test_empty_file_is_the_default_cluster(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert [m.model.name for m in cfg.models] == ["default"]
+    assert cfg.models[0].prefill.autoscaling.bottleneck == "compute"
+    assert cfg.models[0].decode.autoscaling.bottleneck == "memory"
+
+
+def test_config_changes_name_each_key_and_hide_secrets():
+    old = parse_config({"models": [{"model": {"name": "a"}, "decode": {"max_replicas": 2}}],
+                        "auth": {"cluster_token": "s3cret"}})
+    new = parse_config({"models": [
+        {"model": {"name": "a"}, "decode": {"max_replicas": 4, "autoscaling": {
+            "bottleneck": "memory", "target_kv_usage": 0.6}}},
+        {"model": {"name": "b"}}], "auth": {"cluster_token": "other"}})
+    lines = config_changes(old, new)
+    assert "models[a].decode.max_replicas: 2 -> 4" in lines
+    assert "models[a].decode.autoscaling.target_kv_usage: added 0.6" in lines
+    assert "models[a].decode.autoscaling: removed" in lines
+    assert "models[b].model.name: added 'b'" in lines
+    assert "auth.cluster_token: changed" in lines
+    assert not any("s3cret" in line or "other" in line for line in lines)
+    assert config_changes(new, new) == []
+    assert config_changes(None, new) == ["(new cluster)"]
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="splitserve")
+    cli_ops.add_subcommands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+@pytest.mark.parametrize("cmd,words", [("deploy", "apply it in place"),
+                                       ("status", "latest autoscaling decision")])
+def test_subcommand_help(capsys, cmd, words):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert words in out and "--address" in out
+
+
+def test_deploy_refuses_an_invalid_file_before_connecting(tmp_path, capsys):
+    p = write(tmp_path, "models:\n  - decode: {min_replicas: 3, max_replicas: 1}\n")
+    args = parser().parse_args(["deploy", str(p), "--address", "127.0.0.1:1"])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {p}: models.0.decode: Value error, min_replicas (3) > max_replicas (1)\n")
+
+
+def test_status_table():
+    rows = [PoolStatus("m-prefill", "prefill", 2, 3, 1, 4, "compute", 1.234,
+                       "12 pending tok, 900 tok/s", "scale up to 3 in 2.0s if it persists: x",
+                       95.0, "scale up 1 -> 2: y", 40.0),
+            PoolStatus("m-decode", "decode", 1, None, 1, 1, "fixed", None, "-", "-", None,
+                       "-", None)]
+    assert format_status("c", rows, 100.0).splitlines() == [
+        "cluster c: 2 pool(s)",
+        "POOL       ROLE     REPLICAS  BOUNDS  BOTTLENECK  VALUE  LOAD",
+        "m-prefill  prefill  2/3       1-4     compute     1.23   12 pending tok, 900 tok/s",
+        "m-decode   decode   1/-       1-1     fixed       -      -",
+        "",
+        "autoscaling decisions:",
+        "  m-prefill: 5s ago: scale up to 3 in 2.0s if it persists: x",
+        "             last change 60s ago: scale up 1 -> 2: y",
+        "  m-decode: -",
+    ]
