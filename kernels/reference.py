@@ -149,9 +149,19 @@ def paged_attention(
     hq, hk = q.shape[1], k_cache.shape[2]
     cu = cu_query_lens.tolist()
     ctx = context_lens.tolist()
+    # one-token sequences (decoding beside prompts) go through the batched
+    # decode path together; prompt chunks are attended one by one
+    single = [b for b in range(len(ctx)) if cu[b + 1] - cu[b] == 1]
+    if len(single) > 1:
+        rows = torch.tensor([cu[b] for b in single], device=q.device)
+        sel = torch.tensor(single, device=block_tables.device)
+        out[rows] = paged_decode_attention(
+            q[rows], k_cache, v_cache, block_tables[sel], context_lens[sel.to(context_lens.device)],
+            scale, k_scale, v_scale)
+    done = set(single) if len(single) > 1 else set()
     for b in range(len(ctx)):
         s, e = cu[b], cu[b + 1]
-        if e == s:
+        if e == s or b in done:
             continue
         q_len, c = e - s, ctx[b]
         k = _gather_seq_kv(k_cache, block_tables[b], c, k_scale, q.dtype)
