@@ -13,23 +13,18 @@ import grpc
 import pytest
 
 from cluster.admission import AdmissionBackend
-from cluster.backend import LocalBackend, Overloaded, Unavailable
+from cluster.backend import Overloaded, Unavailable
 from cluster.grpc_api import HealthService, sampling_params, start_grpc_server, status_for
 from cluster.proto import health_pb2, health_pb2_grpc
 from cluster.proto import splitserve_pb2 as pb
 from cluster.proto import splitserve_pb2_grpc as pb_grpc
-from engine.config import EngineConfig
-from engine.default_model import ensure_default_model
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
 
 KEY = "grpc-test-key"
 MD = (("authorization", f"Bearer {KEY}"),)
 MAX_MESSAGE = 64 << 10
 
-
-def make_engine(path, name):
-    return LLMEngine(EngineConfig(model=str(path), model_id=name, num_blocks=256, block_size=16))
 
 
 class GrpcServerThread:
@@ -50,38 +45,6 @@ class GrpcServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
-
-
-def wait_until(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-@pytest.fixture(scope="module")
-def paths(tiny_checkpoints, tmp_path_factory):
-    return {"tiny-llama": tiny_checkpoints["llama"], "tiny-qwen": tiny_checkpoints["qwen2"],
-            "slow": ensure_default_model(tmp_path_factory.getbasetemp() / "default-model")}
-
-
-@pytest.fixture(scope="module")
-def engines(paths):
-    return {name: make_engine(p, name) for name, p in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def refs(paths):
-    return {name: make_engine(paths[name], name) for name in ("tiny-llama", "tiny-qwen")}
-
-
-@pytest.fixture(scope="module")
-def local(engines):
-    backend = LocalBackend(engines)
-    yield backend
-    asyncio.run(backend.close())
 
 
 @pytest.fixture(scope="module")

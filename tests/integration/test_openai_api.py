@@ -16,23 +16,18 @@ import pytest
 import uvicorn
 
 from cluster.admission import AdmissionBackend
-from cluster.backend import LocalBackend, Overloaded, Unavailable, UnknownModel
+from cluster.backend import Overloaded, Unavailable, UnknownModel
 from cluster.openai_api import api_error, build_http_app, choice_params
 from cluster.openai_schema import MIN_LOGPROB, chat_logprobs, completion_logprobs
-from engine.config import EngineConfig
-from engine.default_model import ensure_default_model
 from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 << 10
 SLOW_RETRY_S = 1.5
 
-
-def make_engine(path, name):
-    return LLMEngine(EngineConfig(model=str(path), model_id=name, num_blocks=256, block_size=16))
 
 
 class ServerThread:
@@ -55,39 +50,6 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
-
-
-def wait_until(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-@pytest.fixture(scope="module")
-def paths(tiny_checkpoints, tmp_path_factory):
-    return {"tiny-llama": tiny_checkpoints["llama"], "tiny-qwen": tiny_checkpoints["qwen2"],
-            "slow": ensure_default_model(tmp_path_factory.getbasetemp() / "default-model")}
-
-
-@pytest.fixture(scope="module")
-def engines(paths):
-    return {name: make_engine(p, name) for name, p in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def refs(paths):
-    """Second engines of the same checkpoints: the reference outputs."""
-    return {name: make_engine(paths[name], name) for name in ("tiny-llama", "tiny-qwen")}
-
-
-@pytest.fixture(scope="module")
-def local(engines):
-    backend = LocalBackend(engines)
-    yield backend
-    asyncio.run(backend.close())
 
 
 @pytest.fixture(scope="module")
