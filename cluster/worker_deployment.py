@@ -26,6 +26,7 @@ from cluster.router_actor import get_router
 
 log = logging.getLogger("splitserve.worker")
 ROLES = ("prefill", "decode", "colocated")
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(64 << 20)}
 
 
 def build_engine(spec: ModelSpec):
@@ -231,10 +232,16 @@ def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: Tr
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     args = (role, model.model_dump(), transfer.model_dump(), router.model_dump(), cluster_token,
             drain_s)
+    actor_options = pool.ray_actor_options()
+    # glibc keeps freed memory instead of unmapping it: gRPC's per-message
+    # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
+    env = actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    for key, value in WORKER_MALLOC_ENV.items():
+        env.setdefault(key, value)
     dep = serve.deployment(WorkerServer).options(
         name=name,
         num_replicas=max(initial, pool.min_replicas, 1) if pool.autoscaling is None else None,
-        ray_actor_options=pool.ray_actor_options(),
+        ray_actor_options=actor_options,
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
@@ -243,5 +250,5 @@ def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: Tr
     )
     # a version that changes only when replicas must be rebuilt: re-applying an
     # edited autoscaling section reconfigures the running replicas in place
-    dep = dep.options(version=replica_version(args, pool.ray_actor_options()), _internal=True)
+    dep = dep.options(version=replica_version(args, actor_options), _internal=True)
     return dep.bind(*args)
