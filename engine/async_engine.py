@@ -81,6 +81,7 @@ class AsyncEngine:
                     fn(eng)
         except BaseException as e:  # the engine is unusable: fail every stream
             self.error = e
+            self._stopped.set()  # before anyone hears of it: alive is already False
             for s in list(self._streams.values()):
                 s.put(EngineDeadError(f"engine thread failed: {e!r}"))
             self._streams.clear()
