@@ -25,7 +25,7 @@ from cluster.config import ClusterConfig
 from cluster.metrics import RequestRecorder, record_retry
 from engine.errors import InvalidRequestError
 from engine.hashing import block_hashes
-from engine.rpc import RpcError, WorkerClient
+from engine.rpc import RpcError, WorkerClients
 from engine.sampling_params import SamplingParams, validate_request
 from engine.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ class ClusterBackend(Backend):
         self.cfg = cfg
         self.token = cfg.cluster_token()
         self._router = router
-        self._clients: dict[str, WorkerClient] = {}
+        self._clients = WorkerClients(self.token)
         self._models: dict[str, _Model] = {}
         for served in cfg.models:
             spec = served.model
@@ -100,12 +100,6 @@ class ClusterBackend(Backend):
     def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         m = self._model(model)
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
-
-    def _client(self, address: str) -> WorkerClient:
-        c = self._clients.get(address)
-        if c is None:
-            c = self._clients[address] = WorkerClient(address, self.token)
-        return c
 
     async def _route(self, req: dict, admit: bool) -> dict:
         try:
@@ -150,7 +144,7 @@ class ClusterBackend(Backend):
                         "prefill": {"address": prefill} if prefill else None}
                 before = len(produced)
                 try:
-                    async for d in self._client(decode).stream("Generate", body):
+                    async for d in self._clients.get(decode).stream("Generate", body):
                         if produced and d.get("prompt_tokens") is not None:
                             # usage is the client's view: the original prompt
                             d["prompt_tokens"] = len(prompt_token_ids)
@@ -192,5 +186,4 @@ class ClusterBackend(Backend):
                     pass
 
     async def close(self) -> None:
-        for c in self._clients.values():
-            await c.close()
+        await self._clients.close()

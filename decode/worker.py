@@ -29,7 +29,7 @@ from typing import AsyncIterator
 from engine.async_engine import AsyncEngine
 from engine.kv_handoff import HandoffMeta, Reservations
 from engine.llm_engine import LLMEngine
-from engine.rpc import RpcError, WorkerClient
+from engine.rpc import RpcError, WorkerClients
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVReceiver
 
@@ -44,7 +44,6 @@ class DecodeWorker:
             raise ValueError(f"on_prefill_failure must be one of {FALLBACK_POLICIES}")
         self.engine = engine
         self.receiver = receiver
-        self.token = token
         self.on_prefill_failure = on_prefill_failure
         self.lease_s = lease_s
         self.prefill_timeout_s = prefill_timeout_s
@@ -53,7 +52,7 @@ class DecodeWorker:
         self.aengine = AsyncEngine(engine, name="decode-engine")
         self.kv_endpoint = ""
         self.transport = type(receiver).__name__
-        self._clients: dict[str, WorkerClient] = {}
+        self._clients = WorkerClients(token)
         self._sweeper: asyncio.Task | None = None
         self.draining = False
         self.counters = {"handoffs": 0, "local_prefills": 0, "fallbacks": 0, "refused": 0,
@@ -70,8 +69,7 @@ class DecodeWorker:
             self._sweeper.cancel()
         self.receiver.stop()
         self.aengine.stop()
-        for c in self._clients.values():
-            await c.close()
+        await self._clients.close()
 
     async def _sweep(self) -> None:
         while True:
@@ -79,12 +77,6 @@ class DecodeWorker:
             if self.aengine.alive:
                 dead = await self.aengine.call(lambda e: self.reservations.expire())
                 self.counters["expired"] += len(dead)
-
-    def _client(self, address: str) -> WorkerClient:
-        c = self._clients.get(address)
-        if c is None:
-            c = self._clients[address] = WorkerClient(address, self.token)
-        return c
 
     # -- RPC ----------------------------------------------------------------
     async def generate(self, req: dict) -> AsyncIterator[dict]:
@@ -126,7 +118,7 @@ class DecodeWorker:
             raise
         t0 = time.monotonic()
         try:
-            reply = await self._client(address).call("Prefill", {
+            reply = await self._clients.get(address).call("Prefill", {
                 "request_id": rid, "prompt_token_ids": ids, "params": params.to_dict(),
                 "target": {"endpoint": self.kv_endpoint, "skip_tokens": r.cached_tokens,
                            "layout": layout.to_dict()},
@@ -150,13 +142,9 @@ class DecodeWorker:
 
     async def stats(self, _req: dict | None = None) -> dict:
         def snap(e: LLMEngine) -> dict:
-            return {"free_blocks": e.kv.num_free_blocks, "total_blocks": e.kv.num_blocks,
-                    "running": e.num_running, "waiting": e.num_waiting,
-                    "max_seqs": e.cfg.max_num_seqs, "block_size": e.cfg.block_size,
-                    "reservations": len(self.reservations), "busy_time_s": e.busy_time_s,
-                    "steps": e.step_count, "preemptions": e.scheduler.num_preemptions,
-                    "pending_prompt_tokens": e.pending_prompt_tokens(),
-                    "prefix_hits": e.kv.pool.hits, "prefix_queries": e.kv.pool.queries}
+            return {**e.load_stats(), "max_seqs": e.cfg.max_num_seqs,
+                    "block_size": e.cfg.block_size, "reservations": len(self.reservations),
+                    "steps": e.step_count}
         s = await self.aengine.call(snap)
         s.update(self.counters, draining=self.draining, kv_endpoint=self.kv_endpoint)
         return s

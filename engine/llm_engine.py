@@ -138,6 +138,14 @@ class LLMEngine:
         seqs = list(self.scheduler.waiting) + self.scheduler.running
         return sum(max(0, s.num_tokens - s.num_computed_tokens - 1) for s in seqs)
 
+    def load_stats(self) -> dict:
+        """What every worker role reports about its engine's load."""
+        return {"pending_prompt_tokens": self.pending_prompt_tokens(),
+                "running": self.num_running, "waiting": self.num_waiting,
+                "free_blocks": self.kv.num_free_blocks, "total_blocks": self.kv.num_blocks,
+                "busy_time_s": self.busy_time_s, "preemptions": self.scheduler.num_preemptions,
+                "prefix_hits": self.kv.pool.hits, "prefix_queries": self.kv.pool.queries}
+
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and return the new outputs.

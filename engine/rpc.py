@@ -162,3 +162,23 @@ class WorkerClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class WorkerClients:
+    """One ``WorkerClient`` per address, made on first use; shared within
+    one event loop."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self._clients: dict[str, WorkerClient] = {}
+
+    def get(self, address: str) -> WorkerClient:
+        c = self._clients.get(address)
+        if c is None:
+            c = self._clients[address] = WorkerClient(address, self.token)
+        return c
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()

@@ -135,12 +135,7 @@ class PrefillWorker:
 
     async def stats(self, _req: dict | None = None) -> dict:
         def snap(e: LLMEngine) -> dict:
-            return {"pending_prompt_tokens": e.pending_prompt_tokens(),
-                    "running": e.num_running, "waiting": e.num_waiting,
-                    "free_blocks": e.kv.num_free_blocks, "total_blocks": e.kv.num_blocks,
-                    "prompt_tokens_computed": e.prompt_tokens_computed,
-                    "busy_time_s": e.busy_time_s, "preemptions": e.scheduler.num_preemptions,
-                    "prefix_hits": e.kv.pool.hits, "prefix_queries": e.kv.pool.queries}
+            return {**e.load_stats(), "prompt_tokens_computed": e.prompt_tokens_computed}
         s = await self.aengine.call(snap)
         s.update(completed=self.completed, failed=self.failed, bytes_sent=self.bytes_sent,
                  inflight=len(self._handoffs))
