@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from engine.hashing import block_hashes
@@ -26,6 +26,7 @@ from router.admission import AdmissionControl
 from router.cost_model import decode_blocks_needed
 from router.policies import get_policy
 from router.prefix_index import PrefixIndex
+from router.replica_pool import ReplicaPool, make_snapshot
 from router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
@@ -38,6 +39,8 @@ from router.types import (
     RouteRequest,
     RouterConfig,
     UnknownModelError,
+    load_order,
+    queue_order,
 )
 
 ReplicaStats = PrefillReplicaStats | DecodeReplicaStats
@@ -58,11 +61,15 @@ class RouterCore:
         self.cfg = cfg
         self._policy = get_policy(cfg.policy)
         self._clock = clock
-        self.index = PrefixIndex(cfg.prefix_index_max_entries)
+        self.index = PrefixIndex(cfg.prefix_index_max_entries, cfg.prefix_index_touch_fraction)
         self.state = PolicyState()
         self._models = tuple(cfg.kv_bytes_per_token)
-        self._prefill: dict[str, dict[str, PrefillReplicaStats]] = {m: {} for m in self._models}
-        self._decode: dict[str, dict[str, DecodeReplicaStats]] = {m: {} for m in self._models}
+        self._prefill: dict[str, ReplicaPool[PrefillReplicaStats]] = {
+            m: ReplicaPool(queue_order) for m in self._models
+        }
+        self._decode: dict[str, ReplicaPool[DecodeReplicaStats]] = {
+            m: ReplicaPool(load_order) for m in self._models
+        }
         self._admission = AdmissionControl(
             cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock
         )
@@ -84,19 +91,18 @@ class RouterCore:
         held = replicas.get(stats.replica_id)
         if held is not None:
             if stats.updated_at >= held.updated_at:
-                replicas[stats.replica_id] = stats
+                replicas.put(stats)
             return
         # A new id (or one that changed pool or model): forget its old role first.
         self.remove_replica(stats.replica_id)
-        replicas[stats.replica_id] = stats
-        pool[stats.model] = dict(sorted(replicas.items()))
+        replicas.put(stats)
 
     def remove_replica(self, replica_id: str) -> bool:
         """Forget a replica's stats and cached blocks; False if it was unknown."""
         found = False
         for pool in (self._prefill, self._decode):
             for replicas in pool.values():
-                found = replicas.pop(replica_id, None) is not None or found
+                found = replicas.pop(replica_id) is not None or found
         self.index.drop_replica(replica_id)
         return found
 
@@ -115,11 +121,7 @@ class RouterCore:
         """Stats of ``model``'s replicas as the policies see them now."""
         if model not in self._prefill:
             raise UnknownModelError(model, self._models)
-        return ClusterSnapshot(
-            prefill=tuple(self._prefill[model].values()),
-            decode=tuple(self._decode[model].values()),
-            now=self._clock(),
-        )
+        return make_snapshot(self._prefill[model], self._decode[model], self._clock())
 
     # -- admission -------------------------------------------------------
 
@@ -175,19 +177,18 @@ class RouterCore:
     def _count_placement(self, req: RouteRequest, placement: Placement) -> None:
         uncached = req.prompt_len - placement.prefix_hit_tokens
         decodes = self._decode[req.model]
-        d = decodes[placement.decode_replica]
+        d = decodes.get(placement.decode_replica)
         needed = decode_blocks_needed(d, req.prompt_len, req.max_tokens)
-        decodes[d.replica_id] = replace(
-            d,
+        decodes.put(d.counting(
             free_blocks=max(d.free_blocks - needed, 0),
             waiting_requests=d.waiting_requests + 1,
             pending_prefill_tokens=d.pending_prefill_tokens
             + (uncached if placement.prefill_replica is None else 0),
-        )
+        ))
         if placement.prefill_replica is not None:
             prefills = self._prefill[req.model]
-            p = prefills[placement.prefill_replica]
-            prefills[p.replica_id] = replace(p, pending_prompt_tokens=p.pending_prompt_tokens + uncached)
+            p = prefills.get(placement.prefill_replica)
+            prefills.put(p.counting(pending_prompt_tokens=p.pending_prompt_tokens + uncached))
 
     def _insert_prefix(self, placement: Placement, hashes: Sequence[int]) -> None:
         self.index.on_stored(placement.decode_replica, hashes)

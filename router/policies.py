@@ -73,16 +73,19 @@ def _placement(
     matches: Mapping[str, int],
     cfg: RouterConfig,
     reason: str,
+    ttft: float | None = None,
 ) -> Placement:
     """``req`` on (p, d), p None meaning local prefill on d, with the cost
-    model's TTFT for that pair whichever policy chose it."""
+    model's TTFT for that pair whichever policy chose it (``ttft``: that
+    TTFT when the caller has already worked it out)."""
     runner = d if p is None else p
     hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, cfg.block_size)
-    uncached = req.prompt_len - hit
-    if p is None:
-        ttft = local_ttft_s(d, uncached, cfg)
-    else:
-        ttft = remote_ttft_s(p, d, req.prompt_len, uncached, _kv_bytes_per_token(req, cfg), cfg)
+    if ttft is None:
+        uncached = req.prompt_len - hit
+        if p is None:
+            ttft = local_ttft_s(d, uncached, cfg)
+        else:
+            ttft = remote_ttft_s(p, d, req.prompt_len, uncached, _kv_bytes_per_token(req, cfg), cfg)
     return Placement(
         prefill_replica=None if p is None else p.replica_id,
         decode_replica=d.replica_id,
@@ -109,12 +112,12 @@ def cost_policy(
     local_allowed = local_uncached <= cfg.local_prefill_max_tokens
     local_s = local_ttft_s(d, local_uncached, cfg)
     if local_allowed and (cfg.prefer_local_prefill or state.prefer_local_prefill):
-        return _placement(req, None, d, matches, cfg, REASON_LOCAL_PREFERRED)
+        return _placement(req, None, d, matches, cfg, REASON_LOCAL_PREFERRED, local_s)
     if local_s <= remote_s:
         if local_allowed:
-            return _placement(req, None, d, matches, cfg, REASON_LOCAL_CHEAPER)
-        return _placement(req, p, d, matches, cfg, REASON_LOCAL_OVER_LIMIT)
-    return _placement(req, p, d, matches, cfg, REASON_REMOTE_CHEAPER)
+            return _placement(req, None, d, matches, cfg, REASON_LOCAL_CHEAPER, local_s)
+        return _placement(req, p, d, matches, cfg, REASON_LOCAL_OVER_LIMIT, remote_s)
+    return _placement(req, p, d, matches, cfg, REASON_REMOTE_CHEAPER, remote_s)
 
 
 def prefix_aware_policy(

@@ -11,7 +11,11 @@ Memory is bounded by ``max_entries`` hashes. Eviction is LRU over hashes,
 and both ``on_stored`` and ``match`` touch a chain from its last block back
 to its first, so within a chain the shared root ends up fresher than its
 children: leaves go first, and evicting a root (which would make every
-descendant unmatchable) is the last resort.
+descendant unmatchable) is the last resort. Refreshing a matched chain
+costs one LRU move per block, more than the match itself, so only a
+``touch_fraction`` of matches (drawn at random) refresh theirs: a prefix
+matched a few times while the index turns over stays, one matched once
+ages as if it had not been matched.
 
 Holder sets are interned: all hashes held by the same replicas share one
 frozenset. Most blocks of a conversation have the same holders, so this
@@ -21,20 +25,20 @@ holders change along a chain by identity, without reading the sets.
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict, deque
-from functools import partial
-from itertools import compress, takewhile
-from operator import is_not
 from typing import Iterable, Sequence
-
-_is_known = partial(is_not, None)
 
 
 class PrefixIndex:
-    def __init__(self, max_entries: int):
+    def __init__(self, max_entries: int, touch_fraction: float = 1.0, seed: int = 0):
         if max_entries < 1:
             raise ValueError(f"PrefixIndex max_entries must be >= 1, got {max_entries}")
+        if not 0.0 < touch_fraction <= 1.0:
+            raise ValueError(f"PrefixIndex touch_fraction must be in (0, 1], got {touch_fraction}")
         self.max_entries = max_entries
+        self.touch_fraction = touch_fraction
+        self._draw = random.Random(seed).random
         # hash -> replicas holding it; order = least recently touched first.
         self._holders: OrderedDict[int, frozenset[str]] = OrderedDict()
         # replica -> hashes it holds, so drop_replica costs only its own entries.
@@ -91,35 +95,56 @@ class PrefixIndex:
             self._forget(h, replica_id)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Leading blocks of ``hashes`` each replica holds without a gap:
-        replica id -> matched block count (replicas matching none are absent).
-        Refreshes the matched blocks in the LRU order.
+        """Leading blocks of ``hashes`` each replica holds: replica id ->
+        matched block count (replicas matching none are absent). Refreshes
+        the matched blocks in the LRU order (``touch_fraction`` of the time).
 
-        The chain is fetched and compared at C speed; Python only visits the
-        blocks whose holder set differs from the previous block's (a replica
-        can only drop out there), so the cost is a few C operations per
-        block plus O(replicas) per change of holders."""
-        holders = self._holders
-        if not hashes or hashes[0] not in holders:
+        A replica's cached blocks of a chain are taken to form a prefix of
+        it. Engines keep it so: a sequence frees its tail blocks first and a
+        parent is always in use while a child is, so a pool evicts children
+        before parents; and this index touches chains leaf first, root last,
+        so its own bound evicts leaves first. Under that rule the holder set
+        only shrinks along a chain, so ``match`` bisects for the few blocks
+        where it changes (interned sets compare by identity) instead of
+        visiting every block: about log2(blocks) lookups per change."""
+        get = self._holders.get
+        n = len(hashes)
+        if not n:
             return {}
-        held = list(takewhile(_is_known, map(holders.get, hashes)))  # up to the first unknown hash
-        n = len(held)
+        alive = get(hashes[0])  # replicas holding every block so far
+        if alive is None:
+            return {}
         matched: dict[str, int] = {}
-        alive = held[0]  # replicas that hold every block so far
-        depth = n
-        for i in compress(range(1, n), map(is_not, held[1:n], held[: n - 1])):
-            now_held = held[i]
-            if not alive <= now_held:
-                for replica_id in alive - now_held:
-                    matched[replica_id] = i
-                alive = alive & now_held
+        current, start = alive, 0  # hashes[start] is held by ``current``
+        while True:
+            # First block after ``start`` whose holders are not ``current``.
+            lo, hi = start, n
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if get(hashes[mid]) is current:
+                    lo = mid
+                else:
+                    hi = mid
+            if hi == n:
+                depth = n
+                break
+            nxt = get(hashes[hi])
+            if nxt is None:
+                depth = hi
+                break
+            if not alive <= nxt:
+                for replica_id in alive - nxt:
+                    matched[replica_id] = hi
+                alive = alive & nxt
                 if not alive:
-                    depth = i
+                    depth = hi
                     break
+            current, start = nxt, hi
         for replica_id in alive:
             matched[replica_id] = depth
-        # Refresh leaf first, root last: the root ends up the freshest.
-        deque(map(holders.move_to_end, reversed(hashes[:depth])), maxlen=0)
+        if self.touch_fraction >= 1.0 or self._draw() < self.touch_fraction:
+            # Leaf first, root last: the root ends up the freshest.
+            deque(map(self._holders.move_to_end, reversed(hashes[:depth])), maxlen=0)
         return matched
 
     def _intern(self, replicas: frozenset[str]) -> frozenset[str]:

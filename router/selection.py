@@ -2,11 +2,11 @@
 
 Each search first scores the replicas that cache part of the prompt (few,
 found through ``index_matches``), then visits the others in ascending
-(bound, replica id) order, sorted at C speed by a stored attribute the
-bound grows with: a decode replica's ``load`` (its exact score when nothing
-is cached there), a prefill replica's ``queue_s`` (to which the prompt's
-compute at the pool's fastest speed and the cheapest link add a lower
-bound of its TTFT). The visit stops once the bound passes the best score so
+(bound, replica id) order, the order the snapshot keeps them in by a stored
+attribute the bound grows with: a decode replica's ``load`` (its exact
+score when nothing is cached there), a prefill replica's ``queue_s`` (to
+which the prompt's compute at the pool's fastest speed and the cheapest
+link add a lower bound of its TTFT). The visit stops once the bound passes the best score so
 far (or equals it at a larger id, which would lose the tie), so a pool of
 any size usually costs a handful of evaluations. The result is the
 minimum over all usable replicas, ties broken on the smaller replica id.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
-from router.cost_model import prefill_queue_s, remote_ttft_s, transfer_s, usable_hit_tokens
+from router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
 from router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from router.types import (
     ClusterSnapshot,
@@ -29,28 +29,9 @@ from router.types import (
 )
 
 _ID = attrgetter("replica_id")
-_SPEED = attrgetter("prefill_tokens_per_s")
-_LOAD = attrgetter("load")
-_QUEUE = attrgetter("queue_s")
 _INF = float("inf")
 
 R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
-
-
-def _by_id(replicas: Sequence[R]) -> dict[str, R]:
-    return dict(zip(map(_ID, replicas), replicas))
-
-
-def _in_order(replicas: Sequence[R], key: attrgetter) -> list[R]:
-    """``replicas`` by (key, replica id). Two stable single-attribute sorts
-    beat one sort on a tuple key several times over; the id pass is nearly
-    free on a snapshot already in id order (RouterCore's are)."""
-    return sorted(sorted(replicas, key=_ID), key=key)
-
-
-def _max_speed(prefills: Sequence[PrefillReplicaStats], cfg: RouterConfig) -> float:
-    """At least every replica's prefill speed (the assumed one included)."""
-    return max(max(map(_SPEED, prefills)), cfg.assumed_prefill_tokens_per_s)
 
 
 def pick_decode(
@@ -69,18 +50,21 @@ def pick_decode(
     best: DecodeReplicaStats | None = None
     best_score = _INF
     if matches and prefix_weight:
-        by_id = _by_id(snap.decode)
+        by_id = snap.decode_by_id
         credit_per_token = prefix_weight / req.prompt_len
+        block_size = cfg.block_size
+        max_hit_blocks = usable_hit_tokens(req.prompt_len, req.prompt_len, block_size) // block_size
         for rid, blocks in matches.items():
             d = by_id.get(rid)
             if d is None or not decode_usable(d, model, horizon, excluded, total):
                 continue
-            score = d.load - credit_per_token * usable_hit_tokens(blocks, req.prompt_len, cfg.block_size)
+            hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
+            score = d.load - credit_per_token * hit
             if score < best_score or (score == best_score and rid < best.replica_id):
                 best, best_score = d, score
     # Uncached replicas score exactly their load: the first usable one in
     # (load, id) order is the best of them.
-    for d in _in_order(snap.decode, _LOAD):
+    for d in snap.decode_by_load:
         if d.load > best_score or (d.load == best_score and d.replica_id > best.replica_id):
             break
         if decode_usable(d, model, horizon, excluded, total):
@@ -105,34 +89,41 @@ def fastest_remote_prefill(
         return None, _INF
     model, excluded = req.model, req.exclude_replicas
     horizon = snap.now - cfg.stats_ttl_s
-    prompt_len, block_size = req.prompt_len, cfg.block_size
+    prompt_len = req.prompt_len
+    # The cost model's remote TTFT, remote_ttft_s(), with its two possible
+    # transfer times worked out once: the same sums in the same order.
+    block_size = cfg.block_size
+    max_hit_blocks = usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
+    node = decode.node_id
+    cross_s = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
+    same_s = transfer_s(prompt_len, kv_bytes_per_token, True, cfg) if node else cross_s
     best: PrefillReplicaStats | None = None
     best_s = _INF
-
-    def consider(p: PrefillReplicaStats) -> None:
-        nonlocal best, best_s
-        if not prefill_usable(p, model, horizon, excluded):
-            return
-        hit = usable_hit_tokens(matches.get(p.replica_id, 0), prompt_len, block_size)
-        t = remote_ttft_s(p, decode, prompt_len, prompt_len - hit, kv_bytes_per_token, cfg)
-        if t < best_s or (t == best_s and p.replica_id < best.replica_id):
-            best, best_s = p, t
-
     if matches:
-        by_id = _by_id(snap.prefill)
-        for rid in matches:
-            if (p := by_id.get(rid)) is not None:
-                consider(p)
-    # Uncached replicas compute the whole prompt and use at best the cheapest link.
-    min_transfer = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
-    if decode.node_id:
-        min_transfer = min(min_transfer, transfer_s(prompt_len, kv_bytes_per_token, True, cfg))
-    best_compute_s = prompt_len / _max_speed(snap.prefill, cfg)
-    for p in _in_order(snap.prefill, _QUEUE):
-        bound = p.queue_s + best_compute_s + min_transfer
+        by_id = snap.prefill_by_id
+        for rid, blocks in matches.items():
+            p = by_id.get(rid)
+            if p is None or not prefill_usable(p, model, horizon, excluded):
+                continue
+            hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
+            t = remote_prefill_s(p, prompt_len - hit, cfg) + (
+                same_s if node and p.node_id == node else cross_s
+            )
+            if t < best_s or (t == best_s and rid < best.replica_id):
+                best, best_s = p, t
+    # Uncached replicas compute the whole prompt and use at best the cheapest
+    # link, at no more than the pool's fastest speed (or the assumed one).
+    max_speed = max(snap.max_prefill_tokens_per_s, cfg.assumed_prefill_tokens_per_s)
+    floor_s = prompt_len / max_speed + min(same_s, cross_s)
+    for p in snap.prefill_by_queue:
+        bound = p.queue_s + floor_s
         if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
             break
-        consider(p)
+        if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
+            continue  # matched replicas were scored above, with their hits
+        t = remote_prefill_s(p, prompt_len, cfg) + (same_s if node and p.node_id == node else cross_s)
+        if t < best_s or (t == best_s and p.replica_id < best.replica_id):
+            best, best_s = p, t
     return best, best_s
 
 
@@ -147,7 +138,7 @@ def shortest_queue_prefill(
     horizon = snap.now - cfg.stats_ttl_s
     best: PrefillReplicaStats | None = None
     best_q = _INF
-    for p in _in_order(snap.prefill, _QUEUE):
+    for p in snap.prefill_by_queue:
         bound = p.queue_s  # exact once measured; 0 <= the assumed-speed queue before
         if bound > best_q or (bound == best_q and p.replica_id > best.replica_id):
             break
@@ -176,7 +167,7 @@ def longest_prefix_prefill(
         return -hit, q, p.replica_id
 
     best, best_key = shortest, key(shortest, shortest_q)
-    by_id = _by_id(snap.prefill) if matches else {}
+    by_id = snap.prefill_by_id
     for rid in matches:
         p = by_id.get(rid)
         if p is None or not prefill_usable(p, model, horizon, excluded):

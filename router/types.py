@@ -2,8 +2,12 @@
 
 Replicas push ``PrefillReplicaStats`` / ``DecodeReplicaStats``; the ingress
 sends a ``RouteRequest`` and gets a ``Placement`` back. Everything here is
-plain immutable data so policies stay pure functions over a
-``ClusterSnapshot`` and the router actor can ship these objects as they are.
+plain data that is never changed once built, so policies stay pure
+functions over a ``ClusterSnapshot`` and the router actor can ship these
+objects as they are. The records rebuilt on every decision (replica stats,
+snapshots) are not ``frozen`` dataclasses only because a frozen
+constructor costs three times as much; nothing assigns to them after
+construction (RouterCore replaces stats with ``counting()`` copies).
 Times (``updated_at``, ``now``) are wall-clock seconds (``time.time()``) so
 stats stamped on one node can be aged on another.
 """
@@ -69,7 +73,7 @@ class RouterConfigError(RouterError, ValueError):
     """A ``RouterConfig`` value is out of range or names an unknown policy."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PrefillReplicaStats:
     replica_id: str
     model: str
@@ -87,10 +91,24 @@ class PrefillReplicaStats:
 
     def __post_init__(self) -> None:
         speed = self.prefill_tokens_per_s
-        object.__setattr__(self, "queue_s", self.pending_prompt_tokens / speed if speed > 0 else 0.0)
+        self.queue_s = self.pending_prompt_tokens / speed if speed > 0 else 0.0
+
+    def counting(self, *, pending_prompt_tokens: int) -> PrefillReplicaStats:
+        """A copy with another queue (the router's estimate between pushes)."""
+        return PrefillReplicaStats(
+            replica_id=self.replica_id,
+            model=self.model,
+            pending_prompt_tokens=pending_prompt_tokens,
+            running_requests=self.running_requests,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            healthy=self.healthy,
+            draining=self.draining,
+            node_id=self.node_id,
+            updated_at=self.updated_at,
+        )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DecodeReplicaStats:
     replica_id: str
     model: str
@@ -121,7 +139,29 @@ class DecodeReplicaStats:
             load = slots if slots > blocks else blocks
         else:
             load = float("inf")
-        object.__setattr__(self, "load", load)
+        self.load = load
+
+    def counting(
+        self, *, free_blocks: int, waiting_requests: int, pending_prefill_tokens: int
+    ) -> DecodeReplicaStats:
+        """A copy with other counts (the router's estimate between pushes)."""
+        return DecodeReplicaStats(
+            replica_id=self.replica_id,
+            model=self.model,
+            free_blocks=free_blocks,
+            total_blocks=self.total_blocks,
+            running_seqs=self.running_seqs,
+            max_seqs=self.max_seqs,
+            block_size=self.block_size,
+            waiting_requests=waiting_requests,
+            decode_step_s=self.decode_step_s,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            pending_prefill_tokens=pending_prefill_tokens,
+            healthy=self.healthy,
+            draining=self.draining,
+            node_id=self.node_id,
+            updated_at=self.updated_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +197,56 @@ class RouteRequest:
                 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClusterSnapshot:
+    """One model's replicas as a policy sees them. ``prefill``/``decode``
+    are in replica-id order. The other views are derived from them: pass
+    them only when they are already at hand (RouterCore keeps them up to
+    date as stats change); otherwise they are computed here."""
+
     prefill: tuple[PrefillReplicaStats, ...]
     decode: tuple[DecodeReplicaStats, ...]
     now: float
+    prefill_by_id: Mapping[str, PrefillReplicaStats] | None = None
+    decode_by_id: Mapping[str, DecodeReplicaStats] | None = None
+    prefill_by_queue: tuple[PrefillReplicaStats, ...] | None = None
+    """Ascending (queue_s, replica_id)."""
+    decode_by_load: tuple[DecodeReplicaStats, ...] | None = None
+    """Ascending (load, replica_id)."""
+    max_prefill_tokens_per_s: float | None = None
+    """Highest measured prefill speed in ``prefill`` (0.0 when none)."""
+
+    def __post_init__(self) -> None:
+        if None not in (
+            self.prefill_by_id,
+            self.decode_by_id,
+            self.prefill_by_queue,
+            self.decode_by_load,
+            self.max_prefill_tokens_per_s,
+        ):
+            return  # RouterCore passes every view
+        derived = {
+            "prefill_by_id": lambda: {p.replica_id: p for p in self.prefill},
+            "decode_by_id": lambda: {d.replica_id: d for d in self.decode},
+            "prefill_by_queue": lambda: tuple(sorted(self.prefill, key=queue_order)),
+            "decode_by_load": lambda: tuple(sorted(self.decode, key=load_order)),
+            "max_prefill_tokens_per_s": lambda: max(
+                (p.prefill_tokens_per_s for p in self.prefill), default=0.0
+            ),
+        }
+        for name, compute in derived.items():
+            if getattr(self, name) is None:
+                setattr(self, name, compute())
+
+
+def queue_order(p: PrefillReplicaStats) -> tuple[float, str]:
+    """Sort key of ``ClusterSnapshot.prefill_by_queue``."""
+    return p.queue_s, p.replica_id
+
+
+def load_order(d: DecodeReplicaStats) -> tuple[float, str]:
+    """Sort key of ``ClusterSnapshot.decode_by_load``."""
+    return d.load, d.replica_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +347,12 @@ class RouterConfig:
     """Block hashes the prefix index remembers (LRU beyond that). About 350
     bytes each when two replicas hold a block: 1M entries take ~350 MB."""
 
+    prefix_index_touch_fraction: float = 0.25
+    """Share of prefix matches that refresh the matched blocks' LRU position
+    in the index (drawn at random). Refreshing costs more than matching;
+    a prefix matched every few requests is refreshed often enough either way.
+    1.0: every match refreshes (exact LRU)."""
+
     optimistic_updates: bool = True
     """Between stats pushes, count each placement against its replicas
     (queued prompt tokens, free blocks, waiting sequences) so a burst does
@@ -297,6 +388,11 @@ class RouterConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise RouterConfigError(f"RouterConfig.{name} must be >= 0, got {value}")
+        if not 0.0 < self.prefix_index_touch_fraction <= 1.0:
+            raise RouterConfigError(
+                "RouterConfig.prefix_index_touch_fraction must be in (0, 1], got "
+                f"{self.prefix_index_touch_fraction}"
+            )
         if self.retry_after_max_s < self.retry_after_min_s:
             raise RouterConfigError(
                 f"RouterConfig.retry_after_max_s ({self.retry_after_max_s}) must be >= "

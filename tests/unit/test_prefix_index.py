@@ -19,12 +19,27 @@ def test_match_stops_at_first_missing_block_per_replica():
     h = chain(1, 5)
     index = PrefixIndex(max_entries=100)
     index.on_stored("a", h[:4])
-    index.on_stored("b", [h[0], h[1], h[3]])  # b lacks h[2]: its chain breaks there
+    index.on_stored("b", h[:2])
     index.on_stored("c", h[1:])  # c lacks the first block: no prefix at all
     assert index.match(h) == {"a": 4, "b": 2}
     assert index.match(h[:1]) == {"a": 1, "b": 1}
+    assert index.match(h[:3]) == {"a": 3, "b": 2}
     assert index.match(chain(2, 3)) == {}
     assert index.match([]) == {}
+
+
+def test_match_finds_every_change_of_holders_on_a_long_chain():
+    h = chain(9, 200)
+    depths = {"r0": 200, "r1": 157, "r2": 64, "r3": 63, "r4": 1, "r5": 100}
+    index = PrefixIndex(max_entries=10_000)
+    for replica, depth in depths.items():
+        index.on_stored(replica, h[:depth])
+    assert index.match(h) == depths
+    assert index.match(h[:64]) == {r: min(d, 64) for r, d in depths.items()}
+    longer = h + chain(10, 3)  # the chain goes on past every cached block
+    assert index.match(longer) == depths
+    index.on_evicted("r0", h[150:])  # tail blocks go first, as in an engine
+    assert index.match(h)["r0"] == 150
 
 
 def test_match_on_engine_hashes_of_shared_prompt_prefix():
@@ -95,7 +110,9 @@ def reference_match(index: PrefixIndex, hashes: list[int], replicas: list[str]) 
 def test_bound_and_consistency_under_random_churn():
     rng = random.Random(0)
     # Prefixes of a few long chains, so replicas hold overlapping chains of
-    # different lengths and evictions punch gaps into them.
+    # different lengths. A replica evicts a chain's tail, never a block whose
+    # child it keeps (as an engine's block pool does), while the index's own
+    # bound evicts whole entries.
     bases = [chain(100 + i, 12) for i in range(8)]
     chains = [b[: rng.randint(1, 12)] for b in bases for _ in range(4)]
     replicas = [f"r{i}" for i in range(6)]
@@ -108,7 +125,8 @@ def test_bound_and_consistency_under_random_churn():
             index.on_stored(r, c)
             seen.update(c)
         elif op < 0.85:
-            index.on_evicted(r, rng.sample(c, k=rng.randint(1, len(c))))
+            base = bases[chains.index(c) // 4]
+            index.on_evicted(r, base[rng.randrange(len(base)):])
         elif op < 0.97:
             assert index.match(c) == reference_match(index, c, replicas)
         else:
@@ -126,3 +144,21 @@ def test_bound_and_consistency_under_random_churn():
 def test_max_entries_must_be_positive():
     with pytest.raises(ValueError, match="max_entries"):
         PrefixIndex(max_entries=0)
+
+
+def test_sampled_refresh_keeps_a_hot_prefix_and_ages_a_cold_one():
+    hot, cold = chain(20, 4), chain(21, 4)
+    index = PrefixIndex(max_entries=40, touch_fraction=0.25, seed=1)
+    index.on_stored("r", cold)
+    index.on_stored("r", hot)
+    for i in range(30):  # new chains push old entries out; hot is asked for every time
+        assert index.match(hot) == {"r": 4}
+        index.on_stored("r", chain(100 + i, 2))
+    assert index.match(hot) == {"r": 4}
+    assert index.match(cold) == {}
+
+
+def test_touch_fraction_must_be_a_share():
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="touch_fraction"):
+            PrefixIndex(max_entries=10, touch_fraction=bad)

@@ -237,6 +237,8 @@ def test_unknown_models_and_invalid_input_are_refused():
         core(policy="nope")
     with pytest.raises(RouterConfigError, match="stats_ttl_s must be > 0"):
         core(stats_ttl_s=0)
+    with pytest.raises(RouterConfigError, match="prefix_index_touch_fraction"):
+        core(prefix_index_touch_fraction=0)
 
 
 def test_replica_moving_to_another_model_or_pool_leaves_its_old_place():

@@ -1,0 +1,106 @@
+"""One model's prefill or decode replicas, kept in the orders policies read.
+
+RouterCore holds one ``ReplicaPool`` per (model, role) and changes it on
+every stats push and every optimistic placement update, while every
+decision reads it. So the pool keeps, at all times, the stats by replica id
+(in id order) and in the pool's ranking order (``queue_order`` for prefill,
+``load_order`` for decode): ``put`` and ``pop`` move one replica with a
+bisection into a sorted key list, and ``snapshot`` copies the views at C
+speed instead of sorting per decision.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from types import MappingProxyType
+from typing import Callable, Generic, Iterator, TypeVar
+
+from router.types import ClusterSnapshot, DecodeReplicaStats, PrefillReplicaStats
+
+R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
+
+
+class ReplicaPool(Generic[R]):
+    def __init__(self, order_key: Callable[[R], tuple[float, str]]):
+        self._order_key = order_key
+        self._by_id: dict[str, R] = {}  # in replica-id order
+        self._keys: list[tuple[float, str]] = []  # ascending order_key of _ordered
+        self._ordered: list[R] = []
+        self._max_speed: float | None = 0.0  # None: recompute on next read
+        self._views: tuple | None = None  # views() until the next change
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, replica_id: str) -> bool:
+        return replica_id in self._by_id
+
+    def __iter__(self) -> Iterator[R]:
+        """Stats in replica-id order."""
+        return iter(tuple(self._by_id.values()))
+
+    def get(self, replica_id: str) -> R | None:
+        return self._by_id.get(replica_id)
+
+    def put(self, stats: R) -> None:
+        """Add ``stats``, or replace the stats held for its replica."""
+        self._views = None
+        rid = stats.replica_id
+        old = self._by_id.get(rid)
+        self._by_id[rid] = stats
+        if old is None:
+            self._by_id = dict(sorted(self._by_id.items()))  # a new replica: rare
+        else:
+            self._remove_ordered(old)
+        key = self._order_key(stats)
+        i = bisect_left(self._keys, key)
+        self._keys.insert(i, key)
+        self._ordered.insert(i, stats)
+        if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
+            self._max_speed = None
+
+    def pop(self, replica_id: str) -> R | None:
+        """Remove and return a replica's stats; None if it is not here."""
+        old = self._by_id.pop(replica_id, None)
+        if old is not None:
+            self._views = None
+            self._remove_ordered(old)
+            self._max_speed = None
+        return old
+
+    def views(self) -> tuple[tuple[R, ...], dict[str, R], tuple[R, ...], float]:
+        """Copies of (stats in id order, stats by id, stats in ranking
+        order, highest measured prefill speed): a snapshot's view of the pool.
+        Unchanged pools hand out the same (immutable) views again."""
+        if self._views is None:
+            if self._max_speed is None:
+                self._max_speed = max((s.prefill_tokens_per_s for s in self._ordered), default=0.0)
+            self._views = (
+                tuple(self._by_id.values()),
+                MappingProxyType(dict(self._by_id)),
+                tuple(self._ordered),
+                self._max_speed,
+            )
+        return self._views
+
+    def _remove_ordered(self, stats: R) -> None:
+        i = bisect_left(self._keys, self._order_key(stats))
+        del self._keys[i]
+        del self._ordered[i]
+
+
+def make_snapshot(
+    prefill: ReplicaPool[PrefillReplicaStats], decode: ReplicaPool[DecodeReplicaStats], now: float
+) -> ClusterSnapshot:
+    p_ids, p_by_id, p_ordered, p_speed = prefill.views()
+    d_ids, d_by_id, d_ordered, _ = decode.views()
+    return ClusterSnapshot(
+        prefill=p_ids,
+        decode=d_ids,
+        now=now,
+        prefill_by_id=p_by_id,
+        decode_by_id=d_by_id,
+        prefill_by_queue=p_ordered,
+        decode_by_load=d_ordered,
+        max_prefill_tokens_per_s=p_speed,
+    )
