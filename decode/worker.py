@@ -101,6 +101,8 @@ class DecodeWorker:
             d = out.to_dict()
             if first:
                 timings["ttft_s"] = time.monotonic() - t0
+                if timings["mode"] == "local":
+                    timings["local_queue_s"] = out.queue_s()
                 d["timings"] = timings
                 first = False
             yield d

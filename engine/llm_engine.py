@@ -184,7 +184,8 @@ class LLMEngine:
                 self._prefill_only.discard(rid)
                 if not keep:
                     del self.requests[rid]
-            out.metrics = {"arrival": seq.arrival_time, "first_token": seq.first_token_time or now}
+            out.metrics = {"arrival": seq.arrival_time, "first_token": seq.first_token_time or now,
+                           "first_scheduled": seq.first_scheduled_time or seq.arrival_time}
             outputs.append(out)
         self.busy_time_s += time.perf_counter() - t0
         return outputs

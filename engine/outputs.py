@@ -17,7 +17,13 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     new_logprobs: list[Any] | None = None  # TokenLogprobs per new token
+    # engine clock (time.monotonic): arrival, first_scheduled, first_token
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def queue_s(self) -> float:
+        """Seconds the request waited in the engine's queue before its first step."""
+        m = self.metrics
+        return max(m.get("first_scheduled", 0.0) - m.get("arrival", 0.0), 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form streamed to ingresses (msgpack/JSON-able)."""

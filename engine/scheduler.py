@@ -12,6 +12,8 @@ Queues: waiting (FIFO) -> running -> finished. Plain Python over integers.
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -116,6 +118,8 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = time.monotonic()
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n

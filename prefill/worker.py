@@ -108,10 +108,12 @@ class PrefillWorker:
         self._handoffs[rid] = h
         t0 = time.monotonic()
         finished = False
+        queued_s = 0.0
         try:
             async for out in self.aengine.generate(rid, list(req["prompt_token_ids"]), params,
                                                    prefill_only=True):
                 finished = out.finished
+                queued_s = out.queue_s()
             t1 = time.monotonic()
             await asyncio.gather(*h.sends)
             t2 = time.monotonic()
@@ -120,8 +122,8 @@ class PrefillWorker:
             self.bytes_sent += h.bytes_sent
             self.transfer_time_s += t2 - t1
             return {"meta": meta.to_dict(),
-                    "timings": {"prefill_s": t1 - t0, "transfer_wait_s": t2 - t1,
-                                "bytes": h.bytes_sent}}
+                    "timings": {"prefill_s": t1 - t0, "prefill_queue_s": queued_s,
+                                "transfer_wait_s": t2 - t1, "bytes": h.bytes_sent}}
         except BaseException:
             self.failed += 1
             for f in h.sends:

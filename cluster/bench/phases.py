@@ -2,8 +2,10 @@
 the ``timings`` the decode replica attaches to the first output.
 
 Decode-replica timings (``decode.worker``): ``mode`` (remote | local),
-``ttft_s`` (its receipt of the request -> first token), and for a remote
-prefill ``prefill_s`` (prefill replica: receipt -> prompt computed),
+``ttft_s`` (its receipt of the request -> first token), ``local_queue_s``
+(local prefill: the wait in its engine's queue), and for a remote prefill
+``prefill_s`` (prefill replica: receipt -> prompt computed),
+``prefill_queue_s`` (the part of it spent in that engine's queue),
 ``handoff_s`` (the whole Prefill call), ``transfer_wait_s`` and ``bytes``.
 Pure functions over floats: shared by the server's metrics and the bench.
 """
@@ -25,9 +27,10 @@ def phase_breakdown(ttft_s: float, e2e_s: float, timings: dict | None) -> dict[s
     they add up to ``e2e_s``, the first three to ``ttft_s`` (client clock).
 
       queue   = ttft_s - timings.ttft_s: admission, routing, the RPC to the
-                decode replica (and the ingress, seen from an HTTP client)
-      prefill = timings.prefill_s (remote) or timings.ttft_s (local); the
-                wait in that engine's own queue is included
+                decode replica (and the ingress, seen from an HTTP client),
+                plus the wait in the prefilling engine's own queue
+      prefill = timings.prefill_s (remote) or timings.ttft_s (local), less
+                that engine queue wait
       handoff = timings.ttft_s - timings.prefill_s: reservation, KV
                 transfer, commit on the decode replica
       decode  = e2e_s - ttft_s
@@ -38,10 +41,13 @@ def phase_breakdown(ttft_s: float, e2e_s: float, timings: dict | None) -> dict[s
     if t.get("mode") == "remote" and "prefill_s" in t:
         prefill = min(float(t["prefill_s"]), server_ttft)
         handoff = server_ttft - prefill
+        engine_queue = float(t.get("prefill_queue_s", 0.0))
     else:
         prefill, handoff = server_ttft, 0.0
-    return {"queue": ttft_s - server_ttft, "prefill": prefill, "handoff": handoff,
-            "decode": max(e2e_s - ttft_s, 0.0)}
+        engine_queue = float(t.get("local_queue_s", 0.0))
+    engine_queue = min(max(engine_queue, 0.0), prefill)
+    return {"queue": ttft_s - server_ttft + engine_queue, "prefill": prefill - engine_queue,
+            "handoff": handoff, "decode": max(e2e_s - ttft_s, 0.0)}
 
 
 def ttft_breakdown(ttft_s: float, timings: dict | None) -> dict[str, float]:
@@ -53,6 +59,7 @@ def ttft_breakdown(ttft_s: float, timings: dict | None) -> dict[str, float]:
     t = timings or {}
     transfer = 0.0
     if p["handoff"] > 0 and "handoff_s" in t:
-        transfer = min(max(float(t["handoff_s"]) - p["prefill"], 0.0), p["handoff"])
+        prefill_call = min(float(t["prefill_s"]), float(t["ttft_s"]))  # queue wait included
+        transfer = min(max(float(t["handoff_s"]) - prefill_call, 0.0), p["handoff"])
     return {"queue": p["queue"], "prefill": p["prefill"], "transfer": transfer,
             "first_token": p["handoff"] - transfer}

@@ -92,6 +92,14 @@ def test_phase_breakdown_remote_and_local():
         {"queue": 0.1, "prefill": 0.9, "handoff": 0.0, "decode": 2.0})
     assert ttft_breakdown(1.0, local) == pytest.approx(
         {"queue": 0.1, "prefill": 0.9, "transfer": 0.0, "first_token": 0.0})
+    # the wait in the prefilling engine's queue moves from prefill to queue
+    queued = {**REMOTE, "prefill_queue_s": 0.2}
+    assert phase_breakdown(1.0, 3.0, queued) == pytest.approx(
+        {"queue": 0.3, "prefill": 0.3, "handoff": 0.4, "decode": 2.0})
+    assert ttft_breakdown(1.0, queued) == pytest.approx(
+        {"queue": 0.3, "prefill": 0.3, "transfer": 0.2, "first_token": 0.2})
+    assert phase_breakdown(1.0, 3.0, {**local, "local_queue_s": 0.4}) == pytest.approx(
+        {"queue": 0.5, "prefill": 0.5, "handoff": 0.0, "decode": 2.0})
     # an ingress's own keys do not split anything: TTFT is prefill
     assert phase_breakdown(1.0, 1.5, {"ingress_ttft_s": 0.99}) == pytest.approx(
         {"queue": 0.0, "prefill": 1.0, "handoff": 0.0, "decode": 0.5})

@@ -92,3 +92,20 @@ def test_abort_waiting_and_running():
     assert not s.has_unfinished()
     assert a.finish_reason is FinishReason.ABORT
     assert kv.all_free()
+
+
+def test_first_scheduled_time_marks_the_end_of_queueing():
+    kv, s = make(max_seqs=1)
+    a, b = Sequence("a", [1, 2], None, 4), Sequence("b", [3, 4], None, 4)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert a.first_scheduled_time is not None and a.first_scheduled_time >= a.arrival_time
+    assert b.first_scheduled_time is None  # still waiting for a slot
+    s.finish(a, FinishReason.STOP)
+    run_step(s)
+    assert b.first_scheduled_time >= a.first_scheduled_time
+    stamped = b.first_scheduled_time
+    s._preempt(b)  # back to waiting: the first admission stays the mark
+    run_step(s)
+    assert b.first_scheduled_time == stamped
