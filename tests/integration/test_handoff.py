@@ -190,14 +190,17 @@ def test_full_decode_refuses_with_resource_exhausted(tiny_llama, reference):
                             policy="error")
         try:
             vocab = reference.model_cfg.vocab_size
-            long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-            holder = asyncio.ensure_future(pd.generate([i % vocab for i in range(40)], long,
-                                                       prefill=False))
-            assert await wait_until(lambda: pd.decode.engine.kv.num_free_blocks <= 6, 5)
+            # another hand-off holds 10 of the 16 blocks (a lease does not end
+            # on its own, so the refusal below does not race it)
+            res = pd.decode.reservations
+            await pd.decode.aengine.call(
+                lambda e: res.reserve("holder", res.layout, [i % vocab for i in range(40)], 1))
+            assert pd.decode.engine.kv.num_free_blocks == 6
             with pytest.raises(RpcError) as e:
                 await pd.generate([(7 * i) % vocab for i in range(40)], GREEDY)
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            await holder
+            assert pd.decode.engine.kv.num_free_blocks == 6  # the refusal took nothing
+            await pd.decode.aengine.call(lambda e: res.cancel("holder"))
             assert await wait_until(pd.all_free)
         finally:
             await pd.close()
