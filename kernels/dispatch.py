@@ -1,8 +1,10 @@
 """One registry of kernel backends, chosen by name.
 
-Backends: ``reference`` (torch, every device) and ``triton`` (CUDA, or CPU
-under ``TRITON_INTERPRET=1`` for tests). Tensors on CUDA use ``triton`` when
-it is importable; everything else uses ``reference``. Tests and operators
+Backends: ``reference`` (torch, every device), ``triton`` (CUDA, or CPU
+under ``TRITON_INTERPRET=1`` for tests) and ``cpu`` (torch, laid out for
+what the CPU math libraries do fastest; only the ops where that differs).
+Tensors on CUDA use ``triton`` when it is importable, tensors on the CPU use
+``cpu``; an op a backend leaves out runs the reference. Tests and operators
 override the choice with ``force_backend`` or ``SPLITSERVE_KERNELS``.
 """
 
@@ -19,6 +21,7 @@ import torch
 from kernels import reference
 
 OP_NAMES = (
+    "linear",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
@@ -30,7 +33,7 @@ OP_NAMES = (
 )
 
 # Backends that register themselves on import of their module.
-_BACKEND_MODULES = {"triton": "kernels.triton_ops"}
+_BACKEND_MODULES = {"triton": "kernels.triton_ops", "cpu": "kernels.cpu_ops"}
 
 _registry: dict[str, dict[str, Callable]] = {
     "reference": {name: getattr(reference, name) for name in OP_NAMES}
@@ -73,6 +76,8 @@ def backend_for(device: torch.device) -> str:
         return forced
     if device.type == "cuda" and _load("triton") is not None:
         return "triton"
+    if device.type == "cpu" and _load("cpu") is not None:
+        return "cpu"
     return "reference"
 
 

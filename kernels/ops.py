@@ -8,6 +8,10 @@ from __future__ import annotations
 from kernels.dispatch import get_op
 
 
+def linear(x, weight, bias=None):
+    return get_op("linear", x.device)(x, weight, bias)
+
+
 def rms_norm(x, weight, eps, residual=None):
     return get_op("rms_norm", x.device)(x, weight, eps, residual)
 

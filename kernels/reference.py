@@ -23,6 +23,11 @@ import torch.nn.functional as F
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K], weight: [N, K] (as checkpoints store it) -> x @ weight^T (+ bias): [M, N]."""
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -24,6 +24,7 @@ from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
 from engine.models.rope import build_cos_sin_cache
+from kernels import ops
 
 # Checkpoint entries that are not weights of this implementation but that
 # older exports carry; skipped on load.
@@ -75,7 +76,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return ops.linear(hidden, self.lm_head_weight).float()
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         """Every checkpoint tensor this model needs, by its Hugging Face name."""
