@@ -20,12 +20,15 @@ temperature, so a greedy and a sampled request report the same numbers and
 a token outside top_p still has a finite logprob among the alternatives.
 
 Sampling is an exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)``
-per token, which draws exactly from ``probs``. A seeded row draws its noise
-from its own generator, reseeded each step from (seed, completion index,
-output position): the token depends only on the request and the logits,
-not on batch neighbours, on which replica runs the step (the first token is
-sampled by prefill, the rest by decode) or on preemption and recompute.
-Unseeded rows share the sampler's generator and one vectorised draw.
+per token, which draws exactly from ``probs``. A seeded row's noise is a
+counter-based hash of (seed, completion index, output position, token id),
+computed for all seeded rows at once with integer tensor ops on the logits'
+device (the same bits on every device): the token depends only on the
+request and the logits, not on batch neighbours, on which replica runs the
+step (the first token is sampled by prefill, the rest by decode) or on
+preemption and recompute. An unseeded row hashes a fresh seed drawn from the
+sampler's generator (on CPU this is also faster than torch's own
+``exponential_``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ class SeqSamplingState:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]  # tokens sampled so far; len() is this step's position
-    generator: torch.Generator | None = None  # seeded rows; made on first use when None
     eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
     sample_index: int = 0  # which of the request's n completions; seeded siblings differ
 
@@ -61,8 +63,7 @@ class SeqSamplingState:
         eos_token_ids: tuple[int, ...] = (),
         sample_index: int = 0,
     ) -> "SeqSamplingState":
-        generator = torch.Generator() if params.seed is not None else None
-        return cls(params, prompt_ids, [], generator, tuple(eos_token_ids), sample_index)
+        return cls(params, prompt_ids, [], tuple(eos_token_ids), sample_index)
 
 
 @dataclass
@@ -77,8 +78,11 @@ class Sampler:
     (tests, benchmarks); None seeds it from the OS."""
 
     def __init__(self, seed: int | None = None):
-        self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
 
     def __call__(
         self, logits: Tensor, states: list[SeqSamplingState]
@@ -136,45 +140,48 @@ class Sampler:
         return probs.div_(self._exponential_noise(probs, states)).argmax(dim=-1)
 
     def _exponential_noise(self, probs: Tensor, states: list[SeqSamplingState]) -> Tensor:
-        # probs: [S, V] -> Exp(1) noise of the same shape
-        seeded = [i for i, s in enumerate(states) if s.params.seed is not None]
-        noise = torch.empty_like(probs)
-        if len(seeded) < len(states):
-            shared = self._shared_generator(probs.device)
-            if not seeded:
-                noise.exponential_(generator=shared)
-            else:
-                unseeded = [i for i in range(len(states)) if states[i].params.seed is None]
-                idx = torch.tensor(unseeded, device=probs.device)
-                noise[idx] = torch.empty(
-                    len(unseeded), probs.shape[1], device=probs.device
-                ).exponential_(generator=shared)
-        for i in seeded:
-            noise[i] = _seeded_noise(states[i], probs.shape[1]).to(probs.device)
-        # Exp(1) may round to 0; a zero would make any token, even a masked one, win.
-        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        # probs: [S, V] -> Exp(1) noise of the same shape, never 0 (a zero would
+        # let any token, even a masked one, win)
+        return hashed_exponential(self._row_seeds(states), probs.shape[1], probs.device)
 
-    def _shared_generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            if self._seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(self._seed)
-            self._generators[device] = gen
-        return gen
+    def _row_seeds(self, states: list[SeqSamplingState]) -> list[int]:
+        """A seeded row's step seed from (seed, completion index, position);
+        an unseeded row's a fresh draw from the shared generator."""
+        unseeded = sum(1 for s in states if s.params.seed is None)
+        fresh = iter(torch.randint(0, 1 << 62, (unseeded,), generator=self._generator).tolist()
+                     if unseeded else ())
+        return [next(fresh) if s.params.seed is None
+                else _step_seed(s.params.seed, s.sample_index, len(s.output_ids))
+                for s in states]
 
 
-def _seeded_noise(state: SeqSamplingState, vocab: int) -> Tensor:
-    """[V] Exp(1) noise that depends only on (seed, sample_index, position).
-    Drawn on the generator's device (CPU unless the caller supplied another),
-    so a CPU and a GPU replica draw the same noise for the same step."""
-    if state.generator is None:
-        state.generator = torch.Generator()
-    gen = state.generator
-    gen.manual_seed(_step_seed(state.params.seed, state.sample_index, len(state.output_ids)))
-    return torch.empty(vocab, device=gen.device).exponential_(generator=gen)
+def _i64(u: int) -> int:
+    """A uint64 as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+_GOLDEN, _MIX1, _MIX2 = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                           0x94D049BB133111EB))
+
+
+def _shr(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hashed_exponential(step_seeds: list[int], vocab: int, device: torch.device) -> Tensor:
+    """[len(step_seeds), vocab] float32 Exp(1) noise: row r, token j is
+    ``-log(u)`` with ``u`` the top 24 bits of ``splitmix64(step_seeds[r] +
+    (j + 1) * golden)`` (uint64 arithmetic, done in wrapping int64), so
+    every device computes the same noise for the same seed."""
+    seeds = torch.tensor([_i64(s) for s in step_seeds], dtype=torch.int64, device=device)
+    z = torch.arange(1, vocab + 1, dtype=torch.int64, device=device) * _GOLDEN
+    z = z[None, :] + seeds[:, None]
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    u = (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return u.log_().neg_()
 
 
 def _splitmix64(z: int) -> int:

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SeqSamplingState, TokenLogprobs
+from engine.sampler import Sampler, SeqSamplingState, TokenLogprobs, hashed_exponential
 from engine.sampling_params import SamplingParams
 
 # Probabilities of a constructed 8-token distribution, in a shuffled vocab order.
@@ -138,12 +138,14 @@ def test_sampled_support_is_exactly_the_truncated_set(kwargs, seeded):
     assert set(tokens) == set(expected)
 
 
-def test_sampling_frequencies_match_the_distribution():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampling_frequencies_match_the_distribution(seeded):
     row = constructed_logits()
     kwargs = {"temperature": 0.8, "top_k": 5}
     expected = ref_distribution(row, **kwargs)
     n = 20000
-    tokens, _ = Sampler(seed=5)(torch.tensor([row] * n), [state(SamplingParams(**kwargs))] * n)
+    states = [state(SamplingParams(seed=i if seeded else None, **kwargs)) for i in range(n)]
+    tokens, _ = Sampler(seed=5)(torch.tensor([row] * n), states)
     counts = Counter(tokens)
     for tok, p in expected.items():
         sigma = math.sqrt(n * p * (1 - p))
@@ -195,16 +197,40 @@ def test_seeded_sequences_differ_by_seed_and_completion_index(step_logits):
     assert a != b and a != c and b != c
 
 
-def test_seeded_step_depends_only_on_position_not_generator_history(step_logits):
+def test_seeded_step_depends_only_on_position(step_logits):
     p = SamplingParams(temperature=1.0, seed=99)
     full = run_steps(p, 12, step_logits)
     # A replica that picks the sequence up at step 7 (hand-off, or recompute
-    # after preemption) with a fresh, arbitrarily advanced generator.
+    # after preemption) with its own, differently seeded sampler.
     st = state(p, prompt=[1, 2], output=full[:7])
-    st.generator = torch.Generator().manual_seed(123456)
-    st.generator.seed()
-    tokens, _ = Sampler(seed=1)(step_logits[7:8], [st])
+    tokens, _ = Sampler(seed=123456)(step_logits[7:8], [st])
     assert tokens == [full[7]]
+
+
+def _splitmix_ref(z: int) -> int:
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_hashed_noise_is_the_uint64_hash_bit_for_bit():
+    seeds = [0, 1, (1 << 63) + 12345, (1 << 64) - 1]
+    noise = hashed_exponential(seeds, 300, torch.device("cpu"))
+    for r, seed in enumerate(seeds):
+        for j in (0, 1, 17, 299):
+            z = _splitmix_ref((seed + (j + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+            u = ((z >> 40) + 0.5) / (1 << 24)
+            assert noise[r, j].item() == pytest.approx(-math.log(u), rel=1e-6)
+
+
+def test_hashed_noise_is_exponential_and_rows_are_independent():
+    noise = hashed_exponential([7, 8], 200_000, torch.device("cpu"))
+    assert noise.min() > 0
+    for row in noise:
+        assert abs(row.mean().item() - 1.0) < 0.01  # Exp(1): mean 1, sd 1/sqrt(n) ~ 0.002
+        assert abs((row > 1).float().mean().item() - math.exp(-1)) < 0.005
+    assert torch.corrcoef(noise)[0, 1].abs() < 0.01
 
 
 def test_unseeded_sampler_seed_makes_runs_repeatable():
