@@ -2,8 +2,8 @@
 the reference's. Registered as backend ``cpu``; every other op runs the
 reference.
 
-``linear``: with MKL on x86, ``x @ weight^T`` for a few rows repacks the
-whole weight on every call; ``weight @ x^T`` does not, and computes the
+``linear`` (float32): with MKL on x86, ``x @ weight^T`` for a few rows
+repacks the whole weight on every call; ``weight @ x^T`` does not, and computes the
 same sums. Measured on 2-core AVX2 (fp32, 1-128 rows):
 
 - large weights (>= ``LARGE_ELEMENTS``, e.g. a 1B model's projections):
@@ -37,7 +37,8 @@ def _weight_first(weight: torch.Tensor, m: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.dim() != 2 or x.dtype != weight.dtype or not _weight_first(weight, x.shape[0]):
+    if (x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not _weight_first(weight, x.shape[0])):  # measured for float32 only
         return reference.linear(x, weight, bias)
     m = x.shape[0]
     if m % 2:
