@@ -11,7 +11,6 @@ the client sees neither lost nor duplicated tokens.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
