@@ -33,7 +33,7 @@ sampler's generator (on CPU this is also faster than torch's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,6 +54,13 @@ class SeqSamplingState:
     output_ids: list[int]  # tokens sampled so far; len() is this step's position
     eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
     sample_index: int = 0  # which of the request's n completions; seeded siblings differ
+    _prompt_tensor: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def prompt_tensor(self) -> Tensor:
+        """The prompt ids as an int64 CPU tensor, made once (penalties read it each step)."""
+        if self._prompt_tensor is None or len(self._prompt_tensor) != len(self.prompt_ids):
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+        return self._prompt_tensor
 
     @classmethod
     def create(
@@ -196,12 +203,16 @@ def _step_seed(seed: int, sample_index: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ _splitmix64((sample_index << 40) ^ position))
 
 
-def _flat_ids(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    # -> (row index per token, token id per token), both [sum(len(r))]
-    row_idx = [i for i, r in enumerate(rows) for _ in r]
-    ids = [t for r in rows for t in r]
-    return (torch.tensor(row_idx, dtype=torch.long, device=device),
-            torch.tensor(ids, dtype=torch.long, device=device))
+def _flat_ids(rows: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    # rows: 1-D int64 CPU tensors -> (row index per token, token id per token),
+    # both [sum(len(r))] on ``device``
+    lens = torch.tensor([len(r) for r in rows])
+    row_idx = torch.repeat_interleave(torch.arange(len(rows)), lens)
+    return row_idx.to(device), torch.cat(rows).to(device)
+
+
+def _ids(tokens: list[int]) -> Tensor:
+    return torch.tensor(tokens, dtype=torch.long)
 
 
 def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None:
@@ -210,7 +221,8 @@ def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None
         return
     dev = x.device
     idx = torch.tensor(rows, device=dev)
-    r_idx, ids = _flat_ids([states[i].prompt_ids + states[i].output_ids for i in rows], dev)
+    r_idx, ids = _flat_ids(
+        [torch.cat((states[i].prompt_tensor(), _ids(states[i].output_ids))) for i in rows], dev)
     seen = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=dev)  # [R, V]
     seen[r_idx, ids] = True
     pen = torch.tensor([states[i].params.repetition_penalty for i in rows], device=dev)[:, None]
@@ -228,7 +240,7 @@ def _apply_presence_frequency(x: Tensor, states: list[SeqSamplingState]) -> None
         return
     dev = x.device
     idx = torch.tensor(rows, device=dev)
-    r_idx, ids = _flat_ids([states[i].output_ids for i in rows], dev)
+    r_idx, ids = _flat_ids([_ids(states[i].output_ids) for i in rows], dev)
     counts = torch.zeros(len(rows), x.shape[1], device=dev)  # [R, V]
     counts.index_put_((r_idx, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
     freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=dev)[:, None]
