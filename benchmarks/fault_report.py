@@ -8,7 +8,8 @@ One local Ray cluster on loopback with the embedded default model: 1
 prefill and 2 decode replicas. Greedy requests arrive as a Poisson stream
 (``--rate`` req/s for ``--duration`` s) through ``ClusterBackend``. A decode
 replica is killed at 1/3 of the run and the prefill replica at 2/3
-(``ray.kill``, no restart: Serve replaces each). Every output is compared
+(``ray.kill``, no restart: Serve replaces each); the decode replica killed
+is the one streaming the most requests at that moment. Every output is compared
 token for token with the same prompt run on one local engine.
 
 Reported:
@@ -57,7 +58,8 @@ def cluster_config(path: str, block_size: int):
 
 def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(10, vocab) for _ in range(rng.randint(16, 160))], rng.randint(8, 32))
+    # outputs long enough that a killed decode replica is streaming some of them
+    return [([rng.randrange(10, vocab) for _ in range(rng.randint(16, 160))], rng.randint(64, 192))
             for _ in range(n)]
 
 
@@ -106,10 +108,40 @@ def process_usage() -> dict[str, dict]:
     return out
 
 
-def kill_one(role: str) -> str:
+def _pid_listening_on(port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` has a socket listening on ``port`` (from /proc)."""
+    inodes = set()
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table_path) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(cols[9])
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return pid
+    return None
+
+
+def kill_one(role: str, address: str | None = None) -> str:
+    """Kill the replica of ``role`` serving ``address`` (host:port of its worker
+    RPC server), or the first one."""
     import ray
 
-    victim = replica_actors(role)[0]
+    actors = replica_actors(role)
+    victim = actors[0]
+    if address:
+        pid = _pid_listening_on(int(address.rsplit(":", 1)[1]), [a["pid"] for a in actors])
+        victim = next((a for a in actors if a["pid"] == pid), victim)
     ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
     return victim["name"]
 
@@ -152,13 +184,15 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
     async def one(i: int, at: float) -> None:
         await asyncio.sleep(max(at - clock(), 0.0))
         prompt, n = reqs[i]
-        rec = {"i": i, "sent": clock(), "tokens": [], "error": None, "first": None, "end": None}
+        rec = {"i": i, "sent": clock(), "tokens": [], "error": None, "first": None, "end": None,
+               "decode": None}
         records.append(rec)
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         try:
             async for d in be.generate(MODEL, f"fault-{i}", list(prompt), params):
                 if d["token_ids"] and rec["first"] is None:
                     rec["first"] = clock()
+                rec["decode"] = d.get("placement", {}).get("decode", rec["decode"])
                 rec["tokens"] += d["token_ids"]
         except Exception as e:  # noqa: BLE001 - recorded per request
             rec["error"] = f"{type(e).__name__}: {e}"[:200]
@@ -166,8 +200,15 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
 
     async def inject(at: float, role: str, size: int) -> None:
         await asyncio.sleep(max(at - clock(), 0.0))
-        name = await asyncio.to_thread(kill_one, role)
-        fault = {"role": role, "replica": name, "at": clock(), "whole_at": None}
+        # the decode replica streaming the most requests right now: mid-stream deaths
+        streaming: dict[str, int] = {}
+        for r in records:
+            if r["first"] is not None and r["end"] is None and r["decode"]:
+                streaming[r["decode"]] = streaming.get(r["decode"], 0) + 1
+        target = max(streaming, key=streaming.get) if role == "decode" and streaming else None
+        name = await asyncio.to_thread(kill_one, role, target)
+        fault = {"role": role, "replica": name, "at": clock(), "whole_at": None,
+                 "streams_on_it": streaming.get(target, 0) if target else None}
         faults.append(fault)
         killed = set(pool_ids()[0 if role == "prefill" else 1])
         while clock() < at + 180:
@@ -188,8 +229,9 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
         await asyncio.gather(*(one(i, at) for i, at in enumerate(times)),
                              inject(duration / 3, "decode", 2), inject(2 * duration / 3, "prefill", 1))
     finally:
+        counters = dict(be.counters)
         await be.close()
-    return records, faults
+    return records, faults, counters
 
 
 def summarize(records, faults, want) -> dict:
@@ -232,7 +274,7 @@ def summarize(records, faults, want) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rate", type=float, default=3.0, help="offered requests per second")
+    ap.add_argument("--rate", type=float, default=4.0, help="offered requests per second")
     ap.add_argument("--duration", type=float, default=45.0, help="seconds of load")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -257,7 +299,8 @@ def main() -> int:
     try:
         app.deploy(cfg, with_ingress=False, wait_s=300)
         usage_before = process_usage()
-        records, faults = asyncio.run(run(cfg, reqs, want, args.rate, args.duration, args.seed))
+        records, faults, counters = asyncio.run(
+            run(cfg, reqs, want, args.rate, args.duration, args.seed))
         free = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # leases of killed hand-offs may still run out
@@ -271,20 +314,25 @@ def main() -> int:
         ray.shutdown()
 
     s = summarize(records, faults, want)
-    s.update(blocks_free_at_end=free, usage_before=usage_before, usage_after=usage_after,
+    s.update(client_counters=counters, blocks_free_at_end=free, usage_before=usage_before, usage_after=usage_after,
              rate=args.rate, duration_s=args.duration, host=platform.node(), cpus=os.cpu_count())
     print(f"sent {s['sent']}  completed {s['completed']}  failed {s['failed']}  "
           f"lost {s['lost']} (must be 0)")
     for e in s["errors"]:
         print(f"  error: {e}")
+    print(f"client: placed again before the first token {counters.get('retries', 0)}, resumed "
+          f"on another replica mid-stream {counters.get('resumed', 0)}, refused "
+          f"{counters.get('refused', 0)}")
     ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
     print(table([[k, v["requests"], ms(v["ttft_p50_s"]), ms(v["ttft_p99_s"]), ms(v["e2e_p50_s"]),
                   ms(v["e2e_p99_s"])] for k, v in s["latency"].items()],
                 ["sent", "ok", "TTFT p50 ms", "TTFT p99 ms", "E2E p50 ms", "E2E p99 ms"]))
-    print(table([[f["role"], f"{f['at']:.1f}", "-" if f["whole_after_s"] is None else
+    print(table([[f["role"], f"{f['at']:.1f}", "-" if f["streams_on_it"] is None else
+                  f["streams_on_it"], "-" if f["whole_after_s"] is None else
                   f"{f['whole_after_s']:.1f}", "-" if f["first_success_s"] is None else
                   f"{f['first_success_s']:.2f}"] for f in s["faults"]],
-                ["killed", "at s", "pool whole after s", "first success after s"]))
+                ["killed", "at s", "streaming on it", "pool whole after s",
+                 "first success after s"]))
     print(f"KV blocks all free at the end: {bool(free) and all(free.values())} ({len(free)} replicas)")
     for name, u in sorted(usage_after.items()):
         b = usage_before.get(name)
