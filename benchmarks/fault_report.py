@@ -22,6 +22,9 @@ Reported:
   request sent after the kill completes;
   at the end: every replica's free KV blocks back to its total, and each
   replica process's resident memory and thread count before and after.
+
+``--no-faults`` kills nothing: run at a rate the pools cannot keep up with
+for a soak (blocks back to baseline, memory and threads flat).
 """
 
 from __future__ import annotations
@@ -56,21 +59,21 @@ def cluster_config(path: str, block_size: int):
     })
 
 
-def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+def make_requests(n: int, vocab: int, seed: int, new_tokens: tuple[int, int]):
     rng = random.Random(seed)
-    # outputs long enough that a killed decode replica is streaming some of them
-    return [([rng.randrange(10, vocab) for _ in range(rng.randint(16, 160))], rng.randint(64, 192))
-            for _ in range(n)]
+    return [([rng.randrange(10, vocab) for _ in range(rng.randint(16, 160))],
+             rng.randint(*new_tokens)) for _ in range(n)]
 
 
-def requests_and_reference(path: str, block_size: int, n: int, seed: int):
+def requests_and_reference(path: str, block_size: int, n: int, seed: int,
+                           new_tokens: tuple[int, int]):
     """``n`` (prompt, max_tokens) and each one's greedy output on one local engine."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=path, model_id=MODEL, block_size=block_size))
-    reqs = make_requests(n, eng.model_cfg.vocab_size, seed)
+    reqs = make_requests(n, eng.model_cfg.vocab_size, seed, new_tokens)
     params = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for _, k in reqs]
     return reqs, [r.token_ids for r in eng.generate([p for p, _ in reqs], params)]
 
@@ -170,7 +173,7 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
+async def run(cfg, reqs, want, rate: float, duration: float, seed: int, faults_on: bool = True):
     from cluster.client import ClusterBackend
     from engine.sampling_params import SamplingParams
 
@@ -219,6 +222,15 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
                 fault["whole_at"] = clock()
                 break
 
+    samples: list[dict] = []
+
+    async def sample_usage(every_s: float = 20.0) -> None:
+        while clock() < duration:
+            usage = await asyncio.to_thread(process_usage)
+            samples.append({"t": clock(), "rss_mib": {k: v["rss_mib"] for k, v in usage.items()},
+                            "threads": {k: v["threads"] for k, v in usage.items()}})
+            await asyncio.sleep(every_s)
+
     times, t = [], 0.0
     while True:
         t += rng.expovariate(rate)
@@ -226,12 +238,14 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int):
             break
         times.append(t)
     try:
-        await asyncio.gather(*(one(i, at) for i, at in enumerate(times)),
-                             inject(duration / 3, "decode", 2), inject(2 * duration / 3, "prefill", 1))
+        injections = ([inject(duration / 3, "decode", 2), inject(2 * duration / 3, "prefill", 1)]
+                      if faults_on else [])
+        await asyncio.gather(*(one(i, at) for i, at in enumerate(times)), *injections,
+                             sample_usage())
     finally:
         counters = dict(be.counters)
         await be.close()
-    return records, faults, counters
+    return records, faults, counters, samples
 
 
 def summarize(records, faults, want) -> dict:
@@ -247,7 +261,7 @@ def summarize(records, faults, want) -> dict:
     windows = [(f["at"], f["whole_at"] if f["whole_at"] is not None else float("inf")) for f in faults]
 
     def phase(r) -> str:
-        if r["sent"] < windows[0][0]:
+        if not windows or r["sent"] < windows[0][0]:
             return "before"
         if any(a <= r["sent"] < b for a, b in windows):
             return "during"
@@ -277,8 +291,12 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=4.0, help="offered requests per second")
     ap.add_argument("--duration", type=float, default=45.0, help="seconds of load")
     ap.add_argument("--block-size", type=int, default=16)
+    # long enough outputs that a killed decode replica is streaming some of them
+    ap.add_argument("--new-tokens", default="64:192", help="output lengths, uniform lo:hi")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs given to Ray")
+    ap.add_argument("--no-faults", action="store_true",
+                    help="kill nothing: a soak (run it at a rate that saturates the pools)")
     ap.add_argument("--out", default=None, help="JSON record path")
     args = ap.parse_args()
 
@@ -289,8 +307,10 @@ def main() -> int:
     from engine.default_model import ensure_default_model
 
     path = str(ensure_default_model())
+    lo, hi = (int(v) for v in args.new_tokens.split(":"))
+    # enough for the Poisson stream: its count exceeds 1.2 x the mean with negligible odds here
     reqs, want = requests_and_reference(path, args.block_size,
-                                        int(args.rate * args.duration * 2) + 10, args.seed)
+                                        int(args.rate * args.duration * 1.2) + 20, args.seed, (lo, hi))
     cfg = cluster_config(path, args.block_size)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False,
@@ -299,8 +319,8 @@ def main() -> int:
     try:
         app.deploy(cfg, with_ingress=False, wait_s=300)
         usage_before = process_usage()
-        records, faults, counters = asyncio.run(
-            run(cfg, reqs, want, args.rate, args.duration, args.seed))
+        records, faults, counters, samples = asyncio.run(
+            run(cfg, reqs, want, args.rate, args.duration, args.seed, not args.no_faults))
         free = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # leases of killed hand-offs may still run out
@@ -314,7 +334,7 @@ def main() -> int:
         ray.shutdown()
 
     s = summarize(records, faults, want)
-    s.update(client_counters=counters, blocks_free_at_end=free, usage_before=usage_before, usage_after=usage_after,
+    s.update(client_counters=counters, usage_samples=samples, blocks_free_at_end=free, usage_before=usage_before, usage_after=usage_after,
              rate=args.rate, duration_s=args.duration, host=platform.node(), cpus=os.cpu_count())
     print(f"sent {s['sent']}  completed {s['completed']}  failed {s['failed']}  "
           f"lost {s['lost']} (must be 0)")
@@ -339,6 +359,12 @@ def main() -> int:
         was = f"{b['rss_mib']:.0f} MiB, {b['threads']} threads" if b else "new replica"
         print(f"  {u['role']:7s} {name[-12:]}: {u['rss_mib']:.0f} MiB, {u['threads']} threads "
               f"(before: {was})")
+    names = sorted({n for smp in samples for n in smp["rss_mib"]})
+    if samples:
+        print("resident MiB / threads over the run, per replica:")
+        print(table([[f"{smp['t']:.0f}"] + [
+            f"{smp['rss_mib'][n]:.0f} / {smp['threads'][n]}" if n in smp["rss_mib"] else "-"
+            for n in names] for smp in samples], ["t s"] + [n[-8:] for n in names]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(s, f, indent=2, default=str)
