@@ -53,6 +53,7 @@ async def drive(be: ClusterBackend, model: str, prompts: list[list[int]],
     counter = iter(range(10 ** 9))
 
     async def one(rid: str, prompt: list[int]) -> None:
+        stop_retrying = None  # once the load is over, a request refused for this long fails
         while True:
             toks: list[int] = []
             try:
@@ -66,6 +67,11 @@ async def drive(be: ClusterBackend, model: str, prompts: list[list[int]],
                     result.errors[rid] = f"{type(e).__name__} after {len(toks)} tokens: {e}"
                     return
                 result.refusals += 1
+                if until():
+                    stop_retrying = stop_retrying or time.monotonic() + 30.0
+                    if time.monotonic() > stop_retrying:
+                        result.errors[rid] = f"still refused 30 s after the load ended: {e}"
+                        return
                 await asyncio.sleep(min(e.retry_after_s, 0.2))
             except Exception as e:  # noqa: BLE001 - recorded and asserted on
                 result.errors[rid] = f"{type(e).__name__}: {e}"
