@@ -9,6 +9,7 @@ application serves the client APIs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,19 @@ from cluster.router_actor import NAMESPACE, get_router
 from cluster.worker_deployment import worker_deployment
 
 log = logging.getLogger("splitserve.app")
+
+# Ray Serve builds an autoscaling policy (on ``serve.status()``, and when a
+# deployment's options are set) by registering the policy's module for
+# pickling by value and unregistering it after; two threads doing so at once
+# unregister it twice and one fails. Every Serve call of this process that
+# builds policies goes through this lock.
+SERVE_LOCK = threading.RLock()
+
+
+def serve_status():
+    """``serve.status()``, safe to call alongside a deploy in another thread."""
+    with SERVE_LOCK:
+        return serve.status()
 
 
 def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[str, Any]]:
@@ -75,11 +89,17 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     from cluster.autoscaling.ledger import get_ledger
 
     connect(address)
-    ledger = get_ledger(create=True)
+    with SERVE_LOCK:
+        out = _apply(cfg, with_ingress, get_ledger(create=True))
+    wait_for_pools(cfg, wait_s)
+    return out
+
+
+def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
     serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
-    running = set(serve.status().applications)
+    running = set(serve_status().applications)
     if prev is not None and not running & {a for m in prev.models for a in pool_apps_names(m)}:
         prev = None  # a ledger left from a cluster since shut down
         ray.get(ledger.reset.remote())
@@ -107,7 +127,6 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
             serve.run(ingress_app(cfg), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"
     ray.get(ledger.set_config.remote(cfg.model_dump()))
-    wait_for_pools(cfg, wait_s)
     return {"apps": apps, "removed": removed}
 
 

@@ -132,8 +132,7 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
     """(config applied last, one PoolStatus per pool) from the ledger, Serve
     and the router."""
     import ray
-    from ray import serve
-
+    from cluster.app import serve_status
     from cluster.config import ClusterConfig
     from cluster.router_actor import get_router
 
@@ -142,7 +141,7 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
         return None, []
     cfg = ClusterConfig.model_validate(dump)
     decisions = _ledger_call("decisions") or {}
-    apps = serve.status().applications
+    apps = serve_status().applications
     try:
         reps = ray.get(get_router().replicas.remote())
     except ValueError:

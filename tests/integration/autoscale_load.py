@@ -8,15 +8,15 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray import serve
 
+from cluster.app import serve_status
 from cluster.backend import Overloaded, Unavailable
 from cluster.client import ClusterBackend
 from engine.sampling_params import SamplingParams
 
 
 def running_replicas(app: str) -> int:
-    st = serve.status().applications.get(app)
+    st = serve_status().applications.get(app)
     if st is None:
         return 0
     dep = st.deployments.get(app)
