@@ -32,8 +32,10 @@ def paged_attention_layer(
     layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
-    """Store this step's K/V into the cache, then attend over the cache.
+    """Store this step's K/V into the cache, then attend over the cache
+    (over its latest ``sliding_window`` tokens when > 0).
 
     Returns [T, Hq, D]."""
     k_cache, v_cache = layer_cache[0], layer_cache[1]
@@ -41,9 +43,9 @@ def paged_attention_layer(
     if meta.decode_only:
         return ops.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-            meta.k_scale, meta.v_scale,
+            meta.k_scale, meta.v_scale, sliding_window,
         )
     return ops.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.cu_query_lens, meta.context_lens,
-        scale, meta.k_scale, meta.v_scale,
+        scale, meta.k_scale, meta.v_scale, sliding_window,
     )

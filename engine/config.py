@@ -49,7 +49,8 @@ class ModelConfig:
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
     rope_scaling: dict[str, Any] | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that have one
+    layer_windows: tuple[int, ...] = ()  # per layer: its window, 0 = full attention
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -96,12 +97,7 @@ class ModelConfig:
                 attention_bias=qkv_bias,
                 qk_norm=family == "qwen3",
                 rope_scaling=rope_scaling,
-                # Mistral has no use_sliding_window switch: a window is on when set.
-                sliding_window=(
-                    cfg.get("sliding_window")
-                    if cfg.get("use_sliding_window") or family == "mistral"
-                    else None
-                ),
+                **_windows(cfg, family, int(cfg["num_hidden_layers"])),
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
@@ -120,6 +116,31 @@ class ModelConfig:
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=kv_dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_windows`` as transformers applies them.
+
+    Mistral has no switch: a window set applies to every layer. Qwen2/Qwen3
+    apply it only with ``use_sliding_window``, to the layers ``layer_types``
+    marks ``sliding_attention`` (older configs: layers from
+    ``max_window_layers`` on). Llama has none."""
+    window = cfg.get("sliding_window")
+    if family == "llama" or not window or (family != "mistral" and not cfg.get("use_sliding_window")):
+        return {"sliding_window": None, "layer_windows": (0,) * num_layers}
+    window = int(window)
+    if window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {window}")
+    if family == "mistral":
+        return {"sliding_window": window, "layer_windows": (window,) * num_layers}
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return {"sliding_window": window if any(windows) else None, "layer_windows": windows}
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -47,13 +47,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device, num_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(seed=cfg.seed)
-        # Attention has no sliding-window mask: beyond the window the model
-        # would attend to tokens a windowed model cannot see, so cap there.
-        window = self.model_cfg.sliding_window or self.model_cfg.max_position
         self.max_model_len = min(
             cfg.max_model_len or self.model_cfg.max_position,
             self.model_cfg.max_position,
-            window,
             num_blocks * cfg.block_size,
         )
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")

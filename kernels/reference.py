@@ -136,6 +136,7 @@ def paged_attention(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Variable-length causal attention over a paged KV cache.
 
@@ -144,7 +145,9 @@ def paged_attention(
     tokens, and its whole context (prefix + new tokens, ``context_lens[b]``
     of them) is already stored in the cache at ``block_tables[b]``.
     Query i of sequence b sits at position ``context_lens[b] - q_len + i`` and
-    attends to cache positions ``<=`` its own.
+    attends to cache positions ``<=`` its own; with ``sliding_window`` W > 0
+    only to the W latest of them (key j visible to query p iff p - W < j <= p,
+    as Mistral and Qwen define the window). 0 means no window.
 
     q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D] (Hq % Hk == 0);
     block_tables: [B, max_blocks] int32; cu_query_lens: [B+1] int32;
@@ -162,7 +165,7 @@ def paged_attention(
         sel = torch.tensor(single, device=block_tables.device)
         out[rows] = paged_decode_attention(
             q[rows], k_cache, v_cache, block_tables[sel], context_lens[sel.to(context_lens.device)],
-            scale, k_scale, v_scale)
+            scale, k_scale, v_scale, sliding_window)
     done = set(single) if len(single) > 1 else set()
     for b in range(len(ctx)):
         s, e = cu[b], cu[b + 1]
@@ -178,6 +181,8 @@ def paged_attention(
         qpos = torch.arange(c - q_len, c, device=q.device)[:, None]
         kpos = torch.arange(c, device=q.device)[None, :]
         mask = kpos <= qpos  # [q_len, c]
+        if sliding_window > 0:
+            mask &= kpos > qpos - sliding_window
         o = F.scaled_dot_product_attention(
             qb.float(), k.float(), v.float(), attn_mask=mask, scale=scale
         )
@@ -194,11 +199,13 @@ def paged_decode_attention(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
-    context_lens: [B] (including the token being decoded; 0 yields zeros).
+    context_lens: [B] (including the token being decoded; 0 yields zeros);
+    ``sliding_window`` as in ``paged_attention``.
     Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
     context, masked, and attended in one fused SDPA call.
     """
@@ -218,7 +225,10 @@ def paged_decode_attention(
         v = v.to(torch.float32) * v_scale
     k, v = k.to(q.dtype), v.to(q.dtype)
     pos = torch.arange(nblk * bs, device=q.device)[None, :]
-    valid = pos < context_lens[:, None].to(q.device).long()  # [B, S]
+    ctx = context_lens[:, None].to(q.device).long()
+    valid = pos < ctx  # [B, S]
+    if sliding_window > 0:
+        valid &= pos >= ctx - sliding_window
     # one fused SDPA call; GQA by grouping query heads per kv head
     qg = q.view(b, hk, hq // hk, d)  # [B, Hk, G, D]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)

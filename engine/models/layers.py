@@ -64,8 +64,10 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 sliding_window: int = 0):
         super().__init__()
+        self.sliding_window = sliding_window  # 0: attends to the whole context
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
@@ -103,7 +105,8 @@ class Attention(nn.Module):
             q = self.q_norm(q.view(-1, self.head_dim))[0].view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.view(-1, self.head_dim))[0].view(t, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache)
-        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale)  # [T, Hq, D]
+        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
+                                    self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
@@ -148,10 +151,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 sliding_window: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, dtype, device)
+        self.self_attn = Attention(cfg, dtype, device, sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, dtype, device)
 

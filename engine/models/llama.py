@@ -37,7 +37,8 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        windows = cfg.layer_windows or (0,) * cfg.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             None

@@ -40,11 +40,12 @@ CPU_BLOCK_N = 16  # interpreter: small tiles, so short test contexts still span 
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_ptr, l_ptr, acc_ptr,
-    scale_log2, k_scale, v_scale,
+    scale_log2, k_scale, v_scale, window,
     HQ, G, D, BS, NUM_SPLITS, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -53,6 +54,8 @@ def _decode_split_kernel(
     ctx = tl.load(context_lens_ptr + seq)
     start = split * split_len
     end = tl.minimum(start + split_len, ctx)
+    if HAS_WINDOW:  # only the latest ``window`` tokens: splits before them stay empty
+        start = tl.maximum(start, ctx - window)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -139,6 +142,7 @@ def paged_decode_attention(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sliding_window: int = 0,
     *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -173,12 +177,12 @@ def paged_decode_attention(
     _decode_split_kernel[(b, hk, splits)](
         q, kc, vc, block_tables, context_lens,
         out, m, l, acc,
-        float(scale) * math.log2(math.e), float(k_scale), float(v_scale),
+        float(scale) * math.log2(math.e), float(k_scale), float(v_scale), int(sliding_window),
         hq, g, d, bs, splits, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
-        ONE_SPLIT=splits == 1,
+        ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
     )

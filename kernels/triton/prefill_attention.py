@@ -54,11 +54,11 @@ def _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
-    scale_log2, k_scale, v_scale,
+    scale_log2, k_scale, v_scale, window,
     B, G, D, BS,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
@@ -90,11 +90,16 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_end = tl.minimum(ctx, prefix + tl.minimum((tile + 1) * BLOCK_Q, q_len))  # last row's pos + 1
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(0, kv_end, BLOCK_N):
+    kv_start = 0
+    if HAS_WINDOW:  # the tile's first row sees nothing before its own pos - window + 1
+        kv_start = tl.maximum(0, prefix + tile * BLOCK_Q - window + 1)
+    for n0 in range(kv_start, kv_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < kv_end
         tok_off = paged_token_offsets(bt_row, n, nmask, kv_head, BS, stride_cb, stride_cs, stride_ch)
         visible = nmask[None, :] & (n[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (n[None, :] > pos[:, None] - window)
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
             k_scale, v_scale, scale_log2, FP8_KV, PRECISION,
@@ -127,6 +132,7 @@ def paged_attention(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Same contract as ``kernels.reference.paged_attention``.
 
@@ -153,12 +159,12 @@ def paged_attention(
     kc, vc = as_kernel_cache(k_cache), as_kernel_cache(v_cache)
     _paged_prefill_kernel[(t // block_q + b, hk)](
         q, kc, vc, block_tables, cu_query_lens, context_lens, out,
-        float(scale) * math.log2(math.e), float(k_scale), float(v_scale),
+        float(scale) * math.log2(math.e), float(k_scale), float(v_scale), int(sliding_window),
         b, g, d, bs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
+        HAS_WINDOW=sliding_window > 0, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
         num_warps=num_warps,
     )
     return out

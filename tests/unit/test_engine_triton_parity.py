@@ -13,7 +13,7 @@ from tests.fixtures.checkpoints import hf_model
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("family", ["llama"])
+@pytest.mark.parametrize("family", ["llama", "qwen2_window"])  # window 8 on layer 1
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -210,3 +210,29 @@ def test_prefill_empty_and_errors():
     with pytest.raises(ValueError, match="strides"):
         paged_attention(rand_q(2, 1, torch.float32), cache.k, v_strided, cache.block_tables,
                         torch.tensor([0, 2], dtype=torch.int32), cache.context_lens, 0.25)
+
+
+# -- sliding window -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 1000])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_sliding_window(window, num_splits):
+    cache = PagedCache([70, 64, 65, 1, 33, 16], 8, 2, torch.float32, seed=10)
+    q = rand_q(6, 4, torch.float32)
+    out = run_decode(paged_decode_attention, q, cache, sliding_window=window, num_splits=num_splits)
+    want = run_decode(ref.paged_decode_attention, q, cache, sliding_window=window)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 20, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_sliding_window(window, dtype):
+    # whole prompts and chunks after a cached prefix, crossing the window
+    pairs = [(0, 23), (16, 7), (15, 8), (31, 1), (40, 30), (0, 1)]
+    q_lens, context_lens = [n for _, n in pairs], [p + n for p, n in pairs]
+    cache = PagedCache(context_lens, 8, 2, dtype, seed=11)
+    q = rand_q(sum(q_lens), 4, dtype, seed=12)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    args = (cache.k, cache.v, cache.block_tables, cu, cache.context_lens, D**-0.5, 1.0, 1.0, window)
+    torch.testing.assert_close(paged_attention(q, *args), ref.paged_attention(q, *args), **TOL[dtype])
