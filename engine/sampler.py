@@ -55,12 +55,37 @@ class SeqSamplingState:
     eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
     sample_index: int = 0  # which of the request's n completions; seeded siblings differ
     _prompt_tensor: Tensor | None = field(default=None, repr=False, compare=False)
+    _prompt_src_len: int = field(default=-1, repr=False, compare=False)
+    _output_buf: Tensor | None = field(default=None, repr=False, compare=False)
+    _output_len: int = field(default=0, repr=False, compare=False)
+    _output_src: list[int] | None = field(default=None, repr=False, compare=False)
 
     def prompt_tensor(self) -> Tensor:
-        """The prompt ids as an int64 CPU tensor, made once (penalties read it each step)."""
-        if self._prompt_tensor is None or len(self._prompt_tensor) != len(self.prompt_ids):
-            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+        """The prompt's distinct ids as an int64 CPU tensor, made once
+        (the repetition penalty reads it each step)."""
+        if self._prompt_tensor is None or self._prompt_src_len != len(self.prompt_ids):
+            self._prompt_tensor = torch.tensor(sorted(set(self.prompt_ids)), dtype=torch.long)
+            self._prompt_src_len = len(self.prompt_ids)
         return self._prompt_tensor
+
+    def output_tensor(self) -> Tensor:
+        """``output_ids`` as an int64 CPU tensor. Kept in a buffer that grows
+        by the tokens appended since the last call, so a step converts one
+        token, not the whole output (``output_ids`` only ever grows; a
+        different list starts the buffer over)."""
+        n = len(self.output_ids)
+        if self._output_src is not self.output_ids or n < self._output_len:
+            self._output_buf, self._output_len = torch.empty(max(16, n), dtype=torch.long), 0
+            self._output_src = self.output_ids
+        if n > self._output_len:
+            if n > len(self._output_buf):
+                grown = torch.empty(max(n, 2 * len(self._output_buf)), dtype=torch.long)
+                grown[:self._output_len] = self._output_buf[:self._output_len]
+                self._output_buf = grown
+            new = self.output_ids[self._output_len:n]
+            self._output_buf[self._output_len:n] = torch.tensor(new, dtype=torch.long)
+            self._output_len = n
+        return self._output_buf[:n]
 
     @classmethod
     def create(
@@ -211,24 +236,20 @@ def _flat_ids(rows: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]
     return row_idx.to(device), torch.cat(rows).to(device)
 
 
-def _ids(tokens: list[int]) -> Tensor:
-    return torch.tensor(tokens, dtype=torch.long)
-
-
 def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None:
+    # Sparse: only the (row, token) pairs seen are read and written, never a
+    # [rows, vocab] mask. A token seen twice is written twice with the same
+    # value (both computed from the logit before the write).
     rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
     if not rows:
         return
     dev = x.device
-    idx = torch.tensor(rows, device=dev)
     r_idx, ids = _flat_ids(
-        [torch.cat((states[i].prompt_tensor(), _ids(states[i].output_ids))) for i in rows], dev)
-    seen = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=dev)  # [R, V]
-    seen[r_idx, ids] = True
-    pen = torch.tensor([states[i].params.repetition_penalty for i in rows], device=dev)[:, None]
-    sub = x[idx]  # [R, V]
-    penalised = torch.where(sub < 0, sub * pen, sub / pen)
-    x[idx] = torch.where(seen, penalised, sub)
+        [torch.cat((states[i].prompt_tensor(), states[i].output_tensor())) for i in rows], dev)
+    pen = torch.tensor([states[i].params.repetition_penalty for i in rows], device=dev)[r_idx]
+    row = torch.tensor(rows, device=dev)[r_idx]
+    val = x[row, ids]
+    x[row, ids] = torch.where(val < 0, val * pen, val / pen)
 
 
 def _apply_presence_frequency(x: Tensor, states: list[SeqSamplingState]) -> None:
@@ -239,13 +260,16 @@ def _apply_presence_frequency(x: Tensor, states: list[SeqSamplingState]) -> None
     if not rows:
         return
     dev = x.device
-    idx = torch.tensor(rows, device=dev)
-    r_idx, ids = _flat_ids([_ids(states[i].output_ids) for i in rows], dev)
-    counts = torch.zeros(len(rows), x.shape[1], device=dev)  # [R, V]
-    counts.index_put_((r_idx, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
-    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=dev)[:, None]
-    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=dev)[:, None]
-    x[idx] = x[idx] - freq * counts - pres * (counts > 0).to(counts.dtype)
+    r_idx, ids = _flat_ids([states[i].output_tensor() for i in rows], dev)
+    if ids.numel() == 0:
+        return
+    # distinct (row, token) pairs and how often each was sampled
+    keys, counts = torch.unique(r_idx * x.shape[1] + ids, return_counts=True)
+    r_idx, ids = keys // x.shape[1], keys % x.shape[1]
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=dev)[r_idx]
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=dev)[r_idx]
+    row = torch.tensor(rows, device=dev)[r_idx]
+    x[row, ids] -= freq * counts.to(x.dtype) + pres
 
 
 def _mask_until_min_tokens(x: Tensor, states: list[SeqSamplingState]) -> None:

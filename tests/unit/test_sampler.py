@@ -315,3 +315,26 @@ def test_shape_mismatch_and_empty_batch():
     with pytest.raises(ValueError, match="one row per state"):
         Sampler()(torch.zeros(2, 5), [state(SamplingParams())])
     assert Sampler()(torch.zeros(0, 5), []) == ([], [])
+
+
+def test_penalties_follow_outputs_growing_step_by_step():
+    """The incremental output buffer sees every appended token, grows past its
+    capacity, and starts over when the state gets a different list (shorter,
+    or as long with other tokens)."""
+    p = SamplingParams(temperature=0.0, presence_penalty=0.8, frequency_penalty=0.4,
+                       repetition_penalty=1.2, logprobs=20)
+    torch.manual_seed(5)
+    logits = torch.randn(1, 20) * 2
+    st = state(p, [1, 2], [])
+    smp = Sampler(seed=0)
+    rng = torch.Generator().manual_seed(6)
+    for step in range(40):  # past the buffer's first capacity of 16
+        if step == 20:
+            st.output_ids = [(t + 1) % 20 for t in st.output_ids]  # a new list, as long
+        if step == 30:
+            st.output_ids = st.output_ids[:5]  # a new list, shorter
+        _, lps = smp(logits, [st])
+        ref = ref_log_softmax(ref_penalised(logits[0].tolist(), p, [1, 2], st.output_ids, ()))
+        got = dict(lps[0].top)
+        assert all(got[t] == pytest.approx(ref[t], abs=1e-5) for t in range(20)), step
+        st.output_ids.append(int(torch.randint(0, 20, (1,), generator=rng)))
