@@ -9,6 +9,7 @@ request's ``asyncio.Queue`` on the caller's event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class EngineDeadError(RuntimeError):
 
 
 _END = object()
+log = logging.getLogger("splitserve.engine")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class AsyncEngine:
                 for fn in self.step_listeners:
                     fn(eng)
         except BaseException as e:  # the engine is unusable: fail every stream
+            log.exception("engine thread %s failed; the engine is stopped", self._thread.name)
             self.error = e
             self._stopped.set()  # before anyone hears of it: alive is already False
             for s in list(self._streams.values()):
@@ -142,11 +145,7 @@ class AsyncEngine:
             eng.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
                             prefill_only=prefill_only)
 
-        try:
-            await self.call(add)
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
+        await self._start(add, request_id)
         async for out in self._iterate(request_id, stream):
             yield out
 
@@ -161,13 +160,23 @@ class AsyncEngine:
             self._emit(first)
             return rid
 
+        await self._start(run, request_id)
+        async for out in self._iterate(request_id, stream):
+            yield out
+
+    async def _start(self, fn: Callable[[LLMEngine], Any], request_id: str) -> None:
+        """Run the command that admits ``request_id``. A caller cancelled while
+        it waits leaves the command queued: an abort queued behind it
+        removes what it admits."""
         try:
-            await self.call(run)
+            await self.call(fn)
+        except asyncio.CancelledError:
+            self._streams.pop(request_id, None)
+            self._abort_detached(request_id)
+            raise
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        async for out in self._iterate(request_id, stream):
-            yield out
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -184,9 +193,11 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._streams.pop(request_id, None)
-                if self.alive:
-                    self._cmds.put((lambda eng: eng.abort(request_id),
-                                    _Detached(), _DetachedLoop()))
+                self._abort_detached(request_id)
+
+    def _abort_detached(self, request_id: str) -> None:
+        if self.alive:
+            self._cmds.put((lambda eng: eng.abort(request_id), _Detached(), _DetachedLoop()))
 
     async def abort(self, request_id: str) -> bool:
         self._streams.pop(request_id, None)

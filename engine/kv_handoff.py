@@ -125,6 +125,7 @@ class Reservations(KVSink):
         self._open: dict[str, Reservation] = {}
         self._lock = threading.Lock()
         self.expired = 0
+        engine.handoff_sinks.add(self)
 
     def reserve(self, handoff_id: str, layout: KVLayout, prompt_token_ids: list[int],
                 max_tokens: int | None, lease_s: float | None = None) -> Reservation:
@@ -140,6 +141,7 @@ class Reservations(KVSink):
         with self._lock:
             if handoff_id in self._open:
                 raise InvalidRequestError(f"hand-off {handoff_id!r} is already reserved")
+            eng.check_id_free(handoff_id)
             got = eng.kv.reserve(handoff_id, hashes, n)
             if got is None:
                 raise OutOfBlocksError(

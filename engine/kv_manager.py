@@ -60,6 +60,9 @@ class KVCacheManager:
     def owners(self) -> list[str]:
         return list(self._tables)
 
+    def has_owner(self, owner: str) -> bool:
+        return owner in self._tables
+
     def _match_prefix(self, token_hashes: list[int], max_blocks: int) -> list[int]:
         hits: list[int] = []
         for h in token_hashes[:max_blocks]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -62,6 +63,9 @@ class LLMEngine:
         self.hash_salt = b""
         self.requests: dict[str, RequestState] = {}
         self._prefill_only: set[str] = set()
+        # open hand-off reservations (engine.kv_handoff.Reservations) register
+        # here, so an abort reaches a request still waiting for its KV
+        self.handoff_sinks: weakref.WeakSet = weakref.WeakSet()
         self.step_count = 0
         self.busy_time_s = 0.0
         self.prompt_tokens_computed = 0
@@ -84,8 +88,7 @@ class LLMEngine:
         """Queue a request. ``prefill_only``: stop after the first token and
         hold the KV for ``export_kv`` (the prefill role)."""
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self.check_id_free(request_id)
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
@@ -101,13 +104,21 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    def check_id_free(self, request_id: str) -> None:
+        """Raise unless no request, and no blocks, go by ``request_id``: one
+        id names one sequence (its blocks are found by it)."""
+        if request_id in self.requests or self.kv.has_owner(request_id):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+
     def abort(self, request_id: str) -> bool:
-        """Cancel a request at any point and free its blocks. Returns whether
-        it was known."""
+        """Cancel a request at any point (a hand-off still being received
+        included) and free its blocks. Returns whether it was known."""
         st = self.requests.pop(request_id, None)
         self._prefill_only.discard(request_id)
         if st is None:
-            self.kv.free(request_id)  # a held hand-off may still own blocks
+            if any(sink.cancel(request_id) for sink in list(self.handoff_sinks)):
+                return True
+            self.kv.free(request_id)
             return False
         if not st.seq.is_finished:
             self.scheduler.finish(st.seq, FinishReason.ABORT)

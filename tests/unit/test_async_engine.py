@@ -71,3 +71,75 @@ def test_dead_engine_fails_streams_with_engine_dead(tiny_llama):
         with pytest.raises(EngineDeadError):
             await a.call(lambda e: None)
     asyncio.run(main())
+
+
+def test_one_id_names_one_sequence_across_requests_and_reservations(tiny_llama):
+    """A request id held by an open hand-off reservation cannot start a local
+    request, and a running request's id cannot be reserved: two sequences
+    sharing an id would share (and free) one block table."""
+    from engine.kv_handoff import Reservations
+
+    eng = make_engine(tiny_llama)
+    res = Reservations(eng)
+    res.reserve("held", res.layout, [5, 6, 7, 8, 9], 4)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        eng.add_request("held", prompt_token_ids=[1, 2, 3], params=SP)
+    eng.add_request("running", prompt_token_ids=[1, 2, 3], params=SP)
+    eng.step()
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        res.reserve("running", res.layout, [1, 2, 3], 4)
+    eng.abort("running")
+    assert res.cancel("held")
+    assert eng.kv.all_free()
+
+
+def test_abort_of_a_request_waiting_for_its_kv_closes_the_reservation(tiny_llama):
+    from engine.kv_handoff import Reservations
+    from engine.transfer.errors import UnknownHandoffError
+
+    eng = make_engine(tiny_llama)
+    res = Reservations(eng)
+    res.reserve("r1", res.layout, list(range(3, 40)), 4)
+    assert not eng.kv.all_free()
+    assert eng.abort("r1")  # known: it was a reservation
+    assert len(res) == 0 and eng.kv.all_free()
+    with pytest.raises(UnknownHandoffError):
+        res.expect("r1")  # a late KV push is refused, not written into freed blocks
+    assert not eng.abort("r1")
+
+
+def test_cancelled_before_admission_leaves_nothing_running(tiny_llama):
+    """A caller cancelled while its admission command waits in the queue:
+    the command still runs, and the abort queued behind it removes the
+    request."""
+    eng = make_engine(tiny_llama)
+
+    async def main():
+        a = AsyncEngine(eng).start()
+        try:
+            gate = asyncio.Event()
+            started = asyncio.Event()
+
+            def slow(e):  # hold the engine thread until the request is queued
+                loop.call_soon_threadsafe(started.set)
+                import time
+                deadline = time.monotonic() + 5
+                while not gate.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            loop = asyncio.get_running_loop()
+            blocker = asyncio.ensure_future(a.call(slow))
+            await started.wait()
+            gen = a.generate("orphan", list(range(1, 30)), SP)
+            task = asyncio.ensure_future(gen.__anext__())
+            await asyncio.sleep(0.05)  # the add command is queued behind ``slow``
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.set()
+            await blocker
+            # the add and the abort ran back to back: the 200-token request never ran
+            return await a.call(lambda e: (e.kv.all_free(), e.has_unfinished(), "orphan" in e.requests,
+                                           e.step_count))
+        finally:
+            a.stop()
+    assert asyncio.run(main()) == (True, False, False, 0)
