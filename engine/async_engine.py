@@ -110,13 +110,16 @@ class AsyncEngine:
                 return
 
     def _emit(self, out: RequestOutput) -> None:
-        s = self._streams.get(out.request_id)
+        # ``_streams`` is shared with the callers' event loop, which drops a
+        # stream whose reader left at any moment: look up and remove only
+        # with single dict operations, never ``del`` after a ``get``.
+        s = self._streams.pop(out.request_id, None) if out.finished else \
+            self._streams.get(out.request_id)
         if s is None:
             return
         s.put(out)
         if out.finished:
             s.put(_END)
-            del self._streams[out.request_id]
 
     # -- caller side -----------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:

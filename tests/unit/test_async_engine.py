@@ -143,3 +143,26 @@ def test_cancelled_before_admission_leaves_nothing_running(tiny_llama):
         finally:
             a.stop()
     assert asyncio.run(main()) == (True, False, False, 0)
+
+
+def test_reader_leaving_as_its_request_finishes_does_not_kill_the_engine(tiny_llama):
+    """The callers' loop drops the stream of a reader that left at any
+    moment, also between the engine thread's lookup of that stream and its
+    removal after the last output."""
+    from engine.outputs import RequestOutput
+
+    class LeavingReader(dict):
+        def get(self, key, default=None):  # the reader leaves right after the lookup
+            value = super().get(key, default)
+            self.pop(key, None)
+            return value
+
+    a = AsyncEngine(make_engine(tiny_llama))
+
+    async def main():
+        a._streams = LeavingReader()
+        for finished in (False, True):
+            a._open_stream("r")
+            a._emit(RequestOutput("r", [3], "", finished, "length" if finished else None, 3, 1))
+        assert not a._streams
+    asyncio.run(main())
