@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.kv_handoff import export_layers, export_meta, import_kv
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import hf_model
+from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -38,13 +38,7 @@ def family(request, tiny_checkpoints):
     model = hf_model(path)
     vocab = model.config.vocab_size
     prompts = prompt_set(vocab)
-    want = []
-    for p in prompts:
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        want.append(out[0, len(p):].tolist())
-    return path, prompts, want
+    return path, prompts, hf_greedy(model, prompts, MAX_NEW)
 
 
 def run(eng, prompts, one_at_a_time=False):

@@ -8,7 +8,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kernels import dispatch
-from tests.fixtures.checkpoints import hf_model
+from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 pytest.importorskip("triton")
 
@@ -18,12 +18,7 @@ def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, fam
     path = tiny_checkpoints[family]
     model = hf_model(path)
     prompts = [[5, 9, 13], [7] * 9, list(range(20, 37))]
-    want = []
-    for p in prompts:
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        want.append(out[0, len(p):].tolist())
+    want = hf_greedy(model, prompts, 4)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "triton")
     assert dispatch.backend_for(torch.device("cpu")) == "triton"
     eng = LLMEngine(EngineConfig(model=str(path), num_blocks=32, block_size=4,

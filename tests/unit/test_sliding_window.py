@@ -15,7 +15,7 @@ from kernels import reference as ref
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import hf_model
+from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.unit.test_engine_parity import prompt_set
 
 D = 8
@@ -114,12 +114,7 @@ def test_greedy_parity_past_the_window(tiny_checkpoints, variant):
     ref_model = hf_model(path)
     assert ref_model.config.sliding_window == 8
     prompts = prompt_set(ref_model.config.vocab_size, seed=3)
-    want = []
-    for p in prompts:
-        out = ref_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-        want.append(out[0, len(p):].tolist())
+    want = hf_greedy(ref_model, prompts, MAX_NEW)
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     for kw in ({}, {"max_num_batched_tokens": 5}):
         eng = LLMEngine(EngineConfig(model=str(path), num_blocks=256, block_size=4,
