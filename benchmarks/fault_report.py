@@ -150,6 +150,7 @@ def kill_one(role: str, address: str | None = None) -> str:
 
 
 async def pools_free(cfg) -> dict[str, bool]:
+    from engine.llm_engine import stats_idle
     from engine.rpc import WorkerClient
 
     prefill, decode = pool_ids()
@@ -158,7 +159,7 @@ async def pools_free(cfg) -> dict[str, bool]:
         c = WorkerClient(a, cfg.cluster_token())
         try:
             s = await c.call("Stats", {}, timeout=10)
-            out[a] = s["free_blocks"] == s["total_blocks"]
+            out[a] = stats_idle(s)
         except Exception:  # noqa: BLE001 - a replica still starting counts as not free
             out[a] = False
         finally:
@@ -353,7 +354,7 @@ def main() -> int:
                   f"{f['first_success_s']:.2f}"] for f in s["faults"]],
                 ["killed", "at s", "streaming on it", "pool whole after s",
                  "first success after s"]))
-    print(f"KV blocks all free at the end: {bool(free) and all(free.values())} ({len(free)} replicas)")
+    print(f"KV blocks free, no request state left at the end: {bool(free) and all(free.values())} ({len(free)} replicas)")
     for name, u in sorted(usage_after.items()):
         b = usage_before.get(name)
         was = f"{b['rss_mib']:.0f} MiB, {b['threads']} threads" if b else "new replica"

@@ -148,5 +148,6 @@ class DecodeWorker:
                     "block_size": e.cfg.block_size, "reservations": len(self.reservations),
                     "steps": e.step_count}
         s = await self.aengine.call(snap)
+        s["streams"] = self.aengine.num_streams
         s.update(self.counters, draining=self.draining, kv_endpoint=self.kv_endpoint)
         return s

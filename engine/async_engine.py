@@ -63,6 +63,11 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     @property
+    def num_streams(self) -> int:
+        """Requests whose outputs some caller is reading."""
+        return len(self._streams)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 

@@ -151,7 +151,9 @@ class LLMEngine:
                 "running": self.num_running, "waiting": self.num_waiting,
                 "free_blocks": self.kv.num_free_blocks, "total_blocks": self.kv.num_blocks,
                 "busy_time_s": self.busy_time_s, "preemptions": self.scheduler.num_preemptions,
-                "prefix_hits": self.kv.pool.hits, "prefix_queries": self.kv.pool.queries}
+                "prefix_hits": self.kv.pool.hits, "prefix_queries": self.kv.pool.queries,
+                # per-request state: all 0 on an idle engine (soak checks)
+                "open_requests": len(self.requests), "block_owners": len(self.kv.owners())}
 
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:
@@ -223,3 +225,12 @@ class LLMEngine:
                     r.finish_reason = out.finish_reason
                     r.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in ids]
+
+
+def stats_idle(stats: dict) -> bool:
+    """Whether a worker's ``Stats`` (``load_stats`` plus the worker's own
+    fields) show nothing left behind: every block free, and no request
+    state, reader stream, hand-off reservation or outgoing hand-off."""
+    return (stats["free_blocks"] == stats["total_blocks"] and stats["open_requests"] == 0
+            and stats["block_owners"] == 0 and stats.get("streams", 0) == 0
+            and stats.get("reservations", 0) == 0 and stats.get("inflight", 0) == 0)

@@ -139,6 +139,7 @@ class PrefillWorker:
         def snap(e: LLMEngine) -> dict:
             return {**e.load_stats(), "prompt_tokens_computed": e.prompt_tokens_computed}
         s = await self.aengine.call(snap)
+        s["streams"] = self.aengine.num_streams
         s.update(completed=self.completed, failed=self.failed, bytes_sent=self.bytes_sent,
                  inflight=len(self._handoffs))
         return s

@@ -119,7 +119,9 @@ def test_requests_go_only_to_their_models_replicas(cluster):
 
 
 def pools_free(cfg, model) -> dict:
-    """free == total on every replica of ``model`` (asked over the worker RPC)."""
+    """Every replica of ``model`` idle: all blocks free, no request state
+    left (asked over the worker RPC)."""
+    from engine.llm_engine import stats_idle
     from engine.rpc import WorkerClient
 
     reps = ray.get(app.get_router().replicas.remote())[model]
@@ -130,7 +132,7 @@ def pools_free(cfg, model) -> dict:
             c = WorkerClient(r["replica_id"], cfg.cluster_token())
             try:
                 s = await c.call("Stats", {}, timeout=10)
-                out[r["replica_id"]] = s["free_blocks"] == s["total_blocks"]
+                out[r["replica_id"]] = stats_idle(s)
             finally:
                 await c.close()
         return out

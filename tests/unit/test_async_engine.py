@@ -166,3 +166,19 @@ def test_reader_leaving_as_its_request_finishes_does_not_kill_the_engine(tiny_ll
             a._emit(RequestOutput("r", [3], "", finished, "length" if finished else None, 3, 1))
         assert not a._streams
     asyncio.run(main())
+
+
+def test_load_stats_show_request_state_until_it_is_gone(tiny_llama):
+    from engine.llm_engine import stats_idle
+
+    eng = make_engine(tiny_llama)
+    assert stats_idle(eng.load_stats())
+    eng.add_request("a", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2))
+    eng.step()
+    s = eng.load_stats()
+    assert (s["open_requests"], s["block_owners"]) == (1, 1) and not stats_idle(s)
+    while eng.has_unfinished():
+        eng.step()
+    assert stats_idle(eng.load_stats())
+    assert not stats_idle({**eng.load_stats(), "streams": 1})
+    assert not stats_idle({**eng.load_stats(), "reservations": 1})
