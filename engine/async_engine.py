@@ -178,12 +178,10 @@ class AsyncEngine:
         removes what it admits."""
         try:
             await self.call(fn)
-        except asyncio.CancelledError:
+        except BaseException as e:
             self._streams.pop(request_id, None)
-            self._abort_detached(request_id)
-            raise
-        except BaseException:
-            self._streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError):  # not a refusal: the command still runs
+                self._abort_detached(request_id)
             raise
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
