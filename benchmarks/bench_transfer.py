@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,7 +118,28 @@ def make_chunks(total: int, group: int) -> list[torch.Tensor]:
             .view(torch.bfloat16) for _ in range(max(1, total // (layers * per_layer_block * n)))]
 
 
-class GrpcPath:
+class _LoopPath:
+    """A sender driven by its own event loop, against a receiver process:
+    a pass sends every chunk (``_send_all``); closing closes the client
+    (``_close_client``), then stops the receiver."""
+
+    loop: asyncio.AbstractEventLoop
+    stop: Any
+    proc: Any
+
+    def one_pass(self) -> float:
+        t0 = time.perf_counter()
+        self.loop.run_until_complete(self._send_all())
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self._close_client())
+        self.loop.close()
+        self.stop.set()
+        self.proc.join(10)
+
+
+class GrpcPath(_LoopPath):
     def __init__(self, chunks, chunk_bytes: int):
         self.cfg = TransportConfig(token=TOKEN, chunk_bytes=chunk_bytes,
                                    max_message_bytes=chunk_bytes + 4096)
@@ -136,19 +158,14 @@ class GrpcPath:
         for h, c in list(zip(self.headers, self.chunks))[:count]:
             await self.tx.send(self.endpoint, h, c, 60.0)
 
-    def one_pass(self) -> float:
-        t0 = time.perf_counter()
-        self.loop.run_until_complete(self._send(len(self.chunks)))
-        return time.perf_counter() - t0
+    async def _send_all(self) -> None:
+        await self._send(len(self.chunks))
 
-    def close(self) -> None:
-        self.loop.run_until_complete(self.tx.close())
-        self.loop.close()
-        self.stop.set()
-        self.proc.join(10)
+    async def _close_client(self) -> None:
+        await self.tx.close()
 
 
-class PlainGrpcPath:
+class PlainGrpcPath(_LoopPath):
     def __init__(self, chunks, message_bytes: int):
         import grpc
 
@@ -177,16 +194,11 @@ class PlainGrpcPath:
         for v in views:
             await self.push(self._frames(v), timeout=60)
 
-    def one_pass(self) -> float:
-        t0 = time.perf_counter()
-        self.loop.run_until_complete(self._send(self.views))
-        return time.perf_counter() - t0
+    async def _send_all(self) -> None:
+        await self._send(self.views)
 
-    def close(self) -> None:
-        self.loop.run_until_complete(self.channel.close())
-        self.loop.close()
-        self.stop.set()
-        self.proc.join(10)
+    async def _close_client(self) -> None:
+        await self.channel.close()
 
 
 class TcpPath:
