@@ -85,8 +85,14 @@ def test_pools_match_single_engine(cluster, tiny_llama, transport):
         assert [g[0] for g in got] == want
         assert all(g[1]["timings"]["mode"] == "remote" for g in got)
         assert all(g[1]["placement"]["prefill"] for g in got)
+        # replicas replaced by this deploy (the previous transport's) drain
+        # and deregister on their own time: wait for them to leave
+        deadline = time.monotonic() + 30
         pre, dec = replica_addresses()
-        assert len(pre) == 1 and len(dec) == 2
+        while (len(pre), len(dec)) != (1, 2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            pre, dec = replica_addresses()
+        assert len(pre) == 1 and len(dec) == 2, (pre, dec)
         idle = await pool_free(pre + dec, cfg.cluster_token())
         assert all(v is True for v in idle.values()), idle
         await be.close()
