@@ -16,16 +16,32 @@ from engine.errors import OutOfBlocksError
 
 @dataclass
 class CacheEvents:
-    """Prefix-cache changes since the last drain (the router's index feed)."""
+    """Prefix-cache changes since the last drain (the router's index feed).
+
+    With ``snapshot`` set, ``stored`` is every hash the pool caches now and
+    ``evicted`` is empty: the consumer replaces what it held for this pool
+    instead of applying a delta."""
 
     stored: list[int] = field(default_factory=list)
     evicted: list[int] = field(default_factory=list)
+    snapshot: bool = False
+
+    def __len__(self) -> int:
+        return len(self.stored) + len(self.evicted)
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
+    """``max_events`` bounds the changes kept between two drains (default 4
+    per block): past it they are dropped and the next drain is a snapshot,
+    so a pool nobody drains (or drains late) holds bounded memory."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True,
+                 max_events: int | None = None):
         if num_blocks <= 0:
             raise ValueError("num_blocks must be positive")
+        self.max_events = max(4 * num_blocks, 1024) if max_events is None else max_events
+        if self.max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -61,7 +77,7 @@ class BlockPool:
         if old is not None:
             del self.hash_to_block[old]
             self.block_hash[block_id] = None
-            self._events.evicted.append(old)
+            self._record(self._events.evicted, old)
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -90,7 +106,7 @@ class BlockPool:
             return  # the same content already lives in another block
         self.block_hash[block_id] = block_hash
         self.hash_to_block[block_hash] = block_id
-        self._events.stored.append(block_hash)
+        self._record(self._events.stored, block_hash)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached-but-free block (e.g. after weights change)."""
@@ -99,10 +115,25 @@ class BlockPool:
             if h is not None:
                 del self.hash_to_block[h]
                 self.block_hash[block_id] = None
-                self._events.evicted.append(h)
+                self._record(self._events.evicted, h)
+
+    def _record(self, events: list[int], block_hash: int) -> None:
+        if self._events.snapshot:
+            return  # the next drain reports the whole state anyway
+        events.append(block_hash)
+        if len(self._events) > self.max_events:
+            self.request_snapshot()
+
+    def request_snapshot(self) -> None:
+        """Make the next drain a snapshot (e.g. its consumer lost events or
+        restarted); the changes held until now are dropped."""
+        self._events = CacheEvents(snapshot=True)
 
     def drain_events(self) -> CacheEvents:
+        """The changes since the last drain, or a snapshot (see CacheEvents)."""
         ev, self._events = self._events, CacheEvents()
+        if ev.snapshot:
+            ev.stored = list(self.hash_to_block)
         return ev
 
     def check_invariants(self) -> None:

@@ -61,6 +61,56 @@ def test_cached_free_blocks_evicted_lru():
     p.check_invariants()
 
 
+def test_events_past_the_bound_turn_the_next_drain_into_a_snapshot():
+    p = BlockPool(4, max_events=5)
+    blocks = [p.allocate() for _ in range(4)]
+    for b, h in zip(blocks, (10, 20, 30, 40)):
+        p.set_hash(b, h)
+    for b in blocks:
+        p.release(b)
+    x, y = p.allocate(), p.allocate()  # evicts 10 and 20: 6 events > 5
+    assert len(p._events) == 0  # nothing more is kept once a snapshot is due
+    p.set_hash(x, 50)
+    ev = p.drain_events()
+    assert ev.snapshot and ev.evicted == []
+    assert sorted(ev.stored) == [30, 40, 50] == sorted(p.hash_to_block)
+    # the drain after a snapshot is a delta again
+    p.set_hash(y, 60)
+    ev = p.drain_events()
+    assert not ev.snapshot and ev.stored == [60] and ev.evicted == []
+    p.release(x)
+    p.release(y)
+    p.check_invariants()
+
+
+def test_undrained_events_stay_bounded():
+    p = BlockPool(2)  # default bound: max(4 * blocks, 1024)
+    for i in range(10_000):
+        b = p.allocate()
+        p.set_hash(b, 1000 + i)
+        p.release(b)
+        assert len(p._events) <= p.max_events == 1024
+    ev = p.drain_events()
+    assert ev.snapshot and sorted(ev.stored) == sorted(p.hash_to_block)
+
+
+def test_requested_snapshot_reports_the_whole_cache():
+    p = BlockPool(3)
+    a, b = p.allocate(), p.allocate()
+    p.set_hash(a, 7)
+    p.set_hash(b, 8)
+    assert p.drain_events().stored == [7, 8]
+    p.request_snapshot()  # e.g. the router restarted and lost the deltas
+    ev = p.drain_events()
+    assert ev.snapshot and ev.stored == [7, 8] and ev.evicted == []
+    assert not p.drain_events().snapshot
+    p.release(a)
+    p.release(b)
+    p.check_invariants()
+    with pytest.raises(ValueError, match="max_events"):
+        BlockPool(3, max_events=0)
+
+
 def test_prefix_hit_reuses_exact_blocks_and_leaves_one_token():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     s1 = seq("a", list(range(10)))
