@@ -2,8 +2,10 @@
 
 It wraps ``router.core.RouterCore``. Workers push their stats and prefix
 cache events to it; ingresses ask it for placements. It is never on the
-token path, so a restart only costs the stats it held, which the workers
-push again within one period (in-flight streams are unaffected).
+token path, so a restart only costs the state it held: the workers push
+their stats again within one period, and a replica the router does not know
+is asked (by ``update_stats``' reply) for a snapshot of its prefix cache on
+its next push. In-flight streams are unaffected.
 """
 
 from __future__ import annotations
@@ -49,20 +51,34 @@ class RouterActor:
         self.core = RouterCore(RouterConfig(**cfg))
 
     def update_stats(self, role: str, stats: dict[str, Any], info: dict[str, Any] | None = None,
-                     stored: list[int] | None = None, evicted: list[int] | None = None) -> None:
+                     stored: list[int] | None = None, evicted: list[int] | None = None,
+                     snapshot: bool = False) -> bool:
+        """A replica's periodic push: its stats and its prefix-cache events
+        since the last push (``snapshot``: ``stored`` is its whole cache).
+        Returns True when the router needs a snapshot next time: it did not
+        know the replica (it restarted, was reconfigured, or pruned it), so
+        the deltas it got so far describe only part of the cache."""
         cls = PrefillReplicaStats if role == "prefill" else DecodeReplicaStats
         s = cls(**stats)
         try:
-            self.core.update_stats(s)
+            unknown = self.core.update_stats(s)
         except UnknownModelError:
-            return
+            return False
         if info is not None:
             self.addresses[s.replica_id] = info
-        if stored:
-            self.core.on_blocks_stored(s.replica_id, stored)
-        if evicted:
-            self.core.on_blocks_evicted(s.replica_id, evicted)
+        if snapshot:
+            self.core.replace_blocks(s.replica_id, stored or [])
+        else:
+            if stored:
+                self.core.on_blocks_stored(s.replica_id, stored)
+            if evicted:
+                self.core.on_blocks_evicted(s.replica_id, evicted)
         self.metrics.publish(self.core, self.addresses)
+        return unknown and not snapshot
+
+    def cached_blocks(self) -> dict[str, int]:
+        """Replica id -> prefix-cache blocks the router's index holds for it."""
+        return {rid: self.core.index.num_blocks(rid) for rid in self.addresses}
 
     def remove_replica(self, replica_id: str) -> bool:
         self.addresses.pop(replica_id, None)

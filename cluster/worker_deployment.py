@@ -112,6 +112,7 @@ class WorkerServer:
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")
+        self._snapshot_next = True  # the router learns this replica's cache as a whole first
         self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
         log.info("%s replica of %s serving on %s", role, self.spec.name, self.address)
 
@@ -131,7 +132,14 @@ class WorkerServer:
     async def push_stats(self) -> None:
         s = await self.worker.stats()
         record_worker_metrics(self.role, self.spec.name, s)
-        ev = await self.worker.aengine.call(lambda e: e.kv.pool.drain_events())
+        snapshot, self._snapshot_next = self._snapshot_next, False
+
+        def drain(e):
+            if snapshot:
+                e.kv.pool.request_snapshot()
+            return e.kv.pool.drain_events()
+
+        ev = await self.worker.aengine.call(drain)
         now = time.time()
         busy = max(s["busy_time_s"], 1e-9)
         if self.role == "prefill":
@@ -155,7 +163,14 @@ class WorkerServer:
                          node_id=self.node_id, updated_at=now)
         info = {"role": self.role, "model": self.spec.name, "address": self.address,
                 "kv_endpoint": getattr(self.worker, "kv_endpoint", ""), "node_id": self.node_id}
-        self.router.update_stats.remote(role, stats, info, ev.stored, ev.evicted)
+        try:
+            self._snapshot_next = await asyncio.wait_for(
+                self.router.update_stats.remote(role, stats, info, ev.stored, ev.evicted,
+                                                ev.snapshot),
+                timeout=max(5.0, 4 * self.router_spec.stats_period_s))
+        except BaseException:
+            self._snapshot_next = True  # these events may be lost: send the whole cache next
+            raise
 
     # -- Serve hooks --------------------------------------------------------------
     async def check_health(self) -> None:

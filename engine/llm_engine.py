@@ -152,6 +152,7 @@ class LLMEngine:
                 "free_blocks": self.kv.num_free_blocks, "total_blocks": self.kv.num_blocks,
                 "busy_time_s": self.busy_time_s, "preemptions": self.scheduler.num_preemptions,
                 "prefix_hits": self.kv.pool.hits, "prefix_queries": self.kv.pool.queries,
+                "cached_blocks": len(self.kv.pool.hash_to_block),
                 # per-request state: all 0 on an idle engine (soak checks)
                 "open_requests": len(self.requests), "block_owners": len(self.kv.owners())}
 

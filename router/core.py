@@ -81,8 +81,10 @@ class RouterCore:
 
     # -- replica state ---------------------------------------------------
 
-    def update_stats(self, stats: ReplicaStats) -> None:
-        """Record a replica's pushed stats; older than what is held: ignored."""
+    def update_stats(self, stats: ReplicaStats) -> bool:
+        """Record a replica's pushed stats; older than what is held: ignored.
+        True when the replica was not known (new, or this router restarted or
+        was reconfigured since): its prefix-cache state is then unknown too."""
         if stats.model not in self._prefill:
             raise UnknownModelError(stats.model, self._models)
         _check_stats(stats)
@@ -92,10 +94,11 @@ class RouterCore:
         if held is not None:
             if stats.updated_at >= held.updated_at:
                 replicas.put(stats)
-            return
+            return False
         # A new id (or one that changed pool or model): forget its old role first.
         self.remove_replica(stats.replica_id)
         replicas.put(stats)
+        return True
 
     def remove_replica(self, replica_id: str) -> bool:
         """Forget a replica's stats and cached blocks; False if it was unknown."""
@@ -112,6 +115,11 @@ class RouterCore:
 
     def on_blocks_evicted(self, replica_id: str, hashes: Sequence[int]) -> None:
         self.index.on_evicted(replica_id, hashes)
+
+    def replace_blocks(self, replica_id: str, hashes: Sequence[int]) -> None:
+        """A replica's whole prefix cache (a snapshot): replaces what was held."""
+        self.index.drop_replica(replica_id)
+        self.index.on_stored(replica_id, hashes)
 
     def set_prefer_local_prefill(self, prefer: bool) -> None:
         """The autoscaler's network signal: prefer prefilling on decode replicas."""

@@ -118,10 +118,11 @@ def test_requests_go_only_to_their_models_replicas(cluster):
     assert counters["by_reason"].get("no_prefill_replica", 0) > 0  # the qwen requests
 
 
-def pools_free(cfg, model) -> dict:
-    """Every replica of ``model`` idle: all blocks free, no request state
-    left (asked over the worker RPC)."""
-    from engine.llm_engine import stats_idle
+def replica_stats(cfg, model) -> dict:
+    """Every replica of ``model`` the router lists: replica id -> its
+    ``Stats`` (asked over the worker RPC)."""
+    import asyncio
+
     from engine.rpc import WorkerClient
 
     reps = ray.get(app.get_router().replicas.remote())[model]
@@ -131,14 +132,19 @@ def pools_free(cfg, model) -> dict:
         for r in reps["prefill"] + reps["decode"]:
             c = WorkerClient(r["replica_id"], cfg.cluster_token())
             try:
-                s = await c.call("Stats", {}, timeout=10)
-                out[r["replica_id"]] = stats_idle(s)
+                out[r["replica_id"]] = await c.call("Stats", {}, timeout=10)
             finally:
                 await c.close()
         return out
-    import asyncio
 
     return asyncio.run(ask())
+
+
+def pools_free(cfg, model) -> dict:
+    """Every replica of ``model`` idle: all blocks free, no request state left."""
+    from engine.llm_engine import stats_idle
+
+    return {rid: stats_idle(s) for rid, s in replica_stats(cfg, model).items()}
 
 
 def wait_for(pred, timeout=20.0):
@@ -173,6 +179,15 @@ def test_router_killed_restarts_and_streams_survive(cluster):
 
     client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
                     max_retries=0)
+    def index_matches():
+        held = ray.get(app.get_router().cached_blocks.remote())
+        own = {rid: s["cached_blocks"] for rid, s in replica_stats(cfg, "llama").items()}
+        return sum(own.values()) > 0 and all(held.get(rid) == n for rid, n in own.items())
+
+    # a long prompt cached on both pools before the kill
+    client.completions.create(model="llama", prompt="the quick brown fox " * 8, max_tokens=4,
+                              temperature=0)
+    assert wait_for(index_matches)
     stream = client.completions.create(model="llama", prompt="once upon a time", max_tokens=60,
                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
     first = next(iter(stream))
@@ -196,3 +211,7 @@ def test_router_killed_restarts_and_streams_survive(cluster):
             time.sleep(0.3)
     else:
         raise AssertionError(f"router did not come back; saw {statuses}")
+    # the restarted router relearns every replica's whole prefix cache (a
+    # snapshot on each replica's next push), not just what is cached from now on
+    assert wait_for(index_matches), (ray.get(app.get_router().cached_blocks.remote()),
+                                     replica_stats(cfg, "llama"))

@@ -252,3 +252,17 @@ def test_replica_moving_to_another_model_or_pool_leaves_its_old_place():
     router.update_stats(dec("r0", model="other"))
     assert router.snapshot("other").prefill == ()
     assert [d.replica_id for d in router.snapshot("other").decode] == ["r0"]
+
+
+def test_unknown_replica_is_reported_and_a_snapshot_replaces_its_blocks():
+    router = core()
+    assert router.update_stats(pre("p0")) is True  # new: its cache is unknown
+    assert router.update_stats(pre("p0", at=1001.0)) is False
+    router.on_blocks_stored("p0", [1, 2, 3])
+    router.on_blocks_stored("d9", [4])
+    router.replace_blocks("p0", [2, 5])
+    assert router.index.num_blocks("p0") == 2
+    assert router.index.holders(1) == frozenset() and router.index.holders(5) == {"p0"}
+    assert router.index.holders(4) == {"d9"}  # other replicas untouched
+    router.remove_replica("p0")
+    assert router.update_stats(pre("p0", at=1002.0)) is True  # forgotten: unknown again
