@@ -67,7 +67,8 @@ def router_config(cfg: ClusterConfig) -> dict[str, Any]:
     return {"policy": r.policy, "block_size": min(block_sizes), "kv_bytes_per_token": kv_bytes,
             "max_queue_per_model": r.max_queue_per_model, "stats_ttl_s": r.stats_ttl_s,
             "network_bandwidth_bytes_per_s": r.network_bytes_per_s,
-            "local_prefill_max_tokens": r.local_prefill_max_tokens}
+            "local_prefill_max_tokens": r.local_prefill_max_tokens,
+            "max_queue_delay_s": r.max_queue_delay_s}
 
 
 def connect(address: str | None = None) -> None:

@@ -170,6 +170,9 @@ class RouterSpec(_Strict):
     local_prefill_max_tokens: int = Field(512, ge=0, description="Prompts up to this many "
                                           "uncached tokens may prefill on the decode replica.")
     max_retries: int = Field(2, ge=0, description="Other replica pairs tried after a refusal.")
+    max_queue_delay_s: float = Field(0.0, ge=0, description="Refuse a new request (HTTP 429, "
+                                     "Retry-After) when its chosen placement would wait longer "
+                                     "than this for its prefill to start; 0: never.")
 
 
 class AuthSpec(_Strict):

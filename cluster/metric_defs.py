@@ -99,7 +99,7 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_router_decisions", "counter",
               "Placements by the policy's reason.", _MR),
     MetricDef("splitserve_router_rejections", "counter",
-              "Route calls refused (reason: overloaded, no_capacity).", _MR),
+              "Route calls refused (reason: overloaded, queue_delay, no_capacity).", _MR),
     MetricDef("splitserve_router_in_flight", "gauge", "Admitted requests not yet released.", _M),
     MetricDef("splitserve_pool_replicas", "gauge",
               "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),

@@ -23,6 +23,7 @@ from router.types import (
     NoCapacityError,
     OverloadedError,
     PrefillReplicaStats,
+    QueueDelayError,
     RouteRequest,
     RouterConfig,
     UnknownModelError,
@@ -101,7 +102,7 @@ class RouterActor:
                 p = self.core.route(RouteRequest(
                     request_id=req["request_id"], model=req["model"], prompt_len=req["prompt_len"],
                     max_tokens=req["max_tokens"], block_hashes=tuple(req["block_hashes"]),
-                    exclude_replicas=frozenset(req.get("exclude", ()))))
+                    exclude_replicas=frozenset(req.get("exclude", ()))), shed=admit)
             except BaseException:
                 if admit:
                     self.core.release(req["model"])
@@ -109,9 +110,12 @@ class RouterActor:
         except OverloadedError as e:
             self.metrics.on_rejection(req["model"], "overloaded")
             return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+        except QueueDelayError as e:  # past saturation: shed like a full queue
+            self.metrics.on_rejection(req["model"], "queue_delay")
+            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
         except NoCapacityError as e:
             self.metrics.on_rejection(req["model"], "no_capacity")
-            return {"error": "no_capacity", "message": str(e), "retry_after_s": 1.0}
+            return {"error": "no_capacity", "message": str(e), "retry_after_s": e.retry_after_s}
         except UnknownModelError as e:
             return {"error": "unknown_model", "message": str(e)}
         self.metrics.on_placement(req["model"], p.reason)

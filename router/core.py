@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from engine.hashing import block_hashes
 from router.admission import AdmissionControl
-from router.cost_model import decode_blocks_needed
+from router.cost_model import decode_blocks_needed, prefill_queue_s, prefill_speed
 from router.policies import get_policy
 from router.prefix_index import PrefixIndex
 from router.replica_pool import ReplicaPool, make_snapshot
@@ -36,6 +36,7 @@ from router.types import (
     Placement,
     PolicyState,
     PrefillReplicaStats,
+    QueueDelayError,
     RouteRequest,
     RouterConfig,
     UnknownModelError,
@@ -50,10 +51,11 @@ ReplicaStats = PrefillReplicaStats | DecodeReplicaStats
 class RouterCounters:
     decisions: int  # placements returned
     local_prefill: int  # of which prefill runs on the decode replica
-    no_capacity: int  # route() calls that raised NoCapacityError
+    no_capacity: int  # route() calls that raised NoCapacityError (not QueueDelayError)
     overloaded: int  # admit() calls refused
     by_reason: dict[str, int]
     in_flight: dict[str, int]  # admitted, not yet released, per model
+    queue_delay: int = 0  # route() calls refused by RouterConfig.max_queue_delay_s
 
 
 class RouterCore:
@@ -76,6 +78,7 @@ class RouterCore:
         self._decisions = 0
         self._local_prefill = 0
         self._no_capacity = 0
+        self._queue_delay_refusals = 0
         self._overloaded = 0
         self._by_reason: Counter[str] = Counter()
 
@@ -150,8 +153,10 @@ class RouterCore:
 
     # -- placement -------------------------------------------------------
 
-    def route(self, req: RouteRequest) -> Placement:
-        """Place ``req``: raises UnknownModelError or NoCapacityError."""
+    def route(self, req: RouteRequest, shed: bool = True) -> Placement:
+        """Place ``req``: raises UnknownModelError or NoCapacityError
+        (QueueDelayError past ``max_queue_delay_s``, only with ``shed``: pass
+        False for a request already admitted, e.g. resumed after a fault)."""
         snap = self.snapshot(req.model)
         hashes = req.block_hashes
         if hashes is None:
@@ -159,6 +164,11 @@ class RouterCore:
         matches = self.index.match(hashes)
         try:
             placement = self._policy(req, snap, matches, self.cfg, self.state)
+            if shed:
+                self._check_queue_delay(req, placement)
+        except QueueDelayError:
+            self._queue_delay_refusals += 1
+            raise
         except NoCapacityError:
             self._no_capacity += 1
             raise
@@ -172,11 +182,33 @@ class RouterCore:
             self._insert_prefix(placement, hashes)
         return placement
 
+    def queue_delay_s(self, model: str, placement: Placement) -> float:
+        """Predicted wait before ``placement``'s prefill starts: the chosen
+        prefill replica's queue, or for a local prefill the decode replica's."""
+        if placement.prefill_replica is not None:
+            return prefill_queue_s(self._prefill[model].get(placement.prefill_replica), self.cfg)
+        d = self._decode[model].get(placement.decode_replica)
+        return d.pending_prefill_tokens / prefill_speed(d.prefill_tokens_per_s, self.cfg)
+
+    def _check_queue_delay(self, req: RouteRequest, placement: Placement) -> None:
+        limit = self.cfg.max_queue_delay_s
+        if limit <= 0:
+            return
+        wait = self.queue_delay_s(req.model, placement)
+        if wait > limit:
+            retry = min(max(wait - limit, self.cfg.retry_after_min_s), self.cfg.retry_after_max_s)
+            where = placement.prefill_replica or placement.decode_replica
+            raise QueueDelayError(
+                f"request {req.request_id!r} would wait {wait:.3f} s for its prefill to start on "
+                f"{where} (limit {limit:g} s, RouterConfig.max_queue_delay_s); retry after "
+                f"{retry:.3f} s", req.model, retry)
+
     def counters(self) -> RouterCounters:
         return RouterCounters(
             decisions=self._decisions,
             local_prefill=self._local_prefill,
             no_capacity=self._no_capacity,
+            queue_delay=self._queue_delay_refusals,
             overloaded=self._overloaded,
             by_reason=dict(self._by_reason),
             in_flight={m: self._admission.in_flight(m) for m in self._models},

@@ -37,9 +37,15 @@ class UnknownModelError(RouterError, LookupError):
 class NoCapacityError(RouterError):
     """No replica of the request's model can take it right now."""
 
-    def __init__(self, message: str, model: str):
+    def __init__(self, message: str, model: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.model = model
+        self.retry_after_s = retry_after_s
+
+
+class QueueDelayError(NoCapacityError):
+    """The best placement would wait longer than ``RouterConfig.max_queue_delay_s``
+    before its prefill starts (the pools are past saturation)."""
 
 
 class OverloadedError(RouterError):
@@ -303,6 +309,13 @@ class RouterConfig:
     """Requests admitted and not yet released, per model, before admit()
     refuses with OverloadedError."""
 
+    max_queue_delay_s: float = 0.0
+    """Refuse a request (QueueDelayError, retry after the excess) when the
+    placement chosen for it would wait longer than this for its prefill to
+    start: the predicted prefill queue of the chosen replica (for a local
+    prefill, the decode replica's). Sheds load past saturation so admitted
+    requests keep their TTFT. 0: never refuse for this."""
+
     stats_ttl_s: float = 5.0
     """Stats older than this are ignored: the replica may be dead or stuck."""
 
@@ -384,6 +397,7 @@ class RouterConfig:
             "prefix_weight": self.prefix_weight,
             "prefix_max_extra_queue_s": self.prefix_max_extra_queue_s,
             "retry_after_min_s": self.retry_after_min_s,
+            "max_queue_delay_s": self.max_queue_delay_s,
         }
         for name, value in non_negative.items():
             if value < 0:

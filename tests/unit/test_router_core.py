@@ -11,6 +11,7 @@ from router.types import (
     NoCapacityError,
     OverloadedError,
     PrefillReplicaStats,
+    QueueDelayError,
     RouteRequest,
     RouterConfig,
     RouterConfigError,
@@ -266,3 +267,35 @@ def test_unknown_replica_is_reported_and_a_snapshot_replaces_its_blocks():
     assert router.index.holders(4) == {"d9"}  # other replicas untouched
     router.remove_replica("p0")
     assert router.update_stats(pre("p0", at=1002.0)) is True  # forgotten: unknown again
+
+
+def test_queue_delay_bound_sheds_new_requests_but_not_admitted_ones():
+    router = core(policy="cost", max_queue_delay_s=0.5, retry_after_min_s=0.05)
+    # 10k prompt tokens/s: queues of 0.8 s and 0.6 s
+    for s in (pre("p0", pending=8000), pre("p1", pending=6000), dec("d0")):
+        router.update_stats(s)
+    with pytest.raises(QueueDelayError, match=r"wait 0\.600 s .* on p1 \(limit 0\.5 s") as err:
+        router.route(request(rid="new"))
+    assert err.value.retry_after_s == pytest.approx(0.1)
+    assert isinstance(err.value, NoCapacityError) and err.value.model == "m"
+    # a request already admitted (resumed after a fault) is placed anyway
+    assert router.route(request(rid="resumed"), shed=False).prefill_replica == "p1"
+    c = router.counters()
+    assert (c.queue_delay, c.no_capacity, c.decisions) == (1, 0, 1)
+    # the queue drains: placed again
+    router.update_stats(pre("p1", pending=1000, at=1001.0))
+    assert router.route(request(rid="later")).prefill_replica == "p1"
+
+
+def test_queue_delay_bound_covers_local_prefill_and_can_be_off():
+    busy = dec("d0", pending_prefill_tokens=20000)  # at 10k tokens/s
+    router = core(policy="cost", max_queue_delay_s=1.0, retry_after_max_s=0.5)
+    router.update_stats(busy)  # no prefill replica: the prompt prefills on d0, 2 s from now
+    with pytest.raises(QueueDelayError, match="on d0") as err:
+        router.route(request(tokens(1, 100)))
+    assert err.value.retry_after_s == 0.5  # clamped
+    off = core(policy="cost")
+    off.update_stats(busy)
+    assert off.route(request(tokens(1, 100))).decode_replica == "d0"
+    with pytest.raises(RouterConfigError, match="max_queue_delay_s"):
+        core(max_queue_delay_s=-1.0)
