@@ -37,6 +37,7 @@ import platform
 import random
 import sys
 import time
+from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -47,14 +48,15 @@ MODEL = "faults"
 TOKEN = "fault-report"
 
 
-def cluster_config(path: str, block_size: int):
+def cluster_config(path: str, block_size: int, max_queue_delay_s: float = 0.0):
     from cluster.config import parse_config
 
     return parse_config({
         "models": [{"model": {"name": MODEL, "path": path, "block_size": block_size},
                     "prefill": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
                     "decode": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5}}],
-        "router": {"local_prefill_max_tokens": 0, "stats_period_s": 0.1, "stats_ttl_s": 2.0},
+        "router": {"local_prefill_max_tokens": 0, "stats_period_s": 0.1, "stats_ttl_s": 2.0,
+                   "max_queue_delay_s": max_queue_delay_s},
         "auth": {"cluster_token": TOKEN},
     })
 
@@ -283,7 +285,9 @@ def summarize(records, faults, want) -> dict:
             f["first_success_s"] -= f["at"]
         f["whole_after_s"] = None if f["whole_at"] is None else f["whole_at"] - f["at"]
     return {"sent": len(records), "completed": done, "failed": failed, "lost": lost,
-            "errors": sorted({r["error"] for r in records if r["error"]}), "latency": lat,
+            "errors": sorted({r["error"] for r in records if r["error"]}),
+            "failed_by": dict(Counter(r["error"].split(":")[0] for r in records if r["error"])),
+            "latency": lat,
             "faults": faults}
 
 
@@ -298,6 +302,8 @@ def main() -> int:
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs given to Ray")
     ap.add_argument("--no-faults", action="store_true",
                     help="kill nothing: a soak (run it at a rate that saturates the pools)")
+    ap.add_argument("--max-queue-delay", type=float, default=0.0,
+                    help="router.max_queue_delay_s (0: off): shed new requests past saturation")
     ap.add_argument("--out", default=None, help="JSON record path")
     args = ap.parse_args()
 
@@ -312,7 +318,7 @@ def main() -> int:
     # enough for the Poisson stream: its count exceeds 1.2 x the mean with negligible odds here
     reqs, want = requests_and_reference(path, args.block_size,
                                         int(args.rate * args.duration * 1.2) + 20, args.seed, (lo, hi))
-    cfg = cluster_config(path, args.block_size)
+    cfg = cluster_config(path, args.block_size, args.max_queue_delay)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False,
