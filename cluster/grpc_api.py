@@ -81,7 +81,8 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens, logprobs=opt("logprobs", None),
         skip_special_tokens=opt("skip_special_tokens", True),
-        include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1))
+        include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1),
+        logit_bias=dict(p.logit_bias))
     if params.n != 1:
         raise InvalidRequestError(
             f"n={params.n}: a Generate stream carries one sample; open one stream per sample "

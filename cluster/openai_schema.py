@@ -91,8 +91,6 @@ class _Common(_Body):
     service_tier: str | None = None
 
     def check_supported(self) -> None:
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true",
                                       param="stream_options")
@@ -109,7 +107,20 @@ class _Common(_Body):
         return SamplingParams(
             max_tokens=max_tokens, logprobs=logprobs, n=self.num_choices, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, **given)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=_token_keys(self.logit_bias or {}), **given)
+
+
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+    return out
 
 
 class CompletionRequest(_Common):

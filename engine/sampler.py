@@ -1,6 +1,8 @@
 """Batched next-token sampling over one decode step's logits.
 
 Per row, in this order:
+  0. logit_bias: each listed token's bias is added to its logit (OpenAI
+     semantics; -100 all but bans a token, +100 all but forces it);
   1. repetition penalty over prompt + output tokens (Hugging Face semantics:
      a seen token's positive logit is divided by the penalty, a negative one
      multiplied);
@@ -13,7 +15,7 @@ Per row, in this order:
      the smallest most-probable set whose mass reaches top_p, drop tokens
      below ``min_p * max_prob``, and sample.
 
-Logprobs are the log_softmax of the logits after steps 1-3 and before the
+Logprobs are the log_softmax of the logits after steps 0-3 and before the
 temperature and truncation of step 4: they describe the model's
 distribution as the request shaped it with penalties, not the sampling
 temperature, so a greedy and a sampled request report the same numbers and
@@ -131,7 +133,7 @@ class Sampler:
         greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
         want_logprobs = any(p.logprobs is not None for p in params)
         needs_rewrite = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+            p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0 or len(s.output_ids) < p.min_tokens
             for s, p in zip(states, params)
         )
@@ -141,6 +143,7 @@ class Sampler:
 
         if needs_rewrite:
             x = x.clone() if x is logits else x  # never write into the caller's logits
+            _apply_logit_bias(x, states)
             _apply_repetition_penalty(x, states)
             _apply_presence_frequency(x, states)
             _mask_until_min_tokens(x, states)
@@ -234,6 +237,25 @@ def _flat_ids(rows: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]
     lens = torch.tensor([len(r) for r in rows])
     row_idx = torch.repeat_interleave(torch.arange(len(rows)), lens)
     return row_idx.to(device), torch.cat(rows).to(device)
+
+
+def _apply_logit_bias(x: Tensor, states: list[SeqSamplingState]) -> None:
+    rows = [i for i, s in enumerate(states) if s.params.logit_bias]
+    if not rows:
+        return
+    vocab = x.shape[1]
+    row_ids, cols, vals = [], [], []
+    for i in rows:
+        for t, v in states[i].params.logit_bias.items():
+            if t < vocab:  # ingress refuses ids past the vocabulary; never index past it here
+                row_ids.append(i)
+                cols.append(t)
+                vals.append(v)
+    if not cols:
+        return
+    dev = x.device
+    x[torch.tensor(row_ids, device=dev), torch.tensor(cols, device=dev)] += torch.tensor(
+        vals, dtype=x.dtype, device=dev)
 
 
 def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None:

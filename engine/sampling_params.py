@@ -19,6 +19,8 @@ MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63  # exclusive; seeds are signed 64-bit on the wire
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         # The OpenAI API accepts a single stop string as well as a list.
@@ -50,6 +53,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.logit_bias = {} if self.logit_bias is None else self.logit_bias
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +108,7 @@ class SamplingParams:
                     param="logprobs",
                 )
         self._validate_stop()
+        self._validate_logit_bias()
         _check_int(self.n, "n")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
@@ -144,9 +149,32 @@ class SamplingParams:
                     param="stop_token_ids",
                 )
 
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidRequestError(
+                f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"[:200],
+                param="logit_bias")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias accepts at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}",
+                param="logit_bias")
+        for t, v in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise InvalidRequestError(
+                    f"logit_bias keys must be non-negative token ids, got {t!r}"[:200],
+                    param="logit_bias")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or abs(v) > LOGIT_BIAS_LIMIT:
+                raise InvalidRequestError(
+                    f"logit_bias values must be numbers between -{LOGIT_BIAS_LIMIT:g} and "
+                    f"{LOGIT_BIAS_LIMIT:g}, got {v!r} for token {t}"[:200], param="logit_bias")
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (ints, floats, bools, lists of str/int, None)."""
-        return asdict(self)
+        """Plain types only (ints, floats, bools, lists, None), JSON-safe:
+        ``logit_bias`` travels as a list of [token id, bias] pairs."""
+        d = asdict(self)
+        d["logit_bias"] = [[t, v] for t, v in self.logit_bias.items()]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
@@ -157,6 +185,13 @@ class SamplingParams:
         for key in data:
             if key not in known:
                 raise InvalidRequestError(f"unknown sampling parameter {key!r}", param=str(key))
+        bias = data.get("logit_bias")
+        if isinstance(bias, list):
+            try:
+                data = {**data, "logit_bias": {t: v for t, v in bias}}
+            except (TypeError, ValueError):
+                raise InvalidRequestError("logit_bias must be a list of [token id, bias] pairs",
+                                          param="logit_bias") from None
         return cls(**data).validate()
 
 
@@ -195,6 +230,11 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
             f"{max_model_len} tokens; at most {max_model_len - n} tokens can be generated",
             param="max_tokens")
     if vocab_size is not None:
+        bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad} is outside the vocabulary [0, {vocab_size})",
+                param="logit_bias")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(

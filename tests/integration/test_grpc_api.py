@@ -7,7 +7,6 @@ frees the request's KV blocks."""
 import asyncio
 import datetime
 import threading
-import time
 
 import grpc
 import pytest
@@ -110,7 +109,7 @@ def test_seeded_sampling_token_ids_and_chat_equal_the_engine(stub, refs):
     eng = refs["tiny-qwen"]
     sp = dict(max_tokens=8, temperature=0.9, top_p=0.95, top_k=30, min_p=0.02, seed=5,
               presence_penalty=0.4, frequency_penalty=0.2, repetition_penalty=1.1, stop_token_ids=[9],
-              min_tokens=1)
+              min_tokens=1, logit_bias={3: 6.0, 15: -100.0})
     prompt = [11, 12, 13, 200, 7]
     ref = eng.generate([prompt], SamplingParams(**sp))[0]
     rs = generate(stub, model="tiny-qwen", token_ids=pb.TokenIds(ids=prompt), params=pb.SamplingParams(**sp))
@@ -189,6 +188,8 @@ P = pb.SamplingParams
     (dict(text="hi", params=P(stop=[""])), "stop"),
     (dict(text="hi", params=P(seed=2**63)), "seed"),
     (dict(text="hi", params=P(logprobs=21)), "logprobs"),
+    (dict(text="hi", params=P(logit_bias={5: 100.5})), "logit_bias"),
+    (dict(text="hi", params=P(logit_bias={100000: 1.0})), "logit_bias"),
     (dict(text=""), "prompt"),
     (dict(), "prompt"),
     (dict(token_ids=pb.TokenIds(ids=list(range(3, 303)))), "prompt"),

@@ -49,6 +49,26 @@ def test_concurrent_handoffs_match_single_engine(tiny_llama, reference, transpor
     asyncio.run(main())
 
 
+def test_sampling_parameters_survive_the_handoff(tiny_llama, reference):
+    # the first token is sampled on prefill, the rest on decode: both must
+    # apply every parameter (bias, penalties, seed) the same way
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=7, ignore_eos=True,
+                            repetition_penalty=1.3, frequency_penalty=0.4,
+                            logit_bias={3: 4.0, 5: -100.0, 9: 2.5})
+
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        try:
+            ps = prompts(4, reference.model_cfg.vocab_size, seed=5)
+            got = await asyncio.gather(*[pd.generate(p, params) for p in ps])
+            assert [g[0] for g in got] == expected(reference, ps, params)
+            assert all(5 not in g[0] for g in got)
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
 def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))

@@ -157,15 +157,33 @@ def test_every_sampling_parameter_reaches_the_engine(client, refs):
     stop = greedy.text[5:7] or "zz"
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=40, min_p=0.01, seed=11,
                             presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2,
-                            stop=[stop], stop_token_ids=[7], min_tokens=2)
+                            stop=[stop], stop_token_ids=[7], min_tokens=2,
+                            logit_bias={greedy.token_ids[1]: -100, 13: 4})
     ref = ref_run(refs, "tiny-llama", "the cat", params)
     r = client.completions.create(
         model="tiny-llama", prompt="the cat", max_tokens=12, temperature=0.8, top_p=0.9, seed=11,
         presence_penalty=0.5, frequency_penalty=0.3, stop=stop,
+        logit_bias={str(greedy.token_ids[1]): -100, "13": 4},
         extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2, "stop_token_ids": [7],
                     "min_tokens": 2})
     assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason)
     assert r.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_logit_bias_forces_and_bans_tokens(client, refs):
+    greedy = ref_run(refs, "tiny-llama", "the cat", SamplingParams(max_tokens=6, temperature=0.0,
+                                                                   ignore_eos=True))
+    banned = greedy.token_ids[0]
+    r = client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=6, temperature=0,
+                                  logit_bias={str(banned): -100}, extra_body={"ignore_eos": True})
+    ref = ref_run(refs, "tiny-llama", "the cat", SamplingParams(
+        max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={banned: -100}))
+    assert r.choices[0].text == ref.text and banned not in ref.token_ids
+    forced = 42
+    r = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=5, temperature=0,
+                                       logit_bias={str(forced): 100}, logprobs=True)
+    eng = refs["tiny-llama"]
+    assert [e.token for e in r.choices[0].logprobs.content] == token_strings(eng, [forced] * 5)
 
 
 def test_n_choices_are_seeded_siblings(client, refs):
@@ -259,7 +277,9 @@ INVALID = "invalid_request_error"
     (C, {**OK_C, "seed": -1}, "seed"),
     (C, {**OK_C, "logprobs": 21}, "logprobs"),
     (C, {**OK_C, "echo": True}, "echo"),
-    (C, {**OK_C, "logit_bias": {"5": 1.0}}, "logit_bias"),
+    (C, {**OK_C, "logit_bias": {"x5": 1.0}}, "logit_bias"),
+    (C, {**OK_C, "logit_bias": {"5": 101}}, "logit_bias"),
+    (CH, {**OK_CH, "logit_bias": {"999999": 1}}, "logit_bias"),  # past the vocabulary
     (C, {**OK_C, "frobnicate": 1}, "frobnicate"),
     (C, {"prompt": "hi"}, "model"),
     (C, {**OK_C, "prompt": ["a", "b"]}, "prompt"),

@@ -29,6 +29,9 @@ def state(params: SamplingParams, prompt=(), output=(), eos=(), index=0) -> SeqS
 
 def ref_penalised(row, p: SamplingParams, prompt, output, eos) -> list[float]:
     x = list(row)
+    for t, b in p.logit_bias.items():
+        if t < len(x):
+            x[t] += b
     if p.repetition_penalty != 1.0:
         for t in set(prompt) | set(output):
             x[t] = x[t] * p.repetition_penalty if x[t] < 0 else x[t] / p.repetition_penalty
@@ -338,3 +341,46 @@ def test_penalties_follow_outputs_growing_step_by_step():
         got = dict(lps[0].top)
         assert all(got[t] == pytest.approx(ref[t], abs=1e-5) for t in range(20)), step
         st.output_ids.append(int(torch.randint(0, 20, (1,), generator=rng)))
+
+
+def test_logit_bias_matches_direct_computation_before_the_penalties():
+    torch.manual_seed(7)
+    logits = torch.randn(4, 20) * 2
+    before = logits.clone()
+    cases = [
+        (SamplingParams(temperature=0.0, logprobs=20, logit_bias={3: 5.0, 11: -2.5}), [1], [3]),
+        # the bias lands first, then the repetition penalty divides the biased logit
+        (SamplingParams(temperature=0.0, logprobs=20, logit_bias={4: 3.0},
+                        repetition_penalty=1.5, frequency_penalty=0.5), [4], [4, 4]),
+        (SamplingParams(temperature=0.0, logprobs=20), [1], []),  # no bias: untouched row
+        # an id past the logits' width is skipped, not indexed
+        (SamplingParams(temperature=0.7, seed=1, logprobs=20, logit_bias={2: 1.0, 99: 50.0}),
+         [], []),
+    ]
+    states = [state(p, prompt, output) for p, prompt, output in cases]
+    tokens, logprobs = Sampler(seed=0)(logits, states)
+    assert torch.equal(logits, before)
+    for i, (p, prompt, output) in enumerate(cases):
+        ref = ref_log_softmax(ref_penalised(logits[i].tolist(), p, prompt, output, ()))
+        got = dict(logprobs[i].top)
+        for t in range(20):
+            assert got[t] == pytest.approx(ref[t], abs=1e-5)
+        if p.greedy:
+            assert tokens[i] == max(range(20), key=ref.__getitem__)
+
+
+def test_logit_bias_of_100_forces_and_of_minus_100_bans_a_token():
+    torch.manual_seed(8)
+    logits = torch.randn(3, 50) * 3
+    top = int(logits[0].argmax())
+    forced, banned = (top + 1) % 50, top
+    greedy = SamplingParams(temperature=0.0)
+    sampled = SamplingParams(temperature=1.0, seed=3, logit_bias={forced: 100.0})
+    rows = [state(SamplingParams(temperature=0.0, logit_bias={forced: 100.0})),
+            state(SamplingParams(temperature=0.0, logit_bias={banned: -100.0})),
+            state(sampled)]
+    for step in range(5):
+        tokens, _ = Sampler(seed=step)(logits, rows)
+        assert tokens[0] == forced and tokens[1] != banned and tokens[2] == forced
+    plain, _ = Sampler(seed=0)(logits[:1], [state(greedy)])
+    assert plain == [top]

@@ -5,11 +5,13 @@ import pytest
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import (
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     SamplingParams,
+    validate_request,
 )
 
 INVALID = [
@@ -53,6 +55,15 @@ INVALID = [
     ("ignore_eos", 1),
     ("skip_special_tokens", "yes"),
     ("include_stop_str_in_output", None),
+    ("logit_bias", {5: 100.5}),
+    ("logit_bias", {5: -101}),
+    ("logit_bias", {5: math.nan}),
+    ("logit_bias", {5: "1"}),
+    ("logit_bias", {5: True}),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"5": 1.0}),
+    ("logit_bias", {i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}),
+    ("logit_bias", [5, 1.0]),
 ]
 
 
@@ -136,6 +147,7 @@ def test_dict_round_trip_is_plain_and_exact():
         presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
         stop=["\n\n", "END"], stop_token_ids=[2, 9], ignore_eos=True, min_tokens=2,
         logprobs=3, skip_special_tokens=False, include_stop_str_in_output=True, n=2,
+        logit_bias={7: -100, 3: 2.5},
     )
     d = p.to_dict()
     assert json.loads(json.dumps(d)) == d  # plain types only
@@ -151,3 +163,16 @@ def test_from_dict_refuses_unknown_keys_and_validates():
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams.from_dict({"top_p": 0.0})
     assert err.value.param == "top_p"
+
+
+def test_logit_bias_pairs_are_checked_on_the_way_in_and_against_the_vocabulary():
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.from_dict({"logit_bias": [[1, 2, 3]]})
+    assert err.value.param == "logit_bias"
+    assert SamplingParams.from_dict({"logit_bias": [[4, -100]]}).logit_bias == {4: -100}
+    assert SamplingParams(logit_bias=None).logit_bias == {}
+    ok = SamplingParams(logit_bias={31: 1.0, 0: -100.0, 5: 100})
+    validate_request([1, 2], ok, max_model_len=64, vocab_size=32)
+    with pytest.raises(InvalidRequestError, match="logit_bias token id 32 is outside") as err:
+        validate_request([1, 2], SamplingParams(logit_bias={32: 1.0}), 64, vocab_size=32)
+    assert err.value.param == "logit_bias"
