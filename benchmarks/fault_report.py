@@ -80,6 +80,20 @@ def requests_and_reference(path: str, block_size: int, n: int, seed: int,
     return reqs, [r.token_ids for r in eng.generate([p for p, _ in reqs], params)]
 
 
+def start_cluster(cfg, num_cpus: int) -> None:
+    """A local Ray node on loopback with ``cfg``'s pools deployed (no ingress)."""
+    import ray
+
+    from cluster import app
+    from cluster.router_actor import NAMESPACE
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    app.deploy(cfg, with_ingress=False, wait_s=300)
+
+
 def pool_ids() -> tuple[list[str], list[str]]:
     import ray
 
@@ -310,7 +324,6 @@ def main() -> int:
     import ray
 
     from cluster import app
-    from cluster.router_actor import NAMESPACE
     from engine.default_model import ensure_default_model
 
     path = str(ensure_default_model())
@@ -319,12 +332,8 @@ def main() -> int:
     reqs, want = requests_and_reference(path, args.block_size,
                                         int(args.rate * args.duration * 1.2) + 20, args.seed, (lo, hi))
     cfg = cluster_config(path, args.block_size, args.max_queue_delay)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
-        app.deploy(cfg, with_ingress=False, wait_s=300)
+        start_cluster(cfg, args.num_cpus)
         usage_before = process_usage()
         records, faults, counters, samples = asyncio.run(
             run(cfg, reqs, want, args.rate, args.duration, args.seed, not args.no_faults))

@@ -86,7 +86,6 @@ def main() -> int:
     import ray
 
     from cluster import app
-    from cluster.router_actor import NAMESPACE
     from engine.default_model import ensure_default_model
     from engine.loader import load_checkpoint
 
@@ -94,12 +93,8 @@ def main() -> int:
     vocab = load_checkpoint(path).model_config.vocab_size
     reqs = report.make_requests(int(args.rate * args.duration * 1.2) + 20, vocab, 0, (16, 64))
     cfg = report.cluster_config(path, 16)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
-        app.deploy(cfg, with_ingress=False, wait_s=300)
+        report.start_cluster(cfg, args.num_cpus)
         replicas = [ray.get_actor(a["name"], namespace="serve")
                     for a in report.replica_actors("decode")]
 
