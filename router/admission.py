@@ -67,4 +67,8 @@ class AdmissionControl:
         mean = self._release_interval_s.get(model)
         if mean is None:
             return self.retry_after_max_s
-        return min(max(mean, self.retry_after_min_s), self.retry_after_max_s)
+        return self.clamp_retry_after(mean)
+
+    def clamp_retry_after(self, seconds: float) -> float:
+        """``seconds`` within [retry_after_min_s, retry_after_max_s]."""
+        return min(max(seconds, self.retry_after_min_s), self.retry_after_max_s)

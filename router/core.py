@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from engine.hashing import block_hashes
 from router.admission import AdmissionControl
-from router.cost_model import decode_blocks_needed, prefill_queue_s, prefill_speed
+from router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
 from router.policies import get_policy
 from router.prefix_index import PrefixIndex
 from router.replica_pool import ReplicaPool, make_snapshot
@@ -187,8 +187,7 @@ class RouterCore:
         prefill replica's queue, or for a local prefill the decode replica's."""
         if placement.prefill_replica is not None:
             return prefill_queue_s(self._prefill[model].get(placement.prefill_replica), self.cfg)
-        d = self._decode[model].get(placement.decode_replica)
-        return d.pending_prefill_tokens / prefill_speed(d.prefill_tokens_per_s, self.cfg)
+        return local_queue_s(self._decode[model].get(placement.decode_replica), self.cfg)
 
     def _check_queue_delay(self, req: RouteRequest, placement: Placement) -> None:
         limit = self.cfg.max_queue_delay_s
@@ -196,7 +195,7 @@ class RouterCore:
             return
         wait = self.queue_delay_s(req.model, placement)
         if wait > limit:
-            retry = min(max(wait - limit, self.cfg.retry_after_min_s), self.cfg.retry_after_max_s)
+            retry = self._admission.clamp_retry_after(wait - limit)
             where = placement.prefill_replica or placement.decode_replica
             raise QueueDelayError(
                 f"request {req.request_id!r} would wait {wait:.3f} s for its prefill to start on "

@@ -30,6 +30,12 @@ def prefill_queue_s(p: PrefillReplicaStats, cfg: RouterConfig) -> float:
     return p.pending_prompt_tokens / prefill_speed(p.prefill_tokens_per_s, cfg)
 
 
+def local_queue_s(d: DecodeReplicaStats, cfg: RouterConfig) -> float:
+    """Seconds until a new prompt starts prefilling on decode replica ``d``:
+    its own prefill queue at its local speed."""
+    return d.pending_prefill_tokens / prefill_speed(d.prefill_tokens_per_s, cfg)
+
+
 def remote_prefill_s(p: PrefillReplicaStats, uncached_tokens: int, cfg: RouterConfig) -> float:
     """Queue delay on ``p`` plus computing the prompt's uncached part there."""
     return (p.pending_prompt_tokens + uncached_tokens) / prefill_speed(p.prefill_tokens_per_s, cfg)
