@@ -61,6 +61,8 @@ class SeqSamplingState:
     _output_buf: Tensor | None = field(default=None, repr=False, compare=False)
     _output_len: int = field(default=0, repr=False, compare=False)
     _output_src: list[int] | None = field(default=None, repr=False, compare=False)
+    _bias: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    _bias_src: tuple[dict, int] | None = field(default=None, repr=False, compare=False)
 
     def prompt_tensor(self) -> Tensor:
         """The prompt's distinct ids as an int64 CPU tensor, made once
@@ -88,6 +90,18 @@ class SeqSamplingState:
             self._output_buf[self._output_len:n] = torch.tensor(new, dtype=torch.long)
             self._output_len = n
         return self._output_buf[:n]
+
+    def bias_tensors(self, vocab: int) -> tuple[Tensor, Tensor]:
+        """``params.logit_bias`` as (token ids int64, biases float32) CPU
+        tensors, made once; ids past ``vocab`` are left out (ingress refuses
+        them; the sampler never indexes past the logits)."""
+        src = (self.params.logit_bias, vocab)
+        if self._bias_src is None or self._bias_src[0] is not src[0] or self._bias_src[1] != vocab:
+            items = [(t, v) for t, v in self.params.logit_bias.items() if t < vocab]
+            self._bias = (torch.tensor([t for t, _ in items], dtype=torch.long),
+                          torch.tensor([v for _, v in items], dtype=torch.float32))
+            self._bias_src = src
+        return self._bias
 
     @classmethod
     def create(
@@ -243,19 +257,13 @@ def _apply_logit_bias(x: Tensor, states: list[SeqSamplingState]) -> None:
     rows = [i for i, s in enumerate(states) if s.params.logit_bias]
     if not rows:
         return
-    vocab = x.shape[1]
-    row_ids, cols, vals = [], [], []
-    for i in rows:
-        for t, v in states[i].params.logit_bias.items():
-            if t < vocab:  # ingress refuses ids past the vocabulary; never index past it here
-                row_ids.append(i)
-                cols.append(t)
-                vals.append(v)
-    if not cols:
-        return
     dev = x.device
-    x[torch.tensor(row_ids, device=dev), torch.tensor(cols, device=dev)] += torch.tensor(
-        vals, dtype=x.dtype, device=dev)
+    biases = [states[i].bias_tensors(x.shape[1]) for i in rows]
+    r_idx, ids = _flat_ids([ids for ids, _ in biases], dev)
+    if ids.numel() == 0:
+        return
+    row = torch.tensor(rows, device=dev)[r_idx]
+    x[row, ids] += torch.cat([vals for _, vals in biases]).to(device=dev, dtype=x.dtype)
 
 
 def _apply_repetition_penalty(x: Tensor, states: list[SeqSamplingState]) -> None:
