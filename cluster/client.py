@@ -6,7 +6,9 @@ pair; the decode replica's Generate stream carries the tokens. A refusal
 before the first token (the decode replica is full, or died) moves the
 request to another pair. If a decode replica dies mid-stream, the request
 resumes on another one by prefilling prompt + tokens generated so far, so
-the client sees neither lost nor duplicated tokens.
+the client sees neither lost nor duplicated tokens. Those tokens travel
+marked as earlier output (``SamplingParams.resumed_tokens``): seeds,
+penalties and a structured-output grammar carry on where they were.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class ClusterBackend(Backend):
                 p = params if not produced else dataclasses.replace(
                     params, max_tokens=(params.max_tokens - len(produced))
                     if params.max_tokens is not None else None,
-                    min_tokens=max(0, params.min_tokens - len(produced)))
+                    min_tokens=max(0, params.min_tokens - len(produced)),
+                    resumed_tokens=params.resumed_tokens + len(produced))
                 req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
                        "model": model, "prompt_len": len(ids),
                        "max_tokens": p.max_tokens or 1,

@@ -226,7 +226,12 @@ def admit_imported(engine, meta: HandoffMeta, num_tokens: int, cached_tokens: in
     seq.params = params
     seq.num_computed_tokens = num_tokens
     seq.num_cached_tokens = cached_tokens
-    st = RequestState(seq, params, engine.tokenizer, engine.eos_token_ids, engine.max_model_len)
+    try:
+        st = RequestState(seq, params, engine.tokenizer, engine.eos_token_ids,
+                          engine.max_model_len, engine.grammar)
+    except BaseException:
+        engine.kv.free(rid)  # the reservation's blocks: nothing else will free them
+        raise
     engine.requests[rid] = st
     out, reason = st.on_token(meta.first_token_id, _lp_from_dict(meta.first_logprobs))
     seq.first_token_time = time.monotonic()

@@ -26,6 +26,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, validate_request
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, Sequence
+from engine.structured import GrammarCompiler
 from engine.tokenizer import Tokenizer
 
 
@@ -58,6 +59,7 @@ class LLMEngine:
         if gen_eos is not None:
             eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = tuple(sorted(eos))
+        self.grammar = GrammarCompiler(self.tokenizer, self.model_cfg.vocab_size, self.eos_token_ids)
         # Prefix caches are per engine (one model each), so no per-model salt:
         # the router hashes prompts with the same function and no salt.
         self.hash_salt = b""
@@ -98,7 +100,7 @@ class LLMEngine:
         seq = self.new_sequence(request_id, prompt_token_ids)
         seq.params = params
         self.requests[request_id] = RequestState(
-            seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len)
+            seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len, self.grammar)
         if prefill_only:
             self._prefill_only.add(request_id)
         self.scheduler.add(seq)

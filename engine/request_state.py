@@ -7,21 +7,35 @@ a hand-off, which also processes the first token sampled by prefill).
 
 from __future__ import annotations
 
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampler import SeqSamplingState, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.stop import StopChecker
+from engine.structured import PARAM, GrammarCompiler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestState:
     def __init__(self, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer | None,
-                 eos_token_ids: tuple[int, ...], max_model_len: int):
+                 eos_token_ids: tuple[int, ...], max_model_len: int,
+                 grammar: GrammarCompiler | None = None):
         self.seq = seq
         self.params = params
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
-        self.sampling = SeqSamplingState.create(params, seq.prompt_token_ids, tuple(eos_token_ids))
+        # a resumed request's earlier output ends its prompt (SamplingParams.resumed_tokens)
+        split = seq.num_prompt_tokens - params.resumed_tokens
+        prompt = seq.prompt_token_ids
+        self.sampling = SeqSamplingState.create(params, prompt[:split], tuple(eos_token_ids))
+        self.sampling.output_ids = list(prompt[split:])  # grows by each token this state takes
+        self.sampling.num_prior = params.resumed_tokens
+        self.matcher = None
+        if params.structured_output is not None:
+            if grammar is None:
+                raise InvalidRequestError("this engine cannot constrain outputs", param=PARAM)
+            self.matcher = grammar.matcher(params.structured_output, prompt[split:])
+        self.sampling.matcher = self.matcher
         self.stop_ids = set(params.stop_token_ids or ())
         self.max_model_len = max_model_len
         self.detok = (
@@ -35,13 +49,13 @@ class RequestState:
     def prepare_sampling(self) -> SeqSamplingState:
         """The sampler reseeds seeded rows from (seed, output position), so a
         sequence samples the same tokens wherever each step runs (prefill on
-        one replica, decode on another, or after preemption)."""
-        self.sampling.output_ids = self.seq.output_token_ids
+        one replica, decode on another, after preemption or a resume)."""
         return self.sampling
 
     def record_handoff_token(self, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         """A prefill-only request's first token: appended, not processed."""
         self.seq.append_token(token_id)
+        self.sampling.output_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
         return RequestOutput(
@@ -56,6 +70,7 @@ class RequestState:
         the request finished (and why)."""
         seq = self.seq
         seq.append_token(token_id)
+        self.sampling.output_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
         n_out = seq.num_output_tokens
@@ -63,6 +78,9 @@ class RequestState:
         min_ok = n_out >= self.params.min_tokens
         if min_ok and (token_id in self.eos_token_ids or token_id in self.stop_ids):
             reason = FinishReason.STOP
+        # the grammar admits nothing after this token: it still counts as text
+        grammar_end = (reason is None and self.matcher is not None
+                       and (not self.matcher.consume(token_id) or self.matcher.done))
         new_text = ""
         if self.detok is not None:
             # a stopping special token contributes no text
@@ -70,6 +88,8 @@ class RequestState:
             new_text, stopped = self.stop.check(self.text, delta)
             if stopped:
                 reason = FinishReason.STOP
+        if reason is None and grammar_end:
+            reason = FinishReason.STOP
         if reason is None and (
             (self.params.max_tokens is not None and n_out >= self.params.max_tokens)
             or seq.num_tokens >= self.max_model_len

@@ -8,15 +8,17 @@ Per row, in this order:
      multiplied);
   2. presence / frequency penalties over output tokens (OpenAI semantics:
      ``logit -= frequency * count + presence * (count > 0)``);
-  3. min_tokens: EOS and stop_token_ids get -inf until ``min_tokens`` output
-     tokens exist;
-  4. greedy rows (temperature 0) take the argmax; the others divide by the
+  3. structured output: tokens the request's grammar does not allow next get
+     -inf (engine.structured);
+  4. min_tokens: EOS and stop_token_ids get -inf until ``min_tokens`` output
+     tokens exist, unless the grammar allows nothing else (the grammar wins);
+  5. greedy rows (temperature 0) take the argmax; the others divide by the
      temperature, keep the top_k logits (ties at the k-th value stay), keep
      the smallest most-probable set whose mass reaches top_p, drop tokens
      below ``min_p * max_prob``, and sample.
 
-Logprobs are the log_softmax of the logits after steps 0-3 and before the
-temperature and truncation of step 4: they describe the model's
+Logprobs are the log_softmax of the logits after steps 0-4 and before the
+temperature and truncation of step 5: they describe the model's
 distribution as the request shaped it with penalties, not the sampling
 temperature, so a greedy and a sampled request report the same numbers and
 a token outside top_p still has a finite logprob among the alternatives.
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from engine.sampling_params import SamplingParams
+from engine.structured import GrammarMatcher, apply_masks
 
 # Temperatures below this are sampled greedily: dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
@@ -56,6 +59,10 @@ class SeqSamplingState:
     output_ids: list[int]  # tokens sampled so far; len() is this step's position
     eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
     sample_index: int = 0  # which of the request's n completions; seeded siblings differ
+    # output produced before a resume (the first ``num_prior`` of output_ids):
+    # it counts for positions and penalties, not for min_tokens
+    num_prior: int = 0
+    matcher: GrammarMatcher | None = None  # the structured-output constraint, if any
     _prompt_tensor: Tensor | None = field(default=None, repr=False, compare=False)
     _prompt_src_len: int = field(default=-1, repr=False, compare=False)
     _output_buf: Tensor | None = field(default=None, repr=False, compare=False)
@@ -103,6 +110,10 @@ class SeqSamplingState:
             self._bias_src = src
         return self._bias
 
+    @property
+    def num_new_outputs(self) -> int:
+        return len(self.output_ids) - self.num_prior
+
     @classmethod
     def create(
         cls,
@@ -148,7 +159,8 @@ class Sampler:
         want_logprobs = any(p.logprobs is not None for p in params)
         needs_rewrite = any(
             p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0 or len(s.output_ids) < p.min_tokens
+            or p.frequency_penalty != 0.0 or s.num_new_outputs < p.min_tokens
+            or s.matcher is not None
             for s, p in zip(states, params)
         )
         x = logits if logits.dtype == torch.float32 else logits.float()
@@ -160,6 +172,9 @@ class Sampler:
             _apply_logit_bias(x, states)
             _apply_repetition_penalty(x, states)
             _apply_presence_frequency(x, states)
+            constrained = [i for i, s in enumerate(states) if s.matcher is not None]
+            if constrained:
+                apply_masks(x, constrained, [states[i].matcher for i in constrained])
             _mask_until_min_tokens(x, states)
 
         if all(greedy):
@@ -308,7 +323,7 @@ def _mask_until_min_tokens(x: Tensor, states: list[SeqSamplingState]) -> None:
     cols: list[int] = []
     for i, s in enumerate(states):
         p = s.params
-        if len(s.output_ids) >= p.min_tokens:
+        if s.num_new_outputs >= p.min_tokens:
             continue
         # With ignore_eos, EOS never ends the sequence, so there is nothing to hold off.
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids))
@@ -316,8 +331,15 @@ def _mask_until_min_tokens(x: Tensor, states: list[SeqSamplingState]) -> None:
             if t < vocab:  # ids past the vocabulary can never be sampled anyway
                 rows.append(i)
                 cols.append(t)
-    if rows:
-        x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = -torch.inf
+    if not rows:
+        return
+    r, c = torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)
+    saved = x[r, c]
+    x[r, c] = -torch.inf
+    # where a grammar allows only EOS (the output must end here), EOS stays
+    dead = torch.isneginf(x[r].amax(dim=-1))
+    if dead.any():
+        x[r[dead], c[dead]] = saved[dead]
 
 
 def _mask_top_k(y: Tensor, top_ks: list[int]) -> None:

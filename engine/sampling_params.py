@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.structured import check_spec
 
 MAX_N = 16  # completions per request; each one is a full sequence in the batch
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -43,6 +44,14 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # {"type": "json" | "regex" | "grammar", "value": text}: see engine.structured
+    structured_output: dict[str, str] | None = None
+    # Set by the cluster when a request resumes on another replica: the last
+    # ``resumed_tokens`` prompt tokens are this request's own earlier output.
+    # Seeded sampling, presence/frequency penalties and the structured-output
+    # grammar count them as output, so the resumed stream continues as the
+    # first one would have; max_tokens and min_tokens count only new tokens.
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         # The OpenAI API accepts a single stop string as well as a list.
@@ -109,6 +118,12 @@ class SamplingParams:
                 )
         self._validate_stop()
         self._validate_logit_bias()
+        if self.structured_output is not None:
+            check_spec(self.structured_output)
+        _check_int(self.resumed_tokens, "resumed_tokens")
+        if self.resumed_tokens < 0:
+            raise InvalidRequestError(
+                f"resumed_tokens must be >= 0, got {self.resumed_tokens}", param="resumed_tokens")
         _check_int(self.n, "n")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
@@ -220,6 +235,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
     n = len(prompt_token_ids)
     if n == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
+    if params.resumed_tokens >= n:
+        raise InvalidRequestError(
+            f"resumed_tokens={params.resumed_tokens} must be below the prompt's {n} tokens",
+            param="resumed_tokens")
     if n >= max_model_len:
         raise InvalidRequestError(
             f"the prompt has {n} tokens but this model's context is {max_model_len} tokens "

@@ -3,6 +3,7 @@ gRPC on loopback: parity with a single engine, and every failure ending in a
 defined state with all blocks back in both pools."""
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -63,6 +64,31 @@ def test_sampling_parameters_survive_the_handoff(tiny_llama, reference):
             got = await asyncio.gather(*[pd.generate(p, params) for p in ps])
             assert [g[0] for g in got] == expected(reference, ps, params)
             assert all(5 not in g[0] for g in got)
+            assert await wait_until(pd.all_free)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+def test_structured_output_survives_the_handoff(tiny_llama, reference):
+    # prefill samples the first token under the grammar; decode rebuilds the
+    # matcher from it and carries on: the same tokens as one engine, valid JSON
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 999},
+                                               "s": {"type": "string", "maxLength": 5}},
+              "required": ["n", "s"], "additionalProperties": False}
+    spec = {"type": "json", "value": json.dumps(schema)}
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=3, structured_output=spec)
+              for t in (0.0, 1.0)]
+
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        try:
+            ps = prompts(4, reference.model_cfg.vocab_size, seed=9)
+            for sp in params:
+                got = await asyncio.gather(*[pd.generate(p, sp) for p in ps])
+                assert [g[0] for g in got] == expected(reference, ps, sp)
+                texts = [reference.tokenizer.decode(g[0]) for g in got]
+                assert all(set(json.loads(t)) == {"n", "s"} for t in texts), texts
             assert await wait_until(pd.all_free)
         finally:
             await pd.close()

@@ -1,0 +1,216 @@
+"""Structured outputs: sampling constrained to a JSON schema, any JSON
+object, a regular expression or a Lark grammar, through llguidance.
+
+A request carries its constraint as ``SamplingParams.structured_output``,
+``{"type": kind, "value": text}`` with kind one of ``KINDS``:
+
+  json     ``value`` is a JSON schema (``{"type": "object"}`` is OpenAI's
+           ``json_object`` mode); output is JSON with ", " and ": " separators
+           and no other whitespace (a schema's "x-guidance" options may change
+           that)
+  regex    the whole output matches ``value``
+  grammar  ``value`` is a Lark grammar (llguidance's dialect)
+
+Each constrained sequence owns a ``GrammarMatcher``: before each sampling
+step it yields the allowed-token mask, and every token the sequence takes
+(sampled here, sampled by a prefill replica, or produced before a resume)
+advances it. When the grammar admits no further token the sequence ends
+with finish reason ``stop``; EOS is allowed exactly where the grammar may
+end. The matcher lives with the sequence's request state, so preemption
+(recompute) keeps it; a replica that receives a sequence builds a new one
+and replays the tokens produced so far.
+
+llguidance is imported on first use: engines that never see a constrained
+request do not need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.errors import InvalidRequestError
+
+KINDS = ("json", "regex", "grammar")
+MAX_SPEC_CHARS = 64 << 10  # a schema / pattern / grammar's text
+PARAM = "response_format"  # what errors name (the OpenAI field)
+# whitespace: none between JSON tokens beyond the separators below
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:  # pragma: no cover - a core dependency; absent only in odd installs
+        raise InvalidRequestError(
+            "structured outputs need the llguidance package on the serving replicas",
+            param=PARAM) from None
+    return llguidance
+
+
+def _limits():
+    # llguidance's own bounds on grammar size and per-step work, kept explicit:
+    # a client's grammar must not stall a replica's batch
+    return _llguidance().LLParserLimits(max_grammar_size=200_000, step_max_items=50_000,
+                                        step_lexer_fuel=200_000, initial_lexer_fuel=1_000_000)
+
+
+def check_spec(spec: Any) -> None:
+    """Raise InvalidRequestError unless ``spec`` is a well-formed
+    ``{"type", "value"}`` constraint whose grammar compiles."""
+    if not isinstance(spec, dict) or set(spec) != {"type", "value"}:
+        raise InvalidRequestError(
+            "structured_output must be {\"type\": kind, \"value\": text}", param=PARAM)
+    kind, value = spec["type"], spec["value"]
+    if kind not in KINDS:
+        raise InvalidRequestError(f"structured output type must be one of {', '.join(KINDS)}, "
+                                  f"got {str(kind)[:40]!r}", param=PARAM)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"the {kind} constraint must be a non-empty string", param=PARAM)
+    if len(value) > MAX_SPEC_CHARS:
+        raise InvalidRequestError(
+            f"the {kind} constraint is {len(value)} characters; at most {MAX_SPEC_CHARS}",
+            param=PARAM)
+    error = _compile_error(kind, value)
+    if error:
+        raise InvalidRequestError(f"invalid {kind} constraint: {error}"[:600], param=PARAM)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_error(kind: str, value: str) -> str:
+    # each hop (ingress, prefill, decode) validates the same spec: compile once per process
+    try:
+        grammar = grammar_text(kind, value)
+    except InvalidRequestError as e:
+        return str(e)
+    llg = _llguidance()
+    return llg.LLMatcher.validate_grammar(grammar, None, limits=_limits())
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_text(kind: str, value: str) -> str:
+    """llguidance's grammar for a spec (raises InvalidRequestError on a JSON
+    schema that is not a JSON object)."""
+    llg = _llguidance()
+    if kind == "json":
+        try:
+            schema = json.loads(value)
+        except ValueError as e:
+            raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}", param=PARAM) from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("the JSON schema must be a JSON object", param=PARAM)
+        return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    if kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(value)
+    return llg.LLMatcher.grammar_from_lark(value)
+
+
+def json_object_spec() -> dict[str, str]:
+    """OpenAI's ``json_object`` mode: any JSON object."""
+    return {"type": "json", "value": '{"type": "object"}'}
+
+
+class GrammarCompiler:
+    """One per engine: the tokenizer's llguidance view, built on first use
+    (a few ms for a 32k vocabulary, about a second for 128k+), and matchers
+    for requests."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the logits' width
+        self._eos = list(eos_token_ids)
+        self._ll_tokenizer = None
+
+    def _ll(self):
+        if self._ll_tokenizer is None:
+            llg = _llguidance()
+            backend = self._tokenizer.backend
+            n_vocab = max(self.vocab_size, backend.get_vocab_size(with_added_tokens=True))
+            self._ll_tokenizer = llg.LLTokenizer(backend.to_str(), n_vocab=n_vocab,
+                                                 eos_token=self._eos or None)
+        return self._ll_tokenizer
+
+    def matcher(self, spec: dict[str, str], prior_tokens: list[int] = ()) -> "GrammarMatcher":
+        """A matcher for ``spec`` that has consumed ``prior_tokens`` (output
+        the request produced before this replica took it over)."""
+        llg = _llguidance()
+        m = llg.LLMatcher(self._ll(), grammar_text(spec["type"], spec["value"]), log_level=0,
+                          limits=_limits())
+        if m.is_error():
+            raise InvalidRequestError(f"invalid {spec['type']} constraint: {m.get_error()}"[:600],
+                                      param=PARAM)
+        gm = GrammarMatcher(m, self._ll().vocab_size)
+        for t in prior_tokens:
+            if not gm.consume(t):
+                raise InvalidRequestError(
+                    "the tokens already generated do not match the structured output constraint",
+                    param=PARAM)
+        return gm
+
+
+class GrammarMatcher:
+    def __init__(self, matcher, ll_vocab: int):
+        self._m = matcher
+        self._words = (ll_vocab + 31) // 32
+
+    def consume(self, token_id: int) -> bool:
+        """Advance by one token; False if the grammar refused it (the
+        matcher is then in an error state and allows nothing more)."""
+        return self._m.consume_token(token_id)
+
+    @property
+    def done(self) -> bool:
+        """No further token can extend the output (or the matcher failed)."""
+        return self._m.is_stopped() or self._m.is_error()
+
+    def fill_mask(self, row: Tensor) -> None:
+        """Write the allowed-token bitmask (bit t of word t // 32) into
+        ``row``, a contiguous int32 CPU tensor of ``words`` elements."""
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), self._words * 4)
+
+    @property
+    def words(self) -> int:
+        return self._words
+
+
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def apply_masks(x: Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> None:
+    """Set the logits of tokens each row's grammar does not allow to -inf.
+    ``x``: [B, V] float logits (written in place); ``rows``: the constrained
+    rows, ``matchers`` theirs."""
+    words = matchers[0].words
+    bitmask = torch.empty((len(rows), words), dtype=torch.int32)
+    for j, m in enumerate(matchers):
+        m.fill_mask(bitmask[j])
+    vocab, dev = x.shape[1], x.device
+    # unpacked where the logits are: 1 bit per token crosses to the device, not 8
+    bits = _BIT if dev.type == "cpu" else _BIT.to(dev)
+    bitmask = bitmask.to(dev, non_blocking=True)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(len(rows), words * 32).bool()
+    if allowed.shape[1] < vocab:  # tokens past the tokenizer's vocabulary: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    allowed = allowed[:, :vocab]
+    idx = torch.tensor(rows, device=dev)
+    x[idx] = x[idx].masked_fill(~allowed, -torch.inf)
+
+
+MAX_CHOICES = 256
+
+
+def choice_spec(choices: Any) -> dict[str, str]:
+    """A constraint whose output is exactly one of ``choices`` (strings)."""
+    if not isinstance(choices, list) or not choices:
+        raise InvalidRequestError("choice must be a non-empty list of strings", param=PARAM)
+    if len(choices) > MAX_CHOICES:
+        raise InvalidRequestError(f"choice takes at most {MAX_CHOICES} strings, got {len(choices)}",
+                                  param=PARAM)
+    if any(not isinstance(c, str) or not c for c in choices):
+        raise InvalidRequestError("choice entries must be non-empty strings", param=PARAM)
+    # Lark string literals take JSON's escapes
+    return {"type": "grammar", "value": "start: " + " | ".join(json.dumps(c) for c in choices)}
