@@ -33,6 +33,7 @@ from cluster.proto import splitserve_pb2 as pb
 from cluster.proto import splitserve_pb2_grpc as pb_grpc
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
+from engine.structured import check_spec, choice_spec, json_object_spec
 
 log = logging.getLogger("splitserve.grpc")
 
@@ -82,12 +83,38 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         min_tokens=p.min_tokens, logprobs=opt("logprobs", None),
         skip_special_tokens=opt("skip_special_tokens", True),
         include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1),
-        logit_bias=dict(p.logit_bias))
+        logit_bias=dict(p.logit_bias),
+        structured_output=_structured(p.structured_output) if p.HasField("structured_output")
+        else None)
     if params.n != 1:
         raise InvalidRequestError(
             f"n={params.n}: a Generate stream carries one sample; open one stream per sample "
             "(with seeds, for reproducible ones)", param="n")
     return params
+
+
+def _structured(so: pb.StructuredOutput) -> dict[str, str] | None:
+    try:
+        spec = _structured_spec(so)
+        if spec is not None:
+            check_spec(spec)  # here, to name this API's field
+        return spec
+    except InvalidRequestError as e:
+        raise InvalidRequestError(str(e), param="structured_output") from None
+
+
+def _structured_spec(so: pb.StructuredOutput) -> dict[str, str] | None:
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not so.json_object:
+            raise InvalidRequestError("structured_output.json_object must be true when set",
+                                      param="structured_output")
+        return json_object_spec()
+    if kind == "choice":
+        return choice_spec(list(so.choice.choices))
+    return {"type": {"json_schema": "json"}.get(kind, kind), "value": getattr(so, kind)}
 
 
 def _messages(msgs) -> list[dict]:

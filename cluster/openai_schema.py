@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import check_spec, choice_spec, json_object_spec
 from engine.tokenizer import Tokenizer
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
@@ -84,6 +85,9 @@ class _Common(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM's extension: exactly one of json (schema), regex, grammar (Lark), choice
+    structured_outputs: dict[str, Any] | None = None
     user: str | None = None  # accepted and ignored
     # Accepted and ignored: they concern OpenAI's hosted service.
     store: bool | None = None
@@ -108,7 +112,68 @@ class _Common(_Body):
             max_tokens=max_tokens, logprobs=logprobs, n=self.num_choices, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=_token_keys(self.logit_bias or {}), **given)
+            logit_bias=_token_keys(self.logit_bias or {}),
+            structured_output=structured_output(self.response_format, self.structured_outputs),
+            **given)
+
+
+def structured_output(response_format: dict[str, Any] | None,
+                      vllm: dict[str, Any] | None) -> dict[str, str] | None:
+    """The engine's constraint (engine.structured) from OpenAI's
+    ``response_format`` or vLLM's ``structured_outputs``; None for plain text."""
+    if response_format is not None and vllm is not None:
+        raise InvalidRequestError("set response_format or structured_outputs, not both",
+                                  param="structured_outputs")
+    if vllm is not None:
+        try:
+            spec = _vllm_structured(vllm)
+            check_spec(spec)  # here, to name the field the client used
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param="structured_outputs") from None
+        return spec
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    extra = set(response_format) - {"type", "json_schema"}
+    if extra or (kind != "json_schema" and "json_schema" in response_format):
+        raise InvalidRequestError(
+            f"response_format has unexpected fields: {sorted(set(response_format) - {'type'})}"[:200],
+            param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_spec()
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            "response_format.type must be text, json_object or json_schema, got "
+            f"{str(kind)[:40]!r}", param="response_format.type")
+    js = response_format.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+        raise InvalidRequestError(
+            "response_format.json_schema must be an object with a JSON schema object in \"schema\"",
+            param="response_format.json_schema")
+    unknown = set(js) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise InvalidRequestError(f"response_format.json_schema: unknown fields {sorted(unknown)}"[:200],
+                                  param="response_format.json_schema")
+    return {"type": "json", "value": json.dumps(js["schema"])}
+
+
+def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:
+    given = [k for k in ("json", "regex", "grammar", "choice") if so.get(k) is not None]
+    unknown = set(so) - {"json", "regex", "grammar", "choice"}
+    if unknown or len(given) != 1:
+        raise InvalidRequestError(
+            "structured_outputs takes exactly one of json, regex, grammar, choice", param="structured_outputs")
+    kind, value = given[0], so[given[0]]
+    if kind == "choice":
+        return choice_spec(value)
+    if kind == "json":
+        return {"type": "json", "value": value if isinstance(value, str) else json.dumps(value)}
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"structured_outputs.{kind} must be a string",
+                                  param=f"structured_outputs.{kind}")
+    return {"type": kind, "value": value}
 
 
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
@@ -192,7 +257,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -207,9 +271,6 @@ class ChatCompletionRequest(_Common):
             raise InvalidRequestError("tools are not supported", param="tools")
         if self.tool_choice not in (None, "none"):
             raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
-        if self.response_format not in (None, {"type": "text"}):
-            raise InvalidRequestError("only response_format {\"type\": \"text\"} is supported",
-                                      param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true",
                                       param="top_logprobs")

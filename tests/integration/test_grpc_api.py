@@ -5,6 +5,7 @@ refusal has its status code, and cancellation or an expired deadline
 frees the request's KV blocks."""
 
 import asyncio
+import json
 import datetime
 import threading
 
@@ -125,6 +126,32 @@ def test_seeded_sampling_token_ids_and_chat_equal_the_engine(stub, refs):
     assert rs[-1].usage.prompt_tokens == len(ids)
 
 
+def test_structured_output(stub, refs):
+    eng = refs["tiny-qwen"]
+    schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]},
+                                               "v": {"type": "integer", "maximum": 50}},
+              "required": ["k", "v"], "additionalProperties": False}
+    prompt = [11, 12, 13, 200, 7]
+    for so, spec in [(pb.StructuredOutput(json_schema=json.dumps(schema)),
+                      {"type": "json", "value": json.dumps(schema)}),
+                     (pb.StructuredOutput(regex="[xyz]{4}"), {"type": "regex", "value": "[xyz]{4}"}),
+                     (pb.StructuredOutput(choice=pb.Choices(choices=["up", "down"])), None)]:
+        rs = generate(stub, model="tiny-qwen", token_ids=pb.TokenIds(ids=prompt),
+                      params=pb.SamplingParams(max_tokens=40, temperature=0.0, structured_output=so))
+        text = "".join(r.text for r in rs)
+        assert rs[-1].finish_reason == "stop"
+        if spec is not None:
+            ref = eng.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0,
+                                                        structured_output=spec))[0]
+            assert [t for r in rs for t in r.token_ids] == ref.token_ids
+        else:
+            assert text in ("up", "down")
+    rs = generate(stub, model="tiny-qwen", text="x", params=pb.SamplingParams(
+        max_tokens=100, seed=2, structured_output=pb.StructuredOutput(json_object=True)))
+    if rs[-1].finish_reason == "stop":
+        assert isinstance(json.loads("".join(r.text for r in rs)), dict)
+
+
 def test_concurrent_streams_on_two_models(server, refs):
     async def main():
         async with grpc.aio.insecure_channel(server.target) as ch:
@@ -190,6 +217,14 @@ P = pb.SamplingParams
     (dict(text="hi", params=P(logprobs=21)), "logprobs"),
     (dict(text="hi", params=P(logit_bias={5: 100.5})), "logit_bias"),
     (dict(text="hi", params=P(logit_bias={100000: 1.0})), "logit_bias"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(regex="(a"))),
+     "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_schema="[1]"))),
+     "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_object=False))),
+     "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(choice=pb.Choices()))),
+     "structured_output"),
     (dict(text=""), "prompt"),
     (dict(), "prompt"),
     (dict(token_ids=pb.TokenIds(ids=list(range(3, 303)))), "prompt"),

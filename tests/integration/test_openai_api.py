@@ -6,6 +6,7 @@ frees its KV blocks."""
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -186,6 +187,64 @@ def test_logit_bias_forces_and_bans_tokens(client, refs):
     assert [e.token for e in r.choices[0].logprobs.content] == token_strings(eng, [forced] * 5)
 
 
+PERSON = {"type": "object", "properties": {
+    "answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    "note": {"type": "string", "maxLength": 6}},
+    "required": ["answer", "count", "note"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema(client, refs, stream):
+    eng = refs["tiny-llama"]
+    spec = {"type": "json", "value": json.dumps(PERSON)}
+    ref = ref_run(refs, "tiny-llama", chat_prompt_ids(eng),
+                  SamplingParams(max_tokens=60, temperature=0.0, structured_output=spec))
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=60, temperature=0,
+                                       response_format=rf, stream=stream)
+    if stream:
+        chunks = list(r)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert (text, finish) == (ref.text, "stop")
+    obj = json.loads(text)
+    assert obj["answer"] in ("yes", "no") and 0 <= obj["count"] <= 99 and len(obj["note"]) <= 6
+
+
+def test_structured_outputs_with_the_official_client(client):
+    # the openai client's own structured-output path: a pydantic model in,
+    # a parsed instance out
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        confidence: int = Field(ge=0, le=10)
+
+    for seed in range(3):
+        r = client.beta.chat.completions.parse(model="tiny-llama", messages=CHAT, max_tokens=40,
+                                               temperature=1.0, seed=seed, response_format=Verdict)
+        v = r.choices[0].message.parsed
+        assert isinstance(v, Verdict) and 0 <= v.confidence <= 10
+    r = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=200, seed=1,
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_vllm_structured_outputs(client, refs):
+    for so, check in [({"choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+                      ({"regex": "[0-9]{3}-[a-z]{2}"}, lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+                      ({"grammar": 'start: "ok" | "no"'}, lambda t: t in ("ok", "no")),
+                      ({"json": PERSON}, lambda t: set(json.loads(t)) == set(PERSON["properties"]))]:
+        r = client.completions.create(model="tiny-llama", prompt="pick:", max_tokens=60, temperature=0.7,
+                                      seed=4, extra_body={"structured_outputs": so})
+        assert check(r.choices[0].text) and r.choices[0].finish_reason == "stop", (so, r.choices[0])
+
+
 def test_n_choices_are_seeded_siblings(client, refs):
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
     want = [ref_run(refs, "tiny-qwen", "a b c", choice_params(params, i)).text for i in range(3)]
@@ -299,6 +358,18 @@ INVALID = "invalid_request_error"
     (CH, {**OK_CH, "top_logprobs": 2}, "top_logprobs"),
     (CH, {**OK_CH, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CH, {**OK_CH, "tools": [{"type": "function"}]}, "tools"),
+    (CH, {**OK_CH, "response_format": {"type": "xml"}}, "response_format.type"),
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema"),
+    (CH, {**OK_CH, "response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format"),
+    (CH, {**OK_CH, "response_format": {"type": "json_object", "extra": 1}}, "response_format"),
+    (C, {**OK_C, "structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+    (C, {**OK_C, "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    (C, {**OK_C, "structured_outputs": {"choice": []}}, "structured_outputs"),
+    (C, {**OK_C, "structured_outputs": {"choice": ["a"]}, "response_format": {"type": "text"}},
+     "structured_outputs"),
     (CH, {**OK_CH, "chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(url, local, engines, path, body, param):
