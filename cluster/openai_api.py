@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health. Per request: API key -> body read up to the size limit ->
-JSON -> request model -> prompt token ids (chat template applied) ->
+JSON -> request model -> prompt token ids (chat template applied, with
+the tools; cluster.tool_calls) ->
 ``Backend.validate`` -> one backend stream per choice -> the first output
 awaited, so that refusals (overload, an unknown model) become HTTP
 statuses rather than broken streams -> one JSON body, or SSE chunks.
@@ -33,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from cluster import openai_schema as schema
 from cluster.backend import Backend, Overloaded, Unavailable, UnknownModel
 from cluster.openai_schema import ApiError, ChoiceState, parse_body, read_json
+from cluster.tool_calls import ToolRequest, template_messages, tool_request
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
 
@@ -225,10 +227,15 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
             raise ApiError(400, f"chat_template_kwargs may not set {bad[0][:50]!r}",
                            param="chat_template_kwargs", code="invalid_value")
         tokenizer = backend.tokenizer(body.model)
+        tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
+                             tokenizer.chat_template)
         text = tokenizer.apply_chat_template(
-            body.template_messages(), add_generation_prompt=body.add_generation_prompt, **kwargs)
+            template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
+            tools=tools.tools if tools else None, **kwargs)
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
         params = body.sampling_params(body.output_limit, body.logprobs_count)
+        if tools is not None:
+            params = _with_tools(params, tools)
         try:
             backend.validate(body.model, ids, params)
         except InvalidRequestError as e:
@@ -236,14 +243,28 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
             rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
                       "logprobs": "top_logprobs"}
             raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
-        return await _respond(request, backend, "chat", body, ids, params, t0)
+        return await _respond(request, backend, "chat", body, ids, params, t0, tools)
 
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
     return app
 
 
+def _with_tools(params: SamplingParams, tools: ToolRequest) -> SamplingParams:
+    """The sampling of a chat request with tools: a forced call constrains
+    the output; a format whose markers are special tokens keeps them."""
+    if tools.constraint is not None:
+        if params.structured_output is not None:
+            raise InvalidRequestError(
+                "tool_choice required or a named function cannot be combined with response_format "
+                "or structured_outputs", param="tool_choice")
+        return dataclasses.replace(params, structured_output=tools.constraint)
+    if tools.choice == "auto" and tools.parser.needs_special_tokens:
+        return dataclasses.replace(params, skip_special_tokens=False)
+    return params
+
+
 async def _respond(request: Request, backend: Backend, kind: str, body, ids: list[int],
-                   params, t0: float) -> Response:
+                   params, t0: float, tools: ToolRequest | None = None) -> Response:
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
@@ -263,7 +284,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, ids: lis
         timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                    "ingress_ttft_s": time.perf_counter() - t0}
     tokenizer = backend.tokenizer(body.model)
-    states = [ChoiceState(i, kind, tokenizer, params.logprobs is not None) for i in range(n)]
+    states = [ChoiceState(i, kind, tokenizer, params.logprobs is not None, tools and tools.calls())
+              for i in range(n)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": body.model}
     headers = {"x-request-id": rid}

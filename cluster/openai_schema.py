@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from cluster.tool_calls import ToolCalls
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.structured import check_spec, choice_spec, json_object_spec
@@ -267,10 +268,6 @@ class ChatCompletionRequest(_Common):
         super().check_supported()
         if not self.messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true",
                                       param="top_logprobs")
@@ -418,9 +415,11 @@ class ChoiceState:
     """One choice of a response: what its outputs added up to so far, and
     the OpenAI JSON of each output (streaming) and of the whole (final)."""
 
-    def __init__(self, index: int, kind: Kind, tokenizer: Tokenizer, want_logprobs: bool):
+    def __init__(self, index: int, kind: Kind, tokenizer: Tokenizer, want_logprobs: bool,
+                 tool_calls: ToolCalls | None = None):
         self.index, self.kind, self.tokenizer = index, kind, tokenizer
         self.want_logprobs = want_logprobs
+        self.tool_calls = tool_calls  # reads the output for calls (chat with tools)
         self.text = ""
         self.logprobs: list[dict] = []
         self.finish_reason: str | None = None
@@ -444,14 +443,28 @@ class ChoiceState:
         self.prompt_tokens = out["prompt_tokens"]
         self.completion_tokens = out["completion_tokens"]
         self.cached_tokens = out["cached_tokens"]
-        if not text and not out["finished"] and not (self.want_logprobs and lps):
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if self.tool_calls is not None:
+            delta = self._tool_delta(text, out["finished"])
+        if not delta and not out["finished"] and not (self.want_logprobs and lps):
             return None
         lp_obj = self._logprobs(lps) if self.want_logprobs else None
         if self.kind == "completion":
             return {"index": self.index, "text": text, "logprobs": lp_obj,
                     "finish_reason": self.finish_reason}
-        return {"index": self.index, "delta": {"content": text} if text else {},
-                "logprobs": lp_obj, "finish_reason": self.finish_reason}
+        return {"index": self.index, "delta": delta, "logprobs": lp_obj,
+                "finish_reason": self.finish_reason}
+
+    def _tool_delta(self, text: str, finished: bool) -> dict[str, Any]:
+        content, calls = self.tool_calls.feed(text)
+        if finished:
+            more, calls_at_end = self.tool_calls.finish()
+            content, calls = content + more, calls + calls_at_end
+            self.finish_reason = self.tool_calls.finish_reason(self.finish_reason)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
 
     def _logprobs(self, lps: list[dict]) -> dict:
         if self.kind == "chat":
@@ -469,5 +482,8 @@ class ChoiceState:
         if self.kind == "completion":
             return {"index": self.index, "text": self.text, "logprobs": lp_obj,
                     "finish_reason": self.finish_reason}
-        return {"index": self.index, "message": {"role": "assistant", "content": self.text},
-                "logprobs": lp_obj, "finish_reason": self.finish_reason}
+        message = {"role": "assistant", "content": self.text}
+        if self.tool_calls is not None:
+            message = self.tool_calls.message()
+        return {"index": self.index, "message": message, "logprobs": lp_obj,
+                "finish_reason": self.finish_reason}

@@ -357,7 +357,7 @@ INVALID = "invalid_request_error"
     (CH, {**OK_CH, "max_tokens": None, "max_completion_tokens": 1000}, "max_completion_tokens"),
     (CH, {**OK_CH, "top_logprobs": 2}, "top_logprobs"),
     (CH, {**OK_CH, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    (CH, {**OK_CH, "tools": [{"type": "function"}]}, "tools"),
+    (CH, {**OK_CH, "tools": [{"type": "function"}]}, "tools[0].function"),
     (CH, {**OK_CH, "response_format": {"type": "xml"}}, "response_format.type"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format.json_schema"),
