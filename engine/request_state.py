@@ -39,12 +39,24 @@ class RequestState:
         self.stop_ids = set(params.stop_token_ids or ())
         self.max_model_len = max_model_len
         self.detok = (
-            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            IncrementalDetokenizer(tokenizer, prompt[:split], params.skip_special_tokens)
             if tokenizer is not None else None
         )
         self.stop = StopChecker(list(params.stop or ()), params.include_stop_str_in_output)
-        self.text = ""
+        self.text = ""  # released so far, earlier output included
         self.logprobs: list[TokenLogprobs] = []
+        if self.detok is not None:
+            self._replay(prompt[split:])
+
+    def _replay(self, earlier: list[int]) -> None:
+        """Run the earlier output through the detokenizer and stop checker
+        without emitting it: the caller has its text already, except what
+        was held back (an unfinished character, a possible stop string's
+        start), which stays held here and is released, or completes a stop
+        string, with the next tokens, as on the replica that produced it."""
+        for token_id in earlier:
+            released, _ = self.stop.check(self.text, self.detok.step([token_id]))
+            self.text += released
 
     def prepare_sampling(self) -> SeqSamplingState:
         """The sampler reseeds seeded rows from (seed, output position), so a

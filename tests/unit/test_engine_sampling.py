@@ -68,3 +68,45 @@ def test_context_limits_are_invalid_requests(eng):
         eng.add_request(None, prompt_token_ids=[eng.model_cfg.vocab_size])
     assert e.value.param == "prompt"
     assert not eng.has_unfinished()
+
+
+def stream(eng, prompt, params):
+    """[(token ids, text)] of each step's output, and the finish reason."""
+    rid = eng.add_request(None, prompt_token_ids=prompt, params=params)
+    steps, reason = [], None
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.request_id == rid:
+                steps.append((out.new_token_ids, out.new_text))
+                reason = out.finish_reason if out.finished else reason
+    return steps, reason
+
+
+@pytest.mark.parametrize("completes", [True, False])
+def test_resume_keeps_text_held_for_a_stop_string(eng, completes):
+    """A replica holds back the start of a possible stop string; a request
+    resumed elsewhere after those tokens must release that text, or stop
+    on a stop string that straddles the resume point, exactly as the
+    uninterrupted request does."""
+    prompt = [3, 4, 5]
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    steps, _ = stream(eng, prompt, greedy)
+    texts = [t for _, t in steps]
+    k = next(i for i in range(2, len(texts) - 2)
+             if texts[i - 1].strip() and texts[i].strip() and "\ufffd" not in texts[i - 1] + texts[i])
+    # a stop string from the last character before the resume point into
+    # the first one after it, or one that never completes
+    stop = texts[k - 1][-1] + (texts[k][0] if completes else "\x00never")
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    whole, whole_reason = stream(eng, prompt, params)
+    want = "".join(t for _, t in whole)
+    ids = [t for s in whole for t in s[0]]
+    assert ids[:k + 1] == [t for s in steps[:k + 1] for t in s[0]]
+    sent_before = "".join(t for _, t in whole[:k])  # what the first replica had released
+    assert sent_before == "".join(texts[:k])[:-1]  # its last character held back
+    rest, reason = stream(eng, prompt + ids[:k], SamplingParams(
+        max_tokens=20 - k, temperature=0.0, ignore_eos=True, stop=[stop], resumed_tokens=k))
+    assert sent_before + "".join(t for _, t in rest) == want
+    assert reason == whole_reason == ("stop" if completes else "length")
+    assert [t for s in rest for t in s[0]] == ids[k:]
+    assert eng.kv.all_free()
