@@ -60,6 +60,7 @@ class LLMEngine:
             eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = tuple(sorted(eos))
         self.grammar = GrammarCompiler(self.tokenizer, self.model_cfg.vocab_size, self.eos_token_ids)
+        self.grammar.warm()  # no constrained request waits for the tokenizer view
         # Prefix caches are per engine (one model each), so no per-model salt:
         # the router hashes prompts with the same function and no salt.
         self.hash_salt = b""

@@ -115,9 +115,9 @@ def json_object_spec() -> dict[str, str]:
 
 
 class GrammarCompiler:
-    """One per engine: the tokenizer's llguidance view, built on first use
-    (a few ms for a 32k vocabulary, about a second for 128k+), and matchers
-    for requests."""
+    """One per engine: the tokenizer's llguidance view (a few ms to build
+    for a 32k vocabulary, about a second for 128k+; ``warm`` builds it at
+    start so that no request waits for it), and matchers for requests."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self._tokenizer = tokenizer
@@ -133,6 +133,13 @@ class GrammarCompiler:
             self._ll_tokenizer = llg.LLTokenizer(backend.to_str(), n_vocab=n_vocab,
                                                  eos_token=self._eos or None)
         return self._ll_tokenizer
+
+    def warm(self) -> None:
+        """Build the tokenizer view now (when llguidance is installed)."""
+        try:
+            self._ll()
+        except InvalidRequestError:  # llguidance missing: constrained requests are refused
+            pass
 
     def matcher(self, spec: dict[str, str], prior_tokens: list[int] = ()) -> "GrammarMatcher":
         """A matcher for ``spec`` that has consumed ``prior_tokens`` (output

@@ -252,3 +252,8 @@ def test_min_tokens_counts_only_new_tokens_after_a_resume(engine):
                        resumed_tokens=6)
     r = engine.generate([PROMPTS[2]], p)[0]
     assert len(r.token_ids) == 5 and r.token_ids[-1] == eos and r.finish_reason == "stop"
+
+
+def test_tokenizer_view_is_built_when_the_engine_starts(llama):
+    # the first constrained request must not pay for it inside a batch step
+    assert make(llama).grammar._ll_tokenizer is not None
