@@ -2,7 +2,8 @@
 ``grpc.health.v1`` health service, over a ``Backend``.
 
 Generate, per call: API key (interceptor) -> prompt token ids (text
-tokenized, or the chat template applied to messages) -> ``Backend.validate``
+tokenized, or the chat template applied to messages and tools) ->
+``Backend.validate``
 -> the backend stream, forwarded one response per output. The handler's
 task is cancelled when the client cancels or its deadline passes; closing
 the backend stream then cancels the request and frees its KV blocks.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import time
@@ -31,6 +33,7 @@ from cluster.backend import Backend, Overloaded, Unavailable, UnknownModel
 from cluster.proto import health_pb2, health_pb2_grpc
 from cluster.proto import splitserve_pb2 as pb
 from cluster.proto import splitserve_pb2_grpc as pb_grpc
+from cluster.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
 from engine.structured import check_spec, choice_spec, json_object_spec
@@ -118,15 +121,67 @@ def _structured_spec(so: pb.StructuredOutput) -> dict[str, str] | None:
 
 
 def _messages(msgs) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in msgs]
+    out = []
+    for m in msgs:
+        d = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                               for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    try:
+        return template_messages(out)
+    except InvalidRequestError as e:  # name this API's fields: a ToolCall has no "function"
+        raise InvalidRequestError(str(e).replace(".function", ""),
+                                  param=(e.param or "").replace(".function", "")) from None
 
 
-def _response(out: dict, request_id: str, timings: dict[str, float] | None) -> pb.GenerateResponse:
+def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | None:
+    """The request's tool calling (cluster.tool_calls), errors naming this
+    API's fields."""
+    if not req.messages and (req.tools or req.tool_choice or req.tool_function):
+        raise InvalidRequestError("tools need a chat (messages)", param="tools")
+    tools = []
+    for i, t in enumerate(req.tools):
+        fn = {"name": t.name, "description": t.description}
+        if t.parameters:
+            try:
+                fn["parameters"] = json.loads(t.parameters)
+            except (ValueError, RecursionError):
+                raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
+                                          param=f"tools[{i}].parameters") from None
+        tools.append({"type": "function", "function": fn})
+    if req.tool_choice and req.tool_function:
+        raise InvalidRequestError("set tool_choice or tool_function, not both", param="tool_function")
+    choice = ({"type": "function", "function": {"name": req.tool_function}} if req.tool_function
+              else req.tool_choice or None)
+    parallel = req.parallel_tool_calls if req.HasField("parallel_tool_calls") else None
+    try:
+        return tool_request(tools or None, choice, parallel, chat_template)
+    except InvalidRequestError as e:
+        param = (e.param or "").replace(".function", "")  # a Tool has no "function"
+        if req.tool_function and param == "tool_choice":
+            param = "tool_function"
+        raise InvalidRequestError(str(e), param=param) from None
+
+
+def _response(out: dict, request_id: str, timings: dict[str, float] | None,
+              calls: ToolCalls | None = None) -> pb.GenerateResponse:
+    text, reason = out["text"], out["finish_reason"]
+    deltas: list[dict] = []
+    if calls is not None:
+        text, deltas, reason = calls.step(text, out["finished"], reason)
     r = pb.GenerateResponse(
-        request_id=request_id, token_ids=out["token_ids"], text=out["text"],
-        finish_reason=(out["finish_reason"] or "") if out["finished"] else "",
+        request_id=request_id, token_ids=out["token_ids"], text=text,
+        finish_reason=(reason or "") if out["finished"] else "",
         usage=pb.Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
                        cached_tokens=out["cached_tokens"]))
+    for d in deltas:
+        fn = d["function"]
+        r.tool_calls.add(index=d["index"], id=d.get("id", ""), name=fn.get("name", ""),
+                         arguments=fn.get("arguments", ""))
     for lp in out.get("logprobs") or ():
         r.logprobs.add(token_id=lp["token_id"], logprob=lp["logprob"],
                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
@@ -139,13 +194,14 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, backend: Backend):
         self.backend = backend
 
-    def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+    def _prompt_ids(self, req: pb.GenerateRequest, tools: ToolRequest | None) -> list[int]:
         tokenizer = self.backend.tokenizer(req.model)
         which = req.WhichOneof("prompt")
         if req.messages:
             if which is not None:
                 raise InvalidRequestError("send either a prompt or messages, not both", param="messages")
-            text = tokenizer.apply_chat_template(_messages(req.messages))
+            text = tokenizer.apply_chat_template(_messages(req.messages),
+                                                 tools=tools.tools if tools else None)
             return tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
         if which == "text":
             if not req.text:
@@ -158,8 +214,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         try:
-            ids = self._prompt_ids(request)
+            tools = _tools(request, self.backend.tokenizer(request.model).chat_template)
+            ids = self._prompt_ids(request, tools)
             params = sampling_params(request.params)
+            if tools is not None:
+                params = tools.sampling(params)
             try:
                 self.backend.validate(request.model, ids, params)
             except InvalidRequestError as e:
@@ -173,6 +232,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         request_id = request.request_id or backend_id
         prepare_s = time.perf_counter() - t0
         stream = self.backend.generate(request.model, backend_id, ids, params)
+        calls = tools.calls() if tools is not None else None
         failure = None
         try:
             first = True
@@ -184,7 +244,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     timings = {**backend_timings, "ingress_prepare_s": prepare_s,
                                "ingress_ttft_s": time.perf_counter() - t0}
                     first = False
-                yield _response(out, request_id, timings)
+                yield _response(out, request_id, timings, calls)
         except Exception as e:  # noqa: BLE001 - reported as the call's status below
             failure = e
         finally:

@@ -235,7 +235,7 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
         params = body.sampling_params(body.output_limit, body.logprobs_count)
         if tools is not None:
-            params = _with_tools(params, tools)
+            params = tools.sampling(params)
         try:
             backend.validate(body.model, ids, params)
         except InvalidRequestError as e:
@@ -247,20 +247,6 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
 
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
     return app
-
-
-def _with_tools(params: SamplingParams, tools: ToolRequest) -> SamplingParams:
-    """The sampling of a chat request with tools: a forced call constrains
-    the output; a format whose markers are special tokens keeps them."""
-    if tools.constraint is not None:
-        if params.structured_output is not None:
-            raise InvalidRequestError(
-                "tool_choice required or a named function cannot be combined with response_format "
-                "or structured_outputs", param="tool_choice")
-        return dataclasses.replace(params, structured_output=tools.constraint)
-    if tools.choice == "auto" and tools.parser.needs_special_tokens:
-        return dataclasses.replace(params, skip_special_tokens=False)
-    return params
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, ids: list[int],

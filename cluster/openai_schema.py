@@ -456,11 +456,7 @@ class ChoiceState:
                 "finish_reason": self.finish_reason}
 
     def _tool_delta(self, text: str, finished: bool) -> dict[str, Any]:
-        content, calls = self.tool_calls.feed(text)
-        if finished:
-            more, calls_at_end = self.tool_calls.finish()
-            content, calls = content + more, calls + calls_at_end
-            self.finish_reason = self.tool_calls.finish_reason(self.finish_reason)
+        content, calls, self.finish_reason = self.tool_calls.step(text, finished, self.finish_reason)
         delta: dict[str, Any] = {"content": content} if content else {}
         if calls:
             delta["tool_calls"] = calls

@@ -28,6 +28,7 @@ by ``length``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
 from engine.structured import check_spec
 
 MAX_TOOLS = 128
@@ -171,6 +173,19 @@ class ToolRequest:
 
     def calls(self) -> "ToolCalls | None":
         return None if self.choice == "none" else ToolCalls(self)
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """The request's sampling with its tools: a forced call constrains
+        the output; a format whose markers are special tokens keeps them."""
+        if self.constraint is not None:
+            if params.structured_output is not None:
+                raise InvalidRequestError(
+                    "a forced tool call (required or a named function) cannot be combined with "
+                    "a structured output format", param="tool_choice")
+            return dataclasses.replace(params, structured_output=self.constraint)
+        if self.choice == "auto" and self.parser.needs_special_tokens:
+            return dataclasses.replace(params, skip_special_tokens=False)
+        return params
 
 
 def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
@@ -311,6 +326,14 @@ class ToolCalls:
         self.sent = 0  # output text decided (sent as content, or taken by calls)
         self.capturing = req.choice != "auto"
         self.calls: list[dict[str, Any]] = []
+
+    def step(self, text: str, finished: bool, reason: str | None) -> tuple[str, list[dict], str | None]:
+        """One output delta: (content, tool_calls deltas, finish reason)."""
+        content, calls = self.feed(text)
+        if finished:
+            more, calls_at_end = self.finish()
+            content, calls, reason = content + more, calls + calls_at_end, self.finish_reason(reason)
+        return content, calls, reason
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self.text += text

@@ -18,8 +18,9 @@ from cluster.grpc_api import HealthService, sampling_params, start_grpc_server, 
 from cluster.proto import health_pb2, health_pb2_grpc
 from cluster.proto import splitserve_pb2 as pb
 from cluster.proto import splitserve_pb2_grpc as pb_grpc
+from cluster.tool_calls import template_messages
 from engine.sampling_params import SamplingParams
-from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
+from tests.integration.api_fixtures import engines, local, make_engine, paths, refs, wait_until  # noqa: F401
 
 KEY = "grpc-test-key"
 MD = (("authorization", f"Bearer {KEY}"),)
@@ -152,6 +153,57 @@ def test_structured_output(stub, refs):
         assert isinstance(json.loads("".join(r.text for r in rs)), dict)
 
 
+WEATHER = pb.Tool(name="get_weather", description="Weather of a city", parameters=json.dumps({
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"], "additionalProperties": False}))
+HERMES_CALL = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,8}"\}\}\n'
+               r'</tool_call>')
+
+
+def test_tool_calls(stub, paths):
+    # the default model ("slow"): its context holds the tool definitions
+    eng = make_engine(paths["slow"], "slow")
+    tools = [{"type": "function", "function": {"name": WEATHER.name, "description": WEATHER.description,
+                                               "parameters": json.loads(WEATHER.parameters)}}]
+    ask = [{"role": "user", "content": "weather?"}]
+
+    def ref(msgs, **sp):
+        text = eng.tokenizer.apply_chat_template(template_messages(msgs), tools=tools)
+        ids = eng.tokenizer.encode(text, add_special_tokens=False)
+        return eng.generate([ids], SamplingParams(temperature=0.0, **sp))[0]
+
+    def call(msgs, **kw):
+        return generate(stub, model="slow", messages=[pb.ChatMessage(**m) for m in msgs], tools=[WEATHER],
+                        params=pb.SamplingParams(max_tokens=60, temperature=0.0, **kw.pop("sp", {})), **kw)
+
+    # a named function: the constrained output is the call's arguments, streamed
+    want = ref(ask, max_tokens=60, structured_output={"type": "json", "value": WEATHER.parameters})
+    rs = call(ask, tool_function="get_weather")
+    deltas = [c for r in rs for c in r.tool_calls]
+    assert deltas[0].id.startswith("call_") and deltas[0].name == "get_weather"
+    assert {c.index for c in deltas} == {0} and all(not c.id for c in deltas[1:])
+    assert "".join(c.arguments for c in deltas) == want.text and set(json.loads(want.text)) == {"city"}
+    assert "".join(r.text for r in rs) == "" and rs[-1].finish_reason == "stop"
+    assert [t for r in rs for t in r.token_ids] == want.token_ids
+    # auto: a call the model writes (made to, by a regex) is parsed out of the text
+    rs = call(ask, sp={"structured_output": pb.StructuredOutput(regex=HERMES_CALL)})
+    (c,) = [c for r in rs for c in r.tool_calls]
+    assert c.name == "get_weather" and set(json.loads(c.arguments)) == {"city"}
+    assert "".join(r.text for r in rs) == "" and rs[-1].finish_reason == "tool_calls"
+    # a conversation carrying a call and its result renders as the template says
+    msgs = [*ask, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    want = ref(msgs, max_tokens=5)
+    rs = generate(stub, model="slow", tools=[WEATHER], params=pb.SamplingParams(max_tokens=5, temperature=0.0),
+                  messages=[pb.ChatMessage(role="user", content="weather?"),
+                            pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(
+                                id="call_1", name="get_weather", arguments='{"city": "oslo"}')]),
+                            pb.ChatMessage(role="tool", tool_call_id="call_1", content="sunny")])
+    assert [t for r in rs for t in r.token_ids] == want.token_ids
+    assert "".join(r.text for r in rs) == want.text
+
+
 def test_concurrent_streams_on_two_models(server, refs):
     async def main():
         async with grpc.aio.insecure_channel(server.target) as ch:
@@ -204,6 +256,7 @@ def test_tokenize_list_models_and_health(stub, channel, refs, health, server):
 # -- status codes ----------------------------------------------------------------
 
 P = pb.SamplingParams
+HI = [pb.ChatMessage(role="user", content="hi")]
 
 
 @pytest.mark.parametrize("kw,param", [
@@ -232,6 +285,18 @@ P = pb.SamplingParams
     (dict(messages=[pb.ChatMessage(role="user", content="x " * 1000)]), "messages"),
     (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages"),
     (dict(text="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "messages"),
+    (dict(text="hi", tools=[WEATHER]), "tools"),
+    (dict(messages=HI, tools=[pb.Tool(name="a b")]), "tools[0].name"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters="{x")]), "tools[0].parameters"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='"s"')]), "tools[0].parameters"),
+    (dict(messages=HI, tool_choice="required"), "tool_choice"),
+    (dict(messages=HI, tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+    (dict(messages=HI, tools=[WEATHER], tool_function="nope"), "tool_function"),
+    (dict(messages=HI, tools=[WEATHER], tool_function="get_weather", tool_choice="auto"), "tool_function"),
+    (dict(messages=HI, tools=[WEATHER], tool_choice="required",
+          params=P(structured_output=pb.StructuredOutput(json_object=True))), "tool_choice"),
+    (dict(messages=[pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(name="f", arguments="{x")])]),
+     "messages[0].tool_calls[0].arguments"),
 ])
 def test_invalid_arguments_name_the_field(stub, local, engines, kw, param):
     err = code_of(lambda: generate(stub, model="tiny-llama", **kw))
