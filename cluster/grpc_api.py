@@ -138,14 +138,11 @@ def _messages(msgs) -> list[dict]:
                                   param=(e.param or "").replace(".function", "")) from None
 
 
-def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | None:
-    """The request's tool calling (cluster.tool_calls), errors naming this
-    API's fields."""
-    if not req.messages and (req.tools or req.tool_choice or req.tool_function):
-        raise InvalidRequestError("tools need a chat (messages)", param="tools")
+def _tool_list(pb_tools) -> list[dict]:
+    """Tools in OpenAI's form (what chat templates and cluster.tool_calls take)."""
     tools = []
-    for i, t in enumerate(req.tools):
-        fn = {"name": t.name, "description": t.description}
+    for i, t in enumerate(pb_tools):
+        fn = {"name": t.name, **({"description": t.description} if t.description else {})}
         if t.parameters:
             try:
                 fn["parameters"] = json.loads(t.parameters)
@@ -153,6 +150,23 @@ def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | 
                 raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
                                           param=f"tools[{i}].parameters") from None
         tools.append({"type": "function", "function": fn})
+    return tools
+
+
+def _template_tools(pb_tools) -> list[dict]:
+    """Checked tools for rendering a chat (Tokenize)."""
+    try:
+        return tool_request(_tool_list(pb_tools), "none", None, None).tools
+    except InvalidRequestError as e:
+        raise InvalidRequestError(str(e), param=(e.param or "").replace(".function", "")) from None
+
+
+def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | None:
+    """The request's tool calling (cluster.tool_calls), errors naming this
+    API's fields."""
+    if not req.messages and (req.tools or req.tool_choice or req.tool_function):
+        raise InvalidRequestError("tools need a chat (messages)", param="tools")
+    tools = _tool_list(req.tools)
     if req.tool_choice and req.tool_function:
         raise InvalidRequestError("set tool_choice or tool_function, not both", param="tool_function")
     choice = ({"type": "function", "function": {"name": req.tool_function}} if req.tool_function
@@ -259,9 +273,12 @@ class GenerationService(pb_grpc.GenerationServicer):
             if request.messages:
                 if request.text:
                     raise InvalidRequestError("send either text or messages, not both", param="messages")
-                prompt = tokenizer.apply_chat_template(_messages(request.messages))
+                tools = _template_tools(request.tools) if request.tools else None
+                prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools)
                 ids = tokenizer.encode(prompt, add_special_tokens=False)
             else:
+                if request.tools:
+                    raise InvalidRequestError("tools need a chat (messages)", param="tools")
                 prompt = ""
                 add = request.add_special_tokens if request.HasField("add_special_tokens") else True
                 ids = tokenizer.encode(request.text, add_special_tokens=add)

@@ -233,6 +233,15 @@ def test_tokenize_list_models_and_health(stub, channel, refs, health, server):
                       metadata=MD)
     assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}])
     assert list(r.token_ids) == tok.encode(r.prompt, add_special_tokens=False)
+    r = stub.Tokenize(pb.TokenizeRequest(model="tiny-llama", messages=[pb.ChatMessage(role="user", content="yo")],
+                                         tools=[pb.Tool(name="f")]), metadata=MD)
+    assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}], tools=[
+        {"type": "function", "function": {"name": "f"}}])
+    for bad, param in [(dict(text="yo"), "tools"),
+                       (dict(messages=[pb.ChatMessage(role="user", content="yo")]), "tools[0].name")]:
+        err = code_of(lambda: stub.Tokenize(pb.TokenizeRequest(
+            model="tiny-llama", tools=[pb.Tool(name="a b")], **bad), metadata=MD))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(f"{param}: ")
     models = stub.ListModels(pb.ListModelsRequest(), metadata=MD).models
     assert [(m.name, m.max_model_len) for m in models] == [("tiny-llama", 256), ("tiny-qwen", 256), ("slow", 2048)]
 
