@@ -97,13 +97,10 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
 
 
 def _structured(so: pb.StructuredOutput) -> dict[str, str] | None:
-    try:
-        spec = _structured_spec(so)
-        if spec is not None:
-            check_spec(spec)  # here, to name this API's field
-        return spec
-    except InvalidRequestError as e:
-        raise InvalidRequestError(str(e), param="structured_output") from None
+    spec = _structured_spec(so)
+    if spec is not None:
+        check_spec(spec, "structured_output")  # here, to name this API's field
+    return spec
 
 
 def _structured_spec(so: pb.StructuredOutput) -> dict[str, str] | None:
@@ -116,7 +113,7 @@ def _structured_spec(so: pb.StructuredOutput) -> dict[str, str] | None:
                                       param="structured_output")
         return json_object_spec()
     if kind == "choice":
-        return choice_spec(list(so.choice.choices))
+        return choice_spec(list(so.choice.choices), "structured_output")
     return {"type": {"json_schema": "json"}.get(kind, kind), "value": getattr(so, kind)}
 
 
@@ -133,9 +130,15 @@ def _messages(msgs) -> list[dict]:
         out.append(d)
     try:
         return template_messages(out)
-    except InvalidRequestError as e:  # name this API's fields: a ToolCall has no "function"
-        raise InvalidRequestError(str(e).replace(".function", ""),
-                                  param=(e.param or "").replace(".function", "")) from None
+    except InvalidRequestError as e:
+        raise _grpc_fields(e) from None
+
+
+def _grpc_fields(e: InvalidRequestError) -> InvalidRequestError:
+    """An error of cluster.tool_calls naming this API's fields: a Tool or a
+    ToolCall has no "function" level (``tools[0].name``, not
+    ``tools[0].function.name``)."""
+    return InvalidRequestError(str(e).replace(".function", ""), param=(e.param or "").replace(".function", ""))
 
 
 def _tool_list(pb_tools) -> list[dict]:
@@ -158,7 +161,7 @@ def _template_tools(pb_tools) -> list[dict]:
     try:
         return tool_request(_tool_list(pb_tools), "none", None, None).tools
     except InvalidRequestError as e:
-        raise InvalidRequestError(str(e), param=(e.param or "").replace(".function", "")) from None
+        raise _grpc_fields(e) from None
 
 
 def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | None:
@@ -175,10 +178,10 @@ def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | 
     try:
         return tool_request(tools or None, choice, parallel, chat_template)
     except InvalidRequestError as e:
-        param = (e.param or "").replace(".function", "")  # a Tool has no "function"
-        if req.tool_function and param == "tool_choice":
-            param = "tool_function"
-        raise InvalidRequestError(str(e), param=param) from None
+        e = _grpc_fields(e)
+        if req.tool_function and e.param == "tool_choice":
+            e = InvalidRequestError(str(e), param="tool_function")
+        raise e from None
 
 
 def _response(out: dict, request_id: str, timings: dict[str, float] | None,

@@ -61,17 +61,16 @@ class ToolParser:
     at_start_only: bool = False  # a marker counts only at the start of the output
     needs_special_tokens: bool = False  # the marker is a special token
 
-    def extract(self, text: str) -> tuple[str, list[tuple[str, str]]] | None:
-        """(content before the calls, [(name, arguments JSON)]), or None when
-        ``text`` holds no well-formed calls."""
+    def extract(self, text: str) -> list[tuple[str, str]] | None:
+        """The calls in ``text`` as [(name, arguments JSON)], or None when it
+        holds no well-formed calls."""
         start = self.find(text)
         if start is None:
             return None
         try:
-            calls = _PARSE[self.name](text[start:])
+            return _PARSE[self.name](text[start:]) or None
         except _BAD_OUTPUT:
             return None
-        return (text[:start], calls) if calls else None
 
     def find(self, text: str) -> int | None:
         if self.at_start_only:
@@ -272,10 +271,7 @@ def tool_request(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
 
 def _checked_json(schema: dict[str, Any], param: str) -> dict[str, str]:
     spec = {"type": "json", "value": json.dumps(schema)}
-    try:
-        check_spec(spec)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(str(e), param=param) from None
+    check_spec(spec, param)
     return spec
 
 
@@ -390,8 +386,7 @@ class ToolCalls:
                 return [_call(obj) for obj in array] or None
             except _BAD_OUTPUT:
                 return None
-        found = self.req.parser.extract(self.text)
-        return None if found is None else found[1]
+        return self.req.parser.extract(self.text)
 
     def finish_reason(self, reason: str | None) -> str | None:
         if reason == "stop" and self.calls and self.req.choice != "named":

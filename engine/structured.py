@@ -59,25 +59,26 @@ def _limits():
                                         step_lexer_fuel=200_000, initial_lexer_fuel=1_000_000)
 
 
-def check_spec(spec: Any) -> None:
+def check_spec(spec: Any, param: str = PARAM) -> None:
     """Raise InvalidRequestError unless ``spec`` is a well-formed
-    ``{"type", "value"}`` constraint whose grammar compiles."""
+    ``{"type", "value"}`` constraint whose grammar compiles; the error names
+    ``param`` (the field the client wrote it in)."""
     if not isinstance(spec, dict) or set(spec) != {"type", "value"}:
         raise InvalidRequestError(
-            "structured_output must be {\"type\": kind, \"value\": text}", param=PARAM)
+            "structured_output must be {\"type\": kind, \"value\": text}", param=param)
     kind, value = spec["type"], spec["value"]
     if kind not in KINDS:
         raise InvalidRequestError(f"structured output type must be one of {', '.join(KINDS)}, "
-                                  f"got {str(kind)[:40]!r}", param=PARAM)
+                                  f"got {str(kind)[:40]!r}", param=param)
     if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"the {kind} constraint must be a non-empty string", param=PARAM)
+        raise InvalidRequestError(f"the {kind} constraint must be a non-empty string", param=param)
     if len(value) > MAX_SPEC_CHARS:
         raise InvalidRequestError(
             f"the {kind} constraint is {len(value)} characters; at most {MAX_SPEC_CHARS}",
-            param=PARAM)
+            param=param)
     error = _compile_error(kind, value)
     if error:
-        raise InvalidRequestError(f"invalid {kind} constraint: {error}"[:600], param=PARAM)
+        raise InvalidRequestError(f"invalid {kind} constraint: {error}"[:600], param=param)
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,14 +211,14 @@ def apply_masks(x: Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> N
 MAX_CHOICES = 256
 
 
-def choice_spec(choices: Any) -> dict[str, str]:
+def choice_spec(choices: Any, param: str = PARAM) -> dict[str, str]:
     """A constraint whose output is exactly one of ``choices`` (strings)."""
     if not isinstance(choices, list) or not choices:
-        raise InvalidRequestError("choice must be a non-empty list of strings", param=PARAM)
+        raise InvalidRequestError("choice must be a non-empty list of strings", param=param)
     if len(choices) > MAX_CHOICES:
         raise InvalidRequestError(f"choice takes at most {MAX_CHOICES} strings, got {len(choices)}",
-                                  param=PARAM)
+                                  param=param)
     if any(not isinstance(c, str) or not c for c in choices):
-        raise InvalidRequestError("choice entries must be non-empty strings", param=PARAM)
+        raise InvalidRequestError("choice entries must be non-empty strings", param=param)
     # Lark string literals take JSON's escapes
     return {"type": "grammar", "value": "start: " + " | ".join(json.dumps(c) for c in choices)}
