@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_handoff import export_layers, export_meta, import_kv
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.fixtures.handoff import handoff_generate
 
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -92,23 +92,7 @@ def test_forced_preemption(family):
 def test_export_import_into_second_engine(family):
     path, prompts, want = family
     src, dst = make(path), make(path)
-    for i, p in enumerate(prompts):
-        rid = f"r{i}"
-        src.add_request(rid, prompt_token_ids=p, params=GREEDY, prefill_only=True)
-    while src.has_unfinished():
-        src.step()
-    out = {}
-    for i in range(len(prompts)):
-        rid = f"r{i}"
-        meta = export_meta(src, rid)
-        buf = export_layers(src, rid, 0, src.model_cfg.num_layers)
-        _, first = import_kv(dst, meta, buf)
-        src.release(rid)
-        out[rid] = list(first.new_token_ids)
-    while dst.has_unfinished():
-        for o in dst.step():
-            out[o.request_id] += o.new_token_ids
-    assert [out[f"r{i}"] for i in range(len(prompts))] == want
+    assert handoff_generate(src, dst, prompts, GREEDY) == want
     assert src.kv.all_free() and dst.kv.all_free()
 
 

@@ -13,11 +13,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.kv_handoff import export_layers, export_meta, import_kv
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, json_object_spec
 from tests.fixtures.checkpoints import hf_model
+from tests.fixtures.handoff import handoff_generate
 
 llg = pytest.importorskip("llguidance")
 
@@ -164,20 +164,7 @@ def test_handoff_continues_the_constraint(llama, engine):
                                            structured_output=JSON), greedy(LARK)]
     want = [r.token_ids for r in engine.generate(PROMPTS[:3], params)]
     src, dst = make(llama), make(llama)
-    for i, (p, sp) in enumerate(zip(PROMPTS, params)):
-        src.add_request(f"r{i}", prompt_token_ids=p, params=sp, prefill_only=True)
-    while src.has_unfinished():
-        src.step()
-    out = {}
-    for i in range(len(params)):
-        meta = export_meta(src, f"r{i}")
-        _, first = import_kv(dst, meta, export_layers(src, f"r{i}", 0, src.model_cfg.num_layers))
-        src.release(f"r{i}")
-        out[f"r{i}"] = list(first.new_token_ids)
-    while dst.has_unfinished():
-        for o in dst.step():
-            out[o.request_id] += o.new_token_ids
-    assert [out[f"r{i}"] for i in range(len(params))] == want
+    assert handoff_generate(src, dst, PROMPTS[:3], params) == want
     assert src.kv.all_free() and dst.kv.all_free()
 
 
