@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import ops
+from splitserve_kernels import ops
 
 
 @dataclass

@@ -29,7 +29,7 @@ from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import ChunkHeader, KVLayout, KVSink
 from engine.transfer.errors import MessageTooLarge, UnknownHandoffError
-from kernels import ops
+from splitserve_kernels import ops
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float8_e4m3fn: "float8_e4m3fn"}

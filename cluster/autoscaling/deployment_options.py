@@ -12,6 +12,7 @@ delays) keeps the replicas and their ids.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,8 @@ from typing import Any
 from cluster.autoscaling.serve_policy import POLICY_PATH
 from cluster.config import PoolSpec
 
-# the packages a replica runs; their source is part of its version
-_CODE_PACKAGES = ("kernels", "engine", "prefill", "decode", "router", "cluster")
-_ROOT = Path(__file__).resolve().parents[2]
+# the packages a replica runs (import names); their source is part of its version
+_CODE_PACKAGES = ("splitserve_kernels", "engine", "prefill", "decode", "router", "cluster")
 
 
 def serve_autoscaling_config(pool: PoolSpec, role: str, model: str) -> dict[str, Any]:
@@ -47,8 +47,10 @@ def code_fingerprint() -> str:
     """Digest of the source of every package a replica imports."""
     h = hashlib.blake2b(digest_size=8)
     for pkg in _CODE_PACKAGES:
-        for f in sorted((_ROOT / pkg).rglob("*.py")):
-            h.update(str(f.relative_to(_ROOT)).encode())
+        # wherever it is installed (a source tree or site-packages)
+        root = Path(list(importlib.import_module(pkg).__path__)[0])
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
 

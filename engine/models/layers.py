@@ -16,7 +16,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention_layer
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
-from kernels import ops
+from splitserve_kernels import ops
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:

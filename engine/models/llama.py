@@ -24,7 +24,7 @@ from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
 from engine.models.rope import build_cos_sin_cache
-from kernels import ops
+from splitserve_kernels import ops
 
 # Checkpoint entries that are not weights of this implementation but that
 # older exports carry; skipped on load.

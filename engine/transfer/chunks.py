@@ -1,7 +1,7 @@
 """Checks and byte views shared by every transport.
 
 A chunk is one contiguous KV buffer for a layer range, as made by
-``kernels.ops.pack_kv``: ``[layer_end - layer_start, 2, n, BS, Hk, D]``.
+``splitserve_kernels.ops.pack_kv``: ``[layer_end - layer_start, 2, n, BS, Hk, D]``.
 On the wire it is only its raw bytes; the header says how to view them
 again. Senders and receivers of every transport run the same checks here so
 that a malformed chunk fails the same way whatever carried it.

@@ -7,7 +7,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kernels import dispatch
+from splitserve_kernels import dispatch
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 pytest.importorskip("triton")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from kernels import reference as ref
+from splitserve_kernels import reference as ref
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams

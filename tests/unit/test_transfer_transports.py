@@ -17,7 +17,7 @@ from engine.transfer.chunks import NO_CHECKSUM, as_bytes
 from engine.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
                                     PeerUnavailable, TransferAuthError, TransferTimeout,
                                     UnknownHandoffError)
-from kernels import ops
+from splitserve_kernels import ops
 from tests.unit.transfer_sinks import CacheSink, RecordingSink
 
 pytestmark = pytest.mark.timeout(60)

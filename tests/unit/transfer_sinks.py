@@ -11,7 +11,7 @@ import torch
 
 from engine.transfer.base import ChunkHeader, KVSink
 from engine.transfer.errors import UnknownHandoffError
-from kernels import ops
+from splitserve_kernels import ops
 
 
 class RecordingSink(KVSink):
