@@ -9,6 +9,13 @@ batch with no padding); and N concurrent requests of varied prompt and
 output lengths (a serving workload: transformers pads and runs each static
 batch to its longest output, the engine batches continuously).
 
+Beside the ratios it prints the roofline: the matmul FLOPs each workload
+needs (each request's own tokens only: linear layers, the vocabulary
+projection once per output token, attention over the context), the rate
+each side reached, that rate as a fraction of this device's large-matmul
+peak measured in the same run, and the compute ceiling: the ratio to transformers
+an engine reaching the peak would have.
+
     python benchmarks/bench_engine.py --out bench-results/engine.json
 """
 
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_engine_roofline import matmul_peak
 from benchmarks.common import table, write_record
 
 SHAPES = {
@@ -50,6 +58,24 @@ def build_checkpoint(out: Path, shape: str, dtype: str) -> Path:
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1000, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def workload_flops(shape: str, ps: list[list[int]], max_new) -> float:
+    """Matmul FLOPs of serving ``ps`` with these output lengths, padding-free:
+    every prompt token and every fed-back output token through each layer's
+    projections and MLP, the vocabulary projection for each output token,
+    and QK^T + PV over the tokens before it."""
+    s = SHAPES[shape]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
+    per_token = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    outs = max_new if isinstance(max_new, list) else [max_new] * len(ps)
+    total = 0.0
+    for p, n_out in zip(ps, outs):
+        fed = len(p) + n_out - 1
+        total += per_token * fed + 2 * h * s["vocab_size"] * n_out
+        total += 4 * layers * h * fed * (fed + 1) / 2  # position t attends to t+1 tokens
+    return total
 
 
 def hf_runner(path: Path, device: str):
@@ -123,7 +149,9 @@ def main() -> None:
         warm = prompts(1, args.prompt_len, vocab, seed=99)
         hf(warm, 2, 1)
         en(warm, 2, 1)
-        rows, results = [], {}
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        peak = matmul_peak(device, dtype, 2048, 3)
+        rows, results, measured = [], {}, []
         rng = random.Random(0)
         n = args.requests
         varied = [[rng.randrange(1000, vocab) for _ in range(rng.randint(8, 2 * args.prompt_len))]
@@ -142,16 +170,29 @@ def main() -> None:
                 best_hf = max(best_hf, k / t)
                 t, k = en(ps, outs, batch)
                 best_en = max(best_en, k / t)
-            rows.append([label, best_hf, best_en, best_en / best_hf])
-            results[label] = {"transformers_tok_s": best_hf, "engine_tok_s": best_en,
-                              "ratio": best_en / best_hf, "requests": len(ps), "batch": batch}
-    print(f"shape={args.shape} device={args.device} prompt_len={args.prompt_len} "
-          f"max_new={args.max_new}")
-    print(table(rows, ["workload", "transformers tok/s", "splitserve tok/s", "ratio"]))
+            # FLOPs per output token: the workload's FLOPs spread over its output
+            per_tok = workload_flops(args.shape, ps, outs) / sum(
+                outs if isinstance(outs, list) else [outs] * len(ps))
+            measured.append((label, best_hf, best_en, per_tok, len(ps), batch))
+        peak = max(peak, matmul_peak(device, dtype, 2048, 3))
+    for label, best_hf, best_en, per_tok, n_req, batch in measured:
+        roof = [best_hf * per_tok / peak, best_en * per_tok / peak]
+        rows.append([label, best_hf, best_en, best_en / best_hf, *roof, 1 / roof[0]])
+        results[label] = {"transformers_tok_s": best_hf, "engine_tok_s": best_en,
+                          "ratio": best_en / best_hf, "requests": n_req, "batch": batch,
+                          "flops_per_output_token": per_tok,
+                          "transformers_fraction_of_peak": roof[0],
+                          "engine_fraction_of_peak": roof[1], "compute_ceiling_ratio": 1 / roof[0]}
+    print(f"{args.dtype} matmul peak (2048^3, best of the start and the end): {peak / 1e9:.1f} GFLOP/s")
+    print(table(rows, ["workload", "transformers tok/s", "splitserve tok/s", "ratio",
+                       "transformers/peak", "splitserve/peak", "compute ceiling"]))
     print("targets: ratio >= 1.0 at batch 1, >= 3.0 at 16 concurrent requests\n"
           "(transformers runs each group of concurrent requests as one left-padded static batch\n"
           " until its longest output; only each request's own output tokens are counted)")
-    write_record(args.out, "engine", {"shape": args.shape, "device": args.device, **results,
+    print("(x/peak: the workload's matmul FLOP/s as a fraction of the peak; compute ceiling:\n"
+          " peak / transformers' rate, the most any engine doing these FLOPs could reach here)")
+    write_record(args.out, "engine", {"shape": args.shape, "device": args.device,
+                                      "matmul_peak_gflops": peak / 1e9, **results,
                                       "args": vars(args)})
 
 
