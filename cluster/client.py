@@ -133,7 +133,8 @@ class ClusterBackend(Backend):
                     params, max_tokens=(params.max_tokens - len(produced))
                     if params.max_tokens is not None else None,
                     min_tokens=max(0, params.min_tokens - len(produced)),
-                    resumed_tokens=params.resumed_tokens + len(produced))
+                    resumed_tokens=params.resumed_tokens + len(produced),
+                    prompt_logprobs=None)  # delivered with the first output
                 req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
                        "model": model, "prompt_len": len(ids),
                        "max_tokens": p.max_tokens or 1,

@@ -24,6 +24,7 @@ import torch
 
 from engine.errors import IncompatibleKVError, InvalidRequestError, OutOfBlocksError
 from engine.hashing import block_hashes
+from engine.outputs import logprob_dict
 from engine.request_state import RequestState
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -54,23 +55,24 @@ class HandoffMeta:
     first_token_id: int
     params: dict[str, Any]
     first_logprobs: dict[str, Any] | None = None
+    # where asked for: [None, logprobs of prompt token 1, ...] (wire form)
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "layout": self.layout.to_dict(),
                 "prompt_token_ids": list(self.prompt_token_ids),
                 "first_token_id": self.first_token_id, "params": self.params,
-                "first_logprobs": self.first_logprobs}
+                "first_logprobs": self.first_logprobs, "prompt_logprobs": self.prompt_logprobs}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HandoffMeta":
         return cls(d["request_id"], KVLayout.from_dict(d["layout"]), list(d["prompt_token_ids"]),
-                   int(d["first_token_id"]), dict(d["params"]), d.get("first_logprobs"))
+                   int(d["first_token_id"]), dict(d["params"]), d.get("first_logprobs"),
+                   d.get("prompt_logprobs"))
 
 
 def _lp_to_dict(lp: TokenLogprobs | None) -> dict[str, Any] | None:
-    if lp is None:
-        return None
-    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+    return None if lp is None else logprob_dict(lp)
 
 
 def _lp_from_dict(d: dict[str, Any] | None) -> TokenLogprobs | None:
@@ -89,6 +91,8 @@ def export_meta(engine, request_id: str) -> HandoffMeta:
         request_id=request_id, layout=engine_layout(engine),
         prompt_token_ids=seq.prompt_token_ids, first_token_id=seq.token_ids[seq.num_prompt_tokens],
         params=st.params.to_dict(), first_logprobs=_lp_to_dict(st.logprobs[0] if st.logprobs else None),
+        prompt_logprobs=(None if st.prompt_logprobs is None
+                         else [_lp_to_dict(lp) for lp in st.prompt_logprobs]),
     )
 
 
@@ -233,6 +237,8 @@ def admit_imported(engine, meta: HandoffMeta, num_tokens: int, cached_tokens: in
         engine.kv.free(rid)  # the reservation's blocks: nothing else will free them
         raise
     engine.requests[rid] = st
+    if meta.prompt_logprobs is not None and st.prompt_logprobs is not None:
+        st.prompt_logprobs = [_lp_from_dict(d) for d in meta.prompt_logprobs]
     out, reason = st.on_token(meta.first_token_id, _lp_from_dict(meta.first_logprobs))
     seq.first_token_time = time.monotonic()
     engine.kv.cache_full_blocks(seq)

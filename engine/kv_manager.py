@@ -79,11 +79,14 @@ class KVCacheManager:
 
         Sets ``seq.num_computed_tokens`` to the cached length and returns how
         many tokens to compute now (0: not enough free blocks, nothing held).
-        At least one token is always left to compute, for its logits.
+        At least one token is always left to compute, for its logits; a
+        sequence that wants its prompt's logprobs computes every token.
         """
         assert seq.seq_id not in self._tables, f"{seq.seq_id} already has blocks"
         self.pool.queries += 1
         max_cached = (seq.num_tokens - 1) // self.block_size
+        if getattr(seq.params, "prompt_logprobs", None) is not None:
+            max_cached = 0
         hits = self._match_prefix(seq.block_hashes(), max_cached)
         num_cached = len(hits) * self.block_size
         n = min(seq.num_tokens - num_cached, token_budget)

@@ -171,7 +171,9 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         on_layer_done = layer_listener(sched.scheduled) if layer_listener else None
-        logits, rows = self.runner.execute(sched.scheduled, self.kv, on_layer_done)
+        logits, rows, prompt_lps = self.runner.execute(sched.scheduled, self.kv, on_layer_done)
+        for i, scored in prompt_lps.items():
+            self.requests[sched.scheduled[i].seq.seq_id].add_prompt_logprobs(scored)
         states = [self.requests[sched.scheduled[i].seq.seq_id] for i in rows]
         tokens, lps = self.sampler(logits, [st.prepare_sampling() for st in states])
         self.scheduler.commit(sched)
@@ -225,6 +227,8 @@ class LLMEngine:
                 r.text += out.new_text
                 if out.new_logprobs:
                     r.logprobs = (r.logprobs or []) + out.new_logprobs
+                if out.prompt_logprobs is not None:
+                    r.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     r.finish_reason = out.finish_reason
                     r.num_cached_tokens = out.num_cached_tokens

@@ -2,19 +2,21 @@
 
 The scheduler hands over ``ScheduledSeq`` items (plain integers); this
 module turns them into the flat batch the model runs on and returns the
-logits of the sequences whose chunk reached their last token.
+logits of the sequences whose chunk reached their last token (and, for
+requests that ask, the logprobs of their prompt tokens).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import DTYPES, EngineConfig, ModelConfig
 from engine.kv_manager import KVCacheManager
+from engine.sampler import TokenLogprobs
 from engine.scheduler import ScheduledSeq
 
 
@@ -47,6 +49,16 @@ class StepInputs:
     meta: AttentionMetadata
     logit_rows: torch.Tensor  # [N] rows of the flat batch whose logits are needed
     logit_seqs: list[int]  # index into the scheduled list for each logit row
+    # prompt logprobs: the flat row at prompt position p scores prompt token p+1
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
+
+
+PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
+
+# scheduled index -> [(prompt position p, logprobs of prompt token p + 1)]
+PromptLogprobs = dict[int, list[tuple[int, TokenLogprobs]]]
 
 
 class ModelRunner:
@@ -87,10 +99,18 @@ class ModelRunner:
         tables: list[list[int]] = []
         logit_rows: list[int] = []
         logit_seqs: list[int] = []
+        p_rows: list[int] = []
+        p_targets: list[int] = []
+        p_owners: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             end = start + n
+            if getattr(seq.params, "prompt_logprobs", None) is not None:
+                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
+                    p_rows.append(cu[-1] + p - start)
+                    p_targets.append(seq.token_ids[p + 1])
+                    p_owners.append((i, p))
             table = kv.raw_block_ids(seq.seq_id)
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
@@ -119,12 +139,16 @@ class ModelRunner:
             meta=meta,
             logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
             logit_seqs=logit_seqs,
+            prompt_rows=p_rows,
+            prompt_targets=p_targets,
+            prompt_owners=p_owners,
         )
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], kv: KVCacheManager,
-                on_layer_done=None) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns (logits [N, V] float32, scheduled index per row).
+                on_layer_done=None) -> tuple[torch.Tensor, list[int], PromptLogprobs]:
+        """Run one step. Returns (logits [N, V] float32, scheduled index per
+        row, the prompt logprobs of this step's chunks where asked for).
 
         ``on_layer_done(layer_index)`` is called after each layer's KV is in
         the cache (the prefill worker starts layer-group transfers from it)."""
@@ -135,7 +159,35 @@ class ModelRunner:
         if hidden is None:
             kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
+        prompt_lps = self._prompt_logprobs(hidden, inp, scheduled) if inp.prompt_rows else {}
         if inp.logit_rows.numel() == 0:
-            return hidden.new_empty((0, self.model_cfg.vocab_size), dtype=torch.float32), []
+            return (hidden.new_empty((0, self.model_cfg.vocab_size), dtype=torch.float32), [],
+                    prompt_lps)
         logits = self.model.compute_logits(hidden.index_select(0, inp.logit_rows))
-        return logits.float(), inp.logit_seqs
+        return logits.float(), inp.logit_seqs, prompt_lps
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs,
+                         scheduled: list[ScheduledSeq]) -> PromptLogprobs:
+        """The model's log-probabilities (no sampling adjustments) of each
+        asked-for prompt token given the tokens before it, with the top
+        alternatives; the vocabulary projection runs a slice of rows at a
+        time so a long chunk never holds [T, V] logits."""
+        rows = torch.tensor(inp.prompt_rows, dtype=torch.int64, device=hidden.device)
+        targets = torch.tensor(inp.prompt_targets, dtype=torch.int64, device=hidden.device)
+        out: PromptLogprobs = {}
+        for a in range(0, len(inp.prompt_rows), PROMPT_LOGPROB_ROWS):
+            owners = inp.prompt_owners[a:a + PROMPT_LOGPROB_ROWS]
+            ns = [scheduled[i].seq.params.prompt_logprobs for i, _ in owners]
+            lp = self.model.compute_logits(
+                hidden.index_select(0, rows[a:a + PROMPT_LOGPROB_ROWS])).float().log_softmax(-1)
+            tgt = targets[a:a + PROMPT_LOGPROB_ROWS]
+            chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
+            top_ids: list[list[int]] = [[] for _ in owners]
+            top_vals: list[list[float]] = top_ids
+            if max(ns) > 0:
+                top = lp.topk(min(max(ns), lp.shape[1]), dim=-1)
+                top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+            for j, ((i, p), n, t) in enumerate(zip(owners, ns, tgt.tolist())):
+                alts = list(zip(top_ids[j][:n], top_vals[j][:n]))
+                out.setdefault(i, []).append((p, TokenLogprobs(t, chosen[j], alts)))
+        return out

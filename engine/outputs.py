@@ -17,6 +17,9 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     new_logprobs: list[Any] | None = None  # TokenLogprobs per new token
+    # on a request's first output, when asked for: None for the first prompt
+    # token, then TokenLogprobs of each prompt token given those before it
+    prompt_logprobs: list[Any] | None = None
     # engine clock (time.monotonic): arrival, first_scheduled, first_token
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -33,9 +36,16 @@ class RequestOutput:
             "prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_output_tokens,
             "cached_tokens": self.num_cached_tokens}
         if self.new_logprobs:
-            d["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
-                              "top": [list(t) for t in lp.top]} for lp in self.new_logprobs]
+            d["logprobs"] = [logprob_dict(lp) for lp in self.new_logprobs]
+        if self.prompt_logprobs is not None:
+            d["prompt_logprobs"] = [None if lp is None else logprob_dict(lp)
+                                    for lp in self.prompt_logprobs]
         return d
+
+
+def logprob_dict(lp: Any) -> dict[str, Any]:
+    """A TokenLogprobs in wire form."""
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
 
 
 @dataclass
@@ -49,3 +59,4 @@ class CompletionResult:
     finish_reason: str | None
     logprobs: list[Any] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[Any] | None = None

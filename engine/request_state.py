@@ -45,6 +45,9 @@ class RequestState:
         self.stop = StopChecker(list(params.stop or ()), params.include_stop_str_in_output)
         self.text = ""  # released so far, earlier output included
         self.logprobs: list[TokenLogprobs] = []
+        # [None, logprobs of prompt token 1, ...] as the prompt's chunks are scored
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         if self.detok is not None:
             self._replay(prompt[split:])
 
@@ -57,6 +60,19 @@ class RequestState:
         for token_id in earlier:
             released, _ = self.stop.check(self.text, self.detok.step([token_id]))
             self.text += released
+
+    def add_prompt_logprobs(self, scored: list[tuple[int, TokenLogprobs]]) -> None:
+        """Record prompt position p's score of token p + 1, in order; a
+        chunk computed again (after preemption) adds nothing twice."""
+        if self.prompt_logprobs is None:
+            return
+        for p, lp in scored:
+            if p + 1 == len(self.prompt_logprobs):
+                self.prompt_logprobs.append(lp)
+
+    def _first_output_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        # delivered once, with the first token
+        return self.prompt_logprobs if self.seq.num_output_tokens == 1 else None
 
     def prepare_sampling(self) -> SeqSamplingState:
         """The sampler reseeds seeded rows from (seed, output position), so a
@@ -75,6 +91,7 @@ class RequestState:
             finish_reason="handoff", num_prompt_tokens=self.seq.num_prompt_tokens,
             num_output_tokens=1, num_cached_tokens=self.seq.num_cached_tokens,
             new_logprobs=[logprobs] if logprobs is not None else None,
+            prompt_logprobs=self._first_output_prompt_logprobs(),
         )
 
     def on_token(self, token_id: int, logprobs: TokenLogprobs | None) -> tuple[RequestOutput, FinishReason | None]:
@@ -124,5 +141,6 @@ class RequestState:
             num_output_tokens=n_out,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=[logprobs] if logprobs is not None else None,
+            prompt_logprobs=self._first_output_prompt_logprobs(),
         )
         return out, reason

@@ -40,6 +40,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # top-N alternatives; 0 = only the chosen token's logprob
+    # the same for every prompt token after the first (scoring a text): the
+    # prompt is then computed whole, without prefix-cache hits
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1
@@ -109,13 +112,13 @@ class SamplingParams:
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                 param="min_tokens",
             )
-        if self.logprobs is not None:
-            _check_int(self.logprobs, "logprobs")
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise InvalidRequestError(
-                    f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
-                    param="logprobs",
-                )
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None:
+                _check_int(n, name)
+                if not 0 <= n <= MAX_LOGPROBS:
+                    raise InvalidRequestError(
+                        f"{name} must be between 0 and {MAX_LOGPROBS}, got {n}", param=name)
         self._validate_stop()
         self._validate_logit_bias()
         if self.structured_output is not None:

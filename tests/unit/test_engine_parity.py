@@ -104,7 +104,7 @@ def test_fp32_logits_match_transformers(family):
         eng.add_request("x", prompt_token_ids=p, params=SamplingParams(max_tokens=1,
                                                                        temperature=0.0))
         sched = eng.scheduler.schedule()
-        logits, _ = eng.runner.execute(sched.scheduled, eng.kv)
+        logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
         eng.scheduler.commit(sched)
         with torch.no_grad():
             ref = model(torch.tensor([p])).logits[0, -1].float()
