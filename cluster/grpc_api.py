@@ -84,6 +84,7 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=opt("repetition_penalty", 1.0),
         stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens, logprobs=opt("logprobs", None),
+        prompt_logprobs=opt("prompt_logprobs", None),
         skip_special_tokens=opt("skip_special_tokens", True),
         include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1),
         logit_bias=dict(p.logit_bias),
@@ -200,11 +201,17 @@ def _response(out: dict, request_id: str, timings: dict[str, float] | None,
         r.tool_calls.add(index=d["index"], id=d.get("id", ""), name=fn.get("name", ""),
                          arguments=fn.get("arguments", ""))
     for lp in out.get("logprobs") or ():
-        r.logprobs.add(token_id=lp["token_id"], logprob=lp["logprob"],
-                       top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
+        _add_logprob(r.logprobs, lp)
+    for lp in (out.get("prompt_logprobs") or [None])[1:]:
+        _add_logprob(r.prompt_logprobs, lp)
     if timings is not None:
         r.timings.update(timings)
     return r
+
+
+def _add_logprob(field, lp: dict) -> None:
+    field.add(token_id=lp["token_id"], logprob=lp["logprob"],
+              top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
 
 
 class GenerationService(pb_grpc.GenerationServicer):

@@ -33,7 +33,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster import openai_schema as schema
 from cluster.backend import Backend, Overloaded, Unavailable, UnknownModel
-from cluster.openai_schema import ApiError, ChoiceState, parse_body, read_json
+from cluster.openai_response import ChoiceState, Echo, usage
+from cluster.openai_schema import ApiError, parse_body, read_json
 from cluster.tool_calls import ToolRequest, template_messages, tool_request
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
@@ -211,9 +212,13 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
         prompt = body.prompt_input()
         tokenizer = backend.tokenizer(body.model)
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        params = body.sampling_params(body.max_tokens, body.logprobs)
+        params = body.completion_params()
         backend.validate(body.model, ids, params)
-        return await _respond(request, backend, "completion", body, ids, params, t0)
+        echo = None
+        if body.echo:
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            echo = Echo(text, ids, score_only=body.max_tokens == 0)
+        return await _respond(request, backend, "completion", body, ids, params, t0, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -250,7 +255,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, ids: list[int],
-                   params, t0: float, tools: ToolRequest | None = None) -> Response:
+                   params, t0: float, tools: ToolRequest | None = None,
+                   echo: Echo | None = None) -> Response:
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
@@ -270,8 +276,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, ids: lis
         timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                    "ingress_ttft_s": time.perf_counter() - t0}
     tokenizer = backend.tokenizer(body.model)
-    states = [ChoiceState(i, kind, tokenizer, params.logprobs is not None, tools and tools.calls())
-              for i in range(n)]
+    states = [ChoiceState(i, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
+                          echo) for i in range(n)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": body.model}
     headers = {"x-request-id": rid}
@@ -295,7 +301,7 @@ async def _respond(request: Request, backend: Backend, kind: str, body, ids: lis
 
 
 def _usage(states: list[ChoiceState]) -> dict:
-    return schema.usage(max(s.prompt_tokens for s in states),
+    return usage(max(s.prompt_tokens for s in states),
                         sum(s.completion_tokens for s in states),
                         max(s.cached_tokens for s in states))
 

@@ -1,6 +1,5 @@
 """The OpenAI API's wire format: request bodies (read within a size limit,
-parsed and validated), errors, and the choice, logprobs and usage objects
-of responses.
+parsed and validated) and errors (responses: cluster/openai_response.py).
 
 Requests are validated strictly (a string where a number belongs is a 400,
 not a coercion) and unknown fields are refused, as OpenAI does. Fields the
@@ -11,24 +10,20 @@ silently served differently from what it asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from cluster.openai_structured import structured_output
-from cluster.tool_calls import ToolCalls
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-# JSON has no -inf; a token the request's filters removed reports this.
-MIN_LOGPROB = -9999.0
 ERROR_MESSAGE_CHARS = 1024  # error bodies stay small whatever the request echoed
 
 
@@ -140,12 +135,23 @@ class CompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens must be at least 1 (0 is allowed with echo, to score the prompt)",
+                param="max_tokens")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.num_choices:
             raise InvalidRequestError("best_of other than n is not supported", param="best_of")
+
+    def completion_params(self) -> SamplingParams:
+        """Echo with logprobs scores the prompt too. max_tokens 0 (with echo)
+        generates nothing: the engine samples one token, which the response
+        leaves out (``Echo.score_only``)."""
+        params = self.sampling_params(1 if self.max_tokens == 0 else self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt of this request: text, or token ids."""
@@ -302,125 +308,3 @@ def parse_body(model_cls: type[_Body], data: dict) -> Any:
         raise ApiError(400, "; ".join(parts) + more, param=param_of(first["loc"]),
                        code="invalid_type" if first["type"] != "extra_forbidden"
                        else "unknown_parameter") from None
-
-
-# -- responses -----------------------------------------------------------------
-
-def finite(logprob: float) -> float:
-    return logprob if math.isfinite(logprob) else MIN_LOGPROB
-
-
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def completion_logprobs(tokenizer: Tokenizer, logprobs: list[dict], text_offset: int) -> dict:
-    """The /v1/completions ``logprobs`` object of some tokens; ``text_offset``
-    is the completion's length before them."""
-    tokens, chosen, tops, offsets = [], [], [], []
-    for lp in logprobs:
-        tok = token_text(tokenizer, lp["token_id"])
-        tokens.append(tok)
-        chosen.append(finite(lp["logprob"]))
-        tops.append({token_text(tokenizer, t): finite(v) for t, v in lp["top"]})
-        offsets.append(text_offset)
-        text_offset += len(tok)
-    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
-    tok = token_text(tokenizer, token_id)
-    return {"token": tok, "logprob": finite(logprob), "bytes": list(tok.encode("utf-8"))}
-
-
-def chat_logprobs(tokenizer: Tokenizer, logprobs: list[dict]) -> dict:
-    """The chat ``logprobs`` object ({"content": [...]}) of some tokens."""
-    content = []
-    for lp in logprobs:
-        entry = _chat_entry(tokenizer, lp["token_id"], lp["logprob"])
-        entry["top_logprobs"] = [_chat_entry(tokenizer, t, v) for t, v in lp["top"]]
-        content.append(entry)
-    return {"content": content}
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-Kind = Literal["completion", "chat"]
-
-
-class ChoiceState:
-    """One choice of a response: what its outputs added up to so far, and
-    the OpenAI JSON of each output (streaming) and of the whole (final)."""
-
-    def __init__(self, index: int, kind: Kind, tokenizer: Tokenizer, want_logprobs: bool,
-                 tool_calls: ToolCalls | None = None):
-        self.index, self.kind, self.tokenizer = index, kind, tokenizer
-        self.want_logprobs = want_logprobs
-        self.tool_calls = tool_calls  # reads the output for calls (chat with tools)
-        self.text = ""
-        self.logprobs: list[dict] = []
-        self.finish_reason: str | None = None
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
-        self._token_text_len = 0  # completions' text_offset counts token strings
-
-    def opening_delta(self) -> dict:
-        """Chat streams open each choice with the assistant role."""
-        return {"index": self.index, "delta": {"role": "assistant", "content": ""},
-                "logprobs": None, "finish_reason": None}
-
-    def add(self, out: dict) -> dict | None:
-        """Record a backend output; return its streaming choice object, or
-        None when it carries nothing to send (text held back by the
-        detokenizer or a possible stop string)."""
-        text, lps = out["text"], out.get("logprobs") or []
-        self.text += text
-        self.logprobs += lps
-        if out["finished"]:
-            self.finish_reason = out["finish_reason"]
-        self.prompt_tokens = out["prompt_tokens"]
-        self.completion_tokens = out["completion_tokens"]
-        self.cached_tokens = out["cached_tokens"]
-        delta: dict[str, Any] = {"content": text} if text else {}
-        if self.tool_calls is not None:
-            delta = self._tool_delta(text, out["finished"])
-        if not delta and not out["finished"] and not (self.want_logprobs and lps):
-            return None
-        lp_obj = self._logprobs(lps) if self.want_logprobs else None
-        if self.kind == "completion":
-            return {"index": self.index, "text": text, "logprobs": lp_obj,
-                    "finish_reason": self.finish_reason}
-        return {"index": self.index, "delta": delta, "logprobs": lp_obj,
-                "finish_reason": self.finish_reason}
-
-    def _tool_delta(self, text: str, finished: bool) -> dict[str, Any]:
-        content, calls, self.finish_reason = self.tool_calls.step(text, finished, self.finish_reason)
-        delta: dict[str, Any] = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = calls
-        return delta
-
-    def _logprobs(self, lps: list[dict]) -> dict:
-        if self.kind == "chat":
-            return chat_logprobs(self.tokenizer, lps)
-        obj = completion_logprobs(self.tokenizer, lps, self._token_text_len)
-        self._token_text_len += sum(len(t) for t in obj["tokens"])
-        return obj
-
-    def final(self) -> dict:
-        """The choice of a non-streaming response."""
-        lp_obj = None
-        if self.want_logprobs:
-            lp_obj = (chat_logprobs(self.tokenizer, self.logprobs) if self.kind == "chat"
-                      else completion_logprobs(self.tokenizer, self.logprobs, 0))
-        if self.kind == "completion":
-            return {"index": self.index, "text": self.text, "logprobs": lp_obj,
-                    "finish_reason": self.finish_reason}
-        message = {"role": "assistant", "content": self.text}
-        if self.tool_calls is not None:
-            message = self.tool_calls.message()
-        return {"index": self.index, "message": message, "logprobs": lp_obj,
-                "finish_reason": self.finish_reason}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63luster/proto/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x90\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_n\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe3\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\"\n\x05tools\x18\x07 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12\x15\n\rtool_function\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\xce\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12=\n\x07timings\x18\x07 \x03(\x0b\x32,.splitserve.v1.GenerateResponse.TimingsEntry\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.splitserve.v1.ToolB\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"A\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard2\xfb\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63luster/proto/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xc2\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe3\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\"\n\x05tools\x18\x07 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12\x15\n\rtool_function\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x84\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12=\n\x07timings\x18\x07 \x03(\x0b\x32,.splitserve.v1.GenerateResponse.TimingsEntry\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.splitserve.v1.ToolB\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"A\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard2\xfb\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALL']._serialized_start=250
   _globals['_TOOLCALL']._serialized_end=320
   _globals['_SAMPLINGPARAMS']._serialized_start=323
-  _globals['_SAMPLINGPARAMS']._serialized_end=1107
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=880
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=928
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1110
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1260
-  _globals['_CHOICES']._serialized_start=1262
-  _globals['_CHOICES']._serialized_end=1288
-  _globals['_GENERATEREQUEST']._serialized_start=1291
-  _globals['_GENERATEREQUEST']._serialized_end=1646
-  _globals['_USAGE']._serialized_start=1648
-  _globals['_USAGE']._serialized_end=1728
-  _globals['_TOPLOGPROB']._serialized_start=1730
-  _globals['_TOPLOGPROB']._serialized_end=1777
-  _globals['_TOKENLOGPROB']._serialized_start=1779
-  _globals['_TOKENLOGPROB']._serialized_end=1868
-  _globals['_GENERATERESPONSE']._serialized_start=1871
-  _globals['_GENERATERESPONSE']._serialized_end=2205
-  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_start=2159
-  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_end=2205
-  _globals['_TOKENIZEREQUEST']._serialized_start=2208
-  _globals['_TOKENIZEREQUEST']._serialized_end=2392
-  _globals['_TOKENIZERESPONSE']._serialized_start=2394
-  _globals['_TOKENIZERESPONSE']._serialized_end=2470
-  _globals['_LISTMODELSREQUEST']._serialized_start=2472
-  _globals['_LISTMODELSREQUEST']._serialized_end=2491
-  _globals['_MODELCARD']._serialized_start=2493
-  _globals['_MODELCARD']._serialized_end=2558
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2560
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2622
-  _globals['_GENERATION']._serialized_start=2625
-  _globals['_GENERATION']._serialized_end=2876
+  _globals['_SAMPLINGPARAMS']._serialized_end=1157
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=910
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=958
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1160
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1310
+  _globals['_CHOICES']._serialized_start=1312
+  _globals['_CHOICES']._serialized_end=1338
+  _globals['_GENERATEREQUEST']._serialized_start=1341
+  _globals['_GENERATEREQUEST']._serialized_end=1696
+  _globals['_USAGE']._serialized_start=1698
+  _globals['_USAGE']._serialized_end=1778
+  _globals['_TOPLOGPROB']._serialized_start=1780
+  _globals['_TOPLOGPROB']._serialized_end=1827
+  _globals['_TOKENLOGPROB']._serialized_start=1829
+  _globals['_TOKENLOGPROB']._serialized_end=1918
+  _globals['_GENERATERESPONSE']._serialized_start=1921
+  _globals['_GENERATERESPONSE']._serialized_end=2309
+  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_start=2263
+  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_end=2309
+  _globals['_TOKENIZEREQUEST']._serialized_start=2312
+  _globals['_TOKENIZEREQUEST']._serialized_end=2496
+  _globals['_TOKENIZERESPONSE']._serialized_start=2498
+  _globals['_TOKENIZERESPONSE']._serialized_end=2574
+  _globals['_LISTMODELSREQUEST']._serialized_start=2576
+  _globals['_LISTMODELSREQUEST']._serialized_end=2595
+  _globals['_MODELCARD']._serialized_start=2597
+  _globals['_MODELCARD']._serialized_end=2662
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2664
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2726
+  _globals['_GENERATION']._serialized_start=2729
+  _globals['_GENERATION']._serialized_end=2980
 # @@protoc_insertion_point(module_scope)

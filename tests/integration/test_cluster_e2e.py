@@ -71,6 +71,30 @@ def test_openai_client_matches_engine_for_both_models(cluster):
         assert chat.choices[0].message.content == want_chat.text
 
 
+def test_echo_scores_prompts_in_both_layouts(cluster):
+    """Prompt logprobs come from the prefill pool across the hand-off
+    (llama) and from a colocated replica (qwen)."""
+    cfg, paths = cluster
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    prompt = "the quick brown fox jumps over the lazy dog"
+    for model in ("llama", "qwen"):
+        eng = make_engine(paths[model], block_size=4)
+        want = eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, logprobs=1,
+                                                     prompt_logprobs=1))[0]
+        n = len(want.prompt_token_ids)
+        for max_tokens in (0, 2):
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                            temperature=0, echo=True, logprobs=1)
+            choice = out.choices[0]
+            assert choice.text == prompt + (want.text if max_tokens else "")
+            lp = choice.logprobs
+            assert len(lp.tokens) == n + max_tokens and lp.token_logprobs[0] is None
+            assert lp.token_logprobs[1:n] == pytest.approx(
+                [x.logprob for x in want.prompt_logprobs[1:]], abs=1e-4)
+            assert out.usage.completion_tokens == max_tokens
+
+
 def test_wrong_key_and_unknown_model(cluster):
     cfg, _ = cluster
     import openai

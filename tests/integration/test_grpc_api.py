@@ -107,6 +107,21 @@ def test_generate_streams_the_engines_tokens(stub, refs):
     assert all(not r.timings for r in rs[1:])
 
 
+def test_prompt_logprobs_come_with_the_first_response(stub, refs):
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    ref = refs["tiny-qwen"].generate(["score this prompt"], params)[0]
+    rs = generate(stub, model="tiny-qwen", text="score this prompt", params=pb.SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
+    first = rs[0].prompt_logprobs
+    assert [lp.token_id for lp in first] == ref.prompt_token_ids[1:]
+    assert [lp.logprob for lp in first] == pytest.approx(
+        [lp.logprob for lp in ref.prompt_logprobs[1:]], abs=1e-4)
+    assert [[t.token_id for t in lp.top] for lp in first] == [
+        [t for t, _ in lp.top] for lp in ref.prompt_logprobs[1:]]
+    assert all(not r.prompt_logprobs for r in rs[1:])
+    assert [t for r in rs for t in r.token_ids] == ref.token_ids
+
+
 def test_seeded_sampling_token_ids_and_chat_equal_the_engine(stub, refs):
     eng = refs["tiny-qwen"]
     sp = dict(max_tokens=8, temperature=0.9, top_p=0.95, top_k=30, min_p=0.02, seed=5,
@@ -277,6 +292,7 @@ HI = [pb.ChatMessage(role="user", content="hi")]
     (dict(text="hi", params=P(stop=[""])), "stop"),
     (dict(text="hi", params=P(seed=2**63)), "seed"),
     (dict(text="hi", params=P(logprobs=21)), "logprobs"),
+    (dict(text="hi", params=P(prompt_logprobs=21)), "prompt_logprobs"),
     (dict(text="hi", params=P(logit_bias={5: 100.5})), "logit_bias"),
     (dict(text="hi", params=P(logit_bias={100000: 1.0})), "logit_bias"),
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(regex="(a"))),

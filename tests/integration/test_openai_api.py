@@ -19,7 +19,7 @@ import uvicorn
 from cluster.admission import AdmissionBackend
 from cluster.backend import Overloaded, Unavailable, UnknownModel
 from cluster.openai_api import api_error, build_http_app, choice_params
-from cluster.openai_schema import MIN_LOGPROB, chat_logprobs, completion_logprobs
+from cluster.openai_response import MIN_LOGPROB, chat_logprobs, completion_logprobs
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
@@ -113,6 +113,74 @@ def test_completion_token_id_prompt_equals_engine(client, refs):
     r = client.completions.create(model="tiny-qwen", prompt=prompt, max_tokens=6, temperature=0)
     assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
     assert r.usage.prompt_tokens == 6
+
+
+def check_echo_logprobs(lp, ref, tokens, n_top):
+    """``lp``: a completions logprobs object of an echoed prompt (and maybe
+    output); ``ref``: the reference engine's CompletionResult."""
+    p = len(ref.prompt_token_ids)
+    assert lp.tokens[:p] == tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:p] == pytest.approx(
+        [x.logprob for x in ref.prompt_logprobs[1:]], abs=1e-4)
+    assert all(len(t) == n_top for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt(client, refs, stream):
+    prompt = "hello world, once more"
+    ref = ref_run(refs, "tiny-llama", prompt,
+                  SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2))
+    kw = dict(model="tiny-llama", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    if stream:
+        chunks = list(client.completions.create(stream=True, **kw))
+        assert len(chunks) == 1
+        choice = chunks[0].choices[0]
+    else:
+        r = client.completions.create(**kw)
+        choice = r.choices[0]
+        assert r.usage.completion_tokens == 0
+        assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert choice.text == prompt and choice.finish_reason == "length"
+    tokens = token_strings(refs["tiny-llama"], ref.prompt_token_ids)
+    assert len(choice.logprobs.tokens) == len(tokens)
+    check_echo_logprobs(choice.logprobs, ref, tokens, 2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_before_the_output(client, refs, stream):
+    prompt = [5, 17, 99, 3, 250, 42]
+    ref = ref_run(refs, "tiny-qwen", prompt, SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+    eng = refs["tiny-qwen"]
+    kw = dict(model="tiny-qwen", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+              logprobs=1, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].text for c in chunks)
+        lp = chunks[0].choices[0].logprobs
+        for c in chunks[1:]:
+            for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(lp, k).extend(getattr(c.choices[0].logprobs, k))
+    else:
+        r = client.completions.create(**kw)
+        text, lp = r.choices[0].text, r.choices[0].logprobs
+        assert r.usage.completion_tokens == 4
+    assert text == eng.tokenizer.decode(prompt, skip_special_tokens=False) + ref.text
+    out_tokens = token_strings(eng, ref.token_ids)
+    check_echo_logprobs(lp, ref, token_strings(eng, prompt), 1)
+    assert lp.tokens[len(prompt):] == out_tokens
+    assert lp.token_logprobs[len(prompt):] == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-4)
+    # offsets run on from the prompt's token strings through the output's
+    assert lp.text_offset[len(prompt)] == sum(len(t) for t in token_strings(eng, prompt))
+
+
+def test_echo_without_logprobs(client, refs):
+    ref = ref_run(refs, "tiny-llama", "abc", SamplingParams(max_tokens=3, temperature=0.0))
+    r = client.completions.create(model="tiny-llama", prompt="abc", max_tokens=3, temperature=0,
+                                  echo=True)
+    assert r.choices[0].text == "abc" + ref.text and r.choices[0].logprobs is None
 
 
 CHAT = [{"role": "system", "content": "be brief"},
@@ -335,7 +403,7 @@ INVALID = "invalid_request_error"
     (C, {**OK_C, "stop": 5}, "stop"),
     (C, {**OK_C, "seed": -1}, "seed"),
     (C, {**OK_C, "logprobs": 21}, "logprobs"),
-    (C, {**OK_C, "echo": True}, "echo"),
+    (C, {**OK_C, "max_tokens": 0}, "max_tokens"),  # 0 only with echo
     (C, {**OK_C, "logit_bias": {"x5": 1.0}}, "logit_bias"),
     (C, {**OK_C, "logit_bias": {"5": 101}}, "logit_bias"),
     (CH, {**OK_CH, "logit_bias": {"999999": 1}}, "logit_bias"),  # past the vocabulary
