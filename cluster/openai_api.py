@@ -209,16 +209,18 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
         body: schema.CompletionRequest = parse_body(
             schema.CompletionRequest, await read_json(request, max_body_bytes))
         body.check_supported()
-        prompt = body.prompt_input()
+        prompts = body.prompt_inputs()
         tokenizer = backend.tokenizer(body.model)
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         params = body.completion_params()
-        backend.validate(body.model, ids, params)
-        echo = None
+        for ids in batch:
+            backend.validate(body.model, ids, params)
+        echoes = None
         if body.echo:
-            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
-            echo = Echo(text, ids, score_only=body.max_tokens == 0)
-        return await _respond(request, backend, "completion", body, ids, params, t0, echo=echo)
+            echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
+                           ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+        return await _respond(request, backend, "completion", body, batch, params, t0,
+                              echoes=echoes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -248,20 +250,23 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
             rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
                       "logprobs": "top_logprobs"}
             raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
-        return await _respond(request, backend, "chat", body, ids, params, t0, tools)
+        return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
 
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
     return app
 
 
-async def _respond(request: Request, backend: Backend, kind: str, body, ids: list[int],
+async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
                    params, t0: float, tools: ToolRequest | None = None,
-                   echo: Echo | None = None) -> Response:
+                   echoes: list[Echo] | None = None) -> Response:
+    """Choice k answers prompt k // n (choice k % n of it), each choice its
+    own backend request."""
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
-    streams = [backend.generate(body.model, rid if n == 1 else f"{rid}-{i}", ids, choice_params(params, i))
-               for i in range(n)]
+    jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
+    streams = [backend.generate(body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j],
+                                choice_params(params, i)) for k, (j, i) in enumerate(jobs)]
     choices = Choices(streams, request.receive)
     prepare_s = time.perf_counter() - t0
     try:
@@ -276,14 +281,14 @@ async def _respond(request: Request, backend: Backend, kind: str, body, ids: lis
         timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                    "ingress_ttft_s": time.perf_counter() - t0}
     tokenizer = backend.tokenizer(body.model)
-    states = [ChoiceState(i, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
-                          echo) for i in range(n)]
+    states = [ChoiceState(k, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
+                          echoes[j] if echoes else None) for k, (j, _) in enumerate(jobs)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": body.model}
     headers = {"x-request-id": rid}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage),
+        return _SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),
                             headers=headers)
     try:
         item = first
@@ -294,16 +299,18 @@ async def _respond(request: Request, backend: Backend, kind: str, body, ids: lis
         return Response(status_code=499)
     finally:
         await choices.aclose()
-    result = {**head, "choices": [s.final() for s in states], "usage": _usage(states)}
+    result = {**head, "choices": [s.final() for s in states], "usage": _usage(states, n)}
     if timings is not None:
         result["splitserve_timings"] = timings
     return JSONResponse(result, headers=headers)
 
 
-def _usage(states: list[ChoiceState]) -> dict:
-    return usage(max(s.prompt_tokens for s in states),
-                        sum(s.completion_tokens for s in states),
-                        max(s.cached_tokens for s in states))
+def _usage(states: list[ChoiceState], n: int) -> dict:
+    """Each prompt counted once (its n choices share it), every choice's output."""
+    groups = [states[j:j + n] for j in range(0, len(states), n)]
+    return usage(sum(max(s.prompt_tokens for s in g) for g in groups),
+                 sum(s.completion_tokens for s in states),
+                 sum(max(s.cached_tokens for s in g) for g in groups))
 
 
 def _event(obj: Any) -> bytes:
@@ -312,7 +319,7 @@ def _event(obj: Any) -> bytes:
 
 
 async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceState], head: dict,
-               timings: dict | None, include_usage: bool) -> AsyncIterator[bytes]:
+               timings: dict | None, include_usage: bool, n: int) -> AsyncIterator[bytes]:
     chunk_head = {**head, "object": "text_completion" if head["object"] == "text_completion"
                   else "chat.completion.chunk"}
     if states[0].kind == "chat":  # OpenAI opens each choice with the role
@@ -337,7 +344,7 @@ async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceSta
         yield _event(api_error(e).body())
     else:
         if include_usage:
-            yield _event({**chunk_head, "choices": [], "usage": _usage(states)})
+            yield _event({**chunk_head, "choices": [], "usage": _usage(states, n)})
     yield b"data: [DONE]\n\n"
 
 

@@ -24,6 +24,8 @@ from engine.sampling_params import SamplingParams
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 256  # prompts x n: each choice is its own backend request
 ERROR_MESSAGE_CHARS = 1024  # error bodies stay small whatever the request echoed
 
 
@@ -153,18 +155,23 @@ class CompletionRequest(_Common):
             params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
         return params
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt of this request: text, or token ids."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The request's prompts, each text or token ids: a list of strings
+        or of token-id lists is a batch, answered with ``n`` choices per
+        prompt (choice index = prompt index * n + i)."""
         p = self.prompt
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        elif isinstance(p, list) and p and not isinstance(p[0], int):
+        batch = list(p) if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+        if len(batch) > MAX_PROMPTS:
             raise InvalidRequestError(
-                f"a request takes one prompt, got {len(p)}; send one request per prompt",
-                param="prompt")
-        if isinstance(p, str) and not p:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        return p
+                f"a request takes at most {MAX_PROMPTS} prompts, got {len(batch)}", param="prompt")
+        if len(batch) * self.num_choices > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"{len(batch)} prompts x n={self.num_choices} is more than {MAX_CHOICES} choices "
+                f"in one request", param="prompt")
+        for q in batch:
+            if isinstance(q, str) and not q:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+        return batch
 
 
 class ContentPart(BaseModel):

@@ -328,6 +328,44 @@ def test_n_choices_are_seeded_siblings(client, refs):
     assert got == want
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_gets_n_choices_each(client, refs, stream):
+    prompts = ["a b c", "hello world", "x y"]
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)
+    runs = [[ref_run(refs, "tiny-qwen", p, choice_params(params, i)) for i in range(2)] for p in prompts]
+    want = [r.text for per_prompt in runs for r in per_prompt]  # choice k = prompt k // 2
+    kw = dict(model="tiny-qwen", prompt=prompts, max_tokens=5, temperature=1.0, seed=7, n=2,
+              extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                **kw))
+        got = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == k)
+               for k in range(6)]
+        usage = chunks[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        got = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+        usage = r.usage
+    assert got == want
+    assert usage.prompt_tokens == sum(len(rs[0].prompt_token_ids) for rs in runs)
+    assert usage.completion_tokens == 6 * 5
+
+
+def test_a_batch_of_token_prompts_scored_as_evaluation_harnesses_ask(client, refs):
+    """lm-eval's loglikelihood request: token-id prompts, echo, logprobs 1,
+    max_tokens 1; each choice scores its own prompt."""
+    eng = refs["tiny-llama"]
+    prompts = [[11, 12, 13, 14], [200, 7, 9], [42, 43, 44, 45, 46, 47]]
+    r = client.completions.create(model="tiny-llama", prompt=prompts, echo=True, logprobs=1,
+                                  max_tokens=1, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c, p in zip(r.choices, prompts):
+        ref = ref_run(refs, "tiny-llama", p, SamplingParams(max_tokens=1, temperature=0.0,
+                                                            logprobs=1, prompt_logprobs=1))
+        check_echo_logprobs(c.logprobs, ref, token_strings(eng, p), 1)
+        assert len(c.logprobs.tokens) == len(p) + 1
+
+
 def test_two_models_served_concurrently(url, refs):
     async def main():
         c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
@@ -409,7 +447,10 @@ INVALID = "invalid_request_error"
     (CH, {**OK_CH, "logit_bias": {"999999": 1}}, "logit_bias"),  # past the vocabulary
     (C, {**OK_C, "frobnicate": 1}, "frobnicate"),
     (C, {"prompt": "hi"}, "model"),
-    (C, {**OK_C, "prompt": ["a", "b"]}, "prompt"),
+    (C, {**OK_C, "prompt": ["a"] * 65}, "prompt"),
+    (C, {**OK_C, "prompt": ["a"] * 20, "n": 16}, "prompt"),
+    (C, {**OK_C, "prompt": ["a", ""]}, "prompt"),
+    (C, {**OK_C, "prompt": [[1, 2], [3] * 5000]}, "prompt"),  # the second is too long
     (C, {**OK_C, "prompt": ""}, "prompt"),
     (C, {**OK_C, "prompt": [1, 2, 10**6]}, "prompt"),
     (C, {**OK_C, "prompt": list(range(3, 303))}, "prompt"),  # the context is 256 tokens
