@@ -138,7 +138,10 @@ class ClusterBackend(Backend):
                 req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
                        "model": model, "prompt_len": len(ids),
                        "max_tokens": p.max_tokens or 1,
-                       "block_hashes": block_hashes(ids, m.block_size), "exclude": sorted(exclude)}
+                       # a scored prompt is computed whole: no replica's cache helps it
+                       "block_hashes": block_hashes(ids, m.block_size)
+                       if p.prompt_logprobs is None else [],
+                       "exclude": sorted(exclude)}
                 placement = await self._route(req, admit=not admitted)
                 admitted = True
                 decode = placement["decode_replica"]
