@@ -140,7 +140,13 @@ class DecodeWorker:
         self.counters["handoffs"] += 1
         self.counters["handoff_bytes"] += int(reply.get("timings", {}).get("bytes", 0))
         meta = HandoffMeta.from_dict(reply["meta"])
-        return self.aengine.adopt(lambda e: self.reservations.commit(meta), rid)
+        try:
+            matcher = await self.aengine.build_matcher(ids, params)
+        except BaseException:
+            if self.aengine.alive:
+                await asyncio.shield(self.aengine.call(lambda e: self.reservations.cancel(rid)))
+            raise
+        return self.aengine.adopt(lambda e: self.reservations.commit(meta, matcher), rid)
 
     async def stats(self, _req: dict | None = None) -> dict:
         def snap(e: LLMEngine) -> dict:

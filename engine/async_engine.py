@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -49,6 +50,8 @@ class AsyncEngine:
         self.step_listeners: list[Callable[[LLMEngine], None]] = []
         self.layer_listener = None  # see LLMEngine.step
         self._started = False
+        # structured-output matchers compile here, not on the engine thread
+        self._compile = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-grammar")
 
     def start(self) -> "AsyncEngine":
         if not self._started:
@@ -61,6 +64,7 @@ class AsyncEngine:
         self._cmds.put(None)
         if self._started:
             self._thread.join(timeout)
+        self._compile.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_streams(self) -> int:
@@ -144,14 +148,31 @@ class AsyncEngine:
         self._streams[request_id] = s
         return s
 
+    async def build_matcher(self, prompt_token_ids: list[int], params: SamplingParams):
+        """``LLMEngine.build_matcher`` on a compile thread (None, at once,
+        for an unconstrained request)."""
+        if params.structured_output is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._compile, self.engine.build_matcher, prompt_token_ids, params)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Cancelling the iteration aborts it."""
+                       params: SamplingParams, prefill_only: bool = False,
+                       matcher=None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Cancelling the iteration aborts it.
+        A constrained request's matcher is built off the engine thread
+        (or passed in, from ``build_matcher``)."""
         stream = self._open_stream(request_id)
+        if matcher is None and params.structured_output is not None:
+            try:
+                matcher = await self.build_matcher(prompt_token_ids, params)
+            except BaseException:
+                self._streams.pop(request_id, None)
+                raise
 
         def add(eng: LLMEngine):
             eng.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
-                            prefill_only=prefill_only)
+                            prefill_only=prefill_only, matcher=matcher)
 
         await self._start(add, request_id)
         async for out in self._iterate(request_id, stream):

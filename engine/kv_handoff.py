@@ -183,9 +183,10 @@ class Reservations(KVSink):
                 ops.unpack_kv(buf, self.engine.runner.kv_cache, idx, header.layer_start)
             r.layers_received.update(range(header.layer_start, header.layer_end))
 
-    def commit(self, meta: HandoffMeta) -> str:
+    def commit(self, meta: HandoffMeta, matcher=None) -> str:
         """Admit the received sequence into the running batch. Returns its
-        request id. Raises if layers are missing."""
+        request id. Raises if layers are missing. ``matcher``: its
+        structured-output matcher, built beforehand (LLMEngine.build_matcher)."""
         eng = self.engine
         with self._lock:
             r = self._open.get(meta.request_id)
@@ -196,7 +197,7 @@ class Reservations(KVSink):
                 raise IncompatibleKVError(
                     f"hand-off {meta.request_id!r} is missing layers {sorted(missing)[:8]}")
             del self._open[meta.request_id]
-        return admit_imported(eng, meta, r.num_tokens, r.cached_tokens)
+        return admit_imported(eng, meta, r.num_tokens, r.cached_tokens, matcher)
 
     def cancel(self, handoff_id: str) -> bool:
         with self._lock:
@@ -220,7 +221,8 @@ class Reservations(KVSink):
         return len(self._open)
 
 
-def admit_imported(engine, meta: HandoffMeta, num_tokens: int, cached_tokens: int):
+def admit_imported(engine, meta: HandoffMeta, num_tokens: int, cached_tokens: int,
+                   matcher=None):
     """Turn held blocks (owned by ``meta.request_id``) into a running sequence
     whose prompt KV is computed and whose first token was sampled elsewhere.
     Returns (request id, RequestOutput of the first token)."""
@@ -232,7 +234,7 @@ def admit_imported(engine, meta: HandoffMeta, num_tokens: int, cached_tokens: in
     seq.num_cached_tokens = cached_tokens
     try:
         st = RequestState(seq, params, engine.tokenizer, engine.eos_token_ids,
-                          engine.max_model_len, engine.grammar)
+                          engine.max_model_len, engine.grammar, matcher)
     except BaseException:
         engine.kv.free(rid)  # the reservation's blocks: nothing else will free them
         raise

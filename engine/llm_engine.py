@@ -26,7 +26,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, validate_request
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, Sequence
-from engine.structured import GrammarCompiler
+from engine.structured import GrammarCompiler, GrammarMatcher
 from engine.tokenizer import Tokenizer
 
 
@@ -81,15 +81,29 @@ class LLMEngine:
         """Raise InvalidRequestError (with ``param``) if this request cannot run."""
         validate_request(prompt_token_ids, params, self.max_model_len, self.model_cfg.vocab_size)
 
+    def build_matcher(self, prompt_token_ids: list[int], params: SamplingParams) -> GrammarMatcher | None:
+        """The structured-output matcher of a request (None without a
+        constraint), for ``add_request(matcher=...)``. Safe to call from any
+        thread, and meant to be: a large JSON schema takes tens of
+        milliseconds to compile, which on the engine thread would stall
+        every running sequence. Validates the request first."""
+        self.validate(prompt_token_ids, params)
+        if params.structured_output is None:
+            return None
+        prior = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:] \
+            if params.resumed_tokens else []
+        return self.grammar.matcher(params.structured_output, prior)
+
     def new_sequence(self, request_id: str, prompt_token_ids: list[int]) -> Sequence:
         return Sequence(request_id, prompt_token_ids, None, self.cfg.block_size, self.hash_salt)
 
     def add_request(self, request_id: str | None, prompt: str | None = None,
                     params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None,
-                    prefill_only: bool = False) -> str:
+                    prefill_only: bool = False, matcher: GrammarMatcher | None = None) -> str:
         """Queue a request. ``prefill_only``: stop after the first token and
-        hold the KV for ``export_kv`` (the prefill role)."""
+        hold the KV for ``export_kv`` (the prefill role). ``matcher``: from
+        ``build_matcher`` (else built here when the request is constrained)."""
         request_id = request_id or uuid.uuid4().hex
         self.check_id_free(request_id)
         params = params or SamplingParams()
@@ -101,7 +115,8 @@ class LLMEngine:
         seq = self.new_sequence(request_id, prompt_token_ids)
         seq.params = params
         self.requests[request_id] = RequestState(
-            seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len, self.grammar)
+            seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len, self.grammar,
+            matcher)
         if prefill_only:
             self._prefill_only.add(request_id)
         self.scheduler.add(seq)

@@ -13,14 +13,14 @@ from engine.sampler import SeqSamplingState, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence
 from engine.stop import StopChecker
-from engine.structured import PARAM, GrammarCompiler
+from engine.structured import PARAM, GrammarCompiler, GrammarMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestState:
     def __init__(self, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer | None,
                  eos_token_ids: tuple[int, ...], max_model_len: int,
-                 grammar: GrammarCompiler | None = None):
+                 grammar: GrammarCompiler | None = None, matcher: GrammarMatcher | None = None):
         self.seq = seq
         self.params = params
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
@@ -30,8 +30,10 @@ class RequestState:
         self.sampling = SeqSamplingState.create(params, prompt[:split], tuple(eos_token_ids))
         self.sampling.output_ids = list(prompt[split:])  # grows by each token this state takes
         self.sampling.num_prior = params.resumed_tokens
-        self.matcher = None
-        if params.structured_output is not None:
+        # a matcher built beforehand (LLMEngine.build_matcher, off the engine
+        # thread) has consumed the same earlier output
+        self.matcher = matcher
+        if matcher is None and params.structured_output is not None:
             if grammar is None:
                 raise InvalidRequestError("this engine cannot constrain outputs", param=PARAM)
             self.matcher = grammar.matcher(params.structured_output, prompt[split:])

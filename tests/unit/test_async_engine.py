@@ -1,12 +1,14 @@
 """AsyncEngine: streams, duplicate ids, cancellation, a dead engine."""
 
 import asyncio
+import threading
 
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import PARAM
 from tests.integration.pd_harness import make_engine
 
 SP = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -182,3 +184,37 @@ def test_load_stats_show_request_state_until_it_is_gone(tiny_llama):
     assert stats_idle(eng.load_stats())
     assert not stats_idle({**eng.load_stats(), "streams": 1})
     assert not stats_idle({**eng.load_stats(), "reservations": 1})
+
+
+def test_grammar_matchers_are_built_off_the_engine_thread(tiny_llama):
+    """A large schema compiles for tens of milliseconds: never on the thread
+    that steps every running sequence. Outputs equal the engine's own."""
+    eng = make_engine(tiny_llama)
+    spec = {"type": "regex", "value": "[a-z]{3,8}"}
+    sp = SamplingParams(max_tokens=10, temperature=0.0, structured_output=spec)
+    want = make_engine(tiny_llama).generate([[5, 6, 7]], sp)[0].token_ids
+    built_on = []
+    build = eng.grammar.matcher
+
+    def recording(*a, **k):
+        built_on.append(threading.current_thread().name)
+        return build(*a, **k)
+
+    eng.grammar.matcher = recording
+
+    async def main():
+        a = AsyncEngine(eng, name="engine-under-test").start()
+        try:
+            toks = []
+            async for out in a.generate("r", [5, 6, 7], sp):
+                toks += out.new_token_ids
+            with pytest.raises(InvalidRequestError) as e:  # a bad grammar: refused, nothing held
+                await a.generate("bad", [5, 6], SamplingParams(
+                    structured_output={"type": "regex", "value": "(a"})).__anext__()
+            assert e.value.param == PARAM and a.num_streams == 0
+            return toks
+        finally:
+            a.stop()
+    assert asyncio.run(main()) == want
+    assert built_on and all(n.startswith("engine-under-test-grammar") for n in built_on)
+    assert eng.kv.all_free()
