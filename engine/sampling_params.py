@@ -9,7 +9,7 @@ ingress would have refused.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from engine.errors import InvalidRequestError
@@ -189,9 +189,13 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (ints, floats, bools, lists, None), JSON-safe:
-        ``logit_bias`` travels as a list of [token id, bias] pairs."""
-        d = asdict(self)
-        d["logit_bias"] = [[t, v] for t, v in self.logit_bias.items()]
+        ``logit_bias`` travels as a list of [token id, bias] pairs. Fields at
+        their default are left out (``from_dict`` restores them), so while a
+        rolling upgrade mixes versions a receiver that predates a parameter
+        refuses only the requests that use it."""
+        d = {k: v for k, v in asdict(self).items() if v != _DEFAULTS[k]}
+        if "logit_bias" in d:
+            d["logit_bias"] = [[t, v] for t, v in self.logit_bias.items()]
         return d
 
     @classmethod
@@ -211,6 +215,10 @@ class SamplingParams:
                 raise InvalidRequestError("logit_bias must be a list of [token id, bias] pairs",
                                           param="logit_bias") from None
         return cls(**data).validate()
+
+
+_DEFAULTS = {f.name: f.default if f.default is not MISSING else f.default_factory()
+             for f in fields(SamplingParams)}
 
 
 def _check_int(value: Any, name: str) -> None:

@@ -156,6 +156,18 @@ def test_dict_round_trip_is_plain_and_exact():
     assert q.stop is not p.stop
 
 
+def test_dict_leaves_out_defaults_so_mixed_versions_refuse_only_what_they_lack():
+    assert SamplingParams().to_dict() == {}
+    d = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2).to_dict()
+    assert d == {"temperature": 0.0, "max_tokens": 4, "prompt_logprobs": 2}
+    assert SamplingParams.from_dict(d) == SamplingParams(temperature=0.0, max_tokens=4,
+                                                        prompt_logprobs=2)
+    # a receiver that predates a parameter sees it only when a request uses it
+    older = {k: v for k, v in d.items() if k != "prompt_logprobs"}
+    assert SamplingParams.from_dict(SamplingParams(temperature=0.0, max_tokens=4).to_dict()) \
+        == SamplingParams.from_dict(older)
+
+
 def test_from_dict_refuses_unknown_keys_and_validates():
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams.from_dict({"temperature": 0.5, "best_of": 2})
