@@ -186,6 +186,24 @@ class GrammarMatcher:
 
 
 _BIT = torch.arange(32, dtype=torch.int32)
+_executor = None
+
+
+def fill_masks(matchers: list[GrammarMatcher], bitmask: Tensor) -> None:
+    """Each matcher's allowed-token bitmask into its row of ``bitmask``
+    ([len(matchers), words] int32, contiguous, CPU). Several matchers are
+    computed in parallel on llguidance's own threads (the GIL released),
+    one after another otherwise."""
+    global _executor
+    if len(matchers) == 1:
+        matchers[0].fill_mask(bitmask[0])
+        return
+    if _executor is None:
+        _executor = _llguidance().LLExecutor()
+    words = matchers[0].words
+    _executor.unsafe_compute_mask_ptr([(m._m, j) for j, m in enumerate(matchers)],
+                                      bitmask.data_ptr(), words * 4, len(matchers))
+
 
 
 def apply_masks(x: Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> None:
@@ -194,8 +212,7 @@ def apply_masks(x: Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> N
     rows, ``matchers`` theirs."""
     words = matchers[0].words
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-    for j, m in enumerate(matchers):
-        m.fill_mask(bitmask[j])
+    fill_masks(matchers, bitmask)
     vocab, dev = x.shape[1], x.device
     # unpacked where the logits are: 1 bit per token crosses to the device, not 8
     bits = _BIT if dev.type == "cpu" else _BIT.to(dev)

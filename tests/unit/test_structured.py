@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, json_object_spec
+from engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, fill_masks, json_object_spec
 from tests.fixtures.checkpoints import hf_model
 from tests.fixtures.handoff import handoff_generate
 
@@ -244,3 +244,22 @@ def test_min_tokens_counts_only_new_tokens_after_a_resume(engine):
 def test_tokenizer_view_is_built_when_the_engine_starts(llama):
     # the first constrained request must not pay for it inside a batch step
     assert make(llama).grammar._ll_tokenizer is not None
+
+
+def test_parallel_masks_equal_one_at_a_time(engine):
+    """Several matchers' masks are computed on llguidance's threads in one
+    call: each row equals that matcher's own mask."""
+    matchers = [engine.grammar.matcher(s) for s in (JSON, REGEX, LARK, choice_spec(CHOICES), REGEX)]
+    for k, m in enumerate(matchers):  # advance each to a different point
+        for _ in range(k):
+            row = torch.zeros(m.words, dtype=torch.int32)
+            m.fill_mask(row)
+            allowed = [t for t in range(m.words * 32) if (int(row[t // 32]) >> (t % 32)) & 1]
+            assert m.consume(allowed[len(allowed) // 2])
+    one_by_one = torch.zeros(len(matchers), matchers[0].words, dtype=torch.int32)
+    for j, m in enumerate(matchers):
+        m.fill_mask(one_by_one[j])
+    together = torch.full_like(one_by_one, 7)
+    fill_masks(matchers, together)
+    assert torch.equal(together, one_by_one)
+    assert len({tuple(r.tolist()) for r in together}) > 1  # the rows really differ
