@@ -122,7 +122,8 @@ class ChoiceState:
             text, lps = "", []
             out = {**out, "completion_tokens": 0, "finish_reason": "length"}
         prefix = ""
-        if self.echo is not None and self.echo_logprobs is None:
+        echoing = self.echo is not None and self.echo_logprobs is None  # this output opens the choice
+        if echoing:
             prefix = self.echo.text
             self.echo_logprobs = echo_logprobs(self.tokenizer, self.echo.token_ids,
                                                out.get("prompt_logprobs"))
@@ -138,10 +139,10 @@ class ChoiceState:
         delta: dict[str, Any] = {"content": text} if text else {}
         if self.tool_calls is not None:
             delta = self._tool_delta(text, out["finished"])
-        if not delta and not out["finished"] and not (self.want_logprobs and lps):
+        if not delta and not out["finished"] and not (self.want_logprobs and (lps or echoing)):
             return None
         lp_obj = self._logprobs(lps) if self.want_logprobs else None
-        if prefix and lp_obj is not None:
+        if echoing and lp_obj is not None:
             lp_obj = join_logprobs(self.echo_logprobs, lp_obj)
         if self.kind == "completion":
             return {"index": self.index, "text": text, "logprobs": lp_obj,

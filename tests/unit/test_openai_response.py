@@ -1,0 +1,43 @@
+"""Choice objects of the OpenAI API built from backend outputs (the HTTP
+tests cover the common paths; these pin down echo's edges)."""
+
+from cluster.openai_response import ChoiceState, Echo
+from engine.tokenizer import Tokenizer
+
+
+def out(text, token_ids, finished=False, prompt_logprobs=None, logprobs=None):
+    d = {"text": text, "token_ids": token_ids, "finished": finished,
+         "finish_reason": "length" if finished else None, "prompt_tokens": 3,
+         "completion_tokens": len(token_ids), "cached_tokens": 0,
+         "logprobs": logprobs or [{"token_id": t, "logprob": -1.0, "top": []} for t in token_ids]}
+    if prompt_logprobs is not None:
+        d["prompt_logprobs"] = prompt_logprobs
+    return d
+
+
+PROMPT_LPS = [None, {"token_id": 6, "logprob": -2.0, "top": [[6, -2.0]]},
+              {"token_id": 7, "logprob": -3.0, "top": [[9, -0.5]]}]
+
+
+def test_echo_scores_are_sent_even_when_the_first_output_holds_its_text(tiny_llama):
+    tok = Tokenizer.from_dir(tiny_llama)
+    st = ChoiceState(0, "completion", tok, True, echo=Echo("", [5, 6, 7], score_only=False))
+    first = st.add(out("", [8], prompt_logprobs=PROMPT_LPS))  # text held back, not finished
+    assert first is not None
+    lp = first["logprobs"]
+    assert lp["token_logprobs"][:3] == [None, -2.0, -3.0] and lp["top_logprobs"][0] is None
+    assert len(lp["tokens"]) == 4
+    last = st.add(out("x", [9], finished=True))
+    assert len(last["logprobs"]["tokens"]) == 1  # the prompt's scores came once
+    final = st.final()["logprobs"]
+    assert final["token_logprobs"] == [None, -2.0, -3.0, -1.0, -1.0]
+    assert final["text_offset"] == sorted(final["text_offset"])
+
+
+def test_score_only_drops_the_sampled_token(tiny_llama):
+    tok = Tokenizer.from_dir(tiny_llama)
+    st = ChoiceState(0, "completion", tok, True, echo=Echo("abc", [5, 6, 7], score_only=True))
+    chunk = st.add(out("zz", [8], finished=True, prompt_logprobs=PROMPT_LPS))
+    assert chunk["text"] == "abc" and chunk["finish_reason"] == "length"
+    assert len(chunk["logprobs"]["tokens"]) == 3
+    assert st.completion_tokens == 0 and st.final()["text"] == "abc"
