@@ -144,6 +144,37 @@ def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("fault", [False, True])
+def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, reference, fault):
+    """Scored by the prefill replica and carried with the KV, or, when the
+    prefill replica dies mid-transfer, scored again by the decode replica."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    p = prompts(8, reference.model_cfg.vocab_size)[6]
+    want = reference.generate([p], params)[0]
+
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
+        if fault:
+            pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+        try:
+            outs = [d async for d in pd.client.stream("Generate", {
+                "prompt_token_ids": p, "params": params.to_dict(),
+                "prefill": {"address": pd.prefill_addr}})]
+            assert outs[0]["timings"]["mode"] == ("local" if fault else "remote")
+            got = outs[0]["prompt_logprobs"]
+            assert got[0] is None and [d["token_id"] for d in got[1:]] == p[1:]
+            assert [d["logprob"] for d in got[1:]] == pytest.approx(
+                [lp.logprob for lp in want.prompt_logprobs[1:]], abs=1e-4)
+            assert [[t for t, _ in d["top"]] for d in got[1:]] == [
+                [t for t, _ in lp.top] for lp in want.prompt_logprobs[1:]]
+            assert all("prompt_logprobs" not in d for d in outs[1:])
+            assert [t for d in outs for t in d["token_ids"]] == want.token_ids
+            assert await wait_until(pd.all_free, 10)
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
 def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transfer_timeout_s=0.3)
