@@ -47,6 +47,9 @@ class AdmissionBackend(Backend):
     def tokenizer(self, model: str) -> Tokenizer:
         return self.inner.tokenizer(model)
 
+    def tool_call_parser(self, model: str) -> str:
+        return self.inner.tool_call_parser(model)
+
     def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.inner.validate(model, prompt_token_ids, params)
 

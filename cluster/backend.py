@@ -72,6 +72,11 @@ class Backend(abc.ABC):
         Overloaded or Unavailable. Closing the iterator cancels the request
         everywhere and frees its KV blocks."""
 
+    def tool_call_parser(self, model: str) -> str:
+        """The model's tool-call format (cluster.tool_calls.PARSER_NAMES);
+        auto: detected from its chat template."""
+        return "auto"
+
     async def close(self) -> None:
         pass
 
@@ -79,10 +84,11 @@ class Backend(abc.ABC):
 class LocalBackend(Backend):
     """Colocated engines in this process, one per model."""
 
-    def __init__(self, engines: dict):  # name -> LLMEngine
+    def __init__(self, engines: dict, tool_call_parsers: dict[str, str] | None = None):
         from engine.async_engine import AsyncEngine
 
         self._engines = dict(engines)
+        self._parsers = dict(tool_call_parsers or {})
         self._async = {n: AsyncEngine(e, name=f"engine-{n}").start() for n, e in engines.items()}
         self._created = int(time.time())
 
@@ -97,6 +103,10 @@ class LocalBackend(Backend):
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self._engine(model).tokenizer
+
+    def tool_call_parser(self, model: str) -> str:
+        self._engine(model)
+        return self._parsers.get(model, "auto")
 
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)

@@ -49,6 +49,7 @@ class _Model:
     block_size: int
     max_model_len: int
     vocab_size: int
+    tool_call_parser: str = "auto"
 
 
 def _model_path(spec) -> Path:
@@ -74,7 +75,7 @@ class ClusterBackend(Backend):
             mc = load_checkpoint(path).model_config
             limit = min(spec.max_model_len or mc.max_position, mc.max_position)
             self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size,
-                                             limit, mc.vocab_size)
+                                             limit, mc.vocab_size, spec.tool_call_parser)
         self._created = int(time.time())
         self.counters = {"retries": 0, "resumed": 0, "refused": 0}
 
@@ -97,6 +98,9 @@ class ClusterBackend(Backend):
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self._model(model).tokenizer
+
+    def tool_call_parser(self, model: str) -> str:
+        return self._model(model).tool_call_parser
 
     def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         m = self._model(model)

@@ -40,6 +40,9 @@ class ModelSpec(_Strict):
     max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget of one engine "
                                         "step (prompt chunks plus decode tokens).")
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
+    tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
+        "auto", description="How the model writes tool calls (chat requests with tools); "
+        "auto: detected from its chat template.")
 
     @model_validator(mode="after")
     def _power_of_two(self) -> "ModelSpec":

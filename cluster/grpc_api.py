@@ -165,7 +165,8 @@ def _template_tools(pb_tools) -> list[dict]:
         raise _grpc_fields(e) from None
 
 
-def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | None:
+def _tools(req: pb.GenerateRequest, chat_template: str | None,
+           parser: str = "auto") -> ToolRequest | None:
     """The request's tool calling (cluster.tool_calls), errors naming this
     API's fields."""
     if not req.messages and (req.tools or req.tool_choice or req.tool_function):
@@ -177,7 +178,7 @@ def _tools(req: pb.GenerateRequest, chat_template: str | None) -> ToolRequest | 
               else req.tool_choice or None)
     parallel = req.parallel_tool_calls if req.HasField("parallel_tool_calls") else None
     try:
-        return tool_request(tools or None, choice, parallel, chat_template)
+        return tool_request(tools or None, choice, parallel, chat_template, parser)
     except InvalidRequestError as e:
         e = _grpc_fields(e)
         if req.tool_function and e.param == "tool_choice":
@@ -238,7 +239,8 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         try:
-            tools = _tools(request, self.backend.tokenizer(request.model).chat_template)
+            tools = _tools(request, self.backend.tokenizer(request.model).chat_template,
+                           self.backend.tool_call_parser(request.model))
             ids = self._prompt_ids(request, tools)
             params = sampling_params(request.params)
             if tools is not None:

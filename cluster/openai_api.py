@@ -235,7 +235,7 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
                            param="chat_template_kwargs", code="invalid_value")
         tokenizer = backend.tokenizer(body.model)
         tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
-                             tokenizer.chat_template)
+                             tokenizer.chat_template, backend.tool_call_parser(body.model))
         text = tokenizer.apply_chat_template(
             template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
             tools=tools.tools if tools else None, **kwargs)

@@ -148,8 +148,15 @@ LLAMA3_JSON = ToolParser("llama3_json", ("<|python_tag|>", "{"), at_start_only=T
                          needs_special_tokens=True)
 
 
-def parser_for(chat_template: str | None) -> ToolParser:
-    """The tool-call format a chat template teaches its model."""
+PARSERS = {p.name: p for p in (HERMES, MISTRAL, LLAMA3_JSON)}
+PARSER_NAMES = ("auto", *PARSERS)  # a model's tool_call_parser setting
+
+
+def parser_for(chat_template: str | None, name: str = "auto") -> ToolParser:
+    """The tool-call format a chat template teaches its model, or the one
+    ``name``d (a model's ``tool_call_parser`` setting; auto: detected)."""
+    if name != "auto":
+        return PARSERS[name]
     t = chat_template or ""
     if "[TOOL_CALLS]" in t:
         return MISTRAL
@@ -242,9 +249,10 @@ def _required_schema(parameters: dict[str, dict], parallel: bool) -> dict[str, A
 
 
 def tool_request(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
-                 chat_template: str | None) -> ToolRequest | None:
+                 chat_template: str | None, parser: str = "auto") -> ToolRequest | None:
     """The request's tool calling, checked; None when it has neither tools
-    nor a tool_choice."""
+    nor a tool_choice. ``parser``: the model's tool-call format (auto:
+    detected from ``chat_template``)."""
     if tools is None and tool_choice in (None, "none"):
         return None
     tools = tools or []
@@ -259,7 +267,7 @@ def tool_request(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
         names[name], parameters[name] = i, params
     choice, named = _choice(tool_choice, names)
     req = ToolRequest(tools, parameters, choice, named, parallel_tool_calls is not False,
-                      parser_for(chat_template))
+                      parser_for(chat_template, parser))
     if choice == "named":
         req.constraint = _checked_json(parameters[named], f"tools[{names[named]}].function.parameters")
     elif choice == "required":

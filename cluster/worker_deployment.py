@@ -245,8 +245,9 @@ def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: Tr
         "autoscaling_config": serve_autoscaling_config(pool, role, model.name)}
     # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
-    args = (role, model.model_dump(), transfer.model_dump(), router.model_dump(), cluster_token,
-            drain_s)
+    # what only the ingress reads stays out, so editing it does not rebuild replicas
+    worker_model = model.model_dump(exclude={"tool_call_parser"})
+    args = (role, worker_model, transfer.model_dump(), router.model_dump(), cluster_token, drain_s)
     actor_options = pool.ray_actor_options()
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)

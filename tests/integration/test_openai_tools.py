@@ -4,11 +4,13 @@ engine's constrained output, parsed calls come out of the model's text,
 streamed and whole responses agree, and bad tool requests are 400s naming
 the field."""
 
+import asyncio
 import json
 
 import openai
 import pytest
 
+from cluster.backend import LocalBackend
 from cluster.openai_api import build_http_app
 from cluster.tool_calls import template_messages
 from engine.sampling_params import SamplingParams
@@ -163,3 +165,29 @@ def test_bad_tool_requests_are_400_naming_the_field(url, local, engines, body, p
     assert_error(post(url, CH, body), 400, INVALID, param)
     assert idle(local, engines)
 
+
+
+# what a Llama 3 JSON-format model writes to call a tool
+LLAMA3_CALL = r'\{"name": "get_weather", "parameters": \{"city": "[a-z]{1,8}"\}\}'
+
+
+def test_a_models_tool_call_parser_setting_overrides_detection(paths):
+    """The default model's template reads as Hermes; set to llama3_json, its
+    JSON calls are parsed as calls (the served model's setting, not the request's)."""
+    eng = make_engine(paths[MODEL], MODEL)
+    ref = eng.generate([prompt_ids(eng, ASK, [WEATHER])], SamplingParams(
+        max_tokens=40, temperature=0.0, structured_output={"type": "regex", "value": LLAMA3_CALL}))[0]
+    city = json.loads(ref.text)["parameters"]["city"]
+    backend = LocalBackend({MODEL: eng}, tool_call_parsers={MODEL: "llama3_json"})
+    server = ServerThread(build_http_app(backend, [KEY], 1 << 20))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        for stream in (False, True):
+            content, calls, finish, _ = create(
+                client, stream, messages=ASK, tools=[WEATHER], max_tokens=40, temperature=0,
+                extra_body={"structured_outputs": {"regex": LLAMA3_CALL}})
+            assert (content, calls, finish) == (
+                None, [("get_weather", json.dumps({"city": city}))], "tool_calls")
+    finally:
+        server.stop()
+        asyncio.run(backend.close())

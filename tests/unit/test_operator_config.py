@@ -51,6 +51,9 @@ INVALID = [
      "models.0.model: Value error, block_size must be a power of two, got 12"),
     ("models:\n  - mode: split\n",
      "models.0.mode: Input should be 'disaggregated' or 'colocated'"),
+    ("models:\n  - model: {tool_call_parser: qwen}\n",
+     "models.0.model.tool_call_parser: Input should be 'auto', 'hermes', 'mistral' or "
+     "'llama3_json'"),
     ("router: {policy: random}\n",
      "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
 ]
@@ -139,3 +142,25 @@ def test_status_table():
         "             last change 60s ago: scale up 1 -> 2: y",
         "  m-decode: -",
     ]
+
+
+def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(tiny_checkpoints):
+    from cluster.client import ClusterBackend
+    from cluster.config import PoolSpec, RouterSpec, TransferSpec
+    from cluster.worker_deployment import worker_deployment
+
+    path = tiny_checkpoints["llama"]
+    cfg = parse_config({"models": [
+        {"model": {"name": "a", "path": str(path), "tool_call_parser": "mistral"}},
+        {"model": {"name": "b", "path": str(path)}}]})
+    backend = ClusterBackend(cfg)
+    assert (backend.tool_call_parser("a"), backend.tool_call_parser("b")) == ("mistral", "auto")
+
+    def built(parser):  # the worker pool's Serve deployment: its version and model argument
+        spec = cfg.models[0].model.model_copy(update={"tool_call_parser": parser})
+        d = worker_deployment("a-decode", "decode", PoolSpec(), spec, TransferSpec(), RouterSpec(),
+                              "token")._bound_deployment
+        return d.version, d.init_args[1]
+    (v1, model1), (v2, _) = built("mistral"), built("hermes")
+    assert v1 is not None and v1 == v2
+    assert "tool_call_parser" not in model1 and model1["name"] == "a"

@@ -210,3 +210,12 @@ def test_format_detection():
     assert parser_for(None) is HERMES and parser_for("{{ messages }}") is HERMES
     assert parser_for(TEMPLATES["mistral"]) is MISTRAL and MISTRAL.needs_special_tokens
     assert parser_for(TEMPLATES["llama3_json"]) is LLAMA3_JSON
+
+
+def test_a_named_format_overrides_detection():
+    assert parser_for(TEMPLATES["hermes"], "mistral") is MISTRAL
+    assert parser_for(TEMPLATES["mistral"], "auto") is MISTRAL
+    req = tool_request([WEATHER], None, None, TEMPLATES["hermes"], "mistral")
+    assert run(req, [f"[TOOL_CALLS][{CALL}]"])[1] == [PARIS]
+    hermes_text = f"<tool_call>{CALL}</tool_call>"  # not this model's format: content
+    assert run(req, [hermes_text])[:2] == (hermes_text, [])
