@@ -25,13 +25,15 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 def completion_logprobs(tokenizer: Tokenizer, logprobs: list[dict], text_offset: int) -> dict:
     """The /v1/completions ``logprobs`` object of some tokens; ``text_offset``
-    is the completion's length before them."""
+    is the text's length before them. An entry whose ``logprob`` is None (an
+    echoed prompt's first token) reports null, alternatives too."""
     tokens, chosen, tops, offsets = [], [], [], []
     for lp in logprobs:
         tok = token_text(tokenizer, lp["token_id"])
         tokens.append(tok)
-        chosen.append(finite(lp["logprob"]))
-        tops.append({token_text(tokenizer, t): finite(v) for t, v in lp["top"]})
+        scored = lp["logprob"] is not None
+        chosen.append(finite(lp["logprob"]) if scored else None)
+        tops.append({token_text(tokenizer, t): finite(v) for t, v in lp["top"]} if scored else None)
         offsets.append(text_offset)
         text_offset += len(tok)
     return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
@@ -75,16 +77,8 @@ class Echo:
 def echo_logprobs(tokenizer: Tokenizer, token_ids: list[int], prompt_lps: list | None) -> dict:
     """The completions ``logprobs`` object of the echoed prompt, offsets from 0."""
     lps = prompt_lps or [None] * len(token_ids)
-    tokens = [token_text(tokenizer, t) for t in token_ids]
-    offsets, at = [], 0
-    for tok in tokens:
-        offsets.append(at)
-        at += len(tok)
-    return {"tokens": tokens,
-            "token_logprobs": [None if lp is None else finite(lp["logprob"]) for lp in lps],
-            "top_logprobs": [None if lp is None else
-                             {token_text(tokenizer, t): finite(v) for t, v in lp["top"]} for lp in lps],
-            "text_offset": offsets}
+    entries = [lp or {"token_id": t, "logprob": None, "top": None} for t, lp in zip(token_ids, lps)]
+    return completion_logprobs(tokenizer, entries, 0)
 
 
 def join_logprobs(a: dict, b: dict) -> dict:
@@ -170,11 +164,11 @@ class ChoiceState:
         if self.want_logprobs and self.kind == "chat":
             lp_obj = chat_logprobs(self.tokenizer, self.logprobs)
         elif self.want_logprobs:
-            lp_obj = completion_logprobs(self.tokenizer, self.logprobs, 0)
-            if self.echo_logprobs is not None:
-                own = sum(len(t) for t in self.echo_logprobs["tokens"])
-                lp_obj["text_offset"] = [own + o for o in lp_obj["text_offset"]]
-                lp_obj = join_logprobs(self.echo_logprobs, lp_obj)
+            echoed = self.echo_logprobs
+            start = sum(len(t) for t in echoed["tokens"]) if echoed is not None else 0
+            lp_obj = completion_logprobs(self.tokenizer, self.logprobs, start)
+            if echoed is not None:
+                lp_obj = join_logprobs(echoed, lp_obj)
         if self.kind == "completion":
             return {"index": self.index, "text": self.text, "logprobs": lp_obj,
                     "finish_reason": self.finish_reason}

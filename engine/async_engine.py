@@ -163,7 +163,7 @@ class AsyncEngine:
         A constrained request's matcher is built off the engine thread
         (or passed in, from ``build_matcher``)."""
         stream = self._open_stream(request_id)
-        if matcher is None and params.structured_output is not None:
+        if matcher is None:
             try:
                 matcher = await self.build_matcher(prompt_token_ids, params)
             except BaseException:

@@ -90,9 +90,9 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if params.structured_output is None:
             return None
-        prior = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:] \
-            if params.resumed_tokens else []
-        return self.grammar.matcher(params.structured_output, prior)
+        # a resumed request's earlier output ends its prompt (as RequestState reads it)
+        earlier = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
+        return self.grammar.matcher(params.structured_output, earlier)
 
     def new_sequence(self, request_id: str, prompt_token_ids: list[int]) -> Sequence:
         return Sequence(request_id, prompt_token_ids, None, self.cfg.block_size, self.hash_salt)

@@ -183,7 +183,7 @@ class ModelRunner:
             tgt = targets[a:a + PROMPT_LOGPROB_ROWS]
             chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
             top_ids: list[list[int]] = [[] for _ in owners]
-            top_vals: list[list[float]] = top_ids
+            top_vals: list[list[float]] = [[] for _ in owners]
             if max(ns) > 0:
                 top = lp.topk(min(max(ns), lp.shape[1]), dim=-1)
                 top_ids, top_vals = top.indices.tolist(), top.values.tolist()
