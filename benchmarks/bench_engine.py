@@ -44,7 +44,7 @@ SHAPES = {
 def build_checkpoint(out: Path, shape: str, dtype: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.default_model import train_bpe_tokenizer, write_tokenizer_files
+    from splitserve.engine.default_model import train_bpe_tokenizer, write_tokenizer_files
 
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=4096, torch_dtype=dtype, **SHAPES[shape])
@@ -107,9 +107,9 @@ def hf_runner(path: Path, device: str):
 
 
 def engine_runner(path: Path, device: str, max_batch: int):
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(path), device=device, max_num_seqs=max_batch,
                                  num_blocks=4096, block_size=16, max_num_batched_tokens=4096,

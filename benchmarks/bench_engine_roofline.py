@@ -23,9 +23,9 @@ import time
 import torch
 
 from benchmarks.common import table, write_record
-from engine.attention import AttentionMetadata
-from engine.config import ModelConfig
-from engine.models import build_model
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.models import build_model
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,

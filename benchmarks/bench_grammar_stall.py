@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 from benchmarks.common import table, write_record
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.default_model import ensure_default_model
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 
 
 def big_schema(fields: int) -> str:

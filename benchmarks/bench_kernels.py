@@ -89,8 +89,8 @@ class Paged:
 
 
 def bench(args) -> tuple[dict, list[Result]]:
-    from splitserve_kernels import reference as ref
-    from splitserve_kernels.triton import activation, decode_attention, kv_pack, kv_store, prefill_attention, rmsnorm
+    from splitserve.kernels import reference as ref
+    from splitserve.kernels.triton import activation, decode_attention, kv_pack, kv_store, prefill_attention, rmsnorm
 
     it = args.iters
     bw, peak = copy_bandwidth_gbps(it), matmul_tflops(it)

@@ -40,10 +40,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.hashing import block_hashes  # noqa: E402
-from router.core import RouterCore  # noqa: E402
-from router.policies import POLICIES  # noqa: E402
-from router.types import (  # noqa: E402
+from splitserve.engine.hashing import block_hashes  # noqa: E402
+from splitserve.router.core import RouterCore  # noqa: E402
+from splitserve.router.policies import POLICIES  # noqa: E402
+from splitserve.router.types import (  # noqa: E402
     DecodeReplicaStats,
     NoCapacityError,
     PrefillReplicaStats,

@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine.transfer import chunks as chunk_checks  # noqa: E402
-from engine.transfer.base import KVSink, TransportConfig, make_header  # noqa: E402
-from engine.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender  # noqa: E402
+from splitserve.handoff.transfer import chunks as chunk_checks  # noqa: E402
+from splitserve.handoff.transfer.base import KVSink, TransportConfig, make_header  # noqa: E402
+from splitserve.handoff.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender  # noqa: E402
 
 TOKEN = "bench-token"
 TUNED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(64 << 20),

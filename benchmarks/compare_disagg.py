@@ -38,12 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import table  # noqa: E402
-from cluster.bench import report  # noqa: E402
-from cluster.bench.arrivals import ArrivalSpec  # noqa: E402
-from cluster.bench.datasets import parse_length_dist, synthetic_requests  # noqa: E402
-from cluster.bench.phases import PHASES, TTFT_PARTS  # noqa: E402
-from cluster.bench.runner import BackendTarget, HttpTarget  # noqa: E402
-from cluster.bench.sweep import parse_rates, run_sweep  # noqa: E402
+from splitserve.cluster.bench import report  # noqa: E402
+from splitserve.cluster.bench.arrivals import ArrivalSpec  # noqa: E402
+from splitserve.cluster.bench.datasets import parse_length_dist, synthetic_requests  # noqa: E402
+from splitserve.cluster.bench.phases import PHASES, TTFT_PARTS  # noqa: E402
+from splitserve.cluster.bench.runner import BackendTarget, HttpTarget  # noqa: E402
+from splitserve.cluster.bench.sweep import parse_rates, run_sweep  # noqa: E402
 
 MODEL = "bench"
 MODES = ("disaggregated", "colocated")
@@ -58,7 +58,7 @@ def free_port() -> int:
 
 
 def cluster_config(mode: str, path: str | None, block_size: int):
-    from cluster.config import parse_config
+    from splitserve.cluster.config import parse_config
 
     one = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1}
     served = {"model": {"name": MODEL, "path": path, "block_size": block_size}, "mode": mode}
@@ -77,9 +77,9 @@ def unloaded_latency(path: str, prompt_len: int, block_size: int, repeats: int =
     fastest of ``repeats`` runs, the least disturbed by other processes."""
     import torch
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -103,7 +103,7 @@ def unloaded_latency(path: str, prompt_len: int, block_size: int, repeats: int =
 
 
 async def load(cfg, args, ttft_slo: float, tpot_slo: float):
-    from cluster.client import ClusterBackend
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
 
     if args.via == "http":
         be, target = None, HttpTarget(f"http://127.0.0.1:{cfg.endpoints.http_port}", MODEL)
@@ -125,7 +125,7 @@ async def load(cfg, args, ttft_slo: float, tpot_slo: float):
 
 
 def run_mode(mode: str, args, path: str | None, ttft_slo: float, tpot_slo: float):
-    from cluster import app
+    from splitserve.cluster.serve import app
 
     cfg = cluster_config(mode, path, args.block_size)
     t0 = time.perf_counter()
@@ -174,8 +174,8 @@ def main() -> int:
 
     import ray
 
-    from cluster.router_actor import NAMESPACE
-    from engine.default_model import ensure_default_model
+    from splitserve.cluster.serve.router_actor import NAMESPACE
+    from splitserve.engine.default_model import ensure_default_model
 
     path = args.model_path or str(ensure_default_model())
     mean_in = round(statistics.mean(

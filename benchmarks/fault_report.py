@@ -49,7 +49,7 @@ TOKEN = "fault-report"
 
 
 def cluster_config(path: str, block_size: int, max_queue_delay_s: float = 0.0):
-    from cluster.config import parse_config
+    from splitserve.cluster.config import parse_config
 
     return parse_config({
         "models": [{"model": {"name": MODEL, "path": path, "block_size": block_size},
@@ -70,9 +70,9 @@ def make_requests(n: int, vocab: int, seed: int, new_tokens: tuple[int, int]):
 def requests_and_reference(path: str, block_size: int, n: int, seed: int,
                            new_tokens: tuple[int, int]):
     """``n`` (prompt, max_tokens) and each one's greedy output on one local engine."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=path, model_id=MODEL, block_size=block_size))
     reqs = make_requests(n, eng.model_cfg.vocab_size, seed, new_tokens)
@@ -84,8 +84,8 @@ def start_cluster(cfg, num_cpus: int) -> None:
     """A local Ray node on loopback with ``cfg``'s pools deployed (no ingress)."""
     import ray
 
-    from cluster import app
-    from cluster.router_actor import NAMESPACE
+    from splitserve.cluster.serve import app
+    from splitserve.cluster.serve.router_actor import NAMESPACE
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
@@ -97,7 +97,7 @@ def start_cluster(cfg, num_cpus: int) -> None:
 def pool_ids() -> tuple[list[str], list[str]]:
     import ray
 
-    from cluster import app
+    from splitserve.cluster.serve import app
 
     reps = ray.get(app.get_router().replicas.remote()).get(MODEL, {"prefill": [], "decode": []})
     return [r["replica_id"] for r in reps["prefill"]], [r["replica_id"] for r in reps["decode"]]
@@ -166,8 +166,8 @@ def kill_one(role: str, address: str | None = None) -> str:
 
 
 async def pools_free(cfg) -> dict[str, bool]:
-    from engine.llm_engine import stats_idle
-    from engine.rpc import WorkerClient
+    from splitserve.engine.llm_engine import stats_idle
+    from splitserve.handoff.rpc import WorkerClient
 
     prefill, decode = pool_ids()
     out = {}
@@ -191,8 +191,8 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 async def run(cfg, reqs, want, rate: float, duration: float, seed: int, faults_on: bool = True):
-    from cluster.client import ClusterBackend
-    from engine.sampling_params import SamplingParams
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
+    from splitserve.engine.sampling_params import SamplingParams
 
     be = ClusterBackend(cfg)
     rng = random.Random(seed)
@@ -323,8 +323,8 @@ def main() -> int:
 
     import ray
 
-    from cluster import app
-    from engine.default_model import ensure_default_model
+    from splitserve.cluster.serve import app
+    from splitserve.engine.default_model import ensure_default_model
 
     path = str(ensure_default_model())
     lo, hi = (int(v) for v in args.new_tokens.split(":"))

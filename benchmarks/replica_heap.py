@@ -85,9 +85,9 @@ def main() -> int:
 
     import ray
 
-    from cluster import app
-    from engine.default_model import ensure_default_model
-    from engine.loader import load_checkpoint
+    from splitserve.cluster.serve import app
+    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.loader import load_checkpoint
 
     path = str(ensure_default_model())
     vocab = load_checkpoint(path).model_config.vocab_size

@@ -295,7 +295,7 @@ def _type_name(annotation: Any) -> str:
     text = text or str(annotation).replace("typing.", "")
     for name in ("ModelSpec", "PoolSpec", "AutoscalingSpec", "ServedModel", "RouterSpec",
                  "TransferSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
-        text = text.replace(f"cluster.config.{name}", name)
+        text = text.replace(f"splitserve.cluster.config.{name}", name)
     return text.replace("NoneType", "None").replace("|", "or").replace("Literal", "one of ")
 
 

@@ -26,12 +26,12 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from engine.async_engine import AsyncEngine
-from engine.kv_handoff import HandoffMeta, Reservations
-from engine.llm_engine import LLMEngine
-from engine.rpc import RpcError, WorkerClients
-from engine.sampling_params import SamplingParams
-from engine.transfer.base import KVReceiver
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.handoff.protocol import HandoffMeta, Reservations
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.handoff.rpc import RpcError, WorkerClients
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.handoff.transfer.base import KVReceiver
 
 FALLBACK_POLICIES = ("local", "error")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve_kernels import ops
+from splitserve.kernels import ops
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from engine.errors import OutOfBlocksError
+from splitserve.engine.errors import OutOfBlocksError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Model and engine configuration.
 
 ``ModelConfig`` is what the engine needs from a Hugging Face ``config.json``
-(parsed and checked by ``engine.loader``); ``EngineConfig`` is how one engine
+(parsed and checked by ``splitserve.engine.loader``); ``EngineConfig`` is how one engine
 instance runs (cache size, batching limits, device, dtype).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import CheckpointError
+from splitserve.engine.errors import CheckpointError
 
 DTYPES = {
     "float32": torch.float32,
@@ -149,7 +149,7 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     transformers < 5 writes ``rope_theta`` and ``rope_scaling`` at top level;
     transformers >= 5 writes one ``rope_parameters`` dict holding both, with
     ``rope_type: "default"`` meaning no scaling. Scaling dicts are returned as
-    written (``type`` or ``rope_type``); engine.models.rope reads either."""
+    written (``type`` or ``rope_type``); splitserve.engine.models.rope reads either."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"rope_parameters must be an object, got {params!r}")

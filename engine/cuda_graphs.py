@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata
+from splitserve.engine.attention import AttentionMetadata
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 

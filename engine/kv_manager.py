@@ -8,8 +8,8 @@ hand-off id until a sequence adopts them.
 
 from __future__ import annotations
 
-from engine.block_pool import BlockPool
-from engine.sequence import Sequence
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.sequence import Sequence
 
 
 class BlockTable:

@@ -15,19 +15,19 @@ from typing import Callable, Iterable
 
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.kv_manager import KVCacheManager
-from engine.loader import load_checkpoint, load_model
-from engine.model_runner import ModelRunner, num_kv_blocks, resolve_dtype, kv_cache_dtype
-from engine.outputs import CompletionResult, RequestOutput
-from engine.request_state import RequestState
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams, validate_request
-from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import FinishReason, Sequence
-from engine.structured import GrammarCompiler, GrammarMatcher
-from engine.tokenizer import Tokenizer
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.model_runner import ModelRunner, num_kv_blocks, resolve_dtype, kv_cache_dtype
+from splitserve.engine.outputs import CompletionResult, RequestOutput
+from splitserve.engine.request_state import RequestState
+from splitserve.engine.sampler import Sampler
+from splitserve.engine.sampling_params import SamplingParams, validate_request
+from splitserve.engine.scheduler import ScheduledSeq, Scheduler
+from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
+from splitserve.engine.tokenizer import Tokenizer
 
 
 LayerListener = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
@@ -66,7 +66,7 @@ class LLMEngine:
         self.hash_salt = b""
         self.requests: dict[str, RequestState] = {}
         self._prefill_only: set[str] = set()
-        # open hand-off reservations (engine.kv_handoff.Reservations) register
+        # open hand-off reservations (splitserve.handoff.protocol.Reservations) register
         # here, so an abort reaches a request still waiting for its KV
         self.handoff_sinks: weakref.WeakSet = weakref.WeakSet()
         self.step_count = 0

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.models import CausalLM, build_model
-from engine.models.rope import inv_freq_and_scale
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models import CausalLM, build_model
+from splitserve.engine.models.rope import inv_freq_and_scale
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

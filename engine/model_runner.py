@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.config import DTYPES, EngineConfig, ModelConfig
-from engine.kv_manager import KVCacheManager
-from engine.sampler import TokenLogprobs
-from engine.scheduler import ScheduledSeq
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import DTYPES, EngineConfig, ModelConfig
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.sampler import TokenLogprobs
+from splitserve.engine.scheduler import ScheduledSeq
 
 
 def resolve_dtype(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -81,7 +81,7 @@ class ModelRunner:
         self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
         self.graphs = None
         if device.type == "cuda" and not cfg.enforce_eager:
-            from engine.cuda_graphs import CudaGraphRunner
+            from splitserve.engine.cuda_graphs import CudaGraphRunner
 
             max_len = cfg.max_model_len or model_cfg.max_position
             self.graphs = CudaGraphRunner(

@@ -7,14 +7,14 @@ a hand-off, which also processes the first token sampled by prefill).
 
 from __future__ import annotations
 
-from engine.errors import InvalidRequestError
-from engine.outputs import RequestOutput
-from engine.sampler import SeqSamplingState, TokenLogprobs
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason, Sequence
-from engine.stop import StopChecker
-from engine.structured import PARAM, GrammarCompiler, GrammarMatcher
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampler import SeqSamplingState, TokenLogprobs
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.stop import StopChecker
+from splitserve.engine.structured import PARAM, GrammarCompiler, GrammarMatcher
+from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class RequestState:

@@ -9,7 +9,7 @@ Per row, in this order:
   2. presence / frequency penalties over output tokens (OpenAI semantics:
      ``logit -= frequency * count + presence * (count > 0)``);
   3. structured output: tokens the request's grammar does not allow next get
-     -inf (engine.structured);
+     -inf (splitserve.engine.structured);
   4. min_tokens: EOS and stop_token_ids get -inf until ``min_tokens`` output
      tokens exist, unless the grammar allows nothing else (the grammar wins);
   5. greedy rows (temperature 0) take the argmax; the others divide by the
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.sampling_params import SamplingParams
-from engine.structured import GrammarMatcher, apply_masks
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.structured import GrammarMatcher, apply_masks
 
 # Temperatures below this are sampled greedily: dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5

@@ -12,8 +12,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from engine.errors import InvalidRequestError
-from engine.structured import check_spec
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.structured import check_spec
 
 MAX_N = 16  # completions per request; each one is a full sequence in the batch
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -47,7 +47,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    # {"type": "json" | "regex" | "grammar", "value": text}: see engine.structured
+    # {"type": "json" | "regex" | "grammar", "value": text}: see splitserve.engine.structured
     structured_output: dict[str, str] | None = None
     # Set by the cluster when a request resumes on another replica: the last
     # ``resumed_tokens`` prompt tokens are this request's own earlier output.

@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_manager import KVCacheManager
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass

@@ -12,7 +12,7 @@ import enum
 import time
 from typing import Any
 
-from engine.hashing import ROOT_HASH, hash_block
+from splitserve.engine.hashing import ROOT_HASH, hash_block
 
 
 class SequenceStatus(enum.Enum):

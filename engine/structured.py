@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.errors import InvalidRequestError
+from splitserve.engine.errors import InvalidRequestError
 
 KINDS = ("json", "regex", "grammar")
 MAX_SPEC_CHARS = 64 << 10  # a schema / pattern / grammar's text

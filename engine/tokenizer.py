@@ -23,7 +23,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
-from engine.errors import CheckpointError, InvalidRequestError
+from splitserve.engine.errors import CheckpointError, InvalidRequestError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 

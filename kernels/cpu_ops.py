@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from splitserve_kernels import reference
-from splitserve_kernels.dispatch import register
+from splitserve.kernels import reference
+from splitserve.kernels.dispatch import register
 
 TALL_RATIO = 8  # out_features >= TALL_RATIO * in_features
 LARGE_ELEMENTS = 4 << 20  # out_features * in_features

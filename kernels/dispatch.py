@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from splitserve_kernels import reference
+from splitserve.kernels import reference
 
 OP_NAMES = (
     "linear",
@@ -33,7 +33,7 @@ OP_NAMES = (
 )
 
 # Backends that register themselves on import of their module.
-_BACKEND_MODULES = {"triton": "splitserve_kernels.triton_ops", "cpu": "splitserve_kernels.cpu_ops"}
+_BACKEND_MODULES = {"triton": "splitserve.kernels.triton_ops", "cpu": "splitserve.kernels.cpu_ops"}
 
 _registry: dict[str, dict[str, Callable]] = {
     "reference": {name: getattr(reference, name) for name in OP_NAMES}

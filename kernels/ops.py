@@ -1,11 +1,11 @@
 """The ops the engine calls: each dispatches on its first tensor's device.
 
-Signatures and semantics are those of ``splitserve_kernels.reference``.
+Signatures and semantics are those of ``splitserve.kernels.reference``.
 """
 
 from __future__ import annotations
 
-from splitserve_kernels.dispatch import get_op
+from splitserve.kernels.dispatch import get_op
 
 
 def linear(x, weight, bias=None):

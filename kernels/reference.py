@@ -2,7 +2,7 @@
 
 These are the CPU path and the oracle every Triton kernel is tested against.
 Each op's signature here is the contract: a kernel registered under the same
-name in ``splitserve_kernels.dispatch`` must accept the same arguments and return the
+name in ``splitserve.kernels.dispatch`` must accept the same arguments and return the
 same thing (or mutate the same tensors in place).
 
 KV cache layout (one tensor for the whole model, so a hand-off of a sequence

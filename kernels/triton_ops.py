@@ -1,7 +1,7 @@
 """Registers the Triton kernels as kernel backend "triton".
 
 Importing this module imports triton; an ImportError propagates so that
-``splitserve_kernels.dispatch`` reports the backend unavailable and falls back to the
+``splitserve.kernels.dispatch`` reports the backend unavailable and falls back to the
 reference ops.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (fail here, not halfway through registration)
 
-from splitserve_kernels import dispatch
-from splitserve_kernels.triton.activation import silu_and_mul
-from splitserve_kernels.triton.decode_attention import paged_decode_attention
-from splitserve_kernels.triton.kv_pack import pack_kv, unpack_kv
-from splitserve_kernels.triton.kv_store import store_kv
-from splitserve_kernels.triton.prefill_attention import paged_attention
-from splitserve_kernels.triton.rmsnorm import rms_norm
-from splitserve_kernels.triton.rope import rotary_embedding
+from splitserve.kernels import dispatch
+from splitserve.kernels.triton.activation import silu_and_mul
+from splitserve.kernels.triton.decode_attention import paged_decode_attention
+from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv
+from splitserve.kernels.triton.kv_store import store_kv
+from splitserve.kernels.triton.prefill_attention import paged_attention
+from splitserve.kernels.triton.rmsnorm import rms_norm
+from splitserve.kernels.triton.rope import rotary_embedding
 
 OPS = {
     "rms_norm": rms_norm,

@@ -23,12 +23,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from engine.async_engine import AsyncEngine
-from engine.kv_handoff import engine_layout, export_layers, export_meta
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.transfer.base import KVLayout, KVSender, make_header
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.handoff.protocol import engine_layout, export_layers, export_meta
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.handoff.transfer.base import KVLayout, KVSender, make_header
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from router.types import OverloadedError, UnbalancedReleaseError
+from splitserve.router.types import OverloadedError, UnbalancedReleaseError
 
 # Weight of the newest interval in the release-interval average: about the
 # last ten releases matter, so the estimate follows load changes within seconds.

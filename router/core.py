@@ -21,13 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from engine.hashing import block_hashes
-from router.admission import AdmissionControl
-from router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
-from router.policies import get_policy
-from router.prefix_index import PrefixIndex
-from router.replica_pool import ReplicaPool, make_snapshot
-from router.types import (
+from splitserve.engine.hashing import block_hashes
+from splitserve.router.admission import AdmissionControl
+from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
+from splitserve.router.policies import get_policy
+from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.replica_pool import ReplicaPool, make_snapshot
+from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     InvalidStatsError,

@@ -10,7 +10,7 @@ from ``RouterConfig``; every input from pushed replica stats.
 
 from __future__ import annotations
 
-from router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
+from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
 
 
 def usable_hit_tokens(matched_blocks: int, prompt_len: int, block_size: int) -> int:

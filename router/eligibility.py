@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from router.types import (
+from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     NoCapacityError,

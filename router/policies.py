@@ -25,16 +25,16 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from router.cost_model import local_ttft_s, remote_ttft_s, usable_hit_tokens
-from router.eligibility import decode_usable, no_decode_capacity, prefill_usable
-from router.selection import (
+from splitserve.router.cost_model import local_ttft_s, remote_ttft_s, usable_hit_tokens
+from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
+from splitserve.router.selection import (
     fastest_remote_prefill,
     longest_prefix_prefill,
     next_in_cycle,
     pick_decode,
     shortest_queue_prefill,
 )
-from router.types import (
+from splitserve.router.types import (
     REASON_LEAST_LOADED,
     REASON_LOCAL_CHEAPER,
     REASON_LOCAL_OVER_LIMIT,

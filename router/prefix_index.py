@@ -1,7 +1,7 @@
 """Which replicas hold which cached KV blocks, keyed by chained block hash.
 
 Replicas report the hashes their block pools stored and evicted
-(``engine.block_pool`` drains exactly these events); the router asks, per
+(``splitserve.engine.block_pool`` drains exactly these events); the router asks, per
 request, how many leading blocks of the prompt each replica already holds.
 A block hash covers its whole prefix, but a replica may have evicted a
 parent and kept a child, so a match still walks the chain and stops, per

@@ -15,7 +15,7 @@ from bisect import bisect_left
 from types import MappingProxyType
 from typing import Callable, Generic, Iterator, TypeVar
 
-from router.types import ClusterSnapshot, DecodeReplicaStats, PrefillReplicaStats
+from splitserve.router.types import ClusterSnapshot, DecodeReplicaStats, PrefillReplicaStats
 
 R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
-from router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
-from router.eligibility import decode_usable, no_decode_capacity, prefill_usable
-from router.types import (
+from splitserve.router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
+from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
+from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     PolicyState,

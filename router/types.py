@@ -173,7 +173,7 @@ class DecodeReplicaStats:
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """One request to place. Give either ``prompt_token_ids`` (the router
-    hashes them) or ``block_hashes`` precomputed with ``engine.hashing`` at
+    hashes them) or ``block_hashes`` precomputed with ``splitserve.engine.hashing`` at
     the router's block size and salt (the ingress can do this off the
     router's critical path)."""
 
@@ -299,7 +299,7 @@ class RouterConfig:
     """Tokens per KV block; must equal the engines' so prefix hashes match."""
 
     hash_salt: bytes = b""
-    """Salt of ``engine.hashing.block_hashes``; must equal the engines'."""
+    """Salt of ``splitserve.engine.hashing.block_hashes``; must equal the engines'."""
 
     kv_bytes_per_token: Mapping[str, int] = field(default_factory=dict)
     """KV cache bytes of one token (all layers, K and V) per model. Its keys

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, for a machine with CUDA whose
 # Python already has torch, triton, transformers, safetensors, tokenizers,
-# jinja2, grpcio, msgpack and pytest (Ray is not needed). Nothing is
-# installed: the source tree goes on PYTHONPATH, with kernels/ under its
-# import name (splitserve_kernels) through a link.
+# jinja2, grpcio, msgpack, msgspec and pytest (Ray is not needed). Nothing is
+# installed: the source tree goes on PYTHONPATH, where splitserve/__init__.py
+# finds the top-level folders as its sub-packages (splitserve.engine, ...).
 #   bash scripts/gpu_check.sh [OUT_DIR]     (default: ./gpu-results)
 # Writes gpu.txt, gpu-tests.xml and one JSON record per benchmark into OUT_DIR; a
 # failing step is reported and the next one still runs. Exit status: the
@@ -13,9 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-gpu-results}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-links="$(mktemp -d)"
-ln -sfn "$PWD/kernels" "$links/splitserve_kernels"
-export PYTHONPATH="$PWD:$links${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 
 failed=0

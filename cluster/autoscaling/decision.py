@@ -28,8 +28,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from cluster.autoscaling import signals as m
-from cluster.config import AutoscalingSpec
+from splitserve.cluster.autoscaling import signals as m
+from splitserve.cluster.config import AutoscalingSpec
 
 # metric name -> replica id -> [(timestamp, value)], oldest first
 PoolSeries = Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]

@@ -17,11 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.autoscaling.serve_policy import POLICY_PATH
-from cluster.config import PoolSpec
+from splitserve.cluster.autoscaling.serve_policy import POLICY_PATH
+from splitserve.cluster.config import PoolSpec
 
 # the packages a replica runs (import names); their source is part of its version
-_CODE_PACKAGES = ("splitserve_kernels", "engine", "prefill", "decode", "router", "cluster")
+_CODE_PACKAGES = tuple(f"splitserve.{name}" for name in (
+    "kernels", "engine", "handoff", "prefill", "decode", "router", "cluster"))
 
 
 def serve_autoscaling_config(pool: PoolSpec, role: str, model: str) -> dict[str, Any]:

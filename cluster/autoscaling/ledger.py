@@ -3,7 +3,7 @@
 latest autoscaling decision (so ``splitserve status`` can say why a pool has
 the size it has).
 
-Written by ``cluster.app.deploy`` and by the autoscaling policy, which runs
+Written by ``splitserve.cluster.serve.app.deploy`` and by the autoscaling policy, which runs
 inside the Serve controller; read by the CLI. Losing it loses only history.
 """
 

@@ -50,13 +50,13 @@ class _Handle:
 
 
 def _ledger():
-    from cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.autoscaling.ledger import get_ledger
 
     return get_ledger()
 
 
 def _router():
-    from cluster.router_actor import get_router
+    from splitserve.cluster.serve.router_actor import get_router
 
     return get_router()
 

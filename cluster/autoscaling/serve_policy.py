@@ -18,14 +18,14 @@ import logging
 import time
 from typing import Any
 
-from cluster.autoscaling import publish
-from cluster.autoscaling.decision import Decision, DelayState, PoolSeries, decide
-from cluster.config import AutoscalingSpec
-from cluster.metrics import record_autoscaler_decision
+from splitserve.cluster.autoscaling import publish
+from splitserve.cluster.autoscaling.decision import Decision, DelayState, PoolSeries, decide
+from splitserve.cluster.config import AutoscalingSpec
+from splitserve.cluster.observability.metrics import record_autoscaler_decision
 
 log = logging.getLogger("splitserve.autoscaling")
 
-POLICY_PATH = "cluster.autoscaling.serve_policy:bottleneck_policy"
+POLICY_PATH = "splitserve.cluster.autoscaling.serve_policy:bottleneck_policy"
 STATE_KEY = "splitserve_delay"
 PUBLISHED_KEY = "splitserve_published"
 PUBLISH_EVERY_S = 1.0  # decisions to the ledger, at most this often unless they change

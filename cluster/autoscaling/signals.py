@@ -28,7 +28,7 @@ HANDOFF_BYTES = "handoff_bytes"
 def replica_metrics(role: str, stats: Mapping[str, Any], draining: bool = False,
                     gpu: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Autoscaling metrics of one replica from its worker's ``stats()`` and,
-    where available, its GPU telemetry (``cluster.telemetry``)."""
+    where available, its GPU telemetry (``splitserve.cluster.observability.telemetry``)."""
     total = max(int(stats.get("total_blocks", 0)), 1)
     out = {
         KV_USED_FRACTION: 1.0 - stats.get("free_blocks", total) / total,

@@ -1,7 +1,7 @@
 """How one request's latency splits into phases, from the client's clock and
 the ``timings`` the decode replica attaches to the first output.
 
-Decode-replica timings (``decode.worker``): ``mode`` (remote | local),
+Decode-replica timings (``splitserve.decode.worker``): ``mode`` (remote | local),
 ``ttft_s`` (its receipt of the request -> first token), ``local_queue_s``
 (local prefill: the wait in its engine's queue), and for a remote prefill
 ``prefill_s`` (prefill replica: receipt -> prompt computed),

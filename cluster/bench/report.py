@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.bench.stats import BenchStats
-from cluster.bench.sweep import SweepPoint
+from splitserve.cluster.bench.stats import BenchStats
+from splitserve.cluster.bench.sweep import SweepPoint
 
 MS = 1000.0
 

@@ -5,8 +5,8 @@ Targets (all stream; all ask for greedy sampling with ``ignore_eos`` so each
 request produces exactly its ``output_len`` tokens):
   HttpTarget     POST /v1/completions with SSE (httpx), the phase timings
                  asked for with ``x-splitserve-timings: 1``
-  GrpcTarget     splitserve.v1.Generation/Generate (the stubs in cluster/proto)
-  BackendTarget  a ``cluster.backend.Backend`` in this process (ClusterBackend
+  GrpcTarget     splitserve.v1.Generation/Generate (the stubs in cluster/api/proto)
+  BackendTarget  a ``splitserve.cluster.api.backend.Backend`` in this process (ClusterBackend
                  or LocalBackend), without any client API in between
 """
 
@@ -18,10 +18,10 @@ import json
 import time
 from dataclasses import dataclass
 
-from cluster.bench.arrivals import ArrivalSpec, arrival_offsets
-from cluster.bench.datasets import BenchRequest
-from cluster.bench.progress import Progress
-from cluster.bench.stats import RequestRecord
+from splitserve.cluster.bench.arrivals import ArrivalSpec, arrival_offsets
+from splitserve.cluster.bench.datasets import BenchRequest
+from splitserve.cluster.bench.progress import Progress
+from splitserve.cluster.bench.stats import RequestRecord
 
 TIMINGS_HEADER = "x-splitserve-timings"
 
@@ -114,7 +114,7 @@ class GrpcTarget(Target):
     async def start(self) -> None:
         import grpc
 
-        from cluster.proto import splitserve_pb2_grpc as pb_grpc
+        from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 
         self._channel = grpc.aio.insecure_channel(self.address)
         self._stub = pb_grpc.GenerationStub(self._channel)
@@ -122,7 +122,7 @@ class GrpcTarget(Target):
     async def send(self, req: BenchRequest, rec: RequestRecord, clock) -> None:
         import grpc
 
-        from cluster.proto import splitserve_pb2 as pb
+        from splitserve.cluster.api.proto import splitserve_pb2 as pb
 
         params = pb.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
         msg = pb.GenerateRequest(model=self.model, params=params)
@@ -153,7 +153,7 @@ class BackendTarget(Target):
         self._next_id = 0
 
     async def send(self, req: BenchRequest, rec: RequestRecord, clock) -> None:
-        from engine.sampling_params import SamplingParams
+        from splitserve.engine.sampling_params import SamplingParams
 
         ids = req.prompt if not isinstance(req.prompt, str) else \
             self.backend.tokenizer(self.model).encode(req.prompt)

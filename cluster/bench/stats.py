@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cluster.bench.phases import (
+from splitserve.cluster.bench.phases import (
     PHASES,
     TTFT_PARTS,
     has_phase_timings,

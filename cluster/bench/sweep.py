@@ -11,10 +11,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from cluster.bench.arrivals import ArrivalSpec
-from cluster.bench.datasets import BenchRequest
-from cluster.bench.runner import RunResult, Target, run_load
-from cluster.bench.stats import BenchStats, compute_stats
+from splitserve.cluster.bench.arrivals import ArrivalSpec
+from splitserve.cluster.bench.datasets import BenchRequest
+from splitserve.cluster.bench.runner import RunResult, Target, run_load
+from splitserve.cluster.bench.stats import BenchStats, compute_stats
 
 
 @dataclass

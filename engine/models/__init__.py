@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.models.llama import CausalLM
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.llama import CausalLM
 
 # family -> implementation; the four families share one decoder with flags.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {

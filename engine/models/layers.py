@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention_layer
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from splitserve_kernels import ops
+from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.kernels import ops
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
-from engine.models.rope import build_cos_sin_cache
-from splitserve_kernels import ops
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
+from splitserve.engine.models.rope import build_cos_sin_cache
+from splitserve.kernels import ops
 
 # Checkpoint entries that are not weights of this implementation but that
 # older exports carry; skipped on load.

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

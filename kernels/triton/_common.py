@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from splitserve_kernels.reference import FP8_DTYPES
+from splitserve.kernels.reference import FP8_DTYPES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_ndim
+from splitserve.kernels.triton._common import FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_ndim
 
 BLOCK_I = 1024
 
@@ -26,7 +26,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, BLOCK: tl.cons
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2I] holding [gate | up] -> [T, I]; as ``splitserve_kernels.reference.silu_and_mul``."""
+    """x: [T, 2I] holding [gate | up] -> [T, I]; as ``splitserve.kernels.reference.silu_and_mul``."""
     op = "silu_and_mul"
     check_ndim(op, "x", x, 2, "[num_tokens, 2 * intermediate]")
     check_dtype(op, "x", x, FLOAT_DTYPES)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import (
+from splitserve.kernels.triton._common import (
     as_kernel_cache,
     check_paged_attention_args,
     dot_in_fp32,
@@ -29,7 +29,7 @@ from splitserve_kernels.triton._common import (
     next_pow2,
     num_sms,
 )
-from splitserve_kernels.triton.paged_tile import attend_tile, paged_token_offsets
+from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets
 
 MIN_TILES_PER_SPLIT = 4  # below this the merge costs more than the split saves
 GPU_BLOCK_N = 64  # KV tokens per tile
@@ -146,7 +146,7 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``splitserve_kernels.reference.paged_decode_attention``.
+    """Same contract as ``splitserve.kernels.reference.paged_decode_attention``.
 
     ``num_splits`` overrides the planned KV split count (benchmarks, tests).
     A sequence with context_len 0 gets a zero output.

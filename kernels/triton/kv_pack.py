@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import INDEX_DTYPES, check_dtype, check_ndim
+from splitserve.kernels.triton._common import INDEX_DTYPES, check_dtype, check_ndim
 
 BLOCK = 2048  # elements per program: a quarter of a typical 16x8x128 chunk
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -96,7 +96,7 @@ def pack_kv(
     layer_start: int,
     layer_end: int,
 ) -> torch.Tensor:
-    """Same contract as ``splitserve_kernels.reference.pack_kv``: [l, 2, n, BS, Hk, D]."""
+    """Same contract as ``splitserve.kernels.reference.pack_kv``: [l, 2, n, BS, Hk, D]."""
     op = "pack_kv"
     _check_cache(op, kv_cache)
     if not 0 <= layer_start <= layer_end <= kv_cache.shape[0]:
@@ -118,7 +118,7 @@ def unpack_kv(
     block_ids: torch.Tensor,  # [n] int
     layer_start: int,
 ) -> None:
-    """Same contract as ``splitserve_kernels.reference.unpack_kv`` (in place)."""
+    """Same contract as ``splitserve.kernels.reference.unpack_kv`` (in place)."""
     op = "unpack_kv"
     _check_cache(op, kv_cache)
     ids = _block_ids(op, block_ids, kv_cache)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import (
+from splitserve.kernels.triton._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     as_kernel_cache,
@@ -23,7 +23,7 @@ from splitserve_kernels.triton._common import (
     is_fp8,
     next_pow2,
 )
-from splitserve_kernels.triton.fp8_codec import encode_e4m3
+from splitserve.kernels.triton.fp8_codec import encode_e4m3
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def store_kv(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    """Same contract as ``splitserve_kernels.reference.store_kv`` (in place)."""
+    """Same contract as ``splitserve.kernels.reference.store_kv`` (in place)."""
     op = "store_kv"
     check_cache_pair(op, k_cache, v_cache)
     nb, bs, hk, d = k_cache.shape

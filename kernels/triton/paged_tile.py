@@ -6,7 +6,7 @@ over such a tile (flash-attention style, log2 domain, fp32 statistics).
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton.fp8_codec import decode_e4m3
+from splitserve.kernels.triton.fp8_codec import decode_e4m3
 
 
 @triton.jit

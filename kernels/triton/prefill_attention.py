@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import (
+from splitserve.kernels.triton._common import (
     INDEX_DTYPES,
     as_kernel_cache,
     check_device,
@@ -32,7 +32,7 @@ from splitserve_kernels.triton._common import (
     is_fp8,
     next_pow2,
 )
-from splitserve_kernels.triton.paged_tile import attend_tile, paged_token_offsets
+from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def paged_attention(
     v_scale: float = 1.0,
     sliding_window: int = 0,
 ) -> torch.Tensor:
-    """Same contract as ``splitserve_kernels.reference.paged_attention``.
+    """Same contract as ``splitserve.kernels.reference.paged_attention``.
 
     A query row that can see no key (context_len < q_len, invalid input)
     gets zeros.

@@ -1,6 +1,6 @@
 """RMSNorm with an optional fused residual add: one program per token row.
 
-Rounding follows ``splitserve_kernels.reference.rms_norm`` step by step (the residual
+Rounding follows ``splitserve.kernels.reference.rms_norm`` step by step (the residual
 sum and the normalised row are rounded to x.dtype before the weight
 multiply) so 16-bit outputs match the reference, not just approximate it.
 """
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import (
+from splitserve.kernels.triton._common import (
     FLOAT_DTYPES,
     check_device,
     check_dtype,
@@ -51,7 +51,7 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,  # [T, D]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as ``splitserve_kernels.reference.rms_norm``."""
+    """Same contract as ``splitserve.kernels.reference.rms_norm``."""
     op = "rms_norm"
     check_ndim(op, "x", x, 2, "[num_tokens, hidden]")
     t, d = x.shape

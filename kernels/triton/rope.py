@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve_kernels.triton._common import (
+from splitserve.kernels.triton._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_device,
@@ -63,7 +63,7 @@ def rotary_embedding(
     k: torch.Tensor,  # [T, Hk, D]
     cos_sin_cache: torch.Tensor,  # [max_position, D] fp32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``splitserve_kernels.reference.rotary_embedding`` (in place)."""
+    """Same contract as ``splitserve.kernels.reference.rotary_embedding`` (in place)."""
     op = "rotary_embedding"
     check_ndim(op, "q", q, 3, "[num_tokens, num_heads, head_dim]")
     check_ndim(op, "k", k, 3, "[num_tokens, num_kv_heads, head_dim]")

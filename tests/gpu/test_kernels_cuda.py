@@ -1,4 +1,4 @@
-"""Triton kernels on CUDA against ``splitserve_kernels.reference`` at realistic shapes
+"""Triton kernels on CUDA against ``splitserve.kernels.reference`` at realistic shapes
 (Llama-3-8B attention: 32 query heads, 8 kv heads, head_dim 128; block 16).
 
 Tolerances (hardware rounds to nearest, unlike the CPU interpreter):
@@ -22,10 +22,10 @@ pytestmark = [
 
 triton = pytest.importorskip("triton")
 
-from splitserve_kernels import dispatch, ops  # noqa: E402
-from splitserve_kernels import reference as ref  # noqa: E402
-from splitserve_kernels.fp8 import compute_kv_scale, quantize_kv  # noqa: E402
-from splitserve_kernels.triton import activation, decode_attention, kv_pack, kv_store, prefill_attention, rmsnorm, rope  # noqa: E402
+from splitserve.kernels import dispatch, ops  # noqa: E402
+from splitserve.kernels import reference as ref  # noqa: E402
+from splitserve.kernels.fp8 import compute_kv_scale, quantize_kv  # noqa: E402
+from splitserve.kernels.triton import activation, decode_attention, kv_pack, kv_store, prefill_attention, rmsnorm, rope  # noqa: E402
 
 CUDA = torch.device("cuda")
 FP8 = torch.float8_e4m3fn

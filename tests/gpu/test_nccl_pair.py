@@ -10,8 +10,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from engine.transfer.base import TransportConfig, make_header
-from engine.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
+from splitserve.handoff.transfer.base import TransportConfig, make_header
+from splitserve.handoff.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
 from tests.unit.transfer_sinks import RecordingSink
 
 pytestmark = [pytest.mark.skipif(torch.cuda.device_count() < 2,

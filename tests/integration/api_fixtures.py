@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from cluster.backend import LocalBackend
-from engine.config import EngineConfig
-from engine.default_model import ensure_default_model
-from engine.llm_engine import LLMEngine
+from splitserve.cluster.api.backend import LocalBackend
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.llm_engine import LLMEngine
 
 
 def make_engine(path, name):

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import ray
 
-from cluster.app import serve_status
-from cluster.backend import Overloaded, Unavailable
-from cluster.client import ClusterBackend
-from engine.sampling_params import SamplingParams
+from splitserve.cluster.serve.app import serve_status
+from splitserve.cluster.api.backend import Overloaded, Unavailable
+from splitserve.cluster.serve.orchestrator import ClusterBackend
+from splitserve.engine.sampling_params import SamplingParams
 
 
 def running_replicas(app: str) -> int:
@@ -89,7 +89,7 @@ async def drive(be: ClusterBackend, model: str, prompts: list[list[int]],
 async def watch(model: str, result: LoadResult, stop, period_s: float = 0.5) -> None:
     """Record pool sizes, and the autoscaler's latest reasons (for failure
     messages), until ``stop()``."""
-    from cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.autoscaling.ledger import get_ledger
 
     ledger = get_ledger()
     while not stop():

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from decode.worker import DecodeWorker
-from engine import rpc
-from engine.config import EngineConfig
-from engine.kv_handoff import engine_layout
-from engine.llm_engine import LLMEngine
-from engine.transfer.base import TransportConfig, get_transport
-from prefill.worker import PrefillWorker
+from splitserve.decode.worker import DecodeWorker
+from splitserve.handoff import rpc
+from splitserve.engine.config import EngineConfig
+from splitserve.handoff.protocol import engine_layout
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.handoff.transfer.base import TransportConfig, get_transport
+from splitserve.prefill.worker import PrefillWorker
 
 TOKEN = "test-cluster-token"
 

@@ -19,11 +19,12 @@ import pytest
 import ray
 import yaml
 
-from cluster import app, cli_ops
-from cluster.autoscaling.ledger import get_ledger
-from cluster.client import ClusterBackend
-from cluster.config import load_config, parse_config
-from engine.sampling_params import SamplingParams
+from splitserve.cluster.serve import app
+from splitserve.cluster.cli import ops as cli_ops
+from splitserve.cluster.autoscaling.ledger import get_ledger
+from splitserve.cluster.serve.orchestrator import ClusterBackend
+from splitserve.cluster.config import load_config, parse_config
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.autoscale_cluster import CLUSTER_ENV, LocalCluster, NodeSpec
 from tests.integration.autoscale_load import (
     LoadResult,

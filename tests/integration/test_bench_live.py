@@ -11,12 +11,12 @@ import math
 
 import pytest
 
-from cluster import cli_bench
-from cluster.backend import LocalBackend
-from cluster.bench.datasets import parse_length_dist, synthetic_requests
-from cluster.openai_api import build_http_app
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from splitserve.cluster.cli import bench as cli_bench
+from splitserve.cluster.api.backend import LocalBackend
+from splitserve.cluster.bench.datasets import parse_length_dist, synthetic_requests
+from splitserve.cluster.api.openai_api import build_http_app
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
 from tests.integration.test_grpc_api import GrpcServerThread
 from tests.integration.test_openai_api import ServerThread
 

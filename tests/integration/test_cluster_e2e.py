@@ -9,11 +9,11 @@ import pytest
 import ray
 from openai import OpenAI
 
-from cluster import app
-from cluster.config import parse_config
-from cluster.proto import splitserve_pb2 as pb
-from cluster.proto import splitserve_pb2_grpc as pb_grpc
-from engine.sampling_params import SamplingParams
+from splitserve.cluster.serve import app
+from splitserve.cluster.config import parse_config
+from splitserve.cluster.api.proto import splitserve_pb2 as pb
+from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
 
@@ -147,7 +147,7 @@ def replica_stats(cfg, model) -> dict:
     ``Stats`` (asked over the worker RPC)."""
     import asyncio
 
-    from engine.rpc import WorkerClient
+    from splitserve.handoff.rpc import WorkerClient
 
     reps = ray.get(app.get_router().replicas.remote())[model]
 
@@ -166,7 +166,7 @@ def replica_stats(cfg, model) -> dict:
 
 def pools_free(cfg, model) -> dict:
     """Every replica of ``model`` idle: all blocks free, no request state left."""
-    from engine.llm_engine import stats_idle
+    from splitserve.engine.llm_engine import stats_idle
 
     return {rid: stats_idle(s) for rid, s in replica_stats(cfg, model).items()}
 

@@ -12,14 +12,14 @@ import threading
 import grpc
 import pytest
 
-from cluster.admission import AdmissionBackend
-from cluster.backend import Overloaded, Unavailable
-from cluster.grpc_api import HealthService, sampling_params, start_grpc_server, status_for
-from cluster.proto import health_pb2, health_pb2_grpc
-from cluster.proto import splitserve_pb2 as pb
-from cluster.proto import splitserve_pb2_grpc as pb_grpc
-from cluster.tool_calls import template_messages
-from engine.sampling_params import SamplingParams
+from tests.fixtures.admission import AdmissionBackend
+from splitserve.cluster.api.backend import Overloaded, Unavailable
+from splitserve.cluster.api.grpc_api import HealthService, sampling_params, start_grpc_server, status_for
+from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.api.proto import splitserve_pb2 as pb
+from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.cluster.api.tool_calls import template_messages
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.api_fixtures import engines, local, make_engine, paths, refs, wait_until  # noqa: F401
 
 KEY = "grpc-test-key"

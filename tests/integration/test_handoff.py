@@ -9,8 +9,8 @@ import time
 import grpc
 import pytest
 
-from engine.rpc import RpcError
-from engine.sampling_params import SamplingParams
+from splitserve.handoff.rpc import RpcError
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine, start_pd, wait_until
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -1,6 +1,6 @@
 """splitserve's metrics on a real local Ray cluster: after traffic through
 the HTTP ingress of a deployed prefill + decode pool, Ray's metrics endpoint
-exports every metric of ``cluster.metrics`` under the names the dashboard
+exports every metric of ``splitserve.cluster.observability.metrics`` under the names the dashboard
 queries, with values that match the traffic sent.
 
 Real events drive the request, worker, router, refusal and fallback
@@ -18,14 +18,14 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import app
-from cluster.bench.arrivals import ArrivalSpec
-from cluster.bench.datasets import BenchRequest, parse_length_dist, synthetic_requests
-from cluster.bench.phases import has_phase_timings
-from cluster.bench.runner import HttpTarget, run_load
-from cluster.bench.stats import compute_stats
-from cluster.config import parse_config
-from cluster.metrics import (
+from splitserve.cluster.serve import app
+from splitserve.cluster.bench.arrivals import ArrivalSpec
+from splitserve.cluster.bench.datasets import BenchRequest, parse_length_dist, synthetic_requests
+from splitserve.cluster.bench.phases import has_phase_timings
+from splitserve.cluster.bench.runner import HttpTarget, run_load
+from splitserve.cluster.bench.stats import compute_stats
+from splitserve.cluster.config import parse_config
+from splitserve.cluster.observability.metrics import (
     METRICS,
     record_autoscaler_decision,
     record_retry,
@@ -209,7 +209,7 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         ("ray_splitserve_autoscaler_last_decision",
          {"model": p, "decision": "up", "reason": "scaled", "bottleneck": "memory"}, 1),
     ])
-    # every metric of cluster.metrics is exported under its dashboard names
+    # every metric of splitserve.cluster.observability.metrics is exported under its dashboard names
     exported = {x.name for x in s}
     missing = [n for d in METRICS.values() for n in d.exported_names() if n not in exported]
     assert not missing, missing

@@ -16,12 +16,12 @@ import openai
 import pytest
 import uvicorn
 
-from cluster.admission import AdmissionBackend
-from cluster.backend import Overloaded, Unavailable, UnknownModel
-from cluster.openai_api import api_error, build_http_app, choice_params
-from cluster.openai_response import MIN_LOGPROB, chat_logprobs, completion_logprobs
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
+from tests.fixtures.admission import AdmissionBackend
+from splitserve.cluster.api.backend import Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.openai_api import api_error, build_http_app, choice_params
+from splitserve.cluster.api.openai_response import MIN_LOGPROB, chat_logprobs, completion_logprobs
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
 
 KEY = "sk-test-key"

@@ -10,10 +10,10 @@ import json
 import openai
 import pytest
 
-from cluster.backend import LocalBackend
-from cluster.openai_api import build_http_app
-from cluster.tool_calls import template_messages
-from engine.sampling_params import SamplingParams
+from splitserve.cluster.api.backend import LocalBackend
+from splitserve.cluster.api.openai_api import build_http_app
+from splitserve.cluster.api.tool_calls import template_messages
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.api_fixtures import engines, local, make_engine, paths  # noqa: F401
 from tests.integration.test_openai_api import INVALID, KEY, ServerThread, assert_error, idle, post
 

@@ -7,12 +7,12 @@ import time
 import pytest
 import ray
 
-from cluster import app
-from cluster.client import ClusterBackend
-from cluster.config import parse_config
-from engine.llm_engine import stats_idle
-from engine.rpc import WorkerClient
-from engine.sampling_params import SamplingParams
+from splitserve.cluster.serve import app
+from splitserve.cluster.serve.orchestrator import ClusterBackend
+from splitserve.cluster.config import parse_config
+from splitserve.engine.llm_engine import stats_idle
+from splitserve.handoff.rpc import WorkerClient
+from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
 

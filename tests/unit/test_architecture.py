@@ -1,8 +1,10 @@
 """The import direction of docs/architecture.md, enforced.
 
-kernels <- engine <- {prefill, decode}; router imports neither prefill nor
-decode nor torch (only engine.hashing); prefill and decode never import each
-other; engine and kernels never import Ray or a higher layer.
+kernels <- engine <- handoff <- {prefill, decode}; router imports neither
+prefill nor decode nor torch (only splitserve.engine.hashing); prefill and
+decode never import each other; engine and kernels never import Ray or a
+higher layer. Every import of our own code goes through the one top-level
+name, ``splitserve``.
 """
 
 import ast
@@ -11,21 +13,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("kernels", "engine", "prefill", "decode", "router", "cluster")
-KERNELS = "splitserve_kernels"  # kernels/'s import name
+LAYERS = ("kernels", "engine", "handoff", "prefill", "decode", "router", "cluster")
 
-# by directory: the top-level import names its files may not use ("kernels"
-# would be Hugging Face's package, never ours)
-FORBIDDEN = {
-    "kernels": {"ray", "engine", "prefill", "decode", "router", "cluster", "kernels"},
-    "engine": {"ray", "prefill", "decode", "router", "cluster", "transformers", "kernels"},
-    "prefill": {"decode", "router", "cluster", "kernels"},
-    "decode": {"prefill", "router", "cluster", "kernels"},
-    "router": {"torch", "ray", "prefill", "decode", "cluster", KERNELS, "kernels", "triton"},
-    "cluster": {"kernels"},
+# by folder: the splitserve sub-packages its files may not use
+FORBIDDEN_LAYERS = {
+    "kernels": {"engine", "handoff", "prefill", "decode", "router", "cluster"},
+    "engine": {"handoff", "prefill", "decode", "router", "cluster"},
+    "handoff": {"prefill", "decode", "router", "cluster"},
+    "prefill": {"decode", "router", "cluster"},
+    "decode": {"prefill", "router", "cluster"},
+    "router": {"kernels", "handoff", "prefill", "decode", "cluster"},
+    "cluster": set(),
+}
+# by folder: third-party top-level names its files may not use
+FORBIDDEN_THIRD_PARTY = {
+    "kernels": {"ray"},
+    "engine": {"ray", "transformers"},
+    "handoff": {"ray", "transformers"},
+    "prefill": {"ray"},
+    "decode": {"ray"},
+    "router": {"torch", "ray", "triton"},
+    "cluster": set(),
 }
 # the only engine modules the router may use (torch-free)
-ROUTER_ENGINE_ALLOWED = {"engine.hashing"}
+ROUTER_ENGINE_ALLOWED = {"splitserve.engine.hashing"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -43,20 +54,47 @@ def files(pkg: str) -> list[Path]:
     return sorted((ROOT / pkg).rglob("*.py"))
 
 
-@pytest.mark.parametrize("pkg", sorted(FORBIDDEN))
+def violations(pkg: str, name: str) -> list[str]:
+    parts = name.split(".")
+    if parts[0] in LAYERS:
+        return [f"imports {name}: our code is imported as splitserve.{name}"]
+    if parts[0] in FORBIDDEN_THIRD_PARTY[pkg]:
+        return [f"imports {name}"]
+    if parts[0] != "splitserve" or len(parts) < 2:
+        return []
+    if parts[1] in FORBIDDEN_LAYERS[pkg]:
+        return [f"imports {name} (a higher layer)"]
+    if pkg == "router" and parts[1] == "engine" and name not in ROUTER_ENGINE_ALLOWED:
+        return [f"imports {name} (router may use only splitserve.engine.hashing)"]
+    return []
+
+
+@pytest.mark.parametrize("pkg", LAYERS)
 def test_import_direction(pkg):
-    bad = []
-    for f in files(pkg):
-        for name in imports_of(f):
-            top = name.split(".")[0]
-            if top in FORBIDDEN[pkg]:
-                bad.append(f"{f.relative_to(ROOT)} imports {name}")
-            if pkg == "router" and top == "engine" and name not in ROUTER_ENGINE_ALLOWED:
-                bad.append(f"{f.relative_to(ROOT)} imports {name} (router may use only engine.hashing)")
+    bad = [f"{f.relative_to(ROOT)} {v}" for f in files(pkg) for name in imports_of(f)
+           for v in violations(pkg, name)]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("folder", ("tests", "benchmarks", "scripts"))
+def test_tests_and_tools_use_the_namespace(folder):
+    bad = [f"{f.relative_to(ROOT)} imports {name}" for f in sorted((ROOT / folder).rglob("*.py"))
+           for name in imports_of(f) if name.split(".")[0] in LAYERS]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_rules_catch_what_they_forbid():
+    assert violations("engine", "splitserve.cluster.config")
+    assert violations("router", "splitserve.engine.llm_engine")
+    assert violations("decode", "engine.config")
+    assert violations("router", "torch.nn")
+    assert not violations("router", "splitserve.engine.hashing")
+    assert not violations("cluster", "splitserve.prefill.worker")
+
+
 def test_required_layout():
-    for d in ("kernels", "engine", "prefill", "decode", "router", "cluster", "deploy", "tests", "docs"):
+    for d in LAYERS + ("deploy", "tests", "docs"):
         assert (ROOT / d).is_dir(), d
     assert (ROOT / "pyproject.toml").is_file()
+    assert sorted(p.name for p in (ROOT / "splitserve").iterdir()
+                  if p.name != "__pycache__") == ["__init__.py"]

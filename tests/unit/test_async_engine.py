@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
-from engine.structured import PARAM
+from splitserve.engine.async_engine import AsyncEngine, EngineDeadError
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.structured import PARAM
 from tests.integration.pd_harness import make_engine
 
 SP = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -79,7 +79,7 @@ def test_one_id_names_one_sequence_across_requests_and_reservations(tiny_llama):
     """A request id held by an open hand-off reservation cannot start a local
     request, and a running request's id cannot be reserved: two sequences
     sharing an id would share (and free) one block table."""
-    from engine.kv_handoff import Reservations
+    from splitserve.handoff.protocol import Reservations
 
     eng = make_engine(tiny_llama)
     res = Reservations(eng)
@@ -96,8 +96,8 @@ def test_one_id_names_one_sequence_across_requests_and_reservations(tiny_llama):
 
 
 def test_abort_of_a_request_waiting_for_its_kv_closes_the_reservation(tiny_llama):
-    from engine.kv_handoff import Reservations
-    from engine.transfer.errors import UnknownHandoffError
+    from splitserve.handoff.protocol import Reservations
+    from splitserve.handoff.transfer.errors import UnknownHandoffError
 
     eng = make_engine(tiny_llama)
     res = Reservations(eng)
@@ -151,7 +151,7 @@ def test_reader_leaving_as_its_request_finishes_does_not_kill_the_engine(tiny_ll
     """The callers' loop drops the stream of a reader that left at any
     moment, also between the engine thread's lookup of that stream and its
     removal after the last output."""
-    from engine.outputs import RequestOutput
+    from splitserve.engine.outputs import RequestOutput
 
     class LeavingReader(dict):
         def get(self, key, default=None):  # the reader leaves right after the lookup
@@ -171,7 +171,7 @@ def test_reader_leaving_as_its_request_finishes_does_not_kill_the_engine(tiny_ll
 
 
 def test_load_stats_show_request_state_until_it_is_gone(tiny_llama):
-    from engine.llm_engine import stats_idle
+    from splitserve.engine.llm_engine import stats_idle
 
     eng = make_engine(tiny_llama)
     assert stats_idle(eng.load_stats())

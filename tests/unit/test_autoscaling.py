@@ -4,10 +4,10 @@ Serve's own context and wrapper."""
 
 import pytest
 
-from cluster.autoscaling import serve_policy
-from cluster.autoscaling import signals as m
-from cluster.autoscaling.decision import DelayState, decide, desired_replicas
-from cluster.config import AutoscalingSpec
+from splitserve.cluster.autoscaling import serve_policy
+from splitserve.cluster.autoscaling import signals as m
+from splitserve.cluster.autoscaling.decision import DelayState, decide, desired_replicas
+from splitserve.cluster.config import AutoscalingSpec
 
 
 def spec(bottleneck="compute", **kw):
@@ -351,7 +351,7 @@ def _has_nvidia_gpu() -> bool:
 
 
 def test_gpu_telemetry_matches_the_machine():
-    from cluster.telemetry import read_gpu_telemetry
+    from splitserve.cluster.observability.telemetry import read_gpu_telemetry
 
     t = read_gpu_telemetry()
     if not _has_nvidia_gpu():
@@ -374,7 +374,7 @@ def test_gpu_telemetry_matches_the_machine():
 def test_replica_gpu_telemetry_outside_ray_does_not_start_ray():
     import ray
 
-    from cluster.telemetry import replica_gpu_telemetry
+    from splitserve.cluster.observability.telemetry import replica_gpu_telemetry
 
     assert replica_gpu_telemetry() == {"available": False, "reason": "not running in a Ray worker"}
     assert not ray.is_initialized()

@@ -8,19 +8,19 @@ import math
 import numpy as np
 import pytest
 
-from cluster.bench.arrivals import ArrivalSpec, arrival_offsets
-from cluster.bench.datasets import (
+from splitserve.cluster.bench.arrivals import ArrivalSpec, arrival_offsets
+from splitserve.cluster.bench.datasets import (
     DatasetError,
     LengthDist,
     load_sharegpt,
     parse_length_dist,
     synthetic_requests,
 )
-from cluster.bench.phases import phase_breakdown, ttft_breakdown
-from cluster.bench.report import format_table, record, write_json
-from cluster.bench.runner import RunResult
-from cluster.bench.stats import RequestRecord, Summary, compute_stats, meets_slo
-from cluster.bench.sweep import SweepPoint, parse_rates
+from splitserve.cluster.bench.phases import phase_breakdown, ttft_breakdown
+from splitserve.cluster.bench.report import format_table, record, write_json
+from splitserve.cluster.bench.runner import RunResult
+from splitserve.cluster.bench.stats import RequestRecord, Summary, compute_stats, meets_slo
+from splitserve.cluster.bench.sweep import SweepPoint, parse_rates
 
 
 def rec(i, send, chunks, tokens=None, error=None, timings=None):
@@ -217,7 +217,7 @@ def test_rates_table_and_record(tmp_path):
 def exported(model: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from cluster.metrics import render_prometheus
+    from splitserve.cluster.observability.metrics import render_prometheus
 
     out = {}
     for fam in text_string_to_metric_families(render_prometheus().decode()):
@@ -232,8 +232,8 @@ def test_request_recorder_matches_bench_definitions():
     """One request timeline through ``RequestRecorder`` (what ClusterBackend
     records, here into the process registry: no Ray) and through the bench's
     statistics gives the same TTFT, TPOT, ITL, E2E and phases."""
-    from cluster.backend import Overloaded
-    from cluster.metrics import RequestRecorder
+    from splitserve.cluster.api.backend import Overloaded
+    from splitserve.cluster.observability.metrics import RequestRecorder
 
     now = [10.0]
     rec = RequestRecorder("rec-a", clock=lambda: now[0])
@@ -273,14 +273,14 @@ def test_request_recorder_matches_bench_definitions():
 
 
 def test_worker_router_and_autoscaler_recording():
-    from cluster.metrics import (
+    from splitserve.cluster.observability.metrics import (
         RouterMetrics,
         decision_labels,
         record_autoscaler_decision,
         record_worker_metrics,
     )
-    from router.core import RouterCore
-    from router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
+    from splitserve.router.core import RouterCore
+    from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
 
     base = {"free_blocks": 30, "total_blocks": 40, "running": 2, "waiting": 1,
             "pending_prompt_tokens": 17, "preemptions": 3, "refused": 0, "fallbacks": 1,

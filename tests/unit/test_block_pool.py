@@ -2,11 +2,11 @@
 
 import pytest
 
-from engine.block_pool import BlockPool
-from engine.errors import OutOfBlocksError
-from engine.hashing import block_hashes, hash_block, ROOT_HASH
-from engine.kv_manager import KVCacheManager
-from engine.sequence import Sequence
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.errors import OutOfBlocksError
+from splitserve.engine.hashing import block_hashes, hash_block, ROOT_HASH
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.sequence import Sequence
 
 
 def seq(sid, tokens, bs=4):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from splitserve_kernels import cpu_ops, dispatch, ops, reference
+from splitserve.kernels import cpu_ops, dispatch, ops, reference
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 64, 65])

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from cluster.metrics import METRICS
+from splitserve.cluster.observability.metrics import METRICS
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "splitserve-dashboard.json"
 SERIES = re.compile(r"\b(ray_splitserve_[a-z0-9_]+)")
@@ -27,7 +27,7 @@ def test_every_expr_references_defined_metrics():
         names = SERIES.findall(e)
         assert names, f"query names no splitserve metric: {e}"
         unknown = [n for n in names if n not in exported]
-        assert not unknown, f"{unknown} not exported by any metric in cluster.metrics: {e}"
+        assert not unknown, f"{unknown} not exported by any metric in splitserve.cluster.observability.metrics: {e}"
         used |= {exported[n] for n in names}
     assert used == set(METRICS), f"metrics without a panel: {sorted(set(METRICS) - used)}"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
-from engine.loader import load_checkpoint, load_model
-from engine.tokenizer import Tokenizer
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.tokenizer import Tokenizer
 
 EXPECTED_FILES = [
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

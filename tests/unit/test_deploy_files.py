@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import config_reference, load_config, parse_config
+from splitserve.cluster.config import config_reference, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -98,7 +98,7 @@ def test_operators_guide_reference_is_in_sync():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     embedded = text[text.index(start) + len(start):text.index(end)]
     assert embedded == config_reference(), (
-        "docs/operators.md is out of date: paste cluster.config.config_reference() between "
+        "docs/operators.md is out of date: paste splitserve.cluster.config.config_reference() between "
         "the config-reference markers")
 
 
@@ -119,8 +119,8 @@ def test_operators_guide_covers_the_workflow():
      "args.role 'prefill' does not exist for model 'a' in colocated mode; pools: ['a-colocated']"),
 ])
 def test_serve_builders_refuse_inconsistent_args(args, message):
-    from cluster.config import ConfigError
-    from cluster.serve_apps import pool_app
+    from splitserve.cluster.config import ConfigError
+    from splitserve.cluster.serve.apps import pool_app
 
     with pytest.raises(ConfigError) as e:
         pool_app(args)

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import handoff_generate
 

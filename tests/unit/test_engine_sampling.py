@@ -2,10 +2,10 @@
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

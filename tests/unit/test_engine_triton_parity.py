@@ -4,10 +4,10 @@ Triton interpreter on CPU) still gives transformers' greedy tokens."""
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from splitserve_kernels import dispatch
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels import dispatch
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 pytest.importorskip("triton")

@@ -10,9 +10,9 @@ import random
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 
 
 def test_fp8_cache_tracks_fp32_cache(tiny_llama):
@@ -34,7 +34,7 @@ def test_fp8_cache_tracks_fp32_cache(tiny_llama):
 
 def test_fp8_cache_hands_off_bytes_exactly(tiny_llama):
     """Exported fp8 KV imports bit-identically (the hand-off moves raw bytes)."""
-    from engine.kv_handoff import export_layers, export_meta, import_kv
+    from splitserve.handoff.protocol import export_layers, export_meta, import_kv
 
     src = LLMEngine(EngineConfig(model=str(tiny_llama), num_blocks=64, block_size=4,
                                  kv_cache_dtype="fp8"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import CheckpointError
-from engine.loader import load_checkpoint, load_model
-from engine.tokenizer import Tokenizer
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.tokenizer import Tokenizer
 
 DOWN_PROJ = "model.layers.1.mlp.down_proj.weight"
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.loader import load_checkpoint, load_model
-from engine.models import CausalLM
-from engine.models.rope import build_cos_sin_cache
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.models import CausalLM
+from splitserve.engine.models.rope import build_cos_sin_cache
 from tests.fixtures.checkpoints import FAMILY_VARIANTS, hf_model
 
 BLOCK_SIZE = 4

@@ -1,8 +1,8 @@
 """Choice objects of the OpenAI API built from backend outputs (the HTTP
 tests cover the common paths; these pin down echo's edges)."""
 
-from cluster.openai_response import ChoiceState, Echo
-from engine.tokenizer import Tokenizer
+from splitserve.cluster.api.openai_response import ChoiceState, Echo
+from splitserve.engine.tokenizer import Tokenizer
 
 
 def out(text, token_ids, finished=False, prompt_logprobs=None, logprobs=None):

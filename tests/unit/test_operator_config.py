@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from cluster import cli_ops
-from cluster.cli_ops import PoolStatus, format_status
-from cluster.config import ConfigError, config_changes, load_config, parse_config
+from splitserve.cluster.cli import ops as cli_ops
+from splitserve.cluster.cli.ops import PoolStatus, format_status
+from splitserve.cluster.config import ConfigError, config_changes, load_config, parse_config
 
 
 def write(tmp_path, text, name="cluster.yaml"):
@@ -145,9 +145,9 @@ def test_status_table():
 
 
 def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(tiny_checkpoints):
-    from cluster.client import ClusterBackend
-    from cluster.config import PoolSpec, RouterSpec, TransferSpec
-    from cluster.worker_deployment import worker_deployment
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
+    from splitserve.cluster.config import PoolSpec, RouterSpec, TransferSpec
+    from splitserve.cluster.serve.workers import worker_deployment
 
     path = tiny_checkpoints["llama"]
     cfg = parse_config({"models": [

@@ -1,8 +1,8 @@
-"""What `pip install` puts on a machine: every code package under its
-import name, the data files the engine reads at run time, and no module
-that shadows another distribution's (kernels/ is ``splitserve_kernels``;
-the bare name ``kernels`` is Hugging Face's package, which transformers
-imports)."""
+"""What `pip install` puts on a machine: one top-level name, ``splitserve``,
+with every code folder under it (``splitserve.engine`` is engine/, ...), the
+data files the engine reads at run time, and no module that shadows another
+distribution's (the bare names ``engine``, ``router``, ``cluster``,
+``decode``, ``kernels`` belong to other PyPI distributions)."""
 
 import os
 import shutil
@@ -17,24 +17,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
-CODE_DIRS = ("kernels", "engine", "prefill", "decode", "router", "cluster")
+CODE_DIRS = ("kernels", "engine", "handoff", "prefill", "decode", "router", "cluster")
+PACKAGE_DIR = SETUPTOOLS["package-dir"]
 
 
 def package_dir(name: str) -> Path:
-    top, _, rest = name.partition(".")
-    base = SETUPTOOLS.get("package-dir", {}).get(top, top)
-    return ROOT / base / rest.replace(".", "/")
+    """The folder setuptools builds package ``name`` from (longest mapped prefix)."""
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        base = PACKAGE_DIR.get(".".join(parts[:k]))
+        if base is not None:
+            return ROOT / base / "/".join(parts[k:])
+    return ROOT / "/".join(parts)
 
 
 def import_name(directory: Path) -> str:
     rel = directory.relative_to(ROOT).parts
-    mapped = {v: k for k, v in SETUPTOOLS.get("package-dir", {}).items()}
-    return ".".join((mapped.get(rel[0], rel[0]),) + rel[1:])
+    mapped = {v: k for k, v in PACKAGE_DIR.items()}
+    return ".".join((mapped[rel[0]],) + rel[1:])
 
 
 def test_every_code_directory_is_a_listed_package():
     listed = set(SETUPTOOLS["packages"])
     on_disk = {import_name(p.parent) for d in CODE_DIRS for p in (ROOT / d).rglob("*.py")}
+    assert {n.split(".")[0] for n in listed} == {"splitserve"}
+    assert set(PACKAGE_DIR) == {"splitserve"} | {f"splitserve.{d}" for d in CODE_DIRS}
     assert on_disk - listed == set(), "add these to [tool.setuptools] packages"
     assert {n for n in listed if not package_dir(n).is_dir()} == set()
 
@@ -57,7 +64,7 @@ def test_kernels_does_not_shadow_hugging_face_kernels():
     # from the source tree (on sys.path first), the bare name is never ours
     out = subprocess.run(
         [sys.executable, "-c",
-         "import kernels, splitserve_kernels.reference as r; "
+         "import kernels, splitserve.kernels.reference as r; "
          "print(getattr(kernels, '__file__', None)); print(r.__file__)"],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
     assert not out[0].startswith(str(ROOT / "kernels")), out[0]
@@ -78,8 +85,24 @@ def test_wheel_holds_packages_and_data(tmp_path):
                    cwd=tmp_path)
     (wheel,) = tmp_path.glob("splitserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for want in ("splitserve_kernels/reference.py", "splitserve_kernels/triton/rmsnorm.py",
-                 "engine/default_corpus.txt", "engine/transfer/kv_transfer.proto",
-                 "cluster/proto/splitserve.proto", "cluster/cli.py"):
+    for want in ("splitserve/__init__.py", "splitserve/kernels/reference.py",
+                 "splitserve/kernels/triton/rmsnorm.py", "splitserve/engine/default_corpus.txt",
+                 "splitserve/handoff/transfer/kv_transfer.proto",
+                 "splitserve/cluster/api/proto/splitserve.proto", "splitserve/cluster/cli/main.py"):
         assert want in names, want
-    assert not any(n.startswith("kernels/") for n in names)
+    assert {n.split("/")[0] for n in names} == {"splitserve", wheel.name.split("-")[0] + "-"
+                                                + wheel.name.split("-")[1] + ".dist-info"}
+    # installed outside the source tree, only `splitserve` is ours
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True)
+    probe = ("import importlib.util as u, splitserve.engine.hashing as h, splitserve; "
+             "print(h.__file__); print(len(splitserve.__path__)); "
+             "print([n for n in ('engine', 'router', 'cluster', 'decode', 'prefill', 'handoff') "
+             "if (s := u.find_spec(n)) and str(s.origin or '').startswith(%r)])" % str(site))
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); "
+                          + probe], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0].startswith(str(site / "splitserve" / "engine")), out
+    assert out[1] == "1", out  # no source-tree search path in an install
+    assert out[2] == "[]", out

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from engine.hashing import block_hashes
-from router.prefix_index import PrefixIndex
+from splitserve.engine.hashing import block_hashes
+from splitserve.router.prefix_index import PrefixIndex
 
 BLOCK = 4
 

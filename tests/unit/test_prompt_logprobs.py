@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.kv_handoff import export_layers, export_meta, import_kv
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.handoff.protocol import export_layers, export_meta, import_kv
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_model
 
 TOP = 3

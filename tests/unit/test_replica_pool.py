@@ -4,10 +4,10 @@ from it decide exactly as snapshots derived from scratch."""
 import dataclasses
 import random
 
-from router.core import RouterCore
-from router.policies import get_policy
-from router.replica_pool import ReplicaPool
-from router.types import (
+from splitserve.router.core import RouterCore
+from splitserve.router.policies import get_policy
+from splitserve.router.replica_pool import ReplicaPool
+from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     NoCapacityError,

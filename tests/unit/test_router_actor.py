@@ -3,7 +3,7 @@ replies workers and ingresses act on."""
 
 import time
 
-from cluster.router_actor import RouterActor
+from splitserve.cluster.serve.router_actor import RouterActor
 
 Router = RouterActor.__ray_actor_class__
 

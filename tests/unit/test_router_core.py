@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.hashing import block_hashes
-from router.core import RouterCore
-from router.types import (
+from splitserve.engine.hashing import block_hashes
+from splitserve.router.core import RouterCore
+from splitserve.router.types import (
     DecodeReplicaStats,
     InvalidRouteRequestError,
     InvalidStatsError,

@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from router.cost_model import prefill_queue_s, remote_ttft_s, usable_hit_tokens
-from router.eligibility import decode_usable, prefill_usable
-from router.policies import POLICIES, get_policy
-from router.types import (
+from splitserve.router.cost_model import prefill_queue_s, remote_ttft_s, usable_hit_tokens
+from splitserve.router.eligibility import decode_usable, prefill_usable
+from splitserve.router.policies import POLICIES, get_policy
+from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     NoCapacityError,

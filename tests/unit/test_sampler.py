@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SeqSamplingState, TokenLogprobs, hashed_exponential
-from engine.sampling_params import SamplingParams
+from splitserve.engine.sampler import Sampler, SeqSamplingState, TokenLogprobs, hashed_exponential
+from splitserve.engine.sampling_params import SamplingParams
 
 # Probabilities of a constructed 8-token distribution, in a shuffled vocab order.
 PROBS = [0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01]

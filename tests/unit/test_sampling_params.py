@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from engine.errors import InvalidRequestError
-from engine.sampling_params import (
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,

@@ -1,8 +1,8 @@
 """Scheduler decisions on plain integers: budgets, chunking, preemption."""
 
-from engine.kv_manager import KVCacheManager
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def make(num_blocks=16, bs=4, max_seqs=8, budget=16):

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from splitserve_kernels import reference as ref
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from splitserve.engine.config import ModelConfig
+from splitserve.kernels import reference as ref
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.unit.test_engine_parity import prompt_set
 
@@ -94,7 +94,7 @@ def test_layer_windows_parsed_as_transformers_applies_them(arch, extra, windows)
 
 
 def test_bad_window_config_is_a_clear_error():
-    from engine.errors import CheckpointError
+    from splitserve.engine.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="layer_types has 1 entries for 4 layers"):
         ModelConfig.from_hf({"architectures": ["Qwen2ForCausalLM"], **BASE, "sliding_window": 8,

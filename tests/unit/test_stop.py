@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from engine.stop import StopChecker
+from splitserve.engine.stop import StopChecker
 
 
 def feed(checker: StopChecker, deltas: list[str]) -> list[tuple[str, bool]]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, fill_masks, json_object_spec
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, fill_masks, json_object_spec
 from tests.fixtures.checkpoints import hf_model
 from tests.fixtures.handoff import handoff_generate
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidRequestError
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.fixtures.checkpoints import hf_tokenizer
 
 TEXTS = [

@@ -1,4 +1,4 @@
-"""Tool calling's request checks and output parsing (cluster.tool_calls):
+"""Tool calling's request checks and output parsing (splitserve.cluster.api.tool_calls):
 every format parsed whole and streamed in pieces gives the same calls and
 content; output that is not a well-formed call stays content, whole."""
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cluster.tool_calls import (HERMES, LLAMA3_JSON, MISTRAL, parser_for, template_messages,
+from splitserve.cluster.api.tool_calls import (HERMES, LLAMA3_JSON, MISTRAL, parser_for, template_messages,
                                 tool_request)
-from engine.errors import InvalidRequestError
+from splitserve.engine.errors import InvalidRequestError
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

@@ -8,12 +8,12 @@ import zlib
 import pytest
 import torch
 
-from engine.errors import IncompatibleKVError
-from engine.transfer import chunks
-from engine.transfer.base import (ChunkHeader, KVLayout, KVReceiver, KVSender, TransportConfig,
+from splitserve.engine.errors import IncompatibleKVError
+from splitserve.handoff.transfer import chunks
+from splitserve.handoff.transfer.base import (ChunkHeader, KVLayout, KVReceiver, KVSender, TransportConfig,
                                   get_transport, make_header)
-from engine.transfer.buffers import BufferPool
-from engine.transfer.errors import InvalidChunkError, MessageTooLarge, TransferError
+from splitserve.handoff.transfer.buffers import BufferPool
+from splitserve.handoff.transfer.errors import InvalidChunkError, MessageTooLarge, TransferError
 from tests.unit.transfer_sinks import RecordingSink
 
 LAYOUT = KVLayout("Qwen/Qwen3-0.6B", "bfloat16", "bfloat16", 16, 28, 8, 128)

@@ -11,16 +11,16 @@ import grpc
 import pytest
 import torch
 
-from engine.errors import IncompatibleKVError
-from engine.transfer import kv_transfer_pb2 as pb
-from engine.transfer import kv_transfer_pb2_grpc as pb_grpc
-from engine.transfer import wire
-from engine.transfer.base import TLSConfig, TransportConfig, make_header
-from engine.transfer.chunks import as_bytes
-from engine.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
+from splitserve.engine.errors import IncompatibleKVError
+from splitserve.handoff.transfer import kv_transfer_pb2 as pb
+from splitserve.handoff.transfer import kv_transfer_pb2_grpc as pb_grpc
+from splitserve.handoff.transfer import wire
+from splitserve.handoff.transfer.base import TLSConfig, TransportConfig, make_header
+from splitserve.handoff.transfer.chunks import as_bytes
+from splitserve.handoff.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
                                     PeerUnavailable, TransferAuthError, TransferError,
                                     TransferTimeout, UnknownHandoffError)
-from engine.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
+from splitserve.handoff.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
 from tests.unit.transfer_sinks import RecordingSink
 
 pytestmark = pytest.mark.timeout(60)

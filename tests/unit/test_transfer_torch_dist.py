@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from engine.transfer.base import TransportConfig, make_header
-from engine.transfer.errors import PeerUnavailable, TransferTimeout
-from engine.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
+from splitserve.handoff.transfer.base import TransportConfig, make_header
+from splitserve.handoff.transfer.errors import PeerUnavailable, TransferTimeout
+from splitserve.handoff.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
 from tests.unit.transfer_sinks import RecordingSink
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from engine.transfer.base import KVLayout, TransportConfig, get_transport, make_header
-from engine.transfer.chunks import NO_CHECKSUM, as_bytes
-from engine.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
+from splitserve.handoff.transfer.base import KVLayout, TransportConfig, get_transport, make_header
+from splitserve.handoff.transfer.chunks import NO_CHECKSUM, as_bytes
+from splitserve.handoff.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
                                     PeerUnavailable, TransferAuthError, TransferTimeout,
                                     UnknownHandoffError)
-from splitserve_kernels import ops
+from splitserve.kernels import ops
 from tests.unit.transfer_sinks import CacheSink, RecordingSink
 
 pytestmark = pytest.mark.timeout(60)

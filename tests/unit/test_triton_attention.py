@@ -1,5 +1,5 @@
 """Triton paged attention kernels (decode split-K and varlen prefill) against
-``splitserve_kernels.reference``, through Triton's interpreter on CPU.
+``splitserve.kernels.reference``, through Triton's interpreter on CPU.
 
 Caches are filled everywhere (unused slots hold noise, so a masking bug
 shows) and block tables map logical blocks to shuffled physical blocks.
@@ -12,7 +12,7 @@ Tolerances, stated per query dtype (outputs are compared elementwise):
   (2^-7 relative) plus the reference's half step.
 - fp8 KV: both sides read the same fp8 cache and scales, so the query
   dtype's tolerance applies (fp8's own error is tested in
-  test_triton_elementwise via splitserve_kernels.fp8).
+  test_triton_elementwise via splitserve.kernels.fp8).
 """
 
 import math
@@ -22,10 +22,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from splitserve_kernels import reference as ref  # noqa: E402
-from splitserve_kernels.fp8 import compute_kv_scale, quantize_kv  # noqa: E402
-from splitserve_kernels.triton.decode_attention import CPU_BLOCK_N, plan_splits, paged_decode_attention  # noqa: E402
-from splitserve_kernels.triton.prefill_attention import paged_attention  # noqa: E402
+from splitserve.kernels import reference as ref  # noqa: E402
+from splitserve.kernels.fp8 import compute_kv_scale, quantize_kv  # noqa: E402
+from splitserve.kernels.triton.decode_attention import CPU_BLOCK_N, plan_splits, paged_decode_attention  # noqa: E402
+from splitserve.kernels.triton.prefill_attention import paged_attention  # noqa: E402
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),

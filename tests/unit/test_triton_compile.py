@@ -51,13 +51,13 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import splitserve_kernels.triton.activation as act
-    import splitserve_kernels.triton.decode_attention as dec
-    import splitserve_kernels.triton.kv_pack as pack
-    import splitserve_kernels.triton.kv_store as store
-    import splitserve_kernels.triton.prefill_attention as pre
-    import splitserve_kernels.triton.rmsnorm as rms
-    import splitserve_kernels.triton.rope as rope
+    import splitserve.kernels.triton.activation as act
+    import splitserve.kernels.triton.decode_attention as dec
+    import splitserve.kernels.triton.kv_pack as pack
+    import splitserve.kernels.triton.kv_store as store
+    import splitserve.kernels.triton.prefill_attention as pre
+    import splitserve.kernels.triton.rmsnorm as rms
+    import splitserve.kernels.triton.rope as rope
 
     types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
              torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}

@@ -1,4 +1,4 @@
-"""Triton row-wise and cache-movement kernels against ``splitserve_kernels.reference``.
+"""Triton row-wise and cache-movement kernels against ``splitserve.kernels.reference``.
 
 On CPU these run through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1). Tolerances, stated per dtype:
@@ -17,20 +17,20 @@ import torch
 
 pytest.importorskip("triton")
 
-from splitserve_kernels import dispatch, ops  # noqa: E402
-from splitserve_kernels import reference as ref  # noqa: E402
-from splitserve_kernels.fp8 import (  # noqa: E402
+from splitserve.kernels import dispatch, ops  # noqa: E402
+from splitserve.kernels import reference as ref  # noqa: E402
+from splitserve.kernels.fp8 import (  # noqa: E402
     compute_kv_scale,
     dequantize_kv,
     kv_quantization_error_bound,
     quantize_kv,
 )
-from splitserve_kernels.triton.activation import silu_and_mul  # noqa: E402
-from splitserve_kernels.triton.decode_attention import paged_decode_attention  # noqa: E402
-from splitserve_kernels.triton.kv_pack import pack_kv, unpack_kv  # noqa: E402
-from splitserve_kernels.triton.kv_store import store_kv  # noqa: E402
-from splitserve_kernels.triton.rmsnorm import rms_norm  # noqa: E402
-from splitserve_kernels.triton.rope import rotary_embedding  # noqa: E402
+from splitserve.kernels.triton.activation import silu_and_mul  # noqa: E402
+from splitserve.kernels.triton.decode_attention import paged_decode_attention  # noqa: E402
+from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv  # noqa: E402
+from splitserve.kernels.triton.kv_store import store_kv  # noqa: E402
+from splitserve.kernels.triton.rmsnorm import rms_norm  # noqa: E402
+from splitserve.kernels.triton.rope import rotary_embedding  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 TOL = {
@@ -147,7 +147,7 @@ def test_store_kv_strided_input_and_cast():
 
 
 def _store_fp8_expected(key, value, k_bytes, v_bytes, slots, k_scale, v_scale):
-    # splitserve_kernels.reference.store_kv's math on byte views: torch's CPU index_copy_
+    # splitserve.kernels.reference.store_kv's math on byte views: torch's CPU index_copy_
     # has no float8 implementation, so the reference itself cannot run here.
     keep = slots >= 0
     for x, cache, s in ((key, k_bytes, k_scale), (value, v_bytes, v_scale)):
@@ -249,7 +249,7 @@ def test_launchers_reject_bad_arguments():
 def test_force_backend_routes_ops_to_triton():
     assert "triton" in dispatch.available_backends()
     cpu = torch.device("cpu")
-    import splitserve_kernels.triton_ops as triton_ops
+    import splitserve.kernels.triton_ops as triton_ops
 
     with dispatch.force_backend("triton"):
         for name in dispatch.OP_NAMES:

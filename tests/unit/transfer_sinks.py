@@ -9,9 +9,9 @@ import threading
 
 import torch
 
-from engine.transfer.base import ChunkHeader, KVSink
-from engine.transfer.errors import UnknownHandoffError
-from splitserve_kernels import ops
+from splitserve.handoff.transfer.base import ChunkHeader, KVSink
+from splitserve.handoff.transfer.errors import UnknownHandoffError
+from splitserve.kernels import ops
 
 
 class RecordingSink(KVSink):

@@ -1,0 +1,364 @@
+"""The OpenAI-compatible HTTP API over a ``Backend``.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /health. Per request: API key -> body read up to the size limit ->
+JSON -> request model -> prompt token ids (chat template applied, with
+the tools; splitserve.cluster.api.tool_calls) ->
+``Backend.validate`` -> one backend stream per choice -> the first output
+awaited, so that refusals (overload, an unknown model) become HTTP
+statuses rather than broken streams -> one JSON body, or SSE chunks.
+
+A client that goes away, mid-stream or while waiting for a whole
+completion, closes the backend streams: that cancels the requests and
+frees their KV blocks. Every error has OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from splitserve.cluster.api import openai_schema as schema
+from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
+from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
+from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.engine.errors import InvalidRequestError, SplitserveError
+from splitserve.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("splitserve.http")
+
+TIMINGS_HEADER = "x-splitserve-timings"
+# Template variables a client may not set through chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools"}
+
+
+def api_error(e: BaseException) -> ApiError:
+    """The HTTP error a backend or validation exception stands for."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, InvalidRequestError):
+        return ApiError(400, str(e), param=e.param, code="invalid_value")
+    if isinstance(e, UnknownModel):
+        return ApiError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, Overloaded):
+        return ApiError(429, str(e), "rate_limit_error", code="overloaded",
+                        headers={"Retry-After": _retry_after(e.retry_after_s)})
+    if isinstance(e, Unavailable):
+        return ApiError(503, str(e), "service_unavailable", code="unavailable",
+                        headers={"Retry-After": _retry_after(e.retry_after_s)})
+    if isinstance(e, SplitserveError):  # a server-side fault with a useful message
+        return ApiError(500, str(e), "server_error", code="internal_error")
+    log.exception("request failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was complete."""
+
+
+_END = object()
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection on 64-bit ints that scatters bits."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index`` of an n-choice request runs as its own backend
+    request. Seeded siblings must differ yet stay reproducible, so choice
+    i > 0 samples with a seed derived from (seed, i); choice 0 keeps the seed
+    and equals the n=1 request."""
+    seed = params.seed
+    if seed is not None and index > 0:
+        seed = _mix64(seed ^ _mix64(index)) >> 1  # in [0, 2**63)
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+class Choices:
+    """A request's backend streams (one per choice) read concurrently, and a
+    watch on the client's connection. ``next_or_none()`` returns (choice
+    index, output) as outputs arrive and re-raises a stream's error;
+    ``aclose()`` cancels what still runs, which closes those backend streams
+    (cancelling their requests and freeing their KV blocks)."""
+
+    def __init__(self, streams: list[AsyncIterator[dict]], receive):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._open = len(streams)
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._tasks.append(asyncio.create_task(self._watch(receive)))
+
+    async def _pump(self, index: int, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for out in stream:
+                self._queue.put_nowait((index, out))
+            self._queue.put_nowait((index, _END))
+        except Exception as e:  # noqa: BLE001 - delivered to the reader
+            self._queue.put_nowait((index, e))
+        finally:
+            await stream.aclose()
+
+    async def _watch(self, receive) -> None:
+        # The body has been read: the next message is the disconnect.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._queue.put_nowait((-1, ClientGone("the client disconnected")))
+
+    async def next_or_none(self) -> tuple[int, dict] | None:
+        while self._open:
+            index, item = await self._queue.get()
+            if item is _END:
+                self._open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return index, item
+        return None
+
+    async def next(self) -> tuple[int, dict]:
+        item = await self.next_or_none()
+        if item is None:
+            raise Unavailable("the backend ended the request without any output")
+        return item
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
+    if not authorization or not authorization[:7].lower() == "bearer ":
+        return False
+    given = authorization[7:].strip().encode()
+    ok = False
+    for k in keys:  # no early exit: the time taken does not tell which key was close
+        ok |= hmac.compare_digest(given, k)
+    return ok
+
+
+class _ApiKeyGuard:
+    """ASGI middleware: 401 on every route unless ``Authorization: Bearer <key>``
+    names a configured key."""
+
+    def __init__(self, app, api_keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.keys and not _key_ok(
+                Headers(scope=scope).get("authorization"), self.keys):
+            err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+            return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -> FastAPI:
+    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def on_error(_request: Request, exc: Exception) -> Response:
+        return api_error(exc).response()
+
+    async def on_http_exception(request: Request, exc: HTTPException) -> Response:
+        message = (f"no route {request.method} {request.url.path[:200]}" if exc.status_code in (404, 405)
+                   else str(exc.detail))
+        return ApiError(exc.status_code, message, code="unknown_route").response()
+
+    app.add_exception_handler(ApiError, on_error)
+    app.add_exception_handler(SplitserveError, on_error)
+    app.add_exception_handler(HTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_error)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
+             "max_model_len": m.max_model_len} for m in backend.models()]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body: schema.CompletionRequest = parse_body(
+            schema.CompletionRequest, await read_json(request, max_body_bytes))
+        body.check_supported()
+        prompts = body.prompt_inputs()
+        tokenizer = backend.tokenizer(body.model)
+        batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        params = body.completion_params()
+        for ids in batch:
+            backend.validate(body.model, ids, params)
+        echoes = None
+        if body.echo:
+            echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
+                           ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+        return await _respond(request, backend, "completion", body, batch, params, t0,
+                              echoes=echoes)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body: schema.ChatCompletionRequest = parse_body(
+            schema.ChatCompletionRequest, await read_json(request, max_body_bytes))
+        body.check_supported()
+        kwargs = body.chat_template_kwargs or {}
+        bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+        if bad:
+            raise ApiError(400, f"chat_template_kwargs may not set {bad[0][:50]!r}",
+                           param="chat_template_kwargs", code="invalid_value")
+        tokenizer = backend.tokenizer(body.model)
+        tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
+                             tokenizer.chat_template, backend.tool_call_parser(body.model))
+        text = tokenizer.apply_chat_template(
+            template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
+            tools=tools.tools if tools else None, **kwargs)
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+        params = body.sampling_params(body.output_limit, body.logprobs_count)
+        if tools is not None:
+            params = tools.sampling(params)
+        try:
+            backend.validate(body.model, ids, params)
+        except InvalidRequestError as e:
+            # name the fields of the chat request, not of the engine
+            rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
+                      "logprobs": "top_logprobs"}
+            raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+        return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
+
+    app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
+    return app
+
+
+async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
+                   params, t0: float, tools: ToolRequest | None = None,
+                   echoes: list[Echo] | None = None) -> Response:
+    """Choice k answers prompt k // n (choice k % n of it), each choice its
+    own backend request."""
+    prefix = "cmpl" if kind == "completion" else "chatcmpl"
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    n = params.n
+    jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
+    streams = [backend.generate(body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j],
+                                choice_params(params, i)) for k, (j, i) in enumerate(jobs)]
+    choices = Choices(streams, request.receive)
+    prepare_s = time.perf_counter() - t0
+    try:
+        first = await choices.next()
+    except BaseException as e:
+        await choices.aclose()
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)
+        raise
+    timings = None
+    if request.headers.get(TIMINGS_HEADER, "").lower() in ("1", "true"):
+        timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
+                   "ingress_ttft_s": time.perf_counter() - t0}
+    tokenizer = backend.tokenizer(body.model)
+    states = [ChoiceState(k, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
+                          echoes[j] if echoes else None) for k, (j, _) in enumerate(jobs)]
+    head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
+            "created": int(time.time()), "model": body.model}
+    headers = {"x-request-id": rid}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),
+                            headers=headers)
+    try:
+        item = first
+        while item is not None:
+            states[item[0]].add(item[1])
+            item = await choices.next_or_none()
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await choices.aclose()
+    result = {**head, "choices": [s.final() for s in states], "usage": _usage(states, n)}
+    if timings is not None:
+        result["splitserve_timings"] = timings
+    return JSONResponse(result, headers=headers)
+
+
+def _usage(states: list[ChoiceState], n: int) -> dict:
+    """Each prompt counted once (its n choices share it), every choice's output."""
+    groups = [states[j:j + n] for j in range(0, len(states), n)]
+    return usage(sum(max(s.prompt_tokens for s in g) for g in groups),
+                 sum(s.completion_tokens for s in states),
+                 sum(max(s.cached_tokens for s in g) for g in groups))
+
+
+def _event(obj: Any) -> bytes:
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return b"data: " + data.encode() + b"\n\n"
+
+
+async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceState], head: dict,
+               timings: dict | None, include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    chunk_head = {**head, "object": "text_completion" if head["object"] == "text_completion"
+                  else "chat.completion.chunk"}
+    if states[0].kind == "chat":  # OpenAI opens each choice with the role
+        for s in states:
+            chunk = {**chunk_head, "choices": [s.opening_delta()]}
+            if timings is not None:
+                chunk["splitserve_timings"], timings = timings, None
+            yield _event(chunk)
+    item: tuple[int, dict] | None = first
+    try:
+        while item is not None:
+            choice = states[item[0]].add(item[1])
+            if choice is not None:
+                chunk = {**chunk_head, "choices": [choice]}
+                if timings is not None:
+                    chunk["splitserve_timings"], timings = timings, None
+                yield _event(chunk)
+            item = await choices.next_or_none()
+    except ClientGone:
+        return
+    except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
+        yield _event(api_error(e).body())
+    else:
+        if include_usage:
+            yield _event({**chunk_head, "choices": [], "usage": _usage(states, n)})
+    yield b"data: [DONE]\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """SSE whose backend streams are closed however the response ends,
+    including when it never starts (the client left before the headers)."""
+
+    def __init__(self, choices: Choices, content: AsyncIterator[bytes], headers: dict[str, str]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._choices = choices
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._choices.aclose()

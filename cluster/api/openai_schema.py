@@ -1,0 +1,317 @@
+"""The OpenAI API's wire format: request bodies (read within a size limit,
+parsed and validated) and errors (responses: cluster/api/openai_response.py).
+
+Requests are validated strictly (a string where a number belongs is a 400,
+not a coercion) and unknown fields are refused, as OpenAI does. Fields the
+API defines but splitserve does not implement are accepted only at their
+"off" value, and otherwise refused naming the field, so that no request is
+silently served differently from what it asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from splitserve.cluster.api.openai_structured import structured_output
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+
+# OpenAI's default for /v1/completions; chat completions default to no limit.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 256  # prompts x n: each choice is its own backend request
+ERROR_MESSAGE_CHARS = 1024  # error bodies stay small whatever the request echoed
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        message = self.message
+        if len(message) > ERROR_MESSAGE_CHARS:
+            message = message[: ERROR_MESSAGE_CHARS - 3] + "..."
+        param = self.param[:200] if self.param else self.param
+        return {"error": {"message": message, "type": self.type, "param": param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # accepted for vLLM clients; usage comes at the end
+
+
+_NULLABLE_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")
+
+
+class _Common(_Body):
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM's extension: exactly one of json (schema), regex, grammar (Lark), choice
+    structured_outputs: dict[str, Any] | None = None
+    user: str | None = None  # accepted and ignored
+    # Accepted and ignored: they concern OpenAI's hosted service.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+    def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true",
+                                      param="stream_options")
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """Fields left unset (or null) take SamplingParams' defaults. Not
+        validated here: the backend validates (and knows the context length)."""
+        given = {name: getattr(self, name) for name in _NULLABLE_SAMPLING
+                 if getattr(self, name) is not None}
+        return SamplingParams(
+            max_tokens=max_tokens, logprobs=logprobs, n=self.num_choices, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=_token_keys(self.logit_bias or {}),
+            structured_output=structured_output(self.response_format, self.structured_outputs),
+            **given)
+
+
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as JSON strings."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+    return out
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens must be at least 1 (0 is allowed with echo, to score the prompt)",
+                param="max_tokens")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise InvalidRequestError("best_of other than n is not supported", param="best_of")
+
+    def completion_params(self) -> SamplingParams:
+        """Echo with logprobs scores the prompt too. max_tokens 0 (with echo)
+        generates nothing: the engine samples one token, which the response
+        leaves out (``Echo.score_only``)."""
+        params = self.sampling_params(1 if self.max_tokens == 0 else self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params
+
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The request's prompts, each text or token ids: a list of strings
+        or of token-id lists is a batch, answered with ``n`` choices per
+        prompt (choice index = prompt index * n + i)."""
+        p = self.prompt
+        batch = list(p) if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+        if len(batch) > MAX_PROMPTS:
+            raise InvalidRequestError(
+                f"a request takes at most {MAX_PROMPTS} prompts, got {len(batch)}", param="prompt")
+        if len(batch) * self.num_choices > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"{len(batch)} prompts x n={self.num_choices} is more than {MAX_CHOICES} choices "
+                f"in one request", param="prompt")
+        for q in batch:
+            if isinstance(q, str) and not q:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+        return batch
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates expect it: text parts joined into one
+        string (with newlines, like vLLM), since most templates read content
+        as a string."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(
+                        f"messages[{index}].content: only text parts are supported, got a "
+                        f"{part.type[:40]!r} part", param=f"messages[{index}].content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        msg = {"role": self.role, "content": content, "name": self.name,
+               "tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
+        return {k: v for k, v in msg.items() if v is not None}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if not self.messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true",
+                                      param="top_logprobs")
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the client used for the output length (named in errors)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template(i) for i, m in enumerate(self.messages)]
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def param_of(loc: tuple[Any, ...]) -> str | None:
+    """A pydantic error location as a field path (``messages[0].role``).
+    Union members appear in locations as type names (``list[int]``); the path
+    stops before them."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _UNION_TAGS:
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, max_body_bytes: int) -> dict:
+    """The request's JSON object; never holds more than ``max_body_bytes``."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        media = ctype.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise ApiError(400, f"Content-Type must be application/json, got {ctype[:100]!r}",
+                           code="invalid_content_type")
+    too_large = ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
+                         code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "invalid Content-Length header", code="invalid_request")
+        if int(length) > max_body_bytes:
+            raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_large
+    except ClientDisconnect:  # nobody will read the answer; not a server fault
+        raise ApiError(400, "the client disconnected while sending the body",
+                       code="client_disconnected") from None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
+                       code="invalid_encoding") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def parse_body(model_cls: type[_Body], data: dict) -> Any:
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_input=False, include_url=False)
+        first = errors[0]
+        parts = [f"{param_of(err['loc']) or 'body'}: {err['msg']}" for err in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ApiError(400, "; ".join(parts) + more, param=param_of(first["loc"]),
+                       code="invalid_type" if first["type"] != "extra_forbidden"
+                       else "unknown_parameter") from None

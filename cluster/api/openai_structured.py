@@ -1,0 +1,70 @@
+"""The OpenAI API's structured-output fields as the engine's constraint
+(splitserve.engine.structured): OpenAI's ``response_format`` (``text``,
+``json_object``, ``json_schema``) and vLLM's ``structured_outputs``
+(exactly one of ``json``, ``regex``, ``grammar``, ``choice``). Errors name
+the field the client used."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
+
+_VLLM = "structured_outputs"
+
+
+def structured_output(response_format: dict[str, Any] | None,
+                      vllm: dict[str, Any] | None) -> dict[str, str] | None:
+    """The engine's constraint (splitserve.engine.structured) from OpenAI's
+    ``response_format`` or vLLM's ``structured_outputs``; None for plain text."""
+    if response_format is not None and vllm is not None:
+        raise InvalidRequestError("set response_format or structured_outputs, not both",
+                                  param="structured_outputs")
+    if vllm is not None:
+        spec = _vllm_structured(vllm)
+        check_spec(spec, _VLLM)  # here, to name the field the client used
+        return spec
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    extra = set(response_format) - {"type", "json_schema"}
+    if extra or (kind != "json_schema" and "json_schema" in response_format):
+        raise InvalidRequestError(
+            f"response_format has unexpected fields: {sorted(set(response_format) - {'type'})}"[:200],
+            param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_spec()
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            "response_format.type must be text, json_object or json_schema, got "
+            f"{str(kind)[:40]!r}", param="response_format.type")
+    js = response_format.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+        raise InvalidRequestError(
+            "response_format.json_schema must be an object with a JSON schema object in \"schema\"",
+            param="response_format.json_schema")
+    unknown = set(js) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise InvalidRequestError(f"response_format.json_schema: unknown fields {sorted(unknown)}"[:200],
+                                  param="response_format.json_schema")
+    return {"type": "json", "value": json.dumps(js["schema"])}
+
+
+def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:
+    given = [k for k in ("json", "regex", "grammar", "choice") if so.get(k) is not None]
+    unknown = set(so) - {"json", "regex", "grammar", "choice"}
+    if unknown or len(given) != 1:
+        raise InvalidRequestError(
+            "structured_outputs takes exactly one of json, regex, grammar, choice", param=_VLLM)
+    kind, value = given[0], so[given[0]]
+    if kind == "choice":
+        return choice_spec(value, _VLLM)
+    if kind == "json":
+        return {"type": "json", "value": value if isinstance(value, str) else json.dumps(value)}
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"structured_outputs.{kind} must be a string", param=_VLLM)
+    return {"type": kind, "value": value}

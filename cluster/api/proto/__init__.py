@@ -1,0 +1,1 @@
+"""Generated client API messages and stubs; regenerate with scripts/gen_protos.sh."""

@@ -1,0 +1,143 @@
+"""``splitserve bench``: load a running endpoint and report the serving
+statistics of docs/benchmarks.md (TTFT, TPOT, ITL, E2E, throughput, goodput).
+
+    splitserve bench --url http://127.0.0.1:8000 --model default \\
+        --rates 1,2,4 --input-len uniform:64:256 --output-len 64 \\
+        --num-requests 200 --ttft-slo 0.25 --tpot-slo 0.1 --out bench.json --plot bench.png
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+
+from splitserve.cluster.bench.datasets import DatasetError, load_sharegpt, parse_length_dist, synthetic_requests
+
+DEFAULT_OUTPUT_LEN = "64"
+
+
+def add_subcommand(sub) -> None:
+    """Add ``bench`` to the ``splitserve`` subcommands (argparse subparsers)."""
+    p = sub.add_parser(
+        "bench", help="measure a running endpoint: latency percentiles, throughput, goodput",
+        description="Send a workload to a splitserve endpoint (OpenAI HTTP or gRPC) on a Poisson "
+                    "or gamma arrival schedule, or at fixed concurrency, and report TTFT, TPOT, "
+                    "ITL and E2E (mean, p50, p90, p99), request and token throughput, goodput and "
+                    "SLO attainment. Requests use greedy sampling and ignore EOS so each produces "
+                    "exactly its output length.")
+    where = p.add_argument_group("endpoint")
+    where.add_argument("--url", default="http://127.0.0.1:8000",
+                       help="base URL of the OpenAI HTTP API (default: %(default)s)")
+    where.add_argument("--grpc", default=None, metavar="HOST:PORT",
+                       help="use the gRPC API at this address instead of HTTP")
+    where.add_argument("--model", default="default", help="served model name (default: %(default)s)")
+    where.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
+                       help="client API key (default: $SPLITSERVE_API_KEY)")
+    where.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds one request may take before it counts as failed")
+    load = p.add_argument_group("load")
+    rate = load.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, default=None,
+                      help="offered request rate in req/s (default: inf, all requests at once)")
+    rate.add_argument("--rates", default=None, metavar="R1,R2,...",
+                      help="sweep: one run per rate, e.g. 1,2,4 (inf allowed)")
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="at most this many requests in flight; alone (no rate): a closed loop "
+                           "of this many clients")
+    load.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, "
+                           ">1 more even (default: %(default)s)")
+    load.add_argument("--num-requests", type=int, default=100,
+                      help="requests per run (default: %(default)s)")
+    load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+    data = p.add_argument_group("workload")
+    data.add_argument("--dataset", default=None, metavar="FILE",
+                      help="ShareGPT-format JSON file (default: synthetic prompts)")
+    data.add_argument("--tokenizer", default=None, metavar="DIR",
+                      help="checkpoint folder whose tokenizer counts ShareGPT lengths "
+                           "(default: estimate 4 characters per token)")
+    data.add_argument("--input-len", default="uniform:32:256",
+                      help="synthetic prompt tokens: N | uniform:LO:HI | normal:MEAN:STD[:LO:HI] | "
+                           "lognormal:MU:SIGMA[:LO:HI] (default: %(default)s)")
+    data.add_argument("--output-len", default=None,
+                      help="output tokens, same forms (default: 64; with --dataset: each "
+                           "reply's length, or this fixed number when given)")
+    data.add_argument("--token-range", default="10:500", metavar="LO:HI",
+                      help="synthetic prompt token ids are drawn from [LO, HI) "
+                           "(default: %(default)s)")
+    slo = p.add_argument_group("SLOs and output")
+    slo.add_argument("--ttft-slo", type=float, default=1.0,
+                     help="TTFT target in seconds (default: %(default)s)")
+    slo.add_argument("--tpot-slo", type=float, default=0.2,
+                     help="TPOT target in seconds (default: %(default)s)")
+    slo.add_argument("--out", default=None, metavar="FILE.json", help="write the JSON record here")
+    slo.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="write latency percentiles and goodput against rate here (matplotlib)")
+    slo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_bench)
+
+
+def _requests(args, run: int):
+    """Run ``run``'s requests: seeded by ``--seed`` + run, so each run of a sweep has its
+    own prompts (no prefix-cache hits across runs)."""
+    seed = args.seed + run
+    if args.dataset:
+        count = None
+        if args.tokenizer:
+            from splitserve.engine.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_dir(args.tokenizer)
+            count = lambda text: len(tok.encode(text))  # noqa: E731
+        out = None
+        if args.output_len is not None:
+            dist = parse_length_dist(args.output_len)
+            if dist.kind != "fixed":
+                raise DatasetError("with --dataset, --output-len must be a fixed number")
+            out = dist.low
+        return load_sharegpt(args.dataset, args.num_requests, seed, count, output_len=out)
+    try:
+        lo, hi = (int(x) for x in args.token_range.split(":"))
+    except ValueError:
+        raise DatasetError(
+            f"--token-range must be LO:HI integers, got {args.token_range!r}") from None
+    return synthetic_requests(args.num_requests, parse_length_dist(args.input_len),
+                              parse_length_dist(args.output_len or DEFAULT_OUTPUT_LEN), seed,
+                              (lo, hi))
+
+
+def cmd_bench(args) -> int:
+    from splitserve.cluster.bench import report
+    from splitserve.cluster.bench.arrivals import ArrivalSpec
+    from splitserve.cluster.bench.runner import GrpcTarget, HttpTarget
+    from splitserve.cluster.bench.sweep import parse_rates, run_sweep
+
+    try:
+        _requests(args, 0)  # bad lengths or an unusable file fail before any request
+        rates = parse_rates(args.rates) if args.rates else [
+            math.inf if args.rate is None else args.rate]
+        base = ArrivalSpec(math.inf, args.burstiness, args.concurrency, args.seed)
+        for r in rates:  # a bad rate fails here, before any request
+            ArrivalSpec(r, args.burstiness, args.concurrency, args.seed)
+    except (DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = (GrpcTarget(args.grpc, args.model, args.api_key, args.timeout) if args.grpc
+              else HttpTarget(args.url, args.model, args.api_key, args.timeout))
+    points = asyncio.run(run_sweep(target, lambda i: _requests(args, i), rates, base, args.ttft_slo,
+                                   args.tpot_slo, progress=not args.no_progress,
+                                   request_timeout_s=args.timeout))
+    print(report.sweep_table(points))
+    errors = {e: n for p in points for e, n in p.stats.errors.items()}
+    for e, n in errors.items():
+        print(f"  {n} x {e}", file=sys.stderr)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
+    config["target"] = target.description
+    if args.out:
+        report.write_json(args.out, report.record({"bench": points}, config))
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        report.plot({args.model: points}, args.plot, title=target.description)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if all(p.stats.completed for p in points) else 1

@@ -1,0 +1,170 @@
+"""The ``splitserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="run the engine in this process on one or more prompts",
+                       description="Generate completions with the engine in this process. "
+                                   "Without --model, uses the embedded default model "
+                                   "(random weights: its text is gibberish).")
+    p.add_argument("prompts", nargs="*", default=None, help="prompt texts (default: a sample prompt)")
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint directory")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.errors import SplitserveError
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+
+    model = args.model or str(ensure_default_model())
+    prompts = args.prompts or ["The quick brown fox"]
+    try:
+        eng = LLMEngine(EngineConfig(model=model, device=args.device, dtype=args.dtype,
+                                     kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size))
+        if args.chat:  # the rendered template carries its own special tokens
+            inputs = [eng.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        else:
+            inputs = list(prompts)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        t0 = time.perf_counter()
+        results = eng.generate(inputs, params)
+        dt = time.perf_counter() - t0
+    except SplitserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_out = sum(len(r.token_ids) for r in results)
+    for p, r in zip(prompts, results):
+        if args.json:
+            print(json.dumps({"prompt": p, "text": r.text, "token_ids": r.token_ids,
+                              "finish_reason": r.finish_reason}))
+        else:
+            print(f"--- prompt: {p!r}\n{r.text}\n[finish_reason={r.finish_reason}, "
+                  f"tokens={len(r.token_ids)}]")
+    print(f"model={eng.model_id} device={eng.device} requests={len(results)} "
+          f"output_tokens={n_out} time={dt:.3f}s tokens/s={n_out / dt:.1f}",
+          file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start a local cluster and serve the OpenAI HTTP and gRPC APIs",
+                       description="Start Ray on this machine (or join --address), deploy the "
+                                   "prefill and decode pools, the router and the ingress, and serve "
+                                   "until interrupted. Without --config: the embedded default model "
+                                   "(random weights), one prefill and one decode replica.")
+    p.add_argument("--config", default=None, help="operator YAML (see deploy/configs/)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster instead")
+    p.add_argument("--host", default=None, help="bind address of the APIs (default: config's)")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node")
+    p.add_argument("--smoke", action="store_true",
+                   help="send one request through each API once ready, print it, and exit")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import os
+    import signal
+
+    import ray
+
+    from splitserve.cluster.serve import app
+    from splitserve.cluster.config import ClusterConfig, ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config) if args.config else ClusterConfig()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ep = cfg.endpoints
+    updates = {k: v for k, v in (("host", args.host), ("http_port", args.http_port),
+                                 ("grpc_port", args.grpc_port)) if v is not None}
+    if updates:
+        cfg = cfg.model_copy(update={"endpoints": ep.model_copy(update=updates)})
+    ep = cfg.endpoints
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.address:
+        ray.init(address=args.address, namespace="splitserve", log_to_driver=False)
+    else:
+        # a single-machine cluster: workers talk over loopback only
+        ray.init(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), namespace="splitserve",
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"SPLITSERVE_BIND_HOST": "127.0.0.1"}})
+    t0 = time.time()
+    print("deploying: " + ", ".join(f"{m.model.name} ({m.mode})" for m in cfg.models), flush=True)
+    try:
+        app.deploy(cfg)
+    except Exception as e:  # noqa: BLE001 - report and tear down
+        print(f"error: deploy failed: {e}", file=sys.stderr)
+        app.shutdown()
+        return 1
+    base = f"http://{ep.host}:{ep.http_port}"
+    name = cfg.models[0].model.name
+    print(f"ready in {time.time() - t0:.0f}s\n"
+          f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)})\n"
+          f"  gRPC API:        {ep.host}:{ep.grpc_port}\n"
+          f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    if args.smoke:
+        from splitserve.cluster.cli.smoke import smoke_test
+
+        ok = smoke_test(cfg)
+        app.shutdown()
+        ray.shutdown()
+        return 0 if ok else 1
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop["now"]:
+        time.sleep(0.5)
+    print("shutting down", flush=True)
+    app.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    from splitserve.cluster.cli.bench import add_subcommand as add_bench
+    from splitserve.cluster.cli.ops import add_subcommands as add_ops
+
+    add_ops(sub)
+    add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Operator commands: ``splitserve deploy CONFIG`` applies an operator YAML to
+a running cluster in place; ``splitserve status`` shows each pool's replicas,
+load, bottleneck value and the autoscaler's last decision."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+def add_subcommands(sub) -> None:
+    d = sub.add_parser(
+        "deploy", help="apply an operator config to a running cluster",
+        description="Validate an operator YAML, connect to the running Ray cluster, show what "
+                    "changes against the config applied last, and apply it in place: pools "
+                    "whose replicas are built the same way keep them (bounds and autoscaling "
+                    "edits take effect without restarts).")
+    d.add_argument("config", help="operator YAML (examples in deploy/configs/)")
+    _address(d)
+    d.add_argument("--dry-run", action="store_true", help="validate and show the changes only")
+    d.add_argument("--wait-s", type=float, default=300.0,
+                   help="how long to wait for every pool to be up (default: 300)")
+    d.add_argument("--no-ingress", action="store_true", help="deploy the pools and router only")
+    d.set_defaults(func=cmd_deploy)
+    s = sub.add_parser(
+        "status", help="pools, replicas, load and autoscaling decisions",
+        description="One row per pool: replicas running / target, bounds, bottleneck and its "
+                    "value (load / target, 1.0 = on target), current load; then each pool's "
+                    "latest autoscaling decision and last size change with their reasons.")
+    _address(s)
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(func=cmd_status)
+
+
+def _address(p) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, or "
+                        "the cluster started on this machine)")
+
+
+def _connect(address: str | None) -> None:
+    from splitserve.cluster.serve.app import connect
+
+    connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+
+
+# -- deploy ----------------------------------------------------------------------
+def cmd_deploy(args) -> int:
+    from splitserve.cluster.config import ClusterConfig, ConfigError, config_changes, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        _connect(args.address)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+        return 1
+    prev = _ledger_call("config")
+    if prev is None:
+        print(f"{args.config}: valid; nothing applied yet, deploying every pool")
+    else:
+        changes = config_changes(ClusterConfig.model_validate(prev), cfg)
+        print(f"{args.config}: valid; {len(changes)} change(s)" + (":" if changes else ""))
+        for line in changes:
+            print(f"  {line}")
+    if args.dry_run:
+        return 0
+    from splitserve.cluster.serve.app import deploy
+
+    try:
+        summary = deploy(cfg, wait_s=args.wait_s, with_ingress=not args.no_ingress)
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("applied: " + ", ".join(sorted(summary["apps"])))
+    if summary.get("removed"):
+        print("removed: " + ", ".join(summary["removed"]))
+    return 0
+
+
+def _ledger_call(method: str) -> Any:
+    import ray
+
+    from splitserve.cluster.autoscaling.ledger import get_ledger
+
+    try:
+        return ray.get(getattr(get_ledger(), method).remote())
+    except ValueError:  # nothing deployed through splitserve yet
+        return None
+
+
+# -- status ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolStatus:
+    app: str
+    role: str
+    running: int
+    target: int | None
+    min_replicas: int
+    max_replicas: int
+    bottleneck: str  # compute | memory | network | fixed
+    value: float | None
+    load: str
+    decision: str
+    decided_at: float | None
+    last_change: str
+    changed_at: float | None
+
+
+def _load_summary(role: str, stats: list[dict[str, Any]]) -> str:
+    if not stats:
+        return "-"
+    if role == "prefill":
+        pending = sum(s["pending_prompt_tokens"] for s in stats)
+        tput = sum(s["prefill_tokens_per_s"] for s in stats)
+        return f"{pending} pending tok, {tput:.0f} tok/s"
+    used = sum(s["total_blocks"] - s["free_blocks"] for s in stats)
+    total = sum(s["total_blocks"] for s in stats)
+    seqs = sum(s["running_seqs"] for s in stats)
+    cap = sum(s["max_seqs"] for s in stats)
+    return f"KV {used / max(total, 1):.0%}, seqs {seqs}/{cap}"
+
+
+def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
+    """(config applied last, one PoolStatus per pool) from the ledger, Serve
+    and the router."""
+    import ray
+    from splitserve.cluster.serve.app import serve_status
+    from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.serve.router_actor import get_router
+
+    dump = _ledger_call("config")
+    if not dump:
+        return None, []
+    cfg = ClusterConfig.model_validate(dump)
+    decisions = _ledger_call("decisions") or {}
+    apps = serve_status().applications
+    try:
+        reps = ray.get(get_router().replicas.remote())
+    except ValueError:
+        reps = {}
+    rows = []
+    for served in cfg.models:
+        name = served.model.name
+        pools = ([("colocated", served.decode)] if served.mode == "colocated"
+                 else [("prefill", served.prefill), ("decode", served.decode)])
+        for role, pool in pools:
+            app = f"{name}-{role}"
+            st = apps.get(app)
+            dep = st.deployments.get(app) if st else None
+            running = int(dep.replica_states.get("RUNNING", 0)) if dep else 0
+            d = decisions.get(app, {})
+            latest, change = d.get("latest") or {}, d.get("last_change") or {}
+            stats = reps.get(name, {}).get("decode" if role == "colocated" else role, [])
+            rows.append(PoolStatus(
+                app=app, role=role, running=running, target=latest.get("target"),
+                min_replicas=pool.min_replicas, max_replicas=pool.max_replicas,
+                bottleneck=pool.autoscaling.bottleneck if pool.autoscaling else "fixed",
+                value=latest.get("value"), load=_load_summary(
+                    "prefill" if role == "prefill" else "decode", stats),
+                decision=latest.get("reason", "-"), decided_at=latest.get("time"),
+                last_change=change.get("reason", "-"), changed_at=change.get("time")))
+    return dump, rows
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "" if t is None else f"{max(0.0, now - t):.0f}s ago: "
+
+
+def format_status(name: str, rows: list[PoolStatus], now: float) -> str:
+    """The table ``splitserve status`` prints."""
+    header = ("POOL", "ROLE", "REPLICAS", "BOUNDS", "BOTTLENECK", "VALUE", "LOAD")
+    table = [header] + [(
+        r.app, r.role, f"{r.running}/{r.target if r.target is not None else '-'}",
+        f"{r.min_replicas}-{r.max_replicas}", r.bottleneck,
+        "-" if r.value is None else f"{r.value:.2f}", r.load) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"cluster {name}: {len(rows)} pool(s)"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.append("")
+    lines.append("autoscaling decisions:")
+    for r in rows:
+        lines.append(f"  {r.app}: {_ago(r.decided_at, now)}{r.decision}")
+        if r.changed_at is not None:
+            lines.append(f"  {' ' * len(r.app)}  last change {_ago(r.changed_at, now)}"
+                         f"{r.last_change}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    try:
+        _connect(args.address)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+        return 1
+    dump, rows = collect_status()
+    if dump is None:
+        print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print(format_status(dump.get("name", "splitserve"), rows, time.time()))
+    return 0

@@ -1,1 +1,0 @@
-"""Generated client API messages and stubs; regenerate with gen.sh."""

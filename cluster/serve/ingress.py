@@ -1,0 +1,53 @@
+"""The client-facing ingress as a Ray Serve deployment.
+
+HTTP (OpenAI API) arrives through Serve's proxy; the replica also runs the
+gRPC API server on ``endpoints.grpc_port``. Both call one ``ClusterBackend``,
+which asks the router for placements and streams from decode replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from splitserve.cluster.config import ClusterConfig
+
+log = logging.getLogger("splitserve.ingress")
+
+
+@serve.ingress()
+class Ingress:
+    async def __init__(self, cfg: dict):
+        from splitserve.cluster.serve.orchestrator import ClusterBackend
+        from splitserve.cluster.api.grpc_api import start_grpc_server
+
+        self.cfg = ClusterConfig.model_validate(cfg)
+        self.backend = ClusterBackend(self.cfg)
+        ep = self.cfg.endpoints
+        self.grpc_server, self.grpc_port = await start_grpc_server(
+            self.backend, ep.host, ep.grpc_port, self.cfg.auth.api_keys,
+            tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key)
+        log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
+
+    def __serve_build_asgi_app__(self):
+        from splitserve.cluster.api.openai_api import build_http_app
+
+        return build_http_app(self.backend, self.cfg.auth.api_keys, self.cfg.endpoints.max_body_bytes)
+
+    async def check_health(self) -> None:
+        pass
+
+    async def __del__(self) -> None:
+        try:
+            await self.grpc_server.stop(1.0)
+            await self.backend.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+def ingress_app(cfg: ClusterConfig):
+    dep = serve.deployment(Ingress).options(
+        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4096, health_check_period_s=5.0)
+    return dep.bind(cfg.model_dump())

@@ -1,0 +1,199 @@
+"""ClusterBackend: places each request on a (prefill, decode) pair and
+streams its tokens back, surviving refusals and replica deaths.
+
+Per request: the router admits it (bounded per-model queue) and picks a
+pair; the decode replica's Generate stream carries the tokens. A refusal
+before the first token (the decode replica is full, or died) moves the
+request to another pair. If a decode replica dies mid-stream, the request
+resumes on another one by prefilling prompt + tokens generated so far, so
+the client sees neither lost nor duplicated tokens. Those tokens travel
+marked as earlier output (``SamplingParams.resumed_tokens``): seeds,
+penalties and a structured-output grammar carry on where they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+
+from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.hashing import block_hashes
+from splitserve.handoff.rpc import RpcError, WorkerClients
+from splitserve.engine.sampling_params import SamplingParams, validate_request
+from splitserve.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("splitserve.client")
+
+# A decode replica that fails with one of these before any token was
+# produced is skipped and the request placed again.
+_RETRY_BEFORE_FIRST = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
+# After tokens were produced, only a dead replica justifies resuming elsewhere.
+_RESUME_AFTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+@dataclasses.dataclass
+class _Model:
+    name: str
+    tokenizer: Tokenizer
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    tool_call_parser: str = "auto"
+
+
+def _model_path(spec) -> Path:
+    if spec.path:
+        return Path(spec.path)
+    from splitserve.engine.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+class ClusterBackend(Backend):
+    def __init__(self, cfg: ClusterConfig, router=None):
+        from splitserve.engine.loader import load_checkpoint
+
+        self.cfg = cfg
+        self.token = cfg.cluster_token()
+        self._router = router
+        self._clients = WorkerClients(self.token)
+        self._models: dict[str, _Model] = {}
+        for served in cfg.models:
+            spec = served.model
+            path = _model_path(spec)
+            mc = load_checkpoint(path).model_config
+            limit = min(spec.max_model_len or mc.max_position, mc.max_position)
+            self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size,
+                                             limit, mc.vocab_size, spec.tool_call_parser)
+        self._created = int(time.time())
+        self.counters = {"retries": 0, "resumed": 0, "refused": 0}
+
+    @property
+    def router(self):
+        if self._router is None:
+            from splitserve.cluster.serve.router_actor import get_router
+
+            self._router = get_router()
+        return self._router
+
+    def _model(self, name: str) -> _Model:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModel(name, list(self._models)) from None
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(m.name, m.max_model_len, self._created) for m in self._models.values()]
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        return self._model(model).tokenizer
+
+    def tool_call_parser(self, model: str) -> str:
+        return self._model(model).tool_call_parser
+
+    def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        m = self._model(model)
+        validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
+
+    async def _route(self, req: dict, admit: bool) -> dict:
+        try:
+            res = await self.router.route.remote(req, admit)
+        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
+            raise Unavailable(f"the router is unavailable: {type(e).__name__}", 1.0) from None
+        err = res.get("error")
+        if err == "overloaded":
+            raise Overloaded(res["message"], float(res.get("retry_after_s", 1.0)))
+        if err == "unknown_model":
+            raise UnknownModel(req["model"], list(self._models))
+        if err == "no_capacity":
+            raise Unavailable(res["message"], float(res.get("retry_after_s", 1.0)))
+        return res["placement"]
+
+    async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[dict]:
+        m = self._model(model)
+        self.validate(model, prompt_token_ids, params)
+        produced: list[int] = []
+        exclude: set[str] = set()
+        admitted = False
+        attempts_left = self.cfg.router.max_retries + 1
+        rec = RequestRecorder(model)
+        error: BaseException | None = None
+        try:
+            while True:
+                ids = list(prompt_token_ids) + produced
+                p = params if not produced else dataclasses.replace(
+                    params, max_tokens=(params.max_tokens - len(produced))
+                    if params.max_tokens is not None else None,
+                    min_tokens=max(0, params.min_tokens - len(produced)),
+                    resumed_tokens=params.resumed_tokens + len(produced),
+                    prompt_logprobs=None)  # delivered with the first output
+                req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
+                       "model": model, "prompt_len": len(ids),
+                       "max_tokens": p.max_tokens or 1,
+                       # a scored prompt is computed whole: no replica's cache helps it
+                       "block_hashes": block_hashes(ids, m.block_size)
+                       if p.prompt_logprobs is None else [],
+                       "exclude": sorted(exclude)}
+                placement = await self._route(req, admit=not admitted)
+                admitted = True
+                decode = placement["decode_replica"]
+                prefill = placement["prefill_replica"]
+                body = {"request_id": request_id, "prompt_token_ids": ids, "params": p.to_dict(),
+                        "prefill": {"address": prefill} if prefill else None}
+                before = len(produced)
+                try:
+                    async for d in self._clients.get(decode).stream("Generate", body):
+                        if produced and d.get("prompt_tokens") is not None:
+                            # usage is the client's view: the original prompt
+                            d["prompt_tokens"] = len(prompt_token_ids)
+                            d["completion_tokens"] = len(produced) + len(d["token_ids"])
+                        produced.extend(d["token_ids"])
+                        d["placement"] = {"prefill": prefill, "decode": decode,
+                                          "reason": placement["reason"]}
+                        rec.on_output(d)
+                        yield d
+                        if d["finished"]:
+                            return
+                    raise Unavailable(f"decode replica {decode} ended the stream early")
+                except RpcError as e:
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise InvalidRequestError(e.message, param=e.param) from None
+                    retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
+                    attempts_left -= 1
+                    if e.code not in retry or attempts_left <= 0:
+                        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise Overloaded(f"no decode replica could hold the request: {e.message}",
+                                             1.0) from None
+                        raise Unavailable(f"generation failed on {decode}: {e.message}") from None
+                    exclude.add(decode)
+                    if len(produced) > before or produced:
+                        self.counters["resumed"] += 1
+                    else:
+                        self.counters["retries"] += 1
+                    record_retry(model, resumed=bool(produced))
+                    log.warning("request %s: %s on %s, placing again", request_id, e.code.name, decode)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            rec.finish(error)
+            if admitted:
+                try:
+                    self.router.release.remote(model)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def close(self) -> None:
+        await self._clients.close()

@@ -1,0 +1,165 @@
+"""The router as a Ray actor: one per cluster, named, restarted on failure.
+
+It wraps ``splitserve.router.core.RouterCore``. Workers push their stats and prefix
+cache events to it; ingresses ask it for placements. It is never on the
+token path, so a restart only costs the state it held: the workers push
+their stats again within one period, and a replica the router does not know
+is asked (by ``update_stats``' reply) for a snapshot of its prefix cache on
+its next push. In-flight streams are unaffected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from splitserve.cluster.observability.metrics import RouterMetrics
+from splitserve.router.core import RouterCore
+from splitserve.router.types import (
+    DecodeReplicaStats,
+    NoCapacityError,
+    OverloadedError,
+    PrefillReplicaStats,
+    QueueDelayError,
+    RouteRequest,
+    RouterConfig,
+    UnknownModelError,
+)
+
+ROUTER_NAME = "splitserve-router"
+NAMESPACE = "splitserve"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
+class RouterActor:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg_dict = cfg
+        self.core = RouterCore(RouterConfig(**cfg))
+        self.addresses: dict[str, dict[str, Any]] = {}  # replica id -> {role, model, ...}
+        self.started_at = time.time()
+        self._last_prune = 0.0
+        self.metrics = RouterMetrics()
+
+    def ready(self) -> bool:
+        return True
+
+    def reconfigure(self, cfg: dict[str, Any]) -> None:
+        """Replace the routing config; replica stats are pushed again."""
+        self.cfg_dict = cfg
+        self.core = RouterCore(RouterConfig(**cfg))
+
+    def update_stats(self, role: str, stats: dict[str, Any], info: dict[str, Any] | None = None,
+                     stored: list[int] | None = None, evicted: list[int] | None = None,
+                     snapshot: bool = False) -> bool:
+        """A replica's periodic push: its stats and its prefix-cache events
+        since the last push (``snapshot``: ``stored`` is its whole cache).
+        Returns True when the router needs a snapshot next time: it did not
+        know the replica (it restarted, was reconfigured, or pruned it), so
+        the deltas it got so far describe only part of the cache."""
+        cls = PrefillReplicaStats if role == "prefill" else DecodeReplicaStats
+        s = cls(**stats)
+        try:
+            unknown = self.core.update_stats(s)
+        except UnknownModelError:
+            return False
+        if info is not None:
+            self.addresses[s.replica_id] = info
+        if snapshot:
+            self.core.replace_blocks(s.replica_id, stored or [])
+        else:
+            if stored:
+                self.core.on_blocks_stored(s.replica_id, stored)
+            if evicted:
+                self.core.on_blocks_evicted(s.replica_id, evicted)
+        self.metrics.publish(self.core, self.addresses)
+        return unknown and not snapshot
+
+    def cached_blocks(self) -> dict[str, int]:
+        """Replica id -> prefix-cache blocks the router's index holds for it."""
+        return {rid: self.core.index.num_blocks(rid) for rid in self.addresses}
+
+    def remove_replica(self, replica_id: str) -> bool:
+        self.addresses.pop(replica_id, None)
+        return self.core.remove_replica(replica_id)
+
+    def set_prefer_local_prefill(self, prefer: bool) -> None:
+        self.core.set_prefer_local_prefill(prefer)
+
+    def route(self, req: dict[str, Any], admit: bool = True) -> dict[str, Any]:
+        """Admit (optionally) and place a request. Returns {"placement": ...}
+        or {"error": kind, "message": ..., "retry_after_s": ...}."""
+        now = time.time()
+        if now - self._last_prune > 1.0:
+            self._last_prune = now
+            self.prune(now)
+        try:
+            if admit:
+                self.core.admit(req["model"])
+            try:
+                p = self.core.route(RouteRequest(
+                    request_id=req["request_id"], model=req["model"], prompt_len=req["prompt_len"],
+                    max_tokens=req["max_tokens"], block_hashes=tuple(req["block_hashes"]),
+                    exclude_replicas=frozenset(req.get("exclude", ()))), shed=admit)
+            except BaseException:
+                if admit:
+                    self.core.release(req["model"])
+                raise
+        except OverloadedError as e:
+            self.metrics.on_rejection(req["model"], "overloaded")
+            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+        except QueueDelayError as e:  # past saturation: shed like a full queue
+            self.metrics.on_rejection(req["model"], "queue_delay")
+            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+        except NoCapacityError as e:
+            self.metrics.on_rejection(req["model"], "no_capacity")
+            return {"error": "no_capacity", "message": str(e), "retry_after_s": e.retry_after_s}
+        except UnknownModelError as e:
+            return {"error": "unknown_model", "message": str(e)}
+        self.metrics.on_placement(req["model"], p.reason)
+        return {"placement": asdict(p)}
+
+    def release(self, model: str) -> None:
+        try:
+            self.core.release(model)
+        except Exception:  # noqa: BLE001 - a restart lost the slot: nothing to give back
+            pass
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Forget replicas silent for 3 stats TTLs (dead without deregistering:
+        killed, or their node lost). Returns the ids removed."""
+        now = time.time() if now is None else now
+        limit = 3 * self.core.cfg.stats_ttl_s
+        gone = []
+        for model in self.core.cfg.kv_bytes_per_token:
+            snap = self.core.snapshot(model)
+            gone += [s.replica_id for s in (*snap.prefill, *snap.decode)
+                     if now - s.updated_at > limit]
+        for rid in gone:
+            self.remove_replica(rid)
+        return gone
+
+    def replicas(self) -> dict[str, Any]:
+        self.prune()
+        out: dict[str, Any] = {}
+        for model in self.core.cfg.kv_bytes_per_token:
+            snap = self.core.snapshot(model)
+            out[model] = {"prefill": [asdict(s) for s in snap.prefill],
+                          "decode": [asdict(s) for s in snap.decode]}
+        return out
+
+    def counters(self) -> dict[str, Any]:
+        return asdict(self.core.counters())
+
+
+def get_router(create_with: dict[str, Any] | None = None):
+    """The cluster's router actor; created (detached) if ``create_with`` is given."""
+    try:
+        return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        if create_with is None:
+            raise
+    return RouterActor.options(name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached",
+                               get_if_exists=True).remote(create_with)

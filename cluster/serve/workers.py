@@ -1,0 +1,270 @@
+"""The prefill, decode and colocated pools as Ray Serve deployments.
+
+Serve owns each pool's lifecycle: replica counts and bounds, placement by
+``ray_actor_options`` (CPUs/GPUs, a custom resource naming the node type),
+health checks, autoscaling and graceful drain. A replica builds one engine,
+serves the worker RPCs (``splitserve.handoff.rpc``) on its node's address, and pushes
+its stats and prefix-cache events to the router actor every period. Requests
+do not flow through Serve's handles: the router picks the exact replica
+pair, which Serve's own request routing cannot express.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from splitserve.cluster.config import ModelSpec, RouterSpec, TransferSpec
+from splitserve.cluster.observability.metrics import record_worker_metrics
+from splitserve.cluster.serve.router_actor import get_router
+
+log = logging.getLogger("splitserve.worker")
+ROLES = ("prefill", "decode", "colocated")
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(64 << 20)}
+
+
+def build_engine(spec: ModelSpec):
+    import torch
+
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.llm_engine import LLMEngine
+
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # one intra-op thread per CPU this replica was given, so replicas
+        # sharing a node do not oversubscribe its cores
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+    return LLMEngine(EngineConfig(
+        model=spec.path or str(ensure_default_model()), model_id=spec.name,
+        dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
+        block_size=spec.block_size, num_blocks=spec.num_blocks,
+        kv_cache_memory_gb=spec.kv_cache_memory_gb, kv_cache_dtype=spec.kv_cache_dtype,
+        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_model_len=spec.max_model_len,
+    ))
+
+
+def node_address() -> str:
+    """The address this node registered with Ray (``--node-ip-address``),
+    so workers bind where the operator said, e.g. 127.0.0.1 for a local
+    cluster, rather than whichever interface the OS would pick."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+class WorkerServer:
+    """One replica of a pool. ``role`` is prefill, decode or colocated."""
+
+    async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
+                       cluster_token: str, drain_timeout_s: float = 25.0):
+        from splitserve.handoff import rpc
+        from splitserve.handoff.protocol import engine_layout
+        from splitserve.handoff.transfer.base import TransportConfig, get_transport
+
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.spec = ModelSpec(**model)
+        self.transfer = TransferSpec(**transfer)
+        self.router_spec = RouterSpec(**router)
+        self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
+                     or node_address())
+        self.node_id = ray.get_runtime_context().get_node_id()
+        engine = build_engine(self.spec)
+        self.engine = engine
+        sender_cls, receiver_cls = get_transport(self.transfer.transport)
+        tcfg = TransportConfig(token=cluster_token, host=self.host,
+                               chunk_bytes=self.transfer.chunk_bytes,
+                               max_message_bytes=self.transfer.chunk_bytes + (1 << 20),
+                               device=str(engine.device), layout=engine_layout(engine))
+        unary: dict[str, Any] = {}
+        streams: dict[str, Any] = {}
+        if role == "prefill":
+            from splitserve.prefill.worker import PrefillWorker
+
+            self.worker = PrefillWorker(engine, sender_cls(tcfg), self.transfer.layer_group_size,
+                                        self.transfer.timeout_s).start()
+            unary["Prefill"] = self.worker.prefill
+        else:
+            from splitserve.decode.worker import DecodeWorker
+
+            self.worker = DecodeWorker(engine, receiver_cls(tcfg), cluster_token,
+                                       self.transfer.on_prefill_failure, self.transfer.lease_s,
+                                       self.transfer.prefill_timeout_s).start()
+            streams["Generate"] = self.worker.generate
+        unary["Stats"] = self.worker.stats
+        self.server, self.address = await rpc.serve(unary, streams, cluster_token, host=self.host)
+        self.replica_id = self.address
+        self.router = get_router()
+        self.draining = False
+        self.drain_timeout_s = drain_timeout_s
+        self._last_push_warning = float("-inf")
+        self._snapshot_next = True  # the router learns this replica's cache as a whole first
+        self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
+        log.info("%s replica of %s serving on %s", role, self.spec.name, self.address)
+
+    # -- stats to the router ----------------------------------------------------
+    async def _push_loop(self) -> None:
+        period = self.router_spec.stats_period_s
+        while True:
+            try:
+                await self.push_stats()
+            except Exception as e:  # noqa: BLE001 - the router may be restarting
+                now = time.monotonic()
+                if now - self._last_push_warning > 30.0:
+                    self._last_push_warning = now
+                    log.warning("stats push to the router failed: %r", e)
+            await asyncio.sleep(period)
+
+    async def push_stats(self) -> None:
+        s = await self.worker.stats()
+        record_worker_metrics(self.role, self.spec.name, s)
+        snapshot, self._snapshot_next = self._snapshot_next, False
+
+        def drain(e):
+            if snapshot:
+                e.kv.pool.request_snapshot()
+            return e.kv.pool.drain_events()
+
+        ev = await self.worker.aengine.call(drain)
+        now = time.time()
+        busy = max(s["busy_time_s"], 1e-9)
+        if self.role == "prefill":
+            role = "prefill"
+            stats = dict(replica_id=self.replica_id, model=self.spec.name,
+                         pending_prompt_tokens=s["pending_prompt_tokens"],
+                         running_requests=s["running"] + s["waiting"],
+                         prefill_tokens_per_s=s["prompt_tokens_computed"] / busy
+                         if s["prompt_tokens_computed"] else 0.0,
+                         healthy=self.worker.aengine.alive, draining=self.draining,
+                         node_id=self.node_id, updated_at=now)
+        else:
+            role = "decode"
+            steps = max(s["steps"], 1)
+            stats = dict(replica_id=self.replica_id, model=self.spec.name,
+                         free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
+                         running_seqs=s["running"], max_seqs=s["max_seqs"],
+                         block_size=s["block_size"], waiting_requests=s["waiting"],
+                         decode_step_s=s["busy_time_s"] / steps, prefill_tokens_per_s=0.0,
+                         healthy=self.worker.aengine.alive, draining=self.draining,
+                         node_id=self.node_id, updated_at=now)
+        info = {"role": self.role, "model": self.spec.name, "address": self.address,
+                "kv_endpoint": getattr(self.worker, "kv_endpoint", ""), "node_id": self.node_id}
+        try:
+            self._snapshot_next = await asyncio.wait_for(
+                self.router.update_stats.remote(role, stats, info, ev.stored, ev.evicted,
+                                                ev.snapshot),
+                timeout=max(5.0, 4 * self.router_spec.stats_period_s))
+        except BaseException:
+            self._snapshot_next = True  # these events may be lost: send the whole cache next
+            raise
+
+    # -- Serve hooks --------------------------------------------------------------
+    async def check_health(self) -> None:
+        if not self.worker.aengine.alive:
+            raise RuntimeError(f"engine thread is dead: {self.worker.aengine.error!r}")
+
+    async def info(self) -> dict:
+        return {"role": self.role, "model": self.spec.name, "address": self.address,
+                "node_id": self.node_id, "pid": __import__("os").getpid()}
+
+    async def stats(self) -> dict:
+        return await self.worker.stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for the pool's Serve autoscaling policy
+        (``splitserve.cluster.autoscaling.serve_policy``); Serve calls it periodically."""
+        from splitserve.cluster.autoscaling.signals import replica_metrics
+        from splitserve.cluster.observability.telemetry import replica_gpu_telemetry
+
+        return replica_metrics(self.role, await self.worker.stats(), self.draining,
+                               replica_gpu_telemetry())
+
+    # -- graceful drain -------------------------------------------------------------
+    def _idle(self, s: dict) -> bool:
+        busy = s["running"] + s["waiting"]
+        busy += s.get("inflight", 0) if self.role == "prefill" else s.get("reservations", 0)
+        return busy == 0
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Take no new work and wait (at most ``timeout_s``) until in-flight
+        requests finish. Returns whether the replica went idle in time."""
+        deadline = time.monotonic() + (self.drain_timeout_s if timeout_s is None else timeout_s)
+        self.draining = True
+        try:
+            await self.push_stats()  # the router stops placing work here
+        except Exception as e:  # noqa: BLE001 - it also learns it from the periodic push
+            log.warning("could not tell the router this replica drains: %r", e)
+        # placements made before the router saw the flag may still arrive
+        settle = 2 * self.router_spec.stats_period_s + 0.5
+        await asyncio.sleep(max(0.0, min(settle, deadline - time.monotonic())))
+        while True:
+            if self._idle(await self.worker.stats()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def __del__(self) -> None:
+        # Serve calls this when the replica is removed (scale-down, update,
+        # shutdown), at most graceful_shutdown_timeout_s before killing it
+        try:
+            idle = await self.drain()
+            if not idle:
+                log.warning("%s still busy after %.0fs of draining; stopping anyway",
+                            self.address, self.drain_timeout_s)
+            self.router.remove_replica.remote(self.replica_id)
+            # refuses new RPCs (clients place them again), lets running ones end
+            await self.server.stop(2.0)
+            self._push_task.cancel()
+            await self.worker.stop()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
+                      router: RouterSpec, cluster_token: str):
+    """A bound Serve application for one pool of one model."""
+    from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
+
+    initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
+    scaling = {} if pool.autoscaling is None else {
+        "autoscaling_config": serve_autoscaling_config(pool, role, model.name)}
+    # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
+    drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
+    # what only the ingress reads stays out, so editing it does not rebuild replicas
+    worker_model = model.model_dump(exclude={"tool_call_parser"})
+    args = (role, worker_model, transfer.model_dump(), router.model_dump(), cluster_token, drain_s)
+    actor_options = pool.ray_actor_options()
+    # glibc keeps freed memory instead of unmapping it: gRPC's per-message
+    # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
+    env = actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    for key, value in WORKER_MALLOC_ENV.items():
+        env.setdefault(key, value)
+    dep = serve.deployment(WorkerServer).options(
+        name=name,
+        num_replicas=max(initial, pool.min_replicas, 1) if pool.autoscaling is None else None,
+        ray_actor_options=actor_options,
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
+        max_ongoing_requests=1000,
+        **scaling,
+    )
+    # a version that changes only when replicas must be rebuilt: re-applying an
+    # edited autoscaling section reconfigures the running replicas in place
+    dep = dep.options(version=replica_version(args, actor_options), _internal=True)
+    return dep.bind(*args)

@@ -1,0 +1,184 @@
+"""The receiver's gRPC server: token check on every call, Push (a chunk
+streamed as raw bytes) and Ping, plus the torch_dist pair calls when a pair
+handler is given. Used by both the grpc and torch_dist receivers.
+
+Push, per call: header -> ``chunks.admit`` (valid, live reservation, fits)
+-> bytes copied into one preallocated buffer as frames arrive, crc32 taken
+on the way -> length and crc32 checked -> ``sink.write_layers`` -> reply.
+Any failure aborts only that call with the status ``wire.status_for`` maps
+its exception to; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Protocol
+
+import grpc
+import torch
+
+from splitserve.handoff.transfer import kv_transfer_pb2 as pb
+from splitserve.handoff.transfer import wire
+from splitserve.handoff.transfer.base import ChunkHeader, KVSink, TransportConfig
+from splitserve.handoff.transfer.buffers import BufferPool
+from splitserve.handoff.transfer.chunks import NO_CHECKSUM, admit, crc32, verify_checksum, view_chunk
+from splitserve.handoff.transfer.errors import ChecksumMismatch, InvalidChunkError, TransferTimeout
+
+FaultHook = Callable[[torch.Tensor], None]
+
+
+class PairHandler(Protocol):
+    """The torch_dist receiver's side of the pair calls; each returns the
+    reply message or raises a TransferError subclass."""
+
+    def open_pair(self, req: pb.OpenPairRequest) -> pb.OpenPairReply: ...
+    def announce(self, req: pb.AnnounceRequest) -> pb.AnnounceReply: ...
+    def finish(self, req: pb.FinishRequest) -> pb.FinishReply: ...
+    def close_pair(self, req: pb.ClosePairRequest) -> pb.ClosePairReply: ...
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks the cluster token."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+        def deny(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong cluster token; sender and receiver must share "
+                          "TransportConfig.token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if wire.token_ok(details.invocation_metadata or (), self._token):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return self._deny_stream if handler.request_streaming else self._deny_unary
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code, details = wire.status_for(exc)
+    context.abort(code, details)
+
+
+class TransferService:
+    """Handlers of the KVTransfer service for one sink."""
+
+    def __init__(self, config: TransportConfig, sink: KVSink, receiver_id: str,
+                 transports: tuple[str, ...], fault_hook: Callable[[], FaultHook | None],
+                 pairs: PairHandler | None = None):
+        self.config = config
+        self.sink = sink
+        self.receiver_id = receiver_id
+        self.transports = transports
+        self.fault_hook = fault_hook
+        self.pairs = pairs
+        self.buffers = BufferPool(config.buffer_pool_bytes)
+
+    def push(self, frames: Iterator, context: grpc.ServicerContext) -> pb.PushReply:
+        try:
+            header = next(frames, None)
+            if not isinstance(header, ChunkHeader):
+                raise InvalidChunkError("a Push call must start with a header frame")
+            admit(header, self.sink, self.config.require_checksum)
+            base = self.buffers.acquire(header.nbytes)
+            try:
+                data = self._receive(header, frames, base[:header.nbytes])
+                if not context.is_active():  # the sender gave up: do not store behind its back
+                    raise TransferTimeout(f"hand-off {header.handoff_id!r}: sender went away")
+                self.sink.write_layers(header, view_chunk(header, data))
+            finally:
+                self.buffers.release(base)
+        except Exception as exc:  # every failure becomes this call's status
+            _abort(context, exc)
+        return pb.PushReply(nbytes=header.nbytes)
+
+    def _receive(self, header: ChunkHeader, frames: Iterator, data: torch.Tensor) -> torch.Tensor:
+        # data: [nbytes] uint8, filled in place
+        dst = memoryview(data.numpy())
+        hook = self.fault_hook()
+        check = header.checksum != NO_CHECKSUM
+        crc, off = 0, 0
+        for frame in frames:
+            if not isinstance(frame, memoryview):
+                raise InvalidChunkError(
+                    f"hand-off {header.handoff_id!r}: only data frames may follow the header")
+            end = off + len(frame)
+            if end > header.nbytes:
+                raise ChecksumMismatch(
+                    f"hand-off {header.handoff_id!r}: more than the {header.nbytes} bytes the "
+                    f"header declares arrived")
+            dst[off:end] = frame
+            if hook is not None:
+                hook(data[off:end])
+            if check:
+                crc = crc32(dst[off:end], crc)
+            off = end
+        if off != header.nbytes:
+            raise ChecksumMismatch(
+                f"hand-off {header.handoff_id!r}: stream ended after {off} of {header.nbytes} "
+                f"bytes")
+        verify_checksum(header, crc)
+        return data
+
+    def ping(self, req: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        reply = pb.PingReply(receiver_id=self.receiver_id, transports=list(self.transports))
+        if self.config.layout is not None:
+            reply.layout.CopyFrom(wire.layout_to_proto(self.config.layout))
+        return reply
+
+    def _pair_call(self, name: str) -> Callable:
+        def call(req, context):
+            try:
+                return getattr(self.pairs, name)(req)
+            except Exception as exc:
+                _abort(context, exc)
+        return call
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
+        rpcs = {
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self.push, request_deserializer=wire.decode_frame,
+                response_serializer=pb.PushReply.SerializeToString),
+            "Ping": unary(self.ping, pb.PingRequest.FromString, pb.PingReply.SerializeToString),
+        }
+        if self.pairs is not None:
+            for rpc, method, req, rep in (
+                    ("OpenPair", "open_pair", pb.OpenPairRequest, pb.OpenPairReply),
+                    ("Announce", "announce", pb.AnnounceRequest, pb.AnnounceReply),
+                    ("Finish", "finish", pb.FinishRequest, pb.FinishReply),
+                    ("ClosePair", "close_pair", pb.ClosePairRequest, pb.ClosePairReply)):
+                rpcs[rpc] = unary(self._pair_call(method), req.FromString, rep.SerializeToString)
+        return grpc.method_handlers_generic_handler(wire.SERVICE, rpcs)
+
+
+class TransferServer:
+    """A started gRPC server around a TransferService."""
+
+    def __init__(self, config: TransportConfig, service: TransferService):
+        self._executor = ThreadPoolExecutor(max_workers=config.max_workers,
+                                            thread_name_prefix="kv-transfer-rx")
+        self._server = grpc.server(self._executor, handlers=[service.handlers()],
+                                   interceptors=[_TokenInterceptor(config.token)],
+                                   options=wire.server_options(config))
+        addr = f"{config.host}:{config.port}"
+        creds = wire.server_credentials(config)
+        try:
+            if creds is None:
+                self.port = self._server.add_insecure_port(addr)
+            else:
+                self.port = self._server.add_secure_port(addr, creds)
+        except RuntimeError as exc:
+            self._executor.shutdown(wait=False)
+            raise OSError(f"cannot listen on {addr} for KV transfers: {exc}") from exc
+        self._server.start()
+
+    def stop(self, grace_s: float) -> None:
+        self._server.stop(grace_s).wait()
+        # handlers still inside a slow sink finish on their own; do not wait for them
+        self._executor.shutdown(wait=False, cancel_futures=True)
