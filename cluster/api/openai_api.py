@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, Unk
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -152,11 +152,7 @@ def _retry_after(seconds: float) -> str:
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
     if not authorization or not authorization[:7].lower() == "bearer ":
         return False
-    given = authorization[7:].strip().encode()
-    ok = False
-    for k in keys:  # no early exit: the time taken does not tell which key was close
-        ok |= hmac.compare_digest(given, k)
-    return ok
+    return secret_matches(authorization[7:].strip(), *keys)
 
 
 class _ApiKeyGuard:
