@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from splitserve.engine.hashing import SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2, splitmix64
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import GrammarMatcher, apply_masks
 
 # Temperatures below this are sampled greedily: dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -224,8 +224,7 @@ def _i64(u: int) -> int:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
-_GOLDEN, _MIX1, _MIX2 = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-                                           0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2 = (_i64(c) for c in (SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2))
 
 
 def _shr(z: Tensor, bits: int) -> Tensor:
@@ -248,16 +247,9 @@ def hashed_exponential(step_seeds: list[int], vocab: int, device: torch.device) 
     return u.log_().neg_()
 
 
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 def _step_seed(seed: int, sample_index: int, position: int) -> int:
     # Hashing, not adding: seed s at step k must not equal seed s+1 at step k-1.
-    return _splitmix64(_splitmix64(seed) ^ _splitmix64((sample_index << 40) ^ position))
+    return splitmix64(splitmix64(seed) ^ splitmix64((sample_index << 40) ^ position))
 
 
 def _flat_ids(rows: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:

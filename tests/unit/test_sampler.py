@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
+from splitserve.engine.hashing import MASK64, SPLITMIX_GOLDEN, splitmix64
 from splitserve.engine.sampler import Sampler, SeqSamplingState, TokenLogprobs, hashed_exponential
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -210,19 +211,12 @@ def test_seeded_step_depends_only_on_position(step_logits):
     assert tokens == [full[7]]
 
 
-def _splitmix_ref(z: int) -> int:
-    m = (1 << 64) - 1
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return z ^ (z >> 31)
-
-
 def test_hashed_noise_is_the_uint64_hash_bit_for_bit():
     seeds = [0, 1, (1 << 63) + 12345, (1 << 64) - 1]
     noise = hashed_exponential(seeds, 300, torch.device("cpu"))
     for r, seed in enumerate(seeds):
         for j in (0, 1, 17, 299):
-            z = _splitmix_ref((seed + (j + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+            z = splitmix64((seed + j * SPLITMIX_GOLDEN) & MASK64)
             u = ((z >> 40) + 0.5) / (1 << 24)
             assert noise[r, j].item() == pytest.approx(-math.log(u), rel=1e-6)
 
