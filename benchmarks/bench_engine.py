@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_engine_roofline import matmul_peak
-from benchmarks.common import table, write_record
+from splitserve.cluster.bench.record import write_record
+from splitserve.cluster.bench.report import table
 
 SHAPES = {
     # ~60M parameters with vocab 32000

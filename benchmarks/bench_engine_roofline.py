@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from benchmarks.common import table, write_record
+from splitserve.cluster.bench.record import write_record
+from splitserve.cluster.bench.report import table
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models import build_model

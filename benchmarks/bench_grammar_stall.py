@@ -22,7 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import table, write_record
+from splitserve.cluster.bench.record import write_record
+from splitserve.cluster.bench.report import table
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.default_model import ensure_default_model

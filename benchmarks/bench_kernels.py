@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import table, write_record  # noqa: E402
+from splitserve.cluster.bench.record import write_record  # noqa: E402
+from splitserve.cluster.bench.report import table  # noqa: E402
 
 HQ, HK, D, BS = 32, 8, 128, 16
 HIDDEN, INTER, LAYERS = 4096, 14336, 32

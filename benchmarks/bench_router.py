@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from splitserve.cluster.bench.record import write_json  # noqa: E402
 from splitserve.engine.hashing import block_hashes  # noqa: E402
 from splitserve.router.core import RouterCore  # noqa: E402
 from splitserve.router.policies import POLICIES  # noqa: E402
@@ -287,8 +287,7 @@ def main() -> None:
         "results": results,
     }
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.out, record)
 
 
 if __name__ == "__main__":

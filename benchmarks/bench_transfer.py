@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from splitserve.cluster.bench.record import write_json  # noqa: E402
 from splitserve.handoff.transfer import chunks as chunk_checks  # noqa: E402
 from splitserve.handoff.transfer.base import KVSink, TransportConfig, make_header  # noqa: E402
 from splitserve.handoff.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender  # noqa: E402
@@ -316,8 +316,7 @@ def main() -> None:
         rec["ratio_grpc_ray"] = gbs["grpc"] / gbs["ray"]
         print(f"grpc/ray     {rec['ratio_grpc_ray']:.2f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=2)
+        write_json(args.out, rec)
 
 
 if __name__ == "__main__":

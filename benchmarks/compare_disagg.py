@@ -37,11 +37,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import table  # noqa: E402
 from splitserve.cluster.bench import report  # noqa: E402
 from splitserve.cluster.bench.arrivals import ArrivalSpec  # noqa: E402
 from splitserve.cluster.bench.datasets import parse_length_dist, synthetic_requests  # noqa: E402
 from splitserve.cluster.bench.phases import PHASES, TTFT_PARTS  # noqa: E402
+from splitserve.cluster.bench.record import write_json  # noqa: E402
+from splitserve.cluster.bench.report import table  # noqa: E402
 from splitserve.cluster.bench.runner import BackendTarget, HttpTarget  # noqa: E402
 from splitserve.cluster.bench.sweep import parse_rates, run_sweep  # noqa: E402
 
@@ -222,7 +223,7 @@ def main() -> int:
         "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo, "unloaded_ttft_s": ttft0,
         "unloaded_tpot_s": tpot0, "mean_prompt_len": mean_in, "replicas_per_layout": REPLICAS}
     if args.out:
-        report.write_json(args.out, report.record(series, config))
+        write_json(args.out, report.record(series, config))
         print(f"\nwrote {args.out}")
     if args.plot:
         report.plot(series, args.plot, title=f"disaggregated vs colocated, {REPLICAS} replicas each")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -42,7 +41,8 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import table  # noqa: E402
+from splitserve.cluster.bench.record import write_json  # noqa: E402
+from splitserve.cluster.bench.report import table  # noqa: E402
 
 MODEL = "faults"
 TOKEN = "fault-report"
@@ -382,8 +382,7 @@ def main() -> int:
             f"{smp['rss_mib'][n]:.0f} / {smp['threads'][n]}" if n in smp["rss_mib"] else "-"
             for n in names] for smp in samples], ["t s"] + [n[-8:] for n in names]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(s, f, indent=2, default=str)
+        write_json(args.out, s, default=str)
         print(f"wrote {args.out}")
     return 0 if s["lost"] == 0 else 1
 

@@ -1,10 +1,13 @@
-"""Chained block hashes of token ids: the one prefix-cache key.
+"""Deterministic hashes, the same in every process and on every machine
+(no Python ``hash``), and free of torch imports.
 
-The engine keys cached KV blocks by these hashes and the router indexes
-replicas' caches by the same function, so it must stay deterministic across
-processes and machines (no Python ``hash``) and free of torch imports.
-A block's hash covers its own tokens and, through its parent's hash, every
-token before it, so equal hashes mean equal prefixes.
+Chained block hashes of token ids are the one prefix-cache key: the engine
+keys cached KV blocks by them and the router indexes replicas' caches by the
+same function. A block's hash covers its own tokens and, through its
+parent's hash, every token before it, so equal hashes mean equal prefixes.
+
+``splitmix64`` scatters the bits of a 64-bit integer; seeds are derived with
+it (the sampler's per-step seeds, the seeds of a request's sibling choices).
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import struct
 from typing import Sequence
 
 ROOT_HASH = 0
+MASK64 = (1 << 64) - 1
+# splitmix64's increment (2**64 / golden ratio) and its finalizer's multipliers
+SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
 
 
 _STRUCTS: dict[int, struct.Struct] = {}
@@ -37,3 +45,12 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -
         parent = hash_block(parent, token_ids[start : start + block_size], salt)
         out.append(parent)
     return out
+
+
+def splitmix64(z: int) -> int:
+    """The splitmix64 step: ``z`` advanced by the golden increment and put
+    through the finalizer. A bijection on uint64 (``z`` is taken mod 2**64)."""
+    z = (z + SPLITMIX_GOLDEN) & MASK64
+    z = ((z ^ (z >> 30)) * SPLITMIX_MUL1) & MASK64
+    z = ((z ^ (z >> 27)) * SPLITMIX_MUL2) & MASK64
+    return z ^ (z >> 31)

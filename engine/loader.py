@@ -10,7 +10,6 @@ whose message names the directory and the file or tensor at fault.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from splitserve.engine.checkpoint_files import read_json
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models import CausalLM, build_model
@@ -40,19 +40,6 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; CheckpointError naming the file otherwise."""
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: {what} {path.name} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _weight_files(root: Path) -> tuple[Path, ...]:
@@ -87,8 +74,8 @@ def load_checkpoint(path: str | Path, require_tokenizer: bool = False) -> Checkp
         inv_freq_and_scale(model_config)  # unsupported RoPE scaling fails here, not at load
     except CheckpointError as e:
         raise CheckpointError(f"{root}/{e}") from None
-    gen_path = root / "generation_config.json"
-    generation_config = read_json(gen_path, "generation config") if gen_path.exists() else {}
+    generation_config = read_json(root / "generation_config.json", "generation config",
+                                  required=False)
     has_tokenizer = (root / TOKENIZER_FILE).is_file()
     if require_tokenizer and not has_tokenizer:
         raise CheckpointError(f"{root}: {TOKENIZER_FILE} not found (needed to tokenize prompts)")

@@ -25,7 +25,7 @@ a token outside top_p still has a finite logprob among the alternatives.
 
 Sampling is an exponential race, ``argmax(probs / E)`` with ``E ~ Exp(1)``
 per token, which draws exactly from ``probs``. A seeded row's noise is a
-counter-based hash of (seed, completion index, output position, token id),
+counter-based hash of (seed, output position, token id),
 computed for all seeded rows at once with integer tensor ops on the logits'
 device (the same bits on every device): the token depends only on the
 request and the logits, not on batch neighbours, on which replica runs the
@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from splitserve.engine.hashing import SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2, splitmix64
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import GrammarMatcher, apply_masks
 
 # Temperatures below this are sampled greedily: dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -58,7 +58,6 @@ class SeqSamplingState:
     prompt_ids: list[int]
     output_ids: list[int]  # tokens sampled so far; len() is this step's position
     eos_token_ids: tuple[int, ...] = ()  # masked while min_tokens is unmet (unless ignore_eos)
-    sample_index: int = 0  # which of the request's n completions; seeded siblings differ
     # output produced before a resume (the first ``num_prior`` of output_ids):
     # it counts for positions and penalties, not for min_tokens
     num_prior: int = 0
@@ -120,9 +119,8 @@ class SeqSamplingState:
         params: SamplingParams,
         prompt_ids: list[int],
         eos_token_ids: tuple[int, ...] = (),
-        sample_index: int = 0,
     ) -> "SeqSamplingState":
-        return cls(params, prompt_ids, [], tuple(eos_token_ids), sample_index)
+        return cls(params, prompt_ids, [], tuple(eos_token_ids))
 
 
 @dataclass
@@ -209,13 +207,13 @@ class Sampler:
         return hashed_exponential(self._row_seeds(states), probs.shape[1], probs.device)
 
     def _row_seeds(self, states: list[SeqSamplingState]) -> list[int]:
-        """A seeded row's step seed from (seed, completion index, position);
+        """A seeded row's step seed from (seed, position);
         an unseeded row's a fresh draw from the shared generator."""
         unseeded = sum(1 for s in states if s.params.seed is None)
         fresh = iter(torch.randint(0, 1 << 62, (unseeded,), generator=self._generator).tolist()
                      if unseeded else ())
         return [next(fresh) if s.params.seed is None
-                else _step_seed(s.params.seed, s.sample_index, len(s.output_ids))
+                else _step_seed(s.params.seed, len(s.output_ids))
                 for s in states]
 
 
@@ -224,8 +222,7 @@ def _i64(u: int) -> int:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
-_GOLDEN, _MIX1, _MIX2 = (_i64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-                                           0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2 = (_i64(c) for c in (SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2))
 
 
 def _shr(z: Tensor, bits: int) -> Tensor:
@@ -248,16 +245,9 @@ def hashed_exponential(step_seeds: list[int], vocab: int, device: torch.device) 
     return u.log_().neg_()
 
 
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _step_seed(seed: int, sample_index: int, position: int) -> int:
+def _step_seed(seed: int, position: int) -> int:
     # Hashing, not adding: seed s at step k must not equal seed s+1 at step k-1.
-    return _splitmix64(_splitmix64(seed) ^ _splitmix64((sample_index << 40) ^ position))
+    return splitmix64(splitmix64(seed) ^ splitmix64(position))
 
 
 def _flat_ids(rows: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:

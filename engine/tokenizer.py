@@ -23,6 +23,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
+from splitserve.engine.checkpoint_files import read_json
 from splitserve.engine.errors import CheckpointError, InvalidRequestError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -33,18 +34,6 @@ def _content(token: Any) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token if isinstance(token, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def _chat_template(root: Path, config: dict[str, Any]) -> str | None:
@@ -94,11 +83,12 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise CheckpointError(f"{tok_file}: cannot be parsed: {e}") from None
-        config = _read_json(root / "tokenizer_config.json")
+        config = read_json(root / "tokenizer_config.json", "tokenizer config", required=False)
         return cls(
             backend,
             config,
-            generation_config=_read_json(root / "generation_config.json"),
+            generation_config=read_json(root / "generation_config.json", "generation config",
+                                        required=False),
             chat_template=_chat_template(root, config),
         )
 

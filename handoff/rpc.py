@@ -10,13 +10,13 @@ for bad requests, the offending parameter.
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import msgpack
 
+from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import IncompatibleKVError, InvalidRequestError, OutOfBlocksError
 from splitserve.handoff.transfer import errors as terr
 
@@ -65,8 +65,7 @@ async def _abort(context, exc: BaseException):
 
 
 def _authorized(context, token: str) -> bool:
-    got = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
-    return hmac.compare_digest(str(got).encode(), token.encode())
+    return secret_matches(dict(context.invocation_metadata()).get(TOKEN_KEY), token)
 
 
 UnaryFn = Callable[[dict], Awaitable[dict]]

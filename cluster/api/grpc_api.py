@@ -19,7 +19,6 @@ DEADLINE_EXCEEDED, INTERNAL (a server fault).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
+from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
@@ -349,9 +349,8 @@ def _key_ok(metadata, keys: list[bytes]) -> bool:
         elif key == "x-api-key":
             given.append(value.strip())
     ok = False
-    for g in given:
-        for k in keys:  # no early exit: the time taken does not tell which key was close
-            ok |= hmac.compare_digest(g.encode(), k)
+    for g in given:  # no early exit: the time taken does not tell which value was a key
+        ok |= secret_matches(g, *keys)
     return ok
 
 

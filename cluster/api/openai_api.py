@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import math
@@ -36,7 +35,9 @@ from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, Unk
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
+from splitserve.engine.hashing import splitmix64
 from splitserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("splitserve.http")
@@ -71,15 +72,6 @@ class ClientGone(Exception):
 
 
 _END = object()
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer: a bijection on 64-bit ints that scatters bits."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -89,7 +81,7 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     and equals the n=1 request."""
     seed = params.seed
     if seed is not None and index > 0:
-        seed = _mix64(seed ^ _mix64(index)) >> 1  # in [0, 2**63)
+        seed = splitmix64(seed ^ splitmix64(index)) >> 1  # in [0, 2**63)
     return dataclasses.replace(params, n=1, seed=seed)
 
 
@@ -152,11 +144,7 @@ def _retry_after(seconds: float) -> str:
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
     if not authorization or not authorization[:7].lower() == "bearer ":
         return False
-    given = authorization[7:].strip().encode()
-    ok = False
-    for k in keys:  # no early exit: the time taken does not tell which key was close
-        ok |= hmac.compare_digest(given, k)
-    return ok
+    return secret_matches(authorization[7:].strip(), *keys)
 
 
 class _ApiKeyGuard:

@@ -1,26 +1,34 @@
-"""Bench results out: a text table, a JSON record and a PNG plot.
+"""Bench results out: text tables, a JSON record and a PNG plot.
 
-The table has one column per run (rate) and one row per metric, latencies
-in milliseconds. The JSON record holds the configuration, each run's
-statistics and every request's measurements. The plot shows latency
-percentiles and goodput against the offered rate (the achieved request
-rate for an unpaced run), one line per labelled series.
+``table`` aligns any rows under a header (the benchmark scripts print with
+it). The sweep table has one column per run (rate) and one row per metric,
+latencies in milliseconds. The JSON record holds the configuration, each
+run's statistics and every request's measurements (write it with
+``record.write_json``). The plot shows latency percentiles and goodput
+against the offered rate (the achieved request rate for an unpaced run),
+one line per labelled series.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from splitserve.cluster.bench.record import record_header
 from splitserve.cluster.bench.stats import BenchStats
 from splitserve.cluster.bench.sweep import SweepPoint
 
 MS = 1000.0
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """Columns left-aligned under ``header`` and a rule; floats to 3 decimals."""
+    cols = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cols]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _rate_label(p: SweepPoint) -> str:
@@ -56,12 +64,8 @@ def format_table(columns: dict[str, BenchStats]) -> str:
     names: list[str] = []
     for c in cols.values():
         names += [n for n in c if n not in names]
-    rows = [[n] + [c.get(n, "-") for c in cols.values()] for n in names]
-    header = ["metric"] + list(cols)
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table([[n] + [c.get(n, "-") for c in cols.values()] for n in names],
+                 ["metric"] + list(cols))
 
 
 def sweep_table(points: list[SweepPoint]) -> str:
@@ -86,28 +90,7 @@ def record(series: dict[str, list[SweepPoint]], config: dict[str, Any],
                      "chunk_times": r.chunk_times, "timings": r.timings, "error": r.error}
                     for r in p.result.records]
             runs.append(run)
-    return {"benchmark": "splitserve-bench",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "machine": {"python": platform.python_version(), "platform": platform.platform()},
-            "config": config, "runs": runs}
-
-
-def write_json(path: str | Path, rec: dict[str, Any]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    # NaN (no data for a statistic) is written as null: strict JSON readers accept it
-    p.write_text(json.dumps(_nan_to_none(rec), indent=2))
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
+    return {**record_header("splitserve-bench"), "config": config, "runs": runs}
 
 
 def _x(p: SweepPoint) -> float:

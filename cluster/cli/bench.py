@@ -110,6 +110,7 @@ def _requests(args, run: int):
 def cmd_bench(args) -> int:
     from splitserve.cluster.bench import report
     from splitserve.cluster.bench.arrivals import ArrivalSpec
+    from splitserve.cluster.bench.record import write_json
     from splitserve.cluster.bench.runner import GrpcTarget, HttpTarget
     from splitserve.cluster.bench.sweep import parse_rates, run_sweep
 
@@ -135,7 +136,7 @@ def cmd_bench(args) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
     config["target"] = target.description
     if args.out:
-        report.write_json(args.out, report.record({"bench": points}, config))
+        write_json(args.out, report.record({"bench": points}, config))
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
         report.plot({args.model: points}, args.plot, title=target.description)

@@ -8,13 +8,13 @@ device); the sink copies it into its cache before ``send`` returns.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from splitserve.engine.auth import secret_matches
 from splitserve.handoff.transfer.base import (ChunkHeader, KVReceiver, KVSender, KVSink, PeerInfo,
                                   TransportConfig)
 from splitserve.handoff.transfer.chunks import (NO_CHECKSUM, admit, as_bytes, check_buffer, crc32,
@@ -56,7 +56,7 @@ class InprocKVReceiver(KVReceiver):
             _receivers.pop(self.endpoint, None)
 
     def _authenticate(self, token: str) -> None:
-        if not hmac.compare_digest(token.encode(), self.config.token.encode()):
+        if not secret_matches(token, self.config.token):
             raise TransferAuthError(f"{self.endpoint}: missing or wrong cluster token; sender "
                                     f"and receiver must share TransportConfig.token")
 

@@ -11,12 +11,12 @@ memoryview into gRPC's buffer instead of a fresh ``bytes``.
 
 from __future__ import annotations
 
-import hmac
 from typing import Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import IncompatibleKVError
 from splitserve.handoff.transfer import kv_transfer_pb2 as pb
 from splitserve.handoff.transfer.base import ChunkHeader, KVLayout, TransportConfig
@@ -73,12 +73,7 @@ def token_metadata(config: TransportConfig) -> tuple[tuple[str, str], ...]:
 
 
 def token_ok(metadata: Sequence[tuple[str, str | bytes]], token: str) -> bool:
-    given = next((v for k, v in metadata if k == TOKEN_KEY), None)
-    if given is None:
-        return False
-    if isinstance(given, str):
-        given = given.encode()
-    return hmac.compare_digest(given, token.encode())
+    return secret_matches(next((v for k, v in metadata if k == TOKEN_KEY), None), token)
 
 
 def grpc_target(endpoint: str, scheme: str) -> str:

@@ -17,7 +17,8 @@ from splitserve.cluster.bench.datasets import (
     synthetic_requests,
 )
 from splitserve.cluster.bench.phases import phase_breakdown, ttft_breakdown
-from splitserve.cluster.bench.report import format_table, record, write_json
+from splitserve.cluster.bench.record import write_json
+from splitserve.cluster.bench.report import format_table, record
 from splitserve.cluster.bench.runner import RunResult
 from splitserve.cluster.bench.stats import RequestRecord, Summary, compute_stats, meets_slo
 from splitserve.cluster.bench.sweep import SweepPoint, parse_rates

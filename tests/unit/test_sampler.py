@@ -4,6 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
+from splitserve.cluster.api.openai_api import choice_params
+from splitserve.engine.hashing import MASK64, SPLITMIX_GOLDEN, splitmix64
 from splitserve.engine.sampler import Sampler, SeqSamplingState, TokenLogprobs, hashed_exponential
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -19,8 +21,8 @@ def constructed_logits() -> list[float]:
     return row
 
 
-def state(params: SamplingParams, prompt=(), output=(), eos=(), index=0) -> SeqSamplingState:
-    st = SeqSamplingState.create(params, list(prompt), eos_token_ids=tuple(eos), sample_index=index)
+def state(params: SamplingParams, prompt=(), output=(), eos=()) -> SeqSamplingState:
+    st = SeqSamplingState.create(params, list(prompt), eos_token_ids=tuple(eos))
     st.output_ids = list(output)
     return st
 
@@ -159,10 +161,10 @@ def test_sampling_frequencies_match_the_distribution(seeded):
 # ---- seeds ----
 
 def run_steps(seed_params, steps, logits_per_step, batch_before=0, batch_after=0,
-              sampler_seed=0, index=0):
+              sampler_seed=0):
     """Sample `steps` tokens for one sequence placed among unrelated rows."""
     sampler = Sampler(seed=sampler_seed)
-    target = state(seed_params, prompt=[1, 2], index=index)
+    target = state(seed_params, prompt=[1, 2])
     others = [state(SamplingParams(temperature=1.0, seed=(900 + i) if i % 2 else None))
               for i in range(batch_before + batch_after)]
     out = []
@@ -193,10 +195,13 @@ def test_seeded_sequence_is_reproducible_and_independent_of_batch(step_logits):
     assert run_steps(p, 12, step_logits, batch_before=0, batch_after=6, sampler_seed=8) == alone
 
 
-def test_seeded_sequences_differ_by_seed_and_completion_index(step_logits):
-    a = run_steps(SamplingParams(temperature=1.0, seed=1), 12, step_logits)
+def test_seeded_sequences_differ_by_seed_and_sibling_choice(step_logits):
+    # choice i of an n-choice request runs as its own request (choice_params)
+    p = SamplingParams(temperature=1.0, seed=1, n=2)
+    a = run_steps(choice_params(p, 0), 12, step_logits)
     b = run_steps(SamplingParams(temperature=1.0, seed=2), 12, step_logits)
-    c = run_steps(SamplingParams(temperature=1.0, seed=1), 12, step_logits, index=1)
+    c = run_steps(choice_params(p, 1), 12, step_logits)
+    assert a == run_steps(SamplingParams(temperature=1.0, seed=1), 12, step_logits)
     assert a != b and a != c and b != c
 
 
@@ -210,19 +215,12 @@ def test_seeded_step_depends_only_on_position(step_logits):
     assert tokens == [full[7]]
 
 
-def _splitmix_ref(z: int) -> int:
-    m = (1 << 64) - 1
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return z ^ (z >> 31)
-
-
 def test_hashed_noise_is_the_uint64_hash_bit_for_bit():
     seeds = [0, 1, (1 << 63) + 12345, (1 << 64) - 1]
     noise = hashed_exponential(seeds, 300, torch.device("cpu"))
     for r, seed in enumerate(seeds):
         for j in (0, 1, 17, 299):
-            z = _splitmix_ref((seed + (j + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+            z = splitmix64((seed + j * SPLITMIX_GOLDEN) & MASK64)
             u = ((z >> 40) + 0.5) / (1 << 24)
             assert noise[r, j].item() == pytest.approx(-math.log(u), rel=1e-6)
 

@@ -5,6 +5,7 @@ process dies, when the receiver stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import threading
@@ -62,14 +63,26 @@ def _start(pair_idle_s=300.0):
     return rx, sink, rx.start(sink)
 
 
-def test_two_processes_over_gloo_and_close_tears_down():
-    rx, sink, endpoint = _start()
+@contextlib.contextmanager
+def _sender_in_another_process(n: int, close: bool, pair_idle_s=300.0):
+    """A receiver, and a process that has sent it chunks 0..n-1 over one
+    pair; the process is killed if still alive and the receiver stopped on exit."""
+    rx, sink, endpoint = _start(pair_idle_s)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_sender_process, args=(endpoint, 3, True, results))
+    proc = ctx.Process(target=_sender_process, args=(endpoint, n, close, results))
     proc.start()
     try:
         assert results.get(timeout=45) == ("sent", 1)
+        yield rx, sink, proc, results
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        rx.stop(0.2)
+
+
+def test_two_processes_over_gloo_and_close_tears_down():
+    with _sender_in_another_process(3, close=True) as (rx, sink, proc, results):
         assert results.get(timeout=10) == ("closed", 0)
         proc.join(10)
         assert proc.exitcode == 0
@@ -78,27 +91,13 @@ def test_two_processes_over_gloo_and_close_tears_down():
             want = _chunk(i)
             assert got.dtype == want.dtype and torch.equal(got, want)
         assert rx.num_pairs == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        rx.stop(0.2)
 
 
 def test_pair_of_a_dead_sender_is_reaped():
-    rx, sink, endpoint = _start(pair_idle_s=0.3)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_sender_process, args=(endpoint, 1, False, results))
-    proc.start()
-    try:
-        assert results.get(timeout=45) == ("sent", 1)
+    with _sender_in_another_process(1, close=False, pair_idle_s=0.3) as (rx, sink, proc, _):
         proc.join(10)
         assert torch.equal(sink.received("p0")[0], _chunk(0))
         assert _wait_for(lambda: rx.num_pairs == 0, 5.0)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        rx.stop(0.2)
 
 
 def test_timeout_tears_the_pair_down_and_the_next_send_rebuilds_it():
