@@ -24,8 +24,12 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     name: str = Field("default", description="Served model name clients ask for.")
-    path: str | None = Field(None, description="Local Hugging Face checkpoint directory; "
-                             "None serves the embedded default model.")
+    path: str | None = Field(None, description="Checkpoint: a directory (local, or shared "
+                             "storage every node mounts) or a Hugging Face repo id (org/name), "
+                             "resolved through each node's Hugging Face cache; None serves the "
+                             "embedded default model.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hugging Face repo "
+                                 "id; None: main.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; auto: the checkpoint's.")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
@@ -40,6 +44,11 @@ class ModelSpec(_Strict):
     max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget of one engine "
                                         "step (prompt chunks plus decode tokens).")
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV of identical prompt "
+                                        "prefixes across requests.")
+    chat_template: str | None = Field(None, description="Chat template for chat requests: a "
+                                      "Jinja file on the ingress nodes or the template text; "
+                                      "None: the checkpoint's.")
     tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
         "auto", description="How the model writes tool calls (chat requests with tools); "
         "auto: detected from its chat template.")

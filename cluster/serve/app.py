@@ -52,13 +52,13 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[str, A
 
 def router_config(cfg: ClusterConfig) -> dict[str, Any]:
     """RouterConfig fields from the operator config (KV size read per model)."""
-    from splitserve.cluster.serve.orchestrator import _model_path
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
     from splitserve.engine.loader import load_checkpoint
 
     kv_bytes = {}
     block_sizes = set()
     for served in cfg.models:
-        mc = load_checkpoint(_model_path(served.model)).model_config
+        mc = load_checkpoint(checkpoint_dir(served.model)).model_config
         elem = 1 if served.model.kv_cache_dtype == "fp8" else (
             4 if served.model.dtype in ("auto", "float32") else 2)
         kv_bytes[served.model.name] = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem

@@ -98,8 +98,8 @@ def test_operators_guide_reference_is_in_sync():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     embedded = text[text.index(start) + len(start):text.index(end)]
     assert embedded == config_reference(), (
-        "docs/operators.md is out of date: paste splitserve.cluster.config.config_reference() between "
-        "the config-reference markers")
+        "docs/operators.md is out of date: run scripts/gen_config_reference.py (it writes "
+        "config_reference() between the config-reference markers)")
 
 
 def test_operators_guide_covers_the_workflow():
