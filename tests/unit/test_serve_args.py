@@ -94,3 +94,9 @@ def test_print_config_round_trips_to_the_same_cluster(tmp_path, capsys):
 def test_bad_flag_exits_2_with_the_reason(capsys):
     assert main(["serve", "--tensor-parallel-size", "4", "--print-config"]) == 2
     assert "tensor-parallel-size 4" in capsys.readouterr().err
+
+
+def test_serving_beyond_loopback_without_a_key_is_refused(capsys):
+    assert main(["serve", "--host", "0.0.0.0", "--print-config"]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--print-config"]) == 0
