@@ -53,11 +53,14 @@ class _Model:
 
 
 class ClusterBackend(Backend):
-    def __init__(self, cfg: ClusterConfig, router=None):
+    def __init__(self, cfg: ClusterConfig, router=None, token: str | None = None):
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
-        self.token = cfg.cluster_token()
+        self.token = token or cfg.cluster_token()
+        if not self.token:
+            raise ValueError("ClusterBackend needs the cluster token: pass token= (inside a "
+                             "cluster: splitserve.cluster.serve.secrets.cluster_token())")
         self._router = router
         self._clients = WorkerClients(self.token)
         self._models: dict[str, _Model] = {}

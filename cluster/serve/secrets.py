@@ -18,6 +18,7 @@ environment and never pass through the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -47,17 +48,20 @@ def _kv():
 
 def publish(cfg: ClusterConfig) -> str:
     """Store the cluster's secrets for its replicas (needs a connected Ray
-    driver): the cluster token this cluster uses from now on (returned) and
-    the config's literal API keys."""
+    driver): the cluster token this cluster uses from now on and the
+    config's literal API keys. Returns their version: a digest that changes
+    with them, given to replicas instead of the secrets, so Serve rebuilds
+    the replicas when a secret changes."""
     kv = _kv()
     token = cfg.cluster_token()
     if token is None:
         kept = kv._internal_kv_get(_TOKEN_KEY, namespace=_NAMESPACE)
         token = kept.decode() if kept else new_token()
     kv._internal_kv_put(_TOKEN_KEY, token.encode(), overwrite=True, namespace=_NAMESPACE)
-    kv._internal_kv_put(_API_KEYS_KEY, json.dumps(cfg.auth.api_keys).encode(), overwrite=True,
-                        namespace=_NAMESPACE)
-    return token
+    keys = json.dumps(cfg.auth.api_keys).encode()
+    kv._internal_kv_put(_API_KEYS_KEY, keys, overwrite=True, namespace=_NAMESPACE)
+    return hashlib.blake2b(token.encode() + b"\0" + keys, digest_size=8,
+                           person=b"splitserve-sec").hexdigest()
 
 
 def _read(key: bytes) -> bytes:

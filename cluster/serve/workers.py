@@ -73,7 +73,8 @@ class WorkerServer:
     """One replica of a pool. ``role`` is prefill, decode or colocated."""
 
     async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
-                       cluster_token: str, drain_timeout_s: float = 25.0):
+                       secrets_version: str, drain_timeout_s: float = 25.0):
+        from splitserve.cluster.serve import secrets
         from splitserve.handoff import rpc
         from splitserve.handoff.protocol import engine_layout
         from splitserve.handoff.transfer.base import TransportConfig, get_transport
@@ -87,6 +88,9 @@ class WorkerServer:
         self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
                      or node_address())
         self.node_id = ray.get_runtime_context().get_node_id()
+        # the cluster token comes from the secret store, never through init
+        # arguments (secrets_version only makes a new token rebuild replicas)
+        cluster_token = secrets.cluster_token()
         engine = build_engine(self.spec)
         self.engine = engine
         sender_cls, receiver_cls = get_transport(self.transfer.transport)
@@ -240,7 +244,7 @@ class WorkerServer:
 
 
 def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
-                      router: RouterSpec, cluster_token: str):
+                      router: RouterSpec, secrets_version: str):
     """A bound Serve application for one pool of one model."""
     from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
 
@@ -251,7 +255,7 @@ def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: Tr
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     # what only the ingress reads stays out, so editing it does not rebuild replicas
     worker_model = model.model_dump(exclude=INGRESS_ONLY_FIELDS)
-    args = (role, worker_model, transfer.model_dump(), router.model_dump(), cluster_token, drain_s)
+    args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s)
     actor_options = pool.ray_actor_options()
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
