@@ -24,8 +24,12 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     name: str = Field("default", description="Served model name clients ask for.")
-    path: str | None = Field(None, description="Local Hugging Face checkpoint directory; "
-                             "None serves the embedded default model.")
+    path: str | None = Field(None, description="Checkpoint: a directory (local, or shared "
+                             "storage every node mounts) or a Hugging Face repo id (org/name), "
+                             "resolved through each node's Hugging Face cache; None serves the "
+                             "embedded default model.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hugging Face repo "
+                                 "id; None: main.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; auto: the checkpoint's.")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
@@ -40,6 +44,11 @@ class ModelSpec(_Strict):
     max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget of one engine "
                                         "step (prompt chunks plus decode tokens).")
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV of identical prompt "
+                                        "prefixes across requests.")
+    chat_template: str | None = Field(None, description="Chat template for chat requests: a "
+                                      "Jinja file on the ingress nodes or the template text; "
+                                      "None: the checkpoint's.")
     tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
         "auto", description="How the model writes tool calls (chat requests with tools); "
         "auto: detected from its chat template.")
@@ -180,9 +189,32 @@ class RouterSpec(_Strict):
 
 class AuthSpec(_Strict):
     api_keys: list[str] = Field(default_factory=list, description="Client keys (HTTP Bearer, gRPC "
-                                "metadata); empty: no client auth.")
-    cluster_token: str | None = Field(None, description="Secret the workers share; None: "
-                                      "$SPLITSERVE_CLUSTER_TOKEN or a random one per deploy.")
+                                "metadata), added to those of api_keys_file and api_keys_env; "
+                                "none at all: no client auth (loopback only, see "
+                                "endpoints.allow_unauthenticated).")
+    api_keys_file: str | None = Field(None, description="File on the ingress nodes with one "
+                                      "client key per line (# starts a comment), e.g. a mounted "
+                                      "Kubernetes Secret.")
+    api_keys_env: str | None = Field(None, description="Environment variable of the ingress "
+                                     "nodes holding comma-separated client keys.")
+    cluster_token: str | None = Field(None, description="Secret the internal planes (worker RPC, "
+                                      "KV transfer) share. None: cluster_token_file, else "
+                                      "$SPLITSERVE_CLUSTER_TOKEN, else a random token made at the "
+                                      "first deploy and kept in the cluster's secret store.")
+    cluster_token_file: str | None = Field(None, description="File holding the cluster token, "
+                                           "read where `splitserve deploy` runs.")
+
+    @model_validator(mode="after")
+    def _no_blank_secrets(self) -> "AuthSpec":
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("api_keys: a key is empty")
+        if self.cluster_token is not None and not self.cluster_token.strip():
+            raise ValueError("cluster_token: empty (leave it unset for a random one)")
+        return self
+
+    def has_api_keys(self) -> bool:
+        """Whether client auth is configured (from any source)."""
+        return bool(self.api_keys or self.api_keys_file or self.api_keys_env)
 
 
 class EndpointSpec(_Strict):
@@ -192,6 +224,23 @@ class EndpointSpec(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     grpc_tls_cert: str | None = Field(None, description="PEM certificate file for gRPC TLS.")
     grpc_tls_key: str | None = Field(None, description="PEM key file for gRPC TLS.")
+    http_tls_cert: str | None = Field(None, description="PEM certificate file for HTTPS on "
+                                      "http_port.")
+    http_tls_key: str | None = Field(None, description="PEM key file for HTTPS on http_port.")
+    allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback host without "
+                                        "API keys. Off: such a config is refused, since anyone "
+                                        "who reaches the port gets free inference.")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "EndpointSpec":
+        for proto in ("grpc", "http"):
+            if (getattr(self, f"{proto}_tls_cert") is None) != (getattr(self, f"{proto}_tls_key") is None):
+                raise ValueError(f"{proto}_tls_cert and {proto}_tls_key go together (PEM files)")
+        return self
+
+    def is_loopback(self) -> bool:
+        """Whether the APIs listen on this machine only."""
+        return is_loopback_host(self.host)
 
 
 class SLOSpec(_Strict):
@@ -218,8 +267,44 @@ class ClusterConfig(_Strict):
             raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
         return self
 
-    def cluster_token(self) -> str:
-        return self.auth.cluster_token or os.environ.get("SPLITSERVE_CLUSTER_TOKEN") or "splitserve-dev"
+    def exposure_problem(self) -> str | None:
+        """Why serving this config would open a door (a non-loopback API
+        without client keys, not explicitly allowed), or None."""
+        ep = self.endpoints
+        if ep.is_loopback() or self.auth.has_api_keys() or ep.allow_unauthenticated:
+            return None
+        return (f"endpoints.host {ep.host!r} is reachable from other machines but no API key is "
+                "configured: set auth.api_keys, auth.api_keys_file or auth.api_keys_env, or "
+                "endpoints.allow_unauthenticated: true to serve without client auth")
+
+    def cluster_token(self) -> str | None:
+        """The operator's cluster token (config, file or environment), or None
+        when the cluster keeps its own random one (cluster/serve/secrets.py)."""
+        a = self.auth
+        if a.cluster_token:
+            return a.cluster_token
+        if a.cluster_token_file:
+            try:
+                token = Path(a.cluster_token_file).expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"auth.cluster_token_file {a.cluster_token_file}: "
+                                  f"{e.strerror}") from None
+            if not token:
+                raise ConfigError(f"auth.cluster_token_file {a.cluster_token_file}: empty")
+            return token
+        return os.environ.get("SPLITSERVE_CLUSTER_TOKEN") or None
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: addresses no other machine reaches."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _format(e: ValidationError) -> str:
@@ -236,9 +321,13 @@ def parse_config(data: Any, source: str = "config") -> ClusterConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return ClusterConfig.model_validate(data)
+        cfg = ClusterConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_format(e)}") from None
+    problem = cfg.exposure_problem()
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    return cfg
 
 
 def load_config(path: str | Path) -> ClusterConfig:

@@ -26,13 +26,19 @@ class OpsLedger:
     def reset(self) -> None:
         """Forget everything (the cluster it described was shut down)."""
         self._config: dict[str, Any] | None = None
+        self._secrets_version: str | None = None
         self._applied_at: float | None = None
         self._decisions: dict[str, dict[str, Any]] = {}  # app -> latest decision
         self._changes: dict[str, dict[str, Any]] = {}  # app -> latest that changed the size
 
-    def set_config(self, cfg: dict[str, Any]) -> None:
+    def set_config(self, cfg: dict[str, Any], secrets_version: str | None = None) -> None:
+        """``cfg`` without its secrets; ``secrets_version`` their digest."""
         self._config = cfg
+        self._secrets_version = secrets_version
         self._applied_at = time.time()
+
+    def secrets_version(self) -> str | None:
+        return self._secrets_version
 
     def config(self) -> dict[str, Any] | None:
         return self._config

@@ -14,7 +14,9 @@ def _add_generate(sub) -> None:
                                    "Without --model, uses the embedded default model "
                                    "(random weights: its text is gibberish).")
     p.add_argument("prompts", nargs="*", default=None, help="prompt texts (default: a sample prompt)")
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint directory")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or Hugging Face repo id (org/name)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,10 +38,16 @@ def cmd_generate(args) -> int:
     from splitserve.engine.llm_engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
 
-    model = args.model or str(ensure_default_model())
     prompts = args.prompts or ["The quick brown fox"]
     try:
-        eng = LLMEngine(EngineConfig(model=model, device=args.device, dtype=args.dtype,
+        if args.model:
+            from splitserve.engine.hub import resolve_checkpoint
+
+            model = str(resolve_checkpoint(args.model, args.revision))
+        else:
+            model = str(ensure_default_model())
+        eng = LLMEngine(EngineConfig(model=model, model_id=args.model, device=args.device,
+                                     dtype=args.dtype,
                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size))
         if args.chat:  # the rendered template carries its own special tokens
             inputs = [eng.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
@@ -68,16 +76,17 @@ def cmd_generate(args) -> int:
 
 
 def _add_serve(sub) -> None:
+    from splitserve.cluster.cli.serve_args import add_serve_flags
+
     p = sub.add_parser("serve", help="start a local cluster and serve the OpenAI HTTP and gRPC APIs",
                        description="Start Ray on this machine (or join --address), deploy the "
                                    "prefill and decode pools, the router and the ingress, and serve "
-                                   "until interrupted. Without --config: the embedded default model "
-                                   "(random weights), one prefill and one decode replica.")
-    p.add_argument("--config", default=None, help="operator YAML (see deploy/configs/)")
+                                   "until interrupted. Serves MODEL (a checkpoint directory or a "
+                                   "Hugging Face repo id), else the --config file's models, else "
+                                   "the embedded default model (random weights), with one prefill "
+                                   "and one decode replica. Flags override the file's keys.")
+    add_serve_flags(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster instead")
-    p.add_argument("--host", default=None, help="bind address of the APIs (default: config's)")
-    p.add_argument("--http-port", type=int, default=None)
-    p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node")
     p.add_argument("--smoke", action="store_true",
                    help="send one request through each API once ready, print it, and exit")
@@ -88,21 +97,21 @@ def cmd_serve(args) -> int:
     import os
     import signal
 
-    import ray
-
-    from splitserve.cluster.serve import app
-    from splitserve.cluster.config import ClusterConfig, ConfigError, load_config
+    from splitserve.cluster.cli.serve_args import config_from_args, config_yaml
+    from splitserve.cluster.config import ConfigError
 
     try:
-        cfg = load_config(args.config) if args.config else ClusterConfig()
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ep = cfg.endpoints
-    updates = {k: v for k, v in (("host", args.host), ("http_port", args.http_port),
-                                 ("grpc_port", args.grpc_port)) if v is not None}
-    if updates:
-        cfg = cfg.model_copy(update={"endpoints": ep.model_copy(update=updates)})
+    if args.print_config:
+        sys.stdout.write(config_yaml(cfg))
+        return 0
+    import ray
+
+    from splitserve.cluster.serve import app
+
     ep = cfg.endpoints
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:

@@ -66,7 +66,12 @@ def cmd_deploy(args) -> int:
     if prev is None:
         print(f"{args.config}: valid; nothing applied yet, deploying every pool")
     else:
-        changes = config_changes(ClusterConfig.model_validate(prev), cfg)
+        from splitserve.cluster.serve.secrets import public_config
+
+        # the ledger keeps no secrets: compare without them (a new key or
+        # token still rolls the replicas that read it)
+        changes = config_changes(ClusterConfig.model_validate(prev),
+                                 ClusterConfig.model_validate(public_config(cfg)))
         print(f"{args.config}: valid; {len(changes)} change(s)" + (":" if changes else ""))
         for line in changes:
             print(f"  {line}")

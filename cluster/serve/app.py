@@ -17,6 +17,7 @@ import ray
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ServedModel
+from splitserve.cluster.serve import secrets
 from splitserve.cluster.serve.router_actor import NAMESPACE, get_router
 from splitserve.cluster.serve.workers import worker_deployment
 
@@ -36,29 +37,30 @@ def serve_status():
         return serve.status()
 
 
-def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[str, Any]]:
-    """app name -> (role, bound deployment) for one model's pools."""
+def pool_apps(served: ServedModel, cfg: ClusterConfig,
+              secrets_version: str) -> dict[str, tuple[str, Any]]:
+    """app name -> (role, bound deployment) for one model's pools;
+    ``secrets_version`` is what ``secrets.publish`` returned."""
     name = served.model.name
-    token = cfg.cluster_token()
     roles = [("colocated", served.decode)] if served.mode == "colocated" else [
         ("prefill", served.prefill), ("decode", served.decode)]
     out = {}
     for role, pool in roles:
         app = f"{name}-{role}"
         out[app] = (role, worker_deployment(app, role, pool, served.model, cfg.transfer,
-                                            cfg.router, token))
+                                            cfg.router, secrets_version))
     return out
 
 
 def router_config(cfg: ClusterConfig) -> dict[str, Any]:
     """RouterConfig fields from the operator config (KV size read per model)."""
-    from splitserve.cluster.serve.orchestrator import _model_path
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
     from splitserve.engine.loader import load_checkpoint
 
     kv_bytes = {}
     block_sizes = set()
     for served in cfg.models:
-        mc = load_checkpoint(_model_path(served.model)).model_config
+        mc = load_checkpoint(checkpoint_dir(served.model)).model_config
         elem = 1 if served.model.kv_cache_dtype == "fp8" else (
             4 if served.model.dtype in ("auto", "float32") else 2)
         kv_bytes[served.model.name] = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
@@ -104,13 +106,15 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     if prev is not None and not running & {a for m in prev.models for a in pool_apps_names(m)}:
         prev = None  # a ledger left from a cluster since shut down
         ray.get(ledger.reset.remote())
+    version = secrets.publish(cfg)
     rcfg = router_config(cfg)
     router = get_router(create_with=rcfg)
     if prev is None or router_config(prev) != rcfg:
         ray.get(router.reconfigure.remote(rcfg))
     apps: dict[str, str] = {}
     for served in cfg.models:
-        for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg).items():
+        for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
+                                            version).items():
             serve.run(bound, name=app, route_prefix=None, blocking=False)
             apps[app] = role
     removed = []
@@ -124,10 +128,11 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     if with_ingress:
         from splitserve.cluster.serve.ingress import ingress_app
 
-        if "ingress" not in running or prev is None or _ingress_view(prev) != _ingress_view(cfg):
-            serve.run(ingress_app(cfg), name="ingress", route_prefix="/", blocking=False)
+        if ("ingress" not in running or prev is None or _ingress_view(prev) != _ingress_view(cfg)
+                or version != ray.get(ledger.secrets_version.remote())):
+            serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"
-    ray.get(ledger.set_config.remote(cfg.model_dump()))
+    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
     return {"apps": apps, "removed": removed}
 
 
@@ -148,8 +153,9 @@ def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
 
 
 def _ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
-    """The settings the ingress uses: everything but the pools."""
-    d = cfg.model_dump()
+    """The settings the ingress uses: everything but the pools and the
+    secrets (their version is compared on its own)."""
+    d = secrets.public_config(cfg)
     for m in d["models"]:
         m.pop("prefill")
         m.pop("decode")

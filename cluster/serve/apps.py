@@ -31,33 +31,37 @@ def _config(args: dict[str, Any]) -> ClusterConfig:
     return parse_config(args["config"], "serveConfigV2 args.config")
 
 
-def _ensure_cluster_actors(cfg: ClusterConfig) -> None:
+def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
+    """Create the router and the ledger if missing and store the cluster's
+    secrets; returns the secrets' version."""
     import ray
 
-    from splitserve.cluster.serve.app import router_config
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.serve import secrets
+    from splitserve.cluster.serve.app import router_config
     from splitserve.cluster.serve.router_actor import get_router
 
+    version = secrets.publish(cfg)
     get_router(create_with=router_config(cfg))
-    ray.get(get_ledger(create=True).set_config.remote(cfg.model_dump()))
+    ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
+    return version
 
 
 def pool_app(args: dict[str, Any]):
     """args: {config, model, role}; role is prefill, decode or colocated."""
-    from splitserve.cluster.serve.app import pool_apps
+    from splitserve.cluster.serve.app import pool_apps, pool_apps_names
 
     cfg = _config(args)
     served = {m.model.name: m for m in cfg.models}.get(args.get("model"))
     if served is None:
         raise ConfigError(f"args.model {args.get('model')!r} is not in the config; models: "
                           f"{sorted(m.model.name for m in cfg.models)}")
-    apps = pool_apps(served, cfg)
     name = f"{served.model.name}-{args.get('role')}"
-    if name not in apps:
+    names = pool_apps_names(served)
+    if name not in names:
         raise ConfigError(f"args.role {args.get('role')!r} does not exist for model "
-                          f"{served.model.name!r} in {served.mode} mode; pools: {sorted(apps)}")
-    _ensure_cluster_actors(cfg)
-    return apps[name][1]
+                          f"{served.model.name!r} in {served.mode} mode; pools: {names}")
+    return pool_apps(served, cfg, _ensure_cluster_actors(cfg))[name][1]
 
 
 def ingress_app(args: dict[str, Any]):
@@ -65,5 +69,4 @@ def ingress_app(args: dict[str, Any]):
     from splitserve.cluster.serve.ingress import ingress_app as build
 
     cfg = _config(args)
-    _ensure_cluster_actors(cfg)
-    return build(cfg)
+    return build(cfg, _ensure_cluster_actors(cfg))

@@ -18,22 +18,27 @@ log = logging.getLogger("splitserve.ingress")
 
 @serve.ingress()
 class Ingress:
-    async def __init__(self, cfg: dict):
-        from splitserve.cluster.serve.orchestrator import ClusterBackend
+    async def __init__(self, cfg: dict, secrets_version: str):
         from splitserve.cluster.api.grpc_api import start_grpc_server
+        from splitserve.cluster.serve import secrets
+        from splitserve.cluster.serve.orchestrator import ClusterBackend
 
+        # cfg carries no secret: the keys and the token come from the
+        # cluster's secret store (secrets_version only rolls the replica
+        # when they change)
         self.cfg = ClusterConfig.model_validate(cfg)
-        self.backend = ClusterBackend(self.cfg)
+        self.api_keys = secrets.api_keys(self.cfg.auth)
+        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token())
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
-            self.backend, ep.host, ep.grpc_port, self.cfg.auth.api_keys,
+            self.backend, ep.host, ep.grpc_port, self.api_keys,
             tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key)
         log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from splitserve.cluster.api.openai_api import build_http_app
 
-        return build_http_app(self.backend, self.cfg.auth.api_keys, self.cfg.endpoints.max_body_bytes)
+        return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes)
 
     async def check_health(self) -> None:
         pass
@@ -46,8 +51,10 @@ class Ingress:
             pass
 
 
-def ingress_app(cfg: ClusterConfig):
+def ingress_app(cfg: ClusterConfig, secrets_version: str):
+    from splitserve.cluster.serve.secrets import public_config
+
     dep = serve.deployment(Ingress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=4096, health_check_period_s=5.0)
-    return dep.bind(cfg.model_dump())
+    return dep.bind(public_config(cfg), secrets_version)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
 
 from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.hashing import block_hashes
@@ -52,29 +52,28 @@ class _Model:
     tool_call_parser: str = "auto"
 
 
-def _model_path(spec) -> Path:
-    if spec.path:
-        return Path(spec.path)
-    from splitserve.engine.default_model import ensure_default_model
-
-    return ensure_default_model()
-
-
 class ClusterBackend(Backend):
-    def __init__(self, cfg: ClusterConfig, router=None):
+    def __init__(self, cfg: ClusterConfig, router=None, token: str | None = None):
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
-        self.token = cfg.cluster_token()
+        self.token = token or cfg.cluster_token()
+        if not self.token:
+            raise ValueError("ClusterBackend needs the cluster token: pass token= (inside a "
+                             "cluster: splitserve.cluster.serve.secrets.cluster_token())")
         self._router = router
         self._clients = WorkerClients(self.token)
         self._models: dict[str, _Model] = {}
         for served in cfg.models:
             spec = served.model
-            path = _model_path(spec)
+            path = checkpoint_dir(spec)
             mc = load_checkpoint(path).model_config
             limit = min(spec.max_model_len or mc.max_position, mc.max_position)
-            self._models[spec.name] = _Model(spec.name, Tokenizer.from_dir(path), spec.block_size,
+            tokenizer = Tokenizer.from_dir(path)
+            template = chat_template_override(spec)
+            if template is not None:
+                tokenizer.chat_template = template
+            self._models[spec.name] = _Model(spec.name, tokenizer, spec.block_size,
                                              limit, mc.vocab_size, spec.tool_call_parser)
         self._created = int(time.time())
         self.counters = {"retries": 0, "resumed": 0, "refused": 0}

@@ -29,11 +29,15 @@ ROLES = ("prefill", "decode", "colocated")
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(64 << 20)}
 
 
+# model settings only the ingress reads: editing them rebuilds no worker replica
+INGRESS_ONLY_FIELDS = {"tool_call_parser", "chat_template"}
+
+
 def build_engine(spec: ModelSpec):
     import torch
 
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
     from splitserve.engine.config import EngineConfig
-    from splitserve.engine.default_model import ensure_default_model
     from splitserve.engine.llm_engine import LLMEngine
 
     device = spec.device
@@ -45,12 +49,12 @@ def build_engine(spec: ModelSpec):
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
     return LLMEngine(EngineConfig(
-        model=spec.path or str(ensure_default_model()), model_id=spec.name,
+        model=str(checkpoint_dir(spec)), model_id=spec.name,
         dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
         block_size=spec.block_size, num_blocks=spec.num_blocks,
         kv_cache_memory_gb=spec.kv_cache_memory_gb, kv_cache_dtype=spec.kv_cache_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-        max_model_len=spec.max_model_len,
+        max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
     ))
 
 
@@ -69,7 +73,8 @@ class WorkerServer:
     """One replica of a pool. ``role`` is prefill, decode or colocated."""
 
     async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
-                       cluster_token: str, drain_timeout_s: float = 25.0):
+                       secrets_version: str, drain_timeout_s: float = 25.0):
+        from splitserve.cluster.serve import secrets
         from splitserve.handoff import rpc
         from splitserve.handoff.protocol import engine_layout
         from splitserve.handoff.transfer.base import TransportConfig, get_transport
@@ -83,6 +88,9 @@ class WorkerServer:
         self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
                      or node_address())
         self.node_id = ray.get_runtime_context().get_node_id()
+        # the cluster token comes from the secret store, never through init
+        # arguments (secrets_version only makes a new token rebuild replicas)
+        cluster_token = secrets.cluster_token()
         engine = build_engine(self.spec)
         self.engine = engine
         sender_cls, receiver_cls = get_transport(self.transfer.transport)
@@ -236,7 +244,7 @@ class WorkerServer:
 
 
 def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
-                      router: RouterSpec, cluster_token: str):
+                      router: RouterSpec, secrets_version: str):
     """A bound Serve application for one pool of one model."""
     from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
 
@@ -246,8 +254,8 @@ def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: Tr
     # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     # what only the ingress reads stays out, so editing it does not rebuild replicas
-    worker_model = model.model_dump(exclude={"tool_call_parser"})
-    args = (role, worker_model, transfer.model_dump(), router.model_dump(), cluster_token, drain_s)
+    worker_model = model.model_dump(exclude=INGRESS_ONLY_FIELDS)
+    args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s)
     actor_options = pool.ray_actor_options()
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)

@@ -98,8 +98,8 @@ def test_operators_guide_reference_is_in_sync():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     embedded = text[text.index(start) + len(start):text.index(end)]
     assert embedded == config_reference(), (
-        "docs/operators.md is out of date: paste splitserve.cluster.config.config_reference() between "
-        "the config-reference markers")
+        "docs/operators.md is out of date: run scripts/gen_config_reference.py (it writes "
+        "config_reference() between the config-reference markers)")
 
 
 def test_operators_guide_covers_the_workflow():
@@ -125,3 +125,27 @@ def test_serve_builders_refuse_inconsistent_args(args, message):
     with pytest.raises(ConfigError) as e:
         pool_app(args)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("cluster_file", ["ray/aws.yaml", "ray/local-multinode.yaml"])
+def test_the_ray_dashboard_stays_on_the_heads_loopback(cluster_file):
+    commands = " ".join(yaml.safe_load((DEPLOY / cluster_file).read_text())["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_exposed_beyond_loopback_require_api_keys(path):
+    cfg = load_config(path)
+    assert cfg.endpoints.is_loopback() or cfg.auth.has_api_keys()
+    assert not cfg.endpoints.allow_unauthenticated and not cfg.auth.api_keys
+    assert cfg.auth.cluster_token is None  # never a fixed secret in a shipped file
+
+
+def test_the_rayservice_takes_its_secrets_from_a_kubernetes_secret():
+    text = (DEPLOY / "kuberay/rayservice.yaml").read_text()
+    config = yaml.safe_load(yaml.safe_load(text)["spec"]["serveConfigV2"])
+    cfg = parse_config(config["applications"][0]["args"]["config"])
+    assert cfg.auth.api_keys_env == "SPLITSERVE_API_KEYS" and not cfg.auth.api_keys
+    assert text.count("key: api-keys}") == text.count("key: cluster-token}") >= 3
+    policy = yaml.safe_load((DEPLOY / "kuberay/networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy"

@@ -153,7 +153,7 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
     cfg = parse_config({"models": [
         {"model": {"name": "a", "path": str(path), "tool_call_parser": "mistral"}},
         {"model": {"name": "b", "path": str(path)}}]})
-    backend = ClusterBackend(cfg)
+    backend = ClusterBackend(cfg, token="unit-test-token")
     assert (backend.tool_call_parser("a"), backend.tool_call_parser("b")) == ("mistral", "auto")
 
     def built(parser):  # the worker pool's Serve deployment: its version and model argument
