@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 
 from splitserve.decode.worker import DecodeWorker
 from splitserve.handoff import rpc
 from splitserve.engine.config import EngineConfig
+from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.protocol import engine_layout
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.handoff.transfer.base import TransportConfig, get_transport
@@ -32,15 +34,18 @@ class PD:
     client: rpc.WorkerClient
     servers: list
 
+    def request(self, prompt, params, prefill=True, request_id=None) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex, prompt_token_ids=list(prompt),
+            params=params.to_dict(),
+            prefill=PrefillPlacement(address=self.prefill_addr) if prefill else None)
+
     async def generate(self, prompt, params, prefill=True, request_id=None):
-        body = {"prompt_token_ids": list(prompt), "params": params.to_dict(),
-                "prefill": {"address": self.prefill_addr} if prefill else None}
-        if request_id:
-            body["request_id"] = request_id
+        """Returns (token ids, the first output's GenerateTimings)."""
         toks, first = [], None
-        async for d in self.client.stream("Generate", body):
-            toks += d["token_ids"]
-            first = first or d.get("timings")
+        async for out in self.client.generate(self.request(prompt, params, prefill, request_id)):
+            toks += out.token_ids
+            first = first or out.timings
         return toks, first
 
     async def close(self):

@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+from splitserve.handoff.messages import PrefillMode
 from splitserve.handoff.rpc import RpcError
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine, start_pd, wait_until
@@ -41,7 +42,7 @@ def test_concurrent_handoffs_match_single_engine(tiny_llama, reference, transpor
             ps = prompts(8, reference.model_cfg.vocab_size)
             got = await asyncio.gather(*[pd.generate(p, GREEDY) for p in ps])
             assert [g[0] for g in got] == expected(reference, ps)
-            assert all(g[1]["mode"] == "remote" for g in got)
+            assert all(g[1].mode is PrefillMode.REMOTE for g in got)
             s = await pd.decode.stats()
             assert s["handoffs"] == 8 and s["fallbacks"] == 0
             assert await wait_until(pd.all_free)
@@ -104,7 +105,7 @@ def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
             b = await pd.generate(p, GREEDY)
             assert a[0] == b[0] == expected(reference, [p])[0]
             # 30 tokens = 8 blocks of 4; 7 full blocks are cached the second time
-            assert b[1]["bytes"] == a[1]["bytes"] // 8
+            assert b[1].bytes == a[1].bytes // 8
             assert await wait_until(pd.all_free)
         finally:
             await pd.close()
@@ -132,7 +133,7 @@ def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
             if policy == "local":
                 toks, t = await pd.generate(p, GREEDY)
                 assert toks == expected(reference, [p])[0]
-                assert t["mode"] == "local" and "fallback_reason" in t
+                assert t.mode is PrefillMode.LOCAL and t.fallback_reason is not None
                 assert (await pd.decode.stats())["fallbacks"] == 1
             else:
                 with pytest.raises(RpcError) as e:
@@ -157,18 +158,16 @@ def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, r
         if fault:
             pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
         try:
-            outs = [d async for d in pd.client.stream("Generate", {
-                "prompt_token_ids": p, "params": params.to_dict(),
-                "prefill": {"address": pd.prefill_addr}})]
-            assert outs[0]["timings"]["mode"] == ("local" if fault else "remote")
-            got = outs[0]["prompt_logprobs"]
-            assert got[0] is None and [d["token_id"] for d in got[1:]] == p[1:]
-            assert [d["logprob"] for d in got[1:]] == pytest.approx(
+            outs = [o async for o in pd.client.generate(pd.request(p, params))]
+            assert outs[0].timings.mode is (PrefillMode.LOCAL if fault else PrefillMode.REMOTE)
+            got = outs[0].prompt_logprobs
+            assert got[0] is None and [d.token_id for d in got[1:]] == p[1:]
+            assert [d.logprob for d in got[1:]] == pytest.approx(
                 [lp.logprob for lp in want.prompt_logprobs[1:]], abs=1e-4)
-            assert [[t for t, _ in d["top"]] for d in got[1:]] == [
+            assert [[t for t, _ in d.top] for d in got[1:]] == [
                 [t for t, _ in lp.top] for lp in want.prompt_logprobs[1:]]
-            assert all("prompt_logprobs" not in d for d in outs[1:])
-            assert [t for d in outs for t in d["token_ids"]] == want.token_ids
+            assert all(o.prompt_logprobs is None and o.timings is None for o in outs[1:])
+            assert [t for o in outs for t in o.token_ids] == want.token_ids
             assert await wait_until(pd.all_free, 10)
         finally:
             await pd.close()
@@ -184,7 +183,7 @@ def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
             t0 = time.monotonic()
             toks, t = await pd.generate(p, GREEDY)
             assert toks == expected(reference, [p])[0]
-            assert t["mode"] == "local" and "DEADLINE_EXCEEDED" in t["fallback_reason"]
+            assert t.mode is PrefillMode.LOCAL and "DEADLINE_EXCEEDED" in t.fallback_reason
             assert time.monotonic() - t0 < 5
             assert await wait_until(pd.all_free, 10)
             assert pd.prefill.failed == 1
@@ -205,7 +204,7 @@ def test_checksum_mismatch_is_caught(tiny_llama, reference):
             p = prompts(8, reference.model_cfg.vocab_size)[6]
             toks, t = await pd.generate(p, GREEDY)
             assert toks == expected(reference, [p])[0]  # never garbage
-            assert t["mode"] == "local"
+            assert t.mode is PrefillMode.LOCAL
             assert await wait_until(pd.all_free, 10)
         finally:
             await pd.close()
