@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import torch
@@ -186,15 +186,10 @@ class KVSender(ABC):
 
 
 class KVReceiver(ABC):
-    """Decode side. Serves in background threads until ``stop``.
-
-    ``fault_hook`` is a fault-injection seam for tests: when set, it is
-    called with each range of received bytes (a CPU uint8 tensor, writable)
-    after it arrives and before it is verified, standing for the wire."""
+    """Decode side. Serves in background threads until ``stop``."""
 
     def __init__(self, config: TransportConfig):
         self.config = config
-        self.fault_hook: Callable[[torch.Tensor], None] | None = None
 
     @abstractmethod
     def start(self, sink: KVSink) -> str:

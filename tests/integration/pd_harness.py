@@ -13,7 +13,8 @@ from splitserve.engine.config import EngineConfig
 from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.protocol import engine_layout
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.handoff.transfer.base import TransportConfig, get_transport
+from splitserve.handoff.transfer.base import KVSender, TransportConfig, get_transport
+from splitserve.handoff.transfer.chunks import as_bytes
 from splitserve.prefill.worker import PrefillWorker
 
 TOKEN = "test-cluster-token"
@@ -48,6 +49,23 @@ class PD:
             first = first or out.timings
         return toks, first
 
+    def on_chunk(self, fault) -> None:
+        """Run ``fault()`` on the decode receiver's thread as each KV chunk
+        arrives, before its bytes are taken: a stalled link (sleep), a
+        replica dying mid-transfer (stop a server, raise)."""
+        res = self.decode.reservations
+        expect = res.expect
+
+        def expect_after_fault(handoff_id: str) -> int:
+            fault()
+            return expect(handoff_id)
+        res.expect = expect_after_fault
+
+    def corrupt_chunks(self) -> None:
+        """Every KV chunk the prefill replica sends arrives with its first
+        byte flipped, after the header's crc32 was taken."""
+        self.prefill.sender = CorruptingSender(self.prefill.sender)
+
     async def close(self):
         await self.client.close()
         for s in self.servers:
@@ -57,6 +75,25 @@ class PD:
 
     def all_free(self) -> bool:
         return self.prefill.engine.kv.all_free() and self.decode.engine.kv.all_free()
+
+
+class CorruptingSender(KVSender):
+    """A sender whose wire flips the first byte of every chunk."""
+
+    def __init__(self, inner: KVSender):
+        super().__init__(inner.config)
+        self.inner = inner
+
+    async def send(self, endpoint, header, buf, timeout_s):
+        on_the_wire = buf.clone()
+        as_bytes(on_the_wire)[0] ^= 0xFF
+        await self.inner.send(endpoint, header, on_the_wire, timeout_s)
+
+    async def ping(self, endpoint, timeout_s):
+        return await self.inner.ping(endpoint, timeout_s)
+
+    async def close(self):
+        await self.inner.close()
 
 
 async def start_pd(prefill_engine, decode_engine, transport="grpc", policy="local",

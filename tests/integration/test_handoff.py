@@ -115,7 +115,7 @@ def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
 def _stop_prefill_on_first_chunk(pd, loop):
     stopped = []
 
-    def hook(_bytes):
+    def hook():
         if not stopped:
             stopped.append(1)
             fut = asyncio.run_coroutine_threadsafe(pd.servers[0].stop(0), loop)
@@ -127,7 +127,7 @@ def _stop_prefill_on_first_chunk(pd, loop):
 def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), policy=policy)
-        pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+        pd.on_chunk(_stop_prefill_on_first_chunk(pd, asyncio.get_running_loop()))
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[5]
             if policy == "local":
@@ -156,7 +156,7 @@ def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, r
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
         if fault:
-            pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+            pd.on_chunk(_stop_prefill_on_first_chunk(pd, asyncio.get_running_loop()))
         try:
             outs = [o async for o in pd.client.generate(pd.request(p, params))]
             assert outs[0].timings.mode is (PrefillMode.LOCAL if fault else PrefillMode.REMOTE)
@@ -177,7 +177,7 @@ def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, r
 def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transfer_timeout_s=0.3)
-        pd.decode.receiver.fault_hook = lambda _b: time.sleep(1.0)  # a stalled link
+        pd.on_chunk(lambda: time.sleep(1.0))  # a stalled link
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[4]
             t0 = time.monotonic()
@@ -195,16 +195,12 @@ def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
 def test_checksum_mismatch_is_caught(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
-
-        def corrupt(b):
-            if b.numel():
-                b[0] ^= 0xFF
-        pd.decode.receiver.fault_hook = corrupt
+        pd.corrupt_chunks()
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[6]
             toks, t = await pd.generate(p, GREEDY)
             assert toks == expected(reference, [p])[0]  # never garbage
-            assert t.mode is PrefillMode.LOCAL
+            assert t.mode is PrefillMode.LOCAL and "crc32" in t.fallback_reason
             assert await wait_until(pd.all_free, 10)
         finally:
             await pd.close()
@@ -214,7 +210,7 @@ def test_checksum_mismatch_is_caught(tiny_llama, reference):
 def test_client_cancel_mid_transfer_frees_both_sides(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
-        pd.decode.receiver.fault_hook = lambda _b: time.sleep(0.5)
+        pd.on_chunk(lambda: time.sleep(0.5))
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[7]
             task = asyncio.ensure_future(pd.generate(p, GREEDY))
@@ -289,7 +285,7 @@ def test_decode_killed_while_holding_reservation_frees_prefill(tiny_llama, refer
         loop = asyncio.get_running_loop()
         killed = []
 
-        def kill_decode(_bytes):
+        def kill_decode():
             # the decode replica goes away mid-transfer: its KV receiver and
             # its RPC server stop, as when the process dies
             if not killed:
@@ -297,7 +293,7 @@ def test_decode_killed_while_holding_reservation_frees_prefill(tiny_llama, refer
                 pd.decode.receiver.stop(0)
                 asyncio.run_coroutine_threadsafe(pd.servers[1].stop(0), loop).result(5)
                 raise ConnectionResetError("receiver gone")
-        pd.decode.receiver.fault_hook = kill_decode
+        pd.on_chunk(kill_decode)
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[7]
             with pytest.raises(RpcError) as e:
