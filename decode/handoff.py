@@ -11,7 +11,7 @@ Stages (``IncomingHandoff.stage``), each entered by one method:
                                                               -> RECEIVING
   commit    the reservation becomes a running sequence; the first token
             (sampled by prefill) is processed here          -> COMMITTED
-  the decode worker streams its tokens from the running batch -> RUNNING
+  running   its first token came out of the running batch    -> RUNNING
   cancel    on any failure before commit: the blocks are freed -> CANCELLED
 """
 

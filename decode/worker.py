@@ -4,18 +4,18 @@ One Generate call (``GenerateRequest``, from the ingress with the router's
 placement) takes one of two paths to its first token, then streams
 ``GenerateOutput`` until a stop condition:
 
-  remote (a prefill placement): an ``IncomingHandoff``
-      Reserved -> Receiving -> Committed -> Running
-      (``decode.handoff``: reserve blocks with a lease, have the prefill
-      replica run the prompt into them, admit the sequence, stream)
-  local (no placement, or the hand-off failed under the ``local`` policy):
-      the prompt is prefilled here, in the running batch -> Running
+  _remote (a prefill placement): an ``IncomingHandoff`` moving through
+      ``DecodeStage``: RESERVED -> RECEIVING -> COMMITTED -> RUNNING
+      (``splitserve.decode.handoff``: reserve blocks with a lease, have the
+      prefill replica run the prompt into them, admit the sequence, stream)
+  _local (no placement, or the hand-off failed under the ``local`` policy):
+      the prompt is prefilled here, in the running batch
 
 A refused reservation fails the call (RESOURCE_EXHAUSTED: the ingress tries
-another replica). A failed Prefill call cancels the reservation and falls
-back to local, or fails the call under the ``error`` policy. Cancelling the
-call at any point cancels the Prefill call, the reservation and the
-sequence; ``sweep`` frees reservations whose lease ran out.
+another replica). A failed Prefill call cancels the reservation (CANCELLED)
+and falls back to ``_local``, or fails the call under the ``error`` policy.
+Cancelling the call at any point cancels the Prefill call, the reservation
+and the sequence; ``_sweep`` frees reservations whose lease ran out.
 """
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
 """PrefillWorker: the source half of the KV hand-off.
 
 One Prefill call (``PrefillRequest``, from a decode replica that already
-reserved blocks) goes through these stages, ``OutgoingHandoff.stage``, each
-entered by one method of ``PrefillWorker``:
+reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
+``PrefillWorker.prefill`` runs one method per step:
 
-  accept    the target's KV layout must equal ours, else FAILED_PRECONDITION
-            before any work; the request is queued in the engine as a
-            prefill-only request                                  -> WAITING
-  WAITING   batched and chunked with other prompts under the step token
-            budget; the engine thread marks the first step that runs it
-                                                                  -> RUNNING
-  RUNNING   in the step that runs the prompt's last chunk, each finished
-            layer group is packed and its send started at once, so early
-            layers travel while later ones compute           -> TRANSFERRING
-  TRANSFERRING
-            the first token is sampled; ``transfer`` waits for every
-            chunk's ack, then ``reply`` describes the sequence (HandoffMeta)
-  release   its blocks are freed: after the reply, or on any failure,
-            cancel or deadline                                   -> RELEASED
+  _accept    the target's KV layout must equal ours, else FAILED_PRECONDITION
+             before any work                                     -> WAITING
+  _run       queued in the engine as a prefill-only request, batched and
+             chunked with other prompts under the step token budget; the
+             engine thread (``_layer_listener``) marks the first step that
+             runs it                                             -> RUNNING
+             and, in the step that runs its last chunk, packs each finished
+             layer group and starts its send at once, so early layers travel
+             while later ones compute                       -> TRANSFERRING
+             until the first token is sampled
+  _transfer  waits for every chunk's ack
+  _reply     describes the sequence (``HandoffMeta``) and the timings
+  _release   frees its blocks: after the reply, or on any failure, cancel
+             or deadline                                        -> RELEASED
 
 Nothing here imports Ray; the Serve deployment in ``cluster`` wraps it.
 """
@@ -112,7 +112,7 @@ class PrefillWorker:
 
     # -- stages -----------------------------------------------------------------
     def _accept(self, req: PrefillRequest) -> OutgoingHandoff:
-        """Handshake; -> WAITING (the request is queued by ``_run``)."""
+        """Handshake; -> WAITING."""
         self.layout.check_compatible(req.target.layout)
         h = OutgoingHandoff(req.request_id, req.target.endpoint, req.target.skip_tokens,
                             asyncio.get_running_loop(), self.transfer_timeout_s)
