@@ -72,13 +72,11 @@ class DecodeWorker:
         self.engine = engine
         self.receiver = receiver
         self.on_prefill_failure = on_prefill_failure
-        self.lease_s = lease_s
         self.prefill_timeout_s = prefill_timeout_s
         self.sweep_s = sweep_s
         self.reservations = Reservations(engine.kv_port, lease_s)
         self.aengine = AsyncEngine(engine, name="decode-engine")
         self.kv_endpoint = ""
-        self.transport = type(receiver).__name__
         self._clients = WorkerClients(token)
         self._sweeper: asyncio.Task | None = None
         self.draining = False

@@ -86,11 +86,10 @@ class Reservations(KVSink):
         self.layout = layout_of(port)
         self._open: dict[str, _Lease] = {}
         self._lock = threading.Lock()
-        self.expired = 0
         port.add_reservation_holder(self)  # an engine abort cancels here
 
     def reserve(self, handoff_id: str, layout: KVLayout, prompt_token_ids: list[int],
-                max_tokens: int | None, lease_s: float | None = None) -> BlockReservation:
+                max_tokens: int | None) -> BlockReservation:
         """Hold blocks for the prompt's KV. Raises IncompatibleKVError on a
         mismatched pair, OutOfBlocksError when this engine cannot hold it."""
         self.layout.check_compatible(layout)
@@ -98,7 +97,7 @@ class Reservations(KVSink):
             if handoff_id in self._open:
                 raise InvalidRequestError(f"hand-off {handoff_id!r} is already reserved")
             r = self.port.reserve(handoff_id, prompt_token_ids, max_tokens)
-            self._open[handoff_id] = _Lease(r, time.monotonic() + (lease_s or self.lease_s),
+            self._open[handoff_id] = _Lease(r, time.monotonic() + self.lease_s,
                                             r.bytes_to_receive)
             return r
 
@@ -153,15 +152,14 @@ class Reservations(KVSink):
                 self.port.cancel(handoff_id)
             return lease is not None
 
-    def expire(self, now: float | None = None) -> list[str]:
+    def expire(self) -> list[str]:
         """Free every reservation whose lease ran out. Returns their ids."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         with self._lock:
             dead = [h for h, lease in self._open.items() if lease.deadline < now]
             for h in dead:
                 del self._open[h]
                 self.port.cancel(h)
-        self.expired += len(dead)
         return dead
 
     def __len__(self) -> int:

@@ -80,7 +80,6 @@ class PrefillWorker:
         self.completed = 0
         self.failed = 0
         self.bytes_sent = 0
-        self.transfer_time_s = 0.0
 
     def start(self) -> "PrefillWorker":
         self.aengine.start()
@@ -100,7 +99,6 @@ class PrefillWorker:
             reply = await self._reply(h)
             self.completed += 1
             self.bytes_sent += h.bytes_sent
-            self.transfer_time_s += h.transfer_wait_s
             return reply
         except BaseException:
             self.failed += 1
