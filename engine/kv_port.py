@@ -131,8 +131,7 @@ class KVPort:
         InvalidRequestError when no such request holds its KV for a hand-off."""
         st = self._engine.requests.get(request_id)
         if st is None or st.seq.finish_reason is not FinishReason.HANDOFF:
-            raise InvalidRequestError(f"request {request_id!r} holds no finished prefill to export",
-                                      param="request_id")
+            raise InvalidRequestError(f"request {request_id!r} holds no finished prefill to export")
         seq = st.seq
         return HandoffSequence(
             request_id=request_id, prompt_token_ids=seq.prompt_token_ids,
