@@ -1,39 +1,66 @@
-"""DecodeWorker: receives KV, runs the continuous decode batch, streams tokens.
+"""DecodeWorker: the target half of the KV hand-off, and the running batch.
 
-Request lifecycle and queues:
+One Generate call (``GenerateRequest``, from the ingress with the router's
+placement) takes one of two paths to its first token, then streams
+``GenerateOutput`` until a stop condition:
 
-  Generate RPC (from the ingress, with the router's placement)
-    -> Prealloc: reserve blocks for the prompt with a lease (refused with
-       RESOURCE_EXHAUSTED when they do not fit: the ingress tries another
-       replica); blocks of a prefix this replica already caches are not sent
-    -> Transfer: ask the chosen prefill replica to run the prompt; its KV
-       lands in the reserved blocks through this worker's KV receiver
-    -> Commit: the reservation becomes a running sequence, the first token
-       (sampled by prefill) is processed here, decoding continues in the
-       running batch
-    -> tokens stream back on the RPC until a stop condition
+  _remote (a prefill placement): an ``IncomingHandoff`` moving through
+      ``DecodeStage``: RESERVED -> RECEIVING -> COMMITTED -> RUNNING
+      (``splitserve.decode.handoff``: reserve blocks with a lease, have the
+      prefill replica run the prompt into them, admit the sequence, stream)
+  _local (no placement, or the hand-off failed under the ``local`` policy):
+      the prompt is prefilled here, in the running batch
 
-  Without a prefill placement, or when the hand-off fails and the policy is
-  ``local``, the prompt is prefilled here (the colocated path). Cancelling the
-  RPC at any point cancels the prefill call, the reservation and the
-  sequence; expired leases are swept every ``sweep_s``.
+A refused reservation fails the call (RESOURCE_EXHAUSTED: the ingress tries
+another replica). A failed Prefill call cancels the reservation (CANCELLED)
+and falls back to ``_local``, or fails the call under the ``error`` policy.
+Cancelling the call at any point cancels the Prefill call, the reservation
+and the sequence; ``_sweep`` frees reservations whose lease ran out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator
 
+from splitserve.decode.handoff import IncomingHandoff
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.handoff.protocol import HandoffMeta, Reservations
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.handoff.rpc import RpcError, WorkerClients
+from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, GenerateTimings,
+                                         PrefillMode, PrefillReply)
+from splitserve.handoff.protocol import Reservations
+from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.transfer.base import KVReceiver
 
 FALLBACK_POLICIES = ("local", "error")
+
+
+@dataclass
+class _FirstToken:
+    """How a request's first token came about (GenerateTimings, once known)."""
+
+    started: float
+    mode: PrefillMode = PrefillMode.LOCAL
+    fallback_reason: str | None = None
+    handoff_s: float | None = None
+    prefill: PrefillReply | None = None
+
+    def timings(self, first: RequestOutput) -> GenerateTimings:
+        t = GenerateTimings(mode=self.mode, ttft_s=time.monotonic() - self.started,
+                            fallback_reason=self.fallback_reason)
+        if self.mode is PrefillMode.LOCAL:
+            t.local_queue_s = first.queue_s()
+        elif self.prefill is not None:
+            p = self.prefill.timings
+            t.handoff_s = self.handoff_s
+            t.prefill_s, t.prefill_queue_s = p.prefill_s, p.prefill_queue_s
+            t.transfer_wait_s, t.bytes = p.transfer_wait_s, p.bytes
+        return t
 
 
 class DecodeWorker:
@@ -45,13 +72,11 @@ class DecodeWorker:
         self.engine = engine
         self.receiver = receiver
         self.on_prefill_failure = on_prefill_failure
-        self.lease_s = lease_s
         self.prefill_timeout_s = prefill_timeout_s
         self.sweep_s = sweep_s
-        self.reservations = Reservations(engine, lease_s)
+        self.reservations = Reservations(engine.kv_port, lease_s)
         self.aengine = AsyncEngine(engine, name="decode-engine")
         self.kv_endpoint = ""
-        self.transport = type(receiver).__name__
         self._clients = WorkerClients(token)
         self._sweeper: asyncio.Task | None = None
         self.draining = False
@@ -79,74 +104,65 @@ class DecodeWorker:
                 self.counters["expired"] += len(dead)
 
     # -- RPC ----------------------------------------------------------------
-    async def generate(self, req: dict) -> AsyncIterator[dict]:
-        """req: {request_id?, prompt_token_ids, params, prefill: {address}|None}.
-        Yields output dicts (``RequestOutput.to_dict``)."""
-        rid = req.get("request_id") or uuid.uuid4().hex
-        ids = list(req["prompt_token_ids"])
-        params = SamplingParams.from_dict(req["params"])
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if not req.request_id:
+            raise InvalidRequestError("request_id is empty", param="request_id")
+        rid, ids = req.request_id, list(req.prompt_token_ids)
+        params = SamplingParams.from_dict(req.params)
         await self.aengine.call(lambda e: e.validate(ids, params))
-        prefill = req.get("prefill")
-        stream = None
-        t0 = time.monotonic()
-        timings: dict[str, float] = {}
-        if prefill:
-            stream = await self._remote_prefill(rid, ids, params, prefill["address"], timings)
+        first = _FirstToken(time.monotonic())
+        handoff, stream = None, None
+        if req.prefill is not None:
+            handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first)
         if stream is None:
-            self.counters["local_prefills"] += 1
-            timings["mode"] = "local"
-            stream = self.aengine.generate(rid, ids, params)
-        first = True
+            stream = self._local(rid, ids, params)
+        timings: GenerateTimings | None = None
         async for out in stream:
-            d = out.to_dict()
-            if first:
-                timings["ttft_s"] = time.monotonic() - t0
-                if timings["mode"] == "local":
-                    timings["local_queue_s"] = out.queue_s()
-                d["timings"] = timings
-                first = False
-            yield d
+            if timings is not None:
+                yield GenerateOutput.of(out)
+                continue
+            if handoff is not None:
+                handoff.running()
+            timings = first.timings(out)
+            yield GenerateOutput.of(out, timings)
 
-    async def _remote_prefill(self, rid: str, ids: list[int], params: SamplingParams,
-                              address: str, timings: dict):
-        """Reserve, have ``address`` prefill into the reservation, commit.
-        Returns the token stream, or None to prefill locally."""
-        layout = self.reservations.layout
+    # -- the two paths to the first token -----------------------------------------
+    def _local(self, rid: str, ids: list[int], params: SamplingParams):
+        self.counters["local_prefills"] += 1
+        return self.aengine.generate(rid, ids, params)
+
+    async def _remote(self, rid: str, ids: list[int], params: SamplingParams, address: str,
+                      first: _FirstToken) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
+        """An IncomingHandoff through its stages up to Committed. Returns it
+        and the committed sequence's stream, or (None, None) to prefill
+        locally (the hand-off failed and was cancelled)."""
+        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params)
         try:
-            r = await self.aengine.call(
-                lambda e: self.reservations.reserve(rid, layout, ids, params.max_tokens))
+            await h.reserve()
         except Exception:
             self.counters["refused"] += 1
             raise
-        t0 = time.monotonic()
         try:
-            reply = await self._clients.get(address).call("Prefill", {
-                "request_id": rid, "prompt_token_ids": ids, "params": params.to_dict(),
-                "target": {"endpoint": self.kv_endpoint, "skip_tokens": r.cached_tokens,
-                           "layout": layout.to_dict()},
-            }, timeout=self.prefill_timeout_s)
+            reply = await h.receive(self._clients.get(address), self.kv_endpoint,
+                                    self.prefill_timeout_s)
         except (RpcError, asyncio.TimeoutError) as e:
-            await self.aengine.call(lambda e_: self.reservations.cancel(rid))
+            await h.cancel()
             if self.on_prefill_failure == "error":
                 raise
             self.counters["fallbacks"] += 1
-            timings["fallback_reason"] = str(e)[:200]
-            return None
-        except BaseException:  # cancelled by the client: free the reservation
-            if self.aengine.alive:
-                await asyncio.shield(self.aengine.call(lambda e: self.reservations.cancel(rid)))
+            first.fallback_reason = str(e)[:200]
+            return None, None
+        except BaseException:  # cancelled by the client
+            await h.cancel()
             raise
-        timings.update(mode="remote", handoff_s=time.monotonic() - t0, **reply.get("timings", {}))
+        first.mode, first.handoff_s, first.prefill = PrefillMode.REMOTE, h.handoff_s, reply
         self.counters["handoffs"] += 1
-        self.counters["handoff_bytes"] += int(reply.get("timings", {}).get("bytes", 0))
-        meta = HandoffMeta.from_dict(reply["meta"])
+        self.counters["handoff_bytes"] += reply.timings.bytes
         try:
-            matcher = await self.aengine.build_matcher(ids, params)
+            return h, await h.commit(reply)
         except BaseException:
-            if self.aengine.alive:
-                await asyncio.shield(self.aengine.call(lambda e: self.reservations.cancel(rid)))
+            await h.cancel()
             raise
-        return self.aengine.adopt(lambda e: self.reservations.commit(meta, matcher), rid)
 
     async def stats(self, _req: dict | None = None) -> dict:
         def snap(e: LLMEngine) -> dict:

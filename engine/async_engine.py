@@ -47,7 +47,6 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = threading.Event()
         self.error: BaseException | None = None
-        self.step_listeners: list[Callable[[LLMEngine], None]] = []
         self.layer_listener = None  # see LLMEngine.step
         self._started = False
         # structured-output matchers compile here, not on the engine thread
@@ -88,8 +87,6 @@ class AsyncEngine:
                     continue
                 for out in eng.step(self.layer_listener):
                     self._emit(out)
-                for fn in self.step_listeners:
-                    fn(eng)
         except BaseException as e:  # the engine is unusable: fail every stream
             log.exception("engine thread %s failed; the engine is stopped", self._thread.name)
             self.error = e
@@ -178,16 +175,14 @@ class AsyncEngine:
         async for out in self._iterate(request_id, stream):
             yield out
 
-    async def adopt(self, fn: Callable[[LLMEngine], tuple[str, RequestOutput]],
+    async def adopt(self, fn: Callable[[LLMEngine], RequestOutput],
                     request_id: str) -> AsyncIterator[RequestOutput]:
-        """Run ``fn`` (which admits an imported sequence and returns its first
-        output) on the engine thread, then stream the rest."""
+        """Run ``fn`` (which admits the imported sequence ``request_id`` and
+        returns its first output) on the engine thread, then stream the rest."""
         stream = self._open_stream(request_id)
 
-        def run(eng: LLMEngine):
-            rid, first = fn(eng)
-            self._emit(first)
-            return rid
+        def run(eng: LLMEngine) -> None:
+            self._emit(fn(eng))
 
         await self._start(run, request_id)
         async for out in self._iterate(request_id, stream):

@@ -2,8 +2,8 @@
 
 The scheduler asks this manager for room; it answers with counts and never
 exposes the pool's internals. Block tables leave as ``BlockTable`` values
-(read-only). Reservations for incoming hand-offs are block tables owned by a
-hand-off id until a sequence adopts them.
+(read-only). A reservation for an incoming hand-off is a block table owned
+by the hand-off id, which the admitted sequence keeps as its own id.
 """
 
 from __future__ import annotations
@@ -161,12 +161,6 @@ class KVCacheManager:
         self._tables[owner] = table
         self._num_hashed[owner] = len(hits)
         return list(table), len(hits) * self.block_size
-
-    def transfer_ownership(self, old: str, new: str) -> None:
-        """Hand a reservation's blocks to the sequence that adopts them."""
-        assert new not in self._tables, f"{new} already holds blocks"
-        self._tables[new] = self._tables.pop(old)
-        self._num_hashed[new] = self._num_hashed.pop(old, 0)
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()

@@ -2,14 +2,14 @@
 
 Every worker role uses it: the prefill worker runs prompts with
 ``prefill_only`` and exports their KV; the decode worker imports KV into
-reserved blocks and continues; the colocated worker does both.
+reserved blocks and continues; the colocated worker does both. Moving KV
+between engines goes through ``kv_port`` (``splitserve.engine.kv_port``).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,6 +18,7 @@ import torch
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.kv_port import KVPort
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.model_runner import ModelRunner, num_kv_blocks, resolve_dtype, kv_cache_dtype
 from splitserve.engine.outputs import CompletionResult, RequestOutput
@@ -66,12 +67,10 @@ class LLMEngine:
         self.hash_salt = b""
         self.requests: dict[str, RequestState] = {}
         self._prefill_only: set[str] = set()
-        # open hand-off reservations (splitserve.handoff.protocol.Reservations) register
-        # here, so an abort reaches a request still waiting for its KV
-        self.handoff_sinks: weakref.WeakSet = weakref.WeakSet()
         self.step_count = 0
         self.busy_time_s = 0.0
         self.prompt_tokens_computed = 0
+        self.kv_port = KVPort(self)
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -94,15 +93,19 @@ class LLMEngine:
         earlier = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
         return self.grammar.matcher(params.structured_output, earlier)
 
-    def new_sequence(self, request_id: str, prompt_token_ids: list[int]) -> Sequence:
-        return Sequence(request_id, prompt_token_ids, None, self.cfg.block_size, self.hash_salt)
+    def new_request_state(self, request_id: str, prompt_token_ids: list[int],
+                          params: SamplingParams, matcher: GrammarMatcher | None) -> RequestState:
+        """A new sequence and its output state, registered nowhere yet."""
+        seq = Sequence(request_id, prompt_token_ids, params, self.cfg.block_size, self.hash_salt)
+        return RequestState(seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len,
+                            self.grammar, matcher)
 
     def add_request(self, request_id: str | None, prompt: str | None = None,
                     params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None,
                     prefill_only: bool = False, matcher: GrammarMatcher | None = None) -> str:
         """Queue a request. ``prefill_only``: stop after the first token and
-        hold the KV for ``export_kv`` (the prefill role). ``matcher``: from
+        hold the KV for ``kv_port.export_layers`` (the prefill role). ``matcher``: from
         ``build_matcher`` (else built here when the request is constrained)."""
         request_id = request_id or uuid.uuid4().hex
         self.check_id_free(request_id)
@@ -112,14 +115,11 @@ class LLMEngine:
                 raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
             prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
-        seq = self.new_sequence(request_id, prompt_token_ids)
-        seq.params = params
-        self.requests[request_id] = RequestState(
-            seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len, self.grammar,
-            matcher)
+        st = self.new_request_state(request_id, prompt_token_ids, params, matcher)
+        self.requests[request_id] = st
         if prefill_only:
             self._prefill_only.add(request_id)
-        self.scheduler.add(seq)
+        self.scheduler.add(st.seq)
         return request_id
 
     def check_id_free(self, request_id: str) -> None:
@@ -134,7 +134,7 @@ class LLMEngine:
         st = self.requests.pop(request_id, None)
         self._prefill_only.discard(request_id)
         if st is None:
-            if any(sink.cancel(request_id) for sink in list(self.handoff_sinks)):
+            if self.kv_port.cancel_held(request_id):
                 return True
             self.kv.free(request_id)
             return False
@@ -142,11 +142,6 @@ class LLMEngine:
             self.scheduler.finish(st.seq, FinishReason.ABORT)
         self.kv.free(request_id)
         return True
-
-    def release(self, request_id: str) -> None:
-        """Free the blocks a finished prefill-only request held for its hand-off."""
-        self.requests.pop(request_id, None)
-        self.kv.free(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -19,6 +19,7 @@ import time
 from typing import AsyncIterator
 
 import grpc
+import msgspec
 
 from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.config import ClusterConfig
@@ -26,6 +27,7 @@ from splitserve.cluster.serve.checkpoints import chat_template_override, checkpo
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.hashing import block_hashes
+from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.tokenizer import Tokenizer
@@ -149,25 +151,26 @@ class ClusterBackend(Backend):
                 admitted = True
                 decode = placement["decode_replica"]
                 prefill = placement["prefill_replica"]
-                body = {"request_id": request_id, "prompt_token_ids": ids, "params": p.to_dict(),
-                        "prefill": {"address": prefill} if prefill else None}
+                body = GenerateRequest(
+                    request_id=request_id, prompt_token_ids=ids, params=p.to_dict(),
+                    prefill=PrefillPlacement(address=prefill) if prefill else None)
                 before = len(produced)
                 try:
-                    async for d in self._clients.get(decode).stream("Generate", body):
-                        if produced and d.get("prompt_tokens") is not None:
-                            # usage is the client's view: the original prompt
-                            d["prompt_tokens"] = len(prompt_token_ids)
-                            d["completion_tokens"] = len(produced) + len(d["token_ids"])
-                        produced.extend(d["token_ids"])
+                    async for out in self._clients.get(decode).generate(body):
+                        if produced:  # usage is the client's view: the original prompt
+                            out.prompt_tokens = len(prompt_token_ids)
+                            out.completion_tokens = len(produced) + len(out.token_ids)
+                        produced.extend(out.token_ids)
+                        d = msgspec.to_builtins(out)  # the Backend's output dict
                         d["placement"] = {"prefill": prefill, "decode": decode,
                                           "reason": placement["reason"]}
                         rec.on_output(d)
                         yield d
-                        if d["finished"]:
+                        if out.finished:
                             return
                     raise Unavailable(f"decode replica {decode} ended the stream early")
                 except RpcError as e:
-                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    if isinstance(e, InvalidRequestError):  # the worker refused the request
                         raise InvalidRequestError(e.message, param=e.param) from None
                     retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
                     attempts_left -= 1

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import torch
 
 from splitserve.engine.errors import IncompatibleKVError
@@ -31,9 +32,10 @@ from splitserve.handoff.transfer.chunks import NO_CHECKSUM, as_bytes, check_head
 LAYOUT_VERSION = "L2NBHD-v1"  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    """What must match between two engines for KV blocks to move between them."""
+class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What must match between two engines for KV blocks to move between them.
+    A wire type too: hand-off messages (``splitserve.handoff.messages``)
+    carry it, decoded strictly (an unknown or mistyped field is refused)."""
 
     model_id: str
     dtype: str
@@ -46,21 +48,19 @@ class KVLayout:
 
     def check_compatible(self, other: "KVLayout") -> None:
         """Raise IncompatibleKVError naming every field that differs."""
-        diffs = [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
-                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        diffs = [f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
+                 for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
         if diffs:
             raise IncompatibleKVError(
                 "KV layouts differ, so blocks cannot move between these engines ("
                 + "; ".join(diffs) + "); pair replicas that serve the same model and cache config")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return msgspec.structs.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
-        return cls(str(d["model_id"]), str(d["dtype"]), str(d["kv_dtype"]), int(d["block_size"]),
-                   int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]),
-                   str(d.get("layout", LAYOUT_VERSION)))
+        return msgspec.convert(d, cls)
 
 
 @dataclass(frozen=True)
@@ -186,15 +186,10 @@ class KVSender(ABC):
 
 
 class KVReceiver(ABC):
-    """Decode side. Serves in background threads until ``stop``.
-
-    ``fault_hook`` is a fault-injection seam for tests: when set, it is
-    called with each range of received bytes (a CPU uint8 tensor, writable)
-    after it arrives and before it is verified, standing for the wire."""
+    """Decode side. Serves in background threads until ``stop``."""
 
     def __init__(self, config: TransportConfig):
         self.config = config
-        self.fault_hook: Callable[[torch.Tensor], None] | None = None
 
     @abstractmethod
     def start(self, sink: KVSink) -> str:

@@ -24,9 +24,6 @@ from splitserve.handoff.transfer.buffers import BufferPool
 from splitserve.handoff.transfer.chunks import NO_CHECKSUM, admit, crc32, verify_checksum, view_chunk
 from splitserve.handoff.transfer.errors import ChecksumMismatch, InvalidChunkError, TransferTimeout
 
-FaultHook = Callable[[torch.Tensor], None]
-
-
 class PairHandler(Protocol):
     """The torch_dist receiver's side of the pair calls; each returns the
     reply message or raises a TransferError subclass."""
@@ -69,13 +66,11 @@ class TransferService:
     """Handlers of the KVTransfer service for one sink."""
 
     def __init__(self, config: TransportConfig, sink: KVSink, receiver_id: str,
-                 transports: tuple[str, ...], fault_hook: Callable[[], FaultHook | None],
-                 pairs: PairHandler | None = None):
+                 transports: tuple[str, ...], pairs: PairHandler | None = None):
         self.config = config
         self.sink = sink
         self.receiver_id = receiver_id
         self.transports = transports
-        self.fault_hook = fault_hook
         self.pairs = pairs
         self.buffers = BufferPool(config.buffer_pool_bytes)
 
@@ -100,7 +95,6 @@ class TransferService:
     def _receive(self, header: ChunkHeader, frames: Iterator, data: torch.Tensor) -> torch.Tensor:
         # data: [nbytes] uint8, filled in place
         dst = memoryview(data.numpy())
-        hook = self.fault_hook()
         check = header.checksum != NO_CHECKSUM
         crc, off = 0, 0
         for frame in frames:
@@ -113,8 +107,6 @@ class TransferService:
                     f"hand-off {header.handoff_id!r}: more than the {header.nbytes} bytes the "
                     f"header declares arrived")
             dst[off:end] = frame
-            if hook is not None:
-                hook(data[off:end])
             if check:
                 crc = crc32(dst[off:end], crc)
             off = end

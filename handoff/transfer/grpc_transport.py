@@ -67,8 +67,7 @@ class GrpcKVReceiver(KVReceiver):
     def start(self, sink: KVSink) -> str:
         if self._server is not None:
             raise RuntimeError("receiver already started; make a new one per sink")
-        service = TransferService(self.config, sink, self.receiver_id, ("grpc",),
-                                  lambda: self.fault_hook)
+        service = TransferService(self.config, sink, self.receiver_id, ("grpc",))
         self._server = TransferServer(self.config, service)
         return f"grpc://{advertised_host(self.config.host)}:{self._server.port}"
 

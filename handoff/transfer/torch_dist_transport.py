@@ -55,7 +55,7 @@ class TorchDistKVReceiver(KVReceiver):
             raise RuntimeError("receiver already started; make a new one per sink")
         self._store = pairs.new_store(self.config.host, self.config.connect_timeout_s)
         self._service = TransferService(self.config, sink, self.receiver_id, (SCHEME, "grpc"),
-                                        lambda: self.fault_hook, pairs=self)
+                                        pairs=self)
         self._server = TransferServer(self.config, self._service)
         self._reaper = threading.Thread(target=self._reap_loop, name="kv-pair-reaper", daemon=True)
         self._reaper.start()
@@ -142,9 +142,6 @@ class TorchDistKVReceiver(KVReceiver):
         return pb.FinishReply(nbytes=pend.header.nbytes)
 
     def _verify(self, header: ChunkHeader, data: torch.Tensor) -> None:
-        hook = self.fault_hook
-        if hook is not None and data.device.type == "cpu":
-            hook(data)
         if header.checksum != NO_CHECKSUM:
             verify_checksum(header, crc32(data if data.device.type == "cpu" else data.cpu()))
 

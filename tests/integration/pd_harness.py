@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 
 from splitserve.decode.worker import DecodeWorker
 from splitserve.handoff import rpc
 from splitserve.engine.config import EngineConfig
+from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.protocol import engine_layout
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.handoff.transfer.base import TransportConfig, get_transport
+from splitserve.handoff.transfer.base import KVSender, TransportConfig, get_transport
+from splitserve.handoff.transfer.chunks import as_bytes
 from splitserve.prefill.worker import PrefillWorker
 
 TOKEN = "test-cluster-token"
@@ -32,16 +35,36 @@ class PD:
     client: rpc.WorkerClient
     servers: list
 
+    def request(self, prompt, params, prefill=True, request_id=None) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex, prompt_token_ids=list(prompt),
+            params=params.to_dict(),
+            prefill=PrefillPlacement(address=self.prefill_addr) if prefill else None)
+
     async def generate(self, prompt, params, prefill=True, request_id=None):
-        body = {"prompt_token_ids": list(prompt), "params": params.to_dict(),
-                "prefill": {"address": self.prefill_addr} if prefill else None}
-        if request_id:
-            body["request_id"] = request_id
+        """Returns (token ids, the first output's GenerateTimings)."""
         toks, first = [], None
-        async for d in self.client.stream("Generate", body):
-            toks += d["token_ids"]
-            first = first or d.get("timings")
+        async for out in self.client.generate(self.request(prompt, params, prefill, request_id)):
+            toks += out.token_ids
+            first = first or out.timings
         return toks, first
+
+    def on_chunk(self, fault) -> None:
+        """Run ``fault()`` on the decode receiver's thread as each KV chunk
+        arrives, before its bytes are taken: a stalled link (sleep), a
+        replica dying mid-transfer (stop a server, raise)."""
+        res = self.decode.reservations
+        expect = res.expect
+
+        def expect_after_fault(handoff_id: str) -> int:
+            fault()
+            return expect(handoff_id)
+        res.expect = expect_after_fault
+
+    def corrupt_chunks(self) -> None:
+        """Every KV chunk the prefill replica sends arrives with its first
+        byte flipped, after the header's crc32 was taken."""
+        self.prefill.sender = CorruptingSender(self.prefill.sender)
 
     async def close(self):
         await self.client.close()
@@ -52,6 +75,25 @@ class PD:
 
     def all_free(self) -> bool:
         return self.prefill.engine.kv.all_free() and self.decode.engine.kv.all_free()
+
+
+class CorruptingSender(KVSender):
+    """A sender whose wire flips the first byte of every chunk."""
+
+    def __init__(self, inner: KVSender):
+        super().__init__(inner.config)
+        self.inner = inner
+
+    async def send(self, endpoint, header, buf, timeout_s):
+        on_the_wire = buf.clone()
+        as_bytes(on_the_wire)[0] ^= 0xFF
+        await self.inner.send(endpoint, header, on_the_wire, timeout_s)
+
+    async def ping(self, endpoint, timeout_s):
+        return await self.inner.ping(endpoint, timeout_s)
+
+    async def close(self):
+        await self.inner.close()
 
 
 async def start_pd(prefill_engine, decode_engine, transport="grpc", policy="local",

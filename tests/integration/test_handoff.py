@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+from splitserve.handoff.messages import PrefillMode
 from splitserve.handoff.rpc import RpcError
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine, start_pd, wait_until
@@ -41,7 +42,7 @@ def test_concurrent_handoffs_match_single_engine(tiny_llama, reference, transpor
             ps = prompts(8, reference.model_cfg.vocab_size)
             got = await asyncio.gather(*[pd.generate(p, GREEDY) for p in ps])
             assert [g[0] for g in got] == expected(reference, ps)
-            assert all(g[1]["mode"] == "remote" for g in got)
+            assert all(g[1].mode is PrefillMode.REMOTE for g in got)
             s = await pd.decode.stats()
             assert s["handoffs"] == 8 and s["fallbacks"] == 0
             assert await wait_until(pd.all_free)
@@ -104,7 +105,7 @@ def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
             b = await pd.generate(p, GREEDY)
             assert a[0] == b[0] == expected(reference, [p])[0]
             # 30 tokens = 8 blocks of 4; 7 full blocks are cached the second time
-            assert b[1]["bytes"] == a[1]["bytes"] // 8
+            assert b[1].bytes == a[1].bytes // 8
             assert await wait_until(pd.all_free)
         finally:
             await pd.close()
@@ -114,7 +115,7 @@ def test_decode_prefix_cache_skips_blocks_it_holds(tiny_llama, reference):
 def _stop_prefill_on_first_chunk(pd, loop):
     stopped = []
 
-    def hook(_bytes):
+    def hook():
         if not stopped:
             stopped.append(1)
             fut = asyncio.run_coroutine_threadsafe(pd.servers[0].stop(0), loop)
@@ -126,13 +127,13 @@ def _stop_prefill_on_first_chunk(pd, loop):
 def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), policy=policy)
-        pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+        pd.on_chunk(_stop_prefill_on_first_chunk(pd, asyncio.get_running_loop()))
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[5]
             if policy == "local":
                 toks, t = await pd.generate(p, GREEDY)
                 assert toks == expected(reference, [p])[0]
-                assert t["mode"] == "local" and "fallback_reason" in t
+                assert t.mode is PrefillMode.LOCAL and t.fallback_reason is not None
                 assert (await pd.decode.stats())["fallbacks"] == 1
             else:
                 with pytest.raises(RpcError) as e:
@@ -155,20 +156,18 @@ def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, r
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
         if fault:
-            pd.decode.receiver.fault_hook = _stop_prefill_on_first_chunk(pd, asyncio.get_running_loop())
+            pd.on_chunk(_stop_prefill_on_first_chunk(pd, asyncio.get_running_loop()))
         try:
-            outs = [d async for d in pd.client.stream("Generate", {
-                "prompt_token_ids": p, "params": params.to_dict(),
-                "prefill": {"address": pd.prefill_addr}})]
-            assert outs[0]["timings"]["mode"] == ("local" if fault else "remote")
-            got = outs[0]["prompt_logprobs"]
-            assert got[0] is None and [d["token_id"] for d in got[1:]] == p[1:]
-            assert [d["logprob"] for d in got[1:]] == pytest.approx(
+            outs = [o async for o in pd.client.generate(pd.request(p, params))]
+            assert outs[0].timings.mode is (PrefillMode.LOCAL if fault else PrefillMode.REMOTE)
+            got = outs[0].prompt_logprobs
+            assert got[0] is None and [d.token_id for d in got[1:]] == p[1:]
+            assert [d.logprob for d in got[1:]] == pytest.approx(
                 [lp.logprob for lp in want.prompt_logprobs[1:]], abs=1e-4)
-            assert [[t for t, _ in d["top"]] for d in got[1:]] == [
+            assert [[t for t, _ in d.top] for d in got[1:]] == [
                 [t for t, _ in lp.top] for lp in want.prompt_logprobs[1:]]
-            assert all("prompt_logprobs" not in d for d in outs[1:])
-            assert [t for d in outs for t in d["token_ids"]] == want.token_ids
+            assert all(o.prompt_logprobs is None and o.timings is None for o in outs[1:])
+            assert [t for o in outs for t in o.token_ids] == want.token_ids
             assert await wait_until(pd.all_free, 10)
         finally:
             await pd.close()
@@ -178,13 +177,13 @@ def test_prompt_logprobs_across_the_handoff_and_the_local_fallback(tiny_llama, r
 def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama), transfer_timeout_s=0.3)
-        pd.decode.receiver.fault_hook = lambda _b: time.sleep(1.0)  # a stalled link
+        pd.on_chunk(lambda: time.sleep(1.0))  # a stalled link
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[4]
             t0 = time.monotonic()
             toks, t = await pd.generate(p, GREEDY)
             assert toks == expected(reference, [p])[0]
-            assert t["mode"] == "local" and "DEADLINE_EXCEEDED" in t["fallback_reason"]
+            assert t.mode is PrefillMode.LOCAL and "DEADLINE_EXCEEDED" in t.fallback_reason
             assert time.monotonic() - t0 < 5
             assert await wait_until(pd.all_free, 10)
             assert pd.prefill.failed == 1
@@ -196,16 +195,12 @@ def test_transfer_timeout_falls_back_and_frees(tiny_llama, reference):
 def test_checksum_mismatch_is_caught(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
-
-        def corrupt(b):
-            if b.numel():
-                b[0] ^= 0xFF
-        pd.decode.receiver.fault_hook = corrupt
+        pd.corrupt_chunks()
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[6]
             toks, t = await pd.generate(p, GREEDY)
             assert toks == expected(reference, [p])[0]  # never garbage
-            assert t["mode"] == "local"
+            assert t.mode is PrefillMode.LOCAL and "crc32" in t.fallback_reason
             assert await wait_until(pd.all_free, 10)
         finally:
             await pd.close()
@@ -215,7 +210,7 @@ def test_checksum_mismatch_is_caught(tiny_llama, reference):
 def test_client_cancel_mid_transfer_frees_both_sides(tiny_llama, reference):
     async def main():
         pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama))
-        pd.decode.receiver.fault_hook = lambda _b: time.sleep(0.5)
+        pd.on_chunk(lambda: time.sleep(0.5))
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[7]
             task = asyncio.ensure_future(pd.generate(p, GREEDY))
@@ -290,7 +285,7 @@ def test_decode_killed_while_holding_reservation_frees_prefill(tiny_llama, refer
         loop = asyncio.get_running_loop()
         killed = []
 
-        def kill_decode(_bytes):
+        def kill_decode():
             # the decode replica goes away mid-transfer: its KV receiver and
             # its RPC server stop, as when the process dies
             if not killed:
@@ -298,7 +293,7 @@ def test_decode_killed_while_holding_reservation_frees_prefill(tiny_llama, refer
                 pd.decode.receiver.stop(0)
                 asyncio.run_coroutine_threadsafe(pd.servers[1].stop(0), loop).result(5)
                 raise ConnectionResetError("receiver gone")
-        pd.decode.receiver.fault_hook = kill_decode
+        pd.on_chunk(kill_decode)
         try:
             p = prompts(8, reference.model_cfg.vocab_size)[7]
             with pytest.raises(RpcError) as e:

@@ -1,6 +1,8 @@
 """The import direction of docs/architecture.md, enforced.
 
-kernels <- engine <- handoff <- {prefill, decode}; router imports neither
+kernels <- engine <- handoff <- {prefill, decode}; handoff reaches the
+engine only through its port (splitserve.engine.kv_port) and the plain data
+and error modules listed in HANDOFF_ENGINE_ALLOWED; router imports neither
 prefill nor decode nor torch (only splitserve.engine.hashing); prefill and
 decode never import each other; engine and kernels never import Ray or a
 higher layer. Every import of our own code goes through the one top-level
@@ -37,6 +39,15 @@ FORBIDDEN_THIRD_PARTY = {
 }
 # the only engine modules the router may use (torch-free)
 ROUTER_ENGINE_ALLOWED = {"splitserve.engine.hashing"}
+# the only engine modules the hand-off may use: the engine's KV port and plain
+# data and errors, never the scheduler, block manager, runner or LLMEngine
+HANDOFF_ENGINE_ALLOWED = {
+    "splitserve.engine.kv_port",  # KVPort and the values it takes and returns
+    "splitserve.engine.errors",  # the exceptions either side raises
+    "splitserve.engine.outputs",  # RequestOutput: what an admitted sequence yields
+    "splitserve.engine.sampling_params",  # SamplingParams: wire form and validation
+    "splitserve.engine.auth",  # the constant-time check of the cluster token
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -66,6 +77,8 @@ def violations(pkg: str, name: str) -> list[str]:
         return [f"imports {name} (a higher layer)"]
     if pkg == "router" and parts[1] == "engine" and name not in ROUTER_ENGINE_ALLOWED:
         return [f"imports {name} (router may use only splitserve.engine.hashing)"]
+    if pkg == "handoff" and parts[1] == "engine" and name not in HANDOFF_ENGINE_ALLOWED:
+        return [f"imports {name} (handoff may use only {sorted(HANDOFF_ENGINE_ALLOWED)})"]
     return []
 
 
@@ -90,6 +103,24 @@ def test_the_rules_catch_what_they_forbid():
     assert violations("router", "torch.nn")
     assert not violations("router", "splitserve.engine.hashing")
     assert not violations("cluster", "splitserve.prefill.worker")
+    for private in ("splitserve.engine.llm_engine", "splitserve.engine.kv_manager",
+                    "splitserve.engine.scheduler", "splitserve.engine.request_state",
+                    "splitserve.engine"):
+        assert violations("handoff", private), private
+    for allowed in HANDOFF_ENGINE_ALLOWED:
+        assert not violations("handoff", allowed), allowed
+    assert not violations("decode", "splitserve.engine.llm_engine")
+
+
+def test_a_handoff_file_reaching_into_the_engine_fails(tmp_path):
+    """The rule as test_import_direction applies it to a file, imports
+    inside functions included."""
+    bad = tmp_path / "sneaky.py"
+    bad.write_text("from splitserve.engine.kv_port import KVPort\n"
+                   "from splitserve.engine.kv_manager import KVCacheManager\n\n"
+                   "def f():\n    import splitserve.engine.llm_engine\n")
+    found = sorted(name for name in imports_of(bad) if violations("handoff", name))
+    assert found == ["splitserve.engine.kv_manager", "splitserve.engine.llm_engine"]
 
 
 def test_required_layout():

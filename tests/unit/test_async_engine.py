@@ -82,7 +82,7 @@ def test_one_id_names_one_sequence_across_requests_and_reservations(tiny_llama):
     from splitserve.handoff.protocol import Reservations
 
     eng = make_engine(tiny_llama)
-    res = Reservations(eng)
+    res = Reservations(eng.kv_port)
     res.reserve("held", res.layout, [5, 6, 7, 8, 9], 4)
     with pytest.raises(InvalidRequestError, match="already in use"):
         eng.add_request("held", prompt_token_ids=[1, 2, 3], params=SP)
@@ -100,7 +100,7 @@ def test_abort_of_a_request_waiting_for_its_kv_closes_the_reservation(tiny_llama
     from splitserve.handoff.transfer.errors import UnknownHandoffError
 
     eng = make_engine(tiny_llama)
-    res = Reservations(eng)
+    res = Reservations(eng.kv_port)
     res.reserve("r1", res.layout, list(range(3, 40)), 4)
     assert not eng.kv.all_free()
     assert eng.abort("r1")  # known: it was a reservation

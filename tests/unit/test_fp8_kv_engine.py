@@ -34,7 +34,7 @@ def test_fp8_cache_tracks_fp32_cache(tiny_llama):
 
 def test_fp8_cache_hands_off_bytes_exactly(tiny_llama):
     """Exported fp8 KV imports bit-identically (the hand-off moves raw bytes)."""
-    from splitserve.handoff.protocol import export_layers, export_meta, import_kv
+    from tests.fixtures.handoff import export_layers, export_meta, import_kv
 
     src = LLMEngine(EngineConfig(model=str(tiny_llama), num_blocks=64, block_size=4,
                                  kv_cache_dtype="fp8"))
@@ -51,7 +51,7 @@ def test_fp8_cache_hands_off_bytes_exactly(tiny_llama):
     rid, first = import_kv(dst, meta, buf)
     dst_buf = export_layers(dst, rid, 0, dst.model_cfg.num_layers)
     assert torch.equal(dst_buf.view(torch.uint8), buf.view(torch.uint8))
-    src.release("r")
+    src.kv_port.release("r")
     out = list(first.new_token_ids)
     while dst.has_unfinished():
         for o in dst.step():

@@ -10,7 +10,7 @@ import torch
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.handoff.protocol import export_layers, export_meta, import_kv
+from tests.fixtures.handoff import export_layers, export_meta, import_kv
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_model
@@ -95,7 +95,7 @@ def test_carried_across_the_handoff(case):
     for i, ref in enumerate(refs):
         meta = export_meta(src, f"r{i}")
         _, first = import_kv(dst, meta, export_layers(src, f"r{i}", 0, src.model_cfg.num_layers))
-        src.release(f"r{i}")
+        src.kv_port.release(f"r{i}")
         check(first.prompt_logprobs, ref)
         assert first.to_dict()["prompt_logprobs"][0] is None
     while dst.has_unfinished():

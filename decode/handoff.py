@@ -1,0 +1,95 @@
+"""IncomingHandoff: one request's KV coming from a prefill replica.
+
+Stages (``IncomingHandoff.stage``), each entered by one method:
+
+  reserve   blocks for the prompt held with a lease; blocks of a prefix this
+            replica caches already are not sent. Refused with
+            OutOfBlocksError (RESOURCE_EXHAUSTED) when they do not fit
+                                                              -> RESERVED
+  receive   the Prefill call: the prefill replica runs the prompt and its KV
+            lands in the reserved blocks through the worker's KV receiver
+                                                              -> RECEIVING
+  commit    the reservation becomes a running sequence; the first token
+            (sampled by prefill) is processed here          -> COMMITTED
+  running   its first token came out of the running batch    -> RUNNING
+  cancel    on any failure before commit: the blocks are freed -> CANCELLED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from typing import AsyncIterator
+
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTarget
+from splitserve.handoff.protocol import Reservations
+from splitserve.handoff.rpc import WorkerClient
+
+
+class DecodeStage(enum.Enum):
+    NEW = "new"
+    RESERVED = "reserved"
+    RECEIVING = "receiving"
+    COMMITTED = "committed"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+
+
+class IncomingHandoff:
+    def __init__(self, aengine: AsyncEngine, reservations: Reservations, request_id: str,
+                 prompt_token_ids: list[int], params: SamplingParams):
+        self.aengine = aengine
+        self.reservations = reservations
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.stage = DecodeStage.NEW
+        self.cached_tokens = 0
+        self.handoff_s = 0.0
+
+    async def reserve(self) -> None:
+        """-> RESERVED. Raises (nothing held) when this replica cannot take it."""
+        res, rid = self.reservations, self.request_id
+        r = await self.aengine.call(
+            lambda e: res.reserve(rid, res.layout, self.prompt_token_ids, self.params.max_tokens))
+        self.cached_tokens = r.cached_tokens
+        self.stage = DecodeStage.RESERVED
+
+    async def receive(self, prefill: WorkerClient, kv_endpoint: str,
+                      timeout_s: float) -> PrefillReply:
+        """RESERVED -> RECEIVING: have ``prefill`` run the prompt into the
+        reservation. Returns its reply once every chunk landed."""
+        self.stage = DecodeStage.RECEIVING
+        t0 = time.monotonic()
+        reply = await prefill.prefill(PrefillRequest(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+            params=self.params.to_dict(),
+            target=PrefillTarget(endpoint=kv_endpoint, skip_tokens=self.cached_tokens,
+                                 layout=self.reservations.layout)), timeout=timeout_s)
+        self.handoff_s = time.monotonic() - t0
+        return reply
+
+    async def commit(self, reply: PrefillReply) -> AsyncIterator[RequestOutput]:
+        """RECEIVING -> COMMITTED: the received sequence joins the running
+        batch (on the engine thread, when its stream is first read).
+        Returns that stream; ``running`` marks its first output."""
+        matcher = await self.aengine.build_matcher(self.prompt_token_ids, self.params)
+        meta, res = reply.meta, self.reservations
+        self.stage = DecodeStage.COMMITTED
+        return self.aengine.adopt(lambda e: res.commit(meta, matcher), self.request_id)
+
+    def running(self) -> None:
+        """COMMITTED -> RUNNING: its first token came out of the running batch."""
+        self.stage = DecodeStage.RUNNING
+
+    async def cancel(self) -> None:
+        """-> CANCELLED: free the reservation (idempotent). Survives the
+        caller's own cancellation."""
+        self.stage = DecodeStage.CANCELLED
+        if self.aengine.alive:
+            rid, res = self.request_id, self.reservations
+            await asyncio.shield(self.aengine.call(lambda e: res.cancel(rid)))

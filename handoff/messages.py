@@ -1,0 +1,202 @@
+"""Every message of the worker RPC plane (``splitserve.handoff.rpc``).
+
+The ingress-side orchestrator, the decode workers and the prefill workers
+import these same types. They travel as msgpack and are decoded with
+``msgspec.msgpack.Decoder(Type)``: a missing, mistyped or unknown field
+fails the call (INVALID_ARGUMENT) instead of becoming a default. Fields
+with a default are optional by design and say so.
+
+  Generate (ingress -> decode, a stream)
+    GenerateRequest  ->  GenerateOutput ... (the first one carries GenerateTimings)
+  Prefill (decode -> prefill)
+    PrefillRequest (with its PrefillTarget)  ->  PrefillReply (HandoffMeta, PrefillTimings)
+  Stats (anyone -> a worker)
+    StatsRequest  ->  the worker's stats
+  any call that fails
+    WorkerError in the gRPC status details (see ``splitserve.handoff.rpc_errors``)
+
+Sampling parameters travel in the form of ``SamplingParams.to_dict``,
+whose ``from_dict`` refuses unknown keys and validates every value.
+``KVLayout`` (the pair's compatibility handshake) is the transfer plane's
+type, ``splitserve.handoff.transfer.base.KVLayout``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+import msgspec
+
+from splitserve.engine.kv_port import FinishReason, TokenLogprobs
+from splitserve.engine.outputs import RequestOutput
+from splitserve.handoff.transfer.base import KVLayout
+
+
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every worker RPC message."""
+
+
+class Logprob(Message):
+    """One token's logprob and its most probable alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most probable first
+
+    @classmethod
+    def of(cls, lp: TokenLogprobs | None) -> "Logprob | None":
+        return None if lp is None else cls(token_id=lp.token_id, logprob=lp.logprob,
+                                           top=[(int(t), float(v)) for t, v in lp.top])
+
+    @staticmethod
+    def to_engine(lp: "Logprob | None") -> TokenLogprobs | None:
+        return None if lp is None else TokenLogprobs(lp.token_id, lp.logprob, list(lp.top))
+
+
+# -- Prefill ------------------------------------------------------------------------
+class HandoffMeta(Message):
+    """Everything the target needs besides the KV bytes."""
+
+    request_id: str
+    layout: KVLayout
+    prompt_token_ids: list[int]
+    first_token_id: int
+    params: dict[str, Any]  # SamplingParams.to_dict
+    first_logprobs: Logprob | None
+    # where asked for: [None, logprobs of prompt token 1, ...]
+    prompt_logprobs: list[Logprob | None] | None
+
+
+class PrefillTarget(Message):
+    """Where the KV goes: the decode replica's KV endpoint and reservation."""
+
+    endpoint: str
+    skip_tokens: int  # a prefix the target caches already: whole blocks, not sent
+    layout: KVLayout  # the target's: must equal the prefill engine's
+
+
+class PrefillRequest(Message):
+    request_id: str  # also the hand-off id of the target's reservation
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # SamplingParams.to_dict
+    target: PrefillTarget
+
+
+class PrefillTimings(Message):
+    prefill_s: float  # from the call to the first token
+    prefill_queue_s: float  # of which waiting in the engine's queue
+    transfer_wait_s: float  # from the first token to the last chunk's ack
+    bytes: int  # KV bytes sent
+
+
+class PrefillReply(Message):
+    meta: HandoffMeta
+    timings: PrefillTimings
+
+
+# -- Generate -----------------------------------------------------------------------
+class PrefillPlacement(Message):
+    address: str  # the prefill replica's worker RPC address
+
+
+class GenerateRequest(Message):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # SamplingParams.to_dict
+    prefill: PrefillPlacement | None  # None: prefill on the decode replica
+
+
+class PrefillMode(str, enum.Enum):
+    LOCAL = "local"  # the decode replica ran the prompt itself
+    REMOTE = "remote"  # a prefill replica ran it and sent the KV
+
+
+class GenerateTimings(Message):
+    """How the first token came about; optional fields belong to one mode."""
+
+    mode: PrefillMode
+    ttft_s: float  # from the Generate call to the first token
+    local_queue_s: float | None = None  # local: waiting in the engine's queue
+    fallback_reason: str | None = None  # local after a failed hand-off: why
+    handoff_s: float | None = None  # remote: the Prefill call, transfer included
+    prefill_s: float | None = None  # remote: PrefillTimings, as reported
+    prefill_queue_s: float | None = None
+    transfer_wait_s: float | None = None
+    bytes: int | None = None
+
+
+class GenerateOutput(Message):
+    """One step of a request's stream (``RequestOutput`` in wire form)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[Logprob] | None = None  # when asked for
+    prompt_logprobs: list[Logprob | None] | None = None  # first output only, when asked for
+    timings: GenerateTimings | None = None  # first output only
+
+    @classmethod
+    def of(cls, out: RequestOutput, timings: GenerateTimings | None = None) -> "GenerateOutput":
+        return cls(
+            request_id=out.request_id, token_ids=list(out.new_token_ids), text=out.new_text,
+            finished=out.finished,
+            finish_reason=None if out.finish_reason is None else FinishReason(out.finish_reason),
+            prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens,
+            logprobs=[Logprob.of(lp) for lp in out.new_logprobs] if out.new_logprobs else None,
+            prompt_logprobs=None if out.prompt_logprobs is None
+            else [Logprob.of(lp) for lp in out.prompt_logprobs],
+            timings=timings)
+
+
+# -- Stats, errors ------------------------------------------------------------------
+class StatsRequest(Message):
+    pass
+
+
+class ErrorKind(str, enum.Enum):
+    """What failed on the worker; each maps to one exception class
+    (``splitserve.handoff.rpc_errors``)."""
+
+    INVALID_REQUEST = "invalid_request"
+    OUT_OF_BLOCKS = "out_of_blocks"
+    INCOMPATIBLE_KV = "incompatible_kv"
+    UNKNOWN_HANDOFF = "unknown_handoff"
+    TRANSFER_TIMEOUT = "transfer_timeout"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    TRANSFER_AUTH = "transfer_auth"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    PEER_UNAVAILABLE = "peer_unavailable"
+    INVALID_CHUNK = "invalid_chunk"
+    TRANSFER_FAILED = "transfer_failed"
+    TIMEOUT = "timeout"
+    UNAUTHENTICATED = "unauthenticated"  # the worker refused the cluster token
+    UPSTREAM = "upstream"  # a call this worker made failed without a kind
+    INTERNAL = "internal"  # anything else: a bug or a dead engine
+
+
+class WorkerError(Message):
+    kind: ErrorKind
+    message: str
+    param: str | None  # INVALID_REQUEST: the offending parameter, when known
+
+
+# -- the methods --------------------------------------------------------------------
+class Method(NamedTuple):
+    name: str
+    request: Any  # a Message type
+    reply: Any  # a Message type, or what the worker's stats are
+    streaming: bool
+
+
+PREFILL = Method("Prefill", PrefillRequest, PrefillReply, False)
+GENERATE = Method("Generate", GenerateRequest, GenerateOutput, True)
+# the workers' stats methods own their reply's shape
+STATS = Method("Stats", StatsRequest, dict[str, Any], False)
+METHODS = {m.name: m for m in (PREFILL, GENERATE, STATS)}
