@@ -31,6 +31,7 @@ from splitserve.handoff.protocol import HandoffMeta, Reservations
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.stats import DecodeStats
 from splitserve.handoff.transfer.base import KVReceiver
 
 FALLBACK_POLICIES = ("local", "error")
@@ -148,12 +149,12 @@ class DecodeWorker:
             raise
         return self.aengine.adopt(lambda e: self.reservations.commit(meta, matcher), rid)
 
-    async def stats(self, _req: dict | None = None) -> dict:
-        def snap(e: LLMEngine) -> dict:
-            return {**e.load_stats(), "max_seqs": e.cfg.max_num_seqs,
-                    "block_size": e.cfg.block_size, "reservations": len(self.reservations),
-                    "steps": e.step_count}
-        s = await self.aengine.call(snap)
-        s["streams"] = self.aengine.num_streams
-        s.update(self.counters, draining=self.draining, kv_endpoint=self.kv_endpoint)
-        return s
+    async def stats(self, _req: dict | None = None) -> DecodeStats:
+        load, reservations = await self.aengine.call(
+            lambda e: (e.load_stats(), len(self.reservations)))
+        c = self.counters
+        return DecodeStats(engine=load, streams=self.aengine.num_streams,
+                           reservations=reservations, handoffs=c["handoffs"],
+                           local_prefills=c["local_prefills"], fallbacks=c["fallbacks"],
+                           refused=c["refused"], expired=c["expired"],
+                           handoff_bytes=c["handoff_bytes"], kv_endpoint=self.kv_endpoint)

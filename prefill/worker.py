@@ -28,6 +28,7 @@ from splitserve.handoff.protocol import engine_layout, export_layers, export_met
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.engine.stats import PrefillStats
 from splitserve.handoff.transfer.base import KVLayout, KVSender, make_header
 
 
@@ -135,11 +136,8 @@ class PrefillWorker:
                 # frees the held blocks (or aborts a request still running)
                 await self.aengine.call(lambda e: e.release(rid) if finished else e.abort(rid))
 
-    async def stats(self, _req: dict | None = None) -> dict:
-        def snap(e: LLMEngine) -> dict:
-            return {**e.load_stats(), "prompt_tokens_computed": e.prompt_tokens_computed}
-        s = await self.aengine.call(snap)
-        s["streams"] = self.aengine.num_streams
-        s.update(completed=self.completed, failed=self.failed, bytes_sent=self.bytes_sent,
-                 inflight=len(self._handoffs))
-        return s
+    async def stats(self, _req: dict | None = None) -> PrefillStats:
+        load = await self.aengine.call(lambda e: e.load_stats())
+        return PrefillStats(engine=load, streams=self.aengine.num_streams,
+                            inflight=len(self._handoffs), completed=self.completed,
+                            failed=self.failed, bytes_sent=self.bytes_sent)

@@ -18,11 +18,10 @@ import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics
 from splitserve.router.core import RouterCore
+from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import (
-    DecodeReplicaStats,
     NoCapacityError,
     OverloadedError,
-    PrefillReplicaStats,
     QueueDelayError,
     RouteRequest,
     RouterConfig,
@@ -38,7 +37,7 @@ class RouterActor:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg_dict = cfg
         self.core = RouterCore(RouterConfig(**cfg))
-        self.addresses: dict[str, dict[str, Any]] = {}  # replica id -> {role, model, ...}
+        self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.started_at = time.time()
         self._last_prune = 0.0
         self.metrics = RouterMetrics()
@@ -51,38 +50,34 @@ class RouterActor:
         self.cfg_dict = cfg
         self.core = RouterCore(RouterConfig(**cfg))
 
-    def update_stats(self, role: str, stats: dict[str, Any], info: dict[str, Any] | None = None,
-                     stored: list[int] | None = None, evicted: list[int] | None = None,
-                     snapshot: bool = False) -> bool:
+    def update_stats(self, report: StatsReport) -> bool:
         """A replica's periodic push: its stats and its prefix-cache events
-        since the last push (``snapshot``: ``stored`` is its whole cache).
-        Returns True when the router needs a snapshot next time: it did not
-        know the replica (it restarted, was reconfigured, or pruned it), so
-        the deltas it got so far describe only part of the cache."""
-        cls = PrefillReplicaStats if role == "prefill" else DecodeReplicaStats
-        s = cls(**stats)
+        since the last push (``report.snapshot``: ``stored`` is its whole
+        cache). Returns True when the router needs a snapshot next time: it
+        did not know the replica (it restarted, was reconfigured, or pruned
+        it), so the deltas it got so far describe only part of the cache."""
+        s = replica_stats(report)
         try:
             unknown = self.core.update_stats(s)
         except UnknownModelError:
             return False
-        if info is not None:
-            self.addresses[s.replica_id] = info
-        if snapshot:
-            self.core.replace_blocks(s.replica_id, stored or [])
+        self.replicas_info[s.replica_id] = report.replica
+        if report.snapshot:
+            self.core.replace_blocks(s.replica_id, report.stored)
         else:
-            if stored:
-                self.core.on_blocks_stored(s.replica_id, stored)
-            if evicted:
-                self.core.on_blocks_evicted(s.replica_id, evicted)
-        self.metrics.publish(self.core, self.addresses)
-        return unknown and not snapshot
+            if report.stored:
+                self.core.on_blocks_stored(s.replica_id, report.stored)
+            if report.evicted:
+                self.core.on_blocks_evicted(s.replica_id, report.evicted)
+        self.metrics.publish(self.core, self.replicas_info)
+        return unknown and not report.snapshot
 
     def cached_blocks(self) -> dict[str, int]:
         """Replica id -> prefix-cache blocks the router's index holds for it."""
-        return {rid: self.core.index.num_blocks(rid) for rid in self.addresses}
+        return {rid: self.core.index.num_blocks(rid) for rid in self.replicas_info}
 
     def remove_replica(self, replica_id: str) -> bool:
-        self.addresses.pop(replica_id, None)
+        self.replicas_info.pop(replica_id, None)
         return self.core.remove_replica(replica_id)
 
     def set_prefer_local_prefill(self, prefer: bool) -> None:

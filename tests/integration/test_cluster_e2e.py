@@ -166,9 +166,9 @@ def replica_stats(cfg, model) -> dict:
 
 def pools_free(cfg, model) -> dict:
     """Every replica of ``model`` idle: all blocks free, no request state left."""
-    from splitserve.engine.llm_engine import stats_idle
+    from splitserve.engine.stats import stats_from_wire
 
-    return {rid: stats_idle(s) for rid, s in replica_stats(cfg, model).items()}
+    return {rid: stats_from_wire(s).idle() for rid, s in replica_stats(cfg, model).items()}
 
 
 def wait_for(pred, timeout=20.0):
