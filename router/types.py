@@ -15,11 +15,13 @@ stats stamped on one node can be aged on another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Union
 
 
 class RouterError(Exception):
-    """Base class of every error the router raises on purpose."""
+    """Base class of every error the router raises on purpose. Each one
+    pickles with its fields, so it crosses the router actor's boundary as
+    itself (``RouteRefusal``)."""
 
 
 class UnknownModelError(RouterError, LookupError):
@@ -27,11 +29,14 @@ class UnknownModelError(RouterError, LookupError):
 
     def __init__(self, model: str, known: tuple[str, ...]):
         self.model = model
-        self.known = known
+        self.known = tuple(known)
         super().__init__(
             f"unknown model {model!r}; this router serves {sorted(known)}. "
             "Add it to RouterConfig.kv_bytes_per_token or fix the model name."
         )
+
+    def __reduce__(self):
+        return type(self), (self.model, self.known)
 
 
 class NoCapacityError(RouterError):
@@ -41,6 +46,9 @@ class NoCapacityError(RouterError):
         super().__init__(message)
         self.model = model
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return type(self), (str(self), self.model, self.retry_after_s)
 
 
 class QueueDelayError(NoCapacityError):
@@ -60,6 +68,15 @@ class OverloadedError(RouterError):
             f"model {model!r} has {in_flight} requests in flight (limit {limit}); "
             f"retry after {retry_after_s:.3f} s or raise RouterConfig.max_queue_per_model"
         )
+
+    def __reduce__(self):
+        return type(self), (self.model, self.in_flight, self.limit, self.retry_after_s)
+
+
+# What the router actor's ``route`` answers instead of a placement: the
+# request cannot be placed now (retry later, elsewhere) or names no model
+# the router serves.
+RouteRefusal = Union[OverloadedError, NoCapacityError, UnknownModelError]
 
 
 class UnbalancedReleaseError(RouterError):

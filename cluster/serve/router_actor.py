@@ -22,7 +22,9 @@ from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import (
     NoCapacityError,
     OverloadedError,
+    Placement,
     QueueDelayError,
+    RouteRefusal,
     RouteRequest,
     RouterConfig,
     UnknownModelError,
@@ -83,38 +85,36 @@ class RouterActor:
     def set_prefer_local_prefill(self, prefer: bool) -> None:
         self.core.set_prefer_local_prefill(prefer)
 
-    def route(self, req: dict[str, Any], admit: bool = True) -> dict[str, Any]:
-        """Admit (optionally) and place a request. Returns {"placement": ...}
-        or {"error": kind, "message": ..., "retry_after_s": ...}."""
+    def route(self, req: RouteRequest, admit: bool = True) -> Placement | RouteRefusal:
+        """Admit (optionally) and place a request. A refusal is returned, not
+        raised: it is an answer the caller acts on (HTTP 429, 503, 404), and
+        returned it arrives as itself rather than wrapped in a RayTaskError."""
         now = time.time()
         if now - self._last_prune > 1.0:
             self._last_prune = now
             self.prune(now)
         try:
             if admit:
-                self.core.admit(req["model"])
+                self.core.admit(req.model)
             try:
-                p = self.core.route(RouteRequest(
-                    request_id=req["request_id"], model=req["model"], prompt_len=req["prompt_len"],
-                    max_tokens=req["max_tokens"], block_hashes=tuple(req["block_hashes"]),
-                    exclude_replicas=frozenset(req.get("exclude", ()))), shed=admit)
+                p = self.core.route(req, shed=admit)
             except BaseException:
                 if admit:
-                    self.core.release(req["model"])
+                    self.core.release(req.model)
                 raise
         except OverloadedError as e:
-            self.metrics.on_rejection(req["model"], "overloaded")
-            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "overloaded")
+            return e
         except QueueDelayError as e:  # past saturation: shed like a full queue
-            self.metrics.on_rejection(req["model"], "queue_delay")
-            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "queue_delay")
+            return e
         except NoCapacityError as e:
-            self.metrics.on_rejection(req["model"], "no_capacity")
-            return {"error": "no_capacity", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "no_capacity")
+            return e
         except UnknownModelError as e:
-            return {"error": "unknown_model", "message": str(e)}
-        self.metrics.on_placement(req["model"], p.reason)
-        return {"placement": asdict(p)}
+            return e
+        self.metrics.on_placement(req.model, p.reason)
+        return p
 
     def release(self, model: str) -> None:
         try:

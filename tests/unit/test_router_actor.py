@@ -3,12 +3,22 @@ replies workers and ingresses act on."""
 
 import time
 
+import pickle
+
 import pytest
 
 from splitserve.cluster.serve.router_actor import RouterActor
 from splitserve.engine.roles import Role
 from splitserve.router.reports import ReplicaInfo, StatsReport
-from splitserve.router.types import InvalidStatsError
+from splitserve.router.types import (
+    InvalidStatsError,
+    NoCapacityError,
+    OverloadedError,
+    Placement,
+    QueueDelayError,
+    RouteRequest,
+    UnknownModelError,
+)
 from tests.fixtures.worker_stats import decode_stats, engine_load, prefill_stats
 
 Router = RouterActor.__ray_actor_class__
@@ -34,9 +44,8 @@ def decode(rid="d0", role=Role.DECODE):
     return report(decode_stats(load), role, rid)
 
 
-def route_req(rid="r"):
-    return {"request_id": rid, "model": "m", "prompt_len": 1000, "max_tokens": 4,
-            "block_hashes": []}
+def route_req(rid="r", model="m"):
+    return RouteRequest(rid, model, prompt_len=1000, max_tokens=4, block_hashes=())
 
 
 def test_push_reply_asks_an_unknown_replica_for_a_snapshot_of_its_cache():
@@ -59,13 +68,28 @@ def test_queue_delay_refusal_is_overloaded_with_retry_after_and_frees_the_slot()
                 "max_queue_per_model": 1})
     r.update_stats(prefill(pending=8000))  # 0.8 s of queue at 10k tokens/s
     r.update_stats(decode())
-    res = r.route(route_req())
-    assert res["error"] == "overloaded" and "max_queue_delay_s" in res["message"]
-    assert abs(res["retry_after_s"] - 0.3) < 1e-9
+    res = pickle.loads(pickle.dumps(r.route(route_req())))  # as it crosses to the caller
+    assert type(res) is QueueDelayError and "max_queue_delay_s" in str(res)
+    assert (res.model, abs(res.retry_after_s - 0.3) < 1e-9) == ("m", True)
     c = r.counters()
     assert (c["queue_delay"], c["in_flight"]) == (1, {"m": 0})  # the admission slot came back
     # a request already admitted (a retry or a resumed stream) is still placed
-    assert r.route(route_req("resumed"), admit=False)["placement"]["prefill_replica"] == "p0"
+    placed = r.route(route_req("resumed"), admit=False)
+    assert (placed.prefill_replica, placed.decode_replica) == ("p0", "d0")
+
+
+def test_refusals_are_returned_as_typed_errors():
+    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}, "max_queue_per_model": 1})
+    res = r.route(route_req(model="nope"))
+    assert type(res) is UnknownModelError and (res.model, res.known) == ("nope", ("m",))
+    res = r.route(route_req())  # no decode replica
+    assert type(res) is NoCapacityError and res.model == "m"
+    r.update_stats(prefill())
+    r.update_stats(decode())
+    assert isinstance(r.route(route_req("a")), Placement)
+    res = pickle.loads(pickle.dumps(r.route(route_req("b"))))  # the one slot is taken
+    assert type(res) is OverloadedError
+    assert (res.model, res.in_flight, res.limit) == ("m", 1, 1) and res.retry_after_s > 0
 
 
 def test_reports_become_the_router_view_of_each_pool():
@@ -90,3 +114,19 @@ def test_stats_of_the_wrong_pool_are_refused():
     with pytest.raises(InvalidStatsError, match="colocated replica but pushed PrefillStats"):
         r.update_stats(wrong)
     assert r.replicas()["m"] == {"prefill": [], "decode": []}
+
+
+def test_the_backend_answers_each_refusal_with_its_client_error():
+    from splitserve.cluster.api.backend import Overloaded, Unavailable, UnknownModel
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
+
+    be = ClusterBackend.__new__(ClusterBackend)  # no checkpoints: only the mapping is used
+    be._models = {"m": None}
+    cases = [(OverloadedError("m", 3, 3, 0.25), Overloaded, 0.25),
+             (QueueDelayError("wait", "m", 0.5), Overloaded, 0.5),
+             (NoCapacityError("full", "m", 2.0), Unavailable, 2.0)]
+    for refusal, cls, retry in cases:
+        err = be._refused(refusal)
+        assert (type(err), str(err), err.retry_after_s) == (cls, str(refusal), retry)
+    err = be._refused(UnknownModelError("x", ("m",)))
+    assert type(err) is UnknownModel and err.model == "x"
