@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from splitserve.engine.roles import Role
+
 
 class ConfigError(ValueError):
     """An operator config that cannot be applied; the message names the key."""
@@ -141,6 +143,14 @@ class ServedModel(_Strict):
     decode: PoolSpec = Field(default_factory=lambda: PoolSpec(
         autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool; by "
         "default 1 replica with memory autoscaling.")
+
+    def roles(self) -> tuple[Role, ...]:
+        """The roles of this model's pools, one Serve application each."""
+        return (Role.COLOCATED,) if self.mode == "colocated" else (Role.PREFILL, Role.DECODE)
+
+    def pool(self, role: Role) -> PoolSpec:
+        """The spec of the pool playing ``role`` (a colocated pool is the decode spec)."""
+        return self.prefill if role is Role.PREFILL else self.decode
 
 
 class TransferSpec(_Strict):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from splitserve.engine.roles import Role
 from splitserve.router.cost_model import local_ttft_s, remote_ttft_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.selection import (
@@ -161,14 +162,14 @@ def round_robin_policy(
     total = req.prompt_len + req.max_tokens
     d = next_in_cycle(
         state,
-        (model, "decode"),
+        (model, Role.DECODE),
         snap.decode,
         lambda d: decode_usable(d, model, horizon, excluded, total),
     )
     if d is None:
         raise no_decode_capacity(req, snap, cfg)
     p = next_in_cycle(
-        state, (model, "prefill"), snap.prefill, lambda p: prefill_usable(p, model, horizon, excluded)
+        state, (model, Role.PREFILL), snap.prefill, lambda p: prefill_usable(p, model, horizon, excluded)
     )
     if p is None:
         return _placement(req, None, d, matches, cfg, REASON_NO_PREFILL_REPLICA)

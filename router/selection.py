@@ -17,6 +17,7 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
+from splitserve.engine.roles import Role
 from splitserve.router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
@@ -179,7 +180,7 @@ def longest_prefix_prefill(
 
 
 def next_in_cycle(
-    state: PolicyState, key: tuple[str, str], replicas: Sequence[R], usable: Callable[[R], bool]
+    state: PolicyState, key: tuple[str, Role], replicas: Sequence[R], usable: Callable[[R], bool]
 ) -> R | None:
     """Next usable replica after the last pick, cycling in replica-id order;
     None when none is usable."""

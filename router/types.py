@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
+from splitserve.engine.roles import Role
+
 
 class RouterError(Exception):
     """Base class of every error the router raises on purpose. Each one
@@ -286,8 +288,8 @@ class PolicyState:
     """What a policy may remember between decisions; RouterCore owns one and
     passes it to every call."""
 
-    round_robin_next: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(model, "prefill" | "decode") -> position of the next pick in the cycle."""
+    round_robin_next: dict[tuple[str, Role], int] = field(default_factory=dict)
+    """(model, Role.PREFILL | Role.DECODE) -> position of the next pick in the cycle."""
 
     prefer_local_prefill: bool = False
     """Set at run time when the autoscaler reports the network as the bottleneck."""

@@ -19,6 +19,7 @@ from ray import serve
 from splitserve.cluster.config import ClusterConfig, ServedModel
 from splitserve.cluster.serve.router_actor import NAMESPACE, get_router
 from splitserve.cluster.serve.workers import worker_deployment
+from splitserve.engine.roles import Role
 
 log = logging.getLogger("splitserve.app")
 
@@ -36,17 +37,19 @@ def serve_status():
         return serve.status()
 
 
-def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[str, Any]]:
+def app_name(model: str, role: Role) -> str:
+    """The Serve application of ``model``'s pool playing ``role``."""
+    return f"{model}-{role.value}"
+
+
+def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[Role, Any]]:
     """app name -> (role, bound deployment) for one model's pools."""
-    name = served.model.name
     token = cfg.cluster_token()
-    roles = [("colocated", served.decode)] if served.mode == "colocated" else [
-        ("prefill", served.prefill), ("decode", served.decode)]
     out = {}
-    for role, pool in roles:
-        app = f"{name}-{role}"
-        out[app] = (role, worker_deployment(app, role, pool, served.model, cfg.transfer,
-                                            cfg.router, token))
+    for role in served.roles():
+        app = app_name(served.model.name, role)
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
+                                            cfg.transfer, cfg.router, token))
     return out
 
 
@@ -108,11 +111,11 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     router = get_router(create_with=rcfg)
     if prev is None or router_config(prev) != rcfg:
         ray.get(router.reconfigure.remote(rcfg))
-    apps: dict[str, str] = {}
+    apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg).items():
             serve.run(bound, name=app, route_prefix=None, blocking=False)
-            apps[app] = role
+            apps[app] = role.value
     removed = []
     if prev is not None:
         for served in prev.models:
@@ -132,18 +135,16 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
 
 
 def pool_apps_names(served: ServedModel) -> list[str]:
-    roles = ["colocated"] if served.mode == "colocated" else ["prefill", "decode"]
-    return [f"{served.model.name}-{r}" for r in roles]
+    return [app_name(served.model.name, r) for r in served.roles()]
 
 
 def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
     """``initial_replicas`` sizes a pool's first deploy; applied to a running
     pool it would reset the size its autoscaler chose."""
     out = served.model_copy(deep=True)
-    name = served.model.name
-    for role, pool in (("prefill", out.prefill), ("decode", out.decode), ("colocated", out.decode)):
-        if f"{name}-{role}" in running:
-            pool.initial_replicas = None
+    for role in Role:
+        if app_name(served.model.name, role) in running:
+            out.pool(role).initial_replicas = None
     return out
 
 
@@ -164,11 +165,12 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
         missing = []
         for served in cfg.models:
             name = served.model.name
-            r = reps.get(name, {"prefill": [], "decode": []})
-            if not r["decode"]:
-                missing.append(f"{name}-decode")
-            if served.mode == "disaggregated" and served.prefill.min_replicas > 0 and not r["prefill"]:
-                missing.append(f"{name}-prefill")
+            pools = reps.get(name, {Role.PREFILL.value: [], Role.DECODE.value: []})
+            for role in served.roles():
+                # requests need a decode replica; a prefill pool may be empty
+                needed = role.pool is Role.DECODE or served.pool(role).min_replicas > 0
+                if needed and not pools[role.pool.value]:
+                    missing.append(app_name(name, role))
         if not missing:
             return
         if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics
+from splitserve.engine.roles import Role
 from splitserve.router.core import RouterCore
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import (
@@ -137,12 +138,14 @@ class RouterActor:
         return gone
 
     def replicas(self) -> dict[str, Any]:
+        """The operators' view (``splitserve status``): model -> router pool
+        ("prefill", "decode") -> each replica's stats as a dict."""
         self.prune()
         out: dict[str, Any] = {}
         for model in self.core.cfg.kv_bytes_per_token:
             snap = self.core.snapshot(model)
-            out[model] = {"prefill": [asdict(s) for s in snap.prefill],
-                          "decode": [asdict(s) for s in snap.decode]}
+            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
+                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
         return out
 
     def counters(self) -> dict[str, Any]:

@@ -242,14 +242,14 @@ class WorkerServer:
             pass
 
 
-def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
+def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
                       router: RouterSpec, cluster_token: str):
     """A bound Serve application for one pool of one model."""
     from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
 
     initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
     scaling = {} if pool.autoscaling is None else {
-        "autoscaling_config": serve_autoscaling_config(pool, role, model.name)}
+        "autoscaling_config": serve_autoscaling_config(pool, role.value, model.name)}
     # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     # what only the ingress reads stays out, so editing it does not rebuild replicas

@@ -148,6 +148,7 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
     from splitserve.cluster.serve.orchestrator import ClusterBackend
     from splitserve.cluster.config import PoolSpec, RouterSpec, TransferSpec
     from splitserve.cluster.serve.workers import worker_deployment
+    from splitserve.engine.roles import Role
 
     path = tiny_checkpoints["llama"]
     cfg = parse_config({"models": [
@@ -158,9 +159,25 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
 
     def built(parser):  # the worker pool's Serve deployment: its version and model argument
         spec = cfg.models[0].model.model_copy(update={"tool_call_parser": parser})
-        d = worker_deployment("a-decode", "decode", PoolSpec(), spec, TransferSpec(), RouterSpec(),
-                              "token")._bound_deployment
+        d = worker_deployment("a-decode", Role.DECODE, PoolSpec(), spec, TransferSpec(),
+                              RouterSpec(), "token")._bound_deployment
         return d.version, d.init_args[1]
     (v1, model1), (v2, _) = built("mistral"), built("hermes")
     assert v1 is not None and v1 == v2
     assert "tool_call_parser" not in model1 and model1["name"] == "a"
+
+
+def test_each_mode_names_its_pools_by_role():
+    from splitserve.cluster.config import ModelSpec, ServedModel
+    from splitserve.cluster.serve.app import pool_apps_names
+    from splitserve.engine.roles import Role
+
+    dis = ServedModel(model=ModelSpec(name="m"))
+    col = ServedModel(model=ModelSpec(name="c"), mode="colocated")
+    assert (dis.roles(), col.roles()) == ((Role.PREFILL, Role.DECODE), (Role.COLOCATED,))
+    assert (pool_apps_names(dis), pool_apps_names(col)) == (["m-prefill", "m-decode"],
+                                                            ["c-colocated"])
+    assert dis.pool(Role.PREFILL) is dis.prefill and dis.pool(Role.DECODE) is dis.decode
+    assert col.pool(Role.COLOCATED) is col.decode
+    # the router places from two pools: colocated replicas join the decode one
+    assert [r.pool for r in Role] == [Role.PREFILL, Role.DECODE, Role.DECODE]
