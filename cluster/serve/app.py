@@ -16,10 +16,11 @@ from typing import Any
 import ray
 from ray import serve
 
-from splitserve.cluster.config import ClusterConfig, ServedModel
+from splitserve.cluster.config import ClusterConfig, ModelSpec, ServedModel
 from splitserve.cluster.serve.router_actor import NAMESPACE, get_router
 from splitserve.cluster.serve.workers import worker_deployment
 from splitserve.engine.roles import Role
+from splitserve.router.config import ModelFacts, RouterConfig
 
 log = logging.getLogger("splitserve.app")
 
@@ -53,25 +54,25 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig) -> dict[str, tuple[Role, 
     return out
 
 
-def router_config(cfg: ClusterConfig) -> dict[str, Any]:
-    """RouterConfig fields from the operator config (KV size read per model)."""
+def model_facts(spec: ModelSpec) -> ModelFacts:
+    """What the router needs of one model: its engines' block size, and the
+    KV bytes of one token from its checkpoint's shape and its KV dtype
+    (dtype ``auto`` counted as float32, the widest an engine picks)."""
+    import torch
+
     from splitserve.cluster.serve.orchestrator import _model_path
+    from splitserve.engine.config import DTYPES
     from splitserve.engine.loader import load_checkpoint
 
-    kv_bytes = {}
-    block_sizes = set()
-    for served in cfg.models:
-        mc = load_checkpoint(_model_path(served.model)).model_config
-        elem = 1 if served.model.kv_cache_dtype == "fp8" else (
-            4 if served.model.dtype in ("auto", "float32") else 2)
-        kv_bytes[served.model.name] = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
-        block_sizes.add(served.model.block_size)
-    r = cfg.router
-    return {"policy": r.policy, "block_size": min(block_sizes), "kv_bytes_per_token": kv_bytes,
-            "max_queue_per_model": r.max_queue_per_model, "stats_ttl_s": r.stats_ttl_s,
-            "network_bandwidth_bytes_per_s": r.network_bytes_per_s,
-            "local_prefill_max_tokens": r.local_prefill_max_tokens,
-            "max_queue_delay_s": r.max_queue_delay_s}
+    mc = load_checkpoint(_model_path(spec)).model_config
+    kv_dtype = torch.float8_e4m3fn if spec.kv_cache_dtype == "fp8" else (
+        torch.float32 if spec.dtype == "auto" else DTYPES[spec.dtype])
+    return ModelFacts(block_size=spec.block_size, kv_bytes_per_token=mc.kv_bytes_per_token(kv_dtype))
+
+
+def router_config(cfg: ClusterConfig) -> RouterConfig:
+    """The router's config: the operator's router section over each model's facts."""
+    return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
 
 
 def connect(address: str | None = None) -> None:

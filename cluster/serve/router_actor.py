@@ -18,6 +18,7 @@ import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics
 from splitserve.engine.roles import Role
+from splitserve.router.config import RouterConfig
 from splitserve.router.core import RouterCore
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import (
@@ -27,7 +28,6 @@ from splitserve.router.types import (
     QueueDelayError,
     RouteRefusal,
     RouteRequest,
-    RouterConfig,
     UnknownModelError,
 )
 
@@ -37,9 +37,8 @@ NAMESPACE = "splitserve"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
 class RouterActor:
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg_dict = cfg
-        self.core = RouterCore(RouterConfig(**cfg))
+    def __init__(self, cfg: RouterConfig):
+        self.core = RouterCore(cfg)
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.started_at = time.time()
         self._last_prune = 0.0
@@ -48,10 +47,9 @@ class RouterActor:
     def ready(self) -> bool:
         return True
 
-    def reconfigure(self, cfg: dict[str, Any]) -> None:
+    def reconfigure(self, cfg: RouterConfig) -> None:
         """Replace the routing config; replica stats are pushed again."""
-        self.cfg_dict = cfg
-        self.core = RouterCore(RouterConfig(**cfg))
+        self.core = RouterCore(cfg)
 
     def update_stats(self, report: StatsReport) -> bool:
         """A replica's periodic push: its stats and its prefix-cache events
@@ -129,7 +127,7 @@ class RouterActor:
         now = time.time() if now is None else now
         limit = 3 * self.core.cfg.stats_ttl_s
         gone = []
-        for model in self.core.cfg.kv_bytes_per_token:
+        for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
             gone += [s.replica_id for s in (*snap.prefill, *snap.decode)
                      if now - s.updated_at > limit]
@@ -142,7 +140,7 @@ class RouterActor:
         ("prefill", "decode") -> each replica's stats as a dict."""
         self.prune()
         out: dict[str, Any] = {}
-        for model in self.core.cfg.kv_bytes_per_token:
+        for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
             out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
                           Role.DECODE.value: [asdict(s) for s in snap.decode]}
@@ -152,7 +150,7 @@ class RouterActor:
         return asdict(self.core.counters())
 
 
-def get_router(create_with: dict[str, Any] | None = None):
+def get_router(create_with: RouterConfig | None = None):
     """The cluster's router actor; created (detached) if ``create_with`` is given."""
     try:
         return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)

@@ -282,7 +282,8 @@ def test_worker_router_and_autoscaler_recording():
     from splitserve.engine.roles import Role
     from splitserve.router.core import RouterCore
     from splitserve.router.reports import ReplicaInfo
-    from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
+    from splitserve.router.config import ModelFacts, RouterConfig
+    from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats
     from tests.fixtures.worker_stats import decode_stats, engine_load
 
     base = dict(free_blocks=30, total_blocks=40, running=2, waiting=1, pending_prompt_tokens=17,
@@ -300,8 +301,8 @@ def test_worker_router_and_autoscaler_recording():
     assert got[("splitserve_replica_fallbacks_total", d)] == 1
     assert ("splitserve_replica_refusals_total", d) not in got
 
-    core = RouterCore(RouterConfig(kv_bytes_per_token={"r": 1024}, block_size=4),
-                      clock=lambda: 5.0)
+    facts = ModelFacts(block_size=4, kv_bytes_per_token=1024)
+    core = RouterCore(RouterConfig(models={"r": facts}), clock=lambda: 5.0)
     core.update_stats(PrefillReplicaStats(replica_id="p1", model="r", pending_prompt_tokens=0,
                                           running_requests=0, prefill_tokens_per_s=0,
                                           updated_at=5.0))

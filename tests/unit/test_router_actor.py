@@ -9,6 +9,7 @@ import pytest
 
 from splitserve.cluster.serve.router_actor import RouterActor
 from splitserve.engine.roles import Role
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.reports import ReplicaInfo, StatsReport
 from splitserve.router.types import (
     InvalidStatsError,
@@ -22,6 +23,10 @@ from splitserve.router.types import (
 from tests.fixtures.worker_stats import decode_stats, engine_load, prefill_stats
 
 Router = RouterActor.__ray_actor_class__
+
+
+def router_cfg(**kw) -> RouterConfig:
+    return RouterConfig(policy="cost", models={"m": ModelFacts(16, 1000)}, **kw)
 
 
 def report(stats, role: Role, rid: str, stored=(), evicted=(), snapshot=False) -> StatsReport:
@@ -49,7 +54,7 @@ def route_req(rid="r", model="m"):
 
 
 def test_push_reply_asks_an_unknown_replica_for_a_snapshot_of_its_cache():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
+    r = Router(router_cfg())
     assert r.update_stats(prefill(stored=[1, 2, 3])) is True  # a delta from a stranger
     assert r.update_stats(prefill(stored=[4])) is False
     assert r.cached_blocks() == {"p0": 4}
@@ -57,15 +62,14 @@ def test_push_reply_asks_an_unknown_replica_for_a_snapshot_of_its_cache():
     assert r.update_stats(prefill(stored=[2, 9], snapshot=True)) is False
     assert r.cached_blocks() == {"p0": 2}
     # a reconfigure forgets everything: the next push is answered with a request again
-    r.reconfigure({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
+    r.reconfigure(router_cfg())
     assert r.update_stats(prefill()) is True
     assert r.update_stats(prefill(stored=[2, 9], snapshot=True)) is False
     assert r.cached_blocks() == {"p0": 2}
 
 
 def test_queue_delay_refusal_is_overloaded_with_retry_after_and_frees_the_slot():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}, "max_queue_delay_s": 0.5,
-                "max_queue_per_model": 1})
+    r = Router(router_cfg(max_queue_delay_s=0.5, max_queue_per_model=1))
     r.update_stats(prefill(pending=8000))  # 0.8 s of queue at 10k tokens/s
     r.update_stats(decode())
     res = pickle.loads(pickle.dumps(r.route(route_req())))  # as it crosses to the caller
@@ -79,7 +83,7 @@ def test_queue_delay_refusal_is_overloaded_with_retry_after_and_frees_the_slot()
 
 
 def test_refusals_are_returned_as_typed_errors():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}, "max_queue_per_model": 1})
+    r = Router(router_cfg(max_queue_per_model=1))
     res = r.route(route_req(model="nope"))
     assert type(res) is UnknownModelError and (res.model, res.known) == ("nope", ("m",))
     res = r.route(route_req())  # no decode replica
@@ -93,7 +97,7 @@ def test_refusals_are_returned_as_typed_errors():
 
 
 def test_reports_become_the_router_view_of_each_pool():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
+    r = Router(router_cfg())
     r.update_stats(prefill(pending=30))
     r.update_stats(decode("d0"))
     r.update_stats(decode("c0", role=Role.COLOCATED))  # colocated replicas join the decode pool
@@ -109,7 +113,7 @@ def test_reports_become_the_router_view_of_each_pool():
 
 
 def test_stats_of_the_wrong_pool_are_refused():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
+    r = Router(router_cfg())
     wrong = report(prefill_stats(), Role.COLOCATED, "c0")
     with pytest.raises(InvalidStatsError, match="colocated replica but pushed PrefillStats"):
         r.update_stats(wrong)
