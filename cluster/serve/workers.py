@@ -205,7 +205,6 @@ class WorkerServer:
         return replica_metrics(await self.worker.stats(), self.draining, replica_gpu_telemetry())
 
     # -- graceful drain -------------------------------------------------------------
-
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Take no new work and wait (at most ``timeout_s``) until in-flight
         requests finish. Returns whether the replica went idle in time."""
