@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.record import write_json  # noqa: E402
 from splitserve.engine.hashing import block_hashes  # noqa: E402
+from splitserve.router.config import ModelFacts, RouterConfig  # noqa: E402
 from splitserve.router.core import RouterCore  # noqa: E402
 from splitserve.router.policies import POLICIES  # noqa: E402
 from splitserve.router.types import (  # noqa: E402
@@ -48,7 +49,6 @@ from splitserve.router.types import (  # noqa: E402
     NoCapacityError,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
 )
 
 MODELS = {"llama-3-8b": 131072, "qwen2-7b": 57344}  # KV bytes per token (bf16)
@@ -127,7 +127,9 @@ def build_workload(seed: int, n_requests: int, n_prefixes: int) -> Workload:
 
 
 def make_router(policy: str, w: Workload) -> RouterCore:
-    cfg = RouterConfig(policy=policy, block_size=BLOCK, kv_bytes_per_token=MODELS)
+    # a 100 Gb/s link, as in the recorded results
+    cfg = RouterConfig(policy=policy, network_bytes_per_s=12.5e9,
+                       models={m: ModelFacts(BLOCK, kv) for m, kv in MODELS.items()})
     router = RouterCore(cfg)
     for stats in w.replicas:
         router.update_stats(stats)

@@ -166,7 +166,7 @@ def kill_one(role: str, address: str | None = None) -> str:
 
 
 async def pools_free(cfg) -> dict[str, bool]:
-    from splitserve.engine.llm_engine import stats_idle
+    from splitserve.engine.stats import stats_from_wire
     from splitserve.handoff.rpc import WorkerClient
 
     prefill, decode = pool_ids()
@@ -175,7 +175,7 @@ async def pools_free(cfg) -> dict[str, bool]:
         c = WorkerClient(a, cfg.cluster_token())
         try:
             s = await c.call("Stats", {}, timeout=10)
-            out[a] = stats_idle(s)
+            out[a] = stats_from_wire(s).idle()
         except Exception:  # noqa: BLE001 - a replica still starting counts as not free
             out[a] = False
         finally:

@@ -6,12 +6,16 @@ refused with the key path and the problem, and nothing is applied.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from splitserve.engine.roles import Role
+from splitserve.router.config import ModelFacts, RouterConfig
 
 
 class ConfigError(ValueError):
@@ -151,6 +155,14 @@ class ServedModel(_Strict):
         autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool; by "
         "default 1 replica with memory autoscaling.")
 
+    def roles(self) -> tuple[Role, ...]:
+        """The roles of this model's pools, one Serve application each."""
+        return (Role.COLOCATED,) if self.mode == "colocated" else (Role.PREFILL, Role.DECODE)
+
+    def pool(self, role: Role) -> PoolSpec:
+        """The spec of the pool playing ``role`` (a colocated pool is the decode spec)."""
+        return self.prefill if role is Role.PREFILL else self.decode
+
 
 class TransferSpec(_Strict):
     transport: Literal["grpc", "torch_dist"] = Field(
@@ -168,23 +180,43 @@ class TransferSpec(_Strict):
                              "transfer, bytes.")
 
 
+# RouterConfig's defaults: the router section repeats none of them
+_ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)
+                    if f.default is not dataclasses.MISSING}
+
+
 class RouterSpec(_Strict):
+    """The ``router`` section: the knobs of ``splitserve.router.config.RouterConfig``
+    an operator sets, under its names and with its defaults, plus two that
+    the replicas and the ingress read (``NOT_ROUTER_FIELDS``)."""
+
+    NOT_ROUTER_FIELDS: ClassVar[frozenset[str]] = frozenset({"stats_period_s", "max_retries"})
+
     policy: Literal["cost", "prefix_aware", "least_loaded", "round_robin"] = Field(
-        "cost", description="Placement policy of (prefill, decode) pairs.")
-    max_queue_per_model: int = Field(256, ge=1, description="Requests in flight per model "
-                                     "before new ones are refused (HTTP 429).")
+        _ROUTER_DEFAULTS["policy"], description="Placement policy of (prefill, decode) pairs.")
+    max_queue_per_model: int = Field(_ROUTER_DEFAULTS["max_queue_per_model"], ge=1,
+                                     description="Requests in flight per model before new ones "
+                                     "are refused (HTTP 429).")
     stats_period_s: float = Field(0.25, gt=0, description="How often replicas push their load "
                                   "to the router.")
-    stats_ttl_s: float = Field(5.0, gt=0, description="Stats older than this make a replica "
-                               "ineligible; 3x this forgets it.")
-    network_bytes_per_s: float = Field(1.25e9, gt=0, description="Bandwidth the cost model "
-                                       "assumes for KV hand-offs.")
-    local_prefill_max_tokens: int = Field(512, ge=0, description="Prompts up to this many "
-                                          "uncached tokens may prefill on the decode replica.")
+    stats_ttl_s: float = Field(_ROUTER_DEFAULTS["stats_ttl_s"], gt=0, description="Stats older "
+                               "than this make a replica ineligible; 3x this forgets it.")
+    network_bytes_per_s: float = Field(_ROUTER_DEFAULTS["network_bytes_per_s"], gt=0,
+                                       description="Bandwidth the cost model assumes for KV "
+                                       "hand-offs.")
+    local_prefill_max_tokens: int = Field(_ROUTER_DEFAULTS["local_prefill_max_tokens"], ge=0,
+                                          description="Prompts up to this many uncached tokens "
+                                          "may prefill on the decode replica.")
     max_retries: int = Field(2, ge=0, description="Other replica pairs tried after a refusal.")
-    max_queue_delay_s: float = Field(0.0, ge=0, description="Refuse a new request (HTTP 429, "
-                                     "Retry-After) when its chosen placement would wait longer "
-                                     "than this for its prefill to start; 0: never.")
+    max_queue_delay_s: float = Field(_ROUTER_DEFAULTS["max_queue_delay_s"], ge=0,
+                                     description="Refuse a new request (HTTP 429, Retry-After) "
+                                     "when its chosen placement would wait longer than this for "
+                                     "its prefill to start; 0: never.")
+
+    def router_config(self, models: Mapping[str, ModelFacts]) -> RouterConfig:
+        """The router's config for serving ``models`` (name -> its facts)."""
+        return RouterConfig(models=dict(models),
+                            **self.model_dump(exclude=set(self.NOT_ROUTER_FIELDS)))
 
 
 class AuthSpec(_Strict):

@@ -31,6 +31,7 @@ from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.stats import DecodeStats
 from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, GenerateTimings,
                                          PrefillMode, PrefillReply)
 from splitserve.handoff.protocol import Reservations
@@ -164,12 +165,12 @@ class DecodeWorker:
             await h.cancel()
             raise
 
-    async def stats(self, _req: dict | None = None) -> dict:
-        def snap(e: LLMEngine) -> dict:
-            return {**e.load_stats(), "max_seqs": e.cfg.max_num_seqs,
-                    "block_size": e.cfg.block_size, "reservations": len(self.reservations),
-                    "steps": e.step_count}
-        s = await self.aengine.call(snap)
-        s["streams"] = self.aengine.num_streams
-        s.update(self.counters, draining=self.draining, kv_endpoint=self.kv_endpoint)
-        return s
+    async def stats(self, _req: dict | None = None) -> DecodeStats:
+        load, reservations = await self.aengine.call(
+            lambda e: (e.load_stats(), len(self.reservations)))
+        c = self.counters
+        return DecodeStats(engine=load, streams=self.aengine.num_streams,
+                           reservations=reservations, handoffs=c["handoffs"],
+                           local_prefills=c["local_prefills"], fallbacks=c["fallbacks"],
+                           refused=c["refused"], expired=c["expired"],
+                           handoff_bytes=c["handoff_bytes"], kv_endpoint=self.kv_endpoint)

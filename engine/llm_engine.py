@@ -27,6 +27,7 @@ from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.scheduler import ScheduledSeq, Scheduler
 from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.stats import EngineLoad
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
 
@@ -158,16 +159,17 @@ class LLMEngine:
         seqs = list(self.scheduler.waiting) + self.scheduler.running
         return sum(max(0, s.num_tokens - s.num_computed_tokens - 1) for s in seqs)
 
-    def load_stats(self) -> dict:
+    def load_stats(self) -> EngineLoad:
         """What every worker role reports about its engine's load."""
-        return {"pending_prompt_tokens": self.pending_prompt_tokens(),
-                "running": self.num_running, "waiting": self.num_waiting,
-                "free_blocks": self.kv.num_free_blocks, "total_blocks": self.kv.num_blocks,
-                "busy_time_s": self.busy_time_s, "preemptions": self.scheduler.num_preemptions,
-                "prefix_hits": self.kv.pool.hits, "prefix_queries": self.kv.pool.queries,
-                "cached_blocks": len(self.kv.pool.hash_to_block),
-                # per-request state: all 0 on an idle engine (soak checks)
-                "open_requests": len(self.requests), "block_owners": len(self.kv.owners())}
+        return EngineLoad(
+            pending_prompt_tokens=self.pending_prompt_tokens(), running=self.num_running,
+            waiting=self.num_waiting, max_seqs=self.cfg.max_num_seqs,
+            free_blocks=self.kv.num_free_blocks, total_blocks=self.kv.num_blocks,
+            block_size=self.cfg.block_size, busy_time_s=self.busy_time_s, steps=self.step_count,
+            prompt_tokens_computed=self.prompt_tokens_computed,
+            preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
+            prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
+            open_requests=len(self.requests), block_owners=len(self.kv.owners()))
 
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:
@@ -243,12 +245,3 @@ class LLMEngine:
                     r.finish_reason = out.finish_reason
                     r.num_cached_tokens = out.num_cached_tokens
         return [results[r] for r in ids]
-
-
-def stats_idle(stats: dict) -> bool:
-    """Whether a worker's ``Stats`` (``load_stats`` plus the worker's own
-    fields) show nothing left behind: every block free, and no request
-    state, reader stream, hand-off reservation or outgoing hand-off."""
-    return (stats["free_blocks"] == stats["total_blocks"] and stats["open_requests"] == 0
-            and stats["block_owners"] == 0 and stats.get("streams", 0) == 0
-            and stats.get("reservations", 0) == 0 and stats.get("inflight", 0) == 0)

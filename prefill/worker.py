@@ -33,6 +33,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.engine.stats import PrefillStats
 from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTimings
 from splitserve.handoff.protocol import export_meta, layout_of
 from splitserve.handoff.transfer.base import KVSender, make_header
@@ -179,11 +180,8 @@ class PrefillWorker:
         h.sends.append(asyncio.ensure_future(
             self.sender.send(h.endpoint, header, buf, h.timeout_s)))
 
-    async def stats(self, _req: dict | None = None) -> dict:
-        def snap(e: LLMEngine) -> dict:
-            return {**e.load_stats(), "prompt_tokens_computed": e.prompt_tokens_computed}
-        s = await self.aengine.call(snap)
-        s["streams"] = self.aengine.num_streams
-        s.update(completed=self.completed, failed=self.failed, bytes_sent=self.bytes_sent,
-                 inflight=len(self._handoffs))
-        return s
+    async def stats(self, _req: dict | None = None) -> PrefillStats:
+        load = await self.aengine.call(lambda e: e.load_stats())
+        return PrefillStats(engine=load, streams=self.aengine.num_streams,
+                            inflight=len(self._handoffs), completed=self.completed,
+                            failed=self.failed, bytes_sent=self.bytes_sent)

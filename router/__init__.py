@@ -1,8 +1,10 @@
 """Request placement: which prefill and decode replicas serve a request.
 
 Pure logic over plain data (no torch, no Ray): ``types`` (contracts and
-config), ``prefix_index`` (who caches which blocks), ``cost_model`` (TTFT
-and load estimates), ``eligibility`` and ``selection`` (usable replicas and
-the search for the best), ``policies`` (the registry), ``admission``
-(in-flight limits) and ``core`` (``RouterCore``, which the router actor wraps).
+errors), ``config`` (``RouterConfig`` and each model's ``ModelFacts``),
+``reports`` (what replicas push, and the router's view of it),
+``prefix_index`` (who caches which blocks), ``cost_model`` (TTFT and load
+estimates), ``eligibility`` and ``selection`` (usable replicas and the
+search for the best), ``policies`` (the registry), ``admission`` (in-flight
+limits) and ``core`` (``RouterCore``, which the router actor wraps).
 """

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from splitserve.engine.hashing import block_hashes
 from splitserve.router.admission import AdmissionControl
+from splitserve.router.config import RouterConfig
 from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
 from splitserve.router.policies import get_policy
 from splitserve.router.prefix_index import PrefixIndex
@@ -38,7 +39,6 @@ from splitserve.router.types import (
     PrefillReplicaStats,
     QueueDelayError,
     RouteRequest,
-    RouterConfig,
     UnknownModelError,
     load_order,
     queue_order,
@@ -65,7 +65,7 @@ class RouterCore:
         self._clock = clock
         self.index = PrefixIndex(cfg.prefix_index_max_entries, cfg.prefix_index_touch_fraction)
         self.state = PolicyState()
-        self._models = tuple(cfg.kv_bytes_per_token)
+        self._models = tuple(cfg.models)
         self._prefill: dict[str, ReplicaPool[PrefillReplicaStats]] = {
             m: ReplicaPool(queue_order) for m in self._models
         }
@@ -160,7 +160,8 @@ class RouterCore:
         snap = self.snapshot(req.model)
         hashes = req.block_hashes
         if hashes is None:
-            hashes = block_hashes(req.prompt_token_ids, self.cfg.block_size, self.cfg.hash_salt)
+            block_size = self.cfg.model(req.model).block_size
+            hashes = block_hashes(req.prompt_token_ids, block_size, self.cfg.hash_salt)
         matches = self.index.match(hashes)
         try:
             placement = self._policy(req, snap, matches, self.cfg, self.state)

@@ -10,7 +10,8 @@ from ``RouterConfig``; every input from pushed replica stats.
 
 from __future__ import annotations
 
-from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
+from splitserve.router.config import RouterConfig
+from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats
 
 
 def usable_hit_tokens(matched_blocks: int, prompt_len: int, block_size: int) -> int:
@@ -46,7 +47,7 @@ def transfer_s(
 ) -> float:
     """Moving the whole prompt's KV from prefill to decode, plus the fixed
     hand-off overhead."""
-    bandwidth = cfg.same_node_bandwidth_bytes_per_s if same_node else cfg.network_bandwidth_bytes_per_s
+    bandwidth = cfg.same_node_bytes_per_s if same_node else cfg.network_bytes_per_s
     return prompt_len * kv_bytes_per_token / bandwidth + cfg.handoff_overhead_s
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from splitserve.router.config import RouterConfig
 from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     NoCapacityError,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
 )
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from splitserve.engine.roles import Role
+from splitserve.router.config import RouterConfig
 from splitserve.router.cost_model import local_ttft_s, remote_ttft_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.selection import (
@@ -49,21 +51,12 @@ from splitserve.router.types import (
     PolicyState,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
     RouterConfigError,
-    UnknownModelError,
 )
 
 PolicyFn = Callable[
     [RouteRequest, ClusterSnapshot, Mapping[str, int], RouterConfig, PolicyState], Placement
 ]
-
-
-def _kv_bytes_per_token(req: RouteRequest, cfg: RouterConfig) -> int:
-    nbytes = cfg.kv_bytes_per_token.get(req.model)
-    if nbytes is None:
-        raise UnknownModelError(req.model, tuple(cfg.kv_bytes_per_token))
-    return nbytes
 
 
 def _placement(
@@ -79,13 +72,14 @@ def _placement(
     model's TTFT for that pair whichever policy chose it (``ttft``: that
     TTFT when the caller has already worked it out)."""
     runner = d if p is None else p
-    hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, cfg.block_size)
+    facts = cfg.model(req.model)
+    hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, facts.block_size)
     if ttft is None:
         uncached = req.prompt_len - hit
         if p is None:
             ttft = local_ttft_s(d, uncached, cfg)
         else:
-            ttft = remote_ttft_s(p, d, req.prompt_len, uncached, _kv_bytes_per_token(req, cfg), cfg)
+            ttft = remote_ttft_s(p, d, req.prompt_len, uncached, facts.kv_bytes_per_token, cfg)
     return Placement(
         prefill_replica=None if p is None else p.replica_id,
         decode_replica=d.replica_id,
@@ -102,12 +96,12 @@ def cost_policy(
     cfg: RouterConfig,
     state: PolicyState,
 ) -> Placement:
-    kv_bytes = _kv_bytes_per_token(req, cfg)
+    facts = cfg.model(req.model)
     d = pick_decode(req, snap, matches, cfg, cfg.prefix_weight)
-    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, kv_bytes)
+    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts.kv_bytes_per_token)
     if p is None:
         return _placement(req, None, d, matches, cfg, REASON_NO_PREFILL_REPLICA)
-    hit = usable_hit_tokens(matches.get(d.replica_id, 0), req.prompt_len, cfg.block_size)
+    hit = usable_hit_tokens(matches.get(d.replica_id, 0), req.prompt_len, facts.block_size)
     local_uncached = req.prompt_len - hit
     local_allowed = local_uncached <= cfg.local_prefill_max_tokens
     local_s = local_ttft_s(d, local_uncached, cfg)
@@ -161,14 +155,14 @@ def round_robin_policy(
     total = req.prompt_len + req.max_tokens
     d = next_in_cycle(
         state,
-        (model, "decode"),
+        (model, Role.DECODE),
         snap.decode,
         lambda d: decode_usable(d, model, horizon, excluded, total),
     )
     if d is None:
         raise no_decode_capacity(req, snap, cfg)
     p = next_in_cycle(
-        state, (model, "prefill"), snap.prefill, lambda p: prefill_usable(p, model, horizon, excluded)
+        state, (model, Role.PREFILL), snap.prefill, lambda p: prefill_usable(p, model, horizon, excluded)
     )
     if p is None:
         return _placement(req, None, d, matches, cfg, REASON_NO_PREFILL_REPLICA)

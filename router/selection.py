@@ -17,6 +17,8 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
+from splitserve.engine.roles import Role
+from splitserve.router.config import RouterConfig
 from splitserve.router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
@@ -25,7 +27,6 @@ from splitserve.router.types import (
     PolicyState,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
 )
 
 _ID = attrgetter("replica_id")
@@ -52,7 +53,7 @@ def pick_decode(
     if matches and prefix_weight:
         by_id = snap.decode_by_id
         credit_per_token = prefix_weight / req.prompt_len
-        block_size = cfg.block_size
+        block_size = cfg.model(model).block_size
         max_hit_blocks = usable_hit_tokens(req.prompt_len, req.prompt_len, block_size) // block_size
         for rid, blocks in matches.items():
             d = by_id.get(rid)
@@ -92,7 +93,7 @@ def fastest_remote_prefill(
     prompt_len = req.prompt_len
     # The cost model's remote TTFT, remote_ttft_s(), with its two possible
     # transfer times worked out once: the same sums in the same order.
-    block_size = cfg.block_size
+    block_size = cfg.model(model).block_size
     max_hit_blocks = usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
     node = decode.node_id
     cross_s = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
@@ -161,9 +162,10 @@ def longest_prefix_prefill(
     model, excluded = req.model, req.exclude_replicas
     horizon = snap.now - cfg.stats_ttl_s
     band = shortest_q + cfg.prefix_max_extra_queue_s
+    block_size = cfg.model(model).block_size
 
     def key(p: PrefillReplicaStats, q: float) -> tuple[int, float, str]:
-        hit = usable_hit_tokens(matches.get(p.replica_id, 0), req.prompt_len, cfg.block_size)
+        hit = usable_hit_tokens(matches.get(p.replica_id, 0), req.prompt_len, block_size)
         return -hit, q, p.replica_id
 
     best, best_key = shortest, key(shortest, shortest_q)
@@ -179,7 +181,7 @@ def longest_prefix_prefill(
 
 
 def next_in_cycle(
-    state: PolicyState, key: tuple[str, str], replicas: Sequence[R], usable: Callable[[R], bool]
+    state: PolicyState, key: tuple[str, Role], replicas: Sequence[R], usable: Callable[[R], bool]
 ) -> R | None:
     """Next usable replica after the last pick, cycling in replica-id order;
     None when none is usable."""

@@ -1,8 +1,10 @@
 """Contracts of the router: replica stats in, placements out, and its errors.
 
-Replicas push ``PrefillReplicaStats`` / ``DecodeReplicaStats``; the ingress
-sends a ``RouteRequest`` and gets a ``Placement`` back. Everything here is
-plain data that is never changed once built, so policies stay pure
+The router's view of each replica is a ``PrefillReplicaStats`` /
+``DecodeReplicaStats`` (made from the ``StatsReport`` it pushes,
+``splitserve.router.reports``); the ingress sends a ``RouteRequest`` and
+gets a ``Placement`` back, or a ``RouteRefusal``. The router's knobs are in
+``splitserve.router.config``. Everything here is plain data that is never changed once built, so policies stay pure
 functions over a ``ClusterSnapshot`` and the router actor can ship these
 objects as they are. The records rebuilt on every decision (replica stats,
 snapshots) are not ``frozen`` dataclasses only because a frozen
@@ -15,11 +17,15 @@ stats stamped on one node can be aged on another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Union
+
+from splitserve.engine.roles import Role
 
 
 class RouterError(Exception):
-    """Base class of every error the router raises on purpose."""
+    """Base class of every error the router raises on purpose. Each one
+    pickles with its fields, so it crosses the router actor's boundary as
+    itself (``RouteRefusal``)."""
 
 
 class UnknownModelError(RouterError, LookupError):
@@ -27,11 +33,14 @@ class UnknownModelError(RouterError, LookupError):
 
     def __init__(self, model: str, known: tuple[str, ...]):
         self.model = model
-        self.known = known
+        self.known = tuple(known)
         super().__init__(
             f"unknown model {model!r}; this router serves {sorted(known)}. "
-            "Add it to RouterConfig.kv_bytes_per_token or fix the model name."
+            "Add it to RouterConfig.models or fix the model name."
         )
+
+    def __reduce__(self):
+        return type(self), (self.model, self.known)
 
 
 class NoCapacityError(RouterError):
@@ -41,6 +50,9 @@ class NoCapacityError(RouterError):
         super().__init__(message)
         self.model = model
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return type(self), (str(self), self.model, self.retry_after_s)
 
 
 class QueueDelayError(NoCapacityError):
@@ -60,6 +72,15 @@ class OverloadedError(RouterError):
             f"model {model!r} has {in_flight} requests in flight (limit {limit}); "
             f"retry after {retry_after_s:.3f} s or raise RouterConfig.max_queue_per_model"
         )
+
+    def __reduce__(self):
+        return type(self), (self.model, self.in_flight, self.limit, self.retry_after_s)
+
+
+# What the router actor's ``route`` answers instead of a placement: the
+# request cannot be placed now (retry later, elsewhere) or names no model
+# the router serves.
+RouteRefusal = Union[OverloadedError, NoCapacityError, UnknownModelError]
 
 
 class UnbalancedReleaseError(RouterError):
@@ -269,8 +290,8 @@ class PolicyState:
     """What a policy may remember between decisions; RouterCore owns one and
     passes it to every call."""
 
-    round_robin_next: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(model, "prefill" | "decode") -> position of the next pick in the cycle."""
+    round_robin_next: dict[tuple[str, Role], int] = field(default_factory=dict)
+    """(model, Role.PREFILL | Role.DECODE) -> position of the next pick in the cycle."""
 
     prefer_local_prefill: bool = False
     """Set at run time when the autoscaler reports the network as the bottleneck."""
@@ -285,135 +306,3 @@ REASON_LOCAL_CHEAPER = "local_cheaper"
 REASON_LOCAL_PREFERRED = "local_preferred"  # network flagged as the bottleneck
 REASON_LOCAL_OVER_LIMIT = "local_over_limit"  # local was cheaper but the prompt is too long
 REASON_NO_PREFILL_REPLICA = "no_prefill_replica"  # prefill pool empty: prefill on decode
-
-
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    """Every knob of the router. Defaults suit a 100 Gb/s cluster of GPU
-    replicas; all time values are seconds, bandwidths bytes per second."""
-
-    policy: str = "cost"
-    """Placement policy by registry name: cost, prefix_aware, least_loaded, round_robin."""
-
-    block_size: int = 16
-    """Tokens per KV block; must equal the engines' so prefix hashes match."""
-
-    hash_salt: bytes = b""
-    """Salt of ``splitserve.engine.hashing.block_hashes``; must equal the engines'."""
-
-    kv_bytes_per_token: Mapping[str, int] = field(default_factory=dict)
-    """KV cache bytes of one token (all layers, K and V) per model. Its keys
-    are the models this router serves; any other model is unknown."""
-
-    max_queue_per_model: int = 1024
-    """Requests admitted and not yet released, per model, before admit()
-    refuses with OverloadedError."""
-
-    max_queue_delay_s: float = 0.0
-    """Refuse a request (QueueDelayError, retry after the excess) when the
-    placement chosen for it would wait longer than this for its prefill to
-    start: the predicted prefill queue of the chosen replica (for a local
-    prefill, the decode replica's). Sheds load past saturation so admitted
-    requests keep their TTFT. 0: never refuse for this."""
-
-    stats_ttl_s: float = 5.0
-    """Stats older than this are ignored: the replica may be dead or stuck."""
-
-    network_bandwidth_bytes_per_s: float = 12.5e9
-    """Usable bandwidth of one link between nodes (100 Gb/s)."""
-
-    same_node_bandwidth_bytes_per_s: float = 50e9
-    """Bandwidth between replicas with the same non-empty node_id (NVLink/PCIe)."""
-
-    handoff_overhead_s: float = 0.002
-    """Fixed cost of a remote hand-off (reservation RPC, stream setup) that
-    a short prompt pays even when its bytes take no time."""
-
-    local_prefill_max_tokens: int = 512
-    """Uncached prompt tokens above which a decode replica never prefills
-    locally: a long local prefill stalls every running sequence there."""
-
-    prefer_local_prefill: bool = False
-    """Prefill locally whenever local_prefill_max_tokens allows, whatever the
-    predicted TTFT (the network is the bottleneck). RouterCore can also set
-    this at run time from the autoscaler's signal."""
-
-    assumed_prefill_tokens_per_s: float = 5000.0
-    """Prefill speed assumed for a replica that has not measured its own yet."""
-
-    prefix_weight: float = 0.5
-    """How much decode load (0..1) a fully cached prompt is worth when
-    choosing the decode replica: score = load - prefix_weight * cached fraction."""
-
-    prefix_max_extra_queue_s: float = 0.25
-    """prefix_aware: a prefill replica with a longer cached prefix wins only
-    while its queue delay is at most this much above the shortest queue."""
-
-    retry_after_min_s: float = 0.05
-    """Lower clamp of OverloadedError.retry_after_s."""
-
-    retry_after_max_s: float = 5.0
-    """Upper clamp of OverloadedError.retry_after_s, also used before any
-    request of the model has finished."""
-
-    prefix_index_max_entries: int = 1_000_000
-    """Block hashes the prefix index remembers (LRU beyond that). About 350
-    bytes each when two replicas hold a block: 1M entries take ~350 MB."""
-
-    prefix_index_touch_fraction: float = 0.25
-    """Share of prefix matches that refresh the matched blocks' LRU position
-    in the index (drawn at random). Refreshing costs more than matching;
-    a prefix matched every few requests is refreshed often enough either way.
-    1.0: every match refreshes (exact LRU)."""
-
-    optimistic_updates: bool = True
-    """Between stats pushes, count each placement against its replicas
-    (queued prompt tokens, free blocks, waiting sequences) so a burst does
-    not pile onto the replica that looked idlest at the last push."""
-
-    optimistic_prefix_insert: bool = False
-    """Also record each placed prompt's blocks as cached on its replicas
-    before they report it, so a burst sharing a new prefix stays together.
-    Off by default: it costs about a microsecond per prompt block and
-    replica per decision, and at high request rates its entries push the
-    replicas' own reports out of the LRU index."""
-
-    def __post_init__(self) -> None:
-        positive = {
-            "block_size": self.block_size,
-            "max_queue_per_model": self.max_queue_per_model,
-            "stats_ttl_s": self.stats_ttl_s,
-            "network_bandwidth_bytes_per_s": self.network_bandwidth_bytes_per_s,
-            "same_node_bandwidth_bytes_per_s": self.same_node_bandwidth_bytes_per_s,
-            "assumed_prefill_tokens_per_s": self.assumed_prefill_tokens_per_s,
-            "prefix_index_max_entries": self.prefix_index_max_entries,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise RouterConfigError(f"RouterConfig.{name} must be > 0, got {value}")
-        non_negative = {
-            "handoff_overhead_s": self.handoff_overhead_s,
-            "local_prefill_max_tokens": self.local_prefill_max_tokens,
-            "prefix_weight": self.prefix_weight,
-            "prefix_max_extra_queue_s": self.prefix_max_extra_queue_s,
-            "retry_after_min_s": self.retry_after_min_s,
-            "max_queue_delay_s": self.max_queue_delay_s,
-        }
-        for name, value in non_negative.items():
-            if value < 0:
-                raise RouterConfigError(f"RouterConfig.{name} must be >= 0, got {value}")
-        if not 0.0 < self.prefix_index_touch_fraction <= 1.0:
-            raise RouterConfigError(
-                "RouterConfig.prefix_index_touch_fraction must be in (0, 1], got "
-                f"{self.prefix_index_touch_fraction}"
-            )
-        if self.retry_after_max_s < self.retry_after_min_s:
-            raise RouterConfigError(
-                f"RouterConfig.retry_after_max_s ({self.retry_after_max_s}) must be >= "
-                f"retry_after_min_s ({self.retry_after_min_s})"
-            )
-        for model, nbytes in self.kv_bytes_per_token.items():
-            if nbytes <= 0:
-                raise RouterConfigError(
-                    f"RouterConfig.kv_bytes_per_token[{model!r}] must be > 0, got {nbytes}"
-                )

@@ -8,7 +8,8 @@ takes only numbers, so flags travel as 0.0 / 1.0.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from splitserve.cluster.observability.telemetry import GpuTelemetry
+from splitserve.engine.stats import PrefillStats, WorkerStats
 
 # gauges
 PENDING_PROMPT_TOKENS = "pending_prompt_tokens"
@@ -25,29 +26,28 @@ DECODE_STEPS = "decode_steps"
 HANDOFF_BYTES = "handoff_bytes"
 
 
-def replica_metrics(role: str, stats: Mapping[str, Any], draining: bool = False,
-                    gpu: Mapping[str, Any] | None = None) -> dict[str, float]:
+def replica_metrics(stats: WorkerStats, draining: bool = False,
+                    gpu: GpuTelemetry | None = None) -> dict[str, float]:
     """Autoscaling metrics of one replica from its worker's ``stats()`` and,
     where available, its GPU telemetry (``splitserve.cluster.observability.telemetry``)."""
-    total = max(int(stats.get("total_blocks", 0)), 1)
+    e = stats.engine
     out = {
-        KV_USED_FRACTION: 1.0 - stats.get("free_blocks", total) / total,
-        RUNNING: float(stats.get("running", 0)),
-        WAITING: float(stats.get("waiting", 0)),
-        BUSY_TIME_S: float(stats.get("busy_time_s", 0.0)),
+        KV_USED_FRACTION: 1.0 - e.free_blocks / max(e.total_blocks, 1),
+        RUNNING: float(e.running),
+        WAITING: float(e.waiting),
+        BUSY_TIME_S: float(e.busy_time_s),
         DRAINING: 1.0 if draining else 0.0,
+        # colocated replicas prefill too: decode pools report their prompt queue as well
+        PENDING_PROMPT_TOKENS: float(e.pending_prompt_tokens),
     }
-    if role == "prefill":
-        out[PENDING_PROMPT_TOKENS] = float(stats.get("pending_prompt_tokens", 0))
-        out[PROMPT_TOKENS_COMPUTED] = float(stats.get("prompt_tokens_computed", 0))
-        out[HANDOFF_BYTES] = float(stats.get("bytes_sent", 0))
+    if isinstance(stats, PrefillStats):
+        out[PROMPT_TOKENS_COMPUTED] = float(e.prompt_tokens_computed)
+        out[HANDOFF_BYTES] = float(stats.bytes_sent)
     else:
-        out[SEQ_FRACTION] = stats.get("running", 0) / max(int(stats.get("max_seqs", 1)), 1)
-        out[DECODE_STEPS] = float(stats.get("steps", 0))
-        out[HANDOFF_BYTES] = float(stats.get("handoff_bytes", 0))
-        if "pending_prompt_tokens" in stats:  # colocated replicas prefill too
-            out[PENDING_PROMPT_TOKENS] = float(stats["pending_prompt_tokens"])
-    if gpu and gpu.get("available") and gpu.get("devices"):
-        devs = gpu["devices"]
-        out[GPU_UTILIZATION] = sum(d["utilization_gpu"] for d in devs) / len(devs) / 100.0
+        out[SEQ_FRACTION] = e.running / max(e.max_seqs, 1)
+        out[DECODE_STEPS] = float(e.steps)
+        out[HANDOFF_BYTES] = float(stats.handoff_bytes)
+    if gpu is not None and gpu.available and gpu.devices:
+        devs = gpu.devices
+        out[GPU_UTILIZATION] = sum(d.utilization_gpu for d in devs) / len(devs) / 100.0
     return out

@@ -29,7 +29,7 @@ import functools
 import logging
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as _PCounter
@@ -39,6 +39,9 @@ from prometheus_client import Histogram as _PHistogram
 from splitserve.cluster.api.backend import Overloaded, Unavailable
 from splitserve.cluster.bench.phases import phase_breakdown
 from splitserve.cluster.observability.metric_defs import METRICS, MetricDef
+from splitserve.engine.roles import Role
+from splitserve.engine.stats import DecodeStats, WorkerStats
+from splitserve.router.reports import ReplicaInfo
 
 __all__ = ["METRICS", "MetricDef", "PROCESS_REGISTRY", "RequestRecorder", "RouterMetrics",
            "decision_labels", "record", "record_autoscaler_decision", "record_retry",
@@ -212,25 +215,23 @@ def record_retry(model: str, resumed: bool) -> None:
 
 # -- per replica (WorkerServer.push_stats) ---------------------------------------------
 @_never_raises
-def record_worker_metrics(role: str, model: str, s: dict[str, Any]) -> None:
+def record_worker_metrics(role: Role, model: str, s: WorkerStats) -> None:
     """Gauges and counters from one ``worker.stats()`` snapshot of this replica."""
-    tags = {"model": model, "role": role}
-    total = s.get("total_blocks") or 0
-    if total:
-        record("splitserve_kv_block_usage", (total - s["free_blocks"]) / total, **tags)
-        record("splitserve_kv_blocks_total", total, **tags)
-    for key, name in (("pending_prompt_tokens", "splitserve_pending_prompt_tokens"),
-                      ("running", "splitserve_running_seqs"),
-                      ("waiting", "splitserve_waiting_requests")):
-        if key in s:
-            record(name, s[key], **tags)
-    if s.get("prefix_queries"):
-        record("splitserve_prefix_cache_hit_rate", s["prefix_hits"] / s["prefix_queries"], **tags)
-    for key, name in (("preemptions", "splitserve_preemptions"),
-                      ("refused", "splitserve_replica_refusals"),
-                      ("fallbacks", "splitserve_replica_fallbacks")):
-        if key in s:
-            _advance(name, s[key], **tags)
+    tags = {"model": model, "role": role.value}
+    e = s.engine
+    if e.total_blocks:
+        record("splitserve_kv_block_usage", (e.total_blocks - e.free_blocks) / e.total_blocks,
+               **tags)
+        record("splitserve_kv_blocks_total", e.total_blocks, **tags)
+    record("splitserve_pending_prompt_tokens", e.pending_prompt_tokens, **tags)
+    record("splitserve_running_seqs", e.running, **tags)
+    record("splitserve_waiting_requests", e.waiting, **tags)
+    if e.prefix_queries:
+        record("splitserve_prefix_cache_hit_rate", e.prefix_hits / e.prefix_queries, **tags)
+    _advance("splitserve_preemptions", e.preemptions, **tags)
+    if isinstance(s, DecodeStats):
+        _advance("splitserve_replica_refusals", s.refused, **tags)
+        _advance("splitserve_replica_fallbacks", s.fallbacks, **tags)
 
 
 # -- router (RouterActor) ------------------------------------------------------------------
@@ -253,8 +254,9 @@ class RouterMetrics:
         record("splitserve_router_rejections", 1, model=model, reason=reason)
 
     @_never_raises
-    def publish(self, core, roles: dict[str, dict], force: bool = False) -> None:
-        """``core``: the RouterCore; ``roles``: replica id -> info with "role"."""
+    def publish(self, core, replicas: Mapping[str, ReplicaInfo], force: bool = False) -> None:
+        """``core``: the RouterCore; ``replicas``: who each replica it holds
+        stats of is (its role labels the pool)."""
         now = self._clock()
         if not force and now < self._next:
             return
@@ -263,10 +265,9 @@ class RouterMetrics:
         for model, n in core.counters().in_flight.items():
             record("splitserve_router_in_flight", n, model=model)
             snap = core.snapshot(model)
-            for pool, reps in (("prefill", snap.prefill), ("decode", snap.decode)):
-                for r in reps:
-                    key = (model, roles.get(r.replica_id, {}).get("role", pool))
-                    counts[key] = counts.get(key, 0) + 1
+            for r in (*snap.prefill, *snap.decode):
+                key = (model, replicas[r.replica_id].role.value)
+                counts[key] = counts.get(key, 0) + 1
         for key in self._pools - counts.keys():
             counts[key] = 0  # a pool that lost its last replica reads 0, not its old count
         for (model, pool), n in counts.items():

@@ -2,7 +2,7 @@
 ``pynvml``): utilization, memory and power of the devices a replica uses.
 
 Without NVML (no driver, no GPU, the package missing) every call returns
-``{"available": False, "reason": ...}``: callers never need to guard.
+``GpuTelemetry(available=False, reason=...)``: callers never need to guard.
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def read_gpu_telemetry(device_indices: Sequence[int] | None = None) -> GpuTeleme
             pass
 
 
-def replica_gpu_telemetry() -> dict[str, Any]:
-    """Telemetry of the GPUs Ray assigned to the calling replica, as a dict."""
+def replica_gpu_telemetry() -> GpuTelemetry:
+    """Telemetry of the GPUs Ray assigned to the calling replica."""
     import ray
 
     if not ray.is_initialized():  # asking the runtime context would start Ray
-        return {"available": False, "reason": "not running in a Ray worker"}
+        return GpuTelemetry(False, "not running in a Ray worker")
     ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if not ids:
-        return {"available": False, "reason": "no GPU is assigned to this replica"}
-    return read_gpu_telemetry([int(i) for i in ids]).to_dict()
+        return GpuTelemetry(False, "no GPU is assigned to this replica")
+    return read_gpu_telemetry([int(i) for i in ids])

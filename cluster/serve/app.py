@@ -16,10 +16,12 @@ from typing import Any
 import ray
 from ray import serve
 
-from splitserve.cluster.config import ClusterConfig, ServedModel
+from splitserve.cluster.config import ClusterConfig, ModelSpec, ServedModel
 from splitserve.cluster.serve import secrets
 from splitserve.cluster.serve.router_actor import NAMESPACE, get_router
 from splitserve.cluster.serve.workers import worker_deployment
+from splitserve.engine.roles import Role
+from splitserve.router.config import ModelFacts, RouterConfig
 
 log = logging.getLogger("splitserve.app")
 
@@ -37,40 +39,42 @@ def serve_status():
         return serve.status()
 
 
+def app_name(model: str, role: Role) -> str:
+    """The Serve application of ``model``'s pool playing ``role``."""
+    return f"{model}-{role.value}"
+
+
 def pool_apps(served: ServedModel, cfg: ClusterConfig,
-              secrets_version: str) -> dict[str, tuple[str, Any]]:
+              secrets_version: str) -> dict[str, tuple[Role, Any]]:
     """app name -> (role, bound deployment) for one model's pools;
     ``secrets_version`` is what ``secrets.publish`` returned."""
-    name = served.model.name
-    roles = [("colocated", served.decode)] if served.mode == "colocated" else [
-        ("prefill", served.prefill), ("decode", served.decode)]
     out = {}
-    for role, pool in roles:
-        app = f"{name}-{role}"
-        out[app] = (role, worker_deployment(app, role, pool, served.model, cfg.transfer,
-                                            cfg.router, secrets_version))
+    for role in served.roles():
+        app = app_name(served.model.name, role)
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
+                                            cfg.transfer, cfg.router, secrets_version))
     return out
 
 
-def router_config(cfg: ClusterConfig) -> dict[str, Any]:
-    """RouterConfig fields from the operator config (KV size read per model)."""
+def model_facts(spec: ModelSpec) -> ModelFacts:
+    """What the router needs of one model: its engines' block size, and the
+    KV bytes of one token from its checkpoint's shape and its KV dtype
+    (dtype ``auto`` counted as float32, the widest an engine picks)."""
+    import torch
+
     from splitserve.cluster.serve.checkpoints import checkpoint_dir
+    from splitserve.engine.config import DTYPES
     from splitserve.engine.loader import load_checkpoint
 
-    kv_bytes = {}
-    block_sizes = set()
-    for served in cfg.models:
-        mc = load_checkpoint(checkpoint_dir(served.model)).model_config
-        elem = 1 if served.model.kv_cache_dtype == "fp8" else (
-            4 if served.model.dtype in ("auto", "float32") else 2)
-        kv_bytes[served.model.name] = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem
-        block_sizes.add(served.model.block_size)
-    r = cfg.router
-    return {"policy": r.policy, "block_size": min(block_sizes), "kv_bytes_per_token": kv_bytes,
-            "max_queue_per_model": r.max_queue_per_model, "stats_ttl_s": r.stats_ttl_s,
-            "network_bandwidth_bytes_per_s": r.network_bytes_per_s,
-            "local_prefill_max_tokens": r.local_prefill_max_tokens,
-            "max_queue_delay_s": r.max_queue_delay_s}
+    mc = load_checkpoint(checkpoint_dir(spec)).model_config
+    kv_dtype = torch.float8_e4m3fn if spec.kv_cache_dtype == "fp8" else (
+        torch.float32 if spec.dtype == "auto" else DTYPES[spec.dtype])
+    return ModelFacts(block_size=spec.block_size, kv_bytes_per_token=mc.kv_bytes_per_token(kv_dtype))
+
+
+def router_config(cfg: ClusterConfig) -> RouterConfig:
+    """The router's config: the operator's router section over each model's facts."""
+    return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
 
 
 def connect(address: str | None = None) -> None:
@@ -111,12 +115,12 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     router = get_router(create_with=rcfg)
     if prev is None or router_config(prev) != rcfg:
         ray.get(router.reconfigure.remote(rcfg))
-    apps: dict[str, str] = {}
+    apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
                                             version).items():
             serve.run(bound, name=app, route_prefix=None, blocking=False)
-            apps[app] = role
+            apps[app] = role.value
     removed = []
     if prev is not None:
         for served in prev.models:
@@ -137,18 +141,16 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
 
 
 def pool_apps_names(served: ServedModel) -> list[str]:
-    roles = ["colocated"] if served.mode == "colocated" else ["prefill", "decode"]
-    return [f"{served.model.name}-{r}" for r in roles]
+    return [app_name(served.model.name, r) for r in served.roles()]
 
 
 def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
     """``initial_replicas`` sizes a pool's first deploy; applied to a running
     pool it would reset the size its autoscaler chose."""
     out = served.model_copy(deep=True)
-    name = served.model.name
-    for role, pool in (("prefill", out.prefill), ("decode", out.decode), ("colocated", out.decode)):
-        if f"{name}-{role}" in running:
-            pool.initial_replicas = None
+    for role in Role:
+        if app_name(served.model.name, role) in running:
+            out.pool(role).initial_replicas = None
     return out
 
 
@@ -170,11 +172,12 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
         missing = []
         for served in cfg.models:
             name = served.model.name
-            r = reps.get(name, {"prefill": [], "decode": []})
-            if not r["decode"]:
-                missing.append(f"{name}-decode")
-            if served.mode == "disaggregated" and served.prefill.min_replicas > 0 and not r["prefill"]:
-                missing.append(f"{name}-prefill")
+            pools = reps.get(name, {Role.PREFILL.value: [], Role.DECODE.value: []})
+            for role in served.roles():
+                # requests need a decode replica; a prefill pool may be empty
+                needed = role.pool is Role.DECODE or served.pool(role).min_replicas > 0
+                if needed and not pools[role.pool.value]:
+                    missing.append(app_name(name, role))
         if not missing:
             return
         if time.monotonic() > deadline:

@@ -31,6 +31,14 @@ from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.router.types import (
+    OverloadedError,
+    Placement,
+    QueueDelayError,
+    RouteRefusal,
+    RouteRequest,
+    UnknownModelError,
+)
 
 log = logging.getLogger("splitserve.client")
 
@@ -107,19 +115,22 @@ class ClusterBackend(Backend):
         m = self._model(model)
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
-    async def _route(self, req: dict, admit: bool) -> dict:
+    async def _route(self, req: RouteRequest, admit: bool) -> Placement:
         try:
             res = await self.router.route.remote(req, admit)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             raise Unavailable(f"the router is unavailable: {type(e).__name__}", 1.0) from None
-        err = res.get("error")
-        if err == "overloaded":
-            raise Overloaded(res["message"], float(res.get("retry_after_s", 1.0)))
-        if err == "unknown_model":
-            raise UnknownModel(req["model"], list(self._models))
-        if err == "no_capacity":
-            raise Unavailable(res["message"], float(res.get("retry_after_s", 1.0)))
-        return res["placement"]
+        if isinstance(res, Placement):
+            return res
+        raise self._refused(res) from None
+
+    def _refused(self, e: RouteRefusal) -> Exception:
+        """The client-facing error of the router's refusal."""
+        if isinstance(e, (OverloadedError, QueueDelayError)):
+            return Overloaded(str(e), e.retry_after_s)
+        if isinstance(e, UnknownModelError):
+            return UnknownModel(e.model, list(self._models))
+        return Unavailable(str(e), e.retry_after_s)  # NoCapacityError
 
     async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[dict]:
@@ -140,17 +151,17 @@ class ClusterBackend(Backend):
                     min_tokens=max(0, params.min_tokens - len(produced)),
                     resumed_tokens=params.resumed_tokens + len(produced),
                     prompt_logprobs=None)  # delivered with the first output
-                req = {"request_id": f"{request_id}-{len(produced)}-{attempts_left}",
-                       "model": model, "prompt_len": len(ids),
-                       "max_tokens": p.max_tokens or 1,
-                       # a scored prompt is computed whole: no replica's cache helps it
-                       "block_hashes": block_hashes(ids, m.block_size)
-                       if p.prompt_logprobs is None else [],
-                       "exclude": sorted(exclude)}
+                req = RouteRequest(
+                    request_id=f"{request_id}-{len(produced)}-{attempts_left}", model=model,
+                    prompt_len=len(ids), max_tokens=p.max_tokens or 1,
+                    # a scored prompt is computed whole: no replica's cache helps it
+                    block_hashes=tuple(block_hashes(ids, m.block_size))
+                    if p.prompt_logprobs is None else (),
+                    exclude_replicas=frozenset(exclude))
                 placement = await self._route(req, admit=not admitted)
                 admitted = True
-                decode = placement["decode_replica"]
-                prefill = placement["prefill_replica"]
+                decode = placement.decode_replica
+                prefill = placement.prefill_replica
                 body = GenerateRequest(
                     request_id=request_id, prompt_token_ids=ids, params=p.to_dict(),
                     prefill=PrefillPlacement(address=prefill) if prefill else None)
@@ -163,7 +174,7 @@ class ClusterBackend(Backend):
                         produced.extend(out.token_ids)
                         d = msgspec.to_builtins(out)  # the Backend's output dict
                         d["placement"] = {"prefill": prefill, "decode": decode,
-                                          "reason": placement["reason"]}
+                                          "reason": placement.reason}
                         rec.on_output(d)
                         yield d
                         if out.finished:

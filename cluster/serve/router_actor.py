@@ -17,15 +17,17 @@ from typing import Any
 import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics
+from splitserve.engine.roles import Role
+from splitserve.router.config import RouterConfig
 from splitserve.router.core import RouterCore
+from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import (
-    DecodeReplicaStats,
     NoCapacityError,
     OverloadedError,
-    PrefillReplicaStats,
+    Placement,
     QueueDelayError,
+    RouteRefusal,
     RouteRequest,
-    RouterConfig,
     UnknownModelError,
 )
 
@@ -35,10 +37,9 @@ NAMESPACE = "splitserve"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
 class RouterActor:
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg_dict = cfg
-        self.core = RouterCore(RouterConfig(**cfg))
-        self.addresses: dict[str, dict[str, Any]] = {}  # replica id -> {role, model, ...}
+    def __init__(self, cfg: RouterConfig):
+        self.core = RouterCore(cfg)
+        self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.started_at = time.time()
         self._last_prune = 0.0
         self.metrics = RouterMetrics()
@@ -46,80 +47,73 @@ class RouterActor:
     def ready(self) -> bool:
         return True
 
-    def reconfigure(self, cfg: dict[str, Any]) -> None:
+    def reconfigure(self, cfg: RouterConfig) -> None:
         """Replace the routing config; replica stats are pushed again."""
-        self.cfg_dict = cfg
-        self.core = RouterCore(RouterConfig(**cfg))
+        self.core = RouterCore(cfg)
 
-    def update_stats(self, role: str, stats: dict[str, Any], info: dict[str, Any] | None = None,
-                     stored: list[int] | None = None, evicted: list[int] | None = None,
-                     snapshot: bool = False) -> bool:
+    def update_stats(self, report: StatsReport) -> bool:
         """A replica's periodic push: its stats and its prefix-cache events
-        since the last push (``snapshot``: ``stored`` is its whole cache).
-        Returns True when the router needs a snapshot next time: it did not
-        know the replica (it restarted, was reconfigured, or pruned it), so
-        the deltas it got so far describe only part of the cache."""
-        cls = PrefillReplicaStats if role == "prefill" else DecodeReplicaStats
-        s = cls(**stats)
+        since the last push (``report.snapshot``: ``stored`` is its whole
+        cache). Returns True when the router needs a snapshot next time: it
+        did not know the replica (it restarted, was reconfigured, or pruned
+        it), so the deltas it got so far describe only part of the cache."""
+        s = replica_stats(report)
         try:
             unknown = self.core.update_stats(s)
         except UnknownModelError:
             return False
-        if info is not None:
-            self.addresses[s.replica_id] = info
-        if snapshot:
-            self.core.replace_blocks(s.replica_id, stored or [])
+        self.replicas_info[s.replica_id] = report.replica
+        if report.snapshot:
+            self.core.replace_blocks(s.replica_id, report.stored)
         else:
-            if stored:
-                self.core.on_blocks_stored(s.replica_id, stored)
-            if evicted:
-                self.core.on_blocks_evicted(s.replica_id, evicted)
-        self.metrics.publish(self.core, self.addresses)
-        return unknown and not snapshot
+            if report.stored:
+                self.core.on_blocks_stored(s.replica_id, report.stored)
+            if report.evicted:
+                self.core.on_blocks_evicted(s.replica_id, report.evicted)
+        self.metrics.publish(self.core, self.replicas_info)
+        return unknown and not report.snapshot
 
     def cached_blocks(self) -> dict[str, int]:
         """Replica id -> prefix-cache blocks the router's index holds for it."""
-        return {rid: self.core.index.num_blocks(rid) for rid in self.addresses}
+        return {rid: self.core.index.num_blocks(rid) for rid in self.replicas_info}
 
     def remove_replica(self, replica_id: str) -> bool:
-        self.addresses.pop(replica_id, None)
+        self.replicas_info.pop(replica_id, None)
         return self.core.remove_replica(replica_id)
 
     def set_prefer_local_prefill(self, prefer: bool) -> None:
         self.core.set_prefer_local_prefill(prefer)
 
-    def route(self, req: dict[str, Any], admit: bool = True) -> dict[str, Any]:
-        """Admit (optionally) and place a request. Returns {"placement": ...}
-        or {"error": kind, "message": ..., "retry_after_s": ...}."""
+    def route(self, req: RouteRequest, admit: bool = True) -> Placement | RouteRefusal:
+        """Admit (optionally) and place a request. A refusal is returned, not
+        raised: it is an answer the caller acts on (HTTP 429, 503, 404), and
+        returned it arrives as itself rather than wrapped in a RayTaskError."""
         now = time.time()
         if now - self._last_prune > 1.0:
             self._last_prune = now
             self.prune(now)
         try:
             if admit:
-                self.core.admit(req["model"])
+                self.core.admit(req.model)
             try:
-                p = self.core.route(RouteRequest(
-                    request_id=req["request_id"], model=req["model"], prompt_len=req["prompt_len"],
-                    max_tokens=req["max_tokens"], block_hashes=tuple(req["block_hashes"]),
-                    exclude_replicas=frozenset(req.get("exclude", ()))), shed=admit)
+                p = self.core.route(req, shed=admit)
             except BaseException:
                 if admit:
-                    self.core.release(req["model"])
+                    self.core.release(req.model)
                 raise
         except OverloadedError as e:
-            self.metrics.on_rejection(req["model"], "overloaded")
-            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "overloaded")
+            return e
         except QueueDelayError as e:  # past saturation: shed like a full queue
-            self.metrics.on_rejection(req["model"], "queue_delay")
-            return {"error": "overloaded", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "queue_delay")
+            return e
         except NoCapacityError as e:
-            self.metrics.on_rejection(req["model"], "no_capacity")
-            return {"error": "no_capacity", "message": str(e), "retry_after_s": e.retry_after_s}
+            self.metrics.on_rejection(req.model, "no_capacity")
+            return e
         except UnknownModelError as e:
-            return {"error": "unknown_model", "message": str(e)}
-        self.metrics.on_placement(req["model"], p.reason)
-        return {"placement": asdict(p)}
+            return e
+        self.metrics.on_placement(req.model, p.reason)
+        return p
 
     def release(self, model: str) -> None:
         try:
@@ -133,7 +127,7 @@ class RouterActor:
         now = time.time() if now is None else now
         limit = 3 * self.core.cfg.stats_ttl_s
         gone = []
-        for model in self.core.cfg.kv_bytes_per_token:
+        for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
             gone += [s.replica_id for s in (*snap.prefill, *snap.decode)
                      if now - s.updated_at > limit]
@@ -142,19 +136,21 @@ class RouterActor:
         return gone
 
     def replicas(self) -> dict[str, Any]:
+        """The operators' view (``splitserve status``): model -> router pool
+        ("prefill", "decode") -> each replica's stats as a dict."""
         self.prune()
         out: dict[str, Any] = {}
-        for model in self.core.cfg.kv_bytes_per_token:
+        for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
-            out[model] = {"prefill": [asdict(s) for s in snap.prefill],
-                          "decode": [asdict(s) for s in snap.decode]}
+            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
+                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
         return out
 
     def counters(self) -> dict[str, Any]:
         return asdict(self.core.counters())
 
 
-def get_router(create_with: dict[str, Any] | None = None):
+def get_router(create_with: RouterConfig | None = None):
     """The cluster's router actor; created (detached) if ``create_with`` is given."""
     try:
         return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)

@@ -12,10 +12,11 @@ pair, which Serve's own request routing cannot express.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray
 from ray import serve
@@ -23,9 +24,11 @@ from ray import serve
 from splitserve.cluster.config import ModelSpec, RouterSpec, TransferSpec
 from splitserve.cluster.observability.metrics import record_worker_metrics
 from splitserve.cluster.serve.router_actor import get_router
+from splitserve.engine.roles import Role
+from splitserve.engine.stats import WorkerStats, stats_to_wire
+from splitserve.router.reports import ReplicaInfo, StatsReport
 
 log = logging.getLogger("splitserve.worker")
-ROLES = ("prefill", "decode", "colocated")
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(64 << 20)}
 
 
@@ -69,60 +72,90 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-class WorkerServer:
-    """One replica of a pool. ``role`` is prefill, decode or colocated."""
+@dataclass(frozen=True)
+class RoleWorker:
+    """A role's worker, started, and the worker RPCs it serves besides ``Stats``."""
 
-    async def __init__(self, role: str, model: dict, transfer: dict, router: dict,
+    worker: Any  # PrefillWorker or DecodeWorker: start()ed, with stats(), aengine, stop()
+    unary: dict[str, Any]
+    streams: dict[str, Any]
+    kv_endpoint: str  # where prefill replicas send KV to it; "" for prefill
+
+
+def start_prefill(engine, transfer: TransferSpec, tcfg, cluster_token: str) -> RoleWorker:
+    from splitserve.handoff.transfer.base import get_transport
+    from splitserve.prefill.worker import PrefillWorker
+
+    sender_cls, _ = get_transport(transfer.transport)
+    w = PrefillWorker(engine, sender_cls(tcfg), transfer.layer_group_size,
+                      transfer.timeout_s).start()
+    return RoleWorker(w, {"Prefill": w.prefill}, {}, "")
+
+
+def start_decode(engine, transfer: TransferSpec, tcfg, cluster_token: str) -> RoleWorker:
+    from splitserve.decode.worker import DecodeWorker
+    from splitserve.handoff.transfer.base import get_transport
+
+    _, receiver_cls = get_transport(transfer.transport)
+    w = DecodeWorker(engine, receiver_cls(tcfg), cluster_token, transfer.on_prefill_failure,
+                     transfer.lease_s, transfer.prefill_timeout_s).start()
+    return RoleWorker(w, {}, {"Generate": w.generate}, w.kv_endpoint)
+
+
+# A colocated replica is a decode replica that gets no prefill placements:
+# its DecodeWorker prefills every prompt itself.
+ROLE_WORKERS: dict[Role, Callable[..., RoleWorker]] = {
+    Role.PREFILL: start_prefill, Role.DECODE: start_decode, Role.COLOCATED: start_decode}
+
+
+class WorkerServer:
+    """One replica of a pool: the worker of its ``role`` (``ROLE_WORKERS``)."""
+
+    async def __init__(self, role: Role | str, model: dict, transfer: dict, router: dict,
                        secrets_version: str, drain_timeout_s: float = 25.0):
         from splitserve.cluster.serve import secrets
         from splitserve.handoff import rpc
         from splitserve.handoff.protocol import engine_layout
-        from splitserve.handoff.transfer.base import TransportConfig, get_transport
+        from splitserve.handoff.transfer.base import TransportConfig
 
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        self.role = role
+        self.role = Role(role)
         self.spec = ModelSpec(**model)
         self.transfer = TransferSpec(**transfer)
         self.router_spec = RouterSpec(**router)
         self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
                      or node_address())
-        self.node_id = ray.get_runtime_context().get_node_id()
+        node_id = ray.get_runtime_context().get_node_id()
         # the cluster token comes from the secret store, never through init
         # arguments (secrets_version only makes a new token rebuild replicas)
         cluster_token = secrets.cluster_token()
         engine = build_engine(self.spec)
         self.engine = engine
-        sender_cls, receiver_cls = get_transport(self.transfer.transport)
         tcfg = TransportConfig(token=cluster_token, host=self.host,
                                chunk_bytes=self.transfer.chunk_bytes,
                                max_message_bytes=self.transfer.chunk_bytes + (1 << 20),
                                device=str(engine.device), layout=engine_layout(engine))
-        unary: dict[str, Any] = {}
-        streams: dict[str, Any] = {}
-        if role == "prefill":
-            from splitserve.prefill.worker import PrefillWorker
-
-            self.worker = PrefillWorker(engine, sender_cls(tcfg), self.transfer.layer_group_size,
-                                        self.transfer.timeout_s).start()
-            unary["Prefill"] = self.worker.prefill
-        else:
-            from splitserve.decode.worker import DecodeWorker
-
-            self.worker = DecodeWorker(engine, receiver_cls(tcfg), cluster_token,
-                                       self.transfer.on_prefill_failure, self.transfer.lease_s,
-                                       self.transfer.prefill_timeout_s).start()
-            streams["Generate"] = self.worker.generate
-        unary["Stats"] = self.worker.stats
-        self.server, self.address = await rpc.serve(unary, streams, cluster_token, host=self.host)
-        self.replica_id = self.address
+        started = ROLE_WORKERS[self.role](engine, self.transfer, tcfg, cluster_token)
+        self.worker = started.worker
+        unary = {**started.unary, "Stats": self._stats_reply}
+        self.server, self.address = await rpc.serve(unary, started.streams, cluster_token,
+                                                    host=self.host)
+        self.replica = ReplicaInfo(replica_id=self.address, role=self.role, model=self.spec.name,
+                                   kv_endpoint=started.kv_endpoint, node_id=node_id)
         self.router = get_router()
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")
         self._snapshot_next = True  # the router learns this replica's cache as a whole first
         self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
-        log.info("%s replica of %s serving on %s", role, self.spec.name, self.address)
+        log.info("%s replica of %s serving on %s", self.role, self.spec.name, self.address)
+
+    @property
+    def replica_id(self) -> str:
+        return self.replica.replica_id
+
+    async def _stats_reply(self, _req: dict) -> dict:
+        """The ``Stats`` worker RPC: this replica's stats as a msgpack map."""
+        return stats_to_wire(await self.worker.stats())
 
     # -- stats to the router ----------------------------------------------------
     async def _push_loop(self) -> None:
@@ -148,33 +181,13 @@ class WorkerServer:
             return e.kv.pool.drain_events()
 
         ev = await self.worker.aengine.call(drain)
-        now = time.time()
-        busy = max(s["busy_time_s"], 1e-9)
-        if self.role == "prefill":
-            role = "prefill"
-            stats = dict(replica_id=self.replica_id, model=self.spec.name,
-                         pending_prompt_tokens=s["pending_prompt_tokens"],
-                         running_requests=s["running"] + s["waiting"],
-                         prefill_tokens_per_s=s["prompt_tokens_computed"] / busy
-                         if s["prompt_tokens_computed"] else 0.0,
-                         healthy=self.worker.aengine.alive, draining=self.draining,
-                         node_id=self.node_id, updated_at=now)
-        else:
-            role = "decode"
-            steps = max(s["steps"], 1)
-            stats = dict(replica_id=self.replica_id, model=self.spec.name,
-                         free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
-                         running_seqs=s["running"], max_seqs=s["max_seqs"],
-                         block_size=s["block_size"], waiting_requests=s["waiting"],
-                         decode_step_s=s["busy_time_s"] / steps, prefill_tokens_per_s=0.0,
-                         healthy=self.worker.aengine.alive, draining=self.draining,
-                         node_id=self.node_id, updated_at=now)
-        info = {"role": self.role, "model": self.spec.name, "address": self.address,
-                "kv_endpoint": getattr(self.worker, "kv_endpoint", ""), "node_id": self.node_id}
+        report = StatsReport(replica=self.replica, stats=s, healthy=self.worker.aengine.alive,
+                             draining=self.draining, updated_at=time.time(),
+                             stored=tuple(ev.stored), evicted=tuple(ev.evicted),
+                             snapshot=ev.snapshot)
         try:
             self._snapshot_next = await asyncio.wait_for(
-                self.router.update_stats.remote(role, stats, info, ev.stored, ev.evicted,
-                                                ev.snapshot),
+                self.router.update_stats.remote(report),
                 timeout=max(5.0, 4 * self.router_spec.stats_period_s))
         except BaseException:
             self._snapshot_next = True  # these events may be lost: send the whole cache next
@@ -185,11 +198,10 @@ class WorkerServer:
         if not self.worker.aengine.alive:
             raise RuntimeError(f"engine thread is dead: {self.worker.aengine.error!r}")
 
-    async def info(self) -> dict:
-        return {"role": self.role, "model": self.spec.name, "address": self.address,
-                "node_id": self.node_id, "pid": __import__("os").getpid()}
+    async def info(self) -> ReplicaInfo:
+        return self.replica
 
-    async def stats(self) -> dict:
+    async def stats(self) -> WorkerStats:
         return await self.worker.stats()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -198,15 +210,9 @@ class WorkerServer:
         from splitserve.cluster.autoscaling.signals import replica_metrics
         from splitserve.cluster.observability.telemetry import replica_gpu_telemetry
 
-        return replica_metrics(self.role, await self.worker.stats(), self.draining,
-                               replica_gpu_telemetry())
+        return replica_metrics(await self.worker.stats(), self.draining, replica_gpu_telemetry())
 
     # -- graceful drain -------------------------------------------------------------
-    def _idle(self, s: dict) -> bool:
-        busy = s["running"] + s["waiting"]
-        busy += s.get("inflight", 0) if self.role == "prefill" else s.get("reservations", 0)
-        return busy == 0
-
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Take no new work and wait (at most ``timeout_s``) until in-flight
         requests finish. Returns whether the replica went idle in time."""
@@ -220,7 +226,7 @@ class WorkerServer:
         settle = 2 * self.router_spec.stats_period_s + 0.5
         await asyncio.sleep(max(0.0, min(settle, deadline - time.monotonic())))
         while True:
-            if self._idle(await self.worker.stats()):
+            if (await self.worker.stats()).in_flight() == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -243,14 +249,14 @@ class WorkerServer:
             pass
 
 
-def worker_deployment(name: str, role: str, pool, model: ModelSpec, transfer: TransferSpec,
+def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
                       router: RouterSpec, secrets_version: str):
     """A bound Serve application for one pool of one model."""
     from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
 
     initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
     scaling = {} if pool.autoscaling is None else {
-        "autoscaling_config": serve_autoscaling_config(pool, role, model.name)}
+        "autoscaling_config": serve_autoscaling_config(pool, role.value, model.name)}
     # the drain must end before Serve's force-kill at graceful_shutdown_timeout_s
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     # what only the ingress reads stays out, so editing it does not rebuild replicas

@@ -13,6 +13,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
 from splitserve.handoff.protocol import engine_layout
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.stats import stats_to_wire
 from splitserve.handoff.transfer.base import KVSender, TransportConfig, get_transport
 from splitserve.handoff.transfer.chunks import as_bytes
 from splitserve.prefill.worker import PrefillWorker
@@ -96,6 +97,13 @@ class CorruptingSender(KVSender):
         await self.inner.close()
 
 
+def stats_rpc(worker):
+    """A worker's ``Stats`` RPC, as ``WorkerServer`` serves it."""
+    async def reply(_req: dict) -> dict:
+        return stats_to_wire(await worker.stats())
+    return reply
+
+
 async def start_pd(prefill_engine, decode_engine, transport="grpc", policy="local",
                    layer_group_size=1, transfer_timeout_s=10.0, lease_s=30.0,
                    prefill_timeout_s=30.0) -> PD:
@@ -106,8 +114,8 @@ async def start_pd(prefill_engine, decode_engine, transport="grpc", policy="loca
                       receiver_cls(TransportConfig(token=TOKEN, layout=engine_layout(decode_engine))),
                       TOKEN, on_prefill_failure=policy, lease_s=lease_s,
                       prefill_timeout_s=prefill_timeout_s, sweep_s=0.05).start()
-    psrv, paddr = await rpc.serve({"Prefill": pw.prefill, "Stats": pw.stats}, {}, TOKEN)
-    dsrv, daddr = await rpc.serve({"Stats": dw.stats}, {"Generate": dw.generate}, TOKEN)
+    psrv, paddr = await rpc.serve({"Prefill": pw.prefill, "Stats": stats_rpc(pw)}, {}, TOKEN)
+    dsrv, daddr = await rpc.serve({"Stats": stats_rpc(dw)}, {"Generate": dw.generate}, TOKEN)
     return PD(pw, dw, paddr, daddr, rpc.WorkerClient(daddr, TOKEN), [psrv, dsrv])
 
 

@@ -144,9 +144,10 @@ def test_requests_go_only_to_their_models_replicas(cluster):
 
 def replica_stats(cfg, model) -> dict:
     """Every replica of ``model`` the router lists: replica id -> its
-    ``Stats`` (asked over the worker RPC)."""
+    ``Stats`` (asked over the worker RPC), typed."""
     import asyncio
 
+    from splitserve.engine.stats import stats_from_wire
     from splitserve.handoff.rpc import WorkerClient
 
     reps = ray.get(app.get_router().replicas.remote())[model]
@@ -156,7 +157,7 @@ def replica_stats(cfg, model) -> dict:
         for r in reps["prefill"] + reps["decode"]:
             c = WorkerClient(r["replica_id"], cfg.cluster_token())
             try:
-                out[r["replica_id"]] = await c.call("Stats", {}, timeout=10)
+                out[r["replica_id"]] = stats_from_wire(await c.call("Stats", {}, timeout=10))
             finally:
                 await c.close()
         return out
@@ -166,9 +167,7 @@ def replica_stats(cfg, model) -> dict:
 
 def pools_free(cfg, model) -> dict:
     """Every replica of ``model`` idle: all blocks free, no request state left."""
-    from splitserve.engine.llm_engine import stats_idle
-
-    return {rid: stats_idle(s) for rid, s in replica_stats(cfg, model).items()}
+    return {rid: s.idle() for rid, s in replica_stats(cfg, model).items()}
 
 
 def wait_for(pred, timeout=20.0):
@@ -205,7 +204,7 @@ def test_router_killed_restarts_and_streams_survive(cluster):
                     max_retries=0)
     def index_matches():
         held = ray.get(app.get_router().cached_blocks.remote())
-        own = {rid: s["cached_blocks"] for rid, s in replica_stats(cfg, "llama").items()}
+        own = {rid: s.engine.cached_blocks for rid, s in replica_stats(cfg, "llama").items()}
         return sum(own.values()) > 0 and all(held.get(rid) == n for rid, n in own.items())
 
     # a long prompt cached on both pools before the kill

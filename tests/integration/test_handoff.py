@@ -44,7 +44,7 @@ def test_concurrent_handoffs_match_single_engine(tiny_llama, reference, transpor
             assert [g[0] for g in got] == expected(reference, ps)
             assert all(g[1].mode is PrefillMode.REMOTE for g in got)
             s = await pd.decode.stats()
-            assert s["handoffs"] == 8 and s["fallbacks"] == 0
+            assert s.handoffs == 8 and s.fallbacks == 0
             assert await wait_until(pd.all_free)
         finally:
             await pd.close()
@@ -134,7 +134,7 @@ def test_prefill_killed_mid_transfer(tiny_llama, reference, policy):
                 toks, t = await pd.generate(p, GREEDY)
                 assert toks == expected(reference, [p])[0]
                 assert t.mode is PrefillMode.LOCAL and t.fallback_reason is not None
-                assert (await pd.decode.stats())["fallbacks"] == 1
+                assert (await pd.decode.stats()).fallbacks == 1
             else:
                 with pytest.raises(RpcError) as e:
                     await pd.generate(p, GREEDY)
@@ -250,7 +250,7 @@ def test_reservation_lease_expires(tiny_llama):
                 lambda e: res.reserve("orphan", res.layout, list(range(1, 20)), 4))
             assert pd.decode.engine.kv.num_free_blocks == 64 - 5
             assert await wait_until(pd.all_free, 3)
-            assert (await pd.decode.stats())["expired"] == 1
+            assert (await pd.decode.stats()).expired == 1
         finally:
             await pd.close()
     asyncio.run(main())

@@ -31,6 +31,8 @@ from splitserve.cluster.observability.metrics import (
     record_retry,
     record_worker_metrics,
 )
+from splitserve.engine.roles import Role
+from tests.fixtures.worker_stats import decode_stats, engine_load
 from tests.integration.ray_cluster import local_ray
 
 N, OUT, NUM_BLOCKS = 6, 5, 48
@@ -180,10 +182,9 @@ def test_fallback_and_remaining_metrics_exported(cluster):
     assert rec.timings["fallback_reason"]
 
     p = "plumbing"
-    record_worker_metrics("decode", p, {"free_blocks": 3, "total_blocks": 4, "running": 1,
-                                        "waiting": 0, "pending_prompt_tokens": 0,
-                                        "preemptions": 2, "refused": 3, "fallbacks": 0,
-                                        "prefix_hits": 1, "prefix_queries": 2})
+    record_worker_metrics(Role.DECODE, p, decode_stats(
+        engine_load(free_blocks=3, total_blocks=4, running=1, waiting=0, pending_prompt_tokens=0,
+                    preemptions=2, prefix_hits=1, prefix_queries=2), refused=3, fallbacks=0))
     record_retry(p, resumed=False)
     record_retry(p, resumed=True)
     record_autoscaler_decision({"model": p, "role": "decode", "bottleneck": "memory",

@@ -10,7 +10,7 @@ import ray
 from splitserve.cluster.serve import app
 from splitserve.cluster.serve.orchestrator import ClusterBackend
 from splitserve.cluster.config import parse_config
-from splitserve.engine.llm_engine import stats_idle
+from splitserve.engine.stats import stats_from_wire
 from splitserve.handoff.rpc import WorkerClient
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
@@ -58,7 +58,7 @@ async def pool_free(addresses, token):
         c = WorkerClient(a, token)
         try:
             s = await c.call("Stats", {}, timeout=10)
-            out[a] = stats_idle(s) or s  # the stats themselves when not idle
+            out[a] = stats_from_wire(s).idle() or s  # the stats themselves when not idle
         finally:
             await c.close()
     return out

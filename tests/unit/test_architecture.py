@@ -3,13 +3,16 @@
 kernels <- engine <- handoff <- {prefill, decode}; handoff reaches the
 engine only through its port (splitserve.engine.kv_port) and the plain data
 and error modules listed in HANDOFF_ENGINE_ALLOWED; router imports neither
-prefill nor decode nor torch (only splitserve.engine.hashing); prefill and
+prefill nor decode nor torch (of the engine, only its torch-free modules:
+hashing, stats, roles); prefill and
 decode never import each other; engine and kernels never import Ray or a
 higher layer. Every import of our own code goes through the one top-level
 name, ``splitserve``.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,8 @@ FORBIDDEN_THIRD_PARTY = {
     "cluster": set(),
 }
 # the only engine modules the router may use (torch-free)
-ROUTER_ENGINE_ALLOWED = {"splitserve.engine.hashing"}
+ROUTER_ENGINE_ALLOWED = {"splitserve.engine.hashing", "splitserve.engine.stats",
+                         "splitserve.engine.roles"}
 # the only engine modules the hand-off may use: the engine's KV port and plain
 # data and errors, never the scheduler, block manager, runner or LLMEngine
 HANDOFF_ENGINE_ALLOWED = {
@@ -76,7 +80,7 @@ def violations(pkg: str, name: str) -> list[str]:
     if parts[1] in FORBIDDEN_LAYERS[pkg]:
         return [f"imports {name} (a higher layer)"]
     if pkg == "router" and parts[1] == "engine" and name not in ROUTER_ENGINE_ALLOWED:
-        return [f"imports {name} (router may use only splitserve.engine.hashing)"]
+        return [f"imports {name} (router may use only {sorted(ROUTER_ENGINE_ALLOWED)})"]
     if pkg == "handoff" and parts[1] == "engine" and name not in HANDOFF_ENGINE_ALLOWED:
         return [f"imports {name} (handoff may use only {sorted(HANDOFF_ENGINE_ALLOWED)})"]
     return []
@@ -102,6 +106,7 @@ def test_the_rules_catch_what_they_forbid():
     assert violations("decode", "engine.config")
     assert violations("router", "torch.nn")
     assert not violations("router", "splitserve.engine.hashing")
+    assert not violations("router", "splitserve.engine.stats")
     assert not violations("cluster", "splitserve.prefill.worker")
     for private in ("splitserve.engine.llm_engine", "splitserve.engine.kv_manager",
                     "splitserve.engine.scheduler", "splitserve.engine.request_state",
@@ -129,3 +134,14 @@ def test_required_layout():
     assert (ROOT / "pyproject.toml").is_file()
     assert sorted(p.name for p in (ROOT / "splitserve").iterdir()
                   if p.name != "__pycache__") == ["__init__.py"]
+
+
+@pytest.mark.parametrize("module", sorted(ROUTER_ENGINE_ALLOWED))
+def test_engine_modules_the_router_uses_import_no_torch(module):
+    """Importing one (and the router with it) loads neither torch nor Ray."""
+    code = (f"import sys, {module}, splitserve.router.core, splitserve.router.reports; "
+            "print(sorted(m for m in ('torch', 'ray', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

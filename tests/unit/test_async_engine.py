@@ -171,19 +171,24 @@ def test_reader_leaving_as_its_request_finishes_does_not_kill_the_engine(tiny_ll
 
 
 def test_load_stats_show_request_state_until_it_is_gone(tiny_llama):
-    from splitserve.engine.llm_engine import stats_idle
+    from tests.fixtures.worker_stats import decode_stats, prefill_stats
 
     eng = make_engine(tiny_llama)
-    assert stats_idle(eng.load_stats())
+    assert eng.load_stats().idle()
     eng.add_request("a", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=2))
     eng.step()
     s = eng.load_stats()
-    assert (s["open_requests"], s["block_owners"]) == (1, 1) and not stats_idle(s)
+    assert (s.open_requests, s.block_owners, s.running, s.steps) == (1, 1, 1, 1)
+    assert not s.idle()
     while eng.has_unfinished():
         eng.step()
-    assert stats_idle(eng.load_stats())
-    assert not stats_idle({**eng.load_stats(), "streams": 1})
-    assert not stats_idle({**eng.load_stats(), "reservations": 1})
+    s = eng.load_stats()
+    assert s.idle() and (s.steps, s.prompt_tokens_computed) == (2, 3)
+    assert prefill_stats(s).idle() and decode_stats(s).idle()
+    assert not prefill_stats(s, streams=1).idle()
+    assert not prefill_stats(s, inflight=1).idle()
+    assert not decode_stats(s, streams=1).idle()
+    assert not decode_stats(s, reservations=1).idle()
 
 
 def test_grammar_matchers_are_built_off_the_engine_thread(tiny_llama):

@@ -8,6 +8,7 @@ from splitserve.cluster.autoscaling import serve_policy
 from splitserve.cluster.autoscaling import signals as m
 from splitserve.cluster.autoscaling.decision import DelayState, decide, desired_replicas
 from splitserve.cluster.config import AutoscalingSpec
+from tests.fixtures.worker_stats import decode_stats, engine_load, prefill_stats
 
 
 def spec(bottleneck="compute", **kw):
@@ -258,21 +259,24 @@ def test_delay_state_round_trip():
 
 # -- replica metrics ----------------------------------------------------------------------
 def test_replica_metrics_from_worker_stats():
-    prefill = {"pending_prompt_tokens": 120, "running": 2, "waiting": 3, "free_blocks": 30,
-               "total_blocks": 40, "prompt_tokens_computed": 999, "busy_time_s": 1.5,
-               "bytes_sent": 4096}
-    gpu = {"available": True, "devices": [{"utilization_gpu": 50.0}, {"utilization_gpu": 70.0}]}
-    assert m.replica_metrics("prefill", prefill, gpu=gpu) == {
+    from splitserve.cluster.observability.telemetry import DeviceSample, GpuTelemetry
+
+    prefill = prefill_stats(engine_load(
+        pending_prompt_tokens=120, running=2, waiting=3, free_blocks=30, total_blocks=40,
+        prompt_tokens_computed=999, busy_time_s=1.5), bytes_sent=4096)
+    gpu = GpuTelemetry(True, devices=[DeviceSample(i, "gpu", util, 0.0, 1, 2, None)
+                                      for i, util in enumerate((50.0, 70.0))])
+    assert m.replica_metrics(prefill, gpu=gpu) == {
         "kv_used_fraction": 0.25, "running": 2.0, "waiting": 3.0, "busy_time_s": 1.5,
         "draining": 0.0, "pending_prompt_tokens": 120.0, "prompt_tokens_computed": 999.0,
         "handoff_bytes": 4096.0, "gpu_utilization": 0.6}
-    decode = {"free_blocks": 48, "total_blocks": 64, "running": 3, "waiting": 0, "max_seqs": 4,
-              "busy_time_s": 2.0, "steps": 77, "handoff_bytes": 1 << 20}
-    assert m.replica_metrics("decode", decode, draining=True,
-                             gpu={"available": False, "reason": "no GPU"}) == {
+    decode = decode_stats(engine_load(
+        free_blocks=48, total_blocks=64, running=3, waiting=0, max_seqs=4, busy_time_s=2.0,
+        steps=77, pending_prompt_tokens=5), handoff_bytes=1 << 20)
+    assert m.replica_metrics(decode, draining=True, gpu=GpuTelemetry(False, "no GPU")) == {
         "kv_used_fraction": 0.25, "running": 3.0, "waiting": 0.0, "busy_time_s": 2.0,
-        "draining": 1.0, "seq_fraction": 0.75, "decode_steps": 77.0,
-        "handoff_bytes": float(1 << 20)}
+        "draining": 1.0, "pending_prompt_tokens": 5.0, "seq_fraction": 0.75,
+        "decode_steps": 77.0, "handoff_bytes": float(1 << 20)}
 
 
 # -- the Serve policy on Serve's own context --------------------------------------------
@@ -374,7 +378,7 @@ def test_gpu_telemetry_matches_the_machine():
 def test_replica_gpu_telemetry_outside_ray_does_not_start_ray():
     import ray
 
-    from splitserve.cluster.observability.telemetry import replica_gpu_telemetry
+    from splitserve.cluster.observability.telemetry import GpuTelemetry, replica_gpu_telemetry
 
-    assert replica_gpu_telemetry() == {"available": False, "reason": "not running in a Ray worker"}
+    assert replica_gpu_telemetry() == GpuTelemetry(False, "not running in a Ray worker")
     assert not ray.is_initialized()

@@ -280,14 +280,18 @@ def test_worker_router_and_autoscaler_recording():
         record_autoscaler_decision,
         record_worker_metrics,
     )
+    from splitserve.engine.roles import Role
     from splitserve.router.core import RouterCore
-    from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouterConfig
+    from splitserve.router.reports import ReplicaInfo
+    from splitserve.router.config import ModelFacts, RouterConfig
+    from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats
+    from tests.fixtures.worker_stats import decode_stats, engine_load
 
-    base = {"free_blocks": 30, "total_blocks": 40, "running": 2, "waiting": 1,
-            "pending_prompt_tokens": 17, "preemptions": 3, "refused": 0, "fallbacks": 1,
-            "prefix_hits": 1, "prefix_queries": 4}
-    record_worker_metrics("decode", "w", base)
-    record_worker_metrics("decode", "w", {**base, "preemptions": 5, "free_blocks": 10})
+    base = dict(free_blocks=30, total_blocks=40, running=2, waiting=1, pending_prompt_tokens=17,
+                preemptions=3, prefix_hits=1, prefix_queries=4)
+    record_worker_metrics(Role.DECODE, "w", decode_stats(engine_load(**base), fallbacks=1))
+    record_worker_metrics(Role.DECODE, "w", decode_stats(
+        engine_load(**{**base, "preemptions": 5, "free_blocks": 10}), fallbacks=1))
     got = exported("w")
     d = (("role", "decode"),)
     assert got[("splitserve_kv_block_usage", d)] == 0.75
@@ -298,8 +302,8 @@ def test_worker_router_and_autoscaler_recording():
     assert got[("splitserve_replica_fallbacks_total", d)] == 1
     assert ("splitserve_replica_refusals_total", d) not in got
 
-    core = RouterCore(RouterConfig(kv_bytes_per_token={"r": 1024}, block_size=4),
-                      clock=lambda: 5.0)
+    facts = ModelFacts(block_size=4, kv_bytes_per_token=1024)
+    core = RouterCore(RouterConfig(models={"r": facts}), clock=lambda: 5.0)
     core.update_stats(PrefillReplicaStats(replica_id="p1", model="r", pending_prompt_tokens=0,
                                           running_requests=0, prefill_tokens_per_s=0,
                                           updated_at=5.0))
@@ -310,7 +314,10 @@ def test_worker_router_and_autoscaler_recording():
             updated_at=5.0))
     core.admit("r")
     rm = RouterMetrics(period_s=60.0, clock=lambda: 0.0)
-    rm.publish(core, {"c1": {"role": "colocated"}, "c2": {"role": "colocated"}})
+    info = {rid: ReplicaInfo(replica_id=rid, role=role, model="r", kv_endpoint="", node_id="")
+            for rid, role in (("p1", Role.PREFILL), ("c1", Role.COLOCATED),
+                              ("c2", Role.COLOCATED))}
+    rm.publish(core, info)
     rm.on_placement("r", "least_loaded")
     rm.on_rejection("r", "overloaded")
     got = exported("r")
@@ -320,7 +327,7 @@ def test_worker_router_and_autoscaler_recording():
     assert got[("splitserve_router_decisions_total", (("reason", "least_loaded"),))] == 1
     assert got[("splitserve_router_rejections_total", (("reason", "overloaded"),))] == 1
     core.remove_replica("p1")
-    rm.publish(core, {}, force=True)
+    rm.publish(core, info, force=True)
     assert exported("r")[("splitserve_pool_replicas", (("pool", "prefill"),))] == 0
 
     rec = {"model": "a", "role": "prefill", "bottleneck": "compute", "current": 2, "target": 2,

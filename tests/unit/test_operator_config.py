@@ -148,6 +148,7 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
     from splitserve.cluster.serve.orchestrator import ClusterBackend
     from splitserve.cluster.config import PoolSpec, RouterSpec, TransferSpec
     from splitserve.cluster.serve.workers import worker_deployment
+    from splitserve.engine.roles import Role
 
     path = tiny_checkpoints["llama"]
     cfg = parse_config({"models": [
@@ -158,9 +159,63 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
 
     def built(parser):  # the worker pool's Serve deployment: its version and model argument
         spec = cfg.models[0].model.model_copy(update={"tool_call_parser": parser})
-        d = worker_deployment("a-decode", "decode", PoolSpec(), spec, TransferSpec(), RouterSpec(),
-                              "token")._bound_deployment
+        d = worker_deployment("a-decode", Role.DECODE, PoolSpec(), spec, TransferSpec(),
+                              RouterSpec(), "token")._bound_deployment
         return d.version, d.init_args[1]
     (v1, model1), (v2, _) = built("mistral"), built("hermes")
     assert v1 is not None and v1 == v2
     assert "tool_call_parser" not in model1 and model1["name"] == "a"
+
+
+def test_each_mode_names_its_pools_by_role():
+    from splitserve.cluster.config import ModelSpec, ServedModel
+    from splitserve.cluster.serve.app import pool_apps_names
+    from splitserve.engine.roles import Role
+
+    dis = ServedModel(model=ModelSpec(name="m"))
+    col = ServedModel(model=ModelSpec(name="c"), mode="colocated")
+    assert (dis.roles(), col.roles()) == ((Role.PREFILL, Role.DECODE), (Role.COLOCATED,))
+    assert (pool_apps_names(dis), pool_apps_names(col)) == (["m-prefill", "m-decode"],
+                                                            ["c-colocated"])
+    assert dis.pool(Role.PREFILL) is dis.prefill and dis.pool(Role.DECODE) is dis.decode
+    assert col.pool(Role.COLOCATED) is col.decode
+    # the router places from two pools: colocated replicas join the decode one
+    assert [r.pool for r in Role] == [Role.PREFILL, Role.DECODE, Role.DECODE]
+
+
+def test_the_router_section_is_the_router_config_under_the_same_names_and_defaults():
+    import dataclasses
+
+    from splitserve.cluster.config import RouterSpec
+    from splitserve.router.config import ModelFacts, RouterConfig
+    from splitserve.router.policies import POLICIES
+
+    spec = RouterSpec()
+    defaults = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
+    shared = set(RouterSpec.model_fields) - RouterSpec.NOT_ROUTER_FIELDS
+    assert shared == {"policy", "max_queue_per_model", "stats_ttl_s", "network_bytes_per_s",
+                      "local_prefill_max_tokens", "max_queue_delay_s"}
+    assert {k: getattr(spec, k) for k in shared} == {k: defaults[k] for k in shared}
+    assert spec.router_config({}) == RouterConfig()
+    assert RouterSpec.model_fields["policy"].annotation.__args__ == tuple(POLICIES)
+    facts = {"m": ModelFacts(block_size=32, kv_bytes_per_token=4096)}
+    cfg = parse_config({"router": {"network_bytes_per_s": 2e9, "max_retries": 5}})
+    assert cfg.router.router_config(facts) == RouterConfig(models=facts, network_bytes_per_s=2e9)
+
+
+def test_router_config_takes_each_models_facts_from_that_model(tiny_checkpoints):
+    from splitserve.cluster.serve.app import router_config
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.router.config import ModelFacts
+
+    path = tiny_checkpoints["llama"]
+    mc = load_checkpoint(path).model_config
+    per_elem = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim
+    cfg = parse_config({"models": [
+        {"model": {"name": "a", "path": str(path), "block_size": 32}},
+        {"model": {"name": "b", "path": str(path), "block_size": 8, "dtype": "bfloat16"}},
+        {"model": {"name": "c", "path": str(path), "kv_cache_dtype": "fp8"}}]})
+    assert router_config(cfg).models == {
+        "a": ModelFacts(block_size=32, kv_bytes_per_token=4 * per_elem),  # auto: as float32
+        "b": ModelFacts(block_size=8, kv_bytes_per_token=2 * per_elem),
+        "c": ModelFacts(block_size=16, kv_bytes_per_token=per_elem)}

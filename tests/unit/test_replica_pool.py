@@ -4,6 +4,7 @@ from it decide exactly as snapshots derived from scratch."""
 import dataclasses
 import random
 
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.core import RouterCore
 from splitserve.router.policies import get_policy
 from splitserve.router.replica_pool import ReplicaPool
@@ -13,7 +14,6 @@ from splitserve.router.types import (
     NoCapacityError,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
     load_order,
     queue_order,
 )
@@ -103,7 +103,7 @@ def test_router_core_decides_as_on_a_snapshot_derived_from_scratch():
     placement equals the policy's choice on a snapshot that sorts afresh."""
     rng = random.Random(6)
     for policy in ("cost", "prefix_aware", "least_loaded"):
-        cfg = RouterConfig(policy=policy, kv_bytes_per_token={"m": 131072})
+        cfg = RouterConfig(policy=policy, models={"m": ModelFacts(16, 131072)})
         router = RouterCore(cfg, clock=lambda: NOW)
         for i in range(8):
             router.update_stats(pre(rng, f"p{i}"))

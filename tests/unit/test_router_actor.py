@@ -3,52 +3,134 @@ replies workers and ingresses act on."""
 
 import time
 
+import pickle
+
+import pytest
+
 from splitserve.cluster.serve.router_actor import RouterActor
+from splitserve.engine.roles import Role
+from splitserve.router.config import ModelFacts, RouterConfig
+from splitserve.router.reports import ReplicaInfo, StatsReport
+from splitserve.router.types import (
+    InvalidStatsError,
+    NoCapacityError,
+    OverloadedError,
+    Placement,
+    QueueDelayError,
+    RouteRequest,
+    UnknownModelError,
+)
+from tests.fixtures.worker_stats import decode_stats, engine_load, prefill_stats
 
 Router = RouterActor.__ray_actor_class__
 
 
-def prefill(rid="p0", pending=0):
-    return dict(replica_id=rid, model="m", pending_prompt_tokens=pending, running_requests=0,
-                prefill_tokens_per_s=10000.0, updated_at=time.time())
+def router_cfg(**kw) -> RouterConfig:
+    return RouterConfig(policy="cost", models={"m": ModelFacts(16, 1000)}, **kw)
 
 
-def decode(rid="d0"):
-    return dict(replica_id=rid, model="m", free_blocks=100, total_blocks=100, running_seqs=0,
-                max_seqs=8, block_size=16, waiting_requests=0, decode_step_s=0.01,
-                prefill_tokens_per_s=0.0, updated_at=time.time())
+def report(stats, role: Role, rid: str, stored=(), evicted=(), snapshot=False) -> StatsReport:
+    return StatsReport(
+        replica=ReplicaInfo(replica_id=rid, role=role, model="m", kv_endpoint="", node_id="n1"),
+        stats=stats, healthy=True, draining=False, updated_at=time.time(),
+        stored=tuple(stored), evicted=tuple(evicted), snapshot=snapshot)
 
 
-def route_req(rid="r"):
-    return {"request_id": rid, "model": "m", "prompt_len": 1000, "max_tokens": 4,
-            "block_hashes": []}
+def prefill(rid="p0", pending=0, **kw):
+    # 1 s of engine time for 10k prompt tokens: 10k tokens/s
+    load = engine_load(pending_prompt_tokens=pending, prompt_tokens_computed=10000,
+                       busy_time_s=1.0)
+    return report(prefill_stats(load), Role.PREFILL, rid, **kw)
+
+
+def decode(rid="d0", role=Role.DECODE):
+    load = engine_load(free_blocks=100, total_blocks=100, max_seqs=8, block_size=16,
+                       busy_time_s=0.5, steps=50)
+    return report(decode_stats(load), role, rid)
+
+
+def route_req(rid="r", model="m"):
+    return RouteRequest(rid, model, prompt_len=1000, max_tokens=4, block_hashes=())
 
 
 def test_push_reply_asks_an_unknown_replica_for_a_snapshot_of_its_cache():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
-    info = {"role": "prefill", "model": "m"}
-    assert r.update_stats("prefill", prefill(), info, [1, 2, 3]) is True  # a delta from a stranger
-    assert r.update_stats("prefill", prefill(), info, [4]) is False
+    r = Router(router_cfg())
+    assert r.update_stats(prefill(stored=[1, 2, 3])) is True  # a delta from a stranger
+    assert r.update_stats(prefill(stored=[4])) is False
     assert r.cached_blocks() == {"p0": 4}
     # the snapshot replaces what deltas built up
-    assert r.update_stats("prefill", prefill(), info, [2, 9], snapshot=True) is False
+    assert r.update_stats(prefill(stored=[2, 9], snapshot=True)) is False
     assert r.cached_blocks() == {"p0": 2}
     # a reconfigure forgets everything: the next push is answered with a request again
-    r.reconfigure({"policy": "cost", "kv_bytes_per_token": {"m": 1000}})
-    assert r.update_stats("prefill", prefill(), info, []) is True
-    assert r.update_stats("prefill", prefill(), info, [2, 9], snapshot=True) is False
+    r.reconfigure(router_cfg())
+    assert r.update_stats(prefill()) is True
+    assert r.update_stats(prefill(stored=[2, 9], snapshot=True)) is False
     assert r.cached_blocks() == {"p0": 2}
 
 
 def test_queue_delay_refusal_is_overloaded_with_retry_after_and_frees_the_slot():
-    r = Router({"policy": "cost", "kv_bytes_per_token": {"m": 1000}, "max_queue_delay_s": 0.5,
-                "max_queue_per_model": 1})
-    r.update_stats("prefill", prefill(pending=8000))  # 0.8 s of queue at 10k tokens/s
-    r.update_stats("decode", decode())
-    res = r.route(route_req())
-    assert res["error"] == "overloaded" and "max_queue_delay_s" in res["message"]
-    assert abs(res["retry_after_s"] - 0.3) < 1e-9
+    r = Router(router_cfg(max_queue_delay_s=0.5, max_queue_per_model=1))
+    r.update_stats(prefill(pending=8000))  # 0.8 s of queue at 10k tokens/s
+    r.update_stats(decode())
+    res = pickle.loads(pickle.dumps(r.route(route_req())))  # as it crosses to the caller
+    assert type(res) is QueueDelayError and "max_queue_delay_s" in str(res)
+    assert (res.model, abs(res.retry_after_s - 0.3) < 1e-9) == ("m", True)
     c = r.counters()
     assert (c["queue_delay"], c["in_flight"]) == (1, {"m": 0})  # the admission slot came back
     # a request already admitted (a retry or a resumed stream) is still placed
-    assert r.route(route_req("resumed"), admit=False)["placement"]["prefill_replica"] == "p0"
+    placed = r.route(route_req("resumed"), admit=False)
+    assert (placed.prefill_replica, placed.decode_replica) == ("p0", "d0")
+
+
+def test_refusals_are_returned_as_typed_errors():
+    r = Router(router_cfg(max_queue_per_model=1))
+    res = r.route(route_req(model="nope"))
+    assert type(res) is UnknownModelError and (res.model, res.known) == ("nope", ("m",))
+    res = r.route(route_req())  # no decode replica
+    assert type(res) is NoCapacityError and res.model == "m"
+    r.update_stats(prefill())
+    r.update_stats(decode())
+    assert isinstance(r.route(route_req("a")), Placement)
+    res = pickle.loads(pickle.dumps(r.route(route_req("b"))))  # the one slot is taken
+    assert type(res) is OverloadedError
+    assert (res.model, res.in_flight, res.limit) == ("m", 1, 1) and res.retry_after_s > 0
+
+
+def test_reports_become_the_router_view_of_each_pool():
+    r = Router(router_cfg())
+    r.update_stats(prefill(pending=30))
+    r.update_stats(decode("d0"))
+    r.update_stats(decode("c0", role=Role.COLOCATED))  # colocated replicas join the decode pool
+    reps = r.replicas()["m"]
+    assert reps["prefill"] == [dict(
+        replica_id="p0", model="m", pending_prompt_tokens=30, running_requests=0,
+        prefill_tokens_per_s=10000.0, healthy=True, draining=False, node_id="n1",
+        updated_at=reps["prefill"][0]["updated_at"], queue_s=0.003)]
+    assert [(d["replica_id"], d["free_blocks"], d["max_seqs"], d["block_size"], d["decode_step_s"])
+            for d in reps["decode"]] == [("c0", 100, 8, 16, 0.01), ("d0", 100, 8, 16, 0.01)]
+    assert {rid: i.role for rid, i in r.replicas_info.items()} == {
+        "p0": Role.PREFILL, "d0": Role.DECODE, "c0": Role.COLOCATED}
+
+
+def test_stats_of_the_wrong_pool_are_refused():
+    r = Router(router_cfg())
+    wrong = report(prefill_stats(), Role.COLOCATED, "c0")
+    with pytest.raises(InvalidStatsError, match="colocated replica but pushed PrefillStats"):
+        r.update_stats(wrong)
+    assert r.replicas()["m"] == {"prefill": [], "decode": []}
+
+
+def test_the_backend_answers_each_refusal_with_its_client_error():
+    from splitserve.cluster.api.backend import Overloaded, Unavailable, UnknownModel
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
+
+    be = ClusterBackend.__new__(ClusterBackend)  # no checkpoints: only the mapping is used
+    be._models = {"m": None}
+    cases = [(OverloadedError("m", 3, 3, 0.25), Overloaded, 0.25),
+             (QueueDelayError("wait", "m", 0.5), Overloaded, 0.5),
+             (NoCapacityError("full", "m", 2.0), Unavailable, 2.0)]
+    for refusal, cls, retry in cases:
+        err = be._refused(refusal)
+        assert (type(err), str(err), err.retry_after_s) == (cls, str(refusal), retry)
+    err = be._refused(UnknownModelError("x", ("m",)))
+    assert type(err) is UnknownModel and err.model == "x"

@@ -3,6 +3,7 @@
 import pytest
 
 from splitserve.engine.hashing import block_hashes
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.core import RouterCore
 from splitserve.router.types import (
     DecodeReplicaStats,
@@ -13,7 +14,6 @@ from splitserve.router.types import (
     PrefillReplicaStats,
     QueueDelayError,
     RouteRequest,
-    RouterConfig,
     RouterConfigError,
     UnbalancedReleaseError,
     UnknownModelError,
@@ -31,7 +31,9 @@ class Clock:
 
 
 def core(policy="least_loaded", clock=None, **kw) -> RouterCore:
-    cfg = RouterConfig(policy=policy, kv_bytes_per_token={"m": KV, "other": KV}, **kw)
+    facts = ModelFacts(block_size=16, kv_bytes_per_token=KV)
+    kw.setdefault("network_bytes_per_s", 12.5e9)  # a 100 Gb/s link
+    cfg = RouterConfig(policy=policy, models={"m": facts, "other": facts}, **kw)
     return RouterCore(cfg, clock=clock or Clock())
 
 
@@ -240,6 +242,12 @@ def test_unknown_models_and_invalid_input_are_refused():
         core(stats_ttl_s=0)
     with pytest.raises(RouterConfigError, match="prefix_index_touch_fraction"):
         core(prefix_index_touch_fraction=0)
+    with pytest.raises(RouterConfigError, match="ModelFacts.block_size must be > 0, got 0"):
+        ModelFacts(block_size=0, kv_bytes_per_token=KV)
+    with pytest.raises(RouterConfigError, match=r"models\['m'\] must be a ModelFacts"):
+        RouterConfig(models={"m": KV})
+    with pytest.raises(UnknownModelError, match="unknown model 'x'"):
+        RouterConfig(models={"m": ModelFacts(16, KV)}).model("x")
 
 
 def test_replica_moving_to_another_model_or_pool_leaves_its_old_place():
@@ -299,3 +307,21 @@ def test_queue_delay_bound_covers_local_prefill_and_can_be_off():
     assert off.route(request(tokens(1, 100))).decode_replica == "d0"
     with pytest.raises(RouterConfigError, match="max_queue_delay_s"):
         core(max_queue_delay_s=-1.0)
+
+
+def test_each_model_is_placed_with_its_own_block_size():
+    """Two models, blocks of 16 and 64 tokens: the prefix a replica caches
+    counts in its own model's blocks (no smallest block size for all)."""
+    cfg = RouterConfig(policy="prefix_aware", models={
+        "small": ModelFacts(block_size=16, kv_bytes_per_token=KV),
+        "big": ModelFacts(block_size=64, kv_bytes_per_token=KV)})
+    router = RouterCore(cfg, clock=Clock())
+    for model in ("small", "big"):
+        for s in (pre(f"{model}-p0", model=model), pre(f"{model}-p1", model=model),
+                  dec(f"{model}-d0", model=model)):
+            router.update_stats(s)
+    prompt = tokens(3, 256)
+    for model, size in (("small", 16), ("big", 64)):
+        router.on_blocks_stored(f"{model}-p1", block_hashes(prompt, size)[:2])  # two blocks
+        placed = router.route(request(prompt, model=model, rid=model))  # hashed by the router
+        assert (placed.prefill_replica, placed.prefix_hit_tokens) == (f"{model}-p1", 2 * size)

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.cost_model import prefill_queue_s, remote_ttft_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, prefill_usable
 from splitserve.router.policies import POLICIES, get_policy
@@ -14,17 +15,18 @@ from splitserve.router.types import (
     PolicyState,
     PrefillReplicaStats,
     RouteRequest,
-    RouterConfig,
     RouterConfigError,
     UnknownModelError,
 )
 
 NOW = 1000.0
 KV = 131072  # bytes per token, a Llama-3-8B-sized KV cache
+FACTS = ModelFacts(block_size=16, kv_bytes_per_token=KV)
 
 
 def config(**kw) -> RouterConfig:
-    return RouterConfig(kv_bytes_per_token={"m": KV, "other": KV}, **kw)
+    kw.setdefault("network_bytes_per_s", 12.5e9)  # a 100 Gb/s link unless a case says otherwise
+    return RouterConfig(models={"m": FACTS, "other": FACTS}, **kw)
 
 
 def pre(rid, pending=0, speed=10000.0, model="m", **kw) -> PrefillReplicaStats:
@@ -140,7 +142,7 @@ def test_decode_prefix_hit_beats_slight_load_imbalance_until_full(policy):
 
 
 def test_local_prefill_when_transfer_is_slower():
-    cfg = config(network_bandwidth_bytes_per_s=1.25e9)  # 10 Gb/s
+    cfg = config(network_bytes_per_s=1.25e9)  # 10 Gb/s
     s = snap(pre("p0", speed=20000.0), dec("d0", speed=10000.0, step=0.005))
     # remote 256/20000 + 0.0268 + 0.002 = 0.0416 s; local 256/10000 + 0.005 = 0.0306 s
     p = place("cost", req(prompt_len=256), s, cfg=cfg)
@@ -158,7 +160,7 @@ def test_remote_prefill_when_prompt_is_long_and_link_fast():
 
 
 def test_local_prefill_limit_and_decode_prefix_cache():
-    cfg = config(network_bandwidth_bytes_per_s=1.25e9, local_prefill_max_tokens=512)
+    cfg = config(network_bytes_per_s=1.25e9, local_prefill_max_tokens=512)
     s = snap(pre("p0", speed=20000.0), dec("d0", speed=10000.0, step=0.005))
     # local (0.1074 s) beats remote (0.1606 s) but 1024 uncached tokens > 512
     p = place("cost", req(prompt_len=1024), s, cfg=cfg)
@@ -263,7 +265,8 @@ def _reference(policy, r, s, matches, cfg, state):
     horizon, total = s.now - cfg.stats_ttl_s, r.prompt_len + r.max_tokens
     decodes = [d for d in s.decode if decode_usable(d, r.model, horizon, r.exclude_replicas, total)]
     prefills = [p for p in s.prefill if prefill_usable(p, r.model, horizon, r.exclude_replicas)]
-    hit = lambda rid: usable_hit_tokens(matches.get(rid, 0), r.prompt_len, cfg.block_size)  # noqa: E731
+    block_size = cfg.model(r.model).block_size
+    hit = lambda rid: usable_hit_tokens(matches.get(rid, 0), r.prompt_len, block_size)  # noqa: E731
     weight = 0.0 if policy == "least_loaded" else cfg.prefix_weight
 
     def load(d):
