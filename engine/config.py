@@ -28,7 +28,29 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE).
+
+    Each token's router logits pick ``top_k`` of ``num_experts`` experts;
+    their softmax probabilities weight the experts' outputs, renormalised to
+    sum to one when ``renormalize`` (Mixtral always; Qwen with
+    ``norm_topk_prob``). Layers where ``sparse_layers`` is False keep a dense
+    MLP of ``ModelConfig.intermediate_size`` (Qwen ``mlp_only_layers`` and
+    ``decoder_sparse_step``). Router jitter is a training option and is ignored."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    renormalize: bool
+    sparse_layers: tuple[bool, ...]
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert; 0 = none
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     o_proj_bias: bool = False  # Llama/Qwen3 ``attention_bias`` also covers o_proj
     mlp_bias: bool = False  # Llama ``mlp_bias``: gate/up/down carry a bias
+    moe: MoEConfig | None = None  # None: every layer has a dense MLP
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -75,9 +98,11 @@ class ModelConfig:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             rope_theta, rope_scaling = _rope_params(cfg)
             # Which projections carry biases differs by family, as in transformers:
-            # Qwen2 always biases q/k/v, Mistral never, Llama/Qwen3 follow attention_bias.
+            # Qwen2 always biases q/k/v, Mistral/Mixtral never, Qwen2-MoE per
+            # ``qkv_bias`` (on unless written off), Llama/Qwen3(-MoE) follow attention_bias.
             cfg_bias = bool(cfg.get("attention_bias", False))
-            qkv_bias = {"qwen2": True, "mistral": False}.get(family, cfg_bias)
+            qkv_bias = {"qwen2": True, "mistral": False, "mixtral": False,
+                        "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(family, cfg_bias)
             if dtype not in DTYPES:
                 raise CheckpointError(f"{source}: unsupported torch_dtype {dtype!r}")
             return cls(
@@ -95,14 +120,15 @@ class ModelConfig:
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias,
-                qk_norm=family == "qwen3",
+                qk_norm=family in ("qwen3", "qwen3_moe"),
                 rope_scaling=rope_scaling,
                 **_windows(cfg, family, int(cfg["num_hidden_layers"])),
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                o_proj_bias=family in ("llama", "qwen3") and cfg_bias,
+                o_proj_bias=family in ("llama", "qwen3", "qwen3_moe") and cfg_bias,
                 mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
+                moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -118,20 +144,56 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 
+def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
+    """The sparse MLP's shape and routing, as each family's transformers code reads it."""
+    if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return None
+    # Mixtral calls it num_local_experts; Qwen num_experts (transformers 5 writes either)
+    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    top_k = int(cfg["num_experts_per_tok"])
+    if num_experts <= 0 or not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok ({top_k}) must be in [1, number of experts "
+                         f"({num_experts})]")
+    if family == "mixtral":
+        return MoEConfig(num_experts=num_experts, top_k=top_k,
+                         expert_intermediate_size=int(cfg["intermediate_size"]),
+                         renormalize=True, sparse_layers=(True,) * num_layers)
+    step = int(cfg.get("decoder_sparse_step", 1))
+    if step <= 0:
+        raise ValueError(f"decoder_sparse_step must be positive, got {step}")
+    dense = set(cfg.get("mlp_only_layers") or ())
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+        renormalize=bool(cfg.get("norm_topk_prob", False)),
+        sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+        shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)
+                                         if family == "qwen2_moe" else 0),
+    )
+
+
+# Families whose window, once set, covers every layer: Mistral and Mixtral
+# with no switch, Qwen3-MoE behind ``use_sliding_window``.
+_EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "qwen3_moe")
+
+
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
     """``sliding_window`` and ``layer_windows`` as transformers applies them.
 
-    Mistral has no switch: a window set applies to every layer. Qwen2/Qwen3
-    apply it only with ``use_sliding_window``, to the layers ``layer_types``
-    marks ``sliding_attention`` (older configs: layers from
-    ``max_window_layers`` on). Llama has none."""
+    Mistral and Mixtral have no switch: a window set applies to every layer.
+    The Qwen families apply it only with ``use_sliding_window``: Qwen3-MoE to
+    every layer, Qwen2/Qwen3/Qwen2-MoE to the layers ``layer_types`` marks
+    ``sliding_attention`` (older configs: layers from ``max_window_layers``
+    on). Llama has none."""
     window = cfg.get("sliding_window")
-    if family == "llama" or not window or (family != "mistral" and not cfg.get("use_sliding_window")):
+    switched = family in ("mistral", "mixtral") or cfg.get("use_sliding_window")
+    if family == "llama" or not window or not switched:
         return {"sliding_window": None, "layer_windows": (0,) * num_layers}
     window = int(window)
     if window <= 0:
         raise ValueError(f"sliding_window must be positive, got {window}")
-    if family == "mistral":
+    if family in _EVERY_LAYER_WINDOWED:
         return {"sliding_window": window, "layer_windows": (window,) * num_layers}
     types = cfg.get("layer_types")
     if types is None:

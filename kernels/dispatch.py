@@ -30,6 +30,7 @@ OP_NAMES = (
     "paged_decode_attention",
     "pack_kv",
     "unpack_kv",
+    "fused_moe",
 )
 
 # Backends that register themselves on import of their module.

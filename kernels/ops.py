@@ -51,3 +51,7 @@ def pack_kv(kv_cache, block_ids, layer_start, layer_end):
 
 def unpack_kv(buf, kv_cache, block_ids, layer_start):
     return get_op("unpack_kv", kv_cache.device)(buf, kv_cache, block_ids, layer_start)
+
+
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids):
+    return get_op("fused_moe", x.device)(x, w_gate_up, w_down, topk_weights, topk_ids)

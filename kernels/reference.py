@@ -260,3 +260,39 @@ def unpack_kv(
     if kv_cache.dtype in FP8_DTYPES:  # no fp8 index_copy_ on CPU: copy the bytes
         dst, src = dst.view(torch.uint8), src.view(torch.uint8)
     dst.index_copy_(2, block_ids.long().to(kv_cache.device), src)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts of a mixture-of-experts MLP, summed per token.
+
+    x: [T, H]; w_gate_up: [E, 2I, H], expert e's rows [gate | up];
+    w_down: [E, H, I]; topk_weights: [T, K] float; topk_ids: [T, K] int, K
+    distinct experts per token. Token t's output is
+    ``sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
+    e = topk_ids[t, j]: each expert's output rounded to x.dtype, the weighted
+    sum in float32, the result in x.dtype: [T, H]. Experts run one at a time
+    on the tokens routed to them; an expert no token chose costs nothing.
+    """
+    t, k = topk_ids.shape
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
+    tokens = order // k
+    weights = topk_weights.reshape(-1)[order].float()
+    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tokens[start:start + n]
+        h = silu_and_mul(F.linear(x[rows], w_gate_up[e]))  # [n, I]
+        y = F.linear(h, w_down[e])  # [n, H]
+        out.index_add_(0, rows, y.float() * weights[start:start + n, None])
+        start += n
+    return out.to(x.dtype)

@@ -12,6 +12,7 @@ import triton  # noqa: F401  (fail here, not halfway through registration)
 from splitserve.kernels import dispatch
 from splitserve.kernels.triton.activation import silu_and_mul
 from splitserve.kernels.triton.decode_attention import paged_decode_attention
+from splitserve.kernels.triton.fused_moe import fused_moe
 from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv
 from splitserve.kernels.triton.kv_store import store_kv
 from splitserve.kernels.triton.prefill_attention import paged_attention
@@ -27,6 +28,7 @@ OPS = {
     "paged_decode_attention": paged_decode_attention,
     "pack_kv": pack_kv,
     "unpack_kv": unpack_kv,
+    "fused_moe": fused_moe,
 }
 
 for _name, _fn in OPS.items():

@@ -7,13 +7,18 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.moe import MoECausalLM
 
-# family -> implementation; the four families share one decoder with flags.
+# family -> implementation; the dense families share one decoder with flags,
+# the mixture-of-experts ones add sparse MLP layers to it.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
     "qwen2": CausalLM,
     "qwen3": CausalLM,
+    "mixtral": MoECausalLM,
+    "qwen2_moe": MoECausalLM,
+    "qwen3_moe": MoECausalLM,
 }
 
 
@@ -28,4 +33,4 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return impl(cfg, dtype, torch.device(device)).eval()
 
 
-__all__ = ["CausalLM", "MODEL_FAMILIES", "build_model"]
+__all__ = ["CausalLM", "MODEL_FAMILIES", "MoECausalLM", "build_model"]

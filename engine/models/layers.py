@@ -151,13 +151,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention then an MLP, each behind an RMSNorm. ``mlp`` replaces the
+    dense MLP (mixture-of-experts layers); ``mlp_name`` is its name in
+    checkpoints (Mixtral's is ``block_sparse_moe``)."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int = 0):
+                 sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = Attention(cfg, dtype, device, sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device)
+        self.mlp_name = mlp_name
 
     def forward(
         self,
@@ -184,5 +189,5 @@ class DecoderLayer(nn.Module):
             f"{prefix}.input_layernorm.weight": ShardSlot(self.input_layernorm.weight),
             f"{prefix}.post_attention_layernorm.weight": ShardSlot(self.post_attention_layernorm.weight),
             **self.self_attn.weight_slots(f"{prefix}.self_attn"),
-            **self.mlp.weight_slots(f"{prefix}.mlp"),
+            **self.mlp.weight_slots(f"{prefix}.{self.mlp_name}"),
         }

@@ -38,7 +38,7 @@ class CausalLM(nn.Module):
         self.dtype = dtype
         self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         windows = cfg.layer_windows or (0,) * cfg.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, w) for w in windows)
+        self.layers = nn.ModuleList(self.build_layer(i, w, dtype, device) for i, w in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             None
@@ -46,6 +46,12 @@ class CausalLM(nn.Module):
             else empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(cfg, device), persistent=False)
+
+    def build_layer(self, index: int, window: int, dtype: torch.dtype,
+                    device: torch.device | str) -> DecoderLayer:
+        """Decoder layer ``index`` (attention window ``window``, 0 = none);
+        families whose MLP differs (splitserve.engine.models.moe) override this."""
+        return DecoderLayer(self.cfg, dtype, device, window)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
