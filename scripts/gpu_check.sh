@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, for a machine with CUDA whose
 # Python already has torch, triton, transformers, safetensors, tokenizers,
-# jinja2, grpcio, msgpack, msgspec and pytest (Ray is not needed). Nothing is
+# jinja2, grpcio, msgpack, msgspec and pytest (Ray is not needed; msgspec is
+# not on every GPU image: carry its wheel, see docs/benchmarks.md). Nothing is
 # installed: the source tree goes on PYTHONPATH, where splitserve/__init__.py
 # finds the top-level folders as its sub-packages (splitserve.engine, ...).
 #   bash scripts/gpu_check.sh [OUT_DIR]     (default: ./gpu-results)
@@ -27,6 +28,7 @@ step() {  # step NAME COMMAND...: run it, log it, count a failure
 
 step tests "$PY" -m pytest -q -p no:cacheprovider -rA tests/gpu --junitxml="$OUT/gpu-tests.xml"
 step kernels "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels.json"
+step moe-kernel "$PY" -m benchmarks.bench_moe --out "$OUT/moe.json"
 step roofline-1b "$PY" -m benchmarks.bench_engine_roofline --shape llama-1b --out "$OUT/roofline-1b.json"
 step roofline-8b "$PY" -m benchmarks.bench_engine_roofline --shape llama-3.1-8b \
   --out "$OUT/roofline-8b.json"
