@@ -143,25 +143,28 @@ def compute_load(series: PoolSeries, spec: AutoscalingSpec, now: float) -> Load 
     if frac is not None:
         parts.append((frac / spec.target_busy_fraction,
                       f"busy {frac:.0%} vs target {spec.target_busy_fraction:.0%}"))
-    util = _mean(gauge_means(series, m.GPU_UTILIZATION, now, lb).values())
-    if util is not None:
-        parts.append((util / spec.target_busy_fraction,
-                      f"GPU utilization {util:.0%} vs target {spec.target_busy_fraction:.0%}"))
+    parts += _gauge_part(series, m.GPU_UTILIZATION, now, lb, spec.target_busy_fraction,
+                         "GPU utilization {:.0%}")
     return _dominant(parts)
+
+
+def _gauge_part(series: PoolSeries, metric: str, now: float, look_back_s: float,
+                target: float, what: str) -> list[tuple[float, str]]:
+    """A gauge averaged over the pool's replicas as (load, why) against its
+    target fraction; none while no replica reports it. ``what`` formats the value."""
+    value = _mean(gauge_means(series, metric, now, look_back_s).values())
+    if value is None:
+        return []
+    return [(value / target, f"{what.format(value)} vs target {target:.0%}")]
 
 
 def memory_load(series: PoolSeries, spec: AutoscalingSpec, now: float) -> Load | None:
     lb = spec.look_back_s
     parts: list[tuple[float, str]] = []
-    kv = _mean(gauge_means(series, m.KV_USED_FRACTION, now, lb).values())
-    if kv is not None:
-        parts.append((kv / spec.target_kv_usage,
-                      f"KV usage {kv:.0%} vs target {spec.target_kv_usage:.0%}"))
-    seqs = _mean(gauge_means(series, m.SEQ_FRACTION, now, lb).values())
-    if seqs is not None:
-        parts.append((seqs / spec.target_seq_fraction,
-                      f"running sequences {seqs:.0%} of max vs target "
-                      f"{spec.target_seq_fraction:.0%}"))
+    parts += _gauge_part(series, m.KV_USED_FRACTION, now, lb, spec.target_kv_usage,
+                         "KV usage {:.0%}")
+    parts += _gauge_part(series, m.SEQ_FRACTION, now, lb, spec.target_seq_fraction,
+                         "running sequences {:.0%} of max")
     if spec.target_tpot_s is not None:
         busy = counter_deltas(series, m.BUSY_TIME_S, now, lb)
         steps = counter_deltas(series, m.DECODE_STEPS, now, lb)
