@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig
+
+if TYPE_CHECKING:
+    from splitserve.handoff.tls import TLSConfig
 
 
 class ConfigError(ValueError):
@@ -164,6 +167,39 @@ class ServedModel(_Strict):
         return self.prefill if role is Role.PREFILL else self.decode
 
 
+class TLSSpec(_Strict):
+    """TLS of the internal planes: PEM files present on every node."""
+
+    cert: str = Field(description="PEM certificate chain file each replica serves (and, with "
+                      "mutual, presents as a client); it must name the replicas' addresses, or "
+                      "server_name. This and the other files are read on every node.")
+    key: str = Field(description="PEM private key file of cert.")
+    ca: str = Field(description="PEM CA bundle file that signed the replicas' certificates; peers "
+                    "are verified against it.")
+    mutual: bool = Field(False, description="Also require clients (the ingress, other "
+                         "replicas) to present a certificate signed by ca.")
+    server_name: str | None = Field(None, description="The name every replica's certificate "
+                                    "carries, when they do not list the replicas' addresses.")
+
+    def load(self) -> "TLSConfig":
+        """The PEM material as a ``splitserve.handoff.tls.TLSConfig``, read
+        on this node; ConfigError naming the key of a file it cannot read."""
+        from splitserve.handoff.tls import TLSConfig
+
+        def read(key: str) -> bytes:
+            path = Path(getattr(self, key)).expanduser()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"transfer.tls.{key} {path}: {e.strerror}") from None
+            if b"-----BEGIN " not in data:
+                raise ConfigError(f"transfer.tls.{key} {path}: not a PEM file")
+            return data
+
+        return TLSConfig(cert_chain=read("cert"), private_key=read("key"), root_certs=read("ca"),
+                         server_name=self.server_name, require_client_cert=self.mutual)
+
+
 class TransferSpec(_Strict):
     transport: Literal["grpc", "torch_dist"] = Field(
         "grpc", description="grpc: any network; torch_dist: NCCL between GPUs (gloo on CPU).")
@@ -178,6 +214,9 @@ class TransferSpec(_Strict):
         "$SPLITSERVE_BIND_HOST, else the node's Ray address.")
     chunk_bytes: int = Field(1 << 20, ge=1 << 16, description="Largest message of a KV "
                              "transfer, bytes.")
+    tls: TLSSpec | None = Field(None, description="TLS for the worker RPC and KV transfer planes "
+                                "(torch_dist: its control channel); None: plaintext, "
+                                "authenticated by the cluster token only.")
 
 
 # RouterConfig's defaults: the router section repeats none of them
@@ -415,7 +454,7 @@ def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
     for name in ("ModelSpec", "PoolSpec", "AutoscalingSpec", "ServedModel", "RouterSpec",
-                 "TransferSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
+                 "TransferSpec", "TLSSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
         text = text.replace(f"splitserve.cluster.config.{name}", name)
     return text.replace("NoneType", "None").replace("|", "or").replace("Literal", "one of ")
 
@@ -437,8 +476,8 @@ def config_reference() -> str:
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
                 ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
-                ("transfer", TransferSpec), ("auth", AuthSpec), ("endpoints", EndpointSpec),
-                ("slo", SLOSpec)]
+                ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("auth", AuthSpec),
+                ("endpoints", EndpointSpec), ("slo", SLOSpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

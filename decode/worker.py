@@ -36,6 +36,7 @@ from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, Genera
                                          PrefillMode, PrefillReply)
 from splitserve.handoff.protocol import Reservations
 from splitserve.handoff.rpc import RpcError, WorkerClients
+from splitserve.handoff.tls import TLSConfig
 from splitserve.handoff.transfer.base import KVReceiver
 
 FALLBACK_POLICIES = ("local", "error")
@@ -67,7 +68,8 @@ class _FirstToken:
 class DecodeWorker:
     def __init__(self, engine: LLMEngine, receiver: KVReceiver, token: str,
                  on_prefill_failure: str = "local", lease_s: float = 30.0,
-                 prefill_timeout_s: float = 60.0, sweep_s: float = 0.5):
+                 prefill_timeout_s: float = 60.0, sweep_s: float = 0.5,
+                 tls: TLSConfig | None = None):
         if on_prefill_failure not in FALLBACK_POLICIES:
             raise ValueError(f"on_prefill_failure must be one of {FALLBACK_POLICIES}")
         self.engine = engine
@@ -78,7 +80,7 @@ class DecodeWorker:
         self.reservations = Reservations(engine.kv_port, lease_s)
         self.aengine = AsyncEngine(engine, name="decode-engine")
         self.kv_endpoint = ""
-        self._clients = WorkerClients(token)
+        self._clients = WorkerClients(token, tls)  # to prefill replicas
         self._sweeper: asyncio.Task | None = None
         self.draining = False
         self.counters = {"handoffs": 0, "local_prefills": 0, "fallbacks": 0, "refused": 0,

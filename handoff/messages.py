@@ -17,6 +17,14 @@ with a default are optional by design and say so.
 
 Sampling parameters travel in the form of ``SamplingParams.to_dict``,
 whose ``from_dict`` refuses unknown keys and validates every value.
+
+Bounds: every list, map and string a sender controls has a maximum length
+(``Bounded`` types below, checked by the decoder before it reads the items),
+maps appear only where a sampling parameter needs one, and each method
+bounds its request's bytes (``Method.max_request_bytes``, checked on the raw
+bytes before decoding). So a message decodes into memory of the order of its
+own size, never the hundreds of times its size that nested empty maps in a
+free-form field would make.
 ``KVLayout`` (the pair's compatibility handshake) is the transfer plane's
 type, ``splitserve.handoff.transfer.base.KVLayout``.
 """
@@ -24,13 +32,40 @@ type, ``splitserve.handoff.transfer.base.KVLayout``.
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, Union
 
 import msgspec
+from msgspec import Meta
 
 from splitserve.engine.kv_port import FinishReason, TokenLogprobs
 from splitserve.engine.outputs import RequestOutput
 from splitserve.handoff.transfer.base import KVLayout
+
+
+# -- bounds -------------------------------------------------------------------------
+MAX_PROMPT_TOKENS = 1 << 20  # past any served context; the engine checks its own limit
+MAX_ID_CHARS = 1024  # request and hand-off ids, addresses, endpoints
+MAX_PARAMS = 64  # keys of SamplingParams.to_dict (it has 24 fields)
+MAX_PARAM_ITEMS = 4096  # items of one list parameter: stop, stop_token_ids, logit_bias pairs
+MAX_PARAM_CHARS = 1 << 20  # one string parameter, e.g. a structured-output grammar
+MAX_TOP_LOGPROBS = 64  # alternatives per token (SamplingParams allows 20)
+MAX_PROMPT_BYTES = 8 << 20  # a request with a prompt: 5 bytes per token id, plus parameters
+MAX_CONTROL_BYTES = 1 << 10  # a request without one
+
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+TokenIds = Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
+Id = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+_Key = Annotated[str, Meta(max_length=64)]
+_Text = Annotated[str, Meta(max_length=MAX_PARAM_CHARS)]
+_Scalar = Union[None, bool, int, float, _Text]
+_ParamValue = Union[
+    _Scalar,
+    # a list of scalars or of [token id, bias] pairs (logit_bias)
+    Annotated[list[Union[_Scalar, Annotated[list[_Scalar], Meta(max_length=2)]]],
+              Meta(max_length=MAX_PARAM_ITEMS)],
+    Annotated[dict[_Key, _Text], Meta(max_length=8)],  # structured_output
+]
+SamplingParamsWire = Annotated[dict[_Key, _ParamValue], Meta(max_length=MAX_PARAMS)]
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -40,9 +75,10 @@ class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
 class Logprob(Message):
     """One token's logprob and its most probable alternatives."""
 
-    token_id: int
+    token_id: TokenId
     logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most probable first
+    # (token id, logprob), most probable first
+    top: Annotated[list[tuple[TokenId, float]], Meta(max_length=MAX_TOP_LOGPROBS)]
 
     @classmethod
     def of(cls, lp: TokenLogprobs | None) -> "Logprob | None":
@@ -58,28 +94,29 @@ class Logprob(Message):
 class HandoffMeta(Message):
     """Everything the target needs besides the KV bytes."""
 
-    request_id: str
+    request_id: Id
     layout: KVLayout
-    prompt_token_ids: list[int]
-    first_token_id: int
-    params: dict[str, Any]  # SamplingParams.to_dict
+    prompt_token_ids: TokenIds
+    first_token_id: TokenId
+    params: SamplingParamsWire  # SamplingParams.to_dict
     first_logprobs: Logprob | None
     # where asked for: [None, logprobs of prompt token 1, ...]
-    prompt_logprobs: list[Logprob | None] | None
+    prompt_logprobs: Annotated[list[Logprob | None], Meta(max_length=MAX_PROMPT_TOKENS)] | None
 
 
 class PrefillTarget(Message):
     """Where the KV goes: the decode replica's KV endpoint and reservation."""
 
-    endpoint: str
-    skip_tokens: int  # a prefix the target caches already: whole blocks, not sent
+    endpoint: Id
+    # a prefix the target caches already: whole blocks, not sent
+    skip_tokens: Annotated[int, Meta(ge=0)]
     layout: KVLayout  # the target's: must equal the prefill engine's
 
 
 class PrefillRequest(Message):
-    request_id: str  # also the hand-off id of the target's reservation
-    prompt_token_ids: list[int]
-    params: dict[str, Any]  # SamplingParams.to_dict
+    request_id: Id  # also the hand-off id of the target's reservation
+    prompt_token_ids: TokenIds
+    params: SamplingParamsWire  # SamplingParams.to_dict
     target: PrefillTarget
 
 
@@ -97,13 +134,13 @@ class PrefillReply(Message):
 
 # -- Generate -----------------------------------------------------------------------
 class PrefillPlacement(Message):
-    address: str  # the prefill replica's worker RPC address
+    address: Id  # the prefill replica's worker RPC address
 
 
 class GenerateRequest(Message):
-    request_id: str
-    prompt_token_ids: list[int]
-    params: dict[str, Any]  # SamplingParams.to_dict
+    request_id: Id
+    prompt_token_ids: TokenIds
+    params: SamplingParamsWire  # SamplingParams.to_dict
     prefill: PrefillPlacement | None  # None: prefill on the decode replica
 
 
@@ -129,16 +166,18 @@ class GenerateTimings(Message):
 class GenerateOutput(Message):
     """One step of a request's stream (``RequestOutput`` in wire form)."""
 
-    request_id: str
-    token_ids: list[int]
+    request_id: Id
+    token_ids: TokenIds
     text: str
     finished: bool
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    logprobs: list[Logprob] | None = None  # when asked for
-    prompt_logprobs: list[Logprob | None] | None = None  # first output only, when asked for
+    logprobs: Annotated[list[Logprob], Meta(max_length=MAX_PROMPT_TOKENS)] | None = None
+    # first output only, when asked for
+    prompt_logprobs: Annotated[list[Logprob | None],
+                               Meta(max_length=MAX_PROMPT_TOKENS)] | None = None
     timings: GenerateTimings | None = None  # first output only
 
     @classmethod
@@ -193,10 +232,11 @@ class Method(NamedTuple):
     request: Any  # a Message type
     reply: Any  # a Message type, or what the worker's stats are
     streaming: bool
+    max_request_bytes: int  # a larger request is refused (RESOURCE_EXHAUSTED) undecoded
 
 
-PREFILL = Method("Prefill", PrefillRequest, PrefillReply, False)
-GENERATE = Method("Generate", GenerateRequest, GenerateOutput, True)
+PREFILL = Method("Prefill", PrefillRequest, PrefillReply, False, MAX_PROMPT_BYTES)
+GENERATE = Method("Generate", GenerateRequest, GenerateOutput, True, MAX_PROMPT_BYTES)
 # the workers' stats methods own their reply's shape
-STATS = Method("Stats", StatsRequest, dict[str, Any], False)
+STATS = Method("Stats", StatsRequest, dict[str, Any], False, MAX_CONTROL_BYTES)
 METHODS = {m.name: m for m in (PREFILL, GENERATE, STATS)}

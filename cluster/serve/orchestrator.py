@@ -72,7 +72,8 @@ class ClusterBackend(Backend):
             raise ValueError("ClusterBackend needs the cluster token: pass token= (inside a "
                              "cluster: splitserve.cluster.serve.secrets.cluster_token())")
         self._router = router
-        self._clients = WorkerClients(self.token)
+        tls = cfg.transfer.tls
+        self._clients = WorkerClients(self.token, None if tls is None else tls.load())
         self._models: dict[str, _Model] = {}
         for served in cfg.models:
             spec = served.model

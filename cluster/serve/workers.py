@@ -98,7 +98,7 @@ def start_decode(engine, transfer: TransferSpec, tcfg, cluster_token: str) -> Ro
 
     _, receiver_cls = get_transport(transfer.transport)
     w = DecodeWorker(engine, receiver_cls(tcfg), cluster_token, transfer.on_prefill_failure,
-                     transfer.lease_s, transfer.prefill_timeout_s).start()
+                     transfer.lease_s, transfer.prefill_timeout_s, tls=tcfg.tls).start()
     return RoleWorker(w, {}, {"Generate": w.generate}, w.kv_endpoint)
 
 
@@ -128,9 +128,11 @@ class WorkerServer:
         # the cluster token comes from the secret store, never through init
         # arguments (secrets_version only makes a new token rebuild replicas)
         cluster_token = secrets.cluster_token()
+        # one TLS config for both planes, served and dialed (read on this node)
+        tls = self.transfer.tls.load() if self.transfer.tls is not None else None
         engine = build_engine(self.spec)
         self.engine = engine
-        tcfg = TransportConfig(token=cluster_token, host=self.host,
+        tcfg = TransportConfig(token=cluster_token, host=self.host, tls=tls,
                                chunk_bytes=self.transfer.chunk_bytes,
                                max_message_bytes=self.transfer.chunk_bytes + (1 << 20),
                                device=str(engine.device), layout=engine_layout(engine))
@@ -138,7 +140,7 @@ class WorkerServer:
         self.worker = started.worker
         unary = {**started.unary, "Stats": self._stats_reply}
         self.server, self.address = await rpc.serve(unary, started.streams, cluster_token,
-                                                    host=self.host)
+                                                    host=self.host, tls=tls)
         self.replica = ReplicaInfo(replica_id=self.address, role=self.role, model=self.spec.name,
                                    kv_endpoint=started.kv_endpoint, node_id=node_id)
         self.router = get_router()

@@ -27,6 +27,7 @@ import msgspec
 import torch
 
 from splitserve.engine.errors import IncompatibleKVError
+from splitserve.handoff.tls import TLSConfig
 from splitserve.handoff.transfer.chunks import NO_CHECKSUM, as_bytes, check_header, crc32, dtype_name
 
 LAYOUT_VERSION = "L2NBHD-v1"  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -89,16 +90,6 @@ def make_header(handoff_id: str, l0: int, l1: int, buf: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class TLSConfig:
-    """PEM material for the gRPC channels (control channel of torch_dist too)."""
-
-    cert_chain: bytes | None = None  # receiver: its certificate chain
-    private_key: bytes | None = None  # receiver: its key
-    root_certs: bytes | None = None  # sender: CA bundle that signed the receivers' certs
-    server_name: str | None = None  # sender: name to expect in the cert when dialing an IP
-
-
-@dataclass(frozen=True)
 class TransportConfig:
     """How a sender or receiver runs; the same class for every transport,
     fields a transport has no use for are ignored by it."""
@@ -106,7 +97,7 @@ class TransportConfig:
     token: str  # shared cluster secret; every call carries it and receivers check it
     host: str = "127.0.0.1"  # receiver: bind address (its gloo pairs listen there too)
     port: int = 0  # receiver: port to listen on, 0 picks a free one
-    tls: TLSConfig | None = None
+    tls: TLSConfig | None = None  # gRPC channels (torch_dist's control channel too)
     # sender: bytes per gRPC data message; 0.5-1 MiB measured best on loopback (larger
     # messages fall out of cache, smaller ones pay per-message overhead)
     chunk_bytes: int = 1 << 20

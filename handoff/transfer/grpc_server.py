@@ -2,6 +2,13 @@
 streamed as raw bytes) and Ping, plus the torch_dist pair calls when a pair
 handler is given. Used by both the grpc and torch_dist receivers.
 
+Every call, in order: the token in its metadata is checked as the call
+starts, before its body is read (a call without it is refused
+UNAUTHENTICATED, its body never read) -> each message is bounded by
+gRPC (``max_message_bytes``) and, for control messages and header frames,
+by ``wire.MAX_CONTROL_BYTES`` from its raw length (RESOURCE_EXHAUSTED) ->
+only then parsed (INVALID_ARGUMENT when it does not parse).
+
 Push, per call: header -> ``chunks.admit`` (valid, live reservation, fits)
 -> bytes copied into one preallocated buffer as frames arrive, crc32 taken
 on the way -> length and crc32 checked -> ``sink.write_layers`` -> reply.
@@ -12,7 +19,7 @@ its exception to; the server keeps serving.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import grpc
 import torch
@@ -22,7 +29,8 @@ from splitserve.handoff.transfer import wire
 from splitserve.handoff.transfer.base import ChunkHeader, KVSink, TransportConfig
 from splitserve.handoff.transfer.buffers import BufferPool
 from splitserve.handoff.transfer.chunks import NO_CHECKSUM, admit, crc32, verify_checksum, view_chunk
-from splitserve.handoff.transfer.errors import ChecksumMismatch, InvalidChunkError, TransferTimeout
+from splitserve.handoff.transfer.errors import (ChecksumMismatch, InvalidChunkError,
+                                               MessageTooLarge, TransferTimeout)
 
 class PairHandler(Protocol):
     """The torch_dist receiver's side of the pair calls; each returns the
@@ -34,27 +42,28 @@ class PairHandler(Protocol):
     def close_pair(self, req: pb.ClosePairRequest) -> pb.ClosePairReply: ...
 
 
+def _deny(_requests, context):
+    # takes the request stream and never reads it: nothing of the body is parsed
+    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                  "missing or wrong cluster token; sender and receiver must share "
+                  "TransportConfig.token")
+
+
+# request-streaming whatever the method, so gRPC hands it the body unread
+_DENY = grpc.stream_unary_rpc_method_handler(_deny)
+
+
 class _TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every call whose metadata lacks the cluster token."""
+    """Refuses every call whose metadata lacks the cluster token, as it
+    starts (after its headers, before its body)."""
 
     def __init__(self, token: str):
         self._token = token
 
-        def deny(_request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong cluster token; sender and receiver must share "
-                          "TransportConfig.token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
-
     def intercept_service(self, continuation, details):
         if wire.token_ok(details.invocation_metadata or (), self._token):
             return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
-        return self._deny_stream if handler.request_streaming else self._deny_unary
+        return _DENY
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -77,6 +86,9 @@ class TransferService:
     def push(self, frames: Iterator, context: grpc.ServicerContext) -> pb.PushReply:
         try:
             header = next(frames, None)
+            if isinstance(header, wire.BadFrame) and header.oversized:
+                raise MessageTooLarge(f"a Push header frame of {header.nbytes} bytes; at most "
+                                      f"{wire.MAX_CONTROL_BYTES}")
             if not isinstance(header, ChunkHeader):
                 raise InvalidChunkError("a Push call must start with a header frame")
             admit(header, self.sink, self.config.require_checksum)
@@ -117,27 +129,18 @@ class TransferService:
         verify_checksum(header, crc)
         return data
 
-    def ping(self, req: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+    def ping(self, req: pb.PingRequest) -> pb.PingReply:
         reply = pb.PingReply(receiver_id=self.receiver_id, transports=list(self.transports))
         if self.config.layout is not None:
             reply.layout.CopyFrom(wire.layout_to_proto(self.config.layout))
         return reply
 
-    def _pair_call(self, name: str) -> Callable:
-        def call(req, context):
-            try:
-                return getattr(self.pairs, name)(req)
-            except Exception as exc:
-                _abort(context, exc)
-        return call
-
     def handlers(self) -> grpc.GenericRpcHandler:
-        unary = grpc.unary_unary_rpc_method_handler
         rpcs = {
             "Push": grpc.stream_unary_rpc_method_handler(
                 self.push, request_deserializer=wire.decode_frame,
                 response_serializer=pb.PushReply.SerializeToString),
-            "Ping": unary(self.ping, pb.PingRequest.FromString, pb.PingReply.SerializeToString),
+            "Ping": _control(self.ping, pb.PingRequest, pb.PingReply),
         }
         if self.pairs is not None:
             for rpc, method, req, rep in (
@@ -145,8 +148,20 @@ class TransferService:
                     ("Announce", "announce", pb.AnnounceRequest, pb.AnnounceReply),
                     ("Finish", "finish", pb.FinishRequest, pb.FinishReply),
                     ("ClosePair", "close_pair", pb.ClosePairRequest, pb.ClosePairReply)):
-                rpcs[rpc] = unary(self._pair_call(method), req.FromString, rep.SerializeToString)
+                rpcs[rpc] = _control(getattr(self.pairs, method), req, rep)
         return grpc.method_handlers_generic_handler(wire.SERVICE, rpcs)
+
+
+def _control(fn: Callable, request: Any, reply: Any) -> grpc.RpcMethodHandler:
+    """A unary control call: the raw request bounded and parsed here
+    (``wire.decode_control``), so an oversized or malformed one gets its own
+    status instead of gRPC's deserialization failure."""
+    def call(raw: bytes, context: grpc.ServicerContext):
+        try:
+            return fn(wire.decode_control(request, raw))
+        except Exception as exc:
+            _abort(context, exc)
+    return grpc.unary_unary_rpc_method_handler(call, response_serializer=reply.SerializeToString)
 
 
 class TransferServer:

@@ -2,11 +2,23 @@
 global default group: one per (sender, receiver) pair, rank 0 the sender,
 rank 1 the receiver, rendezvous through the receiver's TCPStore under a
 prefix private to the pair. gloo for CPU tensors, NCCL for CUDA tensors.
+
+The store listens on the receiver's address only, but has no auth of its
+own (and lists its keys to anyone who connects). What keeps a stranger out
+of a pair is the pair's secret: ``PAIR_SECRET_BYTES`` random bytes that
+travel only in the reply to the token-checked OpenPair call. The handshake
+that completes a pair, before any KV moves, has each side send its half of
+the secret over the new group and the other side check it: a stranger that
+joins in the sender's place cannot give the first half, one that joins in
+the receiver's place learns only the first half and cannot give the second.
+A pair whose check fails is torn down (``TransferAuthError``).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import secrets
 import socket
 import threading
 import time
@@ -16,11 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from splitserve.engine.auth import secret_matches
 from splitserve.handoff.transfer.base import ChunkHeader
-from splitserve.handoff.transfer.errors import PeerUnavailable, TransferError, TransferTimeout
+from splitserve.handoff.transfer.errors import (PeerUnavailable, TransferAuthError, TransferError,
+                                               TransferTimeout)
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
 HANDSHAKE_TAG = 0  # chunk tags start at 1 (sequence numbers)
+PAIR_SECRET_BYTES = 32  # the sender proves the first half, the receiver the second
 BACKENDS = ("gloo", "nccl")
 
 
@@ -33,8 +48,29 @@ def nccl_available() -> bool:
 
 
 def new_store(host: str, timeout_s: float) -> dist.TCPStore:
-    """The receiver's store, listening on a free port."""
-    return dist.TCPStore(host, 0, None, True, _td(timeout_s), wait_for_workers=False)
+    """The receiver's store, listening on a free port of ``host`` only
+    (TCPStore by itself listens on every interface): the socket is bound
+    here and handed over."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()  # the store owns it from here
+    try:
+        return dist.TCPStore(host, port, None, True, _td(timeout_s), wait_for_workers=False,
+                             master_listen_fd=fd)
+    except Exception:
+        os.close(fd)
+        raise
+
+
+def new_pair_secret() -> bytes:
+    return secrets.token_bytes(PAIR_SECRET_BYTES)
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -72,16 +108,37 @@ def local_address_towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def handshake(pg: Any, rank: int, device: torch.device, timeout_s: float) -> None:
-    """One byte from sender to receiver, run by both sides while building the
-    pair. It proves the pair works and makes NCCL create its communicator
-    now, with both sides present, instead of inside the first chunk's recv."""
-    probe = torch.ones(1, dtype=torch.uint8, device=device)
+def handshake(pg: Any, rank: int, device: torch.device, secret: bytes, timeout_s: float) -> None:
+    """Run by both sides while building the pair: the sender sends the first
+    half of the pair's secret, the receiver checks it and answers with the
+    second half, which the sender checks. Raises TransferAuthError when the
+    peer's half is wrong. It also makes NCCL create its communicator now,
+    with both sides present, instead of inside the first chunk's recv."""
+    if len(secret) != PAIR_SECRET_BYTES:
+        raise TransferAuthError(f"a pair secret of {len(secret)} bytes, not {PAIR_SECRET_BYTES}: "
+                                f"the receiver predates authenticated pairs")
+    half = PAIR_SECRET_BYTES // 2
+    mine, theirs = (secret[:half], secret[half:]) if rank == SENDER_RANK else \
+        (secret[half:], secret[:half])
+    peer = RECEIVER_RANK if rank == SENDER_RANK else SENDER_RANK
+
+    def send() -> None:
+        buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device)
+        wait_work(pg.send([buf], peer, HANDSHAKE_TAG), timeout_s, "pair handshake")
+
+    def receive_and_check() -> None:
+        buf = torch.zeros(len(theirs), dtype=torch.uint8, device=device)
+        wait_work(pg.recv([buf], peer, HANDSHAKE_TAG), timeout_s, "pair handshake")
+        if not secret_matches(buf.cpu().numpy().tobytes(), theirs):
+            raise TransferAuthError("the peer that joined the pair did not present the pair's "
+                                    "secret; it is not the one OpenPair was answered to")
+
     if rank == SENDER_RANK:
-        work = pg.send([probe], RECEIVER_RANK, HANDSHAKE_TAG)
+        send()
+        receive_and_check()
     else:
-        work = pg.recv([probe], SENDER_RANK, HANDSHAKE_TAG)
-    wait_work(work, timeout_s, "pair handshake")
+        receive_and_check()
+        send()
 
 
 def close_group(pg: Any, abort: bool) -> None:
@@ -130,6 +187,7 @@ class RxPair:
     pair_id: str
     backend: str
     prefix: str
+    secret: bytes  # new_pair_secret(): see handshake
     ready: threading.Event = field(default_factory=threading.Event)
     pg: Any = None
     error: BaseException | None = None
@@ -144,6 +202,8 @@ class RxPair:
         if not self.ready.wait(timeout_s):
             raise TransferTimeout(
                 f"pair {self.pair_id}: sender did not join within {timeout_s:.1f} s")
+        if isinstance(self.error, TransferAuthError):
+            raise TransferAuthError(f"pair {self.pair_id}: {self.error}")
         if self.error is not None or self.pg is None:
             raise PeerUnavailable(f"pair {self.pair_id}: could not be built: {self.error}")
         return self.pg

@@ -2,8 +2,9 @@
 between CPUs: the same code), with a gRPC control channel.
 
 Per sender/receiver pair, once: OpenPair (gRPC, token-checked) -> the
-receiver names a private TCPStore prefix -> both sides build a two-rank
-group (``torch_dist_pairs``). Per chunk: Announce (header; the receiver
+receiver names a private TCPStore prefix and a random pair secret -> both
+sides build a two-rank group (``torch_dist_pairs``) and prove the secret to
+each other over it before any KV moves. Per chunk: Announce (header; the receiver
 admits it and posts its recv) -> ``pg.send`` -> Finish (the receiver waits
 for its recv, checks length and crc32, calls the sink; the reply is the
 ack). A timeout or a lost peer tears the pair down on both sides; the next
@@ -82,13 +83,15 @@ class TorchDistKVReceiver(KVReceiver):
     def open_pair(self, req: pb.OpenPairRequest) -> pb.OpenPairReply:
         want_nccl = req.backend == "nccl" and self.device.type == "cuda" and pairs.nccl_available()
         pair_id = uuid.uuid4().hex
-        pair = pairs.RxPair(pair_id, "nccl" if want_nccl else "gloo", f"kvpair/{pair_id}/")
+        pair = pairs.RxPair(pair_id, "nccl" if want_nccl else "gloo", f"kvpair/{pair_id}/",
+                            pairs.new_pair_secret())
         with self._lock:
             self._pairs[pair.pair_id] = pair
         threading.Thread(target=self._build, args=(pair,), name="kv-pair-build",
                          daemon=True).start()
         return pb.OpenPairReply(pair_id=pair.pair_id, store_port=self._store.port,
-                                store_prefix=pair.prefix, backend=pair.backend)
+                                store_prefix=pair.prefix, backend=pair.backend,
+                                pair_secret=pair.secret)
 
     def _build(self, pair: pairs.RxPair) -> None:
         timeout = self.config.connect_timeout_s
@@ -96,7 +99,11 @@ class TorchDistKVReceiver(KVReceiver):
             pg = pairs.new_group(self._store, pair.prefix, pairs.RECEIVER_RANK, pair.backend,
                                  self.config.host, timeout)
             device = self.device if pair.backend == "nccl" else torch.device("cpu")
-            pairs.handshake(pg, pairs.RECEIVER_RANK, device, timeout)
+            try:
+                pairs.handshake(pg, pairs.RECEIVER_RANK, device, pair.secret, timeout)
+            except Exception:
+                pairs.close_group(pg, abort=True)
+                raise
             pair.pg = pg
         except Exception as exc:
             pair.error = exc
@@ -269,7 +276,8 @@ class TorchDistKVSender(KVSender):
                              pairs.local_address_towards(host), timeout_s)
         try:
             pairs.handshake(pg, pairs.SENDER_RANK,
-                            device if rep.backend == "nccl" else torch.device("cpu"), timeout_s)
+                            device if rep.backend == "nccl" else torch.device("cpu"),
+                            rep.pair_secret, timeout_s)
         except Exception:
             pairs.close_group(pg, abort=True)
             raise

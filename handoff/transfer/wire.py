@@ -7,17 +7,25 @@ and read by hand (``0x12 <varint len> <bytes>`` is exactly protobuf's
 encoding of field 2 ``bytes data``) so a 4 MiB slice is copied once into the
 message instead of going through a protobuf object, and read as a
 memoryview into gRPC's buffer instead of a fresh ``bytes``.
+
+Bounds, checked before anything is parsed: a server takes no message over
+``TransportConfig.max_message_bytes`` (gRPC's own limit: a data frame of
+``chunk_bytes`` plus framing), and control messages (Ping, the pair calls,
+a Push's header frame) over ``MAX_CONTROL_BYTES`` are refused from their
+raw length, so no call can make a receiver build a large protobuf object.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import IncompatibleKVError
+from splitserve.handoff import tls as tls_
 from splitserve.handoff.transfer import kv_transfer_pb2 as pb
 from splitserve.handoff.transfer.base import ChunkHeader, KVLayout, TransportConfig
 from splitserve.handoff.transfer.errors import (ChecksumMismatch, InvalidChunkError, MessageTooLarge,
@@ -28,6 +36,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
 TOKEN_KEY = "splitserve-token"
 _DATA_TAG = 0x12  # field 2 (data), wire type 2 (length-delimited)
 _HTTP2_MAX_FRAME = (1 << 24) - 1
+# the largest control message or Push header frame: its real ones are under
+# 300 bytes (a header with a 6-dim shape and a 256-character hand-off id)
+MAX_CONTROL_BYTES = 4 << 10
 
 # One table, both directions: which status a receiver-side exception becomes
 # and which exception a sender raises for that status. Order matters for
@@ -137,39 +148,61 @@ def encode_data_frame(data: memoryview) -> bytes:
     return b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
 
 
-def decode_frame(raw: bytes) -> ChunkHeader | memoryview | None:
-    """Push request deserializer: a header, a view of the data bytes, or None
-    for a frame that is empty or not a PushFrame."""
+@dataclass(frozen=True)
+class BadFrame:
+    """A Push frame the receiver will not use: over MAX_CONTROL_BYTES without
+    being a lone data field (left unparsed), or not a header or data frame.
+    (A deserializer may not fail or return None: gRPC would answer INTERNAL.)"""
+
+    nbytes: int
+    oversized: bool
+
+
+def decode_frame(raw: bytes) -> ChunkHeader | memoryview | BadFrame:
+    """Push request deserializer: a header, a view of the data bytes, or a BadFrame."""
     if raw[:1] == bytes((_DATA_TAG,)):
         n, pos = _read_varint(raw, 1)
         if n >= 0 and pos + n == len(raw):  # a lone data field: view it in place
             return memoryview(raw)[pos:]
+    if len(raw) > MAX_CONTROL_BYTES:
+        return BadFrame(len(raw), oversized=True)
     try:
         frame = pb.PushFrame.FromString(raw)
     except DecodeError:
-        return None
+        return BadFrame(len(raw), oversized=False)
     which = frame.WhichOneof("body")
     if which == "header":
         return header_from_proto(frame.header)
     if which == "data":
         return memoryview(frame.data)
-    return None
+    return BadFrame(len(raw), oversized=False)
+
+
+def decode_control(cls: Any, raw: bytes) -> Any:
+    """A control call's request (``cls``, a protobuf message type) from its
+    raw bytes: MessageTooLarge over MAX_CONTROL_BYTES, InvalidChunkError when
+    it does not parse."""
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise MessageTooLarge(f"a {cls.DESCRIPTOR.name} of {len(raw)} bytes; control messages "
+                              f"are at most {MAX_CONTROL_BYTES}")
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        raise InvalidChunkError(f"malformed {cls.DESCRIPTOR.name}") from None
 
 
 # -- channels -----------------------------------------------------------------
 
 def channel_options(config: TransportConfig) -> list[tuple[str, object]]:
-    opts: list[tuple[str, object]] = [
+    return [
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", 1 << 20),
         # big HTTP/2 frames: fewer frame headers and wakeups per MiB
         ("grpc.http2.max_frame_size", _HTTP2_MAX_FRAME),
         # no sharing of connections with other channels to the same target
         ("grpc.use_local_subchannel_pool", 1),
+        *tls_.channel_options(config.tls),
     ]
-    if config.tls is not None and config.tls.server_name:
-        opts.append(("grpc.ssl_target_name_override", config.tls.server_name))
-    return opts
 
 
 def server_options(config: TransportConfig) -> list[tuple[str, object]]:
@@ -182,16 +215,8 @@ def server_options(config: TransportConfig) -> list[tuple[str, object]]:
 
 
 def channel_credentials(config: TransportConfig) -> grpc.ChannelCredentials | None:
-    tls = config.tls
-    if tls is None:
-        return None
-    return grpc.ssl_channel_credentials(root_certificates=tls.root_certs)
+    return None if config.tls is None else tls_.channel_credentials(config.tls)
 
 
 def server_credentials(config: TransportConfig) -> grpc.ServerCredentials | None:
-    tls = config.tls
-    if tls is None:
-        return None
-    if not tls.cert_chain or not tls.private_key:
-        raise ValueError("TLS receiver needs TLSConfig.cert_chain and private_key (PEM)")
-    return grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+    return None if config.tls is None else tls_.server_credentials(config.tls)

@@ -39,8 +39,11 @@ def test_header_frame_round_trip():
     buf = torch.ones(2, 2, 3, 4, 1, 8, dtype=torch.bfloat16)
     h = make_header("abc", 4, 6, buf)
     assert wire.decode_frame(wire.encode_header_frame(h)) == h
-    assert wire.decode_frame(b"") is None
-    assert wire.decode_frame(b"\xff\xff\xff") is None
+    assert wire.decode_frame(b"") == wire.BadFrame(0, oversized=False)
+    assert wire.decode_frame(b"\xff\xff\xff") == wire.BadFrame(3, oversized=False)
+    big = pb.PushFrame(header=pb.ChunkHeader(handoff_id="x" * wire.MAX_CONTROL_BYTES))
+    assert wire.decode_frame(big.SerializeToString()) == \
+        wire.BadFrame(big.ByteSize(), oversized=True)
 
 
 def test_status_table_round_trips_every_error():

@@ -1,6 +1,7 @@
 """torch_dist between two processes over gloo (the NCCL code path with CPU
-tensors), and pair teardown: on close, on a timeout, when the sender
-process dies, when the receiver stops."""
+tensors), pair teardown (on close, on a timeout, when the sender process
+dies, when the receiver stops), and the rendezvous: a store bound to the
+receiver's address, pairs that only the holders of their secret complete."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import socket
 import threading
 import time
 
 import pytest
 import torch
 
+from splitserve.handoff.transfer import kv_transfer_pb2 as pb
+from splitserve.handoff.transfer import torch_dist_pairs as pairs
 from splitserve.handoff.transfer.base import TransportConfig, make_header
-from splitserve.handoff.transfer.errors import PeerUnavailable, TransferTimeout
+from splitserve.handoff.transfer.errors import PeerUnavailable, TransferAuthError, TransferTimeout
 from splitserve.handoff.transfer.torch_dist_transport import TorchDistKVReceiver, TorchDistKVSender
 from tests.unit.transfer_sinks import RecordingSink
 
@@ -153,3 +157,91 @@ def test_receiver_stop_drops_the_senders_pair():
         asyncio.run(main())
     finally:
         rx.stop(0.1)
+
+
+# -- the rendezvous: bound to the receiver's address, pairs that prove a secret ----------
+def test_the_store_listens_on_the_receivers_address_only():
+    rx = TorchDistKVReceiver(TransportConfig(token=TOKEN, host="127.0.0.2", connect_timeout_s=10))
+    sink = RecordingSink()
+    sink.reserve("p0", 1 << 24)
+    endpoint = rx.start(sink)
+    port = rx._store.port
+    try:
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        buf = _chunk(0)
+
+        async def main():
+            tx = TorchDistKVSender(TransportConfig(token=TOKEN, connect_timeout_s=10))
+            try:
+                await tx.send(endpoint, make_header("p0", 0, 2, buf), buf, 10.0)
+            finally:
+                await tx.close()
+
+        asyncio.run(main())
+        assert torch.equal(sink.received("p0")[0], buf)
+    finally:
+        rx.stop(0.2)
+
+
+def _join(port: int, prefix: str, secret: bytes, rank: int, out: dict) -> None:
+    """Join a pair's group as ``rank`` through the store and run the
+    handshake with ``secret``; what it raised (None: nothing) goes to ``out``."""
+    try:
+        store = pairs.connect_store("127.0.0.1", port, 5)
+        pg = pairs.new_group(store, prefix, rank, "gloo", "127.0.0.1", 5)
+        try:
+            pairs.handshake(pg, rank, torch.device("cpu"), secret, 3)
+        finally:
+            pairs.close_group(pg, abort=True)
+        out[rank] = None
+    except Exception as exc:  # noqa: BLE001 - the test reads it
+        out[rank] = exc
+
+
+def test_a_stranger_without_the_pair_secret_cannot_complete_a_pair():
+    rx, sink, endpoint = _start()
+    try:
+        # what a caller with the token is answered; the stranger learns the prefix
+        # from the store itself, which lists its keys to anyone
+        rep = rx.open_pair(pb.OpenPairRequest(backend="gloo"))
+        pair = rx._pairs[rep.pair_id]
+        assert len(rep.pair_secret) == pairs.PAIR_SECRET_BYTES
+        store = pairs.connect_store("127.0.0.1", rep.store_port, 5)
+        assert _wait_for(lambda: any(k.startswith(rep.store_prefix) for k in store.list_keys()),
+                         5.0)
+        out: dict = {}
+        wrong = bytes(b ^ 1 for b in rep.pair_secret)
+        _join(rep.store_port, rep.store_prefix, wrong, pairs.SENDER_RANK, out)
+        assert pair.ready.wait(10)
+        assert isinstance(pair.error, TransferAuthError)
+        assert out[pairs.SENDER_RANK] is not None  # never got the receiver's half
+        assert rx.num_pairs == 0
+        with pytest.raises(PeerUnavailable):
+            rx.announce(pb.AnnounceRequest(pair_id=rep.pair_id, seq=1))
+    finally:
+        rx.stop(0.2)
+
+
+@pytest.mark.parametrize("impostor", [pairs.SENDER_RANK, pairs.RECEIVER_RANK])
+def test_each_side_checks_the_others_half_of_the_secret(impostor):
+    store = pairs.new_store("127.0.0.1", 5)
+    secret = pairs.new_pair_secret()
+    for prefix, bad in (("ok/", None), ("bad/", impostor)):
+        out: dict = {}
+        half = pairs.PAIR_SECRET_BYTES // 2
+        # an impostor knows at most the half the genuine side sends it
+        fake = secret[:half] + bytes(half) if bad == pairs.RECEIVER_RANK else bytes(len(secret))
+        threads = [threading.Thread(target=_join, args=(
+            store.port, prefix, fake if rank == bad else secret, rank, out))
+            for rank in (pairs.SENDER_RANK, pairs.RECEIVER_RANK)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        if bad is None:
+            assert out == {pairs.SENDER_RANK: None, pairs.RECEIVER_RANK: None}
+        else:
+            genuine = pairs.RECEIVER_RANK if bad == pairs.SENDER_RANK else pairs.SENDER_RANK
+            assert isinstance(out[genuine], TransferAuthError), out
