@@ -80,10 +80,26 @@ class StepTimeModel:
         attention lengths sum to ``context`` at the first step."""
         if steps <= 0:
             return 0.0
+        forms = self.forms
+        if len(forms) == 1:
+            c, _, _, wb, wc = forms[0]
+            a = self.overhead_s + c + wb * batch + wc * context
+            return _series(a if a > MIN_STEP_S else MIN_STEP_S, wc * batch, 0, steps)
+        if len(forms) == 2:  # the roofline: compute and memory
+            (c1, _, _, wb1, wc1), (c2, _, _, wb2, wc2) = forms
+            a1 = self.overhead_s + c1 + wb1 * batch + wc1 * context
+            a2 = self.overhead_s + c2 + wb2 * batch + wc2 * context
+            b1, b2 = wc1 * batch, wc2 * batch
+            if b1 == b2 or not 0 < (a2 - a1) / (b1 - b2) < steps:
+                # one form is above over the whole run: compare at its middle
+                mid = (steps - 1) / 2
+                a, b = (a1, b1) if a1 + b1 * mid >= a2 + b2 * mid else (a2, b2)
+                return _series(a if a > MIN_STEP_S else MIN_STEP_S, b, 0, steps)
+            cut = int(math.floor((a2 - a1) / (b1 - b2))) + 1
+            first, second = ((a1, b1), (a2, b2)) if a1 >= a2 else ((a2, b2), (a1, b1))
+            return (_series(max(first[0], MIN_STEP_S), first[1], 0, cut)
+                    + _series(max(second[0], MIN_STEP_S), second[1], cut, steps))
         lines = self._lines(batch, context)
-        if len(lines) == 1:
-            a, b = lines[0]
-            return _series(max(a, MIN_STEP_S), b, 0, steps)
         # the upper envelope of lines is convex: cut [0, steps) where it changes line
         cuts = {0, steps}
         for i, (a1, b1) in enumerate(lines):

@@ -52,18 +52,24 @@ class TraceRequest:
 
 
 def prompt_block_hashes(req: TraceRequest, index: int, block_size: int) -> list[int]:
-    """Engine block hashes of the prompt's full ``block_size`` blocks, chained
-    like ``splitserve.engine.hashing`` (equal prefixes, equal hashes) over the
-    trace's block ids instead of token contents. Blocks past the trace's ids
-    are unique to the request (``index``)."""
-    out: list[int] = []
-    parent = 0
+    """Engine block hashes of the prompt's full ``block_size`` blocks: equal
+    for two prompts exactly when their trace block ids agree up to that
+    block (the chaining of ``splitserve.engine.hashing``, over ids instead
+    of token contents). Blocks past the trace's ids are unique to the
+    request (``index``)."""
+    n = req.input_len // block_size
     ids, per = req.hash_ids, req.block_tokens
-    for j in range(req.input_len // block_size):
-        m = j * block_size // per
-        block = ids[m] if m < len(ids) else _UNIQUE_BASE + index * 65536 + m
-        parent = hash((parent, block, j)) & MASK64
-        out.append(parent)
+    out: list[int] = []
+    chain = 0  # hash of the trace blocks so far
+    j = 0
+    for m, block in enumerate(ids):
+        chain = hash((chain, block)) & MASK64
+        end = min(n, (m + 1) * per // block_size)
+        out.extend(hash((chain, k)) & MASK64 for k in range(j, end))
+        j = end
+    if j < n:  # the rest is the request's own
+        own = hash((chain, _UNIQUE_BASE + index)) & MASK64
+        out.extend(hash((own, k)) & MASK64 for k in range(j, n))
     return out
 
 

@@ -56,7 +56,12 @@ def test_fit_needs_three_rows():
         fit(rows()[:2])
 
 
-@pytest.mark.parametrize("forms", [(TRUE,), ((0.004, 0, 0, 0, 5e-6), (0.001, 1e-5, 1e-8, 2e-4, 1e-6))])
+@pytest.mark.parametrize("forms", [
+    (TRUE,),
+    ((0.004, 0, 0, 0, 5e-6), (0.001, 1e-5, 1e-8, 2e-4, 1e-6)),
+    ((0.030, 0, 0, 0, 0.0), (0.001, 0, 0, 0, 2e-7)),  # memory overtakes compute mid-run
+    ((0.001, 0, 0, 0, 0.0), (0.0, 0, 0, 0, 1e-7), (0.02, 0, 0, 0, 1e-9)),  # three forms
+])
 def test_decode_runs_sum_their_steps(forms):
     m = StepTimeModel(forms=forms, overhead_s=0.0005)
     for b, c, k in ((1, 100, 1), (7, 1000, 37), (64, 64 * 900, 500), (3, 0, 2000)):

@@ -78,6 +78,10 @@ def add_simulate_arguments(p) -> None:
                    help="timeline resolution (default: 1 s, coarser for long runs)")
     r.add_argument("--no-coalesce", action="store_true",
                    help="step every replica token by token (slow; for checking)")
+    r.add_argument("--kv-block-scale", type=int, default=1, metavar="K",
+                   help="simulate KV blocks K times larger and K times fewer (same memory): "
+                        "faster for large clusters, prefix hits and memory rounded to K blocks "
+                        "(default: 1, exact)")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="write record.json, requests.csv and simulation.png here")
     r.add_argument("--no-plot", action="store_true")
@@ -102,7 +106,8 @@ def _parse_pool_hardware(items: list[str], default: str):
     return hardware
 
 
-def _shapes(cfg, items: list[str]):
+def shapes_for(cfg, items: list[str]):
+    """Each model's shape: ``--shape`` items, else its checkpoint's config.json."""
     from splitserve.cluster.planning.shapes import resolve_shape, shape_from_config_json
     from splitserve.engine.default_model import ensure_default_model
 
@@ -196,7 +201,7 @@ def run_from_args(args) -> int:
 
     try:
         cfg = load_config(args.config)
-        shapes = _shapes(cfg, args.shape)
+        shapes = shapes_for(cfg, args.shape)
         hardware = _parse_pool_hardware(args.pool_hardware, args.hardware)
         workload, desc = workload_from_args(args)
         sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
@@ -204,6 +209,7 @@ def run_from_args(args) -> int:
                           sample_s=sample_s, node_provision_s=args.node_provision_s,
                           replace_after_s=args.replace_after_s,
                           devices_per_node=args.gpus_per_node, coalesce=not args.no_coalesce,
+                          kv_block_scale=args.kv_block_scale,
                           failures=_failures(args.failure), progress=args.progress)
         db = ProfileDB(args.db)
         sim = Simulation(cfg, shapes, hardware, db, workload, opts, model=args.model)

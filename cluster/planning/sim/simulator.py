@@ -63,6 +63,7 @@ class SimOptions:
     replace_after_s: float = 10.0  # Serve replaces a failed replica after this
     devices_per_node: int = 8
     coalesce: bool = True  # coalesce decode steps (identical results, faster)
+    kv_block_scale: int = 1  # simulate KV blocks this many times larger (faster, approximate)
     failures: tuple[Failure, ...] = ()
     progress: bool = False
 
@@ -91,11 +92,30 @@ def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettin
                           kernel_backend=backend, device=device, tensor_parallel=devices)
 
 
+def scale_blocks(cfg: ClusterConfig, k: int) -> ClusterConfig:
+    """``cfg`` with KV blocks ``k`` times larger and ``k`` times fewer (the
+    same KV memory): per-block work (allocation, hashing, the router's
+    prefix index) shrinks k-fold, at the price of coarser granularity
+    (prefix hits and memory rounding in steps of k blocks)."""
+    if k & (k - 1):
+        raise SimConfigError(f"kv_block_scale must be a power of two, got {k}")
+    models = []
+    for served in cfg.models:
+        m = served.model
+        upd = {"block_size": m.block_size * k}
+        if m.num_blocks is not None:
+            upd["num_blocks"] = max(16, m.num_blocks // k)
+        models.append(served.model_copy(update={"model": m.model_copy(update=upd)}))
+    return cfg.model_copy(update={"models": models})
+
+
 class Simulation:
     def __init__(self, cfg: ClusterConfig, shapes: dict[str, ModelShape],
                  hardware: Callable[[str, str], str], db: ProfileDB,
                  workload: Iterable[TraceRequest], opts: SimOptions = SimOptions(),
                  model: str | None = None):
+        if opts.kv_block_scale > 1:
+            cfg = scale_blocks(cfg, opts.kv_block_scale)
         self.cfg = cfg
         self.opts = opts
         self.loop = EventLoop()
