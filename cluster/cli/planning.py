@@ -119,12 +119,13 @@ def _add_simulate(sub) -> None:
 
     p = sub.add_parser(
         "simulate", help="simulate a cluster config on a workload (router and autoscaler as deployed)",
-        description="Discrete-event simulation of an operator config: the production RouterCore "
-                    "places every request, the production autoscaling decision sizes every pool, "
-                    "and each replica runs the engine's own Scheduler and KV block manager with "
-                    "step times from the profile database (measured where profiled, else a "
-                    "roofline of datasheet figures). Deterministic for a seed. Writes a JSON "
-                    "record and PNG plots.")
+        description="Discrete-event simulation of an operator config: the production RouterCore\n"
+                    "places every request, the production autoscaling decision sizes every pool,\n"
+                    "and each replica runs the engine's own Scheduler and KV block manager with\n"
+                    "step times from the profile database (measured where profiled, else a\n"
+                    "roofline of datasheet figures). Deterministic for a seed. Prints a summary;\n"
+                    "--out DIR writes record.json, requests.csv and simulation.png.\n"
+                    "docs/planning.md explains inputs, outputs and what is modelled.")
     add_simulate_arguments(p)
     _db_arg(p)
     p.set_defaults(func=cmd_simulate)
