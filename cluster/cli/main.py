@@ -164,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     from splitserve.cluster.cli.bench import add_subcommand as add_bench
     from splitserve.cluster.cli.ops import add_subcommands as add_ops
+    from splitserve.cluster.cli.planning import add_subcommands as add_planning
 
     add_ops(sub)
     add_bench(sub)
+    add_planning(sub)
     return parser
 
 

@@ -1,0 +1,137 @@
+"""``splitserve profile`` (measure this machine into the profile database)
+and ``splitserve simulate`` (run a cluster in simulation from the database).
+docs/planning.md explains both."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_subcommands(sub) -> None:
+    _add_profile(sub)
+    _add_simulate(sub)
+
+
+def _db_arg(p) -> None:
+    p.add_argument("--db", default=None, metavar="PATH",
+                   help="profile database file (default: $SPLITSERVE_PROFILE_DB, else "
+                        "~/.splitserve/profiles.db)")
+
+
+# -- profile -------------------------------------------------------------------------
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure the engine on this machine into the profile database",
+        description="Measure the local engine (the same LLMEngine every replica runs) on its "
+                    "device: step times over a grid of work mixes (prompt chunk size, cached "
+                    "prefix, decoding sequences, context length), engine start-up time, the "
+                    "device's matmul and copy peaks, perplexity on a held-out text through the "
+                    "engine's prompt-scoring path, and optionally KV hand-off throughput. Rows "
+                    "are written as 'measured' and win over the catalog's 'derived' rows. "
+                    "Without --model or --config: the embedded default model.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", default=None, metavar="DIR", help="checkpoint folder to profile")
+    what.add_argument("--config", default=None, metavar="FILE",
+                      help="operator YAML: profile each of its models with its engine settings")
+    _db_arg(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the engine (default: the pool's num_cpus with --config, "
+                        "else torch's default); part of the device's key")
+    p.add_argument("--fast", action="store_true",
+                   help="a small grid with 3 repeats (seconds; for tests and smoke checks)")
+    p.add_argument("--no-quality", action="store_true", help="skip the perplexity row")
+    p.add_argument("--handoff", action="store_true",
+                   help="also measure the grpc KV transport on loopback")
+    p.add_argument("--catalog", default=None, metavar="FILE",
+                   help="reload the derived hardware rows (datasheets, prices) from this "
+                        "catalog file, e.g. an edited copy of cluster/planning/catalog.yaml")
+    p.add_argument("--list", action="store_true", help="show what the database holds and exit")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    from splitserve.cluster.config import ConfigError
+    from splitserve.cluster.planning import profile_run
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+    from splitserve.cluster.planning.hardware import CatalogError
+    from splitserve.cluster.planning.shapes import ShapeError
+
+    try:
+        db = ProfileDB(args.db)
+        if args.catalog:
+            n = db.load_catalog(args.catalog)
+            print(f"loaded {n} derived hardware rows from {args.catalog}")
+        if args.list:
+            return _list(db, args.json)
+        threads = args.threads
+        if threads is None and args.config:
+            from splitserve.cluster.config import load_config
+
+            threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
+        summaries = [profile_run.run(db, t, fast=args.fast, quality=not args.no_quality,
+                                     handoff=args.handoff, threads=threads,
+                                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     for t in profile_run.targets(args.model, args.config, args.device,
+                                                  args.dtype)]
+    except (ConfigError, ProfileDBError, CatalogError, ShapeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+    else:
+        for s in summaries:
+            print(f"{s['model']} on {s['hardware']}: {s['rows']} step rows ({s['fit']}), "
+                  f"start-up {s['startup_s']:.2f}s"
+                  + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
+                  + f" -> {db.path}")
+    return 0
+
+
+def _list(db, as_json: bool) -> int:
+    hw = [db.hardware(k) for k in db.hardware_keys()]
+    out = {"db": str(db.path),
+           "hardware": [{"key": h.key, "provenance": h.provenance, "name": h.name,
+                         "price_per_hour": h.price_per_hour, "price_source": h.price_source}
+                        for h in hw],
+           "step_time_profiles": db.profiled()}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"profile database {db.path}")
+    print("hardware (best row per key):")
+    for h in out["hardware"]:
+        price = f"${h['price_per_hour']:.2f}/h" if h["price_per_hour"] is not None else "no price"
+        print(f"  {h['key']:<40} {h['provenance']:<9} {price}")
+    print("step-time profiles:")
+    for p in out["step_time_profiles"]:
+        print(f"  {p['model']:<24} {p['hardware_key']:<40} {p['settings']} ({p['provenance']}, "
+              f"{p['rows']} rows)")
+    return 0
+
+
+# -- simulate ------------------------------------------------------------------------
+def _add_simulate(sub) -> None:
+    from splitserve.cluster.planning.sim.cli_args import add_simulate_arguments
+
+    p = sub.add_parser(
+        "simulate", help="simulate a cluster config on a workload (router and autoscaler as deployed)",
+        description="Discrete-event simulation of an operator config: the production RouterCore\n"
+                    "places every request, the production autoscaling decision sizes every pool,\n"
+                    "and each replica runs the engine's own Scheduler and KV block manager with\n"
+                    "step times from the profile database (measured where profiled, else a\n"
+                    "roofline of datasheet figures). Deterministic for a seed. Prints a summary;\n"
+                    "--out DIR writes record.json, requests.csv and simulation.png.\n"
+                    "docs/planning.md explains inputs, outputs and what is modelled.")
+    add_simulate_arguments(p)
+    _db_arg(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args) -> int:
+    from splitserve.cluster.planning.sim.cli_args import run_from_args
+
+    return run_from_args(args)

@@ -1,0 +1,352 @@
+"""The profile database: measured and derived performance figures in SQLite.
+
+One file (``--db``, ``$SPLITSERVE_PROFILE_DB``, else
+``~/.splitserve/profiles.db``) with a table per kind of figure. Every
+figure row says how it was obtained (``provenance``: ``measured`` on a
+device, or ``derived`` from datasheets through the efficiency model), on
+which host, and when (``created_at``, Unix seconds). Readers ask for the
+best figure: a measured row wins over a derived one, a newer over an older.
+
+Tables: ``hardware`` (peaks, memory, links, price), ``models`` (shapes),
+``engine_settings``, ``step_times`` (one engine step's mix of work and its
+duration), ``handoff`` (KV transfer throughput per transport), ``startup``
+(replica start-up seconds), ``quality`` (e.g. perplexity on a held-out
+text). docs/planning.md shows the schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Iterable
+
+from splitserve.cluster.planning.hardware import CATALOG_PATH, Efficiency, Hardware, host_name, load_catalog
+from splitserve.cluster.planning.records import DERIVED, MEASURED, PROVENANCES, EngineSettings, StepSample
+from splitserve.cluster.planning.shapes import ModelShape
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS hardware (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,                  -- h100-sxm, or cpu:<model>:<threads>
+    name TEXT NOT NULL,
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    peak_flops_json TEXT NOT NULL,      -- {"bfloat16": FLOP/s, ...}, dense
+    memory_bandwidth REAL NOT NULL,     -- bytes/s
+    memory_bytes REAL NOT NULL,
+    intra_node_bandwidth REAL NOT NULL, -- bytes/s, device to device in a node
+    network_bandwidth REAL NOT NULL,    -- bytes/s per device to other nodes
+    price_per_hour REAL,                -- per device
+    price_source TEXT NOT NULL DEFAULT '',
+    efficiency_json TEXT NOT NULL,      -- the efficiency model a derived row used
+    source TEXT NOT NULL DEFAULT '',
+    host TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    UNIQUE (key, provenance, host)
+);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,           -- name@digest of the shape
+    name TEXT NOT NULL,
+    num_layers INTEGER NOT NULL, hidden_size INTEGER NOT NULL,
+    intermediate_size INTEGER NOT NULL, num_heads INTEGER NOT NULL,
+    num_kv_heads INTEGER NOT NULL, head_dim INTEGER NOT NULL, vocab_size INTEGER NOT NULL,
+    num_experts INTEGER NOT NULL DEFAULT 0, experts_per_token INTEGER NOT NULL DEFAULT 0,
+    tie_word_embeddings INTEGER NOT NULL DEFAULT 0,
+    num_params INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS engine_settings (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    dtype TEXT NOT NULL, kv_dtype TEXT NOT NULL, block_size INTEGER NOT NULL,
+    max_num_seqs INTEGER NOT NULL, max_num_batched_tokens INTEGER NOT NULL,
+    kernel_backend TEXT NOT NULL, device TEXT NOT NULL, tensor_parallel INTEGER NOT NULL,
+    speed_key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS step_times (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    hardware_key TEXT NOT NULL,
+    settings_id INTEGER NOT NULL REFERENCES engine_settings(id),
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    prefill_tokens INTEGER NOT NULL,    -- new prompt tokens in the step
+    prefill_attn REAL NOT NULL,         -- causal query-key pairs of those chunks
+    prefill_seqs INTEGER NOT NULL,
+    decode_seqs INTEGER NOT NULL,       -- sequences decoding one token
+    decode_context INTEGER NOT NULL,    -- sum of their attention lengths
+    step_s REAL NOT NULL,               -- median over repeats
+    repeats INTEGER NOT NULL, std_s REAL NOT NULL,
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS step_times_by_key ON step_times (model_id, hardware_key, settings_id);
+CREATE TABLE IF NOT EXISTS handoff (
+    id INTEGER PRIMARY KEY,
+    transport TEXT NOT NULL,            -- grpc | torch_dist | ...
+    hardware_key TEXT NOT NULL,
+    same_node INTEGER NOT NULL,         -- 1: both ends on one node (loopback)
+    bytes INTEGER NOT NULL, seconds REAL NOT NULL,
+    bytes_per_s REAL NOT NULL,
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS startup (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    hardware_key TEXT NOT NULL,
+    seconds REAL NOT NULL,              -- replica start until it serves
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quality (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    settings_id INTEGER NOT NULL REFERENCES engine_settings(id),
+    metric TEXT NOT NULL,               -- perplexity
+    value REAL NOT NULL,
+    dataset TEXT NOT NULL,              -- which held-out text
+    num_tokens INTEGER NOT NULL,
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+"""
+
+# best first: measured over derived, then newest
+_BEST = "ORDER BY (provenance = 'measured') DESC, created_at DESC, id DESC"
+
+
+class ProfileDBError(RuntimeError):
+    """The database file cannot be opened, or holds another schema version."""
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("SPLITSERVE_PROFILE_DB")
+    return Path(env) if env else Path.home() / ".splitserve" / "profiles.db"
+
+
+class ProfileDB:
+    def __init__(self, path: str | Path | None = None, seed_catalog: bool = True):
+        self.path = Path(path) if path is not None else default_db_path()
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(str(self.path))
+        except sqlite3.Error as e:
+            raise ProfileDBError(f"{self.path}: cannot open the profile database: {e}") from None
+        self.conn.row_factory = sqlite3.Row
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve reads "
+                                 f"{SCHEMA_VERSION}; use another --db")
+        self.conn.executescript(SCHEMA)
+        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.conn.commit()
+        if seed_catalog and not self.conn.execute(
+                "SELECT 1 FROM hardware WHERE provenance = 'derived' LIMIT 1").fetchone():
+            self.load_catalog()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ProfileDB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- hardware ---------------------------------------------------------------
+    def load_catalog(self, path: str | Path = CATALOG_PATH) -> int:
+        """(Re)write the derived catalog rows from a catalog file; returns how many."""
+        gpus, _, _ = load_catalog(path)
+        for hw in gpus.values():
+            self.put_hardware(hw)
+        return len(gpus)
+
+    def put_hardware(self, hw: Hardware) -> int:
+        if hw.provenance not in PROVENANCES:
+            raise ValueError(f"provenance must be one of {PROVENANCES}, got {hw.provenance!r}")
+        cur = self.conn.execute(
+            "INSERT INTO hardware (key, name, provenance, peak_flops_json, memory_bandwidth, "
+            "memory_bytes, intra_node_bandwidth, network_bandwidth, price_per_hour, price_source, "
+            "efficiency_json, source, host, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (key, provenance, host) DO UPDATE SET name=excluded.name, "
+            "peak_flops_json=excluded.peak_flops_json, memory_bandwidth=excluded.memory_bandwidth, "
+            "memory_bytes=excluded.memory_bytes, intra_node_bandwidth=excluded.intra_node_bandwidth, "
+            "network_bandwidth=excluded.network_bandwidth, price_per_hour=excluded.price_per_hour, "
+            "price_source=excluded.price_source, efficiency_json=excluded.efficiency_json, "
+            "source=excluded.source, created_at=excluded.created_at",
+            (hw.key, hw.name, hw.provenance, json.dumps(hw.peak_flops), hw.memory_bandwidth,
+             hw.memory_bytes, hw.intra_node_bandwidth, hw.network_bandwidth, hw.price_per_hour,
+             hw.price_source, json.dumps(asdict(hw.efficiency)), hw.source, hw.host, time.time()))
+        self.conn.commit()
+        return cur.lastrowid
+
+    def hardware(self, key: str) -> Hardware | None:
+        """The best row for ``key``. A measured row's missing figures (a CPU
+        has no price) are not filled from elsewhere; its price is taken from
+        the derived row of the same key when it has none."""
+        rows = self.conn.execute(f"SELECT * FROM hardware WHERE key = ? {_BEST}", (key,)).fetchall()
+        if not rows:
+            return None
+        best = _hardware(rows[0])
+        if best.price_per_hour is None:
+            priced = next((r for r in rows if r["price_per_hour"] is not None), None)
+            if priced is not None:
+                best = replace(best, price_per_hour=priced["price_per_hour"],
+                               price_source=priced["price_source"])
+        return best
+
+    def hardware_keys(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT key FROM hardware ORDER BY key")]
+
+    # -- models and settings -------------------------------------------------------
+    def put_model(self, shape: ModelShape) -> int:
+        row = self.conn.execute("SELECT id FROM models WHERE key = ?", (shape.key,)).fetchone()
+        if row:
+            return row[0]
+        cur = self.conn.execute(
+            "INSERT INTO models (key, name, num_layers, hidden_size, intermediate_size, num_heads, "
+            "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
+            "tie_word_embeddings, num_params, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
+             shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
+             shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
+             shape.num_params, time.time()))
+        self.conn.commit()
+        return cur.lastrowid
+
+    def model(self, key_or_name: str) -> ModelShape | None:
+        row = self.conn.execute(
+            "SELECT * FROM models WHERE key = ? OR name = ? ORDER BY created_at DESC LIMIT 1",
+            (key_or_name, key_or_name)).fetchone()
+        if row is None:
+            return None
+        return ModelShape(row["name"], row["num_layers"], row["hidden_size"],
+                          row["intermediate_size"], row["num_heads"], row["num_kv_heads"],
+                          row["head_dim"], row["vocab_size"], row["num_experts"],
+                          row["experts_per_token"], bool(row["tie_word_embeddings"]))
+
+    def put_settings(self, s: EngineSettings) -> int:
+        row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()
+        if row:
+            return row[0]
+        cur = self.conn.execute(
+            "INSERT INTO engine_settings (key, dtype, kv_dtype, block_size, max_num_seqs, "
+            "max_num_batched_tokens, kernel_backend, device, tensor_parallel, speed_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (s.key, s.dtype, s.kv_dtype, s.block_size, s.max_num_seqs, s.max_num_batched_tokens,
+             s.kernel_backend, s.device, s.tensor_parallel, s.speed_key))
+        self.conn.commit()
+        return cur.lastrowid
+
+    # -- step times ---------------------------------------------------------------
+    def add_step_samples(self, shape: ModelShape, hardware_key: str, settings: EngineSettings,
+                         samples: Iterable[StepSample], provenance: str = MEASURED,
+                         host: str | None = None) -> int:
+        mid, sid = self.put_model(shape), self.put_settings(settings)
+        host = host_name() if host is None else host
+        now = time.time()
+        rows = [(mid, hardware_key, sid, provenance, s.prefill_tokens, s.prefill_attn,
+                 s.prefill_seqs, s.decode_seqs, s.decode_context, s.step_s, s.repeats, s.std_s,
+                 host, now) for s in samples]
+        self.conn.executemany(
+            "INSERT INTO step_times (model_id, hardware_key, settings_id, provenance, "
+            "prefill_tokens, prefill_attn, prefill_seqs, decode_seqs, decode_context, step_s, "
+            "repeats, std_s, host, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        self.conn.commit()
+        return len(rows)
+
+    def step_samples(self, model_key: str, hardware_key: str, speed_key: str | None = None,
+                     provenance: str = MEASURED) -> list[StepSample]:
+        """Rows for a model (key or name) on a device, with settings of the
+        same speed (``EngineSettings.speed_key``) when given."""
+        sql = ("SELECT s.* FROM step_times s JOIN models m ON m.id = s.model_id "
+               "JOIN engine_settings e ON e.id = s.settings_id "
+               "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? AND s.provenance = ?")
+        args: list = [model_key, model_key, hardware_key, provenance]
+        if speed_key is not None:
+            sql += " AND e.speed_key = ?"
+            args.append(speed_key)
+        return [StepSample(r["prefill_tokens"], r["prefill_attn"], r["prefill_seqs"],
+                           r["decode_seqs"], r["decode_context"], r["step_s"], r["repeats"],
+                           r["std_s"]) for r in self.conn.execute(sql + " ORDER BY s.id", args)]
+
+    def profiled(self) -> list[dict]:
+        """(model, hardware, settings, provenance, rows) of every step-time profile."""
+        rows = self.conn.execute(
+            "SELECT m.name AS model, m.key AS model_key, s.hardware_key, e.key AS settings, "
+            "s.provenance, COUNT(*) AS rows, MAX(s.created_at) AS at FROM step_times s "
+            "JOIN models m ON m.id = s.model_id JOIN engine_settings e ON e.id = s.settings_id "
+            "GROUP BY m.key, s.hardware_key, e.key, s.provenance ORDER BY at").fetchall()
+        return [dict(r) for r in rows]
+
+    # -- hand-off, start-up, quality --------------------------------------------------
+    def add_handoff(self, transport: str, hardware_key: str, nbytes: int, seconds: float,
+                    same_node: bool, provenance: str = MEASURED) -> None:
+        self.conn.execute(
+            "INSERT INTO handoff (transport, hardware_key, same_node, bytes, seconds, bytes_per_s, "
+            "provenance, host, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (transport, hardware_key, int(same_node), nbytes, seconds, nbytes / seconds,
+             provenance, host_name(), time.time()))
+        self.conn.commit()
+
+    def handoff_bytes_per_s(self, transport: str, hardware_key: str | None = None) -> float | None:
+        """Median measured throughput of ``transport`` (on ``hardware_key`` if given)."""
+        sql, args = "SELECT bytes_per_s FROM handoff WHERE transport = ? AND provenance = ?", [
+            transport, MEASURED]
+        if hardware_key is not None:
+            sql += " AND hardware_key = ?"
+            args.append(hardware_key)
+        vals = sorted(r[0] for r in self.conn.execute(sql, args))
+        return vals[len(vals) // 2] if vals else None
+
+    def add_startup(self, shape: ModelShape, hardware_key: str, seconds: float,
+                    provenance: str = MEASURED) -> None:
+        self.conn.execute(
+            "INSERT INTO startup (model_id, hardware_key, seconds, provenance, host, created_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (self.put_model(shape), hardware_key, seconds, provenance, host_name(), time.time()))
+        self.conn.commit()
+
+    def startup_s(self, model_key: str, hardware_key: str) -> tuple[float, str] | None:
+        row = self.conn.execute(
+            "SELECT s.seconds, s.provenance FROM startup s JOIN models m ON m.id = s.model_id "
+            "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? "
+            "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
+            (model_key, model_key, hardware_key)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def add_quality(self, shape: ModelShape, settings: EngineSettings, metric: str, value: float,
+                    dataset: str, num_tokens: int, provenance: str = MEASURED) -> None:
+        self.conn.execute(
+            "INSERT INTO quality (model_id, settings_id, metric, value, dataset, num_tokens, "
+            "provenance, host, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (self.put_model(shape), self.put_settings(settings), metric, value, dataset,
+             num_tokens, provenance, host_name(), time.time()))
+        self.conn.commit()
+
+    def quality(self, model_key: str) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT q.metric, q.value, q.dataset, q.num_tokens, q.provenance, e.key AS settings, "
+            "q.created_at FROM quality q JOIN models m ON m.id = q.model_id "
+            "JOIN engine_settings e ON e.id = q.settings_id WHERE m.key = ? OR m.name = ? "
+            "ORDER BY q.created_at", (model_key, model_key)).fetchall()
+        return [dict(r) for r in rows]
+
+
+def _hardware(row: sqlite3.Row) -> Hardware:
+    return Hardware(
+        key=row["key"], name=row["name"], peak_flops=json.loads(row["peak_flops_json"]),
+        memory_bandwidth=row["memory_bandwidth"], memory_bytes=row["memory_bytes"],
+        intra_node_bandwidth=row["intra_node_bandwidth"],
+        network_bandwidth=row["network_bandwidth"], price_per_hour=row["price_per_hour"],
+        price_source=row["price_source"], source=row["source"], provenance=row["provenance"],
+        host=row["host"], efficiency=Efficiency(**json.loads(row["efficiency_json"])))
+
+
+__all__ = ["ProfileDB", "ProfileDBError", "default_db_path", "MEASURED", "DERIVED"]

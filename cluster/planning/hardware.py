@@ -1,0 +1,148 @@
+"""Hardware descriptions: the datasheet catalog, its efficiency model, and
+this machine.
+
+A ``Hardware`` is one device kind (one GPU, or this machine's CPU) with its
+peak figures. Catalog entries come from ``catalog.yaml`` (datasheet peaks,
+prices with their source); the profile database stores them as *derived*
+rows and ``splitserve profile`` adds *measured* rows for the device it ran
+on. Whatever reads a figure asks the database, where a measured row wins.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+
+
+class CatalogError(ValueError):
+    """catalog.yaml (or a copy given instead) is missing a key or has a bad value."""
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The share of a datasheet peak an engine reaches (see catalog.yaml)."""
+
+    matmul: float = 0.6
+    memory: float = 0.8
+    network: float = 0.8
+    tensor_parallel: float = 0.9
+    step_overhead_s: float = 0.002
+    load_bytes_per_s: float = 2.0e9
+    startup_fixed_s: float = 30.0
+
+    def describe(self) -> str:
+        return (f"matmul {self.matmul:.0%} of peak FLOP/s, memory {self.memory:.0%} of peak "
+                f"bandwidth, network {self.network:.0%} of line rate, tensor parallel "
+                f"{self.tensor_parallel:.0%} per extra GPU, {self.step_overhead_s * 1e3:g} ms "
+                f"per step")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    key: str  # catalog key (h100-sxm) or "cpu:<model>:<cores>" for a measured host
+    name: str
+    peak_flops: dict[str, float]  # dtype -> dense FLOP/s
+    memory_bandwidth: float  # bytes/s
+    memory_bytes: float
+    intra_node_bandwidth: float  # bytes/s between devices of one node
+    network_bandwidth: float  # bytes/s per device to other nodes
+    price_per_hour: float | None = None  # per device
+    price_source: str = ""
+    source: str = ""
+    provenance: str = "derived"  # "measured" | "derived"
+    host: str = ""
+    efficiency: Efficiency = field(default_factory=Efficiency)
+
+    def flops(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype``; a dtype the device lacks (fp8 on A100)
+        runs at its bf16 rate, as engines upcast it."""
+        for d in (dtype, "bfloat16", "float16", "float32"):
+            if self.peak_flops.get(d):
+                return self.peak_flops[d]
+        raise CatalogError(f"hardware {self.key!r} gives no peak FLOP/s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(entry: dict, key: str, where: str) -> float:
+    try:
+        value = float(entry[key])
+    except KeyError:
+        raise CatalogError(f"{where}: missing {key!r}") from None
+    except (TypeError, ValueError):
+        raise CatalogError(f"{where}: {key!r} must be a number, got {entry[key]!r}") from None
+    if value <= 0:
+        raise CatalogError(f"{where}: {key!r} must be > 0, got {value}")
+    return value
+
+
+def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], Efficiency, str]:
+    """(key -> derived Hardware, the efficiency model, the prices' source)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CatalogError(f"{p}: cannot read the catalog: {e}") from None
+    if not isinstance(data, dict) or "gpus" not in data:
+        raise CatalogError(f"{p}: expected a mapping with 'gpus', 'efficiency' and 'prices'")
+    eff_data = data.get("efficiency") or {}
+    try:
+        eff = Efficiency(**{k: float(v) for k, v in eff_data.items()})
+    except TypeError as e:
+        raise CatalogError(f"{p}: efficiency: {e}") from None
+    prices = data.get("prices") or {}
+    per_hour = prices.get("per_gpu_hour") or {}
+    price_source = str(prices.get("source", ""))
+    out = {}
+    for key, entry in data["gpus"].items():
+        where = f"{p}: gpus.{key}"
+        flops = entry.get("peak_flops")
+        if not isinstance(flops, dict) or not flops:
+            raise CatalogError(f"{where}: peak_flops must map dtype -> FLOP/s")
+        out[key] = Hardware(
+            key=key, name=str(entry.get("name", key)),
+            peak_flops={d: _number(flops, d, f"{where}.peak_flops") for d in flops},
+            memory_bandwidth=_number(entry, "memory_bandwidth", where),
+            memory_bytes=_number(entry, "memory_bytes", where),
+            intra_node_bandwidth=_number(entry, "intra_node_bandwidth", where),
+            network_bandwidth=_number(entry, "network_bandwidth", where),
+            price_per_hour=float(per_hour[key]) if key in per_hour else None,
+            price_source=price_source if key in per_hour else "",
+            source=str(entry.get("source", "")), provenance="derived", efficiency=eff)
+    return out, eff, price_source
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, Hardware]:
+    return load_catalog()[0]
+
+
+def host_name() -> str:
+    return platform.node() or "unknown-host"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def local_cpu_key(threads: int | None = None) -> str:
+    """Key of this machine's CPU as a device: model name and cores used."""
+    import torch
+
+    n = threads or torch.get_num_threads() or os.cpu_count() or 1
+    return f"cpu:{cpu_model()}:{n}"

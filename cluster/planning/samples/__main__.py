@@ -1,0 +1,4 @@
+from splitserve.cluster.planning.samples import AZURE, MOONCAKE, write
+
+write()
+print(f"wrote {MOONCAKE} and {AZURE}")

@@ -1,0 +1,238 @@
+"""``splitserve simulate``'s arguments and their translation into a
+``Simulation`` (the subcommand itself is registered in cluster/cli)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  # the local CPU cluster on this machine's measured profile (run `splitserve profile` first)
+  splitserve simulate --config deploy/configs/local.yaml --hardware local \\
+      --rate 4 --input-len uniform:64:256 --output-len 64 --num-requests 500 --out sim-local
+
+  # Llama-3-8B on derived H100 profiles, a Mooncake trace, one decode replica failing at 120 s
+  splitserve simulate --config deploy/configs/gpu-llama3-8b.yaml --shape llama-3.1-8b \\
+      --hardware h100-sxm --trace cluster/planning/samples/mooncake_sample.jsonl \\
+      --failure 120:decode --out sim-h100
+
+  # a day of diurnal traffic, prefill on H100 and decode on H200
+  splitserve simulate --config deploy/configs/gpu-llama3-8b.yaml --shape llama-3.1-8b \\
+      --pool-hardware prefill=h100-sxm --pool-hardware decode=h200 --rate 20 \\
+      --diurnal 86400:1.8:0.2 --duration 86400 --input-len lognormal:6.5:0.8 \\
+      --output-len lognormal:5:0.7 --progress --out sim-day
+"""
+
+
+def add_simulate_arguments(p) -> None:
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLES
+    c = p.add_argument_group("cluster")
+    c.add_argument("--config", required=True, metavar="FILE",
+                   help="operator YAML, the same file `splitserve deploy` takes")
+    c.add_argument("--model", default=None, help="model the workload asks for (default: the first)")
+    c.add_argument("--shape", action="append", default=[], metavar="[MODEL=]PRESET|DIR",
+                   help="model shape: a preset (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, "
+                        "qwen2.5-7b, mixtral-8x7b) or a checkpoint folder; default: the model's "
+                        "path in the config, or the embedded default model when the path is null")
+    c.add_argument("--hardware", default="local", metavar="KEY",
+                   help="hardware of every pool: a catalog key (h100-sxm, h200, a100-80gb, l40s, "
+                        "mi300x), a measured key, or 'local' (this CPU, at each pool's num_cpus "
+                        "threads; needs `splitserve profile`) (default: %(default)s)")
+    c.add_argument("--pool-hardware", action="append", default=[], metavar="[MODEL:]ROLE=KEY",
+                   help="hardware of one pool (role: prefill, decode, colocated); repeatable")
+    c.add_argument("--gpus-per-node", type=int, default=8, help="devices per node (default: 8)")
+    c.add_argument("--node-provision-s", type=float, default=0.0,
+                   help="delay of a new node when no free device slot exists (default: 0)")
+    w = p.add_argument_group("workload (a trace file, or synthetic arrivals)")
+    w.add_argument("--trace", default=None, metavar="FILE",
+                   help=".jsonl Mooncake trace (timestamp ms, input_length, output_length, "
+                        "hash_ids) or .csv Azure trace (TIMESTAMP, ContextTokens, GeneratedTokens)")
+    w.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply the trace's gaps (0.5 = twice the rate)")
+    w.add_argument("--rate", type=float, default=None, help="synthetic: mean requests/s")
+    w.add_argument("--burstiness", type=float, default=1.0,
+                   help="synthetic: gamma shape of the gaps (1 = Poisson)")
+    w.add_argument("--input-len", default="uniform:64:512", help="synthetic: prompt length "
+                   "distribution, as `splitserve bench` writes it (default: %(default)s)")
+    w.add_argument("--output-len", default="128", help="synthetic: output length distribution")
+    w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
+                   help="synthetic: rate follows a day curve, e.g. 86400:1.6:0.4 (peak and "
+                        "trough as multiples of --rate; lowest at t=0)")
+    w.add_argument("--prefix-groups", type=int, default=0,
+                   help="synthetic: shared system prompts (Zipf-popular)")
+    w.add_argument("--prefix-tokens", type=int, default=0, help="synthetic: their length")
+    w.add_argument("--num-requests", type=int, default=None, help="stop after this many")
+    w.add_argument("--duration", type=float, default=None, help="stop arrivals after these seconds")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--failure", action="append", default=[], metavar="TIME:POOL[:COUNT]",
+                   help="kill COUNT replicas of POOL (app name or role) at TIME s; repeatable")
+    r.add_argument("--replace-after-s", type=float, default=10.0,
+                   help="a failed replica is replaced after this (default: 10)")
+    r.add_argument("--control-interval-s", type=float, default=0.5,
+                   help="autoscaling policy ticks (default: 0.5)")
+    r.add_argument("--sample-s", type=float, default=None,
+                   help="timeline resolution (default: 1 s, coarser for long runs)")
+    r.add_argument("--no-coalesce", action="store_true",
+                   help="step every replica token by token (slow; for checking)")
+    r.add_argument("--kv-block-scale", type=int, default=1, metavar="K",
+                   help="simulate KV blocks K times larger and K times fewer (same memory): "
+                        "faster for large clusters, prefix hits and memory rounded to K blocks "
+                        "(default: 1, exact)")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="write record.json, requests.csv and simulation.png here")
+    r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--progress", action="store_true", help="a progress line on stderr")
+    r.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
+def _parse_pool_hardware(items: list[str], default: str):
+    table: dict[tuple[str | None, str], str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--pool-hardware {item!r}: expected [MODEL:]ROLE=KEY")
+        lhs, key = item.split("=", 1)
+        model, _, role = lhs.rpartition(":")
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"--pool-hardware {item!r}: role must be prefill, decode or colocated")
+        table[(model or None, role)] = key
+
+    def hardware(model: str, role: str) -> str:
+        return table.get((model, role)) or table.get((None, role)) or default
+
+    return hardware
+
+
+def shapes_for(cfg, items: list[str]):
+    """Each model's shape: ``--shape`` items, else its checkpoint's config.json."""
+    from splitserve.cluster.planning.shapes import resolve_shape, shape_from_config_json
+    from splitserve.engine.default_model import ensure_default_model
+
+    given: dict[str | None, str] = {}
+    for item in items:
+        model, sep, spec = item.partition("=")
+        given[model if sep else None] = spec if sep else model
+    out = {}
+    for served in cfg.models:
+        name = served.model.name
+        spec = given.get(name) or given.get(None)
+        if spec:
+            out[name] = resolve_shape(spec)
+        elif served.model.path is None:
+            out[name] = shape_from_config_json(ensure_default_model(), "default-model-v1")
+        elif Path(served.model.path).exists():
+            out[name] = shape_from_config_json(served.model.path, name)
+        else:
+            raise ValueError(f"model {name!r}: its path {served.model.path} is not on this "
+                             "machine; give its shape with --shape NAME=PRESET (e.g. llama-3.1-8b)")
+    return out
+
+
+def _failures(items: list[str]):
+    from splitserve.cluster.planning.sim.simulator import Failure
+
+    out = []
+    for item in items:
+        parts = item.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            out.append(Failure(float(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1))
+        except ValueError:
+            raise ValueError(f"--failure {item!r}: expected TIME:POOL[:COUNT]") from None
+    return tuple(out)
+
+
+def workload_from_args(args):
+    from splitserve.cluster.bench.datasets import parse_length_dist
+    from splitserve.cluster.planning.workload import Diurnal, PrefixSpec, read_trace, synthetic
+
+    if args.trace and args.rate:
+        raise ValueError("give --trace or --rate, not both")
+    if args.trace:
+        it = read_trace(args.trace, args.time_scale)
+        if args.num_requests is not None or args.duration is not None:
+            it = _limit(it, args.num_requests, args.duration)
+        return it, f"trace {args.trace} (time scale {args.time_scale:g})"
+    if not args.rate:
+        raise ValueError("give a workload: --trace FILE, or --rate R with --num-requests or "
+                         "--duration")
+    if args.num_requests is None and args.duration is None:
+        raise ValueError("synthetic arrivals need --num-requests or --duration")
+    diurnal = None
+    if args.diurnal:
+        try:
+            period, peak, trough = (float(x) for x in args.diurnal.split(":"))
+        except ValueError:
+            raise ValueError(f"--diurnal {args.diurnal!r}: expected PERIOD:PEAK:TROUGH") from None
+        diurnal = Diurnal(period, peak, trough)
+    prefix = PrefixSpec(args.prefix_groups, args.prefix_tokens) if args.prefix_groups else None
+    it = synthetic(args.rate, parse_length_dist(args.input_len), parse_length_dist(args.output_len),
+                   seed=args.seed, num_requests=args.num_requests, duration_s=args.duration,
+                   burstiness=args.burstiness, diurnal=diurnal, prefix=prefix)
+    desc = (f"synthetic {args.rate:g} req/s (burstiness {args.burstiness:g}), input "
+            f"{args.input_len}, output {args.output_len}"
+            + (f", diurnal {args.diurnal}" if diurnal else "")
+            + (f", {args.prefix_groups} shared prefixes of {args.prefix_tokens} tokens"
+               if prefix else ""))
+    return it, desc
+
+
+def _limit(it, n, duration):
+    for i, r in enumerate(it):
+        if (n is not None and i >= n) or (duration is not None and r.arrival_s > duration):
+            return
+        yield r
+
+
+def run_from_args(args) -> int:
+    import json
+
+    from splitserve.cluster.bench.datasets import DatasetError
+    from splitserve.cluster.config import ConfigError, load_config
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+    from splitserve.cluster.planning.shapes import ShapeError
+    from splitserve.cluster.planning.sim import report
+    from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
+    from splitserve.cluster.planning.workload import TraceError
+
+    try:
+        cfg = load_config(args.config)
+        shapes = shapes_for(cfg, args.shape)
+        hardware = _parse_pool_hardware(args.pool_hardware, args.hardware)
+        workload, desc = workload_from_args(args)
+        sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
+        opts = SimOptions(seed=args.seed, control_interval_s=args.control_interval_s,
+                          sample_s=sample_s, node_provision_s=args.node_provision_s,
+                          replace_after_s=args.replace_after_s,
+                          devices_per_node=args.gpus_per_node, coalesce=not args.no_coalesce,
+                          kv_block_scale=args.kv_block_scale,
+                          failures=_failures(args.failure), progress=args.progress)
+        db = ProfileDB(args.db)
+        sim = Simulation(cfg, shapes, hardware, db, workload, opts, model=args.model)
+        result = sim.run()
+    except (ConfigError, ProfileDBError, ShapeError, SimConfigError, TraceError, DatasetError,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rec = result.record
+    rec["workload"] = desc
+    rec["config_file"] = str(args.config)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json(rec, out / "record.json")
+        report.write_requests_csv(sim.log, out / "requests.csv")
+        if not args.no_plot:
+            report.plot(rec, out / "simulation.png")
+    if args.json:
+        print(json.dumps(report._clean(rec), indent=1))
+    else:
+        print(report.text_summary(rec))
+        if args.out:
+            print(f"wrote {Path(args.out) / 'record.json'}, requests.csv"
+                  + ("" if args.no_plot else ", simulation.png"))
+    return 0

@@ -1,0 +1,299 @@
+"""Pools of replicas on nodes, sized by the production autoscaler.
+
+A pool is one Serve application (``<model>-prefill``, ``-decode`` or
+``-colocated``) with its ``PoolSpec``. What the deployed cluster does per
+pool, and when, is reproduced here:
+
+- replicas push stats to the router every ``router.stats_period_s`` and
+  autoscaling metrics every ``metrics_interval_s`` (through ``adapter``);
+- every ``control_interval_s`` the Serve controller calls the bottleneck
+  policy, i.e. ``decision.decide`` on the pool's metric series;
+- a new replica takes a node slot (a new node after ``node_provision_s``
+  when none is free), then serves after its start-up time;
+- a replica removed by a scale-down drains as ``WorkerServer.drain`` does:
+  marked draining (the router stops placing there), then gone when idle or
+  after ``graceful_shutdown_timeout_s``;
+- an injected failure kills a replica; Serve starts a replacement after
+  ``replace_after_s``; the router forgets it after 3 stats TTLs of silence
+  (``RouterActor.prune``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from splitserve.cluster.autoscaling.decision import DelayState
+from splitserve.cluster.config import ModelSpec, PoolSpec
+from splitserve.cluster.planning.profiles import DeviceProfile
+from splitserve.cluster.planning.sim import adapter
+from splitserve.cluster.planning.sim.metrics import PoolSample
+from splitserve.cluster.planning.sim.replica import SimReplica
+
+if TYPE_CHECKING:
+    from splitserve.cluster.planning.sim.simulator import Simulation
+
+STARTING, READY, DRAINING, FAILED, DEAD = "starting", "ready", "draining", "failed", "dead"
+
+
+@dataclass
+class Node:
+    node_id: str
+    free: int
+
+
+@dataclass
+class NodeGroup:
+    """Nodes of one kind (hardware x node_type): ``devices`` slots each."""
+
+    key: str
+    devices: int
+    network_bps: float
+    intra_bps: float
+    nodes: list[Node] = field(default_factory=list)
+
+    def take(self, need: int) -> Node | None:
+        for n in self.nodes:
+            if n.free >= need:
+                n.free -= need
+                return n
+        return None
+
+
+@dataclass(eq=False)
+class Slot:
+    """One replica of a pool, through its life."""
+
+    name: str
+    rep: SimReplica | None
+    state: str
+    launched_at: float
+    node: Node | None
+    devices: int
+    ready_at: float | None = None
+    gone_at: float | None = None
+    snapshot_next: bool = True
+    busy_mark: tuple[float, float] = (0.0, 0.0)  # (time, busy seconds) at the last sample
+    requests: set = field(default_factory=set)  # requests with work here (serving layer)
+
+
+class Pool:
+    def __init__(self, sim: "Simulation", app: str, model: str, role: str, spec: PoolSpec,
+                 mspec: ModelSpec, profile: DeviceProfile, nodes: NodeGroup, num_blocks: int):
+        self.sim = sim
+        self.app = app
+        self.model = model
+        self.role = role
+        self.spec = spec
+        self.mspec = mspec
+        self.profile = profile
+        self.nodes = nodes
+        self.num_blocks = num_blocks
+        self.slots: list[Slot] = []
+        self.target = spec.initial_replicas if spec.initial_replicas is not None else spec.min_replicas
+        self.state: DelayState | None = None
+        auto = spec.autoscaling
+        self.series = adapter.PoolSeriesBuffer(auto.look_back_s) if auto else None
+        self.samples: list[PoolSample] = []
+        self.decisions: list[dict] = []
+        self._count = 0
+
+    # -- membership -------------------------------------------------------------------
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots if s.state != DEAD]
+
+    def ready(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == READY]
+
+    def serving_count(self) -> int:
+        """Replicas counted against the target (starting, ready, or failed and
+        not yet replaced)."""
+        return sum(1 for s in self.slots if s.state in (STARTING, READY, FAILED))
+
+    def launch(self) -> Slot:
+        sim = self.sim
+        self._count += 1
+        name = f"{self.app}-{self._count}"
+        need = self.profile.devices
+        node = self.nodes.take(need)
+        delay = self.profile.startup_s
+        if node is None:
+            node = Node(f"{self.nodes.key}-node{len(self.nodes.nodes) + 1}", self.nodes.devices - need)
+            self.nodes.nodes.append(node)
+            sim.network.add_node(node.node_id, self.nodes.network_bps, self.nodes.intra_bps)
+            delay += sim.opts.node_provision_s
+        slot = Slot(name, None, STARTING, sim.loop.now, node, need)
+        self.slots.append(slot)
+        sim.loop.after(delay, self._ready, slot)
+        return slot
+
+    def _ready(self, slot: Slot) -> None:
+        if slot.state != STARTING:
+            return
+        sim = self.sim
+        m = self.mspec
+        slot.rep = SimReplica(
+            sim.loop, slot.name, self.role, self.model, slot.node.node_id, self.profile.step,
+            self.num_blocks, m.block_size, m.max_num_seqs, m.max_num_batched_tokens,
+            sim.serving, sim.itl, coalesce=sim.opts.coalesce)
+        slot.state = READY
+        slot.ready_at = sim.loop.now
+        slot.busy_mark = (sim.loop.now, 0.0)
+        sim.replicas[slot.name] = slot
+        self._push(slot)
+        if self.series is not None:
+            self._metrics(slot)
+
+    def _gone(self, slot: Slot) -> None:
+        if slot.state == DEAD:
+            return
+        slot.state = DEAD
+        slot.gone_at = self.sim.loop.now
+        if slot.node is not None:
+            slot.node.free += slot.devices
+        if self.series is not None:
+            self.series.forget(slot.name)
+
+    def device_seconds_at(self, t: float) -> float:
+        """Device-seconds of every replica from its launch to its end or ``t``."""
+        total = 0.0
+        for s in self.slots:
+            end = t if s.gone_at is None else min(s.gone_at, t)
+            total += s.devices * max(0.0, end - s.launched_at)
+        return total
+
+    # -- periodic pushes --------------------------------------------------------------
+    def _push(self, slot: Slot) -> None:
+        """A replica's stats push to the router (``WorkerServer._push_loop``)."""
+        if slot.state not in (READY, DRAINING) or not slot.rep.alive:
+            return
+        sim = self.sim
+        slot.snapshot_next = adapter.push_to_router(sim.router, slot.rep, sim.loop.now,
+                                                    slot.snapshot_next)
+        sim.loop.after(sim.cfg.router.stats_period_s, self._push, slot)
+
+    def _metrics(self, slot: Slot) -> None:
+        """A replica's autoscaling metrics (``record_autoscaling_stats``)."""
+        if slot.state not in (READY, DRAINING) or not slot.rep.alive:
+            return
+        self.series.record(slot.name, self.sim.loop.now,
+                           adapter.autoscaling_metrics(slot.rep, self.sim.loop.now))
+        self.sim.loop.after(self.spec.autoscaling.metrics_interval_s, self._metrics, slot)
+
+    # -- the Serve controller -------------------------------------------------------------
+    def control(self) -> None:
+        """One tick of the autoscaling policy, then reconcile to the target."""
+        sim = self.sim
+        now = sim.loop.now
+        spec = self.spec
+        if spec.autoscaling is not None:
+            ready = len(self.ready())
+            d = sim.decide(self.series, spec.autoscaling, self.target, spec.min_replicas,
+                           spec.max_replicas, now, self.state, ready)
+            self.state = d.state
+            if d.prefer_local_prefill is not None:
+                sim.router.set_prefer_local_prefill(d.prefer_local_prefill)
+            if d.target != self.target:
+                self.decisions.append({"t": now, "from": self.target, "to": d.target,
+                                       "reason": d.reason})
+            self.target = d.target
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        have = self.serving_count()
+        for _ in range(self.target - have):
+            self.launch()
+        if have > self.target:
+            # Serve stops replicas still starting first, then the newest
+            victims = sorted((s for s in self.slots if s.state in (STARTING, READY)),
+                             key=lambda s: (s.state != STARTING, -s.launched_at, s.name))
+            for slot in victims[: have - self.target]:
+                self.stop(slot)
+
+    def stop(self, slot: Slot) -> None:
+        if slot.state == STARTING:
+            self._gone(slot)
+            return
+        sim = self.sim
+        slot.state = DRAINING
+        slot.rep.draining = True
+        adapter.push_to_router(sim.router, slot.rep, sim.loop.now, False)
+        deadline = sim.loop.now + self.spec.graceful_shutdown_timeout_s
+        settle = 2 * sim.cfg.router.stats_period_s + 0.5
+        sim.loop.after(min(settle, self.spec.graceful_shutdown_timeout_s), self._drain_check,
+                       (slot, deadline))
+
+    def _drain_check(self, arg) -> None:
+        slot, deadline = arg
+        if slot.state != DRAINING:
+            return
+        sim = self.sim
+        rep = slot.rep
+        idle = not rep.sched.running and not rep.sched.waiting and not rep.reservations \
+            and not rep.inflight
+        if idle or sim.loop.now >= deadline:
+            sim.router.remove_replica(slot.name)
+            if not idle:
+                sim.serving.replica_lost(slot, rep.kill())
+            rep.alive = False
+            self._gone(slot)
+            return
+        sim.loop.after(min(0.5, max(deadline - sim.loop.now, 0.0)), self._drain_check, arg)
+
+    def fail(self, slot: Slot) -> None:
+        """An injected failure: the replica dies now."""
+        if slot.state not in (READY, DRAINING):
+            return
+        sim = self.sim
+        held = slot.rep.kill()
+        slot.state = FAILED
+        sim.serving.replica_lost(slot, held)
+        # the router forgets it after 3 TTLs of silence; Serve's health check
+        # finds it dead and replaces it
+        sim.loop.after(3 * sim.cfg.router.stats_ttl_s,
+                       lambda _: sim.router.remove_replica(slot.name))
+        sim.loop.after(sim.opts.replace_after_s, self._replace, slot)
+
+    def _replace(self, slot: Slot) -> None:
+        self._gone(slot)
+        self.reconcile()
+
+    # -- timeline ----------------------------------------------------------------------
+    def sample(self) -> None:
+        now = self.sim.loop.now
+        busy, kv, waiting, pending, running = [], [], 0, 0, 0
+        for s in self.slots:
+            if s.state not in (READY, DRAINING):
+                continue
+            rep = s.rep
+            rep.sync(now)
+            b = rep.busy_time_at(now)
+            t0, b0 = s.busy_mark
+            if now > t0:
+                busy.append(min(1.0, (b - b0) / (now - t0)))
+            s.busy_mark = (now, b)
+            kv.append(1.0 - rep.kv.num_free_blocks / rep.kv.num_blocks)
+            waiting += len(rep.sched.waiting)
+            pending += rep.pending_prompt_tokens()
+            running += len(rep.sched.running)
+        counts = {STARTING: 0, READY: 0, DRAINING: 0}
+        for s in self.slots:
+            if s.state in counts:
+                counts[s.state] += 1
+        self.samples.append(PoolSample(
+            now, self.target, counts[READY], counts[STARTING], counts[DRAINING],
+            sum(busy) / len(busy) if busy else 0.0, sum(kv) / len(kv) if kv else 0.0,
+            waiting, pending, running))
+
+
+def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int) -> int:
+    """``engine.model_runner.num_kv_blocks`` for a replica of this spec."""
+    if mspec.num_blocks is not None:
+        return mspec.num_blocks
+    per_block = kv_bytes_per_token * mspec.block_size
+    return max(16, int(mspec.kv_cache_memory_gb * (1 << 30)) // per_block)
+
+
+def devices_for(spec: PoolSpec, on_gpu: bool) -> int:
+    return max(1, math.ceil(spec.num_gpus)) if on_gpu else 1

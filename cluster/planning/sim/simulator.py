@@ -1,0 +1,336 @@
+"""``Simulation``: an operator config, hardware per pool, a workload -> a run.
+
+It builds what ``splitserve deploy`` would: the router (the production
+``RouterCore`` with the config's policy, fed by every replica's stats and
+prefix-cache events), one pool per Serve application with its bounds and
+autoscaling spec (sized by the production ``decision.decide``), replicas
+running the engine's ``Scheduler`` and KV manager with step times from the
+profile database, and a network between the nodes. The cluster starts
+warm (initial replicas serving at t = 0); arrivals follow the workload;
+the run ends when every request has ended (or ``drain_s`` after the last
+arrival).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from splitserve.cluster.config import ClusterConfig, ModelSpec
+from splitserve.cluster.planning import profiles
+from splitserve.cluster.planning.db import ProfileDB
+from splitserve.cluster.planning.hardware import local_cpu_key
+from splitserve.cluster.planning.records import EngineSettings
+from splitserve.cluster.planning.shapes import ModelShape
+from splitserve.cluster.planning.sim import adapter
+from splitserve.cluster.planning.sim.events import EventLoop
+from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, summarize
+from splitserve.cluster.planning.sim.network import Network
+from splitserve.cluster.planning.sim.pools import READY, NodeGroup, Pool, devices_for, kv_blocks
+from splitserve.cluster.planning.sim.serving import Serving, SimRequest
+from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
+from splitserve.router.core import RouterCore
+
+LOCAL = "local"  # hardware name of this machine's CPU (its measured profile)
+
+
+class SimConfigError(ValueError):
+    """The simulation cannot be set up as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    at_s: float
+    pool: str  # app name (default-decode) or role (prefill, decode, colocated)
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    seed: int = 0
+    drain_s: float = 600.0  # after the last arrival, how long in-flight requests may take
+    control_interval_s: float = 0.5  # Serve controller ticks (the autoscaling policy)
+    sample_s: float = 1.0  # pools' timeline resolution
+    rpc_s: float = 0.0005  # one RPC hop (ingress -> router -> decode -> prefill)
+    stream_s: float = 0.0005  # a token from the decode replica to the client
+    network_latency_s: float = 20e-6
+    node_provision_s: float = 0.0  # a new node when no free slot (0: spare nodes exist)
+    replace_after_s: float = 10.0  # Serve replaces a failed replica after this
+    devices_per_node: int = 8
+    coalesce: bool = True  # coalesce decode steps (identical results, faster)
+    kv_block_scale: int = 1  # simulate KV blocks this many times larger (faster, approximate)
+    failures: tuple[Failure, ...] = ()
+    progress: bool = False
+
+
+@dataclass
+class SimResult:
+    record: dict
+    pools: dict[str, Pool] = field(repr=False)
+
+
+def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettings:
+    """The speed-relevant settings of a replica of ``mspec`` on ``device``."""
+    if device == "cpu":
+        from splitserve.kernels.dispatch import backend_for
+        import torch
+
+        backend = backend_for(torch.device("cpu"))
+        dtype = "float32" if mspec.dtype in ("auto", "float32", "bfloat16") else mspec.dtype
+    else:
+        backend = "triton"
+        dtype = "bfloat16" if mspec.dtype == "auto" else mspec.dtype
+    kv = "fp8" if mspec.kv_cache_dtype == "fp8" else dtype
+    return EngineSettings(dtype=dtype, kv_dtype=kv, block_size=mspec.block_size,
+                          max_num_seqs=mspec.max_num_seqs,
+                          max_num_batched_tokens=mspec.max_num_batched_tokens,
+                          kernel_backend=backend, device=device, tensor_parallel=devices)
+
+
+def scale_blocks(cfg: ClusterConfig, k: int) -> ClusterConfig:
+    """``cfg`` with KV blocks ``k`` times larger and ``k`` times fewer (the
+    same KV memory): per-block work (allocation, hashing, the router's
+    prefix index) shrinks k-fold, at the price of coarser granularity
+    (prefix hits and memory rounding in steps of k blocks)."""
+    if k & (k - 1):
+        raise SimConfigError(f"kv_block_scale must be a power of two, got {k}")
+    models = []
+    for served in cfg.models:
+        m = served.model
+        upd = {"block_size": m.block_size * k}
+        if m.num_blocks is not None:
+            upd["num_blocks"] = max(16, m.num_blocks // k)
+        models.append(served.model_copy(update={"model": m.model_copy(update=upd)}))
+    return cfg.model_copy(update={"models": models})
+
+
+class Simulation:
+    def __init__(self, cfg: ClusterConfig, shapes: dict[str, ModelShape],
+                 hardware: Callable[[str, str], str], db: ProfileDB,
+                 workload: Iterable[TraceRequest], opts: SimOptions = SimOptions(),
+                 model: str | None = None):
+        if opts.kv_block_scale > 1:
+            cfg = scale_blocks(cfg, opts.kv_block_scale)
+        self.cfg = cfg
+        self.opts = opts
+        self.loop = EventLoop()
+        self.rng = random.Random(opts.seed)
+        names = [m.model.name for m in cfg.models]
+        self.model = model or names[0]
+        if self.model not in names:
+            raise SimConfigError(f"model {self.model!r} is not in the config; it serves {names}")
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise SimConfigError(f"no model shape for {missing}; give --shape NAME=PRESET|DIR")
+        self._specs = {m.model.name: m.model for m in cfg.models}
+        self._kv: dict[str, int] = {}
+        self.pools: dict[str, Pool] = {}
+        groups: dict[str, NodeGroup] = {}
+        self.replicas: dict = {}  # replica name -> Slot (ready at least once)
+        self.itl = LogHistogram()
+        self.log = RequestLog()
+        self.decide = adapter.decide
+        plans = []
+        for served in cfg.models:
+            m = served.model
+            roles = [("colocated", served.decode)] if served.mode == "colocated" else [
+                ("prefill", served.prefill), ("decode", served.decode)]
+            for role, spec in roles:
+                key = hardware(m.name, role)
+                if key == LOCAL:
+                    key = local_cpu_key(max(1, int(spec.num_cpus)))
+                on_cpu = key.startswith("cpu:")
+                devices = devices_for(spec, not on_cpu)
+                settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
+                try:
+                    prof = profiles.device_profile(db, shapes[m.name], key, settings)
+                except profiles.UnknownHardwareError as e:
+                    raise SimConfigError(str(e)) from None
+                self._kv[m.name] = shapes[m.name].kv_bytes_per_token(settings.kv_dtype)
+                per_node = (1 << 20) if on_cpu else opts.devices_per_node
+                gkey = f"{key}/{spec.node_type or 'node'}"
+                if gkey not in groups:
+                    hw = prof.hardware
+                    eff = hw.efficiency.network
+                    groups[gkey] = NodeGroup(gkey, per_node,
+                                             hw.network_bandwidth * eff * (1 if on_cpu else per_node),
+                                             hw.intra_node_bandwidth)
+                plans.append((served, role, spec, m, prof, groups[gkey]))
+        self.router = RouterCore(adapter.router_config(cfg, self._kv), clock=self.loop.clock)
+        transport_bps = None
+        if cfg.transfer.transport == "grpc":
+            transport_bps = db.handoff_bytes_per_s("grpc")
+        self.network = Network(self.loop, opts.network_latency_s, opts.rpc_s, transport_bps)
+        self.serving = Serving(self)
+        for served, role, spec, m, prof, group in plans:
+            app = f"{m.name}-{role}"
+            self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
+                                   kv_blocks(m, self._kv[m.name]))
+        self._workload: Iterator[TraceRequest] = iter(workload)
+        self._arrived = 0
+        self._last_arrival = 0.0
+        self._exhausted = False
+        self._attempts = cfg.router.max_retries + 1
+
+    # -- lookups for the layers ---------------------------------------------------------
+    def block_size(self, model: str) -> int:
+        return self._specs[model].block_size
+
+    def kv_bytes(self, model: str) -> int:
+        return self._kv[model]
+
+    # -- arrivals ----------------------------------------------------------------------------
+    def _next_arrival(self, _=None) -> None:
+        tr = next(self._workload, None)
+        if tr is None:
+            self._exhausted = True
+            return
+        self.loop.at(tr.arrival_s, self._arrive, tr)
+
+    def _arrive(self, tr: TraceRequest) -> None:
+        idx = self._arrived
+        self._arrived += 1
+        self._last_arrival = self.loop.now
+        bs = self.block_size(self.model)
+        req = SimRequest(idx, self.model, self.loop.now, tr.input_len, tr.output_len,
+                         prompt_block_hashes(tr, idx, bs), self._attempts)
+        self.serving.arrive(req)
+        self._next_arrival()
+
+    # -- periodic work ------------------------------------------------------------------------
+    def _control(self, _=None) -> None:
+        for pool in self.pools.values():
+            pool.control()
+        self.loop.after(self.opts.control_interval_s, self._control)
+
+    def _sample(self, _=None) -> None:
+        for pool in self.pools.values():
+            pool.sample()
+        self.loop.after(self.opts.sample_s, self._sample)
+
+    def _fail(self, f: Failure) -> None:
+        pool = self.pools.get(f.pool) or next(
+            (p for p in self.pools.values() if p.role == f.pool), None)
+        if pool is None:
+            raise SimConfigError(f"failure names pool {f.pool!r}; pools: {sorted(self.pools)}")
+        ready = sorted(pool.ready(), key=lambda s: s.name)
+        for slot in self.rng.sample(ready, min(f.count, len(ready))):
+            pool.fail(slot)
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        opts = self.opts
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for pool in self.pools.values():
+            for _ in range(pool.target):
+                slot = pool.launch()
+                pool._ready(slot)  # a warm cluster: initial replicas serve from t = 0
+        for f in opts.failures:
+            self.loop.at(f.at_s, self._fail_event, f)
+        self._control()
+        self._sample()
+        self._next_arrival()
+        chunk = 10.0
+        progress = _Progress(opts.progress)
+        while True:
+            self.loop.run(self.loop.now + chunk)
+            progress.show(self.loop.now, self._arrived, self.serving.finished, wall0)
+            if self._exhausted and self.serving.in_flight == 0:
+                break
+            if self._exhausted and self.loop.now > self._last_arrival + opts.drain_s:
+                break
+        progress.close()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        return SimResult(self._record(wall, cpu), self.pools)
+
+    def _fail_event(self, f: Failure) -> None:
+        self._fail(f)
+
+    def _record(self, wall_s: float, cpu_s: float) -> dict:
+        now = self.loop.now
+        ends = np.frombuffer(self.log.arrival, dtype=np.float64) + np.frombuffer(
+            self.log.e2e, dtype=np.float64) if len(self.log) else np.zeros(0)
+        ends = ends[~np.isnan(ends)]
+        duration = max(float(ends.max()) if len(ends) else now, self._last_arrival) or now
+        slo = self.cfg.slo
+        summary = summarize(self.log, self.itl, duration, slo.ttft_s, slo.tpot_s)
+        pools = {}
+        device_h = cost = 0.0
+        priced = True
+        peak = 0
+        for app, pool in self.pools.items():
+            dh = pool.device_seconds_at(duration) / 3600.0
+            price = pool.profile.hardware.price_per_hour
+            device_h += dh
+            if price is None:
+                priced = False
+            else:
+                cost += dh * price
+            peak_rep = max((s.ready + s.starting + s.draining for s in pool.samples), default=0)
+            peak += peak_rep * pool.profile.devices
+            pools[app] = {
+                "role": pool.role, "model": pool.model,
+                "bounds": {"min": pool.spec.min_replicas, "max": pool.spec.max_replicas},
+                "autoscaling": pool.spec.autoscaling.bottleneck if pool.spec.autoscaling else None,
+                "profile": pool.profile.describe(), "kv_blocks_per_replica": pool.num_blocks,
+                "device_hours": dh, "cost_usd": None if price is None else dh * price,
+                "peak_replicas": peak_rep, "scale_events": pool.decisions,
+                "timeline": [asdict(s) for s in pool.samples],
+            }
+        mean_devices = device_h * 3600.0 / duration if duration > 0 else float("nan")
+        summary["goodput_per_device"] = summary["goodput"] / mean_devices if mean_devices else 0.0
+        c = self.router.counters()
+        return {
+            "config": self.cfg.name, "model": self.model, "options": _options(self.opts),
+            "summary": summary, "pools": pools,
+            "cost": {"device_hours": device_h, "usd": cost if priced else None,
+                     "mean_devices": mean_devices, "peak_devices": peak,
+                     "usd_per_million_output_tokens": (
+                         cost / (summary["output_throughput"] * duration) * 1e6
+                         if priced and summary["output_throughput"] > 0 else None)},
+            "router": {"decisions": c.decisions, "local_prefill": c.local_prefill,
+                       "by_reason": c.by_reason, "no_capacity": c.no_capacity,
+                       "overloaded": c.overloaded, "queue_delay": c.queue_delay},
+            "network": {"transfers": self.network.transfers, "bytes": self.network.bytes_moved,
+                        "transport_ceiling_bytes_per_s": self.network.transport_bps},
+            "sim": {"events": self.loop.processed, "wall_s": wall_s, "cpu_s": cpu_s,
+                    "simulated_s": duration,
+                    "speed_x_real_time": duration / wall_s if wall_s > 0 else float("inf"),
+                    "speed_x_real_time_cpu": duration / cpu_s if cpu_s > 0 else float("inf"),
+                    "requests": self._arrived},
+        }
+
+
+def _options(o: SimOptions) -> dict:
+    d = asdict(o)
+    d["failures"] = [asdict(f) for f in o.failures]
+    return d
+
+
+class _Progress:
+    """One stderr line: simulated time, requests, speed against real time."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._last = 0.0
+
+    def show(self, sim_s: float, arrived: int, done: int, wall0: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        wall = now - wall0
+        sys.stderr.write(f"\rsimulated {sim_s:9.1f}s  requests {done}/{arrived}  "
+                         f"wall {wall:6.1f}s  {sim_s / max(wall, 1e-9):7.1f}x real time")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
