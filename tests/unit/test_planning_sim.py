@@ -127,8 +127,8 @@ def test_adapter_router_config_matches_the_deployed_one():
 
     cfg = load_config("deploy/configs/local.yaml")
     deployed = router_config(cfg)
-    ours = adapter.router_config(cfg, deployed["kv_bytes_per_token"])
-    assert {k: getattr(ours, k) for k in deployed} == deployed
+    kv = {name: facts.kv_bytes_per_token for name, facts in deployed.models.items()}
+    assert adapter.router_config(cfg, kv) == deployed
 
 
 def test_cli_simulate_writes_the_record_and_plots(tmp_path, capsys):

@@ -2,12 +2,12 @@
 
 Each function here mirrors a piece of the deployed cluster that turns an
 engine's state into what the router and the autoscaler read, and names
-it; when those contracts change (typed stats structs in router/types.py,
-say), this module is what follows them:
+it; when those contracts change, this module is what follows them:
 
-- ``worker_stats``: ``PrefillWorker.stats`` / ``DecodeWorker.stats``
-  (``LLMEngine.load_stats`` plus the worker's counters).
-- ``router_stats``: the stats ``WorkerServer.push_stats`` sends.
+- ``worker_stats``: ``PrefillWorker.stats`` / ``DecodeWorker.stats``, the
+  typed ``PrefillStats`` / ``DecodeStats`` of ``splitserve.engine.stats``.
+- ``stats_report``: the ``StatsReport`` ``WorkerServer.push_stats`` sends;
+  the router's view of it comes from the production ``replica_stats``.
 - ``push_to_router``: ``RouterActor.update_stats`` (stats and prefix-cache
   events into ``RouterCore``).
 - ``router_config``: ``cluster.serve.app.router_config`` without loading
@@ -29,48 +29,48 @@ from splitserve.cluster.autoscaling.decision import Decision, DelayState
 from splitserve.cluster.autoscaling.signals import replica_metrics
 from splitserve.cluster.config import AutoscalingSpec, ClusterConfig
 from splitserve.cluster.planning.sim.replica import SimReplica
+from splitserve.engine.roles import Role
+from splitserve.engine.stats import DecodeStats, EngineLoad, PrefillStats, WorkerStats
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.core import RouterCore
-from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouteRequest, RouterConfig
+from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
+from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouteRequest
 
 
-def worker_stats(rep: SimReplica, now: float) -> dict:
+def worker_stats(rep: SimReplica, now: float) -> WorkerStats:
     """What the replica's worker answers to ``Stats`` at ``now``."""
     rep.sync(now)
     kv = rep.kv
-    s = {"pending_prompt_tokens": rep.pending_prompt_tokens(),
-         "running": len(rep.sched.running), "waiting": len(rep.sched.waiting),
-         "free_blocks": kv.num_free_blocks, "total_blocks": kv.num_blocks,
-         "busy_time_s": rep.busy_time_at(now), "preemptions": rep.sched.num_preemptions,
-         "prefix_hits": kv.pool.hits, "prefix_queries": kv.pool.queries,
-         "cached_blocks": len(kv.pool.hash_to_block)}
-    if rep.role == "prefill":
-        s.update(prompt_tokens_computed=rep.prompt_tokens_computed, bytes_sent=rep.bytes_sent,
-                 inflight=rep.inflight)
-    else:
-        s.update(max_seqs=rep.sched.max_num_seqs, block_size=rep.block_size,
-                 reservations=rep.reservations, steps=rep.steps_at(now),
-                 handoffs=rep.handoffs, handoff_bytes=rep.handoff_bytes, draining=rep.draining)
-    return s
+    load = EngineLoad(
+        pending_prompt_tokens=rep.pending_prompt_tokens(), running=len(rep.sched.running),
+        waiting=len(rep.sched.waiting), max_seqs=rep.sched.max_num_seqs,
+        free_blocks=kv.num_free_blocks, total_blocks=kv.num_blocks, block_size=rep.block_size,
+        busy_time_s=rep.busy_time_at(now), steps=rep.steps_at(now),
+        prompt_tokens_computed=rep.prompt_tokens_computed,
+        preemptions=rep.sched.num_preemptions, prefix_hits=kv.pool.hits,
+        prefix_queries=kv.pool.queries, cached_blocks=len(kv.pool.hash_to_block),
+        open_requests=0, block_owners=0)
+    if Role(rep.role) is Role.PREFILL:
+        return PrefillStats(engine=load, streams=0, inflight=rep.inflight, completed=0, failed=0,
+                            bytes_sent=rep.bytes_sent)
+    return DecodeStats(engine=load, streams=0, reservations=rep.reservations,
+                       handoffs=rep.handoffs, local_prefills=0, fallbacks=0, refused=0,
+                       expired=0, handoff_bytes=rep.handoff_bytes, kv_endpoint="")
 
 
-def router_stats(rep: SimReplica, s: dict, now: float) -> PrefillReplicaStats | DecodeReplicaStats:
-    """``WorkerServer.push_stats``: the router's view of one replica."""
-    busy = max(s["busy_time_s"], 1e-9)
-    if rep.role == "prefill":
-        return PrefillReplicaStats(
-            replica_id=rep.replica_id, model=rep.model,
-            pending_prompt_tokens=s["pending_prompt_tokens"],
-            running_requests=s["running"] + s["waiting"],
-            prefill_tokens_per_s=s["prompt_tokens_computed"] / busy
-            if s["prompt_tokens_computed"] else 0.0,
-            healthy=rep.alive, draining=rep.draining, node_id=rep.node_id, updated_at=now)
-    steps = max(s["steps"], 1)
-    return DecodeReplicaStats(
-        replica_id=rep.replica_id, model=rep.model, free_blocks=s["free_blocks"],
-        total_blocks=s["total_blocks"], running_seqs=s["running"], max_seqs=s["max_seqs"],
-        block_size=s["block_size"], waiting_requests=s["waiting"],
-        decode_step_s=s["busy_time_s"] / steps, prefill_tokens_per_s=0.0,
-        healthy=rep.alive, draining=rep.draining, node_id=rep.node_id, updated_at=now)
+def stats_report(rep: SimReplica, stats: WorkerStats, now: float, stored=(), evicted=(),
+                 snapshot: bool = False) -> StatsReport:
+    """``WorkerServer.push_stats``: one replica's report to the router."""
+    info = ReplicaInfo(replica_id=rep.replica_id, role=Role(rep.role), model=rep.model,
+                       kv_endpoint="", node_id=rep.node_id)
+    return StatsReport(replica=info, stats=stats, healthy=rep.alive, draining=rep.draining,
+                       updated_at=now, stored=tuple(stored), evicted=tuple(evicted),
+                       snapshot=snapshot)
+
+
+def router_stats(rep: SimReplica, now: float) -> PrefillReplicaStats | DecodeReplicaStats:
+    """The router's view of one replica, through the production conversion."""
+    return replica_stats(stats_report(rep, worker_stats(rep, now), now))
 
 
 def push_to_router(core: RouterCore, rep: SimReplica, now: float, snapshot: bool) -> bool:
@@ -81,8 +81,7 @@ def push_to_router(core: RouterCore, rep: SimReplica, now: float, snapshot: bool
     if snapshot:
         pool.request_snapshot()
     ev = pool.drain_events()
-    stats = router_stats(rep, worker_stats(rep, now), now)
-    unknown = core.update_stats(stats)
+    unknown = core.update_stats(router_stats(rep, now))
     if ev.snapshot:
         core.replace_blocks(rep.replica_id, ev.stored or [])
     else:
@@ -95,13 +94,10 @@ def push_to_router(core: RouterCore, rep: SimReplica, now: float, snapshot: bool
 
 def router_config(cfg: ClusterConfig, kv_bytes_per_token: Mapping[str, int]) -> RouterConfig:
     """``cluster.serve.app.router_config`` with the KV size of each model given."""
-    r = cfg.router
-    return RouterConfig(
-        policy=r.policy, block_size=min(m.model.block_size for m in cfg.models),
-        kv_bytes_per_token=dict(kv_bytes_per_token), max_queue_per_model=r.max_queue_per_model,
-        stats_ttl_s=r.stats_ttl_s, network_bandwidth_bytes_per_s=r.network_bytes_per_s,
-        local_prefill_max_tokens=r.local_prefill_max_tokens,
-        max_queue_delay_s=r.max_queue_delay_s)
+    return cfg.router.router_config({
+        m.model.name: ModelFacts(block_size=m.model.block_size,
+                                 kv_bytes_per_token=kv_bytes_per_token[m.model.name])
+        for m in cfg.models})
 
 
 def route_request(request_id: str, model: str, prompt_len: int, max_tokens: int,
@@ -114,7 +110,7 @@ def route_request(request_id: str, model: str, prompt_len: int, max_tokens: int,
 
 def autoscaling_metrics(rep: SimReplica, now: float) -> dict[str, float]:
     """``WorkerServer.record_autoscaling_stats`` (no GPU telemetry in simulation)."""
-    return replica_metrics(rep.role, worker_stats(rep, now), rep.draining)
+    return replica_metrics(worker_stats(rep, now), rep.draining)
 
 
 class PoolSeriesBuffer:
