@@ -12,7 +12,8 @@ Status codes: INVALID_ARGUMENT (the field in the details and in trailing
 metadata ``splitserve-param``), NOT_FOUND (unknown model),
 RESOURCE_EXHAUSTED (overloaded, with trailing ``retry-after`` seconds; or a
 message over ``max_message_bytes``, refused by gRPC itself with the server
-still up), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
+still up; a request that is not a valid message, e.g. a string that is not
+UTF-8, is INVALID_ARGUMENT with an empty param), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
 DEADLINE_EXCEEDED, INTERNAL (a server fault).
 """
 
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
@@ -35,6 +37,7 @@ from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
+from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
 
@@ -153,6 +156,10 @@ def _tool_list(pb_tools) -> list[dict]:
             except (ValueError, RecursionError):
                 raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
                                           param=f"tools[{i}].parameters") from None
+            if nesting_exceeds(fn["parameters"], MAX_JSON_DEPTH):
+                raise InvalidRequestError(
+                    f"tools[{i}].parameters nests more than {MAX_JSON_DEPTH} levels deep",
+                    param=f"tools[{i}].parameters")
         tools.append({"type": "function", "function": fn})
     return tools
 
@@ -378,6 +385,61 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return make[(handler.request_streaming, handler.response_streaming)](deny)
 
 
+class _Undecodable:
+    """What a request that does not parse as its message becomes."""
+
+    def __init__(self, error: DecodeError):
+        self.error = str(error)
+
+
+class _DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """A request message that does not parse is INVALID_ARGUMENT (gRPC itself
+    answers UNKNOWN, as for a server fault), on every unary-request method."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        async def refuse(request: _Undecodable, context) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message: {request.error}"[:DETAILS_CHARS],
+                                trailing_metadata=((PARAM_METADATA, ""),))
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                responses = inner_stream(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:  # also when the client cancels: the generation is cancelled now
+                    await responses.aclose()
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=tolerant,
+                response_serializer=handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=tolerant, response_serializer=handler.response_serializer)
+
+
 async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: list[str],
                             tls_cert: str | None = None, tls_key: str | None = None,
                             max_message_bytes: int = 4 << 20,
@@ -388,8 +450,9 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     while draining. Stop with ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
+    interceptors = [_ApiKeyInterceptor(api_keys)] if api_keys else []
     server = grpc.aio.server(
-        interceptors=[_ApiKeyInterceptor(api_keys)] if api_keys else None,
+        interceptors=interceptors + [_DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
