@@ -8,6 +8,10 @@ output dicts (``splitserve.engine.outputs.RequestOutput.to_dict``):
 
   {request_id, token_ids, text, finished, finish_reason, prompt_tokens,
    completion_tokens, cached_tokens, logprobs?, timings?}
+
+The ingresses call ``tokenizer``, ``tool_call_parser`` and ``validate`` from
+their preparation threads (splitserve.cluster.api.prepare), not from the
+event loop: these must be thread-safe and must not touch the loop.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
         """Served models, in config order."""
+
+    def model_info(self, model: str) -> ModelInfo:
+        """The served model's card; raises UnknownModel."""
+        served = self.models()
+        for m in served:
+            if m.name == model:
+                return m
+        raise UnknownModel(model, [m.name for m in served])
 
     @abc.abstractmethod
     def tokenizer(self, model: str) -> Tokenizer:

@@ -2,8 +2,10 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health. Per request: API key -> body read up to the size limit ->
-JSON -> request model -> prompt token ids (chat template applied, with
-the tools; splitserve.cluster.api.tool_calls) ->
+JSON (nesting bounded) -> request model -> the prompt's length in
+characters bounded (splitserve.engine.limits) -> on a preparation thread
+(splitserve.cluster.api.prepare): prompt token ids (chat template applied,
+with the tools; splitserve.cluster.api.tool_calls), grammars compiled,
 ``Backend.validate`` -> one backend stream per choice -> the first output
 awaited, so that refusals (overload, an unknown model) become HTTP
 statuses rather than broken streams -> one JSON body, or SSE chunks.
@@ -34,10 +36,12 @@ from splitserve.cluster.api import openai_schema as schema
 from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
+from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.hashing import splitmix64
+from splitserve.engine.limits import check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("splitserve.http")
@@ -165,7 +169,11 @@ class _ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
-def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -> FastAPI:
+def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
+                   pool: PreparePool | None = None) -> FastAPI:
+    """``pool``: where requests are tokenized (default: the process's
+    shared pool, which the gRPC server uses too)."""
+    pool = pool or shared_pool()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def on_error(_request: Request, exc: Exception) -> Response:
@@ -198,15 +206,11 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
             schema.CompletionRequest, await read_json(request, max_body_bytes))
         body.check_supported()
         prompts = body.prompt_inputs()
-        tokenizer = backend.tokenizer(body.model)
-        batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        params = body.completion_params()
-        for ids in batch:
-            backend.validate(body.model, ids, params)
-        echoes = None
-        if body.echo:
-            echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
-                           ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+        max_model_len = backend.model_info(body.model).max_model_len
+        for p in prompts:
+            if isinstance(p, str):
+                check_prompt_chars(len(p), max_model_len, "prompt")
+        batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
         return await _respond(request, backend, "completion", body, batch, params, t0,
                               echoes=echoes)
 
@@ -221,27 +225,52 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
         if bad:
             raise ApiError(400, f"chat_template_kwargs may not set {bad[0][:50]!r}",
                            param="chat_template_kwargs", code="invalid_value")
-        tokenizer = backend.tokenizer(body.model)
-        tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
-                             tokenizer.chat_template, backend.tool_call_parser(body.model))
-        text = tokenizer.apply_chat_template(
-            template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
-            tools=tools.tools if tools else None, **kwargs)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
-        params = body.sampling_params(body.output_limit, body.logprobs_count)
-        if tools is not None:
-            params = tools.sampling(params)
-        try:
-            backend.validate(body.model, ids, params)
-        except InvalidRequestError as e:
-            # name the fields of the chat request, not of the engine
-            rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
-                      "logprobs": "top_logprobs"}
-            raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+        check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
+                           "messages")
+        ids, params, tools = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
 
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
     return app
+
+
+def _prepare_completion(backend: Backend, body: schema.CompletionRequest,
+                        prompts: list[str | list[int]]):
+    """(token ids per prompt, sampling params, echoes or None); on a
+    preparation thread."""
+    tokenizer = backend.tokenizer(body.model)
+    batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    params = body.completion_params()
+    for ids in batch:
+        backend.validate(body.model, ids, params)
+    echoes = None
+    if body.echo:
+        echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
+                       ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+    return batch, params, echoes
+
+
+def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: dict):
+    """(prompt token ids, sampling params, tool request or None); on a
+    preparation thread."""
+    tokenizer = backend.tokenizer(body.model)
+    tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
+                         tokenizer.chat_template, backend.tool_call_parser(body.model))
+    text = tokenizer.apply_chat_template(
+        template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
+        tools=tools.tools if tools else None, **kwargs)
+    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+    params = body.sampling_params(body.output_limit, body.logprobs_count)
+    if tools is not None:
+        params = tools.sampling(params)
+    try:
+        backend.validate(body.model, ids, params)
+    except InvalidRequestError as e:
+        # name the fields of the chat request, not of the engine
+        rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
+                  "logprobs": "top_logprobs"}
+        raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+    return ids, params, tools
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
