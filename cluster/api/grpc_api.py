@@ -1,5 +1,6 @@
 """The splitserve gRPC API (``splitserve.v1.Generation``) and the standard
-``grpc.health.v1`` health service, over a ``Backend``.
+``grpc.health.v1`` health service (splitserve.cluster.api.health: it
+follows the backend's readiness), over a ``Backend``.
 
 Generate, per call: API key (interceptor) -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
@@ -21,7 +22,6 @@ DEADLINE_EXCEEDED, INTERNAL (a server fault).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -33,8 +33,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.health import HEALTH_METHOD_PREFIX, HealthService
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
-from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
@@ -48,8 +49,6 @@ log = logging.getLogger("splitserve.grpc")
 
 DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
 PARAM_METADATA = "splitserve-param"
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-_Serving = health_pb2.HealthCheckResponse
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -340,43 +339,6 @@ class GenerationService(pb_grpc.GenerationServicer):
             for m in self.backend.models()])
 
 
-class HealthService(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: "" (the server) and the Generation service are
-    SERVING until ``set_serving(False)`` (e.g. while draining; call it on
-    the server's event loop)."""
-
-    def __init__(self):
-        self._serving = True
-        self._changed = asyncio.Event()
-
-    def set_serving(self, serving: bool) -> None:
-        self._serving = serving
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _status(self, service: str) -> int | None:
-        if service not in ("", SERVICE_NAME):
-            return None
-        return _Serving.SERVING if self._serving else _Serving.NOT_SERVING
-
-    async def Check(self, request, context) -> health_pb2.HealthCheckResponse:
-        status = self._status(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:100]!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request, context):
-        last = None
-        while True:  # until the client cancels
-            changed = self._changed  # taken before the status: no change slips between
-            status = self._status(request.service)
-            status = _Serving.SERVICE_UNKNOWN if status is None else status
-            if status != last:
-                last = status
-                yield health_pb2.HealthCheckResponse(status=status)
-            await changed.wait()
-
-
 def _key_ok(metadata, keys: list[bytes]) -> bool:
     given = []
     for key, value in metadata or ():
@@ -391,14 +353,18 @@ def _key_ok(metadata, keys: list[bytes]) -> bool:
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every method, health included, without a configured key."""
+    """Refuses every method without a configured key; the health service too
+    unless ``open_health``."""
 
-    def __init__(self, api_keys: list[str]):
+    def __init__(self, api_keys: list[str], open_health: bool = False):
         self.keys = [k.encode() for k in api_keys]
+        self.open_health = open_health
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or _key_ok(details.invocation_metadata, self.keys):
+            return handler
+        if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
 
         async def deny(_request, context):
@@ -472,21 +438,27 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
                             tls_cert: str | None = None, tls_key: str | None = None,
                             max_message_bytes: int = 4 << 20,
                             health: HealthService | None = None,
-                            pool: PreparePool | None = None) -> tuple[grpc.aio.Server, int]:
+                            pool: PreparePool | None = None,
+                            open_health: bool = False) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``host:port`` (0: a free port); returns the server
     and the bound port. TLS when both certificate and key (PEM files) are
-    given. Pass ``health`` to report NOT_SERVING (``set_serving(False)``)
-    while draining. ``pool``: where requests are tokenized (default: the
-    process's shared pool). Stop with ``await server.stop(grace)``."""
+    given. The health service reports the backend's readiness; pass
+    ``health`` to also report NOT_SERVING (``set_serving(False)``) while
+    draining. ``open_health``: the health service answers without an API
+    key (Kubernetes' gRPC probes send none). ``pool``: where requests are
+    tokenized (default: the process's shared pool). Stop with
+    ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
-    interceptors = [_ApiKeyInterceptor(api_keys)] if api_keys else []
+    interceptors = [_ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
         interceptors=interceptors + [_DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthService(), server)
+    health = health or HealthService()
+    health.follow(backend)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"
     if tls_cert is not None:
         creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])

@@ -1,7 +1,12 @@
 """The OpenAI-compatible HTTP API over a ``Backend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health. Per request: API key -> body read up to the size limit ->
+GET /v1/models/{id}; probes GET /health, /ready, /version
+(splitserve.cluster.api.health); POST /tokenize, /detokenize
+(splitserve.cluster.api.tokenize_api); GET /metrics
+(splitserve.cluster.api.metrics_endpoint). Every route needs the API key
+when keys are configured, except those ``ObservabilitySpec.
+unauthenticated_routes`` opens. Per request: API key -> body read up to the size limit ->
 JSON (nesting bounded) -> request model -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (chat template applied,
@@ -33,11 +38,15 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.cluster.api import openai_schema as schema
-from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.health import add_health_routes
+from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.tokenize_api import add_tokenize_routes
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.hashing import splitmix64
@@ -151,16 +160,21 @@ def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
     return secret_matches(authorization[7:].strip(), *keys)
 
 
-class _ApiKeyGuard:
-    """ASGI middleware: 401 on every route unless ``Authorization: Bearer <key>``
-    names a configured key."""
+# the paths each ObservabilitySpec.unauthenticated_routes entry opens
+OPEN_PATHS = {"health": ("/health", "/ready", "/version"), "metrics": (METRICS_PATH,)}
 
-    def __init__(self, app, api_keys: list[str]):
+
+class _ApiKeyGuard:
+    """ASGI middleware: 401 on every route but ``open_paths`` unless
+    ``Authorization: Bearer <key>`` names a configured key."""
+
+    def __init__(self, app, api_keys: list[str], open_paths: frozenset[str] = frozenset()):
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.keys and not _key_ok(
+        if scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths and not _key_ok(
                 Headers(scope=scope).get("authorization"), self.keys):
             err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key",
@@ -169,11 +183,19 @@ class _ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+def model_card(m: ModelInfo) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
+            "max_model_len": m.max_model_len}
+
+
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
-                   pool: PreparePool | None = None) -> FastAPI:
+                   pool: PreparePool | None = None,
+                   observability: ObservabilitySpec | None = None) -> FastAPI:
     """``pool``: where requests are tokenized (default: the process's
-    shared pool, which the gRPC server uses too)."""
+    shared pool, which the gRPC server uses too); ``observability``: which
+    probes and metrics need no key, and whether /metrics adds vLLM's names."""
     pool = pool or shared_pool()
+    observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def on_error(_request: Request, exc: Exception) -> Response:
@@ -189,15 +211,17 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_error)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    add_health_routes(app, backend)
+    add_metrics_route(app, backend, observability.vllm_metric_names)
+    add_tokenize_routes(app, backend, max_body_bytes, pool)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
-             "max_model_len": m.max_model_len} for m in backend.models()]}
+        return {"object": "list", "data": [model_card(m) for m in backend.models()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        return model_card(backend.model_info(model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -230,7 +254,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         ids, params, tools = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
 
-    app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
+    open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
+    app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
     return app
 
 
