@@ -167,3 +167,15 @@ def test_router_counts_only_live_replicas():
     router.remove_replica("d0")
     assert router.live_replicas()[MODEL] == {"prefill": 1}
     assert "d0" not in {r.replica.replica_id for r in router.metrics_scrape()[0]}
+
+
+def test_operators_guide_lists_every_metric_and_vllm_name():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operators.md").read_text()
+    for d in METRICS.values():
+        name = d.dashboard_names()[0].removesuffix("_bucket")
+        assert f"`{name}`" in text, name
+    for a in VLLM_ALIASES:
+        suffix = "_total" if METRICS[a.source].kind == "counter" else ""
+        assert f"`{a.vllm}{suffix}`" in text, a.vllm
