@@ -5,8 +5,10 @@ GET /v1/models/{id}; probes GET /health, /ready, /version
 (splitserve.cluster.api.health); POST /tokenize, /detokenize
 (splitserve.cluster.api.tokenize_api); GET /metrics
 (splitserve.cluster.api.metrics_endpoint). Every route needs the API key
-when keys are configured, except those ``ObservabilitySpec.
-unauthenticated_routes`` opens. Per request: API key -> body read up to the size limit ->
+when keys are configured, except those
+``ObservabilitySpec.unauthenticated_routes`` opens.
+
+Per request: API key -> body read up to the size limit ->
 JSON (nesting bounded) -> request model -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (chat template applied,
@@ -174,8 +176,8 @@ class _ApiKeyGuard:
         self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths and not _key_ok(
-                Headers(scope=scope).get("authorization"), self.keys):
+        if (scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths
+                and not _key_ok(Headers(scope=scope).get("authorization"), self.keys)):
             err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -31,6 +31,7 @@ from splitserve.cluster.api.backend import (
     Unavailable,
     UnknownModel,
 )
+from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
@@ -219,8 +220,6 @@ class ClusterBackend(Backend):
                     pass
 
     async def readiness(self) -> Readiness:
-        from splitserve.cluster.api.health import cluster_readiness
-
         try:
             live = await asyncio.wait_for(self.router.live_replicas.remote(), ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
