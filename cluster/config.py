@@ -314,6 +314,17 @@ class EndpointSpec(_Strict):
         return is_loopback_host(self.host)
 
 
+class ObservabilitySpec(_Strict):
+    unauthenticated_routes: list[Literal["health", "metrics"]] = Field(
+        default_factory=list, description="Routes answered without an API key: health = "
+        "/health, /ready, /version and the gRPC health service (for Kubernetes probes); "
+        "metrics = /metrics (for a Prometheus that holds no key). Default: every route "
+        "needs the key when keys are configured.")
+    vllm_metric_names: bool = Field(False, description="/metrics also exports vLLM's metric "
+                                    "names (vllm:time_to_first_token_seconds, ...) so rules and "
+                                    "gateways written for vLLM work; see docs/operators.md.")
+
+
 class SLOSpec(_Strict):
     ttft_s: float = Field(1.0, gt=0, description="Time-to-first-token objective (reports and "
                           "benchmarks).")
@@ -329,6 +340,8 @@ class ClusterConfig(_Strict):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="Client and worker secrets.")
     endpoints: EndpointSpec = Field(default_factory=EndpointSpec, description="Client APIs.")
     slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency objectives.")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec,
+                                             description="Metrics and probe endpoints.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ClusterConfig":
@@ -477,7 +490,7 @@ def config_reference() -> str:
                 ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("auth", AuthSpec),
-                ("endpoints", EndpointSpec), ("slo", SLOSpec)]
+                ("endpoints", EndpointSpec), ("slo", SLOSpec), ("observability", ObservabilitySpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

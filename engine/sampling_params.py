@@ -13,14 +13,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP_STRING_CHARS,
+                                      MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS)
 from splitserve.engine.structured import check_spec
 
-MAX_N = 16  # completions per request; each one is a full sequence in the batch
-MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63  # exclusive; seeds are signed 64-bit on the wire
-MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
 
 
@@ -160,6 +157,10 @@ class SamplingParams:
                     f"got one of {len(s)}",
                     param="stop",
                 )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"stop_token_ids accepts at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}", param="stop_token_ids")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise InvalidRequestError(

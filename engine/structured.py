@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_JSON_DEPTH, MAX_SPEC_CHARS, nesting_exceeds
 
 KINDS = ("json", "regex", "grammar")
-MAX_SPEC_CHARS = 64 << 10  # a schema / pattern / grammar's text
 PARAM = "response_format"  # what errors name (the OpenAI field)
 # whitespace: none between JSON tokens beyond the separators below
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -98,10 +98,16 @@ def grammar_text(kind: str, value: str) -> str:
     schema that is not a JSON object)."""
     llg = _llguidance()
     if kind == "json":
+        too_deep = InvalidRequestError(
+            f"the JSON schema nests more than {MAX_JSON_DEPTH} levels deep", param=PARAM)
         try:
             schema = json.loads(value)
         except ValueError as e:
             raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}", param=PARAM) from None
+        except RecursionError:
+            raise too_deep from None
+        if nesting_exceeds(schema, MAX_JSON_DEPTH):
+            raise too_deep
         if not isinstance(schema, dict):
             raise InvalidRequestError("the JSON schema must be a JSON object", param=PARAM)
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
@@ -225,16 +231,13 @@ def apply_masks(x: Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> N
     x[idx] = x[idx].masked_fill(~allowed, -torch.inf)
 
 
-MAX_CHOICES = 256
-
-
 def choice_spec(choices: Any, param: str = PARAM) -> dict[str, str]:
     """A constraint whose output is exactly one of ``choices`` (strings)."""
     if not isinstance(choices, list) or not choices:
         raise InvalidRequestError("choice must be a non-empty list of strings", param=param)
-    if len(choices) > MAX_CHOICES:
-        raise InvalidRequestError(f"choice takes at most {MAX_CHOICES} strings, got {len(choices)}",
-                                  param=param)
+    if len(choices) > MAX_CHOICE_STRINGS:
+        raise InvalidRequestError(
+            f"choice takes at most {MAX_CHOICE_STRINGS} strings, got {len(choices)}", param=param)
     if any(not isinstance(c, str) or not c for c in choices):
         raise InvalidRequestError("choice entries must be non-empty strings", param=param)
     # Lark string literals take JSON's escapes

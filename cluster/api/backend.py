@@ -8,18 +8,29 @@ output dicts (``splitserve.engine.outputs.RequestOutput.to_dict``):
 
   {request_id, token_ids, text, finished, finish_reason, prompt_tokens,
    completion_tokens, cached_tokens, logprobs?, timings?}
+
+The ingresses call ``tokenizer``, ``tool_call_parser`` and ``validate`` from
+their preparation threads (splitserve.cluster.api.prepare), not from the
+event loop: these must be thread-safe and must not touch the loop.
+
+``readiness`` (for /ready and the gRPC health service) and
+``cluster_metrics`` (for /metrics) run on the event loop; the base class's
+versions know of no replicas: always ready, no replica metrics.
 """
 
 from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
 
 from splitserve.engine.errors import SplitserveError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
+from splitserve.engine.roles import Role
+from splitserve.engine.stats import DecodeStats
+from splitserve.router.reports import ReplicaInfo, StatsReport
 
 
 class UnknownModel(SplitserveError, LookupError):
@@ -51,10 +62,68 @@ class ModelInfo:
     created: int
 
 
+@dataclass(frozen=True)
+class PoolReadiness:
+    model: str
+    pool: str  # a Role value: prefill, decode or colocated
+    live_replicas: int  # healthy, not draining, stats younger than the router's TTL
+    required: bool = True  # False: requests are served without it (a prefill pool
+    # that may scale to zero: decode replicas then prefill)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether every model can be served: a live replica in each required pool."""
+
+    pools: tuple[PoolReadiness, ...] = ()
+    error: str = ""  # why the replicas could not be learned (the router is down)
+
+    @property
+    def missing(self) -> list[PoolReadiness]:
+        return [p for p in self.pools if p.required and p.live_replicas == 0]
+
+    @property
+    def ready(self) -> bool:
+        return not self.error and not self.missing
+
+    def reason(self) -> str:
+        if self.error:
+            return self.error
+        return "; ".join(f"model {p.model!r} has no live {p.pool} replica" for p in self.missing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The /ready body: status, every pool's live replica count, what is missing."""
+        models: dict[str, dict[str, int]] = {}
+        for p in self.pools:
+            models.setdefault(p.model, {})[p.pool] = p.live_replicas
+        out: dict[str, Any] = {"status": "ready" if self.ready else "not_ready", "models": models}
+        if not self.ready:
+            out["reason"] = self.reason()
+            out["missing"] = [{"model": p.model, "pool": p.pool} for p in self.missing]
+        return out
+
+
+@dataclass(frozen=True)
+class ClusterMetrics:
+    """What /metrics shows besides the ingress's own request metrics."""
+
+    reports: tuple[StatsReport, ...] = ()  # each live replica's latest stats
+    router_text: str = ""  # the router's metrics, Prometheus text format
+    errors: tuple[str, ...] = field(default=())  # sources that could not be read
+
+
 class Backend(abc.ABC):
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
         """Served models, in config order."""
+
+    def model_info(self, model: str) -> ModelInfo:
+        """The served model's card; raises UnknownModel."""
+        served = self.models()
+        for m in served:
+            if m.name == model:
+                return m
+        raise UnknownModel(model, [m.name for m in served])
 
     @abc.abstractmethod
     def tokenizer(self, model: str) -> Tokenizer:
@@ -77,6 +146,16 @@ class Backend(abc.ABC):
         auto: detected from its chat template."""
         return "auto"
 
+    async def readiness(self) -> Readiness:
+        """Live replicas per model and pool; never raises (an unreachable
+        router is ``Readiness(error=...)``)."""
+        return Readiness()
+
+    async def cluster_metrics(self) -> ClusterMetrics:
+        """The replicas' latest stats and the router's metrics; never raises
+        (a source that cannot be read is named in ``errors``)."""
+        return ClusterMetrics()
+
     async def close(self) -> None:
         pass
 
@@ -85,7 +164,10 @@ class LocalBackend(Backend):
     """Colocated engines in this process, one per model."""
 
     def __init__(self, engines: dict, tool_call_parsers: dict[str, str] | None = None):
+        from splitserve.cluster.observability.metrics import RequestRecorder
         from splitserve.engine.async_engine import AsyncEngine
+
+        self._recorder = RequestRecorder  # imported here: metrics imports this module
 
         self._engines = dict(engines)
         self._parsers = dict(tool_call_parsers or {})
@@ -115,11 +197,44 @@ class LocalBackend(Backend):
         from splitserve.engine.async_engine import EngineDeadError
 
         self._engine(model)
+        rec = self._recorder(model)
+        error: BaseException | None = None
         try:
             async for out in self._async[model].generate(request_id, prompt_token_ids, params):
-                yield out.to_dict()
+                d = out.to_dict()
+                rec.on_output(d)
+                yield d
         except EngineDeadError as e:
-            raise Unavailable(f"the engine for {model!r} is not running: {e}") from None
+            error = Unavailable(f"the engine for {model!r} is not running: {e}")
+            raise error from None
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            rec.finish(error)
+
+    async def readiness(self) -> Readiness:
+        return Readiness(tuple(PoolReadiness(n, Role.COLOCATED.value, int(a.alive))
+                               for n, a in self._async.items()))
+
+    async def cluster_metrics(self) -> ClusterMetrics:
+        """Each engine as a colocated replica ``local:<model>``."""
+        reports, errors = [], []
+        for name, a in self._async.items():
+            try:
+                load = await a.call(lambda e: e.load_stats())
+            except Exception as e:  # noqa: BLE001 - a dead engine has no stats
+                errors.append(f"engine {name!r}: {e}")
+                continue
+            stats = DecodeStats(engine=load, streams=a.num_streams, reservations=0, handoffs=0,
+                                local_prefills=0, fallbacks=0, refused=0, expired=0,
+                                handoff_bytes=0, kv_endpoint="")
+            info = ReplicaInfo(replica_id=f"local:{name}", role=Role.COLOCATED, model=name,
+                               kv_endpoint="", node_id="")
+            reports.append(StatsReport(replica=info, stats=stats, healthy=a.alive, draining=False,
+                                       updated_at=time.time(), stored=(), evicted=(),
+                                       snapshot=False))
+        return ClusterMetrics(tuple(reports), errors=tuple(errors))
 
     async def close(self) -> None:
         for a in self._async.values():

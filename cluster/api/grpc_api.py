@@ -1,10 +1,13 @@
 """The splitserve gRPC API (``splitserve.v1.Generation``) and the standard
-``grpc.health.v1`` health service, over a ``Backend``.
+``grpc.health.v1`` health service (splitserve.cluster.api.health: it
+follows the backend's readiness), over a ``Backend``.
 
-Generate, per call: API key (interceptor) -> prompt token ids (text
-tokenized, or the chat template applied to messages and tools) ->
-``Backend.validate``
--> the backend stream, forwarded one response per output. The handler's
+Generate, per call: API key (interceptor) -> the prompt's length in
+characters bounded (splitserve.engine.limits) -> on a preparation thread
+(splitserve.cluster.api.prepare): prompt token ids (text tokenized, or the
+chat template applied to messages and tools), grammars compiled,
+``Backend.validate`` -> the backend stream, forwarded one response per
+output. Tokenize does its work on the same threads. The handler's
 task is cancelled when the client cancels or its deadline passes; closing
 the backend stream then cancels the request and frees its KV blocks.
 
@@ -12,13 +15,13 @@ Status codes: INVALID_ARGUMENT (the field in the details and in trailing
 metadata ``splitserve-param``), NOT_FOUND (unknown model),
 RESOURCE_EXHAUSTED (overloaded, with trailing ``retry-after`` seconds; or a
 message over ``max_message_bytes``, refused by gRPC itself with the server
-still up), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
+still up; a request that is not a valid message, e.g. a string that is not
+UTF-8, is INVALID_ARGUMENT with an empty param), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
 DEADLINE_EXCEEDED, INTERNAL (a server fault).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -27,14 +30,18 @@ import uuid
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
-from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.api.health import HEALTH_METHOD_PREFIX, HealthService
+from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
+from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
 
@@ -42,8 +49,6 @@ log = logging.getLogger("splitserve.grpc")
 
 DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
 PARAM_METADATA = "splitserve-param"
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-_Serving = health_pb2.HealthCheckResponse
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -153,6 +158,10 @@ def _tool_list(pb_tools) -> list[dict]:
             except (ValueError, RecursionError):
                 raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
                                           param=f"tools[{i}].parameters") from None
+            if nesting_exceeds(fn["parameters"], MAX_JSON_DEPTH):
+                raise InvalidRequestError(
+                    f"tools[{i}].parameters nests more than {MAX_JSON_DEPTH} levels deep",
+                    param=f"tools[{i}].parameters")
         tools.append({"type": "function", "function": fn})
     return tools
 
@@ -215,9 +224,23 @@ def _add_logprob(field, lp: dict) -> None:
               top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
 
 
+def _messages_chars(msgs) -> int:
+    return sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in msgs)
+
+
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, pool: PreparePool | None = None):
         self.backend = backend
+        self.pool = pool or shared_pool()
+
+    def _check_chars(self, req: pb.GenerateRequest | pb.TokenizeRequest) -> None:
+        """The prompt's text bounded by the model's context before any
+        tokenizing (on the loop: it only counts)."""
+        max_model_len = self.backend.model_info(req.model).max_model_len
+        if req.messages:
+            check_prompt_chars(_messages_chars(req.messages), max_model_len, "messages")
+        else:
+            check_prompt_chars(len(req.text), max_model_len, "text")
 
     def _prompt_ids(self, req: pb.GenerateRequest, tools: ToolRequest | None) -> list[int]:
         tokenizer = self.backend.tokenizer(req.model)
@@ -236,21 +259,28 @@ class GenerationService(pb_grpc.GenerationServicer):
             return list(req.token_ids.ids)
         raise InvalidRequestError("a prompt (text or token_ids) or messages is required", param="prompt")
 
+    def _prepare(self, request: pb.GenerateRequest) -> tuple[ToolRequest | None, list[int], SamplingParams]:
+        """(tools, prompt token ids, sampling params), validated; on a
+        preparation thread."""
+        tools = _tools(request, self.backend.tokenizer(request.model).chat_template,
+                       self.backend.tool_call_parser(request.model))
+        ids = self._prompt_ids(request, tools)
+        params = sampling_params(request.params)
+        if tools is not None:
+            params = tools.sampling(params)
+        try:
+            self.backend.validate(request.model, ids, params)
+        except InvalidRequestError as e:
+            if request.messages and e.param == "prompt":
+                raise InvalidRequestError(str(e), param="messages") from None
+            raise
+        return tools, ids, params
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         try:
-            tools = _tools(request, self.backend.tokenizer(request.model).chat_template,
-                           self.backend.tool_call_parser(request.model))
-            ids = self._prompt_ids(request, tools)
-            params = sampling_params(request.params)
-            if tools is not None:
-                params = tools.sampling(params)
-            try:
-                self.backend.validate(request.model, ids, params)
-            except InvalidRequestError as e:
-                if request.messages and e.param == "prompt":
-                    raise InvalidRequestError(str(e), param="messages") from None
-                raise
+            self._check_chars(request)
+            tools, ids, params = await self.pool.run(self._prepare, request)
         except Exception as e:  # noqa: BLE001 - every refusal becomes a status
             await _abort(context, e)
         # The backend id is always fresh: a client's request_id may repeat.
@@ -278,67 +308,35 @@ class GenerationService(pb_grpc.GenerationServicer):
         if failure is not None:
             await _abort(context, failure)
 
+    def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """On a preparation thread."""
+        tokenizer = self.backend.tokenizer(request.model)
+        info = self.backend.model_info(request.model)
+        if request.messages:
+            if request.text:
+                raise InvalidRequestError("send either text or messages, not both", param="messages")
+            tools = _template_tools(request.tools) if request.tools else None
+            prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools)
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            if request.tools:
+                raise InvalidRequestError("tools need a chat (messages)", param="tools")
+            prompt = ""
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = tokenizer.encode(request.text, add_special_tokens=add)
+        return pb.TokenizeResponse(token_ids=ids, prompt=prompt, max_model_len=info.max_model_len)
+
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
-            tokenizer = self.backend.tokenizer(request.model)
-            info = next(m for m in self.backend.models() if m.name == request.model)
-            if request.messages:
-                if request.text:
-                    raise InvalidRequestError("send either text or messages, not both", param="messages")
-                tools = _template_tools(request.tools) if request.tools else None
-                prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools)
-                ids = tokenizer.encode(prompt, add_special_tokens=False)
-            else:
-                if request.tools:
-                    raise InvalidRequestError("tools need a chat (messages)", param="tools")
-                prompt = ""
-                add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-                ids = tokenizer.encode(request.text, add_special_tokens=add)
+            self._check_chars(request)
+            return await self.pool.run(self._tokenize, request)
         except Exception as e:  # noqa: BLE001
             await _abort(context, e)
-        return pb.TokenizeResponse(token_ids=ids, prompt=prompt, max_model_len=info.max_model_len)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
             pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created)
             for m in self.backend.models()])
-
-
-class HealthService(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: "" (the server) and the Generation service are
-    SERVING until ``set_serving(False)`` (e.g. while draining; call it on
-    the server's event loop)."""
-
-    def __init__(self):
-        self._serving = True
-        self._changed = asyncio.Event()
-
-    def set_serving(self, serving: bool) -> None:
-        self._serving = serving
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _status(self, service: str) -> int | None:
-        if service not in ("", SERVICE_NAME):
-            return None
-        return _Serving.SERVING if self._serving else _Serving.NOT_SERVING
-
-    async def Check(self, request, context) -> health_pb2.HealthCheckResponse:
-        status = self._status(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:100]!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request, context):
-        last = None
-        while True:  # until the client cancels
-            changed = self._changed  # taken before the status: no change slips between
-            status = self._status(request.service)
-            status = _Serving.SERVICE_UNKNOWN if status is None else status
-            if status != last:
-                last = status
-                yield health_pb2.HealthCheckResponse(status=status)
-            await changed.wait()
 
 
 def _key_ok(metadata, keys: list[bytes]) -> bool:
@@ -355,14 +353,18 @@ def _key_ok(metadata, keys: list[bytes]) -> bool:
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every method, health included, without a configured key."""
+    """Refuses every method without a configured key; the health service too
+    unless ``open_health``."""
 
-    def __init__(self, api_keys: list[str]):
+    def __init__(self, api_keys: list[str], open_health: bool = False):
         self.keys = [k.encode() for k in api_keys]
+        self.open_health = open_health
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or _key_ok(details.invocation_metadata, self.keys):
+            return handler
+        if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
 
         async def deny(_request, context):
@@ -377,22 +379,86 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return make[(handler.request_streaming, handler.response_streaming)](deny)
 
 
+class _Undecodable:
+    """What a request that does not parse as its message becomes."""
+
+    def __init__(self, error: DecodeError):
+        self.error = str(error)
+
+
+class _DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """A request message that does not parse is INVALID_ARGUMENT (gRPC itself
+    answers UNKNOWN, as for a server fault), on every unary-request method."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        async def refuse(request: _Undecodable, context) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message: {request.error}"[:DETAILS_CHARS],
+                                trailing_metadata=((PARAM_METADATA, ""),))
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                responses = inner_stream(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:  # also when the client cancels: the generation is cancelled now
+                    await responses.aclose()
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=tolerant,
+                response_serializer=handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=tolerant, response_serializer=handler.response_serializer)
+
+
 async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: list[str],
                             tls_cert: str | None = None, tls_key: str | None = None,
                             max_message_bytes: int = 4 << 20,
-                            health: HealthService | None = None) -> tuple[grpc.aio.Server, int]:
+                            health: HealthService | None = None,
+                            pool: PreparePool | None = None,
+                            open_health: bool = False) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``host:port`` (0: a free port); returns the server
     and the bound port. TLS when both certificate and key (PEM files) are
-    given. Pass ``health`` to report NOT_SERVING (``set_serving(False)``)
-    while draining. Stop with ``await server.stop(grace)``."""
+    given. The health service reports the backend's readiness; pass
+    ``health`` to also report NOT_SERVING (``set_serving(False)``) while
+    draining. ``open_health``: the health service answers without an API
+    key (Kubernetes' gRPC probes send none). ``pool``: where requests are
+    tokenized (default: the process's shared pool). Stop with
+    ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
+    interceptors = [_ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
-        interceptors=[_ApiKeyInterceptor(api_keys)] if api_keys else None,
+        interceptors=interceptors + [_DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(backend), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthService(), server)
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool), server)
+    health = health or HealthService()
+    health.follow(backend)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host}:{port}"
     if tls_cert is not None:
         creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])

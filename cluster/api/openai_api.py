@@ -1,9 +1,18 @@
 """The OpenAI-compatible HTTP API over a ``Backend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health. Per request: API key -> body read up to the size limit ->
-JSON -> request model -> prompt token ids (chat template applied, with
-the tools; splitserve.cluster.api.tool_calls) ->
+GET /v1/models/{id}; probes GET /health, /ready, /version
+(splitserve.cluster.api.health); POST /tokenize, /detokenize
+(splitserve.cluster.api.tokenize_api); GET /metrics
+(splitserve.cluster.api.metrics_endpoint). Every route needs the API key
+when keys are configured, except those
+``ObservabilitySpec.unauthenticated_routes`` opens.
+
+Per request: API key -> body read up to the size limit ->
+JSON (nesting bounded) -> request model -> the prompt's length in
+characters bounded (splitserve.engine.limits) -> on a preparation thread
+(splitserve.cluster.api.prepare): prompt token ids (chat template applied,
+with the tools; splitserve.cluster.api.tool_calls), grammars compiled,
 ``Backend.validate`` -> one backend stream per choice -> the first output
 awaited, so that refusals (overload, an unknown model) become HTTP
 statuses rather than broken streams -> one JSON body, or SSE chunks.
@@ -31,13 +40,19 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.cluster.api import openai_schema as schema
-from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.health import add_health_routes
+from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
+from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.tokenize_api import add_tokenize_routes
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.hashing import splitmix64
+from splitserve.engine.limits import check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("splitserve.http")
@@ -147,17 +162,22 @@ def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
     return secret_matches(authorization[7:].strip(), *keys)
 
 
-class _ApiKeyGuard:
-    """ASGI middleware: 401 on every route unless ``Authorization: Bearer <key>``
-    names a configured key."""
+# the paths each ObservabilitySpec.unauthenticated_routes entry opens
+OPEN_PATHS = {"health": ("/health", "/ready", "/version"), "metrics": (METRICS_PATH,)}
 
-    def __init__(self, app, api_keys: list[str]):
+
+class _ApiKeyGuard:
+    """ASGI middleware: 401 on every route but ``open_paths`` unless
+    ``Authorization: Bearer <key>`` names a configured key."""
+
+    def __init__(self, app, api_keys: list[str], open_paths: frozenset[str] = frozenset()):
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.keys and not _key_ok(
-                Headers(scope=scope).get("authorization"), self.keys):
+        if (scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths
+                and not _key_ok(Headers(scope=scope).get("authorization"), self.keys)):
             err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -165,7 +185,19 @@ class _ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
-def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -> FastAPI:
+def model_card(m: ModelInfo) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
+            "max_model_len": m.max_model_len}
+
+
+def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
+                   pool: PreparePool | None = None,
+                   observability: ObservabilitySpec | None = None) -> FastAPI:
+    """``pool``: where requests are tokenized (default: the process's
+    shared pool, which the gRPC server uses too); ``observability``: which
+    probes and metrics need no key, and whether /metrics adds vLLM's names."""
+    pool = pool or shared_pool()
+    observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def on_error(_request: Request, exc: Exception) -> Response:
@@ -181,15 +213,17 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_error)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    add_health_routes(app, backend)
+    add_metrics_route(app, backend, observability.vllm_metric_names)
+    add_tokenize_routes(app, backend, max_body_bytes, pool)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
-             "max_model_len": m.max_model_len} for m in backend.models()]}
+        return {"object": "list", "data": [model_card(m) for m in backend.models()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        return model_card(backend.model_info(model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -198,15 +232,11 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
             schema.CompletionRequest, await read_json(request, max_body_bytes))
         body.check_supported()
         prompts = body.prompt_inputs()
-        tokenizer = backend.tokenizer(body.model)
-        batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        params = body.completion_params()
-        for ids in batch:
-            backend.validate(body.model, ids, params)
-        echoes = None
-        if body.echo:
-            echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
-                           ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+        max_model_len = backend.model_info(body.model).max_model_len
+        for p in prompts:
+            if isinstance(p, str):
+                check_prompt_chars(len(p), max_model_len, "prompt")
+        batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
         return await _respond(request, backend, "completion", body, batch, params, t0,
                               echoes=echoes)
 
@@ -221,27 +251,53 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int) -
         if bad:
             raise ApiError(400, f"chat_template_kwargs may not set {bad[0][:50]!r}",
                            param="chat_template_kwargs", code="invalid_value")
-        tokenizer = backend.tokenizer(body.model)
-        tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
-                             tokenizer.chat_template, backend.tool_call_parser(body.model))
-        text = tokenizer.apply_chat_template(
-            template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
-            tools=tools.tools if tools else None, **kwargs)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
-        params = body.sampling_params(body.output_limit, body.logprobs_count)
-        if tools is not None:
-            params = tools.sampling(params)
-        try:
-            backend.validate(body.model, ids, params)
-        except InvalidRequestError as e:
-            # name the fields of the chat request, not of the engine
-            rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
-                      "logprobs": "top_logprobs"}
-            raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+        check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
+                           "messages")
+        ids, params, tools = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
 
-    app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
+    open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
+    app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
     return app
+
+
+def _prepare_completion(backend: Backend, body: schema.CompletionRequest,
+                        prompts: list[str | list[int]]):
+    """(token ids per prompt, sampling params, echoes or None); on a
+    preparation thread."""
+    tokenizer = backend.tokenizer(body.model)
+    batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    params = body.completion_params()
+    for ids in batch:
+        backend.validate(body.model, ids, params)
+    echoes = None
+    if body.echo:
+        echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
+                       ids, score_only=body.max_tokens == 0) for p, ids in zip(prompts, batch)]
+    return batch, params, echoes
+
+
+def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: dict):
+    """(prompt token ids, sampling params, tool request or None); on a
+    preparation thread."""
+    tokenizer = backend.tokenizer(body.model)
+    tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
+                         tokenizer.chat_template, backend.tool_call_parser(body.model))
+    text = tokenizer.apply_chat_template(
+        template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
+        tools=tools.tools if tools else None, **kwargs)
+    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+    params = body.sampling_params(body.output_limit, body.logprobs_count)
+    if tools is not None:
+        params = tools.sampling(params)
+    try:
+        backend.validate(body.model, ids, params)
+    except InvalidRequestError as e:
+        # name the fields of the chat request, not of the engine
+        rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
+                  "logprobs": "top_logprobs"}
+        raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+    return ids, params, tools
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,13 +21,21 @@ from starlette.responses import JSONResponse
 
 from splitserve.cluster.api.openai_structured import structured_output
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import MAX_CHOICES, MAX_JSON_DEPTH, MAX_PROMPTS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-MAX_PROMPTS = 64  # prompts in one completions request
-MAX_CHOICES = 256  # prompts x n: each choice is its own backend request
 ERROR_MESSAGE_CHARS = 1024  # error bodies stay small whatever the request echoed
+# a \uXXXX escape of a UTF-16 surrogate: JSON's way to write a lone one
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(text: str) -> str:
+    """``text`` encodable as UTF-8: a lone surrogate (a request's "\\ud800"
+    echoed back) becomes U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class ApiError(Exception):
@@ -40,10 +49,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        message = self.message
+        message = _unicode(self.message)
         if len(message) > ERROR_MESSAGE_CHARS:
             message = message[: ERROR_MESSAGE_CHARS - 3] + "..."
-        param = self.param[:200] if self.param else self.param
+        param = _unicode(self.param[:200]) if self.param else self.param
         return {"error": {"message": message, "type": self.type, "param": param, "code": self.code}}
 
     def response(self) -> JSONResponse:
@@ -242,6 +251,19 @@ class ChatCompletionRequest(_Common):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template(i) for i, m in enumerate(self.messages)]
 
+    def text_chars(self) -> int:
+        """Characters of the messages' text (contents, tool call arguments):
+        what the prompt's length in tokens follows."""
+        total = 0
+        for m in self.messages:
+            parts = m.content if isinstance(m.content, list) else [m.content]
+            total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
+            for call in m.tool_calls or ():
+                fn = call.get("function")
+                args = fn.get("arguments") if isinstance(fn, dict) else None
+                total += len(args) if isinstance(args, str) else 0
+        return total
+
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -301,6 +323,18 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    for key, value in data.items():
+        # the schema, the chat template and JSON encoding recurse once per level
+        if nesting_exceeds(value, MAX_JSON_DEPTH):
+            raise ApiError(400, f"{key[:100]} nests more than {MAX_JSON_DEPTH} levels deep",
+                           param=key, code="invalid_value")
+    if _SURROGATE_ESCAPE.search(text):  # rare: then find the field that has a lone one
+        for key, value in data.items():
+            try:
+                json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{key[:100]} has a string that is not valid Unicode (a lone "
+                               "surrogate)", param=key, code="invalid_encoding") from None
     return data
 
 

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import MAX_JSON_DEPTH, MAX_TOOLS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import check_spec
-
-MAX_TOOLS = 128
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # What parsing a model's output may raise: the output is then plain content.
@@ -308,6 +307,9 @@ def _template_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
             args = json.loads(args)
         except (ValueError, RecursionError):
             _fail(f"{where}.function.arguments is not valid JSON", f"{where}.function.arguments")
+    if nesting_exceeds(args, MAX_JSON_DEPTH):  # the template writes it back out, recursively
+        _fail(f"{where}.function.arguments nests more than {MAX_JSON_DEPTH} levels deep",
+              f"{where}.function.arguments")
     if not isinstance(args, dict):
         _fail(f"{where}.function.arguments must be a JSON object", f"{where}.function.arguments")
     return {**call, "type": call.get("type", "function"), "function": {**fn, "arguments": args}}

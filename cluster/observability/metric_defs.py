@@ -1,6 +1,19 @@
 """Every metric splitserve exports, declared once: name, kind, labels,
-buckets and the series names a dashboard queries (``splitserve.cluster.observability.metrics``
-records them)."""
+buckets, where its numbers live, and the series names a dashboard queries
+(``splitserve.cluster.observability.metrics`` records them,
+``splitserve.cluster.observability.exposition`` serves them on /metrics).
+
+Where a metric's numbers live (``source``) decides how /metrics of the HTTP
+port gets it:
+  request    recorded by the ingress process itself, per request
+  replica    read from each replica's latest stats report, which the
+             router holds (one router call per scrape)
+  router     the router actor's own metrics, fetched in the same call
+  autoscaler only on Ray's per-node exporter (recorded in Serve's
+             controller), as ``ray_splitserve_*``
+Every metric is also recorded through Ray's exporter where Ray runs, with
+Ray's ``ray_`` prefix (histogram sums there are bucket-midpoint estimates;
+on /metrics they are exact)."""
 
 from __future__ import annotations
 
@@ -26,8 +39,14 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # Hand-off bytes per request, powers of 4 from 4 KiB (a few tokens of a tiny
 # model) to 16 GiB (Llama-3-70B's 320 KiB/token x 32k tokens is 10 GiB).
 BYTES_BUCKETS = tuple(float(4 ** k) for k in range(6, 18))
+# Tokens per request (prompt or output): 1 .. 200k, vLLM's 1-2-5 steps.
+TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))[:-1]
 
 Kind = Literal["counter", "gauge", "histogram"]
+Source = Literal["request", "replica", "router", "autoscaler"]
+# labels /metrics adds to a replica metric's tags: which replica (its worker
+# RPC address; ``local:<model>`` in a single-process server)
+REPLICA_LABEL = "replica"
 
 
 @dataclass(frozen=True)
@@ -37,9 +56,25 @@ class MetricDef:
     description: str
     tags: tuple[str, ...]
     buckets: tuple[float, ...] = ()
+    source: Source = "request"
+
+    @property
+    def on_api_port(self) -> bool:
+        """Served on /metrics of the HTTP port (else only through Ray's exporter)."""
+        return self.source != "autoscaler"
+
+    def api_labels(self) -> tuple[str, ...]:
+        """Its labels on /metrics of the HTTP port."""
+        return self.tags + ((REPLICA_LABEL,) if self.source == "replica" else ())
+
+    def dashboard_names(self) -> tuple[str, ...]:
+        """The series a dashboard queries: /metrics of the HTTP port where
+        it is served there, else Ray's exporter."""
+        return self.exported_names("" if self.on_api_port else RAY_PREFIX)
 
     def exported_names(self, prefix: str = RAY_PREFIX) -> tuple[str, ...]:
-        """The series names Prometheus scrapes for this metric."""
+        """The series names Prometheus scrapes for this metric (``prefix``:
+        ``ray_`` on Ray's exporter, "" on /metrics of the HTTP port)."""
         base = prefix + self.name
         if self.kind == "counter":
             return (base + "_total",)
@@ -49,6 +84,20 @@ class MetricDef:
 
 
 _M, _MR, _MP, _WR = ("model",), ("model", "reason"), ("model", "pool"), ("model", "role")
+
+
+def _replica(name: str, kind: Kind, description: str) -> MetricDef:
+    return MetricDef(name, kind, description, _WR, source="replica")
+
+
+def _router(name: str, kind: Kind, description: str, tags: tuple[str, ...]) -> MetricDef:
+    return MetricDef(name, kind, description, tags, source="router")
+
+
+def _autoscaler(name: str, description: str, tags: tuple[str, ...] = _MP) -> MetricDef:
+    return MetricDef(name, "gauge", description, tags, source="autoscaler")
+
+
 METRICS: dict[str, MetricDef] = {d.name: d for d in (
     # -- per request, recorded by the ingress's backend ----------------------
     MetricDef("splitserve_ttft_seconds", "histogram",
@@ -71,7 +120,18 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_requests", "counter",
               "Requests ended, by outcome: finished, refused, failed, cancelled.",
               ("model", "outcome")),
+    MetricDef("splitserve_finished_requests", "counter",
+              "Requests that finished, by the engine's finish reason (stop, length).",
+              ("model", "finish_reason")),
+    MetricDef("splitserve_prompt_tokens", "counter",
+              "Prompt tokens of requests that produced output (prefill done).", _M),
+    MetricDef("splitserve_cached_prompt_tokens", "counter",
+              "Of splitserve_prompt_tokens, those whose KV came from a prefix cache.", _M),
     MetricDef("splitserve_output_tokens", "counter", "Tokens streamed to clients.", _M),
+    MetricDef("splitserve_request_prompt_tokens", "histogram",
+              "Prompt tokens per finished request.", _M, TOKEN_COUNT_BUCKETS),
+    MetricDef("splitserve_request_output_tokens", "histogram",
+              "Output tokens per finished request.", _M, TOKEN_COUNT_BUCKETS),
     MetricDef("splitserve_retries", "counter",
               "Requests placed again (kind: replaced = refused or lost before its first "
               "token; resumed = its decode replica died mid-stream).", ("model", "kind")),
@@ -80,38 +140,38 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_refusals", "counter",
               "Requests refused to the client (reason: overloaded = queues full, "
               "unavailable = no replica could take it).", _MR),
-    # -- per replica, pushed with the router stats ---------------------------
-    MetricDef("splitserve_pending_prompt_tokens", "gauge",
-              "Prompt tokens queued or in progress, not yet computed.", _WR),
-    MetricDef("splitserve_kv_block_usage", "gauge", "Share of KV cache blocks in use (0..1).", _WR),
-    MetricDef("splitserve_kv_blocks_total", "gauge", "KV cache blocks of the replica.", _WR),
-    MetricDef("splitserve_running_seqs", "gauge", "Sequences in the running batch.", _WR),
-    MetricDef("splitserve_waiting_requests", "gauge", "Requests waiting for the batch.", _WR),
-    MetricDef("splitserve_preemptions", "counter",
-              "Sequences preempted (blocks freed, recomputed later).", _WR),
-    MetricDef("splitserve_prefix_cache_hit_rate", "gauge",
-              "Share of prompt admissions that reused cached prefix blocks, since start.", _WR),
-    MetricDef("splitserve_replica_refusals", "counter",
-              "KV reservations a decode replica refused (full); the request moved on.", _WR),
-    MetricDef("splitserve_replica_fallbacks", "counter",
-              "Remote prefills that failed on this decode replica and ran locally.", _WR),
+    # -- per replica, from its stats reports ----------------------------------
+    _replica("splitserve_pending_prompt_tokens", "gauge",
+             "Prompt tokens queued or in progress, not yet computed."),
+    _replica("splitserve_kv_cache_usage_ratio", "gauge", "Share of KV cache blocks in use (0..1)."),
+    _replica("splitserve_kv_cache_blocks", "gauge", "KV cache blocks of the replica."),
+    _replica("splitserve_running_seqs", "gauge", "Sequences in the running batch."),
+    _replica("splitserve_waiting_requests", "gauge", "Requests waiting for the batch."),
+    _replica("splitserve_preemptions", "counter",
+             "Sequences preempted (blocks freed, recomputed later)."),
+    _replica("splitserve_prefix_cache_queries", "counter",
+             "Admissions of a sequence that looked its prompt up in the prefix cache."),
+    _replica("splitserve_prefix_cache_hits", "counter",
+             "Of those admissions, the ones that reused cached prefix blocks."),
+    _replica("splitserve_replica_refusals", "counter",
+             "KV reservations a decode replica refused (full); the request moved on."),
+    _replica("splitserve_replica_fallbacks", "counter",
+             "Remote prefills that failed on this decode replica and ran locally."),
     # -- router --------------------------------------------------------------
-    MetricDef("splitserve_router_decisions", "counter",
-              "Placements by the policy's reason.", _MR),
-    MetricDef("splitserve_router_rejections", "counter",
-              "Route calls refused (reason: overloaded, queue_delay, no_capacity).", _MR),
-    MetricDef("splitserve_router_in_flight", "gauge", "Admitted requests not yet released.", _M),
-    MetricDef("splitserve_pool_replicas", "gauge",
-              "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),
+    _router("splitserve_router_decisions", "counter", "Placements by the policy's reason.", _MR),
+    _router("splitserve_router_rejections", "counter",
+            "Route calls refused (reason: overloaded, queue_delay, no_capacity).", _MR),
+    _router("splitserve_router_in_flight", "gauge", "Admitted requests not yet released.", _M),
+    _router("splitserve_pool_replicas", "gauge",
+            "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),
     # -- autoscaler ----------------------------------------------------------
-    MetricDef("splitserve_autoscaler_target_replicas", "gauge",
-              "Replica count the autoscaler last set.", _MP),
-    MetricDef("splitserve_autoscaler_desired_replicas", "gauge",
-              "Replica count the load asks for, before delays and cooldown.", _MP),
-    MetricDef("splitserve_autoscaler_load", "gauge",
-              "The pool's bottleneck load relative to its target (1 = on target).", _MP),
-    MetricDef("splitserve_autoscaler_last_decision", "gauge",
-              "1 on the series of the pool's last decision: decision up/down/hold, reason "
-              "no_metrics/bounds/scaled/delayed/on_target (see decision_labels).",
-              ("model", "pool", "bottleneck", "decision", "reason")),
+    _autoscaler("splitserve_autoscaler_target_replicas", "Replica count the autoscaler last set."),
+    _autoscaler("splitserve_autoscaler_desired_replicas",
+                "Replica count the load asks for, before delays and cooldown."),
+    _autoscaler("splitserve_autoscaler_load",
+                "The pool's bottleneck load relative to its target (1 = on target)."),
+    _autoscaler("splitserve_autoscaler_last_decision",
+                "1 on the series of the pool's last decision: decision up/down/hold, reason "
+                "no_metrics/bounds/scaled/delayed/on_target (see decision_labels).",
+                ("model", "pool", "bottleneck", "decision", "reason")),
 )}

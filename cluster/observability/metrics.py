@@ -1,22 +1,21 @@
 """splitserve's Prometheus metrics: their definitions and the calls that record them.
 
-Every metric is declared once in ``METRICS`` (``splitserve.cluster.observability.metric_defs``). Inside a Ray process (a Serve
-replica, the router actor, a driver after ``ray.init``) values go through
-``ray.util.metrics`` and Ray's per-node endpoint exports them, with Ray's
-naming: a ``ray_`` prefix, ``_total`` after counters, and extra labels
-(``WorkerId``, ``NodeAddress``, ...) that keep replicas of one pool apart.
-In a process without Ray they go to ``PROCESS_REGISTRY`` (prometheus_client;
-same names without the prefix), which a single-process server can expose
-with ``render_prometheus()``. ``MetricDef.exported_names`` gives the
-series names a dashboard queries. Ray computes a histogram's ``_sum`` from
-bucket midpoints, so totals that must be exact (hand-off bytes, output
-tokens) are counters of their own, and dashboards read histograms through
-``histogram_quantile`` and ``_count``.
+Every metric is declared once in ``METRICS`` (``splitserve.cluster.observability.metric_defs``).
+Every value goes to ``PROCESS_REGISTRY`` (prometheus_client: exact counts
+and sums, ``_total`` after counters), from which /metrics of the HTTP port
+serves the ingress's request metrics and the router's metrics
+(``splitserve.cluster.observability.exposition``). Inside a Ray process (a
+Serve replica, the router actor, a driver after ``ray.init``) values also
+go through ``ray.util.metrics`` and Ray's per-node endpoint exports them,
+with Ray's naming: a ``ray_`` prefix, ``_total`` after counters, extra
+labels (``WorkerId``, ``NodeAddress``, ...), and histogram sums estimated
+from bucket midpoints.
 
 Who records what:
-  ClusterBackend (per request, label model): TTFT/TPOT/ITL/E2E, phase
-    durations, hand-off bytes, outcomes, output tokens, retries, fallbacks,
-    refusals                                   -> ``RequestRecorder``, ``record_*``
+  ClusterBackend, LocalBackend (per request, label model): TTFT/TPOT/ITL/
+    E2E, phase durations, hand-off bytes, outcomes, finish reasons, prompt,
+    cached and output tokens, retries, fallbacks, refusals
+                                               -> ``RequestRecorder``, ``record_*``
   WorkerServer.push_stats (labels model, role) -> ``record_worker_metrics``
   RouterActor (label model)                    -> ``RouterMetrics``
   the autoscaler (labels model, pool)          -> ``record_autoscaler_decision``
@@ -45,7 +44,7 @@ from splitserve.router.reports import ReplicaInfo
 
 __all__ = ["METRICS", "MetricDef", "PROCESS_REGISTRY", "RequestRecorder", "RouterMetrics",
            "decision_labels", "record", "record_autoscaler_decision", "record_retry",
-           "record_worker_metrics", "render_prometheus"]
+           "record_worker_metrics", "render_prometheus", "replica_values"]
 
 log = logging.getLogger("splitserve.metrics")
 PROCESS_REGISTRY = CollectorRegistry()
@@ -88,10 +87,9 @@ class _Metric:
         if kind == "counter" and value <= 0:
             return  # counters only go up; a zero increment is nothing to record
         method = _METHOD[kind]
+        getattr(self._prom_metric(tags), method)(value)
         if _ray_connected():
             getattr(self._ray_metric(), method)(value, tags=tags)
-        else:
-            getattr(self._prom_metric(tags), method)(value)
 
 
 _live: dict[str, _Metric] = {name: _Metric(d) for name, d in METRICS.items()}
@@ -107,7 +105,7 @@ def record(name: str, value: float, **tags: str) -> None:
 
 
 def render_prometheus() -> bytes:
-    """This process's metrics (recorded without Ray) in the text exposition format."""
+    """This process's metrics in the text exposition format."""
     return generate_latest(PROCESS_REGISTRY)
 
 
@@ -156,6 +154,9 @@ class RequestRecorder:
         self.tokens = 0
         self.timings: dict | None = None
         self.finished = False
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0  # as the last output counted them
+        self.cached_tokens = 0
 
     @_never_raises
     def on_output(self, d: dict) -> None:
@@ -164,6 +165,8 @@ class RequestRecorder:
             self.timings = d["timings"]  # the first replica's; a resumed request keeps these
             if self.timings.get("fallback_reason"):
                 record("splitserve_fallbacks", 1, model=self.model)
+        self.prompt_tokens = d.get("prompt_tokens") or self.prompt_tokens
+        self.cached_tokens = d.get("cached_tokens") or self.cached_tokens
         n = len(d.get("token_ids") or ())
         if n:
             if self.first is None:
@@ -174,6 +177,7 @@ class RequestRecorder:
             self.tokens += n
         if d.get("finished"):
             self.finished = True
+            self.finish_reason = d.get("finish_reason")
 
     def _outcome(self, error: BaseException | None) -> str:
         if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
@@ -186,6 +190,8 @@ class RequestRecorder:
     def finish(self, error: BaseException | None = None) -> None:
         m = self.model
         record("splitserve_output_tokens", self.tokens, model=m)
+        record("splitserve_prompt_tokens", self.prompt_tokens, model=m)
+        record("splitserve_cached_prompt_tokens", self.cached_tokens, model=m)
         if not self.finished:  # an error after the last output changes nothing
             outcome = self._outcome(error)
             if outcome == "refused":
@@ -194,6 +200,10 @@ class RequestRecorder:
             record("splitserve_requests", 1, model=m, outcome=outcome)
             return
         record("splitserve_requests", 1, model=m, outcome="finished")
+        record("splitserve_finished_requests", 1, model=m,
+               finish_reason=self.finish_reason or "unknown")
+        record("splitserve_request_prompt_tokens", self.prompt_tokens, model=m)
+        record("splitserve_request_output_tokens", self.tokens, model=m)
         if self.first is None:
             return  # finished without a token (e.g. max_tokens reached by a resume)
         ttft, e2e = self.first - self.start, self.last - self.start
@@ -214,24 +224,33 @@ def record_retry(model: str, resumed: bool) -> None:
 
 
 # -- per replica (WorkerServer.push_stats) ---------------------------------------------
+def replica_values(s: WorkerStats) -> dict[str, float]:
+    """The replica metrics of one stats snapshot: gauges as they are now,
+    counters as cumulative totals since the replica started."""
+    e = s.engine
+    values = {"splitserve_pending_prompt_tokens": e.pending_prompt_tokens,
+              "splitserve_running_seqs": e.running, "splitserve_waiting_requests": e.waiting,
+              "splitserve_preemptions": e.preemptions,
+              "splitserve_prefix_cache_queries": e.prefix_queries,
+              "splitserve_prefix_cache_hits": e.prefix_hits}
+    if e.total_blocks:
+        values["splitserve_kv_cache_usage_ratio"] = (e.total_blocks - e.free_blocks) / e.total_blocks
+        values["splitserve_kv_cache_blocks"] = e.total_blocks
+    if isinstance(s, DecodeStats):
+        values["splitserve_replica_refusals"] = s.refused
+        values["splitserve_replica_fallbacks"] = s.fallbacks
+    return values
+
+
 @_never_raises
 def record_worker_metrics(role: Role, model: str, s: WorkerStats) -> None:
     """Gauges and counters from one ``worker.stats()`` snapshot of this replica."""
     tags = {"model": model, "role": role.value}
-    e = s.engine
-    if e.total_blocks:
-        record("splitserve_kv_block_usage", (e.total_blocks - e.free_blocks) / e.total_blocks,
-               **tags)
-        record("splitserve_kv_blocks_total", e.total_blocks, **tags)
-    record("splitserve_pending_prompt_tokens", e.pending_prompt_tokens, **tags)
-    record("splitserve_running_seqs", e.running, **tags)
-    record("splitserve_waiting_requests", e.waiting, **tags)
-    if e.prefix_queries:
-        record("splitserve_prefix_cache_hit_rate", e.prefix_hits / e.prefix_queries, **tags)
-    _advance("splitserve_preemptions", e.preemptions, **tags)
-    if isinstance(s, DecodeStats):
-        _advance("splitserve_replica_refusals", s.refused, **tags)
-        _advance("splitserve_replica_fallbacks", s.fallbacks, **tags)
+    for name, value in replica_values(s).items():
+        if METRICS[name].kind == "counter":
+            _advance(name, value, **tags)
+        else:
+            record(name, value, **tags)
 
 
 # -- router (RouterActor) ------------------------------------------------------------------

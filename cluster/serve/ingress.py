@@ -32,13 +32,15 @@ class Ingress:
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,
-            tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key)
+            tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key,
+            open_health="health" in self.cfg.observability.unauthenticated_routes)
         log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from splitserve.cluster.api.openai_api import build_http_app
 
-        return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes)
+        return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes,
+                              observability=self.cfg.observability)
 
     async def check_health(self) -> None:
         pass

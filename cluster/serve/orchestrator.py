@@ -13,6 +13,7 @@ penalties and a structured-output grammar carry on where they were.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -21,7 +22,16 @@ from typing import AsyncIterator
 import grpc
 import msgspec
 
-from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import (
+    Backend,
+    ClusterMetrics,
+    ModelInfo,
+    Overloaded,
+    Readiness,
+    Unavailable,
+    UnknownModel,
+)
+from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
@@ -41,6 +51,7 @@ from splitserve.router.types import (
 )
 
 log = logging.getLogger("splitserve.client")
+ROUTER_QUERY_S = 2.0  # /ready and /metrics wait this long for the router
 
 # A decode replica that fails with one of these before any token was
 # produced is skipped and the request placed again.
@@ -208,6 +219,21 @@ class ClusterBackend(Backend):
                     self.router.release.remote(model)
                 except Exception:  # noqa: BLE001
                     pass
+
+    async def readiness(self) -> Readiness:
+        try:
+            live = await asyncio.wait_for(self.router.live_replicas.remote(), ROUTER_QUERY_S)
+        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
+            return Readiness(error=f"the router is unavailable: {type(e).__name__}")
+        return cluster_readiness(self.cfg, live)
+
+    async def cluster_metrics(self) -> ClusterMetrics:
+        try:
+            reports, text = await asyncio.wait_for(self.router.metrics_scrape.remote(),
+                                                   ROUTER_QUERY_S)
+        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
+            return ClusterMetrics(errors=(f"the router is unavailable: {type(e).__name__}",))
+        return ClusterMetrics(tuple(reports), text)
 
     async def close(self) -> None:
         await self._clients.close()

@@ -14,9 +14,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import msgspec
 import ray
 
-from splitserve.cluster.observability.metrics import RouterMetrics
+from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.core import RouterCore
@@ -40,6 +41,7 @@ class RouterActor:
     def __init__(self, cfg: RouterConfig):
         self.core = RouterCore(cfg)
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
+        self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
         self._last_prune = 0.0
         self.metrics = RouterMetrics()
@@ -63,6 +65,7 @@ class RouterActor:
         except UnknownModelError:
             return False
         self.replicas_info[s.replica_id] = report.replica
+        self.latest[s.replica_id] = msgspec.structs.replace(report, stored=(), evicted=())
         if report.snapshot:
             self.core.replace_blocks(s.replica_id, report.stored)
         else:
@@ -79,6 +82,7 @@ class RouterActor:
 
     def remove_replica(self, replica_id: str) -> bool:
         self.replicas_info.pop(replica_id, None)
+        self.latest.pop(replica_id, None)
         return self.core.remove_replica(replica_id)
 
     def set_prefer_local_prefill(self, prefer: bool) -> None:
@@ -148,6 +152,29 @@ class RouterActor:
 
     def counters(self) -> dict[str, Any]:
         return asdict(self.core.counters())
+
+    def live_replicas(self) -> dict[str, dict[str, int]]:
+        """Readiness: model -> role (prefill, decode, colocated) -> replicas
+        that are healthy, not draining, and reported within stats_ttl_s."""
+        horizon = time.time() - self.core.cfg.stats_ttl_s
+        out: dict[str, dict[str, int]] = {}
+        for model in self.core.cfg.models:
+            counts = out.setdefault(model, {})
+            snap = self.core.snapshot(model)
+            for s in (*snap.prefill, *snap.decode):
+                info = self.replicas_info.get(s.replica_id)
+                if info is not None and s.healthy and not s.draining and s.updated_at >= horizon:
+                    counts[info.role.value] = counts.get(info.role.value, 0) + 1
+        return out
+
+    def metrics_scrape(self) -> tuple[list[StatsReport], str]:
+        """/metrics: the last report of every replica the router holds
+        (without its cache events) and the router's metrics as text."""
+        self.prune()
+        self.metrics.publish(self.core, self.replicas_info, force=True)
+        snaps = [self.core.snapshot(m) for m in self.core.cfg.models]
+        held = {s.replica_id for snap in snaps for s in (*snap.prefill, *snap.decode)}
+        return [r for rid, r in self.latest.items() if rid in held], render_prometheus().decode()
 
 
 def get_router(create_with: RouterConfig | None = None):

@@ -1,7 +1,9 @@
 """splitserve's metrics on a real local Ray cluster: after traffic through
-the HTTP ingress of a deployed prefill + decode pool, Ray's metrics endpoint
-exports every metric of ``splitserve.cluster.observability.metrics`` under the names the dashboard
-queries, with values that match the traffic sent.
+the HTTP ingress of a deployed prefill + decode pool, /metrics of the HTTP
+port serves the request, replica and router metrics with values that match
+the traffic sent (one series per replica, exact counts), and Ray's metrics
+endpoint exports every metric of ``splitserve.cluster.observability.metrics``
+under its ``ray_`` names.
 
 Real events drive the request, worker, router, refusal and fallback
 metrics. Preemptions, replica refusals, retries and autoscaler decisions
@@ -27,6 +29,7 @@ from splitserve.cluster.bench.stats import compute_stats
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.observability.metrics import (
     METRICS,
+    RequestRecorder,
     record_autoscaler_decision,
     record_retry,
     record_worker_metrics,
@@ -62,6 +65,12 @@ def scrape() -> list:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples
             if s.name.startswith("ray_splitserve_")]
+
+
+def scrape_api(cfg) -> list:
+    url = f"http://127.0.0.1:{cfg.endpoints.http_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
 def total(samples, name: str, **labels) -> float:
@@ -153,20 +162,49 @@ def test_traffic_metrics_exported_with_exact_counts(cluster):
         ("ray_splitserve_router_in_flight", t, 0),
         ("ray_splitserve_pool_replicas", {**t, "pool": "prefill"}, 1),
         ("ray_splitserve_pool_replicas", {**t, "pool": "decode"}, 1),
-        ("ray_splitserve_kv_blocks_total", {**t, "role": "decode"}, NUM_BLOCKS),
-        ("ray_splitserve_kv_blocks_total", {**t, "role": "prefill"}, NUM_BLOCKS),
+        ("ray_splitserve_kv_cache_blocks", {**t, "role": "decode"}, NUM_BLOCKS),
+        ("ray_splitserve_kv_cache_blocks", {**t, "role": "prefill"}, NUM_BLOCKS),
         *[(f"ray_splitserve_{name}", {**t, "role": role}, PRESENT)
           for role in ("prefill", "decode")
-          for name in ("kv_block_usage", "pending_prompt_tokens", "running_seqs",
-                       "waiting_requests")],
+          for name in ("kv_cache_usage_ratio", "pending_prompt_tokens", "running_seqs",
+                       "waiting_requests", "prefix_cache_queries_total")],
         # the prompts were looked up in the prefill replica's prefix cache, and in
         # the decode replica's when it reserved blocks for each hand-off: random
         # prompts, all misses on both
-        ("ray_splitserve_prefix_cache_hit_rate", {**t, "role": "prefill"}, PRESENT),
-        ("ray_splitserve_prefix_cache_hit_rate", {**t, "role": "prefill"}, 0.0),
-        ("ray_splitserve_prefix_cache_hit_rate", {**t, "role": "decode"}, PRESENT),
-        ("ray_splitserve_prefix_cache_hit_rate", {**t, "role": "decode"}, 0.0),
+        ("ray_splitserve_prefix_cache_hits_total", {**t, "role": "prefill"}, 0.0),
+        ("ray_splitserve_prefix_cache_hits_total", {**t, "role": "decode"}, 0.0),
     ])
+
+    # the same numbers on /metrics of the HTTP port: exact, and one series per replica
+    api = scrape_api(cluster)
+    prompt_tokens = sum(r.prompt_len for r in reqs)
+    for name, labels, want in [
+        *[(f"splitserve_{h}_seconds_count", t, N) for h in ("ttft", "tpot", "e2e")],
+        ("splitserve_itl_seconds_count", t, N * (OUT - 1)),
+        ("splitserve_requests_total", {**t, "outcome": "finished"}, N),
+        ("splitserve_requests_total", {**t, "outcome": "refused"}, 1),
+        ("splitserve_finished_requests_total", {**t, "finish_reason": "length"}, N),
+        ("splitserve_output_tokens_total", t, N * OUT),
+        ("splitserve_prompt_tokens_total", t, prompt_tokens),
+        ("splitserve_request_prompt_tokens_sum", t, prompt_tokens),
+        ("splitserve_handoff_bytes_total", t, sum(r.timings["bytes"] for r in result.records)),
+        ("splitserve_router_decisions_total", t, N),
+        ("splitserve_router_rejections_total", {**t, "reason": "no_capacity"}, 1),
+        ("splitserve_router_in_flight", t, 0),
+        ("splitserve_pool_replicas", {**t, "pool": "prefill"}, 1),
+        ("splitserve_pool_replicas", {**t, "pool": "decode"}, 1),
+        ("splitserve_kv_cache_blocks", {**t, "role": "decode"}, NUM_BLOCKS),
+        ("splitserve_kv_cache_blocks", {**t, "role": "prefill"}, NUM_BLOCKS),
+        ("splitserve_running_seqs", {**t, "role": "decode"}, 0),
+        ("splitserve_prefix_cache_hits_total", {**t, "role": "prefill"}, 0),
+    ]:
+        assert total(api, name, **labels) == want, (name, labels)
+    for role in ("prefill", "decode"):  # a series per replica, named by its address
+        queries = series(api, "splitserve_prefix_cache_queries_total", **t, role=role)
+        assert len(queries) == 1 and queries[0].labels["replica"].startswith("127.0.0.1:")
+        assert queries[0].value >= N
+    assert total(api, "splitserve_ttft_seconds_sum", **t) > 0
+    assert not [x for x in api if x.name.startswith(("ray_", "vllm:", "splitserve_autoscaler"))]
 
 
 def test_fallback_and_remaining_metrics_exported(cluster):
@@ -185,6 +223,10 @@ def test_fallback_and_remaining_metrics_exported(cluster):
     record_worker_metrics(Role.DECODE, p, decode_stats(
         engine_load(free_blocks=3, total_blocks=4, running=1, waiting=0, pending_prompt_tokens=0,
                     preemptions=2, prefix_hits=1, prefix_queries=2), refused=3, fallbacks=0))
+    rec = RequestRecorder(p)
+    rec.on_output({"token_ids": [1], "prompt_tokens": 8, "cached_tokens": 4, "finished": True,
+                   "finish_reason": "stop"})
+    rec.finish()
     record_retry(p, resumed=False)
     record_retry(p, resumed=True)
     record_autoscaler_decision({"model": p, "role": "decode", "bottleneck": "memory",
@@ -196,12 +238,15 @@ def test_fallback_and_remaining_metrics_exported(cluster):
     s = expect([
         ("ray_splitserve_fallbacks_total", tiny, 1),
         ("ray_splitserve_replica_fallbacks_total", {**tiny, "role": "decode"}, 1),
-        # the fallback prefilled on the decode replica: one prefix-cache lookup, a miss
-        ("ray_splitserve_prefix_cache_hit_rate", {**tiny, "role": "decode"}, PRESENT),
-        ("ray_splitserve_prefix_cache_hit_rate", {**tiny, "role": "decode"}, 0.0),
+        # the fallback prefilled on the decode replica: one more prefix-cache lookup, a miss
+        ("ray_splitserve_prefix_cache_queries_total", {**tiny, "role": "decode"}, PRESENT),
+        ("ray_splitserve_prefix_cache_hits_total", {**tiny, "role": "decode"}, 0.0),
         ("ray_splitserve_preemptions_total", decode, 2),
         ("ray_splitserve_replica_refusals_total", decode, 3),
-        ("ray_splitserve_prefix_cache_hit_rate", decode, 0.5),
+        ("ray_splitserve_prefix_cache_queries_total", decode, 2),
+        ("ray_splitserve_prefix_cache_hits_total", decode, 1),
+        ("ray_splitserve_cached_prompt_tokens_total", {"model": p}, 4),
+        ("ray_splitserve_finished_requests_total", {"model": p, "finish_reason": "stop"}, 1),
         ("ray_splitserve_retries_total", {"model": p, "kind": "replaced"}, 1),
         ("ray_splitserve_retries_total", {"model": p, "kind": "resumed"}, 1),
         ("ray_splitserve_autoscaler_target_replicas", {"model": p, "pool": "decode"}, 2),

@@ -241,7 +241,9 @@ def test_request_recorder_matches_bench_definitions():
     outputs = [(10.4, [5], REMOTE), (10.5, [6], None), (10.75, [7, 8], None), (11.0, [9], None)]
     for t, ids, timings in outputs:
         now[0] = t
-        rec.on_output({"token_ids": ids, "finished": t == 11.0, "timings": timings})
+        rec.on_output({"token_ids": ids, "finished": t == 11.0, "timings": timings,
+                       "prompt_tokens": 12, "cached_tokens": 8,
+                       "finish_reason": "length" if t == 11.0 else None})
     rec.finish()
     bench = RequestRecord(0, 4, 5, send_time=10.0, chunk_times=[10.4, 10.5, 10.75, 11.0],
                           output_tokens=5, timings=REMOTE)
@@ -258,6 +260,11 @@ def test_request_recorder_matches_bench_definitions():
     assert got[("splitserve_output_tokens_total", ())] == 5
     assert got[("splitserve_requests_total", (("outcome", "finished"),))] == 1
     assert got[("splitserve_handoff_bytes_total", ())] == 4096
+    assert got[("splitserve_finished_requests_total", (("finish_reason", "length"),))] == 1
+    assert got[("splitserve_prompt_tokens_total", ())] == 12
+    assert got[("splitserve_cached_prompt_tokens_total", ())] == 8
+    assert got[("splitserve_request_prompt_tokens_sum", ())] == 12
+    assert got[("splitserve_request_output_tokens_sum", ())] == 5
     # a refusal before any token, and a client that went away
     refused = RequestRecorder("rec-b")
     refused.finish(Overloaded("queues full", 1.0))
@@ -294,10 +301,12 @@ def test_worker_router_and_autoscaler_recording():
         engine_load(**{**base, "preemptions": 5, "free_blocks": 10}), fallbacks=1))
     got = exported("w")
     d = (("role", "decode"),)
-    assert got[("splitserve_kv_block_usage", d)] == 0.75
+    assert got[("splitserve_kv_cache_usage_ratio", d)] == 0.75
+    assert got[("splitserve_kv_cache_blocks", d)] == 40
     assert got[("splitserve_pending_prompt_tokens", d)] == 17
     assert got[("splitserve_running_seqs", d)] == 2
-    assert got[("splitserve_prefix_cache_hit_rate", d)] == 0.25
+    assert got[("splitserve_prefix_cache_queries_total", d)] == 4
+    assert got[("splitserve_prefix_cache_hits_total", d)] == 1
     assert got[("splitserve_preemptions_total", d)] == 5  # cumulative totals, counted once
     assert got[("splitserve_replica_fallbacks_total", d)] == 1
     assert ("splitserve_replica_refusals_total", d) not in got

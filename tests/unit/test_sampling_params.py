@@ -10,6 +10,7 @@ from splitserve.engine.sampling_params import (
     MAX_N,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
     SamplingParams,
     validate_request,
 )
@@ -46,6 +47,7 @@ INVALID = [
     ("stop", [3]),
     ("stop_token_ids", [-1]),
     ("stop_token_ids", ["2"]),
+    ("stop_token_ids", [2] * (MAX_STOP_TOKEN_IDS + 1)),
     ("n", 0),
     ("n", MAX_N + 1),
     ("n", True),
@@ -100,6 +102,7 @@ VALID = [
     {"logprobs": MAX_LOGPROBS},
     {"stop": ["x"] * MAX_STOP_STRINGS},
     {"stop": ["y" * MAX_STOP_STRING_CHARS]},
+    {"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS))},
     {"n": MAX_N},
     {"seed": 0},
     {"seed": 2**63 - 1},

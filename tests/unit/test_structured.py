@@ -14,6 +14,7 @@ import torch
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.limits import MAX_JSON_DEPTH
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import MAX_SPEC_CHARS, check_spec, choice_spec, fill_masks, json_object_spec
 from tests.fixtures.checkpoints import hf_model
@@ -193,6 +194,9 @@ def test_resume_continues_seed_penalties_and_grammar(engine):
     ({"type": "json", "value": "x" * (MAX_SPEC_CHARS + 1)}, "at most"),
     ({"type": "json", "value": "{not json"}, "not valid JSON"),
     ({"type": "json", "value": "[1, 2]"}, "must be a JSON object"),
+    ({"type": "json", "value": '{"items": ' * (MAX_JSON_DEPTH) + "{}" + "}" * MAX_JSON_DEPTH},
+     "nests more than"),
+    ({"type": "json", "value": "[" * 30000 + "]" * 30000}, "nests more than"),  # past json's recursion
     ({"type": "json", "value": '{"type": "foo"}'}, "foo"),
     ({"type": "regex", "value": "(a|b"}, "unclosed group"),
     ({"type": "grammar", "value": "start: missing_rule"}, "missing_rule"),

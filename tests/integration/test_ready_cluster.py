@@ -1,0 +1,109 @@
+"""Readiness on a real local Ray cluster: /ready (and gRPC health) answer 503
+/ NOT_SERVING while the ingress runs without pools, 200 / SERVING once every
+pool has a live replica, and 503 naming the pool again when a pool loses
+its last replica; /health stays 200 throughout."""
+
+import socket
+import time
+
+import grpc
+import httpx
+import pytest
+from ray import serve
+
+from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.config import parse_config
+from splitserve.cluster.serve import app, secrets
+from splitserve.cluster.serve.ingress import ingress_app
+from splitserve.cluster.serve.router_actor import get_router
+from splitserve.engine.roles import Role
+from tests.integration.ray_cluster import local_ray
+
+KEY = "sk-ready-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, want, timeout=120.0):
+    """Poll ``fn()`` until it returns ``want``; the last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = fn()
+        except (httpx.HTTPError, grpc.RpcError) as e:
+            got = e
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_llama):
+    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}
+    return parse_config({
+        "models": [{"model": {"name": "tiny", "path": str(tiny_llama), "num_blocks": 64,
+                              "block_size": 4}, "prefill": pool, "decode": pool}],
+        "router": {"stats_period_s": 0.1, "stats_ttl_s": 2.0},
+        "auth": {"api_keys": [KEY], "cluster_token": "ready-test-token"},
+        "endpoints": {"http_port": free_port(), "grpc_port": free_port()},
+        "observability": {"unauthenticated_routes": ["health"]},
+    })
+
+
+def test_ready_follows_the_pools(cfg):
+    url = f"http://127.0.0.1:{cfg.endpoints.http_port}"
+
+    def ready():
+        r = httpx.get(f"{url}/ready", timeout=10)  # no key: probes are open in this config
+        return r.status_code, r.json().get("missing")
+
+    with local_ray(num_cpus=4):
+        # the router and the ingress, no pool yet
+        version = secrets.publish(cfg)
+        get_router(create_with=app.router_config(cfg))
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.endpoints.http_port})
+        serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
+        both = [{"model": "tiny", "pool": "prefill"}, {"model": "tiny", "pool": "decode"}]
+        assert wait_for(ready, (503, both), timeout=180) == (503, both)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401  # the rest needs a key
+        channel = grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def grpc_status():
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+        assert wait_for(grpc_status, health_pb2.HealthCheckResponse.NOT_SERVING) == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+
+        # the pools come up: ready
+        app.deploy(cfg, wait_s=180)
+        assert wait_for(ready, (200, None)) == (200, None)
+        body = httpx.get(f"{url}/ready", timeout=10).json()
+        assert body == {"status": "ready", "models": {"tiny": {"prefill": 1, "decode": 1}}}
+        channel.close()  # the ingress may have been redeployed: a new server on the port
+        channel = grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        assert wait_for(grpc_status, health_pb2.HealthCheckResponse.SERVING) == \
+            health_pb2.HealthCheckResponse.SERVING
+        r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+
+        # the prefill pool loses its last replica: not ready, naming that pool
+        serve.delete(app.app_name("tiny", Role.PREFILL))
+        prefill = [{"model": "tiny", "pool": "prefill"}]
+        assert wait_for(ready, (503, prefill)) == (503, prefill)
+        assert grpc_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+        # and back
+        app.deploy(cfg, wait_s=180)
+        assert wait_for(ready, (200, None)) == (200, None)
+        channel.close()
+        app.shutdown()
