@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.cluster.api import openai_schema as schema
-from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloaded, Unavailable,
+                                           UnknownModel)
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
@@ -61,6 +62,8 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(e, Unavailable):
         return ApiError(503, str(e), "service_unavailable", code="unavailable",
                         headers={"Retry-After": _retry_after(e.retry_after_s)})
+    if isinstance(e, DeadlineExceeded):
+        return ApiError(504, str(e), "timeout_error", code="deadline_exceeded")
     if isinstance(e, SplitserveError):  # a server-side fault with a useful message
         return ApiError(500, str(e), "server_error", code="internal_error")
     log.exception("request failed", exc_info=e)
