@@ -226,3 +226,56 @@ def test_a_stalled_decode_hits_the_inter_token_deadline_and_frees_kv(tiny_llama)
         finally:
             await c.close()
     asyncio.run(main())
+
+
+def test_a_request_that_breaks_prefill_is_not_prefilled_again_on_decode(tiny_llama, reference):
+    """The prefill engine fails the request alone (REQUEST_FAILED): the
+    decode replica passes that on instead of prefilling it itself, and the
+    ingress tries one more pair, not more."""
+    async def main():
+        c = await start_cluster(tiny_llama)
+        prefill = c.pd.prefill.engine
+        execute = prefill.runner.execute
+
+        def poisoned_prompt(scheduled, kv, on_layer_done=None):
+            for s in scheduled:
+                if s.seq.token_ids[:len(POISON)] == POISON:
+                    s.seq.token_ids[len(POISON)] = prefill.model_cfg.vocab_size
+            return execute(scheduled, kv, on_layer_done)
+        prefill.runner.execute = poisoned_prompt
+        try:
+            bad = asyncio.ensure_future(collect(c.backend, "poison", POISON + [4, 5]))
+            good = await asyncio.gather(*[collect(c.backend, f"g{i}", p)
+                                          for i, p in enumerate(PROMPTS)])
+            with pytest.raises(RequestFailedError, match="failed on 2 decode replicas"):
+                await bad
+            assert good == reference
+            assert [d.counters["fallbacks"] for d in c.decodes] == [0, 0]
+            assert prefill.num_failed_requests == 2 and c.pd.prefill.failed == 2
+            assert await wait_until(c.all_free)
+        finally:
+            await c.close()
+    asyncio.run(main())
+
+
+def test_a_prefill_past_its_deadline_is_cancelled_there_and_run_on_decode(tiny_llama, reference):
+    """The Prefill call carries transfer.prefill_timeout_s as its deadline:
+    past it the prefill replica drops the request (its blocks freed) and the
+    decode replica prefills the prompt itself."""
+    async def main():
+        pd = await start_pd(make_engine(tiny_llama), make_engine(tiny_llama),
+                            prefill_timeout_s=0.5)
+        try:
+            release = threading.Event()
+            stall = asyncio.ensure_future(pd.prefill.aengine.call(lambda e: release.wait(3)))
+            toks, timings = await pd.generate(PROMPTS[2], GREEDY)
+            assert toks == reference[2]
+            assert timings.mode.value == "local" and "DEADLINE_EXCEEDED" in timings.fallback_reason
+            release.set()
+            await stall
+            assert await wait_until(pd.all_free, 10)
+            assert pd.prefill.failed == 1 and not pd.prefill._handoffs
+            assert await pd.prefill.aengine.call(lambda e: not e.requests)
+        finally:
+            await pd.close()
+    asyncio.run(main())
