@@ -220,8 +220,8 @@ class LLMEngine:
                 if is_fatal(e):
                     raise
                 outputs.append(self._fail(st, "output processing", e))
-        if done:
-            self.failures_in_a_row = 0
+        if any(s.seq.finish_reason is not FinishReason.ABORT for s in done):
+            self.failures_in_a_row = 0  # some request moved on (failed ones end as ABORT)
         self.busy_time_s += time.perf_counter() - t0
         if self.failures_in_a_row >= self.max_consecutive_failures:
             raise EngineDeadError(

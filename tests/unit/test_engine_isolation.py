@@ -216,3 +216,23 @@ def test_fatal_errors():
     with pytest.raises(RuntimeError):
         split_failures([1, 2], lambda p: (_ for _ in ()).throw(RuntimeError("CUDA error: x")),
                        ValueError())
+
+
+def test_output_processing_failing_for_everyone_stops_the_engine(tiny_llama):
+    """Every request fails on its first token: the forward runs, yet no
+    request makes progress, so the failures add up."""
+    eng = make_engine(tiny_llama)
+    eng.max_consecutive_failures = 4
+
+    def broken(*_a, **_k):
+        raise LookupError("tokenizer table gone")
+    for i in range(2):
+        eng.add_request(f"r{i}", prompt_token_ids=[5, 6 + i], params=GREEDY)
+        eng.requests[f"r{i}"].stop.check = broken
+    assert [o.error is not None for o in eng.step()] == [True, True]
+    assert eng.failures_in_a_row == 2
+    for i in range(2, 4):
+        eng.add_request(f"r{i}", prompt_token_ids=[5, 6 + i], params=GREEDY)
+        eng.requests[f"r{i}"].stop.check = broken
+    with pytest.raises(EngineDeadError, match="4 requests failed in a row"):
+        eng.step()
