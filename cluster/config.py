@@ -219,6 +219,30 @@ class TransferSpec(_Strict):
                                 "authenticated by the cluster token only.")
 
 
+class DeadlineSpec(_Strict):
+    """The ``deadlines`` section: how long the ingress waits on a decode
+    replica's Generate stream. Past any of them the stream is cancelled
+    (the workers abort the request and free its KV on both sides) and the
+    client gets 504 / DEADLINE_EXCEEDED. The Prefill call's own deadline is
+    ``transfer.prefill_timeout_s``."""
+
+    first_output_s: float = Field(300.0, gt=0, description="Longest wait for a request's first "
+                                  "token from its decode replica: queueing, remote prefill and "
+                                  "KV hand-off included.")
+    inter_token_s: float = Field(60.0, gt=0, description="Longest silence between two outputs "
+                                 "of a decode stream.")
+    per_token_s: float = Field(1.0, gt=0, description="A request's overall deadline is "
+                                "first_output_s + per_token_s x its output tokens (max_tokens, "
+                                "else the context left), at most max_request_s; resumes on "
+                                "another replica share it.")
+    max_request_s: float = Field(3600.0, gt=0, description="Cap of a request's overall "
+                                 "deadline.")
+
+    def overall_s(self, max_output_tokens: int) -> float:
+        """The overall deadline of a request that may produce this many tokens."""
+        return min(self.max_request_s, self.first_output_s + self.per_token_s * max_output_tokens)
+
+
 # RouterConfig's defaults: the router section repeats none of them
 _ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)
                     if f.default is not dataclasses.MISSING}
@@ -337,6 +361,8 @@ class ClusterConfig(_Strict):
                                       description="The models served, each with its pools.")
     router: RouterSpec = Field(default_factory=RouterSpec, description="Request placement.")
     transfer: TransferSpec = Field(default_factory=TransferSpec, description="KV hand-off.")
+    deadlines: DeadlineSpec = Field(default_factory=DeadlineSpec, description="Deadlines of "
+                                    "the streams between ingress and decode replicas.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="Client and worker secrets.")
     endpoints: EndpointSpec = Field(default_factory=EndpointSpec, description="Client APIs.")
     slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency objectives.")
@@ -467,7 +493,7 @@ def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
     for name in ("ModelSpec", "PoolSpec", "AutoscalingSpec", "ServedModel", "RouterSpec",
-                 "TransferSpec", "TLSSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
+                 "TransferSpec", "TLSSpec", "DeadlineSpec", "AuthSpec", "EndpointSpec", "SLOSpec"):
         text = text.replace(f"splitserve.cluster.config.{name}", name)
     return text.replace("NoneType", "None").replace("|", "or").replace("Literal", "one of ")
 
@@ -489,8 +515,9 @@ def config_reference() -> str:
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
                 ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
-                ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("auth", AuthSpec),
-                ("endpoints", EndpointSpec), ("slo", SLOSpec), ("observability", ObservabilitySpec)]
+                ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
+                ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
+                ("observability", ObservabilitySpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

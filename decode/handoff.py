@@ -23,6 +23,7 @@ import time
 from typing import AsyncIterator
 
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.errors import EngineDeadError
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTarget
@@ -90,6 +91,8 @@ class IncomingHandoff:
         """-> CANCELLED: free the reservation (idempotent). Survives the
         caller's own cancellation."""
         self.stage = DecodeStage.CANCELLED
-        if self.aengine.alive:
-            rid, res = self.request_id, self.reservations
+        rid, res = self.request_id, self.reservations
+        try:
             await asyncio.shield(self.aengine.call(lambda e: res.cancel(rid)))
+        except EngineDeadError:  # its blocks went with the engine
+            pass

@@ -13,7 +13,11 @@ placement) takes one of two paths to its first token, then streams
 
 A refused reservation fails the call (RESOURCE_EXHAUSTED: the ingress tries
 another replica). A failed Prefill call cancels the reservation (CANCELLED)
-and falls back to ``_local``, or fails the call under the ``error`` policy.
+and falls back to ``_local``, or fails the call under the ``error`` policy;
+one that failed because the request made the prefill engine raise
+(RequestFailedError) fails the call under either policy. A request this
+engine fails alone ends its stream with REQUEST_FAILED; a stopped engine
+ends every stream with ENGINE_DEAD (``splitserve.handoff.rpc_errors``).
 Cancelling the call at any point cancels the Prefill call, the reservation
 and the sequence; ``_sweep`` frees reservations whose lease ran out.
 """
@@ -27,7 +31,7 @@ from typing import AsyncIterator
 
 from splitserve.decode.handoff import IncomingHandoff
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
@@ -102,9 +106,11 @@ class DecodeWorker:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_s)
-            if self.aengine.alive:
+            try:
                 dead = await self.aengine.call(lambda e: self.reservations.expire())
-                self.counters["expired"] += len(dead)
+            except EngineDeadError:  # nothing left to sweep: its blocks are gone with it
+                return
+            self.counters["expired"] += len(dead)
 
     # -- RPC ----------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -148,6 +154,9 @@ class DecodeWorker:
         try:
             reply = await h.receive(self._clients.get(address), self.kv_endpoint,
                                     self.prefill_timeout_s)
+        except RequestFailedError:  # the request broke the prefill engine: not again here
+            await h.cancel()
+            raise
         except (RpcError, asyncio.TimeoutError) as e:
             await h.cancel()
             if self.on_prefill_failure == "error":

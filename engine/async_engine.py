@@ -4,6 +4,14 @@ The engine is single-threaded by design: one thread owns it and steps it;
 everything else (new requests, aborts, hand-off reservations and commits)
 reaches it as commands executed between steps. Outputs go back to each
 request's ``asyncio.Queue`` on the caller's event loop.
+
+Failures: a request the engine failed alone (``LLMEngine.step``) ends its
+stream with that RequestFailedError. When the engine thread ends (``stop``,
+or a step that raised: the engine is broken) every command still queued
+and every open stream ends with EngineDeadError, and later calls raise it
+at once: nothing waits on a dead engine. A lock orders "is it running?
+then queue" against "stop, then fail what is queued", so no command slips
+in between.
 """
 
 from __future__ import annotations
@@ -16,15 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.errors import (EngineDeadError, InvalidRequestError, RequestFailedError,
+                                     SplitserveError)
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped (crashed or was shut down)."""
-
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 _END = object()
 log = logging.getLogger("splitserve.engine")
@@ -36,7 +42,7 @@ class _Stream:
     q: asyncio.Queue
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+        _deliver(self.loop, _put, self.q, item)
 
 
 class AsyncEngine:
@@ -46,6 +52,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # call's check-and-queue against _shut
         self.error: BaseException | None = None
         self.layer_listener = None  # see LLMEngine.step
         self._started = False
@@ -59,10 +66,14 @@ class AsyncEngine:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the engine thread after its current step; every queued
+        command and open stream ends with EngineDeadError."""
         self._stopped.set()
         self._cmds.put(None)
         if self._started:
             self._thread.join(timeout)
+        else:
+            self._shut()
         self._compile.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -87,15 +98,34 @@ class AsyncEngine:
                     continue
                 for out in eng.step(self.layer_listener):
                     self._emit(out)
-        except BaseException as e:  # the engine is unusable: fail every stream
+        except BaseException as e:  # the engine is unusable
             log.exception("engine thread %s failed; the engine is stopped", self._thread.name)
             self.error = e
-            self._stopped.set()  # before anyone hears of it: alive is already False
-            for s in list(self._streams.values()):
-                s.put(EngineDeadError(f"engine thread failed: {e!r}"))
-            self._streams.clear()
         finally:
+            self._shut()
+
+    def _shut(self) -> None:
+        """Mark the engine stopped, then end every queued command and open
+        stream with EngineDeadError. Under the lock: ``call`` either queued
+        before this (and is failed here) or sees the engine stopped."""
+        err = (EngineDeadError(f"engine thread failed: {self.error!r}") if self.error is not None
+               else EngineDeadError("the engine was stopped"))
+        with self._lock:
             self._stopped.set()
+            streams = list(self._streams.values())
+            self._streams.clear()
+            pending = []
+            while True:
+                try:
+                    item = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item)
+        for _fn, fut, loop in pending:
+            _deliver(loop, _set_exc, fut, err)
+        for st in streams:
+            st.put(err)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -107,9 +137,9 @@ class AsyncEngine:
             try:
                 res = fn(self.engine)
             except BaseException as e:  # delivered to the caller
-                loop.call_soon_threadsafe(_set_exc, fut, e)
+                _deliver(loop, _set_exc, fut, e)
             else:
-                loop.call_soon_threadsafe(_set_result, fut, res)
+                _deliver(loop, _set_result, fut, res)
             try:
                 item = self._cmds.get_nowait()
             except queue.Empty:
@@ -123,18 +153,23 @@ class AsyncEngine:
             self._streams.get(out.request_id)
         if s is None:
             return
+        if out.error is not None:  # the request failed alone
+            s.put(out.error)
+            return
         s.put(out)
         if out.finished:
             s.put(_END)
 
     # -- caller side -----------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run ``fn(engine)`` on the engine thread between steps."""
-        if not self.alive:
-            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        """Run ``fn(engine)`` on the engine thread between steps. Raises
+        EngineDeadError when the engine stops before it ran."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._cmds.put((fn, fut, loop))
+        with self._lock:
+            if not self._started or self._stopped.is_set():
+                raise EngineDeadError(f"engine is not running: {self.error!r}")
+            self._cmds.put((fn, fut, loop))
         return await fut
 
     def _open_stream(self, request_id: str) -> _Stream:
@@ -182,7 +217,15 @@ class AsyncEngine:
         stream = self._open_stream(request_id)
 
         def run(eng: LLMEngine) -> None:
-            self._emit(fn(eng))
+            try:
+                out = fn(eng)
+            except BaseException as e:
+                eng.abort(request_id)  # what it held (a reservation, a half-admitted state)
+                if isinstance(e, SplitserveError) or not isinstance(e, Exception):
+                    raise
+                raise RequestFailedError(f"request {request_id!r} failed on admission "
+                                         f"({type(e).__name__}: {e})"[:400], request_id) from None
+            self._emit(out)
 
         await self._start(run, request_id)
         async for out in self._iterate(request_id, stream):
@@ -218,12 +261,24 @@ class AsyncEngine:
                 self._abort_detached(request_id)
 
     def _abort_detached(self, request_id: str) -> None:
-        if self.alive:
-            self._cmds.put((lambda eng: eng.abort(request_id), _Detached(), _DetachedLoop()))
+        with self._lock:
+            if not self._stopped.is_set():
+                self._cmds.put((lambda eng: eng.abort(request_id), _Detached(), _DetachedLoop()))
 
     async def abort(self, request_id: str) -> bool:
         self._streams.pop(request_id, None)
         return await self.call(lambda eng: eng.abort(request_id))
+
+
+def _deliver(loop, setter, fut, value) -> None:
+    try:
+        loop.call_soon_threadsafe(setter, fut, value)
+    except RuntimeError:  # the caller's loop is closed: nobody waits
+        pass
+
+
+def _put(q: asyncio.Queue, item) -> None:
+    q.put_nowait(item)
 
 
 def _set_result(fut: asyncio.Future, res) -> None:

@@ -25,3 +25,21 @@ class IncompatibleKVError(SplitserveError):
 
 class OutOfBlocksError(SplitserveError):
     """The KV block pool cannot hold what was asked of it."""
+
+
+class RequestFailedError(SplitserveError):
+    """One request raised while the engine processed it (the model forward
+    of its tokens, sampling, or its output: text, stop checks, grammar).
+    That request alone is ended and its blocks freed; the engine and its
+    other requests go on. Not the caller's input to fix: a server fault
+    tied to this request."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class EngineDeadError(SplitserveError, RuntimeError):
+    """The engine stopped (shut down, or broken: a device error, or the
+    model failing even on a one-token probe). Every queued command and
+    open stream of it ends with this error."""

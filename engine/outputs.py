@@ -22,6 +22,8 @@ class RequestOutput:
     prompt_logprobs: list[Any] | None = None
     # engine clock (time.monotonic): arrival, first_scheduled, first_token
     metrics: dict[str, float] = field(default_factory=dict)
+    # the request failed alone (RequestFailedError): its last output, no token
+    error: Exception | None = None
 
     def queue_s(self) -> float:
         """Seconds the request waited in the engine's queue before its first step."""
@@ -60,3 +62,4 @@ class CompletionResult:
     logprobs: list[Any] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[Any] | None = None
+    error: str | None = None  # why it failed alone (RequestFailedError), else None

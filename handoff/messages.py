@@ -217,7 +217,9 @@ class ErrorKind(str, enum.Enum):
     TIMEOUT = "timeout"
     UNAUTHENTICATED = "unauthenticated"  # the worker refused the cluster token
     UPSTREAM = "upstream"  # a call this worker made failed without a kind
-    INTERNAL = "internal"  # anything else: a bug or a dead engine
+    REQUEST_FAILED = "request_failed"  # the engine failed this request alone, and goes on
+    ENGINE_DEAD = "engine_dead"  # the worker's engine stopped (broken or shutting down)
+    INTERNAL = "internal"  # anything else: a bug in the worker
 
 
 class WorkerError(Message):

@@ -6,6 +6,11 @@ raises an ``RpcError`` that is also an instance of the exception class the
 worker raised: ``except OutOfBlocksError`` and ``except RpcError`` (with
 ``.code``, ``.kind``, ``.message``, ``.param``) both catch it. Status codes
 are fixed per kind; callers may rely on them.
+
+Two kinds tell a request's own fault from a replica's: REQUEST_FAILED (the
+engine failed this request alone and keeps serving) and ENGINE_DEAD (the
+engine stopped while or before it ran this request). A worker that no
+longer answers leaves no kind at all (UNAVAILABLE, a cut stream).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import grpc
 import msgspec
 
-from splitserve.engine.errors import IncompatibleKVError, InvalidRequestError, OutOfBlocksError
+from splitserve.engine.errors import (EngineDeadError, IncompatibleKVError, InvalidRequestError,
+                                     OutOfBlocksError, RequestFailedError)
 from splitserve.handoff.messages import ErrorKind, WorkerError
 from splitserve.handoff.transfer import errors as terr
 
@@ -33,6 +39,8 @@ _KINDS: list[tuple[type[BaseException], ErrorKind, grpc.StatusCode]] = [
     (terr.InvalidChunkError, ErrorKind.INVALID_CHUNK, Code.UNAVAILABLE),
     (terr.TransferError, ErrorKind.TRANSFER_FAILED, Code.UNAVAILABLE),
     (TimeoutError, ErrorKind.TIMEOUT, Code.DEADLINE_EXCEEDED),
+    (RequestFailedError, ErrorKind.REQUEST_FAILED, Code.INTERNAL),
+    (EngineDeadError, ErrorKind.ENGINE_DEAD, Code.UNAVAILABLE),
 ]
 _encode = msgspec.json.encode  # status details are text
 _decode = msgspec.json.Decoder(WorkerError).decode

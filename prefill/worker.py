@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.errors import EngineDeadError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
@@ -143,10 +144,12 @@ class PrefillWorker:
         """-> RELEASED: free the held blocks (or abort a request still running)."""
         self._handoffs.pop(h.request_id, None)
         h.stage = PrefillStage.RELEASED
-        if self.aengine.alive:
-            rid = h.request_id
+        rid = h.request_id
+        try:
             await self.aengine.call(
                 lambda e: self.port.release(rid) if h.prefilled else e.abort(rid))
+        except EngineDeadError:  # its blocks went with the engine
+            pass
 
     # -- engine thread: RUNNING, and TRANSFERRING as layer groups finish ---------
     def _layer_listener(self, scheduled: list[ScheduledSeq]):

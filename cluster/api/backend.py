@@ -55,6 +55,11 @@ class Unavailable(SplitserveError):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(SplitserveError):
+    """A deadline between the ingress and a worker passed (no first token,
+    or no next token, in time): the request was cancelled on the workers."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -138,7 +143,8 @@ class Backend(abc.ABC):
     def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams) -> AsyncIterator[dict]:
         """Stream output dicts. Raises UnknownModel, InvalidRequestError,
-        Overloaded or Unavailable. Closing the iterator cancels the request
+        Overloaded, Unavailable or DeadlineExceeded (RequestFailedError:
+        the request failed on the server). Closing the iterator cancels the request
         everywhere and frees its KV blocks."""
 
     def tool_call_parser(self, model: str) -> str:

@@ -32,7 +32,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from splitserve.cluster.api.backend import Backend, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloaded, Unavailable,
+                                           UnknownModel)
 from splitserve.cluster.api.health import HEALTH_METHOD_PREFIX, HealthService
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
@@ -62,6 +63,8 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str,
     if isinstance(e, (Overloaded, Unavailable)):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(e, Overloaded) else grpc.StatusCode.UNAVAILABLE
         return code, str(e), (("retry-after", str(max(1, math.ceil(e.retry_after_s)))),)
+    if isinstance(e, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e), ()
     if isinstance(e, SplitserveError):
         return grpc.StatusCode.INTERNAL, str(e), ()
     log.exception("gRPC call failed", exc_info=e)

@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.cluster.api import openai_schema as schema
-from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
+from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, ModelInfo, Overloaded,
+                                           Unavailable, UnknownModel)
 from splitserve.cluster.api.health import add_health_routes
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
@@ -76,6 +77,8 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(e, Unavailable):
         return ApiError(503, str(e), "service_unavailable", code="unavailable",
                         headers={"Retry-After": _retry_after(e.retry_after_s)})
+    if isinstance(e, DeadlineExceeded):
+        return ApiError(504, str(e), "timeout_error", code="deadline_exceeded")
     if isinstance(e, SplitserveError):  # a server-side fault with a useful message
         return ApiError(500, str(e), "server_error", code="internal_error")
     log.exception("request failed", exc_info=e)

@@ -9,11 +9,21 @@ resumes on another one by prefilling prompt + tokens generated so far, so
 the client sees neither lost nor duplicated tokens. Those tokens travel
 marked as earlier output (``SamplingParams.resumed_tokens``): seeds,
 penalties and a structured-output grammar carry on where they were.
+
+A failure that may be the request's own doing (the engine failed it alone,
+REQUEST_FAILED; the engine died while running it, ENGINE_DEAD; any other
+internal error) moves it to another replica at most once: a request that
+breaks every engine it meets cannot walk through the pool. A replica that
+stops answering (UNAVAILABLE, a cut stream) is no such sign, and its
+requests move as often as ``router.max_retries`` allows. Every stream runs
+under the ``deadlines`` of the config (``stream_deadlines``); past one, the
+request is cancelled on the workers and fails with DeadlineExceeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -25,6 +35,7 @@ import msgspec
 from splitserve.cluster.api.backend import (
     Backend,
     ClusterMetrics,
+    DeadlineExceeded,
     ModelInfo,
     Overloaded,
     Readiness,
@@ -35,9 +46,10 @@ from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
+from splitserve.engine.errors import InvalidRequestError, RequestFailedError
 from splitserve.engine.hashing import block_hashes
-from splitserve.handoff.messages import GenerateRequest, PrefillPlacement
+from splitserve.handoff.messages import ErrorKind, GenerateRequest, PrefillPlacement
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.tokenizer import Tokenizer
@@ -61,6 +73,19 @@ _RETRY_BEFORE_FIRST = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVA
 # After tokens were produced, only a dead replica justifies resuming elsewhere.
 _RESUME_AFTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+# Failures that may be the request's own doing: moved elsewhere at most
+# MAX_FAULT_RESUMES times.
+_FAULT_KINDS = {ErrorKind.REQUEST_FAILED, ErrorKind.ENGINE_DEAD, ErrorKind.INTERNAL}
+MAX_FAULT_RESUMES = 1
+
+
+def is_request_fault(e: RpcError) -> bool:
+    """Whether a failed Generate call may have been caused by its request:
+    the worker answered with a fault kind, or with an internal status and
+    no kind at all. An unreachable replica (no answer) is not one."""
+    if e.kind is not None:
+        return e.kind in _FAULT_KINDS
+    return e.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 @dataclasses.dataclass
@@ -98,7 +123,8 @@ class ClusterBackend(Backend):
             self._models[spec.name] = _Model(spec.name, tokenizer, spec.block_size,
                                              limit, mc.vocab_size, spec.tool_call_parser)
         self._created = int(time.time())
-        self.counters = {"retries": 0, "resumed": 0, "refused": 0}
+        self.counters = {"retries": 0, "resumed": 0, "refused": 0, "faults": 0, "failed": 0,
+                         "deadlines": 0}
 
     @property
     def router(self):
@@ -152,6 +178,10 @@ class ClusterBackend(Backend):
         exclude: set[str] = set()
         admitted = False
         attempts_left = self.cfg.router.max_retries + 1
+        faults = 0  # failed calls that may be this request's own doing
+        deadlines = StreamDeadlines(
+            self.cfg.deadlines, request_id,
+            params.max_tokens or m.max_model_len - len(prompt_token_ids))
         rec = RequestRecorder(model)
         error: BaseException | None = None
         try:
@@ -178,25 +208,44 @@ class ClusterBackend(Backend):
                     request_id=request_id, prompt_token_ids=ids, params=p.to_dict(),
                     prefill=PrefillPlacement(address=prefill) if prefill else None)
                 before = len(produced)
+                stream = self._clients.get(decode).generate(body, timeout=deadlines.remaining())
                 try:
-                    async for out in self._clients.get(decode).generate(body):
-                        if produced:  # usage is the client's view: the original prompt
-                            out.prompt_tokens = len(prompt_token_ids)
-                            out.completion_tokens = len(produced) + len(out.token_ids)
-                        produced.extend(out.token_ids)
-                        d = msgspec.to_builtins(out)  # the Backend's output dict
-                        d["placement"] = {"prefill": prefill, "decode": decode,
-                                          "reason": placement.reason}
-                        rec.on_output(d)
-                        yield d
-                        if out.finished:
-                            return
+                    async with contextlib.aclosing(deadlines.outputs(stream, decode)) as outs:
+                        async for out in outs:
+                            if produced:  # usage is the client's view: the original prompt
+                                out.prompt_tokens = len(prompt_token_ids)
+                                out.completion_tokens = len(produced) + len(out.token_ids)
+                            produced.extend(out.token_ids)
+                            d = msgspec.to_builtins(out)  # the Backend's output dict
+                            d["placement"] = {"prefill": prefill, "decode": decode,
+                                              "reason": placement.reason}
+                            rec.on_output(d)
+                            yield d
+                            if out.finished:
+                                return
                     raise Unavailable(f"decode replica {decode} ended the stream early")
+                except DeadlineExceeded:
+                    self.counters["deadlines"] += 1
+                    raise
                 except RpcError as e:
                     if isinstance(e, InvalidRequestError):  # the worker refused the request
                         raise InvalidRequestError(e.message, param=e.param) from None
+                    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        self.counters["deadlines"] += 1
+                        if e.kind is None:  # this call's own (overall) deadline
+                            raise deadlines.expired(decode) from None
+                        raise DeadlineExceeded(
+                            f"request {request_id} timed out on {decode}: {e.message}") from None
                     retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
                     attempts_left -= 1
+                    if is_request_fault(e):
+                        faults += 1
+                        self.counters["faults"] += 1
+                        if faults > MAX_FAULT_RESUMES:
+                            self.counters["failed"] += 1
+                            raise RequestFailedError(
+                                f"request {request_id} failed on {faults} decode replicas, last "
+                                f"on {decode}: {e.message}", request_id) from None
                     if e.code not in retry or attempts_left <= 0:
                         if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                             raise Overloaded(f"no decode replica could hold the request: {e.message}",

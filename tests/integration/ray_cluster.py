@@ -9,12 +9,15 @@ import ray
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 4):
+def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None):
+    """``worker_setup_hook``: "module.function" every worker process runs
+    at start (fault injection in tests)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.getcwd(), "SPLITSERVE_BIND_HOST": "127.0.0.1"}}
+    if worker_setup_hook:
+        runtime_env["worker_process_setup_hook"] = worker_setup_hook
     ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(),
-                                       "SPLITSERVE_BIND_HOST": "127.0.0.1"}})
+             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
     try:
         yield
     finally:

@@ -223,3 +223,132 @@ def test_grammar_matchers_are_built_off_the_engine_thread(tiny_llama):
     assert asyncio.run(main()) == want
     assert built_on and all(n.startswith("engine-under-test-grammar") for n in built_on)
     assert eng.kv.all_free()
+
+
+def test_a_request_that_makes_the_engine_raise_fails_alone(tiny_llama):
+    """Four streams share the batch; the fifth's last token is made to fall
+    outside the vocabulary on the engine thread after its third output, so
+    its next forward really raises. Its stream ends with RequestFailedError;
+    the others get their reference tokens and the engine keeps running."""
+    from splitserve.engine.errors import RequestFailedError
+
+    eng = make_engine(tiny_llama)
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [11, 12], [40, 41, 42, 43, 44], [3]]
+    want = [r.token_ids for r in make_engine(tiny_llama).generate(prompts, sp)]
+
+    async def main():
+        a = AsyncEngine(eng).start()
+        try:
+            async def good(i):
+                return [t async for out in a.generate(f"r{i}", prompts[i], sp)
+                        for t in out.new_token_ids]
+
+            async def poison():
+                got = []
+                with pytest.raises(RequestFailedError, match="the model forward") as e:
+                    async for out in a.generate("poison", [9, 8, 7], sp):
+                        got += out.new_token_ids
+                        if len(got) == 3:
+                            def corrupt(en):
+                                en.requests["poison"].seq.token_ids[-1] = en.model_cfg.vocab_size
+                            await a.call(corrupt)
+                assert e.value.request_id == "poison"
+                return got
+            *outs, got = await asyncio.gather(*[good(i) for i in range(4)], poison())
+            assert outs == want and len(got) == 3
+            assert a.alive and a.num_streams == 0
+            return await a.call(lambda e: (e.kv.check_invariants(), e.kv.all_free(),
+                                           e.num_failed_requests))
+        finally:
+            a.stop()
+    assert asyncio.run(main()) == (None, True, 1)
+
+
+def test_every_queued_command_and_stream_resolves_when_the_engine_stops(tiny_llama):
+    """Commands queued behind a slow one, and an open stream, when stop() is
+    called: the commands queued before it still run, the stream ends with
+    EngineDeadError, none hangs; later calls fail fast."""
+    eng = make_engine(tiny_llama)
+
+    async def main():
+        a = AsyncEngine(eng).start()
+        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow(e):
+            loop.call_soon_threadsafe(started.set)
+            import time
+            time.sleep(0.3)
+        blocker = asyncio.ensure_future(a.call(slow))
+        await started.wait()
+        stream = a.generate("s", [1, 2, 3], SP)
+        first = asyncio.ensure_future(stream.__anext__())
+        queued = [asyncio.ensure_future(a.call(lambda e: len(e.requests))) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        a.stop(timeout=5.0)
+        results = await asyncio.wait_for(
+            asyncio.gather(blocker, first, *queued, return_exceptions=True), timeout=5.0)
+        assert results[0] is None and results[2:] == [1] * 5  # ran before the stop
+        assert isinstance(results[1], EngineDeadError), results
+        with pytest.raises(EngineDeadError, match="not running"):
+            await a.call(lambda e: None)
+    asyncio.run(main())
+
+
+def test_a_crash_resolves_commands_queued_behind_the_failing_step(tiny_llama):
+    """The step raises a device error while commands wait for it."""
+    eng = make_engine(tiny_llama)
+
+    async def main():
+        a = AsyncEngine(eng).start()
+        gate, entered = __import__("threading").Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        execute = eng.runner.execute
+
+        def device_error(scheduled, kv, on_layer_done=None):
+            loop.call_soon_threadsafe(entered.set)
+            gate.wait(5)
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        eng.runner.execute = device_error
+        stream = a.generate("s", [1, 2, 3], SP)
+        first = asyncio.ensure_future(stream.__anext__())
+        await entered.wait()
+        queued = [asyncio.ensure_future(a.call(lambda e: e.num_running)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True),
+                                         timeout=5.0)
+        eng.runner.execute = execute
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert "CUDA error" in str(results[0]) and not a.alive
+    asyncio.run(main())
+
+
+def test_a_commit_that_raises_frees_the_reservation(tiny_llama):
+    """The adopted sequence's first token breaks output processing: the
+    stream fails with RequestFailedError and the reserved blocks are freed."""
+    from splitserve.engine.errors import RequestFailedError
+    from splitserve.handoff.protocol import Reservations
+
+    eng = make_engine(tiny_llama)
+    res = Reservations(eng.kv_port)
+
+    async def main():
+        a = AsyncEngine(eng).start()
+        try:
+            await a.call(lambda e: res.reserve("h", res.layout, [5, 6, 7, 8, 9], 4))
+
+            def commit(e):
+                st = e.new_request_state("h", [5, 6, 7, 8, 9], SP, None)
+                res.cancel("h")  # stands for the lease the commit takes over
+                e.kv.reserve("h", [], 5)
+                e.requests["h"] = st
+                raise KeyError("no such token")
+            with pytest.raises(RequestFailedError, match="failed on admission"):
+                async for _ in a.adopt(commit, "h"):
+                    pass
+            return await a.call(lambda e: (e.kv.all_free(), "h" in e.requests))
+        finally:
+            a.stop()
+    assert asyncio.run(main()) == (True, False)
