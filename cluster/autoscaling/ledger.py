@@ -14,6 +14,8 @@ from typing import Any
 
 import ray
 
+from splitserve.cluster.autoscaling.records import DecisionRecord, PoolDecisions
+
 LEDGER_NAME = "splitserve-ops-ledger"
 NAMESPACE = "splitserve"
 
@@ -28,8 +30,8 @@ class OpsLedger:
         self._config: dict[str, Any] | None = None
         self._secrets_version: str | None = None
         self._applied_at: float | None = None
-        self._decisions: dict[str, dict[str, Any]] = {}  # app -> latest decision
-        self._changes: dict[str, dict[str, Any]] = {}  # app -> latest that changed the size
+        self._decisions: dict[str, DecisionRecord] = {}  # app -> latest decision
+        self._changes: dict[str, DecisionRecord] = {}  # app -> latest that changed the size
 
     def set_config(self, cfg: dict[str, Any], secrets_version: str | None = None) -> None:
         """``cfg`` without its secrets; ``secrets_version`` their digest."""
@@ -46,14 +48,14 @@ class OpsLedger:
     def applied_at(self) -> float | None:
         return self._applied_at
 
-    def record_decision(self, app: str, decision: dict[str, Any]) -> None:
+    def record_decision(self, app: str, decision: DecisionRecord) -> None:
         self._decisions[app] = decision
-        if decision.get("changed"):
+        if decision.changed:
             self._changes[app] = decision
 
-    def decisions(self) -> dict[str, dict[str, Any]]:
-        """app -> {"latest": decision, "last_change": decision or None}."""
-        return {app: {"latest": d, "last_change": self._changes.get(app)}
+    def decisions(self) -> dict[str, PoolDecisions]:
+        """app -> its latest decision and the latest that changed its size."""
+        return {app: PoolDecisions(latest=d, last_change=self._changes.get(app))
                 for app, d in self._decisions.items()}
 
     def forget(self, app: str) -> None:

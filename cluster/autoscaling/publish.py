@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from splitserve.cluster.autoscaling.records import DecisionRecord
+
 log = logging.getLogger("splitserve.autoscaling")
 
 LOOKUP_RETRY_S = 10.0
@@ -65,7 +67,7 @@ _LEDGER = _Handle(_ledger)
 _ROUTER = _Handle(_router)
 
 
-def record_decision(app: str, decision: dict[str, Any]) -> bool:
+def record_decision(app: str, decision: DecisionRecord) -> bool:
     return _LEDGER.call("record_decision", app, decision)
 
 

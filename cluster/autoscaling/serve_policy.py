@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.autoscaling import publish
 from splitserve.cluster.autoscaling.decision import Decision, DelayState, PoolSeries, decide
 from splitserve.cluster.config import AutoscalingSpec
@@ -43,16 +44,16 @@ def series_from_context(raw: dict | None) -> PoolSeries:
 
 
 def decision_record(app: str, kwargs: dict[str, Any], d: Decision, running: int, current: int,
-                    lo: int, hi: int, now: float) -> dict[str, Any]:
+                    lo: int, hi: int, now: float) -> DecisionRecord:
     """What the ledger keeps of one decision (shown by ``splitserve status``)."""
-    return {"app": app, "model": kwargs.get("model"), "role": kwargs.get("role"),
-            "bottleneck": kwargs["spec"]["bottleneck"], "time": now, "running": running,
-            "current": current, "target": d.target, "desired": d.desired,
-            "value": d.bottleneck_value, "reason": d.reason, "min": lo, "max": hi,
-            "changed": d.target != current, "prefer_local_prefill": d.prefer_local_prefill}
+    return DecisionRecord(
+        app=app, model=kwargs["model"], role=kwargs["role"],
+        bottleneck=kwargs["spec"]["bottleneck"], time=now, running=running, current=current,
+        target=d.target, desired=d.desired, value=d.bottleneck_value, reason=d.reason, min=lo,
+        max=hi, changed=d.target != current, prefer_local_prefill=d.prefer_local_prefill)
 
 
-def _publish(app: str, kwargs: dict[str, Any], d: Decision, record: dict[str, Any],
+def _publish(app: str, kwargs: dict[str, Any], d: Decision, record: DecisionRecord,
              published: dict[str, Any], now: float) -> dict[str, Any]:
     """Send the decision (and the network signal) when it changed or is due;
     returns the new ``published`` bookkeeping."""
@@ -61,7 +62,7 @@ def _publish(app: str, kwargs: dict[str, Any], d: Decision, record: dict[str, An
     if key != published.get("key") or now - published.get("at", 0.0) >= PUBLISH_EVERY_S:
         if publish.record_decision(app, record):
             out.update(key=key, at=now)
-        if record["changed"]:
+        if record.changed:
             log.info("%s: %s", app, d.reason)
     if d.prefer_local_prefill is not None and (
             d.prefer_local_prefill != published.get("prefer_local")

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from splitserve.engine.roles import Role
+
 
 def add_subcommands(sub) -> None:
     d = sub.add_parser(
@@ -119,10 +121,10 @@ class PoolStatus:
     changed_at: float | None
 
 
-def _load_summary(role: str, stats: list[dict[str, Any]]) -> str:
+def _load_summary(pool: Role, stats: list[dict[str, Any]]) -> str:
     if not stats:
         return "-"
-    if role == "prefill":
+    if pool is Role.PREFILL:
         pending = sum(s["pending_prompt_tokens"] for s in stats)
         tput = sum(s["prefill_tokens_per_s"] for s in stats)
         return f"{pending} pending tok, {tput:.0f} tok/s"
@@ -137,7 +139,8 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
     """(config applied last, one PoolStatus per pool) from the ledger, Serve
     and the router."""
     import ray
-    from splitserve.cluster.serve.app import serve_status
+    from splitserve.cluster.autoscaling.records import PoolDecisions
+    from splitserve.cluster.serve.app import app_name, serve_status
     from splitserve.cluster.config import ClusterConfig
     from splitserve.cluster.serve.router_actor import get_router
 
@@ -154,24 +157,26 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
     rows = []
     for served in cfg.models:
         name = served.model.name
-        pools = ([("colocated", served.decode)] if served.mode == "colocated"
-                 else [("prefill", served.prefill), ("decode", served.decode)])
-        for role, pool in pools:
-            app = f"{name}-{role}"
+        for role in served.roles():
+            pool = served.pool(role)
+            app = app_name(name, role)
             st = apps.get(app)
             dep = st.deployments.get(app) if st else None
             running = int(dep.replica_states.get("RUNNING", 0)) if dep else 0
-            d = decisions.get(app, {})
-            latest, change = d.get("latest") or {}, d.get("last_change") or {}
-            stats = reps.get(name, {}).get("decode" if role == "colocated" else role, [])
+            d: PoolDecisions | None = decisions.get(app)
+            latest = d.latest if d else None
+            change = d.last_change if d else None
+            stats = reps.get(name, {}).get(role.pool.value, [])
             rows.append(PoolStatus(
-                app=app, role=role, running=running, target=latest.get("target"),
+                app=app, role=role.value, running=running,
+                target=latest.target if latest else None,
                 min_replicas=pool.min_replicas, max_replicas=pool.max_replicas,
                 bottleneck=pool.autoscaling.bottleneck if pool.autoscaling else "fixed",
-                value=latest.get("value"), load=_load_summary(
-                    "prefill" if role == "prefill" else "decode", stats),
-                decision=latest.get("reason", "-"), decided_at=latest.get("time"),
-                last_change=change.get("reason", "-"), changed_at=change.get("time")))
+                value=latest.value if latest else None, load=_load_summary(role.pool, stats),
+                decision=latest.reason if latest else "-",
+                decided_at=latest.time if latest else None,
+                last_change=change.reason if change else "-",
+                changed_at=change.time if change else None))
     return dump, rows
 
 

@@ -36,6 +36,7 @@ from prometheus_client import Gauge as _PGauge
 from prometheus_client import Histogram as _PHistogram
 
 from splitserve.cluster.api.backend import Overloaded, Unavailable
+from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.bench.phases import phase_breakdown
 from splitserve.cluster.observability.metric_defs import METRICS, MetricDef
 from splitserve.engine.roles import Role
@@ -298,36 +299,36 @@ class RouterMetrics:
 _last_decision: dict[tuple[str, str], dict[str, str]] = {}
 
 
-def decision_labels(rec: dict[str, Any]) -> dict[str, str]:
+def decision_labels(rec: DecisionRecord) -> dict[str, str]:
     """Bounded labels of one autoscaling decision record (the free-text
     reason stays in the ops ledger): decision up/down/hold, and reason
     no_metrics (nothing to decide on), bounds (min/max changed), scaled
     (target changed now), delayed (the load wants a change that waits for
     its delay or cooldown) or on_target."""
-    current, target = int(rec["current"]), int(rec["target"])
+    current, target = rec.current, rec.target
     decision = "up" if target > current else "down" if target < current else "hold"
-    if rec.get("value") is None:
+    if rec.value is None:
         reason = "bounds" if target != current else "no_metrics"
     elif target != current:
         reason = "scaled"
-    elif int(rec.get("desired", target)) != target:
+    elif rec.desired != target:
         reason = "delayed"
     else:
         reason = "on_target"
-    return {"bottleneck": str(rec.get("bottleneck", "")), "decision": decision, "reason": reason}
+    return {"bottleneck": rec.bottleneck, "decision": decision, "reason": reason}
 
 
 @_never_raises
-def record_autoscaler_decision(rec: dict[str, Any]) -> None:
+def record_autoscaler_decision(rec: DecisionRecord) -> None:
     """One pool's latest decision, as ``splitserve.cluster.autoscaling.serve_policy.
     decision_record`` builds it ({model, role, bottleneck, current, target,
     desired, value, reason, ...}). The previous decision's series drops to 0
     so exactly one series per pool reads 1."""
-    model, pool = str(rec["model"]), str(rec["role"])
-    record("splitserve_autoscaler_target_replicas", rec["target"], model=model, pool=pool)
-    record("splitserve_autoscaler_desired_replicas", rec["desired"], model=model, pool=pool)
-    if rec.get("value") is not None:
-        record("splitserve_autoscaler_load", rec["value"], model=model, pool=pool)
+    model, pool = rec.model, rec.role
+    record("splitserve_autoscaler_target_replicas", rec.target, model=model, pool=pool)
+    record("splitserve_autoscaler_desired_replicas", rec.desired, model=model, pool=pool)
+    if rec.value is not None:
+        record("splitserve_autoscaler_load", rec.value, model=model, pool=pool)
     labels = decision_labels(rec)
     prev = _last_decision.get((model, pool))
     if prev is not None and prev != labels:

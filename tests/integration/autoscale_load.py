@@ -97,5 +97,5 @@ async def watch(model: str, result: LoadResult, stop, period_s: float = 0.5) -> 
             lambda: (running_replicas(f"{model}-prefill"), running_replicas(f"{model}-decode")))
         result.sizes.append((time.monotonic(), p, d))
         latest = await ledger.decisions.remote()
-        result.reasons.append({app: v["latest"]["reason"] for app, v in latest.items()})
+        result.reasons.append({app: v.latest.reason for app, v in latest.items()})
         await asyncio.sleep(period_s)

@@ -136,11 +136,11 @@ def test_prompt_heavy_load_scales_prefill_not_decode(cluster, tiny_llama):
     assert max(p for _, p, _ in res.sizes) == 2, res.reasons[-3:]
     assert {d for _, _, d in res.sizes} == {1}
     pre, dec = decisions()[PREFILL], decisions()[DECODE]
-    assert pre["last_change"]["reason"].startswith("scale up 1 -> 2: "), pre
-    assert dec["last_change"] is None and dec["latest"]["target"] == 1, dec
+    assert pre.last_change.reason.startswith("scale up 1 -> 2: "), pre
+    assert dec.last_change is None and dec.latest.target == 1, dec
     # idle again: back to one prefill replica after the downscale delay
     wait_for(lambda: running_replicas(PREFILL) == 1, 60, "prefill back to 1 replica")
-    assert decisions()[PREFILL]["last_change"]["reason"].startswith("scale down 2 -> 1: ")
+    assert decisions()[PREFILL].last_change.reason.startswith("scale down 2 -> 1: ")
     assert running_replicas(DECODE) == 1
     asyncio.run(be.close())
 
@@ -153,9 +153,9 @@ def test_long_generation_scales_decode_not_prefill(cluster, tiny_llama):
     assert not res.errors
     assert max(d for _, _, d in res.sizes) == 2, res.reasons[-3:]
     assert {p for _, p, _ in res.sizes} == {1}
-    dec = decisions()[DECODE]["last_change"]
-    assert dec["reason"].startswith("scale up 1 -> 2: running sequences"), dec
-    assert decisions()[PREFILL]["latest"]["target"] == 1
+    dec = decisions()[DECODE].last_change
+    assert dec.reason.startswith("scale up 1 -> 2: running sequences"), dec
+    assert decisions()[PREFILL].latest.target == 1
     asyncio.run(be.close())
 
 
@@ -196,8 +196,8 @@ def test_edited_yaml_applied_live_keeps_replicas(cluster, tiny_llama, tmp_path, 
     assert ids[DECODE] < replica_actor_ids(DECODE)
     wait_for(lambda: len(router_replicas()[1]) == 2, 30, "the new decode replica registered")
     assert router_replicas()[0] == addrs[0] and addrs[1] < router_replicas()[1]
-    wait_for(lambda: decisions()[DECODE]["latest"]["min"] == 2, 30, "the policy saw the bounds")
-    assert decisions()[DECODE]["latest"]["max"] == 3
+    wait_for(lambda: decisions()[DECODE].latest.min == 2, 30, "the policy saw the bounds")
+    assert decisions()[DECODE].latest.max == 3
     assert cli(["status", "--address", cluster.address]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:4]}

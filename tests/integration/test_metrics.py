@@ -27,6 +27,7 @@ from splitserve.cluster.bench.phases import has_phase_timings
 from splitserve.cluster.bench.runner import HttpTarget, run_load
 from splitserve.cluster.bench.stats import compute_stats
 from splitserve.cluster.config import parse_config
+from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.observability.metrics import (
     METRICS,
     RequestRecorder,
@@ -229,9 +230,10 @@ def test_fallback_and_remaining_metrics_exported(cluster):
     rec.finish()
     record_retry(p, resumed=False)
     record_retry(p, resumed=True)
-    record_autoscaler_decision({"model": p, "role": "decode", "bottleneck": "memory",
-                                "current": 1, "target": 2, "desired": 2, "value": 1.5,
-                                "reason": "scale up 1 -> 2: KV usage 0.9 > 0.75"})
+    record_autoscaler_decision(DecisionRecord(
+        app=f"{p}-decode", model=p, role="decode", bottleneck="memory", time=0.0, running=1,
+        current=1, target=2, desired=2, value=1.5, reason="scale up 1 -> 2: KV usage 0.9 > 0.75",
+        min=1, max=4, changed=True, prefer_local_prefill=None))
 
     tiny = {"model": "tiny"}
     decode = {"model": p, "role": "decode"}

@@ -2,6 +2,7 @@
 reasons, delays, cooldown and bounds; the Serve policy adapter on Ray
 Serve's own context and wrapper."""
 
+import msgspec
 import pytest
 
 from splitserve.cluster.autoscaling import serve_policy
@@ -333,10 +334,10 @@ def test_decision_record_for_the_ledger():
     d = decide(prefill_series(3000, 0.5, 1000), sp, current=2, min=1, max=4, now=100.0)
     rec = serve_policy.decision_record("tiny-prefill", {"spec": sp.model_dump(), "role": "prefill",
                                                         "model": "tiny"}, d, 2, 2, 1, 4, 100.0)
-    assert rec == {"app": "tiny-prefill", "model": "tiny", "role": "prefill",
-                   "bottleneck": "compute", "time": 100.0, "running": 2, "current": 2,
-                   "target": 4, "desired": 4, "value": 3.0, "reason": d.reason, "min": 1,
-                   "max": 4, "changed": True, "prefer_local_prefill": None}
+    assert msgspec.to_builtins(rec) == {
+        "app": "tiny-prefill", "model": "tiny", "role": "prefill", "bottleneck": "compute",
+        "time": 100.0, "running": 2, "current": 2, "target": 4, "desired": 4, "value": 3.0,
+        "reason": d.reason, "min": 1, "max": 4, "changed": True, "prefer_local_prefill": None}
 
 
 @pytest.mark.parametrize("bad", [dict(look_back_s=1.0, metrics_interval_s=1.0),

@@ -5,9 +5,11 @@ distributions and ShareGPT parsing."""
 import json
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
+from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.bench.arrivals import ArrivalSpec, arrival_offsets
 from splitserve.cluster.bench.datasets import (
     DatasetError,
@@ -339,15 +341,18 @@ def test_worker_router_and_autoscaler_recording():
     rm.publish(core, info, force=True)
     assert exported("r")[("splitserve_pool_replicas", (("pool", "prefill"),))] == 0
 
-    rec = {"model": "a", "role": "prefill", "bottleneck": "compute", "current": 2, "target": 2,
-           "desired": 3, "value": 1.4, "reason": "scale up to 3 in 4.0s if it persists: ..."}
+    rec = DecisionRecord(app="a-prefill", model="a", role="prefill", bottleneck="compute",
+                         time=0.0, running=2, current=2, target=2, desired=3, value=1.4,
+                         reason="scale up to 3 in 4.0s if it persists: ...", min=1, max=4,
+                         changed=False, prefer_local_prefill=None)
     assert decision_labels(rec) == {"bottleneck": "compute", "decision": "hold",
                                     "reason": "delayed"}
-    assert decision_labels({**rec, "target": 3})["reason"] == "scaled"
-    assert decision_labels({**rec, "value": None, "desired": 2})["reason"] == "no_metrics"
-    assert decision_labels({**rec, "desired": 2})["reason"] == "on_target"
+    assert decision_labels(msgspec.structs.replace(rec, target=3))["reason"] == "scaled"
+    assert decision_labels(msgspec.structs.replace(rec, value=None, desired=2))["reason"] == \
+        "no_metrics"
+    assert decision_labels(msgspec.structs.replace(rec, desired=2))["reason"] == "on_target"
     record_autoscaler_decision(rec)
-    record_autoscaler_decision({**rec, "target": 3})
+    record_autoscaler_decision(msgspec.structs.replace(rec, target=3))
     got = exported("a")
 
     def last(decision, reason):
