@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from splitserve.cluster.api.chat_prompt import ChatRequest
 from splitserve.cluster.api.openai_structured import structured_output
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_CHOICES, MAX_JSON_DEPTH, MAX_PROMPTS, nesting_exceeds
@@ -226,6 +227,14 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out
+
+    def chat_request(self, kwargs: dict[str, Any]) -> ChatRequest:
+        return ChatRequest(
+            self.model, self.template_messages(),
+            self.sampling_params(self.output_limit, self.logprobs_count), self.tools,
+            self.tool_choice, self.parallel_tool_calls, kwargs, self.add_generation_prompt,
+            self.include_reasoning)
 
     def check_supported(self) -> None:
         super().check_supported()
