@@ -46,6 +46,7 @@ class ChatRequest:
     template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
+    add_special_tokens: bool = False  # the template writes BOS; True adds the tokenizer's too
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def prepare_chat(backend: Backend, req: ChatRequest) -> ChatPrompt:
     text = tokenizer.apply_chat_template(
         template_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
         tools=tools.tools if tools else None, **(req.template_kwargs or {}))
-    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+    ids = tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
     params = tools.sampling(req.params) if tools is not None else req.params
     reasoning = None
     if tools is None or tools.choice in ("none", "auto"):  # a forced call is the whole output

@@ -133,7 +133,8 @@ def _prepare_completion(backend: Backend, body: schema.CompletionRequest,
     """(token ids per prompt, sampling params, echoes or None); on a
     preparation thread."""
     tokenizer = backend.tokenizer(body.model)
-    batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    batch = [tokenizer.encode(p, add_special_tokens=body.add_special_tokens) if isinstance(p, str)
+             else list(p) for p in prompts]
     params = body.completion_params()
     for ids in batch:
         backend.validate(body.model, ids, params)
