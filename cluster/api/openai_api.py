@@ -14,6 +14,9 @@ A client that goes away, mid-stream or while waiting for a whole
 completion, closes the backend streams: that cancels the requests and
 frees their KV blocks. Every error has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
+
+POST /v1/responses (OpenAI's Responses API) is served by
+splitserve.cluster.api.responses_api over the same chat preparation.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from splitserve.cluster.api import openai_schema as schema
+from splitserve.cluster.api import responses_api
 from splitserve.cluster.api.backend import Backend
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
@@ -123,6 +127,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         chat = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
                               chat.tools, reasoning=chat.reasoning)
+
+    responses_api.add_route(app, backend, pool, max_body_bytes)
 
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys))
     return app

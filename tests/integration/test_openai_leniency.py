@@ -12,6 +12,7 @@ import pytest
 
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from splitserve.cluster.api.responses_schema import ResponsesRequest
 from tests.integration.api_fixtures import engines, local, paths  # noqa: F401
 from tests.integration.test_openai_api import AUTH, INVALID, ServerThread, assert_error
 
@@ -26,6 +27,10 @@ ENDPOINTS = {
              {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
               "temperature": 0},
              lambda r: r["choices"][0]["message"]["content"]),
+    "responses": ("/v1/responses", ResponsesRequest,
+                  {"model": MODEL, "input": "hello", "max_output_tokens": 4, "temperature": 0},
+                  lambda r: "".join(p["text"] for item in r["output"] if item["type"] == "message"
+                                    for p in item["content"])),
 }
 # a value of each ignored field, as clients send it
 IGNORED_VALUES = {
