@@ -4,9 +4,10 @@
 Generate, per call: API key (interceptor) -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (text tokenized, or the
-chat template applied to messages and tools), grammars compiled,
-``Backend.validate`` -> the backend stream, forwarded one response per
-output. Tokenize does its work on the same threads. The handler's
+chat template applied to messages, tools and chat_template_kwargs), grammars
+compiled, ``Backend.validate`` -> the backend stream, forwarded one response
+per output (for a chat: reasoning split off, then tool calls parsed;
+splitserve.cluster.api.chat_output). Tokenize does its work on the same threads. The handler's
 task is cancelled when the client cancels or its deadline passes; closing
 the backend stream then cancels the request and frees its KV blocks.
 

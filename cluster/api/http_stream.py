@@ -142,7 +142,8 @@ class SSEResponse(StreamingResponse):
             await self._choices.aclose()
 
 
-async def open_choices(request, streams: list[AsyncIterator[dict]]) -> tuple[Choices, tuple[int, dict]] | None:
+async def open_choices(request, streams: list[AsyncIterator[dict]]
+                       ) -> tuple[Choices, tuple[int, dict]] | None:
     """The request's choices and their first output, awaited so that a
     refusal (overload, an unknown model) raises here and becomes an HTTP
     status rather than a broken stream; None when the client left first."""

@@ -215,7 +215,8 @@ def test_grpc_splits_the_reasoning_and_passes_template_kwargs(stub, local, ref):
     got = grpc_generate(stub, QWEN3, params=pb.SamplingParams(max_tokens=6, temperature=0.0),
                         chat_template_kwargs='{"enable_thinking": false}')
     assert got == ("", off.text, "length")
-    tok = stub.Tokenize(pb.TokenizeRequest(model=QWEN3, messages=[pb.ChatMessage(role="user", content="why?")],
+    ask = [pb.ChatMessage(role="user", content="why?")]
+    tok = stub.Tokenize(pb.TokenizeRequest(model=QWEN3, messages=ask,
                                            chat_template_kwargs='{"enable_thinking": false}'),
                         metadata=MD, timeout=30)
     assert list(tok.token_ids) == off.prompt_token_ids

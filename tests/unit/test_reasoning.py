@@ -27,8 +27,8 @@ def split(start, pieces):
 def chunkings(text, rng):
     yield [text]
     yield list(text)
-    for _ in range(20):
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 6)))) if len(text) > 1 else []
+    for _ in range(20 if len(text) > 1 else 0):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 6))))
         yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
