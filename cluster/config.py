@@ -59,6 +59,11 @@ class ModelSpec(_Strict):
     tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
         "auto", description="How the model writes tool calls (chat requests with tools); "
         "auto: detected from its chat template.")
+    reasoning_parser: Literal["none", "auto", "qwen3", "deepseek_r1"] = Field(
+        "auto", description="How the model writes its reasoning (chat and Responses answers "
+        "carry it apart from the content): qwen3 <think>...</think>, deepseek_r1 (the template "
+        "opens <think>, the output closes it); auto: detected from its chat template (none "
+        "when it mentions no think tags); none: the output is all content.")
 
     @model_validator(mode="after")
     def _power_of_two(self) -> "ModelSpec":

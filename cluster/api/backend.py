@@ -9,7 +9,8 @@ output dicts (``splitserve.engine.outputs.RequestOutput.to_dict``):
   {request_id, token_ids, text, finished, finish_reason, prompt_tokens,
    completion_tokens, cached_tokens, logprobs?, timings?}
 
-The ingresses call ``tokenizer``, ``tool_call_parser`` and ``validate`` from
+The ingresses call ``tokenizer``, ``tool_call_parser``, ``reasoning_parser``
+and ``validate`` from
 their preparation threads (splitserve.cluster.api.prepare), not from the
 event loop: these must be thread-safe and must not touch the loop.
 
@@ -162,6 +163,11 @@ class Backend(abc.ABC):
         (a source that cannot be read is named in ``errors``)."""
         return ClusterMetrics()
 
+    def reasoning_parser(self, model: str) -> str:
+        """The model's reasoning format (splitserve.cluster.api.reasoning.PARSER_NAMES);
+        auto: detected from its chat template."""
+        return "auto"
+
     async def close(self) -> None:
         pass
 
@@ -169,7 +175,8 @@ class Backend(abc.ABC):
 class LocalBackend(Backend):
     """Colocated engines in this process, one per model."""
 
-    def __init__(self, engines: dict, tool_call_parsers: dict[str, str] | None = None):
+    def __init__(self, engines: dict, tool_call_parsers: dict[str, str] | None = None,
+                 reasoning_parsers: dict[str, str] | None = None):
         from splitserve.cluster.observability.metrics import RequestRecorder
         from splitserve.engine.async_engine import AsyncEngine
 
@@ -177,6 +184,7 @@ class LocalBackend(Backend):
 
         self._engines = dict(engines)
         self._parsers = dict(tool_call_parsers or {})
+        self._reasoning = dict(reasoning_parsers or {})
         self._async = {n: AsyncEngine(e, name=f"engine-{n}").start() for n, e in engines.items()}
         self._created = int(time.time())
 
@@ -195,6 +203,10 @@ class LocalBackend(Backend):
     def tool_call_parser(self, model: str) -> str:
         self._engine(model)
         return self._parsers.get(model, "auto")
+
+    def reasoning_parser(self, model: str) -> str:
+        self._engine(model)
+        return self._reasoning.get(model, "auto")
 
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)

@@ -5,9 +5,10 @@ follows the backend's readiness), over a ``Backend``.
 Generate, per call: API key (interceptor) -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (text tokenized, or the
-chat template applied to messages and tools), grammars compiled,
-``Backend.validate`` -> the backend stream, forwarded one response per
-output. Tokenize does its work on the same threads. The handler's
+chat template applied to messages, tools and chat_template_kwargs), grammars
+compiled, ``Backend.validate`` -> the backend stream, forwarded one response
+per output (for a chat: reasoning split off, then tool calls parsed;
+splitserve.cluster.api.chat_output). Tokenize does its work on the same threads. The handler's
 task is cancelled when the client cancels or its deadline passes; closing
 the backend stream then cancels the request and frees its KV blocks.
 
@@ -34,12 +35,15 @@ from google.protobuf.message import DecodeError
 
 from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloaded, Unavailable,
                                            UnknownModel)
+from splitserve.cluster.api.chat_output import ChatOutput
+from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.health import HEALTH_METHOD_PREFIX, HealthService
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.cluster.api.tool_calls import ToolCalls, ToolRequest, template_messages, tool_request
+from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
@@ -199,13 +203,15 @@ def _tools(req: pb.GenerateRequest, chat_template: str | None,
 
 
 def _response(out: dict, request_id: str, timings: dict[str, float] | None,
-              calls: ToolCalls | None = None) -> pb.GenerateResponse:
+              chat: ChatOutput | None = None) -> pb.GenerateResponse:
     text, reason = out["text"], out["finish_reason"]
     deltas: list[dict] = []
-    if calls is not None:
-        text, deltas, reason = calls.step(text, out["finished"], reason)
+    reasoning = ""
+    if chat is not None:
+        step = chat.step(text, len(out["token_ids"]), out["finished"], reason)
+        reasoning, text, deltas, reason = step.reasoning, step.content, step.tool_calls, step.finish_reason
     r = pb.GenerateResponse(
-        request_id=request_id, token_ids=out["token_ids"], text=text,
+        request_id=request_id, token_ids=out["token_ids"], text=text, reasoning_content=reasoning,
         finish_reason=(reason or "") if out["finished"] else "",
         usage=pb.Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
                        cached_tokens=out["cached_tokens"]))
@@ -227,6 +233,21 @@ def _add_logprob(field, lp: dict) -> None:
               top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
 
 
+def _template_kwargs(text: str) -> dict:
+    """``chat_template_kwargs``: a JSON object as text; empty: none."""
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("chat_template_kwargs is not valid JSON",
+                                  param="chat_template_kwargs") from None
+    if nesting_exceeds(kwargs, MAX_JSON_DEPTH):
+        raise InvalidRequestError(f"chat_template_kwargs nests more than {MAX_JSON_DEPTH} levels deep",
+                                  param="chat_template_kwargs")
+    return template_kwargs(kwargs)
+
+
 def _messages_chars(msgs) -> int:
     return sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in msgs)
 
@@ -245,45 +266,55 @@ class GenerationService(pb_grpc.GenerationServicer):
         else:
             check_prompt_chars(len(req.text), max_model_len, "text")
 
-    def _prompt_ids(self, req: pb.GenerateRequest, tools: ToolRequest | None) -> list[int]:
+    def _prompt(self, req: pb.GenerateRequest, tools: ToolRequest | None) -> tuple[list[int], str | None]:
+        """(prompt token ids, the rendered chat or None for a plain prompt)."""
         tokenizer = self.backend.tokenizer(req.model)
         which = req.WhichOneof("prompt")
         if req.messages:
             if which is not None:
                 raise InvalidRequestError("send either a prompt or messages, not both", param="messages")
             text = tokenizer.apply_chat_template(_messages(req.messages),
-                                                 tools=tools.tools if tools else None)
-            return tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
+                                                 tools=tools.tools if tools else None,
+                                                 **_template_kwargs(req.chat_template_kwargs))
+            return tokenizer.encode(text, add_special_tokens=False), text  # the template wrote BOS
+        if req.chat_template_kwargs:
+            raise InvalidRequestError("chat_template_kwargs need a chat (messages)",
+                                      param="chat_template_kwargs")
         if which == "text":
             if not req.text:
                 raise InvalidRequestError("the prompt text is empty", param="prompt")
-            return tokenizer.encode(req.text)
+            return tokenizer.encode(req.text), None
         if which == "token_ids":
-            return list(req.token_ids.ids)
+            return list(req.token_ids.ids), None
         raise InvalidRequestError("a prompt (text or token_ids) or messages is required", param="prompt")
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[ToolRequest | None, list[int], SamplingParams]:
-        """(tools, prompt token ids, sampling params), validated; on a
-        preparation thread."""
-        tools = _tools(request, self.backend.tokenizer(request.model).chat_template,
-                       self.backend.tool_call_parser(request.model))
-        ids = self._prompt_ids(request, tools)
+    def _prepare(self, request: pb.GenerateRequest
+                 ) -> tuple[ToolRequest | None, list[int], SamplingParams, Reasoning | None]:
+        """(tools, prompt token ids, sampling params, the reasoning split),
+        validated; on a preparation thread."""
+        chat_template = self.backend.tokenizer(request.model).chat_template
+        tools = _tools(request, chat_template, self.backend.tool_call_parser(request.model))
+        ids, chat_text = self._prompt(request, tools)
         params = sampling_params(request.params)
         if tools is not None:
             params = tools.sampling(params)
+        reasoning = None
+        if chat_text is not None and (tools is None or tools.choice in ("none", "auto")):
+            reasoning = reasoning_for(self.backend.reasoning_parser(request.model), chat_template,
+                                      chat_text, params.structured_output is not None)
         try:
             self.backend.validate(request.model, ids, params)
         except InvalidRequestError as e:
             if request.messages and e.param == "prompt":
                 raise InvalidRequestError(str(e), param="messages") from None
             raise
-        return tools, ids, params
+        return tools, ids, params, reasoning
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         try:
             self._check_chars(request)
-            tools, ids, params = await self.pool.run(self._prepare, request)
+            tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
         except Exception as e:  # noqa: BLE001 - every refusal becomes a status
             await _abort(context, e)
         # The backend id is always fresh: a client's request_id may repeat.
@@ -291,7 +322,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         request_id = request.request_id or backend_id
         prepare_s = time.perf_counter() - t0
         stream = self.backend.generate(request.model, backend_id, ids, params)
-        calls = tools.calls() if tools is not None else None
+        chat = None
+        if tools is not None or reasoning is not None:
+            chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)
         failure = None
         try:
             first = True
@@ -303,7 +336,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     timings = {**backend_timings, "ingress_prepare_s": prepare_s,
                                "ingress_ttft_s": time.perf_counter() - t0}
                     first = False
-                yield _response(out, request_id, timings, calls)
+                yield _response(out, request_id, timings, chat)
         except Exception as e:  # noqa: BLE001 - reported as the call's status below
             failure = e
         finally:
@@ -319,11 +352,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             if request.text:
                 raise InvalidRequestError("send either text or messages, not both", param="messages")
             tools = _template_tools(request.tools) if request.tools else None
-            prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools)
+            prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools,
+                                                   **_template_kwargs(request.chat_template_kwargs))
             ids = tokenizer.encode(prompt, add_special_tokens=False)
         else:
-            if request.tools:
-                raise InvalidRequestError("tools need a chat (messages)", param="tools")
+            if request.tools or request.chat_template_kwargs:
+                param = "tools" if request.tools else "chat_template_kwargs"
+                raise InvalidRequestError(f"{param} need a chat (messages)", param=param)
             prompt = ""
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids = tokenizer.encode(request.text, add_special_tokens=add)

@@ -21,142 +21,40 @@ A client that goes away, mid-stream or while waiting for a whole
 completion, closes the backend streams: that cancels the requests and
 frees their KV blocks. Every error has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
+
+POST /v1/responses (OpenAI's Responses API) is served by
+splitserve.cluster.api.responses_api over the same chat preparation.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
-import logging
-import math
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from splitserve.cluster.api import openai_schema as schema
-from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, ModelInfo, Overloaded,
-                                           Unavailable, UnknownModel)
+from splitserve.cluster.api import responses_api
+from splitserve.cluster.api.backend import Backend, ModelInfo
+from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
+from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
+    TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params, open_choices, sse_data)
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
-from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
-from splitserve.engine.hashing import splitmix64
 from splitserve.engine.limits import check_prompt_chars
-from splitserve.engine.sampling_params import SamplingParams
-
-log = logging.getLogger("splitserve.http")
-
-TIMINGS_HEADER = "x-splitserve-timings"
-# Template variables a client may not set through chat_template_kwargs.
-_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools"}
-
-
-def api_error(e: BaseException) -> ApiError:
-    """The HTTP error a backend or validation exception stands for."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, InvalidRequestError):
-        return ApiError(400, str(e), param=e.param, code="invalid_value")
-    if isinstance(e, UnknownModel):
-        return ApiError(404, str(e), param="model", code="model_not_found")
-    if isinstance(e, Overloaded):
-        return ApiError(429, str(e), "rate_limit_error", code="overloaded",
-                        headers={"Retry-After": _retry_after(e.retry_after_s)})
-    if isinstance(e, Unavailable):
-        return ApiError(503, str(e), "service_unavailable", code="unavailable",
-                        headers={"Retry-After": _retry_after(e.retry_after_s)})
-    if isinstance(e, DeadlineExceeded):
-        return ApiError(504, str(e), "timeout_error", code="deadline_exceeded")
-    if isinstance(e, SplitserveError):  # a server-side fault with a useful message
-        return ApiError(500, str(e), "server_error", code="internal_error")
-    log.exception("request failed", exc_info=e)
-    return ApiError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error")
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its response was complete."""
-
-
-_END = object()
-
-
-def choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice ``index`` of an n-choice request runs as its own backend
-    request. Seeded siblings must differ yet stay reproducible, so choice
-    i > 0 samples with a seed derived from (seed, i); choice 0 keeps the seed
-    and equals the n=1 request."""
-    seed = params.seed
-    if seed is not None and index > 0:
-        seed = splitmix64(seed ^ splitmix64(index)) >> 1  # in [0, 2**63)
-    return dataclasses.replace(params, n=1, seed=seed)
-
-
-class Choices:
-    """A request's backend streams (one per choice) read concurrently, and a
-    watch on the client's connection. ``next_or_none()`` returns (choice
-    index, output) as outputs arrive and re-raises a stream's error;
-    ``aclose()`` cancels what still runs, which closes those backend streams
-    (cancelling their requests and freeing their KV blocks)."""
-
-    def __init__(self, streams: list[AsyncIterator[dict]], receive):
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._open = len(streams)
-        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
-        self._tasks.append(asyncio.create_task(self._watch(receive)))
-
-    async def _pump(self, index: int, stream: AsyncIterator[dict]) -> None:
-        try:
-            async for out in stream:
-                self._queue.put_nowait((index, out))
-            self._queue.put_nowait((index, _END))
-        except Exception as e:  # noqa: BLE001 - delivered to the reader
-            self._queue.put_nowait((index, e))
-        finally:
-            await stream.aclose()
-
-    async def _watch(self, receive) -> None:
-        # The body has been read: the next message is the disconnect.
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._queue.put_nowait((-1, ClientGone("the client disconnected")))
-
-    async def next_or_none(self) -> tuple[int, dict] | None:
-        while self._open:
-            index, item = await self._queue.get()
-            if item is _END:
-                self._open -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                return index, item
-        return None
-
-    async def next(self) -> tuple[int, dict]:
-        item = await self.next_or_none()
-        if item is None:
-            raise Unavailable("the backend ended the request without any output")
-        return item
-
-    async def aclose(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _retry_after(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))
 
 
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
@@ -249,15 +147,14 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         body: schema.ChatCompletionRequest = parse_body(
             schema.ChatCompletionRequest, await read_json(request, max_body_bytes))
         body.check_supported()
-        kwargs = body.chat_template_kwargs or {}
-        bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
-        if bad:
-            raise ApiError(400, f"chat_template_kwargs may not set {bad[0][:50]!r}",
-                           param="chat_template_kwargs", code="invalid_value")
+        kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")
-        ids, params, tools = await pool.run(_prepare_chat, backend, body, kwargs)
-        return await _respond(request, backend, "chat", body, [ids], params, t0, tools)
+        chat = await pool.run(_prepare_chat, backend, body, kwargs)
+        return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
+                              chat.tools, reasoning=chat.reasoning)
+
+    responses_api.add_route(app, backend, pool, max_body_bytes)
 
     open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
@@ -269,7 +166,8 @@ def _prepare_completion(backend: Backend, body: schema.CompletionRequest,
     """(token ids per prompt, sampling params, echoes or None); on a
     preparation thread."""
     tokenizer = backend.tokenizer(body.model)
-    batch = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    batch = [tokenizer.encode(p, add_special_tokens=body.add_special_tokens) if isinstance(p, str)
+             else list(p) for p in prompts]
     params = body.completion_params()
     for ids in batch:
         backend.validate(body.model, ids, params)
@@ -280,32 +178,19 @@ def _prepare_completion(backend: Backend, body: schema.CompletionRequest,
     return batch, params, echoes
 
 
-def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: dict):
-    """(prompt token ids, sampling params, tool request or None); on a
-    preparation thread."""
-    tokenizer = backend.tokenizer(body.model)
-    tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls,
-                         tokenizer.chat_template, backend.tool_call_parser(body.model))
-    text = tokenizer.apply_chat_template(
-        template_messages(body.template_messages()), add_generation_prompt=body.add_generation_prompt,
-        tools=tools.tools if tools else None, **kwargs)
-    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
-    params = body.sampling_params(body.output_limit, body.logprobs_count)
-    if tools is not None:
-        params = tools.sampling(params)
+def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: dict) -> ChatPrompt:
+    """On a preparation thread."""
     try:
-        backend.validate(body.model, ids, params)
+        return prepare_chat(backend, body.chat_request(kwargs))
     except InvalidRequestError as e:
         # name the fields of the chat request, not of the engine
-        rename = {"prompt": "messages", "max_tokens": body.max_tokens_param,
-                  "logprobs": "top_logprobs"}
+        rename = {"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}
         raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
-    return ids, params, tools
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
                    params, t0: float, tools: ToolRequest | None = None,
-                   echoes: list[Echo] | None = None) -> Response:
+                   echoes: list[Echo] | None = None, reasoning: Reasoning | None = None) -> Response:
     """Choice k answers prompt k // n (choice k % n of it), each choice its
     own backend request."""
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
@@ -314,28 +199,24 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
     streams = [backend.generate(body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j],
                                 choice_params(params, i)) for k, (j, i) in enumerate(jobs)]
-    choices = Choices(streams, request.receive)
     prepare_s = time.perf_counter() - t0
-    try:
-        first = await choices.next()
-    except BaseException as e:
-        await choices.aclose()
-        if isinstance(e, ClientGone):
-            return Response(status_code=499)
-        raise
+    opened = await open_choices(request, streams)
+    if opened is None:
+        return Response(status_code=499)
+    choices, first = opened
     timings = None
     if request.headers.get(TIMINGS_HEADER, "").lower() in ("1", "true"):
         timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                    "ingress_ttft_s": time.perf_counter() - t0}
     tokenizer = backend.tokenizer(body.model)
     states = [ChoiceState(k, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
-                          echoes[j] if echoes else None) for k, (j, _) in enumerate(jobs)]
+                          echoes[j] if echoes else None, reasoning) for k, (j, _) in enumerate(jobs)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": body.model}
     headers = {"x-request-id": rid}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),
+        return SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),
                             headers=headers)
     try:
         item = first
@@ -360,11 +241,6 @@ def _usage(states: list[ChoiceState], n: int) -> dict:
                  sum(max(s.cached_tokens for s in g) for g in groups))
 
 
-def _event(obj: Any) -> bytes:
-    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return b"data: " + data.encode() + b"\n\n"
-
-
 async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceState], head: dict,
                timings: dict | None, include_usage: bool, n: int) -> AsyncIterator[bytes]:
     chunk_head = {**head, "object": "text_completion" if head["object"] == "text_completion"
@@ -374,7 +250,7 @@ async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceSta
             chunk = {**chunk_head, "choices": [s.opening_delta()]}
             if timings is not None:
                 chunk["splitserve_timings"], timings = timings, None
-            yield _event(chunk)
+            yield sse_data(chunk)
     item: tuple[int, dict] | None = first
     try:
         while item is not None:
@@ -383,29 +259,13 @@ async def _sse(choices: Choices, first: tuple[int, dict], states: list[ChoiceSta
                 chunk = {**chunk_head, "choices": [choice]}
                 if timings is not None:
                     chunk["splitserve_timings"], timings = timings, None
-                yield _event(chunk)
+                yield sse_data(chunk)
             item = await choices.next_or_none()
     except ClientGone:
         return
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
-        yield _event(api_error(e).body())
+        yield sse_data(api_error(e).body())
     else:
         if include_usage:
-            yield _event({**chunk_head, "choices": [], "usage": _usage(states, n)})
+            yield sse_data({**chunk_head, "choices": [], "usage": _usage(states, n)})
     yield b"data: [DONE]\n\n"
-
-
-class _SSEResponse(StreamingResponse):
-    """SSE whose backend streams are closed however the response ends,
-    including when it never starts (the client left before the headers)."""
-
-    def __init__(self, choices: Choices, content: AsyncIterator[bytes], headers: dict[str, str]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._choices = choices
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._choices.aclose()

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from splitserve.cluster.api.chat_output import ChatOutput
+from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.tool_calls import ToolCalls
 from splitserve.engine.tokenizer import Tokenizer
 
@@ -90,10 +92,12 @@ class ChoiceState:
     the OpenAI JSON of each output (streaming) and of the whole (final)."""
 
     def __init__(self, index: int, kind: Kind, tokenizer: Tokenizer, want_logprobs: bool,
-                 tool_calls: ToolCalls | None = None, echo: Echo | None = None):
+                 tool_calls: ToolCalls | None = None, echo: Echo | None = None,
+                 reasoning: Reasoning | None = None):
         self.index, self.kind, self.tokenizer = index, kind, tokenizer
         self.want_logprobs = want_logprobs
-        self.tool_calls = tool_calls  # reads the output for calls (chat with tools)
+        # chat: the output read for reasoning and tool calls
+        self.chat = ChatOutput(reasoning, tool_calls) if kind == "chat" else None
         self.echo = echo
         self.text = ""
         self.logprobs: list[dict] = []
@@ -131,8 +135,9 @@ class ChoiceState:
         self.completion_tokens = out["completion_tokens"]
         self.cached_tokens = out["cached_tokens"]
         delta: dict[str, Any] = {"content": text} if text else {}
-        if self.tool_calls is not None:
-            delta = self._tool_delta(text, out["finished"])
+        if self.chat is not None:
+            step = self.chat.step(text, len(out["token_ids"]), out["finished"], self.finish_reason)
+            delta, self.finish_reason = step.openai(), step.finish_reason
         if not delta and not out["finished"] and not (self.want_logprobs and (lps or echoing)):
             return None
         lp_obj = self._logprobs(lps) if self.want_logprobs else None
@@ -143,13 +148,6 @@ class ChoiceState:
                     "finish_reason": self.finish_reason}
         return {"index": self.index, "delta": delta, "logprobs": lp_obj,
                 "finish_reason": self.finish_reason}
-
-    def _tool_delta(self, text: str, finished: bool) -> dict[str, Any]:
-        content, calls, self.finish_reason = self.tool_calls.step(text, finished, self.finish_reason)
-        delta: dict[str, Any] = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = calls
-        return delta
 
     def _logprobs(self, lps: list[dict]) -> dict:
         if self.kind == "chat":
@@ -172,8 +170,5 @@ class ChoiceState:
         if self.kind == "completion":
             return {"index": self.index, "text": self.text, "logprobs": lp_obj,
                     "finish_reason": self.finish_reason}
-        message = {"role": "assistant", "content": self.text}
-        if self.tool_calls is not None:
-            message = self.tool_calls.message()
-        return {"index": self.index, "message": message, "logprobs": lp_obj,
+        return {"index": self.index, "message": self.chat.message(), "logprobs": lp_obj,
                 "finish_reason": self.finish_reason}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from splitserve.cluster.api.chat_prompt import ChatRequest
 from splitserve.cluster.api.openai_structured import structured_output
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_CHOICES, MAX_JSON_DEPTH, MAX_PROMPTS, nesting_exceeds
@@ -62,6 +63,24 @@ class ApiError(Exception):
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
+    # Fields refused whatever their value (unless null): name -> why, or what to send instead.
+    REFUSED: ClassVar[dict[str, str]] = {}
+    # Fields accepted only at one value: name -> (that value, why).
+    ONLY: ClassVar[dict[str, tuple[Any, str]]] = {}
+    # Fields accepted (their type checked) and ignored; listed in docs/api.md.
+    IGNORED: ClassVar[tuple[str, ...]] = ()
+
+    def check_supported(self) -> None:
+        for name, (allowed, why) in self.ONLY.items():
+            value = getattr(self, name)
+            if value is not None and value != allowed:
+                raise InvalidRequestError(f"{name} {_short(value)} is not supported: {why}",
+                                          param=name)
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value)[:60]
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -70,9 +89,14 @@ class StreamOptions(_Body):
 
 _NULLABLE_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")
+_STRUCTURED = "send structured_outputs: {json | regex | choice | grammar: ...} (vLLM's current name)"
 
 
-class _Common(_Body):
+class Sampling(_Body):
+    """What every generation endpoint takes (completions, chat, Responses):
+    the sampling parameters, vLLM's extensions among them, and the fields
+    other servers accept that splitserve accepts, ignores or refuses."""
+
     model: str
     temperature: float | None = None
     top_p: float | None = None
@@ -84,24 +108,75 @@ class _Common(_Body):
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
     # vLLM's extension: exactly one of json (schema), regex, grammar (Lark), choice
     structured_outputs: dict[str, Any] | None = None
-    user: str | None = None  # accepted and ignored
-    # Accepted and ignored: they concern OpenAI's hosted service.
+    # Accepted and ignored: they concern OpenAI's hosted service, a scheduler
+    # feature splitserve does not have (priority), or beam search.
+    user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    priority: int | None = None
+    request_id: str | None = None  # the server assigns ids (x-request-id)
+    length_penalty: float | None = None
+    # vLLM fields accepted at their default only
+    use_beam_search: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+        "priority", "request_id", "length_penalty")
+    ONLY: ClassVar[dict[str, tuple[Any, str]]] = {
+        "use_beam_search": (False, "beam search is not available; sample n choices instead"),
+        "spaces_between_special_tokens": (True, "special tokens are always decoded this way"),
+        "return_tokens_as_token_ids": (False, "tokens are returned as text"),
+    }
+    REFUSED: ClassVar[dict[str, str]] = {
+        "truncate_prompt_tokens": "prompts are never truncated; shorten the prompt",
+        "allowed_token_ids": "restrict tokens with logit_bias or structured_outputs",
+        "bad_words": "ban tokens with logit_bias",
+        "logits_processors": "custom logits processors cannot be loaded per request",
+        "cache_salt": "the prefix cache cannot be salted per request",
+        "kv_transfer_params": "the cluster moves KV caches between its own replicas",
+        "vllm_xargs": "there are no engine plugins to pass them to",
+        "mm_processor_kwargs": "only text input is served",
+        "prompt_logprobs": "score a prompt on /v1/completions with echo and logprobs",
+        **{f"guided_{k}": _STRUCTURED for k in ("json", "regex", "choice", "grammar",
+                                                "json_object", "decoding_backend",
+                                                "whitespace_pattern")},
+    }
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None, n: int = 1,
+                 structured: dict[str, str] | None = None) -> SamplingParams:
+        """Fields left unset (or null) take SamplingParams' defaults. Not
+        validated here: the backend validates (and knows the context length)."""
+        given = {name: getattr(self, name) for name in _NULLABLE_SAMPLING
+                 if getattr(self, name) is not None}
+        return SamplingParams(
+            max_tokens=max_tokens, logprobs=logprobs, n=n, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=_token_keys(self.logit_bias or {}), structured_output=structured, **given)
+
+
+class _Common(Sampling):
+    """Completions and chat."""
+
+    n: int | None = None
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
+        super().check_supported()
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true",
                                       param="stream_options")
@@ -111,17 +186,8 @@ class _Common(_Body):
         return 1 if self.n is None else self.n
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Fields left unset (or null) take SamplingParams' defaults. Not
-        validated here: the backend validates (and knows the context length)."""
-        given = {name: getattr(self, name) for name in _NULLABLE_SAMPLING
-                 if getattr(self, name) is not None}
-        return SamplingParams(
-            max_tokens=max_tokens, logprobs=logprobs, n=self.num_choices, ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=_token_keys(self.logit_bias or {}),
-            structured_output=structured_output(self.response_format, self.structured_outputs),
-            **given)
+        return self.sampling(max_tokens, logprobs, self.num_choices,
+                             structured_output(self.response_format, self.structured_outputs))
 
 
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
@@ -143,6 +209,7 @@ class CompletionRequest(_Common):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's: text prompts get the tokenizer's BOS
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -226,6 +293,40 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out
+    add_special_tokens: bool = False  # vLLM's: the template writes BOS
+    # Accepted and ignored: thinking is switched with chat_template_kwargs
+    # (e.g. enable_thinking), which is where the model's template reads it.
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    continue_final_message: bool | None = None
+    echo: bool | None = None
+
+    IGNORED: ClassVar[tuple[str, ...]] = (*Sampling.IGNORED, "reasoning_effort", "verbosity")
+    ONLY: ClassVar[dict[str, tuple[Any, str]]] = {
+        **Sampling.ONLY,
+        "modalities": (["text"], "only text output is served"),
+        "continue_final_message": (False, "the assistant's reply always starts a new message"),
+        "echo": (False, "a chat response holds only the new message"),
+    }
+    REFUSED: ClassVar[dict[str, str]] = {
+        **Sampling.REFUSED,
+        "functions": "send tools",
+        "function_call": "send tool_choice",
+        "audio": "only text output is served",
+        "prediction": "predicted outputs are not supported",
+        "web_search_options": "there is no built-in web search",
+        "documents": "put documents in the messages",
+        "chat_template": "the chat template is the model's (its chat_template setting)",
+    }
+
+    def chat_request(self, kwargs: dict[str, Any]) -> ChatRequest:
+        return ChatRequest(
+            self.model, self.template_messages(),
+            self.sampling_params(self.output_limit, self.logprobs_count), self.tools,
+            self.tool_choice, self.parallel_tool_calls, kwargs, self.add_generation_prompt,
+            self.include_reasoning, self.add_special_tokens)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -339,6 +440,15 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
 
 
 def parse_body(model_cls: type[_Body], data: dict) -> Any:
+    """The request model of ``data``; a field of ``model_cls.REFUSED`` is a
+    400 naming it and saying why (null counts as absent), an unknown one a
+    400 naming it (a typo must not silently change what runs)."""
+    for key in [k for k in data if k in model_cls.REFUSED]:
+        if data[key] is None:
+            del data[key]
+        else:
+            raise ApiError(400, f"{key} is not supported: {model_cls.REFUSED[key]}", param=key,
+                           code="unsupported_parameter")
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:

@@ -96,6 +96,7 @@ class _Model:
     max_model_len: int
     vocab_size: int
     tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
 
 
 class ClusterBackend(Backend):
@@ -121,7 +122,8 @@ class ClusterBackend(Backend):
             if template is not None:
                 tokenizer.chat_template = template
             self._models[spec.name] = _Model(spec.name, tokenizer, spec.block_size,
-                                             limit, mc.vocab_size, spec.tool_call_parser)
+                                             limit, mc.vocab_size, spec.tool_call_parser,
+                                             spec.reasoning_parser)
         self._created = int(time.time())
         self.counters = {"retries": 0, "resumed": 0, "refused": 0, "faults": 0, "failed": 0,
                          "deadlines": 0}
@@ -148,6 +150,9 @@ class ClusterBackend(Backend):
 
     def tool_call_parser(self, model: str) -> str:
         return self._model(model).tool_call_parser
+
+    def reasoning_parser(self, model: str) -> str:
+        return self._model(model).reasoning_parser
 
     def validate(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         m = self._model(model)

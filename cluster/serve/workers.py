@@ -33,7 +33,7 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESH
 
 
 # model settings only the ingress reads: editing them rebuilds no worker replica
-INGRESS_ONLY_FIELDS = {"tool_call_parser", "chat_template"}
+INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template"}
 
 
 def build_engine(spec: ModelSpec):

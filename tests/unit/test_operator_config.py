@@ -144,7 +144,10 @@ def test_status_table():
     ]
 
 
-def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(tiny_checkpoints):
+@pytest.mark.parametrize("field,value,other", [("tool_call_parser", "mistral", "hermes"),
+                                               ("reasoning_parser", "qwen3", "none")])
+def test_ingress_parsers_reach_the_ingress_and_stay_out_of_replica_versions(
+        tiny_checkpoints, field, value, other):
     from splitserve.cluster.serve.orchestrator import ClusterBackend
     from splitserve.cluster.config import PoolSpec, RouterSpec, TransferSpec
     from splitserve.cluster.serve.workers import worker_deployment
@@ -152,19 +155,20 @@ def test_tool_call_parser_reaches_the_ingress_and_stays_out_of_replica_versions(
 
     path = tiny_checkpoints["llama"]
     cfg = parse_config({"models": [
-        {"model": {"name": "a", "path": str(path), "tool_call_parser": "mistral"}},
+        {"model": {"name": "a", "path": str(path), field: value}},
         {"model": {"name": "b", "path": str(path)}}]})
     backend = ClusterBackend(cfg, token="unit-test-token")
-    assert (backend.tool_call_parser("a"), backend.tool_call_parser("b")) == ("mistral", "auto")
+    setting = getattr(backend, field)
+    assert (setting("a"), setting("b")) == (value, "auto")
 
     def built(parser):  # the worker pool's Serve deployment: its version and model argument
-        spec = cfg.models[0].model.model_copy(update={"tool_call_parser": parser})
+        spec = cfg.models[0].model.model_copy(update={field: parser})
         d = worker_deployment("a-decode", Role.DECODE, PoolSpec(), spec, TransferSpec(),
                               RouterSpec(), "token")._bound_deployment
         return d.version, d.init_args[1]
-    (v1, model1), (v2, _) = built("mistral"), built("hermes")
+    (v1, model1), (v2, _) = built(value), built(other)
     assert v1 is not None and v1 == v2
-    assert "tool_call_parser" not in model1 and model1["name"] == "a"
+    assert field not in model1 and model1["name"] == "a"
 
 
 def test_each_mode_names_its_pools_by_role():

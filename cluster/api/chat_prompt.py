@@ -1,0 +1,81 @@
+"""A chat request made ready to run, for the HTTP chat and Responses
+endpoints: the tools checked (splitserve.cluster.api.tool_calls), the chat
+template rendered with them and the client's template variables, the
+prompt tokenized, the sampling constrained for a forced tool call, the
+reasoning split decided from the rendered prompt
+(splitserve.cluster.api.reasoning), and the whole validated by the backend.
+Runs on a preparation thread (splitserve.cluster.api.prepare)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.cluster.api.backend import Backend
+from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+
+# Template variables a client may not set through chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "documents"}
+
+
+def template_kwargs(kwargs: Any, param: str = "chat_template_kwargs") -> dict[str, Any]:
+    """The client's extra chat template variables (e.g. ``enable_thinking``), checked."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise InvalidRequestError(f"{param} must be an object", param=param)
+    bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+    if bad:
+        raise InvalidRequestError(f"{param} may not set {bad[0][:50]!r}", param=param)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What the endpoint took from its request body (in OpenAI chat's shapes)."""
+
+    model: str
+    messages: list[dict[str, Any]]  # as the template receives them (see ChatMessage.to_template)
+    params: SamplingParams
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    include_reasoning: bool = True
+    add_special_tokens: bool = False  # the template writes BOS; True adds the tokenizer's too
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    token_ids: list[int]
+    params: SamplingParams  # with a forced tool call's constraint
+    tools: ToolRequest | None
+    reasoning: Reasoning | None
+
+
+def prepare_chat(backend: Backend, req: ChatRequest) -> ChatPrompt:
+    """Raises InvalidRequestError naming the chat request's fields (the
+    engine's ``prompt`` is ``messages``); the caller renames the rest."""
+    tokenizer = backend.tokenizer(req.model)
+    tools = tool_request(req.tools, req.tool_choice, req.parallel_tool_calls,
+                         tokenizer.chat_template, backend.tool_call_parser(req.model))
+    text = tokenizer.apply_chat_template(
+        template_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
+        tools=tools.tools if tools else None, **(req.template_kwargs or {}))
+    ids = tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    params = tools.sampling(req.params) if tools is not None else req.params
+    reasoning = None
+    if tools is None or tools.choice in ("none", "auto"):  # a forced call is the whole output
+        reasoning = reasoning_for(backend.reasoning_parser(req.model), tokenizer.chat_template, text,
+                                  params.structured_output is not None, req.include_reasoning)
+    try:
+        backend.validate(req.model, ids, params)
+    except InvalidRequestError as e:
+        if e.param == "prompt":
+            raise InvalidRequestError(str(e), "messages") from None
+        raise
+    return ChatPrompt(ids, params, tools, reasoning)

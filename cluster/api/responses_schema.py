@@ -1,0 +1,215 @@
+"""The Responses API's request body (``POST /v1/responses``) and what it
+becomes for the chat machinery: ``instructions`` and ``input`` items as
+chat messages, function tools and ``tool_choice`` in chat's shapes,
+``text.format`` as a structured output. Each error names the Responses
+field (``input[2].content``, ``tools[0].name``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
+from splitserve.cluster.api.openai_schema import Sampling
+from splitserve.cluster.api.openai_structured import structured_output
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.structured import check_spec, json_object_spec
+
+_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+_TEXT_PARTS = {"input_text", "output_text", "text"}
+_STATELESS = ("responses are not stored here: send the whole conversation in input (with the "
+              "previous output items)")
+
+
+def _fail(message: str, param: str) -> None:
+    raise InvalidRequestError(message, param=param)
+
+
+def _string(item: dict, key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        _fail(f"{where}.{key} must be a string", f"{where}.{key}")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        _fail(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            _fail(f"{where}.content[{k}]: only text parts are supported, got "
+                  f"{str(kind)[:40]!r}", f"{where}.content")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items as chat messages: a function_call joins the assistant
+    message before it (or starts one), a function_call_output is a tool
+    message, a reasoning item is dropped (templates leave past reasoning out)."""
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            _fail(f"{where} must be an object", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                _fail(f"{where}.role must be user, system, developer or assistant", f"{where}.role")
+            messages.append({"role": _ROLES[role], "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function",
+                    "function": {"name": _string(item, "name", where),
+                                 "arguments": _string(item, "arguments", where)}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                             "content": _text(item.get("output"), where)})
+        elif kind != "reasoning":
+            _fail(f"{where}: input items of type {str(kind)[:40]!r} are not supported (message, "
+                  "function_call, function_call_output, reasoning)", f"{where}.type")
+    return messages
+
+
+def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+    """Function tools in chat's shape; other tool types are refused."""
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            _fail(f"tools[{i}]: only function tools are supported, got {str(kind)[:40]!r}",
+                  f"tools[{i}].type")
+        fn = {k: v for k, v in tool.items() if k != "type"}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if choice is None or isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and set(choice) == {"type", "name"}:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    _fail('tool_choice must be none, auto, required or {"type": "function", "name": ...}',
+          "tool_choice")
+
+
+def _responses_fields(e: InvalidRequestError) -> InvalidRequestError:
+    """An error of the chat machinery naming this API's fields: a Responses
+    tool has no "function" level."""
+    param = (e.param or "").replace(".function", "")
+    return InvalidRequestError(str(e).replace(".function", ""), param=param or None)
+
+
+def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
+    """``text.format`` as the engine's constraint (splitserve.engine.structured)."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_spec()
+    if kind != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        _fail('text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+              '"json_schema", "name", "schema": {...}}', "text.format")
+    spec = {"type": "json", "value": json.dumps(fmt["schema"])}
+    check_spec(spec, "text.format")
+    return spec
+
+
+class ResponsesRequest(Sampling):
+    input: str | list[Any]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Accepted and ignored: reasoning effort and summaries (thinking is
+    # switched with chat_template_kwargs), extra output (include), limits of
+    # built-in tools, stream obfuscation, cache retention.
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    max_tool_calls: int | None = None
+    stream_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    # accepted at their default only
+    background: bool | None = None
+    truncation: str | None = None
+    top_logprobs: int | None = None
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        *Sampling.IGNORED, "reasoning", "include", "max_tool_calls", "stream_options",
+        "prompt_cache_retention")
+    ONLY: ClassVar[dict[str, tuple[Any, str]]] = {
+        **Sampling.ONLY,
+        "background": (False, "responses run while the request is open"),
+        "truncation": ("disabled", "input that does not fit the context is refused"),
+        "top_logprobs": (0, "logprobs are served by /v1/chat/completions"),
+    }
+    REFUSED: ClassVar[dict[str, str]] = {
+        **Sampling.REFUSED,
+        "previous_response_id": _STATELESS,
+        "conversation": _STATELESS,
+        "prompt": "stored prompt templates are not available; send instructions and input",
+    }
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if "message.output_text.logprobs" in (self.include or ()):
+            _fail("include message.output_text.logprobs is not supported: logprobs are served by "
+                  "/v1/chat/completions", "include")
+        if self.text is not None and set(self.text) - {"format", "verbosity"}:
+            _fail(f"text: unknown fields {sorted(set(self.text) - {'format', 'verbosity'})}"[:200],
+                  "text")
+        if isinstance(self.input, list) and not self.input:
+            _fail("input must not be empty", "input")
+        if self.text_format() is not None and self.structured_outputs is not None:
+            _fail("set text.format or structured_outputs, not both", "structured_outputs")
+
+    def text_format(self) -> dict[str, str] | None:
+        return text_format(self.text)
+
+    def messages(self) -> list[dict[str, Any]]:
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*system, {"role": "user", "content": self.input}]
+        return [*system, *_input_messages(self.input)]
+
+    def text_chars(self) -> int:
+        """Characters of the conversation's text (what its length in tokens follows)."""
+        total = 0
+        for m in self.messages():
+            total += len(m.get("content") or "")
+            total += sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+        return total
+
+    def chat_request(self) -> ChatRequest:
+        structured = self.text_format()
+        if structured is None:
+            structured = structured_output(None, self.structured_outputs)
+        return ChatRequest(
+            self.model, self.messages(), self.sampling(self.max_output_tokens, None, 1, structured),
+            _chat_tools(self.tools), _chat_tool_choice(self.tool_choice), self.parallel_tool_calls,
+            template_kwargs(self.chat_template_kwargs))
+
+
+def prepare_error(e: InvalidRequestError) -> InvalidRequestError:
+    """An error of preparing the chat request, naming the Responses fields."""
+    e = _responses_fields(e)
+    rename = {"max_tokens": "max_output_tokens", "messages": "input"}
+    return InvalidRequestError(str(e), rename.get(e.param, e.param)) if e.param in rename else e
