@@ -34,7 +34,7 @@ _MODEL_FLAGS = {"served_model_name": "name", "revision": "revision",
                 "kv_cache_dtype": "kv_cache_dtype", "max_num_seqs": "max_num_seqs",
                 "max_num_batched_tokens": "max_num_batched_tokens", "block_size": "block_size",
                 "device": "device", "chat_template": "chat_template",
-                "tool_call_parser": "tool_call_parser",
+                "tool_call_parser": "tool_call_parser", "reasoning_parser": "reasoning_parser",
                 "enable_prefix_caching": "enable_prefix_caching"}
 
 
@@ -73,6 +73,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                        help="chat template: a Jinja file or the template text")
     model.add_argument("--tool-call-parser", default=None,
                        choices=["auto", "hermes", "mistral", "llama3_json"])
+    model.add_argument("--reasoning-parser", default=None,
+                       choices=["none", "auto", "qwen3", "deepseek_r1"],
+                       help="how the model's thinking is split into reasoning_content")
     model.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=None, help="reuse the KV of shared prompt prefixes (default: on)")
     pools = p.add_argument_group("splitserve")
