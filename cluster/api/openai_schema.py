@@ -444,6 +444,14 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
     return data
 
 
+async def read_request(request: Request, model_cls: type[_Body], max_body_bytes: int) -> Any:
+    """The request's body as ``model_cls`` (``read_json``, ``parse_body``),
+    its fields checked as supported."""
+    body = parse_body(model_cls, await read_json(request, max_body_bytes))
+    body.check_supported()
+    return body
+
+
 def parse_body(model_cls: type[_Body], data: dict) -> Any:
     """The request model of ``data``; a field of ``model_cls.REFUSED`` is a
     400 naming it and saying why (null counts as absent), an unknown one a
