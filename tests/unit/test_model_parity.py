@@ -61,6 +61,25 @@ def run(model: CausalLM, kv: torch.Tensor, ids: list[int], positions: torch.Tens
     return model.compute_logits(model(torch.tensor(ids), positions, kv, meta))
 
 
+def prompt_logits(model: CausalLM, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The logits of PROMPT, prefilled into a fresh cache."""
+    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
+    return run(model, new_cache(model, dtype), PROMPT, positions, meta)
+
+
+def greedy_tokens(model: CausalLM, n: int) -> list[int]:
+    """PROMPT prefilled, then ``n - 1`` decode-only steps through the paged
+    cache, each fed the last argmax: the ``n`` greedy tokens."""
+    kv = new_cache(model)
+    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
+    generated = [int(run(model, kv, PROMPT, positions, meta)[-1].argmax())]
+    for step in range(n - 1):
+        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
+        assert meta.decode_only
+        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
+    return generated
+
+
 @torch.no_grad()
 def hf_logits(ref, ids: list[int]) -> torch.Tensor:
     return ref(torch.tensor([ids])).logits[0].float()
@@ -69,8 +88,7 @@ def hf_logits(ref, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
 def test_prefill_logits_match_transformers(parity_models, variant):
     model, ref = parity_models(variant)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model), PROMPT, positions, meta)
+    logits = prompt_logits(model)
     assert logits.dtype == torch.float32 and logits.shape == (len(PROMPT), model.cfg.vocab_size)
     torch.testing.assert_close(logits, hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
 
@@ -78,14 +96,7 @@ def test_prefill_logits_match_transformers(parity_models, variant):
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
 def test_greedy_decode_matches_generate(parity_models, variant):
     model, ref = parity_models(variant)
-    kv = new_cache(model)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    next_id = int(run(model, kv, PROMPT, positions, meta)[-1].argmax())
-    generated = [next_id]
-    for step in range(7):
-        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
-        assert meta.decode_only
-        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
+    generated = greedy_tokens(model, 8)
     with torch.no_grad():
         expected = ref.generate(
             torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
@@ -149,8 +160,7 @@ def test_half_precision_close_to_reference(tiny_checkpoints, dtype, atol):
     assert ck.model_config.dtype == "bfloat16"
     model = load_model(ck, dtype)
     assert model.embed_tokens.dtype == dtype
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model, dtype), PROMPT, positions, meta)
+    logits = prompt_logits(model, dtype)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, hf_logits(hf_model(path), PROMPT), atol=atol, rtol=0)
 

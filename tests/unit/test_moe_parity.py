@@ -19,28 +19,21 @@ from splitserve.engine.models import MoECausalLM
 from splitserve.engine.models.moe import SparseMoeBlock, route
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import MOE_VARIANTS, hf_greedy
-from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
+from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, greedy_tokens, hf_logits, new_cache,
+                                          prompt_logits, run, step_meta)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
 def test_prefill_logits_match_transformers(parity_models, variant):
     model, ref = parity_models(variant)
     assert isinstance(model, MoECausalLM)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model), PROMPT, positions, meta)
-    torch.testing.assert_close(logits, hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
+    torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
 def test_greedy_decode_matches_generate(parity_models, variant):
     model, ref = parity_models(variant)
-    kv = new_cache(model)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    generated = [int(run(model, kv, PROMPT, positions, meta)[-1].argmax())]
-    for step in range(7):
-        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
-        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
-    assert generated == hf_greedy(ref, [PROMPT], 8)[0]
+    assert greedy_tokens(model, 8) == hf_greedy(ref, [PROMPT], 8)[0]
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
