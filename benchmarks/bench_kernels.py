@@ -19,6 +19,7 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,18 +47,26 @@ class Result:
     reference_ms: float | None
 
 
-def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3, cuda: bool = True) -> float:
+    """Median milliseconds of ``fn`` after ``warmup`` calls: CUDA events when
+    ``cuda``, else the wall clock."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

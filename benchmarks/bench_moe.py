@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -33,6 +30,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_kernels import time_ms  # noqa: E402
 from splitserve.cluster.bench.record import write_record  # noqa: E402
 from splitserve.cluster.bench.report import table  # noqa: E402
 
@@ -63,25 +61,6 @@ class Result:
     correct: bool  # max_abs_err within TOLERANCE of max_abs_out
 
 
-def time_ms(fn: Callable[[], object], iters: int, cuda: bool, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def inputs(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, device: str, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(t, h, generator=g, device=device).to(dtype)
@@ -106,8 +85,8 @@ def bench(models: list[str], tokens: tuple[int, ...], dtype: torch.dtype, iters:
             fused, loop = fused_moe(*args), loop_moe(*args)
             err = (fused.float() - loop.float()).abs().max().item()
             out = loop.float().abs().max().item()
-            fused_ms = time_ms(lambda: fused_moe(*args), iters, cuda)
-            loop_ms = time_ms(lambda: loop_moe(*args), iters, cuda)
+            fused_ms = time_ms(lambda: fused_moe(*args), iters, warmup=2, cuda=cuda)
+            loop_ms = time_ms(lambda: loop_moe(*args), iters, warmup=2, cuda=cuda)
             used = args[4].unique().numel()
             weight_bytes = used * 3 * h * i * args[1].element_size()
             results.append(Result(

@@ -44,8 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from splitserve.cluster.bench.record import write_json  # noqa: E402
+from splitserve.cluster.planning.handoff_probe import CountingSink  # noqa: E402
 from splitserve.handoff.transfer import chunks as chunk_checks  # noqa: E402
-from splitserve.handoff.transfer.base import KVSink, TransportConfig, make_header  # noqa: E402
+from splitserve.handoff.transfer.base import TransportConfig, make_header  # noqa: E402
 from splitserve.handoff.transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender  # noqa: E402
 
 TOKEN = "bench-token"
@@ -53,22 +54,9 @@ TUNED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_"
                 "MALLOC_TOP_PAD_": str(64 << 20)}
 
 
-class _CountingSink(KVSink):
-    """Stores nothing beyond what the receiver already landed; counts bytes."""
-
-    def __init__(self):
-        self.nbytes = 0
-
-    def expect(self, handoff_id: str) -> int:
-        return 1 << 40
-
-    def write_layers(self, header, buf) -> None:
-        self.nbytes += header.nbytes
-
-
 def _grpc_receiver(config: TransportConfig, ready, stop) -> None:
     rx = GrpcKVReceiver(config)
-    ready.put(rx.start(_CountingSink()))
+    ready.put(rx.start(CountingSink()))
     stop.wait()
     rx.stop(0.5)
 

@@ -15,7 +15,6 @@ cluster/planning/catalog.yaml.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.datasets import parse_length_dist  # noqa: E402
+from splitserve.cluster.bench.record import print_and_dump  # noqa: E402
 from splitserve.cluster.config import parse_config  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.shapes import PRESETS  # noqa: E402
@@ -89,10 +89,7 @@ def main() -> int:
                "ratio": best["disaggregated"] / best["colocated"] if best["colocated"] else None,
                "profile": "derived: roofline of llama-3.1-8b on h100-sxm datasheet figures",
                "points": points}
-    print(json.dumps({k: v for k, v in summary.items() if k != "points"}, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
+    print_and_dump({k: v for k, v in summary.items() if k != "points"}, summary, args.out)
     return 0
 
 

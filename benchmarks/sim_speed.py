@@ -17,7 +17,6 @@ where the time goes per request.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.datasets import parse_length_dist  # noqa: E402
+from splitserve.cluster.bench.record import print_and_dump  # noqa: E402
 from splitserve.cluster.config import parse_config  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.hardware import catalog  # noqa: E402
@@ -117,10 +117,7 @@ def main() -> int:
         "machine": os.uname().nodename, "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    print_and_dump(out, out, args.out)
     return 0
 
 

@@ -46,7 +46,7 @@ from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choi
     TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params, open_choices, sse_data)
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
-from splitserve.cluster.api.openai_schema import ApiError, parse_body, read_json
+from splitserve.cluster.api.openai_schema import ApiError, read_request
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
@@ -129,9 +129,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
-        body: schema.CompletionRequest = parse_body(
-            schema.CompletionRequest, await read_json(request, max_body_bytes))
-        body.check_supported()
+        body: schema.CompletionRequest = await read_request(
+            request, schema.CompletionRequest, max_body_bytes)
         prompts = body.prompt_inputs()
         max_model_len = backend.model_info(body.model).max_model_len
         for p in prompts:
@@ -144,9 +143,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         t0 = time.perf_counter()
-        body: schema.ChatCompletionRequest = parse_body(
-            schema.ChatCompletionRequest, await read_json(request, max_body_bytes))
-        body.check_supported()
+        body: schema.ChatCompletionRequest = await read_request(
+            request, schema.ChatCompletionRequest, max_body_bytes)
         kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")

@@ -355,15 +355,20 @@ class ChatCompletionRequest(_Common):
     def text_chars(self) -> int:
         """Characters of the messages' text (contents, tool call arguments):
         what the prompt's length in tokens follows."""
-        total = 0
-        for m in self.messages:
-            parts = m.content if isinstance(m.content, list) else [m.content]
-            total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
-            for call in m.tool_calls or ():
-                fn = call.get("function")
-                args = fn.get("arguments") if isinstance(fn, dict) else None
-                total += len(args) if isinstance(args, str) else 0
-        return total
+        return messages_text_chars(self.messages)
+
+
+def messages_text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text (contents, tool call arguments)."""
+    total = 0
+    for m in messages:
+        parts = m.content if isinstance(m.content, list) else [m.content]
+        total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
+        for call in m.tool_calls or ():
+            fn = call.get("function")
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            total += len(args) if isinstance(args, str) else 0
+    return total
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -437,6 +442,14 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
                 raise ApiError(400, f"{key[:100]} has a string that is not valid Unicode (a lone "
                                "surrogate)", param=key, code="invalid_encoding") from None
     return data
+
+
+async def read_request(request: Request, model_cls: type[_Body], max_body_bytes: int) -> Any:
+    """The request's body as ``model_cls`` (``read_json``, ``parse_body``),
+    its fields checked as supported."""
+    body = parse_body(model_cls, await read_json(request, max_body_bytes))
+    body.check_supported()
+    return body
 
 
 def parse_body(model_cls: type[_Body], data: dict) -> Any:

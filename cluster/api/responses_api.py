@@ -36,7 +36,7 @@ from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat
 from splitserve.cluster.api.http_stream import (TIMINGS_HEADER, Choices, ClientGone, SSEResponse,
                                                 api_error, open_choices, sse_data)
-from splitserve.cluster.api.openai_schema import parse_body, read_json
+from splitserve.cluster.api.openai_schema import read_request
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.responses_output import OutputItems, response_usage, status_of
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error
@@ -48,8 +48,7 @@ def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes:
     @app.post("/v1/responses")
     async def create_response(request: Request) -> Response:
         t0 = time.perf_counter()
-        body: ResponsesRequest = parse_body(ResponsesRequest, await read_json(request, max_body_bytes))
-        body.check_supported()
+        body: ResponsesRequest = await read_request(request, ResponsesRequest, max_body_bytes)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len, "input")
         chat = await pool.run(_prepare, backend, body)
         rid = f"resp_{uuid.uuid4().hex}"

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
 from splitserve.cluster.api.backend import Backend
-from splitserve.cluster.api.openai_schema import ChatMessage, parse_body, read_json
+from splitserve.cluster.api.openai_schema import ChatMessage, messages_text_chars, parse_body, read_json
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.tool_calls import template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
@@ -74,15 +74,7 @@ class TokenizeChat(_Body):
 
     def text_chars(self) -> int:
         """Characters of the messages' text and tool call arguments."""
-        total = 0
-        for m in self.messages:
-            parts = m.content if isinstance(m.content, list) else [m.content]
-            total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
-            for call in m.tool_calls or ():
-                fn = call.get("function")
-                args = fn.get("arguments") if isinstance(fn, dict) else None
-                total += len(args) if isinstance(args, str) else 0
-        return total
+        return messages_text_chars(self.messages)
 
 
 class Detokenize(_Body):

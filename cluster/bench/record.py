@@ -74,6 +74,14 @@ def write_json(path: str | Path, rec: dict[str, Any],
     p.write_text(json.dumps(_nan_to_none(rec), indent=2, default=default))
 
 
+def print_and_dump(shown: dict[str, Any], rec: dict[str, Any], path: str | Path | None) -> None:
+    """Print ``shown`` as JSON; write ``rec`` as JSON to ``path`` unless it is None."""
+    print(json.dumps(shown, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=1)
+
+
 def write_record(path: str | Path | None, name: str, results: dict[str, Any]) -> dict[str, Any]:
     """The header and ``results`` as one record, written to ``path`` unless it is None."""
     rec = {**record_header(name), "results": results}

@@ -17,7 +17,9 @@ import torch
 from splitserve.handoff.transfer.base import KVSink, TransportConfig, get_transport, make_header
 
 
-class _CountingSink(KVSink):
+class CountingSink(KVSink):
+    """Stores nothing beyond what the receiver already landed; counts bytes."""
+
     def __init__(self):
         self.nbytes = 0
 
@@ -44,7 +46,7 @@ def measure_transport(transport: str, num_layers: int, num_kv_heads: int, head_d
     msg = 1 << 20
     cfg = TransportConfig(token="profile-probe", chunk_bytes=msg, max_message_bytes=msg + 4096)
     rx = receiver_cls(cfg)
-    endpoint = rx.start(_CountingSink())
+    endpoint = rx.start(CountingSink())
     tx = sender_cls(cfg)
     loop = asyncio.new_event_loop()
     try:

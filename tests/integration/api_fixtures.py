@@ -1,17 +1,25 @@
 """Fixtures shared by the HTTP and gRPC API tests: real engines on tiny
-checkpoints behind a LocalBackend, and a polling helper."""
+checkpoints behind a LocalBackend, the HTTP API serving it from a thread
+(``url``, an OpenAI ``client`` of it), and a polling helper."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
+import openai
 import pytest
+import uvicorn
 
 from splitserve.cluster.api.backend import LocalBackend
+from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.default_model import ensure_default_model
 from splitserve.engine.llm_engine import LLMEngine
+
+KEY = "sk-test-key"
 
 
 def make_engine(path, name):
@@ -49,3 +57,38 @@ def local(engines):
     backend = LocalBackend(engines)
     yield backend
     asyncio.run(backend.close())
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) from a thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(local):
+    """The HTTP API of ``local``, key ``KEY``, served from a thread."""
+    server = ServerThread(build_http_app(local, [KEY], 1 << 20))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)

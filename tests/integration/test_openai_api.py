@@ -7,14 +7,11 @@ frees its KV blocks."""
 import asyncio
 import json
 import re
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from tests.fixtures.admission import AdmissionBackend
 from splitserve.cluster.api.backend import Overloaded, Unavailable, UnknownModel
@@ -22,35 +19,12 @@ from splitserve.cluster.api.openai_api import api_error, build_http_app, choice_
 from splitserve.cluster.api.openai_response import MIN_LOGPROB, chat_logprobs, completion_logprobs
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
-from tests.integration.api_fixtures import engines, local, paths, refs, wait_until  # noqa: F401
+from tests.integration.api_fixtures import (KEY, ServerThread, client, engines, local, paths,  # noqa: F401
+                                            refs, wait_until)
 
-KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 << 10
 SLOW_RETRY_S = 1.5
-
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) from a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +34,6 @@ def url(local):
     server = ServerThread(build_http_app(backend, [KEY], MAX_BODY))
     yield server.url
     server.stop()
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def idle(local, engines):

@@ -22,7 +22,7 @@ from splitserve.engine.default_model import ensure_default_model
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import (DEEPSEEK_R1_TEMPLATE, QWEN3_THINKING_TEMPLATE,
                                         with_chat_template)
-from tests.integration.api_fixtures import make_engine
+from tests.integration.api_fixtures import client, make_engine, url  # noqa: F401
 from tests.integration.test_grpc_api import GrpcServerThread
 from tests.integration.test_openai_api import KEY, ServerThread
 
@@ -54,18 +54,6 @@ def local(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(base):
     return make_engine(base, "ref")
-
-
-@pytest.fixture(scope="module")
-def url(local):
-    server = ServerThread(build_http_app(local, [KEY], 1 << 20))
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def reference(local, ref, model, params, tools=None, **template_kwargs):

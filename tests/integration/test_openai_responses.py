@@ -14,11 +14,10 @@ import openai
 import pytest
 
 from splitserve.cluster.api.backend import LocalBackend
-from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.engine.default_model import ensure_default_model
 from tests.fixtures.checkpoints import QWEN3_THINKING_TEMPLATE, with_chat_template
-from tests.integration.api_fixtures import make_engine, wait_until
-from tests.integration.test_openai_api import AUTH, KEY, ServerThread
+from tests.integration.api_fixtures import client, make_engine, url, wait_until  # noqa: F401
+from tests.integration.test_openai_api import AUTH
 
 MODEL, THINKING = "slow", "thinking"
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {
@@ -38,18 +37,6 @@ def local(tmp_path_factory):
     backend = LocalBackend({MODEL: make_engine(base, MODEL), THINKING: make_engine(thinking, THINKING)})
     yield backend
     asyncio.run(backend.close())
-
-
-@pytest.fixture(scope="module")
-def url(local):
-    server = ServerThread(build_http_app(local, [KEY], 1 << 20))
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def idle(local):

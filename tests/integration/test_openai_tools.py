@@ -14,7 +14,7 @@ from splitserve.cluster.api.backend import LocalBackend
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.tool_calls import template_messages
 from splitserve.engine.sampling_params import SamplingParams
-from tests.integration.api_fixtures import engines, local, make_engine, paths  # noqa: F401
+from tests.integration.api_fixtures import client, engines, local, make_engine, paths, url  # noqa: F401
 from tests.integration.test_openai_api import INVALID, KEY, ServerThread, assert_error, idle, post
 
 WEATHER = {"type": "function", "function": {
@@ -30,21 +30,9 @@ HERMES_CALL = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[
 
 
 @pytest.fixture(scope="module")
-def url(local):
-    server = ServerThread(build_http_app(local, [KEY], 1 << 20))
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def ref(paths):
     """A second engine of the served model: the reference outputs."""
     return make_engine(paths[MODEL], MODEL)
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def prompt_ids(engine, messages, tools):

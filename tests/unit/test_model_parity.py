@@ -61,45 +61,42 @@ def run(model: CausalLM, kv: torch.Tensor, ids: list[int], positions: torch.Tens
     return model.compute_logits(model(torch.tensor(ids), positions, kv, meta))
 
 
+def prompt_logits(model: CausalLM, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The logits of PROMPT, prefilled into a fresh cache."""
+    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
+    return run(model, new_cache(model, dtype), PROMPT, positions, meta)
+
+
+def greedy_tokens(model: CausalLM, n: int) -> list[int]:
+    """PROMPT prefilled, then ``n - 1`` decode-only steps through the paged
+    cache, each fed the last argmax: the ``n`` greedy tokens."""
+    kv = new_cache(model)
+    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
+    generated = [int(run(model, kv, PROMPT, positions, meta)[-1].argmax())]
+    for step in range(n - 1):
+        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
+        assert meta.decode_only
+        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
+    return generated
+
+
 @torch.no_grad()
 def hf_logits(ref, ids: list[int]) -> torch.Tensor:
     return ref(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoints):
-    """variant -> (our fp32 model, transformers fp32 model); built on demand."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tiny_checkpoints[name]
-            cache[name] = (load_model(load_checkpoint(path), torch.float32), hf_model(path))
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
-def test_prefill_logits_match_transformers(loaded, variant):
-    model, ref = loaded(variant)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model), PROMPT, positions, meta)
+def test_prefill_logits_match_transformers(parity_models, variant):
+    model, ref = parity_models(variant)
+    logits = prompt_logits(model)
     assert logits.dtype == torch.float32 and logits.shape == (len(PROMPT), model.cfg.vocab_size)
     torch.testing.assert_close(logits, hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
-def test_greedy_decode_matches_generate(loaded, variant):
-    model, ref = loaded(variant)
-    kv = new_cache(model)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    next_id = int(run(model, kv, PROMPT, positions, meta)[-1].argmax())
-    generated = [next_id]
-    for step in range(7):
-        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
-        assert meta.decode_only
-        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
+def test_greedy_decode_matches_generate(parity_models, variant):
+    model, ref = parity_models(variant)
+    generated = greedy_tokens(model, 8)
     with torch.no_grad():
         expected = ref.generate(
             torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
@@ -107,8 +104,8 @@ def test_greedy_decode_matches_generate(loaded, variant):
     assert generated == expected
 
 
-def test_batched_prefill_matches_each_sequence(loaded):
-    model, ref = loaded("qwen3")
+def test_batched_prefill_matches_each_sequence(parity_models):
+    model, ref = parity_models("qwen3")
     a, b = PROMPT[:7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9]
     # b's blocks deliberately out of order and interleaved with nothing of a's
     tables = [[0, 1], [9, 4, 7, 12]]
@@ -123,8 +120,8 @@ def test_batched_prefill_matches_each_sequence(loaded):
     torch.testing.assert_close(logits[len(a):], hf_logits(ref, b), atol=ATOL, rtol=0)
 
 
-def test_batched_decode_and_chunked_prefill_match_transformers(loaded):
-    model, ref = loaded("llama3_rope")
+def test_batched_decode_and_chunked_prefill_match_transformers(parity_models):
+    model, ref = parity_models("llama3_rope")
     a, b = PROMPT, PROMPT[::-1][:9]
     tables = [[2, 0, 5, 6], [1, 3, 4]]
     kv = new_cache(model)
@@ -144,8 +141,8 @@ def test_batched_decode_and_chunked_prefill_match_transformers(loaded):
     torch.testing.assert_close(step[1], hf_logits(ref, b + nxt[1:])[-1], atol=ATOL, rtol=0)
 
 
-def test_sharded_checkpoint_loads_the_same_weights(tiny_checkpoints, loaded):
-    single, _ = loaded("llama")
+def test_sharded_checkpoint_loads_the_same_weights(tiny_checkpoints, parity_models):
+    single, _ = parity_models("llama")
     ck = load_checkpoint(tiny_checkpoints["llama_sharded"])
     assert len(ck.weight_files) > 1
     sharded = load_model(ck, torch.float32)
@@ -163,16 +160,15 @@ def test_half_precision_close_to_reference(tiny_checkpoints, dtype, atol):
     assert ck.model_config.dtype == "bfloat16"
     model = load_model(ck, dtype)
     assert model.embed_tokens.dtype == dtype
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model, dtype), PROMPT, positions, meta)
+    logits = prompt_logits(model, dtype)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, hf_logits(hf_model(path), PROMPT), atol=atol, rtol=0)
 
 
-def test_tied_embeddings_share_one_tensor(loaded):
-    model, _ = loaded("llama_tied")
+def test_tied_embeddings_share_one_tensor(parity_models):
+    model, _ = parity_models("llama_tied")
     assert model.lm_head is None and model.lm_head_weight is model.embed_tokens
-    untied, _ = loaded("llama")
+    untied, _ = parity_models("llama")
     assert untied.lm_head is not None
 
 

@@ -14,52 +14,31 @@ import torch
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.models import MoECausalLM
 from splitserve.engine.models.moe import SparseMoeBlock, route
 from splitserve.engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import MOE_VARIANTS, hf_greedy, hf_model
-from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoints):
-    """variant -> (our fp32 model, transformers fp32 model); built on demand."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tiny_checkpoints[name]
-            cache[name] = (load_model(load_checkpoint(path), torch.float32), hf_model(path))
-        return cache[name]
-
-    return get
+from tests.fixtures.checkpoints import MOE_VARIANTS, hf_greedy
+from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, greedy_tokens, hf_logits, new_cache,
+                                          prompt_logits, run, step_meta)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
-def test_prefill_logits_match_transformers(loaded, variant):
-    model, ref = loaded(variant)
+def test_prefill_logits_match_transformers(parity_models, variant):
+    model, ref = parity_models(variant)
     assert isinstance(model, MoECausalLM)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    logits = run(model, new_cache(model), PROMPT, positions, meta)
-    torch.testing.assert_close(logits, hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
+    torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
-def test_greedy_decode_matches_generate(loaded, variant):
-    model, ref = loaded(variant)
-    kv = new_cache(model)
-    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
-    generated = [int(run(model, kv, PROMPT, positions, meta)[-1].argmax())]
-    for step in range(7):
-        positions, meta = step_meta([IDENTITY_TABLE], [len(PROMPT) + step], [1])
-        generated.append(int(run(model, kv, [generated[-1]], positions, meta)[-1].argmax()))
-    assert generated == hf_greedy(ref, [PROMPT], 8)[0]
+def test_greedy_decode_matches_generate(parity_models, variant):
+    model, ref = parity_models(variant)
+    assert greedy_tokens(model, 8) == hf_greedy(ref, [PROMPT], 8)[0]
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
-def test_engine_greedy_matches_transformers(tiny_checkpoints, loaded, variant):
-    _, ref = loaded(variant)
+def test_engine_greedy_matches_transformers(tiny_checkpoints, parity_models, variant):
+    _, ref = parity_models(variant)
     prompts = [[5, 9, 13], [7] * 9, list(range(20, 37)), PROMPT]
     want = hf_greedy(ref, prompts, 6)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -71,9 +50,9 @@ def test_engine_greedy_matches_transformers(tiny_checkpoints, loaded, variant):
     assert eng.kv.all_free()
 
 
-def test_engine_on_triton_kernels_matches_transformers(tiny_checkpoints, loaded, monkeypatch):
+def test_engine_on_triton_kernels_matches_transformers(tiny_checkpoints, parity_models, monkeypatch):
     # every op, fused_moe included, through the Triton kernels (interpreted on CPU)
-    _, ref = loaded("mixtral")
+    _, ref = parity_models("mixtral")
     prompts = [[5, 9, 13], list(range(20, 29))]  # the second in two chunks
     want = hf_greedy(ref, prompts, 2)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "triton")
@@ -85,9 +64,9 @@ def test_engine_on_triton_kernels_matches_transformers(tiny_checkpoints, loaded,
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
-def test_parity_depends_on_each_familys_normalisation(loaded, variant):
+def test_parity_depends_on_each_familys_normalisation(parity_models, variant):
     # the other family's normalisation moves the logits well past the tolerance
-    model, ref = loaded(variant)
+    model, ref = parity_models(variant)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     positions, meta = step_meta([IDENTITY_TABLE], [0], [len(PROMPT)])
     try:

@@ -13,7 +13,6 @@ from splitserve.cluster.planning.sim.sequence import SimSequence
 from splitserve.cluster.planning.step_model import StepTimeModel
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.sequence import FinishReason
 
 # a memory form and a compute form: the run crosses from one to the other
 MODEL = StepTimeModel(forms=((0.001, 1e-5, 1e-8, 2e-4, 1e-6), (0.004, 0, 0, 0, 3e-6)),
@@ -56,15 +55,7 @@ def run(coalesce: bool, blocks: int, n: int, seed: int, max_seqs: int = 8):
                 if rep.kv.reserve(seq.seq_id, seq.block_hashes(), plen) is None:
                     rec.events.append(("refused", seq.seq_id, loop.now))
                     return
-                seq.num_computed_tokens = plen
-                seq.append_token(0)
-                rep.kv.cache_full_blocks(seq)
-                rec.on_first_token(rep, seq)
-                if seq.done:
-                    rep.sched.finish(seq, FinishReason.LENGTH)
-                    rec.on_finished(rep, seq)
-                else:
-                    rep.add_running(seq)
+                rep.admit_imported(seq, plen)
             rep.call(commit)
         loop.at(t, arrive)
 

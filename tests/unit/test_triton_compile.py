@@ -13,29 +13,16 @@ under which ``triton.jit`` makes interpreted functions that cannot compile.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 triton = pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[2]
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+from tests.fixtures.triton_compile import compile_cubin, compile_in_subprocess, needs_ptxas, record_launches  # noqa: E402
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+@needs_ptxas
 def test_kernels_compile_for_nvidia_targets():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    compiled = [line for line in proc.stdout.splitlines() if line.startswith("compiled ")]
-    assert len(compiled) == len(CASE_NAMES), proc.stdout
+    compile_in_subprocess(__file__, len(CASE_NAMES), timeout=540)
 
 
 CASE_NAMES = [
@@ -43,13 +30,10 @@ CASE_NAMES = [
     "store_kv fp8", "pack_kv", "unpack_kv", "decode one split bf16", "decode split fp8 sm90",
     "decode split fp8 sm80", "decode reduce", "prefill G=4 bf16", "prefill G=7 fp8", "prefill G=4 fp32 sm80",
 ]
-SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in maximum
 
 
 def _main() -> None:  # runs in the subprocess, without the interpreter
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     import splitserve.kernels.triton.activation as act
     import splitserve.kernels.triton.decode_attention as dec
@@ -59,54 +43,12 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
     import splitserve.kernels.triton.rmsnorm as rms
     import splitserve.kernels.triton.rope as rope
 
-    types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-             torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
-
-    def record(module, kernel: str, launch):
-        """Run ``launch`` with every ``*_kernel`` of ``module`` recording
-        instead of launching; return (kernel, [(args, kwargs)]) for ``kernel``."""
-        calls, originals = [], {n: getattr(module, n) for n in dir(module) if n.endswith("_kernel")}
-
-        class Recorder:
-            def __init__(self, name):
-                self.name = name
-
-            def __getitem__(self, grid):
-                return lambda *a, **kw: calls.append((a, kw)) if self.name == kernel else None
-
-        for n in originals:
-            setattr(module, n, Recorder(n))
-        try:
-            launch()
-        finally:
-            for n, fn in originals.items():
-                setattr(module, n, fn)
-        assert calls, f"{kernel} was not launched"
-        return originals[kernel], calls
-
-    def signature(fn, args, constexprs):
-        sig = {}
-        for name, a in zip(fn.arg_names, args):
-            if isinstance(a, torch.Tensor):
-                sig[name] = "*" + types[a.dtype]
-            elif isinstance(a, bool):
-                sig[name] = "i1"
-            elif isinstance(a, int):
-                sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
-            else:
-                sig[name] = "fp32"
-        sig.update({name: "constexpr" for name in constexprs})
-        return {name: sig[name] for name in fn.arg_names}
-
     def compile_case(name, module, kernel, launch, gpu_constexprs=None, arch=90):
-        fn, calls = record(module, kernel, launch)
+        fn, calls = record_launches(module, (kernel,), launch)[kernel]
         args, kw = calls[0]
         kw = {**kw, **(gpu_constexprs or {})}
         options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-        src = ASTSource(fn, signature(fn, args, kw), constexprs=kw)
-        binary = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        assert binary.asm["cubin"], name
-        assert binary.metadata.shared <= SHARED_MEMORY_LIMIT[arch], (name, binary.metadata.shared)
+        binary = compile_cubin(name, fn, args, kw, arch, options)
         print(f"compiled {name} sm_{arch} shared={binary.metadata.shared}", flush=True)
 
     bf, f8 = torch.bfloat16, torch.float8_e4m3fn

@@ -125,6 +125,20 @@ class SimReplica:
             self._B += 1
             self._C += seq.num_computed_tokens + 1
 
+    def admit_imported(self, seq: SimSequence, computed: int) -> None:
+        """Admit a sequence whose ``computed`` prompt tokens' KV arrived by
+        hand-off, with the first token the prefill replica sampled: it
+        finishes if that was its last token, else it runs."""
+        seq.num_computed_tokens = computed
+        seq.append_token(0)
+        self.kv.cache_full_blocks(seq)
+        self.hooks.on_first_token(self, seq)
+        if seq.done:
+            self.sched.finish(seq, FinishReason.LENGTH)
+            self.hooks.on_finished(self, seq)
+        else:
+            self.add_running(seq)
+
     def kick(self) -> None:
         """Start the next step if idle and there is work."""
         if self.busy or not self.alive or self._in_drain:

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.sequence import SimSequence, output_block_hash
-from splitserve.engine.sequence import FinishReason
 from splitserve.router.types import NoCapacityError, OverloadedError, QueueDelayError
 
 if TYPE_CHECKING:
@@ -243,17 +242,9 @@ class Serving:
         rep.handoff_bytes += req.nbytes
         n = req.prompt_len + req.produced
         seq = self._new_seq(req, req.output_len - req.produced)
-        seq.num_computed_tokens = n
         seq.num_cached_tokens = req.cached
-        seq.append_token(0)  # the first token, sampled by the prefill replica
-        rep.kv.cache_full_blocks(seq)
         req.seq = seq
-        self.on_first_token(rep, seq)
-        if seq.done:
-            rep.sched.finish(seq, FinishReason.LENGTH)
-            self.on_finished(rep, seq)
-        else:
-            rep.add_running(seq)
+        rep.admit_imported(seq, n)  # with the first token, sampled by the prefill replica
 
     def _prefill_failed(self, req: SimRequest) -> None:
         """The Prefill RPC failed: cancel the reservation, then (``local``)
