@@ -60,7 +60,10 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """Every request body of the HTTP API: strict types, unknown fields refused,
+    and the field policy tables docs/api.md lists."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
 
     # Fields refused whatever their value (unless null): name -> why, or what to send instead.
@@ -82,7 +85,7 @@ def _short(value: Any) -> str:
     return json.dumps(value)[:60]
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted for vLLM clients; usage comes at the end
 
@@ -92,7 +95,7 @@ _NULLABLE_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presenc
 _STRUCTURED = "send structured_outputs: {json | regex | choice | grammar: ...} (vLLM's current name)"
 
 
-class Sampling(_Body):
+class Sampling(RequestBody):
     """What every generation endpoint takes (completions, chat, Responses):
     the sampling parameters, vLLM's extensions among them, and the fields
     other servers accept that splitserve accepts, ignores or refuses."""
@@ -256,7 +259,7 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -444,7 +447,7 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
     return data
 
 
-async def read_request(request: Request, model_cls: type[_Body], max_body_bytes: int) -> Any:
+async def read_request(request: Request, model_cls: type[RequestBody], max_body_bytes: int) -> Any:
     """The request's body as ``model_cls`` (``read_json``, ``parse_body``),
     its fields checked as supported."""
     body = parse_body(model_cls, await read_json(request, max_body_bytes))
@@ -452,7 +455,7 @@ async def read_request(request: Request, model_cls: type[_Body], max_body_bytes:
     return body
 
 
-def parse_body(model_cls: type[_Body], data: dict) -> Any:
+def parse_body(model_cls: type[RequestBody], data: dict) -> Any:
     """The request model of ``data``; a field of ``model_cls.REFUSED`` is a
     400 naming it and saying why (null counts as absent), an unknown one a
     400 naming it (a typo must not silently change what runs)."""

@@ -22,10 +22,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict
 
 from splitserve.cluster.api.backend import Backend
-from splitserve.cluster.api.openai_schema import ChatMessage, messages_text_chars, parse_body, read_json
+from splitserve.cluster.api.openai_schema import (ChatMessage, RequestBody, messages_text_chars,
+                                                parse_body, read_json)
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.tool_calls import template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
@@ -36,18 +36,14 @@ from splitserve.engine.limits import check_prompt_chars
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools"})
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")  # as the generation routes' bodies
-
-
-class TokenizeCompletion(_Body):
+class TokenizeCompletion(RequestBody):
     model: str
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: bool | None = False
 
 
-class TokenizeChat(_Body):
+class TokenizeChat(RequestBody):
     model: str
     messages: list[ChatMessage]
     add_generation_prompt: bool = True
@@ -77,7 +73,7 @@ class TokenizeChat(_Body):
         return messages_text_chars(self.messages)
 
 
-class Detokenize(_Body):
+class Detokenize(RequestBody):
     model: str
     tokens: list[int]
 
