@@ -221,14 +221,11 @@ def build_request(args, db):
         speculative=_strs(args.speculative), policies=_strs(args.policies),
         local_prefill=_ints(args.local_prefill), autoscaling=_strs(args.autoscaling),
         max_replicas=args.max_replicas)
-    longest = int((wl.inputs + wl.outputs).max() * 1.25)
-    max_len = int(min(1 << 20, max(16, 1024 * -(-longest // 1024))))
     req = PlanRequest(shape=shape, model_name=name, model_path=path, workload=wl, slo=slo,
                       offers=offers, max_ppl_increase=_floor(args.max_ppl_increase),
                       budget_per_hour=args.budget, space=space, finalists=args.finalists,
                       max_sims=args.max_sims, time_budget_s=args.time_budget, slack=args.slack,
-                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current,
-                      max_model_len=max_len)
+                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current)
     return req, current_cfg
 
 

@@ -101,7 +101,6 @@ class EmitContext:
     model_path: str | None
     ttft_s: float
     tpot_s: float
-    max_model_len: int | None
     trough: float  # lowest rate over the curve / peak rate
     network_bytes_per_s: float
     max_queue: int
@@ -167,8 +166,6 @@ def config_dict(plan: Plan, ctx: EmitContext) -> dict:
                  device="cpu" if cpu else "cuda")
     model.pop("num_blocks", None)
     model["kv_cache_memory_gb"] = round(max(e.kv_cache_memory_gb, 0.01), 3)
-    if ctx.max_model_len is not None:
-        model["max_model_len"] = ctx.max_model_len
     planned = ("model", "mode", "prefill", "decode")
     new_served = {k: v for k, v in served.items() if k not in planned}
     new_served["model"] = model
@@ -176,14 +173,19 @@ def config_dict(plan: Plan, ctx: EmitContext) -> dict:
     old_prefill = served.get("prefill") or {}
     old_decode = served.get("decode") or {}
     keep = ("node_type", "resources", "graceful_shutdown_timeout_s")
+
+    def pool(old: dict, p: PoolPlan, role: str) -> dict:
+        new = {**{k: old[k] for k in keep if k in old}, **_pool(p, role, plan, ctx)}
+        if not p.cpu and "num_cpus" in old:  # host CPUs of a GPU replica: not the plan's to set
+            new["num_cpus"] = old["num_cpus"]
+        return new
+
     if plan.layout == "disaggregated":
-        new_served["prefill"] = {**{k: old_prefill[k] for k in keep if k in old_prefill},
-                                 **_pool(plan.prefill, "prefill", plan, ctx)}
+        new_served["prefill"] = pool(old_prefill, plan.prefill, "prefill")
     elif old_prefill:
         new_served["prefill"] = old_prefill
-    new_served["decode"] = {**{k: old_decode[k] for k in keep if k in old_decode},
-                            **_pool(plan.decode, "decode" if plan.layout == "disaggregated"
-                                    else "colocated", plan, ctx)}
+    new_served["decode"] = pool(old_decode, plan.decode, "decode" if plan.layout ==
+                                "disaggregated" else "colocated")
     base["models"] = [new_served] + list(models[1:])
     router = dict(base.get("router") or {})
     router.update(policy=plan.policy, local_prefill_max_tokens=plan.local_prefill_max_tokens,

@@ -124,8 +124,9 @@ def explanation(res: PlanResult) -> list[str]:
                 f"Prefill pool ({pp.replicas} x {pp.hardware}): a full "
                 f"{p.engine.max_num_batched_tokens}-token step is {bound}-bound "
                 f"({m.get('tokens_per_s', 0):,.0f} prompt tokens/s per replica); estimated "
-                f"{m.get('busy', 0):.0%} busy at the peak, so it is bound by TTFT (prompts queueing), estimated p{slo.ttft_pct:g} "
-                f"{_ms(m.get('ttft_p', 0))} ms before the hand-off.")
+                f"{m.get('busy', 0):.0%} busy at the peak, so it is bound by TTFT (prompts "
+                f"queueing), estimated p{slo.ttft_pct:g} {_ms(m.get('ttft_p', 0))} ms before "
+                "the hand-off.")
         else:
             bound = "memory-bandwidth" if m.get("memory_bound") else "compute"
             what = "decode" if role == "decode" else "colocated"

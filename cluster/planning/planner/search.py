@@ -61,7 +61,6 @@ class PlanRequest:
     seed: int = 0
     kv_block_scale: int = 1
     base_config: dict | None = None  # the current config (re-planning): kept keys
-    max_model_len: int | None = None
 
 
 @dataclass
@@ -177,7 +176,7 @@ class Planner:
         wl = req.workload
         self.emit_ctx = EmitContext(
             model_name=req.model_name, model_path=req.model_path, ttft_s=req.slo.ttft_s,
-            tpot_s=req.slo.tpot_s, max_model_len=req.max_model_len,
+            tpot_s=req.slo.tpot_s,
             trough=float(wl.curve.min()) if len(wl.curve) else 1.0,
             network_bytes_per_s=min(d.hw.network_bandwidth * d.hw.efficiency.network
                                     * (1 if d.cpu else est.DEVICES_PER_NODE)
