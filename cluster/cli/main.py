@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops(sub)
     add_bench(sub)
+    from splitserve.cluster.cli.plan import add_subcommand as add_plan
+
     add_planning(sub)
+    add_plan(sub)
     return parser
 
 
