@@ -25,6 +25,7 @@ CURRENT = {
                 "decode": {"min_replicas": 3, "max_replicas": 3, "num_gpus": 1,
                            "autoscaling": None}}],
     "endpoints": {"host": "0.0.0.0", "http_port": 8080},
+    "auth": {"api_keys_env": "CHAT_API_KEYS"},
     "slo": {"ttft_s": 0.4, "tpot_s": 0.02},
 }
 
