@@ -14,13 +14,22 @@ same sums. Measured on 2-core AVX2 (fp32, 1-128 rows):
 - a single row of any other weight, and small square-ish weights: no
   faster or slower, so the reference runs.
 Odd row counts are padded to even ones, which take the faster kernels.
+
+``fp8_w8a16_linear`` (float32 activations): the fp8 weight is widened to
+float32 for the one call and multiplied by ``linear`` above; the weight
+stays fp8 in memory between calls (the float32 copy lives for one matmul).
+Per-tensor and per-channel scales multiply the [M, N] output instead of
+the [N, K] weight (one pass over the weight fewer); block scales expand
+over the weight. torch widens e4m3 element by element on the CPU, so this
+costs more per step than a float32 weight read: the CPU path saves memory,
+not time.
 """
 
 from __future__ import annotations
 
 import torch
 
-from splitserve.kernels import reference
+from splitserve.kernels import fp8_gemm, reference
 from splitserve.kernels.dispatch import register
 
 TALL_RATIO = 8  # out_features >= TALL_RATIO * in_features
@@ -49,4 +58,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     group_n: int, group_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = weight.shape
+    if x.dtype != torch.float32 or x.dim() != 2:
+        return fp8_gemm.fp8_w8a16_linear(x, weight, weight_scale, group_n, group_k, bias)
+    if group_k < k:  # scales vary along K: on the weight
+        w = fp8_gemm.dequantize_weight(weight, weight_scale, group_n, group_k)
+        return linear(x, w, None if bias is None else bias.float())
+    out = linear(x, weight.float())  # [M, N]
+    out *= weight_scale.reshape(-1).repeat_interleave(group_n)[:n] if group_n < n else weight_scale.reshape(())
+    if bias is not None:
+        out += bias
+    return out
+
+
 register("cpu", "linear", linear)
+register("cpu", "fp8_w8a16_linear", fp8_w8a16_linear)
