@@ -41,6 +41,10 @@ class ModelSpec(_Strict):
         "auto", description="Weight and activation dtype; auto: the checkpoint's.")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="KV cache element type; fp8 halves KV memory and hand-off bytes.")
+    weight_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="Projection weights: auto keeps the checkpoint's (fp8 checkpoints, "
+        "HF fp8 or compressed-tensors float8, stay fp8); fp8 quantizes an unquantized "
+        "checkpoint's at load, one scale per output channel (half of bf16's weight bytes).")
     block_size: int = Field(16, ge=1, le=256, description="Tokens per KV block (power of two).")
     max_model_len: int | None = Field(None, ge=16, description="Context cap; None: the model's.")
     num_blocks: int | None = Field(None, ge=16, description="KV blocks per replica; None: sized "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -79,6 +80,9 @@ class ModelConfig:
     o_proj_bias: bool = False  # Llama/Qwen3 ``attention_bias`` also covers o_proj
     mlp_bias: bool = False  # Llama ``mlp_bias``: gate/up/down carry a bias
     moe: MoEConfig | None = None  # None: every layer has a dense MLP
+    # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
+    # has read the weight files' headers) which tensors are fp8; None: unquantized
+    quantization: QuantizationConfig | None = None
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -129,6 +133,7 @@ class ModelConfig:
                 o_proj_bias=family in ("llama", "qwen3", "qwen3_moe") and cfg_bias,
                 mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
+                quantization=parse_quantization_config(cfg, source),
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -231,6 +236,9 @@ class EngineConfig:
     num_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 0.5
     kv_cache_dtype: str = "auto"  # auto (= model dtype) | fp8
+    # auto: the checkpoint's weights as stored (fp8 checkpoints stay fp8);
+    # fp8: an unquantized checkpoint's projections quantized at load, per channel
+    weight_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position
@@ -248,3 +256,5 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.weight_dtype not in ("auto", "fp8"):
+            raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")

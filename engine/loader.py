@@ -4,12 +4,14 @@
 generation_config.json, the safetensors index) and names the weight files;
 ``load_model`` builds the model and streams tensors into it one at a time
 from safetensors (memory-mapped), so peak host memory is one tensor, not a
-second copy of the model. Every problem surfaces as a ``CheckpointError``
+second copy of the model. FP8 checkpoints (``splitserve.engine.quantization``)
+keep their projections in fp8. Every problem surfaces as a ``CheckpointError``
 whose message names the directory and the file or tensor at fault.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +24,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models import CausalLM, build_model
 from splitserve.engine.models.rope import inv_freq_and_scale
+from splitserve.engine.quantization import scan_fp8_weights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,6 +77,14 @@ def load_checkpoint(path: str | Path, require_tokenizer: bool = False) -> Checkp
         inv_freq_and_scale(model_config)  # unsupported RoPE scaling fails here, not at load
     except CheckpointError as e:
         raise CheckpointError(f"{root}/{e}") from None
+    weight_files = _weight_files(root)
+    if model_config.quantization is not None:  # fp8: which tensors, with which scales
+        try:
+            quant = scan_fp8_weights(weight_files, model_config.quantization)
+        except CheckpointError as e:
+            msg = str(e)
+            raise CheckpointError(msg if msg.startswith(str(root)) else f"{root}: {msg}") from None
+        model_config = dataclasses.replace(model_config, quantization=quant)
     generation_config = read_json(root / "generation_config.json", "generation config",
                                   required=False)
     has_tokenizer = (root / TOKENIZER_FILE).is_file()
@@ -84,7 +95,7 @@ def load_checkpoint(path: str | Path, require_tokenizer: bool = False) -> Checkp
         model_config=model_config,
         generation_config=generation_config,
         has_tokenizer=has_tokenizer,
-        weight_files=_weight_files(root),
+        weight_files=weight_files,
         config=config,
     )
 
@@ -113,9 +124,18 @@ def load_model(
     checkpoint: Checkpoint,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    weight_dtype: str = "auto",
 ) -> CausalLM:
     """Build the checkpoint's model on ``device`` in ``dtype`` (default: the
-    checkpoint's own dtype) and fill it with the checkpoint's weights."""
+    checkpoint's own dtype) and fill it with the checkpoint's weights.
+
+    fp8 checkpoints load their projections in fp8 with their scales (the
+    rest in ``dtype``). ``weight_dtype="fp8"`` quantizes an unquantized
+    checkpoint's projections per output channel once loaded
+    (``CausalLM.quantize_fp8_``): the full-precision model exists until
+    then, and each layer's weights are replaced by fp8 ones in turn."""
+    if weight_dtype not in ("auto", "fp8"):
+        raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {weight_dtype!r}")
     dtype = dtype or checkpoint.model_config.torch_dtype
     model = build_model(checkpoint.model_config, dtype, device)
     stream = _TensorStream(checkpoint.weight_files)
@@ -127,4 +147,6 @@ def load_model(
                 raise
             raise CheckpointError(f"{checkpoint.path}: {e}") from None
         raise CheckpointError(f"{stream.current}: {e}") from None
+    if weight_dtype == "fp8":
+        model.quantize_fp8_()
     return model

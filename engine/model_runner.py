@@ -64,6 +64,8 @@ PromptLogprobs = dict[int, list[tuple[int, TokenLogprobs]]]
 class ModelRunner:
     def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig,
                  dtype: torch.dtype, device: torch.device, num_blocks: int):
+        if cfg.weight_dtype == "fp8":  # before CUDA graphs capture the projections
+            model.quantize_fp8_()
         self.model = model
         self.model_cfg = model_cfg
         self.cfg = cfg

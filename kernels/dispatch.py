@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from splitserve.kernels import reference
+from splitserve.kernels import fp8_gemm, reference
 
 OP_NAMES = (
     "linear",
@@ -31,13 +31,17 @@ OP_NAMES = (
     "pack_kv",
     "unpack_kv",
     "fused_moe",
+    "fp8_w8a16_linear",
+    "fp8_w8a8_linear",
+    "fp8_fused_moe",
 )
 
 # Backends that register themselves on import of their module.
 _BACKEND_MODULES = {"triton": "splitserve.kernels.triton_ops", "cpu": "splitserve.kernels.cpu_ops"}
 
+# The reference of each op: kernels/reference.py, and kernels/fp8_gemm.py for fp8 weights.
 _registry: dict[str, dict[str, Callable]] = {
-    "reference": {name: getattr(reference, name) for name in OP_NAMES}
+    "reference": {name: getattr(reference, name, None) or getattr(fp8_gemm, name) for name in OP_NAMES}
 }
 _forced = threading.local()
 

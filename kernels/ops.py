@@ -1,6 +1,7 @@
 """The ops the engine calls: each dispatches on its first tensor's device.
 
-Signatures and semantics are those of ``splitserve.kernels.reference``.
+Signatures and semantics are those of ``splitserve.kernels.reference``
+(``splitserve.kernels.fp8_gemm`` for the fp8-weight ops).
 """
 
 from __future__ import annotations
@@ -55,3 +56,17 @@ def unpack_kv(buf, kv_cache, block_ids, layer_start):
 
 def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids):
     return get_op("fused_moe", x.device)(x, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+def fp8_w8a16_linear(x, weight, weight_scale, group_n, group_k, bias=None):
+    return get_op("fp8_w8a16_linear", x.device)(x, weight, weight_scale, group_n, group_k, bias)
+
+
+def fp8_w8a8_linear(x, weight, weight_scale, group_n, group_k, bias=None):
+    return get_op("fp8_w8a8_linear", x.device)(x, weight, weight_scale, group_n, group_k, bias)
+
+
+def fp8_fused_moe(x, w_gate_up, gate_up_scale, gate_up_groups, w_down, down_scale, down_groups,
+                  topk_weights, topk_ids):
+    return get_op("fp8_fused_moe", x.device)(x, w_gate_up, gate_up_scale, gate_up_groups, w_down,
+                                             down_scale, down_groups, topk_weights, topk_ids)

@@ -12,7 +12,8 @@ import triton  # noqa: F401  (fail here, not halfway through registration)
 from splitserve.kernels import dispatch
 from splitserve.kernels.triton.activation import silu_and_mul
 from splitserve.kernels.triton.decode_attention import paged_decode_attention
-from splitserve.kernels.triton.fused_moe import fused_moe
+from splitserve.kernels.triton.fp8_gemm import fp8_w8a8_linear, fp8_w8a16_linear
+from splitserve.kernels.triton.fused_moe import fp8_fused_moe, fused_moe
 from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv
 from splitserve.kernels.triton.kv_store import store_kv
 from splitserve.kernels.triton.prefill_attention import paged_attention
@@ -29,6 +30,9 @@ OPS = {
     "pack_kv": pack_kv,
     "unpack_kv": unpack_kv,
     "fused_moe": fused_moe,
+    "fp8_w8a16_linear": fp8_w8a16_linear,
+    "fp8_w8a8_linear": fp8_w8a8_linear,
+    "fp8_fused_moe": fp8_fused_moe,
 }
 
 for _name, _fn in OPS.items():

@@ -56,6 +56,7 @@ def build_engine(spec: ModelSpec):
         dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
         block_size=spec.block_size, num_blocks=spec.num_blocks,
         kv_cache_memory_gb=spec.kv_cache_memory_gb, kv_cache_dtype=spec.kv_cache_dtype,
+        weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
     ))

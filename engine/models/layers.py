@@ -4,6 +4,15 @@ Parameters are allocated uninitialised on the target device and dtype and
 filled by ``CausalLM.load_weights``; nothing here draws random numbers.
 Checkpoint tensors that this code fuses (q/k/v, gate/up) are written into
 row ranges of one weight, described by ``ShardSlot``.
+
+FP8 projections: a ``Linear`` built with ``fp8_groups`` holds its weight in
+float8_e4m3fn with a float32 ``weight_scale`` (layout:
+``splitserve.kernels.fp8_gemm``), as an fp8 checkpoint stores it
+(``splitserve.engine.quantization`` says which), or as ``quantize_fp8_``
+makes it from a full-precision one (per output channel). It multiplies with
+``ops.fp8_w8a8_linear`` (activations quantized per token) on GPUs with FP8
+tensor cores and ``ops.fp8_w8a16_linear`` (weight dequantized in the kernel,
+or per call on the CPU: never a second resident copy) elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
 from splitserve.kernels import ops
+from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -37,6 +48,68 @@ class ShardSlot:
             return self.param.data
         return self.param.data.narrow(0, self.start, self.size)
 
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy checkpoint tensor ``name`` into place, converting dtype and device."""
+        target = self.target
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {tensor.dtype}; integer-quantized checkpoints are not "
+                "supported (fp8 ones are)")
+        if (tensor.dtype == FP8_WEIGHT_DTYPE) != (target.dtype == FP8_WEIGHT_DTYPE):
+            raise CheckpointError(
+                f"tensor {name!r} is {tensor.dtype} where {target.dtype} is expected: fp8 tensors "
+                "need a quantization_config naming their scales, and only projection weights are "
+                "read in fp8")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"tensor {name!r}: expected shape {list(target.shape)}, got {list(tensor.shape)}"
+            )
+        target.copy_(tensor)
+
+
+@dataclass(frozen=True)
+class ScaleSlot(ShardSlot):
+    """The scales of checkpoint weight rows [row, row + rows) (``k`` columns,
+    stored in ``source`` groups) in a fused weight_scale whose groups are
+    ``row_group`` rows: rows of groups copied as they are, or repeated to
+    one per weight row when ``row_group`` is 1. ``expert``: the slice of a
+    stacked [E, ...] scale."""
+
+    rows: int = 0
+    k: int = 0
+    source: Groups = (1, 1)
+    row_group: int = 1
+    expert: int | None = None
+
+    @property
+    def target(self) -> torch.Tensor:
+        t = self.param.data if self.expert is None else self.param.data[self.expert]
+        return t.narrow(0, self.start, self.size)
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        sn, sk = scale_shape(self.rows, self.k, *self.source)
+        if tensor.numel() != sn * sk:
+            raise CheckpointError(f"tensor {name!r}: expected {sn * sk} scales ([{sn}, {sk}]) for "
+                                  f"its [{self.rows}, {self.k}] weight, got shape {list(tensor.shape)}")
+        src = tensor.float().reshape(sn, sk)
+        if self.row_group == 1 and self.source[0] > 1:
+            src = src.repeat_interleave(self.source[0], 0)[:self.rows]
+        self.target.copy_(src)
+
+
+def scale_slot(param: nn.Parameter, row: int, rows: int, k: int, source: Groups, row_group: int,
+               expert: int | None = None) -> ScaleSlot:
+    """Where the scale of a [rows, k] checkpoint weight fused at ``row`` lands."""
+    start, size = (row, rows) if row_group == 1 else (row // row_group, -(-rows // row_group))
+    return ScaleSlot(param, start, size, rows=rows, k=k, source=source, row_group=row_group,
+                     expert=expert)
+
+
+def fp8_activations_supported(device: torch.device | str) -> bool:
+    """Whether fp8 x fp8 matmuls run here: CUDA GPUs with FP8 tensor cores (sm_89+)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
@@ -52,21 +125,71 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b); weight [out, in] as checkpoints store it."""
+    """y = x W^T (+ b); weight [out, in] as checkpoints store it.
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, dtype: torch.dtype, device: torch.device | str):
+    With ``fp8_groups`` (group_n, group_k): weight in float8_e4m3fn and
+    ``weight_scale`` [ceil(out/group_n), ceil(in/group_k)] float32; the bias
+    stays in ``dtype``."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype: torch.dtype, device: torch.device | str,
+                 fp8_groups: Groups | None = None):
         super().__init__()
-        self.weight = empty_param(d_out, d_in, dtype=dtype, device=device)
+        self.in_features, self.out_features = d_in, d_out
+        self.fp8_groups = fp8_groups
+        if fp8_groups is None:
+            self.weight = empty_param(d_out, d_in, dtype=dtype, device=device)
+            self.register_parameter("weight_scale", None)
+        else:
+            self.weight = empty_param(d_out, d_in, dtype=FP8_WEIGHT_DTYPE, device=device)
+            self.weight_scale = empty_param(*scale_shape(d_out, d_in, *fp8_groups),
+                                            dtype=torch.float32, device=device)
         self.bias = empty_param(d_out, dtype=dtype, device=device) if bias else None
+        # activations quantized per token too (fp8 x fp8), where the GPU can
+        self.fp8_activations = fp8_groups is not None and fp8_activations_supported(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        if self.weight_scale is None:
+            return ops.linear(x, self.weight, self.bias)
+        fp8_linear = ops.fp8_w8a8_linear if self.fp8_activations else ops.fp8_w8a16_linear
+        return fp8_linear(x, self.weight, self.weight_scale, *self.fp8_groups, self.bias)
+
+    @torch.no_grad()
+    def quantize_fp8_(self) -> None:
+        """Replace a full-precision weight by fp8 with one scale per output
+        row; an fp8 weight is left as it is."""
+        if self.weight_scale is not None:
+            return
+        w8, scale = quantize_weight(self.weight.data, 1, self.in_features)
+        self.weight = nn.Parameter(w8, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.fp8_groups = (1, self.in_features)
+        self.fp8_activations = fp8_activations_supported(w8.device)
+
+
+def linear_slots(linear: Linear, shards: list[tuple[str, int, int]],
+                 quant: QuantizationConfig | None) -> dict[str, ShardSlot]:
+    """Checkpoint tensor name -> slot, for a Linear fused from ``shards``
+    ((checkpoint module name, first row, rows), in row order; one shard
+    covering every row for an unfused Linear): weights, biases and, for an
+    fp8 Linear, the scales."""
+    slots: dict[str, ShardSlot] = {}
+    whole = len(shards) == 1
+    for name, row, rows in shards:
+        for kind in ("weight", "bias") if linear.bias is not None else ("weight",):
+            param = getattr(linear, kind)
+            slots[f"{name}.{kind}"] = ShardSlot(param) if whole else ShardSlot(param, row, rows)
+        if linear.weight_scale is not None and quant is not None:
+            info = quant.weights[f"{name}.weight"]
+            slots[info.scale_name] = scale_slot(linear.weight_scale, row, rows, linear.in_features,
+                                                info.groups, linear.fp8_groups[0])
+    return slots
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int = 0):
+                 sliding_window: int = 0, prefix: str = "self_attn"):
         super().__init__()
+        self.quant = cfg.quantization
         self.sliding_window = sliding_window  # 0: attends to the whole context
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if self.num_heads % self.num_kv_heads:
@@ -79,9 +202,14 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         # q, k and v in one matmul: rows [q | k | v]
         self.qkv_proj = Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device,
+            fp8_groups=layer_groups(self.quant, [(f"{prefix}.{n}_proj.weight", r) for n, r in (
+                ("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))], cfg.hidden_size),
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, device)
+        self.o_proj = Linear(
+            self.q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, device,
+            fp8_groups=layer_groups(self.quant, [(f"{prefix}.o_proj.weight", cfg.hidden_size)],
+                                    self.q_size))
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
 
@@ -109,18 +237,17 @@ class Attention(nn.Module):
                                     self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
+    def quantize_fp8_(self) -> None:
+        self.qkv_proj.quantize_fp8_()
+        self.o_proj.quantize_fp8_()
+
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         """Checkpoint tensor name -> where it is stored."""
         q, kv = self.q_size, self.kv_size
-        slots = {}
-        for kind in ("weight", "bias") if self.qkv_proj.bias is not None else ("weight",):
-            fused = getattr(self.qkv_proj, kind)
-            slots[f"{prefix}.q_proj.{kind}"] = ShardSlot(fused, 0, q)
-            slots[f"{prefix}.k_proj.{kind}"] = ShardSlot(fused, q, kv)
-            slots[f"{prefix}.v_proj.{kind}"] = ShardSlot(fused, q + kv, kv)
-        slots[f"{prefix}.o_proj.weight"] = ShardSlot(self.o_proj.weight)
-        if self.o_proj.bias is not None:
-            slots[f"{prefix}.o_proj.bias"] = ShardSlot(self.o_proj.bias)
+        slots = linear_slots(self.qkv_proj, [(f"{prefix}.q_proj", 0, q), (f"{prefix}.k_proj", q, kv),
+                                             (f"{prefix}.v_proj", q + kv, kv)], self.quant)
+        slots.update(linear_slots(self.o_proj, [(f"{prefix}.o_proj", 0, self.o_proj.out_features)],
+                                  self.quant))
         if self.q_norm is not None:
             slots[f"{prefix}.q_norm.weight"] = ShardSlot(self.q_norm.weight)
             slots[f"{prefix}.k_norm.weight"] = ShardSlot(self.k_norm.weight)
@@ -128,40 +255,52 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 prefix: str = "mlp"):
         super().__init__()
-        self.intermediate = cfg.intermediate_size
+        self.intermediate = i = cfg.intermediate_size
+        self.quant = cfg.quantization
         # gate and up in one matmul: rows [gate | up], as silu_and_mul expects
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.intermediate, cfg.mlp_bias, dtype, device)
-        self.down_proj = Linear(self.intermediate, cfg.hidden_size, cfg.mlp_bias, dtype, device)
+        self.gate_up_proj = Linear(
+            cfg.hidden_size, 2 * i, cfg.mlp_bias, dtype, device,
+            fp8_groups=layer_groups(self.quant, [(f"{prefix}.gate_proj.weight", i),
+                                                 (f"{prefix}.up_proj.weight", i)], cfg.hidden_size))
+        self.down_proj = Linear(
+            i, cfg.hidden_size, cfg.mlp_bias, dtype, device,
+            fp8_groups=layer_groups(self.quant, [(f"{prefix}.down_proj.weight", cfg.hidden_size)], i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2I] -> [T, I] -> [T, hidden]
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
+    def quantize_fp8_(self) -> None:
+        self.gate_up_proj.quantize_fp8_()
+        self.down_proj.quantize_fp8_()
+
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         i = self.intermediate
-        slots = {}
-        for kind in ("weight", "bias") if self.gate_up_proj.bias is not None else ("weight",):
-            fused = getattr(self.gate_up_proj, kind)
-            slots[f"{prefix}.gate_proj.{kind}"] = ShardSlot(fused, 0, i)
-            slots[f"{prefix}.up_proj.{kind}"] = ShardSlot(fused, i, i)
-            slots[f"{prefix}.down_proj.{kind}"] = ShardSlot(getattr(self.down_proj, kind))
+        slots = linear_slots(self.gate_up_proj, [(f"{prefix}.gate_proj", 0, i),
+                                                 (f"{prefix}.up_proj", i, i)], self.quant)
+        slots.update(linear_slots(self.down_proj, [(f"{prefix}.down_proj", 0, self.down_proj.out_features)],
+                                  self.quant))
         return slots
 
 
 class DecoderLayer(nn.Module):
     """Attention then an MLP, each behind an RMSNorm. ``mlp`` replaces the
     dense MLP (mixture-of-experts layers); ``mlp_name`` is its name in
-    checkpoints (Mixtral's is ``block_sparse_moe``)."""
+    checkpoints (Mixtral's is ``block_sparse_moe``). ``prefix``: the layer's
+    name in checkpoints (``model.layers.3``), which says which of its
+    tensors an fp8 checkpoint stores in fp8."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp"):
+                 sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp",
+                 prefix: str = ""):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, dtype, device, sliding_window)
+        self.self_attn = Attention(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device)
+        self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
 
     def forward(
@@ -183,6 +322,11 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def quantize_fp8_(self) -> None:
+        """The attention and MLP projections to fp8, per output channel."""
+        self.self_attn.quantize_fp8_()
+        self.mlp.quantize_fp8_()
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         return {

@@ -51,7 +51,7 @@ class CausalLM(nn.Module):
                     device: torch.device | str) -> DecoderLayer:
         """Decoder layer ``index`` (attention window ``window``, 0 = none);
         families whose MLP differs (splitserve.engine.models.moe) override this."""
-        return DecoderLayer(self.cfg, dtype, device, window)
+        return DecoderLayer(self.cfg, dtype, device, window, prefix=f"model.layers.{index}")
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -97,16 +97,28 @@ class CausalLM(nn.Module):
 
     def _skipped(self, name: str) -> bool:
         # Tied checkpoints sometimes still store lm_head.weight (a copy of the
-        # embeddings); the tie in config.json decides.
-        return name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight")
+        # embeddings); the tie in config.json decides. fp8 checkpoints' static
+        # activation scales are not used (activations are scaled per token).
+        quant = self.cfg.quantization
+        return (name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight")
+                or (quant is not None and name in quant.unused))
+
+    def quantize_fp8_(self) -> None:
+        """Every decoder layer's projections (attention, MLP, experts) to fp8
+        with one scale per output channel, layer by layer, each full-precision
+        weight freed as its fp8 copy replaces it. Projections already in fp8
+        stay as they are; embeddings, the vocabulary projection, norms and
+        MoE routers stay in the model dtype."""
+        for layer in self.layers:
+            layer.quantize_fp8_()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into the model, converting dtype and device.
 
         Raises CheckpointError naming the tensor for an unexpected name, a
-        shape mismatch, a non-float tensor, a duplicate, or (at the end) the
-        tensors that never arrived."""
+        shape mismatch, a non-float tensor, an fp8 tensor where none is
+        expected, a duplicate, or (at the end) the tensors that never arrived."""
         slots = self.weight_slots()
         loaded: set[str] = set()
         arch = self.cfg.architecture
@@ -121,16 +133,7 @@ class CausalLM(nn.Module):
                 )
             if name in loaded:
                 raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
-            if not tensor.is_floating_point():
-                raise CheckpointError(
-                    f"tensor {name!r} has dtype {tensor.dtype}; quantized checkpoints are not supported"
-                )
-            target = slot.target
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"tensor {name!r}: expected shape {list(target.shape)}, got {list(tensor.shape)}"
-                )
-            target.copy_(tensor)
+            slot.load(name, tensor)
             loaded.add(name)
         missing = [name for name in slots if name not in loaded]
         if missing:

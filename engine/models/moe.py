@@ -18,6 +18,14 @@ Checkpoints store each expert's projections separately
 stacked weights, ``w_gate_up`` [E, 2I, hidden] (rows [gate | up] per expert)
 and ``w_down`` [E, hidden, I], the layout the fused kernel reads. Every
 replica holds every expert.
+
+FP8 experts (an fp8 checkpoint's, or ``quantize_fp8_``'s, one scale per
+output channel) stay fp8 in the same stacked layout, with stacked scales
+``w_gate_up_scale`` / ``w_down_scale``, and run weight-only through
+``ops.fp8_fused_moe``: the fused Triton kernel decodes each weight tile on
+GPUs, the torch reference dequantizes each chosen expert as it runs on the
+CPU. The router stays in the model dtype unless the checkpoint stores it in
+fp8 (then it is an fp8 ``Linear`` like any other projection).
 """
 
 from __future__ import annotations
@@ -29,9 +37,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.models.layers import MLP, DecoderLayer, Linear, ShardSlot, empty_param
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.layers import (
+    MLP,
+    DecoderLayer,
+    Linear,
+    ShardSlot,
+    empty_param,
+    linear_slots,
+    scale_slot,
+)
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.quantization import Groups, layer_groups
 from splitserve.kernels import ops
+from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
 
 # family -> (the sparse block's name in checkpoints, its experts' (gate, up, down) names)
 CHECKPOINT_NAMES = {
@@ -63,41 +82,99 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 prefix: str = "mlp"):
         super().__init__()
         moe = cfg.moe
         h, i, e = cfg.hidden_size, moe.expert_intermediate_size, moe.num_experts
         self.top_k, self.renormalize, self.intermediate = moe.top_k, moe.renormalize, i
         self.expert_names = CHECKPOINT_NAMES[cfg.family][1]
-        self.gate = Linear(h, e, False, dtype, device)  # the router
-        self.w_gate_up = empty_param(e, 2 * i, h, dtype=dtype, device=device)
-        self.w_down = empty_param(e, h, i, dtype=dtype, device=device)
+        self.quant = quant = cfg.quantization
+        self.gate = Linear(h, e, False, dtype, device,  # the router
+                           fp8_groups=layer_groups(quant, [(f"{prefix}.gate.weight", e)], h))
+        self.gate_up_groups, self.down_groups = self._expert_groups(prefix, e, h, i)
+        self.w_gate_up, self.w_gate_up_scale = self._experts(e, 2 * i, h, self.gate_up_groups, dtype, device)
+        self.w_down, self.w_down_scale = self._experts(e, h, i, self.down_groups, dtype, device)
         self.shared_expert = self.shared_expert_gate = None
         if moe.shared_expert_intermediate_size:
             shared_cfg = dataclasses.replace(cfg, intermediate_size=moe.shared_expert_intermediate_size)
-            self.shared_expert = MLP(shared_cfg, dtype, device)
-            self.shared_expert_gate = Linear(h, 1, False, dtype, device)
+            self.shared_expert = MLP(shared_cfg, dtype, device, prefix=f"{prefix}.shared_expert")
+            self.shared_expert_gate = Linear(
+                h, 1, False, dtype, device,
+                fp8_groups=layer_groups(quant, [(f"{prefix}.shared_expert_gate.weight", 1)], h))
+
+    def _expert_groups(self, prefix: str, e: int, h: int, i: int) -> tuple[Groups | None, Groups | None]:
+        """The fp8 scale groups of the stacked expert weights (None: not fp8);
+        every expert must be stored alike."""
+        gate, up, down = self.expert_names
+        p = f"{prefix}.experts"
+        gate_up = {layer_groups(self.quant, [(f"{p}.{j}.{gate}.weight", i), (f"{p}.{j}.{up}.weight", i)], h)
+                   for j in range(e)}
+        downs = {layer_groups(self.quant, [(f"{p}.{j}.{down}.weight", h)], i) for j in range(e)}
+        if len(gate_up) > 1 or len(downs) > 1 or (None in gate_up) != (None in downs):
+            raise CheckpointError(f"the experts of {prefix} are not all stored alike (fp8 scale groups "
+                                  f"{sorted(map(str, gate_up | downs))}); quantize every expert projection "
+                                  "the same way, or none")
+        return gate_up.pop(), downs.pop()
+
+    @staticmethod
+    def _experts(e: int, n: int, k: int, groups: Groups | None, dtype: torch.dtype,
+                 device: torch.device | str) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """Stacked expert weights [E, n, k] (and their [E, ...] fp8 scales)."""
+        if groups is None:
+            return empty_param(e, n, k, dtype=dtype, device=device), None
+        return (empty_param(e, n, k, dtype=FP8_WEIGHT_DTYPE, device=device),
+                empty_param(e, *scale_shape(n, k, *groups), dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> K experts per token -> [T, hidden]
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        if self.w_gate_up_scale is None:
+            out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        else:
+            out = ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
+                                    self.w_down, self.w_down_scale, self.down_groups, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
+    @torch.no_grad()
+    def quantize_fp8_(self) -> None:
+        """Experts (and the shared expert) to fp8, one scale per output channel
+        of each expert; the router and the shared expert's gate stay as they are."""
+        if self.shared_expert is not None:
+            self.shared_expert.quantize_fp8_()
+        if self.w_gate_up_scale is not None:
+            return
+        for name, w in (("w_gate_up", self.w_gate_up), ("w_down", self.w_down)):
+            k = w.shape[2]
+            pairs = [quantize_weight(w.data[j], 1, k) for j in range(w.shape[0])]
+            setattr(self, name, nn.Parameter(torch.stack([q for q, _ in pairs]), requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(torch.stack([s for _, s in pairs]),
+                                                        requires_grad=False))
+            del pairs
+        self.gate_up_groups, self.down_groups = (1, self.w_gate_up.shape[2]), (1, self.w_down.shape[2])
+
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         gate, up, down = self.expert_names
-        i = self.intermediate
-        slots: dict[str, ShardSlot] = {f"{prefix}.gate.weight": ShardSlot(self.gate.weight)}
+        i, h = self.intermediate, self.w_down.shape[1]
+        slots = linear_slots(self.gate, [(f"{prefix}.gate", 0, self.gate.out_features)], self.quant)
         for e in range(self.w_gate_up.shape[0]):
             p = f"{prefix}.experts.{e}"
             slots[f"{p}.{gate}.weight"] = ExpertSlot(self.w_gate_up, 0, i, expert=e)
             slots[f"{p}.{up}.weight"] = ExpertSlot(self.w_gate_up, i, i, expert=e)
             slots[f"{p}.{down}.weight"] = ExpertSlot(self.w_down, expert=e)
+            if self.w_gate_up_scale is not None:
+                for name, param, row, rows, k, groups in (
+                        (gate, self.w_gate_up_scale, 0, i, h, self.gate_up_groups),
+                        (up, self.w_gate_up_scale, i, i, h, self.gate_up_groups),
+                        (down, self.w_down_scale, 0, h, i, self.down_groups)):
+                    info = self.quant.weights[f"{p}.{name}.weight"]
+                    slots[info.scale_name] = scale_slot(param, row, rows, k, info.groups, groups[0], expert=e)
         if self.shared_expert is not None:
             slots.update(self.shared_expert.weight_slots(f"{prefix}.shared_expert"))
-            slots[f"{prefix}.shared_expert_gate.weight"] = ShardSlot(self.shared_expert_gate.weight)
+            slots.update(linear_slots(self.shared_expert_gate, [(f"{prefix}.shared_expert_gate", 0, 1)],
+                                      self.quant))
         return slots
 
 
@@ -106,8 +183,9 @@ class MoECausalLM(CausalLM):
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
-        cfg = self.cfg
+        cfg, prefix = self.cfg, f"model.layers.{index}"
         if not cfg.moe.sparse_layers[index]:  # Qwen mlp_only_layers / decoder_sparse_step
-            return DecoderLayer(cfg, dtype, device, window)
-        return DecoderLayer(cfg, dtype, device, window, mlp=SparseMoeBlock(cfg, dtype, device),
-                            mlp_name=CHECKPOINT_NAMES[cfg.family][0])
+            return DecoderLayer(cfg, dtype, device, window, prefix=prefix)
+        name = CHECKPOINT_NAMES[cfg.family][0]
+        return DecoderLayer(cfg, dtype, device, window, prefix=prefix, mlp_name=name,
+                            mlp=SparseMoeBlock(cfg, dtype, device, prefix=f"{prefix}.{name}"))
