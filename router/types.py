@@ -16,7 +16,7 @@ stats stamped on one node can be aged on another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Union
 
 from splitserve.engine.roles import Role
@@ -57,7 +57,19 @@ class NoCapacityError(RouterError):
 
 class QueueDelayError(NoCapacityError):
     """The best placement would wait longer than ``RouterConfig.max_queue_delay_s``
-    before its prefill starts (the pools are past saturation)."""
+    before its prefill starts (the pools are past saturation). The client
+    sees 429 (RESOURCE_EXHAUSTED) with Retry-After."""
+
+
+class QueueTimeoutError(QueueDelayError):
+    """The request waited in its model's queue until its deadline
+    (``RouterConfig.max_queue_delay_s``, or its own) without a replica able
+    to take it. 429 with Retry-After, like a full queue."""
+
+
+class NoReplicaError(NoCapacityError):
+    """The model has had no live decode replica for longer than
+    ``RouterConfig.no_replica_grace_s``: 503 with Retry-After."""
 
 
 class OverloadedError(RouterError):
@@ -134,6 +146,10 @@ class PrefillReplicaStats:
             updated_at=self.updated_at,
         )
 
+    def suspected(self) -> PrefillReplicaStats:
+        """A copy marked unhealthy: an RPC failed to reach the replica."""
+        return replace(self, healthy=False)
+
 
 @dataclass(slots=True, kw_only=True)
 class DecodeReplicaStats:
@@ -169,7 +185,8 @@ class DecodeReplicaStats:
         self.load = load
 
     def counting(
-        self, *, free_blocks: int, waiting_requests: int, pending_prefill_tokens: int
+        self, *, free_blocks: int, waiting_requests: int, pending_prefill_tokens: int,
+        running_seqs: int | None = None,
     ) -> DecodeReplicaStats:
         """A copy with other counts (the router's estimate between pushes)."""
         return DecodeReplicaStats(
@@ -177,7 +194,7 @@ class DecodeReplicaStats:
             model=self.model,
             free_blocks=free_blocks,
             total_blocks=self.total_blocks,
-            running_seqs=self.running_seqs,
+            running_seqs=self.running_seqs if running_seqs is None else running_seqs,
             max_seqs=self.max_seqs,
             block_size=self.block_size,
             waiting_requests=waiting_requests,
@@ -189,6 +206,10 @@ class DecodeReplicaStats:
             node_id=self.node_id,
             updated_at=self.updated_at,
         )
+
+    def suspected(self) -> DecodeReplicaStats:
+        """A copy marked unhealthy: an RPC failed to reach the replica."""
+        return replace(self, healthy=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +226,17 @@ class RouteRequest:
     prompt_token_ids: tuple[int, ...] = ()
     block_hashes: tuple[int, ...] | None = None
     exclude_replicas: frozenset[str] = frozenset()  # replicas that already refused it
+    expected_output_tokens: int | None = None
+    """Output tokens to hold KV room for (the router's estimate, at most
+    ``max_tokens``); None: ``max_tokens``."""
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV a decode replica must have room for to take it."""
+        expected = self.expected_output_tokens
+        if expected is None or expected > self.max_tokens:
+            return self.prompt_len + self.max_tokens
+        return self.prompt_len + expected
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:

@@ -99,8 +99,20 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_router_decisions", "counter",
               "Placements by the policy's reason.", _MR),
     MetricDef("splitserve_router_rejections", "counter",
-              "Route calls refused (reason: overloaded, queue_delay, no_capacity).", _MR),
-    MetricDef("splitserve_router_in_flight", "gauge", "Admitted requests not yet released.", _M),
+              "Requests the router refused (reason: overloaded = slots full, queue_delay = "
+              "predicted prefill wait past max_queue_delay_s, queue_timeout = waited past its "
+              "deadline, no_replica = no live decode replica past the grace period).", _MR),
+    MetricDef("splitserve_router_in_flight", "gauge",
+              "Admission slots held: requests placed or waiting, not yet released.", _M),
+    MetricDef("splitserve_router_queued", "gauge",
+              "Requests waiting in the router's queue for a replica that can take them.", _M),
+    MetricDef("splitserve_router_queue_wait_seconds", "gauge",
+              "How long the oldest request in the router's queue has waited.", _M),
+    MetricDef("splitserve_router_lease_events", "counter",
+              "Admission slots that ended without their release (event: expired = the "
+              "ingress went silent, reclaimed = the ingress no longer listed it, "
+              "unbalanced_release = a release of no held slot) or were learned from an "
+              "ingress's list (adopted: after a router restart or failover).", ("event",)),
     MetricDef("splitserve_pool_replicas", "gauge",
               "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),
     # -- autoscaler ----------------------------------------------------------

@@ -254,13 +254,23 @@ class RouterMetrics:
         record("splitserve_router_rejections", 1, model=model, reason=reason)
 
     @_never_raises
-    def publish(self, core, replicas: Mapping[str, ReplicaInfo], force: bool = False) -> None:
-        """``core``: the RouterCore; ``replicas``: who each replica it holds
-        stats of is (its role labels the pool)."""
+    def publish(self, router, replicas: Mapping[str, ReplicaInfo], force: bool = False) -> None:
+        """``router``: a RouterService (or a bare RouterCore); ``replicas``:
+        who each replica it holds stats of is (its role labels the pool)."""
         now = self._clock()
         if not force and now < self._next:
             return
         self._next = now + self.period_s
+        core = getattr(router, "core", router)
+        if core is not router:  # the service's queue and lease accounting
+            waits = router.oldest_wait_s()
+            for model, n in router.queued().items():
+                record("splitserve_router_queued", n, model=model)
+                record("splitserve_router_queue_wait_seconds", waits[model], model=model)
+            for event, key in (("expired", "leases_expired"), ("reclaimed", "leases_reclaimed"),
+                               ("unbalanced_release", "unbalanced_releases"),
+                               ("adopted", "leases_adopted")):
+                _advance("splitserve_router_lease_events", router.counts[key], event=event)
         counts: dict[tuple[str, str], int] = {}
         for model, n in core.counters().in_flight.items():
             record("splitserve_router_in_flight", n, model=model)

@@ -1,8 +1,12 @@
 """ClusterBackend: places each request on a (prefill, decode) pair and
 streams its tokens back, surviving refusals and replica deaths.
 
-Per request: the router admits it (bounded per-model queue) and picks a
-pair; the decode replica's Generate stream carries the tokens. A refusal
+Per request: the router admits it (an admission slot leased to this
+ingress, ``splitserve.cluster.serve.router_client``), queues it while no
+replica can take it, and picks a pair; the decode replica's Generate
+stream carries the tokens. The slot is taken before the first await and
+given back on every path (finished, failed, refused, cancelled while it
+waited), with the output length when it finished. A refusal
 before the first token (the decode replica is full, or died) moves the
 request to another pair. If a decode replica dies mid-stream, the request
 resumes on another one by prefilling prompt + tokens generated so far, so
@@ -24,6 +28,7 @@ import msgspec
 from splitserve.cluster.api.backend import Backend, ModelInfo, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
+from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.hashing import block_hashes
@@ -37,6 +42,7 @@ from splitserve.router.types import (
     QueueDelayError,
     RouteRefusal,
     RouteRequest,
+    RouterError,
     UnknownModelError,
 )
 
@@ -63,7 +69,8 @@ class _Model:
 
 
 class ClusterBackend(Backend):
-    def __init__(self, cfg: ClusterConfig, router=None, token: str | None = None):
+    def __init__(self, cfg: ClusterConfig, router: RouterClient | None = None,
+                 token: str | None = None):
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
@@ -89,11 +96,10 @@ class ClusterBackend(Backend):
         self.counters = {"retries": 0, "resumed": 0, "refused": 0}
 
     @property
-    def router(self):
+    def router(self) -> RouterClient:
         if self._router is None:
-            from splitserve.cluster.serve.router_actor import get_router
-
-            self._router = get_router()
+            spec = self.cfg.router
+            self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s)
         return self._router
 
     def _model(self, name: str) -> _Model:
@@ -115,14 +121,14 @@ class ClusterBackend(Backend):
         m = self._model(model)
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
-    async def _route(self, req: RouteRequest, admit: bool) -> Placement:
+    async def _route(self, lease: str, req: RouteRequest, admitted: bool,
+                     arrival: float) -> Placement:
         try:
-            res = await self.router.route.remote(req, admit)
-        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
-            raise Unavailable(f"the router is unavailable: {type(e).__name__}", 1.0) from None
-        if isinstance(res, Placement):
-            return res
-        raise self._refused(res) from None
+            return await self.router.place(lease, req, arrival=arrival, admitted=admitted)
+        except RouterUnavailableError as e:
+            raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
+        except RouterError as e:
+            raise self._refused(e) from None
 
     def _refused(self, e: RouteRefusal) -> Exception:
         """The client-facing error of the router's refusal."""
@@ -138,6 +144,7 @@ class ClusterBackend(Backend):
         self.validate(model, prompt_token_ids, params)
         produced: list[int] = []
         exclude: set[str] = set()
+        lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
         admitted = False
         attempts_left = self.cfg.router.max_retries + 1
         rec = RequestRecorder(model)
@@ -158,7 +165,7 @@ class ClusterBackend(Backend):
                     block_hashes=tuple(block_hashes(ids, m.block_size))
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude))
-                placement = await self._route(req, admit=not admitted)
+                placement = await self._route(lease, req, admitted, arrival)
                 admitted = True
                 decode = placement.decode_replica
                 prefill = placement.prefill_replica
@@ -178,6 +185,7 @@ class ClusterBackend(Backend):
                         rec.on_output(d)
                         yield d
                         if out.finished:
+                            finished_with = len(produced)
                             return
                     raise Unavailable(f"decode replica {decode} ended the stream early")
                 except RpcError as e:
@@ -191,6 +199,8 @@ class ClusterBackend(Backend):
                                              1.0) from None
                         raise Unavailable(f"generation failed on {decode}: {e.message}") from None
                     exclude.add(decode)
+                    if e.code == grpc.StatusCode.UNAVAILABLE:
+                        self.router.suspect(decode)
                     if len(produced) > before or produced:
                         self.counters["resumed"] += 1
                     else:
@@ -202,11 +212,9 @@ class ClusterBackend(Backend):
             raise
         finally:
             rec.finish(error)
-            if admitted:
-                try:
-                    self.router.release.remote(model)
-                except Exception:  # noqa: BLE001
-                    pass
+            self.router.release(lease, finished_with)  # never waits; no-op if refused
 
     async def close(self) -> None:
+        if self._router is not None:
+            await self._router.close()
         await self._clients.close()
