@@ -143,6 +143,23 @@ class RouterCore:
         return any(d.healthy and not d.draining and d.updated_at >= horizon
                    for d in self._decode[model])
 
+    def never_fits(self, req: RouteRequest) -> NoCapacityError | None:
+        """The error for a request no live decode replica of its model could
+        ever hold (prompt + max_tokens over its whole KV cache, which the
+        replica itself refuses), or None (it fits one, or none is live)."""
+        need = req.prompt_len + req.max_tokens
+        horizon = self._clock() - self.cfg.stats_ttl_s
+        largest = -1
+        for d in self._decode[req.model]:
+            if d.healthy and not d.draining and d.updated_at >= horizon:
+                largest = max(largest, d.total_blocks * d.block_size)
+        if largest < 0 or need <= largest:
+            return None
+        return NoCapacityError(
+            f"request {req.request_id!r} ({req.prompt_len} prompt + {req.max_tokens} new tokens) "
+            f"can never fit a decode replica of model {req.model!r}: the largest holds {largest} "
+            "tokens of KV. Lower max_tokens, or give the decode pool more KV blocks.", req.model)
+
     def set_prefer_local_prefill(self, prefer: bool) -> None:
         """The autoscaler's network signal: prefer prefilling on decode replicas."""
         self.state.prefer_local_prefill = prefer

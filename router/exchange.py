@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Union
 
-from splitserve.router.types import Placement, RouteRefusal, RouteRequest
+from splitserve.router.types import Placement, RouteRefusal, RouteRequest, fast_pickle
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class RouteCall:
     """One request to place (again)."""
@@ -48,6 +49,7 @@ class RouteCall:
     long predicted prefill wait."""
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class LeaseEnd:
     """A request ended for good: its slot is free."""

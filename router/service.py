@@ -36,7 +36,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
 from typing import Callable, Mapping
 
 from splitserve.router.config import RouterConfig
@@ -53,6 +52,7 @@ from splitserve.router.types import (
     QueueDelayError,
     QueueTimeoutError,
     RouteRefusal,
+    RouteRequest,
     UnknownModelError,
 )
 from splitserve.router.wait_queue import WaitQueue, Waiting
@@ -60,7 +60,8 @@ from splitserve.router.wait_queue import WaitQueue, Waiting
 _INF = float("inf")
 
 # refusal reason labels (metrics, counters)
-OVERLOADED, QUEUE_DELAY, QUEUE_TIMEOUT, NO_REPLICA = "overloaded", "queue_delay", "queue_timeout", "no_replica"
+OVERLOADED, QUEUE_DELAY, QUEUE_TIMEOUT = "overloaded", "queue_delay", "queue_timeout"
+NO_REPLICA, NO_CAPACITY = "no_replica", "no_capacity"
 
 
 class RouterService:
@@ -188,15 +189,21 @@ class RouterService:
             self._give_back(lease)
         expected = self.lengths.expected(model, req.max_tokens)
         if req.expected_output_tokens != expected:
-            req = replace(req, expected_output_tokens=expected)
+            req = req.expecting(expected)
+        if not q:  # nobody waits ahead of it: the common case, placed at once
+            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
+            if out is not None:
+                return out
+        never = self.core.never_fits(req)
+        if never is not None:
+            return self._refuse(lease, never, now)
         deadline = _INF if call.deadline is None else call.deadline
         if self.cfg.max_queue_delay_s > 0:
             deadline = min(deadline, call.waiting_since + self.cfg.max_queue_delay_s)
         entry = Waiting(call.lease_id, holder, req, call.priority, call.arrival,
                         call.waiting_since, deadline, call.admitted)
-        first = q.first_key()
-        if first is None or entry.key < first:  # nobody waits ahead of it
-            out = self._try_place(entry, lease, now)
+        if q and entry.key < q.first_key():  # it goes first (a priority, an older retry)
+            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
             if out is not None:
                 return out
         if now >= deadline:
@@ -208,19 +215,19 @@ class RouterService:
         self.counts["queued"] += 1
         return QUEUED
 
-    def _try_place(self, entry: Waiting, lease: Lease, now: float) -> Outcome | None:
+    def _try_place(self, req: RouteRequest, admitted: bool, waiting_since: float, lease: Lease,
+                   now: float) -> Outcome | None:
         """Place now: the placement, a refusal (the predicted wait cannot be
         met), or None (no replica can take it yet)."""
         try:
-            p = self.core.route(entry.request, shed=not entry.admitted,
-                                waited_s=now - entry.waiting_since)
+            p = self.core.route(req, shed=not admitted, waited_s=now - waiting_since)
         except QueueDelayError as e:
             return self._refuse(lease, e, now)
         except NoCapacityError:
             return None
-        lease.decode_replica, lease.kv_tokens = p.decode_replica, entry.request.kv_tokens
+        lease.decode_replica, lease.kv_tokens = p.decode_replica, req.kv_tokens
         if self.on_placement is not None:
-            self.on_placement(entry.request.model, p.reason)
+            self.on_placement(req.model, p.reason)
         return p
 
     def _pump(self, model: str, now: float) -> None:
@@ -240,7 +247,7 @@ class RouterService:
                 continue
             if blocked is not None:
                 continue  # only deadlines until capacity changes
-            out = self._try_place(entry, lease, now)
+            out = self._try_place(entry.request, entry.admitted, entry.waiting_since, lease, now)
             if out is None:
                 if not entry.request.exclude_replicas:
                     blocked = self._blocked[model] = entry.key
@@ -281,8 +288,9 @@ class RouterService:
         self.leases.end(lease.lease_id, now)
         self._give_back(lease)
         self.core.release(lease.model, finished=False)
-        reason = (NO_REPLICA if isinstance(err, NoReplicaError) else QUEUE_TIMEOUT
-                  if isinstance(err, QueueTimeoutError) else QUEUE_DELAY)
+        reason = (NO_REPLICA if isinstance(err, NoReplicaError)
+                  else QUEUE_TIMEOUT if isinstance(err, QueueTimeoutError)
+                  else QUEUE_DELAY if isinstance(err, QueueDelayError) else NO_CAPACITY)
         self._count_refusal(lease.model, reason)
         return err
 

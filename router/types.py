@@ -16,10 +16,27 @@ stats stamped on one node can be aged on another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Mapping, Union
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
+from typing import Mapping, TypeVar, Union
 
 from splitserve.engine.roles import Role
+
+
+T = TypeVar("T")
+
+
+def fast_pickle(cls: type[T]) -> type[T]:
+    """Pickle a dataclass as its constructor's arguments: the default state
+    of a slots dataclass unpickles several times slower, and these cross
+    the ingress-router boundary once per request."""
+    get = attrgetter(*(f.name for f in fields(cls) if f.init))
+
+    def __reduce__(self):
+        return cls, get(self)
+
+    cls.__reduce__ = __reduce__
+    return cls
 
 
 class RouterError(Exception):
@@ -212,6 +229,7 @@ class DecodeReplicaStats:
         return replace(self, healthy=False)
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """One request to place. Give either ``prompt_token_ids`` (the router
@@ -229,6 +247,13 @@ class RouteRequest:
     expected_output_tokens: int | None = None
     """Output tokens to hold KV room for (the router's estimate, at most
     ``max_tokens``); None: ``max_tokens``."""
+
+    def expecting(self, output_tokens: int) -> RouteRequest:
+        """A copy with ``expected_output_tokens`` set (built directly: cheaper
+        than ``dataclasses.replace`` on every placement)."""
+        return RouteRequest(self.request_id, self.model, self.prompt_len, self.max_tokens,
+                            self.prompt_token_ids, self.block_hashes, self.exclude_replicas,
+                            output_tokens)
 
     @property
     def kv_tokens(self) -> int:
@@ -308,6 +333,7 @@ def load_order(d: DecodeReplicaStats) -> tuple[float, str]:
     return d.load, d.replica_id
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class Placement:
     prefill_replica: str | None  # None = prefill locally on the decode replica

@@ -101,7 +101,8 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_router_rejections", "counter",
               "Requests the router refused (reason: overloaded = slots full, queue_delay = "
               "predicted prefill wait past max_queue_delay_s, queue_timeout = waited past its "
-              "deadline, no_replica = no live decode replica past the grace period).", _MR),
+              "deadline, no_replica = no live decode replica past the grace period, "
+              "no_capacity = too large for any decode replica).", _MR),
     MetricDef("splitserve_router_in_flight", "gauge",
               "Admission slots held: requests placed or waiting, not yet released.", _M),
     MetricDef("splitserve_router_queued", "gauge",

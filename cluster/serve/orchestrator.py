@@ -99,7 +99,8 @@ class ClusterBackend(Backend):
     def router(self) -> RouterClient:
         if self._router is None:
             spec = self.cfg.router
-            self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s)
+            self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s,
+                                        models=[s.model.name for s in self.cfg.models])
         return self._router
 
     def _model(self, name: str) -> _Model:

@@ -8,7 +8,8 @@ costs no thread. Every worker replica pushes its stats and prefix-cache
 events to every router (``RouterFanout``), so each router knows every
 replica and every cached prefix. Each model is placed by one router at a
 time (its first live router in a fixed per-model order,
-``splitserve.cluster.serve.router_client.router_order``): the model's
+``splitserve.cluster.serve.router_client.router_order``; N models spread
+over N routers): the model's
 queue and its optimistic view of free KV room must live in one place to
 be served in order and not be promised twice. The others are hot
 standbys: an ingress that loses a model's router moves its requests to
@@ -53,7 +54,12 @@ def router_name(index: int) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class RouterActor:
-    def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S):
+    def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S, index: int = 0,
+                 count: int = 1):
+        """Router ``index`` of ``count``: it exports the per-model gauges
+        (slots, queue, replicas) of the models it places first, so that
+        summing over routers counts each once."""
+        self.index, self.count = index, count
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.started_at = time.time()
         self.metrics = RouterMetrics()
@@ -64,9 +70,14 @@ class RouterActor:
         self._install(RouterService(cfg))
 
     def _install(self, service: RouterService) -> None:
+        from splitserve.cluster.serve.router_client import router_order
+
+        models = list(service.cfg.models)
+        self.metrics.models = {m for m in models
+                               if router_order(m, self.count, models)[0] == self.index}
         self.service = service
-        service.on_placement = self.metrics.on_placement
-        service.on_refusal = self.metrics.on_rejection
+        service.on_placement = self.metrics.count_placement
+        service.on_refusal = self.metrics.count_rejection
 
     @property
     def core(self):
@@ -203,8 +214,9 @@ class RouterActor:
                                                "leases_reclaimed", "leases_adopted")}}
 
 
-def get_router(create_with: RouterConfig | None = None, index: int = 0):
-    """Router ``index``'s actor; created (detached) if ``create_with`` is given."""
+def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1):
+    """Router ``index``'s actor (of ``count``); created (detached) if
+    ``create_with`` is given."""
     name = router_name(index)
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -212,7 +224,7 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0):
         if create_with is None:
             raise
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(create_with)
+                               get_if_exists=True).remote(create_with, index=index, count=count)
 
 
 def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> list:
@@ -225,7 +237,7 @@ def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> 
             if reconfigure:
                 ray.get(h.reconfigure.remote(cfg))
         except ValueError:
-            h = get_router(create_with=cfg, index=i)
+            h = get_router(create_with=cfg, index=i, count=count)
         handles.append(h)
     kill_routers(start=count)
     return handles

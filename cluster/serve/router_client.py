@@ -3,15 +3,17 @@
 ``place`` asks for a (prefill, decode) pair and waits for it; ``release``
 and ``suspect`` never wait. Behind them, one task per router ("link")
 batches everything due for that router into one ``Exchange`` per round
-trip, with at most one in flight: while a round trip runs, the next batch
+trip, with at most two in flight: while round trips run, the next batch
 forms, so the request rate a router sustains grows with the load instead
-of being one actor call per request and one per release. A request the
+of being one actor call per request and one per release. Every
+heartbeat, an exchange carries the list of slots held, sent when no other
+is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
 decides it.
 
 Which router: each model has a fixed order over the routers
-(``router_order``, the same in every process); its requests go to the
-first one that is up. A router whose call fails or times out is down: its
+(``router_order``, the same in every process: the configured models take
+turns being first); its requests go to the first one that is up. A router whose call fails or times out is down: its
 in-flight and queued requests move to the next router at once (keeping
 their arrival time, so their place in line and their deadline), and it is
 probed again every heartbeat until it answers. Every heartbeat each live
@@ -43,6 +45,7 @@ from splitserve.router.types import Placement, RouteRequest, RouterError
 log = logging.getLogger("splitserve.router_client")
 
 MAX_BATCH = 512  # calls per exchange
+MAX_IN_FLIGHT = 2  # exchanges per router at once: the next batch forms while two travel
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
@@ -50,9 +53,15 @@ class RouterUnavailableError(RouterError):
     """No router answered (all are down or restarting)."""
 
 
-def router_order(model: str, count: int) -> list[int]:
-    """The routers of ``model`` in the order an ingress tries them
-    (rendezvous hashing: models spread evenly, and the same in every process)."""
+def router_order(model: str, count: int, models: Sequence[str] = ()) -> list[int]:
+    """The routers of ``model`` in the order an ingress tries them, the same
+    in every process: the i-th of the cluster's ``models`` starts at router
+    i mod count (so N models spread over N routers); any other model by a
+    hash of its name."""
+    if model in models:
+        start = list(models).index(model) % count
+        return [(start + k) % count for k in range(count)]
+
     def rank(i: int) -> bytes:
         return hashlib.blake2b(f"{model}\0{i}".encode(), digest_size=8).digest()
     return sorted(range(count), key=rank)
@@ -80,16 +89,20 @@ class _Link:
     queued: dict[str, _Pending] = field(default_factory=dict)
     last_live: float = float("-inf")  # monotonic: last time the live list was sent
     wake: asyncio.Event | None = None
+    settled: asyncio.Event | None = None  # an exchange came back
+    inflight: int = 0
     task: asyncio.Task | None = None
     poller: asyncio.Task | None = None
 
 
 class RouterClient:
-    def __init__(self, count: int, heartbeat_s: float, call_timeout_s: float = 5.0,
-                 handles: Sequence[Any] | None = None):
+    def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
+                 call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None):
         """``count`` routers (``RouterSpec.routers``); ``heartbeat_s``: how
         often each hears from this process at least (the stats period);
+        ``models``: the cluster's models, in config order (``router_order``);
         ``handles``: the router actors, else looked up by name."""
+        self._models = tuple(models)
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
         self.call_timeout_s = call_timeout_s
@@ -189,7 +202,7 @@ class RouterClient:
     def _order(self, model: str) -> list[int]:
         order = self._orders.get(model)
         if order is None:
-            order = self._orders[model] = router_order(model, len(self._links))
+            order = self._orders[model] = router_order(model, len(self._links), self._models)
         return order
 
     def _current(self, model: str) -> int | None:
@@ -231,6 +244,8 @@ class RouterClient:
             link.calls.clear()
             link.queued.clear()
             link.wake = asyncio.Event()
+            link.settled = asyncio.Event()
+            link.inflight = 0
             link.poller = None
             link.task = loop.create_task(self._run(link))
 
@@ -246,29 +261,48 @@ class RouterClient:
                 except Exception:  # noqa: BLE001 - still down
                     link.retry_at = time.monotonic() + self.heartbeat_s
                 continue
-            try:
-                await asyncio.wait_for(link.wake.wait(), self.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
+            if not (link.calls or link.releases or link.suspects):
+                try:
+                    await asyncio.wait_for(link.wake.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
             link.wake.clear()
+            live = time.monotonic() - link.last_live >= self.heartbeat_s
+            # a live list must see every earlier reply: it waits until none is
+            # in flight; other exchanges overlap up to MAX_IN_FLIGHT
+            while link.inflight >= (1 if live else MAX_IN_FLIGHT):
+                link.settled.clear()
+                await link.settled.wait()
+            if not link.up:
+                continue
+            if not (live or link.calls or link.releases or link.suspects):
+                continue
             calls = [p for p in link.calls[:MAX_BATCH] if not p.dropped]
             del link.calls[:MAX_BATCH]
-            try:
-                reply = await self._exchange(link, calls)
-            except Exception as e:  # noqa: BLE001 - the router died, restarts or hangs
-                self._link_down(link, calls, e)
-                continue
-            for p, out in zip(calls, reply.outcomes):
-                self._deliver(link, p, out)
-            if link.calls:
-                link.wake.set()
+            link.inflight += 1
+            self._loop.create_task(self._round(link, calls, live))
 
-    async def _exchange(self, link: _Link, calls: list[_Pending]) -> ExchangeReply:
-        now = time.monotonic()
-        live = None
-        if now - link.last_live >= self.heartbeat_s:
+    async def _round(self, link: _Link, calls: list[_Pending], live: bool) -> None:
+        try:
+            reply = await self._exchange(link, calls, live)
+        except Exception as e:  # noqa: BLE001 - the router died, restarts or hangs
+            if link.up:
+                self._link_down(link, calls, e)
+            else:
+                self._requeue(calls)
+            return
+        finally:
+            link.inflight -= 1
+            link.settled.set()
+        for p, out in zip(calls, reply.outcomes):
+            self._deliver(link, p, out)
+
+    async def _exchange(self, link: _Link, calls: list[_Pending],
+                        live: bool = True) -> ExchangeReply:
+        held = None
+        if live:
             leases = self._leases
-            live, link.last_live = {lid: leases[lid] for lid in self._acked}, now
+            held, link.last_live = {lid: leases[lid] for lid in self._acked}, time.monotonic()
         releases, suspects = tuple(link.releases), tuple(dict.fromkeys(link.suspects))
         link.releases.clear()
         link.suspects.clear()
@@ -276,7 +310,7 @@ class RouterClient:
             p.sent = True
         ex = Exchange(holder=self.holder, seen=link.incarnation,
                       calls=tuple(p.call for p in calls), releases=releases,
-                      suspects=suspects, live=live)
+                      suspects=suspects, live=held)
         handle = await self._handle(link)
         reply = await asyncio.wait_for(handle.exchange.remote(ex), self.call_timeout_s)
         self.counts["exchanges"] += 1

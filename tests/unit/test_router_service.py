@@ -10,6 +10,7 @@ from splitserve.router.leases import Lease, LeaseTable
 from splitserve.router.service import RouterService
 from splitserve.router.types import (
     DecodeReplicaStats,
+    NoCapacityError,
     NoReplicaError,
     OverloadedError,
     Placement,
@@ -196,6 +197,17 @@ def test_kv_room_is_the_expected_output_not_max_tokens():
         ask(svc, call(clock, f"s{i}"))
         end(svc, f"s{i}", tokens=64)
     assert svc.expected_output_tokens("m") == 64
+
+
+def test_a_request_no_replica_could_ever_hold_is_refused_at_once():
+    clock = Clock()
+    svc = service(clock)
+    svc.update_stats(dec(clock, running=2))  # 100 blocks of 16: 1600 tokens
+    [err] = ask(svc, call(clock, "big", prompt_len=100, max_tokens=1600))
+    assert type(err) is NoCapacityError and "can never fit" in str(err)
+    assert "the largest holds 1600 tokens" in str(err)
+    assert ask(svc, call(clock, "fits", prompt_len=100, max_tokens=1500)) == (QUEUED,)
+    assert svc.refusals == {"no_capacity": 1} and svc.in_flight("m") == 1
 
 
 def test_output_length_estimate():
