@@ -13,7 +13,12 @@ period, as workers do. Configurations, alternated within each run:
                      into one exchange per round trip per router
 with 1 or 2 routers (the 2 models of the workload on different routers)
 and 1 or 2 ingress processes. placements/s = placements completed in the
-measured window / its length; latency is that of ``place`` alone.
+measured window / its length; latency is that of ``place`` alone. On a
+shared machine the wall-clock rate moves with everyone else's load, so
+each run also reports the CPU seconds the router and ingress processes
+spent in the window (all their threads, Ray's included):
+placements per router CPU-second is what one dedicated core per router
+would sustain.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ from splitserve.router.reports import ReplicaInfo, StatsReport
 from splitserve.router.types import DecodeReplicaStats, Placement, RouteRequest, RouterError
 
 STATS_PERIOD_S = 0.25
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,8 @@ class IngressSim:
     """One ingress process: ``callers`` coroutines placing and releasing."""
 
     async def run(self, routers: list, models: list[str], requests: list, callers: int,
-                  warmup_s: float, measure_s: float, batched: bool) -> dict:
+                  warmup_s: float, measure_s: float, batched: bool,
+                  router_pids: list[int]) -> dict:
         client = RouterClient(len(routers), STATS_PERIOD_S, models=models, handles=routers)
         holder = f"bench-{os.getpid()}"
         t0 = time.perf_counter()
@@ -153,12 +167,21 @@ class IngressSim:
                     else:
                         refused += 1
 
-        await asyncio.gather(*(caller(k) for k in range(callers)))
+        async def cpu_window() -> tuple[float, float]:
+            """CPU seconds of this process and of the routers in the window."""
+            await asyncio.sleep(max(0.0, start - time.perf_counter()))
+            c0, r0 = time.process_time(), sum(cpu_seconds(p) for p in router_pids)
+            await asyncio.sleep(max(0.0, end - time.perf_counter()))
+            return time.process_time() - c0, sum(cpu_seconds(p) for p in router_pids) - r0
+
+        (cpu, router_cpu), *_ = await asyncio.gather(cpu_window(),
+                                                     *(caller(k) for k in range(callers)))
         await client.close()
         lat.sort()
         pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else 0.0  # noqa: E731
         return {"placements": len(lat), "refused": refused, "p50_ms": pick(0.5),
-                "p99_ms": pick(0.99), "exchanges": client.counts["exchanges"]}
+                "p99_ms": pick(0.99), "exchanges": client.counts["exchanges"], "cpu_s": cpu,
+                "router_cpu_s": router_cpu}
 
 
 def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], requests: list,
@@ -169,8 +192,11 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
     pushing = pusher.run.remote(warmup_s + measure_s + 1.0)
     time.sleep(1.0)  # the first push (every replica's whole cache) lands
     sims = [IngressSim.remote() for _ in range(cfg.ingresses)]
+    pids = ray.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in routers])
+    ray.get([s.__ray_call__.remote(lambda self: None) for s in sims])  # all started
     outs = ray.get([s.run.remote(routers, models, requests, callers, warmup_s, measure_s,
-                                 cfg.batched) for s in sims])
+                                 cfg.batched, pids) for s in sims])
+    router_cpu = outs[0]["router_cpu_s"]  # over the first ingress's window
     pushes = ray.get(pushing)
     counters = ray.get([r.counters.remote() for r in routers])
     for a in (*sims, pusher, *routers):
@@ -180,6 +206,9 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
             "batched": cfg.batched, "placements_per_s": placed / measure_s,
             "p50_ms": max(o["p50_ms"] for o in outs), "p99_ms": max(o["p99_ms"] for o in outs),
             "refused": sum(o["refused"] for o in outs), "stats_pushes": pushes,
+            "router_cpu_s": router_cpu, "ingress_cpu_s": sum(o["cpu_s"] for o in outs),
+            "per_router_cpu_s": placed / max(router_cpu, 1e-9),
+            "per_ingress_cpu_s": placed / max(sum(o["cpu_s"] for o in outs), 1e-9),
             "in_flight_after": [c["in_flight"] for c in counters],
             "unbalanced_releases": sum(c["unbalanced_releases"] for c in counters)}
 
@@ -200,5 +229,6 @@ def run_all(router_cfg: RouterConfig, replicas: list, cached: list, requests: li
             results.append(r)
             print(f"run {run}  {cfg.label:40s} {r['placements_per_s']:9,.0f} placements/s  "
                   f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
-                  f"refused {r['refused']}", flush=True)
+                  f"per CPU-s: router {r['per_router_cpu_s']:7,.0f} ingress "
+                  f"{r['per_ingress_cpu_s']:7,.0f}  refused {r['refused']}", flush=True)
     return results

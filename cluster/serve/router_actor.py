@@ -125,8 +125,17 @@ class RouterActor:
         self.replicas_info.pop(replica_id, None)
         return self.service.remove_replica(replica_id)
 
-    def set_prefer_local_prefill(self, prefer: bool) -> None:
+    def set_prefer_local_prefill(self, prefer: bool, forward: bool = True) -> None:
+        """The autoscaler's network signal (it tells router 0): passed on to
+        the other routers, which place other models or take over."""
         self.core.set_prefer_local_prefill(prefer)
+        for i in range(self.count) if forward else ():
+            if i != self.index:
+                try:
+                    ray.get_actor(router_name(i), namespace=NAMESPACE) \
+                        .set_prefer_local_prefill.remote(prefer, False)
+                except ValueError:  # not created, or restarting: it learns the next change
+                    pass
 
     # -- ingresses ------------------------------------------------------------------
     async def exchange(self, ex: Exchange) -> ExchangeReply:

@@ -87,6 +87,8 @@ class _Link:
     releases: list[LeaseEnd] = field(default_factory=list)
     suspects: list[str] = field(default_factory=list)
     queued: dict[str, _Pending] = field(default_factory=dict)
+    # outcomes a poll brought before the exchange reply that queued them
+    early: dict[str, Outcome] = field(default_factory=dict)
     last_live: float = float("-inf")  # monotonic: last time the live list was sent
     wake: asyncio.Event | None = None
     settled: asyncio.Event | None = None  # an exchange came back
@@ -169,6 +171,7 @@ class RouterClient:
                 continue
             link = self._links[i]
             link.queued.pop(lease_id, None)
+            link.early.pop(lease_id, None)
             if link.up:
                 # a router that did not place it may know it only from a live list
                 link.releases.append(LeaseEnd(lease_id, output_tokens, elsewhere=i != home))
@@ -235,6 +238,9 @@ class RouterClient:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError("RouterClient is already used by another running event loop; "
+                               "make one RouterClient per loop")
         self._loop, self._closed = loop, False
         self._leases.clear()
         self._acked.clear()
@@ -243,6 +249,7 @@ class RouterClient:
         for link in self._links:
             link.calls.clear()
             link.queued.clear()
+            link.early.clear()
             link.wake = asyncio.Event()
             link.settled = asyncio.Event()
             link.inflight = 0
@@ -350,6 +357,10 @@ class RouterClient:
             return
         self._acked.add(lease_id)
         if isinstance(out, Queued):
+            early = link.early.pop(lease_id, None)
+            if early is not None:  # decided while its exchange reply travelled
+                self._deliver(link, p, early)
+                return
             link.queued[lease_id] = p
             if link.poller is None or link.poller.done():
                 link.poller = self._loop.create_task(self._poll(link))
@@ -370,6 +381,8 @@ class RouterClient:
                 p = link.queued.pop(lease_id, None)
                 if p is not None:
                     self._deliver(link, p, out)
+                elif lease_id in self._pending:  # its "queued" reply is still on its way
+                    link.early[lease_id] = out
 
     def _link_down(self, link: _Link, in_flight: list[_Pending], error: BaseException) -> None:
         """Router ``link`` failed: its requests move to their next router."""
@@ -381,6 +394,7 @@ class RouterClient:
         queued = set(link.queued)
         link.calls.clear()
         link.queued.clear()
+        link.early.clear()
         link.releases.clear()  # its replacement learns the slots from the live lists
         link.suspects.clear()
         self.counts["failovers"] += 1
