@@ -24,6 +24,16 @@ Modes: "precomputed" passes block hashes computed off the router (by the
 ingress), "tokens" passes token ids and the router hashes them. Requests
 are built before their clock starts. ``--gc-freeze`` moves the setup's
 objects out of the collector's reach first (``gc.freeze()``).
+
+``--actor-path`` measures instead what the cluster sustains: placements/s
+through router actors on a local Ray node, from ingress processes of 32
+async callers each, with one actor call per route and per release (the
+old path's round trips) and with batched exchanges (RouterClient), for 1
+and 2 routers and ingresses, alternated, ``--runs`` times; the in-process
+RouterCore rate on the same workload is the reference beside it
+(``benchmarks/router_actor_path.py``):
+
+    .venv/bin/python benchmarks/bench_router.py --actor-path --runs 3 --out actor.json
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ class Workload:
     requests: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]  # model, tokens, hashes, max_tokens
 
 
-def build_workload(seed: int, n_requests: int, n_prefixes: int) -> Workload:
+def build_workload(seed: int, n_requests: int, n_prefixes: int, per_pool: int = 64) -> Workload:
     rng = random.Random(seed)
     vocab = list(range(VOCAB))  # shared int objects keep token tuples small
     words = lambda n: tuple(rng.choices(vocab, k=n))  # noqa: E731
@@ -76,7 +86,7 @@ def build_workload(seed: int, n_requests: int, n_prefixes: int) -> Workload:
     now = time.time()
     for m, model in enumerate(MODELS):
         prefill_ids, decode_ids = [], []
-        for i in range(64):
+        for i in range(per_pool):
             node = f"node-{(i % 16) + 16 * m:02d}"
             pid, did = f"{model}/prefill-{i:02d}", f"{model}/decode-{i:02d}"
             prefill_ids.append(pid)
@@ -229,6 +239,56 @@ def run(policy: str, mode: str, w: Workload, warmup: int, gc_freeze: bool) -> di
     }
 
 
+def actor_path_main(args) -> None:
+    import ray
+
+    from benchmarks.router_actor_path import run_all
+
+    before = calibrate()
+    n = args.requests + args.warmup
+    w = build_workload(args.seed, n, args.prefixes, per_pool=args.actor_pools)
+    print(f"workload: {len(w.replicas)} replicas, {args.prefixes} cached prefixes, "
+          f"{n} distinct requests; {os.cpu_count()} CPUs")
+    ref = [run("cost", "precomputed", w, args.warmup, gc_freeze=False)
+           for _ in range(args.runs)]
+    core = sorted(r["decisions_per_s"] for r in ref)
+    print(f"in process (RouterCore, admit+route+release, thread CPU time): "
+          f"{core[0]:,.0f} .. {core[-1]:,.0f} decisions/s")
+    requests = [(model, hashes, len(tokens), max_tokens)
+                for model, tokens, hashes, max_tokens in w.requests]
+    router_cfg = make_router("cost", w).cfg
+    router_cfg = dataclasses.replace(router_cfg, max_queue_per_model=100_000)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    try:
+        results = run_all(router_cfg, w.replicas, w.cached, requests, args.callers, args.runs,
+                          args.warmup_s, args.measure_s)
+    finally:
+        ray.shutdown()
+    print(f"\n{'configuration':42s} {'placements/s (range)':>24s} {'p50 ms':>14s} {'p99 ms':>14s}"
+          f" {'per router CPU-s':>20s}")
+    by_cfg: dict[str, list[dict]] = {}
+    for r in results:
+        by_cfg.setdefault(r["config"], []).append(r)
+    for label, rs in by_cfg.items():
+        rate = sorted(r["placements_per_s"] for r in rs)
+        p50 = sorted(r["p50_ms"] for r in rs)
+        p99 = sorted(r["p99_ms"] for r in rs)
+        per = sorted(r["per_router_cpu_s"] for r in rs)
+        print(f"{label:42s} {rate[0]:11,.0f} .. {rate[-1]:9,.0f} {p50[0]:6.2f} .. {p50[-1]:5.2f}"
+              f" {p99[0]:6.2f} .. {p99[-1]:5.2f} {per[0]:9,.0f} .. {per[-1]:7,.0f}")
+    if args.out:
+        write_json(args.out, {
+            "benchmark": "router_actor_path", "replicas": len(w.replicas),
+            "cached_prefixes": args.prefixes, "callers_per_ingress": args.callers,
+            "measure_s": args.measure_s, "runs": args.runs, "host": platform.node(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "calibration_before": before, "calibration_after": calibrate(),
+            "in_process_decisions_per_s": [r["decisions_per_s"] for r in ref],
+            "results": results})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10000, help="timed requests per policy and mode")
@@ -239,7 +299,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after setup")
     ap.add_argument("--out", help="write the JSON record here")
+    ap.add_argument("--actor-path", action="store_true",
+                    help="placements/s through router actors (see the module docstring)")
+    ap.add_argument("--runs", type=int, default=3, help="--actor-path: runs of every configuration")
+    ap.add_argument("--callers", type=int, default=32, help="--actor-path: callers per ingress")
+    ap.add_argument("--actor-pools", type=int, default=8,
+                    help="--actor-path: replicas per pool (2 models x prefill + decode)")
+    ap.add_argument("--warmup-s", type=float, default=1.0)
+    ap.add_argument("--measure-s", type=float, default=4.0)
     args = ap.parse_args()
+    if args.actor_path:
+        return actor_path_main(args)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
 

@@ -259,16 +259,22 @@ _ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)
 
 class RouterSpec(_Strict):
     """The ``router`` section: the knobs of ``splitserve.router.config.RouterConfig``
-    an operator sets, under its names and with its defaults, plus two that
+    an operator sets, under its names and with its defaults, plus three that
     the replicas and the ingress read (``NOT_ROUTER_FIELDS``)."""
 
-    NOT_ROUTER_FIELDS: ClassVar[frozenset[str]] = frozenset({"stats_period_s", "max_retries"})
+    NOT_ROUTER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"stats_period_s", "max_retries", "routers"})
 
     policy: Literal["cost", "prefix_aware", "least_loaded", "round_robin"] = Field(
         _ROUTER_DEFAULTS["policy"], description="Placement policy of (prefill, decode) pairs.")
+    routers: int = Field(2, ge=1, le=16, description="Router actors. Each model is placed by "
+                         "one of them at a time; the others hold the same replica stats and "
+                         "prefixes and take over at once if it dies. More routers spread the "
+                         "placements of several models.")
     max_queue_per_model: int = Field(_ROUTER_DEFAULTS["max_queue_per_model"], ge=1,
-                                     description="Requests in flight per model before new ones "
-                                     "are refused (HTTP 429).")
+                                     description="Requests holding a slot per model (placed, or "
+                                     "waiting in the router's queue) before new ones are refused "
+                                     "(HTTP 429).")
     stats_period_s: float = Field(0.25, gt=0, description="How often replicas push their load "
                                   "to the router.")
     stats_ttl_s: float = Field(_ROUTER_DEFAULTS["stats_ttl_s"], gt=0, description="Stats older "
@@ -281,9 +287,34 @@ class RouterSpec(_Strict):
                                           "may prefill on the decode replica.")
     max_retries: int = Field(2, ge=0, description="Other replica pairs tried after a refusal.")
     max_queue_delay_s: float = Field(_ROUTER_DEFAULTS["max_queue_delay_s"], ge=0,
-                                     description="Refuse a new request (HTTP 429, Retry-After) "
-                                     "when its chosen placement would wait longer than this for "
-                                     "its prefill to start; 0: never.")
+                                     description="Longest a new request waits for a replica that "
+                                     "can take it (in the router's queue, plus the predicted "
+                                     "prefill queue) before it is refused with HTTP 429 and "
+                                     "Retry-After; 0: until its client gives up.")
+    no_replica_grace_s: float = Field(_ROUTER_DEFAULTS["no_replica_grace_s"], ge=0,
+                                      description="Requests of a model with no live decode "
+                                      "replica wait this long (a replica restarting) before they "
+                                      "are refused with HTTP 503.")
+    lease_ttl_s: float = Field(_ROUTER_DEFAULTS["lease_ttl_s"], gt=0,
+                               description="An ingress silent this long is taken for dead: "
+                               "its admission slots are freed. Keep it well above "
+                               "stats_period_s (ingresses renew every period).")
+    expected_output_tokens: int = Field(_ROUTER_DEFAULTS["expected_output_tokens"], ge=0,
+                                        description="Output tokens a request is expected to "
+                                        "produce, for its KV room, until the model's own output "
+                                        "lengths are learned; 0: hold room for max_tokens.")
+    output_tokens_quantile: float = Field(_ROUTER_DEFAULTS["output_tokens_quantile"], gt=0, le=1,
+                                          description="Quantile of the model's recent output "
+                                          "lengths held as KV room (preemption covers longer "
+                                          "outputs).")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "RouterSpec":
+        if self.lease_ttl_s < 4 * self.stats_period_s:
+            raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must be at least 4x "
+                             f"stats_period_s ({self.stats_period_s}): ingresses renew their "
+                             "slots once a period")
+        return self
 
     def router_config(self, models: Mapping[str, ModelFacts]) -> RouterConfig:
         """The router's config for serving ``models`` (name -> its facts)."""

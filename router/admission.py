@@ -36,21 +36,26 @@ class AdmissionControl:
     def in_flight(self, model: str) -> int:
         return self._in_flight.get(model, 0)
 
-    def admit(self, model: str) -> None:
-        """Take a slot for one request of ``model`` or raise OverloadedError."""
+    def admit(self, model: str, force: bool = False) -> None:
+        """Take a slot for one request of ``model`` or raise OverloadedError.
+        ``force``: take it even past the limit (a request admitted before,
+        whose slot a restarted router learns again)."""
         n = self._in_flight.get(model, 0)
-        if n >= self.max_in_flight:
+        if n >= self.max_in_flight and not force:
             raise OverloadedError(model, n, self.max_in_flight, self.retry_after_s(model))
         self._in_flight[model] = n + 1
 
-    def release(self, model: str) -> None:
-        """Give back the slot of a finished request of ``model``."""
+    def release(self, model: str, finished: bool = True) -> None:
+        """Give back the slot of a request of ``model``. ``finished``: it ran
+        to its end (only those time the release rate behind Retry-After)."""
         n = self._in_flight.get(model, 0)
         if n == 0:
             raise UnbalancedReleaseError(
                 f"release({model!r}) without a matching admit: no request of it is in flight"
             )
         self._in_flight[model] = n - 1
+        if not finished:
+            return
         now = self._clock()
         last = self._last_release.get(model)
         self._last_release[model] = now

@@ -49,18 +49,45 @@ class RouterConfig:
     """Salt of ``splitserve.engine.hashing.block_hashes``; must equal the engines'."""
 
     max_queue_per_model: int = 256
-    """Requests admitted and not yet released, per model, before admit()
-    refuses with OverloadedError."""
+    """Requests holding an admission slot per model (placed and not yet
+    finished, or waiting in the queue) before new ones are refused at once
+    (OverloadedError, HTTP 429)."""
 
-    max_queue_delay_s: float = 0.0
-    """Refuse a request (QueueDelayError, retry after the excess) when the
-    placement chosen for it would wait longer than this for its prefill to
-    start: the predicted prefill queue of the chosen replica (for a local
-    prefill, the decode replica's). Sheds load past saturation so admitted
-    requests keep their TTFT. 0: never refuse for this."""
+    max_queue_delay_s: float = 30.0
+    """Longest a new request waits before its prefill starts: in the
+    router's queue for a replica that can take it, plus the predicted
+    prefill queue of the replica chosen. A request that cannot be placed
+    within it is refused (QueueTimeoutError, or QueueDelayError when the
+    predicted prefill wait alone exceeds it: HTTP 429 with Retry-After), so
+    admitted requests keep their TTFT past saturation. 0: no bound (a
+    request waits until its own deadline or until its client leaves)."""
+
+    no_replica_grace_s: float = 10.0
+    """A model with no live decode replica keeps queueing its requests this
+    long (a replica restarting, a pool scaling from a lost node); after it,
+    they are refused with NoReplicaError (HTTP 503) until one is back."""
+
+    lease_ttl_s: float = 5.0
+    """An ingress not heard from for this long is taken for dead: its
+    admission slots are freed and its queued requests dropped. Ingresses
+    renew every stats period; a live ingress whose slots expired (its event
+    loop stalled) gets them back with its next heartbeat."""
+
+    expected_output_tokens: int = 256
+    """Output tokens a request is expected to produce, for its KV room on
+    the decode replica, until the model's own output lengths are known
+    (``output_tokens_quantile``); never more than its max_tokens. 0: hold
+    room for max_tokens (no estimate)."""
+
+    output_tokens_quantile: float = 0.9
+    """Quantile of the model's recent output lengths (the last 512 finished
+    requests) used as the expected output once 16 have finished. The decode
+    engine preempts a sequence that outgrows a low guess."""
 
     stats_ttl_s: float = 5.0
-    """Stats older than this are ignored: the replica may be dead or stuck."""
+    """Stats older than this are ignored: the replica may be dead or stuck.
+    Only the backstop: a replica that stops deregisters, one an RPC fails
+    to reach is suspect at once, and a new one is known from its first push."""
 
     network_bytes_per_s: float = 1.25e9
     """Usable bandwidth of one link between nodes (10 Gb/s)."""
@@ -125,6 +152,7 @@ class RouterConfig:
         positive = {
             "max_queue_per_model": self.max_queue_per_model,
             "stats_ttl_s": self.stats_ttl_s,
+            "lease_ttl_s": self.lease_ttl_s,
             "network_bytes_per_s": self.network_bytes_per_s,
             "same_node_bytes_per_s": self.same_node_bytes_per_s,
             "assumed_prefill_tokens_per_s": self.assumed_prefill_tokens_per_s,
@@ -140,6 +168,8 @@ class RouterConfig:
             "prefix_max_extra_queue_s": self.prefix_max_extra_queue_s,
             "retry_after_min_s": self.retry_after_min_s,
             "max_queue_delay_s": self.max_queue_delay_s,
+            "no_replica_grace_s": self.no_replica_grace_s,
+            "expected_output_tokens": self.expected_output_tokens,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -149,6 +179,10 @@ class RouterConfig:
                 "RouterConfig.prefix_index_touch_fraction must be in (0, 1], got "
                 f"{self.prefix_index_touch_fraction}"
             )
+        if not 0.0 < self.output_tokens_quantile <= 1.0:
+            raise RouterConfigError(
+                "RouterConfig.output_tokens_quantile must be in (0, 1], got "
+                f"{self.output_tokens_quantile}")
         if self.retry_after_max_s < self.retry_after_min_s:
             raise RouterConfigError(
                 f"RouterConfig.retry_after_max_s ({self.retry_after_max_s}) must be >= "

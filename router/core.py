@@ -124,6 +124,42 @@ class RouterCore:
         self.index.drop_replica(replica_id)
         self.index.on_stored(replica_id, hashes)
 
+    def mark_suspect(self, replica_id: str) -> bool:
+        """An RPC to this replica just failed (it died, or its node is gone):
+        no placements on it until it pushes stats again. False if unknown."""
+        found = False
+        for pool in (self._prefill, self._decode):
+            for replicas in pool.values():
+                s = replicas.get(replica_id)
+                if s is not None and s.healthy:
+                    replicas.put(s.suspected())
+                    found = True
+        return found
+
+    def has_live_decode(self, model: str) -> bool:
+        """Whether some decode replica of ``model`` could take work now or
+        soon: healthy, not draining, stats fresh (full ones count)."""
+        horizon = self._clock() - self.cfg.stats_ttl_s
+        return any(d.healthy and not d.draining and d.updated_at >= horizon
+                   for d in self._decode[model])
+
+    def never_fits(self, req: RouteRequest) -> NoCapacityError | None:
+        """The error for a request no live decode replica of its model could
+        ever hold (prompt + max_tokens over its whole KV cache, which the
+        replica itself refuses), or None (it fits one, or none is live)."""
+        need = req.prompt_len + req.max_tokens
+        horizon = self._clock() - self.cfg.stats_ttl_s
+        largest = -1
+        for d in self._decode[req.model]:
+            if d.healthy and not d.draining and d.updated_at >= horizon:
+                largest = max(largest, d.total_blocks * d.block_size)
+        if largest < 0 or need <= largest:
+            return None
+        return NoCapacityError(
+            f"request {req.request_id!r} ({req.prompt_len} prompt + {req.max_tokens} new tokens) "
+            f"can never fit a decode replica of model {req.model!r}: the largest holds {largest} "
+            "tokens of KV. Lower max_tokens, or give the decode pool more KV blocks.", req.model)
+
     def set_prefer_local_prefill(self, prefer: bool) -> None:
         """The autoscaler's network signal: prefer prefilling on decode replicas."""
         self.state.prefer_local_prefill = prefer
@@ -136,27 +172,35 @@ class RouterCore:
 
     # -- admission -------------------------------------------------------
 
-    def admit(self, model: str) -> None:
+    def admit(self, model: str, force: bool = False) -> None:
         """Take an in-flight slot for a request of ``model``; raises
-        OverloadedError (with ``retry_after_s``) when the model is full."""
+        OverloadedError (with ``retry_after_s``) when the model is full,
+        unless ``force`` (a request admitted before, counted again)."""
         if model not in self._prefill:
             raise UnknownModelError(model, self._models)
         try:
-            self._admission.admit(model)
+            self._admission.admit(model, force)
         except OverloadedError:
             self._overloaded += 1
             raise
 
-    def release(self, model: str) -> None:
-        """Give back the slot of a request of ``model`` that ended."""
-        self._admission.release(model)
+    def release(self, model: str, finished: bool = True) -> None:
+        """Give back the slot of a request of ``model`` that ended
+        (``finished``: normally; only those time Retry-After estimates)."""
+        self._admission.release(model, finished)
+
+    def retry_after_s(self, model: str) -> float:
+        """Expected wait for a free slot of ``model`` (clamped)."""
+        return self._admission.retry_after_s(model)
 
     # -- placement -------------------------------------------------------
 
-    def route(self, req: RouteRequest, shed: bool = True) -> Placement:
+    def route(self, req: RouteRequest, shed: bool = True, waited_s: float = 0.0) -> Placement:
         """Place ``req``: raises UnknownModelError or NoCapacityError
-        (QueueDelayError past ``max_queue_delay_s``, only with ``shed``: pass
-        False for a request already admitted, e.g. resumed after a fault)."""
+        (QueueDelayError when ``waited_s`` already spent waiting plus the
+        predicted prefill wait exceed ``max_queue_delay_s``, only with
+        ``shed``: pass False for a request already admitted, e.g. resumed
+        after a fault)."""
         snap = self.snapshot(req.model)
         hashes = req.block_hashes
         if hashes is None:
@@ -166,7 +210,7 @@ class RouterCore:
         try:
             placement = self._policy(req, snap, matches, self.cfg, self.state)
             if shed:
-                self._check_queue_delay(req, placement)
+                self._check_queue_delay(req, placement, waited_s)
         except QueueDelayError:
             self._queue_delay_refusals += 1
             raise
@@ -190,11 +234,11 @@ class RouterCore:
             return prefill_queue_s(self._prefill[model].get(placement.prefill_replica), self.cfg)
         return local_queue_s(self._decode[model].get(placement.decode_replica), self.cfg)
 
-    def _check_queue_delay(self, req: RouteRequest, placement: Placement) -> None:
+    def _check_queue_delay(self, req: RouteRequest, placement: Placement, waited_s: float) -> None:
         limit = self.cfg.max_queue_delay_s
         if limit <= 0:
             return
-        wait = self.queue_delay_s(req.model, placement)
+        wait = waited_s + self.queue_delay_s(req.model, placement)
         if wait > limit:
             retry = self._admission.clamp_retry_after(wait - limit)
             where = placement.prefill_replica or placement.decode_replica
@@ -214,11 +258,31 @@ class RouterCore:
             in_flight={m: self._admission.in_flight(m) for m in self._models},
         )
 
+    def uncount(self, model: str, decode_replica: str, kv_tokens: int) -> None:
+        """A request placed on ``decode_replica`` ended: give its blocks and
+        batch slot back to the router's estimate until the next push (which
+        replaces it), so the queue can use them at once."""
+        if not self.cfg.optimistic_updates:
+            return
+        decodes = self._decode.get(model)
+        d = decodes.get(decode_replica) if decodes is not None else None
+        if d is None:
+            return
+        waiting, running = d.waiting_requests, d.running_seqs
+        if waiting > 0:
+            waiting -= 1
+        elif running > 0:
+            running -= 1
+        decodes.put(d.counting(
+            free_blocks=min(d.free_blocks + decode_blocks_needed(d, kv_tokens), d.total_blocks),
+            waiting_requests=waiting, pending_prefill_tokens=d.pending_prefill_tokens,
+            running_seqs=running))
+
     def _count_placement(self, req: RouteRequest, placement: Placement) -> None:
         uncached = req.prompt_len - placement.prefix_hit_tokens
         decodes = self._decode[req.model]
         d = decodes.get(placement.decode_replica)
-        needed = decode_blocks_needed(d, req.prompt_len, req.max_tokens)
+        needed = decode_blocks_needed(d, req.kv_tokens)
         decodes.put(d.counting(
             free_blocks=max(d.free_blocks - needed, 0),
             waiting_requests=d.waiting_requests + 1,

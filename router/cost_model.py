@@ -75,8 +75,9 @@ def local_ttft_s(d: DecodeReplicaStats, uncached_tokens: int, cfg: RouterConfig)
     return (d.pending_prefill_tokens + uncached_tokens) / speed + d.decode_step_s
 
 
-def decode_blocks_needed(d: DecodeReplicaStats, prompt_len: int, max_tokens: int) -> int:
-    """Blocks a sequence may occupy on ``d`` by its last token. Cached prefix
-    blocks are not subtracted: they may sit in the free list themselves.
-    (How loaded a decode replica is: ``DecodeReplicaStats.load``.)"""
-    return -(-(prompt_len + max_tokens) // d.block_size)
+def decode_blocks_needed(d: DecodeReplicaStats, kv_tokens: int) -> int:
+    """Blocks a sequence of ``kv_tokens`` (prompt + expected output,
+    ``RouteRequest.kv_tokens``) occupies on ``d``. Cached prefix blocks are
+    not subtracted: they may sit in the free list themselves. (How loaded a
+    decode replica is: ``DecodeReplicaStats.load``.)"""
+    return -(-kv_tokens // d.block_size)

@@ -3,7 +3,8 @@
 A replica is usable for a request when it serves the request's model, is
 healthy, is not draining, has stats younger than ``stats_ttl_s``, and has
 not already refused this request. A decode replica must also fit the
-request: blocks for prompt + max_tokens and a batch slot not promised to
+request: blocks for ``RouteRequest.kv_tokens`` (prompt + expected output)
+and a batch slot not promised to
 its waiting requests. These two predicates are the only statement of the
 rules; the explanation of an empty result runs only when about to raise.
 """
@@ -38,7 +39,7 @@ def prefill_usable(
 def decode_usable(
     d: DecodeReplicaStats, model: str, horizon: float, excluded: frozenset[str], total_tokens: int
 ) -> bool:
-    """``total_tokens``: prompt_len + max_tokens of the request."""
+    """``total_tokens``: ``RouteRequest.kv_tokens`` of the request."""
     return (
         d.model == model
         and d.healthy
@@ -64,7 +65,7 @@ def no_decode_capacity(req: RouteRequest, snap: ClusterSnapshot, cfg: RouterConf
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(why.items()))
     return NoCapacityError(
         f"no decode replica of model {req.model!r} can take request {req.request_id!r} "
-        f"({req.prompt_len} prompt + {req.max_tokens} new tokens): {parts} "
+        f"({req.prompt_len} prompt + {req.kv_tokens - req.prompt_len} new tokens): {parts} "
         f"(stats older than {cfg.stats_ttl_s} s are stale). "
         "Retry later, lower max_tokens, or add decode replicas.",
         req.model,
@@ -80,7 +81,7 @@ def _decode_refusal(req: RouteRequest, d: DecodeReplicaStats, horizon: float) ->
         return "draining"
     if d.updated_at < horizon:
         return "stale"
-    if d.free_blocks * d.block_size < req.prompt_len + req.max_tokens:
+    if d.free_blocks * d.block_size < req.kv_tokens:
         return "short of free KV blocks"
     if d.running_seqs + d.waiting_requests >= d.max_seqs:
         return "batch full"

@@ -152,7 +152,7 @@ def round_robin_policy(
 ) -> Placement:
     model, excluded = req.model, req.exclude_replicas
     horizon = snap.now - cfg.stats_ttl_s
-    total = req.prompt_len + req.max_tokens
+    total = req.kv_tokens
     d = next_in_cycle(
         state,
         (model, Role.DECODE),

@@ -47,7 +47,7 @@ def pick_decode(
     NoCapacityError when none is usable."""
     model, excluded = req.model, req.exclude_replicas
     horizon = snap.now - cfg.stats_ttl_s
-    total = req.prompt_len + req.max_tokens
+    total = req.kv_tokens
     best: DecodeReplicaStats | None = None
     best_score = _INF
     if matches and prefix_weight:

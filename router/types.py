@@ -16,10 +16,27 @@ stats stamped on one node can be aged on another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Union
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
+from typing import Mapping, TypeVar, Union
 
 from splitserve.engine.roles import Role
+
+
+T = TypeVar("T")
+
+
+def fast_pickle(cls: type[T]) -> type[T]:
+    """Pickle a dataclass as its constructor's arguments: the default state
+    of a slots dataclass unpickles several times slower, and these cross
+    the ingress-router boundary once per request."""
+    get = attrgetter(*(f.name for f in fields(cls) if f.init))
+
+    def __reduce__(self):
+        return cls, get(self)
+
+    cls.__reduce__ = __reduce__
+    return cls
 
 
 class RouterError(Exception):
@@ -57,7 +74,19 @@ class NoCapacityError(RouterError):
 
 class QueueDelayError(NoCapacityError):
     """The best placement would wait longer than ``RouterConfig.max_queue_delay_s``
-    before its prefill starts (the pools are past saturation)."""
+    before its prefill starts (the pools are past saturation). The client
+    sees 429 (RESOURCE_EXHAUSTED) with Retry-After."""
+
+
+class QueueTimeoutError(QueueDelayError):
+    """The request waited in its model's queue until its deadline
+    (``RouterConfig.max_queue_delay_s``, or its own) without a replica able
+    to take it. 429 with Retry-After, like a full queue."""
+
+
+class NoReplicaError(NoCapacityError):
+    """The model has had no live decode replica for longer than
+    ``RouterConfig.no_replica_grace_s``: 503 with Retry-After."""
 
 
 class OverloadedError(RouterError):
@@ -134,6 +163,10 @@ class PrefillReplicaStats:
             updated_at=self.updated_at,
         )
 
+    def suspected(self) -> PrefillReplicaStats:
+        """A copy marked unhealthy: an RPC failed to reach the replica."""
+        return replace(self, healthy=False)
+
 
 @dataclass(slots=True, kw_only=True)
 class DecodeReplicaStats:
@@ -169,7 +202,8 @@ class DecodeReplicaStats:
         self.load = load
 
     def counting(
-        self, *, free_blocks: int, waiting_requests: int, pending_prefill_tokens: int
+        self, *, free_blocks: int, waiting_requests: int, pending_prefill_tokens: int,
+        running_seqs: int | None = None,
     ) -> DecodeReplicaStats:
         """A copy with other counts (the router's estimate between pushes)."""
         return DecodeReplicaStats(
@@ -177,7 +211,7 @@ class DecodeReplicaStats:
             model=self.model,
             free_blocks=free_blocks,
             total_blocks=self.total_blocks,
-            running_seqs=self.running_seqs,
+            running_seqs=self.running_seqs if running_seqs is None else running_seqs,
             max_seqs=self.max_seqs,
             block_size=self.block_size,
             waiting_requests=waiting_requests,
@@ -190,7 +224,12 @@ class DecodeReplicaStats:
             updated_at=self.updated_at,
         )
 
+    def suspected(self) -> DecodeReplicaStats:
+        """A copy marked unhealthy: an RPC failed to reach the replica."""
+        return replace(self, healthy=False)
 
+
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """One request to place. Give either ``prompt_token_ids`` (the router
@@ -205,6 +244,24 @@ class RouteRequest:
     prompt_token_ids: tuple[int, ...] = ()
     block_hashes: tuple[int, ...] | None = None
     exclude_replicas: frozenset[str] = frozenset()  # replicas that already refused it
+    expected_output_tokens: int | None = None
+    """Output tokens to hold KV room for (the router's estimate, at most
+    ``max_tokens``); None: ``max_tokens``."""
+
+    def expecting(self, output_tokens: int) -> RouteRequest:
+        """A copy with ``expected_output_tokens`` set (built directly: cheaper
+        than ``dataclasses.replace`` on every placement)."""
+        return RouteRequest(self.request_id, self.model, self.prompt_len, self.max_tokens,
+                            self.prompt_token_ids, self.block_hashes, self.exclude_replicas,
+                            output_tokens)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV a decode replica must have room for to take it."""
+        expected = self.expected_output_tokens
+        if expected is None or expected > self.max_tokens:
+            return self.prompt_len + self.max_tokens
+        return self.prompt_len + expected
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:
@@ -276,6 +333,7 @@ def load_order(d: DecodeReplicaStats) -> tuple[float, str]:
     return d.load, d.replica_id
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class Placement:
     prefill_replica: str | None  # None = prefill locally on the decode replica

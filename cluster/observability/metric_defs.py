@@ -158,12 +158,26 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     _replica("splitserve_replica_fallbacks", "counter",
              "Remote prefills that failed on this decode replica and ran locally."),
     # -- router --------------------------------------------------------------
-    _router("splitserve_router_decisions", "counter", "Placements by the policy's reason.", _MR),
+    _router("splitserve_router_decisions", "counter",
+            "Placements by the policy's reason.", _MR),
     _router("splitserve_router_rejections", "counter",
-            "Route calls refused (reason: overloaded, queue_delay, no_capacity).", _MR),
-    _router("splitserve_router_in_flight", "gauge", "Admitted requests not yet released.", _M),
+            "Requests the router refused (reason: overloaded = slots full, queue_delay = "
+            "predicted prefill wait past max_queue_delay_s, queue_timeout = waited past its "
+            "deadline, no_replica = no live decode replica past the grace period, "
+            "no_capacity = too large for any decode replica).", _MR),
+    _router("splitserve_router_in_flight", "gauge",
+            "Admission slots held: requests placed or waiting, not yet released.", _M),
+    _router("splitserve_router_queued", "gauge",
+            "Requests waiting in the router's queue for a replica that can take them.", _M),
+    _router("splitserve_router_queue_wait_seconds", "gauge",
+            "How long the oldest request in the router's queue has waited.", _M),
+    _router("splitserve_router_lease_events", "counter",
+            "Admission slots that ended without their release (event: expired = the "
+            "ingress went silent, reclaimed = the ingress no longer listed it, "
+            "unbalanced_release = a release of no held slot) or were learned from an "
+            "ingress's list (adopted: after a router restart or failover).", ("event",)),
     _router("splitserve_pool_replicas", "gauge",
-            "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),
+              "Replicas reporting to the router (pool: prefill, decode, colocated).", _MP),
     # -- autoscaler ----------------------------------------------------------
     _autoscaler("splitserve_autoscaler_target_replicas", "Replica count the autoscaler last set."),
     _autoscaler("splitserve_autoscaler_desired_replicas",

@@ -257,13 +257,26 @@ def record_worker_metrics(role: Role, model: str, s: WorkerStats) -> None:
 # -- router (RouterActor) ------------------------------------------------------------------
 class RouterMetrics:
     """The router's counters as metrics. ``publish`` (rate-limited) sets the
-    in-flight and per-pool replica gauges from the router's state."""
+    in-flight and per-pool replica gauges from the router's state, and
+    records the placements and refusals counted since (``count_*``: a
+    metric call per decision would cost the router as much as the decision)."""
 
     def __init__(self, period_s: float = 1.0, clock=time.monotonic):
         self.period_s = period_s
         self._clock = clock
         self._next = 0.0
         self._pools: set[tuple[str, str]] = set()
+        self._placed: dict[tuple[str, str], int] = {}
+        self._refused: dict[tuple[str, str], int] = {}
+        self.models: set[str] | None = None  # gauges of these models only; None: all
+
+    def count_placement(self, model: str, reason: str) -> None:
+        key = (model, reason)
+        self._placed[key] = self._placed.get(key, 0) + 1
+
+    def count_rejection(self, model: str, reason: str) -> None:
+        key = (model, reason)
+        self._refused[key] = self._refused.get(key, 0) + 1
 
     @_never_raises
     def on_placement(self, model: str, reason: str) -> None:
@@ -274,15 +287,35 @@ class RouterMetrics:
         record("splitserve_router_rejections", 1, model=model, reason=reason)
 
     @_never_raises
-    def publish(self, core, replicas: Mapping[str, ReplicaInfo], force: bool = False) -> None:
-        """``core``: the RouterCore; ``replicas``: who each replica it holds
-        stats of is (its role labels the pool)."""
+    def publish(self, router, replicas: Mapping[str, ReplicaInfo], force: bool = False) -> None:
+        """``router``: a RouterService (or a bare RouterCore); ``replicas``:
+        who each replica it holds stats of is (its role labels the pool)."""
         now = self._clock()
         if not force and now < self._next:
             return
         self._next = now + self.period_s
+        placed, refused, self._placed, self._refused = self._placed, self._refused, {}, {}
+        for (model, reason), n in placed.items():
+            record("splitserve_router_decisions", n, model=model, reason=reason)
+        for (model, reason), n in refused.items():
+            record("splitserve_router_rejections", n, model=model, reason=reason)
+        core = getattr(router, "core", router)
+        mine = self.models
+        if core is not router:  # the service's queue and lease accounting
+            waits = router.oldest_wait_s()
+            for model, n in router.queued().items():
+                if mine is not None and model not in mine:
+                    continue
+                record("splitserve_router_queued", n, model=model)
+                record("splitserve_router_queue_wait_seconds", waits[model], model=model)
+            for event, key in (("expired", "leases_expired"), ("reclaimed", "leases_reclaimed"),
+                               ("unbalanced_release", "unbalanced_releases"),
+                               ("adopted", "leases_adopted")):
+                _advance("splitserve_router_lease_events", router.counts[key], event=event)
         counts: dict[tuple[str, str], int] = {}
         for model, n in core.counters().in_flight.items():
+            if mine is not None and model not in mine:
+                continue
             record("splitserve_router_in_flight", n, model=model)
             snap = core.snapshot(model)
             for r in (*snap.prefill, *snap.decode):

@@ -18,7 +18,7 @@ from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ModelSpec, ServedModel
 from splitserve.cluster.serve import secrets
-from splitserve.cluster.serve.router_actor import NAMESPACE, get_router
+from splitserve.cluster.serve.router_actor import NAMESPACE, ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.workers import worker_deployment
 from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig
@@ -112,9 +112,8 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
-    router = get_router(create_with=rcfg)
-    if prev is None or router_config(prev) != rcfg:
-        ray.get(router.reconfigure.remote(rcfg))
+    ensure_routers(rcfg, cfg.router.routers,
+                   reconfigure=prev is None or router_config(prev) != rcfg)
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
@@ -188,7 +187,4 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
     serve.shutdown()
-    try:
-        ray.kill(get_router())
-    except ValueError:
-        pass
+    kill_routers()

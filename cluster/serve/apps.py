@@ -39,10 +39,10 @@ def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
     from splitserve.cluster.autoscaling.ledger import get_ledger
     from splitserve.cluster.serve import secrets
     from splitserve.cluster.serve.app import router_config
-    from splitserve.cluster.serve.router_actor import get_router
+    from splitserve.cluster.serve.router_actor import ensure_routers
 
     version = secrets.publish(cfg)
-    get_router(create_with=router_config(cfg))
+    ensure_routers(router_config(cfg), cfg.router.routers)
     ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
     return version
 

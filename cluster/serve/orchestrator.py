@@ -1,8 +1,12 @@
 """ClusterBackend: places each request on a (prefill, decode) pair and
 streams its tokens back, surviving refusals and replica deaths.
 
-Per request: the router admits it (bounded per-model queue) and picks a
-pair; the decode replica's Generate stream carries the tokens. A refusal
+Per request: the router admits it (an admission slot leased to this
+ingress, ``splitserve.cluster.serve.router_client``), queues it while no
+replica can take it, and picks a pair; the decode replica's Generate
+stream carries the tokens. The slot is taken before the first await and
+given back on every path (finished, failed, refused, cancelled while it
+waited), with the output length when it finished. A refusal
 before the first token (the decode replica is full, or died) moves the
 request to another pair. If a decode replica dies mid-stream, the request
 resumes on another one by prefilling prompt + tokens generated so far, so
@@ -45,6 +49,7 @@ from splitserve.cluster.api.backend import (
 from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
+from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
 from splitserve.engine.errors import InvalidRequestError, RequestFailedError
@@ -59,6 +64,7 @@ from splitserve.router.types import (
     QueueDelayError,
     RouteRefusal,
     RouteRequest,
+    RouterError,
     UnknownModelError,
 )
 
@@ -100,7 +106,8 @@ class _Model:
 
 
 class ClusterBackend(Backend):
-    def __init__(self, cfg: ClusterConfig, router=None, token: str | None = None):
+    def __init__(self, cfg: ClusterConfig, router: RouterClient | None = None,
+                 token: str | None = None):
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
@@ -129,11 +136,11 @@ class ClusterBackend(Backend):
                          "deadlines": 0}
 
     @property
-    def router(self):
+    def router(self) -> RouterClient:
         if self._router is None:
-            from splitserve.cluster.serve.router_actor import get_router
-
-            self._router = get_router()
+            spec = self.cfg.router
+            self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s,
+                                        models=[s.model.name for s in self.cfg.models])
         return self._router
 
     def _model(self, name: str) -> _Model:
@@ -158,14 +165,14 @@ class ClusterBackend(Backend):
         m = self._model(model)
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
-    async def _route(self, req: RouteRequest, admit: bool) -> Placement:
+    async def _route(self, lease: str, req: RouteRequest, admitted: bool,
+                     arrival: float) -> Placement:
         try:
-            res = await self.router.route.remote(req, admit)
-        except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
-            raise Unavailable(f"the router is unavailable: {type(e).__name__}", 1.0) from None
-        if isinstance(res, Placement):
-            return res
-        raise self._refused(res) from None
+            return await self.router.place(lease, req, arrival=arrival, admitted=admitted)
+        except RouterUnavailableError as e:
+            raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
+        except RouterError as e:
+            raise self._refused(e) from None
 
     def _refused(self, e: RouteRefusal) -> Exception:
         """The client-facing error of the router's refusal."""
@@ -181,6 +188,7 @@ class ClusterBackend(Backend):
         self.validate(model, prompt_token_ids, params)
         produced: list[int] = []
         exclude: set[str] = set()
+        lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
         admitted = False
         attempts_left = self.cfg.router.max_retries + 1
         faults = 0  # failed calls that may be this request's own doing
@@ -205,7 +213,7 @@ class ClusterBackend(Backend):
                     block_hashes=tuple(block_hashes(ids, m.block_size))
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude))
-                placement = await self._route(req, admit=not admitted)
+                placement = await self._route(lease, req, admitted, arrival)
                 admitted = True
                 decode = placement.decode_replica
                 prefill = placement.prefill_replica
@@ -227,6 +235,7 @@ class ClusterBackend(Backend):
                             rec.on_output(d)
                             yield d
                             if out.finished:
+                                finished_with = len(produced)
                                 return
                     raise Unavailable(f"decode replica {decode} ended the stream early")
                 except DeadlineExceeded:
@@ -257,6 +266,8 @@ class ClusterBackend(Backend):
                                              1.0) from None
                         raise Unavailable(f"generation failed on {decode}: {e.message}") from None
                     exclude.add(decode)
+                    if e.code == grpc.StatusCode.UNAVAILABLE:
+                        self.router.suspect(decode)
                     if len(produced) > before or produced:
                         self.counters["resumed"] += 1
                     else:
@@ -268,26 +279,23 @@ class ClusterBackend(Backend):
             raise
         finally:
             rec.finish(error)
-            if admitted:
-                try:
-                    self.router.release.remote(model)
-                except Exception:  # noqa: BLE001
-                    pass
+            self.router.release(lease, finished_with)  # never waits; no-op if refused
 
     async def readiness(self) -> Readiness:
         try:
-            live = await asyncio.wait_for(self.router.live_replicas.remote(), ROUTER_QUERY_S)
+            live = await self.router.ask("live_replicas", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return Readiness(error=f"the router is unavailable: {type(e).__name__}")
         return cluster_readiness(self.cfg, live)
 
     async def cluster_metrics(self) -> ClusterMetrics:
         try:
-            reports, text = await asyncio.wait_for(self.router.metrics_scrape.remote(),
-                                                   ROUTER_QUERY_S)
+            reports, text = await self.router.ask("metrics_scrape", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return ClusterMetrics(errors=(f"the router is unavailable: {type(e).__name__}",))
         return ClusterMetrics(tuple(reports), text)
 
     async def close(self) -> None:
+        if self._router is not None:
+            await self._router.close()
         await self._clients.close()

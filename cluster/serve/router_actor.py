@@ -1,15 +1,30 @@
-"""The router as a Ray actor: one per cluster, named, restarted on failure.
+"""The routers as Ray actors: ``RouterSpec.routers`` of them, named, each
+restarted on failure, each a full replica of the router's knowledge.
 
-It wraps ``splitserve.router.core.RouterCore``. Workers push their stats and prefix
-cache events to it; ingresses ask it for placements. It is never on the
-token path, so a restart only costs the state it held: the workers push
-their stats again within one period, and a replica the router does not know
-is asked (by ``update_stats``' reply) for a snapshot of its prefix cache on
-its next push. In-flight streams are unaffected.
+Each actor wraps one ``splitserve.router.service.RouterService``. It is an
+async actor: every method runs on its one event-loop thread, so the
+router's state is changed by one call at a time, and waiting (``poll``)
+costs no thread. Every worker replica pushes its stats and prefix-cache
+events to every router (``RouterFanout``), so each router knows every
+replica and every cached prefix. Each model is placed by one router at a
+time (its first live router in a fixed per-model order,
+``splitserve.cluster.serve.router_client.router_order``; N models spread
+over N routers): the model's
+queue and its optimistic view of free KV room must live in one place to
+be served in order and not be promised twice. The others are hot
+standbys: an ingress that loses a model's router moves its requests to
+the next one, which already holds the replicas' stats and prefixes, and
+learns the ingress's admission slots from the ``live`` list it sends with
+every heartbeat. A restarted router relearns the same within one stats
+period (a replica it does not know is asked for a snapshot of its cache on
+its next push). Routers are never on the token path: in-flight streams do
+not notice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import asdict
 from typing import Any
@@ -20,39 +35,66 @@ import ray
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.core import RouterCore
+from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
-from splitserve.router.types import (
-    NoCapacityError,
-    OverloadedError,
-    Placement,
-    QueueDelayError,
-    RouteRefusal,
-    RouteRequest,
-    UnknownModelError,
-)
+from splitserve.router.service import RouterService
+from splitserve.router.types import UnknownModelError
+
+log = logging.getLogger("splitserve.router")
 
 ROUTER_NAME = "splitserve-router"
 NAMESPACE = "splitserve"
+MAX_ROUTERS = 16
+TICK_S = 0.1  # deadlines, expired leases and the grace period are checked this often
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
+def router_name(index: int) -> str:
+    """Router 0 keeps the historical name; the others are numbered."""
+    return ROUTER_NAME if index == 0 else f"{ROUTER_NAME}-{index}"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class RouterActor:
-    def __init__(self, cfg: RouterConfig):
-        self.core = RouterCore(cfg)
+    def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S, index: int = 0,
+                 count: int = 1):
+        """Router ``index`` of ``count``: it exports the per-model gauges
+        (slots, queue, replicas) of the models it places first, so that
+        summing over routers counts each once."""
+        self.index, self.count = index, count
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
-        self._last_prune = 0.0
         self.metrics = RouterMetrics()
+        self._tick_s = tick_s
+        self._ticker: asyncio.Task | None = None
+        self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
+        self._last_prune = 0.0
+        self._install(RouterService(cfg))
 
-    def ready(self) -> bool:
+    def _install(self, service: RouterService) -> None:
+        from splitserve.cluster.serve.router_client import router_order
+
+        models = list(service.cfg.models)
+        self.metrics.models = {m for m in models
+                               if router_order(m, self.count, models)[0] == self.index}
+        self.service = service
+        service.on_placement = self.metrics.count_placement
+        service.on_refusal = self.metrics.count_rejection
+
+    @property
+    def core(self):
+        return self.service.core
+
+    async def ready(self) -> bool:
+        self._ensure_ticker()
         return True
 
     def reconfigure(self, cfg: RouterConfig) -> None:
-        """Replace the routing config; replica stats are pushed again."""
-        self.core = RouterCore(cfg)
+        """Replace the routing config: like a restart, the replicas push their
+        stats again and the ingresses send their slots with their next heartbeat."""
+        self._install(RouterService(cfg))
 
+    # -- replicas -------------------------------------------------------------------
     def update_stats(self, report: StatsReport) -> bool:
         """A replica's periodic push: its stats and its prefix-cache events
         since the last push (``report.snapshot``: ``stored`` is its whole
@@ -60,20 +102,22 @@ class RouterActor:
         did not know the replica (it restarted, was reconfigured, or pruned
         it), so the deltas it got so far describe only part of the cache."""
         s = replica_stats(report)
+        core = self.core
         try:
-            unknown = self.core.update_stats(s)
+            unknown = self.service.update_stats(s)
         except UnknownModelError:
             return False
         self.replicas_info[s.replica_id] = report.replica
         self.latest[s.replica_id] = msgspec.structs.replace(report, stored=(), evicted=())
         if report.snapshot:
-            self.core.replace_blocks(s.replica_id, report.stored)
+            core.replace_blocks(s.replica_id, report.stored)
         else:
             if report.stored:
-                self.core.on_blocks_stored(s.replica_id, report.stored)
+                core.on_blocks_stored(s.replica_id, report.stored)
             if report.evicted:
-                self.core.on_blocks_evicted(s.replica_id, report.evicted)
-        self.metrics.publish(self.core, self.replicas_info)
+                core.on_blocks_evicted(s.replica_id, report.evicted)
+        self._wake()
+        self.metrics.publish(self.service, self.replicas_info)
         return unknown and not report.snapshot
 
     def cached_blocks(self) -> dict[str, int]:
@@ -83,48 +127,68 @@ class RouterActor:
     def remove_replica(self, replica_id: str) -> bool:
         self.replicas_info.pop(replica_id, None)
         self.latest.pop(replica_id, None)
-        return self.core.remove_replica(replica_id)
+        return self.service.remove_replica(replica_id)
 
-    def set_prefer_local_prefill(self, prefer: bool) -> None:
+    def set_prefer_local_prefill(self, prefer: bool, forward: bool = True) -> None:
+        """The autoscaler's network signal (it tells router 0): passed on to
+        the other routers, which place other models or take over."""
         self.core.set_prefer_local_prefill(prefer)
+        for i in range(self.count) if forward else ():
+            if i != self.index:
+                try:
+                    ray.get_actor(router_name(i), namespace=NAMESPACE) \
+                        .set_prefer_local_prefill.remote(prefer, False)
+                except ValueError:  # not created, or restarting: it learns the next change
+                    pass
 
-    def route(self, req: RouteRequest, admit: bool = True) -> Placement | RouteRefusal:
-        """Admit (optionally) and place a request. A refusal is returned, not
-        raised: it is an answer the caller acts on (HTTP 429, 503, 404), and
-        returned it arrives as itself rather than wrapped in a RayTaskError."""
-        now = time.time()
-        if now - self._last_prune > 1.0:
-            self._last_prune = now
-            self.prune(now)
-        try:
-            if admit:
-                self.core.admit(req.model)
+    # -- ingresses ------------------------------------------------------------------
+    async def exchange(self, ex: Exchange) -> ExchangeReply:
+        """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
+        self._ensure_ticker()
+        reply = self.service.exchange(ex)
+        self._wake()
+        return reply
+
+    async def poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
+        """Outcomes of ``holder``'s queued requests, as soon as there is one
+        (or an empty list after ``timeout_s``: the ingress asks again)."""
+        self._ensure_ticker()
+        if not self.service.has_resolved(holder):
+            event = self._wakeups.setdefault(holder, asyncio.Event())
+            event.clear()
             try:
-                p = self.core.route(req, shed=admit)
-            except BaseException:
-                if admit:
-                    self.core.release(req.model)
-                raise
-        except OverloadedError as e:
-            self.metrics.on_rejection(req.model, "overloaded")
-            return e
-        except QueueDelayError as e:  # past saturation: shed like a full queue
-            self.metrics.on_rejection(req.model, "queue_delay")
-            return e
-        except NoCapacityError as e:
-            self.metrics.on_rejection(req.model, "no_capacity")
-            return e
-        except UnknownModelError as e:
-            return e
-        self.metrics.on_placement(req.model, p.reason)
-        return p
+                await asyncio.wait_for(event.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if self._wakeups.get(holder) is event:
+                    del self._wakeups[holder]
+        return self.service.take_resolved(holder)
 
-    def release(self, model: str) -> None:
-        try:
-            self.core.release(model)
-        except Exception:  # noqa: BLE001 - a restart lost the slot: nothing to give back
-            pass
+    def _wake(self) -> None:
+        for holder, event in self._wakeups.items():
+            if self.service.has_resolved(holder):
+                event.set()
 
+    def _ensure_ticker(self) -> None:
+        if self._tick_s > 0 and (self._ticker is None or self._ticker.done()):
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            try:
+                self.service.tick()
+                self._wake()
+                now = time.time()
+                if now - self._last_prune > 1.0:
+                    self._last_prune = now
+                    self.prune(now)
+                self.metrics.publish(self.service, self.replicas_info)
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick
+                log.exception("router tick failed")
+
+    # -- operators' views -----------------------------------------------------------
     def prune(self, now: float | None = None) -> list[str]:
         """Forget replicas silent for 3 stats TTLs (dead without deregistering:
         killed, or their node lost). Returns the ids removed."""
@@ -138,20 +202,6 @@ class RouterActor:
         for rid in gone:
             self.remove_replica(rid)
         return gone
-
-    def replicas(self) -> dict[str, Any]:
-        """The operators' view (``splitserve status``): model -> router pool
-        ("prefill", "decode") -> each replica's stats as a dict."""
-        self.prune()
-        out: dict[str, Any] = {}
-        for model in self.core.cfg.models:
-            snap = self.core.snapshot(model)
-            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
-                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
-        return out
-
-    def counters(self) -> dict[str, Any]:
-        return asdict(self.core.counters())
 
     def live_replicas(self) -> dict[str, dict[str, int]]:
         """Readiness: model -> role (prefill, decode, colocated) -> replicas
@@ -171,18 +221,118 @@ class RouterActor:
         """/metrics: the last report of every replica the router holds
         (without its cache events) and the router's metrics as text."""
         self.prune()
-        self.metrics.publish(self.core, self.replicas_info, force=True)
+        self.metrics.publish(self.service, self.replicas_info, force=True)
         snaps = [self.core.snapshot(m) for m in self.core.cfg.models]
         held = {s.replica_id for snap in snaps for s in (*snap.prefill, *snap.decode)}
         return [r for rid, r in self.latest.items() if rid in held], render_prometheus().decode()
 
+    def replicas(self) -> dict[str, Any]:
+        """The operators' view (``splitserve status``): model -> router pool
+        ("prefill", "decode") -> each replica's stats as a dict."""
+        self.prune()
+        out: dict[str, Any] = {}
+        for model in self.core.cfg.models:
+            snap = self.core.snapshot(model)
+            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
+                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
+        return out
 
-def get_router(create_with: RouterConfig | None = None):
-    """The cluster's router actor; created (detached) if ``create_with`` is given."""
+    def counters(self) -> dict[str, Any]:
+        """The core's decision counters, plus admission and queue state:
+        ``in_flight`` (slots held, per model), ``queued`` (per model),
+        ``refusals`` by reason, and lease counts (``unbalanced_releases``,
+        ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
+        svc = self.service
+        return {**asdict(self.core.counters()), "queued": svc.queued(),
+                "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
+                "queued_total": svc.counts["queued"],
+                **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
+                                               "leases_reclaimed", "leases_adopted")}}
+
+
+def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1):
+    """Router ``index``'s actor (of ``count``); created (detached) if
+    ``create_with`` is given."""
+    name = router_name(index)
     try:
-        return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         if create_with is None:
             raise
-    return RouterActor.options(name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(create_with)
+    return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
+                               get_if_exists=True).remote(create_with, index=index, count=count)
+
+
+def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> list:
+    """Routers 0..count-1, created where missing (and reconfigured when
+    asked); routers numbered ``count`` and above are removed."""
+    handles = []
+    for i in range(count):
+        try:
+            h = ray.get_actor(router_name(i), namespace=NAMESPACE)
+            if reconfigure:
+                ray.get(h.reconfigure.remote(cfg))
+        except ValueError:
+            h = get_router(create_with=cfg, index=i, count=count)
+        handles.append(h)
+    kill_routers(start=count)
+    return handles
+
+
+def kill_routers(start: int = 0) -> None:
+    for i in range(start, MAX_ROUTERS):
+        try:
+            ray.kill(ray.get_actor(router_name(i), namespace=NAMESPACE))
+        except ValueError:
+            pass
+
+
+class RouterFanout:
+    """What a worker replica sends to every router: its stats pushes and its
+    goodbye. A router that fails a push is looked up again next time."""
+
+    def __init__(self, count: int):
+        self._handles: list[Any] = [None] * count
+        self._missed = [False] * count  # a push to it failed since it last took one
+
+    def _handle(self, i: int):
+        if self._handles[i] is None:
+            self._handles[i] = ray.get_actor(router_name(i), namespace=NAMESPACE)
+        return self._handles[i]
+
+    async def push(self, report: StatsReport, timeout_s: float) -> bool:
+        """Push ``report`` to every router. Returns True when the next push
+        must carry a snapshot of the prefix cache: a router did not know this
+        replica, or took this push after missing some (not while it is down:
+        a snapshot every period would cost every router). Raises only when
+        every router failed."""
+
+        async def one(i: int) -> bool:
+            try:
+                return await asyncio.wait_for(self._handle(i).update_stats.remote(report),
+                                              timeout_s)
+            except BaseException:
+                self._handles[i] = None
+                raise
+
+        results = await asyncio.gather(*(one(i) for i in range(len(self._handles))),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(results):
+            raise errors[0]
+        snapshot = False
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                self._missed[i] = True
+            else:
+                snapshot = snapshot or r is True or self._missed[i]
+                self._missed[i] = False
+        return snapshot
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Tell every router this replica is leaving (fire and forget)."""
+        for i in range(len(self._handles)):
+            try:
+                self._handle(i).remove_replica.remote(replica_id)
+            except Exception:  # noqa: BLE001 - that router learns it from the missing pushes
+                self._handles[i] = None

@@ -23,7 +23,7 @@ from ray import serve
 
 from splitserve.cluster.config import ModelSpec, RouterSpec, TransferSpec
 from splitserve.cluster.observability.metrics import record_worker_metrics
-from splitserve.cluster.serve.router_actor import get_router
+from splitserve.cluster.serve.router_actor import RouterFanout
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import WorkerStats, stats_to_wire
 from splitserve.router.reports import ReplicaInfo, StatsReport
@@ -144,7 +144,7 @@ class WorkerServer:
                                                     host=self.host, tls=tls)
         self.replica = ReplicaInfo(replica_id=self.address, role=self.role, model=self.spec.name,
                                    kv_endpoint=started.kv_endpoint, node_id=node_id)
-        self.router = get_router()
+        self.router = RouterFanout(self.router_spec.routers)  # every router hears every push
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")
@@ -189,9 +189,8 @@ class WorkerServer:
                              stored=tuple(ev.stored), evicted=tuple(ev.evicted),
                              snapshot=ev.snapshot)
         try:
-            self._snapshot_next = await asyncio.wait_for(
-                self.router.update_stats.remote(report),
-                timeout=max(5.0, 4 * self.router_spec.stats_period_s))
+            self._snapshot_next = await self.router.push(
+                report, timeout_s=max(5.0, 4 * self.router_spec.stats_period_s))
         except BaseException:
             self._snapshot_next = True  # these events may be lost: send the whole cache next
             raise
@@ -243,7 +242,7 @@ class WorkerServer:
             if not idle:
                 log.warning("%s still busy after %.0fs of draining; stopping anyway",
                             self.address, self.drain_timeout_s)
-            self.router.remove_replica.remote(self.replica_id)
+            self.router.remove_replica(self.replica_id)
             # refuses new RPCs (clients place them again), lets running ones end
             await self.server.stop(2.0)
             self._push_task.cancel()

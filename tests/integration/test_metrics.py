@@ -208,6 +208,25 @@ def test_traffic_metrics_exported_with_exact_counts(cluster):
     assert not [x for x in api if x.name.startswith(("ray_", "vllm:", "splitserve_autoscaler"))]
 
 
+def expire_a_silent_ingress_slot(model: str) -> None:
+    """A router's view of an ingress that took a slot and went silent: the
+    slot expires, and the router's metrics say so."""
+    from splitserve.cluster.observability.metrics import RouterMetrics
+    from splitserve.router.config import ModelFacts, RouterConfig
+    from splitserve.router.exchange import Exchange, RouteCall
+    from splitserve.router.service import RouterService
+    from splitserve.router.types import RouteRequest
+
+    now = [0.0]
+    svc = RouterService(RouterConfig(models={model: ModelFacts(4, 1024)}, lease_ttl_s=1.0),
+                        clock=lambda: now[0])
+    req = RouteRequest("r", model, 4, 4, block_hashes=())
+    svc.exchange(Exchange(holder="gone", calls=(RouteCall("r", req, 0.0, 0.0),)))  # it waits
+    now[0] = 1.5
+    svc.tick()
+    RouterMetrics().publish(svc, {}, force=True)
+
+
 def test_fallback_and_remaining_metrics_exported(cluster):
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
                if "tiny-prefill" in a["name"] and a["namespace"] == "serve"]
@@ -234,6 +253,7 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         app=f"{p}-decode", model=p, role="decode", bottleneck="memory", time=0.0, running=1,
         current=1, target=2, desired=2, value=1.5, reason="scale up 1 -> 2: KV usage 0.9 > 0.75",
         min=1, max=4, changed=True, prefer_local_prefill=None))
+    expire_a_silent_ingress_slot(p)
 
     tiny = {"model": "tiny"}
     decode = {"model": p, "role": "decode"}
@@ -256,6 +276,7 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         ("ray_splitserve_autoscaler_load", {"model": p, "pool": "decode"}, 1.5),
         ("ray_splitserve_autoscaler_last_decision",
          {"model": p, "decision": "up", "reason": "scaled", "bottleneck": "memory"}, 1),
+        ("ray_splitserve_router_lease_events_total", {"event": "expired"}, 1),
     ])
     # every metric of splitserve.cluster.observability.metrics is exported under its dashboard names
     exported = {x.name for x in s}

@@ -1,0 +1,422 @@
+"""RouterClient: an ingress process's one connection to the routers.
+
+``place`` asks for a (prefill, decode) pair and waits for it; ``release``
+and ``suspect`` never wait. Behind them, one task per router ("link")
+batches everything due for that router into one ``Exchange`` per round
+trip, with at most two in flight: while round trips run, the next batch
+forms, so the request rate a router sustains grows with the load instead
+of being one actor call per request and one per release. Every
+heartbeat, an exchange carries the list of slots held, sent when no other
+is in flight so that it reflects every earlier reply. A request the
+router queues is followed by a ``poll`` that returns as soon as the router
+decides it.
+
+Which router: each model has a fixed order over the routers
+(``router_order``, the same in every process: the configured models take
+turns being first); its requests go to the first one that is up. A router whose call fails or times out is down: its
+in-flight and queued requests move to the next router at once (keeping
+their arrival time, so their place in line and their deadline), and it is
+probed again every heartbeat until it answers. Every heartbeat each live
+router gets the list of slots this process holds (``Exchange.live``),
+which renews them and lets a router that restarted or takes over rebuild
+its admission state. The slots of a process that dies expire at the
+routers (``RouterConfig.lease_ttl_s``).
+
+A slot is a lease named here (``new_lease``) and held from ``place`` until
+``release``; the caller releases on every path (finished, failed,
+cancelled while waiting), and a refused request's slot is already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from splitserve.router.exchange import Exchange, ExchangeReply, LeaseEnd, Outcome, Queued, RouteCall
+from splitserve.router.types import Placement, RouteRequest, RouterError
+
+log = logging.getLogger("splitserve.router_client")
+
+MAX_BATCH = 512  # calls per exchange
+MAX_IN_FLIGHT = 2  # exchanges per router at once: the next batch forms while two travel
+POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
+
+
+class RouterUnavailableError(RouterError):
+    """No router answered (all are down or restarting)."""
+
+
+def router_order(model: str, count: int, models: Sequence[str] = ()) -> list[int]:
+    """The routers of ``model`` in the order an ingress tries them, the same
+    in every process: the i-th of the cluster's ``models`` starts at router
+    i mod count (so N models spread over N routers); any other model by a
+    hash of its name."""
+    if model in models:
+        start = list(models).index(model) % count
+        return [(start + k) % count for k in range(count)]
+
+    def rank(i: int) -> bytes:
+        return hashlib.blake2b(f"{model}\0{i}".encode(), digest_size=8).digest()
+    return sorted(range(count), key=rank)
+
+
+@dataclass(eq=False)
+class _Pending:
+    call: RouteCall
+    future: asyncio.Future
+    link: int = -1
+    sent: bool = False
+    dropped: bool = False  # released before it was sent
+
+
+@dataclass(eq=False)
+class _Link:
+    index: int
+    handle: Any
+    up: bool = True
+    retry_at: float = 0.0  # monotonic: next probe of a down link
+    incarnation: str = ""
+    calls: list[_Pending] = field(default_factory=list)
+    releases: list[LeaseEnd] = field(default_factory=list)
+    suspects: list[str] = field(default_factory=list)
+    queued: dict[str, _Pending] = field(default_factory=dict)
+    # outcomes a poll brought before the exchange reply that queued them
+    early: dict[str, Outcome] = field(default_factory=dict)
+    last_live: float = float("-inf")  # monotonic: last time the live list was sent
+    wake: asyncio.Event | None = None
+    settled: asyncio.Event | None = None  # an exchange came back
+    inflight: int = 0
+    task: asyncio.Task | None = None
+    poller: asyncio.Task | None = None
+
+
+class RouterClient:
+    def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
+                 call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None):
+        """``count`` routers (``RouterSpec.routers``); ``heartbeat_s``: how
+        often each hears from this process at least (the stats period);
+        ``models``: the cluster's models, in config order (``router_order``);
+        ``handles``: the router actors, else looked up by name."""
+        self._models = tuple(models)
+        self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.heartbeat_s = heartbeat_s
+        self.call_timeout_s = call_timeout_s
+        self._names = handles is None
+        self._links = [_Link(i, None if handles is None else handles[i]) for i in range(count)]
+        self._orders: dict[str, list[int]] = {}
+        self._leases: dict[str, str] = {}  # the slots this process holds: lease id -> model
+        # ... of which a router has acknowledged (placed or queued): the live
+        # list names only these, so a router never learns a slot from the
+        # list before the call that asks for it is counted against the limit
+        self._acked: set[str] = set()
+        self._home: dict[str, int] = {}  # lease id -> the link its last call went to
+        self._pending: dict[str, _Pending] = {}  # lease id -> its unresolved place()
+        self._seq = itertools.count()
+        self._prefix = uuid.uuid4().hex[:12]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0}
+
+    # -- the ingress' side ------------------------------------------------------------
+    def new_lease(self) -> str:
+        return f"{self._prefix}-{next(self._seq)}"
+
+    def held(self) -> dict[str, str]:
+        """The slots this process holds (lease id -> model)."""
+        return dict(self._leases)
+
+    async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
+                    admitted: bool = False, deadline: float | None = None,
+                    priority: int = 0) -> Placement:
+        """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
+        granted before, e.g. a retry). Raises the router's refusal
+        (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
+        The slot is held from here until ``release``."""
+        self._start()
+        call = RouteCall(lease_id=lease_id, request=req, arrival=arrival,
+                         waiting_since=time.time(), deadline=deadline, priority=priority,
+                         admitted=admitted)
+        p = _Pending(call, self._loop.create_future())
+        self._leases[lease_id] = req.model
+        self._pending[lease_id] = p
+        self._send(p)
+        try:
+            return await p.future
+        finally:
+            if self._pending.get(lease_id) is p:
+                del self._pending[lease_id]
+
+    def release(self, lease_id: str, output_tokens: int = -1) -> None:
+        """The request ended (``output_tokens`` produced if it finished, else
+        -1): its slot goes back. Never waits; a no-op for a slot not held."""
+        model = self._leases.pop(lease_id, None)
+        home = self._home.pop(lease_id, None)
+        p = self._pending.pop(lease_id, None)
+        acked = lease_id in self._acked
+        self._acked.discard(lease_id)
+        if model is None:
+            return
+        if p is not None and not p.sent and not acked:
+            p.dropped = True  # never reached a router: nothing to give back
+            return
+        for i in {home, self._current(model)}:
+            if i is None:
+                continue
+            link = self._links[i]
+            link.queued.pop(lease_id, None)
+            link.early.pop(lease_id, None)
+            if link.up:
+                # a router that did not place it may know it only from a live list
+                link.releases.append(LeaseEnd(lease_id, output_tokens, elsewhere=i != home))
+                self._poke(link)
+
+    async def ask(self, method: str, timeout_s: float) -> Any:
+        """An operator query (``live_replicas``, ``metrics_scrape``) of the
+        first router that answers within ``timeout_s``: every router holds
+        every replica's stats, so any one will do."""
+        error: BaseException = RouterUnavailableError("no router is configured")
+        for link in self._links:
+            try:
+                handle = await asyncio.wait_for(self._handle(link), timeout_s)
+                return await asyncio.wait_for(getattr(handle, method).remote(), timeout_s)
+            except Exception as e:  # noqa: BLE001 - down or restarting: ask the next one
+                error = e
+        raise error
+
+    def suspect(self, replica_id: str) -> None:
+        """An RPC to this replica failed: tell every router (never waits)."""
+        for link in self._links:
+            if link.up:
+                link.suspects.append(replica_id)
+                self._poke(link)
+
+    async def close(self) -> None:
+        """Send what is due (releases) once more, then stop."""
+        if self._loop is not asyncio.get_running_loop():
+            return
+        for link in self._links:
+            if link.up and (link.releases or link.suspects):
+                try:
+                    await self._exchange(link, [])
+                except Exception:  # noqa: BLE001 - best effort: the slots expire anyway
+                    pass
+        self._closed = True
+        for link in self._links:
+            for t in (link.task, link.poller):
+                if t is not None:
+                    t.cancel()
+        self._loop = None
+
+    # -- routing ------------------------------------------------------------------------
+    def _order(self, model: str) -> list[int]:
+        order = self._orders.get(model)
+        if order is None:
+            order = self._orders[model] = router_order(model, len(self._links), self._models)
+        return order
+
+    def _current(self, model: str) -> int | None:
+        for i in self._order(model):
+            if self._links[i].up:
+                return i
+        return None
+
+    def _send(self, p: _Pending) -> None:
+        model = p.call.request.model
+        i = self._current(model)
+        if i is None:
+            self._leases.pop(p.call.lease_id, None)
+            p.future.set_exception(RouterUnavailableError(
+                f"no router is up for model {model!r}: they are restarting; retry shortly"))
+            return
+        link = self._links[i]
+        p.link, p.sent = i, False
+        self._home[p.call.lease_id] = i
+        link.calls.append(p)
+        self._poke(link)
+
+    def _poke(self, link: _Link) -> None:
+        if link.wake is not None:
+            link.wake.set()
+
+    def _start(self) -> None:
+        """Start the link tasks on this event loop (again, if the caller
+        moved to a new loop: what belonged to the old one has ended)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError("RouterClient is already used by another running event loop; "
+                               "make one RouterClient per loop")
+        self._loop, self._closed = loop, False
+        self._leases.clear()
+        self._acked.clear()
+        self._home.clear()
+        self._pending.clear()
+        for link in self._links:
+            link.calls.clear()
+            link.queued.clear()
+            link.early.clear()
+            link.wake = asyncio.Event()
+            link.settled = asyncio.Event()
+            link.inflight = 0
+            link.poller = None
+            link.task = loop.create_task(self._run(link))
+
+    # -- one link -----------------------------------------------------------------------
+    async def _run(self, link: _Link) -> None:
+        while not self._closed:
+            if not link.up:
+                await asyncio.sleep(max(0.0, link.retry_at - time.monotonic()))
+                try:
+                    await self._exchange(link, [])
+                    link.up = True
+                    log.info("router %d is back", link.index)
+                except Exception:  # noqa: BLE001 - still down
+                    link.retry_at = time.monotonic() + self.heartbeat_s
+                continue
+            if not (link.calls or link.releases or link.suspects):
+                try:
+                    await asyncio.wait_for(link.wake.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
+            link.wake.clear()
+            live = time.monotonic() - link.last_live >= self.heartbeat_s
+            # a live list must see every earlier reply: it waits until none is
+            # in flight; other exchanges overlap up to MAX_IN_FLIGHT
+            while link.inflight >= (1 if live else MAX_IN_FLIGHT):
+                link.settled.clear()
+                await link.settled.wait()
+            if not link.up:
+                continue
+            if not (live or link.calls or link.releases or link.suspects):
+                continue
+            calls = [p for p in link.calls[:MAX_BATCH] if not p.dropped]
+            del link.calls[:MAX_BATCH]
+            link.inflight += 1
+            self._loop.create_task(self._round(link, calls, live))
+
+    async def _round(self, link: _Link, calls: list[_Pending], live: bool) -> None:
+        try:
+            reply = await self._exchange(link, calls, live)
+        except Exception as e:  # noqa: BLE001 - the router died, restarts or hangs
+            if link.up:
+                self._link_down(link, calls, e)
+            else:
+                self._requeue(calls)
+            return
+        finally:
+            link.inflight -= 1
+            link.settled.set()
+        for p, out in zip(calls, reply.outcomes):
+            self._deliver(link, p, out)
+
+    async def _exchange(self, link: _Link, calls: list[_Pending],
+                        live: bool = True) -> ExchangeReply:
+        held = None
+        if live:
+            leases = self._leases
+            held, link.last_live = {lid: leases[lid] for lid in self._acked}, time.monotonic()
+        releases, suspects = tuple(link.releases), tuple(dict.fromkeys(link.suspects))
+        link.releases.clear()
+        link.suspects.clear()
+        for p in calls:
+            p.sent = True
+        ex = Exchange(holder=self.holder, seen=link.incarnation,
+                      calls=tuple(p.call for p in calls), releases=releases,
+                      suspects=suspects, live=held)
+        handle = await self._handle(link)
+        reply = await asyncio.wait_for(handle.exchange.remote(ex), self.call_timeout_s)
+        self.counts["exchanges"] += 1
+        self.counts["calls"] += len(calls)
+        if reply.incarnation != link.incarnation:
+            restarted = bool(link.incarnation)
+            link.incarnation = reply.incarnation
+            if restarted:  # it lost its queue and its slots: tell it again
+                link.last_live = float("-inf")
+                waiting = list(link.queued.values())
+                link.queued.clear()
+                for p in waiting:
+                    p.call = replace(p.call, admitted=True)
+                self._requeue(waiting)
+                self._poke(link)
+        return reply
+
+    async def _handle(self, link: _Link):
+        if link.handle is None and self._names:
+            from splitserve.cluster.serve.router_actor import NAMESPACE, router_name
+
+            import ray
+
+            link.handle = await asyncio.to_thread(ray.get_actor, router_name(link.index),
+                                                  namespace=NAMESPACE)
+        return link.handle
+
+    def _deliver(self, link: _Link, p: _Pending, out: Outcome | Queued) -> None:
+        lease_id = p.call.lease_id
+        if p.future.done() or self._pending.get(lease_id) is not p:
+            return  # released or cancelled meanwhile: its release is on its way
+        if not isinstance(out, (Queued, Placement)):  # a refusal: the router ended the slot
+            self._leases.pop(lease_id, None)
+            self._home.pop(lease_id, None)
+            self._acked.discard(lease_id)
+            p.future.set_exception(out)
+            return
+        self._acked.add(lease_id)
+        if isinstance(out, Queued):
+            early = link.early.pop(lease_id, None)
+            if early is not None:  # decided while its exchange reply travelled
+                self._deliver(link, p, early)
+                return
+            link.queued[lease_id] = p
+            if link.poller is None or link.poller.done():
+                link.poller = self._loop.create_task(self._poll(link))
+        else:
+            p.future.set_result(out)
+
+    async def _poll(self, link: _Link) -> None:
+        while link.queued and link.up and not self._closed:
+            try:
+                handle = await self._handle(link)
+                outcomes = await asyncio.wait_for(handle.poll.remote(self.holder, POLL_S),
+                                                  POLL_S + self.call_timeout_s)
+            except Exception as e:  # noqa: BLE001
+                if link.up:
+                    self._link_down(link, [], e)
+                return
+            for lease_id, out in outcomes:
+                p = link.queued.pop(lease_id, None)
+                if p is not None:
+                    self._deliver(link, p, out)
+                elif lease_id in self._pending:  # its "queued" reply is still on its way
+                    link.early[lease_id] = out
+
+    def _link_down(self, link: _Link, in_flight: list[_Pending], error: BaseException) -> None:
+        """Router ``link`` failed: its requests move to their next router."""
+        log.warning("router %d unreachable (%r): moving its requests", link.index, error)
+        link.up = False
+        link.retry_at = time.monotonic() + self.heartbeat_s
+        link.handle = None if self._names else link.handle
+        moved = in_flight + link.calls + list(link.queued.values())
+        queued = set(link.queued)
+        link.calls.clear()
+        link.queued.clear()
+        link.early.clear()
+        link.releases.clear()  # its replacement learns the slots from the live lists
+        link.suspects.clear()
+        self.counts["failovers"] += 1
+        for p in moved:
+            if p.call.lease_id in queued:
+                p.call = replace(p.call, admitted=True)  # it held a slot there
+        self._requeue(moved)
+
+    def _requeue(self, pendings: list[_Pending]) -> None:
+        for p in pendings:
+            if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
+                self._send(p)

@@ -1,0 +1,152 @@
+"""RouterClient against router actors called in process (no Ray): batching,
+slots released on every path, failover to the next router."""
+
+import asyncio
+import time
+
+import pytest
+
+from splitserve.cluster.serve.router_actor import RouterActor
+from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError, router_order
+from splitserve.router.config import ModelFacts, RouterConfig
+from splitserve.router.types import OverloadedError, Placement, RouteRequest
+from tests.unit.test_router_actor import decode, prefill
+
+
+class _Method:
+    def __init__(self, router: "FakeRouter", name: str):
+        self.router, self.name = router, name
+
+    def remote(self, *args):
+        async def call():
+            await asyncio.sleep(0)  # a round trip: other coroutines run meanwhile
+            if self.router.dead:
+                raise ConnectionError("actor died")
+            self.router.calls[self.name] += 1
+            return await getattr(self.router.actor, self.name)(*args)
+        return call()
+
+
+class FakeRouter:
+    """A router actor's handle: ``.exchange.remote(...)`` and ``.poll.remote(...)``."""
+
+    def __init__(self, **cfg):
+        cfg = RouterConfig(policy="least_loaded", models={"m": ModelFacts(16, 1000)}, **cfg)
+        self.actor = RouterActor.__ray_actor_class__(cfg, tick_s=0)
+        self.actor.update_stats(prefill())
+        self.actor.update_stats(decode())  # 8 batch slots, 100 blocks of 16
+        self.dead = False
+        self.calls = {"exchange": 0, "poll": 0}
+        self.exchange = _Method(self, "exchange")
+        self.poll = _Method(self, "poll")
+
+    def counters(self):
+        return self.actor.counters()
+
+
+def req(i: int) -> RouteRequest:
+    return RouteRequest(f"r{i}", "m", 32, 8, block_hashes=())
+
+
+async def place(client: RouterClient, i: int, hold_s: float = 0.0, **kw) -> Placement:
+    lease = client.new_lease()
+    out = -1
+    try:
+        p = await client.place(lease, req(i), arrival=time.time(), **kw)
+        await asyncio.sleep(hold_s)
+        out = 8
+        return p
+    finally:
+        client.release(lease, out)
+
+
+def test_concurrent_requests_share_round_trips_and_every_slot_comes_back():
+    router = FakeRouter()
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router])
+
+    async def main():
+        # 24 requests, 8 batch slots: 16 wait and are placed as slots free
+        got = await asyncio.gather(*(place(client, i, hold_s=0.01) for i in range(24)))
+        assert all(p.decode_replica == "d0" for p in got)
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert c["in_flight"] == {"m": 0} and c["unbalanced_releases"] == 0
+    assert c["queued_total"] > 0
+    assert router.calls["exchange"] < 24  # batched: far fewer round trips than requests
+
+
+def test_a_client_that_leaves_while_waiting_frees_its_slot():
+    router = FakeRouter()
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router])
+
+    async def main():
+        holders = [asyncio.ensure_future(place(client, i, hold_s=10)) for i in range(8)]
+        waiting = [asyncio.ensure_future(place(client, 100 + i)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        assert router.counters()["queued"] == {"m": 4}
+        for t in waiting + holders:
+            t.cancel()  # the clients disconnect: 4 while waiting, 8 while streaming
+        await asyncio.gather(*waiting, *holders, return_exceptions=True)
+        await asyncio.sleep(0.1)  # the releases ride the next exchange
+        assert client.held() == {}
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert (c["in_flight"], c["queued"], c["unbalanced_releases"]) == ({"m": 0}, {"m": 0}, 0)
+
+
+def test_refused_requests_hold_no_slot():
+    router = FakeRouter(max_queue_per_model=2)
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router])
+
+    async def main():
+        results = await asyncio.gather(*(place(client, i, hold_s=0.05) for i in range(3)),
+                                       return_exceptions=True)
+        assert sum(isinstance(r, OverloadedError) for r in results) == 1
+        await asyncio.sleep(0.1)
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert (c["in_flight"], c["unbalanced_releases"]) == ({"m": 0}, 0)
+
+
+def test_requests_move_to_the_next_router_when_theirs_dies():
+    first, second = router_order("m", 2)
+    routers = [FakeRouter(), FakeRouter()]
+    client = RouterClient(2, heartbeat_s=0.05, handles=routers)
+
+    async def main():
+        running = [asyncio.ensure_future(place(client, i, hold_s=0.3)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(place(client, 100 + i)) for i in range(2)]
+        await asyncio.sleep(0.15)  # heartbeats carry the held slots to the standby too
+        assert routers[first].counters()["queued"] == {"m": 2}
+        assert routers[second].counters()["in_flight"] == {"m": 10}  # learned, not placed
+        routers[first].dead = True
+        done = await asyncio.gather(*running, *waiting)
+        assert len(done) == 10
+        await asyncio.sleep(0.15)
+        await client.close()
+
+    asyncio.run(main())
+    c = routers[second].counters()
+    assert (c["in_flight"], c["unbalanced_releases"], c["leases_reclaimed"]) == ({"m": 0}, 0, 0)
+    assert c["decisions"] == 2 and client.counts["failovers"] >= 1
+
+
+def test_no_router_up_is_unavailable():
+    router = FakeRouter()
+    router.dead = True
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router])
+
+    async def main():
+        with pytest.raises(RouterUnavailableError):
+            await place(client, 0)
+            await place(client, 1)
+        await client.close()
+
+    asyncio.run(main())
