@@ -3,11 +3,11 @@
 ``place`` asks for a (prefill, decode) pair and waits for it; ``release``
 and ``suspect`` never wait. Behind them, one task per router ("link")
 batches everything due for that router into one ``Exchange`` per round
-trip, with at most two in flight: while round trips run, the next batch
-forms, so the request rate a router sustains grows with the load instead
-of being one actor call per request and one per release. Every
-heartbeat, an exchange carries the list of slots held, sent when no other
-is in flight so that it reflects every earlier reply. A request the
+trip, with at most ``MAX_IN_FLIGHT`` in flight: while a round trip runs,
+the next batch forms, so the request rate a router sustains grows with the
+load instead of being one actor call per request and one per release.
+Every heartbeat, an exchange carries the list of slots held, sent when no
+other is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
 decides it.
 
@@ -45,7 +45,11 @@ from splitserve.router.types import Placement, RouteRequest, RouterError
 log = logging.getLogger("splitserve.router_client")
 
 MAX_BATCH = 512  # calls per exchange
-MAX_IN_FLIGHT = 2  # exchanges per router at once: the next batch forms while two travel
+# exchanges per router at once. One: a round trip costs the router far more
+# than a placement (about 0.6 ms of CPU for a Ray actor call against 50 us
+# per placement, benchmarks/bench_router.py --actor-path), so the largest
+# batches win; raise it where round trips are cheap and latency matters more.
+MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
