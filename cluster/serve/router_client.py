@@ -160,16 +160,16 @@ class RouterClient:
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
         """The request ended (``output_tokens`` produced if it finished, else
         -1): its slot goes back. Never waits; a no-op for a slot not held."""
-        model = self._leases.pop(lease_id, None)
-        home = self._home.pop(lease_id, None)
-        p = self._pending.pop(lease_id, None)
+        model, home = self._leases.get(lease_id), self._home.get(lease_id)
         acked = lease_id in self._acked
-        self._acked.discard(lease_id)
+        self._forget(lease_id)
+        p = self._pending.pop(lease_id, None)
         if model is None:
             return
-        if p is not None and not p.sent and not acked:
-            p.dropped = True  # never reached a router: nothing to give back
-            return
+        if p is not None and not p.sent:
+            p.dropped = True  # its call is not sent now
+            if not acked:
+                return  # it never reached a router: nothing to give back
         for i in {home, self._current(model)}:
             if i is None:
                 continue
@@ -218,11 +218,17 @@ class RouterClient:
                 return i
         return None
 
+    def _forget(self, lease_id: str) -> None:
+        """This process no longer holds the slot (released, or refused)."""
+        self._leases.pop(lease_id, None)
+        self._acked.discard(lease_id)
+        self._home.pop(lease_id, None)
+
     def _send(self, p: _Pending) -> None:
         model = p.call.request.model
         i = self._current(model)
         if i is None:
-            self._leases.pop(p.call.lease_id, None)
+            self._forget(p.call.lease_id)
             p.future.set_exception(RouterUnavailableError(
                 f"no router is up for model {model!r}: they are restarting; retry shortly"))
             return
@@ -313,7 +319,8 @@ class RouterClient:
         held = None
         if live:
             leases = self._leases
-            held, link.last_live = {lid: leases[lid] for lid in self._acked}, time.monotonic()
+            held = {lid: leases[lid] for lid in self._acked if lid in leases}
+            link.last_live = time.monotonic()
         releases, suspects = tuple(link.releases), tuple(dict.fromkeys(link.suspects))
         link.releases.clear()
         link.suspects.clear()
@@ -354,9 +361,7 @@ class RouterClient:
         if p.future.done() or self._pending.get(lease_id) is not p:
             return  # released or cancelled meanwhile: its release is on its way
         if not isinstance(out, (Queued, Placement)):  # a refusal: the router ended the slot
-            self._leases.pop(lease_id, None)
-            self._home.pop(lease_id, None)
-            self._acked.discard(lease_id)
+            self._forget(lease_id)
             p.future.set_exception(out)
             return
         self._acked.add(lease_id)
