@@ -102,19 +102,15 @@ class Pusher:
         self.pushes = 0
 
     async def run(self, seconds: float) -> int:
+        """Pushes after the first (whole-cache) one: deltas, here empty."""
         end = time.monotonic() + seconds
-        first = True
+        deltas = [msgspec.structs.replace(r, stored=(), snapshot=False) for r in self.reports]
         while time.monotonic() < end:
             t = time.monotonic()
-            refs = []
-            for r in self.reports:
-                if not first:  # after the first (whole-cache) push: deltas, here none
-                    r = msgspec.structs.replace(r, stored=(), snapshot=False)
-                r = msgspec.structs.replace(r, updated_at=time.time())
-                refs += [router.update_stats.remote(r) for router in self.routers]
+            refs = [router.update_stats.remote(msgspec.structs.replace(r, updated_at=time.time()))
+                    for r in deltas for router in self.routers]
             await asyncio.gather(*refs)
             self.pushes += len(refs)
-            first = False
             await asyncio.sleep(max(0.0, STATS_PERIOD_S - (time.monotonic() - t)))
         return self.pushes
 
@@ -188,9 +184,11 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
             models: list[str], callers: int, warmup_s: float, measure_s: float) -> dict:
     routers = [RouterActor.remote(router_cfg) for _ in range(cfg.routers)]
     ray.get([r.ready.remote() for r in routers])
+    # every replica's first push, its whole cache, before the clock starts
+    ray.get([r.update_stats.remote(msgspec.structs.replace(rep, updated_at=time.time()))
+             for rep in reports for r in routers])
     pusher = Pusher.remote(routers, reports)
     pushing = pusher.run.remote(warmup_s + measure_s + 1.0)
-    time.sleep(1.0)  # the first push (every replica's whole cache) lands
     sims = [IngressSim.remote() for _ in range(cfg.ingresses)]
     pids = ray.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in routers])
     ray.get([s.__ray_call__.remote(lambda self: None) for s in sims])  # all started

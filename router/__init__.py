@@ -6,5 +6,9 @@ errors), ``config`` (``RouterConfig`` and each model's ``ModelFacts``),
 ``prefix_index`` (who caches which blocks), ``cost_model`` (TTFT and load
 estimates), ``eligibility`` and ``selection`` (usable replicas and the
 search for the best), ``policies`` (the registry), ``admission`` (in-flight
-limits) and ``core`` (``RouterCore``, which the router actor wraps).
+limits), ``core`` (``RouterCore``: replica state and decisions),
+``exchange`` (what ingresses and routers say to each other), ``leases``
+(admission slots held by ingresses), ``wait_queue`` (requests waiting for a
+replica), ``estimator`` (expected output lengths) and ``service``
+(``RouterService``, which the router actor wraps).
 """

@@ -3,7 +3,7 @@
 It keeps the latest stats each replica pushed (per model, in replica-id
 order), the prefix index fed by the replicas' block events, per-model
 admission control and decision counters, and places requests with the
-configured policy. The router actor wraps one instance; every method is
+configured policy. ``RouterService`` wraps one instance; every method is
 synchronous and cheap (no I/O, no sleeping).
 
 Between stats pushes each placement is counted against its replicas

@@ -3,11 +3,11 @@
 ``place`` asks for a (prefill, decode) pair and waits for it; ``release``
 and ``suspect`` never wait. Behind them, one task per router ("link")
 batches everything due for that router into one ``Exchange`` per round
-trip, with at most two in flight: while round trips run, the next batch
-forms, so the request rate a router sustains grows with the load instead
-of being one actor call per request and one per release. Every
-heartbeat, an exchange carries the list of slots held, sent when no other
-is in flight so that it reflects every earlier reply. A request the
+trip, with at most ``MAX_IN_FLIGHT`` in flight: while a round trip runs,
+the next batch forms, so the request rate a router sustains grows with the
+load instead of being one actor call per request and one per release.
+Every heartbeat, an exchange carries the list of slots held, sent when no
+other is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
 decides it.
 
@@ -45,7 +45,11 @@ from splitserve.router.types import Placement, RouteRequest, RouterError
 log = logging.getLogger("splitserve.router_client")
 
 MAX_BATCH = 512  # calls per exchange
-MAX_IN_FLIGHT = 2  # exchanges per router at once: the next batch forms while two travel
+# exchanges per router at once. One: a round trip costs the router far more
+# than a placement (about 0.6 ms of CPU for a Ray actor call against 50 us
+# per placement, benchmarks/bench_router.py --actor-path), so the largest
+# batches win; raise it where round trips are cheap and latency matters more.
+MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
@@ -156,16 +160,16 @@ class RouterClient:
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
         """The request ended (``output_tokens`` produced if it finished, else
         -1): its slot goes back. Never waits; a no-op for a slot not held."""
-        model = self._leases.pop(lease_id, None)
-        home = self._home.pop(lease_id, None)
-        p = self._pending.pop(lease_id, None)
+        model, home = self._leases.get(lease_id), self._home.get(lease_id)
         acked = lease_id in self._acked
-        self._acked.discard(lease_id)
+        self._forget(lease_id)
+        p = self._pending.pop(lease_id, None)
         if model is None:
             return
-        if p is not None and not p.sent and not acked:
-            p.dropped = True  # never reached a router: nothing to give back
-            return
+        if p is not None and not p.sent:
+            p.dropped = True  # its call is not sent now
+            if not acked:
+                return  # it never reached a router: nothing to give back
         for i in {home, self._current(model)}:
             if i is None:
                 continue
@@ -227,11 +231,17 @@ class RouterClient:
                 return i
         return None
 
+    def _forget(self, lease_id: str) -> None:
+        """This process no longer holds the slot (released, or refused)."""
+        self._leases.pop(lease_id, None)
+        self._acked.discard(lease_id)
+        self._home.pop(lease_id, None)
+
     def _send(self, p: _Pending) -> None:
         model = p.call.request.model
         i = self._current(model)
         if i is None:
-            self._leases.pop(p.call.lease_id, None)
+            self._forget(p.call.lease_id)
             p.future.set_exception(RouterUnavailableError(
                 f"no router is up for model {model!r}: they are restarting; retry shortly"))
             return
@@ -322,7 +332,8 @@ class RouterClient:
         held = None
         if live:
             leases = self._leases
-            held, link.last_live = {lid: leases[lid] for lid in self._acked}, time.monotonic()
+            held = {lid: leases[lid] for lid in self._acked if lid in leases}
+            link.last_live = time.monotonic()
         releases, suspects = tuple(link.releases), tuple(dict.fromkeys(link.suspects))
         link.releases.clear()
         link.suspects.clear()
@@ -363,9 +374,7 @@ class RouterClient:
         if p.future.done() or self._pending.get(lease_id) is not p:
             return  # released or cancelled meanwhile: its release is on its way
         if not isinstance(out, (Queued, Placement)):  # a refusal: the router ended the slot
-            self._leases.pop(lease_id, None)
-            self._home.pop(lease_id, None)
-            self._acked.discard(lease_id)
+            self._forget(lease_id)
             p.future.set_exception(out)
             return
         self._acked.add(lease_id)

@@ -23,7 +23,10 @@ class _Method:
             if self.router.dead:
                 raise ConnectionError("actor died")
             self.router.calls[self.name] += 1
-            return await getattr(self.router.actor, self.name)(*args)
+            out = await getattr(self.router.actor, self.name)(*args)
+            if self.name == "exchange":
+                await asyncio.sleep(self.router.reply_delay_s)  # a slow way back
+            return out
         return call()
 
 
@@ -36,6 +39,7 @@ class FakeRouter:
         self.actor.update_stats(prefill())
         self.actor.update_stats(decode())  # 8 batch slots, 100 blocks of 16
         self.dead = False
+        self.reply_delay_s = 0.0
         self.calls = {"exchange": 0, "poll": 0}
         self.exchange = _Method(self, "exchange")
         self.poll = _Method(self, "poll")
@@ -136,6 +140,48 @@ def test_requests_move_to_the_next_router_when_theirs_dies():
     c = routers[second].counters()
     assert (c["in_flight"], c["unbalanced_releases"], c["leases_reclaimed"]) == ({"m": 0}, 0, 0)
     assert c["decisions"] == 2 and client.counts["failovers"] >= 1
+
+
+class Recording(dict):
+    def __init__(self):
+        super().__init__()
+        self.keys_set = []
+
+    def __setitem__(self, key, value):
+        self.keys_set.append(key)
+        super().__setitem__(key, value)
+
+
+def test_an_outcome_polled_before_its_queued_reply_arrives_is_not_lost():
+    second_lease = []
+    router = FakeRouter()
+    client = RouterClient(1, heartbeat_s=10.0, handles=[router])
+
+    async def main():
+        holders = [asyncio.ensure_future(place(client, i, hold_s=10)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(place(client, 100))  # queued: a poll runs for it
+        await asyncio.sleep(0.05)
+        router.reply_delay_s = 0.3
+        second = asyncio.ensure_future(place(client, 101))  # queued, its reply slow
+        second_lease.append(f"{client._prefix}-{9}")
+        await asyncio.sleep(0.05)
+        # the replica reports free slots while the reply travels: the poll
+        # brings both outcomes before it
+        early = client._links[0].early = Recording()
+        router.actor.update_stats(decode())
+        router.reply_delay_s = 0.0
+        got = await asyncio.wait_for(asyncio.gather(first, second), 2.0)
+        assert early.keys_set == [second_lease[0]]
+        assert all(p.decode_replica == "d0" for p in got)
+        for t in holders:
+            t.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        await client.close()
+
+    asyncio.run(main())
+    assert router.counters()["in_flight"] == {"m": 0}
 
 
 def test_no_router_up_is_unavailable():
