@@ -61,6 +61,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     model.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     model.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), default=None)
+    model.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+                       help="fp8: quantize the weights to fp8 at load (fp8 checkpoints "
+                            "load as fp8 without it)")
     model.add_argument("--max-num-seqs", type=int, default=None,
                        help="sequences one replica runs at once")
     model.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -114,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             model_updates[key] = value
     if "dtype" in model_updates:
         model_updates["dtype"] = _DTYPES[model_updates["dtype"]]
+    if args.quantization is not None:
+        model_updates["weight_dtype"] = args.quantization
     if "kv_cache_dtype" in model_updates:
         model_updates["kv_cache_dtype"] = _KV_DTYPES[model_updates["kv_cache_dtype"]]
     served_updates: dict[str, Any] = {}

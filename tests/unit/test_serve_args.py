@@ -21,13 +21,14 @@ def test_model_and_vllm_flags_set_the_one_model():
         "--kv-cache-dtype", "fp8_e4m3", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
         "--block-size", "32", "--device", "cpu", "--tool-call-parser", "hermes",
         "--no-enable-prefix-caching", "--chat-template", "{{ messages[0].content }}",
-        "--reasoning-parser", "qwen3"))
+        "--reasoning-parser", "qwen3", "--quantization", "fp8"))
     m = cfg.models[0].model
     assert (m.name, m.path, m.revision) == ("org/tiny", "org/tiny", "v2")
     assert (m.max_model_len, m.dtype, m.kv_cache_dtype) == (512, "float16", "fp8")
     assert (m.max_num_seqs, m.max_num_batched_tokens, m.block_size) == (8, 256, 32)
     assert (m.device, m.tool_call_parser, m.enable_prefix_caching) == ("cpu", "hermes", False)
     assert m.chat_template == "{{ messages[0].content }}" and m.reasoning_parser == "qwen3"
+    assert m.weight_dtype == "fp8"
 
 
 def test_served_model_name_endpoints_keys_pools_and_transport():
