@@ -11,6 +11,7 @@ deadline: the client gets DeadlineExceeded and both pools get their blocks
 back."""
 
 import asyncio
+import itertools
 import threading
 import time
 
@@ -53,34 +54,38 @@ def poison_engine(engine) -> None:
     engine.runner.execute = execute_poisoned
 
 
-class _Remote:
-    def __init__(self, fn):
-        self.remote = fn
-
-
 class ScriptedRouter:
-    """Places decode replicas in turn (skipping excluded ones), always with
-    the one prefill replica; records every placement."""
+    """The ingress's router client (``RouterClient``'s methods), placing
+    decode replicas in turn (skipping excluded ones), always with the one
+    prefill replica; records every placement and release."""
 
     def __init__(self, prefill: str, decodes: list[str]):
         self.prefill, self.decodes = prefill, decodes
         self.placements: list[tuple[str, str]] = []
         self.released = 0
         self._next = 0
-        self.route = _Remote(self._route)
-        self.release = _Remote(self._release)
+        self._leases = itertools.count()
 
-    async def _route(self, req, *_a, **_k):
+    def new_lease(self) -> str:
+        return f"lease-{next(self._leases)}"
+
+    async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False):
         choices = [d for d in self.decodes if d not in req.exclude_replicas]
         if not choices:
-            return NoCapacityError("every decode replica excluded", req.model, 1.0)
+            raise NoCapacityError("every decode replica excluded", req.model, 1.0)
         d = choices[self._next % len(choices)]
         self._next += 1
         self.placements.append((req.request_id.split("-")[0], d))
         return Placement(self.prefill, d, "round_robin", 0.0, 0)
 
-    def _release(self, *_a, **_k):
+    def release(self, lease_id: str, output_tokens: int = -1) -> None:
         self.released += 1
+
+    def suspect(self, replica_id: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 class Cluster:
