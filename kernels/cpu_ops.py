@@ -20,9 +20,10 @@ float32 for the one call and multiplied by ``linear`` above; the weight
 stays fp8 in memory between calls (the float32 copy lives for one matmul).
 Per-tensor and per-channel scales multiply the [M, N] output instead of
 the [N, K] weight (one pass over the weight fewer); block scales expand
-over the weight. torch widens e4m3 element by element on the CPU, so this
-costs more per step than a float32 weight read: the CPU path saves memory,
-not time.
+over the weight. Widening goes through a 256-entry table (``index_select``
+on the bytes: about 2x faster than torch's own e4m3 cast on 2-core AVX2),
+but still costs more than reading a float32 weight: the CPU path saves
+memory, not time.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+_E4M3_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def widen_fp8(w8: torch.Tensor) -> torch.Tensor:
+    """e4m3fn -> float32, exactly, by table lookup on the bytes."""
+    codes = w8.reshape(-1).view(torch.uint8).int()
+    return _E4M3_TABLE.index_select(0, codes).view(w8.shape)
+
+
 def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      group_n: int, group_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
@@ -66,7 +76,7 @@ def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if group_k < k:  # scales vary along K: on the weight
         w = fp8_gemm.dequantize_weight(weight, weight_scale, group_n, group_k)
         return linear(x, w, None if bias is None else bias.float())
-    out = linear(x, weight.float())  # [M, N]
+    out = linear(x, widen_fp8(weight))  # [M, N]
     out *= weight_scale.reshape(-1).repeat_interleave(group_n)[:n] if group_n < n else weight_scale.reshape(())
     if bias is not None:
         out += bias
