@@ -21,7 +21,7 @@ stays fp8 in memory between calls (the float32 copy lives for one matmul).
 Per-tensor and per-channel scales multiply the [M, N] output instead of
 the [N, K] weight (one pass over the weight fewer); block scales expand
 over the weight. Widening goes through a 256-entry table (``index_select``
-on the bytes: about 2x faster than torch's own e4m3 cast on 2-core AVX2),
+on the bytes: about 2x faster than torch's own e4m3 cast on a 2-vCPU Xeon),
 but still costs more than reading a float32 weight: the CPU path saves
 memory, not time.
 """

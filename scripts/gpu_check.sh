@@ -29,6 +29,7 @@ step() {  # step NAME COMMAND...: run it, log it, count a failure
 step tests "$PY" -m pytest -q -p no:cacheprovider -rA tests/gpu --junitxml="$OUT/gpu-tests.xml"
 step kernels "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels.json"
 step moe-kernel "$PY" -m benchmarks.bench_moe --out "$OUT/moe.json"
+step fp8 "$PY" -m benchmarks.bench_fp8 --device cuda --shape llama-1b --out "$OUT/fp8.json"
 step roofline-1b "$PY" -m benchmarks.bench_engine_roofline --shape llama-1b --out "$OUT/roofline-1b.json"
 step roofline-8b "$PY" -m benchmarks.bench_engine_roofline --shape llama-3.1-8b \
   --out "$OUT/roofline-8b.json"
