@@ -48,7 +48,8 @@ def plan(db, ex, offers, layouts, args):
                             parse_length_dist(ex["output_len"]), window=args.sim_requests,
                             seed=args.seed)
     req = PlanRequest(PRESETS["llama-3.1-8b"], "llama-3.1-8b", "/models/llama-3.1-8b", wl,
-                      ex["slo"], offers, space=SpaceSpec(layouts=layouts), seed=args.seed)
+                      ex["slo"], offers, space=SpaceSpec(layouts=layouts), seed=args.seed,
+                      max_sims=args.max_sims, time_budget_s=args.time_budget)
     t0 = time.perf_counter()
     res = Planner(req, db).search()
     res.timings["total_s"] = time.perf_counter() - t0
@@ -63,8 +64,7 @@ def summary(res) -> dict | None:
     return {"plan": c.plan.label(), "layout": c.plan.layout, "ratio": c.plan.ratio(),
             "devices": c.plan.devices, "cost_per_hour": c.cost_per_hour,
             "usd_per_million_output_tokens": c.usd_per_m_tokens, "ttft_p90": c.ttft_p,
-            "tpot_p90": c.tpot_p, "goodput": c.summary["goodput"],
-            "slo_attainment": c.summary["slo_attainment"]}
+            "tpot_p90": c.tpot_p, "goodput": c.goodput, "slo_attainment": c.attainment}
 
 
 def main() -> int:
@@ -74,6 +74,10 @@ def main() -> int:
     ap.add_argument("--hardware", nargs="+", default=["h100-sxm", "a100-80gb", "l40s"])
     ap.add_argument("--count", type=int, default=16)
     ap.add_argument("--sim-requests", type=int, default=800)
+    ap.add_argument("--max-sims", type=int, default=30)
+    ap.add_argument("--time-budget", type=float, default=600.0,
+                    help="seconds of simulation per plan (the examples are about the choice, "
+                         "benchmarks/plan_speed.py about the time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -147,8 +147,8 @@ def main() -> int:
              real["ttft"]["p50"] * 1e3),
             ("TPOT p50 (ms)", pred["tpot"]["p50"] * 1e3, sim["tpot"]["p50"] * 1e3,
              real["tpot"]["p50"] * 1e3),
-            ("goodput (req/s)", pred["goodput"], sim["goodput"], real["goodput"]),
-            ("SLO attainment", pred["slo_attainment"], sim["slo_attainment"],
+            ("goodput (req/s)", pred["run_goodput"], sim["goodput"], real["goodput"]),
+            ("SLO attainment", pred["run_slo_attainment"], sim["slo_attainment"],
              real["slo_attainment"])]
     lines = [f"plan: {plan['chosen']['plan']['label']} (planned in {plan_s:.0f} s)",
              "| figure | plan's prediction | simulation of the bench's requests | measured |",

@@ -100,8 +100,9 @@ def add_subcommand(sub) -> None:
     r = p.add_argument_group("search")
     r.add_argument("--finalists", type=int, default=10)
     r.add_argument("--max-sims", type=int, default=24)
-    r.add_argument("--time-budget", type=float, default=90.0,
-                   help="seconds after which no new simulation starts (default: %(default)s)")
+    r.add_argument("--time-budget", type=float, default=110.0,
+                   help="seconds of planning after which no new simulation starts "
+                        "(default: %(default)s)")
     r.add_argument("--slack", type=float, default=1.3,
                    help="candidates may be estimated up to this factor over the SLOs")
     r.add_argument("--kv-block-scale", type=int, default=1)

@@ -108,3 +108,27 @@ def test_quality_floor_excludes_unknown_settings(db, tmp_path):
     strict = Planner(request(space, max_ppl_increase=0.001), qdb)
     strict.analytic()
     assert all(r["q"] == 0 for r in strict.candidates)
+
+
+def test_diurnal_workload_scales_down_in_troughs(db):
+    from splitserve.cluster.planning.workload import Diurnal
+
+    wl = synthetic_workload(6, parse_length_dist("lognormal:7.0:0.5:64:4000"),
+                            parse_length_dist("lognormal:4.5:0.5:4:400"), window=120, sample=800,
+                            diurnal=Diurnal(86400, 1.5, 0.3))
+    space = TINY.replace(autoscaling=("fixed", "scale-down", "burst"), layouts=("colocated",),
+                         max_replicas=3)
+    req = PlanRequest(SHAPE, "llama", "/models/llama", wl, SLO(0.4, 0.03),
+                      [Offer("l40s", 3), Offer("a100-80gb", 3)], space=space, finalists=3,
+                      max_sims=6, max_ppl_increase=None)
+    assert wl.peak_rate == pytest.approx(9.0) and not wl.steady
+    planner = Planner(req, db)
+    res = planner.search()
+    c = res.chosen
+    assert c is not None and c.plan.autoscaling == "scale-down"
+    assert c.cost_per_hour < c.peak_cost_per_hour  # paid over the curve, sized for the peak
+    cfg = parse_config(yaml.safe_load(to_yaml(c.plan, planner.emit_ctx)))
+    pool = cfg.models[0].decode
+    if c.plan.decode.replicas > 1:
+        assert pool.min_replicas < pool.max_replicas == c.plan.decode.replicas
+    assert pool.autoscaling is not None and pool.autoscaling.bottleneck == "memory"

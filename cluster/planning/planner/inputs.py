@@ -138,9 +138,13 @@ def _from_requests(reqs: list[TraceRequest], description: str, window: int,
     peak_rate = max(peak_rate, mean_rate)
     sim = [TraceRequest(r.arrival_s - reqs[j].arrival_s, r.input_len, r.output_len, r.hash_ids,
                         r.block_tokens) for r in reqs[j:j + w]]
-    # the rate over the trace in 20 even bins (relative to the peak) for the cost of autoscaling
-    bins = np.histogram(t, bins=20)[0] / (span / 20)
-    curve = np.clip(bins / peak_rate, 0.0, 1.0)
+    # the rate over a trace of an hour or more in 24 even bins (relative to the peak), for
+    # what autoscaling saves; a shorter trace is one steady stretch
+    if span >= 3600:
+        bins = np.histogram(t, bins=24)[0] / (span / 24)
+        curve = np.clip(bins / peak_rate, 0.0, 1.0)
+    else:
+        curve = np.ones(1)
     return WorkloadModel(np.array([r.input_len for r in reqs]),
                          np.array([r.output_len for r in reqs]), cacheable_tokens(reqs),
                          peak_rate, mean_rate, curve, sim, description)

@@ -36,7 +36,7 @@ def pareto(outcomes: list[SimOutcome], slo) -> list[SimOutcome]:
     worst)."""
     def axes(o):
         q = o.plan.predicted.get("ppl_increase")
-        return np.array([o.cost_per_hour, latency_score(o, slo), -o.summary["goodput"],
+        return np.array([o.cost_per_hour, latency_score(o, slo), -o.goodput,
                          math.inf if q is None else q])
     pts = [axes(o) for o in outcomes]
     front = []
@@ -62,7 +62,7 @@ def table(outcomes: list[SimOutcome], slo, chosen: SimOutcome | None) -> str:
                        and p.policy == "cost" else "") + f", {p.autoscaling}")
         rows.append(["*" if o is chosen else "", p.layout, f"{pools} ({p.ratio()})", settings,
                      quality_text(p), _ms(o.ttft_p), _ms(o.tpot_p),
-                     f"{o.summary['goodput']:.2f}", f"{o.summary['slo_attainment']:.1%}",
+                     f"{o.goodput:.2f}", f"{o.attainment:.1%}",
                      f"{o.cost_per_hour:.2f}", f"{o.usd_per_m_tokens:.3f}",
                      f"{o.gpu_hours_per_day:.0f}", "yes" if o.meets else f"no ({o.why})"])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -94,12 +94,12 @@ def explanation(res: PlanResult) -> list[str]:
     slo = req.slo
     ch = res.chosen
     if ch is None:
-        best = max(res.outcomes, key=lambda o: o.summary["slo_attainment"], default=None)
+        best = max(res.outcomes, key=lambda o: o.attainment, default=None)
         out = ["No simulated plan meets the SLOs within the offers and budget."]
         if best is not None:
             out.append(f"Closest: {best.plan.label()}: TTFT p{slo.ttft_pct:g} "
                        f"{_ms(best.ttft_p)} ms, TPOT p{slo.tpot_pct:g} {_ms(best.tpot_p)} ms "
-                       f"({best.summary['slo_attainment']:.0%} of requests within both).")
+                       f"({best.attainment:.0%} of requests within both).")
         out.append("Offer more devices, raise the budget, or relax an SLO.")
         return out
     p = ch.plan
@@ -113,7 +113,8 @@ def explanation(res: PlanResult) -> list[str]:
         f"In simulation at the peak rate ({wl.peak_rate:.1f} req/s, {len(wl.sim_requests)} "
         f"requests): TTFT p{slo.ttft_pct:g} {_ms(ch.ttft_p)} ms of {_ms(slo.ttft_s)}, TPOT "
         f"p{slo.tpot_pct:g} {_ms(ch.tpot_p)} ms of {_ms(slo.tpot_s)}, goodput "
-        f"{ch.summary['goodput']:.2f} req/s ({ch.summary['slo_attainment']:.1%} within both).",
+        f"{ch.goodput:.2f} req/s ({ch.attainment:.1%} of requests after the warm-up within "
+        "both).",
     ]
     pools = p.predicted.get("pools", {})
     for role, pp in p.pools:
@@ -233,7 +234,7 @@ def plot(res: PlanResult, front: list[SimOutcome], path: Path) -> None:
         ax1.scatter([o.cost_per_hour], [ls], s=40, color=colors[lay],
                     facecolors=colors[lay] if o.meets else "none", edgecolors="black"
                     if o.meets else colors[lay], zorder=3)
-        ax2.scatter([o.cost_per_hour], [o.summary["goodput"]], s=40, color=colors[lay],
+        ax2.scatter([o.cost_per_hour], [o.goodput], s=40, color=colors[lay],
                     facecolors=colors[lay] if o.meets else "none", zorder=3,
                     marker="s" if o.plan.engine.kv_cache_dtype == "fp8" else "o")
     if front:
@@ -243,8 +244,11 @@ def plot(res: PlanResult, front: list[SimOutcome], path: Path) -> None:
         c = res.chosen
         ax1.scatter([c.cost_per_hour], [latency_score(c, slo)], marker="*", s=250, color="red",
                     zorder=4, label="chosen")
-        ax2.scatter([c.cost_per_hour], [c.summary["goodput"]], marker="*", s=250, color="red",
+        ax2.scatter([c.cost_per_hour], [c.goodput], marker="*", s=250, color="red",
                     zorder=4, label="chosen")
+    costs = [o.cost_per_hour for o in res.outcomes] + list(cl["cost"])
+    if costs and min(costs) > 0 and max(costs) / min(costs) > 10:
+        ax1.set_xscale("log")
     ax1.axhline(1.0, color="grey", lw=0.8)
     ax1.set_xlabel("$ per hour (mean over the workload)")
     ax1.set_ylabel("latency / SLO (max of TTFT, TPOT at their percentiles)")

@@ -56,7 +56,7 @@ class PlanRequest:
     space: SpaceSpec = field(default_factory=SpaceSpec)
     finalists: int = 10
     max_sims: int = 24
-    time_budget_s: float = 100.0  # simulation stage stops starting runs after this
+    time_budget_s: float = 110.0  # no simulation starts after this many seconds of planning
     slack: float = 1.3  # the estimate's SLOs are relaxed by this for candidacy
     seed: int = 0
     kv_block_scale: int = 1
@@ -76,14 +76,17 @@ class SimOutcome:
     gpu_hours_per_day: float
     wall_s: float
     why: str = ""  # what missed
+    attainment: float = 0.0  # share of requests after the warm-up within both SLOs
+    goodput: float = 0.0  # req/s within both SLOs: the peak rate x attainment
 
     def to_dict(self) -> dict:
         s = self.summary
         return {"plan": self.plan.to_dict(), "predicted": self.plan.predicted,
                 "simulated": {
                     "ttft_p": self.ttft_p, "tpot_p": self.tpot_p, "meets_slo": self.meets,
-                    "why": self.why, "goodput": s["goodput"],
-                    "slo_attainment": s["slo_attainment"], "ttft": s["ttft"], "tpot": s["tpot"],
+                    "why": self.why, "goodput": self.goodput, "slo_attainment": self.attainment,
+                    "run_goodput": s["goodput"], "run_slo_attainment": s["slo_attainment"],
+                    "ttft": s["ttft"], "tpot": s["tpot"],
                     "request_throughput": s["request_throughput"], "errors": s["errors"],
                     "local_prefill_share": s["local_prefill_share"], "wall_s": self.wall_s},
                 "cost_per_hour": self.cost_per_hour, "peak_cost_per_hour": self.peak_cost_per_hour,
@@ -591,7 +594,7 @@ class Planner:
     def fits(self, plan: Plan) -> bool:
         use: dict[int, int] = {}
         for _, p in plan.pools:
-            if p.replicas < 1:
+            if not 1 <= p.replicas <= self.space.max_replicas:
                 return False
             use[p.device] = use.get(p.device, 0) + p.replicas * p.tp
         if any(n > self.devices[d].count for d, n in use.items()):
@@ -671,6 +674,8 @@ class Planner:
         tpot = np.concatenate([np.where(np.isnan(t[keep]), np.inf, tp[keep]),
                                np.full(missing, np.inf)])
         tpot_ok = tpot[~np.isnan(tpot)]
+        good = (ttft <= req.slo.ttft_s) & (np.isnan(tpot) | (tpot <= req.slo.tpot_s))
+        attainment = float(good.mean()) if len(good) else 0.0
         ttft_p = float(np.percentile(ttft, req.slo.ttft_pct, method="higher")) if len(
             ttft) else float("inf")
         tpot_p = float(np.percentile(tpot_ok, req.slo.tpot_pct, method="higher")) if len(
@@ -694,7 +699,8 @@ class Planner:
         mean_devices = plan.devices * (mean_cost / peak if peak > 0 else 1.0)
         return SimOutcome(plan, ttft_p, tpot_p, not why, rec["summary"], mean_cost, peak,
                           mean_cost / tokens_per_h * 1e6 if tokens_per_h else float("nan"),
-                          mean_devices * 24.0, wall, ",".join(why))
+                          mean_devices * 24.0, wall, ",".join(why), attainment,
+                          wl.peak_rate * attainment)
 
     def _neighbour(self, plan: Plan, role: str, delta: int) -> Plan | None:
         pools = dict(plan.pools)
@@ -707,6 +713,7 @@ class Planner:
         return replace(cand, predicted={**self.predict(cand), "derived_from": plan.label()})
 
     def search(self) -> PlanResult:
+        start = time.perf_counter()
         self.analytic()
         t0 = time.perf_counter()
         req = self.req
@@ -719,7 +726,7 @@ class Planner:
             k = plan.key()
             if k in done:
                 return done[k]
-            if len(done) >= req.max_sims or time.perf_counter() - t0 > req.time_budget_s:
+            if len(done) >= req.max_sims or time.perf_counter() - start > req.time_budget_s:
                 return None
             self.log(f"  simulating {plan.label()}")
             out = self.simulate(plan)
@@ -731,24 +738,39 @@ class Planner:
                      f"({out.wall_s:.1f}s)")
             return out
 
-        # finalists in cost order; a miss is repaired (a replica more where it missed)
-        pending = list(queue)
-        while pending:
-            plan = pending.pop(0)
-            met = [o.cost_per_hour for o in outcomes if o.meets and o.plan.layout == plan.layout]
-            if plan.predicted.get("repairs") and met and self.mean_cost(plan) >= min(met):
-                continue  # a repair dearer than a plan of its layout already meeting the SLOs
-            out = run(plan)
-            if out is None:
-                break
-            if out.meets or plan.predicted.get("repairs", 0) >= 2:
-                continue
-            fix = self._neighbour(plan, self._repair_role(plan, out), +1)
-            if fix is not None:
-                fix = replace(fix, predicted={**fix.predicted,
-                                              "repairs": plan.predicted.get("repairs", 0) + 1})
-                pending.append(fix)
-                pending.sort(key=lambda p: self.mean_cost(p))
+        def met_cost(layout: str) -> float:
+            return min((o.cost_per_hour for o in outcomes if o.meets and o.plan.layout == layout),
+                       default=math.inf)
+
+        def explore(pending: list[Plan], dearer: float) -> bool:
+            """Simulate ``pending`` cheapest first; a miss is repaired (a replica
+            more where it missed, up to 3 in a row). False when out of budget."""
+            pending = sorted(pending, key=self.mean_cost)
+            while pending:
+                plan = pending.pop(0)
+                depth = plan.predicted.get("repairs", 0)
+                if self.mean_cost(plan) > met_cost(plan.layout) * (1.0 if depth else dearer):
+                    continue  # dearer than a plan of its layout already meeting the SLOs
+                out = run(plan)
+                if out is None:
+                    return False
+                if out.meets or depth >= 3:
+                    continue
+                for role in self._repair_roles(plan, out):
+                    fix = self._neighbour(plan, role, +1)
+                    if fix is not None and fix.key() not in done:
+                        pending.append(replace(fix, predicted={**fix.predicted,
+                                                               "repairs": depth + 1}))
+                pending.sort(key=self.mean_cost)
+            return True
+
+        # 1. the finalists (dearer ones still run while within 1.5x: the front's faster end)
+        if explore(list(queue), 1.5):
+            # 2. the estimate calibrated on what was simulated: the cheaper allocations it
+            # now expects within the SLOs
+            extra = self._calibrated(outcomes, {k for k in done}, met_cost)
+            self.counts["calibrated"] = len(extra)
+            explore(extra, 1.0)
         # trim the winners of each layout: a replica less while the SLOs still hold
         for lay in ("disaggregated", "colocated"):
             ok = [o for o in outcomes if o.meets and o.plan.layout == lay]
@@ -788,13 +810,53 @@ class Planner:
                            "layout": self.cloud["layout"], "dep": self.cloud["dep"]},
                           self.emit_ctx, self._forms_summary())
 
-    def _repair_role(self, plan: Plan, out: SimOutcome) -> str | None:
+    def _repair_roles(self, plan: Plan, out: SimOutcome) -> list[str]:
+        """Where a replica more may fix a miss: TPOT or refused requests are the
+        decode pool's; TTFT is the prefill pool's first, and the decode pool's
+        (its first step and batch slots are part of TTFT)."""
         if plan.layout == "colocated":
-            return "colocated"
+            return ["colocated"]
         errors = sum(out.summary.get("errors", {}).values())
         if "tpot" in out.why or errors:
-            return "decode"
-        return "prefill"
+            return ["decode"]
+        return ["prefill", "decode"]
+
+    def _calibrated(self, outcomes: list[SimOutcome], done: set, met_cost) -> list[Plan]:
+        """Cheaper allocations than any simulated plan meeting the SLOs that the
+        estimate, scaled by its median error on the simulated plans of each
+        layout, expects within the SLOs."""
+        slo = self.req.slo
+        ratios = {}
+        for lay in (0, 1):
+            name = "colocated" if lay == 0 else "disaggregated"
+            pairs = [(o.ttft_p / o.plan.predicted["ttft_p"], o.tpot_p / o.plan.predicted["tpot_p"])
+                     for o in outcomes if o.plan.layout == name and math.isfinite(o.ttft_p)
+                     and math.isfinite(o.tpot_p) and o.plan.predicted.get("ttft_p", 0) > 0
+                     and o.plan.predicted.get("tpot_p", 0) > 0]
+            if pairs:
+                ratios[lay] = (float(np.median([p[0] for p in pairs])),
+                               float(np.median([p[1] for p in pairs])))
+        cand = self.candidates[self.candidates["dep"]]
+        out: list[Plan] = []
+        seen = set()
+        for rec in cand:
+            lay = int(rec["layout"])
+            if lay not in ratios:
+                continue
+            rt, rp = ratios[lay]
+            if rec["ttft"] * rt > slo.ttft_s or rec["tpot"] * rp > slo.tpot_s:
+                continue
+            plan = self.with_autoscaling(self.to_plan(rec))
+            alloc = (plan.layout, plan.decode, plan.prefill)
+            if alloc in seen or self.mean_cost(plan) >= met_cost(plan.layout):
+                continue
+            seen.add(alloc)
+            if plan.key() in done:
+                continue
+            out.append(plan)
+            if len(out) >= max(2, self.req.finalists // 2):
+                break
+        return out
 
     def _quality_ok(self, plan: Plan) -> bool:
         floor = self.req.max_ppl_increase
