@@ -152,26 +152,14 @@ def fp8_fused_moe(
     e4m3fn with down_scale for down_groups likewise. Each expert a token
     chose is dequantized to x.dtype when it runs, then computed as
     ``reference.fused_moe`` computes it."""
-    from splitserve.kernels.reference import silu_and_mul
+    from splitserve.kernels.reference import routed_experts, silu_and_mul
 
-    t, k = topk_ids.shape
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
-    tokens = order // k
-    weights = topk_weights.reshape(-1)[order].float()
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = tokens[start:start + n]
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:  # xs [n, H] -> [n, H]
         gu = dequantize_weight(w_gate_up[e], gate_up_scale[e], *gate_up_groups, x.dtype)
         down = dequantize_weight(w_down[e], down_scale[e], *down_groups, x.dtype)
-        y = F.linear(silu_and_mul(F.linear(x[rows], gu)), down)  # [n, H]
-        out.index_add_(0, rows, y.float() * weights[start:start + n, None])
-        start += n
-    return out.to(x.dtype)
+        return F.linear(silu_and_mul(F.linear(xs, gu)), down)
+
+    return routed_experts(x, topk_weights, topk_ids, w_gate_up.shape[0], expert)
 
 
 # -- accuracy bounds (used by the tests; see the module docstring) -------------------

@@ -17,6 +17,8 @@ A token's *slot* is ``block_id * block_size + offset``. A cache stored in
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -279,20 +281,30 @@ def fused_moe(
     sum in float32, the result in x.dtype: [T, H]. Experts run one at a time
     on the tokens routed to them; an expert no token chose costs nothing.
     """
+    return routed_experts(
+        x, topk_weights, topk_ids, w_gate_up.shape[0],
+        lambda e, xs: F.linear(silu_and_mul(F.linear(xs, w_gate_up[e])), w_down[e]))
+
+
+def routed_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   num_experts: int,
+                   expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The weighted per-token sum of ``expert(e, x[rows])`` ([n, H] in
+    x.dtype) over the experts each token chose: token-expert pairs grouped
+    by expert, each expert run once on its rows, the sum in float32, the
+    result in x.dtype: [T, H]. Shared by every reference MoE."""
     t, k = topk_ids.shape
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
     tokens = order // k
     weights = topk_weights.reshape(-1)[order].float()
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = tokens[start:start + n]
-        h = silu_and_mul(F.linear(x[rows], w_gate_up[e]))  # [n, I]
-        y = F.linear(h, w_down[e])  # [n, H]
-        out.index_add_(0, rows, y.float() * weights[start:start + n, None])
+        out.index_add_(0, rows, expert(e, x[rows]).float() * weights[start:start + n, None])
         start += n
     return out.to(x.dtype)
