@@ -256,7 +256,8 @@ def test_a_request_that_makes_the_engine_raise_fails_alone(tiny_llama):
                 assert e.value.request_id == "poison"
                 return got
             *outs, got = await asyncio.gather(*[good(i) for i in range(4)], poison())
-            assert outs == want and len(got) == 3
+            # the corruption runs between two steps: one more token may come first
+            assert outs == want and 3 <= len(got) <= 4
             assert a.alive and a.num_streams == 0
             return await a.call(lambda e: (e.kv.check_invariants(), e.kv.all_free(),
                                            e.num_failed_requests))
