@@ -123,13 +123,20 @@ def test_a_poisoned_request_fails_alone_through_the_pools(cluster, tiny_llama):
 
 
 def decode_processes() -> list[int]:
-    """Pids of this cluster's live decode replicas, from Ray's own actor table
-    (other Ray clusters on the machine may run replicas of the same name)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return sorted(a.pid for a in actors
-                  if "ServeReplica" in (a.class_name or "") and "tiny-decode" in (a.name or ""))
+    """Pids of this cluster's decode replicas (Ray titles them
+    ``ray::ServeReplica:<app>:<deployment>``; assumes no other Ray cluster on
+    the machine runs an app of that name)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ServeReplica" in cmd and "tiny-decode" in cmd:
+            pids.append(int(d.name))
+    return pids
 
 
 def proc_status(pid: int) -> tuple[float, int]:
