@@ -17,7 +17,7 @@ smallest scale, much longer at the default.
 
     python benchmarks/plan_vs_real.py --out bench-results/plan-vs-real           # default
     python benchmarks/plan_vs_real.py --replicas 2 --rate 0.5 --num-requests 20 \\
-        --sim-requests 40 --out bench-results/plan-vs-real-small               # smallest
+        --sim-requests 40 --fast-profile --out bench-results/plan-vs-real-small  # smallest
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), check=True, **kw)
 
 
-def ensure_profile(db_path: str) -> None:
+def ensure_profile(db_path: str, fast: bool) -> None:
     db = ProfileDB(db_path)
     key = local_cpu_key(1)
     if any(p["hardware_key"] == key for p in db.profiled()):
         return
     run(CLI + ["profile", "--config", str(ROOT / "deploy/configs/local.yaml"), "--db", db_path,
-               "--handoff"])
+               "--handoff"] + (["--fast"] if fast else []))
 
 
 def serve_and_bench(cfg_path: Path, args, record: Path) -> None:
@@ -116,12 +116,14 @@ def main() -> int:
     ap.add_argument("--sim-requests", type=int, default=120, help="planner's simulated requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--db", default=None)
+    ap.add_argument("--fast-profile", action="store_true",
+                    help="profile with the small grid (seconds instead of minutes)")
     ap.add_argument("--out", default="bench-results/plan-vs-real")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     db_path = args.db or str(out / "profiles.db")
-    ensure_profile(db_path)
+    ensure_profile(db_path, args.fast_profile)
     plan_dir = out / "plan"
     t0 = time.perf_counter()
     run(CLI + ["plan", "--hardware", f"local:{args.replicas}", "--rate", str(args.rate),

@@ -120,16 +120,21 @@ def explanation(res: PlanResult) -> list[str]:
     for role, pp in p.pools:
         m = pools.get(role, {})
         if role == "prefill":
-            bound = "memory bandwidth" if m.get("full_step_memory_bound") else "compute"
+            bound = "memory-bandwidth" if m.get("full_step_memory_bound") else "compute"
+            bound += "-bound"
+            if m.get("fitted"):
+                bound = "timed by the measured step fit"
             lines.append(
                 f"Prefill pool ({pp.replicas} x {pp.hardware}): a full "
-                f"{p.engine.max_num_batched_tokens}-token step is {bound}-bound "
+                f"{p.engine.max_num_batched_tokens}-token step is {bound} "
                 f"({m.get('tokens_per_s', 0):,.0f} prompt tokens/s per replica); estimated "
                 f"{m.get('busy', 0):.0%} busy at the peak, so it is bound by TTFT (prompts "
                 f"queueing), estimated p{slo.ttft_pct:g} {_ms(m.get('ttft_p', 0))} ms before "
                 "the hand-off.")
         else:
-            bound = "memory-bandwidth" if m.get("memory_bound") else "compute"
+            bound = ("memory-bandwidth" if m.get("memory_bound") else "compute") + "-bound"
+            if m.get("fitted"):
+                bound = "timed by the measured step fit"
             what = "decode" if role == "decode" else "colocated"
             limits = {"TPOT": m.get("tpot_p", 0) / slo.tpot_s,
                       "batch slots": m.get("running", 0) / max(m.get("slots", 1), 1),
@@ -139,7 +144,7 @@ def explanation(res: PlanResult) -> list[str]:
             tight = max(limits, key=limits.get)
             lines.append(
                 f"{what.capitalize()} pool ({pp.replicas} x {pp.hardware}): steps are "
-                f"{bound}-bound (~{m.get('busy_step_s', 0) * 1e3:.1f} ms each, "
+                f"{bound} (~{m.get('busy_step_s', 0) * 1e3:.1f} ms each, "
                 f"{m.get('running', 0):.0f} sequences running of {m.get('slots', 0):.0f} slots, "
                 f"KV {m.get('kv_usage', 0):.0%} used, estimated); closest limit: {tight} at "
                 f"{limits[tight]:.0%}"

@@ -499,6 +499,7 @@ class Planner:
             "kv_usage": float(m["kv_use"][at]), "tpot_p": float(m["tpot_p"][at]),
             "blocking": float(m["blocking"][at]),
             "memory_bound": bool(m["memory_bound"][at]),
+            "fitted": _fitted(u, du),
             "prompt_utilization": float(m["prefill_rho"][at]),
             "tokens_per_step": float(m["tokens"][at])}}
         ttft = float(m["ttft_local"][at])
@@ -513,7 +514,8 @@ class Planner:
             pat = (pu, o, plan.prefill.replicas - 1)
             pools["prefill"] = {"ttft_p": float(mp["ttft_p"][pat]), "busy": float(mp["rho"][pat]),
                                 "tokens_per_s": float(mp["mu"][pat]),
-                                "full_step_memory_bound": bool(mp["full_step_memory_bound"][pat])}
+                                "full_step_memory_bound": bool(mp["full_step_memory_bound"][pat]),
+                                "fitted": _fitted(up, pu)}
             ok = ok and bool(tpre.est_ok[pat])
             if ws.rem_n[o, pat[2]] >= 1 - slo.ttft_pct / 100:
                 dev_p, dev_d = self.devices[plan.prefill.device], self.devices[plan.decode.device]
@@ -875,6 +877,12 @@ class Planner:
 
 def _col(x):
     return np.asarray(x)[:, None, None]
+
+
+def _fitted(units, i: int) -> bool:
+    """The unit's step model is one measured line (its two forms are equal)."""
+    f = units.forms
+    return bool(f.c[i, 0] == f.c[i, 1] and f.wp[i, 0] == f.wp[i, 1] and f.wb[i, 0] == f.wb[i, 1])
 
 
 CAND_DTYPE = np.dtype([("layout", "i1"), ("pu", "i8"), ("pr", "i4"), ("du", "i8"), ("dr", "i4"),
