@@ -10,7 +10,7 @@ autoscaling mode (fixed size, scale down in troughs, or room for bursts).
 A value is *deployable* when the engine and the operator config support it
 today; the others are *modelled-only*: the estimator scores them (so a
 report can say what they would buy) but no deployable plan uses them.
-Whether a value is supported is read from ``cluster.config.ModelSpec``, so
+Whether a value is supported is read from ``splitserve.cluster.config.ModelSpec``, so
 a setting the config learns becomes deployable here without an edit.
 """
 

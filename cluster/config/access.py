@@ -1,0 +1,77 @@
+"""The ``auth``, ``endpoints`` and ``observability`` sections: who may reach
+the cluster, where, and which routes answer without a key."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import _Strict, is_loopback_host
+
+
+class AuthSpec(_Strict):
+    api_keys: list[str] = Field(default_factory=list, description="Client keys (HTTP Bearer, gRPC "
+                                "metadata), added to those of api_keys_file and api_keys_env; "
+                                "none at all: no client auth (loopback only, see "
+                                "endpoints.allow_unauthenticated).")
+    api_keys_file: str | None = Field(None, description="File on the ingress nodes with one "
+                                      "client key per line (# starts a comment), e.g. a mounted "
+                                      "Kubernetes Secret.")
+    api_keys_env: str | None = Field(None, description="Environment variable of the ingress "
+                                     "nodes holding comma-separated client keys.")
+    cluster_token: str | None = Field(None, description="Secret the internal planes (worker RPC, "
+                                      "KV transfer) share. None: cluster_token_file, else "
+                                      "$SPLITSERVE_CLUSTER_TOKEN, else a random token made at the "
+                                      "first deploy and kept in the cluster's secret store.")
+    cluster_token_file: str | None = Field(None, description="File holding the cluster token, "
+                                           "read where `splitserve deploy` runs.")
+
+    @model_validator(mode="after")
+    def _no_blank_secrets(self) -> "AuthSpec":
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("api_keys: a key is empty")
+        if self.cluster_token is not None and not self.cluster_token.strip():
+            raise ValueError("cluster_token: empty (leave it unset for a random one)")
+        return self
+
+    def has_api_keys(self) -> bool:
+        """Whether client auth is configured (from any source)."""
+        return bool(self.api_keys or self.api_keys_file or self.api_keys_env)
+
+
+class EndpointSpec(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC APIs listen on.")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API port.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC API port.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    grpc_tls_cert: str | None = Field(None, description="PEM certificate file for gRPC TLS.")
+    grpc_tls_key: str | None = Field(None, description="PEM key file for gRPC TLS.")
+    http_tls_cert: str | None = Field(None, description="PEM certificate file for HTTPS on "
+                                      "http_port.")
+    http_tls_key: str | None = Field(None, description="PEM key file for HTTPS on http_port.")
+    allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback host without "
+                                        "API keys. Off: such a config is refused, since anyone "
+                                        "who reaches the port gets free inference.")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "EndpointSpec":
+        for proto in ("grpc", "http"):
+            if (getattr(self, f"{proto}_tls_cert") is None) != (getattr(self, f"{proto}_tls_key") is None):
+                raise ValueError(f"{proto}_tls_cert and {proto}_tls_key go together (PEM files)")
+        return self
+
+    def is_loopback(self) -> bool:
+        """Whether the APIs listen on this machine only."""
+        return is_loopback_host(self.host)
+
+
+class ObservabilitySpec(_Strict):
+    unauthenticated_routes: list[Literal["health", "metrics"]] = Field(
+        default_factory=list, description="Routes answered without an API key: health = "
+        "/health, /ready, /version and the gRPC health service (for Kubernetes probes); "
+        "metrics = /metrics (for a Prometheus that holds no key). Default: every route "
+        "needs the key when keys are configured.")
+    vllm_metric_names: bool = Field(False, description="/metrics also exports vLLM's metric "
+                                    "names (vllm:time_to_first_token_seconds, ...) so rules and "
+                                    "gateways written for vLLM work; see docs/operators.md.")

@@ -1,0 +1,145 @@
+"""The whole operator file: ``ClusterConfig``, how it is parsed and loaded,
+and what applying one over another changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from .access import AuthSpec, EndpointSpec, ObservabilitySpec
+from .base import ConfigError, _Strict
+from .models import ServedModel
+from .router import DeadlineSpec, RouterSpec
+from .transfer import TransferSpec
+
+
+class SLOSpec(_Strict):
+    ttft_s: float = Field(1.0, gt=0, description="Time-to-first-token objective (reports and "
+                          "benchmarks).")
+    tpot_s: float = Field(0.2, gt=0, description="Time-per-output-token objective.")
+
+
+class ClusterConfig(_Strict):
+    name: str = Field("splitserve", description="Cluster name, shown by `splitserve status`.")
+    models: list[ServedModel] = Field(default_factory=lambda: [ServedModel()], min_length=1,
+                                      description="The models served, each with its pools.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="Request placement.")
+    transfer: TransferSpec = Field(default_factory=TransferSpec, description="KV hand-off.")
+    deadlines: DeadlineSpec = Field(default_factory=DeadlineSpec, description="Deadlines of "
+                                    "the streams between ingress and decode replicas.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="Client and worker secrets.")
+    endpoints: EndpointSpec = Field(default_factory=EndpointSpec, description="Client APIs.")
+    slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency objectives.")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec,
+                                             description="Metrics and probe endpoints.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ClusterConfig":
+        names = [m.model.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
+        return self
+
+    def exposure_problem(self) -> str | None:
+        """Why serving this config would open a door (a non-loopback API
+        without client keys, not explicitly allowed), or None."""
+        ep = self.endpoints
+        if ep.is_loopback() or self.auth.has_api_keys() or ep.allow_unauthenticated:
+            return None
+        return (f"endpoints.host {ep.host!r} is reachable from other machines but no API key is "
+                "configured: set auth.api_keys, auth.api_keys_file or auth.api_keys_env, or "
+                "endpoints.allow_unauthenticated: true to serve without client auth")
+
+    def cluster_token(self) -> str | None:
+        """The operator's cluster token (config, file or environment), or None
+        when the cluster keeps its own random one (cluster/serve/secrets.py)."""
+        a = self.auth
+        if a.cluster_token:
+            return a.cluster_token
+        if a.cluster_token_file:
+            try:
+                token = Path(a.cluster_token_file).expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"auth.cluster_token_file {a.cluster_token_file}: "
+                                  f"{e.strerror}") from None
+            if not token:
+                raise ConfigError(f"auth.cluster_token_file {a.cluster_token_file}: empty")
+            return token
+        return os.environ.get("SPLITSERVE_CLUSTER_TOKEN") or None
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> ClusterConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format(e)}") from None
+    problem = cfg.exposure_problem()
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    return cfg
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    return parse_config(data, str(p))
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(
+            isinstance(v, dict) and "model" in v for v in value):
+        for v in value:  # served models are keyed by name, not position
+            _flatten(v, f"{prefix}[{v['model']['name']}]", out)
+    else:
+        out[prefix] = value
+
+
+def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
+    """What applying ``new`` over ``old`` changes, one line per key, e.g.
+    ``models[tiny].decode.max_replicas: 2 -> 4``; secrets are not shown."""
+    if old is None:
+        return ["(new cluster)"]
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(old.model_dump(), "", a)
+    _flatten(new.model_dump(), "", b)
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        if key.startswith("auth."):
+            lines.append(f"{key}: changed")
+        elif key not in a:
+            lines.append(f"{key}: added {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: removed")
+        else:
+            lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return lines

@@ -1,0 +1,159 @@
+"""The ``models[]`` entries: a served model, its engine settings and its two
+pools with their autoscaling."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from splitserve.engine.roles import Role
+
+from .base import _Strict
+
+
+class ModelSpec(_Strict):
+    name: str = Field("default", description="Served model name clients ask for.")
+    path: str | None = Field(None, description="Checkpoint: a directory (local, or shared "
+                             "storage every node mounts) or a Hugging Face repo id (org/name), "
+                             "resolved through each node's Hugging Face cache; None serves the "
+                             "embedded default model.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hugging Face repo "
+                                 "id; None: main.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype; auto: the checkpoint's.")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="KV cache element type; fp8 halves KV memory and hand-off bytes.")
+    weight_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="Projection weights: auto keeps the checkpoint's (fp8 checkpoints, "
+        "HF fp8 or compressed-tensors float8, stay fp8); fp8 quantizes an unquantized "
+        "checkpoint's at load, one scale per output channel (half of bf16's weight bytes).")
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV block (power of two).")
+    max_model_len: int | None = Field(None, ge=16, description="Context cap; None: the model's.")
+    num_blocks: int | None = Field(None, ge=16, description="KV blocks per replica; None: sized "
+                                   "from kv_cache_memory_gb.")
+    kv_cache_memory_gb: float = Field(0.25, gt=0, description="KV cache size per replica when "
+                                      "num_blocks is not given.")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences one replica runs at once.")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget of one engine "
+                                        "step (prompt chunks plus decode tokens).")
+    device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV of identical prompt "
+                                        "prefixes across requests.")
+    chat_template: str | None = Field(None, description="Chat template for chat requests: a "
+                                      "Jinja file on the ingress nodes or the template text; "
+                                      "None: the checkpoint's.")
+    tool_call_parser: Literal["auto", "hermes", "mistral", "llama3_json"] = Field(
+        "auto", description="How the model writes tool calls (chat requests with tools); "
+        "auto: detected from its chat template.")
+    reasoning_parser: Literal["none", "auto", "qwen3", "deepseek_r1"] = Field(
+        "auto", description="How the model writes its reasoning (chat and Responses answers "
+        "carry it apart from the content): qwen3 <think>...</think>, deepseek_r1 (the template "
+        "opens <think>, the output closes it); auto: detected from its chat template (none "
+        "when it mentions no think tags); none: the output is all content.")
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> "ModelSpec":
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        return self
+
+
+class AutoscalingSpec(_Strict):
+    bottleneck: Literal["compute", "memory", "network"] = Field(
+        ..., description="What limits this pool: prefill is compute-bound, decode memory-bound; "
+        "network scales on hand-off bandwidth (and makes the router prefer local prefill).")
+    target_ttft_s: float = Field(1.0, gt=0, description="compute: target of the predicted "
+                                 "queueing delay (pending prompt tokens / measured prefill "
+                                 "tokens per second).")
+    target_busy_fraction: float = Field(0.8, gt=0, le=1, description="compute: target share of "
+                                        "wall time the engine loop is busy (and GPU SM "
+                                        "utilization, where NVML reports it).")
+    target_kv_usage: float = Field(0.75, gt=0, le=1, description="memory: target share of KV "
+                                   "blocks in use.")
+    target_seq_fraction: float = Field(0.75, gt=0, le=1, description="memory: target share of "
+                                       "max_num_seqs running.")
+    target_tpot_s: float | None = Field(None, gt=0, description="memory: target time per "
+                                        "output token (decode step time); None: not used.")
+    target_link_utilization: float = Field(0.7, gt=0, le=1, description="network: target share "
+                                           "of link_bytes_per_s used by KV hand-offs.")
+    link_bytes_per_s: float = Field(1.25e9, gt=0, description="network: link capacity of one "
+                                    "replica's node, bytes per second.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long the pool must want more "
+                                   "replicas, without interruption, before it scales up.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="How long the pool must want fewer "
+                                     "replicas, without interruption, before it scales down.")
+    cooldown_s: float = Field(10.0, ge=0, description="Minimum time between two changes of the "
+                              "replica count.")
+    look_back_s: float = Field(10.0, gt=0, description="Window of replica metrics each "
+                               "decision averages over.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas push their "
+                                      "metrics to the Serve controller.")
+
+    @model_validator(mode="after")
+    def _window(self) -> "AutoscalingSpec":
+        if self.look_back_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_s ({self.look_back_s}) must exceed metrics_interval_s "
+                             f"({self.metrics_interval_s}) so each window holds a metrics push")
+        return self
+
+
+class PoolSpec(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; at least 1 when the pool "
+                              "autoscales (its metrics come from running replicas).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at first deploy; "
+                                         "None: min_replicas. Ignored when re-applied to a "
+                                         "running pool.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
+    node_type: str | None = Field(None, description="Custom resource the replica requests "
+                                  "(e.g. 'prefill_node'), so it lands on that node type.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Extra custom Ray "
+                                        "resources each replica requests.")
+    graceful_shutdown_timeout_s: float = Field(30.0, gt=0, description="How long a replica being "
+                                               "removed may drain its in-flight requests.")
+    autoscaling: AutoscalingSpec | None = Field(None, description="Scale on the pool's "
+                                                "bottleneck; None: a fixed size.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PoolSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        init = self.initial_replicas
+        if init is not None and not self.min_replicas <= init <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({init}) outside [min_replicas, max_replicas]")
+        if self.autoscaling is not None and self.min_replicas < 1:
+            raise ValueError("min_replicas must be at least 1 when autoscaling is set: the "
+                             "policy scales on metrics that running replicas report")
+        return self
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        res = dict(self.resources)
+        if self.node_type:
+            res[self.node_type] = res.get(self.node_type, 0.01) or 0.01
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if res:
+            opts["resources"] = res
+        return opts
+
+
+class ServedModel(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model and its engine.")
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated: separate prefill and decode pools; "
+        "colocated: one pool (the decode pool's spec) does both.")
+    prefill: PoolSpec = Field(default_factory=lambda: PoolSpec(
+        autoscaling=AutoscalingSpec(bottleneck="compute")), description="The prefill pool "
+        "(unused when colocated); by default 1 replica with compute autoscaling.")
+    decode: PoolSpec = Field(default_factory=lambda: PoolSpec(
+        autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool; by "
+        "default 1 replica with memory autoscaling.")
+
+    def roles(self) -> tuple[Role, ...]:
+        """The roles of this model's pools, one Serve application each."""
+        return (Role.COLOCATED,) if self.mode == "colocated" else (Role.PREFILL, Role.DECODE)
+
+    def pool(self, role: Role) -> PoolSpec:
+        """The spec of the pool playing ``role`` (a colocated pool is the decode spec)."""
+        return self.prefill if role is Role.PREFILL else self.decode
