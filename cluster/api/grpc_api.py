@@ -31,20 +31,20 @@ import uuid
 from pathlib import Path
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloaded, Unavailable,
                                            UnknownModel)
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import template_kwargs
-from splitserve.cluster.api.health import HEALTH_METHOD_PREFIX, HealthService
+from splitserve.cluster.api.grpc_interceptors import (DETAILS_CHARS, PARAM_METADATA,
+                                                     ApiKeyInterceptor, DecodeErrorInterceptor)
+from splitserve.cluster.api.health import HealthService
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
-from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
@@ -52,8 +52,6 @@ from splitserve.engine.structured import check_spec, choice_spec, json_object_sp
 
 log = logging.getLogger("splitserve.grpc")
 
-DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
-PARAM_METADATA = "splitserve-param"
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -377,101 +375,6 @@ class GenerationService(pb_grpc.GenerationServicer):
             for m in self.backend.models()])
 
 
-def _key_ok(metadata, keys: list[bytes]) -> bool:
-    given = []
-    for key, value in metadata or ():
-        if key == "authorization" and value[:7].lower() == "bearer ":
-            given.append(value[7:].strip())
-        elif key == "x-api-key":
-            given.append(value.strip())
-    ok = False
-    for g in given:  # no early exit: the time taken does not tell which value was a key
-        ok |= secret_matches(g, *keys)
-    return ok
-
-
-class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every method without a configured key; the health service too
-    unless ``open_health``."""
-
-    def __init__(self, api_keys: list[str], open_health: bool = False):
-        self.keys = [k.encode() for k in api_keys]
-        self.open_health = open_health
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or _key_ok(details.invocation_metadata, self.keys):
-            return handler
-        if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
-            return handler
-
-        async def deny(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid API key: send metadata 'authorization: Bearer "
-                                "<key>' or 'x-api-key: <key>'")
-
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
-        return make[(handler.request_streaming, handler.response_streaming)](deny)
-
-
-class _Undecodable:
-    """What a request that does not parse as its message becomes."""
-
-    def __init__(self, error: DecodeError):
-        self.error = str(error)
-
-
-class _DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
-    """A request message that does not parse is INVALID_ARGUMENT (gRPC itself
-    answers UNKNOWN, as for a server fault), on every unary-request method."""
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        def tolerant(data: bytes):
-            try:
-                return parse(data)
-            except DecodeError as e:
-                return _Undecodable(e)
-
-        async def refuse(request: _Undecodable, context) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request is not a valid message: {request.error}"[:DETAILS_CHARS],
-                                trailing_metadata=((PARAM_METADATA, ""),))
-
-        if handler.response_streaming:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                responses = inner_stream(request, context)
-                try:
-                    async for response in responses:
-                        yield response
-                finally:  # also when the client cancels: the generation is cancelled now
-                    await responses.aclose()
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=tolerant,
-                response_serializer=handler.response_serializer)
-        inner_unary = handler.unary_unary
-
-        async def unary_unary(request, context):
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
-            return await inner_unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=tolerant, response_serializer=handler.response_serializer)
-
-
 async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: list[str],
                             tls_cert: str | None = None, tls_key: str | None = None,
                             max_message_bytes: int = 4 << 20,
@@ -488,9 +391,9 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
-    interceptors = [_ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
+    interceptors = [ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
-        interceptors=interceptors + [_DecodeErrorInterceptor()],
+        interceptors=interceptors + [DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)])
     pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool), server)

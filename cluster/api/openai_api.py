@@ -46,7 +46,8 @@ from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choi
     TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params, open_choices, sse_data)
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
-from splitserve.cluster.api.openai_schema import ApiError, read_request
+from splitserve.cluster.api.http_body import read_request
+from splitserve.cluster.api.openai_schema import ApiError
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes

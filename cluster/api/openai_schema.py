@@ -1,5 +1,5 @@
-"""The OpenAI API's wire format: request bodies (read within a size limit,
-parsed and validated) and errors (responses: cluster/api/openai_response.py).
+"""The OpenAI API's wire format: request bodies (read and parsed by
+cluster/api/http_body.py) and errors (responses: cluster/api/openai_response.py).
 
 Requests are validated strictly (a string where a number belongs is a 400,
 not a coercion) and unknown fields are refused, as OpenAI does. Fields the
@@ -15,21 +15,19 @@ import json
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.requests import ClientDisconnect, Request
+from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
 from splitserve.cluster.api.chat_prompt import ChatRequest
 from splitserve.cluster.api.openai_structured import structured_output
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_CHOICES, MAX_JSON_DEPTH, MAX_PROMPTS, nesting_exceeds
+from splitserve.engine.limits import MAX_CHOICES, MAX_PROMPTS
 from splitserve.engine.sampling_params import SamplingParams
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 ERROR_MESSAGE_CHARS = 1024  # error bodies stay small whatever the request echoed
 # a \uXXXX escape of a UTF-16 surrogate: JSON's way to write a lone one
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -372,106 +370,3 @@ def messages_text_chars(messages: list[ChatMessage]) -> int:
             args = fn.get("arguments") if isinstance(fn, dict) else None
             total += len(args) if isinstance(args, str) else 0
     return total
-
-
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def param_of(loc: tuple[Any, ...]) -> str | None:
-    """A pydantic error location as a field path (``messages[0].role``).
-    Union members appear in locations as type names (``list[int]``); the path
-    stops before them."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in _UNION_TAGS:
-            path += f".{part}" if path else part
-        else:
-            break
-    return path or None
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_json(request: Request, max_body_bytes: int) -> dict:
-    """The request's JSON object; never holds more than ``max_body_bytes``."""
-    ctype = request.headers.get("content-type")
-    if ctype is not None:
-        media = ctype.split(";")[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise ApiError(400, f"Content-Type must be application/json, got {ctype[:100]!r}",
-                           code="invalid_content_type")
-    too_large = ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
-                         code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, "invalid Content-Length header", code="invalid_request")
-        if int(length) > max_body_bytes:
-            raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise too_large
-    except ClientDisconnect:  # nobody will read the answer; not a server fault
-        raise ApiError(400, "the client disconnected while sending the body",
-                       code="client_disconnected") from None
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
-                       code="invalid_encoding") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    for key, value in data.items():
-        # the schema, the chat template and JSON encoding recurse once per level
-        if nesting_exceeds(value, MAX_JSON_DEPTH):
-            raise ApiError(400, f"{key[:100]} nests more than {MAX_JSON_DEPTH} levels deep",
-                           param=key, code="invalid_value")
-    if _SURROGATE_ESCAPE.search(text):  # rare: then find the field that has a lone one
-        for key, value in data.items():
-            try:
-                json.dumps([key, value], ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(400, f"{key[:100]} has a string that is not valid Unicode (a lone "
-                               "surrogate)", param=key, code="invalid_encoding") from None
-    return data
-
-
-async def read_request(request: Request, model_cls: type[RequestBody], max_body_bytes: int) -> Any:
-    """The request's body as ``model_cls`` (``read_json``, ``parse_body``),
-    its fields checked as supported."""
-    body = parse_body(model_cls, await read_json(request, max_body_bytes))
-    body.check_supported()
-    return body
-
-
-def parse_body(model_cls: type[RequestBody], data: dict) -> Any:
-    """The request model of ``data``; a field of ``model_cls.REFUSED`` is a
-    400 naming it and saying why (null counts as absent), an unknown one a
-    400 naming it (a typo must not silently change what runs)."""
-    for key in [k for k in data if k in model_cls.REFUSED]:
-        if data[key] is None:
-            del data[key]
-        else:
-            raise ApiError(400, f"{key} is not supported: {model_cls.REFUSED[key]}", param=key,
-                           code="unsupported_parameter")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors(include_input=False, include_url=False)
-        first = errors[0]
-        parts = [f"{param_of(err['loc']) or 'body'}: {err['msg']}" for err in errors[:3]]
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise ApiError(400, "; ".join(parts) + more, param=param_of(first["loc"]),
-                       code="invalid_type" if first["type"] != "extra_forbidden"
-                       else "unknown_parameter") from None

@@ -36,7 +36,7 @@ from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat
 from splitserve.cluster.api.http_stream import (TIMINGS_HEADER, Choices, ClientGone, SSEResponse,
                                                 api_error, open_choices, sse_data)
-from splitserve.cluster.api.openai_schema import read_request
+from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.responses_output import OutputItems, response_usage, status_of
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error

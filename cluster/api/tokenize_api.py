@@ -24,8 +24,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from splitserve.cluster.api.backend import Backend
-from splitserve.cluster.api.openai_schema import (ChatMessage, RequestBody, messages_text_chars,
-                                                parse_body, read_json)
+from splitserve.cluster.api.http_body import parse_body, read_json
+from splitserve.cluster.api.openai_schema import ChatMessage, RequestBody, messages_text_chars
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.tool_calls import template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
