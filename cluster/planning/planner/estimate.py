@@ -32,7 +32,6 @@ floor.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -45,7 +44,7 @@ from splitserve.cluster.planning.hardware import Hardware, local_cpu_key
 from splitserve.cluster.planning.planner.inputs import (
     SLO, Offer, PlanInputError, WorkloadModel, z_of)
 from splitserve.cluster.planning.planner.space import (
-    EngineGrid, RouterOption, SpaceSpec, engine_grid, router_options)
+    EngineGrid, RouterOption, SpaceSpec)
 from splitserve.cluster.planning.shapes import ModelShape
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use

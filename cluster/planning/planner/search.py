@@ -299,7 +299,6 @@ class Planner:
         the budget; counted by histograms of devices used, not enumerated."""
         grid = self.grid
         ndev = len(self.devices)
-        tps = np.array(sorted(set(up.tp) | set(ud.tp)))
         gmax = int(max(d.count for d in self.devices))
         ngroup = int(grid.prefill_key.max() + 1) * n_opts
         res = []
@@ -545,7 +544,6 @@ class Planner:
             up = self.tables["prefill"][0] if layout == "disaggregated" else None
             for du in np.flatnonzero(u.deployable & u.mem_ok):
                 e = int(u.e[du])
-                dev = self.devices[int(u.dev[du])]
                 pus = [None] if up is None else [
                     i for i in np.flatnonzero(up.deployable & up.mem_ok)
                     if grid.prefill_key[up.e[i]] == grid.prefill_key[e]]

@@ -31,7 +31,7 @@ from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.events import EventLoop
 from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, summarize
 from splitserve.cluster.planning.sim.network import Network
-from splitserve.cluster.planning.sim.pools import READY, NodeGroup, Pool, devices_for, kv_blocks
+from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
 from splitserve.cluster.planning.sim.serving import Serving, SimRequest
 from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
 from splitserve.router.core import RouterCore
