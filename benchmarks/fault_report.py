@@ -324,9 +324,9 @@ def main() -> int:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
 
-    path = str(ensure_default_model())
+    path = str(default_model_path())
     lo, hi = (int(v) for v in args.new_tokens.split(":"))
     # enough for the Poisson stream: its count exceeds 1.2 x the mean with negligible odds here
     reqs, want = requests_and_reference(path, args.block_size,
