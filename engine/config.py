@@ -244,6 +244,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: skip capturing decode steps as CUDA graphs
+    # ranks the model is split over (splitserve.engine.parallel); rank r on the
+    # r-th GPU from ``device`` on, or all on the CPU
+    tensor_parallel_size: int = 1
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -258,3 +261,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.weight_dtype not in ("auto", "fp8"):
             raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.weight_dtype == "fp8":
+            raise ValueError("weight_dtype 'fp8' is not supported with tensor_parallel_size > 1 yet")

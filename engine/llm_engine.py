@@ -25,6 +25,7 @@ from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.model_runner import (ModelRunner, PromptLogprobs, kv_cache_dtype,
                                             num_kv_blocks, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
+from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
@@ -51,10 +52,23 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.tokenizer = Tokenizer.from_dir(Path(cfg.model))
         torch.manual_seed(cfg.seed)
-        model = load_model(self.checkpoint, self.dtype, self.device)
-        num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        tp = None
+        if cfg.tensor_parallel_size > 1:  # ranks 1..N-1 start loading their shards now
+            tp, num_blocks = start_ranks(cfg, self.checkpoint, self.dtype, self.device)
+        else:
+            num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        try:
+            model = load_model(self.checkpoint, self.dtype, self.device,
+                               tp=None if tp is None else tp.group)
+            self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device,
+                                      num_blocks, tp=tp)
+            if tp is not None:
+                tp.wait_ready(self.runner.kv_cache)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device, num_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(seed=cfg.seed)
         self.max_model_len = min(
@@ -81,6 +95,12 @@ class LLMEngine:
         self.failures_in_a_row = 0  # failed requests since a step last made progress
         self.max_consecutive_failures = 8
         self.kv_port = KVPort(self)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when
+        this process ends). The engine cannot step after. Idempotent."""
+        if self.runner.tp is not None:
+            self.runner.tp.close()
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

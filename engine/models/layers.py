@@ -302,6 +302,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
+        self.tp = None  # tensor parallel: the rank's TPGroup (splitserve.engine.parallel.group)
 
     def forward(
         self,
@@ -320,8 +321,13 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache)
+        if self.tp is not None:  # row-parallel o_proj: one all-reduce per attention block
+            h = self.tp.all_reduce(h)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h = self.mlp(h)
+        if self.tp is not None:  # row-parallel down_proj (experts too): one per MLP block
+            h = self.tp.all_reduce(h)
+        return h, residual
 
     def quantize_fp8_(self) -> None:
         """The attention and MLP projections to fp8, per output channel."""
