@@ -23,6 +23,8 @@ ranks serve them on a thread of their own (``serve``).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from multiprocessing.connection import Connection
 
@@ -32,6 +34,8 @@ import torch.distributed as dist
 from splitserve.engine.parallel.group import RankFailedError, TPGroup
 from splitserve.engine.parallel.messages import ExportKV, ImportKV, Stop
 from splitserve.kernels import ops
+
+log = logging.getLogger("splitserve.engine.parallel")
 
 
 def _ids(block_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -94,7 +98,18 @@ class ShardedKV:
 
 
 def serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
-    """Ranks 1..N-1: answer rank 0's KV moves until its pipe closes."""
+    """Ranks 1..N-1: answer rank 0's KV moves until its pipe closes. A move
+    that fails ends the process: rank 0's collective with it then fails at
+    once rather than at its timeout, and the replica stops."""
+    try:
+        with torch.inference_mode():  # the cache is an inference tensor
+            _serve(group, cache, conn)
+    except BaseException:
+        log.exception("tensor-parallel rank %d failed a KV move; it exits", group.rank)
+        os._exit(1)
+
+
+def _serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
     opts_g = dist.GatherOptions()
     opts_g.rootRank = 0
     opts_s = dist.ScatterOptions()
