@@ -49,8 +49,9 @@ def build_engine(spec: ModelSpec):
     if device == "cpu":
         # one intra-op thread per CPU this replica was given, so replicas
         # sharing a node do not oversubscribe its cores
+        # (its tensor-parallel ranks, processes of their own, take as many as rank 0)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, int(cpus / spec.tensor_parallel_size)))
     return LLMEngine(EngineConfig(
         model=str(checkpoint_dir(spec)), model_id=spec.name,
         dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
@@ -59,7 +60,7 @@ def build_engine(spec: ModelSpec):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
-        enforce_eager=spec.enforce_eager,
+        enforce_eager=spec.enforce_eager, tensor_parallel_size=spec.tensor_parallel_size,
     ))
 
 
@@ -250,6 +251,8 @@ class WorkerServer:
             await self.worker.stop()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        finally:
+            self.engine.close()  # its tensor-parallel ranks, if any
 
 
 def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
@@ -265,7 +268,7 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
     # what only the ingress reads stays out, so editing it does not rebuild replicas
     worker_model = model.model_dump(exclude=INGRESS_ONLY_FIELDS)
     args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s)
-    actor_options = pool.ray_actor_options()
+    actor_options = pool.ray_actor_options(model.tensor_parallel_size)
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
     env = actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {})
