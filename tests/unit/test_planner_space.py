@@ -55,9 +55,9 @@ def test_space_size_matches_enumeration():
 
 def test_unsupported_settings_are_modelled_only():
     sup = engine_support()
-    # the engine runs one device per replica, bf16 weights, no speculation (today's ModelSpec)
+    # tensor parallelism, bf16 and fp8 weights, no speculation (today's ModelSpec)
     assert ("weight_dtype" in ModelSpec.model_fields) == ("fp8" in sup["weight_dtype"])
-    assert sup["tensor_parallel"] == {1}
+    assert sup["tensor_parallel"] == {1, 2, 4, 8}
     assert sup["speculative"] == {"off"}
     assert sup["kv_cache_dtype"] == {"auto", "fp8"}
     grid = engine_grid(SMALL)

@@ -295,5 +295,9 @@ def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int) -> int:
     return max(16, int(mspec.kv_cache_memory_gb * (1 << 30)) // per_block)
 
 
-def devices_for(spec: PoolSpec, on_gpu: bool) -> int:
-    return max(1, math.ceil(spec.num_gpus)) if on_gpu else 1
+def devices_for(spec: PoolSpec, on_gpu: bool, tensor_parallel_size: int = 1) -> int:
+    """GPUs one replica computes on: its tensor-parallel ranks (num_gpus is
+    per rank), or, at TP 1, what num_gpus reserves."""
+    if not on_gpu:
+        return 1
+    return max(tensor_parallel_size, math.ceil(spec.num_gpus) * tensor_parallel_size, 1)

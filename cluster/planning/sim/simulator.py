@@ -149,10 +149,11 @@ class Simulation:
             for role, spec in roles:
                 m = served.engine_spec(Role(role))  # the model's engine, the pool's settings over it
                 key = hardware(m.name, role)
-                if key == LOCAL:
-                    key = local_cpu_key(max(1, int(spec.num_cpus)))
+                tp = m.tensor_parallel_size  # the pool's, or the model's
+                if key == LOCAL:  # CPU ranks share the replica's cores: timed as its threads
+                    key = local_cpu_key(max(1, int(spec.num_cpus * tp)))
                 on_cpu = key.startswith("cpu:")
-                devices = devices_for(spec, not on_cpu)
+                devices = devices_for(spec, not on_cpu, tp)
                 settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
                 try:
                     prof = profiles.device_profile(db, shapes[m.name], key, settings)
