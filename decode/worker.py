@@ -36,8 +36,9 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import DecodeStats
-from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, GenerateTimings,
-                                         PrefillMode, PrefillReply)
+from splitserve.engine.kv_port import AdapterRef
+from splitserve.handoff.messages import (Adapter, GenerateOutput, GenerateRequest,
+                                         GenerateTimings, PrefillMode, PrefillReply)
 from splitserve.handoff.protocol import Reservations
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tls import TLSConfig
@@ -118,13 +119,19 @@ class DecodeWorker:
             raise InvalidRequestError("request_id is empty", param="request_id")
         rid, ids = req.request_id, list(req.prompt_token_ids)
         params = SamplingParams.from_dict(req.params)
+        adapter = Adapter.to_engine(req.adapter)
         await self.aengine.call(lambda e: e.validate(ids, params))
+        # an adapter this replica has not seen is read from its path now, off
+        # the engine thread; one it cannot read refuses the call here
+        # (ADAPTER_UNAVAILABLE), before any block is reserved
+        await self.aengine.load_adapter(adapter)
         first = _FirstToken(time.monotonic())
         handoff, stream = None, None
         if req.prefill is not None:
-            handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first)
+            handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first,
+                                                 adapter)
         if stream is None:
-            stream = self._local(rid, ids, params)
+            stream = self._local(rid, ids, params, adapter)
         timings: GenerateTimings | None = None
         async for out in stream:
             if timings is not None:
@@ -136,16 +143,18 @@ class DecodeWorker:
             yield GenerateOutput.of(out, timings)
 
     # -- the two paths to the first token -----------------------------------------
-    def _local(self, rid: str, ids: list[int], params: SamplingParams):
+    def _local(self, rid: str, ids: list[int], params: SamplingParams,
+               adapter: AdapterRef | None = None):
         self.counters["local_prefills"] += 1
-        return self.aengine.generate(rid, ids, params)
+        return self.aengine.generate(rid, ids, params, adapter=adapter)
 
     async def _remote(self, rid: str, ids: list[int], params: SamplingParams, address: str,
-                      first: _FirstToken) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
+                      first: _FirstToken, adapter: AdapterRef | None = None
+                      ) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
         """An IncomingHandoff through its stages up to Committed. Returns it
         and the committed sequence's stream, or (None, None) to prefill
         locally (the hand-off failed and was cancelled)."""
-        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params)
+        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params, adapter)
         try:
             await h.reserve()
         except Exception:
