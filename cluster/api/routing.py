@@ -130,10 +130,14 @@ class Routing:
         return out
 
     async def track(self, routed: Routed, stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
-        """``stream`` (the variant's backend stream), reporting how it ended."""
+        """``stream`` (the variant's backend stream), reporting how it ended;
+        closing this closes ``stream`` (which cancels its request)."""
         if routed.route is None:
-            async for out in stream:
-                yield out
+            try:
+                async for out in stream:
+                    yield out
+            finally:
+                await stream.aclose()
             return
         start = time.monotonic()
         first = last = None

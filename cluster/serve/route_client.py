@@ -70,9 +70,10 @@ class RouteClient(Routing):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # a preparation thread: the loop's next call starts it
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop
-            self._task = loop.create_task(self._run())
+        if self._task is not None and not self._task.done() and self._loop.is_running():
+            return  # one sync loop per process, on the loop that started it
+        self._loop = loop
+        self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
