@@ -11,7 +11,7 @@ splitting and canary ramps), ``transfer`` (KV hand-off and its TLS), ``access`` 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .base import ConfigError, is_loopback_host
 from .cluster import ClusterConfig, SLOSpec, config_changes, load_config, parse_config
-from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
+from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .reference import config_reference
 from .router import DeadlineSpec, RouterSpec
 from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
@@ -19,7 +19,8 @@ from .transfer import TLSSpec, TransferSpec
 
 __all__ = [
     "AuthSpec", "AutoscalingSpec", "ClusterConfig", "ConfigError", "DeadlineSpec",
-    "EndpointSpec", "LatencyGuardSpec", "ModelSpec", "ObservabilitySpec", "PoolSpec", "RampSpec",
-    "RouteSpec", "RouterSpec", "SLOSpec", "ServedModel", "TLSSpec", "TransferSpec", "VariantSpec",
-    "config_changes", "config_reference", "is_loopback_host", "load_config", "parse_config",
+    "EndpointSpec", "LatencyGuardSpec", "ModelSpec", "ObservabilitySpec", "PoolEngineSpec",
+    "PoolSpec", "RampSpec", "RouteSpec", "RouterSpec", "SLOSpec", "ServedModel", "TLSSpec",
+    "TransferSpec", "VariantSpec", "config_changes", "config_reference", "is_loopback_host",
+    "load_config", "parse_config",
 ]

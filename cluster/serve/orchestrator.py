@@ -26,7 +26,6 @@ request is cancelled on the workers and fails with DeadlineExceeded.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
