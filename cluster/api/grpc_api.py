@@ -2,7 +2,9 @@
 ``grpc.health.v1`` health service (splitserve.cluster.api.health: it
 follows the backend's readiness), over a ``Backend``.
 
-Generate, per call: API key (interceptor) -> the prompt's length in
+Generate, per call: API key (interceptor) -> a route names its variant
+(splitserve.cluster.api.routing; initial metadata ``x-splitserve-variant``)
+-> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (text tokenized, or the
 chat template applied to messages, tools and chat_template_kwargs), grammars
@@ -44,6 +46,7 @@ from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
@@ -308,8 +311,25 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise
         return tools, ids, params, reasoning
 
+    def _route(self, request: pb.GenerateRequest, context) -> tuple[Routed, pb.GenerateRequest]:
+        """Where the request goes (a route picks a variant by the client key
+        in its key header's metadata), and the request naming that model."""
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
+                    if isinstance(v, str)}
+        routed = self.backend.routing.resolve(
+            request.model, lambda header: metadata.get(header) if header else None)
+        if routed.route is None:
+            return routed, request
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(request)
+        copy.model = routed.model
+        return routed, copy
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
+        routed, request = self._route(request, context)
+        if routed.route is not None:
+            await context.send_initial_metadata(((VARIANT_HEADER, routed.model),))
         try:
             self._check_chars(request)
             tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
@@ -319,7 +339,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         backend_id = f"grpc-{uuid.uuid4().hex}"
         request_id = request.request_id or backend_id
         prepare_s = time.perf_counter() - t0
-        stream = self.backend.generate(request.model, backend_id, ids, params)
+        stream = self.backend.routing.track(
+            routed, self.backend.generate(request.model, backend_id, ids, params))
         chat = None
         if tools is not None or reasoning is not None:
             chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)
@@ -372,7 +393,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
             pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created)
-            for m in self.backend.models()])
+            for m in all_models(self.backend)])
 
 
 async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: list[str],

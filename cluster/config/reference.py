@@ -11,6 +11,7 @@ from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -39,6 +40,9 @@ def config_reference() -> str:
                 ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
                 ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),
+                ("routes[]", RouteSpec), ("routes[].variants[]", VariantSpec),
+                ("routes[].ramp", RampSpec),
+                ("routes[].ramp.ttft / routes[].ramp.tpot", LatencyGuardSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
                 ("observability", ObservabilitySpec)]

@@ -29,6 +29,7 @@ class Ingress:
         self.cfg = ClusterConfig.model_validate(cfg)
         self.api_keys = secrets.api_keys(self.cfg.auth)
         self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token())
+        await self.backend.routing.start()  # the routes' weights in force, then every period
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,

@@ -48,6 +48,7 @@ from splitserve.cluster.api.backend import (
 from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
+from splitserve.cluster.serve.route_client import RouteClient
 from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
@@ -131,6 +132,8 @@ class ClusterBackend(Backend):
                                              limit, mc.vocab_size, spec.tool_call_parser,
                                              spec.reasoning_parser)
         self._created = int(time.time())
+        # at least twice a second: a hot edit of a route's weights is in force this soon
+        self.routing = RouteClient.for_config(cfg, min(0.5, cfg.router.stats_period_s))
         self.counters = {"retries": 0, "resumed": 0, "refused": 0, "faults": 0, "failed": 0,
                          "deadlines": 0}
 
@@ -295,6 +298,7 @@ class ClusterBackend(Backend):
         return ClusterMetrics(tuple(reports), text)
 
     async def close(self) -> None:
+        await self.routing.close()
         if self._router is not None:
             await self._router.close()
         await self._clients.close()
