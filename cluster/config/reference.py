@@ -11,6 +11,7 @@ from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -40,7 +41,7 @@ def config_reference() -> str:
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
-                ("observability", ObservabilitySpec)]
+                ("observability", ObservabilitySpec), ("observability.tracing", TracingSpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
