@@ -72,8 +72,9 @@ class Span(Protocol):
     def event(self, name: str, **attributes: Any) -> None:
         """Mark a moment, e.g. the first token."""
 
-    def fail(self, error: BaseException) -> None:
-        """Record ``error`` on the span and mark it failed."""
+    def fail(self, error: BaseException | str) -> None:
+        """Mark the span failed: an exception is recorded on it, a string
+        (e.g. "HTTP 503") only describes the failure."""
 
     def end(self, end_ns: int | None = None) -> None:
         """End the span (idempotent); ``end_ns``: time.time_ns() of its end."""

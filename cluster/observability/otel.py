@@ -75,11 +75,14 @@ class OtelSpan:
     def event(self, name: str, **attributes: Any) -> None:
         self._span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
 
-    def fail(self, error: BaseException) -> None:
-        self._span.record_exception(error)
-        self._span.set_attribute("error.type", type(error).__name__)
-        self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[
-            :_STATUS_CHARS]))
+    def fail(self, error: BaseException | str) -> None:
+        if isinstance(error, str):
+            kind, description = error, error
+        else:
+            self._span.record_exception(error)
+            kind, description = type(error).__name__, f"{type(error).__name__}: {error}"
+        self._span.set_attribute("error.type", kind)
+        self._span.set_status(Status(StatusCode.ERROR, description[:_STATUS_CHARS]))
 
     def end(self, end_ns: int | None = None) -> None:
         if not self._ended:

@@ -52,7 +52,8 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     for role in served.roles():
         app = app_name(served.model.name, role)
         out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
-                                            cfg.transfer, cfg.router, secrets_version))
+                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.observability.tracing))
     return out
 
 
@@ -112,8 +113,11 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=prev is None or router_config(prev) != rcfg)
+                   reconfigure=(prev is None or router_config(prev) != rcfg
+                                or prev.observability.tracing != tracing),
+                   tracing=None if tracing is None else tracing.model_dump())
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,

@@ -42,7 +42,9 @@ def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
     from splitserve.cluster.serve.router_actor import ensure_routers
 
     version = secrets.publish(cfg)
-    ensure_routers(router_config(cfg), cfg.router.routers)
+    tracing = cfg.observability.tracing
+    ensure_routers(router_config(cfg), cfg.router.routers,
+                   tracing=None if tracing is None else tracing.model_dump())
     ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
     return version
 
