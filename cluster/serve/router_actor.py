@@ -200,7 +200,7 @@ class RouterActor:
         for end in ex.releases:  # ended while it waited: the caller gave up
             entry = waiting.pop(end.lease_id, None)
             if entry is not None:
-                self._queue_span(*entry).set("splitserve.cancelled", True)
+                self._queue_span(*entry, cancelled=True)
         for call, out in zip(ex.calls, reply.outcomes):
             if call.traceparent is None:
                 continue
@@ -211,15 +211,17 @@ class RouterActor:
             else:
                 self._trace_outcome(call, 0, out)
 
-    def _queue_span(self, call: RouteCall, queued_ns: int):
-        """The ``router.queue`` span of a call queued at ``queued_ns``, ended now."""
+    def _queue_span(self, call: RouteCall, queued_ns: int, cancelled: bool = False) -> None:
+        """Record the ``router.queue`` span of a call queued at ``queued_ns``,
+        ended now (``cancelled``: its caller gave up)."""
         from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REQUEST_ID, SPAN_ROUTER_QUEUE
 
         span = self.tracer.start(SPAN_ROUTER_QUEUE, call.traceparent, start_ns=queued_ns,
                                  attributes={ATTR_MODEL: call.request.model,
                                              ATTR_REQUEST_ID: call.request.request_id})
+        if cancelled:
+            span.set("splitserve.cancelled", True)
         span.end()
-        return span
 
     def _trace_outcome(self, call: RouteCall, queued_ns: int, out: Outcome) -> None:
         """``router.place`` for ``call``'s outcome, after its ``router.queue``
