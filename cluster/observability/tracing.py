@@ -114,6 +114,25 @@ def start_tracer(spec: TracingSpec | dict | None, role: str,
     return OtelTracer(settings, role)
 
 
+def check_installed(spec: TracingSpec | None) -> None:
+    """Raise TracingUnavailableError when ``spec`` is set but OpenTelemetry's
+    exporter is not installed here: ``splitserve deploy`` says so before it
+    starts replicas that would refuse to start. Imports nothing."""
+    import importlib.util
+
+    if spec is None:
+        return
+    for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.grpc"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
+            raise TracingUnavailableError(
+                f"observability.tracing is configured but {name} is not installed: "
+                f"{INSTALL_HINT} (on every node)")
+
+
 # -- the ingress request's span ------------------------------------------------------
 _INGRESS: contextvars.ContextVar[Span | None] = contextvars.ContextVar(
     "splitserve_ingress_span", default=None)

@@ -95,7 +95,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.observability.tracing import check_installed
 
+    check_installed(cfg.observability.tracing)
     connect(address)
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))

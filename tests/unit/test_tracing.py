@@ -12,8 +12,8 @@ import pytest
 
 from splitserve.cluster.config import TracingSpec, parse_config
 from splitserve.cluster.config.base import ConfigError
-from splitserve.cluster.observability.tracing import (TracingUnavailableError, export_settings,
-                                                      start_tracer)
+from splitserve.cluster.observability.tracing import (TracingUnavailableError, check_installed,
+                                                      export_settings, start_tracer)
 from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REQUEST_ID
 from tests.fixtures.otlp_collector import Collector
 
@@ -212,6 +212,12 @@ def test_configured_but_not_installed_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "splitserve.cluster.observability.otel", None)
     with pytest.raises(TracingUnavailableError, match=r"splitserve\[tracing\]"):
         start_tracer(TracingSpec(endpoint="http://127.0.0.1:4317"), "ingress", environ={})
+    # what `splitserve deploy` checks first finds the real packages here
+    check_installed(None)
+    check_installed(TracingSpec(endpoint="http://127.0.0.1:4317"))
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
+    with pytest.raises(TracingUnavailableError, match="opentelemetry.exporter.otlp.proto.grpc"):
+        check_installed(TracingSpec(endpoint="http://127.0.0.1:4317"))
     # set only by the environment: a warning, and no tracing
     assert start_tracer(None, "ingress",
                         environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}) is None
