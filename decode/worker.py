@@ -140,21 +140,23 @@ class DecodeWorker:
             self.counters["expired"] += len(dead)
 
     # -- RPC ----------------------------------------------------------------
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        span = None
-        if self.tracer is not None and req.traceparent is not None:
-            span = self.tracer.start(SPAN_DECODE, req.traceparent, server=True, attributes={
-                ATTR_REQUEST_ID: req.request_id, ATTR_PROMPT_TOKENS: len(req.prompt_token_ids)})
+    def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """The Generate stream; untraced, the stream itself (no extra layer)."""
+        if self.tracer is None or req.traceparent is None:
+            return self._generate(req, None)
+        return self._traced_generate(req)
+
+    async def _traced_generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        span = self.tracer.start(SPAN_DECODE, req.traceparent, server=True, attributes={
+            ATTR_REQUEST_ID: req.request_id, ATTR_PROMPT_TOKENS: len(req.prompt_token_ids)})
         try:
             async for out in self._generate(req, span):
                 yield out
         except BaseException as e:
-            if span is not None:
-                _end_with(span, e)
+            _end_with(span, e)
             raise
         finally:
-            if span is not None:
-                span.end()
+            span.end()
 
     async def _generate(self, req: GenerateRequest,
                         span: Span | None) -> AsyncIterator[GenerateOutput]:
