@@ -12,7 +12,7 @@ hand-off and its TLS), ``access`` (auth, endpoints, probes), ``tracing``
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .base import ConfigError, is_loopback_host
 from .cluster import ClusterConfig, SLOSpec, config_changes, load_config, parse_config
-from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
+from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .reference import config_reference
 from .router import DeadlineSpec, RouterSpec
 from .tracing import TracingSpec
@@ -20,7 +20,8 @@ from .transfer import TLSSpec, TransferSpec
 
 __all__ = [
     "AuthSpec", "AutoscalingSpec", "ClusterConfig", "ConfigError", "DeadlineSpec",
-    "EndpointSpec", "ModelSpec", "ObservabilitySpec", "PoolSpec", "RouterSpec", "SLOSpec",
-    "ServedModel", "TLSSpec", "TracingSpec", "TransferSpec", "config_changes", "config_reference",
+    "EndpointSpec", "ModelSpec", "ObservabilitySpec", "PoolEngineSpec", "PoolSpec", "RouterSpec",
+    "SLOSpec", "ServedModel", "TLSSpec", "TracingSpec", "TransferSpec", "config_changes",
+    "config_reference",
     "is_loopback_host", "load_config", "parse_config",
 ]

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .cluster import ClusterConfig, SLOSpec
-from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
+from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
 from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
@@ -38,7 +38,8 @@ def config_reference() -> str:
     descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
                 ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
-                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
+                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
+                ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
                 ("observability", ObservabilitySpec), ("observability.tracing", TracingSpec)]

@@ -51,7 +51,7 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
-        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
                                             cfg.transfer, cfg.router, secrets_version,
                                             cfg.observability.tracing))
     return out

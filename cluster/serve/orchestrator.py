@@ -32,7 +32,6 @@ Generate call carries the request span's traceparent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging

@@ -60,6 +60,7 @@ def build_engine(spec: ModelSpec):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
+        enforce_eager=spec.enforce_eager,
     ))
 
 
