@@ -59,6 +59,7 @@ from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import check_prompt_chars
+from splitserve.handoff.tracing import Tracer
 
 
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
@@ -97,10 +98,13 @@ def model_card(m: ModelInfo) -> dict:
 
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
                    pool: PreparePool | None = None,
-                   observability: ObservabilitySpec | None = None) -> FastAPI:
+                   observability: ObservabilitySpec | None = None,
+                   tracer: Tracer | None = None) -> FastAPI:
     """``pool``: where requests are tokenized (default: the process's
     shared pool, which the gRPC server uses too); ``observability``: which
-    probes and metrics need no key, and whether /metrics adds vLLM's names."""
+    probes and metrics need no key, and whether /metrics adds vLLM's names;
+    ``tracer``: each generation request becomes an ``ingress`` span
+    (``splitserve.cluster.api.http_tracing``)."""
     pool = pool or shared_pool()
     observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -162,6 +166,10 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
 
     open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
+    if tracer is not None:  # outside the key check: refused requests are traced too
+        from splitserve.cluster.api.http_tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     return app
 
 

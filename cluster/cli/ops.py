@@ -86,7 +86,7 @@ def cmd_deploy(args) -> int:
 
     try:
         summary = deploy(cfg, wait_s=args.wait_s, with_ingress=not args.no_ingress)
-    except TimeoutError as e:
+    except (TimeoutError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(sorted(summary["apps"])))

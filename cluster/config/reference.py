@@ -12,6 +12,7 @@ from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
 from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
+from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -45,7 +46,7 @@ def config_reference() -> str:
                 ("routes[].ramp.ttft / routes[].ramp.tpot", LatencyGuardSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
-                ("observability", ObservabilitySpec)]
+                ("observability", ObservabilitySpec), ("observability.tracing", TracingSpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

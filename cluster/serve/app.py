@@ -53,7 +53,8 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     for role in served.roles():
         app = app_name(served.model.name, role)
         out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
-                                            cfg.transfer, cfg.router, secrets_version))
+                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.observability.tracing))
     return out
 
 
@@ -95,7 +96,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.observability.tracing import check_installed
 
+    check_installed(cfg.observability.tracing)
     connect(address)
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))
@@ -127,8 +130,11 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=prev is None or router_config(prev) != rcfg)
+                   reconfigure=(prev is None or router_config(prev) != rcfg
+                                or prev.observability.tracing != tracing),
+                   tracing=None if tracing is None else tracing.model_dump())
     from splitserve.cluster.serve.route_actor import get_route_actor
 
     get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up

@@ -45,7 +45,9 @@ def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
     from splitserve.cluster.serve.route_actor import apply_routes
 
     version = secrets.publish(cfg)
-    ensure_routers(router_config(cfg), cfg.router.routers)
+    tracing = cfg.observability.tracing
+    ensure_routers(router_config(cfg), cfg.router.routers,
+                   tracing=None if tracing is None else tracing.model_dump())
     apply_routes([r.policy() for r in cfg.routes])
     ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
     return version
