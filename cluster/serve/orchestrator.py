@@ -32,9 +32,9 @@ Generate call carries the request span's traceparent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
-import asyncio
 import logging
 import time
 from typing import AsyncIterator
