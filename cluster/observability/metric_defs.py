@@ -170,6 +170,10 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
              "KV reservations a decode replica refused (full); the request moved on."),
     _replica("splitserve_replica_fallbacks", "counter",
              "Remote prefills that failed on this decode replica and ran locally."),
+    _replica("splitserve_lora_slots", "gauge",
+             "LoRA adapter slots on the replica's device (max_loras; absent: none)."),
+    _replica("splitserve_lora_slots_in_use", "gauge",
+             "LoRA adapter slots a running sequence holds (the others may be evicted)."),
     # -- router --------------------------------------------------------------
     _router("splitserve_router_decisions", "counter",
             "Placements by the policy's reason.", _MR),
