@@ -119,3 +119,57 @@ def test_layer_groups_exported_inside_the_step_into_tp2(setup):
     for e in (src, dst):
         e.kv.check_invariants()
         assert e.kv.all_free()
+
+
+def test_import_from_a_transport_thread_while_the_tp2_engine_steps(setup):
+    """Receivers write chunks from their own threads while the decode
+    engine runs other sequences: the scatter to the ranks runs beside the
+    step's collectives, on its own group."""
+    import threading
+
+    engines, prompts, want = setup
+    src, dst = engines["tp1"], engines["tp2b"]
+    busy = [p + [5] for p in prompts]  # other work on dst, stepping meanwhile
+    ref = [r.token_ids for r in engines["tp1"].generate(busy, GREEDY)]
+    for i, p in enumerate(busy):
+        dst.add_request(f"busy{i}", prompt_token_ids=p, params=GREEDY)
+    for i, p in enumerate(prompts):
+        src.add_request(f"t{i}", prompt_token_ids=p, params=GREEDY, prefill_only=True)
+    while src.has_unfinished():
+        src.step()
+    res = protocol.Reservations(dst.kv_port)
+    metas = [export_meta(src, f"t{i}") for i in range(len(prompts))]
+    reservations = [res.reserve(m.request_id, m.layout, m.prompt_token_ids, GREEDY.max_tokens)
+                    for m in metas]
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            for m, r in zip(metas, reservations):
+                buf = src.kv_port.export_layers(m.request_id, 0, src.model_cfg.num_layers)
+                part = buf[:, :, r.num_cached_blocks:].contiguous()
+                res.write_layers(ChunkHeader(m.request_id, 0, src.model_cfg.num_layers,
+                                             tuple(part.shape), "float32", part.numel() * 4, 0),
+                                 part)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    out = {f"busy{i}": [] for i in range(len(busy))}
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    while receiver.is_alive() or dst.has_unfinished():
+        for o in dst.step():
+            out[o.request_id] += o.new_token_ids
+    receiver.join()
+    assert not errors
+    for m in metas:
+        src.kv_port.release(m.request_id)
+        out[m.request_id] = list(res.commit(m).new_token_ids)
+    while dst.has_unfinished():
+        for o in dst.step():
+            out[o.request_id] += o.new_token_ids
+    assert [out[f"busy{i}"] for i in range(len(busy))] == ref
+    assert [out[f"t{i}"] for i in range(len(prompts))] == want["greedy"]
+    for e in (src, dst):
+        e.kv.check_invariants()
+        assert e.kv.all_free()
