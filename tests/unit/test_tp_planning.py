@@ -4,12 +4,14 @@ GPUs, and the simulator times each pool at its own degree."""
 
 from __future__ import annotations
 
+import torch
+
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.planning.planner.emit import (EmitContext, EnginePlan, Plan, PoolPlan,
                                                       config_dict)
 from splitserve.cluster.planning.planner.space import engine_support, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
-from splitserve.cluster.planning.sim.pools import devices_for
+from splitserve.cluster.planning.sim.pools import devices_for, kv_blocks
 from splitserve.engine.roles import Role
 
 SHAPE = ModelShape("m", num_layers=16, hidden_size=2048, intermediate_size=8192, num_heads=32,
@@ -43,3 +45,19 @@ def test_an_emitted_plan_sets_each_pools_degree_and_a_gpu_per_rank():
     assert devices_for(served.prefill, True, 4) == 4
     assert devices_for(served.decode, True, 2) == 2
     assert devices_for(served.decode, False, 2) == 1  # CPU ranks share the replica's cores
+
+
+def test_the_simulator_sizes_a_tp_replicas_kv_as_the_engine_does():
+    from splitserve.cluster.config import ModelSpec
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.model_runner import num_kv_blocks
+    from splitserve.engine.parallel.plan import ShardPlan
+    from tests.unit.test_tp_plan import CFG  # 2 KV heads
+
+    per_token = CFG.kv_bytes_per_token(torch.float32)
+    for tp in (1, 2, 4):
+        spec = ModelSpec(kv_cache_memory_gb=0.01, block_size=16, tensor_parallel_size=tp)
+        local = ShardPlan(CFG, tp, 0).local_config()
+        engine = num_kv_blocks(EngineConfig(model="m", kv_cache_memory_gb=0.01, block_size=16),
+                               local, torch.float32)
+        assert kv_blocks(spec, per_token, CFG.num_kv_heads) == engine

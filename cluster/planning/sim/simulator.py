@@ -178,7 +178,7 @@ class Simulation:
         for served, role, spec, m, prof, group in plans:
             app = f"{m.name}-{role}"
             self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
-                                   kv_blocks(m, self._kv[m.name]))
+                                   kv_blocks(m, self._kv[m.name], shapes[m.name].num_kv_heads))
         self._workload: Iterator[TraceRequest] = iter(workload)
         self._arrived = 0
         self._last_arrival = 0.0
