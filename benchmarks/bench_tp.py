@@ -14,7 +14,9 @@ with the share of rank 0's step time spent in the forward's collectives
 waiting for the slower rank). TP=1 runs with ``--threads`` intra-op
 threads; each TP=2 rank with ``--threads / 2``, so both use the same cores.
 Ranges over runs are reported (min-max). One degree runs at a time
-(memory: the float32 model is ~4.4 GB, split in two at TP=2).
+(memory: the float32 model is ~4.4 GB, split in two at TP=2), or, with
+``--alternate``, both engines stay loaded and their passes alternate, so
+both see the same machine load.
 
     python benchmarks/bench_tp.py --out bench-results/tp-cpu.json
 """
@@ -80,51 +82,78 @@ def build_checkpoint(out: Path, layers: int) -> tuple[Path, int]:
     return out, params
 
 
-def measure(path: Path, tp: int, args) -> list[dict]:
+def start(path: Path, tp: int, args):
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
-    from splitserve.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(max(1, args.threads // tp))  # the ranks take as many as rank 0
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=tp, num_blocks=1024,
                                  block_size=16, max_num_batched_tokens=max(args.prompt, 512),
                                  enable_prefix_caching=False))
-    startup = time.perf_counter() - t0
+    return eng, {"startup_s": time.perf_counter() - t0, "threads_per_rank": torch.get_num_threads(),
+                 "runs": []}
+
+
+def run_once(eng, tp: int, run: int, args) -> dict:
+    """One timed prefill step and the mean of ``--decode-steps`` decode steps."""
+    from splitserve.engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(max(1, args.threads // tp))
     group = eng.runner.tp.group if eng.runner.tp is not None else None
-    g = torch.Generator().manual_seed(1)
-    runs = []
+    g = torch.Generator().manual_seed(run)
+    comm0 = group.comm_s if group else 0.0
+    prompt = torch.randint(2, SHAPE["vocab_size"], (args.prompt,), generator=g).tolist()
+    eng.add_request(f"p{run}", prompt_token_ids=prompt,
+                    params=SamplingParams(max_tokens=1, ignore_eos=True))
+    t = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    prefill_s = time.perf_counter() - t
+    prefill_comm = (group.comm_s - comm0) if group else 0.0
+    for b in range(args.batch):
+        ids = torch.randint(2, SHAPE["vocab_size"], (16,), generator=g).tolist()
+        eng.add_request(f"d{run}-{b}", prompt_token_ids=ids, params=SamplingParams(
+            max_tokens=args.decode_steps + 2, ignore_eos=True))
+    eng.step()  # the batch's prompts
+    comm0 = group.comm_s if group else 0.0
+    t = time.perf_counter()
+    for _ in range(args.decode_steps):
+        eng.step()
+    decode_s = (time.perf_counter() - t) / args.decode_steps
+    decode_comm = ((group.comm_s - comm0) / args.decode_steps) if group else 0.0
+    while eng.has_unfinished():
+        eng.step()
+    out = {"prefill_step_s": prefill_s, "prefill_comm_share": prefill_comm / prefill_s,
+           "decode_step_s": decode_s, "decode_comm_share": decode_comm / decode_s}
+    print(f"tp={tp} run {run}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()), flush=True)
+    return out
+
+
+def measure_all(path: Path, args) -> dict:
+    """Both degrees: one after the other, or with ``--alternate`` both
+    engines loaded and their passes alternated (both see the same load)."""
+    results = {}
+    if not args.alternate:
+        for tp in (1, 2):
+            eng, results[f"tp{tp}"] = start(path, tp, args)
+            try:
+                for run in range(args.runs):
+                    results[f"tp{tp}"]["runs"].append(run_once(eng, tp, run, args))
+            finally:
+                eng.close()
+        return results
+    engines = {}
     try:
+        for tp in (1, 2):
+            engines[tp], results[f"tp{tp}"] = start(path, tp, args)
         for run in range(args.runs):
-            comm0 = group.comm_s if group else 0.0
-            prompt = torch.randint(2, SHAPE["vocab_size"], (args.prompt,), generator=g).tolist()
-            eng.add_request(f"p{run}", prompt_token_ids=prompt,
-                            params=SamplingParams(max_tokens=1, ignore_eos=True))
-            t = time.perf_counter()
-            while eng.has_unfinished():
-                eng.step()
-            prefill_s = time.perf_counter() - t
-            prefill_comm = (group.comm_s - comm0) if group else 0.0
-            for b in range(args.batch):
-                ids = torch.randint(2, SHAPE["vocab_size"], (16,), generator=g).tolist()
-                eng.add_request(f"d{run}-{b}", prompt_token_ids=ids, params=SamplingParams(
-                    max_tokens=args.decode_steps + 2, ignore_eos=True))
-            eng.step()  # the batch's prompts
-            comm0 = group.comm_s if group else 0.0
-            t = time.perf_counter()
-            for _ in range(args.decode_steps):
-                eng.step()
-            decode_s = (time.perf_counter() - t) / args.decode_steps
-            decode_comm = ((group.comm_s - comm0) / args.decode_steps) if group else 0.0
-            while eng.has_unfinished():
-                eng.step()
-            runs.append({"prefill_step_s": prefill_s, "prefill_comm_share": prefill_comm / prefill_s,
-                         "decode_step_s": decode_s, "decode_comm_share": decode_comm / decode_s})
-            print(f"tp={tp} run {run}: " + ", ".join(f"{k} {v:.4f}" for k, v in runs[-1].items()),
-                  flush=True)
+            for tp in (1, 2):
+                results[f"tp{tp}"]["runs"].append(run_once(engines[tp], tp, run, args))
     finally:
-        eng.close()
-    return {"startup_s": startup, "threads_per_rank": torch.get_num_threads(), "runs": runs}
+        for eng in engines.values():
+            eng.close()
+    return results
 
 
 def summary(runs: list[dict]) -> dict:
@@ -142,14 +171,15 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="intra-op threads of the TP=1 engine; split over the TP=2 ranks")
+    ap.add_argument("--alternate", action="store_true",
+                    help="load both engines and alternate their passes (needs memory for both)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     load = {"before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         path, params = build_checkpoint(Path(tmp), args.layers)
-        results = {}
+        results = measure_all(path, args)
         for tp in (1, 2):
-            results[f"tp{tp}"] = measure(path, tp, args)
             results[f"tp{tp}"]["summary"] = summary(results[f"tp{tp}"]["runs"])
     load["after"] = os.getloadavg()
     s1, s2 = results["tp1"]["summary"], results["tp2"]["summary"]
@@ -158,6 +188,7 @@ def main() -> None:
     rec = write_record(args.out, "tp_cpu", {
         "shape": {**SHAPE, "num_layers": args.layers, "params": params}, "dtype": "float32",
         "prompt_tokens": args.prompt, "decode_batch": args.batch, "runs": args.runs,
+        "alternated": args.alternate,
         "load_average": load, **results})
     print(json.dumps({k: rec["results"][k] for k in ("tp2_over_tp1", "load_average")}, indent=1))
     for tp in ("tp1", "tp2"):
