@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from splitserve.cluster.bench.live import run_cli, serve_and_bench  # noqa: E402
+from splitserve.cluster.bench.live import free_port, run_cli, serve_and_bench  # noqa: E402
 from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.config import load_config  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
@@ -38,7 +38,11 @@ METRICS = (("ttft", "p50"), ("ttft", "p90"), ("tpot", "p50"), ("tpot", "p90"))
 
 
 def layouts(config: str, out: Path) -> dict[str, Path]:
+    """The config as given and its other layout, written to ``out``, each on
+    free ports (other clusters may share the machine)."""
     data = yaml.safe_load(Path(config).read_text())
+    data["endpoints"] = {**data.get("endpoints", {}), "http_port": free_port(),
+                         "grpc_port": free_port()}
     other = json.loads(json.dumps(data))
     for m in other["models"]:
         m["mode"] = "colocated" if m.get("mode", "disaggregated") == "disaggregated" else "disaggregated"

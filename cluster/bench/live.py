@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,13 @@ import splitserve
 from splitserve.cluster.config import load_config
 
 CLI = [sys.executable, "-m", "splitserve.cluster.cli.main"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a cluster's endpoints."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env() -> dict[str, str]:

@@ -112,7 +112,7 @@ class PoolStatus:
     target: int | None
     min_replicas: int
     max_replicas: int
-    bottleneck: str  # compute | memory | network | fixed
+    bottleneck: str  # compute | memory | network | requests | fixed
     value: float | None
     load: str
     decision: str
