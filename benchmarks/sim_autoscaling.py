@@ -6,19 +6,20 @@ Policies, each on the same requests (one seeded diurnal trace):
 - ``bottleneck``: each pool on its own bottleneck (prefill: compute, the
   predicted queueing delay and busy share; decode: memory, KV and running
   sequences, and TPOT);
-- ``static-peak``: fixed pools, the fewest GPUs (prefill + decode) that meet
+- ``static-peak``: fixed pools, the fewest replicas of each pool that meet
   the SLOs at the peak rate, found by simulating the peak rate steadily;
 - ``requests-N``: both pools on queue length alone (``bottleneck:
   requests``, Ray Serve's default policy) with ``target_ongoing_requests``
   N on the decode pool (``--requests-targets``); the prefill pool's target
   is ``--prefill-ongoing``.
 
-Compression: the day's curve (``--day-s``, default 1,200 s: a 24-hour day
-72x faster) keeps the shape (trough at t = 0, peak at half the period,
+Compression: the day's curve (``--day-s``, default 900 s: a 24-hour day
+96x faster) keeps the shape (trough at t = 0, peak at half the period,
 peak/trough = ``--peak``/``--trough``), while start-up (derived: 30 s +
 weights / 2 GB/s), the autoscaler's delays and its metrics windows keep
-their real durations: the ramps are 72x steeper than a real day's, which
-is harder on every reactive policy than a real day. Every figure is
+their real durations, which
+is harder on every reactive policy than a real day (its ramps are 96x
+steeper). Every figure is
 *derived* (roofline of datasheet figures under the efficiency model of
 cluster/planning/catalog.yaml).
 
@@ -104,23 +105,28 @@ def simulate(cfg: dict, wl, db: ProfileDB, seed: int, scale: int):
 
 
 def size_for_peak(base: dict, args, db: ProfileDB) -> tuple[tuple[int, int], list[dict]]:
-    """The fewest GPUs (then the most decode) meeting ``--attainment`` at the peak rate."""
+    """The fewest decode replicas meeting ``--attainment`` at the peak rate
+    with prefill at its maximum, then the fewest prefill replicas with that
+    decode pool (the pools' loads are nearly independent: prefill's is
+    prompt tokens, decode's the running sequences)."""
     tried = []
-    for total in range(2, 2 * args.max_replicas + 1):
-        for dec in range(total - 1, 0, -1):
-            pre = total - dec
-            if pre > args.max_replicas or dec > args.max_replicas:
-                continue
-            _, rec = simulate(with_policy(base, "static", args, (pre, dec)),
-                              workload(args, peak_only=True), db, args.seed, args.kv_block_scale)
-            att = rec["summary"]["slo_attainment"]
-            tried.append({"prefill": pre, "decode": dec, "attainment": att})
-            print(f"  static {pre}P+{dec}D at peak {args.mean_rate * args.peak:g} req/s: "
-                  f"SLO {att:.1%}", file=sys.stderr, flush=True)
-            if att >= args.attainment:
-                return (pre, dec), tried
-    raise SystemExit(f"no static size up to {args.max_replicas}+{args.max_replicas} meets "
-                     f"{args.attainment:.0%} at the peak; raise --max-replicas")
+
+    def meets(pre: int, dec: int) -> bool:
+        _, rec = simulate(with_policy(base, "static", args, (pre, dec)),
+                          workload(args, peak_only=True), db, args.seed, args.kv_block_scale)
+        att = rec["summary"]["slo_attainment"]
+        tried.append({"prefill": pre, "decode": dec, "attainment": att})
+        print(f"  static {pre}P+{dec}D at peak {args.mean_rate * args.peak:g} req/s: "
+              f"SLO {att:.1%}", file=sys.stderr, flush=True)
+        return att >= args.attainment
+
+    top = args.max_replicas
+    dec = next((d for d in range(1, top + 1) if meets(top, d)), None)
+    pre = None if dec is None else next((p for p in range(1, top) if meets(p, dec)), top)
+    if dec is None:
+        raise SystemExit(f"no static size up to {top}+{top} meets {args.attainment:.0%} at the "
+                         f"peak; raise --max-replicas")
+    return (pre, dec), tried
 
 
 def attainment_over_time(sim: Simulation, slo: dict, bin_s: float, day_s: float) -> list[float]:
@@ -209,15 +215,15 @@ def plot(rows: list[dict], args, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--day-s", type=float, default=1200.0, help="the compressed day's length")
-    ap.add_argument("--mean-rate", type=float, default=30.0, help="mean req/s over the day")
+    ap.add_argument("--day-s", type=float, default=900.0, help="the compressed day's length")
+    ap.add_argument("--mean-rate", type=float, default=60.0, help="mean req/s over the day")
     ap.add_argument("--peak", type=float, default=1.8, help="peak rate / mean rate")
     ap.add_argument("--trough", type=float, default=0.2, help="trough rate / mean rate")
     ap.add_argument("--input-len", default="lognormal:6.5:0.6:32:4000")
     ap.add_argument("--output-len", default="lognormal:5.0:0.6:4:1000")
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--tpot-slo", type=float, default=0.05)
-    ap.add_argument("--max-replicas", type=int, default=6, help="per pool")
+    ap.add_argument("--max-replicas", type=int, default=8, help="per pool")
     ap.add_argument("--requests-targets", default="16,64",
                     help="decode target_ongoing_requests of each requests-N policy")
     ap.add_argument("--prefill-ongoing", type=float, default=2.0,

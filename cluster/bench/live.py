@@ -65,9 +65,11 @@ def _wait_ready(server: subprocess.Popen, start_timeout_s: float) -> str:
 def serve_and_bench(cfg_path: Path, record: Path, rates: str, num_requests: int | str,
                     input_len: str, output_len: str, seed: int,
                     start_timeout_s: float = 600.0, bench_timeout_s: float = 3600.0,
-                    before_stop: Callable[[str], None] | None = None) -> None:
+                    before_stop: Callable[[str], None] | None = None,
+                    before_bench: Callable[[str], None] | None = None) -> None:
     """Serve ``cfg_path``, bench its first model at ``rates`` with the config's
-    SLOs (``num_requests``: per run, or one count per rate: a load step),
+    SLOs (``num_requests``: per run, or one count per rate: a load step)
+    after ``before_bench`` got the HTTP URL (e.g. to probe the serving path),
     write the bench's JSON record to ``record``, call ``before_stop`` with
     the cluster's Ray address (to read what the cluster recorded, e.g.
     ``splitserve status --address ADDR --history``), stop the cluster."""
@@ -77,7 +79,10 @@ def serve_and_bench(cfg_path: Path, record: Path, rates: str, num_requests: int 
                               start_new_session=True)
     try:
         address = _wait_ready(server, start_timeout_s)
-        run_cli(["bench", "--url", f"http://127.0.0.1:{cfg.endpoints.http_port}", "--model",
+        url = f"http://127.0.0.1:{cfg.endpoints.http_port}"
+        if before_bench is not None:
+            before_bench(url)
+        run_cli(["bench", "--url", url, "--model",
                  cfg.models[0].model.name, "--rates", rates, "--num-requests", str(num_requests),
                  "--input-len", input_len, "--output-len", output_len, "--seed", str(seed),
                  "--ttft-slo", str(cfg.slo.ttft_s), "--tpot-slo", str(cfg.slo.tpot_s),

@@ -10,7 +10,8 @@ best figure: a measured row wins over a derived one, a newer over an older.
 Tables: ``hardware`` (peaks, memory, links, price), ``models`` (shapes),
 ``engine_settings``, ``step_times`` (one engine step's mix of work and its
 duration), ``handoff`` (KV transfer throughput per transport), ``startup``
-(replica start-up seconds), ``quality`` (e.g. perplexity on a held-out
+(replica start-up seconds), ``serving`` (the serving path's cost beyond
+the engine step: per decode step, per sequence, per request), ``quality`` (e.g. perplexity on a held-out
 text). docs/planning.md shows the schema.
 """
 
@@ -100,6 +101,18 @@ CREATE TABLE IF NOT EXISTS startup (
     model_id INTEGER NOT NULL REFERENCES models(id),
     hardware_key TEXT NOT NULL,
     seconds REAL NOT NULL,              -- replica start until it serves
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS serving (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    hardware_key TEXT NOT NULL,
+    layout TEXT NOT NULL,               -- disaggregated | colocated
+    per_step_s REAL NOT NULL,           -- serving path per decode step, beyond engine.step()
+    per_seq_s REAL NOT NULL,            -- and per sequence of that step
+    per_request_s REAL NOT NULL,        -- serving path per request, beyond the modelled TTFT
+    requests INTEGER NOT NULL,          -- probe requests it was measured from
     provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
     host TEXT NOT NULL, created_at REAL NOT NULL
 );
@@ -320,6 +333,27 @@ class ProfileDB:
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
             (model_key, model_key, hardware_key)).fetchone()
         return (row[0], row[1]) if row else None
+
+    def add_serving(self, shape: ModelShape, hardware_key: str, layout: str, per_step_s: float,
+                    per_seq_s: float, per_request_s: float, requests: int,
+                    provenance: str = MEASURED) -> None:
+        self.conn.execute(
+            "INSERT INTO serving (model_id, hardware_key, layout, per_step_s, per_seq_s, "
+            "per_request_s, requests, provenance, host, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (self.put_model(shape), hardware_key, layout, per_step_s, per_seq_s, per_request_s,
+             requests, provenance, host_name(), time.time()))
+        self.conn.commit()
+
+    def serving(self, model_key: str, hardware_key: str, layout: str) -> dict | None:
+        """The best serving-overhead row {per_step_s, per_seq_s, per_request_s,
+        requests, provenance, created_at}, or None."""
+        row = self.conn.execute(
+            "SELECT s.per_step_s, s.per_seq_s, s.per_request_s, s.requests, s.provenance, "
+            "s.created_at FROM serving s JOIN models m ON m.id = s.model_id "
+            "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? AND s.layout = ? "
+            "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
+            (model_key, model_key, hardware_key, layout)).fetchone()
+        return dict(row) if row else None
 
     def add_quality(self, shape: ModelShape, settings: EngineSettings, metric: str, value: float,
                     dataset: str, num_tokens: int, provenance: str = MEASURED) -> None:

@@ -48,8 +48,10 @@ def replay_bench_runs(cfg_path: str | Path, runs: list[dict], db: ProfileDB,
 
 
 def replay_bench_run(cfg_path: str | Path, bench_run: dict, db: ProfileDB, seed: int,
-                     hardware: str = "local") -> dict:
+                     hardware: str = "local", serving_overhead: bool = True) -> dict:
     """The simulated summary (TTFT/TPOT percentiles, goodput, ...) of one run
-    of a bench record (``record["runs"][i]``), every pool on ``hardware``."""
-    return replay_bench_runs(cfg_path, [bench_run], db, SimOptions(seed=seed),
-                             hardware).record["summary"]
+    of a bench record (``record["runs"][i]``), every pool on ``hardware``;
+    ``serving_overhead``: with the serving path's measured cost, where the
+    database has it (``SimOptions.serving_overhead``)."""
+    opts = SimOptions(seed=seed, serving_overhead=serving_overhead)
+    return replay_bench_runs(cfg_path, [bench_run], db, opts, hardware).record["summary"]

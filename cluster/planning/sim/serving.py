@@ -97,7 +97,8 @@ class Serving:
     # -- ingress -------------------------------------------------------------------------
     def arrive(self, req: SimRequest) -> None:
         self.in_flight += 1
-        self.loop.after(self.opts.rpc_s, self._route, req)
+        self.loop.after(self.opts.rpc_s + self.sim.request_s.get(req.model, 0.0), self._route,
+                        req)
 
     def _exchange(self, calls=(), releases=()) -> tuple:
         """One exchange of the ingress' router client (it renews its leases)."""

@@ -65,6 +65,9 @@ class SimOptions:
     # a replica's start-up, launch to serving; None: the profile's (a measured
     # engine build leaves out the Serve replica's process start and imports)
     replica_start_s: float | None = None
+    # add the serving path's measured overhead (per decode step, sequence and
+    # request) where the database has it; False: the engine's step times only
+    serving_overhead: bool = True
     devices_per_node: int = 8
     coalesce: bool = True  # coalesce decode steps (identical results, faster)
     kv_block_scale: int = 1  # simulate KV blocks this many times larger (faster, approximate)
@@ -151,8 +154,9 @@ class Simulation:
                 on_cpu = key.startswith("cpu:")
                 devices = devices_for(spec, not on_cpu)
                 settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
+                layout = served.mode if role != "prefill" and opts.serving_overhead else None
                 try:
-                    prof = profiles.device_profile(db, shapes[m.name], key, settings)
+                    prof = profiles.device_profile(db, shapes[m.name], key, settings, layout)
                 except profiles.UnknownHardwareError as e:
                     raise SimConfigError(str(e)) from None
                 self._kv[m.name] = shapes[m.name].kv_bytes_per_token(settings.kv_dtype)
@@ -183,6 +187,10 @@ class Simulation:
         self._last_arrival = 0.0
         self._exhausted = False
         self._attempts = cfg.router.max_retries + 1
+        # the ingress' share of the serving path (HTTP, tokenization, router
+        # exchange), from the decode side's serving-overhead row
+        self.request_s = {p.model: p.profile.request_s for p in self.pools.values()
+                          if p.role != "prefill"}
 
     # -- lookups for the layers ---------------------------------------------------------
     def block_size(self, model: str) -> int:
