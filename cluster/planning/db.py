@@ -129,6 +129,17 @@ CREATE TABLE IF NOT EXISTS quality (
 );
 """
 
+# A model is asked for by key (name@digest), by name, or matches any row of
+# the same structure (digest): one checkpoint profiled under a config's
+# served name ("default") serves a simulation that names it by its folder.
+_SAME_SHAPE = "(m.key = ? OR m.name = ? OR (? != '' AND m.key LIKE '%@' || ?))"
+
+
+def _shape_args(model_key: str) -> tuple[str, str, str, str]:
+    digest = model_key.rpartition("@")[2] if "@" in model_key else ""
+    return model_key, model_key, digest, digest
+
+
 # best first: measured over derived, then newest
 _BEST = "ORDER BY (provenance = 'measured') DESC, created_at DESC, id DESC"
 
@@ -280,8 +291,8 @@ class ProfileDB:
         same speed (``EngineSettings.speed_key``) when given."""
         sql = ("SELECT s.* FROM step_times s JOIN models m ON m.id = s.model_id "
                "JOIN engine_settings e ON e.id = s.settings_id "
-               "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? AND s.provenance = ?")
-        args: list = [model_key, model_key, hardware_key, provenance]
+               f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.provenance = ?")
+        args: list = [*_shape_args(model_key), hardware_key, provenance]
         if speed_key is not None:
             sql += " AND e.speed_key = ?"
             args.append(speed_key)
@@ -329,9 +340,9 @@ class ProfileDB:
     def startup_s(self, model_key: str, hardware_key: str) -> tuple[float, str] | None:
         row = self.conn.execute(
             "SELECT s.seconds, s.provenance FROM startup s JOIN models m ON m.id = s.model_id "
-            "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? "
+            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? "
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
-            (model_key, model_key, hardware_key)).fetchone()
+            (*_shape_args(model_key), hardware_key)).fetchone()
         return (row[0], row[1]) if row else None
 
     def add_serving(self, shape: ModelShape, hardware_key: str, layout: str, per_step_s: float,
@@ -350,9 +361,9 @@ class ProfileDB:
         row = self.conn.execute(
             "SELECT s.per_step_s, s.per_seq_s, s.per_request_s, s.requests, s.provenance, "
             "s.created_at FROM serving s JOIN models m ON m.id = s.model_id "
-            "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? AND s.layout = ? "
+            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.layout = ? "
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
-            (model_key, model_key, hardware_key, layout)).fetchone()
+            (*_shape_args(model_key), hardware_key, layout)).fetchone()
         return dict(row) if row else None
 
     def add_quality(self, shape: ModelShape, settings: EngineSettings, metric: str, value: float,
