@@ -167,8 +167,8 @@ def plot(real: list[dict], sims: dict, runs: list[dict], t0: float, path: Path) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="0.5,6", help="LOW,HIGH req/s")
-    ap.add_argument("--num-requests", default="8,90", help="requests of each phase")
+    ap.add_argument("--rates", default="0.5,5", help="LOW,HIGH req/s")
+    ap.add_argument("--num-requests", default="8,150", help="requests of each phase")
     ap.add_argument("--input-len", default="uniform:32:128")
     ap.add_argument("--output-len", default="96")
     ap.add_argument("--max-num-seqs", type=int, default=8)

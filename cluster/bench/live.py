@@ -31,8 +31,14 @@ def free_port() -> int:
 
 def cli_env() -> dict[str, str]:
     """This process's environment, with the splitserve it runs importable by
-    the CLI subprocesses (a source checkout is not installed)."""
+    the CLI subprocesses (a source checkout is not installed) and Ray's
+    token auth stated when this machine has a token."""
     env = dict(os.environ)
+    if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").exists():
+        # Ray starts a local cluster with token auth when this token exists, but a
+        # client joining it (splitserve status --address) only sends the token
+        # when the mode is set: say it for both
+        env["RAY_AUTH_MODE"] = "token"
     root = Path(splitserve.__file__).resolve().parents[1]
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env

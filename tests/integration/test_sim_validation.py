@@ -1,15 +1,18 @@
 """The simulator against a real cluster, at CI scale: this machine's engine
 measured (``splitserve profile --fast``), a tiny disaggregated cluster
-served (``splitserve serve``) and benched with a dozen requests
-(``splitserve bench``), the same requests replayed in the simulator on the
-measured profile; TTFT and TPOT p50 must agree within a factor of 3.
+served (``splitserve serve``), its serving path's overhead probed
+(``splitserve profile --serving-url``, closed loops at concurrency 1 and
+4) and the cluster benched with a dozen Poisson requests (``splitserve
+bench``); the same requests replayed in the simulator on the measured
+profile; TTFT and TPOT p50 must agree within a factor of 3.
 
 Why a factor of 3: the test shares two cores with whatever else runs, so
 the real latencies of two identical runs differ by up to ~2x, and a dozen
 requests make a p50 that moves with a few of them; a model that misses a
 cost of the serving path altogether (the simulator once left out the
-per-token serving overhead, and predicted local CPU plans 7-11x faster
-than measured) is well outside it. Both directions are checked.
+per-token serving overhead and, by a name mismatch, timed the embedded
+model with the roofline instead of its measured profile: decode steps 6x
+fast) is well outside it. Both directions are checked.
 
 benchmarks/sim_validate.py is the full-scale version (three rates, both
 layouts, p50 and p90; docs/benchmarks.md records its figures).
@@ -49,13 +52,23 @@ def test_simulated_latencies_follow_the_real_cluster(tiny_llama, tmp_path):
     db = tmp_path / "profiles.db"
     run_cli(["profile", "--config", str(cfg), "--db", str(db), "--fast"], timeout=600)
     record = tmp_path / "bench.json"
+
+    def probe(url: str) -> None:  # the serving path's overhead, on this cluster
+        run_cli(["profile", "--config", str(cfg), "--db", str(db), "--serving-url", url],
+                timeout=600)
+
     serve_and_bench(cfg, record, "2", 12, "uniform:16:64", "24", seed=0,
-                    start_timeout_s=400, bench_timeout_s=300)
+                    start_timeout_s=400, bench_timeout_s=300, before_bench=probe)
     run = json.loads(record.read_text())["runs"][0]
     real = run["stats"]
     assert real["completed"] == 12
-    sim = replay_bench_run(cfg, run, ProfileDB(db), seed=0)
+    pdb = ProfileDB(db)
+    assert pdb.profiled() and pdb.serving("tiny", pdb.profiled()[0]["hardware_key"],
+                                          "disaggregated") is not None
+    sim = replay_bench_run(cfg, run, pdb, seed=0)
+    bare = replay_bench_run(cfg, run, pdb, seed=0, serving_overhead=False)
     assert sim["completed"] == 12 and sim["num_requests"] == 12
+    assert sim["tpot"]["p50"] >= bare["tpot"]["p50"] and sim["ttft"]["p50"] >= bare["ttft"]["p50"]
     ratios = {m: sim[m]["p50"] / real[m]["p50"] for m in ("ttft", "tpot")}
     print(f"real TTFT/TPOT p50 {real['ttft']['p50'] * 1e3:.1f} / {real['tpot']['p50'] * 1e3:.1f} "
           f"ms; sim {sim['ttft']['p50'] * 1e3:.1f} / {sim['tpot']['p50'] * 1e3:.1f} ms")
