@@ -8,9 +8,11 @@ first has drained). The real autoscaler's decisions at which the decode
 pool's target or running count changed come from the ops ledger
 (``splitserve status --history``). The same requests, on the same clock,
 are replayed in the simulator on this machine's measured profile
-(``splitserve profile``, run just before), and the two timelines are put
-side by side: when each scale-up was decided, when the new replica served,
-and the counts.
+(``splitserve profile``, run just before, and the serving path's overhead
+probed on the cluster before the bench: ``splitserve profile
+--serving-url``), and the two timelines are put side by side: for each
+replica count, when the target reached it and when that many replicas
+served.
 
 The simulator's replica start-up is the profile's (the engine build
 only); the Serve replica's process start comes on top in reality, so a
@@ -68,68 +70,54 @@ def real_timeline(history: dict, t0: float) -> list[dict]:
              "reason": d["reason"]} for d in history.get(DECODE_APP, [])]
 
 
-def scale_ups(timeline: list[dict]) -> list[dict]:
-    """Each target increase (decided at) and when the running count reached it."""
+def reached(timeline: list[dict], top: int) -> list[dict]:
+    """For each count k in 2..top: when the target first reached k (decided)
+    and when k replicas first ran (serving), on the bench clock."""
     out = []
-    prev = timeline[0]["target"] if timeline else 1
-    for i, e in enumerate(timeline):
-        if e["target"] > prev:
-            served = next((x["t"] for x in timeline[i:] if x["running"] >= e["target"]), None)
-            out.append({"to": e["target"], "decided_s": e["t"], "serving_s": served})
-        prev = e["target"]
+    for k in range(2, top + 1):
+        decided = next((e["t"] for e in timeline if e["target"] >= k), None)
+        serving = next((e["t"] for e in timeline if e["running"] >= k), None)
+        out.append({"replicas": k, "decided_s": decided, "serving_s": serving})
     return out
 
 
 def sim_timeline(result) -> list[dict]:
+    """The simulated decode pool as (t, running, target) at each change."""
     pool = result.pools[DECODE_APP]
-    out = []
-    for d in pool.decisions:
-        out.append({"t": d["t"], "target": d["to"], "reason": d["reason"]})
+    events = [(d["t"], "target", d["to"]) for d in pool.decisions]
+    for s in pool.slots:
+        if s.ready_at is not None:
+            events.append((s.ready_at, "up", 1))
+        if s.gone_at is not None and s.ready_at is not None:
+            events.append((s.gone_at, "up", -1))
+    target, running, out = pool.spec.initial_replicas or pool.spec.min_replicas, 0, []
+    for t, kind, v in sorted(events, key=lambda e: e[0]):
+        if kind == "target":
+            target = v
+        else:
+            running += v
+        out.append({"t": t, "running": running, "target": target})
     return out
-
-
-def sim_scale_ups(result) -> list[dict]:
-    pool = result.pools[DECODE_APP]
-    ready = sorted(s.ready_at for s in pool.slots if s.ready_at is not None and s.ready_at > 0)
-    ups = [d for d in pool.decisions if d["to"] > d["from"]]
-    out = []
-    for i, d in enumerate(ups):
-        out.append({"to": d["to"], "decided_s": d["t"],
-                    "serving_s": ready[i] if i < len(ready) else None})
-    return out
-
-
-def compare_rows(real: list[dict], sims: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    n = max([len(real)] + [len(s) for s in sims.values()])
-    for i in range(n):
-        row = {"scale_up": i + 1, "real": real[i] if i < len(real) else None}
-        for name, s in sims.items():
-            row[name] = s[i] if i < len(s) else None
-        rows.append(row)
-    return rows
 
 
 def fmt(x) -> str:
     return "-" if x is None else f"{x:.1f} s"
 
 
-def table(rows: list[dict], names: list[str]) -> str:
-    head = "| scale-up | real: to, decided, serving | " + " | ".join(
-        f"{n}: to, decided (delta), serving" for n in names) + " |"
+def table(real: list[dict], sims: dict[str, list[dict]]) -> str:
+    names = list(sims)
+    head = "| decode replicas | real: decided / serving | " + " | ".join(
+        f"{n}: decided (vs real) / serving" for n in names) + " |"
     lines = [head, "|" + "---|" * (2 + len(names))]
-    for r in rows:
-        real = r["real"]
-        cells = [f"{real['to']}, {fmt(real['decided_s'])}, {fmt(real['serving_s'])}"
-                 if real else "none"]
+    for i, r in enumerate(real):
+        cells = [f"{fmt(r['decided_s'])} / {fmt(r['serving_s'])}"]
         for n in names:
-            s = r[n]
-            if s is None:
-                cells.append("none")
-                continue
-            delta = f" ({s['decided_s'] - real['decided_s']:+.1f} s)" if real else ""
-            cells.append(f"{s['to']}, {fmt(s['decided_s'])}{delta}, {fmt(s['serving_s'])}")
-        lines.append(f"| {r['scale_up']} | " + " | ".join(cells) + " |")
+            s = sims[n][i]
+            delta = ""
+            if s["decided_s"] is not None and r["decided_s"] is not None:
+                delta = f" ({s['decided_s'] - r['decided_s']:+.1f} s)"
+            cells.append(f"{fmt(s['decided_s'])}{delta} / {fmt(s['serving_s'])}")
+        lines.append(f"| {r['replicas']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -149,11 +137,10 @@ def plot(real: list[dict], sims: dict, runs: list[dict], t0: float, path: Path) 
         ax1.step([e["t"] for e in real], [e["target"] for e in real], where="post", color="k",
                  linestyle=":", label="real: target")
     for i, (name, res) in enumerate(sims.items()):
-        pool = res.pools[DECODE_APP]
-        ts = [s.t for s in pool.samples]
-        ax1.step(ts, [s.ready for s in pool.samples], where="post", color=f"C{i}",
-                 label=f"{name}: ready")
-        ax1.step(ts, [s.target for s in pool.samples], where="post", color=f"C{i}",
+        tl = [{"t": 0.0, "running": 1, "target": 1}] + sim_timeline(res)
+        ax1.step([e["t"] for e in tl], [e["running"] for e in tl], where="post", color=f"C{i}",
+                 label=f"{name}: running")
+        ax1.step([e["t"] for e in tl], [e["target"] for e in tl], where="post", color=f"C{i}",
                  linestyle=":", label=f"{name}: target")
     ax1.set_ylabel("decode replicas")
     ax1.set_xlabel("seconds since the first request")
@@ -179,6 +166,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile-args", default="--fast",
                     help="extra arguments of the `splitserve profile` run (default: --fast)")
+    ap.add_argument("--no-serving-probe", action="store_true",
+                    help="do not measure the serving path's overhead before the bench")
     ap.add_argument("--out", default="bench-results/sim-step")
     ap.add_argument("--reuse", default=None, metavar="DIR", help="replay the run already in DIR")
     args = ap.parse_args()
@@ -195,34 +184,41 @@ def main() -> int:
             hist_path.write_text(run_cli(["status", "--address", address, "--history", "--json"],
                                          timeout=300, capture=True))
 
+        def probe(url: str) -> None:  # the serving path's overhead on this cluster
+            run_cli(["profile", "--config", str(cfg_path), "--db", str(db_path),
+                     "--serving-url", url])
+
         serve_and_bench(cfg_path, record, args.rates, args.num_requests, args.input_len,
-                        args.output_len, args.seed, before_stop=save_history)
+                        args.output_len, args.seed, before_stop=save_history,
+                        before_bench=None if args.no_serving_probe else probe)
     runs = json.loads(record.read_text())["runs"]
     t0 = bench_t0(runs)
     real = real_timeline(json.loads(hist_path.read_text()), t0)
-    real_ups = scale_ups(real)
-    starts = [u["serving_s"] - u["decided_s"] for u in real_ups if u["serving_s"] is not None]
+    top = args.max_replicas
+    real_reached = reached(real, top)
+    starts = []
+    for k in real_reached:
+        if k["serving_s"] is not None and k["decided_s"] is not None:
+            starts.append(k["serving_s"] - k["decided_s"])
     real_start = statistics.median(starts) if starts else None
     db = ProfileDB(db_path)
-    sims = {"sim (profile start-up)": replay_bench_runs(
-        cfg_path, runs, db, SimOptions(seed=args.seed, control_interval_s=CONTROL_INTERVAL_S))}
+    base = dict(seed=args.seed, control_interval_s=CONTROL_INTERVAL_S)
+    sims = {"sim": replay_bench_runs(cfg_path, runs, db, SimOptions(**base))}
     if real_start is not None:
-        sims[f"sim (start-up {real_start:.1f} s, from the real run)"] = replay_bench_runs(
-            cfg_path, runs, db, SimOptions(seed=args.seed, control_interval_s=CONTROL_INTERVAL_S,
-                                           replica_start_s=real_start))
-    sim_ups = {name: sim_scale_ups(res) for name, res in sims.items()}
-    rows = compare_rows(real_ups, sim_ups)
-    text = table(rows, list(sims))
+        sims[f"sim, start-up {real_start:.0f} s as measured"] = replay_bench_runs(
+            cfg_path, runs, db, SimOptions(**base, replica_start_s=real_start))
+    sim_reached = {n: reached(sim_timeline(r), top) for n, r in sims.items()}
+    text = table(real_reached, sim_reached)
     step_at = runs[1]["started_at"] - t0 if len(runs) > 1 else None
-    lines = [f"load step at {fmt(step_at)}: {args.rates} req/s, {args.num_requests} requests",
-             text]
+    lines = [f"load step at {fmt(step_at)}: {args.rates} req/s, {args.num_requests} requests; "
+             f"times from the first request", text]
     for name, res in sims.items():
         s = res.record["summary"]
-        lines.append(f"{name}: profile start-up "
-                     f"{res.pools[DECODE_APP].profile.startup_s:.2f} s; TTFT p50 "
-                     f"{s['ttft']['p50'] * 1e3:.0f} ms, TPOT p50 {s['tpot']['p50'] * 1e3:.0f} ms")
+        lines.append(f"{name}: start-up {res.pools[DECODE_APP].profile.startup_s:.2f} s in the "
+                     f"profile; TTFT p50 {s['ttft']['p50'] * 1e3:.0f} ms, TPOT p50 "
+                     f"{s['tpot']['p50'] * 1e3:.0f} ms over both phases")
     real_stats = [r["stats"] for r in runs]
-    lines.append("real: " + "; ".join(f"run {i}: TTFT p50 {st['ttft']['p50'] * 1e3:.0f} ms, "
+    lines.append("real: " + "; ".join(f"phase {i + 1}: TTFT p50 {st['ttft']['p50'] * 1e3:.0f} ms, "
                                       f"TPOT p50 {st['tpot']['p50'] * 1e3:.0f} ms"
                                       for i, st in enumerate(real_stats)))
     print("\n".join(lines))
@@ -230,9 +226,10 @@ def main() -> int:
     plot(real, sims, runs, t0, out / "timeline.png")
     write_json(out / "comparison.json", {
         **record_header("sim-autoscale-step"), "args": vars(args), "step_at_s": step_at,
-        "real_timeline": real, "real_scale_ups": real_ups, "real_start_s": real_start,
+        "real_timeline": real, "real_reached": real_reached, "real_start_s": real_start,
         "sim_timelines": {n: sim_timeline(r) for n, r in sims.items()},
-        "sim_scale_ups": sim_ups, "rows": rows})
+        "sim_reached": sim_reached,
+        "sim_summaries": {n: r.record["summary"] for n, r in sims.items()}})
     return 0
 
 
