@@ -9,8 +9,10 @@ hops, and on a shared CPU the other processes of the cluster competing
 with the engine. Those costs are what made step-time estimates of local CPU
 clusters several times optimistic.
 
-Method: two closed loops against the served API (bench's runner, fixed
-prompt and output lengths), at concurrency 1 and at concurrency 4; the same
+Method: two closed loops against the served API (bench's runner, 64-token
+prompts, 128-token outputs: long enough that the client's TPOT times the
+decoding, not a burst of tokens that queued behind a late first one), at
+concurrency 1 and at concurrency 4; the same
 requests (send times, lengths) replayed in the simulator with the engine's
 step times only; then, from the p50 residuals (real - simulated):
 
@@ -66,7 +68,7 @@ def _probe(url: str, model: str, api_key: str | None, n: int, concurrency: int,
 
 
 def measure(cfg_path: str | Path, db: ProfileDB, url: str, api_key: str | None = None,
-            prompt_len: int = 64, output_len: int = 32, requests: int = 8,
+            prompt_len: int = 64, output_len: int = 128, requests: int = 6,
             concurrency: tuple[int, int] = (1, 4), seed: int = 1000,
             log: Callable[[str], None] = lambda s: None) -> ServingOverhead:
     """Probe the cluster serving ``cfg_path`` at ``url``, write the ``serving``

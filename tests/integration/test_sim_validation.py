@@ -16,6 +16,12 @@ fast) is well outside it. Both directions are checked.
 
 benchmarks/sim_validate.py is the full-scale version (three rates, both
 layouts, p50 and p90; docs/benchmarks.md records its figures).
+
+Outputs are 96 tokens: the client sees the first token late (the serving
+path's per-request cost) while the decode replica goes on generating, so
+with short outputs the later tokens arrive in one burst and the client's
+TPOT measures delivery, not decoding (24-token outputs of this tiny model
+gave a real TPOT p50 of 0.2 ms).
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ FACTOR = 3.0
 def config(path) -> dict:
     pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1}
     return {"name": "sim-validation", "models": [{
-        "model": {"name": "tiny", "path": str(path), "device": "cpu", "num_blocks": 256,
-                  "block_size": 8, "max_num_seqs": 8},
+        "model": {"name": "tiny", "path": str(path), "device": "cpu", "num_blocks": 1024,
+                  "block_size": 16, "max_num_seqs": 8},
         "mode": "disaggregated", "prefill": dict(pool), "decode": dict(pool)}],
         "router": {"local_prefill_max_tokens": 0},
         "transfer": {"transport": "grpc"},
@@ -57,7 +63,7 @@ def test_simulated_latencies_follow_the_real_cluster(tiny_llama, tmp_path):
         run_cli(["profile", "--config", str(cfg), "--db", str(db), "--serving-url", url],
                 timeout=600)
 
-    serve_and_bench(cfg, record, "2", 12, "uniform:16:64", "24", seed=0,
+    serve_and_bench(cfg, record, "2", 12, "uniform:16:64", "96", seed=0,
                     start_timeout_s=400, bench_timeout_s=300, before_bench=probe)
     run = json.loads(record.read_text())["runs"][0]
     real = run["stats"]
@@ -68,7 +74,9 @@ def test_simulated_latencies_follow_the_real_cluster(tiny_llama, tmp_path):
     sim = replay_bench_run(cfg, run, pdb, seed=0)
     bare = replay_bench_run(cfg, run, pdb, seed=0, serving_overhead=False)
     assert sim["completed"] == 12 and sim["num_requests"] == 12
-    assert sim["tpot"]["p50"] >= bare["tpot"]["p50"] and sim["ttft"]["p50"] >= bare["ttft"]["p50"]
+    # the overhead only adds (equal when the probe found none: float noise aside)
+    for m in ("ttft", "tpot"):
+        assert sim[m]["p50"] >= bare[m]["p50"] * (1 - 1e-9)
     ratios = {m: sim[m]["p50"] / real[m]["p50"] for m in ("ttft", "tpot")}
     print(f"real TTFT/TPOT p50 {real['ttft']['p50'] * 1e3:.1f} / {real['tpot']['p50'] * 1e3:.1f} "
           f"ms; sim {sim['ttft']['p50'] * 1e3:.1f} / {sim['tpot']['p50'] * 1e3:.1f} ms")
