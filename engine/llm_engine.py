@@ -30,6 +30,8 @@ from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.spec.decoder import SpecDecoder
+from splitserve.engine.spec.proposer import ProposerContext
 from splitserve.engine.stats import EngineLoad
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
@@ -81,6 +83,11 @@ class LLMEngine:
         self.failures_in_a_row = 0  # failed requests since a step last made progress
         self.max_consecutive_failures = 8
         self.kv_port = KVPort(self)
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative is not None:
+            self.spec = SpecDecoder(cfg.speculative, ProposerContext(
+                cfg, self.model_cfg, self.tokenizer, self.dtype, self.device, num_blocks))
+            self.scheduler.on_release = self.spec.release
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -197,7 +204,7 @@ class LLMEngine:
         device error, when the forward fails for every request and for a
         one-token probe, or when ``max_consecutive_failures`` requests
         failed with no step making progress in between."""
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(self.spec.propose(self) if self.spec else None)
         if sched.is_empty:
             return []
         t0 = time.perf_counter()
@@ -205,11 +212,14 @@ class LLMEngine:
         ran = self._forward(sched.scheduled, layer_listener, outputs)
         sampled: list[tuple[RequestState, int, TokenLogprobs | None]] = []
         for part, (logits, rows, prompt_lps) in ran:
+            if self.spec is not None:  # a sequence's first row here, its draft rows held
+                logits, rows = self.spec.begin_verify(self, part, logits, rows)
             sampled += self._sample(part, logits, rows, prompt_lps, outputs)
         done = [s for part, _ in ran for s in part if not s.seq.is_finished]
         self.scheduler.commit(SchedulerOutput(scheduled=done))
         self.step_count += 1
-        self.prompt_tokens_computed += sum(s.num_new_tokens for s in done if s.num_new_tokens > 1)
+        self.prompt_tokens_computed += sum(
+            s.num_new_tokens for s in done if s.num_new_tokens - len(s.spec_token_ids) > 1)
         now = time.monotonic()
         for st, tok, lp in sampled:
             if st.seq.is_finished:  # failed at sampling
@@ -220,6 +230,8 @@ class LLMEngine:
                 if is_fatal(e):
                     raise
                 outputs.append(self._fail(st, "output processing", e))
+        if self.spec is not None:  # the rest of each draft run; KV rollback
+            outputs = self.spec.finish_verify(self, outputs, now)
         if any(s.seq.finish_reason is not FinishReason.ABORT for s in done):
             self.failures_in_a_row = 0  # some request moved on (failed ones end as ABORT)
         self.busy_time_s += time.perf_counter() - t0
