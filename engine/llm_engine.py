@@ -185,7 +185,15 @@ class LLMEngine:
             prompt_tokens_computed=self.prompt_tokens_computed,
             preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
             prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
-            open_requests=len(self.requests), block_owners=len(self.kv.owners()))
+            open_requests=len(self.requests), block_owners=len(self.kv.owners()),
+            **self._spec_stats())
+
+    def _spec_stats(self) -> dict:
+        if self.spec is None:
+            return {}
+        c = self.spec.counters
+        return dict(spec_drafts=c.drafts, spec_draft_tokens=c.draft_tokens,
+                    spec_accepted_tokens=c.accepted_tokens, spec_draft_time_s=c.draft_time_s)
 
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:

@@ -4,7 +4,7 @@ Every user-facing knob lives here with its description; an invalid file is
 refused with the key path and the problem, and nothing is applied. One
 module per part of the file: ``models`` (served models, engines, pools,
 autoscaling), ``router`` (placement and deadlines), ``transfer`` (KV
-hand-off and its TLS), ``access`` (auth, endpoints, probes), ``cluster``
+hand-off and its TLS), ``speculative`` (a model's speculative decoding), ``access`` (auth, endpoints, probes), ``cluster``
 (the whole file: parse, load, diff) and ``reference`` (the docs table).
 """
 
@@ -14,11 +14,12 @@ from .cluster import ClusterConfig, SLOSpec, config_changes, load_config, parse_
 from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
 from .reference import config_reference
 from .router import DeadlineSpec, RouterSpec
+from .speculative import SpeculativeSpec
 from .transfer import TLSSpec, TransferSpec
 
 __all__ = [
     "AuthSpec", "AutoscalingSpec", "ClusterConfig", "ConfigError", "DeadlineSpec",
     "EndpointSpec", "ModelSpec", "ObservabilitySpec", "PoolSpec", "RouterSpec", "SLOSpec",
-    "ServedModel", "TLSSpec", "TransferSpec", "config_changes", "config_reference",
-    "is_loopback_host", "load_config", "parse_config",
+    "ServedModel", "SpeculativeSpec", "TLSSpec", "TransferSpec", "config_changes",
+    "config_reference", "is_loopback_host", "load_config", "parse_config",
 ]

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from splitserve.engine.roles import Role
 
 from .base import _Strict
+from .speculative import SpeculativeSpec
 
 
 class ModelSpec(_Strict):
@@ -51,6 +52,9 @@ class ModelSpec(_Strict):
         "carry it apart from the content): qwen3 <think>...</think>, deepseek_r1 (the template "
         "opens <think>, the output closes it); auto: detected from its chat template (none "
         "when it mentions no think tags); none: the output is all content.")
+    speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding on "
+                                                "the decode (and colocated) replicas; None: off. "
+                                                "See models[].model.speculative.")
 
     @model_validator(mode="after")
     def _power_of_two(self) -> "ModelSpec":

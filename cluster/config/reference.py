@@ -11,6 +11,7 @@ from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .speculative import SpeculativeSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -36,7 +37,8 @@ def config_reference() -> str:
     """The Markdown reference of every operator config key, from the Field
     descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
-                ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
+                ("models[].model", ModelSpec), ("models[].model.speculative", SpeculativeSpec),
+                ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),

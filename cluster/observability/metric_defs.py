@@ -157,6 +157,15 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
              "KV reservations a decode replica refused (full); the request moved on."),
     _replica("splitserve_replica_fallbacks", "counter",
              "Remote prefills that failed on this decode replica and ran locally."),
+    _replica("splitserve_spec_decode_drafts", "counter",
+             "Speculative decoding: sequence steps that verified at least one draft token."),
+    _replica("splitserve_spec_decode_draft_tokens", "counter",
+             "Speculative decoding: draft tokens verified."),
+    _replica("splitserve_spec_decode_accepted_tokens", "counter",
+             "Speculative decoding: draft tokens accepted (acceptance rate: its rate over "
+             "draft_tokens'; mean accepted length: 1 + its rate over drafts')."),
+    _replica("splitserve_spec_decode_draft_seconds", "counter",
+             "Speculative decoding: seconds spent proposing draft tokens."),
     # -- router --------------------------------------------------------------
     _router("splitserve_router_decisions", "counter",
             "Placements by the policy's reason.", _MR),

@@ -36,7 +36,27 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESH
 INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template"}
 
 
-def build_engine(spec: ModelSpec):
+def speculative_config(spec: ModelSpec, role: Role):
+    """The engine's speculative decoding settings for a replica of ``role``:
+    None on prefill replicas (they sample one token) and when off."""
+    sp = spec.speculative
+    if sp is None or role is Role.PREFILL:
+        return None
+    from splitserve.engine.spec.config import SpeculativeConfig
+
+    draft = None
+    if sp.draft_model is not None:
+        from splitserve.engine.hub import resolve_checkpoint
+
+        draft = str(resolve_checkpoint(sp.draft_model, sp.draft_revision))
+    return SpeculativeConfig(
+        method=sp.method, num_speculative_tokens=sp.num_speculative_tokens, draft_model=draft,
+        ngram_min=sp.ngram_min, ngram_max=sp.ngram_max, adaptive=sp.adaptive,
+        disable_batch_size=sp.disable_batch_size, saturation_tokens=sp.saturation_tokens,
+        draft_num_blocks=sp.draft_num_blocks)
+
+
+def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
     import torch
 
     from splitserve.cluster.serve.checkpoints import checkpoint_dir
@@ -59,6 +79,7 @@ def build_engine(spec: ModelSpec):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
+        speculative=speculative_config(spec, role),
     ))
 
 
@@ -131,7 +152,7 @@ class WorkerServer:
         cluster_token = secrets.cluster_token()
         # one TLS config for both planes, served and dialed (read on this node)
         tls = self.transfer.tls.load() if self.transfer.tls is not None else None
-        engine = build_engine(self.spec)
+        engine = build_engine(self.spec, self.role)
         self.engine = engine
         tcfg = TransportConfig(token=cluster_token, host=self.host, tls=tls,
                                chunk_bytes=self.transfer.chunk_bytes,

@@ -54,6 +54,12 @@ INVALID = [
     ("models:\n  - model: {tool_call_parser: qwen}\n",
      "models.0.model.tool_call_parser: Input should be 'auto', 'hermes', 'mistral' or "
      "'llama3_json'"),
+    ("models:\n  - model: {speculative: {method: draft}}\n",
+     "models.0.model.speculative: Value error, speculative method draft needs draft_model"),
+    ("models:\n  - model: {speculative: {method: ngram, ngram_min: 3, ngram_max: 2}}\n",
+     "models.0.model.speculative: Value error, ngram_min (3) > ngram_max (2)"),
+    ("models:\n  - model: {speculative: {method: eagle}}\n",
+     "models.0.model.speculative.method: Input should be 'ngram' or 'draft'"),
     ("router: {policy: random}\n",
      "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
 ]
@@ -224,3 +230,19 @@ def test_router_config_takes_each_models_facts_from_that_model(tiny_checkpoints)
         "a": ModelFacts(block_size=32, kv_bytes_per_token=4 * per_elem),  # auto: as float32
         "b": ModelFacts(block_size=8, kv_bytes_per_token=2 * per_elem),
         "c": ModelFacts(block_size=16, kv_bytes_per_token=per_elem)}
+
+
+def test_speculative_settings_reach_decode_engines_only():
+    from splitserve.cluster.serve.workers import speculative_config
+    from splitserve.engine.roles import Role
+
+    cfg = parse_config({"models": [{"model": {"speculative": {
+        "method": "ngram", "num_speculative_tokens": 6, "ngram_max": 5,
+        "disable_batch_size": 16}}}]})
+    spec = cfg.models[0].model
+    got = speculative_config(spec, Role.DECODE)
+    assert (got.method, got.num_speculative_tokens, got.ngram_min, got.ngram_max,
+            got.disable_batch_size, got.adaptive) == ("ngram", 6, 1, 5, 16, True)
+    assert speculative_config(spec, Role.COLOCATED) == got
+    assert speculative_config(spec, Role.PREFILL) is None
+    assert speculative_config(parse_config({}).models[0].model, Role.DECODE) is None
