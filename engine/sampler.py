@@ -17,6 +17,12 @@ Per row, in this order:
      the smallest most-probable set whose mass reaches top_p, drop tokens
      below ``min_p * max_prob``, and sample.
 
+Speculative decoding (``splitserve.engine.spec``) verifies a draft token
+per row (``SeqSamplingState.draft_token``): greedy and seeded rows draw as
+above and the caller compares; an unseeded sampled row accepts the draft
+with probability ``p(draft)`` of the distribution of step 5 and otherwise
+draws from that distribution without it (``spec.rejection``).
+
 Logprobs are the log_softmax of the logits after steps 0-4 and before the
 temperature and truncation of step 5: they describe the model's
 distribution as the request shaped it with penalties, not the sampling
