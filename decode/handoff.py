@@ -60,17 +60,19 @@ class IncomingHandoff:
         self.cached_tokens = r.cached_tokens
         self.stage = DecodeStage.RESERVED
 
-    async def receive(self, prefill: WorkerClient, kv_endpoint: str,
-                      timeout_s: float) -> PrefillReply:
+    async def receive(self, prefill: WorkerClient, kv_endpoint: str, timeout_s: float,
+                      traceparent: str | None = None) -> PrefillReply:
         """RESERVED -> RECEIVING: have ``prefill`` run the prompt into the
-        reservation. Returns its reply once every chunk landed."""
+        reservation (``traceparent``: the span its work belongs to). Returns
+        its reply once every chunk landed."""
         self.stage = DecodeStage.RECEIVING
         t0 = time.monotonic()
         reply = await prefill.prefill(PrefillRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
             params=self.params.to_dict(),
             target=PrefillTarget(endpoint=kv_endpoint, skip_tokens=self.cached_tokens,
-                                 layout=self.reservations.layout)), timeout=timeout_s)
+                                 layout=self.reservations.layout),
+            traceparent=traceparent), timeout=timeout_s)
         self.handoff_s = time.monotonic() - t0
         return reply
 

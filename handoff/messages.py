@@ -39,6 +39,7 @@ from msgspec import Meta
 
 from splitserve.engine.kv_port import FinishReason, TokenLogprobs
 from splitserve.engine.outputs import RequestOutput
+from splitserve.handoff.tracing import MAX_TRACEPARENT_CHARS
 from splitserve.handoff.transfer.base import KVLayout
 
 
@@ -55,6 +56,8 @@ MAX_CONTROL_BYTES = 1 << 10  # a request without one
 TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
 TokenIds = Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
 Id = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+# a W3C trace context (splitserve.handoff.tracing); None: the call is not traced
+TraceParent = Annotated[str, Meta(max_length=MAX_TRACEPARENT_CHARS)]
 _Key = Annotated[str, Meta(max_length=64)]
 _Text = Annotated[str, Meta(max_length=MAX_PARAM_CHARS)]
 _Scalar = Union[None, bool, int, float, _Text]
@@ -118,6 +121,7 @@ class PrefillRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     target: PrefillTarget
+    traceparent: TraceParent | None = None  # the decode replica's hand-off span
 
 
 class PrefillTimings(Message):
@@ -142,6 +146,7 @@ class GenerateRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     prefill: PrefillPlacement | None  # None: prefill on the decode replica
+    traceparent: TraceParent | None = None  # the ingress request's span
 
 
 class PrefillMode(str, enum.Enum):

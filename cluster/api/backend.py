@@ -119,6 +119,22 @@ class ClusterMetrics:
 
 
 class Backend(abc.ABC):
+    _routing = None
+
+    @property
+    def routing(self):
+        """The routes this backend's ingress serves
+        (``splitserve.cluster.api.routing.Routing``); by default none."""
+        if self._routing is None:
+            from splitserve.cluster.api.routing import Routing
+
+            self._routing = Routing(served={m.name for m in self.models()})
+        return self._routing
+
+    @routing.setter
+    def routing(self, value) -> None:
+        self._routing = value
+
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
         """Served models, in config order."""

@@ -9,7 +9,9 @@ when keys are configured, except those
 ``ObservabilitySpec.unauthenticated_routes`` opens.
 
 Per request: API key -> body read up to the size limit ->
-JSON (nesting bounded) -> request model -> the prompt's length in
+JSON (nesting bounded) -> request model -> a route's variant picked
+(splitserve.cluster.api.routing: the response echoes the route's name and
+names the variant in the ``x-splitserve-variant`` header) -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (chat template applied,
 with the tools; splitserve.cluster.api.tool_calls), grammars compiled,
@@ -50,12 +52,14 @@ from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.openai_schema import ApiError
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.reasoning import Reasoning
+from splitserve.cluster.api.routing import Routed, all_models, model_info, resolve_http, variant_headers
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
 from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import check_prompt_chars
+from splitserve.handoff.tracing import Tracer
 
 
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
@@ -94,10 +98,13 @@ def model_card(m: ModelInfo) -> dict:
 
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
                    pool: PreparePool | None = None,
-                   observability: ObservabilitySpec | None = None) -> FastAPI:
+                   observability: ObservabilitySpec | None = None,
+                   tracer: Tracer | None = None) -> FastAPI:
     """``pool``: where requests are tokenized (default: the process's
     shared pool, which the gRPC server uses too); ``observability``: which
-    probes and metrics need no key, and whether /metrics adds vLLM's names."""
+    probes and metrics need no key, and whether /metrics adds vLLM's names;
+    ``tracer``: each generation request becomes an ``ingress`` span
+    (``splitserve.cluster.api.http_tracing``)."""
     pool = pool or shared_pool()
     observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -121,17 +128,18 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(m) for m in backend.models()]}
+        return {"object": "list", "data": [model_card(m) for m in all_models(backend)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict:
-        return model_card(backend.model_info(model_id))
+        return model_card(model_info(backend, model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
         body: schema.CompletionRequest = await read_request(
             request, schema.CompletionRequest, max_body_bytes)
+        routed, body = resolve_http(backend, request.headers, body)
         prompts = body.prompt_inputs()
         max_model_len = backend.model_info(body.model).max_model_len
         for p in prompts:
@@ -139,24 +147,29 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
                 check_prompt_chars(len(p), max_model_len, "prompt")
         batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
         return await _respond(request, backend, "completion", body, batch, params, t0,
-                              echoes=echoes)
+                              echoes=echoes, routed=routed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         t0 = time.perf_counter()
         body: schema.ChatCompletionRequest = await read_request(
             request, schema.ChatCompletionRequest, max_body_bytes)
+        routed, body = resolve_http(backend, request.headers, body)
         kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")
         chat = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
-                              chat.tools, reasoning=chat.reasoning)
+                              chat.tools, reasoning=chat.reasoning, routed=routed)
 
     responses_api.add_route(app, backend, pool, max_body_bytes)
 
     open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
+    if tracer is not None:  # outside the key check: refused requests are traced too
+        from splitserve.cluster.api.http_tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     return app
 
 
@@ -189,15 +202,19 @@ def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
                    params, t0: float, tools: ToolRequest | None = None,
-                   echoes: list[Echo] | None = None, reasoning: Reasoning | None = None) -> Response:
+                   echoes: list[Echo] | None = None, reasoning: Reasoning | None = None,
+                   routed: Routed | None = None) -> Response:
     """Choice k answers prompt k // n (choice k % n of it), each choice its
-    own backend request."""
+    own backend request. ``routed``: the request named a route; ``body``
+    names the variant that serves it, responses echo the route's name."""
+    routed = routed or Routed(body.model, body.model)
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
     jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
-    streams = [backend.generate(body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j],
-                                choice_params(params, i)) for k, (j, i) in enumerate(jobs)]
+    streams = [backend.routing.track(routed, backend.generate(
+        body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j], choice_params(params, i)))
+        for k, (j, i) in enumerate(jobs)]
     prepare_s = time.perf_counter() - t0
     opened = await open_choices(request, streams)
     if opened is None:
@@ -211,8 +228,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     states = [ChoiceState(k, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
                           echoes[j] if echoes else None, reasoning) for k, (j, _) in enumerate(jobs)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
-            "created": int(time.time()), "model": body.model}
-    headers = {"x-request-id": rid}
+            "created": int(time.time()), "model": routed.requested}
+    headers = {"x-request-id": rid, **variant_headers(routed)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),

@@ -41,6 +41,9 @@ class ModelSpec(_Strict):
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of identical prompt "
                                         "prefixes across requests.")
+    enforce_eager: bool = Field(False, description="On GPUs, run decode steps eagerly instead "
+                                "of replaying captured CUDA graphs (less memory, slower "
+                                "small batches).")
     chat_template: str | None = Field(None, description="Chat template for chat requests: a "
                                       "Jinja file on the ingress nodes or the template text; "
                                       "None: the checkpoint's.")
@@ -102,6 +105,25 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+class PoolEngineSpec(_Strict):
+    """Engine settings one pool sets for itself where the roles differ (a
+    prefill pool wants large chunks and few sequences; a decode pool many
+    sequences and much KV). Unset keys keep the model's. What must match
+    across the hand-off (checkpoint, dtypes, block size) stays per model."""
+
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences one replica of this "
+                                     "pool runs at once; None: the model's.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Token budget of one "
+                                               "engine step (the prefill chunk size); None: the "
+                                               "model's.")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV cache per replica of "
+                                             "this pool; None: the model's.")
+    num_blocks: int | None = Field(None, ge=16, description="KV blocks per replica of this "
+                                   "pool (wins over kv_cache_memory_gb); None: the model's.")
+    enforce_eager: bool | None = Field(None, description="CUDA graphs off for this pool; "
+                                       "None: the model's.")
+
+
 class PoolSpec(_Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas; at least 1 when the pool "
                               "autoscales (its metrics come from running replicas).")
@@ -119,6 +141,9 @@ class PoolSpec(_Strict):
                                                "removed may drain its in-flight requests.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Scale on the pool's "
                                                 "bottleneck; None: a fixed size.")
+    engine: PoolEngineSpec = Field(default_factory=PoolEngineSpec, description="Engine "
+                                   "settings of this pool's replicas that differ from the "
+                                   "model's (batch caps, chunk size, KV memory, CUDA graphs).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolSpec":
@@ -161,3 +186,11 @@ class ServedModel(_Strict):
     def pool(self, role: Role) -> PoolSpec:
         """The spec of the pool playing ``role`` (a colocated pool is the decode spec)."""
         return self.prefill if role is Role.PREFILL else self.decode
+
+    def engine_spec(self, role: Role) -> ModelSpec:
+        """The model spec the replicas of the pool playing ``role`` run: the
+        model's, with that pool's engine settings over it."""
+        overrides = self.pool(role).engine.model_dump(exclude_none=True)
+        if overrides.get("num_blocks") is None and "kv_cache_memory_gb" in overrides:
+            overrides["num_blocks"] = None  # the pool sizes its KV by memory
+        return self.model.model_copy(update=overrides) if overrides else self.model

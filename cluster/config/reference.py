@@ -9,9 +9,11 @@ from pydantic import BaseModel
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .cluster import ClusterConfig, SLOSpec
-from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
+from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
 from .speculative import SpeculativeSpec
+from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -39,10 +41,14 @@ def config_reference() -> str:
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
                 ("models[].model", ModelSpec), ("models[].model.speculative", SpeculativeSpec),
                 ("models[].prefill / models[].decode", PoolSpec),
-                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
+                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
+                ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),
+                ("routes[]", RouteSpec), ("routes[].variants[]", VariantSpec),
+                ("routes[].ramp", RampSpec),
+                ("routes[].ramp.ttft / routes[].ramp.tpot", LatencyGuardSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
-                ("observability", ObservabilitySpec)]
+                ("observability", ObservabilitySpec), ("observability.tracing", TracingSpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

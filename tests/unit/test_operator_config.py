@@ -232,6 +232,33 @@ def test_router_config_takes_each_models_facts_from_that_model(tiny_checkpoints)
         "c": ModelFacts(block_size=16, kv_bytes_per_token=per_elem)}
 
 
+def test_a_pool_overrides_the_models_engine_settings_for_its_replicas():
+    from splitserve.cluster.serve.app import pool_apps
+    from splitserve.engine.roles import Role
+
+    cfg = parse_config({"models": [{
+        "model": {"name": "m", "max_num_seqs": 16, "max_num_batched_tokens": 512, "num_blocks": 64},
+        "prefill": {"engine": {"max_num_seqs": 2, "max_num_batched_tokens": 4096,
+                               "enforce_eager": True}},
+        "decode": {"engine": {"max_num_seqs": 64, "kv_cache_memory_gb": 2.0}}}]})
+    served = cfg.models[0]
+    pre, dec = served.engine_spec(Role.PREFILL), served.engine_spec(Role.DECODE)
+    assert (pre.max_num_seqs, pre.max_num_batched_tokens, pre.num_blocks, pre.enforce_eager) \
+        == (2, 4096, 64, True)
+    # a pool sizing its KV by memory drops the model's block count
+    assert (dec.max_num_seqs, dec.max_num_batched_tokens, dec.num_blocks,
+            dec.kv_cache_memory_gb, dec.enforce_eager) == (64, 512, None, 2.0, False)
+    assert served.model.max_num_seqs == 16  # the model's own spec is unchanged
+    apps = pool_apps(served, cfg, "v1")
+    built = {app: bound._bound_deployment.init_args[1] for app, (_, bound) in apps.items()}
+    assert built["m-prefill"]["max_num_seqs"] == 2 and built["m-decode"]["max_num_seqs"] == 64
+    colocated = parse_config({"models": [{"model": {"name": "c"}, "mode": "colocated",
+                                          "decode": {"engine": {"max_num_seqs": 7}}}]}).models[0]
+    assert colocated.engine_spec(Role.COLOCATED).max_num_seqs == 7
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        parse_config({"models": [{"decode": {"engine": {"max_num_batched_tokens": 4}}}]})
+
+
 def test_speculative_settings_reach_decode_engines_only():
     from splitserve.cluster.serve.workers import speculative_config
     from splitserve.engine.roles import Role
