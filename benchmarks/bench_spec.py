@@ -15,11 +15,16 @@
       (b) the model itself (acceptance 100%: the upper bound of what any
       draft could give, at a draft cost equal to the target's).
 
+Two cases repeat with the adaptive rule off (``fixed k``): n-gram, to show
+what verifying costs when nothing is accepted, and draft = target, to show
+the mechanism at 100% acceptance at every batch size.
+
 For each case it reports tokens/s of plain and speculative decoding, their
 ratio (per pass, the range over passes), the acceptance rate, the mean
 accepted length and the draft time share; outputs are checked to be equal
 (greedy). The adaptive length rule runs as deployed (``--saturation-tokens``
-sets its step-cost knee; ``--fixed`` verifies the full length every step).
+sets its step-cost knee; ``--fixed`` verifies the full length every step in
+every case).
 
     python -m benchmarks.bench_spec --out bench-results/spec-cpu.json
     python -m benchmarks.bench_spec --device cuda --out gpu-results/spec.json
@@ -104,10 +109,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--saturation-tokens", type=int, default=256)
     ap.add_argument("--fixed", action="store_true", help="no adaptive length")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: on a shared machine, OpenMP barriers between "
+                         "two threads stall far more than they gain)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
     from splitserve.engine.default_model import ensure_default_model
     from splitserve.engine.spec.config import SpeculativeConfig
@@ -126,6 +137,13 @@ def main() -> None:
                 method="draft", draft_model=str(draft1), **common)),
             "free / draft = target": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(target), **common)),
+            # the full length every step: what verification costs when it is not
+            # switched off (n-gram, acceptance ~0 on random weights) and what the
+            # mechanism yields at 100% acceptance (draft = target)
+            "copy / ngram, fixed k": ("copy", SpeculativeConfig(
+                method="ngram", ngram_max=4, **{**common, "adaptive": False})),
+            "free / draft = target, fixed k": ("free", SpeculativeConfig(
+                method="draft", draft_model=str(target), **{**common, "adaptive": False})),
         }
         engines = {name: engine(target, args.device, spec) for name, (_, spec) in cases.items()}
         workloads = {b: {"copy": copy_prompts(plain, b, 24, args.new_tokens + 8),

@@ -212,10 +212,10 @@ class LLMEngine:
         device error, when the forward fails for every request and for a
         one-token probe, or when ``max_consecutive_failures`` requests
         failed with no step making progress in between."""
+        t0 = time.perf_counter()  # busy time includes drafting
         sched = self.scheduler.schedule(self.spec.propose(self) if self.spec else None)
         if sched.is_empty:
             return []
-        t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         ran = self._forward(sched.scheduled, layer_listener, outputs)
         sampled: list[tuple[RequestState, int, TokenLogprobs | None]] = []

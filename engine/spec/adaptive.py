@@ -60,10 +60,13 @@ class AcceptanceTracker:
         self.alpha = prior
         self.draft_ratio = 0.0
         self.weight = weight
+        self._timed = False  # no step timed yet: the first sets draft_ratio outright
 
     def observe(self, proposed: int, accepted: int, draft_s: float, step_s: float) -> None:
         if proposed > 0:
             w = min(1.0, self.weight * proposed)  # a step with more drafts says more
             self.alpha += w * (accepted / proposed - self.alpha)
         if step_s > 0:
-            self.draft_ratio += self.weight * (draft_s / step_s - self.draft_ratio)
+            ratio = draft_s / step_s
+            self.draft_ratio += (self.weight if self._timed else 1.0) * (ratio - self.draft_ratio)
+            self._timed = True

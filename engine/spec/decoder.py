@@ -119,7 +119,7 @@ class SpecDecoder:
         cands: list[Sequence] = [
             s for s in running
             if s.num_tokens - s.num_computed_tokens == 1 and s.seq_id not in engine._prefill_only
-            and getattr(s.params, "speculative", True)]
+            and s.params.speculative]
         k = self.cfg.num_speculative_tokens
         off = self.cfg.disable_batch_size is not None and len(running) > self.cfg.disable_batch_size
         if off:

@@ -12,6 +12,9 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.spec.config import SpeculativeConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+# the engines here verify the full length every step: the adaptive rule
+# (test_spec_parts.py) would turn a draft as slow as the target off
+FIXED = dict(adaptive=False)
 
 
 def make(path, spec=None, **kw):
@@ -40,13 +43,13 @@ def plain(tiny_llama):
 @pytest.fixture(scope="module")
 def ngram(tiny_llama):
     return make(tiny_llama, SpeculativeConfig(method="ngram", num_speculative_tokens=3,
-                                              ngram_min=1, ngram_max=3))
+                                              ngram_min=1, ngram_max=3, **FIXED))
 
 
 @pytest.fixture(scope="module")
 def self_draft(tiny_llama):
     return make(tiny_llama, SpeculativeConfig(method="draft", draft_model=str(tiny_llama),
-                                              num_speculative_tokens=3))
+                                              num_speculative_tokens=3, **FIXED))
 
 
 def idle(eng) -> bool:
@@ -168,7 +171,8 @@ def test_fp8_kv_cache_keeps_outputs(tiny_llama):
     sp = SamplingParams(max_tokens=16, **GREEDY)
     want = run(make(tiny_llama, kv_cache_dtype="fp8"), ps, sp)
     eng = make(tiny_llama, SpeculativeConfig(method="draft", draft_model=str(tiny_llama),
-                                             num_speculative_tokens=3), kv_cache_dtype="fp8")
+                                             num_speculative_tokens=3, **FIXED),
+               kv_cache_dtype="fp8")
     assert [r.token_ids for r in run(eng, ps, sp)] == [r.token_ids for r in want]
     assert eng.spec.counters.accepted_tokens > 0
 
@@ -204,7 +208,7 @@ def test_opt_out_and_resume_on_another_engine(plain, self_draft):
 def test_handoff_admission_prefills_the_draft(tiny_llama, plain):
     prefill = make(tiny_llama)
     decode = make(tiny_llama, SpeculativeConfig(method="draft", draft_model=str(tiny_llama),
-                                                num_speculative_tokens=3))
+                                                num_speculative_tokens=3, **FIXED))
     prompt = copy_prompts(plain.model_cfg.vocab_size, n=1, seed=10)[0]
     sp = SamplingParams(max_tokens=14, **GREEDY)
     want = run(plain, [prompt], sp)[0].token_ids

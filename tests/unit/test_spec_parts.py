@@ -46,8 +46,12 @@ def test_speculation_length_rule():
     assert choose_num_tokens(4, 1, 0.6, 256, draft_ratio=0.5) < 4
     assert choose_num_tokens(4, 8, 0.9, 256, disable_batch_size=4) == 0
     t = AcceptanceTracker(prior=0.5)
-    t.observe(proposed=10, accepted=10, draft_s=0.0, step_s=1.0)
-    assert t.alpha == 1.0
+    t.observe(proposed=10, accepted=10, draft_s=0.5, step_s=1.0)
+    assert t.alpha == 1.0 and t.draft_ratio == 0.5  # the first timing is taken whole
+    t.observe(proposed=10, accepted=0, draft_s=1.5, step_s=1.0)
+    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.6)  # then averaged
+    # a draft as slow as the target never pays, even accepted every time
+    assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
 
 
 def test_config_checks_and_registry():
