@@ -42,8 +42,9 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import DecodeStats
-from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, GenerateTimings,
-                                         PrefillMode, PrefillReply)
+from splitserve.engine.kv_port import AdapterRef
+from splitserve.handoff.messages import (Adapter, GenerateOutput, GenerateRequest,
+                                         GenerateTimings, PrefillMode, PrefillReply)
 from splitserve.handoff.protocol import Reservations
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tls import TLSConfig
@@ -164,14 +165,19 @@ class DecodeWorker:
             raise InvalidRequestError("request_id is empty", param="request_id")
         rid, ids = req.request_id, list(req.prompt_token_ids)
         params = SamplingParams.from_dict(req.params)
+        adapter = Adapter.to_engine(req.adapter)
         await self.aengine.call(lambda e: e.validate(ids, params))
+        # an adapter this replica has not seen is read from its path now, off
+        # the engine thread; one it cannot read refuses the call here
+        # (ADAPTER_UNAVAILABLE), before any block is reserved
+        await self.aengine.load_adapter(adapter)
         first = _FirstToken(time.monotonic())
         handoff, stream = None, None
         if req.prefill is not None:
             handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first,
-                                                 span)
+                                                 span, adapter)
         if stream is None:
-            stream = self._local(rid, ids, params)
+            stream = self._local(rid, ids, params, adapter)
         timings: GenerateTimings | None = None
         async for out in stream:
             if timings is not None:
@@ -190,12 +196,14 @@ class DecodeWorker:
             yield GenerateOutput.of(out, timings)
 
     # -- the two paths to the first token -----------------------------------------
-    def _local(self, rid: str, ids: list[int], params: SamplingParams):
+    def _local(self, rid: str, ids: list[int], params: SamplingParams,
+               adapter: AdapterRef | None = None):
         self.counters["local_prefills"] += 1
-        return self.aengine.generate(rid, ids, params)
+        return self.aengine.generate(rid, ids, params, adapter=adapter)
 
     async def _remote(self, rid: str, ids: list[int], params: SamplingParams, address: str,
                       first: _FirstToken, parent: Span | None = None,
+                      adapter: AdapterRef | None = None,
                       ) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
         """An IncomingHandoff through its stages up to Committed. Returns it
         and the committed sequence's stream, or (None, None) to prefill
@@ -203,7 +211,7 @@ class DecodeWorker:
         span = None if parent is None else self.tracer.start(
             SPAN_HANDOFF_RECEIVE, parent.traceparent, attributes={ATTR_PREFILL_REPLICA: address})
         try:
-            return await self._handoff(rid, ids, params, address, first, span)
+            return await self._handoff(rid, ids, params, address, first, span, adapter)
         except BaseException as e:
             if span is not None:
                 _end_with(span, e)
@@ -214,8 +222,9 @@ class DecodeWorker:
 
     async def _handoff(self, rid: str, ids: list[int], params: SamplingParams, address: str,
                        first: _FirstToken, span: Span | None,
+                       adapter: AdapterRef | None = None,
                        ) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
-        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params)
+        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params, adapter)
         try:
             await h.reserve()
         except Exception:

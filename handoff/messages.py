@@ -37,7 +37,7 @@ from typing import Annotated, Any, NamedTuple, Union
 import msgspec
 from msgspec import Meta
 
-from splitserve.engine.kv_port import FinishReason, TokenLogprobs
+from splitserve.engine.kv_port import AdapterRef, FinishReason, TokenLogprobs
 from splitserve.engine.outputs import RequestOutput
 from splitserve.handoff.tracing import MAX_TRACEPARENT_CHARS
 from splitserve.handoff.transfer.base import KVLayout
@@ -93,6 +93,24 @@ class Logprob(Message):
         return None if lp is None else TokenLogprobs(lp.token_id, lp.logprob, list(lp.top))
 
 
+class Adapter(Message):
+    """The LoRA adapter a request runs with (``AdapterRef`` on the wire):
+    every replica that computes its KV applies it, loading it from ``path``
+    when it has not yet, and checks the files against ``digest``."""
+
+    name: Id
+    path: Annotated[str, Meta(max_length=4096)]
+    digest: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+    @classmethod
+    def of(cls, ref: AdapterRef | None) -> "Adapter | None":
+        return None if ref is None else cls(name=ref.name, path=ref.path, digest=ref.digest)
+
+    @staticmethod
+    def to_engine(a: "Adapter | None") -> AdapterRef | None:
+        return None if a is None else AdapterRef(a.name, a.path, a.digest)
+
+
 # -- Prefill ------------------------------------------------------------------------
 class HandoffMeta(Message):
     """Everything the target needs besides the KV bytes."""
@@ -105,6 +123,7 @@ class HandoffMeta(Message):
     first_logprobs: Logprob | None
     # where asked for: [None, logprobs of prompt token 1, ...]
     prompt_logprobs: Annotated[list[Logprob | None], Meta(max_length=MAX_PROMPT_TOKENS)] | None
+    adapter: Adapter | None = None  # the KV was computed with it; None: the base model
 
 
 class PrefillTarget(Message):
@@ -121,6 +140,7 @@ class PrefillRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     target: PrefillTarget
+    adapter: Adapter | None = None  # None: the base model
     traceparent: TraceParent | None = None  # the decode replica's hand-off span
 
 
@@ -146,6 +166,7 @@ class GenerateRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     prefill: PrefillPlacement | None  # None: prefill on the decode replica
+    adapter: Adapter | None = None  # None: the base model
     traceparent: TraceParent | None = None  # the ingress request's span
 
 
@@ -211,6 +232,7 @@ class ErrorKind(str, enum.Enum):
     INVALID_REQUEST = "invalid_request"
     OUT_OF_BLOCKS = "out_of_blocks"
     INCOMPATIBLE_KV = "incompatible_kv"
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # this replica cannot load the request's adapter
     UNKNOWN_HANDOFF = "unknown_handoff"
     TRANSFER_TIMEOUT = "transfer_timeout"
     MESSAGE_TOO_LARGE = "message_too_large"

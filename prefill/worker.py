@@ -6,7 +6,8 @@ reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
 
   _accept    the target's KV layout must equal ours, else FAILED_PRECONDITION
              before any work                                     -> WAITING
-  _run       queued in the engine as a prefill-only request, batched and
+  _run       queued in the engine as a prefill-only request (with its LoRA
+             adapter, read from its path if new here), batched and
              chunked with other prompts under the step token budget; the
              engine thread (``_layer_listener``) marks the first step that
              runs it                                             -> RUNNING
@@ -40,7 +41,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.stats import PrefillStats
-from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTimings
+from splitserve.handoff.messages import Adapter, PrefillReply, PrefillRequest, PrefillTimings
 from splitserve.handoff.protocol import export_meta, layout_of
 from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_PROMPT_TOKENS,
                                         ATTR_REQUEST_ID, SPAN_HANDOFF_SEND, SPAN_PREFILL, Span,
@@ -151,7 +152,8 @@ class PrefillWorker:
         """WAITING -> RUNNING -> TRANSFERRING, until the first token."""
         params = SamplingParams.from_dict(req.params)
         async for out in self.aengine.generate(h.request_id, list(req.prompt_token_ids), params,
-                                               prefill_only=True):
+                                               prefill_only=True,
+                                               adapter=Adapter.to_engine(req.adapter)):
             h.prefilled = out.finished
             h.queue_s = out.queue_s()
         h.prefill_s = time.monotonic() - h.started

@@ -421,7 +421,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
-            pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created)
+            pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created,
+                         parent=m.parent or "")
             for m in all_models(self.backend)])
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a ``Backend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/models/{id}; probes GET /health, /ready, /version
+GET /v1/models/{id}; POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+(splitserve.cluster.api.adapters_api); probes GET /health, /ready, /version
 (splitserve.cluster.api.health); POST /tokenize, /detokenize
 (splitserve.cluster.api.tokenize_api); GET /metrics
 (splitserve.cluster.api.metrics_endpoint). Every route needs the API key
@@ -41,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 
 from splitserve.cluster.api import openai_schema as schema
 from splitserve.cluster.api import responses_api
+from splitserve.cluster.api.adapters_api import add_adapter_routes
 from splitserve.cluster.api.backend import Backend, ModelInfo
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
@@ -92,8 +94,10 @@ class _ApiKeyGuard:
 
 
 def model_card(m: ModelInfo) -> dict:
+    """A model's card; a LoRA adapter's ``parent`` is its base model (null
+    for a base model), as vLLM lists them."""
     return {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
-            "max_model_len": m.max_model_len}
+            "max_model_len": m.max_model_len, "parent": m.parent}
 
 
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
@@ -125,6 +129,7 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     add_health_routes(app, backend)
     add_metrics_route(app, backend, observability.vllm_metric_names)
     add_tokenize_routes(app, backend, max_body_bytes, pool)
+    add_adapter_routes(app, backend, model_card)
 
     @app.get("/v1/models")
     async def list_models() -> dict:

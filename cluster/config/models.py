@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from splitserve.engine.roles import Role
 
+from .adapters import AdapterSpec
 from .base import _Strict
 from .speculative import SpeculativeSpec
 
@@ -59,10 +60,38 @@ class ModelSpec(_Strict):
                                                 "the decode (and colocated) replicas; None: off. "
                                                 "See models[].model.speculative.")
 
+    max_loras: int = Field(0, ge=0, le=64, description="LoRA adapters one replica holds on its "
+                           "device at once (each a slot of max_lora_rank on every projection); "
+                           "requests of further adapters wait for a slot, evicting the least "
+                           "recently used adapter no running request uses. 0: no adapters.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank served; "
+                               "every slot is this wide (memory and kernel work grow with it).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters a replica keeps in "
+                                      "host memory (least recently used dropped first, re-read "
+                                      "from their path when needed again); None: 4 per slot.")
+    adapters: list[AdapterSpec] = Field(default_factory=list, description="LoRA adapters served "
+                                        "from the start (more load at run time through POST "
+                                        "/v1/load_lora_adapter); needs max_loras >= 1.")
+
     @model_validator(mode="after")
     def _power_of_two(self) -> "ModelSpec":
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _adapters(self) -> "ModelSpec":
+        if self.adapters and self.max_loras < 1:
+            raise ValueError(f"model {self.name!r} lists adapters but max_loras is 0: set "
+                             "max_loras to the adapters a replica holds at once")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras})")
+        names = [a.name for a in self.adapters]
+        dup = {n for n in names if names.count(n) > 1} | ({self.name} & set(names))
+        if dup:
+            raise ValueError(f"adapter names must be unique and differ from the model's: "
+                             f"{sorted(dup)}")
         return self
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
+from .adapters import AdapterSpec
 from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
@@ -39,7 +40,8 @@ def config_reference() -> str:
     """The Markdown reference of every operator config key, from the Field
     descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
-                ("models[].model", ModelSpec), ("models[].model.speculative", SpeculativeSpec),
+                ("models[].model", ModelSpec), ("models[].model.adapters[]", AdapterSpec),
+                ("models[].model.speculative", SpeculativeSpec),
                 ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
                 ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),

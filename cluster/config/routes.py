@@ -143,12 +143,12 @@ class RouteSpec(_Strict):
 
 def servable_names(models: list[Any]) -> set[str]:
     """Names a route may use as variants: every served model's, and every
-    adapter's where the served models declare ``adapters`` (entries named by
-    a ``name`` attribute or plain strings)."""
+    LoRA adapter's its model declares (``ModelSpec.adapters``: entries named
+    by a ``name`` attribute or plain strings)."""
     names = set()
     for m in models:
         names.add(m.model.name)
-        for a in getattr(m, "adapters", None) or ():
+        for a in getattr(m.model, "adapters", None) or getattr(m, "adapters", None) or ():
             names.add(a if isinstance(a, str) else getattr(a, "name", None))
     names.discard(None)
     return names

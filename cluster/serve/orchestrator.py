@@ -42,6 +42,7 @@ from typing import AsyncIterator
 import grpc
 import msgspec
 
+from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts
 from splitserve.cluster.api.backend import (
     Backend,
     ClusterMetrics,
@@ -62,7 +63,8 @@ from splitserve.cluster.observability.tracing import ingress_span
 from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
 from splitserve.engine.errors import InvalidRequestError, RequestFailedError
 from splitserve.engine.hashing import block_hashes
-from splitserve.handoff.messages import ErrorKind, GenerateRequest, PrefillPlacement
+from splitserve.engine.lora.adapter import AdapterRef
+from splitserve.handoff.messages import Adapter, ErrorKind, GenerateRequest, PrefillPlacement
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_FINISH_REASON, ATTR_MODEL,
                                         ATTR_OUTPUT_TOKENS, ATTR_PREFILL_REPLICA,
@@ -132,6 +134,7 @@ class ClusterBackend(Backend):
         tls = cfg.transfer.tls
         self._clients = WorkerClients(self.token, None if tls is None else tls.load())
         self._models: dict[str, _Model] = {}
+        bases: dict[str, BaseFacts] = {}
         for served in cfg.models:
             spec = served.model
             path = checkpoint_dir(spec)
@@ -144,6 +147,12 @@ class ClusterBackend(Backend):
             self._models[spec.name] = _Model(spec.name, tokenizer, spec.block_size,
                                              limit, mc.vocab_size, spec.tool_call_parser,
                                              spec.reasoning_parser)
+            bases[spec.name] = BaseFacts(mc, spec.max_loras, spec.max_lora_rank)
+        # the operator's adapters, checked against their models now: a bad one fails the start
+        self.adapter_registry = AdapterRegistry(bases)
+        for served in cfg.models:
+            for a in served.model.adapters:
+                self.adapter_registry.load(a.name, a.path, served.model.name)
         self._created = int(time.time())
         # at least twice a second: a hot edit of a route's weights is in force this soon
         self.routing = RouteClient.for_config(cfg, min(0.5, cfg.router.stats_period_s))
@@ -158,14 +167,23 @@ class ClusterBackend(Backend):
                                         models=[s.model.name for s in self.cfg.models])
         return self._router
 
+    def _resolve(self, name: str) -> tuple[_Model, AdapterRef | None]:
+        """The model lookup: the served base model ``name`` names, and the
+        LoRA adapter when it names one (``AdapterRegistry``)."""
+        m = self._models.get(name)
+        if m is not None:
+            return m, None
+        served = self.resolve_adapter(name)
+        if served is None:
+            raise UnknownModel(name, [i.name for i in self.models()])
+        return self._models[served.base], served.ref
+
     def _model(self, name: str) -> _Model:
-        try:
-            return self._models[name]
-        except KeyError:
-            raise UnknownModel(name, list(self._models)) from None
+        return self._resolve(name)[0]
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m.name, m.max_model_len, self._created) for m in self._models.values()]
+        return self.with_adapters([ModelInfo(m.name, m.max_model_len, self._created)
+                                   for m in self._models.values()])
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self._model(model).tokenizer
@@ -219,8 +237,9 @@ class ClusterBackend(Backend):
 
     async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[dict]:
-        m = self._model(model)
+        m, adapter = self._resolve(model)
         self.validate(model, prompt_token_ids, params)
+        root = adapter.hash_root if adapter is not None else 0
         produced: list[int] = []
         exclude: set[str] = set()
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
@@ -230,7 +249,7 @@ class ClusterBackend(Backend):
         deadlines = StreamDeadlines(
             self.cfg.deadlines, request_id,
             params.max_tokens or m.max_model_len - len(prompt_token_ids))
-        rec = RequestRecorder(model)
+        rec = RequestRecorder(model)  # an adapter's requests under its own name
         error: BaseException | None = None
         trace = ingress_span() if self.tracer is not None else None
         if trace is not None:
@@ -247,12 +266,14 @@ class ClusterBackend(Backend):
                     resumed_tokens=params.resumed_tokens + len(produced),
                     prompt_logprobs=None)  # delivered with the first output
                 req = RouteRequest(
-                    request_id=f"{request_id}-{len(produced)}-{attempts_left}", model=model,
+                    request_id=f"{request_id}-{len(produced)}-{attempts_left}", model=m.name,
                     prompt_len=len(ids), max_tokens=p.max_tokens or 1,
-                    # a scored prompt is computed whole: no replica's cache helps it
-                    block_hashes=tuple(block_hashes(ids, m.block_size))
+                    # a scored prompt is computed whole: no replica's cache helps it;
+                    # an adapter's prompt matches only blocks cached under it
+                    block_hashes=tuple(block_hashes(ids, m.block_size, root=root))
                     if p.prompt_logprobs is None else (),
-                    exclude_replicas=frozenset(exclude))
+                    exclude_replicas=frozenset(exclude),
+                    adapter=adapter.key if adapter is not None else None)
                 placement = await self._route(lease, req, admitted, arrival, trace)
                 admitted = True
                 decode = placement.decode_replica
@@ -260,6 +281,7 @@ class ClusterBackend(Backend):
                 body = GenerateRequest(
                     request_id=request_id, prompt_token_ids=ids, params=p.to_dict(),
                     prefill=PrefillPlacement(address=prefill) if prefill else None,
+                    adapter=Adapter.of(adapter),
                     traceparent=None if trace is None else trace.traceparent)
                 before = len(produced)
                 stream = self._clients.get(decode).generate(body, timeout=deadlines.remaining())
@@ -294,6 +316,8 @@ class ClusterBackend(Backend):
                         raise DeadlineExceeded(
                             f"request {request_id} timed out on {decode}: {e.message}") from None
                     retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
+                    if e.kind is ErrorKind.ADAPTER_UNAVAILABLE:  # another replica may read it
+                        retry = retry | {grpc.StatusCode.FAILED_PRECONDITION}
                     attempts_left -= 1
                     if is_request_fault(e):
                         faults += 1

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 from splitserve.cluster.api.routing import Routing
+from splitserve.cluster.config.routes import servable_names
 from splitserve.router.route_book import RouteBook
 from splitserve.router.route_messages import RouteReply, RouteReport, RouteTable, VariantOutcome, decode, encode
 
@@ -120,7 +121,7 @@ class RouteClient(Routing):
         """The client of an ingress deployed with ``cfg`` (a ClusterConfig)."""
         book = RouteBook()
         book.apply([r.policy() for r in cfg.routes])
-        return cls(book.table(), {m.model.name for m in cfg.models}, period_s)
+        return cls(book.table(), servable_names(cfg.models), period_s)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -315,8 +315,8 @@ class RouterActor:
         out: dict[str, Any] = {}
         for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
-            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
-                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
+            out[model] = {Role.PREFILL.value: [_plain(s) for s in snap.prefill],
+                          Role.DECODE.value: [_plain(s) for s in snap.decode]}
         return out
 
     def counters(self) -> dict[str, Any]:
@@ -422,3 +422,8 @@ class RouterFanout:
                 self._handle(i).remove_replica.remote(replica_id)
             except Exception:  # noqa: BLE001 - that router learns it from the missing pushes
                 self._handles[i] = None
+
+
+def _plain(stats) -> dict[str, Any]:
+    """A replica's stats as plain data (adapter sets as sorted lists, for JSON)."""
+    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(stats).items()}

@@ -34,7 +34,8 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESH
 
 
 # model settings only the ingress reads: editing them rebuilds no worker replica
-INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template"}
+# (adapters: requests carry the adapter they run with, replicas read it then)
+INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template", "adapters"}
 
 
 def speculative_config(spec: ModelSpec, role: Role):
@@ -80,6 +81,8 @@ def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
+        max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
+        max_cpu_loras=spec.max_cpu_loras,
         enforce_eager=spec.enforce_eager,
         speculative=speculative_config(spec, role),
     ))

@@ -66,9 +66,11 @@ class DraftModelProposer(Proposer):
         ecfg = ctx.engine_cfg
         self.block_size = ecfg.block_size
         num_blocks = cfg.draft_num_blocks or ctx.num_blocks
+        # the draft serves no LoRA adapters: it drafts from the base model
+        # for every sequence, adapters included (the target verifies with them)
         dcfg = dataclasses.replace(ecfg, model=str(path), num_blocks=num_blocks,
                                    enable_prefix_caching=False, weight_dtype="auto",
-                                   speculative=None)
+                                   speculative=None, max_loras=0, max_cpu_loras=None)
         model = load_model(ckpt, ctx.dtype, ctx.device)
         self.model_cfg = ckpt.model_config
         self.runner = ModelRunner(model, ckpt.model_config, dcfg, ctx.dtype, ctx.device, num_blocks)
