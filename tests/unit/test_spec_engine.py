@@ -227,3 +227,23 @@ def test_handoff_admission_prefills_the_draft(tiny_llama, plain):
             toks += o.new_token_ids
     assert toks == want and decode.spec.counters.accepted_tokens > 0
     assert idle(decode) and idle(prefill)
+
+
+def test_lora_adapters_verify_with_their_adapter(tiny_llama, tmp_path):
+    pytest.importorskip("peft")
+    from tests.fixtures.lora_adapters import build_adapter
+
+    path = build_adapter(tiny_llama, tmp_path / "attn", seed=1, r=4, lora_alpha=8)
+    ps = copy_prompts(512, n=3, seed=11)
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    engines = [make(tiny_llama, spec, max_loras=1) for spec in (
+        None, SpeculativeConfig(method="draft", draft_model=str(tiny_llama),
+                                num_speculative_tokens=3, **FIXED))]
+    for eng in engines:
+        eng.add_adapter("attn", str(path))
+    # mixed batch: the adapter and the base model; the draft drafts from the base model
+    want, got = (eng.generate(ps, sp, adapters=["attn", None, "attn"]) for eng in engines)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(idle(e) for e in engines)
+    c = engines[1].spec.counters
+    assert 0 < c.accepted_tokens < c.draft_tokens  # the adapter's rows disagree with the base draft
