@@ -11,6 +11,7 @@ from splitserve.engine.roles import Role
 
 from .adapters import AdapterSpec
 from .base import _Strict
+from .speculative import SpeculativeSpec
 
 
 class ModelSpec(_Strict):
@@ -55,6 +56,9 @@ class ModelSpec(_Strict):
         "carry it apart from the content): qwen3 <think>...</think>, deepseek_r1 (the template "
         "opens <think>, the output closes it); auto: detected from its chat template (none "
         "when it mentions no think tags); none: the output is all content.")
+    speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding on "
+                                                "the decode (and colocated) replicas; None: off. "
+                                                "See models[].model.speculative.")
 
     max_loras: int = Field(0, ge=0, le=64, description="LoRA adapters one replica holds on its "
                            "device at once (each a slot of max_lora_rank on every projection); "
