@@ -3,7 +3,11 @@
 The scheduler hands over ``ScheduledSeq`` items (plain integers); this
 module turns them into the flat batch the model runs on and returns the
 logits of the sequences whose chunk reached their last token (and, for
-requests that ask, the logprobs of their prompt tokens).
+requests that ask, the logprobs of their prompt tokens). A sequence with
+draft tokens (speculative decoding) runs its last token and its drafts as
+one multi-token chunk, like a prompt chunk, and returns a logit row for
+each of them, consecutive and in order. Such verify steps are not
+decode-only, so they run eagerly, never through the captured CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from splitserve.engine.config import DTYPES, EngineConfig, ModelConfig
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.kernels.lora import LoraMeta, lora_meta_runs
 
 
 def resolve_dtype(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -53,6 +58,7 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
+    lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
 
 
 PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
@@ -69,6 +75,7 @@ class ModelRunner:
         self.model = model
         self.model_cfg = model_cfg
         self.cfg = cfg
+        self.lora_slots = cfg.max_loras  # the model's LoRA stacks are allocated (LoraManager)
         self.device = device
         self.dtype = dtype
         self.block_size = cfg.block_size
@@ -88,7 +95,7 @@ class ModelRunner:
             max_len = cfg.max_model_len or model_cfg.max_position
             self.graphs = CudaGraphRunner(
                 model, self.kv_cache, cfg.max_num_seqs, -(-max_len // cfg.block_size),
-                self.k_scale, self.v_scale)
+                self.k_scale, self.v_scale, lora_slots=self.lora_slots)
             self.graphs.capture()
 
     def prepare(self, scheduled: list[ScheduledSeq], kv: KVCacheManager) -> StepInputs:
@@ -104,25 +111,31 @@ class ModelRunner:
         p_rows: list[int] = []
         p_targets: list[int] = []
         p_owners: list[tuple[int, int]] = []
+        lora_runs: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
-            end = start + n
+            end = start + n - len(s.spec_token_ids)  # the sequence's own tokens
             if getattr(seq.params, "prompt_logprobs", None) is not None:
                 for p in range(start, min(end, seq.num_prompt_tokens - 1)):
                     p_rows.append(cu[-1] + p - start)
                     p_targets.append(seq.token_ids[p + 1])
                     p_owners.append((i, p))
             table = kv.raw_block_ids(seq.seq_id)
+            lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
+            ids.extend(spec)
+            stop = end + len(spec)
+            pos.extend(range(start, stop))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, stop))
             cu.append(cu[-1] + n)
-            ctx.append(end)
+            ctx.append(stop)
             tables.append(table)
-            if end == seq.num_tokens:
-                logit_rows.append(cu[-1] - 1)
-                logit_seqs.append(i)
+            if spec or end == seq.num_tokens:
+                first = cu[-1] - 1 - len(spec)
+                logit_rows.extend(range(first, cu[-1]))
+                logit_seqs.extend([i] * (1 + len(spec)))
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
@@ -144,6 +157,8 @@ class ModelRunner:
             prompt_rows=p_rows,
             prompt_targets=p_targets,
             prompt_owners=p_owners,
+            lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
+            if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
         )
 
     @torch.inference_mode()
@@ -157,9 +172,11 @@ class ModelRunner:
         inp = self.prepare(scheduled, kv)
         hidden = None
         if self.graphs is not None and on_layer_done is None:
-            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:
             kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
+            if inp.lora is not None:
+                kwargs["lora"] = inp.lora
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
         prompt_lps = self._prompt_logprobs(hidden, inp, scheduled) if inp.prompt_rows else {}
         if inp.logit_rows.numel() == 0:

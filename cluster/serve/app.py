@@ -24,6 +24,7 @@ from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig
 
 log = logging.getLogger("splitserve.app")
+ROUTES_WAIT_S = 10.0  # how long deploy waits for the ingresses to take edited routes
 
 # Ray Serve builds an autoscaling policy (on ``serve.status()``, and when a
 # deployment's options are set) by registering the policy's module for
@@ -51,8 +52,9 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
-        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
-                                            cfg.transfer, cfg.router, secrets_version))
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
+                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.observability.tracing))
     return out
 
 
@@ -94,12 +96,28 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.observability.tracing import check_installed
 
+    check_installed(cfg.observability.tracing)
     connect(address)
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))
     wait_for_pools(cfg, wait_s)
+    out.update(_apply_routes(cfg, with_ingress))
     return out
+
+
+def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
+    """Hand the routes to the route controller once every variant's pools
+    are up, and wait (briefly) until the running ingresses hold them: a
+    weight edit is then in force when deploy returns, no replica restarted."""
+    from splitserve.cluster.serve.route_actor import apply_routes, wait_for_ingresses
+
+    version, lines = apply_routes([r.policy() for r in cfg.routes])
+    behind = wait_for_ingresses(version, ROUTES_WAIT_S) if with_ingress else []
+    if behind:
+        log.warning("routes version %d not yet confirmed by ingresses %s", version, behind)
+    return {"routes": lines, "routes_pending": behind}
 
 
 def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
@@ -112,8 +130,14 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=prev is None or router_config(prev) != rcfg)
+                   reconfigure=(prev is None or router_config(prev) != rcfg
+                                or prev.observability.tracing != tracing),
+                   tracing=None if tracing is None else tracing.model_dump())
+    from splitserve.cluster.serve.route_actor import get_route_actor
+
+    get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
@@ -154,9 +178,11 @@ def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
 
 
 def _ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
-    """The settings the ingress uses: everything but the pools and the
-    secrets (their version is compared on its own)."""
+    """The settings the ingress uses: everything but the pools, the routes
+    (the ingresses follow the route controller) and the secrets (their
+    version is compared on its own)."""
     d = secrets.public_config(cfg)
+    d.pop("routes")
     for m in d["models"]:
         m.pop("prefill")
         m.pop("decode")
@@ -186,5 +212,8 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
 
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
+    from splitserve.cluster.serve.route_actor import kill_route_actor
+
     serve.shutdown()
     kill_routers()
+    kill_route_actor()
