@@ -32,7 +32,7 @@ INVALID = [
      "models.0.decode: Value error, min_replicas must be at least 1 when autoscaling is set: "
      "the policy scales on metrics that running replicas report"),
     ("models:\n  - decode: {autoscaling: {bottleneck: disk}}\n",
-     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory' or 'network'"),
+     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory', 'network' or 'requests'"),
     ("models:\n  - decode: {autoscaling: {target_kv_usage: 0.5}}\n",
      "models.0.decode.autoscaling.bottleneck: Field required"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_busy_fraction: 1.5}}\n",
