@@ -14,6 +14,7 @@ import torch
 
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
+from splitserve.engine.spec.config import SpeculativeConfig
 
 DTYPES = {
     "float32": torch.float32,
@@ -253,6 +254,8 @@ class EngineConfig:
     # r-th GPU from ``device`` on, or all on the CPU
     tensor_parallel_size: int = 1
     seed: int = 0
+    # speculative decoding (splitserve.engine.spec); None: off
+    speculative: SpeculativeConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -95,3 +95,26 @@ def test_ranks_stop_with_the_engine(tiny_checkpoints):
     assert all(p.is_alive() for p in procs)
     eng.close()
     assert not any(p.is_alive() for p in procs)
+
+
+@pytest.mark.slow
+def test_tp2_verifies_draft_tokens_like_tp1(tiny_checkpoints, engines):
+    """Speculative decoding at TP=2: verify steps (a sequence's last token
+    and its drafts as one chunk, a logit row each) run on both ranks, and
+    the draft model runs unsplit beside rank 0."""
+    from splitserve.engine.spec.config import SpeculativeConfig
+
+    path = tiny_checkpoints["llama"]
+    ref = hf_model(path)
+    # repetitive prompts: n-gram drafts find matches and get accepted
+    prompts = [[7, 8, 9, 10] * 4, [3, 4, 5] * 5 + [3]]
+    want = hf_greedy(ref, prompts, MAX_NEW)
+    for spec in (SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False),
+                 SpeculativeConfig(method="draft", draft_model=str(path), adaptive=False,
+                                   num_speculative_tokens=2)):
+        eng = make(path, 2, speculative=spec)
+        engines.append(eng)
+        assert [r.token_ids for r in eng.generate(prompts, GREEDY)] == want
+        assert eng.spec.counters.draft_tokens > 0
+        eng.kv.check_invariants()
+        assert eng.kv.all_free()
