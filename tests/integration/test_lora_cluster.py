@@ -11,7 +11,6 @@ request, unload, then 404; the API's 400 / 404 / 409 / 401 answers.
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -29,6 +28,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import build_adapter
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.slow
 KEY = "sk-lora-test"
 PROMPTS = ["the quick brown fox", "once upon a time there was", "hello world, this is"]
 MAX_NEW = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

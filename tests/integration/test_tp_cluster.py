@@ -6,7 +6,6 @@ Completions through the official openai client equal a TP=1 engine's."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,12 @@ from splitserve.cluster.serve import app
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-tp-test"
 MODEL = "tp-llama"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_children(app_name: str) -> dict[int, list[int]]:
