@@ -79,10 +79,14 @@ class PoolReadiness:
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether every model can be served: a live replica in each required pool."""
+    """Whether every model can be served: a live replica in each required pool
+    and nothing else in the way (``problems``)."""
 
     pools: tuple[PoolReadiness, ...] = ()
     error: str = ""  # why the replicas could not be learned (the router is down)
+    problems: tuple[str, ...] = ()  # other reasons the API would not answer every
+    # model: a model missing from the ingress' table or its router's config, an
+    # ingress rollout under way
 
     @property
     def missing(self) -> list[PoolReadiness]:
@@ -90,12 +94,13 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return not self.error and not self.missing
+        return not self.error and not self.missing and not self.problems
 
     def reason(self) -> str:
         if self.error:
             return self.error
-        return "; ".join(f"model {p.model!r} has no live {p.pool} replica" for p in self.missing)
+        return "; ".join([*self.problems, *(f"model {p.model!r} has no live {p.pool} replica"
+                                            for p in self.missing)])
 
     def to_dict(self) -> dict[str, Any]:
         """The /ready body: status, every pool's live replica count, what is missing."""

@@ -7,11 +7,13 @@ which asks the router for placements and streams from decode replicas.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.serve.rollout import IngressRollout, ingress_digest, publish_target
 
 log = logging.getLogger("splitserve.ingress")
 
@@ -28,7 +30,13 @@ class Ingress:
         # when they change)
         self.cfg = ClusterConfig.model_validate(cfg)
         self.api_keys = secrets.api_keys(self.cfg.auth)
-        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token())
+        # registered before it serves: while it lives, no replica of another
+        # config is ready (splitserve.cluster.serve.rollout)
+        self.rollout = IngressRollout(ingress_digest(self.cfg, secrets_version))
+        await asyncio.to_thread(self.rollout.beat)
+        self.rollout.start()
+        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(),
+                                      rollout_problems=self.rollout.problems)
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,
@@ -42,10 +50,18 @@ class Ingress:
         return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes,
                               observability=self.cfg.observability)
 
+    async def readiness_report(self) -> dict:
+        """What /ready answers (``Readiness.to_dict``); ``splitserve deploy`` waits on it."""
+        return (await self.backend.readiness()).to_dict()
+
     async def check_health(self) -> None:
         pass
 
     async def __del__(self) -> None:
+        try:
+            await asyncio.to_thread(self.rollout.stop)
+        except Exception:  # noqa: BLE001 - best effort: the entry ages out
+            pass
         try:
             await self.grpc_server.stop(1.0)
             await self.backend.close()
@@ -54,8 +70,12 @@ class Ingress:
 
 
 def ingress_app(cfg: ClusterConfig, secrets_version: str):
+    """The ingress deployment of ``cfg``, bound; publishes its config as the
+    cluster's target (``rollout``): replicas of any other config stop being
+    ready now (needs a connected Ray driver)."""
     from splitserve.cluster.serve.secrets import public_config
 
+    publish_target(ingress_digest(cfg, secrets_version))
     dep = serve.deployment(Ingress).options(
         name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=4096, health_check_period_s=5.0)

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import msgspec
@@ -107,7 +107,10 @@ class _Model:
 
 class ClusterBackend(Backend):
     def __init__(self, cfg: ClusterConfig, router: RouterClient | None = None,
-                 token: str | None = None):
+                 token: str | None = None,
+                 rollout_problems: Callable[[], Awaitable[Sequence[str]]] | None = None):
+        """``rollout_problems``: why this ingress replica must not say it is
+        ready beyond the pools (``splitserve.cluster.serve.rollout``)."""
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
@@ -116,6 +119,7 @@ class ClusterBackend(Backend):
             raise ValueError("ClusterBackend needs the cluster token: pass token= (inside a "
                              "cluster: splitserve.cluster.serve.secrets.cluster_token())")
         self._router = router
+        self._rollout_problems = rollout_problems
         tls = cfg.transfer.tls
         self._clients = WorkerClients(self.token, None if tls is None else tls.load())
         self._models: dict[str, _Model] = {}
@@ -282,11 +286,25 @@ class ClusterBackend(Backend):
             self.router.release(lease, finished_with)  # never waits; no-op if refused
 
     async def readiness(self) -> Readiness:
+        """Ready when this ingress serves every configured model (its model
+        table), each model's router (the one its requests go to) serves it
+        and counts a live replica in each required pool, and no ingress
+        replica of another config still takes requests."""
+        problems = [f"model {s.model.name!r} is not in this ingress' model table"
+                    for s in self.cfg.models if s.model.name not in self._models]
+        problems += await self._rollout_problems() if self._rollout_problems is not None else []
         try:
-            live = await self.router.ask("live_replicas", ROUTER_QUERY_S)
+            asked = await self.router.ask_placing([s.model.name for s in self.cfg.models],
+                                                  "live_replicas", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return Readiness(error=f"the router is unavailable: {type(e).__name__}")
-        return cluster_readiness(self.cfg, live)
+        live: dict[str, dict[str, int]] = {}
+        for model, (index, counts) in asked.items():
+            if model in counts:
+                live[model] = counts[model]
+            else:  # configured before the model was added, and not reconfigured
+                problems.append(f"router {index} does not serve model {model!r}")
+        return cluster_readiness(self.cfg, live, tuple(problems))
 
     async def cluster_metrics(self) -> ClusterMetrics:
         try:

@@ -33,6 +33,7 @@ import msgspec
 import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
+from splitserve.cluster.serve import router_state
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
@@ -69,7 +70,30 @@ class RouterActor:
         self._ticker: asyncio.Task | None = None
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
+        self._persist = False  # a cluster's named router keeps its state (router_state)
+        cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
+
+    def _restore(self, cfg: RouterConfig) -> tuple[RouterConfig, bool]:
+        """The config and prefer-local switch to start with. A named router
+        that Ray restarted takes them from ``router_state`` (its constructor
+        argument is the config it was first created with, older than a
+        ``reconfigure``); on its first start it stores its config there and
+        takes the cluster's switch. An unnamed one (tests) keeps ``cfg``."""
+        if not ray.is_initialized():
+            return cfg, False
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is None or not ctx.get_actor_name():
+            return cfg, False
+        self._persist = True
+        if ctx.was_current_actor_reconstructed:
+            state = router_state.load()
+            if state.config is not None:
+                log.info("router %d restarted: config and prefer-local switch (%s) restored",
+                         self.index, state.prefer_local_prefill)
+            return state.config or cfg, state.prefer_local_prefill
+        router_state.save_config(cfg)
+        return cfg, router_state.load().prefer_local_prefill
 
     def _install(self, service: RouterService) -> None:
         from splitserve.cluster.serve.router_client import router_order
@@ -78,6 +102,7 @@ class RouterActor:
         self.metrics.models = {m for m in models
                                if router_order(m, self.count, models)[0] == self.index}
         self.service = service
+        service.core.set_prefer_local_prefill(self._prefer_local)
         service.on_placement = self.metrics.count_placement
         service.on_refusal = self.metrics.count_rejection
 
@@ -91,7 +116,10 @@ class RouterActor:
 
     def reconfigure(self, cfg: RouterConfig) -> None:
         """Replace the routing config: like a restart, the replicas push their
-        stats again and the ingresses send their slots with their next heartbeat."""
+        stats again and the ingresses send their slots with their next heartbeat.
+        The prefer-local switch is kept."""
+        if self._persist:
+            router_state.save_config(cfg)
         self._install(RouterService(cfg))
 
     # -- replicas -------------------------------------------------------------------
@@ -131,7 +159,11 @@ class RouterActor:
 
     def set_prefer_local_prefill(self, prefer: bool, forward: bool = True) -> None:
         """The autoscaler's network signal (it tells router 0): passed on to
-        the other routers, which place other models or take over."""
+        the other routers, which place other models or take over, and kept
+        in ``router_state``, where a restarted router finds it."""
+        if forward and self._persist and prefer != self._prefer_local:
+            router_state.save_prefer_local(prefer)
+        self._prefer_local = prefer
         self.core.set_prefer_local_prefill(prefer)
         for i in range(self.count) if forward else ():
             if i != self.index:
@@ -240,10 +272,11 @@ class RouterActor:
     def counters(self) -> dict[str, Any]:
         """The core's decision counters, plus admission and queue state:
         ``in_flight`` (slots held, per model), ``queued`` (per model),
-        ``refusals`` by reason, and lease counts (``unbalanced_releases``,
+        ``refusals`` by reason, the prefer-local-prefill switch, and lease counts (``unbalanced_releases``,
         ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
         svc = self.service
         return {**asdict(self.core.counters()), "queued": svc.queued(),
+                "prefer_local_prefill": self.core.state.prefer_local_prefill,
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
                 "queued_total": svc.counts["queued"],
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
@@ -280,11 +313,15 @@ def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> 
 
 
 def kill_routers(start: int = 0) -> None:
+    """Remove routers ``start`` and above; all of them (``start`` 0) also
+    forgets their stored state (``router_state``)."""
     for i in range(start, MAX_ROUTERS):
         try:
             ray.kill(ray.get_actor(router_name(i), namespace=NAMESPACE))
         except ValueError:
             pass
+    if start == 0:
+        router_state.clear()
 
 
 class RouterFanout:
