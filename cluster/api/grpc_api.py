@@ -395,7 +395,10 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     server = grpc.aio.server(
         interceptors=interceptors + [DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes)])
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 # several ingress replicas on one node listen on one port (gRPC's
+                 # default on Linux, stated because the ingress relies on it)
+                 ("grpc.so_reuseport", 1)])
     pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool), server)
     health = health or HealthService()
     health.follow(backend)

@@ -138,6 +138,7 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         from splitserve.cluster.serve.ingress import ingress_app
 
         if ("ingress" not in running or prev is None or ingress_view(prev) != ingress_view(cfg)
+                or prev.endpoints.ingress_replicas != cfg.endpoints.ingress_replicas
                 or version != ray.get(ledger.secrets_version.remote())):
             serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"

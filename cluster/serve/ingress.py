@@ -1,8 +1,16 @@
 """The client-facing ingress as a Ray Serve deployment.
 
-HTTP (OpenAI API) arrives through Serve's proxy; the replica also runs the
+HTTP (OpenAI API) arrives through Serve's proxy; each replica also runs the
 gRPC API server on ``endpoints.grpc_port``. Both call one ``ClusterBackend``,
 which asks the router for placements and streams from decode replicas.
+
+There are ``endpoints.ingress_replicas`` replicas. Serve's proxy spreads
+HTTP requests over them. Their gRPC servers on one node bind the same port
+(``SO_REUSEPORT``, ``start_grpc_server``), and the kernel spreads new
+connections over the listening sockets; a replica that dies closes its
+socket, and clients that reconnect reach another. Each replica holds its
+own admission slots at the routers (one lease holder per process): the
+slots of a replica that dies expire after ``router.lease_ttl_s``.
 """
 
 from __future__ import annotations
@@ -76,7 +84,11 @@ def ingress_app(cfg: ClusterConfig, secrets_version: str):
     from splitserve.cluster.serve.secrets import public_config
 
     publish_target(ingress_digest(cfg, secrets_version))
+    args = public_config(cfg)
+    # the replicas' count is the deployment's, not theirs: changing it
+    # scales the ingress without replacing the replicas that run
+    args["endpoints"].pop("ingress_replicas")
     dep = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=4096, health_check_period_s=5.0)
-    return dep.bind(public_config(cfg), secrets_version)
+        name="ingress", num_replicas=cfg.endpoints.ingress_replicas,
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, health_check_period_s=5.0)
+    return dep.bind(args, secrets_version)

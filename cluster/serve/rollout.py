@@ -42,14 +42,16 @@ TTL_S = 5.0  # an entry older than this is a replica that is gone
 
 
 def ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
-    """The settings the ingress uses: everything but the pools and the
-    secrets (their version is compared on its own)."""
+    """The settings an ingress replica uses: everything but the pools, the
+    number of ingress replicas (Serve scales the ingress without replacing
+    its replicas) and the secrets (their version is compared on its own)."""
     from splitserve.cluster.serve.secrets import public_config
 
     d = public_config(cfg)
     for m in d["models"]:
         m.pop("prefill")
         m.pop("decode")
+    d["endpoints"].pop("ingress_replicas")
     return d
 
 

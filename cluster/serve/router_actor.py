@@ -272,11 +272,15 @@ class RouterActor:
     def counters(self) -> dict[str, Any]:
         """The core's decision counters, plus admission and queue state:
         ``in_flight`` (slots held, per model), ``queued`` (per model),
-        ``refusals`` by reason, the prefer-local-prefill switch, and lease counts (``unbalanced_releases``,
+        ``refusals`` by reason, the prefer-local-prefill switch, the slots
+        each ingress process holds (``slots_by_holder``: holder -> count;
+        a holder is ``node:pid:id``), and lease counts (``unbalanced_releases``,
         ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
         svc = self.service
         return {**asdict(self.core.counters()), "queued": svc.queued(),
                 "prefer_local_prefill": self.core.state.prefer_local_prefill,
+                "slots_by_holder": {h: sum(1 for _ in svc.leases.of_holder(h))
+                                    for h in svc.leases.holders()},
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
                 "queued_total": svc.counts["queued"],
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",

@@ -98,3 +98,18 @@ def test_a_rollout_or_a_model_missing_from_the_table_is_not_ready():
     be = backend(config("m"), routers)
     be._models = {}
     assert ready(be).problems == ("model 'm' is not in this ingress' model table",)
+
+
+def test_several_ingress_replicas_need_a_fixed_grpc_port():
+    import pytest
+
+    from splitserve.cluster.config import ConfigError
+
+    base = {"models": [{"model": {"name": "m", "path": "/x"}}]}
+    cfg = parse_config({**base, "endpoints": {"ingress_replicas": 3}})
+    assert cfg.endpoints.ingress_replicas == 3
+    assert parse_config(base).endpoints.ingress_replicas == 1
+    with pytest.raises(ConfigError, match="grpc_port 0"):
+        parse_config({**base, "endpoints": {"ingress_replicas": 2, "grpc_port": 0}})
+    # the count is the deployment's: scaling the ingress is no new ingress config
+    assert ingress_digest(cfg, "v") == ingress_digest(parse_config(base), "v")
