@@ -22,6 +22,7 @@ versions know of no replicas: always ready, no replica metrics.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -59,6 +60,24 @@ class Unavailable(SplitserveError):
 class DeadlineExceeded(SplitserveError):
     """A deadline between the ingress and a worker passed (no first token,
     or no next token, in time): the request was cancelled on the workers."""
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """How a request is scheduled, besides what it samples (the client APIs
+    read these: ``splitserve.cluster.api.request_options``)."""
+
+    priority: int = 0
+    """Its place in the router's queue: lower first (vLLM's ``priority``),
+    equal priorities in arrival order."""
+    deadline: float | None = None
+    """Wall-clock seconds (``time.time()``) by which the request must end
+    (its client's timeout): it waits for a replica at most until then (and
+    at most ``router.max_queue_delay_s``), and a stream still running then
+    is cancelled (DeadlineExceeded). None: only the cluster's deadlines."""
+
+
+DEFAULT_OPTIONS = RequestOptions()
 
 
 @dataclass(frozen=True)
@@ -147,8 +166,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[dict]:
-        """Stream output dicts. Raises UnknownModel, InvalidRequestError,
+                 params: SamplingParams,
+                 options: RequestOptions = DEFAULT_OPTIONS) -> AsyncIterator[dict]:
+        """Stream output dicts; ``options``: priority and the client's
+        deadline. Raises UnknownModel, InvalidRequestError,
         Overloaded, Unavailable or DeadlineExceeded (RequestFailedError:
         the request failed on the server). Closing the iterator cancels the request
         everywhere and frees its KV blocks."""
@@ -216,14 +237,31 @@ class LocalBackend(Backend):
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)
 
-    async def generate(self, model, request_id, prompt_token_ids, params):
+    async def generate(self, model, request_id, prompt_token_ids, params,
+                       options: RequestOptions = DEFAULT_OPTIONS):
+        """The engine serves its requests in arrival order (no router queue:
+        ``options.priority`` does not apply); ``options.deadline`` cancels
+        the request when it passes."""
         from splitserve.engine.async_engine import EngineDeadError
 
         self._engine(model)
         rec = self._recorder(model)
         error: BaseException | None = None
+        stream = self._async[model].generate(request_id, prompt_token_ids, params)
         try:
-            async for out in self._async[model].generate(request_id, prompt_token_ids, params):
+            while True:
+                # the deadline bounds each wait for the engine, never the
+                # caller's time between outputs
+                limit = None if options.deadline is None else options.deadline - time.time()
+                try:
+                    async with asyncio.timeout(None if limit is None else max(0.0, limit)):
+                        out = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    error = DeadlineExceeded(f"request {request_id} passed its deadline (the "
+                                             "client's timeout); cancelled")
+                    raise error from None
                 d = out.to_dict()
                 rec.on_output(d)
                 yield d
@@ -231,9 +269,10 @@ class LocalBackend(Backend):
             error = Unavailable(f"the engine for {model!r} is not running: {e}")
             raise error from None
         except BaseException as e:
-            error = e
+            error = error or e
             raise
         finally:
+            await stream.aclose()
             rec.finish(error)
 
     async def readiness(self) -> Readiness:

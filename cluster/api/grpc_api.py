@@ -44,6 +44,7 @@ from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.request_options import grpc_options
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
@@ -310,6 +311,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
+        options = grpc_options(request.priority, context.time_remaining(), time.time())
         try:
             self._check_chars(request)
             tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
@@ -319,7 +321,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         backend_id = f"grpc-{uuid.uuid4().hex}"
         request_id = request.request_id or backend_id
         prepare_s = time.perf_counter() - t0
-        stream = self.backend.generate(request.model, backend_id, ids, params)
+        stream = self.backend.generate(request.model, backend_id, ids, params, options)
         chat = None
         if tools is not None or reasoning is not None:
             chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)

@@ -37,12 +37,14 @@ import grpc
 import msgspec
 
 from splitserve.cluster.api.backend import (
+    DEFAULT_OPTIONS,
     Backend,
     ClusterMetrics,
     DeadlineExceeded,
     ModelInfo,
     Overloaded,
     Readiness,
+    RequestOptions,
     Unavailable,
     UnknownModel,
 )
@@ -170,9 +172,10 @@ class ClusterBackend(Backend):
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
     async def _route(self, lease: str, req: RouteRequest, admitted: bool,
-                     arrival: float) -> Placement:
+                     arrival: float, options: RequestOptions) -> Placement:
         try:
-            return await self.router.place(lease, req, arrival=arrival, admitted=admitted)
+            return await self.router.place(lease, req, arrival=arrival, admitted=admitted,
+                                           deadline=options.deadline, priority=options.priority)
         except RouterUnavailableError as e:
             raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
         except RouterError as e:
@@ -187,7 +190,11 @@ class ClusterBackend(Backend):
         return Unavailable(str(e), e.retry_after_s)  # NoCapacityError
 
     async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[dict]:
+                       params: SamplingParams,
+                       options: RequestOptions = DEFAULT_OPTIONS) -> AsyncIterator[dict]:
+        """``options``: the request's priority in its model's router queue,
+        and its own deadline, which bounds its wait there (with
+        ``router.max_queue_delay_s``) and its streams (with ``deadlines``)."""
         m = self._model(model)
         self.validate(model, prompt_token_ids, params)
         produced: list[int] = []
@@ -198,7 +205,8 @@ class ClusterBackend(Backend):
         faults = 0  # failed calls that may be this request's own doing
         deadlines = StreamDeadlines(
             self.cfg.deadlines, request_id,
-            params.max_tokens or m.max_model_len - len(prompt_token_ids))
+            params.max_tokens or m.max_model_len - len(prompt_token_ids),
+            deadline=options.deadline)
         rec = RequestRecorder(model)
         error: BaseException | None = None
         try:
@@ -217,7 +225,7 @@ class ClusterBackend(Backend):
                     block_hashes=tuple(block_hashes(ids, m.block_size))
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude))
-                placement = await self._route(lease, req, admitted, arrival)
+                placement = await self._route(lease, req, admitted, arrival, options)
                 admitted = True
                 decode = placement.decode_replica
                 prefill = placement.prefill_replica
