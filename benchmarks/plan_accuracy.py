@@ -16,7 +16,6 @@ is simulated on the same requests as the planner's own simulations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.datasets import parse_length_dist  # noqa: E402
+from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload  # noqa: E402
 from splitserve.cluster.planning.planner.search import PlanRequest, Planner  # noqa: E402
@@ -93,12 +93,11 @@ def main() -> int:
               f"({'n/a' if excess is None else f'{excess:+.1%}'}) after "
               f"{row['planner_simulations']} simulations in {plan_s:.0f} s "
               f"(exhaustive: {exhaustive_s:.0f} s)", flush=True)
-    rec = {"benchmark": "plan-accuracy", "command": " ".join(sys.argv), "args": vars(args),
+    rec = {**record_header("plan-accuracy"), "args": vars(args),
            "profile": "derived: roofline of llama-3.1-8b on datasheet figures x the efficiency "
                       "model of cluster/planning/catalog.yaml", "workloads": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=1, default=str)
+        write_json(args.out, rec, default=str)
     return 0
 
 

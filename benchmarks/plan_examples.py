@@ -18,7 +18,6 @@ efficiency model of cluster/planning/catalog.yaml, prices from its list.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.datasets import parse_length_dist  # noqa: E402
+from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.planner import report  # noqa: E402
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload  # noqa: E402
@@ -108,10 +108,9 @@ def main() -> int:
             print("  " + line)
         sys.stdout.flush()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"benchmark": "plan-examples", "command": " ".join(sys.argv),
-                       "profile": "derived (datasheet x efficiency model of catalog.yaml)",
-                       "examples": rows}, f, indent=1, default=float)
+        write_json(args.out, {**record_header("plan-examples"),
+                              "profile": "derived (datasheet x efficiency model of catalog.yaml)",
+                              "examples": rows}, default=float)
     return 0
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +23,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitserve.cluster.bench.datasets import parse_length_dist  # noqa: E402
+from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload  # noqa: E402
 from splitserve.cluster.planning.planner.search import PlanRequest, Planner  # noqa: E402
 from splitserve.cluster.planning.shapes import PRESETS  # noqa: E402
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def one(db, args) -> dict:
@@ -83,15 +75,11 @@ def main() -> int:
               f"modelled-only, bounds {c['bounds']['total']:,}, estimate {c['estimate']['total']:,}, "
               f"simulated {c['simulated']}; chosen {r['chosen']} "
               f"(${r['chosen_cost_per_hour'] or float('nan'):.2f}/h)", flush=True)
-    rec = {"benchmark": "plan-speed", "git": git_rev(), "command": " ".join(sys.argv),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "python": platform.python_version()},
-           "args": vars(args), "runs": runs,
+    rec = {**record_header("plan-speed"), "args": vars(args), "runs": runs,
            "wall_s": {"min": min(r["wall_s"] for r in runs), "max": max(r["wall_s"] for r in runs)}}
     print(json.dumps(rec["wall_s"]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=1, default=float)
+        write_json(args.out, rec, default=float)
     return 0
 
 

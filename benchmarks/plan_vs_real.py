@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,26 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from splitserve.cluster.config import load_config  # noqa: E402
+from splitserve.cluster.bench.live import run_cli, serve_and_bench  # noqa: E402
+from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.hardware import local_cpu_key  # noqa: E402
-from splitserve.cluster.planning.sim.cli_args import shapes_for  # noqa: E402
-from splitserve.cluster.planning.sim.simulator import SimOptions, Simulation  # noqa: E402
-from splitserve.cluster.planning.workload import TraceRequest  # noqa: E402
-
-PY = sys.executable
-CLI = [PY, "-m", "splitserve.cluster.cli.main"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return env
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    print("$ " + " ".join(cmd[2:] if cmd[:2] == CLI[:2] else cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=_env(), check=True, **kw)
+from splitserve.cluster.planning.sim.replay import replay_bench_run  # noqa: E402
 
 
 def ensure_profile(db_path: str, fast: bool) -> None:
@@ -61,46 +43,8 @@ def ensure_profile(db_path: str, fast: bool) -> None:
     key = local_cpu_key(1)
     if any(p["hardware_key"] == key for p in db.profiled()):
         return
-    run(CLI + ["profile", "--config", str(ROOT / "deploy/configs/local.yaml"), "--db", db_path,
+    run_cli(["profile", "--config", str(ROOT / "deploy/configs/local.yaml"), "--db", db_path,
                "--handoff"] + (["--fast"] if fast else []))
-
-
-def serve_and_bench(cfg_path: Path, args, record: Path) -> None:
-    cfg = load_config(cfg_path)
-    server = subprocess.Popen(CLI + ["serve", "--config", str(cfg_path)], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 900
-        for line in server.stdout:
-            sys.stderr.write(f"  [serve] {line}")
-            if line.startswith("ready in"):
-                break
-            if time.time() > deadline:
-                raise RuntimeError("the cluster did not start in 900 s")
-        run(CLI + ["bench", "--url", f"http://127.0.0.1:{cfg.endpoints.http_port}", "--model",
-                   cfg.models[0].model.name, "--rates", str(args.rate), "--num-requests",
-                   str(args.num_requests), "--input-len", args.input_len, "--output-len",
-                   args.output_len, "--seed", str(args.seed), "--ttft-slo", str(cfg.slo.ttft_s),
-                   "--tpot-slo", str(cfg.slo.tpot_s), "--out", str(record), "--no-progress"],
-            timeout=7200)
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-
-
-def replay(cfg_path: Path, bench_run: dict, db: ProfileDB, seed: int) -> dict:
-    cfg = load_config(cfg_path)
-    reqs = sorted(bench_run["requests"], key=lambda r: r["send_time"])
-    t0 = reqs[0]["send_time"]
-    wl = [TraceRequest(r["send_time"] - t0, r["prompt_len"], r["output_len"]) for r in reqs]
-    sim = Simulation(cfg, shapes_for(cfg, []), lambda m, role: "local", db, wl,
-                     SimOptions(seed=seed))
-    return sim.run().record["summary"]
 
 
 def main() -> int:
@@ -126,7 +70,7 @@ def main() -> int:
     ensure_profile(db_path, args.fast_profile)
     plan_dir = out / "plan"
     t0 = time.perf_counter()
-    run(CLI + ["plan", "--hardware", f"local:{args.replicas}", "--rate", str(args.rate),
+    run_cli(["plan", "--hardware", f"local:{args.replicas}", "--rate", str(args.rate),
                "--input-len", args.input_len, "--output-len", args.output_len, "--ttft",
                args.ttft, "--tpot", args.tpot, "--db", db_path, "--out", str(plan_dir),
                "--sim-requests", str(args.sim_requests), "--max-replicas", str(args.replicas),
@@ -136,10 +80,12 @@ def main() -> int:
     plan_s = time.perf_counter() - t0
     plan = json.loads((plan_dir / "plan.json").read_text())
     record = out / "bench.json"
-    serve_and_bench(plan_dir / "plan.yaml", args, record)
+    serve_and_bench(plan_dir / "plan.yaml", record, str(args.rate), args.num_requests,
+                    args.input_len, args.output_len, args.seed, start_timeout_s=900,
+                    bench_timeout_s=7200)
     bench = json.loads(record.read_text())["runs"][0]
     real = bench["stats"]
-    sim = replay(plan_dir / "plan.yaml", bench, ProfileDB(db_path), args.seed)
+    sim = replay_bench_run(plan_dir / "plan.yaml", bench, ProfileDB(db_path), args.seed)
     pred = plan["chosen"]["simulated"]
     rows = [("TTFT p90 (ms)", pred["ttft"]["p90"] * 1e3, sim["ttft"]["p90"] * 1e3,
              real["ttft"]["p90"] * 1e3),
@@ -159,9 +105,9 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     (out / "plan-vs-real.md").write_text(text + "\n")
-    (out / "plan-vs-real.json").write_text(json.dumps(
-        {"plan": plan["chosen"], "bench": real, "replay": sim, "args": vars(args),
-         "plan_s": plan_s}, indent=1, default=str))
+    write_json(out / "plan-vs-real.json", {**record_header("plan-vs-real"), "plan": plan["chosen"],
+                                           "bench": real, "replay": sim, "args": vars(args),
+                                           "plan_s": plan_s}, default=str)
     return 0
 
 

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -32,22 +28,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from splitserve.cluster.bench.live import run_cli, serve_and_bench  # noqa: E402
+from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.config import load_config  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.hardware import local_cpu_key  # noqa: E402
-from splitserve.cluster.planning.sim.cli_args import shapes_for  # noqa: E402
-from splitserve.cluster.planning.sim.simulator import SimOptions, Simulation  # noqa: E402
-from splitserve.cluster.planning.workload import TraceRequest  # noqa: E402
-
-PY = sys.executable
-CLI = [PY, "-m", "splitserve.cluster.cli.main"]
+from splitserve.cluster.planning.sim.replay import replay_bench_run  # noqa: E402
 METRICS = (("ttft", "p50"), ("ttft", "p90"), ("tpot", "p50"), ("tpot", "p90"))
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return env
 
 
 def layouts(config: str, out: Path) -> dict[str, Path]:
@@ -64,57 +51,13 @@ def layouts(config: str, out: Path) -> dict[str, Path]:
     return paths
 
 
-def real_run(cfg_path: Path, args, out: Path) -> Path:
-    """Serve ``cfg_path`` locally and bench it; returns the bench record."""
-    record = out / f"bench-{cfg_path.stem}.json"
-    server = subprocess.Popen(CLI + ["serve", "--config", str(cfg_path)], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        for line in server.stdout:
-            sys.stderr.write(f"  [serve] {line}")
-            if line.startswith("ready in"):
-                break
-            if time.time() > deadline:
-                raise RuntimeError("the cluster did not start in 600 s")
-        cfg = load_config(cfg_path)
-        port = cfg.endpoints.http_port
-        subprocess.run(CLI + ["bench", "--url", f"http://127.0.0.1:{port}", "--model",
-                              cfg.models[0].model.name, "--rates", args.rates,
-                              "--num-requests", str(args.num_requests), "--input-len",
-                              args.input_len, "--output-len", args.output_len, "--seed",
-                              str(args.seed), "--ttft-slo", str(cfg.slo.ttft_s), "--tpot-slo",
-                              str(cfg.slo.tpot_s), "--out", str(record), "--no-progress"],
-                       env=_env(), check=True, timeout=3600)
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-    return record
-
-
-def simulate(cfg_path: Path, run: dict, db: ProfileDB, seed: int) -> dict:
-    cfg = load_config(cfg_path)
-    reqs = sorted(run["requests"], key=lambda r: r["send_time"])
-    t0 = reqs[0]["send_time"]
-    workload = [TraceRequest(r["send_time"] - t0, r["prompt_len"], r["output_len"]) for r in reqs]
-    sim = Simulation(cfg, shapes_for(cfg, []), lambda m, role: "local", db, workload,
-                     SimOptions(seed=seed))
-    return sim.run().record["summary"]
-
-
 def ensure_profile(config: str, db: ProfileDB, db_path: str) -> None:
     threads = max(1, int(load_config(config).models[0].decode.num_cpus))
     key = local_cpu_key(threads)
     if any(p["hardware_key"] == key for p in db.profiled()):
         return
     print(f"no measured profile for {key}: profiling", file=sys.stderr)
-    subprocess.run(CLI + ["profile", "--config", config, "--db", db_path, "--handoff"],
-                   env=_env(), check=True)
+    run_cli(["profile", "--config", config, "--db", db_path, "--handoff"])
 
 
 def compare(real: dict, sim: dict) -> dict:
@@ -184,9 +127,10 @@ def main() -> int:
     for layout, cfg_path in layouts(args.config, out).items():
         record = out / f"bench-{cfg_path.stem}.json"
         if not args.reuse:
-            record = real_run(cfg_path, args, out)
+            serve_and_bench(cfg_path, record, args.rates, args.num_requests, args.input_len,
+                            args.output_len, args.seed)
         for run in json.loads(record.read_text())["runs"]:
-            sim = simulate(cfg_path, run, db, args.seed)
+            sim = replay_bench_run(cfg_path, run, db, args.seed)
             rows.append({"layout": layout, "rate": run["rate"],
                          "compare": compare(run["stats"], sim)})
     text = table(rows)
@@ -195,7 +139,8 @@ def main() -> int:
     within = sum(e <= 0.15 for e in errs)
     print(f"{within}/{len(errs)} figures within 15%; worst {max(errs):.0%}" if errs else "no data")
     (out / "comparison.md").write_text(text + "\n")
-    (out / "comparison.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "comparison.json", {**record_header("sim-validate"), "args": vars(args),
+                                         "rows": rows})
     plot(rows, out / "comparison.png")
     return 0
 

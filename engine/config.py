@@ -244,6 +244,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: skip capturing decode steps as CUDA graphs
+    # LoRA adapters: device slots (0: none served), their largest rank, and
+    # how many adapters host memory keeps (None: 4 per slot)
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -256,5 +261,11 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(f"max_loras must be >= 0 and max_lora_rank positive, got "
+                             f"{self.max_loras} and {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras})")
         if self.weight_dtype not in ("auto", "fp8"):
             raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")

@@ -18,6 +18,7 @@ from splitserve.engine.config import DTYPES, EngineConfig, ModelConfig
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.kernels.lora import LoraMeta, lora_meta_runs
 
 
 def resolve_dtype(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -53,6 +54,7 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
+    lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
 
 
 PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
@@ -69,6 +71,7 @@ class ModelRunner:
         self.model = model
         self.model_cfg = model_cfg
         self.cfg = cfg
+        self.lora_slots = cfg.max_loras  # the model's LoRA stacks are allocated (LoraManager)
         self.device = device
         self.dtype = dtype
         self.block_size = cfg.block_size
@@ -88,7 +91,7 @@ class ModelRunner:
             max_len = cfg.max_model_len or model_cfg.max_position
             self.graphs = CudaGraphRunner(
                 model, self.kv_cache, cfg.max_num_seqs, -(-max_len // cfg.block_size),
-                self.k_scale, self.v_scale)
+                self.k_scale, self.v_scale, lora_slots=self.lora_slots)
             self.graphs.capture()
 
     def prepare(self, scheduled: list[ScheduledSeq], kv: KVCacheManager) -> StepInputs:
@@ -104,6 +107,7 @@ class ModelRunner:
         p_rows: list[int] = []
         p_targets: list[int] = []
         p_owners: list[tuple[int, int]] = []
+        lora_runs: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -114,6 +118,7 @@ class ModelRunner:
                     p_targets.append(seq.token_ids[p + 1])
                     p_owners.append((i, p))
             table = kv.raw_block_ids(seq.seq_id)
+            lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -144,6 +149,8 @@ class ModelRunner:
             prompt_rows=p_rows,
             prompt_targets=p_targets,
             prompt_owners=p_owners,
+            lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
+            if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
         )
 
     @torch.inference_mode()
@@ -157,9 +164,11 @@ class ModelRunner:
         inp = self.prepare(scheduled, kv)
         hidden = None
         if self.graphs is not None and on_layer_done is None:
-            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:
             kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
+            if inp.lora is not None:
+                kwargs["lora"] = inp.lora
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
         prompt_lps = self._prompt_logprobs(hidden, inp, scheduled) if inp.prompt_rows else {}
         if inp.logit_rows.numel() == 0:

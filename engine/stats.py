@@ -40,6 +40,13 @@ class EngineLoad(msgspec.Struct, frozen=True, kw_only=True):
     # per-request state: all 0 on an idle engine (the leak checks read them)
     open_requests: int
     block_owners: int
+    # LoRA: device slots (0: the engine serves no adapters), those a running
+    # sequence holds, and the adapters (their keys, AdapterRef.key) in slots
+    # and in host memory; defaults for engines that serve none
+    lora_slots: int = 0
+    lora_slots_in_use: int = 0
+    adapters: tuple[str, ...] = ()
+    host_adapters: tuple[str, ...] = ()
 
     @property
     def queued(self) -> int:

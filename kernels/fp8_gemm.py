@@ -101,14 +101,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale
 
 
-def fp8_w8a16_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    group_n: int,
-    group_k: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_n: int,
+                     group_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float, weight [N, K] e4m3fn, weight_scale as in the module
     docstring -> x @ dequantized(weight)^T (+ bias) [M, N] in x.dtype, computed
     in float32."""
@@ -117,14 +111,8 @@ def fp8_w8a16_linear(
     return out.to(x.dtype)
 
 
-def fp8_w8a8_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    group_n: int,
-    group_k: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fp8_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_n: int,
+                    group_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """As ``fp8_w8a16_linear`` with x first quantized per token
     (``quantize_per_token``): (x8 * x_scale) @ dequantized(weight)^T (+ bias)."""
     x8, xs = quantize_per_token(x)

@@ -128,18 +128,10 @@ def _gather_seq_kv(cache, block_table, ctx_len, scale, dtype):
     return out.to(dtype)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_query_lens: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    sliding_window: int = 0,
-) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0, sliding_window: int = 0) -> torch.Tensor:
     """Variable-length causal attention over a paged KV cache.
 
     The batch holds B sequences; sequence b contributes the query tokens
@@ -192,17 +184,10 @@ def paged_attention(
     return out
 
 
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    sliding_window: int = 0,
-) -> torch.Tensor:
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           k_scale: float = 1.0, v_scale: float = 1.0,
+                           sliding_window: int = 0) -> torch.Tensor:
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];

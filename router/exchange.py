@@ -49,6 +49,10 @@ class RouteCall:
     stream resuming elsewhere, a request moved from a router that died): it
     is not counted against ``max_queue_per_model`` again, nor shed for a
     long predicted prefill wait."""
+    traceparent: str | None = None
+    """The W3C trace context of the ingress's placement span
+    (``splitserve.handoff.tracing``): the router records its queue wait and
+    decision under it. None: not traced."""
 
 
 @fast_pickle

@@ -89,13 +89,8 @@ def _placement(
     )
 
 
-def cost_policy(
-    req: RouteRequest,
-    snap: ClusterSnapshot,
-    matches: Mapping[str, int],
-    cfg: RouterConfig,
-    state: PolicyState,
-) -> Placement:
+def cost_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, int],
+                cfg: RouterConfig, state: PolicyState) -> Placement:
     facts = cfg.model(req.model)
     d = pick_decode(req, snap, matches, cfg, cfg.prefix_weight)
     p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts.kv_bytes_per_token)
@@ -114,13 +109,8 @@ def cost_policy(
     return _placement(req, p, d, matches, cfg, REASON_REMOTE_CHEAPER, remote_s)
 
 
-def prefix_aware_policy(
-    req: RouteRequest,
-    snap: ClusterSnapshot,
-    matches: Mapping[str, int],
-    cfg: RouterConfig,
-    state: PolicyState,
-) -> Placement:
+def prefix_aware_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, int],
+                        cfg: RouterConfig, state: PolicyState) -> Placement:
     d = pick_decode(req, snap, matches, cfg, cfg.prefix_weight)
     p = longest_prefix_prefill(req, snap, matches, cfg)
     if p is None:
@@ -129,13 +119,8 @@ def prefix_aware_policy(
     return _placement(req, p, d, matches, cfg, reason)
 
 
-def least_loaded_policy(
-    req: RouteRequest,
-    snap: ClusterSnapshot,
-    matches: Mapping[str, int],
-    cfg: RouterConfig,
-    state: PolicyState,
-) -> Placement:
+def least_loaded_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, int],
+                        cfg: RouterConfig, state: PolicyState) -> Placement:
     d = pick_decode(req, snap, matches, cfg, prefix_weight=0.0)
     p, _ = shortest_queue_prefill(req, snap, cfg)
     if p is None:
@@ -143,13 +128,8 @@ def least_loaded_policy(
     return _placement(req, p, d, matches, cfg, REASON_LEAST_LOADED)
 
 
-def round_robin_policy(
-    req: RouteRequest,
-    snap: ClusterSnapshot,
-    matches: Mapping[str, int],
-    cfg: RouterConfig,
-    state: PolicyState,
-) -> Placement:
+def round_robin_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, int],
+                       cfg: RouterConfig, state: PolicyState) -> Placement:
     model, excluded = req.model, req.exclude_replicas
     horizon = snap.now - cfg.stats_ttl_s
     total = req.kv_tokens

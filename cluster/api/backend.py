@@ -14,6 +14,12 @@ and ``validate`` from
 their preparation threads (splitserve.cluster.api.prepare), not from the
 event loop: these must be thread-safe and must not touch the loop.
 
+A request's ``model`` may name a LoRA adapter (``AdapterRegistry``):
+each backend resolves it in its one model lookup (``_resolve``), to the
+base model it runs on and the adapter; ``models()`` lists adapters with
+their ``parent``. ``load_adapter`` / ``unload_adapter`` change the served
+adapters at run time.
+
 ``readiness`` (for /ready and the gRPC health service) and
 ``cluster_metrics`` (for /metrics) run on the event loop; the base class's
 versions know of no replicas: always ready, no replica metrics.
@@ -27,7 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from splitserve.engine.errors import SplitserveError
+from splitserve.cluster.api.adapter_registry import (AdapterRegistry, BaseFacts, ServedAdapter,
+                                                     UnknownAdapter)
+from splitserve.engine.errors import AdapterError, SplitserveError
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.engine.roles import Role
@@ -85,6 +94,7 @@ class ModelInfo:
     name: str
     max_model_len: int
     created: int
+    parent: str | None = None  # a LoRA adapter's base model; None for a base model
 
 
 @dataclass(frozen=True)
@@ -143,17 +153,79 @@ class ClusterMetrics:
 
 
 class Backend(abc.ABC):
+    # the LoRA adapters served, by name (None: this backend serves none)
+    adapter_registry: AdapterRegistry | None = None
+
+    _routing = None
+
+    @property
+    def routing(self):
+        """The routes this backend's ingress serves
+        (``splitserve.cluster.api.routing.Routing``); by default none."""
+        if self._routing is None:
+            from splitserve.cluster.api.routing import Routing
+
+            self._routing = Routing(served={m.name for m in self.models()})
+        return self._routing
+
+    @routing.setter
+    def routing(self, value) -> None:
+        self._routing = value
+
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
-        """Served models, in config order."""
+        """Served models, in config order, then adapters (``with_adapters``)."""
+
+    def with_adapters(self, bases: list[ModelInfo]) -> list[ModelInfo]:
+        """``bases`` followed by the served adapters' cards (with ``parent``)."""
+        if self.adapter_registry is None:
+            return bases
+        lens = {m.name: m.max_model_len for m in bases}
+        return bases + [ModelInfo(a.ref.name, lens[a.base], a.created, a.base)
+                        for a in self.adapter_registry.adapters()]
 
     def model_info(self, model: str) -> ModelInfo:
-        """The served model's card; raises UnknownModel."""
+        """The served model's (or adapter's) card; raises UnknownModel."""
         served = self.models()
         for m in served:
             if m.name == model:
                 return m
         raise UnknownModel(model, [m.name for m in served])
+
+    def resolve_adapter(self, model: str) -> ServedAdapter | None:
+        """The adapter served as ``model``; None when it names none (a
+        base model, or nothing). Backends call it in their model lookup."""
+        reg = self.adapter_registry
+        return None if reg is None else reg.get(model)
+
+    async def load_adapter(self, name: str, path: str, base_model: str | None = None,
+                           replace: bool = False) -> ModelInfo:
+        """Serve the PEFT adapter at ``path`` as ``name`` on ``base_model``
+        (None: the only model that serves adapters). Raises AdapterError
+        (400: unreadable, unserved features, does not fit the model) or
+        AdapterConflict (409: the name is taken and ``replace`` is off)."""
+        reg = self._registry()
+        served = await asyncio.to_thread(reg.check, name, path, base_model)  # reads files
+        reg.add(served, replace)
+        self.adapter_loaded(served)
+        return self.model_info(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (requests running with it finish;
+        new ones get 404). Raises UnknownAdapter (404)."""
+        served = self._registry().remove(name)
+        self.adapter_unloaded(served)
+
+    def adapter_loaded(self, served: ServedAdapter) -> None:
+        """Hook: ``served`` was registered (persist it, warm replicas)."""
+
+    def adapter_unloaded(self, served: ServedAdapter) -> None:
+        """Hook: ``served`` was unregistered."""
+
+    def _registry(self) -> AdapterRegistry:
+        if self.adapter_registry is None:
+            raise AdapterError("this server serves no LoRA adapters", param="lora_name")
+        return self.adapter_registry
 
     @abc.abstractmethod
     def tokenizer(self, model: str) -> Tokenizer:
@@ -213,26 +285,34 @@ class LocalBackend(Backend):
         self._reasoning = dict(reasoning_parsers or {})
         self._async = {n: AsyncEngine(e, name=f"engine-{n}").start() for n, e in engines.items()}
         self._created = int(time.time())
+        self.adapter_registry = AdapterRegistry({
+            n: BaseFacts(e.model_cfg, e.cfg.max_loras, e.cfg.max_lora_rank)
+            for n, e in engines.items()})
+
+    def _resolve(self, model: str) -> tuple[str, AdapterRef | None]:
+        """(the engine's model name, the adapter) that ``model`` names."""
+        if model in self._engines:
+            return model, None
+        served = self.resolve_adapter(model)
+        if served is None:
+            raise UnknownModel(model, [m.name for m in self.models()])
+        return served.base, served.ref
 
     def _engine(self, model: str):
-        try:
-            return self._engines[model]
-        except KeyError:
-            raise UnknownModel(model, list(self._engines)) from None
+        return self._engines[self._resolve(model)[0]]
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(n, e.max_model_len, self._created) for n, e in self._engines.items()]
+        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created)
+                                   for n, e in self._engines.items()])
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self._engine(model).tokenizer
 
     def tool_call_parser(self, model: str) -> str:
-        self._engine(model)
-        return self._parsers.get(model, "auto")
+        return self._parsers.get(self._resolve(model)[0], "auto")
 
     def reasoning_parser(self, model: str) -> str:
-        self._engine(model)
-        return self._reasoning.get(model, "auto")
+        return self._reasoning.get(self._resolve(model)[0], "auto")
 
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)
@@ -244,10 +324,10 @@ class LocalBackend(Backend):
         the request when it passes."""
         from splitserve.engine.async_engine import EngineDeadError
 
-        self._engine(model)
-        rec = self._recorder(model)
+        base, adapter = self._resolve(model)
+        rec = self._recorder(model)  # an adapter's requests under its own name
         error: BaseException | None = None
-        stream = self._async[model].generate(request_id, prompt_token_ids, params)
+        stream = self._async[base].generate(request_id, prompt_token_ids, params, adapter=adapter)
         try:
             while True:
                 # the deadline bounds each wait for the engine, never the
@@ -266,7 +346,7 @@ class LocalBackend(Backend):
                 rec.on_output(d)
                 yield d
         except EngineDeadError as e:
-            error = Unavailable(f"the engine for {model!r} is not running: {e}")
+            error = Unavailable(f"the engine for {base!r} is not running: {e}")
             raise error from None
         except BaseException as e:
             error = error or e

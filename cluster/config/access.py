@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import _Strict, is_loopback_host
+from .tracing import TracingSpec
 
 
 class AuthSpec(_Strict):
@@ -88,3 +89,7 @@ class ObservabilitySpec(_Strict):
     vllm_metric_names: bool = Field(False, description="/metrics also exports vLLM's metric "
                                     "names (vllm:time_to_first_token_seconds, ...) so rules and "
                                     "gateways written for vLLM work; see docs/operators.md.")
+    tracing: TracingSpec | None = Field(None, description="OpenTelemetry traces of each "
+                                        "request's phases across processes, exported over "
+                                        "OTLP/gRPC. None: only $OTEL_EXPORTER_OTLP_ENDPOINT "
+                                        "turns tracing on (with the tracing extra installed).")

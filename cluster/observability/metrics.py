@@ -237,6 +237,9 @@ def replica_values(s: WorkerStats) -> dict[str, float]:
     if e.total_blocks:
         values["splitserve_kv_cache_usage_ratio"] = (e.total_blocks - e.free_blocks) / e.total_blocks
         values["splitserve_kv_cache_blocks"] = e.total_blocks
+    if e.lora_slots:
+        values["splitserve_lora_slots"] = e.lora_slots
+        values["splitserve_lora_slots_in_use"] = e.lora_slots_in_use
     if isinstance(s, DecodeStats):
         values["splitserve_replica_refusals"] = s.refused
         values["splitserve_replica_fallbacks"] = s.fallbacks

@@ -25,6 +25,7 @@ from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig
 
 log = logging.getLogger("splitserve.app")
+ROUTES_WAIT_S = 10.0  # how long deploy waits for the ingresses to take edited routes
 
 # Ray Serve builds an autoscaling policy (on ``serve.status()``, and when a
 # deployment's options are set) by registering the policy's module for
@@ -52,8 +53,9 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
-        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
-                                            cfg.transfer, cfg.router, secrets_version))
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
+                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.observability.tracing))
     return out
 
 
@@ -97,15 +99,31 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.observability.tracing import check_installed
 
+    check_installed(cfg.observability.tracing)
     connect(address)
     deadline = time.monotonic() + wait_s
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))
     wait_for_pools(cfg, wait_s)
+    out.update(_apply_routes(cfg, with_ingress))
     if with_ingress:
         wait_for_ingress(deadline)
     return out
+
+
+def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
+    """Hand the routes to the route controller once every variant's pools
+    are up, and wait (briefly) until the running ingresses hold them: a
+    weight edit is then in force when deploy returns, no replica restarted."""
+    from splitserve.cluster.serve.route_actor import apply_routes, wait_for_ingresses
+
+    version, lines = apply_routes([r.policy() for r in cfg.routes])
+    behind = wait_for_ingresses(version, ROUTES_WAIT_S) if with_ingress else []
+    if behind:
+        log.warning("routes version %d not yet confirmed by ingresses %s", version, behind)
+    return {"routes": lines, "routes_pending": behind}
 
 
 def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
@@ -118,8 +136,14 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=prev is None or router_state.load().config != rcfg)
+                   reconfigure=(prev is None or router_state.load().config != rcfg
+                                or prev.observability.tracing != tracing),
+                   tracing=None if tracing is None else tracing.model_dump())
+    from splitserve.cluster.serve.route_actor import get_route_actor
+
+    get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
@@ -209,7 +233,9 @@ def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
     from splitserve.cluster.serve import rollout
+    from splitserve.cluster.serve.route_actor import kill_route_actor
 
     serve.shutdown()
     kill_routers()
+    kill_route_actor()
     rollout.clear()

@@ -3,6 +3,9 @@
 HTTP (OpenAI API) arrives through Serve's proxy; each replica also runs the
 gRPC API server on ``endpoints.grpc_port``. Both call one ``ClusterBackend``,
 which asks the router for placements and streams from decode replicas.
+With ``observability.tracing`` (or $OTEL_EXPORTER_OTLP_ENDPOINT) each
+generation request is a trace's ``ingress`` span; the replica exports what
+is left of its spans when it stops.
 
 There are ``endpoints.ingress_replicas`` replicas. Serve's proxy spreads
 HTTP requests over them. Their gRPC servers on one node bind the same port
@@ -30,6 +33,7 @@ log = logging.getLogger("splitserve.ingress")
 class Ingress:
     async def __init__(self, cfg: dict, secrets_version: str):
         from splitserve.cluster.api.grpc_api import start_grpc_server
+        from splitserve.cluster.observability.tracing import start_tracer
         from splitserve.cluster.serve import secrets
         from splitserve.cluster.serve.orchestrator import ClusterBackend
 
@@ -38,25 +42,28 @@ class Ingress:
         # when they change)
         self.cfg = ClusterConfig.model_validate(cfg)
         self.api_keys = secrets.api_keys(self.cfg.auth)
+        self.tracer = start_tracer(self.cfg.observability.tracing, "ingress")
         # registered before it serves: while it lives, no replica of another
         # config is ready (splitserve.cluster.serve.rollout)
         self.rollout = IngressRollout(ingress_digest(self.cfg, secrets_version))
         await asyncio.to_thread(self.rollout.beat)
         self.rollout.start()
-        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(),
+        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(), tracer=self.tracer,
                                       rollout_problems=self.rollout.problems)
+        await self.backend.routing.start()  # the routes' weights in force, then every period
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,
             tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key,
-            open_health="health" in self.cfg.observability.unauthenticated_routes)
+            open_health="health" in self.cfg.observability.unauthenticated_routes,
+            tracer=self.tracer)
         log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from splitserve.cluster.api.openai_api import build_http_app
 
         return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes,
-                              observability=self.cfg.observability)
+                              observability=self.cfg.observability, tracer=self.tracer)
 
     async def readiness_report(self) -> dict:
         """What /ready answers (``Readiness.to_dict``); ``splitserve deploy`` waits on it."""
@@ -75,6 +82,8 @@ class Ingress:
             await self.backend.close()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
 
 
 def ingress_app(cfg: ClusterConfig, secrets_version: str):

@@ -44,10 +44,12 @@ TTL_S = 5.0  # an entry older than this is a replica that is gone
 def ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
     """The settings an ingress replica uses: everything but the pools, the
     number of ingress replicas (Serve scales the ingress without replacing
-    its replicas) and the secrets (their version is compared on its own)."""
+    its replicas), the routes (the ingresses follow the route controller)
+    and the secrets (their version is compared on its own)."""
     from splitserve.cluster.serve.secrets import public_config
 
     d = public_config(cfg)
+    d.pop("routes")
     for m in d["models"]:
         m.pop("prefill")
         m.pop("decode")

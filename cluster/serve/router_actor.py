@@ -19,6 +19,11 @@ every heartbeat. A restarted router relearns the same within one stats
 period (a replica it does not know is asked for a snapshot of its cache on
 its next push). Routers are never on the token path: in-flight streams do
 not notice.
+
+Traced (``observability.tracing``), a call that carries a traceparent
+(``RouteCall.traceparent``) gets a ``router.place`` span for its outcome
+(placement or refusal) and, when it waited in the queue, a ``router.queue``
+span from the exchange that queued it to the poll that delivers it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from splitserve.cluster.observability.metrics import RouterMetrics, render_prome
 from splitserve.cluster.serve import router_state
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
+from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.service import RouterService
 from splitserve.router.types import UnknownModelError
@@ -47,6 +52,7 @@ ROUTER_NAME = "splitserve-router"
 NAMESPACE = "splitserve"
 MAX_ROUTERS = 16
 TICK_S = 0.1  # deadlines, expired leases and the grace period are checked this often
+MAX_TRACED_WAITING = 1 << 16  # queued traced calls remembered; past it the oldest are dropped
 
 
 def router_name(index: int) -> str:
@@ -57,11 +63,17 @@ def router_name(index: int) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class RouterActor:
     def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S, index: int = 0,
-                 count: int = 1):
+                 count: int = 1, tracing: dict | None = None):
         """Router ``index`` of ``count``: it exports the per-model gauges
         (slots, queue, replicas) of the models it places first, so that
-        summing over routers counts each once."""
+        summing over routers counts each once. ``tracing``: the
+        ``observability.tracing`` section as a dict, or None."""
+        from splitserve.cluster.observability.tracing import start_tracer
+
         self.index, self.count = index, count
+        self.tracer = start_tracer(tracing, "router")
+        # traced calls waiting in a queue: lease id -> (the call, time.time_ns() queued)
+        self._traced_waiting: dict[str, tuple[RouteCall, int]] = {}
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
@@ -114,12 +126,21 @@ class RouterActor:
         self._ensure_ticker()
         return True
 
-    def reconfigure(self, cfg: RouterConfig) -> None:
-        """Replace the routing config: like a restart, the replicas push their
-        stats again and the ingresses send their slots with their next heartbeat.
-        The prefer-local switch is kept."""
+    def reconfigure(self, cfg: RouterConfig, tracing: dict | None = None) -> None:
+        """Replace the routing config and the tracing section: like a restart,
+        the replicas push their stats again and the ingresses send their
+        slots with their next heartbeat. The config is kept where a restarted
+        router finds it (``router_state``), and so is the prefer-local
+        switch. (A router restarted after a crash traces as it was created:
+        ``ensure_routers`` passes the section again on the next deploy.)"""
+        from splitserve.cluster.observability.tracing import start_tracer
+
         if self._persist:
             router_state.save_config(cfg)
+        old, self.tracer = self.tracer, start_tracer(tracing, "router")
+        self._traced_waiting.clear()
+        if old is not None:
+            old.shutdown()
         self._install(RouterService(cfg))
 
     # -- replicas -------------------------------------------------------------------
@@ -178,6 +199,8 @@ class RouterActor:
         """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
         self._ensure_ticker()
         reply = self.service.exchange(ex)
+        if self.tracer is not None:
+            self._trace_exchange(ex, reply)
         self._wake()
         return reply
 
@@ -195,7 +218,66 @@ class RouterActor:
             finally:
                 if self._wakeups.get(holder) is event:
                     del self._wakeups[holder]
-        return self.service.take_resolved(holder)
+        resolved = self.service.take_resolved(holder)
+        if self.tracer is not None and self._traced_waiting:
+            for lease_id, out in resolved:
+                waiting = self._traced_waiting.pop(lease_id, None)
+                if waiting is not None:
+                    self._trace_outcome(*waiting, out)
+        return resolved
+
+    # -- spans ----------------------------------------------------------------------
+    def _trace_exchange(self, ex: Exchange, reply: ExchangeReply) -> None:
+        waiting = self._traced_waiting
+        for end in ex.releases:  # ended while it waited: the caller gave up
+            entry = waiting.pop(end.lease_id, None)
+            if entry is not None:
+                self._queue_span(*entry, cancelled=True)
+        for call, out in zip(ex.calls, reply.outcomes):
+            if call.traceparent is None:
+                continue
+            if isinstance(out, Queued):
+                waiting[call.lease_id] = (call, time.time_ns())
+                if len(waiting) > MAX_TRACED_WAITING:
+                    del waiting[next(iter(waiting))]
+            else:
+                self._trace_outcome(call, 0, out)
+
+    def _queue_span(self, call: RouteCall, queued_ns: int, cancelled: bool = False) -> None:
+        """Record the ``router.queue`` span of a call queued at ``queued_ns``,
+        ended now (``cancelled``: its caller gave up)."""
+        from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REQUEST_ID, SPAN_ROUTER_QUEUE
+
+        span = self.tracer.start(SPAN_ROUTER_QUEUE, call.traceparent, start_ns=queued_ns,
+                                 attributes={ATTR_MODEL: call.request.model,
+                                             ATTR_REQUEST_ID: call.request.request_id})
+        if cancelled:
+            span.set("splitserve.cancelled", True)
+        span.end()
+
+    def _trace_outcome(self, call: RouteCall, queued_ns: int, out: Outcome) -> None:
+        """``router.place`` for ``call``'s outcome, after its ``router.queue``
+        span if it waited (``queued_ns`` > 0)."""
+        from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_MODEL,
+                                                ATTR_PREFILL_REPLICA, ATTR_REQUEST_ID,
+                                                SPAN_ROUTER_PLACE)
+
+        if queued_ns:
+            self._queue_span(call, queued_ns)
+        req = call.request
+        span = self.tracer.start(SPAN_ROUTER_PLACE, call.traceparent, attributes={
+            ATTR_MODEL: req.model, ATTR_REQUEST_ID: req.request_id,
+            "splitserve.router": self.index, "splitserve.prompt_len": req.prompt_len,
+            "splitserve.waited_s": max(0.0, time.time() - call.waiting_since)})
+        if isinstance(out, Exception):  # a refusal
+            span.fail(out)
+        else:
+            span.set(ATTR_PREFILL_REPLICA, out.prefill_replica or "")
+            span.set(ATTR_DECODE_REPLICA, out.decode_replica)
+            span.set("splitserve.placement_reason", out.reason)
+            span.set("splitserve.predicted_ttft_s", out.predicted_ttft_s)
+            span.set("splitserve.prefix_hit_tokens", out.prefix_hit_tokens)
+        span.end()
 
     def _wake(self) -> None:
         for holder, event in self._wakeups.items():
@@ -265,8 +347,8 @@ class RouterActor:
         out: dict[str, Any] = {}
         for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
-            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
-                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
+            out[model] = {Role.PREFILL.value: [_plain(s) for s in snap.prefill],
+                          Role.DECODE.value: [_plain(s) for s in snap.decode]}
         return out
 
     def counters(self) -> dict[str, Any]:
@@ -287,9 +369,10 @@ class RouterActor:
                                                "leases_reclaimed", "leases_adopted")}}
 
 
-def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1):
+def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1,
+               tracing: dict | None = None):
     """Router ``index``'s actor (of ``count``); created (detached) if
-    ``create_with`` is given."""
+    ``create_with`` is given (``tracing``: its ``observability.tracing``)."""
     name = router_name(index)
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -297,20 +380,23 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0, count: i
         if create_with is None:
             raise
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(create_with, index=index, count=count)
+                               get_if_exists=True).remote(create_with, index=index, count=count,
+                                                          tracing=tracing)
 
 
-def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> list:
+def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False,
+                   tracing: dict | None = None) -> list:
     """Routers 0..count-1, created where missing (and reconfigured when
-    asked); routers numbered ``count`` and above are removed."""
+    asked, with ``tracing``, the ``observability.tracing`` section as a
+    dict); routers numbered ``count`` and above are removed."""
     handles = []
     for i in range(count):
         try:
             h = ray.get_actor(router_name(i), namespace=NAMESPACE)
             if reconfigure:
-                ray.get(h.reconfigure.remote(cfg))
+                ray.get(h.reconfigure.remote(cfg, tracing))
         except ValueError:
-            h = get_router(create_with=cfg, index=i, count=count)
+            h = get_router(create_with=cfg, index=i, count=count, tracing=tracing)
         handles.append(h)
     kill_routers(start=count)
     return handles
@@ -377,3 +463,8 @@ class RouterFanout:
                 self._handle(i).remove_replica.remote(replica_id)
             except Exception:  # noqa: BLE001 - that router learns it from the missing pushes
                 self._handles[i] = None
+
+
+def _plain(stats) -> dict[str, Any]:
+    """A replica's stats as plain data (adapter sets as sorted lists, for JSON)."""
+    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(stats).items()}

@@ -23,8 +23,10 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.kernels import ops
+from splitserve.kernels.lora import LoraMeta
 
 # Checkpoint entries that are not weights of this implementation but that
 # older exports carry; skipped on load.
@@ -64,10 +66,12 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
         meta: AttentionMetadata,
         on_layer_done: Callable[[int], None] | None = None,
+        lora: LoraMeta | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]. Writes this step's
         keys/values into ``kv_cache`` at ``meta.slot_mapping``; calls
-        ``on_layer_done(i)`` once layer i's keys/values are stored."""
+        ``on_layer_done(i)`` once layer i's keys/values are stored. ``lora``:
+        each token's adapter slot (after ``enable_lora``); None: the base model."""
         if kv_cache.shape[0] != len(self.layers):
             raise ValueError(
                 f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}"
@@ -75,11 +79,19 @@ class CausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache)
+            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache, lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         x, _ = self.norm(x, residual)
         return x
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
+        """Allocate ``num_slots`` adapter slots of rank ``max_rank`` on every
+        projection that takes LoRA; returns (layer, checkpoint projection
+        name) -> (its stack, its slice), what ``splitserve.engine.lora.manager``
+        writes adapters into."""
+        return {(i, name): target for i, layer in enumerate(self.layers)
+                for name, target in layer.enable_lora(num_slots, max_rank).items()}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

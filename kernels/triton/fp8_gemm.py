@@ -25,16 +25,9 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, MIN_ACTIVATION_SCALE, scale_shape
-from splitserve.kernels.triton._common import (
-    FLOAT_DTYPES,
-    check_device,
-    check_dtype,
-    check_last_dim_contiguous,
-    check_ndim,
-    dot_in_fp32,
-    dot_precision,
-    next_pow2,
-)
+from splitserve.kernels.triton._common import (FLOAT_DTYPES, check_device, check_dtype,
+                                               check_last_dim_contiguous, check_ndim, dot_in_fp32,
+                                               dot_precision, next_pow2)
 from splitserve.kernels.triton.fp8_codec import decode_e4m3, encode_e4m3
 
 

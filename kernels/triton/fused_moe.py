@@ -33,19 +33,24 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, scale_shape
-from splitserve.kernels.triton._common import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_device,
-    check_dtype,
-    check_last_dim_contiguous,
-    check_ndim,
-    dot_in_fp32,
-    dot_precision,
-    next_pow2,
-)
+from splitserve.kernels.triton._common import (FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype,
+                                               check_last_dim_contiguous, check_ndim, dot_in_fp32,
+                                               dot_precision, next_pow2)
 from splitserve.kernels.triton.fp8_codec import decode_e4m3
 from splitserve.kernels.triton.fp8_gemm import block_k_for
+
+
+@triton.jit
+def _tile(block_expert_ptr, pair_ids_ptr, num_pairs, N, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """This program's tile: its block's expert (-1: a spare block of the
+    upper-bound grid), the block's pair ids (spare rows hold num_pairs) and
+    their mask, the output columns and their mask."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pairs, pairs < num_pairs, n, n < N
 
 
 @triton.jit
@@ -75,15 +80,11 @@ def _moe_gate_up_kernel(
 ):
     # x: [T, K=H]; w: [E, 2N, K] rows [gate | up]; out: [P, N]
     # W_FP8: w holds e4m3 bytes, w_scale [E, ceil(2N/GROUP_N), ceil(K/GROUP_K)] float32
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert, pairs, rmask, n, nmask = _tile(block_expert_ptr, pair_ids_ptr, num_pairs, N,
+                                           BLOCK_M, BLOCK_N)
     if expert < 0:
         return  # spare block of the upper-bound grid
-    pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    rmask = pairs < num_pairs
     tokens = (pairs // TOP_K).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
     w_gate = w_ptr + expert.to(tl.int64) * stride_we + n[None, :] * stride_wn
     w_up = w_gate + N * stride_wn
     s_gate = w_scale_ptr + expert.to(tl.int64) * stride_se + (n // GROUP_N) * stride_sn  # [BN]
@@ -131,15 +132,11 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # h: [P, K=I]; w: [E, N=H, K]; topk_weights: [P] float32; out: [P, N] float32
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert, pairs, rmask, n, nmask = _tile(block_expert_ptr, pair_ids_ptr, num_pairs, N,
+                                           BLOCK_M, BLOCK_N)
     if expert < 0:
         return
-    pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    rmask = pairs < num_pairs
     rows = pairs.to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + n[None, :] * stride_wn
     s_rows = w_scale_ptr + expert.to(tl.int64) * stride_se + (n // GROUP_N) * stride_sn  # [BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)

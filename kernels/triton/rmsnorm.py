@@ -11,14 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.triton._common import (
-    FLOAT_DTYPES,
-    check_device,
-    check_dtype,
-    check_last_dim_contiguous,
-    check_ndim,
-    next_pow2,
-)
+from splitserve.kernels.triton._common import (FLOAT_DTYPES, check_device, check_dtype,
+                                               check_last_dim_contiguous, check_ndim, next_pow2)
 
 
 @triton.jit

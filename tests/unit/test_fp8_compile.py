@@ -11,18 +11,14 @@ tensor cores, the reason it exists); the fp8 MoE kernels for sm_90.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[2]
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in maximum
+from tests.fixtures.triton_compile import (compile_cubin, compile_in_subprocess,  # noqa: E402
+                                           divisibility, needs_ptxas, record_launches)
 
 # (name, op, arch, tokens, out_features, in_features, (group_n, group_k), x dtype)
 LINEAR_CASES = [
@@ -40,79 +36,32 @@ EXPECTED = {
 }
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+@needs_ptxas
 @pytest.mark.parametrize("family", EXPECTED)
 def test_fp8_kernels_compile_for_nvidia_targets(family):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__, family], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    compiled = sorted(line.split(" sm_")[0].removeprefix("compiled ")
-                      for line in proc.stdout.splitlines() if line.startswith("compiled "))
-    assert compiled == sorted(EXPECTED[family]), proc.stdout
+    compiled = compile_in_subprocess([__file__, family], len(EXPECTED[family]), timeout=400)
+    assert sorted(line.split(" sm_")[0].removeprefix("compiled ") for line in compiled) \
+        == sorted(EXPECTED[family])
 
 
 def _main(family: str) -> None:  # runs in the subprocess, without the interpreter
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     import splitserve.kernels.triton.fp8_gemm as gemm
     import splitserve.kernels.triton.fused_moe as moe
 
-    types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-             torch.int32: "i32", torch.int64: "i64"}
-
     def record(module, names, launch) -> dict:
-        """kernel name -> (kernel, args, kwargs) of its launch by ``launch``."""
-        calls, originals = {}, {n: getattr(module, n) for n in names}
-
-        class Recorder:
-            def __init__(self, name):
-                self.name = name
-
-            def __getitem__(self, grid):
-                return lambda *a, **kw: calls.setdefault(self.name, (a, kw))
-
-        for n in names:
-            setattr(module, n, Recorder(n))
-        try:
-            launch()
-        finally:
-            for n, fn in originals.items():
-                setattr(module, n, fn)
-        return {n: (originals[n], *calls[n]) for n in names if n in calls}
-
-    def signature(fn, args, constexprs):
-        sig = {}
-        for name, a in zip(fn.arg_names, args):
-            if isinstance(a, torch.Tensor):
-                sig[name] = "*" + types[a.dtype]
-            elif isinstance(a, int):
-                sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
-            else:
-                sig[name] = "fp32"
-        sig.update({name: "constexpr" for name in constexprs})
-        return {name: sig[name] for name in fn.arg_names}
-
-    def divisibility(fn, args):
-        # what Triton's launcher tells the compiler at run time: pointers
-        # (fresh allocations) and integers that are multiples of 16; without
-        # it loads are not vectorised and the K loop is not pipelined
-        return {(i,): [["tt.divisibility", 16]] for i, (_, a) in enumerate(zip(fn.arg_names, args))
-                if isinstance(a, torch.Tensor) or (isinstance(a, int) and a and a % 16 == 0)}
+        """kernel name -> (kernel, args, kwargs) of its first launch by ``launch``."""
+        return {n: (fn, *calls[0]) for n, (fn, calls) in
+                record_launches(module, (), launch, optional=names).items()}
 
     def compile_all(name, arch, launches, gpu_kwargs):
         for kernel, (fn, args, kw) in launches.items():
             warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
             kw.update(gpu_kwargs.get(kernel, {}))
-            src = ASTSource(fn, signature(fn, args, kw), constexprs=kw, attrs=divisibility(fn, args))
-            binary = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": warps, "num_stages": stages})
-            assert binary.asm["cubin"], (name, kernel)
-            assert binary.metadata.shared <= SHARED_MEMORY_LIMIT[arch], (name, kernel, binary.metadata.shared)
+            binary = compile_cubin((name, kernel), fn, args, kw, arch,
+                                   {"num_warps": warps, "num_stages": stages},
+                                   attrs=divisibility(fn, args))
             print(f"compiled {name} {kernel} sm_{arch} shared={binary.metadata.shared}", flush=True)
 
     for name, op, arch, m, n, k, (gn, gk), dtype in LINEAR_CASES if family == "linear" else ():

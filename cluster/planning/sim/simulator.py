@@ -31,9 +31,10 @@ from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.events import EventLoop
 from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, summarize
 from splitserve.cluster.planning.sim.network import Network
-from splitserve.cluster.planning.sim.pools import READY, NodeGroup, Pool, devices_for, kv_blocks
+from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
 from splitserve.cluster.planning.sim.serving import Serving, SimRequest
 from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
+from splitserve.engine.roles import Role
 from splitserve.router.core import RouterCore
 
 LOCAL = "local"  # hardware name of this machine's CPU (its measured profile)
@@ -105,7 +106,13 @@ def scale_blocks(cfg: ClusterConfig, k: int) -> ClusterConfig:
         upd = {"block_size": m.block_size * k}
         if m.num_blocks is not None:
             upd["num_blocks"] = max(16, m.num_blocks // k)
-        models.append(served.model_copy(update={"model": m.model_copy(update=upd)}))
+        pools = {}
+        for role in ("prefill", "decode"):  # a pool's own KV blocks scale the same way
+            pool = getattr(served, role)
+            if pool.engine.num_blocks is not None:
+                eng = pool.engine.model_copy(update={"num_blocks": max(16, pool.engine.num_blocks // k)})
+                pools[role] = pool.model_copy(update={"engine": eng})
+        models.append(served.model_copy(update={"model": m.model_copy(update=upd), **pools}))
     return cfg.model_copy(update={"models": models})
 
 
@@ -137,10 +144,10 @@ class Simulation:
         self.decide = adapter.decide
         plans = []
         for served in cfg.models:
-            m = served.model
             roles = [("colocated", served.decode)] if served.mode == "colocated" else [
                 ("prefill", served.prefill), ("decode", served.decode)]
             for role, spec in roles:
+                m = served.engine_spec(Role(role))  # the model's engine, the pool's settings over it
                 key = hardware(m.name, role)
                 if key == LOCAL:
                     key = local_cpu_key(max(1, int(spec.num_cpus)))
