@@ -67,7 +67,8 @@ async def queued_at_router(n: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-async def http_request(http, cfg, prompt, max_tokens, priority=None, headers=None):
+async def http_request(http, cfg, prompt, max_tokens, priority=None, headers=None,
+                       started=None):
     """(status, monotonic time of the first token or of the answer, body text)."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
@@ -83,6 +84,8 @@ async def http_request(http, cfg, prompt, max_tokens, priority=None, headers=Non
         async for line in r.aiter_lines():
             if line.startswith("data: {") and first is None:
                 first = time.monotonic()
+                if started is not None:
+                    started.set()
         return 200, first, "", None
 
 
@@ -101,11 +104,18 @@ async def grpc_request(cfg, prompt, max_tokens, priority):
 def test_priority_orders_the_queue_and_the_clients_timeout_bounds_its_wait(cluster):
     async def main():
         async with httpx.AsyncClient(timeout=120) as http:
-            # the replica's one seat, then HOLDERS - 1 more waiting ahead of everyone
-            holders = [asyncio.ensure_future(http_request(http, cluster, f"hold {i}", 240,
-                                                          priority=-10))
-                       for i in range(HOLDERS)]
-            assert await queued_at_router(HOLDERS - 1), router_counters()["queued"]
+            # the replica's one seat (its stats show it taken once it streams), then
+            # HOLDERS - 1 more waiting ahead of everyone
+            started = asyncio.Event()
+            holders = [asyncio.ensure_future(http_request(http, cluster, "hold 0", 240,
+                                                          priority=-10, started=started))]
+            await asyncio.wait_for(started.wait(), 60)
+            holders += [asyncio.ensure_future(http_request(http, cluster, f"hold {i}", 240,
+                                                           priority=-10))
+                        for i in range(1, HOLDERS)]
+            if not await queued_at_router(HOLDERS - 1):
+                done = [h.result()[:3] for h in holders if h.done()]
+                raise AssertionError(f"the holders did not wait: {router_counters()}, {done}")
             normal = [asyncio.ensure_future(http_request(http, cluster, f"normal {i}", 16))
                       for i in range(3)]
             sent = time.monotonic()
