@@ -14,6 +14,7 @@ import torch
 
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
+from splitserve.engine.spec.config import SpeculativeConfig
 
 DTYPES = {
     "float32": torch.float32,
@@ -250,6 +251,8 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     seed: int = 0
+    # speculative decoding (splitserve.engine.spec); None: off
+    speculative: SpeculativeConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,8 @@ from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.spec.decoder import SpecDecoder
+from splitserve.engine.spec.proposer import ProposerContext
 from splitserve.engine.stats import EngineLoad
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
@@ -92,6 +94,11 @@ class LLMEngine:
         self.failures_in_a_row = 0  # failed requests since a step last made progress
         self.max_consecutive_failures = 8
         self.kv_port = KVPort(self)
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative is not None:
+            self.spec = SpecDecoder(cfg.speculative, ProposerContext(
+                cfg, self.model_cfg, self.tokenizer, self.dtype, self.device, num_blocks))
+            self.scheduler.on_release = self.spec.release
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -242,13 +249,20 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
             prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
             open_requests=len(self.requests), block_owners=len(self.kv.owners()),
-            **self._lora_load())
+            **self._lora_load(), **self._spec_stats())
 
     def _lora_load(self) -> dict:
         if self.lora is None:
             return {}
         return dict(lora_slots=self.lora.num_slots, lora_slots_in_use=self.lora.table.in_use,
                     adapters=self.lora.resident_keys(), host_adapters=self.lora.host_keys())
+
+    def _spec_stats(self) -> dict:
+        if self.spec is None:
+            return {}
+        c = self.spec.counters
+        return dict(spec_drafts=c.drafts, spec_draft_tokens=c.draft_tokens,
+                    spec_accepted_tokens=c.accepted_tokens, spec_draft_time_s=c.draft_time_s)
 
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:
@@ -267,19 +281,22 @@ class LLMEngine:
         device error, when the forward fails for every request and for a
         one-token probe, or when ``max_consecutive_failures`` requests
         failed with no step making progress in between."""
-        sched = self.scheduler.schedule()
+        t0 = time.perf_counter()  # busy time includes drafting
+        sched = self.scheduler.schedule(self.spec.propose(self) if self.spec else None)
         if sched.is_empty:
             return []
-        t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         ran = self._forward(sched.scheduled, layer_listener, outputs)
         sampled: list[tuple[RequestState, int, TokenLogprobs | None]] = []
         for part, (logits, rows, prompt_lps) in ran:
+            if self.spec is not None:  # a sequence's first row here, its draft rows held
+                logits, rows = self.spec.begin_verify(self, part, logits, rows)
             sampled += self._sample(part, logits, rows, prompt_lps, outputs)
         done = [s for part, _ in ran for s in part if not s.seq.is_finished]
         self.scheduler.commit(SchedulerOutput(scheduled=done))
         self.step_count += 1
-        self.prompt_tokens_computed += sum(s.num_new_tokens for s in done if s.num_new_tokens > 1)
+        self.prompt_tokens_computed += sum(
+            s.num_new_tokens for s in done if s.num_new_tokens - len(s.spec_token_ids) > 1)
         now = time.monotonic()
         for st, tok, lp in sampled:
             if st.seq.is_finished:  # failed at sampling
@@ -290,6 +307,8 @@ class LLMEngine:
                 if is_fatal(e):
                     raise
                 outputs.append(self._fail(st, "output processing", e))
+        if self.spec is not None:  # the rest of each draft run; KV rollback
+            outputs = self.spec.finish_verify(self, outputs, now)
         if any(s.seq.finish_reason is not FinishReason.ABORT for s in done):
             self.failures_in_a_row = 0  # some request moved on (failed ones end as ABORT)
         self.busy_time_s += time.perf_counter() - t0

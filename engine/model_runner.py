@@ -3,7 +3,11 @@
 The scheduler hands over ``ScheduledSeq`` items (plain integers); this
 module turns them into the flat batch the model runs on and returns the
 logits of the sequences whose chunk reached their last token (and, for
-requests that ask, the logprobs of their prompt tokens).
+requests that ask, the logprobs of their prompt tokens). A sequence with
+draft tokens (speculative decoding) runs its last token and its drafts as
+one multi-token chunk, like a prompt chunk, and returns a logit row for
+each of them, consecutive and in order. Such verify steps are not
+decode-only, so they run eagerly, never through the captured CUDA graphs.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
-            end = start + n
+            end = start + n - len(s.spec_token_ids)  # the sequence's own tokens
             if getattr(seq.params, "prompt_logprobs", None) is not None:
                 for p in range(start, min(end, seq.num_prompt_tokens - 1)):
                     p_rows.append(cu[-1] + p - start)
@@ -120,14 +124,18 @@ class ModelRunner:
             table = kv.raw_block_ids(seq.seq_id)
             lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
+            ids.extend(spec)
+            stop = end + len(spec)
+            pos.extend(range(start, stop))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, stop))
             cu.append(cu[-1] + n)
-            ctx.append(end)
+            ctx.append(stop)
             tables.append(table)
-            if end == seq.num_tokens:
-                logit_rows.append(cu[-1] - 1)
-                logit_seqs.append(i)
+            if spec or end == seq.num_tokens:
+                first = cu[-1] - 1 - len(spec)
+                logit_rows.extend(range(first, cu[-1]))
+                logit_seqs.extend([i] * (1 + len(spec)))
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device

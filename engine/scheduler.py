@@ -3,7 +3,10 @@
 Each step gives every running sequence the tokens it is behind (one for a
 decoding sequence, a chunk for a prompt) within ``max_num_batched_tokens``,
 then admits waiting sequences while budget, ``max_num_seqs`` and free blocks
-allow. When a running sequence cannot grow, the most recently admitted
+allow. With speculative decoding a decoding sequence may instead get its
+last token plus the draft tokens proposed for it (``schedule(drafts)``),
+verified in the same forward (``splitserve.engine.spec``); drafts are cut to
+the budget and dropped, never a cause of preemption, when blocks are short. When a running sequence cannot grow, the most recently admitted
 running sequence is preempted by recompute: its blocks are freed and it goes
 back to the front of the queue with its tokens (prompt + output so far).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import time
 
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,12 +38,15 @@ from splitserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # tokens run this step, draft tokens included
+    # draft tokens run after the sequence's last token, to be verified
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """This chunk reaches the sequence's last token: it yields logits."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return (self.seq.num_computed_tokens + self.num_new_tokens
+                == self.seq.num_tokens + len(self.spec_token_ids))
 
 
 @dataclass
@@ -78,6 +85,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.parked: list[Sequence] = []  # hand-off imports waiting for an adapter slot
         self.num_preemptions = 0
+        # called with a sequence's id when it leaves the running batch
+        # (finished or preempted): the draft model drops its KV
+        self.on_release: Callable[[str], None] | None = None
 
     # -- queue management -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -120,9 +130,13 @@ class Scheduler:
         seq.finish_reason = reason
         if not keep_blocks:
             self.kv.free(seq.seq_id)
+        if self.on_release is not None:
+            self.on_release(seq.seq_id)
 
     # -- one step ---------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, list[int]] | None = None) -> SchedulerOutput:
+        """``drafts``: seq id -> draft tokens for decoding sequences (one
+        token behind); each is cut to the budget left after its last token."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[str] = set()
@@ -136,6 +150,14 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
+                i += 1
+                continue
+            spec = drafts.get(seq.seq_id) if drafts and n == 1 else None
+            if spec and budget > 1 and self.kv.allocate_more(seq, 1 + min(len(spec), budget - 1)):
+                spec = list(spec[:budget - 1])
+                out.scheduled.append(ScheduledSeq(seq, 1 + len(spec), spec))
+                scheduled_ids.add(seq.seq_id)
+                budget -= 1 + len(spec)
                 i += 1
                 continue
             while not self.kv.allocate_more(seq, n):
@@ -188,9 +210,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        if self.on_release is not None:
+            self.on_release(seq.seq_id)
 
     def commit(self, out: SchedulerOutput) -> None:
-        """After the model ran: the scheduled tokens now have KV."""
+        """After the model ran: the scheduled tokens now have KV. Draft
+        tokens count once verified (``splitserve.engine.spec``)."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.kv.cache_full_blocks(s.seq)

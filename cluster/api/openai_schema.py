@@ -117,6 +117,8 @@ class Sampling(RequestBody):
     logit_bias: dict[str, float] | None = None
     # vLLM's extension: exactly one of json (schema), regex, grammar (Lark), choice
     structured_outputs: dict[str, Any] | None = None
+    # splitserve's extension: false opts this request out of speculative decoding
+    speculative: bool = True
     # vLLM's: the request's place in its model's router queue, lower first
     # (cluster/api/request_options.py)
     priority: int | None = None
@@ -167,7 +169,8 @@ class Sampling(RequestBody):
             max_tokens=max_tokens, logprobs=logprobs, n=n, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=_token_keys(self.logit_bias or {}), structured_output=structured, **given)
+            logit_bias=_token_keys(self.logit_bias or {}), structured_output=structured,
+            speculative=self.speculative, **given)
 
 
 class _Common(Sampling):

@@ -38,6 +38,10 @@ def add_subcommands(sub) -> None:
     _address(s)
     s.add_argument("--json", action="store_true",
                    help='print {"pools": [rows], "routes": [routes]} as JSON')
+    s.add_argument("--history", action="store_true",
+                   help="instead: each pool's size over time, one line per decision at which "
+                        "its target or running replica count changed (the ledger keeps the "
+                        "last 1,000 per pool)")
     s.set_defaults(func=cmd_status)
 
 
@@ -120,7 +124,7 @@ class PoolStatus:
     target: int | None
     min_replicas: int
     max_replicas: int
-    bottleneck: str  # compute | memory | network | fixed
+    bottleneck: str  # compute | memory | network | requests | fixed
     value: float | None
     load: str
     decision: str
@@ -212,12 +216,34 @@ def format_status(name: str, rows: list[PoolStatus], now: float) -> str:
     return "\n".join(lines)
 
 
+def format_history(history: dict[str, list[Any]]) -> str:
+    """``splitserve status --history``: per pool, time, running/target and why."""
+    lines = []
+    for app in sorted(history):
+        lines.append(f"{app}:")
+        for d in history[app]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(d.time)) + f"{d.time % 1:.1f}"[1:]
+            lines.append(f"  {stamp}  {d.running}/{d.target}  {d.reason}")
+    return "\n".join(lines) if lines else "no autoscaling decisions recorded"
+
+
 def cmd_status(args) -> int:
     try:
         _connect(args.address)
     except (ConnectionError, RuntimeError) as e:
         print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
         return 1
+    if args.history:
+        import msgspec
+
+        history = _ledger_call("history")
+        if history is None:
+            print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",
+                  file=sys.stderr)
+            return 1
+        print(json.dumps(msgspec.to_builtins(history), indent=1) if args.json
+              else format_history(history))
+        return 0
     dump, rows = collect_status()
     if dump is None:
         print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",

@@ -5,7 +5,8 @@ refused with the key path and the problem, and nothing is applied. One
 module per part of the file: ``models`` (served models, engines, pools,
 autoscaling), ``adapters`` (LoRA adapters on a model), ``router`` (placement
 and deadlines), ``routes`` (traffic splitting and canary ramps), ``transfer``
-(KV hand-off and its TLS), ``access`` (auth, endpoints, probes), ``tracing``
+(KV hand-off and its TLS), ``speculative`` (a model's speculative decoding),
+``access`` (auth, endpoints, probes), ``tracing``
 (OpenTelemetry export), ``cluster``
 (the whole file: parse, load, diff) and ``reference`` (the docs table).
 """
@@ -18,13 +19,15 @@ from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, Served
 from .reference import config_reference
 from .router import DeadlineSpec, RouterSpec
 from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
+from .speculative import SpeculativeSpec
 from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
 __all__ = [
     "AdapterSpec", "AuthSpec", "AutoscalingSpec", "ClusterConfig", "ConfigError", "DeadlineSpec",
     "EndpointSpec", "LatencyGuardSpec", "ModelSpec", "ObservabilitySpec", "PoolEngineSpec",
-    "PoolSpec", "RampSpec", "RouteSpec", "RouterSpec", "SLOSpec", "ServedModel", "TLSSpec",
+    "PoolSpec", "RampSpec", "RouteSpec", "RouterSpec", "SLOSpec", "ServedModel", "SpeculativeSpec",
+    "TLSSpec",
     "TracingSpec", "TransferSpec", "VariantSpec", "config_changes", "config_reference",
     "is_loopback_host", "load_config", "parse_config",
 ]

@@ -11,6 +11,7 @@ from splitserve.engine.roles import Role
 
 from .adapters import AdapterSpec
 from .base import _Strict
+from .speculative import SpeculativeSpec
 
 
 class ModelSpec(_Strict):
@@ -55,6 +56,9 @@ class ModelSpec(_Strict):
         "carry it apart from the content): qwen3 <think>...</think>, deepseek_r1 (the template "
         "opens <think>, the output closes it); auto: detected from its chat template (none "
         "when it mentions no think tags); none: the output is all content.")
+    speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding on "
+                                                "the decode (and colocated) replicas; None: off. "
+                                                "See models[].model.speculative.")
 
     max_loras: int = Field(0, ge=0, le=64, description="LoRA adapters one replica holds on its "
                            "device at once (each a slot of max_lora_rank on every projection); "
@@ -92,9 +96,11 @@ class ModelSpec(_Strict):
 
 
 class AutoscalingSpec(_Strict):
-    bottleneck: Literal["compute", "memory", "network"] = Field(
+    bottleneck: Literal["compute", "memory", "network", "requests"] = Field(
         ..., description="What limits this pool: prefill is compute-bound, decode memory-bound; "
-        "network scales on hand-off bandwidth (and makes the router prefer local prefill).")
+        "network scales on hand-off bandwidth (and makes the router prefer local prefill); "
+        "requests scales on queue length alone (running + waiting requests per replica "
+        "against target_ongoing_requests, Ray Serve's default policy).")
     target_ttft_s: float = Field(1.0, gt=0, description="compute: target of the predicted "
                                  "queueing delay (pending prompt tokens / measured prefill "
                                  "tokens per second).")
@@ -111,6 +117,8 @@ class AutoscalingSpec(_Strict):
                                            "of link_bytes_per_s used by KV hand-offs.")
     link_bytes_per_s: float = Field(1.25e9, gt=0, description="network: link capacity of one "
                                     "replica's node, bytes per second.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests: target running "
+                                           "plus waiting requests per replica.")
     upscale_delay_s: float = Field(5.0, ge=0, description="How long the pool must want more "
                                    "replicas, without interruption, before it scales up.")
     downscale_delay_s: float = Field(30.0, ge=0, description="How long the pool must want fewer "

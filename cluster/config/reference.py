@@ -13,6 +13,7 @@ from .cluster import ClusterConfig, SLOSpec
 from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
 from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
+from .speculative import SpeculativeSpec
 from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
@@ -40,6 +41,7 @@ def config_reference() -> str:
     descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
                 ("models[].model", ModelSpec), ("models[].model.adapters[]", AdapterSpec),
+                ("models[].model.speculative", SpeculativeSpec),
                 ("models[].prefill / models[].decode", PoolSpec),
                 ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
                 ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),

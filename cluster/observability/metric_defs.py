@@ -174,6 +174,15 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
              "LoRA adapter slots on the replica's device (max_loras; absent: none)."),
     _replica("splitserve_lora_slots_in_use", "gauge",
              "LoRA adapter slots a running sequence holds (the others may be evicted)."),
+    _replica("splitserve_spec_decode_drafts", "counter",
+             "Speculative decoding: sequence steps that verified at least one draft token."),
+    _replica("splitserve_spec_decode_draft_tokens", "counter",
+             "Speculative decoding: draft tokens verified."),
+    _replica("splitserve_spec_decode_accepted_tokens", "counter",
+             "Speculative decoding: draft tokens accepted (acceptance rate: its rate over "
+             "draft_tokens'; mean accepted length: 1 + its rate over drafts')."),
+    _replica("splitserve_spec_decode_draft_seconds", "counter",
+             "Speculative decoding: seconds spent proposing draft tokens."),
     # -- router --------------------------------------------------------------
     _router("splitserve_router_decisions", "counter",
             "Placements by the policy's reason.", _MR),

@@ -38,7 +38,27 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESH
 INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template", "adapters"}
 
 
-def build_engine(spec: ModelSpec):
+def speculative_config(spec: ModelSpec, role: Role):
+    """The engine's speculative decoding settings for a replica of ``role``:
+    None on prefill replicas (they sample one token) and when off."""
+    sp = spec.speculative
+    if sp is None or role is Role.PREFILL:
+        return None
+    from splitserve.engine.spec.config import SpeculativeConfig
+
+    draft = None
+    if sp.draft_model is not None:
+        from splitserve.engine.hub import resolve_checkpoint
+
+        draft = str(resolve_checkpoint(sp.draft_model, sp.draft_revision))
+    return SpeculativeConfig(
+        method=sp.method, num_speculative_tokens=sp.num_speculative_tokens, draft_model=draft,
+        ngram_min=sp.ngram_min, ngram_max=sp.ngram_max, adaptive=sp.adaptive,
+        disable_batch_size=sp.disable_batch_size, saturation_tokens=sp.saturation_tokens,
+        draft_num_blocks=sp.draft_num_blocks)
+
+
+def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
     import torch
 
     from splitserve.cluster.serve.checkpoints import checkpoint_dir
@@ -64,6 +84,7 @@ def build_engine(spec: ModelSpec):
         max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
         max_cpu_loras=spec.max_cpu_loras,
         enforce_eager=spec.enforce_eager,
+        speculative=speculative_config(spec, role),
     ))
 
 
@@ -143,7 +164,7 @@ class WorkerServer:
         tls = self.transfer.tls.load() if self.transfer.tls is not None else None
         # spans of this replica (observability.tracing); None: not traced
         self.tracer = start_tracer(tracing, self.role.value)
-        engine = build_engine(self.spec)
+        engine = build_engine(self.spec, self.role)
         self.engine = engine
         tcfg = TransportConfig(token=cluster_token, host=self.host, tls=tls,
                                chunk_bytes=self.transfer.chunk_bytes,

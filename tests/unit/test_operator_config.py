@@ -32,7 +32,7 @@ INVALID = [
      "models.0.decode: Value error, min_replicas must be at least 1 when autoscaling is set: "
      "the policy scales on metrics that running replicas report"),
     ("models:\n  - decode: {autoscaling: {bottleneck: disk}}\n",
-     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory' or 'network'"),
+     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory', 'network' or 'requests'"),
     ("models:\n  - decode: {autoscaling: {target_kv_usage: 0.5}}\n",
      "models.0.decode.autoscaling.bottleneck: Field required"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_busy_fraction: 1.5}}\n",
@@ -54,6 +54,12 @@ INVALID = [
     ("models:\n  - model: {tool_call_parser: qwen}\n",
      "models.0.model.tool_call_parser: Input should be 'auto', 'hermes', 'mistral' or "
      "'llama3_json'"),
+    ("models:\n  - model: {speculative: {method: draft}}\n",
+     "models.0.model.speculative: Value error, speculative method draft needs draft_model"),
+    ("models:\n  - model: {speculative: {method: ngram, ngram_min: 3, ngram_max: 2}}\n",
+     "models.0.model.speculative: Value error, ngram_min (3) > ngram_max (2)"),
+    ("models:\n  - model: {speculative: {method: eagle}}\n",
+     "models.0.model.speculative.method: Input should be 'ngram' or 'draft'"),
     ("router: {policy: random}\n",
      "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
 ]
@@ -252,3 +258,19 @@ def test_a_pool_overrides_the_models_engine_settings_for_its_replicas():
     assert colocated.engine_spec(Role.COLOCATED).max_num_seqs == 7
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         parse_config({"models": [{"decode": {"engine": {"max_num_batched_tokens": 4}}}]})
+
+
+def test_speculative_settings_reach_decode_engines_only():
+    from splitserve.cluster.serve.workers import speculative_config
+    from splitserve.engine.roles import Role
+
+    cfg = parse_config({"models": [{"model": {"speculative": {
+        "method": "ngram", "num_speculative_tokens": 6, "ngram_max": 5,
+        "disable_batch_size": 16}}}]})
+    spec = cfg.models[0].model
+    got = speculative_config(spec, Role.DECODE)
+    assert (got.method, got.num_speculative_tokens, got.ngram_min, got.ngram_max,
+            got.disable_batch_size, got.adaptive) == ("ngram", 6, 1, 5, 16, True)
+    assert speculative_config(spec, Role.COLOCATED) == got
+    assert speculative_config(spec, Role.PREFILL) is None
+    assert speculative_config(parse_config({}).models[0].model, Role.DECODE) is None
