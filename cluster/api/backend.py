@@ -72,6 +72,24 @@ class DeadlineExceeded(SplitserveError):
 
 
 @dataclass(frozen=True)
+class RequestOptions:
+    """How a request is scheduled, besides what it samples (the client APIs
+    read these: ``splitserve.cluster.api.request_options``)."""
+
+    priority: int = 0
+    """Its place in the router's queue: lower first (vLLM's ``priority``),
+    equal priorities in arrival order."""
+    deadline: float | None = None
+    """Wall-clock seconds (``time.time()``) by which the request must end
+    (its client's timeout): it waits for a replica at most until then (and
+    at most ``router.max_queue_delay_s``), and a stream still running then
+    is cancelled (DeadlineExceeded). None: only the cluster's deadlines."""
+
+
+DEFAULT_OPTIONS = RequestOptions()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     max_model_len: int
@@ -90,10 +108,14 @@ class PoolReadiness:
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether every model can be served: a live replica in each required pool."""
+    """Whether every model can be served: a live replica in each required pool
+    and nothing else in the way (``problems``)."""
 
     pools: tuple[PoolReadiness, ...] = ()
     error: str = ""  # why the replicas could not be learned (the router is down)
+    problems: tuple[str, ...] = ()  # other reasons the API would not answer every
+    # model: a model missing from the ingress' table or its router's config, an
+    # ingress rollout under way
 
     @property
     def missing(self) -> list[PoolReadiness]:
@@ -101,12 +123,13 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return not self.error and not self.missing
+        return not self.error and not self.missing and not self.problems
 
     def reason(self) -> str:
         if self.error:
             return self.error
-        return "; ".join(f"model {p.model!r} has no live {p.pool} replica" for p in self.missing)
+        return "; ".join([*self.problems, *(f"model {p.model!r} has no live {p.pool} replica"
+                                            for p in self.missing)])
 
     def to_dict(self) -> dict[str, Any]:
         """The /ready body: status, every pool's live replica count, what is missing."""
@@ -215,8 +238,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[dict]:
-        """Stream output dicts. Raises UnknownModel, InvalidRequestError,
+                 params: SamplingParams,
+                 options: RequestOptions = DEFAULT_OPTIONS) -> AsyncIterator[dict]:
+        """Stream output dicts; ``options``: priority and the client's
+        deadline. Raises UnknownModel, InvalidRequestError,
         Overloaded, Unavailable or DeadlineExceeded (RequestFailedError:
         the request failed on the server). Closing the iterator cancels the request
         everywhere and frees its KV blocks."""
@@ -292,15 +317,31 @@ class LocalBackend(Backend):
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)
 
-    async def generate(self, model, request_id, prompt_token_ids, params):
+    async def generate(self, model, request_id, prompt_token_ids, params,
+                       options: RequestOptions = DEFAULT_OPTIONS):
+        """The engine serves its requests in arrival order (no router queue:
+        ``options.priority`` does not apply); ``options.deadline`` cancels
+        the request when it passes."""
         from splitserve.engine.async_engine import EngineDeadError
 
         base, adapter = self._resolve(model)
         rec = self._recorder(model)  # an adapter's requests under its own name
         error: BaseException | None = None
+        stream = self._async[base].generate(request_id, prompt_token_ids, params, adapter=adapter)
         try:
-            async for out in self._async[base].generate(request_id, prompt_token_ids, params,
-                                                         adapter=adapter):
+            while True:
+                # the deadline bounds each wait for the engine, never the
+                # caller's time between outputs
+                limit = None if options.deadline is None else options.deadline - time.time()
+                try:
+                    async with asyncio.timeout(None if limit is None else max(0.0, limit)):
+                        out = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    error = DeadlineExceeded(f"request {request_id} passed its deadline (the "
+                                             "client's timeout); cancelled")
+                    raise error from None
                 d = out.to_dict()
                 rec.on_output(d)
                 yield d
@@ -308,9 +349,10 @@ class LocalBackend(Backend):
             error = Unavailable(f"the engine for {base!r} is not running: {e}")
             raise error from None
         except BaseException as e:
-            error = e
+            error = error or e
             raise
         finally:
+            await stream.aclose()
             rec.finish(error)
 
     async def readiness(self) -> Readiness:

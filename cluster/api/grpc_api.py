@@ -51,6 +51,7 @@ from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.request_options import grpc_options
 from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
@@ -352,6 +353,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     "rpc.method": "splitserve.v1.Generation/Generate"})
             set_ingress_span(span)
         t0 = time.perf_counter()
+        options = grpc_options(request.priority, context.time_remaining(), time.time())
         routed, request = self._route(request, context)
         if routed.route is not None:
             await context.send_initial_metadata(((VARIANT_HEADER, routed.model),))
@@ -366,7 +368,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             request_id = request.request_id or backend_id
             prepare_s = time.perf_counter() - t0
             stream = self.backend.routing.track(
-                routed, self.backend.generate(request.model, backend_id, ids, params))
+                routed, self.backend.generate(request.model, backend_id, ids, params, options))
             chat = None
             if tools is not None or reasoning is not None:
                 chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)
@@ -447,7 +449,10 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     server = grpc.aio.server(
         interceptors=interceptors + [DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes)])
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 # several ingress replicas on one node listen on one port (gRPC's
+                 # default on Linux, stated because the ingress relies on it)
+                 ("grpc.so_reuseport", 1)])
     pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool, tracer), server)
     health = health or HealthService()
     health.follow(backend)

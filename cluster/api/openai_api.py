@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 from splitserve.cluster.api import openai_schema as schema
 from splitserve.cluster.api import responses_api
 from splitserve.cluster.api.adapters_api import add_adapter_routes
-from splitserve.cluster.api.backend import Backend, ModelInfo
+from splitserve.cluster.api.backend import Backend, ModelInfo, RequestOptions
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
 from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
@@ -53,6 +53,7 @@ from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.openai_schema import ApiError
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.routing import Routed, all_models, model_info, resolve_http, variant_headers
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
@@ -141,9 +142,10 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: schema.CompletionRequest = await read_request(
             request, schema.CompletionRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         prompts = body.prompt_inputs()
         max_model_len = backend.model_info(body.model).max_model_len
@@ -151,21 +153,22 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
             if isinstance(p, str):
                 check_prompt_chars(len(p), max_model_len, "prompt")
         batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
-        return await _respond(request, backend, "completion", body, batch, params, t0,
+        return await _respond(request, backend, "completion", body, batch, params, t0, options,
                               echoes=echoes, routed=routed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: schema.ChatCompletionRequest = await read_request(
             request, schema.ChatCompletionRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")
         chat = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
-                              chat.tools, reasoning=chat.reasoning, routed=routed)
+                              options, chat.tools, reasoning=chat.reasoning, routed=routed)
 
     responses_api.add_route(app, backend, pool, max_body_bytes)
 
@@ -206,7 +209,8 @@ def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: 
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
-                   params, t0: float, tools: ToolRequest | None = None,
+                   params, t0: float, options: RequestOptions,
+                   tools: ToolRequest | None = None,
                    echoes: list[Echo] | None = None, reasoning: Reasoning | None = None,
                    routed: Routed | None = None) -> Response:
     """Choice k answers prompt k // n (choice k % n of it), each choice its
@@ -218,8 +222,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     n = params.n
     jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
     streams = [backend.routing.track(routed, backend.generate(
-        body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j], choice_params(params, i)))
-        for k, (j, i) in enumerate(jobs)]
+        body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j], choice_params(params, i),
+        options)) for k, (j, i) in enumerate(jobs)]
     prepare_s = time.perf_counter() - t0
     opened = await open_choices(request, streams)
     if opened is None:

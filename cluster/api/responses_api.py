@@ -38,6 +38,7 @@ from splitserve.cluster.api.http_stream import (TIMINGS_HEADER, Choices, ClientG
                                                 api_error, open_choices, sse_data)
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.prepare import PreparePool
+from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.routing import resolve_http, variant_headers
 from splitserve.cluster.api.responses_output import OutputItems, response_usage, status_of
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error
@@ -48,15 +49,16 @@ from splitserve.engine.limits import check_prompt_chars
 def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes: int) -> None:
     @app.post("/v1/responses")
     async def create_response(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: ResponsesRequest = await read_request(request, ResponsesRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len, "input")
         chat = await pool.run(_prepare, backend, body)
         rid = f"resp_{uuid.uuid4().hex}"
         prepare_s = time.perf_counter() - t0
         opened = await open_choices(request, [backend.routing.track(routed, backend.generate(
-            body.model, rid, chat.token_ids, chat.params))])
+            body.model, rid, chat.token_ids, chat.params, options))])
         if opened is None:
             return Response(status_code=499)
         choices, first = opened

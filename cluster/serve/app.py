@@ -17,7 +17,8 @@ import ray
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
-from splitserve.cluster.serve import secrets
+from splitserve.cluster.serve import router_state, secrets
+from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import NAMESPACE, ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.workers import worker_deployment
 from splitserve.engine.roles import Role
@@ -108,7 +109,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
            with_ingress: bool = True) -> dict[str, Any]:
     """Deploy (or update in place) every application of ``cfg``. Returns a
     summary {apps, removed}. Blocks until every pool has registered with the
-    router, or raises TimeoutError naming the missing pools.
+    router and (``with_ingress``) the ingress answers ready, i.e. /v1 serves
+    every model (``wait_for_ingress``), or raises TimeoutError naming what
+    is missing.
 
     On a running cluster only what changed is touched: a pool whose replicas
     are built the same way (only its bounds or autoscaling differ) keeps its
@@ -121,10 +124,13 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     check_tensor_parallel(cfg)
     check_installed(cfg.observability.tracing)
     connect(address)
+    deadline = time.monotonic() + wait_s
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))
     wait_for_pools(cfg, wait_s)
     out.update(_apply_routes(cfg, with_ingress))
+    if with_ingress:
+        wait_for_ingress(deadline)
     return out
 
 
@@ -153,7 +159,7 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     rcfg = router_config(cfg)
     tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=(prev is None or router_config(prev) != rcfg
+                   reconfigure=(prev is None or router_state.load().config != rcfg
                                 or prev.observability.tracing != tracing),
                    tracing=None if tracing is None else tracing.model_dump())
     from splitserve.cluster.serve.route_actor import get_route_actor
@@ -176,7 +182,8 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     if with_ingress:
         from splitserve.cluster.serve.ingress import ingress_app
 
-        if ("ingress" not in running or prev is None or _ingress_view(prev) != _ingress_view(cfg)
+        if ("ingress" not in running or prev is None or ingress_view(prev) != ingress_view(cfg)
+                or prev.endpoints.ingress_replicas != cfg.endpoints.ingress_replicas
                 or version != ray.get(ledger.secrets_version.remote())):
             serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"
@@ -196,18 +203,6 @@ def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
         if app_name(served.model.name, role) in running:
             out.pool(role).initial_replicas = None
     return out
-
-
-def _ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
-    """The settings the ingress uses: everything but the pools, the routes
-    (the ingresses follow the route controller) and the secrets (their
-    version is compared on its own)."""
-    d = secrets.public_config(cfg)
-    d.pop("routes")
-    for m in d["models"]:
-        m.pop("prefill")
-        m.pop("decode")
-    return d
 
 
 def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
@@ -231,10 +226,37 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
         time.sleep(0.5)
 
 
+def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
+    """Until the ingress application runs and says it is ready: every
+    model's pools live at its router and no replica of an earlier ingress
+    config still takes requests (``Ingress.readiness_report``, what /ready
+    answers). Raises TimeoutError with its last reason at ``deadline``
+    (monotonic)."""
+    reason = "the ingress application is not running yet"
+    while True:
+        status = serve_status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            try:
+                report = serve.get_app_handle(app).readiness_report.remote().result(
+                    timeout_s=10.0)
+                if report["status"] == "ready":
+                    return
+                reason = report.get("reason", "not ready")
+            except Exception as e:  # noqa: BLE001 - a replica starting or stopping
+                reason = f"the ingress did not answer: {type(e).__name__}: {e}"
+        elif status is not None:
+            reason = f"the ingress application is {status.status}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ingress is not ready: {reason}")
+        time.sleep(0.5)
+
+
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
+    from splitserve.cluster.serve import rollout
     from splitserve.cluster.serve.route_actor import kill_route_actor
 
     serve.shutdown()
     kill_routers()
     kill_route_actor()
+    rollout.clear()

@@ -1,11 +1,19 @@
 """The client-facing ingress as a Ray Serve deployment.
 
-HTTP (OpenAI API) arrives through Serve's proxy; the replica also runs the
+HTTP (OpenAI API) arrives through Serve's proxy; each replica also runs the
 gRPC API server on ``endpoints.grpc_port``. Both call one ``ClusterBackend``,
 which asks the router for placements and streams from decode replicas.
 With ``observability.tracing`` (or $OTEL_EXPORTER_OTLP_ENDPOINT) each
 generation request is a trace's ``ingress`` span; the replica exports what
 is left of its spans when it stops.
+
+There are ``endpoints.ingress_replicas`` replicas. Serve's proxy spreads
+HTTP requests over them. Their gRPC servers on one node bind the same port
+(``SO_REUSEPORT``, ``start_grpc_server``), and the kernel spreads new
+connections over the listening sockets; a replica that dies closes its
+socket, and clients that reconnect reach another. Each replica holds its
+own admission slots at the routers (one lease holder per process): the
+slots of a replica that dies expire after ``router.lease_ttl_s``.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.serve.rollout import IngressRollout, ingress_digest, publish_target
 
 log = logging.getLogger("splitserve.ingress")
 
@@ -34,7 +43,13 @@ class Ingress:
         self.cfg = ClusterConfig.model_validate(cfg)
         self.api_keys = secrets.api_keys(self.cfg.auth)
         self.tracer = start_tracer(self.cfg.observability.tracing, "ingress")
-        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(), tracer=self.tracer)
+        # registered before it serves: while it lives, no replica of another
+        # config is ready (splitserve.cluster.serve.rollout)
+        self.rollout = IngressRollout(ingress_digest(self.cfg, secrets_version))
+        await asyncio.to_thread(self.rollout.beat)
+        self.rollout.start()
+        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(), tracer=self.tracer,
+                                      rollout_problems=self.rollout.problems)
         await self.backend.routing.start()  # the routes' weights in force, then every period
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
@@ -50,10 +65,18 @@ class Ingress:
         return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes,
                               observability=self.cfg.observability, tracer=self.tracer)
 
+    async def readiness_report(self) -> dict:
+        """What /ready answers (``Readiness.to_dict``); ``splitserve deploy`` waits on it."""
+        return (await self.backend.readiness()).to_dict()
+
     async def check_health(self) -> None:
         pass
 
     async def __del__(self) -> None:
+        try:
+            await asyncio.to_thread(self.rollout.stop)
+        except Exception:  # noqa: BLE001 - best effort: the entry ages out
+            pass
         try:
             await self.grpc_server.stop(1.0)
             await self.backend.close()
@@ -64,9 +87,17 @@ class Ingress:
 
 
 def ingress_app(cfg: ClusterConfig, secrets_version: str):
+    """The ingress deployment of ``cfg``, bound; publishes its config as the
+    cluster's target (``rollout``): replicas of any other config stop being
+    ready now (needs a connected Ray driver)."""
     from splitserve.cluster.serve.secrets import public_config
 
+    publish_target(ingress_digest(cfg, secrets_version))
+    args = public_config(cfg)
+    # the replicas' count is the deployment's, not theirs: changing it
+    # scales the ingress without replacing the replicas that run
+    args["endpoints"].pop("ingress_replicas")
     dep = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=4096, health_check_period_s=5.0)
-    return dep.bind(public_config(cfg), secrets_version)
+        name="ingress", num_replicas=cfg.endpoints.ingress_replicas,
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, health_check_period_s=5.0)
+    return dep.bind(args, secrets_version)

@@ -37,19 +37,21 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import msgspec
 
 from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts
 from splitserve.cluster.api.backend import (
+    DEFAULT_OPTIONS,
     Backend,
     ClusterMetrics,
     DeadlineExceeded,
     ModelInfo,
     Overloaded,
     Readiness,
+    RequestOptions,
     Unavailable,
     UnknownModel,
 )
@@ -121,7 +123,10 @@ class _Model:
 
 class ClusterBackend(Backend):
     def __init__(self, cfg: ClusterConfig, router: RouterClient | None = None,
-                 token: str | None = None, tracer: Tracer | None = None):
+                 token: str | None = None, tracer: Tracer | None = None,
+                 rollout_problems: Callable[[], Awaitable[Sequence[str]]] | None = None):
+        """``rollout_problems``: why this ingress replica must not say it is
+        ready beyond the pools (``splitserve.cluster.serve.rollout``)."""
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
@@ -131,6 +136,7 @@ class ClusterBackend(Backend):
             raise ValueError("ClusterBackend needs the cluster token: pass token= (inside a "
                              "cluster: splitserve.cluster.serve.secrets.cluster_token())")
         self._router = router
+        self._rollout_problems = rollout_problems
         tls = cfg.transfer.tls
         self._clients = WorkerClients(self.token, None if tls is None else tls.load())
         self._models: dict[str, _Model] = {}
@@ -199,13 +205,14 @@ class ClusterBackend(Backend):
         validate_request(prompt_token_ids, params, m.max_model_len, m.vocab_size)
 
     async def _route(self, lease: str, req: RouteRequest, admitted: bool,
-                     arrival: float, trace: Span | None = None) -> Placement:
+                     arrival: float, options: RequestOptions,
+                     trace: Span | None = None) -> Placement:
         if trace is None:
-            return await self._place(lease, req, admitted, arrival, None)
+            return await self._place(lease, req, admitted, arrival, options, None)
         span = self.tracer.start(SPAN_ROUTE, trace.traceparent, attributes={
             ATTR_REQUEST_ID: req.request_id, "splitserve.excluded": len(req.exclude_replicas)})
         try:
-            p = await self._place(lease, req, admitted, arrival, span.traceparent)
+            p = await self._place(lease, req, admitted, arrival, options, span.traceparent)
         except BaseException as e:
             span.fail(e)
             raise
@@ -218,9 +225,11 @@ class ClusterBackend(Backend):
             span.end()
 
     async def _place(self, lease: str, req: RouteRequest, admitted: bool,
-                     arrival: float, traceparent: str | None) -> Placement:
+                     arrival: float, options: RequestOptions,
+                     traceparent: str | None) -> Placement:
         try:
             return await self.router.place(lease, req, arrival=arrival, admitted=admitted,
+                                           deadline=options.deadline, priority=options.priority,
                                            traceparent=traceparent)
         except RouterUnavailableError as e:
             raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
@@ -236,7 +245,11 @@ class ClusterBackend(Backend):
         return Unavailable(str(e), e.retry_after_s)  # NoCapacityError
 
     async def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[dict]:
+                       params: SamplingParams,
+                       options: RequestOptions = DEFAULT_OPTIONS) -> AsyncIterator[dict]:
+        """``options``: the request's priority in its model's router queue,
+        and its own deadline, which bounds its wait there (with
+        ``router.max_queue_delay_s``) and its streams (with ``deadlines``)."""
         m, adapter = self._resolve(model)
         self.validate(model, prompt_token_ids, params)
         root = adapter.hash_root if adapter is not None else 0
@@ -248,7 +261,8 @@ class ClusterBackend(Backend):
         faults = 0  # failed calls that may be this request's own doing
         deadlines = StreamDeadlines(
             self.cfg.deadlines, request_id,
-            params.max_tokens or m.max_model_len - len(prompt_token_ids))
+            params.max_tokens or m.max_model_len - len(prompt_token_ids),
+            deadline=options.deadline)
         rec = RequestRecorder(model)  # an adapter's requests under its own name
         error: BaseException | None = None
         trace = ingress_span() if self.tracer is not None else None
@@ -274,7 +288,7 @@ class ClusterBackend(Backend):
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude),
                     adapter=adapter.key if adapter is not None else None)
-                placement = await self._route(lease, req, admitted, arrival, trace)
+                placement = await self._route(lease, req, admitted, arrival, options, trace)
                 admitted = True
                 decode = placement.decode_replica
                 prefill = placement.prefill_replica
@@ -354,11 +368,25 @@ class ClusterBackend(Backend):
                 trace.add(ATTR_OUTPUT_TOKENS, len(produced))
 
     async def readiness(self) -> Readiness:
+        """Ready when this ingress serves every configured model (its model
+        table), each model's router (the one its requests go to) serves it
+        and counts a live replica in each required pool, and no ingress
+        replica of another config still takes requests."""
+        problems = [f"model {s.model.name!r} is not in this ingress' model table"
+                    for s in self.cfg.models if s.model.name not in self._models]
+        problems += await self._rollout_problems() if self._rollout_problems is not None else []
         try:
-            live = await self.router.ask("live_replicas", ROUTER_QUERY_S)
+            asked = await self.router.ask_placing([s.model.name for s in self.cfg.models],
+                                                  "live_replicas", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return Readiness(error=f"the router is unavailable: {type(e).__name__}")
-        return cluster_readiness(self.cfg, live)
+        live: dict[str, dict[str, int]] = {}
+        for model, (index, counts) in asked.items():
+            if model in counts:
+                live[model] = counts[model]
+            else:  # configured before the model was added, and not reconfigured
+                problems.append(f"router {index} does not serve model {model!r}")
+        return cluster_readiness(self.cfg, live, tuple(problems))
 
     async def cluster_metrics(self) -> ClusterMetrics:
         try:

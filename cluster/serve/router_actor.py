@@ -38,6 +38,7 @@ import msgspec
 import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
+from splitserve.cluster.serve import router_state
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
@@ -81,7 +82,30 @@ class RouterActor:
         self._ticker: asyncio.Task | None = None
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
+        self._persist = False  # a cluster's named router keeps its state (router_state)
+        cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
+
+    def _restore(self, cfg: RouterConfig) -> tuple[RouterConfig, bool]:
+        """The config and prefer-local switch to start with. A named router
+        that Ray restarted takes them from ``router_state`` (its constructor
+        argument is the config it was first created with, older than a
+        ``reconfigure``); on its first start it stores its config there and
+        takes the cluster's switch. An unnamed one (tests) keeps ``cfg``."""
+        if not ray.is_initialized():
+            return cfg, False
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is None or not ctx.get_actor_name():
+            return cfg, False
+        self._persist = True
+        if ctx.was_current_actor_reconstructed:
+            state = router_state.load()
+            if state.config is not None:
+                log.info("router %d restarted: config and prefer-local switch (%s) restored",
+                         self.index, state.prefer_local_prefill)
+            return state.config or cfg, state.prefer_local_prefill
+        router_state.save_config(cfg)
+        return cfg, router_state.load().prefer_local_prefill
 
     def _install(self, service: RouterService) -> None:
         from splitserve.cluster.serve.router_client import router_order
@@ -90,6 +114,7 @@ class RouterActor:
         self.metrics.models = {m for m in models
                                if router_order(m, self.count, models)[0] == self.index}
         self.service = service
+        service.core.set_prefer_local_prefill(self._prefer_local)
         service.on_placement = self.metrics.count_placement
         service.on_refusal = self.metrics.count_rejection
 
@@ -104,11 +129,14 @@ class RouterActor:
     def reconfigure(self, cfg: RouterConfig, tracing: dict | None = None) -> None:
         """Replace the routing config and the tracing section: like a restart,
         the replicas push their stats again and the ingresses send their
-        slots with their next heartbeat. (A router restarted after a crash
-        traces as it was created: ``ensure_routers`` passes the section again
-        on the next deploy.)"""
+        slots with their next heartbeat. The config is kept where a restarted
+        router finds it (``router_state``), and so is the prefer-local
+        switch. (A router restarted after a crash traces as it was created:
+        ``ensure_routers`` passes the section again on the next deploy.)"""
         from splitserve.cluster.observability.tracing import start_tracer
 
+        if self._persist:
+            router_state.save_config(cfg)
         old, self.tracer = self.tracer, start_tracer(tracing, "router")
         self._traced_waiting.clear()
         if old is not None:
@@ -152,7 +180,11 @@ class RouterActor:
 
     def set_prefer_local_prefill(self, prefer: bool, forward: bool = True) -> None:
         """The autoscaler's network signal (it tells router 0): passed on to
-        the other routers, which place other models or take over."""
+        the other routers, which place other models or take over, and kept
+        in ``router_state``, where a restarted router finds it."""
+        if forward and self._persist and prefer != self._prefer_local:
+            router_state.save_prefer_local(prefer)
+        self._prefer_local = prefer
         self.core.set_prefer_local_prefill(prefer)
         for i in range(self.count) if forward else ():
             if i != self.index:
@@ -322,10 +354,15 @@ class RouterActor:
     def counters(self) -> dict[str, Any]:
         """The core's decision counters, plus admission and queue state:
         ``in_flight`` (slots held, per model), ``queued`` (per model),
-        ``refusals`` by reason, and lease counts (``unbalanced_releases``,
+        ``refusals`` by reason, the prefer-local-prefill switch, the slots
+        each ingress process holds (``slots_by_holder``: holder -> count;
+        a holder is ``node:pid:id``), and lease counts (``unbalanced_releases``,
         ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
         svc = self.service
         return {**asdict(self.core.counters()), "queued": svc.queued(),
+                "prefer_local_prefill": self.core.state.prefer_local_prefill,
+                "slots_by_holder": {h: sum(1 for _ in svc.leases.of_holder(h))
+                                    for h in svc.leases.holders()},
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
                 "queued_total": svc.counts["queued"],
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
@@ -366,11 +403,15 @@ def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False,
 
 
 def kill_routers(start: int = 0) -> None:
+    """Remove routers ``start`` and above; all of them (``start`` 0) also
+    forgets their stored state (``router_state``)."""
     for i in range(start, MAX_ROUTERS):
         try:
             ray.kill(ray.get_actor(router_name(i), namespace=NAMESPACE))
         except ValueError:
             pass
+    if start == 0:
+        router_state.clear()
 
 
 class RouterFanout:

@@ -195,6 +195,35 @@ class RouterClient:
                 error = e
         raise error
 
+    async def ask_placing(self, models: Sequence[str], method: str,
+                          timeout_s: float) -> dict[str, tuple[int, Any]]:
+        """model -> (router index, its answer to ``method``) from the router
+        that places the model's requests now: the first in the model's order
+        that is up here and answers within ``timeout_s`` (so readiness is
+        judged by the router the requests go to). Each router is asked once.
+        Raises the last error when no router answered for some model."""
+        answers: dict[int, Any] = {}
+        out: dict[str, tuple[int, Any]] = {}
+        for model in models:
+            order = self._order(model)
+            error: BaseException = RouterUnavailableError(f"no router is up for model {model!r}")
+            for i in [i for i in order if self._links[i].up] or order:
+                if i not in answers:
+                    try:
+                        handle = await asyncio.wait_for(self._handle(self._links[i]), timeout_s)
+                        answers[i] = await asyncio.wait_for(getattr(handle, method).remote(),
+                                                            timeout_s)
+                    except Exception as e:  # noqa: BLE001 - down or restarting: the next one
+                        answers[i] = e
+                if isinstance(answers[i], BaseException):
+                    error = answers[i]
+                    continue
+                out[model] = (i, answers[i])
+                break
+            else:
+                raise error
+        return out
+
     def suspect(self, replica_id: str) -> None:
         """An RPC to this replica failed: tell every router (never waits)."""
         for link in self._links:
