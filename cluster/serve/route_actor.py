@@ -18,13 +18,13 @@ serving the weights they hold while the controller is away.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 import ray
 
+from splitserve.cluster.serve.ticker import Ticker
 from splitserve.router.route_book import RouteBook
 from splitserve.router.route_messages import (
     BookState,
@@ -69,25 +69,12 @@ def clear_state() -> None:
 class RouteActor:
     def __init__(self, tick_s: float = TICK_S):
         self.book = RouteBook(time.time, load_state())
-        self._tick_s = tick_s
-        self._ticker: asyncio.Task | None = None
+        self._ticker = Ticker(tick_s, self._tick, log, "route")
         self._holders: dict[str, tuple[int, float]] = {}  # holder -> (version seen, when)
 
     def _persist(self) -> None:
         _kv()._internal_kv_put(_KV_KEY, encode(self.book.state()), overwrite=True,
                                namespace=NAMESPACE)
-
-    def _ensure_ticker(self) -> None:
-        if self._tick_s > 0 and (self._ticker is None or self._ticker.done()):
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_s)
-            try:
-                self._tick()
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick
-                log.exception("route tick failed")
 
     def _tick(self) -> None:
         moves = self.book.tick()
@@ -98,20 +85,20 @@ class RouteActor:
             self._persist()
 
     async def ready(self) -> int:
-        self._ensure_ticker()
+        self._ticker.ensure()
         return self.book.version
 
     async def apply(self, data: bytes) -> tuple[int, list[str]]:
         """Install the operator's routes (msgpack ``tuple[RoutePolicy, ...]``);
         returns (table version, what changed)."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         lines = self.book.apply(decode(data, tuple[RoutePolicy, ...]))
         self._persist()
         return self.book.version, lines
 
     async def exchange(self, data: bytes) -> bytes:
         """An ingress's ``RouteReport``; answers a ``RouteReply``."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         report = decode(data, RouteReport)
         self.book.record(report.outcomes)
         version = self.book.version
@@ -127,7 +114,7 @@ class RouteActor:
         return {h: v[0] for h, v in self._holders.items()}
 
     async def status(self) -> list[dict[str, Any]]:
-        self._ensure_ticker()
+        self._ticker.ensure()
         return self.book.status()
 
     async def tick_now(self) -> None:

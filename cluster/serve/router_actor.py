@@ -39,6 +39,7 @@ import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.cluster.serve import router_state
+from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
@@ -78,8 +79,7 @@ class RouterActor:
         self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
         self.metrics = RouterMetrics()
-        self._tick_s = tick_s
-        self._ticker: asyncio.Task | None = None
+        self._ticker = Ticker(tick_s, self._tick, log, "router")
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
         self._persist = False  # a cluster's named router keeps its state (router_state)
@@ -123,7 +123,7 @@ class RouterActor:
         return self.service.core
 
     async def ready(self) -> bool:
-        self._ensure_ticker()
+        self._ticker.ensure()
         return True
 
     def reconfigure(self, cfg: RouterConfig, tracing: dict | None = None) -> None:
@@ -197,7 +197,7 @@ class RouterActor:
     # -- ingresses ------------------------------------------------------------------
     async def exchange(self, ex: Exchange) -> ExchangeReply:
         """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         reply = self.service.exchange(ex)
         if self.tracer is not None:
             self._trace_exchange(ex, reply)
@@ -207,7 +207,7 @@ class RouterActor:
     async def poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
         """Outcomes of ``holder``'s queued requests, as soon as there is one
         (or an empty list after ``timeout_s``: the ingress asks again)."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         if not self.service.has_resolved(holder):
             event = self._wakeups.setdefault(holder, asyncio.Event())
             event.clear()
@@ -284,23 +284,14 @@ class RouterActor:
             if self.service.has_resolved(holder):
                 event.set()
 
-    def _ensure_ticker(self) -> None:
-        if self._tick_s > 0 and (self._ticker is None or self._ticker.done()):
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_s)
-            try:
-                self.service.tick()
-                self._wake()
-                now = time.time()
-                if now - self._last_prune > 1.0:
-                    self._last_prune = now
-                    self.prune(now)
-                self.metrics.publish(self.service, self.replicas_info)
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick
-                log.exception("router tick failed")
+    def _tick(self) -> None:
+        self.service.tick()
+        self._wake()
+        now = time.time()
+        if now - self._last_prune > 1.0:
+            self._last_prune = now
+            self.prune(now)
+        self.metrics.publish(self.service, self.replicas_info)
 
     # -- operators' views -----------------------------------------------------------
     def prune(self, now: float | None = None) -> list[str]:
