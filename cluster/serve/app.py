@@ -212,8 +212,10 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
 
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
+    from splitserve.cluster.serve.adapter_store import clear_adapters
     from splitserve.cluster.serve.route_actor import kill_route_actor
 
     serve.shutdown()
     kill_routers()
     kill_route_actor()
+    clear_adapters()
