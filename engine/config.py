@@ -250,6 +250,9 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # ranks the model is split over (splitserve.engine.parallel); rank r on the
+    # r-th GPU from ``device`` on, or all on the CPU
+    tensor_parallel_size: int = 1
     seed: int = 0
     # speculative decoding (splitserve.engine.spec); None: off
     speculative: SpeculativeConfig | None = None
@@ -272,3 +275,10 @@ class EngineConfig:
                              f"({self.max_loras})")
         if self.weight_dtype not in ("auto", "fp8"):
             raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.weight_dtype == "fp8":
+            raise ValueError("weight_dtype 'fp8' is not supported with tensor_parallel_size > 1 yet")
+        if self.tensor_parallel_size > 1 and self.max_loras > 0:
+            raise ValueError("LoRA adapters (max_loras > 0) are not supported with "
+                             "tensor_parallel_size > 1 yet")

@@ -43,7 +43,6 @@ from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason
 from splitserve.engine.structured import GrammarMatcher
-from splitserve.kernels import ops
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
@@ -68,7 +67,9 @@ class KVCacheSpec:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    bytes_per_block: int  # one block's K and V over every layer
+    bytes_per_block: int  # one block's K and V over every layer, every head
+    # ranks the engine's heads are split over; the port moves whole heads at any degree
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,14 @@ class ReservationHolder(Protocol):
 class KVPort:
     def __init__(self, engine: "LLMEngine"):
         self._engine = engine
-        cache = engine.runner.kv_cache  # [L, 2, num_blocks, BS, Hk, D]
+        cache = engine.runner.kv_cache  # [L, 2, num_blocks, BS, Hk (this rank's), D]
         mc = engine.model_cfg
         self._spec = KVCacheSpec(
             model_id=engine.model_id, dtype=dtype_name(engine.dtype),
             kv_dtype=dtype_name(cache.dtype), block_size=engine.cfg.block_size,
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            bytes_per_block=cache[:, :, 0].numel() * cache.element_size())
+            bytes_per_block=mc.kv_bytes_per_token(cache.dtype) * engine.cfg.block_size,
+            tensor_parallel_size=engine.cfg.tensor_parallel_size)
         self._holders: weakref.WeakSet = weakref.WeakSet()
 
     def spec(self) -> KVCacheSpec:
@@ -149,8 +151,7 @@ class KVPort:
         Returns a new tensor [layer_end - layer_start, 2, n, BS, Hk, D]."""
         eng = self._engine
         ids = eng.kv.raw_block_ids(request_id)[skip_tokens // self._spec.block_size:]
-        idx = torch.tensor(ids, dtype=torch.int64, device=eng.device)
-        return ops.pack_kv(eng.runner.kv_cache, idx, layer_start, layer_end)
+        return eng.runner.pack_kv(list(ids), layer_start, layer_end)
 
     def release(self, request_id: str) -> None:
         """Free what a finished prefill-only request holds. Idempotent."""
@@ -193,8 +194,7 @@ class KVPort:
             raise ValueError(f"a chunk of shape {tuple(buf.shape)} from layer {layer_start} does "
                              f"not fit {len(ids)} blocks of {self._spec.num_layers} layers")
         if ids:
-            idx = torch.tensor(ids, dtype=torch.int64, device=self._engine.device)
-            ops.unpack_kv(buf, self._engine.runner.kv_cache, idx, layer_start)
+            self._engine.runner.unpack_kv(buf, list(ids), layer_start)
 
     def cancel(self, handoff_id: str) -> None:
         """Free a reservation's blocks. Idempotent."""

@@ -28,6 +28,7 @@ from splitserve.engine.lora.manager import LoraManager
 from splitserve.engine.model_runner import (ModelRunner, PromptLogprobs, kv_cache_dtype,
                                             num_kv_blocks, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
+from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
@@ -56,18 +57,31 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.tokenizer = Tokenizer.from_dir(Path(cfg.model))
         torch.manual_seed(cfg.seed)
-        model = load_model(self.checkpoint, self.dtype, self.device)
-        num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        tp = None
+        if cfg.tensor_parallel_size > 1:  # ranks 1..N-1 start loading their shards now
+            tp, num_blocks = start_ranks(cfg, self.checkpoint, self.dtype, self.device)
+        else:
+            num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        try:
+            model = load_model(self.checkpoint, self.dtype, self.device,
+                               tp=None if tp is None else tp.group)
+            # LoRA: slots allocated before the runner captures CUDA graphs over them
+            self.lora: LoraManager | None = None
+            if cfg.max_loras > 0:
+                self.lora = LoraManager(model, self.model_cfg, cfg.max_loras, cfg.max_lora_rank,
+                                        cfg.max_cpu_loras or 4 * cfg.max_loras, self.dtype,
+                                        self._live_adapter_keys)
+            self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device,
+                                      num_blocks, tp=tp)
+            if tp is not None:
+                tp.wait_ready(self.runner.kv_cache)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.requests: dict[str, RequestState] = {}
-        # LoRA: slots allocated before the runner captures CUDA graphs over them
-        self.lora: LoraManager | None = None
-        if cfg.max_loras > 0:
-            self.lora = LoraManager(model, self.model_cfg, cfg.max_loras, cfg.max_lora_rank,
-                                    cfg.max_cpu_loras or 4 * cfg.max_loras, self.dtype,
-                                    self._live_adapter_keys)
         self.adapters: dict[str, AdapterRef] = {}  # registered by name (add_adapter)
-        self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device, num_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    slots=self.lora)
         self.sampler = Sampler(seed=cfg.seed)
@@ -99,6 +113,12 @@ class LLMEngine:
             self.spec = SpecDecoder(cfg.speculative, ProposerContext(
                 cfg, self.model_cfg, self.tokenizer, self.dtype, self.device, num_blocks))
             self.scheduler.on_release = self.spec.release
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when
+        this process ends). The engine cannot step after. Idempotent."""
+        if self.runner.tp is not None:
+            self.runner.tp.close()
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

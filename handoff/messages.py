@@ -132,7 +132,7 @@ class PrefillTarget(Message):
     endpoint: Id
     # a prefix the target caches already: whole blocks, not sent
     skip_tokens: Annotated[int, Meta(ge=0)]
-    layout: KVLayout  # the target's: must equal the prefill engine's
+    layout: KVLayout  # the target's: KVLayout.check_compatible with the prefill engine's
 
 
 class PrefillRequest(Message):

@@ -36,7 +36,9 @@ def layout_of(port: KVPort) -> KVLayout:
     s = port.spec()
     return KVLayout(model_id=s.model_id, dtype=s.dtype, kv_dtype=s.kv_dtype,
                     block_size=s.block_size, num_layers=s.num_layers,
-                    num_kv_heads=s.num_kv_heads, head_dim=s.head_dim)
+                    num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                    tensor_parallel_size=s.tensor_parallel_size,
+                    kv_head_start=0, kv_head_end=s.num_kv_heads)  # whole heads at any TP degree
 
 
 def engine_layout(engine) -> KVLayout:

@@ -45,6 +45,13 @@ class ModelSpec(_Strict):
     enforce_eager: bool = Field(False, description="On GPUs, run decode steps eagerly instead "
                                 "of replaying captured CUDA graphs (less memory, slower "
                                 "small batches).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks each replica splits the model "
+                                      "over (tensor parallelism: one process and one device "
+                                      "each; attention heads, MLP and vocabulary split, KV heads "
+                                      "split or replicated). Must divide the attention heads, "
+                                      "the intermediate size(s) and divide or be a multiple of "
+                                      "the KV heads; checked against the checkpoint at deploy. "
+                                      "Pools may set their own; the hand-off pairs any degrees.")
     chat_template: str | None = Field(None, description="Chat template for chat requests: a "
                                       "Jinja file on the ingress nodes or the template text; "
                                       "None: the checkpoint's.")
@@ -141,8 +148,10 @@ class AutoscalingSpec(_Strict):
 class PoolEngineSpec(_Strict):
     """Engine settings one pool sets for itself where the roles differ (a
     prefill pool wants large chunks and few sequences; a decode pool many
-    sequences and much KV). Unset keys keep the model's. What must match
-    across the hand-off (checkpoint, dtypes, block size) stays per model."""
+    sequences and much KV; prefill a wider tensor-parallel split). Unset keys
+    keep the model's. What must match across the hand-off (checkpoint,
+    dtypes, block size) stays per model; tensor-parallel degrees need not
+    match (the hand-off moves whole heads)."""
 
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences one replica of this "
                                      "pool runs at once; None: the model's.")
@@ -155,6 +164,10 @@ class PoolEngineSpec(_Strict):
                                    "pool (wins over kv_cache_memory_gb); None: the model's.")
     enforce_eager: bool | None = Field(None, description="CUDA graphs off for this pool; "
                                        "None: the model's.")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Ranks each replica of "
+                                             "this pool splits the model over (e.g. prefill 4, "
+                                             "decode 2); the replica reserves num_cpus and "
+                                             "num_gpus per rank. None: the model's.")
 
 
 class PoolSpec(_Strict):
@@ -164,8 +177,11 @@ class PoolSpec(_Strict):
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at first deploy; "
                                          "None: min_replicas. Ignored when re-applied to a "
                                          "running pool.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves, per "
+                            "tensor-parallel rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves, per "
+                            "tensor-parallel rank (0 or 1 when tensor_parallel_size > 1: each "
+                            "rank has a GPU of its own).")
     node_type: str | None = Field(None, description="Custom resource the replica requests "
                                   "(e.g. 'prefill_node'), so it lands on that node type.")
     resources: dict[str, float] = Field(default_factory=dict, description="Extra custom Ray "
@@ -190,11 +206,15 @@ class PoolSpec(_Strict):
                              "policy scales on metrics that running replicas report")
         return self
 
-    def ray_actor_options(self) -> dict[str, Any]:
+    def ray_actor_options(self, tensor_parallel_size: int = 1) -> dict[str, Any]:
+        """The replica actor's resources: CPUs and GPUs for each of its
+        ``tensor_parallel_size`` ranks (they are processes the replica
+        starts, on its node, using the GPUs Ray gives it)."""
         res = dict(self.resources)
         if self.node_type:
             res[self.node_type] = res.get(self.node_type, 0.01) or 0.01
-        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        tp = tensor_parallel_size
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus * tp, "num_gpus": self.num_gpus * tp}
         if res:
             opts["resources"] = res
         return opts
@@ -211,6 +231,20 @@ class ServedModel(_Strict):
     decode: PoolSpec = Field(default_factory=lambda: PoolSpec(
         autoscaling=AutoscalingSpec(bottleneck="memory")), description="The decode pool; by "
         "default 1 replica with memory autoscaling.")
+
+    @model_validator(mode="after")
+    def _tensor_parallel_gpus(self) -> "ServedModel":
+        for role in self.roles():
+            tp, gpus = self.engine_spec(role).tensor_parallel_size, self.pool(role).num_gpus
+            if tp > 1 and gpus not in (0, 1):
+                raise ValueError(
+                    f"the {role.value} pool runs tensor_parallel_size {tp} with num_gpus {gpus}: "
+                    "num_gpus counts per rank and must be 0 (CPU) or 1 (a GPU per rank)")
+            if tp > 1 and (self.model.max_loras > 0 or self.model.weight_dtype == "fp8"):
+                raise ValueError(
+                    f"the {role.value} pool runs tensor_parallel_size {tp}: LoRA adapters "
+                    "(max_loras) and weight_dtype fp8 are not split across ranks yet")
+        return self
 
     def roles(self) -> tuple[Role, ...]:
         """The roles of this model's pools, one Serve application each."""

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from splitserve.cluster.config import ClusterConfig, ModelSpec, ServedModel
+from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
 from splitserve.cluster.serve import secrets
 from splitserve.cluster.serve.router_actor import NAMESPACE, ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.workers import worker_deployment
@@ -74,6 +74,26 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
     return ModelFacts(block_size=spec.block_size, kv_bytes_per_token=mc.kv_bytes_per_token(kv_dtype))
 
 
+def check_tensor_parallel(cfg: ClusterConfig) -> None:
+    """Raise ConfigError for a pool whose tensor_parallel_size its model's
+    checkpoint cannot be split by (heads, intermediate sizes), before
+    any replica is built."""
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+    for served in cfg.models:
+        degrees = {role: served.engine_spec(role).tensor_parallel_size for role in served.roles()}
+        if all(tp == 1 for tp in degrees.values()):
+            continue
+        mc = load_checkpoint(checkpoint_dir(served.model)).model_config
+        for role, tp in degrees.items():
+            try:
+                check(mc, tp)
+            except TensorParallelConfigError as e:
+                raise ConfigError(f"model {served.model.name!r}, {role.value} pool: {e}") from None
+
+
 def router_config(cfg: ClusterConfig) -> RouterConfig:
     """The router's config: the operator's router section over each model's facts."""
     return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
@@ -98,6 +118,7 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     from splitserve.cluster.autoscaling.ledger import get_ledger
     from splitserve.cluster.observability.tracing import check_installed
 
+    check_tensor_parallel(cfg)
     check_installed(cfg.observability.tracing)
     connect(address)
     with SERVE_LOCK:

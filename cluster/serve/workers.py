@@ -71,8 +71,9 @@ def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
     if device == "cpu":
         # one intra-op thread per CPU this replica was given, so replicas
         # sharing a node do not oversubscribe its cores
+        # (its tensor-parallel ranks, processes of their own, take as many as rank 0)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, int(cpus / spec.tensor_parallel_size)))
     return LLMEngine(EngineConfig(
         model=str(checkpoint_dir(spec)), model_id=spec.name,
         dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
@@ -83,7 +84,7 @@ def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
         max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
         max_cpu_loras=spec.max_cpu_loras,
-        enforce_eager=spec.enforce_eager,
+        enforce_eager=spec.enforce_eager, tensor_parallel_size=spec.tensor_parallel_size,
         speculative=speculative_config(spec, role),
     ))
 
@@ -288,6 +289,7 @@ class WorkerServer:
             pass
         if self.tracer is not None:  # the spans still batched go out before the process ends
             await asyncio.to_thread(self.tracer.shutdown)
+        self.engine.close()  # its tensor-parallel ranks, if any
 
 
 def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
@@ -305,7 +307,7 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
     worker_model = model.model_dump(exclude=INGRESS_ONLY_FIELDS)
     args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s,
             None if tracing is None else tracing.model_dump())
-    actor_options = pool.ray_actor_options()
+    actor_options = pool.ray_actor_options(model.tensor_parallel_size)
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
     env = actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {})

@@ -341,6 +341,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
+        self.tp = None  # tensor parallel: the rank's TPGroup (splitserve.engine.parallel.group)
 
     def forward(
         self,
@@ -360,10 +361,16 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
+        if self.tp is not None:  # row-parallel o_proj: one all-reduce per attention block
+            h = self.tp.all_reduce(h)
         h, residual = self.post_attention_layernorm(h, residual)
         if lora is not None and isinstance(self.mlp, MLP):  # MoE experts take no LoRA
-            return self.mlp(h, lora), residual
-        return self.mlp(h), residual
+            h = self.mlp(h, lora)
+        else:
+            h = self.mlp(h)
+        if self.tp is not None:  # row-parallel down_proj (experts too): one per MLP block
+            h = self.tp.all_reduce(h)
+        return h, residual
 
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
         """LoRA stacks on the attention projections and, in a dense layer, the MLP's."""

@@ -70,7 +70,8 @@ class DraftModelProposer(Proposer):
         # for every sequence, adapters included (the target verifies with them)
         dcfg = dataclasses.replace(ecfg, model=str(path), num_blocks=num_blocks,
                                    enable_prefix_caching=False, weight_dtype="auto",
-                                   speculative=None, max_loras=0, max_cpu_loras=None)
+                                   speculative=None, max_loras=0, max_cpu_loras=None,
+                                   tensor_parallel_size=1)  # unsplit, beside rank 0
         model = load_model(ckpt, ctx.dtype, ctx.device)
         self.model_cfg = ckpt.model_config
         self.runner = ModelRunner(model, ckpt.model_config, dcfg, ctx.dtype, ctx.device, num_blocks)

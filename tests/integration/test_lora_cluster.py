@@ -14,7 +14,6 @@ ingress.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,6 @@ import ray
 from openai import OpenAI
 
 from splitserve.cluster.api.adapter_registry import AdapterConflict, UnknownAdapter
-
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.config import parse_config
@@ -37,6 +35,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import build_adapter
+from tests.fixtures.ports import free_port
 from tests.integration.ray_cluster import local_ray
 
 pytest.importorskip("peft")
@@ -45,12 +44,6 @@ pytestmark = pytest.mark.slow
 KEY = "sk-lora-test"
 PROMPTS = ["the quick brown fox", "once upon a time there was", "hello world, this is"]
 MAX_NEW = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

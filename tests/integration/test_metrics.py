@@ -12,7 +12,6 @@ their recording functions are called from this driver, a Ray process like
 the replicas, under model "plumbing"."""
 
 import asyncio
-import socket
 import time
 import urllib.request
 
@@ -40,15 +39,10 @@ from splitserve.engine.roles import Role
 from splitserve.router.route_messages import RouteTable, RouteWeights, VariantOutcome
 from tests.fixtures.worker_stats import decode_stats, engine_load
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 N, OUT, NUM_BLOCKS = 6, 5, 48
 EXPORT_WAIT_S = 45.0  # Ray exports every ~10 s; the cluster is shared and slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(path):

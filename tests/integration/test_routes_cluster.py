@@ -5,7 +5,6 @@ with ``deploy`` during streaming restarts nothing and loses nothing; a ramp
 advances on the outcomes the ingress reports and survives a restart of the
 route controller."""
 
-import socket
 import threading
 import time
 
@@ -20,15 +19,10 @@ from splitserve.cluster.serve import app
 from splitserve.cluster.serve.route_actor import get_route_actor
 from splitserve.cluster.serve.router_actor import get_router
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-routes-test"
 STREAM_TOKENS = 96
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(ports, routes):

@@ -4,7 +4,6 @@ openai client equal the non-speculative engine's greedy outputs, the
 decode replica reports verified drafts on /metrics (vLLM's names too),
 and a request can opt out."""
 
-import socket
 import time
 import urllib.request
 
@@ -17,12 +16,7 @@ from splitserve.cluster.serve import app
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fixtures.ports import free_port
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ prefill and one decode replica): every process exports its spans over OTLP
 to a real collector on loopback, and they join the client's trace with the
 right parents."""
 
-import socket
 
 import grpc
 import pytest
@@ -15,18 +14,13 @@ from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from tests.fixtures.otlp_collector import Collector
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-trace-test"
 TRACE = "5b8efff798038103d269b633813fc60c"
 CLIENT_SPAN = "eee19b7ec3c1b174"
 PHASES = {"ingress", "route", "router.place", "decode", "handoff.receive", "prefill",
           "handoff.send"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -260,6 +260,35 @@ def test_a_pool_overrides_the_models_engine_settings_for_its_replicas():
         parse_config({"models": [{"decode": {"engine": {"max_num_batched_tokens": 4}}}]})
 
 
+def test_pools_pick_their_own_tensor_parallel_degree_and_reserve_per_rank(tiny_checkpoints):
+    from splitserve.cluster.serve.app import check_tensor_parallel, pool_apps
+    from splitserve.engine.roles import Role
+
+    path = str(tiny_checkpoints["llama"])  # 4 attention heads, 2 KV heads
+    cfg = parse_config({"models": [{
+        "model": {"name": "m", "path": path, "tensor_parallel_size": 2},
+        "prefill": {"num_cpus": 1.5, "engine": {"tensor_parallel_size": 4}},
+        "decode": {"num_cpus": 2, "num_gpus": 1}}]})
+    served = cfg.models[0]
+    assert served.engine_spec(Role.PREFILL).tensor_parallel_size == 4
+    assert served.engine_spec(Role.DECODE).tensor_parallel_size == 2
+    check_tensor_parallel(cfg)  # 4 and 2 both split 4 heads (KV heads replicated at 4)
+    apps = pool_apps(served, cfg, "v1")
+    opts = {app: bound._bound_deployment.ray_actor_options for app, (_, bound) in apps.items()}
+    assert (opts["m-prefill"]["num_cpus"], opts["m-prefill"]["num_gpus"]) == (6.0, 0.0)
+    assert (opts["m-decode"]["num_cpus"], opts["m-decode"]["num_gpus"]) == (4, 2)
+    built = {app: bound._bound_deployment.init_args[1] for app, (_, bound) in apps.items()}
+    assert built["m-prefill"]["tensor_parallel_size"] == 4
+    bad = parse_config({"models": [{"model": {"name": "m", "path": path},
+                                    "decode": {"engine": {"tensor_parallel_size": 3}}}]})
+    with pytest.raises(ConfigError, match="model 'm', decode pool: .*num_attention_heads "
+                                          r"\(4\) is not a multiple"):
+        check_tensor_parallel(bad)
+    with pytest.raises(ConfigError, match="num_gpus counts per rank"):
+        parse_config({"models": [{"model": {"tensor_parallel_size": 2},
+                                  "decode": {"num_gpus": 0.5}}]})
+
+
 def test_speculative_settings_reach_decode_engines_only():
     from splitserve.cluster.serve.workers import speculative_config
     from splitserve.engine.roles import Role

@@ -45,7 +45,7 @@ from splitserve.cluster.planning.planner.candidates import col
 from splitserve.cluster.planning.planner.inputs import (
     SLO, Offer, PlanInputError, WorkloadModel, z_of)
 from splitserve.cluster.planning.planner.space import (
-    EngineGrid, RouterOption, SpaceSpec)
+    EngineGrid, RouterOption, SpaceSpec, tp_splits)
 from splitserve.cluster.planning.shapes import ModelShape
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
@@ -329,7 +329,7 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         mem_ok[sel] = fits & (blocks >= 16)
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
-    dep = grid.deployable[e] & np.isin(tp, list(tp_support))
+    dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),

@@ -290,13 +290,22 @@ class Pool:
             waiting, pending, running))
 
 
-def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int) -> int:
-    """``engine.model_runner.num_kv_blocks`` for a replica of this spec."""
+def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int, num_kv_heads: int = 0) -> int:
+    """``engine.model_runner.num_kv_blocks`` for a replica of this spec: at
+    tensor-parallel degree N each rank gives ``kv_cache_memory_gb`` to its
+    share of the ``num_kv_heads`` KV heads (max(1, Hk/N) of them)."""
     if mspec.num_blocks is not None:
         return mspec.num_blocks
+    tp = mspec.tensor_parallel_size
+    if tp > 1 and num_kv_heads:
+        kv_bytes_per_token = kv_bytes_per_token * max(1, num_kv_heads // tp) // num_kv_heads
     per_block = kv_bytes_per_token * mspec.block_size
     return max(16, int(mspec.kv_cache_memory_gb * (1 << 30)) // per_block)
 
 
-def devices_for(spec: PoolSpec, on_gpu: bool) -> int:
-    return max(1, math.ceil(spec.num_gpus)) if on_gpu else 1
+def devices_for(spec: PoolSpec, on_gpu: bool, tensor_parallel_size: int = 1) -> int:
+    """GPUs one replica computes on: its tensor-parallel ranks (num_gpus is
+    per rank), or, at TP 1, what num_gpus reserves."""
+    if not on_gpu:
+        return 1
+    return max(tensor_parallel_size, math.ceil(spec.num_gpus) * tensor_parallel_size, 1)

@@ -156,10 +156,11 @@ class Simulation:
             for role, spec in roles:
                 m = served.engine_spec(Role(role))  # the model's engine, the pool's settings over it
                 key = hardware(m.name, role)
-                if key == LOCAL:
-                    key = local_cpu_key(max(1, int(spec.num_cpus)))
+                tp = m.tensor_parallel_size  # the pool's, or the model's
+                if key == LOCAL:  # CPU ranks share the replica's cores: timed as its threads
+                    key = local_cpu_key(max(1, int(spec.num_cpus * tp)))
                 on_cpu = key.startswith("cpu:")
-                devices = devices_for(spec, not on_cpu)
+                devices = devices_for(spec, not on_cpu, tp)
                 settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
                 layout = served.mode if role != "prefill" and opts.serving_overhead else None
                 try:
@@ -188,7 +189,7 @@ class Simulation:
         for served, role, spec, m, prof, group in plans:
             app = f"{m.name}-{role}"
             self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
-                                   kv_blocks(m, self._kv[m.name]))
+                                   kv_blocks(m, self._kv[m.name], shapes[m.name].num_kv_heads))
         self._workload: Iterator[TraceRequest] = iter(workload)
         self._arrived = 0
         self._last_arrival = 0.0
