@@ -6,7 +6,8 @@ lookup, so whatever maps a public name to a served name upstream of that
 lookup (a route, say) reaches adapters the same way. Adapters come from
 the operator YAML (``ModelSpec.adapters``) and from the runtime API
 (``POST /v1/load_lora_adapter`` / ``unload_lora_adapter``,
-``splitserve.cluster.api.adapters_api``).
+``splitserve.cluster.api.adapters_api``); in a cluster the runtime ones are
+shared by every ingress through ``splitserve.cluster.serve.adapter_store``.
 
 Registering reads the adapter's config and safetensors header and checks
 them against its base model (``splitserve.engine.lora.layout``: refused

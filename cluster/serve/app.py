@@ -254,9 +254,11 @@ def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
     from splitserve.cluster.serve import rollout
+    from splitserve.cluster.serve.adapter_store import clear_adapters
     from splitserve.cluster.serve.route_actor import kill_route_actor
 
     serve.shutdown()
     kill_routers()
     kill_route_actor()
     rollout.clear()
+    clear_adapters()

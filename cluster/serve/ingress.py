@@ -35,6 +35,7 @@ class Ingress:
         from splitserve.cluster.api.grpc_api import start_grpc_server
         from splitserve.cluster.observability.tracing import start_tracer
         from splitserve.cluster.serve import secrets
+        from splitserve.cluster.serve.adapter_store import AdapterStore
         from splitserve.cluster.serve.orchestrator import ClusterBackend
 
         # cfg carries no secret: the keys and the token come from the
@@ -49,8 +50,10 @@ class Ingress:
         await asyncio.to_thread(self.rollout.beat)
         self.rollout.start()
         self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(), tracer=self.tracer,
-                                      rollout_problems=self.rollout.problems)
-        await self.backend.routing.start()  # the routes' weights in force, then every period
+                                      rollout_problems=self.rollout.problems,
+                                      adapter_store=AdapterStore())
+        # the routes' weights and the runtime-loaded adapters in force, then every period
+        await self.backend.start()
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,

@@ -57,6 +57,7 @@ from splitserve.cluster.api.backend import (
 )
 from splitserve.cluster.api.health import cluster_readiness
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.serve.adapter_store import AdapterStore, AdapterSync
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.serve.route_client import RouteClient
 from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
@@ -86,6 +87,7 @@ from splitserve.router.types import (
 
 log = logging.getLogger("splitserve.client")
 ROUTER_QUERY_S = 2.0  # /ready and /metrics wait this long for the router
+ADAPTER_SYNC_S = 1.0  # an adapter loaded or unloaded through another ingress, within this
 
 # A decode replica that fails with one of these before any token was
 # produced is skipped and the request placed again.
@@ -124,9 +126,12 @@ class _Model:
 class ClusterBackend(Backend):
     def __init__(self, cfg: ClusterConfig, router: RouterClient | None = None,
                  token: str | None = None, tracer: Tracer | None = None,
-                 rollout_problems: Callable[[], Awaitable[Sequence[str]]] | None = None):
+                 rollout_problems: Callable[[], Awaitable[Sequence[str]]] | None = None,
+                 adapter_store: AdapterStore | None = None):
         """``rollout_problems``: why this ingress replica must not say it is
-        ready beyond the pools (``splitserve.cluster.serve.rollout``)."""
+        ready beyond the pools (``splitserve.cluster.serve.rollout``);
+        ``adapter_store``: where runtime-loaded adapters are kept for every
+        ingress (``splitserve.cluster.serve.adapter_store``)."""
         from splitserve.engine.loader import load_checkpoint
 
         self.cfg = cfg
@@ -159,11 +164,35 @@ class ClusterBackend(Backend):
         for served in cfg.models:
             for a in served.model.adapters:
                 self.adapter_registry.load(a.name, a.path, served.model.name)
+        # runtime-loaded adapters: shared with every ingress through the store
+        # (``start`` reads them); without one, this backend's own
+        self.adapter_sync = None if adapter_store is None else AdapterSync(
+            self.adapter_registry, {a.ref.name for a in self.adapter_registry.adapters()},
+            adapter_store, ADAPTER_SYNC_S)
         self._created = int(time.time())
         # at least twice a second: a hot edit of a route's weights is in force this soon
         self.routing = RouteClient.for_config(cfg, min(0.5, cfg.router.stats_period_s))
         self.counters = {"retries": 0, "resumed": 0, "refused": 0, "faults": 0, "failed": 0,
                          "deadlines": 0}
+
+    async def start(self) -> None:
+        """Serve the routes' weights and the stored adapters, and follow both."""
+        await self.routing.start()
+        if self.adapter_sync is not None:
+            await self.adapter_sync.start()
+
+    async def load_adapter(self, name: str, path: str, base_model: str | None = None,
+                           replace: bool = False) -> ModelInfo:
+        if self.adapter_sync is None:
+            return await super().load_adapter(name, path, base_model, replace)
+        served = await asyncio.to_thread(self.adapter_registry.check, name, path, base_model)
+        await self.adapter_sync.load(served, replace)
+        return self.model_info(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.adapter_sync is None:
+            return await super().unload_adapter(name)
+        await self.adapter_sync.unload(name)
 
     @property
     def router(self) -> RouterClient:
@@ -396,6 +425,8 @@ class ClusterBackend(Backend):
         return ClusterMetrics(tuple(reports), text)
 
     async def close(self) -> None:
+        if self.adapter_sync is not None:
+            await self.adapter_sync.close()
         await self.routing.close()
         if self._router is not None:
             await self._router.close()

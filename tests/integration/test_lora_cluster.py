@@ -6,29 +6,37 @@ replica: two adapters and the base model in concurrent requests through
 the official openai client must each equal the engine's own greedy output
 (and so PEFT's, tests/unit/test_lora_engine.py), whichever adapter the
 slot holds. Adapters come from the YAML and from the runtime API: load,
-request, unload, then 404; the API's 400 / 404 / 409 / 401 answers.
+request, unload, then 404; the API's 400 / 404 / 409 / 401 answers; a
+runtime-loaded adapter outlives the ingress process and reaches every
+ingress.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
 import openai
 import pytest
+import ray
 from openai import OpenAI
 
+from splitserve.cluster.api.adapter_registry import AdapterConflict, UnknownAdapter
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
+from splitserve.cluster.serve.adapter_store import AdapterStore
+from splitserve.cluster.serve.orchestrator import ClusterBackend
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.lora_adapters import build_adapter
-from tests.integration.ray_cluster import local_ray
 from tests.fixtures.ports import free_port
+from tests.integration.ray_cluster import local_ray
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
@@ -153,3 +161,74 @@ def test_grpc_lists_adapters_with_parent(cluster):
                                 metadata=[("authorization", f"Bearer {KEY}")]).models
     parents = {m.name: m.parent for m in cards}
     assert parents["sql"] == "llama" and parents["llama"] == ""
+
+
+def ingress_actor_name() -> str | None:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "ingress" in a["name"]]
+    return names[0] if len(names) == 1 else None
+
+
+def models_now(http: httpx.Client) -> set[str] | None:
+    """The served model names, None while the ingress does not answer."""
+    try:
+        r = http.get("/v1/models")
+    except httpx.HTTPError:
+        return None
+    return {m["id"] for m in r.json()["data"]} if r.status_code == 200 else None
+
+
+def wait_for(pred, timeout_s: float = 120.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_runtime_adapters_survive_an_ingress_restart_and_reach_every_ingress(
+        cluster, adapters, reference):
+    """Runtime-loaded adapters live in the cluster's store, not the ingress
+    process: Serve's replacement of a killed ingress serves them, a second
+    ingress (a ClusterBackend in this driver) sees loads and unloads made
+    through the first, and the operator's adapters stay the config's."""
+    _, paths = adapters
+    c = client(cluster)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{cluster.endpoints.http_port}",
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(paths["late"])})
+    assert r.status_code == 200
+    before = ingress_actor_name()
+    ray.kill(ray.get_actor(before, namespace="serve"), no_restart=True)
+    wait_for(lambda: ingress_actor_name() not in (None, before) and models_now(http))
+    assert models_now(http) == {"llama", "sql", "chat", "late"}
+    assert [complete(c, "late", p) for p in PROMPTS] == reference["late"]
+    # the operator's adapters are the config's: neither unloaded nor replaced at run time
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 409
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "sql", "load_inplace": True,
+                                                  "lora_path": str(paths["late"])})
+    assert r.status_code == 409 and r.json()["error"]["param"] == "lora_name"
+
+    async def second_ingress():
+        be = ClusterBackend(cluster, adapter_store=AdapterStore())
+        try:
+            await be.start()  # serves what the first loaded
+            assert be.resolve_adapter("late").ref.path == str(paths["late"])
+            # the name is taken cluster-wide
+            with pytest.raises(AdapterConflict):
+                await be.load_adapter("late", str(paths["sql"]))
+            await be.unload_adapter("late")  # through this one: gone from the first too
+            await asyncio.to_thread(wait_for, lambda: "late" not in (models_now(http) or {"late"}))
+            with pytest.raises(UnknownAdapter):
+                await be.unload_adapter("late")
+        finally:
+            await be.close()
+    asyncio.run(second_ingress())
+    with pytest.raises(openai.NotFoundError):
+        complete(c, "late", PROMPTS[0])
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "late"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    assert AdapterStore().all() == {}
+    assert complete(c, "sql", PROMPTS[1]) == reference["sql"][1]
