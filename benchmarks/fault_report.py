@@ -25,6 +25,14 @@ Reported:
 
 ``--no-faults`` kills nothing: run at a rate the pools cannot keep up with
 for a soak (blocks back to baseline, memory and threads flat).
+
+``--streams N`` sends N requests at once instead of the Poisson stream
+(N concurrent streams), and ``--kill decode@2`` chooses what is killed
+when (role@seconds, comma-separated; default: decode at 1/3 of
+``--duration``, prefill at 2/3):
+
+    .venv/bin/python benchmarks/fault_report.py --streams 64 --new-tokens 128:192 \
+        --kill decode@2 --out bench-results/faults-64-streams.json
 """
 
 from __future__ import annotations
@@ -190,7 +198,10 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def run(cfg, reqs, want, rate: float, duration: float, seed: int, faults_on: bool = True):
+async def run(cfg, reqs, want, rate: float, duration: float, seed: int,
+              kills: list[tuple[str, float]], streams: int = 0):
+    """``kills``: (role, seconds) to kill; ``streams``: N requests sent at
+    once instead of the Poisson stream."""
     from splitserve.cluster.serve.orchestrator import ClusterBackend
     from splitserve.engine.sampling_params import SamplingParams
 
@@ -242,24 +253,26 @@ async def run(cfg, reqs, want, rate: float, duration: float, seed: int, faults_o
     samples: list[dict] = []
 
     async def sample_usage(every_s: float = 20.0) -> None:
-        while clock() < duration:
+        while True:
             usage = await asyncio.to_thread(process_usage)
             samples.append({"t": clock(), "rss_mib": {k: v["rss_mib"] for k, v in usage.items()},
                             "threads": {k: v["threads"] for k, v in usage.items()}})
             await asyncio.sleep(every_s)
 
     times, t = [], 0.0
-    while True:
+    while not streams:
         t += rng.expovariate(rate)
         if t >= duration or len(times) == len(reqs):
             break
         times.append(t)
+    times = times or [0.0] * streams
+    sampler = asyncio.ensure_future(sample_usage())
+    sizes = {"decode": 2, "prefill": 1}
     try:
-        injections = ([inject(duration / 3, "decode", 2), inject(2 * duration / 3, "prefill", 1)]
-                      if faults_on else [])
-        await asyncio.gather(*(one(i, at) for i, at in enumerate(times)), *injections,
-                             sample_usage())
+        await asyncio.gather(*(one(i, at) for i, at in enumerate(times)),
+                             *(inject(at, role, sizes[role]) for role, at in kills))
     finally:
+        sampler.cancel()
         counters = dict(be.counters)
         await be.close()
     return records, faults, counters, samples
@@ -316,8 +329,14 @@ def main() -> int:
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs given to Ray")
     ap.add_argument("--no-faults", action="store_true",
                     help="kill nothing: a soak (run it at a rate that saturates the pools)")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="send this many requests at once instead of the Poisson stream")
+    ap.add_argument("--kill", default=None,
+                    help="role@seconds[,...] to kill (default: decode at 1/3 of --duration, "
+                         "prefill at 2/3)")
     ap.add_argument("--max-queue-delay", type=float, default=0.0,
-                    help="router.max_queue_delay_s (0: off): shed new requests past saturation")
+                    help="router.max_queue_delay_s (0: requests wait for a replica without "
+                         "bound; the operator default is 30): shed new requests past saturation")
     ap.add_argument("--out", default=None, help="JSON record path")
     args = ap.parse_args()
 
@@ -329,14 +348,20 @@ def main() -> int:
     path = str(default_model_path())
     lo, hi = (int(v) for v in args.new_tokens.split(":"))
     # enough for the Poisson stream: its count exceeds 1.2 x the mean with negligible odds here
-    reqs, want = requests_and_reference(path, args.block_size,
-                                        int(args.rate * args.duration * 1.2) + 20, args.seed, (lo, hi))
+    n = args.streams or int(args.rate * args.duration * 1.2) + 20
+    reqs, want = requests_and_reference(path, args.block_size, n, args.seed, (lo, hi))
+    if args.no_faults:
+        kills = []
+    elif args.kill:
+        kills = [(role, float(at)) for role, at in (k.split("@") for k in args.kill.split(","))]
+    else:
+        kills = [("decode", args.duration / 3), ("prefill", 2 * args.duration / 3)]
     cfg = cluster_config(path, args.block_size, args.max_queue_delay)
     try:
         start_cluster(cfg, args.num_cpus)
         usage_before = process_usage()
         records, faults, counters, samples = asyncio.run(
-            run(cfg, reqs, want, args.rate, args.duration, args.seed, not args.no_faults))
+            run(cfg, reqs, want, args.rate, args.duration, args.seed, kills, args.streams))
         free = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # leases of killed hand-offs may still run out
@@ -351,7 +376,9 @@ def main() -> int:
 
     s = summarize(records, faults, want)
     s.update(client_counters=counters, usage_samples=samples, blocks_free_at_end=free, usage_before=usage_before, usage_after=usage_after,
-             rate=args.rate, duration_s=args.duration, host=platform.node(), cpus=os.cpu_count())
+             rate=args.rate, duration_s=args.duration, streams=args.streams, kills=kills,
+             max_queue_delay_s=args.max_queue_delay, new_tokens=args.new_tokens,
+             host=platform.node(), cpus=os.cpu_count())
     print(f"sent {s['sent']}  completed {s['completed']}  failed {s['failed']}  "
           f"lost {s['lost']} (must be 0)")
     for e in s["errors"]:

@@ -5,9 +5,13 @@ For each layout (the config as given, disaggregated, and its colocated
 variant) it starts the cluster (``splitserve serve``), runs ``splitserve
 bench`` at each rate, stops the cluster, then replays exactly the requests
 the bench sent (send times and lengths from its JSON record) in
-``splitserve simulate``'s engine on the ``local`` hardware profile. The
-profile must exist (``splitserve profile --config CONFIG --db DB``; the
-script runs it when the database has none).
+``splitserve simulate``'s engine on the ``local`` hardware profile, twice:
+with the engine's step times only, and with the serving path's overhead
+that ``splitserve profile --serving-url`` measured on that cluster just
+before the bench (closed loops at concurrency 1 and 4: a calibration at
+no load, checked here under load). The step profile must exist
+(``splitserve profile --config CONFIG --db DB``; the script runs it when
+the database has none).
 
     python benchmarks/sim_validate.py --config deploy/configs/local.yaml \\
         --rates 1,2,4 --num-requests 60 --out bench-results/sim-validate
@@ -28,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from splitserve.cluster.bench.live import run_cli, serve_and_bench  # noqa: E402
+from splitserve.cluster.bench.live import free_port, run_cli, serve_and_bench  # noqa: E402
 from splitserve.cluster.bench.record import record_header, write_json  # noqa: E402
 from splitserve.cluster.config import load_config  # noqa: E402
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
@@ -38,7 +42,11 @@ METRICS = (("ttft", "p50"), ("ttft", "p90"), ("tpot", "p50"), ("tpot", "p90"))
 
 
 def layouts(config: str, out: Path) -> dict[str, Path]:
+    """The config as given and its other layout, written to ``out``, each on
+    free ports (other clusters may share the machine)."""
     data = yaml.safe_load(Path(config).read_text())
+    data["endpoints"] = {**data.get("endpoints", {}), "http_port": free_port(),
+                         "grpc_port": free_port()}
     other = json.loads(json.dumps(data))
     for m in other["models"]:
         m["mode"] = "colocated" if m.get("mode", "disaggregated") == "disaggregated" else "disaggregated"
@@ -51,13 +59,14 @@ def layouts(config: str, out: Path) -> dict[str, Path]:
     return paths
 
 
-def ensure_profile(config: str, db: ProfileDB, db_path: str) -> None:
+def ensure_profile(config: str, db: ProfileDB, db_path: str, extra: list[str],
+                   again: bool) -> None:
     threads = max(1, int(load_config(config).models[0].decode.num_cpus))
     key = local_cpu_key(threads)
-    if any(p["hardware_key"] == key for p in db.profiled()):
+    if not again and any(p["hardware_key"] == key for p in db.profiled()):
         return
-    print(f"no measured profile for {key}: profiling", file=sys.stderr)
-    run_cli(["profile", "--config", config, "--db", db_path, "--handoff"])
+    print(f"profiling {key}", file=sys.stderr)
+    run_cli(["profile", "--config", config, "--db", db_path, "--handoff"] + extra)
 
 
 def compare(real: dict, sim: dict) -> dict:
@@ -115,6 +124,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--db", default=None, help="profile database (default: OUT/profiles.db)")
     ap.add_argument("--out", default="bench-results/sim-validate")
+    ap.add_argument("--profile-args", default="",
+                    help="extra arguments of `splitserve profile`, e.g. --fast")
+    ap.add_argument("--reprofile", action="store_true",
+                    help="profile again even when the database has this machine's rows (the "
+                         "profile should be measured in the conditions of the runs)")
+    ap.add_argument("--no-serving-probe", action="store_true",
+                    help="do not measure the serving path's overhead on each cluster")
     ap.add_argument("--reuse", default=None, metavar="DIR",
                     help="simulate against the bench records already in DIR")
     args = ap.parse_args()
@@ -122,26 +138,38 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     db_path = args.db or str(out / "profiles.db")
     db = ProfileDB(db_path)
-    ensure_profile(args.config, db, db_path)
+    if not args.reuse:
+        ensure_profile(args.config, db, db_path, args.profile_args.split(), args.reprofile)
     rows = []
     for layout, cfg_path in layouts(args.config, out).items():
         record = out / f"bench-{cfg_path.stem}.json"
         if not args.reuse:
+            probe = None if args.no_serving_probe else (
+                lambda url, c=cfg_path: run_cli(["profile", "--config", str(c), "--db", db_path,
+                                                 "--serving-url", url]))
             serve_and_bench(cfg_path, record, args.rates, args.num_requests, args.input_len,
-                            args.output_len, args.seed)
+                            args.output_len, args.seed, before_bench=probe)
         for run in json.loads(record.read_text())["runs"]:
-            sim = replay_bench_run(cfg_path, run, db, args.seed)
-            rows.append({"layout": layout, "rate": run["rate"],
-                         "compare": compare(run["stats"], sim)})
-    text = table(rows)
+            for overhead in (False, True):
+                sim = replay_bench_run(cfg_path, run, db, args.seed, serving_overhead=overhead)
+                rows.append({"layout": layout, "rate": run["rate"], "serving_overhead": overhead,
+                             "compare": compare(run["stats"], sim)})
+    texts = []
+    for overhead, title in ((False, "engine step times only"),
+                            (True, "with the serving path's measured overhead")):
+        sel = [r for r in rows if r["serving_overhead"] is overhead]
+        errs = [abs(c["error"]) for r in sel for c in r["compare"].values()
+                if c["error"] is not None]
+        summary = (f"{sum(e <= 0.15 for e in errs)}/{len(errs)} figures within 15%; worst "
+                   f"{max(errs):.0%}, median {sorted(errs)[len(errs) // 2]:.0%}"
+                   if errs else "no data")
+        texts.append(f"simulated with {title}:\n\n{table(sel)}\n\n{summary}")
+    text = "\n\n".join(texts)
     print(text)
-    errs = [abs(c["error"]) for r in rows for c in r["compare"].values() if c["error"] is not None]
-    within = sum(e <= 0.15 for e in errs)
-    print(f"{within}/{len(errs)} figures within 15%; worst {max(errs):.0%}" if errs else "no data")
     (out / "comparison.md").write_text(text + "\n")
     write_json(out / "comparison.json", {**record_header("sim-validate"), "args": vars(args),
                                          "rows": rows})
-    plot(rows, out / "comparison.png")
+    plot([r for r in rows if r["serving_overhead"]], out / "comparison.png")
     return 0
 
 

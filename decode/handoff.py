@@ -3,7 +3,7 @@
 Stages (``IncomingHandoff.stage``), each entered by one method:
 
   reserve   blocks for the prompt held with a lease; blocks of a prefix this
-            replica caches already are not sent. Refused with
+            replica caches already (under the same adapter) are not sent. Refused with
             OutOfBlocksError (RESOURCE_EXHAUSTED) when they do not fit
                                                               -> RESERVED
   receive   the Prefill call: the prefill replica runs the prompt and its KV
@@ -26,7 +26,8 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.errors import EngineDeadError
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTarget
+from splitserve.engine.kv_port import AdapterRef
+from splitserve.handoff.messages import Adapter, PrefillReply, PrefillRequest, PrefillTarget
 from splitserve.handoff.protocol import Reservations
 from splitserve.handoff.rpc import WorkerClient
 
@@ -42,8 +43,10 @@ class DecodeStage(enum.Enum):
 
 class IncomingHandoff:
     def __init__(self, aengine: AsyncEngine, reservations: Reservations, request_id: str,
-                 prompt_token_ids: list[int], params: SamplingParams):
+                 prompt_token_ids: list[int], params: SamplingParams,
+                 adapter: AdapterRef | None = None):
         self.aengine = aengine
+        self.adapter = adapter  # the LoRA adapter both replicas compute its KV with
         self.reservations = reservations
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -56,21 +59,24 @@ class IncomingHandoff:
         """-> RESERVED. Raises (nothing held) when this replica cannot take it."""
         res, rid = self.reservations, self.request_id
         r = await self.aengine.call(
-            lambda e: res.reserve(rid, res.layout, self.prompt_token_ids, self.params.max_tokens))
+            lambda e: res.reserve(rid, res.layout, self.prompt_token_ids, self.params.max_tokens,
+                                  self.adapter))
         self.cached_tokens = r.cached_tokens
         self.stage = DecodeStage.RESERVED
 
-    async def receive(self, prefill: WorkerClient, kv_endpoint: str,
-                      timeout_s: float) -> PrefillReply:
+    async def receive(self, prefill: WorkerClient, kv_endpoint: str, timeout_s: float,
+                      traceparent: str | None = None) -> PrefillReply:
         """RESERVED -> RECEIVING: have ``prefill`` run the prompt into the
-        reservation. Returns its reply once every chunk landed."""
+        reservation (``traceparent``: the span its work belongs to). Returns
+        its reply once every chunk landed."""
         self.stage = DecodeStage.RECEIVING
         t0 = time.monotonic()
         reply = await prefill.prefill(PrefillRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
             params=self.params.to_dict(),
             target=PrefillTarget(endpoint=kv_endpoint, skip_tokens=self.cached_tokens,
-                                 layout=self.reservations.layout)), timeout=timeout_s)
+                                 layout=self.reservations.layout),
+            adapter=Adapter.of(self.adapter), traceparent=traceparent), timeout=timeout_s)
         self.handoff_s = time.monotonic() - t0
         return reply
 

@@ -20,6 +20,12 @@ engine fails alone ends its stream with REQUEST_FAILED; a stopped engine
 ends every stream with ENGINE_DEAD (``splitserve.handoff.rpc_errors``).
 Cancelling the call at any point cancels the Prefill call, the reservation
 and the sequence; ``_sweep`` frees reservations whose lease ran out.
+
+Traced (a ``Tracer`` given and the request carrying a traceparent): the call
+is a ``decode`` span (child of the ingress request's span) marking its first
+token and ending with the stream, and the remote path a ``handoff.receive``
+span under it (reserved, received, committed), whose traceparent the
+Prefill call carries; failures and fallbacks are recorded on them.
 """
 
 from __future__ import annotations
@@ -36,11 +42,16 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import DecodeStats
-from splitserve.handoff.messages import (GenerateOutput, GenerateRequest, GenerateTimings,
-                                         PrefillMode, PrefillReply)
+from splitserve.engine.kv_port import AdapterRef
+from splitserve.handoff.messages import (Adapter, GenerateOutput, GenerateRequest,
+                                         GenerateTimings, PrefillMode, PrefillReply)
 from splitserve.handoff.protocol import Reservations
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tls import TLSConfig
+from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_FINISH_REASON,
+                                        ATTR_OUTPUT_TOKENS, ATTR_PREFILL_MODE,
+                                        ATTR_PREFILL_REPLICA, ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID,
+                                        SPAN_DECODE, SPAN_HANDOFF_RECEIVE, Span, Tracer)
 from splitserve.handoff.transfer.base import KVReceiver
 
 FALLBACK_POLICIES = ("local", "error")
@@ -69,14 +80,31 @@ class _FirstToken:
         return t
 
 
+def _finished(span: Span, out: RequestOutput) -> None:
+    span.set(ATTR_OUTPUT_TOKENS, out.num_output_tokens)
+    reason = out.finish_reason
+    if reason is not None:  # a FinishReason (a str enum) or its value
+        span.set(ATTR_FINISH_REASON, [getattr(reason, "value", reason)])
+
+
+def _end_with(span: Span, error: BaseException) -> None:
+    """A span's call ended by ``error``: a cancellation (the caller went
+    away) is marked as such, anything else recorded as a failure."""
+    if isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+        span.set("splitserve.cancelled", True)
+    else:
+        span.fail(error)
+
+
 class DecodeWorker:
     def __init__(self, engine: LLMEngine, receiver: KVReceiver, token: str,
                  on_prefill_failure: str = "local", lease_s: float = 30.0,
                  prefill_timeout_s: float = 60.0, sweep_s: float = 0.5,
-                 tls: TLSConfig | None = None):
+                 tls: TLSConfig | None = None, tracer: Tracer | None = None):
         if on_prefill_failure not in FALLBACK_POLICIES:
             raise ValueError(f"on_prefill_failure must be one of {FALLBACK_POLICIES}")
         self.engine = engine
+        self.tracer = tracer
         self.receiver = receiver
         self.on_prefill_failure = on_prefill_failure
         self.prefill_timeout_s = prefill_timeout_s
@@ -113,47 +141,102 @@ class DecodeWorker:
             self.counters["expired"] += len(dead)
 
     # -- RPC ----------------------------------------------------------------
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """The Generate stream; untraced, the stream itself (no extra layer)."""
+        if self.tracer is None or req.traceparent is None:
+            return self._generate(req, None)
+        return self._traced_generate(req)
+
+    async def _traced_generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        span = self.tracer.start(SPAN_DECODE, req.traceparent, server=True, attributes={
+            ATTR_REQUEST_ID: req.request_id, ATTR_PROMPT_TOKENS: len(req.prompt_token_ids)})
+        try:
+            async for out in self._generate(req, span):
+                yield out
+        except BaseException as e:
+            _end_with(span, e)
+            raise
+        finally:
+            span.end()
+
+    async def _generate(self, req: GenerateRequest,
+                        span: Span | None) -> AsyncIterator[GenerateOutput]:
         if not req.request_id:
             raise InvalidRequestError("request_id is empty", param="request_id")
         rid, ids = req.request_id, list(req.prompt_token_ids)
         params = SamplingParams.from_dict(req.params)
+        adapter = Adapter.to_engine(req.adapter)
         await self.aengine.call(lambda e: e.validate(ids, params))
+        # an adapter this replica has not seen is read from its path now, off
+        # the engine thread; one it cannot read refuses the call here
+        # (ADAPTER_UNAVAILABLE), before any block is reserved
+        await self.aengine.load_adapter(adapter)
         first = _FirstToken(time.monotonic())
         handoff, stream = None, None
         if req.prefill is not None:
-            handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first)
+            handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first,
+                                                 span, adapter)
         if stream is None:
-            stream = self._local(rid, ids, params)
+            stream = self._local(rid, ids, params, adapter)
         timings: GenerateTimings | None = None
         async for out in stream:
             if timings is not None:
+                if span is not None and out.finished:
+                    _finished(span, out)
                 yield GenerateOutput.of(out)
                 continue
             if handoff is not None:
                 handoff.running()
             timings = first.timings(out)
+            if span is not None:
+                span.set(ATTR_PREFILL_MODE, timings.mode.value)
+                span.event("first_token", ttft_s=timings.ttft_s)
+                if out.finished:
+                    _finished(span, out)
             yield GenerateOutput.of(out, timings)
 
     # -- the two paths to the first token -----------------------------------------
-    def _local(self, rid: str, ids: list[int], params: SamplingParams):
+    def _local(self, rid: str, ids: list[int], params: SamplingParams,
+               adapter: AdapterRef | None = None):
         self.counters["local_prefills"] += 1
-        return self.aengine.generate(rid, ids, params)
+        return self.aengine.generate(rid, ids, params, adapter=adapter)
 
     async def _remote(self, rid: str, ids: list[int], params: SamplingParams, address: str,
-                      first: _FirstToken) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
+                      first: _FirstToken, parent: Span | None = None,
+                      adapter: AdapterRef | None = None,
+                      ) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
         """An IncomingHandoff through its stages up to Committed. Returns it
         and the committed sequence's stream, or (None, None) to prefill
         locally (the hand-off failed and was cancelled)."""
-        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params)
+        span = None if parent is None else self.tracer.start(
+            SPAN_HANDOFF_RECEIVE, parent.traceparent, attributes={ATTR_PREFILL_REPLICA: address})
+        try:
+            return await self._handoff(rid, ids, params, address, first, span, adapter)
+        except BaseException as e:
+            if span is not None:
+                _end_with(span, e)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _handoff(self, rid: str, ids: list[int], params: SamplingParams, address: str,
+                       first: _FirstToken, span: Span | None,
+                       adapter: AdapterRef | None = None,
+                       ) -> tuple[IncomingHandoff | None, AsyncIterator | None]:
+        h = IncomingHandoff(self.aengine, self.reservations, rid, ids, params, adapter)
         try:
             await h.reserve()
         except Exception:
             self.counters["refused"] += 1
             raise
+        if span is not None:
+            span.event("reserved", cached_tokens=h.cached_tokens)
+            span.set(ATTR_CACHED_TOKENS, h.cached_tokens)
         try:
             reply = await h.receive(self._clients.get(address), self.kv_endpoint,
-                                    self.prefill_timeout_s)
+                                    self.prefill_timeout_s,
+                                    None if span is None else span.traceparent)
         except RequestFailedError:  # the request broke the prefill engine: not again here
             await h.cancel()
             raise
@@ -163,6 +246,9 @@ class DecodeWorker:
                 raise
             self.counters["fallbacks"] += 1
             first.fallback_reason = str(e)[:200]
+            if span is not None:  # the request goes on, prefilled here
+                span.fail(e)
+                span.set("splitserve.fallback", "local")
             return None, None
         except BaseException:  # cancelled by the client
             await h.cancel()
@@ -170,11 +256,17 @@ class DecodeWorker:
         first.mode, first.handoff_s, first.prefill = PrefillMode.REMOTE, h.handoff_s, reply
         self.counters["handoffs"] += 1
         self.counters["handoff_bytes"] += reply.timings.bytes
+        if span is not None:
+            span.set(ATTR_BYTES, reply.timings.bytes)
+            span.event("received", handoff_s=h.handoff_s)
         try:
-            return h, await h.commit(reply)
+            stream = await h.commit(reply)
         except BaseException:
             await h.cancel()
             raise
+        if span is not None:
+            span.event("committed")
+        return h, stream
 
     async def stats(self, _req: dict | None = None) -> DecodeStats:
         load, reservations = await self.aengine.call(

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from splitserve.engine.errors import (EngineDeadError, InvalidRequestError, RequestFailedError,
-                                     SplitserveError)
+from splitserve.engine.errors import (AdapterUnavailableError, EngineDeadError,
+                                     InvalidRequestError, RequestFailedError, SplitserveError)
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -188,23 +189,39 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(
             self._compile, self.engine.build_matcher, prompt_token_ids, params)
 
+    async def load_adapter(self, adapter: AdapterRef | None) -> None:
+        """Have ``adapter`` in the engine's host memory: its files read on a
+        compile thread (never the engine thread: an adapter is megabytes),
+        then installed between steps. Raises AdapterUnavailableError when
+        this engine serves no adapters or cannot read it here."""
+        lora = self.engine.lora
+        if adapter is None or (lora is not None and lora.has(adapter.key)):
+            return
+        if lora is None:
+            raise AdapterUnavailableError("this engine serves no LoRA adapters (max_loras is 0)")
+        weights = await asyncio.get_running_loop().run_in_executor(self._compile, lora.read, adapter)
+        await self.call(lambda e: lora.install(weights))
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, prefill_only: bool = False,
-                       matcher=None) -> AsyncIterator[RequestOutput]:
+                       matcher=None, adapter: AdapterRef | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Cancelling the iteration aborts it.
         A constrained request's matcher is built off the engine thread
-        (or passed in, from ``build_matcher``)."""
+        (or passed in, from ``build_matcher``); ``adapter``: the LoRA
+        adapter it runs with (read off the engine thread when new here)."""
         stream = self._open_stream(request_id)
-        if matcher is None:
-            try:
+        try:
+            await self.load_adapter(adapter)
+            if matcher is None:
                 matcher = await self.build_matcher(prompt_token_ids, params)
-            except BaseException:
-                self._streams.pop(request_id, None)
-                raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
 
         def add(eng: LLMEngine):
             eng.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids,
-                            prefill_only=prefill_only, matcher=matcher)
+                            prefill_only=prefill_only, matcher=matcher, adapter=adapter)
 
         await self._start(add, request_id)
         async for out in self._iterate(request_id, stream):

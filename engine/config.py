@@ -14,6 +14,7 @@ import torch
 
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
+from splitserve.engine.spec.config import SpeculativeConfig
 
 DTYPES = {
     "float32": torch.float32,
@@ -244,7 +245,17 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: skip capturing decode steps as CUDA graphs
+    # LoRA adapters: device slots (0: none served), their largest rank, and
+    # how many adapters host memory keeps (None: 4 per slot)
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    # ranks the model is split over (splitserve.engine.parallel); rank r on the
+    # r-th GPU from ``device`` on, or all on the CPU
+    tensor_parallel_size: int = 1
     seed: int = 0
+    # speculative decoding (splitserve.engine.spec); None: off
+    speculative: SpeculativeConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -256,5 +267,18 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(f"max_loras must be >= 0 and max_lora_rank positive, got "
+                             f"{self.max_loras} and {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras})")
         if self.weight_dtype not in ("auto", "fp8"):
             raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.weight_dtype == "fp8":
+            raise ValueError("weight_dtype 'fp8' is not supported with tensor_parallel_size > 1 yet")
+        if self.tensor_parallel_size > 1 and self.max_loras > 0:
+            raise ValueError("LoRA adapters (max_loras > 0) are not supported with "
+                             "tensor_parallel_size > 1 yet")

@@ -43,3 +43,19 @@ class EngineDeadError(SplitserveError, RuntimeError):
     """The engine stopped (shut down, or broken: a device error, or the
     model failing even on a one-token probe). Every queued command and
     open stream of it ends with this error."""
+
+
+class AdapterError(InvalidRequestError):
+    """A LoRA adapter cannot be served on this model: a missing or malformed
+    file, a PEFT feature not implemented (``param`` names the config field),
+    a tensor that fits no projection, or a rank above ``max_lora_rank``."""
+
+
+class AdapterUnavailableError(SplitserveError):
+    """This engine cannot use an adapter a request names: its files are not
+    at the path on this node, they changed since the adapter was registered
+    (another digest), or the engine serves no adapters. Another replica may."""
+
+
+class UnknownAdapterError(SplitserveError, LookupError):
+    """A request names an adapter this engine was not given."""

@@ -37,10 +37,12 @@ def hash_block(parent_hash: int, token_ids: Sequence[int], salt: bytes = b"") ->
     return int.from_bytes(digest, "little")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -> list[int]:
-    """Hashes of every *full* block of ``token_ids``, in order."""
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"",
+                 root: int = ROOT_HASH) -> list[int]:
+    """Hashes of every *full* block of ``token_ids``, in order; ``root``: the
+    first block's parent (an adapter's ``adapter_root_hash``)."""
     out: list[int] = []
-    parent = ROOT_HASH
+    parent = root
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size], salt)
         out.append(parent)
@@ -54,3 +56,11 @@ def splitmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * SPLITMIX_MUL1) & MASK64
     z = ((z ^ (z >> 27)) * SPLITMIX_MUL2) & MASK64
     return z ^ (z >> 31)
+
+
+def adapter_root_hash(identity: str) -> int:
+    """The root of the block-hash chain of prompts run with the adapter
+    ``identity`` (its digest) in place of ROOT_HASH: a block cached for one
+    adapter, or for the base model, never matches another's."""
+    digest = hashlib.blake2b(b"splitserve-lora\0" + identity.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

@@ -16,12 +16,17 @@ from typing import Callable, TypeVar
 
 import torch
 
+from splitserve.engine.errors import EngineDeadError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def is_fatal(exc: BaseException) -> bool:
-    """Whether ``exc`` breaks the engine itself rather than one request."""
+    """Whether ``exc`` breaks the engine itself rather than one request
+    (EngineDeadError: e.g. a tensor-parallel step that failed part way)."""
+    if isinstance(exc, EngineDeadError):
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True

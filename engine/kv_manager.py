@@ -117,6 +117,19 @@ class KVCacheManager:
             table.append(self.pool.allocate())
         return True
 
+    def trim(self, owner: str, num_tokens: int) -> int:
+        """Free the tail blocks of ``owner`` beyond those ``num_tokens``
+        tokens need (speculative decoding: blocks allocated for draft tokens
+        that were rejected). Never frees a registered (hashed) block, whose
+        tokens were all accepted. Returns how many blocks were freed."""
+        table = self._tables[owner]
+        keep = max(self.blocks_for(num_tokens), self._num_hashed.get(owner, 0))
+        freed = 0
+        while len(table) > keep:
+            self.pool.release(table.pop())
+            freed += 1
+        return freed
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full and computed."""
         if not self.pool.enable_prefix_caching:

@@ -37,17 +37,17 @@ import torch
 
 from splitserve.engine.errors import InvalidRequestError, OutOfBlocksError
 from splitserve.engine.hashing import block_hashes
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import FinishReason
 from splitserve.engine.structured import GrammarMatcher
-from splitserve.kernels import ops
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
 
-__all__ = ["BlockReservation", "FinishReason", "HandoffSequence", "KVCacheSpec", "KVPort",
+__all__ = ["AdapterRef", "BlockReservation", "FinishReason", "HandoffSequence", "KVCacheSpec", "KVPort",
            "ReservationHolder", "TokenLogprobs"]
 
 
@@ -67,7 +67,9 @@ class KVCacheSpec:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    bytes_per_block: int  # one block's K and V over every layer
+    bytes_per_block: int  # one block's K and V over every layer, every head
+    # ranks the engine's heads are split over; the port moves whole heads at any degree
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class HandoffSequence:
     first_logprobs: TokenLogprobs | None
     # when asked for: [None, logprobs of prompt token 1 given token 0, ...]
     prompt_logprobs: list[TokenLogprobs | None] | None
+    adapter: AdapterRef | None = None  # the LoRA adapter its KV was computed with
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,14 @@ class ReservationHolder(Protocol):
 class KVPort:
     def __init__(self, engine: "LLMEngine"):
         self._engine = engine
-        cache = engine.runner.kv_cache  # [L, 2, num_blocks, BS, Hk, D]
+        cache = engine.runner.kv_cache  # [L, 2, num_blocks, BS, Hk (this rank's), D]
         mc = engine.model_cfg
         self._spec = KVCacheSpec(
             model_id=engine.model_id, dtype=dtype_name(engine.dtype),
             kv_dtype=dtype_name(cache.dtype), block_size=engine.cfg.block_size,
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            bytes_per_block=cache[:, :, 0].numel() * cache.element_size())
+            bytes_per_block=mc.kv_bytes_per_token(cache.dtype) * engine.cfg.block_size,
+            tensor_parallel_size=engine.cfg.tensor_parallel_size)
         self._holders: weakref.WeakSet = weakref.WeakSet()
 
     def spec(self) -> KVCacheSpec:
@@ -137,7 +141,8 @@ class KVPort:
             request_id=request_id, prompt_token_ids=seq.prompt_token_ids,
             first_token_id=seq.token_ids[seq.num_prompt_tokens], params=st.params,
             first_logprobs=st.logprobs[0] if st.logprobs else None,
-            prompt_logprobs=None if st.prompt_logprobs is None else list(st.prompt_logprobs))
+            prompt_logprobs=None if st.prompt_logprobs is None else list(st.prompt_logprobs),
+            adapter=seq.adapter)
 
     def export_layers(self, request_id: str, layer_start: int, layer_end: int,
                       skip_tokens: int = 0) -> torch.Tensor:
@@ -146,8 +151,7 @@ class KVPort:
         Returns a new tensor [layer_end - layer_start, 2, n, BS, Hk, D]."""
         eng = self._engine
         ids = eng.kv.raw_block_ids(request_id)[skip_tokens // self._spec.block_size:]
-        idx = torch.tensor(ids, dtype=torch.int64, device=eng.device)
-        return ops.pack_kv(eng.runner.kv_cache, idx, layer_start, layer_end)
+        return eng.runner.pack_kv(list(ids), layer_start, layer_end)
 
     def release(self, request_id: str) -> None:
         """Free what a finished prefill-only request holds. Idempotent."""
@@ -156,17 +160,22 @@ class KVPort:
 
     # -- target -------------------------------------------------------------------
     def reserve(self, handoff_id: str, prompt_token_ids: list[int],
-                max_tokens: int | None) -> BlockReservation:
-        """Hold blocks for an incoming prompt that may grow by ``max_tokens``.
-        Raises OutOfBlocksError when they do not fit (now, or ever), and
-        InvalidRequestError when ``handoff_id`` already names a sequence."""
+                max_tokens: int | None, adapter: AdapterRef | None = None) -> BlockReservation:
+        """Hold blocks for an incoming prompt that may grow by ``max_tokens``,
+        its KV computed with ``adapter`` (whose cached prefix blocks count:
+        never the base model's or another adapter's). Raises OutOfBlocksError
+        when they do not fit (now, or ever), InvalidRequestError when
+        ``handoff_id`` already names a sequence, AdapterUnavailableError when
+        this engine cannot load the adapter."""
         eng = self._engine
         n = len(prompt_token_ids)
         need_total = n + (max_tokens or 1)
         if eng.kv.blocks_for(need_total) > eng.kv.num_blocks or need_total > eng.max_model_len:
             raise OutOfBlocksError(f"a sequence of {need_total} tokens can never fit this replica")
         eng.check_id_free(handoff_id)
-        hashes = block_hashes(prompt_token_ids, self._spec.block_size, eng.hash_salt)
+        ref = eng.resolve_adapter(adapter)  # in host memory before any block is held
+        hashes = block_hashes(prompt_token_ids, self._spec.block_size, eng.hash_salt,
+                              root=ref.hash_root if ref is not None else 0)
         got = eng.kv.reserve(handoff_id, hashes, n)
         if got is None:
             raise OutOfBlocksError(
@@ -185,8 +194,7 @@ class KVPort:
             raise ValueError(f"a chunk of shape {tuple(buf.shape)} from layer {layer_start} does "
                              f"not fit {len(ids)} blocks of {self._spec.num_layers} layers")
         if ids:
-            idx = torch.tensor(ids, dtype=torch.int64, device=self._engine.device)
-            ops.unpack_kv(buf, self._engine.runner.kv_cache, idx, layer_start)
+            self._engine.runner.unpack_kv(buf, list(ids), layer_start)
 
     def cancel(self, handoff_id: str) -> None:
         """Free a reservation's blocks. Idempotent."""
@@ -197,7 +205,8 @@ class KVPort:
         """Turn the filled reservation into sequence ``seq.request_id`` (the
         same id) whose prompt KV is computed: its first token is processed
         as if sampled here (stop checks, text) and it joins the running
-        batch. Returns that first output. ``matcher``: its structured-output
+        batch (parked there until its adapter, if any, gets a device slot).
+        Returns that first output. ``matcher``: its structured-output
         matcher, from ``LLMEngine.build_matcher``. On failure the
         reservation's blocks are freed."""
         eng = self._engine
@@ -206,7 +215,8 @@ class KVPort:
             raise InvalidRequestError(
                 f"sequence {seq.request_id!r} cannot adopt the blocks of hand-off {rid!r}")
         try:
-            st = eng.new_request_state(rid, seq.prompt_token_ids, seq.params, matcher)
+            ref = eng.resolve_adapter(seq.adapter)
+            st = eng.new_request_state(rid, seq.prompt_token_ids, seq.params, matcher, ref)
         except BaseException:
             eng.kv.free(rid)  # the reservation's blocks: nothing else will free them
             raise

@@ -22,14 +22,20 @@ from splitserve.engine.isolation import is_fatal, split_failures
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
 from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.lora.adapter import (AdapterRef, AdapterUnavailableError,
+                                            UnknownAdapterError, describe_adapter)
+from splitserve.engine.lora.manager import LoraManager
 from splitserve.engine.model_runner import (ModelRunner, PromptLogprobs, kv_cache_dtype,
                                             num_kv_blocks, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
+from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from splitserve.engine.sequence import FinishReason, Sequence
+from splitserve.engine.spec.decoder import SpecDecoder
+from splitserve.engine.spec.proposer import ProposerContext
 from splitserve.engine.stats import EngineLoad
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
@@ -51,11 +57,33 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.tokenizer = Tokenizer.from_dir(Path(cfg.model))
         torch.manual_seed(cfg.seed)
-        model = load_model(self.checkpoint, self.dtype, self.device)
-        num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        tp = None
+        if cfg.tensor_parallel_size > 1:  # ranks 1..N-1 start loading their shards now
+            tp, num_blocks = start_ranks(cfg, self.checkpoint, self.dtype, self.device)
+        else:
+            num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+        try:
+            model = load_model(self.checkpoint, self.dtype, self.device,
+                               tp=None if tp is None else tp.group)
+            # LoRA: slots allocated before the runner captures CUDA graphs over them
+            self.lora: LoraManager | None = None
+            if cfg.max_loras > 0:
+                self.lora = LoraManager(model, self.model_cfg, cfg.max_loras, cfg.max_lora_rank,
+                                        cfg.max_cpu_loras or 4 * cfg.max_loras, self.dtype,
+                                        self._live_adapter_keys)
+            self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device,
+                                      num_blocks, tp=tp)
+            if tp is not None:
+                tp.wait_ready(self.runner.kv_cache)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(model, self.model_cfg, cfg, self.dtype, self.device, num_blocks)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.requests: dict[str, RequestState] = {}
+        self.adapters: dict[str, AdapterRef] = {}  # registered by name (add_adapter)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   slots=self.lora)
         self.sampler = Sampler(seed=cfg.seed)
         self.max_model_len = min(
             cfg.max_model_len or self.model_cfg.max_position,
@@ -72,7 +100,6 @@ class LLMEngine:
         # Prefix caches are per engine (one model each), so no per-model salt:
         # the router hashes prompts with the same function and no salt.
         self.hash_salt = b""
-        self.requests: dict[str, RequestState] = {}
         self._prefill_only: set[str] = set()
         self.step_count = 0
         self.busy_time_s = 0.0
@@ -81,6 +108,17 @@ class LLMEngine:
         self.failures_in_a_row = 0  # failed requests since a step last made progress
         self.max_consecutive_failures = 8
         self.kv_port = KVPort(self)
+        self.spec: SpecDecoder | None = None
+        if cfg.speculative is not None:
+            self.spec = SpecDecoder(cfg.speculative, ProposerContext(
+                cfg, self.model_cfg, self.tokenizer, self.dtype, self.device, num_blocks))
+            self.scheduler.on_release = self.spec.release
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when
+        this process ends). The engine cannot step after. Idempotent."""
+        if self.runner.tp is not None:
+            self.runner.tp.close()
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -103,20 +141,71 @@ class LLMEngine:
         earlier = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
         return self.grammar.matcher(params.structured_output, earlier)
 
+    # -- LoRA adapters ----------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> AdapterRef:
+        """Serve the PEFT adapter in folder ``path`` as ``name`` (read now;
+        AdapterError when it cannot be served on this model)."""
+        lora = self._lora()
+        ref = describe_adapter(name, path)
+        lora.install(lora.read(ref))
+        self.adapters[ref.name] = ref
+        return ref
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving adapter ``name``; requests already running with it
+        finish. Whether it was served."""
+        ref = self.adapters.pop(name, None)
+        if ref is None:
+            return False
+        if self.lora is not None and all(r.key != ref.key for r in self.adapters.values()):
+            self.lora.drop(ref.key)
+        return True
+
+    def resolve_adapter(self, adapter: "str | AdapterRef | None") -> AdapterRef | None:
+        """A request's adapter: by name (``add_adapter``), or a reference the
+        caller holds (a cluster request), made ready in host memory. Raises
+        UnknownAdapterError, or AdapterUnavailableError when this engine
+        serves no adapters or cannot read its files."""
+        if adapter is None:
+            return None
+        lora = self._lora()
+        if isinstance(adapter, str):
+            ref = self.adapters.get(adapter)
+            if ref is None:
+                raise UnknownAdapterError(f"adapter {adapter!r} is not loaded here; loaded: "
+                                          f"{', '.join(self.adapters) or 'none'}")
+        else:
+            ref = adapter
+        lora.ensure(ref)
+        return ref
+
+    def _lora(self) -> LoraManager:
+        if self.lora is None:
+            raise AdapterUnavailableError("this engine serves no LoRA adapters: start it with "
+                                          "max_loras > 0")
+        return self.lora
+
+    def _live_adapter_keys(self) -> set[str]:
+        return {st.seq.adapter.key for st in self.requests.values() if st.seq.adapter is not None}
+
     def new_request_state(self, request_id: str, prompt_token_ids: list[int],
-                          params: SamplingParams, matcher: GrammarMatcher | None) -> RequestState:
+                          params: SamplingParams, matcher: GrammarMatcher | None,
+                          adapter: AdapterRef | None = None) -> RequestState:
         """A new sequence and its output state, registered nowhere yet."""
-        seq = Sequence(request_id, prompt_token_ids, params, self.cfg.block_size, self.hash_salt)
+        seq = Sequence(request_id, prompt_token_ids, params, self.cfg.block_size, self.hash_salt,
+                       adapter=adapter)
         return RequestState(seq, params, self.tokenizer, self.eos_token_ids, self.max_model_len,
                             self.grammar, matcher)
 
     def add_request(self, request_id: str | None, prompt: str | None = None,
                     params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None,
-                    prefill_only: bool = False, matcher: GrammarMatcher | None = None) -> str:
+                    prefill_only: bool = False, matcher: GrammarMatcher | None = None,
+                    adapter: "str | AdapterRef | None" = None) -> str:
         """Queue a request. ``prefill_only``: stop after the first token and
         hold the KV for ``kv_port.export_layers`` (the prefill role). ``matcher``: from
-        ``build_matcher`` (else built here when the request is constrained)."""
+        ``build_matcher`` (else built here when the request is constrained).
+        ``adapter``: the LoRA adapter it runs with (``resolve_adapter``)."""
         request_id = request_id or uuid.uuid4().hex
         self.check_id_free(request_id)
         params = params or SamplingParams()
@@ -125,7 +214,8 @@ class LLMEngine:
                 raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
             prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
-        st = self.new_request_state(request_id, prompt_token_ids, params, matcher)
+        ref = self.resolve_adapter(adapter)
+        st = self.new_request_state(request_id, prompt_token_ids, params, matcher, ref)
         self.requests[request_id] = st
         if prefill_only:
             self._prefill_only.add(request_id)
@@ -162,10 +252,10 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.parked)
 
     def pending_prompt_tokens(self) -> int:
-        seqs = list(self.scheduler.waiting) + self.scheduler.running
+        seqs = list(self.scheduler.waiting) + self.scheduler.running + self.scheduler.parked
         return sum(max(0, s.num_tokens - s.num_computed_tokens - 1) for s in seqs)
 
     def load_stats(self) -> EngineLoad:
@@ -178,7 +268,21 @@ class LLMEngine:
             prompt_tokens_computed=self.prompt_tokens_computed,
             preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
             prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
-            open_requests=len(self.requests), block_owners=len(self.kv.owners()))
+            open_requests=len(self.requests), block_owners=len(self.kv.owners()),
+            **self._lora_load(), **self._spec_stats())
+
+    def _lora_load(self) -> dict:
+        if self.lora is None:
+            return {}
+        return dict(lora_slots=self.lora.num_slots, lora_slots_in_use=self.lora.table.in_use,
+                    adapters=self.lora.resident_keys(), host_adapters=self.lora.host_keys())
+
+    def _spec_stats(self) -> dict:
+        if self.spec is None:
+            return {}
+        c = self.spec.counters
+        return dict(spec_drafts=c.drafts, spec_draft_tokens=c.draft_tokens,
+                    spec_accepted_tokens=c.accepted_tokens, spec_draft_time_s=c.draft_time_s)
 
     # -- the loop -------------------------------------------------------------
     def step(self, layer_listener: LayerListener | None = None) -> list[RequestOutput]:
@@ -197,19 +301,22 @@ class LLMEngine:
         device error, when the forward fails for every request and for a
         one-token probe, or when ``max_consecutive_failures`` requests
         failed with no step making progress in between."""
-        sched = self.scheduler.schedule()
+        t0 = time.perf_counter()  # busy time includes drafting
+        sched = self.scheduler.schedule(self.spec.propose(self) if self.spec else None)
         if sched.is_empty:
             return []
-        t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         ran = self._forward(sched.scheduled, layer_listener, outputs)
         sampled: list[tuple[RequestState, int, TokenLogprobs | None]] = []
         for part, (logits, rows, prompt_lps) in ran:
+            if self.spec is not None:  # a sequence's first row here, its draft rows held
+                logits, rows = self.spec.begin_verify(self, part, logits, rows)
             sampled += self._sample(part, logits, rows, prompt_lps, outputs)
         done = [s for part, _ in ran for s in part if not s.seq.is_finished]
         self.scheduler.commit(SchedulerOutput(scheduled=done))
         self.step_count += 1
-        self.prompt_tokens_computed += sum(s.num_new_tokens for s in done if s.num_new_tokens > 1)
+        self.prompt_tokens_computed += sum(
+            s.num_new_tokens for s in done if s.num_new_tokens - len(s.spec_token_ids) > 1)
         now = time.monotonic()
         for st, tok, lp in sampled:
             if st.seq.is_finished:  # failed at sampling
@@ -220,6 +327,8 @@ class LLMEngine:
                 if is_fatal(e):
                     raise
                 outputs.append(self._fail(st, "output processing", e))
+        if self.spec is not None:  # the rest of each draft run; KV rollback
+            outputs = self.spec.finish_verify(self, outputs, now)
         if any(s.seq.finish_reason is not FinishReason.ABORT for s in done):
             self.failures_in_a_row = 0  # some request moved on (failed ones end as ABORT)
         self.busy_time_s += time.perf_counter() - t0
@@ -346,16 +455,21 @@ class LLMEngine:
                              num_cached_tokens=seq.num_cached_tokens, error=err)
 
     def generate(self, prompts: Iterable[str | list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionResult]:
-        """Run prompts to completion together (continuous batching)."""
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: "list[str | AdapterRef | None] | None" = None) -> list[CompletionResult]:
+        """Run prompts to completion together (continuous batching);
+        ``adapters``: each prompt's LoRA adapter (None: the base model)."""
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = []
-        for p, sp in zip(prompts, plist):
+        alist = adapters if adapters is not None else [None] * len(prompts)
+        if len(alist) != len(prompts):
+            raise ValueError(f"{len(alist)} adapters for {len(prompts)} prompts")
+        for p, sp, ad in zip(prompts, plist, alist):
             if isinstance(p, str):
-                ids.append(self.add_request(None, prompt=p, params=sp))
+                ids.append(self.add_request(None, prompt=p, params=sp, adapter=ad))
             else:
-                ids.append(self.add_request(None, prompt_token_ids=list(p), params=sp))
+                ids.append(self.add_request(None, prompt_token_ids=list(p), params=sp, adapter=ad))
         results: dict[str, CompletionResult] = {}
         for rid in ids:
             st = self.requests[rid]

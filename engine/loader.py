@@ -24,6 +24,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models import CausalLM, build_model
 from splitserve.engine.models.rope import inv_freq_and_scale
+from splitserve.engine.parallel.group import TPGroup
 from splitserve.engine.quantization import scan_fp8_weights
 
 SINGLE_FILE = "model.safetensors"
@@ -125,6 +126,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     weight_dtype: str = "auto",
+    tp: TPGroup | None = None,
 ) -> CausalLM:
     """Build the checkpoint's model on ``device`` in ``dtype`` (default: the
     checkpoint's own dtype) and fill it with the checkpoint's weights.
@@ -133,11 +135,12 @@ def load_model(
     rest in ``dtype``). ``weight_dtype="fp8"`` quantizes an unquantized
     checkpoint's projections per output channel once loaded
     (``CausalLM.quantize_fp8_``): the full-precision model exists until
-    then, and each layer's weights are replaced by fp8 ones in turn."""
+    then, and each layer's weights are replaced by fp8 ones in turn. ``tp``:
+    load this tensor-parallel rank's shard (``splitserve.engine.parallel``)."""
     if weight_dtype not in ("auto", "fp8"):
         raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {weight_dtype!r}")
     dtype = dtype or checkpoint.model_config.torch_dtype
-    model = build_model(checkpoint.model_config, dtype, device)
+    model = build_model(checkpoint.model_config, dtype, device, tp)
     stream = _TensorStream(checkpoint.weight_files)
     try:
         model.load_weights(stream)

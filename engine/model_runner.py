@@ -3,7 +3,11 @@
 The scheduler hands over ``ScheduledSeq`` items (plain integers); this
 module turns them into the flat batch the model runs on and returns the
 logits of the sequences whose chunk reached their last token (and, for
-requests that ask, the logprobs of their prompt tokens).
+requests that ask, the logprobs of their prompt tokens). A sequence with
+draft tokens (speculative decoding) runs its last token and its drafts as
+one multi-token chunk, like a prompt chunk, and returns a logit row for
+each of them, consecutive and in order. Such verify steps are not
+decode-only, so they run eagerly, never through the captured CUDA graphs.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ import torch
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import DTYPES, EngineConfig, ModelConfig
 from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.parallel.launcher import TensorParallelRanks
+from splitserve.engine.parallel.messages import StepCommand
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.kernels import ops
+from splitserve.kernels.lora import LoraMeta, lora_meta_runs
 
 
 def resolve_dtype(cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -53,42 +61,62 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
+    lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
 
 
 PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
+
+
+def step_command(inp: StepInputs) -> StepCommand:
+    """The step as the other tensor-parallel ranks receive it."""
+    m = inp.meta
+    return StepCommand(
+        input_ids=inp.input_ids.tolist(), positions=inp.positions.tolist(),
+        slot_mapping=m.slot_mapping.tolist(), block_tables=m.block_tables.tolist(),
+        cu_query_lens=m.cu_query_lens.tolist(), context_lens=m.context_lens.tolist(),
+        decode_only=m.decode_only, k_scale=m.k_scale, v_scale=m.v_scale,
+        logit_rows=inp.logit_rows.tolist(), prompt_rows=list(inp.prompt_rows))
 
 # scheduled index -> [(prompt position p, logprobs of prompt token p + 1)]
 PromptLogprobs = dict[int, list[tuple[int, TokenLogprobs]]]
 
 
 class ModelRunner:
+    """``tp``: the replica's other tensor-parallel ranks (``splitserve.engine.
+    parallel.launcher``), or None; then ``model`` is rank 0's shard, the
+    cache holds rank 0's KV heads, and every step is sent to the other
+    ranks before it runs here."""
+
     def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig,
-                 dtype: torch.dtype, device: torch.device, num_blocks: int):
+                 dtype: torch.dtype, device: torch.device, num_blocks: int,
+                 tp: TensorParallelRanks | None = None):
         if cfg.weight_dtype == "fp8":  # before CUDA graphs capture the projections
             model.quantize_fp8_()
         self.model = model
         self.model_cfg = model_cfg
         self.cfg = cfg
+        self.tp = tp
+        self.lora_slots = cfg.max_loras  # the model's LoRA stacks are allocated (LoraManager)
         self.device = device
         self.dtype = dtype
         self.block_size = cfg.block_size
         self.kv_dtype = kv_cache_dtype(cfg, dtype)
-        # [L, 2, NB, BS, Hk, D]; zeroed so unused slots never hold NaNs
+        # [L, 2, NB, BS, Hk, D] (Hk: this rank's heads); zeroed so unused slots never hold NaNs
         self.kv_cache = torch.zeros(
             model_cfg.num_layers, 2, num_blocks, cfg.block_size,
-            model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
+            model.cfg.num_kv_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
         )
         self.k_scale = float(cfg.extra.get("k_scale", 1.0))
         self.v_scale = float(cfg.extra.get("v_scale", 1.0))
         self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager:
+        if device.type == "cuda" and not cfg.enforce_eager and tp is None:
             from splitserve.engine.cuda_graphs import CudaGraphRunner
 
             max_len = cfg.max_model_len or model_cfg.max_position
             self.graphs = CudaGraphRunner(
                 model, self.kv_cache, cfg.max_num_seqs, -(-max_len // cfg.block_size),
-                self.k_scale, self.v_scale)
+                self.k_scale, self.v_scale, lora_slots=self.lora_slots)
             self.graphs.capture()
 
     def prepare(self, scheduled: list[ScheduledSeq], kv: KVCacheManager) -> StepInputs:
@@ -104,25 +132,31 @@ class ModelRunner:
         p_rows: list[int] = []
         p_targets: list[int] = []
         p_owners: list[tuple[int, int]] = []
+        lora_runs: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
-            end = start + n
+            end = start + n - len(s.spec_token_ids)  # the sequence's own tokens
             if getattr(seq.params, "prompt_logprobs", None) is not None:
                 for p in range(start, min(end, seq.num_prompt_tokens - 1)):
                     p_rows.append(cu[-1] + p - start)
                     p_targets.append(seq.token_ids[p + 1])
                     p_owners.append((i, p))
             table = kv.raw_block_ids(seq.seq_id)
+            lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
+            ids.extend(spec)
+            stop = end + len(spec)
+            pos.extend(range(start, stop))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, stop))
             cu.append(cu[-1] + n)
-            ctx.append(end)
+            ctx.append(stop)
             tables.append(table)
-            if end == seq.num_tokens:
-                logit_rows.append(cu[-1] - 1)
-                logit_seqs.append(i)
+            if spec or end == seq.num_tokens:
+                first = cu[-1] - 1 - len(spec)
+                logit_rows.extend(range(first, cu[-1]))
+                logit_seqs.extend([i] * (1 + len(spec)))
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
@@ -144,6 +178,8 @@ class ModelRunner:
             prompt_rows=p_rows,
             prompt_targets=p_targets,
             prompt_owners=p_owners,
+            lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
+            if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
         )
 
     @torch.inference_mode()
@@ -155,11 +191,25 @@ class ModelRunner:
         ``on_layer_done(layer_index)`` is called after each layer's KV is in
         the cache (the prefill worker starts layer-group transfers from it)."""
         inp = self.prepare(scheduled, kv)
+        if self.tp is None:
+            return self._run(inp, scheduled, on_layer_done)
+        self.tp.send_step(step_command(inp))
+        try:
+            return self._run(inp, scheduled, on_layer_done)
+        except Exception as e:  # the other ranks may wait in a collective: fatal
+            raise self.tp.broken(e) from e
+
+    def _run(self, inp: StepInputs, scheduled: list[ScheduledSeq],
+             on_layer_done) -> tuple[torch.Tensor, list[int], PromptLogprobs]:
+        # The other tensor-parallel ranks repeat these model calls in this
+        # order (splitserve.engine.parallel.rank_worker.run_step).
         hidden = None
         if self.graphs is not None and on_layer_done is None:
-            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:
             kwargs = {"on_layer_done": on_layer_done} if on_layer_done is not None else {}
+            if inp.lora is not None:
+                kwargs["lora"] = inp.lora
             hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.meta, **kwargs)
         prompt_lps = self._prompt_logprobs(hidden, inp, scheduled) if inp.prompt_rows else {}
         if inp.logit_rows.numel() == 0:
@@ -167,6 +217,23 @@ class ModelRunner:
                     prompt_lps)
         logits = self.model.compute_logits(hidden.index_select(0, inp.logit_rows))
         return logits.float(), inp.logit_seqs, prompt_lps
+
+    def pack_kv(self, block_ids: list[int], layer_start: int, layer_end: int) -> torch.Tensor:
+        """Layers [layer_start, layer_end) of ``block_ids``, every KV head:
+        [layers, 2, n, BS, Hk, D] (tensor parallel: gathered from the ranks)."""
+        if self.tp is not None:
+            return self.tp.kv.pack(block_ids, layer_start, layer_end)
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        return ops.pack_kv(self.kv_cache, idx, layer_start, layer_end)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], layer_start: int) -> None:
+        """Store ``buf`` (from ``pack_kv``, every head) into ``block_ids``
+        from layer ``layer_start`` on (tensor parallel: each rank its heads)."""
+        if self.tp is not None:
+            self.tp.kv.unpack(buf, block_ids, layer_start)
+            return
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        ops.unpack_kv(buf, self.kv_cache, idx, layer_start)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs,
                          scheduled: list[ScheduledSeq]) -> PromptLogprobs:

@@ -17,6 +17,12 @@ Per row, in this order:
      the smallest most-probable set whose mass reaches top_p, drop tokens
      below ``min_p * max_prob``, and sample.
 
+Speculative decoding (``splitserve.engine.spec``) verifies a draft token
+per row (``SeqSamplingState.draft_token``): greedy and seeded rows draw as
+above and the caller compares; an unseeded sampled row accepts the draft
+with probability ``p(draft)`` of the distribution of step 5 and otherwise
+draws from that distribution without it (``spec.rejection``).
+
 Logprobs are the log_softmax of the logits after steps 0-4 and before the
 temperature and truncation of step 5: they describe the model's
 distribution as the request shaped it with penalties, not the sampling
@@ -44,6 +50,7 @@ from torch import Tensor
 
 from splitserve.engine.hashing import SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2, splitmix64
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.spec.rejection import sample_with_drafts
 from splitserve.engine.structured import GrammarMatcher, apply_masks
 
 # Temperatures below this are sampled greedily: dividing by them overflows.
@@ -62,6 +69,10 @@ class SeqSamplingState:
     # it counts for positions and penalties, not for min_tokens
     num_prior: int = 0
     matcher: GrammarMatcher | None = None  # the structured-output constraint, if any
+    # speculative decoding: the draft token this row verifies (None: none).
+    # An unseeded sampled row accepts or resamples it by rejection sampling;
+    # greedy and seeded rows draw as always (splitserve.engine.spec.rejection)
+    draft_token: int | None = None
     _prompt_tensor: Tensor | None = field(default=None, repr=False, compare=False)
     _prompt_src_len: int = field(default=-1, repr=False, compare=False)
     _output_buf: Tensor | None = field(default=None, repr=False, compare=False)
@@ -199,7 +210,11 @@ class Sampler:
         _mask_top_p(y, [p.top_p for p in params])
         _mask_min_p(y, [p.min_p for p in params])
         probs = y.softmax(dim=-1)  # [S, V]
-        return probs.div_(self._exponential_noise(probs, states)).argmax(dim=-1)
+        noise = self._exponential_noise(probs, states)
+        drafts = [s.draft_token if s.params.seed is None else None for s in states]
+        if any(d is not None for d in drafts):
+            return sample_with_drafts(probs, noise, drafts, self._generator)
+        return probs.div_(noise).argmax(dim=-1)
 
     def _exponential_noise(self, probs: Tensor, states: list[SeqSamplingState]) -> Tensor:
         # probs: [S, V] -> Exp(1) noise of the same shape, never 0 (a zero would

@@ -52,6 +52,9 @@ class SamplingParams:
     # grammar count them as output, so the resumed stream continues as the
     # first one would have; max_tokens and min_tokens count only new tokens.
     resumed_tokens: int = 0
+    # speculative decoding where the serving engine has it on; False opts
+    # this request out (its steps verify no draft tokens)
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         # The OpenAI API accepts a single stop string as well as a list.
@@ -133,7 +136,8 @@ class SamplingParams:
                 raise InvalidRequestError(
                     f"seed must be an integer in [0, 2**63), got {self.seed}", param="seed"
                 )
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "speculative"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(
                     f"{name} must be true or false, got {getattr(self, name)!r}", param=name

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.engine.hashing import ROOT_HASH, hash_block
+
+if TYPE_CHECKING:
+    from splitserve.engine.lora.adapter import AdapterRef
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +40,7 @@ class Sequence:
         block_size: int,
         hash_salt: bytes = b"",
         arrival_time: float | None = None,
+        adapter: "AdapterRef | None" = None,
     ):
         self.seq_id = seq_id
         self.token_ids: list[int] = list(prompt_token_ids)
@@ -52,6 +56,11 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        # the LoRA adapter it runs with (None: the base model); its identity
+        # roots the block-hash chain, so no other adapter's cache matches
+        self.adapter = adapter
+        self.hash_root = ROOT_HASH if adapter is None else adapter.hash_root
+        self.lora_slot = -1  # the device slot it holds while running (LoraManager)
         self._block_hashes: list[int] = []
 
     @property
@@ -83,7 +92,7 @@ class Sequence:
         full = self.num_tokens // bs
         while len(self._block_hashes) < full:
             i = len(self._block_hashes)
-            parent = self._block_hashes[-1] if i else ROOT_HASH
+            parent = self._block_hashes[-1] if i else self.hash_root
             self._block_hashes.append(
                 hash_block(parent, self.token_ids[i * bs : (i + 1) * bs], self.hash_salt)
             )

@@ -40,6 +40,28 @@ class EngineLoad(msgspec.Struct, frozen=True, kw_only=True):
     # per-request state: all 0 on an idle engine (the leak checks read them)
     open_requests: int
     block_owners: int
+    # LoRA: device slots (0: the engine serves no adapters), those a running
+    # sequence holds, and the adapters (their keys, AdapterRef.key) in slots
+    # and in host memory; defaults for engines that serve none
+    lora_slots: int = 0
+    lora_slots_in_use: int = 0
+    adapters: tuple[str, ...] = ()
+    host_adapters: tuple[str, ...] = ()
+    # speculative decoding (splitserve.engine.spec), cumulative; all 0 without it
+    spec_drafts: int = 0  # sequence-steps that verified at least one draft token
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_draft_time_s: float = 0.0  # seconds spent proposing drafts
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted draft tokens per verified draft token (0 without any)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verify step yields per sequence: 1 + accepted drafts (0 without any)."""
+        return 1.0 + self.spec_accepted_tokens / self.spec_drafts if self.spec_drafts else 0.0
 
     @property
     def queued(self) -> int:

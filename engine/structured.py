@@ -176,6 +176,12 @@ class GrammarMatcher:
         matcher is then in an error state and allows nothing more)."""
         return self._m.consume_token(token_id)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, in order, the grammar would accept from
+        its current state (speculative drafts are cut there); the state
+        does not change."""
+        return self._m.validate_tokens(tokens)
+
     @property
     def done(self) -> bool:
         """No further token can extend the output (or the matcher failed)."""

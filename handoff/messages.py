@@ -37,8 +37,9 @@ from typing import Annotated, Any, NamedTuple, Union
 import msgspec
 from msgspec import Meta
 
-from splitserve.engine.kv_port import FinishReason, TokenLogprobs
+from splitserve.engine.kv_port import AdapterRef, FinishReason, TokenLogprobs
 from splitserve.engine.outputs import RequestOutput
+from splitserve.handoff.tracing import MAX_TRACEPARENT_CHARS
 from splitserve.handoff.transfer.base import KVLayout
 
 
@@ -55,6 +56,8 @@ MAX_CONTROL_BYTES = 1 << 10  # a request without one
 TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
 TokenIds = Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
 Id = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+# a W3C trace context (splitserve.handoff.tracing); None: the call is not traced
+TraceParent = Annotated[str, Meta(max_length=MAX_TRACEPARENT_CHARS)]
 _Key = Annotated[str, Meta(max_length=64)]
 _Text = Annotated[str, Meta(max_length=MAX_PARAM_CHARS)]
 _Scalar = Union[None, bool, int, float, _Text]
@@ -90,6 +93,24 @@ class Logprob(Message):
         return None if lp is None else TokenLogprobs(lp.token_id, lp.logprob, list(lp.top))
 
 
+class Adapter(Message):
+    """The LoRA adapter a request runs with (``AdapterRef`` on the wire):
+    every replica that computes its KV applies it, loading it from ``path``
+    when it has not yet, and checks the files against ``digest``."""
+
+    name: Id
+    path: Annotated[str, Meta(max_length=4096)]
+    digest: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+    @classmethod
+    def of(cls, ref: AdapterRef | None) -> "Adapter | None":
+        return None if ref is None else cls(name=ref.name, path=ref.path, digest=ref.digest)
+
+    @staticmethod
+    def to_engine(a: "Adapter | None") -> AdapterRef | None:
+        return None if a is None else AdapterRef(a.name, a.path, a.digest)
+
+
 # -- Prefill ------------------------------------------------------------------------
 class HandoffMeta(Message):
     """Everything the target needs besides the KV bytes."""
@@ -102,6 +123,7 @@ class HandoffMeta(Message):
     first_logprobs: Logprob | None
     # where asked for: [None, logprobs of prompt token 1, ...]
     prompt_logprobs: Annotated[list[Logprob | None], Meta(max_length=MAX_PROMPT_TOKENS)] | None
+    adapter: Adapter | None = None  # the KV was computed with it; None: the base model
 
 
 class PrefillTarget(Message):
@@ -110,7 +132,7 @@ class PrefillTarget(Message):
     endpoint: Id
     # a prefix the target caches already: whole blocks, not sent
     skip_tokens: Annotated[int, Meta(ge=0)]
-    layout: KVLayout  # the target's: must equal the prefill engine's
+    layout: KVLayout  # the target's: KVLayout.check_compatible with the prefill engine's
 
 
 class PrefillRequest(Message):
@@ -118,6 +140,8 @@ class PrefillRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     target: PrefillTarget
+    adapter: Adapter | None = None  # None: the base model
+    traceparent: TraceParent | None = None  # the decode replica's hand-off span
 
 
 class PrefillTimings(Message):
@@ -142,6 +166,8 @@ class GenerateRequest(Message):
     prompt_token_ids: TokenIds
     params: SamplingParamsWire  # SamplingParams.to_dict
     prefill: PrefillPlacement | None  # None: prefill on the decode replica
+    adapter: Adapter | None = None  # None: the base model
+    traceparent: TraceParent | None = None  # the ingress request's span
 
 
 class PrefillMode(str, enum.Enum):
@@ -206,6 +232,7 @@ class ErrorKind(str, enum.Enum):
     INVALID_REQUEST = "invalid_request"
     OUT_OF_BLOCKS = "out_of_blocks"
     INCOMPATIBLE_KV = "incompatible_kv"
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # this replica cannot load the request's adapter
     UNKNOWN_HANDOFF = "unknown_handoff"
     TRANSFER_TIMEOUT = "transfer_timeout"
     MESSAGE_TOO_LARGE = "message_too_large"

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.engine.errors import IncompatibleKVError, InvalidRequestError
-from splitserve.engine.kv_port import BlockReservation, HandoffSequence, KVPort
+from splitserve.engine.kv_port import AdapterRef, BlockReservation, HandoffSequence, KVPort
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.handoff.messages import HandoffMeta, Logprob
+from splitserve.handoff.messages import Adapter, HandoffMeta, Logprob
 from splitserve.handoff.transfer.base import ChunkHeader, KVLayout, KVSink
 from splitserve.handoff.transfer.errors import MessageTooLarge, UnknownHandoffError
 
@@ -36,7 +36,9 @@ def layout_of(port: KVPort) -> KVLayout:
     s = port.spec()
     return KVLayout(model_id=s.model_id, dtype=s.dtype, kv_dtype=s.kv_dtype,
                     block_size=s.block_size, num_layers=s.num_layers,
-                    num_kv_heads=s.num_kv_heads, head_dim=s.head_dim)
+                    num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                    tensor_parallel_size=s.tensor_parallel_size,
+                    kv_head_start=0, kv_head_end=s.num_kv_heads)  # whole heads at any TP degree
 
 
 def engine_layout(engine) -> KVLayout:
@@ -53,7 +55,8 @@ def export_meta(port: KVPort, request_id: str) -> HandoffMeta:
         prompt_token_ids=list(seq.prompt_token_ids), first_token_id=seq.first_token_id,
         params=seq.params.to_dict(), first_logprobs=Logprob.of(seq.first_logprobs),
         prompt_logprobs=None if seq.prompt_logprobs is None
-        else [Logprob.of(lp) for lp in seq.prompt_logprobs])
+        else [Logprob.of(lp) for lp in seq.prompt_logprobs],
+        adapter=Adapter.of(seq.adapter))
 
 
 def sequence_of(meta: HandoffMeta) -> HandoffSequence:
@@ -63,7 +66,8 @@ def sequence_of(meta: HandoffMeta) -> HandoffSequence:
         first_token_id=meta.first_token_id, params=SamplingParams.from_dict(meta.params),
         first_logprobs=Logprob.to_engine(meta.first_logprobs),
         prompt_logprobs=None if meta.prompt_logprobs is None
-        else [Logprob.to_engine(lp) for lp in meta.prompt_logprobs])
+        else [Logprob.to_engine(lp) for lp in meta.prompt_logprobs],
+        adapter=Adapter.to_engine(meta.adapter))
 
 
 # -- target side ----------------------------------------------------------------
@@ -72,6 +76,7 @@ class _Lease:
     blocks: BlockReservation
     deadline: float
     bytes_allowed: int
+    adapter: AdapterRef | None  # the adapter the reserved prefix was matched under
     layers_received: set[int] = field(default_factory=set)
 
 
@@ -89,16 +94,18 @@ class Reservations(KVSink):
         port.add_reservation_holder(self)  # an engine abort cancels here
 
     def reserve(self, handoff_id: str, layout: KVLayout, prompt_token_ids: list[int],
-                max_tokens: int | None) -> BlockReservation:
-        """Hold blocks for the prompt's KV. Raises IncompatibleKVError on a
-        mismatched pair, OutOfBlocksError when this engine cannot hold it."""
+                max_tokens: int | None, adapter: AdapterRef | None = None) -> BlockReservation:
+        """Hold blocks for the prompt's KV, computed with ``adapter``. Raises
+        IncompatibleKVError on a mismatched pair, OutOfBlocksError when this
+        engine cannot hold it, AdapterUnavailableError when it cannot load
+        the adapter."""
         self.layout.check_compatible(layout)
         with self._lock:
             if handoff_id in self._open:
                 raise InvalidRequestError(f"hand-off {handoff_id!r} is already reserved")
-            r = self.port.reserve(handoff_id, prompt_token_ids, max_tokens)
+            r = self.port.reserve(handoff_id, prompt_token_ids, max_tokens, adapter)
             self._open[handoff_id] = _Lease(r, time.monotonic() + self.lease_s,
-                                            r.bytes_to_receive)
+                                            r.bytes_to_receive, adapter)
             return r
 
     def _live(self, handoff_id: str) -> _Lease:
@@ -134,6 +141,14 @@ class Reservations(KVSink):
             lease = self._live(meta.request_id)
             r = lease.blocks
             missing = set(range(self.layout.num_layers)) - lease.layers_received
+            sent = Adapter.to_engine(meta.adapter)
+            if sent != lease.adapter:
+                del self._open[meta.request_id]
+                self.port.cancel(r.handoff_id)
+                raise IncompatibleKVError(
+                    f"hand-off {meta.request_id!r}: KV computed with adapter "
+                    f"{sent.name if sent else None!r}, reserved for "
+                    f"{lease.adapter.name if lease.adapter else None!r}")
             if missing and r.cached_tokens < r.num_tokens:
                 raise IncompatibleKVError(
                     f"hand-off {meta.request_id!r} is missing layers {sorted(missing)[:8]}")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import grpc
 import msgspec
 
-from splitserve.engine.errors import (EngineDeadError, IncompatibleKVError, InvalidRequestError,
-                                     OutOfBlocksError, RequestFailedError)
+from splitserve.engine.errors import (AdapterUnavailableError, EngineDeadError, IncompatibleKVError,
+                                     InvalidRequestError, OutOfBlocksError, RequestFailedError)
 from splitserve.handoff.messages import ErrorKind, WorkerError
 from splitserve.handoff.transfer import errors as terr
 
@@ -30,6 +30,7 @@ _KINDS: list[tuple[type[BaseException], ErrorKind, grpc.StatusCode]] = [
     (InvalidRequestError, ErrorKind.INVALID_REQUEST, Code.INVALID_ARGUMENT),
     (OutOfBlocksError, ErrorKind.OUT_OF_BLOCKS, Code.RESOURCE_EXHAUSTED),
     (IncompatibleKVError, ErrorKind.INCOMPATIBLE_KV, Code.FAILED_PRECONDITION),
+    (AdapterUnavailableError, ErrorKind.ADAPTER_UNAVAILABLE, Code.FAILED_PRECONDITION),
     (terr.UnknownHandoffError, ErrorKind.UNKNOWN_HANDOFF, Code.NOT_FOUND),
     (terr.TransferTimeout, ErrorKind.TRANSFER_TIMEOUT, Code.DEADLINE_EXCEEDED),
     (terr.MessageTooLarge, ErrorKind.MESSAGE_TOO_LARGE, Code.RESOURCE_EXHAUSTED),

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from splitserve.kernels import fp8_gemm, reference
+from splitserve.kernels import fp8_gemm, lora, reference
 
 OP_NAMES = (
     "linear",
@@ -34,14 +34,19 @@ OP_NAMES = (
     "fp8_w8a16_linear",
     "fp8_w8a8_linear",
     "fp8_fused_moe",
+    "lora_shrink",
+    "lora_expand",
 )
 
 # Backends that register themselves on import of their module.
 _BACKEND_MODULES = {"triton": "splitserve.kernels.triton_ops", "cpu": "splitserve.kernels.cpu_ops"}
 
-# The reference of each op: kernels/reference.py, and kernels/fp8_gemm.py for fp8 weights.
+# The reference of each op: kernels/reference.py, kernels/fp8_gemm.py for fp8
+# weights and kernels/lora.py for batched LoRA.
+_REFERENCE_MODULES = (reference, fp8_gemm, lora)
 _registry: dict[str, dict[str, Callable]] = {
-    "reference": {name: getattr(reference, name, None) or getattr(fp8_gemm, name) for name in OP_NAMES}
+    "reference": {name: next(getattr(m, name) for m in _REFERENCE_MODULES if hasattr(m, name))
+                  for name in OP_NAMES}
 }
 _forced = threading.local()
 

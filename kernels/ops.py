@@ -1,7 +1,8 @@
 """The ops the engine calls: each dispatches on its first tensor's device.
 
 Signatures and semantics are those of ``splitserve.kernels.reference``
-(``splitserve.kernels.fp8_gemm`` for the fp8-weight ops).
+(``splitserve.kernels.fp8_gemm`` for the fp8-weight ops, ``splitserve.kernels.lora``
+for batched LoRA).
 """
 
 from __future__ import annotations
@@ -70,3 +71,11 @@ def fp8_fused_moe(x, w_gate_up, gate_up_scale, gate_up_groups, w_down, down_scal
                   topk_weights, topk_ids):
     return get_op("fp8_fused_moe", x.device)(x, w_gate_up, gate_up_scale, gate_up_groups, w_down,
                                              down_scale, down_groups, topk_weights, topk_ids)
+
+
+def lora_shrink(x, lora_a, meta):
+    return get_op("lora_shrink", x.device)(x, lora_a, meta)
+
+
+def lora_expand(y, h, lora_b, meta, slice_offsets):
+    return get_op("lora_expand", y.device)(y, h, lora_b, meta, slice_offsets)

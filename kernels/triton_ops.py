@@ -16,6 +16,7 @@ from splitserve.kernels.triton.fp8_gemm import fp8_w8a8_linear, fp8_w8a16_linear
 from splitserve.kernels.triton.fused_moe import fp8_fused_moe, fused_moe
 from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv
 from splitserve.kernels.triton.kv_store import store_kv
+from splitserve.kernels.triton.lora import lora_expand, lora_shrink
 from splitserve.kernels.triton.prefill_attention import paged_attention
 from splitserve.kernels.triton.rmsnorm import rms_norm
 from splitserve.kernels.triton.rope import rotary_embedding
@@ -33,6 +34,8 @@ OPS = {
     "fp8_w8a16_linear": fp8_w8a16_linear,
     "fp8_w8a8_linear": fp8_w8a8_linear,
     "fp8_fused_moe": fp8_fused_moe,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
 }
 
 for _name, _fn in OPS.items():

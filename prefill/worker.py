@@ -6,7 +6,8 @@ reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
 
   _accept    the target's KV layout must equal ours, else FAILED_PRECONDITION
              before any work                                     -> WAITING
-  _run       queued in the engine as a prefill-only request, batched and
+  _run       queued in the engine as a prefill-only request (with its LoRA
+             adapter, read from its path if new here), batched and
              chunked with other prompts under the step token budget; the
              engine thread (``_layer_listener``) marks the first step that
              runs it                                             -> RUNNING
@@ -18,6 +19,11 @@ reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
   _reply     describes the sequence (``HandoffMeta``) and the timings
   _release   frees its blocks: after the reply, or on any failure, cancel
              or deadline                                        -> RELEASED
+
+Traced (a ``Tracer`` given and the request carrying a traceparent): the
+call is a ``prefill`` span, child of the decode replica's hand-off span,
+with the KV transfer as its ``handoff.send`` child (first chunk sent to
+last ack); failures are recorded on them.
 
 Nothing here imports Ray; the Serve deployment in ``cluster`` wraps it.
 """
@@ -35,8 +41,11 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.stats import PrefillStats
-from splitserve.handoff.messages import PrefillReply, PrefillRequest, PrefillTimings
+from splitserve.handoff.messages import Adapter, PrefillReply, PrefillRequest, PrefillTimings
 from splitserve.handoff.protocol import export_meta, layout_of
+from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_PROMPT_TOKENS,
+                                        ATTR_REQUEST_ID, SPAN_HANDOFF_SEND, SPAN_PREFILL, Span,
+                                        Tracer)
 from splitserve.handoff.transfer.base import KVSender, make_header
 
 
@@ -59,6 +68,7 @@ class OutgoingHandoff:
     stage: PrefillStage = PrefillStage.WAITING
     sends: list[asyncio.Future] = field(default_factory=list)
     bytes_sent: int = 0
+    first_send_ns: int = 0  # time.time_ns() of the first chunk sent (a span's start)
     prefilled: bool = False  # the engine finished it: its blocks are held for us
     started: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
@@ -68,8 +78,9 @@ class OutgoingHandoff:
 
 class PrefillWorker:
     def __init__(self, engine: LLMEngine, sender: KVSender, layer_group_size: int = 0,
-                 transfer_timeout_s: float = 30.0):
+                 transfer_timeout_s: float = 30.0, tracer: Tracer | None = None):
         self.engine = engine
+        self.tracer = tracer
         self.port = engine.kv_port
         self.sender = sender
         self.num_layers = self.port.spec().num_layers
@@ -94,21 +105,39 @@ class PrefillWorker:
     # -- RPC --------------------------------------------------------------------
     async def prefill(self, req: PrefillRequest) -> PrefillReply:
         """Run one prompt and transfer its KV into the target's reservation."""
-        h = self._accept(req)
+        span = None
+        if self.tracer is not None and req.traceparent is not None:
+            span = self.tracer.start(SPAN_PREFILL, req.traceparent, server=True, attributes={
+                ATTR_REQUEST_ID: req.request_id, ATTR_PROMPT_TOKENS: len(req.prompt_token_ids),
+                ATTR_CACHED_TOKENS: req.target.skip_tokens})
+        try:
+            h = self._accept(req)
+        except BaseException as e:
+            if span is not None:
+                span.fail(e)
+                span.end()
+            raise
         try:
             await self._run(h, req)
-            await self._transfer(h)
+            if span is not None:
+                span.event("first_token", prefill_s=h.prefill_s, queue_s=h.queue_s)
+            await self._transfer(h, span)
             reply = await self._reply(h)
             self.completed += 1
             self.bytes_sent += h.bytes_sent
             return reply
-        except BaseException:
+        except BaseException as e:
             self.failed += 1
             for f in h.sends:
                 f.cancel()
+            if span is not None:
+                span.fail(e)
             raise
         finally:
             await self._release(h)
+            if span is not None:
+                span.set(ATTR_BYTES, h.bytes_sent)
+                span.end()
 
     # -- stages -----------------------------------------------------------------
     def _accept(self, req: PrefillRequest) -> OutgoingHandoff:
@@ -123,16 +152,34 @@ class PrefillWorker:
         """WAITING -> RUNNING -> TRANSFERRING, until the first token."""
         params = SamplingParams.from_dict(req.params)
         async for out in self.aengine.generate(h.request_id, list(req.prompt_token_ids), params,
-                                               prefill_only=True):
+                                               prefill_only=True,
+                                               adapter=Adapter.to_engine(req.adapter)):
             h.prefilled = out.finished
             h.queue_s = out.queue_s()
         h.prefill_s = time.monotonic() - h.started
 
-    async def _transfer(self, h: OutgoingHandoff) -> None:
+    async def _transfer(self, h: OutgoingHandoff, parent: Span | None = None) -> None:
         """TRANSFERRING: wait for every chunk's ack."""
         t0 = time.monotonic()
-        await asyncio.gather(*h.sends)
+        try:
+            await asyncio.gather(*h.sends)
+        except BaseException as e:
+            if parent is not None:
+                self._send_span(h, parent, e)
+            raise
         h.transfer_wait_s = time.monotonic() - t0
+        if parent is not None:
+            self._send_span(h, parent, None)
+
+    def _send_span(self, h: OutgoingHandoff, parent: Span, error: BaseException | None) -> None:
+        """Record ``h``'s ``handoff.send`` span: from its first chunk until now."""
+        span = self.tracer.start(SPAN_HANDOFF_SEND, parent.traceparent,
+                                 start_ns=h.first_send_ns or None, attributes={
+                                     ATTR_BYTES: h.bytes_sent, "splitserve.chunks": len(h.sends),
+                                     "splitserve.kv_endpoint": h.endpoint})
+        if error is not None:
+            span.fail(error)
+        span.end()
 
     async def _reply(self, h: OutgoingHandoff) -> PrefillReply:
         meta = await self.aengine.call(lambda e: export_meta(self.port, h.request_id))
@@ -179,6 +226,8 @@ class PrefillWorker:
 
     def _send(self, h: OutgoingHandoff, start: int, end: int, buf) -> None:
         header = make_header(h.request_id, start, end, buf)
+        if not h.sends:
+            h.first_send_ns = time.time_ns()
         h.bytes_sent += header.nbytes
         h.sends.append(asyncio.ensure_future(
             self.sender.send(h.endpoint, header, buf, h.timeout_s)))

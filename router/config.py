@@ -119,6 +119,17 @@ class RouterConfig:
     """prefix_aware: a prefill replica with a longer cached prefix wins only
     while its queue delay is at most this much above the shortest queue."""
 
+    adapter_miss_weight: float = 0.2
+    """How much decode load (0..1) not holding a request's LoRA adapter in a
+    device slot costs when choosing the decode replica (half of it when the
+    adapter is in the replica's host memory): the copy in, and the slot it
+    takes from adapters there."""
+
+    adapter_load_s: float = 0.05
+    """Seconds a prefill replica is assumed to spend bringing a request's
+    adapter into a device slot (half when it is in host memory), added to
+    its predicted TTFT."""
+
     retry_after_min_s: float = 0.05
     """Lower clamp of OverloadedError.retry_after_s."""
 
@@ -166,6 +177,8 @@ class RouterConfig:
             "local_prefill_max_tokens": self.local_prefill_max_tokens,
             "prefix_weight": self.prefix_weight,
             "prefix_max_extra_queue_s": self.prefix_max_extra_queue_s,
+            "adapter_miss_weight": self.adapter_miss_weight,
+            "adapter_load_s": self.adapter_load_s,
             "retry_after_min_s": self.retry_after_min_s,
             "max_queue_delay_s": self.max_queue_delay_s,
             "no_replica_grace_s": self.no_replica_grace_s,

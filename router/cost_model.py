@@ -1,5 +1,8 @@
 """Time-to-first-token and load estimates the policies compare.
 
+A request with a LoRA adapter also pays for bringing its adapter into a
+replica's device slot where it is not there yet (``adapter_miss``).
+
 Remote prefill: the prefill replica's queue drains at its measured speed,
 then it computes the uncached part of the prompt, then the prompt's KV
 crosses the link to the decode replica. Local prefill: the decode replica
@@ -81,3 +84,14 @@ def decode_blocks_needed(d: DecodeReplicaStats, kv_tokens: int) -> int:
     not subtracted: they may sit in the free list themselves. (How loaded a
     decode replica is: ``DecodeReplicaStats.load``.)"""
     return -(-kv_tokens // d.block_size)
+
+
+def adapter_miss(replica: PrefillReplicaStats | DecodeReplicaStats, adapter: str | None) -> float:
+    """How far ``replica`` is from running a request of LoRA adapter
+    ``adapter``: 0 with it in a device slot (or no adapter), 0.5 with it in
+    host memory only, 1 without it (read from disk first). The policies
+    scale it by ``RouterConfig.adapter_miss_weight`` (decode load) or
+    ``adapter_load_s`` (prefill time)."""
+    if adapter is None or adapter in replica.adapters:
+        return 0.0
+    return 0.5 if adapter in replica.host_adapters else 1.0

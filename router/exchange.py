@@ -39,14 +39,20 @@ class RouteCall:
     counts from here (kept when an ingress moves a waiting request to
     another router)."""
     deadline: float | None = None
-    """The request's own deadline, wall-clock seconds; None: only ``max_queue_delay_s``."""
+    """The request's own deadline, wall-clock seconds (its client's timeout);
+    it waits in the queue until the earlier of this and ``waiting_since +
+    max_queue_delay_s``; None: only ``max_queue_delay_s``."""
     priority: int = 0
-    """Higher goes first; equal priorities in arrival order."""
+    """Lower goes first (vLLM's meaning; default 0); equal priorities in arrival order."""
     admitted: bool = False
     """The request already holds a slot (a retry after a replica failed, a
     stream resuming elsewhere, a request moved from a router that died): it
     is not counted against ``max_queue_per_model`` again, nor shed for a
     long predicted prefill wait."""
+    traceparent: str | None = None
+    """The W3C trace context of the ingress's placement span
+    (``splitserve.handoff.tracing``): the router records its queue wait and
+    decision under it. None: not traced."""
 
 
 @fast_pickle

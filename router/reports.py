@@ -59,7 +59,8 @@ def replica_stats(report: StatsReport) -> PrefillReplicaStats | DecodeReplicaSta
             prefill_tokens_per_s=e.prompt_tokens_computed / busy if e.prompt_tokens_computed
             else 0.0,
             healthy=report.healthy, draining=report.draining, node_id=info.node_id,
-            updated_at=report.updated_at)
+            updated_at=report.updated_at, adapters=frozenset(e.adapters),
+            host_adapters=frozenset(e.host_adapters))
     return DecodeReplicaStats(
         replica_id=info.replica_id, model=info.model, free_blocks=e.free_blocks,
         total_blocks=e.total_blocks, running_seqs=e.running, max_seqs=e.max_seqs,
@@ -70,4 +71,5 @@ def replica_stats(report: StatsReport) -> PrefillReplicaStats | DecodeReplicaSta
         # empty local queue
         prefill_tokens_per_s=0.0, pending_prefill_tokens=0,
         healthy=report.healthy, draining=report.draining, node_id=info.node_id,
-        updated_at=report.updated_at)
+        updated_at=report.updated_at, adapters=frozenset(e.adapters),
+        host_adapters=frozenset(e.host_adapters))

@@ -19,7 +19,8 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.cost_model import prefill_queue_s, remote_prefill_s, transfer_s, usable_hit_tokens
+from splitserve.router.cost_model import (adapter_miss, prefill_queue_s, remote_prefill_s,
+                                         transfer_s, usable_hit_tokens)
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
     ClusterSnapshot,
@@ -43,9 +44,11 @@ def pick_decode(
     prefix_weight: float,
 ) -> DecodeReplicaStats:
     """Usable decode replica with the lowest
-    ``load - prefix_weight * cached fraction of the prompt``; raises
-    NoCapacityError when none is usable."""
-    model, excluded = req.model, req.exclude_replicas
+    ``load - prefix_weight * cached fraction of the prompt
+    + adapter_miss_weight * adapter_miss`` (the last term only for a request
+    with a LoRA adapter); raises NoCapacityError when none is usable."""
+    model, excluded, adapter = req.model, req.exclude_replicas, req.adapter
+    miss_weight = cfg.adapter_miss_weight if adapter is not None else 0.0
     horizon = snap.now - cfg.stats_ttl_s
     total = req.kv_tokens
     best: DecodeReplicaStats | None = None
@@ -61,16 +64,24 @@ def pick_decode(
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
             score = d.load - credit_per_token * hit
+            if miss_weight:
+                score += miss_weight * adapter_miss(d, adapter)
             if score < best_score or (score == best_score and rid < best.replica_id):
                 best, best_score = d, score
-    # Uncached replicas score exactly their load: the first usable one in
-    # (load, id) order is the best of them.
+    # Uncached replicas score their load (plus the adapter term, never
+    # negative, so the load still bounds the score): without an adapter the
+    # first usable one in (load, id) order is the best of them.
     for d in snap.decode_by_load:
         if d.load > best_score or (d.load == best_score and d.replica_id > best.replica_id):
             break
-        if decode_usable(d, model, horizon, excluded, total):
+        if not decode_usable(d, model, horizon, excluded, total):
+            continue
+        if not miss_weight:
             best = d
             break
+        score = d.load + miss_weight * adapter_miss(d, adapter)
+        if score < best_score or (score == best_score and d.replica_id < best.replica_id):
+            best, best_score = d, score
     if best is None:
         raise no_decode_capacity(req, snap, cfg)
     return best
@@ -85,10 +96,13 @@ def fastest_remote_prefill(
     kv_bytes_per_token: int,
 ) -> tuple[PrefillReplicaStats | None, float]:
     """Usable prefill replica with the smallest predicted TTFT when handing
-    off to ``decode``, and that TTFT; (None, inf) when none is usable."""
+    off to ``decode`` (with ``adapter_load_s`` scaled by ``adapter_miss``
+    for a request with a LoRA adapter), and that TTFT; (None, inf) when
+    none is usable."""
     if not snap.prefill:
         return None, _INF
-    model, excluded = req.model, req.exclude_replicas
+    model, excluded, adapter = req.model, req.exclude_replicas, req.adapter
+    load_s = cfg.adapter_load_s if adapter is not None else 0.0
     horizon = snap.now - cfg.stats_ttl_s
     prompt_len = req.prompt_len
     # The cost model's remote TTFT, remote_ttft_s(), with its two possible
@@ -110,6 +124,8 @@ def fastest_remote_prefill(
             t = remote_prefill_s(p, prompt_len - hit, cfg) + (
                 same_s if node and p.node_id == node else cross_s
             )
+            if load_s:
+                t += load_s * adapter_miss(p, adapter)
             if t < best_s or (t == best_s and rid < best.replica_id):
                 best, best_s = p, t
     # Uncached replicas compute the whole prompt and use at best the cheapest
@@ -123,6 +139,8 @@ def fastest_remote_prefill(
         if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
             continue  # matched replicas were scored above, with their hits
         t = remote_prefill_s(p, prompt_len, cfg) + (same_s if node and p.node_id == node else cross_s)
+        if load_s:
+            t += load_s * adapter_miss(p, adapter)
         if t < best_s or (t == best_s and p.replica_id < best.replica_id):
             best, best_s = p, t
     return best, best_s

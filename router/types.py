@@ -140,6 +140,8 @@ class PrefillReplicaStats:
     draining: bool = False
     node_id: str = ""  # "" = unknown node, treated as remote to every other replica
     updated_at: float
+    adapters: frozenset[str] = frozenset()  # LoRA adapters (keys) in its device slots
+    host_adapters: frozenset[str] = frozenset()  # ... and in its host memory
     # Derived, not sent: seconds of queued prompt work at the measured speed
     # (0 before a measurement, a lower bound then). Stored so policies can
     # order replicas by it at C speed.
@@ -161,6 +163,8 @@ class PrefillReplicaStats:
             draining=self.draining,
             node_id=self.node_id,
             updated_at=self.updated_at,
+            adapters=self.adapters,
+            host_adapters=self.host_adapters,
         )
 
     def suspected(self) -> PrefillReplicaStats:
@@ -185,6 +189,8 @@ class DecodeReplicaStats:
     draining: bool = False
     node_id: str = ""
     updated_at: float
+    adapters: frozenset[str] = frozenset()  # LoRA adapters (keys) in its device slots
+    host_adapters: frozenset[str] = frozenset()  # ... and in its host memory
     # Derived, not sent: how full the replica is once one more sequence
     # joins, by its binding resource: max((running + waiting + 1) / max_seqs,
     # (used blocks + 1) / total_blocks), 0 idle .. 1 full. Decode replicas are
@@ -222,6 +228,8 @@ class DecodeReplicaStats:
             draining=self.draining,
             node_id=self.node_id,
             updated_at=self.updated_at,
+            adapters=self.adapters,
+            host_adapters=self.host_adapters,
         )
 
     def suspected(self) -> DecodeReplicaStats:
@@ -247,13 +255,16 @@ class RouteRequest:
     expected_output_tokens: int | None = None
     """Output tokens to hold KV room for (the router's estimate, at most
     ``max_tokens``); None: ``max_tokens``."""
+    adapter: str | None = None
+    """The key of the LoRA adapter it runs with (``AdapterRef.key``, its
+    digest); None: the base model. Its ``block_hashes`` are rooted in it."""
 
     def expecting(self, output_tokens: int) -> RouteRequest:
         """A copy with ``expected_output_tokens`` set (built directly: cheaper
         than ``dataclasses.replace`` on every placement)."""
         return RouteRequest(self.request_id, self.model, self.prompt_len, self.max_tokens,
                             self.prompt_token_ids, self.block_hashes, self.exclude_replicas,
-                            output_tokens)
+                            output_tokens, self.adapter)
 
     @property
     def kv_tokens(self) -> int:

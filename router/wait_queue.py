@@ -1,6 +1,7 @@
 """One model's requests waiting for a replica, in the order they are served.
 
-Order: higher ``priority`` first, then earlier ``arrival`` (a request keeps
+Order: lower ``priority`` first (as vLLM's ``priority``: 0 is the default,
+negative values go ahead of it), then earlier ``arrival`` (a request keeps
 its arrival time when it is retried or moved to another router, so it does
 not fall behind requests that came after it), then insertion. Each entry
 carries its deadline. A sorted list: queues hold hundreds of requests, and
@@ -32,7 +33,7 @@ class Waiting:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = (-self.priority, self.arrival, next(_SEQ))
+        self.key = (self.priority, self.arrival, next(_SEQ))
 
     def __lt__(self, other: "Waiting") -> bool:
         return self.key < other.key

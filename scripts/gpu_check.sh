@@ -30,6 +30,7 @@ step tests "$PY" -m pytest -q -p no:cacheprovider -rA tests/gpu --junitxml="$OUT
 step kernels "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels.json"
 step moe-kernel "$PY" -m benchmarks.bench_moe --out "$OUT/moe.json"
 step fp8 "$PY" -m benchmarks.bench_fp8 --device cuda --shape llama-1b --out "$OUT/fp8.json"
+step spec "$PY" -m benchmarks.bench_spec --device cuda --out "$OUT/spec.json"
 step roofline-1b "$PY" -m benchmarks.bench_engine_roofline --shape llama-1b --out "$OUT/roofline-1b.json"
 step roofline-8b "$PY" -m benchmarks.bench_engine_roofline --shape llama-3.1-8b \
   --out "$OUT/roofline-8b.json"

@@ -14,6 +14,12 @@ and ``validate`` from
 their preparation threads (splitserve.cluster.api.prepare), not from the
 event loop: these must be thread-safe and must not touch the loop.
 
+A request's ``model`` may name a LoRA adapter (``AdapterRegistry``):
+each backend resolves it in its one model lookup (``_resolve``), to the
+base model it runs on and the adapter; ``models()`` lists adapters with
+their ``parent``. ``load_adapter`` / ``unload_adapter`` change the served
+adapters at run time.
+
 ``readiness`` (for /ready and the gRPC health service) and
 ``cluster_metrics`` (for /metrics) run on the event loop; the base class's
 versions know of no replicas: always ready, no replica metrics.
@@ -22,11 +28,15 @@ versions know of no replicas: always ready, no replica metrics.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from splitserve.engine.errors import SplitserveError
+from splitserve.cluster.api.adapter_registry import (AdapterRegistry, BaseFacts, ServedAdapter,
+                                                     UnknownAdapter)
+from splitserve.engine.errors import AdapterError, SplitserveError
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.engine.roles import Role
@@ -62,10 +72,29 @@ class DeadlineExceeded(SplitserveError):
 
 
 @dataclass(frozen=True)
+class RequestOptions:
+    """How a request is scheduled, besides what it samples (the client APIs
+    read these: ``splitserve.cluster.api.request_options``)."""
+
+    priority: int = 0
+    """Its place in the router's queue: lower first (vLLM's ``priority``),
+    equal priorities in arrival order."""
+    deadline: float | None = None
+    """Wall-clock seconds (``time.time()``) by which the request must end
+    (its client's timeout): it waits for a replica at most until then (and
+    at most ``router.max_queue_delay_s``), and a stream still running then
+    is cancelled (DeadlineExceeded). None: only the cluster's deadlines."""
+
+
+DEFAULT_OPTIONS = RequestOptions()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     max_model_len: int
     created: int
+    parent: str | None = None  # a LoRA adapter's base model; None for a base model
 
 
 @dataclass(frozen=True)
@@ -79,10 +108,14 @@ class PoolReadiness:
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether every model can be served: a live replica in each required pool."""
+    """Whether every model can be served: a live replica in each required pool
+    and nothing else in the way (``problems``)."""
 
     pools: tuple[PoolReadiness, ...] = ()
     error: str = ""  # why the replicas could not be learned (the router is down)
+    problems: tuple[str, ...] = ()  # other reasons the API would not answer every
+    # model: a model missing from the ingress' table or its router's config, an
+    # ingress rollout under way
 
     @property
     def missing(self) -> list[PoolReadiness]:
@@ -90,12 +123,13 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return not self.error and not self.missing
+        return not self.error and not self.missing and not self.problems
 
     def reason(self) -> str:
         if self.error:
             return self.error
-        return "; ".join(f"model {p.model!r} has no live {p.pool} replica" for p in self.missing)
+        return "; ".join([*self.problems, *(f"model {p.model!r} has no live {p.pool} replica"
+                                            for p in self.missing)])
 
     def to_dict(self) -> dict[str, Any]:
         """The /ready body: status, every pool's live replica count, what is missing."""
@@ -119,17 +153,79 @@ class ClusterMetrics:
 
 
 class Backend(abc.ABC):
+    # the LoRA adapters served, by name (None: this backend serves none)
+    adapter_registry: AdapterRegistry | None = None
+
+    _routing = None
+
+    @property
+    def routing(self):
+        """The routes this backend's ingress serves
+        (``splitserve.cluster.api.routing.Routing``); by default none."""
+        if self._routing is None:
+            from splitserve.cluster.api.routing import Routing
+
+            self._routing = Routing(served={m.name for m in self.models()})
+        return self._routing
+
+    @routing.setter
+    def routing(self, value) -> None:
+        self._routing = value
+
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
-        """Served models, in config order."""
+        """Served models, in config order, then adapters (``with_adapters``)."""
+
+    def with_adapters(self, bases: list[ModelInfo]) -> list[ModelInfo]:
+        """``bases`` followed by the served adapters' cards (with ``parent``)."""
+        if self.adapter_registry is None:
+            return bases
+        lens = {m.name: m.max_model_len for m in bases}
+        return bases + [ModelInfo(a.ref.name, lens[a.base], a.created, a.base)
+                        for a in self.adapter_registry.adapters()]
 
     def model_info(self, model: str) -> ModelInfo:
-        """The served model's card; raises UnknownModel."""
+        """The served model's (or adapter's) card; raises UnknownModel."""
         served = self.models()
         for m in served:
             if m.name == model:
                 return m
         raise UnknownModel(model, [m.name for m in served])
+
+    def resolve_adapter(self, model: str) -> ServedAdapter | None:
+        """The adapter served as ``model``; None when it names none (a
+        base model, or nothing). Backends call it in their model lookup."""
+        reg = self.adapter_registry
+        return None if reg is None else reg.get(model)
+
+    async def load_adapter(self, name: str, path: str, base_model: str | None = None,
+                           replace: bool = False) -> ModelInfo:
+        """Serve the PEFT adapter at ``path`` as ``name`` on ``base_model``
+        (None: the only model that serves adapters). Raises AdapterError
+        (400: unreadable, unserved features, does not fit the model) or
+        AdapterConflict (409: the name is taken and ``replace`` is off)."""
+        reg = self._registry()
+        served = await asyncio.to_thread(reg.check, name, path, base_model)  # reads files
+        reg.add(served, replace)
+        self.adapter_loaded(served)
+        return self.model_info(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (requests running with it finish;
+        new ones get 404). Raises UnknownAdapter (404)."""
+        served = self._registry().remove(name)
+        self.adapter_unloaded(served)
+
+    def adapter_loaded(self, served: ServedAdapter) -> None:
+        """Hook: ``served`` was registered (persist it, warm replicas)."""
+
+    def adapter_unloaded(self, served: ServedAdapter) -> None:
+        """Hook: ``served`` was unregistered."""
+
+    def _registry(self) -> AdapterRegistry:
+        if self.adapter_registry is None:
+            raise AdapterError("this server serves no LoRA adapters", param="lora_name")
+        return self.adapter_registry
 
     @abc.abstractmethod
     def tokenizer(self, model: str) -> Tokenizer:
@@ -142,8 +238,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, model: str, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[dict]:
-        """Stream output dicts. Raises UnknownModel, InvalidRequestError,
+                 params: SamplingParams,
+                 options: RequestOptions = DEFAULT_OPTIONS) -> AsyncIterator[dict]:
+        """Stream output dicts; ``options``: priority and the client's
+        deadline. Raises UnknownModel, InvalidRequestError,
         Overloaded, Unavailable or DeadlineExceeded (RequestFailedError:
         the request failed on the server). Closing the iterator cancels the request
         everywhere and frees its KV blocks."""
@@ -187,48 +285,74 @@ class LocalBackend(Backend):
         self._reasoning = dict(reasoning_parsers or {})
         self._async = {n: AsyncEngine(e, name=f"engine-{n}").start() for n, e in engines.items()}
         self._created = int(time.time())
+        self.adapter_registry = AdapterRegistry({
+            n: BaseFacts(e.model_cfg, e.cfg.max_loras, e.cfg.max_lora_rank)
+            for n, e in engines.items()})
+
+    def _resolve(self, model: str) -> tuple[str, AdapterRef | None]:
+        """(the engine's model name, the adapter) that ``model`` names."""
+        if model in self._engines:
+            return model, None
+        served = self.resolve_adapter(model)
+        if served is None:
+            raise UnknownModel(model, [m.name for m in self.models()])
+        return served.base, served.ref
 
     def _engine(self, model: str):
-        try:
-            return self._engines[model]
-        except KeyError:
-            raise UnknownModel(model, list(self._engines)) from None
+        return self._engines[self._resolve(model)[0]]
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(n, e.max_model_len, self._created) for n, e in self._engines.items()]
+        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created)
+                                   for n, e in self._engines.items()])
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self._engine(model).tokenizer
 
     def tool_call_parser(self, model: str) -> str:
-        self._engine(model)
-        return self._parsers.get(model, "auto")
+        return self._parsers.get(self._resolve(model)[0], "auto")
 
     def reasoning_parser(self, model: str) -> str:
-        self._engine(model)
-        return self._reasoning.get(model, "auto")
+        return self._reasoning.get(self._resolve(model)[0], "auto")
 
     def validate(self, model, prompt_token_ids, params) -> None:
         self._engine(model).validate(prompt_token_ids, params)
 
-    async def generate(self, model, request_id, prompt_token_ids, params):
+    async def generate(self, model, request_id, prompt_token_ids, params,
+                       options: RequestOptions = DEFAULT_OPTIONS):
+        """The engine serves its requests in arrival order (no router queue:
+        ``options.priority`` does not apply); ``options.deadline`` cancels
+        the request when it passes."""
         from splitserve.engine.async_engine import EngineDeadError
 
-        self._engine(model)
-        rec = self._recorder(model)
+        base, adapter = self._resolve(model)
+        rec = self._recorder(model)  # an adapter's requests under its own name
         error: BaseException | None = None
+        stream = self._async[base].generate(request_id, prompt_token_ids, params, adapter=adapter)
         try:
-            async for out in self._async[model].generate(request_id, prompt_token_ids, params):
+            while True:
+                # the deadline bounds each wait for the engine, never the
+                # caller's time between outputs
+                limit = None if options.deadline is None else options.deadline - time.time()
+                try:
+                    async with asyncio.timeout(None if limit is None else max(0.0, limit)):
+                        out = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    error = DeadlineExceeded(f"request {request_id} passed its deadline (the "
+                                             "client's timeout); cancelled")
+                    raise error from None
                 d = out.to_dict()
                 rec.on_output(d)
                 yield d
         except EngineDeadError as e:
-            error = Unavailable(f"the engine for {model!r} is not running: {e}")
+            error = Unavailable(f"the engine for {base!r} is not running: {e}")
             raise error from None
         except BaseException as e:
-            error = e
+            error = error or e
             raise
         finally:
+            await stream.aclose()
             rec.finish(error)
 
     async def readiness(self) -> Readiness:

@@ -2,7 +2,9 @@
 ``grpc.health.v1`` health service (splitserve.cluster.api.health: it
 follows the backend's readiness), over a ``Backend``.
 
-Generate, per call: API key (interceptor) -> the prompt's length in
+Generate, per call: API key (interceptor) -> a route names its variant
+(splitserve.cluster.api.routing; initial metadata ``x-splitserve-variant``)
+-> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (text tokenized, or the
 chat template applied to messages, tools and chat_template_kwargs), grammars
@@ -19,6 +21,11 @@ message over ``max_message_bytes``, refused by gRPC itself with the server
 still up; a request that is not a valid message, e.g. a string that is not
 UTF-8, is INVALID_ARGUMENT with an empty param), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
 DEADLINE_EXCEEDED, INTERNAL (a server fault).
+
+Traced (a tracer given): each Generate call is an ``ingress`` span, child
+of the client's W3C ``traceparent`` metadata when it sends one, and the
+task's ``ingress_span`` while it runs (``ClusterBackend.generate`` adds the
+request's attributes); a status other than OK is recorded on it.
 """
 
 from __future__ import annotations
@@ -44,11 +51,15 @@ from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
+from splitserve.cluster.api.request_options import grpc_options
+from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
+from splitserve.cluster.observability.tracing import set_ingress_span
+from splitserve.handoff.tracing import SPAN_INGRESS, Span, Tracer
 
 log = logging.getLogger("splitserve.grpc")
 
@@ -73,8 +84,16 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str,
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}", ()
 
 
-async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext, e: BaseException,
+                 span: Span | None = None, recorded: bool = False) -> None:
+    """Fail the call with ``e``'s status; on ``span`` (unless the backend
+    ``recorded`` the failure already) when it is not the client's mistake."""
     code, details, trailing = status_for(e)
+    if span is not None:
+        span.set("rpc.grpc.status_code", code.value[0])
+        if not recorded and code not in (grpc.StatusCode.INVALID_ARGUMENT,
+                                          grpc.StatusCode.NOT_FOUND):
+            span.fail(e)
     if len(details) > DETAILS_CHARS:
         details = details[: DETAILS_CHARS - 3] + "..."
     await context.abort(code, details, trailing_metadata=trailing)
@@ -251,9 +270,11 @@ def _messages_chars(msgs) -> int:
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, backend: Backend, pool: PreparePool | None = None):
+    def __init__(self, backend: Backend, pool: PreparePool | None = None,
+                 tracer: Tracer | None = None):
         self.backend = backend
         self.pool = pool or shared_pool()
+        self.tracer = tracer
 
     def _check_chars(self, req: pb.GenerateRequest | pb.TokenizeRequest) -> None:
         """The prompt's text bounded by the model's context before any
@@ -308,39 +329,70 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise
         return tools, ids, params, reasoning
 
+    def _route(self, request: pb.GenerateRequest, context) -> tuple[Routed, pb.GenerateRequest]:
+        """Where the request goes (a route picks a variant by the client key
+        in its key header's metadata), and the request naming that model."""
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
+                    if isinstance(v, str)}
+        routed = self.backend.routing.resolve(
+            request.model, lambda header: metadata.get(header) if header else None)
+        if routed.route is None:
+            return routed, request
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(request)
+        copy.model = routed.model
+        return routed, copy
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        span = None
+        if self.tracer is not None:
+            # the call runs in a task of its own: the variable stays with it
+            span = self.tracer.start(SPAN_INGRESS, dict(context.invocation_metadata() or ()).get(
+                "traceparent"), server=True, attributes={
+                    "splitserve.api": "grpc", "rpc.system": "grpc",
+                    "rpc.method": "splitserve.v1.Generation/Generate"})
+            set_ingress_span(span)
         t0 = time.perf_counter()
+        options = grpc_options(request.priority, context.time_remaining(), time.time())
+        routed, request = self._route(request, context)
+        if routed.route is not None:
+            await context.send_initial_metadata(((VARIANT_HEADER, routed.model),))
         try:
-            self._check_chars(request)
-            tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
-        except Exception as e:  # noqa: BLE001 - every refusal becomes a status
-            await _abort(context, e)
-        # The backend id is always fresh: a client's request_id may repeat.
-        backend_id = f"grpc-{uuid.uuid4().hex}"
-        request_id = request.request_id or backend_id
-        prepare_s = time.perf_counter() - t0
-        stream = self.backend.generate(request.model, backend_id, ids, params)
-        chat = None
-        if tools is not None or reasoning is not None:
-            chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)
-        failure = None
-        try:
-            first = True
-            async for out in stream:
-                timings = None
-                if first:
-                    backend_timings = {k: float(v) for k, v in (out.get("timings") or {}).items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    timings = {**backend_timings, "ingress_prepare_s": prepare_s,
-                               "ingress_ttft_s": time.perf_counter() - t0}
-                    first = False
-                yield _response(out, request_id, timings, chat)
-        except Exception as e:  # noqa: BLE001 - reported as the call's status below
-            failure = e
+            try:
+                self._check_chars(request)
+                tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
+            except Exception as e:  # noqa: BLE001 - every refusal becomes a status
+                await _abort(context, e, span)
+            # The backend id is always fresh: a client's request_id may repeat.
+            backend_id = f"grpc-{uuid.uuid4().hex}"
+            request_id = request.request_id or backend_id
+            prepare_s = time.perf_counter() - t0
+            stream = self.backend.routing.track(
+                routed, self.backend.generate(request.model, backend_id, ids, params, options))
+            chat = None
+            if tools is not None or reasoning is not None:
+                chat = ChatOutput(reasoning, tools.calls() if tools is not None else None)
+            failure = None
+            try:
+                first = True
+                async for out in stream:
+                    timings = None
+                    if first:
+                        backend_timings = {k: float(v) for k, v in (out.get("timings") or {}).items()
+                                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                        timings = {**backend_timings, "ingress_prepare_s": prepare_s,
+                                   "ingress_ttft_s": time.perf_counter() - t0}
+                        first = False
+                    yield _response(out, request_id, timings, chat)
+            except Exception as e:  # noqa: BLE001 - reported as the call's status below
+                failure = e
+            finally:
+                await stream.aclose()
+            if failure is not None:
+                await _abort(context, failure, span, recorded=True)
         finally:
-            await stream.aclose()
-        if failure is not None:
-            await _abort(context, failure)
+            if span is not None:
+                span.end()
 
     def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """On a preparation thread."""
@@ -371,8 +423,9 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
-            pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created)
-            for m in self.backend.models()])
+            pb.ModelCard(name=m.name, max_model_len=m.max_model_len, created=m.created,
+                         parent=m.parent or "")
+            for m in all_models(self.backend)])
 
 
 async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: list[str],
@@ -380,23 +433,27 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
                             max_message_bytes: int = 4 << 20,
                             health: HealthService | None = None,
                             pool: PreparePool | None = None,
-                            open_health: bool = False) -> tuple[grpc.aio.Server, int]:
+                            open_health: bool = False,
+                            tracer: Tracer | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``host:port`` (0: a free port); returns the server
     and the bound port. TLS when both certificate and key (PEM files) are
     given. The health service reports the backend's readiness; pass
     ``health`` to also report NOT_SERVING (``set_serving(False)``) while
     draining. ``open_health``: the health service answers without an API
     key (Kubernetes' gRPC probes send none). ``pool``: where requests are
-    tokenized (default: the process's shared pool). Stop with
-    ``await server.stop(grace)``."""
+    tokenized (default: the process's shared pool). ``tracer``: each
+    Generate call is an ``ingress`` span. Stop with ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
     interceptors = [ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
         interceptors=interceptors + [DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool), server)
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 # several ingress replicas on one node listen on one port (gRPC's
+                 # default on Linux, stated because the ingress relies on it)
+                 ("grpc.so_reuseport", 1)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, pool, tracer), server)
     health = health or HealthService()
     health.follow(backend)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -3,9 +3,12 @@
   GET /health   liveness: 200 while this ingress process serves requests
                 (it asks nothing of the cluster: a liveness probe must not
                 restart the ingress because a pool is down)
-  GET /ready    readiness: 200 only when every model has a live replica in
-                each of its required pools (``Backend.readiness``), else 503
-                with a body naming each pool that has none
+  GET /ready    readiness: 200 only when the API answers for every model:
+                it is in this ingress' model table, the router its requests
+                go to serves it and counts a live replica in each of its
+                required pools, and no ingress replica of an earlier config
+                still takes requests (``Backend.readiness``); else 503 with a
+                body naming each pool that has none and any other reason
   GET /version  {"version": splitserve's version}
 
 The gRPC ``grpc.health.v1`` service follows the same readiness: "" and the
@@ -40,9 +43,11 @@ WATCH_POLL_S = 1.0  # how often a gRPC Watch re-reads the backend's readiness
 _Serving = health_pb2.HealthCheckResponse
 
 
-def cluster_readiness(cfg: ClusterConfig, live: dict[str, dict[str, int]]) -> Readiness:
+def cluster_readiness(cfg: ClusterConfig, live: dict[str, dict[str, int]],
+                      problems: tuple[str, ...] = ()) -> Readiness:
     """``live``: model -> role -> live replicas, as the router counts them
-    (``RouterActor.live_replicas``)."""
+    (``RouterActor.live_replicas``); ``problems``: other reasons not to be
+    ready (``Readiness.problems``)."""
     pools = []
     for served in cfg.models:
         name = served.model.name
@@ -50,7 +55,7 @@ def cluster_readiness(cfg: ClusterConfig, live: dict[str, dict[str, int]]) -> Re
             required = role.pool is Role.DECODE or served.pool(role).min_replicas > 0
             pools.append(PoolReadiness(name, role.value, live.get(name, {}).get(role.value, 0),
                                        required))
-    return Readiness(tuple(pools))
+    return Readiness(tuple(pools), problems=problems)
 
 
 def add_health_routes(app: FastAPI, backend: Backend) -> None:

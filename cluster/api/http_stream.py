@@ -14,9 +14,10 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import StreamingResponse
 
+from splitserve.cluster.api.adapter_registry import AdapterConflict, UnknownAdapter
 from splitserve.cluster.api.backend import DeadlineExceeded, Overloaded, Unavailable, UnknownModel
 from splitserve.cluster.api.openai_schema import ApiError
-from splitserve.engine.errors import InvalidRequestError, SplitserveError
+from splitserve.engine.errors import AdapterUnavailableError, InvalidRequestError, SplitserveError
 from splitserve.engine.hashing import splitmix64
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -33,6 +34,13 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(400, str(e), param=e.param, code="invalid_value")
     if isinstance(e, UnknownModel):
         return ApiError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, UnknownAdapter):
+        return ApiError(404, str(e), param="lora_name", code="adapter_not_found")
+    if isinstance(e, AdapterConflict):
+        return ApiError(409, str(e), param="lora_name", code="adapter_exists")
+    if isinstance(e, AdapterUnavailableError):  # this server cannot read the adapter now
+        return ApiError(503, str(e), "service_unavailable", code="adapter_unavailable",
+                        headers={"Retry-After": "1"})
     if isinstance(e, Overloaded):
         return ApiError(429, str(e), "rate_limit_error", code="overloaded",
                         headers={"Retry-After": _retry_after(e.retry_after_s)})

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over a ``Backend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/models/{id}; probes GET /health, /ready, /version
+GET /v1/models/{id}; POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+(splitserve.cluster.api.adapters_api); probes GET /health, /ready, /version
 (splitserve.cluster.api.health); POST /tokenize, /detokenize
 (splitserve.cluster.api.tokenize_api); GET /metrics
 (splitserve.cluster.api.metrics_endpoint). Every route needs the API key
@@ -9,7 +10,9 @@ when keys are configured, except those
 ``ObservabilitySpec.unauthenticated_routes`` opens.
 
 Per request: API key -> body read up to the size limit ->
-JSON (nesting bounded) -> request model -> the prompt's length in
+JSON (nesting bounded) -> request model -> a route's variant picked
+(splitserve.cluster.api.routing: the response echoes the route's name and
+names the variant in the ``x-splitserve-variant`` header) -> the prompt's length in
 characters bounded (splitserve.engine.limits) -> on a preparation thread
 (splitserve.cluster.api.prepare): prompt token ids (chat template applied,
 with the tools; splitserve.cluster.api.tool_calls), grammars compiled,
@@ -39,7 +42,8 @@ from starlette.responses import JSONResponse, Response
 
 from splitserve.cluster.api import openai_schema as schema
 from splitserve.cluster.api import responses_api
-from splitserve.cluster.api.backend import Backend, ModelInfo
+from splitserve.cluster.api.adapters_api import add_adapter_routes
+from splitserve.cluster.api.backend import Backend, ModelInfo, RequestOptions
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
 from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
@@ -49,13 +53,16 @@ from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.openai_schema import ApiError
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.reasoning import Reasoning
+from splitserve.cluster.api.routing import Routed, all_models, model_info, resolve_http, variant_headers
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
 from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.cluster.config import ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import check_prompt_chars
+from splitserve.handoff.tracing import Tracer
 
 
 def _key_ok(authorization: str | None, keys: list[bytes]) -> bool:
@@ -88,16 +95,21 @@ class _ApiKeyGuard:
 
 
 def model_card(m: ModelInfo) -> dict:
+    """A model's card; a LoRA adapter's ``parent`` is its base model (null
+    for a base model), as vLLM lists them."""
     return {"id": m.name, "object": "model", "created": m.created, "owned_by": "splitserve",
-            "max_model_len": m.max_model_len}
+            "max_model_len": m.max_model_len, "parent": m.parent}
 
 
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
                    pool: PreparePool | None = None,
-                   observability: ObservabilitySpec | None = None) -> FastAPI:
+                   observability: ObservabilitySpec | None = None,
+                   tracer: Tracer | None = None) -> FastAPI:
     """``pool``: where requests are tokenized (default: the process's
     shared pool, which the gRPC server uses too); ``observability``: which
-    probes and metrics need no key, and whether /metrics adds vLLM's names."""
+    probes and metrics need no key, and whether /metrics adds vLLM's names;
+    ``tracer``: each generation request becomes an ``ingress`` span
+    (``splitserve.cluster.api.http_tracing``)."""
     pool = pool or shared_pool()
     observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -118,45 +130,54 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     add_health_routes(app, backend)
     add_metrics_route(app, backend, observability.vllm_metric_names)
     add_tokenize_routes(app, backend, max_body_bytes, pool)
+    add_adapter_routes(app, backend, model_card)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(m) for m in backend.models()]}
+        return {"object": "list", "data": [model_card(m) for m in all_models(backend)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict:
-        return model_card(backend.model_info(model_id))
+        return model_card(model_info(backend, model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: schema.CompletionRequest = await read_request(
             request, schema.CompletionRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
+        routed, body = resolve_http(backend, request.headers, body)
         prompts = body.prompt_inputs()
         max_model_len = backend.model_info(body.model).max_model_len
         for p in prompts:
             if isinstance(p, str):
                 check_prompt_chars(len(p), max_model_len, "prompt")
         batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
-        return await _respond(request, backend, "completion", body, batch, params, t0,
-                              echoes=echoes)
+        return await _respond(request, backend, "completion", body, batch, params, t0, options,
+                              echoes=echoes, routed=routed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: schema.ChatCompletionRequest = await read_request(
             request, schema.ChatCompletionRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
+        routed, body = resolve_http(backend, request.headers, body)
         kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")
         chat = await pool.run(_prepare_chat, backend, body, kwargs)
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
-                              chat.tools, reasoning=chat.reasoning)
+                              options, chat.tools, reasoning=chat.reasoning, routed=routed)
 
     responses_api.add_route(app, backend, pool, max_body_bytes)
 
     open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
+    if tracer is not None:  # outside the key check: refused requests are traced too
+        from splitserve.cluster.api.http_tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     return app
 
 
@@ -188,16 +209,21 @@ def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: 
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
-                   params, t0: float, tools: ToolRequest | None = None,
-                   echoes: list[Echo] | None = None, reasoning: Reasoning | None = None) -> Response:
+                   params, t0: float, options: RequestOptions,
+                   tools: ToolRequest | None = None,
+                   echoes: list[Echo] | None = None, reasoning: Reasoning | None = None,
+                   routed: Routed | None = None) -> Response:
     """Choice k answers prompt k // n (choice k % n of it), each choice its
-    own backend request."""
+    own backend request. ``routed``: the request named a route; ``body``
+    names the variant that serves it, responses echo the route's name."""
+    routed = routed or Routed(body.model, body.model)
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
     jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
-    streams = [backend.generate(body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j],
-                                choice_params(params, i)) for k, (j, i) in enumerate(jobs)]
+    streams = [backend.routing.track(routed, backend.generate(
+        body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j], choice_params(params, i),
+        options)) for k, (j, i) in enumerate(jobs)]
     prepare_s = time.perf_counter() - t0
     opened = await open_choices(request, streams)
     if opened is None:
@@ -211,8 +237,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     states = [ChoiceState(k, kind, tokenizer, params.logprobs is not None, tools and tools.calls(),
                           echoes[j] if echoes else None, reasoning) for k, (j, _) in enumerate(jobs)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
-            "created": int(time.time()), "model": body.model}
-    headers = {"x-request-id": rid}
+            "created": int(time.time()), "model": routed.requested}
+    headers = {"x-request-id": rid, **variant_headers(routed)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),

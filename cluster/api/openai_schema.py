@@ -117,15 +117,18 @@ class Sampling(RequestBody):
     logit_bias: dict[str, float] | None = None
     # vLLM's extension: exactly one of json (schema), regex, grammar (Lark), choice
     structured_outputs: dict[str, Any] | None = None
-    # Accepted and ignored: they concern OpenAI's hosted service, a scheduler
-    # feature splitserve does not have (priority), or beam search.
+    # splitserve's extension: false opts this request out of speculative decoding
+    speculative: bool = True
+    # vLLM's: the request's place in its model's router queue, lower first
+    # (cluster/api/request_options.py)
+    priority: int | None = None
+    # Accepted and ignored: they concern OpenAI's hosted service, or beam search.
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    priority: int | None = None
     request_id: str | None = None  # the server assigns ids (x-request-id)
     length_penalty: float | None = None
     # vLLM fields accepted at their default only
@@ -135,7 +138,7 @@ class Sampling(RequestBody):
 
     IGNORED: ClassVar[tuple[str, ...]] = (
         "user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-        "priority", "request_id", "length_penalty")
+        "request_id", "length_penalty")
     ONLY: ClassVar[dict[str, tuple[Any, str]]] = {
         "use_beam_search": (False, "beam search is not available; sample n choices instead"),
         "spaces_between_special_tokens": (True, "special tokens are always decoded this way"),
@@ -166,7 +169,8 @@ class Sampling(RequestBody):
             max_tokens=max_tokens, logprobs=logprobs, n=n, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=_token_keys(self.logit_bias or {}), structured_output=structured, **given)
+            logit_bias=_token_keys(self.logit_bias or {}), structured_output=structured,
+            speculative=self.speculative, **given)
 
 
 class _Common(Sampling):

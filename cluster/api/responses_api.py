@@ -38,6 +38,8 @@ from splitserve.cluster.api.http_stream import (TIMINGS_HEADER, Choices, ClientG
                                                 api_error, open_choices, sse_data)
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.prepare import PreparePool
+from splitserve.cluster.api.request_options import http_options
+from splitserve.cluster.api.routing import resolve_http, variant_headers
 from splitserve.cluster.api.responses_output import OutputItems, response_usage, status_of
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error
 from splitserve.engine.errors import InvalidRequestError
@@ -47,22 +49,24 @@ from splitserve.engine.limits import check_prompt_chars
 def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes: int) -> None:
     @app.post("/v1/responses")
     async def create_response(request: Request) -> Response:
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         body: ResponsesRequest = await read_request(request, ResponsesRequest, max_body_bytes)
+        options = http_options(request.headers, body.priority, arrival)
+        routed, body = resolve_http(backend, request.headers, body)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len, "input")
         chat = await pool.run(_prepare, backend, body)
         rid = f"resp_{uuid.uuid4().hex}"
         prepare_s = time.perf_counter() - t0
-        opened = await open_choices(request, [backend.generate(body.model, rid, chat.token_ids,
-                                                               chat.params)])
+        opened = await open_choices(request, [backend.routing.track(routed, backend.generate(
+            body.model, rid, chat.token_ids, chat.params, options))])
         if opened is None:
             return Response(status_code=499)
         choices, first = opened
-        answer = _Answer(rid, body, chat)
+        answer = _Answer(rid, body, chat, routed.requested)
         if request.headers.get(TIMINGS_HEADER, "").lower() in ("1", "true"):
             answer.timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                               "ingress_ttft_s": time.perf_counter() - t0}
-        headers = {"x-request-id": rid}
+        headers = {"x-request-id": rid, **variant_headers(routed)}
         if body.stream:
             return SSEResponse(choices, _stream(choices, first, answer), headers=headers)
         try:
@@ -89,8 +93,10 @@ def _prepare(backend: Backend, body: ResponsesRequest) -> ChatPrompt:
 class _Answer:
     """The response being built from the backend's outputs."""
 
-    def __init__(self, rid: str, body: ResponsesRequest, chat: ChatPrompt):
+    def __init__(self, rid: str, body: ResponsesRequest, chat: ChatPrompt, model: str):
+        """``model``: the name the client asked for (a route's, not its variant's)."""
         self.rid, self.body, self.created = rid, body, int(time.time())
+        self.model = model
         self.chat = ChatOutput(chat.reasoning, chat.tools.calls() if chat.tools else None)
         self.items = OutputItems()
         self.status: str | None = None  # once the output has ended
@@ -128,7 +134,7 @@ class _Answer:
             "background": False, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
-            "max_tool_calls": b.max_tool_calls, "metadata": b.metadata or {}, "model": b.model,
+            "max_tool_calls": b.max_tool_calls, "metadata": b.metadata or {}, "model": self.model,
             "output": [dict(i) for i in self.items.items] if done else [],
             "parallel_tool_calls": b.parallel_tool_calls is not False,
             "previous_response_id": None, "reasoning": b.reasoning, "store": False,

@@ -19,6 +19,9 @@ interruption for ``upscale_delay_s`` / ``downscale_delay_s``, and not within
 - network: hand-off bytes/s per replica vs ``link_bytes_per_s *
   target_link_utilization``; above target the router should prefer local
   prefill (``Decision.prefer_local_prefill``).
+- requests: queue length alone, running + waiting requests per replica vs
+  ``target_ongoing_requests`` (Ray Serve's default policy, blind to what a
+  request costs: a long prompt and a one-token chat count the same).
 """
 
 from __future__ import annotations
@@ -188,6 +191,22 @@ def network_load(series: PoolSeries, spec: AutoscalingSpec, now: float) -> Load 
                 prefer_local_prefill=value > 1.0)
 
 
+def requests_load(series: PoolSeries, spec: AutoscalingSpec, now: float) -> Load | None:
+    """Ongoing requests (running + waiting, each averaged over the window)
+    per replica against ``target_ongoing_requests``; the desired count is
+    then ceil(total ongoing / target), as Ray Serve computes it."""
+    lb = spec.look_back_s
+    running = gauge_means(series, m.RUNNING, now, lb)
+    waiting = gauge_means(series, m.WAITING, now, lb)
+    per = [running.get(r, 0.0) + waiting.get(r, 0.0) for r in set(running) | set(waiting)]
+    if not per:
+        return None
+    ongoing = sum(per) / len(per)
+    target = spec.target_ongoing_requests
+    return Load(ongoing / target, f"{ongoing:.1f} ongoing requests per replica vs target "
+                                  f"{target:g}")
+
+
 def _dominant(parts: list[tuple[float, str]]) -> Load | None:
     if not parts:
         return None
@@ -195,7 +214,8 @@ def _dominant(parts: list[tuple[float, str]]) -> Load | None:
     return Load(value, why)
 
 
-LOADS = {"compute": compute_load, "memory": memory_load, "network": network_load}
+LOADS = {"compute": compute_load, "memory": memory_load, "network": network_load,
+         "requests": requests_load}
 
 
 # -- the decision --------------------------------------------------------------

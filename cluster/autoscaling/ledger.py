@@ -1,7 +1,9 @@
 """The operations ledger: a small named actor holding the config last applied
-(so ``splitserve deploy`` can say what an edit changes) and each pool's
+(so ``splitserve deploy`` can say what an edit changes), each pool's
 latest autoscaling decision (so ``splitserve status`` can say why a pool has
-the size it has).
+the size it has) and, bounded, the decisions at which a pool's target or
+running replica count changed (``splitserve status --history``: the pool's
+size over time).
 
 Written by ``splitserve.cluster.serve.app.deploy`` and by the autoscaling policy, which runs
 inside the Serve controller; read by the CLI. Losing it loses only history.
@@ -10,6 +12,7 @@ inside the Serve controller; read by the CLI. Losing it loses only history.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -17,6 +20,7 @@ import ray
 from splitserve.cluster.autoscaling.records import DecisionRecord, PoolDecisions
 
 LEDGER_NAME = "splitserve-ops-ledger"
+HISTORY_LEN = 1000  # size changes kept per pool (oldest dropped first)
 NAMESPACE = "splitserve"
 
 
@@ -32,6 +36,7 @@ class OpsLedger:
         self._applied_at: float | None = None
         self._decisions: dict[str, DecisionRecord] = {}  # app -> latest decision
         self._changes: dict[str, DecisionRecord] = {}  # app -> latest that changed the size
+        self._history: dict[str, deque[DecisionRecord]] = {}  # app -> target/running changes
 
     def set_config(self, cfg: dict[str, Any], secrets_version: str | None = None) -> None:
         """``cfg`` without its secrets; ``secrets_version`` their digest."""
@@ -49,18 +54,28 @@ class OpsLedger:
         return self._applied_at
 
     def record_decision(self, app: str, decision: DecisionRecord) -> None:
+        prev = self._decisions.get(app)
         self._decisions[app] = decision
         if decision.changed:
             self._changes[app] = decision
+        if prev is None or decision.changed or (prev.target, prev.running) != (
+                decision.target, decision.running):
+            self._history.setdefault(app, deque(maxlen=HISTORY_LEN)).append(decision)
 
     def decisions(self) -> dict[str, PoolDecisions]:
         """app -> its latest decision and the latest that changed its size."""
         return {app: PoolDecisions(latest=d, last_change=self._changes.get(app))
                 for app, d in self._decisions.items()}
 
+    def history(self) -> dict[str, list[DecisionRecord]]:
+        """app -> the decisions at which its target or running count changed
+        (and its first), oldest first."""
+        return {app: list(h) for app, h in self._history.items()}
+
     def forget(self, app: str) -> None:
         self._decisions.pop(app, None)
         self._changes.pop(app, None)
+        self._history.pop(app, None)
 
 
 def get_ledger(create: bool = False):

@@ -13,7 +13,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
     app: str  # the pool's Serve application
     model: str
     role: str  # prefill | decode | colocated
-    bottleneck: str  # compute | memory | network
+    bottleneck: str  # compute | memory | network | requests
     time: float  # wall-clock seconds of the decision
     running: int  # replicas running when it was made
     current: int  # Serve's target before it

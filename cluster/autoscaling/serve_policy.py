@@ -57,7 +57,8 @@ def _publish(app: str, kwargs: dict[str, Any], d: Decision, record: DecisionReco
              published: dict[str, Any], now: float) -> dict[str, Any]:
     """Send the decision (and the network signal) when it changed or is due;
     returns the new ``published`` bookkeeping."""
-    key = [d.target, d.desired, d.state.direction]
+    # a new running count goes out at once too: the ledger's history is the pool's size over time
+    key = [d.target, d.desired, d.state.direction, record.running]
     out = dict(published)
     if key != published.get("key") or now - published.get("at", 0.0) >= PUBLISH_EVERY_S:
         if publish.record_decision(app, record):

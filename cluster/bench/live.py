@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import splitserve
 from splitserve.cluster.config import load_config
@@ -20,45 +22,79 @@ from splitserve.cluster.config import load_config
 CLI = [sys.executable, "-m", "splitserve.cluster.cli.main"]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a cluster's endpoints."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli_env() -> dict[str, str]:
     """This process's environment, with the splitserve it runs importable by
-    the CLI subprocesses (a source checkout is not installed)."""
+    the CLI subprocesses (a source checkout is not installed) and Ray's
+    token auth stated when this machine has a token."""
     env = dict(os.environ)
+    if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").exists():
+        # Ray starts a local cluster with token auth when this token exists, but a
+        # client joining it (splitserve status --address) only sends the token
+        # when the mode is set: say it for both
+        env["RAY_AUTH_MODE"] = "token"
     root = Path(splitserve.__file__).resolve().parents[1]
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
 
 
-def run_cli(args: list[str], timeout: float | None = None) -> None:
-    """``splitserve ARGS``, echoed to stderr; raises when it fails."""
+def run_cli(args: list[str], timeout: float | None = None, capture: bool = False) -> str | None:
+    """``splitserve ARGS``, echoed to stderr; raises when it fails. With
+    ``capture``, returns its stdout (else it goes to this process's)."""
     print("$ splitserve " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run(CLI + args, env=cli_env(), check=True, timeout=timeout)
+    done = subprocess.run(CLI + args, env=cli_env(), check=True, timeout=timeout,
+                          stdout=subprocess.PIPE if capture else None, text=capture)
+    return done.stdout if capture else None
 
 
-def serve_and_bench(cfg_path: Path, record: Path, rates: str, num_requests: int,
+def _wait_ready(server: subprocess.Popen, start_timeout_s: float) -> str:
+    """Echo ``splitserve serve``'s output until it is ready; returns the Ray
+    address it prints with the ready message."""
+    deadline = time.time() + start_timeout_s
+    ready = False
+    for line in server.stdout:
+        sys.stderr.write(f"  [serve] {line}")
+        ready = ready or line.startswith("ready in")
+        if ready and line.strip().startswith("Ray:"):
+            return line.split()[1]
+        if time.time() > deadline:
+            raise RuntimeError(f"the cluster did not start in {start_timeout_s:.0f} s")
+    raise RuntimeError(f"splitserve serve exited ({server.wait()}) before it was ready")
+
+
+def serve_and_bench(cfg_path: Path, record: Path, rates: str, num_requests: int | str,
                     input_len: str, output_len: str, seed: int,
-                    start_timeout_s: float = 600.0, bench_timeout_s: float = 3600.0) -> None:
+                    start_timeout_s: float = 600.0, bench_timeout_s: float = 3600.0,
+                    before_stop: Callable[[str], None] | None = None,
+                    before_bench: Callable[[str], None] | None = None) -> None:
     """Serve ``cfg_path``, bench its first model at ``rates`` with the config's
-    SLOs, write the bench's JSON record to ``record``, stop the cluster."""
+    SLOs (``num_requests``: per run, or one count per rate: a load step)
+    after ``before_bench`` got the HTTP URL (e.g. to probe the serving path),
+    write the bench's JSON record to ``record``, call ``before_stop`` with
+    the cluster's Ray address (to read what the cluster recorded, e.g.
+    ``splitserve status --address ADDR --history``), stop the cluster."""
     cfg = load_config(cfg_path)
     server = subprocess.Popen(CLI + ["serve", "--config", str(cfg_path)], env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
-        deadline = time.time() + start_timeout_s
-        for line in server.stdout:
-            sys.stderr.write(f"  [serve] {line}")
-            if line.startswith("ready in"):
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"the cluster did not start in {start_timeout_s:.0f} s")
-        else:
-            raise RuntimeError(f"splitserve serve exited ({server.wait()}) before it was ready")
-        run_cli(["bench", "--url", f"http://127.0.0.1:{cfg.endpoints.http_port}", "--model",
+        address = _wait_ready(server, start_timeout_s)
+        url = f"http://127.0.0.1:{cfg.endpoints.http_port}"
+        if before_bench is not None:
+            before_bench(url)
+        run_cli(["bench", "--url", url, "--model",
                  cfg.models[0].model.name, "--rates", rates, "--num-requests", str(num_requests),
                  "--input-len", input_len, "--output-len", output_len, "--seed", str(seed),
                  "--ttft-slo", str(cfg.slo.ttft_s), "--tpot-slo", str(cfg.slo.tpot_s),
                  "--out", str(record), "--no-progress"], timeout=bench_timeout_s)
+        if before_stop is not None:
+            before_stop(address)
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:

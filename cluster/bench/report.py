@@ -81,6 +81,7 @@ def record(series: dict[str, list[SweepPoint]], config: dict[str, Any],
             run: dict[str, Any] = {"series": label, "rate": p.rate,
                                    "burstiness": p.arrivals.burstiness,
                                    "concurrency": p.arrivals.concurrency,
+                                   "started_at": p.result.started_at,
                                    "stats": p.stats.to_dict()}
             if with_requests:
                 run["requests"] = [

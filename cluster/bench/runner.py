@@ -173,6 +173,7 @@ class RunResult:
     records: list[RequestRecord]
     duration_s: float  # schedule start -> last request's end
     arrivals: ArrivalSpec
+    started_at: float = 0.0  # wall-clock (Unix) seconds when the schedule started
 
 
 async def run_load(target: Target, requests: list[BenchRequest], arrivals: ArrivalSpec,
@@ -186,6 +187,7 @@ async def run_load(target: Target, requests: list[BenchRequest], arrivals: Arriv
     await target.start()
     bar = Progress(len(requests), enabled=progress)
     t0 = time.perf_counter()
+    started_at = time.time()  # puts the runs of a sweep (and a cluster's events) on one clock
 
     def clock() -> float:
         return time.perf_counter() - t0
@@ -214,4 +216,4 @@ async def run_load(target: Target, requests: list[BenchRequest], arrivals: Arriv
     finally:
         await target.close()
         bar.close()
-    return RunResult(records, max(ends, default=clock()), arrivals)
+    return RunResult(records, max(ends, default=clock()), arrivals, started_at)

@@ -28,6 +28,22 @@ class SweepPoint:
         return self.arrivals.rate
 
 
+def parse_counts(text: str | int, runs: int) -> list[int]:
+    """``--num-requests``: one count for every run, or one per run of the
+    sweep (``"10,60"`` with two rates: a load step); raises ValueError."""
+    try:
+        counts = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--num-requests must be a count or one count per rate, got "
+                         f"{text!r}") from None
+    if len(counts) == 1:
+        counts *= runs
+    if len(counts) != runs or any(c < 1 for c in counts):
+        raise ValueError(f"--num-requests {text!r}: give one positive count, or one per rate "
+                         f"({runs})")
+    return counts
+
+
 def parse_rates(text: str) -> list[float]:
     """``"1,2,4"`` -> [1.0, 2.0, 4.0]; ``inf`` allowed; raises ValueError."""
     try:

@@ -49,8 +49,10 @@ def add_subcommand(sub) -> None:
     load.add_argument("--burstiness", type=float, default=1.0,
                       help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, "
                            ">1 more even (default: %(default)s)")
-    load.add_argument("--num-requests", type=int, default=100,
-                      help="requests per run (default: %(default)s)")
+    load.add_argument("--num-requests", default="100", metavar="N | N1,N2,...",
+                      help="requests per run, or one count per rate of --rates (a load step: "
+                           "--rates 1,8 --num-requests 10,80); runs follow each other "
+                           "(default: %(default)s)")
     load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
     data = p.add_argument_group("workload")
     data.add_argument("--dataset", default=None, metavar="FILE",
@@ -79,30 +81,30 @@ def add_subcommand(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _requests(args, run: int):
-    """Run ``run``'s requests: seeded by ``--seed`` + run, so each run of a sweep has its
-    own prompts (no prefix-cache hits across runs)."""
+def _requests(args, run: int, count: int):
+    """Run ``run``'s ``count`` requests: seeded by ``--seed`` + run, so each run of a sweep
+    has its own prompts (no prefix-cache hits across runs)."""
     seed = args.seed + run
     if args.dataset:
-        count = None
+        count_tokens = None
         if args.tokenizer:
             from splitserve.engine.tokenizer import Tokenizer
 
             tok = Tokenizer.from_dir(args.tokenizer)
-            count = lambda text: len(tok.encode(text))  # noqa: E731
+            count_tokens = lambda text: len(tok.encode(text))  # noqa: E731
         out = None
         if args.output_len is not None:
             dist = parse_length_dist(args.output_len)
             if dist.kind != "fixed":
                 raise DatasetError("with --dataset, --output-len must be a fixed number")
             out = dist.low
-        return load_sharegpt(args.dataset, args.num_requests, seed, count, output_len=out)
+        return load_sharegpt(args.dataset, count, seed, count_tokens, output_len=out)
     try:
         lo, hi = (int(x) for x in args.token_range.split(":"))
     except ValueError:
         raise DatasetError(
             f"--token-range must be LO:HI integers, got {args.token_range!r}") from None
-    return synthetic_requests(args.num_requests, parse_length_dist(args.input_len),
+    return synthetic_requests(count, parse_length_dist(args.input_len),
                               parse_length_dist(args.output_len or DEFAULT_OUTPUT_LEN), seed,
                               (lo, hi))
 
@@ -112,12 +114,13 @@ def cmd_bench(args) -> int:
     from splitserve.cluster.bench.arrivals import ArrivalSpec
     from splitserve.cluster.bench.record import write_json
     from splitserve.cluster.bench.runner import GrpcTarget, HttpTarget
-    from splitserve.cluster.bench.sweep import parse_rates, run_sweep
+    from splitserve.cluster.bench.sweep import parse_counts, parse_rates, run_sweep
 
     try:
-        _requests(args, 0)  # bad lengths or an unusable file fail before any request
         rates = parse_rates(args.rates) if args.rates else [
             math.inf if args.rate is None else args.rate]
+        counts = parse_counts(args.num_requests, len(rates))
+        _requests(args, 0, counts[0])  # bad lengths or an unusable file fail before any request
         base = ArrivalSpec(math.inf, args.burstiness, args.concurrency, args.seed)
         for r in rates:  # a bad rate fails here, before any request
             ArrivalSpec(r, args.burstiness, args.concurrency, args.seed)
@@ -126,8 +129,8 @@ def cmd_bench(args) -> int:
         return 2
     target = (GrpcTarget(args.grpc, args.model, args.api_key, args.timeout) if args.grpc
               else HttpTarget(args.url, args.model, args.api_key, args.timeout))
-    points = asyncio.run(run_sweep(target, lambda i: _requests(args, i), rates, base, args.ttft_slo,
-                                   args.tpot_slo, progress=not args.no_progress,
+    points = asyncio.run(run_sweep(target, lambda i: _requests(args, i, counts[i]), rates, base,
+                                   args.ttft_slo, args.tpot_slo, progress=not args.no_progress,
                                    request_timeout_s=args.timeout))
     print(report.sweep_table(points))
     errors = {e: n for p in points for e, n in p.stats.errors.items()}

@@ -135,6 +135,8 @@ def cmd_serve(args) -> int:
     print(f"ready in {time.time() - t0:.0f}s\n"
           f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)})\n"
           f"  gRPC API:        {ep.host}:{ep.grpc_port}\n"
+          f"  Ray:             {ray.get_runtime_context().gcs_address}  (splitserve status "
+          f"--address ...)\n"
           f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
     if args.smoke:

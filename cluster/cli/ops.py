@@ -29,12 +29,19 @@ def add_subcommands(sub) -> None:
     d.add_argument("--no-ingress", action="store_true", help="deploy the pools and router only")
     d.set_defaults(func=cmd_deploy)
     s = sub.add_parser(
-        "status", help="pools, replicas, load and autoscaling decisions",
+        "status", help="pools, replicas, load, autoscaling decisions and routes",
         description="One row per pool: replicas running / target, bounds, bottleneck and its "
                     "value (load / target, 1.0 = on target), current load; then each pool's "
-                    "latest autoscaling decision and last size change with their reasons.")
+                    "latest autoscaling decision and last size change with their reasons; then "
+                    "each route: its variants' weights in force, its ramp's step, guard "
+                    "readings and last move with its reason.")
     _address(s)
-    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.add_argument("--json", action="store_true",
+                   help='print {"pools": [rows], "routes": [routes]} as JSON')
+    s.add_argument("--history", action="store_true",
+                   help="instead: each pool's size over time, one line per decision at which "
+                        "its target or running replica count changed (the ledger keeps the "
+                        "last 1,000 per pool)")
     s.set_defaults(func=cmd_status)
 
 
@@ -83,12 +90,17 @@ def cmd_deploy(args) -> int:
 
     try:
         summary = deploy(cfg, wait_s=args.wait_s, with_ingress=not args.no_ingress)
-    except TimeoutError as e:
+    except (TimeoutError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(sorted(summary["apps"])))
     if summary.get("removed"):
         print("removed: " + ", ".join(summary["removed"]))
+    for line in summary.get("routes", ()):
+        print(line)
+    if summary.get("routes_pending"):
+        print("warning: ingresses not yet holding the new routes: "
+              + ", ".join(summary["routes_pending"]), file=sys.stderr)
     return 0
 
 
@@ -112,7 +124,7 @@ class PoolStatus:
     target: int | None
     min_replicas: int
     max_replicas: int
-    bottleneck: str  # compute | memory | network | fixed
+    bottleneck: str  # compute | memory | network | requests | fixed
     value: float | None
     load: str
     decision: str
@@ -204,19 +216,83 @@ def format_status(name: str, rows: list[PoolStatus], now: float) -> str:
     return "\n".join(lines)
 
 
+def format_history(history: dict[str, list[Any]]) -> str:
+    """``splitserve status --history``: per pool, time, running/target and why."""
+    lines = []
+    for app in sorted(history):
+        lines.append(f"{app}:")
+        for d in history[app]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(d.time)) + f"{d.time % 1:.1f}"[1:]
+            lines.append(f"  {stamp}  {d.running}/{d.target}  {d.reason}")
+    return "\n".join(lines) if lines else "no autoscaling decisions recorded"
+
+
 def cmd_status(args) -> int:
     try:
         _connect(args.address)
     except (ConnectionError, RuntimeError) as e:
         print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
         return 1
+    if args.history:
+        import msgspec
+
+        history = _ledger_call("history")
+        if history is None:
+            print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",
+                  file=sys.stderr)
+            return 1
+        print(json.dumps(msgspec.to_builtins(history), indent=1) if args.json
+              else format_history(history))
+        return 0
     dump, rows = collect_status()
     if dump is None:
         print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",
               file=sys.stderr)
         return 1
+    routes = collect_routes()
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps({"pools": [asdict(r) for r in rows], "routes": routes}, indent=2))
     else:
         print(format_status(dump.get("name", "splitserve"), rows, time.time()))
+        if routes:
+            print()
+            print(format_routes(routes, time.time()))
     return 0
+
+
+def collect_routes() -> list[dict[str, Any]]:
+    """Each route's status from the route controller (``RouteBook.status``)."""
+    import ray
+
+    from splitserve.cluster.serve.route_actor import get_route_actor
+
+    try:
+        actor = get_route_actor()
+    except ValueError:
+        return []
+    return ray.get(actor.status.remote())
+
+
+def format_routes(routes: list[dict[str, Any]], now: float) -> str:
+    """The routes part of ``splitserve status``."""
+    lines = [f"routes: {len(routes)}"]
+    for r in routes:
+        split = ", ".join(f"{v['name']} {v['percent']:.1f}%" for v in r["variants"])
+        lines.append(f"  {r['route']}: {split}")
+        ramp = r.get("ramp")
+        if ramp is None:
+            continue
+        steps = "/".join(f"{x:g}" for x in ramp["steps"])
+        step = "0%" if ramp["step"] < 0 else f"step {ramp['step'] + 1} of {len(ramp['steps'])}"
+        lines.append(f"    ramp of {ramp['variant']}: {ramp['status']}, {step} ({steps}%), "
+                     f"{ramp['percent']:g}% now; requests this step: {ramp['requests']['new']} "
+                     f"new, {ramp['requests']['baseline']} baseline")
+        for g in ramp["guards"]:
+            value = "-" if g["value"] is None else f"{g['value']:.3g}"
+            verdict = {None: "not judged", True: "ok", False: "BREACH"}[g["ok"]]
+            lines.append(f"      {g['name']}: {value} (max {g['limit']:.3g}) {verdict}")
+        move = ramp.get("last_move")
+        if move is not None:
+            lines.append(f"    last move {_ago(move['at'], now)}{move['kind']} "
+                         f"{move['from_percent']:g}% -> {move['to_percent']:g}%: {move['reason']}")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ speed and cost (docs/planning.md, "Planning a deployment")."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,9 +51,19 @@ def add_subcommand(sub) -> None:
     w.add_argument("--trace", default=None, metavar="FILE",
                    help="Mooncake .jsonl or Azure .csv trace")
     w.add_argument("--time-scale", type=float, default=1.0)
-    w.add_argument("--observed", default=None, metavar="BENCH.json",
-                   help="a `splitserve bench` JSON record: the requests it sent")
+    w.add_argument("--observed", default=None, metavar="BENCH.json|URL",
+                   help="a `splitserve bench` JSON record (the requests it sent), or a running "
+                        "cluster's HTTP address (http://HOST:PORT): its /metrics is scraped "
+                        "twice, --observed-window apart, for the request rate and the prompt "
+                        "and output lengths of the requests that finished in between")
     w.add_argument("--observed-run", type=int, default=-1, help="which run of the record")
+    w.add_argument("--observed-window", type=float, default=60.0, metavar="S",
+                   help="seconds between the two scrapes of a URL (default: %(default)s)")
+    w.add_argument("--observed-model", default=None,
+                   help="the model whose traffic a URL's metrics describe (default: the only "
+                        "one with traffic)")
+    w.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
+                   help="API key for a URL's /metrics (default: $SPLITSERVE_API_KEY)")
     w.add_argument("--rate", type=float, default=None, help="mean requests/s")
     w.add_argument("--input-len", default="uniform:64:512")
     w.add_argument("--output-len", default="128")
@@ -192,6 +203,8 @@ def build_request(args, db):
                                     "--rate R (with --input-len/--output-len)")
     if args.trace:
         wl = inputs.from_trace(args.trace, args.time_scale, window=args.sim_requests)
+    elif args.observed and args.observed.startswith(("http://", "https://")):
+        wl = _observe(args)
     elif args.observed:
         wl = inputs.from_bench_record(args.observed, args.observed_run, window=args.sim_requests)
     else:
@@ -228,6 +241,24 @@ def build_request(args, db):
                       max_sims=args.max_sims, time_budget_s=args.time_budget, slack=args.slack,
                       seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current)
     return req, current_cfg
+
+
+def _observe(args):
+    """The workload a running cluster's /metrics shows over --observed-window."""
+    from splitserve.cluster.planning.observed import scrape, workload_from_scrapes
+    from splitserve.cluster.planning.planner.inputs import PlanInputError
+
+    if args.observed_window <= 0:
+        raise PlanInputError("--observed-window must be > 0")
+    before = scrape(args.observed, args.api_key)
+    if not args.quiet:
+        print(f"observing {args.observed} for {args.observed_window:g} s", file=sys.stderr,
+              flush=True)
+    time.sleep(args.observed_window)
+    after = scrape(args.observed, args.api_key)
+    wl, _ = workload_from_scrapes(before, after, args.observed_model, args.sim_requests,
+                                  seed=args.seed)
+    return wl
 
 
 def cmd_plan(args) -> int:

@@ -45,6 +45,13 @@ def _add_profile(sub) -> None:
     p.add_argument("--no-quality", action="store_true", help="skip the perplexity row")
     p.add_argument("--handoff", action="store_true",
                    help="also measure the grpc KV transport on loopback")
+    p.add_argument("--serving-url", default=None, metavar="URL",
+                   help="instead of the engine: measure the serving path's cost beyond the "
+                        "engine step on the cluster serving --config at this OpenAI HTTP URL "
+                        "(closed loops at concurrency 1 and 4 against the simulator's "
+                        "prediction from the step profile, which must exist); the simulator "
+                        "adds it to that layout's decode steps and requests")
+    p.add_argument("--api-key", default=None, help="with --serving-url: the client API key")
     p.add_argument("--catalog", default=None, metavar="FILE",
                    help="reload the derived hardware rows (datasheets, prices) from this "
                         "catalog file, e.g. an edited copy of cluster/planning/catalog.yaml")
@@ -67,6 +74,8 @@ def cmd_profile(args) -> int:
             print(f"loaded {n} derived hardware rows from {args.catalog}")
         if args.list:
             return _list(db, args.json)
+        if args.serving_url:
+            return _serving(args, db)
         threads = args.threads
         if threads is None and args.config:
             from splitserve.cluster.config import load_config
@@ -88,6 +97,30 @@ def cmd_profile(args) -> int:
                   f"start-up {s['startup_s']:.2f}s"
                   + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
                   + f" -> {db.path}")
+    return 0
+
+
+def _serving(args, db) -> int:
+    from dataclasses import asdict
+
+    from splitserve.cluster.planning import serving_probe
+
+    if not args.config:
+        print("error: --serving-url needs --config (the config the cluster serves)",
+              file=sys.stderr)
+        return 2
+    try:
+        o = serving_probe.measure(args.config, db, args.serving_url, args.api_key,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (RuntimeError, OSError) as e:
+        print(f"error: the serving probe failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(o), indent=2))
+    else:
+        print(f"serving path ({o.layout}): {o.per_step_s * 1e3:.2f} ms per decode step + "
+              f"{o.per_seq_s * 1e3:.2f} ms per sequence, {o.per_request_s * 1e3:.1f} ms per "
+              f"request, from {o.requests} probe requests -> {db.path}")
     return 0
 
 

@@ -35,7 +35,8 @@ _MODEL_FLAGS = {"served_model_name": "name", "revision": "revision",
                 "max_num_batched_tokens": "max_num_batched_tokens", "block_size": "block_size",
                 "device": "device", "chat_template": "chat_template",
                 "tool_call_parser": "tool_call_parser", "reasoning_parser": "reasoning_parser",
-                "enable_prefix_caching": "enable_prefix_caching"}
+                "enable_prefix_caching": "enable_prefix_caching",
+                "tensor_parallel_size": "tensor_parallel_size"}
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     model.add_argument("--device", default=None, help="auto | cpu | cuda")
     model.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
-                       help="devices per replica (only 1 is supported today)")
+                       help="ranks (devices) each replica splits the model over, in both "
+                            "pools; a pool can set its own in the config file")
     model.add_argument("--chat-template", default=None,
                        help="chat template: a Jinja file or the template text")
     model.add_argument("--tool-call-parser", default=None,
@@ -103,9 +105,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     """The cluster config that ``--config`` plus the flags describe; raises
     ``ConfigError`` naming the flag or key at fault."""
     base = load_config(args.config) if args.config else ClusterConfig()
-    if args.tensor_parallel_size not in (None, 1):
-        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: a replica runs on "
-                          "one device today; only 1 is supported")
+    if args.tensor_parallel_size is not None and args.tensor_parallel_size < 1:
+        raise ConfigError(f"--tensor-parallel-size must be at least 1, got "
+                          f"{args.tensor_parallel_size}")
     data = base.model_dump(mode="json")
     model_updates = {}
     if args.model is not None:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import _Strict, is_loopback_host
+from .tracing import TracingSpec
 
 
 class AuthSpec(_Strict):
@@ -44,6 +45,12 @@ class EndpointSpec(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC APIs listen on.")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API port.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC API port.")
+    ingress_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the ingress (the Serve deployment that serves "
+        "both APIs). Serve's proxy spreads HTTP requests over them; each also serves gRPC on "
+        "grpc_port, replicas on one node sharing the port (SO_REUSEPORT: the kernel spreads "
+        "new connections). 1 suits one machine (`splitserve serve`, tests); 2 or more keep "
+        "the API answering while Serve replaces a replica that died.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     grpc_tls_cert: str | None = Field(None, description="PEM certificate file for gRPC TLS.")
     grpc_tls_key: str | None = Field(None, description="PEM key file for gRPC TLS.")
@@ -53,6 +60,13 @@ class EndpointSpec(_Strict):
     allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback host without "
                                         "API keys. Off: such a config is refused, since anyone "
                                         "who reaches the port gets free inference.")
+
+    @model_validator(mode="after")
+    def _replicas_share_a_port(self) -> "EndpointSpec":
+        if self.ingress_replicas > 1 and self.grpc_port == 0:
+            raise ValueError("grpc_port 0 (a free port) with ingress_replicas > 1: each replica "
+                             "would listen on a different port; set a fixed grpc_port")
+        return self
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> "EndpointSpec":
@@ -75,3 +89,7 @@ class ObservabilitySpec(_Strict):
     vllm_metric_names: bool = Field(False, description="/metrics also exports vLLM's metric "
                                     "names (vllm:time_to_first_token_seconds, ...) so rules and "
                                     "gateways written for vLLM work; see docs/operators.md.")
+    tracing: TracingSpec | None = Field(None, description="OpenTelemetry traces of each "
+                                        "request's phases across processes, exported over "
+                                        "OTLP/gRPC. None: only $OTEL_EXPORTER_OTLP_ENDPOINT "
+                                        "turns tracing on (with the tracing extra installed).")

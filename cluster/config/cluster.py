@@ -14,6 +14,7 @@ from .access import AuthSpec, EndpointSpec, ObservabilitySpec
 from .base import ConfigError, _Strict
 from .models import ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .routes import RouteSpec, check_routes
 from .transfer import TransferSpec
 
 
@@ -28,6 +29,9 @@ class ClusterConfig(_Strict):
     models: list[ServedModel] = Field(default_factory=lambda: [ServedModel()], min_length=1,
                                       description="The models served, each with its pools.")
     router: RouterSpec = Field(default_factory=RouterSpec, description="Request placement.")
+    routes: list[RouteSpec] = Field(default_factory=list, description="Model names that split "
+                                    "their traffic over weighted variants (served models), "
+                                    "with optional canary ramps; edits apply in place.")
     transfer: TransferSpec = Field(default_factory=TransferSpec, description="KV hand-off.")
     deadlines: DeadlineSpec = Field(default_factory=DeadlineSpec, description="Deadlines of "
                                     "the streams between ingress and decode replicas.")
@@ -43,6 +47,7 @@ class ClusterConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
+        check_routes(self.routes, self.models)
         return self
 
     def exposure_problem(self) -> str | None:
@@ -117,6 +122,10 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
             isinstance(v, dict) and "model" in v for v in value):
         for v in value:  # served models are keyed by name, not position
             _flatten(v, f"{prefix}[{v['model']['name']}]", out)
+    elif isinstance(value, list) and value and all(
+            isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
+        for v in value:  # routes and their variants too
+            _flatten({k: x for k, x in v.items() if k != "name"}, f"{prefix}[{v['name']}]", out)
     else:
         out[prefix] = value
 

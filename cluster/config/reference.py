@@ -8,9 +8,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
+from .adapters import AdapterSpec
 from .cluster import ClusterConfig, SLOSpec
-from .models import AutoscalingSpec, ModelSpec, PoolSpec, ServedModel
+from .models import AutoscalingSpec, ModelSpec, PoolEngineSpec, PoolSpec, ServedModel
 from .router import DeadlineSpec, RouterSpec
+from .routes import LatencyGuardSpec, RampSpec, RouteSpec, VariantSpec
+from .speculative import SpeculativeSpec
+from .tracing import TracingSpec
 from .transfer import TLSSpec, TransferSpec
 
 
@@ -36,11 +40,17 @@ def config_reference() -> str:
     """The Markdown reference of every operator config key, from the Field
     descriptions (docs/operators.md embeds it; a test keeps them in sync)."""
     sections = [("(top level)", ClusterConfig), ("models[]", ServedModel),
-                ("models[].model", ModelSpec), ("models[].prefill / models[].decode", PoolSpec),
-                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec), ("router", RouterSpec),
+                ("models[].model", ModelSpec), ("models[].model.adapters[]", AdapterSpec),
+                ("models[].model.speculative", SpeculativeSpec),
+                ("models[].prefill / models[].decode", PoolSpec),
+                ("models[].prefill.autoscaling / models[].decode.autoscaling", AutoscalingSpec),
+                ("models[].prefill.engine / models[].decode.engine", PoolEngineSpec), ("router", RouterSpec),
+                ("routes[]", RouteSpec), ("routes[].variants[]", VariantSpec),
+                ("routes[].ramp", RampSpec),
+                ("routes[].ramp.ttft / routes[].ramp.tpot", LatencyGuardSpec),
                 ("transfer", TransferSpec), ("transfer.tls", TLSSpec), ("deadlines", DeadlineSpec),
                 ("auth", AuthSpec), ("endpoints", EndpointSpec), ("slo", SLOSpec),
-                ("observability", ObservabilitySpec)]
+                ("observability", ObservabilitySpec), ("observability.tracing", TracingSpec)]
     out = []
     for title, model in sections:
         out += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -92,6 +92,15 @@ class RouterSpec(_Strict):
                                           description="Quantile of the model's recent output "
                                           "lengths held as KV room (preemption covers longer "
                                           "outputs).")
+    adapter_miss_weight: float = Field(_ROUTER_DEFAULTS["adapter_miss_weight"], ge=0,
+                                       description="Decode load (0..1) a replica is charged for "
+                                       "not holding a request's LoRA adapter in a device slot "
+                                       "(half when it is in its host memory): above it, a "
+                                       "less loaded replica without the adapter wins.")
+    adapter_load_s: float = Field(_ROUTER_DEFAULTS["adapter_load_s"], ge=0,
+                                  description="Seconds added to a prefill replica's predicted "
+                                  "TTFT when it does not hold a request's LoRA adapter in a "
+                                  "device slot (half when it is in its host memory).")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> "RouterSpec":

@@ -140,6 +140,19 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("splitserve_refusals", "counter",
               "Requests refused to the client (reason: overloaded = queues full, "
               "unavailable = no replica could take it).", _MR),
+    # -- per route variant, recorded by the ingress (cluster/api/routing.py) --
+    MetricDef("splitserve_route_requests", "counter",
+              "Requests a route sent to a variant that ended, by outcome: ok, or error (a "
+              "server-side failure); what ramp guards judge.", ("route", "variant", "outcome")),
+    MetricDef("splitserve_route_ttft_seconds", "histogram",
+              "Time to first token of a route's requests, by the variant that served them.",
+              ("route", "variant"), TTFT_BUCKETS),
+    MetricDef("splitserve_route_tpot_seconds", "histogram",
+              "Time per output token of a route's requests, by variant.", ("route", "variant"),
+              TOKEN_BUCKETS),
+    MetricDef("splitserve_route_weight", "gauge",
+              "Share of a route's traffic each variant gets now (0..1), as the ingress holds "
+              "it (a ramp moves it).", ("route", "variant")),
     # -- per replica, from its stats reports ----------------------------------
     _replica("splitserve_pending_prompt_tokens", "gauge",
              "Prompt tokens queued or in progress, not yet computed."),
@@ -157,6 +170,19 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
              "KV reservations a decode replica refused (full); the request moved on."),
     _replica("splitserve_replica_fallbacks", "counter",
              "Remote prefills that failed on this decode replica and ran locally."),
+    _replica("splitserve_lora_slots", "gauge",
+             "LoRA adapter slots on the replica's device (max_loras; absent: none)."),
+    _replica("splitserve_lora_slots_in_use", "gauge",
+             "LoRA adapter slots a running sequence holds (the others may be evicted)."),
+    _replica("splitserve_spec_decode_drafts", "counter",
+             "Speculative decoding: sequence steps that verified at least one draft token."),
+    _replica("splitserve_spec_decode_draft_tokens", "counter",
+             "Speculative decoding: draft tokens verified."),
+    _replica("splitserve_spec_decode_accepted_tokens", "counter",
+             "Speculative decoding: draft tokens accepted (acceptance rate: its rate over "
+             "draft_tokens'; mean accepted length: 1 + its rate over drafts')."),
+    _replica("splitserve_spec_decode_draft_seconds", "counter",
+             "Speculative decoding: seconds spent proposing draft tokens."),
     # -- router --------------------------------------------------------------
     _router("splitserve_router_decisions", "counter",
             "Placements by the policy's reason.", _MR),

@@ -234,9 +234,17 @@ def replica_values(s: WorkerStats) -> dict[str, float]:
               "splitserve_preemptions": e.preemptions,
               "splitserve_prefix_cache_queries": e.prefix_queries,
               "splitserve_prefix_cache_hits": e.prefix_hits}
+    if e.spec_drafts:  # only replicas that speculate report these series
+        values.update({"splitserve_spec_decode_drafts": e.spec_drafts,
+                       "splitserve_spec_decode_draft_tokens": e.spec_draft_tokens,
+                       "splitserve_spec_decode_accepted_tokens": e.spec_accepted_tokens,
+                       "splitserve_spec_decode_draft_seconds": e.spec_draft_time_s})
     if e.total_blocks:
         values["splitserve_kv_cache_usage_ratio"] = (e.total_blocks - e.free_blocks) / e.total_blocks
         values["splitserve_kv_cache_blocks"] = e.total_blocks
+    if e.lora_slots:
+        values["splitserve_lora_slots"] = e.lora_slots
+        values["splitserve_lora_slots_in_use"] = e.lora_slots_in_use
     if isinstance(s, DecodeStats):
         values["splitserve_replica_refusals"] = s.refused
         values["splitserve_replica_fallbacks"] = s.fallbacks

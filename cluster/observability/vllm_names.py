@@ -58,6 +58,12 @@ VLLM_ALIASES: tuple[VllmAlias, ...] = (
     VllmAlias("vllm:gpu_cache_usage_perc", "splitserve_kv_cache_usage_ratio",
               note="vLLM's older name"),
     VllmAlias("vllm:num_preemptions", "splitserve_preemptions"),
+    VllmAlias("vllm:spec_decode_num_drafts", "splitserve_spec_decode_drafts",
+              note="per replica, from the first verify step on"),
+    VllmAlias("vllm:spec_decode_num_draft_tokens", "splitserve_spec_decode_draft_tokens",
+              note="per replica, as above"),
+    VllmAlias("vllm:spec_decode_num_accepted_tokens", "splitserve_spec_decode_accepted_tokens",
+              note="per replica, as above"),
 )
 
 

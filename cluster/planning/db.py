@@ -10,7 +10,8 @@ best figure: a measured row wins over a derived one, a newer over an older.
 Tables: ``hardware`` (peaks, memory, links, price), ``models`` (shapes),
 ``engine_settings``, ``step_times`` (one engine step's mix of work and its
 duration), ``handoff`` (KV transfer throughput per transport), ``startup``
-(replica start-up seconds), ``quality`` (e.g. perplexity on a held-out
+(replica start-up seconds), ``serving`` (the serving path's cost beyond
+the engine step: per decode step, per sequence, per request), ``quality`` (e.g. perplexity on a held-out
 text). docs/planning.md shows the schema.
 """
 
@@ -103,6 +104,18 @@ CREATE TABLE IF NOT EXISTS startup (
     provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
     host TEXT NOT NULL, created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS serving (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    hardware_key TEXT NOT NULL,
+    layout TEXT NOT NULL,               -- disaggregated | colocated
+    per_step_s REAL NOT NULL,           -- serving path per decode step, beyond engine.step()
+    per_seq_s REAL NOT NULL,            -- and per sequence of that step
+    per_request_s REAL NOT NULL,        -- serving path per request, beyond the modelled TTFT
+    requests INTEGER NOT NULL,          -- probe requests it was measured from
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quality (
     id INTEGER PRIMARY KEY,
     model_id INTEGER NOT NULL REFERENCES models(id),
@@ -115,6 +128,17 @@ CREATE TABLE IF NOT EXISTS quality (
     host TEXT NOT NULL, created_at REAL NOT NULL
 );
 """
+
+# A model is asked for by key (name@digest), by name, or matches any row of
+# the same structure (digest): one checkpoint profiled under a config's
+# served name ("default") serves a simulation that names it by its folder.
+_SAME_SHAPE = "(m.key = ? OR m.name = ? OR (? != '' AND m.key LIKE '%@' || ?))"
+
+
+def _shape_args(model_key: str) -> tuple[str, str, str, str]:
+    digest = model_key.rpartition("@")[2] if "@" in model_key else ""
+    return model_key, model_key, digest, digest
+
 
 # best first: measured over derived, then newest
 _BEST = "ORDER BY (provenance = 'measured') DESC, created_at DESC, id DESC"
@@ -267,8 +291,8 @@ class ProfileDB:
         same speed (``EngineSettings.speed_key``) when given."""
         sql = ("SELECT s.* FROM step_times s JOIN models m ON m.id = s.model_id "
                "JOIN engine_settings e ON e.id = s.settings_id "
-               "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? AND s.provenance = ?")
-        args: list = [model_key, model_key, hardware_key, provenance]
+               f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.provenance = ?")
+        args: list = [*_shape_args(model_key), hardware_key, provenance]
         if speed_key is not None:
             sql += " AND e.speed_key = ?"
             args.append(speed_key)
@@ -316,10 +340,31 @@ class ProfileDB:
     def startup_s(self, model_key: str, hardware_key: str) -> tuple[float, str] | None:
         row = self.conn.execute(
             "SELECT s.seconds, s.provenance FROM startup s JOIN models m ON m.id = s.model_id "
-            "WHERE (m.key = ? OR m.name = ?) AND s.hardware_key = ? "
+            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? "
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
-            (model_key, model_key, hardware_key)).fetchone()
+            (*_shape_args(model_key), hardware_key)).fetchone()
         return (row[0], row[1]) if row else None
+
+    def add_serving(self, shape: ModelShape, hardware_key: str, layout: str, per_step_s: float,
+                    per_seq_s: float, per_request_s: float, requests: int,
+                    provenance: str = MEASURED) -> None:
+        self.conn.execute(
+            "INSERT INTO serving (model_id, hardware_key, layout, per_step_s, per_seq_s, "
+            "per_request_s, requests, provenance, host, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (self.put_model(shape), hardware_key, layout, per_step_s, per_seq_s, per_request_s,
+             requests, provenance, host_name(), time.time()))
+        self.conn.commit()
+
+    def serving(self, model_key: str, hardware_key: str, layout: str) -> dict | None:
+        """The best serving-overhead row {per_step_s, per_seq_s, per_request_s,
+        requests, provenance, created_at}, or None."""
+        row = self.conn.execute(
+            "SELECT s.per_step_s, s.per_seq_s, s.per_request_s, s.requests, s.provenance, "
+            "s.created_at FROM serving s JOIN models m ON m.id = s.model_id "
+            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.layout = ? "
+            "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
+            (*_shape_args(model_key), hardware_key, layout)).fetchone()
+        return dict(row) if row else None
 
     def add_quality(self, shape: ModelShape, settings: EngineSettings, metric: str, value: float,
                     dataset: str, num_tokens: int, provenance: str = MEASURED) -> None:

@@ -29,6 +29,8 @@ class DeviceProfile:
     startup_s: float
     startup_provenance: str
     devices: int  # per replica
+    request_s: float = 0.0  # the serving path's cost per request beyond the modelled TTFT
+    serving: dict | None = None  # the serving-overhead row folded into ``step`` and ``request_s``
 
     @property
     def price_per_replica_hour(self) -> float | None:
@@ -41,7 +43,7 @@ class DeviceProfile:
                 "step_model_provenance": self.step.provenance, "startup_s": self.startup_s,
                 "startup_provenance": self.startup_provenance,
                 "price_per_device_hour": self.hardware.price_per_hour,
-                "price_source": self.hardware.price_source}
+                "price_source": self.hardware.price_source, "serving_overhead": self.serving}
 
 
 def hardware(db: ProfileDB, key: str) -> Hardware:
@@ -79,8 +81,19 @@ def startup(db: ProfileDB, shape: ModelShape, hw: Hardware,
 
 
 def device_profile(db: ProfileDB, shape: ModelShape, hardware_key: str,
-                   settings: EngineSettings) -> DeviceProfile:
+                   settings: EngineSettings, serving_layout: str | None = None) -> DeviceProfile:
+    """The pool's figures; with ``serving_layout`` (a decode or colocated
+    pool of that layout) its steps and requests also carry the serving
+    path's measured overhead (``splitserve profile --serving-url``), when the
+    database has it for this model and device."""
     hw = hardware(db, hardware_key)
     seconds, prov = startup(db, shape, hw, settings)
-    return DeviceProfile(hw, step_model(db, shape, hw, settings), seconds, prov,
-                         settings.tensor_parallel)
+    step = step_model(db, shape, hw, settings)
+    row = db.serving(shape.key, hw.key, serving_layout) if serving_layout else None
+    if row is None:
+        return DeviceProfile(hw, step, seconds, prov, settings.tensor_parallel)
+    step = step.with_serving(row["per_step_s"], row["per_seq_s"],
+                             f"{row['provenance']} {serving_layout} serving path, "
+                             f"{row['requests']} probe requests")
+    return DeviceProfile(hw, step, seconds, prov, settings.tensor_parallel,
+                         row["per_request_s"], row)

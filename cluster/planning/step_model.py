@@ -22,7 +22,7 @@ step index and the sum over K steps is an arithmetic series per piece.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -65,6 +65,17 @@ class StepTimeModel:
         best = max(c + wp * prefill_tokens + wa * prefill_attn + wb * decode_seqs
                    + wc * decode_context for c, wp, wa, wb, wc in self.forms)
         return max(self.overhead_s + best, MIN_STEP_S)
+
+    def with_serving(self, per_step_s: float, per_seq_s: float, source: str) -> "StepTimeModel":
+        """This model plus a serving path's cost of ``per_step_s`` per step
+        and ``per_seq_s`` per decoding sequence (a linear term, so decode
+        runs keep their closed form)."""
+        if per_step_s <= 0 and per_seq_s <= 0:
+            return self
+        forms = tuple((c, wp, wa, wb + per_seq_s, wc) for c, wp, wa, wb, wc in self.forms)
+        return replace(self, forms=forms, overhead_s=self.overhead_s + per_step_s,
+                       source=f"{self.source}; + serving {per_step_s * 1e3:.2f} ms/step + "
+                              f"{per_seq_s * 1e3:.2f} ms/sequence ({source})")
 
     def sample_s(self, s: StepSample) -> float:
         return self.step_s(*s.features())

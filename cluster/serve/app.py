@@ -16,14 +16,16 @@ from typing import Any
 import ray
 from ray import serve
 
-from splitserve.cluster.config import ClusterConfig, ModelSpec, ServedModel
-from splitserve.cluster.serve import secrets
+from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
+from splitserve.cluster.serve import router_state, secrets
+from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import NAMESPACE, ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.workers import worker_deployment
 from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig
 
 log = logging.getLogger("splitserve.app")
+ROUTES_WAIT_S = 10.0  # how long deploy waits for the ingresses to take edited routes
 
 # Ray Serve builds an autoscaling policy (on ``serve.status()``, and when a
 # deployment's options are set) by registering the policy's module for
@@ -51,8 +53,9 @@ def pool_apps(served: ServedModel, cfg: ClusterConfig,
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
-        out[app] = (role, worker_deployment(app, role, served.pool(role), served.model,
-                                            cfg.transfer, cfg.router, secrets_version))
+        out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
+                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.observability.tracing))
     return out
 
 
@@ -72,6 +75,26 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
     return ModelFacts(block_size=spec.block_size, kv_bytes_per_token=mc.kv_bytes_per_token(kv_dtype))
 
 
+def check_tensor_parallel(cfg: ClusterConfig) -> None:
+    """Raise ConfigError for a pool whose tensor_parallel_size its model's
+    checkpoint cannot be split by (heads, intermediate sizes), before
+    any replica is built."""
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+    for served in cfg.models:
+        degrees = {role: served.engine_spec(role).tensor_parallel_size for role in served.roles()}
+        if all(tp == 1 for tp in degrees.values()):
+            continue
+        mc = load_checkpoint(checkpoint_dir(served.model)).model_config
+        for role, tp in degrees.items():
+            try:
+                check(mc, tp)
+            except TensorParallelConfigError as e:
+                raise ConfigError(f"model {served.model.name!r}, {role.value} pool: {e}") from None
+
+
 def router_config(cfg: ClusterConfig) -> RouterConfig:
     """The router's config: the operator's router section over each model's facts."""
     return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
@@ -86,7 +109,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
            with_ingress: bool = True) -> dict[str, Any]:
     """Deploy (or update in place) every application of ``cfg``. Returns a
     summary {apps, removed}. Blocks until every pool has registered with the
-    router, or raises TimeoutError naming the missing pools.
+    router and (``with_ingress``) the ingress answers ready, i.e. /v1 serves
+    every model (``wait_for_ingress``), or raises TimeoutError naming what
+    is missing.
 
     On a running cluster only what changed is touched: a pool whose replicas
     are built the same way (only its bounds or autoscaling differ) keeps its
@@ -94,12 +119,32 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
+    from splitserve.cluster.observability.tracing import check_installed
 
+    check_tensor_parallel(cfg)
+    check_installed(cfg.observability.tracing)
     connect(address)
+    deadline = time.monotonic() + wait_s
     with SERVE_LOCK:
         out = _apply(cfg, with_ingress, get_ledger(create=True))
     wait_for_pools(cfg, wait_s)
+    out.update(_apply_routes(cfg, with_ingress))
+    if with_ingress:
+        wait_for_ingress(deadline)
     return out
+
+
+def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
+    """Hand the routes to the route controller once every variant's pools
+    are up, and wait (briefly) until the running ingresses hold them: a
+    weight edit is then in force when deploy returns, no replica restarted."""
+    from splitserve.cluster.serve.route_actor import apply_routes, wait_for_ingresses
+
+    version, lines = apply_routes([r.policy() for r in cfg.routes])
+    behind = wait_for_ingresses(version, ROUTES_WAIT_S) if with_ingress else []
+    if behind:
+        log.warning("routes version %d not yet confirmed by ingresses %s", version, behind)
+    return {"routes": lines, "routes_pending": behind}
 
 
 def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
@@ -112,8 +157,14 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
     rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
-                   reconfigure=prev is None or router_config(prev) != rcfg)
+                   reconfigure=(prev is None or router_state.load().config != rcfg
+                                or prev.observability.tracing != tracing),
+                   tracing=None if tracing is None else tracing.model_dump())
+    from splitserve.cluster.serve.route_actor import get_route_actor
+
+    get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
@@ -131,7 +182,8 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     if with_ingress:
         from splitserve.cluster.serve.ingress import ingress_app
 
-        if ("ingress" not in running or prev is None or _ingress_view(prev) != _ingress_view(cfg)
+        if ("ingress" not in running or prev is None or ingress_view(prev) != ingress_view(cfg)
+                or prev.endpoints.ingress_replicas != cfg.endpoints.ingress_replicas
                 or version != ray.get(ledger.secrets_version.remote())):
             serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
         apps["ingress"] = "ingress"
@@ -151,16 +203,6 @@ def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
         if app_name(served.model.name, role) in running:
             out.pool(role).initial_replicas = None
     return out
-
-
-def _ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
-    """The settings the ingress uses: everything but the pools and the
-    secrets (their version is compared on its own)."""
-    d = secrets.public_config(cfg)
-    for m in d["models"]:
-        m.pop("prefill")
-        m.pop("decode")
-    return d
 
 
 def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
@@ -184,7 +226,39 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
         time.sleep(0.5)
 
 
+def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
+    """Until the ingress application runs and says it is ready: every
+    model's pools live at its router and no replica of an earlier ingress
+    config still takes requests (``Ingress.readiness_report``, what /ready
+    answers). Raises TimeoutError with its last reason at ``deadline``
+    (monotonic)."""
+    reason = "the ingress application is not running yet"
+    while True:
+        status = serve_status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            try:
+                report = serve.get_app_handle(app).readiness_report.remote().result(
+                    timeout_s=10.0)
+                if report["status"] == "ready":
+                    return
+                reason = report.get("reason", "not ready")
+            except Exception as e:  # noqa: BLE001 - a replica starting or stopping
+                reason = f"the ingress did not answer: {type(e).__name__}: {e}"
+        elif status is not None:
+            reason = f"the ingress application is {status.status}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ingress is not ready: {reason}")
+        time.sleep(0.5)
+
+
 def shutdown() -> None:
     """Tear down every splitserve application and the router."""
+    from splitserve.cluster.serve import rollout
+    from splitserve.cluster.serve.adapter_store import clear_adapters
+    from splitserve.cluster.serve.route_actor import kill_route_actor
+
     serve.shutdown()
     kill_routers()
+    kill_route_actor()
+    rollout.clear()
+    clear_adapters()

@@ -32,17 +32,24 @@ def _config(args: dict[str, Any]) -> ClusterConfig:
 
 
 def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
-    """Create the router and the ledger if missing and store the cluster's
-    secrets; returns the secrets' version."""
+    """Create the routers if missing (reconfigure them when their stored
+    config is another: the operator config changed), the route controller
+    and the ledger, hand the routes to the controller and store the
+    cluster's secrets; returns the secrets' version."""
     import ray
 
     from splitserve.cluster.autoscaling.ledger import get_ledger
-    from splitserve.cluster.serve import secrets
+    from splitserve.cluster.serve import router_state, secrets
     from splitserve.cluster.serve.app import router_config
+    from splitserve.cluster.serve.route_actor import apply_routes
     from splitserve.cluster.serve.router_actor import ensure_routers
 
     version = secrets.publish(cfg)
-    ensure_routers(router_config(cfg), cfg.router.routers)
+    rcfg = router_config(cfg)
+    tracing = cfg.observability.tracing
+    ensure_routers(rcfg, cfg.router.routers, reconfigure=router_state.load().config != rcfg,
+                   tracing=None if tracing is None else tracing.model_dump())
+    apply_routes([r.policy() for r in cfg.routes])
     ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
     return version
 

@@ -1,17 +1,30 @@
 """The client-facing ingress as a Ray Serve deployment.
 
-HTTP (OpenAI API) arrives through Serve's proxy; the replica also runs the
+HTTP (OpenAI API) arrives through Serve's proxy; each replica also runs the
 gRPC API server on ``endpoints.grpc_port``. Both call one ``ClusterBackend``,
 which asks the router for placements and streams from decode replicas.
+With ``observability.tracing`` (or $OTEL_EXPORTER_OTLP_ENDPOINT) each
+generation request is a trace's ``ingress`` span; the replica exports what
+is left of its spans when it stops.
+
+There are ``endpoints.ingress_replicas`` replicas. Serve's proxy spreads
+HTTP requests over them. Their gRPC servers on one node bind the same port
+(``SO_REUSEPORT``, ``start_grpc_server``), and the kernel spreads new
+connections over the listening sockets; a replica that dies closes its
+socket, and clients that reconnect reach another. Each replica holds its
+own admission slots at the routers (one lease holder per process): the
+slots of a replica that dies expire after ``router.lease_ttl_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.serve.rollout import IngressRollout, ingress_digest, publish_target
 
 log = logging.getLogger("splitserve.ingress")
 
@@ -20,7 +33,9 @@ log = logging.getLogger("splitserve.ingress")
 class Ingress:
     async def __init__(self, cfg: dict, secrets_version: str):
         from splitserve.cluster.api.grpc_api import start_grpc_server
+        from splitserve.cluster.observability.tracing import start_tracer
         from splitserve.cluster.serve import secrets
+        from splitserve.cluster.serve.adapter_store import AdapterStore
         from splitserve.cluster.serve.orchestrator import ClusterBackend
 
         # cfg carries no secret: the keys and the token come from the
@@ -28,35 +43,64 @@ class Ingress:
         # when they change)
         self.cfg = ClusterConfig.model_validate(cfg)
         self.api_keys = secrets.api_keys(self.cfg.auth)
-        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token())
+        self.tracer = start_tracer(self.cfg.observability.tracing, "ingress")
+        # registered before it serves: while it lives, no replica of another
+        # config is ready (splitserve.cluster.serve.rollout)
+        self.rollout = IngressRollout(ingress_digest(self.cfg, secrets_version))
+        await asyncio.to_thread(self.rollout.beat)
+        self.rollout.start()
+        self.backend = ClusterBackend(self.cfg, token=secrets.cluster_token(), tracer=self.tracer,
+                                      rollout_problems=self.rollout.problems,
+                                      adapter_store=AdapterStore())
+        # the routes' weights and the runtime-loaded adapters in force, then every period
+        await self.backend.start()
         ep = self.cfg.endpoints
         self.grpc_server, self.grpc_port = await start_grpc_server(
             self.backend, ep.host, ep.grpc_port, self.api_keys,
             tls_cert=ep.grpc_tls_cert, tls_key=ep.grpc_tls_key,
-            open_health="health" in self.cfg.observability.unauthenticated_routes)
+            open_health="health" in self.cfg.observability.unauthenticated_routes,
+            tracer=self.tracer)
         log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from splitserve.cluster.api.openai_api import build_http_app
 
         return build_http_app(self.backend, self.api_keys, self.cfg.endpoints.max_body_bytes,
-                              observability=self.cfg.observability)
+                              observability=self.cfg.observability, tracer=self.tracer)
+
+    async def readiness_report(self) -> dict:
+        """What /ready answers (``Readiness.to_dict``); ``splitserve deploy`` waits on it."""
+        return (await self.backend.readiness()).to_dict()
 
     async def check_health(self) -> None:
         pass
 
     async def __del__(self) -> None:
         try:
+            await asyncio.to_thread(self.rollout.stop)
+        except Exception:  # noqa: BLE001 - best effort: the entry ages out
+            pass
+        try:
             await self.grpc_server.stop(1.0)
             await self.backend.close()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
 
 
 def ingress_app(cfg: ClusterConfig, secrets_version: str):
+    """The ingress deployment of ``cfg``, bound; publishes its config as the
+    cluster's target (``rollout``): replicas of any other config stop being
+    ready now (needs a connected Ray driver)."""
     from splitserve.cluster.serve.secrets import public_config
 
+    publish_target(ingress_digest(cfg, secrets_version))
+    args = public_config(cfg)
+    # the replicas' count is the deployment's, not theirs: changing it
+    # scales the ingress without replacing the replicas that run
+    args["endpoints"].pop("ingress_replicas")
     dep = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=4096, health_check_period_s=5.0)
-    return dep.bind(public_config(cfg), secrets_version)
+        name="ingress", num_replicas=cfg.endpoints.ingress_replicas,
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, health_check_period_s=5.0)
+    return dep.bind(args, secrets_version)

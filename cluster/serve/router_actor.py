@@ -19,6 +19,11 @@ every heartbeat. A restarted router relearns the same within one stats
 period (a replica it does not know is asked for a snapshot of its cache on
 its next push). Routers are never on the token path: in-flight streams do
 not notice.
+
+Traced (``observability.tracing``), a call that carries a traceparent
+(``RouteCall.traceparent``) gets a ``router.place`` span for its outcome
+(placement or refusal) and, when it waited in the queue, a ``router.queue``
+span from the exchange that queued it to the poll that delivers it.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import msgspec
 import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
+from splitserve.cluster.serve import router_state
+from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
+from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.service import RouterService
 from splitserve.router.types import UnknownModelError
@@ -46,6 +53,7 @@ ROUTER_NAME = "splitserve-router"
 NAMESPACE = "splitserve"
 MAX_ROUTERS = 16
 TICK_S = 0.1  # deadlines, expired leases and the grace period are checked this often
+MAX_TRACED_WAITING = 1 << 16  # queued traced calls remembered; past it the oldest are dropped
 
 
 def router_name(index: int) -> str:
@@ -56,20 +64,48 @@ def router_name(index: int) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class RouterActor:
     def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S, index: int = 0,
-                 count: int = 1):
+                 count: int = 1, tracing: dict | None = None):
         """Router ``index`` of ``count``: it exports the per-model gauges
         (slots, queue, replicas) of the models it places first, so that
-        summing over routers counts each once."""
+        summing over routers counts each once. ``tracing``: the
+        ``observability.tracing`` section as a dict, or None."""
+        from splitserve.cluster.observability.tracing import start_tracer
+
         self.index, self.count = index, count
+        self.tracer = start_tracer(tracing, "router")
+        # traced calls waiting in a queue: lease id -> (the call, time.time_ns() queued)
+        self._traced_waiting: dict[str, tuple[RouteCall, int]] = {}
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
         self.metrics = RouterMetrics()
-        self._tick_s = tick_s
-        self._ticker: asyncio.Task | None = None
+        self._ticker = Ticker(tick_s, self._tick, log, "router")
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
+        self._persist = False  # a cluster's named router keeps its state (router_state)
+        cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
+
+    def _restore(self, cfg: RouterConfig) -> tuple[RouterConfig, bool]:
+        """The config and prefer-local switch to start with. A named router
+        that Ray restarted takes them from ``router_state`` (its constructor
+        argument is the config it was first created with, older than a
+        ``reconfigure``); on its first start it stores its config there and
+        takes the cluster's switch. An unnamed one (tests) keeps ``cfg``."""
+        if not ray.is_initialized():
+            return cfg, False
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is None or not ctx.get_actor_name():
+            return cfg, False
+        self._persist = True
+        if ctx.was_current_actor_reconstructed:
+            state = router_state.load()
+            if state.config is not None:
+                log.info("router %d restarted: config and prefer-local switch (%s) restored",
+                         self.index, state.prefer_local_prefill)
+            return state.config or cfg, state.prefer_local_prefill
+        router_state.save_config(cfg)
+        return cfg, router_state.load().prefer_local_prefill
 
     def _install(self, service: RouterService) -> None:
         from splitserve.cluster.serve.router_client import router_order
@@ -78,6 +114,7 @@ class RouterActor:
         self.metrics.models = {m for m in models
                                if router_order(m, self.count, models)[0] == self.index}
         self.service = service
+        service.core.set_prefer_local_prefill(self._prefer_local)
         service.on_placement = self.metrics.count_placement
         service.on_refusal = self.metrics.count_rejection
 
@@ -86,12 +123,24 @@ class RouterActor:
         return self.service.core
 
     async def ready(self) -> bool:
-        self._ensure_ticker()
+        self._ticker.ensure()
         return True
 
-    def reconfigure(self, cfg: RouterConfig) -> None:
-        """Replace the routing config: like a restart, the replicas push their
-        stats again and the ingresses send their slots with their next heartbeat."""
+    def reconfigure(self, cfg: RouterConfig, tracing: dict | None = None) -> None:
+        """Replace the routing config and the tracing section: like a restart,
+        the replicas push their stats again and the ingresses send their
+        slots with their next heartbeat. The config is kept where a restarted
+        router finds it (``router_state``), and so is the prefer-local
+        switch. (A router restarted after a crash traces as it was created:
+        ``ensure_routers`` passes the section again on the next deploy.)"""
+        from splitserve.cluster.observability.tracing import start_tracer
+
+        if self._persist:
+            router_state.save_config(cfg)
+        old, self.tracer = self.tracer, start_tracer(tracing, "router")
+        self._traced_waiting.clear()
+        if old is not None:
+            old.shutdown()
         self._install(RouterService(cfg))
 
     # -- replicas -------------------------------------------------------------------
@@ -131,7 +180,11 @@ class RouterActor:
 
     def set_prefer_local_prefill(self, prefer: bool, forward: bool = True) -> None:
         """The autoscaler's network signal (it tells router 0): passed on to
-        the other routers, which place other models or take over."""
+        the other routers, which place other models or take over, and kept
+        in ``router_state``, where a restarted router finds it."""
+        if forward and self._persist and prefer != self._prefer_local:
+            router_state.save_prefer_local(prefer)
+        self._prefer_local = prefer
         self.core.set_prefer_local_prefill(prefer)
         for i in range(self.count) if forward else ():
             if i != self.index:
@@ -144,15 +197,17 @@ class RouterActor:
     # -- ingresses ------------------------------------------------------------------
     async def exchange(self, ex: Exchange) -> ExchangeReply:
         """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         reply = self.service.exchange(ex)
+        if self.tracer is not None:
+            self._trace_exchange(ex, reply)
         self._wake()
         return reply
 
     async def poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
         """Outcomes of ``holder``'s queued requests, as soon as there is one
         (or an empty list after ``timeout_s``: the ingress asks again)."""
-        self._ensure_ticker()
+        self._ticker.ensure()
         if not self.service.has_resolved(holder):
             event = self._wakeups.setdefault(holder, asyncio.Event())
             event.clear()
@@ -163,30 +218,80 @@ class RouterActor:
             finally:
                 if self._wakeups.get(holder) is event:
                     del self._wakeups[holder]
-        return self.service.take_resolved(holder)
+        resolved = self.service.take_resolved(holder)
+        if self.tracer is not None and self._traced_waiting:
+            for lease_id, out in resolved:
+                waiting = self._traced_waiting.pop(lease_id, None)
+                if waiting is not None:
+                    self._trace_outcome(*waiting, out)
+        return resolved
+
+    # -- spans ----------------------------------------------------------------------
+    def _trace_exchange(self, ex: Exchange, reply: ExchangeReply) -> None:
+        waiting = self._traced_waiting
+        for end in ex.releases:  # ended while it waited: the caller gave up
+            entry = waiting.pop(end.lease_id, None)
+            if entry is not None:
+                self._queue_span(*entry, cancelled=True)
+        for call, out in zip(ex.calls, reply.outcomes):
+            if call.traceparent is None:
+                continue
+            if isinstance(out, Queued):
+                waiting[call.lease_id] = (call, time.time_ns())
+                if len(waiting) > MAX_TRACED_WAITING:
+                    del waiting[next(iter(waiting))]
+            else:
+                self._trace_outcome(call, 0, out)
+
+    def _queue_span(self, call: RouteCall, queued_ns: int, cancelled: bool = False) -> None:
+        """Record the ``router.queue`` span of a call queued at ``queued_ns``,
+        ended now (``cancelled``: its caller gave up)."""
+        from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REQUEST_ID, SPAN_ROUTER_QUEUE
+
+        span = self.tracer.start(SPAN_ROUTER_QUEUE, call.traceparent, start_ns=queued_ns,
+                                 attributes={ATTR_MODEL: call.request.model,
+                                             ATTR_REQUEST_ID: call.request.request_id})
+        if cancelled:
+            span.set("splitserve.cancelled", True)
+        span.end()
+
+    def _trace_outcome(self, call: RouteCall, queued_ns: int, out: Outcome) -> None:
+        """``router.place`` for ``call``'s outcome, after its ``router.queue``
+        span if it waited (``queued_ns`` > 0)."""
+        from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_MODEL,
+                                                ATTR_PREFILL_REPLICA, ATTR_REQUEST_ID,
+                                                SPAN_ROUTER_PLACE)
+
+        if queued_ns:
+            self._queue_span(call, queued_ns)
+        req = call.request
+        span = self.tracer.start(SPAN_ROUTER_PLACE, call.traceparent, attributes={
+            ATTR_MODEL: req.model, ATTR_REQUEST_ID: req.request_id,
+            "splitserve.router": self.index, "splitserve.prompt_len": req.prompt_len,
+            "splitserve.waited_s": max(0.0, time.time() - call.waiting_since)})
+        if isinstance(out, Exception):  # a refusal
+            span.fail(out)
+        else:
+            span.set(ATTR_PREFILL_REPLICA, out.prefill_replica or "")
+            span.set(ATTR_DECODE_REPLICA, out.decode_replica)
+            span.set("splitserve.placement_reason", out.reason)
+            span.set("splitserve.predicted_ttft_s", out.predicted_ttft_s)
+            span.set("splitserve.prefix_hit_tokens", out.prefix_hit_tokens)
+        span.end()
 
     def _wake(self) -> None:
         for holder, event in self._wakeups.items():
             if self.service.has_resolved(holder):
                 event.set()
 
-    def _ensure_ticker(self) -> None:
-        if self._tick_s > 0 and (self._ticker is None or self._ticker.done()):
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_s)
-            try:
-                self.service.tick()
-                self._wake()
-                now = time.time()
-                if now - self._last_prune > 1.0:
-                    self._last_prune = now
-                    self.prune(now)
-                self.metrics.publish(self.service, self.replicas_info)
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick
-                log.exception("router tick failed")
+    def _tick(self) -> None:
+        self.service.tick()
+        self._wake()
+        now = time.time()
+        if now - self._last_prune > 1.0:
+            self._last_prune = now
+            self.prune(now)
+        self.metrics.publish(self.service, self.replicas_info)
 
     # -- operators' views -----------------------------------------------------------
     def prune(self, now: float | None = None) -> list[str]:
@@ -233,26 +338,32 @@ class RouterActor:
         out: dict[str, Any] = {}
         for model in self.core.cfg.models:
             snap = self.core.snapshot(model)
-            out[model] = {Role.PREFILL.value: [asdict(s) for s in snap.prefill],
-                          Role.DECODE.value: [asdict(s) for s in snap.decode]}
+            out[model] = {Role.PREFILL.value: [_plain(s) for s in snap.prefill],
+                          Role.DECODE.value: [_plain(s) for s in snap.decode]}
         return out
 
     def counters(self) -> dict[str, Any]:
         """The core's decision counters, plus admission and queue state:
         ``in_flight`` (slots held, per model), ``queued`` (per model),
-        ``refusals`` by reason, and lease counts (``unbalanced_releases``,
+        ``refusals`` by reason, the prefer-local-prefill switch, the slots
+        each ingress process holds (``slots_by_holder``: holder -> count;
+        a holder is ``node:pid:id``), and lease counts (``unbalanced_releases``,
         ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
         svc = self.service
         return {**asdict(self.core.counters()), "queued": svc.queued(),
+                "prefer_local_prefill": self.core.state.prefer_local_prefill,
+                "slots_by_holder": {h: sum(1 for _ in svc.leases.of_holder(h))
+                                    for h in svc.leases.holders()},
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
                 "queued_total": svc.counts["queued"],
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
                                                "leases_reclaimed", "leases_adopted")}}
 
 
-def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1):
+def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1,
+               tracing: dict | None = None):
     """Router ``index``'s actor (of ``count``); created (detached) if
-    ``create_with`` is given."""
+    ``create_with`` is given (``tracing``: its ``observability.tracing``)."""
     name = router_name(index)
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -260,31 +371,38 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0, count: i
         if create_with is None:
             raise
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(create_with, index=index, count=count)
+                               get_if_exists=True).remote(create_with, index=index, count=count,
+                                                          tracing=tracing)
 
 
-def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False) -> list:
+def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False,
+                   tracing: dict | None = None) -> list:
     """Routers 0..count-1, created where missing (and reconfigured when
-    asked); routers numbered ``count`` and above are removed."""
+    asked, with ``tracing``, the ``observability.tracing`` section as a
+    dict); routers numbered ``count`` and above are removed."""
     handles = []
     for i in range(count):
         try:
             h = ray.get_actor(router_name(i), namespace=NAMESPACE)
             if reconfigure:
-                ray.get(h.reconfigure.remote(cfg))
+                ray.get(h.reconfigure.remote(cfg, tracing))
         except ValueError:
-            h = get_router(create_with=cfg, index=i, count=count)
+            h = get_router(create_with=cfg, index=i, count=count, tracing=tracing)
         handles.append(h)
     kill_routers(start=count)
     return handles
 
 
 def kill_routers(start: int = 0) -> None:
+    """Remove routers ``start`` and above; all of them (``start`` 0) also
+    forgets their stored state (``router_state``)."""
     for i in range(start, MAX_ROUTERS):
         try:
             ray.kill(ray.get_actor(router_name(i), namespace=NAMESPACE))
         except ValueError:
             pass
+    if start == 0:
+        router_state.clear()
 
 
 class RouterFanout:
@@ -336,3 +454,8 @@ class RouterFanout:
                 self._handle(i).remove_replica.remote(replica_id)
             except Exception:  # noqa: BLE001 - that router learns it from the missing pushes
                 self._handles[i] = None
+
+
+def _plain(stats) -> dict[str, Any]:
+    """A replica's stats as plain data (adapter sets as sorted lists, for JSON)."""
+    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(stats).items()}

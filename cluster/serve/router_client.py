@@ -138,15 +138,16 @@ class RouterClient:
 
     async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
                     admitted: bool = False, deadline: float | None = None,
-                    priority: int = 0) -> Placement:
+                    priority: int = 0, traceparent: str | None = None) -> Placement:
         """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
-        granted before, e.g. a retry). Raises the router's refusal
+        granted before, e.g. a retry; ``traceparent``: the span the router
+        records its work under). Raises the router's refusal
         (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
         The slot is held from here until ``release``."""
         self._start()
         call = RouteCall(lease_id=lease_id, request=req, arrival=arrival,
                          waiting_since=time.time(), deadline=deadline, priority=priority,
-                         admitted=admitted)
+                         admitted=admitted, traceparent=traceparent)
         p = _Pending(call, self._loop.create_future())
         self._leases[lease_id] = req.model
         self._pending[lease_id] = p
@@ -193,6 +194,35 @@ class RouterClient:
             except Exception as e:  # noqa: BLE001 - down or restarting: ask the next one
                 error = e
         raise error
+
+    async def ask_placing(self, models: Sequence[str], method: str,
+                          timeout_s: float) -> dict[str, tuple[int, Any]]:
+        """model -> (router index, its answer to ``method``) from the router
+        that places the model's requests now: the first in the model's order
+        that is up here and answers within ``timeout_s`` (so readiness is
+        judged by the router the requests go to). Each router is asked once.
+        Raises the last error when no router answered for some model."""
+        answers: dict[int, Any] = {}
+        out: dict[str, tuple[int, Any]] = {}
+        for model in models:
+            order = self._order(model)
+            error: BaseException = RouterUnavailableError(f"no router is up for model {model!r}")
+            for i in [i for i in order if self._links[i].up] or order:
+                if i not in answers:
+                    try:
+                        handle = await asyncio.wait_for(self._handle(self._links[i]), timeout_s)
+                        answers[i] = await asyncio.wait_for(getattr(handle, method).remote(),
+                                                            timeout_s)
+                    except Exception as e:  # noqa: BLE001 - down or restarting: the next one
+                        answers[i] = e
+                if isinstance(answers[i], BaseException):
+                    error = answers[i]
+                    continue
+                out[model] = (i, answers[i])
+                break
+            else:
+                raise error
+        return out
 
     def suspect(self, replica_id: str) -> None:
         """An RPC to this replica failed: tell every router (never waits)."""

@@ -1,7 +1,8 @@
 """Deadlines on one request's decode streams, as the ingress reads them.
 
 A request gets one overall deadline when it starts (``DeadlineSpec.overall_s``
-of the tokens it may produce); every Generate call it makes, the first and
+of the tokens it may produce, or the client's own deadline if that comes
+first); every Generate call it makes, the first and
 any resume, carries what is left of it as its gRPC deadline, which the
 decode replica (and, through its own call, the prefill replica) sees as a
 cancellation. While a stream runs, each output must arrive within
@@ -25,11 +26,15 @@ T = TypeVar("T")
 
 class StreamDeadlines:
     def __init__(self, spec: DeadlineSpec, request_id: str, max_output_tokens: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, deadline: float | None = None):
+        """``deadline``: the client's own, wall-clock seconds (``time.time()``)."""
         self.spec = spec
         self.request_id = request_id
         self.clock = clock
         self.overall_s = spec.overall_s(max(1, max_output_tokens))
+        self.own = deadline is not None and deadline - time.time() < self.overall_s
+        if self.own:
+            self.overall_s = max(0.0, deadline - time.time())
         self.ends_at = clock() + self.overall_s
 
     def remaining(self) -> float:
@@ -38,9 +43,11 @@ class StreamDeadlines:
         return max(0.001, self.ends_at - self.clock())
 
     def expired(self, replica: str) -> DeadlineExceeded:
+        why = ("the client's timeout" if self.own
+               else "deadlines.per_token_s, max_request_s")
         return DeadlineExceeded(
-            f"request {self.request_id}: the overall deadline of {self.overall_s:.0f}s passed "
-            f"while streaming from {replica} (deadlines.per_token_s, max_request_s); cancelled")
+            f"request {self.request_id}: the overall deadline of {self.overall_s:.1f}s passed "
+            f"while streaming from {replica} ({why}); cancelled")
 
     async def outputs(self, stream: AsyncIterator[T], replica: str) -> AsyncIterator[T]:
         """``stream``'s items, each within its deadline; closes ``stream``

@@ -26,6 +26,7 @@ from splitserve.cluster.observability.metrics import record_worker_metrics
 from splitserve.cluster.serve.router_actor import RouterFanout
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import WorkerStats, stats_to_wire
+from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REPLICA, ATTR_TRANSPORT
 from splitserve.router.reports import ReplicaInfo, StatsReport
 
 log = logging.getLogger("splitserve.worker")
@@ -33,10 +34,31 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESH
 
 
 # model settings only the ingress reads: editing them rebuilds no worker replica
-INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template"}
+# (adapters: requests carry the adapter they run with, replicas read it then)
+INGRESS_ONLY_FIELDS = {"tool_call_parser", "reasoning_parser", "chat_template", "adapters"}
 
 
-def build_engine(spec: ModelSpec):
+def speculative_config(spec: ModelSpec, role: Role):
+    """The engine's speculative decoding settings for a replica of ``role``:
+    None on prefill replicas (they sample one token) and when off."""
+    sp = spec.speculative
+    if sp is None or role is Role.PREFILL:
+        return None
+    from splitserve.engine.spec.config import SpeculativeConfig
+
+    draft = None
+    if sp.draft_model is not None:
+        from splitserve.engine.hub import resolve_checkpoint
+
+        draft = str(resolve_checkpoint(sp.draft_model, sp.draft_revision))
+    return SpeculativeConfig(
+        method=sp.method, num_speculative_tokens=sp.num_speculative_tokens, draft_model=draft,
+        ngram_min=sp.ngram_min, ngram_max=sp.ngram_max, adaptive=sp.adaptive,
+        disable_batch_size=sp.disable_batch_size, saturation_tokens=sp.saturation_tokens,
+        draft_num_blocks=sp.draft_num_blocks)
+
+
+def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
     import torch
 
     from splitserve.cluster.serve.checkpoints import checkpoint_dir
@@ -49,8 +71,9 @@ def build_engine(spec: ModelSpec):
     if device == "cpu":
         # one intra-op thread per CPU this replica was given, so replicas
         # sharing a node do not oversubscribe its cores
+        # (its tensor-parallel ranks, processes of their own, take as many as rank 0)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, int(cpus / spec.tensor_parallel_size)))
     return LLMEngine(EngineConfig(
         model=str(checkpoint_dir(spec)), model_id=spec.name,
         dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
@@ -59,6 +82,10 @@ def build_engine(spec: ModelSpec):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
+        max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
+        max_cpu_loras=spec.max_cpu_loras,
+        enforce_eager=spec.enforce_eager, tensor_parallel_size=spec.tensor_parallel_size,
+        speculative=speculative_config(spec, role),
     ))
 
 
@@ -83,23 +110,26 @@ class RoleWorker:
     kv_endpoint: str  # where prefill replicas send KV to it; "" for prefill
 
 
-def start_prefill(engine, transfer: TransferSpec, tcfg, cluster_token: str) -> RoleWorker:
+def start_prefill(engine, transfer: TransferSpec, tcfg, cluster_token: str,
+                  tracer=None) -> RoleWorker:
     from splitserve.handoff.transfer.base import get_transport
     from splitserve.prefill.worker import PrefillWorker
 
     sender_cls, _ = get_transport(transfer.transport)
     w = PrefillWorker(engine, sender_cls(tcfg), transfer.layer_group_size,
-                      transfer.timeout_s).start()
+                      transfer.timeout_s, tracer=tracer).start()
     return RoleWorker(w, {"Prefill": w.prefill}, {}, "")
 
 
-def start_decode(engine, transfer: TransferSpec, tcfg, cluster_token: str) -> RoleWorker:
+def start_decode(engine, transfer: TransferSpec, tcfg, cluster_token: str,
+                 tracer=None) -> RoleWorker:
     from splitserve.decode.worker import DecodeWorker
     from splitserve.handoff.transfer.base import get_transport
 
     _, receiver_cls = get_transport(transfer.transport)
     w = DecodeWorker(engine, receiver_cls(tcfg), cluster_token, transfer.on_prefill_failure,
-                     transfer.lease_s, transfer.prefill_timeout_s, tls=tcfg.tls).start()
+                     transfer.lease_s, transfer.prefill_timeout_s, tls=tcfg.tls,
+                     tracer=tracer).start()
     return RoleWorker(w, {}, {"Generate": w.generate}, w.kv_endpoint)
 
 
@@ -113,7 +143,9 @@ class WorkerServer:
     """One replica of a pool: the worker of its ``role`` (``ROLE_WORKERS``)."""
 
     async def __init__(self, role: Role | str, model: dict, transfer: dict, router: dict,
-                       secrets_version: str, drain_timeout_s: float = 25.0):
+                       secrets_version: str, drain_timeout_s: float = 25.0,
+                       tracing: dict | None = None):
+        from splitserve.cluster.observability.tracing import start_tracer
         from splitserve.cluster.serve import secrets
         from splitserve.handoff import rpc
         from splitserve.handoff.protocol import engine_layout
@@ -131,19 +163,25 @@ class WorkerServer:
         cluster_token = secrets.cluster_token()
         # one TLS config for both planes, served and dialed (read on this node)
         tls = self.transfer.tls.load() if self.transfer.tls is not None else None
-        engine = build_engine(self.spec)
+        # spans of this replica (observability.tracing); None: not traced
+        self.tracer = start_tracer(tracing, self.role.value)
+        engine = build_engine(self.spec, self.role)
         self.engine = engine
         tcfg = TransportConfig(token=cluster_token, host=self.host, tls=tls,
                                chunk_bytes=self.transfer.chunk_bytes,
                                max_message_bytes=self.transfer.chunk_bytes + (1 << 20),
                                device=str(engine.device), layout=engine_layout(engine))
-        started = ROLE_WORKERS[self.role](engine, self.transfer, tcfg, cluster_token)
+        started = ROLE_WORKERS[self.role](engine, self.transfer, tcfg, cluster_token,
+                                          self.tracer)
         self.worker = started.worker
         unary = {**started.unary, "Stats": self._stats_reply}
         self.server, self.address = await rpc.serve(unary, started.streams, cluster_token,
                                                     host=self.host, tls=tls)
         self.replica = ReplicaInfo(replica_id=self.address, role=self.role, model=self.spec.name,
                                    kv_endpoint=started.kv_endpoint, node_id=node_id)
+        if self.tracer is not None:
+            self.tracer.common.update({ATTR_REPLICA: self.address, ATTR_MODEL: self.spec.name,
+                                       ATTR_TRANSPORT: self.transfer.transport})
         self.router = RouterFanout(self.router_spec.routers)  # every router hears every push
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
@@ -249,11 +287,15 @@ class WorkerServer:
             await self.worker.stop()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        if self.tracer is not None:  # the spans still batched go out before the process ends
+            await asyncio.to_thread(self.tracer.shutdown)
+        self.engine.close()  # its tensor-parallel ranks, if any
 
 
 def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
-                      router: RouterSpec, secrets_version: str):
-    """A bound Serve application for one pool of one model."""
+                      router: RouterSpec, secrets_version: str, tracing=None):
+    """A bound Serve application for one pool of one model; ``tracing``:
+    the ``observability.tracing`` section (a ``TracingSpec``) or None."""
     from splitserve.cluster.autoscaling.deployment_options import replica_version, serve_autoscaling_config
 
     initial = pool.initial_replicas if pool.initial_replicas is not None else pool.min_replicas
@@ -263,8 +305,9 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
     drain_s = max(0.5, pool.graceful_shutdown_timeout_s - 3.0)
     # what only the ingress reads stays out, so editing it does not rebuild replicas
     worker_model = model.model_dump(exclude=INGRESS_ONLY_FIELDS)
-    args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s)
-    actor_options = pool.ray_actor_options()
+    args = (role, worker_model, transfer.model_dump(), router.model_dump(), secrets_version, drain_s,
+            None if tracing is None else tracing.model_dump())
+    actor_options = pool.ray_actor_options(model.tensor_parallel_size)
     # glibc keeps freed memory instead of unmapping it: gRPC's per-message
     # buffers then skip an mmap and page faults (benchmarks/bench_transfer.py)
     env = actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {})

@@ -8,6 +8,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
 # the mixture-of-experts ones add sparse MLP layers to it.
@@ -22,15 +23,21 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
 }
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
-    """An unloaded model (parameters allocated, not initialised) for ``cfg``."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                tp: TPGroup | None = None) -> CausalLM:
+    """An unloaded model (parameters allocated, not initialised) for ``cfg``;
+    with ``tp``, that rank's shard of it."""
     impl = MODEL_FAMILIES.get(cfg.family)
     if impl is None:
         raise CheckpointError(
             f"model family {cfg.family!r} ({cfg.architecture}) has no implementation; "
             f"supported: {', '.join(MODEL_FAMILIES)}"
         )
-    return impl(cfg, dtype, torch.device(device)).eval()
+    if tp is None:
+        return impl(cfg, dtype, torch.device(device)).eval()
+    model = impl(tp.plan.local_config(), dtype, torch.device(device)).eval()
+    model.attach_tensor_parallel(tp)
+    return model
 
 
 __all__ = ["CausalLM", "MODEL_FAMILIES", "MoECausalLM", "build_model"]

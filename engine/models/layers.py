@@ -26,8 +26,10 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.kernels import ops
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
+from splitserve.kernels.lora import LoraMeta
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -190,6 +192,7 @@ class Attention(nn.Module):
                  sliding_window: int = 0, prefix: str = "self_attn"):
         super().__init__()
         self.quant = cfg.quantization
+        self.dtype = dtype
         self.sliding_window = sliding_window  # 0: attends to the whole context
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if self.num_heads % self.num_kv_heads:
@@ -212,6 +215,20 @@ class Attention(nn.Module):
                                     self.q_size))
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.qkv_lora: LoraStack | None = None  # enable_lora
+        self.o_lora: LoraStack | None = None
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """Allocate the projections' LoRA stacks; checkpoint projection name
+        -> (its stack, its slice)."""
+        dev = self.o_proj.weight.device
+        hidden = self.qkv_proj.in_features
+        self.qkv_lora = LoraStack(hidden, (self.q_size, self.kv_size, self.kv_size), num_slots,
+                                  max_rank, self.dtype, dev)
+        self.o_lora = LoraStack(self.q_size, (self.o_proj.out_features,), num_slots, max_rank,
+                                self.dtype, dev)
+        q, o = self.qkv_lora, self.o_lora
+        return {"q_proj": (q, 0), "k_proj": (q, 1), "v_proj": (q, 2), "o_proj": (o, 0)}
 
     def forward(
         self,
@@ -220,9 +237,12 @@ class Attention(nn.Module):
         layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
         meta: AttentionMetadata,
         cos_sin_cache: torch.Tensor,  # [max_position, D] float32
+        lora: LoraMeta | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) D]
+        if lora is not None and self.qkv_lora is not None:
+            self.qkv_lora.add_to(qkv, x, lora)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Kernels (rotary in place, store, attention) take contiguous [T, H, D].
         q = q.reshape(t, self.num_heads, self.head_dim).contiguous()
@@ -235,7 +255,11 @@ class Attention(nn.Module):
         q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+        out = out.reshape(t, self.q_size)
+        y = self.o_proj(out)
+        if lora is not None and self.o_lora is not None:
+            self.o_lora.add_to(y, out, lora)
+        return y
 
     def quantize_fp8_(self) -> None:
         self.qkv_proj.quantize_fp8_()
@@ -260,6 +284,9 @@ class MLP(nn.Module):
         super().__init__()
         self.intermediate = i = cfg.intermediate_size
         self.quant = cfg.quantization
+        self.dtype = dtype
+        self.gate_up_lora: LoraStack | None = None  # enable_lora
+        self.down_lora: LoraStack | None = None
         # gate and up in one matmul: rows [gate | up], as silu_and_mul expects
         self.gate_up_proj = Linear(
             cfg.hidden_size, 2 * i, cfg.mlp_bias, dtype, device,
@@ -269,9 +296,21 @@ class MLP(nn.Module):
             i, cfg.hidden_size, cfg.mlp_bias, dtype, device,
             fp8_groups=layer_groups(self.quant, [(f"{prefix}.down_proj.weight", cfg.hidden_size)], i))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraMeta | None = None) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2I] -> [T, I] -> [T, hidden]
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        if lora is None or self.gate_up_lora is None:
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        act = ops.silu_and_mul(self.gate_up_lora.add_to(self.gate_up_proj(x), x, lora))
+        return self.down_lora.add_to(self.down_proj(act), act, lora)
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """As ``Attention.enable_lora``, for gate, up and down."""
+        dev, i = self.down_proj.weight.device, self.intermediate
+        hidden = self.gate_up_proj.in_features
+        self.gate_up_lora = LoraStack(hidden, (i, i), num_slots, max_rank, self.dtype, dev)
+        self.down_lora = LoraStack(i, (hidden,), num_slots, max_rank, self.dtype, dev)
+        gu = self.gate_up_lora
+        return {"gate_proj": (gu, 0), "up_proj": (gu, 1), "down_proj": (self.down_lora, 0)}
 
     def quantize_fp8_(self) -> None:
         self.gate_up_proj.quantize_fp8_()
@@ -302,6 +341,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
+        self.tp = None  # tensor parallel: the rank's TPGroup (splitserve.engine.parallel.group)
 
     def forward(
         self,
@@ -311,6 +351,7 @@ class DecoderLayer(nn.Module):
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
         cos_sin_cache: torch.Tensor,
+        lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm: layer output stays
         # separate from the stream until the following rms_norm sums them.
@@ -319,9 +360,24 @@ class DecoderLayer(nn.Module):
             h, _ = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache)
+        h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
+        if self.tp is not None:  # row-parallel o_proj: one all-reduce per attention block
+            h = self.tp.all_reduce(h)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        if lora is not None and isinstance(self.mlp, MLP):  # MoE experts take no LoRA
+            h = self.mlp(h, lora)
+        else:
+            h = self.mlp(h)
+        if self.tp is not None:  # row-parallel down_proj (experts too): one per MLP block
+            h = self.tp.all_reduce(h)
+        return h, residual
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on the attention projections and, in a dense layer, the MLP's."""
+        out = self.self_attn.enable_lora(num_slots, max_rank)
+        if type(self.mlp) is MLP:
+            out.update(self.mlp.enable_lora(num_slots, max_rank))
+        return out
 
     def quantize_fp8_(self) -> None:
         """The attention and MLP projections to fp8, per output channel."""

@@ -23,8 +23,12 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import build_cos_sin_cache
+from splitserve.engine.parallel.group import TPGroup
+from splitserve.engine.parallel.sharding import shard_slots
 from splitserve.kernels import ops
+from splitserve.kernels.lora import LoraMeta
 
 # Checkpoint entries that are not weights of this implementation but that
 # older exports carry; skipped on load.
@@ -46,6 +50,16 @@ class CausalLM(nn.Module):
             else empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(cfg, device), persistent=False)
+        self.tp: TPGroup | None = None  # tensor parallel: see attach_tensor_parallel
+
+    def attach_tensor_parallel(self, tp: TPGroup) -> None:
+        """Make this model (built from ``tp.plan.local_config()``) one rank
+        of a tensor-parallel replica: vocabulary-parallel embedding and LM
+        head, an all-reduce after each attention and MLP block, and the
+        rank's part of each checkpoint tensor at load."""
+        self.tp = tp
+        for layer in self.layers:
+            layer.tp = tp
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
@@ -64,26 +78,39 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
         meta: AttentionMetadata,
         on_layer_done: Callable[[int], None] | None = None,
+        lora: LoraMeta | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]. Writes this step's
         keys/values into ``kv_cache`` at ``meta.slot_mapping``; calls
-        ``on_layer_done(i)`` once layer i's keys/values are stored."""
+        ``on_layer_done(i)`` once layer i's keys/values are stored. ``lora``:
+        each token's adapter slot (after ``enable_lora``); None: the base model."""
         if kv_cache.shape[0] != len(self.layers):
             raise ValueError(
                 f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}"
             )
-        x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        x = (F.embedding(input_ids, self.embed_tokens) if self.tp is None
+             else self.tp.embed(input_ids, self.embed_tokens))  # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache)
+            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache, lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         x, _ = self.norm(x, residual)
         return x
 
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
+        """Allocate ``num_slots`` adapter slots of rank ``max_rank`` on every
+        projection that takes LoRA; returns (layer, checkpoint projection
+        name) -> (its stack, its slice), what ``splitserve.engine.lora.manager``
+        writes adapters into."""
+        return {(i, name): target for i, layer in enumerate(self.layers)
+                for name, target in layer.enable_lora(num_slots, max_rank).items()}
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return ops.linear(hidden, self.lm_head_weight).float()
+        """[N, hidden] -> [N, vocab] float32 (tensor parallel: on rank 0, from
+        every rank's vocabulary rows; None on the other ranks)."""
+        logits = ops.linear(hidden, self.lm_head_weight).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         """Every checkpoint tensor this model needs, by its Hugging Face name."""
@@ -120,6 +147,8 @@ class CausalLM(nn.Module):
         shape mismatch, a non-float tensor, an fp8 tensor where none is
         expected, a duplicate, or (at the end) the tensors that never arrived."""
         slots = self.weight_slots()
+        if self.tp is not None:
+            slots = shard_slots(slots, self.tp.plan)
         loaded: set[str] = set()
         arch = self.cfg.architecture
         for name, tensor in weights:

@@ -36,7 +36,16 @@ LAYOUT_VERSION = "L2NBHD-v1"  # [num_layers, 2, num_blocks, block_size, num_kv_h
 class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What must match between two engines for KV blocks to move between them.
     A wire type too: hand-off messages (``splitserve.handoff.messages``)
-    carry it, decoded strictly (an unknown or mistyped field is refused)."""
+    carry it, decoded strictly (an unknown or mistyped field is refused).
+
+    Tensor parallelism: ``tensor_parallel_size`` is the engine's degree and
+    may differ between the two ends (it is reported, not compared);
+    [``kv_head_start``, ``kv_head_end``) are the KV heads the end sends or
+    receives in its chunks, and must be the same. A tensor-parallel engine
+    gathers and scatters its ranks' heads at rank 0
+    (``splitserve.engine.parallel.kv``), so every engine today moves every
+    head: (0, num_kv_heads); ``kv_head_end`` 0 means that too (peers that
+    predate the field)."""
 
     model_id: str
     dtype: str
@@ -46,11 +55,22 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_kv_heads: int
     head_dim: int
     layout: str = LAYOUT_VERSION
+    tensor_parallel_size: int = 1
+    kv_head_start: int = 0
+    kv_head_end: int = 0
+
+    def kv_heads(self) -> tuple[int, int]:
+        """[start, end) of the KV heads this end's chunks carry."""
+        return self.kv_head_start, self.kv_head_end or self.num_kv_heads
 
     def check_compatible(self, other: "KVLayout") -> None:
         """Raise IncompatibleKVError naming every field that differs."""
+        reported = ("tensor_parallel_size", "kv_head_start", "kv_head_end")
         diffs = [f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
-                 for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
+                 for name in self.__struct_fields__
+                 if name not in reported and getattr(self, name) != getattr(other, name)]
+        if self.kv_heads() != other.kv_heads():
+            diffs.append(f"KV heads carried: {self.kv_heads()} != {other.kv_heads()}")
         if diffs:
             raise IncompatibleKVError(
                 "KV layouts differ, so blocks cannot move between these engines ("

@@ -115,7 +115,9 @@ def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
 
 def layout_from_proto(m: pb.KVLayout) -> KVLayout:
     return KVLayout(m.model_id, m.dtype, m.kv_dtype, m.block_size, m.num_layers,
-                    m.num_kv_heads, m.head_dim, m.layout)
+                    m.num_kv_heads, m.head_dim, m.layout,
+                    tensor_parallel_size=m.tensor_parallel_size or 1,
+                    kv_head_start=m.kv_head_start, kv_head_end=m.kv_head_end)
 
 
 def _varint(n: int) -> bytes:

@@ -13,25 +13,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from tests.fixtures.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # the driver (this test process) must use the same settings as the nodes:
 # token auth would otherwise switch on wherever ~/.ray/auth_token exists
 CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                "RAY_raylet_start_wait_time_s": "120"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_bin() -> str:

@@ -36,16 +36,19 @@ class PD:
     client: rpc.WorkerClient
     servers: list
 
-    def request(self, prompt, params, prefill=True, request_id=None) -> GenerateRequest:
+    def request(self, prompt, params, prefill=True, request_id=None,
+                traceparent=None) -> GenerateRequest:
         return GenerateRequest(
             request_id=request_id or uuid.uuid4().hex, prompt_token_ids=list(prompt),
             params=params.to_dict(),
-            prefill=PrefillPlacement(address=self.prefill_addr) if prefill else None)
+            prefill=PrefillPlacement(address=self.prefill_addr) if prefill else None,
+            traceparent=traceparent)
 
-    async def generate(self, prompt, params, prefill=True, request_id=None):
+    async def generate(self, prompt, params, prefill=True, request_id=None, traceparent=None):
         """Returns (token ids, the first output's GenerateTimings)."""
         toks, first = [], None
-        async for out in self.client.generate(self.request(prompt, params, prefill, request_id)):
+        req = self.request(prompt, params, prefill, request_id, traceparent)
+        async for out in self.client.generate(req):
             toks += out.token_ids
             first = first or out.timings
         return toks, first
@@ -106,14 +109,15 @@ def stats_rpc(worker):
 
 async def start_pd(prefill_engine, decode_engine, transport="grpc", policy="local",
                    layer_group_size=1, transfer_timeout_s=10.0, lease_s=30.0,
-                   prefill_timeout_s=30.0) -> PD:
+                   prefill_timeout_s=30.0, prefill_tracer=None, decode_tracer=None) -> PD:
     sender_cls, receiver_cls = get_transport(transport)
     pw = PrefillWorker(prefill_engine, sender_cls(TransportConfig(token=TOKEN)),
-                       layer_group_size, transfer_timeout_s).start()
+                       layer_group_size, transfer_timeout_s, tracer=prefill_tracer).start()
     dw = DecodeWorker(decode_engine,
                       receiver_cls(TransportConfig(token=TOKEN, layout=engine_layout(decode_engine))),
                       TOKEN, on_prefill_failure=policy, lease_s=lease_s,
-                      prefill_timeout_s=prefill_timeout_s, sweep_s=0.05).start()
+                      prefill_timeout_s=prefill_timeout_s, sweep_s=0.05,
+                      tracer=decode_tracer).start()
     psrv, paddr = await rpc.serve({"Prefill": pw.prefill, "Stats": stats_rpc(pw)}, {}, TOKEN)
     dsrv, daddr = await rpc.serve({"Stats": stats_rpc(dw)}, {"Generate": dw.generate}, TOKEN)
     return PD(pw, dw, paddr, daddr, rpc.WorkerClient(daddr, TOKEN), [psrv, dsrv])

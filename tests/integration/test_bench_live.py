@@ -16,6 +16,7 @@ from splitserve.cluster.api.backend import LocalBackend
 from splitserve.cluster.bench.datasets import parse_length_dist, synthetic_requests
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.cluster.api.backend import DEFAULT_OPTIONS
 from tests.integration.test_grpc_api import GrpcServerThread
 from tests.integration.api_fixtures import KEY, url  # noqa: F401
 
@@ -29,10 +30,10 @@ class Recording(LocalBackend):
         super().__init__(engines)
         self.seen: list[tuple[list[int], int, bool, float]] = []
 
-    async def generate(self, model, request_id, prompt_token_ids, params):
+    async def generate(self, model, request_id, prompt_token_ids, params, options=DEFAULT_OPTIONS):
         self.seen.append((list(prompt_token_ids), params.max_tokens, params.ignore_eos,
                           params.temperature))
-        async for out in super().generate(model, request_id, prompt_token_ids, params):
+        async for out in super().generate(model, request_id, prompt_token_ids, params, options):
             yield out
 
 

@@ -2,7 +2,6 @@
 proxy, gRPC), router, prefill and decode pools for two models. Clients are
 the official openai package and the generated gRPC stubs."""
 
-import socket
 
 import grpc
 import pytest
@@ -16,14 +15,9 @@ from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.engine.sampling_params import SamplingParams
 from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-e2e-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.cluster.api.backend import DEFAULT_OPTIONS
 from tests.integration.api_fixtures import engines, local, paths, wait_until  # noqa: F401
 from tests.integration.test_grpc_api import GrpcServerThread
 from tests.integration.test_openai_api import ServerThread
@@ -49,8 +50,8 @@ class WideContext(Backend):
     def validate(self, model, prompt_token_ids, params):
         self.inner.validate(model, prompt_token_ids, params)
 
-    def generate(self, model, request_id, prompt_token_ids, params):
-        return self.inner.generate(model, request_id, prompt_token_ids, params)
+    def generate(self, model, request_id, prompt_token_ids, params, options=DEFAULT_OPTIONS):
+        return self.inner.generate(model, request_id, prompt_token_ids, params, options)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ their recording functions are called from this driver, a Ray process like
 the replicas, under model "plumbing"."""
 
 import asyncio
-import socket
 import time
 import urllib.request
 
@@ -35,18 +34,15 @@ from splitserve.cluster.observability.metrics import (
     record_retry,
     record_worker_metrics,
 )
+from splitserve.cluster.api.routing import Routing
 from splitserve.engine.roles import Role
+from splitserve.router.route_messages import RouteTable, RouteWeights, VariantOutcome
 from tests.fixtures.worker_stats import decode_stats, engine_load
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 N, OUT, NUM_BLOCKS = 6, 5, 48
 EXPORT_WAIT_S = 45.0  # Ray exports every ~10 s; the cluster is shared and slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(path):
@@ -254,6 +250,9 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         current=1, target=2, desired=2, value=1.5, reason="scale up 1 -> 2: KV usage 0.9 > 0.75",
         min=1, max=4, changed=True, prefer_local_prefill=None))
     expire_a_silent_ingress_slot(p)
+    # a route's table and one routed request's outcome, as an ingress records them
+    routing = Routing(RouteTable(1, (RouteWeights("plumbing-route", (p,), (1.0,)),)))
+    routing.record(VariantOutcome("plumbing-route", p, True, 0.1, 0.01))
 
     tiny = {"model": "tiny"}
     decode = {"model": p, "role": "decode"}
@@ -277,6 +276,9 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         ("ray_splitserve_autoscaler_last_decision",
          {"model": p, "decision": "up", "reason": "scaled", "bottleneck": "memory"}, 1),
         ("ray_splitserve_router_lease_events_total", {"event": "expired"}, 1),
+        ("ray_splitserve_route_requests_total",
+         {"route": "plumbing-route", "variant": p, "outcome": "ok"}, 1),
+        ("ray_splitserve_route_weight", {"route": "plumbing-route", "variant": p}, 1.0),
     ])
     # every metric of splitserve.cluster.observability.metrics is exported under its dashboard names
     exported = {x.name for x in s}

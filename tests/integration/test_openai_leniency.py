@@ -35,7 +35,7 @@ ENDPOINTS = {
 # a value of each ignored field, as clients send it
 IGNORED_VALUES = {
     "user": "user-1", "store": True, "metadata": {"k": "v"}, "service_tier": "auto",
-    "prompt_cache_key": "conversation-7", "safety_identifier": "hash-1", "priority": 3,
+    "prompt_cache_key": "conversation-7", "safety_identifier": "hash-1",
     "request_id": "req-1", "length_penalty": 1.5, "reasoning_effort": "low", "verbosity": "low",
     "reasoning": {"effort": "low", "summary": "auto"}, "include": ["reasoning.encrypted_content"],
     "max_tool_calls": 2, "stream_options": {"include_obfuscation": False},

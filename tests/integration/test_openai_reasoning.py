@@ -20,6 +20,7 @@ from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.engine.default_model import default_model_path
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.cluster.api.backend import DEFAULT_OPTIONS
 from tests.fixtures.checkpoints import (DEEPSEEK_R1_TEMPLATE, QWEN3_THINKING_TEMPLATE,
                                         with_chat_template)
 from tests.integration.api_fixtures import client, make_engine, url  # noqa: F401
@@ -151,8 +152,8 @@ class _NoReasoning(Backend):
     def validate(self, model, ids, params):
         return self.inner.validate(model, ids, params)
 
-    def generate(self, model, request_id, ids, params):
-        return self.inner.generate(model, request_id, ids, params)
+    def generate(self, model, request_id, ids, params, options=DEFAULT_OPTIONS):
+        return self.inner.generate(model, request_id, ids, params, options)
 
     def reasoning_parser(self, model):
         return "none"

@@ -3,7 +3,6 @@
 pool has a live replica, and 503 naming the pool again when a pool loses
 its last replica; /health stays 200 throughout."""
 
-import socket
 import time
 
 import grpc
@@ -18,15 +17,10 @@ from splitserve.cluster.serve.ingress import ingress_app
 from splitserve.cluster.serve.router_actor import get_router
 from splitserve.engine.roles import Role
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-ready-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(fn, want, timeout=120.0):

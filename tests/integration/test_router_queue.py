@@ -5,7 +5,6 @@ running at most two sequences (the pool holds 4)."""
 
 import asyncio
 import dataclasses
-import socket
 import time
 
 import grpc
@@ -19,16 +18,11 @@ from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from splitserve.cluster.serve.router_actor import get_router
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 KEY = "sk-queue-test"
 CAPACITY = 4  # 2 decode replicas x max_num_seqs 2
 ROUTERS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

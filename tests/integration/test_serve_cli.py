@@ -4,7 +4,6 @@ driven by the official openai client, then stopped with Ctrl-C."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
+from tests.fixtures.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "cli-key"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

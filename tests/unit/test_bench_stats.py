@@ -23,7 +23,7 @@ from splitserve.cluster.bench.record import write_json
 from splitserve.cluster.bench.report import format_table, record
 from splitserve.cluster.bench.runner import RunResult
 from splitserve.cluster.bench.stats import RequestRecord, Summary, compute_stats, meets_slo
-from splitserve.cluster.bench.sweep import SweepPoint, parse_rates
+from splitserve.cluster.bench.sweep import SweepPoint, parse_counts, parse_rates
 
 
 def rec(i, send, chunks, tokens=None, error=None, timings=None):
@@ -200,8 +200,14 @@ def test_rates_table_and_record(tmp_path):
     for bad in ("", "1,x", "0,1"):
         with pytest.raises(ValueError):
             parse_rates(bad)
+    # a load step: one count per rate
+    assert parse_counts("10,60", 2) == [10, 60] and parse_counts(40, 3) == [40, 40, 40]
+    for bad in ("10,20", "0", "x", "5,,"):
+        with pytest.raises(ValueError, match="num-requests"):
+            parse_counts(bad, 3)
     s = compute_stats(RECORDS, 10.0, 0.5, 0.2)
-    point = SweepPoint(ArrivalSpec(rate=2.0), s, RunResult(RECORDS, 10.0, ArrivalSpec(rate=2.0)))
+    point = SweepPoint(ArrivalSpec(rate=2.0), s,
+                       RunResult(RECORDS, 10.0, ArrivalSpec(rate=2.0), 1.7e9))
     text = format_table({"2 req/s": s})
     assert "requests ok / failed" in text and "3 / 1" in text
     assert "500.0 / 300.0 / 860.0 / 986.0" in text  # TTFT mean / p50 / p90 / p99 in ms
@@ -210,7 +216,7 @@ def test_rates_table_and_record(tmp_path):
     write_json(path, rec_)
     back = json.loads(path.read_text())
     run = back["runs"][0]
-    assert run["rate"] == 2.0 and run["stats"]["completed"] == 3
+    assert run["rate"] == 2.0 and run["stats"]["completed"] == 3 and run["started_at"] == 1.7e9
     assert run["stats"]["phases"]["queue"] is None  # NaN written as null
     assert [r["error"] for r in run["requests"]] == [None, None, None, "HTTP 503: no replica"]
     assert run["requests"][1]["ttft"] == pytest.approx(1.0)

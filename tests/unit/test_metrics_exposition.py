@@ -57,7 +57,9 @@ def cluster() -> ClusterMetrics:
     prefill = prefill_stats(engine_load(pending_prompt_tokens=40, running=1, prefix_queries=9,
                                         prefix_hits=4, preemptions=0))
     decode = decode_stats(engine_load(free_blocks=25, total_blocks=100, running=3, waiting=2,
-                                      preemptions=7, prefix_queries=5, prefix_hits=1),
+                                      preemptions=7, prefix_queries=5, prefix_hits=1,
+                                      spec_drafts=4, spec_draft_tokens=10, spec_accepted_tokens=6,
+                                      spec_draft_time_s=0.25),
                           refused=2, fallbacks=1)
     rec = RequestRecorder(MODEL, clock=iter([0.0, 0.5, 0.75, 1.5]).__next__)
     rec.on_output({"token_ids": [4], "prompt_tokens": 20, "cached_tokens": 16, "finished": False})
@@ -84,6 +86,11 @@ def test_replica_router_and_request_metrics(cluster):
     assert got[("splitserve_replica_refusals_total", d)] == 2
     assert got[("splitserve_replica_fallbacks_total", d)] == 1
     assert ("splitserve_replica_refusals_total", p) not in got  # a decode replica's count
+    assert got[("splitserve_spec_decode_drafts_total", d)] == 4
+    assert got[("splitserve_spec_decode_draft_tokens_total", d)] == 10
+    assert got[("splitserve_spec_decode_accepted_tokens_total", d)] == 6
+    assert got[("splitserve_spec_decode_draft_seconds_total", d)] == 0.25
+    assert ("splitserve_spec_decode_drafts_total", p) not in got  # prefill never speculates
     assert got[("splitserve_router_decisions_total", (("reason", "cost"),))] == 3
     assert got[("splitserve_router_in_flight", ())] == 2
     assert "something_else" not in types  # only the router's splitserve metrics pass
@@ -110,6 +117,9 @@ def test_vllm_names_copy_the_numbers(cluster):
     assert got[("vllm:num_requests_waiting", d)] == 2
     assert got[("vllm:kv_cache_usage_perc", d)] == 0.75
     assert got[("vllm:num_preemptions_total", d)] == 7
+    assert got[("vllm:spec_decode_num_drafts_total", d)] == 4
+    assert got[("vllm:spec_decode_num_draft_tokens_total", d)] == 10
+    assert got[("vllm:spec_decode_num_accepted_tokens_total", d)] == 6
     assert got[("vllm:time_to_first_token_seconds_sum", ())] == 0.5
     assert got[("vllm:time_to_first_token_seconds_count", ())] == \
         own[("splitserve_ttft_seconds_count", ())]

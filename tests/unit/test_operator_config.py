@@ -32,7 +32,7 @@ INVALID = [
      "models.0.decode: Value error, min_replicas must be at least 1 when autoscaling is set: "
      "the policy scales on metrics that running replicas report"),
     ("models:\n  - decode: {autoscaling: {bottleneck: disk}}\n",
-     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory' or 'network'"),
+     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory', 'network' or 'requests'"),
     ("models:\n  - decode: {autoscaling: {target_kv_usage: 0.5}}\n",
      "models.0.decode.autoscaling.bottleneck: Field required"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_busy_fraction: 1.5}}\n",
@@ -54,6 +54,12 @@ INVALID = [
     ("models:\n  - model: {tool_call_parser: qwen}\n",
      "models.0.model.tool_call_parser: Input should be 'auto', 'hermes', 'mistral' or "
      "'llama3_json'"),
+    ("models:\n  - model: {speculative: {method: draft}}\n",
+     "models.0.model.speculative: Value error, speculative method draft needs draft_model"),
+    ("models:\n  - model: {speculative: {method: ngram, ngram_min: 3, ngram_max: 2}}\n",
+     "models.0.model.speculative: Value error, ngram_min (3) > ngram_max (2)"),
+    ("models:\n  - model: {speculative: {method: eagle}}\n",
+     "models.0.model.speculative.method: Input should be 'ngram' or 'draft'"),
     ("router: {policy: random}\n",
      "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
 ]
@@ -199,7 +205,8 @@ def test_the_router_section_is_the_router_config_under_the_same_names_and_defaul
     shared = set(RouterSpec.model_fields) - RouterSpec.NOT_ROUTER_FIELDS
     assert shared == {"policy", "max_queue_per_model", "stats_ttl_s", "network_bytes_per_s",
                       "local_prefill_max_tokens", "max_queue_delay_s", "no_replica_grace_s",
-                      "lease_ttl_s", "expected_output_tokens", "output_tokens_quantile"}
+                      "lease_ttl_s", "expected_output_tokens", "output_tokens_quantile",
+                      "adapter_miss_weight", "adapter_load_s"}
     assert {k: getattr(spec, k) for k in shared} == {k: defaults[k] for k in shared}
     assert spec.router_config({}) == RouterConfig()
     assert RouterSpec.model_fields["policy"].annotation.__args__ == tuple(POLICIES)
@@ -224,3 +231,75 @@ def test_router_config_takes_each_models_facts_from_that_model(tiny_checkpoints)
         "a": ModelFacts(block_size=32, kv_bytes_per_token=4 * per_elem),  # auto: as float32
         "b": ModelFacts(block_size=8, kv_bytes_per_token=2 * per_elem),
         "c": ModelFacts(block_size=16, kv_bytes_per_token=per_elem)}
+
+
+def test_a_pool_overrides_the_models_engine_settings_for_its_replicas():
+    from splitserve.cluster.serve.app import pool_apps
+    from splitserve.engine.roles import Role
+
+    cfg = parse_config({"models": [{
+        "model": {"name": "m", "max_num_seqs": 16, "max_num_batched_tokens": 512, "num_blocks": 64},
+        "prefill": {"engine": {"max_num_seqs": 2, "max_num_batched_tokens": 4096,
+                               "enforce_eager": True}},
+        "decode": {"engine": {"max_num_seqs": 64, "kv_cache_memory_gb": 2.0}}}]})
+    served = cfg.models[0]
+    pre, dec = served.engine_spec(Role.PREFILL), served.engine_spec(Role.DECODE)
+    assert (pre.max_num_seqs, pre.max_num_batched_tokens, pre.num_blocks, pre.enforce_eager) \
+        == (2, 4096, 64, True)
+    # a pool sizing its KV by memory drops the model's block count
+    assert (dec.max_num_seqs, dec.max_num_batched_tokens, dec.num_blocks,
+            dec.kv_cache_memory_gb, dec.enforce_eager) == (64, 512, None, 2.0, False)
+    assert served.model.max_num_seqs == 16  # the model's own spec is unchanged
+    apps = pool_apps(served, cfg, "v1")
+    built = {app: bound._bound_deployment.init_args[1] for app, (_, bound) in apps.items()}
+    assert built["m-prefill"]["max_num_seqs"] == 2 and built["m-decode"]["max_num_seqs"] == 64
+    colocated = parse_config({"models": [{"model": {"name": "c"}, "mode": "colocated",
+                                          "decode": {"engine": {"max_num_seqs": 7}}}]}).models[0]
+    assert colocated.engine_spec(Role.COLOCATED).max_num_seqs == 7
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        parse_config({"models": [{"decode": {"engine": {"max_num_batched_tokens": 4}}}]})
+
+
+def test_pools_pick_their_own_tensor_parallel_degree_and_reserve_per_rank(tiny_checkpoints):
+    from splitserve.cluster.serve.app import check_tensor_parallel, pool_apps
+    from splitserve.engine.roles import Role
+
+    path = str(tiny_checkpoints["llama"])  # 4 attention heads, 2 KV heads
+    cfg = parse_config({"models": [{
+        "model": {"name": "m", "path": path, "tensor_parallel_size": 2},
+        "prefill": {"num_cpus": 1.5, "engine": {"tensor_parallel_size": 4}},
+        "decode": {"num_cpus": 2, "num_gpus": 1}}]})
+    served = cfg.models[0]
+    assert served.engine_spec(Role.PREFILL).tensor_parallel_size == 4
+    assert served.engine_spec(Role.DECODE).tensor_parallel_size == 2
+    check_tensor_parallel(cfg)  # 4 and 2 both split 4 heads (KV heads replicated at 4)
+    apps = pool_apps(served, cfg, "v1")
+    opts = {app: bound._bound_deployment.ray_actor_options for app, (_, bound) in apps.items()}
+    assert (opts["m-prefill"]["num_cpus"], opts["m-prefill"]["num_gpus"]) == (6.0, 0.0)
+    assert (opts["m-decode"]["num_cpus"], opts["m-decode"]["num_gpus"]) == (4, 2)
+    built = {app: bound._bound_deployment.init_args[1] for app, (_, bound) in apps.items()}
+    assert built["m-prefill"]["tensor_parallel_size"] == 4
+    bad = parse_config({"models": [{"model": {"name": "m", "path": path},
+                                    "decode": {"engine": {"tensor_parallel_size": 3}}}]})
+    with pytest.raises(ConfigError, match="model 'm', decode pool: .*num_attention_heads "
+                                          r"\(4\) is not a multiple"):
+        check_tensor_parallel(bad)
+    with pytest.raises(ConfigError, match="num_gpus counts per rank"):
+        parse_config({"models": [{"model": {"tensor_parallel_size": 2},
+                                  "decode": {"num_gpus": 0.5}}]})
+
+
+def test_speculative_settings_reach_decode_engines_only():
+    from splitserve.cluster.serve.workers import speculative_config
+    from splitserve.engine.roles import Role
+
+    cfg = parse_config({"models": [{"model": {"speculative": {
+        "method": "ngram", "num_speculative_tokens": 6, "ngram_max": 5,
+        "disable_batch_size": 16}}}]})
+    spec = cfg.models[0].model
+    got = speculative_config(spec, Role.DECODE)
+    assert (got.method, got.num_speculative_tokens, got.ngram_min, got.ngram_max,
+            got.disable_batch_size, got.adaptive) == ("ngram", 6, 1, 5, 16, True)
+    assert speculative_config(spec, Role.COLOCATED) == got
+    assert speculative_config(spec, Role.PREFILL) is None
+    assert speculative_config(parse_config({}).models[0].model, Role.DECODE) is None

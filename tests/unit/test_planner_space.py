@@ -9,7 +9,7 @@ from splitserve.cluster.planning.planner.space import (
 
 SMALL = SpaceSpec(max_num_seqs=(32, 64), max_num_batched_tokens=(512, 2048), block_sizes=(16,),
                   kv_dtypes=("auto", "fp8"), weight_dtypes=("bfloat16", "fp8"),
-                  tensor_parallel=(1, 2), speculative=("off", "ngram:4"),
+                  tensor_parallel=(1, 2), speculative=("off", "ngram:4", "ngram:8"),
                   policies=("cost", "prefix_aware", "round_robin"), local_prefill=(0, 256),
                   autoscaling=("fixed", "burst"), max_replicas=3)
 
@@ -55,15 +55,16 @@ def test_space_size_matches_enumeration():
 
 def test_unsupported_settings_are_modelled_only():
     sup = engine_support()
-    # the engine runs one device per replica, bf16 weights, no speculation (today's ModelSpec)
+    # tensor parallelism, bf16 and fp8 weights, n-gram speculation up to 4 tokens
+    # (today's ModelSpec); ngram:8 stays modelled-only
     assert ("weight_dtype" in ModelSpec.model_fields) == ("fp8" in sup["weight_dtype"])
-    assert sup["tensor_parallel"] == {1}
-    assert sup["speculative"] == {"off"}
+    assert sup["tensor_parallel"] == {1, 2, 4, 8}
+    assert sup["speculative"] == {"off", "ngram:2", "ngram:4"}
     assert sup["kv_cache_dtype"] == {"auto", "fp8"}
     grid = engine_grid(SMALL)
     for k in range(len(grid)):
         expected = (SMALL.weight_dtypes[grid.wd[k]] in sup["weight_dtype"]
-                    and SMALL.speculative[grid.spec[k]] == "off")
+                    and SMALL.speculative[grid.spec[k]] in sup["speculative"])
         assert grid.deployable[k] == expected
 
 

@@ -105,3 +105,22 @@ def test_shapes_count_parameters_and_kv_bytes():
     assert 69e9 < PRESETS["llama-3.1-70b"].num_params < 72e9
     mix = PRESETS["mixtral-8x7b"]
     assert 45e9 < mix.num_params < 48e9 and 12e9 < mix.active_params_per_token < 14e9
+
+
+def test_a_shape_profiled_under_another_name_is_found_by_its_structure(db):
+    # `splitserve profile --config` names the embedded model by its served name,
+    # a simulation by its folder: the same weights, so the same rows
+    s = EngineSettings()
+    served = replace(LLAMA8B, name="default")
+    rows = [StepSample(p, p * p / 2, 1 if p else 0, b, b * 500, 0.01 + 1e-5 * p + 1e-4 * b)
+            for p in (0, 128, 512) for b in (1, 8, 32)]
+    db.add_step_samples(served, "h100-sxm", s, rows)
+    db.add_startup(served, "h100-sxm", 4.5)
+    other = replace(LLAMA8B, name="default-model-v1")
+    assert len(db.step_samples(other.key, "h100-sxm")) == 9
+    assert db.startup_s(other.key, "h100-sxm") == (4.5, MEASURED)
+    assert profiles.step_model(db, other, profiles.hardware(db, "h100-sxm"), s).provenance \
+        == MEASURED
+    # another structure is not
+    bigger = replace(LLAMA8B, name="default", num_layers=LLAMA8B.num_layers + 1)
+    assert db.step_samples(bigger.key, "h100-sxm") == []

@@ -156,3 +156,18 @@ def test_cli_simulate_explains_a_missing_shape(tmp_path, capsys):
                "h100-sxm", "--rate", "1", "--num-requests", "1", "--db", str(tmp_path / "p.db")])
     assert rc == 2
     assert "--shape NAME=PRESET" in capsys.readouterr().err
+
+
+def test_each_pool_runs_its_own_engine_settings(db):
+    import copy
+
+    cfg = copy.deepcopy(CONFIG)
+    cfg["models"][0]["prefill"]["engine"] = {"max_num_seqs": 4, "max_num_batched_tokens": 4096}
+    cfg["models"][0]["decode"]["engine"] = {"max_num_seqs": 128, "num_blocks": 5000}
+    sim, _ = simulate(db, cfg=cfg, n=50)
+    pre, dec = sim.pools[f"{MODEL}-prefill"], sim.pools[f"{MODEL}-decode"]
+    assert (pre.mspec.max_num_seqs, pre.mspec.max_num_batched_tokens) == (4, 4096)
+    assert (dec.mspec.max_num_seqs, dec.mspec.max_num_batched_tokens) == (128, 2048)
+    assert dec.num_blocks == 5000 and pre.num_blocks != 5000
+    scheds = {s.rep.sched.max_num_seqs for s in sim.replicas.values()}
+    assert scheds == {4, 128}

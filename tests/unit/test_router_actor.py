@@ -145,7 +145,8 @@ def test_reports_become_the_router_view_of_each_pool():
     assert reps["prefill"] == [dict(
         replica_id="p0", model="m", pending_prompt_tokens=30, running_requests=0,
         prefill_tokens_per_s=10000.0, healthy=True, draining=False, node_id="n1",
-        updated_at=reps["prefill"][0]["updated_at"], queue_s=0.003)]
+        updated_at=reps["prefill"][0]["updated_at"], adapters=[], host_adapters=[],
+        queue_s=0.003)]
     assert [(d["replica_id"], d["free_blocks"], d["max_seqs"], d["block_size"], d["decode_step_s"])
             for d in reps["decode"]] == [("c0", 100, 8, 16, 0.01), ("d0", 100, 8, 16, 0.01)]
     assert {rid: i.role for rid, i in r.replicas_info.items()} == {

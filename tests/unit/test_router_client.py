@@ -22,8 +22,9 @@ class _Method:
             await asyncio.sleep(0)  # a round trip: other coroutines run meanwhile
             if self.router.dead:
                 raise ConnectionError("actor died")
-            self.router.calls[self.name] += 1
-            out = await getattr(self.router.actor, self.name)(*args)
+            self.router.calls[self.name] = self.router.calls.get(self.name, 0) + 1
+            out = getattr(self.router.actor, self.name)(*args)
+            out = await out if asyncio.iscoroutine(out) else out
             if self.name == "exchange":
                 await asyncio.sleep(self.router.reply_delay_s)  # a slow way back
             return out
@@ -33,8 +34,9 @@ class _Method:
 class FakeRouter:
     """A router actor's handle: ``.exchange.remote(...)`` and ``.poll.remote(...)``."""
 
-    def __init__(self, **cfg):
-        cfg = RouterConfig(policy="least_loaded", models={"m": ModelFacts(16, 1000)}, **cfg)
+    def __init__(self, models=("m",), **cfg):
+        cfg = RouterConfig(policy="least_loaded", models={m: ModelFacts(16, 1000) for m in models},
+                           **cfg)
         self.actor = RouterActor.__ray_actor_class__(cfg, tick_s=0)
         self.actor.update_stats(prefill())
         self.actor.update_stats(decode())  # 8 batch slots, 100 blocks of 16
@@ -43,6 +45,7 @@ class FakeRouter:
         self.calls = {"exchange": 0, "poll": 0}
         self.exchange = _Method(self, "exchange")
         self.poll = _Method(self, "poll")
+        self.live_replicas = _Method(self, "live_replicas")
 
     def counters(self):
         return self.actor.counters()

@@ -342,3 +342,35 @@ def test_pruned_search_equals_brute_force(policy):
             continue
         got = place(policy, r, s, matches, cfg)
         assert (got.prefill_replica, got.decode_replica, got.reason) == expected, trial
+
+
+# -- LoRA adapters: replicas holding the request's adapter are preferred --------------
+def test_decode_prefers_the_replica_holding_the_adapter_within_its_weight():
+    # load = max((running + 1) / 64, used blocks / total): d1 0.25, d2 0.125 (no adapter)
+    holds = dec("d1", running=15, adapters=frozenset({"A"}))
+    idle = dec("d2", running=7, host_adapters=frozenset({"A"}))
+    s = snap(holds, idle)
+    assert place("cost", req(), s).decode_replica == "d2"  # a base request: the lighter one
+    # the adapter's miss costs 0.2 (host memory: 0.1): 0.25 < 0.125 + 0.1? no; 0.125 + 0.2? yes
+    assert place("cost", req(adapter="B"), s).decode_replica == "d2"  # neither holds B
+    assert place("cost", req(adapter="A"), s).decode_replica == "d2"  # 0.225 < 0.25
+    cold = dec("d2", running=7)
+    assert place("cost", req(adapter="A"), snap(holds, cold)).decode_replica == "d1"  # 0.25 < 0.325
+    # a much lighter replica still wins over holding the adapter
+    empty = dec("d2", running=0)
+    assert place("cost", req(adapter="A"), snap(holds, empty)).decode_replica == "d2"
+    assert place("cost", req(adapter="A"), snap(holds, cold),
+                 cfg=config(adapter_miss_weight=0.0)).decode_replica == "d2"
+
+
+def test_prefill_ttft_counts_bringing_the_adapter_in():
+    d = dec("d1")
+    p_slot = pre("p1", pending=300, adapters=frozenset({"A"}))
+    p_cold = pre("p2", pending=0)
+    cfg = config(local_prefill_max_tokens=0, adapter_load_s=0.05)
+    base = place("cost", req(), snap(d, p_slot, p_cold), cfg=cfg)
+    assert base.prefill_replica == "p2"  # 30 ms less queue
+    got = place("cost", req(adapter="A"), snap(d, p_slot, p_cold), cfg=cfg)
+    assert got.prefill_replica == "p1"  # its 30 ms queue beats p2's 50 ms load
+    assert got.predicted_ttft_s == pytest.approx(remote_ttft_s(
+        p_slot, d, 256, 256, KV, cfg))

@@ -96,7 +96,7 @@ def test_priority_goes_first_and_a_new_request_never_overtakes_a_waiting_one():
     svc = service(clock)
     svc.update_stats(dec(clock, running=2))  # full
     t0 = clock()
-    assert ask(svc, call(clock, "old"), call(clock, "vip", priority=5, arrival=t0 + 1)) == (QUEUED,) * 2
+    assert ask(svc, call(clock, "old"), call(clock, "vip", priority=-5, arrival=t0 + 1)) == (QUEUED,) * 2
     svc.update_stats(dec(clock, running=1))
     assert [lid for lid, _ in svc.take_resolved("h")] == ["vip"]
     clock.t += 1
@@ -334,7 +334,7 @@ def test_lease_table_and_wait_queue():
 
     q = WaitQueue()
     req = RouteRequest("r", "m", 1, 1, block_hashes=())
-    for lid, prio, arrival in (("late", 0, 2.0), ("early", 0, 1.0), ("vip", 1, 3.0)):
+    for lid, prio, arrival in (("late", 0, 2.0), ("early", 0, 1.0), ("vip", -1, 3.0)):
         q.add(Waiting(lid, "h", req, prio, arrival, arrival, float("inf"), False))
     assert [e.lease_id for e in q] == ["vip", "early", "late"]
     assert q.remove("early").lease_id == "early" and q.remove("early") is None

@@ -70,7 +70,7 @@ def test_model_flags_are_refused_for_a_config_of_several_models(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--tensor-parallel-size", "2"), "only 1 is supported"),
+    (("--tensor-parallel-size", "0"), "--tensor-parallel-size must be at least 1"),
     (("--decode-replicas", "0"), "--decode-replicas must be at least 1"),
     (("--block-size", "24"), "block_size must be a power of two"),
     (("--port", "70000"), "endpoints.http_port"),
@@ -94,8 +94,21 @@ def test_print_config_round_trips_to_the_same_cluster(tmp_path, capsys):
 
 
 def test_bad_flag_exits_2_with_the_reason(capsys):
-    assert main(["serve", "--tensor-parallel-size", "4", "--print-config"]) == 2
-    assert "tensor-parallel-size 4" in capsys.readouterr().err
+    assert main(["serve", "--tensor-parallel-size", "0", "--print-config"]) == 2
+    assert "tensor-parallel-size must be at least 1" in capsys.readouterr().err
+
+
+def test_tensor_parallel_size_sets_the_model_and_its_replicas_resources(tmp_path, capsys):
+    from splitserve.engine.roles import Role
+
+    cfg = config_from_args(args_of("/models/tiny", "-tp", "2"))
+    served = cfg.models[0]
+    assert served.model.tensor_parallel_size == 2
+    for role in served.roles():
+        assert served.engine_spec(role).tensor_parallel_size == 2
+        assert served.pool(role).ray_actor_options(2)["num_cpus"] == 2 * served.pool(role).num_cpus
+    assert main(["serve", "/models/tiny", "-tp", "2", "--print-config"]) == 0
+    assert "tensor_parallel_size: 2" in capsys.readouterr().out
 
 
 def test_serving_beyond_loopback_without_a_key_is_refused(capsys):

@@ -35,11 +35,23 @@ def test_layout_dict_round_trip_and_default_version():
     d = LAYOUT.to_dict()
     assert d == {"model_id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "kv_dtype": "bfloat16",
                  "block_size": 16, "num_layers": 28, "num_kv_heads": 8, "head_dim": 128,
-                 "layout": "L2NBHD-v1"}
-    del d["layout"]
+                 "layout": "L2NBHD-v1", "tensor_parallel_size": 1, "kv_head_start": 0,
+                 "kv_head_end": 0}
+    for optional in ("layout", "tensor_parallel_size", "kv_head_start", "kv_head_end"):
+        del d[optional]
     assert KVLayout.from_dict(d) == LAYOUT
     with pytest.raises(IncompatibleKVError, match="layout: 'L2NBHD-v1' != 'L2NBHD-v2'"):
         LAYOUT.check_compatible(KVLayout.from_dict({**d, "layout": "L2NBHD-v2"}))
+
+
+def test_layouts_pair_across_tp_degrees_when_they_carry_the_same_heads():
+    # an older peer (no head range) carries every head, like a TP engine's rank 0
+    tp2 = KVLayout.from_dict({**LAYOUT.to_dict(), "tensor_parallel_size": 2, "kv_head_end": 8})
+    LAYOUT.check_compatible(tp2)
+    tp2.check_compatible(LAYOUT)
+    half = KVLayout.from_dict({**tp2.to_dict(), "kv_head_start": 4})
+    with pytest.raises(IncompatibleKVError, match=r"KV heads carried: \(0, 8\) != \(4, 8\)"):
+        LAYOUT.check_compatible(half)
 
 
 def test_make_header_describes_the_buffer():

@@ -122,8 +122,10 @@ def _pool(p: PoolPlan, role: str, plan: Plan, ctx: EmitContext) -> dict:
         out.update(min_replicas=n, max_replicas=max(n + 1, math.ceil(n * 1.5)))
     if p.cpu:
         out.update(num_cpus=p.threads, num_gpus=0)
-    else:
-        out.update(num_cpus=4, num_gpus=p.tp)
+    else:  # per rank: a replica of tp ranks reserves tp GPUs
+        out.update(num_cpus=4, num_gpus=1)
+    if p.tp > 1:
+        out["engine"] = {"tensor_parallel_size": p.tp}
     if plan.autoscaling == "fixed":
         out["autoscaling"] = None
         return out

@@ -41,10 +41,11 @@ from splitserve.cluster.config import ModelSpec
 from splitserve.cluster.planning import profiles
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.hardware import Hardware, local_cpu_key
+from splitserve.cluster.planning.planner.candidates import col
 from splitserve.cluster.planning.planner.inputs import (
     SLO, Offer, PlanInputError, WorkloadModel, z_of)
 from splitserve.cluster.planning.planner.space import (
-    EngineGrid, RouterOption, SpaceSpec)
+    EngineGrid, RouterOption, SpaceSpec, tp_splits)
 from splitserve.cluster.planning.shapes import ModelShape
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
@@ -328,17 +329,13 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         mem_ok[sel] = fits & (blocks >= 16)
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
-    dep = grid.deployable[e] & np.isin(tp, list(tp_support))
+    dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),
                  kv_tokens=kv_tokens, kv_gib=kv_gib, mem_ok=mem_ok, price=price, cap=cap,
                  seqs=seqs, budget=budget, block=block, g=g, draft=draft, deployable=dep,
                  quality=quality[e], flops_ok=flops_ok)
-
-
-def _col(x):
-    return np.asarray(x)[:, None, None]
 
 
 @dataclass
@@ -362,8 +359,8 @@ def _step(u: Units, perseq, n, q, a):
     """Step time with ``n`` decoding sequences and a prompt chunk of ``q``
     tokens (``a`` query-key pairs), the larger of the forms."""
     f = u.forms
-    return _col(f.oh) + np.maximum(
-        *[_col(f.c[:, k]) + _col(f.wp[:, k]) * q + _col(f.wa[:, k]) * a + perseq[k] * n
+    return col(f.oh) + np.maximum(
+        *[col(f.c[:, k]) + col(f.wp[:, k]) * q + col(f.wa[:, k]) * a + perseq[k] * n
           for k in range(2)])
 
 
@@ -379,9 +376,9 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     f = u.forms
     r = np.arange(1, rmax + 1, dtype=np.float64)[None, None, :]
     x = ws.rate / r
-    g, draft = _col(u.g), _col(u.draft)
-    budget = _col(u.budget).astype(np.float64)
-    perseq = [_col((f.wb[:, k] + f.wc[:, k] * ws.lbar)
+    g, draft = col(u.g), col(u.draft)
+    budget = col(u.budget).astype(np.float64)
+    perseq = [col((f.wb[:, k] + f.wc[:, k] * ws.lbar)
                    * np.where(f.compute_form[:, k], u.draft, 1.0)) for k in range(2)]
     share = loc["n"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -417,7 +414,7 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     converged = np.abs(n_chk - n) <= 0.02 * n + 1e-2
     tau = np.where(steps > 0, 1.0 / np.maximum(steps, 1e-12), INF)
     slots = np.minimum(u.seqs, np.floor((u.kv_tokens - ws.q_total) / (ws.lbar + u.block / 2.0)))
-    slots = _col(np.maximum(slots, 0))
+    slots = col(np.maximum(slots, 0))
     stable = converged & (steps > 0) & (rho < 1) & (n < slots) & (budget - n * draft >= 1)
     # a percentile request: a fuller batch, and its share of chunk steps over its output
     n_p = np.minimum(slots, n + z * np.sqrt(np.maximum(n, 0)))
@@ -430,11 +427,11 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     offered = ws.rate * (ws.eo / g * tau + hold_extra)
     blocking = erlang_b(slots * r, offered)
     floor_tpot = _step(u, perseq, 1.0, 0.0, 0.0) / g
-    memory_bound = (_col(f.c[:, 1]) + perseq[1] * n) >= (_col(f.c[:, 0]) + perseq[0] * n)
+    memory_bound = (col(f.c[:, 1]) + perseq[1] * n) >= (col(f.c[:, 0]) + perseq[0] * n)
     shape = np.broadcast_shapes(tau.shape, slots.shape)
     return dict(tau=tau, n=n, slots=np.broadcast_to(slots, shape), tpot_p=tpot_p,
                 blocking=blocking, stable=stable, floor_tpot=np.broadcast_to(floor_tpot, shape),
-                kv_use=n * ws.lbar / _col(np.maximum(u.kv_tokens, 1)),
+                kv_use=n * ws.lbar / col(np.maximum(u.kv_tokens, 1)),
                 tokens=n * draft + np.where(cbar > 0, mean_u / np.maximum(cbar, 1e-12), 0) * (
                     cs * tau), memory_bound=memory_bound, perseq=perseq, avail=av, rho=rho,
                 cbar=cbar, tc=tc, mean_u=mean_u)
@@ -445,8 +442,8 @@ def _prompt_time(u: Units, toks, chunk, extra_per_step, k: int):
     under form k, each step also carrying ``extra_per_step`` seconds of work."""
     f = u.forms
     steps = np.ceil(toks / np.maximum(chunk, 1))
-    return (steps * (_col(f.oh + f.c[:, k]) + extra_per_step) + _col(f.wp[:, k]) * toks
-            + _col(f.wa[:, k]) * toks * (toks + 1) / 2)
+    return (steps * (col(f.oh + f.c[:, k]) + extra_per_step) + col(f.wp[:, k]) * toks
+            + col(f.wa[:, k]) * toks * (toks + 1) / 2)
 
 
 def _queue(rho, mean_t, cv2, c, cmax: int, pct: float):
@@ -469,8 +466,8 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
     loc = {"n": ws.loc_n[None], "tok": ws.loc_tok[None], "attn": ws.loc_attn[None]}
     m = _serve(u, ws, rmax, loc, z, slo.ttft_s)
     r = np.arange(1, rmax + 1)[None, None, :]
-    within_cap = r <= _col(u.cap)
-    unit_ok = _col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.q_total))
+    within_cap = r <= col(u.cap)
+    unit_ok = col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.q_total))
     perseq_n = [m["perseq"][k] * m["n"] for k in range(2)]
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_u = m["mean_u"]
@@ -487,7 +484,7 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
     local_matters = (ws.loc_n >= 1 - slo.ttft_pct / 100)[None]
     ttft_local = np.where(local_matters, ttft_local, 0.0)
     floor_ttft = np.where(local_matters, np.maximum(
-        *[_prompt_time(u, ws.loc_up[None], _col(u.budget), 0.0, k) for k in range(2)]), 0.0)
+        *[_prompt_time(u, ws.loc_up[None], col(u.budget), 0.0, k) for k in range(2)]), 0.0)
     stable = m["stable"]
     bounds_ok = (unit_ok & within_cap & stable & (m["floor_tpot"] <= slo.tpot_s)
                  & (floor_ttft <= slo.ttft_s))
@@ -498,7 +495,7 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
                    blocking=m["blocking"], kv_use=m["kv_use"], ttft_local=ttft_local,
                    prefill_rho=np.broadcast_to(np.where(np.isfinite(rho), rho, 9.9), shape),
                    memory_bound=np.broadcast_to(m["memory_bound"], shape), tokens=m["tokens"],
-                   cost=np.broadcast_to(_col(u.price) * r, shape))
+                   cost=np.broadcast_to(col(u.price) * r, shape))
     return PoolTable("colocated" if colocated else "decode", u, opts, bounds_ok, est_ok, metrics)
 
 
@@ -515,13 +512,13 @@ def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
         m2 = np.where(rem_n > 0, ws.rem_m2[None] / np.maximum(rem_n, 1e-12), 0.0)
     taus = []
     for k in range(2):
-        beta = y * (_col(f.wp[:, k]) * mean_u + _col(f.wa[:, k]) * attn_per_prompt)
+        beta = y * (col(f.wp[:, k]) * mean_u + col(f.wa[:, k]) * attn_per_prompt)
         with np.errstate(divide="ignore", invalid="ignore"):
-            taus.append(np.where(beta < 1, _col(f.oh + f.c[:, k]) / (1 - beta), INF))
+            taus.append(np.where(beta < 1, col(f.oh + f.c[:, k]) / (1 - beta), INF))
     tau_s = np.maximum(*taus)
-    b = _col(u.budget).astype(np.float64)
-    tau_b = _col(f.oh) + np.maximum(*[_col(f.c[:, k]) + _col(f.wp[:, k]) * b
-                                      + _col(f.wa[:, k]) * b * a_bar for k in range(2)])
+    b = col(u.budget).astype(np.float64)
+    tau_b = col(f.oh) + np.maximum(*[col(f.c[:, k]) + col(f.wp[:, k]) * b
+                                      + col(f.wa[:, k]) * b * a_bar for k in range(2)])
     mu = b / tau_b
     rho = y * mean_u / mu
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -532,10 +529,10 @@ def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
     own_m = np.maximum(*[_prompt_time(u, mean_u, b, 0.0, k) for k in range(2)])
     ttft = np.maximum(own_p + w, own_m + wp) + np.where(np.isfinite(tau_s), tau_s / 2, 0.0)
     # the KV hand-off of every remote prompt leaves through these replicas' NICs
-    handoff = ws.rate * rem_n * ws.rem_imean[None] * _col(kv_bytes_per_token)
-    net_ok = handoff <= 0.8 * _col(nic_bytes_per_s) * r * _col(u.tp)
-    within_cap = r <= _col(u.cap)
-    unit_ok = _col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.max_prompt))
+    handoff = ws.rate * rem_n * ws.rem_imean[None] * col(kv_bytes_per_token)
+    net_ok = handoff <= 0.8 * col(nic_bytes_per_s) * r * col(u.tp)
+    within_cap = r <= col(u.cap)
+    unit_ok = col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.max_prompt))
     idle = rem_n == 0
     stable = idle | (np.isfinite(tau_s) & (rho < 1))
     floor = np.where(idle, 0.0, own_p)
@@ -546,7 +543,7 @@ def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
                    tau_s=tau_s, mu=np.broadcast_to(mu, shape),
                    memory_bound=np.broadcast_to(taus[1] >= taus[0], shape),
                    full_step_memory_bound=np.broadcast_to(
-                       (_col(f.c[:, 1]) + _col(f.wp[:, 1]) * b)
-                       >= (_col(f.c[:, 0]) + _col(f.wp[:, 0]) * b), shape),
-                   cost=np.broadcast_to(_col(u.price) * r, shape))
+                       (col(f.c[:, 1]) + col(f.wp[:, 1]) * b)
+                       >= (col(f.c[:, 0]) + col(f.wp[:, 0]) * b), shape),
+                   cost=np.broadcast_to(col(u.price) * r, shape))
     return PoolTable("prefill", u, opts, bounds_ok, bounds_ok.copy(), metrics)

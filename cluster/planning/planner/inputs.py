@@ -116,8 +116,11 @@ def cacheable_tokens(reqs: list[TraceRequest]) -> np.ndarray:
     return out
 
 
-def _from_requests(reqs: list[TraceRequest], description: str, window: int,
-                   peak_window_s: float = 60.0) -> WorkloadModel:
+def from_requests(reqs: list[TraceRequest], description: str, window: int,
+                  peak_window_s: float = 60.0) -> WorkloadModel:
+    """The workload of these requests (arrival times from 0): lengths,
+    cacheable prefixes, mean and peak rates, and the busiest ``window`` of
+    them for the simulator."""
     if len(reqs) < 2:
         raise PlanInputError(f"{description}: needs at least 2 requests to estimate a rate")
     t = np.array([r.arrival_s for r in reqs])
@@ -157,7 +160,7 @@ def from_trace(path: str | Path, time_scale: float = 1.0, window: int = 800,
         reqs.append(r)
         if len(reqs) >= limit:
             break
-    return _from_requests(reqs, f"trace {path} (time scale {time_scale:g}, {len(reqs)} requests)",
+    return from_requests(reqs, f"trace {path} (time scale {time_scale:g}, {len(reqs)} requests)",
                           window)
 
 
@@ -186,7 +189,7 @@ def from_bench_record(path: str | Path, run: int = -1, window: int = 800) -> Wor
                          max(1, int(r.get("output_tokens") or r["output_len"])))
             for r in rows]
     label = chosen.get("series", "")
-    return _from_requests(reqs, f"bench record {p} (run {run}{' ' + label if label else ''}, "
+    return from_requests(reqs, f"bench record {p} (run {run}{' ' + label if label else ''}, "
                                 f"{len(reqs)} requests)", window)
 
 

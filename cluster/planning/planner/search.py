@@ -31,16 +31,16 @@ import numpy as np
 
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.planner import estimate as est
+from splitserve.cluster.planning.planner.candidates import (
+    CLOUD, KEEP, cand_array, cheapest, col, fitted, score)
 from splitserve.cluster.planning.planner.emit import (
     EmitContext, EnginePlan, Plan, PoolPlan, to_config)
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, PlanInputError, WorkloadModel
+from splitserve.cluster.planning.planner.pairs import count_pairs, score_pairs
 from splitserve.cluster.planning.planner.space import (
     SpaceSpec, engine_grid, engine_support, router_options, space_size)
 from splitserve.cluster.planning.shapes import ModelShape
 
-PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
-KEEP = 20_000  # cheapest candidates kept from the estimate
-CLOUD = 4_000  # estimated points kept for the plot
 
 
 @dataclass
@@ -224,20 +224,20 @@ class Planner:
             u = est.build_units(self.devices, space, grid, all_rows, req.shape, self.forms,
                                 self.quality, sup["tensor_parallel"])
             t = est.decode_table(u, opts, ws, slo, rmax, colocated=True, hops=3 * est.RPC_S)
-            extra = (_col(unit_ok_q[u.e]) & (t.metrics["cost"] <= budget))
+            extra = (col(unit_ok_q[u.e]) & (t.metrics["cost"] <= budget))
             t.bounds_ok &= extra
             m = t.metrics
             ok1 = t.est_ok & t.bounds_ok & (m["ttft_local"] <= slo.ttft_s) & (
                 m["tpot_p"] <= slo.tpot_s)
             oks = t.est_ok & t.bounds_ok & (m["ttft_local"] <= slo.ttft_s * req.slack) & (
                 m["tpot_p"] <= slo.tpot_s * req.slack)
-            dep = _col(u.deployable)
+            dep = col(u.deployable)
             for name, mask in (("deployable", dep), ("modelled_only", ~dep)):
                 bounds[name] += int((t.bounds_ok & mask).sum()) * n_auto
                 estim[name] += int((ok1 & mask).sum()) * n_auto
             idx = np.flatnonzero(oks)
             ui, oi, ri = np.unravel_index(idx, oks.shape)
-            rec = _cand_array(len(idx))
+            rec = cand_array(len(idx))
             rec["layout"] = 0
             rec["du"], rec["o"], rec["dr"] = ui, oi, ri + 1
             rec["pu"], rec["pr"] = -1, 0
@@ -248,8 +248,8 @@ class Planner:
             rec["q"] = self.quality[u.e[ui]]
             rec["ok"] = ok1.ravel()[idx]
             self._units_key = (u, None, None, self._quality_class)
-            cands.append(_cheapest(rec, KEEP, slo, self._units_key))
-            cands.append(_cheapest(rec[rec["dep"]], KEEP, slo, self._units_key))
+            cands.append(cheapest(rec, KEEP, slo, self._units_key))
+            cands.append(cheapest(rec[rec["dep"]], KEEP, slo, self._units_key))
             cloud.append(rec[rng.permutation(len(rec))[:CLOUD // 2]])
             self.tables["colocated"] = (u, opts, ws, t)
         if "disaggregated" in layouts:
@@ -264,19 +264,21 @@ class Planner:
                                   kvbpt[grid.kv[up.e]])
             td = est.decode_table(ud, opts, ws, slo, rmax, colocated=False, hops=4 * est.RPC_S)
             tp_ = est.prefill_table(up, opts, ws, slo, rmax, nic[up.dev], kv_of_unit)
-            td.bounds_ok &= _col(unit_ok_q[ud.e]) & (td.metrics["cost"] <= budget)
-            tp_.bounds_ok &= _col(unit_ok_q[up.e]) & (tp_.metrics["cost"] <= budget)
+            td.bounds_ok &= col(unit_ok_q[ud.e]) & (td.metrics["cost"] <= budget)
+            tp_.bounds_ok &= col(unit_ok_q[up.e]) & (tp_.metrics["cost"] <= budget)
             td.est_ok &= td.bounds_ok
             tp_.est_ok &= tp_.bounds_ok
             self.tables["prefill"] = (up, opts, ws, tp_)
-            col = self.tables.get("colocated", (None,))[0]
-            self._units_key = (col, ud, up, self._quality_class)
+            colocated_units = self.tables.get("colocated", (None,))[0]
+            self._units_key = (colocated_units, ud, up, self._quality_class)
             self.tables["decode"] = (ud, opts, ws, td)
-            b = self._count_pairs(up, tp_.bounds_ok, ud, td.bounds_ok, len(opts), budget)
+            b = count_pairs(self.devices, grid, up, tp_.bounds_ok, ud, td.bounds_ok, len(opts), budget)
             bounds["deployable"] += b[0] * n_auto
             bounds["modelled_only"] += (b[1] - b[0]) * n_auto
-            e1, rec_list, cl = self._pairs(up, tp_, ud, td, ws, opts, slo, budget, kvbpt, cpu_kv,
-                                           rng)
+            e1, rec_list, cl = score_pairs(
+                self.devices, grid, self.quality, self._units_key, req.slack,
+                self.db.handoff_bytes_per_s("grpc"), up, tp_, ud, td, ws, opts, slo, budget,
+                kvbpt, cpu_kv, rng)
             estim["deployable"] += e1[0] * n_auto
             estim["modelled_only"] += (e1[1] - e1[0]) * n_auto
             cands += rec_list
@@ -288,140 +290,10 @@ class Planner:
         estim["total"] = estim["deployable"] + estim["modelled_only"]
         self.counts["bounds"] = bounds
         self.counts["estimate"] = estim
-        allc = np.concatenate(cands) if cands else _cand_array(0)
-        self.candidates = allc[np.lexsort((_score(allc, slo), allc["cost"]))]
-        self.cloud = np.concatenate(cloud) if cloud else _cand_array(0)
+        allc = np.concatenate(cands) if cands else cand_array(0)
+        self.candidates = allc[np.lexsort((score(allc, slo), allc["cost"]))]
+        self.cloud = np.concatenate(cloud) if cloud else cand_array(0)
         self.timings["analytic_s"] = time.perf_counter() - t0
-
-    def _count_pairs(self, up, okp, ud, okd, n_opts, budget):
-        """(deployable, all) (prefill row, decode row) pairs that pass the bounds:
-        same shared settings and router option, within the offers' counts and
-        the budget; counted by histograms of devices used, not enumerated."""
-        grid = self.grid
-        ndev = len(self.devices)
-        gmax = int(max(d.count for d in self.devices))
-        ngroup = int(grid.prefill_key.max() + 1) * n_opts
-        res = []
-        for dep_only in (True, False):
-            hp = np.zeros((ngroup, ndev, gmax + 1), dtype=np.int64)
-            hd = np.zeros((ngroup, ndev, gmax + 2), dtype=np.int64)
-            for (units, ok, h) in ((up, okp, hp), (ud, okd, hd)):
-                mask = ok & (_col(units.deployable) if dep_only else True)
-                ui, oi, ri = np.nonzero(mask)
-                g = grid.prefill_key[units.e[ui]] * n_opts + oi
-                gpus = (ri + 1) * units.tp[ui]
-                np.add.at(h, (g, units.dev[ui], gpus), 1)
-            cum = np.cumsum(hd, axis=2)  # cum[..., k]: decode rows using <= k devices
-            total = 0
-            gp = np.arange(gmax + 1)
-            for i, di in enumerate(self.devices):
-                for j, dj in enumerate(self.devices):
-                    cap = np.full(gmax + 1, dj.count)
-                    if i == j:
-                        cap = np.minimum(cap, di.count - gp)
-                    if np.isfinite(budget):
-                        room = budget - gp * di.price
-                        cap = np.minimum(cap, np.floor(room / dj.price + 1e-9)
-                                         if dj.price > 0 else np.where(room >= 0, gmax, -1))
-                    cap = np.clip(cap, -1, gmax + 1).astype(np.int64)
-                    usable = np.where(cap >= 0, cum[:, j, np.maximum(cap, 0)], 0)
-                    total += int((hp[:, i, :] * usable).sum())
-            res.append(total)
-        return res
-
-    def _pairs(self, up, tp_, ud, td, ws, opts, slo, budget, kvbpt, cpu_kv, rng):
-        req, grid = self.req, self.grid
-        n_opts = len(opts)
-        mp, md = tp_.metrics, td.metrics
-        pi = np.flatnonzero(tp_.est_ok)
-        di = np.flatnonzero(td.est_ok)
-        pu, po, pr = np.unravel_index(pi, tp_.shape)
-        du, do, dr = np.unravel_index(di, td.shape)
-        gp = grid.prefill_key[up.e[pu]] * n_opts + po
-        gd = grid.prefill_key[ud.e[du]] * n_opts + do
-        order = np.argsort(gp, kind="stable")
-        pi, pu, po, pr, gp = pi[order], pu[order], po[order], pr[order], gp[order]
-        start = np.searchsorted(gp, gd, "left")
-        end = np.searchsorted(gp, gd, "right")
-        nper = end - start
-        counts_dev = np.array([d.count for d in self.devices])
-        price = np.array([d.price for d in self.devices])
-        intra = np.array([d.hw.intra_node_bandwidth for d in self.devices])
-        nic = np.array([d.hw.network_bandwidth * d.hw.efficiency.network for d in self.devices])
-        cpu = np.array([d.cpu for d in self.devices])
-        grpc = self.db.handoff_bytes_per_s("grpc")
-        tail_t = 1 - slo.ttft_pct / 100
-        ok_dep = ok_all = 0
-        recs, cloud = [], []
-        # chunks of decode rows holding about PAIR_CHUNK pairs
-        csum = np.cumsum(nper)
-        bounds_at = np.searchsorted(csum, np.arange(PAIR_CHUNK, csum[-1] + PAIR_CHUNK, PAIR_CHUNK)
-                                    ) if len(csum) and csum[-1] else np.array([], dtype=np.int64)
-        lo = 0
-        for hi in list(bounds_at + 1) + [len(di)]:
-            hi = min(hi, len(di))
-            if hi <= lo:
-                continue
-            j = np.arange(lo, hi)
-            n = nper[j]
-            tot = int(n.sum())
-            lo = hi
-            if tot == 0:
-                continue
-            jj = np.repeat(j, n)
-            off = np.repeat(np.cumsum(n) - n, n)
-            ii = start[jj] + (np.arange(tot) - off)
-            a_u, a_o, a_r = pu[ii], po[ii], pr[ii]
-            b_u, b_r = du[jj], dr[jj]
-            dev_p, dev_d = up.dev[a_u], ud.dev[b_u]
-            g_p = (a_r + 1) * up.tp[a_u]
-            g_d = (b_r + 1) * ud.tp[b_u]
-            same = dev_p == dev_d
-            count_ok = ~same | (g_p + g_d <= counts_dev[dev_p])
-            cost = g_p * price[dev_p] + g_d * price[dev_d]
-            keep = count_ok & (cost <= budget)
-            if not keep.any():
-                continue
-            sel = np.flatnonzero(keep)
-            a_u, a_o, a_r, b_u, b_r = a_u[sel], a_o[sel], a_r[sel], b_u[sel], b_r[sel]
-            dev_p, dev_d, g_p, g_d, same, cost = (dev_p[sel], dev_d[sel], g_p[sel], g_d[sel],
-                                                  same[sel], cost[sel])
-            pflat = pi[ii[sel]]
-            dflat = di[jj[sel]]
-            kv = np.where(cpu[dev_p], cpu_kv[grid.kv[ud.e[b_u]]], kvbpt[grid.kv[ud.e[b_u]]])
-            bw = np.where(same & (g_p + g_d <= est.DEVICES_PER_NODE), intra[dev_p],
-                          np.minimum(nic[dev_p], nic[dev_d]) * 4)
-            if grpc is not None:
-                bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
-            rem_n = ws.rem_n[a_o, a_r]
-            xfer = ws.rem_ip[a_o, a_r] * kv / bw
-            remote = (mp["ttft_p"].ravel()[pflat] + xfer + md["tau"].ravel()[dflat]
-                      + 4 * est.RPC_S)
-            remote = np.where(rem_n >= tail_t, remote, 0.0)
-            ttft = np.maximum(remote, md["ttft_local"].ravel()[dflat])
-            tpot = md["tpot_p"].ravel()[dflat]
-            # one kv_cache_memory_gb serves both pools: the smaller device's must hold the batch
-            kv_min = np.minimum(up.kv_tokens[a_u], ud.kv_tokens[b_u])
-            slots_min = np.minimum(ud.seqs[b_u], np.floor((kv_min - ws.q_total)
-                                                          / (ws.lbar + ud.block[b_u] / 2.0)))
-            fit = (md["n"].ravel()[dflat] < slots_min) & (kv_min >= ws.q_total)
-            ok1 = fit & (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
-            oks = fit & (ttft <= slo.ttft_s * req.slack) & (tpot <= slo.tpot_s * req.slack)
-            dep = up.deployable[a_u] & ud.deployable[b_u]
-            ok_dep += int((ok1 & dep).sum())
-            ok_all += int(ok1.sum())
-            s = np.flatnonzero(oks)
-            rec = _cand_array(len(s))
-            rec["layout"] = 1
-            rec["pu"], rec["pr"], rec["o"] = a_u[s], a_r[s] + 1, a_o[s]
-            rec["du"], rec["dr"] = b_u[s], b_r[s] + 1
-            rec["cost"], rec["ttft"], rec["tpot"] = cost[s], ttft[s], tpot[s]
-            rec["dep"], rec["ok"] = dep[s], ok1[s]
-            rec["q"] = self.quality[ud.e[b_u[s]]]
-            recs.append(_cheapest(rec, KEEP, slo, self._units_key))
-            recs.append(_cheapest(rec[rec["dep"]], KEEP, slo, self._units_key))
-            cloud.append(rec[rng.permutation(len(rec))[:CLOUD // 8]])
-        return (ok_dep, ok_all), recs, cloud
 
     # -- candidates to plans --------------------------------------------------------------
     def to_plan(self, rec) -> Plan:
@@ -498,7 +370,7 @@ class Planner:
             "kv_usage": float(m["kv_use"][at]), "tpot_p": float(m["tpot_p"][at]),
             "blocking": float(m["blocking"][at]),
             "memory_bound": bool(m["memory_bound"][at]),
-            "fitted": _fitted(u, du),
+            "fitted": fitted(u, du),
             "prompt_utilization": float(m["prefill_rho"][at]),
             "tokens_per_step": float(m["tokens"][at])}}
         ttft = float(m["ttft_local"][at])
@@ -514,7 +386,7 @@ class Planner:
             pools["prefill"] = {"ttft_p": float(mp["ttft_p"][pat]), "busy": float(mp["rho"][pat]),
                                 "tokens_per_s": float(mp["mu"][pat]),
                                 "full_step_memory_bound": bool(mp["full_step_memory_bound"][pat]),
-                                "fitted": _fitted(up, pu)}
+                                "fitted": fitted(up, pu)}
             ok = ok and bool(tpre.est_ok[pat])
             if ws.rem_n[o, pat[2]] >= 1 - slo.ttft_pct / 100:
                 dev_p, dev_d = self.devices[plan.prefill.device], self.devices[plan.decode.device]
@@ -551,7 +423,7 @@ class Planner:
                     for pu in pus:
                         for dr in range(1, int(u.cap[du]) + 1):
                             for pr in ([0] if pu is None else range(1, int(up.cap[pu]) + 1)):
-                                rec = _cand_array(1)[0]
+                                rec = cand_array(1)[0]
                                 rec["layout"] = 0 if layout == "colocated" else 1
                                 rec["du"], rec["dr"], rec["o"] = du, dr, o
                                 rec["pu"], rec["pr"] = (-1, 0) if pu is None else (pu, pr)
@@ -806,7 +678,7 @@ class Planner:
         best_dep = self.to_plan(dep_ok[0]) if dep_ok else None
         return PlanResult(req, self.devices, self.counts, self.timings, outcomes, chosen,
                           min(col, key=_rank) if col else None, best_mod, best_dep,
-                          {"cost": self.cloud["cost"], "score": _score(self.cloud, req.slo),
+                          {"cost": self.cloud["cost"], "score": score(self.cloud, req.slo),
                            "layout": self.cloud["layout"], "dep": self.cloud["dep"]},
                           self.emit_ctx, self._forms_summary())
 
@@ -871,66 +743,3 @@ class Planner:
             out[f"{self.devices[di].label} tp{tp} {wd} kv-{kv}"] = {"provenance": prov,
                                                                      "model": desc}
         return out
-
-
-def _col(x):
-    return np.asarray(x)[:, None, None]
-
-
-def _fitted(units, i: int) -> bool:
-    """The unit's step model is one measured line (its two forms are equal)."""
-    f = units.forms
-    return bool(f.c[i, 0] == f.c[i, 1] and f.wp[i, 0] == f.wp[i, 1] and f.wb[i, 0] == f.wb[i, 1])
-
-
-CAND_DTYPE = np.dtype([("layout", "i1"), ("pu", "i8"), ("pr", "i4"), ("du", "i8"), ("dr", "i4"),
-                       ("o", "i2"), ("cost", "f8"), ("ttft", "f8"), ("tpot", "f8"),
-                       ("dep", "?"), ("ok", "?"), ("q", "f8")])
-
-
-def _cand_array(n: int) -> np.ndarray:
-    return np.zeros(n, dtype=CAND_DTYPE)
-
-
-def _score(rec: np.ndarray, slo: SLO) -> np.ndarray:
-    """Latency against the SLOs (1.0: on an SLO); lower is better."""
-    return np.maximum(rec["ttft"] / slo.ttft_s, rec["tpot"] / slo.tpot_s)
-
-
-def _cheapest(rec: np.ndarray, k: int, slo: SLO, units=None) -> np.ndarray:
-    """The ``k`` cheapest hardware allocations of ``rec``, each by its
-    best-predicted settings per quality class (ties: lower latency)."""
-    if len(rec) == 0:
-        return rec
-    score = np.minimum(_score(rec, slo), 10.0)
-    if units is not None:
-        alloc = _alloc_key(rec, units)
-        order = np.lexsort((score, alloc))
-        first = np.unique(alloc[order], return_index=True)[1]
-        rec = rec[order[first]]
-        score = score[order[first]]
-    if len(rec) <= k:
-        return rec
-    part = np.argpartition(rec["cost"] + 1e-6 * score, k)[:k]
-    return rec[part]
-
-
-def _alloc_key(rec: np.ndarray, units) -> np.ndarray:
-    """One integer per (layout, devices, TP and replicas of each pool, quality class)."""
-    col, dec, pre, kv_of = units
-    lay = rec["layout"].astype(np.int64)
-    du = rec["du"]
-    dev_d = np.where(lay == 0, col.dev[np.minimum(du, len(col) - 1)] if col is not None else 0,
-                     dec.dev[np.minimum(du, len(dec) - 1)] if dec is not None else 0)
-    tp_d = np.where(lay == 0, col.tp[np.minimum(du, len(col) - 1)] if col is not None else 0,
-                    dec.tp[np.minimum(du, len(dec) - 1)] if dec is not None else 0)
-    e_d = np.where(lay == 0, col.e[np.minimum(du, len(col) - 1)] if col is not None else 0,
-                   dec.e[np.minimum(du, len(dec) - 1)] if dec is not None else 0)
-    pu = np.maximum(rec["pu"], 0)
-    dev_p = np.where(lay == 1, pre.dev[np.minimum(pu, len(pre) - 1)], 0) if pre is not None else 0
-    tp_p = np.where(lay == 1, pre.tp[np.minimum(pu, len(pre) - 1)], 0) if pre is not None else 0
-    key = lay
-    for v, n in ((dev_d, 64), (tp_d, 16), (rec["dr"], 1024), (dev_p, 64), (tp_p, 16),
-                 (rec["pr"], 1024), (kv_of[e_d], 16)):
-        key = key * n + np.asarray(v, dtype=np.int64)
-    return key

@@ -34,7 +34,7 @@ def engine_support() -> dict[str, set]:
         weight.add("fp8")
     tp = {1}
     if "tensor_parallel" in fields or "tensor_parallel_size" in fields:
-        tp |= {2, 4, 8}
+        tp |= {2, 4, 8}  # each further limited to the degrees a model splits by (tp_splits)
     spec = {"off"}
     if "speculative" in fields or "speculative_method" in fields:
         spec |= {"ngram:2", "ngram:4"}
@@ -42,6 +42,15 @@ def engine_support() -> dict[str, set]:
     policies = set(RouterSpec.model_fields["policy"].annotation.__args__)
     return {"weight_dtype": weight, "tensor_parallel": tp, "speculative": spec,
             "kv_cache_dtype": kv, "policy": policies}
+
+
+def tp_splits(shape, tp: int) -> bool:
+    """Whether the engine splits a model of ``shape`` (a ModelShape) over
+    ``tp`` ranks: attention heads and the intermediate size divide, KV heads
+    divide or are replicated (splitserve.engine.parallel.plan.check)."""
+    kv = shape.num_kv_heads
+    return (shape.num_heads % tp == 0 and shape.intermediate_size % tp == 0
+            and (kv % tp == 0 or tp % kv == 0))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ it; when those contracts change, this module is what follows them:
   typed ``PrefillStats`` / ``DecodeStats`` of ``splitserve.engine.stats``.
 - ``stats_report``: the ``StatsReport`` ``WorkerServer.push_stats`` sends;
   the router's view of it comes from the production ``replica_stats``.
-- ``push_to_router``: ``RouterActor.update_stats`` (stats and prefix-cache
-  events into ``RouterCore``).
+- ``push_to_router``: ``RouterActor.update_stats`` (stats into
+  ``RouterService``, which serves its wait queue, and prefix-cache events
+  into its ``RouterCore``).
+- ``route_call`` / ``lease_end``: the ``RouteCall`` / ``LeaseEnd`` the
+  router client (``cluster.serve.router_client``) sends in its exchanges.
 - ``router_config``: ``cluster.serve.app.router_config`` without loading
   the checkpoint (KV bytes per token come from the model's shape).
 - ``route_request``: the ``RouteRequest`` ``ClusterBackend.generate`` sends.
@@ -32,7 +35,8 @@ from splitserve.cluster.planning.sim.replica import SimReplica
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import DecodeStats, EngineLoad, PrefillStats, WorkerStats
 from splitserve.router.config import ModelFacts, RouterConfig
-from splitserve.router.core import RouterCore
+from splitserve.router.exchange import LeaseEnd, RouteCall
+from splitserve.router.service import RouterService
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.types import DecodeReplicaStats, PrefillReplicaStats, RouteRequest
 
@@ -73,15 +77,17 @@ def router_stats(rep: SimReplica, now: float) -> PrefillReplicaStats | DecodeRep
     return replica_stats(stats_report(rep, worker_stats(rep, now), now))
 
 
-def push_to_router(core: RouterCore, rep: SimReplica, now: float, snapshot: bool) -> bool:
+def push_to_router(service: RouterService, rep: SimReplica, now: float, snapshot: bool) -> bool:
     """One stats push of ``rep`` (``RouterActor.update_stats``): its stats
-    and the prefix-cache events its block pool drained. Returns whether the
-    router asks for a snapshot next time."""
+    (the model's wait queue gets its turn) and the prefix-cache events its
+    block pool drained. Returns whether the router asks for a snapshot next
+    time."""
     pool = rep.kv.pool
     if snapshot:
         pool.request_snapshot()
     ev = pool.drain_events()
-    unknown = core.update_stats(router_stats(rep, now))
+    core = service.core
+    unknown = service.update_stats(router_stats(rep, now))
     if ev.snapshot:
         core.replace_blocks(rep.replica_id, ev.stored or [])
     else:
@@ -106,6 +112,19 @@ def route_request(request_id: str, model: str, prompt_len: int, max_tokens: int,
     return RouteRequest(request_id=request_id, model=model, prompt_len=prompt_len,
                         max_tokens=max(1, max_tokens), block_hashes=tuple(hashes),
                         exclude_replicas=frozenset(exclude))
+
+
+def route_call(lease_id: str, rr: RouteRequest, arrival: float, now: float,
+               admitted: bool) -> RouteCall:
+    """The router client's call for one attempt of a request (``admitted``:
+    it already holds its slot, a retry or a resume)."""
+    return RouteCall(lease_id=lease_id, request=rr, arrival=arrival, waiting_since=now,
+                     admitted=admitted)
+
+
+def lease_end(lease_id: str, output_tokens: int | None) -> LeaseEnd:
+    """The release the router client sends when a request ends (None: failed)."""
+    return LeaseEnd(lease_id, -1 if output_tokens is None else output_tokens)
 
 
 def autoscaling_metrics(rep: SimReplica, now: float) -> dict[str, float]:

@@ -72,6 +72,10 @@ def add_simulate_arguments(p) -> None:
                    help="kill COUNT replicas of POOL (app name or role) at TIME s; repeatable")
     r.add_argument("--replace-after-s", type=float, default=10.0,
                    help="a failed replica is replaced after this (default: 10)")
+    r.add_argument("--replica-start-s", type=float, default=None,
+                   help="a new replica's start-up, launch to serving (default: the profile's; "
+                        "a measured CPU profile holds the engine build only, without the Serve "
+                        "replica's process start)")
     r.add_argument("--control-interval-s", type=float, default=0.5,
                    help="autoscaling policy ticks (default: 0.5)")
     r.add_argument("--sample-s", type=float, default=None,
@@ -208,6 +212,7 @@ def run_from_args(args) -> int:
         opts = SimOptions(seed=args.seed, control_interval_s=args.control_interval_s,
                           sample_s=sample_s, node_provision_s=args.node_provision_s,
                           replace_after_s=args.replace_after_s,
+                          replica_start_s=args.replica_start_s,
                           devices_per_node=args.gpus_per_node, coalesce=not args.no_coalesce,
                           kv_block_scale=args.kv_block_scale,
                           failures=_failures(args.failure), progress=args.progress)

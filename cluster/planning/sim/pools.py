@@ -117,7 +117,8 @@ class Pool:
         name = f"{self.app}-{self._count}"
         need = self.profile.devices
         node = self.nodes.take(need)
-        delay = self.profile.startup_s
+        delay = self.profile.startup_s if sim.opts.replica_start_s is None \
+            else sim.opts.replica_start_s
         if node is None:
             node = Node(f"{self.nodes.key}-node{len(self.nodes.nodes) + 1}", self.nodes.devices - need)
             self.nodes.nodes.append(node)
@@ -169,8 +170,9 @@ class Pool:
         if slot.state not in (READY, DRAINING) or not slot.rep.alive:
             return
         sim = self.sim
-        slot.snapshot_next = adapter.push_to_router(sim.router, slot.rep, sim.loop.now,
+        slot.snapshot_next = adapter.push_to_router(sim.service, slot.rep, sim.loop.now,
                                                     slot.snapshot_next)
+        sim.serving.resolve()
         sim.loop.after(sim.cfg.router.stats_period_s, self._push, slot)
 
     def _metrics(self, slot: Slot) -> None:
@@ -218,7 +220,8 @@ class Pool:
         sim = self.sim
         slot.state = DRAINING
         slot.rep.draining = True
-        adapter.push_to_router(sim.router, slot.rep, sim.loop.now, False)
+        adapter.push_to_router(sim.service, slot.rep, sim.loop.now, False)
+        sim.serving.resolve()
         deadline = sim.loop.now + self.spec.graceful_shutdown_timeout_s
         settle = 2 * sim.cfg.router.stats_period_s + 0.5
         sim.loop.after(min(settle, self.spec.graceful_shutdown_timeout_s), self._drain_check,
@@ -233,7 +236,7 @@ class Pool:
         idle = not rep.sched.running and not rep.sched.waiting and not rep.reservations \
             and not rep.inflight
         if idle or sim.loop.now >= deadline:
-            sim.router.remove_replica(slot.name)
+            sim.service.remove_replica(slot.name)
             if not idle:
                 sim.serving.replica_lost(slot, rep.kill())
             rep.alive = False
@@ -252,7 +255,7 @@ class Pool:
         # the router forgets it after 3 TTLs of silence; Serve's health check
         # finds it dead and replaces it
         sim.loop.after(3 * sim.cfg.router.stats_ttl_s,
-                       lambda _: sim.router.remove_replica(slot.name))
+                       lambda _: sim.service.remove_replica(slot.name))
         sim.loop.after(sim.opts.replace_after_s, self._replace, slot)
 
     def _replace(self, slot: Slot) -> None:
@@ -287,13 +290,22 @@ class Pool:
             waiting, pending, running))
 
 
-def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int) -> int:
-    """``engine.model_runner.num_kv_blocks`` for a replica of this spec."""
+def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int, num_kv_heads: int = 0) -> int:
+    """``engine.model_runner.num_kv_blocks`` for a replica of this spec: at
+    tensor-parallel degree N each rank gives ``kv_cache_memory_gb`` to its
+    share of the ``num_kv_heads`` KV heads (max(1, Hk/N) of them)."""
     if mspec.num_blocks is not None:
         return mspec.num_blocks
+    tp = mspec.tensor_parallel_size
+    if tp > 1 and num_kv_heads:
+        kv_bytes_per_token = kv_bytes_per_token * max(1, num_kv_heads // tp) // num_kv_heads
     per_block = kv_bytes_per_token * mspec.block_size
     return max(16, int(mspec.kv_cache_memory_gb * (1 << 30)) // per_block)
 
 
-def devices_for(spec: PoolSpec, on_gpu: bool) -> int:
-    return max(1, math.ceil(spec.num_gpus)) if on_gpu else 1
+def devices_for(spec: PoolSpec, on_gpu: bool, tensor_parallel_size: int = 1) -> int:
+    """GPUs one replica computes on: its tensor-parallel ranks (num_gpus is
+    per rank), or, at TP 1, what num_gpus reserves."""
+    if not on_gpu:
+        return 1
+    return max(tensor_parallel_size, math.ceil(spec.num_gpus) * tensor_parallel_size, 1)

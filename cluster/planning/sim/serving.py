@@ -1,11 +1,14 @@
 """Requests through the simulated cluster, stage by stage as deployed.
 
-Ingress (``ClusterBackend.generate``): the router admits the request
-(``RouterCore.admit``, 429 when the model's queue is full) and places it
-(``RouterCore.route``); a refusal before the first token places it again
+Ingress (``ClusterBackend.generate`` and its router client): one
+``RouteCall`` to the router (``RouterService.exchange``) admits the request
+(429 when the model holds ``max_queue_per_model``) and places it, or queues
+it in the model's wait queue until a stats push or a release makes room
+(refused past ``max_queue_delay_s``); a refusal before the first token places it again
 elsewhere (``exclude``), a decode replica lost mid-stream resumes the
 request elsewhere from the tokens produced so far, at most
-``router.max_retries`` times. The admission slot is released at the end.
+``router.max_retries`` times. The admission slot (a lease) is released
+at the end (``LeaseEnd``).
 
 Decode replica (``DecodeWorker.generate``) with a prefill placement:
   Prealloc: ``KVCacheManager.reserve`` (refused when it does not fit)
@@ -27,7 +30,9 @@ from typing import TYPE_CHECKING
 
 from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.sequence import SimSequence, output_block_hash
-from splitserve.router.types import NoCapacityError, OverloadedError, QueueDelayError
+from splitserve.router.exchange import Exchange, Queued
+from splitserve.router.types import (NoReplicaError, OverloadedError, Placement, QueueDelayError,
+                                     QueueTimeoutError)
 
 if TYPE_CHECKING:
     from splitserve.cluster.planning.sim.pools import Slot
@@ -35,11 +40,17 @@ if TYPE_CHECKING:
     from splitserve.cluster.planning.sim.simulator import Simulation
 
 
+HOLDER = "sim-ingress"  # the ingress whose router client holds every lease
+REFUSALS = {OverloadedError: "overloaded (router queue full)",
+            QueueDelayError: "overloaded (queue delay)",
+            QueueTimeoutError: "overloaded (queue timeout)", NoReplicaError: "no replica"}
+
+
 class SimRequest:
     __slots__ = ("idx", "key", "model", "arrival", "prompt_len", "output_len", "hashes",
                  "produced", "attempt", "attempts_left", "exclude", "admitted", "first_token",
                  "last_token", "local", "retries", "decode", "prefill", "cached", "seq", "pseq",
-                 "nbytes", "ended")
+                 "nbytes", "ended", "leased")
 
     def __init__(self, idx: int, model: str, arrival: float, prompt_len: int, output_len: int,
                  hashes: list[int], attempts: int):
@@ -66,6 +77,7 @@ class SimRequest:
         self.pseq: SimSequence | None = None
         self.nbytes = 0
         self.ended = False
+        self.leased = True  # its admission slot is held at the router (until refused)
 
     @property
     def seq_id(self) -> str:
@@ -76,39 +88,64 @@ class Serving:
     def __init__(self, sim: "Simulation"):
         self.sim = sim
         self.loop = sim.loop
-        self.router = sim.router
+        self.service = sim.service
         self.opts = sim.opts
         self.in_flight = 0
         self.finished = 0
+        self._waiting: dict[str, SimRequest] = {}  # lease id -> request queued at the router
 
     # -- ingress -------------------------------------------------------------------------
     def arrive(self, req: SimRequest) -> None:
         self.in_flight += 1
-        try:
-            self.router.admit(req.model)
-        except OverloadedError:
-            self._end(req, "overloaded (router queue full)")
-            return
-        req.admitted = True
-        self.loop.after(self.opts.rpc_s, self._route, req)
+        self.loop.after(self.opts.rpc_s + self.sim.request_s.get(req.model, 0.0), self._route,
+                        req)
+
+    def _exchange(self, calls=(), releases=()) -> tuple:
+        """One exchange of the ingress' router client (it renews its leases)."""
+        return self.service.exchange(Exchange(HOLDER, self.service.incarnation, tuple(calls),
+                                              tuple(releases))).outcomes
 
     def _route(self, req: SimRequest) -> None:
+        """``RouteCall``: placed now, queued at the router, or refused."""
         if req.ended:
             return
         n = req.prompt_len + req.produced
         rr = adapter.route_request(f"r{req.idx}-{req.produced}-{req.attempts_left}", req.model,
                                    n, req.output_len - req.produced, req.hashes, req.exclude)
-        try:
-            p = self.router.route(rr, shed=req.attempt == 0)
-        except QueueDelayError:
-            self._end(req, "overloaded (queue delay)")
+        lease = f"r{req.idx}"
+        call = adapter.route_call(lease, rr, req.arrival, self.loop.now, req.admitted)
+        (out,) = self._exchange(calls=(call,))
+        req.admitted = req.admitted or not isinstance(out, OverloadedError)
+        if isinstance(out, Queued):
+            self._waiting[lease] = req
+        else:
+            self._outcome(req, out)
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Outcomes of queued requests the router decided (a stats push, a
+        release or its tick made room, or a deadline passed): they reach the
+        ingress one hop later (``RouterActor.poll``)."""
+        if not self.service.has_resolved(HOLDER):
             return
-        except NoCapacityError:
-            self._end(req, "no capacity")
+        for lease, out in self.service.take_resolved(HOLDER):
+            req = self._waiting.pop(lease, None)
+            if req is not None:
+                self.loop.after(self.opts.rpc_s, self._resolved, (req, out))
+
+    def _resolved(self, arg) -> None:
+        req, out = arg
+        if not req.ended:
+            self._outcome(req, out)
+
+    def _outcome(self, req: SimRequest, out) -> None:
+        if not isinstance(out, Placement):
+            req.leased = False  # the router ended the lease with its refusal
+            self._end(req, REFUSALS.get(type(out), "no capacity"))
             return
         slots = self.sim.replicas
-        req.decode = slots[p.decode_replica]
-        req.prefill = slots[p.prefill_replica] if p.prefill_replica else None
+        req.decode = slots[out.decode_replica]
+        req.prefill = slots[out.prefill_replica] if out.prefill_replica else None
         req.decode.requests.add(req)
         self.loop.after(self.opts.rpc_s, self._at_decode, (req, req.attempt))
 
@@ -319,8 +356,12 @@ class Serving:
         self.finished += 1
         if req.decode is not None:
             req.decode.requests.discard(req)
-        if req.admitted:
-            self.router.release(req.model)
+        lease = f"r{req.idx}"
+        self._waiting.pop(lease, None)
+        if req.admitted and req.leased:
+            self._exchange(releases=(adapter.lease_end(lease, req.produced if error is None
+                                                       else None),))
+            self.resolve()
         total = req.produced if error is None else 0
         self.sim.log.add(req.arrival, req.prompt_len, req.output_len, req.first_token,
                          req.last_token, total, req.local, req.retries, error)

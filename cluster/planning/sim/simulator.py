@@ -32,9 +32,11 @@ from splitserve.cluster.planning.sim.events import EventLoop
 from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, summarize
 from splitserve.cluster.planning.sim.network import Network
 from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
-from splitserve.cluster.planning.sim.serving import Serving, SimRequest
+from splitserve.cluster.planning.sim.serving import HOLDER, Serving, SimRequest
 from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
-from splitserve.router.core import RouterCore
+from splitserve.engine.roles import Role
+from splitserve.router.exchange import Exchange
+from splitserve.router.service import RouterService
 
 LOCAL = "local"  # hardware name of this machine's CPU (its measured profile)
 
@@ -61,6 +63,12 @@ class SimOptions:
     network_latency_s: float = 20e-6
     node_provision_s: float = 0.0  # a new node when no free slot (0: spare nodes exist)
     replace_after_s: float = 10.0  # Serve replaces a failed replica after this
+    # a replica's start-up, launch to serving; None: the profile's (a measured
+    # engine build leaves out the Serve replica's process start and imports)
+    replica_start_s: float | None = None
+    # add the serving path's measured overhead (per decode step, sequence and
+    # request) where the database has it; False: the engine's step times only
+    serving_overhead: bool = True
     devices_per_node: int = 8
     coalesce: bool = True  # coalesce decode steps (identical results, faster)
     kv_block_scale: int = 1  # simulate KV blocks this many times larger (faster, approximate)
@@ -105,7 +113,13 @@ def scale_blocks(cfg: ClusterConfig, k: int) -> ClusterConfig:
         upd = {"block_size": m.block_size * k}
         if m.num_blocks is not None:
             upd["num_blocks"] = max(16, m.num_blocks // k)
-        models.append(served.model_copy(update={"model": m.model_copy(update=upd)}))
+        pools = {}
+        for role in ("prefill", "decode"):  # a pool's own KV blocks scale the same way
+            pool = getattr(served, role)
+            if pool.engine.num_blocks is not None:
+                eng = pool.engine.model_copy(update={"num_blocks": max(16, pool.engine.num_blocks // k)})
+                pools[role] = pool.model_copy(update={"engine": eng})
+        models.append(served.model_copy(update={"model": m.model_copy(update=upd), **pools}))
     return cfg.model_copy(update={"models": models})
 
 
@@ -137,18 +151,20 @@ class Simulation:
         self.decide = adapter.decide
         plans = []
         for served in cfg.models:
-            m = served.model
             roles = [("colocated", served.decode)] if served.mode == "colocated" else [
                 ("prefill", served.prefill), ("decode", served.decode)]
             for role, spec in roles:
+                m = served.engine_spec(Role(role))  # the model's engine, the pool's settings over it
                 key = hardware(m.name, role)
-                if key == LOCAL:
-                    key = local_cpu_key(max(1, int(spec.num_cpus)))
+                tp = m.tensor_parallel_size  # the pool's, or the model's
+                if key == LOCAL:  # CPU ranks share the replica's cores: timed as its threads
+                    key = local_cpu_key(max(1, int(spec.num_cpus * tp)))
                 on_cpu = key.startswith("cpu:")
-                devices = devices_for(spec, not on_cpu)
+                devices = devices_for(spec, not on_cpu, tp)
                 settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
+                layout = served.mode if role != "prefill" and opts.serving_overhead else None
                 try:
-                    prof = profiles.device_profile(db, shapes[m.name], key, settings)
+                    prof = profiles.device_profile(db, shapes[m.name], key, settings, layout)
                 except profiles.UnknownHardwareError as e:
                     raise SimConfigError(str(e)) from None
                 self._kv[m.name] = shapes[m.name].kv_bytes_per_token(settings.kv_dtype)
@@ -161,7 +177,10 @@ class Simulation:
                                              hw.network_bandwidth * eff * (1 if on_cpu else per_node),
                                              hw.intra_node_bandwidth)
                 plans.append((served, role, spec, m, prof, groups[gkey]))
-        self.router = RouterCore(adapter.router_config(cfg, self._kv), clock=self.loop.clock)
+        # the router actor's service (wait queues, leases) over its RouterCore
+        self.service = RouterService(adapter.router_config(cfg, self._kv), clock=self.loop.clock,
+                                     incarnation="sim")
+        self.router = self.service.core
         transport_bps = None
         if cfg.transfer.transport == "grpc":
             transport_bps = db.handoff_bytes_per_s("grpc")
@@ -170,12 +189,16 @@ class Simulation:
         for served, role, spec, m, prof, group in plans:
             app = f"{m.name}-{role}"
             self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
-                                   kv_blocks(m, self._kv[m.name]))
+                                   kv_blocks(m, self._kv[m.name], shapes[m.name].num_kv_heads))
         self._workload: Iterator[TraceRequest] = iter(workload)
         self._arrived = 0
         self._last_arrival = 0.0
         self._exhausted = False
         self._attempts = cfg.router.max_retries + 1
+        # the ingress' share of the serving path (HTTP, tokenization, router
+        # exchange), from the decode side's serving-overhead row
+        self.request_s = {p.model: p.profile.request_s for p in self.pools.values()
+                          if p.role != "prefill"}
 
     # -- lookups for the layers ---------------------------------------------------------
     def block_size(self, model: str) -> int:
@@ -204,6 +227,11 @@ class Simulation:
 
     # -- periodic work ------------------------------------------------------------------------
     def _control(self, _=None) -> None:
+        # the router actor's tick (queue deadlines, expired leases), and the
+        # ingress' heartbeat that keeps its leases
+        self.service.exchange(Exchange(HOLDER, self.service.incarnation))
+        self.service.tick()
+        self.serving.resolve()
         for pool in self.pools.values():
             pool.control()
         self.loop.after(self.opts.control_interval_s, self._control)
@@ -293,7 +321,9 @@ class Simulation:
                      "usd_per_million_output_tokens": (
                          cost / (summary["output_throughput"] * duration) * 1e6
                          if priced and summary["output_throughput"] > 0 else None)},
-            "router": {"decisions": c.decisions, "local_prefill": c.local_prefill,
+            "router": {"queued": self.service.counts["queued"],
+                       "refusals": dict(self.service.refusals),
+                       "decisions": c.decisions, "local_prefill": c.local_prefill,
                        "by_reason": c.by_reason, "no_capacity": c.no_capacity,
                        "overloaded": c.overloaded, "queue_delay": c.queue_delay},
             "network": {"transfers": self.network.transfers, "bytes": self.network.bytes_moved,

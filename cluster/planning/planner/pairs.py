@@ -1,0 +1,146 @@
+"""Disaggregated plans, pair by pair: every (prefill row, decode row) of the
+estimate's tables that share settings and a router option, counted against
+the bounds by histograms of devices used (never enumerated), and scored in
+vectorised chunks (TTFT with the hand-off, TPOT, memory fit, cost)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from splitserve.cluster.planning.planner import estimate as est
+from splitserve.cluster.planning.planner.candidates import CLOUD, KEEP, cand_array, cheapest, col
+
+PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
+
+
+def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
+    """(deployable, all) (prefill row, decode row) pairs that pass the bounds:
+    same shared settings and router option, within the offers' counts and
+    the budget; counted by histograms of devices used, not enumerated."""
+    ndev = len(devices)
+    gmax = int(max(d.count for d in devices))
+    ngroup = int(grid.prefill_key.max() + 1) * n_opts
+    res = []
+    for dep_only in (True, False):
+        hp = np.zeros((ngroup, ndev, gmax + 1), dtype=np.int64)
+        hd = np.zeros((ngroup, ndev, gmax + 2), dtype=np.int64)
+        for (units, ok, h) in ((up, okp, hp), (ud, okd, hd)):
+            mask = ok & (col(units.deployable) if dep_only else True)
+            ui, oi, ri = np.nonzero(mask)
+            g = grid.prefill_key[units.e[ui]] * n_opts + oi
+            gpus = (ri + 1) * units.tp[ui]
+            np.add.at(h, (g, units.dev[ui], gpus), 1)
+        cum = np.cumsum(hd, axis=2)  # cum[..., k]: decode rows using <= k devices
+        total = 0
+        gp = np.arange(gmax + 1)
+        for i, di in enumerate(devices):
+            for j, dj in enumerate(devices):
+                cap = np.full(gmax + 1, dj.count)
+                if i == j:
+                    cap = np.minimum(cap, di.count - gp)
+                if np.isfinite(budget):
+                    room = budget - gp * di.price
+                    cap = np.minimum(cap, np.floor(room / dj.price + 1e-9)
+                                     if dj.price > 0 else np.where(room >= 0, gmax, -1))
+                cap = np.clip(cap, -1, gmax + 1).astype(np.int64)
+                usable = np.where(cap >= 0, cum[:, j, np.maximum(cap, 0)], 0)
+                total += int((hp[:, i, :] * usable).sum())
+        res.append(total)
+    return res
+
+
+def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td, ws, opts, slo,
+                budget, kvbpt, cpu_kv, rng):
+    """The (prefill row, decode row) pairs whose estimate meets the SLOs (within
+    ``slack``), scored in chunks of about PAIR_CHUNK: ((deployable, all) counts
+    within the SLOs, the cheapest records of each chunk, a sample for the plot)."""
+    n_opts = len(opts)
+    mp, md = tp_.metrics, td.metrics
+    pi = np.flatnonzero(tp_.est_ok)
+    di = np.flatnonzero(td.est_ok)
+    pu, po, pr = np.unravel_index(pi, tp_.shape)
+    du, do, dr = np.unravel_index(di, td.shape)
+    gp = grid.prefill_key[up.e[pu]] * n_opts + po
+    gd = grid.prefill_key[ud.e[du]] * n_opts + do
+    order = np.argsort(gp, kind="stable")
+    pi, pu, po, pr, gp = pi[order], pu[order], po[order], pr[order], gp[order]
+    start = np.searchsorted(gp, gd, "left")
+    end = np.searchsorted(gp, gd, "right")
+    nper = end - start
+    counts_dev = np.array([d.count for d in devices])
+    price = np.array([d.price for d in devices])
+    intra = np.array([d.hw.intra_node_bandwidth for d in devices])
+    nic = np.array([d.hw.network_bandwidth * d.hw.efficiency.network for d in devices])
+    cpu = np.array([d.cpu for d in devices])
+    tail_t = 1 - slo.ttft_pct / 100
+    ok_dep = ok_all = 0
+    recs, cloud = [], []
+    # chunks of decode rows holding about PAIR_CHUNK pairs
+    csum = np.cumsum(nper)
+    bounds_at = np.searchsorted(csum, np.arange(PAIR_CHUNK, csum[-1] + PAIR_CHUNK, PAIR_CHUNK)
+                                ) if len(csum) and csum[-1] else np.array([], dtype=np.int64)
+    lo = 0
+    for hi in list(bounds_at + 1) + [len(di)]:
+        hi = min(hi, len(di))
+        if hi <= lo:
+            continue
+        j = np.arange(lo, hi)
+        n = nper[j]
+        tot = int(n.sum())
+        lo = hi
+        if tot == 0:
+            continue
+        jj = np.repeat(j, n)
+        off = np.repeat(np.cumsum(n) - n, n)
+        ii = start[jj] + (np.arange(tot) - off)
+        a_u, a_o, a_r = pu[ii], po[ii], pr[ii]
+        b_u, b_r = du[jj], dr[jj]
+        dev_p, dev_d = up.dev[a_u], ud.dev[b_u]
+        g_p = (a_r + 1) * up.tp[a_u]
+        g_d = (b_r + 1) * ud.tp[b_u]
+        same = dev_p == dev_d
+        count_ok = ~same | (g_p + g_d <= counts_dev[dev_p])
+        cost = g_p * price[dev_p] + g_d * price[dev_d]
+        keep = count_ok & (cost <= budget)
+        if not keep.any():
+            continue
+        sel = np.flatnonzero(keep)
+        a_u, a_o, a_r, b_u, b_r = a_u[sel], a_o[sel], a_r[sel], b_u[sel], b_r[sel]
+        dev_p, dev_d, g_p, g_d, same, cost = (dev_p[sel], dev_d[sel], g_p[sel], g_d[sel],
+                                              same[sel], cost[sel])
+        pflat = pi[ii[sel]]
+        dflat = di[jj[sel]]
+        kv = np.where(cpu[dev_p], cpu_kv[grid.kv[ud.e[b_u]]], kvbpt[grid.kv[ud.e[b_u]]])
+        bw = np.where(same & (g_p + g_d <= est.DEVICES_PER_NODE), intra[dev_p],
+                      np.minimum(nic[dev_p], nic[dev_d]) * 4)
+        if grpc is not None:
+            bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
+        rem_n = ws.rem_n[a_o, a_r]
+        xfer = ws.rem_ip[a_o, a_r] * kv / bw
+        remote = (mp["ttft_p"].ravel()[pflat] + xfer + md["tau"].ravel()[dflat]
+                  + 4 * est.RPC_S)
+        remote = np.where(rem_n >= tail_t, remote, 0.0)
+        ttft = np.maximum(remote, md["ttft_local"].ravel()[dflat])
+        tpot = md["tpot_p"].ravel()[dflat]
+        # one kv_cache_memory_gb serves both pools: the smaller device's must hold the batch
+        kv_min = np.minimum(up.kv_tokens[a_u], ud.kv_tokens[b_u])
+        slots_min = np.minimum(ud.seqs[b_u], np.floor((kv_min - ws.q_total)
+                                                      / (ws.lbar + ud.block[b_u] / 2.0)))
+        fit = (md["n"].ravel()[dflat] < slots_min) & (kv_min >= ws.q_total)
+        ok1 = fit & (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
+        oks = fit & (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
+        dep = up.deployable[a_u] & ud.deployable[b_u]
+        ok_dep += int((ok1 & dep).sum())
+        ok_all += int(ok1.sum())
+        s = np.flatnonzero(oks)
+        rec = cand_array(len(s))
+        rec["layout"] = 1
+        rec["pu"], rec["pr"], rec["o"] = a_u[s], a_r[s] + 1, a_o[s]
+        rec["du"], rec["dr"] = b_u[s], b_r[s] + 1
+        rec["cost"], rec["ttft"], rec["tpot"] = cost[s], ttft[s], tpot[s]
+        rec["dep"], rec["ok"] = dep[s], ok1[s]
+        rec["q"] = quality[ud.e[b_u[s]]]
+        recs.append(cheapest(rec, KEEP, slo, units_key))
+        recs.append(cheapest(rec[rec["dep"]], KEEP, slo, units_key))
+        cloud.append(rec[rng.permutation(len(rec))[:CLOUD // 8]])
+    return (ok_dep, ok_all), recs, cloud

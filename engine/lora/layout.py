@@ -1,0 +1,130 @@
+"""An adapter's tensors against the base model: which projections, ranks, shapes.
+
+Read from the safetensors header alone (no tensor is loaded), so the
+ingress can check an adapter when it is registered and refuse a bad one
+with a 400 before any replica sees it. PEFT writes each projection's pair as
+
+    base_model.model.model.layers.<i>.self_attn.<q|k|v|o>_proj.lora_A.weight  [r, in]
+    base_model.model.model.layers.<i>.mlp.<gate|up|down>_proj.lora_B.weight   [out, r]
+
+Every tensor must be such a pair's half on a projection the model has: the
+attention projections of every layer, the MLP projections of dense layers
+(an MoE layer's experts and router take no LoRA). Anything else is refused
+by name: embedding and lm_head LoRA, DoRA magnitudes, biases, MoE experts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
+                                            adapter_files, read_adapter_config)
+
+_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))"
+                   r"\.lora_(A|B)\.weight$")
+_PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    """One projection's LoRA: A [rank, in], B [out, rank], y += scaling * x A^T B^T."""
+
+    rank: int
+    scaling: float
+    a_name: str  # its tensors' names in the file
+    b_name: str
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """(layer, projection name) -> its LoRA, for every projection the adapter targets."""
+
+    modules: dict[tuple[int, str], ModuleLora]
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+
+def projection_shape(cfg: ModelConfig, layer: int, module: str) -> tuple[int, int] | None:
+    """(in, out) features of ``module`` in ``layer``; None where the model
+    has no such dense projection (an MoE layer's MLP)."""
+    q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    if _PLACE[module] == "mlp" and cfg.moe is not None and cfg.moe.sparse_layers[layer]:
+        return None
+    i = cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
+
+
+def _refusal(name: str) -> str:
+    """Why a tensor name fits no served projection."""
+    if "lora_embedding" in name or "embed_tokens" in name or "lm_head" in name:
+        return "embedding and lm_head LoRA are not served"
+    if "lora_magnitude_vector" in name:
+        return "DoRA (use_dora) is not served"
+    if name.endswith(".bias"):
+        return "LoRA biases are not served"
+    if any(k in name for k in ("experts", "block_sparse_moe", ".gate.", "shared_expert")):
+        return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
+    return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
+            "model.layers.<i>")
+
+
+def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
+                   max_rank: int, source: str = "adapter_model.safetensors") -> AdapterLayout:
+    """Check tensor ``shapes`` (name -> shape) against ``model``; return the layout."""
+    halves: dict[tuple[int, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for name, shape in shapes.items():
+        m = _NAME.match(name)
+        if m is None or m.group(4) not in _PLACE or _PLACE[m.group(4)] != m.group(3):
+            raise AdapterError(f"{source}: tensor {name!r}: {_refusal(name)}",
+                               param="target_modules")
+        layer, module = int(m.group(2)), m.group(4)
+        if layer >= model.num_layers:
+            raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
+                               f"{model.num_layers} layers", param="target_modules")
+        if projection_shape(model, layer, module) is None:
+            raise AdapterError(f"{source}: tensor {name!r}: layer {layer} is a mixture-of-experts "
+                               "layer; MoE experts and routers take no LoRA", param="target_modules")
+        halves.setdefault((layer, module), {})[m.group(5)] = (name, tuple(shape))
+    modules: dict[tuple[int, str], ModuleLora] = {}
+    for (layer, module), pair in sorted(halves.items()):
+        key = f"model.layers.{layer}.{_PLACE[module]}.{module}"
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterError(f"{source}: {key} has no {missing} weight", param="target_modules")
+        (a_name, a_shape), (b_name, b_shape) = pair["A"], pair["B"]
+        d_in, d_out = projection_shape(model, layer, module)
+        r = cfg.rank_of(key)
+        if a_shape != (r, d_in) or b_shape != (d_out, r):
+            raise AdapterError(
+                f"{source}: {key}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not fit "
+                f"rank {r} (adapter_config.json) on this model's [{d_out}, {d_in}] projection; "
+                "was the adapter trained for another base model?", param="r")
+        if r > max_rank:
+            raise AdapterError(f"{source}: {key} has rank {r}, above this model's max_lora_rank "
+                               f"({max_rank})", param="r")
+        modules[(layer, module)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name)
+    if not modules:
+        raise AdapterError(f"{source}: no LoRA weights", param="target_modules")
+    return AdapterLayout(modules)
+
+
+def read_layout(path: str | Path, model: ModelConfig, max_rank: int) -> AdapterLayout:
+    """Check the PEFT folder ``path`` against ``model`` (config and header only)."""
+    cfg = read_adapter_config(path)
+    _, weights = adapter_files(path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights}: not a readable safetensors file: {e}",
+                           param="lora_path") from None
+    return adapter_layout(cfg, shapes, model, max_rank, str(weights))

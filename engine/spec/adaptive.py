@@ -1,0 +1,72 @@
+"""How many draft tokens to verify this step: the speculation length rule.
+
+Verifying k drafts per sequence runs a batch of ``B * (k + 1)`` tokens
+instead of ``B``. Decode steps are memory-bound (the weights are read once
+per step whatever its size) until the batch reaches ``saturation_tokens``;
+past that, a step's time grows with its tokens. With acceptance rate ``a``
+(the chance that a draft token is accepted, measured), a verify step
+yields on average ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens per sequence
+(accepted drafts plus the target's own next token), and costs, relative to
+a plain decode step,
+
+    C(k) = max(1, B (k + 1) / S) / max(1, B / S) + k r
+
+with ``S = saturation_tokens`` and ``r`` the measured time of one draft
+step relative to one target step (about 0 for n-gram lookup). The engine
+verifies the ``k`` in ``[0, num_speculative_tokens]`` with the largest
+``E(k) / C(k)``; ``k = 0`` (no speculation) scores 1. So a small batch
+speculates the full length, a batch large enough that verifying costs
+more than it yields stops, and a low acceptance shortens the drafts first.
+``disable_batch_size`` switches speculation off above a batch size
+outright. When the rule turns speculation off on acceptance alone, one
+step in ``decoder.PROBE_INTERVAL`` speculates the full length so the
+acceptance rate is measured again. Plain Python, no tensors.
+"""
+
+from __future__ import annotations
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verify step yields per sequence with ``k`` drafts."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def step_cost(batch: int, k: int, saturation_tokens: int, draft_ratio: float) -> float:
+    """A verify step's time relative to a plain decode step of ``batch``."""
+    s = float(saturation_tokens)
+    return max(1.0, batch * (k + 1) / s) / max(1.0, batch / s) + k * draft_ratio
+
+
+def choose_num_tokens(max_k: int, batch: int, alpha: float, saturation_tokens: int,
+                      draft_ratio: float = 0.0, disable_batch_size: int | None = None) -> int:
+    """The speculation length for this step (0: do not speculate)."""
+    if batch <= 0 or (disable_batch_size is not None and batch > disable_batch_size):
+        return 0
+    best_k, best = 0, 1.0
+    for k in range(1, max_k + 1):
+        score = expected_tokens(alpha, k) / step_cost(batch, k, saturation_tokens, draft_ratio)
+        if score > best + 1e-9:
+            best_k, best = k, score
+    return best_k
+
+
+class AcceptanceTracker:
+    """Exponential moving averages of the acceptance rate and of the draft
+    cost ratio, updated after each verify step."""
+
+    def __init__(self, prior: float = 0.5, weight: float = 0.1):
+        self.alpha = prior
+        self.draft_ratio = 0.0
+        self.weight = weight
+        self._timed = False  # no step timed yet: the first sets draft_ratio outright
+
+    def observe(self, proposed: int, accepted: int, draft_s: float, step_s: float) -> None:
+        if proposed > 0:
+            w = min(1.0, self.weight * proposed)  # a step with more drafts says more
+            self.alpha += w * (accepted / proposed - self.alpha)
+        if step_s > 0:
+            ratio = draft_s / step_s
+            self.draft_ratio += (self.weight if self._timed else 1.0) * (ratio - self.draft_ratio)
+            self._timed = True

@@ -1,0 +1,172 @@
+"""Adapter configs, layouts and device slots, without a model.
+
+``parse_adapter_config`` refuses each unserved PEFT feature naming its
+field, and resolves per-module rank and scaling as PEFT does;
+``adapter_layout`` checks tensor names and shapes against a model config;
+``SlotTable`` assigns slots least-recently-used first and never evicts an
+adapter a running sequence holds; the scheduler keeps a sequence whose
+adapter has no slot waiting while base-model sequences go ahead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.hashing import ROOT_HASH, adapter_root_hash, block_hashes
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.lora.adapter import AdapterError, AdapterRef, parse_adapter_config
+from splitserve.engine.lora.layout import adapter_layout
+from splitserve.engine.lora.slots import SlotTable
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import FinishReason, Sequence
+
+BASE = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "use_dora": False,
+        "target_modules": ["q_proj", "v_proj"], "modules_to_save": None}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("modules_to_save", ["lm_head"]),
+    ("lora_bias", True), ("fan_in_fan_out", True), ("trainable_token_indices", [1, 2]),
+    ("target_parameters", ["experts.gate_up_proj"]), ("peft_type", "IA3"),
+    ("target_modules", ["q_proj", "embed_tokens"]), ("target_modules", ["lm_head"]),
+    ("layer_replication", [[0, 1]]), ("r", 0),
+])
+def test_unserved_features_are_refused_by_field(field, value):
+    with pytest.raises(AdapterError) as e:
+        parse_adapter_config({**BASE, field: value})
+    assert e.value.param == field and field in str(e.value)
+
+
+def test_rank_and_scaling_per_module():
+    cfg = parse_adapter_config({**BASE, "rank_pattern": {"o_proj": 2, r"layers\.1\.self_attn\.q_proj": 8},
+                                "alpha_pattern": {"down_proj": 3}})
+    q0, q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    assert cfg.rank_of(q0) == 4 and cfg.scaling_of(q0) == 2.0
+    assert cfg.rank_of(q1) == 8 and cfg.scaling_of(q1) == 1.0
+    assert cfg.rank_of("model.layers.0.self_attn.o_proj") == 2
+    assert cfg.scaling_of("model.layers.0.self_attn.o_proj") == 4.0
+    assert cfg.scaling_of("model.layers.0.mlp.down_proj") == 0.75
+    rs = parse_adapter_config({**BASE, "use_rslora": True, "target_modules": "all-linear"})
+    assert rs.scaling_of(q0) == pytest.approx(8 / math.sqrt(4))
+
+
+def model_cfg(moe: bool = False) -> ModelConfig:
+    hf = {"architectures": ["Qwen3MoeForCausalLM" if moe else "LlamaForCausalLM"],
+          "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    if moe:
+        hf.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                  mlp_only_layers=[1])
+    return ModelConfig.from_hf(hf)
+
+
+def pair(layer: int, module: str, r: int, d_in: int, d_out: int) -> dict:
+    place = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    stem = f"base_model.model.model.layers.{layer}.{place}.{module}"
+    return {f"{stem}.lora_A.weight": (r, d_in), f"{stem}.lora_B.weight": (d_out, r)}
+
+
+def test_layout_reads_projections_and_refuses_what_fits_none():
+    cfg = parse_adapter_config(BASE)
+    shapes = {**pair(0, "q_proj", 4, 32, 32), **pair(1, "v_proj", 4, 32, 16),
+              **pair(1, "down_proj", 4, 48, 32)}
+    layout = adapter_layout(cfg, shapes, model_cfg(), max_rank=8)
+    assert sorted(layout.modules) == [(0, "q_proj"), (1, "down_proj"), (1, "v_proj")]
+    assert layout.modules[(0, "q_proj")].scaling == 2.0 and layout.max_rank == 4
+    bad = {
+        "embedding": {"base_model.model.model.embed_tokens.lora_embedding_A": (4, 64)},
+        "DoRA": {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": (32,)},
+        "layer 5": pair(5, "q_proj", 4, 32, 32),
+        "fit rank": pair(0, "k_proj", 4, 32, 32),  # k is [16, 32] on this model
+        "no lora_B": dict(list(pair(0, "q_proj", 4, 32, 32).items())[:1]),
+        "max_lora_rank": pair(0, "q_proj", 4, 32, 32),
+    }
+    for what, tensors in bad.items():
+        with pytest.raises(AdapterError, match=what):
+            adapter_layout(cfg, tensors, model_cfg(), max_rank=2 if what == "max_lora_rank" else 8)
+
+
+def test_moe_layers_take_lora_on_attention_and_dense_mlp_only():
+    cfg, moe = parse_adapter_config(BASE), model_cfg(moe=True)
+    ok = {**pair(0, "q_proj", 4, 32, 32), **pair(1, "gate_proj", 4, 32, 48)}  # layer 1 is dense
+    assert len(adapter_layout(cfg, ok, moe, 8).modules) == 2
+    with pytest.raises(AdapterError, match="mixture-of-experts"):
+        adapter_layout(cfg, pair(0, "gate_proj", 4, 32, 48), moe, 8)
+    expert = {"base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_A.weight": (4, 32)}
+    with pytest.raises(AdapterError, match="MoE experts"):
+        adapter_layout(cfg, expert, moe, 8)
+
+
+def test_slot_table_lru_never_evicts_a_held_adapter():
+    t = SlotTable(2)
+    a = t.acquire("a")
+    assert a.slot == 0 and a.load and a.evicted is None
+    assert t.acquire("b").slot == 1
+    assert t.acquire("a").load is False  # resident: no copy
+    assert t.acquire("c") is None and not t.can_acquire("c")  # both held
+    t.release(1)
+    c = t.acquire("c")  # b's slot was idle
+    assert (c.slot, c.load, c.evicted) == (1, True, "b")
+    t.release(0), t.release(0), t.release(1)
+    t.acquire("c"), t.release(1)  # c used after a: a is least recently used
+    assert t.acquire("d").evicted == "a"
+    assert t.in_use == 1 and sorted(t.resident()) == ["c", "d"]
+    with pytest.raises(AssertionError):
+        t.release(1)
+
+
+class Gate:
+    """A SlotGate over a SlotTable (the LoraManager without weights)."""
+
+    def __init__(self, n):
+        self.table = SlotTable(n)
+
+    def try_acquire(self, seq):
+        g = self.table.acquire(seq.adapter.key)
+        if g is None:
+            return False
+        seq.lora_slot = g.slot
+        return True
+
+    def release(self, seq):
+        if seq.lora_slot >= 0:
+            self.table.release(seq.lora_slot)
+            seq.lora_slot = -1
+
+
+def ref(name):
+    return AdapterRef(name, f"/adapters/{name}", name * 64)
+
+
+def test_scheduler_waits_for_a_slot_and_lets_base_requests_pass():
+    kv = KVCacheManager(64, 4)
+    gate = Gate(1)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, slots=gate)
+    seqs = [Sequence(f"s{i}", [1, 2, 3], SamplingParams(max_tokens=4), 4, adapter=ad)
+            for i, ad in enumerate([ref("a"), ref("b"), None, ref("a")])]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    # a takes the only slot; b waits; the base request passes; the later "a" waits behind b
+    assert [s.seq.seq_id for s in out.scheduled] == ["s0", "s2"]
+    assert [s.seq_id for s in sched.waiting] == ["s1", "s3"]
+    sched.commit(out)
+    sched.finish(seqs[0], FinishReason.STOP)
+    out = sched.schedule()  # a's slot is free: b takes it, then "a" waits again
+    assert [s.seq.seq_id for s in out.scheduled] == ["s1"]  # (s2 waits for its next token)
+    assert seqs[1].lora_slot == 0 and seqs[3].lora_slot == -1
+    assert gate.table.resident() == [ref("b").key]
+
+
+def test_adapter_roots_its_hash_chain():
+    tokens = list(range(12))
+    base = block_hashes(tokens, 4)
+    a = block_hashes(tokens, 4, root=adapter_root_hash("a" * 64))
+    b = block_hashes(tokens, 4, root=adapter_root_hash("b" * 64))
+    assert len({base[0], a[0], b[0]}) == 3 and not set(base) & set(a)
+    seq = Sequence("s", tokens, SamplingParams(), 4, adapter=ref("a"))
+    assert seq.block_hashes() == a and ref("a").hash_root != ROOT_HASH

@@ -1,0 +1,162 @@
+"""LoRA adapters in the engine: greedy parity with transformers + PEFT.
+
+Adapters are written by PEFT itself (``tests/fixtures/lora_adapters.py``)
+on the tiny checkpoints: different ranks, alphas, rsLoRA, rank/alpha
+patterns and target-module sets (attention only, MLP only, all-linear).
+Batches mix several adapters and the base model, with fewer device slots
+than adapters, so adapters are swapped in and out between and within
+runs; outputs must equal PEFT's greedy tokens exactly. Also: the prefix
+cache never serves one adapter's blocks to another or to the base model,
+a KV hand-off carries its adapter to the decoding engine, and the
+attention projections of an MoE model take LoRA.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from splitserve.engine.config import EngineConfig  # noqa: E402
+from splitserve.engine.llm_engine import LLMEngine  # noqa: E402
+from splitserve.engine.lora.adapter import AdapterUnavailableError, UnknownAdapterError  # noqa: E402
+from splitserve.engine.sampling_params import SamplingParams  # noqa: E402
+from tests.fixtures.checkpoints import hf_greedy, hf_model  # noqa: E402
+from tests.fixtures.handoff import handoff_generate  # noqa: E402
+from tests.fixtures.lora_adapters import build_adapter, peft_model  # noqa: E402
+
+pytestmark = pytest.mark.slow  # PEFT builds and runs its references (tens of seconds)
+
+MAX_NEW = 6
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+# name -> build_adapter keyword arguments
+ADAPTERS = {
+    "attn": dict(seed=1, r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
+    "mlp": dict(seed=2, r=8, lora_alpha=4, target_modules=("gate_proj", "up_proj", "down_proj")),
+    "all": dict(seed=3, r=6, lora_alpha=12, target_modules="all-linear", use_rslora=True),
+    "patterns": dict(seed=4, r=4, lora_alpha=8, target_modules=("q_proj", "k_proj", "o_proj",
+                                                                "down_proj"),
+                     rank_pattern={"o_proj": 2, "down_proj": 8}, alpha_pattern={"k_proj": 3}),
+}
+
+
+def prompts(vocab, lengths=(2, 5, 9, 17, 26), seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(k)] for k in lengths]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def family(request, tiny_checkpoints, tmp_path_factory):
+    """(base checkpoint, adapter name -> folder, prompts, name -> PEFT greedy outputs)."""
+    base = tiny_checkpoints[request.param]
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    paths = {n: build_adapter(base, root / n, **kw) for n, kw in ADAPTERS.items()}
+    ps = prompts(hf_model(base).config.vocab_size)
+    want = {n: hf_greedy(peft_model(base, p), ps, MAX_NEW) for n, p in paths.items()}
+    want[None] = hf_greedy(hf_model(base), ps, MAX_NEW)
+    for n in ADAPTERS:  # every adapter changes the output
+        assert want[n] != want[None], n
+    return base, paths, ps, want
+
+
+def make(path, **kw):
+    args = dict(model=str(path), num_blocks=256, block_size=4, max_num_batched_tokens=512,
+                max_loras=2, max_lora_rank=8)
+    args.update(kw)
+    return LLMEngine(EngineConfig(**args))
+
+
+def test_mixed_batch_matches_peft(family):
+    base, paths, ps, want = family
+    eng = make(base)
+    for n, p in paths.items():
+        eng.add_adapter(n, str(p))
+    names = [*ADAPTERS, None]
+    # every prompt under every adapter and the base model, interleaved in one batch
+    jobs = [(n, i) for i in range(len(ps)) for n in names]
+    got = eng.generate([ps[i] for _, i in jobs], GREEDY, adapters=[n for n, _ in jobs])
+    for (n, i), r in zip(jobs, got):
+        assert r.token_ids == want[n][i], (n, i)
+    # 4 adapters through 2 slots: swapped in more than once each
+    assert eng.lora.table.loads > len(ADAPTERS) and eng.lora.table.in_use == 0
+    eng.kv.check_invariants()
+    assert eng.kv.all_free()
+
+
+def test_one_slot_chunked_prefill_and_preemption(family):
+    base, paths, ps, want = family
+    eng = make(base, max_loras=1, max_num_batched_tokens=7, num_blocks=24, max_num_seqs=4)
+    eng.add_adapter("attn", str(paths["attn"]))
+    eng.add_adapter("all", str(paths["all"]))
+    jobs = [("attn", 4), (None, 3), ("all", 4), ("attn", 2), (None, 4), ("all", 1)]
+    got = eng.generate([ps[i] for _, i in jobs], GREEDY, adapters=[n for n, _ in jobs])
+    assert [r.token_ids for r in got] == [want[n][i] for n, i in jobs]
+    assert eng.kv.all_free()
+
+
+def test_prefix_cache_is_per_adapter(family):
+    base, paths, ps, want = family
+    eng = make(base)
+    eng.add_adapter("attn", str(paths["attn"]))
+    eng.add_adapter("mlp", str(paths["mlp"]))
+    long = ps[-1]
+    assert eng.generate([long], GREEDY, adapters=["attn"])[0].token_ids == want["attn"][-1]
+    hits = eng.kv.pool.hits
+    # the same prompt under the base model and another adapter: no block of "attn" serves them
+    assert eng.generate([long], GREEDY)[0].token_ids == want[None][-1]
+    assert eng.generate([long], GREEDY, adapters=["mlp"])[0].token_ids == want["mlp"][-1]
+    assert eng.kv.pool.hits == hits
+    # the same adapter again hits its own blocks
+    r = eng.generate([long], GREEDY, adapters=["attn"])[0]
+    assert r.token_ids == want["attn"][-1] and r.num_cached_tokens > 0
+    assert eng.kv.pool.hits == hits + 1
+
+
+def test_handoff_carries_the_adapter(family):
+    base, paths, ps, want = family
+    src, dst = make(base), make(base)
+    ref = src.add_adapter("all", str(paths["all"]))  # dst loads it from the path it travels with
+    got = handoff_generate(src, dst, ps, GREEDY, adapters=[ref, None, ref, None, ref])
+    assert got == [want["all"][0], want[None][1], want["all"][2], want[None][3], want["all"][4]]
+    assert src.kv.all_free() and dst.kv.all_free()
+    assert ref.key in dst.lora.host  # loaded by the decoding engine
+
+
+def test_unknown_and_unservable_adapters(family, tmp_path):
+    base, paths, ps, _ = family
+    eng = make(base)
+    with pytest.raises(UnknownAdapterError, match="nope"):
+        eng.add_request(None, prompt_token_ids=ps[0], params=GREEDY, adapter="nope")
+    plain = make(base, max_loras=0)
+    with pytest.raises(AdapterUnavailableError, match="max_loras"):
+        plain.add_adapter("attn", str(paths["attn"]))
+    ref = eng.add_adapter("attn", str(paths["attn"]))
+    assert eng.remove_adapter("attn") and not eng.remove_adapter("attn")
+    assert ref.key not in eng.lora.host and eng.requests == {}
+    # the files changed under the registered path: refused, not served stale
+    (tmp_path / "copy").mkdir()
+    for f in paths["attn"].iterdir():
+        (tmp_path / "copy" / f.name).write_bytes(f.read_bytes())
+    moved = eng.add_adapter("copy", str(tmp_path / "copy"))
+    eng.remove_adapter("copy")
+    cfg = tmp_path / "copy" / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"lora_alpha": 8', '"lora_alpha": 9'))
+    with pytest.raises(AdapterUnavailableError, match="changed"):
+        eng.add_request(None, prompt_token_ids=ps[0], params=GREEDY, adapter=moved)
+
+
+def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
+    base = tiny_checkpoints["qwen3_moe"]
+    path = build_adapter(base, tmp_path / "moe-attn", seed=5, r=4,
+                         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    ps = prompts(hf_model(base).config.vocab_size, lengths=(3, 11, 20))
+    want = hf_greedy(peft_model(base, path), ps, MAX_NEW)
+    eng = make(base)
+    eng.add_adapter("a", str(path))
+    got = eng.generate(ps * 2, GREEDY, adapters=["a"] * 3 + [None] * 3)
+    assert [r.token_ids for r in got[:3]] == want
+    assert [r.token_ids for r in got[3:]] == hf_greedy(hf_model(base), ps, MAX_NEW)
+    assert eng.kv.all_free()

@@ -1,0 +1,125 @@
+"""The plain-Python parts of speculative decoding: prompt lookup, the
+speculation length rule, draft scheduling and KV rollback, output merging."""
+
+import pytest
+
+from splitserve.engine.kv_manager import KVCacheManager
+from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
+                                             expected_tokens)
+from splitserve.engine.spec.config import SpeculativeConfig
+from splitserve.engine.spec.decoder import merge_outputs
+from splitserve.engine.spec.ngram import ngram_lookup
+from splitserve.engine.spec.proposer import PROPOSERS, make_proposer
+
+
+def test_ngram_lookup_prefers_the_longest_suffix_and_latest_occurrence():
+    #          0  1  2  3  4  5  6  7  8  9
+    tokens = [1, 2, 3, 9, 2, 3, 7, 8, 1, 2, 3]
+    # suffix [1, 2, 3] occurs at 0: the tokens after it
+    assert ngram_lookup(tokens, 1, 3, 4) == [9, 2, 3, 7]
+    # only suffixes up to 2 long: [2, 3] last occurred at 4 -> [7, 8, 1]
+    assert ngram_lookup(tokens, 1, 2, 3) == [7, 8, 1]
+    assert ngram_lookup([5, 6, 7], 1, 3, 4) == []  # no earlier occurrence
+    assert ngram_lookup([4, 4, 4, 4], 2, 2, 5) == [4]  # overlapping the suffix, one follows
+    assert ngram_lookup(tokens, 1, 3, 0) == []
+
+
+def test_ngram_lookup_ignores_matches_across_token_boundaries():
+    # bytes of [256, 1] contain those of [1, 0] at an unaligned offset (little endian)
+    assert ngram_lookup([256, 1, 0, 0, 9, 1, 0], 2, 2, 2) == [0, 9]
+    assert ngram_lookup([256, 1, 0, 0, 1, 0], 2, 2, 2) == [0, 1]
+
+
+def test_speculation_length_rule():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    # a small batch whose verify tokens fit the free region speculates fully
+    assert choose_num_tokens(4, 1, 0.7, 256) == 4
+    # once B * (k + 1) passes the saturation point each extra draft must pay for itself
+    assert choose_num_tokens(4, 64, 0.7, 256) == 3
+    assert choose_num_tokens(4, 256, 0.7, 256) == 0
+    assert choose_num_tokens(4, 128, 0.5, 256) == 1  # the verify step doubles: one draft pays
+    # nothing accepted: nothing gained, and a costly draft model stops earlier still
+    assert choose_num_tokens(4, 1, 0.0, 256) == 0
+    assert choose_num_tokens(4, 1, 0.6, 256, draft_ratio=0.5) < 4
+    assert choose_num_tokens(4, 8, 0.9, 256, disable_batch_size=4) == 0
+    t = AcceptanceTracker(prior=0.5)
+    t.observe(proposed=10, accepted=10, draft_s=0.5, step_s=1.0)
+    assert t.alpha == 1.0 and t.draft_ratio == 0.5  # the first timing is taken whole
+    t.observe(proposed=10, accepted=0, draft_s=1.5, step_s=1.0)
+    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.6)  # then averaged
+    # a draft as slow as the target never pays, even accepted every time
+    assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
+
+
+def test_config_checks_and_registry():
+    assert type(make_proposer(SpeculativeConfig(), None)).__name__ == "NgramProposer"
+    assert {"ngram", "draft"} <= set(PROPOSERS)  # registered by name
+    with pytest.raises(ValueError, match="draft_model"):
+        SpeculativeConfig(method="draft")
+    with pytest.raises(ValueError, match="ngram_min"):
+        SpeculativeConfig(ngram_min=3, ngram_max=2)
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        make_proposer(SpeculativeConfig(method="eagle9"), None)
+
+
+def decoding(s, prompt_lens, bs=4):
+    """Sequences whose prompts ran and whose first token was sampled."""
+    seqs = [Sequence(f"s{i}", list(range(n)), None, bs) for i, n in enumerate(prompt_lens)]
+    for seq in seqs:
+        s.add(seq)
+    s.commit(s.schedule())
+    for seq in seqs:
+        seq.append_token(7)
+    return seqs
+
+
+def test_drafts_ride_with_the_last_token_and_are_cut_to_the_budget():
+    kv = KVCacheManager(16, 4, enable_prefix_caching=True)
+    s = Scheduler(kv, 8, 4)
+    (a,) = decoding(s, [4])  # 5 tokens, 4 computed
+    out = s.schedule({"s0": [1, 2, 3, 4, 5]})
+    (x,) = out.scheduled
+    assert x.spec_token_ids == [1, 2, 3] and x.num_new_tokens == 4 and x.completes
+    assert len(kv.block_table("s0")) == 2  # positions 4..7
+    s.commit(out)
+    assert a.num_computed_tokens == 5  # drafts count once verified
+    # one draft accepted, then the target's token: 7 tokens, 6 with KV
+    a.num_computed_tokens += 1
+    a.append_token(1)
+    a.append_token(9)
+    assert kv.trim("s0", a.num_tokens) == 0  # block 1 holds positions 4..7: kept
+    kv.check_invariants()
+
+
+def test_rejected_drafts_give_their_blocks_back_and_never_cause_preemption():
+    kv = KVCacheManager(4, 4, enable_prefix_caching=False)
+    s = Scheduler(kv, 8, 64)
+    a, b = decoding(s, [4, 2])  # one block each
+    assert kv.num_free_blocks == 2
+    out = s.schedule({"s0": [1] * 8, "s1": [2, 2]})  # a's drafts need 3 more blocks: dropped
+    got = {x.seq.seq_id: x.spec_token_ids for x in out.scheduled}
+    assert got == {"s0": [], "s1": [2, 2]} and not out.preempted
+    assert kv.num_free_blocks == 0
+    s.commit(out)
+    b.append_token(5)  # every draft rejected: 4 tokens, 3 with KV
+    assert kv.trim("s1", b.num_tokens) == 1  # the block taken for position 4 is free again
+    assert kv.num_free_blocks == 1
+    kv.check_invariants()
+
+
+def out(rid, toks, text, finished=False, error=None, lps=None):
+    return RequestOutput(rid, toks, text, finished, "stop" if finished else None, 3, len(toks),
+                         new_logprobs=lps, error=error)
+
+
+def test_merge_outputs_joins_one_requests_step():
+    merged = merge_outputs([out("a", [1], "x", lps=["l1"]), out("b", [5], "q"),
+                            out("a", [2], "y", lps=["l2"]), out("a", [3], "z", finished=True)])
+    assert [(m.request_id, m.new_token_ids, m.new_text, m.finished) for m in merged] == [
+        ("a", [1, 2, 3], "xyz", True), ("b", [5], "q", False)]
+    assert merged[0].new_logprobs == ["l1", "l2"]
+    err = merge_outputs([out("a", [1], "x"), out("a", [], "", True, error=ValueError("boom"))])
+    assert len(err) == 2 and err[1].error is not None
