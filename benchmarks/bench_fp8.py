@@ -11,11 +11,10 @@ and decode tokens/s at batch 1 and batch 8 (short prompts, 32 greedy
 tokens each), passes alternated ``--runs`` times; ratios are fp8 / bf16
 within each pass, reported as a range.
 
-Perplexity (a mechanism check): the embedded default model scores the
-last part of its own corpus through ``SamplingParams.prompt_logprobs``,
-with bf16 weights, fp8 weights and an fp8 KV cache. Its weights are
-random, so the perplexities (and their differences) say nothing about
-FP8's quality; they show the scoring path works for every variant.
+Perplexity: the embedded default model (trained; see
+``benchmarks/bench_default_model.py`` for its full held-out scoring) scores
+the last part of its held-out text through ``SamplingParams.prompt_logprobs``,
+with bf16 weights, fp8 weights and an fp8 KV cache.
 
 Kernels (CUDA only): the fp8 GEMMs of ``splitserve.kernels.triton.fp8_gemm``
 on Llama-3.1-8B projection shapes, against cuBLAS bf16 on the same shapes
@@ -100,17 +99,17 @@ def bench_engine(path: Path, device: str, runs: int) -> dict:
 
 def perplexity(device: str, windows: int, window: int) -> list[dict]:
     """The default model's perplexity on the last ``windows`` x ``window``
-    tokens of its corpus, per variant."""
-    from splitserve.engine.default_model import CORPUS_PATH, ensure_default_model
+    tokens of its held-out text, per variant."""
+    from splitserve.engine.default_model import HELDOUT_PATH, default_model_path
     from splitserve.engine.sampling_params import SamplingParams
 
-    path = ensure_default_model()
+    path = default_model_path()
     out = []
     for name, kw in (("bf16 weights", {}), ("fp8 weights", {"weight_dtype": "fp8"}),
                      ("fp8 KV cache", {"kv_cache_dtype": "fp8"}),
                      ("fp8 weights + fp8 KV", {"weight_dtype": "fp8", "kv_cache_dtype": "fp8"})):
         eng = engine(path, device, **kw)
-        ids = eng.tokenize(CORPUS_PATH.read_text(encoding="utf-8"))
+        ids = eng.tokenize(HELDOUT_PATH.read_text(encoding="utf-8"))
         chunks = [ids[len(ids) - (i + 1) * window:len(ids) - i * window] for i in range(windows)]
         sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         nll = [-lp.logprob for r in eng.generate(chunks, sp) for lp in r.prompt_logprobs[1:]]

@@ -20,13 +20,12 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 
 from splitserve.cluster.bench.record import write_record
 from splitserve.cluster.bench.report import table
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.default_model import default_model_path
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -91,7 +90,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="passes per mode, alternating; best kept")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    path = ensure_default_model(Path.home() / ".cache" / "splitserve" / "bench-default-model")
+    path = default_model_path()
     eng = LLMEngine(EngineConfig(model=str(path), num_blocks=2048, block_size=16,
                                  max_num_seqs=args.streams + args.arrivals))
     schema = big_schema(args.fields)

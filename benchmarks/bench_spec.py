@@ -2,17 +2,16 @@
 8 and 32, on two workloads, in one run, passes alternated ``--runs`` times.
 
   copy (n-gram prompt lookup): a code-editing shape, where the output
-      mostly repeats the prompt. The default model has random weights and
-      copies nothing on its own, so the prompts are built from its own
-      output: prompt = prefix + (its greedy continuation of prefix) +
+      mostly repeats the prompt. The default model is small and copies
+      little on its own, so the prompts are built from its own output: prompt = prefix + (its greedy continuation of prefix) +
       separator + prefix. Where the model then writes the same continuation
       again, prompt lookup finds it in the prompt, as it finds the unchanged
       lines of a file being edited.
   free (draft model): greedy free generation from corpus prefixes, drafted
       by (a) the model's first layer (a compatible checkpoint cut from the
-      same weights: a real draft at about a quarter of the cost, whose
-      acceptance on random weights says little about a trained pair) and
-      (b) the model itself (acceptance 100%: the upper bound of what any
+      same weights), (b) the shipped draft (``default_draft_path()``: a
+      separately trained 2-layer model with the same tokenizer) and
+      (c) the model itself (acceptance 100%: the upper bound of what any
       draft could give, at a draft cost equal to the target's).
 
 Two cases repeat with the adaptive rule off (``fixed k``): n-gram, to show
@@ -120,11 +119,11 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
 
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_draft_path, default_model_path
     from splitserve.engine.spec.config import SpeculativeConfig
 
     torch.manual_seed(0)
-    target = ensure_default_model()
+    target = default_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="bench-spec-"))
     try:
         draft1 = first_layers_checkpoint(target, tmp / "draft-1-layer", 1)
@@ -135,10 +134,12 @@ def main() -> None:
             "copy / ngram": ("copy", SpeculativeConfig(method="ngram", ngram_max=4, **common)),
             "free / draft 1 layer": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(draft1), **common)),
+            "free / shipped draft": ("free", SpeculativeConfig(
+                method="draft", draft_model=str(default_draft_path()), **common)),
             "free / draft = target": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(target), **common)),
             # the full length every step: what verification costs when it is not
-            # switched off (n-gram, acceptance ~0 on random weights) and what the
+            # switched off (n-gram, where the model does not repeat) and what the
             # mechanism yields at 100% acceptance (draft = target)
             "copy / ngram, fixed k": ("copy", SpeculativeConfig(
                 method="ngram", ngram_max=4, **{**common, "adaptive": False})),

@@ -152,7 +152,7 @@ def phase_table(series, keys: tuple[str, ...], attr: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", default=None, help="checkpoint folder (default: the embedded "
-                    "default model, random weights)")
+                    "default model)")
     ap.add_argument("--rates", default="2,4,8", help="offered request rates, req/s")
     ap.add_argument("--num-requests", type=int, default=32, help="requests per rate")
     ap.add_argument("--input-len", default="uniform:128:512", help="prompt length distribution")
@@ -176,9 +176,9 @@ def main() -> int:
     import ray
 
     from splitserve.cluster.serve.router_actor import NAMESPACE
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
 
-    path = args.model_path or str(ensure_default_model())
+    path = args.model_path or str(default_model_path())
     mean_in = round(statistics.mean(
         parse_length_dist(args.input_len).sample(1000, np.random.default_rng(0))))
     ttft0, tpot0 = unloaded_latency(path, mean_in, args.block_size)

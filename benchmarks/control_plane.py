@@ -184,9 +184,9 @@ def main() -> int:
 
     from splitserve.cluster.serve import app
     from splitserve.cluster.serve.router_actor import NAMESPACE
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
 
-    path = str(ensure_default_model())
+    path = str(default_model_path())
     counts = [int(c) for c in args.ingress_replicas.split(",")]
     protocols = args.protocols.split(",")
     http_port, grpc_port = free_port(), free_port()

@@ -343,9 +343,9 @@ def main() -> int:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
 
-    path = str(ensure_default_model())
+    path = str(default_model_path())
     lo, hi = (int(v) for v in args.new_tokens.split(":"))
     # enough for the Poisson stream: its count exceeds 1.2 x the mean with negligible odds here
     n = args.streams or int(args.rate * args.duration * 1.2) + 20

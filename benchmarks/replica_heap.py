@@ -86,10 +86,10 @@ def main() -> int:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
     from splitserve.engine.loader import load_checkpoint
 
-    path = str(ensure_default_model())
+    path = str(default_model_path())
     vocab = load_checkpoint(path).model_config.vocab_size
     reqs = report.make_requests(int(args.rate * args.duration * 1.2) + 20, vocab, 0, (16, 64))
     cfg = report.cluster_config(path, 16)

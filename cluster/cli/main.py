@@ -12,7 +12,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="run the engine in this process on one or more prompts",
                        description="Generate completions with the engine in this process. "
                                    "Without --model, uses the embedded default model "
-                                   "(random weights: its text is gibberish).")
+                                   "(a small model trained on Python's standard library: it continues "
+                                   "English prose and Python code).")
     p.add_argument("prompts", nargs="*", default=None, help="prompt texts (default: a sample prompt)")
     p.add_argument("--model", default=None,
                    help="checkpoint directory or Hugging Face repo id (org/name)")
@@ -33,7 +34,7 @@ def _add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from splitserve.engine.config import EngineConfig
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
     from splitserve.engine.errors import SplitserveError
     from splitserve.engine.llm_engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
@@ -45,7 +46,7 @@ def cmd_generate(args) -> int:
 
             model = str(resolve_checkpoint(args.model, args.revision))
         else:
-            model = str(ensure_default_model())
+            model = str(default_model_path())
         eng = LLMEngine(EngineConfig(model=model, model_id=args.model, device=args.device,
                                      dtype=args.dtype,
                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size))
@@ -83,7 +84,7 @@ def _add_serve(sub) -> None:
                                    "prefill and decode pools, the router and the ingress, and serve "
                                    "until interrupted. Serves MODEL (a checkpoint directory or a "
                                    "Hugging Face repo id), else the --config file's models, else "
-                                   "the embedded default model (random weights), with one prefill "
+                                   "the embedded default model (small, trained), with one prefill "
                                    "and one decode replica. Flags override the file's keys.")
     add_serve_flags(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster instead")

@@ -186,9 +186,9 @@ def build_request(args, db):
         raise ShapeError(f"the current config's model path {served.path} is not on this "
                          "machine; give its shape with --shape (e.g. llama-3.1-8b)")
     else:
-        from splitserve.engine.default_model import ensure_default_model
+        from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
 
-        shape = shape_from_config_json(ensure_default_model(), "default-model-v1")
+        shape = shape_from_config_json(default_model_path(), DEFAULT_MODEL_NAME)
         name, path = args.served_name or (served.name if served else "default"), None
     # SLOs
     ttft_default = f"{current_cfg.slo.ttft_s}" if current_cfg else "1.0"

@@ -38,7 +38,7 @@ def targets(model_dir: str | None, config_path: str | None, device: str = "cpu",
             dtype: str | None = None) -> list[ProfileTarget]:
     """One target per model: ``--model DIR`` with engine defaults, or each
     model of an operator config with its engine settings."""
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import default_model_path
 
     if config_path:
         from splitserve.cluster.config import load_config
@@ -46,7 +46,7 @@ def targets(model_dir: str | None, config_path: str | None, device: str = "cpu",
         out = []
         for served in load_config(config_path).models:
             spec = served.model
-            path = spec.path or str(ensure_default_model())
+            path = spec.path or str(default_model_path())
             kw = dict(model=path, model_id=spec.name,
                       dtype=None if spec.dtype == "auto" else spec.dtype, device=device,
                       block_size=spec.block_size, kv_cache_dtype=spec.kv_cache_dtype,
@@ -54,7 +54,7 @@ def targets(model_dir: str | None, config_path: str | None, device: str = "cpu",
             out.append(ProfileTarget(spec.name, path, kw, EngineSettings(),
                                      shape_from_config_json(path, spec.name)))
         return out
-    path = model_dir or str(ensure_default_model())
+    path = model_dir or str(default_model_path())
     name = Path(path).name
     kw = dict(model=path, model_id=name, dtype=dtype, device=device)
     return [ProfileTarget(name, path, kw, EngineSettings(), shape_from_config_json(path, name))]

@@ -15,9 +15,9 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
     """The checkpoint directory of ``spec`` on this node (downloads a Hugging
     Face repo id into the node's cache once, unless offline)."""
     if spec.path is None:
-        from splitserve.engine.default_model import ensure_default_model
+        from splitserve.engine.default_model import default_model_path
 
-        return ensure_default_model()
+        return default_model_path()
     from splitserve.engine.hub import resolve_checkpoint
 
     return resolve_checkpoint(spec.path, spec.revision)

@@ -16,7 +16,7 @@ import uvicorn
 from splitserve.cluster.api.backend import LocalBackend
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.default_model import default_model_path
 from splitserve.engine.llm_engine import LLMEngine
 
 KEY = "sk-test-key"
@@ -38,7 +38,7 @@ def wait_until(pred, timeout=10.0):
 @pytest.fixture(scope="module")
 def paths(tiny_checkpoints, tmp_path_factory):
     return {"tiny-llama": tiny_checkpoints["llama"], "tiny-qwen": tiny_checkpoints["qwen2"],
-            "slow": ensure_default_model(tmp_path_factory.getbasetemp() / "default-model")}
+            "slow": default_model_path()}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from splitserve.cluster.api.backend import Backend, LocalBackend
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.default_model import default_model_path
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.cluster.api.backend import DEFAULT_OPTIONS
 from tests.fixtures.checkpoints import (DEEPSEEK_R1_TEMPLATE, QWEN3_THINKING_TEMPLATE,
@@ -38,8 +38,8 @@ MD = (("authorization", f"Bearer {KEY}"),)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return ensure_default_model(tmp_path_factory.getbasetemp() / "default-model")
+def base():
+    return default_model_path()
 
 
 @pytest.fixture(scope="module")

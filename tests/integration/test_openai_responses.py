@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from splitserve.cluster.api.backend import LocalBackend
-from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.default_model import default_model_path
 from tests.fixtures.checkpoints import QWEN3_THINKING_TEMPLATE, with_chat_template
 from tests.integration.api_fixtures import client, make_engine, url, wait_until  # noqa: F401
 from tests.integration.test_openai_api import AUTH
@@ -31,7 +31,7 @@ THINK_THEN_ANSWER = r"<think>\n[a-z ]{1,24}\n</think>\n\n[a-z ]{1,16}"
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    base = ensure_default_model(tmp_path_factory.getbasetemp() / "default-model")
+    base = default_model_path()
     thinking = with_chat_template(base, tmp_path_factory.mktemp("thinking") / "q",
                                   QWEN3_THINKING_TEMPLATE)
     backend = LocalBackend({MODEL: make_engine(base, MODEL), THINKING: make_engine(thinking, THINKING)})

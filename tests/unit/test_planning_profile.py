@@ -11,7 +11,7 @@ from splitserve.cluster.planning import profile_run, profiler
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.records import MEASURED, chunk_attn
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.default_model import ensure_default_model
+from splitserve.engine.default_model import default_model_path
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ TINY = profiler.Grid(prefill_tokens=(0, 16), cached_tokens=(0, 32), decode_seqs=
 
 @pytest.fixture(scope="module")
 def model_dir():
-    return str(ensure_default_model())
+    return str(default_model_path())
 
 
 @pytest.fixture(scope="module")

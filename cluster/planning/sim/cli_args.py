@@ -113,7 +113,7 @@ def _parse_pool_hardware(items: list[str], default: str):
 def shapes_for(cfg, items: list[str]):
     """Each model's shape: ``--shape`` items, else its checkpoint's config.json."""
     from splitserve.cluster.planning.shapes import resolve_shape, shape_from_config_json
-    from splitserve.engine.default_model import ensure_default_model
+    from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
 
     given: dict[str | None, str] = {}
     for item in items:
@@ -126,7 +126,7 @@ def shapes_for(cfg, items: list[str]):
         if spec:
             out[name] = resolve_shape(spec)
         elif served.model.path is None:
-            out[name] = shape_from_config_json(ensure_default_model(), "default-model-v1")
+            out[name] = shape_from_config_json(default_model_path(), DEFAULT_MODEL_NAME)
         elif Path(served.model.path).exists():
             out[name] = shape_from_config_json(served.model.path, name)
         else:
