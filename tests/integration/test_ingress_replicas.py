@@ -8,7 +8,6 @@ at the routers (``router.lease_ttl_s``)."""
 
 import asyncio
 import os
-import socket
 import time
 
 import grpc
@@ -23,6 +22,7 @@ from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from splitserve.cluster.serve.router_actor import get_router
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,6 @@ MD = (("authorization", f"Bearer {KEY}"),)
 ROUTERS = 2
 LEASE_TTL_S = 2.0
 HTTP_STREAMS, GRPC_STREAMS = 10, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ does it), then a redeploy that adds a model while the old ingress still
 runs (its replica does not know the new model until Serve replaces it)."""
 
 import collections
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ import pytest
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app, rollout, secrets
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,6 @@ KEY = "sk-ready-served"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HAMMER_S = 5.0
 CLIENTS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(tiny_llama, models, http_port, grpc_port):

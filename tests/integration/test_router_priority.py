@@ -8,7 +8,6 @@ run before all of them; a request whose x-request-timeout passes while it
 waits gets 429 then, not after router.max_queue_delay_s (120 s here)."""
 
 import asyncio
-import socket
 import time
 
 import grpc
@@ -22,18 +21,13 @@ from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from splitserve.cluster.serve.router_actor import get_router
 from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk-priority-test"
 MD = (("authorization", f"Bearer {KEY}"),)
 HOLDERS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

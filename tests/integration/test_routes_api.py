@@ -6,7 +6,6 @@ variant and reports each request's outcome."""
 
 import asyncio
 import random
-import threading
 
 import grpc
 import httpx
@@ -14,27 +13,16 @@ import openai
 import pytest
 
 from splitserve.cluster.api.backend import LocalBackend
-from splitserve.cluster.api.grpc_api import start_grpc_server
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
-from splitserve.cluster.api.routing import VARIANT_HEADER, Routing
+from splitserve.cluster.api.routing import VARIANT_HEADER
 from splitserve.router.route_messages import RouteTable, RouteWeights
 from tests.integration.api_fixtures import KEY, ServerThread, make_engine
+from tests.integration.test_grpc_api import GrpcServerThread
+from tests.fixtures.routing import RecordingRouting
 
 VARIANTS = ("tiny-llama", "tiny-qwen")
-
-
-class RecordingRouting(Routing):
-    """The base Routing, keeping the outcomes it is told of."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.outcomes = []
-
-    def record(self, outcome):
-        super().record(outcome)
-        self.outcomes.append(outcome)
 
 
 @pytest.fixture(scope="module")
@@ -140,25 +128,8 @@ def test_route_metrics_are_labelled_by_variant(url, client):
     assert 'splitserve_route_weight{route="chat",variant="tiny-qwen"} 0.5' in text
 
 
-class GrpcServerThread:
-    def __init__(self, backend):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, port = self.run(start_grpc_server(backend, "127.0.0.1", 0, [KEY]))
-        self.target = f"127.0.0.1:{port}"
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def stop(self):
-        self.run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_grpc_names_the_variant_in_initial_metadata(backend):
-    server = GrpcServerThread(backend)
+    server = GrpcServerThread(backend, api_keys=[KEY])
     try:
         with grpc.insecure_channel(server.target) as ch:
             stub = pb_grpc.GenerationStub(ch)

@@ -13,18 +13,9 @@ from splitserve.cluster.api.backend import ModelInfo, Overloaded, Unavailable
 from splitserve.cluster.api.routing import Routed, Routing
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.router.route_messages import RouteTable, RouteWeights
+from tests.fixtures.routing import RecordingRouting as Kept
 
 TABLE = RouteTable(3, (RouteWeights("chat", ("a", "b", "c"), (1.0, 1.0, 2.0), "x-user"),))
-
-
-class Kept(Routing):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.outcomes = []
-
-    def record(self, outcome):
-        super().record(outcome)
-        self.outcomes.append(outcome)
 
 
 def test_resolve_uses_the_header_key_and_leaves_other_models_alone():
