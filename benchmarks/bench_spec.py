@@ -73,9 +73,11 @@ def engine(path: Path, device: str, spec=None):
 
 
 def corpus_prefixes(tokenizer, n: int, length: int) -> list[list[int]]:
-    from splitserve.engine.default_model import CORPUS_PATH
+    # the default model's held-out text: its own domain (Python code and docs),
+    # never seen in training
+    from splitserve.engine.default_model import HELDOUT_PATH
 
-    ids = tokenizer.encode(CORPUS_PATH.read_text(encoding="utf-8"))
+    ids = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))
     step = max(1, (len(ids) - length) // n)
     return [ids[i * step:i * step + length] for i in range(n)]
 

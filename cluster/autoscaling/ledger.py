@@ -26,7 +26,8 @@ NAMESPACE = "splitserve"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class OpsLedger:
-    def __init__(self) -> None:
+    def __init__(self, history_len: int = HISTORY_LEN) -> None:
+        self._history_len = history_len
         self.reset()
 
     def reset(self) -> None:
@@ -60,7 +61,7 @@ class OpsLedger:
             self._changes[app] = decision
         if prev is None or decision.changed or (prev.target, prev.running) != (
                 decision.target, decision.running):
-            self._history.setdefault(app, deque(maxlen=HISTORY_LEN)).append(decision)
+            self._history.setdefault(app, deque(maxlen=self._history_len)).append(decision)
 
     def decisions(self) -> dict[str, PoolDecisions]:
         """app -> its latest decision and the latest that changed its size."""

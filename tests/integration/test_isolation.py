@@ -69,7 +69,9 @@ class ScriptedRouter:
     def new_lease(self) -> str:
         return f"lease-{next(self._leases)}"
 
-    async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False):
+    async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False,
+                    deadline: float | None = None, priority: int = 0,
+                    traceparent: str | None = None):
         choices = [d for d in self.decodes if d not in req.exclude_replicas]
         if not choices:
             raise NoCapacityError("every decode replica excluded", req.model, 1.0)

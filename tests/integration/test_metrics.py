@@ -238,7 +238,9 @@ def test_fallback_and_remaining_metrics_exported(cluster):
     p = "plumbing"
     record_worker_metrics(Role.DECODE, p, decode_stats(
         engine_load(free_blocks=3, total_blocks=4, running=1, waiting=0, pending_prompt_tokens=0,
-                    preemptions=2, prefix_hits=1, prefix_queries=2), refused=3, fallbacks=0))
+                    preemptions=2, prefix_hits=1, prefix_queries=2, spec_drafts=5,
+                    spec_draft_tokens=20, spec_accepted_tokens=12, spec_draft_time_s=0.5,
+                    lora_slots=4, lora_slots_in_use=1), refused=3, fallbacks=0))
     rec = RequestRecorder(p)
     rec.on_output({"token_ids": [1], "prompt_tokens": 8, "cached_tokens": 4, "finished": True,
                    "finish_reason": "stop"})
@@ -279,6 +281,8 @@ def test_fallback_and_remaining_metrics_exported(cluster):
         ("ray_splitserve_route_requests_total",
          {"route": "plumbing-route", "variant": p, "outcome": "ok"}, 1),
         ("ray_splitserve_route_weight", {"route": "plumbing-route", "variant": p}, 1.0),
+        ("ray_splitserve_spec_decode_accepted_tokens_total", decode, 12),
+        ("ray_splitserve_lora_slots_in_use", decode, 1),
     ])
     # every metric of splitserve.cluster.observability.metrics is exported under its dashboard names
     exported = {x.name for x in s}

@@ -19,7 +19,7 @@ def rec(t, running, target, current=None, reason="r"):
                           prefer_local_prefill=None)
 
 
-def test_history_keeps_size_changes_only_and_is_bounded(monkeypatch):
+def test_history_keeps_size_changes_only_and_is_bounded():
     led = ledger.OpsLedger.__ray_actor_class__()
     seq = [rec(1.0, 1, 1), rec(2.0, 1, 1), rec(3.0, 1, 2, current=1, reason="scale up 1 -> 2"),
            rec(4.0, 1, 2), rec(9.0, 2, 2), rec(10.0, 2, 2)]
@@ -30,8 +30,7 @@ def test_history_keeps_size_changes_only_and_is_bounded(monkeypatch):
     assert led.decisions()["m-decode"].last_change.time == 3.0
     led.forget("m-decode")
     assert led.history() == {}
-    monkeypatch.setattr(ledger, "HISTORY_LEN", 3)
-    led = ledger.OpsLedger.__ray_actor_class__()
+    led = ledger.OpsLedger.__ray_actor_class__(history_len=3)
     for i in range(5):
         led.record_decision("m-decode", rec(float(i), i, i))
     assert [d.time for d in led.history()["m-decode"]] == [2.0, 3.0, 4.0]
