@@ -33,8 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from splitserve.cluster.api.adapter_registry import (AdapterRegistry, BaseFacts, ServedAdapter,
-                                                     UnknownAdapter)
+from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts, ServedAdapter
 from splitserve.engine.errors import AdapterError, SplitserveError
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.sampling_params import SamplingParams
