@@ -181,7 +181,9 @@ class DecodeReplicaStats:
     running_seqs: int
     max_seqs: int
     block_size: int
-    waiting_requests: int  # admitted by the replica but not yet in its running batch
+    # admitted by the replica but not yet in its running batch: queued
+    # prompts, imports held for a batch slot, open hand-off reservations
+    waiting_requests: int
     decode_step_s: float  # recent mean time of one decode step
     prefill_tokens_per_s: float  # local prefill speed; <= 0 means not measured yet
     pending_prefill_tokens: int = 0  # prompt tokens queued for local prefill here
