@@ -66,16 +66,43 @@ class PrefixIndex:
         holders = self._holders
         own = self._by_replica.setdefault(replica_id, set())
         alone = frozenset((replica_id,))
+        get, move = holders.get, holders.move_to_end
+        # the chain's blocks mostly share holder sets: the union with this
+        # replica is made and interned once per distinct set, and the intern
+        # counts are settled once at the end (all additions first, so no
+        # shared instance is dropped while a block still uses it)
+        alone = self._intern_ref(alone)
+        unions: dict[int, frozenset[str]] = {}  # id(held) -> interned held | {replica}
+        added: dict[int, list] = {}  # id(interned set) -> [set, blocks gained]
+        lost: dict[int, list] = {}  # id(interned set) -> [set, blocks lost]
+        new = 0
         for h in reversed(hashes):
-            held = holders.get(h)
+            held = get(h)
             if held is None:
-                holders[h] = self._intern(alone)
+                holders[h] = alone
+                new += 1
             else:
                 if replica_id not in held:
-                    holders[h] = self._intern(held | alone)
-                    self._release(held)
-                holders.move_to_end(h)
-            own.add(h)
+                    key = id(held)
+                    union = unions.get(key)
+                    if union is None:
+                        union = unions[key] = self._intern_ref(held | alone)
+                        added[id(union)] = [union, 0]
+                        lost[key] = [held, 0]
+                    holders[h] = union
+                    added[id(union)][1] += 1
+                    lost[key][1] += 1
+                move(h)
+        own.update(hashes)
+        if new:
+            self._interned[alone][1] += new
+        for s, n in added.values():
+            self._interned[s][1] += n
+        for s, n in lost.values():
+            self._release(s, n)
+        for s in (alone, *(u for u, _ in added.values())):
+            if self._interned[s][1] == 0:  # interned for nothing (e.g. every block already held)
+                del self._interned[s]
         self._evict_over_bound()
 
     def on_evicted(self, replica_id: str, hashes: Iterable[int]) -> None:
@@ -154,9 +181,16 @@ class PrefixIndex:
         entry[1] += 1
         return entry[0]
 
-    def _release(self, replicas: frozenset[str]) -> None:
+    def _intern_ref(self, replicas: frozenset[str]) -> frozenset[str]:
+        """The shared instance of ``replicas`` (made, with no user yet, if new)."""
+        entry = self._interned.get(replicas)
+        if entry is None:
+            entry = self._interned[replicas] = [replicas, 0]
+        return entry[0]
+
+    def _release(self, replicas: frozenset[str], n: int = 1) -> None:
         entry = self._interned[replicas]
-        entry[1] -= 1
+        entry[1] -= n
         if entry[1] == 0:
             del self._interned[replicas]
 

@@ -6,7 +6,10 @@ decision reads it. So the pool keeps, at all times, the stats by replica id
 (in id order) and in the pool's ranking order (``queue_order`` for prefill,
 ``load_order`` for decode): ``put`` and ``pop`` move one replica with a
 bisection into a sorted key list, and ``snapshot`` copies the views at C
-speed instead of sorting per decision.
+speed instead of sorting per decision. It also keeps, per node, the
+replicas on that node in ranking order (immutable tuples, replaced on a
+change: a node holds a few replicas), so a search that favours the nodes
+of a placement reads them without scanning the pool.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class ReplicaPool(Generic[R]):
         self._ordered: list[R] = []
         self._max_speed: float | None = 0.0  # None: recompute on next read
         self._views: tuple | None = None  # views() until the next change
+        # node id -> (keys, stats) ascending, replicas with a known node only
+        self._nodes: dict[str, tuple[tuple[tuple[float, str], ...], tuple[R, ...]]] = {}
+        self._by_node: MappingProxyType | None = None  # by_node() until the next change
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -56,6 +62,8 @@ class ReplicaPool(Generic[R]):
         i = bisect_left(self._keys, key)
         self._keys.insert(i, key)
         self._ordered.insert(i, stats)
+        if stats.node_id:
+            self._node_insert(stats.node_id, key, stats)
         if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
             self._max_speed = None
 
@@ -67,6 +75,13 @@ class ReplicaPool(Generic[R]):
             self._remove_ordered(old)
             self._max_speed = None
         return old
+
+    def by_node(self) -> MappingProxyType:
+        """node id -> the stats of the replicas on it, in ranking order (a
+        copy; replicas whose node is unknown are in none)."""
+        if self._by_node is None:
+            self._by_node = MappingProxyType({n: v[1] for n, v in self._nodes.items()})
+        return self._by_node
 
     def views(self) -> tuple[tuple[R, ...], dict[str, R], tuple[R, ...], float]:
         """Copies of (stats in id order, stats by id, stats in ranking
@@ -84,9 +99,25 @@ class ReplicaPool(Generic[R]):
         return self._views
 
     def _remove_ordered(self, stats: R) -> None:
-        i = bisect_left(self._keys, self._order_key(stats))
+        key = self._order_key(stats)
+        i = bisect_left(self._keys, key)
         del self._keys[i]
         del self._ordered[i]
+        node = stats.node_id
+        if node:
+            keys, group = self._nodes[node]
+            j = bisect_left(keys, key)
+            if len(keys) == 1:
+                del self._nodes[node]
+            else:
+                self._nodes[node] = (keys[:j] + keys[j + 1:], group[:j] + group[j + 1:])
+            self._by_node = None
+
+    def _node_insert(self, node: str, key: tuple[float, str], stats: R) -> None:
+        keys, group = self._nodes.get(node, ((), ()))
+        j = bisect_left(keys, key)
+        self._nodes[node] = (keys[:j] + (key,) + keys[j:], group[:j] + (stats,) + group[j:])
+        self._by_node = None
 
 
 def make_snapshot(
@@ -103,4 +134,5 @@ def make_snapshot(
         prefill_by_queue=p_ordered,
         decode_by_load=d_ordered,
         max_prefill_tokens_per_s=p_speed,
+        prefill_by_node=prefill.by_node(),
     )

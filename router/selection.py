@@ -128,21 +128,29 @@ def fastest_remote_prefill(
                 t += load_s * adapter_miss(p, adapter)
             if t < best_s or (t == best_s and rid < best.replica_id):
                 best, best_s = p, t
-    # Uncached replicas compute the whole prompt and use at best the cheapest
-    # link, at no more than the pool's fastest speed (or the assumed one).
-    max_speed = max(snap.max_prefill_tokens_per_s, cfg.assumed_prefill_tokens_per_s)
-    floor_s = prompt_len / max_speed + min(same_s, cross_s)
-    for p in snap.prefill_by_queue:
-        bound = p.queue_s + floor_s
-        if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
-            break
-        if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
-            continue  # matched replicas were scored above, with their hits
-        t = remote_prefill_s(p, prompt_len, cfg) + (same_s if node and p.node_id == node else cross_s)
-        if load_s:
-            t += load_s * adapter_miss(p, adapter)
-        if t < best_s or (t == best_s and p.replica_id < best.replica_id):
-            best, best_s = p, t
+    # Uncached replicas compute the whole prompt at no more than the pool's
+    # fastest speed (or the assumed one): first those on the decode
+    # replica's node (the same-node link), then the others (the network),
+    # each in queue order with a bound of its own link, so neither visit
+    # goes past the few replicas that could still win.
+    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, cfg.assumed_prefill_tokens_per_s)
+    local = snap.prefill_by_node.get(node, ()) if node else ()
+    for group, link_s, skip_local in ((local, same_s, False),
+                                      (snap.prefill_by_queue, cross_s, bool(local))):
+        floor_s = compute_s + link_s
+        for p in group:
+            bound = p.queue_s + floor_s
+            if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
+                break
+            if skip_local and p.node_id == node:
+                continue  # scored in the first visit
+            if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
+                continue  # matched replicas were scored above, with their hits
+            t = remote_prefill_s(p, prompt_len, cfg) + link_s
+            if load_s:
+                t += load_s * adapter_miss(p, adapter)
+            if t < best_s or (t == best_s and p.replica_id < best.replica_id):
+                best, best_s = p, t
     return best, best_s
 
 
