@@ -139,9 +139,12 @@ class KVCacheManager:
         """Register the hashes of blocks that became full and computed."""
         if not self.pool.enable_prefix_caching:
             return
-        table = self._tables[seq.seq_id]
         done = self._num_hashed.get(seq.seq_id, 0)
-        full = min(seq.num_computed_tokens // self.block_size, len(table))
+        full = seq.num_computed_tokens // self.block_size
+        if full <= done:
+            return  # the common case (no block filled since): one lookup
+        table = self._tables[seq.seq_id]
+        full = min(full, len(table))
         if full <= done:
             return
         hashes = seq.block_hashes()

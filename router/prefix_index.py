@@ -72,9 +72,7 @@ class PrefixIndex:
         # counts are settled once at the end (all additions first, so no
         # shared instance is dropped while a block still uses it)
         alone = self._intern_ref(alone)
-        unions: dict[int, frozenset[str]] = {}  # id(held) -> interned held | {replica}
-        added: dict[int, list] = {}  # id(interned set) -> [set, blocks gained]
-        lost: dict[int, list] = {}  # id(interned set) -> [set, blocks lost]
+        gained: dict[int, list] = {}  # id(held) -> [held, interned held | {replica}, blocks]
         new = 0
         for h in reversed(hashes):
             held = get(h)
@@ -83,26 +81,23 @@ class PrefixIndex:
                 new += 1
             else:
                 if replica_id not in held:
-                    key = id(held)
-                    union = unions.get(key)
-                    if union is None:
-                        union = unions[key] = self._intern_ref(held | alone)
-                        added[id(union)] = [union, 0]
-                        lost[key] = [held, 0]
-                    holders[h] = union
-                    added[id(union)][1] += 1
-                    lost[key][1] += 1
+                    entry = gained.get(id(held))
+                    if entry is None:
+                        entry = gained[id(held)] = [held, self._intern_ref(held | alone), 0]
+                    holders[h] = entry[1]
+                    entry[2] += 1
                 move(h)
         own.update(hashes)
+        interned = self._interned
         if new:
-            self._interned[alone][1] += new
-        for s, n in added.values():
-            self._interned[s][1] += n
-        for s, n in lost.values():
-            self._release(s, n)
-        for s in (alone, *(u for u, _ in added.values())):
-            if self._interned[s][1] == 0:  # interned for nothing (e.g. every block already held)
-                del self._interned[s]
+            interned[alone][1] += new
+        for _, union, n in gained.values():
+            interned[union][1] += n
+        for held, _, n in gained.values():
+            self._release(held, n)
+        for s in (alone, *(union for _, union, _ in gained.values())):
+            if interned[s][1] == 0:  # interned for nothing (e.g. every block already held)
+                del interned[s]
         self._evict_over_bound()
 
     def on_evicted(self, replica_id: str, hashes: Iterable[int]) -> None:

@@ -31,8 +31,9 @@ class ReplicaPool(Generic[R]):
         self._ordered: list[R] = []
         self._max_speed: float | None = 0.0  # None: recompute on next read
         self._views: tuple | None = None  # views() until the next change
-        # node id -> (keys, stats) ascending, replicas with a known node only
-        self._nodes: dict[str, tuple[tuple[tuple[float, str], ...], tuple[R, ...]]] = {}
+        # node id -> its replicas' keys / stats, ascending (known nodes only)
+        self._node_keys: dict[str, tuple[tuple[float, str], ...]] = {}
+        self._node_stats: dict[str, tuple[R, ...]] = {}
         self._by_node: MappingProxyType | None = None  # by_node() until the next change
 
     def __len__(self) -> int:
@@ -80,7 +81,7 @@ class ReplicaPool(Generic[R]):
         """node id -> the stats of the replicas on it, in ranking order (a
         copy; replicas whose node is unknown are in none)."""
         if self._by_node is None:
-            self._by_node = MappingProxyType({n: v[1] for n, v in self._nodes.items()})
+            self._by_node = MappingProxyType(self._node_stats.copy())
         return self._by_node
 
     def views(self) -> tuple[tuple[R, ...], dict[str, R], tuple[R, ...], float]:
@@ -105,18 +106,20 @@ class ReplicaPool(Generic[R]):
         del self._ordered[i]
         node = stats.node_id
         if node:
-            keys, group = self._nodes[node]
+            keys, group = self._node_keys[node], self._node_stats[node]
             j = bisect_left(keys, key)
             if len(keys) == 1:
-                del self._nodes[node]
+                del self._node_keys[node], self._node_stats[node]
             else:
-                self._nodes[node] = (keys[:j] + keys[j + 1:], group[:j] + group[j + 1:])
+                self._node_keys[node] = keys[:j] + keys[j + 1:]
+                self._node_stats[node] = group[:j] + group[j + 1:]
             self._by_node = None
 
     def _node_insert(self, node: str, key: tuple[float, str], stats: R) -> None:
-        keys, group = self._nodes.get(node, ((), ()))
+        keys, group = self._node_keys.get(node, ()), self._node_stats.get(node, ())
         j = bisect_left(keys, key)
-        self._nodes[node] = (keys[:j] + (key,) + keys[j:], group[:j] + (stats,) + group[j:])
+        self._node_keys[node] = keys[:j] + (key,) + keys[j:]
+        self._node_stats[node] = group[:j] + (stats,) + group[j:]
         self._by_node = None
 
 

@@ -133,23 +133,29 @@ def fastest_remote_prefill(
     # replica's node (the same-node link), then the others (the network),
     # each in queue order with a bound of its own link, so neither visit
     # goes past the few replicas that could still win.
-    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, cfg.assumed_prefill_tokens_per_s)
+    # A replica is scored first and checked for use only when it would win
+    # (most visited replicas do not): the same choice, fewer calls.
+    assumed = cfg.assumed_prefill_tokens_per_s
+    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, assumed)
     local = snap.prefill_by_node.get(node, ()) if node else ()
     for group, link_s, skip_local in ((local, same_s, False),
                                       (snap.prefill_by_queue, cross_s, bool(local))):
         floor_s = compute_s + link_s
         for p in group:
+            rid = p.replica_id
             bound = p.queue_s + floor_s
-            if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
+            if bound > best_s or (bound == best_s and rid > best.replica_id):
                 break
             if skip_local and p.node_id == node:
                 continue  # scored in the first visit
-            if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
-                continue  # matched replicas were scored above, with their hits
-            t = remote_prefill_s(p, prompt_len, cfg) + link_s
+            # remote_prefill_s(p, prompt_len, cfg), inline: the same sums
+            speed = p.prefill_tokens_per_s
+            t = (p.pending_prompt_tokens + prompt_len) / (speed if speed > 0 else assumed) + link_s
             if load_s:
                 t += load_s * adapter_miss(p, adapter)
-            if t < best_s or (t == best_s and p.replica_id < best.replica_id):
+            if ((t < best_s or (t == best_s and rid < best.replica_id))
+                    and rid not in matches  # scored above, with their hits
+                    and prefill_usable(p, model, horizon, excluded)):
                 best, best_s = p, t
     return best, best_s
 
