@@ -5,11 +5,16 @@ found through ``index_matches``), then visits the others in ascending
 (bound, replica id) order, the order the snapshot keeps them in by a stored
 attribute the bound grows with: a decode replica's ``load`` (its exact
 score when nothing is cached there), a prefill replica's ``queue_s`` (to
-which the prompt's compute at the pool's fastest speed and the cheapest
-link add a lower bound of its TTFT). The visit stops once the bound passes the best score so
-far (or equals it at a larger id, which would lose the tie), so a pool of
-any size usually costs a handful of evaluations. The result is the
-minimum over all usable replicas, ties broken on the smaller replica id.
+which the prompt's compute at the pool's fastest speed and the link add a
+lower bound of its TTFT: the prefill replicas on the decode replica's node
+are visited first with the same-node link, from the snapshot's per-node
+view, then the others with the network's, so the cheaper link of a few
+does not loosen the bound of all). The visit stops once the bound passes
+the best score so far (or equals it at a larger id, which would lose the
+tie), so a pool of any size usually costs a handful of evaluations (more
+when the pool's measured speeds differ: idle replicas slower than the
+fastest are then all visited). The result is the minimum over all usable
+replicas, ties broken on the smaller replica id.
 """
 
 from __future__ import annotations
