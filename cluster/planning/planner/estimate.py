@@ -45,7 +45,7 @@ from splitserve.cluster.planning.planner.candidates import col
 from splitserve.cluster.planning.planner.inputs import (
     SLO, Offer, PlanInputError, WorkloadModel, z_of)
 from splitserve.cluster.planning.planner.space import (
-    EngineGrid, RouterOption, SpaceSpec, tp_splits)
+    EngineGrid, RouterOption, SpaceSpec, fp8_index, tp_splits)
 from splitserve.cluster.planning.shapes import ModelShape
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
@@ -233,7 +233,7 @@ class Units:
     e: np.ndarray  # engine grid row (prefill units: the first row of its prefill_key)
     forms: Forms
     kv_tokens: np.ndarray  # KV cache tokens per replica
-    kv_gib: np.ndarray  # KV cache memory per replica (the config's kv_cache_memory_gb)
+    kv_gib: np.ndarray  # KV cache memory per rank (the pool's kv_cache_memory_gb)
     mem_ok: np.ndarray
     price: np.ndarray  # per replica-hour
     cap: np.ndarray  # most replicas the offer allows
@@ -322,14 +322,19 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         else:
             free = d.hw.memory_bytes * key[1] * MEMORY_UTILIZATION - weights - act
             fits = free > 0
-        per_block = kv_per_token * block[sel]
-        blocks = np.floor(np.maximum(free, 0) / per_block)
+        # each rank holds its share of the KV heads (all of one when the heads are
+        # fewer than the ranks) in its share of the free memory, as sim.pools.kv_blocks
+        rank_free = np.maximum(free, 0) / key[1]
+        hk = shape.num_kv_heads
+        per_block = (kv_per_token * max(1, hk // key[1]) // hk if hk else kv_per_token) * block[sel]
+        blocks = np.floor(rank_free / per_block)
         kv_tokens[sel] = blocks * block[sel]
-        kv_gib[sel] = np.maximum(free, 0) / (1 << 30)
+        kv_gib[sel] = rank_free / (1 << 30)
         mem_ok[sel] = fits & (blocks >= 16)
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
     dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
+    dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),

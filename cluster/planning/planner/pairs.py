@@ -1,5 +1,7 @@
 """Disaggregated plans, pair by pair: every (prefill row, decode row) of the
-estimate's tables that share settings and a router option, counted against
+estimate's tables that share the hand-off's settings (block size, KV and
+weight dtypes; each pool has its own batch cap and chunk size) and a router
+option, counted against
 the bounds by histograms of devices used (never enumerated), and scored in
 vectorised chunks (TTFT with the hand-off, TPOT, memory fit, cost)."""
 
@@ -15,11 +17,11 @@ PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
 
 def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
     """(deployable, all) (prefill row, decode row) pairs that pass the bounds:
-    same shared settings and router option, within the offers' counts and
+    same shared settings (``grid.shared_key``) and router option, within the offers' counts and
     the budget; counted by histograms of devices used, not enumerated."""
     ndev = len(devices)
     gmax = int(max(d.count for d in devices))
-    ngroup = int(grid.prefill_key.max() + 1) * n_opts
+    ngroup = int(grid.shared_key.max() + 1) * n_opts
     res = []
     for dep_only in (True, False):
         hp = np.zeros((ngroup, ndev, gmax + 1), dtype=np.int64)
@@ -27,7 +29,7 @@ def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
         for (units, ok, h) in ((up, okp, hp), (ud, okd, hd)):
             mask = ok & (col(units.deployable) if dep_only else True)
             ui, oi, ri = np.nonzero(mask)
-            g = grid.prefill_key[units.e[ui]] * n_opts + oi
+            g = grid.shared_key[units.e[ui]] * n_opts + oi
             gpus = (ri + 1) * units.tp[ui]
             np.add.at(h, (g, units.dev[ui], gpus), 1)
         cum = np.cumsum(hd, axis=2)  # cum[..., k]: decode rows using <= k devices
@@ -60,8 +62,8 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
     di = np.flatnonzero(td.est_ok)
     pu, po, pr = np.unravel_index(pi, tp_.shape)
     du, do, dr = np.unravel_index(di, td.shape)
-    gp = grid.prefill_key[up.e[pu]] * n_opts + po
-    gd = grid.prefill_key[ud.e[du]] * n_opts + do
+    gp = grid.shared_key[up.e[pu]] * n_opts + po
+    gd = grid.shared_key[ud.e[du]] * n_opts + do
     order = np.argsort(gp, kind="stable")
     pi, pu, po, pr, gp = pi[order], pu[order], po[order], pr[order], gp[order]
     start = np.searchsorted(gp, gd, "left")
@@ -122,13 +124,10 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
         remote = np.where(rem_n >= tail_t, remote, 0.0)
         ttft = np.maximum(remote, md["ttft_local"].ravel()[dflat])
         tpot = md["tpot_p"].ravel()[dflat]
-        # one kv_cache_memory_gb serves both pools: the smaller device's must hold the batch
-        kv_min = np.minimum(up.kv_tokens[a_u], ud.kv_tokens[b_u])
-        slots_min = np.minimum(ud.seqs[b_u], np.floor((kv_min - ws.q_total)
-                                                      / (ws.lbar + ud.block[b_u] / 2.0)))
-        fit = (md["n"].ravel()[dflat] < slots_min) & (kv_min >= ws.q_total)
-        ok1 = fit & (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
-        oks = fit & (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
+        # each pool sizes its own KV cache (its engine's kv_cache_memory_gb): the decode
+        # table's bounds hold its batch, the prefill table's a prompt
+        ok1 = (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
+        oks = (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
         dep = up.deployable[a_u] & ud.deployable[b_u]
         ok_dep += int((ok1 & dep).sum())
         ok_all += int(ok1.sum())

@@ -34,7 +34,7 @@ from splitserve.cluster.planning.planner import estimate as est
 from splitserve.cluster.planning.planner.candidates import (
     CLOUD, KEEP, cand_array, cheapest, col, fitted, score)
 from splitserve.cluster.planning.planner.emit import (
-    EmitContext, EnginePlan, Plan, PoolPlan, to_config)
+    EmitContext, EnginePlan, Plan, PoolEngine, PoolPlan, to_config)
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, PlanInputError, WorkloadModel
 from splitserve.cluster.planning.planner.pairs import count_pairs, score_pairs
 from splitserve.cluster.planning.planner.space import (
@@ -174,6 +174,8 @@ class Planner:
         self.quality_table = q
         self.quality = _quality_rows(req.space, self.grid, q)
         self._quality_class = self.grid.kv * 4 + self.grid.wd
+        uncached = np.maximum(1, req.workload.inputs - req.workload.cached)
+        self._short_prompt = max(1.0, float(np.percentile(uncached, 5)))
         self.timings: dict[str, float] = {}
         self.counts: dict = {}
         wl = req.workload
@@ -303,51 +305,64 @@ class Planner:
         du, dr, o = int(rec["du"]), int(rec["dr"]), int(rec["o"])
         e = int(u.e[du])
         dev = self.devices[int(u.dev[du])]
-        decode = PoolPlan(dev.index, dev.sim_key, int(u.tp[du]), dr, dev.cpu, dev.threads)
+        decode = PoolPlan(dev.index, dev.sim_key, int(u.tp[du]), dr,
+                          PoolEngine(int(grid.seqs[e]), int(grid.budget[e]), float(u.kv_gib[du])),
+                          dev.cpu, dev.threads)
         prefill = None
         if layout == "disaggregated":
             up = self.tables["prefill"][0]
             pu, pr = int(rec["pu"]), int(rec["pr"])
             pdev = self.devices[int(up.dev[pu])]
-            prefill = PoolPlan(pdev.index, pdev.sim_key, int(up.tp[pu]), pr, pdev.cpu,
-                               pdev.threads)
+            chunk = int(up.budget[pu])
+            prefill = PoolPlan(pdev.index, pdev.sim_key, int(up.tp[pu]), pr,
+                               PoolEngine(self.prefill_max_num_seqs(chunk), chunk,
+                                          float(up.kv_gib[pu])), pdev.cpu, pdev.threads)
         opt = self.tables["colocated" if layout == "colocated" else "decode"][1][o]
-        kv_gib = float(u.kv_gib[du])
-        if layout == "disaggregated":
-            kv_gib = min(kv_gib, float(self.tables["prefill"][0].kv_gib[int(rec["pu"])]))
-        engine = EnginePlan(int(grid.seqs[e]), int(grid.budget[e]), int(grid.block[e]),
-                            space.kv_dtypes[grid.kv[e]], space.weight_dtypes[grid.wd[e]],
-                            space.speculative[grid.spec[e]], kv_gib)
+        engine = EnginePlan(int(grid.block[e]), space.kv_dtypes[grid.kv[e]],
+                            space.weight_dtypes[grid.wd[e]], space.speculative[grid.spec[e]])
         plan = Plan(layout, decode, prefill, engine, opt.policy, opt.local_prefill_max_tokens,
                     "fixed", bool(rec["dep"]))
         return replace(plan, predicted=self.predict(plan))
 
+    def prefill_max_num_seqs(self, chunk: int) -> int:
+        """A prefill pool's batch cap: enough prompts to fill a ``chunk``-token
+        step with the workload's short prompts (its 5th percentile of uncached
+        tokens), so the step budget binds, as the estimate's full-step rate assumes."""
+        return max(1, min(chunk, math.ceil(chunk / self._short_prompt)))
+
     def _unit(self, table: str, pool: PoolPlan, e: int) -> int | None:
         u = self.tables[table][0]
-        if table == "prefill":
-            e = int(np.flatnonzero(self.grid.prefill_key == self.grid.prefill_key[e])[0])
         hit = np.flatnonzero((u.dev == pool.device) & (u.tp == pool.tp) & (u.e == e))
         return int(hit[0]) if len(hit) else None
 
-    def _grid_row(self, engine: EnginePlan) -> int | None:
-        g, sp = self.grid, self.space
+    def _grid_rows(self, plan: Plan) -> tuple[int | None, int | None]:
+        """The engine grid rows of ``plan``'s decode (or colocated) pool and of
+        its prefill pool (the row standing for its prefill setting)."""
+        g, sp, engine = self.grid, self.space, plan.engine
         try:
             kv, wd = sp.kv_dtypes.index(engine.kv_cache_dtype), sp.weight_dtypes.index(
                 engine.weight_dtype)
             spec = sp.speculative.index(engine.speculative)
         except ValueError:
-            return None
-        hit = np.flatnonzero((g.seqs == engine.max_num_seqs)
-                             & (g.budget == engine.max_num_batched_tokens)
-                             & (g.block == engine.block_size) & (g.kv == kv) & (g.wd == wd)
-                             & (g.spec == spec))
-        return int(hit[0]) if len(hit) else None
+            return None, None
+        shared = (g.block == engine.block_size) & (g.kv == kv) & (g.wd == wd)
+        d = plan.decode.engine
+        hit = np.flatnonzero(shared & (g.seqs == d.max_num_seqs)
+                             & (g.budget == d.max_num_batched_tokens) & (g.spec == spec))
+        e = int(hit[0]) if len(hit) else None
+        if plan.prefill is None:
+            return e, None
+        hit = np.flatnonzero(shared & (g.budget == plan.prefill.engine.max_num_batched_tokens))
+        if not len(hit):
+            return e, None
+        # the row standing for that prefill setting: the first of its prefill_key
+        return e, int(np.flatnonzero(g.prefill_key == g.prefill_key[hit[0]])[0])
 
     def predict(self, plan: Plan) -> dict:
         """The estimator's figures for ``plan`` (from the tables: any replica
         count up to the offers'); empty when the plan lies outside the space."""
         slo = self.req.slo
-        e = self._grid_row(plan.engine)
+        e, e_pre = self._grid_rows(plan)
         table = "colocated" if plan.layout == "colocated" else "decode"
         if e is None or table not in self.tables:
             return {}
@@ -378,7 +393,7 @@ class Planner:
         ok = bool(t.est_ok[at])
         if plan.layout == "disaggregated":
             up, _, _, tpre = self.tables["prefill"]
-            pu = self._unit("prefill", plan.prefill, e)
+            pu = None if e_pre is None else self._unit("prefill", plan.prefill, e_pre)
             if pu is None or plan.prefill.replicas > rmax:
                 return {}
             mp = tpre.metrics
@@ -418,7 +433,7 @@ class Planner:
                 e = int(u.e[du])
                 pus = [None] if up is None else [
                     i for i in np.flatnonzero(up.deployable & up.mem_ok)
-                    if grid.prefill_key[up.e[i]] == grid.prefill_key[e]]
+                    if grid.shared_key[up.e[i]] == grid.shared_key[e]]
                 for o, opt in enumerate(opts):
                     for pu in pus:
                         for dr in range(1, int(u.cap[du]) + 1):
@@ -719,7 +734,7 @@ class Planner:
             if rec["ttft"] * rt > slo.ttft_s or rec["tpot"] * rp > slo.tpot_s:
                 continue
             plan = self.with_autoscaling(self.to_plan(rec))
-            alloc = (plan.layout, plan.decode, plan.prefill)
+            alloc = plan.alloc()
             if alloc in seen or self.mean_cost(plan) >= met_cost(plan.layout):
                 continue
             seen.add(alloc)
