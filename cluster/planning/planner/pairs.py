@@ -58,7 +58,7 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
     within the SLOs, the cheapest records of each chunk, a sample for the plot)."""
     n_opts = len(opts)
     mp, md = tp_.metrics, td.metrics
-    pi = np.flatnonzero(tp_.est_ok)
+    pi, variants = _prefill_variants(grid, up, tp_)
     di = np.flatnonzero(td.est_ok)
     pu, po, pr = np.unravel_index(pi, tp_.shape)
     du, do, dr = np.unravel_index(di, td.shape)
@@ -66,6 +66,7 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
     gd = grid.shared_key[ud.e[du]] * n_opts + do
     order = np.argsort(gp, kind="stable")
     pi, pu, po, pr, gp = pi[order], pu[order], po[order], pr[order], gp[order]
+    variants = variants[order]
     start = np.searchsorted(gp, gd, "left")
     end = np.searchsorted(gp, gd, "right")
     nper = end - start
@@ -108,6 +109,7 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
             continue
         sel = np.flatnonzero(keep)
         a_u, a_o, a_r, b_u, b_r = a_u[sel], a_o[sel], a_r[sel], b_u[sel], b_r[sel]
+        a_v = variants[ii[sel]]
         dev_p, dev_d, g_p, g_d, same, cost = (dev_p[sel], dev_d[sel], g_p[sel], g_d[sel],
                                               same[sel], cost[sel])
         pflat = pi[ii[sel]]
@@ -119,18 +121,23 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
             bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
         rem_n = ws.rem_n[a_o, a_r]
         xfer = ws.rem_ip[a_o, a_r] * kv / bw
-        remote = (mp["ttft_p"].ravel()[pflat] + xfer + md["tau"].ravel()[dflat]
-                  + 4 * est.RPC_S)
-        remote = np.where(rem_n >= tail_t, remote, 0.0)
-        ttft = np.maximum(remote, md["ttft_local"].ravel()[dflat])
+        matters = rem_n >= tail_t
+        after = xfer + md["tau"].ravel()[dflat] + 4 * est.RPC_S  # behind the prefill pool
+        remote = np.where(matters, mp["ttft_p"].ravel()[pflat] + after, 0.0)
+        local = md["ttft_local"].ravel()[dflat]
+        ttft = np.maximum(remote, local)
         tpot = md["tpot_p"].ravel()[dflat]
         # each pool sizes its own KV cache (its engine's kv_cache_memory_gb): the decode
         # table's bounds hold its batch, the prefill table's a prompt
         ok1 = (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
         oks = (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
         dep = up.deployable[a_u] & ud.deployable[b_u]
-        ok_dep += int((ok1 & dep).sum())
-        ok_all += int(ok1.sum())
+        # the prefill row stands for its chunk sizes: count those within the TTFT SLO too
+        room = np.where(matters, slo.ttft_s - after, np.inf)[:, None]
+        n_ok = np.where((local <= slo.ttft_s) & (tpot <= slo.tpot_s),
+                        (a_v <= room).sum(axis=1), 0)
+        ok_dep += int(n_ok[dep].sum())
+        ok_all += int(n_ok.sum())
         s = np.flatnonzero(oks)
         rec = cand_array(len(s))
         rec["layout"] = 1
@@ -143,3 +150,27 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
         recs.append(cheapest(rec[rec["dep"]], KEEP, slo, units_key))
         cloud.append(rec[rng.permutation(len(rec))[:CLOUD // 8]])
     return (ok_dep, ok_all), recs, cloud
+
+
+def _prefill_variants(grid, up, tp_):
+    """The prefill table's rows within the estimate (flat indices), one per
+    (device, TP, shared settings, router option, replicas): the chunk size with
+    the lowest estimated TTFT stands for the others, which differ from it in
+    nothing a pair is scored on but their TTFT. Returns those rows and, for
+    each, the TTFTs of all its chunk sizes (ascending, inf padded), so pairs
+    are scored once per prefill allocation and counted for every chunk size."""
+    flat = np.flatnonzero(tp_.est_ok)
+    pu, po, pr = np.unravel_index(flat, tp_.shape)
+    ttft = tp_.metrics["ttft_p"].ravel()[flat]
+    _, alloc = np.unique(np.stack([up.dev, up.tp, grid.shared_key[up.e]]), axis=1,
+                         return_inverse=True)
+    key = (alloc.ravel()[pu] * tp_.shape[1] + po) * tp_.shape[2] + pr
+    order = np.lexsort((ttft, key))
+    key, flat, ttft = key[order], flat[order], ttft[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    group = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+    rank = np.arange(len(key)) - first[group]
+    width = int(rank.max()) + 1 if len(rank) else 1
+    variants = np.full((len(first), width), np.inf)
+    variants[group, rank] = ttft
+    return flat[first], variants
