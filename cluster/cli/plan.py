@@ -158,7 +158,7 @@ def build_request(args, db):
     from splitserve.cluster.bench.datasets import parse_length_dist
     from splitserve.cluster.config import load_config
     from splitserve.cluster.planning.planner import inputs
-    from splitserve.cluster.planning.planner.search import PlanRequest
+    from splitserve.cluster.planning.planner.request import PlanRequest
     from splitserve.cluster.planning.planner.space import SpaceSpec
     from splitserve.cluster.planning.shapes import (
         PRESETS, ShapeError, resolve_shape, shape_from_config_json)

@@ -11,7 +11,9 @@ from splitserve.cluster.config import load_config, parse_config
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.planner.emit import to_yaml
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
-from splitserve.cluster.planning.planner.search import PlanRequest, Planner, quality_increases
+from splitserve.cluster.planning.planner.quality import quality_increases
+from splitserve.cluster.planning.planner.request import PlanRequest
+from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.records import EngineSettings
 from splitserve.cluster.planning.shapes import PRESETS

@@ -17,7 +17,8 @@ from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.planner.emit import (
     EmitContext, EnginePlan, Plan, PoolEngine, PoolPlan, to_yaml)
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
-from splitserve.cluster.planning.planner.search import PlanRequest, Planner
+from splitserve.cluster.planning.planner.request import PlanRequest
+from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.shapes import PRESETS, ModelShape
 from splitserve.cluster.planning.sim.pools import kv_blocks
@@ -60,7 +61,7 @@ def test_candidates_pair_prefill_and_decode_settings_freely(planner):
         assert p.predicted, p.label()  # predict() finds both pools' rows again
         # a prefill replica's batch cap lets its chunk fill with the workload's short prompts
         e = p.prefill.engine
-        assert e.max_num_seqs * planner._short_prompt >= e.max_num_batched_tokens
+        assert e.max_num_seqs * planner.ctx.short_prompt >= e.max_num_batched_tokens
 
 
 def test_each_pools_settings_move_only_that_pools_prediction(planner):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from splitserve.cluster.planning.planner import estimate as est
+from splitserve.cluster.planning.planner.devices import DEVICES_PER_NODE
+from splitserve.cluster.planning.planner.estimate import RPC_S
 from splitserve.cluster.planning.planner.candidates import CLOUD, KEEP, cand_array, cheapest, col
 
 PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
@@ -115,14 +116,14 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
         pflat = pi[ii[sel]]
         dflat = di[jj[sel]]
         kv = np.where(cpu[dev_p], cpu_kv[grid.kv[ud.e[b_u]]], kvbpt[grid.kv[ud.e[b_u]]])
-        bw = np.where(same & (g_p + g_d <= est.DEVICES_PER_NODE), intra[dev_p],
+        bw = np.where(same & (g_p + g_d <= DEVICES_PER_NODE), intra[dev_p],
                       np.minimum(nic[dev_p], nic[dev_d]) * 4)
         if grpc is not None:
             bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
         rem_n = ws.rem_n[a_o, a_r]
         xfer = ws.rem_ip[a_o, a_r] * kv / bw
         matters = rem_n >= tail_t
-        after = xfer + md["tau"].ravel()[dflat] + 4 * est.RPC_S  # behind the prefill pool
+        after = xfer + md["tau"].ravel()[dflat] + 4 * RPC_S  # behind the prefill pool
         remote = np.where(matters, mp["ttft_p"].ravel()[pflat] + after, 0.0)
         local = md["ttft_local"].ravel()[dflat]
         ttft = np.maximum(remote, local)

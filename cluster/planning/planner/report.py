@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitserve.cluster.planning.planner.search import PlanResult, SimOutcome
+from splitserve.cluster.planning.planner.request import PlanResult, SimOutcome
 
 
 def _ms(x: float) -> str:
