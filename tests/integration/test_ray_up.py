@@ -189,10 +189,10 @@ def test_ray_up_deploys_each_pool_on_its_node_type(nodes, tiny_llama, tmp_path):
         # `ray up` returns once the head runs; the head's autoscaler then
         # starts the workers over ssh: wait until both joined
         probe = "python -m tests.integration.ray_up_probe"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             placement = _placement(ray(
-                "exec", "--no-config-cache", str(path), probe, timeout=60))
+                "exec", "--no-config-cache", str(path), probe, timeout=120))
             if len(placement["nodes"]) == 3 or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -205,13 +205,13 @@ def test_ray_up_deploys_each_pool_on_its_node_type(nodes, tiny_llama, tmp_path):
         ray("exec", "--no-config-cache", str(path),
             f"splitserve deploy {op} --wait-s 180", timeout=240)
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key=KEY, max_retries=0,
-                        timeout=60)
+        client = OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key=KEY, max_retries=2,
+                        timeout=120)
         out = client.completions.create(model="tiny", prompt="hello there", max_tokens=4,
                                         temperature=0)
         assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
 
-        placement = _placement(ray("exec", "--no-config-cache", str(path), probe, timeout=60))
+        placement = _placement(ray("exec", "--no-config-cache", str(path), probe, timeout=120))
         where = {}
         for r in placement["replicas"]:
             app = r["class_name"].split(":")[1]
