@@ -100,6 +100,7 @@ class SpecDecoder:
         self._runs: dict[str, _Run] = {}
         self._drafts: dict[str, list[int]] = {}
         self._draft_s = 0.0
+        self._draft_steps = 0
         self._t_step = 0.0
         self._idle_steps = 0  # steps the adaptive rule chose not to speculate
 
@@ -147,6 +148,7 @@ class SpecDecoder:
         t0 = time.perf_counter()
         proposals = self.proposer.propose(seqs, ks)
         self._draft_s = time.perf_counter() - t0
+        self._draft_steps = max(ks)  # a proposer drafts one position per step
         self.counters.draft_time_s += self._draft_s
         for s, n, d in zip(seqs, ks, proposals):
             d = list(d[:n])
@@ -221,9 +223,21 @@ class SpecDecoder:
                 engine.kv.cache_full_blocks(seq)
         proposed = sum(len(r.sched.spec_token_ids) for r in runs)
         step_s = time.perf_counter() - self._t_step - self._draft_s
-        self.tracker.observe(proposed, sum(r.accepted for r in runs),
-                             self._draft_s / max(1, self.last_k), step_s)
+        self.tracker.observe(proposed, sum(r.accepted for r in runs), self._per_position_s(),
+                             step_s)
         return merge_outputs(outputs)
+
+    def _per_position_s(self) -> float | None:
+        """This step's drafting time per draft position, without the
+        proposer's one-off work (a draft prefilling a prompt is no cost of
+        each later draft token); None when nothing else was timed."""
+        steps = self._draft_steps
+        one_off = self.proposer.one_off_s
+        if one_off > 0:
+            steps -= 1  # the forward that prefilled also drafted position 0
+        if steps <= 0:
+            return None
+        return max(0.0, self._draft_s - one_off) / steps
 
     @staticmethod
     def _accepted(r: _Run, j: int) -> bool:

@@ -46,12 +46,28 @@ def test_speculation_length_rule():
     assert choose_num_tokens(4, 1, 0.6, 256, draft_ratio=0.5) < 4
     assert choose_num_tokens(4, 8, 0.9, 256, disable_batch_size=4) == 0
     t = AcceptanceTracker(prior=0.5)
-    t.observe(proposed=10, accepted=10, draft_s=0.5, step_s=1.0)
-    assert t.alpha == 1.0 and t.draft_ratio == 0.5  # the first timing is taken whole
-    t.observe(proposed=10, accepted=0, draft_s=1.5, step_s=1.0)
-    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.6)  # then averaged
+    t.observe(proposed=10, accepted=10, draft_s=0.6, step_s=1.0)
+    assert t.alpha == 1.0 and t.draft_ratio == pytest.approx(0.3)  # pooled with the prior 0
+    t.observe(proposed=10, accepted=0, draft_s=None, step_s=1.0)  # drafting not timed
+    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.3)
     # a draft as slow as the target never pays, even accepted every time
     assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
+
+
+def test_one_slow_step_does_not_decide_the_draft_cost():
+    # a first step 5x a target step (a stall, or one-off work timed with it)
+    # must leave the draft speculating once cheap steps follow; setting the
+    # ratio from that step alone switched a useful draft off for good
+    t = AcceptanceTracker(prior=0.5)
+    t.observe(proposed=4, accepted=2, draft_s=5.0, step_s=1.0)
+    assert t.draft_ratio == pytest.approx(2.5)
+    for _ in range(6):
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+    assert t.draft_ratio == pytest.approx((5.0 + 6 * 0.05) / 8)  # the mean, prior included
+    for _ in range(40):  # then an exponential moving average
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+    assert t.draft_ratio < 0.1
+    assert choose_num_tokens(4, 1, t.alpha, 256, t.draft_ratio) > 0
 
 
 def test_config_checks_and_registry():
