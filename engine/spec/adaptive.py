@@ -25,6 +25,21 @@ acceptance rate is measured again. Plain Python, no tensors.
 
 from __future__ import annotations
 
+# ``saturation_tokens`` when the operator leaves it unset, by device type.
+# A GPU reads the weights once per decode step and leaves most of its
+# arithmetic idle: a 7-8B model's step time stays flat to a few hundred
+# tokens. A CPU has no such slack: its matrix products already take time in
+# proportion to their rows at a few tokens (the default model on a 2-vCPU
+# Xeon, one thread: a verify step of 5 tokens costs 1.4-1.9x a 1-token
+# step, docs/benchmarks.md), so only a handful of tokens ride free.
+SATURATION_TOKENS = {"cuda": 256, "cpu": 4}
+
+
+def default_saturation_tokens(device_type: str) -> int:
+    """The knee of the step time on ``device_type`` ("cuda", "cpu", ...);
+    other accelerators are taken to be GPU-like."""
+    return SATURATION_TOKENS.get(device_type, SATURATION_TOKENS["cuda"])
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens one verify step yields per sequence with ``k`` drafts."""

@@ -46,7 +46,8 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import AcceptanceTracker, choose_num_tokens
+from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
+                                             default_saturation_tokens)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.proposer import Proposer, ProposerContext, make_proposer
 
@@ -95,6 +96,8 @@ class SpecDecoder:
         self.cfg = cfg
         self.proposer = proposer or make_proposer(cfg, ctx)
         self.tracker = AcceptanceTracker()
+        self.saturation_tokens = (cfg.saturation_tokens
+                                  or default_saturation_tokens(ctx.device.type))
         self.counters = SpecCounters(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self.last_k = 0  # the speculation length of the last step
         self._runs: dict[str, _Run] = {}
@@ -126,7 +129,7 @@ class SpecDecoder:
         if off:
             k = 0
         elif self.cfg.adaptive:
-            k = choose_num_tokens(k, len(running), self.tracker.alpha, self.cfg.saturation_tokens,
+            k = choose_num_tokens(k, len(running), self.tracker.alpha, self.saturation_tokens,
                                   self.tracker.draft_ratio)
             # the rule turned speculation off on measured acceptance: probe
             # now and then, or a better-suited workload would never be seen

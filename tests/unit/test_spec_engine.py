@@ -98,6 +98,12 @@ def test_draft_model_other_checkpoint_keeps_greedy_output(plain, tiny_llama, tin
     assert eng.spec.counters.draft_tokens > 0
 
 
+def test_saturation_tokens_resolved_by_device(ngram, tiny_llama):
+    assert ngram.spec.saturation_tokens == 4  # a CPU engine, no setting
+    eng = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=300))
+    assert eng.spec.saturation_tokens == 300
+
+
 def test_draft_prefill_is_one_off_work_not_per_token_cost(self_draft):
     """The draft's catch-up forward counts as one-off work (left out of the
     adaptive rule's per-token draft cost) exactly when it prefills."""

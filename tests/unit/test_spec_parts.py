@@ -8,7 +8,7 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
-                                             expected_tokens)
+                                             default_saturation_tokens, expected_tokens)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.decoder import merge_outputs
 from splitserve.engine.spec.ngram import ngram_lookup
@@ -68,6 +68,18 @@ def test_one_slow_step_does_not_decide_the_draft_cost():
         t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
     assert t.draft_ratio < 0.1
     assert choose_num_tokens(4, 1, t.alpha, 256, t.draft_ratio) > 0
+
+
+def test_saturation_default_by_device():
+    # a GPU verifies a few hundred tokens for the price of one; a CPU a handful
+    assert default_saturation_tokens("cuda") == 256
+    assert default_saturation_tokens("cpu") == 4
+    assert SpeculativeConfig().saturation_tokens is None  # resolved by the engine's device
+    # on a CPU a batch of 32 stops speculating at the acceptance the trained
+    # pair reaches with prompt lookup; the GPU knee would still verify drafts
+    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cpu")) == 0
+    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cuda")) > 0
+    assert choose_num_tokens(4, 1, 0.6, default_saturation_tokens("cpu")) > 0
 
 
 def test_config_checks_and_registry():
