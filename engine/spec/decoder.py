@@ -129,13 +129,7 @@ class SpecDecoder:
         if off:
             k = 0
         elif self.cfg.adaptive:
-            k = choose_num_tokens(k, len(running), self.tracker.alpha, self.saturation_tokens,
-                                  self.tracker.draft_ratio)
-            # the rule turned speculation off on measured acceptance: probe
-            # now and then, or a better-suited workload would never be seen
-            self._idle_steps = self._idle_steps + 1 if k == 0 else 0
-            if self._idle_steps >= PROBE_INTERVAL:
-                k, self._idle_steps = self.cfg.num_speculative_tokens, 0
+            k = self._adaptive_length(len(running), bool(cands))
         self.last_k = k
         seqs, ks = [], []
         for s in cands:
@@ -161,6 +155,29 @@ class SpecDecoder:
             if d:
                 self._drafts[s.seq_id] = d
         return self._drafts
+
+    def _adaptive_length(self, batch: int, any_candidate: bool) -> int:
+        """The rule's length for this step, or a probe. When the rule turns
+        speculation off on measured acceptance alone, one step in
+        ``PROBE_INTERVAL`` with sequences to draft for speculates the full
+        length, or a better-suited workload would never be seen. When even
+        every draft accepted would not pay at this batch size (the verify
+        step's cost, the draft's), measuring acceptance changes nothing, so
+        it does not probe: each probe costs a verify step of
+        ``batch * (k + 1)`` tokens, and a draft model's catch-up on every
+        sequence."""
+        max_k, t = self.cfg.num_speculative_tokens, self.tracker
+        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio)
+        if k > 0:
+            self._idle_steps = 0
+            return k
+        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio) == 0:
+            return 0  # off on cost: no acceptance would pay
+        self._idle_steps += 1
+        if self._idle_steps >= PROBE_INTERVAL and any_candidate:
+            self._idle_steps = 0
+            return max_k
+        return 0
 
     # -- after the forward -------------------------------------------------------
     def begin_verify(self, engine: "LLMEngine", part: list[ScheduledSeq], logits: torch.Tensor,

@@ -104,6 +104,32 @@ def test_saturation_tokens_resolved_by_device(ngram, tiny_llama):
     assert eng.spec.saturation_tokens == 300
 
 
+def lengths(eng, prompt, params) -> list[int]:
+    """The speculation length of each step of one request."""
+    eng.add_request(None, prompt_token_ids=prompt, params=params)
+    ks = []
+    while eng.has_unfinished():
+        eng.step()
+        ks.append(eng.spec.last_k)
+    assert idle(eng)
+    return ks
+
+
+def test_probes_only_where_acceptance_could_make_speculation_pay(tiny_llama):
+    prompt = copy_prompts(64, n=1, seed=12)[0]
+    sp = SamplingParams(max_tokens=45, **GREEDY)  # past one PROBE_INTERVAL of decode steps
+    # acceptance measured as nil: off, then probed to measure it again
+    probing = make(tiny_llama, SpeculativeConfig(method="ngram"))
+    probing.spec.tracker.alpha = 0.0
+    ks = lengths(probing, prompt, sp)
+    assert ks[:30] == [0] * 30 and 4 in ks
+    # a knee of 1 token: verifying k drafts costs k + 1 steps, which no
+    # acceptance pays back, so a probe could only cost
+    costly = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=1))
+    costly.spec.tracker.alpha = 0.0
+    assert set(lengths(costly, prompt, sp)) == {0}
+
+
 def test_draft_prefill_is_one_off_work_not_per_token_cost(self_draft):
     """The draft's catch-up forward counts as one-off work (left out of the
     adaptive rule's per-token draft cost) exactly when it prefills."""
