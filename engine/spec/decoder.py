@@ -139,7 +139,7 @@ class SpecDecoder:
             if n > 0:
                 seqs.append(s)
                 ks.append(n)
-        self._draft_s = 0.0
+        self._draft_s, self._draft_steps = 0.0, 0
         if not seqs:
             return self._drafts
         t0 = time.perf_counter()
