@@ -30,7 +30,7 @@ from __future__ import annotations
 # arithmetic idle: a 7-8B model's step time stays flat to a few hundred
 # tokens. A CPU has no such slack: its matrix products already take time in
 # proportion to their rows at a few tokens (the default model on a 2-vCPU
-# Xeon, one thread: a verify step of 5 tokens costs 1.4-1.9x a 1-token
+# Xeon, one thread: a verify step of 5 tokens costs 1.4-1.8x a 1-token
 # step, docs/benchmarks.md), so only a handful of tokens ride free.
 SATURATION_TOKENS = {"cuda": 256, "cpu": 4}
 
