@@ -19,8 +19,9 @@ speculates the full length, a batch large enough that verifying costs
 more than it yields stops, and a low acceptance shortens the drafts first.
 ``disable_batch_size`` switches speculation off above a batch size
 outright. When the rule turns speculation off on acceptance alone, one
-step in ``decoder.PROBE_INTERVAL`` speculates the full length so the
-acceptance rate is measured again. Plain Python, no tensors.
+step in ``PROBE_INTERVAL`` speculates the full length so the acceptance
+rate is measured again (``LengthRule``, which the engine's decoder and the
+planning simulator both run). Plain Python, no tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from __future__ import annotations
 # Xeon, one thread: a verify step of 5 tokens costs 1.4-1.8x a 1-token
 # step, docs/benchmarks.md), so only a handful of tokens ride free.
 SATURATION_TOKENS = {"cuda": 256, "cpu": 4}
+
+# steps without speculation, chosen by the adaptive rule, before one that
+# speculates the full length to measure the acceptance rate again
+PROBE_INTERVAL = 32
 
 
 def default_saturation_tokens(device_type: str) -> int:
@@ -96,3 +101,58 @@ class AcceptanceTracker:
             self._timed += 1
             w = max(self.weight, 1.0 / (self._timed + 1))
             self.draft_ratio += w * (draft_s / step_s - self.draft_ratio)
+
+
+class LengthRule:
+    """The speculation length of each step: ``disable_batch_size``, then the
+    adaptive rule over ``tracker`` (or always ``max_k`` when not adaptive),
+    with a probe. When the rule turns speculation off on measured
+    acceptance alone, one step in ``PROBE_INTERVAL`` with sequences to
+    draft for speculates the full length, or a better-suited workload would
+    never be seen. When even every draft accepted would not pay at this
+    batch size (the verify step's cost, the draft's), measuring acceptance
+    changes nothing, so it does not probe: each probe costs a verify step
+    of ``batch * (k + 1)`` tokens, and a draft model's catch-up on every
+    sequence."""
+
+    def __init__(self, max_k: int, saturation_tokens: int, adaptive: bool = True,
+                 disable_batch_size: int | None = None,
+                 tracker: AcceptanceTracker | None = None):
+        self.max_k = max_k
+        self.saturation_tokens = saturation_tokens
+        self.adaptive = adaptive
+        self.disable_batch_size = disable_batch_size
+        self.tracker = tracker if tracker is not None else AcceptanceTracker()
+        self.idle_steps = 0  # steps the adaptive rule chose not to speculate
+
+    def length(self, batch: int, any_candidate: bool) -> int:
+        """This step's speculation length for a running batch of ``batch``
+        sequences (``any_candidate``: some of them may be drafted for)."""
+        if self.disable_batch_size is not None and batch > self.disable_batch_size:
+            return 0
+        if not self.adaptive:
+            return self.max_k
+        max_k, t = self.max_k, self.tracker
+        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio)
+        if k > 0:
+            self.idle_steps = 0
+            return k
+        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio) == 0:
+            return 0  # off on cost: no acceptance would pay
+        self.idle_steps += 1
+        if self.idle_steps >= PROBE_INTERVAL and any_candidate:
+            self.idle_steps = 0
+            return max_k
+        return 0
+
+    def quiet(self, batch: int) -> bool:
+        """Whether ``length(batch, ...)`` is 0 and changes no state, whatever
+        the acceptance: speculation is off by batch size or on cost. Steps
+        at such a batch size are plain decode steps (a simulator may run
+        them as one)."""
+        if self.disable_batch_size is not None and batch > self.disable_batch_size:
+            return True
+        if not self.adaptive:
+            return False
+        return choose_num_tokens(self.max_k, batch, 1.0, self.saturation_tokens,
+                                 self.tracker.draft_ratio) == 0

@@ -46,18 +46,13 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
-                                             default_saturation_tokens)
+from splitserve.engine.spec.adaptive import PROBE_INTERVAL  # noqa: F401 (its old home)
+from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.proposer import Proposer, ProposerContext, make_proposer
 
 if TYPE_CHECKING:
     from splitserve.engine.llm_engine import LLMEngine
-
-# steps without speculation, chosen by the adaptive rule, before one that
-# speculates the full length to measure the acceptance rate again
-PROBE_INTERVAL = 32
-
 
 @dataclass
 class SpecCounters:
@@ -95,9 +90,11 @@ class SpecDecoder:
                  proposer: Proposer | None = None):
         self.cfg = cfg
         self.proposer = proposer or make_proposer(cfg, ctx)
-        self.tracker = AcceptanceTracker()
         self.saturation_tokens = (cfg.saturation_tokens
                                   or default_saturation_tokens(ctx.device.type))
+        self.rule = LengthRule(cfg.num_speculative_tokens, self.saturation_tokens,
+                               cfg.adaptive, cfg.disable_batch_size)
+        self.tracker = self.rule.tracker
         self.counters = SpecCounters(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self.last_k = 0  # the speculation length of the last step
         self._runs: dict[str, _Run] = {}
@@ -105,7 +102,6 @@ class SpecDecoder:
         self._draft_s = 0.0
         self._draft_steps = 0
         self._t_step = 0.0
-        self._idle_steps = 0  # steps the adaptive rule chose not to speculate
 
     def release(self, seq_id: str) -> None:
         """``Scheduler.on_release``."""
@@ -124,12 +120,7 @@ class SpecDecoder:
             s for s in running
             if s.num_tokens - s.num_computed_tokens == 1 and s.seq_id not in engine._prefill_only
             and s.params.speculative]
-        k = self.cfg.num_speculative_tokens
-        off = self.cfg.disable_batch_size is not None and len(running) > self.cfg.disable_batch_size
-        if off:
-            k = 0
-        elif self.cfg.adaptive:
-            k = self._adaptive_length(len(running), bool(cands))
+        k = self.rule.length(len(running), bool(cands))
         self.last_k = k
         seqs, ks = [], []
         for s in cands:
@@ -155,29 +146,6 @@ class SpecDecoder:
             if d:
                 self._drafts[s.seq_id] = d
         return self._drafts
-
-    def _adaptive_length(self, batch: int, any_candidate: bool) -> int:
-        """The rule's length for this step, or a probe. When the rule turns
-        speculation off on measured acceptance alone, one step in
-        ``PROBE_INTERVAL`` with sequences to draft for speculates the full
-        length, or a better-suited workload would never be seen. When even
-        every draft accepted would not pay at this batch size (the verify
-        step's cost, the draft's), measuring acceptance changes nothing, so
-        it does not probe: each probe costs a verify step of
-        ``batch * (k + 1)`` tokens, and a draft model's catch-up on every
-        sequence."""
-        max_k, t = self.cfg.num_speculative_tokens, self.tracker
-        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio)
-        if k > 0:
-            self._idle_steps = 0
-            return k
-        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio) == 0:
-            return 0  # off on cost: no acceptance would pay
-        self._idle_steps += 1
-        if self._idle_steps >= PROBE_INTERVAL and any_candidate:
-            self._idle_steps = 0
-            return max_k
-        return 0
 
     # -- after the forward -------------------------------------------------------
     def begin_verify(self, engine: "LLMEngine", part: list[ScheduledSeq], logits: torch.Tensor,
