@@ -5,7 +5,7 @@ dtypes, as the simulator builds it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,16 +57,16 @@ def resolve_devices(db: ProfileDB, offers: list[Offer]) -> list[Device]:
 
 
 def engine_settings_for(dev: Device, tp: int, wd: str, kv: str):
-    """The speed-relevant settings of a replica, built as the simulator builds them."""
+    """The speed-relevant settings of a replica, built by the simulator's
+    ``engine_settings`` (fp8 weights included)."""
     from splitserve.cluster.planning.sim.simulator import engine_settings
 
+    weight = "fp8" if wd == "fp8" else "auto"
     if dev.cpu:
-        s = engine_settings(ModelSpec(dtype="auto", kv_cache_dtype=kv, device="cpu"), "cpu", 1)
-    else:
-        s = engine_settings(ModelSpec(dtype="bfloat16", kv_cache_dtype=kv), "cuda", tp)
-    if wd == "fp8":
-        s = replace(s, dtype="fp8")
-    return s
+        return engine_settings(ModelSpec(dtype="auto", kv_cache_dtype=kv, device="cpu",
+                                         weight_dtype=weight), "cpu", 1)
+    return engine_settings(ModelSpec(dtype="bfloat16", kv_cache_dtype=kv, weight_dtype=weight),
+                           "cuda", tp)
 
 
 class FormCache:

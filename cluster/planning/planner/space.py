@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitserve.cluster.config import ModelSpec, RouterSpec
+from splitserve.cluster.planning.sim.speculation import ASSUMED_ACCEPTANCE
 
 AUTOSCALING = ("fixed", "scale-down", "burst")
 
@@ -76,7 +77,8 @@ class SpaceSpec:
     local_prefill: tuple[int, ...] = (0, 128, 512, 2048)  # read by the cost policy only
     autoscaling: tuple[str, ...] = AUTOSCALING
     max_replicas: int = 32  # per pool, below the offers' counts
-    spec_acceptance: float = 0.7  # assumed per-token acceptance of speculative drafts
+    # assumed per-token acceptance of speculative drafts (the simulator's default too)
+    spec_acceptance: float = ASSUMED_ACCEPTANCE["ngram"]
 
     def replace(self, **kw) -> "SpaceSpec":
         from dataclasses import replace

@@ -30,6 +30,7 @@ from splitserve.cluster.planning.profiles import DeviceProfile
 from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.metrics import PoolSample
 from splitserve.cluster.planning.sim.replica import SimReplica
+from splitserve.cluster.planning.sim.speculation import SimSpeculator
 
 if TYPE_CHECKING:
     from splitserve.cluster.planning.sim.simulator import Simulation
@@ -129,6 +130,18 @@ class Pool:
         sim.loop.after(delay, self._ready, slot)
         return slot
 
+    def _speculator(self, name: str) -> SimSpeculator | None:
+        """Decode and colocated replicas speculate as the model's
+        ``speculative`` section says; acceptance draws seeded by the run's
+        seed and the replica's name."""
+        spec = self.mspec.speculative
+        if spec is None or self.role == "prefill":
+            return None
+        opts = self.sim.opts
+        device = "cpu" if self.profile.hardware.key.startswith("cpu:") else "cuda"
+        return SimSpeculator.from_spec(spec, device, opts.acceptance(spec.method),
+                                       opts.draft_cost_ratio, f"{opts.seed}/{name}")
+
     def _ready(self, slot: Slot) -> None:
         if slot.state != STARTING:
             return
@@ -137,7 +150,7 @@ class Pool:
         slot.rep = SimReplica(
             sim.loop, slot.name, self.role, self.model, slot.node.node_id, self.profile.step,
             self.num_blocks, m.block_size, m.max_num_seqs, m.max_num_batched_tokens,
-            sim.serving, sim.itl, coalesce=sim.opts.coalesce)
+            sim.serving, sim.itl, coalesce=sim.opts.coalesce, spec=self._speculator(slot.name))
         slot.state = READY
         slot.ready_at = sim.loop.now
         slot.busy_mark = (sim.loop.now, 0.0)

@@ -22,6 +22,13 @@ When a block allocation fails, the run ends and the production
 ``schedule()`` runs that step (and preempts). ``tests/unit/
 test_planning_replica.py`` checks that coalesced and step-by-step runs give
 identical token times.
+
+Speculative decoding (``spec``, a ``SimSpeculator``): each step's drafts
+come from the engine's length rule; a verify step's draft tokens are timed
+as query tokens after each sequence's context, the accepted drafts are
+drawn, and the KV of rejected ones is trimmed as the engine does. A
+coalesced run is entered only at batch sizes where the rule cannot
+speculate (``LengthRule.quiet``), so its steps are plain decode steps.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Callable, Protocol
 from splitserve.cluster.planning.records import chunk_attn
 from splitserve.cluster.planning.sim.events import EventLoop
 from splitserve.cluster.planning.sim.sequence import SimSequence
+from splitserve.cluster.planning.sim.speculation import SimSpeculator
 from splitserve.cluster.planning.step_model import StepTimeModel
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.scheduler import Scheduler
@@ -56,7 +64,8 @@ class SimReplica:
     def __init__(self, loop: EventLoop, replica_id: str, role: str, model: str, node_id: str,
                  step: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, hooks: ReplicaHooks,
-                 itl: TokenTimes | None = None, coalesce: bool = True):
+                 itl: TokenTimes | None = None, coalesce: bool = True,
+                 spec: SimSpeculator | None = None):
         self.loop = loop
         self.replica_id = replica_id
         self.role = role  # prefill | decode | colocated
@@ -69,6 +78,7 @@ class SimReplica:
         self.hooks = hooks
         self.itl = itl
         self.coalesce = coalesce
+        self.spec = spec
         self.alive = True
         self.draining = False
         # what LLMEngine and the workers count
@@ -91,6 +101,10 @@ class SimReplica:
         self._step_t0 = 0.0
         self._step_dt = 0.0
         self._step_decodes = 0
+        self._step_verify_s = 0.0
+        self._step_draft_s = 0.0
+        self._spec_ids: dict[str, int] = {}  # the step's verify runs: seq id -> drafts
+        self._proposed = self._accepted = 0
         # the coalesced run
         self._fast = False
         self._S = 0  # step index at the run's last boundary (= step_count there)
@@ -153,15 +167,27 @@ class SimReplica:
         elif self.coalesce and self._coalescible():
             self._enter_fast()
             return
-        out = self.sched.schedule()
+        spec = self.spec
+        out = self.sched.schedule(spec.drafts(self.sched.running) if spec is not None else None)
         if out.is_empty:
             return
         p_tok = p_big = b = c = 0
         p_attn = 0.0
         completing = []
+        drafted = 0  # most draft tokens of one sequence (the draft model's steps)
         for s in out.scheduled:
             seq, n = s.seq, s.num_new_tokens
             done = seq.num_computed_tokens
+            k = len(s.spec_token_ids)
+            if k:  # a verify run: its last token, then k drafts as query tokens
+                b += 1
+                c += done + 1
+                p_tok += k
+                p_attn += chunk_attn(k, done + 1)
+                drafted = max(drafted, k)
+                if s.completes:
+                    completing.append(seq)
+                continue
             if n == 1 and done == seq.num_tokens - 1 and done >= seq.num_prompt_tokens:
                 b += 1
                 c += done + 1
@@ -173,6 +199,11 @@ class SimReplica:
             if s.completes:
                 completing.append(seq)
         dt = self.step.step_s(p_tok, p_attn, b, c)
+        self._step_verify_s, self._step_draft_s = dt, 0.0
+        if drafted and spec.draft_cost_ratio > 0:
+            # the draft model decodes each position for the drafted sequences
+            self._step_draft_s = spec.draft_position_s(self.step.step_s(0, 0, b, c))
+            dt += drafted * self._step_draft_s
         self.busy = True
         self._out = out
         self._completing = completing
@@ -187,6 +218,9 @@ class SimReplica:
             return
         out, completing = self._out, self._completing
         self._out, self._completing = None, []
+        self._spec_ids = {} if self.spec is None else {
+            s.seq.seq_id: len(s.spec_token_ids) for s in out.scheduled if s.spec_token_ids}
+        self._proposed, self._accepted = sum(self._spec_ids.values()), 0
         self.sched.commit(out)
         self.step_count += 1
         self.busy_time_s += self._step_dt
@@ -201,12 +235,31 @@ class SimReplica:
             seq.append_token(0)
             if seq.num_output_tokens == 1:
                 self.hooks.on_first_token(self, seq)
+            if not seq.done and self._spec_ids.get(seq.seq_id):
+                self._accept(seq, self._spec_ids[seq.seq_id])
             if seq.done:
                 self.sched.finish(seq, FinishReason.LENGTH)
                 self.hooks.on_finished(self, seq)
+        if self._spec_ids:
+            self.spec.observe(self._proposed, self._accepted, self._step_draft_s,
+                              self._step_verify_s)
         self.busy = False
         self._drain_calls()
         self.kick()
+
+    def _accept(self, seq: SimSequence, k: int) -> None:
+        """The drafts of ``seq`` this step: a drawn number accepted (their KV
+        stands, each is an output token), the KV of the rest trimmed, as
+        ``SpecDecoder.finish_verify``."""
+        j = self.spec.draw(k)
+        self._accepted += j
+        for _ in range(j):
+            seq.num_computed_tokens += 1
+            seq.append_token(0)
+            if seq.done:
+                return
+        self.kv.trim(seq.seq_id, seq.num_tokens)
+        self.kv.cache_full_blocks(seq)
 
     def _drain_calls(self) -> None:
         self._in_drain = True
@@ -228,6 +281,8 @@ class SimReplica:
             return False  # the next schedule() may admit
         if len(running) > sched.max_num_batched_tokens:
             return False  # not every sequence steps each time
+        if self.spec is not None and not self.spec.quiet(len(running)):
+            return False  # the rule may speculate at this batch size
         for seq in running:
             done = seq.num_computed_tokens
             if seq.num_tokens - done != 1 or done < seq.num_prompt_tokens or seq.prefill_only:
@@ -345,6 +400,8 @@ class SimReplica:
     def _coalescible_now(self) -> bool:
         sched = self.sched
         if (sched.waiting or sched.parked) and len(sched.running) < sched.max_num_seqs:
+            return False
+        if self.spec is not None and not self.spec.quiet(len(sched.running)):
             return False
         return len(sched.running) <= sched.max_num_batched_tokens
 

@@ -34,6 +34,7 @@ from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, su
 from splitserve.cluster.planning.sim.network import Network
 from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
 from splitserve.cluster.planning.sim.serving import HOLDER, Serving, SimRequest
+from splitserve.cluster.planning.sim.speculation import ASSUMED_ACCEPTANCE, DRAFT_COST_RATIO
 from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
 from splitserve.engine.roles import Role
 from splitserve.router.exchange import Exchange
@@ -78,6 +79,16 @@ class SimOptions:
     kv_block_scale: int = 1  # simulate KV blocks this many times larger (faster, approximate)
     failures: tuple[Failure, ...] = ()
     progress: bool = False
+    # speculative decoding: the drafts' per-token acceptance rate by method
+    # (the planner's assumption unless given) and a draft model's step cost
+    # relative to the target's (sim.speculation)
+    spec_acceptance_ngram: float = ASSUMED_ACCEPTANCE["ngram"]
+    spec_acceptance_draft: float = ASSUMED_ACCEPTANCE["draft"]
+    draft_cost_ratio: float = DRAFT_COST_RATIO
+
+    def acceptance(self, method: str) -> float:
+        """The acceptance rate the simulator draws drafts of ``method`` with."""
+        return self.spec_acceptance_draft if method == "draft" else self.spec_acceptance_ngram
 
 
 @dataclass
@@ -87,7 +98,16 @@ class SimResult:
 
 
 def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettings:
-    """The speed-relevant settings of a replica of ``mspec`` on ``device``."""
+    """The speed-relevant settings of a replica of ``mspec`` on ``device``.
+
+    fp8 weights (``weight_dtype: fp8``) make ``dtype`` "fp8": the step-time
+    model is then fitted from the database's fp8 rows where they were
+    measured, else the roofline reads the weights at one byte per parameter
+    (half of bf16's) and computes at the device's fp8 rate
+    (``step_model.roofline``). The planner's estimate builds its settings
+    here too (``planner.devices.engine_settings_for``), so both time fp8 by
+    this one rule. The KV cache keeps the activations' dtype unless it is
+    fp8 itself."""
     if device == "cpu":
         from splitserve.kernels.dispatch import backend_for
         import torch
@@ -98,6 +118,8 @@ def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettin
         backend = "triton"
         dtype = "bfloat16" if mspec.dtype == "auto" else mspec.dtype
     kv = "fp8" if mspec.kv_cache_dtype == "fp8" else dtype
+    if mspec.weight_dtype == "fp8":
+        dtype = "fp8"
     return EngineSettings(dtype=dtype, kv_dtype=kv, block_size=mspec.block_size,
                           max_num_seqs=mspec.max_num_seqs,
                           max_num_batched_tokens=mspec.max_num_batched_tokens,
