@@ -66,6 +66,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 def test_ngram_speculation_at_high_acceptance_lowers_tpot_at_batch_one(db):
     _, plain = run(db, config(), one_request())
     sim, spec = run(db, config(NGRAM), one_request(), spec_acceptance_ngram=0.95)
+    rec = spec["pools"][f"{MODEL}-colocated"]["speculation"]
+    assert rec["acceptance_assumed"] == 0.95 and rec["mean_accepted_length"] > 4.0
     tp, ts = plain["summary"]["tpot"]["p50"], spec["summary"]["tpot"]["p50"]
     assert spec["summary"]["completed"] == 1
     # ~4.5 tokens a verify step on a memory-bound step barely longer than a plain one
@@ -73,7 +75,7 @@ def test_ngram_speculation_at_high_acceptance_lowers_tpot_at_batch_one(db):
     s = sim.pools[f"{MODEL}-colocated"].slots[0].rep.spec
     assert s.verify_steps > 0
     # each draft accepted with 0.95 while the ones before it were: E = 3.5 of 4 per step
-    assert 3.0 < s.accepted_tokens / s.verify_steps <= 4.0
+    assert 3.0 < s.accepted_tokens / s.verified <= 4.0
     # output tokens: the prefill's first, one per verify step, the accepted drafts, and
     # a plain step for the last token when no draft fits before it
     assert s.verify_steps + s.accepted_tokens in (198, 199)
@@ -199,3 +201,36 @@ def test_the_estimate_and_the_simulator_share_the_fp8_rule(db):
 def test_the_acceptance_the_simulator_assumes_is_the_planners():
     assert SimOptions().acceptance("ngram") == SpaceSpec().spec_acceptance == ASSUMED_ACCEPTANCE["ngram"]
     assert SimOptions(spec_acceptance_draft=0.4).acceptance("draft") == 0.4
+
+
+def test_coalesced_runs_under_speculation_match_step_by_step(db):
+    """Coalesced runs are entered only where the rule cannot speculate, so the
+    acceptance draws and every token time are those of the step-by-step run."""
+    wl = [TraceRequest(arrival_s=0.001 * i, input_len=32, output_len=30 + i % 50, hash_ids=())
+          for i in range(300)]
+    a = without_timing(run(db, config(NGRAM), wl, coalesce=True)[1])
+    b = without_timing(run(db, config(NGRAM), wl, coalesce=False)[1])
+    for rec in (a, b):
+        rec["sim"].pop("events")
+        rec.pop("options")
+    assert a == b
+
+
+def test_cli_simulate_takes_the_acceptance_rate(tmp_path, capsys):
+    import yaml
+
+    from splitserve.cluster.cli.main import main
+
+    cfg = copy.deepcopy(BASE)
+    cfg["models"][0]["model"]["speculative"] = NGRAM
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    common = ["simulate", "--config", str(path), "--shape", "llama-3.1-8b", "--hardware",
+              "h100-sxm", "--rate", "2", "--num-requests", "10", "--db",
+              str(tmp_path / "p.db"), "--no-plot", "--json"]
+    assert main(common + ["--spec-acceptance", "0.9"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    spec = rec["pools"][f"{MODEL}-colocated"]["speculation"]
+    assert spec["acceptance_assumed"] == 0.9 and spec["verify_steps"] > 0
+    assert main(common + ["--spec-acceptance", "1.5"]) == 2
+    assert "--spec-acceptance" in capsys.readouterr().err

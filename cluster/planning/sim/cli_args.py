@@ -86,6 +86,13 @@ def add_simulate_arguments(p) -> None:
                    help="simulate KV blocks K times larger and K times fewer (same memory): "
                         "faster for large clusters, prefix hits and memory rounded to K blocks "
                         "(default: 1, exact)")
+    r.add_argument("--spec-acceptance", type=float, default=None, metavar="RATE",
+                   help="speculative decoding: the chance a draft token is accepted (after "
+                        "the ones before it), for both methods (default: the planner's "
+                        "assumption, 0.7)")
+    r.add_argument("--draft-cost-ratio", type=float, default=None, metavar="R",
+                   help="speculative method draft: a draft-model step's time relative to "
+                        "the model's (default: 0.1)")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="write record.json, requests.csv and simulation.png here")
     r.add_argument("--no-plot", action="store_true")
@@ -209,13 +216,23 @@ def run_from_args(args) -> int:
         hardware = _parse_pool_hardware(args.pool_hardware, args.hardware)
         workload, desc = workload_from_args(args)
         sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
+        spec = {}
+        if args.spec_acceptance is not None:
+            if not 0.0 <= args.spec_acceptance <= 1.0:
+                raise ValueError(f"--spec-acceptance must be in [0, 1], got {args.spec_acceptance}")
+            spec.update(spec_acceptance_ngram=args.spec_acceptance,
+                        spec_acceptance_draft=args.spec_acceptance)
+        if args.draft_cost_ratio is not None:
+            if args.draft_cost_ratio < 0:
+                raise ValueError("--draft-cost-ratio must be at least 0")
+            spec["draft_cost_ratio"] = args.draft_cost_ratio
         opts = SimOptions(seed=args.seed, control_interval_s=args.control_interval_s,
                           sample_s=sample_s, node_provision_s=args.node_provision_s,
                           replace_after_s=args.replace_after_s,
                           replica_start_s=args.replica_start_s,
                           devices_per_node=args.gpus_per_node, coalesce=not args.no_coalesce,
                           kv_block_scale=args.kv_block_scale,
-                          failures=_failures(args.failure), progress=args.progress)
+                          failures=_failures(args.failure), progress=args.progress, **spec)
         db = ProfileDB(args.db)
         sim = Simulation(cfg, shapes, hardware, db, workload, opts, model=args.model)
         result = sim.run()

@@ -142,6 +142,22 @@ class Pool:
         return SimSpeculator.from_spec(spec, device, opts.acceptance(spec.method),
                                        opts.draft_cost_ratio, f"{opts.seed}/{name}")
 
+    def speculation(self) -> dict | None:
+        """What the pool's replicas speculated (None: they do not)."""
+        spec = self.mspec.speculative
+        if spec is None or self.role == "prefill":
+            return None
+        specs = [s.rep.spec for s in self.slots if s.rep is not None]
+        drafts = sum(x.draft_tokens for x in specs)
+        accepted = sum(x.accepted_tokens for x in specs)
+        steps = sum(x.verify_steps for x in specs)
+        verified = sum(x.verified for x in specs)
+        return {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
+                "acceptance_assumed": self.sim.opts.acceptance(spec.method),
+                "verify_steps": steps, "draft_tokens": drafts, "accepted_tokens": accepted,
+                "acceptance_measured": accepted / drafts if drafts else None,
+                "mean_accepted_length": 1 + accepted / verified if verified else None}
+
     def _ready(self, slot: Slot) -> None:
         if slot.state != STARTING:
             return

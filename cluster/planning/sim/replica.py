@@ -236,30 +236,16 @@ class SimReplica:
             if seq.num_output_tokens == 1:
                 self.hooks.on_first_token(self, seq)
             if not seq.done and self._spec_ids.get(seq.seq_id):
-                self._accept(seq, self._spec_ids[seq.seq_id])
+                self._accepted += self.spec.accept(seq, self._spec_ids[seq.seq_id], self.kv)
             if seq.done:
                 self.sched.finish(seq, FinishReason.LENGTH)
                 self.hooks.on_finished(self, seq)
         if self._spec_ids:
-            self.spec.observe(self._proposed, self._accepted, self._step_draft_s,
-                              self._step_verify_s)
+            self.spec.observe(len(self._spec_ids), self._proposed, self._accepted,
+                              self._step_draft_s, self._step_verify_s)
         self.busy = False
         self._drain_calls()
         self.kick()
-
-    def _accept(self, seq: SimSequence, k: int) -> None:
-        """The drafts of ``seq`` this step: a drawn number accepted (their KV
-        stands, each is an output token), the KV of the rest trimmed, as
-        ``SpecDecoder.finish_verify``."""
-        j = self.spec.draw(k)
-        self._accepted += j
-        for _ in range(j):
-            seq.num_computed_tokens += 1
-            seq.append_token(0)
-            if seq.done:
-                return
-        self.kv.trim(seq.seq_id, seq.num_tokens)
-        self.kv.cache_full_blocks(seq)
 
     def _drain_calls(self) -> None:
         self._in_drain = True

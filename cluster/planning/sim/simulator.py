@@ -344,6 +344,7 @@ class Simulation:
                 "profile": pool.profile.describe(), "kv_blocks_per_replica": pool.num_blocks,
                 "device_hours": dh, "cost_usd": None if price is None else dh * price,
                 "peak_replicas": peak_rep, "scale_events": pool.decisions,
+                "speculation": pool.speculation(),
                 "timeline": [asdict(s) for s in pool.samples],
             }
         mean_devices = device_h * 3600.0 / duration if duration > 0 else float("nan")

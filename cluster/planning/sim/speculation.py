@@ -56,6 +56,7 @@ class SimSpeculator:
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.verify_steps = 0
+        self.verified = 0  # sequences verified with at least one draft
 
     @classmethod
     def from_spec(cls, spec, device_type: str, acceptance: float, draft_cost_ratio: float,
@@ -93,12 +94,30 @@ class SimSpeculator:
             j += 1
         return j
 
+    def accept(self, seq, k: int, kv) -> int:
+        """Verify the ``k`` drafts of ``seq`` (its first token of the step is
+        taken): a drawn number accepted, their KV standing and each an
+        output token, the KV blocks of the rest trimmed, as
+        ``SpecDecoder.finish_verify`` does. Returns how many were accepted."""
+        j = self.draw(k)
+        for i in range(j):
+            seq.num_computed_tokens += 1
+            seq.append_token(0)
+            if seq.done:
+                return i + 1
+        kv.trim(seq.seq_id, seq.num_tokens)
+        kv.cache_full_blocks(seq)
+        return j
+
     def draft_position_s(self, plain_step_s: float) -> float:
         """Seconds one draft position takes (all sequences at once)."""
         return self.draft_cost_ratio * plain_step_s
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        """The verify step's outcome, to the tracker as the engine reports it."""
+    def observe(self, runs: int, proposed: int, accepted: int, draft_s: float,
+                verify_s: float) -> None:
+        """A verify step's outcome (``runs`` sequences verified), to the
+        tracker as the engine reports it."""
+        self.verified += runs
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
         self.verify_steps += 1
