@@ -46,7 +46,6 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import PROBE_INTERVAL  # noqa: F401 (its old home)
 from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.proposer import Proposer, ProposerContext, make_proposer

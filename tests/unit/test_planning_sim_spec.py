@@ -199,7 +199,8 @@ def test_the_estimate_and_the_simulator_share_the_fp8_rule(db):
 
 
 def test_the_acceptance_the_simulator_assumes_is_the_planners():
-    assert SimOptions().acceptance("ngram") == SpaceSpec().spec_acceptance == ASSUMED_ACCEPTANCE["ngram"]
+    assumed = ASSUMED_ACCEPTANCE["ngram"]
+    assert SimOptions().acceptance("ngram") == SpaceSpec().spec_acceptance == assumed
     assert SimOptions(spec_acceptance_draft=0.4).acceptance("draft") == 0.4
 
 
