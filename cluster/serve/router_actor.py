@@ -43,6 +43,7 @@ from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
+from splitserve.router.exchange_codec import decode_exchange, encode_reply, encode_resolved
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.service import RouterService
 from splitserve.router.types import UnknownModelError
@@ -195,18 +196,29 @@ class RouterActor:
                     pass
 
     # -- ingresses ------------------------------------------------------------------
-    async def exchange(self, ex: Exchange) -> ExchangeReply:
-        """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
+    async def exchange(self, ex: Exchange | bytes) -> ExchangeReply | bytes:
+        """An ingress's batch (``splitserve.router.exchange``): one outcome per
+        call. Encoded (``splitserve.router.exchange_codec``, what RouterClient
+        sends) it is answered encoded."""
         self._ticker.ensure()
+        encoded = isinstance(ex, bytes)
+        if encoded:
+            ex = decode_exchange(ex)
         reply = self.service.exchange(ex)
         if self.tracer is not None:
             self._trace_exchange(ex, reply)
         self._wake()
-        return reply
+        return encode_reply(reply) if encoded else reply
 
-    async def poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
+    async def poll(self, holder: str, timeout_s: float,
+                   encoded: bool = False) -> list[tuple[str, Outcome]] | bytes:
         """Outcomes of ``holder``'s queued requests, as soon as there is one
-        (or an empty list after ``timeout_s``: the ingress asks again)."""
+        (or an empty list after ``timeout_s``: the ingress asks again);
+        ``encoded``: as ``exchange_codec.encode_resolved`` bytes."""
+        resolved = await self._poll(holder, timeout_s)
+        return encode_resolved(resolved) if encoded else resolved
+
+    async def _poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
         self._ticker.ensure()
         if not self.service.has_resolved(holder):
             event = self._wakeups.setdefault(holder, asyncio.Event())

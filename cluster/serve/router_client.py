@@ -36,10 +36,13 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import msgspec
+
 from splitserve.router.exchange import Exchange, ExchangeReply, LeaseEnd, Outcome, Queued, RouteCall
+from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
 from splitserve.router.types import Placement, RouteRequest, RouterError
 
 log = logging.getLogger("splitserve.router_client")
@@ -49,7 +52,7 @@ MAX_BATCH = 512  # calls per exchange
 # than a placement (about 0.6 ms of CPU for a Ray actor call against 50 us
 # per placement, benchmarks/bench_router.py --actor-path), so the largest
 # batches win; raise it where round trips are cheap and latency matters more.
-MAX_IN_FLIGHT = 1
+MAX_IN_FLIGHT = int(os.environ.get("MIF", "1"))
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
@@ -373,7 +376,8 @@ class RouterClient:
                       calls=tuple(p.call for p in calls), releases=releases,
                       suspects=suspects, live=held)
         handle = await self._handle(link)
-        reply = await asyncio.wait_for(handle.exchange.remote(ex), self.call_timeout_s)
+        reply = decode_reply(await asyncio.wait_for(handle.exchange.remote(encode_exchange(ex)),
+                                                    self.call_timeout_s))
         self.counts["exchanges"] += 1
         self.counts["calls"] += len(calls)
         if reply.incarnation != link.incarnation:
@@ -384,7 +388,7 @@ class RouterClient:
                 waiting = list(link.queued.values())
                 link.queued.clear()
                 for p in waiting:
-                    p.call = replace(p.call, admitted=True)
+                    p.call = msgspec.structs.replace(p.call, admitted=True)
                 self._requeue(waiting)
                 self._poke(link)
         return reply
@@ -423,8 +427,8 @@ class RouterClient:
         while link.queued and link.up and not self._closed:
             try:
                 handle = await self._handle(link)
-                outcomes = await asyncio.wait_for(handle.poll.remote(self.holder, POLL_S),
-                                                  POLL_S + self.call_timeout_s)
+                outcomes = decode_resolved(await asyncio.wait_for(
+                    handle.poll.remote(self.holder, POLL_S, True), POLL_S + self.call_timeout_s))
             except Exception as e:  # noqa: BLE001
                 if link.up:
                     self._link_down(link, [], e)
@@ -452,7 +456,7 @@ class RouterClient:
         self.counts["failovers"] += 1
         for p in moved:
             if p.call.lease_id in queued:
-                p.call = replace(p.call, admitted=True)  # it held a slot there
+                p.call = msgspec.structs.replace(p.call, admitted=True)  # it held a slot there
         self._requeue(moved)
 
     def _requeue(self, pendings: list[_Pending]) -> None:
