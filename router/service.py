@@ -225,7 +225,8 @@ class RouterService:
             return self._refuse(lease, e, now)
         except NoCapacityError:
             return None
-        lease.decode_replica, lease.kv_tokens = p.decode_replica, req.kv_tokens
+        lease.decode_replica, lease.kv_tokens, lease.request_id = (p.decode_replica, req.kv_tokens,
+                                                                   req.request_id)
         if self.on_placement is not None:
             self.on_placement(req.model, p.reason)
         return p
@@ -323,7 +324,7 @@ class RouterService:
         """Return the KV room counted for the lease's placement, if any."""
         if lease.decode_replica is None:
             return False
-        self.core.uncount(lease.model, lease.decode_replica, lease.kv_tokens)
+        self.core.uncount(lease.model, lease.decode_replica, lease.kv_tokens, lease.request_id)
         lease.decode_replica = None
         return True
 
