@@ -191,19 +191,22 @@ class RouterService:
         if req.expected_output_tokens != expected:
             req = req.expecting(expected)
         if not q:  # nobody waits ahead of it: the common case, placed at once
-            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
+            out = self._try_place(req, call.admitted or call.resumed, call.waiting_since, lease,
+                                  now)
             if out is not None:
                 return out
         never = self.core.never_fits(req)
         if never is not None:
             return self._refuse(lease, never, now)
         deadline = _INF if call.deadline is None else call.deadline
-        if self.cfg.max_queue_delay_s > 0:
-            deadline = min(deadline, call.waiting_since + self.cfg.max_queue_delay_s)
+        bound = self.cfg.max_resume_wait_s if call.resumed else self.cfg.max_queue_delay_s
+        if bound > 0:
+            deadline = min(deadline, call.waiting_since + bound)
+        admitted = call.admitted or call.resumed
         entry = Waiting(call.lease_id, holder, req, call.priority, call.arrival,
-                        call.waiting_since, deadline, call.admitted)
-        if q and entry.key < q.first_key():  # it goes first (a priority, an older retry)
-            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
+                        call.waiting_since, deadline, admitted, call.resumed)
+        if q and entry.key < q.first_key():  # it goes first (resumed, a priority, an older retry)
+            out = self._try_place(req, admitted, call.waiting_since, lease, now)
             if out is not None:
                 return out
         if now >= deadline:
@@ -267,11 +270,13 @@ class RouterService:
     def _timeout(self, entry: Waiting, now: float) -> QueueTimeoutError:
         model = entry.request.model
         retry = self.core.retry_after_s(model)
+        bound = (f"RouterConfig.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
+                 "stream" if entry.resumed else
+                 f"RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
         return QueueTimeoutError(
             f"request {entry.request.request_id!r} waited {now - entry.waiting_since:.3f} s and "
-            f"no replica of model {model!r} could take it before its deadline "
-            f"(RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s, or the request's "
-            f"own); retry after {retry:.3f} s", model, retry)
+            f"no replica of model {model!r} could take it before its deadline ({bound}, or the "
+            f"request's own); retry after {retry:.3f} s", model, retry)
 
     def _no_replica(self, model: str, now: float) -> NoReplicaError:
         return NoReplicaError(

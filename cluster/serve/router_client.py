@@ -141,16 +141,19 @@ class RouterClient:
 
     async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
                     admitted: bool = False, deadline: float | None = None,
-                    priority: int = 0, traceparent: str | None = None) -> Placement:
+                    priority: int = 0, traceparent: str | None = None,
+                    resumed: bool = False) -> Placement:
         """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
-        granted before, e.g. a retry; ``traceparent``: the span the router
-        records its work under). Raises the router's refusal
+        granted before, e.g. a retry; ``resumed``: a stream that produced
+        tokens before its decode replica failed, ``RouteCall.resumed``;
+        ``traceparent``: the span the router records its work under).
+        Raises the router's refusal
         (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
         The slot is held from here until ``release``."""
         self._start()
         call = RouteCall(lease_id=lease_id, request=req, arrival=arrival,
                          waiting_since=time.time(), deadline=deadline, priority=priority,
-                         admitted=admitted, traceparent=traceparent)
+                         admitted=admitted or resumed, traceparent=traceparent, resumed=resumed)
         p = _Pending(call, self._loop.create_future())
         self._leases[lease_id] = req.model
         self._pending[lease_id] = p

@@ -71,7 +71,7 @@ class ScriptedRouter:
 
     async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False,
                     deadline: float | None = None, priority: int = 0,
-                    traceparent: str | None = None):
+                    traceparent: str | None = None, resumed: bool = False):
         choices = [d for d in self.decodes if d not in req.exclude_replicas]
         if not choices:
             raise NoCapacityError("every decode replica excluded", req.model, 1.0)
