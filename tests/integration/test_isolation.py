@@ -62,6 +62,7 @@ class ScriptedRouter:
     def __init__(self, prefill: str, decodes: list[str]):
         self.prefill, self.decodes = prefill, decodes
         self.placements: list[tuple[str, str]] = []
+        self.resumed: list[tuple[str, bool]] = []  # request, placed as a resumed stream
         self.released = 0
         self._next = 0
         self._leases = itertools.count()
@@ -78,6 +79,7 @@ class ScriptedRouter:
         d = choices[self._next % len(choices)]
         self._next += 1
         self.placements.append((req.request_id.split("-")[0], d))
+        self.resumed.append((req.request_id.split("-")[0], resumed))
         return Placement(self.prefill, d, "round_robin", 0.0, 0)
 
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
@@ -187,6 +189,9 @@ def test_a_replica_that_stops_answering_is_still_left_for_another(tiny_llama, re
                     await server.stop(0)
             assert got == reference[2]
             assert c.backend.counters["resumed"] == 1 and c.backend.counters["faults"] == 0
+            # placed again as a resumed stream: the router queues it ahead of new
+            # requests and bounds its wait by router.max_resume_wait_s
+            assert c.router.resumed == [("r", False), ("r", True)]
         finally:
             await c.close()
     asyncio.run(main())
