@@ -89,7 +89,9 @@ class RouterService:
     # -- the ingress' exchange ------------------------------------------------------
     def exchange(self, ex: Exchange) -> ExchangeReply:
         """Releases, suspects and the ``live`` list first (they free slots and
-        capacity for the queue's older requests), then the calls in order."""
+        capacity for the queue's older requests), then the calls in the order
+        the queue would serve them (resumed streams, priority, arrival); one
+        outcome per call, in the calls' order."""
         now = self._clock()
         self.leases.renew(ex.holder, now)
         touched: set[str] = set()
@@ -101,8 +103,17 @@ class RouterService:
             self._reconcile(ex.holder, ex.live, now, touched)
         for model in touched:
             self._pump(model, now)
-        outcomes = tuple(self._submit(ex.holder, call, now) for call in ex.calls)
-        return ExchangeReply(self.incarnation, outcomes)
+        calls = ex.calls
+        if len(calls) > 1 and any(c.priority != calls[0].priority or c.resumed for c in calls):
+            # the batch is served as its requests would queue: resumed, then by
+            # priority, then arrival; the outcomes go back in the calls' order
+            outcomes: list[Outcome | Queued | None] = [None] * len(calls)
+            for i in sorted(range(len(calls)), key=lambda i: (not calls[i].resumed,
+                                                              calls[i].priority, calls[i].arrival)):
+                outcomes[i] = self._submit(ex.holder, calls[i], now)
+            return ExchangeReply(self.incarnation, tuple(outcomes))
+        return ExchangeReply(self.incarnation,
+                             tuple(self._submit(ex.holder, call, now) for call in calls))
 
     def take_resolved(self, holder: str) -> list[tuple[str, Outcome]]:
         """Outcomes of ``holder``'s queued requests decided since the last call."""
