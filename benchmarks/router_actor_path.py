@@ -32,7 +32,8 @@ import msgspec
 import ray
 
 from splitserve.cluster.serve.router_actor import RouterActor
-from splitserve.cluster.serve.router_client import RouterClient, router_order
+from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_names import router_order
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import DecodeStats, EngineLoad, PrefillStats
 from splitserve.router.config import RouterConfig

@@ -24,7 +24,7 @@ from typing import Union
 
 import msgspec
 
-from splitserve.router.types import Placement, RouteRefusal, RouteRequest
+from splitserve.router.types import Placement, RouteRefusal, RouteRequest, RouterError
 
 
 class RouteCall(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -105,3 +105,8 @@ class ExchangeReply:
     """Changes when the router restarts or is reconfigured: its leases are gone."""
     outcomes: tuple[Outcome | Queued, ...]
     """One per ``Exchange.calls``, in order."""
+
+
+class RouterUnavailableError(RouterError):
+    """No router answered (all are down or restarting): the ingress's
+    outcome of a call no router took (HTTP 503)."""

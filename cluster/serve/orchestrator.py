@@ -410,8 +410,8 @@ class ClusterBackend(Backend):
                     for s in self.cfg.models if s.model.name not in self._models]
         problems += await self._rollout_problems() if self._rollout_problems is not None else []
         try:
-            asked = await self.router.ask_placing([s.model.name for s in self.cfg.models],
-                                                  "live_replicas", ROUTER_QUERY_S)
+            asked = await self.router.queries.ask_placing(
+                [s.model.name for s in self.cfg.models], "live_replicas", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return Readiness(error=f"the router is unavailable: {type(e).__name__}")
         live: dict[str, dict[str, int]] = {}
@@ -424,7 +424,7 @@ class ClusterBackend(Backend):
 
     async def cluster_metrics(self) -> ClusterMetrics:
         try:
-            reports, text = await self.router.ask("metrics_scrape", ROUTER_QUERY_S)
+            reports, text = await self.router.queries.ask("metrics_scrape", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return ClusterMetrics(errors=(f"the router is unavailable: {type(e).__name__}",))
         return ClusterMetrics(tuple(reports), text)

@@ -30,7 +30,6 @@ cancelled while waiting), and a refused request's slot is already gone.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import os
@@ -41,9 +40,12 @@ from typing import Any, Sequence
 
 import msgspec
 
-from splitserve.router.exchange import Exchange, ExchangeReply, LeaseEnd, Outcome, Queued, RouteCall
+from splitserve.cluster.serve.router_names import NAMESPACE, router_name, router_order
+from splitserve.cluster.serve.router_queries import RouterQueries
+from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
+                                        RouteCall, RouterUnavailableError)
 from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
-from splitserve.router.types import Placement, RouteRequest, RouterError
+from splitserve.router.types import Placement, RouteRequest
 
 log = logging.getLogger("splitserve.router_client")
 
@@ -54,24 +56,6 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = int(os.environ.get("MIF", "1"))
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
-
-
-class RouterUnavailableError(RouterError):
-    """No router answered (all are down or restarting)."""
-
-
-def router_order(model: str, count: int, models: Sequence[str] = ()) -> list[int]:
-    """The routers of ``model`` in the order an ingress tries them, the same
-    in every process: the i-th of the cluster's ``models`` starts at router
-    i mod count (so N models spread over N routers); any other model by a
-    hash of its name."""
-    if model in models:
-        start = list(models).index(model) % count
-        return [(start + k) % count for k in range(count)]
-
-    def rank(i: int) -> bytes:
-        return hashlib.blake2b(f"{model}\0{i}".encode(), digest_size=8).digest()
-    return sorted(range(count), key=rank)
 
 
 @dataclass(eq=False)
@@ -130,6 +114,8 @@ class RouterClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.counts = {"exchanges": 0, "calls": 0, "failovers": 0}
+        # operator queries (readiness, /metrics) over the same links
+        self.queries = RouterQueries(self._links, self._handle, self._order)
 
     # -- the ingress' side ------------------------------------------------------------
     def new_lease(self) -> str:
@@ -187,48 +173,6 @@ class RouterClient:
                 # a router that did not place it may know it only from a live list
                 link.releases.append(LeaseEnd(lease_id, output_tokens, elsewhere=i != home))
                 self._poke(link)
-
-    async def ask(self, method: str, timeout_s: float) -> Any:
-        """An operator query (``live_replicas``, ``metrics_scrape``) of the
-        first router that answers within ``timeout_s``: every router holds
-        every replica's stats, so any one will do."""
-        error: BaseException = RouterUnavailableError("no router is configured")
-        for link in self._links:
-            try:
-                handle = await asyncio.wait_for(self._handle(link), timeout_s)
-                return await asyncio.wait_for(getattr(handle, method).remote(), timeout_s)
-            except Exception as e:  # noqa: BLE001 - down or restarting: ask the next one
-                error = e
-        raise error
-
-    async def ask_placing(self, models: Sequence[str], method: str,
-                          timeout_s: float) -> dict[str, tuple[int, Any]]:
-        """model -> (router index, its answer to ``method``) from the router
-        that places the model's requests now: the first in the model's order
-        that is up here and answers within ``timeout_s`` (so readiness is
-        judged by the router the requests go to). Each router is asked once.
-        Raises the last error when no router answered for some model."""
-        answers: dict[int, Any] = {}
-        out: dict[str, tuple[int, Any]] = {}
-        for model in models:
-            order = self._order(model)
-            error: BaseException = RouterUnavailableError(f"no router is up for model {model!r}")
-            for i in [i for i in order if self._links[i].up] or order:
-                if i not in answers:
-                    try:
-                        handle = await asyncio.wait_for(self._handle(self._links[i]), timeout_s)
-                        answers[i] = await asyncio.wait_for(getattr(handle, method).remote(),
-                                                            timeout_s)
-                    except Exception as e:  # noqa: BLE001 - down or restarting: the next one
-                        answers[i] = e
-                if isinstance(answers[i], BaseException):
-                    error = answers[i]
-                    continue
-                out[model] = (i, answers[i])
-                break
-            else:
-                raise error
-        return out
 
     def suspect(self, replica_id: str) -> None:
         """An RPC to this replica failed: tell every router (never waits)."""
@@ -398,8 +342,6 @@ class RouterClient:
 
     async def _handle(self, link: _Link):
         if link.handle is None and self._names:
-            from splitserve.cluster.serve.router_actor import NAMESPACE, router_name
-
             import ray
 
             link.handle = await asyncio.to_thread(ray.get_actor, router_name(link.index),
