@@ -30,7 +30,7 @@ from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, pr
 from splitserve.router.policies import get_policy
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.replica_pool import ReplicaPool, make_snapshot
-from splitserve.router.unreported import Unreported, UnreportedPlacements
+from splitserve.router.unreported import UnreportedPlacements
 from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
@@ -310,14 +310,12 @@ class RouterCore:
             waiting_requests=d.waiting_requests + 1,
             pending_prefill_tokens=d.pending_prefill_tokens + local,
         ))
-        now = self._clock()
-        self._unreported.add(d.replica_id, req.request_id, Unreported(now, req.kv_tokens, local))
         if placement.prefill_replica is not None:
             prefills = self._prefill[req.model]
             p = prefills.get(placement.prefill_replica)
             prefills.put(p.counting(pending_prompt_tokens=p.pending_prompt_tokens + uncached))
-            self._unreported.add(p.replica_id, req.request_id,
-                                 Unreported(now, prefill_tokens=uncached))
+        self._unreported.add(req.request_id, self._clock(), d.replica_id, req.kv_tokens, local,
+                             placement.prefill_replica, uncached)
 
     def _insert_prefix(self, placement: Placement, hashes: Sequence[int]) -> None:
         self.index.on_stored(placement.decode_replica, hashes)

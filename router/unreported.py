@@ -20,40 +20,55 @@ shows it (as before).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(slots=True)
-class Unreported:
+class Unreported(NamedTuple):
     """What one placement added to one replica's counts."""
 
     placed_at: float  # the router's clock (wall-clock seconds)
-    kv_tokens: int = 0  # decode replica: KV room held for it
-    prefill_tokens: int = 0  # uncached prompt tokens queued there (prefill, or a local prefill)
+    kv_tokens: int  # decode replica: KV room held for it (0 on a prefill replica)
+    prefill_tokens: int  # uncached prompt tokens queued there (prefill, or a local prefill)
 
 
 class UnreportedPlacements:
     def __init__(self) -> None:
         self._by_replica: dict[str, dict[str, Unreported]] = {}  # replica -> request id -> it
-        self._replicas_of: dict[str, list[str]] = {}  # request id -> replicas it was counted on
+        # request id -> (its decode replica, its prefill replica or None)
+        self._replicas_of: dict[str, tuple[str, str | None]] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_replica.values())
 
-    def add(self, replica_id: str, request_id: str, entry: Unreported) -> None:
-        self._by_replica.setdefault(replica_id, {})[request_id] = entry
-        self._replicas_of.setdefault(request_id, []).append(replica_id)
+    def add(self, request_id: str, placed_at: float, decode_replica: str, kv_tokens: int,
+            local_prefill_tokens: int, prefill_replica: str | None = None,
+            prefill_tokens: int = 0) -> None:
+        """A placement counted on ``decode_replica`` (``local_prefill_tokens``
+        when it prefills there) and on ``prefill_replica``, if any."""
+        by = self._by_replica
+        entries = by.get(decode_replica)
+        if entries is None:
+            entries = by[decode_replica] = {}
+        entries[request_id] = Unreported(placed_at, kv_tokens, local_prefill_tokens)
+        if prefill_replica is not None:
+            entries = by.get(prefill_replica)
+            if entries is None:
+                entries = by[prefill_replica] = {}
+            entries[request_id] = Unreported(placed_at, 0, prefill_tokens)
+        self._replicas_of[request_id] = (decode_replica, prefill_replica)
 
     def forget(self, request_id: str) -> None:
         """The request ended: nothing of it is counted again."""
         for rid in self._replicas_of.pop(request_id, ()):
-            entries = self._by_replica.get(rid)
+            entries = self._by_replica.get(rid) if rid is not None else None
             if entries is not None:
                 entries.pop(request_id, None)
 
     def after(self, replica_id: str, updated_at: float) -> list[Unreported]:
         """The placements on ``replica_id`` made after ``updated_at`` (a push
-        taken then lacks them); those made before are retired."""
+        taken then lacks them); those made before are retired here (the
+        request stays known on its other replica until a push retires it
+        there too)."""
         entries = self._by_replica.get(replica_id)
         if not entries:
             return []
@@ -63,18 +78,7 @@ class UnreportedPlacements:
                 out.append(e)
             else:
                 del entries[request_id]
-                self._unlink(request_id, replica_id)
         return out
 
     def drop_replica(self, replica_id: str) -> None:
-        for request_id in self._by_replica.pop(replica_id, {}):
-            self._unlink(request_id, replica_id)
-
-    def _unlink(self, request_id: str, replica_id: str) -> None:
-        replicas = self._replicas_of.get(request_id)
-        if replicas is None:
-            return
-        if replica_id in replicas:
-            replicas.remove(replica_id)
-        if not replicas:
-            del self._replicas_of[request_id]
+        self._by_replica.pop(replica_id, None)

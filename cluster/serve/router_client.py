@@ -54,7 +54,7 @@ MAX_BATCH = 512  # calls per exchange
 # than a placement (about 0.6 ms of CPU for a Ray actor call against 50 us
 # per placement, benchmarks/bench_router.py --actor-path), so the largest
 # batches win; raise it where round trips are cheap and latency matters more.
-MAX_IN_FLIGHT = int(os.environ.get("MIF", "1"))
+MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
