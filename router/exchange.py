@@ -8,7 +8,11 @@ call, in order: a ``Placement``, a refusal (``RouteRefusal``), or
 ``Queued``: the request waits in its model's queue, and its outcome comes
 later from ``poll``. One exchange per round trip instead of one call per
 request and one per release is what lets one router place thousands of
-requests a second.
+requests a second. The requests of one exchange are served in the order
+the queue would serve them (resumed streams, priority, arrival).
+
+The messages are frozen msgspec structs; between processes they travel
+msgpack-encoded (``splitserve.router.exchange_codec``), not pickled.
 
 A request's admission slot is a lease named by the ingress (``lease_id``,
 unique per request) and held by that ingress (``holder``). It ends when
