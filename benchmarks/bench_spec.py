@@ -14,9 +14,10 @@
       (c) the model itself (acceptance 100%: the upper bound of what any
       draft could give, at a draft cost equal to the target's).
 
-Two cases repeat with the adaptive rule off (``fixed k``): n-gram, to show
-what verifying costs when nothing is accepted, and draft = target, to show
-the mechanism at 100% acceptance at every batch size.
+Three cases repeat with the adaptive rule off (``fixed k``): n-gram, to
+show what verifying costs, the shipped draft, to show what it yields when
+it is never switched off, and draft = target, to show the mechanism at
+100% acceptance at every batch size.
 
 For each case it reports tokens/s of plain and speculative decoding, their
 ratio (per pass, the range over passes), the acceptance rate, the mean
@@ -108,7 +109,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--saturation-tokens", type=int, default=256)
+    ap.add_argument("--saturation-tokens", type=int, default=None,
+                    help="the adaptive rule's step-cost knee (default: the device's)")
     ap.add_argument("--fixed", action="store_true", help="no adaptive length")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a shared machine, OpenMP barriers between "
@@ -138,6 +140,9 @@ def main() -> None:
                 method="draft", draft_model=str(draft1), **common)),
             "free / shipped draft": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(default_draft_path()), **common)),
+            "free / shipped draft, fixed k": ("free", SpeculativeConfig(
+                method="draft", draft_model=str(default_draft_path()),
+                **{**common, "adaptive": False})),
             "free / draft = target": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(target), **common)),
             # the full length every step: what verification costs when it is not
@@ -185,6 +190,8 @@ def main() -> None:
                     "draft_time_share": (c1.spec_draft_time_s - c0.spec_draft_time_s) / busy
                     if busy else 0.0,
                     "last_speculation_length": eng.spec.last_k,
+                    "saturation_tokens": eng.spec.saturation_tokens,
+                    "draft_cost_ratio": eng.spec.tracker.draft_ratio,
                 })
                 r = results[-1]
                 print(f"{name:24s} batch {b:3d}: plain {r['plain_tokens_per_s']:8.1f} tok/s, "

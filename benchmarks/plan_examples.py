@@ -30,7 +30,8 @@ from splitserve.cluster.bench.record import record_header, write_json  # noqa: E
 from splitserve.cluster.planning.db import ProfileDB  # noqa: E402
 from splitserve.cluster.planning.planner import report  # noqa: E402
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload  # noqa: E402
-from splitserve.cluster.planning.planner.search import PlanRequest, Planner  # noqa: E402
+from splitserve.cluster.planning.planner.request import PlanRequest  # noqa: E402
+from splitserve.cluster.planning.planner.search import Planner  # noqa: E402
 from splitserve.cluster.planning.planner.space import SpaceSpec  # noqa: E402
 from splitserve.cluster.planning.shapes import PRESETS  # noqa: E402
 

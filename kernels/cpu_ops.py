@@ -15,6 +15,9 @@ same sums. Measured on 2-core AVX2 (fp32, 1-128 rows):
   faster or slower, so the reference runs.
 Odd row counts are padded to even ones, which take the faster kernels.
 
+``paged_attention``: short queries (a verify step's k + 1 tokens) batched, in
+``cpu_attention``.
+
 ``fp8_w8a16_linear`` (float32 activations): the fp8 weight is widened to
 float32 for the one call and multiplied by ``linear`` above; the weight
 stays fp8 in memory between calls (the float32 copy lives for one matmul).
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.kernels import fp8_gemm, reference
+from splitserve.kernels import cpu_attention, fp8_gemm, reference
 from splitserve.kernels.dispatch import register
 
 TALL_RATIO = 8  # out_features >= TALL_RATIO * in_features
@@ -85,3 +88,4 @@ def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
 register("cpu", "linear", linear)
 register("cpu", "fp8_w8a16_linear", fp8_w8a16_linear)
+register("cpu", "paged_attention", cpu_attention.paged_attention)

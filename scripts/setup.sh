@@ -24,3 +24,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q "${CONSTRAINTS[@]}" -e '.[test]'
   echo "$want" > "$stamp"
 fi
+# System tools of the `ray up` test (tests/integration/test_ray_up.py): sshd
+# and rsync. Best effort: installed when root with apt-get, otherwise that
+# test installs them itself or skips; setup never fails here.
+if ! { [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null 2>&1; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq --no-install-recommends \
+      openssh-server openssh-client rsync \
+    || { timeout 120 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
+         apt-get install -y -qq --no-install-recommends openssh-server openssh-client rsync; }; } \
+    >/dev/null 2>&1 || echo "setup: could not install openssh-server/rsync; the ray up test will skip" >&2
+fi

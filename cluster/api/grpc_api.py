@@ -116,7 +116,7 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         prompt_logprobs=opt("prompt_logprobs", None),
         skip_special_tokens=opt("skip_special_tokens", True),
         include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1),
-        logit_bias=dict(p.logit_bias),
+        logit_bias=dict(p.logit_bias), speculative=opt("speculative", True),
         structured_output=_structured(p.structured_output) if p.HasField("structured_output")
         else None)
     if params.n != 1:

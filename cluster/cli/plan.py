@@ -51,11 +51,14 @@ def add_subcommand(sub) -> None:
     w.add_argument("--trace", default=None, metavar="FILE",
                    help="Mooncake .jsonl or Azure .csv trace")
     w.add_argument("--time-scale", type=float, default=1.0)
-    w.add_argument("--observed", default=None, metavar="BENCH.json|URL",
+    w.add_argument("--observed", action="append", default=None, metavar="BENCH.json|URL",
                    help="a `splitserve bench` JSON record (the requests it sent), or a running "
-                        "cluster's HTTP address (http://HOST:PORT): its /metrics is scraped "
+                        "cluster's metrics endpoint (http://HOST:PORT): its /metrics is scraped "
                         "twice, --observed-window apart, for the request rate and the prompt "
-                        "and output lengths of the requests that finished in between")
+                        "and output lengths of the requests that finished in between. "
+                        "Repeatable for URLs, whose counts are summed: with several ingress "
+                        "replicas give every node's Ray metrics endpoint (each replica counts "
+                        "its own requests there), not the API port")
     w.add_argument("--observed-run", type=int, default=-1, help="which run of the record")
     w.add_argument("--observed-window", type=float, default=60.0, metavar="S",
                    help="seconds between the two scrapes of a URL (default: %(default)s)")
@@ -158,7 +161,7 @@ def build_request(args, db):
     from splitserve.cluster.bench.datasets import parse_length_dist
     from splitserve.cluster.config import load_config
     from splitserve.cluster.planning.planner import inputs
-    from splitserve.cluster.planning.planner.search import PlanRequest
+    from splitserve.cluster.planning.planner.request import PlanRequest
     from splitserve.cluster.planning.planner.space import SpaceSpec
     from splitserve.cluster.planning.shapes import (
         PRESETS, ShapeError, resolve_shape, shape_from_config_json)
@@ -203,10 +206,14 @@ def build_request(args, db):
                                     "--rate R (with --input-len/--output-len)")
     if args.trace:
         wl = inputs.from_trace(args.trace, args.time_scale, window=args.sim_requests)
-    elif args.observed and args.observed.startswith(("http://", "https://")):
+    elif args.observed and all(o.startswith(("http://", "https://")) for o in args.observed):
         wl = _observe(args)
     elif args.observed:
-        wl = inputs.from_bench_record(args.observed, args.observed_run, window=args.sim_requests)
+        if len(args.observed) > 1:
+            raise inputs.PlanInputError("--observed more than once takes URLs only (metrics "
+                                        "endpoints to sum), not bench records")
+        wl = inputs.from_bench_record(args.observed[0], args.observed_run,
+                                      window=args.sim_requests)
     else:
         diurnal = None
         if args.diurnal:
@@ -244,18 +251,19 @@ def build_request(args, db):
 
 
 def _observe(args):
-    """The workload a running cluster's /metrics shows over --observed-window."""
-    from splitserve.cluster.planning.observed import scrape, workload_from_scrapes
+    """The workload a running cluster's /metrics shows over --observed-window
+    (several endpoints: their counts summed, each scraped back to back)."""
+    from splitserve.cluster.planning.observed import scrape_all, workload_from_scrapes
     from splitserve.cluster.planning.planner.inputs import PlanInputError
 
     if args.observed_window <= 0:
         raise PlanInputError("--observed-window must be > 0")
-    before = scrape(args.observed, args.api_key)
+    before = scrape_all(args.observed, args.api_key)
     if not args.quiet:
-        print(f"observing {args.observed} for {args.observed_window:g} s", file=sys.stderr,
-              flush=True)
+        print(f"observing {', '.join(args.observed)} for {args.observed_window:g} s",
+              file=sys.stderr, flush=True)
     time.sleep(args.observed_window)
-    after = scrape(args.observed, args.api_key)
+    after = scrape_all(args.observed, args.api_key)
     wl, _ = workload_from_scrapes(before, after, args.observed_model, args.sim_requests,
                                   seed=args.seed)
     return wl

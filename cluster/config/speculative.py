@@ -31,9 +31,10 @@ class SpeculativeSpec(_Strict):
                            "num_speculative_tokens.")
     disable_batch_size: int | None = Field(None, ge=1, description="Speculate only while at "
                                            "most this many sequences run; None: no limit.")
-    saturation_tokens: int = Field(256, ge=1, description="Tokens one engine step holds before "
-                                   "its time grows with its size (the adaptive rule): hundreds "
-                                   "on GPUs, a handful on CPUs.")
+    saturation_tokens: int | None = Field(None, ge=1, description="Tokens one engine step "
+                                          "holds before its time grows with its size (the "
+                                          "adaptive rule); None: by device, 256 on GPUs, 4 on "
+                                          "CPUs.")
     draft_num_blocks: int | None = Field(None, ge=16, description="method draft: KV blocks of "
                                          "the draft model; None: as many as the model's.")
 

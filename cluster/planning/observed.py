@@ -11,12 +11,22 @@ sums give (the buckets are vLLM's 1-2-5 steps, so a length is known to
 within a factor of 2.5; the mean exactly). Arrivals are Poisson at the
 observed rate.
 
+Request metrics are counted by each ingress replica for its own requests.
+With several replicas one ``/metrics`` answer of the API port is the
+replica Serve's proxy picked for that scrape, so the counts of the others
+are missing and two scrapes may even come from different replicas. Give
+instead every node's Ray metrics endpoint (``--observed`` once per node):
+each ingress replica's series (``ray_splitserve_*``, one per ``WorkerId``)
+is on its own node's endpoint only, so the endpoints' counts are disjoint
+and their sum (``merge_scrapes``) is the cluster's. Ray's histogram sums
+are estimated from bucket midpoints, so the mean lengths are those
+estimates there. Several URLs are summed the same way whatever they are:
+each must count requests no other counts.
+
 What a scrape cannot give: the prefix structure (the plan assumes no shared
 prefixes beyond what the cache hit counters show, which it does not use),
 and the rate curve over a day (one window is one steady stretch; plan from
-a trace for a diurnal workload). With several ingress replicas each
-``/metrics`` answer is one ingress's requests: scrape through a load balancer
-that pins one, or plan from a bench record or trace instead.
+a trace for a diurnal workload).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from splitserve.cluster.planning.workload import TraceRequest
 PROMPT = "splitserve_request_prompt_tokens"
 OUTPUT = "splitserve_request_output_tokens"
 REQUESTS = "splitserve_requests"
+RAY_PREFIX = "ray_"  # Ray's per-node endpoint exports the same metrics under this prefix
 MAX_BODY = 64 << 20  # a /metrics answer larger than this is not ours
 
 
@@ -47,6 +58,24 @@ class Histogram:
     cumulative: list[float] = field(default_factory=list)
     sum: float = 0.0
     count: float = 0.0
+
+    def add(self, bound: float, cumulative: float) -> None:
+        """Add a bucket sample: series of one model (several processes) add up."""
+        for i, b in enumerate(self.bounds):
+            if b == bound:
+                self.cumulative[i] += cumulative
+                return
+        self.bounds.append(bound)
+        self.cumulative.append(cumulative)
+
+    def plus(self, other: "Histogram") -> "Histogram":
+        if self.bounds and other.bounds and other.bounds != self.bounds:
+            raise PlanInputError("the metrics' histogram buckets differ between the endpoints")
+        bounds = self.bounds or other.bounds
+        a = self.cumulative or [0.0] * len(bounds)
+        b = other.cumulative or [0.0] * len(bounds)
+        return Histogram(list(bounds), [x + y for x, y in zip(a, b)], self.sum + other.sum,
+                         self.count + other.count)
 
     def minus(self, earlier: "Histogram") -> "Histogram":
         if earlier.bounds and earlier.bounds != self.bounds:
@@ -67,39 +96,68 @@ class Scrape:
 
 
 def parse_metrics(text: str, at: float) -> Scrape:
-    """The counters and histograms the planner reads, from exposition text."""
-    requests: dict[str, float] = {}
-    hists: dict[str, dict[str, Histogram]] = {PROMPT: {}, OUTPUT: {}}
+    """The counters and histograms the planner reads, from exposition text:
+    the API port's names, else Ray's (``ray_`` prefixed), summed over the
+    series of each model (Ray's endpoint has one per process)."""
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError as e:
         raise PlanInputError(f"the metrics are not Prometheus text: {e}") from None
+    names = {s.name for fam in families for s in fam.samples}
+    prefix = RAY_PREFIX if (f"{RAY_PREFIX}{REQUESTS}_total" in names
+                            and f"{REQUESTS}_total" not in names) else ""
+    requests: dict[str, float] = {}
+    hists: dict[str, dict[str, Histogram]] = {PROMPT: {}, OUTPUT: {}}
     for fam in families:
         for s in fam.samples:
             model = s.labels.get("model")
-            if model is None:
+            if model is None or not s.name.startswith(prefix):
                 continue
-            if s.name == f"{REQUESTS}_total":
+            name = s.name[len(prefix):]
+            if name == f"{REQUESTS}_total":
                 requests[model] = requests.get(model, 0.0) + s.value
                 continue
             for base, by_model in hists.items():
-                if not s.name.startswith(base + "_"):
+                if not name.startswith(base + "_"):
                     continue
                 h = by_model.setdefault(model, Histogram())
-                suffix = s.name[len(base) + 1:]
+                suffix = name[len(base) + 1:]
                 if suffix == "bucket":
-                    h.bounds.append(float(s.labels["le"]))
-                    h.cumulative.append(s.value)
+                    h.add(float(s.labels["le"]), s.value)
                 elif suffix == "sum":
-                    h.sum = s.value
+                    h.sum += s.value
                 elif suffix == "count":
-                    h.count = s.value
+                    h.count += s.value
     for by_model in hists.values():
         for h in by_model.values():
             order = sorted(range(len(h.bounds)), key=h.bounds.__getitem__)
             h.bounds = [h.bounds[i] for i in order]
             h.cumulative = [h.cumulative[i] for i in order]
     return Scrape(at, requests, hists[PROMPT], hists[OUTPUT])
+
+
+def merge_scrapes(scrapes: list[Scrape]) -> Scrape:
+    """The sum of scrapes of endpoints that count disjoint requests (every
+    node's Ray endpoint, taken back to back), at their mean time."""
+    if not scrapes:
+        raise PlanInputError("no metrics endpoint to observe")
+    requests: dict[str, float] = {}
+    prompt: dict[str, Histogram] = {}
+    output: dict[str, Histogram] = {}
+    for sc in scrapes:
+        for m, n in sc.requests.items():
+            requests[m] = requests.get(m, 0.0) + n
+        for mine, theirs in ((prompt, sc.prompt), (output, sc.output)):
+            for m, h in theirs.items():
+                mine[m] = mine[m].plus(h) if m in mine else h
+    return Scrape(sum(sc.time for sc in scrapes) / len(scrapes), requests, prompt, output)
+
+
+def scrape_all(urls: list[str], api_key: str | None = None) -> Scrape:
+    """Every endpoint of ``urls`` scraped back to back, summed."""
+    if len(set(u.rstrip("/") for u in urls)) != len(urls):
+        raise PlanInputError("an --observed URL is given twice: its requests would count twice")
+    return merge_scrapes([scrape(u, api_key) for u in urls])
 
 
 def scrape(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> Scrape:

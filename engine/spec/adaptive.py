@@ -25,6 +25,21 @@ acceptance rate is measured again. Plain Python, no tensors.
 
 from __future__ import annotations
 
+# ``saturation_tokens`` when the operator leaves it unset, by device type.
+# A GPU reads the weights once per decode step and leaves most of its
+# arithmetic idle: a 7-8B model's step time stays flat to a few hundred
+# tokens. A CPU has no such slack: its matrix products already take time in
+# proportion to their rows at a few tokens (the default model on a 2-vCPU
+# Xeon, one thread: a verify step of 5 tokens costs 1.4-1.8x a 1-token
+# step, docs/benchmarks.md), so only a handful of tokens ride free.
+SATURATION_TOKENS = {"cuda": 256, "cpu": 4}
+
+
+def default_saturation_tokens(device_type: str) -> int:
+    """The knee of the step time on ``device_type`` ("cuda", "cpu", ...);
+    other accelerators are taken to be GPU-like."""
+    return SATURATION_TOKENS.get(device_type, SATURATION_TOKENS["cuda"])
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens one verify step yields per sequence with ``k`` drafts."""
@@ -53,20 +68,31 @@ def choose_num_tokens(max_k: int, batch: int, alpha: float, saturation_tokens: i
 
 
 class AcceptanceTracker:
-    """Exponential moving averages of the acceptance rate and of the draft
-    cost ratio, updated after each verify step."""
+    """Moving averages of the acceptance rate and of the draft cost ratio,
+    updated after each verify step.
 
-    def __init__(self, prior: float = 0.5, weight: float = 0.1):
+    The cost ratio starts at ``cost_prior``, which counts as one
+    observation: while few steps are timed it is their running mean with
+    the prior, then an exponential moving average (``weight``). One step
+    never sets it outright: a single slow step (the machine stalling, a
+    draft that still had one-off work in it) would otherwise decide
+    speculation off, and with speculation off only the rare probe steps
+    are timed to bring it back."""
+
+    def __init__(self, prior: float = 0.5, weight: float = 0.1, cost_prior: float = 0.0):
         self.alpha = prior
-        self.draft_ratio = 0.0
+        self.draft_ratio = cost_prior
         self.weight = weight
-        self._timed = False  # no step timed yet: the first sets draft_ratio outright
+        self._timed = 0  # steps whose draft cost was observed
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, step_s: float) -> None:
+    def observe(self, proposed: int, accepted: int, draft_s: float | None, step_s: float) -> None:
+        """``draft_s``: seconds per draft position of this step's drafting,
+        without one-off work (None: not measured this step); ``step_s``:
+        the verify step without the drafting."""
         if proposed > 0:
             w = min(1.0, self.weight * proposed)  # a step with more drafts says more
             self.alpha += w * (accepted / proposed - self.alpha)
-        if step_s > 0:
-            ratio = draft_s / step_s
-            self.draft_ratio += (self.weight if self._timed else 1.0) * (ratio - self.draft_ratio)
-            self._timed = True
+        if draft_s is not None and step_s > 0:
+            self._timed += 1
+            w = max(self.weight, 1.0 / (self._timed + 1))
+            self.draft_ratio += w * (draft_s / step_s - self.draft_ratio)

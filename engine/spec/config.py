@@ -19,8 +19,9 @@ class SpeculativeConfig:
     # speculate only while the running batch is at most this large (None: any)
     disable_batch_size: int | None = None
     # tokens a step holds before its time grows with its size (decode is
-    # memory-bound below it): verify tokens up to here cost nearly nothing
-    saturation_tokens: int = 256
+    # memory-bound below it): verify tokens up to here cost nearly nothing.
+    # None: by device (splitserve.engine.spec.adaptive.default_saturation_tokens)
+    saturation_tokens: int | None = None
     # the draft model's KV blocks; None: as many as the target's (its KV is smaller)
     draft_num_blocks: int | None = None
 
@@ -35,7 +36,7 @@ class SpeculativeConfig:
             raise ValueError("speculative method 'draft' needs draft_model (a checkpoint)")
         if self.disable_batch_size is not None and self.disable_batch_size < 1:
             raise ValueError("disable_batch_size must be at least 1")
-        if self.saturation_tokens < 1:
+        if self.saturation_tokens is not None and self.saturation_tokens < 1:
             raise ValueError("saturation_tokens must be at least 1")
         if self.draft_num_blocks is not None and self.draft_num_blocks < 1:
             raise ValueError("draft_num_blocks must be at least 1")

@@ -46,7 +46,8 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import AcceptanceTracker, choose_num_tokens
+from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
+                                             default_saturation_tokens)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.proposer import Proposer, ProposerContext, make_proposer
 
@@ -95,11 +96,14 @@ class SpecDecoder:
         self.cfg = cfg
         self.proposer = proposer or make_proposer(cfg, ctx)
         self.tracker = AcceptanceTracker()
+        self.saturation_tokens = (cfg.saturation_tokens
+                                  or default_saturation_tokens(ctx.device.type))
         self.counters = SpecCounters(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self.last_k = 0  # the speculation length of the last step
         self._runs: dict[str, _Run] = {}
         self._drafts: dict[str, list[int]] = {}
         self._draft_s = 0.0
+        self._draft_steps = 0
         self._t_step = 0.0
         self._idle_steps = 0  # steps the adaptive rule chose not to speculate
 
@@ -125,13 +129,7 @@ class SpecDecoder:
         if off:
             k = 0
         elif self.cfg.adaptive:
-            k = choose_num_tokens(k, len(running), self.tracker.alpha, self.cfg.saturation_tokens,
-                                  self.tracker.draft_ratio)
-            # the rule turned speculation off on measured acceptance: probe
-            # now and then, or a better-suited workload would never be seen
-            self._idle_steps = self._idle_steps + 1 if k == 0 else 0
-            if self._idle_steps >= PROBE_INTERVAL:
-                k, self._idle_steps = self.cfg.num_speculative_tokens, 0
+            k = self._adaptive_length(len(running), bool(cands))
         self.last_k = k
         seqs, ks = [], []
         for s in cands:
@@ -141,12 +139,13 @@ class SpecDecoder:
             if n > 0:
                 seqs.append(s)
                 ks.append(n)
-        self._draft_s = 0.0
+        self._draft_s, self._draft_steps = 0.0, 0
         if not seqs:
             return self._drafts
         t0 = time.perf_counter()
         proposals = self.proposer.propose(seqs, ks)
         self._draft_s = time.perf_counter() - t0
+        self._draft_steps = max(ks)  # a proposer drafts one position per step
         self.counters.draft_time_s += self._draft_s
         for s, n, d in zip(seqs, ks, proposals):
             d = list(d[:n])
@@ -156,6 +155,29 @@ class SpecDecoder:
             if d:
                 self._drafts[s.seq_id] = d
         return self._drafts
+
+    def _adaptive_length(self, batch: int, any_candidate: bool) -> int:
+        """The rule's length for this step, or a probe. When the rule turns
+        speculation off on measured acceptance alone, one step in
+        ``PROBE_INTERVAL`` with sequences to draft for speculates the full
+        length, or a better-suited workload would never be seen. When even
+        every draft accepted would not pay at this batch size (the verify
+        step's cost, the draft's), measuring acceptance changes nothing, so
+        it does not probe: each probe costs a verify step of
+        ``batch * (k + 1)`` tokens, and a draft model's catch-up on every
+        sequence."""
+        max_k, t = self.cfg.num_speculative_tokens, self.tracker
+        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio)
+        if k > 0:
+            self._idle_steps = 0
+            return k
+        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio) == 0:
+            return 0  # off on cost: no acceptance would pay
+        self._idle_steps += 1
+        if self._idle_steps >= PROBE_INTERVAL and any_candidate:
+            self._idle_steps = 0
+            return max_k
+        return 0
 
     # -- after the forward -------------------------------------------------------
     def begin_verify(self, engine: "LLMEngine", part: list[ScheduledSeq], logits: torch.Tensor,
@@ -221,9 +243,21 @@ class SpecDecoder:
                 engine.kv.cache_full_blocks(seq)
         proposed = sum(len(r.sched.spec_token_ids) for r in runs)
         step_s = time.perf_counter() - self._t_step - self._draft_s
-        self.tracker.observe(proposed, sum(r.accepted for r in runs),
-                             self._draft_s / max(1, self.last_k), step_s)
+        self.tracker.observe(proposed, sum(r.accepted for r in runs), self._per_position_s(),
+                             step_s)
         return merge_outputs(outputs)
+
+    def _per_position_s(self) -> float | None:
+        """This step's drafting time per draft position, without the
+        proposer's one-off work (a draft prefilling a prompt is no cost of
+        each later draft token); None when nothing else was timed."""
+        steps = self._draft_steps
+        one_off = self.proposer.one_off_s
+        if one_off > 0:
+            steps -= 1  # the forward that prefilled also drafted position 0
+        if steps <= 0:
+            return None
+        return max(0.0, self._draft_s - one_off) / steps
 
     @staticmethod
     def _accepted(r: _Run, j: int) -> bool:

@@ -27,6 +27,7 @@ prompt is prefilled over several steps, without drafts meanwhile).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from splitserve.engine.errors import CheckpointError
@@ -41,6 +42,11 @@ from splitserve.engine.spec.proposer import Proposer, ProposerContext, register_
 from splitserve.engine.tokenizer import Tokenizer
 
 _PARAMS = SamplingParams()
+# tokens a mirror computes in the catch-up of a step that follows a drafted
+# one: the correction token, or the last draft and the bonus token when all
+# were accepted. More means the catch-up prefills (a new sequence, or steps
+# without drafts): work done once, not per draft position.
+STEADY_CATCH_UP = 2
 
 
 def check_compatible(path: Path, draft_vocab: int, ctx: ProposerContext) -> None:
@@ -118,6 +124,7 @@ class DraftModelProposer(Proposer):
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in seqs]
+        self.one_off_s = 0.0
         budget = self.budget
         sched: list[ScheduledSeq] = []
         owners: list[int] = []
@@ -134,11 +141,15 @@ class DraftModelProposer(Proposer):
         if not sched:
             return out
         # catch-up: every mirror's tokens without KV; the completed ones draft token 0
+        t0 = time.perf_counter()
         logits, rows, _ = self.runner.execute(sched, self.kv)
+        first = logits.argmax(dim=-1).tolist()  # [B]; waits for the forward
+        if max(s.num_new_tokens for s in sched) > STEADY_CATCH_UP:
+            self.one_off_s = time.perf_counter() - t0
         for s in sched:
             s.seq.num_computed_tokens += s.num_new_tokens
         active: list[tuple[int, Sequence]] = []
-        for tok, r in zip(logits.argmax(dim=-1).tolist(), rows):
+        for tok, r in zip(first, rows):
             i = owners[r]
             out[i].append(tok)
             active.append((i, sched[r].seq))

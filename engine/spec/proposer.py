@@ -35,6 +35,13 @@ class ProposerContext:
 
 
 class Proposer(ABC):
+    # seconds of the last ``propose`` spent on work done once per sequence,
+    # not per draft position (a draft model prefilling a prompt, or catching
+    # up on the tokens of steps that ran without drafts); the adaptive rule
+    # leaves it out of the draft's per-token cost. Proposers that draft
+    # one step per draft position set it; 0.0 otherwise.
+    one_off_s: float = 0.0
+
     @abstractmethod
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
         """For each of ``seqs`` (running, one token behind: every token but

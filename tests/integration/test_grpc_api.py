@@ -402,6 +402,9 @@ def test_unset_sampling_fields_take_the_defaults():
     assert sampling_params(pb.SamplingParams()) == SamplingParams()
     got = sampling_params(pb.SamplingParams(temperature=0.0, top_k=0, logprobs=0, skip_special_tokens=False))
     assert (got.temperature, got.top_k, got.logprobs, got.skip_special_tokens) == (0.0, 0, 0, False)
+    # the speculative decoding opt-out: unset speculates (where the model does)
+    assert sampling_params(pb.SamplingParams()).speculative is True
+    assert sampling_params(pb.SamplingParams(speculative=False)).speculative is False
 
 
 def _self_signed(tmp_path):

@@ -2,15 +2,18 @@
 one decode replica, n-gram proposer): completions through the official
 openai client equal the non-speculative engine's greedy outputs, the
 decode replica reports verified drafts on /metrics (vLLM's names too),
-and a request can opt out."""
+and a request can opt out, over HTTP and over gRPC."""
 
 import time
 import urllib.request
 
+import grpc
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from splitserve.cluster.api.proto import splitserve_pb2 as pb
+from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from splitserve.engine.sampling_params import SamplingParams
@@ -73,3 +76,38 @@ def test_ngram_outputs_equal_plain_greedy_outputs(cluster, tiny_llama):
         time.sleep(0.5)
     assert metric(cluster, "vllm:spec_decode_num_draft_tokens_total") > 0
     assert metric(cluster, "splitserve_spec_decode_accepted_tokens_total") > 0
+
+
+def grpc_text(cfg, prompt: str, **params) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}") as ch:
+        req = pb.GenerateRequest(model="tiny", text=prompt, params=pb.SamplingParams(
+            max_tokens=20, temperature=0.0, ignore_eos=True, **params))
+        return "".join(r.text for r in pb_grpc.GenerationStub(ch).Generate(req, timeout=60))
+
+
+def settled(cfg, name: str) -> float:
+    """The metric once two scrapes a second apart agree (replica stats are
+    pushed every router.stats_period_s)."""
+    prev = metric(cfg, name)
+    while True:
+        time.sleep(1.0)
+        now = metric(cfg, name)
+        if now == prev:
+            return now
+        prev = now
+
+
+def test_grpc_request_opts_out_of_speculation(cluster, tiny_llama):
+    # the tiny model's output repeats its tokens here: prompt lookup drafts
+    prompt = "the cat sat on the mat. the cat sat on the"
+    want = make_engine(tiny_llama, block_size=4).generate(
+        [prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0].text
+    name = "splitserve_spec_decode_draft_tokens_total"
+    before = settled(cluster, name)
+    assert grpc_text(cluster, prompt, speculative=False) == want
+    assert settled(cluster, name) == before  # not one draft verified for it
+    assert grpc_text(cluster, prompt) == want  # unset: speculates
+    deadline = time.monotonic() + 30
+    while metric(cluster, name) == before:
+        assert time.monotonic() < deadline, "the default request verified no drafts"
+        time.sleep(0.5)

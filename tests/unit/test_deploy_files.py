@@ -133,6 +133,16 @@ def test_the_ray_dashboard_stays_on_the_heads_loopback(cluster_file):
     assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands
 
 
+@pytest.mark.parametrize("cluster_file", ["ray/aws.yaml", "ray/local-multinode.yaml"])
+def test_every_node_starts_with_rays_token_auth(cluster_file):
+    d = yaml.safe_load((DEPLOY / cluster_file).read_text())
+    starts = [c for c in d["head_start_ray_commands"] + d["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert d["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("RAY_AUTH_MODE=token" in c and ".bashrc" in c for c in d["setup_commands"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_configs_exposed_beyond_loopback_require_api_keys(path):
     cfg = load_config(path)

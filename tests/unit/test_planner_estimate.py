@@ -8,10 +8,11 @@ import pytest
 
 from splitserve.cluster.bench.datasets import parse_length_dist
 from splitserve.cluster.planning.db import ProfileDB
-from splitserve.cluster.planning.planner import estimate as est
+from splitserve.cluster.planning.planner import queueing
 from splitserve.cluster.planning.planner.inputs import (
     SLO, Offer, parse_offer, parse_slo, synthetic_workload, z_of)
-from splitserve.cluster.planning.planner.search import PlanRequest, Planner
+from splitserve.cluster.planning.planner.request import PlanRequest
+from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.shapes import PRESETS
 
@@ -25,12 +26,12 @@ def erlang_b_exact(c: int, a: float) -> float:
 
 def test_erlang_formulas():
     # Erlang C exact against the textbook value: c = 2, a = 1 -> 1/3
-    assert est.erlang_c(np.array([2]), np.array([1.0]), 4)[0] == pytest.approx(1 / 3)
-    assert est.erlang_c(np.array([1]), np.array([0.7]), 4)[0] == pytest.approx(0.7)
+    assert queueing.erlang_c(np.array([2]), np.array([1.0]), 4)[0] == pytest.approx(1 / 3)
+    assert queueing.erlang_c(np.array([1]), np.array([0.7]), 4)[0] == pytest.approx(0.7)
     # Erlang B by the normal approximation, within a factor of the exact where it matters
     for c, a in ((100, 90.0), (512, 480.0), (64, 40.0)):
         exact = erlang_b_exact(c, a)
-        approx = float(est.erlang_b(np.array([c]), np.array([a]))[0])
+        approx = float(queueing.erlang_b(np.array([c]), np.array([a]))[0])
         assert approx == pytest.approx(exact, rel=0.5, abs=1e-4)
 
 

@@ -11,10 +11,13 @@ from splitserve.cluster.config import load_config, parse_config
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.planner.emit import to_yaml
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
-from splitserve.cluster.planning.planner.search import PlanRequest, Planner, quality_increases
+from splitserve.cluster.planning.planner.quality import quality_increases
+from splitserve.cluster.planning.planner.request import PlanRequest
+from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.records import EngineSettings
 from splitserve.cluster.planning.shapes import PRESETS
+from splitserve.engine.roles import Role
 
 SHAPE = PRESETS["llama-3.1-8b"]
 TINY = SpaceSpec(max_num_seqs=(64,), max_num_batched_tokens=(2048,), block_sizes=(16,),
@@ -71,7 +74,10 @@ def test_chosen_yaml_is_what_deploy_takes(planned, tmp_path):
     plan = res.chosen.plan
     assert m.mode == plan.layout
     assert m.decode.min_replicas == m.decode.max_replicas == plan.decode.replicas
-    assert m.model.max_num_batched_tokens == plan.engine.max_num_batched_tokens
+    for role, pool in plan.pools:  # each pool runs its own engine settings
+        run = m.engine_spec(Role(role))
+        assert run.max_num_batched_tokens == pool.engine.max_num_batched_tokens
+        assert run.max_num_seqs == pool.engine.max_num_seqs
     assert cfg.slo.ttft_s == 0.4 and cfg.slo.tpot_s == 0.02
 
 

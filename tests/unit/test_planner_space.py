@@ -36,10 +36,15 @@ def brute_force(space: SpaceSpec, counts: list[int]) -> tuple[int, int]:
                     if dp == dd and p * tpp + q * tpd > counts[dp]:
                         continue
                     pools.append(((dp, tpp, p), (dd, tpd, q)))
-        for pool, e, _, _ in itertools.product(pools, range(len(grid)), routers,
-                                               space.autoscaling):
+        # a disaggregated plan's prefill pool has a chunk size of its own
+        chunks = [None] if layout == "colocated" else space.max_num_batched_tokens
+        for pool, e, _, _, _ in itertools.product(pools, range(len(grid)), chunks, routers,
+                                                  space.autoscaling):
             total += 1
-            if grid.deployable[e] and all(tp in sup["tensor_parallel"] for _, tp, _ in pool):
+            split = any(tp > 1 for _, tp, _ in pool)
+            fp8 = space.weight_dtypes[grid.wd[e]] == "fp8"
+            if (grid.deployable[e] and all(tp in sup["tensor_parallel"] for _, tp, _ in pool)
+                    and not (fp8 and split)):  # fp8 weights deploy unsplit only
                 dep += 1
     return dep, total
 

@@ -9,6 +9,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.hashing import block_hashes
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sequence import Sequence
 from splitserve.engine.spec.config import SpeculativeConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -95,6 +96,60 @@ def test_draft_model_other_checkpoint_keeps_greedy_output(plain, tiny_llama, tin
     sp = SamplingParams(max_tokens=12, **GREEDY)
     assert [r.token_ids for r in run(eng, ps, sp)] == [r.token_ids for r in run(plain, ps, sp)]
     assert eng.spec.counters.draft_tokens > 0
+
+
+def test_saturation_tokens_resolved_by_device(ngram, tiny_llama):
+    assert ngram.spec.saturation_tokens == 4  # a CPU engine, no setting
+    eng = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=300))
+    assert eng.spec.saturation_tokens == 300
+
+
+def lengths(eng, prompt, params) -> list[int]:
+    """The speculation length of each step of one request."""
+    eng.add_request(None, prompt_token_ids=prompt, params=params)
+    ks = []
+    while eng.has_unfinished():
+        eng.step()
+        ks.append(eng.spec.last_k)
+    assert idle(eng)
+    return ks
+
+
+def test_probes_only_where_acceptance_could_make_speculation_pay(tiny_llama):
+    prompt = copy_prompts(64, n=1, seed=12)[0]
+    sp = SamplingParams(max_tokens=45, **GREEDY)  # past one PROBE_INTERVAL of decode steps
+    # acceptance measured as nil: off, then probed to measure it again
+    probing = make(tiny_llama, SpeculativeConfig(method="ngram"))
+    probing.spec.tracker.alpha = 0.0
+    ks = lengths(probing, prompt, sp)
+    assert ks[:30] == [0] * 30 and 4 in ks
+    # a knee of 1 token: verifying k drafts costs k + 1 steps, which no
+    # acceptance pays back, so a probe could only cost
+    costly = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=1))
+    costly.spec.tracker.alpha = 0.0
+    assert set(lengths(costly, prompt, sp)) == {0}
+
+
+def test_draft_prefill_is_one_off_work_not_per_token_cost(self_draft):
+    """The draft's catch-up forward counts as one-off work (left out of the
+    adaptive rule's per-token draft cost) exactly when it prefills."""
+    prop = self_draft.spec.proposer
+    prompt = copy_prompts(self_draft.model_cfg.vocab_size, n=1, seed=11)[0] * 3
+    seq = Sequence("one-off", prompt, SamplingParams(), prop.block_size)
+    try:
+        d = prop.propose([seq], [3])[0]
+        assert len(d) == 3 and prop.one_off_s > 0  # the whole prompt prefilled
+        for tok in d[:2] + [7]:  # two drafts accepted, then the target's own token
+            seq.append_token(tok)
+        prop.propose([seq], [3])
+        assert prop.one_off_s == 0.0  # steady state: one catch-up token
+        for tok in [5, 6, 7, 8, 9]:  # steps without drafts: the mirror falls behind
+            seq.append_token(tok)
+        prop.propose([seq], [3])
+        assert prop.one_off_s > 0
+    finally:
+        prop.release("one-off")
+    assert prop.all_free()
 
 
 def test_chunked_prefill_and_preemption_keep_outputs(plain, tiny_llama):

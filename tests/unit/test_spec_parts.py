@@ -8,7 +8,7 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
-                                             expected_tokens)
+                                             default_saturation_tokens, expected_tokens)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.decoder import merge_outputs
 from splitserve.engine.spec.ngram import ngram_lookup
@@ -46,12 +46,40 @@ def test_speculation_length_rule():
     assert choose_num_tokens(4, 1, 0.6, 256, draft_ratio=0.5) < 4
     assert choose_num_tokens(4, 8, 0.9, 256, disable_batch_size=4) == 0
     t = AcceptanceTracker(prior=0.5)
-    t.observe(proposed=10, accepted=10, draft_s=0.5, step_s=1.0)
-    assert t.alpha == 1.0 and t.draft_ratio == 0.5  # the first timing is taken whole
-    t.observe(proposed=10, accepted=0, draft_s=1.5, step_s=1.0)
-    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.6)  # then averaged
+    t.observe(proposed=10, accepted=10, draft_s=0.6, step_s=1.0)
+    assert t.alpha == 1.0 and t.draft_ratio == pytest.approx(0.3)  # pooled with the prior 0
+    t.observe(proposed=10, accepted=0, draft_s=None, step_s=1.0)  # drafting not timed
+    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.3)
     # a draft as slow as the target never pays, even accepted every time
     assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
+
+
+def test_one_slow_step_does_not_decide_the_draft_cost():
+    # a first step 5x a target step (a stall, or one-off work timed with it)
+    # must leave the draft speculating once cheap steps follow; setting the
+    # ratio from that step alone switched a useful draft off for good
+    t = AcceptanceTracker(prior=0.5)
+    t.observe(proposed=4, accepted=2, draft_s=5.0, step_s=1.0)
+    assert t.draft_ratio == pytest.approx(2.5)
+    for _ in range(6):
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+    assert t.draft_ratio == pytest.approx((5.0 + 6 * 0.05) / 8)  # the mean, prior included
+    for _ in range(40):  # then an exponential moving average
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+    assert t.draft_ratio < 0.1
+    assert choose_num_tokens(4, 1, t.alpha, 256, t.draft_ratio) > 0
+
+
+def test_saturation_default_by_device():
+    # a GPU verifies a few hundred tokens for the price of one; a CPU a handful
+    assert default_saturation_tokens("cuda") == 256
+    assert default_saturation_tokens("cpu") == 4
+    assert SpeculativeConfig().saturation_tokens is None  # resolved by the engine's device
+    # on a CPU a batch of 32 stops speculating at the acceptance the trained
+    # pair reaches with prompt lookup; the GPU knee would still verify drafts
+    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cpu")) == 0
+    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cuda")) > 0
+    assert choose_num_tokens(4, 1, 0.6, default_saturation_tokens("cpu")) > 0
 
 
 def test_config_checks_and_registry():

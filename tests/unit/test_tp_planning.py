@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from splitserve.cluster.config import parse_config
-from splitserve.cluster.planning.planner.emit import (EmitContext, EnginePlan, Plan, PoolPlan,
-                                                      config_dict)
+from splitserve.cluster.planning.planner.emit import (
+    EmitContext, EnginePlan, Plan, PoolEngine, PoolPlan, config_dict)
 from splitserve.cluster.planning.planner.space import engine_support, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim.pools import devices_for, kv_blocks
@@ -28,11 +28,12 @@ def test_deployable_degrees_are_those_the_engine_splits_the_model_by():
 
 
 def test_an_emitted_plan_sets_each_pools_degree_and_a_gpu_per_rank():
-    engine = EnginePlan(max_num_seqs=64, max_num_batched_tokens=4096, block_size=16,
-                        kv_cache_dtype="auto", weight_dtype="bfloat16", speculative="off",
-                        kv_cache_memory_gb=8.0)
-    plan = Plan(layout="disaggregated", decode=PoolPlan(0, "h100", tp=2, replicas=3),
-                prefill=PoolPlan(0, "h100", tp=4, replicas=1), engine=engine, policy="cost",
+    engine = EnginePlan(block_size=16, kv_cache_dtype="auto", weight_dtype="bfloat16",
+                        speculative="off")
+    plan = Plan(layout="disaggregated",
+                decode=PoolPlan(0, "h100", tp=2, replicas=3, engine=PoolEngine(64, 1024, 8.0)),
+                prefill=PoolPlan(0, "h100", tp=4, replicas=1, engine=PoolEngine(8, 4096, 2.0)),
+                engine=engine, policy="cost",
                 local_prefill_max_tokens=0, autoscaling="fixed")
     ctx = EmitContext(model_name="m", model_path="/models/m", ttft_s=1.0, tpot_s=0.05,
                       trough=1.0, network_bytes_per_s=1e10, max_queue=64)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-splitserve/cluster/api/proto/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xc2\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x93\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\"\n\x05tools\x18\x07 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12\x15\n\rtool_function\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x0b \x01(\t\x12\x10\n\x08priority\x18\x0c \x01(\x05\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x9f\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12=\n\x07timings\x18\x07 \x03(\x0b\x32,.splitserve.v1.GenerateResponse.TimingsEntry\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x19\n\x11reasoning_content\x18\n \x01(\t\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd6\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x1c\n\x14\x63hat_template_kwargs\x18\x06 \x01(\tB\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0e\n\x06parent\x18\x04 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard2\xfb\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-splitserve/cluster/api/proto/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xec\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x0e\n\x01n\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x0c\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x15 \x01(\x08H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobsB\x0e\n\x0c_speculative\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x93\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\"\n\x05tools\x18\x07 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12\x15\n\rtool_function\x18\t \x01(\t\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x0b \x01(\t\x12\x10\n\x08priority\x18\x0c \x01(\x05\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x9f\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12=\n\x07timings\x18\x07 \x03(\x0b\x32,.splitserve.v1.GenerateResponse.TimingsEntry\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x19\n\x11reasoning_content\x18\n \x01(\t\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd6\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.splitserve.v1.Tool\x12\x1c\n\x14\x63hat_template_kwargs\x18\x06 \x01(\tB\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0e\n\x06parent\x18\x04 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.splitserve.v1.ModelCard2\xfb\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nListModels\x12 .splitserve.v1.ListModelsRequest\x1a!.splitserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALL']._serialized_start=265
   _globals['_TOOLCALL']._serialized_end=335
   _globals['_SAMPLINGPARAMS']._serialized_start=338
-  _globals['_SAMPLINGPARAMS']._serialized_end=1172
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=925
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=973
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1175
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1325
-  _globals['_CHOICES']._serialized_start=1327
-  _globals['_CHOICES']._serialized_end=1353
-  _globals['_GENERATEREQUEST']._serialized_start=1356
-  _globals['_GENERATEREQUEST']._serialized_end=1759
-  _globals['_USAGE']._serialized_start=1761
-  _globals['_USAGE']._serialized_end=1841
-  _globals['_TOPLOGPROB']._serialized_start=1843
-  _globals['_TOPLOGPROB']._serialized_end=1890
-  _globals['_TOKENLOGPROB']._serialized_start=1892
-  _globals['_TOKENLOGPROB']._serialized_end=1981
-  _globals['_GENERATERESPONSE']._serialized_start=1984
-  _globals['_GENERATERESPONSE']._serialized_end=2399
-  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_start=2353
-  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_end=2399
-  _globals['_TOKENIZEREQUEST']._serialized_start=2402
-  _globals['_TOKENIZEREQUEST']._serialized_end=2616
-  _globals['_TOKENIZERESPONSE']._serialized_start=2618
-  _globals['_TOKENIZERESPONSE']._serialized_end=2694
-  _globals['_LISTMODELSREQUEST']._serialized_start=2696
-  _globals['_LISTMODELSREQUEST']._serialized_end=2715
-  _globals['_MODELCARD']._serialized_start=2717
-  _globals['_MODELCARD']._serialized_end=2798
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2800
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2862
-  _globals['_GENERATION']._serialized_start=2865
-  _globals['_GENERATION']._serialized_end=3116
+  _globals['_SAMPLINGPARAMS']._serialized_end=1214
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=951
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=999
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1217
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1367
+  _globals['_CHOICES']._serialized_start=1369
+  _globals['_CHOICES']._serialized_end=1395
+  _globals['_GENERATEREQUEST']._serialized_start=1398
+  _globals['_GENERATEREQUEST']._serialized_end=1801
+  _globals['_USAGE']._serialized_start=1803
+  _globals['_USAGE']._serialized_end=1883
+  _globals['_TOPLOGPROB']._serialized_start=1885
+  _globals['_TOPLOGPROB']._serialized_end=1932
+  _globals['_TOKENLOGPROB']._serialized_start=1934
+  _globals['_TOKENLOGPROB']._serialized_end=2023
+  _globals['_GENERATERESPONSE']._serialized_start=2026
+  _globals['_GENERATERESPONSE']._serialized_end=2441
+  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_start=2395
+  _globals['_GENERATERESPONSE_TIMINGSENTRY']._serialized_end=2441
+  _globals['_TOKENIZEREQUEST']._serialized_start=2444
+  _globals['_TOKENIZEREQUEST']._serialized_end=2658
+  _globals['_TOKENIZERESPONSE']._serialized_start=2660
+  _globals['_TOKENIZERESPONSE']._serialized_end=2736
+  _globals['_LISTMODELSREQUEST']._serialized_start=2738
+  _globals['_LISTMODELSREQUEST']._serialized_end=2757
+  _globals['_MODELCARD']._serialized_start=2759
+  _globals['_MODELCARD']._serialized_end=2840
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2842
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2904
+  _globals['_GENERATION']._serialized_start=2907
+  _globals['_GENERATION']._serialized_end=3158
 # @@protoc_insertion_point(module_scope)

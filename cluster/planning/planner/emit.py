@@ -1,7 +1,10 @@
 """A plan as a value, and as the operator YAML ``splitserve deploy`` takes.
 
-Only the keys a plan decides are written: the model's engine settings, the
-pools (replicas, GPUs per replica, autoscaling), the router and the SLO.
+Only the keys a plan decides are written: the model's engine settings (those
+both pools share: dtypes, block size, speculative decoding), the pools
+(replicas, GPUs per replica, autoscaling, and each pool's own engine
+settings under ``engine``: batch cap, chunk size, KV memory, tensor
+parallelism), the router and the SLO.
 With a current config (re-planning), everything else in it (endpoints,
 auth, transfer timeouts, the model's name and path) is kept as it is.
 """
@@ -19,24 +22,35 @@ from splitserve.cluster.config import ClusterConfig, parse_config
 
 
 @dataclass(frozen=True)
+class PoolEngine:
+    """The engine settings one pool's replicas run with (the YAML's
+    ``models[].prefill.engine`` / ``models[].decode.engine``)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int  # the step's token budget: the prefill chunk size
+    kv_cache_memory_gb: float  # per tensor-parallel rank, as the engine reads it
+
+
+@dataclass(frozen=True)
 class PoolPlan:
     device: int  # index into the planner's devices
     hardware: str  # its key ("local" for this CPU)
     tp: int
     replicas: int
+    engine: PoolEngine
     cpu: bool = False
     threads: int = 1
 
 
 @dataclass(frozen=True)
 class EnginePlan:
-    max_num_seqs: int
-    max_num_batched_tokens: int
+    """The engine settings both pools share: the KV hand-off needs the same
+    block size and dtypes at both ends; speculation runs on decode only."""
+
     block_size: int
     kv_cache_dtype: str  # auto | fp8
     weight_dtype: str  # bfloat16 | fp8
     speculative: str  # off | ngram:K
-    kv_cache_memory_gb: float
 
 
 @dataclass(frozen=True)
@@ -66,12 +80,21 @@ class Plan:
             return f"{self.decode.replicas} colocated"
         return f"{self.prefill.replicas}:{self.decode.replicas}"
 
+    def alloc(self) -> tuple:
+        """The hardware allocation: layout, and device, TP and replicas of each pool."""
+        return (self.layout,) + tuple((role, p.device, p.tp, p.replicas) for role, p in self.pools)
+
     def label(self) -> str:
         e = self.engine
-        pools = ", ".join(f"{role} {p.replicas}x{p.hardware}" + (f" tp{p.tp}" if p.tp > 1 else "")
-                          for role, p in self.pools)
-        extra = [f"seqs {e.max_num_seqs}", f"chunk {e.max_num_batched_tokens}",
-                 f"block {e.block_size}"]
+
+        def pool(role: str, p: PoolPlan) -> str:
+            s = f"{role} {p.replicas}x{p.hardware}" + (f" tp{p.tp}" if p.tp > 1 else "")
+            if role == "prefill":  # a prefill pool's batch cap follows its chunk
+                return s + f" chunk {p.engine.max_num_batched_tokens}"
+            return s + f" seqs {p.engine.max_num_seqs} chunk {p.engine.max_num_batched_tokens}"
+
+        pools = ", ".join(pool(role, p) for role, p in self.pools)
+        extra = [f"block {e.block_size}"]
         if e.kv_cache_dtype != "auto":
             extra.append(f"kv {e.kv_cache_dtype}")
         if e.weight_dtype != "bfloat16":
@@ -124,8 +147,10 @@ def _pool(p: PoolPlan, role: str, plan: Plan, ctx: EmitContext) -> dict:
         out.update(num_cpus=p.threads, num_gpus=0)
     else:  # per rank: a replica of tp ranks reserves tp GPUs
         out.update(num_cpus=4, num_gpus=1)
-    if p.tp > 1:
-        out["engine"] = {"tensor_parallel_size": p.tp}
+    out["engine"] = {"max_num_seqs": p.engine.max_num_seqs,
+                     "max_num_batched_tokens": p.engine.max_num_batched_tokens,
+                     "kv_cache_memory_gb": round(max(p.engine.kv_cache_memory_gb, 0.01), 3),
+                     "tensor_parallel_size": p.tp}
     if plan.autoscaling == "fixed":
         out["autoscaling"] = None
         return out
@@ -162,12 +187,25 @@ def config_dict(plan: Plan, ctx: EmitContext) -> dict:
     model.setdefault("name", ctx.model_name)
     if "path" not in model:
         model["path"] = ctx.model_path
+    # the model's own values are the decode (or colocated) pool's; each pool's engine
+    # section sets its own over them (ServedModel.engine_spec)
+    d = plan.decode.engine
     model.update(dtype="auto" if cpu else "bfloat16", kv_cache_dtype=e.kv_cache_dtype,
-                 block_size=e.block_size, max_num_seqs=e.max_num_seqs,
-                 max_num_batched_tokens=e.max_num_batched_tokens,
+                 block_size=e.block_size, max_num_seqs=d.max_num_seqs,
+                 max_num_batched_tokens=d.max_num_batched_tokens,
                  device="cpu" if cpu else "cuda")
     model.pop("num_blocks", None)
-    model["kv_cache_memory_gb"] = round(max(e.kv_cache_memory_gb, 0.01), 3)
+    model.pop("tensor_parallel_size", None)  # each pool states its own
+    model["kv_cache_memory_gb"] = round(max(d.kv_cache_memory_gb, 0.01), 3)
+    if e.weight_dtype == "fp8":
+        model["weight_dtype"] = "fp8"
+    else:
+        model.pop("weight_dtype", None)
+    if e.speculative == "off":
+        model.pop("speculative", None)
+    else:
+        method, k = e.speculative.split(":")
+        model["speculative"] = {"method": method, "num_speculative_tokens": int(k)}
     planned = ("model", "mode", "prefill", "decode")
     new_served = {k: v for k, v in served.items() if k not in planned}
     new_served["model"] = model
@@ -178,6 +216,9 @@ def config_dict(plan: Plan, ctx: EmitContext) -> dict:
 
     def pool(old: dict, p: PoolPlan, role: str) -> dict:
         new = {**{k: old[k] for k in keep if k in old}, **_pool(p, role, plan, ctx)}
+        old_engine = old.get("engine") or {}
+        if "enforce_eager" in old_engine:  # not the plan's to decide
+            new["engine"]["enforce_eager"] = old_engine["enforce_eager"]
         if not p.cpu and "num_cpus" in old:  # host CPUs of a GPU replica: not the plan's to set
             new["num_cpus"] = old["num_cpus"]
         return new

@@ -32,310 +32,19 @@ floor.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitserve.cluster.config import ModelSpec
-from splitserve.cluster.planning import profiles
-from splitserve.cluster.planning.db import ProfileDB
-from splitserve.cluster.planning.hardware import Hardware, local_cpu_key
 from splitserve.cluster.planning.planner.candidates import col
-from splitserve.cluster.planning.planner.inputs import (
-    SLO, Offer, PlanInputError, WorkloadModel, z_of)
-from splitserve.cluster.planning.planner.space import (
-    EngineGrid, RouterOption, SpaceSpec, tp_splits)
-from splitserve.cluster.planning.shapes import ModelShape
+from splitserve.cluster.planning.planner.inputs import SLO, z_of
+from splitserve.cluster.planning.planner.queueing import erlang_b, mgc_wait
+from splitserve.cluster.planning.planner.space import RouterOption
+from splitserve.cluster.planning.planner.units import Units
+from splitserve.cluster.planning.planner.workload_stats import WorkloadStats
 
-MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
-CPU_KV_BYTES = 1 << 30  # KV cache per CPU replica (host memory is shared by every replica)
 RPC_S = 0.0005  # one hop, as the simulator's default
-DEVICES_PER_NODE = 8
 INF = float("inf")
-
-
-@dataclass(frozen=True)
-class Device:
-    index: int
-    key: str  # profile database key
-    sim_key: str  # what the simulator is told ("local" for this CPU)
-    hw: Hardware
-    price: float  # per device-hour
-    count: int
-    cpu: bool
-    threads: int = 1  # CPU threads of one replica
-
-    @property
-    def label(self) -> str:
-        return "local CPU" if self.sim_key == "local" else self.key
-
-
-def resolve_devices(db: ProfileDB, offers: list[Offer]) -> list[Device]:
-    out = []
-    for i, off in enumerate(offers):
-        if off.key == "local":
-            key, sim_key, cpu = local_cpu_key(1), "local", True
-        else:
-            key, sim_key, cpu = off.key, off.key, off.key.startswith("cpu:")
-        try:
-            hw = profiles.hardware(db, key)
-        except profiles.UnknownHardwareError as e:
-            hint = " (run `splitserve profile` on this machine first)" if off.key == "local" else ""
-            raise PlanInputError(f"{e}{hint}") from None
-        price = off.price if off.price is not None else hw.price_per_hour
-        if price is None:
-            price = 0.0
-        out.append(Device(i, key, sim_key, hw, float(price), off.count, cpu))
-    if len({d.key for d in out}) != len(out):
-        raise PlanInputError("each hardware kind may be offered once")
-    return out
-
-
-def engine_settings_for(dev: Device, tp: int, wd: str, kv: str):
-    """The speed-relevant settings of a replica, built as the simulator builds them."""
-    from splitserve.cluster.planning.sim.simulator import engine_settings
-
-    if dev.cpu:
-        s = engine_settings(ModelSpec(dtype="auto", kv_cache_dtype=kv, device="cpu"), "cpu", 1)
-    else:
-        s = engine_settings(ModelSpec(dtype="bfloat16", kv_cache_dtype=kv), "cuda", tp)
-    if wd == "fp8":
-        s = replace(s, dtype="fp8")
-    return s
-
-
-@dataclass
-class Forms:
-    """Step-time forms of each unit as arrays: t = oh + max_f (c_f + wp_f P + wa_f A +
-    wb_f B + wc_f C); two forms per unit (a one-form fit is repeated)."""
-
-    c: np.ndarray  # (U, 2)
-    wp: np.ndarray
-    wa: np.ndarray
-    wb: np.ndarray
-    wc: np.ndarray
-    oh: np.ndarray  # (U,)
-    compute_form: np.ndarray  # (U, 2) bool: the form that grows with tokens (speculation)
-
-
-def _norm_cdf(x):
-    # Abramowitz-Stegun 7.1.26 on erf, |error| < 1.5e-7
-    z = np.abs(x) / math.sqrt(2.0)
-    t = 1.0 / (1.0 + 0.3275911 * z)
-    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
-               + 0.254829592) * t * np.exp(-z * z)
-    return 0.5 * (1.0 + np.sign(x) * y)
-
-
-def _norm_pdf(x):
-    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def erlang_b(c, a):
-    """Blocking of a loss system of ``c`` servers offered ``a`` erlangs (normal
-    approximation, Jagerman): phi(b) / (sqrt(a) Phi(b)), b = (c - a) / sqrt(a)."""
-    a = np.maximum(a, 1e-12)
-    s = np.sqrt(a)
-    with np.errstate(invalid="ignore", over="ignore"):
-        b = np.nan_to_num((c - a) / s, nan=-40.0, posinf=40.0, neginf=-40.0)
-    return np.clip(_norm_pdf(b) / (s * np.maximum(_norm_cdf(b), 1e-300)), 0.0, 1.0)
-
-
-def erlang_c(c, a, cmax: int):
-    """P(wait) of M/M/c offered ``a`` erlangs (a < c), exactly, for integer c <= cmax."""
-    a = np.asarray(a, dtype=np.float64)
-    c = np.broadcast_to(c, a.shape)
-    b = np.ones_like(a)
-    out = np.zeros_like(a)
-    for k in range(1, cmax + 1):
-        b = a * b / (k + a * b)
-        hit = c == k
-        if hit.any():
-            bk = b[hit]
-            ak = a[hit]
-            out[hit] = k * bk / np.maximum(k - ak * (1 - bk), 1e-12)
-    return np.clip(out, 0.0, 1.0)
-
-
-@dataclass
-class WorkloadStats:
-    """Per router option (axis 0) and replica count of the pool that prefills
-    (axis 1): the prompt work that stays on decode replicas (local) and goes to
-    prefill replicas (remote), per request of the workload."""
-
-    rate: float
-    eo: float  # mean output tokens
-    lbar: float  # mean attention length while decoding, weighted by decode time
-    q_total: float  # a high quantile of prompt + output (what must fit in KV)
-    o_low: float  # a low quantile of output tokens (the noisiest TPOTs)
-    max_prompt: float
-    loc_n: np.ndarray
-    loc_tok: np.ndarray
-    loc_attn: np.ndarray
-    loc_up: np.ndarray
-    loc_m2: np.ndarray
-    rem_n: np.ndarray
-    rem_tok: np.ndarray
-    rem_attn: np.ndarray
-    rem_m2: np.ndarray
-    rem_up: np.ndarray
-    rem_ip: np.ndarray  # prompt length (with cached part) at the percentile, remote requests
-    rem_imean: np.ndarray
-
-
-def workload_stats(wl: WorkloadModel, opts: list[RouterOption], rmax: int, pct: float,
-                   all_local: bool) -> WorkloadStats:
-    i = wl.inputs.astype(np.float64)
-    o = wl.outputs.astype(np.float64)
-    c = wl.cached.astype(np.float64)
-    shape = (len(opts), rmax)
-    names = ("loc_n", "loc_tok", "loc_attn", "loc_up", "loc_m2", "rem_n", "rem_tok", "rem_attn",
-             "rem_m2", "rem_up", "rem_ip", "rem_imean")
-    arr = {n: np.zeros(shape) for n in names}
-    for k, opt in enumerate(opts):
-        threshold = INF if all_local else opt.local_prefill_max_tokens
-        for r in range(1, rmax + 1):
-            if opt.global_cache and r > 1:
-                for n in names:
-                    arr[n][k, r - 1] = arr[n][k, 0]
-                continue
-            hf = 1.0 if opt.global_cache else 1.0 / r
-            u = np.maximum(1.0, np.round(i - hf * c))
-            loc = u <= threshold
-            rem = ~loc
-            arr["loc_n"][k, r - 1] = loc.mean()
-            arr["loc_tok"][k, r - 1] = (u * loc).mean()
-            arr["loc_attn"][k, r - 1] = (u * (u + 1) / 2 * loc).mean()
-            arr["loc_up"][k, r - 1] = np.percentile(u[loc], pct) if loc.any() else 0.0
-            arr["loc_m2"][k, r - 1] = (u * u * loc).mean()
-            arr["rem_n"][k, r - 1] = rem.mean()
-            arr["rem_tok"][k, r - 1] = (u * rem).mean()
-            arr["rem_attn"][k, r - 1] = (u * (u + 1) / 2 * rem).mean()
-            arr["rem_m2"][k, r - 1] = (u * u * rem).mean()
-            arr["rem_up"][k, r - 1] = np.percentile(u[rem], pct) if rem.any() else 0.0
-            arr["rem_ip"][k, r - 1] = np.percentile(i[rem], pct) if rem.any() else 0.0
-            arr["rem_imean"][k, r - 1] = i[rem].mean() if rem.any() else 0.0
-    eo = float(o.mean())
-    lbar = float((o * (i + o / 2)).sum() / max(o.sum(), 1.0))
-    return WorkloadStats(rate=wl.peak_rate, eo=eo, lbar=lbar,
-                         q_total=float(np.percentile(i + o, 99.5)), max_prompt=float(i.max()),
-                         o_low=float(max(2.0, np.percentile(o, 100 - pct))),
-                         **arr)
-
-
-@dataclass
-class Units:
-    """One row per (device, TP degree, engine settings) of one pool role."""
-
-    dev: np.ndarray
-    tp: np.ndarray
-    e: np.ndarray  # engine grid row (prefill units: the first row of its prefill_key)
-    forms: Forms
-    kv_tokens: np.ndarray  # KV cache tokens per replica
-    kv_gib: np.ndarray  # KV cache memory per replica (the config's kv_cache_memory_gb)
-    mem_ok: np.ndarray
-    price: np.ndarray  # per replica-hour
-    cap: np.ndarray  # most replicas the offer allows
-    seqs: np.ndarray
-    budget: np.ndarray
-    block: np.ndarray
-    g: np.ndarray  # tokens per sequence per step (speculation), 1 without
-    draft: np.ndarray  # tokens verified per sequence per step (k + 1), 1 without
-    deployable: np.ndarray
-    quality: np.ndarray  # perplexity increase vs the reference (NaN: unknown)
-    flops_ok: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.dev)
-
-
-class FormCache:
-    def __init__(self, db: ProfileDB, shape: ModelShape):
-        self.db = db
-        self.shape = shape
-        self._cache: dict = {}
-
-    def get(self, dev: Device, tp: int, wd: str, kv: str):
-        key = (dev.index, tp, wd, kv)
-        if key not in self._cache:
-            settings = engine_settings_for(dev, tp, wd, kv)
-            model = profiles.step_model(self.db, self.shape, dev.hw, settings)
-            forms = list(model.forms)
-            if len(forms) == 1:
-                forms = forms * 2
-            self._cache[key] = (np.array(forms[:2]), model.overhead_s, model.provenance,
-                                model.describe(), settings)
-        return self._cache[key]
-
-
-def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows: np.ndarray,
-                shape: ModelShape, forms: FormCache, quality: np.ndarray,
-                tp_support: set[int]) -> Units:
-    """Units over ``rows`` of the engine grid, for every device and TP degree."""
-    combos = [(d, tp, e) for d in devices for tp in space.tensor_parallel for e in rows
-              if not (d.cpu and tp > 1) and tp <= d.count]
-    n = len(combos)
-    dev = np.array([c[0].index for c in combos], dtype=np.int64)
-    tp = np.array([c[1] for c in combos], dtype=np.int64)
-    e = np.array([c[2] for c in combos], dtype=np.int64)
-    fc = np.zeros((n, 2, 5))
-    oh = np.zeros(n)
-    comp = np.zeros((n, 2), dtype=bool)
-    kv_tokens = np.zeros(n)
-    kv_gib = np.zeros(n)
-    mem_ok = np.zeros(n, dtype=bool)
-    flops_ok = np.ones(n, dtype=bool)
-    price = np.zeros(n)
-    cap = np.zeros(n, dtype=np.int64)
-    seqs = grid.seqs[e]
-    budget = grid.budget[e]
-    block = grid.block[e]
-    spec = grid.spec[e]
-    g = np.ones(n)
-    draft = np.ones(n)
-    for k, name in enumerate(space.speculative):
-        if name == "off":
-            continue
-        steps = int(name.split(":")[1])
-        a = space.spec_acceptance
-        g[spec == k] = (1 - a ** (steps + 1)) / (1 - a)
-        draft[spec == k] = steps + 1
-    # per (device, tp, wd, kv): forms and memory
-    for key in sorted({(c[0].index, c[1], int(grid.wd[c[2]]), int(grid.kv[c[2]])) for c in combos}):
-        d = devices[key[0]]
-        wd, kv = space.weight_dtypes[key[2]], space.kv_dtypes[key[3]]
-        sel = (dev == key[0]) & (tp == key[1]) & (grid.wd[e] == key[2]) & (grid.kv[e] == key[3])
-        if d.cpu and wd == "fp8":
-            flops_ok[sel] = False  # the CPU engine has no fp8 weights
-        f, overhead, _, _, settings = forms.get(d, key[1], wd, kv)
-        fc[sel] = f
-        oh[sel] = overhead
-        # the form whose per-token weight on decode sequences is the compute one
-        comp[sel, int(np.argmax(f[:, 1]))] = True
-        kv_per_token = shape.kv_bytes_per_token(settings.kv_dtype)
-        weights = shape.weight_bytes("fp8" if wd == "fp8" else settings.dtype)
-        act = budget[sel] * (2 * shape.hidden_size + shape.intermediate_size) * 4.0 / key[1]
-        if d.cpu:
-            free = np.full(sel.sum(), float(CPU_KV_BYTES))
-            fits = np.full(sel.sum(), weights < d.hw.memory_bytes * MEMORY_UTILIZATION)
-        else:
-            free = d.hw.memory_bytes * key[1] * MEMORY_UTILIZATION - weights - act
-            fits = free > 0
-        per_block = kv_per_token * block[sel]
-        blocks = np.floor(np.maximum(free, 0) / per_block)
-        kv_tokens[sel] = blocks * block[sel]
-        kv_gib[sel] = np.maximum(free, 0) / (1 << 30)
-        mem_ok[sel] = fits & (blocks >= 16)
-        price[sel] = d.price * key[1]
-        cap[sel] = min(space.max_replicas, d.count // key[1])
-    dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
-    return Units(dev=dev, tp=tp, e=e,
-                 forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
-                             comp),
-                 kv_tokens=kv_tokens, kv_gib=kv_gib, mem_ok=mem_ok, price=price, cap=cap,
-                 seqs=seqs, budget=budget, block=block, g=g, draft=draft, deployable=dep,
-                 quality=quality[e], flops_ok=flops_ok)
 
 
 @dataclass
@@ -446,18 +155,6 @@ def _prompt_time(u: Units, toks, chunk, extra_per_step, k: int):
             + col(f.wa[:, k]) * toks * (toks + 1) / 2)
 
 
-def _queue(rho, mean_t, cv2, c, cmax: int, pct: float):
-    """M/G/c waiting time: mean and the ``pct`` percentile (exponential tail)."""
-    a = np.minimum(rho, 0.999999) * c
-    pw = erlang_c(c, a, cmax)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(rho < 1, pw * mean_t / (c * (1 - rho)) * (1 + cv2) / 2, INF)
-        theta = np.where(pw > 0, w / pw, 0.0)
-        tail = 1 - pct / 100
-        wp = np.where(pw > tail, theta * np.log(np.maximum(pw, 1e-300) / tail), 0.0)
-    return w, wp
-
-
 def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocated: bool,
                  hops: float) -> PoolTable:
     """Decode pools (disaggregated: with the prompts the cost policy keeps
@@ -476,7 +173,7 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
         mean_t = m["cbar"] * m["tc"]  # a prompt's chunk steps back to back
     rho = m["rho"]
     # each replica queues its own prompts: the router places by decode load, not by them
-    w, wp = _queue(rho, mean_t, cv2, np.ones_like(rho, dtype=np.int64), 1, slo.ttft_pct)
+    w, wp = mgc_wait(rho, mean_t, cv2, np.ones_like(rho, dtype=np.int64), 1, slo.ttft_pct)
     chunk = m["avail"]
     own_p = np.maximum(*[_prompt_time(u, ws.loc_up[None], chunk, perseq_n[k], k) for k in range(2)])
     own_m = np.maximum(*[_prompt_time(u, mean_u, chunk, perseq_n[k], k) for k in range(2)])
@@ -524,7 +221,7 @@ def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
     with np.errstate(divide="ignore", invalid="ignore"):
         cv2 = np.where(mean_u > 0, np.maximum(0.0, m2 / np.maximum(mean_u, 1e-9) ** 2 - 1), 0.0)
     servers = np.where(np.array([o.policy == "round_robin" for o in opts])[None, :, None], 1, r)
-    w, wp = _queue(rho, mean_u / mu, cv2, servers, rmax, slo.ttft_pct)
+    w, wp = mgc_wait(rho, mean_u / mu, cv2, servers, rmax, slo.ttft_pct)
     own_p = np.maximum(*[_prompt_time(u, ws.rem_up[None], b, 0.0, k) for k in range(2)])
     own_m = np.maximum(*[_prompt_time(u, mean_u, b, 0.0, k) for k in range(2)])
     ttft = np.maximum(own_p + w, own_m + wp) + np.where(np.isfinite(tau_s), tau_s / 2, 0.0)

@@ -1,5 +1,7 @@
 """Disaggregated plans, pair by pair: every (prefill row, decode row) of the
-estimate's tables that share settings and a router option, counted against
+estimate's tables that share the hand-off's settings (block size, KV and
+weight dtypes; each pool has its own batch cap and chunk size) and a router
+option, counted against
 the bounds by histograms of devices used (never enumerated), and scored in
 vectorised chunks (TTFT with the hand-off, TPOT, memory fit, cost)."""
 
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from splitserve.cluster.planning.planner import estimate as est
+from splitserve.cluster.planning.planner.devices import DEVICES_PER_NODE
+from splitserve.cluster.planning.planner.estimate import RPC_S
 from splitserve.cluster.planning.planner.candidates import CLOUD, KEEP, cand_array, cheapest, col
 
 PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
@@ -15,11 +18,11 @@ PAIR_CHUNK = 2_000_000  # (prefill, decode) pairs scored at once
 
 def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
     """(deployable, all) (prefill row, decode row) pairs that pass the bounds:
-    same shared settings and router option, within the offers' counts and
+    same shared settings (``grid.shared_key``) and router option, within the offers' counts and
     the budget; counted by histograms of devices used, not enumerated."""
     ndev = len(devices)
     gmax = int(max(d.count for d in devices))
-    ngroup = int(grid.prefill_key.max() + 1) * n_opts
+    ngroup = int(grid.shared_key.max() + 1) * n_opts
     res = []
     for dep_only in (True, False):
         hp = np.zeros((ngroup, ndev, gmax + 1), dtype=np.int64)
@@ -27,7 +30,7 @@ def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
         for (units, ok, h) in ((up, okp, hp), (ud, okd, hd)):
             mask = ok & (col(units.deployable) if dep_only else True)
             ui, oi, ri = np.nonzero(mask)
-            g = grid.prefill_key[units.e[ui]] * n_opts + oi
+            g = grid.shared_key[units.e[ui]] * n_opts + oi
             gpus = (ri + 1) * units.tp[ui]
             np.add.at(h, (g, units.dev[ui], gpus), 1)
         cum = np.cumsum(hd, axis=2)  # cum[..., k]: decode rows using <= k devices
@@ -56,14 +59,15 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
     within the SLOs, the cheapest records of each chunk, a sample for the plot)."""
     n_opts = len(opts)
     mp, md = tp_.metrics, td.metrics
-    pi = np.flatnonzero(tp_.est_ok)
+    pi, variants = _prefill_variants(grid, up, tp_)
     di = np.flatnonzero(td.est_ok)
     pu, po, pr = np.unravel_index(pi, tp_.shape)
     du, do, dr = np.unravel_index(di, td.shape)
-    gp = grid.prefill_key[up.e[pu]] * n_opts + po
-    gd = grid.prefill_key[ud.e[du]] * n_opts + do
+    gp = grid.shared_key[up.e[pu]] * n_opts + po
+    gd = grid.shared_key[ud.e[du]] * n_opts + do
     order = np.argsort(gp, kind="stable")
     pi, pu, po, pr, gp = pi[order], pu[order], po[order], pr[order], gp[order]
+    variants = variants[order]
     start = np.searchsorted(gp, gd, "left")
     end = np.searchsorted(gp, gd, "right")
     nper = end - start
@@ -106,32 +110,35 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
             continue
         sel = np.flatnonzero(keep)
         a_u, a_o, a_r, b_u, b_r = a_u[sel], a_o[sel], a_r[sel], b_u[sel], b_r[sel]
+        a_v = variants[ii[sel]]
         dev_p, dev_d, g_p, g_d, same, cost = (dev_p[sel], dev_d[sel], g_p[sel], g_d[sel],
                                               same[sel], cost[sel])
         pflat = pi[ii[sel]]
         dflat = di[jj[sel]]
         kv = np.where(cpu[dev_p], cpu_kv[grid.kv[ud.e[b_u]]], kvbpt[grid.kv[ud.e[b_u]]])
-        bw = np.where(same & (g_p + g_d <= est.DEVICES_PER_NODE), intra[dev_p],
+        bw = np.where(same & (g_p + g_d <= DEVICES_PER_NODE), intra[dev_p],
                       np.minimum(nic[dev_p], nic[dev_d]) * 4)
         if grpc is not None:
             bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
         rem_n = ws.rem_n[a_o, a_r]
         xfer = ws.rem_ip[a_o, a_r] * kv / bw
-        remote = (mp["ttft_p"].ravel()[pflat] + xfer + md["tau"].ravel()[dflat]
-                  + 4 * est.RPC_S)
-        remote = np.where(rem_n >= tail_t, remote, 0.0)
-        ttft = np.maximum(remote, md["ttft_local"].ravel()[dflat])
+        matters = rem_n >= tail_t
+        after = xfer + md["tau"].ravel()[dflat] + 4 * RPC_S  # behind the prefill pool
+        remote = np.where(matters, mp["ttft_p"].ravel()[pflat] + after, 0.0)
+        local = md["ttft_local"].ravel()[dflat]
+        ttft = np.maximum(remote, local)
         tpot = md["tpot_p"].ravel()[dflat]
-        # one kv_cache_memory_gb serves both pools: the smaller device's must hold the batch
-        kv_min = np.minimum(up.kv_tokens[a_u], ud.kv_tokens[b_u])
-        slots_min = np.minimum(ud.seqs[b_u], np.floor((kv_min - ws.q_total)
-                                                      / (ws.lbar + ud.block[b_u] / 2.0)))
-        fit = (md["n"].ravel()[dflat] < slots_min) & (kv_min >= ws.q_total)
-        ok1 = fit & (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
-        oks = fit & (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
+        # each pool sizes its own KV cache (its engine's kv_cache_memory_gb): the decode
+        # table's bounds hold its batch, the prefill table's a prompt
+        ok1 = (ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)
+        oks = (ttft <= slo.ttft_s * slack) & (tpot <= slo.tpot_s * slack)
         dep = up.deployable[a_u] & ud.deployable[b_u]
-        ok_dep += int((ok1 & dep).sum())
-        ok_all += int(ok1.sum())
+        # the prefill row stands for its chunk sizes: count those within the TTFT SLO too
+        room = np.where(matters, slo.ttft_s - after, np.inf)[:, None]
+        n_ok = np.where((local <= slo.ttft_s) & (tpot <= slo.tpot_s),
+                        (a_v <= room).sum(axis=1), 0)
+        ok_dep += int(n_ok[dep].sum())
+        ok_all += int(n_ok.sum())
         s = np.flatnonzero(oks)
         rec = cand_array(len(s))
         rec["layout"] = 1
@@ -144,3 +151,27 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
         recs.append(cheapest(rec[rec["dep"]], KEEP, slo, units_key))
         cloud.append(rec[rng.permutation(len(rec))[:CLOUD // 8]])
     return (ok_dep, ok_all), recs, cloud
+
+
+def _prefill_variants(grid, up, tp_):
+    """The prefill table's rows within the estimate (flat indices), one per
+    (device, TP, shared settings, router option, replicas): the chunk size with
+    the lowest estimated TTFT stands for the others, which differ from it in
+    nothing a pair is scored on but their TTFT. Returns those rows and, for
+    each, the TTFTs of all its chunk sizes (ascending, inf padded), so pairs
+    are scored once per prefill allocation and counted for every chunk size."""
+    flat = np.flatnonzero(tp_.est_ok)
+    pu, po, pr = np.unravel_index(flat, tp_.shape)
+    ttft = tp_.metrics["ttft_p"].ravel()[flat]
+    _, alloc = np.unique(np.stack([up.dev, up.tp, grid.shared_key[up.e]]), axis=1,
+                         return_inverse=True)
+    key = (alloc.ravel()[pu] * tp_.shape[1] + po) * tp_.shape[2] + pr
+    order = np.lexsort((ttft, key))
+    key, flat, ttft = key[order], flat[order], ttft[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    group = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+    rank = np.arange(len(key)) - first[group]
+    width = int(rank.max()) + 1 if len(rank) else 1
+    variants = np.full((len(first), width), np.inf)
+    variants[group, rank] = ttft
+    return flat[first], variants

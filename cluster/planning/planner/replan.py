@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import yaml
 
 from splitserve.cluster.config import ClusterConfig, config_changes, parse_config
-from splitserve.cluster.planning.planner.emit import EnginePlan, Plan, PoolPlan
+from splitserve.cluster.planning.planner.emit import EnginePlan, Plan, PoolEngine, PoolPlan
+from splitserve.engine.roles import Role
 
 
 def plan_from_config(cfg: ClusterConfig, device) -> Plan:
@@ -24,10 +25,12 @@ def plan_from_config(cfg: ClusterConfig, device) -> Plan:
     served = cfg.models[0]
     m = served.model
 
-    def pool(spec) -> PoolPlan:
+    def pool(role: Role) -> PoolPlan:
+        spec, run = served.pool(role), served.engine_spec(role)  # each pool's own settings
         n = spec.initial_replicas if spec.initial_replicas is not None else spec.min_replicas
-        tp = 1 if device.cpu else max(1, math.ceil(spec.num_gpus))
-        return PoolPlan(device.index, device.sim_key, tp, max(1, n), device.cpu,
+        tp = 1 if device.cpu else run.tensor_parallel_size * max(1, math.ceil(spec.num_gpus))
+        engine = PoolEngine(run.max_num_seqs, run.max_num_batched_tokens, run.kv_cache_memory_gb)
+        return PoolPlan(device.index, device.sim_key, tp, max(1, n), engine, device.cpu,
                         max(1, int(spec.num_cpus)) if device.cpu else 1)
 
     auto = served.decode.autoscaling is not None or (
@@ -37,10 +40,13 @@ def plan_from_config(cfg: ClusterConfig, device) -> Plan:
         d = served.decode
         mode = "burst" if (d.initial_replicas or d.min_replicas) < d.max_replicas and (
             d.initial_replicas is None) else "scale-down"
-    engine = EnginePlan(m.max_num_seqs, m.max_num_batched_tokens, m.block_size, m.kv_cache_dtype,
-                        "bfloat16", "off", m.kv_cache_memory_gb)
-    return Plan(served.mode, pool(served.decode),
-                pool(served.prefill) if served.mode == "disaggregated" else None, engine,
+    spec = m.speculative
+    engine = EnginePlan(m.block_size, m.kv_cache_dtype,
+                        "fp8" if m.weight_dtype == "fp8" else "bfloat16",
+                        "off" if spec is None else f"{spec.method}:{spec.num_speculative_tokens}")
+    colocated = served.mode == "colocated"
+    return Plan(served.mode, pool(Role.COLOCATED if colocated else Role.DECODE),
+                None if colocated else pool(Role.PREFILL), engine,
                 cfg.router.policy, cfg.router.local_prefill_max_tokens, mode, True,
                 {"current": True})
 

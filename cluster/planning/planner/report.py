@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitserve.cluster.planning.planner.search import PlanResult, SimOutcome
+from splitserve.cluster.planning.planner.request import PlanResult, SimOutcome
 
 
 def _ms(x: float) -> str:
@@ -56,8 +56,11 @@ def table(outcomes: list[SimOutcome], slo, chosen: SimOutcome | None) -> str:
         p = o.plan
         e = p.engine
         pools = " + ".join(f"{pp.replicas}x{pp.hardware}" for _, pp in p.pools)
-        settings = (f"seqs {e.max_num_seqs}, chunk {e.max_num_batched_tokens}, bs {e.block_size}, "
-                    f"kv {e.kv_cache_dtype}, {p.policy}"
+        pool_settings = "; ".join(
+            (f"chunk {pp.engine.max_num_batched_tokens}" if role == "prefill" else
+             f"seqs {pp.engine.max_num_seqs}, chunk {pp.engine.max_num_batched_tokens}")
+            for role, pp in p.pools)
+        settings = (f"{pool_settings}, bs {e.block_size}, kv {e.kv_cache_dtype}, {p.policy}"
                     + (f"/local<={p.local_prefill_max_tokens}" if p.layout == "disaggregated"
                        and p.policy == "cost" else "") + f", {p.autoscaling}")
         rows.append(["*" if o is chosen else "", p.layout, f"{pools} ({p.ratio()})", settings,
@@ -126,7 +129,7 @@ def explanation(res: PlanResult) -> list[str]:
                 bound = "timed by the measured step fit"
             lines.append(
                 f"Prefill pool ({pp.replicas} x {pp.hardware}): a full "
-                f"{p.engine.max_num_batched_tokens}-token step is {bound} "
+                f"{pp.engine.max_num_batched_tokens}-token step is {bound} "
                 f"({m.get('tokens_per_s', 0):,.0f} prompt tokens/s per replica); estimated "
                 f"{m.get('busy', 0):.0%} busy at the peak, so it is bound by TTFT (prompts "
                 f"queueing), estimated p{slo.ttft_pct:g} {_ms(m.get('ttft_p', 0))} ms before "
@@ -156,7 +159,8 @@ def explanation(res: PlanResult) -> list[str]:
                    and dict(o.plan.pools)[role].replicas == pp.replicas - 1
                    and all(dict(o.plan.pools)[r].replicas == q.replicas
                            for r, q in p.pools if r != role)
-                   and o.plan.engine == p.engine]
+                   and o.plan.engine == p.engine
+                   and all(dict(o.plan.pools)[r].engine == q.engine for r, q in p.pools)]
         if smaller:
             s = smaller[0]
             lines.append(f"One {role} replica fewer ({s.plan.ratio()}) "

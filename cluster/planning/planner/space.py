@@ -2,8 +2,10 @@
 
 A combination is: layout; hardware, tensor-parallel degree and replicas of
 each pool (prefill and decode, or the one colocated pool); the engine
-settings the pools share (``max_num_seqs``, ``max_num_batched_tokens``,
-block size, KV cache dtype, weight dtype, speculative decoding); the router
+settings of each pool (the decode or colocated pool: ``max_num_seqs``,
+``max_num_batched_tokens`` and speculative decoding; the prefill pool: its
+own ``max_num_batched_tokens``, its chunk size), and those the hand-off
+needs equal in both (block size, KV cache dtype, weight dtype); the router
 (policy, and the local-prefill threshold where the policy reads it); the
 autoscaling mode (fixed size, scale down in troughs, or room for bursts).
 
@@ -51,6 +53,13 @@ def tp_splits(shape, tp: int) -> bool:
     kv = shape.num_kv_heads
     return (shape.num_heads % tp == 0 and shape.intermediate_size % tp == 0
             and (kv % tp == 0 or tp % kv == 0))
+
+
+def fp8_index(space: "SpaceSpec") -> int:
+    """The index of fp8 in ``space.weight_dtypes`` (-1 when absent): fp8 weights
+    deploy at tensor-parallel degree 1 only (ServedModel refuses fp8 weights
+    split across ranks)."""
+    return space.weight_dtypes.index("fp8") if "fp8" in space.weight_dtypes else -1
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,12 @@ class EngineGrid:
     kv: np.ndarray  # index into space.kv_dtypes
     wd: np.ndarray  # index into space.weight_dtypes
     spec: np.ndarray  # index into space.speculative
-    prefill_key: np.ndarray  # the row's settings without speculative decoding (prefill pools)
+    # a prefill pool reads the chunk size and the shared settings only: rows with the
+    # same prefill_key are one prefill setting (its first row stands for it)
+    prefill_key: np.ndarray
+    # the settings both pools of a disaggregated plan must share (block size, KV and
+    # weight dtypes): a prefill row pairs with the decode rows of its shared_key
+    shared_key: np.ndarray
     deployable: np.ndarray = field(default=None)
 
     def __len__(self) -> int:
@@ -123,28 +137,34 @@ def engine_grid(space: SpaceSpec) -> EngineGrid:
                                   range(len(space.block_sizes)), range(len(space.kv_dtypes)),
                                   range(len(space.weight_dtypes)), range(len(space.speculative))))
     a = np.array(rows, dtype=np.int64).reshape(-1, 6)
-    ns = len(space.speculative)
     sup = engine_support()
     dep = np.array([space.weight_dtypes[r[4]] in sup["weight_dtype"]
                     and space.speculative[r[5]] in sup["speculative"]
                     and space.kv_dtypes[r[3]] in sup["kv_cache_dtype"] for r in rows], dtype=bool)
+    nb, nk, nw = len(space.block_sizes), len(space.kv_dtypes), len(space.weight_dtypes)
+    shared = (a[:, 2] * nk + a[:, 3]) * nw + a[:, 4]
     return EngineGrid(seqs=np.array(space.max_num_seqs)[a[:, 0]],
                       budget=np.array(space.max_num_batched_tokens)[a[:, 1]],
                       block=np.array(space.block_sizes)[a[:, 2]], kv=a[:, 3], wd=a[:, 4],
-                      spec=a[:, 5], prefill_key=np.arange(len(a)) // ns, deployable=dep)
+                      spec=a[:, 5], prefill_key=a[:, 1] * (nb * nk * nw) + shared,
+                      shared_key=shared, deployable=dep)
 
 
 def space_size(space: SpaceSpec, counts: list[int]) -> dict:
     """Combinations in the space (deployable and modelled-only), counted
     without enumerating them: layouts x hardware, TP and replicas of each
-    pool within the offers x engine settings x router x autoscaling."""
+    pool within the offers x engine settings (a disaggregated plan's prefill
+    pool adds its own chunk size) x router x autoscaling."""
     grid = engine_grid(space)
     sup = engine_support()
     out = {"deployable": 0, "modelled_only": 0}
     n_auto = len(space.autoscaling)
     e_dep = int(grid.deployable.sum())
+    e_dep_split = int((grid.deployable & (grid.wd != fp8_index(space))).sum())
     e_all = len(grid)
-    # prefill pools do not read speculative decoding: no extra combinations from it there
+    # prefill pools read neither max_num_seqs nor speculative decoding: no combinations
+    # from them there; their chunk size is their own
+    n_chunk = len(space.max_num_batched_tokens)
     for layout in space.layouts:
         n_router = len(router_options(space, layout))
         for tp_p, tp_d in itertools.product(space.tensor_parallel, repeat=2):
@@ -167,8 +187,11 @@ def space_size(space: SpaceSpec, counts: list[int]) -> dict:
                                          for p in range(1, cap_p + 1))
                         else:
                             pools += cap_p * cap_d
-            total = pools * e_all * n_router * n_auto
-            dep = pools * e_dep * n_router * n_auto if dep_tp else 0
+            per_pool = 1 if layout == "colocated" else n_chunk
+            total = pools * e_all * per_pool * n_router * n_auto
+            split = tp_d > 1 or (layout != "colocated" and tp_p > 1)
+            dep = pools * (e_dep_split if split else e_dep) * per_pool * n_router * n_auto \
+                if dep_tp else 0
             out["deployable"] += dep
             out["modelled_only"] += total - dep
     out["total"] = out["deployable"] + out["modelled_only"]

@@ -1,0 +1,131 @@
+"""The estimate's units: one row per (device, TP degree, engine settings) of
+a pool role, with its step-time forms, its memory (weights, a full-budget
+step's activations, the KV cache in the rest of 90% of device memory, per
+rank as the engine sizes it), its price and its place in the offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitserve.cluster.planning.planner.devices import Device, FormCache
+from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, fp8_index, tp_splits
+from splitserve.cluster.planning.shapes import ModelShape
+
+MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
+CPU_KV_BYTES = 1 << 30  # KV cache per CPU replica (host memory is shared by every replica)
+
+
+@dataclass
+class Forms:
+    """Step-time forms of each unit as arrays: t = oh + max_f (c_f + wp_f P + wa_f A +
+    wb_f B + wc_f C); two forms per unit (a one-form fit is repeated)."""
+
+    c: np.ndarray  # (U, 2)
+    wp: np.ndarray
+    wa: np.ndarray
+    wb: np.ndarray
+    wc: np.ndarray
+    oh: np.ndarray  # (U,)
+    compute_form: np.ndarray  # (U, 2) bool: the form that grows with tokens (speculation)
+
+
+@dataclass
+class Units:
+    """One row per (device, TP degree, engine settings) of one pool role."""
+
+    dev: np.ndarray
+    tp: np.ndarray
+    e: np.ndarray  # engine grid row (prefill units: the first row of its prefill_key)
+    forms: Forms
+    kv_tokens: np.ndarray  # KV cache tokens per replica
+    kv_gib: np.ndarray  # KV cache memory per rank (the pool's kv_cache_memory_gb)
+    mem_ok: np.ndarray
+    price: np.ndarray  # per replica-hour
+    cap: np.ndarray  # most replicas the offer allows
+    seqs: np.ndarray
+    budget: np.ndarray
+    block: np.ndarray
+    g: np.ndarray  # tokens per sequence per step (speculation), 1 without
+    draft: np.ndarray  # tokens verified per sequence per step (k + 1), 1 without
+    deployable: np.ndarray
+    quality: np.ndarray  # perplexity increase vs the reference (NaN: unknown)
+    flops_ok: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.dev)
+
+
+def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows: np.ndarray,
+                shape: ModelShape, forms: FormCache, quality: np.ndarray,
+                tp_support: set[int]) -> Units:
+    """Units over ``rows`` of the engine grid, for every device and TP degree."""
+    combos = [(d, tp, e) for d in devices for tp in space.tensor_parallel for e in rows
+              if not (d.cpu and tp > 1) and tp <= d.count]
+    n = len(combos)
+    dev = np.array([c[0].index for c in combos], dtype=np.int64)
+    tp = np.array([c[1] for c in combos], dtype=np.int64)
+    e = np.array([c[2] for c in combos], dtype=np.int64)
+    fc = np.zeros((n, 2, 5))
+    oh = np.zeros(n)
+    comp = np.zeros((n, 2), dtype=bool)
+    kv_tokens = np.zeros(n)
+    kv_gib = np.zeros(n)
+    mem_ok = np.zeros(n, dtype=bool)
+    flops_ok = np.ones(n, dtype=bool)
+    price = np.zeros(n)
+    cap = np.zeros(n, dtype=np.int64)
+    seqs = grid.seqs[e]
+    budget = grid.budget[e]
+    block = grid.block[e]
+    spec = grid.spec[e]
+    g = np.ones(n)
+    draft = np.ones(n)
+    for k, name in enumerate(space.speculative):
+        if name == "off":
+            continue
+        steps = int(name.split(":")[1])
+        a = space.spec_acceptance
+        g[spec == k] = (1 - a ** (steps + 1)) / (1 - a)
+        draft[spec == k] = steps + 1
+    # per (device, tp, wd, kv): forms and memory
+    for key in sorted({(c[0].index, c[1], int(grid.wd[c[2]]), int(grid.kv[c[2]])) for c in combos}):
+        d = devices[key[0]]
+        wd, kv = space.weight_dtypes[key[2]], space.kv_dtypes[key[3]]
+        sel = (dev == key[0]) & (tp == key[1]) & (grid.wd[e] == key[2]) & (grid.kv[e] == key[3])
+        if d.cpu and wd == "fp8":
+            flops_ok[sel] = False  # the CPU engine has no fp8 weights
+        f, overhead, _, _, settings = forms.get(d, key[1], wd, kv)
+        fc[sel] = f
+        oh[sel] = overhead
+        # the form whose per-token weight on decode sequences is the compute one
+        comp[sel, int(np.argmax(f[:, 1]))] = True
+        kv_per_token = shape.kv_bytes_per_token(settings.kv_dtype)
+        weights = shape.weight_bytes("fp8" if wd == "fp8" else settings.dtype)
+        act = budget[sel] * (2 * shape.hidden_size + shape.intermediate_size) * 4.0 / key[1]
+        if d.cpu:
+            free = np.full(sel.sum(), float(CPU_KV_BYTES))
+            fits = np.full(sel.sum(), weights < d.hw.memory_bytes * MEMORY_UTILIZATION)
+        else:
+            free = d.hw.memory_bytes * key[1] * MEMORY_UTILIZATION - weights - act
+            fits = free > 0
+        # each rank holds its share of the KV heads (all of one when the heads are
+        # fewer than the ranks) in its share of the free memory, as sim.pools.kv_blocks
+        rank_free = np.maximum(free, 0) / key[1]
+        hk = shape.num_kv_heads
+        per_block = (kv_per_token * max(1, hk // key[1]) // hk if hk else kv_per_token) * block[sel]
+        blocks = np.floor(rank_free / per_block)
+        kv_tokens[sel] = blocks * block[sel]
+        kv_gib[sel] = rank_free / (1 << 30)
+        mem_ok[sel] = fits & (blocks >= 16)
+        price[sel] = d.price * key[1]
+        cap[sel] = min(space.max_replicas, d.count // key[1])
+    dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
+    dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
+    return Units(dev=dev, tp=tp, e=e,
+                 forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
+                             comp),
+                 kv_tokens=kv_tokens, kv_gib=kv_gib, mem_ok=mem_ok, price=price, cap=cap,
+                 seqs=seqs, budget=budget, block=block, g=g, draft=draft, deployable=dep,
+                 quality=quality[e], flops_ok=flops_ok)
