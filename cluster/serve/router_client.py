@@ -9,11 +9,15 @@ load instead of being one actor call per request and one per release.
 Every heartbeat, an exchange carries the list of slots held, sent when no
 other is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
-decides it.
+decides it. Exchanges, their replies and poll answers travel as msgpack
+bytes (``splitserve.router.exchange_codec``). Operator queries
+(readiness, /metrics) go over the same links: ``queries``
+(``router_queries.RouterQueries``).
 
 Which router: each model has a fixed order over the routers
 (``router_order``, the same in every process: the configured models take
-turns being first); its requests go to the first one that is up. A router whose call fails or times out is down: its
+turns being first); its requests go to the first one that is up. A
+router whose call fails or times out is down: its
 in-flight and queued requests move to the next router at once (keeping
 their arrival time, so their place in line and their deadline), and it is
 probed again every heartbeat until it answers. Every heartbeat each live
