@@ -9,6 +9,7 @@ blocks are reused least-recently-freed first, uncached ones before cached.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from splitserve.engine.errors import OutOfBlocksError
@@ -48,8 +49,9 @@ class BlockPool:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         # free block ids in reuse order: front is reused first
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._events = CacheEvents()
+        self._num_events = 0  # len(self._events), kept without a call per event
         self.hits = 0
         self.queries = 0
 
@@ -81,6 +83,25 @@ class BlockPool:
         self.ref_counts[block_id] = 1
         return block_id
 
+    def allocate_many(self, n: int) -> list[int]:
+        """``n`` blocks as ``allocate`` takes them, in order; none taken when
+        fewer than ``n`` are free (OutOfBlocksError)."""
+        free = self._free
+        if n > len(free):
+            raise OutOfBlocksError(f"{n} KV blocks asked for, {len(free)} free")
+        pop, block_hash, refs = free.popitem, self.block_hash, self.ref_counts
+        out = []
+        for _ in range(n):
+            block_id = pop(last=False)[0]
+            old = block_hash[block_id]
+            if old is not None:
+                del self.hash_to_block[old]
+                block_hash[block_id] = None
+                self._record(self._events.evicted, old)
+            refs[block_id] = 1
+            out.append(block_id)
+        return out
+
     def acquire(self, block_id: int) -> None:
         """Add a reference to an existing (possibly free, cached) block."""
         if self.ref_counts[block_id] == 0:
@@ -98,6 +119,20 @@ class BlockPool:
                 # nothing worth keeping: reuse it before any cached block
                 self._free.move_to_end(block_id, last=False)
 
+    def release_many(self, block_ids: Iterable[int]) -> None:
+        """``release`` each of ``block_ids``, in that order."""
+        refs, block_hash, free = self.ref_counts, self.block_hash, self._free
+        move = free.move_to_end
+        for block_id in block_ids:
+            rc = refs[block_id]
+            if rc <= 0:
+                raise RuntimeError(f"block {block_id} released more often than acquired")
+            refs[block_id] = rc - 1
+            if rc == 1:
+                free[block_id] = None
+                if block_hash[block_id] is None:
+                    move(block_id, last=False)
+
     def set_hash(self, block_id: int, block_hash: int) -> None:
         """Register a full, computed block's content for prefix reuse."""
         if not self.enable_prefix_caching or self.block_hash[block_id] is not None:
@@ -107,6 +142,21 @@ class BlockPool:
         self.block_hash[block_id] = block_hash
         self.hash_to_block[block_hash] = block_id
         self._record(self._events.stored, block_hash)
+
+    def set_hashes(self, block_ids: Sequence[int], hashes: Sequence[int]) -> None:
+        """``set_hash`` for each pair of ``block_ids`` and ``hashes``, in order."""
+        if not self.enable_prefix_caching:
+            return
+        block_hash, to_block = self.block_hash, self.hash_to_block
+        stored = []
+        for block_id, h in zip(block_ids, hashes):
+            if block_hash[block_id] is not None or h in to_block:
+                continue
+            block_hash[block_id] = h
+            to_block[h] = block_id
+            stored.append(h)
+        if stored:
+            self._record_many(self._events.stored, stored)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached-but-free block (e.g. after weights change)."""
@@ -121,17 +171,28 @@ class BlockPool:
         if self._events.snapshot:
             return  # the next drain reports the whole state anyway
         events.append(block_hash)
-        if len(self._events) > self.max_events:
+        self._num_events += 1
+        if self._num_events > self.max_events:
+            self.request_snapshot()
+
+    def _record_many(self, events: list[int], hashes: list[int]) -> None:
+        if self._events.snapshot:
+            return
+        events.extend(hashes)
+        self._num_events += len(hashes)
+        if self._num_events > self.max_events:
             self.request_snapshot()
 
     def request_snapshot(self) -> None:
         """Make the next drain a snapshot (e.g. its consumer lost events or
         restarted); the changes held until now are dropped."""
         self._events = CacheEvents(snapshot=True)
+        self._num_events = 0
 
     def drain_events(self) -> CacheEvents:
         """The changes since the last drain, or a snapshot (see CacheEvents)."""
         ev, self._events = self._events, CacheEvents()
+        self._num_events = 0
         if ev.snapshot:
             ev.stored = list(self.hash_to_block)
         return ev

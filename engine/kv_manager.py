@@ -64,9 +64,12 @@ class KVCacheManager:
         return owner in self._tables
 
     def _match_prefix(self, token_hashes: list[int], max_blocks: int) -> list[int]:
+        if not self.pool.enable_prefix_caching:
+            return []
+        get = self.pool.hash_to_block.get
         hits: list[int] = []
         for h in token_hashes[:max_blocks]:
-            b = self.pool.lookup(h)
+            b = get(h)
             if b is None:
                 break
             hits.append(b)
@@ -100,7 +103,7 @@ class KVCacheManager:
             self.pool.acquire(b)
         if hits:
             self.pool.hits += 1
-        table = hits + [self.pool.allocate() for _ in range(need)]
+        table = hits + self.pool.allocate_many(need) if need > 0 else hits
         self._tables[seq.seq_id] = table
         self._num_hashed[seq.seq_id] = len(hits)
         seq.num_computed_tokens = num_cached
@@ -113,8 +116,10 @@ class KVCacheManager:
         need = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table)
         if need > self.pool.num_free_blocks:
             return False
-        for _ in range(need):
+        if need == 1:
             table.append(self.pool.allocate())
+        elif need > 1:
+            table += self.pool.allocate_many(need)
         return True
 
     def trim(self, owner: str, num_tokens: int) -> int:
@@ -134,15 +139,21 @@ class KVCacheManager:
         """Register the hashes of blocks that became full and computed."""
         if not self.pool.enable_prefix_caching:
             return
-        table = self._tables[seq.seq_id]
         done = self._num_hashed.get(seq.seq_id, 0)
-        full = min(seq.num_computed_tokens // self.block_size, len(table))
+        full = seq.num_computed_tokens // self.block_size
+        if full <= done:
+            return  # the common case (no block filled since): one lookup
+        table = self._tables[seq.seq_id]
+        full = min(full, len(table))
         if full <= done:
             return
         hashes = seq.block_hashes()
-        for i in range(done, min(full, len(hashes))):
-            self.pool.set_hash(table[i], hashes[i])
-        self._num_hashed[seq.seq_id] = min(full, len(hashes))
+        end = min(full, len(hashes))
+        if end - done == 1:
+            self.pool.set_hash(table[done], hashes[done])
+        else:
+            self.pool.set_hashes(table[done:end], hashes[done:end])
+        self._num_hashed[seq.seq_id] = end
 
     def free(self, owner: str) -> None:
         """Release every block of ``owner``. Tail blocks go first so the
@@ -151,8 +162,7 @@ class KVCacheManager:
         self._num_hashed.pop(owner, None)
         if table is None:
             return
-        for b in reversed(table):
-            self.pool.release(b)
+        self.pool.release_many(reversed(table))
 
     # -- hand-off reservations ------------------------------------------
     def reserve(self, owner: str, token_hashes: list[int], num_tokens: int) -> tuple[list[int], int] | None:
@@ -170,7 +180,7 @@ class KVCacheManager:
             self.pool.acquire(b)
         if hits:
             self.pool.hits += 1
-        table = hits + [self.pool.allocate() for _ in range(need)]
+        table = hits + self.pool.allocate_many(need) if need > 0 else hits
         self._tables[owner] = table
         self._num_hashed[owner] = len(hits)
         return list(table), len(hits) * self.block_size

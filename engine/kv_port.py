@@ -205,7 +205,8 @@ class KVPort:
         """Turn the filled reservation into sequence ``seq.request_id`` (the
         same id) whose prompt KV is computed: its first token is processed
         as if sampled here (stop checks, text) and it joins the running
-        batch (parked there until its adapter, if any, gets a device slot).
+        batch (parked, blocks held, while the batch holds ``max_num_seqs``
+        sequences or until its adapter, if any, gets a device slot).
         Returns that first output. ``matcher``: its structured-output
         matcher, from ``LLMEngine.build_matcher``. On failure the
         reservation's blocks are freed."""

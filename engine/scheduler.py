@@ -18,8 +18,13 @@ admission, given back when it finishes or is preempted. A waiting sequence
 whose adapter cannot get a slot (every slot held by other adapters'
 running sequences) stays queued while sequences behind it without an
 adapter go ahead; no later adapter sequence is admitted past it, so the
-slots it waits for drain. A hand-off import whose adapter has no slot yet
-is *parked*: its blocks held, it joins the running batch once a slot frees.
+slots it waits for drain.
+
+Hand-off imports (``add_running``: blocks held, prompt KV computed) are
+*parked* while the running batch holds ``max_num_seqs`` sequences or their
+adapter has no slot: their blocks stay held and they join the batch, before
+any waiting prompt is admitted, once there is room. The batch never exceeds
+``max_num_seqs``; parked sequences count as waiting in the engine's load.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ class Scheduler:
         self.slots = slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.parked: list[Sequence] = []  # hand-off imports waiting for an adapter slot
+        self.parked: list[Sequence] = []  # hand-off imports waiting for a batch or adapter slot
         self.num_preemptions = 0
         # called with a sequence's id when it leaves the running batch
         # (finished or preempted): the draft model drops its KV
@@ -96,12 +101,24 @@ class Scheduler:
 
     def add_running(self, seq: Sequence) -> None:
         """Admit a sequence whose blocks are already held (a hand-off import);
-        parked until its adapter gets a slot."""
+        parked, its blocks held, until the batch has room under
+        ``max_num_seqs`` and its adapter gets a slot."""
         seq.status = SequenceStatus.RUNNING
-        if self._acquire(seq):
-            self.running.append(seq)
-        else:
-            self.parked.append(seq)
+        self.parked.append(seq)
+        self._unpark()
+
+    def _unpark(self) -> None:
+        """Parked imports into the running batch, oldest first, while it has
+        room; one whose adapter has no slot yet stays, those after it may go."""
+        if not self.parked:
+            return
+        kept = []
+        for seq in self.parked:
+            if len(self.running) < self.max_num_seqs and self._acquire(seq):
+                self.running.append(seq)
+            else:
+                kept.append(seq)
+        self.parked[:] = kept
 
     def _acquire(self, seq: Sequence) -> bool:
         return seq.adapter is None or self.slots is None or self.slots.try_acquire(seq)
@@ -140,10 +157,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        for seq in list(self.parked):  # hand-off imports whose adapter was waiting for a slot
-            if self._acquire(seq):
-                self.parked.remove(seq)
-                self.running.append(seq)
+        self._unpark()  # imports waiting for a batch slot or their adapter's, before new prompts
 
         i = 0
         while i < len(self.running) and budget > 0:

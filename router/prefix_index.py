@@ -66,16 +66,38 @@ class PrefixIndex:
         holders = self._holders
         own = self._by_replica.setdefault(replica_id, set())
         alone = frozenset((replica_id,))
+        get, move = holders.get, holders.move_to_end
+        # the chain's blocks mostly share holder sets: the union with this
+        # replica is made and interned once per distinct set, and the intern
+        # counts are settled once at the end (all additions first, so no
+        # shared instance is dropped while a block still uses it)
+        alone = self._intern_ref(alone)
+        gained: dict[int, list] = {}  # id(held) -> [held, interned held | {replica}, blocks]
+        new = 0
         for h in reversed(hashes):
-            held = holders.get(h)
+            held = get(h)
             if held is None:
-                holders[h] = self._intern(alone)
+                holders[h] = alone
+                new += 1
             else:
                 if replica_id not in held:
-                    holders[h] = self._intern(held | alone)
-                    self._release(held)
-                holders.move_to_end(h)
-            own.add(h)
+                    entry = gained.get(id(held))
+                    if entry is None:
+                        entry = gained[id(held)] = [held, self._intern_ref(held | alone), 0]
+                    holders[h] = entry[1]
+                    entry[2] += 1
+                move(h)
+        own.update(hashes)
+        interned = self._interned
+        if new:
+            interned[alone][1] += new
+        for _, union, n in gained.values():
+            interned[union][1] += n
+        for held, _, n in gained.values():
+            self._release(held, n)
+        for s in (alone, *(union for _, union, _ in gained.values())):
+            if interned[s][1] == 0:  # interned for nothing (e.g. every block already held)
+                del interned[s]
         self._evict_over_bound()
 
     def on_evicted(self, replica_id: str, hashes: Iterable[int]) -> None:
@@ -154,9 +176,16 @@ class PrefixIndex:
         entry[1] += 1
         return entry[0]
 
-    def _release(self, replicas: frozenset[str]) -> None:
+    def _intern_ref(self, replicas: frozenset[str]) -> frozenset[str]:
+        """The shared instance of ``replicas`` (made, with no user yet, if new)."""
+        entry = self._interned.get(replicas)
+        if entry is None:
+            entry = self._interned[replicas] = [replicas, 0]
+        return entry[0]
+
+    def _release(self, replicas: frozenset[str], n: int = 1) -> None:
         entry = self._interned[replicas]
-        entry[1] -= 1
+        entry[1] -= n
         if entry[1] == 0:
             del self._interned[replicas]
 

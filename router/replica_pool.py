@@ -6,7 +6,10 @@ decision reads it. So the pool keeps, at all times, the stats by replica id
 (in id order) and in the pool's ranking order (``queue_order`` for prefill,
 ``load_order`` for decode): ``put`` and ``pop`` move one replica with a
 bisection into a sorted key list, and ``snapshot`` copies the views at C
-speed instead of sorting per decision.
+speed instead of sorting per decision. It also keeps, per node, the
+replicas on that node in ranking order (immutable tuples, replaced on a
+change: a node holds a few replicas), so a search that favours the nodes
+of a placement reads them without scanning the pool.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class ReplicaPool(Generic[R]):
         self._ordered: list[R] = []
         self._max_speed: float | None = 0.0  # None: recompute on next read
         self._views: tuple | None = None  # views() until the next change
+        # node id -> its replicas' keys / stats, ascending (known nodes only)
+        self._node_keys: dict[str, tuple[tuple[float, str], ...]] = {}
+        self._node_stats: dict[str, tuple[R, ...]] = {}
+        self._by_node: MappingProxyType | None = None  # by_node() until the next change
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -56,6 +63,8 @@ class ReplicaPool(Generic[R]):
         i = bisect_left(self._keys, key)
         self._keys.insert(i, key)
         self._ordered.insert(i, stats)
+        if stats.node_id:
+            self._node_insert(stats.node_id, key, stats)
         if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
             self._max_speed = None
 
@@ -67,6 +76,13 @@ class ReplicaPool(Generic[R]):
             self._remove_ordered(old)
             self._max_speed = None
         return old
+
+    def by_node(self) -> MappingProxyType:
+        """node id -> the stats of the replicas on it, in ranking order (a
+        copy; replicas whose node is unknown are in none)."""
+        if self._by_node is None:
+            self._by_node = MappingProxyType(self._node_stats.copy())
+        return self._by_node
 
     def views(self) -> tuple[tuple[R, ...], dict[str, R], tuple[R, ...], float]:
         """Copies of (stats in id order, stats by id, stats in ranking
@@ -84,9 +100,27 @@ class ReplicaPool(Generic[R]):
         return self._views
 
     def _remove_ordered(self, stats: R) -> None:
-        i = bisect_left(self._keys, self._order_key(stats))
+        key = self._order_key(stats)
+        i = bisect_left(self._keys, key)
         del self._keys[i]
         del self._ordered[i]
+        node = stats.node_id
+        if node:
+            keys, group = self._node_keys[node], self._node_stats[node]
+            j = bisect_left(keys, key)
+            if len(keys) == 1:
+                del self._node_keys[node], self._node_stats[node]
+            else:
+                self._node_keys[node] = keys[:j] + keys[j + 1:]
+                self._node_stats[node] = group[:j] + group[j + 1:]
+            self._by_node = None
+
+    def _node_insert(self, node: str, key: tuple[float, str], stats: R) -> None:
+        keys, group = self._node_keys.get(node, ()), self._node_stats.get(node, ())
+        j = bisect_left(keys, key)
+        self._node_keys[node] = keys[:j] + (key,) + keys[j:]
+        self._node_stats[node] = group[:j] + (stats,) + group[j:]
+        self._by_node = None
 
 
 def make_snapshot(
@@ -103,4 +137,5 @@ def make_snapshot(
         prefill_by_queue=p_ordered,
         decode_by_load=d_ordered,
         max_prefill_tokens_per_s=p_speed,
+        prefill_by_node=prefill.by_node(),
     )

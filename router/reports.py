@@ -64,7 +64,10 @@ def replica_stats(report: StatsReport) -> PrefillReplicaStats | DecodeReplicaSta
     return DecodeReplicaStats(
         replica_id=info.replica_id, model=info.model, free_blocks=e.free_blocks,
         total_blocks=e.total_blocks, running_seqs=e.running, max_seqs=e.max_seqs,
-        block_size=e.block_size, waiting_requests=e.waiting,
+        # open hand-off reservations join the batch when their KV arrives:
+        # counted as waiting, so placement stops at max_seqs while prompts
+        # are still being prefilled elsewhere
+        block_size=e.block_size, waiting_requests=e.waiting + s.reservations,
         decode_step_s=e.busy_time_s / max(e.steps, 1),
         # local prefill is not measured on decode replicas yet: the cost
         # model assumes RouterConfig.assumed_prefill_tokens_per_s and an

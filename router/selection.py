@@ -5,11 +5,16 @@ found through ``index_matches``), then visits the others in ascending
 (bound, replica id) order, the order the snapshot keeps them in by a stored
 attribute the bound grows with: a decode replica's ``load`` (its exact
 score when nothing is cached there), a prefill replica's ``queue_s`` (to
-which the prompt's compute at the pool's fastest speed and the cheapest
-link add a lower bound of its TTFT). The visit stops once the bound passes the best score so
-far (or equals it at a larger id, which would lose the tie), so a pool of
-any size usually costs a handful of evaluations. The result is the
-minimum over all usable replicas, ties broken on the smaller replica id.
+which the prompt's compute at the pool's fastest speed and the link add a
+lower bound of its TTFT: the prefill replicas on the decode replica's node
+are visited first with the same-node link, from the snapshot's per-node
+view, then the others with the network's, so the cheaper link of a few
+does not loosen the bound of all). The visit stops once the bound passes
+the best score so far (or equals it at a larger id, which would lose the
+tie), so a pool of any size usually costs a handful of evaluations (more
+when the pool's measured speeds differ: idle replicas slower than the
+fastest are then all visited). The result is the minimum over all usable
+replicas, ties broken on the smaller replica id.
 """
 
 from __future__ import annotations
@@ -128,21 +133,35 @@ def fastest_remote_prefill(
                 t += load_s * adapter_miss(p, adapter)
             if t < best_s or (t == best_s and rid < best.replica_id):
                 best, best_s = p, t
-    # Uncached replicas compute the whole prompt and use at best the cheapest
-    # link, at no more than the pool's fastest speed (or the assumed one).
-    max_speed = max(snap.max_prefill_tokens_per_s, cfg.assumed_prefill_tokens_per_s)
-    floor_s = prompt_len / max_speed + min(same_s, cross_s)
-    for p in snap.prefill_by_queue:
-        bound = p.queue_s + floor_s
-        if bound > best_s or (bound == best_s and p.replica_id > best.replica_id):
-            break
-        if p.replica_id in matches or not prefill_usable(p, model, horizon, excluded):
-            continue  # matched replicas were scored above, with their hits
-        t = remote_prefill_s(p, prompt_len, cfg) + (same_s if node and p.node_id == node else cross_s)
-        if load_s:
-            t += load_s * adapter_miss(p, adapter)
-        if t < best_s or (t == best_s and p.replica_id < best.replica_id):
-            best, best_s = p, t
+    # Uncached replicas compute the whole prompt at no more than the pool's
+    # fastest speed (or the assumed one): first those on the decode
+    # replica's node (the same-node link), then the others (the network),
+    # each in queue order with a bound of its own link, so neither visit
+    # goes past the few replicas that could still win.
+    # A replica is scored first and checked for use only when it would win
+    # (most visited replicas do not): the same choice, fewer calls.
+    assumed = cfg.assumed_prefill_tokens_per_s
+    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, assumed)
+    local = snap.prefill_by_node.get(node, ()) if node else ()
+    for group, link_s, skip_local in ((local, same_s, False),
+                                      (snap.prefill_by_queue, cross_s, bool(local))):
+        floor_s = compute_s + link_s
+        for p in group:
+            rid = p.replica_id
+            bound = p.queue_s + floor_s
+            if bound > best_s or (bound == best_s and rid > best.replica_id):
+                break
+            if skip_local and p.node_id == node:
+                continue  # scored in the first visit
+            # remote_prefill_s(p, prompt_len, cfg), inline: the same sums
+            speed = p.prefill_tokens_per_s
+            t = (p.pending_prompt_tokens + prompt_len) / (speed if speed > 0 else assumed) + link_s
+            if load_s:
+                t += load_s * adapter_miss(p, adapter)
+            if ((t < best_s or (t == best_s and rid < best.replica_id))
+                    and rid not in matches  # scored above, with their hits
+                    and prefill_usable(p, model, horizon, excluded)):
+                best, best_s = p, t
     return best, best_s
 
 

@@ -168,7 +168,9 @@ class DecodeReplicaStats:
     running_seqs: int
     max_seqs: int
     block_size: int
-    waiting_requests: int  # admitted by the replica but not yet in its running batch
+    # admitted by the replica but not yet in its running batch: queued
+    # prompts, imports held for a batch slot, open hand-off reservations
+    waiting_requests: int
     decode_step_s: float  # recent mean time of one decode step
     prefill_tokens_per_s: float  # local prefill speed; <= 0 means not measured yet
     pending_prefill_tokens: int = 0  # prompt tokens queued for local prefill here
@@ -297,6 +299,9 @@ class ClusterSnapshot:
     """Ascending (load, replica_id)."""
     max_prefill_tokens_per_s: float | None = None
     """Highest measured prefill speed in ``prefill`` (0.0 when none)."""
+    prefill_by_node: Mapping[str, tuple[PrefillReplicaStats, ...]] | None = None
+    """node id -> the prefill replicas on it, ascending (queue_s, replica_id);
+    replicas whose node is unknown ("") are in none."""
 
     def __post_init__(self) -> None:
         if None not in (
@@ -305,6 +310,7 @@ class ClusterSnapshot:
             self.prefill_by_queue,
             self.decode_by_load,
             self.max_prefill_tokens_per_s,
+            self.prefill_by_node,
         ):
             return  # RouterCore passes every view
         derived = {
@@ -315,10 +321,21 @@ class ClusterSnapshot:
             "max_prefill_tokens_per_s": lambda: max(
                 (p.prefill_tokens_per_s for p in self.prefill), default=0.0
             ),
+            "prefill_by_node": lambda: _group_by_node(self.prefill_by_queue),
         }
         for name, compute in derived.items():
             if getattr(self, name) is None:
                 setattr(self, name, compute())
+
+
+def _group_by_node(
+    ordered: tuple[PrefillReplicaStats, ...],
+) -> dict[str, tuple[PrefillReplicaStats, ...]]:
+    groups: dict[str, list[PrefillReplicaStats]] = {}
+    for p in ordered:
+        if p.node_id:
+            groups.setdefault(p.node_id, []).append(p)
+    return {node: tuple(g) for node, g in groups.items()}
 
 
 def queue_order(p: PrefillReplicaStats) -> tuple[float, str]:

@@ -62,9 +62,13 @@ class StepTimeModel:
 
     def step_s(self, prefill_tokens: float, prefill_attn: float, decode_seqs: float,
                decode_context: float) -> float:
-        best = max(c + wp * prefill_tokens + wa * prefill_attn + wb * decode_seqs
-                   + wc * decode_context for c, wp, wa, wb, wc in self.forms)
-        return max(self.overhead_s + best, MIN_STEP_S)
+        best = -math.inf  # max over the forms, without a generator per step
+        for c, wp, wa, wb, wc in self.forms:
+            v = c + wp * prefill_tokens + wa * prefill_attn + wb * decode_seqs + wc * decode_context
+            if v > best:
+                best = v
+        t = self.overhead_s + best
+        return t if t > MIN_STEP_S else MIN_STEP_S
 
     def with_serving(self, per_step_s: float, per_seq_s: float, source: str) -> "StepTimeModel":
         """This model plus a serving path's cost of ``per_step_s`` per step

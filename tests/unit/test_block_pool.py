@@ -182,3 +182,40 @@ def test_reservation_counts_cached_prefix():
     kv.free("h1")
     kv.check_invariants()
     assert kv.all_free()
+
+
+def test_bulk_operations_equal_their_single_steps():
+    """allocate_many / release_many / set_hashes leave a pool exactly as the
+    same single calls do: free order, cached hashes, events."""
+    import random
+
+    rng = random.Random(1)
+    bulk, single = BlockPool(24, max_events=40), BlockPool(24, max_events=40)
+    held: list[int] = []
+    for step in range(400):
+        op = rng.random()
+        if op < 0.4 and bulk.num_free_blocks:
+            n = rng.randint(1, bulk.num_free_blocks)
+            got = bulk.allocate_many(n)
+            assert got == [single.allocate() for _ in range(n)]
+            held += got
+        elif op < 0.7 and held:
+            some = rng.sample(held, rng.randint(1, len(held)))
+            bulk.release_many(some)
+            for b in some:
+                single.release(b)
+                held.remove(b)
+        elif held:
+            ids = rng.sample(held, rng.randint(1, len(held)))
+            hashes = [rng.randrange(60) for _ in ids]
+            bulk.set_hashes(ids, hashes)
+            for b, h in zip(ids, hashes):
+                single.set_hash(b, h)
+        if step % 37 == 0:
+            a, b = bulk.drain_events(), single.drain_events()
+            assert (a.stored, a.evicted, a.snapshot) == (b.stored, b.evicted, b.snapshot)
+        assert list(bulk._free) == list(single._free)
+        assert bulk.block_hash == single.block_hash and bulk.ref_counts == single.ref_counts
+        bulk.check_invariants()
+    with pytest.raises(OutOfBlocksError):
+        bulk.allocate_many(bulk.num_free_blocks + 1)

@@ -117,3 +117,15 @@ def test_coalescing_processes_fewer_events_for_long_outputs():
     fast, slow = long_run(True), long_run(False)
     assert same_events(fast[0], slow[0])
     assert fast[1] * 5 < slow[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_imports_held_for_a_batch_slot_match_and_never_exceed_max_num_seqs(seed):
+    """With a small batch cap most hand-offs arrive while it is full: the
+    scheduler parks them, a coalesced run stops when one can join, and the
+    batch stays within ``max_num_seqs`` at every observation."""
+    fast = run(True, 300, 50, seed, max_seqs=3)
+    slow = run(False, 300, 50, seed, max_seqs=3)
+    assert same_events(fast[0], slow[0]) and fast[1:3] == slow[1:3]
+    running = [e[5] for e in fast[0] if e[0] == "free"]
+    assert max(running) == 3

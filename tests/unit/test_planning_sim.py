@@ -171,3 +171,28 @@ def test_each_pool_runs_its_own_engine_settings(db):
     assert dec.num_blocks == 5000 and pre.num_blocks != 5000
     scheds = {s.rep.sched.max_num_seqs for s in sim.replicas.values()}
     assert scheds == {4, 128}
+
+
+def test_ended_requests_leave_no_cyclic_garbage_and_the_collector_is_restored(db):
+    """A run tunes the cyclic garbage collector down because ended requests
+    are freed by reference counting; a cycle left behind per request would
+    make that a leak. The collector's settings come back after the run."""
+    import gc
+
+    from splitserve.cluster.planning.sim.serving import SimRequest
+
+    before = gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    try:
+        _, rec = simulate(db, n=200)
+        assert rec["summary"]["completed"] == 200
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds stays in gc.garbage
+        gc.collect()
+        leaked = [o for o in gc.garbage if isinstance(o, SimRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == []
+    assert gc.get_threshold() == before

@@ -132,6 +132,12 @@ def test_bound_and_consistency_under_random_churn():
         else:
             index.drop_replica(r)
         assert len(index) <= 50
+        if _ % 50 == 0:
+            check_consistent(index, seen, replicas)
+    check_consistent(index, seen, replicas)
+
+
+def check_consistent(index, seen, replicas):
     # Both directions of the index agree: every membership counted once.
     memberships = sum(len(index.holders(h)) for h in seen)
     assert memberships == sum(index.num_blocks(r) for r in replicas)
@@ -139,6 +145,22 @@ def test_bound_and_consistency_under_random_churn():
     # Equal holder sets are one shared object, and only live ones are kept.
     live = [index.holders(h) for h in seen if index.holders(h)]
     assert len({id(s) for s in live}) == len(set(live)) == index.num_holder_sets()
+
+
+def test_storing_a_chain_held_by_several_holder_sets_interns_each_union_once():
+    h = chain(3, 9)
+    index = PrefixIndex(max_entries=100)
+    index.on_stored("a", h[:6])
+    index.on_stored("b", h[:3])  # holders: {a, b} x 3, {a} x 3
+    index.on_stored("c", h[:9])  # {a, b, c} x 3, {a, c} x 3, {c} x 3
+    index.on_stored("c", h[:9])  # again: nothing changes
+    assert index.match(h) == {"a": 6, "b": 3, "c": 9}
+    check_consistent(index, h, ["a", "b", "c"])
+    assert index.num_holder_sets() == 3
+    index.on_evicted("c", h[3:])
+    assert index.match(h) == {"a": 6, "b": 3, "c": 3}
+    check_consistent(index, h, ["a", "b", "c"])
+    assert index.num_holder_sets() == 2  # {a, b, c} and {a}
 
 
 def test_max_entries_must_be_positive():

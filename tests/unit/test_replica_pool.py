@@ -67,6 +67,11 @@ def test_pool_orders_match_a_fresh_sort_under_churn():
         assert list(ordered) == sorted(held.values(), key=load_order)
         assert len(pool) == len(held)
         assert all(rid in pool for rid in held)
+        # per node (a replica's node may change between pushes), in ranking order
+        nodes = {d.node_id for d in held.values() if d.node_id}
+        assert dict(pool.by_node()) == {
+            n: tuple(sorted((d for d in held.values() if d.node_id == n), key=load_order))
+            for n in nodes}
 
 
 def test_views_are_shared_until_the_pool_changes():
@@ -83,6 +88,10 @@ def test_views_are_shared_until_the_pool_changes():
     assert first[1]["p2"].prefill_tokens_per_s != 9000.0  # old views stay as they were
     pool.pop("p2")
     assert pool.views()[3] == max(p.prefill_tokens_per_s for p in pool)
+    nodes = pool.by_node()
+    assert pool.by_node() is nodes
+    pool.put(dataclasses.replace(pool.get("p1"), node_id="n9"))
+    assert pool.by_node() is not nodes and "n9" not in nodes  # old copies stay as they were
 
 
 def test_counting_copies_every_other_field():

@@ -109,3 +109,42 @@ def test_first_scheduled_time_marks_the_end_of_queueing():
     s._preempt(b)  # back to waiting: the first admission stays the mark
     run_step(s)
     assert b.first_scheduled_time == stamped
+
+
+def _imported(kv, seq_id, n, bs=4):
+    """A hand-off import: blocks reserved and the prompt's KV computed, first token sampled."""
+    seq = Sequence(seq_id, list(range(n)), None, bs)
+    assert kv.reserve(seq_id, [], n) is not None
+    seq.num_computed_tokens = n
+    seq.append_token(100)
+    return seq
+
+
+def test_hand_off_imports_never_push_the_batch_past_max_num_seqs():
+    # imports arrive while the batch is full: they wait, blocks held, and
+    # join as running sequences finish, oldest first
+    kv, s = make(num_blocks=16, max_seqs=2)
+    seqs = [_imported(kv, f"h{i}", 3) for i in range(4)]
+    for seq in seqs:
+        s.add_running(seq)
+    assert len(s.running) <= 2
+    sched, _ = run_step(s)
+    assert [x[0] for x in sched] == ["h0", "h1"]
+    assert all(seq.status is SequenceStatus.RUNNING for seq in seqs)
+    s.finish(seqs[0], FinishReason.STOP)
+    sched, _ = run_step(s)
+    assert [x[0] for x in sched] == ["h1", "h2"]
+    assert len(s.running) == 2 and [q.seq_id for q in s.parked] == ["h3"]
+    assert kv.has_owner("h3")  # its blocks stay held while it waits
+
+
+def test_waiting_prompts_queue_behind_imports_held_for_a_batch_slot():
+    kv, s = make(num_blocks=16, max_seqs=1)
+    s.add_running(_imported(kv, "h0", 3))
+    s.add_running(_imported(kv, "h1", 3))
+    s.add(Sequence("p", [1, 2], None, 4))
+    run_step(s)
+    s.finish(s.running[0], FinishReason.STOP)
+    sched, _ = run_step(s)
+    assert sched == [("h1", 1)]  # the held import first: its KV is already here
+    assert [q.seq_id for q in s.waiting] == ["p"]

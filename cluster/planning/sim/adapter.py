@@ -47,7 +47,7 @@ def worker_stats(rep: SimReplica, now: float) -> WorkerStats:
     kv = rep.kv
     load = EngineLoad(
         pending_prompt_tokens=rep.pending_prompt_tokens(), running=len(rep.sched.running),
-        waiting=len(rep.sched.waiting), max_seqs=rep.sched.max_num_seqs,
+        waiting=len(rep.sched.waiting) + len(rep.sched.parked), max_seqs=rep.sched.max_num_seqs,
         free_blocks=kv.num_free_blocks, total_blocks=kv.num_blocks, block_size=rep.block_size,
         busy_time_s=rep.busy_time_at(now), steps=rep.steps_at(now),
         prompt_tokens_computed=rep.prompt_tokens_computed,

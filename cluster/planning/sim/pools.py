@@ -233,8 +233,7 @@ class Pool:
             return
         sim = self.sim
         rep = slot.rep
-        idle = not rep.sched.running and not rep.sched.waiting and not rep.reservations \
-            and not rep.inflight
+        idle = not rep.sched.has_unfinished() and not rep.reservations and not rep.inflight
         if idle or sim.loop.now >= deadline:
             sim.service.remove_replica(slot.name)
             if not idle:
@@ -277,7 +276,7 @@ class Pool:
                 busy.append(min(1.0, (b - b0) / (now - t0)))
             s.busy_mark = (now, b)
             kv.append(1.0 - rep.kv.num_free_blocks / rep.kv.num_blocks)
-            waiting += len(rep.sched.waiting)
+            waiting += len(rep.sched.waiting) + len(rep.sched.parked)
             pending += rep.pending_prompt_tokens()
             running += len(rep.sched.running)
         counts = {STARTING: 0, READY: 0, DRAINING: 0}

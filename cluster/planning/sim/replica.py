@@ -118,12 +118,17 @@ class SimReplica:
         return True
 
     def add_running(self, seq: SimSequence) -> None:
-        """``Scheduler.add_running`` (a committed hand-off), aware of a coalesced run."""
+        """``Scheduler.add_running`` (a committed hand-off), aware of a
+        coalesced run: the sequences it moved into the batch join the run
+        (it parks them while ``max_num_seqs`` are running)."""
+        running = self.sched.running
+        before = len(running)
         self.sched.add_running(seq)
         if self._fast:
-            self._register(seq)
-            self._B += 1
-            self._C += seq.num_computed_tokens + 1
+            for joined in running[before:]:
+                self._register(joined)
+                self._B += 1
+                self._C += joined.num_computed_tokens + 1
 
     def admit_imported(self, seq: SimSequence, computed: int) -> None:
         """Admit a sequence whose ``computed`` prompt tokens' KV arrived by
@@ -219,7 +224,7 @@ class SimReplica:
         running = sched.running
         if not running or self.calls:
             return False
-        if sched.waiting and len(running) < sched.max_num_seqs:
+        if (sched.waiting or sched.parked) and len(running) < sched.max_num_seqs:
             return False  # the next schedule() may admit
         if len(running) > sched.max_num_batched_tokens:
             return False  # not every sequence steps each time
@@ -339,7 +344,7 @@ class SimReplica:
 
     def _coalescible_now(self) -> bool:
         sched = self.sched
-        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+        if (sched.waiting or sched.parked) and len(sched.running) < sched.max_num_seqs:
             return False
         return len(sched.running) <= sched.max_num_batched_tokens
 
@@ -420,16 +425,18 @@ class SimReplica:
 
     def pending_prompt_tokens(self) -> int:
         """``LLMEngine.pending_prompt_tokens``: prompt tokens not yet computed
-        (a coalesced run has none)."""
-        if self._fast:
-            return 0
-        seqs = list(self.sched.waiting) + self.sched.running
+        (the sequences of a coalesced run have none; those queued behind a
+        full batch do)."""
+        sched = self.sched
+        seqs = list(sched.waiting) + sched.parked
+        if not self._fast:
+            seqs += sched.running
         return sum(max(0, s.num_tokens - s.num_computed_tokens - 1) for s in seqs)
 
     # -- failure ---------------------------------------------------------------------------
     def kill(self) -> list[SimSequence]:
         """The replica dies now; returns the sequences it held."""
-        seqs = list(self.sched.waiting) + list(self.sched.running)
+        seqs = list(self.sched.waiting) + list(self.sched.running) + list(self.sched.parked)
         self.alive = False
         self._epoch += 1
         self.calls = []

@@ -32,11 +32,13 @@ class SimSequence(Sequence):
 
     def block_hashes(self) -> list[int]:
         hashes = self._sim_hashes
-        full = self.num_tokens // self.block_size
+        full = len(self.token_ids) // self.block_size
         while len(hashes) < full:
             hashes.append(output_block_hash(hashes[-1] if hashes else 0, self.request_key,
                                             len(hashes)))
-        return hashes[:full]
+        # the memo itself when it is exactly the full blocks (its readers copy
+        # or slice it): no copy per call
+        return hashes if len(hashes) == full else hashes[:full]
 
     @property
     def done(self) -> bool:

@@ -365,3 +365,6 @@ class Serving:
         total = req.produced if error is None else 0
         self.sim.log.add(req.arrival, req.prompt_len, req.output_len, req.first_token,
                          req.last_token, total, req.local, req.retries, error)
+        # its sequences point back at it (``owner``): cut the cycle so an ended
+        # request is freed at once, without the cyclic garbage collector
+        req.seq = req.pseq = None
