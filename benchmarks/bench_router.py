@@ -266,7 +266,7 @@ def actor_path_main(args) -> None:
                           args.warmup_s, args.measure_s)
     finally:
         ray.shutdown()
-    print(f"\n{'configuration':42s} {'placements/s (range)':>24s} {'p50 ms':>14s} {'p99 ms':>14s}"
+    print(f"\n{'configuration':46s} {'placements/s (range)':>24s} {'p50 ms':>14s} {'p99 ms':>14s}"
           f" {'per router CPU-s':>20s}")
     by_cfg: dict[str, list[dict]] = {}
     for r in results:
@@ -276,7 +276,7 @@ def actor_path_main(args) -> None:
         p50 = sorted(r["p50_ms"] for r in rs)
         p99 = sorted(r["p99_ms"] for r in rs)
         per = sorted(r["per_router_cpu_s"] for r in rs)
-        print(f"{label:42s} {rate[0]:11,.0f} .. {rate[-1]:9,.0f} {p50[0]:6.2f} .. {p50[-1]:5.2f}"
+        print(f"{label:46s} {rate[0]:11,.0f} .. {rate[-1]:9,.0f} {p50[0]:6.2f} .. {p50[-1]:5.2f}"
               f" {p99[0]:6.2f} .. {p99[-1]:5.2f} {per[0]:9,.0f} .. {per[-1]:7,.0f}")
     if args.out:
         write_json(args.out, {

@@ -175,7 +175,7 @@ def main() -> int:
 
     import ray
 
-    from splitserve.cluster.serve.router_actor import NAMESPACE
+    from splitserve.cluster.serve.router_names import NAMESPACE
     from splitserve.engine.default_model import default_model_path
 
     path = args.model_path or str(default_model_path())

@@ -183,7 +183,7 @@ def main() -> int:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.cluster.serve.router_actor import NAMESPACE
+    from splitserve.cluster.serve.router_names import NAMESPACE
     from splitserve.engine.default_model import default_model_path
 
     path = str(default_model_path())

@@ -93,7 +93,7 @@ def start_cluster(cfg, num_cpus: int) -> None:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.cluster.serve.router_actor import NAMESPACE
+    from splitserve.cluster.serve.router_names import NAMESPACE
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,

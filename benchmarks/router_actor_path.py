@@ -12,7 +12,10 @@ period, as workers do. Configurations, alternated within each run:
   exchange           RouterClient: calls, releases and heartbeats batched
                      into one exchange per round trip per router
 with 1 or 2 routers (the 2 models of the workload on different routers)
-and 1 or 2 ingress processes. placements/s = placements completed in the
+and 1 or 2 ingress processes, and one ingress of 128 callers (an ingress
+with more requests in flight batches more per round trip). Each caller
+waits for its placement before it asks again, so with C callers the rate
+is at most C / the round-trip latency. placements/s = placements completed in the
 measured window / its length; latency is that of ``place`` alone. On a
 shared machine the wall-clock rate moves with everyone else's load, so
 each run also reports the CPU seconds the router and ingress processes
@@ -32,7 +35,8 @@ import msgspec
 import ray
 
 from splitserve.cluster.serve.router_actor import RouterActor
-from splitserve.cluster.serve.router_client import RouterClient, router_order
+from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_names import router_order
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import DecodeStats, EngineLoad, PrefillStats
 from splitserve.router.config import RouterConfig
@@ -57,6 +61,7 @@ class Config:
     routers: int
     ingresses: int
     batched: bool
+    callers: int | None = None  # per ingress; None: the run's --callers
 
 
 CONFIGS = (
@@ -65,6 +70,7 @@ CONFIGS = (
     Config("exchange, 2 routers, 1 ingress", 2, 1, True),
     Config("exchange, 1 router, 2 ingresses", 1, 2, True),
     Config("exchange, 2 routers, 2 ingresses", 2, 2, True),
+    Config("exchange, 1 router, 1 ingress, 128 callers", 1, 1, True, 128),
 )
 
 
@@ -201,12 +207,14 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
         ray.kill(a)
     placed = sum(o["placements"] for o in outs)
     return {"config": cfg.label, "routers": cfg.routers, "ingresses": cfg.ingresses,
+            "callers_per_ingress": callers,
             "batched": cfg.batched, "placements_per_s": placed / measure_s,
             "p50_ms": max(o["p50_ms"] for o in outs), "p99_ms": max(o["p99_ms"] for o in outs),
             "refused": sum(o["refused"] for o in outs), "stats_pushes": pushes,
             "router_cpu_s": router_cpu, "ingress_cpu_s": sum(o["cpu_s"] for o in outs),
             "per_router_cpu_s": placed / max(router_cpu, 1e-9),
             "per_ingress_cpu_s": placed / max(sum(o["cpu_s"] for o in outs), 1e-9),
+            "load_avg_1m": os.getloadavg()[0],
             "in_flight_after": [c["in_flight"] for c in counters],
             "unbalanced_releases": sum(c["unbalanced_releases"] for c in counters)}
 
@@ -222,11 +230,13 @@ def run_all(router_cfg: RouterConfig, replicas: list, cached: list, requests: li
     results = []
     for run in range(runs):
         for cfg in configs:
-            r = measure(cfg, router_cfg, reports, requests, models, callers, warmup_s, measure_s)
+            r = measure(cfg, router_cfg, reports, requests, models, cfg.callers or callers,
+                        warmup_s, measure_s)
             r["run"] = run
             results.append(r)
-            print(f"run {run}  {cfg.label:40s} {r['placements_per_s']:9,.0f} placements/s  "
+            print(f"run {run}  {cfg.label:46s} {r['placements_per_s']:9,.0f} placements/s  "
                   f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                   f"per CPU-s: router {r['per_router_cpu_s']:7,.0f} ingress "
-                  f"{r['per_ingress_cpu_s']:7,.0f}  refused {r['refused']}", flush=True)
+                  f"{r['per_ingress_cpu_s']:7,.0f}  refused {r['refused']}  "
+                  f"load {r['load_avg_1m']:.1f}", flush=True)
     return results

@@ -62,6 +62,14 @@ class RouterConfig:
     admitted requests keep their TTFT past saturation. 0: no bound (a
     request waits until its own deadline or until its client leaves)."""
 
+    max_resume_wait_s: float = 300.0
+    """Longest a resumed stream (``RouteCall.resumed``: it produced tokens,
+    then its decode replica failed) waits in the router's queue for another
+    one. Not ``max_queue_delay_s``: such a stream already holds its client's
+    work, so it goes ahead of new requests and waits longer than they may;
+    it is refused (QueueTimeoutError) only past this, its own deadline, or
+    ``no_replica_grace_s`` without a live decode replica. 0: no bound."""
+
     no_replica_grace_s: float = 10.0
     """A model with no live decode replica keeps queueing its requests this
     long (a replica restarting, a pool scaling from a lost node); after it,
@@ -181,6 +189,7 @@ class RouterConfig:
             "adapter_load_s": self.adapter_load_s,
             "retry_after_min_s": self.retry_after_min_s,
             "max_queue_delay_s": self.max_queue_delay_s,
+            "max_resume_wait_s": self.max_resume_wait_s,
             "no_replica_grace_s": self.no_replica_grace_s,
             "expected_output_tokens": self.expected_output_tokens,
         }

@@ -11,7 +11,9 @@ Between stats pushes each placement is counted against its replicas
 replica, blocks and a waiting sequence on the decode replica. Otherwise
 every request of a burst would see the same stats and pile onto the same
 replica. The next push replaces the estimate with the replica's own
-numbers (requests still in transit to it are briefly uncounted).
+numbers, plus the placements made after the replica read them
+(``splitserve.router.unreported``); requests placed before and still in
+transit to it are briefly uncounted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, pr
 from splitserve.router.policies import get_policy
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.replica_pool import ReplicaPool, make_snapshot
+from splitserve.router.unreported import UnreportedPlacements
 from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
@@ -81,6 +84,7 @@ class RouterCore:
         self._queue_delay_refusals = 0
         self._overloaded = 0
         self._by_reason: Counter[str] = Counter()
+        self._unreported = UnreportedPlacements()
 
     # -- replica state ---------------------------------------------------
 
@@ -96,7 +100,7 @@ class RouterCore:
         held = replicas.get(stats.replica_id)
         if held is not None:
             if stats.updated_at >= held.updated_at:
-                replicas.put(stats)
+                replicas.put(self._with_unreported(stats))
             return False
         # A new id (or one that changed pool or model): forget its old role first.
         self.remove_replica(stats.replica_id)
@@ -110,7 +114,21 @@ class RouterCore:
             for replicas in pool.values():
                 found = replicas.pop(replica_id) is not None or found
         self.index.drop_replica(replica_id)
+        self._unreported.drop_replica(replica_id)
         return found
+
+    def _with_unreported(self, stats: ReplicaStats) -> ReplicaStats:
+        """``stats`` plus the placements made on the replica after it read them."""
+        late = self._unreported.after(stats.replica_id, stats.updated_at)
+        if not late:
+            return stats
+        queued = sum(e.prefill_tokens for e in late)
+        if isinstance(stats, PrefillReplicaStats):
+            return stats.counting(pending_prompt_tokens=stats.pending_prompt_tokens + queued)
+        needed = sum(decode_blocks_needed(stats, e.kv_tokens) for e in late)
+        return stats.counting(free_blocks=max(stats.free_blocks - needed, 0),
+                              waiting_requests=stats.waiting_requests + len(late),
+                              pending_prefill_tokens=stats.pending_prefill_tokens + queued)
 
     def on_blocks_stored(self, replica_id: str, hashes: Sequence[int]) -> None:
         """A replica's block pool cached these blocks (a chain, first block first)."""
@@ -258,12 +276,15 @@ class RouterCore:
             in_flight={m: self._admission.in_flight(m) for m in self._models},
         )
 
-    def uncount(self, model: str, decode_replica: str, kv_tokens: int) -> None:
-        """A request placed on ``decode_replica`` ended: give its blocks and
-        batch slot back to the router's estimate until the next push (which
-        replaces it), so the queue can use them at once."""
+    def uncount(self, model: str, decode_replica: str, kv_tokens: int,
+                request_id: str | None = None) -> None:
+        """Request ``request_id``, placed on ``decode_replica``, ended: give
+        its blocks and batch slot back to the router's estimate until the
+        next push (which replaces it), so the queue can use them at once."""
         if not self.cfg.optimistic_updates:
             return
+        if request_id is not None:
+            self._unreported.forget(request_id)
         decodes = self._decode.get(model)
         d = decodes.get(decode_replica) if decodes is not None else None
         if d is None:
@@ -283,16 +304,18 @@ class RouterCore:
         decodes = self._decode[req.model]
         d = decodes.get(placement.decode_replica)
         needed = decode_blocks_needed(d, req.kv_tokens)
+        local = uncached if placement.prefill_replica is None else 0
         decodes.put(d.counting(
             free_blocks=max(d.free_blocks - needed, 0),
             waiting_requests=d.waiting_requests + 1,
-            pending_prefill_tokens=d.pending_prefill_tokens
-            + (uncached if placement.prefill_replica is None else 0),
+            pending_prefill_tokens=d.pending_prefill_tokens + local,
         ))
         if placement.prefill_replica is not None:
             prefills = self._prefill[req.model]
             p = prefills.get(placement.prefill_replica)
             prefills.put(p.counting(pending_prompt_tokens=p.pending_prompt_tokens + uncached))
+        self._unreported.add(req.request_id, self._clock(), d.replica_id, req.kv_tokens, local,
+                             placement.prefill_replica, uncached)
 
     def _insert_prefix(self, placement: Placement, hashes: Sequence[int]) -> None:
         self.index.on_stored(placement.decode_replica, hashes)

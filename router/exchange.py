@@ -8,7 +8,11 @@ call, in order: a ``Placement``, a refusal (``RouteRefusal``), or
 ``Queued``: the request waits in its model's queue, and its outcome comes
 later from ``poll``. One exchange per round trip instead of one call per
 request and one per release is what lets one router place thousands of
-requests a second.
+requests a second. The requests of one exchange are served in the order
+the queue would serve them (resumed streams, priority, arrival).
+
+The messages are frozen msgspec structs; between processes they travel
+msgpack-encoded (``splitserve.router.exchange_codec``), not pickled.
 
 A request's admission slot is a lease named by the ingress (``lease_id``,
 unique per request) and held by that ingress (``holder``). It ends when
@@ -20,14 +24,14 @@ heard from for ``RouterConfig.lease_ttl_s`` (the ingress died).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Union
 
-from splitserve.router.types import Placement, RouteRefusal, RouteRequest, fast_pickle
+import msgspec
+
+from splitserve.router.types import Placement, RouteRefusal, RouteRequest, RouterError
 
 
-@fast_pickle
-@dataclass(frozen=True, slots=True)
-class RouteCall:
+class RouteCall(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One request to place (again)."""
 
     lease_id: str
@@ -53,11 +57,14 @@ class RouteCall:
     """The W3C trace context of the ingress's placement span
     (``splitserve.handoff.tracing``): the router records its queue wait and
     decision under it. None: not traced."""
+    resumed: bool = False
+    """A stream that already produced tokens, placed again after its decode
+    replica failed: it goes ahead of new requests in its model's queue and
+    its wait is bounded by ``RouterConfig.max_resume_wait_s`` (and its own
+    ``deadline``) instead of ``max_queue_delay_s``. Implies ``admitted``."""
 
 
-@fast_pickle
-@dataclass(frozen=True, slots=True)
-class LeaseEnd:
+class LeaseEnd(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A request ended for good: its slot is free."""
 
     lease_id: str
@@ -69,8 +76,7 @@ class LeaseEnd:
     down): unknown here is not an unbalanced release."""
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
+class Exchange(msgspec.Struct, frozen=True, array_like=True, gc=False):
     holder: str
     """The ingress process: its leases live and die together."""
     seen: str = ""
@@ -81,7 +87,7 @@ class Exchange:
     releases: tuple[LeaseEnd, ...] = ()
     suspects: tuple[str, ...] = ()
     """Replica ids an RPC just failed to reach: no placements until they push again."""
-    live: Mapping[str, str] | None = None
+    live: dict[str, str] | None = None
     """Every lease the holder holds (lease id -> model), or None this time.
     The router adopts those it does not know (it restarted, or it takes
     over from a router that died) and ends those it holds that are not named."""
@@ -103,3 +109,8 @@ class ExchangeReply:
     """Changes when the router restarts or is reconfigured: its leases are gone."""
     outcomes: tuple[Outcome | Queued, ...]
     """One per ``Exchange.calls``, in order."""
+
+
+class RouterUnavailableError(RouterError):
+    """No router answered (all are down or restarting): the ingress's
+    outcome of a call no router took (HTTP 503)."""

@@ -30,6 +30,8 @@ class Lease:
     """Where its placement was counted (given back when it ends)."""
     kv_tokens: int = 0
     """The KV room counted there."""
+    request_id: str | None = None
+    """The ``RouteRequest.request_id`` of that placement."""
     queued: bool = False
     """Waiting in its model's queue."""
 

@@ -89,7 +89,9 @@ class RouterService:
     # -- the ingress' exchange ------------------------------------------------------
     def exchange(self, ex: Exchange) -> ExchangeReply:
         """Releases, suspects and the ``live`` list first (they free slots and
-        capacity for the queue's older requests), then the calls in order."""
+        capacity for the queue's older requests), then the calls in the order
+        the queue would serve them (resumed streams, priority, arrival); one
+        outcome per call, in the calls' order."""
         now = self._clock()
         self.leases.renew(ex.holder, now)
         touched: set[str] = set()
@@ -101,8 +103,17 @@ class RouterService:
             self._reconcile(ex.holder, ex.live, now, touched)
         for model in touched:
             self._pump(model, now)
-        outcomes = tuple(self._submit(ex.holder, call, now) for call in ex.calls)
-        return ExchangeReply(self.incarnation, outcomes)
+        calls = ex.calls
+        if len(calls) > 1 and any(c.priority != calls[0].priority or c.resumed for c in calls):
+            # the batch is served as its requests would queue: resumed, then by
+            # priority, then arrival; the outcomes go back in the calls' order
+            outcomes: list[Outcome | Queued | None] = [None] * len(calls)
+            for i in sorted(range(len(calls)), key=lambda i: (not calls[i].resumed,
+                                                              calls[i].priority, calls[i].arrival)):
+                outcomes[i] = self._submit(ex.holder, calls[i], now)
+            return ExchangeReply(self.incarnation, tuple(outcomes))
+        return ExchangeReply(self.incarnation,
+                             tuple(self._submit(ex.holder, call, now) for call in calls))
 
     def take_resolved(self, holder: str) -> list[tuple[str, Outcome]]:
         """Outcomes of ``holder``'s queued requests decided since the last call."""
@@ -191,19 +202,22 @@ class RouterService:
         if req.expected_output_tokens != expected:
             req = req.expecting(expected)
         if not q:  # nobody waits ahead of it: the common case, placed at once
-            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
+            out = self._try_place(req, call.admitted or call.resumed, call.waiting_since, lease,
+                                  now)
             if out is not None:
                 return out
         never = self.core.never_fits(req)
         if never is not None:
             return self._refuse(lease, never, now)
         deadline = _INF if call.deadline is None else call.deadline
-        if self.cfg.max_queue_delay_s > 0:
-            deadline = min(deadline, call.waiting_since + self.cfg.max_queue_delay_s)
+        bound = self.cfg.max_resume_wait_s if call.resumed else self.cfg.max_queue_delay_s
+        if bound > 0:
+            deadline = min(deadline, call.waiting_since + bound)
+        admitted = call.admitted or call.resumed
         entry = Waiting(call.lease_id, holder, req, call.priority, call.arrival,
-                        call.waiting_since, deadline, call.admitted)
-        if q and entry.key < q.first_key():  # it goes first (a priority, an older retry)
-            out = self._try_place(req, call.admitted, call.waiting_since, lease, now)
+                        call.waiting_since, deadline, admitted, call.resumed)
+        if q and entry.key < q.first_key():  # it goes first (resumed, a priority, an older retry)
+            out = self._try_place(req, admitted, call.waiting_since, lease, now)
             if out is not None:
                 return out
         if now >= deadline:
@@ -225,7 +239,8 @@ class RouterService:
             return self._refuse(lease, e, now)
         except NoCapacityError:
             return None
-        lease.decode_replica, lease.kv_tokens = p.decode_replica, req.kv_tokens
+        lease.decode_replica, lease.kv_tokens, lease.request_id = (p.decode_replica, req.kv_tokens,
+                                                                   req.request_id)
         if self.on_placement is not None:
             self.on_placement(req.model, p.reason)
         return p
@@ -266,11 +281,13 @@ class RouterService:
     def _timeout(self, entry: Waiting, now: float) -> QueueTimeoutError:
         model = entry.request.model
         retry = self.core.retry_after_s(model)
+        bound = (f"RouterConfig.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
+                 "stream" if entry.resumed else
+                 f"RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
         return QueueTimeoutError(
             f"request {entry.request.request_id!r} waited {now - entry.waiting_since:.3f} s and "
-            f"no replica of model {model!r} could take it before its deadline "
-            f"(RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s, or the request's "
-            f"own); retry after {retry:.3f} s", model, retry)
+            f"no replica of model {model!r} could take it before its deadline ({bound}, or the "
+            f"request's own); retry after {retry:.3f} s", model, retry)
 
     def _no_replica(self, model: str, now: float) -> NoReplicaError:
         return NoReplicaError(
@@ -323,7 +340,7 @@ class RouterService:
         """Return the KV room counted for the lease's placement, if any."""
         if lease.decode_replica is None:
             return False
-        self.core.uncount(lease.model, lease.decode_replica, lease.kv_tokens)
+        self.core.uncount(lease.model, lease.decode_replica, lease.kv_tokens, lease.request_id)
         lease.decode_replica = None
         return True
 

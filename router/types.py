@@ -6,9 +6,10 @@ The router's view of each replica is a ``PrefillReplicaStats`` /
 gets a ``Placement`` back, or a ``RouteRefusal``. The router's knobs are in
 ``splitserve.router.config``. Everything here is plain data that is never changed once built, so policies stay pure
 functions over a ``ClusterSnapshot`` and the router actor can ship these
-objects as they are. The records rebuilt on every decision (replica stats,
-snapshots) are not ``frozen`` dataclasses only because a frozen
-constructor costs three times as much; nothing assigns to them after
+objects as they are. The messages that cross to the router actor
+(``RouteRequest``, ``Placement``) are frozen msgspec structs. The records
+rebuilt on every decision (replica stats, snapshots) are not ``frozen``
+dataclasses only because a frozen constructor costs three times as much; nothing assigns to them after
 construction (RouterCore replaces stats with ``counting()`` copies).
 Times (``updated_at``, ``now``) are wall-clock seconds (``time.time()``) so
 stats stamped on one node can be aged on another.
@@ -16,33 +17,19 @@ stats stamped on one node can be aged on another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from operator import attrgetter
-from typing import Mapping, TypeVar, Union
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Union
+
+import msgspec
 
 from splitserve.engine.roles import Role
 
 
-T = TypeVar("T")
-
-
-def fast_pickle(cls: type[T]) -> type[T]:
-    """Pickle a dataclass as its constructor's arguments: the default state
-    of a slots dataclass unpickles several times slower, and these cross
-    the ingress-router boundary once per request."""
-    get = attrgetter(*(f.name for f in fields(cls) if f.init))
-
-    def __reduce__(self):
-        return cls, get(self)
-
-    cls.__reduce__ = __reduce__
-    return cls
-
-
 class RouterError(Exception):
     """Base class of every error the router raises on purpose. Each one
-    pickles with its fields, so it crosses the router actor's boundary as
-    itself (``RouteRefusal``)."""
+    pickles with its fields; a ``RouteRefusal`` crosses the router actor's
+    boundary as a ``splitserve.router.exchange_codec.WireRefusal`` and is
+    rebuilt as itself."""
 
 
 class UnknownModelError(RouterError, LookupError):
@@ -239,13 +226,13 @@ class DecodeReplicaStats:
         return replace(self, healthy=False)
 
 
-@fast_pickle
-@dataclass(frozen=True, slots=True)
-class RouteRequest:
+class RouteRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One request to place. Give either ``prompt_token_ids`` (the router
     hashes them) or ``block_hashes`` precomputed with ``splitserve.engine.hashing`` at
     the router's block size and salt (the ingress can do this off the
-    router's critical path)."""
+    router's critical path). A msgspec struct: it crosses to the router
+    actor in every exchange (``splitserve.router.exchange_codec``), and its
+    constructor costs a tenth of a frozen dataclass's."""
 
     request_id: str
     model: str
@@ -361,9 +348,10 @@ def load_order(d: DecodeReplicaStats) -> tuple[float, str]:
     return d.load, d.replica_id
 
 
-@fast_pickle
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="placement"):
+    """Where a request runs (tagged: it shares the exchange reply's outcome
+    union with the refusals, ``splitserve.router.exchange_codec``)."""
+
     prefill_replica: str | None  # None = prefill locally on the decode replica
     decode_replica: str
     reason: str  # one of the REASON_* constants

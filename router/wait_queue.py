@@ -1,7 +1,9 @@
 """One model's requests waiting for a replica, in the order they are served.
 
-Order: lower ``priority`` first (as vLLM's ``priority``: 0 is the default,
-negative values go ahead of it), then earlier ``arrival`` (a request keeps
+Order: resumed streams first (``RouteCall.resumed``: they already hold
+their client's work), then lower ``priority`` (as vLLM's ``priority``: 0
+is the default, negative values go ahead of it), then earlier ``arrival``
+(a request keeps
 its arrival time when it is retried or moved to another router, so it does
 not fall behind requests that came after it), then insertion. Each entry
 carries its deadline. A sorted list: queues hold hundreds of requests, and
@@ -30,10 +32,11 @@ class Waiting:
     waiting_since: float
     deadline: float  # wall-clock seconds; inf: none
     admitted: bool
+    resumed: bool = False
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = (self.priority, self.arrival, next(_SEQ))
+        self.key = (not self.resumed, self.priority, self.arrival, next(_SEQ))
 
     def __lt__(self, other: "Waiting") -> bool:
         return self.key < other.key

@@ -76,6 +76,12 @@ class RouterSpec(_Strict):
                                      "can take it (in the router's queue, plus the predicted "
                                      "prefill queue) before it is refused with HTTP 429 and "
                                      "Retry-After; 0: until its client gives up.")
+    max_resume_wait_s: float = Field(_ROUTER_DEFAULTS["max_resume_wait_s"], ge=0,
+                                     description="Longest a stream resumed after its decode "
+                                     "replica failed waits for another one. It goes ahead of new "
+                                     "requests and max_queue_delay_s does not apply to it; past "
+                                     "this it ends with a 429 error event; 0: until its client "
+                                     "gives up.")
     no_replica_grace_s: float = Field(_ROUTER_DEFAULTS["no_replica_grace_s"], ge=0,
                                       description="Requests of a model with no live decode "
                                       "replica wait this long (a replica restarting) before they "

@@ -19,7 +19,8 @@ from ray import serve
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
 from splitserve.cluster.serve import router_state, secrets
 from splitserve.cluster.serve.rollout import ingress_view
-from splitserve.cluster.serve.router_actor import NAMESPACE, ensure_routers, get_router, kill_routers
+from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
+from splitserve.cluster.serve.router_names import NAMESPACE
 from splitserve.cluster.serve.workers import worker_deployment
 from splitserve.engine.roles import Role
 from splitserve.router.config import ModelFacts, RouterConfig

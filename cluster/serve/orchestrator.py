@@ -235,13 +235,14 @@ class ClusterBackend(Backend):
 
     async def _route(self, lease: str, req: RouteRequest, admitted: bool,
                      arrival: float, options: RequestOptions,
-                     trace: Span | None = None) -> Placement:
+                     trace: Span | None = None, resumed: bool = False) -> Placement:
         if trace is None:
-            return await self._place(lease, req, admitted, arrival, options, None)
+            return await self._place(lease, req, admitted, arrival, options, None, resumed)
         span = self.tracer.start(SPAN_ROUTE, trace.traceparent, attributes={
             ATTR_REQUEST_ID: req.request_id, "splitserve.excluded": len(req.exclude_replicas)})
         try:
-            p = await self._place(lease, req, admitted, arrival, options, span.traceparent)
+            p = await self._place(lease, req, admitted, arrival, options, span.traceparent,
+                                  resumed)
         except BaseException as e:
             span.fail(e)
             raise
@@ -255,11 +256,14 @@ class ClusterBackend(Backend):
 
     async def _place(self, lease: str, req: RouteRequest, admitted: bool,
                      arrival: float, options: RequestOptions,
-                     traceparent: str | None) -> Placement:
+                     traceparent: str | None, resumed: bool = False) -> Placement:
+        """``resumed``: the stream produced tokens before its decode replica
+        failed; the router queues it ahead of new requests, bounded by
+        ``router.max_resume_wait_s`` instead of ``max_queue_delay_s``."""
         try:
             return await self.router.place(lease, req, arrival=arrival, admitted=admitted,
                                            deadline=options.deadline, priority=options.priority,
-                                           traceparent=traceparent)
+                                           traceparent=traceparent, resumed=resumed)
         except RouterUnavailableError as e:
             raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
         except RouterError as e:
@@ -317,7 +321,8 @@ class ClusterBackend(Backend):
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude),
                     adapter=adapter.key if adapter is not None else None)
-                placement = await self._route(lease, req, admitted, arrival, options, trace)
+                placement = await self._route(lease, req, admitted, arrival, options, trace,
+                                              resumed=bool(produced))
                 admitted = True
                 decode = placement.decode_replica
                 prefill = placement.prefill_replica
@@ -405,8 +410,8 @@ class ClusterBackend(Backend):
                     for s in self.cfg.models if s.model.name not in self._models]
         problems += await self._rollout_problems() if self._rollout_problems is not None else []
         try:
-            asked = await self.router.ask_placing([s.model.name for s in self.cfg.models],
-                                                  "live_replicas", ROUTER_QUERY_S)
+            asked = await self.router.queries.ask_placing(
+                [s.model.name for s in self.cfg.models], "live_replicas", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return Readiness(error=f"the router is unavailable: {type(e).__name__}")
         live: dict[str, dict[str, int]] = {}
@@ -419,7 +424,7 @@ class ClusterBackend(Backend):
 
     async def cluster_metrics(self) -> ClusterMetrics:
         try:
-            reports, text = await self.router.ask("metrics_scrape", ROUTER_QUERY_S)
+            reports, text = await self.router.queries.ask("metrics_scrape", ROUTER_QUERY_S)
         except Exception as e:  # noqa: BLE001 - the router actor is down or restarting
             return ClusterMetrics(errors=(f"the router is unavailable: {type(e).__name__}",))
         return ClusterMetrics(tuple(reports), text)

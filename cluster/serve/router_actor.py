@@ -8,7 +8,7 @@ costs no thread. Every worker replica pushes its stats and prefix-cache
 events to every router (``RouterFanout``), so each router knows every
 replica and every cached prefix. Each model is placed by one router at a
 time (its first live router in a fixed per-model order,
-``splitserve.cluster.serve.router_client.router_order``; N models spread
+``splitserve.cluster.serve.router_names.router_order``; N models spread
 over N routers): the model's
 queue and its optimistic view of free KV room must live in one place to
 be served in order and not be promised twice. The others are hot
@@ -20,10 +20,10 @@ period (a replica it does not know is asked for a snapshot of its cache on
 its next push). Routers are never on the token path: in-flight streams do
 not notice.
 
-Traced (``observability.tracing``), a call that carries a traceparent
-(``RouteCall.traceparent``) gets a ``router.place`` span for its outcome
-(placement or refusal) and, when it waited in the queue, a ``router.queue``
-span from the exchange that queued it to the poll that delivers it.
+Traced (``observability.tracing``), the calls it places get spans
+(``splitserve.cluster.serve.router_spans``). Names and the per-model
+order live in ``router_names``; what a worker replica sends every router
+in ``router_fanout``.
 """
 
 from __future__ import annotations
@@ -39,26 +39,20 @@ import ray
 
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.cluster.serve import router_state
+from splitserve.cluster.serve.router_names import MAX_ROUTERS, NAMESPACE, router_name, router_order
+from splitserve.cluster.serve.router_spans import RouterSpans
 from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.exchange import Exchange, ExchangeReply, Outcome, Queued, RouteCall
+from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
+from splitserve.router.exchange_codec import decode_exchange, encode_reply, encode_resolved
 from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
 from splitserve.router.service import RouterService
 from splitserve.router.types import UnknownModelError
 
 log = logging.getLogger("splitserve.router")
 
-ROUTER_NAME = "splitserve-router"
-NAMESPACE = "splitserve"
-MAX_ROUTERS = 16
 TICK_S = 0.1  # deadlines, expired leases and the grace period are checked this often
-MAX_TRACED_WAITING = 1 << 16  # queued traced calls remembered; past it the oldest are dropped
-
-
-def router_name(index: int) -> str:
-    """Router 0 keeps the historical name; the others are numbered."""
-    return ROUTER_NAME if index == 0 else f"{ROUTER_NAME}-{index}"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
@@ -73,8 +67,7 @@ class RouterActor:
 
         self.index, self.count = index, count
         self.tracer = start_tracer(tracing, "router")
-        # traced calls waiting in a queue: lease id -> (the call, time.time_ns() queued)
-        self._traced_waiting: dict[str, tuple[RouteCall, int]] = {}
+        self.spans = None if self.tracer is None else RouterSpans(self.tracer, index)
         self.replicas_info: dict[str, ReplicaInfo] = {}  # every replica core holds stats of
         self.latest: dict[str, StatsReport] = {}  # each one's last report, for /metrics
         self.started_at = time.time()
@@ -108,8 +101,6 @@ class RouterActor:
         return cfg, router_state.load().prefer_local_prefill
 
     def _install(self, service: RouterService) -> None:
-        from splitserve.cluster.serve.router_client import router_order
-
         models = list(service.cfg.models)
         self.metrics.models = {m for m in models
                                if router_order(m, self.count, models)[0] == self.index}
@@ -138,7 +129,7 @@ class RouterActor:
         if self._persist:
             router_state.save_config(cfg)
         old, self.tracer = self.tracer, start_tracer(tracing, "router")
-        self._traced_waiting.clear()
+        self.spans = None if self.tracer is None else RouterSpans(self.tracer, self.index)
         if old is not None:
             old.shutdown()
         self._install(RouterService(cfg))
@@ -195,18 +186,29 @@ class RouterActor:
                     pass
 
     # -- ingresses ------------------------------------------------------------------
-    async def exchange(self, ex: Exchange) -> ExchangeReply:
-        """An ingress's batch (``splitserve.router.exchange``): one outcome per call."""
+    async def exchange(self, ex: Exchange | bytes) -> ExchangeReply | bytes:
+        """An ingress's batch (``splitserve.router.exchange``): one outcome per
+        call. Encoded (``splitserve.router.exchange_codec``, what RouterClient
+        sends) it is answered encoded."""
         self._ticker.ensure()
+        encoded = isinstance(ex, bytes)
+        if encoded:
+            ex = decode_exchange(ex)
         reply = self.service.exchange(ex)
-        if self.tracer is not None:
-            self._trace_exchange(ex, reply)
+        if self.spans is not None:
+            self.spans.exchange(ex, reply)
         self._wake()
-        return reply
+        return encode_reply(reply) if encoded else reply
 
-    async def poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
+    async def poll(self, holder: str, timeout_s: float,
+                   encoded: bool = False) -> list[tuple[str, Outcome]] | bytes:
         """Outcomes of ``holder``'s queued requests, as soon as there is one
-        (or an empty list after ``timeout_s``: the ingress asks again)."""
+        (or an empty list after ``timeout_s``: the ingress asks again);
+        ``encoded``: as ``exchange_codec.encode_resolved`` bytes."""
+        resolved = await self._poll(holder, timeout_s)
+        return encode_resolved(resolved) if encoded else resolved
+
+    async def _poll(self, holder: str, timeout_s: float) -> list[tuple[str, Outcome]]:
         self._ticker.ensure()
         if not self.service.has_resolved(holder):
             event = self._wakeups.setdefault(holder, asyncio.Event())
@@ -219,65 +221,9 @@ class RouterActor:
                 if self._wakeups.get(holder) is event:
                     del self._wakeups[holder]
         resolved = self.service.take_resolved(holder)
-        if self.tracer is not None and self._traced_waiting:
-            for lease_id, out in resolved:
-                waiting = self._traced_waiting.pop(lease_id, None)
-                if waiting is not None:
-                    self._trace_outcome(*waiting, out)
+        if self.spans is not None:
+            self.spans.resolved(resolved)
         return resolved
-
-    # -- spans ----------------------------------------------------------------------
-    def _trace_exchange(self, ex: Exchange, reply: ExchangeReply) -> None:
-        waiting = self._traced_waiting
-        for end in ex.releases:  # ended while it waited: the caller gave up
-            entry = waiting.pop(end.lease_id, None)
-            if entry is not None:
-                self._queue_span(*entry, cancelled=True)
-        for call, out in zip(ex.calls, reply.outcomes):
-            if call.traceparent is None:
-                continue
-            if isinstance(out, Queued):
-                waiting[call.lease_id] = (call, time.time_ns())
-                if len(waiting) > MAX_TRACED_WAITING:
-                    del waiting[next(iter(waiting))]
-            else:
-                self._trace_outcome(call, 0, out)
-
-    def _queue_span(self, call: RouteCall, queued_ns: int, cancelled: bool = False) -> None:
-        """Record the ``router.queue`` span of a call queued at ``queued_ns``,
-        ended now (``cancelled``: its caller gave up)."""
-        from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REQUEST_ID, SPAN_ROUTER_QUEUE
-
-        span = self.tracer.start(SPAN_ROUTER_QUEUE, call.traceparent, start_ns=queued_ns,
-                                 attributes={ATTR_MODEL: call.request.model,
-                                             ATTR_REQUEST_ID: call.request.request_id})
-        if cancelled:
-            span.set("splitserve.cancelled", True)
-        span.end()
-
-    def _trace_outcome(self, call: RouteCall, queued_ns: int, out: Outcome) -> None:
-        """``router.place`` for ``call``'s outcome, after its ``router.queue``
-        span if it waited (``queued_ns`` > 0)."""
-        from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_MODEL,
-                                                ATTR_PREFILL_REPLICA, ATTR_REQUEST_ID,
-                                                SPAN_ROUTER_PLACE)
-
-        if queued_ns:
-            self._queue_span(call, queued_ns)
-        req = call.request
-        span = self.tracer.start(SPAN_ROUTER_PLACE, call.traceparent, attributes={
-            ATTR_MODEL: req.model, ATTR_REQUEST_ID: req.request_id,
-            "splitserve.router": self.index, "splitserve.prompt_len": req.prompt_len,
-            "splitserve.waited_s": max(0.0, time.time() - call.waiting_since)})
-        if isinstance(out, Exception):  # a refusal
-            span.fail(out)
-        else:
-            span.set(ATTR_PREFILL_REPLICA, out.prefill_replica or "")
-            span.set(ATTR_DECODE_REPLICA, out.decode_replica)
-            span.set("splitserve.placement_reason", out.reason)
-            span.set("splitserve.predicted_ttft_s", out.predicted_ttft_s)
-            span.set("splitserve.prefix_hit_tokens", out.prefix_hit_tokens)
-        span.end()
 
     def _wake(self) -> None:
         for holder, event in self._wakeups.items():
@@ -403,57 +349,6 @@ def kill_routers(start: int = 0) -> None:
             pass
     if start == 0:
         router_state.clear()
-
-
-class RouterFanout:
-    """What a worker replica sends to every router: its stats pushes and its
-    goodbye. A router that fails a push is looked up again next time."""
-
-    def __init__(self, count: int):
-        self._handles: list[Any] = [None] * count
-        self._missed = [False] * count  # a push to it failed since it last took one
-
-    def _handle(self, i: int):
-        if self._handles[i] is None:
-            self._handles[i] = ray.get_actor(router_name(i), namespace=NAMESPACE)
-        return self._handles[i]
-
-    async def push(self, report: StatsReport, timeout_s: float) -> bool:
-        """Push ``report`` to every router. Returns True when the next push
-        must carry a snapshot of the prefix cache: a router did not know this
-        replica, or took this push after missing some (not while it is down:
-        a snapshot every period would cost every router). Raises only when
-        every router failed."""
-
-        async def one(i: int) -> bool:
-            try:
-                return await asyncio.wait_for(self._handle(i).update_stats.remote(report),
-                                              timeout_s)
-            except BaseException:
-                self._handles[i] = None
-                raise
-
-        results = await asyncio.gather(*(one(i) for i in range(len(self._handles))),
-                                       return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if len(errors) == len(results):
-            raise errors[0]
-        snapshot = False
-        for i, r in enumerate(results):
-            if isinstance(r, BaseException):
-                self._missed[i] = True
-            else:
-                snapshot = snapshot or r is True or self._missed[i]
-                self._missed[i] = False
-        return snapshot
-
-    def remove_replica(self, replica_id: str) -> None:
-        """Tell every router this replica is leaving (fire and forget)."""
-        for i in range(len(self._handles)):
-            try:
-                self._handle(i).remove_replica.remote(replica_id)
-            except Exception:  # noqa: BLE001 - that router learns it from the missing pushes
-                self._handles[i] = None
 
 
 def _plain(stats) -> dict[str, Any]:

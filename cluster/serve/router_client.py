@@ -9,11 +9,15 @@ load instead of being one actor call per request and one per release.
 Every heartbeat, an exchange carries the list of slots held, sent when no
 other is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
-decides it.
+decides it. Exchanges, their replies and poll answers travel as msgpack
+bytes (``splitserve.router.exchange_codec``). Operator queries
+(readiness, /metrics) go over the same links: ``queries``
+(``router_queries.RouterQueries``).
 
 Which router: each model has a fixed order over the routers
 (``router_order``, the same in every process: the configured models take
-turns being first); its requests go to the first one that is up. A router whose call fails or times out is down: its
+turns being first); its requests go to the first one that is up. A
+router whose call fails or times out is down: its
 in-flight and queued requests move to the next router at once (keeping
 their arrival time, so their place in line and their deadline), and it is
 probed again every heartbeat until it answers. Every heartbeat each live
@@ -30,17 +34,22 @@ cancelled while waiting), and a refused request's slot is already gone.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from splitserve.router.exchange import Exchange, ExchangeReply, LeaseEnd, Outcome, Queued, RouteCall
-from splitserve.router.types import Placement, RouteRequest, RouterError
+import msgspec
+
+from splitserve.cluster.serve.router_names import NAMESPACE, router_name, router_order
+from splitserve.cluster.serve.router_queries import RouterQueries
+from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
+                                        RouteCall, RouterUnavailableError)
+from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
+from splitserve.router.types import Placement, RouteRequest
 
 log = logging.getLogger("splitserve.router_client")
 
@@ -51,24 +60,6 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
-
-
-class RouterUnavailableError(RouterError):
-    """No router answered (all are down or restarting)."""
-
-
-def router_order(model: str, count: int, models: Sequence[str] = ()) -> list[int]:
-    """The routers of ``model`` in the order an ingress tries them, the same
-    in every process: the i-th of the cluster's ``models`` starts at router
-    i mod count (so N models spread over N routers); any other model by a
-    hash of its name."""
-    if model in models:
-        start = list(models).index(model) % count
-        return [(start + k) % count for k in range(count)]
-
-    def rank(i: int) -> bytes:
-        return hashlib.blake2b(f"{model}\0{i}".encode(), digest_size=8).digest()
-    return sorted(range(count), key=rank)
 
 
 @dataclass(eq=False)
@@ -127,6 +118,8 @@ class RouterClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.counts = {"exchanges": 0, "calls": 0, "failovers": 0}
+        # operator queries (readiness, /metrics) over the same links
+        self.queries = RouterQueries(self._links, self._handle, self._order)
 
     # -- the ingress' side ------------------------------------------------------------
     def new_lease(self) -> str:
@@ -138,16 +131,19 @@ class RouterClient:
 
     async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
                     admitted: bool = False, deadline: float | None = None,
-                    priority: int = 0, traceparent: str | None = None) -> Placement:
+                    priority: int = 0, traceparent: str | None = None,
+                    resumed: bool = False) -> Placement:
         """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
-        granted before, e.g. a retry; ``traceparent``: the span the router
-        records its work under). Raises the router's refusal
+        granted before, e.g. a retry; ``resumed``: a stream that produced
+        tokens before its decode replica failed, ``RouteCall.resumed``;
+        ``traceparent``: the span the router records its work under).
+        Raises the router's refusal
         (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
         The slot is held from here until ``release``."""
         self._start()
         call = RouteCall(lease_id=lease_id, request=req, arrival=arrival,
                          waiting_since=time.time(), deadline=deadline, priority=priority,
-                         admitted=admitted, traceparent=traceparent)
+                         admitted=admitted or resumed, traceparent=traceparent, resumed=resumed)
         p = _Pending(call, self._loop.create_future())
         self._leases[lease_id] = req.model
         self._pending[lease_id] = p
@@ -181,48 +177,6 @@ class RouterClient:
                 # a router that did not place it may know it only from a live list
                 link.releases.append(LeaseEnd(lease_id, output_tokens, elsewhere=i != home))
                 self._poke(link)
-
-    async def ask(self, method: str, timeout_s: float) -> Any:
-        """An operator query (``live_replicas``, ``metrics_scrape``) of the
-        first router that answers within ``timeout_s``: every router holds
-        every replica's stats, so any one will do."""
-        error: BaseException = RouterUnavailableError("no router is configured")
-        for link in self._links:
-            try:
-                handle = await asyncio.wait_for(self._handle(link), timeout_s)
-                return await asyncio.wait_for(getattr(handle, method).remote(), timeout_s)
-            except Exception as e:  # noqa: BLE001 - down or restarting: ask the next one
-                error = e
-        raise error
-
-    async def ask_placing(self, models: Sequence[str], method: str,
-                          timeout_s: float) -> dict[str, tuple[int, Any]]:
-        """model -> (router index, its answer to ``method``) from the router
-        that places the model's requests now: the first in the model's order
-        that is up here and answers within ``timeout_s`` (so readiness is
-        judged by the router the requests go to). Each router is asked once.
-        Raises the last error when no router answered for some model."""
-        answers: dict[int, Any] = {}
-        out: dict[str, tuple[int, Any]] = {}
-        for model in models:
-            order = self._order(model)
-            error: BaseException = RouterUnavailableError(f"no router is up for model {model!r}")
-            for i in [i for i in order if self._links[i].up] or order:
-                if i not in answers:
-                    try:
-                        handle = await asyncio.wait_for(self._handle(self._links[i]), timeout_s)
-                        answers[i] = await asyncio.wait_for(getattr(handle, method).remote(),
-                                                            timeout_s)
-                    except Exception as e:  # noqa: BLE001 - down or restarting: the next one
-                        answers[i] = e
-                if isinstance(answers[i], BaseException):
-                    error = answers[i]
-                    continue
-                out[model] = (i, answers[i])
-                break
-            else:
-                raise error
-        return out
 
     def suspect(self, replica_id: str) -> None:
         """An RPC to this replica failed: tell every router (never waits)."""
@@ -373,7 +327,8 @@ class RouterClient:
                       calls=tuple(p.call for p in calls), releases=releases,
                       suspects=suspects, live=held)
         handle = await self._handle(link)
-        reply = await asyncio.wait_for(handle.exchange.remote(ex), self.call_timeout_s)
+        reply = decode_reply(await asyncio.wait_for(handle.exchange.remote(encode_exchange(ex)),
+                                                    self.call_timeout_s))
         self.counts["exchanges"] += 1
         self.counts["calls"] += len(calls)
         if reply.incarnation != link.incarnation:
@@ -384,15 +339,13 @@ class RouterClient:
                 waiting = list(link.queued.values())
                 link.queued.clear()
                 for p in waiting:
-                    p.call = replace(p.call, admitted=True)
+                    p.call = msgspec.structs.replace(p.call, admitted=True)
                 self._requeue(waiting)
                 self._poke(link)
         return reply
 
     async def _handle(self, link: _Link):
         if link.handle is None and self._names:
-            from splitserve.cluster.serve.router_actor import NAMESPACE, router_name
-
             import ray
 
             link.handle = await asyncio.to_thread(ray.get_actor, router_name(link.index),
@@ -423,8 +376,8 @@ class RouterClient:
         while link.queued and link.up and not self._closed:
             try:
                 handle = await self._handle(link)
-                outcomes = await asyncio.wait_for(handle.poll.remote(self.holder, POLL_S),
-                                                  POLL_S + self.call_timeout_s)
+                outcomes = decode_resolved(await asyncio.wait_for(
+                    handle.poll.remote(self.holder, POLL_S, True), POLL_S + self.call_timeout_s))
             except Exception as e:  # noqa: BLE001
                 if link.up:
                     self._link_down(link, [], e)
@@ -452,7 +405,7 @@ class RouterClient:
         self.counts["failovers"] += 1
         for p in moved:
             if p.call.lease_id in queued:
-                p.call = replace(p.call, admitted=True)  # it held a slot there
+                p.call = msgspec.structs.replace(p.call, admitted=True)  # it held a slot there
         self._requeue(moved)
 
     def _requeue(self, pendings: list[_Pending]) -> None:

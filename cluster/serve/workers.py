@@ -23,7 +23,7 @@ from ray import serve
 
 from splitserve.cluster.config import ModelSpec, RouterSpec, TransferSpec
 from splitserve.cluster.observability.metrics import record_worker_metrics
-from splitserve.cluster.serve.router_actor import RouterFanout
+from splitserve.cluster.serve.router_fanout import RouterFanout
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import WorkerStats, stats_to_wire
 from splitserve.handoff.tracing import ATTR_MODEL, ATTR_REPLICA, ATTR_TRANSPORT

@@ -62,6 +62,7 @@ class ScriptedRouter:
     def __init__(self, prefill: str, decodes: list[str]):
         self.prefill, self.decodes = prefill, decodes
         self.placements: list[tuple[str, str]] = []
+        self.resumed: list[tuple[str, bool]] = []  # request, placed as a resumed stream
         self.released = 0
         self._next = 0
         self._leases = itertools.count()
@@ -71,13 +72,14 @@ class ScriptedRouter:
 
     async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False,
                     deadline: float | None = None, priority: int = 0,
-                    traceparent: str | None = None):
+                    traceparent: str | None = None, resumed: bool = False):
         choices = [d for d in self.decodes if d not in req.exclude_replicas]
         if not choices:
             raise NoCapacityError("every decode replica excluded", req.model, 1.0)
         d = choices[self._next % len(choices)]
         self._next += 1
         self.placements.append((req.request_id.split("-")[0], d))
+        self.resumed.append((req.request_id.split("-")[0], resumed))
         return Placement(self.prefill, d, "round_robin", 0.0, 0)
 
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
@@ -187,6 +189,9 @@ def test_a_replica_that_stops_answering_is_still_left_for_another(tiny_llama, re
                     await server.stop(0)
             assert got == reference[2]
             assert c.backend.counters["resumed"] == 1 and c.backend.counters["faults"] == 0
+            # placed again as a resumed stream: the router queues it ahead of new
+            # requests and bounds its wait by router.max_resume_wait_s
+            assert c.router.resumed == [("r", False), ("r", True)]
         finally:
             await c.close()
     asyncio.run(main())

@@ -204,8 +204,9 @@ def test_the_router_section_is_the_router_config_under_the_same_names_and_defaul
     defaults = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
     shared = set(RouterSpec.model_fields) - RouterSpec.NOT_ROUTER_FIELDS
     assert shared == {"policy", "max_queue_per_model", "stats_ttl_s", "network_bytes_per_s",
-                      "local_prefill_max_tokens", "max_queue_delay_s", "no_replica_grace_s",
-                      "lease_ttl_s", "expected_output_tokens", "output_tokens_quantile",
+                      "local_prefill_max_tokens", "max_queue_delay_s", "max_resume_wait_s",
+                      "no_replica_grace_s", "lease_ttl_s", "expected_output_tokens",
+                      "output_tokens_quantile",
                       "adapter_miss_weight", "adapter_load_s"}
     assert {k: getattr(spec, k) for k in shared} == {k: defaults[k] for k in shared}
     assert spec.router_config({}) == RouterConfig()

@@ -3,8 +3,8 @@ decision code (RouterCore and its policies, the autoscaling decision, the
 engine Scheduler), so that changing that code changes the simulation."""
 
 import json
-from dataclasses import replace
 
+import msgspec
 import pytest
 
 from splitserve.cluster.autoscaling import decision
@@ -94,7 +94,7 @@ def test_a_policy_change_changes_the_placements(db, monkeypatch):
 
     def always_local(req, snap, matches, cfg, state):  # cost's decode pick, prefill on it
         p = policies.cost_policy(req, snap, matches, cfg, state)
-        return replace(p, prefill_replica=None, reason="always_local")
+        return msgspec.structs.replace(p, prefill_replica=None, reason="always_local")
     monkeypatch.setitem(policies.POLICIES, "cost", always_local)
     _, after = simulate(db, n=200)
     assert after["router"]["by_reason"] == {"always_local": 200}

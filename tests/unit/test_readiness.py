@@ -10,7 +10,8 @@ from splitserve.cluster.config import parse_config
 from splitserve.engine.roles import Role
 from splitserve.cluster.serve.orchestrator import ClusterBackend
 from splitserve.cluster.serve.rollout import Registration, ingress_digest, rollout_problems
-from splitserve.cluster.serve.router_client import RouterClient, router_order
+from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_names import router_order
 from tests.unit.test_router_actor import decode
 from tests.unit.test_router_client import FakeRouter
 

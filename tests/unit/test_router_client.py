@@ -7,7 +7,8 @@ import time
 import pytest
 
 from splitserve.cluster.serve.router_actor import RouterActor
-from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError, router_order
+from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
+from splitserve.cluster.serve.router_names import router_order
 from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.types import OverloadedError, Placement, RouteRequest
 from tests.unit.test_router_actor import decode, prefill

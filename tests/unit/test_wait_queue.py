@@ -1,14 +1,14 @@
-"""The router's per-model wait queue on its own: lower priority first (as
-vLLM's ``priority``), then arrival, then insertion; each entry keeps its
+"""The router's per-model wait queue on its own: resumed streams first,
+then lower priority (as vLLM's ``priority``), then arrival, then insertion; each entry keeps its
 deadline; removal while walking."""
 
 from splitserve.router.types import RouteRequest
 from splitserve.router.wait_queue import WaitQueue, Waiting
 
 
-def entry(lease, priority=0, arrival=0.0, deadline=float("inf")):
+def entry(lease, priority=0, arrival=0.0, deadline=float("inf"), resumed=False):
     req = RouteRequest(lease, "m", 8, 4, block_hashes=())
-    return Waiting(lease, "h", req, priority, arrival, arrival, deadline, False)
+    return Waiting(lease, "h", req, priority, arrival, arrival, deadline, resumed, resumed)
 
 
 def order(q):
@@ -22,8 +22,10 @@ def test_lower_priority_first_then_arrival_then_insertion():
               entry("tie-a", arrival=2.0), entry("tie-b", arrival=2.0)):
         q.add(e)
     assert order(q) == ["urgent", "early", "tie-a", "tie-b", "late", "batch"]
-    assert q.first_key() == (-1, 5.0, q.first_key()[2])
+    assert q.first_key() == (True, -1, 5.0, q.first_key()[3])
     assert len(q) == 6 and "late" in q and "gone" not in q
+    q.add(entry("resumed", priority=10, arrival=9.0, resumed=True))  # ahead of every new one
+    assert order(q)[:2] == ["resumed", "urgent"]
 
 
 def test_a_request_added_again_keeps_one_entry_and_takes_its_new_place():
