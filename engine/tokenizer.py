@@ -275,10 +275,15 @@ class IncrementalDetokenizer:
 
     Keeps two offsets into all ids: text up to ``read_offset`` has been
     emitted; decoding from ``prefix_offset`` (a few tokens earlier) gives the
-    context a delta needs. A delta ending in U+FFFD is a character whose
-    bytes have not all arrived: it is held back until they do (or ``flush``).
-    The deltas concatenate to ``tokenizer.decode(output_ids)`` for byte-level
-    BPE tokenizers.
+    context a delta needs. A delta ending in U+FFFD ends in a character whose
+    bytes may not all have arrived: that last character is held back until
+    they do (or ``flush``), while the text before it goes out at once. Only
+    the last replacement character can still change (UTF-8 resynchronises:
+    bytes that follow never alter the characters before an incomplete
+    sequence), so a model emitting invalid bytes streams its U+FFFDs one step
+    late instead of holding the whole output to the end. The deltas
+    concatenate to ``tokenizer.decode(output_ids)`` for byte-level BPE
+    tokenizers.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
@@ -288,6 +293,8 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(len(self.ids) - INITIAL_CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
         self.num_prompt_ids = len(self.ids)
+        # characters of the pending text (after ``read_offset``) already sent
+        self.sent = 0
 
     @property
     def output_ids(self) -> list[int]:
@@ -297,10 +304,17 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
         full_text = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
-        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
+        if len(full_text) <= len(prefix_text):
             return ""
+        pending = full_text[len(prefix_text) :]
+        if pending.endswith("\ufffd") and not final:
+            ready = pending[:-1]  # all but a character that may still complete
+            out = ready[self.sent :]
+            self.sent = max(self.sent, len(ready))
+            return out
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full_text[len(prefix_text) :]
+        out, self.sent = pending[self.sent :], 0
+        return out
 
     def step(self, new_ids: Iterable[int]) -> str:
         """Append generated ids; return the text they complete (maybe "")."""

@@ -230,3 +230,20 @@ def test_incremental_detokenizer_flushes_an_unfinished_character(tok):
     tail = detok.flush()
     assert tail.endswith("\ufffd") and streamed + tail == tok.decode(cut)
     assert detok.output_ids == cut
+
+
+def test_invalid_bytes_stream_one_step_late_not_at_the_end(tok):
+    """A lone continuation byte can never complete a character: a model
+    emitting such bytes streams its U+FFFDs as it goes (each held one step,
+    as an unfinished character would be), and a character cut across
+    tokens after them is still never split."""
+    cont = tok.encode("😊", add_special_tokens=False)[-1]  # the emoji's last byte
+    assert tok.decode([cont]) == "\ufffd"  # byte by byte in the tiny vocabulary
+    after = tok.encode(" ok 你好", add_special_tokens=False)
+    output = [cont] * 6 + after
+    detok = IncrementalDetokenizer(tok, tok.encode("A prompt:"))
+    deltas = [detok.step([i]) for i in output] + [detok.flush()]
+    assert deltas[0] == "" and deltas[1:6] == ["\ufffd"] * 5
+    assert "".join(deltas) == tok.decode(output)
+    assert not any(d.endswith("\ufffd") for d in deltas[6:])  # 你好 never split
+    assert deltas[6].startswith("\ufffd")  # the sixth byte, released by the text after it
