@@ -72,20 +72,12 @@ class BlockPool:
     def allocate(self) -> int:
         """Take a free block for new content (ref count 1), evicting its cached
         content if it had any."""
-        if not self._free:
-            raise OutOfBlocksError("no free KV blocks")
-        block_id, _ = self._free.popitem(last=False)
-        old = self.block_hash[block_id]
-        if old is not None:
-            del self.hash_to_block[old]
-            self.block_hash[block_id] = None
-            self._record(self._events.evicted, old)
-        self.ref_counts[block_id] = 1
-        return block_id
+        return self.allocate_many(1)[0]
 
     def allocate_many(self, n: int) -> list[int]:
-        """``n`` blocks as ``allocate`` takes them, in order; none taken when
-        fewer than ``n`` are free (OutOfBlocksError)."""
+        """``n`` free blocks for new content (ref count 1 each), in reuse
+        order, evicting the cached content any had; none taken when fewer
+        than ``n`` are free (OutOfBlocksError)."""
         free = self._free
         if n > len(free):
             raise OutOfBlocksError(f"{n} KV blocks asked for, {len(free)} free")
@@ -109,18 +101,12 @@ class BlockPool:
         self.ref_counts[block_id] += 1
 
     def release(self, block_id: int) -> None:
-        rc = self.ref_counts[block_id]
-        if rc <= 0:
-            raise RuntimeError(f"block {block_id} released more often than acquired")
-        self.ref_counts[block_id] = rc - 1
-        if rc == 1:
-            self._free[block_id] = None
-            if self.block_hash[block_id] is None:
-                # nothing worth keeping: reuse it before any cached block
-                self._free.move_to_end(block_id, last=False)
+        self.release_many((block_id,))
 
     def release_many(self, block_ids: Iterable[int]) -> None:
-        """``release`` each of ``block_ids``, in that order."""
+        """Drop a reference to each of ``block_ids``, in that order; a block
+        left unreferenced is free again, an uncached one reused before any
+        cached block (nothing worth keeping)."""
         refs, block_hash, free = self.ref_counts, self.block_hash, self._free
         move = free.move_to_end
         for block_id in block_ids:
@@ -135,16 +121,12 @@ class BlockPool:
 
     def set_hash(self, block_id: int, block_hash: int) -> None:
         """Register a full, computed block's content for prefix reuse."""
-        if not self.enable_prefix_caching or self.block_hash[block_id] is not None:
-            return
-        if block_hash in self.hash_to_block:
-            return  # the same content already lives in another block
-        self.block_hash[block_id] = block_hash
-        self.hash_to_block[block_hash] = block_id
-        self._record(self._events.stored, block_hash)
+        self.set_hashes((block_id,), (block_hash,))
 
     def set_hashes(self, block_ids: Sequence[int], hashes: Sequence[int]) -> None:
-        """``set_hash`` for each pair of ``block_ids`` and ``hashes``, in order."""
+        """Register full, computed blocks' contents for prefix reuse, pair by
+        pair; a block already hashed, or content already living in another
+        block, is left as it is."""
         if not self.enable_prefix_caching:
             return
         block_hash, to_block = self.block_hash, self.hash_to_block
@@ -168,16 +150,11 @@ class BlockPool:
                 self._record(self._events.evicted, h)
 
     def _record(self, events: list[int], block_hash: int) -> None:
+        self._record_many(events, (block_hash,))
+
+    def _record_many(self, events: list[int], hashes: Sequence[int]) -> None:
         if self._events.snapshot:
             return  # the next drain reports the whole state anyway
-        events.append(block_hash)
-        self._num_events += 1
-        if self._num_events > self.max_events:
-            self.request_snapshot()
-
-    def _record_many(self, events: list[int], hashes: list[int]) -> None:
-        if self._events.snapshot:
-            return
         events.extend(hashes)
         self._num_events += len(hashes)
         if self._num_events > self.max_events:

@@ -116,9 +116,7 @@ class KVCacheManager:
         need = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table)
         if need > self.pool.num_free_blocks:
             return False
-        if need == 1:
-            table.append(self.pool.allocate())
-        elif need > 1:
+        if need > 0:
             table += self.pool.allocate_many(need)
         return True
 
@@ -149,10 +147,7 @@ class KVCacheManager:
             return
         hashes = seq.block_hashes()
         end = min(full, len(hashes))
-        if end - done == 1:
-            self.pool.set_hash(table[done], hashes[done])
-        else:
-            self.pool.set_hashes(table[done:end], hashes[done:end])
+        self.pool.set_hashes(table[done:end], hashes[done:end])
         self._num_hashed[seq.seq_id] = end
 
     def free(self, owner: str) -> None:
