@@ -124,11 +124,9 @@ class RouterCore:
             return stats
         queued = sum(e.prefill_tokens for e in late)
         if isinstance(stats, PrefillReplicaStats):
-            return stats.counting(pending_prompt_tokens=stats.pending_prompt_tokens + queued)
+            return _charged_prefill(stats, queued)
         needed = sum(decode_blocks_needed(stats, e.kv_tokens) for e in late)
-        return stats.counting(free_blocks=max(stats.free_blocks - needed, 0),
-                              waiting_requests=stats.waiting_requests + len(late),
-                              pending_prefill_tokens=stats.pending_prefill_tokens + queued)
+        return _charged_decode(stats, needed, len(late), queued)
 
     def on_blocks_stored(self, replica_id: str, hashes: Sequence[int]) -> None:
         """A replica's block pool cached these blocks (a chain, first block first)."""
@@ -303,17 +301,11 @@ class RouterCore:
         uncached = req.prompt_len - placement.prefix_hit_tokens
         decodes = self._decode[req.model]
         d = decodes.get(placement.decode_replica)
-        needed = decode_blocks_needed(d, req.kv_tokens)
         local = uncached if placement.prefill_replica is None else 0
-        decodes.put(d.counting(
-            free_blocks=max(d.free_blocks - needed, 0),
-            waiting_requests=d.waiting_requests + 1,
-            pending_prefill_tokens=d.pending_prefill_tokens + local,
-        ))
+        decodes.put(_charged_decode(d, decode_blocks_needed(d, req.kv_tokens), 1, local))
         if placement.prefill_replica is not None:
             prefills = self._prefill[req.model]
-            p = prefills.get(placement.prefill_replica)
-            prefills.put(p.counting(pending_prompt_tokens=p.pending_prompt_tokens + uncached))
+            prefills.put(_charged_prefill(prefills.get(placement.prefill_replica), uncached))
         self._unreported.add(req.request_id, self._clock(), d.replica_id, req.kv_tokens, local,
                              placement.prefill_replica, uncached)
 
@@ -321,6 +313,20 @@ class RouterCore:
         self.index.on_stored(placement.decode_replica, hashes)
         if placement.prefill_replica is not None:
             self.index.on_stored(placement.prefill_replica, hashes)
+
+
+def _charged_decode(d: DecodeReplicaStats, blocks: int, requests: int,
+                    local_tokens: int) -> DecodeReplicaStats:
+    """``d`` with ``requests`` more placements counted on it: ``blocks`` KV
+    blocks taken, each request waiting, ``local_tokens`` to prefill there."""
+    return d.counting(free_blocks=max(d.free_blocks - blocks, 0),
+                      waiting_requests=d.waiting_requests + requests,
+                      pending_prefill_tokens=d.pending_prefill_tokens + local_tokens)
+
+
+def _charged_prefill(p: PrefillReplicaStats, tokens: int) -> PrefillReplicaStats:
+    """``p`` with ``tokens`` more uncached prompt tokens queued on it."""
+    return p.counting(pending_prompt_tokens=p.pending_prompt_tokens + tokens)
 
 
 def _check_stats(stats: ReplicaStats) -> None:
