@@ -41,6 +41,7 @@ from splitserve.cluster.observability.metrics import RouterMetrics, render_prome
 from splitserve.cluster.serve import router_state
 from splitserve.cluster.serve.router_names import MAX_ROUTERS, NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_spans import RouterSpans
+from splitserve.cluster.serve.router_stream import ExchangeServer, StreamEndpoint
 from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
@@ -76,6 +77,7 @@ class RouterActor:
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
         self._persist = False  # a cluster's named router keeps its state (router_state)
+        self._stream: ExchangeServer | None = None  # exchanges over TCP, once asked for
         cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
 
@@ -190,15 +192,35 @@ class RouterActor:
         """An ingress's batch (``splitserve.router.exchange``): one outcome per
         call. Encoded (``splitserve.router.exchange_codec``, what RouterClient
         sends) it is answered encoded."""
+        if isinstance(ex, bytes):
+            return self._exchange_encoded(ex)
         self._ticker.ensure()
-        encoded = isinstance(ex, bytes)
-        if encoded:
-            ex = decode_exchange(ex)
         reply = self.service.exchange(ex)
         if self.spans is not None:
             self.spans.exchange(ex, reply)
         self._wake()
-        return encode_reply(reply) if encoded else reply
+        return reply
+
+    def _exchange_encoded(self, data: bytes) -> bytes:
+        """``exchange`` of encoded bytes: what both the actor call and the
+        exchange stream answer."""
+        self._ticker.ensure()
+        ex = decode_exchange(data)
+        reply = self.service.exchange(ex)
+        if self.spans is not None:
+            self.spans.exchange(ex, reply)
+        self._wake()
+        return encode_reply(reply)
+
+    async def endpoint(self) -> StreamEndpoint:
+        """Where this router takes exchanges over TCP, and the token a
+        connection must open with (``router_stream``); it starts listening
+        on its node's address at the first ask."""
+        self._ticker.ensure()
+        if self._stream is None:
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            self._stream = ExchangeServer(self._exchange_encoded, host)
+        return await self._stream.start()
 
     async def poll(self, holder: str, timeout_s: float,
                    encoded: bool = False) -> list[tuple[str, Outcome]] | bytes:

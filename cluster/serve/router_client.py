@@ -10,7 +10,10 @@ Every heartbeat, an exchange carries the list of slots held, sent when no
 other is in flight so that it reflects every earlier reply. A request the
 router queues is followed by a ``poll`` that returns as soon as the router
 decides it. Exchanges, their replies and poll answers travel as msgpack
-bytes (``splitserve.router.exchange_codec``). Operator queries
+bytes (``splitserve.router.exchange_codec``): exchanges over a TCP
+stream to the router when it offers one (``router_stream``: an actor call
+costs the router ten times a round trip there), else as actor calls;
+polls always as actor calls. Operator queries
 (readiness, /metrics) go over the same links: ``queries``
 (``router_queries.RouterQueries``).
 
@@ -46,6 +49,7 @@ import msgspec
 
 from splitserve.cluster.serve.router_names import NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_queries import RouterQueries
+from splitserve.cluster.serve.router_stream import ExchangeStream
 from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
                                         RouteCall, RouterUnavailableError)
 from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
@@ -60,6 +64,10 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
+# a router whose stream could not be opened (an older router without one, a
+# port the network blocks) gets actor calls; its stream is tried again after
+# this long, or when it comes back from being down
+STREAM_RETRY_S = 30.0
 
 
 @dataclass(eq=False)
@@ -90,15 +98,22 @@ class _Link:
     inflight: int = 0
     task: asyncio.Task | None = None
     poller: asyncio.Task | None = None
+    stream: ExchangeStream | None = None  # exchanges go here when open
+    stream_retry_at: float = 0.0  # monotonic: no stream before then (actor calls)
+    opening: asyncio.Lock | None = None  # one stream opened at a time
 
 
 class RouterClient:
     def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
-                 call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None):
+                 call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None,
+                 stream: bool = True):
         """``count`` routers (``RouterSpec.routers``); ``heartbeat_s``: how
         often each hears from this process at least (the stats period);
         ``models``: the cluster's models, in config order (``router_order``);
-        ``handles``: the router actors, else looked up by name."""
+        ``handles``: the router actors, else looked up by name; ``stream``:
+        exchanges over the routers' TCP streams (``router_stream``), else
+        only as actor calls."""
+        self.use_stream = stream
         self._models = tuple(models)
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
@@ -117,7 +132,7 @@ class RouterClient:
         self._prefix = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0}
+        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0}
         # operator queries (readiness, /metrics) over the same links
         self.queries = RouterQueries(self._links, self._handle, self._order)
 
@@ -200,6 +215,7 @@ class RouterClient:
             for t in (link.task, link.poller):
                 if t is not None:
                     t.cancel()
+            self._drop_stream(link)
         self._loop = None
 
     # -- routing ------------------------------------------------------------------------
@@ -261,6 +277,8 @@ class RouterClient:
             link.settled = asyncio.Event()
             link.inflight = 0
             link.poller = None
+            link.stream = None  # the old loop's, if any: ended with it
+            link.opening = asyncio.Lock()
             link.task = loop.create_task(self._run(link))
 
     # -- one link -----------------------------------------------------------------------
@@ -326,9 +344,21 @@ class RouterClient:
         ex = Exchange(holder=self.holder, seen=link.incarnation,
                       calls=tuple(p.call for p in calls), releases=releases,
                       suspects=suspects, live=held)
-        handle = await self._handle(link)
-        reply = decode_reply(await asyncio.wait_for(handle.exchange.remote(encode_exchange(ex)),
-                                                    self.call_timeout_s))
+        data = encode_exchange(ex)
+        stream = await self._stream(link)
+        if stream is not None:
+            # a break here is a failed call: the router is taken for down
+            # (probed again, the stream reopened, within a heartbeat)
+            try:
+                raw = await asyncio.wait_for(stream.call(data), self.call_timeout_s)
+            except BaseException:
+                self._drop_stream(link)
+                raise
+            self.counts["stream_exchanges"] += 1
+        else:
+            handle = await self._handle(link)
+            raw = await asyncio.wait_for(handle.exchange.remote(data), self.call_timeout_s)
+        reply = decode_reply(raw)
         self.counts["exchanges"] += 1
         self.counts["calls"] += len(calls)
         if reply.incarnation != link.incarnation:
@@ -343,6 +373,32 @@ class RouterClient:
                 self._requeue(waiting)
                 self._poke(link)
         return reply
+
+    async def _stream(self, link: _Link) -> ExchangeStream | None:
+        """The link's open exchange stream, opened if due; None: actor calls
+        (streams are off, or the last try failed less than STREAM_RETRY_S ago)."""
+        if link.stream is not None and not link.stream.closed:
+            return link.stream
+        if not self.use_stream or time.monotonic() < link.stream_retry_at:
+            return None
+        async with link.opening:
+            if link.stream is not None and not link.stream.closed:
+                return link.stream
+            try:
+                handle = await self._handle(link)
+                endpoint = await asyncio.wait_for(handle.endpoint.remote(), self.call_timeout_s)
+                link.stream = await ExchangeStream.open(endpoint, self.call_timeout_s)
+            except Exception as e:  # noqa: BLE001 - actor calls still work (or fail on their own)
+                log.info("router %d: no exchange stream (%r); actor calls for %.0f s",
+                         link.index, e, STREAM_RETRY_S)
+                link.stream = None
+                link.stream_retry_at = time.monotonic() + STREAM_RETRY_S
+        return link.stream
+
+    def _drop_stream(self, link: _Link) -> None:
+        if link.stream is not None:
+            link.stream.close()
+            link.stream = None
 
     async def _handle(self, link: _Link):
         if link.handle is None and self._names:
@@ -395,6 +451,8 @@ class RouterClient:
         link.up = False
         link.retry_at = time.monotonic() + self.heartbeat_s
         link.handle = None if self._names else link.handle
+        self._drop_stream(link)
+        link.stream_retry_at = 0.0  # a restarted router listens elsewhere: ask it again
         moved = in_flight + link.calls + list(link.queued.values())
         queued = set(link.queued)
         link.calls.clear()

@@ -1,0 +1,218 @@
+"""The exchange stream (``cluster/serve/router_stream.py``): its framing and
+hello, a real server and client on 127.0.0.1, and RouterClient placing
+through a router actor's stream (the actor called in process, no Ray)."""
+
+import asyncio
+import time
+
+import pytest
+
+from splitserve.cluster.serve import router_stream as rs
+from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_names import router_order
+from splitserve.router.exchange import Exchange, RouteCall
+from splitserve.router.exchange_codec import decode_reply, encode_exchange
+from splitserve.router.types import Placement
+from tests.unit.test_router_client import FakeRouter, place, req
+
+TOKEN = bytes(range(rs.TOKEN_BYTES))
+
+
+# -- framing and hello ----------------------------------------------------------------
+def _reader(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+def test_frames_round_trip_back_to_back():
+    async def main():
+        r = _reader(rs.frame(b"") + rs.frame(b"abc") + rs.frame(bytes(70000)))
+        assert [await rs.read_frame(r) for _ in range(3)] == [b"", b"abc", bytes(70000)]
+        with pytest.raises(rs.StreamError, match="0 bytes of 4"):
+            await rs.read_frame(r)  # the stream ended cleanly between frames
+    asyncio.run(main())
+
+
+def test_a_truncated_frame_is_a_stream_error():
+    async def main():
+        with pytest.raises(rs.StreamError, match="2 bytes of 5"):
+            await rs.read_frame(_reader(rs.frame(b"hello")[:-3]))
+        with pytest.raises(rs.StreamError, match="2 bytes of 4"):
+            await rs.read_frame(_reader(b"\x00\x00"))
+    asyncio.run(main())
+
+
+def test_an_oversized_frame_is_refused_before_its_body_is_read():
+    async def main():
+        r = _reader(rs.frame(bytes(100)))
+        with pytest.raises(rs.FrameTooLargeError, match="100 bytes"):
+            await rs.read_frame(r, max_bytes=99)
+        assert len(await r.read()) == 100  # the body was left unread
+    asyncio.run(main())
+    with pytest.raises(rs.FrameTooLargeError):
+        rs.frame(bytes(rs.MAX_FRAME_BYTES + 1))
+
+
+def test_hello_is_checked_for_protocol_version_and_token():
+    good = rs.hello(TOKEN)
+    assert len(good) == rs.HELLO_BYTES
+    rs.check_hello(good, TOKEN)
+    with pytest.raises(rs.HandshakeError, match="not an exchange stream"):
+        rs.check_hello(b"GET / HTTP/1.1\r\n" + bytes(21), TOKEN)
+    with pytest.raises(rs.HandshakeError, match="not an exchange stream"):
+        rs.check_hello(good[:-1], TOKEN)
+    with pytest.raises(rs.HandshakeError, match="version 9"):
+        rs.check_hello(rs.MAGIC + b"\x09" + TOKEN, TOKEN)
+    with pytest.raises(rs.HandshakeError, match="wrong exchange stream token"):
+        rs.check_hello(rs.hello(bytes(rs.TOKEN_BYTES)), TOKEN)
+    with pytest.raises(rs.HandshakeError, match="32 bytes"):
+        rs.hello(b"short")
+
+
+# -- a real server and client -----------------------------------------------------------
+def _echo(data: bytes) -> bytes:
+    if data == b"boom":
+        raise ValueError("a request the router cannot decode")
+    return data[::-1]
+
+
+def test_calls_over_a_real_connection_and_a_bad_request_ends_only_its_stream():
+    async def main():
+        server = rs.ExchangeServer(_echo, "127.0.0.1")
+        ep = await server.start()
+        assert await server.start() is ep  # listens once
+        stream = await rs.ExchangeStream.open(ep, 2.0)
+        assert [await stream.call(b"abc"), await stream.call(bytes(100000))] == [b"cba",
+                                                                                  bytes(100000)]
+        both = await asyncio.gather(stream.call(b"12"), stream.call(b"34"))  # one at a time
+        assert both == [b"21", b"43"]
+        with pytest.raises(rs.StreamError):
+            await stream.call(b"boom")
+        assert stream.closed
+        with pytest.raises(rs.StreamError, match="closed"):
+            await stream.call(b"abc")
+        again = await rs.ExchangeStream.open(ep, 2.0)
+        assert await again.call(b"xy") == b"yx"
+        again.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_connection_without_the_token_gets_nothing():
+    async def main():
+        served = []
+        server = rs.ExchangeServer(lambda d: served.append(d) or d, "127.0.0.1")
+        ep = await server.start()
+        wrong = rs.StreamEndpoint(ep.host, ep.port, bytes(rs.TOKEN_BYTES))
+        with pytest.raises(rs.HandshakeError, match="closed the stream at its hello"):
+            await rs.ExchangeStream.open(wrong, 2.0)
+        # a raw client that skips the hello and sends a frame is closed unanswered
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        writer.write(rs.frame(b"x" * 64))
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        writer.close()
+        with pytest.raises(rs.HandshakeError, match="version 2"):
+            await rs.ExchangeStream.open(rs.StreamEndpoint(ep.host, ep.port, ep.token, 2), 2.0)
+        assert served == []
+        server.close()
+    asyncio.run(main())
+
+
+def test_an_oversized_frame_closes_the_connection():
+    async def main():
+        server = rs.ExchangeServer(_echo, "127.0.0.1")
+        ep = await server.start()
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        writer.write(rs.hello(ep.token))
+        assert await reader.readexactly(5) == rs.MAGIC + bytes((rs.VERSION,))
+        writer.write((rs.MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        writer.close()
+        server.close()
+    asyncio.run(main())
+
+
+# -- a router actor's stream ------------------------------------------------------------
+class StreamRouter(FakeRouter):
+    """FakeRouter whose exchanges may also go over the actor's real stream."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls["endpoint"] = 0
+        self.endpoint = self._Endpoint(self)
+
+    class _Endpoint:
+        def __init__(self, router):
+            self.router = router
+
+        def remote(self):
+            async def call():
+                if self.router.dead:
+                    raise ConnectionError("actor died")
+                self.router.calls["endpoint"] += 1
+                return await self.router.actor.endpoint()
+            return call()
+
+    def kill(self):
+        self.dead = True
+        self.actor._stream.close()
+
+
+def test_the_router_answers_the_same_bytes_on_its_stream_as_to_an_actor_call():
+    router = StreamRouter()
+
+    async def main():
+        ep = await router.actor.endpoint()
+        assert ep.host == "127.0.0.1"  # no Ray here; a cluster's router listens on its node IP
+        stream = await rs.ExchangeStream.open(ep, 2.0)
+        now = time.time()
+        ex = Exchange("h", calls=(RouteCall("l1", req(1), now, now),))
+        reply = decode_reply(await stream.call(encode_exchange(ex)))
+        assert isinstance(reply.outcomes[0], Placement)
+        with pytest.raises(rs.StreamError):  # not an exchange: the router closes the stream
+            await stream.call(b"\x93\x01\x02")
+        stream.close()
+        router.actor._stream.close()
+
+    asyncio.run(main())
+    assert router.counters()["in_flight"] == {"m": 1}
+
+
+def test_client_places_over_the_stream_and_moves_on_when_its_router_dies():
+    first, second = router_order("m", 2)
+    routers = [StreamRouter(), StreamRouter()]
+    client = RouterClient(2, heartbeat_s=0.05, handles=routers)
+
+    async def main():
+        done = await asyncio.gather(*(place(client, i) for i in range(20)))
+        assert all(isinstance(p, Placement) for p in done)
+        assert routers[first].calls["exchange"] == 0  # every exchange went over the stream
+        assert client.counts["stream_exchanges"] == client.counts["exchanges"] > 0
+        running = [asyncio.ensure_future(place(client, 100 + i, hold_s=0.3)) for i in range(4)]
+        await asyncio.sleep(0.15)  # heartbeats carry the held slots to the standby
+        routers[first].kill()
+        more = await asyncio.gather(*running, place(client, 200))
+        assert len(more) == 5
+        await asyncio.sleep(0.15)
+        await client.close()
+        routers[second].actor._stream.close()
+
+    asyncio.run(main())
+    c = routers[second].counters()
+    assert client.counts["failovers"] >= 1
+    assert (c["in_flight"], c["unbalanced_releases"], c["decisions"]) == ({"m": 0}, 0, 1)
+
+
+def test_client_uses_actor_calls_when_a_router_offers_no_stream():
+    router = FakeRouter()  # an older router: no endpoint method
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router])
+
+    async def main():
+        await asyncio.gather(*(place(client, i) for i in range(4)))
+        await client.close()
+
+    asyncio.run(main())
+    assert client.counts["stream_exchanges"] == 0 and router.calls["exchange"] > 0
+    assert router.counters()["in_flight"] == {"m": 0}
