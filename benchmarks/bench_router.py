@@ -242,7 +242,7 @@ def run(policy: str, mode: str, w: Workload, warmup: int, gc_freeze: bool) -> di
 def actor_path_main(args) -> None:
     import ray
 
-    from benchmarks.router_actor_path import run_all
+    from benchmarks.router_actor_path import CONFIGS, run_all
 
     before = calibrate()
     n = args.requests + args.warmup
@@ -262,8 +262,9 @@ def actor_path_main(args) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     try:
+        configs = [c for c in CONFIGS if args.configs is None or c.label in args.configs]
         results = run_all(router_cfg, w.replicas, w.cached, requests, args.callers, args.runs,
-                          args.warmup_s, args.measure_s)
+                          args.warmup_s, args.measure_s, configs)
     finally:
         ray.shutdown()
     print(f"\n{'configuration':46s} {'placements/s (range)':>24s} {'p50 ms':>14s} {'p99 ms':>14s}"
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--callers", type=int, default=32, help="--actor-path: callers per ingress")
     ap.add_argument("--actor-pools", type=int, default=8,
                     help="--actor-path: replicas per pool (2 models x prefill + decode)")
+    ap.add_argument("--configs", nargs="+", help="--actor-path: only these configurations "
+                    "(labels as printed)")
     ap.add_argument("--warmup-s", type=float, default=1.0)
     ap.add_argument("--measure-s", type=float, default=4.0)
     args = ap.parse_args()

@@ -5,12 +5,18 @@ callers that place a request and release it, over and over.
 Run by ``bench_router.py --actor-path``. Per configuration, fresh router
 actors are loaded with the workload's replicas and cached prefixes; a
 pusher actor sends every replica's stats to every router each stats
-period, as workers do. Configurations, alternated within each run:
+period, as workers do (``RouterFanout``). Configurations, alternated within
+each run:
 
   per-request calls  one actor call to place and one to release each
-                     request (the round trips of the path before exchanges)
+                     request, and one per stats push (the round trips of
+                     the path before exchanges)
   exchange           RouterClient: calls, releases and heartbeats batched
-                     into one exchange per round trip per router
+                     into one exchange per round trip per router, over each
+                     router's stream (``router_stream``), as are the pushes
+  exchange, actor calls   the same, each exchange and each stats push one
+                     Ray actor call (the path before the routers' streams,
+                     and their fallback)
 with 1 or 2 routers (the 2 models of the workload on different routers)
 and 1 or 2 ingress processes, and one ingress of 128 callers (an ingress
 with more requests in flight batches more per round trip). Each caller
@@ -36,6 +42,7 @@ import ray
 
 from splitserve.cluster.serve.router_actor import RouterActor
 from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_fanout import RouterFanout
 from splitserve.cluster.serve.router_names import router_order
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import DecodeStats, EngineLoad, PrefillStats
@@ -62,10 +69,12 @@ class Config:
     ingresses: int
     batched: bool
     callers: int | None = None  # per ingress; None: the run's --callers
+    stream: bool = True  # exchanges over the routers' streams, else actor calls
 
 
 CONFIGS = (
-    Config("per-request calls, 1 router, 1 ingress", 1, 1, False),
+    Config("per-request calls, 1 router, 1 ingress", 1, 1, False, stream=False),
+    Config("exchange, actor calls, 1 router, 1 ingress", 1, 1, True, stream=False),
     Config("exchange, 1 router, 1 ingress", 1, 1, True),
     Config("exchange, 2 routers, 1 ingress", 2, 1, True),
     Config("exchange, 1 router, 2 ingresses", 1, 2, True),
@@ -101,10 +110,14 @@ def report_of(s, stored: tuple[int, ...]) -> StatsReport:
 
 @ray.remote(num_cpus=0)
 class Pusher:
-    """Every replica's stats to every router once per stats period."""
+    """Every replica's stats to every router once per stats period, each
+    replica through a RouterFanout of its own, as workers push (over the
+    routers' streams, or with ``stream`` False as actor calls)."""
 
-    def __init__(self, routers: list, reports: list[StatsReport]):
+    def __init__(self, routers: list, reports: list[StatsReport], stream: bool = True):
         self.routers, self.reports = routers, reports
+        self.fanouts = [RouterFanout(len(routers), handles=routers, stream=stream)
+                        for _ in reports]
         self.pushes = 0
 
     async def run(self, seconds: float) -> int:
@@ -113,11 +126,12 @@ class Pusher:
         deltas = [msgspec.structs.replace(r, stored=(), snapshot=False) for r in self.reports]
         while time.monotonic() < end:
             t = time.monotonic()
-            refs = [router.update_stats.remote(msgspec.structs.replace(r, updated_at=time.time()))
-                    for r in deltas for router in self.routers]
-            await asyncio.gather(*refs)
-            self.pushes += len(refs)
+            await asyncio.gather(*(f.push(msgspec.structs.replace(r, updated_at=time.time()), 5.0)
+                                   for f, r in zip(self.fanouts, deltas)))
+            self.pushes += len(deltas) * len(self.routers)
             await asyncio.sleep(max(0.0, STATS_PERIOD_S - (time.monotonic() - t)))
+        for f in self.fanouts:
+            f.close()
         return self.pushes
 
 
@@ -127,8 +141,9 @@ class IngressSim:
 
     async def run(self, routers: list, models: list[str], requests: list, callers: int,
                   warmup_s: float, measure_s: float, batched: bool,
-                  router_pids: list[int]) -> dict:
-        client = RouterClient(len(routers), STATS_PERIOD_S, models=models, handles=routers)
+                  router_pids: list[int], stream: bool = True) -> dict:
+        client = RouterClient(len(routers), STATS_PERIOD_S, models=models, handles=routers,
+                              stream=stream)
         holder = f"bench-{os.getpid()}"
         t0 = time.perf_counter()
         start, end = t0 + warmup_s, t0 + warmup_s + measure_s
@@ -182,7 +197,8 @@ class IngressSim:
         lat.sort()
         pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else 0.0  # noqa: E731
         return {"placements": len(lat), "refused": refused, "p50_ms": pick(0.5),
-                "p99_ms": pick(0.99), "exchanges": client.counts["exchanges"], "cpu_s": cpu,
+                "p99_ms": pick(0.99), "exchanges": client.counts["exchanges"],
+                "stream_exchanges": client.counts["stream_exchanges"], "cpu_s": cpu,
                 "router_cpu_s": router_cpu}
 
 
@@ -193,13 +209,13 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
     # every replica's first push, its whole cache, before the clock starts
     ray.get([r.update_stats.remote(msgspec.structs.replace(rep, updated_at=time.time()))
              for rep in reports for r in routers])
-    pusher = Pusher.remote(routers, reports)
+    pusher = Pusher.remote(routers, reports, cfg.stream)
     pushing = pusher.run.remote(warmup_s + measure_s + 1.0)
     sims = [IngressSim.remote() for _ in range(cfg.ingresses)]
     pids = ray.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in routers])
     ray.get([s.__ray_call__.remote(lambda self: None) for s in sims])  # all started
     outs = ray.get([s.run.remote(routers, models, requests, callers, warmup_s, measure_s,
-                                 cfg.batched, pids) for s in sims])
+                                 cfg.batched, pids, cfg.stream) for s in sims])
     router_cpu = outs[0]["router_cpu_s"]  # over the first ingress's window
     pushes = ray.get(pushing)
     counters = ray.get([r.counters.remote() for r in routers])
@@ -208,7 +224,10 @@ def measure(cfg: Config, router_cfg: RouterConfig, reports: list[StatsReport], r
     placed = sum(o["placements"] for o in outs)
     return {"config": cfg.label, "routers": cfg.routers, "ingresses": cfg.ingresses,
             "callers_per_ingress": callers,
-            "batched": cfg.batched, "placements_per_s": placed / measure_s,
+            "batched": cfg.batched, "stream": cfg.batched and cfg.stream,
+            "exchanges": sum(o["exchanges"] for o in outs),
+            "stream_exchanges": sum(o["stream_exchanges"] for o in outs),
+            "placements_per_s": placed / measure_s,
             "p50_ms": max(o["p50_ms"] for o in outs), "p99_ms": max(o["p99_ms"] for o in outs),
             "refused": sum(o["refused"] for o in outs), "stats_pushes": pushes,
             "router_cpu_s": router_cpu, "ingress_cpu_s": sum(o["cpu_s"] for o in outs),

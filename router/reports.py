@@ -76,3 +76,18 @@ def replica_stats(report: StatsReport) -> PrefillReplicaStats | DecodeReplicaSta
         healthy=report.healthy, draining=report.draining, node_id=info.node_id,
         updated_at=report.updated_at, adapters=frozenset(e.adapters),
         host_adapters=frozenset(e.host_adapters))
+
+
+_REPORT = msgspec.msgpack.Decoder(StatsReport)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode_report(report: StatsReport) -> bytes:
+    """A push as it travels over a router stream (msgpack)."""
+    return _ENCODER.encode(report)
+
+
+def decode_report(data: bytes) -> StatsReport:
+    """Raises msgspec.ValidationError / DecodeError on anything that is not
+    exactly one ``StatsReport``."""
+    return _REPORT.decode(data)

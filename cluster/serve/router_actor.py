@@ -41,13 +41,14 @@ from splitserve.cluster.observability.metrics import RouterMetrics, render_prome
 from splitserve.cluster.serve import router_state
 from splitserve.cluster.serve.router_names import MAX_ROUTERS, NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_spans import RouterSpans
-from splitserve.cluster.serve.router_stream import ExchangeServer, StreamEndpoint
+from splitserve.cluster.serve.router_stream import (EXCHANGE, STATS, RouterStreamServer,
+                                                     StreamEndpoint)
 from splitserve.cluster.serve.ticker import Ticker
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
 from splitserve.router.exchange import Exchange, ExchangeReply, Outcome
 from splitserve.router.exchange_codec import decode_exchange, encode_reply, encode_resolved
-from splitserve.router.reports import ReplicaInfo, StatsReport, replica_stats
+from splitserve.router.reports import ReplicaInfo, StatsReport, decode_report, replica_stats
 from splitserve.router.service import RouterService
 from splitserve.router.types import UnknownModelError
 
@@ -77,7 +78,7 @@ class RouterActor:
         self._wakeups: dict[str, asyncio.Event] = {}  # holder -> its waiting poll
         self._last_prune = 0.0
         self._persist = False  # a cluster's named router keeps its state (router_state)
-        self._stream: ExchangeServer | None = None  # exchanges over TCP, once asked for
+        self._stream: RouterStreamServer | None = None  # exchanges and pushes over TCP
         cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
 
@@ -213,14 +214,20 @@ class RouterActor:
         return encode_reply(reply)
 
     async def endpoint(self) -> StreamEndpoint:
-        """Where this router takes exchanges over TCP, and the token a
-        connection must open with (``router_stream``); it starts listening
-        on its node's address at the first ask."""
+        """Where this router takes exchanges and stats pushes over TCP, and
+        the token a connection must open with (``router_stream``); it starts
+        listening on its node's address at the first ask."""
         self._ticker.ensure()
         if self._stream is None:
             host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            self._stream = ExchangeServer(self._exchange_encoded, host)
+            self._stream = RouterStreamServer({EXCHANGE: self._exchange_encoded,
+                                               STATS: self._update_stats_encoded}, host)
         return await self._stream.start()
+
+    def _update_stats_encoded(self, data: bytes) -> bytes:
+        """``update_stats`` of a msgpack ``StatsReport`` (a push over the
+        stream): one byte back, 1 when the next push must be a snapshot."""
+        return b"\x01" if self.update_stats(decode_report(data)) else b"\x00"
 
     async def poll(self, holder: str, timeout_s: float,
                    encoded: bool = False) -> list[tuple[str, Outcome]] | bytes:

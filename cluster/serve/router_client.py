@@ -49,7 +49,7 @@ import msgspec
 
 from splitserve.cluster.serve.router_names import NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_queries import RouterQueries
-from splitserve.cluster.serve.router_stream import ExchangeStream
+from splitserve.cluster.serve.router_stream import EXCHANGE, RouterStream
 from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
                                         RouteCall, RouterUnavailableError)
 from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
@@ -98,7 +98,7 @@ class _Link:
     inflight: int = 0
     task: asyncio.Task | None = None
     poller: asyncio.Task | None = None
-    stream: ExchangeStream | None = None  # exchanges go here when open
+    stream: RouterStream | None = None  # exchanges go here when open
     stream_retry_at: float = 0.0  # monotonic: no stream before then (actor calls)
     opening: asyncio.Lock | None = None  # one stream opened at a time
 
@@ -374,7 +374,7 @@ class RouterClient:
                 self._poke(link)
         return reply
 
-    async def _stream(self, link: _Link) -> ExchangeStream | None:
+    async def _stream(self, link: _Link) -> RouterStream | None:
         """The link's open exchange stream, opened if due; None: actor calls
         (streams are off, or the last try failed less than STREAM_RETRY_S ago)."""
         if link.stream is not None and not link.stream.closed:
@@ -387,7 +387,7 @@ class RouterClient:
             try:
                 handle = await self._handle(link)
                 endpoint = await asyncio.wait_for(handle.endpoint.remote(), self.call_timeout_s)
-                link.stream = await ExchangeStream.open(endpoint, self.call_timeout_s)
+                link.stream = await RouterStream.open(endpoint, EXCHANGE, self.call_timeout_s)
             except Exception as e:  # noqa: BLE001 - actor calls still work (or fail on their own)
                 log.info("router %d: no exchange stream (%r); actor calls for %.0f s",
                          link.index, e, STREAM_RETRY_S)

@@ -1,15 +1,18 @@
-"""The exchange stream: an ingress's exchanges with a router actor over one
-TCP connection, instead of one Ray actor call each.
+"""Router streams: an ingress's exchanges with a router actor, and a worker
+replica's stats pushes to it, over one TCP connection each instead of one
+Ray actor call per message.
 
 A Ray actor call costs the router 0.6 to 1.3 ms of CPU whatever it carries
 (its task machinery, the hand-over between Ray's thread and the actor's
 event loop), against about 60 us per placement: at 32 requests per
-exchange that was a third of the router's time. A framed round trip on an
-open connection costs it about 30 us. So each router actor also listens
-on a TCP port of its node (``ExchangeServer``), and ``RouterClient`` sends
-its exchanges there (``ExchangeStream``), the same msgpack bytes
-(``splitserve.router.exchange_codec``) as the actor call carries. Polls,
-stats pushes and operator queries stay Ray calls.
+exchange that was a third of the router's time, and every replica's push
+every stats period another tenth. A framed round trip on an open
+connection costs it about 30 us. So each router actor also listens on a
+TCP port of its node (``RouterStreamServer``); ``RouterClient`` sends its
+exchanges there and ``RouterFanout`` its pushes (``RouterStream``), the
+same msgpack bytes (``splitserve.router.exchange_codec``, a
+``StatsReport`` for a push) as the actor calls would carry. Polls,
+goodbyes and operator queries stay Ray calls.
 
 Authenticated: the router draws a random token (``TOKEN_BYTES``) when it
 starts listening and hands it out only through its actor method
@@ -22,11 +25,14 @@ prompt's text.
 
 Wire, version ``VERSION``:
 
-  client -> router  hello: MAGIC (4 bytes) | version (1 byte) | token
+  client -> router  hello: MAGIC (4 bytes) | version (1 byte) | kind (1 byte) | token
   router -> client  MAGIC | version            (the token matched)
   then, in turn     frame: length (4 bytes, big-endian) | that many bytes
 
-one reply frame per request frame, in order. A frame over
+one reply frame per request frame, in order; ``kind`` says what every
+frame of the connection is (``EXCHANGE``: an exchange, answered with its
+reply; ``STATS``: a stats push, answered with one byte, 1 when the router
+needs a snapshot of the replica's cache). A frame over
 ``MAX_FRAME_BYTES``, a wrong hello or a request the router cannot decode
 ends the connection; the client takes any break as it takes a failed
 actor call (``RouterClient`` marks the router down and probes it again).
@@ -42,21 +48,22 @@ import logging
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 log = logging.getLogger("splitserve.router_stream")
 
 MAGIC = b"SSRX"
 VERSION = 1
+EXCHANGE, STATS = 1, 2  # what a connection carries (the hello's kind)
 TOKEN_BYTES = 32
-HELLO_BYTES = len(MAGIC) + 1 + TOKEN_BYTES
+HELLO_BYTES = len(MAGIC) + 2 + TOKEN_BYTES
 MAX_FRAME_BYTES = 64 << 20  # an exchange of 512 calls of 64k-token prompts is ~16 MiB
 HELLO_TIMEOUT_S = 5.0  # a connection that does not say hello in time is closed
 _LEN = struct.Struct(">I")
 
 
 class StreamError(ConnectionError):
-    """The exchange stream broke or the peer does not speak it."""
+    """The router stream broke or the peer does not speak it."""
 
 
 class HandshakeError(StreamError):
@@ -77,22 +84,24 @@ class StreamEndpoint:
     version: int = VERSION
 
 
-def hello(token: bytes) -> bytes:
+def hello(token: bytes, kind: int) -> bytes:
     """The client's first bytes."""
     if len(token) != TOKEN_BYTES:
         raise HandshakeError(f"a stream token is {TOKEN_BYTES} bytes, got {len(token)}")
-    return MAGIC + bytes((VERSION,)) + token
+    return MAGIC + bytes((VERSION, kind)) + token
 
 
-def check_hello(data: bytes, token: bytes) -> None:
-    """Raises HandshakeError unless ``data`` is ``hello(token)``."""
+def check_hello(data: bytes, token: bytes) -> int:
+    """The connection's kind; raises HandshakeError unless ``data`` is
+    ``hello(token, kind)``. The kind is the server's to check."""
     if len(data) != HELLO_BYTES or data[:len(MAGIC)] != MAGIC:
-        raise HandshakeError("not an exchange stream hello")
+        raise HandshakeError("not a router stream hello")
     if data[len(MAGIC)] != VERSION:
-        raise HandshakeError(f"exchange stream version {data[len(MAGIC)]}, this router speaks "
+        raise HandshakeError(f"router stream version {data[len(MAGIC)]}, this router speaks "
                              f"{VERSION}")
-    if not hmac.compare_digest(data[len(MAGIC) + 1:], token):
-        raise HandshakeError("wrong exchange stream token")
+    if not hmac.compare_digest(data[len(MAGIC) + 2:], token):
+        raise HandshakeError("wrong router stream token")
+    return data[len(MAGIC) + 1]
 
 
 def frame(payload: bytes) -> bytes:
@@ -112,18 +121,18 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
             raise FrameTooLargeError(f"frame of {n} bytes announced; the limit is {max_bytes}")
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError as e:
-        raise StreamError(f"exchange stream ended ({len(e.partial)} bytes of "
+        raise StreamError(f"router stream ended ({len(e.partial)} bytes of "
                           f"{e.expected} read)") from None
 
 
-class ExchangeServer:
-    """The router's side: answers each frame with ``answer(frame)`` on the
-    event loop that started it (the router actor's, where every other
-    method of the router runs, so its state is still changed by one call
-    at a time)."""
+class RouterStreamServer:
+    """The router's side: answers each frame of a connection of kind k with
+    ``answers[k](frame)`` on the event loop that started it (the router
+    actor's, where every other method of the router runs, so its state is
+    still changed by one call at a time)."""
 
-    def __init__(self, answer: Callable[[bytes], bytes], host: str):
-        self._answer = answer
+    def __init__(self, answers: Mapping[int, Callable[[bytes], bytes]], host: str):
+        self._answers = dict(answers)
         self._host = host
         self._server: asyncio.base_events.Server | None = None
         self._endpoint: StreamEndpoint | None = None
@@ -143,9 +152,12 @@ class ExchangeServer:
         try:
             data = await asyncio.wait_for(reader.readexactly(HELLO_BYTES), HELLO_TIMEOUT_S)
             try:
-                check_hello(data, self._endpoint.token)
+                kind = check_hello(data, self._endpoint.token)
+                answer = self._answers.get(kind)
+                if answer is None:
+                    raise HandshakeError(f"no router stream of kind {kind}")
             except HandshakeError as e:
-                log.warning("exchange stream from %s refused: %s", peer, e)
+                log.warning("router stream from %s refused: %s", peer, e)
                 if data[:len(MAGIC)] == MAGIC and data[len(MAGIC)] != VERSION:
                     # another version: say which this is (no token was checked)
                     writer.write(MAGIC + bytes((VERSION,)))
@@ -153,13 +165,13 @@ class ExchangeServer:
             writer.write(MAGIC + bytes((VERSION,)))
             while True:
                 request = await read_frame(reader)
-                writer.write(frame(self._answer(request)))
+                writer.write(frame(answer(request)))
                 if writer.transport.get_write_buffer_size() > MAX_FRAME_BYTES:
                     await writer.drain()  # a client that sends without reading waits
         except (StreamError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
             pass  # the client went away (or never said hello): nothing to answer
         except Exception:  # noqa: BLE001 - a request the router cannot take ends its stream
-            log.exception("exchange stream from %s: request failed; closing it", peer)
+            log.exception("router stream from %s: request failed; closing it", peer)
         finally:
             self._writers.discard(writer)
             writer.close()
@@ -171,7 +183,7 @@ class ExchangeServer:
             w.close()
 
 
-class ExchangeStream:
+class RouterStream:
     """The client's side: one connection to one router, one request at a
     time (``call`` holds a lock from its frame out to its reply in)."""
 
@@ -181,16 +193,16 @@ class ExchangeStream:
         self.closed = False
 
     @classmethod
-    async def open(cls, endpoint: StreamEndpoint, timeout_s: float) -> ExchangeStream:
+    async def open(cls, endpoint: StreamEndpoint, kind: int, timeout_s: float) -> RouterStream:
         """Connect and say hello; raises HandshakeError when the router does
         not answer it in kind, OSError / TimeoutError when unreachable."""
         if endpoint.version != VERSION:
-            raise HandshakeError(f"the router speaks exchange stream version {endpoint.version}, "
+            raise HandshakeError(f"the router speaks router stream version {endpoint.version}, "
                                  f"this client {VERSION}")
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(endpoint.host, endpoint.port), timeout_s)
         try:
-            writer.write(hello(endpoint.token))
+            writer.write(hello(endpoint.token, kind))
             try:
                 answer = await asyncio.wait_for(reader.readexactly(len(MAGIC) + 1), timeout_s)
             except asyncio.IncompleteReadError as e:
@@ -208,7 +220,7 @@ class ExchangeStream:
         (including cancellation mid-call) closes the stream: a reply may
         still be on its way, and the next call must not read it."""
         if self.closed:
-            raise StreamError("exchange stream is closed")
+            raise StreamError("router stream is closed")
         async with self._lock:
             try:
                 self._writer.write(frame(payload))

@@ -284,6 +284,7 @@ class WorkerServer:
             # refuses new RPCs (clients place them again), lets running ones end
             await self.server.stop(2.0)
             self._push_task.cancel()
+            self.router.close()  # its streams to the routers
             await self.worker.stop()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass

@@ -1,19 +1,23 @@
-"""The exchange stream (``cluster/serve/router_stream.py``): its framing and
+"""The router stream (``cluster/serve/router_stream.py``): its framing and
 hello, a real server and client on 127.0.0.1, and RouterClient placing
 through a router actor's stream (the actor called in process, no Ray)."""
 
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from splitserve.cluster.serve import router_stream as rs
 from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.cluster.serve.router_fanout import RouterFanout
 from splitserve.cluster.serve.router_names import router_order
 from splitserve.router.exchange import Exchange, RouteCall
 from splitserve.router.exchange_codec import decode_reply, encode_exchange
+from splitserve.router.reports import decode_report, encode_report
 from splitserve.router.types import Placement
-from tests.unit.test_router_client import FakeRouter, place, req
+from tests.unit.test_router_actor import prefill
+from tests.unit.test_router_client import FakeRouter, _Method, place, req
 
 TOKEN = bytes(range(rs.TOKEN_BYTES))
 
@@ -56,19 +60,19 @@ def test_an_oversized_frame_is_refused_before_its_body_is_read():
 
 
 def test_hello_is_checked_for_protocol_version_and_token():
-    good = rs.hello(TOKEN)
+    good = rs.hello(TOKEN, rs.STATS)
     assert len(good) == rs.HELLO_BYTES
-    rs.check_hello(good, TOKEN)
-    with pytest.raises(rs.HandshakeError, match="not an exchange stream"):
-        rs.check_hello(b"GET / HTTP/1.1\r\n" + bytes(21), TOKEN)
-    with pytest.raises(rs.HandshakeError, match="not an exchange stream"):
+    assert rs.check_hello(good, TOKEN) == rs.STATS
+    with pytest.raises(rs.HandshakeError, match="not a router stream"):
+        rs.check_hello(b"GET / HTTP/1.1\r\n" + bytes(22), TOKEN)
+    with pytest.raises(rs.HandshakeError, match="not a router stream"):
         rs.check_hello(good[:-1], TOKEN)
     with pytest.raises(rs.HandshakeError, match="version 9"):
-        rs.check_hello(rs.MAGIC + b"\x09" + TOKEN, TOKEN)
-    with pytest.raises(rs.HandshakeError, match="wrong exchange stream token"):
-        rs.check_hello(rs.hello(bytes(rs.TOKEN_BYTES)), TOKEN)
+        rs.check_hello(rs.MAGIC + b"\x09\x01" + TOKEN, TOKEN)
+    with pytest.raises(rs.HandshakeError, match="wrong router stream token"):
+        rs.check_hello(rs.hello(bytes(rs.TOKEN_BYTES), rs.EXCHANGE), TOKEN)
     with pytest.raises(rs.HandshakeError, match="32 bytes"):
-        rs.hello(b"short")
+        rs.hello(b"short", rs.EXCHANGE)
 
 
 # -- a real server and client -----------------------------------------------------------
@@ -80,10 +84,10 @@ def _echo(data: bytes) -> bytes:
 
 def test_calls_over_a_real_connection_and_a_bad_request_ends_only_its_stream():
     async def main():
-        server = rs.ExchangeServer(_echo, "127.0.0.1")
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1")
         ep = await server.start()
         assert await server.start() is ep  # listens once
-        stream = await rs.ExchangeStream.open(ep, 2.0)
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0)
         assert [await stream.call(b"abc"), await stream.call(bytes(100000))] == [b"cba",
                                                                                   bytes(100000)]
         both = await asyncio.gather(stream.call(b"12"), stream.call(b"34"))  # one at a time
@@ -93,7 +97,7 @@ def test_calls_over_a_real_connection_and_a_bad_request_ends_only_its_stream():
         assert stream.closed
         with pytest.raises(rs.StreamError, match="closed"):
             await stream.call(b"abc")
-        again = await rs.ExchangeStream.open(ep, 2.0)
+        again = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0)
         assert await again.call(b"xy") == b"yx"
         again.close()
         server.close()
@@ -103,18 +107,19 @@ def test_calls_over_a_real_connection_and_a_bad_request_ends_only_its_stream():
 def test_a_connection_without_the_token_gets_nothing():
     async def main():
         served = []
-        server = rs.ExchangeServer(lambda d: served.append(d) or d, "127.0.0.1")
+        server = rs.RouterStreamServer({rs.EXCHANGE: lambda d: served.append(d) or d}, "127.0.0.1")
         ep = await server.start()
         wrong = rs.StreamEndpoint(ep.host, ep.port, bytes(rs.TOKEN_BYTES))
         with pytest.raises(rs.HandshakeError, match="closed the stream at its hello"):
-            await rs.ExchangeStream.open(wrong, 2.0)
+            await rs.RouterStream.open(wrong, rs.EXCHANGE, 2.0)
         # a raw client that skips the hello and sends a frame is closed unanswered
         reader, writer = await asyncio.open_connection(ep.host, ep.port)
         writer.write(rs.frame(b"x" * 64))
         assert await asyncio.wait_for(reader.read(), 2.0) == b""
         writer.close()
         with pytest.raises(rs.HandshakeError, match="version 2"):
-            await rs.ExchangeStream.open(rs.StreamEndpoint(ep.host, ep.port, ep.token, 2), 2.0)
+            await rs.RouterStream.open(rs.StreamEndpoint(ep.host, ep.port, ep.token, 2), rs.EXCHANGE,
+                                        2.0)
         assert served == []
         server.close()
     asyncio.run(main())
@@ -122,10 +127,10 @@ def test_a_connection_without_the_token_gets_nothing():
 
 def test_an_oversized_frame_closes_the_connection():
     async def main():
-        server = rs.ExchangeServer(_echo, "127.0.0.1")
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1")
         ep = await server.start()
         reader, writer = await asyncio.open_connection(ep.host, ep.port)
-        writer.write(rs.hello(ep.token))
+        writer.write(rs.hello(ep.token, rs.EXCHANGE))
         assert await reader.readexactly(5) == rs.MAGIC + bytes((rs.VERSION,))
         writer.write((rs.MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
         assert await asyncio.wait_for(reader.read(), 2.0) == b""
@@ -166,7 +171,7 @@ def test_the_router_answers_the_same_bytes_on_its_stream_as_to_an_actor_call():
     async def main():
         ep = await router.actor.endpoint()
         assert ep.host == "127.0.0.1"  # no Ray here; a cluster's router listens on its node IP
-        stream = await rs.ExchangeStream.open(ep, 2.0)
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0)
         now = time.time()
         ex = Exchange("h", calls=(RouteCall("l1", req(1), now, now),))
         reply = decode_reply(await stream.call(encode_exchange(ex)))
@@ -216,3 +221,57 @@ def test_client_uses_actor_calls_when_a_router_offers_no_stream():
     asyncio.run(main())
     assert client.counts["stream_exchanges"] == 0 and router.calls["exchange"] > 0
     assert router.counters()["in_flight"] == {"m": 0}
+
+
+def test_a_connection_of_an_unknown_kind_is_refused():
+    async def main():
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1")
+        ep = await server.start()
+        with pytest.raises(rs.HandshakeError, match="closed the stream at its hello"):
+            await rs.RouterStream.open(ep, rs.STATS, 2.0)
+        server.close()
+    asyncio.run(main())
+
+
+# -- stats pushes ------------------------------------------------------------------------
+def test_a_stats_report_round_trips_and_a_malformed_one_is_refused():
+    r = prefill(stored=[1, 2, 3])
+    assert decode_report(encode_report(r)) == r
+    with pytest.raises(msgspec.ValidationError):
+        decode_report(msgspec.msgpack.encode({"replica": "p0"}))
+    with pytest.raises(msgspec.DecodeError):
+        decode_report(b"\xc1")
+
+
+def test_pushes_go_over_the_stream_and_a_dead_router_is_asked_again():
+    routers = [StreamRouter(), StreamRouter()]
+    fanout = RouterFanout(2, handles=routers)
+
+    async def main():
+        calls = routers[0].calls
+        # a delta from a replica the routers do not know: they ask for a snapshot
+        assert await fanout.push(prefill(rid="p1", stored=[7, 8]), 2.0) is True
+        assert await fanout.push(prefill(rid="p1", stored=[9], snapshot=True), 2.0) is False
+        assert calls.get("update_stats", 0) == 0 and calls["endpoint"] == 1
+        routers[0].kill()
+        # the other router still takes it; the next push after the dead one is
+        # back must be a snapshot (it missed pushes)
+        assert await fanout.push(prefill(rid="p1", stored=[10]), 2.0) is False
+        routers[0].dead = False
+        routers[0].actor._stream = None  # restarted: it listens anew
+        assert await fanout.push(prefill(rid="p1", stored=[11]), 2.0) is True
+        assert calls["endpoint"] == 2 and calls.get("update_stats", 0) == 0
+        fanout.close()
+        for r in routers:
+            r.actor._stream.close()
+
+    asyncio.run(main())
+    assert routers[1].actor.cached_blocks() == {"d0": 0, "p0": 0, "p1": 3}
+
+
+def test_pushes_use_actor_calls_when_a_router_offers_no_stream():
+    router = FakeRouter()
+    router.update_stats = _Method(router, "update_stats")
+    fanout = RouterFanout(1, handles=[router])
+    assert asyncio.run(fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0)) is False
+    assert router.calls["update_stats"] == 1 and router.actor.cached_blocks()["p1"] == 1
