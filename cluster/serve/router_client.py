@@ -292,6 +292,7 @@ class RouterClient:
                     log.info("router %d is back", link.index)
                 except Exception:  # noqa: BLE001 - still down
                     link.retry_at = time.monotonic() + self.heartbeat_s
+                    link.stream_retry_at = 0.0  # its stream too, when it is back
                 continue
             if not (link.calls or link.releases or link.suspects):
                 try:

@@ -52,7 +52,7 @@ class RouterFanout:
         stream, self._streams[i] = self._streams[i], None
         if stream is not None:
             stream.close()
-            self._stream_retry_at[i] = 0.0  # it may have restarted: ask for its new one
+        self._stream_retry_at[i] = 0.0  # it may restart, listening anew: ask it again
 
     async def _stream(self, i: int, timeout_s: float) -> RouterStream | None:
         stream = self._streams[i]
