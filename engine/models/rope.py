@@ -17,7 +17,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:
@@ -54,6 +54,19 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _dynamic_ntk_inv_freq(cfg: ModelConfig, scaling: dict[str, Any],
+                          device: torch.device | str) -> torch.Tensor:
+    """Dynamic NTK: the base grows with the sequence once it is longer than
+    max_position_embeddings, and is the plain base up to that length. The
+    engine never runs a sequence past max_position (its max_model_len is
+    clamped to it), so one table computed at that length, with
+    transformers' formula, is exact for every sequence it serves."""
+    factor = float(_param(scaling, "factor", "dynamic"))
+    dim, seq_len = cfg.head_dim, cfg.max_position
+    base = cfg.rope_theta * ((factor * seq_len / cfg.max_position) - (factor - 1)) ** (dim / (dim - 2))
+    return _base_inv_freq(base, dim, device)
 
 
 def _yarn_inv_freq(
@@ -114,8 +127,8 @@ def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> 
         return _llama3_inv_freq(_base_inv_freq(cfg.rope_theta, cfg.head_dim, device), scaling), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(cfg, scaling, device)
-    # "dynamic" (NTK) recomputes frequencies from each batch's longest sequence,
-    # which a table shared by all sequences in a batch cannot express.
+    if kind == "dynamic":
+        return _dynamic_ntk_inv_freq(cfg, scaling, device), 1.0
     raise CheckpointError(
         f"config.json: rope scaling type {kind!r} is not supported; "
         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
