@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import CheckpointError
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import handoff_generate
@@ -82,4 +81,44 @@ def test_kv_handoff_keeps_parity(shape):
     _, path, _, prompts, want = shape
     src, dst = engine(path), engine(path, max_num_batched_tokens=64)
     assert handoff_generate(src, dst, prompts, GREEDY) == want
+    assert src.kv.all_free() and dst.kv.all_free()
+
+
+def test_context_shorter_than_requested_max_model_len(shape_checkpoints):
+    """max_position_embeddings 40: an engine asked for 1000 tokens of context
+    serves 40 (the RoPE table's rows), refuses what cannot fit, and stops
+    an open-ended generation at the 40th token with transformers' tokens."""
+    path = shape_checkpoints["short_context"]
+    assert shape_config("short_context")["max_position_embeddings"] == 40
+    eng = engine(path, max_model_len=1000)
+    assert eng.max_model_len == 40
+    prompt = prompts_for("short_context")[-1] + [3] * 8  # 30 tokens
+    out = eng.generate([prompt], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf_model(path), [prompt], 10)[0]
+    assert out.finish_reason == "length"
+    with pytest.raises(InvalidRequestError) as e:
+        eng.validate(prompt, SamplingParams(max_tokens=11))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError, match="context is 40 tokens"):
+        eng.validate([5] * 40, SamplingParams(max_tokens=1))
+    assert eng.kv.all_free()
+
+
+def test_fp8_kv_cache_at_head_dim_80(shape_checkpoints):
+    """An fp8 KV cache with single-KV-head, head_dim 80 attention tracks the
+    float32 cache as closely as at the common shape (test_fp8_kv_engine: the
+    tiny random models' close logits flip a few greedy first tokens), and
+    moves through a hand-off between two fp8 engines without changing a token."""
+    path = shape_checkpoints["hd80_mqa"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(512) for _ in range(rng.randrange(5, 40))] for _ in range(20)]
+    sp = SamplingParams(max_tokens=3, temperature=0.0, logprobs=5, ignore_eos=True)
+    full = engine(path).generate(prompts, sp)
+    src, dst = (engine(path, kv_cache_dtype="fp8", num_blocks=256) for _ in range(2))
+    assert src.runner.kv_cache.dtype == torch.float8_e4m3fn
+    fp8 = src.generate(prompts, sp)
+    assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(full, fp8)) >= 17
+    assert max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob) for a, b in zip(full, fp8)) < 0.3
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert handoff_generate(src, dst, prompts, greedy) == [r.token_ids for r in fp8]
     assert src.kv.all_free() and dst.kv.all_free()
