@@ -224,6 +224,16 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     theta = cfg.get("rope_theta") or (params or {}).get("rope_theta") or 10000.0
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)
+    if kind in ("llama3", "yarn", "longrope"):
+        # The pretraining length, where transformers finds it: a top-level
+        # original_max_position_embeddings wins over the dict's (Phi-3 style
+        # configs); with neither, max_position_embeddings.
+        top = cfg.get("original_max_position_embeddings")
+        if top is not None:
+            scaling["original_max_position_embeddings"] = top
+        elif scaling.get("original_max_position_embeddings") is None and \
+                cfg.get("max_position_embeddings") is not None:
+            scaling["original_max_position_embeddings"] = cfg["max_position_embeddings"]
     return float(theta), scaling
 
 

@@ -3,6 +3,7 @@ cover (tests.fixtures.shape_variants): prefill logits against transformers
 in float32, and greedy generation through the engine with a paged cache,
 chunked prefill, prefix-cache hits and a KV hand-off into a second engine."""
 
+import json
 import random
 
 import pytest
@@ -122,3 +123,56 @@ def test_fp8_kv_cache_at_head_dim_80(shape_checkpoints):
     greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     assert handoff_generate(src, dst, prompts, greedy) == [r.token_ids for r in fp8]
     assert src.kv.all_free() and dst.kv.all_free()
+
+
+def with_config(src, out, edit) -> str:
+    """A checkpoint folder with ``src``'s files (linked) and its config.json
+    changed by ``edit(config)``."""
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _legacy_rope(scaling: dict, top_level: dict):
+    def edit(cfg):
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params["rope_theta"]
+        cfg["rope_scaling"] = scaling
+        cfg.update(top_level)
+    return edit
+
+
+# transformers-4 layouts whose pretraining length is not in the scaling dict:
+# transformers takes a top-level original_max_position_embeddings (Phi-3
+# style, which wins over the dict's) or else max_position_embeddings
+LEGACY_ROPE = {
+    "yarn_from_max_position": ("rope_yarn", {"type": "yarn", "factor": 4.0}, {}),
+    "yarn_top_level_original": ("rope_yarn", {"type": "yarn", "factor": 4.0},
+                                {"original_max_position_embeddings": 64}),
+    "yarn_top_level_wins": ("rope_yarn", {"type": "yarn", "factor": 4.0,
+                                          "original_max_position_embeddings": 128},
+                            {"original_max_position_embeddings": 32}),
+    "llama3_from_max_position": ("rope_llama3_hd80", {"rope_type": "llama3", "factor": 8.0,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+                                 {"rope_theta": 500000.0}),
+}
+
+
+@pytest.mark.parametrize("case", LEGACY_ROPE)
+def test_rope_pretraining_length_found_where_transformers_finds_it(shape_checkpoints, tmp_path, case):
+    shape, scaling, top = LEGACY_ROPE[case]
+    path = with_config(shape_checkpoints[shape], tmp_path / case, _legacy_rope(scaling, top))
+    model = hf_model(path)
+    prompt = prompts_for(shape)[-1]
+    eng = engine(path, max_num_batched_tokens=64)
+    eng.add_request("x", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, temperature=0.0))
+    sched = eng.scheduler.schedule()
+    logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1].float()
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
