@@ -176,3 +176,28 @@ def test_rope_pretraining_length_found_where_transformers_finds_it(shape_checkpo
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1].float()
     torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_and_handoff_at_head_dim_80(shape_checkpoints):
+    """bf16 weights, activations and KV cache (one KV head of head_dim 80,
+    vocabulary past the tokenizer): logits within bf16 rounding of
+    transformers' float32, and the hand-off of a bf16 cache changes no token."""
+    name = "bf16_mqa_hd80_vocab_1000"
+    path = shape_checkpoints[name]
+    prompts = prompts_for(name)
+    model = hf_model(path)
+    eng = engine(path, dtype="bfloat16", max_num_batched_tokens=64)
+    assert eng.runner.kv_cache.dtype == torch.bfloat16
+    for p in prompts:
+        eng.add_request("x", prompt_token_ids=p, params=SamplingParams(max_tokens=1, temperature=0.0))
+        sched = eng.scheduler.schedule()
+        logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
+        eng.scheduler.commit(sched)
+        with torch.no_grad():
+            ref = model(torch.tensor([p])).logits[0, -1].float()
+        torch.testing.assert_close(logits[0], ref, atol=0.3, rtol=0)
+        eng.abort("x")
+    alone = [r.token_ids for r in eng.generate(prompts, GREEDY)]
+    src, dst = (engine(path, dtype="bfloat16", max_num_batched_tokens=64) for _ in range(2))
+    assert handoff_generate(src, dst, prompts, GREEDY) == alone
+    assert src.kv.all_free() and dst.kv.all_free()
