@@ -234,6 +234,11 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         elif scaling.get("original_max_position_embeddings") is None and \
                 cfg.get("max_position_embeddings") is not None:
             scaling["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    # Rotary over part of each head: kept with the scaling (a top-level key in
+    # transformers < 5) so splitserve.engine.models.rope refuses it at load.
+    partial = (params or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        scaling = {**(scaling or {"rope_type": "default"}), "partial_rotary_factor": float(partial)}
     return float(theta), scaling
 
 

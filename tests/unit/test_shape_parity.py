@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.errors import CheckpointError, InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import handoff_generate
@@ -201,3 +202,17 @@ def test_bf16_compute_and_handoff_at_head_dim_80(shape_checkpoints):
     src, dst = (engine(path, dtype="bfloat16", max_num_batched_tokens=64) for _ in range(2))
     assert handoff_generate(src, dst, prompts, GREEDY) == alone
     assert src.kv.all_free() and dst.kv.all_free()
+
+
+@pytest.mark.parametrize("layout", ["top_level", "rope_parameters"])
+def test_partial_rotary_is_refused_at_load(shape_checkpoints, tmp_path, layout):
+    """Rotary over part of each head is not implemented: a clear error at
+    load, whichever layout the config writes it in, never a full rotation."""
+    def edit(cfg):
+        if layout == "top_level":
+            cfg["partial_rotary_factor"] = 0.5
+        else:
+            cfg["rope_parameters"]["partial_rotary_factor"] = 0.5
+    path = with_config(shape_checkpoints["mqa"], tmp_path / layout, edit)
+    with pytest.raises(CheckpointError, match="partial_rotary_factor != 1 is not supported"):
+        load_checkpoint(path)
