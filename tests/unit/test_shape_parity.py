@@ -216,3 +216,22 @@ def test_partial_rotary_is_refused_at_load(shape_checkpoints, tmp_path, layout):
     path = with_config(shape_checkpoints["mqa"], tmp_path / layout, edit)
     with pytest.raises(CheckpointError, match="partial_rotary_factor != 1 is not supported"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["hd80_mqa", "inter_100", "qwen3_tied_hd32"])
+def test_lora_on_unusual_shapes_matches_peft(shape_checkpoints, tmp_path, name):
+    """A PEFT adapter on every projection of a model with one KV head of
+    head_dim 80, an MLP 100 wide, or Qwen3 q/k norms over head_dim 32 with
+    tied embeddings: greedy tokens equal PEFT's, also across a hand-off."""
+    pytest.importorskip("peft")
+    from tests.fixtures.lora_adapters import build_adapter, peft_model
+
+    base = shape_checkpoints[name]
+    adapter = build_adapter(base, tmp_path / "adapter", seed=5, r=4, target_modules="all-linear")
+    prompts = prompts_for(name)
+    want = hf_greedy(peft_model(base, adapter), prompts, MAX_NEW)
+    src, dst = (engine(base, max_loras=1, max_lora_rank=8, num_blocks=128) for _ in range(2))
+    ref = src.add_adapter("a", str(adapter))
+    assert [r.token_ids for r in src.generate(prompts, GREEDY, adapters=["a"] * len(prompts))] == want
+    assert handoff_generate(src, dst, prompts, GREEDY, adapters=[ref] * len(prompts)) == want
+    assert src.kv.all_free() and dst.kv.all_free()
