@@ -90,6 +90,11 @@ class LLMEngine:
             self.model_cfg.max_position,
             num_blocks * cfg.block_size,
         )
+        if cfg.max_model_len and cfg.max_model_len > self.model_cfg.max_position:
+            # RoPE tables end at max_position_embeddings: positions past it have no rotation
+            log.warning("max_model_len %d is past the model's max_position_embeddings %d: "
+                        "serving %d tokens of context", cfg.max_model_len,
+                        self.model_cfg.max_position, self.max_model_len)
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_cfg.eos_token_ids)
         if gen_eos is not None:

@@ -86,14 +86,16 @@ def test_kv_handoff_keeps_parity(shape):
     assert src.kv.all_free() and dst.kv.all_free()
 
 
-def test_context_shorter_than_requested_max_model_len(shape_checkpoints):
+def test_context_shorter_than_requested_max_model_len(shape_checkpoints, caplog):
     """max_position_embeddings 40: an engine asked for 1000 tokens of context
     serves 40 (the RoPE table's rows), refuses what cannot fit, and stops
     an open-ended generation at the 40th token with transformers' tokens."""
     path = shape_checkpoints["short_context"]
     assert shape_config("short_context")["max_position_embeddings"] == 40
-    eng = engine(path, max_model_len=1000)
+    with caplog.at_level("WARNING", logger="splitserve.engine"):
+        eng = engine(path, max_model_len=1000)
     assert eng.max_model_len == 40
+    assert "max_model_len 1000 is past the model's max_position_embeddings 40" in caplog.text
     prompt = prompts_for("short_context")[-1] + [3] * 8  # 30 tokens
     out = eng.generate([prompt], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf_model(path), [prompt], 10)[0]
