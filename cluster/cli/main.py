@@ -102,8 +102,10 @@ def _add_serve(sub) -> None:
                                    "the embedded default model (small, trained), with one prefill "
                                    "and one decode replica. Flags override the file's keys.")
     add_serve_flags(p)
-    p.add_argument("--address", default=None, help="join a running Ray cluster instead")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="join a running Ray cluster instead (default: start one here)")
+    p.add_argument("--num-cpus", type=positive(int), default=None, metavar="N",
+                   help="CPUs of the local Ray node (default: this machine's, at least 4)")
     p.add_argument("--smoke", action="store_true",
                    help="send one request through each API once ready, print it, and exit")
     p.set_defaults(func=cmd_serve)
@@ -131,6 +133,13 @@ def cmd_serve(args) -> int:
     ep = cfg.endpoints
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:
+        from splitserve.cluster.cli.common import check_reachable
+
+        try:
+            check_reachable(args.address)
+        except ConnectionError as e:
+            print(f"error: --address: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+            return 1
         ray.init(address=args.address, namespace="splitserve", log_to_driver=False)
     else:
         # a single-machine cluster: workers talk over loopback only

@@ -147,7 +147,25 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         data["auth"]["api_keys"] = list(args.api_key)
     if args.transport is not None:
         data["transfer"]["transport"] = args.transport
-    return parse_config(data, "command line")
+    try:
+        return parse_config(data, "command line")
+    except ConfigError as e:
+        raise ConfigError(_name_flags(str(e), args)) from None
+
+
+def _name_flags(message: str, args: argparse.Namespace) -> str:
+    """``command line: endpoints.http_port: ...`` -> ``command line: --port
+    (endpoints.http_port): ...`` for each key a flag given set."""
+    flags = [("endpoints.http_port", "--port", "http_port"),
+             ("endpoints.grpc_port", "--grpc-port", "grpc_port"),
+             ("endpoints.host", "--host", "host"), ("models.0.model.path", "MODEL", "model"),
+             ("models.0.model.weight_dtype", "--quantization", "quantization")]
+    flags += [(f"models.0.model.{key}", "--" + dest.replace("_", "-"), dest)
+              for dest, key in _MODEL_FLAGS.items()]
+    for loc, flag, dest in flags:
+        if getattr(args, dest, None) is not None:
+            message = message.replace(f" {loc}:", f" {flag} ({loc}):")
+    return message
 
 
 def config_yaml(cfg: ClusterConfig) -> str:
