@@ -34,9 +34,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the command stops, removing what it had
-    not finished writing (``main`` reports it and exits 130 / 143)."""
+    not finished writing (``main`` reports it and exits 130 / 143). A
+    KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import sys
+from pathlib import Path
 
 from splitserve.cluster.cli.common import device_arg, device_problem, positive
 
@@ -71,7 +72,7 @@ def _add_profile(sub) -> None:
 def cmd_profile(args) -> int:
     from splitserve.cluster.config import ConfigError
     from splitserve.cluster.planning import profile_run
-    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError, default_db_path
     from splitserve.cluster.planning.hardware import CatalogError
     from splitserve.cluster.planning.shapes import ShapeError
 
@@ -80,7 +81,16 @@ def cmd_profile(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        db = ProfileDB(args.db)
+        threads, targets = args.threads, []
+        if not (args.list or args.serving_url):  # the inputs, checked before any file is made
+            if threads is None and args.config:
+                from splitserve.cluster.config import load_config
+
+                threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
+            targets = profile_run.targets(args.model, args.config, args.device, args.dtype)
+        path = Path(args.db) if args.db else default_db_path()
+        fresh = not path.exists()
+        db = ProfileDB(path)
         if args.catalog:
             n = db.load_catalog(args.catalog)
             print(f"loaded {n} derived hardware rows from {args.catalog}")
@@ -88,17 +98,18 @@ def cmd_profile(args) -> int:
             return _list(db, args.json)
         if args.serving_url:
             return _serving(args, db)
-        threads = args.threads
-        if threads is None and args.config:
-            from splitserve.cluster.config import load_config
-
-            threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
-        targets = profile_run.targets(args.model, args.config, args.device, args.dtype)
-        with staged_copy(db) as staged:  # every row of this run, or none (interrupted, failed)
-            summaries = [profile_run.run(staged, t, fast=args.fast, quality=not args.no_quality,
-                                         handoff=args.handoff, threads=threads,
-                                         log=lambda s: print(s, file=sys.stderr, flush=True))
-                         for t in targets]
+        try:
+            with staged_copy(db) as staged:  # every row of this run, or none
+                summaries = [profile_run.run(staged, t, fast=args.fast,
+                                             quality=not args.no_quality, handoff=args.handoff,
+                                             threads=threads,
+                                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                             for t in targets]
+        except BaseException:  # a database this run created goes with it
+            if fresh:
+                db.close()
+                path.unlink(missing_ok=True)
+            raise
     except (ConfigError, ProfileDBError, CatalogError, ShapeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
