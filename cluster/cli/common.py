@@ -48,12 +48,19 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
-def install_interrupt_handlers() -> None:
+def install_interrupt_handlers() -> Callable[[], None]:
     """Ctrl-C and SIGTERM end a command through ``Interrupted``, also when the
     process was started with SIGINT ignored (a background job of a script):
-    an explicit signal to the process is a request to stop."""
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    an explicit signal to the process is a request to stop. Returns what
+    puts the previous handlers back."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, _raise_interrupted)
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    return restore
 
 
 @contextlib.contextmanager

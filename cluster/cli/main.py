@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     from splitserve.cluster.cli.common import Interrupted, install_interrupt_handlers
 
     args = build_parser().parse_args(argv)
+    restore = None
     if threading.current_thread() is threading.main_thread():
-        install_interrupt_handlers()
+        restore = install_interrupt_handlers()
     try:
         return args.func(args)
     except (Interrupted, KeyboardInterrupt) as e:
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if restore is not None:  # main() called in process (tests) leaves them as found
+            restore()
 
 
 if __name__ == "__main__":

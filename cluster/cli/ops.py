@@ -57,10 +57,11 @@ def _connect(address: str | None) -> None:
     """Join the Ray cluster; ConnectionError at once when nothing listens at
     an explicit HOST:PORT (``ray.init`` would retry for minutes)."""
     from splitserve.cluster.cli.common import check_reachable
-    from splitserve.cluster.serve.app import connect
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     check_reachable(address)
+    from splitserve.cluster.serve.app import connect
+
     connect(address)
 
 

@@ -60,8 +60,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                        help="name clients ask for (default: MODEL as given)")
     model.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     model.add_argument("--max-model-len", type=int, default=None, help="context length cap")
-    model.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
-    model.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), default=None)
+    model.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                       help="compute dtype (default: the config's, auto: the checkpoint's)")
+    model.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), default=None,
+                       help="KV cache dtype (default: the config's, auto: --dtype)")
     model.add_argument("--quantization", "-q", choices=["fp8"], default=None,
                        help="fp8: quantize the weights to fp8 at load (fp8 checkpoints "
                             "load as fp8 without it)")
@@ -77,7 +79,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--chat-template", default=None,
                        help="chat template: a Jinja file or the template text")
     model.add_argument("--tool-call-parser", default=None,
-                       choices=["auto", "hermes", "mistral", "llama3_json"])
+                       choices=["auto", "hermes", "mistral", "llama3_json"],
+                       help="how tool calls are read from the model's output (default: the "
+                            "config's, auto: from the chat template)")
     model.add_argument("--reasoning-parser", default=None,
                        choices=["none", "auto", "qwen3", "deepseek_r1"],
                        help="how the model's thinking is split into reasoning_content")

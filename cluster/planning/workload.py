@@ -82,17 +82,12 @@ def _check_time_scale(path: str | Path, time_scale: float) -> Path:
 def _lines(f, p: Path) -> Iterator[tuple[int, str]]:
     """(1-based number, text) of each line; a byte that is not UTF-8 fails
     naming its line."""
-    lineno = 0
-    while True:
+    for lineno, raw in enumerate(f, 1):  # f is binary: decoded here, line by line
         try:
-            line = f.readline()
+            yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise TraceError(f"{p} line {lineno + 1}: not UTF-8 text (byte "
+            raise TraceError(f"{p} line {lineno}: not UTF-8 text (byte "
                              f"{e.object[e.start]:#04x}); a trace is a text file") from None
-        if not line:
-            return
-        lineno += 1
-        yield lineno, line
 
 
 # -- Mooncake -------------------------------------------------------------------------
@@ -110,7 +105,7 @@ def read_mooncake(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRe
     (0.5: twice the rate)."""
     p = _check_time_scale(path, time_scale)
     try:
-        f = p.open(encoding="utf-8")
+        f = p.open("rb")
     except OSError as e:
         raise TraceError(f"{p}: cannot read: {e.strerror}") from None
     with f:
@@ -179,7 +174,7 @@ def _azure_time(text: str, where: str) -> float:
 def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRequest]:
     p = _check_time_scale(path, time_scale)
     try:
-        f = p.open(newline="", encoding="utf-8")
+        f = p.open("rb")
     except OSError as e:
         raise TraceError(f"{p}: cannot read: {e.strerror}") from None
     with f:
