@@ -6,12 +6,14 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
-# the mixture-of-experts ones add sparse MLP layers to it.
+# the mixture-of-experts ones add sparse MLP layers to it, Gemma's scale its
+# embeddings and norms and Gemma 2's add norms and soft caps.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -20,6 +22,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "mixtral": MoECausalLM,
     "qwen2_moe": MoECausalLM,
     "qwen3_moe": MoECausalLM,
+    "gemma": GemmaCausalLM,
+    "gemma2": GemmaCausalLM,
 }
 
 
@@ -40,4 +44,4 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "MODEL_FAMILIES", "MoECausalLM", "build_model"]
+__all__ = ["CausalLM", "GemmaCausalLM", "MODEL_FAMILIES", "MoECausalLM", "build_model"]

@@ -1,0 +1,103 @@
+"""What the Gemma, Gemma 2, Phi-3, Granite and OLMo 2 families add to the
+Llama-style decoder, read from their ``config.json``.
+
+``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
+Qwen and MoE families keep the defaults, which change nothing. Each field
+names the transformers behaviour it reproduces; a checkpoint asking for
+something these options cannot express is refused here, before any weight
+is read, with a ``ValueError`` that ``ModelConfig.from_hf`` turns into a
+``CheckpointError`` naming config.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# config.json activation names -> the gated MLP's activation
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+}
+
+# The families whose checkpoints need more than the Llama-style defaults.
+OPTION_FAMILIES = ("gemma", "gemma2", "phi3", "granite", "olmo2")
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size); Granite: embedding_multiplier
+    attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar)
+    attn_softcap: float = 0.0  # Gemma 2: cap * tanh(score / cap) on attention scores; 0 = none
+    final_softcap: float = 0.0  # Gemma 2: the same on the output logits; 0 = none
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP
+    post_norms: bool = False  # OLMo 2: norms after attention and MLP only, none before
+    full_qk_norm: bool = False  # OLMo 2: RMSNorm over the whole q / k projection, before RoPE
+    residual_multiplier: float = 1.0  # Granite: each block's output scaled before the add
+    logits_divisor: float = 1.0  # Granite: logits_scaling
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
+
+
+def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
+    """The options of ``family`` from its config.json ``cfg`` (defaults for
+    families not in ``OPTION_FAMILIES``)."""
+    if family not in OPTION_FAMILIES:
+        return FamilyOptions()
+    hidden = int(cfg["hidden_size"])
+    act = _activation(cfg, family)
+    if family == "gemma":
+        _no_bidirectional(cfg)
+        return FamilyOptions(hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden))
+    if family == "gemma2":
+        _no_bidirectional(cfg)
+        return FamilyOptions(
+            hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden),
+            attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
+            attn_softcap=_cap(cfg, "attn_logit_softcapping"),
+            final_softcap=_cap(cfg, "final_logit_softcapping"),
+            sandwich_norms=True,
+        )
+    if family == "phi3":
+        return FamilyOptions(hidden_act=act, fused_projections=True)
+    if family == "granite":
+        return FamilyOptions(
+            hidden_act=act,
+            embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
+            attn_scale=float(cfg.get("attention_multiplier", 1.0)),
+            residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+            logits_divisor=float(cfg.get("logits_scaling", 1.0)),
+        )
+    return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True)  # olmo2
+
+
+def _activation(cfg: dict[str, Any], family: str) -> str:
+    # Gemma 2 names it hidden_activation; Gemma, Phi-3, Granite and OLMo 2 hidden_act.
+    # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it so).
+    name = cfg.get("hidden_activation") if family == "gemma2" else None
+    name = name or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
+    if family == "gemma" and name == "gelu":
+        name = "gelu_pytorch_tanh"
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
+                         f"{', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _cap(cfg: dict[str, Any], key: str) -> float:
+    value = cfg.get(key)
+    if value is None:
+        return 0.0
+    if float(value) <= 0:
+        raise ValueError(f"{key} must be positive or null, got {value!r}")
+    return float(value)
+
+
+def _no_bidirectional(cfg: dict[str, Any]) -> None:
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is set: an encoder (embedding) checkpoint, "
+                         "not a causal language model")
