@@ -41,6 +41,8 @@ class FamilyOptions:
     residual_multiplier: float = 1.0  # Granite: each block's output scaled before the add
     logits_divisor: float = 1.0  # Granite: logits_scaling
     fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
+    rotary_dim: int | None = None  # Phi-3 partial_rotary_factor: dims that rotate; None = all
+    original_max_position: int = 0  # Phi-3: LongRoPE's original_max_position_embeddings
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
@@ -63,7 +65,12 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             sandwich_norms=True,
         )
     if family == "phi3":
-        return FamilyOptions(hidden_act=act, fused_projections=True)
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if (rope.get("rope_type") or rope.get("type")) == "yarn":
+            raise ValueError("Phi-3 rope scaling 'yarn' (which transformers reads as 'longrope') is "
+                             "not supported; write it as 'longrope'")
+        return FamilyOptions(hidden_act=act, fused_projections=True, rotary_dim=_rotary_dim(cfg),
+                             original_max_position=int(cfg.get("original_max_position_embeddings") or 0))
     if family == "granite":
         return FamilyOptions(
             hidden_act=act,
@@ -86,6 +93,20 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
         raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
                          f"{', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+def _rotary_dim(cfg: dict[str, Any]) -> int | None:
+    # top level (transformers < 5) or inside rope_parameters / rope_scaling
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    factor = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    if factor == 1.0:
+        return None
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    dim = int(head_dim * factor)
+    if not 0 < dim <= head_dim or dim % 2:
+        raise ValueError(f"partial_rotary_factor {factor} gives {dim} rotated dims of {head_dim}; "
+                         "an even number in (0, head_dim] is needed")
+    return dim
 
 
 def _cap(cfg: dict[str, Any], key: str) -> float:

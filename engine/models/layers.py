@@ -27,6 +27,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
 from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.rope import apply_rotary
 from splitserve.kernels import ops
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
 from splitserve.kernels.lora import LoraMeta
@@ -254,7 +255,7 @@ class Attention(nn.Module):
             # Qwen3: RMSNorm over each head's D dims, before RoPE
             q = self.q_norm(q.view(-1, self.head_dim))[0].view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.view(-1, self.head_dim))[0].view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache)
+        q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
