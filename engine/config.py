@@ -37,8 +37,6 @@ ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Phi3ForCausalLM": "phi3",
-    "GraniteForCausalLM": "granite",
-    "Olmo2ForCausalLM": "olmo2",
 }
 
 
@@ -90,7 +88,7 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
-    # what Gemma, Gemma 2, Phi-3, Granite and OLMo 2 add (splitserve.engine.family_config)
+    # what Gemma, Gemma 2 and Phi-3 add (splitserve.engine.family_config)
     options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
@@ -145,7 +143,7 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 o_proj_bias=family in _O_PROJ_BIAS_FAMILIES and cfg_bias,
-                mlp_bias=family in ("llama", "granite") and bool(cfg.get("mlp_bias", False)),
+                mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
                 quantization=quantization,
                 options=parse_family_options(cfg, family),
@@ -194,13 +192,13 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
 
 
 # Families whose ``attention_bias`` covers o_proj as well as q/k/v.
-_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "granite", "olmo2")
+_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2")
 
 # Families whose window, once set, covers every layer: Mistral, Mixtral and
 # Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
 _EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe")
 # Families with no sliding window at all.
-_UNWINDOWED = ("llama", "gemma", "granite", "olmo2")
+_UNWINDOWED = ("llama", "gemma")
 
 
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
@@ -208,7 +206,7 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
 
     Mistral and Mixtral have no switch: a window set applies to every layer.
     Phi-3 likewise; Gemma 2 to the layers ``layer_types`` marks (by default
-    every other layer from layer 0), Gemma, Granite and OLMo 2 have none.
+    every other layer from layer 0), Gemma has none.
     The Qwen families apply it only with ``use_sliding_window``: Qwen3-MoE to
     every layer, Qwen2/Qwen3/Qwen2-MoE to the layers ``layer_types`` marks
     ``sliding_attention`` (older configs: layers from ``max_window_layers``

@@ -1,4 +1,4 @@
-"""What the Gemma, Gemma 2, Phi-3, Granite and OLMo 2 families add to the
+"""What the Gemma, Gemma 2 and Phi-3 families add to the
 Llama-style decoder, read from their ``config.json``.
 
 ``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
@@ -24,22 +24,18 @@ _ACTIVATIONS = {
 }
 
 # The families whose checkpoints need more than the Llama-style defaults.
-OPTION_FAMILIES = ("gemma", "gemma2", "phi3", "granite", "olmo2")
+OPTION_FAMILIES = ("gemma", "gemma2", "phi3")
 
 
 @dataclass(frozen=True)
 class FamilyOptions:
     hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
-    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size); Granite: embedding_multiplier
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
     attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar)
     attn_softcap: float = 0.0  # Gemma 2: cap * tanh(score / cap) on attention scores; 0 = none
     final_softcap: float = 0.0  # Gemma 2: the same on the output logits; 0 = none
     sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP
-    post_norms: bool = False  # OLMo 2: norms after attention and MLP only, none before
-    full_qk_norm: bool = False  # OLMo 2: RMSNorm over the whole q / k projection, before RoPE
-    residual_multiplier: float = 1.0  # Granite: each block's output scaled before the add
-    logits_divisor: float = 1.0  # Granite: logits_scaling
     fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
     rotary_dim: int | None = None  # Phi-3 partial_rotary_factor: dims that rotate; None = all
     original_max_position: int = 0  # Phi-3: LongRoPE's original_max_position_embeddings
@@ -64,26 +60,17 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             final_softcap=_cap(cfg, "final_logit_softcapping"),
             sandwich_norms=True,
         )
-    if family == "phi3":
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if (rope.get("rope_type") or rope.get("type")) == "yarn":
-            raise ValueError("Phi-3 rope scaling 'yarn' (which transformers reads as 'longrope') is "
-                             "not supported; write it as 'longrope'")
-        return FamilyOptions(hidden_act=act, fused_projections=True, rotary_dim=_rotary_dim(cfg),
-                             original_max_position=int(cfg.get("original_max_position_embeddings") or 0))
-    if family == "granite":
-        return FamilyOptions(
-            hidden_act=act,
-            embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
-            attn_scale=float(cfg.get("attention_multiplier", 1.0)),
-            residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
-            logits_divisor=float(cfg.get("logits_scaling", 1.0)),
-        )
-    return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True)  # olmo2
+    # phi3
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type")) == "yarn":
+        raise ValueError("Phi-3 rope scaling 'yarn' (which transformers reads as 'longrope') is "
+                         "not supported; write it as 'longrope'")
+    return FamilyOptions(hidden_act=act, fused_projections=True, rotary_dim=_rotary_dim(cfg),
+                         original_max_position=int(cfg.get("original_max_position_embeddings") or 0))
 
 
 def _activation(cfg: dict[str, Any], family: str) -> str:
-    # Gemma 2 names it hidden_activation; Gemma, Phi-3, Granite and OLMo 2 hidden_act.
+    # Gemma 2 names it hidden_activation; Gemma and Phi-3 hidden_act.
     # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it so).
     name = cfg.get("hidden_activation") if family == "gemma2" else None
     name = name or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")

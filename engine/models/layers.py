@@ -203,7 +203,7 @@ class Attention(nn.Module):
             )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        opts = cfg.options  # Gemma 2 / Granite scale scores their own way; Gemma 2 caps them
+        opts = cfg.options  # Gemma 2 scales scores its own way and caps them
         self.scale = self.head_dim**-0.5 if opts.attn_scale is None else opts.attn_scale
         self.softcap = opts.attn_softcap
         # q, k and v in one matmul: rows [q | k | v]
