@@ -281,3 +281,15 @@ def test_signal_while_outputs_are_written_waits_for_them(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
             out.write_text("whole")
     assert out.read_text() == "whole"
+
+
+def test_bad_catalog_file_is_one_line(tmp_path, capsys):
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text("gpus: [\n  - x: 1\n")
+    assert main(["profile", "--catalog", str(cat), "--list", "--db", str(tmp_path / "p.db")]) == 2
+    assert capsys.readouterr().err == (f"error: {cat}: invalid YAML: line 2, column 3: expected "
+                                       "the node content, but found '-'\n")
+    assert main(["profile", "--catalog", str(tmp_path / "none.yaml"), "--list",
+                 "--db", str(tmp_path / "p.db")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'none.yaml'}: cannot read the "
+                                       "catalog: No such file or directory\n")
