@@ -4,8 +4,14 @@ docs/planning.md explains both."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
 import sys
+from pathlib import Path
+
+from splitserve.cluster.cli.common import device_arg, device_problem, positive
 
 
 def add_subcommands(sub) -> None:
@@ -35,9 +41,11 @@ def _add_profile(sub) -> None:
     what.add_argument("--config", default=None, metavar="FILE",
                       help="operator YAML: profile each of its models with its engine settings")
     _db_arg(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="with --model: the compute dtype (default: the checkpoint's)")
+    p.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads of the engine (default: the pool's num_cpus with --config, "
                         "else torch's default); part of the device's key")
     p.add_argument("--fast", action="store_true",
@@ -51,7 +59,8 @@ def _add_profile(sub) -> None:
                         "(closed loops at concurrency 1 and 4 against the simulator's "
                         "prediction from the step profile, which must exist); the simulator "
                         "adds it to that layout's decode steps and requests")
-    p.add_argument("--api-key", default=None, help="with --serving-url: the client API key")
+    p.add_argument("--api-key", default=None,
+                   help="with --serving-url: the client API key (default: none)")
     p.add_argument("--catalog", default=None, metavar="FILE",
                    help="reload the derived hardware rows (datasheets, prices) from this "
                         "catalog file, e.g. an edited copy of cluster/planning/catalog.yaml")
@@ -63,12 +72,25 @@ def _add_profile(sub) -> None:
 def cmd_profile(args) -> int:
     from splitserve.cluster.config import ConfigError
     from splitserve.cluster.planning import profile_run
-    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError, default_db_path
     from splitserve.cluster.planning.hardware import CatalogError
     from splitserve.cluster.planning.shapes import ShapeError
 
+    problem = None if args.list or args.serving_url else device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        db = ProfileDB(args.db)
+        threads, targets = args.threads, []
+        if not (args.list or args.serving_url):  # the inputs, checked before any file is made
+            if threads is None and args.config:
+                from splitserve.cluster.config import load_config
+
+                threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
+            targets = profile_run.targets(args.model, args.config, args.device, args.dtype)
+        path = Path(args.db) if args.db else default_db_path()
+        fresh = not path.exists()
+        db = ProfileDB(path)
         if args.catalog:
             n = db.load_catalog(args.catalog)
             print(f"loaded {n} derived hardware rows from {args.catalog}")
@@ -76,16 +98,18 @@ def cmd_profile(args) -> int:
             return _list(db, args.json)
         if args.serving_url:
             return _serving(args, db)
-        threads = args.threads
-        if threads is None and args.config:
-            from splitserve.cluster.config import load_config
-
-            threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
-        summaries = [profile_run.run(db, t, fast=args.fast, quality=not args.no_quality,
-                                     handoff=args.handoff, threads=threads,
-                                     log=lambda s: print(s, file=sys.stderr, flush=True))
-                     for t in profile_run.targets(args.model, args.config, args.device,
-                                                  args.dtype)]
+        try:
+            with staged_copy(db) as staged:  # every row of this run, or none
+                summaries = [profile_run.run(staged, t, fast=args.fast,
+                                             quality=not args.no_quality, handoff=args.handoff,
+                                             threads=threads,
+                                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                             for t in targets]
+        except BaseException:  # a database this run created goes with it
+            if fresh:
+                db.close()
+                path.unlink(missing_ok=True)
+            raise
     except (ConfigError, ProfileDBError, CatalogError, ShapeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,6 +122,45 @@ def cmd_profile(args) -> int:
                   + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
                   + f" -> {db.path}")
     return 0
+
+
+@contextlib.contextmanager
+def staged_copy(db):
+    """A copy of ``db`` (a ProfileDB) beside it to write a run's rows into,
+    moved over the original when the block ends normally and removed when
+    it raises (an error, Ctrl-C): the database holds every row of a run or
+    none of it. Rows another process writes to the database meanwhile are
+    lost; profile one run at a time."""
+    from splitserve.cluster.cli.common import interrupts_deferred
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+
+    if str(db.path) == ":memory:":
+        yield db
+        return
+    tmp = db.path.with_name(f".{db.path.name}.{os.getpid()}.partial")
+    staged = None
+    try:
+        try:
+            dst = sqlite3.connect(str(tmp))
+            with dst:
+                db.conn.backup(dst)
+            dst.close()
+        except sqlite3.Error as e:
+            raise ProfileDBError(f"{tmp}: cannot stage a copy of {db.path}: {e}") from None
+        staged = ProfileDB(tmp)
+        yield staged
+        with interrupts_deferred():
+            staged.close()
+            db.close()
+            try:
+                os.replace(tmp, db.path)
+            except OSError as e:
+                raise ProfileDBError(f"{db.path}: cannot replace it with the new rows: "
+                                     f"{e.strerror}") from None
+    finally:
+        if staged is not None:
+            staged.close()
+        tmp.unlink(missing_ok=True)
 
 
 def _serving(args, db) -> int:

@@ -157,19 +157,29 @@ class ProfileDB:
     def __init__(self, path: str | Path | None = None, seed_catalog: bool = True):
         self.path = Path(path) if path is not None else default_db_path()
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_dir():
+                raise ProfileDBError(f"{self.path}: is a directory; the profile database is a "
+                                     "file (e.g. profiles.db)")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ProfileDBError(f"{self.path}: cannot create its directory: a file in "
+                                     f"{self.path.parent} is not a directory") from None
+            except OSError as e:
+                raise ProfileDBError(f"{self.path}: cannot create its directory "
+                                     f"{self.path.parent}: {e.strerror}") from None
         try:
             self.conn = sqlite3.connect(str(self.path))
-        except sqlite3.Error as e:
+            self.conn.row_factory = sqlite3.Row
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve "
+                                     f"reads {SCHEMA_VERSION}; use another --db")
+            self.conn.executescript(SCHEMA)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.conn.commit()
+        except sqlite3.Error as e:  # not a database, a read-only file or folder, a full disk
             raise ProfileDBError(f"{self.path}: cannot open the profile database: {e}") from None
-        self.conn.row_factory = sqlite3.Row
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve reads "
-                                 f"{SCHEMA_VERSION}; use another --db")
-        self.conn.executescript(SCHEMA)
-        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.conn.commit()
         if seed_catalog and not self.conn.execute(
                 "SELECT 1 FROM hardware WHERE provenance = 'derived' LIMIT 1").fetchone():
             self.load_catalog()
