@@ -242,7 +242,8 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"rope_parameters must be an object, got {params!r}")
-    theta = cfg.get("rope_theta") or (params or {}).get("rope_theta") or 10000.0
+    # both present: the dict's, as transformers >= 5 standardises them
+    theta = (params or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)
     if kind in ("llama3", "yarn", "longrope"):

@@ -237,3 +237,21 @@ def test_lora_on_unusual_shapes_matches_peft(shape_checkpoints, tmp_path, name):
     assert [r.token_ids for r in src.generate(prompts, GREEDY, adapters=["a"] * len(prompts))] == want
     assert handoff_generate(src, dst, prompts, GREEDY, adapters=[ref] * len(prompts)) == want
     assert src.kv.all_free() and dst.kv.all_free()
+
+
+def test_rope_theta_in_rope_parameters_wins_over_top_level(shape_checkpoints, tmp_path):
+    """A config carrying both (a top-level rope_theta added to a transformers-5
+    config): transformers uses rope_parameters' value, and so must we."""
+    def edit(cfg):
+        cfg["rope_theta"] = 100.0
+    path = with_config(shape_checkpoints["rope_theta_1e6"], tmp_path / "both", edit)
+    assert load_checkpoint(path).model_config.rope_theta == 1e6
+    model = hf_model(path)
+    prompt = prompts_for("rope_theta_1e6")[-1]
+    eng = engine(path, max_num_batched_tokens=64)
+    eng.add_request("x", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, temperature=0.0))
+    sched = eng.scheduler.schedule()
+    logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1].float()
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
