@@ -149,6 +149,8 @@ def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> 
     if scaling.get("partial_rotary_factor", 1.0) != 1.0 and cfg.options.rotary_dim is None:
         raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
     cfg = _rotated(cfg)
+    if cfg.head_dim % 2:  # rotate-half pairs dim i with i + D/2
+        raise CheckpointError(f"config.json: rotary embeddings need an even head_dim; it is {cfg.head_dim}")
     if kind == "default":
         return _base_inv_freq(cfg.rope_theta, cfg.head_dim, device), 1.0
     if kind == "linear":

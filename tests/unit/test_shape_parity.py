@@ -255,3 +255,13 @@ def test_rope_theta_in_rope_parameters_wins_over_top_level(shape_checkpoints, tm
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1].float()
     torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_odd_head_dim_is_refused_at_load(shape_checkpoints, tmp_path):
+    """Rotate-half RoPE needs an even head_dim (transformers cannot run an odd
+    one either): refused when the checkpoint is opened, not on each request."""
+    def edit(cfg):
+        cfg["head_dim"] = 15
+    path = with_config(shape_checkpoints["mqa"], tmp_path / "odd", edit)
+    with pytest.raises(CheckpointError, match="rotary embeddings need an even head_dim; it is 15"):
+        load_checkpoint(path)
