@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 # test_shape_parity covers; the kernel reads it the same way for all.)
 TRITON_SHAPES = ["mqa", "mha", "gqa3", "head_dim_32", "hd80_mqa", "hd96_mha", "hd128", "hd256",
                  "deep_narrow", "inter_100", "qwen3_tied_hd32", "mixtral_top1", "qwen3_moe_top4",
+                 "qwen2_moe_top_all",
                  "bf16_mqa_hd80_vocab_1000", "rope_llama3_hd80"]
 assert set(TRITON_SHAPES) <= set(SHAPE_VARIANTS)
 # Each interpreted run takes seconds: these cover MQA, a group of 3, head
