@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_tp_engine import check_parity, engines  # noqa: F401  (fixture)
+from splitserve.engine.llm_engine import LLMEngine
+from tests.unit.test_tp_engine import check_parity
+
+
+@pytest.fixture
+def engines():
+    made: list[LLMEngine] = []
+    yield made
+    for e in made:
+        e.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bf16_mqa_hd80_vocab_1000", "vocab_515", "gqa3", "qwen3_moe_top4"])
-def test_tp2_shape_parity_with_transformers(shape_checkpoints, engines, name):  # noqa: F811
+def test_tp2_shape_parity_with_transformers(shape_checkpoints, engines, name):
     eng = check_parity(shape_checkpoints[name], 2, engines, max_num_batched_tokens=8)
     assert eng.runner.tp is not None
