@@ -448,6 +448,15 @@ class ProfileDB:
             source=r["source"], provenance=r["provenance"])
             for r in self.conn.execute(sql, args)]
 
+    def speculation_summary(self) -> list[dict]:
+        """The newest acceptance row of each (model, method, draft, workload, k)."""
+        rows = self.conn.execute(
+            "SELECT m.name AS model, s.method, s.draft, s.workload, s.k, s.acceptance, "
+            "s.acceptance_rate, s.provenance, MAX(s.created_at) AS at FROM speculation s "
+            "JOIN models m ON m.id = s.model_id "
+            "GROUP BY m.key, s.method, s.draft, s.workload, s.k ORDER BY at").fetchall()
+        return [dict(r) for r in rows]
+
 
 def _hardware(row: sqlite3.Row) -> Hardware:
     return Hardware(
