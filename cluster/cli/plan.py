@@ -106,6 +106,14 @@ def add_subcommand(sub) -> None:
     s.add_argument("--weight-dtypes", default="bfloat16,fp8")
     s.add_argument("--tensor-parallel", default="1,2,4")
     s.add_argument("--speculative", default="off,ngram:4")
+    s.add_argument("--spec-workload", default=None, metavar="KIND",
+                   help="the workload's kind for speculation acceptance: the profile "
+                        "database's rows measured on it (code-edit, free, or an imported "
+                        "dataset's name); default: the lowest measured rate of the model, "
+                        "else the assumed 0.7")
+    s.add_argument("--spec-acceptance", type=float, default=None, metavar="RATE",
+                   help="per-token acceptance of the drafts for every method, instead of the "
+                        "database's (the plan reports it as given)")
     s.add_argument("--policies", default="cost,prefix_aware,least_loaded,round_robin")
     s.add_argument("--local-prefill", default="0,128,512,2048",
                    help="local-prefill thresholds tried with the cost policy")
@@ -241,12 +249,16 @@ def build_request(args, db):
         weight_dtypes=_strs(args.weight_dtypes), tensor_parallel=_ints(args.tensor_parallel),
         speculative=_strs(args.speculative), policies=_strs(args.policies),
         local_prefill=_ints(args.local_prefill), autoscaling=_strs(args.autoscaling),
-        max_replicas=args.max_replicas)
+        max_replicas=args.max_replicas, spec_acceptance=args.spec_acceptance)
+    if args.spec_acceptance is not None and not 0.0 <= args.spec_acceptance <= 1.0:
+        raise inputs.PlanInputError(f"--spec-acceptance must be in [0, 1], got "
+                                    f"{args.spec_acceptance}")
     req = PlanRequest(shape=shape, model_name=name, model_path=path, workload=wl, slo=slo,
                       offers=offers, max_ppl_increase=_floor(args.max_ppl_increase),
                       budget_per_hour=args.budget, space=space, finalists=args.finalists,
                       max_sims=args.max_sims, time_budget_s=args.time_budget, slack=args.slack,
-                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current)
+                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current,
+                      spec_workload=args.spec_workload)
     return req, current_cfg
 
 
@@ -306,6 +318,9 @@ def cmd_plan(args) -> int:
              f"perplexity +{floor:.2%} at most") + "; hardware: "
           + ", ".join(f"{d.label} x{d.count} ${d.price:.2f}/h" for d in result.devices)
           + (f"; budget ${req.budget_per_hour:.2f}/h" if req.budget_per_hour else ""))
+    if result.acceptance:
+        print("speculation acceptance: " + "; ".join(
+            f"{m} {a.describe()}" for m, a in sorted(result.acceptance.items())))
     print()
     print(report.counts_text(result))
     print(f"planned in {result.timings['total_s']:.1f} s wall "

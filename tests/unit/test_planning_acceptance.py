@@ -267,3 +267,28 @@ def test_the_estimate_drafts_by_the_rule_at_its_batch_size():
     want = table.k[np.clip(np.rint(n[sel]), 0, 512).astype(int)]
     assert np.array_equal(k[sel], want)
     assert (k[~np.broadcast_to(spec[:, None, None], k.shape)] == 0).all()
+
+
+def test_cli_plan_reports_where_its_acceptance_came_from(tmp_path, capsys):
+    from splitserve.cluster.cli.main import main
+
+    db_path = tmp_path / "p.db"
+    with ProfileDB(db_path) as db:
+        db.add_speculation(LLAMA, row(0.23, "chat"))
+    out = tmp_path / "out"
+    args = ["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "2",
+            "--input-len", "256", "--output-len", "64", "--ttft", "1", "--tpot", "50ms",
+            "--layouts", "colocated", "--max-num-seqs", "64", "--max-num-batched-tokens",
+            "2048", "--block-sizes", "16", "--kv-dtypes", "auto", "--weight-dtypes", "bfloat16",
+            "--tensor-parallel", "1", "--speculative", "ngram:4", "--policies", "least_loaded",
+            "--autoscaling", "fixed", "--max-replicas", "2", "--finalists", "1", "--max-sims",
+            "1", "--sim-requests", "40", "--quiet", "--no-plot", "--db", str(db_path)]
+    assert main(args + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speculation acceptance: ngram measured 0.23 (profile: chat" in text
+    assert "Speculation ngram:4: acceptance measured 0.23" in text
+    rec = json.loads((out / "plan.json").read_text())
+    assert rec["speculation_acceptance"]["ngram"]["source"] == "measured"
+    assert main(args + ["--spec-acceptance", "0.5"]) == 0
+    assert "speculation acceptance: ngram given 0.50" in capsys.readouterr().out
+    assert main(args + ["--spec-acceptance", "2"]) == 2
