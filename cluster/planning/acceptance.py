@@ -81,13 +81,16 @@ class Acceptance:
                 "workload": self.workload, "detail": self.detail}
 
 
-def resolve(db, model_key: str, method: str, workload: str | None = None) -> Acceptance:
+def resolve(db, model_key: str, method: str, workload: str | None = None,
+            draft: str | None = None) -> Acceptance:
     """The acceptance of ``method`` for a model (key, name, or a model of the
-    same structure): the best measured row of ``workload`` when one is
-    given and measured; else the most conservative (lowest) rate measured on
-    any workload, since the plan's text is not known to resemble any
-    of them; else ``ASSUMED_ACCEPTANCE``."""
-    rows = [r for r in db.speculation(model_key, method) if r.provenance == "measured"]
+    same structure), with the draft model ``draft`` (its key) when given:
+    the best measured row of ``workload`` when one is given and measured;
+    else the most conservative (lowest) rate measured on any workload, since
+    the plan's text is not known to resemble any of them; else
+    ``ASSUMED_ACCEPTANCE``."""
+    rows = [r for r in db.speculation(model_key, method) if r.provenance == "measured"
+            and (draft is None or r.draft == draft)]
     if workload is not None:
         match = [r for r in rows if r.workload == workload]
         if match:

@@ -292,3 +292,11 @@ def test_cli_plan_reports_where_its_acceptance_came_from(tmp_path, capsys):
     assert main(args + ["--spec-acceptance", "0.5"]) == 0
     assert "speculation acceptance: ngram given 0.50" in capsys.readouterr().out
     assert main(args + ["--spec-acceptance", "2"]) == 2
+
+
+def test_a_draft_models_rows_are_its_own():
+    db = ProfileDB(":memory:")
+    db.add_speculation(LLAMA, row(0.2, method="draft"))  # drafted by "ngram:1-4"'s stand-in
+    assert resolve(db, LLAMA.key, "draft").rate == 0.2
+    assert resolve(db, LLAMA.key, "draft", draft="other@0123").source == "assumed"
+    assert resolve(db, LLAMA.key, "draft", draft="ngram:1-4").rate == 0.2

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -107,6 +108,16 @@ class SimResult:
     pools: dict[str, Pool] = field(repr=False)
 
 
+def _draft_key(spec) -> str | None:
+    """The draft checkpoint's key (name@digest) when it is a folder here, so
+    only its acceptance rows are read; None: any draft's (not here, or n-gram)."""
+    if spec.method != "draft" or not spec.draft_model or not Path(spec.draft_model).is_dir():
+        return None
+    from splitserve.cluster.planning.shapes import shape_from_config_json
+
+    return shape_from_config_json(spec.draft_model, Path(spec.draft_model).name).key
+
+
 def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettings:
     """The speed-relevant settings of a replica of ``mspec`` on ``device``.
 
@@ -187,7 +198,8 @@ class Simulation:
             given = opts.given_acceptance(sp.method)
             self.acceptance[m.model.name] = (
                 Acceptance(sp.method, given, "given") if given is not None else
-                resolve_acceptance(db, shapes[m.model.name].key, sp.method, opts.spec_workload))
+                resolve_acceptance(db, shapes[m.model.name].key, sp.method, opts.spec_workload,
+                                   _draft_key(sp)))
         self._kv: dict[str, int] = {}
         self.pools: dict[str, Pool] = {}
         groups: dict[str, NodeGroup] = {}
