@@ -40,13 +40,10 @@ def score(rec: np.ndarray, slo: SLO) -> np.ndarray:
 
 def cheapest(rec: np.ndarray, k: int, slo: SLO, units=None) -> np.ndarray:
     """The ``k`` cheapest hardware allocations of ``rec``, each by its
-    best-predicted settings per quality class (ties: lower latency). Latencies
-    within 0.1% of an SLO are equal, and the first settings in the grid's
-    order win them (speculation off before on): speculation whose length
-    rule drafts nothing at the estimated batch is no better than none."""
+    best-predicted settings per quality class (ties: lower latency)."""
     if len(rec) == 0:
         return rec
-    lat = np.round(np.minimum(score(rec, slo), 10.0), 3)
+    lat = np.minimum(score(rec, slo), 10.0)
     if units is not None:
         alloc = alloc_key(rec, units)
         order = np.lexsort((lat, alloc))

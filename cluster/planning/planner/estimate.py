@@ -212,6 +212,10 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
                  & (floor_ttft <= slo.ttft_s))
     tail = 1 - slo.tpot_pct / 100
     est_ok = bounds_ok & (m["blocking"] <= min(0.02, tail / 4))
+    if (u.spec_row == 0).any():
+        # speculation whose length rule drafts nothing at the estimated batch is the
+        # same plan as speculation off (in the space too), less a setting: not a candidate
+        est_ok &= ~((col(u.spec_row) > 0) & (m["spec_k"] == 0))
     shape = bounds_ok.shape
     metrics = dict(tau=m["tau"], n=m["n"], slots=m["slots"], tpot_p=m["tpot_p"],
                    blocking=m["blocking"], kv_use=m["kv_use"], ttft_local=ttft_local,
