@@ -267,6 +267,9 @@ def test_the_estimate_drafts_by_the_rule_at_its_batch_size():
     want = table.k[np.clip(np.rint(n[sel]), 0, 512).astype(int)]
     assert np.array_equal(k[sel], want)
     assert (k[~np.broadcast_to(spec[:, None, None], k.shape)] == 0).all()
+    # speculation drafting nothing at the estimated batch is speculation off: no candidate
+    idle = np.broadcast_to(spec[:, None, None], k.shape) & (k == 0)
+    assert idle.any() and not t.est_ok[idle].any()
 
 
 def test_cli_plan_reports_where_its_acceptance_came_from(tmp_path, capsys):
