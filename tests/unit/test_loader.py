@@ -81,8 +81,8 @@ def test_unsupported_architecture(ckpt: Path):
 
 
 def test_unsupported_rope_scaling(ckpt: Path):
-    edit_config(ckpt, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
-    with pytest.raises(CheckpointError, match=r"config\.json: rope scaling type 'longrope'"):
+    edit_config(ckpt, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(CheckpointError, match=r"config\.json: rope scaling type 'dynamic'"):
         load_checkpoint(ckpt)
 
 
