@@ -12,7 +12,13 @@ Tables: ``hardware`` (peaks, memory, links, price), ``models`` (shapes),
 duration), ``handoff`` (KV transfer throughput per transport), ``startup``
 (replica start-up seconds), ``serving`` (the serving path's cost beyond
 the engine step: per decode step, per sequence, per request), ``quality`` (e.g. perplexity on a held-out
-text). docs/planning.md shows the schema.
+text), ``speculation`` (speculative decoding's acceptance per model, draft,
+method, workload and k; ``records.SpecAcceptance``). docs/planning.md shows
+the schema.
+
+Versions: 1 had no ``speculation`` table; a version-1 file is migrated in
+place when opened (the table is added, nothing else changes), so old files
+stay readable. A file of a newer version than this one is refused.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from pathlib import Path
 from typing import Iterable
 
 from splitserve.cluster.planning.hardware import CATALOG_PATH, Efficiency, Hardware, host_name, load_catalog
-from splitserve.cluster.planning.records import DERIVED, MEASURED, PROVENANCES, EngineSettings, StepSample
+from splitserve.cluster.planning.records import (
+    DERIVED, MEASURED, PROVENANCES, EngineSettings, SpecAcceptance, StepSample)
 from splitserve.cluster.planning.shapes import ModelShape
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# versions this one opens (older ones are migrated: only tables were added since)
+READABLE_VERSIONS = (0, 1, 2)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hardware (
@@ -127,6 +136,25 @@ CREATE TABLE IF NOT EXISTS quality (
     provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
     host TEXT NOT NULL, created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS speculation (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),   -- the target model
+    method TEXT NOT NULL CHECK (method IN ('ngram', 'draft')),
+    draft TEXT NOT NULL,                -- draft model key (name@digest), or ngram:MIN-MAX
+    workload TEXT NOT NULL,             -- code-edit | free | a named dataset
+    k INTEGER NOT NULL,                 -- draft tokens per verify step
+    acceptance REAL NOT NULL,           -- per-token rate of the planner's model (fitted)
+    acceptance_rate REAL NOT NULL,      -- accepted / drafted tokens (the engine's counter)
+    mean_accepted_length REAL NOT NULL, -- 1 + accepted drafts per verified sequence
+    draft_tokens INTEGER NOT NULL,      -- drafted tokens it was measured over
+    tokens_per_step REAL NOT NULL,      -- output tokens per decoding sequence-step (0: unknown)
+    steps INTEGER NOT NULL,             -- sequence-steps behind it (0: unknown)
+    dataset TEXT NOT NULL DEFAULT '',   -- the text the prompts came from
+    source TEXT NOT NULL DEFAULT '',    -- the profile run, or an imported record
+    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
+    host TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS speculation_by_model ON speculation (model_id, method);
 """
 
 # A model is asked for by key (name@digest), by name, or matches any row of
@@ -172,9 +200,9 @@ class ProfileDB:
             self.conn = sqlite3.connect(str(self.path))
             self.conn.row_factory = sqlite3.Row
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in READABLE_VERSIONS:
                 raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve "
-                                     f"reads {SCHEMA_VERSION}; use another --db")
+                                     f"reads versions up to {SCHEMA_VERSION}; use another --db")
             self.conn.executescript(SCHEMA)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.commit()
@@ -391,6 +419,52 @@ class ProfileDB:
             "q.created_at FROM quality q JOIN models m ON m.id = q.model_id "
             "JOIN engine_settings e ON e.id = q.settings_id WHERE m.key = ? OR m.name = ? "
             "ORDER BY q.created_at", (model_key, model_key)).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- speculation --------------------------------------------------------------------
+    def add_speculation(self, shape: ModelShape, row: SpecAcceptance,
+                        host: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO speculation (model_id, method, draft, workload, k, acceptance, "
+            "acceptance_rate, mean_accepted_length, draft_tokens, tokens_per_step, steps, "
+            "dataset, source, provenance, host, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (self.put_model(shape), row.method, row.draft, row.workload, row.k, row.acceptance,
+             row.acceptance_rate, row.mean_accepted_length, row.draft_tokens,
+             row.tokens_per_step, row.steps, row.dataset, row.source, row.provenance,
+             host_name() if host is None else host, time.time()))
+        self.conn.commit()
+
+    def speculation(self, model_key: str, method: str | None = None,
+                    workload: str | None = None) -> list[SpecAcceptance]:
+        """Acceptance rows of a model (key, name, or a model of the same
+        structure), of ``method`` and ``workload`` when given; best first
+        (measured over derived, then newest)."""
+        sql = ("SELECT s.* FROM speculation s JOIN models m ON m.id = s.model_id "
+               f"WHERE {_SAME_SHAPE}")
+        args: list = [*_shape_args(model_key)]
+        if method is not None:
+            sql += " AND s.method = ?"
+            args.append(method)
+        if workload is not None:
+            sql += " AND s.workload = ?"
+            args.append(workload)
+        sql += " ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC"
+        return [SpecAcceptance(
+            method=r["method"], draft=r["draft"], workload=r["workload"], k=r["k"],
+            acceptance=r["acceptance"], acceptance_rate=r["acceptance_rate"],
+            mean_accepted_length=r["mean_accepted_length"], draft_tokens=r["draft_tokens"],
+            tokens_per_step=r["tokens_per_step"], steps=r["steps"], dataset=r["dataset"],
+            source=r["source"], provenance=r["provenance"])
+            for r in self.conn.execute(sql, args)]
+
+    def speculation_summary(self) -> list[dict]:
+        """The newest acceptance row of each (model, method, draft, workload, k)."""
+        rows = self.conn.execute(
+            "SELECT m.name AS model, s.method, s.draft, s.workload, s.k, s.acceptance, "
+            "s.acceptance_rate, s.provenance, MAX(s.created_at) AS at FROM speculation s "
+            "JOIN models m ON m.id = s.model_id "
+            "GROUP BY m.key, s.method, s.draft, s.workload, s.k ORDER BY at").fetchall()
         return [dict(r) for r in rows]
 
 
