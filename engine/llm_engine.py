@@ -21,9 +21,9 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
 from splitserve.engine.loader import load_checkpoint, load_model
-from splitserve.engine.lora.adapter import (AdapterRef, AdapterUnavailableError,
-                                            UnknownAdapterError, describe_adapter)
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.manager import LoraManager
+from splitserve.engine.lora.registry import AdapterRegistry
 from splitserve.engine.model_runner import ModelRunner, kv_cache_dtype, num_kv_blocks, resolve_dtype
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
@@ -77,7 +77,7 @@ class LLMEngine:
             raise
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.requests: dict[str, RequestState] = {}
-        self.adapters: dict[str, AdapterRef] = {}  # registered by name (add_adapter)
+        self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    slots=self.lora)
         self.sampler = Sampler(seed=cfg.seed)
@@ -140,47 +140,16 @@ class LLMEngine:
 
     # -- LoRA adapters ----------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> AdapterRef:
-        """Serve the PEFT adapter in folder ``path`` as ``name`` (read now;
-        AdapterError when it cannot be served on this model)."""
-        lora = self._lora()
-        ref = describe_adapter(name, path)
-        lora.install(lora.read(ref))
-        self.adapters[ref.name] = ref
-        return ref
+        """Serve the adapter in folder ``path`` as ``name`` (``AdapterRegistry.add``)."""
+        return self.adapters.add(name, path)
 
     def remove_adapter(self, name: str) -> bool:
-        """Stop serving adapter ``name``; requests already running with it
-        finish. Whether it was served."""
-        ref = self.adapters.pop(name, None)
-        if ref is None:
-            return False
-        if self.lora is not None and all(r.key != ref.key for r in self.adapters.values()):
-            self.lora.drop(ref.key)
-        return True
+        """Stop serving adapter ``name`` (``AdapterRegistry.remove``)."""
+        return self.adapters.remove(name)
 
     def resolve_adapter(self, adapter: "str | AdapterRef | None") -> AdapterRef | None:
-        """A request's adapter: by name (``add_adapter``), or a reference the
-        caller holds (a cluster request), made ready in host memory. Raises
-        UnknownAdapterError, or AdapterUnavailableError when this engine
-        serves no adapters or cannot read its files."""
-        if adapter is None:
-            return None
-        lora = self._lora()
-        if isinstance(adapter, str):
-            ref = self.adapters.get(adapter)
-            if ref is None:
-                raise UnknownAdapterError(f"adapter {adapter!r} is not loaded here; loaded: "
-                                          f"{', '.join(self.adapters) or 'none'}")
-        else:
-            ref = adapter
-        lora.ensure(ref)
-        return ref
-
-    def _lora(self) -> LoraManager:
-        if self.lora is None:
-            raise AdapterUnavailableError("this engine serves no LoRA adapters: start it with "
-                                          "max_loras > 0")
-        return self.lora
+        """A request's adapter, ready in host memory (``AdapterRegistry.resolve``)."""
+        return self.adapters.resolve(adapter)
 
     def _live_adapter_keys(self) -> set[str]:
         return {st.seq.adapter.key for st in self.requests.values() if st.seq.adapter is not None}
@@ -266,13 +235,7 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
             prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
             open_requests=len(self.requests), block_owners=len(self.kv.owners()),
-            **self._lora_load(), **self._spec_stats())
-
-    def _lora_load(self) -> dict:
-        if self.lora is None:
-            return {}
-        return dict(lora_slots=self.lora.num_slots, lora_slots_in_use=self.lora.table.in_use,
-                    adapters=self.lora.resident_keys(), host_adapters=self.lora.host_keys())
+            **self.adapters.load(), **self._spec_stats())
 
     def _spec_stats(self) -> dict:
         if self.spec is None:
