@@ -14,7 +14,8 @@ from splitserve.cluster.bench.datasets import parse_length_dist
 from splitserve.cluster.planning import acceptance, profile_run, profiler, spec_probe
 from splitserve.cluster.planning.acceptance import (
     ASSUMED_ACCEPTANCE, length_table, per_token_rate, resolve, settled_length)
-from splitserve.cluster.planning.db import SCHEMA_VERSION, ProfileDB
+from splitserve.cluster.planning.db import ProfileDB
+from splitserve.cluster.planning.db_schema import SCHEMA_VERSION
 from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
 from splitserve.cluster.planning.planner.request import PlanRequest
 from splitserve.cluster.planning.planner.search import Planner
