@@ -129,6 +129,17 @@ def positive(kind: type = float, allow_zero: bool = False) -> Callable[[str], fl
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type`` taking a number from 0 to 1 (a rate)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:  # NaN fails both
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text!r}")
+    return v
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Raise ConnectionError when ``address`` (HOST:PORT of a Ray head) does
     not accept a TCP connection within ``timeout_s``: ``ray.init`` would

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from splitserve.cluster.cli.common import int_list, interrupts_deferred, positive, str_list
+from splitserve.cluster.cli.common import fraction, int_list, interrupts_deferred, positive, str_list
 
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
@@ -125,6 +125,14 @@ def add_subcommand(sub) -> None:
                    help="tensor-parallel degrees of a replica")
     s.add_argument("--speculative", default="off,ngram:4", metavar="LIST",
                    help="speculative decoding: off or METHOD:K (K draft tokens), e.g. ngram:4")
+    s.add_argument("--spec-workload", default=None, metavar="KIND",
+                   help="the workload's kind for speculation acceptance: the profile "
+                        "database's rows measured on it (code-edit, free, or an imported "
+                        "dataset's name); default: the lowest measured rate of the model, "
+                        "else the assumed 0.7")
+    s.add_argument("--spec-acceptance", type=fraction, default=None, metavar="RATE",
+                   help="per-token acceptance of the drafts (0 to 1) for every method, instead "
+                        "of the database's (the plan reports it as given)")
     s.add_argument("--policies", default="cost,prefix_aware,least_loaded,round_robin",
                    metavar="LIST", help="router policies, of: " + ", ".join(POLICIES))
     s.add_argument("--local-prefill", default="0,128,512,2048", metavar="LIST",
@@ -191,7 +199,7 @@ def _space(args):
         policies=str_list("--policies", args.policies, POLICIES),
         local_prefill=int_list("--local-prefill", args.local_prefill, minimum=0),
         autoscaling=str_list("--autoscaling", args.autoscaling, AUTOSCALING),
-        max_replicas=args.max_replicas)
+        max_replicas=args.max_replicas, spec_acceptance=args.spec_acceptance)
 
 
 def _floor(text: str) -> float | None:
@@ -291,7 +299,8 @@ def build_request(args, db):
                       offers=offers, max_ppl_increase=_floor(args.max_ppl_increase),
                       budget_per_hour=args.budget, space=space, finalists=args.finalists,
                       max_sims=args.max_sims, time_budget_s=args.time_budget, slack=args.slack,
-                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current)
+                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current,
+                      spec_workload=args.spec_workload)
     return req, current_cfg
 
 
@@ -354,6 +363,9 @@ def cmd_plan(args) -> int:
              f"perplexity +{floor:.2%} at most") + "; hardware: "
           + ", ".join(f"{d.label} x{d.count} ${d.price:.2f}/h" for d in result.devices)
           + (f"; budget ${req.budget_per_hour:.2f}/h" if req.budget_per_hour else ""))
+    if result.acceptance:
+        print("speculation acceptance: " + "; ".join(
+            f"{m} {a.describe()}" for m, a in sorted(result.acceptance.items())))
     print()
     print(report.counts_text(result))
     print(f"planned in {result.timings['total_s']:.1f} s wall "

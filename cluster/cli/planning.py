@@ -53,6 +53,27 @@ def _add_profile(sub) -> None:
     p.add_argument("--no-quality", action="store_true", help="skip the perplexity row")
     p.add_argument("--handoff", action="store_true",
                    help="also measure the grpc KV transport on loopback")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--speculation", action="store_true", default=None,
+                      help="also measure speculative decoding's acceptance through the engine "
+                           "(n-gram lookup, and a draft model: --spec-draft, or the shipped "
+                           "draft for the default model) on a code-editing and a free-generation "
+                           "workload from the held-out text; on by default for a --config model "
+                           "with a speculative section (its own method and k)")
+    spec.add_argument("--no-speculation", dest="speculation", action="store_false",
+                      help="do not measure acceptance, even for a config that speculates")
+    p.add_argument("--spec-draft", default=None, metavar="DIR",
+                   help="with --speculation: the draft checkpoint to measure")
+    p.add_argument("--spec-k", type=int, default=None, metavar="K",
+                   help="draft tokens per step while measuring (default: the config's "
+                        "num_speculative_tokens, else 4)")
+    p.add_argument("--spec-text", default=None, metavar="FILE",
+                   help="the text the acceptance prompts come from (default: the held-out "
+                        "text of the perplexity row)")
+    p.add_argument("--spec-import", default=None, metavar="BENCH_SPEC.json",
+                   help="instead of measuring: import a benchmarks/bench_spec.py record's "
+                        "fixed-k n-gram and shipped-draft acceptance (the default model's) "
+                        "into the database")
     p.add_argument("--serving-url", default=None, metavar="URL",
                    help="instead of the engine: measure the serving path's cost beyond the "
                         "engine step on the cluster serving --config at this OpenAI HTTP URL "
@@ -82,7 +103,10 @@ def cmd_profile(args) -> int:
         return 2
     try:
         threads, targets = args.threads, []
-        if not (args.list or args.serving_url):  # the inputs, checked before any file is made
+        if args.spec_k is not None and not 1 <= args.spec_k <= 32:
+            print("error: --spec-k must be in [1, 32]", file=sys.stderr)
+            return 2
+        if not (args.list or args.serving_url or args.spec_import):  # inputs checked before any file
             if threads is None and args.config:
                 from splitserve.cluster.config import load_config
 
@@ -98,12 +122,17 @@ def cmd_profile(args) -> int:
             return _list(db, args.json)
         if args.serving_url:
             return _serving(args, db)
+        if args.spec_import:
+            return _spec_import(args, db)
         try:
             with staged_copy(db) as staged:  # every row of this run, or none
                 summaries = [profile_run.run(staged, t, fast=args.fast,
                                              quality=not args.no_quality, handoff=args.handoff,
                                              threads=threads,
-                                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                                             log=lambda s: print(s, file=sys.stderr, flush=True),
+                                             speculation=args.speculation,
+                                             spec_draft=args.spec_draft, spec_k=args.spec_k,
+                                             spec_text=args.spec_text)
                              for t in targets]
         except BaseException:  # a database this run created goes with it
             if fresh:
@@ -120,6 +149,8 @@ def cmd_profile(args) -> int:
             print(f"{s['model']} on {s['hardware']}: {s['rows']} step rows ({s['fit']}), "
                   f"start-up {s['startup_s']:.2f}s"
                   + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
+                  + "".join(f", {r['method']} acceptance on {r['workload']} "
+                            f"{r['acceptance']:.2f}" for r in s.get("speculation", []))
                   + f" -> {db.path}")
     return 0
 
@@ -163,6 +194,26 @@ def staged_copy(db):
         tmp.unlink(missing_ok=True)
 
 
+def _spec_import(args, db) -> int:
+    from splitserve.cluster.planning.shapes import shape_from_config_json
+    from splitserve.cluster.planning.spec_probe import from_bench_record
+    from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+    try:
+        rows = from_bench_record(args.spec_import)
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # bench_spec runs the default model pair
+    shape = shape_from_config_json(default_model_path(), DEFAULT_MODEL_NAME)
+    for r in rows:
+        db.add_speculation(shape, r)
+        print(f"{DEFAULT_MODEL_NAME}: {r.method} on {r.workload}, k={r.k}: per-token acceptance "
+              f"{r.acceptance:.2f} (drafted tokens accepted {r.acceptance_rate:.2f}, mean "
+              f"accepted length {r.mean_accepted_length:.2f}) -> {db.path}")
+    return 0
+
+
 def _serving(args, db) -> int:
     from dataclasses import asdict
 
@@ -193,7 +244,8 @@ def _list(db, as_json: bool) -> int:
            "hardware": [{"key": h.key, "provenance": h.provenance, "name": h.name,
                          "price_per_hour": h.price_per_hour, "price_source": h.price_source}
                         for h in hw],
-           "step_time_profiles": db.profiled()}
+           "step_time_profiles": db.profiled(),
+           "speculation": db.speculation_summary()}
     if as_json:
         print(json.dumps(out, indent=2))
         return 0
@@ -206,6 +258,11 @@ def _list(db, as_json: bool) -> int:
     for p in out["step_time_profiles"]:
         print(f"  {p['model']:<24} {p['hardware_key']:<40} {p['settings']} ({p['provenance']}, "
               f"{p['rows']} rows)")
+    if out["speculation"]:
+        print("speculation acceptance (newest per model, method, draft, workload, k):")
+        for r in out["speculation"]:
+            print(f"  {r['model']:<24} {r['method']:<6} {r['draft']:<28} {r['workload']:<10} "
+                  f"k={r['k']} per-token {r['acceptance']:.2f} ({r['provenance']})")
     return 0
 
 

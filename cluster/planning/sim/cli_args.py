@@ -99,8 +99,13 @@ def add_simulate_arguments(p) -> None:
                         "(default: 1, exact)")
     r.add_argument("--spec-acceptance", type=float, default=None, metavar="RATE",
                    help="speculative decoding: the chance a draft token is accepted (after "
-                        "the ones before it), for both methods (default: the planner's "
-                        "assumption, 0.7)")
+                        "the ones before it), for both methods (default: the profile "
+                        "database's measured rate for the model and method, else the "
+                        "assumed 0.7)")
+    r.add_argument("--spec-workload", default=None, metavar="KIND",
+                   help="which measured acceptance rows to use: the workload kind they were "
+                        "measured on (code-edit, free, or an imported dataset's name); default: "
+                        "the lowest measured")
     r.add_argument("--draft-cost-ratio", type=float, default=None, metavar="R",
                    help="speculative method draft: a draft-model step's time relative to "
                         "the model's (default: 0.1)")
@@ -237,6 +242,8 @@ def run_from_args(args) -> int:
             if args.draft_cost_ratio < 0:
                 raise ValueError("--draft-cost-ratio must be at least 0")
             spec["draft_cost_ratio"] = args.draft_cost_ratio
+        if args.spec_workload:
+            spec["spec_workload"] = args.spec_workload
         opts = SimOptions(seed=args.seed, control_interval_s=args.control_interval_s,
                           sample_s=sample_s, node_provision_s=args.node_provision_s,
                           replace_after_s=args.replace_after_s,
