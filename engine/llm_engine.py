@@ -8,6 +8,7 @@ between engines goes through ``kv_port`` (``splitserve.engine.kv_port``).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +40,7 @@ from splitserve.engine.step_guard import StepGuard
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
 
+log = logging.getLogger("splitserve.engine")
 
 LayerListener = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
 
