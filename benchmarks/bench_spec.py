@@ -19,6 +19,9 @@ show what verifying costs, the shipped draft, to show what it yields when
 it is never switched off, and draft = target, to show the mechanism at
 100% acceptance at every batch size.
 
+``splitserve profile --spec-import`` reads the fixed-k n-gram and
+shipped-draft cases of its record into the profile database.
+
 For each case it reports tokens/s of plain and speculative decoding, their
 ratio (per pass, the range over passes), the acceptance rate, the mean
 accepted length and the draft time share; outputs are checked to be equal
@@ -76,21 +79,19 @@ def engine(path: Path, device: str, spec=None):
 def corpus_prefixes(tokenizer, n: int, length: int) -> list[list[int]]:
     # the default model's held-out text: its own domain (Python code and docs),
     # never seen in training
+    from splitserve.cluster.planning import spec_probe
     from splitserve.engine.default_model import HELDOUT_PATH
 
-    ids = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))
-    step = max(1, (len(ids) - length) // n)
-    return [ids[i * step:i * step + length] for i in range(n)]
+    return spec_probe.corpus_prefixes(tokenizer, HELDOUT_PATH.read_text(encoding="utf-8"), n,
+                                      length)
 
 
 def copy_prompts(plain, n: int, prefix_len: int, body_len: int) -> list[list[int]]:
-    from splitserve.engine.sampling_params import SamplingParams
+    # the code-edit workload of `splitserve profile --speculation` (spec_probe)
+    from splitserve.cluster.planning import spec_probe
 
-    prefixes = corpus_prefixes(plain.tokenizer, n, prefix_len)
-    bodies = plain.generate(prefixes, SamplingParams(max_tokens=body_len, temperature=0.0,
-                                                     ignore_eos=True))
-    sep = plain.tokenizer.encode("\n\n", add_special_tokens=False)
-    return [p + b.token_ids + sep + p for p, b in zip(prefixes, bodies)]
+    return spec_probe.copy_prompts(plain, corpus_prefixes(plain.tokenizer, n, prefix_len),
+                                   body_len)
 
 
 def timed(eng, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:

@@ -11,6 +11,10 @@ repairs and trims).
 
 Every figure is derived: roofline step times from datasheet peaks under the
 efficiency model of cluster/planning/catalog.yaml, prices from its list.
+Speculation acceptance: the database holds no measured rows for
+Llama-3.1-8B, so the plans assume 0.7 (``acceptance.ASSUMED_ACCEPTANCE``)
+and say so; ``--spec-acceptance RATE`` plans with another rate instead
+(what a lower measured rate would change).
 
     python benchmarks/plan_examples.py --out bench-results/plan-examples.json
 """
@@ -52,7 +56,9 @@ def plan(db, ex, offers, layouts, args):
                             parse_length_dist(ex["output_len"]), window=args.sim_requests,
                             seed=args.seed)
     req = PlanRequest(PRESETS["llama-3.1-8b"], "llama-3.1-8b", "/models/llama-3.1-8b", wl,
-                      ex["slo"], offers, space=SpaceSpec(layouts=layouts), seed=args.seed,
+                      ex["slo"], offers, space=SpaceSpec(layouts=layouts,
+                                                         spec_acceptance=args.spec_acceptance),
+                      seed=args.seed,
                       max_sims=args.max_sims, time_budget_s=args.time_budget)
     t0 = time.perf_counter()
     res = Planner(req, db).search()
@@ -66,6 +72,11 @@ def summary(res) -> dict | None:
     if c is None:
         return None
     return {"plan": c.plan.label(), "layout": c.plan.layout, "ratio": c.plan.ratio(),
+            "speculative": c.plan.engine.speculative,
+            "speculation_length": next(iter(
+                p.get("speculation_length") for r, p in c.plan.predicted.get("pools", {}).items()
+                if r != "prefill"), None),
+            "acceptance": {m: a.describe() for m, a in res.acceptance.items()},
             "devices": c.plan.devices, "cost_per_hour": c.cost_per_hour,
             "usd_per_million_output_tokens": c.usd_per_m_tokens, "ttft_p90": c.ttft_p,
             "tpot_p90": c.tpot_p, "goodput": c.goodput, "slo_attainment": c.attainment}
@@ -83,6 +94,8 @@ def main() -> int:
                     help="seconds of simulation per plan (the examples are about the choice, "
                          "benchmarks/plan_speed.py about the time)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spec-acceptance", type=float, default=None,
+                    help="plan with this per-token acceptance instead of the assumed 0.7")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     db = ProfileDB(os.path.join(tempfile.mkdtemp(), "p.db"))
@@ -100,7 +113,8 @@ def main() -> int:
                      "counts": full.counts, "timings": full.timings,
                      "explanation": full.explanation})
         print(f"== {name}: {ex['rate']} req/s, {ex['slo'].describe()}")
-        print(f"chosen: {a and a['plan']} ${a and a['cost_per_hour']:.2f}/h")
+        print(f"chosen: {a and a['plan']} ${a and a['cost_per_hour']:.2f}/h"
+              + (f" (acceptance {a['acceptance']})" if a and a["speculative"] != "off" else ""))
         print(f"best colocated: {b and b['plan']} ${b and b['cost_per_hour']:.2f}/h")
         print(f"saving: {'n/a' if saving is None else f'{saving:.0%}'}; planned in "
               f"{full.timings['total_s']:.0f} s ({full.counts['space']['deployable']:,} deployable "
@@ -111,6 +125,7 @@ def main() -> int:
     if args.out:
         write_json(args.out, {**record_header("plan-examples"),
                               "profile": "derived (datasheet x efficiency model of catalog.yaml)",
+                              "spec_acceptance": args.spec_acceptance,
                               "examples": rows}, default=float)
     return 0
 

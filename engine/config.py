@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.family_config import FamilyOptions, parse_family_options
 from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
 from splitserve.engine.spec.config import SpeculativeConfig
 
@@ -33,6 +34,9 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
 }
 
 
@@ -84,6 +88,8 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
+    # what Gemma, Gemma 2 and Phi-3 add (splitserve.engine.family_config)
+    options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -106,10 +112,15 @@ class ModelConfig:
             # Qwen2 always biases q/k/v, Mistral/Mixtral never, Qwen2-MoE per
             # ``qkv_bias`` (on unless written off), Llama/Qwen3(-MoE) follow attention_bias.
             cfg_bias = bool(cfg.get("attention_bias", False))
-            qkv_bias = {"qwen2": True, "mistral": False, "mixtral": False,
+            qkv_bias = {"qwen2": True, "mistral": False, "mixtral": False, "phi3": False,
                         "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(family, cfg_bias)
             if dtype not in DTYPES:
                 raise CheckpointError(f"{source}: unsupported torch_dtype {dtype!r}")
+            quantization = parse_quantization_config(cfg, source)
+            if quantization is not None and family == "phi3":
+                raise CheckpointError(f"{source}: fp8 {arch} checkpoints (fused qkv_proj / "
+                                      "gate_up_proj scales) are not supported; serve the "
+                                      "unquantized checkpoint, with weight_dtype fp8 if wanted")
             return cls(
                 architecture=arch,
                 family=family,
@@ -131,10 +142,11 @@ class ModelConfig:
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                o_proj_bias=family in ("llama", "qwen3", "qwen3_moe") and cfg_bias,
+                o_proj_bias=family in _O_PROJ_BIAS_FAMILIES and cfg_bias,
                 mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
-                quantization=parse_quantization_config(cfg, source),
+                quantization=quantization,
+                options=parse_family_options(cfg, family),
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -179,22 +191,29 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
     )
 
 
-# Families whose window, once set, covers every layer: Mistral and Mixtral
-# with no switch, Qwen3-MoE behind ``use_sliding_window``.
-_EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "qwen3_moe")
+# Families whose ``attention_bias`` covers o_proj as well as q/k/v.
+_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2")
+
+# Families whose window, once set, covers every layer: Mistral, Mixtral and
+# Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
+_EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe")
+# Families with no sliding window at all.
+_UNWINDOWED = ("llama", "gemma")
 
 
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
     """``sliding_window`` and ``layer_windows`` as transformers applies them.
 
     Mistral and Mixtral have no switch: a window set applies to every layer.
+    Phi-3 likewise; Gemma 2 to the layers ``layer_types`` marks (by default
+    every other layer from layer 0), Gemma has none.
     The Qwen families apply it only with ``use_sliding_window``: Qwen3-MoE to
     every layer, Qwen2/Qwen3/Qwen2-MoE to the layers ``layer_types`` marks
     ``sliding_attention`` (older configs: layers from ``max_window_layers``
     on). Llama has none."""
     window = cfg.get("sliding_window")
-    switched = family in ("mistral", "mixtral") or cfg.get("use_sliding_window")
-    if family == "llama" or not window or not switched:
+    switched = family in ("mistral", "mixtral", "phi3", "gemma2") or cfg.get("use_sliding_window")
+    if family in _UNWINDOWED or not window or not switched:
         return {"sliding_window": None, "layer_windows": (0,) * num_layers}
     window = int(window)
     if window <= 0:
@@ -202,6 +221,8 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
     if family in _EVERY_LAYER_WINDOWED:
         return {"sliding_window": window, "layer_windows": (window,) * num_layers}
     types = cfg.get("layer_types")
+    if types is None and family == "gemma2":  # every other layer, from layer 0
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     if types is None:
         first = int(cfg.get("max_window_layers", 28))
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
@@ -221,9 +242,25 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"rope_parameters must be an object, got {params!r}")
-    theta = cfg.get("rope_theta") or (params or {}).get("rope_theta") or 10000.0
+    # both present: the dict's, as transformers >= 5 standardises them
+    theta = (params or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)
+    if kind in ("llama3", "yarn", "longrope"):
+        # The pretraining length, where transformers finds it: a top-level
+        # original_max_position_embeddings wins over the dict's (Phi-3 style
+        # configs); with neither, max_position_embeddings.
+        top = cfg.get("original_max_position_embeddings")
+        if top is not None:
+            scaling["original_max_position_embeddings"] = top
+        elif scaling.get("original_max_position_embeddings") is None and \
+                cfg.get("max_position_embeddings") is not None:
+            scaling["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    # Rotary over part of each head: kept with the scaling (a top-level key in
+    # transformers < 5) so splitserve.engine.models.rope refuses it at load.
+    partial = (params or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        scaling = {**(scaling or {"rope_type": "default"}), "partial_rotary_factor": float(partial)}
     return float(theta), scaling
 
 

@@ -17,16 +17,15 @@ from typing import Callable, Iterable
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from splitserve.engine.isolation import is_fatal, split_failures
+from splitserve.engine.errors import EngineDeadError, InvalidRequestError
+from splitserve.engine.isolation import is_fatal
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
 from splitserve.engine.loader import load_checkpoint, load_model
-from splitserve.engine.lora.adapter import (AdapterRef, AdapterUnavailableError,
-                                            UnknownAdapterError, describe_adapter)
+from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.manager import LoraManager
-from splitserve.engine.model_runner import (ModelRunner, PromptLogprobs, kv_cache_dtype,
-                                            num_kv_blocks, resolve_dtype)
+from splitserve.engine.lora.registry import AdapterRegistry
+from splitserve.engine.model_runner import ModelRunner, kv_cache_dtype, num_kv_blocks, resolve_dtype
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
@@ -37,14 +36,13 @@ from splitserve.engine.sequence import FinishReason, Sequence
 from splitserve.engine.spec.decoder import SpecDecoder
 from splitserve.engine.spec.proposer import ProposerContext
 from splitserve.engine.stats import EngineLoad
+from splitserve.engine.step_guard import StepGuard
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
 from splitserve.engine.tokenizer import Tokenizer
 
+log = logging.getLogger("splitserve.engine")
 
 LayerListener = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
-# ModelRunner.execute: logits [N, V], scheduled index per row, prompt logprobs
-StepResult = tuple[torch.Tensor, list[int], PromptLogprobs]
-log = logging.getLogger("splitserve.engine")
 
 
 class LLMEngine:
@@ -81,7 +79,7 @@ class LLMEngine:
             raise
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.requests: dict[str, RequestState] = {}
-        self.adapters: dict[str, AdapterRef] = {}  # registered by name (add_adapter)
+        self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    slots=self.lora)
         self.sampler = Sampler(seed=cfg.seed)
@@ -90,6 +88,11 @@ class LLMEngine:
             self.model_cfg.max_position,
             num_blocks * cfg.block_size,
         )
+        if cfg.max_model_len and cfg.max_model_len > self.model_cfg.max_position:
+            # RoPE tables end at max_position_embeddings: positions past it have no rotation
+            log.warning("max_model_len %d is past the model's max_position_embeddings %d: "
+                        "serving %d tokens of context", cfg.max_model_len,
+                        self.model_cfg.max_position, self.max_model_len)
         gen_eos = self.checkpoint.generation_config.get("eos_token_id")
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_cfg.eos_token_ids)
         if gen_eos is not None:
@@ -108,6 +111,7 @@ class LLMEngine:
         self.failures_in_a_row = 0  # failed requests since a step last made progress
         self.max_consecutive_failures = 8
         self.kv_port = KVPort(self)
+        self.guard = StepGuard(self)  # forward and sampling, failing requests alone
         self.spec: SpecDecoder | None = None
         if cfg.speculative is not None:
             self.spec = SpecDecoder(cfg.speculative, ProposerContext(
@@ -143,47 +147,16 @@ class LLMEngine:
 
     # -- LoRA adapters ----------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> AdapterRef:
-        """Serve the PEFT adapter in folder ``path`` as ``name`` (read now;
-        AdapterError when it cannot be served on this model)."""
-        lora = self._lora()
-        ref = describe_adapter(name, path)
-        lora.install(lora.read(ref))
-        self.adapters[ref.name] = ref
-        return ref
+        """Serve the adapter in folder ``path`` as ``name`` (``AdapterRegistry.add``)."""
+        return self.adapters.add(name, path)
 
     def remove_adapter(self, name: str) -> bool:
-        """Stop serving adapter ``name``; requests already running with it
-        finish. Whether it was served."""
-        ref = self.adapters.pop(name, None)
-        if ref is None:
-            return False
-        if self.lora is not None and all(r.key != ref.key for r in self.adapters.values()):
-            self.lora.drop(ref.key)
-        return True
+        """Stop serving adapter ``name`` (``AdapterRegistry.remove``)."""
+        return self.adapters.remove(name)
 
     def resolve_adapter(self, adapter: "str | AdapterRef | None") -> AdapterRef | None:
-        """A request's adapter: by name (``add_adapter``), or a reference the
-        caller holds (a cluster request), made ready in host memory. Raises
-        UnknownAdapterError, or AdapterUnavailableError when this engine
-        serves no adapters or cannot read its files."""
-        if adapter is None:
-            return None
-        lora = self._lora()
-        if isinstance(adapter, str):
-            ref = self.adapters.get(adapter)
-            if ref is None:
-                raise UnknownAdapterError(f"adapter {adapter!r} is not loaded here; loaded: "
-                                          f"{', '.join(self.adapters) or 'none'}")
-        else:
-            ref = adapter
-        lora.ensure(ref)
-        return ref
-
-    def _lora(self) -> LoraManager:
-        if self.lora is None:
-            raise AdapterUnavailableError("this engine serves no LoRA adapters: start it with "
-                                          "max_loras > 0")
-        return self.lora
+        """A request's adapter, ready in host memory (``AdapterRegistry.resolve``)."""
+        return self.adapters.resolve(adapter)
 
     def _live_adapter_keys(self) -> set[str]:
         return {st.seq.adapter.key for st in self.requests.values() if st.seq.adapter is not None}
@@ -269,13 +242,7 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions, prefix_hits=self.kv.pool.hits,
             prefix_queries=self.kv.pool.queries, cached_blocks=len(self.kv.pool.hash_to_block),
             open_requests=len(self.requests), block_owners=len(self.kv.owners()),
-            **self._lora_load(), **self._spec_stats())
-
-    def _lora_load(self) -> dict:
-        if self.lora is None:
-            return {}
-        return dict(lora_slots=self.lora.num_slots, lora_slots_in_use=self.lora.table.in_use,
-                    adapters=self.lora.resident_keys(), host_adapters=self.lora.host_keys())
+            **self.adapters.load(), **self._spec_stats())
 
     def _spec_stats(self) -> dict:
         if self.spec is None:
@@ -296,7 +263,7 @@ class LLMEngine:
         A request whose share of the step raises (its rows of the forward,
         its sampling, its prompt logprobs or its output: text, stop checks,
         grammar) ends alone: its last output carries a RequestFailedError
-        and its blocks are freed; the others go on (``engine.isolation``).
+        and its blocks are freed; the others go on (``engine.step_guard``).
         The step raises instead, leaving the engine to be stopped, on a
         device error, when the forward fails for every request and for a
         one-token probe, or when ``max_consecutive_failures`` requests
@@ -306,12 +273,12 @@ class LLMEngine:
         if sched.is_empty:
             return []
         outputs: list[RequestOutput] = []
-        ran = self._forward(sched.scheduled, layer_listener, outputs)
+        ran = self.guard.forward(sched.scheduled, layer_listener, outputs)
         sampled: list[tuple[RequestState, int, TokenLogprobs | None]] = []
         for part, (logits, rows, prompt_lps) in ran:
             if self.spec is not None:  # a sequence's first row here, its draft rows held
                 logits, rows = self.spec.begin_verify(self, part, logits, rows)
-            sampled += self._sample(part, logits, rows, prompt_lps, outputs)
+            sampled += self.guard.sample(part, logits, rows, prompt_lps, outputs)
         done = [s for part, _ in ran for s in part if not s.seq.is_finished]
         self.scheduler.commit(SchedulerOutput(scheduled=done))
         self.step_count += 1
@@ -326,7 +293,7 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - this request's fault alone
                 if is_fatal(e):
                     raise
-                outputs.append(self._fail(st, "output processing", e))
+                outputs.append(self.guard.fail(st, "output processing", e))
         if self.spec is not None:  # the rest of each draft run; KV rollback
             outputs = self.spec.finish_verify(self, outputs, now)
         if any(s.seq.finish_reason is not FinishReason.ABORT for s in done):
@@ -337,81 +304,6 @@ class LLMEngine:
                 f"{self.failures_in_a_row} requests failed in a row with no step making "
                 "progress: the engine is taken to be broken")
         return outputs
-
-    def _forward(self, scheduled: list[ScheduledSeq], layer_listener: LayerListener | None,
-                 outputs: list[RequestOutput]) -> list[tuple[list[ScheduledSeq], StepResult]]:
-        """The model over ``scheduled``: one run, or, when that raises, the
-        parts that run once the failing sequences are found and failed."""
-        def run(part: list[ScheduledSeq]) -> StepResult:
-            on_layer_done = layer_listener(part) if layer_listener else None
-            return self.runner.execute(part, self.kv, on_layer_done)
-
-        try:
-            return [(scheduled, run(scheduled))]
-        except Exception as e:  # noqa: BLE001 - narrowed down to its requests
-            if is_fatal(e):
-                raise
-            ran, failed = split_failures(scheduled, run, e)
-        suspects = [(self.requests[s.seq.seq_id], err) for s, err in failed]
-        for st, _ in suspects:  # their blocks free, for the probe
-            self.scheduler.finish(st.seq, FinishReason.ABORT)
-        if not ran:
-            self._probe()
-        for st, err in suspects:
-            outputs.append(self._fail(st, "the model forward", err))
-        return ran
-
-    def _probe(self) -> None:
-        """Every request of a step failed the forward alone: run one token
-        of a throwaway sequence. Raises EngineDeadError when the model
-        cannot run at all; passes when no block is free to try."""
-        seq = Sequence(f"engine-probe-{uuid.uuid4().hex}", [0], SamplingParams(max_tokens=1),
-                       self.cfg.block_size, self.hash_salt)
-        if self.kv.allocate_prompt(seq, 1) == 0:
-            return
-        try:
-            self.runner.execute([ScheduledSeq(seq, 1)], self.kv)
-        except Exception as e:
-            raise EngineDeadError(f"the model failed for every request of a step and for a "
-                                  f"one-token probe: {type(e).__name__}: {e}") from e
-        finally:
-            self.kv.free(seq.seq_id)
-
-    def _sample(self, part: list[ScheduledSeq], logits: torch.Tensor, rows: list[int],
-                prompt_lps: PromptLogprobs, outputs: list[RequestOutput]
-                ) -> list[tuple[RequestState, int, TokenLogprobs | None]]:
-        """Prompt logprobs and the next token of each sequence of ``part``
-        that reached its last token (logits [len(rows), V]). Batched; when
-        the batch raises, row by row, failing the rows that raise alone."""
-        for i, scored in prompt_lps.items():
-            st = self.requests[part[i].seq.seq_id]
-            try:
-                st.add_prompt_logprobs(scored)
-            except Exception as e:  # noqa: BLE001
-                if is_fatal(e):
-                    raise
-                outputs.append(self._fail(st, "prompt logprobs", e))
-        states = [self.requests.get(part[i].seq.seq_id) for i in rows]
-        live = [k for k, st in enumerate(states) if st is not None]
-        if len(live) < len(states):
-            logits, states = logits[live], [states[k] for k in live]
-        try:
-            tokens, lps = self.sampler(logits, [st.prepare_sampling() for st in states])
-            return list(zip(states, tokens, lps))
-        except Exception as e:  # noqa: BLE001 - narrowed down to its rows
-            if is_fatal(e):
-                raise
-        sampled = []
-        for k, st in enumerate(states):
-            try:
-                tok, lp = self.sampler(logits[k:k + 1], [st.prepare_sampling()])
-            except Exception as e:  # noqa: BLE001
-                if is_fatal(e):
-                    raise
-                outputs.append(self._fail(st, "sampling", e))
-            else:
-                sampled.append((st, tok[0], lp[0]))
-        return sampled
 
     def _take_token(self, st: RequestState, tok: int, lp: TokenLogprobs | None,
                     now: float) -> RequestOutput:
@@ -434,25 +326,6 @@ class LLMEngine:
         out.metrics = {"arrival": seq.arrival_time, "first_token": seq.first_token_time or now,
                        "first_scheduled": seq.first_scheduled_time or seq.arrival_time}
         return out
-
-    def _fail(self, st: RequestState, stage: str, exc: Exception) -> RequestOutput:
-        """End one request whose processing raised: free its blocks and
-        return its last output, which carries the error."""
-        seq, rid = st.seq, st.seq.seq_id
-        log.warning("request %s failed in %s; ending it alone", rid, stage, exc_info=exc)
-        self.scheduler.finish(seq, FinishReason.ABORT)  # idempotent
-        self.requests.pop(rid, None)
-        self._prefill_only.discard(rid)
-        self.failures_in_a_row += 1
-        self.num_failed_requests += 1
-        detail = f"{type(exc).__name__}: {exc}"[:300]
-        # not chained to ``exc``: its traceback holds the step's frames and tensors
-        err = RequestFailedError(f"request {rid!r} failed in {stage} ({detail}); the engine and "
-                                 "its other requests go on", request_id=rid)
-        return RequestOutput(request_id=rid, new_token_ids=[], new_text="", finished=True,
-                             finish_reason=None, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=seq.num_output_tokens,
-                             num_cached_tokens=seq.num_cached_tokens, error=err)
 
     def generate(self, prompts: Iterable[str | list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,

@@ -17,7 +17,6 @@ go to the reference one by one. Same signature and result as
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from splitserve.kernels import reference
 
@@ -27,7 +26,8 @@ SHORT_QUERY = 16  # most new tokens of a sequence batched here (a verify step: k
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
-                    v_scale: float = 1.0, sliding_window: int = 0) -> torch.Tensor:
+                    v_scale: float = 1.0, sliding_window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
     """As ``reference.paged_attention``. q: [T, Hq, D] -> [T, Hq, D]."""
     cu = cu_query_lens.tolist()
     ctx = context_lens.tolist()
@@ -43,19 +43,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for n, seqs in groups.items():
         rows = torch.tensor([cu[b] + i for b in seqs for i in range(n)], device=q.device)
         out[rows] = _short_queries(q[rows], n, k_cache, v_cache, block_tables, seqs, ctx,
-                                   scale, k_scale, v_scale, sliding_window)
+                                   scale, k_scale, v_scale, sliding_window, softcap)
     for b in long:
         s, e = cu[b], cu[b + 1]
         out[s:e] = reference.paged_attention(
             q[s:e], k_cache, v_cache, block_tables[b:b + 1],
             torch.tensor([0, e - s], dtype=torch.int32), context_lens[b:b + 1],
-            scale, k_scale, v_scale, sliding_window)
+            scale, k_scale, v_scale, sliding_window, softcap)
     return out
 
 
 def _short_queries(q: torch.Tensor, n: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, seqs: list[int], ctx: list[int], scale: float,
-                   k_scale: float, v_scale: float, sliding_window: int) -> torch.Tensor:
+                   k_scale: float, v_scale: float, sliding_window: int,
+                   softcap: float = 0.0) -> torch.Tensor:
     """q: [B * n, Hq, D], the last n tokens of each of ``seqs`` -> [B * n, Hq, D]."""
     b, (_, hq, d) = len(seqs), q.shape
     bs, hk = k_cache.shape[1], k_cache.shape[2]
@@ -78,5 +79,5 @@ def _short_queries(q: torch.Tensor, n: int, k_cache: torch.Tensor, v_cache: torc
     if sliding_window > 0:
         mask &= kpos > qpos - sliding_window
     mask = mask[:, None, :, None, :].expand(b, 1, n, g, nblk * bs).reshape(b, 1, n * g, -1)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    o = reference.attend(qg, k, v, mask, scale, softcap)
     return o.view(b, hk, n, g, d).permute(0, 2, 1, 3, 4).reshape(b * n, hq, d).to(q.dtype)

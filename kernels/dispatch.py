@@ -25,6 +25,7 @@ OP_NAMES = (
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "gelu_tanh_and_mul",
     "store_kv",
     "paged_attention",
     "paged_decode_attention",

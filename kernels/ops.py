@@ -26,6 +26,10 @@ def silu_and_mul(x):
     return get_op("silu_and_mul", x.device)(x)
 
 
+def gelu_tanh_and_mul(x):
+    return get_op("gelu_tanh_and_mul", x.device)(x)
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     return get_op("store_kv", key.device)(
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale
@@ -33,17 +37,18 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens,
-                    scale, k_scale=1.0, v_scale=1.0, sliding_window=0):
+                    scale, k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0):
     return get_op("paged_attention", q.device)(
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale, k_scale, v_scale,
-        sliding_window,
+        sliding_window, softcap,
     )
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           k_scale=1.0, v_scale=1.0, sliding_window=0):
+                           k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0):
     return get_op("paged_decode_attention", q.device)(
-        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, sliding_window
+        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, sliding_window,
+        softcap,
     )
 
 

@@ -84,6 +84,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] holding [gate | up] -> gelu_tanh(gate) * up: [T, I] (Gemma's
+    GeGLU, the tanh approximation of GELU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -128,10 +135,28 @@ def _gather_seq_kv(cache, block_table, ctx_len, scale, dtype):
     return out.to(dtype)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scores) @ v over the keys ``mask`` lets each query see, where
+    scores = q k^T * scale, soft-capped to ``softcap * tanh(scores / softcap)``
+    when ``softcap`` > 0 (Gemma 2's attention logit cap, applied before the
+    mask as transformers does). Shapes as ``F.scaled_dot_product_attention``
+    (q, k, v: [..., S, D], mask broadcastable to [..., Sq, Sk]); without a cap
+    it is that call. A query that sees no key gets zeros."""
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
-                    v_scale: float = 1.0, sliding_window: int = 0) -> torch.Tensor:
+                    v_scale: float = 1.0, sliding_window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
     """Variable-length causal attention over a paged KV cache.
 
     The batch holds B sequences; sequence b contributes the query tokens
@@ -141,7 +166,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Query i of sequence b sits at position ``context_lens[b] - q_len + i`` and
     attends to cache positions ``<=`` its own; with ``sliding_window`` W > 0
     only to the W latest of them (key j visible to query p iff p - W < j <= p,
-    as Mistral and Qwen define the window). 0 means no window.
+    as Mistral and Qwen define the window). 0 means no window. ``softcap``
+    > 0 caps each score at ``softcap * tanh(score / softcap)`` (``attend``).
 
     q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D] (Hq % Hk == 0);
     block_tables: [B, max_blocks] int32; cu_query_lens: [B+1] int32;
@@ -159,7 +185,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sel = torch.tensor(single, device=block_tables.device)
         out[rows] = paged_decode_attention(
             q[rows], k_cache, v_cache, block_tables[sel], context_lens[sel.to(context_lens.device)],
-            scale, k_scale, v_scale, sliding_window)
+            scale, k_scale, v_scale, sliding_window, softcap)
     done = set(single) if len(single) > 1 else set()
     for b in range(len(ctx)):
         s, e = cu[b], cu[b + 1]
@@ -177,9 +203,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = kpos <= qpos  # [q_len, c]
         if sliding_window > 0:
             mask &= kpos > qpos - sliding_window
-        o = F.scaled_dot_product_attention(
-            qb.float(), k.float(), v.float(), attn_mask=mask, scale=scale
-        )
+        o = attend(qb.float(), k.float(), v.float(), mask, scale, softcap)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out
 
@@ -187,12 +211,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0,
-                           sliding_window: int = 0) -> torch.Tensor:
+                           sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
     context_lens: [B] (including the token being decoded; 0 yields zeros);
-    ``sliding_window`` as in ``paged_attention``.
+    ``sliding_window`` and ``softcap`` as in ``paged_attention``.
     Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
     context, masked, and attended in one fused SDPA call.
     """
@@ -218,7 +242,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         valid &= pos >= ctx - sliding_window
     # one fused SDPA call; GQA by grouping query heads per kv head
     qg = q.view(b, hk, hq // hk, d)  # [B, Hk, G, D]
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    out = attend(qg, k, v, valid[:, None, None, :], scale, softcap)
     return out.reshape(b, hq, d)
 
 

@@ -10,4 +10,4 @@ import shutil
 if not os.environ.get("SPLITSERVE_TEST_CUDA") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest_plugins = ["tests.fixtures.checkpoints"]
+pytest_plugins = ["tests.fixtures.checkpoints", "tests.fixtures.shape_variants"]

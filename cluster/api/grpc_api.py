@@ -30,7 +30,6 @@ request's attributes); a status other than OK is recorded on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -42,9 +41,11 @@ import grpc
 from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloaded, Unavailable,
                                            UnknownModel)
 from splitserve.cluster.api.chat_output import ChatOutput
-from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.grpc_interceptors import (DETAILS_CHARS, PARAM_METADATA,
                                                      ApiKeyInterceptor, DecodeErrorInterceptor)
+from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_kwargs, generate_response,
+                                                 messages_chars, request_tools, sampling_params,
+                                                 template_tools)
 from splitserve.cluster.api.health import HealthService
 from splitserve.cluster.api.prepare import PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
@@ -53,16 +54,14 @@ from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
 from splitserve.cluster.api.request_options import grpc_options
 from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
-from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
+from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
-from splitserve.engine.limits import MAX_JSON_DEPTH, check_prompt_chars, nesting_exceeds
+from splitserve.engine.limits import check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
 from splitserve.cluster.observability.tracing import set_ingress_span
 from splitserve.handoff.tracing import SPAN_INGRESS, Span, Tracer
 
 log = logging.getLogger("splitserve.grpc")
-
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -99,176 +98,6 @@ async def _abort(context: grpc.aio.ServicerContext, e: BaseException,
     await context.abort(code, details, trailing_metadata=trailing)
 
 
-def sampling_params(p: pb.SamplingParams) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults. Not validated
-    here: the backend validates (and knows the context length)."""
-    def opt(name: str, default):
-        return getattr(p, name) if p.HasField(name) else default
-
-    params = SamplingParams(
-        max_tokens=opt("max_tokens", None), temperature=opt("temperature", 1.0),
-        top_p=opt("top_p", 1.0), top_k=opt("top_k", -1), min_p=opt("min_p", 0.0),
-        seed=opt("seed", None), presence_penalty=opt("presence_penalty", 0.0),
-        frequency_penalty=opt("frequency_penalty", 0.0),
-        repetition_penalty=opt("repetition_penalty", 1.0),
-        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens, logprobs=opt("logprobs", None),
-        prompt_logprobs=opt("prompt_logprobs", None),
-        skip_special_tokens=opt("skip_special_tokens", True),
-        include_stop_str_in_output=p.include_stop_str_in_output, n=opt("n", 1),
-        logit_bias=dict(p.logit_bias), speculative=opt("speculative", True),
-        structured_output=_structured(p.structured_output) if p.HasField("structured_output")
-        else None)
-    if params.n != 1:
-        raise InvalidRequestError(
-            f"n={params.n}: a Generate stream carries one sample; open one stream per sample "
-            "(with seeds, for reproducible ones)", param="n")
-    return params
-
-
-def _structured(so: pb.StructuredOutput) -> dict[str, str] | None:
-    spec = _structured_spec(so)
-    if spec is not None:
-        check_spec(spec, "structured_output")  # here, to name this API's field
-    return spec
-
-
-def _structured_spec(so: pb.StructuredOutput) -> dict[str, str] | None:
-    kind = so.WhichOneof("kind")
-    if kind is None:
-        return None
-    if kind == "json_object":
-        if not so.json_object:
-            raise InvalidRequestError("structured_output.json_object must be true when set",
-                                      param="structured_output")
-        return json_object_spec()
-    if kind == "choice":
-        return choice_spec(list(so.choice.choices), "structured_output")
-    return {"type": {"json_schema": "json"}.get(kind, kind), "value": getattr(so, kind)}
-
-
-def _messages(msgs) -> list[dict]:
-    out = []
-    for m in msgs:
-        d = {"role": m.role, "content": m.content}
-        if m.tool_calls:
-            d["tool_calls"] = [{"id": c.id, "type": "function",
-                                "function": {"name": c.name, "arguments": c.arguments or "{}"}}
-                               for c in m.tool_calls]
-        if m.tool_call_id:
-            d["tool_call_id"] = m.tool_call_id
-        out.append(d)
-    try:
-        return template_messages(out)
-    except InvalidRequestError as e:
-        raise _grpc_fields(e) from None
-
-
-def _grpc_fields(e: InvalidRequestError) -> InvalidRequestError:
-    """An error of splitserve.cluster.api.tool_calls naming this API's fields: a Tool or a
-    ToolCall has no "function" level (``tools[0].name``, not
-    ``tools[0].function.name``)."""
-    return InvalidRequestError(str(e).replace(".function", ""), param=(e.param or "").replace(".function", ""))
-
-
-def _tool_list(pb_tools) -> list[dict]:
-    """Tools in OpenAI's form (what chat templates and splitserve.cluster.api.tool_calls take)."""
-    tools = []
-    for i, t in enumerate(pb_tools):
-        fn = {"name": t.name, **({"description": t.description} if t.description else {})}
-        if t.parameters:
-            try:
-                fn["parameters"] = json.loads(t.parameters)
-            except (ValueError, RecursionError):
-                raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
-                                          param=f"tools[{i}].parameters") from None
-            if nesting_exceeds(fn["parameters"], MAX_JSON_DEPTH):
-                raise InvalidRequestError(
-                    f"tools[{i}].parameters nests more than {MAX_JSON_DEPTH} levels deep",
-                    param=f"tools[{i}].parameters")
-        tools.append({"type": "function", "function": fn})
-    return tools
-
-
-def _template_tools(pb_tools) -> list[dict]:
-    """Checked tools for rendering a chat (Tokenize)."""
-    try:
-        return tool_request(_tool_list(pb_tools), "none", None, None).tools
-    except InvalidRequestError as e:
-        raise _grpc_fields(e) from None
-
-
-def _tools(req: pb.GenerateRequest, chat_template: str | None,
-           parser: str = "auto") -> ToolRequest | None:
-    """The request's tool calling (splitserve.cluster.api.tool_calls), errors naming this
-    API's fields."""
-    if not req.messages and (req.tools or req.tool_choice or req.tool_function):
-        raise InvalidRequestError("tools need a chat (messages)", param="tools")
-    tools = _tool_list(req.tools)
-    if req.tool_choice and req.tool_function:
-        raise InvalidRequestError("set tool_choice or tool_function, not both", param="tool_function")
-    choice = ({"type": "function", "function": {"name": req.tool_function}} if req.tool_function
-              else req.tool_choice or None)
-    parallel = req.parallel_tool_calls if req.HasField("parallel_tool_calls") else None
-    try:
-        return tool_request(tools or None, choice, parallel, chat_template, parser)
-    except InvalidRequestError as e:
-        e = _grpc_fields(e)
-        if req.tool_function and e.param == "tool_choice":
-            e = InvalidRequestError(str(e), param="tool_function")
-        raise e from None
-
-
-def _response(out: dict, request_id: str, timings: dict[str, float] | None,
-              chat: ChatOutput | None = None) -> pb.GenerateResponse:
-    text, reason = out["text"], out["finish_reason"]
-    deltas: list[dict] = []
-    reasoning = ""
-    if chat is not None:
-        step = chat.step(text, len(out["token_ids"]), out["finished"], reason)
-        reasoning, text, deltas, reason = step.reasoning, step.content, step.tool_calls, step.finish_reason
-    r = pb.GenerateResponse(
-        request_id=request_id, token_ids=out["token_ids"], text=text, reasoning_content=reasoning,
-        finish_reason=(reason or "") if out["finished"] else "",
-        usage=pb.Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
-                       cached_tokens=out["cached_tokens"]))
-    for d in deltas:
-        fn = d["function"]
-        r.tool_calls.add(index=d["index"], id=d.get("id", ""), name=fn.get("name", ""),
-                         arguments=fn.get("arguments", ""))
-    for lp in out.get("logprobs") or ():
-        _add_logprob(r.logprobs, lp)
-    for lp in (out.get("prompt_logprobs") or [None])[1:]:
-        _add_logprob(r.prompt_logprobs, lp)
-    if timings is not None:
-        r.timings.update(timings)
-    return r
-
-
-def _add_logprob(field, lp: dict) -> None:
-    field.add(token_id=lp["token_id"], logprob=lp["logprob"],
-              top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]])
-
-
-def _template_kwargs(text: str) -> dict:
-    """``chat_template_kwargs``: a JSON object as text; empty: none."""
-    if not text:
-        return {}
-    try:
-        kwargs = json.loads(text)
-    except (ValueError, RecursionError):
-        raise InvalidRequestError("chat_template_kwargs is not valid JSON",
-                                  param="chat_template_kwargs") from None
-    if nesting_exceeds(kwargs, MAX_JSON_DEPTH):
-        raise InvalidRequestError(f"chat_template_kwargs nests more than {MAX_JSON_DEPTH} levels deep",
-                                  param="chat_template_kwargs")
-    return template_kwargs(kwargs)
-
-
-def _messages_chars(msgs) -> int:
-    return sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in msgs)
-
-
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, backend: Backend, pool: PreparePool | None = None,
                  tracer: Tracer | None = None):
@@ -281,7 +110,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         tokenizing (on the loop: it only counts)."""
         max_model_len = self.backend.model_info(req.model).max_model_len
         if req.messages:
-            check_prompt_chars(_messages_chars(req.messages), max_model_len, "messages")
+            check_prompt_chars(messages_chars(req.messages), max_model_len, "messages")
         else:
             check_prompt_chars(len(req.text), max_model_len, "text")
 
@@ -292,9 +121,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         if req.messages:
             if which is not None:
                 raise InvalidRequestError("send either a prompt or messages, not both", param="messages")
-            text = tokenizer.apply_chat_template(_messages(req.messages),
+            text = tokenizer.apply_chat_template(chat_messages(req.messages),
                                                  tools=tools.tools if tools else None,
-                                                 **_template_kwargs(req.chat_template_kwargs))
+                                                 **chat_template_kwargs(req.chat_template_kwargs))
             return tokenizer.encode(text, add_special_tokens=False), text  # the template wrote BOS
         if req.chat_template_kwargs:
             raise InvalidRequestError("chat_template_kwargs need a chat (messages)",
@@ -312,7 +141,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         """(tools, prompt token ids, sampling params, the reasoning split),
         validated; on a preparation thread."""
         chat_template = self.backend.tokenizer(request.model).chat_template
-        tools = _tools(request, chat_template, self.backend.tool_call_parser(request.model))
+        tools = request_tools(request, chat_template, self.backend.tool_call_parser(request.model))
         ids, chat_text = self._prompt(request, tools)
         params = sampling_params(request.params)
         if tools is not None:
@@ -383,7 +212,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                         timings = {**backend_timings, "ingress_prepare_s": prepare_s,
                                    "ingress_ttft_s": time.perf_counter() - t0}
                         first = False
-                    yield _response(out, request_id, timings, chat)
+                    yield generate_response(out, request_id, timings, chat)
             except Exception as e:  # noqa: BLE001 - reported as the call's status below
                 failure = e
             finally:
@@ -401,9 +230,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         if request.messages:
             if request.text:
                 raise InvalidRequestError("send either text or messages, not both", param="messages")
-            tools = _template_tools(request.tools) if request.tools else None
-            prompt = tokenizer.apply_chat_template(_messages(request.messages), tools=tools,
-                                                   **_template_kwargs(request.chat_template_kwargs))
+            tools = template_tools(request.tools) if request.tools else None
+            prompt = tokenizer.apply_chat_template(chat_messages(request.messages), tools=tools,
+                                                   **chat_template_kwargs(request.chat_template_kwargs))
             ids = tokenizer.encode(prompt, add_special_tokens=False)
         else:
             if request.tools or request.chat_template_kwargs:

@@ -75,6 +75,8 @@ def parse_length_dist(spec: str) -> LengthDist:
         nums = [float(p) for p in raw]
     except ValueError:
         raise DatasetError(f"length distribution {spec!r}: arguments must be numbers") from None
+    if not all(math.isfinite(x) for x in nums):
+        raise DatasetError(f"length distribution {spec!r}: arguments must be finite numbers")
     want = {"fixed": (1,), "uniform": (2,), "normal": (2, 4), "lognormal": (2, 4)}[kind]
     if len(nums) not in want:
         raise DatasetError(f"length distribution {spec!r}: {kind} takes "

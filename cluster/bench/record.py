@@ -71,7 +71,13 @@ def write_json(path: str | Path, rec: dict[str, Any],
     as for ``json.dumps``, for values JSON has no type for."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(_nan_to_none(rec), indent=2, default=default))
+    text = json.dumps(_nan_to_none(rec), indent=2, default=default)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.partial")
+    try:  # a reader (or an interrupted run) sees the old file or the whole new one
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def print_and_dump(shown: dict[str, Any], rec: dict[str, Any], path: str | Path | None) -> None:

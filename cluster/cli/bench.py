@@ -12,6 +12,10 @@ import asyncio
 import math
 import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from splitserve.cluster.cli.common import check_reachable, interrupts_deferred, positive
 
 from splitserve.cluster.bench.datasets import DatasetError, load_sharegpt, parse_length_dist, synthetic_requests
 
@@ -35,25 +39,27 @@ def add_subcommand(sub) -> None:
     where.add_argument("--model", default="default", help="served model name (default: %(default)s)")
     where.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
                        help="client API key (default: $SPLITSERVE_API_KEY)")
-    where.add_argument("--timeout", type=float, default=600.0,
-                       help="seconds one request may take before it counts as failed")
+    where.add_argument("--timeout", type=positive(float), default=600.0, metavar="S",
+                       help="seconds one request may take before it counts as failed "
+                            "(default: %(default)s)")
     load = p.add_argument_group("load")
     rate = load.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, default=None,
+    rate.add_argument("--rate", type=positive(float), default=None,
                       help="offered request rate in req/s (default: inf, all requests at once)")
     rate.add_argument("--rates", default=None, metavar="R1,R2,...",
                       help="sweep: one run per rate, e.g. 1,2,4 (inf allowed)")
-    load.add_argument("--concurrency", type=int, default=None,
+    load.add_argument("--concurrency", type=positive(int), default=None, metavar="N",
                       help="at most this many requests in flight; alone (no rate): a closed loop "
                            "of this many clients")
-    load.add_argument("--burstiness", type=float, default=1.0,
+    load.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
                       help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, "
                            ">1 more even (default: %(default)s)")
     load.add_argument("--num-requests", default="100", metavar="N | N1,N2,...",
                       help="requests per run, or one count per rate of --rates (a load step: "
                            "--rates 1,8 --num-requests 10,80); runs follow each other "
                            "(default: %(default)s)")
-    load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+    load.add_argument("--seed", type=int, default=0,
+                      help="seed of lengths, prompts and arrivals (default: %(default)s)")
     data = p.add_argument_group("workload")
     data.add_argument("--dataset", default=None, metavar="FILE",
                       help="ShareGPT-format JSON file (default: synthetic prompts)")
@@ -70,9 +76,9 @@ def add_subcommand(sub) -> None:
                       help="synthetic prompt token ids are drawn from [LO, HI) "
                            "(default: %(default)s)")
     slo = p.add_argument_group("SLOs and output")
-    slo.add_argument("--ttft-slo", type=float, default=1.0,
+    slo.add_argument("--ttft-slo", type=positive(float), default=1.0, metavar="S",
                      help="TTFT target in seconds (default: %(default)s)")
-    slo.add_argument("--tpot-slo", type=float, default=0.2,
+    slo.add_argument("--tpot-slo", type=positive(float), default=0.2, metavar="S",
                      help="TPOT target in seconds (default: %(default)s)")
     slo.add_argument("--out", default=None, metavar="FILE.json", help="write the JSON record here")
     slo.add_argument("--plot", default=None, metavar="FILE.png",
@@ -109,6 +115,24 @@ def _requests(args, run: int, count: int):
                               (lo, hi))
 
 
+def _endpoint(args) -> str:
+    """HOST:PORT the bench connects to; ValueError for a URL it cannot use."""
+    if args.grpc:
+        host, sep, port = args.grpc.rpartition(":")
+        if not host or not sep or not port.isdigit():
+            raise ValueError(f"--grpc {args.grpc!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        return args.grpc
+    u = urlsplit(args.url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"--url {args.url!r}: expected http://HOST[:PORT] or https://...")
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"--url {args.url!r}: the port is not a number in 0-65535") from None
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{host}:{port}"
+
+
 def cmd_bench(args) -> int:
     from splitserve.cluster.bench import report
     from splitserve.cluster.bench.arrivals import ArrivalSpec
@@ -124,9 +148,19 @@ def cmd_bench(args) -> int:
         base = ArrivalSpec(math.inf, args.burstiness, args.concurrency, args.seed)
         for r in rates:  # a bad rate fails here, before any request
             ArrivalSpec(r, args.burstiness, args.concurrency, args.seed)
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            if path and Path(path).is_dir():
+                raise ValueError(f"{flag} {path}: is a directory; give a file name")
+        endpoint = _endpoint(args)
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # one clear line, not a failure per request, when nothing listens there
+        check_reachable(endpoint)
+    except ConnectionError as e:
+        where = f"--grpc {args.grpc}" if args.grpc else f"--url {args.url}"
+        print(f"error: {where}: {e}", file=sys.stderr)
+        return 1
     target = (GrpcTarget(args.grpc, args.model, args.api_key, args.timeout) if args.grpc
               else HttpTarget(args.url, args.model, args.api_key, args.timeout))
     points = asyncio.run(run_sweep(target, lambda i: _requests(args, i, counts[i]), rates, base,
@@ -138,10 +172,15 @@ def cmd_bench(args) -> int:
         print(f"  {n} x {e}", file=sys.stderr)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
     config["target"] = target.description
-    if args.out:
-        write_json(args.out, report.record({"bench": points}, config))
-        print(f"wrote {args.out}", file=sys.stderr)
-    if args.plot:
-        report.plot({args.model: points}, args.plot, title=target.description)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    try:
+        with interrupts_deferred():  # the files whole, even when Ctrl-C comes now
+            if args.out:
+                write_json(args.out, report.record({"bench": points}, config))
+                print(f"wrote {args.out}", file=sys.stderr)
+            if args.plot:
+                report.plot({args.model: points}, args.plot, title=target.description)
+                print(f"wrote {args.plot}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0 if all(p.stats.completed for p in points) else 1

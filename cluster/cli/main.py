@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from splitserve.cluster.cli.common import device_arg, device_problem, positive
+
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="run the engine in this process on one or more prompts",
@@ -18,16 +20,25 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory or Hugging Face repo id (org/name)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=positive(int), default=32, metavar="N",
+                   help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=positive(float, allow_zero=True), default=0.0,
+                   metavar="T", help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: keep the smallest set of tokens with this much "
+                        "probability, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=-1, metavar="K",
+                   help="keep the K most likely tokens; -1 keeps all")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="where the engine runs: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache dtype; auto follows --dtype")
+    p.add_argument("--block-size", type=positive(int), default=16, metavar="TOKENS",
+                   help="tokens per KV block")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -40,6 +51,10 @@ def cmd_generate(args) -> int:
     from splitserve.engine.sampling_params import SamplingParams
 
     prompts = args.prompts or ["The quick brown fox"]
+    problem = device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.model:
             from splitserve.engine.hub import resolve_checkpoint
@@ -87,8 +102,10 @@ def _add_serve(sub) -> None:
                                    "the embedded default model (small, trained), with one prefill "
                                    "and one decode replica. Flags override the file's keys.")
     add_serve_flags(p)
-    p.add_argument("--address", default=None, help="join a running Ray cluster instead")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="join a running Ray cluster instead (default: start one here)")
+    p.add_argument("--num-cpus", type=positive(int), default=None, metavar="N",
+                   help="CPUs of the local Ray node (default: this machine's, at least 4)")
     p.add_argument("--smoke", action="store_true",
                    help="send one request through each API once ready, print it, and exit")
     p.set_defaults(func=cmd_serve)
@@ -116,6 +133,13 @@ def cmd_serve(args) -> int:
     ep = cfg.endpoints
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:
+        from splitserve.cluster.cli.common import check_reachable
+
+        try:
+            check_reachable(args.address)
+        except ConnectionError as e:
+            print(f"error: --address: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+            return 1
         ray.init(address=args.address, namespace="splitserve", log_to_driver=False)
     else:
         # a single-machine cluster: workers talk over loopback only
@@ -161,8 +185,11 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from splitserve.cluster.cli.common import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray.",
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_generate(sub)
     from splitserve.cluster.cli.bench import add_subcommand as add_bench
@@ -175,12 +202,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_planning(sub)
     add_plan(sub)
+    for p in sub.choices.values():  # one help layout: each option with its default
+        p.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit status. A bad argument exits 2 with
+    argparse's usage line; an interrupt (Ctrl-C, SIGTERM) ends the command
+    with one line and 130 / 143, without a traceback."""
+    import threading
+
+    from splitserve.cluster.cli.common import Interrupted, install_interrupt_handlers
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = install_interrupt_handlers()
+    try:
+        return args.func(args)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else 2
+        print(f"\nsplitserve {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 128 + signum
+    except BrokenPipeError:  # `splitserve ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        if restore is not None:  # main() called in process (tests) leaves them as found
+            restore()
 
 
 if __name__ == "__main__":

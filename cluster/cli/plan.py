@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from splitserve.cluster.cli.common import fraction, int_list, interrupts_deferred, positive, str_list
+
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
   splitserve plan --shape llama-3.1-8b --hardware h100-sxm:16 --hardware l40s:16 \\
@@ -43,14 +45,17 @@ def add_subcommand(sub) -> None:
                    help="a shape preset (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, qwen2.5-7b, "
                         "mixtral-8x7b) or a model in the profile database; default: the current "
                         "config's model, else the embedded default model")
-    m.add_argument("--served-name", default=None, help="model name clients ask for")
+    m.add_argument("--served-name", default=None,
+                   help="model name clients ask for (default: the current config's, else "
+                        "--shape or the checkpoint folder's name)")
     m.add_argument("--model-path", default=None,
                    help="checkpoint path written into the YAML (default: --model, or "
                         "/models/<shape>)")
     w = p.add_argument_group("workload (one of: a trace, a bench record, or distributions)")
     w.add_argument("--trace", default=None, metavar="FILE",
                    help="Mooncake .jsonl or Azure .csv trace")
-    w.add_argument("--time-scale", type=float, default=1.0)
+    w.add_argument("--time-scale", type=positive(float), default=1.0, metavar="X",
+                   help="with --trace: multiply its gaps (0.5 = twice the rate)")
     w.add_argument("--observed", action="append", default=None, metavar="BENCH.json|URL",
                    help="a `splitserve bench` JSON record (the requests it sent), or a running "
                         "cluster's metrics endpoint (http://HOST:PORT): its /metrics is scraped "
@@ -59,24 +64,31 @@ def add_subcommand(sub) -> None:
                         "Repeatable for URLs, whose counts are summed: with several ingress "
                         "replicas give every node's Ray metrics endpoint (each replica counts "
                         "its own requests there), not the API port")
-    w.add_argument("--observed-run", type=int, default=-1, help="which run of the record")
-    w.add_argument("--observed-window", type=float, default=60.0, metavar="S",
+    w.add_argument("--observed-run", type=int, default=-1, metavar="I",
+                   help="which run of a bench record's sweep (-1: the last)")
+    w.add_argument("--observed-window", type=positive(float), default=60.0, metavar="S",
                    help="seconds between the two scrapes of a URL (default: %(default)s)")
     w.add_argument("--observed-model", default=None,
                    help="the model whose traffic a URL's metrics describe (default: the only "
                         "one with traffic)")
     w.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
                    help="API key for a URL's /metrics (default: $SPLITSERVE_API_KEY)")
-    w.add_argument("--rate", type=float, default=None, help="mean requests/s")
-    w.add_argument("--input-len", default="uniform:64:512")
-    w.add_argument("--output-len", default="128")
-    w.add_argument("--burstiness", type=float, default=1.0)
+    w.add_argument("--rate", type=positive(float), default=None, metavar="R",
+                   help="synthetic workload: mean requests/s")
+    w.add_argument("--input-len", default="uniform:64:512",
+                   help="synthetic: prompt tokens, N | uniform:LO:HI | normal:MEAN:STD[:LO:HI] | "
+                        "lognormal:MU:SIGMA[:LO:HI]")
+    w.add_argument("--output-len", default="128", help="synthetic: output tokens, same forms")
+    w.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
+                   help="synthetic: gamma shape of the gaps (1 = Poisson, < 1 burstier)")
     w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
                    help="rate follows a day curve (peak and trough as multiples of --rate): "
                         "the plan holds the SLOs at the peak and may scale down in troughs")
-    w.add_argument("--prefix-groups", type=int, default=0)
-    w.add_argument("--prefix-tokens", type=int, default=0)
-    w.add_argument("--sim-requests", type=int, default=800,
+    w.add_argument("--prefix-groups", type=positive(int, allow_zero=True), default=0, metavar="G",
+                   help="synthetic: shared system prompts (Zipf-popular); 0: none")
+    w.add_argument("--prefix-tokens", type=positive(int, allow_zero=True), default=0,
+                   metavar="T", help="synthetic: the shared prompts' length in tokens")
+    w.add_argument("--sim-requests", type=positive(int), default=800, metavar="N",
                    help="requests each simulation replays (the busiest stretch of a trace, or "
                         "arrivals at the peak rate) (default: %(default)s)")
     o = p.add_argument_group("objectives and constraints")
@@ -95,32 +107,53 @@ def add_subcommand(sub) -> None:
                         "CPU, one thread per replica), how many may be used (default 16), "
                         "price per device-hour (default: the database's); repeatable "
                         "(default: every GPU in the database)")
-    o.add_argument("--budget", type=float, default=None, metavar="USD_PER_HOUR",
-                   help="most a plan may cost per hour at the peak")
+    o.add_argument("--budget", type=positive(float), default=None, metavar="USD_PER_HOUR",
+                   help="most a plan may cost per hour at the peak (default: no limit)")
     s = p.add_argument_group("search space (comma-separated values)")
-    s.add_argument("--layouts", default="colocated,disaggregated")
-    s.add_argument("--max-num-seqs", default="32,64,128,256,512")
-    s.add_argument("--max-num-batched-tokens", default="512,1024,2048,4096,8192,16384")
-    s.add_argument("--block-sizes", default="16,32")
-    s.add_argument("--kv-dtypes", default="auto,fp8")
-    s.add_argument("--weight-dtypes", default="bfloat16,fp8")
-    s.add_argument("--tensor-parallel", default="1,2,4")
-    s.add_argument("--speculative", default="off,ngram:4")
-    s.add_argument("--policies", default="cost,prefix_aware,least_loaded,round_robin")
-    s.add_argument("--local-prefill", default="0,128,512,2048",
-                   help="local-prefill thresholds tried with the cost policy")
-    s.add_argument("--autoscaling", default="fixed,scale-down,burst")
-    s.add_argument("--max-replicas", type=int, default=32, help="per pool")
+    s.add_argument("--layouts", default="colocated,disaggregated", metavar="LIST",
+                   help="of: " + ", ".join(LAYOUTS))
+    s.add_argument("--max-num-seqs", default="32,64,128,256,512", metavar="LIST",
+                   help="sequences one replica runs at once")
+    s.add_argument("--max-num-batched-tokens", default="512,1024,2048,4096,8192,16384",
+                   metavar="LIST", help="token budgets of one engine step (prompt chunk size)")
+    s.add_argument("--block-sizes", default="16,32", metavar="LIST", help="tokens per KV block")
+    s.add_argument("--kv-dtypes", default="auto,fp8", metavar="LIST",
+                   help="KV cache dtypes, of: " + ", ".join(KV_DTYPES))
+    s.add_argument("--weight-dtypes", default="bfloat16,fp8", metavar="LIST",
+                   help="weight dtypes, of: " + ", ".join(WEIGHT_DTYPES))
+    s.add_argument("--tensor-parallel", default="1,2,4", metavar="LIST",
+                   help="tensor-parallel degrees of a replica")
+    s.add_argument("--speculative", default="off,ngram:4", metavar="LIST",
+                   help="speculative decoding: off or METHOD:K (K draft tokens), e.g. ngram:4")
+    s.add_argument("--spec-workload", default=None, metavar="KIND",
+                   help="the workload's kind for speculation acceptance: the profile "
+                        "database's rows measured on it (code-edit, free, or an imported "
+                        "dataset's name); default: the lowest measured rate of the model, "
+                        "else the assumed 0.7")
+    s.add_argument("--spec-acceptance", type=fraction, default=None, metavar="RATE",
+                   help="per-token acceptance of the drafts (0 to 1) for every method, instead "
+                        "of the database's (the plan reports it as given)")
+    s.add_argument("--policies", default="cost,prefix_aware,least_loaded,round_robin",
+                   metavar="LIST", help="router policies, of: " + ", ".join(POLICIES))
+    s.add_argument("--local-prefill", default="0,128,512,2048", metavar="LIST",
+                   help="local-prefill thresholds (tokens) tried with the cost policy")
+    s.add_argument("--autoscaling", default="fixed,scale-down,burst", metavar="LIST",
+                   help="autoscaling styles, of: fixed, scale-down, burst")
+    s.add_argument("--max-replicas", type=positive(int), default=32, metavar="N",
+                   help="most replicas of one pool")
     r = p.add_argument_group("search")
-    r.add_argument("--finalists", type=int, default=10)
-    r.add_argument("--max-sims", type=int, default=24)
-    r.add_argument("--time-budget", type=float, default=110.0,
+    r.add_argument("--finalists", type=positive(int), default=10, metavar="N",
+                   help="cheapest analytic candidates taken to simulation")
+    r.add_argument("--max-sims", type=positive(int), default=24, metavar="N",
+                   help="most simulations, finalists and their repairs together")
+    r.add_argument("--time-budget", type=positive(float), default=110.0, metavar="S",
                    help="seconds of planning after which no new simulation starts "
                         "(default: %(default)s)")
-    r.add_argument("--slack", type=float, default=1.3,
+    r.add_argument("--slack", type=positive(float), default=1.3, metavar="X",
                    help="candidates may be estimated up to this factor over the SLOs")
-    r.add_argument("--kv-block-scale", type=int, default=1)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--kv-block-scale", type=positive(int), default=1, metavar="K",
+                   help="simulate KV blocks K times larger and K times fewer (faster, rounded)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the workload and simulations")
     c = p.add_argument_group("re-planning")
     c.add_argument("--current", default=None, metavar="FILE",
                    help="the running cluster's operator YAML: simulate it on the workload, "
@@ -130,7 +163,7 @@ def add_subcommand(sub) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help="write plan.yaml, plan.json and pareto.png here")
-    out.add_argument("--no-plot", action="store_true")
+    out.add_argument("--no-plot", action="store_true", help="with --out: no pareto.png")
     out.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--db", default=None, metavar="PATH",
                    help="profile database file (default: $SPLITSERVE_PROFILE_DB, else "
@@ -138,21 +171,49 @@ def add_subcommand(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+LAYOUTS = ("colocated", "disaggregated")
+KV_DTYPES = ("auto", "fp8")
+WEIGHT_DTYPES = ("bfloat16", "float16", "fp8")
+POLICIES = ("cost", "prefix_aware", "least_loaded", "round_robin")
 
 
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _speculative(value: str) -> bool:
+    method, sep, k = value.partition(":")
+    return value == "off" or (bool(method) and sep == ":" and k.isdigit() and int(k) >= 1)
+
+
+def _space(args):
+    """The search space the flags describe; ValueError naming the flag."""
+    from splitserve.cluster.planning.planner.space import AUTOSCALING, SpaceSpec
+
+    return SpaceSpec(
+        layouts=str_list("--layouts", args.layouts, LAYOUTS),
+        max_num_seqs=int_list("--max-num-seqs", args.max_num_seqs),
+        max_num_batched_tokens=int_list("--max-num-batched-tokens", args.max_num_batched_tokens),
+        block_sizes=int_list("--block-sizes", args.block_sizes),
+        kv_dtypes=str_list("--kv-dtypes", args.kv_dtypes, KV_DTYPES),
+        weight_dtypes=str_list("--weight-dtypes", args.weight_dtypes, WEIGHT_DTYPES),
+        tensor_parallel=int_list("--tensor-parallel", args.tensor_parallel),
+        speculative=str_list("--speculative", args.speculative, _speculative,
+                             "off or METHOD:K, e.g. ngram:4"),
+        policies=str_list("--policies", args.policies, POLICIES),
+        local_prefill=int_list("--local-prefill", args.local_prefill, minimum=0),
+        autoscaling=str_list("--autoscaling", args.autoscaling, AUTOSCALING),
+        max_replicas=args.max_replicas, spec_acceptance=args.spec_acceptance)
 
 
 def _floor(text: str) -> float | None:
     t = text.strip().lower()
     if t in ("none", "off", ""):
         return None
-    if t.endswith("%"):
-        return float(t[:-1]) / 100.0
-    return float(t)
+    try:
+        v = float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ValueError(f"--max-ppl-increase {text!r}: expected a fraction (0.01), a "
+                         "percentage (1%) or none") from None
+    if not 0 <= v < float("inf"):
+        raise ValueError(f"--max-ppl-increase {text!r}: must be >= 0")
+    return v
 
 
 def build_request(args, db):
@@ -162,7 +223,6 @@ def build_request(args, db):
     from splitserve.cluster.config import load_config
     from splitserve.cluster.planning.planner import inputs
     from splitserve.cluster.planning.planner.request import PlanRequest
-    from splitserve.cluster.planning.planner.space import SpaceSpec
     from splitserve.cluster.planning.shapes import (
         PRESETS, ShapeError, resolve_shape, shape_from_config_json)
     from splitserve.cluster.planning.workload import Diurnal, PrefixSpec
@@ -234,19 +294,13 @@ def build_request(args, db):
     offers = [inputs.parse_offer(h) for h in args.hardware]
     if not offers:
         offers = [inputs.Offer(k, 16) for k in db.hardware_keys() if not k.startswith("cpu:")]
-    space = SpaceSpec(
-        layouts=_strs(args.layouts), max_num_seqs=_ints(args.max_num_seqs),
-        max_num_batched_tokens=_ints(args.max_num_batched_tokens),
-        block_sizes=_ints(args.block_sizes), kv_dtypes=_strs(args.kv_dtypes),
-        weight_dtypes=_strs(args.weight_dtypes), tensor_parallel=_ints(args.tensor_parallel),
-        speculative=_strs(args.speculative), policies=_strs(args.policies),
-        local_prefill=_ints(args.local_prefill), autoscaling=_strs(args.autoscaling),
-        max_replicas=args.max_replicas)
+    space = _space(args)
     req = PlanRequest(shape=shape, model_name=name, model_path=path, workload=wl, slo=slo,
                       offers=offers, max_ppl_increase=_floor(args.max_ppl_increase),
                       budget_per_hour=args.budget, space=space, finalists=args.finalists,
                       max_sims=args.max_sims, time_budget_s=args.time_budget, slack=args.slack,
-                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current)
+                      seed=args.seed, kv_block_scale=args.kv_block_scale, base_config=current,
+                      spec_workload=args.spec_workload)
     return req, current_cfg
 
 
@@ -282,6 +336,9 @@ def cmd_plan(args) -> int:
 
     t0 = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out}: is a file; --out takes a directory", file=sys.stderr)
+        return 2
     try:
         db = ProfileDB(args.db)
         req, current_cfg = build_request(args, db)
@@ -306,6 +363,9 @@ def cmd_plan(args) -> int:
              f"perplexity +{floor:.2%} at most") + "; hardware: "
           + ", ".join(f"{d.label} x{d.count} ${d.price:.2f}/h" for d in result.devices)
           + (f"; budget ${req.budget_per_hour:.2f}/h" if req.budget_per_hour else ""))
+    if result.acceptance:
+        print("speculation acceptance: " + "; ".join(
+            f"{m} {a.describe()}" for m, a in sorted(result.acceptance.items())))
     print()
     print(report.counts_text(result))
     print(f"planned in {result.timings['total_s']:.1f} s wall "
@@ -336,16 +396,20 @@ def cmd_plan(args) -> int:
             for line in prop.changes:
                 print(f"  {line}")
             print(prop.diff)
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "plan.diff").write_text(prop.diff)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        if yaml_text:
-            (out / "plan.yaml").write_text(yaml_text)
-        report.write_json(rec, out / "plan.json")
-        if not args.no_plot:
-            report.plot(result, front, out / "pareto.png")
+        try:
+            with interrupts_deferred():  # the files whole, even when Ctrl-C comes now
+                out.mkdir(parents=True, exist_ok=True)
+                if current_out is not None and prop.change:
+                    (out / "plan.diff").write_text(prop.diff)
+                if yaml_text:
+                    (out / "plan.yaml").write_text(yaml_text)
+                report.write_json(rec, out / "plan.json")
+                if not args.no_plot:
+                    report.plot(result, front, out / "pareto.png")
+        except OSError as e:
+            print(f"error: --out {out}: cannot write: {e.strerror or e}", file=sys.stderr)
+            return 2
         print()
         print(f"wrote {out / 'plan.yaml'}" if yaml_text
               else "no plan.yaml (nothing meets the SLOs)", end="")

@@ -4,8 +4,14 @@ docs/planning.md explains both."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
 import sys
+from pathlib import Path
+
+from splitserve.cluster.cli.common import device_arg, device_problem, positive
 
 
 def add_subcommands(sub) -> None:
@@ -35,9 +41,11 @@ def _add_profile(sub) -> None:
     what.add_argument("--config", default=None, metavar="FILE",
                       help="operator YAML: profile each of its models with its engine settings")
     _db_arg(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="with --model: the compute dtype (default: the checkpoint's)")
+    p.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads of the engine (default: the pool's num_cpus with --config, "
                         "else torch's default); part of the device's key")
     p.add_argument("--fast", action="store_true",
@@ -45,13 +53,35 @@ def _add_profile(sub) -> None:
     p.add_argument("--no-quality", action="store_true", help="skip the perplexity row")
     p.add_argument("--handoff", action="store_true",
                    help="also measure the grpc KV transport on loopback")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--speculation", action="store_true", default=None,
+                      help="also measure speculative decoding's acceptance through the engine "
+                           "(n-gram lookup, and a draft model: --spec-draft, or the shipped "
+                           "draft for the default model) on a code-editing and a free-generation "
+                           "workload from the held-out text; on by default for a --config model "
+                           "with a speculative section (its own method and k)")
+    spec.add_argument("--no-speculation", dest="speculation", action="store_false",
+                      help="do not measure acceptance, even for a config that speculates")
+    p.add_argument("--spec-draft", default=None, metavar="DIR",
+                   help="with --speculation: the draft checkpoint to measure")
+    p.add_argument("--spec-k", type=int, default=None, metavar="K",
+                   help="draft tokens per step while measuring (default: the config's "
+                        "num_speculative_tokens, else 4)")
+    p.add_argument("--spec-text", default=None, metavar="FILE",
+                   help="the text the acceptance prompts come from (default: the held-out "
+                        "text of the perplexity row)")
+    p.add_argument("--spec-import", default=None, metavar="BENCH_SPEC.json",
+                   help="instead of measuring: import a benchmarks/bench_spec.py record's "
+                        "fixed-k n-gram and shipped-draft acceptance (the default model's) "
+                        "into the database")
     p.add_argument("--serving-url", default=None, metavar="URL",
                    help="instead of the engine: measure the serving path's cost beyond the "
                         "engine step on the cluster serving --config at this OpenAI HTTP URL "
                         "(closed loops at concurrency 1 and 4 against the simulator's "
                         "prediction from the step profile, which must exist); the simulator "
                         "adds it to that layout's decode steps and requests")
-    p.add_argument("--api-key", default=None, help="with --serving-url: the client API key")
+    p.add_argument("--api-key", default=None,
+                   help="with --serving-url: the client API key (default: none)")
     p.add_argument("--catalog", default=None, metavar="FILE",
                    help="reload the derived hardware rows (datasheets, prices) from this "
                         "catalog file, e.g. an edited copy of cluster/planning/catalog.yaml")
@@ -63,12 +93,28 @@ def _add_profile(sub) -> None:
 def cmd_profile(args) -> int:
     from splitserve.cluster.config import ConfigError
     from splitserve.cluster.planning import profile_run
-    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError, default_db_path
     from splitserve.cluster.planning.hardware import CatalogError
     from splitserve.cluster.planning.shapes import ShapeError
 
+    problem = None if args.list or args.serving_url else device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        db = ProfileDB(args.db)
+        threads, targets = args.threads, []
+        if args.spec_k is not None and not 1 <= args.spec_k <= 32:
+            print("error: --spec-k must be in [1, 32]", file=sys.stderr)
+            return 2
+        if not (args.list or args.serving_url or args.spec_import):  # inputs checked before any file
+            if threads is None and args.config:
+                from splitserve.cluster.config import load_config
+
+                threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
+            targets = profile_run.targets(args.model, args.config, args.device, args.dtype)
+        path = Path(args.db) if args.db else default_db_path()
+        fresh = not path.exists()
+        db = ProfileDB(path)
         if args.catalog:
             n = db.load_catalog(args.catalog)
             print(f"loaded {n} derived hardware rows from {args.catalog}")
@@ -76,16 +122,23 @@ def cmd_profile(args) -> int:
             return _list(db, args.json)
         if args.serving_url:
             return _serving(args, db)
-        threads = args.threads
-        if threads is None and args.config:
-            from splitserve.cluster.config import load_config
-
-            threads = max(1, int(load_config(args.config).models[0].decode.num_cpus))
-        summaries = [profile_run.run(db, t, fast=args.fast, quality=not args.no_quality,
-                                     handoff=args.handoff, threads=threads,
-                                     log=lambda s: print(s, file=sys.stderr, flush=True))
-                     for t in profile_run.targets(args.model, args.config, args.device,
-                                                  args.dtype)]
+        if args.spec_import:
+            return _spec_import(args, db)
+        try:
+            with staged_copy(db) as staged:  # every row of this run, or none
+                summaries = [profile_run.run(staged, t, fast=args.fast,
+                                             quality=not args.no_quality, handoff=args.handoff,
+                                             threads=threads,
+                                             log=lambda s: print(s, file=sys.stderr, flush=True),
+                                             speculation=args.speculation,
+                                             spec_draft=args.spec_draft, spec_k=args.spec_k,
+                                             spec_text=args.spec_text)
+                             for t in targets]
+        except BaseException:  # a database this run created goes with it
+            if fresh:
+                db.close()
+                path.unlink(missing_ok=True)
+            raise
     except (ConfigError, ProfileDBError, CatalogError, ShapeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -96,7 +149,68 @@ def cmd_profile(args) -> int:
             print(f"{s['model']} on {s['hardware']}: {s['rows']} step rows ({s['fit']}), "
                   f"start-up {s['startup_s']:.2f}s"
                   + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
+                  + "".join(f", {r['method']} acceptance on {r['workload']} "
+                            f"{r['acceptance']:.2f}" for r in s.get("speculation", []))
                   + f" -> {db.path}")
+    return 0
+
+
+@contextlib.contextmanager
+def staged_copy(db):
+    """A copy of ``db`` (a ProfileDB) beside it to write a run's rows into,
+    moved over the original when the block ends normally and removed when
+    it raises (an error, Ctrl-C): the database holds every row of a run or
+    none of it. Rows another process writes to the database meanwhile are
+    lost; profile one run at a time."""
+    from splitserve.cluster.cli.common import interrupts_deferred
+    from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
+
+    if str(db.path) == ":memory:":
+        yield db
+        return
+    tmp = db.path.with_name(f".{db.path.name}.{os.getpid()}.partial")
+    staged = None
+    try:
+        try:
+            dst = sqlite3.connect(str(tmp))
+            with dst:
+                db.conn.backup(dst)
+            dst.close()
+        except sqlite3.Error as e:
+            raise ProfileDBError(f"{tmp}: cannot stage a copy of {db.path}: {e}") from None
+        staged = ProfileDB(tmp)
+        yield staged
+        with interrupts_deferred():
+            staged.close()
+            db.close()
+            try:
+                os.replace(tmp, db.path)
+            except OSError as e:
+                raise ProfileDBError(f"{db.path}: cannot replace it with the new rows: "
+                                     f"{e.strerror}") from None
+    finally:
+        if staged is not None:
+            staged.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _spec_import(args, db) -> int:
+    from splitserve.cluster.planning.shapes import shape_from_config_json
+    from splitserve.cluster.planning.spec_probe import from_bench_record
+    from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+    try:
+        rows = from_bench_record(args.spec_import)
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # bench_spec runs the default model pair
+    shape = shape_from_config_json(default_model_path(), DEFAULT_MODEL_NAME)
+    for r in rows:
+        db.add_speculation(shape, r)
+        print(f"{DEFAULT_MODEL_NAME}: {r.method} on {r.workload}, k={r.k}: per-token acceptance "
+              f"{r.acceptance:.2f} (drafted tokens accepted {r.acceptance_rate:.2f}, mean "
+              f"accepted length {r.mean_accepted_length:.2f}) -> {db.path}")
     return 0
 
 
@@ -130,7 +244,8 @@ def _list(db, as_json: bool) -> int:
            "hardware": [{"key": h.key, "provenance": h.provenance, "name": h.name,
                          "price_per_hour": h.price_per_hour, "price_source": h.price_source}
                         for h in hw],
-           "step_time_profiles": db.profiled()}
+           "step_time_profiles": db.profiled(),
+           "speculation": db.speculation_summary()}
     if as_json:
         print(json.dumps(out, indent=2))
         return 0
@@ -143,6 +258,11 @@ def _list(db, as_json: bool) -> int:
     for p in out["step_time_profiles"]:
         print(f"  {p['model']:<24} {p['hardware_key']:<40} {p['settings']} ({p['provenance']}, "
               f"{p['rows']} rows)")
+    if out["speculation"]:
+        print("speculation acceptance (newest per model, method, draft, workload, k):")
+        for r in out["speculation"]:
+            print(f"  {r['model']:<24} {r['method']:<6} {r['draft']:<28} {r['workload']:<10} "
+                  f"k={r['k']} per-token {r['acceptance']:.2f} ({r['provenance']})")
     return 0
 
 

@@ -60,8 +60,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                        help="name clients ask for (default: MODEL as given)")
     model.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     model.add_argument("--max-model-len", type=int, default=None, help="context length cap")
-    model.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
-    model.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), default=None)
+    model.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                       help="compute dtype (default: the config's, auto: the checkpoint's)")
+    model.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), default=None,
+                       help="KV cache dtype (default: the config's, auto: --dtype)")
     model.add_argument("--quantization", "-q", choices=["fp8"], default=None,
                        help="fp8: quantize the weights to fp8 at load (fp8 checkpoints "
                             "load as fp8 without it)")
@@ -77,7 +79,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--chat-template", default=None,
                        help="chat template: a Jinja file or the template text")
     model.add_argument("--tool-call-parser", default=None,
-                       choices=["auto", "hermes", "mistral", "llama3_json"])
+                       choices=["auto", "hermes", "mistral", "llama3_json"],
+                       help="how tool calls are read from the model's output (default: the "
+                            "config's, auto: from the chat template)")
     model.add_argument("--reasoning-parser", default=None,
                        choices=["none", "auto", "qwen3", "deepseek_r1"],
                        help="how the model's thinking is split into reasoning_content")
@@ -147,7 +151,25 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         data["auth"]["api_keys"] = list(args.api_key)
     if args.transport is not None:
         data["transfer"]["transport"] = args.transport
-    return parse_config(data, "command line")
+    try:
+        return parse_config(data, "command line")
+    except ConfigError as e:
+        raise ConfigError(_name_flags(str(e), args)) from None
+
+
+def _name_flags(message: str, args: argparse.Namespace) -> str:
+    """``command line: endpoints.http_port: ...`` -> ``command line: --port
+    (endpoints.http_port): ...`` for each key a flag given set."""
+    flags = [("endpoints.http_port", "--port", "http_port"),
+             ("endpoints.grpc_port", "--grpc-port", "grpc_port"),
+             ("endpoints.host", "--host", "host"), ("models.0.model.path", "MODEL", "model"),
+             ("models.0.model.weight_dtype", "--quantization", "quantization")]
+    flags += [(f"models.0.model.{key}", "--" + dest.replace("_", "-"), dest)
+              for dest, key in _MODEL_FLAGS.items()]
+    for loc, flag, dest in flags:
+        if getattr(args, dest, None) is not None:
+            message = message.replace(f" {loc}:", f" {flag} ({loc}):")
+    return message
 
 
 def config_yaml(cfg: ClusterConfig) -> str:

@@ -102,16 +102,35 @@ def parse_config(data: Any, source: str = "config") -> ClusterConfig:
 
 
 def load_config(path: str | Path) -> ClusterConfig:
+    """The operator file at ``path``, validated; ConfigError naming the file
+    and the line (YAML syntax) or the key (content) at fault. An empty file
+    is refused (a failed redirect writes one): ``{}`` asks for every default."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                          "an operator config is a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        raise ConfigError(f"{p}: invalid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        raise ConfigError(f"{p}: the file is empty (no YAML content); write '{{}}' for a cluster "
+                          "of all the defaults")
     return parse_config(data, str(p))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: where (1-based line and column) and what the parser found."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{context}: " if context else "") + problem
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 - ``db``: SQLite profile database (hardware, model shapes, engine settings,
   step times, hand-off throughput, start-up times, quality), each row
-  ``measured`` or ``derived``; ``catalog.yaml`` holds datasheet figures,
+  ``measured`` or ``derived`` (its tables' SQL: ``db_schema``);
+  ``catalog.yaml`` holds datasheet figures,
   the efficiency model and prices.
 - ``step_model``: a step's duration from its mix of work, fitted to
   measured rows or a roofline of shape x hardware; ``profiles`` picks the

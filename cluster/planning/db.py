@@ -12,7 +12,13 @@ Tables: ``hardware`` (peaks, memory, links, price), ``models`` (shapes),
 duration), ``handoff`` (KV transfer throughput per transport), ``startup``
 (replica start-up seconds), ``serving`` (the serving path's cost beyond
 the engine step: per decode step, per sequence, per request), ``quality`` (e.g. perplexity on a held-out
-text). docs/planning.md shows the schema.
+text), ``speculation`` (speculative decoding's acceptance per model, draft,
+method, workload and k; ``records.SpecAcceptance``). ``db_schema`` holds
+the tables' SQL; docs/planning.md shows the schema.
+
+Versions: 1 had no ``speculation`` table; a version-1 file is migrated in
+place when opened (the table is added, nothing else changes), so old files
+stay readable. A file of a newer version than this one is refused.
 """
 
 from __future__ import annotations
@@ -25,123 +31,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable
 
+from splitserve.cluster.planning.db_schema import (BEST, READABLE_VERSIONS, SAME_SHAPE, SCHEMA,
+                                                  SCHEMA_VERSION, shape_args)
 from splitserve.cluster.planning.hardware import CATALOG_PATH, Efficiency, Hardware, host_name, load_catalog
-from splitserve.cluster.planning.records import DERIVED, MEASURED, PROVENANCES, EngineSettings, StepSample
+from splitserve.cluster.planning.records import (
+    DERIVED, MEASURED, PROVENANCES, EngineSettings, SpecAcceptance, StepSample)
 from splitserve.cluster.planning.shapes import ModelShape
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS hardware (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL,                  -- h100-sxm, or cpu:<model>:<threads>
-    name TEXT NOT NULL,
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    peak_flops_json TEXT NOT NULL,      -- {"bfloat16": FLOP/s, ...}, dense
-    memory_bandwidth REAL NOT NULL,     -- bytes/s
-    memory_bytes REAL NOT NULL,
-    intra_node_bandwidth REAL NOT NULL, -- bytes/s, device to device in a node
-    network_bandwidth REAL NOT NULL,    -- bytes/s per device to other nodes
-    price_per_hour REAL,                -- per device
-    price_source TEXT NOT NULL DEFAULT '',
-    efficiency_json TEXT NOT NULL,      -- the efficiency model a derived row used
-    source TEXT NOT NULL DEFAULT '',
-    host TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    UNIQUE (key, provenance, host)
-);
-CREATE TABLE IF NOT EXISTS models (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,           -- name@digest of the shape
-    name TEXT NOT NULL,
-    num_layers INTEGER NOT NULL, hidden_size INTEGER NOT NULL,
-    intermediate_size INTEGER NOT NULL, num_heads INTEGER NOT NULL,
-    num_kv_heads INTEGER NOT NULL, head_dim INTEGER NOT NULL, vocab_size INTEGER NOT NULL,
-    num_experts INTEGER NOT NULL DEFAULT 0, experts_per_token INTEGER NOT NULL DEFAULT 0,
-    tie_word_embeddings INTEGER NOT NULL DEFAULT 0,
-    num_params INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS engine_settings (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    dtype TEXT NOT NULL, kv_dtype TEXT NOT NULL, block_size INTEGER NOT NULL,
-    max_num_seqs INTEGER NOT NULL, max_num_batched_tokens INTEGER NOT NULL,
-    kernel_backend TEXT NOT NULL, device TEXT NOT NULL, tensor_parallel INTEGER NOT NULL,
-    speed_key TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS step_times (
-    id INTEGER PRIMARY KEY,
-    model_id INTEGER NOT NULL REFERENCES models(id),
-    hardware_key TEXT NOT NULL,
-    settings_id INTEGER NOT NULL REFERENCES engine_settings(id),
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    prefill_tokens INTEGER NOT NULL,    -- new prompt tokens in the step
-    prefill_attn REAL NOT NULL,         -- causal query-key pairs of those chunks
-    prefill_seqs INTEGER NOT NULL,
-    decode_seqs INTEGER NOT NULL,       -- sequences decoding one token
-    decode_context INTEGER NOT NULL,    -- sum of their attention lengths
-    step_s REAL NOT NULL,               -- median over repeats
-    repeats INTEGER NOT NULL, std_s REAL NOT NULL,
-    host TEXT NOT NULL, created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS step_times_by_key ON step_times (model_id, hardware_key, settings_id);
-CREATE TABLE IF NOT EXISTS handoff (
-    id INTEGER PRIMARY KEY,
-    transport TEXT NOT NULL,            -- grpc | torch_dist | ...
-    hardware_key TEXT NOT NULL,
-    same_node INTEGER NOT NULL,         -- 1: both ends on one node (loopback)
-    bytes INTEGER NOT NULL, seconds REAL NOT NULL,
-    bytes_per_s REAL NOT NULL,
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    host TEXT NOT NULL, created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS startup (
-    id INTEGER PRIMARY KEY,
-    model_id INTEGER NOT NULL REFERENCES models(id),
-    hardware_key TEXT NOT NULL,
-    seconds REAL NOT NULL,              -- replica start until it serves
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    host TEXT NOT NULL, created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS serving (
-    id INTEGER PRIMARY KEY,
-    model_id INTEGER NOT NULL REFERENCES models(id),
-    hardware_key TEXT NOT NULL,
-    layout TEXT NOT NULL,               -- disaggregated | colocated
-    per_step_s REAL NOT NULL,           -- serving path per decode step, beyond engine.step()
-    per_seq_s REAL NOT NULL,            -- and per sequence of that step
-    per_request_s REAL NOT NULL,        -- serving path per request, beyond the modelled TTFT
-    requests INTEGER NOT NULL,          -- probe requests it was measured from
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    host TEXT NOT NULL, created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quality (
-    id INTEGER PRIMARY KEY,
-    model_id INTEGER NOT NULL REFERENCES models(id),
-    settings_id INTEGER NOT NULL REFERENCES engine_settings(id),
-    metric TEXT NOT NULL,               -- perplexity
-    value REAL NOT NULL,
-    dataset TEXT NOT NULL,              -- which held-out text
-    num_tokens INTEGER NOT NULL,
-    provenance TEXT NOT NULL CHECK (provenance IN ('measured', 'derived')),
-    host TEXT NOT NULL, created_at REAL NOT NULL
-);
-"""
-
-# A model is asked for by key (name@digest), by name, or matches any row of
-# the same structure (digest): one checkpoint profiled under a config's
-# served name ("default") serves a simulation that names it by its folder.
-_SAME_SHAPE = "(m.key = ? OR m.name = ? OR (? != '' AND m.key LIKE '%@' || ?))"
-
-
-def _shape_args(model_key: str) -> tuple[str, str, str, str]:
-    digest = model_key.rpartition("@")[2] if "@" in model_key else ""
-    return model_key, model_key, digest, digest
-
-
-# best first: measured over derived, then newest
-_BEST = "ORDER BY (provenance = 'measured') DESC, created_at DESC, id DESC"
 
 
 class ProfileDBError(RuntimeError):
@@ -157,19 +52,29 @@ class ProfileDB:
     def __init__(self, path: str | Path | None = None, seed_catalog: bool = True):
         self.path = Path(path) if path is not None else default_db_path()
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_dir():
+                raise ProfileDBError(f"{self.path}: is a directory; the profile database is a "
+                                     "file (e.g. profiles.db)")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ProfileDBError(f"{self.path}: cannot create its directory: a file in "
+                                     f"{self.path.parent} is not a directory") from None
+            except OSError as e:
+                raise ProfileDBError(f"{self.path}: cannot create its directory "
+                                     f"{self.path.parent}: {e.strerror}") from None
         try:
             self.conn = sqlite3.connect(str(self.path))
-        except sqlite3.Error as e:
+            self.conn.row_factory = sqlite3.Row
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in READABLE_VERSIONS:
+                raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve "
+                                     f"reads versions up to {SCHEMA_VERSION}; use another --db")
+            self.conn.executescript(SCHEMA)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.conn.commit()
+        except sqlite3.Error as e:  # not a database, a read-only file or folder, a full disk
             raise ProfileDBError(f"{self.path}: cannot open the profile database: {e}") from None
-        self.conn.row_factory = sqlite3.Row
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve reads "
-                                 f"{SCHEMA_VERSION}; use another --db")
-        self.conn.executescript(SCHEMA)
-        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.conn.commit()
         if seed_catalog and not self.conn.execute(
                 "SELECT 1 FROM hardware WHERE provenance = 'derived' LIMIT 1").fetchone():
             self.load_catalog()
@@ -214,7 +119,7 @@ class ProfileDB:
         """The best row for ``key``. A measured row's missing figures (a CPU
         has no price) are not filled from elsewhere; its price is taken from
         the derived row of the same key when it has none."""
-        rows = self.conn.execute(f"SELECT * FROM hardware WHERE key = ? {_BEST}", (key,)).fetchall()
+        rows = self.conn.execute(f"SELECT * FROM hardware WHERE key = ? {BEST}", (key,)).fetchall()
         if not rows:
             return None
         best = _hardware(rows[0])
@@ -291,8 +196,8 @@ class ProfileDB:
         same speed (``EngineSettings.speed_key``) when given."""
         sql = ("SELECT s.* FROM step_times s JOIN models m ON m.id = s.model_id "
                "JOIN engine_settings e ON e.id = s.settings_id "
-               f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.provenance = ?")
-        args: list = [*_shape_args(model_key), hardware_key, provenance]
+               f"WHERE {SAME_SHAPE} AND s.hardware_key = ? AND s.provenance = ?")
+        args: list = [*shape_args(model_key), hardware_key, provenance]
         if speed_key is not None:
             sql += " AND e.speed_key = ?"
             args.append(speed_key)
@@ -340,9 +245,9 @@ class ProfileDB:
     def startup_s(self, model_key: str, hardware_key: str) -> tuple[float, str] | None:
         row = self.conn.execute(
             "SELECT s.seconds, s.provenance FROM startup s JOIN models m ON m.id = s.model_id "
-            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? "
+            f"WHERE {SAME_SHAPE} AND s.hardware_key = ? "
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
-            (*_shape_args(model_key), hardware_key)).fetchone()
+            (*shape_args(model_key), hardware_key)).fetchone()
         return (row[0], row[1]) if row else None
 
     def add_serving(self, shape: ModelShape, hardware_key: str, layout: str, per_step_s: float,
@@ -361,9 +266,9 @@ class ProfileDB:
         row = self.conn.execute(
             "SELECT s.per_step_s, s.per_seq_s, s.per_request_s, s.requests, s.provenance, "
             "s.created_at FROM serving s JOIN models m ON m.id = s.model_id "
-            f"WHERE {_SAME_SHAPE} AND s.hardware_key = ? AND s.layout = ? "
+            f"WHERE {SAME_SHAPE} AND s.hardware_key = ? AND s.layout = ? "
             "ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC",
-            (*_shape_args(model_key), hardware_key, layout)).fetchone()
+            (*shape_args(model_key), hardware_key, layout)).fetchone()
         return dict(row) if row else None
 
     def add_quality(self, shape: ModelShape, settings: EngineSettings, metric: str, value: float,
@@ -381,6 +286,52 @@ class ProfileDB:
             "q.created_at FROM quality q JOIN models m ON m.id = q.model_id "
             "JOIN engine_settings e ON e.id = q.settings_id WHERE m.key = ? OR m.name = ? "
             "ORDER BY q.created_at", (model_key, model_key)).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- speculation --------------------------------------------------------------------
+    def add_speculation(self, shape: ModelShape, row: SpecAcceptance,
+                        host: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO speculation (model_id, method, draft, workload, k, acceptance, "
+            "acceptance_rate, mean_accepted_length, draft_tokens, tokens_per_step, steps, "
+            "dataset, source, provenance, host, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (self.put_model(shape), row.method, row.draft, row.workload, row.k, row.acceptance,
+             row.acceptance_rate, row.mean_accepted_length, row.draft_tokens,
+             row.tokens_per_step, row.steps, row.dataset, row.source, row.provenance,
+             host_name() if host is None else host, time.time()))
+        self.conn.commit()
+
+    def speculation(self, model_key: str, method: str | None = None,
+                    workload: str | None = None) -> list[SpecAcceptance]:
+        """Acceptance rows of a model (key, name, or a model of the same
+        structure), of ``method`` and ``workload`` when given; best first
+        (measured over derived, then newest)."""
+        sql = ("SELECT s.* FROM speculation s JOIN models m ON m.id = s.model_id "
+               f"WHERE {SAME_SHAPE}")
+        args: list = [*shape_args(model_key)]
+        if method is not None:
+            sql += " AND s.method = ?"
+            args.append(method)
+        if workload is not None:
+            sql += " AND s.workload = ?"
+            args.append(workload)
+        sql += " ORDER BY (s.provenance = 'measured') DESC, s.created_at DESC, s.id DESC"
+        return [SpecAcceptance(
+            method=r["method"], draft=r["draft"], workload=r["workload"], k=r["k"],
+            acceptance=r["acceptance"], acceptance_rate=r["acceptance_rate"],
+            mean_accepted_length=r["mean_accepted_length"], draft_tokens=r["draft_tokens"],
+            tokens_per_step=r["tokens_per_step"], steps=r["steps"], dataset=r["dataset"],
+            source=r["source"], provenance=r["provenance"])
+            for r in self.conn.execute(sql, args)]
+
+    def speculation_summary(self) -> list[dict]:
+        """The newest acceptance row of each (model, method, draft, workload, k)."""
+        rows = self.conn.execute(
+            "SELECT m.name AS model, s.method, s.draft, s.workload, s.k, s.acceptance, "
+            "s.acceptance_rate, s.provenance, MAX(s.created_at) AS at FROM speculation s "
+            "JOIN models m ON m.id = s.model_id "
+            "GROUP BY m.key, s.method, s.draft, s.workload, s.k ORDER BY at").fetchall()
         return [dict(r) for r in rows]
 
 

@@ -89,9 +89,16 @@ def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], 
     """(key -> derived Hardware, the efficiency model, the prices' source)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CatalogError(f"{p}: cannot read the catalog: {e}") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CatalogError(f"{p}: cannot read the catalog: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{p}: cannot read the catalog: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CatalogError(f"{p}: invalid YAML: {where}{problem}") from None
     if not isinstance(data, dict) or "gpus" not in data:
         raise CatalogError(f"{p}: expected a mapping with 'gpus', 'efficiency' and 'prices'")
     eff_data = data.get("efficiency") or {}

@@ -20,6 +20,42 @@ class ProfileTarget:
     engine_kwargs: dict  # EngineConfig fields
     settings: EngineSettings
     shape: ModelShape
+    speculative: object = None  # the config's SpeculativeSpec, if it speculates
+
+
+def spec_methods(target: ProfileTarget, speculation: bool | None, draft: str | None = None,
+                 k: int | None = None) -> list:
+    """The speculation methods to measure acceptance for (spec_probe.SpecMethod):
+    the config's own method when it speculates (unless ``speculation`` is
+    False); with ``speculation`` True and no such section, n-gram lookup and
+    a draft model (``draft``, else the shipped draft for the default model)."""
+    from splitserve.cluster.planning.spec_probe import SpecMethod
+    from splitserve.engine.default_model import (
+        DEFAULT_DRAFT_NAME, DEFAULT_MODEL_NAME, default_draft_path, default_model_path)
+
+    def draft_method(path: str, kk: int) -> SpecMethod:
+        return SpecMethod("draft", kk, path,
+                          shape_from_config_json(path, Path(path).name).key)
+
+    sp = target.speculative
+    if speculation is False or (sp is None and not speculation):
+        return []
+    if sp is not None:
+        kk = k or sp.num_speculative_tokens
+        if sp.method == "draft":
+            from splitserve.engine.hub import resolve_checkpoint
+
+            return [draft_method(str(resolve_checkpoint(sp.draft_model, sp.draft_revision)), kk)]
+        return [SpecMethod("ngram", kk, ngram_min=sp.ngram_min, ngram_max=sp.ngram_max)]
+    kk = k or 4
+    out = [SpecMethod("ngram", kk)]
+    if draft:
+        out.append(draft_method(draft, kk))
+    elif target.shape.key == shape_from_config_json(default_model_path(),
+                                                    DEFAULT_MODEL_NAME).key:
+        out.append(SpecMethod("draft", kk, str(default_draft_path()), shape_from_config_json(
+            default_draft_path(), DEFAULT_DRAFT_NAME).key))
+    return out
 
 
 def _settings(engine, kv_cache_dtype: str, device: str, threads: int) -> EngineSettings:
@@ -54,7 +90,7 @@ def targets(model_dir: str | None, config_path: str | None, device: str = "cpu",
                       block_size=spec.block_size, kv_cache_dtype=spec.kv_cache_dtype,
                       max_model_len=spec.max_model_len)
             out.append(ProfileTarget(spec.name, path, kw, EngineSettings(),
-                                     shape_from_config_json(path, spec.name)))
+                                     shape_from_config_json(path, spec.name), spec.speculative))
         return out
     path = model_dir or str(default_model_path())
     name = Path(path).name
@@ -64,8 +100,13 @@ def targets(model_dir: str | None, config_path: str | None, device: str = "cpu",
 
 def run(db: ProfileDB, target: ProfileTarget, fast: bool = False, quality: bool = True,
         handoff: bool = False, threads: int | None = None,
-        log: Callable[[str], None] = print) -> dict:
-    """Measure ``target`` on this machine and write every row; returns a summary."""
+        log: Callable[[str], None] = print, speculation: bool | None = None,
+        spec_draft: str | None = None, spec_k: int | None = None,
+        spec_text: str | None = None) -> dict:
+    """Measure ``target`` on this machine and write every row; returns a
+    summary. Speculation acceptance (``spec_probe``) is measured for the
+    methods ``spec_methods`` names: by default only when the target's config
+    speculates."""
     import torch
 
     from splitserve.cluster.planning import device_probe, profiler
@@ -106,6 +147,18 @@ def run(db: ProfileDB, target: ProfileTarget, fast: bool = False, quality: bool 
         db.add_quality(shape, settings, "perplexity", ppl, profiler.HELDOUT_PATH.name, n)
         summary["perplexity"] = ppl
         log(f"  perplexity on {profiler.HELDOUT_PATH.name}: {ppl:.2f} over {n} tokens")
+    methods = spec_methods(target, speculation, spec_draft, spec_k)
+    if methods:
+        from splitserve.cluster.planning import spec_probe
+
+        rows = spec_probe.run(db, shape, target.engine_kwargs, methods,
+                              Path(spec_text) if spec_text else profiler.HELDOUT_PATH,
+                              fast=fast, log=log, plain=engine)
+        summary["speculation"] = [
+            {"method": r.method, "draft": r.draft, "workload": r.workload, "k": r.k,
+             "acceptance": r.acceptance, "acceptance_rate": r.acceptance_rate,
+             "mean_accepted_length": r.mean_accepted_length,
+             "tokens_per_step": r.tokens_per_step} for r in rows]
     if handoff:
         from splitserve.cluster.planning.handoff_probe import measure_transport
 

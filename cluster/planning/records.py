@@ -2,7 +2,9 @@
 
 ``StepSample`` is one engine step: its mix of work (the step-time model's
 inputs) and how long it took. ``EngineSettings`` is what of an engine's
-configuration changes its speed; profiles are keyed by it.
+configuration changes its speed; profiles are keyed by it. ``SpecAcceptance``
+is how often one speculation method's drafts were accepted on one kind of
+text.
 """
 
 from __future__ import annotations
@@ -67,3 +69,48 @@ def chunk_attn(num_new: int, num_cached: int) -> float:
     """Query-key pairs of a causal prefill chunk of ``num_new`` tokens after
     ``num_cached`` tokens already in the cache."""
     return num_new * (num_cached + (num_new + 1) / 2)
+
+
+SPEC_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpecAcceptance:
+    """Speculative decoding's acceptance, measured for one (model, draft,
+    workload, k).
+
+    ``acceptance`` is the per-token rate of the model the planner and the
+    simulator use (``sim.speculation``: each draft accepted with this
+    chance while the ones before it were), fitted so that a verify step of
+    ``k`` drafts yields the measured ``tokens_per_step``
+    (``planning.acceptance.per_token_rate``). ``acceptance_rate`` (accepted
+    over drafted tokens) and ``mean_accepted_length`` (1 + accepted drafts
+    per verified sequence) are the engine's own counters
+    (``engine.spec.decoder.SpecCounters``), as its metrics export them."""
+
+    method: str  # ngram | draft
+    draft: str  # the draft model's key (name@digest), or "ngram:MIN-MAX"
+    workload: str  # code-edit | free | a named dataset
+    k: int  # draft tokens per verify step (num_speculative_tokens, fixed)
+    acceptance: float
+    acceptance_rate: float
+    mean_accepted_length: float
+    draft_tokens: int  # draft tokens verified
+    tokens_per_step: float  # output tokens per decoding sequence and step (0: unknown)
+    steps: int  # sequence-steps behind tokens_per_step (0: unknown)
+    dataset: str = ""  # the text the prompts came from
+    source: str = ""  # what measured it: the profile run, or an imported record's path
+    provenance: str = MEASURED
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculation method must be one of {SPEC_METHODS}, "
+                             f"got {self.method!r}")
+        if self.provenance not in PROVENANCES:
+            raise ValueError(f"provenance must be one of {PROVENANCES}, got {self.provenance!r}")
+        for name in ("acceptance", "acceptance_rate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")

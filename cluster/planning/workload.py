@@ -73,6 +73,23 @@ def prompt_block_hashes(req: TraceRequest, index: int, block_size: int) -> list[
     return out
 
 
+def _check_time_scale(path: str | Path, time_scale: float) -> Path:
+    if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale > 0):
+        raise TraceError(f"{path}: the time scale must be a number > 0, got {time_scale!r}")
+    return Path(path)
+
+
+def _lines(f, p: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line; a byte that is not UTF-8 fails
+    naming its line."""
+    for lineno, raw in enumerate(f, 1):  # f is binary: decoded here, line by line
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{p} line {lineno}: not UTF-8 text (byte "
+                             f"{e.object[e.start]:#04x}); a trace is a text file") from None
+
+
 # -- Mooncake -------------------------------------------------------------------------
 def _int_field(obj: dict, key: str, where: str, minimum: int) -> int:
     if key not in obj:
@@ -86,15 +103,15 @@ def _int_field(obj: dict, key: str, where: str, minimum: int) -> int:
 def read_mooncake(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRequest]:
     """Requests of a Mooncake JSONL trace; ``time_scale`` multiplies the gaps
     (0.5: twice the rate)."""
-    p = Path(path)
+    p = _check_time_scale(path, time_scale)
     try:
-        f = p.open()
+        f = p.open("rb")
     except OSError as e:
         raise TraceError(f"{p}: cannot read: {e.strerror}") from None
     with f:
         start = None
         last = -math.inf
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, p):
             if not line.strip():
                 continue
             where = f"{p} line {lineno}"
@@ -105,8 +122,8 @@ def read_mooncake(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRe
             if not isinstance(obj, dict):
                 raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if "timestamp" not in obj or not isinstance(obj["timestamp"], (int, float)) \
-                    or isinstance(obj["timestamp"], bool):
-                raise TraceError(f"{where}: 'timestamp' (milliseconds) must be a number")
+                    or isinstance(obj["timestamp"], bool) or not math.isfinite(obj["timestamp"]):
+                raise TraceError(f"{where}: 'timestamp' (milliseconds) must be a finite number")
             ts = float(obj["timestamp"]) / 1000.0
             if ts < last:
                 raise TraceError(f"{where}: timestamp {obj['timestamp']} is before the previous "
@@ -124,6 +141,9 @@ def read_mooncake(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRe
                 raise TraceError(f"{where}: {len(ids)} hash_ids for {n_in} input tokens (at most "
                                  f"{need} blocks of {MOONCAKE_BLOCK_TOKENS})")
             yield TraceRequest((ts - start) * time_scale, n_in, n_out, tuple(ids))
+        if start is None:
+            raise TraceError(f"{p}: no requests (the file is empty); a Mooncake trace has one "
+                             "JSON object per line")
 
 
 # -- Azure ------------------------------------------------------------------------------
@@ -133,9 +153,13 @@ AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 def _azure_time(text: str, where: str) -> float:
     text = text.strip()
     try:
-        return float(text)
+        v = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(v):
+            raise TraceError(f"{where}: TIMESTAMP {text!r} is not a finite number")
+        return v
     # 7 fractional digits (the published traces) exceed what fromisoformat takes
     if "." in text:
         head, frac = text.rsplit(".", 1)
@@ -148,14 +172,17 @@ def _azure_time(text: str, where: str) -> float:
 
 
 def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRequest]:
-    p = Path(path)
+    p = _check_time_scale(path, time_scale)
     try:
-        f = p.open(newline="")
+        f = p.open("rb")
     except OSError as e:
         raise TraceError(f"{p}: cannot read: {e.strerror}") from None
     with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+        reader = csv.reader(line for _, line in _lines(f, p))
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise TraceError(f"{p} line 1: not CSV: {e}") from None
         if header is None:
             raise TraceError(f"{p} line 1: empty file; expected the header {','.join(AZURE_COLUMNS)}")
         cols = [h.strip() for h in header]
@@ -165,7 +192,13 @@ def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceReque
         it, ic, ig = (cols.index(c) for c in AZURE_COLUMNS)
         start = None
         last = -math.inf
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise TraceError(f"{p} line {reader.line_num}: not CSV: {e}") from None
             where = f"{p} line {reader.line_num}"
             if not row or not "".join(row).strip():
                 continue
@@ -187,6 +220,9 @@ def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceReque
                     raise TraceError(f"{where}: {name} must be >= {low}, got {v}")
                 vals.append(v)
             yield TraceRequest((ts - start) * time_scale, vals[0], vals[1])
+        if start is None:
+            raise TraceError(f"{p}: no requests (only the header); an Azure trace has one row "
+                             "per request")
 
 
 def read_trace(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRequest]:

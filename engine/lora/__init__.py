@@ -10,4 +10,6 @@
   adapters no running sequence uses (plain Python).
 - ``manager``: the engine's adapters: the host cache, the slots, and the
   copies into the model's LoRA stacks (``splitserve.engine.models.lora_layers``).
+- ``registry``: the adapters one engine serves by name, resolved for its
+  requests (``LLMEngine.add_adapter``, ``resolve_adapter``).
 """

@@ -6,12 +6,16 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
-# the mixture-of-experts ones add sparse MLP layers to it.
+# the mixture-of-experts ones add sparse MLP layers to it, Gemma's scale its
+# embeddings and norms and Gemma 2's add norms and soft caps, Phi-3's split
+# fused checkpoint tensors.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -20,6 +24,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "mixtral": MoECausalLM,
     "qwen2_moe": MoECausalLM,
     "qwen3_moe": MoECausalLM,
+    "gemma": GemmaCausalLM,
+    "gemma2": GemmaCausalLM,
+    "phi3": Phi3CausalLM,
 }
 
 
@@ -40,4 +47,5 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "MODEL_FAMILIES", "MoECausalLM", "build_model"]
+__all__ = ["CausalLM", "GemmaCausalLM", "MODEL_FAMILIES", "MoECausalLM", "Phi3CausalLM",
+           "build_model"]

@@ -27,6 +27,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
 from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.rope import apply_rotary
 from splitserve.kernels import ops
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
 from splitserve.kernels.lora import LoraMeta
@@ -202,7 +203,9 @@ class Attention(nn.Module):
             )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        opts = cfg.options  # Gemma 2 scales scores its own way and caps them
+        self.scale = self.head_dim**-0.5 if opts.attn_scale is None else opts.attn_scale
+        self.softcap = opts.attn_softcap
         # q, k and v in one matmul: rows [q | k | v]
         self.qkv_proj = Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device,
@@ -252,9 +255,9 @@ class Attention(nn.Module):
             # Qwen3: RMSNorm over each head's D dims, before RoPE
             q = self.q_norm(q.view(-1, self.head_dim))[0].view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.view(-1, self.head_dim))[0].view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache)
+        q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
-                                    self.sliding_window)  # [T, Hq, D]
+                                    self.sliding_window, self.softcap)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
         y = self.o_proj(out)
         if lora is not None and self.o_lora is not None:
@@ -287,7 +290,10 @@ class MLP(nn.Module):
         self.dtype = dtype
         self.gate_up_lora: LoraStack | None = None  # enable_lora
         self.down_lora: LoraStack | None = None
-        # gate and up in one matmul: rows [gate | up], as silu_and_mul expects
+        # GeGLU (Gemma) or SwiGLU (the rest), over [gate | up] rows
+        gelu = cfg.options.hidden_act == "gelu_tanh"
+        self.act_and_mul = ops.gelu_tanh_and_mul if gelu else ops.silu_and_mul
+        # gate and up in one matmul: rows [gate | up], as act_and_mul expects
         self.gate_up_proj = Linear(
             cfg.hidden_size, 2 * i, cfg.mlp_bias, dtype, device,
             fp8_groups=layer_groups(self.quant, [(f"{prefix}.gate_proj.weight", i),
@@ -299,8 +305,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraMeta | None = None) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2I] -> [T, I] -> [T, hidden]
         if lora is None or self.gate_up_lora is None:
-            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
-        act = ops.silu_and_mul(self.gate_up_lora.add_to(self.gate_up_proj(x), x, lora))
+            return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        act = self.act_and_mul(self.gate_up_lora.add_to(self.gate_up_proj(x), x, lora))
         return self.down_lora.add_to(self.down_proj(act), act, lora)
 
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:

@@ -88,8 +88,7 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}"
             )
-        x = (F.embedding(input_ids, self.embed_tokens) if self.tp is None
-             else self.tp.embed(input_ids, self.embed_tokens))  # [T, hidden]
+        x = self.embed(input_ids)  # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache, lora)
@@ -97,6 +96,12 @@ class CausalLM(nn.Module):
                 on_layer_done(i)
         x, _ = self.norm(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] embeddings (families that scale them override this)."""
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed_tokens)
+        return self.tp.embed(input_ids, self.embed_tokens)
 
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
         """Allocate ``num_slots`` adapter slots of rank ``max_rank`` on every

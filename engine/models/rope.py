@@ -9,6 +9,7 @@ logits match the reference implementation bit for bit in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,15 +17,43 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.longrope import longrope_inv_freq, longrope_params, longrope_table
+from splitserve.kernels import ops
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:
     """The scaling kind named by a config's rope dict (``rope_type`` or the older ``type``)."""
     if not scaling:
         return "default"
-    return str(scaling.get("rope_type") or scaling.get("type") or "default")
+    kind = str(scaling.get("rope_type") or scaling.get("type") or "default")
+    return "longrope" if kind == "su" else kind  # "su": LongRoPE's first name
+
+
+def rotary_dim(cfg: ModelConfig) -> int:
+    """How many of each head's dims rotate (Phi-3 ``partial_rotary_factor``: the first ones)."""
+    return cfg.options.rotary_dim or cfg.head_dim
+
+
+def _rotated(cfg: ModelConfig) -> ModelConfig:
+    # the frequency helpers read head_dim: give them the rotated width
+    dim = rotary_dim(cfg)
+    return cfg if dim == cfg.head_dim else dataclasses.replace(cfg, head_dim=dim)
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.rotary_embedding`` on q [T, Hq, D] and k [T, Hk, D]; a table
+    narrower than D (partial rotary) turns only each head's first dims."""
+    rot = cos_sin_cache.shape[1]
+    if rot == q.shape[-1]:
+        return ops.rotary_embedding(positions, q, k, cos_sin_cache)
+    q_rot, k_rot = ops.rotary_embedding(positions, q[..., :rot].contiguous(), k[..., :rot].contiguous(),
+                                        cos_sin_cache)
+    q[..., :rot] = q_rot
+    k[..., :rot] = k_rot
+    return q, k
 
 
 def _base_inv_freq(theta: float, dim: int, device: torch.device | str) -> torch.Tensor:
@@ -54,6 +83,19 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _dynamic_ntk_inv_freq(cfg: ModelConfig, scaling: dict[str, Any],
+                          device: torch.device | str) -> torch.Tensor:
+    """Dynamic NTK: the base grows with the sequence once it is longer than
+    max_position_embeddings, and is the plain base up to that length. The
+    engine never runs a sequence past max_position (its max_model_len is
+    clamped to it), so one table computed at that length, with
+    transformers' formula, is exact for every sequence it serves."""
+    factor = float(_param(scaling, "factor", "dynamic"))
+    dim, seq_len = cfg.head_dim, cfg.max_position
+    base = cfg.rope_theta * ((factor * seq_len / cfg.max_position) - (factor - 1)) ** (dim / (dim - 2))
+    return _base_inv_freq(base, dim, device)
 
 
 def _yarn_inv_freq(
@@ -100,11 +142,15 @@ def _yarn_inv_freq(
 
 
 def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """([head_dim/2] float32 inverse frequencies, cos/sin amplitude factor)."""
+    """([rotary_dim/2] float32 inverse frequencies, cos/sin amplitude factor);
+    LongRoPE: the short-context ones (``build_cos_sin_cache`` uses both)."""
     scaling = cfg.rope_scaling or {}
     kind = rope_type(scaling)
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0 and cfg.options.rotary_dim is None:
         raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+    cfg = _rotated(cfg)
+    if cfg.head_dim % 2:  # rotate-half pairs dim i with i + D/2
+        raise CheckpointError(f"config.json: rotary embeddings need an even head_dim; it is {cfg.head_dim}")
     if kind == "default":
         return _base_inv_freq(cfg.rope_theta, cfg.head_dim, device), 1.0
     if kind == "linear":
@@ -114,8 +160,12 @@ def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> 
         return _llama3_inv_freq(_base_inv_freq(cfg.rope_theta, cfg.head_dim, device), scaling), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(cfg, scaling, device)
-    # "dynamic" (NTK) recomputes frequencies from each batch's longest sequence,
-    # which a table shared by all sequences in a batch cannot express.
+    if kind == "dynamic":
+        return _dynamic_ntk_inv_freq(cfg, scaling, device), 1.0
+    if kind == "longrope":
+        short, _, _, amplitude = longrope_params(scaling, cfg.head_dim, cfg.max_position,
+                                                 cfg.options.original_max_position)
+        return longrope_inv_freq(cfg.rope_theta, cfg.head_dim, short).to(device), amplitude
     raise CheckpointError(
         f"config.json: rope scaling type {kind!r} is not supported; "
         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -123,12 +173,17 @@ def inv_freq_and_scale(cfg: ModelConfig, device: torch.device | str = "cpu") -> 
 
 
 def build_cos_sin_cache(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[max_position, head_dim] float32: cos in [:, :D/2], sin in [:, D/2:].
+    """[max_position, rotary_dim] float32: cos in [:, :D/2], sin in [:, D/2:]
+    (D: the rotated dims, ``head_dim`` unless partial).
 
     Rotate-half (neox) layout: frequency i pairs dims i and i + D/2, so one
     half-width cos/sin row per position covers both halves. Computed on the
     CPU, as transformers computes its frequencies, then moved: the same table
     on every device."""
+    if rope_type(cfg.rope_scaling) == "longrope":
+        rot = _rotated(cfg)
+        return longrope_table(rot.rope_theta, rot.head_dim, rot.max_position, rot.rope_scaling,
+                              rot.options.original_max_position).to(device)
     inv_freq, amplitude = inv_freq_and_scale(cfg, "cpu")  # [D/2]
     positions = torch.arange(cfg.max_position, dtype=torch.float)
     freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2]

@@ -185,7 +185,7 @@ class SpecDecoder:
                 r.st.sampling.draft_token = drafts[j] if j < len(drafts) else None
             part = [r.sched for r in active]
             logits = torch.stack([r.rows[j - 1] for r in active])
-            sampled = engine._sample(part, logits, list(range(len(part))), {}, outputs)
+            sampled = engine.guard.sample(part, logits, list(range(len(part))), {}, outputs)
             for st, tok, lp in sampled:
                 if st.seq.is_finished:
                     continue
@@ -194,7 +194,7 @@ class SpecDecoder:
                 except Exception as e:  # noqa: BLE001 - this request's fault alone
                     if is_fatal(e):
                         raise
-                    outputs.append(engine._fail(st, "output processing", e))
+                    outputs.append(engine.guard.fail(st, "output processing", e))
             active = [r for r in active if j < len(r.sched.spec_token_ids) and self._accepted(r, j)]
         c = self.counters
         for r in runs:

@@ -14,8 +14,6 @@ launch can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +27,7 @@ from splitserve.kernels.triton._common import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets
+from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets, score_scale
 
 MIN_TILES_PER_SPLIT = 4  # below this the merge costs more than the split saves
 GPU_BLOCK_N = 64  # KV tokens per tile
@@ -40,12 +38,12 @@ CPU_BLOCK_N = 16  # interpreter: small tiles, so short test contexts still span 
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_ptr, l_ptr, acc_ptr,
-    scale_log2, k_scale, v_scale, window,
+    scale_log2, k_scale, v_scale, window, softcap,
     HQ, G, D, BS, NUM_SPLITS, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -77,7 +75,7 @@ def _decode_split_kernel(
         tok_off = paged_token_offsets(bt_row, n, nmask, kv_head, BS, stride_cb, stride_cs, stride_ch)
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, nmask[None, :], d, dmask,
-            k_scale, v_scale, scale_log2, FP8_KV, PRECISION,
+            k_scale, v_scale, scale_log2, softcap, FP8_KV, PRECISION, HAS_SOFTCAP,
         )
 
     if ONE_SPLIT:
@@ -143,6 +141,7 @@ def paged_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     sliding_window: int = 0,
+    softcap: float = 0.0,
     *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -177,12 +176,12 @@ def paged_decode_attention(
     _decode_split_kernel[(b, hk, splits)](
         q, kc, vc, block_tables, context_lens,
         out, m, l, acc,
-        float(scale) * math.log2(math.e), float(k_scale), float(v_scale), int(sliding_window),
-        hq, g, d, bs, splits, split_len,
+        score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
+        float(softcap), hq, g, d, bs, splits, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
-        ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0,
+        ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
     )

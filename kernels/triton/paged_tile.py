@@ -3,6 +3,8 @@ tile of cached tokens through a block table, and one online-softmax step
 over such a tile (flash-attention style, log2 domain, fp32 statistics).
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -17,14 +19,31 @@ def paged_token_offsets(block_table_row, n, nmask, kv_head, BS, stride_cb, strid
     return blk * stride_cb + (n % BS).to(tl.int64) * stride_cs + kv_head * stride_ch
 
 
+def score_scale(scale: float, softcap: float) -> float:
+    """What ``attend_tile`` multiplies q.k by: the softmax scale in log2 units,
+    or, with a soft cap (applied in natural units), the plain scale."""
+    return float(scale) if softcap > 0 else float(scale) * math.log2(math.e)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exp overflowing to inf gives 1, underflowing to 0
+    # gives -1, so large scores saturate without NaN
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
 @triton.jit
 def attend_tile(
     q, m_i, l_i, acc,
     k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
-    k_scale, v_scale, scale_log2,
-    FP8_KV: tl.constexpr, PRECISION: tl.constexpr,
+    k_scale, v_scale, scale_log2, softcap,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """One KV tile of online softmax for a block of query rows.
+
+    With HAS_SOFTCAP, ``scale_log2`` is the plain softmax scale (natural
+    units) and each score is capped to ``softcap * tanh(score / softcap)``
+    before it moves to the log2 domain (Gemma 2).
 
     q: [M, BD] (in the dot dtype); m_i, l_i: [M] running max (log2 units)
     and denominator; acc: [M, BD] fp32 unnormalised output; tok_off,
@@ -35,6 +54,8 @@ def attend_tile(
     if FP8_KV:
         k_t = decode_e4m3(k_t, k_scale)
     s = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2  # [M, N]
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s / softcap) * 1.4426950408889634  # capped, then to log2 units
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -14,8 +14,6 @@ the sequence's end. No host sync, so the launch is CUDA-graph capturable.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +30,7 @@ from splitserve.kernels.triton._common import (
     is_fp8,
     next_pow2,
 )
-from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets
+from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets, score_scale
 
 
 @triton.jit
@@ -54,12 +52,12 @@ def _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
-    scale_log2, k_scale, v_scale, window,
+    scale_log2, k_scale, v_scale, window, softcap,
     B, G, D, BS,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,7 +100,7 @@ def _paged_prefill_kernel(
             visible = visible & (n[None, :] > pos[:, None] - window)
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
-            k_scale, v_scale, scale_log2, FP8_KV, PRECISION,
+            k_scale, v_scale, scale_log2, softcap, FP8_KV, PRECISION, HAS_SOFTCAP,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -133,6 +131,7 @@ def paged_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Same contract as ``splitserve.kernels.reference.paged_attention``.
 
@@ -159,12 +158,12 @@ def paged_attention(
     kc, vc = as_kernel_cache(k_cache), as_kernel_cache(v_cache)
     _paged_prefill_kernel[(t // block_q + b, hk)](
         q, kc, vc, block_tables, cu_query_lens, context_lens, out,
-        float(scale) * math.log2(math.e), float(k_scale), float(v_scale), int(sliding_window),
-        b, g, d, bs,
+        score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
+        float(softcap), b, g, d, bs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
-        HAS_WINDOW=sliding_window > 0, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
+        HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
         num_warps=num_warps,
     )
     return out

@@ -14,7 +14,8 @@ import pytest
 
 from tests.fixtures.admission import AdmissionBackend
 from splitserve.cluster.api.backend import Overloaded, Unavailable
-from splitserve.cluster.api.grpc_api import HealthService, sampling_params, start_grpc_server, status_for
+from splitserve.cluster.api.grpc_api import HealthService, start_grpc_server, status_for
+from splitserve.cluster.api.grpc_messages import sampling_params
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc

@@ -49,6 +49,19 @@ def test_matches_the_reference(q_lens, ctxs, hq, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 3])
+def test_softcap_matches_the_reference(window):
+    q_lens, ctxs = [1, 5, 3, 20], [7, 18, 11, 20]
+    k, v, tables = paged(ctxs)
+    q = 3 * torch.randn(sum(q_lens), 4, D, generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0] + q_lens).cumsum(0).int()
+    args = (k, v, tables, cu, torch.tensor(ctxs, dtype=torch.int32), D**-0.5)
+    got = cpu.paged_attention(q, *args, sliding_window=window, softcap=1.5)
+    want = ref.paged_attention(q, *args, sliding_window=window, softcap=1.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - ref.paged_attention(q, *args, sliding_window=window)).abs().max() > 1e-2
+
+
 def test_fp8_cache_matches_the_reference():
     ctxs, q_lens = [13, 6], [4, 4]
     k, v, tables = paged(ctxs, dtype=torch.float8_e4m3fn)

@@ -17,7 +17,7 @@ from tests.fixtures.handoff import handoff_generate
 
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
-FAMILIES = ["llama", "qwen3"]
+FAMILIES = ["llama", "qwen3", "gemma", "gemma2", "phi3"]
 
 
 def make(path, **kw):

@@ -13,7 +13,9 @@ from tests.fixtures.checkpoints import hf_greedy, hf_model
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2_window"])  # window 8 on layer 1
+# qwen2_window: a window of 8 on layer 1; gemma2: on layer 0, with score and logit soft caps;
+# phi3_longrope: fused projections, half of each head rotated
+@pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope"])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -81,8 +81,9 @@ def test_unsupported_architecture(ckpt: Path):
 
 
 def test_unsupported_rope_scaling(ckpt: Path):
-    edit_config(ckpt, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
-    with pytest.raises(CheckpointError, match=r"config\.json: rope scaling type 'longrope'"):
+    # every scaling type transformers defines is served: an unknown one stands in
+    edit_config(ckpt, rope_parameters={"rope_type": "no_such_scaling", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(CheckpointError, match=r"config\.json: rope scaling type 'no_such_scaling'"):
         load_checkpoint(ckpt)
 
 

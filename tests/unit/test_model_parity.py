@@ -181,6 +181,9 @@ ROPE_CASES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    # within max_position_embeddings (the engine's longest context) dynamic NTK is the plain base
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "dynamic_odd_factor": {"type": "dynamic", "factor": 1.3},
 }
 
 
@@ -213,9 +216,10 @@ def test_cos_sin_cache_matches_transformers(case):
     torch.testing.assert_close(cos[0, :, half:], cos[0, :, :half])
 
 
-def test_dynamic_rope_is_rejected_with_a_clear_error():
-    cfg = ModelConfig.from_hf(_rope_config({"rope_type": "dynamic", "factor": 2.0}))
-    with pytest.raises(CheckpointError, match="'dynamic' is not supported"):
+def test_unknown_rope_type_is_rejected_with_a_clear_error():
+    cfg = ModelConfig.from_hf(_rope_config({"rope_type": "no_such_scaling", "factor": 2.0}))
+    with pytest.raises(CheckpointError, match="'no_such_scaling' is not supported; supported: "
+                                              "default, linear, dynamic"):
         build_cos_sin_cache(cfg, "cpu")
 
 

@@ -82,8 +82,15 @@ def test_unreadable_file(tmp_path):
     assert str(e.value) == f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
 
 
-def test_empty_file_is_the_default_cluster(tmp_path):
-    cfg = load_config(write(tmp_path, ""))
+def test_empty_file_is_refused_and_braces_are_the_default_cluster(tmp_path):
+    # an empty file is what a failed `--print-config > cluster.yaml` leaves
+    for text in ("", "# only a comment\n"):
+        p = write(tmp_path, text)
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        assert str(e.value) == (f"{p}: the file is empty (no YAML content); write '{{}}' for a "
+                                "cluster of all the defaults")
+    cfg = load_config(write(tmp_path, "{}\n"))
     assert [m.model.name for m in cfg.models] == ["default"]
     assert cfg.models[0].prefill.autoscaling.bottleneck == "compute"
     assert cfg.models[0].decode.autoscaling.bottleneck == "memory"

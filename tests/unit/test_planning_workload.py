@@ -47,7 +47,7 @@ GOOD = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [1
 @pytest.mark.parametrize("line,message", [
     ("{not json", "line 2: not JSON"),
     ('[1, 2]', "line 2: expected a JSON object"),
-    ('{"input_length": 3, "output_length": 1}', "line 2: 'timestamp' (milliseconds) must be a number"),
+    ('{"input_length": 3, "output_length": 1}', "line 2: 'timestamp' (milliseconds) must be a finite number"),
     ('{"timestamp": 5, "output_length": 1}', "line 2: missing 'input_length'"),
     ('{"timestamp": 5, "input_length": 0, "output_length": 1}', "line 2: 'input_length' must be an integer >= 1"),
     ('{"timestamp": 5, "input_length": 3, "output_length": 1.5}', "line 2: 'output_length' must be an integer"),

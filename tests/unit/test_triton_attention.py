@@ -236,3 +236,52 @@ def test_prefill_sliding_window(window, dtype):
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     args = (cache.k, cache.v, cache.block_tables, cu, cache.context_lens, D**-0.5, 1.0, 1.0, window)
     torch.testing.assert_close(paged_attention(q, *args), ref.paged_attention(q, *args), **TOL[dtype])
+
+
+# -- attention logit soft-capping (Gemma 2) ----------------------------------------------
+
+
+@pytest.mark.parametrize("softcap", [0.5, 3.0])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_softcap(softcap, window, num_splits):
+    cache = PagedCache([70, 64, 1, 33], 8, 2, torch.float32, seed=13)
+    q = rand_q(4, 4, torch.float32) * 4  # large scores, so the cap bends them
+    out = run_decode(paged_decode_attention, q, cache, sliding_window=window, softcap=softcap,
+                     num_splits=num_splits)
+    want = run_decode(ref.paged_decode_attention, q, cache, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    uncapped = run_decode(ref.paged_decode_attention, q, cache, sliding_window=window)
+    assert (want - uncapped).abs().max() > 1e-2  # the cap changed the result
+
+
+@pytest.mark.parametrize("softcap", [0.5, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_softcap(softcap, dtype):
+    pairs = [(0, 23), (16, 7), (31, 1), (0, 1)]
+    q_lens, context_lens = [n for _, n in pairs], [p + n for p, n in pairs]
+    cache = PagedCache(context_lens, 8, 2, dtype, seed=14)
+    q = (rand_q(sum(q_lens), 4, torch.float32, seed=15) * 4).to(dtype)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    for window in (0, 8):
+        args = (cache.k, cache.v, cache.block_tables, cu, cache.context_lens, D**-0.5, 1.0, 1.0, window,
+                softcap)
+        want = ref.paged_attention(q, *args)
+        torch.testing.assert_close(paged_attention(q, *args), want, **TOL[dtype])
+        assert (want.float() - ref.paged_attention(q, *args[:-1]).float()).abs().max() > 1e-2
+
+
+def test_reference_softcap_matches_eager_math():
+    # the reference against the formula written out: softmax(cap * tanh(q.k * s / cap)) v
+    cache = PagedCache([9], 4, 1, torch.float32, seed=16)
+    q = rand_q(9, 2, torch.float32) * 3
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    got = ref.paged_attention(q, cache.k, cache.v, cache.block_tables, cu, cache.context_lens, 0.3,
+                              softcap=2.0)
+    k = ref._gather_seq_kv(cache.k, cache.block_tables[0], 9, 1.0, torch.float32)  # [9, 1, D]
+    v = ref._gather_seq_kv(cache.v, cache.block_tables[0], 9, 1.0, torch.float32)
+    scores = torch.einsum("thd,sd->hts", q, k[:, 0]) * 0.3
+    scores = 2.0 * torch.tanh(scores / 2.0)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("hts,sd->thd", scores.softmax(-1), v[:, 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ CASE_NAMES = [
     "rms_norm residual bf16", "rotary_embedding bf16", "silu_and_mul bf16", "store_kv bf16",
     "store_kv fp8", "pack_kv", "unpack_kv", "decode one split bf16", "decode split fp8 sm90",
     "decode split fp8 sm80", "decode reduce", "prefill G=4 bf16", "prefill G=7 fp8", "prefill G=4 fp32 sm80",
+    "decode softcap window bf16", "prefill softcap window bf16",
 ]
 
 
@@ -82,6 +83,9 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
         compile_case(f"decode split fp8 sm{arch}", dec, "_decode_split_kernel",
                      lambda: dec.paged_decode_attention(qd, cache8, cache8, tables, lens, 0.1, 0.5, 0.5,
                                                         num_splits=4), decode_gpu, arch)
+    compile_case("decode softcap window bf16", dec, "_decode_split_kernel",  # Gemma 2
+                 lambda: dec.paged_decode_attention(qd, cache, cache, tables, lens, 0.1, sliding_window=64,
+                                                    softcap=50.0, num_splits=4), decode_gpu)
     compile_case("decode reduce", dec, "_decode_reduce_kernel",
                  lambda: dec.paged_decode_attention(qd, cache, cache, tables, lens, 0.1, num_splits=4))
 
@@ -100,6 +104,12 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
         compile_case(name, pre, "_paged_prefill_kernel",
                      lambda: pre.paged_attention(qp, kv_cache, kv_cache, tables, cu, lens, 0.1, 0.5, 0.5),
                      dict(dot, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=warps), arch)
+    block_m, block_q, block_n, warps = pre._tile_shape(4, d, on_gpu=True)
+    qp = torch.randn(300, 32, d, dtype=bf)
+    compile_case("prefill softcap window bf16", pre, "_paged_prefill_kernel",
+                 lambda: pre.paged_attention(qp, cache, cache, tables, cu, lens, 0.1, sliding_window=64,
+                                             softcap=50.0),
+                 dict(gpu_dot, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=warps))
 
 
 if __name__ == "__main__":

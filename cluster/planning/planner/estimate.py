@@ -64,13 +64,32 @@ class PoolTable:
         return self.bounds_ok.shape
 
 
-def _step(u: Units, perseq, n, q, a):
-    """Step time with ``n`` decoding sequences and a prompt chunk of ``q``
-    tokens (``a`` query-key pairs), the larger of the forms."""
+def _step(u: Units, dec, q, a):
+    """Step time with decode work ``dec`` (per form: the decoding sequences'
+    seconds, ``_decode_work``) and a prompt chunk of ``q`` tokens (``a``
+    query-key pairs), the larger of the forms."""
     f = u.forms
     return col(f.oh) + np.maximum(
-        *[col(f.c[:, k]) + col(f.wp[:, k]) * q + col(f.wa[:, k]) * a + perseq[k] * n
-          for k in range(2)])
+        *[col(f.c[:, k]) + col(f.wp[:, k]) * q + col(f.wa[:, k]) * a + dec[k] for k in range(2)])
+
+
+def _speculation(u: Units, n):
+    """Per sequence at a running batch of ``n``: tokens per step and tokens
+    verified per step (k + 1), k the length the engine's rule settles on at
+    that batch size (``Units.spec_k``; 0 and 1 token without speculation)."""
+    width = u.spec_k.shape[1]
+    idx = np.clip(np.rint(np.nan_to_num(np.asarray(n, dtype=np.float64), nan=0.0,
+                                        posinf=width - 1)), 0, width - 1).astype(np.int64)
+    row = col(u.spec_row)
+    return u.spec_g[row, idx], u.spec_k[row, idx] + 1.0
+
+
+def _decode_work(u: Units, perseq, n, draft):
+    """Each form's seconds for ``n`` decoding sequences verifying ``draft``
+    tokens each: the compute form pays every verified token, the memory
+    form reads each context once."""
+    f = u.forms
+    return [perseq[k] * np.where(col(f.compute_form[:, k]), draft, 1.0) * n for k in range(2)]
 
 
 def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_extra: float,
@@ -80,36 +99,40 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     moment). Steps are of two kinds: with a prompt chunk (while a prompt is
     pending, every step carries one) or decode only. Per second, chunk steps
     take rho_p = chunk steps x their length; decode-only steps fill the rest.
-    TPOT = 1 / steps per second; running sequences n = rate x output x TPOT
-    (Little), solved by iteration from below."""
+    TPOT = 1 / (steps per second x tokens per step); running sequences n =
+    rate x output x TPOT (Little), solved by iteration from below. With
+    speculation the tokens per step and the verified tokens follow the
+    batch size by the engine's length rule (``_speculation``)."""
     f = u.forms
     r = np.arange(1, rmax + 1, dtype=np.float64)[None, None, :]
     x = ws.rate / r
-    g, draft = col(u.g), col(u.draft)
     budget = col(u.budget).astype(np.float64)
-    perseq = [col((f.wb[:, k] + f.wc[:, k] * ws.lbar)
-                   * np.where(f.compute_form[:, k], u.draft, 1.0)) for k in range(2)]
+    perseq = [col(f.wb[:, k] + f.wc[:, k] * ws.lbar) for k in range(2)]
     share = loc["n"]
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_u = np.where(share > 0, loc["tok"] / np.maximum(share, 1e-12), 0.0)
         attn_u = np.where(share > 0, loc["attn"] / np.maximum(share, 1e-12), 0.0)
 
     def kinds(n):
+        g, draft = _speculation(u, n)
+        dec = _decode_work(u, perseq, n, draft)
         av = np.maximum(budget - n * draft, 1.0)
         cbar = np.where(share > 0, np.maximum(1.0, mean_u / av + 0.5), 0.0)
         q = np.where(cbar > 0, mean_u / np.maximum(cbar, 1e-12), 0.0)
         a = np.where(cbar > 0, attn_u / np.maximum(cbar, 1e-12), 0.0)
-        tc = _step(u, perseq, n, q, a)
-        td = _step(u, perseq, n, 0.0, 0.0)
+        tc = _step(u, dec, q, a)
+        td = _step(u, dec, 0.0, 0.0)
         cs = x * share * cbar  # chunk steps per second
         rho = cs * tc
         with np.errstate(divide="ignore", invalid="ignore"):
             steps = np.where(rho < 1, cs + (1 - rho) / td, 0.0)
-        return av, cbar, tc, td, cs, rho, steps
+        return g, draft, dec, av, cbar, tc, td, cs, rho, steps
 
-    n = x * ws.eo / g * _step(u, perseq, 0.0, 0.0, 0.0)
+    # from below: the step of an empty batch, at the most tokens per step (batch 1's)
+    g1, _ = _speculation(u, 1.0)
+    n = x * ws.eo / g1 * _step(u, [0.0, 0.0], 0.0, 0.0)
     for _ in range(iterations):
-        *_, steps = kinds(n)
+        g, *_, steps = kinds(n)
         with np.errstate(divide="ignore", invalid="ignore"):
             n_new = np.where(steps > 0, x * ws.eo / (g * steps), INF)
         n_new = np.minimum(n_new, 1e9)
@@ -117,7 +140,7 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
         n = n_new
         if done.all():
             break
-    av, cbar, tc, td, cs, rho, steps = kinds(n)
+    g, draft, dec, av, cbar, tc, td, cs, rho, steps = kinds(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         n_chk = np.where(steps > 0, x * ws.eo / (g * steps), INF)
     converged = np.abs(n_chk - n) <= 0.02 * n + 1e-2
@@ -125,25 +148,27 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     slots = np.minimum(u.seqs, np.floor((u.kv_tokens - ws.q_total) / (ws.lbar + u.block / 2.0)))
     slots = col(np.maximum(slots, 0))
     stable = converged & (steps > 0) & (rho < 1) & (n < slots) & (budget - n * draft >= 1)
-    # a percentile request: a fuller batch, and its share of chunk steps over its output
+    # a percentile request: a fuller batch (speculating as the rule does at its size),
+    # and its share of chunk steps over its output
     n_p = np.minimum(slots, n + z * np.sqrt(np.maximum(n, 0)))
-    _, _, tc_p, td_p, cs_p, rho_p, steps_p = kinds(n_p)
+    g_p, _, _, _, _, tc_p, td_p, cs_p, rho_p, steps_p = kinds(n_p)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_p = np.where(steps_p > 0, 1.0 / (g * np.maximum(steps_p, 1e-12)), INF)
+        mean_p = np.where(steps_p > 0, 1.0 / (g_p * np.maximum(steps_p, 1e-12)), INF)
         frac = np.where(steps_p > 0, np.clip(cs_p / np.maximum(steps_p, 1e-12), 0, 1), 1.0)
-    spread = np.sqrt(frac * (1 - frac) / max(ws.o_low, 1.0)) * np.maximum(tc_p - td_p, 0) / g
+    spread = np.sqrt(frac * (1 - frac) / max(ws.o_low, 1.0)) * np.maximum(tc_p - td_p, 0) / g_p
     tpot_p = np.where(np.isfinite(mean_p), mean_p + z * spread, INF)
     offered = ws.rate * (ws.eo / g * tau + hold_extra)
     blocking = erlang_b(slots * r, offered)
-    floor_tpot = _step(u, perseq, 1.0, 0.0, 0.0) / g
-    memory_bound = (col(f.c[:, 1]) + perseq[1] * n) >= (col(f.c[:, 0]) + perseq[0] * n)
+    _, draft1 = _speculation(u, 1.0)
+    floor_tpot = _step(u, _decode_work(u, perseq, 1.0, draft1), 0.0, 0.0) / g1
+    memory_bound = (col(f.c[:, 1]) + dec[1]) >= (col(f.c[:, 0]) + dec[0])
     shape = np.broadcast_shapes(tau.shape, slots.shape)
     return dict(tau=tau, n=n, slots=np.broadcast_to(slots, shape), tpot_p=tpot_p,
                 blocking=blocking, stable=stable, floor_tpot=np.broadcast_to(floor_tpot, shape),
                 kv_use=n * ws.lbar / col(np.maximum(u.kv_tokens, 1)),
                 tokens=n * draft + np.where(cbar > 0, mean_u / np.maximum(cbar, 1e-12), 0) * (
-                    cs * tau), memory_bound=memory_bound, perseq=perseq, avail=av, rho=rho,
-                cbar=cbar, tc=tc, mean_u=mean_u)
+                    cs * tau), memory_bound=memory_bound, dec=dec, avail=av, rho=rho,
+                cbar=cbar, tc=tc, mean_u=mean_u, spec_k=draft - 1.0)
 
 
 def _prompt_time(u: Units, toks, chunk, extra_per_step, k: int):
@@ -165,7 +190,7 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
     r = np.arange(1, rmax + 1)[None, None, :]
     within_cap = r <= col(u.cap)
     unit_ok = col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.q_total))
-    perseq_n = [m["perseq"][k] * m["n"] for k in range(2)]
+    perseq_n = m["dec"]
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_u = m["mean_u"]
         m2 = np.where(ws.loc_n > 0, ws.loc_m2 / np.maximum(ws.loc_n, 1e-12), 0.0)[None]
@@ -187,11 +212,16 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
                  & (floor_ttft <= slo.ttft_s))
     tail = 1 - slo.tpot_pct / 100
     est_ok = bounds_ok & (m["blocking"] <= min(0.02, tail / 4))
+    if (u.spec_row == 0).any():
+        # speculation whose length rule drafts nothing at the estimated batch is the
+        # same plan as speculation off (in the space too), less a setting: not a candidate
+        est_ok &= ~((col(u.spec_row) > 0) & (m["spec_k"] == 0))
     shape = bounds_ok.shape
     metrics = dict(tau=m["tau"], n=m["n"], slots=m["slots"], tpot_p=m["tpot_p"],
                    blocking=m["blocking"], kv_use=m["kv_use"], ttft_local=ttft_local,
                    prefill_rho=np.broadcast_to(np.where(np.isfinite(rho), rho, 9.9), shape),
                    memory_bound=np.broadcast_to(m["memory_bound"], shape), tokens=m["tokens"],
+                   spec_k=np.broadcast_to(m["spec_k"], shape),
                    cost=np.broadcast_to(col(u.price) * r, shape))
     return PoolTable("colocated" if colocated else "decode", u, opts, bounds_ok, est_ok, metrics)
 

@@ -176,6 +176,15 @@ def explanation(res: PlanResult) -> list[str]:
                      f"${a.cost_per_hour:.2f}/hour: the choice is {saving:.0%} cheaper.")
     else:
         lines.append(f"No {other} plan among those simulated met the SLOs.")
+    spec = p.engine.speculative
+    if spec != "off":
+        acc = res.acceptance.get(spec.split(":")[0])
+        k = pools.get("colocated" if p.layout == "colocated" else "decode", {}).get(
+            "speculation_length")
+        lines.append(f"Speculation {spec}: acceptance "
+                     + (acc.describe() if acc is not None else "unknown")
+                     + (f"; at the estimated batch the engine's length rule drafts {k}"
+                        if k is not None else "") + ".")
     lines.append("Quality: " + ("the reference dtypes (bf16 weights and KV)" if quality_text(p)
                                 == "reference" else quality_text(p)) + ".")
     if res.best_modelled is not None and res.best_deployable_estimate is not None:
@@ -199,6 +208,7 @@ def record(res: PlanResult, front: list[SimOutcome], yaml_text: str | None) -> d
         "hardware": [{"key": d.key, "offered": d.count, "price_per_hour": d.price,
                       "provenance": d.hw.provenance} for d in res.devices],
         "step_models": res.forms, "counts": res.counts, "timings": res.timings,
+        "speculation_acceptance": {m: a.to_dict() for m, a in res.acceptance.items()},
         "simulated": [o.to_dict() for o in res.outcomes],
         "pareto": [o.plan.label() for o in front],
         "chosen": None if res.chosen is None else res.chosen.to_dict(),

@@ -30,6 +30,9 @@ class PlanRequest:
     seed: int = 0
     kv_block_scale: int = 1
     base_config: dict | None = None  # the current config (re-planning): kept keys
+    # the workload's kind for measured speculation acceptance (code-edit, free, a
+    # dataset's name); None: the lowest measured (planning.acceptance.resolve)
+    spec_workload: str | None = None
 
 
 @dataclass
@@ -78,3 +81,5 @@ class PlanResult:
     emit: EmitContext
     forms: dict
     explanation: list[str] = field(default_factory=list)
+    # speculation method -> the acceptance both stages used (planning.acceptance.Acceptance)
+    acceptance: dict = field(default_factory=dict)

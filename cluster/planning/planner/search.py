@@ -248,7 +248,8 @@ class Planner:
                           min(col, key=_rank) if col else None, best_mod, best_dep,
                           {"cost": self.cloud["cost"], "score": score(self.cloud, req.slo),
                            "layout": self.cloud["layout"], "dep": self.cloud["dep"]},
-                          self.emit_ctx, self._forms_summary())
+                          self.emit_ctx, self._forms_summary(),
+                          acceptance=dict(self.ctx.acceptance))
 
     def _repair_roles(self, plan: Plan, out: SimOutcome) -> list[str]:
         """Where a replica more may fix a miss: TPOT or refused requests are the

@@ -31,7 +31,8 @@ def simulate(ctx: PlanContext, emit_ctx: EmitContext, costing: Costing, plan: Pl
 
     tail = float(np.percentile(wl.outputs, 99)) * req.slo.tpot_s * 3 + req.slo.ttft_s * 3
     opts = SimOptions(seed=req.seed, drain_s=max(30.0, tail), kv_block_scale=req.kv_block_scale,
-                      sample_s=5.0, spec_acceptance_ngram=req.space.spec_acceptance)
+                      sample_s=5.0, **{f"spec_acceptance_{m}": a.rate
+                                       for m, a in ctx.acceptance.items()})
     t0 = time.perf_counter()
     sim = Simulation(cfg, {cfg.models[0].model.name: req.shape}, hardware, ctx.db,
                      iter(wl.sim_requests), opts)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitserve.cluster.config import ModelSpec, RouterSpec
-from splitserve.cluster.planning.sim.speculation import ASSUMED_ACCEPTANCE
 
 AUTOSCALING = ("fixed", "scale-down", "burst")
 
@@ -77,8 +76,10 @@ class SpaceSpec:
     local_prefill: tuple[int, ...] = (0, 128, 512, 2048)  # read by the cost policy only
     autoscaling: tuple[str, ...] = AUTOSCALING
     max_replicas: int = 32  # per pool, below the offers' counts
-    # assumed per-token acceptance of speculative drafts (the simulator's default too)
-    spec_acceptance: float = ASSUMED_ACCEPTANCE["ngram"]
+    # per-token acceptance of speculative drafts, every method; None: the profile
+    # database's measured rate for the model, else ASSUMED_ACCEPTANCE
+    # (planning.acceptance.resolve, PlanContext.acceptance)
+    spec_acceptance: float | None = None
 
     def replace(self, **kw) -> "SpaceSpec":
         from dataclasses import replace

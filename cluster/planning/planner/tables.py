@@ -115,7 +115,8 @@ class PlanTables:
             "memory_bound": bool(m["memory_bound"][at]),
             "fitted": fitted(u, du),
             "prompt_utilization": float(m["prefill_rho"][at]),
-            "tokens_per_step": float(m["tokens"][at])}}
+            "tokens_per_step": float(m["tokens"][at]),
+            "speculation_length": int(m["spec_k"][at])}}
         ttft = float(m["ttft_local"][at])
         tpot = float(m["tpot_p"][at])
         ok = bool(t.est_ok[at])

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitserve.cluster.planning.acceptance import length_table
 from splitserve.cluster.planning.planner.devices import Device, FormCache
 from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, fp8_index, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
+from splitserve.cluster.planning.sim.speculation import DRAFT_COST_RATIO
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may use
 CPU_KV_BYTES = 1 << 30  # KV cache per CPU replica (host memory is shared by every replica)
@@ -47,8 +49,12 @@ class Units:
     seqs: np.ndarray
     budget: np.ndarray
     block: np.ndarray
-    g: np.ndarray  # tokens per sequence per step (speculation), 1 without
-    draft: np.ndarray  # tokens verified per sequence per step (k + 1), 1 without
+    # speculation by batch size: unit -> table row; per row and running batch size
+    # 0..max_num_seqs, the length the engine's rule settles on and the tokens per
+    # sequence and step (row 0: no speculation, k 0, one token)
+    spec_row: np.ndarray  # (U,)
+    spec_k: np.ndarray  # (T, W) int
+    spec_g: np.ndarray  # (T, W)
     deployable: np.ndarray
     quality: np.ndarray  # perplexity increase vs the reference (NaN: unknown)
     flops_ok: np.ndarray
@@ -57,10 +63,39 @@ class Units:
         return len(self.dev)
 
 
+def spec_tables(space: SpaceSpec, devices: list[Device], dev: np.ndarray, spec: np.ndarray,
+                acceptance: dict[str, float]):
+    """Speculation length tables (``Units.spec_row``, ``spec_k``, ``spec_g``):
+    one row per (speculation setting, device type), by the engine's rule
+    (``acceptance.length_table``: the acceptance of the setting's method, the
+    device's saturation_tokens, a draft model's cost ratio)."""
+    width = max(space.max_num_seqs) + 1
+    ks, gs = [np.zeros(width, dtype=np.int64)], [np.ones(width)]
+    index: dict[tuple[int, str], int] = {}
+    rows = np.zeros(len(dev), dtype=np.int64)
+    for i, (d, k) in enumerate(zip(dev, spec)):
+        name = space.speculative[k]
+        if name == "off":
+            continue
+        dtype = "cpu" if devices[d].cpu else "cuda"
+        key = (int(k), dtype)
+        if key not in index:
+            method, steps = name.split(":")
+            t = length_table(int(steps), acceptance[method], dtype, width - 1,
+                             DRAFT_COST_RATIO if method == "draft" else 0.0)
+            index[key] = len(ks)
+            ks.append(t.k)
+            gs.append(t.tokens)
+        rows[i] = index[key]
+    return rows, np.stack(ks), np.stack(gs)
+
+
 def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows: np.ndarray,
                 shape: ModelShape, forms: FormCache, quality: np.ndarray,
-                tp_support: set[int]) -> Units:
-    """Units over ``rows`` of the engine grid, for every device and TP degree."""
+                tp_support: set[int], acceptance: dict[str, float]) -> Units:
+    """Units over ``rows`` of the engine grid, for every device and TP degree;
+    ``acceptance``: the per-token rate of each speculation method
+    (``PlanContext.acceptance``)."""
     combos = [(d, tp, e) for d in devices for tp in space.tensor_parallel for e in rows
               if not (d.cpu and tp > 1) and tp <= d.count]
     n = len(combos)
@@ -80,15 +115,7 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
     budget = grid.budget[e]
     block = grid.block[e]
     spec = grid.spec[e]
-    g = np.ones(n)
-    draft = np.ones(n)
-    for k, name in enumerate(space.speculative):
-        if name == "off":
-            continue
-        steps = int(name.split(":")[1])
-        a = space.spec_acceptance
-        g[spec == k] = (1 - a ** (steps + 1)) / (1 - a)
-        draft[spec == k] = steps + 1
+    spec_row, spec_k, spec_g = spec_tables(space, devices, dev, spec, acceptance)
     # per (device, tp, wd, kv): forms and memory
     for key in sorted({(c[0].index, c[1], int(grid.wd[c[2]]), int(grid.kv[c[2]])) for c in combos}):
         d = devices[key[0]]
@@ -127,5 +154,6 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),
                  kv_tokens=kv_tokens, kv_gib=kv_gib, mem_ok=mem_ok, price=price, cap=cap,
-                 seqs=seqs, budget=budget, block=block, g=g, draft=draft, deployable=dep,
+                 seqs=seqs, budget=budget, block=block, spec_row=spec_row, spec_k=spec_k,
+                 spec_g=spec_g, deployable=dep,
                  quality=quality[e], flops_ok=flops_ok)

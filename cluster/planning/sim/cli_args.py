@@ -27,6 +27,8 @@ EXAMPLES = """examples:
 def add_simulate_arguments(p) -> None:
     import argparse
 
+    from splitserve.cluster.cli.common import positive
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EXAMPLES
     c = p.add_argument_group("cluster")
@@ -43,59 +45,73 @@ def add_simulate_arguments(p) -> None:
                         "threads; needs `splitserve profile`) (default: %(default)s)")
     c.add_argument("--pool-hardware", action="append", default=[], metavar="[MODEL:]ROLE=KEY",
                    help="hardware of one pool (role: prefill, decode, colocated); repeatable")
-    c.add_argument("--gpus-per-node", type=int, default=8, help="devices per node (default: 8)")
-    c.add_argument("--node-provision-s", type=float, default=0.0,
+    c.add_argument("--gpus-per-node", type=positive(int), default=8, metavar="N",
+                   help="devices per node (default: 8)")
+    c.add_argument("--node-provision-s", type=positive(float, allow_zero=True), default=0.0,
+                   metavar="S",
                    help="delay of a new node when no free device slot exists (default: 0)")
     w = p.add_argument_group("workload (a trace file, or synthetic arrivals)")
     w.add_argument("--trace", default=None, metavar="FILE",
                    help=".jsonl Mooncake trace (timestamp ms, input_length, output_length, "
                         "hash_ids) or .csv Azure trace (TIMESTAMP, ContextTokens, GeneratedTokens)")
-    w.add_argument("--time-scale", type=float, default=1.0,
+    w.add_argument("--time-scale", type=positive(float), default=1.0, metavar="X",
                    help="multiply the trace's gaps (0.5 = twice the rate)")
-    w.add_argument("--rate", type=float, default=None, help="synthetic: mean requests/s")
-    w.add_argument("--burstiness", type=float, default=1.0,
+    w.add_argument("--rate", type=positive(float), default=None, metavar="R",
+                   help="synthetic: mean requests/s")
+    w.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
                    help="synthetic: gamma shape of the gaps (1 = Poisson)")
     w.add_argument("--input-len", default="uniform:64:512", help="synthetic: prompt length "
                    "distribution, as `splitserve bench` writes it (default: %(default)s)")
-    w.add_argument("--output-len", default="128", help="synthetic: output length distribution")
+    w.add_argument("--output-len", default="128",
+                   help="synthetic: output length distribution, same forms")
     w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
                    help="synthetic: rate follows a day curve, e.g. 86400:1.6:0.4 (peak and "
                         "trough as multiples of --rate; lowest at t=0)")
-    w.add_argument("--prefix-groups", type=int, default=0,
+    w.add_argument("--prefix-groups", type=positive(int, allow_zero=True), default=0, metavar="G",
                    help="synthetic: shared system prompts (Zipf-popular)")
-    w.add_argument("--prefix-tokens", type=int, default=0, help="synthetic: their length")
-    w.add_argument("--num-requests", type=int, default=None, help="stop after this many")
-    w.add_argument("--duration", type=float, default=None, help="stop arrivals after these seconds")
+    w.add_argument("--prefix-tokens", type=positive(int, allow_zero=True), default=0,
+                   metavar="T", help="synthetic: their length in tokens")
+    w.add_argument("--num-requests", type=positive(int), default=None, metavar="N",
+                   help="stop after this many requests (default: the whole trace)")
+    w.add_argument("--duration", type=positive(float), default=None, metavar="S",
+                   help="stop arrivals after these seconds (default: the whole trace)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of synthetic arrivals and lengths")
     r.add_argument("--failure", action="append", default=[], metavar="TIME:POOL[:COUNT]",
                    help="kill COUNT replicas of POOL (app name or role) at TIME s; repeatable")
-    r.add_argument("--replace-after-s", type=float, default=10.0,
+    r.add_argument("--replace-after-s", type=positive(float, allow_zero=True), default=10.0,
+                   metavar="S",
                    help="a failed replica is replaced after this (default: 10)")
-    r.add_argument("--replica-start-s", type=float, default=None,
+    r.add_argument("--replica-start-s", type=positive(float, allow_zero=True), default=None,
+                   metavar="S",
                    help="a new replica's start-up, launch to serving (default: the profile's; "
                         "a measured CPU profile holds the engine build only, without the Serve "
                         "replica's process start)")
-    r.add_argument("--control-interval-s", type=float, default=0.5,
+    r.add_argument("--control-interval-s", type=positive(float), default=0.5, metavar="S",
                    help="autoscaling policy ticks (default: 0.5)")
-    r.add_argument("--sample-s", type=float, default=None,
+    r.add_argument("--sample-s", type=positive(float), default=None, metavar="S",
                    help="timeline resolution (default: 1 s, coarser for long runs)")
     r.add_argument("--no-coalesce", action="store_true",
                    help="step every replica token by token (slow; for checking)")
-    r.add_argument("--kv-block-scale", type=int, default=1, metavar="K",
+    r.add_argument("--kv-block-scale", type=positive(int), default=1, metavar="K",
                    help="simulate KV blocks K times larger and K times fewer (same memory): "
                         "faster for large clusters, prefix hits and memory rounded to K blocks "
                         "(default: 1, exact)")
     r.add_argument("--spec-acceptance", type=float, default=None, metavar="RATE",
                    help="speculative decoding: the chance a draft token is accepted (after "
-                        "the ones before it), for both methods (default: the planner's "
-                        "assumption, 0.7)")
+                        "the ones before it), for both methods (default: the profile "
+                        "database's measured rate for the model and method, else the "
+                        "assumed 0.7)")
+    r.add_argument("--spec-workload", default=None, metavar="KIND",
+                   help="which measured acceptance rows to use: the workload kind they were "
+                        "measured on (code-edit, free, or an imported dataset's name); default: "
+                        "the lowest measured")
     r.add_argument("--draft-cost-ratio", type=float, default=None, metavar="R",
                    help="speculative method draft: a draft-model step's time relative to "
                         "the model's (default: 0.1)")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="write record.json, requests.csv and simulation.png here")
-    r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--no-plot", action="store_true", help="with --out: no simulation.png")
     r.add_argument("--progress", action="store_true", help="a progress line on stderr")
     r.add_argument("--json", action="store_true", help="print the record as JSON")
 
@@ -226,6 +242,8 @@ def run_from_args(args) -> int:
             if args.draft_cost_ratio < 0:
                 raise ValueError("--draft-cost-ratio must be at least 0")
             spec["draft_cost_ratio"] = args.draft_cost_ratio
+        if args.spec_workload:
+            spec["spec_workload"] = args.spec_workload
         opts = SimOptions(seed=args.seed, control_interval_s=args.control_interval_s,
                           sample_s=sample_s, node_provision_s=args.node_provision_s,
                           replace_after_s=args.replace_after_s,
@@ -244,12 +262,22 @@ def run_from_args(args) -> int:
     rec["workload"] = desc
     rec["config_file"] = str(args.config)
     if args.out:
+        from splitserve.cluster.cli.common import interrupts_deferred
+
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_json(rec, out / "record.json")
-        report.write_requests_csv(sim.log, out / "requests.csv")
-        if not args.no_plot:
-            report.plot(rec, out / "simulation.png")
+        if out.exists() and not out.is_dir():
+            print(f"error: --out {out}: is a file; --out takes a directory", file=sys.stderr)
+            return 2
+        try:
+            with interrupts_deferred():  # the files whole, even when Ctrl-C comes now
+                out.mkdir(parents=True, exist_ok=True)
+                report.write_json(rec, out / "record.json")
+                report.write_requests_csv(sim.log, out / "requests.csv")
+                if not args.no_plot:
+                    report.plot(rec, out / "simulation.png")
+        except OSError as e:
+            print(f"error: --out {out}: cannot write: {e.strerror or e}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(report._clean(rec), indent=1))
     else:

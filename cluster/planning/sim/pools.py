@@ -139,7 +139,7 @@ class Pool:
             return None
         opts = self.sim.opts
         device = "cpu" if self.profile.hardware.key.startswith("cpu:") else "cuda"
-        return SimSpeculator.from_spec(spec, device, opts.acceptance(spec.method),
+        return SimSpeculator.from_spec(spec, device, self.sim.acceptance[self.model].rate,
                                        opts.draft_cost_ratio, f"{opts.seed}/{name}")
 
     def speculation(self) -> dict | None:
@@ -152,8 +152,10 @@ class Pool:
         accepted = sum(x.accepted_tokens for x in specs)
         steps = sum(x.verify_steps for x in specs)
         verified = sum(x.verified for x in specs)
+        acc = self.sim.acceptance[self.model]
         return {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
-                "acceptance_assumed": self.sim.opts.acceptance(spec.method),
+                "acceptance_assumed": acc.rate, "acceptance_source": acc.source,
+                "acceptance": acc.describe(),
                 "verify_steps": steps, "draft_tokens": drafts, "accepted_tokens": accepted,
                 "acceptance_measured": accepted / drafts if drafts else None,
                 "mean_accepted_length": 1 + accepted / verified if verified else None}

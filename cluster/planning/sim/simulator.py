@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -34,6 +35,8 @@ from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, su
 from splitserve.cluster.planning.sim.network import Network
 from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
 from splitserve.cluster.planning.sim.serving import HOLDER, Serving, SimRequest
+from splitserve.cluster.planning.acceptance import Acceptance
+from splitserve.cluster.planning.acceptance import resolve as resolve_acceptance
 from splitserve.cluster.planning.sim.speculation import ASSUMED_ACCEPTANCE, DRAFT_COST_RATIO
 from splitserve.cluster.planning.workload import TraceRequest, prompt_block_hashes
 from splitserve.engine.roles import Role
@@ -80,21 +83,39 @@ class SimOptions:
     failures: tuple[Failure, ...] = ()
     progress: bool = False
     # speculative decoding: the drafts' per-token acceptance rate by method
-    # (the planner's assumption unless given) and a draft model's step cost
-    # relative to the target's (sim.speculation)
-    spec_acceptance_ngram: float = ASSUMED_ACCEPTANCE["ngram"]
-    spec_acceptance_draft: float = ASSUMED_ACCEPTANCE["draft"]
+    # (None: the profile database's measured rate for the model, of
+    # ``spec_workload`` where given, else ASSUMED_ACCEPTANCE; planning.acceptance)
+    # and a draft model's step cost relative to the target's (sim.speculation)
+    spec_acceptance_ngram: float | None = None
+    spec_acceptance_draft: float | None = None
+    spec_workload: str | None = None
     draft_cost_ratio: float = DRAFT_COST_RATIO
 
-    def acceptance(self, method: str) -> float:
-        """The acceptance rate the simulator draws drafts of ``method`` with."""
+    def given_acceptance(self, method: str) -> float | None:
+        """The acceptance rate given for ``method`` (None: not given)."""
         return self.spec_acceptance_draft if method == "draft" else self.spec_acceptance_ngram
+
+    def acceptance(self, method: str) -> float:
+        """The rate given for ``method``, else the assumed one (a simulation
+        resolves the database's measured rate first: ``Simulation.acceptance``)."""
+        given = self.given_acceptance(method)
+        return ASSUMED_ACCEPTANCE[method] if given is None else given
 
 
 @dataclass
 class SimResult:
     record: dict
     pools: dict[str, Pool] = field(repr=False)
+
+
+def _draft_key(spec) -> str | None:
+    """The draft checkpoint's key (name@digest) when it is a folder here, so
+    only its acceptance rows are read; None: any draft's (not here, or n-gram)."""
+    if spec.method != "draft" or not spec.draft_model or not Path(spec.draft_model).is_dir():
+        return None
+    from splitserve.cluster.planning.shapes import shape_from_config_json
+
+    return shape_from_config_json(spec.draft_model, Path(spec.draft_model).name).key
 
 
 def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettings:
@@ -168,6 +189,17 @@ class Simulation:
         if missing:
             raise SimConfigError(f"no model shape for {missing}; give --shape NAME=PRESET|DIR")
         self._specs = {m.model.name: m.model for m in cfg.models}
+        # each speculating model's acceptance rate and where it came from
+        self.acceptance: dict[str, Acceptance] = {}
+        for m in cfg.models:
+            sp = m.model.speculative
+            if sp is None or m.model.name not in shapes:
+                continue
+            given = opts.given_acceptance(sp.method)
+            self.acceptance[m.model.name] = (
+                Acceptance(sp.method, given, "given") if given is not None else
+                resolve_acceptance(db, shapes[m.model.name].key, sp.method, opts.spec_workload,
+                                   _draft_key(sp)))
         self._kv: dict[str, int] = {}
         self.pools: dict[str, Pool] = {}
         groups: dict[str, NodeGroup] = {}

@@ -15,20 +15,20 @@ with probability ``acceptance`` while the ones before it were (the model
 behind ``adaptive.expected_tokens``), from a random stream seeded by the
 simulation's seed and the replica's name, so a run is deterministic for
 its seed. The rate is ``SimOptions.spec_acceptance_ngram`` /
-``spec_acceptance_draft``; their defaults are ``ASSUMED_ACCEPTANCE``,
-which the planner's estimate also assumes (``SpaceSpec.spec_acceptance``,
-passed to the simulator by ``planner.simulate``). The profile database
-holds no acceptance rows: acceptance depends on the text, not the device.
+``spec_acceptance_draft`` when given (the planner passes the rate its
+estimate used); else the profile database's measured rate for the model and
+method (``planning.acceptance.resolve``, ``SimOptions.spec_workload``
+choosing the workload), else ``ASSUMED_ACCEPTANCE``.
 """
 
 from __future__ import annotations
 
 import random
 
+from splitserve.cluster.planning.acceptance import ASSUMED_ACCEPTANCE
 from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens
 
-# assumed per-token acceptance rate of the drafts, by method (the planner's too)
-ASSUMED_ACCEPTANCE = {"ngram": 0.7, "draft": 0.7}
+__all__ = ["ASSUMED_ACCEPTANCE", "DRAFT_COST_RATIO", "SimSpeculator"]
 # method draft: one draft-model decode step's time relative to the target
 # model's decode step of the same batch (a draft a tenth the size, read once
 # per step like the target); n-gram lookup costs nothing on the device

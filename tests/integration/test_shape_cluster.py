@@ -1,0 +1,95 @@
+"""Model shapes other than the common tiny one, served by the whole cluster
+on a real local Ray node with every prompt prefilled on the prefill pool
+and its KV handed to the decode pool:
+
+- one KV head of head_dim 80 (not a power of two), a 1000-token vocabulary
+  past the tokenizer's 512 ids, weights stored in bf16;
+- Qwen3 with per-head q/k norms over head_dim 48 and YaRN-scaled RoPE.
+
+Greedy tokens through the official ``openai`` client (text, usage,
+logprobs) and the gRPC API (token ids) equal transformers' ``generate``."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+from openai import OpenAI
+
+from splitserve.cluster.api.proto import splitserve_pb2 as pb
+from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
+from splitserve.cluster.config import parse_config
+from splitserve.cluster.serve import app
+from splitserve.engine.stats import DecodeStats, PrefillStats
+from tests.fixtures.checkpoints import hf_greedy, hf_model, hf_tokenizer
+from tests.fixtures.ports import free_port
+from tests.fixtures.shape_variants import shape_config
+from tests.integration.ray_cluster import local_ray
+from tests.integration.test_cluster_e2e import replica_stats, wait_for, pools_free
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-shape-test"
+MODELS = {"mqa80": "bf16_mqa_hd80_vocab_1000", "qwen3yarn": "qwen3_yarn_hd48"}
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(shape_checkpoints):
+    paths = {name: shape_checkpoints[shape] for name, shape in MODELS.items()}
+    http, grpc_port = free_port(), free_port()
+    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
+    cfg = parse_config({
+        "models": [{"model": {"name": name, "path": str(path), "num_blocks": 128, "block_size": 4},
+                    "prefill": pool, "decode": pool} for name, path in paths.items()],
+        "router": {"local_prefill_max_tokens": 0},  # every prompt goes through the hand-off
+        "auth": {"api_keys": [KEY], "cluster_token": "shape-token"},
+        "endpoints": {"http_port": http, "grpc_port": grpc_port},
+    })
+    with local_ray(num_cpus=4):
+        app.deploy(cfg, wait_s=180)
+        yield cfg, paths
+        app.shutdown()
+
+
+def prompts_for(name: str) -> list[list[int]]:
+    """Token-id prompts over the model's whole vocabulary (ids past the
+    tokenizer's too), across several 4-token blocks."""
+    vocab = shape_config(MODELS[name])["vocab_size"]
+    rng = random.Random(3)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in (3, 11, 26)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_openai_and_grpc_tokens_equal_transformers_across_the_handoff(cluster, name):
+    cfg, paths = cluster
+    path = paths[name]
+    prompts = prompts_for(name)
+    want = hf_greedy(hf_model(path), prompts, MAX_NEW)
+    tok = hf_tokenizer(path)
+    before = replica_stats(cfg, name)
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    for p, w in zip(prompts, want):
+        out = client.completions.create(model=name, prompt=p, max_tokens=MAX_NEW, temperature=0,
+                                        logprobs=1, extra_body={"ignore_eos": True})
+        choice = out.choices[0]
+        assert choice.text == tok.decode(w, skip_special_tokens=True)
+        assert out.usage.completion_tokens == MAX_NEW and out.usage.prompt_tokens == len(p)
+        assert len(choice.logprobs.tokens) == MAX_NEW
+    md = [("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}") as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        for p, w in zip(prompts, want):
+            req = pb.GenerateRequest(model=name, token_ids=pb.TokenIds(ids=p),
+                                     params=pb.SamplingParams(max_tokens=MAX_NEW, temperature=0.0,
+                                                              ignore_eos=True))
+            resps = list(stub.Generate(req, metadata=md, timeout=60))
+            assert [t for r in resps for t in r.token_ids] == w
+    # every request was prefilled on the prefill pool and its KV handed off
+    after = replica_stats(cfg, name)
+    sent = sum(s.completed - before[r].completed for r, s in after.items() if isinstance(s, PrefillStats))
+    got = sum(s.handoffs - before[r].handoffs for r, s in after.items() if isinstance(s, DecodeStats))
+    assert sent == got == 2 * len(prompts)
+    assert wait_for(lambda: all(pools_free(cfg, name).values()))

@@ -1,0 +1,154 @@
+"""Gemma, Gemma 2 and Phi-3 beyond the shared parity tests
+(test_model_parity, test_engine_parity and test_engine_triton_parity run
+their tiny checkpoints): what config.json says about each family, the
+checkpoints refused with a clear error, LongRoPE against transformers past
+the original context length, and the families' engines with a window,
+partial rotary and soft caps over long prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.models import build_model
+from splitserve.engine.models.rope import build_cos_sin_cache
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.unit.test_engine_parity import prompt_set
+from tests.unit.test_model_parity import prompt_logits
+
+BASE = {"vocab_size": 32, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 256}
+
+
+def config(arch: str, **extra) -> ModelConfig:
+    return ModelConfig.from_hf({"architectures": [arch], **BASE, **extra})
+
+
+def test_gemma_options_parsed_as_transformers_reads_them():
+    g = config("GemmaForCausalLM", hidden_act="gelu")  # legacy name of the tanh GELU
+    o = g.options
+    assert (o.hidden_act, o.norm_plus_one, o.embed_scale, o.sandwich_norms) == ("gelu_tanh", True, 8.0, False)
+    assert g.layer_windows == (0, 0, 0, 0) and o.attn_softcap == o.final_softcap == 0.0
+    g2 = config("Gemma2ForCausalLM", sliding_window=8, query_pre_attn_scalar=64,
+                attn_logit_softcapping=50.0, final_logit_softcapping=None)
+    o = g2.options
+    assert g2.layer_windows == (8, 0, 8, 0)  # every other layer, from layer 0
+    assert (o.attn_scale, o.attn_softcap, o.final_softcap, o.sandwich_norms) == (0.125, 50.0, 0.0, True)
+    typed = config("Gemma2ForCausalLM", sliding_window=8,
+                   layer_types=["full_attention", "sliding_attention"] * 2)
+    assert typed.layer_windows == (0, 8, 0, 8)
+
+
+def test_phi3_options():
+    p = config("Phi3ForCausalLM", sliding_window=2047, partial_rotary_factor=0.75)
+    assert p.layer_windows == (2047,) * 4 and p.options.fused_projections
+    assert p.options.rotary_dim == 12 and not p.attention_bias
+    assert build_cos_sin_cache(p).shape == (256, 12)
+    assert config("Phi3ForCausalLM").options.rotary_dim is None
+
+
+@pytest.mark.parametrize("arch, extra, match", [
+    ("Gemma2ForCausalLM", {"use_bidirectional_attention": True}, "not a causal language model"),
+    ("GemmaForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for gemma"),
+    ("Gemma2ForCausalLM", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be positive"),
+    ("Phi3ForCausalLM", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "write it as 'longrope'"),
+    ("Phi3ForCausalLM", {"partial_rotary_factor": 0.1875}, "an even number"),
+    ("Phi3ForCausalLM", {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}},
+     "fp8 Phi3ForCausalLM checkpoints"),
+])
+def test_checkpoints_the_families_cannot_serve_are_refused(arch, extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        config(arch, **extra)
+
+
+def test_longrope_needs_its_factors():
+    cfg = config("Phi3ForCausalLM", original_max_position_embeddings=64,
+                 rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 7})
+    with pytest.raises(CheckpointError, match="long_factor as a list of 8 numbers"):
+        build_cos_sin_cache(cfg)
+
+
+def test_an_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(CheckpointError, match="unsupported architecture.*Gemma2ForCausalLM.*Phi3ForCausalLM"):
+        config("Gemma3ForCausalLM")
+
+
+def test_longrope_table_matches_transformers_short_and_long(tiny_checkpoints):
+    from transformers.modeling_rope_utils import _compute_longrope_parameters
+
+    path = tiny_checkpoints["phi3_longrope"]
+    cfg = load_checkpoint(path).model_config
+    hf_cfg = hf_model(path).config
+    table = build_cos_sin_cache(cfg)
+    assert table.shape == (256, 8)  # partial_rotary_factor 0.5 of head_dim 16
+    positions = torch.arange(256, dtype=torch.float)
+    # positions below the original length 64: the short factors; from it on, the long ones
+    for rows, seq_len in ((slice(0, 64), 64), (slice(64, 256), 65)):
+        inv_freq, amplitude = _compute_longrope_parameters(hf_cfg, seq_len=seq_len)
+        assert amplitude > 1.0
+        freqs = positions[rows, None] * inv_freq[None, :]
+        torch.testing.assert_close(table[rows, :4], freqs.cos() * amplitude, atol=1e-6, rtol=0)
+        torch.testing.assert_close(table[rows, 4:], freqs.sin() * amplitude, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_longrope_past_the_original_length_matches_stepwise_transformers(tiny_checkpoints):
+    """A 60-token prompt decoded to position 67: transformers' forward one
+    token at a time with its cache (long factors from position 64 on) gives
+    the same tokens. (Its ``generate`` instead re-prefills the whole sequence
+    with the long factors once it crosses 64, which a paged cache does not.)"""
+    path = tiny_checkpoints["phi3_longrope"]
+    ref = hf_model(path)
+    prompt = prompt_set(ref.config.vocab_size)[-1]
+    assert len(prompt) == 60
+    out = ref(torch.tensor([prompt]), use_cache=True)
+    cache, want = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    for i in range(7):
+        out = ref(torch.tensor([[want[-1]]]), cache=cache,
+                  position_ids=torch.tensor([[len(prompt) + i]]), use_cache=True)
+        cache = out.past_key_values
+        want.append(int(out.logits[0, -1].argmax()))
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4))
+    got = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert got[0].token_ids == want
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "phi3_longrope"])
+def test_engine_greedy_within_the_original_length(tiny_checkpoints, variant):
+    # windows of 8 and, for Phi-3, half-rotated heads; prompts up to 47 tokens + 8 < 64
+    path = tiny_checkpoints[variant]
+    prompts = prompt_set(hf_model(path).config.vocab_size)[:-2]
+    want = hf_greedy(hf_model(path), prompts, 8)
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=128, block_size=4,
+                                 max_num_batched_tokens=16))
+    got = [r.token_ids for r in eng.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0,
+                                                                      ignore_eos=True))]
+    assert got == want
+    assert eng.kv.all_free()
+
+
+def test_gemma2_soft_caps_change_the_logits(tiny_checkpoints):
+    # the tiny checkpoint's caps bind: removing either moves the logits
+    ck = load_checkpoint(tiny_checkpoints["gemma2"])
+    base = prompt_logits(load_model(ck, torch.float32))
+    for field in ("attn_softcap", "final_softcap"):
+        cfg = ck.model_config
+        uncapped = dataclasses.replace(cfg, options=dataclasses.replace(cfg.options, **{field: 0.0}))
+        logits = prompt_logits(load_model(dataclasses.replace(ck, model_config=uncapped), torch.float32))
+        assert (logits - base).abs().max() > 0.5, field
+
+
+def test_phi3_fused_tensor_of_the_wrong_size_names_it(tiny_checkpoints):
+    ck = load_checkpoint(tiny_checkpoints["phi3"])
+    model = build_model(ck.model_config, torch.float32, "cpu")
+    bad = [("model.layers.0.self_attn.qkv_proj.weight", torch.zeros(60, 64))]
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight.*expected 128 rows \(64 \+ 32 \+ 32\)"):
+        model.load_weights(bad)
