@@ -118,8 +118,8 @@ def test_a_connection_without_the_token_gets_nothing():
         assert await asyncio.wait_for(reader.read(), 2.0) == b""
         writer.close()
         with pytest.raises(rs.HandshakeError, match="version 2"):
-            await rs.RouterStream.open(rs.StreamEndpoint(ep.host, ep.port, ep.token, 2), rs.EXCHANGE,
-                                        2.0)
+            await rs.RouterStream.open(rs.StreamEndpoint(ep.host, ep.port, ep.token, 2),
+                                       rs.EXCHANGE, 2.0)
         assert served == []
         server.close()
     asyncio.run(main())
