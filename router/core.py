@@ -35,6 +35,7 @@ from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
     InvalidStatsError,
+    NeverFitsError,
     NoCapacityError,
     OverloadedError,
     Placement,
@@ -159,7 +160,7 @@ class RouterCore:
         return any(d.healthy and not d.draining and d.updated_at >= horizon
                    for d in self._decode[model])
 
-    def never_fits(self, req: RouteRequest) -> NoCapacityError | None:
+    def never_fits(self, req: RouteRequest) -> NeverFitsError | None:
         """The error for a request no live decode replica of its model could
         ever hold (prompt + max_tokens over its whole KV cache, which the
         replica itself refuses), or None (it fits one, or none is live)."""
@@ -171,7 +172,7 @@ class RouterCore:
                 largest = max(largest, d.total_blocks * d.block_size)
         if largest < 0 or need <= largest:
             return None
-        return NoCapacityError(
+        return NeverFitsError(
             f"request {req.request_id!r} ({req.prompt_len} prompt + {req.max_tokens} new tokens) "
             f"can never fit a decode replica of model {req.model!r}: the largest holds {largest} "
             "tokens of KV. Lower max_tokens, or give the decode pool more KV blocks.", req.model)

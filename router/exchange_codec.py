@@ -24,6 +24,7 @@ import msgspec
 
 from splitserve.router.exchange import QUEUED, Exchange, ExchangeReply, Outcome, Queued
 from splitserve.router.types import (
+    NeverFitsError,
     NoCapacityError,
     NoReplicaError,
     OverloadedError,
@@ -67,7 +68,7 @@ class WireResolved(msgspec.Struct, array_like=True, gc=False, frozen=True):
 
 # the refusals that cross, by the name each travels under; subclasses first
 _NO_CAPACITY_KINDS: dict[str, type[NoCapacityError]] = {
-    "queue_timeout": QueueTimeoutError, "queue_delay": QueueDelayError,
+    "never_fits": NeverFitsError, "queue_timeout": QueueTimeoutError, "queue_delay": QueueDelayError,
     "no_replica": NoReplicaError, "no_capacity": NoCapacityError,
 }
 

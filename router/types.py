@@ -59,6 +59,12 @@ class NoCapacityError(RouterError):
         return type(self), (str(self), self.model, self.retry_after_s)
 
 
+class NeverFitsError(NoCapacityError):
+    """The request needs more KV (prompt + max_tokens) than the largest live
+    decode replica of its model holds in all: no wait makes it fit. The
+    client sees 400 naming ``max_tokens``."""
+
+
 class QueueDelayError(NoCapacityError):
     """The best placement would wait longer than ``RouterConfig.max_queue_delay_s``
     before its prefill starts (the pools are past saturation). The client

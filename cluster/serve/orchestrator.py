@@ -76,6 +76,7 @@ from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_FINISH_REASON,
 from splitserve.engine.sampling_params import SamplingParams, validate_request
 from splitserve.engine.tokenizer import Tokenizer
 from splitserve.router.types import (
+    NeverFitsError,
     OverloadedError,
     Placement,
     QueueDelayError,
@@ -271,6 +272,8 @@ class ClusterBackend(Backend):
 
     def _refused(self, e: RouteRefusal) -> Exception:
         """The client-facing error of the router's refusal."""
+        if isinstance(e, NeverFitsError):  # no wait or retry helps: the client's to change
+            return InvalidRequestError(str(e), param="max_tokens")
         if isinstance(e, (OverloadedError, QueueDelayError)):
             return Overloaded(str(e), e.retry_after_s)
         if isinstance(e, UnknownModelError):

@@ -15,7 +15,7 @@ import random
 
 import grpc
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 KEY = "sk-shape-test"
 MODELS = {"mqa80": "bf16_mqa_hd80_vocab_1000", "qwen3yarn": "qwen3_yarn_hd48"}
 MAX_NEW = 8
+NUM_BLOCKS, BLOCK = 48, 4  # 192 tokens of KV per replica: less than the models' 256 positions
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def cluster(shape_checkpoints):
     http, grpc_port = free_port(), free_port()
     pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     cfg = parse_config({
-        "models": [{"model": {"name": name, "path": str(path), "num_blocks": 128, "block_size": 4},
+        "models": [{"model": {"name": name, "path": str(path), "num_blocks": NUM_BLOCKS,
+                              "block_size": BLOCK},
                     "prefill": pool, "decode": pool} for name, path in paths.items()],
         "router": {"local_prefill_max_tokens": 0},  # every prompt goes through the hand-off
         "auth": {"api_keys": [KEY], "cluster_token": "shape-token"},
@@ -92,4 +94,32 @@ def test_openai_and_grpc_tokens_equal_transformers_across_the_handoff(cluster, n
     sent = sum(s.completed - before[r].completed for r, s in after.items() if isinstance(s, PrefillStats))
     got = sum(s.handoffs - before[r].handoffs for r, s in after.items() if isinstance(s, DecodeStats))
     assert sent == got == 2 * len(prompts)
+    assert wait_for(lambda: all(pools_free(cfg, name).values()))
+
+
+def test_a_request_larger_than_any_replicas_kv_is_a_400_naming_max_tokens(cluster):
+    """Within the model's context (256) but past what a decode replica's
+    whole KV cache holds (192): no wait makes it fit, so the client hears
+    at once that max_tokens is the problem, on both APIs, and nothing leaks."""
+    cfg, _ = cluster
+    name = "mqa80"
+    prompt = prompts_for(name)[1]  # 11 tokens
+    too_many = NUM_BLOCKS * BLOCK - len(prompt) + 10
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(model=name, prompt=prompt, max_tokens=too_many, temperature=0)
+    assert e.value.body["param"] == "max_tokens" and "can never fit" in e.value.body["message"]
+    md = [("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}") as ch:
+        req = pb.GenerateRequest(model=name, token_ids=pb.TokenIds(ids=prompt),
+                                 params=pb.SamplingParams(max_tokens=too_many))
+        with pytest.raises(grpc.RpcError) as g:
+            list(pb_grpc.GenerationStub(ch).Generate(req, metadata=md, timeout=60))
+        assert g.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert dict(g.value.trailing_metadata())["splitserve-param"] == "max_tokens"
+    # one that fits is served
+    out = client.completions.create(model=name, prompt=prompt, max_tokens=too_many - 20,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == too_many - 20
     assert wait_for(lambda: all(pools_free(cfg, name).values()))

@@ -12,6 +12,7 @@ import pytest
 from splitserve.router import exchange_codec as codec
 from splitserve.router.exchange import QUEUED, Exchange, ExchangeReply, LeaseEnd, RouteCall
 from splitserve.router.types import (
+    NeverFitsError,
     NoCapacityError,
     NoReplicaError,
     OverloadedError,
@@ -46,6 +47,7 @@ def test_an_exchange_round_trips_with_every_field():
     OverloadedError("m", 7, 7, 1.25),
     UnknownModelError("x", ("m", "n")),
     NoCapacityError("no room", "m", 2.0),
+    NeverFitsError("can never fit", "m", 1.0),
     QueueDelayError("would wait", "m", 3.0),
     QueueTimeoutError("waited", "m", 4.0),
     NoReplicaError("no replica", "m", 5.0),

@@ -10,6 +10,7 @@ from splitserve.router.leases import Lease, LeaseTable
 from splitserve.router.service import RouterService
 from splitserve.router.types import (
     DecodeReplicaStats,
+    NeverFitsError,
     NoCapacityError,
     NoReplicaError,
     OverloadedError,
@@ -204,7 +205,7 @@ def test_a_request_no_replica_could_ever_hold_is_refused_at_once():
     svc = service(clock)
     svc.update_stats(dec(clock, running=2))  # 100 blocks of 16: 1600 tokens
     [err] = ask(svc, call(clock, "big", prompt_len=100, max_tokens=1600))
-    assert type(err) is NoCapacityError and "can never fit" in str(err)
+    assert type(err) is NeverFitsError and "can never fit" in str(err)
     assert "the largest holds 1600 tokens" in str(err)
     assert ask(svc, call(clock, "fits", prompt_len=100, max_tokens=1500)) == (QUEUED,)
     assert svc.refusals == {"no_capacity": 1} and svc.in_flight("m") == 1
