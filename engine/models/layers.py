@@ -258,8 +258,8 @@ class Attention(nn.Module):
             # Qwen3: RMSNorm over each head's D dims; OLMo 2: over a token's
             # whole q (Hq*D) and k (Hk*D); both before RoPE
             rows = t if self.full_qk_norm else -1
-            q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(t, self.num_heads, self.head_dim)
-            k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(t, self.num_kv_heads, self.head_dim)
+            q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
+            k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
         q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]
