@@ -4,10 +4,13 @@ and its KV handed to the decode pool:
 
 - one KV head of head_dim 80 (not a power of two), a 1000-token vocabulary
   past the tokenizer's 512 ids, weights stored in bf16;
-- Qwen3 with per-head q/k norms over head_dim 48 and YaRN-scaled RoPE.
+- Qwen3 with per-head q/k norms over head_dim 48 and YaRN-scaled RoPE;
+- a Gemma 2 checkpoint (soft caps, sandwich norms, a window on every other
+  layer), a family other than Llama's.
 
 Greedy tokens through the official ``openai`` client (text, usage,
-logprobs) and the gRPC API (token ids) equal transformers' ``generate``."""
+logprobs) and the gRPC API (token ids) equal transformers' ``generate``.
+One cluster serves all three (a cluster's start is most of the time)."""
 
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.stats import DecodeStats, PrefillStats
 from tests.fixtures.checkpoints import hf_greedy, hf_model, hf_tokenizer
 from tests.fixtures.ports import free_port
 from tests.fixtures.shape_variants import shape_config
+from tests.integration.pd_harness import make_engine
 from tests.integration.ray_cluster import local_ray
 from tests.integration.test_cluster_e2e import replica_stats, wait_for, pools_free
 
@@ -33,12 +38,14 @@ pytestmark = pytest.mark.slow
 KEY = "sk-shape-test"
 MODELS = {"mqa80": "bf16_mqa_hd80_vocab_1000", "qwen3yarn": "qwen3_yarn_hd48"}
 MAX_NEW = 8
+GEMMA_NEW = 12
 NUM_BLOCKS, BLOCK = 48, 4  # 192 tokens of KV per replica: less than the models' 256 positions
 
 
 @pytest.fixture(scope="module")
-def cluster(shape_checkpoints):
+def cluster(shape_checkpoints, tiny_checkpoints):
     paths = {name: shape_checkpoints[shape] for name, shape in MODELS.items()}
+    paths["gemma2"] = tiny_checkpoints["gemma2"]
     http, grpc_port = free_port(), free_port()
     pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     cfg = parse_config({
@@ -123,3 +130,24 @@ def test_a_request_larger_than_any_replicas_kv_is_a_400_naming_max_tokens(cluste
                                     temperature=0, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == too_many - 20
     assert wait_for(lambda: all(pools_free(cfg, name).values()))
+
+
+def test_gemma2_through_the_handoff_matches_transformers(cluster):
+    cfg, paths = cluster
+    path = paths["gemma2"]
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    prompt = "the quick brown fox jumps over the lazy dog and runs into the woods"
+    eng = make_engine(path, block_size=BLOCK)
+    local = eng.generate([prompt], SamplingParams(max_tokens=GEMMA_NEW, temperature=0.0,
+                                                  ignore_eos=True))[0]
+    assert len(local.prompt_token_ids) > 8  # longer than the window of the sliding layers
+    assert local.token_ids == hf_greedy(hf_model(path), [local.prompt_token_ids], GEMMA_NEW)[0]
+    out = client.completions.create(model="gemma2", prompt=prompt, max_tokens=GEMMA_NEW,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == local.text
+    assert out.usage.completion_tokens == GEMMA_NEW
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="gemma2", prompt=prompt, max_tokens=GEMMA_NEW, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == local.text
