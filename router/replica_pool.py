@@ -99,6 +99,17 @@ class ReplicaPool(Generic[R]):
             )
         return self._views
 
+    def live(self) -> tuple[dict[str, R], list[R], float, dict[str, tuple[R, ...]]]:
+        """The pool's own (stats by id, in id order; stats in ranking order;
+        highest measured prefill speed; node id -> its replicas in ranking
+        order), not copies: valid until the next ``put`` or ``pop``, for a
+        caller that reads them and changes nothing before it is done (a
+        decision inside ``RouterCore.route``; ``views`` copies for anyone
+        else)."""
+        if self._max_speed is None:
+            self._max_speed = max((s.prefill_tokens_per_s for s in self._ordered), default=0.0)
+        return self._by_id, self._ordered, self._max_speed, self._node_stats
+
     def _remove_ordered(self, stats: R) -> None:
         key = self._order_key(stats)
         i = bisect_left(self._keys, key)
@@ -139,3 +150,16 @@ def make_snapshot(
         max_prefill_tokens_per_s=p_speed,
         prefill_by_node=prefill.by_node(),
     )
+
+
+def make_live_snapshot(
+    prefill: ReplicaPool[PrefillReplicaStats], decode: ReplicaPool[DecodeReplicaStats], now: float
+) -> ClusterSnapshot:
+    """A snapshot over the pools' own containers (``ReplicaPool.live``), for
+    one decision made before either pool changes: no copies per decision.
+    Its ``prefill``/``decode`` are the id-ordered values views, not tuples
+    (policies only iterate them and test them for emptiness)."""
+    p_by_id, p_ordered, p_speed, p_nodes = prefill.live()
+    d_by_id, d_ordered, _, _ = decode.live()
+    return ClusterSnapshot(p_by_id.values(), d_by_id.values(), now, p_by_id, d_by_id,
+                           p_ordered, d_ordered, p_speed, p_nodes)
