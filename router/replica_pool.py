@@ -53,18 +53,40 @@ class ReplicaPool(Generic[R]):
         """Add ``stats``, or replace the stats held for its replica."""
         self._views = None
         rid = stats.replica_id
-        old = self._by_id.get(rid)
-        self._by_id[rid] = stats
+        by_id = self._by_id
+        old = by_id.get(rid)
+        by_id[rid] = stats
+        key = self._order_key(stats)
+        node = stats.node_id
         if old is None:
-            self._by_id = dict(sorted(self._by_id.items()))  # a new replica: rare
+            self._by_id = dict(sorted(by_id.items()))  # a new replica: rare
+        elif node and old.node_id == node:
+            # The common case (a counted placement, a push): one move in the
+            # pool's order and one rebuild of the node's group.
+            keys, ordered, old_key = self._keys, self._ordered, self._order_key(old)
+            i = bisect_left(keys, old_key)
+            del keys[i], ordered[i]
+            i = bisect_left(keys, key)
+            keys.insert(i, key)
+            ordered.insert(i, stats)
+            node_keys, group = list(self._node_keys[node]), list(self._node_stats[node])
+            j = bisect_left(node_keys, old_key)
+            del node_keys[j], group[j]
+            j = bisect_left(node_keys, key)
+            node_keys.insert(j, key)
+            group.insert(j, stats)
+            self._node_keys[node], self._node_stats[node] = tuple(node_keys), tuple(group)
+            self._by_node = None
+            if old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
+                self._max_speed = None
+            return
         else:
             self._remove_ordered(old)
-        key = self._order_key(stats)
         i = bisect_left(self._keys, key)
         self._keys.insert(i, key)
         self._ordered.insert(i, stats)
-        if stats.node_id:
-            self._node_insert(stats.node_id, key, stats)
+        if node:
+            self._node_insert(node, key, stats)
         if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
             self._max_speed = None
 
