@@ -74,7 +74,8 @@ class RouterCore:
             m: ReplicaPool(queue_order) for m in self._models
         }
         self._decode: dict[str, ReplicaPool[DecodeReplicaStats]] = {
-            m: ReplicaPool(load_order) for m in self._models
+            # no per-node groups: only the prefill pools' are read (prefill_by_node)
+            m: ReplicaPool(load_order, track_nodes=False) for m in self._models
         }
         self._admission = AdmissionControl(
             cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock

@@ -24,8 +24,12 @@ R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
 
 
 class ReplicaPool(Generic[R]):
-    def __init__(self, order_key: Callable[[R], tuple[float, str]]):
+    def __init__(self, order_key: Callable[[R], tuple[float, str]], track_nodes: bool = True):
+        """``track_nodes``: keep the per-node groups (``by_node``); False for
+        a pool nobody asks that of (RouterCore's decode pools), which then
+        skips their upkeep on every change and has no groups."""
         self._order_key = order_key
+        self._track_nodes = track_nodes
         self._by_id: dict[str, R] = {}  # in replica-id order
         self._keys: list[tuple[float, str]] = []  # ascending order_key of _ordered
         self._ordered: list[R] = []
@@ -57,10 +61,10 @@ class ReplicaPool(Generic[R]):
         old = by_id.get(rid)
         by_id[rid] = stats
         key = self._order_key(stats)
-        node = stats.node_id
+        node = stats.node_id if self._track_nodes else ""
         if old is None:
             self._by_id = dict(sorted(by_id.items()))  # a new replica: rare
-        elif node and old.node_id == node:
+        elif old.node_id == stats.node_id:
             # The common case (a counted placement, a push): one move in the
             # pool's order and one rebuild of the node's group.
             keys, ordered, old_key = self._keys, self._ordered, self._order_key(old)
@@ -69,14 +73,15 @@ class ReplicaPool(Generic[R]):
             i = bisect_left(keys, key)
             keys.insert(i, key)
             ordered.insert(i, stats)
-            node_keys, group = list(self._node_keys[node]), list(self._node_stats[node])
-            j = bisect_left(node_keys, old_key)
-            del node_keys[j], group[j]
-            j = bisect_left(node_keys, key)
-            node_keys.insert(j, key)
-            group.insert(j, stats)
-            self._node_keys[node], self._node_stats[node] = tuple(node_keys), tuple(group)
-            self._by_node = None
+            if node:
+                node_keys, group = list(self._node_keys[node]), list(self._node_stats[node])
+                j = bisect_left(node_keys, old_key)
+                del node_keys[j], group[j]
+                j = bisect_left(node_keys, key)
+                node_keys.insert(j, key)
+                group.insert(j, stats)
+                self._node_keys[node], self._node_stats[node] = tuple(node_keys), tuple(group)
+                self._by_node = None
             if old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
                 self._max_speed = None
             return
@@ -101,7 +106,8 @@ class ReplicaPool(Generic[R]):
 
     def by_node(self) -> MappingProxyType:
         """node id -> the stats of the replicas on it, in ranking order (a
-        copy; replicas whose node is unknown are in none)."""
+        copy; replicas whose node is unknown are in none; empty in a pool
+        made with ``track_nodes=False``)."""
         if self._by_node is None:
             self._by_node = MappingProxyType(self._node_stats.copy())
         return self._by_node
@@ -137,7 +143,7 @@ class ReplicaPool(Generic[R]):
         i = bisect_left(self._keys, key)
         del self._keys[i]
         del self._ordered[i]
-        node = stats.node_id
+        node = stats.node_id if self._track_nodes else ""
         if node:
             keys, group = self._node_keys[node], self._node_stats[node]
             j = bisect_left(keys, key)
