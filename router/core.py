@@ -299,8 +299,10 @@ class RouterCore:
             waiting -= 1
         elif running > 0:
             running -= 1
+        # d.free_blocks + decode_blocks_needed(d, kv_tokens), inline, at most all of them
+        free, total = d.free_blocks - kv_tokens // -d.block_size, d.total_blocks
         decodes.put(d.counting(
-            free_blocks=min(d.free_blocks + decode_blocks_needed(d, kv_tokens), d.total_blocks),
+            free_blocks=free if free < total else total,
             waiting_requests=waiting, pending_prefill_tokens=d.pending_prefill_tokens,
             running_seqs=running))
 
