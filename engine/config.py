@@ -37,6 +37,8 @@ ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Phi3ForCausalLM": "phi3",
+    "GraniteForCausalLM": "granite",
+    "Olmo2ForCausalLM": "olmo2",
 }
 
 
@@ -75,7 +77,7 @@ class ModelConfig:
     max_position: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool  # RMSNorm on q and k before RoPE (Qwen3: per head; OLMo 2: all heads)
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None  # the window of the layers that have one
     layer_windows: tuple[int, ...] = ()  # per layer: its window, 0 = full attention
@@ -88,7 +90,7 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
-    # what Gemma, Gemma 2 and Phi-3 add (splitserve.engine.family_config)
+    # what Gemma, Gemma 2, Phi-3, Granite and OLMo 2 add (splitserve.engine.family_config)
     options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
@@ -136,14 +138,14 @@ class ModelConfig:
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias,
-                qk_norm=family in ("qwen3", "qwen3_moe"),
+                qk_norm=family in ("qwen3", "qwen3_moe", "olmo2"),
                 rope_scaling=rope_scaling,
                 **_windows(cfg, family, int(cfg["num_hidden_layers"])),
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 o_proj_bias=family in _O_PROJ_BIAS_FAMILIES and cfg_bias,
-                mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
+                mlp_bias=family in ("llama", "granite") and bool(cfg.get("mlp_bias", False)),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
                 quantization=quantization,
                 options=parse_family_options(cfg, family),
@@ -192,13 +194,13 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
 
 
 # Families whose ``attention_bias`` covers o_proj as well as q/k/v.
-_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2")
+_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "granite", "olmo2")
 
 # Families whose window, once set, covers every layer: Mistral, Mixtral and
 # Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
 _EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe")
 # Families with no sliding window at all.
-_UNWINDOWED = ("llama", "gemma")
+_UNWINDOWED = ("llama", "gemma", "granite", "olmo2")
 
 
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:

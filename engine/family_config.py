@@ -1,4 +1,4 @@
-"""What the Gemma, Gemma 2 and Phi-3 families add to the
+"""What the Gemma, Gemma 2, Phi-3, Granite and OLMo 2 families add to the
 Llama-style decoder, read from their ``config.json``.
 
 ``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
@@ -24,21 +24,26 @@ _ACTIVATIONS = {
 }
 
 # The families whose checkpoints need more than the Llama-style defaults.
-OPTION_FAMILIES = ("gemma", "gemma2", "phi3")
+OPTION_FAMILIES = ("gemma", "gemma2", "phi3", "granite", "olmo2")
 
 
 @dataclass(frozen=True)
 class FamilyOptions:
     hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
-    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
-    attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar)
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size); Granite: embedding_multiplier
+    # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar; Granite: attention_multiplier)
+    attn_scale: float | None = None
     attn_softcap: float = 0.0  # Gemma 2: cap * tanh(score / cap) on attention scores; 0 = none
     final_softcap: float = 0.0  # Gemma 2: the same on the output logits; 0 = none
     sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP
     fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
     rotary_dim: int | None = None  # Phi-3 partial_rotary_factor: dims that rotate; None = all
     original_max_position: int = 0  # Phi-3: LongRoPE's original_max_position_embeddings
+    residual_scale: float = 1.0  # Granite residual_multiplier: each block's output scaled before the add
+    logits_divisor: float = 1.0  # Granite logits_scaling: the output logits divided by it
+    post_norms: bool = False  # OLMo 2: norms on the attention and MLP outputs, none before them
+    full_qk_norm: bool = False  # OLMo 2: q/k RMSNorm over every head at once, not per head
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
@@ -60,6 +65,15 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             final_softcap=_cap(cfg, "final_logit_softcapping"),
             sandwich_norms=True,
         )
+    if family == "granite":
+        return FamilyOptions(
+            hidden_act=act, embed_scale=_multiplier(cfg, "embedding_multiplier"),
+            attn_scale=_multiplier(cfg, "attention_multiplier"),
+            residual_scale=_multiplier(cfg, "residual_multiplier"),
+            logits_divisor=_multiplier(cfg, "logits_scaling"),
+        )
+    if family == "olmo2":
+        return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True)
     # phi3
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if (rope.get("rope_type") or rope.get("type")) == "yarn":
@@ -94,6 +108,15 @@ def _rotary_dim(cfg: dict[str, Any]) -> int | None:
         raise ValueError(f"partial_rotary_factor {factor} gives {dim} rotated dims of {head_dim}; "
                          "an even number in (0, head_dim] is needed")
     return dim
+
+
+def _multiplier(cfg: dict[str, Any], key: str) -> float:
+    # Granite's scalars: 1.0 when absent, as transformers defaults them
+    value = cfg.get(key)
+    value = 1.0 if value is None else float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{key} must be a positive number, got {cfg.get(key)!r}")
+    return value
 
 
 def _cap(cfg: dict[str, Any], key: str) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton  # noqa: F401  (fail here, not halfway through registration)
 
 from splitserve.kernels import dispatch
-from splitserve.kernels.triton.activation import silu_and_mul
+from splitserve.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from splitserve.kernels.triton.decode_attention import paged_decode_attention
 from splitserve.kernels.triton.fp8_gemm import fp8_w8a8_linear, fp8_w8a16_linear
 from splitserve.kernels.triton.fused_moe import fp8_fused_moe, fused_moe
@@ -25,6 +25,7 @@ OPS = {
     "rms_norm": rms_norm,
     "rotary_embedding": rotary_embedding,
     "silu_and_mul": silu_and_mul,
+    "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "store_kv": store_kv,
     "paged_attention": paged_attention,
     "paged_decode_attention": paged_decode_attention,

@@ -216,8 +216,11 @@ class Attention(nn.Module):
             self.q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, device,
             fp8_groups=layer_groups(self.quant, [(f"{prefix}.o_proj.weight", cfg.hidden_size)],
                                     self.q_size))
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        # q/k norms: per head (Qwen3) or, with full_qk_norm, over all heads at once (OLMo 2)
+        self.full_qk_norm = opts.full_qk_norm
+        q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
+        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -252,9 +255,11 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         if self.q_norm is not None:
-            # Qwen3: RMSNorm over each head's D dims, before RoPE
-            q = self.q_norm(q.view(-1, self.head_dim))[0].view(t, self.num_heads, self.head_dim)
-            k = self.k_norm(k.view(-1, self.head_dim))[0].view(t, self.num_kv_heads, self.head_dim)
+            # Qwen3: RMSNorm over each head's D dims; OLMo 2: over a token's
+            # whole q (Hq*D) and k (Hk*D); both before RoPE
+            rows = t if self.full_qk_norm else -1
+            q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
+            k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
         q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]

@@ -45,6 +45,9 @@ def check(cfg: ModelConfig, size: int) -> None:
         if cfg.moe.shared_expert_intermediate_size % size:
             problems.append("shared_expert_intermediate_size "
                             f"({cfg.moe.shared_expert_intermediate_size}) is not a multiple of it")
+    if cfg.options.full_qk_norm:
+        problems.append("its q_norm/k_norm (OLMo 2) normalise across all heads at once, which "
+                        "are not split across ranks (serve it at tensor_parallel_size 1)")
     if cfg.quantization is not None:
         problems.append("fp8 checkpoints are not split across ranks yet (serve them at "
                         "tensor_parallel_size 1)")

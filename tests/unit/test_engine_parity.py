@@ -18,6 +18,12 @@ from tests.fixtures.handoff import handoff_generate
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 FAMILIES = ["llama", "qwen3", "gemma", "gemma2", "phi3"]
+# Granite and OLMo 2 change only the model's arithmetic (test_model_parity
+# checks it token by token): the fast set runs them through one engine test,
+# the rest of the matrix is marked slow to keep its time down.
+MODEL_ONLY_FAMILIES = ["granite", "olmo2"]
+ALL = FAMILIES + MODEL_ONLY_FAMILIES
+MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in MODEL_ONLY_FAMILIES]
 
 
 def make(path, **kw):
@@ -32,7 +38,7 @@ def prompt_set(vocab, n=20, seed=0):
     return [[rng.randrange(vocab) for _ in range(k)] for k in lengths]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module")
 def family(request, tiny_checkpoints):
     path = tiny_checkpoints[request.param]
     model = hf_model(path)
@@ -47,6 +53,7 @@ def run(eng, prompts, one_at_a_time=False):
     return [r.token_ids for r in eng.generate(prompts, GREEDY)]
 
 
+@pytest.mark.parametrize("family", ALL, indirect=True)
 def test_one_at_a_time_and_batched(family):
     path, prompts, want = family
     eng = make(path)
@@ -56,6 +63,7 @@ def test_one_at_a_time_and_batched(family):
     assert eng.kv.all_free()
 
 
+@pytest.mark.parametrize("family", MATRIX, indirect=True)
 def test_prefix_cache_hits_do_not_change_outputs(family):
     path, prompts, want = family
     eng = make(path)
@@ -72,6 +80,7 @@ def test_prefix_cache_hits_do_not_change_outputs(family):
 
 
 @pytest.mark.parametrize("chunk", [3, 16])
+@pytest.mark.parametrize("family", MATRIX, indirect=True)
 def test_chunked_prefill_sizes(family, chunk):
     path, prompts, want = family
     eng = make(path, max_num_batched_tokens=chunk, max_num_seqs=4)
@@ -79,6 +88,7 @@ def test_chunked_prefill_sizes(family, chunk):
     assert eng.kv.all_free()
 
 
+@pytest.mark.parametrize("family", MATRIX, indirect=True)
 def test_forced_preemption(family):
     path, prompts, want = family
     # 24 blocks of 4 tokens cannot hold the batch: sequences get preempted
@@ -89,6 +99,7 @@ def test_forced_preemption(family):
     assert eng.kv.all_free()
 
 
+@pytest.mark.parametrize("family", MATRIX, indirect=True)
 def test_export_import_into_second_engine(family):
     path, prompts, want = family
     src, dst = make(path), make(path)
@@ -96,6 +107,7 @@ def test_export_import_into_second_engine(family):
     assert src.kv.all_free() and dst.kv.all_free()
 
 
+@pytest.mark.parametrize("family", MATRIX, indirect=True)
 def test_fp32_logits_match_transformers(family):
     path, prompts, _ = family
     model = hf_model(path)

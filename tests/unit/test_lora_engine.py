@@ -160,3 +160,20 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
     assert [r.token_ids for r in got[:3]] == want
     assert [r.token_ids for r in got[3:]] == hf_greedy(hf_model(base), ps, MAX_NEW)
     assert eng.kv.all_free()
+
+
+@pytest.mark.parametrize("variant", ["granite", "olmo2"])
+def test_granite_and_olmo2_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
+    # the same module names as Llama's; Granite scales the adapted blocks' outputs,
+    # OLMo 2 norms them after the LoRA delta is added
+    base = tiny_checkpoints[variant]
+    adapter = build_adapter(base, tmp_path / "all", **ADAPTERS["all"])
+    ps = prompts(hf_model(base).config.vocab_size)
+    want = hf_greedy(peft_model(base, adapter), ps, MAX_NEW)
+    plain = hf_greedy(hf_model(base), ps, MAX_NEW)
+    assert want != plain
+    eng = make(base)
+    eng.add_adapter("all", str(adapter))
+    got = eng.generate(ps + ps, GREEDY, adapters=["all"] * len(ps) + [None] * len(ps))
+    assert [r.token_ids for r in got] == want + plain
+    assert eng.kv.all_free()

@@ -1,9 +1,11 @@
-"""Gemma, Gemma 2 and Phi-3 beyond the shared parity tests
+"""Gemma, Gemma 2, Phi-3, Granite and OLMo 2 beyond the shared parity tests
 (test_model_parity, test_engine_parity and test_engine_triton_parity run
 their tiny checkpoints): what config.json says about each family, the
 checkpoints refused with a clear error, LongRoPE against transformers past
 the original context length, and the families' engines with a window,
-partial rotary and soft caps over long prompts."""
+partial rotary and soft caps over long prompts; that each of Granite's
+multipliers and OLMo 2's norms moves the logits, and OLMo 2 refused for
+tensor parallelism."""
 
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ def test_gemma_options_parsed_as_transformers_reads_them():
     assert typed.layer_windows == (0, 8, 0, 8)
 
 
+def test_granite_and_olmo2_options():
+    g = config("GraniteForCausalLM", embedding_multiplier=12, residual_multiplier=0.22,
+               attention_multiplier=0.0078125, logits_scaling=8, mlp_bias=True, attention_bias=True)
+    o = g.options
+    assert (o.embed_scale, o.residual_scale, o.attn_scale, o.logits_divisor) == (12.0, 0.22, 0.0078125, 8.0)
+    assert g.mlp_bias and g.attention_bias and g.o_proj_bias and not g.qk_norm
+    assert config("GraniteForCausalLM").options.logits_divisor == 1.0  # transformers' defaults
+    assert config("GraniteForCausalLM").options.attn_scale == 1.0
+    m = config("Olmo2ForCausalLM", sliding_window=8)
+    assert m.qk_norm and m.options.full_qk_norm and m.options.post_norms
+    assert m.layer_windows == (0, 0, 0, 0) and not m.attention_bias and not m.mlp_bias
+
+
 def test_phi3_options():
     p = config("Phi3ForCausalLM", sliding_window=2047, partial_rotary_factor=0.75)
     assert p.layer_windows == (2047,) * 4 and p.options.fused_projections
@@ -59,6 +74,9 @@ def test_phi3_options():
     ("Gemma2ForCausalLM", {"use_bidirectional_attention": True}, "not a causal language model"),
     ("GemmaForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for gemma"),
     ("Gemma2ForCausalLM", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be positive"),
+    ("GraniteForCausalLM", {"logits_scaling": 0}, "logits_scaling must be a positive number"),
+    ("GraniteForCausalLM", {"residual_multiplier": -0.5}, "residual_multiplier must be a positive"),
+    ("Olmo2ForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for olmo2"),
     ("Phi3ForCausalLM", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "write it as 'longrope'"),
     ("Phi3ForCausalLM", {"partial_rotary_factor": 0.1875}, "an even number"),
     ("Phi3ForCausalLM", {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}},
@@ -77,7 +95,8 @@ def test_longrope_needs_its_factors():
 
 
 def test_an_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(CheckpointError, match="unsupported architecture.*Gemma2ForCausalLM.*Phi3ForCausalLM"):
+    with pytest.raises(CheckpointError, match="unsupported architecture.*Gemma2ForCausalLM.*Phi3ForCausalLM"
+                       ".*GraniteForCausalLM.*Olmo2ForCausalLM"):
         config("Gemma3ForCausalLM")
 
 
@@ -152,3 +171,34 @@ def test_phi3_fused_tensor_of_the_wrong_size_names_it(tiny_checkpoints):
     bad = [("model.layers.0.self_attn.qkv_proj.weight", torch.zeros(60, 64))]
     with pytest.raises(CheckpointError, match=r"qkv_proj.weight.*expected 128 rows \(64 \+ 32 \+ 32\)"):
         model.load_weights(bad)
+
+
+def _logits_with(ck, **options) -> torch.Tensor:
+    cfg = ck.model_config
+    changed = dataclasses.replace(cfg, options=dataclasses.replace(cfg.options, **options))
+    return prompt_logits(load_model(dataclasses.replace(ck, model_config=changed), torch.float32))
+
+
+def test_each_granite_multiplier_changes_the_logits(tiny_checkpoints):
+    # the tiny checkpoint's multipliers are far from 1: setting any back to 1 moves the logits
+    ck = load_checkpoint(tiny_checkpoints["granite"])
+    base = prompt_logits(load_model(ck, torch.float32))
+    for field in ("embed_scale", "residual_scale", "attn_scale", "logits_divisor"):
+        assert (_logits_with(ck, **{field: 1.0}) - base).abs().max() > 0.1, field
+
+
+def test_olmo2_norms_are_where_transformers_puts_them(tiny_checkpoints):
+    ck = load_checkpoint(tiny_checkpoints["olmo2"])
+    model = load_model(ck, torch.float32)
+    layer = model.layers[0]
+    assert layer.input_layernorm is None
+    assert layer.self_attn.q_norm.weight.shape == (64,) and layer.self_attn.k_norm.weight.shape == (32,)
+    names = set(model.weight_slots())
+    assert "model.layers.0.post_feedforward_layernorm.weight" in names
+    assert not any("input_layernorm" in n for n in names)
+
+
+def test_olmo2_is_refused_for_tensor_parallelism(tiny_checkpoints):
+    with pytest.raises(ValueError, match="OLMo 2.*tensor_parallel_size 1"):
+        LLMEngine(EngineConfig(model=str(tiny_checkpoints["olmo2"]), num_blocks=16, block_size=4,
+                               tensor_parallel_size=2))

@@ -26,7 +26,7 @@ def test_kernels_compile_for_nvidia_targets():
 
 
 CASE_NAMES = [
-    "rms_norm residual bf16", "rotary_embedding bf16", "silu_and_mul bf16", "store_kv bf16",
+    "rms_norm residual bf16", "rotary_embedding bf16", "silu_and_mul bf16", "gelu_tanh_and_mul bf16", "store_kv bf16",
     "store_kv fp8", "pack_kv", "unpack_kv", "decode one split bf16", "decode split fp8 sm90",
     "decode split fp8 sm80", "decode reduce", "prefill G=4 bf16", "prefill G=7 fp8", "prefill G=4 fp32 sm80",
     "decode softcap window bf16", "prefill softcap window bf16",
@@ -60,8 +60,10 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
     q, k = torch.randn(t, hq, d, dtype=bf), torch.randn(t, hk, d, dtype=bf)
     compile_case("rotary_embedding bf16", rope, "_rotary_embedding_kernel",
                  lambda: rope.rotary_embedding(torch.arange(t), q, k, torch.randn(64, d)))
-    compile_case("silu_and_mul bf16", act, "_silu_and_mul_kernel",
+    compile_case("silu_and_mul bf16", act, "_act_and_mul_kernel",
                  lambda: act.silu_and_mul(torch.randn(t, 2 * 14336, dtype=bf)))
+    compile_case("gelu_tanh_and_mul bf16", act, "_act_and_mul_kernel",
+                 lambda: act.gelu_tanh_and_mul(torch.randn(t, 2 * 16384, dtype=bf)))
     cache, cache8 = torch.zeros(64, bs, hk, d, dtype=bf), torch.zeros(64, bs, hk, d, dtype=f8)
     compile_case("store_kv bf16", store, "_store_kv_kernel",
                  lambda: store.store_kv(k, k, cache, cache, torch.arange(t)))

@@ -25,7 +25,7 @@ from splitserve.kernels.fp8 import (  # noqa: E402
     kv_quantization_error_bound,
     quantize_kv,
 )
-from splitserve.kernels.triton.activation import silu_and_mul  # noqa: E402
+from splitserve.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from splitserve.kernels.triton.decode_attention import paged_decode_attention  # noqa: E402
 from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv  # noqa: E402
 from splitserve.kernels.triton.kv_store import store_kv  # noqa: E402
@@ -112,6 +112,14 @@ def test_rotary_embedding_strided_views():
 def test_silu_and_mul(dtype, t, inter):
     x = rand(t, 2 * inter, dtype=dtype) * 3
     torch.testing.assert_close(silu_and_mul(x), ref.silu_and_mul(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,inter", [(1, 8), (4, 40), (3, 1100)])
+def test_gelu_tanh_and_mul(dtype, t, inter):
+    x = rand(t, 2 * inter, dtype=dtype) * 3
+    x[0, :4] = torch.tensor([0.0, 1e-4, 40.0, -40.0])  # near zero and both saturations
+    torch.testing.assert_close(gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x), **TOL[dtype])
 
 
 def _slots(block_size):
