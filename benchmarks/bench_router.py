@@ -141,8 +141,9 @@ def make_router(policy: str, w: Workload) -> RouterCore:
     cfg = RouterConfig(policy=policy, network_bytes_per_s=12.5e9,
                        models={m: ModelFacts(BLOCK, kv) for m, kv in MODELS.items()})
     router = RouterCore(cfg)
+    now = time.time()  # stamped now: a slow build (a busy machine) must not leave them stale
     for stats in w.replicas:
-        router.update_stats(stats)
+        router.update_stats(dataclasses.replace(stats, updated_at=now))
     for rid, hashes in w.cached:
         router.on_blocks_stored(rid, hashes)
     return router

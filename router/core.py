@@ -29,7 +29,7 @@ from splitserve.router.config import RouterConfig
 from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
 from splitserve.router.policies import get_policy
 from splitserve.router.prefix_index import PrefixIndex
-from splitserve.router.replica_pool import ReplicaPool, make_snapshot
+from splitserve.router.replica_pool import ReplicaPool, make_live_snapshot, make_snapshot
 from splitserve.router.unreported import UnreportedPlacements
 from splitserve.router.types import (
     ClusterSnapshot,
@@ -74,7 +74,8 @@ class RouterCore:
             m: ReplicaPool(queue_order) for m in self._models
         }
         self._decode: dict[str, ReplicaPool[DecodeReplicaStats]] = {
-            m: ReplicaPool(load_order) for m in self._models
+            # no per-node groups: only the prefill pools' are read (prefill_by_node)
+            m: ReplicaPool(load_order, track_nodes=False) for m in self._models
         }
         self._admission = AdmissionControl(
             cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock
@@ -218,15 +219,20 @@ class RouterCore:
         predicted prefill wait exceed ``max_queue_delay_s``, only with
         ``shed``: pass False for a request already admitted, e.g. resumed
         after a fault)."""
-        snap = self.snapshot(req.model)
+        model, cfg = req.model, self.cfg
+        prefills = self._prefill.get(model)
+        if prefills is None:
+            raise UnknownModelError(model, self._models)
+        # the pools' own containers: the policy only reads them, and they
+        # change after it returns (_count_placement)
+        snap = make_live_snapshot(prefills, self._decode[model], self._clock())
         hashes = req.block_hashes
         if hashes is None:
-            block_size = self.cfg.model(req.model).block_size
-            hashes = block_hashes(req.prompt_token_ids, block_size, self.cfg.hash_salt)
+            hashes = block_hashes(req.prompt_token_ids, cfg.model(model).block_size, cfg.hash_salt)
         matches = self.index.match(hashes)
         try:
-            placement = self._policy(req, snap, matches, self.cfg, self.state)
-            if shed:
+            placement = self._policy(req, snap, matches, cfg, self.state)
+            if shed and cfg.max_queue_delay_s > 0:
                 self._check_queue_delay(req, placement, waited_s)
         except QueueDelayError:
             self._queue_delay_refusals += 1
@@ -238,9 +244,9 @@ class RouterCore:
         self._by_reason[placement.reason] += 1
         if placement.prefill_replica is None:
             self._local_prefill += 1
-        if self.cfg.optimistic_updates:
+        if cfg.optimistic_updates:
             self._count_placement(req, placement)
-        if self.cfg.optimistic_prefix_insert:
+        if cfg.optimistic_prefix_insert:
             self._insert_prefix(placement, hashes)
         return placement
 
@@ -293,22 +299,30 @@ class RouterCore:
             waiting -= 1
         elif running > 0:
             running -= 1
+        # d.free_blocks + decode_blocks_needed(d, kv_tokens), inline, at most all of them
+        free, total = d.free_blocks - kv_tokens // -d.block_size, d.total_blocks
         decodes.put(d.counting(
-            free_blocks=min(d.free_blocks + decode_blocks_needed(d, kv_tokens), d.total_blocks),
+            free_blocks=free if free < total else total,
             waiting_requests=waiting, pending_prefill_tokens=d.pending_prefill_tokens,
             running_seqs=running))
 
     def _count_placement(self, req: RouteRequest, placement: Placement) -> None:
         uncached = req.prompt_len - placement.prefix_hit_tokens
-        decodes = self._decode[req.model]
+        model, prefill_id, kv_tokens = req.model, placement.prefill_replica, req.kv_tokens
+        decodes = self._decode[model]
         d = decodes.get(placement.decode_replica)
-        local = uncached if placement.prefill_replica is None else 0
-        decodes.put(_charged_decode(d, decode_blocks_needed(d, req.kv_tokens), 1, local))
-        if placement.prefill_replica is not None:
-            prefills = self._prefill[req.model]
-            prefills.put(_charged_prefill(prefills.get(placement.prefill_replica), uncached))
-        self._unreported.add(req.request_id, self._clock(), d.replica_id, req.kv_tokens, local,
-                             placement.prefill_replica, uncached)
+        local = uncached if prefill_id is None else 0
+        # _charged_decode(d, decode_blocks_needed(d, kv_tokens), 1, local), inline
+        free = d.free_blocks + kv_tokens // -d.block_size  # minus the blocks needed
+        decodes.put(d.counting(free_blocks=free if free > 0 else 0,
+                               waiting_requests=d.waiting_requests + 1,
+                               pending_prefill_tokens=d.pending_prefill_tokens + local))
+        if prefill_id is not None:
+            prefills = self._prefill[model]
+            p = prefills.get(prefill_id)
+            prefills.put(p.counting(pending_prompt_tokens=p.pending_prompt_tokens + uncached))
+        self._unreported.add(req.request_id, self._clock(), d.replica_id, kv_tokens, local,
+                             prefill_id, uncached)
 
     def _insert_prefix(self, placement: Placement, hashes: Sequence[int]) -> None:
         self.index.on_stored(placement.decode_replica, hashes)

@@ -11,8 +11,6 @@ rules; the explanation of an empty result runs only when about to raise.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from splitserve.router.config import RouterConfig
 from splitserve.router.types import (
     ClusterSnapshot,
@@ -61,7 +59,10 @@ def no_decode_capacity(req: RouteRequest, snap: ClusterSnapshot, cfg: RouterConf
             "deploy decode replicas for it or wait for them to start",
             req.model,
         )
-    why = Counter(_decode_refusal(req, d, horizon) for d in of_model)
+    why: dict[str, int] = {}
+    for d in of_model:
+        reason = _decode_refusal(req, d, horizon)
+        why[reason] = why.get(reason, 0) + 1
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(why.items()))
     return NoCapacityError(
         f"no decode replica of model {req.model!r} can take request {req.request_id!r} "

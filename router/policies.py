@@ -67,13 +67,16 @@ def _placement(
     cfg: RouterConfig,
     reason: str,
     ttft: float | None = None,
+    hit: int | None = None,
 ) -> Placement:
     """``req`` on (p, d), p None meaning local prefill on d, with the cost
     model's TTFT for that pair whichever policy chose it (``ttft``: that
-    TTFT when the caller has already worked it out)."""
+    TTFT when the caller has already worked it out; ``hit``: likewise the
+    usable cached tokens on the replica that prefills)."""
     runner = d if p is None else p
     facts = cfg.model(req.model)
-    hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, facts.block_size)
+    if hit is None:
+        hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, facts.block_size)
     if ttft is None:
         uncached = req.prompt_len - hit
         if p is None:
@@ -101,10 +104,10 @@ def cost_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, 
     local_allowed = local_uncached <= cfg.local_prefill_max_tokens
     local_s = local_ttft_s(d, local_uncached, cfg)
     if local_allowed and (cfg.prefer_local_prefill or state.prefer_local_prefill):
-        return _placement(req, None, d, matches, cfg, REASON_LOCAL_PREFERRED, local_s)
+        return _placement(req, None, d, matches, cfg, REASON_LOCAL_PREFERRED, local_s, hit)
     if local_s <= remote_s:
         if local_allowed:
-            return _placement(req, None, d, matches, cfg, REASON_LOCAL_CHEAPER, local_s)
+            return _placement(req, None, d, matches, cfg, REASON_LOCAL_CHEAPER, local_s, hit)
         return _placement(req, p, d, matches, cfg, REASON_LOCAL_OVER_LIMIT, remote_s)
     return _placement(req, p, d, matches, cfg, REASON_REMOTE_CHEAPER, remote_s)
 

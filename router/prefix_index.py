@@ -140,17 +140,19 @@ class PrefixIndex:
         current, start = alive, 0  # hashes[start] is held by ``current``
         while True:
             # First block after ``start`` whose holders are not ``current``.
-            lo, hi = start, n
+            # (A lookup is a likely cache miss in a large index: the holders
+            # of block ``hi`` are kept from the search, not looked up again.)
+            lo, hi, nxt = start, n, None
             while hi - lo > 1:
                 mid = (lo + hi) >> 1
-                if get(hashes[mid]) is current:
+                held = get(hashes[mid])
+                if held is current:
                     lo = mid
                 else:
-                    hi = mid
-            if hi == n:
+                    hi, nxt = mid, held
+            if hi == n:  # else the search moved hi, so nxt holds get(hashes[hi])
                 depth = n
                 break
-            nxt = get(hashes[hi])
             if nxt is None:
                 depth = hi
                 break
@@ -166,7 +168,7 @@ class PrefixIndex:
             matched[replica_id] = depth
         if self.touch_fraction >= 1.0 or self._draw() < self.touch_fraction:
             # Leaf first, root last: the root ends up the freshest.
-            deque(map(self._holders.move_to_end, reversed(hashes[:depth])), maxlen=0)
+            deque(map(self._holders.move_to_end, hashes[depth - 1::-1]), maxlen=0)
         return matched
 
     def _intern(self, replicas: frozenset[str]) -> frozenset[str]:

@@ -24,8 +24,12 @@ R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
 
 
 class ReplicaPool(Generic[R]):
-    def __init__(self, order_key: Callable[[R], tuple[float, str]]):
+    def __init__(self, order_key: Callable[[R], tuple[float, str]], track_nodes: bool = True):
+        """``track_nodes``: keep the per-node groups (``by_node``); False for
+        a pool nobody asks that of (RouterCore's decode pools), which then
+        skips their upkeep on every change and has no groups."""
         self._order_key = order_key
+        self._track_nodes = track_nodes
         self._by_id: dict[str, R] = {}  # in replica-id order
         self._keys: list[tuple[float, str]] = []  # ascending order_key of _ordered
         self._ordered: list[R] = []
@@ -53,18 +57,41 @@ class ReplicaPool(Generic[R]):
         """Add ``stats``, or replace the stats held for its replica."""
         self._views = None
         rid = stats.replica_id
-        old = self._by_id.get(rid)
-        self._by_id[rid] = stats
+        by_id = self._by_id
+        old = by_id.get(rid)
+        by_id[rid] = stats
+        key = self._order_key(stats)
+        node = stats.node_id if self._track_nodes else ""
         if old is None:
-            self._by_id = dict(sorted(self._by_id.items()))  # a new replica: rare
+            self._by_id = dict(sorted(by_id.items()))  # a new replica: rare
+        elif old.node_id == stats.node_id:
+            # The common case (a counted placement, a push): one move in the
+            # pool's order and one rebuild of the node's group.
+            keys, ordered, old_key = self._keys, self._ordered, self._order_key(old)
+            i = bisect_left(keys, old_key)
+            del keys[i], ordered[i]
+            i = bisect_left(keys, key)
+            keys.insert(i, key)
+            ordered.insert(i, stats)
+            if node:
+                node_keys, group = list(self._node_keys[node]), list(self._node_stats[node])
+                j = bisect_left(node_keys, old_key)
+                del node_keys[j], group[j]
+                j = bisect_left(node_keys, key)
+                node_keys.insert(j, key)
+                group.insert(j, stats)
+                self._node_keys[node], self._node_stats[node] = tuple(node_keys), tuple(group)
+                self._by_node = None
+            if old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
+                self._max_speed = None
+            return
         else:
             self._remove_ordered(old)
-        key = self._order_key(stats)
         i = bisect_left(self._keys, key)
         self._keys.insert(i, key)
         self._ordered.insert(i, stats)
-        if stats.node_id:
-            self._node_insert(stats.node_id, key, stats)
+        if node:
+            self._node_insert(node, key, stats)
         if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
             self._max_speed = None
 
@@ -79,7 +106,8 @@ class ReplicaPool(Generic[R]):
 
     def by_node(self) -> MappingProxyType:
         """node id -> the stats of the replicas on it, in ranking order (a
-        copy; replicas whose node is unknown are in none)."""
+        copy; replicas whose node is unknown are in none; empty in a pool
+        made with ``track_nodes=False``)."""
         if self._by_node is None:
             self._by_node = MappingProxyType(self._node_stats.copy())
         return self._by_node
@@ -99,12 +127,23 @@ class ReplicaPool(Generic[R]):
             )
         return self._views
 
+    def live(self) -> tuple[dict[str, R], list[R], float, dict[str, tuple[R, ...]]]:
+        """The pool's own (stats by id, in id order; stats in ranking order;
+        highest measured prefill speed; node id -> its replicas in ranking
+        order), not copies: valid until the next ``put`` or ``pop``, for a
+        caller that reads them and changes nothing before it is done (a
+        decision inside ``RouterCore.route``; ``views`` copies for anyone
+        else)."""
+        if self._max_speed is None:
+            self._max_speed = max((s.prefill_tokens_per_s for s in self._ordered), default=0.0)
+        return self._by_id, self._ordered, self._max_speed, self._node_stats
+
     def _remove_ordered(self, stats: R) -> None:
         key = self._order_key(stats)
         i = bisect_left(self._keys, key)
         del self._keys[i]
         del self._ordered[i]
-        node = stats.node_id
+        node = stats.node_id if self._track_nodes else ""
         if node:
             keys, group = self._node_keys[node], self._node_stats[node]
             j = bisect_left(keys, key)
@@ -139,3 +178,16 @@ def make_snapshot(
         max_prefill_tokens_per_s=p_speed,
         prefill_by_node=prefill.by_node(),
     )
+
+
+def make_live_snapshot(
+    prefill: ReplicaPool[PrefillReplicaStats], decode: ReplicaPool[DecodeReplicaStats], now: float
+) -> ClusterSnapshot:
+    """A snapshot over the pools' own containers (``ReplicaPool.live``), for
+    one decision made before either pool changes: no copies per decision.
+    Its ``prefill``/``decode`` are the id-ordered values views, not tuples
+    (policies only iterate them and test them for emptiness)."""
+    p_by_id, p_ordered, p_speed, p_nodes = prefill.live()
+    d_by_id, d_ordered, _, _ = decode.live()
+    return ClusterSnapshot(p_by_id.values(), d_by_id.values(), now, p_by_id, d_by_id,
+                           p_ordered, d_ordered, p_speed, p_nodes)

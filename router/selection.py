@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.cost_model import (adapter_miss, prefill_queue_s, remote_prefill_s,
+from splitserve.router.cost_model import (adapter_miss, prefill_queue_s,
                                          transfer_s, usable_hit_tokens)
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
@@ -59,12 +59,14 @@ def pick_decode(
     best: DecodeReplicaStats | None = None
     best_score = _INF
     if matches and prefix_weight:
-        by_id = snap.decode_by_id
-        credit_per_token = prefix_weight / req.prompt_len
+        get = snap.decode_by_id.get
+        prompt_len = req.prompt_len
+        credit_per_token = prefix_weight / prompt_len
         block_size = cfg.model(model).block_size
-        max_hit_blocks = usable_hit_tokens(req.prompt_len, req.prompt_len, block_size) // block_size
+        # usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
+        max_hit_blocks = (prompt_len - 1) // block_size
         for rid, blocks in matches.items():
-            d = by_id.get(rid)
+            d = get(rid)
             if d is None or not decode_usable(d, model, horizon, excluded, total):
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
@@ -113,20 +115,23 @@ def fastest_remote_prefill(
     # The cost model's remote TTFT, remote_ttft_s(), with its two possible
     # transfer times worked out once: the same sums in the same order.
     block_size = cfg.model(model).block_size
-    max_hit_blocks = usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
+    max_hit_blocks = (prompt_len - 1) // block_size  # as in pick_decode
+    assumed = cfg.assumed_prefill_tokens_per_s
     node = decode.node_id
     cross_s = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
     same_s = transfer_s(prompt_len, kv_bytes_per_token, True, cfg) if node else cross_s
     best: PrefillReplicaStats | None = None
     best_s = _INF
     if matches:
-        by_id = snap.prefill_by_id
+        get = snap.prefill_by_id.get
         for rid, blocks in matches.items():
-            p = by_id.get(rid)
+            p = get(rid)
             if p is None or not prefill_usable(p, model, horizon, excluded):
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
-            t = remote_prefill_s(p, prompt_len - hit, cfg) + (
+            # remote_prefill_s(p, prompt_len - hit, cfg), inline: the same sums
+            speed = p.prefill_tokens_per_s
+            t = (p.pending_prompt_tokens + (prompt_len - hit)) / (speed if speed > 0 else assumed) + (
                 same_s if node and p.node_id == node else cross_s
             )
             if load_s:
@@ -140,7 +145,6 @@ def fastest_remote_prefill(
     # goes past the few replicas that could still win.
     # A replica is scored first and checked for use only when it would win
     # (most visited replicas do not): the same choice, fewer calls.
-    assumed = cfg.assumed_prefill_tokens_per_s
     compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, assumed)
     local = snap.prefill_by_node.get(node, ()) if node else ()
     for group, link_s, skip_local in ((local, same_s, False),
