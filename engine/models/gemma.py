@@ -65,19 +65,10 @@ class Gemma2DecoderLayer(DecoderLayer):
         cos_sin_cache: torch.Tensor,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            h, _ = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
-        if self.tp is not None:  # row-parallel o_proj: summed before the norm
-            h = self.tp.all_reduce(h)
-        h, _ = self.post_attention_layernorm(h)
+        h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
+        h, _ = self.post_attention_layernorm(h)  # normed before it joins the stream
         h, residual = self.pre_feedforward_layernorm(h, residual)
-        h = self.mlp(h, lora)
-        if self.tp is not None:
-            h = self.tp.all_reduce(h)
+        h = self.feed_forward(h, lora)
         h, _ = self.post_feedforward_layernorm(h)
         return h, residual
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import MLP, DecoderLayer
+from splitserve.engine.models.layers import DecoderLayer
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 
@@ -41,18 +41,9 @@ class GraniteDecoderLayer(DecoderLayer):
         cos_sin_cache: torch.Tensor,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            h, _ = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
-        if self.tp is not None:  # row-parallel o_proj: summed before scaling
-            h = self.tp.all_reduce(h)
+        h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
         h, residual = self.post_attention_layernorm(h * self.residual_scale, residual)
-        h = self.mlp(h, lora) if lora is not None and isinstance(self.mlp, MLP) else self.mlp(h)
-        if self.tp is not None:
-            h = self.tp.all_reduce(h)
+        h = self.feed_forward(h, lora)
         return h * self.residual_scale, residual
 
 

@@ -364,8 +364,16 @@ class DecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add is fused into the next norm: layer output stays
-        # separate from the stream until the following rms_norm sums them.
+        h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.feed_forward(h, lora), residual
+
+    def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+               layer_cache: torch.Tensor, meta: AttentionMetadata, cos_sin_cache: torch.Tensor,
+               lora: LoraMeta | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm and attention: (attention output, residual stream).
+        The residual add is fused into the next norm: a layer's output stays
+        separate from the stream until the following rms_norm sums them."""
         if residual is None:
             residual = x
             h, _ = self.input_layernorm(x)
@@ -374,14 +382,17 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
         if self.tp is not None:  # row-parallel o_proj: one all-reduce per attention block
             h = self.tp.all_reduce(h)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return h, residual
+
+    def feed_forward(self, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """The MLP (or the experts) on normed ``h``, summed over TP ranks."""
         if lora is not None and isinstance(self.mlp, MLP):  # MoE experts take no LoRA
             h = self.mlp(h, lora)
         else:
             h = self.mlp(h)
         if self.tp is not None:  # row-parallel down_proj (experts too): one per MLP block
             h = self.tp.all_reduce(h)
-        return h, residual
+        return h
 
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
         """LoRA stacks on the attention projections and, in a dense layer, the MLP's."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import MLP, DecoderLayer, RMSNorm, ShardSlot
+from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 
@@ -49,10 +49,7 @@ class Olmo2DecoderLayer(DecoderLayer):
             h = self.tp.all_reduce(h)
         h, _ = self.post_attention_layernorm(h)
         residual = residual + h
-        h = self.mlp(residual, lora) if lora is not None and isinstance(self.mlp, MLP) else self.mlp(residual)
-        if self.tp is not None:
-            h = self.tp.all_reduce(h)
-        h, _ = self.post_feedforward_layernorm(h)
+        h, _ = self.post_feedforward_layernorm(self.feed_forward(residual, lora))
         return h, residual
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
