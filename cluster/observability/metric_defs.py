@@ -139,7 +139,8 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
               "Requests prefilled on their decode replica because the remote prefill failed.", _M),
     MetricDef("splitserve_refusals", "counter",
               "Requests refused to the client (reason: overloaded = queues full, "
-              "unavailable = no replica could take it).", _MR),
+              "unavailable = no replica could take it, invalid = found invalid once placed, "
+              "e.g. larger than any decode replica's KV cache).", _MR),
     # -- per route variant, recorded by the ingress (cluster/api/routing.py) --
     MetricDef("splitserve_route_requests", "counter",
               "Requests a route sent to a variant that ended, by outcome: ok, or error (a "

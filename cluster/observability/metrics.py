@@ -39,6 +39,7 @@ from splitserve.cluster.api.backend import Overloaded, Unavailable
 from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.bench.phases import phase_breakdown
 from splitserve.cluster.observability.metric_defs import METRICS, MetricDef
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import DecodeStats, WorkerStats
 from splitserve.router.reports import ReplicaInfo
@@ -183,7 +184,7 @@ class RequestRecorder:
     def _outcome(self, error: BaseException | None) -> str:
         if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
             return "cancelled"
-        if isinstance(error, (Overloaded, Unavailable)) and self.first is None:
+        if isinstance(error, (Overloaded, Unavailable, InvalidRequestError)) and self.first is None:
             return "refused"
         return "failed"
 
@@ -196,7 +197,9 @@ class RequestRecorder:
         if not self.finished:  # an error after the last output changes nothing
             outcome = self._outcome(error)
             if outcome == "refused":
-                reason = "overloaded" if isinstance(error, Overloaded) else "unavailable"
+                reason = ("overloaded" if isinstance(error, Overloaded)
+                          else "invalid" if isinstance(error, InvalidRequestError)
+                          else "unavailable")
                 record("splitserve_refusals", 1, model=m, reason=reason)
             record("splitserve_requests", 1, model=m, outcome=outcome)
             return

@@ -138,9 +138,10 @@ def test_traffic_metrics_exported_with_exact_counts(cluster):
                for r in result.records)
     stats = compute_stats(result.records, result.duration_s, 10.0, 10.0)
     assert stats.phases["prefill"] > 0 and stats.phases["handoff"] > 0
-    # prompt + max_tokens over the decode replica's whole cache: refused by the router
+    # prompt + max_tokens over the decode replica's whole cache: refused by the router,
+    # a 400 since no wait would make it fit
     too_big = send(cluster, [BenchRequest(list(range(10, 18)), 8, NUM_BLOCKS * 4)])
-    assert too_big.records[0].error.startswith("HTTP 503")
+    assert too_big.records[0].error.startswith("HTTP 400")
 
     t = {"model": "tiny"}
     s = expect([
@@ -148,7 +149,7 @@ def test_traffic_metrics_exported_with_exact_counts(cluster):
         ("ray_splitserve_itl_seconds_count", t, N * (OUT - 1)),
         ("ray_splitserve_requests_total", {**t, "outcome": "finished"}, N),
         ("ray_splitserve_requests_total", {**t, "outcome": "refused"}, 1),
-        ("ray_splitserve_refusals_total", {**t, "reason": "unavailable"}, 1),
+        ("ray_splitserve_refusals_total", {**t, "reason": "invalid"}, 1),
         ("ray_splitserve_output_tokens_total", t, N * OUT),
         *[("ray_splitserve_request_phase_seconds_count", {**t, "phase": ph}, N)
           for ph in ("queue", "prefill", "handoff", "decode")],
