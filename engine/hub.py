@@ -37,6 +37,11 @@ def resolve_checkpoint(ref: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(f"{path}: a revision ({revision!r}) applies only to a Hugging "
                                   "Face repo id, not to a local directory")
         return path
+    if path.is_file():  # e.g. an operator YAML given where a model belongs
+        hint = (" (an operator YAML is for serve --config, deploy and simulate)"
+                if path.suffix.lower() in (".yaml", ".yml") else "")
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory (a folder holding "
+                              f"config.json, the tokenizer and *.safetensors){hint}")
     text = str(ref)
     if not is_repo_id(text):
         raise CheckpointError(f"checkpoint directory {path} does not exist (and {text!r} is not a "

@@ -52,6 +52,16 @@ def test_neither_directory_nor_repo_id_says_so(tmp_path):
         resolve_checkpoint(tmp_path / "missing")
 
 
+def test_a_file_is_named_as_a_file_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "cluster.yaml").write_text("models: []\n")
+    assert is_repo_id("some/cluster.yaml")  # it has a repo id's form
+    with pytest.raises(CheckpointError, match=r"some/cluster.yaml is a file, not a checkpoint "
+                                              r"directory .*operator YAML is for serve --config"):
+        resolve_checkpoint("some/cluster.yaml")
+
+
 def run_offline(hf_home: Path, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=offline_env(hf_home),
                           capture_output=True, text=True, timeout=120)
