@@ -47,16 +47,23 @@ def shape(request, shape_checkpoints):
     return request.param, path, model, prompts, hf_greedy(model, prompts, MAX_NEW)
 
 
+def prompt_logits(eng, model, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's logits after one prefill step of ``prompt`` (request
+    "x", left for the caller to abort), and transformers' last-row logits."""
+    eng.add_request("x", prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, temperature=0.0))
+    sched = eng.scheduler.schedule()
+    logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
+    eng.scheduler.commit(sched)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1].float()
+    return logits, ref
+
+
 def test_prefill_logits_match_transformers(shape):
     _, path, model, prompts, _ = shape
     eng = engine(path, max_num_batched_tokens=64)  # one step per prompt: every row's logits
     for p in prompts:
-        eng.add_request("x", prompt_token_ids=p, params=SamplingParams(max_tokens=1, temperature=0.0))
-        sched = eng.scheduler.schedule()
-        logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
-        eng.scheduler.commit(sched)
-        with torch.no_grad():
-            ref = model(torch.tensor([p])).logits[0, -1].float()
+        logits, ref = prompt_logits(eng, model, p)
         assert logits.shape[-1] == model.config.vocab_size
         torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
         eng.abort("x")
@@ -192,12 +199,7 @@ def test_bf16_compute_and_handoff_at_head_dim_80(shape_checkpoints):
     eng = engine(path, dtype="bfloat16", max_num_batched_tokens=64)
     assert eng.runner.kv_cache.dtype == torch.bfloat16
     for p in prompts:
-        eng.add_request("x", prompt_token_ids=p, params=SamplingParams(max_tokens=1, temperature=0.0))
-        sched = eng.scheduler.schedule()
-        logits, _, _ = eng.runner.execute(sched.scheduled, eng.kv)
-        eng.scheduler.commit(sched)
-        with torch.no_grad():
-            ref = model(torch.tensor([p])).logits[0, -1].float()
+        logits, ref = prompt_logits(eng, model, p)
         torch.testing.assert_close(logits[0], ref, atol=0.3, rtol=0)
         eng.abort("x")
     alone = [r.token_ids for r in eng.generate(prompts, GREEDY)]
