@@ -24,6 +24,7 @@ from tests.fixtures.ports import free_port
 KEY = "sk-queue-test"
 CAPACITY = 4  # 2 decode replicas x max_num_seqs 2
 ROUTERS = 2
+WAVE_TOKENS = 160  # two such sequences fill a decode replica's 96 blocks of 4
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +146,17 @@ def test_a_burst_of_three_times_capacity_waits_and_completes(cluster):
 
 
 def test_a_short_queue_deadline_sheds_the_excess_with_429_and_spares_admitted_latency(cluster):
-    alone = burst(cluster, CAPACITY, max_tokens=96)
+    # a full wave runs longer than the queue deadline on any machine: the
+    # deadline is a fraction of the wave's measured time, so the excess
+    # cannot be admitted before it passes however fast the host is
+    t0 = time.monotonic()
+    alone = burst(cluster, CAPACITY, max_tokens=WAVE_TOKENS)
+    wave_s = time.monotonic() - t0
     assert [r.status for r in alone] == [200] * CAPACITY
     base_ttft = max(r.ttft_s for r in alone)
-    reconfigure(cluster, max_queue_delay_s=0.5)
+    reconfigure(cluster, max_queue_delay_s=min(0.5, wave_s / 3))
     try:
-        results = burst(cluster, 3 * CAPACITY, max_tokens=96)
+        results = burst(cluster, 3 * CAPACITY, max_tokens=WAVE_TOKENS)
     finally:
         reconfigure(cluster)
     ok = [r for r in results if r.status == 200]
