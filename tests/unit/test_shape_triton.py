@@ -30,6 +30,14 @@ assert set(TRITON_SHAPES) <= set(SHAPE_VARIANTS)
 # dims 80 and 32, bf16, a vocabulary past the tokenizer and top-4 experts;
 # the rest are marked slow.
 FAST = ("mqa", "gqa3", "hd80_mqa", "qwen3_moe_top4", "bf16_mqa_hd80_vocab_1000")
+# Shapes whose new ops are the MLP/expert widths, routing or depth, while their
+# attention layout is one another run already takes past the decode kernel's
+# KV split (qwen3_moe_top4: head_dim_32; mixtral_top1: mqa; qwen2_moe_top_all
+# and deep_narrow: the common 2-query-heads-per-KV-head, head_dim 16, of
+# test_engine_triton_parity). The interpreter's cost grows with tokens, so
+# these skip the 18-token prompt; the 9-token one still prefills in chunks
+# beside a decoding sequence.
+MLP_ONLY = ("qwen3_moe_top4", "mixtral_top1", "qwen2_moe_top_all", "deep_narrow")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
@@ -41,6 +49,8 @@ def test_triton_dispatch_matches_transformers(shape_checkpoints, monkeypatch, na
     # past 16 cached tokens (the interpreter's KV tile), so the decode kernel
     # splits the context
     prompts = [[5, 9, 13], [7] * 9, [(31 * i) % vocab for i in range(18)]]
+    if name in MLP_ONLY:
+        prompts = prompts[:2]
     want = hf_greedy(hf_model(path), prompts, 4)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "triton")
     assert dispatch.backend_for(torch.device("cpu")) == "triton"
