@@ -6,7 +6,8 @@ Pushes travel over each router's stream (``router_stream``, kind
 ``STATS``: a Ray actor call per push cost the router 0.6 ms of CPU, a
 frame on an open connection some 30 us) when the router offers one, else
 as ``update_stats`` actor calls; a router whose stream cannot be opened
-gets actor calls for ``STREAM_RETRY_S``."""
+gets actor calls for ``STREAM_RETRY_S`` (as one whose TLS differs from the
+replica's ``transfer.tls``: ``RouterStream.open``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import ray
 
 from splitserve.cluster.serve.router_names import NAMESPACE, router_name
 from splitserve.cluster.serve.router_stream import STATS, RouterStream
+from splitserve.handoff.tls import TLSConfig
 from splitserve.router.reports import StatsReport, encode_report
 
 log = logging.getLogger("splitserve.router_fanout")
@@ -30,9 +32,13 @@ class RouterFanout:
     """What a worker replica sends to every router: its stats pushes and its
     goodbye. A router that fails a push is looked up again next time."""
 
-    def __init__(self, count: int, handles: list[Any] | None = None, stream: bool = True):
+    def __init__(self, count: int, handles: list[Any] | None = None, stream: bool = True,
+                 tls: TLSConfig | None = None):
         """``count`` routers; ``handles``: their actors, else looked up by
-        name; ``stream``: pushes over their streams, else actor calls only."""
+        name; ``stream``: pushes over their streams, else actor calls only;
+        ``tls``: the replica's ``transfer.tls``, which the streams are
+        dialed with (and must offer)."""
+        self._tls = tls
         self._given = handles
         self._handles: list[Any] = list(handles) if handles is not None else [None] * count
         self._missed = [False] * count  # a push to it failed since it last took one
@@ -62,7 +68,7 @@ class RouterFanout:
             return None
         try:
             endpoint = await asyncio.wait_for(self._handle(i).endpoint.remote(), timeout_s)
-            self._streams[i] = await RouterStream.open(endpoint, STATS, timeout_s)
+            self._streams[i] = await RouterStream.open(endpoint, STATS, timeout_s, self._tls)
         except Exception as e:  # noqa: BLE001 - actor calls still work (or fail on their own)
             log.info("router %d: no stream for stats pushes (%r); actor calls for %.0f s",
                      i, e, STREAM_RETRY_S)

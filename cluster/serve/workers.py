@@ -182,7 +182,8 @@ class WorkerServer:
         if self.tracer is not None:
             self.tracer.common.update({ATTR_REPLICA: self.address, ATTR_MODEL: self.spec.name,
                                        ATTR_TRANSPORT: self.transfer.transport})
-        self.router = RouterFanout(self.router_spec.routers)  # every router hears every push
+        # every router hears every push (over its stream: TLS as the planes)
+        self.router = RouterFanout(self.router_spec.routers, tls=tls)
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")
