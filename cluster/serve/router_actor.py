@@ -349,14 +349,21 @@ class RouterActor:
         ``refusals`` by reason, the prefer-local-prefill switch, the slots
         each ingress process holds (``slots_by_holder``: holder -> count;
         a holder is ``node:pid:id``), and lease counts (``unbalanced_releases``,
-        ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
+        ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``), and
+        its stream's (``stream``: whether it serves TLS, and the ``exchange``
+        and ``stats`` connections it accepted; None before any ``endpoint``)."""
         svc = self.service
+        stream = None
+        if self._stream is not None and self._stream.started:
+            n = self._stream.accepted
+            stream = {"tls": self._tls is not None, "exchange": n.get(EXCHANGE, 0),
+                      "stats": n.get(STATS, 0)}
         return {**asdict(self.core.counters()), "queued": svc.queued(),
                 "prefer_local_prefill": self.core.state.prefer_local_prefill,
                 "slots_by_holder": {h: sum(1 for _ in svc.leases.of_holder(h))
                                     for h in svc.leases.holders()},
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
-                "queued_total": svc.counts["queued"],
+                "queued_total": svc.counts["queued"], "stream": stream,
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
                                                "leases_reclaimed", "leases_adopted")}}
 

@@ -160,6 +160,7 @@ class RouterStreamServer:
         self._server: asyncio.base_events.Server | None = None
         self._endpoint: StreamEndpoint | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.accepted: dict[int, int] = {}  # kind -> connections that passed the hello
 
     async def start(self) -> StreamEndpoint:
         """Listen (once) on a free port of ``host``; the endpoint to hand out."""
@@ -192,6 +193,7 @@ class RouterStreamServer:
                     writer.write(MAGIC + bytes((VERSION,)))
                 return
             writer.write(MAGIC + bytes((VERSION,)))
+            self.accepted[kind] = self.accepted.get(kind, 0) + 1
             while True:
                 request = await read_frame(reader)
                 writer.write(frame(answer(request)))
@@ -204,6 +206,10 @@ class RouterStreamServer:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    @property
+    def started(self) -> bool:
+        return self._endpoint is not None
 
     def close(self) -> None:
         if self._server is not None:

@@ -425,6 +425,7 @@ def test_client_and_fanout_use_a_tls_router_stream_and_fall_back_where_tls_diffe
         assert await fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0) is False
         assert routers[0].calls.get("update_stats", 0) == 0  # over the TLS stream
         fanout.close()
+        assert routers[0].counters()["stream"] == {"tls": True, "exchange": 1, "stats": 1}
         ep = await routers[0].actor.endpoint()
         routers[0].actor.set_stream_tls(None)  # a deploy turned TLS off: a new stream
         assert (await routers[0].actor.endpoint()).port != ep.port
