@@ -42,6 +42,7 @@ import ray
 from splitserve.cluster.config.transfer import TLSSpec
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.cluster.serve import router_state
+from splitserve.cluster.serve.node import bind_host
 from splitserve.cluster.serve.router_names import MAX_ROUTERS, NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_spans import RouterSpans
 from splitserve.cluster.serve.router_stream import (EXCHANGE, STATS, RouterStreamServer,
@@ -223,17 +224,21 @@ class RouterActor:
     async def endpoint(self) -> StreamEndpoint:
         """Where this router takes exchanges and stats pushes over TCP, and
         the token a connection must open with (``router_stream``); it starts
-        listening on its node's address at the first ask."""
+        listening at the first ask, where its node's worker replicas bind
+        (``node.bind_host``: ``$SPLITSERVE_BIND_HOST``, else the node's Ray
+        address)."""
         self._ticker.ensure()
         if self._stream is None:
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            # where the worker replicas bind (what the node's certificate names)
+            host = await asyncio.to_thread(bind_host) if ray.is_initialized() else "127.0.0.1"
             try:
                 tls = None if self._tls is None else TLSSpec(**self._tls).load()
             except Exception:  # callers keep to actor calls: never plaintext instead
                 log.exception("router %d: its stream's TLS files cannot be read", self.index)
                 raise
-            self._stream = RouterStreamServer({EXCHANGE: self._exchange_encoded,
-                                               STATS: self._update_stats_encoded}, host, tls)
+            if self._stream is None:  # not started by a call that overlapped this one
+                self._stream = RouterStreamServer({EXCHANGE: self._exchange_encoded,
+                                                   STATS: self._update_stats_encoded}, host, tls)
         return await self._stream.start()
 
     def set_stream_tls(self, tls: dict | None) -> None:

@@ -161,9 +161,16 @@ class RouterStreamServer:
         self._endpoint: StreamEndpoint | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.accepted: dict[int, int] = {}  # kind -> connections that passed the hello
+        self._starting: asyncio.Lock | None = None
 
     async def start(self) -> StreamEndpoint:
         """Listen (once) on a free port of ``host``; the endpoint to hand out."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # calls that overlap get the one endpoint
+            return await self._start()
+
+    async def _start(self) -> StreamEndpoint:
         if self._endpoint is None:
             ssl = None if self._tls is None else tls_.server_ssl_context(self._tls)
             # a handshake that stalls ends the connection (asyncio closes it)
