@@ -18,14 +18,13 @@ from typing import Any
 
 import ray
 
+from splitserve.cluster.serve.router_link import STREAM_RETRY_S
 from splitserve.cluster.serve.router_names import NAMESPACE, router_name
 from splitserve.cluster.serve.router_stream import STATS, RouterStream
 from splitserve.handoff.tls import TLSConfig
 from splitserve.router.reports import StatsReport, encode_report
 
 log = logging.getLogger("splitserve.router_fanout")
-
-STREAM_RETRY_S = 30.0
 
 
 class RouterFanout:
