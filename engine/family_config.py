@@ -111,6 +111,8 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
     # Gemma 2 and 3 name it hidden_activation; the others hidden_act.
     # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it so).
     name = cfg.get("hidden_activation") if family in ("gemma2", "gemma3") else None
+    if family == "gemma3":  # its MLP reads hidden_activation alone (a hidden_act is ignored)
+        name = name or "gelu_pytorch_tanh"
     name = name or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
     if family == "gemma" and name == "gelu":
         name = "gelu_pytorch_tanh"

@@ -94,6 +94,7 @@ def test_gemma3_options_from_either_config_layout():
     assert bare.layer_windows == (4096,) * 5 + (0, 4096) and bare.rope_theta == 1_000_000.0
     assert bare.options.local_rope_theta == 10_000.0 and bare.rope_scaling is None
     assert bare.options.local_rope_layers == (0, 1, 2, 3, 4, 6)
+    assert config("Gemma3ForCausalLM", hidden_act="silu").options.hidden_act == "gelu_tanh"
     capped = config("Gemma3ForCausalLM", attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     assert (capped.options.attn_softcap, capped.options.final_softcap) == (0.0, 30.0)
 
@@ -144,6 +145,7 @@ def test_phi3_options():
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
      "'linear' on the sliding-window layers is not supported"),
+    ("Gemma3ForCausalLM", {"hidden_activation": "relu"}, "activation 'relu' is not supported for gemma3"),
     ("SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries for 4 layers"),
     ("SmolLM3ForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for smollm3"),
 ])
