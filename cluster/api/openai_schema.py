@@ -195,15 +195,21 @@ class _Common(Sampling):
                              structured_output(self.response_format, self.structured_outputs))
 
 
+# a token id as OpenAI writes a logit_bias key: ASCII decimal digits, no sign,
+# space or leading zero (int() would also read " 5", "+5", "05", "5_0" and
+# other scripts' digits, so two keys could name one token, the last one winning)
+_TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,39}")
+
+
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     """OpenAI's logit_bias keys are token ids written as JSON strings."""
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
+        if not _TOKEN_KEY.fullmatch(key):
             raise InvalidRequestError(
-                f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+                f"logit_bias keys must be token ids in decimal digits (at most 40), got {key[:40]!r}",
+                param="logit_bias")
+        out[int(key)] = value
     return out
 
 
@@ -248,7 +254,7 @@ class CompletionRequest(_Common):
         if len(batch) * self.num_choices > MAX_CHOICES:
             raise InvalidRequestError(
                 f"{len(batch)} prompts x n={self.num_choices} is more than {MAX_CHOICES} choices "
-                f"in one request", param="prompt")
+                f"in one request", param="prompt" if len(batch) > 1 else "n")
         for q in batch:
             if isinstance(q, str) and not q:
                 raise InvalidRequestError("the prompt is empty", param="prompt")

@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
 from splitserve.cluster.api.openai_schema import Sampling
-from splitserve.cluster.api.openai_structured import structured_output
+from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.structured import check_spec, json_object_spec
+from splitserve.engine.structured import json_object_spec
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = {"input_text", "output_text", "text"}
@@ -126,7 +126,7 @@ def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
         _fail('text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
               '"json_schema", "name", "schema": {...}}', "text.format")
     spec = {"type": "json", "value": json.dumps(fmt["schema"])}
-    check_spec(spec, "text.format")
+    check_constraint(spec, "text.format")
     return spec
 
 

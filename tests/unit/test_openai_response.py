@@ -73,8 +73,10 @@ def test_text_offsets_follow_the_text_not_the_placeholders(tiny_llama):
 def test_alternatives_with_the_same_text_keep_their_own_keys(tiny_llama):
     tok = Tokenizer.from_dir(tiny_llama)
     # byte tokens that are not whole UTF-8 characters all decode to U+FFFD
-    fragments = [i for i in range(tok.vocab_size) if tok.decode([i], skip_special_tokens=False) == "\ufffd"][:3]
+    fragments = [i for i in range(tok.vocab_size)
+                 if tok.decode([i], skip_special_tokens=False) == "\ufffd"][:3]
     assert len(fragments) == 3
-    lps = [{"token_id": fragments[0], "logprob": -1.0, "top": [[t, -1.0 - i] for i, t in enumerate(fragments)]}]
+    lps = [{"token_id": fragments[0], "logprob": -1.0,
+            "top": [[t, -1.0 - i] for i, t in enumerate(fragments)]}]
     top = completion_logprobs(tok, lps, 0)["top_logprobs"][0]
     assert top == {"\ufffd": -1.0, f"token_id:{fragments[1]}": -2.0, f"token_id:{fragments[2]}": -3.0}
