@@ -46,6 +46,11 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(400, f"Content-Type must be application/json, got {ctype[:100]!r}",
                            code="invalid_content_type")
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # the body is read as sent: a compressed one would only fail later as bad UTF-8
+        raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the body "
+                       "uncompressed", code="unsupported_content_encoding")
     too_large = ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
                          code="request_too_large")
     length = request.headers.get("content-length")

@@ -378,5 +378,7 @@ def messages_text_chars(messages: list[ChatMessage]) -> int:
         for call in m.tool_calls or ():
             fn = call.get("function")
             args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, dict):  # accepted as an object too; the template writes it out
+                args = json.dumps(args)
             total += len(args) if isinstance(args, str) else 0
     return total

@@ -6,6 +6,7 @@ fault (HTTP 5xx; gRPC INTERNAL, UNKNOWN, DATA_LOSS); every refusal of a
 request that parses names the field; the servers stay up, a normal
 request still succeeds and no KV block stays allocated."""
 
+import gzip
 import json
 import random
 
@@ -351,6 +352,16 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
         for path, body, param in CRAFTED:
             r = client.post(path, json=body)
             assert r.status_code == 400 and check_http(r, True)["param"] == param, (param, r.text)
+        # tool call arguments sent as an object count toward the prompt's characters too,
+        # refused before tokenizing
+        long_args = {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": {"a": "x" * max_prompt_chars(CONTEXT)}}}]}
+        r = client.post(CH, json={**OK_CH, "messages": [long_args]})
+        assert r.status_code == 400 and "characters" in check_http(r, True)["message"], r.text
+        # a compressed body is refused as such, not read as bad UTF-8 or JSON
+        r = client.post(C, content=gzip.compress(json.dumps(OK_C).encode()),
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
         # the connection that carried them still serves (a 500 once closed it)
         assert client.post(C, json=OK_C).status_code == 200
     assert wait_until(lambda: idle(local, engines), timeout=10)
