@@ -72,11 +72,23 @@ class RequestBody(BaseModel):
     IGNORED: ClassVar[tuple[str, ...]] = ()
 
     def check_supported(self) -> None:
+        for name in type(self).model_fields:
+            if _past_int64(getattr(self, name)):
+                raise InvalidRequestError(
+                    f"{name}: an integer does not fit in 64 bits (-2**63 to 2**63 - 1)", param=name)
         for name, (allowed, why) in self.ONLY.items():
             value = getattr(self, name)
             if value is not None and value != allowed:
                 raise InvalidRequestError(f"{name} {_short(value)} is not supported: {why}",
                                           param=name)
+
+
+def _past_int64(value: Any) -> bool:
+    """An integer field (or a list of them, or of lists: token ids) holds one
+    outside int64: the cluster's typed messages (msgspec) cannot carry it."""
+    if isinstance(value, list):
+        return any(_past_int64(v) for v in value if isinstance(v, (int, list)))
+    return isinstance(value, int) and not -2**63 <= value < 2**63
 
 
 def _short(value: Any) -> str:

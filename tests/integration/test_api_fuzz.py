@@ -344,6 +344,11 @@ CRAFTED = [
     *[(C, {**OK_C, "logit_bias": {key: 5}}, "logit_bias")
       for key in ("\u0969", " 5", "5 ", "+5", "05", "5_0", "9" * 5000)],
     (C, {**OK_C, "n": MAX_CHOICES + 1}, "n"),
+    # integers past 64 bits, which the cluster's typed messages cannot carry
+    (C, {**OK_C, "top_k": 2**64}, "top_k"),
+    (CH, {**OK_CH, "stop_token_ids": [1, 2**64]}, "stop_token_ids"),
+    (CH, {**OK_CH, "max_tokens": None, "min_tokens": 10**30}, "min_tokens"),
+    ("/v1/responses", {"model": "tiny-llama", "input": "hi", "top_k": -2**63 - 1}, "top_k"),
 ]
 
 
