@@ -363,6 +363,13 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
             "name": "f", "arguments": {"a": "x" * max_prompt_chars(CONTEXT)}}}]}
         r = client.post(CH, json={**OK_CH, "messages": [long_args]})
         assert r.status_code == 400 and "characters" in check_http(r, True)["message"], r.text
+        # a repeated key: parsers disagree on which one counts (a proxy may check the first)
+        for raw, param in (('{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "max_tokens": 3}',
+                            "max_tokens"),
+                           ('{"model": "tiny-llama", "prompt": "hi", "logit_bias": {"5": 1, "5": -100}}',
+                            "logit_bias")):
+            r = client.post(C, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and check_http(r, True)["param"] == param, r.text
         # a compressed body is refused as such, not read as bad UTF-8 or JSON
         r = client.post(C, content=gzip.compress(json.dumps(OK_C).encode()),
                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
