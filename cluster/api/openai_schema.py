@@ -83,6 +83,15 @@ class RequestBody(BaseModel):
                                           param=name)
 
 
+def renamed(e: InvalidRequestError, rename: dict[str, str]) -> InvalidRequestError:
+    """``e`` naming the field the client wrote (``rename``: the engine's
+    name -> this API's) in its param and in its message."""
+    field = rename.get(e.param) if e.param else None
+    if field is None or field == e.param:
+        return e
+    return InvalidRequestError(re.sub(rf"\b{re.escape(e.param)}\b", field, str(e)), field)
+
+
 def _past_int64(value: Any) -> bool:
     """An integer field (or a list of them, or of lists: token ids) holds one
     outside int64: the cluster's typed messages (msgspec) cannot carry it."""

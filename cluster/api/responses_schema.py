@@ -10,7 +10,7 @@ import json
 from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
-from splitserve.cluster.api.openai_schema import Sampling
+from splitserve.cluster.api.openai_schema import Sampling, renamed
 from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import json_object_spec
@@ -212,4 +212,4 @@ def prepare_error(e: InvalidRequestError) -> InvalidRequestError:
     """An error of preparing the chat request, naming the Responses fields."""
     e = _responses_fields(e)
     rename = {"max_tokens": "max_output_tokens", "messages": "input"}
-    return InvalidRequestError(str(e), rename.get(e.param, e.param)) if e.param in rename else e
+    return renamed(e, rename)

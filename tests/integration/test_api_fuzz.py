@@ -370,6 +370,14 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
                             "logit_bias")):
             r = client.post(C, content=raw, headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and check_http(r, True)["param"] == param, r.text
+        # the message names the field the client used, as param does
+        for path, body, field in ((CH, {**OK_CH, "max_tokens": None, "max_completion_tokens": 10**6},
+                                   "max_completion_tokens"),
+                                  ("/v1/responses", {"model": "tiny-llama", "input": "hi",
+                                                     "max_output_tokens": 0}, "max_output_tokens")):
+            err = check_http(client.post(path, json=body), True)
+            assert err["param"] == field and field in err["message"], err
+            assert "max_tokens" not in err["message"], err
         # a compressed body is refused as such, not read as bad UTF-8 or JSON
         r = client.post(C, content=gzip.compress(json.dumps(OK_C).encode()),
                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
