@@ -349,6 +349,12 @@ CRAFTED = [
     (CH, {**OK_CH, "stop_token_ids": [1, 2**64]}, "stop_token_ids"),
     (CH, {**OK_CH, "max_tokens": None, "min_tokens": 10**30}, "min_tokens"),
     ("/v1/responses", {"model": "tiny-llama", "input": "hi", "top_k": -2**63 - 1}, "top_k"),
+    # names the template renderer's own parameters take
+    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
+     "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"],
+                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs"),
 ]
 
 
@@ -393,6 +399,7 @@ GRPC_CRAFTED = [
     (dict(messages=HI, tools=[pb.Tool(name="f", parameters=json.dumps(BIG_INT_PARAMS))], tool_choice="required"),
      "tools[0].parameters"),
     (dict(messages=[*HI, pb.ChatMessage(role="tool", content="sunny")]), "messages[1].tool_call_id"),
+    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs"),
 ]
 
 
