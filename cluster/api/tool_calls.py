@@ -304,8 +304,8 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _template_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
     where = f"messages[{i}].tool_calls[{j}]"
     fn = call.get("function")
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        _fail(f'{where} must have "function": {{"name", "arguments"}}', where)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        _fail(f'{where} must have "function": {{"name", "arguments"}} (a non-empty name)', where)
     args = fn.get("arguments", "{}")
     if isinstance(args, str):
         try:

@@ -349,6 +349,13 @@ CRAFTED = [
     (CH, {**OK_CH, "stop_token_ids": [1, 2**64]}, "stop_token_ids"),
     (CH, {**OK_CH, "max_tokens": None, "min_tokens": 10**30}, "min_tokens"),
     ("/v1/responses", {"model": "tiny-llama", "input": "hi", "top_k": -2**63 - 1}, "top_k"),
+    # a call without a name, a result without the call it answers
+    (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "", "arguments": "{}"}}]}]}, "messages[0].tool_calls[0]"),
+    ("/v1/responses", {"model": "tiny-llama", "input": [
+        {"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, "input[0].name"),
+    ("/v1/responses", {"model": "tiny-llama", "input": [
+        {"type": "function_call_output", "call_id": "", "output": "sunny"}]}, "input[0].call_id"),
     # names the template renderer's own parameters take
     (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
