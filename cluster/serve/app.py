@@ -162,7 +162,8 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     ensure_routers(rcfg, cfg.router.routers,
                    reconfigure=(prev is None or router_state.load().config != rcfg
                                 or prev.observability.tracing != tracing),
-                   tracing=None if tracing is None else tracing.model_dump())
+                   tracing=None if tracing is None else tracing.model_dump(),
+                   tls=None if cfg.transfer.tls is None else cfg.transfer.tls.model_dump())
     from splitserve.cluster.serve.route_actor import get_route_actor
 
     get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up

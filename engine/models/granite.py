@@ -38,7 +38,7 @@ class GraniteDecoderLayer(DecoderLayer):
         residual: torch.Tensor | None,  # [T, hidden]; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)

@@ -203,7 +203,7 @@ class Attention(nn.Module):
             )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        opts = cfg.options  # Gemma 2 scales scores its own way and caps them
+        opts = cfg.options  # Gemma 2/3 and Granite scale scores their own way; Gemma 2 caps them
         self.scale = self.head_dim**-0.5 if opts.attn_scale is None else opts.attn_scale
         self.softcap = opts.attn_softcap
         # q, k and v in one matmul: rows [q | k | v]
@@ -242,7 +242,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,  # [max_position, D] float32
+        cos_sin_cache: torch.Tensor | None,  # [max_position, D] float32; None: no RoPE (SmolLM3)
         lora: LoraMeta | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:
         t = x.shape[0]
@@ -255,12 +255,13 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         if self.q_norm is not None:
-            # Qwen3: RMSNorm over each head's D dims; OLMo 2: over a token's
+            # Qwen3, Gemma 3: RMSNorm over each head's D dims; OLMo 2: over a token's
             # whole q (Hq*D) and k (Hk*D); both before RoPE
             rows = t if self.full_qk_norm else -1
             q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
             k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
-        q, k = apply_rotary(positions, q, k, cos_sin_cache)
+        if cos_sin_cache is not None:
+            q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
@@ -361,7 +362,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,  # [T, hidden] residual stream; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
@@ -369,7 +370,7 @@ class DecoderLayer(nn.Module):
         return self.feed_forward(h, lora), residual
 
     def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-               layer_cache: torch.Tensor, meta: AttentionMetadata, cos_sin_cache: torch.Tensor,
+               layer_cache: torch.Tensor, meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None,
                lora: LoraMeta | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The input norm and attention: (attention output, residual stream).
         The residual add is fused into the next norm: a layer's output stays

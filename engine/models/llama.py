@@ -91,11 +91,16 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)  # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache, lora)
+            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.rope_table(i), lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         x, _ = self.norm(x, residual)
         return x
+
+    def rope_table(self, index: int) -> torch.Tensor | None:
+        """Layer ``index``'s cos/sin table; None: the layer applies no RoPE.
+        Families whose layers rotate differently (Gemma 3, SmolLM3) override this."""
+        return self.cos_sin_cache
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden] embeddings (families that scale them override this)."""

@@ -40,7 +40,7 @@ class Olmo2DecoderLayer(DecoderLayer):
         residual: torch.Tensor | None,  # [T, hidden]; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = x if residual is None else x + residual

@@ -57,7 +57,7 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3_longrope",
-                                    "granite"])
+                                    "granite", "gemma3", "smollm3"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
