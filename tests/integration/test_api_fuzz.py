@@ -356,6 +356,19 @@ CRAFTED = [
         {"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, "input[0].name"),
     ("/v1/responses", {"model": "tiny-llama", "input": [
         {"type": "function_call_output", "call_id": "", "output": "sunny"}]}, "input[0].call_id"),
+    # constraints no output satisfies: once an empty 200 with finish_reason "stop"
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#"}}}}, "response_format"),
+    *[(C, {**OK_C, "structured_outputs": {"regex": rx}}, "structured_outputs") for rx in ("a^b", r"[^\s\S]")],
+    (C, {**OK_C, "structured_outputs": {"grammar": "start: start"}}, "structured_outputs"),
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}],
+          "tool_choice": "required"}, "tools[0].function.parameters"),
+    ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"$ref": "#"}}}}, "text.format"),
+    # ids the model can never produce, a minimum the context cannot hold
+    (CH, {**OK_CH, "stop_token_ids": [1, 10**6]}, "stop_token_ids"),
+    (C, {**OK_C, "logit_bias": {str(10**6): 5}}, "logit_bias"),
+    (CH, {**OK_CH, "max_tokens": None, "min_tokens": CONTEXT}, "min_tokens"),
     # names the template renderer's own parameters take
     (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
@@ -407,6 +420,14 @@ GRPC_CRAFTED = [
      "tools[0].parameters"),
     (dict(messages=[*HI, pb.ChatMessage(role="tool", content="sunny")]), "messages[1].tool_call_id"),
     (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar="start: start"))),
+     "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_schema='{"$ref": "#"}'))),
+     "structured_output"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='{"$ref": "#"}')], tool_choice="required"),
+     "tools[0].parameters"),
+    (dict(text="hi", params=P(stop_token_ids=[1, 10**6])), "stop_token_ids"),
+    (dict(text="hi", params=P(min_tokens=CONTEXT)), "min_tokens"),
 ]
 
 
