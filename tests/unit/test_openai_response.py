@@ -1,7 +1,12 @@
 """Choice objects of the OpenAI API built from backend outputs (the HTTP
 tests cover the common paths; these pin down echo's edges)."""
 
-from splitserve.cluster.api.openai_response import ChoiceState, Echo, chat_logprobs, completion_logprobs
+import pytest
+
+from splitserve.cluster.api.openai_response import (ChoiceState, Echo, chat_logprobs, completion_logprobs,
+                                                     token_text)
+from splitserve.cluster.api.tokenize_api import detokenize_text
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.tokenizer import Tokenizer
 
 
@@ -80,3 +85,17 @@ def test_alternatives_with_the_same_text_keep_their_own_keys(tiny_llama):
             "top": [[t, -1.0 - i] for i, t in enumerate(fragments)]}]
     top = completion_logprobs(tok, lps, 0)["top_logprobs"][0]
     assert top == {"\ufffd": -1.0, f"token_id:{fragments[1]}": -2.0, f"token_id:{fragments[2]}": -3.0}
+
+
+def test_detokenize_renders_ids_past_the_tokenizer_as_generated_text_does(tiny_llama):
+    tok = Tokenizer.from_dir(tiny_llama)
+    v = tok.vocab_size
+    ids = tok.encode("hello there", add_special_tokens=False)
+    padded = [ids[0], v, *ids[1:], v + 7]  # a model vocabulary of v + 8 (padded embeddings)
+    # no text for them, as in a completion's text (token_text)
+    assert detokenize_text(tok, padded, v + 8) == "hello there"
+    assert [token_text(tok, t) for t in (v, v + 7)] == ["", ""]
+    for model_vocab in (v + 7, 0):  # past the model's vocabulary: refused, naming the entry
+        with pytest.raises(InvalidRequestError) as e:
+            detokenize_text(tok, padded, model_vocab)
+        assert e.value.param == (f"tokens[{len(padded) - 1}]" if model_vocab else "tokens[1]")
