@@ -150,7 +150,7 @@ class Sampling(RequestBody):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    request_id: str | None = None  # the server assigns ids (x-request-id)
+    request_id: str | None = None  # the server assigns ids (x-splitserve-request-id)
     length_penalty: float | None = None
     # vLLM fields accepted at their default only
     use_beam_search: bool | None = None

@@ -409,7 +409,16 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
         # the connection that carried them still serves (a 500 once closed it)
-        assert client.post(C, json=OK_C).status_code == 200
+        r = client.post(C, json=OK_C)
+        assert r.status_code == 200
+        # the answer's id in its own header (Ray Serve's proxy writes x-request-id)
+        assert r.headers.get_list("x-splitserve-request-id") == [r.json()["id"]]
+        assert "x-request-id" not in r.headers
+        for path, body in ((CH, {**OK_CH, "stream": True}),
+                           ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2})):
+            with client.stream("POST", path, json=body) as r:
+                assert r.status_code == 200 and len(r.headers.get_list("x-splitserve-request-id")) == 1
+                r.read()
     assert wait_until(lambda: idle(local, engines), timeout=10)
 
 
