@@ -2,9 +2,10 @@
 
 Both (``ModelConfig.options``, ``splitserve.engine.family_config``):
 - RMSNorm scales by ``1 + weight``: the checkpoint's norm weights are
-  loaded plus one (``NormPlusOneSlot``), so the shared ``ops.rms_norm``
-  runs unchanged (in bf16 the sum is rounded once to the model dtype, where
-  transformers keeps it in float32 for the product);
+  loaded plus one (``NormPlusOneSlot``) into float32 parameters
+  (``layers.model_norm``), and the norm multiplies them into the float32
+  normed row, rounding the product once (``FamilyOptions.norm_fp32_product``),
+  as transformers' Gemma RMSNorm does;
 - embeddings are scaled by sqrt(hidden_size), rounded to the model dtype as
   transformers rounds it;
 - a GeGLU MLP (tanh-approximated GELU), ``MLP`` with ``hidden_act``;
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot
+from splitserve.engine.models.layers import DecoderLayer, ShardSlot, model_norm
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 
@@ -51,7 +52,7 @@ class Gemma2DecoderLayer(DecoderLayer):
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
                  prefix: str = ""):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)  # noqa: E731
+        norm = lambda: model_norm(cfg, cfg.hidden_size, dtype, device)  # noqa: E731
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
