@@ -15,6 +15,7 @@ import triton.language as tl
 
 from splitserve.kernels.triton._common import (FLOAT_DTYPES, check_device, check_dtype,
                                                check_last_dim_contiguous, check_ndim, next_pow2)
+from splitserve.kernels.triton.rounding import round_as
 
 
 @triton.jit
@@ -32,16 +33,17 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the new residual stream
+        x = round_as(x.to(tl.float32) + r.to(tl.float32), x.dtype).to(x.dtype)  # the new residual stream
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
     normed = xf * tl.rsqrt(var + eps)
     if not FP32_PRODUCT:
-        normed = normed.to(x.dtype).to(tl.float32)
+        normed = round_as(normed, x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_out + cols, round_as(y, out_dtype).to(out_dtype), mask=mask)
 
 
 def rms_norm(
