@@ -15,7 +15,7 @@ Gemma 2 adds (``Gemma2DecoderLayer``) a norm after attention and norms
 before and after the MLP; attention scores scaled by
 ``query_pre_attn_scalar ** -0.5`` and soft-capped (``Attention.softcap``,
 applied inside the attention kernels); the output logits soft-capped in
-``compute_logits``; a sliding window on every other layer
+``scale_logits`` (in the model dtype); a sliding window on every other layer
 (``ModelConfig.layer_windows``).
 """
 
@@ -40,7 +40,8 @@ class NormPlusOneSlot(ShardSlot):
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap)."""
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap), each step
+    rounded to x's dtype as transformers rounds it."""
     return torch.tanh(x / cap) * cap
 
 
@@ -94,10 +95,9 @@ class GemmaCausalLM(CausalLM):
         x = super().embed(input_ids)
         return x * torch.tensor(self.cfg.options.embed_scale, dtype=x.dtype, device=x.device)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)  # float32; None on tensor-parallel ranks > 0
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.cfg.options.final_softcap
-        return logits if logits is None or cap <= 0 else soft_cap(logits, cap)
+        return logits if cap <= 0 else soft_cap(logits, cap)
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         return {name: NormPlusOneSlot(slot.param, slot.start, slot.size) if _is_norm(name) else slot

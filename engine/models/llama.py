@@ -119,8 +119,14 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (tensor parallel: on rank 0, from
         every rank's vocabulary rows; None on the other ranks)."""
-        logits = ops.linear(hidden, self.lm_head_weight).float()
+        logits = self.scale_logits(ops.linear(hidden, self.lm_head_weight)).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's elementwise op on the [N, vocab] logits (Gemma's cap,
+        Granite's divisor), in the model dtype before the float32 cast, as
+        transformers applies it to its lm_head output."""
+        return logits
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         """Every checkpoint tensor this model needs, by its Hugging Face name."""
