@@ -205,7 +205,7 @@ def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: 
     except InvalidRequestError as e:
         # name the fields of the chat request, not of the engine
         rename = {"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}
-        raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+        raise schema.renamed(e, rename) from None
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from splitserve.cluster.api.backend import Backend
+from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.http_body import parse_body, read_json
 from splitserve.cluster.api.openai_schema import ChatMessage, RequestBody, messages_text_chars
 from splitserve.cluster.api.prepare import PreparePool
@@ -31,9 +32,6 @@ from splitserve.cluster.api.tool_calls import template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import check_prompt_chars
 
-# Template variables a client may not set through chat_template_kwargs (as
-# for chat completions: the route sets them).
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools"})
 
 
 class TokenizeCompletion(RequestBody):
@@ -62,11 +60,7 @@ class TokenizeChat(RequestBody):
             if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported: the model's chat template "
                                           "renders every conversation", param=name)
-        bad = sorted(k for k in self.chat_template_kwargs or {}
-                     if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
-        if bad:
-            raise InvalidRequestError(f"chat_template_kwargs may not set {bad[0][:50]!r}",
-                                      param="chat_template_kwargs")
+        template_kwargs(self.chat_template_kwargs)  # as chat completions check them
 
     def text_chars(self) -> int:
         """Characters of the messages' text and tool call arguments."""

@@ -1,6 +1,7 @@
-"""One ingress process's transport to one router actor: how an encoded
-exchange gets there and its reply back (``RouterClient`` decides what to
-send, and when, over one ``RouterLink`` per router).
+"""One process's transport to one router actor: how an encoded exchange
+(an ingress's; ``RouterClient`` decides what to send, and when, over one
+``RouterLink`` per router) or a stats push (a worker replica's;
+``RouterFanout``) gets there and its reply back.
 
 An exchange goes over the router's stream (``router_stream``, kind
 ``EXCHANGE``) when the router offers one and it opens, else as an
@@ -21,7 +22,7 @@ import time
 from typing import Any
 
 from splitserve.cluster.serve.router_names import NAMESPACE, router_name
-from splitserve.cluster.serve.router_stream import EXCHANGE, RouterStream
+from splitserve.cluster.serve.router_stream import EXCHANGE, STATS, RouterStream
 from splitserve.handoff.tls import TLSConfig
 
 log = logging.getLogger("splitserve.router_client")
@@ -31,17 +32,22 @@ log = logging.getLogger("splitserve.router_client")
 STREAM_RETRY_S = 30.0
 
 
+_KIND_NAMES = {EXCHANGE: "exchange", STATS: "stats"}
+
+
 class RouterLink:
-    """Router ``index``'s actor handle and exchange stream, from one event
-    loop (``start`` on each new one)."""
+    """Router ``index``'s actor handle and stream, from one event loop
+    (``start`` on each new one)."""
 
     def __init__(self, index: int, handle: Any | None, *, use_stream: bool,
-                 call_timeout_s: float, tls: TLSConfig | None = None):
+                 call_timeout_s: float, tls: TLSConfig | None = None, kind: int = EXCHANGE):
         """``handle``: the router's actor, else looked up by name;
-        ``use_stream``: exchanges over its stream when it offers one, else
-        only actor calls; ``tls``: this process's TLS (``transfer.tls``),
-        which the router's stream must match (``RouterStream.open``)."""
+        ``use_stream``: calls over its stream when it offers one, else only
+        actor calls; ``tls``: this process's TLS (``transfer.tls``), which
+        the router's stream must match (``RouterStream.open``); ``kind``:
+        what the stream carries (``EXCHANGE`` or ``STATS``)."""
         self.index = index
+        self.kind = kind
         self.handle = handle
         self._named = handle is None
         self.use_stream = use_stream
@@ -69,7 +75,7 @@ class RouterLink:
         """Send one encoded exchange; its encoded reply, and whether it came
         over the stream. Raises what the stream or the actor call raised
         (a timeout after ``call_timeout_s``)."""
-        stream = await self._stream()
+        stream = await self.open_stream()
         if stream is None:
             handle = await self.actor()
             return await asyncio.wait_for(handle.exchange.remote(data), self.call_timeout_s), False
@@ -88,24 +94,26 @@ class RouterLink:
         return await asyncio.wait_for(handle.poll.remote(holder, wait_s, True),
                                       wait_s + self.call_timeout_s)
 
-    async def _stream(self) -> RouterStream | None:
-        """The open exchange stream, opened if due; None: actor calls
-        (streams are off, or the last try failed less than STREAM_RETRY_S ago)."""
+    async def open_stream(self) -> RouterStream | None:
+        """The open stream, opened if due; None: actor calls (streams are
+        off, or the last try failed less than STREAM_RETRY_S ago)."""
         if self.stream is not None and not self.stream.closed:
             return self.stream
         if not self.use_stream or time.monotonic() < self.stream_retry_at:
             return None
+        if self._opening is None:
+            self._opening = asyncio.Lock()
         async with self._opening:
             if self.stream is not None and not self.stream.closed:
                 return self.stream
             try:
                 handle = await self.actor()
                 endpoint = await asyncio.wait_for(handle.endpoint.remote(), self.call_timeout_s)
-                self.stream = await RouterStream.open(endpoint, EXCHANGE, self.call_timeout_s,
+                self.stream = await RouterStream.open(endpoint, self.kind, self.call_timeout_s,
                                                       self.tls)
             except Exception as e:  # noqa: BLE001 - actor calls still work (or fail on their own)
-                log.info("router %d: no exchange stream (%r); actor calls for %.0f s",
-                         self.index, e, STREAM_RETRY_S)
+                log.info("router %d: no %s stream (%r); actor calls for %.0f s",
+                         self.index, _KIND_NAMES[self.kind], e, STREAM_RETRY_S)
                 self.stream = None
                 self.stream_retry_at = time.monotonic() + STREAM_RETRY_S
         return self.stream
