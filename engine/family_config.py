@@ -35,6 +35,9 @@ GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers, without rope_loc
 class FamilyOptions:
     hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    # Gemma, OLMo 2: RMSNorm multiplies the weight into the float32 normed row and
+    # rounds once (Llama rounds the normed row to the model dtype first)
+    norm_fp32_product: bool = False
     embed_scale: float = 1.0  # Gemma: sqrt(hidden_size); Granite: embedding_multiplier
     # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar; Granite: attention_multiplier)
     attn_scale: float | None = None
@@ -63,11 +66,11 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
     act = _activation(cfg, family)
     if family == "gemma":
         _no_bidirectional(cfg)
-        return FamilyOptions(hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden))
+        return FamilyOptions(hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden))
     if family == "gemma2":
         _no_bidirectional(cfg)
         return FamilyOptions(
-            hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden),
+            hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden),
             attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
             attn_softcap=_cap(cfg, "attn_logit_softcapping"),
             final_softcap=_cap(cfg, "final_logit_softcapping"),
@@ -79,7 +82,7 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
         # attn_logit_softcapping is in Gemma 3's config but transformers'
         # Gemma 3 attention never applies it: neither is it applied here
         return FamilyOptions(
-            hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden),
+            hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden),
             attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
             final_softcap=_cap(cfg, "final_logit_softcapping"),
             sandwich_norms=True,
@@ -97,7 +100,8 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             logits_divisor=_multiplier(cfg, "logits_scaling"),
         )
     if family == "olmo2":
-        return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True)
+        return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True,
+                             norm_fp32_product=True)
     # phi3
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if (rope.get("rope_type") or rope.get("type")) == "yarn":

@@ -94,6 +94,9 @@ class ModelInfo:
     max_model_len: int
     created: int
     parent: str | None = None  # a LoRA adapter's base model; None for a base model
+    # the model's vocabulary (its logits' width), which may exceed its tokenizer's
+    # (padded embeddings); 0 where unknown: the tokenizer's then bounds token ids
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,8 +182,9 @@ class Backend(abc.ABC):
         """``bases`` followed by the served adapters' cards (with ``parent``)."""
         if self.adapter_registry is None:
             return bases
-        lens = {m.name: m.max_model_len for m in bases}
-        return bases + [ModelInfo(a.ref.name, lens[a.base], a.created, a.base)
+        base = {m.name: m for m in bases}
+        return bases + [ModelInfo(a.ref.name, base[a.base].max_model_len, a.created, a.base,
+                                  base[a.base].vocab_size)
                         for a in self.adapter_registry.adapters()]
 
     def model_info(self, model: str) -> ModelInfo:
@@ -301,7 +305,8 @@ class LocalBackend(Backend):
         return self._engines[self._resolve(model)[0]]
 
     def models(self) -> list[ModelInfo]:
-        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created)
+        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created,
+                                             vocab_size=e.model_cfg.vocab_size)
                                    for n, e in self._engines.items()])
 
     def tokenizer(self, model: str) -> Tokenizer:

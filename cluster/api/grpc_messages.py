@@ -10,12 +10,13 @@ import json
 
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import template_kwargs
+from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
+from splitserve.engine.structured import choice_spec, json_object_spec
 
 
 def sampling_params(p: pb.SamplingParams) -> SamplingParams:
@@ -48,7 +49,7 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
 def structured_of(so: pb.StructuredOutput) -> dict[str, str] | None:
     spec = structured_spec_of(so)
     if spec is not None:
-        check_spec(spec, "structured_output")  # here, to name this API's field
+        check_constraint(spec, "structured_output")  # here, to name this API's field
     return spec
 
 

@@ -38,6 +38,47 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _Repeated(dict):
+    """A JSON object that repeats a key (``key``, the first one repeated)."""
+
+    key = ""
+
+
+def _object_hook(found: list[str]):
+    """json's object_pairs_hook: an object that repeats a key becomes a
+    ``_Repeated`` and the key goes into ``found``, not silently resolved
+    (the last value would win here, while a proxy in front may read the
+    first)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        seen: set[str] = set()
+        repeated = _Repeated(obj)
+        repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        found.append(repeated.key)
+        return repeated
+
+    return hook
+
+
+def _repeated_key(data: dict) -> str | None:
+    """The field to name for a repeated key: the key itself at the top
+    level, else the top-level field that holds the object repeating it."""
+    if isinstance(data, _Repeated):
+        return data.key
+    return next((key for key, value in data.items() if _has_repeated(value)), None)
+
+
+def _has_repeated(value: Any) -> bool:
+    if isinstance(value, _Repeated):
+        return True
+    if isinstance(value, dict):
+        return any(_has_repeated(v) for v in value.values())
+    return isinstance(value, list) and any(_has_repeated(v) for v in value)
+
+
 async def read_json(request: Request, max_body_bytes: int) -> dict:
     """The request's JSON object; never holds more than ``max_body_bytes``."""
     ctype = request.headers.get("content-type")
@@ -46,6 +87,11 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(400, f"Content-Type must be application/json, got {ctype[:100]!r}",
                            code="invalid_content_type")
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # the body is read as sent: a compressed one would only fail later as bad UTF-8
+        raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the body "
+                       "uncompressed", code="unsupported_content_encoding")
     too_large = ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
                          code="request_too_large")
     length = request.headers.get("content-length")
@@ -68,8 +114,10 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
                        code="invalid_encoding") from None
+    repeated: list[str] = []
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant,
+                          object_pairs_hook=_object_hook(repeated))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -79,6 +127,12 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         if nesting_exceeds(value, MAX_JSON_DEPTH):
             raise ApiError(400, f"{key[:100]} nests more than {MAX_JSON_DEPTH} levels deep",
                            param=key, code="invalid_value")
+    if repeated:  # after the nesting bound: the search recurses
+        field = _repeated_key(data)
+        if field is not None:
+            where = "" if isinstance(data, _Repeated) else f" (inside {field[:100]})"
+            raise ApiError(400, f"the body repeats a key{where}: each key may appear once in an "
+                           "object", param=field, code="duplicate_key")
     if _SURROGATE_ESCAPE.search(text):  # rare: then find the field that has a lone one
         for key, value in data.items():
             try:

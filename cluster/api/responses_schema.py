@@ -10,10 +10,10 @@ import json
 from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
-from splitserve.cluster.api.openai_schema import Sampling
-from splitserve.cluster.api.openai_structured import structured_output
+from splitserve.cluster.api.openai_schema import Sampling, renamed
+from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.structured import check_spec, json_object_spec
+from splitserve.engine.structured import json_object_spec
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = {"input_text", "output_text", "text"}
@@ -25,10 +25,10 @@ def _fail(message: str, param: str) -> None:
     raise InvalidRequestError(message, param=param)
 
 
-def _string(item: dict, key: str, where: str) -> str:
+def _string(item: dict, key: str, where: str, empty: bool = True) -> str:
     value = item.get(key)
-    if not isinstance(value, str):
-        _fail(f"{where}.{key} must be a string", f"{where}.{key}")
+    if not isinstance(value, str) or not (empty or value):
+        _fail(f"{where}.{key} must be a {'' if empty else 'non-empty '}string", f"{where}.{key}")
     return value
 
 
@@ -65,7 +65,7 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
             messages.append({"role": _ROLES[role], "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
-                    "function": {"name": _string(item, "name", where),
+                    "function": {"name": _string(item, "name", where, empty=False),
                                  "arguments": _string(item, "arguments", where)}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
@@ -73,7 +73,8 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+            call_id = _string(item, "call_id", where, empty=False)
+            messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": _text(item.get("output"), where)})
         elif kind != "reasoning":
             _fail(f"{where}: input items of type {str(kind)[:40]!r} are not supported (message, "
@@ -126,7 +127,7 @@ def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
         _fail('text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
               '"json_schema", "name", "schema": {...}}', "text.format")
     spec = {"type": "json", "value": json.dumps(fmt["schema"])}
-    check_spec(spec, "text.format")
+    check_constraint(spec, "text.format")
     return spec
 
 
@@ -212,4 +213,4 @@ def prepare_error(e: InvalidRequestError) -> InvalidRequestError:
     """An error of preparing the chat request, naming the Responses fields."""
     e = _responses_fields(e)
     rename = {"max_tokens": "max_output_tokens", "messages": "input"}
-    return InvalidRequestError(str(e), rename.get(e.param, e.param)) if e.param in rename else e
+    return renamed(e, rename)

@@ -220,7 +220,8 @@ class ClusterBackend(Backend):
         return self._resolve(name)[0]
 
     def models(self) -> list[ModelInfo]:
-        return self.with_adapters([ModelInfo(m.name, m.max_model_len, self._created)
+        return self.with_adapters([ModelInfo(m.name, m.max_model_len, self._created,
+                                             vocab_size=m.vocab_size)
                                    for m in self._models.values()])
 
     def tokenizer(self, model: str) -> Tokenizer:

@@ -59,6 +59,5 @@ class GraniteCausalLM(CausalLM):
         # multiplied by a Python float, as transformers does (no rounding of the factor)
         return super().embed(input_ids) * self.cfg.options.embed_scale
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)  # float32; None on tensor-parallel ranks > 0
-        return logits if logits is None else logits / self.cfg.options.logits_divisor
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.cfg.options.logits_divisor

@@ -115,16 +115,31 @@ def fp8_activations_supported(device: torch.device | str) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+    """``ops.rms_norm`` with its weight; ``fp32_product``: the weight
+    multiplied in float32 and the product rounded once (see the op)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str,
+                 fp32_product: bool = False):
         super().__init__()
         self.eps = eps
+        self.fp32_product = fp32_product
         self.weight = empty_param(dim, dtype=dtype, device=device)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: [N, dim]; with residual returns (norm(x + residual), x + residual)
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual, self.fp32_product)
+
+
+def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype, device: torch.device | str) -> RMSNorm:
+    """An RMSNorm of ``dim`` rounding as ``cfg``'s family does. Gemma's
+    ``1 + weight`` is kept in float32: transformers sums it in float32 for
+    the product, and a 16-bit copy would round it (1 + w near 1 keeps only
+    8 bits of w in bf16)."""
+    opts = cfg.options
+    weight_dtype = torch.float32 if opts.norm_plus_one else dtype
+    return RMSNorm(dim, cfg.rms_norm_eps, weight_dtype, device, fp32_product=opts.norm_fp32_product)
 
 
 class Linear(nn.Module):
@@ -219,8 +234,8 @@ class Attention(nn.Module):
         # q/k norms: per head (Qwen3) or, with full_qk_norm, over all heads at once (OLMo 2)
         self.full_qk_norm = opts.full_qk_norm
         q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
-        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
+        self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -348,9 +363,9 @@ class DecoderLayer(nn.Module):
                  sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp",
                  prefix: str = ""):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.self_attn = Attention(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
         self.tp = None  # tensor parallel: the rank's TPGroup (splitserve.engine.parallel.group)
