@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts, ServedAdapter
+from splitserve.cluster.api.errors import DeadlineExceeded, Overloaded, Unavailable  # noqa: F401
 from splitserve.engine.errors import AdapterError, SplitserveError
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.sampling_params import SamplingParams
@@ -47,27 +48,6 @@ class UnknownModel(SplitserveError, LookupError):
     def __init__(self, model: str, known: list[str]):
         super().__init__(f"model {model!r} is not served here; available: {', '.join(known)}")
         self.model = model
-
-
-class Overloaded(SplitserveError):
-    """Queues are full; the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Unavailable(SplitserveError):
-    """No replica can take the request right now (none up, router down)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(SplitserveError):
-    """A deadline between the ingress and a worker passed (no first token,
-    or no next token, in time): the request was cancelled on the workers."""
 
 
 @dataclass(frozen=True)
