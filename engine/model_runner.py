@@ -64,6 +64,35 @@ class StepInputs:
     lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
 
 
+# Devices whose verify steps (every sequence: its last token and its draft
+# tokens, no prompt chunk) run their attention as decode rows, one per
+# token (``verify_rows_as_decode``). On the CPU the batched decode path is a
+# handful of tensor ops per layer, where the multi-token path regroups the
+# queries per layer (host lists, masks, index copies): at batch 1 that
+# regrouping was most of what a 5-token verify step cost over a plain one.
+# GPU kernels take a verify chunk in one launch already, and their captured
+# graphs are sized for decode batches, so they keep the chunked form.
+VERIFY_AS_DECODE_DEVICES = ("cpu",)
+
+
+def verify_rows_as_decode(scheduled: list[ScheduledSeq], ctx: list[int],
+                          tables: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """A verify step's attention metadata with each query token as its own
+    decode row: row j of a sequence whose chunk ends at context ``c`` with
+    ``n`` tokens sees the cache up to position ``c - n + j`` (causal within
+    the chunk, as the chunked form), through the sequence's block table.
+    The tokens were stored before attention reads the cache, so every row
+    sees its own and earlier drafts. Returns (cu_query_lens, context_lens,
+    block tables), one entry per token."""
+    row_ctx: list[int] = []
+    row_tables: list[list[int]] = []
+    for s, c, t in zip(scheduled, ctx, tables):
+        n = s.num_new_tokens
+        row_ctx.extend(range(c - n + 1, c + 1))
+        row_tables.extend([t] * n)
+    return list(range(len(row_ctx) + 1)), row_ctx, row_tables
+
+
 PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
 
 
@@ -157,6 +186,11 @@ class ModelRunner:
                 first = cu[-1] - 1 - len(spec)
                 logit_rows.extend(range(first, cu[-1]))
                 logit_seqs.extend([i] * (1 + len(spec)))
+        decode_only = len(ids) == len(scheduled)
+        if (not decode_only and self.device.type in VERIFY_AS_DECODE_DEVICES
+                and all(s.num_new_tokens - len(s.spec_token_ids) == 1 for s in scheduled)):
+            cu, ctx, tables = verify_rows_as_decode(scheduled, ctx, tables)
+            decode_only = True
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
@@ -165,7 +199,7 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
             cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            decode_only=len(ids) == len(scheduled),
+            decode_only=decode_only,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
