@@ -116,6 +116,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a shared machine, OpenMP barriers between "
                          "two threads stall far more than they gain)")
+    ap.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                    help="run only these cases, by name (default: all)")
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                    help="batch sizes (default: %(default)s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -151,18 +155,30 @@ def main() -> None:
             # mechanism yields at 100% acceptance (draft = target)
             "copy / ngram, fixed k": ("copy", SpeculativeConfig(
                 method="ngram", ngram_max=4, **{**common, "adaptive": False})),
+            # the length a batch of one may verify on a CPU (the rule's knee,
+            # engine.spec.adaptive.SATURATION_TOKENS): prompt lookup's drafts
+            # come in runs, copied whole or missed at once, so the longer
+            # lengths keep paying where the geometric model says they stop
+            "copy / ngram, k = 8": ("copy", SpeculativeConfig(
+                method="ngram", ngram_max=4, **{**common, "num_speculative_tokens": 8})),
             "free / draft = target, fixed k": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(target), **{**common, "adaptive": False})),
         }
+        if args.cases:
+            unknown = set(args.cases) - set(cases)
+            if unknown:
+                raise SystemExit(f"unknown cases {sorted(unknown)}; known: {sorted(cases)}")
+            cases = {name: c for name, c in cases.items() if name in args.cases}
         engines = {name: engine(target, args.device, spec) for name, (_, spec) in cases.items()}
+        batches = args.batches
         workloads = {b: {"copy": copy_prompts(plain, b, 24, args.new_tokens + 8),
-                         "free": corpus_prefixes(plain.tokenizer, b, 24)} for b in BATCHES}
-        for b in BATCHES:  # warm-up: allocator, first-call paths
+                         "free": corpus_prefixes(plain.tokenizer, b, 24)} for b in batches}
+        for b in batches:  # warm-up: allocator, first-call paths
             timed(plain, workloads[b]["free"][:1], 4)
         results = []
         for name, (wl, _) in cases.items():
             eng = engines[name]
-            for b in BATCHES:
+            for b in batches:
                 ps = workloads[b][wl]
                 c0 = eng.load_stats()
                 plain_tps, spec_tps = [], []

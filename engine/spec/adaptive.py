@@ -29,11 +29,18 @@ from __future__ import annotations
 # ``saturation_tokens`` when the operator leaves it unset, by device type.
 # A GPU reads the weights once per decode step and leaves most of its
 # arithmetic idle: a 7-8B model's step time stays flat to a few hundred
-# tokens. A CPU has no such slack: its matrix products already take time in
-# proportion to their rows at a few tokens (the default model on a 2-vCPU
-# Xeon, one thread: a verify step of 5 tokens costs 1.4-1.8x a 1-token
-# step, docs/benchmarks.md), so only a handful of tokens ride free.
-SATURATION_TOKENS = {"cuda": 256, "cpu": 4}
+# tokens. A CPU has little such slack: its matrix products take time in
+# proportion to their rows past a few tokens. Measured with the default
+# model on a 2-vCPU Xeon, one thread (verify steps attending as decode rows,
+# ``model_runner.verify_rows_as_decode``; docs/benchmarks.md): one sequence
+# verifying 4 drafts costs 1.15-1.25 plain steps and 8 drafts 1.2-1.45, two
+# sequences with 4 drafts each 1.3, eight sequences with one draft each
+# 1.2-1.3 and with 4 each 1.7-2.0. At 8 a batch of one verifies up to 7
+# drafts as if free (they cost a fifth of a step or so: a draft run accepted
+# whole pays that many times over), a batch of 8 or more never speculates
+# (one draft would cost as much as it could yield), and a batch of 2 to 4
+# verifies up to 3 or 1.
+SATURATION_TOKENS = {"cuda": 256, "cpu": 8}
 
 # steps without speculation, chosen by the adaptive rule, before one that
 # speculates the full length to measure the acceptance rate again

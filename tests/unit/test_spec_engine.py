@@ -99,7 +99,7 @@ def test_draft_model_other_checkpoint_keeps_greedy_output(plain, tiny_llama, tin
 
 
 def test_saturation_tokens_resolved_by_device(ngram, tiny_llama):
-    assert ngram.spec.saturation_tokens == 4  # a CPU engine, no setting
+    assert ngram.spec.saturation_tokens == 8  # a CPU engine, no setting
     eng = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=300))
     assert eng.spec.saturation_tokens == 300
 

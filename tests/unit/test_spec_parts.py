@@ -7,7 +7,7 @@ from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import (AcceptanceTracker, choose_num_tokens,
+from splitserve.engine.spec.adaptive import (AcceptanceTracker, LengthRule, choose_num_tokens,
                                              default_saturation_tokens, expected_tokens)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.decoder import merge_outputs
@@ -73,13 +73,23 @@ def test_one_slow_step_does_not_decide_the_draft_cost():
 def test_saturation_default_by_device():
     # a GPU verifies a few hundred tokens for the price of one; a CPU a handful
     assert default_saturation_tokens("cuda") == 256
-    assert default_saturation_tokens("cpu") == 4
+    cpu = default_saturation_tokens("cpu")
+    assert cpu == 8
     assert SpeculativeConfig().saturation_tokens is None  # resolved by the engine's device
     # on a CPU a batch of 32 stops speculating at the acceptance the trained
     # pair reaches with prompt lookup; the GPU knee would still verify drafts
-    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cpu")) == 0
+    assert choose_num_tokens(4, 32, 0.6, cpu) == 0
     assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cuda")) > 0
-    assert choose_num_tokens(4, 1, 0.6, default_saturation_tokens("cpu")) > 0
+    # from a batch of 8 on, not even every draft accepted pays on a CPU: no
+    # speculation and no probes there (LengthRule.quiet)
+    for batch in (8, 32):
+        assert choose_num_tokens(8, batch, 1.0, cpu) == 0
+        assert LengthRule(8, cpu).quiet(batch)
+    # a batch of one verifies up to 7 drafts (their tokens cost little), a
+    # batch of two up to 3
+    assert choose_num_tokens(4, 1, 0.5, cpu) == 4
+    assert choose_num_tokens(8, 1, 0.5, cpu) == 7
+    assert choose_num_tokens(8, 2, 0.9, cpu) == 3
 
 
 def test_config_checks_and_registry():
