@@ -12,7 +12,10 @@ a plain decode step,
     C(k) = max(1, B (k + 1) / S) / max(1, B / S) + k r
 
 with ``S = saturation_tokens`` and ``r`` the measured time of one draft
-step relative to one target step (about 0 for n-gram lookup). The engine
+step relative to one target step; a proposer whose drafting costs the same
+whatever ``k`` (prompt lookup: one search finds the whole run,
+``Proposer.cost_per_position`` False) is charged ``r`` once, its time per
+step, not ``k r``. The engine
 verifies the ``k`` in ``[0, num_speculative_tokens]`` with the largest
 ``E(k) / C(k)``; ``k = 0`` (no speculation) scores 1. So a small batch
 speculates the full length, a batch large enough that verifying costs
@@ -60,20 +63,26 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def step_cost(batch: int, k: int, saturation_tokens: int, draft_ratio: float) -> float:
-    """A verify step's time relative to a plain decode step of ``batch``."""
+def step_cost(batch: int, k: int, saturation_tokens: int, draft_ratio: float,
+              per_position: bool = True) -> float:
+    """A verify step's time relative to a plain decode step of ``batch``
+    (``per_position``: the draft's cost grows with ``k``)."""
     s = float(saturation_tokens)
-    return max(1.0, batch * (k + 1) / s) / max(1.0, batch / s) + k * draft_ratio
+    draft = k * draft_ratio if per_position else draft_ratio
+    return max(1.0, batch * (k + 1) / s) / max(1.0, batch / s) + draft
 
 
 def choose_num_tokens(max_k: int, batch: int, alpha: float, saturation_tokens: int,
-                      draft_ratio: float = 0.0, disable_batch_size: int | None = None) -> int:
-    """The speculation length for this step (0: do not speculate)."""
+                      draft_ratio: float = 0.0, disable_batch_size: int | None = None,
+                      per_position: bool = True) -> int:
+    """The speculation length for this step (0: do not speculate);
+    ``per_position`` as in ``step_cost``."""
     if batch <= 0 or (disable_batch_size is not None and batch > disable_batch_size):
         return 0
     best_k, best = 0, 1.0
     for k in range(1, max_k + 1):
-        score = expected_tokens(alpha, k) / step_cost(batch, k, saturation_tokens, draft_ratio)
+        score = expected_tokens(alpha, k) / step_cost(batch, k, saturation_tokens, draft_ratio,
+                                                      per_position)
         if score > best + 1e-9:
             best_k, best = k, score
     return best_k
@@ -98,7 +107,8 @@ class AcceptanceTracker:
         self._timed = 0  # steps whose draft cost was observed
 
     def observe(self, proposed: int, accepted: int, draft_s: float | None, step_s: float) -> None:
-        """``draft_s``: seconds per draft position of this step's drafting,
+        """``draft_s``: seconds per draft position of this step's drafting
+        (per step for a proposer whose cost does not grow with the length),
         without one-off work (None: not measured this step); ``step_s``:
         the verify step without the drafting."""
         if proposed > 0:
@@ -124,8 +134,9 @@ class LengthRule:
 
     def __init__(self, max_k: int, saturation_tokens: int, adaptive: bool = True,
                  disable_batch_size: int | None = None,
-                 tracker: AcceptanceTracker | None = None):
+                 tracker: AcceptanceTracker | None = None, per_position: bool = True):
         self.max_k = max_k
+        self.per_position = per_position  # the draft's cost: Proposer.cost_per_position
         self.saturation_tokens = saturation_tokens
         self.adaptive = adaptive
         self.disable_batch_size = disable_batch_size
@@ -140,11 +151,13 @@ class LengthRule:
         if not self.adaptive:
             return self.max_k
         max_k, t = self.max_k, self.tracker
-        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio)
+        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio,
+                              per_position=self.per_position)
         if k > 0:
             self.idle_steps = 0
             return k
-        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio) == 0:
+        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio,
+                             per_position=self.per_position) == 0:
             return 0  # off on cost: no acceptance would pay
         self.idle_steps += 1
         if self.idle_steps >= PROBE_INTERVAL and any_candidate:
@@ -162,4 +175,4 @@ class LengthRule:
         if not self.adaptive:
             return False
         return choose_num_tokens(self.max_k, batch, 1.0, self.saturation_tokens,
-                                 self.tracker.draft_ratio) == 0
+                                 self.tracker.draft_ratio, per_position=self.per_position) == 0

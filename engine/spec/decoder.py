@@ -92,7 +92,8 @@ class SpecDecoder:
         self.saturation_tokens = (cfg.saturation_tokens
                                   or default_saturation_tokens(ctx.device.type))
         self.rule = LengthRule(cfg.num_speculative_tokens, self.saturation_tokens,
-                               cfg.adaptive, cfg.disable_batch_size)
+                               cfg.adaptive, cfg.disable_batch_size,
+                               per_position=self.proposer.cost_per_position)
         self.tracker = self.rule.tracker
         self.counters = SpecCounters(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self.last_k = 0  # the speculation length of the last step
@@ -135,7 +136,8 @@ class SpecDecoder:
         t0 = time.perf_counter()
         proposals = self.proposer.propose(seqs, ks)
         self._draft_s = time.perf_counter() - t0
-        self._draft_steps = max(ks)  # a proposer drafts one position per step
+        # a draft model drafts one position per forward; a lookup all at once
+        self._draft_steps = max(ks) if self.proposer.cost_per_position else 1
         self.counters.draft_time_s += self._draft_s
         for s, n, d in zip(seqs, ks, proposals):
             d = list(d[:n])
@@ -215,7 +217,8 @@ class SpecDecoder:
         return merge_outputs(outputs)
 
     def _per_position_s(self) -> float | None:
-        """This step's drafting time per draft position, without the
+        """This step's drafting time per draft position (per step where
+        ``Proposer.cost_per_position`` is False), without the
         proposer's one-off work (a draft prefilling a prompt is no cost of
         each later draft token); None when nothing else was timed."""
         steps = self._draft_steps

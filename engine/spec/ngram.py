@@ -38,6 +38,8 @@ def ngram_lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]
 
 
 class NgramProposer(Proposer):
+    cost_per_position = False  # one lookup yields the whole run
+
     def __init__(self, cfg: SpeculativeConfig):
         self.n_min, self.n_max = cfg.ngram_min, cfg.ngram_max
 

@@ -41,6 +41,11 @@ class Proposer(ABC):
     # leaves it out of the draft's per-token cost. Proposers that draft
     # one step per draft position set it; 0.0 otherwise.
     one_off_s: float = 0.0
+    # whether drafting k positions costs k times drafting one (a draft
+    # model runs a forward per position) or about the same (prompt lookup
+    # finds the whole run at once); the adaptive rule charges the measured
+    # draft time per position or per step accordingly
+    cost_per_position: bool = True
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:

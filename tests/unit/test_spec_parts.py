@@ -8,7 +8,8 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.spec.adaptive import (AcceptanceTracker, LengthRule, choose_num_tokens,
-                                             default_saturation_tokens, expected_tokens)
+                                             default_saturation_tokens, expected_tokens,
+                                             step_cost)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.decoder import merge_outputs
 from splitserve.engine.spec.ngram import ngram_lookup
@@ -52,6 +53,31 @@ def test_speculation_length_rule():
     assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.3)
     # a draft as slow as the target never pays, even accepted every time
     assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
+
+
+def test_a_lookup_is_charged_once_per_step_not_per_draft_position():
+    # at a low acceptance each further draft adds little; charging a
+    # lookup's time once per draft position stops the run early, though
+    # finding 7 tokens costs what finding 3 does
+    assert choose_num_tokens(8, 1, 0.2, 8, draft_ratio=0.001) < 7
+    assert choose_num_tokens(8, 1, 0.2, 8, draft_ratio=0.001, per_position=False) == 7
+    # a lookup that costs as much as the verify step gains still stops it
+    assert choose_num_tokens(8, 1, 0.2, 8, draft_ratio=0.3, per_position=False) == 0
+    assert step_cost(1, 4, 8, 0.1, per_position=False) == pytest.approx(1.1)
+    assert step_cost(1, 4, 8, 0.1) == pytest.approx(1.4)
+    rule = LengthRule(8, 8, per_position=False, tracker=AcceptanceTracker(prior=0.2,
+                                                                          cost_prior=0.001))
+    assert rule.length(1, True) == 7
+
+
+def test_ngram_engine_charges_its_lookup_per_step(tiny_llama):
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), num_blocks=64, block_size=4,
+                                 speculative=SpeculativeConfig(method="ngram")))
+    assert eng.spec.proposer.cost_per_position is False
+    assert eng.spec.rule.per_position is False
 
 
 def test_one_slow_step_does_not_decide_the_draft_cost():
