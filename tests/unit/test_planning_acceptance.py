@@ -23,7 +23,7 @@ from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.records import MEASURED, SpecAcceptance
 from splitserve.cluster.planning.shapes import PRESETS, shape_from_config_json
 from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
-from splitserve.engine.spec.adaptive import LengthRule, expected_tokens
+from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens, expected_tokens
 
 LLAMA = PRESETS["llama-3.1-8b"]
 
@@ -168,7 +168,7 @@ def test_the_settled_length_is_where_the_engines_rule_settles():
     settles on the length the estimate tabulates, at every batch size."""
     for a, device, batches in ((0.7, "cuda", (1, 64, 100, 128, 300)), (0.6, "cpu", (1, 2, 8))):
         table = length_table(4, a, device, 300)
-        sat = 256 if device == "cuda" else 4
+        sat = default_saturation_tokens(device)
         for b in batches:
             rule = LengthRule(4, sat)
             rng = random.Random(b)
