@@ -30,6 +30,7 @@ sets its step-cost knee; ``--fixed`` verifies the full length every step in
 every case).
 
     python -m benchmarks.bench_spec --out bench-results/spec-cpu.json
+    python -m benchmarks.bench_spec --step-costs --batches 1 2 8 32
     python -m benchmarks.bench_spec --device cuda --out gpu-results/spec.json
 """
 
@@ -104,6 +105,47 @@ def timed(eng, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
     return sum(len(r.token_ids) for r in res) / dt, [r.token_ids for r in res]
 
 
+def step_costs(path: Path, device: str, batches: list[int], ks: list[int],
+               reps: int) -> list[dict]:
+    """The time of one verify forward of ``k`` drafts per sequence relative
+    to a plain decode forward, at each batch size: the curve the adaptive
+    rule's knee (``saturation_tokens``) stands for. Each sequence holds a
+    100-token context; the forwards alternate, ``reps`` rounds; medians
+    and minima of the per-forward times."""
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.engine.scheduler import ScheduledSeq
+
+    out = []
+    for b in batches:
+        eng = engine(path, device)
+        sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        for i in range(b):
+            eng.add_request(None, prompt_token_ids=[(7 * j + i) % 500 + 3 for j in range(100)],
+                            params=sp)
+        eng.step()  # prefilled: each sequence one token behind
+        seqs = [st.seq for st in eng.requests.values()]
+        for s in seqs:  # room for the drafts' KV (rewritten by every forward)
+            if not eng.kv.allocate_more(s, 1 + max(ks)):
+                raise SystemExit("no KV blocks for the step-cost drafts")
+        times: dict[int, list[float]] = {k: [] for k in [0, *ks]}
+        for _ in range(reps + 3):
+            for k in times:
+                sched = [ScheduledSeq(s, 1 + k, list(range(20, 20 + k))) for s in seqs]
+                t0 = time.perf_counter()
+                eng.runner.execute(sched, eng.kv)
+                times[k].append(time.perf_counter() - t0)
+        times = {k: v[3:] for k, v in times.items()}  # the first rounds warm up
+        med0, min0 = statistics.median(times[0]), min(times[0])
+        for k in ks:
+            out.append({"batch": b, "k": k, "plain_forward_ms": med0 * 1e3,
+                        "cost_median": statistics.median(times[k]) / med0,
+                        "cost_min": min(times[k]) / min0})
+        print(f"step cost, batch {b}: plain forward {med0 * 1e3:.2f} ms; " + ", ".join(
+            f"k={r['k']} {r['cost_median']:.2f} (min {r['cost_min']:.2f})"
+            for r in out if r["batch"] == b), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -120,6 +162,8 @@ def main() -> None:
                     help="run only these cases, by name (default: all)")
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
                     help="batch sizes (default: %(default)s)")
+    ap.add_argument("--step-costs", action="store_true",
+                    help="only measure verify-forward cost against plain, by batch and k")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -133,6 +177,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     target = default_model_path()
+    if args.step_costs:
+        costs = step_costs(target, args.device, args.batches, [1, 2, 4, 6, 8, 12], 30)
+        if args.out:
+            write_json(args.out, {**record_header("spec-step-costs"), "settings": vars(args),
+                                  "step_costs": costs})
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-spec-"))
     try:
         draft1 = first_layers_checkpoint(target, tmp / "draft-1-layer", 1)

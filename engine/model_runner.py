@@ -73,6 +73,13 @@ class StepInputs:
 # GPU kernels take a verify chunk in one launch already, and their captured
 # graphs are sized for decode batches, so they keep the chunked form.
 VERIFY_AS_DECODE_DEVICES = ("cpu",)
+# Only steps of this many tokens at most: each decode row gathers its
+# sequence's whole context, so past a few rows the regrouped chunk is the
+# cheaper form (measured with ``bench_spec --step-costs``, the default model,
+# one thread: 5 rows at batch 1 cost 1.25-1.28 plain forwards against 1.32,
+# 9 rows the same 1.4-1.5 either way, 13 rows 1.7-1.8 against 1.6, and
+# batch 8 with 3 rows each 1.38 against 1.31).
+VERIFY_AS_DECODE_MAX_TOKENS = 8
 
 
 def verify_rows_as_decode(scheduled: list[ScheduledSeq], ctx: list[int],
@@ -188,6 +195,7 @@ class ModelRunner:
                 logit_seqs.extend([i] * (1 + len(spec)))
         decode_only = len(ids) == len(scheduled)
         if (not decode_only and self.device.type in VERIFY_AS_DECODE_DEVICES
+                and len(ids) <= VERIFY_AS_DECODE_MAX_TOKENS
                 and all(s.num_new_tokens - len(s.spec_token_ids) == 1 for s in scheduled)):
             cu, ctx, tables = verify_rows_as_decode(scheduled, ctx, tables)
             decode_only = True

@@ -14,7 +14,8 @@ from splitserve.engine.scheduler import ScheduledSeq
 
 def verify_logits(path, as_decode: bool, monkeypatch) -> tuple[torch.Tensor, bool]:
     """Prefill two prompts, then run one verify step by hand: sequence 0
-    with 5 draft tokens (crossing a block), sequence 1 with none."""
+    with 5 draft tokens (crossing a block), sequence 1 with none: 7 tokens,
+    within ``VERIFY_AS_DECODE_MAX_TOKENS``."""
     eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4,
                                  enable_prefix_caching=False))
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -41,6 +42,12 @@ def test_decode_rows_match_chunked_verify(tiny_checkpoints, variant, monkeypatch
     rows, rows_decode_only = verify_logits(path, True, monkeypatch)
     assert not chunked_decode_only and rows_decode_only  # the two forms did run
     torch.testing.assert_close(rows, chunked, rtol=1e-5, atol=1e-5)
+
+
+def test_long_verify_steps_keep_the_chunked_form(tiny_llama, monkeypatch):
+    monkeypatch.setattr(model_runner, "VERIFY_AS_DECODE_MAX_TOKENS", 6)
+    _, decode_only = verify_logits(tiny_llama, True, monkeypatch)
+    assert not decode_only  # 7 tokens: past the limit
 
 
 def test_decode_rows_metadata():
