@@ -132,12 +132,16 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     check_installed(cfg.observability.tracing)
     connect(address)
     deadline = time.monotonic() + wait_s
+    ledger = get_ledger(create=True)
     with SERVE_LOCK:
-        out, submitted = _apply(cfg, with_ingress, get_ledger(create=True))
+        out, submitted, version = _apply(cfg, with_ingress, ledger)
     wait_for_pools(cfg, wait_s, submitted)
     out.update(_apply_routes(cfg, with_ingress))
     if with_ingress:
         wait_for_ingress(deadline)
+    # recorded once it runs: after a failed deploy the next one compares
+    # against the last config that ran and resubmits whatever differs
+    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
     return out
 
 
@@ -154,7 +158,10 @@ def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
     return {"routes": lines, "routes_pending": behind}
 
 
-def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
+def _apply(cfg: ClusterConfig, with_ingress: bool,
+           ledger) -> tuple[dict[str, Any], list[str], str]:
+    """Submit what changed; returns (summary, the applications submitted,
+    the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
     serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
@@ -204,8 +211,7 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         # runs, one after another); deploy then watches them all in
         # wait_for_pools / wait_for_ingress, failures included
         serve.run_many(targets, wait_for_applications_running=False)
-    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
-    return {"apps": apps, "removed": removed}, [t.name for t in targets]
+    return {"apps": apps, "removed": removed}, [t.name for t in targets], version
 
 
 def pool_apps_names(served: ServedModel) -> list[str]:
