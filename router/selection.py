@@ -65,15 +65,19 @@ def pick_decode(
         block_size = cfg.model(model).block_size
         # usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
         max_hit_blocks = (prompt_len - 1) // block_size
+        # (the matches of the prefill pool are not in decode_by_id) A
+        # replica is checked for use only when its score would win: the
+        # same choice as filtering first, fewer calls.
         for rid, blocks in matches.items():
             d = get(rid)
-            if d is None or not decode_usable(d, model, horizon, excluded, total):
+            if d is None:
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
             score = d.load - credit_per_token * hit
             if miss_weight:
                 score += miss_weight * adapter_miss(d, adapter)
-            if score < best_score or (score == best_score and rid < best.replica_id):
+            if ((score < best_score or (score == best_score and rid < best.replica_id))
+                    and decode_usable(d, model, horizon, excluded, total)):
                 best, best_score = d, score
     # Uncached replicas score their load (plus the adapter term, never
     # negative, so the load still bounds the score): without an adapter the
@@ -126,7 +130,7 @@ def fastest_remote_prefill(
         get = snap.prefill_by_id.get
         for rid, blocks in matches.items():
             p = get(rid)
-            if p is None or not prefill_usable(p, model, horizon, excluded):
+            if p is None:
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
             # remote_prefill_s(p, prompt_len - hit, cfg), inline: the same sums
@@ -136,7 +140,8 @@ def fastest_remote_prefill(
             )
             if load_s:
                 t += load_s * adapter_miss(p, adapter)
-            if t < best_s or (t == best_s and rid < best.replica_id):
+            if ((t < best_s or (t == best_s and rid < best.replica_id))
+                    and prefill_usable(p, model, horizon, excluded)):  # as in pick_decode
                 best, best_s = p, t
     # Uncached replicas compute the whole prompt at no more than the pool's
     # fastest speed (or the assumed one): first those on the decode
