@@ -22,6 +22,8 @@ from splitserve.router.types import ClusterSnapshot, DecodeReplicaStats, Prefill
 
 R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
 
+_new_object = object.__new__
+
 
 class ReplicaPool(Generic[R]):
     def __init__(self, order_key: Callable[[R], tuple[float, str]], track_nodes: bool = True):
@@ -189,5 +191,18 @@ def make_live_snapshot(
     (policies only iterate them and test them for emptiness)."""
     p_by_id, p_ordered, p_speed, p_nodes = prefill.live()
     d_by_id, d_ordered, _, _ = decode.live()
-    return ClusterSnapshot(p_by_id.values(), d_by_id.values(), now, p_by_id, d_by_id,
-                           p_ordered, d_ordered, p_speed, p_nodes)
+    # Filled slot by slot, as the stats' counting(): every view is given, so
+    # the constructor's __post_init__ has nothing to derive, and calling the
+    # class costs more than the rest of this function (once per decision;
+    # tests/unit/test_replica_pool.py checks every field is set).
+    snap = _new_object(ClusterSnapshot)
+    snap.prefill = p_by_id.values()
+    snap.decode = d_by_id.values()
+    snap.now = now
+    snap.prefill_by_id = p_by_id
+    snap.decode_by_id = d_by_id
+    snap.prefill_by_queue = p_ordered
+    snap.decode_by_load = d_ordered
+    snap.max_prefill_tokens_per_s = p_speed
+    snap.prefill_by_node = p_nodes
+    return snap

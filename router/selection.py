@@ -24,8 +24,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from splitserve.engine.roles import Role
 from splitserve.router.config import RouterConfig
-from splitserve.router.cost_model import (adapter_miss, prefill_queue_s,
-                                         transfer_s, usable_hit_tokens)
+from splitserve.router.cost_model import adapter_miss, prefill_queue_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
     ClusterSnapshot,
@@ -122,8 +121,10 @@ def fastest_remote_prefill(
     max_hit_blocks = (prompt_len - 1) // block_size  # as in pick_decode
     assumed = cfg.assumed_prefill_tokens_per_s
     node = decode.node_id
-    cross_s = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
-    same_s = transfer_s(prompt_len, kv_bytes_per_token, True, cfg) if node else cross_s
+    # transfer_s(prompt_len, kv_bytes_per_token, same_node, cfg), inline: the same sums
+    kv_bytes, overhead_s = prompt_len * kv_bytes_per_token, cfg.handoff_overhead_s
+    cross_s = kv_bytes / cfg.network_bytes_per_s + overhead_s
+    same_s = kv_bytes / cfg.same_node_bytes_per_s + overhead_s if node else cross_s
     best: PrefillReplicaStats | None = None
     best_s = _INF
     if matches:
@@ -150,7 +151,8 @@ def fastest_remote_prefill(
     # goes past the few replicas that could still win.
     # A replica is scored first and checked for use only when it would win
     # (most visited replicas do not): the same choice, fewer calls.
-    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, assumed)
+    fastest = snap.max_prefill_tokens_per_s
+    compute_s = prompt_len / (assumed if assumed > fastest else fastest)  # max(fastest, assumed)
     local = snap.prefill_by_node.get(node, ()) if node else ()
     for group, link_s, skip_local in ((local, same_s, False),
                                       (snap.prefill_by_queue, cross_s, bool(local))):

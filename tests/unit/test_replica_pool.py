@@ -7,7 +7,7 @@ import random
 from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.core import RouterCore
 from splitserve.router.policies import get_policy
-from splitserve.router.replica_pool import ReplicaPool
+from splitserve.router.replica_pool import ReplicaPool, make_live_snapshot, make_snapshot
 from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
@@ -92,6 +92,25 @@ def test_views_are_shared_until_the_pool_changes():
     assert pool.by_node() is nodes
     pool.put(dataclasses.replace(pool.get("p1"), node_id="n9"))
     assert pool.by_node() is not nodes and "n9" not in nodes  # old copies stay as they were
+
+
+def test_live_snapshot_sets_every_field_as_the_copying_one():
+    """make_live_snapshot fills the snapshot slot by slot: every field is
+    set, to the same contents as make_snapshot's copies."""
+    rng = random.Random(8)
+    prefill: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_order)
+    decode: ReplicaPool[DecodeReplicaStats] = ReplicaPool(load_order, track_nodes=False)
+    for i in range(5):
+        prefill.put(pre(rng, f"p{i}"))
+        decode.put(dec(rng, f"d{i}"))
+    live, copied = make_live_snapshot(prefill, decode, NOW), make_snapshot(prefill, decode, NOW)
+    for f in dataclasses.fields(ClusterSnapshot):
+        got, want = getattr(live, f.name), getattr(copied, f.name)  # unset: AttributeError
+        if f.name in ("prefill", "decode", "prefill_by_queue", "decode_by_load"):
+            got, want = tuple(got), tuple(want)
+        elif f.name in ("prefill_by_id", "decode_by_id", "prefill_by_node"):
+            got, want = dict(got), dict(want)
+        assert got == want, f.name
 
 
 def test_counting_copies_every_other_field():
