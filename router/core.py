@@ -44,8 +44,8 @@ from splitserve.router.types import (
     QueueDelayError,
     RouteRequest,
     UnknownModelError,
-    load_order,
-    queue_order,
+    load_rank,
+    queue_rank,
 )
 
 ReplicaStats = PrefillReplicaStats | DecodeReplicaStats
@@ -71,11 +71,11 @@ class RouterCore:
         self.state = PolicyState()
         self._models = tuple(cfg.models)
         self._prefill: dict[str, ReplicaPool[PrefillReplicaStats]] = {
-            m: ReplicaPool(queue_order) for m in self._models
+            m: ReplicaPool(queue_rank) for m in self._models
         }
         self._decode: dict[str, ReplicaPool[DecodeReplicaStats]] = {
             # no per-node groups: only the prefill pools' are read (prefill_by_node)
-            m: ReplicaPool(load_order, track_nodes=False) for m in self._models
+            m: ReplicaPool(load_rank, track_nodes=False) for m in self._models
         }
         self._admission = AdmissionControl(
             cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock
