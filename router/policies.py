@@ -97,7 +97,7 @@ def cost_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, 
                 cfg: RouterConfig, state: PolicyState) -> Placement:
     facts = cfg.model(req.model)
     d = pick_decode(req, snap, matches, cfg, cfg.prefix_weight)
-    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts.kv_bytes_per_token)
+    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts)
     if p is None:
         return _placement(req, None, d, matches, cfg, REASON_NO_PREFILL_REPLICA)
     prompt_len = req.prompt_len

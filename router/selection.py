@@ -23,7 +23,7 @@ from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from splitserve.engine.roles import Role
-from splitserve.router.config import RouterConfig
+from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.cost_model import adapter_miss, prefill_queue_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
@@ -103,10 +103,10 @@ def fastest_remote_prefill(
     matches: Mapping[str, int],
     cfg: RouterConfig,
     decode: DecodeReplicaStats,
-    kv_bytes_per_token: int,
+    facts: ModelFacts,
 ) -> tuple[PrefillReplicaStats | None, float]:
     """Usable prefill replica with the smallest predicted TTFT when handing
-    off to ``decode`` (with ``adapter_load_s`` scaled by ``adapter_miss``
+    off to ``decode`` (``facts``: the request's model's; with ``adapter_load_s`` scaled by ``adapter_miss``
     for a request with a LoRA adapter), and that TTFT; (None, inf) when
     none is usable."""
     if not snap.prefill:
@@ -117,7 +117,7 @@ def fastest_remote_prefill(
     prompt_len = req.prompt_len
     # The cost model's remote TTFT, remote_ttft_s(), with its two possible
     # transfer times worked out once: the same sums in the same order.
-    block_size = cfg.model(model).block_size
+    block_size, kv_bytes_per_token = facts.block_size, facts.kv_bytes_per_token
     max_hit_blocks = (prompt_len - 1) // block_size  # as in pick_decode
     assumed = cfg.assumed_prefill_tokens_per_s
     node = decode.node_id
