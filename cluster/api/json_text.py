@@ -1,14 +1,15 @@
 """Strict JSON parsing shared by both APIs: the HTTP body
 (splitserve.cluster.api.http_body) and the gRPC API's fields that carry a
 JSON value as text (splitserve.cluster.api.grpc_messages). Both refuse what
-json.loads would let through: NaN / Infinity (not JSON, and not a value a
-schema, a template or a sampling field can use) and an object that repeats a
-key (the last value would win here, while a proxy in front may read the
-first)."""
+json.loads would let through: NaN and Infinity, written out or as a number
+too large for a float (1e999) — not JSON, and no value a schema, a template
+or a sampling field can use — and an object that repeats a key (the last
+value would win here, while a proxy in front may read the first)."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
@@ -17,6 +18,13 @@ from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses as Infinity
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
 
 
 class Repeated(dict):
@@ -48,7 +56,8 @@ def loads(text: str) -> tuple[Any, bool]:
     ``repeated_key`` after bounding the nesting, since the search recurses).
     Raises ValueError (NaN, Infinity, not JSON) or RecursionError."""
     found: list[str] = []
-    value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_hook(found))
+    value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                       object_pairs_hook=_object_hook(found))
     return value, bool(found)
 
 

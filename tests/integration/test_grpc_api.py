@@ -330,6 +330,7 @@ HI = [pb.ChatMessage(role="user", content="hi")]
     (dict(messages=HI, chat_template_kwargs='{"enable_thinking": false, "enable_thinking": true}'),
      "chat_template_kwargs"),
     (dict(messages=HI, chat_template_kwargs='{"x": Infinity}'), "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs='{"x": -1e400}'), "chat_template_kwargs"),
     (dict(messages=HI, chat_template_kwargs="{x"), "chat_template_kwargs"),
     (dict(messages=HI, tool_choice="required"), "tool_choice"),
     (dict(messages=HI, tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),

@@ -458,6 +458,8 @@ def test_invalid_parameters_are_400_naming_the_field(url, local, engines, path, 
 @pytest.mark.parametrize("content,ctype,code", [
     (b'{"model": "tiny-llama", "prompt": ', "application/json", "invalid_json"),
     (b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}', "application/json", "invalid_json"),
+    # a number too large for a float is Infinity in disguise
+    (b'{"model": "tiny-llama", "prompt": "hi", "temperature": 1e999}', "application/json", "invalid_json"),
     (b"[1, 2]", "application/json", "invalid_json"),
     (b'{"model": "tiny-llama", "prompt": "\xff\xfe"}', "application/json", "invalid_encoding"),
     (b"model=tiny-llama&prompt=hi", "application/x-www-form-urlencoded", "invalid_content_type"),
