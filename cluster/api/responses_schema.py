@@ -108,12 +108,12 @@ def _check_items(items: list[Any]) -> None:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             continue
-        allowed = _ITEM_FIELDS.get(item.get("type", "message"))
+        kind = item.get("type", "message")
+        allowed = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
         unknown = sorted(set(item) - allowed) if allowed is not None else []
         if unknown:
-            raise ApiError(400, f"input[{i}]: unknown field {unknown[0][:100]!r} on a "
-                           f"{item.get('type', 'message')} item", param=f"input[{i}].{unknown[0]}",
-                           code="unknown_parameter")
+            raise ApiError(400, f"input[{i}]: unknown field {unknown[0][:100]!r} on a {kind} item",
+                           param=f"input[{i}].{unknown[0]}", code="unknown_parameter")
 
 
 def _check_include(include: list[str]) -> None:

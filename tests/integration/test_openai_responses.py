@@ -202,6 +202,7 @@ def test_a_reasoning_model_answers_with_a_reasoning_item(client, stream):
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x", "result": "y"}]},
      "input[0].result"),
     ({"input": [{"type": "reasoning", "summary": [], "text": "x"}]}, "input[0].text"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "x"}]}, "input[0].type"),
     ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "foo"}}}},
      "text.format"),
