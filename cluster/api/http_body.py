@@ -5,6 +5,7 @@ the offending field (the models: cluster/api/openai_schema.py)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -33,6 +34,27 @@ def param_of(loc: tuple[Any, ...]) -> str | None:
         else:
             break
     return path or None
+
+
+def _out_of_range_field(text: str) -> str | None:
+    """The top-level field holding a number too large for a float (1e999),
+    found by parsing again leniently (rare: only for such a body)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return next((key for key, value in data.items() if _holds_infinity(value, 0)), None)
+
+
+def _holds_infinity(value, depth: int) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(value, float):
+        return math.isinf(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_infinity(v, depth + 1) for v in items)
 
 
 async def read_json(request: Request, max_body_bytes: int) -> dict:
@@ -73,6 +95,10 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
     try:
         data, repeated = json_text.loads(text)
     except (ValueError, RecursionError) as e:
+        field = _out_of_range_field(text) if isinstance(e, json_text.OutOfRange) else None
+        if field is not None:  # a number past float's range, in a field the client named
+            raise ApiError(400, f"{field[:100]} holds a number out of range: {e}", param=field,
+                           code="invalid_value") from None
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")

@@ -20,10 +20,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class OutOfRange(ValueError):
+    """A number too large for a float (it would parse as Infinity)."""
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):  # 1e999 parses as Infinity
-        raise ValueError(f"the number {text[:40]} is out of range")
+        raise OutOfRange(f"the number {text[:40]} is out of range")
     return value
 
 
