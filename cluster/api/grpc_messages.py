@@ -6,7 +6,7 @@ OpenAI API's ``tools[0].function.name``)."""
 
 from __future__ import annotations
 
-from splitserve.cluster.api import json_text
+from splitserve.engine import json_text
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.openai_structured import check_constraint

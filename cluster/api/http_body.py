@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from splitserve.cluster.api import json_text
+from splitserve.engine import json_text
 from splitserve.cluster.api.openai_schema import ApiError, RequestBody
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 

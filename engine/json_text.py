@@ -1,6 +1,7 @@
-"""Strict JSON parsing shared by both APIs: the HTTP body
+"""Strict JSON parsing shared by both APIs, the HTTP body
 (splitserve.cluster.api.http_body) and the gRPC API's fields that carry a
-JSON value as text (splitserve.cluster.api.grpc_messages). Both refuse what
+JSON value as text (splitserve.cluster.api.grpc_messages), and by the
+engine's JSON-schema constraints (splitserve.engine.structured). All refuse what
 json.loads would let through: NaN and Infinity, written out or as a number
 too large for a float (1e999) — not JSON, and no value a schema, a template
 or a sampling field can use — and an object that repeats a key (the last
