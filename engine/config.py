@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.family_config import FamilyOptions, parse_family_options
+from splitserve.engine.family_config import (
+    DEFAULT_ROPE_THETA,
+    FamilyOptions,
+    gemma3_layer_types,
+    parse_family_options,
+    smollm3_rope_layers,
+)
 from splitserve.engine.quantization import QuantizationConfig, parse_quantization_config
 from splitserve.engine.spec.config import SpeculativeConfig
 
@@ -39,6 +45,8 @@ ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
+    "Gemma3ForCausalLM": "gemma3",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 
 
@@ -77,7 +85,7 @@ class ModelConfig:
     max_position: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool  # RMSNorm on q and k before RoPE (Qwen3: per head; OLMo 2: all heads)
+    qk_norm: bool  # RMSNorm on q and k before RoPE (Qwen3, Gemma 3: per head; OLMo 2: all heads)
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None  # the window of the layers that have one
     layer_windows: tuple[int, ...] = ()  # per layer: its window, 0 = full attention
@@ -90,7 +98,7 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
-    # what Gemma, Gemma 2, Phi-3, Granite and OLMo 2 add (splitserve.engine.family_config)
+    # what Gemma 1-3, Phi-3, Granite, OLMo 2 and SmolLM3 add (splitserve.engine.family_config)
     options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
@@ -109,7 +117,7 @@ class ModelConfig:
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-            rope_theta, rope_scaling = _rope_params(cfg)
+            rope_theta, rope_scaling = _rope_params(cfg, family)
             # Which projections carry biases differs by family, as in transformers:
             # Qwen2 always biases q/k/v, Mistral/Mixtral never, Qwen2-MoE per
             # ``qkv_bias`` (on unless written off), Llama/Qwen3(-MoE) follow attention_bias.
@@ -138,14 +146,14 @@ class ModelConfig:
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=qkv_bias,
-                qk_norm=family in ("qwen3", "qwen3_moe", "olmo2"),
+                qk_norm=family in ("qwen3", "qwen3_moe", "olmo2", "gemma3"),
                 rope_scaling=rope_scaling,
                 **_windows(cfg, family, int(cfg["num_hidden_layers"])),
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 o_proj_bias=family in _O_PROJ_BIAS_FAMILIES and cfg_bias,
-                mlp_bias=family in ("llama", "granite") and bool(cfg.get("mlp_bias", False)),
+                mlp_bias=family in ("llama", "granite", "smollm3") and bool(cfg.get("mlp_bias", False)),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
                 quantization=quantization,
                 options=parse_family_options(cfg, family),
@@ -194,7 +202,8 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
 
 
 # Families whose ``attention_bias`` covers o_proj as well as q/k/v.
-_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "granite", "olmo2")
+_O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "granite", "olmo2",
+                         "smollm3")
 
 # Families whose window, once set, covers every layer: Mistral, Mixtral and
 # Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
@@ -208,13 +217,20 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
 
     Mistral and Mixtral have no switch: a window set applies to every layer.
     Phi-3 likewise; Gemma 2 to the layers ``layer_types`` marks (by default
-    every other layer from layer 0), Gemma has none.
+    every other layer from layer 0), Gemma 3 likewise (by default all but
+    every ``sliding_window_pattern``-th; a window of 4096 when config.json
+    names none), Gemma has none. SmolLM3 behind ``use_sliding_window``, on
+    the layers ``layer_types`` marks (by default its layers without RoPE).
     The Qwen families apply it only with ``use_sliding_window``: Qwen3-MoE to
     every layer, Qwen2/Qwen3/Qwen2-MoE to the layers ``layer_types`` marks
     ``sliding_attention`` (older configs: layers from ``max_window_layers``
     on). Llama has none."""
-    window = cfg.get("sliding_window")
-    switched = family in ("mistral", "mixtral", "phi3", "gemma2") or cfg.get("use_sliding_window")
+    window = cfg.get("sliding_window", 4096 if family == "gemma3" else None)
+    if family == "gemma3" and window is None and "sliding_attention" in gemma3_layer_types(cfg):
+        # transformers cannot build the sliding layers' mask without one
+        raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
+    switched = (family in ("mistral", "mixtral", "phi3", "gemma2", "gemma3")
+                or cfg.get("use_sliding_window"))
     if family in _UNWINDOWED or not window or not switched:
         return {"sliding_window": None, "layer_windows": (0,) * num_layers}
     window = int(window)
@@ -225,6 +241,10 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
     types = cfg.get("layer_types")
     if types is None and family == "gemma2":  # every other layer, from layer 0
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    if types is None and family == "gemma3":
+        types = gemma3_layer_types(cfg)
+    if types is None and family == "smollm3":  # the layers without RoPE
+        types = ["full_attention" if rope else "sliding_attention" for rope in smollm3_rope_layers(cfg)]
     if types is None:
         first = int(cfg.get("max_window_layers", 28))
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
@@ -234,18 +254,23 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
     return {"sliding_window": window if any(windows) else None, "layer_windows": windows}
 
 
-def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope_params(cfg: dict[str, Any], family: str = "") -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either config layout.
 
     transformers < 5 writes ``rope_theta`` and ``rope_scaling`` at top level;
     transformers >= 5 writes one ``rope_parameters`` dict holding both, with
     ``rope_type: "default"`` meaning no scaling. Scaling dicts are returned as
-    written (``type`` or ``rope_type``); splitserve.engine.models.rope reads either."""
+    written (``type`` or ``rope_type``); splitserve.engine.models.rope reads either.
+    Gemma 3's ``rope_parameters`` has one dict per layer type: this is the
+    full-attention layers' (``FamilyOptions.local_rope_theta`` the sliding ones')."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"rope_parameters must be an object, got {params!r}")
+    if family == "gemma3" and params is not None:
+        params = _gemma3_full_rope(cfg)
     # both present: the dict's, as transformers >= 5 standardises them
-    theta = (params or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
+    theta = ((params or {}).get("rope_theta") or cfg.get("rope_theta")
+             or DEFAULT_ROPE_THETA.get(family, 10000.0))
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)
     if kind in ("llama3", "yarn", "longrope"):
@@ -264,6 +289,18 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if partial is not None and float(partial) != 1.0:
         scaling = {**(scaling or {"rope_type": "default"}), "partial_rotary_factor": float(partial)}
     return float(theta), scaling
+
+
+def _gemma3_full_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 nests rope_parameters by layer type; the older
+    # rope_scaling is the full-attention layers' alone
+    nested = cfg.get("rope_parameters")
+    if not nested:
+        return cfg.get("rope_scaling") or {}
+    if not {"full_attention", "sliding_attention"} & nested.keys():
+        raise ValueError("Gemma 3's rope_parameters must be nested by layer type "
+                         "(full_attention, sliding_attention), as transformers writes them")
+    return nested.get("full_attention") or {}
 
 
 @dataclass

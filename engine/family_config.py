@@ -1,5 +1,5 @@
-"""What the Gemma, Gemma 2, Phi-3, Granite and OLMo 2 families add to the
-Llama-style decoder, read from their ``config.json``.
+"""What the Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2 and SmolLM3
+families add to the Llama-style decoder, read from their ``config.json``.
 
 ``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
 Qwen and MoE families keep the defaults, which change nothing. Each field
@@ -24,13 +24,20 @@ _ACTIVATIONS = {
 }
 
 # The families whose checkpoints need more than the Llama-style defaults.
-OPTION_FAMILIES = ("gemma", "gemma2", "phi3", "granite", "olmo2")
+OPTION_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3")
+
+# transformers' RoPE base where config.json names none (its config classes' default_theta)
+DEFAULT_ROPE_THETA = {"gemma3": 1_000_000.0, "smollm3": 2_000_000.0}
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers, without rope_local_base_freq
 
 
 @dataclass(frozen=True)
 class FamilyOptions:
     hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    # Gemma, OLMo 2: RMSNorm multiplies the weight into the float32 normed row and
+    # rounds once (Llama rounds the normed row to the model dtype first)
+    norm_fp32_product: bool = False
     embed_scale: float = 1.0  # Gemma: sqrt(hidden_size); Granite: embedding_multiplier
     # None: head_dim ** -0.5 (Gemma 2: query_pre_attn_scalar; Granite: attention_multiplier)
     attn_scale: float | None = None
@@ -44,6 +51,10 @@ class FamilyOptions:
     logits_divisor: float = 1.0  # Granite logits_scaling: the output logits divided by it
     post_norms: bool = False  # OLMo 2: norms on the attention and MLP outputs, none before them
     full_qk_norm: bool = False  # OLMo 2: q/k RMSNorm over every head at once, not per head
+    # Gemma 3: the sliding-window layers rotate with their own base (default RoPE, no scaling)
+    local_rope_layers: tuple[int, ...] = ()
+    local_rope_theta: float = 0.0
+    nope_layers: tuple[int, ...] = ()  # SmolLM3 no_rope_layers: the layers that apply no RoPE
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
@@ -55,16 +66,32 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
     act = _activation(cfg, family)
     if family == "gemma":
         _no_bidirectional(cfg)
-        return FamilyOptions(hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden))
+        return FamilyOptions(hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden))
     if family == "gemma2":
         _no_bidirectional(cfg)
         return FamilyOptions(
-            hidden_act=act, norm_plus_one=True, embed_scale=math.sqrt(hidden),
+            hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden),
             attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
             attn_softcap=_cap(cfg, "attn_logit_softcapping"),
             final_softcap=_cap(cfg, "final_logit_softcapping"),
             sandwich_norms=True,
         )
+    if family == "gemma3":
+        _no_bidirectional(cfg)
+        types = gemma3_layer_types(cfg)
+        # attn_logit_softcapping is in Gemma 3's config but transformers'
+        # Gemma 3 attention never applies it: neither is it applied here
+        return FamilyOptions(
+            hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden),
+            attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
+            final_softcap=_cap(cfg, "final_logit_softcapping"),
+            sandwich_norms=True,
+            local_rope_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+            local_rope_theta=_gemma3_local_theta(cfg),
+        )
+    if family == "smollm3":
+        return FamilyOptions(hidden_act=act, nope_layers=tuple(
+            i for i, rope in enumerate(smollm3_rope_layers(cfg)) if not rope))
     if family == "granite":
         return FamilyOptions(
             hidden_act=act, embed_scale=_multiplier(cfg, "embedding_multiplier"),
@@ -73,7 +100,8 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             logits_divisor=_multiplier(cfg, "logits_scaling"),
         )
     if family == "olmo2":
-        return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True)
+        return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True,
+                             norm_fp32_product=True)
     # phi3
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if (rope.get("rope_type") or rope.get("type")) == "yarn":
@@ -84,9 +112,11 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
 
 
 def _activation(cfg: dict[str, Any], family: str) -> str:
-    # Gemma 2 names it hidden_activation; Gemma and Phi-3 hidden_act.
+    # Gemma 2 and 3 name it hidden_activation; the others hidden_act.
     # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it so).
-    name = cfg.get("hidden_activation") if family == "gemma2" else None
+    name = cfg.get("hidden_activation") if family in ("gemma2", "gemma3") else None
+    if family == "gemma3":  # its MLP reads hidden_activation alone (a hidden_act is ignored)
+        name = name or "gelu_pytorch_tanh"
     name = name or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
     if family == "gemma" and name == "gelu":
         name = "gelu_pytorch_tanh"
@@ -94,6 +124,51 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
         raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
                          f"{', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+def gemma3_layer_types(cfg: dict[str, Any]) -> list[str]:
+    """Gemma 3's ``layer_types``; older configs give ``sliding_window_pattern``
+    (default 6): every layer sliding but each pattern-th, as transformers derives it."""
+    num_layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                 for i in range(num_layers)]
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"layer_types {sorted(unknown)} are not supported for gemma3; "
+                         "supported: sliding_attention, full_attention")
+    return list(types)
+
+
+def _gemma3_local_theta(cfg: dict[str, Any]) -> float:
+    # transformers 5: rope_parameters["sliding_attention"]; older configs: rope_local_base_freq
+    params = cfg.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if local:
+        kind = local.get("rope_type") or local.get("type") or "default"
+        if kind != "default":
+            raise ValueError(f"Gemma 3 rope scaling {kind!r} on the sliding-window layers is not "
+                             "supported (only on the full-attention layers)")
+        if local.get("rope_theta") is not None:
+            return float(local["rope_theta"])
+    return float(cfg.get("rope_local_base_freq") or GEMMA3_LOCAL_ROPE_THETA)
+
+
+def smollm3_rope_layers(cfg: dict[str, Any]) -> list[int]:
+    """SmolLM3's ``no_rope_layers``: per layer 1 (RoPE) or 0 (none); when
+    absent, every ``no_rope_layer_interval``-th layer (default 4) has none."""
+    num_layers = int(cfg["num_hidden_layers"])
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = int(cfg.get("no_rope_layer_interval") or 4)
+        return [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) < num_layers:  # transformers indexes it by layer: at least one entry each
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {num_layers} layers")
+    return [int(f) for f in flags[:num_layers]]
 
 
 def _rotary_dim(cfg: dict[str, Any]) -> int | None:

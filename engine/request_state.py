@@ -107,7 +107,10 @@ class RequestState:
         n_out = seq.num_output_tokens
         reason: FinishReason | None = None
         min_ok = n_out >= self.params.min_tokens
-        if min_ok and (token_id in self.eos_token_ids or token_id in self.stop_ids):
+        if self.matcher is not None and self.matcher.dead_end:
+            # the mask allowed nothing (only the forced EOS): not a normal stop
+            reason = FinishReason.ERROR
+        elif min_ok and (token_id in self.eos_token_ids or token_id in self.stop_ids):
             reason = FinishReason.STOP
         # the grammar admits nothing after this token: it still counts as text
         grammar_end = (reason is None and self.matcher is not None

@@ -264,12 +264,23 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
             f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the context of "
             f"{max_model_len} tokens; at most {max_model_len - n} tokens can be generated",
             param="max_tokens")
+    if params.max_tokens is None and n + params.min_tokens > max_model_len:
+        # without max_tokens the context bounds the output; min_tokens past it can never be met
+        raise InvalidRequestError(
+            f"min_tokens={params.min_tokens} plus the prompt's {n} tokens exceeds the context of "
+            f"{max_model_len} tokens; at most {max_model_len - n} tokens can be generated",
+            param="min_tokens")
     if vocab_size is not None:
         bad = next((t for t in params.logit_bias if t >= vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(
                 f"logit_bias token id {bad} is outside the vocabulary [0, {vocab_size})",
                 param="logit_bias")
+        bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:  # the model can never produce it: the stop would never match
+            raise InvalidRequestError(
+                f"stop_token_ids id {bad} is outside the vocabulary [0, {vocab_size})",
+                param="stop_token_ids")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(

@@ -28,6 +28,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, stop token id or stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the structured-output constraint reached a dead end
     HANDOFF = "handoff"  # prefill done, KV held for a hand-off
 
 

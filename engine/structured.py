@@ -16,7 +16,11 @@ step it yields the allowed-token mask, and every token the sequence takes
 (sampled here, sampled by a prefill replica, or produced before a resume)
 advances it. When the grammar admits no further token the sequence ends
 with finish reason ``stop``; EOS is allowed exactly where the grammar may
-end. The matcher lives with the sequence's request state, so preemption
+end. A constraint no output satisfies at all is refused before it runs
+(``check_spec``, and ``GrammarCompiler.matcher`` with the model's tokens);
+one that reaches a dead end later (a state with no allowed token and no
+end: llguidance does not prove a grammar free of them) ends the sequence
+with finish reason ``error``: the text so far does not match. The matcher lives with the sequence's request state, so preemption
 (recompute) keeps it; a replica that receives a sequence builds a new one
 and replays the tokens produced so far.
 
@@ -33,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitserve.engine import json_text
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_JSON_DEPTH, MAX_SPEC_CHARS, nesting_exceeds
+from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_SPEC_CHARS
 
 KINDS = ("json", "regex", "grammar")
 PARAM = "response_format"  # what errors name (the OpenAI field)
@@ -89,7 +94,49 @@ def _compile_error(kind: str, value: str) -> str:
     except InvalidRequestError as e:
         return str(e)
     llg = _llguidance()
-    return llg.LLMatcher.validate_grammar(grammar, None, limits=_limits())
+    error = llg.LLMatcher.validate_grammar(grammar, None, limits=_limits())
+    if error:
+        return error
+    if _accepts_nothing(grammar):
+        return ("it can never be satisfied: no output at all matches it (not even an empty "
+                "one), e.g. a rule defined only by itself or a class no character is in")
+    return ""
+
+
+class _ByteTokens:
+    """A tokenizer of 256 one-byte tokens and an EOS (llguidance's
+    ``TokenizerWrapper`` reads these attributes): it can spell any text, so a
+    constraint that allows none of its tokens and no EOS first allows none
+    under any model's tokenizer either."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([b]) for b in range(256)] + [b"<eos>"]
+    special_token_ids = [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tokenizer():
+    llg = _llguidance()
+    return llg.LLTokenizer(llg.TokenizerWrapper(_ByteTokens()))
+
+
+def _accepts_nothing(grammar: str) -> bool:
+    """Whether the grammar's first step allows nothing: llguidance's
+    validation (without a tokenizer) passes ``start: start``, ``{"$ref": "#"}``
+    or ``[^\\s\\S]``, and a matcher then lands in its error state at the
+    first mask, which the sampler would read as "only EOS" (an empty output
+    labelled a normal stop)."""
+    m = _llguidance().LLMatcher(_byte_tokenizer(), grammar, log_level=0, limits=_limits())
+    if m.is_error():
+        # the byte tokenizer lacks what the grammar names (a special token such as
+        # <|eot_id|>): the serving replica's matcher checks with its own tokenizer
+        return False
+    m.compute_bitmask()
+    return m.is_error()
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,16 +145,7 @@ def grammar_text(kind: str, value: str) -> str:
     schema that is not a JSON object)."""
     llg = _llguidance()
     if kind == "json":
-        too_deep = InvalidRequestError(
-            f"the JSON schema nests more than {MAX_JSON_DEPTH} levels deep", param=PARAM)
-        try:
-            schema = json.loads(value)
-        except ValueError as e:
-            raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}", param=PARAM) from None
-        except RecursionError:
-            raise too_deep from None
-        if nesting_exceeds(schema, MAX_JSON_DEPTH):
-            raise too_deep
+        schema = json_text.parse_field(value, PARAM)
         if not isinstance(schema, dict):
             raise InvalidRequestError("the JSON schema must be a JSON object", param=PARAM)
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
@@ -163,6 +201,12 @@ class GrammarCompiler:
                 raise InvalidRequestError(
                     "the tokens already generated do not match the structured output constraint",
                     param=PARAM)
+        if not prior_tokens and gm.first_step_dead():
+            # check_spec's byte-level test passes a grammar naming this tokenizer's
+            # special tokens; here the real vocabulary decides
+            raise InvalidRequestError(
+                f"invalid {spec['type']} constraint: it can never be satisfied with this "
+                "model's tokens (no token and no end of output is allowed first)", param=PARAM)
         return gm
 
 
@@ -181,6 +225,20 @@ class GrammarMatcher:
         its current state (speculative drafts are cut there); the state
         does not change."""
         return self._m.validate_tokens(tokens)
+
+    def first_step_dead(self) -> bool:
+        """Whether the next step allows no token and no end: llguidance finds
+        such a dead end only when it computes a mask (then in its error state)."""
+        self._m.compute_bitmask()
+        return self._m.is_error()
+
+    @property
+    def dead_end(self) -> bool:
+        """The last mask found no token and no end allowed (llguidance's error
+        state: the mask then allows only EOS). The token sampled from it
+        does not satisfy the constraint; the request ends with finish
+        reason ``error``."""
+        return self._m.is_error()
 
     @property
     def done(self) -> bool:

@@ -14,8 +14,8 @@ def linear(x, weight, bias=None):
     return get_op("linear", x.device)(x, weight, bias)
 
 
-def rms_norm(x, weight, eps, residual=None):
-    return get_op("rms_norm", x.device)(x, weight, eps, residual)
+def rms_norm(x, weight, eps, residual=None, fp32_product=False):
+    return get_op("rms_norm", x.device)(x, weight, eps, residual, fp32_product)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):

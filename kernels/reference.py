@@ -35,20 +35,30 @@ def rms_norm(
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    fp32_product: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm with an optional fused residual add.
 
     x: [T, D], weight: [D]. Without ``residual`` returns (norm(x), None).
     With it, computes ``r = x + residual`` and returns (norm(r), r), the
-    second being the new residual stream. Math in float32, output in x.dtype.
+    second being the new residual stream. Statistics in float32.
+
+    Two rounding orders, as the model families' reference code has them:
+    by default (Llama) the normed row is rounded to x.dtype, then multiplied
+    by the weight as any torch multiply promotes (output in the promoted
+    dtype); with ``fp32_product`` (Gemma, OLMo 2) the weight multiplies the
+    float32 normed row and the product is rounded once, to x.dtype. In
+    float32 the two are the same.
     """
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
         residual = x
     xf = x.float()
     var = xf.pow(2).mean(dim=-1, keepdim=True)
-    out = (xf * torch.rsqrt(var + eps)).to(x.dtype)
-    return weight * out, residual
+    normed = xf * torch.rsqrt(var + eps)
+    if fp32_product:
+        return (normed * weight.float()).to(x.dtype), residual
+    return weight * normed.to(x.dtype), residual
 
 
 def rotary_embedding(
@@ -63,18 +73,23 @@ def rotary_embedding(
     cos_sin_cache: [max_position, D] float32 holding cos in [:, :D/2] and
     sin in [:, D/2:]. Scaling (llama3, linear...) is already baked into the
     cache. Returns (q, k), the same tensors, rotated.
+
+    Rounded as transformers' ``q * cos + rotate_half(q) * sin`` on tensors of
+    q's dtype: cos and sin rounded to it, then each product and the sum (no
+    rounding at all in float32).
     """
     half = q.shape[-1] // 2
     cs = cos_sin_cache.index_select(0, positions.long())
-    cos = cs[:, None, :half]
-    sin = cs[:, None, half:]
     for t in (q, k):
+        dt = t.dtype
+        cos = cs[:, None, :half].to(dt).float()
+        sin = cs[:, None, half:].to(dt).float()
         x1 = t[..., :half].float()
         x2 = t[..., half:].float()
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        t[..., :half] = o1.to(t.dtype)
-        t[..., half:] = o2.to(t.dtype)
+        o1 = (x1 * cos).to(dt).float() - (x2 * sin).to(dt).float()
+        o2 = (x2 * cos).to(dt).float() + (x1 * sin).to(dt).float()
+        t[..., :half] = o1.to(dt)
+        t[..., half:] = o2.to(dt)
     return q, k
 
 

@@ -23,11 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import AdapterError, SplitserveError
 from splitserve.engine.lora.adapter import AdapterRef, check_name, describe_adapter
-from splitserve.engine.lora.layout import read_layout
+
+if TYPE_CHECKING:  # engine.config imports torch: processes that only route (the
+    # router actor, through the metrics module) must not pay for it
+    from splitserve.engine.config import ModelConfig
 
 
 class AdapterConflict(SplitserveError):
@@ -85,6 +88,8 @@ class AdapterRegistry:
     def check(self, name: str, path: str, base: str | None = None) -> ServedAdapter:
         """Read and check the adapter (its config, tensor header and digest)
         without registering it. Raises AdapterError (400)."""
+        from splitserve.engine.lora.layout import read_layout
+
         check_name(name)
         base = self.base_for(base)
         facts = self.bases[base]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts, ServedAdapter
+from splitserve.cluster.api.errors import DeadlineExceeded, Overloaded, Unavailable  # noqa: F401
 from splitserve.engine.errors import AdapterError, SplitserveError
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.sampling_params import SamplingParams
@@ -47,27 +48,6 @@ class UnknownModel(SplitserveError, LookupError):
     def __init__(self, model: str, known: list[str]):
         super().__init__(f"model {model!r} is not served here; available: {', '.join(known)}")
         self.model = model
-
-
-class Overloaded(SplitserveError):
-    """Queues are full; the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Unavailable(SplitserveError):
-    """No replica can take the request right now (none up, router down)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(SplitserveError):
-    """A deadline between the ingress and a worker passed (no first token,
-    or no next token, in time): the request was cancelled on the workers."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +74,9 @@ class ModelInfo:
     max_model_len: int
     created: int
     parent: str | None = None  # a LoRA adapter's base model; None for a base model
+    # the model's vocabulary (its logits' width), which may exceed its tokenizer's
+    # (padded embeddings); 0 where unknown: the tokenizer's then bounds token ids
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,8 +162,9 @@ class Backend(abc.ABC):
         """``bases`` followed by the served adapters' cards (with ``parent``)."""
         if self.adapter_registry is None:
             return bases
-        lens = {m.name: m.max_model_len for m in bases}
-        return bases + [ModelInfo(a.ref.name, lens[a.base], a.created, a.base)
+        base = {m.name: m for m in bases}
+        return bases + [ModelInfo(a.ref.name, base[a.base].max_model_len, a.created, a.base,
+                                  base[a.base].vocab_size)
                         for a in self.adapter_registry.adapters()]
 
     def model_info(self, model: str) -> ModelInfo:
@@ -301,7 +285,8 @@ class LocalBackend(Backend):
         return self._engines[self._resolve(model)[0]]
 
     def models(self) -> list[ModelInfo]:
-        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created)
+        return self.with_adapters([ModelInfo(n, e.max_model_len, self._created,
+                                             vocab_size=e.model_cfg.vocab_size)
                                    for n, e in self._engines.items()])
 
     def tokenizer(self, model: str) -> Tokenizer:

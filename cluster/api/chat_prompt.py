@@ -17,8 +17,10 @@ from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, to
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 
-# Template variables a client may not set through chat_template_kwargs.
-_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "documents"}
+# Template variables a client may not set through chat_template_kwargs: those
+# the route sets, and "self" (the renderer's own; it cannot be passed on).
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools", "documents",
+                                      "self"})
 
 
 def template_kwargs(kwargs: Any, param: str = "chat_template_kwargs") -> dict[str, Any]:
@@ -27,7 +29,7 @@ def template_kwargs(kwargs: Any, param: str = "chat_template_kwargs") -> dict[st
         return {}
     if not isinstance(kwargs, dict):
         raise InvalidRequestError(f"{param} must be an object", param=param)
-    bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+    bad = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
     if bad:
         raise InvalidRequestError(f"{param} may not set {bad[0][:50]!r}", param=param)
     return kwargs

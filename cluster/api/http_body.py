@@ -5,12 +5,14 @@ the offending field (the models: cluster/api/openai_schema.py)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
+from splitserve.engine import json_text
 from splitserve.cluster.api.openai_schema import ApiError, RequestBody
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 
@@ -34,8 +36,25 @@ def param_of(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
+def _out_of_range_field(text: str) -> str | None:
+    """The top-level field holding a number too large for a float (1e999),
+    found by parsing again leniently (rare: only for such a body)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return next((key for key, value in data.items() if _holds_infinity(value, 0)), None)
+
+
+def _holds_infinity(value, depth: int) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(value, float):
+        return math.isinf(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_infinity(v, depth + 1) for v in items)
 
 
 async def read_json(request: Request, max_body_bytes: int) -> dict:
@@ -46,6 +65,11 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(400, f"Content-Type must be application/json, got {ctype[:100]!r}",
                            code="invalid_content_type")
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # the body is read as sent: a compressed one would only fail later as bad UTF-8
+        raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the body "
+                       "uncompressed", code="unsupported_content_encoding")
     too_large = ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
                          code="request_too_large")
     length = request.headers.get("content-length")
@@ -69,8 +93,12 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
                        code="invalid_encoding") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data, repeated = json_text.loads(text)
     except (ValueError, RecursionError) as e:
+        field = _out_of_range_field(text) if isinstance(e, json_text.OutOfRange) else None
+        if field is not None:  # a number past float's range, in a field the client named
+            raise ApiError(400, f"{field[:100]} holds a number out of range: {e}", param=field,
+                           code="invalid_value") from None
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
@@ -79,6 +107,12 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
         if nesting_exceeds(value, MAX_JSON_DEPTH):
             raise ApiError(400, f"{key[:100]} nests more than {MAX_JSON_DEPTH} levels deep",
                            param=key, code="invalid_value")
+    if repeated:  # after the nesting bound: the search recurses
+        field = json_text.repeated_key(data)
+        if field is not None:
+            where = "" if isinstance(data, json_text.Repeated) else f" (inside {field[:100]})"
+            raise ApiError(400, f"the body repeats a key{where}: each key may appear once in an "
+                           "object", param=field, code="duplicate_key")
     if _SURROGATE_ESCAPE.search(text):  # rare: then find the field that has a lone one
         for key, value in data.items():
             try:

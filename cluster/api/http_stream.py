@@ -24,6 +24,10 @@ from splitserve.engine.sampling_params import SamplingParams
 log = logging.getLogger("splitserve.http")
 
 TIMINGS_HEADER = "x-splitserve-timings"  # a request header asking for the phase breakdown
+# The response header carrying the answer's id (its body's "id"). Not x-request-id:
+# Ray Serve's proxy adds its own x-request-id to every response (the client's, or
+# a UUID) and cannot be told not to, so a second one would make two.
+REQUEST_ID_HEADER = "x-splitserve-request-id"
 
 
 def api_error(e: BaseException) -> ApiError:

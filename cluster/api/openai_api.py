@@ -47,7 +47,8 @@ from splitserve.cluster.api.backend import Backend, ModelInfo, RequestOptions
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
 from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
-    TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params, open_choices, sse_data)
+    REQUEST_ID_HEADER, TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params,
+    open_choices, sse_data)
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.http_body import read_request
@@ -205,7 +206,7 @@ def _prepare_chat(backend: Backend, body: schema.ChatCompletionRequest, kwargs: 
     except InvalidRequestError as e:
         # name the fields of the chat request, not of the engine
         rename = {"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}
-        raise InvalidRequestError(str(e), rename.get(e.param, e.param)) from None
+        raise schema.renamed(e, rename) from None
 
 
 async def _respond(request: Request, backend: Backend, kind: str, body, batch: list[list[int]],
@@ -238,7 +239,7 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
                           echoes[j] if echoes else None, reasoning) for k, (j, _) in enumerate(jobs)]
     head = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": routed.requested}
-    headers = {"x-request-id": rid, **variant_headers(routed)}
+    headers = {REQUEST_ID_HEADER: rid, **variant_headers(routed)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(choices, _sse(choices, first, states, head, timings, include_usage, n),

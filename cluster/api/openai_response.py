@@ -21,27 +21,67 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
+# How a token the tokenizer has no entry for is named (vLLM writes every token
+# this way with return_tokens_as_token_ids); also the key of a completions
+# top_logprobs alternative whose text another alternative already holds.
+TOKEN_ID_NAME = "token_id:{}"
+
+
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """The token's text as it appears in the output ("" for an id past the
+    tokenizer's vocabulary: a model may pad its embeddings beyond it)."""
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_name(tokenizer: Tokenizer, token_id: int) -> str:
+    """What logprobs call a token: its text, or ``token_id:<id>`` when the
+    tokenizer has no such token (its text would be "", indistinguishable
+    from any other such id)."""
+    if tokenizer.id_to_token(token_id) is None:
+        return TOKEN_ID_NAME.format(token_id)
+    return token_text(tokenizer, token_id)
+
+
+def _top_dict(tokenizer: Tokenizer, top: list) -> dict[str, float]:
+    """A completions ``top_logprobs`` dict, most probable first. Keys are
+    token texts, and different tokens may share one (byte-level tokens that
+    are parts of a UTF-8 character all decode to U+FFFD): a token whose
+    text is already a key is keyed ``token_id:<id>`` instead, so no
+    alternative is lost."""
+    out: dict[str, float] = {}
+    for t, v in top:
+        name = token_name(tokenizer, t)
+        out[TOKEN_ID_NAME.format(t) if name in out else name] = finite(v)
+    return out
+
+
+def _completion_logprobs(tokenizer: Tokenizer, logprobs: list[dict],
+                         text_offset: int) -> tuple[dict, int]:
+    """The completions ``logprobs`` object and the text offset after it:
+    offsets count output text, in which a token named by its id has none."""
+    tokens, chosen, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        tokens.append(token_name(tokenizer, lp["token_id"]))
+        scored = lp["logprob"] is not None
+        chosen.append(finite(lp["logprob"]) if scored else None)
+        tops.append(_top_dict(tokenizer, lp["top"]) if scored else None)
+        offsets.append(text_offset)
+        text_offset += len(token_text(tokenizer, lp["token_id"]))
+    obj = {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+    return obj, text_offset
 
 
 def completion_logprobs(tokenizer: Tokenizer, logprobs: list[dict], text_offset: int) -> dict:
     """The /v1/completions ``logprobs`` object of some tokens; ``text_offset``
     is the text's length before them. An entry whose ``logprob`` is None (an
     echoed prompt's first token) reports null, alternatives too."""
-    tokens, chosen, tops, offsets = [], [], [], []
-    for lp in logprobs:
-        tok = token_text(tokenizer, lp["token_id"])
-        tokens.append(tok)
-        scored = lp["logprob"] is not None
-        chosen.append(finite(lp["logprob"]) if scored else None)
-        tops.append({token_text(tokenizer, t): finite(v) for t, v in lp["top"]} if scored else None)
-        offsets.append(text_offset)
-        text_offset += len(tok)
-    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+    return _completion_logprobs(tokenizer, logprobs, text_offset)[0]
 
 
 def _chat_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
+    """``bytes`` is null for a token named by its id (it has no text)."""
+    if tokenizer.id_to_token(token_id) is None:
+        return {"token": TOKEN_ID_NAME.format(token_id), "logprob": finite(logprob), "bytes": None}
     tok = token_text(tokenizer, token_id)
     return {"token": tok, "logprob": finite(logprob), "bytes": list(tok.encode("utf-8"))}
 
@@ -76,11 +116,13 @@ class Echo:
     score_only: bool
 
 
-def echo_logprobs(tokenizer: Tokenizer, token_ids: list[int], prompt_lps: list | None) -> dict:
-    """The completions ``logprobs`` object of the echoed prompt, offsets from 0."""
+def echo_logprobs(tokenizer: Tokenizer, token_ids: list[int],
+                  prompt_lps: list | None) -> tuple[dict, int]:
+    """The completions ``logprobs`` object of the echoed prompt, offsets from
+    0, and the offset after it."""
     lps = prompt_lps or [None] * len(token_ids)
     entries = [lp or {"token_id": t, "logprob": None, "top": None} for t, lp in zip(token_ids, lps)]
-    return completion_logprobs(tokenizer, entries, 0)
+    return _completion_logprobs(tokenizer, entries, 0)
 
 
 def join_logprobs(a: dict, b: dict) -> dict:
@@ -104,7 +146,8 @@ class ChoiceState:
         self.echo_logprobs: dict | None = None  # the echoed prompt's, once it arrived
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
-        self._token_text_len = 0  # completions' text_offset counts token strings
+        self._token_text_len = 0  # completions' text_offset: the token texts so far
+        self._echo_text_len = 0
 
     def opening_delta(self) -> dict:
         """Chat streams open each choice with the assistant role."""
@@ -123,9 +166,9 @@ class ChoiceState:
         echoing = self.echo is not None and self.echo_logprobs is None  # this output opens the choice
         if echoing:
             prefix = self.echo.text
-            self.echo_logprobs = echo_logprobs(self.tokenizer, self.echo.token_ids,
-                                               out.get("prompt_logprobs"))
-            self._token_text_len = sum(len(t) for t in self.echo_logprobs["tokens"])
+            self.echo_logprobs, self._echo_text_len = echo_logprobs(
+                self.tokenizer, self.echo.token_ids, out.get("prompt_logprobs"))
+            self._token_text_len = self._echo_text_len
         text = prefix + text
         self.text += text
         self.logprobs += lps
@@ -152,8 +195,7 @@ class ChoiceState:
     def _logprobs(self, lps: list[dict]) -> dict:
         if self.kind == "chat":
             return chat_logprobs(self.tokenizer, lps)
-        obj = completion_logprobs(self.tokenizer, lps, self._token_text_len)
-        self._token_text_len += sum(len(t) for t in obj["tokens"])
+        obj, self._token_text_len = _completion_logprobs(self.tokenizer, lps, self._token_text_len)
         return obj
 
     def final(self) -> dict:
@@ -163,8 +205,7 @@ class ChoiceState:
             lp_obj = chat_logprobs(self.tokenizer, self.logprobs)
         elif self.want_logprobs:
             echoed = self.echo_logprobs
-            start = sum(len(t) for t in echoed["tokens"]) if echoed is not None else 0
-            lp_obj = completion_logprobs(self.tokenizer, self.logprobs, start)
+            lp_obj = completion_logprobs(self.tokenizer, self.logprobs, self._echo_text_len)
             if echoed is not None:
                 lp_obj = join_logprobs(echoed, lp_obj)
         if self.kind == "completion":

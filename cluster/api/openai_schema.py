@@ -72,11 +72,32 @@ class RequestBody(BaseModel):
     IGNORED: ClassVar[tuple[str, ...]] = ()
 
     def check_supported(self) -> None:
+        for name in type(self).model_fields:
+            if _past_int64(getattr(self, name)):
+                raise InvalidRequestError(
+                    f"{name}: an integer does not fit in 64 bits (-2**63 to 2**63 - 1)", param=name)
         for name, (allowed, why) in self.ONLY.items():
             value = getattr(self, name)
             if value is not None and value != allowed:
                 raise InvalidRequestError(f"{name} {_short(value)} is not supported: {why}",
                                           param=name)
+
+
+def renamed(e: InvalidRequestError, rename: dict[str, str]) -> InvalidRequestError:
+    """``e`` naming the field the client wrote (``rename``: the engine's
+    name -> this API's) in its param and in its message."""
+    field = rename.get(e.param) if e.param else None
+    if field is None or field == e.param:
+        return e
+    return InvalidRequestError(re.sub(rf"\b{re.escape(e.param)}\b", field, str(e)), field)
+
+
+def _past_int64(value: Any) -> bool:
+    """An integer field (or a list of them, or of lists: token ids) holds one
+    outside int64: the cluster's typed messages (msgspec) cannot carry it."""
+    if isinstance(value, list):
+        return any(_past_int64(v) for v in value if isinstance(v, (int, list)))
+    return isinstance(value, int) and not -2**63 <= value < 2**63
 
 
 def _short(value: Any) -> str:
@@ -129,7 +150,7 @@ class Sampling(RequestBody):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    request_id: str | None = None  # the server assigns ids (x-request-id)
+    request_id: str | None = None  # the server assigns ids (x-splitserve-request-id)
     length_penalty: float | None = None
     # vLLM fields accepted at their default only
     use_beam_search: bool | None = None
@@ -195,15 +216,21 @@ class _Common(Sampling):
                              structured_output(self.response_format, self.structured_outputs))
 
 
+# a token id as OpenAI writes a logit_bias key: ASCII decimal digits, no sign,
+# space or leading zero (int() would also read " 5", "+5", "05", "5_0" and
+# other scripts' digits, so two keys could name one token, the last one winning)
+_TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,39}")
+
+
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     """OpenAI's logit_bias keys are token ids written as JSON strings."""
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
+        if not _TOKEN_KEY.fullmatch(key):
             raise InvalidRequestError(
-                f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+                f"logit_bias keys must be token ids in decimal digits (at most 40), got {key[:40]!r}",
+                param="logit_bias")
+        out[int(key)] = value
     return out
 
 
@@ -248,7 +275,7 @@ class CompletionRequest(_Common):
         if len(batch) * self.num_choices > MAX_CHOICES:
             raise InvalidRequestError(
                 f"{len(batch)} prompts x n={self.num_choices} is more than {MAX_CHOICES} choices "
-                f"in one request", param="prompt")
+                f"in one request", param="prompt" if len(batch) > 1 else "n")
         for q in batch:
             if isinstance(q, str) and not q:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -372,5 +399,7 @@ def messages_text_chars(messages: list[ChatMessage]) -> int:
         for call in m.tool_calls or ():
             fn = call.get("function")
             args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, dict):  # accepted as an object too; the template writes it out
+                args = json.dumps(args)
             total += len(args) if isinstance(args, str) else 0
     return total

@@ -7,12 +7,39 @@ the field the client used."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
 
 _VLLM = "structured_outputs"
+# llguidance holds a JSON schema's integers in 64 bits (i64 or u64): a larger
+# one fails inside it as a server fault, so it is refused here.
+_INT_MIN, _INT_MAX = -2**63, 2**64 - 1
+_LONG_DIGITS = re.compile(r"\d{19}")  # the shortest integer that may be out of that range
+
+
+def check_constraint(spec: dict[str, str], param: str) -> None:
+    """The engine's ``check_spec`` (a 400 naming ``param`` unless the
+    constraint compiles), after refusing a JSON schema integer outside 64 bits."""
+    if spec.get("type") == "json" and _LONG_DIGITS.search(spec.get("value") or ""):
+        try:
+            json.loads(spec["value"], parse_int=lambda text: _bounded_int(text, param))
+        except InvalidRequestError:
+            raise
+        except (ValueError, RecursionError):  # not JSON: check_spec says so
+            pass
+    check_spec(spec, param)
+
+
+def _bounded_int(text: str, param: str) -> int:
+    value = int(text) if len(text) <= 40 else None
+    if value is None or not _INT_MIN <= value <= _INT_MAX:
+        raise InvalidRequestError(
+            f"the JSON schema has the integer {text[:40]}{'...' if len(text) > 40 else ''}; "
+            "its integers must fit in 64 bits (-2**63 to 2**64 - 1)", param=param)
+    return value
 
 
 def structured_output(response_format: dict[str, Any] | None,
@@ -24,7 +51,7 @@ def structured_output(response_format: dict[str, Any] | None,
                                   param="structured_outputs")
     if vllm is not None:
         spec = _vllm_structured(vllm)
-        check_spec(spec, _VLLM)  # here, to name the field the client used
+        check_constraint(spec, _VLLM)  # here, to name the field the client used
         return spec
     if response_format is None:
         return None
@@ -51,7 +78,9 @@ def structured_output(response_format: dict[str, Any] | None,
     if unknown:
         raise InvalidRequestError(f"response_format.json_schema: unknown fields {sorted(unknown)}"[:200],
                                   param="response_format.json_schema")
-    return {"type": "json", "value": json.dumps(js["schema"])}
+    spec = {"type": "json", "value": json.dumps(js["schema"])}
+    check_constraint(spec, "response_format")
+    return spec
 
 
 def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from splitserve.cluster.api.backend import Backend
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat
-from splitserve.cluster.api.http_stream import (TIMINGS_HEADER, Choices, ClientGone, SSEResponse,
+from splitserve.cluster.api.http_stream import (REQUEST_ID_HEADER, TIMINGS_HEADER, Choices, ClientGone, SSEResponse,
                                                 api_error, open_choices, sse_data)
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.prepare import PreparePool
@@ -66,7 +66,7 @@ def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes:
         if request.headers.get(TIMINGS_HEADER, "").lower() in ("1", "true"):
             answer.timings = {**(first[1].get("timings") or {}), "ingress_prepare_s": prepare_s,
                               "ingress_ttft_s": time.perf_counter() - t0}
-        headers = {"x-request-id": rid, **variant_headers(routed)}
+        headers = {REQUEST_ID_HEADER: rid, **variant_headers(routed)}
         if body.stream:
             return SSEResponse(choices, _stream(choices, first, answer), headers=headers)
         try:

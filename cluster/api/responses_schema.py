@@ -10,10 +10,10 @@ import json
 from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
-from splitserve.cluster.api.openai_schema import Sampling
-from splitserve.cluster.api.openai_structured import structured_output
+from splitserve.cluster.api.openai_schema import ApiError, Sampling, renamed
+from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.structured import check_spec, json_object_spec
+from splitserve.engine.structured import json_object_spec
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = {"input_text", "output_text", "text"}
@@ -21,14 +21,33 @@ _STATELESS = ("responses are not stored here: send the whole conversation in inp
               "previous output items)")
 
 
+# The fields OpenAI defines for each input item type (an output item sent back
+# as input carries id and status; phase, caller, namespace describe earlier
+# turns and change nothing here). Any other is refused, as on chat's messages:
+# a misspelt field must not be dropped silently.
+_ITEM_FIELDS = {
+    "message": {"type", "role", "content", "id", "status", "phase"},
+    "function_call": {"type", "call_id", "name", "arguments", "id", "status", "caller", "namespace"},
+    "function_call_output": {"type", "call_id", "output", "id", "status", "caller", "name",
+                             "namespace"},
+    "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+}
+# OpenAI's ``include`` values: output this server does not produce, so
+# accepted and ignored, except logprobs (refused: served by chat completions).
+_INCLUDE = ("file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+            "message.input_image.image_url", "computer_call_output.output.image_url",
+            "code_interpreter_call.outputs", "reasoning.encrypted_content",
+            "message.output_text.logprobs")
+
+
 def _fail(message: str, param: str) -> None:
     raise InvalidRequestError(message, param=param)
 
 
-def _string(item: dict, key: str, where: str) -> str:
+def _string(item: dict, key: str, where: str, empty: bool = True) -> str:
     value = item.get(key)
-    if not isinstance(value, str):
-        _fail(f"{where}.{key} must be a string", f"{where}.{key}")
+    if not isinstance(value, str) or not (empty or value):
+        _fail(f"{where}.{key} must be a {'' if empty else 'non-empty '}string", f"{where}.{key}")
     return value
 
 
@@ -65,7 +84,7 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
             messages.append({"role": _ROLES[role], "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
-                    "function": {"name": _string(item, "name", where),
+                    "function": {"name": _string(item, "name", where, empty=False),
                                  "arguments": _string(item, "arguments", where)}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
@@ -73,12 +92,38 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+            call_id = _string(item, "call_id", where, empty=False)
+            messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": _text(item.get("output"), where)})
         elif kind != "reasoning":
             _fail(f"{where}: input items of type {str(kind)[:40]!r} are not supported (message, "
                   "function_call, function_call_output, reasoning)", f"{where}.type")
     return messages
+
+
+def _check_items(items: list[Any]) -> None:
+    """A field OpenAI does not define on an input item is a 400 naming it
+    (``input[2].foo``); items of a type not served are refused by
+    ``_input_messages``."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        allowed = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+        unknown = sorted(set(item) - allowed) if allowed is not None else []
+        if unknown:
+            raise ApiError(400, f"input[{i}]: unknown field {unknown[0][:100]!r} on a {kind} item",
+                           param=f"input[{i}].{unknown[0]}", code="unknown_parameter")
+
+
+def _check_include(include: list[str]) -> None:
+    for k, value in enumerate(include):
+        if value not in _INCLUDE:
+            raise ApiError(400, f"include[{k}]: {value[:100]!r} is not an include value (one of "
+                           f"{', '.join(_INCLUDE)})", param=f"include[{k}]", code="invalid_value")
+    if "message.output_text.logprobs" in include:
+        _fail("include message.output_text.logprobs is not supported: logprobs are served by "
+              "/v1/chat/completions", "include")
 
 
 def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
@@ -126,7 +171,7 @@ def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
         _fail('text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
               '"json_schema", "name", "schema": {...}}', "text.format")
     spec = {"type": "json", "value": json.dumps(fmt["schema"])}
-    check_spec(spec, "text.format")
+    check_constraint(spec, "text.format")
     return spec
 
 
@@ -140,7 +185,8 @@ class ResponsesRequest(Sampling):
     text: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # Accepted and ignored: reasoning effort and summaries (thinking is
-    # switched with chat_template_kwargs), extra output (include), limits of
+    # switched with chat_template_kwargs), extra output (include: OpenAI's
+    # values only, _INCLUDE), limits of
     # built-in tools, stream obfuscation, cache retention.
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -170,9 +216,9 @@ class ResponsesRequest(Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if "message.output_text.logprobs" in (self.include or ()):
-            _fail("include message.output_text.logprobs is not supported: logprobs are served by "
-                  "/v1/chat/completions", "include")
+        _check_include(self.include or [])
+        if isinstance(self.input, list):
+            _check_items(self.input)
         if self.text is not None and set(self.text) - {"format", "verbosity"}:
             _fail(f"text: unknown fields {sorted(set(self.text) - {'format', 'verbosity'})}"[:200],
                   "text")
@@ -212,4 +258,4 @@ def prepare_error(e: InvalidRequestError) -> InvalidRequestError:
     """An error of preparing the chat request, naming the Responses fields."""
     e = _responses_fields(e)
     rename = {"max_tokens": "max_output_tokens", "messages": "input"}
-    return InvalidRequestError(str(e), rename.get(e.param, e.param)) if e.param in rename else e
+    return renamed(e, rename)

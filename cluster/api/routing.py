@@ -126,7 +126,8 @@ class Routing:
             variants = [by_name[v] for v in r.variants if v in by_name]
             if variants:
                 out.append(ModelInfo(r.name, min(m.max_model_len for m in variants),
-                                     min(m.created for m in variants)))
+                                     min(m.created for m in variants),
+                                     vocab_size=min(m.vocab_size for m in variants)))
         return out
 
     async def track(self, routed: Routed, stream: AsyncIterator[dict]) -> AsyncIterator[dict]:

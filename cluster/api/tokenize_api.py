@@ -24,16 +24,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from splitserve.cluster.api.backend import Backend
+from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.http_body import parse_body, read_json
 from splitserve.cluster.api.openai_schema import ChatMessage, RequestBody, messages_text_chars
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.tool_calls import template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import check_prompt_chars
+from splitserve.engine.tokenizer import Tokenizer
 
-# Template variables a client may not set through chat_template_kwargs (as
-# for chat completions: the route sets them).
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools"})
 
 
 class TokenizeCompletion(RequestBody):
@@ -62,11 +61,7 @@ class TokenizeChat(RequestBody):
             if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported: the model's chat template "
                                           "renders every conversation", param=name)
-        bad = sorted(k for k in self.chat_template_kwargs or {}
-                     if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
-        if bad:
-            raise InvalidRequestError(f"chat_template_kwargs may not set {bad[0][:50]!r}",
-                                      param="chat_template_kwargs")
+        template_kwargs(self.chat_template_kwargs)  # as chat completions check them
 
     def text_chars(self) -> int:
         """Characters of the messages' text and tool call arguments."""
@@ -102,15 +97,24 @@ def _tokenize_chat(backend: Backend, body: TokenizeChat) -> tuple[list[int], lis
     return ids, _token_strs(backend, body, ids)
 
 
-def _detokenize(backend: Backend, body: Detokenize) -> str:
-    """On a preparation thread."""
-    tokenizer = backend.tokenizer(body.model)
-    vocab = tokenizer.vocab_size
-    for i, t in enumerate(body.tokens):
+def detokenize_text(tokenizer: Tokenizer, tokens: list[int], model_vocab: int) -> str:
+    """The text of ``tokens`` as a completion's text would hold it: an id the
+    model can produce but its tokenizer lacks (a vocabulary padded past the
+    tokenizer's) adds nothing, as in generated text; an id the model cannot
+    produce is refused, naming ``tokens[i]``."""
+    vocab = max(model_vocab, tokenizer.vocab_size)
+    for i, t in enumerate(tokens):
         if not 0 <= t < vocab:
             raise InvalidRequestError(f"token id {t} is outside the vocabulary [0, {vocab})",
                                       param=f"tokens[{i}]")
-    return tokenizer.decode(body.tokens, skip_special_tokens=False)
+    known = [t for t in tokens if t < tokenizer.vocab_size or tokenizer.id_to_token(t) is not None]
+    return tokenizer.decode(known, skip_special_tokens=False)
+
+
+def _detokenize(backend: Backend, body: Detokenize) -> str:
+    """On a preparation thread."""
+    return detokenize_text(backend.tokenizer(body.model), body.tokens,
+                           backend.model_info(body.model).vocab_size)
 
 
 def add_tokenize_routes(app: FastAPI, backend: Backend, max_body_bytes: int,

@@ -35,10 +35,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, MAX_TOOLS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.structured import check_spec
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # What parsing a model's output may raise: the output is then plain content.
@@ -278,15 +278,20 @@ def tool_request(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
 
 def _checked_json(schema: dict[str, Any], param: str) -> dict[str, str]:
     spec = {"type": "json", "value": json.dumps(schema)}
-    check_spec(spec, param)
+    check_constraint(spec, param)
     return spec
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages for the chat template: assistant ``tool_calls`` checked, with
-    each call's JSON ``arguments`` string given as an object."""
+    each call's JSON ``arguments`` string given as an object; a ``tool``
+    message names the call it answers (``tool_call_id``, as OpenAI requires:
+    without it a template cannot tie the result to its call)."""
     out = []
     for i, m in enumerate(messages):
+        if m.get("role") == "tool" and not m.get("tool_call_id"):
+            _fail(f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
+                  f"messages[{i}].tool_call_id")
         calls = m.get("tool_calls")
         if calls is not None:
             if m.get("role") != "assistant":
@@ -299,8 +304,8 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _template_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
     where = f"messages[{i}].tool_calls[{j}]"
     fn = call.get("function")
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        _fail(f'{where} must have "function": {{"name", "arguments"}}', where)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        _fail(f'{where} must have "function": {{"name", "arguments"}} (a non-empty name)', where)
     args = fn.get("arguments", "{}")
     if isinstance(args, str):
         try:

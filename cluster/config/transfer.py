@@ -61,5 +61,6 @@ class TransferSpec(_Strict):
     chunk_bytes: int = Field(1 << 20, ge=1 << 16, description="Largest message of a KV "
                              "transfer, bytes.")
     tls: TLSSpec | None = Field(None, description="TLS for the worker RPC and KV transfer planes "
-                                "(torch_dist: its control channel); None: plaintext, "
-                                "authenticated by the cluster token only.")
+                                "(torch_dist: its control channel) and the router streams; "
+                                "None: plaintext, authenticated by the cluster token (the "
+                                "routers' tokens) only.")

@@ -35,7 +35,7 @@ from prometheus_client import Counter as _PCounter
 from prometheus_client import Gauge as _PGauge
 from prometheus_client import Histogram as _PHistogram
 
-from splitserve.cluster.api.backend import Overloaded, Unavailable
+from splitserve.cluster.api.errors import Overloaded, Unavailable
 from splitserve.cluster.autoscaling.records import DecisionRecord
 from splitserve.cluster.bench.phases import phase_breakdown
 from splitserve.cluster.observability.metric_defs import METRICS, MetricDef

@@ -162,7 +162,8 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
     ensure_routers(rcfg, cfg.router.routers,
                    reconfigure=(prev is None or router_state.load().config != rcfg
                                 or prev.observability.tracing != tracing),
-                   tracing=None if tracing is None else tracing.model_dump())
+                   tracing=None if tracing is None else tracing.model_dump(),
+                   tls=None if cfg.transfer.tls is None else cfg.transfer.tls.model_dump())
     from splitserve.cluster.serve.route_actor import get_route_actor
 
     get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up
@@ -224,7 +225,7 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"pools not ready after {wait_s:.0f}s: {', '.join(missing)}")
-        time.sleep(0.5)
+        time.sleep(0.1)  # one router call: a deploy returns within 0.1 s of its pools
 
 
 def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
@@ -249,7 +250,7 @@ def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
             reason = f"the ingress application is {status.status}"
         if time.monotonic() > deadline:
             raise TimeoutError(f"the ingress is not ready: {reason}")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def shutdown() -> None:

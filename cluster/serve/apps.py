@@ -48,7 +48,8 @@ def _ensure_cluster_actors(cfg: ClusterConfig) -> str:
     rcfg = router_config(cfg)
     tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers, reconfigure=router_state.load().config != rcfg,
-                   tracing=None if tracing is None else tracing.model_dump())
+                   tracing=None if tracing is None else tracing.model_dump(),
+                   tls=None if cfg.transfer.tls is None else cfg.transfer.tls.model_dump())
     apply_routes([r.policy() for r in cfg.routes])
     ray.get(get_ledger(create=True).set_config.remote(secrets.public_config(cfg), version))
     return version

@@ -144,7 +144,8 @@ class ClusterBackend(Backend):
         self._router = router
         self._rollout_problems = rollout_problems
         tls = cfg.transfer.tls
-        self._clients = WorkerClients(self.token, None if tls is None else tls.load())
+        self._tls = None if tls is None else tls.load()  # worker RPCs and router streams
+        self._clients = WorkerClients(self.token, self._tls)
         self._models: dict[str, _Model] = {}
         bases: dict[str, BaseFacts] = {}
         for served in cfg.models:
@@ -200,7 +201,8 @@ class ClusterBackend(Backend):
         if self._router is None:
             spec = self.cfg.router
             self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s,
-                                        models=[s.model.name for s in self.cfg.models])
+                                        models=[s.model.name for s in self.cfg.models],
+                                        tls=self._tls)
         return self._router
 
     def _resolve(self, name: str) -> tuple[_Model, AdapterRef | None]:
@@ -218,7 +220,8 @@ class ClusterBackend(Backend):
         return self._resolve(name)[0]
 
     def models(self) -> list[ModelInfo]:
-        return self.with_adapters([ModelInfo(m.name, m.max_model_len, self._created)
+        return self.with_adapters([ModelInfo(m.name, m.max_model_len, self._created,
+                                             vocab_size=m.vocab_size)
                                    for m in self._models.values()])
 
     def tokenizer(self, model: str) -> Tokenizer:

@@ -23,7 +23,9 @@ not notice.
 Traced (``observability.tracing``), the calls it places get spans
 (``splitserve.cluster.serve.router_spans``). Names and the per-model
 order live in ``router_names``; what a worker replica sends every router
-in ``router_fanout``.
+in ``router_fanout``. Its stream (``router_stream``) serves TLS when the
+cluster configures ``transfer.tls`` (``set_stream_tls``; the files are read
+on the router's node).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from typing import Any
 import msgspec
 import ray
 
+from splitserve.cluster.config.transfer import TLSSpec
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
 from splitserve.cluster.serve import router_state
+from splitserve.cluster.serve.node import bind_host
 from splitserve.cluster.serve.router_names import MAX_ROUTERS, NAMESPACE, router_name, router_order
 from splitserve.cluster.serve.router_spans import RouterSpans
 from splitserve.cluster.serve.router_stream import (EXCHANGE, STATS, RouterStreamServer,
@@ -60,11 +64,12 @@ TICK_S = 0.1  # deadlines, expired leases and the grace period are checked this 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class RouterActor:
     def __init__(self, cfg: RouterConfig, tick_s: float = TICK_S, index: int = 0,
-                 count: int = 1, tracing: dict | None = None):
+                 count: int = 1, tracing: dict | None = None, tls: dict | None = None):
         """Router ``index`` of ``count``: it exports the per-model gauges
         (slots, queue, replicas) of the models it places first, so that
         summing over routers counts each once. ``tracing``: the
-        ``observability.tracing`` section as a dict, or None."""
+        ``observability.tracing`` section as a dict, or None; ``tls``: the
+        ``transfer.tls`` section as a dict (its stream serves TLS), or None."""
         from splitserve.cluster.observability.tracing import start_tracer
 
         self.index, self.count = index, count
@@ -79,6 +84,7 @@ class RouterActor:
         self._last_prune = 0.0
         self._persist = False  # a cluster's named router keeps its state (router_state)
         self._stream: RouterStreamServer | None = None  # exchanges and pushes over TCP
+        self._tls = tls
         cfg, self._prefer_local = self._restore(cfg)
         self._install(RouterService(cfg))
 
@@ -96,6 +102,8 @@ class RouterActor:
         self._persist = True
         if ctx.was_current_actor_reconstructed:
             state = router_state.load()
+            if state.stream_tls_stored:  # a deploy since its creation set it
+                self._tls = state.stream_tls
             if state.config is not None:
                 log.info("router %d restarted: config and prefer-local switch (%s) restored",
                          self.index, state.prefer_local_prefill)
@@ -216,13 +224,36 @@ class RouterActor:
     async def endpoint(self) -> StreamEndpoint:
         """Where this router takes exchanges and stats pushes over TCP, and
         the token a connection must open with (``router_stream``); it starts
-        listening on its node's address at the first ask."""
+        listening at the first ask, where its node's worker replicas bind
+        (``node.bind_host``: ``$SPLITSERVE_BIND_HOST``, else the node's Ray
+        address)."""
         self._ticker.ensure()
         if self._stream is None:
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            self._stream = RouterStreamServer({EXCHANGE: self._exchange_encoded,
-                                               STATS: self._update_stats_encoded}, host)
+            # where the worker replicas bind (what the node's certificate names)
+            host = await asyncio.to_thread(bind_host) if ray.is_initialized() else "127.0.0.1"
+            try:
+                tls = None if self._tls is None else TLSSpec(**self._tls).load()
+            except Exception:  # callers keep to actor calls: never plaintext instead
+                log.exception("router %d: its stream's TLS files cannot be read", self.index)
+                raise
+            if self._stream is None:  # not started by a call that overlapped this one
+                self._stream = RouterStreamServer({EXCHANGE: self._exchange_encoded,
+                                                   STATS: self._update_stats_encoded}, host, tls)
         return await self._stream.start()
+
+    def set_stream_tls(self, tls: dict | None) -> None:
+        """Serve the stream with ``tls`` (the ``transfer.tls`` section as a
+        dict; None: plaintext) from now on (``ensure_routers`` keeps it in
+        ``router_state`` for a restart). A change closes the open stream and
+        its connections: the clients take the router for down, ask
+        ``endpoint`` again and dial the new one (or keep to actor calls
+        where their TLS differs)."""
+        if tls == self._tls:
+            return
+        self._tls = tls
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def _update_stats_encoded(self, data: bytes) -> bytes:
         """``update_stats`` of a msgpack ``StatsReport`` (a push over the
@@ -323,22 +354,30 @@ class RouterActor:
         ``refusals`` by reason, the prefer-local-prefill switch, the slots
         each ingress process holds (``slots_by_holder``: holder -> count;
         a holder is ``node:pid:id``), and lease counts (``unbalanced_releases``,
-        ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``)."""
+        ``leases_expired``, ``leases_reclaimed``, ``leases_adopted``), and
+        its stream's (``stream``: whether it serves TLS, and the ``exchange``
+        and ``stats`` connections it accepted; None before any ``endpoint``)."""
         svc = self.service
+        stream = None
+        if self._stream is not None and self._stream.started:
+            n = self._stream.accepted
+            stream = {"tls": self._tls is not None, "exchange": n.get(EXCHANGE, 0),
+                      "stats": n.get(STATS, 0)}
         return {**asdict(self.core.counters()), "queued": svc.queued(),
                 "prefer_local_prefill": self.core.state.prefer_local_prefill,
                 "slots_by_holder": {h: sum(1 for _ in svc.leases.of_holder(h))
                                     for h in svc.leases.holders()},
                 "refusals": dict(svc.refusals), "incarnation": svc.incarnation,
-                "queued_total": svc.counts["queued"],
+                "queued_total": svc.counts["queued"], "stream": stream,
                 **{k: svc.counts[k] for k in ("unbalanced_releases", "leases_expired",
                                                "leases_reclaimed", "leases_adopted")}}
 
 
 def get_router(create_with: RouterConfig | None = None, index: int = 0, count: int = 1,
-               tracing: dict | None = None):
+               tracing: dict | None = None, tls: dict | None = None):
     """Router ``index``'s actor (of ``count``); created (detached) if
-    ``create_with`` is given (``tracing``: its ``observability.tracing``)."""
+    ``create_with`` is given (``tracing``: its ``observability.tracing``;
+    ``tls``: its ``transfer.tls``)."""
     name = router_name(index)
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -347,22 +386,26 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0, count: i
             raise
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
                                get_if_exists=True).remote(create_with, index=index, count=count,
-                                                          tracing=tracing)
+                                                          tracing=tracing, tls=tls)
 
 
 def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False,
-                   tracing: dict | None = None) -> list:
+                   tracing: dict | None = None, tls: dict | None = None) -> list:
     """Routers 0..count-1, created where missing (and reconfigured when
     asked, with ``tracing``, the ``observability.tracing`` section as a
-    dict); routers numbered ``count`` and above are removed."""
+    dict), their streams serving ``tls`` (the ``transfer.tls`` section as a
+    dict, or None: plaintext); routers numbered ``count`` and above are
+    removed."""
+    router_state.save_stream_tls(tls)  # where a router Ray restarts finds it
     handles = []
     for i in range(count):
         try:
             h = ray.get_actor(router_name(i), namespace=NAMESPACE)
             if reconfigure:
                 ray.get(h.reconfigure.remote(cfg, tracing))
+            ray.get(h.set_stream_tls.remote(tls))
         except ValueError:
-            h = get_router(create_with=cfg, index=i, count=count, tracing=tracing)
+            h = get_router(create_with=cfg, index=i, count=count, tracing=tracing, tls=tls)
         handles.append(h)
     kill_routers(start=count)
     return handles

@@ -12,8 +12,9 @@ router queues is followed by a ``poll`` that returns as soon as the router
 decides it. Exchanges, their replies and poll answers travel as msgpack
 bytes (``splitserve.router.exchange_codec``): exchanges over a TCP
 stream to the router when it offers one (``router_stream``: an actor call
-costs the router ten times a round trip there), else as actor calls;
-polls always as actor calls. Operator queries
+costs the router ten times a round trip there; TLS with ``transfer.tls``),
+else as actor calls (``router_link.RouterLink``, the transport of each
+link); polls always as actor calls. Operator queries
 (readiness, /metrics) go over the same links: ``queries``
 (``router_queries.RouterQueries``).
 
@@ -47,12 +48,13 @@ from typing import Any, Sequence
 
 import msgspec
 
-from splitserve.cluster.serve.router_names import NAMESPACE, router_name, router_order
+from splitserve.cluster.serve.router_link import RouterLink
+from splitserve.cluster.serve.router_names import router_order
 from splitserve.cluster.serve.router_queries import RouterQueries
-from splitserve.cluster.serve.router_stream import EXCHANGE, RouterStream
 from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
                                         RouteCall, RouterUnavailableError)
 from splitserve.router.exchange_codec import decode_reply, decode_resolved, encode_exchange
+from splitserve.handoff.tls import TLSConfig
 from splitserve.router.types import Placement, RouteRequest
 
 log = logging.getLogger("splitserve.router_client")
@@ -64,10 +66,6 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
-# a router whose stream could not be opened (an older router without one, a
-# port the network blocks) gets actor calls; its stream is tried again after
-# this long, or when it comes back from being down
-STREAM_RETRY_S = 30.0
 
 
 @dataclass(eq=False)
@@ -81,8 +79,10 @@ class _Pending:
 
 @dataclass(eq=False)
 class _Link:
+    """What is due for one router, and its transport (``router``)."""
+
     index: int
-    handle: Any
+    router: RouterLink
     up: bool = True
     retry_at: float = 0.0  # monotonic: next probe of a down link
     incarnation: str = ""
@@ -98,28 +98,27 @@ class _Link:
     inflight: int = 0
     task: asyncio.Task | None = None
     poller: asyncio.Task | None = None
-    stream: RouterStream | None = None  # exchanges go here when open
-    stream_retry_at: float = 0.0  # monotonic: no stream before then (actor calls)
-    opening: asyncio.Lock | None = None  # one stream opened at a time
 
 
 class RouterClient:
     def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
                  call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None,
-                 stream: bool = True):
+                 stream: bool = True, tls: TLSConfig | None = None):
         """``count`` routers (``RouterSpec.routers``); ``heartbeat_s``: how
         often each hears from this process at least (the stats period);
         ``models``: the cluster's models, in config order (``router_order``);
         ``handles``: the router actors, else looked up by name; ``stream``:
         exchanges over the routers' TCP streams (``router_stream``), else
-        only as actor calls."""
-        self.use_stream = stream
+        only as actor calls; ``tls``: this process's ``transfer.tls``, which
+        the streams are then dialed with (and must offer)."""
         self._models = tuple(models)
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
         self.call_timeout_s = call_timeout_s
-        self._names = handles is None
-        self._links = [_Link(i, None if handles is None else handles[i]) for i in range(count)]
+        self._links = [_Link(i, RouterLink(i, None if handles is None else handles[i],
+                                           use_stream=stream, call_timeout_s=call_timeout_s,
+                                           tls=tls))
+                       for i in range(count)]
         self._orders: dict[str, list[int]] = {}
         self._leases: dict[str, str] = {}  # the slots this process holds: lease id -> model
         # ... of which a router has acknowledged (placed or queued): the live
@@ -134,7 +133,7 @@ class RouterClient:
         self._closed = False
         self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0}
         # operator queries (readiness, /metrics) over the same links
-        self.queries = RouterQueries(self._links, self._handle, self._order)
+        self.queries = RouterQueries(self._links, _actor, self._order)
 
     # -- the ingress' side ------------------------------------------------------------
     def new_lease(self) -> str:
@@ -215,7 +214,7 @@ class RouterClient:
             for t in (link.task, link.poller):
                 if t is not None:
                     t.cancel()
-            self._drop_stream(link)
+            link.router.drop_stream()
         self._loop = None
 
     # -- routing ------------------------------------------------------------------------
@@ -277,8 +276,7 @@ class RouterClient:
             link.settled = asyncio.Event()
             link.inflight = 0
             link.poller = None
-            link.stream = None  # the old loop's, if any: ended with it
-            link.opening = asyncio.Lock()
+            link.router.start()  # the old loop's stream, if any, ended with it
             link.task = loop.create_task(self._run(link))
 
     # -- one link -----------------------------------------------------------------------
@@ -292,7 +290,7 @@ class RouterClient:
                     log.info("router %d is back", link.index)
                 except Exception:  # noqa: BLE001 - still down
                     link.retry_at = time.monotonic() + self.heartbeat_s
-                    link.stream_retry_at = 0.0  # its stream too, when it is back
+                    link.router.retry_stream()  # its stream too, when it is back
                 continue
             if not (link.calls or link.releases or link.suspects):
                 try:
@@ -345,20 +343,9 @@ class RouterClient:
         ex = Exchange(holder=self.holder, seen=link.incarnation,
                       calls=tuple(p.call for p in calls), releases=releases,
                       suspects=suspects, live=held)
-        data = encode_exchange(ex)
-        stream = await self._stream(link)
-        if stream is not None:
-            # a break here is a failed call: the router is taken for down
-            # (probed again, the stream reopened, within a heartbeat)
-            try:
-                raw = await asyncio.wait_for(stream.call(data), self.call_timeout_s)
-            except BaseException:
-                self._drop_stream(link)
-                raise
+        raw, streamed = await link.router.exchange(encode_exchange(ex))
+        if streamed:
             self.counts["stream_exchanges"] += 1
-        else:
-            handle = await self._handle(link)
-            raw = await asyncio.wait_for(handle.exchange.remote(data), self.call_timeout_s)
         reply = decode_reply(raw)
         self.counts["exchanges"] += 1
         self.counts["calls"] += len(calls)
@@ -374,40 +361,6 @@ class RouterClient:
                 self._requeue(waiting)
                 self._poke(link)
         return reply
-
-    async def _stream(self, link: _Link) -> RouterStream | None:
-        """The link's open exchange stream, opened if due; None: actor calls
-        (streams are off, or the last try failed less than STREAM_RETRY_S ago)."""
-        if link.stream is not None and not link.stream.closed:
-            return link.stream
-        if not self.use_stream or time.monotonic() < link.stream_retry_at:
-            return None
-        async with link.opening:
-            if link.stream is not None and not link.stream.closed:
-                return link.stream
-            try:
-                handle = await self._handle(link)
-                endpoint = await asyncio.wait_for(handle.endpoint.remote(), self.call_timeout_s)
-                link.stream = await RouterStream.open(endpoint, EXCHANGE, self.call_timeout_s)
-            except Exception as e:  # noqa: BLE001 - actor calls still work (or fail on their own)
-                log.info("router %d: no exchange stream (%r); actor calls for %.0f s",
-                         link.index, e, STREAM_RETRY_S)
-                link.stream = None
-                link.stream_retry_at = time.monotonic() + STREAM_RETRY_S
-        return link.stream
-
-    def _drop_stream(self, link: _Link) -> None:
-        if link.stream is not None:
-            link.stream.close()
-            link.stream = None
-
-    async def _handle(self, link: _Link):
-        if link.handle is None and self._names:
-            import ray
-
-            link.handle = await asyncio.to_thread(ray.get_actor, router_name(link.index),
-                                                  namespace=NAMESPACE)
-        return link.handle
 
     def _deliver(self, link: _Link, p: _Pending, out: Outcome | Queued) -> None:
         lease_id = p.call.lease_id
@@ -432,9 +385,7 @@ class RouterClient:
     async def _poll(self, link: _Link) -> None:
         while link.queued and link.up and not self._closed:
             try:
-                handle = await self._handle(link)
-                outcomes = decode_resolved(await asyncio.wait_for(
-                    handle.poll.remote(self.holder, POLL_S, True), POLL_S + self.call_timeout_s))
+                outcomes = decode_resolved(await link.router.poll(self.holder, POLL_S))
             except Exception as e:  # noqa: BLE001
                 if link.up:
                     self._link_down(link, [], e)
@@ -451,9 +402,7 @@ class RouterClient:
         log.warning("router %d unreachable (%r): moving its requests", link.index, error)
         link.up = False
         link.retry_at = time.monotonic() + self.heartbeat_s
-        link.handle = None if self._names else link.handle
-        self._drop_stream(link)
-        link.stream_retry_at = 0.0  # a restarted router listens elsewhere: ask it again
+        link.router.lost()  # a restarted router listens elsewhere: ask it again
         moved = in_flight + link.calls + list(link.queued.values())
         queued = set(link.queued)
         link.calls.clear()
@@ -471,3 +420,8 @@ class RouterClient:
         for p in pendings:
             if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
                 self._send(p)
+
+
+async def _actor(link: _Link) -> Any:
+    """``RouterQueries``' way to a link's actor handle."""
+    return await link.router.actor()

@@ -18,10 +18,22 @@ Authenticated: the router draws a random token (``TOKEN_BYTES``) when it
 starts listening and hands it out only through its actor method
 ``endpoint`` (Ray's own channel); a connection must open with it (the
 hello) before anything it sends is read as an exchange, and one that does
-not is closed without an answer. The bytes are not encrypted, as Ray's own
-calls between workers are not unless Ray's TLS is on: an exchange carries
-request ids, model names, prompt lengths and block hashes, never a
-prompt's text.
+not is closed without an answer. An exchange carries request ids, model
+names, prompt lengths and block hashes, never a prompt's text.
+
+Encrypted when the operator configures TLS for the internal planes
+(``transfer.tls``, one ``splitserve.handoff.tls.TLSConfig`` for them all):
+the router then serves TLS (mutual when ``mutual`` is set, as the worker
+RPC plane), says so in its endpoint (``StreamEndpoint.tls``), and the
+token check runs inside it. A client dials TLS exactly when the endpoint
+says so and it has TLS itself, verifying the router against the CA: one
+without TLS cannot reach a TLS router, and one with TLS refuses a
+plaintext router rather than send its token and exchanges in the clear
+(``HandshakeError`` either way: the caller keeps to actor calls). A
+connection's TLS handshake and its hello each have ``HELLO_TIMEOUT_S``,
+so a peer that connects and stalls holds nothing for longer. Without
+``transfer.tls`` the bytes are not encrypted, as Ray's own calls between
+workers are not unless Ray's TLS is on.
 
 Wire, version ``VERSION``:
 
@@ -50,6 +62,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from splitserve.handoff import tls as tls_
+from splitserve.handoff.tls import TLSConfig
+
 log = logging.getLogger("splitserve.router_stream")
 
 MAGIC = b"SSRX"
@@ -58,7 +73,9 @@ EXCHANGE, STATS = 1, 2  # what a connection carries (the hello's kind)
 TOKEN_BYTES = 32
 HELLO_BYTES = len(MAGIC) + 2 + TOKEN_BYTES
 MAX_FRAME_BYTES = 64 << 20  # an exchange of 512 calls of 64k-token prompts is ~16 MiB
-HELLO_TIMEOUT_S = 5.0  # a connection that does not say hello in time is closed
+# a connection that does not finish its TLS handshake, then its hello, in
+# this long (each) is closed
+HELLO_TIMEOUT_S = 5.0
 _LEN = struct.Struct(">I")
 
 
@@ -82,6 +99,7 @@ class StreamEndpoint:
     port: int
     token: bytes
     version: int = VERSION
+    tls: bool = False  # the router serves TLS only (``transfer.tls``)
 
 
 def hello(token: bytes, kind: int) -> bytes:
@@ -131,26 +149,45 @@ class RouterStreamServer:
     actor's, where every other method of the router runs, so its state is
     still changed by one call at a time)."""
 
-    def __init__(self, answers: Mapping[int, Callable[[bytes], bytes]], host: str):
+    def __init__(self, answers: Mapping[int, Callable[[bytes], bytes]], host: str,
+                 tls: TLSConfig | None = None, hello_timeout_s: float = HELLO_TIMEOUT_S):
+        """``tls``: serve TLS only, with this certificate (and, under mutual
+        TLS, require clients' certificates signed by its CA)."""
         self._answers = dict(answers)
         self._host = host
+        self._tls = tls
+        self._hello_timeout_s = hello_timeout_s
         self._server: asyncio.base_events.Server | None = None
         self._endpoint: StreamEndpoint | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.accepted: dict[int, int] = {}  # kind -> connections that passed the hello
+        self._starting: asyncio.Lock | None = None
 
     async def start(self) -> StreamEndpoint:
         """Listen (once) on a free port of ``host``; the endpoint to hand out."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # calls that overlap get the one endpoint
+            return await self._start()
+
+    async def _start(self) -> StreamEndpoint:
         if self._endpoint is None:
-            self._server = await asyncio.start_server(self._serve, self._host, 0)
+            ssl = None if self._tls is None else tls_.server_ssl_context(self._tls)
+            # a handshake that stalls ends the connection (asyncio closes it)
+            self._server = await asyncio.start_server(
+                self._serve, self._host, 0, ssl=ssl,
+                ssl_handshake_timeout=None if ssl is None else self._hello_timeout_s)
             port = self._server.sockets[0].getsockname()[1]
-            self._endpoint = StreamEndpoint(self._host, port, secrets.token_bytes(TOKEN_BYTES))
+            self._endpoint = StreamEndpoint(self._host, port, secrets.token_bytes(TOKEN_BYTES),
+                                            tls=ssl is not None)
         return self._endpoint
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         self._writers.add(writer)
         try:
-            data = await asyncio.wait_for(reader.readexactly(HELLO_BYTES), HELLO_TIMEOUT_S)
+            data = await asyncio.wait_for(reader.readexactly(HELLO_BYTES),
+                                          self._hello_timeout_s)
             try:
                 kind = check_hello(data, self._endpoint.token)
                 answer = self._answers.get(kind)
@@ -163,6 +200,7 @@ class RouterStreamServer:
                     writer.write(MAGIC + bytes((VERSION,)))
                 return
             writer.write(MAGIC + bytes((VERSION,)))
+            self.accepted[kind] = self.accepted.get(kind, 0) + 1
             while True:
                 request = await read_frame(reader)
                 writer.write(frame(answer(request)))
@@ -175,6 +213,10 @@ class RouterStreamServer:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    @property
+    def started(self) -> bool:
+        return self._endpoint is not None
 
     def close(self) -> None:
         if self._server is not None:
@@ -193,14 +235,29 @@ class RouterStream:
         self.closed = False
 
     @classmethod
-    async def open(cls, endpoint: StreamEndpoint, kind: int, timeout_s: float) -> RouterStream:
-        """Connect and say hello; raises HandshakeError when the router does
-        not answer it in kind, OSError / TimeoutError when unreachable."""
+    async def open(cls, endpoint: StreamEndpoint, kind: int, timeout_s: float,
+                   tls: TLSConfig | None = None) -> RouterStream:
+        """Connect (over TLS with ``tls``, which must match the endpoint's
+        ``tls``) and say hello; raises HandshakeError when the router does
+        not answer it in kind or TLS does not match, ssl.SSLError when the
+        router's certificate does not verify, OSError / TimeoutError when
+        unreachable."""
         if endpoint.version != VERSION:
             raise HandshakeError(f"the router speaks router stream version {endpoint.version}, "
                                  f"this client {VERSION}")
+        if endpoint.tls and tls is None:
+            raise HandshakeError("the router's stream is TLS only and this process has no TLS "
+                                 "configured (transfer.tls)")
+        if tls is not None and not endpoint.tls:
+            # never the token and exchanges in the clear where TLS is configured
+            raise HandshakeError("the router's stream is plaintext and this process is "
+                                 "configured for TLS (transfer.tls): not downgrading")
+        ssl = None
+        if tls is not None:
+            ssl = dict(ssl=tls_.client_ssl_context(tls), ssl_handshake_timeout=timeout_s,
+                       server_hostname=tls_.server_hostname(tls, endpoint.host))
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port), timeout_s)
+            asyncio.open_connection(endpoint.host, endpoint.port, **(ssl or {})), timeout_s)
         try:
             writer.write(hello(endpoint.token, kind))
             try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from ray import serve
 
 from splitserve.cluster.config import ModelSpec, RouterSpec, TransferSpec
 from splitserve.cluster.observability.metrics import record_worker_metrics
+from splitserve.cluster.serve.node import bind_host
 from splitserve.cluster.serve.router_fanout import RouterFanout
 from splitserve.engine.roles import Role
 from splitserve.engine.stats import WorkerStats, stats_to_wire
@@ -89,17 +89,6 @@ def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
     ))
 
 
-def node_address() -> str:
-    """The address this node registered with Ray (``--node-ip-address``),
-    so workers bind where the operator said, e.g. 127.0.0.1 for a local
-    cluster, rather than whichever interface the OS would pick."""
-    node_id = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return node["NodeManagerAddress"]
-    return ray.util.get_node_ip_address()
-
-
 @dataclass(frozen=True)
 class RoleWorker:
     """A role's worker, started, and the worker RPCs it serves besides ``Stats``."""
@@ -155,8 +144,7 @@ class WorkerServer:
         self.spec = ModelSpec(**model)
         self.transfer = TransferSpec(**transfer)
         self.router_spec = RouterSpec(**router)
-        self.host = (self.transfer.bind_host or os.environ.get("SPLITSERVE_BIND_HOST")
-                     or node_address())
+        self.host = bind_host(self.transfer.bind_host)
         node_id = ray.get_runtime_context().get_node_id()
         # the cluster token comes from the secret store, never through init
         # arguments (secrets_version only makes a new token rebuild replicas)
@@ -182,7 +170,8 @@ class WorkerServer:
         if self.tracer is not None:
             self.tracer.common.update({ATTR_REPLICA: self.address, ATTR_MODEL: self.spec.name,
                                        ATTR_TRANSPORT: self.transfer.transport})
-        self.router = RouterFanout(self.router_spec.routers)  # every router hears every push
+        # every router hears every push (over its stream: TLS as the planes)
+        self.router = RouterFanout(self.router_spec.routers, tls=tls)
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")

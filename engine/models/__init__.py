@@ -7,18 +7,21 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.gemma import GemmaCausalLM
+from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
+from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
 # the mixture-of-experts ones add sparse MLP layers to it, Gemma's scale its
 # embeddings and norms and Gemma 2's add norms and soft caps, Phi-3's split
 # fused checkpoint tensors, Granite's scale embeddings, residual branches and
-# logits, OLMo 2's norm each block's output instead of its input.
+# logits, OLMo 2's norm each block's output instead of its input, Gemma 3's
+# add per-head q/k norms and a second RoPE base, SmolLM3's skip RoPE in some layers.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -32,6 +35,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phi3": Phi3CausalLM,
     "granite": GraniteCausalLM,
     "olmo2": Olmo2CausalLM,
+    "gemma3": Gemma3CausalLM,
+    "smollm3": SmolLM3CausalLM,
 }
 
 
@@ -52,5 +57,5 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GemmaCausalLM", "GraniteCausalLM", "MODEL_FAMILIES", "MoECausalLM",
-           "Olmo2CausalLM", "Phi3CausalLM", "build_model"]
+__all__ = ["CausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "MODEL_FAMILIES",
+           "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

@@ -2,9 +2,10 @@
 
 Both (``ModelConfig.options``, ``splitserve.engine.family_config``):
 - RMSNorm scales by ``1 + weight``: the checkpoint's norm weights are
-  loaded plus one (``NormPlusOneSlot``), so the shared ``ops.rms_norm``
-  runs unchanged (in bf16 the sum is rounded once to the model dtype, where
-  transformers keeps it in float32 for the product);
+  loaded plus one (``NormPlusOneSlot``) into float32 parameters
+  (``layers.model_norm``), and the norm multiplies them into the float32
+  normed row, rounding the product once (``FamilyOptions.norm_fp32_product``),
+  as transformers' Gemma RMSNorm does;
 - embeddings are scaled by sqrt(hidden_size), rounded to the model dtype as
   transformers rounds it;
 - a GeGLU MLP (tanh-approximated GELU), ``MLP`` with ``hidden_act``;
@@ -14,7 +15,7 @@ Gemma 2 adds (``Gemma2DecoderLayer``) a norm after attention and norms
 before and after the MLP; attention scores scaled by
 ``query_pre_attn_scalar ** -0.5`` and soft-capped (``Attention.softcap``,
 applied inside the attention kernels); the output logits soft-capped in
-``compute_logits``; a sliding window on every other layer
+``scale_logits`` (in the model dtype); a sliding window on every other layer
 (``ModelConfig.layer_windows``).
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot
+from splitserve.engine.models.layers import DecoderLayer, ShardSlot, model_norm
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 
@@ -39,7 +40,8 @@ class NormPlusOneSlot(ShardSlot):
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap)."""
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap), each step
+    rounded to x's dtype as transformers rounds it."""
     return torch.tanh(x / cap) * cap
 
 
@@ -51,7 +53,7 @@ class Gemma2DecoderLayer(DecoderLayer):
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
                  prefix: str = ""):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)  # noqa: E731
+        norm = lambda: model_norm(cfg, cfg.hidden_size, dtype, device)  # noqa: E731
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
@@ -62,7 +64,7 @@ class Gemma2DecoderLayer(DecoderLayer):
         residual: torch.Tensor | None,  # [T, hidden]; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
@@ -93,10 +95,9 @@ class GemmaCausalLM(CausalLM):
         x = super().embed(input_ids)
         return x * torch.tensor(self.cfg.options.embed_scale, dtype=x.dtype, device=x.device)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)  # float32; None on tensor-parallel ranks > 0
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.cfg.options.final_softcap
-        return logits if logits is None or cap <= 0 else soft_cap(logits, cap)
+        return logits if cap <= 0 else soft_cap(logits, cap)
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         return {name: NormPlusOneSlot(slot.param, slot.start, slot.size) if _is_norm(name) else slot

@@ -38,7 +38,7 @@ class GraniteDecoderLayer(DecoderLayer):
         residual: torch.Tensor | None,  # [T, hidden]; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
@@ -59,6 +59,5 @@ class GraniteCausalLM(CausalLM):
         # multiplied by a Python float, as transformers does (no rounding of the factor)
         return super().embed(input_ids) * self.cfg.options.embed_scale
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)  # float32; None on tensor-parallel ranks > 0
-        return logits if logits is None else logits / self.cfg.options.logits_divisor
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.cfg.options.logits_divisor

@@ -115,16 +115,31 @@ def fp8_activations_supported(device: torch.device | str) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+    """``ops.rms_norm`` with its weight; ``fp32_product``: the weight
+    multiplied in float32 and the product rounded once (see the op)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str,
+                 fp32_product: bool = False):
         super().__init__()
         self.eps = eps
+        self.fp32_product = fp32_product
         self.weight = empty_param(dim, dtype=dtype, device=device)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: [N, dim]; with residual returns (norm(x + residual), x + residual)
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual, self.fp32_product)
+
+
+def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype, device: torch.device | str) -> RMSNorm:
+    """An RMSNorm of ``dim`` rounding as ``cfg``'s family does. Gemma's
+    ``1 + weight`` is kept in float32: transformers sums it in float32 for
+    the product, and a 16-bit copy would round it (1 + w near 1 keeps only
+    8 bits of w in bf16)."""
+    opts = cfg.options
+    weight_dtype = torch.float32 if opts.norm_plus_one else dtype
+    return RMSNorm(dim, cfg.rms_norm_eps, weight_dtype, device, fp32_product=opts.norm_fp32_product)
 
 
 class Linear(nn.Module):
@@ -203,7 +218,7 @@ class Attention(nn.Module):
             )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        opts = cfg.options  # Gemma 2 scales scores its own way and caps them
+        opts = cfg.options  # Gemma 2/3 and Granite scale scores their own way; Gemma 2 caps them
         self.scale = self.head_dim**-0.5 if opts.attn_scale is None else opts.attn_scale
         self.softcap = opts.attn_softcap
         # q, k and v in one matmul: rows [q | k | v]
@@ -219,8 +234,8 @@ class Attention(nn.Module):
         # q/k norms: per head (Qwen3) or, with full_qk_norm, over all heads at once (OLMo 2)
         self.full_qk_norm = opts.full_qk_norm
         q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
-        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
+        self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
+        self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -242,7 +257,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,  # [max_position, D] float32
+        cos_sin_cache: torch.Tensor | None,  # [max_position, D] float32; None: no RoPE (SmolLM3)
         lora: LoraMeta | None = None,  # the step's adapters, when any token has one
     ) -> torch.Tensor:
         t = x.shape[0]
@@ -255,12 +270,13 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         if self.q_norm is not None:
-            # Qwen3: RMSNorm over each head's D dims; OLMo 2: over a token's
+            # Qwen3, Gemma 3: RMSNorm over each head's D dims; OLMo 2: over a token's
             # whole q (Hq*D) and k (Hk*D); both before RoPE
             rows = t if self.full_qk_norm else -1
             q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
             k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
-        q, k = apply_rotary(positions, q, k, cos_sin_cache)
+        if cos_sin_cache is not None:
+            q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
@@ -347,9 +363,9 @@ class DecoderLayer(nn.Module):
                  sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp",
                  prefix: str = ""):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.self_attn = Attention(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
         self.tp = None  # tensor parallel: the rank's TPGroup (splitserve.engine.parallel.group)
@@ -361,7 +377,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,  # [T, hidden] residual stream; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
@@ -369,7 +385,7 @@ class DecoderLayer(nn.Module):
         return self.feed_forward(h, lora), residual
 
     def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-               layer_cache: torch.Tensor, meta: AttentionMetadata, cos_sin_cache: torch.Tensor,
+               layer_cache: torch.Tensor, meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None,
                lora: LoraMeta | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The input norm and attention: (attention output, residual stream).
         The residual add is fused into the next norm: a layer's output stays

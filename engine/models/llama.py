@@ -22,7 +22,7 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot, empty_param
+from splitserve.engine.models.layers import DecoderLayer, ShardSlot, empty_param, model_norm
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.group import TPGroup
@@ -43,7 +43,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         windows = cfg.layer_windows or (0,) * cfg.num_layers
         self.layers = nn.ModuleList(self.build_layer(i, w, dtype, device) for i, w in enumerate(windows))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -91,11 +91,16 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)  # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.cos_sin_cache, lora)
+            x, residual = layer(positions, x, residual, kv_cache[i], meta, self.rope_table(i), lora)
             if on_layer_done is not None:
                 on_layer_done(i)
         x, _ = self.norm(x, residual)
         return x
+
+    def rope_table(self, index: int) -> torch.Tensor | None:
+        """Layer ``index``'s cos/sin table; None: the layer applies no RoPE.
+        Families whose layers rotate differently (Gemma 3, SmolLM3) override this."""
+        return self.cos_sin_cache
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden] embeddings (families that scale them override this)."""
@@ -114,8 +119,14 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (tensor parallel: on rank 0, from
         every rank's vocabulary rows; None on the other ranks)."""
-        logits = ops.linear(hidden, self.lm_head_weight).float()
+        logits = self.scale_logits(ops.linear(hidden, self.lm_head_weight)).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's elementwise op on the [N, vocab] logits (Gemma's cap,
+        Granite's divisor), in the model dtype before the float32 cast, as
+        transformers applies it to its lm_head output."""
+        return logits
 
     def weight_slots(self) -> dict[str, ShardSlot]:
         """Every checkpoint tensor this model needs, by its Hugging Face name."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import DecoderLayer, RMSNorm, ShardSlot
+from splitserve.engine.models.layers import DecoderLayer, ShardSlot, model_norm
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 
@@ -31,7 +31,7 @@ class Olmo2DecoderLayer(DecoderLayer):
                  prefix: str = ""):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
         self.input_layernorm = None  # OLMo 2 has no pre-attention norm
-        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_feedforward_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
 
     def forward(
         self,
@@ -40,7 +40,7 @@ class Olmo2DecoderLayer(DecoderLayer):
         residual: torch.Tensor | None,  # [T, hidden]; None before layer 0
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = x if residual is None else x + residual

@@ -1,8 +1,10 @@
 """RMSNorm with an optional fused residual add: one program per token row.
 
 Rounding follows ``splitserve.kernels.reference.rms_norm`` step by step (the residual
-sum and the normalised row are rounded to x.dtype before the weight
-multiply) so 16-bit outputs match the reference, not just approximate it.
+sum rounded to x.dtype; the normalised row rounded to x.dtype before the
+weight multiply, or, with FP32_PRODUCT, multiplied in float32 and the
+product rounded once) so 16-bit outputs match the reference, not just
+approximate it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import triton.language as tl
 
 from splitserve.kernels.triton._common import (FLOAT_DTYPES, check_device, check_dtype,
                                                check_last_dim_contiguous, check_ndim, next_pow2)
+from splitserve.kernels.triton.rounding import round_as
 
 
 @triton.jit
@@ -21,6 +24,7 @@ def _rms_norm_kernel(
     D, eps,
     stride_x, stride_res, stride_out, stride_res_out,
     HAS_RESIDUAL: tl.constexpr,
+    FP32_PRODUCT: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -29,14 +33,17 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the new residual stream
+        x = round_as(x.to(tl.float32) + r.to(tl.float32), x.dtype).to(x.dtype)  # the new residual stream
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
-    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    normed = xf * tl.rsqrt(var + eps)
+    if not FP32_PRODUCT:
+        normed = round_as(normed, x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = w.to(tl.float32) * normed
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_out + cols, round_as(y, out_dtype).to(out_dtype), mask=mask)
 
 
 def rms_norm(
@@ -44,6 +51,7 @@ def rms_norm(
     weight: torch.Tensor,  # [D]
     eps: float,
     residual: torch.Tensor | None = None,  # [T, D]
+    fp32_product: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``splitserve.kernels.reference.rms_norm``."""
     op = "rms_norm"
@@ -62,8 +70,10 @@ def rms_norm(
         check_dtype(op, "residual", residual, FLOAT_DTYPES)
         check_device(op, x, residual=residual)
         check_last_dim_contiguous(op, "residual", residual)
-    # weight * norm(x) in the reference promotes like any torch multiply
-    out = torch.empty((t, d), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    # weight * norm(x) in the reference promotes like any torch multiply; the
+    # float32 product is rounded to x.dtype
+    out_dtype = x.dtype if fp32_product else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty((t, d), dtype=out_dtype, device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if t == 0:
         return out, res_out
@@ -75,6 +85,7 @@ def rms_norm(
         d, float(eps),
         x.stride(0), res_in.stride(0), out.stride(0), res_buf.stride(0),
         HAS_RESIDUAL=residual is not None,
+        FP32_PRODUCT=fp32_product,
         BLOCK_D=block_d,
         num_warps=min(16, max(1, block_d // 256)),
     )

@@ -1,7 +1,9 @@
 """Neox-style rotary embedding applied in place to q and k.
 
 One program per token rotates all of its query and key heads, so the token's
-cos/sin row is read once. Math in float32, like the reference.
+cos/sin row is read once. Rounded like the reference: cos and sin to q's
+dtype, then each product and the sum (transformers' order on 16-bit
+tensors); nothing is rounded in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import triton.language as tl
 
 from splitserve.kernels.triton._common import (FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype,
                                                check_last_dim_contiguous, check_ndim, next_pow2)
+from splitserve.kernels.triton.rounding import round_as
 
 
 @triton.jit
@@ -26,8 +29,11 @@ def _rotate_heads(ptr, stride_t, stride_h, tok, H, cos, sin, HALF, BLOCK_H: tl.c
     x2 = tl.load(p2, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    o1 = x1f * cos - x2f * sin
-    o2 = x2f * cos + x1f * sin
+    dt: tl.constexpr = x1.dtype
+    c = round_as(cos, dt)
+    s = round_as(sin, dt)
+    o1 = round_as(round_as(x1f * c, dt) - round_as(x2f * s, dt), dt)
+    o2 = round_as(round_as(x2f * c, dt) + round_as(x1f * s, dt), dt)
     tl.store(p1, o1.to(x1.dtype), mask=mask)
     tl.store(p2, o2.to(x2.dtype), mask=mask)
 

@@ -9,15 +9,23 @@ import ray
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None):
+def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None,
+              metrics_report_interval_ms: int | None = None):
     """``worker_setup_hook``: "module.function" every worker process runs
-    at start (fault injection in tests)."""
+    at start (fault injection in tests). ``metrics_report_interval_ms``: how
+    often each Ray process exports its metrics to the node's agent (Ray's
+    default is 10 s; Ray floors it at 1 s); a test that waits for exported
+    values sets it shorter."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": {"PYTHONPATH": os.getcwd(), "SPLITSERVE_BIND_HOST": "127.0.0.1"}}
     if worker_setup_hook:
         runtime_env["worker_process_setup_hook"] = worker_setup_hook
+    system_config = {}
+    if metrics_report_interval_ms is not None:
+        system_config["metrics_report_interval_ms"] = metrics_report_interval_ms
     ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
+             _system_config=system_config or None)
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ fault (HTTP 5xx; gRPC INTERNAL, UNKNOWN, DATA_LOSS); every refusal of a
 request that parses names the field; the servers stay up, a normal
 request still succeeds and no KV block stays allocated."""
 
+import gzip
 import json
 import random
 
@@ -318,4 +319,132 @@ def test_grpc_fuzz_never_a_server_fault_and_names_the_field(grpc_stub, local, en
     rs = list(stub.Generate(pb.GenerateRequest(model="tiny-llama", text="hi", params=P(
         max_tokens=3, ignore_eos=True)), metadata=MD, timeout=60))
     assert sum(len(r.token_ids) for r in rs) == 3
+    assert wait_until(lambda: idle(local, engines), timeout=10)
+
+
+BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
+BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
+TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
+# Crafted requests once answered with a 500, a 200 that served something else
+# than asked, or a 400 naming another field; each with the field its 400 names.
+CRAFTED = [
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": BIG_INT_SCHEMA}}}, "response_format"),
+    (C, {**OK_C, "structured_outputs": {"json": BIG_INT_SCHEMA}}, "structured_outputs"),
+    (C, {**OK_C, "structured_outputs": {"json": {"type": "integer", "maximum": -2**63 - 1}}},
+     "structured_outputs"),
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": BIG_INT_PARAMS}}],
+          "tool_choice": "required"}, "tools[0].function.parameters"),
+    ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": BIG_INT_SCHEMA}}}, "text.format"),
+    (CH, {**OK_CH, "messages": TOOL_NO_ID}, "messages[1].tool_call_id"),
+    (CH, {**OK_CH, "messages": [*TOOL_NO_ID[:1], {**TOOL_NO_ID[1], "tool_call_id": ""}]},
+     "messages[1].tool_call_id"),
+    # int() reads these as token ids, but none is one written as OpenAI writes them
+    *[(C, {**OK_C, "logit_bias": {key: 5}}, "logit_bias")
+      for key in ("\u0969", " 5", "5 ", "+5", "05", "5_0", "9" * 5000)],
+    (C, {**OK_C, "n": MAX_CHOICES + 1}, "n"),
+    # integers past 64 bits, which the cluster's typed messages cannot carry
+    (C, {**OK_C, "top_k": 2**64}, "top_k"),
+    (CH, {**OK_CH, "stop_token_ids": [1, 2**64]}, "stop_token_ids"),
+    (CH, {**OK_CH, "max_tokens": None, "min_tokens": 10**30}, "min_tokens"),
+    ("/v1/responses", {"model": "tiny-llama", "input": "hi", "top_k": -2**63 - 1}, "top_k"),
+    # a call without a name, a result without the call it answers
+    (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "", "arguments": "{}"}}]}]}, "messages[0].tool_calls[0]"),
+    ("/v1/responses", {"model": "tiny-llama", "input": [
+        {"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, "input[0].name"),
+    ("/v1/responses", {"model": "tiny-llama", "input": [
+        {"type": "function_call_output", "call_id": "", "output": "sunny"}]}, "input[0].call_id"),
+    # constraints no output satisfies: once an empty 200 with finish_reason "stop"
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#"}}}}, "response_format"),
+    *[(C, {**OK_C, "structured_outputs": {"regex": rx}}, "structured_outputs") for rx in ("a^b", r"[^\s\S]")],
+    (C, {**OK_C, "structured_outputs": {"grammar": "start: start"}}, "structured_outputs"),
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}],
+          "tool_choice": "required"}, "tools[0].function.parameters"),
+    ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2, "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"$ref": "#"}}}}, "text.format"),
+    # ids the model can never produce, a minimum the context cannot hold
+    (CH, {**OK_CH, "stop_token_ids": [1, 10**6]}, "stop_token_ids"),
+    (C, {**OK_C, "logit_bias": {str(10**6): 5}}, "logit_bias"),
+    (CH, {**OK_CH, "max_tokens": None, "min_tokens": CONTEXT}, "min_tokens"),
+    # names the template renderer's own parameters take
+    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
+     "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"],
+                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs"),
+]
+
+
+def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
+    with httpx.Client(base_url=http_url, headers=AUTH, timeout=60) as client:
+        for path, body, param in CRAFTED:
+            r = client.post(path, json=body)
+            assert r.status_code == 400 and check_http(r, True)["param"] == param, (param, r.text)
+        # tool call arguments sent as an object count toward the prompt's characters too,
+        # refused before tokenizing
+        long_args = {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": {"a": "x" * max_prompt_chars(CONTEXT)}}}]}
+        r = client.post(CH, json={**OK_CH, "messages": [long_args]})
+        assert r.status_code == 400 and "characters" in check_http(r, True)["message"], r.text
+        # a repeated key: parsers disagree on which one counts (a proxy may check the first)
+        for raw, param in (('{"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "max_tokens": 3}',
+                            "max_tokens"),
+                           ('{"model": "tiny-llama", "prompt": "hi", "logit_bias": {"5": 1, "5": -100}}',
+                            "logit_bias")):
+            r = client.post(C, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and check_http(r, True)["param"] == param, r.text
+        # the message names the field the client used, as param does
+        for path, body, field in ((CH, {**OK_CH, "max_tokens": None, "max_completion_tokens": 10**6},
+                                   "max_completion_tokens"),
+                                  ("/v1/responses", {"model": "tiny-llama", "input": "hi",
+                                                     "max_output_tokens": 0}, "max_output_tokens")):
+            err = check_http(client.post(path, json=body), True)
+            assert err["param"] == field and field in err["message"], err
+            assert "max_tokens" not in err["message"], err
+        # a compressed body is refused as such, not read as bad UTF-8 or JSON
+        r = client.post(C, content=gzip.compress(json.dumps(OK_C).encode()),
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
+        # the connection that carried them still serves (a 500 once closed it)
+        r = client.post(C, json=OK_C)
+        assert r.status_code == 200
+        # the answer's id in its own header (Ray Serve's proxy writes x-request-id)
+        assert r.headers.get_list("x-splitserve-request-id") == [r.json()["id"]]
+        assert "x-request-id" not in r.headers
+        for path, body in ((CH, {**OK_CH, "stream": True}),
+                           ("/v1/responses", {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2})):
+            with client.stream("POST", path, json=body) as r:
+                assert r.status_code == 200 and len(r.headers.get_list("x-splitserve-request-id")) == 1
+                r.read()
+    assert wait_until(lambda: idle(local, engines), timeout=10)
+
+
+GRPC_CRAFTED = [
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(
+        json_schema=json.dumps(BIG_INT_SCHEMA)))), "structured_output"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters=json.dumps(BIG_INT_PARAMS))], tool_choice="required"),
+     "tools[0].parameters"),
+    (dict(messages=[*HI, pb.ChatMessage(role="tool", content="sunny")]), "messages[1].tool_call_id"),
+    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar="start: start"))),
+     "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_schema='{"$ref": "#"}'))),
+     "structured_output"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='{"$ref": "#"}')], tool_choice="required"),
+     "tools[0].parameters"),
+    (dict(text="hi", params=P(stop_token_ids=[1, 10**6])), "stop_token_ids"),
+    (dict(text="hi", params=P(min_tokens=CONTEXT)), "min_tokens"),
+]
+
+
+def test_grpc_crafted_requests_are_invalid_argument_naming_the_field(grpc_stub, local, engines):
+    _, stub = grpc_stub
+    for kw, param in GRPC_CRAFTED:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(model="tiny-llama", **kw), metadata=MD, timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (param, e.value.details())
+        assert dict(e.value.trailing_metadata())["splitserve-param"] == param, e.value.details()
     assert wait_until(lambda: idle(local, engines), timeout=10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import grpc
 import pytest
@@ -96,6 +97,17 @@ def test_requests_cross_both_planes_under_tls(cluster):
 
     s = _decode_stats(peer)
     assert s.handoffs >= 1 and s.local_prefills == 0 and s.fallbacks == 0
+
+    # the routers' streams are TLS too, and the ingress (exchanges, on every
+    # heartbeat) and both replicas (stats pushes) reached every router over them
+    def streams():
+        return [ray.get(app.get_router(index=i).counters.remote())["stream"] for i in range(2)]
+
+    deadline = time.monotonic() + 20
+    while not all(s and s["exchange"] >= 1 and s["stats"] >= 2 for s in streams()):
+        assert time.monotonic() < deadline, streams()
+        time.sleep(0.5)
+    assert all(s["tls"] for s in streams())
 
 
 def _calls(address: str, token: str, tls: TLSConfig | None) -> list[Code]:

@@ -42,7 +42,11 @@ from tests.integration.ray_cluster import local_ray
 from tests.fixtures.ports import free_port
 
 N, OUT, NUM_BLOCKS = 6, 5, 48
-EXPORT_WAIT_S = 45.0  # Ray exports every ~10 s; the cluster is shared and slow
+# Each Ray process exports its metrics every EXPORT_PERIOD_MS (Ray's default
+# is 10 s: the test would mostly wait for it); a gauge a process stops
+# refreshing ages out after two periods, longer than any scrape gap here
+EXPORT_PERIOD_MS = 2000
+EXPORT_WAIT_S = 45.0  # the cluster is shared and slow
 
 
 def config(path):
@@ -100,7 +104,8 @@ def observed(samples, name: str, labels: dict, value):
 
 def expect(want: list[tuple[str, dict, object]], timeout=EXPORT_WAIT_S) -> list:
     """Poll the endpoint until every (series, labels, value) holds (each Ray
-    process exports on its own ~10 s cadence); assert them; return the samples."""
+    process exports on its own EXPORT_PERIOD_MS cadence); assert them; return
+    the samples."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape()
@@ -108,14 +113,14 @@ def expect(want: list[tuple[str, dict, object]], timeout=EXPORT_WAIT_S) -> list:
                  if (got := observed(samples, name, labels, value)) != value]
         if not wrong or time.monotonic() > deadline:
             break
-        time.sleep(2.0)
+        time.sleep(0.5)
     assert not wrong, "\n".join(f"{n}{lab}: want {v!r}, got {g!r}" for n, lab, v, g in wrong)
     return samples
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama):
-    with local_ray(num_cpus=4):
+    with local_ray(num_cpus=4, metrics_report_interval_ms=EXPORT_PERIOD_MS):
         cfg = config(tiny_llama)
         app.deploy(cfg, with_ingress=True, wait_s=180)
         yield cfg

@@ -33,7 +33,7 @@ def wait_for(fn, want, timeout=120.0):
             got = e
         if got == want or time.monotonic() > deadline:
             return got
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """What a router finds again when Ray restarts it (real local Ray, router
 actors only): the prefer-local-prefill switch the autoscaler set, and the
-config of its last reconfigure, not the one it was first created with."""
+config and stream TLS of its last deploy, not those it was first created
+with."""
 
 import time
 
@@ -12,6 +13,7 @@ from splitserve.cluster.serve import router_state
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.router.config import ModelFacts, RouterConfig
 from tests.integration.ray_cluster import local_ray
+from tests.unit.tls_certs import CA
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +42,12 @@ def models_of(index: int) -> set[str]:
     return set(ray.get(get_router(index=index).live_replicas.remote()))
 
 
-def test_a_restarted_router_keeps_the_switch_and_its_last_config():
+def test_a_restarted_router_keeps_the_switch_and_its_last_config(tmp_path):
+    ca = CA()
+    cert, key = ca.issue("router", ips=("127.0.0.1",)).write(tmp_path, "router")
+    (tmp_path / "ca.crt").write_bytes(ca.cert)
+    tls = {"cert": cert, "key": key, "ca": str(tmp_path / "ca.crt"), "mutual": True,
+           "server_name": None}
     with local_ray(num_cpus=2):
         ensure_routers(config("a"), 2)
         assert [ray.get(get_router(index=i).counters.remote())["prefer_local_prefill"]
@@ -55,12 +62,16 @@ def test_a_restarted_router_keeps_the_switch_and_its_last_config():
         assert restart(0)["prefer_local_prefill"] is True
         assert restart(1)["prefer_local_prefill"] is True  # a router it was forwarded to
 
-        # a redeploy adds a model; a restart must not bring back the first config
-        ensure_routers(config("a", "b"), 2, reconfigure=True)
+        # a redeploy adds a model and turns TLS on; a restart must not bring
+        # back the first config, nor a plaintext stream
+        assert ray.get(get_router(index=0).endpoint.remote()).tls is False
+        ensure_routers(config("a", "b"), 2, reconfigure=True, tls=tls)
         assert ray.get(get_router(index=0).counters.remote())["prefer_local_prefill"] is True
+        assert ray.get(get_router(index=0).endpoint.remote()).tls is True
         restart(0)
         assert models_of(0) == {"a", "b"}
-        assert router_state.load() == router_state.RouterState(config("a", "b"), True)
+        assert ray.get(get_router(index=0).endpoint.remote()).tls is True
+        assert router_state.load() == router_state.RouterState(config("a", "b"), True, tls, True)
 
         # switched off: a restart keeps it off
         ray.get(get_router(index=0).set_prefer_local_prefill.remote(False))

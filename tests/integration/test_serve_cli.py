@@ -37,7 +37,7 @@ def served(tiny_llama, tmp_path_factory):
         while "ready in" not in log.read_text():
             assert proc.poll() is None, f"serve exited early:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"serve not ready:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
+            time.sleep(0.2)
         yield f"http://127.0.0.1:{http}/v1", proc, log
     finally:
         if proc.poll() is None:

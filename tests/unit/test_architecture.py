@@ -145,3 +145,14 @@ def test_engine_modules_the_router_uses_import_no_torch(module):
                          env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_router_actor_process_imports_no_torch():
+    """A router actor only places requests: its module (with the metrics it
+    counts) loads no torch, which would cost each router ~2 s at start."""
+    code = ("import sys, splitserve.cluster.serve.router_actor; "
+            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -18,10 +18,11 @@ from tests.fixtures.handoff import handoff_generate
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 FAMILIES = ["llama", "qwen3", "gemma", "gemma2", "phi3"]
-# Granite and OLMo 2 change only the model's arithmetic (test_model_parity
-# checks it token by token): the fast set runs them through one engine test,
-# the rest of the matrix is marked slow to keep its time down.
-MODEL_ONLY_FAMILIES = ["granite", "olmo2"]
+# Granite, OLMo 2, Gemma 3 and SmolLM3 change only the model's arithmetic
+# (test_model_parity checks it token by token): the fast set runs them
+# through one engine test, the rest of the matrix is marked slow to keep its
+# time down.
+MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in MODEL_ONLY_FAMILIES]
 

@@ -15,9 +15,11 @@ pytest.importorskip("triton")
 
 # qwen2_window: a window of 8 on layer 1; gemma2: on layer 0, with score and logit soft caps;
 # phi3_longrope: fused projections, half of each head rotated; granite: scaled scores,
-# residual branches and logits; olmo2: post-block norms, q/k norms across all heads
+# residual branches and logits; olmo2: post-block norms, q/k norms across all heads;
+# gemma3: two RoPE tables (a window of 8 on layer 0), per-head q/k norms; smollm3: a NoPE
+# layer, which only skips the rotary op (slow: no kernel runs differently)
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
-                                    "olmo2"])
+                                    "olmo2", "gemma3", pytest.param("smollm3", marks=pytest.mark.slow)])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

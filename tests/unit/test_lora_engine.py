@@ -162,10 +162,11 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("variant", ["granite", "olmo2"])
-def test_granite_and_olmo2_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
+@pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3"])
+def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     # the same module names as Llama's; Granite scales the adapted blocks' outputs,
-    # OLMo 2 norms them after the LoRA delta is added
+    # OLMo 2 and Gemma 3 norm them after the LoRA delta is added (Gemma 3 per head
+    # before RoPE too), SmolLM3 adapts its NoPE layer like the others
     base = tiny_checkpoints[variant]
     adapter = build_adapter(base, tmp_path / "all", **ADAPTERS["all"])
     ps = prompts(hf_model(base).config.vocab_size)

@@ -1,11 +1,12 @@
-"""Gemma, Gemma 2, Phi-3, Granite and OLMo 2 beyond the shared parity tests
-(test_model_parity, test_engine_parity and test_engine_triton_parity run
-their tiny checkpoints): what config.json says about each family, the
-checkpoints refused with a clear error, LongRoPE against transformers past
-the original context length, and the families' engines with a window,
-partial rotary and soft caps over long prompts; that each of Granite's
-multipliers and OLMo 2's norms moves the logits, and OLMo 2 refused for
-tensor parallelism."""
+"""Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2 and SmolLM3 beyond the
+shared parity tests (test_model_parity, test_engine_parity and
+test_engine_triton_parity run their tiny checkpoints): what config.json says
+about each family (old and transformers 5 layouts alike), the checkpoints
+refused with a clear error, LongRoPE against transformers past the original
+context length, and the families' engines with a window, partial rotary and
+soft caps over long prompts; that each of Granite's multipliers, OLMo 2's
+norms, Gemma 3's second RoPE base and SmolLM3's NoPE layers moves the
+logits, and OLMo 2 refused for tensor parallelism."""
 
 from __future__ import annotations
 
@@ -62,6 +63,59 @@ def test_granite_and_olmo2_options():
     assert m.layer_windows == (0, 0, 0, 0) and not m.attention_bias and not m.mlp_bias
 
 
+def _via_transformers(config_cls: str, arch: str, **extra) -> ModelConfig:
+    # the config.json transformers 5 writes for these arguments
+    import transformers
+
+    written = getattr(transformers, config_cls)(**BASE, **extra).to_dict()
+    return ModelConfig.from_hf({**written, "architectures": [arch]})
+
+
+# a Gemma 3 config.json as transformers < 5 wrote them (google/gemma-3-4b-it's text part)
+GEMMA3_OLD = dict(sliding_window=8, sliding_window_pattern=2, rope_theta=1_000_000.0,
+                  rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                  query_pre_attn_scalar=64, final_logit_softcapping=None, attn_logit_softcapping=None,
+                  hidden_activation="gelu_pytorch_tanh")
+
+
+def test_gemma3_options_from_either_config_layout():
+    old = config("Gemma3ForCausalLM", **GEMMA3_OLD)
+    new = _via_transformers("Gemma3TextConfig", "Gemma3ForCausalLM", **GEMMA3_OLD)
+    for cfg in (old, new):
+        o = cfg.options
+        assert cfg.layer_windows == (8, 0, 8, 0) and cfg.qk_norm and not cfg.attention_bias
+        assert (cfg.rope_theta, cfg.rope_scaling["factor"]) == (1_000_000.0, 8.0)
+        assert (o.local_rope_layers, o.local_rope_theta) == ((0, 2), 10_000.0)
+        assert (o.attn_scale, o.attn_softcap, o.final_softcap) == (0.125, 0.0, 0.0)
+        assert (o.hidden_act, o.embed_scale, o.sandwich_norms) == ("gelu_tanh", 8.0, True)
+    assert old.options == new.options and old.rope_scaling["rope_type"] == new.rope_scaling["rope_type"]
+    # transformers' defaults: a window of 4096 on all but every 6th layer, bases 1e6 and 1e4
+    bare = config("Gemma3ForCausalLM", num_hidden_layers=7)
+    assert bare.layer_windows == (4096,) * 5 + (0, 4096) and bare.rope_theta == 1_000_000.0
+    assert bare.options.local_rope_theta == 10_000.0 and bare.rope_scaling is None
+    assert bare.options.local_rope_layers == (0, 1, 2, 3, 4, 6)
+    assert config("Gemma3ForCausalLM", hidden_act="silu").options.hidden_act == "gelu_tanh"
+    capped = config("Gemma3ForCausalLM", attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    assert (capped.options.attn_softcap, capped.options.final_softcap) == (0.0, 30.0)
+
+
+def test_smollm3_options_from_either_config_layout():
+    old = config("SmolLM3ForCausalLM", rope_theta=5_000_000.0)
+    new = _via_transformers("SmolLM3Config", "SmolLM3ForCausalLM", rope_theta=5_000_000.0)
+    for cfg in (old, new):  # every 4th layer without RoPE, by default; no window
+        assert cfg.options.nope_layers == (3,) and cfg.rope_theta == 5_000_000.0
+        assert cfg.layer_windows == (0,) * 4 and not cfg.qk_norm
+    assert config("SmolLM3ForCausalLM").rope_theta == 2_000_000.0  # transformers' default
+    listed = config("SmolLM3ForCausalLM", no_rope_layers=[0, 1, 1, 0, 1], use_sliding_window=True,
+                    sliding_window=8, attention_bias=True, mlp_bias=True)
+    assert listed.options.nope_layers == (0, 3)
+    assert listed.layer_windows == (8, 0, 0, 8)  # windows on the NoPE layers, as transformers marks them
+    assert listed.attention_bias and listed.o_proj_bias and listed.mlp_bias
+    windowed = _via_transformers("SmolLM3Config", "SmolLM3ForCausalLM", no_rope_layers=[0, 1, 1, 0],
+                                 use_sliding_window=True, sliding_window=8)
+    assert windowed.layer_windows == (8, 0, 0, 8)
+
+
 def test_phi3_options():
     p = config("Phi3ForCausalLM", sliding_window=2047, partial_rotary_factor=0.75)
     assert p.layer_windows == (2047,) * 4 and p.options.fused_projections
@@ -81,6 +135,19 @@ def test_phi3_options():
     ("Phi3ForCausalLM", {"partial_rotary_factor": 0.1875}, "an even number"),
     ("Phi3ForCausalLM", {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}},
      "fp8 Phi3ForCausalLM checkpoints"),
+    ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, "not a causal language model"),
+    ("Gemma3ForCausalLM", {"sliding_window": None}, "sliding_window is null"),
+    ("Gemma3ForCausalLM", {"layer_types": ["full_attention"] * 3}, "layer_types has 3 entries"),
+    ("Gemma3ForCausalLM", {"layer_types": ["chunked_attention"] * 4}, "'chunked_attention'.*not supported"),
+    ("Gemma3ForCausalLM", {"rope_parameters": {"rope_type": "linear", "factor": 8.0}},
+     "nested by layer type"),
+    ("Gemma3ForCausalLM", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "'linear' on the sliding-window layers is not supported"),
+    ("Gemma3ForCausalLM", {"hidden_activation": "relu"}, "activation 'relu' is not supported for gemma3"),
+    ("SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries for 4 layers"),
+    ("SmolLM3ForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for smollm3"),
 ])
 def test_checkpoints_the_families_cannot_serve_are_refused(arch, extra, match):
     with pytest.raises(CheckpointError, match=match):
@@ -95,9 +162,10 @@ def test_longrope_needs_its_factors():
 
 
 def test_an_unsupported_architecture_names_the_supported_ones():
+    # Gemma 3's multimodal checkpoints (vision tower, language_model.* tensors) are not served
     with pytest.raises(CheckpointError, match="unsupported architecture.*Gemma2ForCausalLM.*Phi3ForCausalLM"
-                       ".*GraniteForCausalLM.*Olmo2ForCausalLM"):
-        config("Gemma3ForCausalLM")
+                       ".*GraniteForCausalLM.*Olmo2ForCausalLM.*Gemma3ForCausalLM.*SmolLM3ForCausalLM"):
+        config("Gemma3ForConditionalGeneration")
 
 
 def test_longrope_table_matches_transformers_short_and_long(tiny_checkpoints):
@@ -196,6 +264,20 @@ def test_olmo2_norms_are_where_transformers_puts_them(tiny_checkpoints):
     names = set(model.weight_slots())
     assert "model.layers.0.post_feedforward_layernorm.weight" in names
     assert not any("input_layernorm" in n for n in names)
+
+
+def test_gemma3_local_rope_caps_and_smollm3_nope_change_the_logits(tiny_checkpoints):
+    # the sliding layer's own RoPE base, the logit cap and the NoPE layer each move the logits
+    ck = load_checkpoint(tiny_checkpoints["gemma3"])
+    base = prompt_logits(load_model(ck, torch.float32))
+    for change in ({"local_rope_theta": ck.model_config.rope_theta}, {"final_softcap": 0.0}):
+        assert (_logits_with(ck, **change) - base).abs().max() > 0.1, change
+    # the checkpoint's attn_logit_softcapping (2.0) is not applied, as in transformers
+    assert ck.config["attn_logit_softcapping"] == 2.0 and ck.model_config.options.attn_softcap == 0.0
+    ck = load_checkpoint(tiny_checkpoints["smollm3"])
+    assert ck.model_config.options.nope_layers == (1,)
+    base = prompt_logits(load_model(ck, torch.float32))
+    assert (_logits_with(ck, nope_layers=()) - base).abs().max() > 0.1
 
 
 def test_olmo2_is_refused_for_tensor_parallelism(tiny_checkpoints):

@@ -1,8 +1,10 @@
 """The router stream (``cluster/serve/router_stream.py``): its framing and
-hello, a real server and client on 127.0.0.1, and RouterClient placing
-through a router actor's stream (the actor called in process, no Ray)."""
+hello, a real server and client on 127.0.0.1 (also under mutual TLS, with
+certificates made here), and RouterClient placing through a router
+actor's stream (the actor called in process, no Ray)."""
 
 import asyncio
+import ssl
 import time
 
 import msgspec
@@ -12,12 +14,14 @@ from splitserve.cluster.serve import router_stream as rs
 from splitserve.cluster.serve.router_client import RouterClient
 from splitserve.cluster.serve.router_fanout import RouterFanout
 from splitserve.cluster.serve.router_names import router_order
+from splitserve.handoff.tls import TLSConfig
 from splitserve.router.exchange import Exchange, RouteCall
 from splitserve.router.exchange_codec import decode_reply, encode_exchange
 from splitserve.router.reports import decode_report, encode_report
 from splitserve.router.types import Placement
 from tests.unit.test_router_actor import prefill
 from tests.unit.test_router_client import FakeRouter, _Method, place, req
+from tests.unit.tls_certs import CA
 
 TOKEN = bytes(range(rs.TOKEN_BYTES))
 
@@ -275,3 +279,163 @@ def test_pushes_use_actor_calls_when_a_router_offers_no_stream():
     fanout = RouterFanout(1, handles=[router])
     assert asyncio.run(fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0)) is False
     assert router.calls["update_stats"] == 1 and router.actor.cached_blocks()["p1"] == 1
+
+
+# -- TLS (transfer.tls) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, the router's / replicas' certificate it signs (for 127.0.0.1),
+    and a stranger's CA and certificate; the section as an operator writes it."""
+    folder = tmp_path_factory.mktemp("router-tls")
+    ca, other = CA(), CA("another-ca")
+    mine, theirs = ca.issue("router", ips=("127.0.0.1",)), other.issue("router",
+                                                                        ips=("127.0.0.1",))
+    cert, key = mine.write(folder, "router")
+    (folder / "ca.crt").write_bytes(ca.cert)
+    section = {"cert": cert, "key": key, "ca": str(folder / "ca.crt"), "mutual": True}
+    tls = TLSConfig(cert_chain=mine.cert, private_key=mine.key, root_certs=ca.cert,
+                    require_client_cert=True)
+    stranger = TLSConfig(cert_chain=theirs.cert, private_key=theirs.key, root_certs=ca.cert)
+    return {"tls": tls, "section": section, "stranger": stranger, "other_ca": other.cert}
+
+
+def test_exchanges_cross_a_tls_stream_with_the_token_checked_inside(pki):
+    async def main():
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1", pki["tls"])
+        ep = await server.start()
+        assert ep.tls
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, pki["tls"])
+        assert stream._writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        assert await stream.call(b"abc") == b"cba"
+        stream.close()
+        wrong = rs.StreamEndpoint(ep.host, ep.port, bytes(rs.TOKEN_BYTES), tls=True)
+        with pytest.raises(rs.HandshakeError, match="closed the stream at its hello"):
+            await rs.RouterStream.open(wrong, rs.EXCHANGE, 2.0, pki["tls"])
+        server.close()
+        # without mutual TLS (as the worker RPC plane) a client needs only the CA
+        one_way = TLSConfig(cert_chain=pki["tls"].cert_chain, private_key=pki["tls"].private_key)
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1", one_way)
+        ep = await server.start()
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0,
+                                            TLSConfig(root_certs=pki["tls"].root_certs))
+        assert await stream.call(b"abc") == b"cba"
+        stream.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_plaintext_client_is_refused_by_a_tls_router_which_keeps_serving(pki):
+    async def main():
+        served = []
+        server = rs.RouterStreamServer({rs.EXCHANGE: lambda d: served.append(d) or d},
+                                       "127.0.0.1", pki["tls"])
+        ep = await server.start()
+        # a client without TLS does not even dial: the endpoint says TLS
+        with pytest.raises(rs.HandshakeError, match="TLS only"):
+            await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0)
+        # one that dials anyway, with the right token in the clear, gets nothing
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        writer.write(rs.hello(ep.token, rs.EXCHANGE) + rs.frame(b"x"))
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        writer.close()
+        assert served == []
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, pki["tls"])
+        assert await stream.call(b"ok") == b"ok" and served == [b"ok"]
+        stream.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_client_of_another_ca_is_refused_and_refuses_a_router_it_cannot_verify(pki):
+    async def main():
+        served = []
+        server = rs.RouterStreamServer({rs.EXCHANGE: lambda d: served.append(d) or d},
+                                       "127.0.0.1", pki["tls"])
+        ep = await server.start()
+        # mutual TLS: the router refuses a certificate its CA did not sign
+        # (under TLS 1.3 the client learns it at its first read)
+        with pytest.raises((ssl.SSLError, rs.StreamError, ConnectionError)):
+            stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, pki["stranger"])
+            await stream.call(b"x")
+        # the client verifies the router: a CA that did not sign its certificate fails it
+        doubting = TLSConfig(cert_chain=pki["tls"].cert_chain, private_key=pki["tls"].private_key,
+                             root_certs=pki["other_ca"])
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, doubting)
+        # and its name: a certificate for 127.0.0.1 is not one for "router.elsewhere"
+        renamed = TLSConfig(cert_chain=pki["tls"].cert_chain, private_key=pki["tls"].private_key,
+                            root_certs=pki["tls"].root_certs, server_name="router.elsewhere")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, renamed)
+        assert served == []
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_stalled_tls_handshake_is_dropped(pki):
+    async def main():
+        server = rs.RouterStreamServer({rs.EXCHANGE: _echo}, "127.0.0.1", pki["tls"],
+                                       hello_timeout_s=0.3)
+        ep = await server.start()
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 3.0) == b""  # closed, not held
+        assert time.monotonic() - t0 < 2.0
+        writer.close()
+        stream = await rs.RouterStream.open(ep, rs.EXCHANGE, 2.0, pki["tls"])
+        assert await stream.call(b"ab") == b"ba"
+        stream.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_tls_client_never_sends_in_the_clear_to_a_plaintext_router(pki):
+    async def main():
+        accepted = []
+
+        async def note(reader, writer):
+            accepted.append(await reader.read(100))
+            writer.close()
+
+        plain = await asyncio.start_server(note, "127.0.0.1", 0)
+        port = plain.sockets[0].getsockname()[1]
+        with pytest.raises(rs.HandshakeError, match="not downgrading"):
+            await rs.RouterStream.open(rs.StreamEndpoint("127.0.0.1", port, TOKEN),
+                                       rs.EXCHANGE, 2.0, pki["tls"])
+        await asyncio.sleep(0.05)
+        assert accepted == []  # not even a connection
+        plain.close()
+    asyncio.run(main())
+
+
+def test_client_and_fanout_use_a_tls_router_stream_and_fall_back_where_tls_differs(pki):
+    routers = [StreamRouter()]
+    routers[0].actor.set_stream_tls(pki["section"])
+    routers[0].update_stats = _Method(routers[0], "update_stats")
+    tls, plain = (RouterClient(1, heartbeat_s=0.05, handles=routers, tls=pki["tls"]),
+                  RouterClient(1, heartbeat_s=0.05, handles=routers))
+
+    async def main():
+        for client in (tls, plain):
+            assert all(isinstance(p, Placement)
+                       for p in await asyncio.gather(*(place(client, i) for i in range(6))))
+            await client.close()
+        assert routers[0].calls["exchange"] == plain.counts["exchanges"] > 0  # actor calls
+        fanout = RouterFanout(1, handles=routers, tls=pki["tls"])
+        assert await fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0) is False
+        assert routers[0].calls.get("update_stats", 0) == 0  # over the TLS stream
+        fanout.close()
+        assert routers[0].counters()["stream"] == {"tls": True, "exchange": 1, "stats": 1}
+        ep = await routers[0].actor.endpoint()
+        routers[0].actor.set_stream_tls(None)  # a deploy turned TLS off: a new stream
+        assert (await routers[0].actor.endpoint()).port != ep.port
+        stale = RouterFanout(1, handles=routers, tls=pki["tls"])
+        assert await stale.push(prefill(rid="p1", stored=[2]), 2.0) is False
+        assert routers[0].calls["update_stats"] == 1  # no downgrade: an actor call
+        stale.close()
+        routers[0].actor._stream.close()
+
+    asyncio.run(main())
+    assert tls.counts["stream_exchanges"] == tls.counts["exchanges"] > 0
+    assert plain.counts["stream_exchanges"] == 0
+    assert routers[0].counters()["in_flight"] == {"m": 0}

@@ -191,3 +191,17 @@ def test_logit_bias_pairs_are_checked_on_the_way_in_and_against_the_vocabulary()
     with pytest.raises(InvalidRequestError, match="logit_bias token id 32 is outside") as err:
         validate_request([1, 2], SamplingParams(logit_bias={32: 1.0}), 64, vocab_size=32)
     assert err.value.param == "logit_bias"
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused():
+    validate_request([1, 2], SamplingParams(stop_token_ids=[0, 31]), 64, vocab_size=32)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids id 32 is outside") as err:
+        validate_request([1, 2], SamplingParams(stop_token_ids=[3, 32]), 64, vocab_size=32)
+    assert err.value.param == "stop_token_ids"
+
+
+def test_min_tokens_past_the_context_without_max_tokens_is_refused():
+    validate_request([1, 2], SamplingParams(max_tokens=None, min_tokens=62), 64)
+    with pytest.raises(InvalidRequestError, match="at most 62 tokens") as err:
+        validate_request([1, 2], SamplingParams(max_tokens=None, min_tokens=63), 64)
+    assert err.value.param == "min_tokens"

@@ -213,6 +213,39 @@ def test_bad_constraints_are_refused(engine, spec, fragment):
     assert not engine.has_unfinished() and engine.kv.all_free()
 
 
+@pytest.mark.parametrize("spec", [
+    {"type": "json", "value": '{"$ref": "#"}'},
+    {"type": "regex", "value": r"[^\s\S]"},
+    {"type": "grammar", "value": "start: start"},
+    {"type": "grammar", "value": "start: x | y\nx: y\ny: x"},
+])
+def test_constraints_no_output_satisfies_are_refused(engine, spec):
+    # they compile, but their first step allows no token and no end: once an
+    # empty output with finish reason "stop"
+    with pytest.raises(InvalidRequestError) as e:
+        check_spec(spec)
+    assert "never be satisfied" in str(e.value) and e.value.param == "response_format"
+    with pytest.raises(InvalidRequestError) as e:
+        engine.grammar.matcher(spec)
+    assert "never be satisfied" in str(e.value)
+    assert not engine.has_unfinished() and engine.kv.all_free()
+
+
+def test_satisfiable_constraints_pass_the_emptiness_check():
+    for spec in (JSON, REGEX, LARK, json_object_spec(), {"type": "regex", "value": "a*"},
+                 {"type": "grammar", "value": 'start: "a" | x\nx: x'}):
+        check_spec(spec)
+
+
+def test_a_dead_end_mid_output_finishes_with_error_not_stop(engine):
+    # "a" is allowed first; after it the rule x can never be completed
+    spec = {"type": "grammar", "value": 'start: "a" x\nx: x'}
+    check_spec(spec)
+    for r in engine.generate(PROMPTS[:2], greedy(spec, max_tokens=8)):
+        assert r.finish_reason == "error" and r.text == "a", r
+    assert engine.kv.all_free()
+
+
 @pytest.mark.parametrize("choices", [[], ["a", ""], ["a", 3], "ab", ["x"] * 257])
 def test_bad_choices_are_refused(choices):
     with pytest.raises(InvalidRequestError):

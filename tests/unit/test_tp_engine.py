@@ -55,9 +55,12 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
     return eng
 
 
+# Mistral without a window is the Llama decoder with Llama's weight names (the
+# same split); test_model_parity checks its config at TP=1 and
+# test_sliding_window its window.
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3_longrope",
-                                    "granite"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "phi3_longrope", "granite",
+                                    "gemma3", "smollm3"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 

@@ -77,6 +77,57 @@ def test_rms_norm_promotes_like_torch_and_handles_empty():
     assert empty.shape == (0, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, "x"])
+def test_rms_norm_fp32_product_rounds_once_like_the_reference(dtype, w_dtype):
+    # Gemma's float32 (1 + w) and OLMo 2's 16-bit weight: the float32
+    # product rounded once to x.dtype, bit for bit as the reference rounds it
+    x, r = rand(5, 48, dtype=dtype), rand(5, 48, dtype=dtype, seed=2)
+    w = 1.0 + 0.2 * rand(48, seed=1).to(dtype if w_dtype == "x" else w_dtype)
+    out, res = rms_norm(x, w, 1e-6, r, fp32_product=True)
+    expected, expected_res = ref.rms_norm(x, w, 1e-6, r, fp32_product=True)
+    assert out.dtype == dtype
+    assert torch.equal(res, expected_res)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    # it is a different rounding from the default order's (normed row rounded first)
+    default, _ = ref.rms_norm(x, w.to(dtype), 1e-6, r)
+    assert not torch.equal(default, expected)
+
+
+def test_rms_norm_fp32_product_is_the_default_in_float32():
+    x, w = rand(5, 48), rand(48, seed=1)
+    assert torch.equal(ref.rms_norm(x, w, 1e-6, fp32_product=True)[0], ref.rms_norm(x, w, 1e-6)[0])
+    torch.testing.assert_close(rms_norm(x, w, 1e-6, fp32_product=True)[0], ref.rms_norm(x, w, 1e-6)[0],
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_rms_norm_and_rotary_round_as_the_reference_bit_for_bit(dtype):
+    # the kernels round every intermediate to nearest even as torch does
+    x, w, r = rand(7, 40, dtype=dtype), rand(40, dtype=dtype, seed=1), rand(7, 40, dtype=dtype, seed=2)
+    out, res = rms_norm(x, w, 1e-5, r)
+    expected, expected_res = ref.rms_norm(x, w, 1e-5, r)
+    assert torch.equal(res, expected_res) and torch.equal(out, expected)
+    positions, cache = torch.tensor([0, 9, 3, 31, 1, 17]), rand(32, 32, seed=3)
+    q, k = rand(6, 4, 32, dtype=dtype), rand(6, 2, 32, dtype=dtype, seed=1)
+    q_ref, k_ref = q.clone(), k.clone()
+    rotary_embedding(positions, q, k, cache)
+    ref.rotary_embedding(positions, q_ref, k_ref, cache)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
+def test_reference_rotary_rounds_like_transformers_in_bf16():
+    # transformers: cos/sin cast to q's dtype, then q * cos + rotate_half(q) * sin in that dtype
+    positions, cache = torch.tensor([0, 9, 3, 31]), rand(32, 16, seed=3)
+    q, k = rand(4, 2, 16, dtype=torch.bfloat16), rand(4, 1, 16, dtype=torch.bfloat16, seed=1)
+    cs = cache[positions]
+    cos = torch.cat([cs[:, :8], cs[:, :8]], -1)[:, None].to(torch.bfloat16)
+    sin = torch.cat([cs[:, 8:], cs[:, 8:]], -1)[:, None].to(torch.bfloat16)
+    expected = [t * cos + torch.cat([-t[..., 8:], t[..., :8]], -1) * sin for t in (q, k)]
+    ref.rotary_embedding(positions, q, k, cache)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hk,d", [(4, 4, 16), (4, 2, 32), (3, 1, 16)])
 def test_rotary_embedding_in_place(dtype, hq, hk, d):
