@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitserve.engine import json_text
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_JSON_DEPTH, MAX_SPEC_CHARS, nesting_exceeds
+from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_SPEC_CHARS
 
 KINDS = ("json", "regex", "grammar")
 PARAM = "response_format"  # what errors name (the OpenAI field)
@@ -144,16 +145,7 @@ def grammar_text(kind: str, value: str) -> str:
     schema that is not a JSON object)."""
     llg = _llguidance()
     if kind == "json":
-        too_deep = InvalidRequestError(
-            f"the JSON schema nests more than {MAX_JSON_DEPTH} levels deep", param=PARAM)
-        try:
-            schema = json.loads(value)
-        except ValueError as e:
-            raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}", param=PARAM) from None
-        except RecursionError:
-            raise too_deep from None
-        if nesting_exceeds(schema, MAX_JSON_DEPTH):
-            raise too_deep
+        schema = json_text.parse_field(value, PARAM)
         if not isinstance(schema, dict):
             raise InvalidRequestError("the JSON schema must be a JSON object", param=PARAM)
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)

@@ -60,7 +60,9 @@ class AdmissionControl:
         last = self._last_release.get(model)
         self._last_release[model] = now
         if last is not None:
-            interval = max(now - last, 0.0)
+            interval = now - last
+            if interval < 0.0:  # max(now - last, 0.0), without the builtin's cost
+                interval = 0.0
             mean = self._release_interval_s.get(model)
             self._release_interval_s[model] = (
                 interval if mean is None else mean + RELEASE_INTERVAL_EWMA_ALPHA * (interval - mean)

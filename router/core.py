@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from splitserve.engine.hashing import block_hashes
 from splitserve.router.admission import AdmissionControl
 from splitserve.router.config import RouterConfig
-from splitserve.router.cost_model import decode_blocks_needed, local_queue_s, prefill_queue_s
+from splitserve.router.cost_model import decode_blocks_needed
 from splitserve.router.policies import get_policy
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.replica_pool import ReplicaPool, make_live_snapshot, make_snapshot
@@ -44,8 +44,8 @@ from splitserve.router.types import (
     QueueDelayError,
     RouteRequest,
     UnknownModelError,
-    load_order,
-    queue_order,
+    load_rank,
+    queue_rank,
 )
 
 ReplicaStats = PrefillReplicaStats | DecodeReplicaStats
@@ -71,11 +71,11 @@ class RouterCore:
         self.state = PolicyState()
         self._models = tuple(cfg.models)
         self._prefill: dict[str, ReplicaPool[PrefillReplicaStats]] = {
-            m: ReplicaPool(queue_order) for m in self._models
+            m: ReplicaPool(queue_rank) for m in self._models
         }
         self._decode: dict[str, ReplicaPool[DecodeReplicaStats]] = {
             # no per-node groups: only the prefill pools' are read (prefill_by_node)
-            m: ReplicaPool(load_order, track_nodes=False) for m in self._models
+            m: ReplicaPool(load_rank, track_nodes=False) for m in self._models
         }
         self._admission = AdmissionControl(
             cfg.max_queue_per_model, cfg.retry_after_min_s, cfg.retry_after_max_s, clock
@@ -233,7 +233,9 @@ class RouterCore:
         try:
             placement = self._policy(req, snap, matches, cfg, self.state)
             if shed and cfg.max_queue_delay_s > 0:
-                self._check_queue_delay(req, placement, waited_s)
+                wait = waited_s + self.queue_delay_s(model, placement)
+                if wait > cfg.max_queue_delay_s:
+                    raise self._queue_delay_error(req, placement, wait)
         except QueueDelayError:
             self._queue_delay_refusals += 1
             raise
@@ -254,21 +256,25 @@ class RouterCore:
         """Predicted wait before ``placement``'s prefill starts: the chosen
         prefill replica's queue, or for a local prefill the decode replica's."""
         if placement.prefill_replica is not None:
-            return prefill_queue_s(self._prefill[model].get(placement.prefill_replica), self.cfg)
-        return local_queue_s(self._decode[model].get(placement.decode_replica), self.cfg)
+            p = self._prefill[model].get(placement.prefill_replica)
+            queued, speed = p.pending_prompt_tokens, p.prefill_tokens_per_s
+        else:
+            d = self._decode[model].get(placement.decode_replica)
+            queued, speed = d.pending_prefill_tokens, d.prefill_tokens_per_s
+        # prefill_queue_s / local_queue_s, inline (once per placement): the same division
+        return queued / (speed if speed > 0 else self.cfg.assumed_prefill_tokens_per_s)
 
-    def _check_queue_delay(self, req: RouteRequest, placement: Placement, waited_s: float) -> None:
+    def _queue_delay_error(self, req: RouteRequest, placement: Placement,
+                           wait: float) -> QueueDelayError:
+        """The refusal of a placement whose prefill would start after
+        ``wait`` seconds, past ``max_queue_delay_s``."""
         limit = self.cfg.max_queue_delay_s
-        if limit <= 0:
-            return
-        wait = waited_s + self.queue_delay_s(req.model, placement)
-        if wait > limit:
-            retry = self._admission.clamp_retry_after(wait - limit)
-            where = placement.prefill_replica or placement.decode_replica
-            raise QueueDelayError(
-                f"request {req.request_id!r} would wait {wait:.3f} s for its prefill to start on "
-                f"{where} (limit {limit:g} s, RouterConfig.max_queue_delay_s); retry after "
-                f"{retry:.3f} s", req.model, retry)
+        retry = self._admission.clamp_retry_after(wait - limit)
+        where = placement.prefill_replica or placement.decode_replica
+        return QueueDelayError(
+            f"request {req.request_id!r} would wait {wait:.3f} s for its prefill to start on "
+            f"{where} (limit {limit:g} s, RouterConfig.max_queue_delay_s); retry after "
+            f"{retry:.3f} s", req.model, retry)
 
     def counters(self) -> RouterCounters:
         return RouterCounters(

@@ -73,16 +73,17 @@ def _placement(
     model's TTFT for that pair whichever policy chose it (``ttft``: that
     TTFT when the caller has already worked it out; ``hit``: likewise the
     usable cached tokens on the replica that prefills)."""
-    runner = d if p is None else p
-    facts = cfg.model(req.model)
     if hit is None:
-        hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len, facts.block_size)
+        runner = d if p is None else p
+        hit = usable_hit_tokens(matches.get(runner.replica_id, 0), req.prompt_len,
+                                cfg.model(req.model).block_size)
     if ttft is None:
         uncached = req.prompt_len - hit
         if p is None:
             ttft = local_ttft_s(d, uncached, cfg)
         else:
-            ttft = remote_ttft_s(p, d, req.prompt_len, uncached, facts.kv_bytes_per_token, cfg)
+            ttft = remote_ttft_s(p, d, req.prompt_len, uncached,
+                                 cfg.model(req.model).kv_bytes_per_token, cfg)
     return Placement(
         prefill_replica=None if p is None else p.replica_id,
         decode_replica=d.replica_id,
@@ -96,13 +97,17 @@ def cost_policy(req: RouteRequest, snap: ClusterSnapshot, matches: Mapping[str, 
                 cfg: RouterConfig, state: PolicyState) -> Placement:
     facts = cfg.model(req.model)
     d = pick_decode(req, snap, matches, cfg, cfg.prefix_weight)
-    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts.kv_bytes_per_token)
+    p, remote_s = fastest_remote_prefill(req, snap, matches, cfg, d, facts)
     if p is None:
         return _placement(req, None, d, matches, cfg, REASON_NO_PREFILL_REPLICA)
-    hit = usable_hit_tokens(matches.get(d.replica_id, 0), req.prompt_len, facts.block_size)
-    local_uncached = req.prompt_len - hit
+    prompt_len = req.prompt_len
+    hit = usable_hit_tokens(matches.get(d.replica_id, 0), prompt_len, facts.block_size)
+    local_uncached = prompt_len - hit
     local_allowed = local_uncached <= cfg.local_prefill_max_tokens
-    local_s = local_ttft_s(d, local_uncached, cfg)
+    # local_ttft_s(d, local_uncached, cfg), inline (once per placement): the same sums
+    speed = d.prefill_tokens_per_s
+    local_s = ((d.pending_prefill_tokens + local_uncached)
+               / (speed if speed > 0 else cfg.assumed_prefill_tokens_per_s) + d.decode_step_s)
     if local_allowed and (cfg.prefer_local_prefill or state.prefer_local_prefill):
         return _placement(req, None, d, matches, cfg, REASON_LOCAL_PREFERRED, local_s, hit)
     if local_s <= remote_s:

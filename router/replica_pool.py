@@ -5,7 +5,7 @@ every stats push and every optimistic placement update, while every
 decision reads it. So the pool keeps, at all times, the stats by replica id
 (in id order) and in the pool's ranking order (``queue_order`` for prefill,
 ``load_order`` for decode): ``put`` and ``pop`` move one replica with a
-bisection into a sorted key list, and ``snapshot`` copies the views at C
+bisection into a sorted list of ranks, and ``snapshot`` copies the views at C
 speed instead of sorting per decision. It also keeps, per node, the
 replicas on that node in ranking order (immutable tuples, replaced on a
 change: a node holds a few replicas), so a search that favours the nodes
@@ -16,27 +16,34 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from types import MappingProxyType
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from splitserve.router.types import ClusterSnapshot, DecodeReplicaStats, PrefillReplicaStats
 
 R = TypeVar("R", PrefillReplicaStats, DecodeReplicaStats)
 
+_new_object = object.__new__
+
 
 class ReplicaPool(Generic[R]):
-    def __init__(self, order_key: Callable[[R], tuple[float, str]], track_nodes: bool = True):
-        """``track_nodes``: keep the per-node groups (``by_node``); False for
-        a pool nobody asks that of (RouterCore's decode pools), which then
-        skips their upkeep on every change and has no groups."""
-        self._order_key = order_key
+    def __init__(self, rank: Callable[[R], float], track_nodes: bool = True):
+        """Replicas ranked by ascending ``(rank(stats), replica_id)``
+        (``queue_rank`` for prefill, ``load_rank`` for decode: the orders
+        ``queue_order`` / ``load_order`` name). ``track_nodes``: keep the
+        per-node groups (``by_node``); False for a pool nobody asks that of
+        (RouterCore's decode pools), which then skips their upkeep on every
+        change and has no groups."""
+        self._rank = rank
         self._track_nodes = track_nodes
         self._by_id: dict[str, R] = {}  # in replica-id order
-        self._keys: list[tuple[float, str]] = []  # ascending order_key of _ordered
+        # rank of each of _ordered: bisecting floats costs a fraction of
+        # bisecting (rank, id) tuples; ties are settled on the ids (_position)
+        self._ranks: list[float] = []
         self._ordered: list[R] = []
         self._max_speed: float | None = 0.0  # None: recompute on next read
         self._views: tuple | None = None  # views() until the next change
-        # node id -> its replicas' keys / stats, ascending (known nodes only)
-        self._node_keys: dict[str, tuple[tuple[float, str], ...]] = {}
+        # node id -> its replicas' ranks / stats, in ranking order (known nodes only)
+        self._node_ranks: dict[str, tuple[float, ...]] = {}
         self._node_stats: dict[str, tuple[R, ...]] = {}
         self._by_node: MappingProxyType | None = None  # by_node() until the next change
 
@@ -60,38 +67,43 @@ class ReplicaPool(Generic[R]):
         by_id = self._by_id
         old = by_id.get(rid)
         by_id[rid] = stats
-        key = self._order_key(stats)
+        rank = self._rank(stats)
         node = stats.node_id if self._track_nodes else ""
         if old is None:
             self._by_id = dict(sorted(by_id.items()))  # a new replica: rare
         elif old.node_id == stats.node_id:
             # The common case (a counted placement, a push): one move in the
             # pool's order and one rebuild of the node's group.
-            keys, ordered, old_key = self._keys, self._ordered, self._order_key(old)
-            i = bisect_left(keys, old_key)
-            del keys[i], ordered[i]
-            i = bisect_left(keys, key)
-            keys.insert(i, key)
+            # (_position, inline: a call costs as much as the bisection)
+            ranks, ordered, old_rank = self._ranks, self._ordered, self._rank(old)
+            i = bisect_left(ranks, old_rank)
+            while ordered[i] is not old:  # among equal ranks
+                i += 1
+            del ranks[i], ordered[i]
+            i, n = bisect_left(ranks, rank), len(ranks)
+            while i < n and ranks[i] == rank and ordered[i].replica_id < rid:
+                i += 1
+            ranks.insert(i, rank)
             ordered.insert(i, stats)
             if node:
-                node_keys, group = list(self._node_keys[node]), list(self._node_stats[node])
-                j = bisect_left(node_keys, old_key)
-                del node_keys[j], group[j]
-                j = bisect_left(node_keys, key)
-                node_keys.insert(j, key)
+                node_ranks, group = list(self._node_ranks[node]), list(self._node_stats[node])
+                j = _position(node_ranks, group, old_rank, rid)
+                del node_ranks[j], group[j]
+                j = _position(node_ranks, group, rank, rid)
+                node_ranks.insert(j, rank)
                 group.insert(j, stats)
-                self._node_keys[node], self._node_stats[node] = tuple(node_keys), tuple(group)
+                self._node_ranks[node], self._node_stats[node] = tuple(node_ranks), tuple(group)
                 self._by_node = None
             if old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
                 self._max_speed = None
             return
         else:
             self._remove_ordered(old)
-        i = bisect_left(self._keys, key)
-        self._keys.insert(i, key)
+        i = _position(self._ranks, self._ordered, rank, rid)
+        self._ranks.insert(i, rank)
         self._ordered.insert(i, stats)
         if node:
-            self._node_insert(node, key, stats)
+            self._node_insert(node, rank, stats)
         if old is None or old.prefill_tokens_per_s != stats.prefill_tokens_per_s:
             self._max_speed = None
 
@@ -139,27 +151,38 @@ class ReplicaPool(Generic[R]):
         return self._by_id, self._ordered, self._max_speed, self._node_stats
 
     def _remove_ordered(self, stats: R) -> None:
-        key = self._order_key(stats)
-        i = bisect_left(self._keys, key)
-        del self._keys[i]
+        rank, rid = self._rank(stats), stats.replica_id
+        i = _position(self._ranks, self._ordered, rank, rid)
+        del self._ranks[i]
         del self._ordered[i]
         node = stats.node_id if self._track_nodes else ""
         if node:
-            keys, group = self._node_keys[node], self._node_stats[node]
-            j = bisect_left(keys, key)
-            if len(keys) == 1:
-                del self._node_keys[node], self._node_stats[node]
+            ranks, group = self._node_ranks[node], self._node_stats[node]
+            j = _position(ranks, group, rank, rid)
+            if len(ranks) == 1:
+                del self._node_ranks[node], self._node_stats[node]
             else:
-                self._node_keys[node] = keys[:j] + keys[j + 1:]
+                self._node_ranks[node] = ranks[:j] + ranks[j + 1:]
                 self._node_stats[node] = group[:j] + group[j + 1:]
             self._by_node = None
 
-    def _node_insert(self, node: str, key: tuple[float, str], stats: R) -> None:
-        keys, group = self._node_keys.get(node, ()), self._node_stats.get(node, ())
-        j = bisect_left(keys, key)
-        self._node_keys[node] = keys[:j] + (key,) + keys[j:]
+    def _node_insert(self, node: str, rank: float, stats: R) -> None:
+        ranks, group = self._node_ranks.get(node, ()), self._node_stats.get(node, ())
+        j = _position(ranks, group, rank, stats.replica_id)
+        self._node_ranks[node] = ranks[:j] + (rank,) + ranks[j:]
         self._node_stats[node] = group[:j] + (stats,) + group[j:]
         self._by_node = None
+
+
+def _position(ranks: Sequence[float], ordered: Sequence[R], rank: float, replica_id: str) -> int:
+    """Where ``(rank, replica_id)`` goes in ``ordered`` (ascending (rank,
+    replica id), ``ranks`` its ranks): bisect_left over the (rank, id) keys,
+    with the floats bisected and a tie of ranks settled on the ids."""
+    i = bisect_left(ranks, rank)
+    n = len(ranks)
+    while i < n and ranks[i] == rank and ordered[i].replica_id < replica_id:
+        i += 1
+    return i
 
 
 def make_snapshot(
@@ -189,5 +212,18 @@ def make_live_snapshot(
     (policies only iterate them and test them for emptiness)."""
     p_by_id, p_ordered, p_speed, p_nodes = prefill.live()
     d_by_id, d_ordered, _, _ = decode.live()
-    return ClusterSnapshot(p_by_id.values(), d_by_id.values(), now, p_by_id, d_by_id,
-                           p_ordered, d_ordered, p_speed, p_nodes)
+    # Filled slot by slot, as the stats' counting(): every view is given, so
+    # the constructor's __post_init__ has nothing to derive, and calling the
+    # class costs more than the rest of this function (once per decision;
+    # tests/unit/test_replica_pool.py checks every field is set).
+    snap = _new_object(ClusterSnapshot)
+    snap.prefill = p_by_id.values()
+    snap.decode = d_by_id.values()
+    snap.now = now
+    snap.prefill_by_id = p_by_id
+    snap.decode_by_id = d_by_id
+    snap.prefill_by_queue = p_ordered
+    snap.decode_by_load = d_ordered
+    snap.max_prefill_tokens_per_s = p_speed
+    snap.prefill_by_node = p_nodes
+    return snap

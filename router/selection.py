@@ -23,9 +23,8 @@ from operator import attrgetter
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from splitserve.engine.roles import Role
-from splitserve.router.config import RouterConfig
-from splitserve.router.cost_model import (adapter_miss, prefill_queue_s,
-                                         transfer_s, usable_hit_tokens)
+from splitserve.router.config import ModelFacts, RouterConfig
+from splitserve.router.cost_model import adapter_miss, prefill_queue_s, usable_hit_tokens
 from splitserve.router.eligibility import decode_usable, no_decode_capacity, prefill_usable
 from splitserve.router.types import (
     ClusterSnapshot,
@@ -65,15 +64,19 @@ def pick_decode(
         block_size = cfg.model(model).block_size
         # usable_hit_tokens(prompt_len, prompt_len, block_size) // block_size
         max_hit_blocks = (prompt_len - 1) // block_size
+        # (the matches of the prefill pool are not in decode_by_id) A
+        # replica is checked for use only when its score would win: the
+        # same choice as filtering first, fewer calls.
         for rid, blocks in matches.items():
             d = get(rid)
-            if d is None or not decode_usable(d, model, horizon, excluded, total):
+            if d is None:
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
             score = d.load - credit_per_token * hit
             if miss_weight:
                 score += miss_weight * adapter_miss(d, adapter)
-            if score < best_score or (score == best_score and rid < best.replica_id):
+            if ((score < best_score or (score == best_score and rid < best.replica_id))
+                    and decode_usable(d, model, horizon, excluded, total)):
                 best, best_score = d, score
     # Uncached replicas score their load (plus the adapter term, never
     # negative, so the load still bounds the score): without an adapter the
@@ -100,10 +103,10 @@ def fastest_remote_prefill(
     matches: Mapping[str, int],
     cfg: RouterConfig,
     decode: DecodeReplicaStats,
-    kv_bytes_per_token: int,
+    facts: ModelFacts,
 ) -> tuple[PrefillReplicaStats | None, float]:
     """Usable prefill replica with the smallest predicted TTFT when handing
-    off to ``decode`` (with ``adapter_load_s`` scaled by ``adapter_miss``
+    off to ``decode`` (``facts``: the request's model's; with ``adapter_load_s`` scaled by ``adapter_miss``
     for a request with a LoRA adapter), and that TTFT; (None, inf) when
     none is usable."""
     if not snap.prefill:
@@ -114,19 +117,21 @@ def fastest_remote_prefill(
     prompt_len = req.prompt_len
     # The cost model's remote TTFT, remote_ttft_s(), with its two possible
     # transfer times worked out once: the same sums in the same order.
-    block_size = cfg.model(model).block_size
+    block_size, kv_bytes_per_token = facts.block_size, facts.kv_bytes_per_token
     max_hit_blocks = (prompt_len - 1) // block_size  # as in pick_decode
     assumed = cfg.assumed_prefill_tokens_per_s
     node = decode.node_id
-    cross_s = transfer_s(prompt_len, kv_bytes_per_token, False, cfg)
-    same_s = transfer_s(prompt_len, kv_bytes_per_token, True, cfg) if node else cross_s
+    # transfer_s(prompt_len, kv_bytes_per_token, same_node, cfg), inline: the same sums
+    kv_bytes, overhead_s = prompt_len * kv_bytes_per_token, cfg.handoff_overhead_s
+    cross_s = kv_bytes / cfg.network_bytes_per_s + overhead_s
+    same_s = kv_bytes / cfg.same_node_bytes_per_s + overhead_s if node else cross_s
     best: PrefillReplicaStats | None = None
     best_s = _INF
     if matches:
         get = snap.prefill_by_id.get
         for rid, blocks in matches.items():
             p = get(rid)
-            if p is None or not prefill_usable(p, model, horizon, excluded):
+            if p is None:
                 continue
             hit = (blocks if blocks < max_hit_blocks else max_hit_blocks) * block_size
             # remote_prefill_s(p, prompt_len - hit, cfg), inline: the same sums
@@ -136,7 +141,8 @@ def fastest_remote_prefill(
             )
             if load_s:
                 t += load_s * adapter_miss(p, adapter)
-            if t < best_s or (t == best_s and rid < best.replica_id):
+            if ((t < best_s or (t == best_s and rid < best.replica_id))
+                    and prefill_usable(p, model, horizon, excluded)):  # as in pick_decode
                 best, best_s = p, t
     # Uncached replicas compute the whole prompt at no more than the pool's
     # fastest speed (or the assumed one): first those on the decode
@@ -145,7 +151,8 @@ def fastest_remote_prefill(
     # goes past the few replicas that could still win.
     # A replica is scored first and checked for use only when it would win
     # (most visited replicas do not): the same choice, fewer calls.
-    compute_s = prompt_len / max(snap.max_prefill_tokens_per_s, assumed)
+    fastest = snap.max_prefill_tokens_per_s
+    compute_s = prompt_len / (assumed if assumed > fastest else fastest)  # max(fastest, assumed)
     local = snap.prefill_by_node.get(node, ()) if node else ()
     for group, link_s, skip_local in ((local, same_s, False),
                                       (snap.prefill_by_queue, cross_s, bool(local))):

@@ -358,6 +358,9 @@ def _group_by_node(
 # which build the key at C speed (ReplicaPool makes one per placement).
 queue_order: Callable[[PrefillReplicaStats], tuple[float, str]] = attrgetter("queue_s", "replica_id")
 load_order: Callable[[DecodeReplicaStats], tuple[float, str]] = attrgetter("load", "replica_id")
+# Their first parts, by which ReplicaPool ranks (ties on the replica id).
+queue_rank: Callable[[PrefillReplicaStats], float] = attrgetter("queue_s")
+load_rank: Callable[[DecodeReplicaStats], float] = attrgetter("load")
 
 
 class Placement(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="placement"):

@@ -6,15 +6,13 @@ OpenAI API's ``tools[0].function.name``)."""
 
 from __future__ import annotations
 
-import json
-
+from splitserve.engine import json_text
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import choice_spec, json_object_spec
 
@@ -47,6 +45,10 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
 
 
 def structured_of(so: pb.StructuredOutput) -> dict[str, str] | None:
+    if so.WhichOneof("kind") == "json_schema":
+        # the engine parses the schema leniently (json.loads); this API's JSON
+        # text is held to the HTTP body's rules first
+        json_text.parse_field(so.json_schema, "structured_output")
     spec = structured_spec_of(so)
     if spec is not None:
         check_constraint(spec, "structured_output")  # here, to name this API's field
@@ -97,15 +99,7 @@ def tool_list(pb_tools) -> list[dict]:
     for i, t in enumerate(pb_tools):
         fn = {"name": t.name, **({"description": t.description} if t.description else {})}
         if t.parameters:
-            try:
-                fn["parameters"] = json.loads(t.parameters)
-            except (ValueError, RecursionError):
-                raise InvalidRequestError(f"tools[{i}].parameters is not valid JSON",
-                                          param=f"tools[{i}].parameters") from None
-            if nesting_exceeds(fn["parameters"], MAX_JSON_DEPTH):
-                raise InvalidRequestError(
-                    f"tools[{i}].parameters nests more than {MAX_JSON_DEPTH} levels deep",
-                    param=f"tools[{i}].parameters")
+            fn["parameters"] = json_text.parse_field(t.parameters, f"tools[{i}].parameters")
         tools.append({"type": "function", "function": fn})
     return tools
 
@@ -174,14 +168,7 @@ def chat_template_kwargs(text: str) -> dict:
     """``chat_template_kwargs``: a JSON object as text; empty: none."""
     if not text:
         return {}
-    try:
-        kwargs = json.loads(text)
-    except (ValueError, RecursionError):
-        raise InvalidRequestError("chat_template_kwargs is not valid JSON",
-                                  param="chat_template_kwargs") from None
-    if nesting_exceeds(kwargs, MAX_JSON_DEPTH):
-        raise InvalidRequestError(f"chat_template_kwargs nests more than {MAX_JSON_DEPTH} levels deep",
-                                  param="chat_template_kwargs")
+    kwargs = json_text.parse_field(text, "chat_template_kwargs")
     return template_kwargs(kwargs)
 
 

@@ -5,12 +5,14 @@ the offending field (the models: cluster/api/openai_schema.py)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
+from splitserve.engine import json_text
 from splitserve.cluster.api.openai_schema import ApiError, RequestBody
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 
@@ -34,49 +36,25 @@ def param_of(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
+def _out_of_range_field(text: str) -> str | None:
+    """The top-level field holding a number too large for a float (1e999),
+    found by parsing again leniently (rare: only for such a body)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return next((key for key, value in data.items() if _holds_infinity(value, 0)), None)
 
 
-class _Repeated(dict):
-    """A JSON object that repeats a key (``key``, the first one repeated)."""
-
-    key = ""
-
-
-def _object_hook(found: list[str]):
-    """json's object_pairs_hook: an object that repeats a key becomes a
-    ``_Repeated`` and the key goes into ``found``, not silently resolved
-    (the last value would win here, while a proxy in front may read the
-    first)."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict:
-        obj = dict(pairs)
-        if len(obj) == len(pairs):
-            return obj
-        seen: set[str] = set()
-        repeated = _Repeated(obj)
-        repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        found.append(repeated.key)
-        return repeated
-
-    return hook
-
-
-def _repeated_key(data: dict) -> str | None:
-    """The field to name for a repeated key: the key itself at the top
-    level, else the top-level field that holds the object repeating it."""
-    if isinstance(data, _Repeated):
-        return data.key
-    return next((key for key, value in data.items() if _has_repeated(value)), None)
-
-
-def _has_repeated(value: Any) -> bool:
-    if isinstance(value, _Repeated):
-        return True
-    if isinstance(value, dict):
-        return any(_has_repeated(v) for v in value.values())
-    return isinstance(value, list) and any(_has_repeated(v) for v in value)
+def _holds_infinity(value, depth: int) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(value, float):
+        return math.isinf(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_infinity(v, depth + 1) for v in items)
 
 
 async def read_json(request: Request, max_body_bytes: int) -> dict:
@@ -114,11 +92,13 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
                        code="invalid_encoding") from None
-    repeated: list[str] = []
     try:
-        data = json.loads(text, parse_constant=_reject_constant,
-                          object_pairs_hook=_object_hook(repeated))
+        data, repeated = json_text.loads(text)
     except (ValueError, RecursionError) as e:
+        field = _out_of_range_field(text) if isinstance(e, json_text.OutOfRange) else None
+        if field is not None:  # a number past float's range, in a field the client named
+            raise ApiError(400, f"{field[:100]} holds a number out of range: {e}", param=field,
+                           code="invalid_value") from None
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
@@ -128,9 +108,9 @@ async def read_json(request: Request, max_body_bytes: int) -> dict:
             raise ApiError(400, f"{key[:100]} nests more than {MAX_JSON_DEPTH} levels deep",
                            param=key, code="invalid_value")
     if repeated:  # after the nesting bound: the search recurses
-        field = _repeated_key(data)
+        field = json_text.repeated_key(data)
         if field is not None:
-            where = "" if isinstance(data, _Repeated) else f" (inside {field[:100]})"
+            where = "" if isinstance(data, json_text.Repeated) else f" (inside {field[:100]})"
             raise ApiError(400, f"the body repeats a key{where}: each key may appear once in an "
                            "object", param=field, code="duplicate_key")
     if _SURROGATE_ESCAPE.search(text):  # rare: then find the field that has a lone one

@@ -10,7 +10,7 @@ import json
 from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
-from splitserve.cluster.api.openai_schema import Sampling, renamed
+from splitserve.cluster.api.openai_schema import ApiError, Sampling, renamed
 from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import json_object_spec
@@ -19,6 +19,25 @@ _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant"
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _STATELESS = ("responses are not stored here: send the whole conversation in input (with the "
               "previous output items)")
+
+
+# The fields OpenAI defines for each input item type (an output item sent back
+# as input carries id and status; phase, caller, namespace describe earlier
+# turns and change nothing here). Any other is refused, as on chat's messages:
+# a misspelt field must not be dropped silently.
+_ITEM_FIELDS = {
+    "message": {"type", "role", "content", "id", "status", "phase"},
+    "function_call": {"type", "call_id", "name", "arguments", "id", "status", "caller", "namespace"},
+    "function_call_output": {"type", "call_id", "output", "id", "status", "caller", "name",
+                             "namespace"},
+    "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+}
+# OpenAI's ``include`` values: output this server does not produce, so
+# accepted and ignored, except logprobs (refused: served by chat completions).
+_INCLUDE = ("file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+            "message.input_image.image_url", "computer_call_output.output.image_url",
+            "code_interpreter_call.outputs", "reasoning.encrypted_content",
+            "message.output_text.logprobs")
 
 
 def _fail(message: str, param: str) -> None:
@@ -82,6 +101,31 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _check_items(items: list[Any]) -> None:
+    """A field OpenAI does not define on an input item is a 400 naming it
+    (``input[2].foo``); items of a type not served are refused by
+    ``_input_messages``."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        allowed = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+        unknown = sorted(set(item) - allowed) if allowed is not None else []
+        if unknown:
+            raise ApiError(400, f"input[{i}]: unknown field {unknown[0][:100]!r} on a {kind} item",
+                           param=f"input[{i}].{unknown[0]}", code="unknown_parameter")
+
+
+def _check_include(include: list[str]) -> None:
+    for k, value in enumerate(include):
+        if value not in _INCLUDE:
+            raise ApiError(400, f"include[{k}]: {value[:100]!r} is not an include value (one of "
+                           f"{', '.join(_INCLUDE)})", param=f"include[{k}]", code="invalid_value")
+    if "message.output_text.logprobs" in include:
+        _fail("include message.output_text.logprobs is not supported: logprobs are served by "
+              "/v1/chat/completions", "include")
+
+
 def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     """Function tools in chat's shape; other tool types are refused."""
     if tools is None:
@@ -141,7 +185,8 @@ class ResponsesRequest(Sampling):
     text: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # Accepted and ignored: reasoning effort and summaries (thinking is
-    # switched with chat_template_kwargs), extra output (include), limits of
+    # switched with chat_template_kwargs), extra output (include: OpenAI's
+    # values only, _INCLUDE), limits of
     # built-in tools, stream obfuscation, cache retention.
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -171,9 +216,9 @@ class ResponsesRequest(Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if "message.output_text.logprobs" in (self.include or ()):
-            _fail("include message.output_text.logprobs is not supported: logprobs are served by "
-                  "/v1/chat/completions", "include")
+        _check_include(self.include or [])
+        if isinstance(self.input, list):
+            _check_items(self.input)
         if self.text is not None and set(self.text) - {"format", "verbosity"}:
             _fail(f"text: unknown fields {sorted(set(self.text) - {'format', 'verbosity'})}"[:200],
                   "text")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import ray
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
-from splitserve.cluster.serve import router_state, secrets
+from splitserve.cluster.serve import app_status, router_state, secrets
 from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.router_names import NAMESPACE
@@ -111,8 +111,14 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     """Deploy (or update in place) every application of ``cfg``. Returns a
     summary {apps, removed}. Blocks until every pool has registered with the
     router and (``with_ingress``) the ingress answers ready, i.e. /v1 serves
-    every model (``wait_for_ingress``), or raises TimeoutError naming what
-    is missing.
+    every model (``wait_for_ingress``). Raises ``DeployFailed`` naming each
+    application Serve marks DEPLOY_FAILED (a replica constructor raising)
+    and its reason, as soon as it does, or TimeoutError naming what is
+    missing and what Serve says of it (e.g. replicas waiting for resources).
+
+    The router and the route controller are up before any application is
+    submitted (replicas register with the router as they start); the pools
+    and the ingress are then submitted together and start at once.
 
     On a running cluster only what changed is touched: a pool whose replicas
     are built the same way (only its bounds or autoscaling differ) keeps its
@@ -126,12 +132,16 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     check_installed(cfg.observability.tracing)
     connect(address)
     deadline = time.monotonic() + wait_s
+    ledger = get_ledger(create=True)
     with SERVE_LOCK:
-        out = _apply(cfg, with_ingress, get_ledger(create=True))
-    wait_for_pools(cfg, wait_s)
+        out, submitted, version = _apply(cfg, with_ingress, ledger)
+    wait_for_pools(cfg, wait_s, submitted)
     out.update(_apply_routes(cfg, with_ingress))
     if with_ingress:
         wait_for_ingress(deadline)
+    # recorded once it runs: after a failed deploy the next one compares
+    # against the last config that ran and resubmits whatever differs
+    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
     return out
 
 
@@ -148,7 +158,10 @@ def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
     return {"routes": lines, "routes_pending": behind}
 
 
-def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
+def _apply(cfg: ClusterConfig, with_ingress: bool,
+           ledger) -> tuple[dict[str, Any], list[str], str]:
+    """Submit what changed; returns (summary, the applications submitted,
+    the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
     serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
@@ -168,10 +181,11 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
 
     get_route_actor(create=True)  # the ingresses follow it; the routes come once pools are up
     apps: dict[str, str] = {}  # app name -> its role, or "ingress"
+    targets: list[serve.RunTarget] = []
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
                                             version).items():
-            serve.run(bound, name=app, route_prefix=None, blocking=False)
+            targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
             apps[app] = role.value
     removed = []
     if prev is not None:
@@ -187,10 +201,17 @@ def _apply(cfg: ClusterConfig, with_ingress: bool, ledger) -> dict[str, Any]:
         if ("ingress" not in running or prev is None or ingress_view(prev) != ingress_view(cfg)
                 or prev.endpoints.ingress_replicas != cfg.endpoints.ingress_replicas
                 or version != ray.get(ledger.secrets_version.remote())):
-            serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
+            # it needs no pool to start (it answers 503 until they register)
+            targets.append(serve.RunTarget(ingress_app(cfg, version), name="ingress",
+                                           route_prefix="/"))
         apps["ingress"] = "ingress"
-    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
-    return {"apps": apps, "removed": removed}
+    if targets:
+        # submitted together, none waited for: the pools and the ingress build
+        # their replicas at once (serve.run returns only once its application
+        # runs, one after another); deploy then watches them all in
+        # wait_for_pools / wait_for_ingress, failures included
+        serve.run_many(targets, wait_for_applications_running=False)
+    return {"apps": apps, "removed": removed}, [t.name for t in targets], version
 
 
 def pool_apps_names(served: ServedModel) -> list[str]:
@@ -207,9 +228,17 @@ def _first_deploy_only(served: ServedModel, running: set[str]) -> ServedModel:
     return out
 
 
-def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
+def wait_for_pools(cfg: ClusterConfig, wait_s: float, submitted: Iterable[str] = ()) -> None:
+    """Until every pool of ``cfg`` that requests need has a replica
+    registered with the router and every application in ``submitted``
+    (those this deploy handed to Serve, ingress included) is RUNNING; a
+    redeployed pool is then on its new version. Raises ``DeployFailed`` as
+    soon as one of ``submitted`` fails, TimeoutError after ``wait_s``."""
     router = get_router()
     deadline = time.monotonic() + wait_s
+    submitted = list(submitted)
+    apps = app_status.AppsReport()
+    checked = float("-inf")  # when Serve's status was last read
     while True:
         reps = ray.get(router.replicas.remote())
         missing = []
@@ -221,10 +250,21 @@ def wait_for_pools(cfg: ClusterConfig, wait_s: float) -> None:
                 needed = role.pool is Role.DECODE or served.pool(role).min_replicas > 0
                 if needed and not pools[role.pool.value]:
                     missing.append(app_name(name, role))
-        if not missing:
+        now = time.monotonic()
+        # Serve's status costs a controller round trip: read it every 0.5 s
+        # for failures, and whenever the router has every pool
+        if submitted and (not missing or now - checked >= 0.5 or now > deadline):
+            apps, checked = app_status.report(serve_status(), submitted), now
+            apps.raise_failed()
+            # the ingress is waited for by wait_for_ingress
+            submitted = [a for a in submitted if a in apps.starting]
+        pending = [a for a in submitted if a != "ingress"]
+        if not missing and not pending:
             return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"pools not ready after {wait_s:.0f}s: {', '.join(missing)}")
+        if now > deadline:
+            notes = [f"{a} ({apps.starting[a]})" if a in apps.starting else a
+                     for a in dict.fromkeys(missing + pending)]
+            raise TimeoutError(f"pools not ready after {wait_s:.0f}s: {', '.join(notes)}")
         time.sleep(0.1)  # one router call: a deploy returns within 0.1 s of its pools
 
 
@@ -232,11 +272,12 @@ def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
     """Until the ingress application runs and says it is ready: every
     model's pools live at its router and no replica of an earlier ingress
     config still takes requests (``Ingress.readiness_report``, what /ready
-    answers). Raises TimeoutError with its last reason at ``deadline``
-    (monotonic)."""
+    answers). Raises ``DeployFailed`` if it fails to deploy, TimeoutError
+    with its last reason at ``deadline`` (monotonic)."""
     reason = "the ingress application is not running yet"
     while True:
-        status = serve_status().applications.get(app)
+        overview = serve_status()
+        status = overview.applications.get(app)
         if status is not None and status.status == "RUNNING":
             try:
                 report = serve.get_app_handle(app).readiness_report.remote().result(
@@ -246,6 +287,8 @@ def wait_for_ingress(deadline: float, app: str = "ingress") -> None:
                 reason = report.get("reason", "not ready")
             except Exception as e:  # noqa: BLE001 - a replica starting or stopping
                 reason = f"the ingress did not answer: {type(e).__name__}: {e}"
+        elif status is not None and status.status == "DEPLOY_FAILED":
+            app_status.report(overview, [app]).raise_failed()
         elif status is not None:
             reason = f"the ingress application is {status.status}"
         if time.monotonic() > deadline:

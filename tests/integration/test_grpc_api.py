@@ -315,6 +315,23 @@ HI = [pb.ChatMessage(role="user", content="hi")]
     (dict(messages=HI, tools=[pb.Tool(name="a b")]), "tools[0].name"),
     (dict(messages=HI, tools=[pb.Tool(name="f", parameters="{x")]), "tools[0].parameters"),
     (dict(messages=HI, tools=[pb.Tool(name="f", parameters='"s"')]), "tools[0].parameters"),
+    # JSON text is parsed as strictly as the HTTP body: no NaN / Infinity, no repeated key
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='{"type": "object", "maximum": NaN}')]),
+     "tools[0].parameters"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='{"type": "object", "type": "string"}')]),
+     "tools[0].parameters"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", parameters='{"type": "object", "properties": '
+                                      '{"x": {"type": "integer", "type": "string"}}}')]),
+     "tools[0].parameters"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(
+        json_schema='{"type": "number", "minimum": -Infinity}'))), "structured_output"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(
+        json_schema='{"type": "object", "type": "array"}'))), "structured_output"),
+    (dict(messages=HI, chat_template_kwargs='{"enable_thinking": false, "enable_thinking": true}'),
+     "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs='{"x": Infinity}'), "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs='{"x": -1e400}'), "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs="{x"), "chat_template_kwargs"),
     (dict(messages=HI, tool_choice="required"), "tool_choice"),
     (dict(messages=HI, tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
     (dict(messages=HI, tools=[WEATHER], tool_function="nope"), "tool_function"),

@@ -471,6 +471,16 @@ def test_malformed_bodies_are_4xx_never_500(url, content, ctype, code):
         assert_error(r, 400, INVALID, None, code)
 
 
+def test_a_number_past_float_range_is_400_naming_its_field(url):
+    """1e999 is Infinity in disguise: refused like NaN, naming the field."""
+    r = post(url, C, content=b'{"model": "tiny-llama", "prompt": "hi", "temperature": 1e999}',
+             headers={"Content-Type": "application/json"})
+    assert_error(r, 400, INVALID, "temperature", "invalid_value")
+    r = post(url, C, content=b'{"model": "tiny-llama", "prompt": "hi", '
+             b'"logit_bias": {"5": [1, {"x": -1e999}]}}', headers={"Content-Type": "application/json"})
+    assert_error(r, 400, INVALID, "logit_bias", "invalid_value")
+
+
 def test_error_bodies_are_bounded(url):
     r = post(url, C, {**OK_C, "x" * 20000: 1, "stop": ["y" * 40000]})
     assert_error(r, 400, INVALID, r.json()["error"]["param"])

@@ -194,6 +194,15 @@ def test_a_reasoning_model_answers_with_a_reasoning_item(client, stream):
     ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content", "message.output_text.logprobz"]}, "include[1]"),
+    ({"input": [{"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}}]},
+     "input[0].cache_control"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+                 "argumnets": "{}"}]}, "input[0].argumnets"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x", "result": "y"}]},
+     "input[0].result"),
+    ({"input": [{"type": "reasoning", "summary": [], "text": "x"}]}, "input[0].text"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "x"}]}, "input[0].type"),
     ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "foo"}}}},
      "text.format"),
@@ -207,6 +216,34 @@ def test_what_is_not_served_is_a_400_naming_the_field(url, local, fields, param)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert idle(local)
+
+
+@pytest.mark.parametrize("fields,param,code", [
+    ({"input": [{"role": "user", "content": "hi", "temprature": 0}]}, "input[0].temprature",
+     "unknown_parameter"),
+    ({"include": ["file_search_call.result"]}, "include[0]", "invalid_value"),
+])
+def test_an_unknown_item_field_or_include_value_is_refused_as_on_chat(url, fields, param, code):
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 4, **fields}
+    r = httpx.post(f"{url}/v1/responses", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    assert param.split(".")[-1] in err["message"]
+
+
+def test_previous_output_items_are_accepted_back_as_input(client):
+    """Clients append a response's output items (with their ids, status,
+    annotations) to the next input, as OpenAI's docs show."""
+    kw = dict(max_output_tokens=80, temperature=0,
+              extra_body={"structured_outputs": {"regex": THINK_THEN_ANSWER}})
+    first = client.responses.create(model=THINKING, input="why?", **kw)
+    assert [i.type for i in first.output] == ["reasoning", "message"]
+    items = [i.model_dump(exclude_none=True) for i in first.output]
+    assert {"id", "status"} <= set(items[1]) and "annotations" in items[1]["content"][0]
+    nxt = client.responses.create(model=THINKING, input=[
+        {"role": "user", "content": "why?"}, *items, {"role": "user", "content": "and?"}], **kw)
+    assert nxt.status == "completed" and nxt.output_text
 
 
 def test_unknown_model_is_404(client):

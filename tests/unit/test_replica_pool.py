@@ -7,7 +7,7 @@ import random
 from splitserve.router.config import ModelFacts, RouterConfig
 from splitserve.router.core import RouterCore
 from splitserve.router.policies import get_policy
-from splitserve.router.replica_pool import ReplicaPool
+from splitserve.router.replica_pool import ReplicaPool, make_live_snapshot, make_snapshot
 from splitserve.router.types import (
     ClusterSnapshot,
     DecodeReplicaStats,
@@ -15,7 +15,9 @@ from splitserve.router.types import (
     PrefillReplicaStats,
     RouteRequest,
     load_order,
+    load_rank,
     queue_order,
+    queue_rank,
 )
 
 NOW = 1000.0
@@ -52,7 +54,7 @@ def dec(rng: random.Random, rid: str, at: float = NOW) -> DecodeReplicaStats:
 
 def test_pool_orders_match_a_fresh_sort_under_churn():
     rng = random.Random(3)
-    pool: ReplicaPool[DecodeReplicaStats] = ReplicaPool(load_order)
+    pool: ReplicaPool[DecodeReplicaStats] = ReplicaPool(load_rank)
     held: dict[str, DecodeReplicaStats] = {}
     for step in range(600):
         rid = f"d{rng.randrange(12):02d}"
@@ -76,7 +78,7 @@ def test_pool_orders_match_a_fresh_sort_under_churn():
 
 def test_views_are_shared_until_the_pool_changes():
     rng = random.Random(4)
-    pool: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_order)
+    pool: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_rank)
     for i in range(4):
         pool.put(pre(rng, f"p{i}"))
     first = pool.views()
@@ -92,6 +94,25 @@ def test_views_are_shared_until_the_pool_changes():
     assert pool.by_node() is nodes
     pool.put(dataclasses.replace(pool.get("p1"), node_id="n9"))
     assert pool.by_node() is not nodes and "n9" not in nodes  # old copies stay as they were
+
+
+def test_live_snapshot_sets_every_field_as_the_copying_one():
+    """make_live_snapshot fills the snapshot slot by slot: every field is
+    set, to the same contents as make_snapshot's copies."""
+    rng = random.Random(8)
+    prefill: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_rank)
+    decode: ReplicaPool[DecodeReplicaStats] = ReplicaPool(load_rank, track_nodes=False)
+    for i in range(5):
+        prefill.put(pre(rng, f"p{i}"))
+        decode.put(dec(rng, f"d{i}"))
+    live, copied = make_live_snapshot(prefill, decode, NOW), make_snapshot(prefill, decode, NOW)
+    for f in dataclasses.fields(ClusterSnapshot):
+        got, want = getattr(live, f.name), getattr(copied, f.name)  # unset: AttributeError
+        if f.name in ("prefill", "decode", "prefill_by_queue", "decode_by_load"):
+            got, want = tuple(got), tuple(want)
+        elif f.name in ("prefill_by_id", "decode_by_id", "prefill_by_node"):
+            got, want = dict(got), dict(want)
+        assert got == want, f.name
 
 
 def test_counting_copies_every_other_field():

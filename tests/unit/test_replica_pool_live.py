@@ -4,14 +4,14 @@ and ``live()`` hands out what ``views()`` copies."""
 import random
 
 from splitserve.router.replica_pool import ReplicaPool
-from splitserve.router.types import PrefillReplicaStats, queue_order
+from splitserve.router.types import PrefillReplicaStats, queue_rank
 from tests.unit.test_replica_pool import pre
 
 
 def test_untracked_pool_keeps_the_same_orders_and_no_node_groups():
     rng = random.Random(5)
-    tracked: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_order)
-    untracked: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_order, track_nodes=False)
+    tracked: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_rank)
+    untracked: ReplicaPool[PrefillReplicaStats] = ReplicaPool(queue_rank, track_nodes=False)
     for _ in range(500):
         rid = f"p{rng.randrange(10)}"
         if rng.random() < 0.15:

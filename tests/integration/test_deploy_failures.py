@@ -1,0 +1,53 @@
+"""A deploy whose pool cannot start ends with an error naming the pool's
+application, not a generic timeout: deploy submits every application at once
+and watches Serve's status of each (``app_status``)."""
+
+import shutil
+import time
+
+import pytest
+
+from splitserve.cluster.config import parse_config
+from splitserve.cluster.serve import app
+from splitserve.cluster.serve.app_status import DeployFailed
+from tests.integration.ray_cluster import local_ray
+from tests.fixtures.ports import free_port
+
+
+def _cfg(**pools):
+    """name -> (checkpoint, decode pool) of colocated models."""
+    return parse_config({
+        "models": [{"model": {"name": name, "path": str(path), "num_blocks": 64, "block_size": 4},
+                    "mode": "colocated", "decode": pool}
+                   for name, (path, pool) in pools.items()],
+        "auth": {"api_keys": ["sk-fail"], "cluster_token": "fail-token"},
+        "endpoints": {"http_port": free_port(), "grpc_port": free_port()},
+    })
+
+
+@pytest.mark.slow
+def test_failing_pools_are_named_with_serve_s_reason(tiny_llama, tmp_path):
+    # weights that cannot be read: the checkpoint's metadata passes the
+    # driver's checks, each replica's constructor raises loading it
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}
+    with local_ray(num_cpus=4):
+        t0 = time.monotonic()
+        with pytest.raises(DeployFailed) as failed:
+            app.deploy(_cfg(good=(tiny_llama, pool), bad=(corrupt, pool)), wait_s=240)
+        msg = str(failed.value)
+        assert msg.startswith("application 'bad-colocated' failed to deploy: DEPLOY_FAILED"), msg
+        assert "unreadable safetensors file" in msg  # the constructor's own error
+        assert "good-colocated" not in msg
+        assert time.monotonic() - t0 < 200  # Serve's verdict, not the deploy's timeout
+        app.shutdown()
+
+        # a replica asking for more CPUs than the cluster has never starts:
+        # the timeout names its application and that Serve still deploys it
+        big = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 64}
+        with pytest.raises(TimeoutError, match=r"pools not ready after 5s: bad-colocated "
+                                               r"\(DEPLOYING"):
+            app.deploy(_cfg(bad=(tiny_llama, big)), wait_s=5)
+        app.shutdown()
