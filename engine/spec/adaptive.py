@@ -34,15 +34,15 @@ from __future__ import annotations
 # arithmetic idle: a 7-8B model's step time stays flat to a few hundred
 # tokens. A CPU has little such slack: its matrix products take time in
 # proportion to their rows past a few tokens. Measured with the default
-# model on a 2-vCPU Xeon, one thread (verify steps attending as decode rows,
-# ``model_runner.verify_rows_as_decode``; docs/benchmarks.md): one sequence
-# verifying 4 drafts costs 1.15-1.25 plain steps and 8 drafts 1.2-1.45, two
-# sequences with 4 drafts each 1.3, eight sequences with one draft each
-# 1.2-1.3 and with 4 each 1.7-2.0. At 8 a batch of one verifies up to 7
-# drafts as if free (they cost a fifth of a step or so: a draft run accepted
-# whole pays that many times over), a batch of 8 or more never speculates
-# (one draft would cost as much as it could yield), and a batch of 2 to 4
-# verifies up to 3 or 1.
+# model on a 2-vCPU Xeon, one thread (``bench_spec --step-costs``,
+# docs/benchmarks.md), a verify forward against a plain one: one sequence
+# with 4 drafts 1.26, with 6 1.36, with 8 1.42; two sequences with 4 each
+# 1.37; eight sequences with one each 1.18, with 4 each 1.48. At 8 a batch
+# of one verifies up to 7 drafts as if free (each costs a twentieth of a
+# step or so: a run accepted whole pays that many times over), batches of 2
+# to 7 verify fewer (at acceptance 0.6: 3 drafts at 2, 2 at 3, 1 at 4-6,
+# none at 7), and from 8 on one draft would cost as much as it could ever
+# yield: no speculation there.
 SATURATION_TOKENS = {"cuda": 256, "cpu": 8}
 
 # steps without speculation, chosen by the adaptive rule, before one that
