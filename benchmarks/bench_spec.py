@@ -211,6 +211,10 @@ def main() -> None:
             # lengths keep paying where the geometric model says they stop
             "copy / ngram, k = 8": ("copy", SpeculativeConfig(
                 method="ngram", ngram_max=4, **{**common, "num_speculative_tokens": 8})),
+            # prompt lookup where the output does not copy the prompt: what the
+            # rule costs when its drafts are rarely accepted
+            "free / ngram, k = 8": ("free", SpeculativeConfig(
+                method="ngram", ngram_max=4, **{**common, "num_speculative_tokens": 8})),
             "free / draft = target, fixed k": ("free", SpeculativeConfig(
                 method="draft", draft_model=str(target), **{**common, "adaptive": False})),
         }
