@@ -33,7 +33,7 @@ class SpeculativeSpec(_Strict):
                                            "most this many sequences run; None: no limit.")
     saturation_tokens: int | None = Field(None, ge=1, description="Tokens one engine step "
                                           "holds before its time grows with its size (the "
-                                          "adaptive rule); None: by device, 256 on GPUs, 4 on "
+                                          "adaptive rule); None: by device, 256 on GPUs, 8 on "
                                           "CPUs.")
     draft_num_blocks: int | None = Field(None, ge=16, description="method draft: KV blocks of "
                                          "the draft model; None: as many as the model's.")
