@@ -47,9 +47,11 @@ class SimSpeculator:
         self.method = method
         self.acceptance = acceptance
         self.draft_cost_ratio = draft_cost_ratio if method == "draft" else 0.0
+        # prompt lookup drafts a whole run in one search, as the engine's
+        # NgramProposer (cost_per_position False) tells its rule
         self.rule = LengthRule(num_speculative_tokens,
                                saturation_tokens or default_saturation_tokens(device_type),
-                               adaptive, disable_batch_size)
+                               adaptive, disable_batch_size, per_position=method != "ngram")
         self.rng = random.Random(seed)
         self.last_k = 0
         # cumulative, as the engine's SpecCounters
