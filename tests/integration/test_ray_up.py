@@ -180,9 +180,7 @@ def test_ray_up_deploys_each_pool_on_its_node_type(nodes, tiny_llama, tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     head, prefill, decode = nodes.ips
-    http, grpc = free_port_on("127.0.0.1"), free_port_on("127.0.0.1")
     op = tmp_path / "splitserve.yaml"
-    op.write_text(yaml.safe_dump(operator_config(tiny_llama, http, grpc), sort_keys=False))
     ray = RayCLI(path, tmp_path / "ray-cli.log")
     try:
         ray("up", "-y", "--no-config-cache", str(path), timeout=180)
@@ -201,6 +199,9 @@ def test_ray_up_deploys_each_pool_on_its_node_type(nodes, tiny_llama, tmp_path):
         assert ips[prefill].get("prefill_node") == 8 and "decode_node" not in ips[prefill]
         assert ips[decode].get("decode_node") == 8 and "prefill_node" not in ips[decode]
         assert ips[head].get("head_node") == 1
+        # the API ports, chosen once Ray's own processes hold theirs
+        http, grpc = free_port_on("127.0.0.1"), free_port_on("127.0.0.1")
+        op.write_text(yaml.safe_dump(operator_config(tiny_llama, http, grpc), sort_keys=False))
 
         ray("exec", "--no-config-cache", str(path),
             f"splitserve deploy {op} --wait-s 180", timeout=240)
