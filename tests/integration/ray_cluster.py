@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import ray
 
@@ -23,9 +24,20 @@ def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None,
     system_config = {}
     if metrics_report_interval_ms is not None:
         system_config["metrics_report_interval_ms"] = metrics_report_interval_ms
-    ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
-             _system_config=system_config or None)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus, namespace="splitserve", include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
+                     _system_config=system_config or None)
+            break
+        except RuntimeError as e:
+            # Ray's GCS process once never came up (no log, no port file in
+            # 30 s) on a loaded CI host, failing a whole module's setup:
+            # start the runtime again, once; anything else is a failure
+            if attempt == 2 or "Timed out waiting for file" not in str(e):
+                raise
+            print(f"ray.init failed ({e}); starting Ray again", file=sys.stderr)
+            ray.shutdown()
     try:
         yield
     finally:
