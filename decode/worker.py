@@ -166,7 +166,9 @@ class DecodeWorker:
         rid, ids = req.request_id, list(req.prompt_token_ids)
         params = SamplingParams.from_dict(req.params)
         adapter = Adapter.to_engine(req.adapter)
-        await self.aengine.call(lambda e: e.validate(ids, params))
+        # the engine's fixed limits only: checked here, not after a trip to the
+        # engine thread, which waits for the running step to end
+        self.engine.validate(ids, params)
         # an adapter this replica has not seen is read from its path now, off
         # the engine thread; one it cannot read refuses the call here
         # (ADAPTER_UNAVAILABLE), before any block is reserved

@@ -16,9 +16,9 @@ reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
              while later ones compute                       -> TRANSFERRING
              until the first token is sampled
   _transfer  waits for every chunk's ack
-  _reply     describes the sequence (``HandoffMeta``) and the timings
-  _release   frees its blocks: after the reply, or on any failure, cancel
-             or deadline                                        -> RELEASED
+  _reply     describes the sequence (``HandoffMeta``) and the timings, and
+             frees its blocks in the same engine-thread call
+  _release   frees its blocks on any failure, cancel or deadline -> RELEASED
 
 Traced (a ``Tracer`` given and the request carrying a traceparent): the
 call is a ``prefill`` span, child of the decode replica's hand-off span,
@@ -70,6 +70,7 @@ class OutgoingHandoff:
     bytes_sent: int = 0
     first_send_ns: int = 0  # time.time_ns() of the first chunk sent (a span's start)
     prefilled: bool = False  # the engine finished it: its blocks are held for us
+    released: bool = False  # its blocks were freed (with the reply)
     started: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     prefill_s: float = 0.0
@@ -182,7 +183,15 @@ class PrefillWorker:
         span.end()
 
     async def _reply(self, h: OutgoingHandoff) -> PrefillReply:
-        meta = await self.aengine.call(lambda e: export_meta(self.port, h.request_id))
+        """The sequence's description; its blocks are freed in the same trip
+        to the engine thread (each trip waits for the running step to end)."""
+        def meta_then_release(_engine):
+            meta = export_meta(self.port, h.request_id)
+            h.released = True  # _release has nothing left to free, even if this raises
+            self.port.release(h.request_id)
+            return meta
+
+        meta = await self.aengine.call(meta_then_release)
         return PrefillReply(meta=meta, timings=PrefillTimings(
             prefill_s=h.prefill_s, prefill_queue_s=h.queue_s,
             transfer_wait_s=h.transfer_wait_s, bytes=h.bytes_sent))
@@ -192,9 +201,21 @@ class PrefillWorker:
         self._handoffs.pop(h.request_id, None)
         h.stage = PrefillStage.RELEASED
         rid = h.request_id
+        if h.released:  # with the reply
+            return
+
+        def release(e) -> None:
+            # checked on the engine thread: a reply's call cancelled while queued still
+            # runs there, before this one
+            if h.released:
+                return
+            if h.prefilled:
+                self.port.release(rid)
+            else:
+                e.abort(rid)
+
         try:
-            await self.aengine.call(
-                lambda e: self.port.release(rid) if h.prefilled else e.abort(rid))
+            await self.aengine.call(release)
         except EngineDeadError:  # its blocks went with the engine
             pass
 

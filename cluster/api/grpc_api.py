@@ -47,7 +47,7 @@ from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_k
                                                  messages_chars, request_tools, sampling_params,
                                                  template_tools)
 from splitserve.cluster.api.health import HealthService
-from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.prepare import INLINE_MESSAGES, PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
@@ -136,6 +136,19 @@ class GenerationService(pb_grpc.GenerationServicer):
             return list(req.token_ids.ids), None
         raise InvalidRequestError("a prompt (text or token_ids) or messages is required", param="prompt")
 
+    @staticmethod
+    def _size(req: pb.GenerateRequest) -> int | None:
+        """The prompt's characters or tokens (``PreparePool.run``'s ``size``);
+        None when preparing may compile a grammar (tools, structured output)
+        or renders many messages."""
+        if (req.tools or req.tool_choice or req.tool_function or req.chat_template_kwargs
+                or req.params.HasField("structured_output")
+                or len(req.messages) > INLINE_MESSAGES):
+            return None
+        if req.messages:
+            return messages_chars(req.messages)
+        return len(req.text) + len(req.token_ids.ids)
+
     def _prepare(self, request: pb.GenerateRequest
                  ) -> tuple[ToolRequest | None, list[int], SamplingParams, Reasoning | None]:
         """(tools, prompt token ids, sampling params, the reasoning split),
@@ -189,7 +202,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             try:
                 self._check_chars(request)
-                tools, ids, params, reasoning = await self.pool.run(self._prepare, request)
+                tools, ids, params, reasoning = await self.pool.run(
+                    self._prepare, request, size=self._size(request))
             except Exception as e:  # noqa: BLE001 - every refusal becomes a status
                 await _abort(context, e, span)
             # The backend id is always fresh: a client's request_id may repeat.

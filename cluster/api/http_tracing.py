@@ -13,8 +13,19 @@ from __future__ import annotations
 
 from starlette.datastructures import Headers
 
-from splitserve.cluster.observability.tracing import reset_ingress_span, set_ingress_span
+from splitserve.cluster.observability.tracing import (ingress_span, reset_ingress_span,
+                                                      set_ingress_span)
 from splitserve.handoff.tracing import SPAN_INGRESS, Tracer
+
+EVENT_BODY_READ = "body_read"  # the request body is in: behind Serve's proxy, one more round trip
+
+
+def mark(name: str) -> None:
+    """An event on the current request's ``ingress`` span, if it is traced."""
+    span = ingress_span()
+    if span is not None:
+        span.event(name)
+
 
 TRACED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 

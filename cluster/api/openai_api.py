@@ -52,8 +52,9 @@ from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choi
 from splitserve.cluster.api.metrics_endpoint import METRICS_PATH, add_metrics_route
 from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.http_body import read_request
+from splitserve.cluster.api.http_tracing import EVENT_BODY_READ, mark
 from splitserve.cluster.api.openai_schema import ApiError
-from splitserve.cluster.api.prepare import PreparePool, shared_pool
+from splitserve.cluster.api.prepare import INLINE_MESSAGES, PreparePool, shared_pool
 from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.routing import Routed, all_models, model_info, resolve_http, variant_headers
@@ -146,6 +147,7 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         t0, arrival = time.perf_counter(), time.time()
         body: schema.CompletionRequest = await read_request(
             request, schema.CompletionRequest, max_body_bytes)
+        mark(EVENT_BODY_READ)
         options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         prompts = body.prompt_inputs()
@@ -153,7 +155,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         for p in prompts:
             if isinstance(p, str):
                 check_prompt_chars(len(p), max_model_len, "prompt")
-        batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts)
+        batch, params, echoes = await pool.run(_prepare_completion, backend, body, prompts,
+                                               size=_completion_size(body, prompts))
         return await _respond(request, backend, "completion", body, batch, params, t0, options,
                               echoes=echoes, routed=routed)
 
@@ -162,12 +165,13 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         t0, arrival = time.perf_counter(), time.time()
         body: schema.ChatCompletionRequest = await read_request(
             request, schema.ChatCompletionRequest, max_body_bytes)
+        mark(EVENT_BODY_READ)
         options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         kwargs = template_kwargs(body.chat_template_kwargs)
         check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
                            "messages")
-        chat = await pool.run(_prepare_chat, backend, body, kwargs)
+        chat = await pool.run(_prepare_chat, backend, body, kwargs, size=_chat_size(body))
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
                               options, chat.tools, reasoning=chat.reasoning, routed=routed)
 
@@ -180,6 +184,27 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
 
         app.add_middleware(TracingMiddleware, tracer=tracer)
     return app
+
+
+def _completion_size(body: schema.CompletionRequest, prompts: list[str | list[int]]
+                     ) -> int | None:
+    """The prompts' characters and tokens (``PreparePool.run``'s ``size``);
+    None when preparing may compile a grammar."""
+    if body.structured_outputs is not None or body.response_format is not None:
+        return None
+    return sum(len(p) for p in prompts)
+
+
+def _chat_size(body: schema.ChatCompletionRequest) -> int | None:
+    """The messages' characters (``PreparePool.run``'s ``size``); None when
+    preparing may compile a grammar (tools, structured output) or renders
+    many messages."""
+    if (body.structured_outputs is not None or body.response_format is not None
+            or body.tools or body.tool_choice is not None
+            or len(body.messages) > INLINE_MESSAGES
+            or body.chat_template_kwargs):
+        return None
+    return body.text_chars()
 
 
 def _prepare_completion(backend: Backend, body: schema.CompletionRequest,

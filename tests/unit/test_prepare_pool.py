@@ -96,3 +96,19 @@ def test_long_texts_encode_to_the_same_ids_with_other_threads_running(tiny_token
     longest = max(b - a for a, b in zip(inside, inside[1:]))
     # held GIL: one gap as long as the encoding; released: the ticker keeps ticking
     assert longest < max(0.2, (end - start) / 3), (longest, end - start)
+
+
+def test_a_small_job_runs_on_the_loop_and_a_large_or_unsized_one_on_a_thread(pool):
+    from splitserve.cluster.api.prepare import INLINE_SIZE
+
+    async def main():
+        here = threading.current_thread().name
+        name = lambda: threading.current_thread().name  # noqa: E731
+        assert await pool.run(name, size=0) == here
+        assert await pool.run(name, size=INLINE_SIZE) == here
+        assert (await pool.run(name, size=INLINE_SIZE + 1)).startswith("splitserve-prepare")
+        assert (await pool.run(name)).startswith("splitserve-prepare")  # e.g. a grammar
+        with pytest.raises(ZeroDivisionError):  # its error comes back the same way
+            await pool.run(lambda: 1 / 0, size=1)
+    asyncio.run(main())
+    assert pool.jobs == 0
