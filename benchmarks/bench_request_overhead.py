@@ -5,7 +5,8 @@ replica of the embedded default model, one router, one ingress).
     PYTHONPATH=. .venv/bin/python benchmarks/bench_request_overhead.py \\
         --out bench-results/request-overhead.json
 
-``--checkout DIR`` serves another source tree (e.g. the main branch's) with
+``--compare BEFORE.json,... AFTER.json,...`` prints two trees' runs side by
+side (ranges, ratio of medians). ``--checkout DIR`` serves another source tree (e.g. the main branch's) with
 this same script, so two trees compare under one method. Requests are sent
 one at a time from this process over HTTP (``/v1/completions``, streamed, a
 text prompt of ``--prompt-tokens`` tokens, ``--max-tokens`` tokens out,
@@ -130,6 +131,20 @@ def one_request(http, url: str, prompt: str, max_tokens: int,
             if d.get("choices"):
                 chunks.append(now)
     return {"sent_ns": sent, "chunks_ns": chunks, "timings": timings, "usage": usage}
+
+
+def concurrent(url: str, prompt: str, max_tokens: int, n: int, clients: int) -> list[dict]:
+    """``n`` requests from ``clients`` clients, each sending back to back."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(k: int) -> list[dict]:
+        with httpx.Client(timeout=60) as http:
+            return [one_request(http, url, prompt, max_tokens, None)
+                    for _ in range(k, n, clients)]
+
+    with ThreadPoolExecutor(clients) as ex:
+        return [r for rs in ex.map(client, range(clients)) for r in rs]
 
 
 def one_grpc_request(stub, prompt: str, max_tokens: int) -> dict:
@@ -258,11 +273,51 @@ def pct(vals: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def compare(before: list[str], after: list[str], out: str | None) -> int:
+    """Ranges over the runs of two trees (records of this script) and the
+    ratio of their medians (after / before), per figure and stage."""
+    from splitserve.cluster.bench.record import write_json
+
+    def load(paths):
+        return [json.load(open(p)) for p in paths]
+
+    a, b = load(before), load(after)
+    figures = {"TTFT p50": lambda r: r["summary"]["ttft_ms"]["p50"],
+               "TTFT p90": lambda r: r["summary"]["ttft_ms"]["p90"],
+               "ITL p50": lambda r: r["summary"]["itl_ms"]["p50"],
+               "e2e p50": lambda r: r["summary"]["e2e_ms"]["p50"],
+               "gRPC TTFT p50": lambda r: r["summary"]["grpc_ttft_ms"]["p50"],
+               "traced TTFT p50": lambda r: r["summary"]["ttft_traced_ms"]["p50"]}
+    for k in STAGES:
+        figures[f"stage {k} (mean)"] = lambda r, k=k: r["summary"]["stages_mean_ms"].get(k)
+    rows = {}
+    print(f"{'figure, ms':<28} {'before (range)':>17} {'after (range)':>17} {'after/before':>12}")
+    for name, get in figures.items():
+        va = [v for v in map(get, a) if v is not None]
+        vb = [v for v in map(get, b) if v is not None]
+        if not va or not vb:
+            continue
+        ratio = statistics.median(vb) / statistics.median(va)
+        rows[name] = {"before": va, "after": vb, "ratio_of_medians": ratio}
+        print(f"{name:<28} {min(va):7.2f}-{max(va):7.2f}  {min(vb):7.2f}-{max(vb):7.2f} "
+              f"{ratio:12.2f}")
+    loads = [x for r in a + b for x in (r["load_average"]["before"][0],
+                                        r["load_average"]["after"][0])]
+    print(f"load average (1 min) over the runs: {min(loads):.1f}-{max(loads):.1f}")
+    if out:
+        write_json(out, {"before": before, "after": after, "figures": rows,
+                         "load_average_1m": [min(loads), max(loads)]})
+        print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkout", default=ROOT, help="the source tree the cluster serves")
     ap.add_argument("--requests", type=int, default=50, help="untraced, then as many traced")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="clients of the untraced HTTP requests (the traced ones: one)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs given to Ray")
@@ -273,7 +328,11 @@ def main() -> int:
                          "setting); repeatable")
     ap.add_argument("--label", default=None, help="names this run in the record")
     ap.add_argument("--out", default=None, help="JSON record (bench-results/...)")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                    help="no run: compare two comma-separated lists of this script's records")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args.compare[0].split(","), args.compare[1].split(","), args.out)
 
     import httpx
     import ray
@@ -294,6 +353,11 @@ def main() -> int:
     cfg = config(path, http_port, grpc_port, collector.endpoint)
     step = engine_step_ms(cfg.models[0].model, tok.encode(prompt), args.max_tokens, reps=10)
     load_before = os.getloadavg()
+    if args.out:
+        args.out = os.path.abspath(args.out)
+    # Ray's workers put the driver's working directory first on their path: the
+    # checkout served must be the one they import
+    os.chdir(CHECKOUT)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     collector.start()
     ray.init(num_cpus=args.num_cpus, namespace=NAMESPACE, include_dashboard=False,
@@ -309,8 +373,12 @@ def main() -> int:
             for _ in range(args.warmup):
                 one_request(http, url, prompt, args.max_tokens, None)
             spies = [] if args.profile is None else start_profilers(args.profile, 30)
-            for _ in range(args.requests):
-                untraced.append(one_request(http, url, prompt, args.max_tokens, None))
+            if args.concurrency == 1:
+                for _ in range(args.requests):
+                    untraced.append(one_request(http, url, prompt, args.max_tokens, None))
+            else:
+                untraced = concurrent(url, prompt, args.max_tokens, args.requests,
+                                      args.concurrency)
             for p in spies:
                 p.wait()
         import grpc
@@ -400,6 +468,7 @@ def main() -> int:
             "ttft_ms": ttft(untraced), "itl_ms": itl(untraced),
             "grpc_ttft_ms": ttft(over_grpc), "grpc_itl_ms": itl(over_grpc),
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+            "concurrency": args.concurrency,
             "requests": args.requests, "load_average": {"before": load_before,
                                                         "after": load_after},
             "host": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor(),

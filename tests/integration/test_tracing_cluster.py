@@ -92,6 +92,9 @@ def test_one_http_request_is_one_trace_across_four_processes(cluster):
     assert ingress["gen_ai.usage.input_tokens"] == out.usage.prompt_tokens
     assert ingress["gen_ai.usage.output_tokens"] == 5
     assert ingress["gen_ai.response.finish_reasons"] == ["length"]
+    # the body came in from Serve's proxy after the span started, before placement began
+    assert [e[0] for e in got["ingress"].events] == ["body_read"]
+    assert got["ingress"].start_ns <= got["ingress"].event_ns["body_read"] <= got["route"].start_ns
     # the placement the router made is where the work ran
     route, place = got["route"].attributes, got["router.place"].attributes
     decode_id = got["decode"].attributes["splitserve.replica_id"]
