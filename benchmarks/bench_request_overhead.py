@@ -258,6 +258,17 @@ def start_profilers(folder: str, seconds: float) -> list:
     return procs
 
 
+def revision(tree: str) -> str | None:
+    """The git revision of ``tree``; None for an exported tree (no .git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def median_or_none(vals: list[float | None]) -> float | None:
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else None
@@ -289,7 +300,7 @@ def compare(before: list[str], after: list[str], out: str | None) -> int:
                "gRPC TTFT p50": lambda r: r["summary"]["grpc_ttft_ms"]["p50"],
                "traced TTFT p50": lambda r: r["summary"]["ttft_traced_ms"]["p50"]}
     for k in STAGES:
-        figures[f"stage {k} (mean)"] = lambda r, k=k: r["summary"]["stages_mean_ms"].get(k)
+        figures[f"stage {k} p50"] = lambda r, k=k: r["summary"]["stages_p50_ms"].get(k)
     rows = {}
     print(f"{'figure, ms':<28} {'before (range)':>17} {'after (range)':>17} {'after/before':>12}")
     for name, get in figures.items():
@@ -464,7 +475,8 @@ def main() -> int:
     print(f"{'sum (traced)':<16} {'':>8} {tiled:8.2f}")
     if args.out:
         write_json(args.out, {
-            "label": args.label, "checkout": CHECKOUT, "summary": summary, "stages": stages,
+            "label": args.label, "checkout": CHECKOUT, "revision": revision(CHECKOUT),
+            "command": " ".join(sys.argv), "summary": summary, "stages": stages,
             "ttft_ms": ttft(untraced), "itl_ms": itl(untraced),
             "grpc_ttft_ms": ttft(over_grpc), "grpc_itl_ms": itl(over_grpc),
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,

@@ -17,8 +17,8 @@ caps of splitserve.engine.limits) run before it, on the loop.
 A small job (``run(..., size=)`` at most ``INLINE_SIZE``: a prompt of a few
 hundred words, no grammar, no tools) runs on the loop instead: it takes
 tens of microseconds, less than handing it to a thread and back (two thread
-switches: 0.2 ms on an idle host, 2 ms and more at its 90th percentile on a
-loaded one, benchmarks/bench_request_overhead.py).
+switches: 0.2 ms at the median and 2.3 ms at the 90th percentile on a loaded
+2-core host; docs/benchmarks.md, "Per-request overhead of the serving path").
 """
 
 from __future__ import annotations
