@@ -295,6 +295,7 @@ class ClusterBackend(Backend):
         self.validate(model, prompt_token_ids, params)
         root = adapter.hash_root if adapter is not None else 0
         produced: list[int] = []
+        first_cached: int | None = None  # the prompt's cached tokens, as first reported
         exclude: set[str] = set()
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
         admitted = False
@@ -344,9 +345,14 @@ class ClusterBackend(Backend):
                 try:
                     async with contextlib.aclosing(deadlines.outputs(stream, decode)) as outs:
                         async for out in outs:
+                            if first_cached is None:
+                                first_cached = out.cached_tokens
                             if produced:  # usage is the client's view: the original prompt
                                 out.prompt_tokens = len(prompt_token_ids)
                                 out.completion_tokens = len(produced) + len(out.token_ids)
+                                # a resumed stream's replica counts the earlier output
+                                # among its cached tokens; the prompt's are as first told
+                                out.cached_tokens = first_cached
                             produced.extend(out.token_ids)
                             d = msgspec.to_builtins(out)  # the Backend's output dict
                             d["placement"] = {"prefill": prefill, "decode": decode,
