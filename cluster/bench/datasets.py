@@ -25,6 +25,9 @@ from typing import Callable
 import numpy as np
 
 KINDS = ("fixed", "uniform", "normal", "lognormal")
+# a prompt or output longer than any model's context (the longest are ~10M
+# tokens): a unit slip in a trace or a distribution, refused where it is read
+MAX_TOKENS = 1 << 24
 
 
 class DatasetError(ValueError):

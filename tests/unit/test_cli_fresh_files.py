@@ -1,0 +1,68 @@
+"""Files a new user writes by hand, fed to the ``splitserve`` commands:
+what an editor or a spreadsheet adds (a byte-order mark, CRLF line ends, no
+final newline) is read as the user meant it; what cannot be right (an
+infinite or absurdly large token count, a trace spanning centuries, a
+foreign SQLite file, a bench record of another shape) ends with status 2 and
+one line naming the file, line and field, never a traceback or a run that
+does not end."""
+
+import json
+import sqlite3
+
+import pytest
+
+from splitserve.cluster.cli.main import main
+from splitserve.cluster.planning.workload import TraceError, read_trace
+
+GPU_CFG = "deploy/configs/gpu-llama3-8b.yaml"
+H100 = ["--shape", "llama-3.1-8b", "--hardware", "h100-sxm"]
+ROW = '{"timestamp": 0, "input_length": 100, "output_length": 10}'
+ROW2 = '{"timestamp": 1000, "input_length": 600, "output_length": 10, "hash_ids": [7, 8]}'
+AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens"
+
+
+# -- traces that must work ------------------------------------------------------------
+@pytest.mark.parametrize("name,content", [
+    ("bom.jsonl", f"\ufeff{ROW}\n{ROW2}\n"),
+    ("crlf.jsonl", f"{ROW}\r\n{ROW2}\r\n"),
+    ("no-final-newline.jsonl", f"{ROW}\n\n{ROW2}"),
+    ("bom.csv", f"\ufeff{AZURE}\r\n0,100,10\r\n1,600,10"),
+    ("blank-line.csv", f"{AZURE}\n0,100,10\n\n1,600,10\n"),
+])
+def test_editor_artifacts_in_a_trace_are_read(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content.encode("utf-8"))
+    reqs = list(read_trace(p))
+    assert [(r.arrival_s, r.input_len, r.output_len) for r in reqs] == [(0.0, 100, 10),
+                                                                         (1.0, 600, 10)]
+
+
+# -- traces that must fail, at once ------------------------------------------------------
+@pytest.mark.parametrize("name,content,message", [
+    ("t.jsonl", f'{ROW}\n{{"timestamp": 5, "input_length": Infinity, "output_length": 1}}\n',
+     "t.jsonl line 2: 'input_length' must be an integer >= 1, got inf"),
+    ("t.jsonl", f'{ROW}\n{{"timestamp": 5, "input_length": 1, "output_length": NaN}}\n',
+     "t.jsonl line 2: 'output_length' must be an integer >= 1, got nan"),
+    ("t.jsonl", f'{ROW}\n{{"timestamp": 5, "input_length": 1e30, "output_length": 1}}\n',
+     "t.jsonl line 2: 'input_length' 1e+30 is over 16777216 tokens, longer than any model's "
+     "context"),
+    ("t.jsonl", f'{ROW}\n{{"timestamp": 1e300, "input_length": 1, "output_length": 1}}\n',
+     "t.jsonl line 2: timestamp 1e+300 ms is more than 366 days after the first request's; "
+     "timestamps are milliseconds from the trace's start"),
+    ("t.csv", f"{AZURE}\n0,100,10\n1,99999999999999999999,10\n",
+     "t.csv line 3: ContextTokens 99999999999999999999 is over 16777216 tokens, longer than "
+     "any model's context"),
+    ("t.csv", f"{AZURE}\n0,100,10\n1e300,100,10\n",
+     "t.csv line 3: TIMESTAMP 1e300 is more than 366 days after the first request's; "
+     "TIMESTAMP is seconds or a date-time"),
+])
+def test_absurd_trace_numbers_name_the_line(tmp_path, capsys, name, content, message):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(TraceError) as e:
+        list(read_trace(p))
+    assert str(e.value) == f"{tmp_path}/{message}"
+    rc = main(["simulate", "--config", GPU_CFG, *H100, "--trace", str(p),
+               "--db", str(tmp_path / "p.db")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {tmp_path}/{message}\n"
