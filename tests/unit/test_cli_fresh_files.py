@@ -66,3 +66,28 @@ def test_absurd_trace_numbers_name_the_line(tmp_path, capsys, name, content, mes
                "--db", str(tmp_path / "p.db")])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: {tmp_path}/{message}\n"
+
+
+# -- length distributions and ShareGPT files ----------------------------------------------
+@pytest.mark.parametrize("spec,message", [
+    ("lognormal:1000:1", "length distribution 'lognormal:1000:1': its median exp(1000) is over "
+                         "16777216 tokens"),
+    ("uniform:1:1e30", "length distribution 'uniform:1:1e30': lengths must be <= 16777216 tokens"),
+    ("normal:1e12:5", "length distribution 'normal:1e12:5': lengths must be <= 16777216 tokens"),
+    ("99999999999", "length distribution '99999999999': lengths must be <= 16777216 tokens"),
+])
+def test_length_distribution_beyond_any_context_is_refused(tmp_path, capsys, spec, message):
+    rc = main(["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "2",
+               "--input-len", spec, "--db", str(tmp_path / "p.db")])
+    assert rc == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_sharegpt_file_with_a_byte_order_mark_is_read(tmp_path):
+    from splitserve.cluster.bench.datasets import load_sharegpt
+
+    conv = {"conversations": [{"from": "human", "value": "a prompt of some twenty characters"},
+                              {"from": "gpt", "value": "and a reply of some more characters"}]}
+    p = tmp_path / "sharegpt.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps([conv]).encode())
+    (req,) = load_sharegpt(p, 1)
+    assert req.prompt == "a prompt of some twenty characters" and req.output_len == 9
