@@ -91,3 +91,41 @@ def test_sharegpt_file_with_a_byte_order_mark_is_read(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps([conv]).encode())
     (req,) = load_sharegpt(p, 1)
     assert req.prompt == "a prompt of some twenty characters" and req.output_len == 9
+
+
+# -- bench records given to plan --observed -------------------------------------------------
+def _row(t, **kw):
+    return {"send_time": t, "prompt_len": 50, "output_len": 20, "output_tokens": 20, **kw}
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"runs": {"a": 1}}', "'runs' must be a list of runs, got dict"),
+    (b'{"runs": [5]}', "run -1 is not an object (got int)"),
+    (b'{"runs": [{"requests": [1, 2]}]}', "run -1, request 0: not an object (got int)"),
+    (json.dumps({"runs": [{"requests": [_row(0), {"prompt_len": 5}]}]}).encode(),
+     "run -1, request 1: missing 'send_time'"),
+    (json.dumps({"runs": [{"requests": [_row(0), _row("soon")]}]}).encode(),
+     "run -1, request 1: 'send_time' must be a finite number, got 'soon'"),
+    (json.dumps({"runs": [{"requests": [_row(0), _row(1, prompt_len=-3)]}]}).encode(),
+     "run -1, request 1: 'prompt_len' must be an integer >= 0, got -3"),
+    (json.dumps({"runs": [{"requests": [_row(0)]}]}).encode(),
+     "run -1 has 1 request row; a workload needs at least 2"),
+    (b"\xff\xfe{}", "cannot read the bench record: not UTF-8 text (byte 0xff)"),
+    (b'{"runs": [', "cannot read the bench record: not JSON: Expecting value (line 1, column 11)"),
+])
+def test_malformed_bench_record_names_run_and_request(tmp_path, capsys, content, message):
+    p = tmp_path / "bench.json"
+    p.write_bytes(content)
+    rc = main(["plan", "--shape", "llama-3.1-8b", "--observed", str(p), "--hardware",
+               "h100-sxm:2", "--quiet", "--db", str(tmp_path / "p.db")])
+    assert (rc, capsys.readouterr().err) == (2, f"error: {p}: {message}\n")
+
+
+def test_bench_record_with_a_byte_order_mark_is_read(tmp_path):
+    from splitserve.cluster.planning.planner.inputs import from_bench_record
+
+    p = tmp_path / "bench.json"
+    rows = [_row(0.0), _row(0.5, output_tokens=None), _row(1.0)]
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"runs": [{"requests": rows}]}).encode())
+    wl = from_bench_record(p)
+    assert list(wl.inputs) == [50, 50, 50] and list(wl.outputs) == [20, 20, 20]
