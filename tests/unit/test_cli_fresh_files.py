@@ -129,3 +129,65 @@ def test_bench_record_with_a_byte_order_mark_is_read(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"runs": [{"requests": rows}]}).encode())
     wl = from_bench_record(p)
     assert list(wl.inputs) == [50, 50, 50] and list(wl.outputs) == [20, 20, 20]
+
+
+# -- profile databases ----------------------------------------------------------------------
+def _sqlite(path, *statements):
+    conn = sqlite3.connect(path)
+    for s in statements:
+        conn.execute(s)
+    conn.commit()
+    conn.close()
+
+
+def _tables(path):
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'"))
+    finally:
+        conn.close()
+
+
+def test_another_applications_sqlite_file_is_refused_untouched(tmp_path, capsys):
+    p = tmp_path / "notes.sqlite"
+    _sqlite(p, "CREATE TABLE notes (id INTEGER, body TEXT)")
+    assert main(["profile", "--list", "--db", str(p)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {p}: an SQLite database of something else (tables: notes), not a profile "
+        "database; give --db a new file or a profile database\n")
+    assert _tables(p) == ["notes"]
+
+
+def test_profile_table_without_its_columns_is_one_line(tmp_path, capsys):
+    p = tmp_path / "odd.db"
+    _sqlite(p, "CREATE TABLE hardware (id INTEGER, what TEXT)")
+    assert main(["profile", "--list", "--db", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: table hardware lacks the columns key, name, provenance, ")
+    assert err.endswith("; not a profile database, or a damaged one: give --db another file\n")
+    # a version-2 file that lost a column reads the same way, on plan and simulate too
+    q = tmp_path / "damaged.db"
+    _sqlite(q, "PRAGMA user_version = 2",
+            "CREATE TABLE startup (id INTEGER PRIMARY KEY, model_id INTEGER)")
+    for argv in (["profile", "--list"], ["plan", "--shape", "llama-3.1-8b", "--rate", "1"],
+                 ["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "1"]):
+        assert main([*argv, "--db", str(q)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {q}: table startup lacks the columns "
+                                                  "hardware_key, seconds, provenance, host")
+
+
+def test_empty_file_and_older_version_are_profile_databases(tmp_path, capsys):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    assert main(["profile", "--list", "--json", "--db", str(empty)]) == 0
+    assert "h100-sxm" in capsys.readouterr().out
+    from splitserve.cluster.planning.db_schema import SCHEMA
+
+    v1 = tmp_path / "v1.db"  # a version-1 file: every table but speculation
+    conn = sqlite3.connect(v1)
+    conn.executescript(SCHEMA.split("CREATE TABLE IF NOT EXISTS speculation")[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    assert main(["profile", "--list", "--db", str(v1)]) == 0
+    assert "speculation" in _tables(v1)
