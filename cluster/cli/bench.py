@@ -58,7 +58,7 @@ def add_subcommand(sub) -> None:
                       help="requests per run, or one count per rate of --rates (a load step: "
                            "--rates 1,8 --num-requests 10,80); runs follow each other "
                            "(default: %(default)s)")
-    load.add_argument("--seed", type=int, default=0,
+    load.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
                       help="seed of lengths, prompts and arrivals (default: %(default)s)")
     data = p.add_argument_group("workload")
     data.add_argument("--dataset", default=None, metavar="FILE",

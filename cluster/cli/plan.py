@@ -153,7 +153,8 @@ def add_subcommand(sub) -> None:
                    help="candidates may be estimated up to this factor over the SLOs")
     r.add_argument("--kv-block-scale", type=positive(int), default=1, metavar="K",
                    help="simulate KV blocks K times larger and K times fewer (faster, rounded)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the workload and simulations")
+    r.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
+                   help="seed of the workload and simulations")
     c = p.add_argument_group("re-planning")
     c.add_argument("--current", default=None, metavar="FILE",
                    help="the running cluster's operator YAML: simulate it on the workload, "

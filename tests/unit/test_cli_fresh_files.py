@@ -191,3 +191,38 @@ def test_empty_file_and_older_version_are_profile_databases(tmp_path, capsys):
     conn.close()
     assert main(["profile", "--list", "--db", str(v1)]) == 0
     assert "speculation" in _tables(v1)
+
+
+# -- simulate's workload and seeds ------------------------------------------------------------
+def test_simulate_with_no_request_says_so(tmp_path, capsys):
+    out = tmp_path / "sim"
+    rc = main(["simulate", "--config", GPU_CFG, *H100, "--rate", "0.001", "--duration", "1",
+               "--db", str(tmp_path / "p.db"), "--out", str(out)])
+    assert (rc, capsys.readouterr().err) == (
+        2, "error: no request arrives: --rate 0.001 over --duration 1 s brings none; raise "
+           "--rate or --duration\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", "--config", GPU_CFG, "--rate", "1", "--num-requests", "1"],
+    ["plan", "--shape", "llama-3.1-8b", "--rate", "1"],
+    ["bench", "--num-requests", "1"],
+])
+def test_negative_seed_is_a_usage_error_naming_the_flag(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--seed", "-1"])
+    assert e.value.code == 2
+    assert "argument --seed: must be >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_same_seed_same_simulation_other_seed_another(tmp_path, capsys):
+    def run(seed):
+        argv = ["simulate", "--config", GPU_CFG, *H100, "--rate", "20", "--num-requests", "30",
+                "--seed", str(seed), "--db", str(tmp_path / "p.db"), "--json"]
+        assert main(argv) == 0
+        rec = json.loads(capsys.readouterr().out)
+        return rec["summary"]
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b and a != c

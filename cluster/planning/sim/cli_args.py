@@ -76,7 +76,8 @@ def add_simulate_arguments(p) -> None:
     w.add_argument("--duration", type=positive(float), default=None, metavar="S",
                    help="stop arrivals after these seconds (default: the whole trace)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="seed of synthetic arrivals and lengths")
+    r.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
+                   help="seed of synthetic arrivals and lengths")
     r.add_argument("--failure", action="append", default=[], metavar="TIME:POOL[:COUNT]",
                    help="kill COUNT replicas of POOL (app name or role) at TIME s; repeatable")
     r.add_argument("--replace-after-s", type=positive(float, allow_zero=True), default=10.0,
@@ -216,6 +217,7 @@ def _limit(it, n, duration):
 
 
 def run_from_args(args) -> int:
+    import itertools
     import json
 
     from splitserve.cluster.bench.datasets import DatasetError
@@ -231,6 +233,11 @@ def run_from_args(args) -> int:
         shapes = shapes_for(cfg, args.shape)
         hardware = _parse_pool_hardware(args.pool_hardware, args.hardware)
         workload, desc = workload_from_args(args)
+        first = next(workload, None)  # a run of nothing would print NaNs and exit 0
+        if first is None:
+            raise ValueError(f"no request arrives: --rate {args.rate:g} over --duration "
+                             f"{args.duration:g} s brings none; raise --rate or --duration")
+        workload = itertools.chain([first], workload)
         sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
         spec = {}
         if args.spec_acceptance is not None:
