@@ -226,3 +226,28 @@ def test_same_seed_same_simulation_other_seed_another(tmp_path, capsys):
 
     a, b, c = run(7), run(7), run(8)
     assert a == b and a != c
+
+
+# -- operator YAML ----------------------------------------------------------------------------
+@pytest.mark.parametrize("content,message", [
+    ("models:\n  - prefill: {max_replica: 3}\n",
+     "models.0.prefill.max_replica: Extra inputs are not permitted (did you mean "
+     "'max_replicas'?)"),
+    ("models:\n  - model: {name: a, max_num_seq: 4}\n",
+     "models.0.model.max_num_seq: Extra inputs are not permitted (did you mean 'max_num_seqs'?)"),
+    ("endpoint: {http_port: 8001}\n",
+     "endpoint: Extra inputs are not permitted (did you mean 'endpoints'?)"),
+    ("zzz: 1\n", "zzz: Extra inputs are not permitted"),
+])
+def test_typo_in_a_key_suggests_the_key(tmp_path, capsys, content, message):
+    p = tmp_path / "cluster.yaml"
+    p.write_text(content)
+    assert main(["serve", "--config", str(p), "--print-config"]) == 2
+    assert capsys.readouterr().err == f"error: {p}: {message}\n"
+
+
+def test_operator_yaml_from_a_windows_editor_is_read(tmp_path, capsys):
+    p = tmp_path / "cluster.yaml"
+    p.write_bytes(b"\xef\xbb\xbfname: win\r\nmodels:\r\n  - model:\r\n      name: default")
+    assert main(["serve", "--config", str(p), "--print-config"]) == 0
+    assert "name: win\n" in capsys.readouterr().out
