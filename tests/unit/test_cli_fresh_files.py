@@ -251,3 +251,42 @@ def test_operator_yaml_from_a_windows_editor_is_read(tmp_path, capsys):
     p.write_bytes(b"\xef\xbb\xbfname: win\r\nmodels:\r\n  - model:\r\n      name: default")
     assert main(["serve", "--config", str(p), "--print-config"]) == 0
     assert "name: win\n" in capsys.readouterr().out
+
+
+# -- hardware catalog -------------------------------------------------------------------------
+def _catalog(tmp_path, old, new):
+    from splitserve.cluster.planning.hardware import CATALOG_PATH
+
+    text = CATALOG_PATH.read_text()
+    assert old in text
+    p = tmp_path / "catalog.yaml"
+    p.write_text(text.replace(old, new))
+    return p
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("  matmul: 0.6 ", "  matmul: lots ", "efficiency.matmul must be a number, got 'lots'"),
+    ("  matmul: 0.6 ", "  matmul: -2 ", "efficiency.matmul must be in (0, 1], got -2.0"),
+    ("  matmul: 0.6 ", "  matmul_share: 0.6 ",
+     "efficiency: unknown key 'matmul_share'; the keys are matmul, memory, network, "
+     "tensor_parallel, step_overhead_s, load_bytes_per_s, startup_fixed_s"),
+    ("    h100-sxm: 2.99", "    h100-sxm: cheap",
+     "prices.per_gpu_hour.h100-sxm must be a number >= 0, got 'cheap'"),
+    ("    memory_bandwidth: 3.35e12", "    memory_bandwidth: .nan",
+     "gpus.h100-sxm: 'memory_bandwidth' must be a finite number, got nan"),
+    ("  h100-sxm:\n    name: NVIDIA H100 SXM5 80GB", "  h100-sxm: 5\n  h100-old:\n    name: x",
+     "gpus.h100-sxm: expected a mapping of figures, got int"),
+])
+def test_bad_catalog_values_are_one_line(tmp_path, capsys, old, new, message):
+    p = _catalog(tmp_path, old, new)
+    db = tmp_path / "p.db"
+    assert main(["profile", "--catalog", str(p), "--list", "--db", str(db)]) == 2
+    assert capsys.readouterr().err == f"error: {p}: {message}\n"
+
+
+def test_catalog_whose_gpus_are_a_list_is_one_line(tmp_path, capsys):
+    p = tmp_path / "catalog.yaml"
+    p.write_text("gpus: [h100-sxm]\n")
+    assert main(["profile", "--catalog", str(p), "--list", "--db", str(tmp_path / "p.db")]) == 2
+    assert capsys.readouterr().err == (f"error: {p}: gpus: expected a mapping of key -> figures, "
+                                       "got list\n")
