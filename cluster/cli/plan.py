@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from splitserve.cluster.cli.common import fraction, int_list, interrupts_deferred, positive, str_list
+from splitserve.cluster.cli.common import (fraction, int_list, interrupts_deferred, output_problem,
+                                           positive, str_list)
 
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
@@ -337,8 +338,9 @@ def cmd_plan(args) -> int:
 
     t0 = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out}: is a file; --out takes a directory", file=sys.stderr)
+    problem = output_problem("--out", args.out, folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         db = ProfileDB(args.db)

@@ -290,3 +290,31 @@ def test_catalog_whose_gpus_are_a_list_is_one_line(tmp_path, capsys):
     assert main(["profile", "--catalog", str(p), "--list", "--db", str(tmp_path / "p.db")]) == 2
     assert capsys.readouterr().err == (f"error: {p}: gpus: expected a mapping of key -> figures, "
                                        "got list\n")
+
+
+# -- output paths ------------------------------------------------------------------------------
+def test_output_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    # the run itself would fail at t = 1 s (no such pool): the --out message comes first
+    assert main(["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "5",
+                 "--failure", "1:nopool", "--db", str(tmp_path / "p.db"),
+                 "--out", str(blocker / "sim")]) == 2
+    assert capsys.readouterr().err == (f"error: --out {blocker / 'sim'}: {blocker} is a file, "
+                                       "not a directory\n")
+    # bench checks its outputs before it looks for the endpoint (none listens on port 9)
+    assert main(["bench", "--url", "http://127.0.0.1:9", "--num-requests", "1",
+                 "--plot", str(blocker / "deep" / "p.png")]) == 2
+    assert capsys.readouterr().err == (f"error: --plot {blocker / 'deep' / 'p.png'}: {blocker} "
+                                       "is a file, not a directory\n")
+    assert main(["plan", "--shape", "llama-3.1-8b", "--rate", "1", "--hardware", "h100-sxm:2",
+                 "--db", str(tmp_path / "p.db"), "--out", str(blocker / "plan")]) == 2
+    assert capsys.readouterr().err == (f"error: --out {blocker / 'plan'}: {blocker} is a file, "
+                                       "not a directory\n")
+
+
+def test_output_in_missing_folders_is_written(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "sim"
+    assert main(["simulate", "--config", GPU_CFG, *H100, "--rate", "5", "--num-requests", "3",
+                 "--db", str(tmp_path / "p.db"), "--no-plot", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["record.json", "requests.csv"]

@@ -228,6 +228,12 @@ def run_from_args(args) -> int:
     from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
     from splitserve.cluster.planning.workload import TraceError
 
+    from splitserve.cluster.cli.common import output_problem
+
+    problem = output_problem("--out", args.out, folder=True)  # before the run, not after it
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         shapes = shapes_for(cfg, args.shape)
@@ -272,9 +278,6 @@ def run_from_args(args) -> int:
         from splitserve.cluster.cli.common import interrupts_deferred
 
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            print(f"error: --out {out}: is a file; --out takes a directory", file=sys.stderr)
-            return 2
         try:
             with interrupts_deferred():  # the files whole, even when Ctrl-C comes now
                 out.mkdir(parents=True, exist_ok=True)
