@@ -318,3 +318,22 @@ def test_output_in_missing_folders_is_written(tmp_path, capsys):
     assert main(["simulate", "--config", GPU_CFG, *H100, "--rate", "5", "--num-requests", "3",
                  "--db", str(tmp_path / "p.db"), "--no-plot", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["record.json", "requests.csv"]
+
+
+def test_profile_inputs_for_speculation_are_checked_before_measuring(tmp_path, capsys):
+    db = tmp_path / "p.db"
+    missing = tmp_path / "answers.txt"
+    assert main(["profile", "--speculation", "--fast", "--spec-text", str(missing),
+                 "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (f"error: --spec-text {missing}: cannot read: No such file "
+                                       "or directory\n")
+    binary = tmp_path / "answers.bin"
+    binary.write_bytes(b"ok\n\xff\xfe")
+    assert main(["profile", "--speculation", "--fast", "--spec-text", str(binary),
+                 "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (f"error: --spec-text {binary}: not UTF-8 text (byte 0xff)\n")
+    assert main(["profile", "--speculation", "--fast", "--spec-draft", str(tmp_path / "draft"),
+                 "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (f"error: --spec-draft {tmp_path / 'draft'}: no such "
+                                       "checkpoint folder\n")
+    assert not db.exists()
