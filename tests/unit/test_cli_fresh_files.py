@@ -337,3 +337,24 @@ def test_profile_inputs_for_speculation_are_checked_before_measuring(tmp_path, c
     assert capsys.readouterr().err == (f"error: --spec-draft {tmp_path / 'draft'}: no such "
                                        "checkpoint folder\n")
     assert not db.exists()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--failure=nan:decode", "--failure 'nan:decode': TIME must be a finite number of seconds "
+                             ">= 0 and COUNT an integer >= 1"),
+    ("--failure=-5:decode", "--failure '-5:decode': TIME must be a finite number of seconds "
+                            ">= 0 and COUNT an integer >= 1"),
+    ("--failure=5:decode:-1", "--failure '5:decode:-1': TIME must be a finite number of seconds "
+                              ">= 0 and COUNT an integer >= 1"),
+])
+def test_failure_out_of_range_names_the_flag(tmp_path, capsys, flag, message):
+    rc = main(["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "2",
+               flag, "--db", str(tmp_path / "p.db")])
+    assert (rc, capsys.readouterr().err) == (2, f"error: {message}\n")
+
+
+def test_draft_cost_ratio_must_be_finite(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--config", GPU_CFG, "--rate", "1", "--num-requests", "1",
+              "--draft-cost-ratio", "nan"])
+    assert "argument --draft-cost-ratio: must be >= 0, got 'nan'" in capsys.readouterr().err

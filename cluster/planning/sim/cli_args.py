@@ -107,7 +107,8 @@ def add_simulate_arguments(p) -> None:
                    help="which measured acceptance rows to use: the workload kind they were "
                         "measured on (code-edit, free, or an imported dataset's name); default: "
                         "the lowest measured")
-    r.add_argument("--draft-cost-ratio", type=float, default=None, metavar="R",
+    r.add_argument("--draft-cost-ratio", type=positive(float, allow_zero=True), default=None,
+                   metavar="R",
                    help="speculative method draft: a draft-model step's time relative to "
                         "the model's (default: 0.1)")
     r.add_argument("--out", default=None, metavar="DIR",
@@ -162,15 +163,21 @@ def shapes_for(cfg, items: list[str]):
 def _failures(items: list[str]):
     from splitserve.cluster.planning.sim.simulator import Failure
 
+    import math
+
     out = []
     for item in items:
         parts = item.split(":")
         try:
             if len(parts) not in (2, 3):
                 raise ValueError
-            out.append(Failure(float(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1))
+            f = Failure(float(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1)
         except ValueError:
             raise ValueError(f"--failure {item!r}: expected TIME:POOL[:COUNT]") from None
+        if not (math.isfinite(f.at_s) and f.at_s >= 0 and f.count >= 1):
+            raise ValueError(f"--failure {item!r}: TIME must be a finite number of seconds >= 0 "
+                             "and COUNT an integer >= 1")
+        out.append(f)
     return tuple(out)
 
 
