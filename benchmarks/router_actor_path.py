@@ -116,7 +116,7 @@ class Pusher:
 
     def __init__(self, routers: list, reports: list[StatsReport], stream: bool = True):
         self.routers, self.reports = routers, reports
-        self.fanouts = [RouterFanout(len(routers), handles=routers, stream=stream)
+        self.fanouts = [RouterFanout(len(routers), handles=routers, stream=stream, timeout_s=5.0)
                         for _ in reports]
         self.pushes = 0
 
@@ -126,7 +126,7 @@ class Pusher:
         deltas = [msgspec.structs.replace(r, stored=(), snapshot=False) for r in self.reports]
         while time.monotonic() < end:
             t = time.monotonic()
-            await asyncio.gather(*(f.push(msgspec.structs.replace(r, updated_at=time.time()), 5.0)
+            await asyncio.gather(*(f.push(msgspec.structs.replace(r, updated_at=time.time()))
                                    for f, r in zip(self.fanouts, deltas)))
             self.pushes += len(deltas) * len(self.routers)
             await asyncio.sleep(max(0.0, STATS_PERIOD_S - (time.monotonic() - t)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
@@ -55,11 +55,30 @@ def _object_hook(found: list[str]):
     return hook
 
 
+def find_node(value: Any, match: Callable[[Any], bool],
+              max_depth: int = MAX_JSON_DEPTH) -> Any | None:
+    """The first node of ``value`` (parsed JSON) that ``match`` holds for,
+    depth first, an object or array before what it holds and in order;
+    None when none does. ``value`` is at depth 0; nodes deeper than
+    ``max_depth`` are not looked at (every node of a value that passes
+    ``nesting_exceeds(value, max_depth)`` is). Iterative: safe on any depth."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if match(node):
+            return node
+        if depth < max_depth and isinstance(node, (dict, list)):
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in reversed(children))
+    return None
+
+
 def loads(text: str) -> tuple[Any, bool]:
     """The JSON value of ``text`` and whether an object in it repeats a key
     (then that object is a ``Repeated``; callers name the field with
-    ``repeated_key`` after bounding the nesting, since the search recurses).
-    Raises ValueError (NaN, Infinity, not JSON) or RecursionError."""
+    ``repeated_key`` after bounding the nesting, since the search looks
+    no deeper than MAX_JSON_DEPTH). Raises ValueError (NaN, Infinity, not
+    JSON) or RecursionError."""
     found: list[str] = []
     value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                        object_pairs_hook=_object_hook(found))
@@ -76,10 +95,8 @@ def repeated_key(data: dict) -> str | None:
 
 def _first_repeated(value: Any) -> str | None:
     """The key repeated by the first object in ``value`` that repeats one."""
-    if isinstance(value, Repeated):
-        return value.key
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((key for key in map(_first_repeated, items) if key is not None), None)
+    found = find_node(value, lambda node: isinstance(node, Repeated))
+    return None if found is None else found.key
 
 
 def parse_field(text: str, param: str) -> Any:

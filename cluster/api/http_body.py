@@ -45,16 +45,12 @@ def _out_of_range_field(text: str) -> str | None:
         return None
     if not isinstance(data, dict):
         return None
-    return next((key for key, value in data.items() if _holds_infinity(value, 0)), None)
+    return next((key for key, value in data.items()
+                 if json_text.find_node(value, _is_infinite) is not None), None)
 
 
-def _holds_infinity(value, depth: int) -> bool:
-    if depth > MAX_JSON_DEPTH:
-        return False
-    if isinstance(value, float):
-        return math.isinf(value)
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return any(_holds_infinity(v, depth + 1) for v in items)
+def _is_infinite(value: Any) -> bool:
+    return isinstance(value, float) and math.isinf(value)
 
 
 async def read_json(request: Request, max_body_bytes: int) -> dict:

@@ -90,12 +90,14 @@ log = logging.getLogger("splitserve.client")
 ROUTER_QUERY_S = 2.0  # /ready and /metrics wait this long for the router
 ADAPTER_SYNC_S = 1.0  # an adapter loaded or unloaded through another ingress, within this
 
-# A decode replica that fails with one of these before any token was
-# produced is skipped and the request placed again.
+# A decode replica that fails with one of these before it produced any token
+# of the request is skipped and the request placed again; so is one that
+# refuses a resumed stream (its KV room had looked larger than it was: the
+# dead replica's streams all land on the survivors at once).
 _RETRY_BEFORE_FIRST = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                        grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
-# After tokens were produced, only a dead replica justifies resuming elsewhere.
+# After a replica produced tokens, only its death justifies resuming elsewhere.
 _RESUME_AFTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 # Failures that may be the request's own doing: moved elsewhere at most
@@ -293,6 +295,7 @@ class ClusterBackend(Backend):
         self.validate(model, prompt_token_ids, params)
         root = adapter.hash_root if adapter is not None else 0
         produced: list[int] = []
+        first_cached: int | None = None  # the prompt's cached tokens, as first reported
         exclude: set[str] = set()
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
         admitted = False
@@ -342,9 +345,14 @@ class ClusterBackend(Backend):
                 try:
                     async with contextlib.aclosing(deadlines.outputs(stream, decode)) as outs:
                         async for out in outs:
+                            if first_cached is None:
+                                first_cached = out.cached_tokens
                             if produced:  # usage is the client's view: the original prompt
                                 out.prompt_tokens = len(prompt_token_ids)
                                 out.completion_tokens = len(produced) + len(out.token_ids)
+                                # a resumed stream's replica counts the earlier output
+                                # among its cached tokens; the prompt's are as first told
+                                out.cached_tokens = first_cached
                             produced.extend(out.token_ids)
                             d = msgspec.to_builtins(out)  # the Backend's output dict
                             d["placement"] = {"prefill": prefill, "decode": decode,
@@ -369,7 +377,7 @@ class ClusterBackend(Backend):
                             raise deadlines.expired(decode) from None
                         raise DeadlineExceeded(
                             f"request {request_id} timed out on {decode}: {e.message}") from None
-                    retry = (_RETRY_BEFORE_FIRST if len(produced) == 0 else _RESUME_AFTER)
+                    retry = (_RETRY_BEFORE_FIRST if len(produced) == before else _RESUME_AFTER)
                     if e.kind is ErrorKind.ADAPTER_UNAVAILABLE:  # another replica may read it
                         retry = retry | {grpc.StatusCode.FAILED_PRECONDITION}
                     attempts_left -= 1

@@ -31,17 +31,19 @@ class RouterFanout:
     goodbye. A router that fails a push is looked up again next time."""
 
     def __init__(self, count: int, handles: list[Any] | None = None, stream: bool = True,
-                 tls: TLSConfig | None = None):
+                 tls: TLSConfig | None = None, timeout_s: float = 5.0):
         """``count`` routers; ``handles``: their actors, else looked up by
         name; ``stream``: pushes over their streams, else actor calls only;
         ``tls``: the replica's ``transfer.tls``, which the streams are
-        dialed with (and must offer)."""
+        dialed with (and must offer); ``timeout_s``: the longest a push to
+        one router may take (and its stream's endpoint call and opening)."""
         self._links = [RouterLink(i, handles[i] if handles is not None else None,
-                                  use_stream=stream, call_timeout_s=5.0, tls=tls, kind=STATS)
+                                  use_stream=stream, call_timeout_s=timeout_s, tls=tls,
+                                  kind=STATS)
                        for i in range(count)]
         self._missed = [False] * count  # a push to it failed since it last took one
 
-    async def push(self, report: StatsReport, timeout_s: float) -> bool:
+    async def push(self, report: StatsReport) -> bool:
         """Push ``report`` to every router. Returns True when the next push
         must carry a snapshot of the prefix cache: a router did not know this
         replica, or took this push after missing some (not while it is down:
@@ -51,15 +53,16 @@ class RouterFanout:
         encoded: list[bytes] = []  # encoded once, for every router with a stream
 
         async def one(link: RouterLink) -> bool:
-            link.call_timeout_s = timeout_s  # the stream's endpoint call and opening
             try:
                 stream = await link.open_stream()
                 if stream is None:
                     handle = await link.actor()
-                    return await asyncio.wait_for(handle.update_stats.remote(report), timeout_s)
+                    return await asyncio.wait_for(handle.update_stats.remote(report),
+                                                  link.call_timeout_s)
                 if not encoded:
                     encoded.append(encode_report(report))
-                return await asyncio.wait_for(stream.call(encoded[0]), timeout_s) == b"\x01"
+                return await asyncio.wait_for(stream.call(encoded[0]),
+                                              link.call_timeout_s) == b"\x01"
             except BaseException:
                 link.lost()  # it may restart, listening anew: look it (and its stream) up again
                 raise

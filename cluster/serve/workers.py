@@ -171,7 +171,8 @@ class WorkerServer:
             self.tracer.common.update({ATTR_REPLICA: self.address, ATTR_MODEL: self.spec.name,
                                        ATTR_TRANSPORT: self.transfer.transport})
         # every router hears every push (over its stream: TLS as the planes)
-        self.router = RouterFanout(self.router_spec.routers, tls=tls)
+        self.router = RouterFanout(self.router_spec.routers, tls=tls,
+                                   timeout_s=max(5.0, 4 * self.router_spec.stats_period_s))
         self.draining = False
         self.drain_timeout_s = drain_timeout_s
         self._last_push_warning = float("-inf")
@@ -216,8 +217,7 @@ class WorkerServer:
                              stored=tuple(ev.stored), evicted=tuple(ev.evicted),
                              snapshot=ev.snapshot)
         try:
-            self._snapshot_next = await self.router.push(
-                report, timeout_s=max(5.0, 4 * self.router_spec.stats_period_s))
+            self._snapshot_next = await self.router.push(report)
         except BaseException:
             self._snapshot_next = True  # these events may be lost: send the whole cache next
             raise

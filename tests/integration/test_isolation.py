@@ -291,3 +291,30 @@ def test_a_prefill_past_its_deadline_is_cancelled_there_and_run_on_decode(tiny_l
         finally:
             await pd.close()
     asyncio.run(main())
+
+
+def test_a_resumed_streams_usage_counts_only_its_clients_prompt(tiny_llama, reference):
+    """The replica a stream resumes on prefills prompt + earlier output and
+    may find most of it cached (it served the same request before): the
+    client's usage still speaks of its own prompt, as the first replica
+    reported it, never of more cached tokens than the prompt has."""
+    async def main():
+        c = await start_cluster(tiny_llama)
+        try:
+            a, b = c.addresses
+            c.router.decodes = [b]  # b caches prompt + output of this request
+            assert await collect(c.backend, "warm", PROMPTS[2]) == reference[2]
+            c.router.decodes, c.router._next = [a, b], 0
+            got, cached = [], []
+            async for d in c.backend.generate("tiny", "r", PROMPTS[2], GREEDY):
+                got += d["token_ids"]
+                cached.append((d["placement"]["decode"], d["cached_tokens"], d["prompt_tokens"]))
+                if len(got) == 3:
+                    assert d["placement"]["decode"] == a
+                    await c.pd.servers[1].stop(0)
+            assert got == reference[2] and c.backend.counters["resumed"] == 1
+            assert cached[-1][0] == b  # it went on on b, where all it had was cached
+            assert {(n, p) for _, n, p in cached} == {(cached[0][1], len(PROMPTS[2]))}, cached
+        finally:
+            await c.close()
+    asyncio.run(main())

@@ -249,21 +249,21 @@ def test_a_stats_report_round_trips_and_a_malformed_one_is_refused():
 
 def test_pushes_go_over_the_stream_and_a_dead_router_is_asked_again():
     routers = [StreamRouter(), StreamRouter()]
-    fanout = RouterFanout(2, handles=routers)
+    fanout = RouterFanout(2, handles=routers, timeout_s=2.0)
 
     async def main():
         calls = routers[0].calls
         # a delta from a replica the routers do not know: they ask for a snapshot
-        assert await fanout.push(prefill(rid="p1", stored=[7, 8]), 2.0) is True
-        assert await fanout.push(prefill(rid="p1", stored=[9], snapshot=True), 2.0) is False
+        assert await fanout.push(prefill(rid="p1", stored=[7, 8])) is True
+        assert await fanout.push(prefill(rid="p1", stored=[9], snapshot=True)) is False
         assert calls.get("update_stats", 0) == 0 and calls["endpoint"] == 1
         routers[0].kill()
         # the other router still takes it; the next push after the dead one is
         # back must be a snapshot (it missed pushes)
-        assert await fanout.push(prefill(rid="p1", stored=[10]), 2.0) is False
+        assert await fanout.push(prefill(rid="p1", stored=[10])) is False
         routers[0].dead = False
         routers[0].actor._stream = None  # restarted: it listens anew
-        assert await fanout.push(prefill(rid="p1", stored=[11]), 2.0) is True
+        assert await fanout.push(prefill(rid="p1", stored=[11])) is True
         assert calls["endpoint"] == 2 and calls.get("update_stats", 0) == 0
         fanout.close()
         for r in routers:
@@ -276,8 +276,8 @@ def test_pushes_go_over_the_stream_and_a_dead_router_is_asked_again():
 def test_pushes_use_actor_calls_when_a_router_offers_no_stream():
     router = FakeRouter()
     router.update_stats = _Method(router, "update_stats")
-    fanout = RouterFanout(1, handles=[router])
-    assert asyncio.run(fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0)) is False
+    fanout = RouterFanout(1, handles=[router], timeout_s=2.0)
+    assert asyncio.run(fanout.push(prefill(rid="p1", stored=[1], snapshot=True))) is False
     assert router.calls["update_stats"] == 1 and router.actor.cached_blocks()["p1"] == 1
 
 
@@ -421,16 +421,16 @@ def test_client_and_fanout_use_a_tls_router_stream_and_fall_back_where_tls_diffe
                        for p in await asyncio.gather(*(place(client, i) for i in range(6))))
             await client.close()
         assert routers[0].calls["exchange"] == plain.counts["exchanges"] > 0  # actor calls
-        fanout = RouterFanout(1, handles=routers, tls=pki["tls"])
-        assert await fanout.push(prefill(rid="p1", stored=[1], snapshot=True), 2.0) is False
+        fanout = RouterFanout(1, handles=routers, tls=pki["tls"], timeout_s=2.0)
+        assert await fanout.push(prefill(rid="p1", stored=[1], snapshot=True)) is False
         assert routers[0].calls.get("update_stats", 0) == 0  # over the TLS stream
         fanout.close()
         assert routers[0].counters()["stream"] == {"tls": True, "exchange": 1, "stats": 1}
         ep = await routers[0].actor.endpoint()
         routers[0].actor.set_stream_tls(None)  # a deploy turned TLS off: a new stream
         assert (await routers[0].actor.endpoint()).port != ep.port
-        stale = RouterFanout(1, handles=routers, tls=pki["tls"])
-        assert await stale.push(prefill(rid="p1", stored=[2]), 2.0) is False
+        stale = RouterFanout(1, handles=routers, tls=pki["tls"], timeout_s=2.0)
+        assert await stale.push(prefill(rid="p1", stored=[2])) is False
         assert routers[0].calls["update_stats"] == 1  # no downgrade: an actor call
         stale.close()
         routers[0].actor._stream.close()

@@ -1,0 +1,61 @@
+"""Every attention layout of the model families through the real KV
+hand-off: a prefill and a decode engine in this process over gRPC
+(``tests.integration.pd_harness``), a prompt longer than the sliding
+windows, greedy tokens equal to transformers' ``generate``; then the
+stream resumed after 3 tokens as the ingress resumes one whose decode
+replica died (prompt + those tokens, marked ``resumed_tokens``, prefilled
+on the prefill engine, its KV handed off again onto blocks the decode
+engine partly caches) continues with exactly the reference's tail.
+
+Layouts: a window on every layer (Mistral), on some (Qwen2 past
+max_window_layers; Gemma 3, whose sliding layers have their own RoPE
+base), LongRoPE on half of each head with a window (Phi-3), layers
+without RoPE (SmolLM3), a mixture of experts with a shared expert
+(Qwen2-MoE), and an fp8 KV cache (Gemma 3 again, against the engine
+itself: fp8 changes the numbers)."""
+
+import asyncio
+
+import pytest
+
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.integration.pd_harness import make_engine, start_pd
+
+NEW, CUT = 8, 3
+PROMPT = [(37 * i + 11) % 500 + 3 for i in range(26)]  # > the fixtures' windows of 8
+
+
+def greedy(n: int, resumed: int = 0) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, resumed_tokens=resumed)
+
+
+@pytest.mark.parametrize("variant, kv", [
+    ("mistral_window", "auto"), ("qwen2_window", "auto"), ("gemma3", "auto"),
+    ("phi3_longrope", "auto"), ("smollm3", "auto"), ("qwen2_moe", "auto"), ("gemma3", "fp8"),
+])
+def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
+    path = tiny_checkpoints[variant]
+    if kv == "auto":
+        want = hf_greedy(hf_model(path), [PROMPT], NEW)[0]
+    else:
+        want = make_engine(path, kv_cache_dtype=kv).generate([PROMPT], greedy(NEW))[0].token_ids
+
+    async def main():
+        pd = await start_pd(make_engine(path, kv_cache_dtype=kv),
+                            make_engine(path, kv_cache_dtype=kv))
+        try:
+            got, first = await pd.generate(PROMPT, greedy(NEW))
+            assert first.mode.value == "remote" and first.bytes > 0
+            assert got == want
+            tail, resumed = await pd.generate(PROMPT + want[:CUT], greedy(NEW - CUT, CUT))
+            assert resumed.mode.value == "remote"
+            assert 0 < resumed.bytes < first.bytes  # the cached prefix's blocks stay put
+            assert tail == want[CUT:]
+            assert pd.decode.counters["handoffs"] == 2 and pd.decode.counters["fallbacks"] == 0
+            assert pd.all_free()
+            for e in (pd.prefill.engine, pd.decode.engine):
+                e.kv.check_invariants()
+        finally:
+            await pd.close()
+    asyncio.run(main())
