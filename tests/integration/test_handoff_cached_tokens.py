@@ -94,3 +94,38 @@ def test_a_longer_prefill_side_prefix_wins(tiny_llama, reference):
         finally:
             await pd.close()
     asyncio.run(main())
+
+
+def test_the_ingress_usage_and_metric_count_the_prefill_replicas_hits(tiny_llama, reference):
+    """Through the ingress's ClusterBackend (its orchestrator and request
+    recorder): the output dicts usage is built from, and
+    splitserve_cached_prompt_tokens_total, carry the prefill replica's hits."""
+    from splitserve.cluster.observability.metrics import PROCESS_REGISTRY
+    from tests.integration.test_isolation import start_cluster
+
+    def counted() -> float:
+        return PROCESS_REGISTRY.get_sample_value(
+            "splitserve_cached_prompt_tokens_total", {"model": "tiny"}) or 0.0
+
+    async def run(be, rid):
+        toks, cached = [], set()
+        async for d in be.generate("tiny", rid, PROMPT, GREEDY):
+            toks += d["token_ids"]
+            cached.add((d["cached_tokens"], d["prompt_tokens"], d["placement"]["prefill"]))
+        return toks, cached
+
+    async def main():
+        c = await start_cluster(tiny_llama)
+        try:
+            c.router.decodes = [c.pd.decode_addr]
+            before = counted()
+            toks, cached = await run(c.backend, "first")
+            assert toks == reference and cached == {(0, len(PROMPT), c.pd.prefill_addr)}
+            assert counted() == before
+            await _forget_cache(c.pd.decode)  # only the prefill replica holds it now
+            toks, cached = await run(c.backend, "second")
+            assert toks == reference and cached == {(REUSABLE, len(PROMPT), c.pd.prefill_addr)}
+            assert counted() == before + REUSABLE
+        finally:
+            await c.close()
+    asyncio.run(main())
