@@ -52,7 +52,8 @@ class IncomingHandoff:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.stage = DecodeStage.NEW
-        self.cached_tokens = 0
+        self.cached_tokens = 0  # of the prompt, cached here: not received
+        self.prefill_cached_tokens = 0  # of the prompt, cached on the prefill replica
         self.handoff_s = 0.0
 
     async def reserve(self) -> None:
@@ -78,7 +79,15 @@ class IncomingHandoff:
                                  layout=self.reservations.layout),
             adapter=Adapter.of(self.adapter), traceparent=traceparent), timeout=timeout_s)
         self.handoff_s = time.monotonic() - t0
+        self.prefill_cached_tokens = min(reply.cached_tokens, len(self.prompt_token_ids))
         return reply
+
+    @property
+    def prompt_cached_tokens(self) -> int:
+        """The prompt tokens whose KV came from a prefix cache, this
+        replica's or the prefill replica's: both are prefixes of the same
+        prompt, so the longer one covers the other (never their sum)."""
+        return max(self.cached_tokens, self.prefill_cached_tokens)
 
     async def commit(self, reply: PrefillReply) -> AsyncIterator[RequestOutput]:
         """RECEIVING -> COMMITTED: the received sequence joins the running

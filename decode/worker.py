@@ -80,6 +80,16 @@ class _FirstToken:
         return t
 
 
+def _output(out: RequestOutput, timings: GenerateTimings | None,
+            cached_tokens: int | None) -> GenerateOutput:
+    """``out`` in wire form, reporting ``cached_tokens`` (when given) as the
+    prompt's cached tokens."""
+    g = GenerateOutput.of(out, timings)
+    if cached_tokens is not None:
+        g.cached_tokens = cached_tokens
+    return g
+
+
 def _finished(span: Span, out: RequestOutput) -> None:
     span.set(ATTR_OUTPUT_TOKENS, out.num_output_tokens)
     reason = out.finish_reason
@@ -180,12 +190,15 @@ class DecodeWorker:
                                                  span, adapter)
         if stream is None:
             stream = self._local(rid, ids, params, adapter)
+        # usage's cached prompt tokens: the engine here counts only its own
+        # hits; a prompt prefilled remotely also took the prefill replica's
+        cached = handoff.prompt_cached_tokens if handoff is not None else None
         timings: GenerateTimings | None = None
         async for out in stream:
             if timings is not None:
                 if span is not None and out.finished:
                     _finished(span, out)
-                yield GenerateOutput.of(out)
+                yield _output(out, None, cached)
                 continue
             if handoff is not None:
                 handoff.running()
@@ -195,7 +208,7 @@ class DecodeWorker:
                 span.event("first_token", ttft_s=timings.ttft_s)
                 if out.finished:
                     _finished(span, out)
-            yield GenerateOutput.of(out, timings)
+            yield _output(out, timings, cached)
 
     # -- the two paths to the first token -----------------------------------------
     def _local(self, rid: str, ids: list[int], params: SamplingParams,
@@ -260,7 +273,8 @@ class DecodeWorker:
         self.counters["handoff_bytes"] += reply.timings.bytes
         if span is not None:
             span.set(ATTR_BYTES, reply.timings.bytes)
-            span.event("received", handoff_s=h.handoff_s)
+            span.event("received", handoff_s=h.handoff_s,
+                       prefill_cached_tokens=h.prefill_cached_tokens)
         try:
             stream = await h.commit(reply)
         except BaseException:

@@ -155,6 +155,10 @@ class PrefillTimings(Message):
 class PrefillReply(Message):
     meta: HandoffMeta
     timings: PrefillTimings
+    # prompt tokens the prefill engine took from its own prefix cache instead
+    # of computing (whole blocks, a prefix of the prompt); a default, so a
+    # reply from a replica that does not report it decodes, as 0
+    cached_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
 
 
 # -- Generate -----------------------------------------------------------------------

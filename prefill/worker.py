@@ -16,8 +16,9 @@ reserved blocks) is one ``OutgoingHandoff`` moving through ``PrefillStage``;
              while later ones compute                       -> TRANSFERRING
              until the first token is sampled
   _transfer  waits for every chunk's ack
-  _reply     describes the sequence (``HandoffMeta``) and the timings, and
-             frees its blocks in the same engine-thread call
+  _reply     describes the sequence (``HandoffMeta``), the timings and the
+             prompt tokens this engine's prefix cache spared it, and frees
+             its blocks in the same engine-thread call
   _release   frees its blocks on any failure, cancel or deadline -> RELEASED
 
 Traced (a ``Tracer`` given and the request carrying a traceparent): the
@@ -71,6 +72,7 @@ class OutgoingHandoff:
     first_send_ns: int = 0  # time.time_ns() of the first chunk sent (a span's start)
     prefilled: bool = False  # the engine finished it: its blocks are held for us
     released: bool = False  # its blocks were freed (with the reply)
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache
     started: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     prefill_s: float = 0.0
@@ -121,7 +123,8 @@ class PrefillWorker:
         try:
             await self._run(h, req)
             if span is not None:
-                span.event("first_token", prefill_s=h.prefill_s, queue_s=h.queue_s)
+                span.event("first_token", prefill_s=h.prefill_s, queue_s=h.queue_s,
+                           cached_tokens=h.cached_tokens)
             await self._transfer(h, span)
             reply = await self._reply(h)
             self.completed += 1
@@ -157,6 +160,7 @@ class PrefillWorker:
                                                adapter=Adapter.to_engine(req.adapter)):
             h.prefilled = out.finished
             h.queue_s = out.queue_s()
+            h.cached_tokens = out.num_cached_tokens
         h.prefill_s = time.monotonic() - h.started
 
     async def _transfer(self, h: OutgoingHandoff, parent: Span | None = None) -> None:
@@ -194,7 +198,8 @@ class PrefillWorker:
         meta = await self.aengine.call(meta_then_release)
         return PrefillReply(meta=meta, timings=PrefillTimings(
             prefill_s=h.prefill_s, prefill_queue_s=h.queue_s,
-            transfer_wait_s=h.transfer_wait_s, bytes=h.bytes_sent))
+            transfer_wait_s=h.transfer_wait_s, bytes=h.bytes_sent),
+            cached_tokens=h.cached_tokens)
 
     async def _release(self, h: OutgoingHandoff) -> None:
         """-> RELEASED: free the held blocks (or abort a request still running)."""

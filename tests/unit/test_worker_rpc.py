@@ -62,6 +62,10 @@ async def fake_prefill(req: PrefillRequest) -> PrefillReply:
     assert isinstance(req, PrefillRequest)
     if req.request_id in FAILURES:
         raise FAILURES[req.request_id]
+    if req.request_id == "cached":  # its prefix cache held 2 blocks of 4
+        reply = reply_for(req)
+        reply.cached_tokens = 8
+        return reply
     return reply_for(req)
 
 
@@ -95,6 +99,26 @@ def test_typed_round_trip():
         reply = await client.prefill(prefill_request())
         assert reply == reply_for(prefill_request())
         assert await client.stats() == {"running": 0}
+    run_with_server(body)
+
+
+def test_prefill_reply_cached_tokens_is_optional_on_the_wire():
+    """A reply of a prefill replica that does not report its cached tokens
+    decodes (as 0); a reply reporting none leaves the key out, so a decoder
+    without the field reads it too; a count below 0 is refused."""
+    dec = msgspec.msgpack.Decoder(PrefillReply)
+    old = msgspec.to_builtins(reply_for(prefill_request()))
+    assert "cached_tokens" not in old
+    assert dec.decode(msgspec.msgpack.encode(old)).cached_tokens == 0
+    hit = PrefillReply(meta=reply_for(prefill_request()).meta,
+                       timings=reply_for(prefill_request()).timings, cached_tokens=8)
+    assert dec.decode(msgspec.msgpack.encode(hit)) == hit
+    with pytest.raises(msgspec.ValidationError, match="cached_tokens"):
+        dec.decode(msgspec.msgpack.encode({**old, "cached_tokens": -4}))
+
+    async def body(client, _addr):  # through the RPC plane, as sent
+        reply = await client.prefill(prefill_request("cached"))
+        assert reply.cached_tokens == 8
     run_with_server(body)
 
 
