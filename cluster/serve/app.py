@@ -97,8 +97,19 @@ def check_tensor_parallel(cfg: ClusterConfig) -> None:
 
 
 def router_config(cfg: ClusterConfig) -> RouterConfig:
-    """The router's config: the operator's router section over each model's facts."""
-    return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
+    """The router's config: the operator's router section over each model's
+    facts. Raises ConfigError naming the model whose checkpoint cannot be
+    read (a wrong ``path``), so a deploy refuses the file before it changes
+    anything."""
+    from splitserve.engine.errors import CheckpointError
+
+    facts = {}
+    for served in cfg.models:
+        try:
+            facts[served.model.name] = model_facts(served.model)
+        except (CheckpointError, OSError) as e:
+            raise ConfigError(f"model {served.model.name!r}: {e}") from None
+    return cfg.router.router_config(facts)
 
 
 def connect(address: str | None = None) -> None:
@@ -128,13 +139,16 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     from splitserve.cluster.autoscaling.ledger import get_ledger
     from splitserve.cluster.observability.tracing import check_installed
 
+    # everything that can refuse the file runs before anything is changed:
+    # secrets, router and Serve applications stay as they were
     check_tensor_parallel(cfg)
     check_installed(cfg.observability.tracing)
+    rcfg = router_config(cfg)
     connect(address)
     deadline = time.monotonic() + wait_s
     ledger = get_ledger(create=True)
     with SERVE_LOCK:
-        out, submitted, version = _apply(cfg, with_ingress, ledger)
+        out, submitted, version = _apply(cfg, rcfg, with_ingress, ledger)
     wait_for_pools(cfg, wait_s, submitted)
     out.update(_apply_routes(cfg, with_ingress))
     if with_ingress:
@@ -158,10 +172,10 @@ def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
     return {"routes": lines, "routes_pending": behind}
 
 
-def _apply(cfg: ClusterConfig, with_ingress: bool,
+def _apply(cfg: ClusterConfig, rcfg: RouterConfig, with_ingress: bool,
            ledger) -> tuple[dict[str, Any], list[str], str]:
-    """Submit what changed; returns (summary, the applications submitted,
-    the secrets version published)."""
+    """Submit what changed (``rcfg``: ``router_config(cfg)``); returns
+    (summary, the applications submitted, the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
     serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
@@ -170,7 +184,6 @@ def _apply(cfg: ClusterConfig, with_ingress: bool,
         prev = None  # a ledger left from a cluster since shut down
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
-    rcfg = router_config(cfg)
     tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
                    reconfigure=(prev is None or router_state.load().config != rcfg
