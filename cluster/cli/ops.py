@@ -99,11 +99,11 @@ def cmd_deploy(args) -> int:
     if args.dry_run:
         return 0
     from splitserve.cluster.serve.app import deploy
-    from splitserve.cluster.serve.app_status import DeployFailed
+    from splitserve.cluster.serve.app_status import DeployFailed, DeployInProgress
 
     try:
         summary = deploy(cfg, wait_s=args.wait_s, with_ingress=not args.no_ingress)
-    except (TimeoutError, ConfigError, DeployFailed) as e:
+    except (TimeoutError, ConfigError, DeployFailed, DeployInProgress) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(sorted(summary["apps"])))

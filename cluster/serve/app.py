@@ -9,8 +9,11 @@ application serves the client APIs.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any, Iterable
 
 import ray
@@ -18,6 +21,7 @@ from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
 from splitserve.cluster.serve import app_status, router_state, secrets
+from splitserve.cluster.serve.app_status import DeployInProgress
 from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.router_names import NAMESPACE
@@ -122,7 +126,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     """Deploy (or update in place) every application of ``cfg``. Returns a
     summary {apps, removed}. Blocks until every pool has registered with the
     router and (``with_ingress``) the ingress answers ready, i.e. /v1 serves
-    every model (``wait_for_ingress``). Raises ``DeployFailed`` naming each
+    every model (``wait_for_ingress``). Raises ``DeployInProgress``, changing
+    nothing, while another deploy holds the ledger's deploy lease
+    (``OpsLedger.begin_deploy``); ``DeployFailed`` naming each
     application Serve marks DEPLOY_FAILED (a replica constructor raising)
     and its reason, as soon as it does, or TimeoutError naming what is
     missing and what Serve says of it (e.g. replicas waiting for resources).
@@ -147,15 +153,26 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     connect(address)
     deadline = time.monotonic() + wait_s
     ledger = get_ledger(create=True)
-    with SERVE_LOCK:
-        out, submitted, version = _apply(cfg, rcfg, with_ingress, ledger)
-    wait_for_pools(cfg, wait_s, submitted)
-    out.update(_apply_routes(cfg, with_ingress))
-    if with_ingress:
-        wait_for_ingress(deadline)
-    # recorded once it runs: after a failed deploy the next one compares
-    # against the last config that ran and resubmits whatever differs
-    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # two deploys interleaved would leave the cluster (and the ledger) on
+    # whichever submitted last, not the edit made last: one at a time
+    busy = ray.get(ledger.begin_deploy.remote(holder, wait_s + ROUTES_WAIT_S + 60.0))
+    if busy is not None:
+        raise DeployInProgress(f"another deploy ({busy[0]}) has been applying its config for "
+                               f"{max(0.0, time.time() - busy[1]):.0f}s; nothing was changed: "
+                               "run this one again once it is done")
+    try:
+        with SERVE_LOCK:
+            out, submitted, version = _apply(cfg, rcfg, with_ingress, ledger)
+        wait_for_pools(cfg, wait_s, submitted)
+        out.update(_apply_routes(cfg, with_ingress))
+        if with_ingress:
+            wait_for_ingress(deadline)
+        # recorded once it runs: after a failed deploy the next one compares
+        # against the last config that ran and resubmits whatever differs
+        ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
+    finally:
+        ledger.end_deploy.remote(holder)
     return out
 
 

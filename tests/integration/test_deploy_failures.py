@@ -14,7 +14,8 @@ from ray import serve
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.cli import ops as cli_ops
 from splitserve.cluster.serve import app, secrets
-from splitserve.cluster.serve.app_status import DeployFailed
+from splitserve.cluster.autoscaling.ledger import get_ledger
+from splitserve.cluster.serve.app_status import DeployFailed, DeployInProgress
 from tests.integration.ray_cluster import local_ray
 from tests.fixtures.ports import free_port
 
@@ -63,7 +64,7 @@ def _a_refused_edit_changes_nothing(tmp_path):
     """On the running cluster: a file naming a checkpoint that is not there
     (and a new cluster token and API key) is refused with one line, exit
     status 1, before anything changed: the secrets replicas read, the
-    applications."""
+    applications. Then one deploy while another holds the lease."""
     apps = set(serve.status().applications)
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump({
@@ -84,4 +85,15 @@ def _a_refused_edit_changes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: model 'good': checkpoint directory"), \
         err.getvalue()
     assert secrets.cluster_token() == "fail-token"
+    assert set(serve.status().applications) == apps
+
+    # while another deploy applies its config, a second one is refused
+    # (it would interleave with it) and changes nothing
+    ledger = get_ledger()
+    assert ray.get(ledger.begin_deploy.remote("elsewhere:1:ab", 60.0)) is None
+    try:
+        with pytest.raises(DeployInProgress, match=r"another deploy \(elsewhere:1:ab\)"):
+            app.deploy(_cfg(good=(tmp_path / "corrupt", {"min_replicas": 1})), wait_s=5)
+    finally:
+        ray.get(ledger.end_deploy.remote("elsewhere:1:ab"))
     assert set(serve.status().applications) == apps
