@@ -52,14 +52,16 @@ def app_name(model: str, role: Role) -> str:
 
 
 def pool_apps(served: ServedModel, cfg: ClusterConfig,
-              secrets_version: str) -> dict[str, tuple[Role, Any]]:
+              token_version: str) -> dict[str, tuple[Role, Any]]:
     """app name -> (role, bound deployment) for one model's pools;
-    ``secrets_version`` is what ``secrets.publish`` returned."""
+    ``token_version`` is ``secrets.token_version()`` (after
+    ``secrets.publish``): a new cluster token rolls the pools, a new API key
+    does not (replicas never read the keys)."""
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
         out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
-                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.transfer, cfg.router, token_version,
                                             cfg.observability.tracing))
     return out
 
@@ -214,7 +216,7 @@ def _apply(cfg: ClusterConfig, rcfg: RouterConfig, with_ingress: bool,
     targets: list[serve.RunTarget] = []
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
-                                            version).items():
+                                            secrets.token_version()).items():
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
             apps[app] = role.value
     removed = []

@@ -64,6 +64,16 @@ def publish(cfg: ClusterConfig) -> str:
                            person=b"splitserve-sec").hexdigest()
 
 
+def token_version() -> str:
+    """The version of the stored cluster token alone (needs a connected Ray
+    driver, after ``publish``): what pool replicas are built with, since
+    they read the token and never the API keys, so rotating a client key
+    rolls the ingress and leaves every pool's replicas (and their KV caches
+    and streams) alone."""
+    return hashlib.blake2b(_read(_TOKEN_KEY), digest_size=8,
+                           person=b"splitserve-tok").hexdigest()
+
+
 def _read(key: bytes) -> bytes:
     value = _kv()._internal_kv_get(key, namespace=_NAMESPACE)
     if value is None:

@@ -147,7 +147,8 @@ class WorkerServer:
         self.host = bind_host(self.transfer.bind_host)
         node_id = ray.get_runtime_context().get_node_id()
         # the cluster token comes from the secret store, never through init
-        # arguments (secrets_version only makes a new token rebuild replicas)
+        # arguments (secrets_version, the token's version: only a new token
+        # rebuilds replicas)
         cluster_token = secrets.cluster_token()
         # one TLS config for both planes, served and dialed (read on this node)
         tls = self.transfer.tls.load() if self.transfer.tls is not None else None

@@ -8,6 +8,7 @@ import time
 import grpc
 import httpx
 import pytest
+import ray
 from ray import serve
 
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
@@ -100,4 +101,19 @@ def test_ready_follows_the_pools(cfg):
         app.deploy(cfg, wait_s=180)
         assert wait_for(ready, (200, None)) == (200, None)
         channel.close()
+
+        # the API key rotated: the ingress rolls to the new key, the pools
+        # (which never read it) keep their replicas
+        def replica_ids():
+            reps = ray.get(get_router().replicas.remote())["tiny"]
+            return {r["replica_id"] for pool in reps.values() for r in pool}
+
+        before = replica_ids()
+        rotated = cfg.model_copy(update={"auth": cfg.auth.model_copy(
+            update={"api_keys": ["sk-rotated"]})})
+        app.deploy(rotated, wait_s=180)
+        assert httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 401
+        assert httpx.get(f"{url}/v1/models", timeout=10,
+                         headers={"Authorization": "Bearer sk-rotated"}).status_code == 200
+        assert replica_ids() == before
         app.shutdown()
