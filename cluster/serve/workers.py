@@ -283,6 +283,11 @@ class WorkerServer:
         self.engine.close()  # its tensor-parallel ranks, if any
 
 
+# Serve rounds a surge up to whole replicas: 1% is one extra replica for
+# pools of up to 100
+SURGE_PERCENT = 1
+
+
 def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
                       router: RouterSpec, secrets_version: str, tracing=None):
     """A bound Serve application for one pool of one model; ``tracing``:
@@ -312,6 +317,12 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         max_ongoing_requests=1000,
+        # replacing the replicas (a new build: engine, router or transfer
+        # settings, cluster token) starts one new replica before an old one
+        # drains, never the other way round: a pool of one replica keeps
+        # serving through the rollout instead of having none for a drain and
+        # a model load (Serve's default stops old replicas first)
+        max_surge_percent=SURGE_PERCENT,
         **scaling,
     )
     # a version that changes only when replicas must be rebuilt: re-applying an

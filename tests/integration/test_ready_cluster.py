@@ -3,12 +3,14 @@
 pool has a live replica, and 503 naming the pool again when a pool loses
 its last replica; /health stays 200 throughout."""
 
+import threading
 import time
 
 import grpc
 import httpx
 import pytest
 import ray
+from openai import OpenAI
 from ray import serve
 
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
@@ -116,4 +118,47 @@ def test_ready_follows_the_pools(cfg):
         assert httpx.get(f"{url}/v1/models", timeout=10,
                          headers={"Authorization": "Bearer sk-rotated"}).status_code == 200
         assert replica_ids() == before
+
+        # a router setting edited under streaming load rebuilds both pools
+        # (one replica each): a new replica starts before the old one drains,
+        # so the router always has a decode replica to place on, and no
+        # stream is lost
+        client = OpenAI(base_url=f"{url}/v1", api_key="sk-rotated", max_retries=0, timeout=120)
+        stop, results, live = threading.Event(), [], []
+
+        def stream(i):
+            while not stop.is_set():
+                try:
+                    chunks = list(client.completions.create(
+                        model="tiny", prompt=f"story {i}", max_tokens=12, stream=True))
+                    results.append(chunks[-1].choices[0].finish_reason)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    results.append(repr(e))
+
+        def watch():
+            while not stop.is_set():
+                reps = ray.get(get_router().replicas.remote())["tiny"]["decode"]
+                live.append(sum(r["healthy"] and not r["draining"] for r in reps))
+                time.sleep(0.1)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        threads.append(threading.Thread(target=watch))
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            edited = rotated.model_copy(update={"router": rotated.router.model_copy(
+                update={"max_retries": 3})})
+            app.deploy(edited, wait_s=180)
+            deadline = time.monotonic() + 60
+            while replica_ids() & before and time.monotonic() < deadline:
+                time.sleep(0.2)  # the old replicas drain and leave
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        assert not replica_ids() & before, "the pools were not rebuilt"
+        ended = {"length", "stop"}  # every stream ran to its end
+        assert results and set(results) <= ended, [r for r in results if r not in ended]
+        assert min(live) >= 1, f"no placeable decode replica during the rollout: {live}"
         app.shutdown()
