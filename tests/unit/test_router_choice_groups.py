@@ -8,7 +8,7 @@ from splitserve.router.exchange_codec import decode_reply, encode_reply
 from splitserve.router.exchange import ExchangeReply
 from splitserve.router.service import RouterService
 from splitserve.router.types import (DecodeReplicaStats, OverloadedError, Placement,
-                                     PrefillReplicaStats, QueueDelayError, QueueTimeoutError,
+                                     PrefillReplicaStats, QueueDelayError,
                                      NoReplicaError, RouteRequest)
 
 
