@@ -19,7 +19,8 @@ Sampling parameters travel in the form of ``SamplingParams.to_dict``,
 whose ``from_dict`` refuses unknown keys and validates every value.
 
 Bounds: every list, map and string a sender controls has a maximum length
-(``Bounded`` types below, checked by the decoder before it reads the items),
+(the ``Annotated[..., Meta(...)]`` aliases below: ``TokenIds``, ``Id``,
+``SamplingParamsWire``, ...; checked by the decoder before it reads the items),
 maps appear only where a sampling parameter needs one, and each method
 bounds its request's bytes (``Method.max_request_bytes``, checked on the raw
 bytes before decoding). So a message decodes into memory of the order of its

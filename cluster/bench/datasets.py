@@ -8,6 +8,7 @@ Length distributions are written ``KIND:ARGS``:
                                            (default clip: [1, mean + 4 std])
   ``lognormal:4.8:0.5[:16:2048]``          exp(N(4.8, 0.5)), clipped likewise
                                            (default clip: [1, 100 x median])
+Lengths stop at ``MAX_TOKENS`` (a distribution asking for more is refused).
 Synthetic prompts are random token ids (sent as ids, so their length is
 exact whatever the tokenizer). ShareGPT files are a JSON list of
 ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``:
@@ -25,6 +26,9 @@ from typing import Callable
 import numpy as np
 
 KINDS = ("fixed", "uniform", "normal", "lognormal")
+# a prompt or output longer than any model's context (the longest are ~10M
+# tokens): a unit slip in a trace or a distribution, refused where it is read
+MAX_TOKENS = 1 << 24
 
 
 class DatasetError(ValueError):
@@ -81,16 +85,27 @@ def parse_length_dist(spec: str) -> LengthDist:
     if len(nums) not in want:
         raise DatasetError(f"length distribution {spec!r}: {kind} takes "
                            f"{' or '.join(str(w) for w in want)} numbers")
+    too_long = DatasetError(f"length distribution {spec!r}: lengths must be <= {MAX_TOKENS} "
+                            "tokens")
     if kind == "fixed":
         if nums[0] < 1:
             raise DatasetError(f"length distribution {spec!r}: the length must be >= 1")
+        if nums[0] > MAX_TOKENS:
+            raise too_long
         return LengthDist(kind, (nums[0],), int(nums[0]), int(nums[0]))
     if kind == "uniform":
         if not 1 <= nums[0] <= nums[1]:
             raise DatasetError(f"length distribution {spec!r}: need 1 <= low <= high")
+        if nums[1] > MAX_TOKENS:
+            raise too_long
         return LengthDist(kind, (nums[0], nums[1]), int(nums[0]), int(nums[1]))
     if nums[1] < 0:
         raise DatasetError(f"length distribution {spec!r}: the spread must be >= 0")
+    if kind == "normal" and nums[0] > MAX_TOKENS:
+        raise too_long
+    if kind == "lognormal" and nums[0] > math.log(MAX_TOKENS):
+        raise DatasetError(f"length distribution {spec!r}: its median exp({nums[0]:g}) is over "
+                           f"{MAX_TOKENS} tokens")
     if len(nums) == 4:
         low, high = int(nums[2]), int(nums[3])
     elif kind == "normal":
@@ -99,7 +114,8 @@ def parse_length_dist(spec: str) -> LengthDist:
         low, high = 1, max(1, int(math.ceil(100 * math.exp(nums[0]))))
     if not 1 <= low <= high:
         raise DatasetError(f"length distribution {spec!r}: need 1 <= clip low <= clip high")
-    return LengthDist(kind, (nums[0], nums[1]), low, high)
+    # the default clip of a wide spread may pass the cap; the draws stop at it
+    return LengthDist(kind, (nums[0], nums[1]), low, min(high, MAX_TOKENS))
 
 
 def synthetic_requests(n: int, input_len: LengthDist, output_len: LengthDist, seed: int = 0,
@@ -133,7 +149,8 @@ def load_sharegpt(path: str | Path, n: int, seed: int = 0,
     usable conversations."""
     count = count_tokens or _chars_to_tokens
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors) is not part of the JSON
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read a JSON ShareGPT file: {e}") from None
     if not isinstance(data, list):

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from splitserve.cluster.cli.common import check_reachable, interrupts_deferred, positive
+from splitserve.cluster.cli.common import (check_reachable, interrupts_deferred, output_problem,
+                                           positive)
 
 from splitserve.cluster.bench.datasets import DatasetError, load_sharegpt, parse_length_dist, synthetic_requests
 
@@ -58,7 +59,7 @@ def add_subcommand(sub) -> None:
                       help="requests per run, or one count per rate of --rates (a load step: "
                            "--rates 1,8 --num-requests 10,80); runs follow each other "
                            "(default: %(default)s)")
-    load.add_argument("--seed", type=int, default=0,
+    load.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
                       help="seed of lengths, prompts and arrivals (default: %(default)s)")
     data = p.add_argument_group("workload")
     data.add_argument("--dataset", default=None, metavar="FILE",
@@ -149,8 +150,9 @@ def cmd_bench(args) -> int:
         for r in rates:  # a bad rate fails here, before any request
             ArrivalSpec(r, args.burstiness, args.concurrency, args.seed)
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
-            if path and Path(path).is_dir():
-                raise ValueError(f"{flag} {path}: is a directory; give a file name")
+            problem = output_problem(flag, path, folder=False)
+            if problem:
+                raise ValueError(problem)
         endpoint = _endpoint(args)
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -178,6 +180,7 @@ def cmd_bench(args) -> int:
                 write_json(args.out, report.record({"bench": points}, config))
                 print(f"wrote {args.out}", file=sys.stderr)
             if args.plot:
+                Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
                 report.plot({args.model: points}, args.plot, title=target.description)
                 print(f"wrote {args.plot}", file=sys.stderr)
     except OSError as e:

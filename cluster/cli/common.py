@@ -177,3 +177,28 @@ def device_problem(device: str) -> str | None:
     if index >= torch.cuda.device_count():
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
+
+
+def output_problem(flag: str, path: str | None, folder: bool) -> str | None:
+    """Why ``path`` (a file, or a ``folder`` with ``folder``) cannot be
+    written, or None; checked before a command's work, which its outputs
+    come after. Missing folders on the way are fine (they are made); a
+    file where a folder must be, or a folder this user cannot write, is not."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir() and not folder:
+        return f"{flag} {path}: is a directory; give a file name"
+    if p.exists() and not p.is_dir() and folder:
+        return f"{flag} {path}: is a file; {flag} takes a directory"
+    parent = p.parent if not p.exists() or not folder else p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: cannot write in {parent} (permission denied)"
+    return None

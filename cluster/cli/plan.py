@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from splitserve.cluster.cli.common import fraction, int_list, interrupts_deferred, positive, str_list
+from splitserve.cluster.cli.common import (fraction, int_list, interrupts_deferred, output_problem,
+                                           positive, str_list)
 
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
@@ -153,7 +154,8 @@ def add_subcommand(sub) -> None:
                    help="candidates may be estimated up to this factor over the SLOs")
     r.add_argument("--kv-block-scale", type=positive(int), default=1, metavar="K",
                    help="simulate KV blocks K times larger and K times fewer (faster, rounded)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the workload and simulations")
+    r.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
+                   help="seed of the workload and simulations")
     c = p.add_argument_group("re-planning")
     c.add_argument("--current", default=None, metavar="FILE",
                    help="the running cluster's operator YAML: simulate it on the workload, "
@@ -336,8 +338,9 @@ def cmd_plan(args) -> int:
 
     t0 = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out}: is a file; --out takes a directory", file=sys.stderr)
+    problem = output_problem("--out", args.out, folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         db = ProfileDB(args.db)

@@ -106,6 +106,10 @@ def cmd_profile(args) -> int:
         if args.spec_k is not None and not 1 <= args.spec_k <= 32:
             print("error: --spec-k must be in [1, 32]", file=sys.stderr)
             return 2
+        problem = _spec_inputs_problem(args)  # read after the whole grid: checked first
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         if not (args.list or args.serving_url or args.spec_import):  # inputs checked before any file
             if threads is None and args.config:
                 from splitserve.cluster.config import load_config
@@ -153,6 +157,20 @@ def cmd_profile(args) -> int:
                             f"{r['acceptance']:.2f}" for r in s.get("speculation", []))
                   + f" -> {db.path}")
     return 0
+
+
+def _spec_inputs_problem(args) -> str | None:
+    """Why ``--spec-text`` or ``--spec-draft`` cannot be used, or None."""
+    if args.spec_text:
+        try:
+            Path(args.spec_text).read_bytes().decode("utf-8")
+        except OSError as e:
+            return f"--spec-text {args.spec_text}: cannot read: {e.strerror}"
+        except UnicodeDecodeError as e:
+            return f"--spec-text {args.spec_text}: not UTF-8 text (byte {e.object[e.start]:#04x})"
+    if args.spec_draft and not Path(args.spec_draft).is_dir():
+        return f"--spec-draft {args.spec_draft}: no such checkpoint folder"
+    return None
 
 
 @contextlib.contextmanager

@@ -82,8 +82,40 @@ def _format(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{loc}: {err['msg']}")
+        hint = _did_you_mean(err["loc"]) if err["type"] == "extra_forbidden" else None
+        lines.append(f"{loc}: {err['msg']}" + (f" (did you mean {hint!r}?)" if hint else ""))
     return "; ".join(lines)
+
+
+def _did_you_mean(loc: tuple) -> str | None:
+    """The key of the section at ``loc[:-1]`` closest to the unknown key
+    ``loc[-1]`` (a typo: ``max_replica``), or None."""
+    import difflib
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def model_in(ann):  # the section class inside list[X], X | None, dict[str, X]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        if typing.get_origin(ann) in (list, dict, typing.Union, types.UnionType):
+            for arg in typing.get_args(ann):
+                found = model_in(arg)
+                if found is not None:
+                    return found
+        return None
+
+    cls: type[BaseModel] | None = ClusterConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list's index: the list's items are the class found for it
+        field = cls.model_fields.get(part) if cls else None
+        cls = model_in(field.annotation) if field else None
+        if cls is None:
+            return None
+    match = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def parse_config(data: Any, source: str = "config") -> ClusterConfig:

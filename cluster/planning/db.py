@@ -18,7 +18,9 @@ the tables' SQL; docs/planning.md shows the schema.
 
 Versions: 1 had no ``speculation`` table; a version-1 file is migrated in
 place when opened (the table is added, nothing else changes), so old files
-stay readable. A file of a newer version than this one is refused.
+stay readable. A file of a newer version than this one is refused, and so
+is an SQLite file of another application or a table without its columns
+(``db_schema.schema_problem``), before anything is written into it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Iterable
 
 from splitserve.cluster.planning.db_schema import (BEST, READABLE_VERSIONS, SAME_SHAPE, SCHEMA,
-                                                  SCHEMA_VERSION, shape_args)
+                                                  SCHEMA_VERSION, schema_problem, shape_args)
 from splitserve.cluster.planning.hardware import CATALOG_PATH, Efficiency, Hardware, host_name, load_catalog
 from splitserve.cluster.planning.records import (
     DERIVED, MEASURED, PROVENANCES, EngineSettings, SpecAcceptance, StepSample)
@@ -70,6 +72,10 @@ class ProfileDB:
             if version not in READABLE_VERSIONS:
                 raise ProfileDBError(f"{self.path}: schema version {version}, this splitserve "
                                      f"reads versions up to {SCHEMA_VERSION}; use another --db")
+            problem = schema_problem(self.conn)  # before SCHEMA writes into a foreign file
+            if problem:
+                self.conn.close()
+                raise ProfileDBError(f"{self.path}: {problem}")
             self.conn.executescript(SCHEMA)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.commit()

@@ -145,3 +145,47 @@ def shape_args(model_key: str) -> tuple[str, str, str, str]:
 
 # best first: measured over derived, then newest
 BEST = "ORDER BY (provenance = 'measured') DESC, created_at DESC, id DESC"
+
+
+def schema_problem(conn) -> str | None:
+    """Why the database behind ``conn`` (an sqlite3 connection, before
+    ``SCHEMA`` runs on it) is not a profile database, or None: a fresh or
+    version-0 file that holds only other tables belongs to something else,
+    and a table of ours without every column ``SCHEMA`` gives it was not
+    written by splitserve or was damaged (reading it would fail mid-command)."""
+    import sqlite3
+
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                       "AND name NOT LIKE 'sqlite_%'")}
+    want = expected_columns()
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and have and not have & want.keys():
+        return (f"an SQLite database of something else (tables: {', '.join(sorted(have))}), "
+                "not a profile database; give --db a new file or a profile database")
+    for table in sorted(have & want.keys()):
+        try:
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        except sqlite3.Error:
+            cols = set()
+        missing = [c for c in want[table] if c not in cols]
+        if missing:
+            return (f"table {table} lacks the columns {', '.join(missing)}; not a profile "
+                    "database, or a damaged one: give --db another file")
+    return None
+
+
+_COLUMNS: dict[str, list[str]] = {}
+
+
+def expected_columns() -> dict[str, list[str]]:
+    """Each table of ``SCHEMA`` and its columns in order (from an in-memory
+    copy of it, so the list never drifts from the SQL)."""
+    import sqlite3
+
+    if not _COLUMNS:
+        conn = sqlite3.connect(":memory:")
+        conn.executescript(SCHEMA)
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            _COLUMNS[table] = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        conn.close()
+    return _COLUMNS

@@ -10,9 +10,10 @@ on. Whatever reads a figure asks the database, where a measured row wins.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,53 @@ def _number(entry: dict, key: str, where: str) -> float:
         raise CatalogError(f"{where}: missing {key!r}") from None
     except (TypeError, ValueError):
         raise CatalogError(f"{where}: {key!r} must be a number, got {entry[key]!r}") from None
+    if not math.isfinite(value):
+        raise CatalogError(f"{where}: {key!r} must be a finite number, got {value}")
     if value <= 0:
         raise CatalogError(f"{where}: {key!r} must be > 0, got {value}")
     return value
+
+
+_SHARES = ("matmul", "memory", "network", "tensor_parallel")  # fractions of a peak
+
+
+def _efficiency(data, p: Path) -> Efficiency:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{p}: efficiency: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(Efficiency)]
+    values = {}
+    for k, v in data.items():
+        if k not in names:
+            raise CatalogError(f"{p}: efficiency: unknown key {k!r}; the keys are "
+                               f"{', '.join(names)}")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise CatalogError(f"{p}: efficiency.{k} must be a number, got {v!r}") from None
+        if k in _SHARES and not 0 < x <= 1:
+            raise CatalogError(f"{p}: efficiency.{k} must be in (0, 1], got {x}")
+        if not (math.isfinite(x) and x >= 0):
+            raise CatalogError(f"{p}: efficiency.{k} must be a finite number >= 0, got {x}")
+        values[k] = x
+    return Efficiency(**values)
+
+
+def _prices(data, p: Path) -> tuple[dict[str, float], str]:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{p}: prices: expected a mapping, got {type(data).__name__}")
+    per_hour = data.get("per_gpu_hour") or {}
+    if not isinstance(per_hour, dict):
+        raise CatalogError(f"{p}: prices.per_gpu_hour: expected a mapping of key -> price")
+    out = {}
+    for k, v in per_hour.items():
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not (math.isfinite(x) and x >= 0):
+            raise CatalogError(f"{p}: prices.per_gpu_hour.{k} must be a number >= 0, got {v!r}")
+        out[k] = x
+    return out, str(data.get("source", ""))
 
 
 def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], Efficiency, str]:
@@ -101,17 +146,17 @@ def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], 
         raise CatalogError(f"{p}: invalid YAML: {where}{problem}") from None
     if not isinstance(data, dict) or "gpus" not in data:
         raise CatalogError(f"{p}: expected a mapping with 'gpus', 'efficiency' and 'prices'")
-    eff_data = data.get("efficiency") or {}
-    try:
-        eff = Efficiency(**{k: float(v) for k, v in eff_data.items()})
-    except TypeError as e:
-        raise CatalogError(f"{p}: efficiency: {e}") from None
-    prices = data.get("prices") or {}
-    per_hour = prices.get("per_gpu_hour") or {}
-    price_source = str(prices.get("source", ""))
+    eff = _efficiency(data.get("efficiency") or {}, p)
+    per_hour, price_source = _prices(data.get("prices") or {}, p)
+    if not isinstance(data["gpus"], dict):
+        raise CatalogError(f"{p}: gpus: expected a mapping of key -> figures, got "
+                           f"{type(data['gpus']).__name__}")
     out = {}
     for key, entry in data["gpus"].items():
         where = f"{p}: gpus.{key}"
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{where}: expected a mapping of figures, got "
+                               f"{type(entry).__name__}")
         flops = entry.get("peak_flops")
         if not isinstance(flops, dict) or not flops:
             raise CatalogError(f"{where}: peak_flops must map dtype -> FLOP/s")
@@ -122,7 +167,7 @@ def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], 
             memory_bytes=_number(entry, "memory_bytes", where),
             intra_node_bandwidth=_number(entry, "intra_node_bandwidth", where),
             network_bandwidth=_number(entry, "network_bandwidth", where),
-            price_per_hour=float(per_hour[key]) if key in per_hour else None,
+            price_per_hour=per_hour.get(key),
             price_source=price_source if key in per_hour else "",
             source=str(entry.get("source", "")), provenance="derived", efficiency=eff)
     return out, eff, price_source

@@ -1,7 +1,7 @@
 """A running cluster's workload, read from its Prometheus metrics.
 
 ``splitserve plan --observed http://HOST:PORT`` scrapes the cluster's
-``/metrics`` twice, ``window_s`` apart, and turns what changed into the
+``/metrics`` twice, ``--observed-window`` seconds apart, and turns what changed into the
 planner's workload: the arrival rate (requests ended, all outcomes, per
 second) and the prompt and output lengths of the requests that finished,
 from the deltas of their histograms (``splitserve_request_prompt_tokens``,

@@ -16,7 +16,11 @@ trace need not sit in memory):
   prefixes (a few system prompts, Zipf-popular).
 
 A malformed line raises ``TraceError`` naming the file and line
-(``trace.jsonl line 7: 'input_length' must be an integer >= 1, got 0``).
+(``trace.jsonl line 7: 'input_length' must be an integer >= 1, got 0``),
+also for numbers no trace holds: a token count over ``MAX_TOKENS`` or a
+request more than ``MAX_SPAN_S`` after the first (a unit slip, which would
+otherwise have the simulator step through centuries). A UTF-8 byte-order
+mark and CRLF line ends, which editors and spreadsheets write, are read.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from typing import Iterator
 
 import numpy as np
 
-from splitserve.cluster.bench.datasets import LengthDist
+from splitserve.cluster.bench.datasets import MAX_TOKENS, LengthDist
 
 MOONCAKE_BLOCK_TOKENS = 512
 MASK64 = (1 << 64) - 1
 _UNIQUE_BASE = 1 << 48  # hash ids of prompts that share nothing: above any trace's ids
+MAX_SPAN_S = 366 * 86400.0  # a year of trace, leap day included
 
 
 class TraceError(ValueError):
@@ -83,20 +88,36 @@ def _lines(f, p: Path) -> Iterator[tuple[int, str]]:
     """(1-based number, text) of each line; a byte that is not UTF-8 fails
     naming its line."""
     for lineno, raw in enumerate(f, 1):  # f is binary: decoded here, line by line
-        try:
-            yield lineno, raw.decode("utf-8")
+        try:  # a byte-order mark (Windows editors, spreadsheets) is not part of the text
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise TraceError(f"{p} line {lineno}: not UTF-8 text (byte "
                              f"{e.object[e.start]:#04x}); a trace is a text file") from None
 
 
 # -- Mooncake -------------------------------------------------------------------------
+def _check_tokens(v: int | float, label: str, where: str) -> None:
+    if v > MAX_TOKENS:
+        shown = f"{v:g}" if isinstance(v, float) else v
+        raise TraceError(f"{where}: {label} {shown} is over {MAX_TOKENS} tokens, longer than any "
+                         "model's context")
+
+
+def _check_span(t: float, start: float, label: str, where: str, unit: str) -> None:
+    if t - start > MAX_SPAN_S:
+        raise TraceError(f"{where}: {label} is more than {MAX_SPAN_S / 86400:.0f} days after the "
+                         f"first request's; {unit}")
+
+
 def _int_field(obj: dict, key: str, where: str, minimum: int) -> int:
     if key not in obj:
         raise TraceError(f"{where}: missing {key!r}")
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+    # JSON's Infinity and NaN parse as floats; int() of them would raise
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v != int(v) or v < minimum:
         raise TraceError(f"{where}: {key!r} must be an integer >= {minimum}, got {v!r}")
+    _check_tokens(v, repr(key), where)
     return int(v)
 
 
@@ -130,6 +151,8 @@ def read_mooncake(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceRe
                                  "line's; the trace must be in arrival order")
             last = ts
             start = ts if start is None else start
+            _check_span(ts, start, f"timestamp {obj['timestamp']:g} ms", where,
+                        "timestamps are milliseconds from the trace's start")
             n_in = _int_field(obj, "input_length", where, 1)
             n_out = _int_field(obj, "output_length", where, 1)
             ids = obj.get("hash_ids", [])
@@ -210,6 +233,8 @@ def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceReque
                                  "must be in arrival order")
             last = ts
             start = ts if start is None else start
+            _check_span(ts, start, f"TIMESTAMP {row[it].strip()}", where,
+                        "TIMESTAMP is seconds or a date-time")
             vals = []
             for idx, name, low in ((ic, "ContextTokens", 1), (ig, "GeneratedTokens", 1)):
                 try:
@@ -218,6 +243,7 @@ def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceReque
                     raise TraceError(f"{where}: {name} {row[idx]!r} is not an integer") from None
                 if v < low:
                     raise TraceError(f"{where}: {name} must be >= {low}, got {v}")
+                _check_tokens(v, name, where)
                 vals.append(v)
             yield TraceRequest((ts - start) * time_scale, vals[0], vals[1])
         if start is None:

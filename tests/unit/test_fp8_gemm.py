@@ -3,7 +3,7 @@ matmuls, the Triton kernels (interpreted on CPU) against the references,
 the per-token activation quantizer byte for byte, the fp8 MoE kernel, and
 dispatch.
 
-Accuracy bounds (derived in splitserve/kernels/fp8_gemm.py, checked per
+Accuracy bounds (derived in kernels/fp8_gemm.py, checked per
 output element here):
 
 - quantization: each weight within half an e4m3 step of its value

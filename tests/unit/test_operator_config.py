@@ -20,10 +20,11 @@ def write(tmp_path, text, name="cluster.yaml"):
 INVALID = [
     ("- a\n- b\n", "the top level must be a mapping, got list"),
     ("models: [\n", "invalid YAML: "),
-    ("modles: []\n", "modles: Extra inputs are not permitted"),
+    ("modles: []\n", "modles: Extra inputs are not permitted (did you mean 'models'?)"),
     ("models: []\n", "models: List should have at least 1 item after validation, not 0"),
     ("models:\n  - prefill: {max_replica: 3}\n",
-     "models.0.prefill.max_replica: Extra inputs are not permitted"),
+     "models.0.prefill.max_replica: Extra inputs are not permitted (did you mean "
+     "'max_replicas'?)"),
     ("models:\n  - decode: {min_replicas: 4, max_replicas: 2}\n",
      "models.0.decode: Value error, min_replicas (4) > max_replicas (2)"),
     ("models:\n  - decode: {min_replicas: 1, max_replicas: 2, initial_replicas: 3}\n",

@@ -166,31 +166,69 @@ def from_trace(path: str | Path, time_scale: float = 1.0, window: int = 800,
 
 def from_bench_record(path: str | Path, run: int = -1, window: int = 800) -> WorkloadModel:
     """The requests a ``splitserve bench`` JSON record sent (one run of it):
-    send times, prompt and output lengths as observed."""
+    send times, prompt and output lengths as observed. A file of another
+    shape fails naming the run and request row at fault."""
     p = Path(path)
     try:
-        rec = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlanInputError(f"{p}: cannot read the bench record: {e}") from None
+        text = p.read_bytes().decode("utf-8-sig")
+        rec = json.loads(text)
+    except OSError as e:
+        raise PlanInputError(f"{p}: cannot read the bench record: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PlanInputError(f"{p}: cannot read the bench record: not UTF-8 text (byte "
+                             f"{e.object[e.start]:#04x})") from None
+    except json.JSONDecodeError as e:
+        raise PlanInputError(f"{p}: cannot read the bench record: not JSON: {e.msg} (line "
+                             f"{e.lineno}, column {e.colno})") from None
     runs = rec.get("runs") if isinstance(rec, dict) else None
     if not runs:
         raise PlanInputError(f"{p}: not a splitserve bench record (no 'runs')")
+    if not isinstance(runs, list):
+        raise PlanInputError(f"{p}: 'runs' must be a list of runs, got {type(runs).__name__}")
     try:
         chosen = runs[run]
     except IndexError:
         raise PlanInputError(f"{p}: run {run} out of range ({len(runs)} runs)") from None
+    if not isinstance(chosen, dict):
+        raise PlanInputError(f"{p}: run {run} is not an object (got {type(chosen).__name__})")
     rows = chosen.get("requests") or []
-    if len(rows) < 2:
-        raise PlanInputError(f"{p}: run {run} has no per-request rows; bench without "
-                             "--no-requests keeps them")
-    rows = sorted(rows, key=lambda r: r["send_time"])
-    t0 = rows[0]["send_time"]
-    reqs = [TraceRequest(float(r["send_time"] - t0), max(1, int(r["prompt_len"])),
-                         max(1, int(r.get("output_tokens") or r["output_len"])))
-            for r in rows]
+    if not isinstance(rows, list):
+        raise PlanInputError(f"{p}: run {run}: 'requests' must be a list of request rows")
+    reqs = sorted((_bench_row(r, f"{p}: run {run}, request {i}") for i, r in enumerate(rows)),
+                  key=lambda r: r.arrival_s)
+    if len(reqs) < 2:
+        raise PlanInputError(f"{p}: run {run} has {len(reqs)} request "
+                             f"row{'' if len(reqs) == 1 else 's'}; a workload needs at least 2")
+    t0 = reqs[0].arrival_s
+    reqs = [TraceRequest(r.arrival_s - t0, r.input_len, r.output_len) for r in reqs]
     label = chosen.get("series", "")
-    return from_requests(reqs, f"bench record {p} (run {run}{' ' + label if label else ''}, "
+    return from_requests(reqs, f"bench record {p} (run {run}{' ' + str(label) if label else ''}, "
                                 f"{len(reqs)} requests)", window)
+
+
+def _bench_row(row, where: str) -> TraceRequest:
+    """One request row of a bench record (``send_time``, ``prompt_len``, and
+    ``output_tokens`` received, else ``output_len`` asked for), arrival
+    still absolute."""
+    if not isinstance(row, dict):
+        raise PlanInputError(f"{where}: not an object (got {type(row).__name__})")
+
+    def number(key: str, integer: bool):
+        if key not in row:
+            raise PlanInputError(f"{where}: missing {key!r}")
+        v = row[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if integer and not (ok and v == int(v) and v >= 0):
+            raise PlanInputError(f"{where}: {key!r} must be an integer >= 0, got {v!r}")
+        if not ok:
+            raise PlanInputError(f"{where}: {key!r} must be a finite number, got {v!r}")
+        return v
+
+    send = float(number("send_time", False))
+    prompt = int(number("prompt_len", True))
+    out = int(number("output_tokens", True)) if row.get("output_tokens") else 0
+    out = out or int(number("output_len", True))  # a failed request received none
+    return TraceRequest(send, max(1, prompt), max(1, out))
 
 
 def synthetic_workload(rate: float, input_len, output_len, *, burstiness: float = 1.0,

@@ -76,7 +76,8 @@ def add_simulate_arguments(p) -> None:
     w.add_argument("--duration", type=positive(float), default=None, metavar="S",
                    help="stop arrivals after these seconds (default: the whole trace)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="seed of synthetic arrivals and lengths")
+    r.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
+                   help="seed of synthetic arrivals and lengths")
     r.add_argument("--failure", action="append", default=[], metavar="TIME:POOL[:COUNT]",
                    help="kill COUNT replicas of POOL (app name or role) at TIME s; repeatable")
     r.add_argument("--replace-after-s", type=positive(float, allow_zero=True), default=10.0,
@@ -106,7 +107,8 @@ def add_simulate_arguments(p) -> None:
                    help="which measured acceptance rows to use: the workload kind they were "
                         "measured on (code-edit, free, or an imported dataset's name); default: "
                         "the lowest measured")
-    r.add_argument("--draft-cost-ratio", type=float, default=None, metavar="R",
+    r.add_argument("--draft-cost-ratio", type=positive(float, allow_zero=True), default=None,
+                   metavar="R",
                    help="speculative method draft: a draft-model step's time relative to "
                         "the model's (default: 0.1)")
     r.add_argument("--out", default=None, metavar="DIR",
@@ -161,15 +163,21 @@ def shapes_for(cfg, items: list[str]):
 def _failures(items: list[str]):
     from splitserve.cluster.planning.sim.simulator import Failure
 
+    import math
+
     out = []
     for item in items:
         parts = item.split(":")
         try:
             if len(parts) not in (2, 3):
                 raise ValueError
-            out.append(Failure(float(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1))
+            f = Failure(float(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else 1)
         except ValueError:
             raise ValueError(f"--failure {item!r}: expected TIME:POOL[:COUNT]") from None
+        if not (math.isfinite(f.at_s) and f.at_s >= 0 and f.count >= 1):
+            raise ValueError(f"--failure {item!r}: TIME must be a finite number of seconds >= 0 "
+                             "and COUNT an integer >= 1")
+        out.append(f)
     return tuple(out)
 
 
@@ -216,6 +224,7 @@ def _limit(it, n, duration):
 
 
 def run_from_args(args) -> int:
+    import itertools
     import json
 
     from splitserve.cluster.bench.datasets import DatasetError
@@ -226,11 +235,22 @@ def run_from_args(args) -> int:
     from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
     from splitserve.cluster.planning.workload import TraceError
 
+    from splitserve.cluster.cli.common import output_problem
+
+    problem = output_problem("--out", args.out, folder=True)  # before the run, not after it
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         shapes = shapes_for(cfg, args.shape)
         hardware = _parse_pool_hardware(args.pool_hardware, args.hardware)
         workload, desc = workload_from_args(args)
+        first = next(workload, None)  # a run of nothing would print NaNs and exit 0
+        if first is None:
+            raise ValueError(f"no request arrives: --rate {args.rate:g} over --duration "
+                             f"{args.duration:g} s brings none; raise --rate or --duration")
+        workload = itertools.chain([first], workload)
         sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
         spec = {}
         if args.spec_acceptance is not None:
@@ -265,9 +285,6 @@ def run_from_args(args) -> int:
         from splitserve.cluster.cli.common import interrupts_deferred
 
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            print(f"error: --out {out}: is a file; --out takes a directory", file=sys.stderr)
-            return 2
         try:
             with interrupts_deferred():  # the files whole, even when Ctrl-C comes now
                 out.mkdir(parents=True, exist_ok=True)
