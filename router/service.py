@@ -82,6 +82,8 @@ class RouterService:
         # last time each model had a live decode replica; a new router gives
         # its replicas one grace period to report before refusing with 503
         self._live_at: dict[str, float] = dict.fromkeys(cfg.models, now)
+        # decode replica -> when its last stats push arrived (the router's clock)
+        self._pushed_at: dict[str, float] = {}
         self._resolved: dict[str, list[tuple[str, Outcome]]] = {}
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -133,14 +135,17 @@ class RouterService:
         """``RouterCore.update_stats``, then the model's queue gets a turn."""
         unknown = self.core.update_stats(stats)
         now = self._clock()
-        if isinstance(stats, DecodeReplicaStats) and stats.healthy and not stats.draining:
-            self._live_at[stats.model] = now
+        if isinstance(stats, DecodeReplicaStats):
+            self._pushed_at[stats.replica_id] = now
+            if stats.healthy and not stats.draining:
+                self._live_at[stats.model] = now
         self._blocked[stats.model] = None
         self._pump(stats.model, now)
         return unknown
 
     def remove_replica(self, replica_id: str) -> bool:
         self._note_live()
+        self._pushed_at.pop(replica_id, None)
         return self.core.remove_replica(replica_id)
 
     def suspect(self, replica_id: str) -> bool:
@@ -220,7 +225,7 @@ class RouterService:
             deadline = min(deadline, call.waiting_since + bound)
         admitted = call.admitted or call.resumed
         entry = Waiting(call.lease_id, holder, req, call.priority, call.arrival,
-                        call.waiting_since, deadline, admitted, call.resumed)
+                        call.waiting_since, deadline, admitted, call.resumed, now)
         if q and entry.key < q.first_key():  # it goes first (resumed, a priority, an older retry)
             out = self._try_place(req, admitted, call.waiting_since, lease, now)
             if out is not None:
@@ -323,6 +328,8 @@ class RouterService:
             if blocked is not None:
                 continue  # only deadlines until capacity changes
             out = self._try_place(entry.request, entry.admitted, entry.waiting_since, lease, now)
+            if out is None and entry.request.refused_by:
+                out = self._back_to_refusers(entry, lease, now)
             if out is None:
                 if not entry.request.exclude_replicas:
                     blocked = self._blocked[model] = entry.key
@@ -331,6 +338,19 @@ class RouterService:
                 q.remove(entry.lease_id)
                 lease.queued = False
                 self._resolved.setdefault(entry.holder, []).append((entry.lease_id, out))
+
+    def _back_to_refusers(self, entry: Waiting, lease: Lease, now: float) -> Outcome | None:
+        """No other replica could take ``entry``: the replicas that refused it
+        for room and have pushed stats since it was queued (the router's view
+        of their room is fresh now) may have it again, as any request."""
+        req = entry.request
+        fresh = frozenset(r for r in req.refused_by
+                          if self._pushed_at.get(r, -_INF) > entry.queued_at)
+        if not fresh:
+            return None
+        entry.request = req = msgspec.structs.replace(
+            req, exclude_replicas=req.exclude_replicas - fresh, refused_by=req.refused_by - fresh)
+        return self._try_place(req, entry.admitted, entry.waiting_since, lease, now)
 
     def _model_down(self, model: str, now: float) -> bool:
         if self.core.has_live_decode(model):

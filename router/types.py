@@ -268,13 +268,19 @@ class RouteRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     adapter: str | None = None
     """The key of the LoRA adapter it runs with (``AdapterRef.key``, its
     digest); None: the base model. Its ``block_hashes`` are rooted in it."""
+    refused_by: frozenset[str] = frozenset()
+    """Of ``exclude_replicas``, those that refused it for want of KV room
+    (live replicas whose room the router's view overstated, as when a dead
+    replica's streams all land on the survivors at once). A queued request
+    that no other replica can take goes back to one of them once it has
+    reported its load after the request was queued."""
 
     def expecting(self, output_tokens: int) -> RouteRequest:
         """A copy with ``expected_output_tokens`` set (built directly: cheaper
         than ``dataclasses.replace`` on every placement)."""
         return RouteRequest(self.request_id, self.model, self.prompt_len, self.max_tokens,
                             self.prompt_token_ids, self.block_hashes, self.exclude_replicas,
-                            output_tokens, self.adapter)
+                            output_tokens, self.adapter, self.refused_by)
 
     @property
     def kv_tokens(self) -> int:

@@ -300,6 +300,7 @@ class ClusterBackend(Backend):
         produced: list[int] = []
         first_cached: int | None = None  # the prompt's cached tokens, as first reported
         exclude: set[str] = set()
+        refused: set[str] = set()  # of exclude, those that refused it for want of KV room
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
         admitted = asked = False  # asked: its first placement call was made
         attempts_left = self.cfg.router.max_retries + 1
@@ -331,7 +332,7 @@ class ClusterBackend(Backend):
                     # an adapter's prompt matches only blocks cached under it
                     block_hashes=tuple(block_hashes(ids, m.block_size, root=root))
                     if p.prompt_logprobs is None else (),
-                    exclude_replicas=frozenset(exclude),
+                    exclude_replicas=frozenset(exclude), refused_by=frozenset(refused),
                     adapter=adapter.key if adapter is not None else None)
                 asked = True
                 placement = await self._route(lease, req, admitted, arrival, options, trace,
@@ -399,6 +400,10 @@ class ClusterBackend(Backend):
                                              1.0) from None
                         raise Unavailable(f"generation failed on {decode}: {e.message}") from None
                     exclude.add(decode)
+                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused.add(decode)  # alive: the router may come back to it
+                    else:
+                        refused.discard(decode)
                     if e.code == grpc.StatusCode.UNAVAILABLE:
                         self.router.suspect(decode)
                     if len(produced) > before or produced:
