@@ -231,13 +231,14 @@ def test_same_seed_same_simulation_other_seed_another(tmp_path, capsys):
 # -- operator YAML ----------------------------------------------------------------------------
 @pytest.mark.parametrize("content,message", [
     ("models:\n  - prefill: {max_replica: 3}\n",
-     "models.0.prefill.max_replica: Extra inputs are not permitted (did you mean "
-     "'max_replicas'?)"),
+     "models.0.prefill.max_replica (line 2, column 15): Extra inputs are not permitted (did "
+     "you mean 'max_replicas'?)"),
     ("models:\n  - model: {name: a, max_num_seq: 4}\n",
-     "models.0.model.max_num_seq: Extra inputs are not permitted (did you mean 'max_num_seqs'?)"),
+     "models.0.model.max_num_seq (line 2, column 22): Extra inputs are not permitted (did you "
+     "mean 'max_num_seqs'?)"),
     ("endpoint: {http_port: 8001}\n",
-     "endpoint: Extra inputs are not permitted (did you mean 'endpoints'?)"),
-    ("zzz: 1\n", "zzz: Extra inputs are not permitted"),
+     "endpoint (line 1, column 1): Extra inputs are not permitted (did you mean 'endpoints'?)"),
+    ("zzz: 1\n", "zzz (line 1, column 1): Extra inputs are not permitted"),
 ])
 def test_typo_in_a_key_suggests_the_key(tmp_path, capsys, content, message):
     p = tmp_path / "cluster.yaml"
