@@ -38,6 +38,8 @@ import uuid
 from collections import Counter
 from typing import Callable, Mapping
 
+import msgspec
+
 from splitserve.router.config import RouterConfig
 from splitserve.router.core import ReplicaStats, RouterCore
 from splitserve.router.estimator import OutputLengths
@@ -104,6 +106,9 @@ class RouterService:
         for model in touched:
             self._pump(model, now)
         calls = ex.calls
+        if ex.groups:  # a request's choices (n > 1): never on the n = 1 path below
+            return ExchangeReply(self.incarnation, self._submit_grouped(ex.holder, calls,
+                                                                        ex.groups, now))
         if len(calls) > 1 and any(c.priority != calls[0].priority or c.resumed for c in calls):
             # the batch is served as its requests would queue: resumed, then by
             # priority, then arrival; the outcomes go back in the calls' order
@@ -229,6 +234,61 @@ class RouterService:
         self.counts["queued"] += 1
         return QUEUED
 
+    def _submit_grouped(self, holder: str, calls: tuple[RouteCall, ...],
+                        groups: tuple[tuple[int, ...], ...], now: float) -> tuple:
+        """``exchange``'s calls when some are one request's choices: served
+        in queue order, each group where its first member comes."""
+        group_of: dict[int, tuple[int, ...]] = {}
+        for g in groups:
+            if all(0 <= i < len(calls) and i not in group_of for i in g):
+                group_of.update(dict.fromkeys(g, g))  # a malformed group: its calls alone
+        outcomes: list[Outcome | Queued | None] = [None] * len(calls)
+        for i in sorted(range(len(calls)), key=lambda i: (not calls[i].resumed,
+                                                          calls[i].priority, calls[i].arrival)):
+            if outcomes[i] is not None:
+                continue
+            g = group_of.get(i)
+            if g is None:
+                outcomes[i] = self._submit(holder, calls[i], now)
+                continue
+            for j, out in zip(g, self._submit_group(holder, [calls[j] for j in g], now)):
+                outcomes[j] = out
+        return tuple(outcomes)
+
+    def _submit_group(self, holder: str, members: list[RouteCall],
+                      now: float) -> list[Outcome | Queued]:
+        """One request's choices, all or none: their new slots are checked
+        together before any is taken, the first new one is submitted as any
+        request (placed, queued, or refused: then all are), and the others
+        follow as admitted (not shed: the request was taken). A member that
+        already holds a slot (a retry, a moved request) goes alone."""
+        model = members[0].request.model
+        fresh = [k for k, c in enumerate(members) if not (c.admitted or c.resumed)
+                 and c.request.model == model and c.lease_id not in self.leases]
+        outcomes: list[Outcome | Queued | None] = [None] * len(members)
+        if len(fresh) > 1 and model in self._queues:
+            try:
+                self.core.check_room(model, len(fresh))
+            except OverloadedError as e:
+                for k in fresh:
+                    outcomes[k] = e
+                    self._count_refusal(model, OVERLOADED)
+        if fresh and outcomes[fresh[0]] is None:
+            first = outcomes[fresh[0]] = self._submit(holder, members[fresh[0]], now)
+            taken = isinstance(first, (Placement, Queued))
+            for k in fresh[1:]:
+                if taken:
+                    outcomes[k] = self._submit(
+                        holder, msgspec.structs.replace(members[k], admitted=True), now)
+                else:  # the request was refused: so are its other choices
+                    outcomes[k] = first
+                    if not isinstance(first, UnknownModelError):
+                        self._count_refusal(model, _reason(first))
+        for k, c in enumerate(members):
+            if outcomes[k] is None:
+                outcomes[k] = self._submit(holder, c, now)
+        return outcomes
+
     def _try_place(self, req: RouteRequest, admitted: bool, waiting_since: float, lease: Lease,
                    now: float) -> Outcome | None:
         """Place now: the placement, a refusal (the predicted wait cannot be
@@ -281,9 +341,9 @@ class RouterService:
     def _timeout(self, entry: Waiting, now: float) -> QueueTimeoutError:
         model = entry.request.model
         retry = self.core.retry_after_s(model)
-        bound = (f"RouterConfig.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
+        bound = (f"router.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
                  "stream" if entry.resumed else
-                 f"RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
+                 f"router.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
         return QueueTimeoutError(
             f"request {entry.request.request_id!r} waited {now - entry.waiting_since:.3f} s and "
             f"no replica of model {model!r} could take it before its deadline ({bound}, or the "
@@ -292,7 +352,7 @@ class RouterService:
     def _no_replica(self, model: str, now: float) -> NoReplicaError:
         return NoReplicaError(
             f"model {model!r} has had no live decode replica for {now - self._live_at[model]:.1f} s "
-            f"(RouterConfig.no_replica_grace_s {self.cfg.no_replica_grace_s:g} s); its pool is "
+            f"(router.no_replica_grace_s {self.cfg.no_replica_grace_s:g} s); its pool is "
             "down or still starting", model, self.cfg.retry_after_max_s)
 
     def _refuse(self, lease: Lease, err: RouteRefusal, now: float) -> RouteRefusal:
@@ -305,10 +365,7 @@ class RouterService:
         self.leases.end(lease.lease_id, now)
         self._give_back(lease)
         self.core.release(lease.model, finished=False)
-        reason = (NO_REPLICA if isinstance(err, NoReplicaError)
-                  else QUEUE_TIMEOUT if isinstance(err, QueueTimeoutError)
-                  else QUEUE_DELAY if isinstance(err, QueueDelayError) else NO_CAPACITY)
-        self._count_refusal(lease.model, reason)
+        self._count_refusal(lease.model, _reason(err))
         return err
 
     def _count_refusal(self, model: str, reason: str) -> None:
@@ -370,3 +427,11 @@ class RouterService:
             self.core.admit(model, force=True)
             self.leases.add(Lease(lease_id, holder, model, adopted=True), now)
             self.counts["leases_adopted"] += 1
+
+
+def _reason(err: RouteRefusal) -> str:
+    """The refusal's reason label (metrics)."""
+    return (OVERLOADED if isinstance(err, OverloadedError)
+            else NO_REPLICA if isinstance(err, NoReplicaError)
+            else QUEUE_TIMEOUT if isinstance(err, QueueTimeoutError)
+            else QUEUE_DELAY if isinstance(err, QueueDelayError) else NO_CAPACITY)

@@ -265,11 +265,14 @@ class ClusterBackend(Backend):
                      traceparent: str | None, resumed: bool = False) -> Placement:
         """``resumed``: the stream produced tokens before its decode replica
         failed; the router queues it ahead of new requests, bounded by
-        ``router.max_resume_wait_s`` instead of ``max_queue_delay_s``."""
+        ``router.max_resume_wait_s`` instead of ``max_queue_delay_s``. A
+        request's choices (``options.choices``) first ask together: all
+        admitted, or all refused."""
         try:
             return await self.router.place(lease, req, arrival=arrival, admitted=admitted,
                                            deadline=options.deadline, priority=options.priority,
-                                           traceparent=traceparent, resumed=resumed)
+                                           traceparent=traceparent, resumed=resumed,
+                                           group=None if admitted else options.choices)
         except RouterUnavailableError as e:
             raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
         except RouterError as e:
@@ -298,7 +301,7 @@ class ClusterBackend(Backend):
         first_cached: int | None = None  # the prompt's cached tokens, as first reported
         exclude: set[str] = set()
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
-        admitted = False
+        admitted = asked = False  # asked: its first placement call was made
         attempts_left = self.cfg.router.max_retries + 1
         faults = 0  # failed calls that may be this request's own doing
         deadlines = StreamDeadlines(
@@ -330,6 +333,7 @@ class ClusterBackend(Backend):
                     if p.prompt_logprobs is None else (),
                     exclude_replicas=frozenset(exclude),
                     adapter=adapter.key if adapter is not None else None)
+                asked = True
                 placement = await self._route(lease, req, admitted, arrival, options, trace,
                                               resumed=bool(produced))
                 admitted = True
@@ -412,6 +416,8 @@ class ClusterBackend(Backend):
         finally:
             rec.finish(error)
             self.router.release(lease, finished_with)  # never waits; no-op if refused
+            if not asked and options.choices is not None:
+                self.router.withdraw(options.choices)  # its sibling choices go without it
             if trace is not None:
                 trace.add(ATTR_OUTPUT_TOKENS, len(produced))
 

@@ -33,6 +33,11 @@ routers (``RouterConfig.lease_ttl_s``).
 A slot is a lease named here (``new_lease``) and held from ``place`` until
 ``release``; the caller releases on every path (finished, failed,
 cancelled while waiting), and a refused request's slot is already gone.
+
+A request's choices (n > 1) are placed as one group (``place``'s
+``group``): their calls wait here until every choice has asked (or
+released), then go to the router in one exchange (``Exchange.groups``),
+which admits them all or refuses them all before any is placed.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class _Pending:
     link: int = -1
     sent: bool = False
     dropped: bool = False  # released before it was sent
+    group: str | None = None  # a request's choices: sent and admitted together
 
 
 @dataclass(eq=False)
@@ -127,6 +133,8 @@ class RouterClient:
         self._acked: set[str] = set()
         self._home: dict[str, int] = {}  # lease id -> the link its last call went to
         self._pending: dict[str, _Pending] = {}  # lease id -> its unresolved place()
+        # groups whose choices have not all asked yet: key -> [choices still to come, calls]
+        self._staged: dict[str, list] = {}
         self._seq = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,11 +154,14 @@ class RouterClient:
     async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
                     admitted: bool = False, deadline: float | None = None,
                     priority: int = 0, traceparent: str | None = None,
-                    resumed: bool = False) -> Placement:
+                    resumed: bool = False,
+                    group: tuple[str, int] | None = None) -> Placement:
         """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
         granted before, e.g. a retry; ``resumed``: a stream that produced
         tokens before its decode replica failed, ``RouteCall.resumed``;
-        ``traceparent``: the span the router records its work under).
+        ``traceparent``: the span the router records its work under;
+        ``group``: (key, size) of a request's choices, placed all or none:
+        the call waits until ``size`` calls of ``key`` asked or released).
         Raises the router's refusal
         (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
         The slot is held from here until ``release``."""
@@ -161,12 +172,22 @@ class RouterClient:
         p = _Pending(call, self._loop.create_future())
         self._leases[lease_id] = req.model
         self._pending[lease_id] = p
-        self._send(p)
+        if group is None or group[1] <= 1 or call.admitted:
+            self._send(p)
+        else:
+            p.group = group[0]
+            # [choices still expected, calls staged]; a key seen first here
+            staged = self._staged.setdefault(group[0], [group[1], []])
+            staged[1].append(p)
+            self._flush(group[0])
         try:
             return await p.future
         finally:
             if self._pending.get(lease_id) is p:
                 del self._pending[lease_id]
+                if p.group in self._staged and p in self._staged[p.group][1]:
+                    self._unstage(p)  # cancelled while its siblings were asking
+                    self._forget(lease_id)  # no router heard of it
 
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
         """The request ended (``output_tokens`` produced if it finished, else
@@ -177,6 +198,8 @@ class RouterClient:
         p = self._pending.pop(lease_id, None)
         if model is None:
             return
+        if p is not None and p.group in self._staged and p in self._staged[p.group][1]:
+            self._unstage(p)
         if p is not None and not p.sent:
             p.dropped = True  # its call is not sent now
             if not acked:
@@ -236,6 +259,36 @@ class RouterClient:
         self._acked.discard(lease_id)
         self._home.pop(lease_id, None)
 
+    def _flush(self, key: str) -> None:
+        """Send a group's calls, together, once every choice asked (none
+        left: the request ended, nothing waits)."""
+        size, calls = self._staged[key]
+        if len(calls) >= size or not calls:
+            del self._staged[key]
+            for p in calls:
+                self._send(p)
+
+    def _unstage(self, p: _Pending) -> None:
+        """A choice released or cancelled before its group was sent: it is
+        not sent, and the group is one smaller."""
+        staged = self._staged[p.group]
+        staged[0] -= 1
+        staged[1].remove(p)
+        p.dropped = True
+        self._flush(p.group)
+
+    def withdraw(self, group: tuple[str, int]) -> None:
+        """A choice of ``group`` (``place``'s) ended before it asked: its
+        siblings do not wait for it."""
+        staged = self._staged.get(group[0])
+        if staged is None:  # the first of its group to end: the others will ask
+            staged = self._staged[group[0]] = [group[1], []]
+        staged[0] -= 1
+        if staged[1]:
+            self._flush(group[0])
+        elif staged[0] <= 0:  # every choice ended before asking
+            del self._staged[group[0]]
+
     def _send(self, p: _Pending) -> None:
         model = p.call.request.model
         i = self._current(model)
@@ -268,6 +321,7 @@ class RouterClient:
         self._acked.clear()
         self._home.clear()
         self._pending.clear()
+        self._staged.clear()
         for link in self._links:
             link.calls.clear()
             link.queued.clear()
@@ -308,8 +362,12 @@ class RouterClient:
                 continue
             if not (live or link.calls or link.releases or link.suspects):
                 continue
-            calls = [p for p in link.calls[:MAX_BATCH] if not p.dropped]
-            del link.calls[:MAX_BATCH]
+            cut = MAX_BATCH
+            while (cut < len(link.calls) and link.calls[cut].group is not None
+                   and link.calls[cut].group == link.calls[cut - 1].group):
+                cut += 1  # a request's choices travel in one exchange
+            calls = [p for p in link.calls[:cut] if not p.dropped]
+            del link.calls[:cut]
             link.inflight += 1
             self._loop.create_task(self._round(link, calls, live))
 
@@ -342,7 +400,7 @@ class RouterClient:
             p.sent = True
         ex = Exchange(holder=self.holder, seen=link.incarnation,
                       calls=tuple(p.call for p in calls), releases=releases,
-                      suspects=suspects, live=held)
+                      suspects=suspects, live=held, groups=_groups(calls))
         raw, streamed = await link.router.exchange(encode_exchange(ex))
         if streamed:
             self.counts["stream_exchanges"] += 1
@@ -420,6 +478,20 @@ class RouterClient:
         for p in pendings:
             if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
                 self._send(p)
+
+
+def _groups(calls: list[_Pending]) -> tuple[tuple[int, ...], ...]:
+    """``Exchange.groups`` of a batch: the indexes of each request's
+    choices that ask for a slot for the first time."""
+    groups: dict[str, list[int]] | None = None
+    for i, p in enumerate(calls):
+        if p.group is not None and not p.call.admitted:
+            if groups is None:
+                groups = {}
+            groups.setdefault(p.group, []).append(i)
+    if groups is None:
+        return ()
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
 async def _actor(link: _Link) -> Any:
