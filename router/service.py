@@ -27,7 +27,8 @@ A request is placed with KV room for its expected output
 (``splitserve.router.estimator``), not its max_tokens. The queue is served
 in order: the first request that no replica can take stops the walk,
 except one that excluded replicas itself (a retry) and may be the only one
-unable to use what is free. Every method is synchronous, cheap and
+unable to use what is free. A request's choices (n > 1) are admitted all
+or none by ``splitserve.router.choice_groups``. Every method is synchronous, cheap and
 deterministic given the clock: the router actor calls them from one thread.
 """
 
@@ -40,6 +41,15 @@ from typing import Callable, Mapping
 
 import msgspec
 
+from splitserve.router.choice_groups import (
+    NO_CAPACITY,
+    NO_REPLICA,
+    OVERLOADED,
+    QUEUE_DELAY,
+    QUEUE_TIMEOUT,
+    refusal_reason,
+    submit_grouped,
+)
 from splitserve.router.config import RouterConfig
 from splitserve.router.core import ReplicaStats, RouterCore
 from splitserve.router.estimator import OutputLengths
@@ -61,9 +71,10 @@ from splitserve.router.wait_queue import WaitQueue, Waiting
 
 _INF = float("inf")
 
-# refusal reason labels (metrics, counters)
-OVERLOADED, QUEUE_DELAY, QUEUE_TIMEOUT = "overloaded", "queue_delay", "queue_timeout"
-NO_REPLICA, NO_CAPACITY = "no_replica", "no_capacity"
+# the refusal reason labels live in choice_groups, whose grouped admission
+# counts them too; re-exported here, where the service's callers look
+__all__ = ["RouterService", "OVERLOADED", "QUEUE_DELAY", "QUEUE_TIMEOUT", "NO_REPLICA",
+           "NO_CAPACITY"]
 
 
 class RouterService:
@@ -109,8 +120,8 @@ class RouterService:
             self._pump(model, now)
         calls = ex.calls
         if ex.groups:  # a request's choices (n > 1): never on the n = 1 path below
-            return ExchangeReply(self.incarnation, self._submit_grouped(ex.holder, calls,
-                                                                        ex.groups, now))
+            return ExchangeReply(self.incarnation, submit_grouped(self, ex.holder, calls,
+                                                                      ex.groups, now))
         if len(calls) > 1 and any(c.priority != calls[0].priority or c.resumed for c in calls):
             # the batch is served as its requests would queue: resumed, then by
             # priority, then arrival; the outcomes go back in the calls' order
@@ -174,6 +185,9 @@ class RouterService:
                 self._pump(model, now)
 
     # -- views --------------------------------------------------------------------------
+    def serves(self, model: str) -> bool:
+        return model in self._queues
+
     def in_flight(self, model: str) -> int:
         return self.core.counters().in_flight.get(model, 0)
 
@@ -238,61 +252,6 @@ class RouterService:
         lease.queued = True
         self.counts["queued"] += 1
         return QUEUED
-
-    def _submit_grouped(self, holder: str, calls: tuple[RouteCall, ...],
-                        groups: tuple[tuple[int, ...], ...], now: float) -> tuple:
-        """``exchange``'s calls when some are one request's choices: served
-        in queue order, each group where its first member comes."""
-        group_of: dict[int, tuple[int, ...]] = {}
-        for g in groups:
-            if all(0 <= i < len(calls) and i not in group_of for i in g):
-                group_of.update(dict.fromkeys(g, g))  # a malformed group: its calls alone
-        outcomes: list[Outcome | Queued | None] = [None] * len(calls)
-        for i in sorted(range(len(calls)), key=lambda i: (not calls[i].resumed,
-                                                          calls[i].priority, calls[i].arrival)):
-            if outcomes[i] is not None:
-                continue
-            g = group_of.get(i)
-            if g is None:
-                outcomes[i] = self._submit(holder, calls[i], now)
-                continue
-            for j, out in zip(g, self._submit_group(holder, [calls[j] for j in g], now)):
-                outcomes[j] = out
-        return tuple(outcomes)
-
-    def _submit_group(self, holder: str, members: list[RouteCall],
-                      now: float) -> list[Outcome | Queued]:
-        """One request's choices, all or none: their new slots are checked
-        together before any is taken, the first new one is submitted as any
-        request (placed, queued, or refused: then all are), and the others
-        follow as admitted (not shed: the request was taken). A member that
-        already holds a slot (a retry, a moved request) goes alone."""
-        model = members[0].request.model
-        fresh = [k for k, c in enumerate(members) if not (c.admitted or c.resumed)
-                 and c.request.model == model and c.lease_id not in self.leases]
-        outcomes: list[Outcome | Queued | None] = [None] * len(members)
-        if len(fresh) > 1 and model in self._queues:
-            try:
-                self.core.check_room(model, len(fresh))
-            except OverloadedError as e:
-                for k in fresh:
-                    outcomes[k] = e
-                    self._count_refusal(model, OVERLOADED)
-        if fresh and outcomes[fresh[0]] is None:
-            first = outcomes[fresh[0]] = self._submit(holder, members[fresh[0]], now)
-            taken = isinstance(first, (Placement, Queued))
-            for k in fresh[1:]:
-                if taken:
-                    outcomes[k] = self._submit(
-                        holder, msgspec.structs.replace(members[k], admitted=True), now)
-                else:  # the request was refused: so are its other choices
-                    outcomes[k] = first
-                    if not isinstance(first, UnknownModelError):
-                        self._count_refusal(model, _reason(first))
-        for k, c in enumerate(members):
-            if outcomes[k] is None:
-                outcomes[k] = self._submit(holder, c, now)
-        return outcomes
 
     def _try_place(self, req: RouteRequest, admitted: bool, waiting_since: float, lease: Lease,
                    now: float) -> Outcome | None:
@@ -385,7 +344,7 @@ class RouterService:
         self.leases.end(lease.lease_id, now)
         self._give_back(lease)
         self.core.release(lease.model, finished=False)
-        self._count_refusal(lease.model, _reason(err))
+        self._count_refusal(lease.model, refusal_reason(err))
         return err
 
     def _count_refusal(self, model: str, reason: str) -> None:
@@ -447,11 +406,3 @@ class RouterService:
             self.core.admit(model, force=True)
             self.leases.add(Lease(lease_id, holder, model, adopted=True), now)
             self.counts["leases_adopted"] += 1
-
-
-def _reason(err: RouteRefusal) -> str:
-    """The refusal's reason label (metrics)."""
-    return (OVERLOADED if isinstance(err, OverloadedError)
-            else NO_REPLICA if isinstance(err, NoReplicaError)
-            else QUEUE_TIMEOUT if isinstance(err, QueueTimeoutError)
-            else QUEUE_DELAY if isinstance(err, QueueDelayError) else NO_CAPACITY)
