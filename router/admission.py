@@ -45,6 +45,13 @@ class AdmissionControl:
             raise OverloadedError(model, n, self.max_in_flight, self.retry_after_s(model))
         self._in_flight[model] = n + 1
 
+    def check(self, model: str, needed: int) -> None:
+        """Raise OverloadedError unless ``needed`` more requests of ``model``
+        fit now (a request's choices, admitted together); takes nothing."""
+        n = self._in_flight.get(model, 0)
+        if n + needed > self.max_in_flight:
+            raise OverloadedError(model, n, self.max_in_flight, self.retry_after_s(model), needed)
+
     def release(self, model: str, finished: bool = True) -> None:
         """Give back the slot of a request of ``model``. ``finished``: it ran
         to its end (only those time the release rate behind Retry-After)."""

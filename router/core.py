@@ -202,6 +202,15 @@ class RouterCore:
             self._overloaded += 1
             raise
 
+    def check_room(self, model: str, needed: int) -> None:
+        """Raise OverloadedError unless ``needed`` more requests of ``model``
+        can be admitted now (``AdmissionControl.check``); takes nothing."""
+        try:
+            self._admission.check(model, needed)
+        except OverloadedError:
+            self._overloaded += needed
+            raise
+
     def release(self, model: str, finished: bool = True) -> None:
         """Give back the slot of a request of ``model`` that ended
         (``finished``: normally; only those time Retry-After estimates)."""
@@ -273,7 +282,7 @@ class RouterCore:
         where = placement.prefill_replica or placement.decode_replica
         return QueueDelayError(
             f"request {req.request_id!r} would wait {wait:.3f} s for its prefill to start on "
-            f"{where} (limit {limit:g} s, RouterConfig.max_queue_delay_s); retry after "
+            f"{where} (limit {limit:g} s, router.max_queue_delay_s); retry after "
             f"{retry:.3f} s", req.model, retry)
 
     def counters(self) -> RouterCounters:

@@ -91,6 +91,12 @@ class Exchange(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """Every lease the holder holds (lease id -> model), or None this time.
     The router adopts those it does not know (it restarted, or it takes
     over from a router that died) and ends those it holds that are not named."""
+    groups: tuple[tuple[int, ...], ...] = ()
+    """Calls that are one request's choices (n > 1), as indexes into
+    ``calls``: admitted all or none. Their new slots are counted against
+    ``max_queue_per_model`` together before any is taken; the first call
+    decides the group (a refusal of it, e.g. shed for its predicted wait,
+    refuses them all), and the others are then not shed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ class WireRefusal(msgspec.Struct, array_like=True, gc=False, frozen=True, tag="r
     in_flight: int = 0
     limit: int = 0
     known: tuple[str, ...] = ()
+    needed: int = 1
 
 
 WireOutcome = Union[Placement, WireQueued, WireRefusal]
@@ -117,7 +118,7 @@ def _wire_outcome(out: Outcome | Queued) -> WireOutcome:
 def _wire_refusal(err: RouteRefusal) -> WireRefusal:
     if isinstance(err, OverloadedError):
         return WireRefusal("overloaded", err.model, retry_after_s=err.retry_after_s,
-                           in_flight=err.in_flight, limit=err.limit)
+                           in_flight=err.in_flight, limit=err.limit, needed=err.needed)
     if isinstance(err, UnknownModelError):
         return WireRefusal("unknown_model", err.model, known=err.known)
     for kind, cls in _NO_CAPACITY_KINDS.items():
@@ -132,7 +133,7 @@ def _outcome(w: WireOutcome) -> Outcome | Queued:
     if isinstance(w, WireQueued):
         return QUEUED
     if w.kind == "overloaded":
-        return OverloadedError(w.model, w.in_flight, w.limit, w.retry_after_s)
+        return OverloadedError(w.model, w.in_flight, w.limit, w.retry_after_s, w.needed)
     if w.kind == "unknown_model":
         return UnknownModelError(w.model, w.known)
     cls = _NO_CAPACITY_KINDS.get(w.kind)

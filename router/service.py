@@ -27,7 +27,8 @@ A request is placed with KV room for its expected output
 (``splitserve.router.estimator``), not its max_tokens. The queue is served
 in order: the first request that no replica can take stops the walk,
 except one that excluded replicas itself (a retry) and may be the only one
-unable to use what is free. Every method is synchronous, cheap and
+unable to use what is free. A request's choices (n > 1) are admitted all
+or none by ``splitserve.router.choice_groups``. Every method is synchronous, cheap and
 deterministic given the clock: the router actor calls them from one thread.
 """
 
@@ -38,6 +39,17 @@ import uuid
 from collections import Counter
 from typing import Callable, Mapping
 
+import msgspec
+
+from splitserve.router.choice_groups import (
+    NO_CAPACITY,
+    NO_REPLICA,
+    OVERLOADED,
+    QUEUE_DELAY,
+    QUEUE_TIMEOUT,
+    refusal_reason,
+    submit_grouped,
+)
 from splitserve.router.config import RouterConfig
 from splitserve.router.core import ReplicaStats, RouterCore
 from splitserve.router.estimator import OutputLengths
@@ -59,9 +71,10 @@ from splitserve.router.wait_queue import WaitQueue, Waiting
 
 _INF = float("inf")
 
-# refusal reason labels (metrics, counters)
-OVERLOADED, QUEUE_DELAY, QUEUE_TIMEOUT = "overloaded", "queue_delay", "queue_timeout"
-NO_REPLICA, NO_CAPACITY = "no_replica", "no_capacity"
+# the refusal reason labels live in choice_groups, whose grouped admission
+# counts them too; re-exported here, where the service's callers look
+__all__ = ["RouterService", "OVERLOADED", "QUEUE_DELAY", "QUEUE_TIMEOUT", "NO_REPLICA",
+           "NO_CAPACITY"]
 
 
 class RouterService:
@@ -80,6 +93,8 @@ class RouterService:
         # last time each model had a live decode replica; a new router gives
         # its replicas one grace period to report before refusing with 503
         self._live_at: dict[str, float] = dict.fromkeys(cfg.models, now)
+        # decode replica -> when its last stats push arrived (the router's clock)
+        self._pushed_at: dict[str, float] = {}
         self._resolved: dict[str, list[tuple[str, Outcome]]] = {}
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -104,6 +119,9 @@ class RouterService:
         for model in touched:
             self._pump(model, now)
         calls = ex.calls
+        if ex.groups:  # a request's choices (n > 1): never on the n = 1 path below
+            return ExchangeReply(self.incarnation, submit_grouped(self, ex.holder, calls,
+                                                                      ex.groups, now))
         if len(calls) > 1 and any(c.priority != calls[0].priority or c.resumed for c in calls):
             # the batch is served as its requests would queue: resumed, then by
             # priority, then arrival; the outcomes go back in the calls' order
@@ -128,14 +146,17 @@ class RouterService:
         """``RouterCore.update_stats``, then the model's queue gets a turn."""
         unknown = self.core.update_stats(stats)
         now = self._clock()
-        if isinstance(stats, DecodeReplicaStats) and stats.healthy and not stats.draining:
-            self._live_at[stats.model] = now
+        if isinstance(stats, DecodeReplicaStats):
+            self._pushed_at[stats.replica_id] = now
+            if stats.healthy and not stats.draining:
+                self._live_at[stats.model] = now
         self._blocked[stats.model] = None
         self._pump(stats.model, now)
         return unknown
 
     def remove_replica(self, replica_id: str) -> bool:
         self._note_live()
+        self._pushed_at.pop(replica_id, None)
         return self.core.remove_replica(replica_id)
 
     def suspect(self, replica_id: str) -> bool:
@@ -164,6 +185,9 @@ class RouterService:
                 self._pump(model, now)
 
     # -- views --------------------------------------------------------------------------
+    def serves(self, model: str) -> bool:
+        return model in self._queues
+
     def in_flight(self, model: str) -> int:
         return self.core.counters().in_flight.get(model, 0)
 
@@ -215,7 +239,7 @@ class RouterService:
             deadline = min(deadline, call.waiting_since + bound)
         admitted = call.admitted or call.resumed
         entry = Waiting(call.lease_id, holder, req, call.priority, call.arrival,
-                        call.waiting_since, deadline, admitted, call.resumed)
+                        call.waiting_since, deadline, admitted, call.resumed, now)
         if q and entry.key < q.first_key():  # it goes first (resumed, a priority, an older retry)
             out = self._try_place(req, admitted, call.waiting_since, lease, now)
             if out is not None:
@@ -263,6 +287,8 @@ class RouterService:
             if blocked is not None:
                 continue  # only deadlines until capacity changes
             out = self._try_place(entry.request, entry.admitted, entry.waiting_since, lease, now)
+            if out is None and entry.request.refused_by:
+                out = self._back_to_refusers(entry, lease, now)
             if out is None:
                 if not entry.request.exclude_replicas:
                     blocked = self._blocked[model] = entry.key
@@ -271,6 +297,19 @@ class RouterService:
                 q.remove(entry.lease_id)
                 lease.queued = False
                 self._resolved.setdefault(entry.holder, []).append((entry.lease_id, out))
+
+    def _back_to_refusers(self, entry: Waiting, lease: Lease, now: float) -> Outcome | None:
+        """No other replica could take ``entry``: the replicas that refused it
+        for room and have pushed stats since it was queued (the router's view
+        of their room is fresh now) may have it again, as any request."""
+        req = entry.request
+        fresh = frozenset(r for r in req.refused_by
+                          if self._pushed_at.get(r, -_INF) > entry.queued_at)
+        if not fresh:
+            return None
+        entry.request = req = msgspec.structs.replace(
+            req, exclude_replicas=req.exclude_replicas - fresh, refused_by=req.refused_by - fresh)
+        return self._try_place(req, entry.admitted, entry.waiting_since, lease, now)
 
     def _model_down(self, model: str, now: float) -> bool:
         if self.core.has_live_decode(model):
@@ -281,9 +320,9 @@ class RouterService:
     def _timeout(self, entry: Waiting, now: float) -> QueueTimeoutError:
         model = entry.request.model
         retry = self.core.retry_after_s(model)
-        bound = (f"RouterConfig.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
+        bound = (f"router.max_resume_wait_s {self.cfg.max_resume_wait_s:g} s for a resumed "
                  "stream" if entry.resumed else
-                 f"RouterConfig.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
+                 f"router.max_queue_delay_s {self.cfg.max_queue_delay_s:g} s")
         return QueueTimeoutError(
             f"request {entry.request.request_id!r} waited {now - entry.waiting_since:.3f} s and "
             f"no replica of model {model!r} could take it before its deadline ({bound}, or the "
@@ -292,7 +331,7 @@ class RouterService:
     def _no_replica(self, model: str, now: float) -> NoReplicaError:
         return NoReplicaError(
             f"model {model!r} has had no live decode replica for {now - self._live_at[model]:.1f} s "
-            f"(RouterConfig.no_replica_grace_s {self.cfg.no_replica_grace_s:g} s); its pool is "
+            f"(router.no_replica_grace_s {self.cfg.no_replica_grace_s:g} s); its pool is "
             "down or still starting", model, self.cfg.retry_after_max_s)
 
     def _refuse(self, lease: Lease, err: RouteRefusal, now: float) -> RouteRefusal:
@@ -305,10 +344,7 @@ class RouterService:
         self.leases.end(lease.lease_id, now)
         self._give_back(lease)
         self.core.release(lease.model, finished=False)
-        reason = (NO_REPLICA if isinstance(err, NoReplicaError)
-                  else QUEUE_TIMEOUT if isinstance(err, QueueTimeoutError)
-                  else QUEUE_DELAY if isinstance(err, QueueDelayError) else NO_CAPACITY)
-        self._count_refusal(lease.model, reason)
+        self._count_refusal(lease.model, refusal_reason(err))
         return err
 
     def _count_refusal(self, model: str, reason: str) -> None:

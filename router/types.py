@@ -41,7 +41,7 @@ class UnknownModelError(RouterError, LookupError):
         self.known = tuple(known)
         super().__init__(
             f"unknown model {model!r}; this router serves {sorted(known)}. "
-            "Add it to RouterConfig.models or fix the model name."
+            "Add it to the operator YAML's models list or fix the model name."
         )
 
     def __reduce__(self):
@@ -86,18 +86,24 @@ class NoReplicaError(NoCapacityError):
 class OverloadedError(RouterError):
     """A model's in-flight queue is full; retry after ``retry_after_s``."""
 
-    def __init__(self, model: str, in_flight: int, limit: int, retry_after_s: float):
+    def __init__(self, model: str, in_flight: int, limit: int, retry_after_s: float,
+                 needed: int = 1):
+        """``needed``: the slots the request asked for at once (its choices,
+        ``Exchange.groups``)."""
         self.model = model
         self.in_flight = in_flight
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.needed = needed
+        choices = f" and the request's {needed} choices need {needed} slots" if needed > 1 else ""
         super().__init__(
-            f"model {model!r} has {in_flight} requests in flight (limit {limit}); "
-            f"retry after {retry_after_s:.3f} s or raise RouterConfig.max_queue_per_model"
+            f"model {model!r} has {in_flight} requests in flight (limit {limit}){choices}; "
+            f"retry after {retry_after_s:.3f} s or raise router.max_queue_per_model"
         )
 
     def __reduce__(self):
-        return type(self), (self.model, self.in_flight, self.limit, self.retry_after_s)
+        return type(self), (self.model, self.in_flight, self.limit, self.retry_after_s,
+                            self.needed)
 
 
 # What the router actor's ``route`` answers instead of a placement: the
@@ -262,13 +268,19 @@ class RouteRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     adapter: str | None = None
     """The key of the LoRA adapter it runs with (``AdapterRef.key``, its
     digest); None: the base model. Its ``block_hashes`` are rooted in it."""
+    refused_by: frozenset[str] = frozenset()
+    """Of ``exclude_replicas``, those that refused it for want of KV room
+    (live replicas whose room the router's view overstated, as when a dead
+    replica's streams all land on the survivors at once). A queued request
+    that no other replica can take goes back to one of them once it has
+    reported its load after the request was queued."""
 
     def expecting(self, output_tokens: int) -> RouteRequest:
         """A copy with ``expected_output_tokens`` set (built directly: cheaper
         than ``dataclasses.replace`` on every placement)."""
         return RouteRequest(self.request_id, self.model, self.prompt_len, self.max_tokens,
                             self.prompt_token_ids, self.block_hashes, self.exclude_replicas,
-                            output_tokens, self.adapter)
+                            output_tokens, self.adapter, self.refused_by)
 
     @property
     def kv_tokens(self) -> int:

@@ -33,6 +33,7 @@ class Waiting:
     deadline: float  # wall-clock seconds; inf: none
     admitted: bool
     resumed: bool = False
+    queued_at: float = 0.0  # the router's clock when it joined the queue
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:

@@ -63,6 +63,10 @@ class RequestOptions:
     (its client's timeout): it waits for a replica at most until then (and
     at most ``router.max_queue_delay_s``), and a stream still running then
     is cancelled (DeadlineExceeded). None: only the cluster's deadlines."""
+    choices: tuple[str, int] | None = None
+    """(key, count) when the request is ``count`` backend requests (its n
+    choices, per prompt) generated side by side: they are admitted all or
+    none (a 429 before any streams). None: one backend request."""
 
 
 DEFAULT_OPTIONS = RequestOptions()

@@ -31,6 +31,7 @@ splitserve.cluster.api.responses_api over the same chat preparation.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import AsyncIterator
@@ -247,6 +248,8 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     rid = f"{prefix}-{uuid.uuid4().hex}"
     n = params.n
     jobs = [(j, i) for j in range(len(batch)) for i in range(n)]
+    if len(jobs) > 1:  # the choices are admitted all or none
+        options = dataclasses.replace(options, choices=(rid, len(jobs)))
     streams = [backend.routing.track(routed, backend.generate(
         body.model, rid if len(jobs) == 1 else f"{rid}-{k}", batch[j], choice_params(params, i),
         options)) for k, (j, i) in enumerate(jobs)]

@@ -1,14 +1,15 @@
 """The operator's cluster description (one YAML file), validated.
 
 Every user-facing knob lives here with its description; an invalid file is
-refused with the key path and the problem, and nothing is applied. One
-module per part of the file: ``models`` (served models, engines, pools,
+refused with the key path, its line in the file and the problem, and
+nothing is applied. One module per part of the file: ``models`` (served models, engines, pools,
 autoscaling), ``adapters`` (LoRA adapters on a model), ``router`` (placement
 and deadlines), ``routes`` (traffic splitting and canary ramps), ``transfer``
 (KV hand-off and its TLS), ``speculative`` (a model's speculative decoding),
 ``access`` (auth, endpoints, probes), ``tracing``
 (OpenTelemetry export), ``cluster``
-(the whole file: parse, load, diff) and ``reference`` (the docs table).
+(the whole file: parse, load, diff), ``lines`` (where a key path sits in
+the file, for its errors) and ``reference`` (the docs table).
 """
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec

@@ -11,7 +11,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from .access import AuthSpec, EndpointSpec, ObservabilitySpec
-from .base import ConfigError, _Strict
+from .base import ConfigError, _Strict, closest_key
+from .lines import locate, read_yaml
 from .models import ServedModel
 from .router import DeadlineSpec, RouterSpec
 from .routes import RouteSpec, check_routes
@@ -78,10 +79,15 @@ class ClusterConfig(_Strict):
         return os.environ.get("SPLITSERVE_CLUSTER_TOKEN") or None
 
 
-def _format(e: ValidationError) -> str:
+def _format(e: ValidationError, node: yaml.Node | None = None) -> str:
+    """One clause per error: the key path, where the file has it (when read
+    from one: ``node``), the problem and a typo hint."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = locate(node, err["loc"]) if node is not None else None
+        if where:
+            loc += f" ({where})"
         hint = _did_you_mean(err["loc"]) if err["type"] == "extra_forbidden" else None
         lines.append(f"{loc}: {err['msg']}" + (f" (did you mean {hint!r}?)" if hint else ""))
     return "; ".join(lines)
@@ -90,7 +96,6 @@ def _format(e: ValidationError) -> str:
 def _did_you_mean(loc: tuple) -> str | None:
     """The key of the section at ``loc[:-1]`` closest to the unknown key
     ``loc[-1]`` (a typo: ``max_replica``), or None."""
-    import difflib
     import types
     import typing
 
@@ -114,11 +119,14 @@ def _did_you_mean(loc: tuple) -> str | None:
         cls = model_in(field.annotation) if field else None
         if cls is None:
             return None
-    match = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.75)
-    return match[0] if match else None
+    return closest_key(loc[-1], cls.model_fields)
 
 
-def parse_config(data: Any, source: str = "config") -> ClusterConfig:
+def parse_config(data: Any, source: str = "config", *,
+                 node: yaml.Node | None = None) -> ClusterConfig:
+    """``data`` validated; ConfigError naming ``source`` and each key at
+    fault, with its line when ``node`` is the YAML tree ``data`` came from
+    (``load_config``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -126,7 +134,7 @@ def parse_config(data: Any, source: str = "config") -> ClusterConfig:
     try:
         cfg = ClusterConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format(e)}") from None
+        raise ConfigError(f"{source}: {_format(e, node)}") from None
     problem = cfg.exposure_problem()
     if problem is not None:
         raise ConfigError(f"{source}: {problem}")
@@ -135,8 +143,9 @@ def parse_config(data: Any, source: str = "config") -> ClusterConfig:
 
 def load_config(path: str | Path) -> ClusterConfig:
     """The operator file at ``path``, validated; ConfigError naming the file
-    and the line (YAML syntax) or the key (content) at fault. An empty file
-    is refused (a failed redirect writes one): ``{}`` asks for every default."""
+    and the line (YAML syntax) or the key and its line (content) at fault.
+    An empty file is refused (a failed redirect writes one): ``{}`` asks for
+    every default."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -147,13 +156,13 @@ def load_config(path: str | Path) -> ClusterConfig:
         raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte {e.object[e.start]:#04x}); "
                           "an operator config is a YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data, node = read_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {_yaml_problem(e)}") from None
     if data is None:
         raise ConfigError(f"{p}: the file is empty (no YAML content); write '{{}}' for a cluster "
                           "of all the defaults")
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), node=node)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

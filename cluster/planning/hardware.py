@@ -89,6 +89,20 @@ def _number(entry: dict, key: str, where: str) -> float:
 
 
 _SHARES = ("matmul", "memory", "network", "tensor_parallel")  # fractions of a peak
+# The keys of one GPU entry under ``gpus``; a price goes under prices.per_gpu_hour.
+_GPU_KEYS = ("name", "peak_flops", "memory_bandwidth", "memory_bytes", "intra_node_bandwidth",
+             "network_bandwidth", "source")
+
+
+def _unknown_key(where: str, key, known, elsewhere: str = "") -> CatalogError:
+    """A misspelt key (``sorce``) would drop its figure silently: refuse it,
+    naming the keys and the likeliest one meant (else ``elsewhere``, where
+    such a figure belongs instead)."""
+    from splitserve.cluster.config.base import closest_key
+
+    hint = closest_key(str(key), known)
+    said = f" (did you mean {hint!r}?)" if hint else (f" ({elsewhere})" if elsewhere else "")
+    return CatalogError(f"{where}: unknown key {key!r}{said}; the keys are {', '.join(known)}")
 
 
 def _efficiency(data, p: Path) -> Efficiency:
@@ -98,8 +112,7 @@ def _efficiency(data, p: Path) -> Efficiency:
     values = {}
     for k, v in data.items():
         if k not in names:
-            raise CatalogError(f"{p}: efficiency: unknown key {k!r}; the keys are "
-                               f"{', '.join(names)}")
+            raise _unknown_key(f"{p}: efficiency", k, names)
         try:
             x = float(v)
         except (TypeError, ValueError):
@@ -157,6 +170,10 @@ def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], 
         if not isinstance(entry, dict):
             raise CatalogError(f"{where}: expected a mapping of figures, got "
                                f"{type(entry).__name__}")
+        for k in entry:
+            if k not in _GPU_KEYS:
+                raise _unknown_key(where, k, _GPU_KEYS, "a GPU's price goes under "
+                                   "prices.per_gpu_hour" if str(k).startswith("price") else "")
         flops = entry.get("peak_flops")
         if not isinstance(flops, dict) or not flops:
             raise CatalogError(f"{where}: peak_flops must map dtype -> FLOP/s")

@@ -14,12 +14,10 @@ the client sees neither lost nor duplicated tokens. Those tokens travel
 marked as earlier output (``SamplingParams.resumed_tokens``): seeds,
 penalties and a structured-output grammar carry on where they were.
 
-A failure that may be the request's own doing (the engine failed it alone,
-REQUEST_FAILED; the engine died while running it, ENGINE_DEAD; any other
-internal error) moves it to another replica at most once: a request that
-breaks every engine it meets cannot walk through the pool. A replica that
-stops answering (UNAVAILABLE, a cut stream) is no such sign, and its
-requests move as often as ``router.max_retries`` allows. Every stream runs
+A failure that may be the request's own doing moves it to another replica
+at most once, a replica that stops answering as often as
+``router.max_retries`` allows (``splitserve.cluster.serve.retry_policy``
+decides which failures move a request and where not). Every stream runs
 under the ``deadlines`` of the config (``stream_deadlines``); past one, the
 request is cancelled on the workers and fails with DeadlineExceeded.
 
@@ -60,14 +58,15 @@ from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.serve.adapter_store import AdapterStore, AdapterSync
 from splitserve.cluster.serve.checkpoints import chat_template_override, checkpoint_dir
 from splitserve.cluster.serve.route_client import RouteClient
+from splitserve.cluster.serve.retry_policy import MAX_FAULT_RESUMES, Attempts, is_request_fault
 from splitserve.cluster.serve.router_client import RouterClient, RouterUnavailableError
 from splitserve.cluster.observability.metrics import RequestRecorder, record_retry
 from splitserve.cluster.observability.tracing import ingress_span
 from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
-from splitserve.engine.errors import InvalidRequestError, RequestFailedError
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.hashing import block_hashes
 from splitserve.engine.lora.adapter import AdapterRef
-from splitserve.handoff.messages import Adapter, ErrorKind, GenerateRequest, PrefillPlacement
+from splitserve.handoff.messages import Adapter, GenerateRequest, PrefillPlacement
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tracing import (ATTR_DECODE_REPLICA, ATTR_FINISH_REASON, ATTR_MODEL,
                                         ATTR_OUTPUT_TOKENS, ATTR_PREFILL_REPLICA,
@@ -89,31 +88,9 @@ from splitserve.router.types import (
 log = logging.getLogger("splitserve.client")
 ROUTER_QUERY_S = 2.0  # /ready and /metrics wait this long for the router
 ADAPTER_SYNC_S = 1.0  # an adapter loaded or unloaded through another ingress, within this
-
-# A decode replica that fails with one of these before it produced any token
-# of the request is skipped and the request placed again; so is one that
-# refuses a resumed stream (its KV room had looked larger than it was: the
-# dead replica's streams all land on the survivors at once).
-_RETRY_BEFORE_FIRST = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
-# After a replica produced tokens, only its death justifies resuming elsewhere.
-_RESUME_AFTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                 grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-# Failures that may be the request's own doing: moved elsewhere at most
-# MAX_FAULT_RESUMES times.
-_FAULT_KINDS = {ErrorKind.REQUEST_FAILED, ErrorKind.ENGINE_DEAD, ErrorKind.INTERNAL}
-MAX_FAULT_RESUMES = 1
-
-
-def is_request_fault(e: RpcError) -> bool:
-    """Whether a failed Generate call may have been caused by its request:
-    the worker answered with a fault kind, or with an internal status and
-    no kind at all. An unreachable replica (no answer) is not one."""
-    if e.kind is not None:
-        return e.kind in _FAULT_KINDS
-    return e.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-
+# retry_policy's two names stay importable from here
+__all__ = ["ClusterBackend", "ROUTER_QUERY_S", "ADAPTER_SYNC_S", "MAX_FAULT_RESUMES",
+           "is_request_fault"]
 
 @dataclasses.dataclass
 class _Model:
@@ -265,11 +242,14 @@ class ClusterBackend(Backend):
                      traceparent: str | None, resumed: bool = False) -> Placement:
         """``resumed``: the stream produced tokens before its decode replica
         failed; the router queues it ahead of new requests, bounded by
-        ``router.max_resume_wait_s`` instead of ``max_queue_delay_s``."""
+        ``router.max_resume_wait_s`` instead of ``max_queue_delay_s``. A
+        request's choices (``options.choices``) first ask together: all
+        admitted, or all refused."""
         try:
             return await self.router.place(lease, req, arrival=arrival, admitted=admitted,
                                            deadline=options.deadline, priority=options.priority,
-                                           traceparent=traceparent, resumed=resumed)
+                                           traceparent=traceparent, resumed=resumed,
+                                           group=None if admitted else options.choices)
         except RouterUnavailableError as e:
             raise Unavailable(f"the router is unavailable: {e}", 1.0) from None
         except RouterError as e:
@@ -296,11 +276,9 @@ class ClusterBackend(Backend):
         root = adapter.hash_root if adapter is not None else 0
         produced: list[int] = []
         first_cached: int | None = None  # the prompt's cached tokens, as first reported
-        exclude: set[str] = set()
         lease, arrival, finished_with = self.router.new_lease(), time.time(), -1
-        admitted = False
-        attempts_left = self.cfg.router.max_retries + 1
-        faults = 0  # failed calls that may be this request's own doing
+        admitted = asked = False  # asked: its first placement call was made
+        tries = Attempts(request_id, self.cfg.router.max_retries + 1, self.counters)
         deadlines = StreamDeadlines(
             self.cfg.deadlines, request_id,
             params.max_tokens or m.max_model_len - len(prompt_token_ids),
@@ -322,14 +300,16 @@ class ClusterBackend(Backend):
                     resumed_tokens=params.resumed_tokens + len(produced),
                     prompt_logprobs=None)  # delivered with the first output
                 req = RouteRequest(
-                    request_id=f"{request_id}-{len(produced)}-{attempts_left}", model=m.name,
+                    request_id=f"{request_id}-{len(produced)}-{tries.left}", model=m.name,
                     prompt_len=len(ids), max_tokens=p.max_tokens or 1,
                     # a scored prompt is computed whole: no replica's cache helps it;
                     # an adapter's prompt matches only blocks cached under it
                     block_hashes=tuple(block_hashes(ids, m.block_size, root=root))
                     if p.prompt_logprobs is None else (),
-                    exclude_replicas=frozenset(exclude),
+                    exclude_replicas=frozenset(tries.exclude),
+                    refused_by=frozenset(tries.refused),
                     adapter=adapter.key if adapter is not None else None)
+                asked = True
                 placement = await self._route(lease, req, admitted, arrival, options, trace,
                                               resumed=bool(produced))
                 admitted = True
@@ -377,24 +357,7 @@ class ClusterBackend(Backend):
                             raise deadlines.expired(decode) from None
                         raise DeadlineExceeded(
                             f"request {request_id} timed out on {decode}: {e.message}") from None
-                    retry = (_RETRY_BEFORE_FIRST if len(produced) == before else _RESUME_AFTER)
-                    if e.kind is ErrorKind.ADAPTER_UNAVAILABLE:  # another replica may read it
-                        retry = retry | {grpc.StatusCode.FAILED_PRECONDITION}
-                    attempts_left -= 1
-                    if is_request_fault(e):
-                        faults += 1
-                        self.counters["faults"] += 1
-                        if faults > MAX_FAULT_RESUMES:
-                            self.counters["failed"] += 1
-                            raise RequestFailedError(
-                                f"request {request_id} failed on {faults} decode replicas, last "
-                                f"on {decode}: {e.message}", request_id) from None
-                    if e.code not in retry or attempts_left <= 0:
-                        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                            raise Overloaded(f"no decode replica could hold the request: {e.message}",
-                                             1.0) from None
-                        raise Unavailable(f"generation failed on {decode}: {e.message}") from None
-                    exclude.add(decode)
+                    tries.after_failure(e, decode, produced_here=len(produced) > before)
                     if e.code == grpc.StatusCode.UNAVAILABLE:
                         self.router.suspect(decode)
                     if len(produced) > before or produced:
@@ -412,6 +375,8 @@ class ClusterBackend(Backend):
         finally:
             rec.finish(error)
             self.router.release(lease, finished_with)  # never waits; no-op if refused
+            if not asked and options.choices is not None:
+                self.router.withdraw(options.choices)  # its sibling choices go without it
             if trace is not None:
                 trace.add(ATTR_OUTPUT_TOKENS, len(produced))
 

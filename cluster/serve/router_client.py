@@ -33,6 +33,12 @@ routers (``RouterConfig.lease_ttl_s``).
 A slot is a lease named here (``new_lease``) and held from ``place`` until
 ``release``; the caller releases on every path (finished, failed,
 cancelled while waiting), and a refused request's slot is already gone.
+
+A request's choices (n > 1) are placed as one group (``place``'s
+``group``): their calls wait (``choice_staging.ChoiceStaging``) until every
+choice has asked (or released), then go to the router in one exchange
+(``Exchange.groups``), which admits them all or refuses them all before any
+is placed.
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import msgspec
 
+from splitserve.cluster.serve.choice_staging import ChoiceStaging, exchange_groups
+from splitserve.cluster.serve.router_client_state import LinkState, PendingCall, link_actor
 from splitserve.cluster.serve.router_link import RouterLink
 from splitserve.cluster.serve.router_names import router_order
 from splitserve.cluster.serve.router_queries import RouterQueries
@@ -68,38 +75,6 @@ MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
 
 
-@dataclass(eq=False)
-class _Pending:
-    call: RouteCall
-    future: asyncio.Future
-    link: int = -1
-    sent: bool = False
-    dropped: bool = False  # released before it was sent
-
-
-@dataclass(eq=False)
-class _Link:
-    """What is due for one router, and its transport (``router``)."""
-
-    index: int
-    router: RouterLink
-    up: bool = True
-    retry_at: float = 0.0  # monotonic: next probe of a down link
-    incarnation: str = ""
-    calls: list[_Pending] = field(default_factory=list)
-    releases: list[LeaseEnd] = field(default_factory=list)
-    suspects: list[str] = field(default_factory=list)
-    queued: dict[str, _Pending] = field(default_factory=dict)
-    # outcomes a poll brought before the exchange reply that queued them
-    early: dict[str, Outcome] = field(default_factory=dict)
-    last_live: float = float("-inf")  # monotonic: last time the live list was sent
-    wake: asyncio.Event | None = None
-    settled: asyncio.Event | None = None  # an exchange came back
-    inflight: int = 0
-    task: asyncio.Task | None = None
-    poller: asyncio.Task | None = None
-
-
 class RouterClient:
     def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
                  call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None,
@@ -115,7 +90,7 @@ class RouterClient:
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
         self.call_timeout_s = call_timeout_s
-        self._links = [_Link(i, RouterLink(i, None if handles is None else handles[i],
+        self._links = [LinkState(i, RouterLink(i, None if handles is None else handles[i],
                                            use_stream=stream, call_timeout_s=call_timeout_s,
                                            tls=tls))
                        for i in range(count)]
@@ -126,14 +101,15 @@ class RouterClient:
         # list before the call that asks for it is counted against the limit
         self._acked: set[str] = set()
         self._home: dict[str, int] = {}  # lease id -> the link its last call went to
-        self._pending: dict[str, _Pending] = {}  # lease id -> its unresolved place()
+        self._pending: dict[str, PendingCall] = {}  # lease id -> its unresolved place()
+        self._staging = ChoiceStaging(self._send)  # a request's choices, sent together
         self._seq = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0}
         # operator queries (readiness, /metrics) over the same links
-        self.queries = RouterQueries(self._links, _actor, self._order)
+        self.queries = RouterQueries(self._links, link_actor, self._order)
 
     # -- the ingress' side ------------------------------------------------------------
     def new_lease(self) -> str:
@@ -146,11 +122,14 @@ class RouterClient:
     async def place(self, lease_id: str, req: RouteRequest, *, arrival: float,
                     admitted: bool = False, deadline: float | None = None,
                     priority: int = 0, traceparent: str | None = None,
-                    resumed: bool = False) -> Placement:
+                    resumed: bool = False,
+                    group: tuple[str, int] | None = None) -> Placement:
         """Place ``req`` under slot ``lease_id`` (``admitted``: the slot was
         granted before, e.g. a retry; ``resumed``: a stream that produced
         tokens before its decode replica failed, ``RouteCall.resumed``;
-        ``traceparent``: the span the router records its work under).
+        ``traceparent``: the span the router records its work under;
+        ``group``: (key, size) of a request's choices, placed all or none:
+        the call waits until ``size`` calls of ``key`` asked or released).
         Raises the router's refusal
         (``splitserve.router.types.RouteRefusal``) or RouterUnavailableError.
         The slot is held from here until ``release``."""
@@ -158,15 +137,21 @@ class RouterClient:
         call = RouteCall(lease_id=lease_id, request=req, arrival=arrival,
                          waiting_since=time.time(), deadline=deadline, priority=priority,
                          admitted=admitted or resumed, traceparent=traceparent, resumed=resumed)
-        p = _Pending(call, self._loop.create_future())
+        p = PendingCall(call, self._loop.create_future())
         self._leases[lease_id] = req.model
         self._pending[lease_id] = p
-        self._send(p)
+        if group is None or group[1] <= 1 or call.admitted:
+            self._send(p)
+        else:
+            self._staging.stage(p, group[0], group[1])
         try:
             return await p.future
         finally:
             if self._pending.get(lease_id) is p:
                 del self._pending[lease_id]
+                if self._staging.holds(p):
+                    self._staging.unstage(p)  # cancelled while its siblings were asking
+                    self._forget(lease_id)  # no router heard of it
 
     def release(self, lease_id: str, output_tokens: int = -1) -> None:
         """The request ended (``output_tokens`` produced if it finished, else
@@ -177,6 +162,8 @@ class RouterClient:
         p = self._pending.pop(lease_id, None)
         if model is None:
             return
+        if p is not None and self._staging.holds(p):
+            self._staging.unstage(p)
         if p is not None and not p.sent:
             p.dropped = True  # its call is not sent now
             if not acked:
@@ -191,6 +178,11 @@ class RouterClient:
                 # a router that did not place it may know it only from a live list
                 link.releases.append(LeaseEnd(lease_id, output_tokens, elsewhere=i != home))
                 self._poke(link)
+
+    def withdraw(self, group: tuple[str, int]) -> None:
+        """A choice of ``group`` (``place``'s) ended before it asked: its
+        siblings do not wait for it (``ChoiceStaging.withdraw``)."""
+        self._staging.withdraw(group)
 
     def suspect(self, replica_id: str) -> None:
         """An RPC to this replica failed: tell every router (never waits)."""
@@ -236,7 +228,7 @@ class RouterClient:
         self._acked.discard(lease_id)
         self._home.pop(lease_id, None)
 
-    def _send(self, p: _Pending) -> None:
+    def _send(self, p: PendingCall) -> None:
         model = p.call.request.model
         i = self._current(model)
         if i is None:
@@ -250,7 +242,7 @@ class RouterClient:
         link.calls.append(p)
         self._poke(link)
 
-    def _poke(self, link: _Link) -> None:
+    def _poke(self, link: LinkState) -> None:
         if link.wake is not None:
             link.wake.set()
 
@@ -268,6 +260,7 @@ class RouterClient:
         self._acked.clear()
         self._home.clear()
         self._pending.clear()
+        self._staging.clear()
         for link in self._links:
             link.calls.clear()
             link.queued.clear()
@@ -280,7 +273,7 @@ class RouterClient:
             link.task = loop.create_task(self._run(link))
 
     # -- one link -----------------------------------------------------------------------
-    async def _run(self, link: _Link) -> None:
+    async def _run(self, link: LinkState) -> None:
         while not self._closed:
             if not link.up:
                 await asyncio.sleep(max(0.0, link.retry_at - time.monotonic()))
@@ -308,12 +301,16 @@ class RouterClient:
                 continue
             if not (live or link.calls or link.releases or link.suspects):
                 continue
-            calls = [p for p in link.calls[:MAX_BATCH] if not p.dropped]
-            del link.calls[:MAX_BATCH]
+            cut = MAX_BATCH
+            while (cut < len(link.calls) and link.calls[cut].group is not None
+                   and link.calls[cut].group == link.calls[cut - 1].group):
+                cut += 1  # a request's choices travel in one exchange
+            calls = [p for p in link.calls[:cut] if not p.dropped]
+            del link.calls[:cut]
             link.inflight += 1
             self._loop.create_task(self._round(link, calls, live))
 
-    async def _round(self, link: _Link, calls: list[_Pending], live: bool) -> None:
+    async def _round(self, link: LinkState, calls: list[PendingCall], live: bool) -> None:
         try:
             reply = await self._exchange(link, calls, live)
         except Exception as e:  # noqa: BLE001 - the router died, restarts or hangs
@@ -328,7 +325,7 @@ class RouterClient:
         for p, out in zip(calls, reply.outcomes):
             self._deliver(link, p, out)
 
-    async def _exchange(self, link: _Link, calls: list[_Pending],
+    async def _exchange(self, link: LinkState, calls: list[PendingCall],
                         live: bool = True) -> ExchangeReply:
         held = None
         if live:
@@ -342,7 +339,7 @@ class RouterClient:
             p.sent = True
         ex = Exchange(holder=self.holder, seen=link.incarnation,
                       calls=tuple(p.call for p in calls), releases=releases,
-                      suspects=suspects, live=held)
+                      suspects=suspects, live=held, groups=exchange_groups(calls))
         raw, streamed = await link.router.exchange(encode_exchange(ex))
         if streamed:
             self.counts["stream_exchanges"] += 1
@@ -362,7 +359,7 @@ class RouterClient:
                 self._poke(link)
         return reply
 
-    def _deliver(self, link: _Link, p: _Pending, out: Outcome | Queued) -> None:
+    def _deliver(self, link: LinkState, p: PendingCall, out: Outcome | Queued) -> None:
         lease_id = p.call.lease_id
         if p.future.done() or self._pending.get(lease_id) is not p:
             return  # released or cancelled meanwhile: its release is on its way
@@ -382,7 +379,7 @@ class RouterClient:
         else:
             p.future.set_result(out)
 
-    async def _poll(self, link: _Link) -> None:
+    async def _poll(self, link: LinkState) -> None:
         while link.queued and link.up and not self._closed:
             try:
                 outcomes = decode_resolved(await link.router.poll(self.holder, POLL_S))
@@ -397,7 +394,7 @@ class RouterClient:
                 elif lease_id in self._pending:  # its "queued" reply is still on its way
                     link.early[lease_id] = out
 
-    def _link_down(self, link: _Link, in_flight: list[_Pending], error: BaseException) -> None:
+    def _link_down(self, link: LinkState, in_flight: list[PendingCall], error: BaseException) -> None:
         """Router ``link`` failed: its requests move to their next router."""
         log.warning("router %d unreachable (%r): moving its requests", link.index, error)
         link.up = False
@@ -416,12 +413,7 @@ class RouterClient:
                 p.call = msgspec.structs.replace(p.call, admitted=True)  # it held a slot there
         self._requeue(moved)
 
-    def _requeue(self, pendings: list[_Pending]) -> None:
+    def _requeue(self, pendings: list[PendingCall]) -> None:
         for p in pendings:
             if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
                 self._send(p)
-
-
-async def _actor(link: _Link) -> Any:
-    """``RouterQueries``' way to a link's actor handle."""
-    return await link.router.actor()

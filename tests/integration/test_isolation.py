@@ -72,7 +72,8 @@ class ScriptedRouter:
 
     async def place(self, lease_id: str, req, *, arrival: float, admitted: bool = False,
                     deadline: float | None = None, priority: int = 0,
-                    traceparent: str | None = None, resumed: bool = False):
+                    traceparent: str | None = None, resumed: bool = False,
+                    group: tuple[str, int] | None = None):
         choices = [d for d in self.decodes if d not in req.exclude_replicas]
         if not choices:
             raise NoCapacityError("every decode replica excluded", req.model, 1.0)
@@ -87,6 +88,9 @@ class ScriptedRouter:
 
     def suspect(self, replica_id: str) -> None:
         pass
+
+    def withdraw(self, group: tuple[str, int]) -> None:
+        pass  # each request here has one choice: nothing waits on a group
 
     async def close(self) -> None:
         pass

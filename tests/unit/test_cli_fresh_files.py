@@ -231,13 +231,14 @@ def test_same_seed_same_simulation_other_seed_another(tmp_path, capsys):
 # -- operator YAML ----------------------------------------------------------------------------
 @pytest.mark.parametrize("content,message", [
     ("models:\n  - prefill: {max_replica: 3}\n",
-     "models.0.prefill.max_replica: Extra inputs are not permitted (did you mean "
-     "'max_replicas'?)"),
+     "models.0.prefill.max_replica (line 2, column 15): Extra inputs are not permitted (did "
+     "you mean 'max_replicas'?)"),
     ("models:\n  - model: {name: a, max_num_seq: 4}\n",
-     "models.0.model.max_num_seq: Extra inputs are not permitted (did you mean 'max_num_seqs'?)"),
+     "models.0.model.max_num_seq (line 2, column 22): Extra inputs are not permitted (did you "
+     "mean 'max_num_seqs'?)"),
     ("endpoint: {http_port: 8001}\n",
-     "endpoint: Extra inputs are not permitted (did you mean 'endpoints'?)"),
-    ("zzz: 1\n", "zzz: Extra inputs are not permitted"),
+     "endpoint (line 1, column 1): Extra inputs are not permitted (did you mean 'endpoints'?)"),
+    ("zzz: 1\n", "zzz (line 1, column 1): Extra inputs are not permitted"),
 ])
 def test_typo_in_a_key_suggests_the_key(tmp_path, capsys, content, message):
     p = tmp_path / "cluster.yaml"
@@ -270,6 +271,16 @@ def _catalog(tmp_path, old, new):
     ("  matmul: 0.6 ", "  matmul_share: 0.6 ",
      "efficiency: unknown key 'matmul_share'; the keys are matmul, memory, network, "
      "tensor_parallel, step_overhead_s, load_bytes_per_s, startup_fixed_s"),
+    ("  memory: 0.8 ", "  memroy: 0.8 ",
+     "efficiency: unknown key 'memroy' (did you mean 'memory'?); the keys are matmul, memory, "
+     "network, tensor_parallel, step_overhead_s, load_bytes_per_s, startup_fixed_s"),
+    ("    source: NVIDIA H200", "    sorce: NVIDIA H200",
+     "gpus.h200: unknown key 'sorce' (did you mean 'source'?); the keys are name, peak_flops, "
+     "memory_bandwidth, memory_bytes, intra_node_bandwidth, network_bandwidth, source"),
+    ("    memory_bytes: 48.0e9\n", "    memory_bytes: 48.0e9\n    price_per_hour: 1.2\n",
+     "gpus.l40s: unknown key 'price_per_hour' (a GPU's price goes under prices.per_gpu_hour); "
+     "the keys are name, peak_flops, memory_bandwidth, memory_bytes, intra_node_bandwidth, "
+     "network_bandwidth, source"),
     ("    h100-sxm: 2.99", "    h100-sxm: cheap",
      "prices.per_gpu_hour.h100-sxm must be a number >= 0, got 'cheap'"),
     ("    memory_bandwidth: 3.35e12", "    memory_bandwidth: .nan",

@@ -54,9 +54,10 @@ def test_help_of_each_subcommand_prints_and_exits_0(capsys):
                                  "expected the node content, but found '-'"),
     (b"name: x\n\xff\xfe\n", "line 2: not UTF-8 text (byte 0xff); an operator config is a "
                              "YAML file"),
-    (b"bogus_key: 1\n", "bogus_key: Extra inputs are not permitted"),
+    (b"bogus_key: 1\n", "bogus_key (line 1, column 1): Extra inputs are not permitted"),
     (b"models:\n  - prefill: {min_replicas: -1}\n",
-     "models.0.prefill.min_replicas: Input should be greater than or equal to 0"),
+     "models.0.prefill.min_replicas (line 2, column 15): Input should be greater than or "
+     "equal to 0"),
 ])
 def test_bad_operator_yaml_is_one_line_naming_file_and_place(tmp_path, capsys, content, message):
     p = tmp_path / "cluster.yaml"

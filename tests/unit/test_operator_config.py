@@ -20,49 +20,49 @@ def write(tmp_path, text, name="cluster.yaml"):
 INVALID = [
     ("- a\n- b\n", "the top level must be a mapping, got list"),
     ("models: [\n", "invalid YAML: "),
-    ("modles: []\n", "modles: Extra inputs are not permitted (did you mean 'models'?)"),
-    ("models: []\n", "models: List should have at least 1 item after validation, not 0"),
+    ("modles: []\n", "modles (line 1, column 1): Extra inputs are not permitted (did you mean 'models'?)"),
+    ("models: []\n", "models (line 1, column 1): List should have at least 1 item after validation, not 0"),
     ("models:\n  - prefill: {max_replica: 3}\n",
-     "models.0.prefill.max_replica: Extra inputs are not permitted (did you mean "
+     "models.0.prefill.max_replica (line 2, column 15): Extra inputs are not permitted (did you mean "
      "'max_replicas'?)"),
     ("models:\n  - decode: {min_replicas: 4, max_replicas: 2}\n",
-     "models.0.decode: Value error, min_replicas (4) > max_replicas (2)"),
+     "models.0.decode (line 2, column 5): Value error, min_replicas (4) > max_replicas (2)"),
     ("models:\n  - decode: {min_replicas: 1, max_replicas: 2, initial_replicas: 3}\n",
-     "models.0.decode: Value error, initial_replicas (3) outside [min_replicas, max_replicas]"),
+     "models.0.decode (line 2, column 5): Value error, initial_replicas (3) outside [min_replicas, max_replicas]"),
     ("models:\n  - decode: {min_replicas: 0, max_replicas: 2, autoscaling: {bottleneck: memory}}\n",
-     "models.0.decode: Value error, min_replicas must be at least 1 when autoscaling is set: "
+     "models.0.decode (line 2, column 5): Value error, min_replicas must be at least 1 when autoscaling is set: "
      "the policy scales on metrics that running replicas report"),
     ("models:\n  - decode: {autoscaling: {bottleneck: disk}}\n",
-     "models.0.decode.autoscaling.bottleneck: Input should be 'compute', 'memory', 'network' or 'requests'"),
+     "models.0.decode.autoscaling.bottleneck (line 2, column 28): Input should be 'compute', 'memory', 'network' or 'requests'"),
     ("models:\n  - decode: {autoscaling: {target_kv_usage: 0.5}}\n",
-     "models.0.decode.autoscaling.bottleneck: Field required"),
+     "models.0.decode.autoscaling.bottleneck (line 2, column 14): Field required"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_busy_fraction: 1.5}}\n",
-     "models.0.prefill.autoscaling.target_busy_fraction: Input should be less than or equal to 1"),
+     "models.0.prefill.autoscaling.target_busy_fraction (line 2, column 50): Input should be less than or equal to 1"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, target_ttft_s: 0}}\n",
-     "models.0.prefill.autoscaling.target_ttft_s: Input should be greater than 0"),
+     "models.0.prefill.autoscaling.target_ttft_s (line 2, column 50): Input should be greater than 0"),
     ("models:\n  - prefill: {autoscaling: {bottleneck: compute, look_back_s: 2, "
      "metrics_interval_s: 2}}\n",
-     "models.0.prefill.autoscaling: Value error, look_back_s (2.0) must exceed metrics_interval_s "
+     "models.0.prefill.autoscaling (line 2, column 15): Value error, look_back_s (2.0) must exceed metrics_interval_s "
      "(2.0) so each window holds a metrics push"),
     ("models:\n  - decode: {autoscaling: {bottleneck: memory, upscale_delay_s: -1}}\n",
-     "models.0.decode.autoscaling.upscale_delay_s: Input should be greater than or equal to 0"),
+     "models.0.decode.autoscaling.upscale_delay_s (line 2, column 48): Input should be greater than or equal to 0"),
     ("models:\n  - model: {name: a}\n  - model: {name: a}\n",
      "(top level): Value error, model names must be unique; repeated: ['a']"),
     ("models:\n  - model: {block_size: 12}\n",
-     "models.0.model: Value error, block_size must be a power of two, got 12"),
+     "models.0.model (line 2, column 5): Value error, block_size must be a power of two, got 12"),
     ("models:\n  - mode: split\n",
-     "models.0.mode: Input should be 'disaggregated' or 'colocated'"),
+     "models.0.mode (line 2, column 5): Input should be 'disaggregated' or 'colocated'"),
     ("models:\n  - model: {tool_call_parser: qwen}\n",
-     "models.0.model.tool_call_parser: Input should be 'auto', 'hermes', 'mistral' or "
+     "models.0.model.tool_call_parser (line 2, column 13): Input should be 'auto', 'hermes', 'mistral' or "
      "'llama3_json'"),
     ("models:\n  - model: {speculative: {method: draft}}\n",
-     "models.0.model.speculative: Value error, speculative method draft needs draft_model"),
+     "models.0.model.speculative (line 2, column 13): Value error, speculative method draft needs draft_model"),
     ("models:\n  - model: {speculative: {method: ngram, ngram_min: 3, ngram_max: 2}}\n",
-     "models.0.model.speculative: Value error, ngram_min (3) > ngram_max (2)"),
+     "models.0.model.speculative (line 2, column 13): Value error, ngram_min (3) > ngram_max (2)"),
     ("models:\n  - model: {speculative: {method: eagle}}\n",
-     "models.0.model.speculative.method: Input should be 'ngram' or 'draft'"),
+     "models.0.model.speculative.method (line 2, column 27): Input should be 'ngram' or 'draft'"),
     ("router: {policy: random}\n",
-     "router.policy: Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
+     "router.policy (line 1, column 10): Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
 ]
 
 
@@ -136,7 +136,7 @@ def test_deploy_refuses_an_invalid_file_before_connecting(tmp_path, capsys):
     args = parser().parse_args(["deploy", str(p), "--address", "127.0.0.1:1"])
     assert args.func(args) == 2
     assert capsys.readouterr().err == (
-        f"error: {p}: models.0.decode: Value error, min_replicas (3) > max_replicas (1)\n")
+        f"error: {p}: models.0.decode (line 2, column 5): Value error, min_replicas (3) > max_replicas (1)\n")
 
 
 def test_status_table():

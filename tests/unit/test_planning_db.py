@@ -99,6 +99,20 @@ def test_a_bad_catalog_names_the_key(tmp_path):
         load_catalog(bad)
 
 
+def test_a_catalog_gpu_entry_refuses_an_unknown_key(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("gpus:\n  x:\n    peak_flops: {bfloat16: 1e15}\n    memory_bandwidth: 1e12\n"
+                   "    memory_bytes: 8e10\n    intra_node_bandwidth: 1e11\n"
+                   "    network_bandwidth: 1e10\n    nmae: X\n")
+    with pytest.raises(CatalogError) as e:
+        load_catalog(bad)
+    assert str(e.value) == (f"{bad}: gpus.x: unknown key 'nmae' (did you mean 'name'?); the keys "
+                            "are name, peak_flops, memory_bandwidth, memory_bytes, "
+                            "intra_node_bandwidth, network_bandwidth, source")
+    bad.write_text(bad.read_text().replace("    nmae: X\n", "    name: X\n"))
+    assert load_catalog(bad)[0]["x"].name == "X"
+
+
 def test_shapes_count_parameters_and_kv_bytes():
     assert LLAMA8B.kv_bytes_per_token("bfloat16") == 128 * 1024  # 128 KiB, docs/benchmarks.md
     assert 7.9e9 < LLAMA8B.num_params < 8.1e9

@@ -2,9 +2,9 @@
 requests, bounded by ``max_resume_wait_s``, not ``max_queue_delay_s``.
 On an injected clock, no Ray."""
 
-from splitserve.router.exchange import QUEUED
-from splitserve.router.types import QueueTimeoutError
-from tests.unit.test_router_service import Clock, ask, call, dec, end, service
+from splitserve.router.exchange import QUEUED, RouteCall
+from splitserve.router.types import QueueTimeoutError, RouteRequest
+from tests.unit.test_router_service import Clock, ask, call, dec, end, placed_on, service
 
 
 def test_a_resumed_stream_outwaits_the_new_request_bound_and_goes_first():
@@ -64,3 +64,49 @@ def test_no_resume_bound_waits_until_the_client_gives_up():
     assert svc.take_resolved("h") == [] and svc.queued() == {"m": 1}
     end(svc, "a")  # the client left: its slot is free
     assert (svc.in_flight("m"), svc.queued()) == (0, {"m": 0})
+
+
+def _refused(clock, lease, *replicas, refused=True):
+    """A resumed stream that ``replicas`` turned away (for want of KV room
+    when ``refused``, else for a failure)."""
+    excl = frozenset(replicas)
+    req = RouteRequest(lease, "m", 32, 16, block_hashes=(), exclude_replicas=excl,
+                       refused_by=excl if refused else frozenset())
+    return RouteCall(lease, req, arrival=clock(), waiting_since=clock(), resumed=True)
+
+
+def test_a_replica_that_refused_for_room_gets_the_stream_back_once_it_reports_again():
+    clock = Clock()
+    svc = service(clock)
+    svc.update_stats(dec(clock, "d0"))  # the router sees room: its view is stale
+    assert ask(svc, _refused(clock, "a", "d0")) == (QUEUED,)
+    svc.tick()
+    assert svc.take_resolved("h") == []  # no fresh word from d0 yet
+    clock.t += 0.25
+    svc.update_stats(dec(clock, "d0", running=1))  # its push: one seat left
+    [(lid, p)] = svc.take_resolved("h")
+    assert (lid, placed_on(p)) == ("a", "d0")
+
+
+def test_a_replica_that_refused_for_room_stays_out_while_another_can_take_the_stream():
+    clock = Clock()
+    svc = service(clock)
+    svc.update_stats(dec(clock, "d0"))
+    svc.update_stats(dec(clock, "d1", running=2))  # full
+    assert ask(svc, _refused(clock, "a", "d0")) == (QUEUED,)
+    clock.t += 0.25
+    svc.update_stats(dec(clock, "d1", running=1))  # d1 has a seat: it goes there
+    [(lid, p)] = svc.take_resolved("h")
+    assert (lid, placed_on(p)) == ("a", "d1")
+
+
+def test_a_replica_that_failed_the_stream_is_never_given_it_again():
+    clock = Clock()
+    svc = service(clock, no_replica_grace_s=100)
+    svc.update_stats(dec(clock, "d0"))
+    assert ask(svc, _refused(clock, "a", "d0", refused=False)) == (QUEUED,)
+    for _ in range(8):
+        clock.t += 0.25
+        svc.update_stats(dec(clock, "d0"))
+        svc.tick()
+    assert svc.take_resolved("h") == [] and svc.queued() == {"m": 1}
