@@ -3,6 +3,8 @@ application, not a generic timeout: deploy submits every application at once
 and watches Serve's status of each (``app_status``)."""
 
 import argparse
+import contextlib
+import io
 import shutil
 import time
 
@@ -75,9 +77,6 @@ def _a_refused_edit_changes_nothing(tmp_path):
     cli_ops.add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["deploy", str(path), "--address",
                               ray.get_runtime_context().gcs_address])
-    import contextlib
-    import io
-
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert args.func(args) == 1

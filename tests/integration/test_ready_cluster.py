@@ -3,6 +3,7 @@
 pool has a live replica, and 503 naming the pool again when a pool loses
 its last replica; /health stays 200 throughout."""
 
+import argparse
 import threading
 import time
 
@@ -10,10 +11,12 @@ import grpc
 import httpx
 import pytest
 import ray
+import yaml
 from openai import OpenAI
 from ray import serve
 
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.cli import ops as cli_ops
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app, secrets
 from splitserve.cluster.serve.ingress import ingress_app
@@ -52,7 +55,7 @@ def cfg(tiny_llama):
     })
 
 
-def test_ready_follows_the_pools(cfg):
+def test_ready_follows_the_pools(cfg, tmp_path, capsys):
     url = f"http://127.0.0.1:{cfg.endpoints.http_port}"
 
     def ready():
@@ -113,7 +116,16 @@ def test_ready_follows_the_pools(cfg):
         before = replica_ids()
         rotated = cfg.model_copy(update={"auth": cfg.auth.model_copy(
             update={"api_keys": ["sk-rotated"]})})
-        app.deploy(rotated, wait_s=180)
+        path = tmp_path / "rotated.yaml"
+        path.write_text(yaml.safe_dump(rotated.model_dump(mode="json")))
+        parser = argparse.ArgumentParser(prog="splitserve")
+        cli_ops.add_subcommands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(["deploy", str(path), "--wait-s", "180", "--address",
+                                  ray.get_runtime_context().gcs_address])
+        capsys.readouterr()
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert "1 change(s):\n  auth: API keys or cluster token changed" in out, out
         assert httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 401
         assert httpx.get(f"{url}/v1/models", timeout=10,
                          headers={"Authorization": "Bearer sk-rotated"}).status_code == 200
