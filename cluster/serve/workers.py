@@ -321,8 +321,9 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
         # settings, cluster token) starts one new replica before an old one
         # drains, never the other way round: a pool of one replica keeps
         # serving through the rollout instead of having none for a drain and
-        # a model load (Serve's default stops old replicas first)
-        max_surge_percent=SURGE_PERCENT,
+        # a model load (Serve's default, kept with rollout_surge false, stops
+        # old replicas first)
+        max_surge_percent=SURGE_PERCENT if pool.rollout_surge else 0,
         **scaling,
     )
     # a version that changes only when replicas must be rebuilt: re-applying an
