@@ -2,41 +2,18 @@
 and the router's refusals name the operator's YAML keys. RouterService on an
 injected clock: no sleeps, no Ray."""
 
-from splitserve.router.config import ModelFacts, RouterConfig
-from splitserve.router.exchange import QUEUED, Exchange, LeaseEnd, RouteCall
+from splitserve.router.exchange import QUEUED, Exchange, LeaseEnd
 from splitserve.router.exchange_codec import decode_reply, encode_reply
 from splitserve.router.exchange import ExchangeReply
-from splitserve.router.service import RouterService
 from splitserve.router.types import (DecodeReplicaStats, OverloadedError, Placement,
                                      PrefillReplicaStats, QueueDelayError,
-                                     NoReplicaError, RouteRequest)
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def service(clock, **kw) -> RouterService:
-    kw.setdefault("policy", "least_loaded")
-    return RouterService(RouterConfig(models={"m": ModelFacts(16, 1000)}, **kw), clock=clock)
+                                     NoReplicaError)
+from tests.unit.test_router_service import Clock, call, service
+from tests.unit.test_router_service import dec as service_dec
 
 
 def dec(clock, rid="d0", max_seqs=8, **kw) -> DecodeReplicaStats:
-    return DecodeReplicaStats(
-        replica_id=rid, model="m", free_blocks=100, total_blocks=100, running_seqs=0,
-        max_seqs=max_seqs, block_size=16, waiting_requests=0, decode_step_s=0.01,
-        prefill_tokens_per_s=10000.0, updated_at=clock(), **kw)
-
-
-def call(clock, lease, prompt_len=32, **kw) -> RouteCall:
-    kw.setdefault("arrival", clock())
-    kw.setdefault("waiting_since", kw["arrival"])
-    return RouteCall(lease_id=lease, request=RouteRequest(lease, "m", prompt_len, 16,
-                                                          block_hashes=()), **kw)
+    return service_dec(clock, rid, max_seqs=max_seqs, **kw)
 
 
 def ask(svc, *calls, groups=(), holder="h"):
