@@ -6,7 +6,9 @@ running replica count changed (``splitserve status --history``: the pool's
 size over time).
 
 Written by ``splitserve.cluster.serve.app.deploy`` and by the autoscaling policy, which runs
-inside the Serve controller; read by the CLI. Losing it loses only history.
+inside the Serve controller; read by the CLI. It also holds the deploy lease
+(``begin_deploy``): one deploy at a time changes the cluster. Losing it
+loses only history (and a lease, which the next deploy then takes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ NAMESPACE = "splitserve"
 class OpsLedger:
     def __init__(self, history_len: int = HISTORY_LEN) -> None:
         self._history_len = history_len
+        self._deploy: tuple[str, float, float] | None = None  # (holder, since, expires)
         self.reset()
 
     def reset(self) -> None:
@@ -38,6 +41,22 @@ class OpsLedger:
         self._decisions: dict[str, DecisionRecord] = {}  # app -> latest decision
         self._changes: dict[str, DecisionRecord] = {}  # app -> latest that changed the size
         self._history: dict[str, deque[DecisionRecord]] = {}  # app -> target/running changes
+
+    def begin_deploy(self, holder: str, ttl_s: float) -> tuple[str, float] | None:
+        """Take the deploy lease for ``holder`` until ``ttl_s`` from now
+        (its deploy's own time limit): None when taken, else (the holder,
+        wall-clock since) of the deploy still running. A lease past its
+        expiry (a deploy that died) is taken over."""
+        now = time.time()
+        if self._deploy is not None and self._deploy[0] != holder and self._deploy[2] > now:
+            return self._deploy[0], self._deploy[1]
+        self._deploy = (holder, now, now + ttl_s)
+        return None
+
+    def end_deploy(self, holder: str) -> None:
+        """Give the lease back (only ``holder``'s own)."""
+        if self._deploy is not None and self._deploy[0] == holder:
+            self._deploy = None
 
     def set_config(self, cfg: dict[str, Any], secrets_version: str | None = None) -> None:
         """``cfg`` without its secrets; ``secrets_version`` their digest."""

@@ -87,23 +87,27 @@ def cmd_deploy(args) -> int:
     if prev is None:
         print(f"{args.config}: valid; nothing applied yet, deploying every pool")
     else:
+        from splitserve.cluster.serve import secrets
         from splitserve.cluster.serve.secrets import public_config
 
         # the ledger keeps no secrets: compare without them (a new key or
         # token still rolls the replicas that read it)
         changes = config_changes(ClusterConfig.model_validate(prev),
                                  ClusterConfig.model_validate(public_config(cfg)))
+        if secrets.version(cfg) != _ledger_call("secrets_version"):
+            changes.append("auth: API keys or cluster token changed (values not shown): the "
+                           "ingress rolls, and the pools too for a new cluster token")
         print(f"{args.config}: valid; {len(changes)} change(s)" + (":" if changes else ""))
         for line in changes:
             print(f"  {line}")
     if args.dry_run:
         return 0
     from splitserve.cluster.serve.app import deploy
-    from splitserve.cluster.serve.app_status import DeployFailed
+    from splitserve.cluster.serve.app_status import DeployFailed, DeployInProgress
 
     try:
         summary = deploy(cfg, wait_s=args.wait_s, with_ingress=not args.no_ingress)
-    except (TimeoutError, ConfigError, DeployFailed) as e:
+    except (TimeoutError, ConfigError, DeployFailed, DeployInProgress) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(sorted(summary["apps"])))

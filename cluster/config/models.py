@@ -188,6 +188,13 @@ class PoolSpec(_Strict):
                                         "resources each replica requests.")
     graceful_shutdown_timeout_s: float = Field(30.0, gt=0, description="How long a replica being "
                                                "removed may drain its in-flight requests.")
+    rollout_surge: bool = Field(True, description="When a redeploy rebuilds the pool's replicas, "
+                                "start one replacement before an old replica drains, so a pool "
+                                "of one keeps serving; the rollout then needs room for one extra "
+                                "replica (and waits for it). false: old replicas stop first, for "
+                                "clusters without that room (every GPU in use, no node "
+                                "autoscaling): the pool runs one short, or has none for a pool "
+                                "of one, while each is replaced.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Scale on the pool's "
                                                 "bottleneck; None: a fixed size.")
     engine: PoolEngineSpec = Field(default_factory=PoolEngineSpec, description="Engine "

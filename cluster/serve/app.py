@@ -9,8 +9,11 @@ application serves the client APIs.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any, Iterable
 
 import ray
@@ -18,6 +21,7 @@ from ray import serve
 
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
 from splitserve.cluster.serve import app_status, router_state, secrets
+from splitserve.cluster.serve.app_status import DeployInProgress
 from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.router_names import NAMESPACE
@@ -48,14 +52,16 @@ def app_name(model: str, role: Role) -> str:
 
 
 def pool_apps(served: ServedModel, cfg: ClusterConfig,
-              secrets_version: str) -> dict[str, tuple[Role, Any]]:
+              token_version: str) -> dict[str, tuple[Role, Any]]:
     """app name -> (role, bound deployment) for one model's pools;
-    ``secrets_version`` is what ``secrets.publish`` returned."""
+    ``token_version`` is ``secrets.token_version()`` (after
+    ``secrets.publish``): a new cluster token rolls the pools, a new API key
+    does not (replicas never read the keys)."""
     out = {}
     for role in served.roles():
         app = app_name(served.model.name, role)
         out[app] = (role, worker_deployment(app, role, served.pool(role), served.engine_spec(role),
-                                            cfg.transfer, cfg.router, secrets_version,
+                                            cfg.transfer, cfg.router, token_version,
                                             cfg.observability.tracing))
     return out
 
@@ -97,8 +103,19 @@ def check_tensor_parallel(cfg: ClusterConfig) -> None:
 
 
 def router_config(cfg: ClusterConfig) -> RouterConfig:
-    """The router's config: the operator's router section over each model's facts."""
-    return cfg.router.router_config({s.model.name: model_facts(s.model) for s in cfg.models})
+    """The router's config: the operator's router section over each model's
+    facts. Raises ConfigError naming the model whose checkpoint cannot be
+    read (a wrong ``path``), so a deploy refuses the file before it changes
+    anything."""
+    from splitserve.engine.errors import CheckpointError
+
+    facts = {}
+    for served in cfg.models:
+        try:
+            facts[served.model.name] = model_facts(served.model)
+        except (CheckpointError, OSError) as e:
+            raise ConfigError(f"model {served.model.name!r}: {e}") from None
+    return cfg.router.router_config(facts)
 
 
 def connect(address: str | None = None) -> None:
@@ -111,7 +128,9 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     """Deploy (or update in place) every application of ``cfg``. Returns a
     summary {apps, removed}. Blocks until every pool has registered with the
     router and (``with_ingress``) the ingress answers ready, i.e. /v1 serves
-    every model (``wait_for_ingress``). Raises ``DeployFailed`` naming each
+    every model (``wait_for_ingress``). Raises ``DeployInProgress``, changing
+    nothing, while another deploy holds the ledger's deploy lease
+    (``OpsLedger.begin_deploy``); ``DeployFailed`` naming each
     application Serve marks DEPLOY_FAILED (a replica constructor raising)
     and its reason, as soon as it does, or TimeoutError naming what is
     missing and what Serve says of it (e.g. replicas waiting for resources).
@@ -128,20 +147,34 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     from splitserve.cluster.autoscaling.ledger import get_ledger
     from splitserve.cluster.observability.tracing import check_installed
 
+    # everything that can refuse the file runs before anything is changed:
+    # secrets, router and Serve applications stay as they were
     check_tensor_parallel(cfg)
     check_installed(cfg.observability.tracing)
+    rcfg = router_config(cfg)
     connect(address)
     deadline = time.monotonic() + wait_s
     ledger = get_ledger(create=True)
-    with SERVE_LOCK:
-        out, submitted, version = _apply(cfg, with_ingress, ledger)
-    wait_for_pools(cfg, wait_s, submitted)
-    out.update(_apply_routes(cfg, with_ingress))
-    if with_ingress:
-        wait_for_ingress(deadline)
-    # recorded once it runs: after a failed deploy the next one compares
-    # against the last config that ran and resubmits whatever differs
-    ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # two deploys interleaved would leave the cluster (and the ledger) on
+    # whichever submitted last, not the edit made last: one at a time
+    busy = ray.get(ledger.begin_deploy.remote(holder, wait_s + ROUTES_WAIT_S + 60.0))
+    if busy is not None:
+        raise DeployInProgress(f"another deploy ({busy[0]}) has been applying its config for "
+                               f"{max(0.0, time.time() - busy[1]):.0f}s; nothing was changed: "
+                               "run this one again once it is done")
+    try:
+        with SERVE_LOCK:
+            out, submitted, version = _apply(cfg, rcfg, with_ingress, ledger)
+        wait_for_pools(cfg, wait_s, submitted)
+        out.update(_apply_routes(cfg, with_ingress))
+        if with_ingress:
+            wait_for_ingress(deadline)
+        # recorded once it runs: after a failed deploy the next one compares
+        # against the last config that ran and resubmits whatever differs
+        ray.get(ledger.set_config.remote(secrets.public_config(cfg), version))
+    finally:
+        ledger.end_deploy.remote(holder)
     return out
 
 
@@ -158,10 +191,10 @@ def _apply_routes(cfg: ClusterConfig, with_ingress: bool) -> dict[str, Any]:
     return {"routes": lines, "routes_pending": behind}
 
 
-def _apply(cfg: ClusterConfig, with_ingress: bool,
+def _apply(cfg: ClusterConfig, rcfg: RouterConfig, with_ingress: bool,
            ledger) -> tuple[dict[str, Any], list[str], str]:
-    """Submit what changed; returns (summary, the applications submitted,
-    the secrets version published)."""
+    """Submit what changed (``rcfg``: ``router_config(cfg)``); returns
+    (summary, the applications submitted, the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
     serve.start(http_options={"host": cfg.endpoints.host, "port": cfg.endpoints.http_port})
@@ -170,7 +203,6 @@ def _apply(cfg: ClusterConfig, with_ingress: bool,
         prev = None  # a ledger left from a cluster since shut down
         ray.get(ledger.reset.remote())
     version = secrets.publish(cfg)
-    rcfg = router_config(cfg)
     tracing = cfg.observability.tracing
     ensure_routers(rcfg, cfg.router.routers,
                    reconfigure=(prev is None or router_state.load().config != rcfg
@@ -184,7 +216,7 @@ def _apply(cfg: ClusterConfig, with_ingress: bool,
     targets: list[serve.RunTarget] = []
     for served in cfg.models:
         for app, (role, bound) in pool_apps(_first_deploy_only(served, running), cfg,
-                                            version).items():
+                                            secrets.token_version()).items():
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
             apps[app] = role.value
     removed = []

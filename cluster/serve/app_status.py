@@ -21,6 +21,10 @@ class DeployFailed(RuntimeError):
     """One or more applications of a deploy reached DEPLOY_FAILED."""
 
 
+class DeployInProgress(RuntimeError):
+    """Another deploy is still applying its config to this cluster."""
+
+
 @dataclass
 class AppsReport:
     """The submitted applications that are not RUNNING, by outcome:

@@ -69,7 +69,10 @@ def pool_app(args: dict[str, Any]):
     if name not in names:
         raise ConfigError(f"args.role {args.get('role')!r} does not exist for model "
                           f"{served.model.name!r} in {served.mode} mode; pools: {names}")
-    return pool_apps(served, cfg, _ensure_cluster_actors(cfg))[name][1]
+    from splitserve.cluster.serve.secrets import token_version
+
+    _ensure_cluster_actors(cfg)
+    return pool_apps(served, cfg, token_version())[name][1]
 
 
 def ingress_app(args: dict[str, Any]):

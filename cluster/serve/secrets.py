@@ -53,15 +53,43 @@ def publish(cfg: ClusterConfig) -> str:
     with them, given to replicas instead of the secrets, so Serve rebuilds
     the replicas when a secret changes."""
     kv = _kv()
-    token = cfg.cluster_token()
-    if token is None:
-        kept = kv._internal_kv_get(_TOKEN_KEY, namespace=_NAMESPACE)
-        token = kept.decode() if kept else new_token()
+    token = _token_for(cfg) or new_token()
     kv._internal_kv_put(_TOKEN_KEY, token.encode(), overwrite=True, namespace=_NAMESPACE)
     keys = json.dumps(cfg.auth.api_keys).encode()
     kv._internal_kv_put(_API_KEYS_KEY, keys, overwrite=True, namespace=_NAMESPACE)
+    return _version(token, keys)
+
+
+def version(cfg: ClusterConfig) -> str | None:
+    """The version ``publish(cfg)`` would return, writing nothing (so
+    ``splitserve deploy`` can say a secret changed); None when the cluster
+    keeps no token yet and ``cfg`` names none."""
+    token = _token_for(cfg)
+    return None if token is None else _version(token, json.dumps(cfg.auth.api_keys).encode())
+
+
+def _token_for(cfg: ClusterConfig) -> str | None:
+    """``cfg``'s cluster token, else the one this cluster keeps."""
+    token = cfg.cluster_token()
+    if token is None:
+        kept = _kv()._internal_kv_get(_TOKEN_KEY, namespace=_NAMESPACE)
+        token = kept.decode() if kept else None
+    return token
+
+
+def _version(token: str, keys: bytes) -> str:
     return hashlib.blake2b(token.encode() + b"\0" + keys, digest_size=8,
                            person=b"splitserve-sec").hexdigest()
+
+
+def token_version() -> str:
+    """The version of the stored cluster token alone (needs a connected Ray
+    driver, after ``publish``): what pool replicas are built with, since
+    they read the token and never the API keys, so rotating a client key
+    rolls the ingress and leaves every pool's replicas (and their KV caches
+    and streams) alone."""
+    return hashlib.blake2b(_read(_TOKEN_KEY), digest_size=8,
+                           person=b"splitserve-tok").hexdigest()
 
 
 def _read(key: bytes) -> bytes:

@@ -147,7 +147,8 @@ class WorkerServer:
         self.host = bind_host(self.transfer.bind_host)
         node_id = ray.get_runtime_context().get_node_id()
         # the cluster token comes from the secret store, never through init
-        # arguments (secrets_version only makes a new token rebuild replicas)
+        # arguments (secrets_version, the token's version: only a new token
+        # rebuilds replicas)
         cluster_token = secrets.cluster_token()
         # one TLS config for both planes, served and dialed (read on this node)
         tls = self.transfer.tls.load() if self.transfer.tls is not None else None
@@ -282,6 +283,11 @@ class WorkerServer:
         self.engine.close()  # its tensor-parallel ranks, if any
 
 
+# Serve rounds a surge up to whole replicas: 1% is one extra replica for
+# pools of up to 100
+SURGE_PERCENT = 1
+
+
 def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: TransferSpec,
                       router: RouterSpec, secrets_version: str, tracing=None):
     """A bound Serve application for one pool of one model; ``tracing``:
@@ -311,6 +317,13 @@ def worker_deployment(name: str, role: Role, pool, model: ModelSpec, transfer: T
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         max_ongoing_requests=1000,
+        # replacing the replicas (a new build: engine, router or transfer
+        # settings, cluster token) starts one new replica before an old one
+        # drains, never the other way round: a pool of one replica keeps
+        # serving through the rollout instead of having none for a drain and
+        # a model load (Serve's default, kept with rollout_surge false, stops
+        # old replicas first)
+        max_surge_percent=SURGE_PERCENT if pool.rollout_surge else 0,
         **scaling,
     )
     # a version that changes only when replicas must be rebuilt: re-applying an

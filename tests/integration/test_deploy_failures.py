@@ -2,14 +2,22 @@
 application, not a generic timeout: deploy submits every application at once
 and watches Serve's status of each (``app_status``)."""
 
+import argparse
+import contextlib
+import io
 import shutil
 import time
 
 import pytest
+import ray
+import yaml
+from ray import serve
 
 from splitserve.cluster.config import parse_config
-from splitserve.cluster.serve import app
-from splitserve.cluster.serve.app_status import DeployFailed
+from splitserve.cluster.cli import ops as cli_ops
+from splitserve.cluster.serve import app, secrets
+from splitserve.cluster.autoscaling.ledger import get_ledger
+from splitserve.cluster.serve.app_status import DeployFailed, DeployInProgress
 from tests.integration.ray_cluster import local_ray
 from tests.fixtures.ports import free_port
 
@@ -42,6 +50,7 @@ def test_failing_pools_are_named_with_serve_s_reason(tiny_llama, tmp_path):
         assert "unreadable safetensors file" in msg  # the constructor's own error
         assert "good-colocated" not in msg
         assert time.monotonic() - t0 < 200  # Serve's verdict, not the deploy's timeout
+        _a_refused_edit_changes_nothing(tmp_path)
         app.shutdown()
 
         # a replica asking for more CPUs than the cluster has never starts:
@@ -51,3 +60,39 @@ def test_failing_pools_are_named_with_serve_s_reason(tiny_llama, tmp_path):
                                                r"\(DEPLOYING"):
             app.deploy(_cfg(bad=(tiny_llama, big)), wait_s=5)
         app.shutdown()
+
+
+def _a_refused_edit_changes_nothing(tmp_path):
+    """On the running cluster: a file naming a checkpoint that is not there
+    (and a new cluster token and API key) is refused with one line, exit
+    status 1, before anything changed: the secrets replicas read, the
+    applications. Then one deploy while another holds the lease."""
+    apps = set(serve.status().applications)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"model": {"name": "good", "path": str(tmp_path / "nowhere")},
+                    "mode": "colocated"}],
+        "auth": {"api_keys": ["sk-new"], "cluster_token": "new-token"}}))
+    parser = argparse.ArgumentParser(prog="splitserve")
+    cli_ops.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["deploy", str(path), "--address",
+                              ray.get_runtime_context().gcs_address])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert args.func(args) == 1
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model 'good': checkpoint directory"), \
+        err.getvalue()
+    assert secrets.cluster_token() == "fail-token"
+    assert set(serve.status().applications) == apps
+
+    # while another deploy applies its config, a second one is refused
+    # (it would interleave with it) and changes nothing
+    ledger = get_ledger()
+    assert ray.get(ledger.begin_deploy.remote("elsewhere:1:ab", 60.0)) is None
+    try:
+        with pytest.raises(DeployInProgress, match=r"another deploy \(elsewhere:1:ab\)"):
+            app.deploy(_cfg(good=(tmp_path / "corrupt", {"min_replicas": 1})), wait_s=5)
+    finally:
+        ray.get(ledger.end_deploy.remote("elsewhere:1:ab"))
+    assert set(serve.status().applications) == apps

@@ -3,14 +3,20 @@
 pool has a live replica, and 503 naming the pool again when a pool loses
 its last replica; /health stays 200 throughout."""
 
+import argparse
+import threading
 import time
 
 import grpc
 import httpx
 import pytest
+import ray
+import yaml
+from openai import OpenAI
 from ray import serve
 
 from splitserve.cluster.api.proto import health_pb2, health_pb2_grpc
+from splitserve.cluster.cli import ops as cli_ops
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app, secrets
 from splitserve.cluster.serve.ingress import ingress_app
@@ -49,7 +55,7 @@ def cfg(tiny_llama):
     })
 
 
-def test_ready_follows_the_pools(cfg):
+def test_ready_follows_the_pools(cfg, tmp_path, capsys):
     url = f"http://127.0.0.1:{cfg.endpoints.http_port}"
 
     def ready():
@@ -100,4 +106,71 @@ def test_ready_follows_the_pools(cfg):
         app.deploy(cfg, wait_s=180)
         assert wait_for(ready, (200, None)) == (200, None)
         channel.close()
+
+        # the API key rotated: the ingress rolls to the new key, the pools
+        # (which never read it) keep their replicas
+        def replica_ids():
+            reps = ray.get(get_router().replicas.remote())["tiny"]
+            return {r["replica_id"] for pool in reps.values() for r in pool}
+
+        before = replica_ids()
+        rotated = cfg.model_copy(update={"auth": cfg.auth.model_copy(
+            update={"api_keys": ["sk-rotated"]})})
+        path = tmp_path / "rotated.yaml"
+        path.write_text(yaml.safe_dump(rotated.model_dump(mode="json")))
+        parser = argparse.ArgumentParser(prog="splitserve")
+        cli_ops.add_subcommands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(["deploy", str(path), "--wait-s", "180", "--address",
+                                  ray.get_runtime_context().gcs_address])
+        capsys.readouterr()
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert "1 change(s):\n  auth: API keys or cluster token changed" in out, out
+        assert httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 401
+        assert httpx.get(f"{url}/v1/models", timeout=10,
+                         headers={"Authorization": "Bearer sk-rotated"}).status_code == 200
+        assert replica_ids() == before
+
+        # a router setting edited under streaming load rebuilds both pools
+        # (one replica each): a new replica starts before the old one drains,
+        # so the router always has a decode replica to place on, and no
+        # stream is lost
+        client = OpenAI(base_url=f"{url}/v1", api_key="sk-rotated", max_retries=0, timeout=120)
+        stop, results, live = threading.Event(), [], []
+
+        def stream(i):
+            while not stop.is_set():
+                try:
+                    chunks = list(client.completions.create(
+                        model="tiny", prompt=f"story {i}", max_tokens=12, stream=True))
+                    results.append(chunks[-1].choices[0].finish_reason)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    results.append(repr(e))
+
+        def watch():
+            while not stop.is_set():
+                reps = ray.get(get_router().replicas.remote())["tiny"]["decode"]
+                live.append(sum(r["healthy"] and not r["draining"] for r in reps))
+                time.sleep(0.1)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        threads.append(threading.Thread(target=watch))
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            edited = rotated.model_copy(update={"router": rotated.router.model_copy(
+                update={"max_retries": 3})})
+            app.deploy(edited, wait_s=180)
+            deadline = time.monotonic() + 60
+            while replica_ids() & before and time.monotonic() < deadline:
+                time.sleep(0.2)  # the old replicas drain and leave
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        assert not replica_ids() & before, "the pools were not rebuilt"
+        ended = {"length", "stop"}  # every stream ran to its end
+        assert results and set(results) <= ended, [r for r in results if r not in ended]
+        assert min(live) >= 1, f"no placeable decode replica during the rollout: {live}"
         app.shutdown()

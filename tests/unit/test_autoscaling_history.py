@@ -56,3 +56,20 @@ def test_a_new_running_count_is_published_at_once(monkeypatch):
         r = serve_policy.decision_record("m-prefill", kw, d, running, 2, 1, 4, now)
         pub = serve_policy._publish("m-prefill", kw, d, r, pub, now)
     assert sent == [1, 2]  # the unchanged second tick waits for PUBLISH_EVERY_S
+
+
+def test_one_deploy_holds_the_lease_at_a_time(monkeypatch):
+    led = ledger.OpsLedger.__ray_actor_class__()
+    now = [1000.0]
+    monkeypatch.setattr(ledger.time, "time", lambda: now[0])
+    assert led.begin_deploy("a", 60.0) is None
+    now[0] += 5
+    assert led.begin_deploy("b", 60.0) == ("a", 1000.0)  # refused: a still applies
+    led.reset()  # a stale ledger forgotten mid-deploy keeps the lease
+    assert led.begin_deploy("b", 60.0) == ("a", 1000.0)
+    led.end_deploy("b")  # not b's to give back
+    assert led.begin_deploy("b", 60.0) == ("a", 1000.0)
+    led.end_deploy("a")
+    assert led.begin_deploy("b", 60.0) is None
+    now[0] += 61  # b died without giving it back: its lease expires
+    assert led.begin_deploy("c", 60.0) is None

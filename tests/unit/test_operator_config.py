@@ -312,3 +312,20 @@ def test_speculative_settings_reach_decode_engines_only():
     assert speculative_config(spec, Role.COLOCATED) == got
     assert speculative_config(spec, Role.PREFILL) is None
     assert speculative_config(parse_config({}).models[0].model, Role.DECODE) is None
+
+
+def test_a_pool_rebuild_surges_one_replica_unless_the_operator_turns_it_off(tiny_checkpoints):
+    from splitserve.cluster.config import PoolSpec, RouterSpec, TransferSpec
+    from splitserve.cluster.serve.workers import worker_deployment
+    from splitserve.engine.roles import Role
+
+    spec = parse_config({"models": [{"model": {"name": "a", "path": str(
+        tiny_checkpoints["llama"])}}]}).models[0].model
+
+    def surge(pool: PoolSpec) -> int:
+        d = worker_deployment("a-decode", Role.DECODE, pool, spec, TransferSpec(), RouterSpec(),
+                              "token")._bound_deployment
+        return d._deployment_config.max_surge_percent
+
+    assert surge(PoolSpec()) == 1  # one extra replica for pools of up to 100
+    assert surge(PoolSpec(rollout_surge=False)) == 0  # Serve's default: old ones stop first
