@@ -59,13 +59,18 @@ class ChoiceStaging:
         self._staged.clear()
 
     def _flush(self, key: str) -> None:
-        """Send a group's calls, together, once every choice asked (none
-        left: the request ended, nothing waits)."""
+        """Send a group's calls, together, once every choice still due
+        asked; forget a group none of whose choices is due any more. A group
+        whose staged calls all left while siblings are still due stays (with
+        the smaller count): a sibling asking later is sent when the rest
+        asked, not held for a full group that never forms."""
         size, calls = self._staged[key]
-        if len(calls) >= size or not calls:
+        if calls and len(calls) >= size:
             del self._staged[key]
             for p in calls:
                 self._send(p)
+        elif not calls and size <= 0:
+            del self._staged[key]
 
 
 def exchange_groups(calls: list[PendingCall]) -> tuple[tuple[int, ...], ...]:

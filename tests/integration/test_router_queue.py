@@ -5,6 +5,7 @@ running at most two sequences (the pool holds 4)."""
 
 import asyncio
 import dataclasses
+import json
 import threading
 import time
 
@@ -257,3 +258,33 @@ def _http_up(cfg) -> bool:
                          headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_choices_that_do_not_fit_get_429_without_a_stream_and_free_their_slots(cluster):
+    # n choices are admitted all or none: one more than the limit is refused
+    # whole, at once, and holds nothing; a request that fits is served right after
+    url = f"http://127.0.0.1:{cluster.endpoints.http_port}/v1/completions"
+    body = {"model": "tiny", "prompt": "all or none", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    reconfigure(cluster, max_queue_per_model=CAPACITY)
+    try:
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            t0 = time.monotonic()
+            with http.stream("POST", url, json={**body, "n": CAPACITY + 1}) as r:
+                refused = (r.status_code, r.headers.get("retry-after"),
+                           r.headers.get("content-type"), r.read())
+            refused_s = time.monotonic() - t0
+            with http.stream("POST", url, json={**body, "n": CAPACITY}) as r:
+                served = r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        reconfigure(cluster)
+    status, retry_after, content_type, text = refused
+    assert status == 429 and int(retry_after) >= 1, text
+    assert content_type.startswith("application/json") and b"data:" not in text, text
+    assert b"choices need" in text and refused_s < 5.0, (text, refused_s)
+    assert served[0] == 200 and served[1][-1] == "data: [DONE]", served
+    finished = {c["index"] for line in served[1][:-1] for c in json.loads(line[6:])["choices"]
+                if c.get("finish_reason")}
+    assert finished == set(range(CAPACITY)), served
+    cs = slots_settle()
+    assert all(c["unbalanced_releases"] == 0 for c in cs), cs

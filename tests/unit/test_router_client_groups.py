@@ -81,3 +81,23 @@ def test_a_choice_gone_before_its_group_was_sent_does_not_hold_the_others(how):
     c = router.counters()
     assert (c["in_flight"], c["unbalanced_releases"]) == ({"m": 0}, 0)
     assert router.actor.counters()["in_flight"] == {"m": 0}
+
+
+def test_a_choice_that_asks_after_its_only_waiting_sibling_was_cancelled_is_not_held():
+    # the group's one staged call left; a sibling asking later must not wait
+    # for it (nor for a fresh group of the full size) until its deadline
+    router = FakeRouter()
+    client = RouterClient(1, heartbeat_s=10.0, handles=[router])
+
+    async def main():
+        gone = asyncio.ensure_future(place(client, 0, group=("g", 2)))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        await asyncio.wait_for(place(client, 1, group=("g", 2)), 2.0)
+        await asyncio.sleep(0.05)
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert (c["in_flight"], c["unbalanced_releases"]) == ({"m": 0}, 0)
