@@ -271,8 +271,13 @@ class ClusterBackend(Backend):
         """``options``: the request's priority in its model's router queue,
         and its own deadline, which bounds its wait there (with
         ``router.max_queue_delay_s``) and its streams (with ``deadlines``)."""
-        m, adapter = self._resolve(model)
-        self.validate(model, prompt_token_ids, params)
+        try:
+            m, adapter = self._resolve(model)
+            self.validate(model, prompt_token_ids, params)
+        except BaseException:
+            if options.choices is not None:
+                self.router.withdraw(options.choices)  # its sibling choices go without it
+            raise
         root = adapter.hash_root if adapter is not None else 0
         produced: list[int] = []
         first_cached: int | None = None  # the prompt's cached tokens, as first reported

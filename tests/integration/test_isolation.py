@@ -64,6 +64,7 @@ class ScriptedRouter:
         self.placements: list[tuple[str, str]] = []
         self.resumed: list[tuple[str, bool]] = []  # request, placed as a resumed stream
         self.released = 0
+        self.withdrawn: list[tuple[str, int]] = []
         self._next = 0
         self._leases = itertools.count()
 
@@ -90,7 +91,7 @@ class ScriptedRouter:
         pass
 
     def withdraw(self, group: tuple[str, int]) -> None:
-        pass  # each request here has one choice: nothing waits on a group
+        self.withdrawn.append(group)  # nothing waits on a group here: recorded only
 
     async def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from splitserve.cluster.serve.router_client import RouterClient
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.router.types import OverloadedError
 from tests.unit.test_router_client import FakeRouter, place
 
@@ -101,3 +102,24 @@ def test_a_choice_that_asks_after_its_only_waiting_sibling_was_cancelled_is_not_
     asyncio.run(main())
     c = router.counters()
     assert (c["in_flight"], c["unbalanced_releases"]) == ({"m": 0}, 0)
+
+
+@pytest.mark.parametrize("model, params", [
+    ("nope", SamplingParams(max_tokens=4)),  # an unknown model: 404
+    ("a", SamplingParams(max_tokens=1 << 20)),  # past the context: 400
+])
+def test_a_choice_refused_before_it_asks_does_not_hold_its_siblings(tiny_checkpoints, model,
+                                                                   params):
+    from splitserve.cluster.api.backend import RequestOptions
+    from splitserve.cluster.config import parse_config
+    from splitserve.cluster.serve.orchestrator import ClusterBackend
+    from tests.integration.test_isolation import ScriptedRouter
+
+    cfg = parse_config({"models": [{"model": {"name": "a", "path": str(
+        tiny_checkpoints["llama"])}}]})
+    router = ScriptedRouter("prefill", ["decode"])
+    backend = ClusterBackend(cfg, router=router, token="unit-test-token")
+    gen = backend.generate(model, "r-0", [1, 2, 3], params, RequestOptions(choices=("r", 2)))
+    with pytest.raises(Exception):
+        asyncio.run(gen.__anext__())
+    assert router.withdrawn == [("r", 2)] and router.placements == []
