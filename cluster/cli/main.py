@@ -129,6 +129,7 @@ def cmd_serve(args) -> int:
     import ray
 
     from splitserve.cluster.serve import app
+    from splitserve.cluster.serve.http_proxy import url
 
     ep = cfg.endpoints
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -154,7 +155,7 @@ def cmd_serve(args) -> int:
         print(f"error: deploy failed: {e}", file=sys.stderr)
         app.shutdown()
         return 1
-    base = f"http://{ep.host}:{ep.http_port}"
+    base = url(ep)
     name = cfg.models[0].model.name
     print(f"ready in {time.time() - t0:.0f}s\n"
           f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)})\n"

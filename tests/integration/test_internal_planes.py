@@ -1,20 +1,23 @@
 """The internal planes of a real local Ray cluster started the way an
 operator would without choosing a cluster token, with mutual TLS on the
-worker RPC and KV planes: requests cross both planes under TLS; no fixed
-string reaches a replica; a plaintext or certificate-less client cannot
-connect."""
+worker RPC and KV planes and HTTPS on the OpenAI API: requests cross both
+planes under TLS; no fixed string reaches a replica; a plaintext or
+certificate-less client cannot connect, nor a plaintext HTTP client."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 
 import grpc
+import httpx
 import pytest
 import ray
 from openai import OpenAI
 
+from splitserve.cluster.cli.smoke import smoke_test
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app, secrets
 from splitserve.engine.sampling_params import SamplingParams
@@ -52,7 +55,8 @@ def cluster(tiny_checkpoints, tmp_path_factory):
         "transfer": {"tls": {"cert": cert, "key": key, "ca": str(folder / "ca.crt"),
                              "mutual": True}},
         "auth": {"api_keys": [KEY]},  # and no cluster token
-        "endpoints": {"http_port": free_port(), "grpc_port": free_port()},
+        "endpoints": {"http_port": free_port(), "grpc_port": free_port(),
+                      "http_tls_cert": cert, "http_tls_key": key},
     })
     saved = os.environ.pop("SPLITSERVE_CLUSTER_TOKEN", None)
     try:
@@ -86,9 +90,9 @@ def _decode_stats(peer: TLSConfig):
 
 
 def test_requests_cross_both_planes_under_tls(cluster):
-    cfg, llama, peer, _ = cluster
-    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
-                    max_retries=0)
+    cfg, llama, peer, ca = cluster
+    client = OpenAI(base_url=f"https://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0, http_client=httpx.Client(verify=_trusting(ca)))
     want = make_engine(llama, block_size=4).generate(
         ["the quick brown fox"], SamplingParams(max_tokens=8, temperature=0.0))[0]
     out = client.completions.create(model="llama", prompt="the quick brown fox", max_tokens=8,
@@ -171,6 +175,25 @@ def test_no_fixed_string_reaches_a_cluster_without_a_configured_token(cluster):
     assert real not in FIXED and len(real) >= 32
     assert _calls(reps["prefill"][0]["replica_id"], real, peer)[0] == Code.OK
     assert _kv_ping(kv, real, peer).layout is not None
+
+
+def _trusting(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cadata=ca.cert.decode())
+    return ctx
+
+
+def test_the_http_api_serves_https_only_and_the_smoke_check_pins_its_certificate(cluster):
+    cfg, _, _, ca = cluster
+    port = cfg.endpoints.http_port
+    ok = httpx.get(f"https://127.0.0.1:{port}/v1/models", verify=_trusting(ca),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and [m["id"] for m in ok.json()["data"]] == ["llama"]
+    with pytest.raises(httpx.HTTPError):  # no plaintext answer on the TLS port
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
+        httpx.get(f"https://127.0.0.1:{port}/v1/models")
+    assert smoke_test(cfg)  # `splitserve serve --smoke`: https, the configured certificate pinned
 
 
 def test_plaintext_and_certificate_less_clients_cannot_connect(cluster):
