@@ -192,23 +192,33 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
     """What applying ``new`` over ``old`` changes, one line per key, e.g.
-    ``models[tiny].decode.max_replicas: 2 -> 4``; secrets are not shown."""
+    ``models[tiny].decode.max_replicas: 2 -> 4``, and one line per served
+    model or route added or removed whole (``models[b]: added``); secrets
+    are not shown."""
     if old is None:
         return ["(new cluster)"]
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
     _flatten(old.model_dump(), "", a)
     _flatten(new.model_dump(), "", b)
-    lines = []
-    for key in sorted(a.keys() | b.keys()):
-        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+    entries_a, entries_b = _entries(old), _entries(new)
+    whole = {e: "added" for e in entries_b - entries_a} | {e: "removed" for e in entries_a - entries_b}
+    lines = {e: f"{e}: {what}" for e, what in whole.items()}
+    for key in a.keys() | b.keys():
+        if key.split(".", 1)[0] in whole or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         if key.startswith("auth."):
-            lines.append(f"{key}: changed")
+            lines[key] = f"{key}: changed"
         elif key not in a:
-            lines.append(f"{key}: added {b[key]!r}")
+            lines[key] = f"{key}: added {b[key]!r}"
         elif key not in b:
-            lines.append(f"{key}: removed")
+            lines[key] = f"{key}: removed"
         else:
-            lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
-    return lines
+            lines[key] = f"{key}: {a[key]!r} -> {b[key]!r}"
+    return [lines[k] for k in sorted(lines)]
+
+
+def _entries(cfg: ClusterConfig) -> set[str]:
+    """The served models and routes by the key prefix ``_flatten`` gives them."""
+    return ({f"models[{s.model.name}]" for s in cfg.models}
+            | {f"routes[{r.name}]" for r in cfg.routes})

@@ -108,7 +108,9 @@ def test_config_changes_name_each_key_and_hide_secrets():
     assert "models[a].decode.max_replicas: 2 -> 4" in lines
     assert "models[a].decode.autoscaling.target_kv_usage: added 0.6" in lines
     assert "models[a].decode.autoscaling: removed" in lines
-    assert "models[b].model.name: added 'b'" in lines
+    assert "models[b]: added" in lines  # a model added whole: one line, not one per key
+    assert not any(line.startswith("models[b].") for line in lines)
+    assert config_changes(new, old)[-1] == "models[b]: removed"
     assert "auth.cluster_token: changed" in lines
     assert not any("s3cret" in line or "other" in line for line in lines)
     assert config_changes(new, new) == []
