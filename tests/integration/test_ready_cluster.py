@@ -44,7 +44,7 @@ def wait_for(fn, want, timeout=120.0):
 
 @pytest.fixture(scope="module")
 def cfg(tiny_llama):
-    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}
+    pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "graceful_shutdown_timeout_s": 5}
     return parse_config({
         "models": [{"model": {"name": "tiny", "path": str(tiny_llama), "num_blocks": 64,
                               "block_size": 4}, "prefill": pool, "decode": pool}],
