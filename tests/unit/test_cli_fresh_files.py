@@ -12,7 +12,8 @@ import sqlite3
 import pytest
 
 from splitserve.cluster.cli.main import main
-from splitserve.cluster.planning.workload import TraceError, read_trace
+from splitserve.cluster.planning.workload import read_trace
+from tests.unit.test_cli_inputs import check_bad_trace
 
 GPU_CFG = "deploy/configs/gpu-llama3-8b.yaml"
 H100 = ["--shape", "llama-3.1-8b", "--hardware", "h100-sxm"]
@@ -57,15 +58,7 @@ def test_editor_artifacts_in_a_trace_are_read(tmp_path, name, content):
      "TIMESTAMP is seconds or a date-time"),
 ])
 def test_absurd_trace_numbers_name_the_line(tmp_path, capsys, name, content, message):
-    p = tmp_path / name
-    p.write_text(content)
-    with pytest.raises(TraceError) as e:
-        list(read_trace(p))
-    assert str(e.value) == f"{tmp_path}/{message}"
-    rc = main(["simulate", "--config", GPU_CFG, *H100, "--trace", str(p),
-               "--db", str(tmp_path / "p.db")])
-    err = capsys.readouterr().err
-    assert rc == 2 and err == f"error: {tmp_path}/{message}\n"
+    check_bad_trace(tmp_path, capsys, name, content.encode(), message)
 
 
 # -- length distributions and ShareGPT files ----------------------------------------------

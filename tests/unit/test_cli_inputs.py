@@ -97,6 +97,12 @@ def test_serve_flag_errors_name_the_flag(capsys):
      "t.jsonl line 2: not JSON: Expecting ',' delimiter"),
 ])
 def test_bad_trace_names_file_and_line(tmp_path, capsys, name, content, message):
+    check_bad_trace(tmp_path, capsys, name, content, message)
+
+
+def check_bad_trace(tmp_path, capsys, name: str, content: bytes, message: str) -> None:
+    """The trace reader and ``splitserve simulate`` refuse the file with
+    ``message`` (after its folder), the CLI with exit 2 and that one line."""
     p = tmp_path / name
     p.write_bytes(content)
     with pytest.raises(TraceError) as e:
