@@ -50,10 +50,7 @@ class ChoiceStaging:
         if staged is None:  # the first of its group to end: the others will ask
             staged = self._staged[group[0]] = [group[1], []]
         staged[0] -= 1
-        if staged[1]:
-            self._flush(group[0])
-        elif staged[0] <= 0:  # every choice ended before asking
-            del self._staged[group[0]]
+        self._flush(group[0])  # sends the rest, or forgets a group none is due of
 
     def clear(self) -> None:
         self._staged.clear()
