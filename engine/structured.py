@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from splitserve.engine import json_text
+from splitserve.engine.deep_stack import run_deep
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_SPEC_CHARS
 
@@ -88,7 +89,12 @@ def check_spec(spec: Any, param: str = PARAM) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _compile_error(kind: str, value: str) -> str:
-    # each hop (ingress, prefill, decode) validates the same spec: compile once per process
+    # each hop (ingress, prefill, decode) validates the same spec: compile once per process;
+    # on a deep-stack thread: llguidance recurses once per level of rules
+    return run_deep(_compile_error_now, kind, value)
+
+
+def _compile_error_now(kind: str, value: str) -> str:
     try:
         grammar = grammar_text(kind, value)
     except InvalidRequestError as e:
@@ -186,12 +192,15 @@ class GrammarCompiler:
         except InvalidRequestError:  # llguidance missing: constrained requests are refused
             pass
 
+    def _new_matcher(self, kind: str, value: str):
+        # compiles the grammar (recursively: run_deep's thread)
+        return _llguidance().LLMatcher(self._ll(), grammar_text(kind, value), log_level=0,
+                                       limits=_limits())
+
     def matcher(self, spec: dict[str, str], prior_tokens: list[int] = ()) -> "GrammarMatcher":
         """A matcher for ``spec`` that has consumed ``prior_tokens`` (output
         the request produced before this replica took it over)."""
-        llg = _llguidance()
-        m = llg.LLMatcher(self._ll(), grammar_text(spec["type"], spec["value"]), log_level=0,
-                          limits=_limits())
+        m = run_deep(self._new_matcher, spec["type"], spec["value"])
         if m.is_error():
             raise InvalidRequestError(f"invalid {spec['type']} constraint: {m.get_error()}"[:600],
                                       param=PARAM)

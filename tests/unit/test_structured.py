@@ -237,6 +237,30 @@ def test_satisfiable_constraints_pass_the_emptiness_check():
         check_spec(spec)
 
 
+def _deep(kind, n):
+    """A constraint n levels of rules deep: a Lark chain r0 -> r1 -> ... (each
+    a "b" then the next) or a JSON schema's chain of $refs."""
+    if kind == "grammar":
+        rules = "\n".join(f'r{i}: "b" r{i + 1}' for i in range(n))
+        return {"type": "grammar", "value": f'start: r0\n{rules}\nr{n}: "a"'}
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    return {"type": "json", "value": json.dumps({"$ref": "#/$defs/d0", "$defs": {
+        **defs, f"d{n}": {"type": "string", "maxLength": 3}}}, separators=(",", ":"))}
+
+
+@pytest.mark.parametrize("kind, n", [("grammar", 3800), ("json", 2000)])
+def test_constraints_as_deep_as_the_size_limit_allows_compile(engine, kind, n):
+    # llguidance compiles recursively over rules: ~2,700 levels overflowed an
+    # 8 MiB thread stack, a segmentation fault of the ingress or the engine
+    spec = _deep(kind, n)
+    assert len(spec["value"]) <= MAX_SPEC_CHARS
+    check_spec(spec)  # from this (main) thread, as from any other
+    out = engine.generate([PROMPTS[0]], greedy(spec, max_tokens=4))[0]
+    assert out.finish_reason in ("stop", "length")
+    assert re.fullmatch("b*a?" if kind == "grammar" else r'"[^"]{0,3}"?', out.text), out.text
+    assert engine.kv.all_free()
+
+
 def test_a_dead_end_mid_output_finishes_with_error_not_stop(engine):
     # "a" is allowed first; after it the rule x can never be completed
     spec = {"type": "grammar", "value": 'start: "a" x\nx: x'}
