@@ -151,7 +151,10 @@ def grammar_text(kind: str, value: str) -> str:
     schema that is not a JSON object)."""
     llg = _llguidance()
     if kind == "json":
-        schema = json_text.parse_field(value, PARAM)
+        try:  # the message names the schema: check_spec's caller knows the field it came in
+            schema = json_text.parse_field(value, "the JSON schema")
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param=PARAM) from None
         if not isinstance(schema, dict):
             raise InvalidRequestError("the JSON schema must be a JSON object", param=PARAM)
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)

@@ -302,11 +302,15 @@ class ChatMessage(RequestBody):
         content = self.content
         if isinstance(content, list):
             texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
+            for k, part in enumerate(content):
+                if part.type != "text":
                     raise InvalidRequestError(
                         f"messages[{index}].content: only text parts are supported, got a "
                         f"{part.type[:40]!r} part", param=f"messages[{index}].content")
+                if part.text is None:
+                    raise InvalidRequestError(
+                        f"messages[{index}].content[{k}].text must be a string",
+                        param=f"messages[{index}].content[{k}].text")
                 texts.append(part.text)
             content = "\n".join(texts)
         msg = {"role": self.role, "content": content, "name": self.name,

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.structured import check_spec, choice_spec, json_object_spec
+from splitserve.engine.structured import PARAM, check_spec, choice_spec, json_object_spec
 
 _VLLM = "structured_outputs"
 # llguidance holds a JSON schema's integers in 64 bits (i64 or u64): a larger
@@ -31,6 +31,17 @@ def check_constraint(spec: dict[str, str], param: str) -> None:
         except (ValueError, RecursionError):  # not JSON: check_spec says so
             pass
     check_spec(spec, param)
+
+
+def constraint_refusal(e: BaseException, field: str | None) -> BaseException:
+    """``e`` naming ``field``, the request field a constraint came from, when
+    it is an engine's refusal of that constraint: an engine checks it again
+    with its model's own tokens (``GrammarCompiler.matcher``: a grammar naming
+    a token the model lacks passes ``check_spec``'s check) and names
+    ``response_format`` whatever field the client used."""
+    if field is None or field == PARAM or not isinstance(e, InvalidRequestError) or e.param != PARAM:
+        return e
+    return InvalidRequestError(str(e), param=field)
 
 
 def _bounded_int(text: str, param: str) -> int:

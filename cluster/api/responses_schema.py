@@ -13,6 +13,7 @@ from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
 from splitserve.cluster.api.openai_schema import ApiError, Sampling, renamed
 from splitserve.cluster.api.openai_structured import check_constraint, structured_output
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 from splitserve.engine.structured import json_object_spec
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -40,6 +41,11 @@ _INCLUDE = ("file_search_call.results", "web_search_call.results", "web_search_c
             "message.output_text.logprobs")
 
 
+# text.format's fields by its type (OpenAI's)
+_FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"},
+                  "json_schema": {"type", "name", "schema", "strict", "description"}}
+
+
 def _fail(message: str, param: str) -> None:
     raise InvalidRequestError(message, param=param)
 
@@ -51,20 +57,39 @@ def _string(item: dict, key: str, where: str, empty: bool = True) -> str:
     return value
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or text parts joined with newlines."""
+def _text(content: Any, where: str, field: str = "content") -> str:
+    """A message's content (a function_call_output's ``output``): a string,
+    or text parts joined with newlines."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        _fail(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        _fail(f"{where}.{field} must be a string or a list of text parts", f"{where}.{field}")
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
-            _fail(f"{where}.content[{k}]: only text parts are supported, got "
-                  f"{str(kind)[:40]!r}", f"{where}.content")
+        # a type that is no string (a list, an object) cannot be looked up in a set
+        if not isinstance(kind, str) or kind not in _TEXT_PARTS:
+            _fail(f"{where}.{field}[{k}]: only text parts are supported, got "
+                  f"{str(kind)[:40]!r}", f"{where}.{field}")
+        if not isinstance(part.get("text"), str):
+            _fail(f"{where}.{field}[{k}].text must be a string", f"{where}.{field}")
         texts.append(part["text"])
     return "\n".join(texts)
+
+
+def _arguments(item: dict, where: str) -> str:
+    """A function_call's ``arguments``: JSON text of an object, checked here
+    so that an error names the input item, not the chat message it becomes."""
+    text = _string(item, "arguments", where)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        _fail(f"{where}.arguments is not valid JSON", f"{where}.arguments")
+    if nesting_exceeds(value, MAX_JSON_DEPTH):
+        _fail(f"{where}.arguments nests more than {MAX_JSON_DEPTH} levels deep", f"{where}.arguments")
+    if not isinstance(value, dict):
+        _fail(f"{where}.arguments must be a JSON object", f"{where}.arguments")
+    return text
 
 
 def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
@@ -79,13 +104,13 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 _fail(f"{where}.role must be user, system, developer or assistant", f"{where}.role")
             messages.append({"role": _ROLES[role], "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": _string(item, "name", where, empty=False),
-                                 "arguments": _string(item, "arguments", where)}}
+                                 "arguments": _arguments(item, where)}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -94,7 +119,7 @@ def _input_messages(items: list[Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             call_id = _string(item, "call_id", where, empty=False)
             messages.append({"role": "tool", "tool_call_id": call_id,
-                             "content": _text(item.get("output"), where)})
+                             "content": _text(item.get("output"), where, "output")})
         elif kind != "reasoning":
             _fail(f"{where}: input items of type {str(kind)[:40]!r} are not supported (message, "
                   "function_call, function_call_output, reasoning)", f"{where}.type")
@@ -144,7 +169,8 @@ def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
 def _chat_tool_choice(choice: Any) -> Any:
     if choice is None or isinstance(choice, str):
         return choice
-    if choice.get("type") == "function" and set(choice) == {"type", "name"}:
+    if (choice.get("type") == "function" and set(choice) == {"type", "name"}
+            and isinstance(choice["name"], str)):
         return {"type": "function", "function": {"name": choice["name"]}}
     _fail('tool_choice must be none, auto, required or {"type": "function", "name": ...}',
           "tool_choice")
@@ -163,6 +189,10 @@ def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
+    unknown = set(fmt) - _FORMAT_FIELDS.get(kind, set()) if isinstance(kind, str) else set()
+    if unknown:  # as on chat's response_format: a misspelt field must not be dropped
+        _fail(f"text.format: unknown fields {sorted(unknown)} for type {kind[:40]!r}"[:200],
+              "text.format")
     if kind == "text":
         return None
     if kind == "json_object":

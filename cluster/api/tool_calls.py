@@ -175,6 +175,7 @@ class ToolRequest:
     parallel: bool
     parser: ToolParser
     constraint: dict[str, str] | None = None
+    constraint_param: str | None = None  # the field the constraint comes from, for errors
 
     def calls(self) -> "ToolCalls | None":
         return None if self.choice == "none" else ToolCalls(self)
@@ -268,10 +269,12 @@ def tool_request(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
     req = ToolRequest(tools, parameters, choice, named, parallel_tool_calls is not False,
                       parser_for(chat_template, parser))
     if choice == "named":
-        req.constraint = _checked_json(parameters[named], f"tools[{names[named]}].function.parameters")
+        req.constraint_param = f"tools[{names[named]}].function.parameters"
+        req.constraint = _checked_json(parameters[named], req.constraint_param)
     elif choice == "required":
         for name, i in names.items():
             _checked_json(parameters[name], f"tools[{i}].function.parameters")
+        req.constraint_param = "tools"
         req.constraint = _checked_json(_required_schema(parameters, req.parallel), "tools")
     return req
 
@@ -303,6 +306,10 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _template_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
     where = f"messages[{i}].tool_calls[{j}]"
+    if call.get("type", "function") != "function":
+        _fail(f'{where}.type must be "function"', f"{where}.type")
+    if not isinstance(call.get("id", ""), str):
+        _fail(f"{where}.id must be a string", f"{where}.id")
     fn = call.get("function")
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         _fail(f'{where} must have "function": {{"name", "arguments"}} (a non-empty name)', where)

@@ -322,6 +322,10 @@ def test_grpc_fuzz_never_a_server_fault_and_names_the_field(grpc_stub, local, en
     assert wait_until(lambda: idle(local, engines), timeout=10)
 
 
+R = "/v1/responses"
+OK_R = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2}
+# a token id past the tiny models' vocabulary (512)
+MISSING_TOKEN = "start: <[9999]>"
 BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
 BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
 TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
@@ -375,6 +379,30 @@ CRAFTED = [
      "chat_template_kwargs"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"],
                    "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs"),
+    # a role or a part type that is a list or an object: once a 500 (looked up in a set)
+    (R, {**OK_R, "input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
+    (R, {**OK_R, "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "hi"}]}]},
+     "input[0].content"),
+    # each names the input item's own field, not the chat message it becomes
+    (R, {**OK_R, "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{bad"}]},
+     "input[0].arguments"),
+    (R, {**OK_R, "input": [{"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]},
+     "input[0].output"),
+    # a misspelt field is refused, as on chat's response_format
+    (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "stict": True}}},
+     "text.format"),
+    (R, {**OK_R, "text": {"format": {"type": "text", "schema": {}}}}, "text.format"),
+    (CH, {**OK_CH, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "messages[0].content[0].text"),
+    (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "bogus", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages[0].tool_calls[0].type"),
+    (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
+        {"id": 5, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages[0].tool_calls[0].id"),
+    # refused by the engine, with the model's own tokens: named as the client's field
+    (C, {**OK_C, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
+    (R, {**OK_R, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
 ]
 
 
@@ -383,6 +411,14 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
         for path, body, param in CRAFTED:
             r = client.post(path, json=body)
             assert r.status_code == 400 and check_http(r, True)["param"] == param, (param, r.text)
+        # the message names the field too, not the engine's name for it
+        err = check_http(client.post(C, json={**OK_C, "structured_outputs": {"json": "{bad"}}), True)
+        assert err["param"] == "structured_outputs" and "response_format" not in err["message"], err
+        # a chain of rules as deep as the size limit allows: once a segmentation fault of the
+        # server process (llguidance compiles it recursively)
+        rules = "\n".join(f'r{i}: "b" r{i + 1}' for i in range(3800))
+        r = client.post(C, json={**OK_C, "structured_outputs": {"grammar": f'start: r0\n{rules}\nr3800: "a"'}})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].strip("b") in ("", "a"), r.text
         # tool call arguments sent as an object count toward the prompt's characters too,
         # refused before tokenizing
         long_args = {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
@@ -437,6 +473,9 @@ GRPC_CRAFTED = [
      "tools[0].parameters"),
     (dict(text="hi", params=P(stop_token_ids=[1, 10**6])), "stop_token_ids"),
     (dict(text="hi", params=P(min_tokens=CONTEXT)), "min_tokens"),
+    # refused by the engine, with the model's own tokens
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar=MISSING_TOKEN))),
+     "structured_output"),
 ]
 
 
