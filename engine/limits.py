@@ -44,6 +44,10 @@ MAX_JSON_DEPTH = 64
 MAX_CHOICE_STRINGS = 256  # structured_outputs.choice
 MAX_TOOLS = 128
 
+# -- identifiers ----------------------------------------------------------------
+# a client's request id, echoed on every streamed response (gRPC's request_id)
+MAX_REQUEST_ID_CHARS = 256
+
 
 def max_prompt_chars(max_model_len: int) -> int:
     return PROMPT_CHARS_PER_TOKEN * max_model_len

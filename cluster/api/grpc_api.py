@@ -57,7 +57,7 @@ from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
 from splitserve.cluster.api.openai_structured import constraint_refusal
 from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
-from splitserve.engine.limits import check_prompt_chars
+from splitserve.engine.limits import MAX_REQUEST_ID_CHARS, check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.cluster.observability.tracing import set_ingress_span
 from splitserve.handoff.tracing import SPAN_INGRESS, Span, Tracer
@@ -162,6 +162,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         """(tools, prompt token ids, sampling params, the reasoning split),
         validated; on a preparation thread."""
         chat_template = self.backend.tokenizer(request.model).chat_template
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:  # it is echoed on every response
+            raise InvalidRequestError(f"request_id has {len(request.request_id)} characters; at most "
+                                      f"{MAX_REQUEST_ID_CHARS}", param="request_id")
         tools = request_tools(request, chat_template, self.backend.tool_call_parser(request.model))
         ids, chat_text = self._prompt(request, tools)
         params = sampling_params(request.params)

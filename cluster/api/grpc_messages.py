@@ -9,6 +9,7 @@ from __future__ import annotations
 from splitserve.engine import json_text
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.chat_prompt import template_kwargs
+from splitserve.cluster.api.openai_schema import renamed
 from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
@@ -129,7 +130,7 @@ def request_tools(req: pb.GenerateRequest, chat_template: str | None,
     except InvalidRequestError as e:
         e = grpc_fields(e)
         if req.tool_function and e.param == "tool_choice":
-            e = InvalidRequestError(str(e), param="tool_function")
+            e = renamed(e, {"tool_choice": "tool_function"})
         raise e from None
 
 

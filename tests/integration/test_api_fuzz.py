@@ -18,8 +18,8 @@ from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.engine.limits import (MAX_CHOICE_STRINGS, MAX_CHOICES, MAX_JSON_DEPTH, MAX_LOGIT_BIAS,
-                                      MAX_SPEC_CHARS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
-                                      MAX_STOP_TOKEN_IDS, MAX_TOOLS, max_prompt_chars)
+                                      MAX_REQUEST_ID_CHARS, MAX_SPEC_CHARS, MAX_STOP_STRING_CHARS,
+                                      MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOOLS, max_prompt_chars)
 from tests.integration.api_fixtures import engines, local, paths, wait_until  # noqa: F401
 from tests.integration.test_grpc_api import GrpcServerThread
 from tests.integration.test_openai_api import ServerThread
@@ -476,6 +476,8 @@ GRPC_CRAFTED = [
     # refused by the engine, with the model's own tokens
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar=MISSING_TOKEN))),
      "structured_output"),
+    # echoed on every response of the stream
+    (dict(text="hi", request_id="r" * (MAX_REQUEST_ID_CHARS + 1)), "request_id"),
 ]
 
 
@@ -486,4 +488,9 @@ def test_grpc_crafted_requests_are_invalid_argument_naming_the_field(grpc_stub, 
             list(stub.Generate(pb.GenerateRequest(model="tiny-llama", **kw), metadata=MD, timeout=60))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (param, e.value.details())
         assert dict(e.value.trailing_metadata())["splitserve-param"] == param, e.value.details()
+    # the message names the field the client used, as the param does
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(model="tiny-llama", messages=HI, tool_function="f"),
+                           metadata=MD, timeout=60))
+    assert e.value.details().startswith("tool_function: tool_function names 'f'"), e.value.details()
     assert wait_until(lambda: idle(local, engines), timeout=10)
