@@ -10,7 +10,9 @@ given.
 
 Stopping (``DirectHttpServer.stop``): the listening socket is closed first,
 so new connections go to the node's other replicas; idle keep-alive
-connections are closed and busy ones closed once their response ends; the
+connections are closed and busy ones closed once their response ends (a
+closed connection with nothing left to send is aborted rather than left
+waiting for the client's TLS close); the
 in-flight responses (SSE streams included) run on for at most ``grace``
 seconds, and those still running then are cancelled (their backend streams
 close: the requests are cancelled and their KV blocks freed). A connection
@@ -81,6 +83,7 @@ class DirectHttpServer:
             return
         self._server.config.timeout_graceful_shutdown = grace
         self._server.should_exit = True
+        reaper = asyncio.get_running_loop().create_task(self._reap_closed())
         try:
             # uvicorn bounds its own wait by ``grace``; the margin covers its
             # 0.1 s polling and the final socket close
@@ -91,7 +94,20 @@ class DirectHttpServer:
         except Exception:  # noqa: BLE001 - a server that failed is down too
             log.exception("the HTTP server ended with an error")
         finally:
+            reaper.cancel()
             self._sock.close()
+
+    async def _reap_closed(self) -> None:
+        """Abort each connection the server has closed that has nothing left
+        to send: over TLS, closing waits for the client's close_notify (up to
+        30 s), which an idle keep-alive client never sends, and uvicorn's
+        drain waits for every connection to be gone."""
+        while True:
+            for conn in list(self._server.server_state.connections):
+                t = getattr(conn, "transport", None)
+                if t is not None and t.is_closing() and t.get_write_buffer_size() == 0:
+                    t.abort()
+            await asyncio.sleep(0.05)
 
 
 async def start_http_server(app, host: str, port: int, tls_cert: str | None = None,
