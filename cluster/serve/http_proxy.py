@@ -92,6 +92,13 @@ def proxy_running() -> bool | None:
         return None
 
 
+def served_by(ep: EndpointSpec) -> str:
+    """Who answers on the HTTP API's address, for the CLI's summary."""
+    if ep.http_server == "ingress":
+        return "served by the ingress replicas, on the nodes that run one"
+    return "through Serve's HTTP proxy"
+
+
 def url(ep: EndpointSpec) -> str:
     """The OpenAI HTTP API's base URL (the same in both modes)."""
     scheme = "https" if ep.http_tls_cert is not None else "http"
