@@ -93,7 +93,9 @@ class Ingress:
         return (await self.backend.readiness()).to_dict()
 
     async def check_health(self) -> None:
-        pass
+        # a replica whose own HTTP server ended is replaced by Serve
+        if self.http_server is not None and not self.http_server.serving:
+            raise RuntimeError("the ingress replica's HTTP server is no longer serving")
 
     async def drain(self) -> None:
         """Stop accepting on both APIs, let their in-flight streams finish
