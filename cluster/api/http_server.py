@@ -79,7 +79,8 @@ class DirectHttpServer:
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight responses finish for at most
         ``grace`` seconds, cancel the rest; returns when the server is down."""
-        if self._task.done():
+        if self._task.done():  # it ended on its own
+            self._sock.close()
             return
         self._server.config.timeout_graceful_shutdown = grace
         self._server.should_exit = True
