@@ -129,7 +129,7 @@ def cmd_serve(args) -> int:
     import ray
 
     from splitserve.cluster.serve import app
-    from splitserve.cluster.serve.http_proxy import url
+    from splitserve.cluster.serve.http_proxy import served_by, url
 
     ep = cfg.endpoints
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -158,7 +158,8 @@ def cmd_serve(args) -> int:
     base = url(ep)
     name = cfg.models[0].model.name
     print(f"ready in {time.time() - t0:.0f}s\n"
-          f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)})\n"
+          f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)}; "
+          f"{served_by(ep)})\n"
           f"  gRPC API:        {ep.host}:{ep.grpc_port}\n"
           f"  Ray:             {ray.get_runtime_context().gcs_address}  (splitserve status "
           f"--address ...)\n"

@@ -111,6 +111,12 @@ def cmd_deploy(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(sorted(summary["apps"])))
+    if not args.no_ingress:
+        from splitserve.cluster.serve.http_proxy import served_by, url
+
+        ep = cfg.endpoints
+        print(f"OpenAI HTTP API: {url(ep)}/v1 ({served_by(ep)}); gRPC API: port {ep.grpc_port} "
+              "on the nodes that run an ingress replica")
     if summary.get("removed"):
         print("removed: " + ", ".join(summary["removed"]))
     for line in summary.get("routes", ()):

@@ -53,6 +53,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     api.add_argument("--port", "--http-port", dest="http_port", type=int, default=None,
                      help="OpenAI HTTP API port")
     api.add_argument("--grpc-port", type=int, default=None, help="gRPC API port")
+    api.add_argument("--http-server", choices=["proxy", "ingress"], default=None,
+                     help="who serves the HTTP API: Ray Serve's proxy, or the ingress "
+                          "replicas themselves (no proxy hop); default: the config's")
     api.add_argument("--api-key", action="append", default=None,
                      help="client key required on every request (repeat for several)")
     model = p.add_argument_group("model and engine")
@@ -144,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         served["decode"] = _fixed_pool(served["decode"], args.decode_replicas,
                                        "--decode-replicas")
     for key, value in (("host", args.host), ("http_port", args.http_port),
-                       ("grpc_port", args.grpc_port)):
+                       ("grpc_port", args.grpc_port), ("http_server", args.http_server)):
         if value is not None:
             data["endpoints"][key] = value
     if args.api_key is not None:
@@ -163,6 +166,7 @@ def _name_flags(message: str, args: argparse.Namespace) -> str:
     flags = [("endpoints.http_port", "--port", "http_port"),
              ("endpoints.grpc_port", "--grpc-port", "grpc_port"),
              ("endpoints.host", "--host", "host"), ("models.0.model.path", "MODEL", "model"),
+             ("endpoints.http_server", "--http-server", "http_server"),
              ("models.0.model.weight_dtype", "--quantization", "quantization")]
     flags += [(f"models.0.model.{key}", "--" + dest.replace("_", "-"), dest)
               for dest, key in _MODEL_FLAGS.items()]

@@ -44,14 +44,27 @@ class AuthSpec(_Strict):
 class EndpointSpec(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC APIs listen on.")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI HTTP API port.")
+    http_server: Literal["proxy", "ingress"] = Field(
+        "proxy", description="Who serves the OpenAI HTTP API on http_port. proxy: Ray Serve's "
+        "HTTP proxy, on every node, passing each request to an ingress replica (one more hop: "
+        "about 12 ms of time to first token on a small host; Serve queues requests while no "
+        "replica runs). ingress: each ingress replica serves it itself, replicas on one node "
+        "sharing the port (SO_REUSEPORT), as for gRPC: no hop, but only nodes running an "
+        "ingress replica answer, and while a lone replica is replaced connections are refused. "
+        "Fixed when Serve starts: switching it on a running cluster is refused.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC API port.")
     ingress_replicas: int = Field(
         1, ge=1, le=64, description="Replicas of the ingress (the Serve deployment that serves "
-        "both APIs). Serve's proxy spreads HTTP requests over them; each also serves gRPC on "
-        "grpc_port, replicas on one node sharing the port (SO_REUSEPORT: the kernel spreads "
-        "new connections). 1 suits one machine (`splitserve serve`, tests); 2 or more keep "
+        "both APIs). Serve's proxy spreads HTTP requests over them (http_server proxy); each "
+        "serves gRPC on grpc_port (and, with http_server ingress, HTTP on http_port), replicas "
+        "on one node sharing the port (SO_REUSEPORT: the kernel spreads new connections). 1 suits one machine (`splitserve serve`, tests); 2 or more keep "
         "the API answering while Serve replaces a replica that died.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    drain_s: float = Field(10.0, ge=0.0, le=3600.0, description="When an ingress replica "
+                           "stops (a redeploy, a scale-down), how long its in-flight gRPC "
+                           "streams, and with http_server ingress its HTTP ones, may run on "
+                           "after it stopped accepting connections; those still running then "
+                           "are cut.")
     grpc_tls_cert: str | None = Field(None, description="PEM certificate file for gRPC TLS.")
     grpc_tls_key: str | None = Field(None, description="PEM key file for gRPC TLS.")
     http_tls_cert: str | None = Field(None, description="PEM certificate file for HTTPS on "
@@ -66,6 +79,10 @@ class EndpointSpec(_Strict):
         if self.ingress_replicas > 1 and self.grpc_port == 0:
             raise ValueError("grpc_port 0 (a free port) with ingress_replicas > 1: each replica "
                              "would listen on a different port; set a fixed grpc_port")
+        if self.http_server == "ingress" and self.http_port == 0:
+            raise ValueError("http_port 0 (a free port) with http_server ingress: each ingress "
+                             "replica would listen on a port of its own, which no client is "
+                             "told; set a fixed http_port")
         return self
 
     @model_validator(mode="after")

@@ -22,7 +22,8 @@ from ray import serve
 from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, ServedModel
 from splitserve.cluster.serve import app_status, router_state, secrets
 from splitserve.cluster.serve.app_status import DeployInProgress
-from splitserve.cluster.serve.http_proxy import check_unchanged, proxy_options
+from splitserve.cluster.serve.http_proxy import (check_mode, check_unchanged, proxy_running,
+                                                 serve_start_options)
 from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.router_names import NAMESPACE
@@ -198,7 +199,10 @@ def _apply(cfg: ClusterConfig, rcfg: RouterConfig, with_ingress: bool,
     (summary, the applications submitted, the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
-    serve.start(http_options=proxy_options(cfg.endpoints))
+    serve.start(**serve_start_options(cfg.endpoints))
+    proxy = proxy_running()
+    if proxy is not None:  # the running Serve's truth, whatever the ledger says
+        check_mode(proxy, cfg.endpoints)
     running = set(serve_status().applications)
     if prev is not None and not running & {a for m in prev.models for a in pool_apps_names(m)}:
         prev = None  # a ledger left from a cluster since shut down

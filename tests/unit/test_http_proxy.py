@@ -1,11 +1,14 @@
 """Serve's HTTP proxy options from the operator's endpoints section, and
-the refusal of a redeploy that would change them on a running cluster."""
+the refusal of a redeploy that would change them on a running cluster;
+who serves HTTP (Serve's proxy or the ingress replicas) and the refusal to
+switch it on a running cluster."""
 
 import pytest
 
 from splitserve.cluster.config import ConfigError
 from splitserve.cluster.config.access import EndpointSpec
-from splitserve.cluster.serve.http_proxy import check_unchanged, proxy_options, url
+from splitserve.cluster.serve.http_proxy import (check_mode, check_unchanged, proxy_options,
+                                                 serve_start_options, url)
 
 
 def test_plain_http_and_https_options_and_urls():
@@ -27,3 +30,38 @@ def test_a_running_proxy_keeps_its_address_and_tls_so_changing_them_is_refused()
     msg = str(e.value)
     assert "endpoints.http_port: 8000 -> 8001" in msg
     assert "endpoints.http_tls_cert: None -> '/c.pem'" in msg and "serve shutdown" in msg
+
+
+def test_ingress_mode_starts_serve_without_a_proxy():
+    assert serve_start_options(EndpointSpec(http_port=8100)) == {
+        "http_options": {"host": "127.0.0.1", "port": 8100}}
+    ing = EndpointSpec(http_port=8100, http_server="ingress", http_tls_cert="/c.pem",
+                       http_tls_key="/k.pem")
+    assert serve_start_options(ing) == {"proxy_location": "Disabled"}
+    assert url(ing) == "https://127.0.0.1:8100"  # the same address either way
+
+
+def test_in_ingress_mode_the_address_and_tls_roll_the_ingress_instead_of_being_refused():
+    running = EndpointSpec(http_port=8000, http_server="ingress")
+    check_unchanged(running, EndpointSpec(http_port=8001, http_server="ingress",
+                                          http_tls_cert="/c.pem", http_tls_key="/k.pem"))
+
+
+@pytest.mark.parametrize("was,want", [("proxy", "ingress"), ("ingress", "proxy")])
+def test_switching_who_serves_http_on_a_running_cluster_is_refused(was, want):
+    with pytest.raises(ConfigError) as e:
+        check_unchanged(EndpointSpec(http_server=was), EndpointSpec(http_server=want))
+    msg = str(e.value)
+    assert f"endpoints.http_server: {was!r} -> {want!r}" in msg and "serve shutdown" in msg
+    # the running Serve's own state says the same, whatever the ledger holds
+    with pytest.raises(ConfigError, match="fixed when Serve starts"):
+        check_mode(was == "proxy", EndpointSpec(http_server=want))
+    check_mode(want == "proxy", EndpointSpec(http_server=want))
+
+
+def test_ingress_mode_needs_a_fixed_http_port():
+    with pytest.raises(ValueError, match="set a fixed http_port"):
+        EndpointSpec(http_port=0, http_server="ingress")
+    assert EndpointSpec(http_port=0).http_server == "proxy"  # Serve's proxy may pick one
+    with pytest.raises(ValueError):
+        EndpointSpec(http_server="nginx")

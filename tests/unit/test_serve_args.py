@@ -35,7 +35,8 @@ def test_served_model_name_endpoints_keys_pools_and_transport():
     cfg = config_from_args(args_of(
         "/ckpt", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "9000",
         "--grpc-port", "9001", "--api-key", "k1", "--api-key", "k2", "--mode", "colocated",
-        "--decode-replicas", "3", "--prefill-replicas", "2", "--transport", "torch_dist"))
+        "--decode-replicas", "3", "--prefill-replicas", "2", "--transport", "torch_dist",
+        "--http-server", "ingress"))
     served = cfg.models[0]
     assert (served.model.name, served.model.path, served.mode) == ("chat", "/ckpt", "colocated")
     assert (served.decode.min_replicas, served.decode.max_replicas, served.decode.autoscaling) \
@@ -43,6 +44,7 @@ def test_served_model_name_endpoints_keys_pools_and_transport():
     assert (served.prefill.min_replicas, served.prefill.max_replicas) == (2, 2)
     assert (cfg.endpoints.host, cfg.endpoints.http_port, cfg.endpoints.grpc_port) == \
         ("0.0.0.0", 9000, 9001)
+    assert cfg.endpoints.http_server == "ingress"
     assert cfg.auth.api_keys == ["k1", "k2"] and cfg.transfer.transport == "torch_dist"
 
 
@@ -74,6 +76,7 @@ def test_model_flags_are_refused_for_a_config_of_several_models(tmp_path):
     (("--decode-replicas", "0"), "--decode-replicas must be at least 1"),
     (("--block-size", "24"), "block_size must be a power of two"),
     (("--port", "70000"), "endpoints.http_port"),
+    (("--port", "0", "--http-server", "ingress"), "set a fixed http_port"),
 ])
 def test_bad_flags_name_what_to_fix(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,136 @@
+"""The OpenAI HTTP API served by the process that runs it, without Serve's
+proxy (``endpoints.http_server: ingress``).
+
+Each ingress replica runs uvicorn on the app ``build_http_app`` builds, on
+the replica's own event loop, over a listening socket made here with
+``SO_REUSEPORT``: the replicas on one node bind the same ``host:port`` and
+the kernel spreads new connections over them, as for the gRPC API
+(``start_grpc_server``). TLS when a certificate and key (PEM files) are
+given.
+
+Stopping (``DirectHttpServer.stop``): the listening socket is closed first,
+so new connections go to the node's other replicas; idle keep-alive
+connections are closed and busy ones closed once their response ends (a
+closed connection with nothing left to send is aborted rather than left
+waiting for the client's TLS close); the
+in-flight responses (SSE streams included) run on for at most ``grace``
+seconds, and those still running then are cancelled (their backend streams
+close: the requests are cancelled and their KV blocks freed). A connection
+the kernel had queued on the closed socket but the server not yet accepted
+is reset: clients retry it (the ``openai`` client does, twice by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+log = logging.getLogger("splitserve.http")
+
+BACKLOG = 2048
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that other processes of this
+    user may bind too (``SO_REUSEPORT``). Raises OSError when the address is
+    taken by a socket without it (e.g. Serve's proxy) or cannot be bound."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _ReplicaServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the process (a Ray worker) owns
+    its signals, and the server is stopped by ``DirectHttpServer.stop``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class DirectHttpServer:
+    """uvicorn serving one ASGI app on a shared listening socket; build with
+    ``start_http_server``."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, task: asyncio.Task):
+        self._server, self._sock, self._task = server, sock, task
+        self.port: int = sock.getsockname()[1]
+
+    @property
+    def serving(self) -> bool:
+        return not self._task.done()
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let in-flight responses finish for at most
+        ``grace`` seconds, cancel the rest; returns when the server is down."""
+        if self._task.done():  # it ended on its own
+            self._sock.close()
+            return
+        self._server.config.timeout_graceful_shutdown = grace
+        self._server.should_exit = True
+        reaper = asyncio.get_running_loop().create_task(self._reap_closed())
+        try:
+            # uvicorn bounds its own wait by ``grace``; the margin covers its
+            # 0.1 s polling and the final socket close
+            await asyncio.wait_for(asyncio.shield(self._task), grace + 5.0)
+        except asyncio.TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+        except Exception:  # noqa: BLE001 - a server that failed is down too
+            log.exception("the HTTP server ended with an error")
+        finally:
+            reaper.cancel()
+            self._sock.close()
+
+    async def _reap_closed(self) -> None:
+        """Abort each connection the server has closed that has nothing left
+        to send: over TLS, closing waits for the client's close_notify (up to
+        30 s), which an idle keep-alive client never sends, and uvicorn's
+        drain waits for every connection to be gone."""
+        while True:
+            for conn in list(self._server.server_state.connections):
+                t = getattr(conn, "transport", None)
+                if t is not None and t.is_closing() and t.get_write_buffer_size() == 0:
+                    t.abort()
+            await asyncio.sleep(0.05)
+
+
+async def start_http_server(app, host: str, port: int, tls_cert: str | None = None,
+                            tls_key: str | None = None) -> DirectHttpServer:
+    """Serve ``app`` (ASGI) on ``host:port`` (0: a free port) from this
+    event loop; returns once it accepts connections. Raises OSError when the
+    address cannot be bound, RuntimeError when the server fails to start."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both http_tls_cert and http_tls_key (PEM files), or neither")
+    sock = listen_socket(host, port)
+    config = uvicorn.Config(
+        app, lifespan="off",  # the app has no startup work; Serve's copy runs none either
+        ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning", access_log=False,
+        # the app answers every error in OpenAI's shape; uvicorn's own
+        # date/server headers add nothing a client needs
+        server_header=False, backlog=BACKLOG, timeout_keep_alive=30)
+    server = _ReplicaServer(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            sock.close()
+            exc = task.exception() if not task.cancelled() else None
+            raise RuntimeError(f"the HTTP server on {host}:{port} did not start: {exc!r}") from exc
+        await asyncio.sleep(0.01)
+    return DirectHttpServer(server, sock, task)

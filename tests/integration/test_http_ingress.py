@@ -1,0 +1,191 @@
+"""The OpenAI HTTP API served by the ingress replicas themselves
+(``endpoints.http_server: ingress``) on a real local Ray cluster, over
+HTTPS, with two ingress replicas and no Serve proxy: the official client's
+streamed and whole completions equal the engine's; bad input gets OpenAI's
+error shape; the probes and /metrics answer as through the proxy; a switch
+back to Serve's proxy on the running cluster is refused; an ingress roll (an
+API key added) under a steady load of streams loses none of them, the
+replicas being replaced having drained theirs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from openai import OpenAI
+
+from splitserve.cluster.config import ConfigError, parse_config
+from splitserve.cluster.serve import app
+from splitserve.cluster.serve.http_proxy import proxy_running
+from splitserve.cluster.serve.router_actor import get_router
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.ports import free_port
+from tests.integration.pd_harness import make_engine
+from tests.integration.ray_cluster import local_ray
+from tests.unit.tls_certs import CA
+
+pytestmark = pytest.mark.slow
+
+KEY, NEW_KEY = "sk-http-ingress", "sk-http-ingress-rotated"
+PROMPT = "the quick brown fox"
+STREAM_TOKENS = 96
+CLIENTS = 4
+
+
+def config(model: str, http_port: int, grpc_port: int, cert: str, key: str, keys: list[str],
+           http_server: str = "ingress"):
+    return parse_config({
+        "models": [{"model": {"name": "tiny", "path": model, "num_blocks": 512,
+                              "block_size": 4, "max_num_seqs": 16},
+                    "mode": "colocated",
+                    "decode": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}}],
+        "router": {"routers": 1, "stats_period_s": 0.1},
+        "auth": {"api_keys": keys, "cluster_token": "http-ingress-token"},
+        "endpoints": {"http_port": http_port, "grpc_port": grpc_port, "ingress_replicas": 2,
+                      "http_server": http_server, "http_tls_cert": cert, "http_tls_key": key,
+                      "drain_s": 20.0},
+    })
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("https")
+    ca = CA()
+    cert, key = ca.issue("ingress.splitserve.test", ips=("127.0.0.1",)).write(folder, "ingress")
+    (folder / "ca.crt").write_bytes(ca.cert)
+    args = (str(tiny_llama), free_port(), free_port(), cert, key)
+    with local_ray(num_cpus=4):
+        app.deploy(config(*args, [KEY]), wait_s=240)
+        yield args, str(folder / "ca.crt")
+        app.shutdown()
+
+
+def client(cluster, key: str = KEY) -> OpenAI:
+    (_, http_port, *_), ca = cluster
+    return OpenAI(base_url=f"https://127.0.0.1:{http_port}/v1", api_key=key,
+                  http_client=httpx.Client(verify=ca, timeout=60))
+
+
+def reference(tiny_llama, max_tokens: int) -> str:
+    return make_engine(tiny_llama, block_size=4).generate(
+        [PROMPT], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0].text
+
+
+def test_the_official_client_over_https_without_a_proxy(cluster, tiny_llama):
+    assert proxy_running() is False
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_PROXY_ACTOR")]
+    c = client(cluster)
+    want = reference(tiny_llama, 12)
+    whole = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == want and whole.usage.completion_tokens == 12
+    streamed = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want
+    # the probes and /metrics are the same app's
+    (_, http_port, *_), ca = cluster
+    with httpx.Client(base_url=f"https://127.0.0.1:{http_port}", verify=ca, timeout=10) as h:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert h.get("/ready", headers=auth).json()["status"] == "ready"
+        assert h.get("/health", headers=auth).status_code == 200
+        assert "splitserve_" in h.get("/metrics", headers=auth).text
+        r = h.get("/v1/models")  # no key
+        assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param",
+                                                                   "code"}
+
+
+def test_bad_input_gets_openai_errors(cluster):
+    c = client(cluster)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=-1)
+    assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=4)
+    (_, http_port, *_), ca = cluster
+    r = httpx.post(f"https://127.0.0.1:{http_port}/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}",
+                            "Content-Type": "application/json"}, verify=ca)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_switching_to_the_proxy_on_the_running_cluster_is_refused(cluster):
+    args, _ = cluster
+    with pytest.raises(ConfigError, match="endpoints.http_server: 'ingress' -> 'proxy'"):
+        app.deploy(config(*args, [KEY], http_server="proxy"), wait_s=60)
+    assert proxy_running() is False
+    assert client(cluster).models.list().data[0].id == "tiny"  # still served as it was
+
+
+def _draining_with_streams() -> set[int]:
+    """pids of ingress replicas holding admission slots at the router that
+    have unregistered from the rollout (their ``__del__`` began: draining)."""
+    from ray.experimental import internal_kv
+
+    held = ray.get(get_router().counters.remote())["slots_by_holder"]
+    registered = {int(k.decode().rsplit(":", 2)[1])
+                  for k in internal_kv._internal_kv_list(b"ingress/replica/",
+                                                         namespace="splitserve")}
+    return {int(h.split(":")[1]) for h, n in held.items() if n} - registered
+
+
+def test_an_ingress_roll_under_load_loses_no_stream(cluster, tiny_llama):
+    args, _ = cluster
+    want = reference(tiny_llama, STREAM_TOKENS)
+    stop, lock = threading.Event(), threading.Lock()
+    done: list[float] = []  # each stream's end (monotonic)
+    failed: list[str] = []
+
+    def load() -> None:
+        c = client(cluster)
+        while not stop.is_set():
+            try:
+                s = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=STREAM_TOKENS,
+                                         temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+                text = "".join(ch.choices[0].text for ch in s if ch.choices)
+                with lock:
+                    (done.append(time.monotonic()) if text == want
+                     else failed.append(f"text {text!r}"))
+            except Exception as e:  # noqa: BLE001 - counted
+                with lock:
+                    failed.append(f"{type(e).__name__}: {e}")
+
+    drained: set[int] = set()
+
+    def watch() -> None:
+        while not stop.is_set():
+            drained.update(_draining_with_streams())
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=load) for _ in range(CLIENTS)] + [
+        threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(done) < CLIENTS:  # the load runs
+            assert time.monotonic() < deadline and not failed, failed
+            time.sleep(0.1)
+        rolled_at = time.monotonic()
+        app.deploy(config(*args, [KEY, NEW_KEY]), wait_s=120)  # new keys: the ingress rolls
+        # until the replaced replicas have drained, and a little load after
+        while _draining_with_streams() or len([d for d in done if d > rolled_at]) < 2 * CLIENTS:
+            assert time.monotonic() < deadline + 120, (len(done), failed)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    print(f"{len(done)} streams finished ({len([d for d in done if d > rolled_at])} after the "
+          f"roll began), replicas seen draining streams: {sorted(drained)}")
+    assert not failed, failed
+    assert drained, "no replaced replica held a stream while it drained: the roll proved nothing"
+    # the rotated key works on the new replicas
+    out = client(cluster, NEW_KEY).completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                                      temperature=0)
+    assert out.usage.completion_tokens == 4
