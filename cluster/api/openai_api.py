@@ -9,7 +9,8 @@ GET /v1/models/{id}; POST /v1/load_lora_adapter, /v1/unload_lora_adapter
 when keys are configured, except those
 ``ObservabilitySpec.unauthenticated_routes`` opens.
 
-Per request: API key -> body read up to the size limit ->
+Per request: API key -> body read up to the size limit, within
+``endpoints.body_timeout_s`` (splitserve.cluster.api.body_deadline) ->
 JSON (nesting bounded) -> request model -> a route's variant picked
 (splitserve.cluster.api.routing: the response echoes the route's name and
 names the variant in the ``x-splitserve-variant`` header) -> the prompt's length in
@@ -44,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from splitserve.cluster.api import openai_schema as schema
 from splitserve.cluster.api import responses_api
 from splitserve.cluster.api.adapters_api import add_adapter_routes
+from splitserve.cluster.api.body_deadline import BodyDeadline
 from splitserve.cluster.api.backend import Backend, ModelInfo, RequestOptions
 from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
 from splitserve.cluster.api.health import add_health_routes
@@ -62,7 +64,7 @@ from splitserve.cluster.api.reasoning import Reasoning
 from splitserve.cluster.api.routing import Routed, all_models, model_info, resolve_http, variant_headers
 from splitserve.cluster.api.tokenize_api import add_tokenize_routes
 from splitserve.cluster.api.tool_calls import ToolRequest
-from splitserve.cluster.config import ObservabilitySpec
+from splitserve.cluster.config import EndpointSpec, ObservabilitySpec
 from splitserve.engine.auth import secret_matches
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import check_prompt_chars
@@ -108,12 +110,15 @@ def model_card(m: ModelInfo) -> dict:
 def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
                    pool: PreparePool | None = None,
                    observability: ObservabilitySpec | None = None,
-                   tracer: Tracer | None = None) -> FastAPI:
+                   tracer: Tracer | None = None,
+                   body_timeout_s: float = EndpointSpec.model_fields["body_timeout_s"].default,
+                   ) -> FastAPI:
     """``pool``: where requests are tokenized (default: the process's
     shared pool, which the gRPC server uses too); ``observability``: which
     probes and metrics need no key, and whether /metrics adds vLLM's names;
     ``tracer``: each generation request becomes an ``ingress`` span
-    (``splitserve.cluster.api.http_tracing``)."""
+    (``splitserve.cluster.api.http_tracing``); ``body_timeout_s``: how
+    long a request body may take to arrive (``BodyDeadline``)."""
     pool = pool or shared_pool()
     observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -180,6 +185,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     responses_api.add_route(app, backend, pool, max_body_bytes)
 
     open_paths = frozenset(p for r in observability.unauthenticated_routes for p in OPEN_PATHS[r])
+    # inside the key check: an unauthenticated client is refused before its body is read
+    app.add_middleware(BodyDeadline, timeout_s=body_timeout_s)
     app.add_middleware(_ApiKeyGuard, api_keys=list(api_keys), open_paths=open_paths)
     if tracer is not None:  # outside the key check: refused requests are traced too
         from splitserve.cluster.api.http_tracing import TracingMiddleware

@@ -60,6 +60,12 @@ class EndpointSpec(_Strict):
         "on one node sharing the port (SO_REUSEPORT: the kernel spreads new connections). 1 suits one machine (`splitserve serve`, tests); 2 or more keep "
         "the API answering while Serve replaces a replica that died.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="How long an HTTP "
+                                  "request's body may take to arrive, from when the request "
+                                  "reaches the API; a body still incomplete then (a client that "
+                                  "stalls or trickles it) is answered 408 and its connection "
+                                  "closed. Bounds the body only: request headers that never "
+                                  "finish are not bounded by this (see docs/operators.md).")
     drain_s: float = Field(10.0, ge=0.0, le=3600.0, description="When an ingress replica "
                            "stops (a redeploy, a scale-down), how long its in-flight gRPC "
                            "streams, and with http_server ingress its HTTP ones, may run on "

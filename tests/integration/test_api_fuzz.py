@@ -9,6 +9,8 @@ request still succeeds and no KV block stays allocated."""
 import gzip
 import json
 import random
+import socket
+import time
 
 import grpc
 import httpx
@@ -29,6 +31,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MD = (("authorization", f"Bearer {KEY}"),)
 MAX_BODY = 256 << 10  # room for the caps just past their limits
 CONTEXT = 256  # the tiny checkpoints' max_model_len
+BODY_TIMEOUT_S = 1.0  # every fuzz body is sent at once, on loopback
 # refusals of a body that is not a JSON object (or not JSON at all): no field to name
 BODY_CODES = {"invalid_json", "invalid_encoding", "invalid_content_type", "request_too_large"}
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
@@ -160,7 +163,7 @@ def check_http(r, param_required):
 
 @pytest.fixture(scope="module")
 def http_url(local):
-    server = ServerThread(build_http_app(local, [KEY], MAX_BODY))
+    server = ServerThread(build_http_app(local, [KEY], MAX_BODY, body_timeout_s=BODY_TIMEOUT_S))
     yield server.url
     server.stop()
 
@@ -444,6 +447,8 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
         r = client.post(C, content=gzip.compress(json.dumps(OK_C).encode()),
                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
+        # a body that stops short of its Content-Length: 408 after the body timeout, closed
+        _truncated_body_times_out(http_url)
         # the connection that carried them still serves (a 500 once closed it)
         r = client.post(C, json=OK_C)
         assert r.status_code == 200
@@ -456,6 +461,24 @@ def test_crafted_requests_are_400_naming_the_field(http_url, local, engines):
                 assert r.status_code == 200 and len(r.headers.get_list("x-splitserve-request-id")) == 1
                 r.read()
     assert wait_until(lambda: idle(local, engines), timeout=10)
+
+
+def _truncated_body_times_out(http_url: str) -> None:
+    host, port = http_url.removeprefix("http://").split(":")
+    head = (f"POST {C} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=BODY_TIMEOUT_S + 3) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head.encode() + b'{"model": ')
+        got = b""
+        while chunk := sock.recv(65536):  # to EOF: the server closes the connection
+            got += chunk
+        took = time.monotonic() - t0
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), got
+    err = json.loads(body)["error"]
+    assert err["code"] == "request_timeout" and "endpoints.body_timeout_s" in err["message"], err
+    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 1.5
 
 
 GRPC_CRAFTED = [
