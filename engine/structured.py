@@ -17,7 +17,9 @@ step it yields the allowed-token mask, and every token the sequence takes
 advances it. When the grammar admits no further token the sequence ends
 with finish reason ``stop``; EOS is allowed exactly where the grammar may
 end. A constraint no output satisfies at all is refused before it runs
-(``check_spec``, and ``GrammarCompiler.matcher`` with the model's tokens);
+(``check_spec``, and ``GrammarCompiler.matcher`` with the model's tokens),
+and so is one whose regexes unroll past a size the matcher serves without
+stalling the batch (``splitserve.engine.regex_size``);
 one that reaches a dead end later (a state with no allowed token and no
 end: llguidance does not prove a grammar free of them) ends the sequence
 with finish reason ``error``: the text so far does not match. The matcher lives with the sequence's request state, so preemption
@@ -41,6 +43,7 @@ from splitserve.engine import json_text
 from splitserve.engine.deep_stack import run_deep
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_CHOICE_STRINGS, MAX_SPEC_CHARS
+from splitserve.engine.regex_size import oversized_regex
 
 KINDS = ("json", "regex", "grammar")
 PARAM = "response_format"  # what errors name (the OpenAI field)
@@ -99,6 +102,11 @@ def _compile_error_now(kind: str, value: str) -> str:
         grammar = grammar_text(kind, value)
     except InvalidRequestError as e:
         return str(e)
+    # before compiling: such a regex costs most of a second to compile, then as much per mask
+    schema = json_text.parse_field(value, "the JSON schema") if kind == "json" else None
+    oversized = oversized_regex(kind, value, schema)
+    if oversized:
+        return oversized
     llg = _llguidance()
     error = llg.LLMatcher.validate_grammar(grammar, None, limits=_limits())
     if error:
