@@ -406,6 +406,10 @@ CRAFTED = [
     # refused by the engine, with the model's own tokens: named as the client's field
     (C, {**OK_C, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
     (R, {**OK_R, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
+    # a regex that unrolls to a million positions: refused by its shape, before it compiles
+    (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "string", "pattern": "^(a{1000}){1000}$"}}}}, "response_format"),
 ]
 
 
@@ -501,6 +505,8 @@ GRPC_CRAFTED = [
      "structured_output"),
     # echoed on every response of the stream
     (dict(text="hi", request_id="r" * (MAX_REQUEST_ID_CHARS + 1)), "request_id"),
+    (dict(text="hi", params=P(structured_output=pb.StructuredOutput(regex="(a{1000}){1000}"))),
+     "structured_output"),
 ]
 
 
