@@ -146,19 +146,25 @@ def lark_regexes(grammar: str) -> Iterator[tuple[str, int]]:
 
 
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "description", "title"})
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                    "dependentSchemas"})
 _ARRAY_PARTS = frozenset({"items", "prefixItems", "additionalItems", "contains"})
 
 
 def schema_regexes(schema: Any) -> Iterator[tuple[str, int]]:
     """(pattern, how many times it is unrolled) for each regex of a JSON
     schema; ``schema``'s nesting is already bounded (``MAX_JSON_DEPTH``)."""
-    todo: list[tuple[Any, int]] = [(schema, 1)]
+    # (node, times, whether node maps names to schemas: its keys are not keywords)
+    todo: list[tuple[Any, int, bool]] = [(schema, 1, False)]
     while todo:
-        node, times = todo.pop()
+        node, times, named = todo.pop()
         if isinstance(node, list):
-            todo.extend((v, times) for v in node)
+            todo.extend((v, times, False) for v in node)
             continue
         if not isinstance(node, dict):
+            continue
+        if named:
+            todo.extend((v, times, False) for v in node.values())
             continue
         if isinstance(node.get("pattern"), str):
             yield node["pattern"], times
@@ -169,7 +175,8 @@ def schema_regexes(schema: Any) -> Iterator[tuple[str, int]]:
         items = max([1, *counts])
         for key, value in node.items():
             if key not in _NOT_SCHEMAS and isinstance(value, (dict, list)):
-                todo.append((value, times * items if key in _ARRAY_PARTS else times))
+                todo.append((value, times * items if key in _ARRAY_PARTS else times,
+                             key in _NAMED))
 
 
 def oversized_regex(kind: str, value: str, schema: Any = None) -> str:

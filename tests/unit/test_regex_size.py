@@ -76,6 +76,13 @@ def test_oversized_regexes_are_refused_naming_the_limit(spec, says):
     assert says in msg and f"at most {MAX_REGEX_EXPANSION}" in msg, msg
 
 
+def test_a_property_named_like_a_keyword_is_still_a_schema():
+    for name in ("default", "enum", "examples", "pattern"):
+        schema = {"type": "object", "properties": {name: {"type": "string", "pattern": "a{20000}"}},
+                  "$defs": {"const": {"pattern": "b{30000}"}}}
+        assert sorted(schema_regexes(schema)) == [("a{20000}", 1), ("b{30000}", 1)]
+
+
 def test_lark_literals_and_comments_are_not_terminals_or_counts():
     grammar = 'start: "/a{9}/" x{3} // not /b{99999}/ nor {5000}\nx: /[0-9]{2}/ "{7000}"'
     assert list(lark_regexes(grammar)) == [("[0-9]{2}", 3)]
