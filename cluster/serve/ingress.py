@@ -77,7 +77,8 @@ class Ingress:
             tracer=self.tracer)
         log.info("gRPC API on %s:%s", ep.host, self.grpc_port)
         self.http_app = build_http_app(self.backend, self.api_keys, ep.max_body_bytes,
-                                       observability=self.cfg.observability, tracer=self.tracer)
+                                       observability=self.cfg.observability, tracer=self.tracer,
+                                       body_timeout_s=ep.body_timeout_s)
         self.http_server = None
         if ep.http_server == "ingress":
             self.http_server = await start_http_server(

@@ -9,6 +9,9 @@ replicas being replaced having drained theirs."""
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
 import threading
 import time
 
@@ -34,6 +37,7 @@ KEY, NEW_KEY = "sk-http-ingress", "sk-http-ingress-rotated"
 PROMPT = "the quick brown fox"
 STREAM_TOKENS = 96
 CLIENTS = 4
+BODY_TIMEOUT_S = 1.0
 
 
 def config(model: str, http_port: int, grpc_port: int, cert: str, key: str, keys: list[str],
@@ -47,7 +51,7 @@ def config(model: str, http_port: int, grpc_port: int, cert: str, key: str, keys
         "auth": {"api_keys": keys, "cluster_token": "http-ingress-token"},
         "endpoints": {"http_port": http_port, "grpc_port": grpc_port, "ingress_replicas": 2,
                       "http_server": http_server, "http_tls_cert": cert, "http_tls_key": key,
-                      "drain_s": 20.0},
+                      "drain_s": 20.0, "body_timeout_s": BODY_TIMEOUT_S},
     })
 
 
@@ -111,6 +115,23 @@ def test_bad_input_gets_openai_errors(cluster):
                    headers={"Authorization": f"Bearer {KEY}",
                             "Content-Type": "application/json"}, verify=ca)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # a body that never arrives whole: 408 once endpoints.body_timeout_s has
+    # passed (the operator's setting reaches the replica), the connection closed
+    ctx = ssl.create_default_context(cafile=ca)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}"
+            "\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", http_port), timeout=BODY_TIMEOUT_S + 10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            t0 = time.monotonic()
+            sock.sendall(head.encode() + b'{"model": ')
+            got = b""
+            while chunk := sock.recv(65536):  # to EOF: the server closes it
+                got += chunk
+            took = time.monotonic() - t0
+    status, _, body = got.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), got
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 5
 
 
 def test_switching_to_the_proxy_on_the_running_cluster_is_refused(cluster):
