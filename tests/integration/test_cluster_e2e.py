@@ -39,7 +39,6 @@ def cluster(tiny_checkpoints):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=180)
         yield cfg, {"llama": llama, "qwen": qwen}
-        app.shutdown()
 
 
 def test_openai_client_matches_engine_for_both_models(cluster):

@@ -65,7 +65,6 @@ def cluster(tiny_llama, tmp_path_factory):
     with local_ray(num_cpus=4):
         app.deploy(config(*args, [KEY]), wait_s=240)
         yield args, str(folder / "ca.crt")
-        app.shutdown()
 
 
 def client(cluster, key: str = KEY) -> OpenAI:

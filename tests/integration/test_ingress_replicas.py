@@ -48,7 +48,6 @@ def cluster(tiny_llama):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=240)
         yield cfg
-        app.shutdown()
 
 
 def ingress_replicas() -> dict[int, object]:

@@ -65,7 +65,6 @@ def cluster(tiny_checkpoints, tmp_path_factory):
             app.deploy(cfg, wait_s=240)
             peer = TLSConfig(cert_chain=replica.cert, private_key=replica.key, root_certs=ca.cert)
             yield cfg, llama, peer, ca
-            app.shutdown()
     finally:
         if saved is not None:
             os.environ["SPLITSERVE_CLUSTER_TOKEN"] = saved

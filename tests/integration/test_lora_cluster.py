@@ -93,7 +93,6 @@ def cluster(adapters):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=240)
         yield cfg
-        app.shutdown()
 
 
 def client(cfg, key=KEY) -> OpenAI:

@@ -124,7 +124,6 @@ def cluster(tiny_llama):
         cfg = config(tiny_llama)
         app.deploy(cfg, with_ingress=True, wait_s=180)
         yield cfg
-        app.shutdown()
 
 
 def send(cfg, requests, concurrency=3):

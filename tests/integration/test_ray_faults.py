@@ -45,7 +45,6 @@ def cluster(tiny_llama):
     with local_ray(num_cpus=4, worker_setup_hook=HOOK):
         app.deploy(cfg, with_ingress=False, wait_s=180)
         yield cfg
-        app.shutdown()
 
 
 def prompts(vocab, n, seed=0):

@@ -45,7 +45,6 @@ def cluster(tiny_llama):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=240)
         yield cfg
-        app.shutdown()
 
 
 def router_counters() -> dict:

@@ -44,7 +44,6 @@ def cluster(tiny_llama):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=180)
         yield cfg
-        app.shutdown()
 
 
 def counters() -> list[dict]:

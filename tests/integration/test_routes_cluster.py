@@ -53,7 +53,6 @@ def cluster(tiny_checkpoints):
     with local_ray(num_cpus=4):
         app.deploy(config(ports, split(100, 0)), wait_s=180)
         yield ports
-        app.shutdown()
 
 
 def client(ports):

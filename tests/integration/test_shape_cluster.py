@@ -59,7 +59,6 @@ def cluster(shape_checkpoints, tiny_checkpoints):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=180)
         yield cfg, paths
-        app.shutdown()
 
 
 def prompts_for(name: str) -> list[list[int]]:

@@ -60,7 +60,6 @@ def cluster(tiny_checkpoints):
     with local_ray(num_cpus=4):
         app.deploy(cfg, wait_s=240)
         yield cfg, path
-        app.shutdown()
 
 
 def test_tp2_prefill_pool_hands_off_to_tp1_decode_with_engine_parity(cluster):
