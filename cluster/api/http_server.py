@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 
@@ -36,8 +37,10 @@ BACKLOG = 2048
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` that other processes of this
-    user may bind too (``SO_REUSEPORT``). Raises OSError when the address is
-    taken by a socket without it (e.g. Serve's proxy) or cannot be bound."""
+    user may bind too (``SO_REUSEPORT``). Raises OSError naming the address
+    and the setting when it is taken by a socket without it (another server,
+    e.g. Serve's proxy) or cannot be bound: the replica's constructor fails
+    with it, and ``splitserve deploy`` shows Serve's last line of that."""
     family, kind, proto, _, addr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
@@ -49,9 +52,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind(addr)
         sock.listen(BACKLOG)
         sock.setblocking(False)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        # the bare errno text ("Address already in use") names no address
+        hint = (": another process holds it (free the port or set another "
+                "endpoints.http_port)" if e.errno == errno.EADDRINUSE else "")
+        raise OSError(e.errno, f"the OpenAI HTTP API cannot listen on {host}:{port} "
+                      f"(endpoints.host / endpoints.http_port){hint}: {e.strerror}") from e
     return sock
 
 

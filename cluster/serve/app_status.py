@@ -38,12 +38,28 @@ class AppsReport:
                                          for a, m in self.failed.items()))
 
 
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def _condensed(message: str) -> str:
+    """``message`` with a Python traceback in it cut to Serve's first line
+    and the traceback's last (the exception raised, e.g. a constructor's
+    ``OSError: ... cannot listen on 127.0.0.1:8000 ...``): the frames of
+    Serve's replica wrapper fill a terminal and hide what went wrong; they
+    stay in the replica's log."""
+    if TRACEBACK not in message:
+        return message
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return f"{lines[0]} {lines[-1]}" if len(lines) > 1 else message
+
+
 def _reason(app: ApplicationStatusOverview) -> str:
     """The application's own message, else its deployments' (Serve puts a
     replica constructor's error, or the resources a replica waits for, on
-    the deployment)."""
-    notes = [app.message] if app.message else []
-    notes += [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    the deployment); a traceback is cut to its last line (``_condensed``)."""
+    notes = [_condensed(app.message)] if app.message else []
+    notes += [f"{name}: {_condensed(d.message)}" for name, d in app.deployments.items()
+              if d.message]
     status = getattr(app.status, "value", app.status)
     return f"{status}" + (f": {' | '.join(notes)}" if notes else "")
 

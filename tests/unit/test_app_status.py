@@ -42,3 +42,29 @@ def test_all_running_is_empty():
     got = report(ServeStatus(applications={"a": _app(ApplicationStatus.RUNNING)}), ["a"])
     assert not got.failed and not got.starting
     got.raise_failed()  # nothing to raise
+
+
+def test_a_constructor_traceback_is_cut_to_the_exception_it_raised():
+    # Serve's deployment message for a replica whose constructor raised: its
+    # summary, then the replica wrapper's traceback (as Serve writes it)
+    message = (
+        "The deployment failed to start 6 times in a row. This may be due to a problem with "
+        "its constructor or initial health check failing. See controller logs for details. "
+        "Error:\n\x1b[36mray::ServeReplica:ingress:ingress.initialize_and_get_metadata()"
+        "\x1b[39m (pid=1, ip=10.0.0.1)\n"
+        '  File "ray/serve/_private/replica.py", line 1928, in initialize\n'
+        "    raise RuntimeError(traceback.format_exc()) from None\n"
+        "RuntimeError: Traceback (most recent call last):\n"
+        '  File "cluster/serve/ingress.py", line 84, in __init__\n'
+        "    self.http_server = await start_http_server(\n"
+        "                       ^^^^^^^^^^^^^^^^^^^^^^^^\n"
+        "OSError: [Errno 98] the OpenAI HTTP API cannot listen on 127.0.0.1:8000 "
+        "(endpoints.host / endpoints.http_port): another process holds it\n")
+    got = report(ServeStatus(applications={
+        "ingress": _app(ApplicationStatus.DEPLOY_FAILED, deployment_message=message)}),
+        ["ingress"])
+    assert got.failed == {"ingress": (
+        "DEPLOY_FAILED: Worker: The deployment failed to start 6 times in a row. This may be "
+        "due to a problem with its constructor or initial health check failing. See controller "
+        "logs for details. Error: OSError: [Errno 98] the OpenAI HTTP API cannot listen on "
+        "127.0.0.1:8000 (endpoints.host / endpoints.http_port): another process holds it")}

@@ -6,6 +6,7 @@ other keeps the port; HTTPS with the configured certificate."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 import httpx
@@ -154,8 +155,11 @@ def test_a_port_held_without_reuseport_is_refused():
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     try:
-        with pytest.raises(OSError):
-            listen_socket("127.0.0.1", holder.getsockname()[1])
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*another "
+                                          r"process holds it.*endpoints\.http_port") as e:
+            listen_socket("127.0.0.1", port)
+        assert e.value.errno == errno.EADDRINUSE
     finally:
         holder.close()
     with pytest.raises(ValueError, match="http_tls_key"):
