@@ -6,7 +6,9 @@ the replica's own event loop, over a listening socket made here with
 ``SO_REUSEPORT``: the replicas on one node bind the same ``host:port`` and
 the kernel spreads new connections over them, as for the gRPC API
 (``start_grpc_server``). TLS when a certificate and key (PEM files) are
-given.
+given. A connection's request head must arrive within ``HEAD_TIMEOUT_S``
+of it opening or of its previous response (``HeadDeadlineProtocol``): idle
+and slowloris connections do not hold descriptors indefinitely.
 
 Stopping (``DirectHttpServer.stop``): the listening socket is closed first,
 so new connections go to the node's other replicas; idle keep-alive
@@ -29,10 +31,14 @@ import logging
 import socket
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("splitserve.http")
 
 BACKLOG = 2048
+# a request's head (line and headers) must arrive within this of the
+# connection opening or of its previous response ending (keep-alive idle)
+HEAD_TIMEOUT_S = 30.0
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -60,6 +66,58 @@ def listen_socket(host: str, port: int) -> socket.socket:
         raise OSError(e.errno, f"the OpenAI HTTP API cannot listen on {host}:{port} "
                       f"(endpoints.host / endpoints.http_port){hint}: {e.strerror}") from e
     return sock
+
+
+class HeadDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head.
+
+    uvicorn bounds only the idle wait between requests, and its timer stops
+    at the first byte that arrives: a connection that never sends a request,
+    or sends its head a byte at a time, holds a file descriptor (and, over
+    TLS, a handshaken session) for as long as its client likes, and enough
+    of them run the replica out of descriptors. Here the head (request line
+    and headers) must be complete within ``head_timeout_s`` of the
+    connection opening or of the previous response ending; past it the
+    connection is closed. The body has its own bound (``BodyDeadline``)."""
+
+    head_timeout_s = HEAD_TIMEOUT_S  # set per server by ``start_http_server``
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = None
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+
+    def _cancel_head_deadline(self) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_deadline()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # the next head is awaited unless one is already queued (pipelined)
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+
+def _protocol(head_timeout_s: float) -> type[HeadDeadlineProtocol]:
+    return type("HeadDeadline", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
 
 
 class _ReplicaServer(uvicorn.Server):
@@ -119,10 +177,14 @@ class DirectHttpServer:
 
 
 async def start_http_server(app, host: str, port: int, tls_cert: str | None = None,
-                            tls_key: str | None = None) -> DirectHttpServer:
+                            tls_key: str | None = None,
+                            head_timeout_s: float = HEAD_TIMEOUT_S) -> DirectHttpServer:
     """Serve ``app`` (ASGI) on ``host:port`` (0: a free port) from this
-    event loop; returns once it accepts connections. Raises OSError when the
-    address cannot be bound, RuntimeError when the server fails to start."""
+    event loop; returns once it accepts connections. A connection whose next
+    request head has not arrived ``head_timeout_s`` after it opened or after
+    its previous response is closed (``HeadDeadlineProtocol``). Raises
+    OSError when the address cannot be bound, RuntimeError when the server
+    fails to start."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both http_tls_cert and http_tls_key (PEM files), or neither")
     sock = listen_socket(host, port)
@@ -131,7 +193,8 @@ async def start_http_server(app, host: str, port: int, tls_cert: str | None = No
         ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning", access_log=False,
         # the app answers every error in OpenAI's shape; uvicorn's own
         # date/server headers add nothing a client needs
-        server_header=False, backlog=BACKLOG, timeout_keep_alive=30)
+        server_header=False, backlog=BACKLOG, timeout_keep_alive=head_timeout_s,
+        http=_protocol(head_timeout_s))
     server = _ReplicaServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
+import time
 
 import httpx
 import pytest
@@ -164,3 +166,76 @@ def test_a_port_held_without_reuseport_is_refused():
         holder.close()
     with pytest.raises(ValueError, match="http_tls_key"):
         asyncio.run(start_http_server(app_named("x"), "127.0.0.1", 0, tls_cert="/c.pem"))
+
+
+def _closed_after(sock: socket.socket, send: bytes = b"", drip_s: float = 0.0) -> float:
+    """Seconds until the server closes ``sock``, sending ``send`` a byte
+    every ``drip_s`` (all at once when 0) meanwhile; reads what it answers."""
+    t0 = time.monotonic()
+    sock.settimeout(0.05 if drip_s else 10)
+    for i in range(len(send)):
+        if not drip_s:
+            sock.sendall(send)
+            break
+        try:
+            sock.sendall(send[i:i + 1])
+            if sock.recv(65536) == b"":
+                return time.monotonic() - t0
+        except socket.timeout:
+            time.sleep(drip_s)
+        except OSError:
+            return time.monotonic() - t0
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_a_connection_without_a_request_head_in_time_is_closed(tmp_path):
+    port = free_port()
+    ca = CA()
+    cert, key = ca.issue("ingress.splitserve.test", ips=("127.0.0.1",)).write(tmp_path, "srv")
+    (tmp_path / "ca.crt").write_bytes(ca.cert)
+    tls_port = free_port()
+    head = b"GET /stream?n=12 HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+
+    async def main():
+        s = await start_http_server(app_named("a"), "127.0.0.1", port, head_timeout_s=0.4)
+        t = await start_http_server(app_named("t"), "127.0.0.1", tls_port, cert, key,
+                                    head_timeout_s=0.4)
+        try:
+            def idle():  # a connection that sends nothing
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    return _closed_after(sock)
+
+            def drip():  # one that sends its head a byte at a time
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    return _closed_after(sock, head, drip_s=0.05)
+
+            def idle_tls():  # over TLS, once handshaken
+                ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+                with ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port)),
+                                     server_hostname="127.0.0.1") as sock:
+                    return _closed_after(sock)
+
+            for took in await asyncio.gather(*(asyncio.to_thread(f)
+                                               for f in (idle, drip, idle_tls))):
+                assert 0.3 < took < 2.0
+            # a request in time is served, its stream (longer than the
+            # deadline) runs to its end, and the kept-alive connection idle
+            # after it is closed by the same deadline
+            async with httpx.AsyncClient(timeout=10) as c:
+                async with c.stream("GET", f"http://127.0.0.1:{port}/stream?n=12") as r:
+                    assert [ln async for ln in r.aiter_lines()] == [f"a:{i}" for i in range(12)]
+                assert len(s._server.server_state.connections) == 1
+                await asyncio.sleep(0.8)
+                assert not s._server.server_state.connections
+                assert (await c.get(f"http://127.0.0.1:{port}/who")).text == "a"  # reconnects
+        finally:
+            await s.stop(grace=1.0)
+            await t.stop(grace=1.0)
+
+    asyncio.run(main())
