@@ -23,7 +23,7 @@ from splitserve.cluster.config import ClusterConfig, ConfigError, ModelSpec, Ser
 from splitserve.cluster.serve import app_status, router_state, secrets
 from splitserve.cluster.serve.app_status import DeployInProgress
 from splitserve.cluster.serve.http_proxy import (check_mode, check_unchanged, proxy_running,
-                                                 serve_start_options)
+                                                 start_serve)
 from splitserve.cluster.serve.rollout import ingress_view
 from splitserve.cluster.serve.router_actor import ensure_routers, get_router, kill_routers
 from splitserve.cluster.serve.router_names import NAMESPACE
@@ -199,7 +199,7 @@ def _apply(cfg: ClusterConfig, rcfg: RouterConfig, with_ingress: bool,
     (summary, the applications submitted, the secrets version published)."""
     prev_dump = ray.get(ledger.config.remote())
     prev = ClusterConfig.model_validate(prev_dump) if prev_dump else None
-    serve.start(**serve_start_options(cfg.endpoints))
+    start_serve(cfg.endpoints)
     proxy = proxy_running()
     if proxy is not None:  # the running Serve's truth, whatever the ledger says
         check_mode(proxy, cfg.endpoints)

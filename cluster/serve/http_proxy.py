@@ -44,6 +44,34 @@ def serve_start_options(ep: EndpointSpec) -> dict[str, Any]:
     return {"http_options": proxy_options(ep)}
 
 
+def start_serve(ep: EndpointSpec) -> None:
+    """``serve.start`` for ``ep`` (a no-op on a running Serve). Serve's
+    proxy failing to start (its port held by another process) raises
+    ``DeployFailed`` naming the address, rather than the proxy actor's
+    traceback."""
+    from ray import serve
+
+    try:
+        serve.start(**serve_start_options(ep))
+    except Exception as e:  # noqa: BLE001 - Ray wraps the proxy's error in its own types
+        if ep.http_server != "proxy":
+            raise
+        raise proxy_start_failed(ep, e) from e
+
+
+def proxy_start_failed(ep: EndpointSpec, error: BaseException):
+    """The ``DeployFailed`` for Serve's proxy not starting on ``ep``'s
+    address: the address, the settings, and the last line of ``error`` (a
+    Ray task error holds the proxy actor's whole traceback)."""
+    from splitserve.cluster.serve.app_status import DeployFailed
+
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    cause = lines[-1] if lines else type(error).__name__
+    return DeployFailed(
+        f"Ray Serve's HTTP proxy did not start on {ep.host}:{ep.http_port} (endpoints.host / "
+        f"endpoints.http_port; is another process holding the port?): {cause}")
+
+
 def check_unchanged(running: EndpointSpec, ep: EndpointSpec) -> None:
     """Raise ConfigError naming what ``ep`` changes from the ``running``
     cluster's that only a new Serve instance takes: ``http_server``, and in

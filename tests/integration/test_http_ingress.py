@@ -131,6 +131,16 @@ def test_bad_input_gets_openai_errors(cluster):
     assert status.startswith(b"HTTP/1.1 408"), got
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 5
+    # plaintext HTTP to the HTTPS port: no answer (the TLS handshake fails,
+    # the connection is closed), and the replica serves the next client
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as plain:
+        plain.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            answer = plain.recv(65536)
+        except ConnectionResetError:  # closed with data unread: a reset
+            answer = b""
+        assert answer == b""
+    assert client(cluster).models.list().data[0].id == "tiny"
 
 
 def test_switching_to_the_proxy_on_the_running_cluster_is_refused(cluster):

@@ -65,3 +65,27 @@ def test_ingress_mode_needs_a_fixed_http_port():
     assert EndpointSpec(http_port=0).http_server == "proxy"  # Serve's proxy may pick one
     with pytest.raises(ValueError):
         EndpointSpec(http_server="nginx")
+
+
+def test_serves_proxy_failing_to_bind_is_a_deploy_error_naming_the_address():
+    # what serve.start raises when another process holds the proxy's port:
+    # a Ray task error carrying the proxy actor's traceback
+    from ray.exceptions import RayTaskError
+
+    from splitserve.cluster.serve.app_status import DeployFailed
+    from splitserve.cluster.serve.http_proxy import proxy_start_failed
+
+    cause = RuntimeError("Failed to bind to address '127.0.0.1:8123'.")
+    tb = ("Traceback (most recent call last):\n"
+          '  File "ray/serve/_private/proxy.py", line 1807, in ready\n'
+          "    self._running_http_server_task, _ = await self._start_http_server_task\n"
+          '  File "ray/serve/_private/http_util.py", line 786, in start_asgi_http_server\n'
+          "    raise RuntimeError(\n"
+          "RuntimeError: Failed to bind to address '127.0.0.1:8123'.")
+    err = proxy_start_failed(EndpointSpec(http_port=8123),
+                             RayTaskError("ProxyActor.ready", tb, cause))
+    assert isinstance(err, DeployFailed)
+    assert str(err) == (
+        "Ray Serve's HTTP proxy did not start on 127.0.0.1:8123 (endpoints.host / "
+        "endpoints.http_port; is another process holding the port?): RuntimeError: Failed to "
+        "bind to address '127.0.0.1:8123'.")
