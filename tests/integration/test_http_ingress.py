@@ -143,6 +143,71 @@ def test_bad_input_gets_openai_errors(cluster):
     assert client(cluster).models.list().data[0].id == "tiny"
 
 
+def _decode_stats(token: str):
+    """The decode replica's ``WorkerStats`` (asked over the worker RPC)."""
+    import asyncio
+
+    from splitserve.engine.stats import stats_from_wire
+    from splitserve.handoff.rpc import WorkerClient
+
+    (rep,) = ray.get(get_router().replicas.remote())["tiny"]["decode"]
+
+    async def ask():
+        c = WorkerClient(rep["replica_id"], token)
+        try:
+            return stats_from_wire(await c.call("Stats", {}, timeout=10))
+        finally:
+            await c.close()
+
+    return asyncio.run(ask())
+
+
+CUT_TOKENS = 240  # what a cut stream asks for: ~240 decode steps if it ran on
+
+
+def test_clients_gone_mid_stream_leave_no_slot_or_kv_block(cluster):
+    """Streams cut by their clients (connections closed after the first
+    chunk) among short streams read to their end, over both replicas: the
+    cut ones' requests are cancelled at the decode replica (far fewer engine
+    steps than they asked tokens for), their KV blocks freed and their
+    admission slots returned, as through Serve's proxy."""
+    import asyncio
+
+    (_, http_port, *_), ca = cluster
+
+    async def one(c: httpx.AsyncClient, cut: bool) -> str:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": CUT_TOKENS if cut else 8,
+                "temperature": 0, "stream": True, "ignore_eos": True}
+        async with c.stream("POST", "/v1/completions", json=body,
+                            headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if cut and line.startswith("data: "):
+                    return "cut"  # leaving the block closes the connection mid-stream
+            return "done"
+
+    async def burst() -> list[str]:
+        # a connection per stream: both replicas get some
+        async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{http_port}", verify=ca,
+                                     timeout=60, limits=httpx.Limits(
+                                         max_keepalive_connections=0)) as c:
+            return await asyncio.gather(*(one(c, i % 2 == 0) for i in range(20)))
+
+    token = "http-ingress-token"
+    steps = _decode_stats(token).engine.steps
+    assert sorted(asyncio.run(burst())) == ["cut"] * 10 + ["done"] * 10
+    deadline = time.monotonic() + 15
+    while True:
+        held = ray.get(get_router().counters.remote())["slots_by_holder"]
+        s = _decode_stats(token)
+        if not any(held.values()) and s.idle() and s.engine.free_blocks == s.engine.total_blocks:
+            break
+        assert time.monotonic() < deadline, (held, s)
+        time.sleep(0.2)
+    print(f"decode steps for the burst: {s.engine.steps - steps}")
+    assert s.engine.steps - steps < CUT_TOKENS / 2, (steps, s.engine.steps)
+
+
 def test_switching_to_the_proxy_on_the_running_cluster_is_refused(cluster):
     args, _ = cluster
     with pytest.raises(ConfigError, match="endpoints.http_server: 'ingress' -> 'proxy'"):
