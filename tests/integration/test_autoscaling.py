@@ -18,6 +18,7 @@ import time
 import pytest
 import ray
 import yaml
+from ray.serve import context as serve_context
 
 from splitserve.cluster.serve import app
 from splitserve.cluster.cli import ops as cli_ops
@@ -76,8 +77,9 @@ def cluster(tiny_llama):
     finally:
         try:
             if ray.is_initialized():
-                app.shutdown()
+                # the nodes stop below, Serve with them (see ray_cluster.local_ray)
                 ray.shutdown()
+                serve_context._disconnect()
         finally:
             c.stop()
             for k, v in saved.items():

@@ -101,7 +101,4 @@ def test_streams_cut_by_a_decode_death_resume_with_their_adapter(tiny_llama, ada
 
     with local_ray(num_cpus=4):
         app.deploy(cfg, with_ingress=False, wait_s=240)
-        try:
-            asyncio.run(main())
-        finally:
-            app.shutdown()
+        asyncio.run(main())

@@ -173,4 +173,3 @@ def test_ready_follows_the_pools(cfg, tmp_path, capsys):
         ended = {"length", "stop"}  # every stream ran to its end
         assert results and set(results) <= ended, [r for r in results if r not in ended]
         assert min(live) >= 1, f"no placeable decode replica during the rollout: {live}"
-        app.shutdown()

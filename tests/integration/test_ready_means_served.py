@@ -103,4 +103,3 @@ def test_from_the_first_ready_every_model_answers(tiny_llama):
         deploying.join()
         counts = collections.Counter(s[:2] for s in statuses)
         assert failures(statuses) == [] and counts[("b", 200)] > 0, counts
-        app.shutdown()
