@@ -6,7 +6,8 @@ the replica's own event loop, over a listening socket made here with
 ``SO_REUSEPORT``: the replicas on one node bind the same ``host:port`` and
 the kernel spreads new connections over them, as for the gRPC API
 (``start_grpc_server``). TLS when a certificate and key (PEM files) are
-given. A connection's request head must arrive within ``HEAD_TIMEOUT_S``
+given. A connection's request head must arrive within ``head_timeout_s``
+(the operator's ``endpoints.head_timeout_s``; ``HEAD_TIMEOUT_S`` by default)
 of it opening or of its previous response (``HeadDeadlineProtocol``): idle
 and slowloris connections do not hold descriptors indefinitely.
 

@@ -65,7 +65,15 @@ class EndpointSpec(_Strict):
                                   "reaches the API; a body still incomplete then (a client that "
                                   "stalls or trickles it) is answered 408 and its connection "
                                   "closed. Bounds the body only: request headers that never "
-                                  "finish are not bounded by this (see docs/operators.md).")
+                                  "finish are not bounded by this: head_timeout_s (see "
+                                  "docs/operators.md).")
+    head_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="With http_server "
+                                  "ingress: how long a connection's request head (request line "
+                                  "and headers) may take to arrive, from the connection opening "
+                                  "or its previous response ending; a connection without a "
+                                  "complete head by then (idle keep-alive, a client dripping its "
+                                  "headers) is closed. Serve's proxy (http_server proxy) has no "
+                                  "such bound.")
     drain_s: float = Field(10.0, ge=0.0, le=3600.0, description="When an ingress replica "
                            "stops (a redeploy, a scale-down), how long its in-flight gRPC "
                            "streams, and with http_server ingress its HTTP ones, may run on "

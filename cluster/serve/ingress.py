@@ -82,7 +82,8 @@ class Ingress:
         self.http_server = None
         if ep.http_server == "ingress":
             self.http_server = await start_http_server(
-                self.http_app, ep.host, ep.http_port, ep.http_tls_cert, ep.http_tls_key)
+                self.http_app, ep.host, ep.http_port, ep.http_tls_cert, ep.http_tls_key,
+                head_timeout_s=ep.head_timeout_s)
             log.info("OpenAI HTTP API on %s:%s", ep.host, ep.http_port)
 
     def __serve_build_asgi_app__(self):

@@ -63,6 +63,10 @@ INVALID = [
      "models.0.model.speculative.method (line 2, column 27): Input should be 'ngram' or 'draft'"),
     ("router: {policy: random}\n",
      "router.policy (line 1, column 10): Input should be 'cost', 'prefix_aware', 'least_loaded' or 'round_robin'"),
+    ("endpoints: {head_timeout_s: 0}\n",
+     "endpoints.head_timeout_s (line 1, column 13): Input should be greater than 0"),
+    ("endpoints:\n  head_timeout_s: 4000\n",
+     "endpoints.head_timeout_s (line 2, column 3): Input should be less than or equal to 3600"),
 ]
 
 
@@ -75,6 +79,14 @@ def test_invalid_yaml_is_refused_with_its_specific_error(tmp_path, text, message
         assert str(e.value).startswith(f"{p}: {message}")
     else:
         assert str(e.value) == f"{p}: {message}"
+
+
+def test_head_timeout_defaults_to_the_servers_and_is_read_from_yaml(tmp_path):
+    from splitserve.cluster.api.http_server import HEAD_TIMEOUT_S
+
+    assert load_config(write(tmp_path, "{}\n")).endpoints.head_timeout_s == HEAD_TIMEOUT_S
+    cfg = load_config(write(tmp_path, "endpoints: {http_server: ingress, head_timeout_s: 2.5}\n"))
+    assert cfg.endpoints.head_timeout_s == 2.5
 
 
 def test_unreadable_file(tmp_path):
