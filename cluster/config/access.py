@@ -65,8 +65,8 @@ class EndpointSpec(_Strict):
                                   "reaches the API; a body still incomplete then (a client that "
                                   "stalls or trickles it) is answered 408 and its connection "
                                   "closed. Bounds the body only: request headers that never "
-                                  "finish are not bounded by this: head_timeout_s (see "
-                                  "docs/operators.md).")
+                                  "finish are bounded by head_timeout_s (http_server ingress "
+                                  "only; see docs/operators.md).")
     head_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="With http_server "
                                   "ingress: how long a connection's request head (request line "
                                   "and headers) may take to arrive, from the connection opening "
