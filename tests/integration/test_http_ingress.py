@@ -130,7 +130,9 @@ def test_bad_input_gets_openai_errors(cluster):
     status, _, body = got.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 408"), got
     assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 5
+    # the deadline runs from the request reaching the app, a little after the
+    # client sent its head; timers may fire a little early: a 0.1 s margin
+    assert BODY_TIMEOUT_S - 0.1 <= took < BODY_TIMEOUT_S + 5
     # plaintext HTTP to the HTTPS port: no answer (the TLS handshake fails,
     # the connection is closed), and the replica serves the next client
     with socket.create_connection(("127.0.0.1", http_port), timeout=10) as plain:

@@ -80,7 +80,8 @@ def _assert_timed_out(data: bytes, took: float) -> None:
     assert set(err) == {"message", "type", "param", "code"}
     assert err["code"] == "request_timeout" and err["type"] == "invalid_request_error"
     assert "endpoints.body_timeout_s" in err["message"] and "0.3 s" in err["message"]
-    assert TIMEOUT_S <= took < TIMEOUT_S + 1.5
+    # timers may fire a little early (0.99998 s seen for 1 s): a small margin
+    assert TIMEOUT_S - 0.05 <= took < TIMEOUT_S + 1.5
 
 
 def test_a_body_shorter_than_its_content_length_gets_408_and_the_connection_closes():
