@@ -260,9 +260,11 @@ def lark_regexes(grammar: str) -> Iterator[tuple[str, int]]:
             own = min(own * _lark_repeats(bodies[v]), _BIG)
         before = [times[comp_of[r]] for v in members for r in edges[v] if comp_of[r] != c]
         times[c] = min(own * max([1, *before]), _BIG)
+    line, counted = 0, 0  # the line of offset ``counted``, advanced token by token
     for m in _LARK_TOKEN.finditer(grammar):
         if m.group(1) is not None:
-            line = grammar.count("\n", 0, m.start())
+            line += grammar.count("\n", counted, m.start())
+            counted = m.start()
             yield m.group(1), times[comp_of[of_line[line]]]
 
 
