@@ -54,7 +54,7 @@ from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
 from splitserve.cluster.api.request_options import grpc_options
 from splitserve.cluster.api.routing import VARIANT_HEADER, Routed, all_models
-from splitserve.cluster.api.openai_structured import constraint_refusal
+from splitserve.cluster.api.openai_structured import constraint_field, constraint_refusal
 from splitserve.cluster.api.tool_calls import ToolRequest
 from splitserve.engine.errors import InvalidRequestError, SplitserveError
 from splitserve.engine.limits import MAX_REQUEST_ID_CHARS, check_prompt_chars
@@ -82,13 +82,6 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str,
         return grpc.StatusCode.INTERNAL, str(e), ()
     log.exception("gRPC call failed", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}", ()
-
-
-def _constraint_field(tools: ToolRequest | None) -> str:
-    """The field the request's structured output constraint came from."""
-    if tools is not None and tools.constraint_param is not None:
-        return tools.constraint_param.replace(".function", "")  # a Tool has no such level
-    return "structured_output"
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: BaseException,
@@ -239,7 +232,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                         first = False
                     yield generate_response(out, request_id, timings, chat)
             except Exception as e:  # noqa: BLE001 - reported as the call's status below
-                failure = constraint_refusal(e, _constraint_field(tools))
+                failure = constraint_refusal(
+                    e, constraint_field(tools, "structured_output", tool_level=False))
             finally:
                 await stream.aclose()
             if failure is not None:

@@ -57,7 +57,7 @@ from splitserve.cluster.api.openai_response import ChoiceState, Echo, usage
 from splitserve.cluster.api.http_body import read_request
 from splitserve.cluster.api.http_tracing import EVENT_BODY_READ, mark
 from splitserve.cluster.api.openai_schema import ApiError
-from splitserve.cluster.api.openai_structured import constraint_refusal
+from splitserve.cluster.api.openai_structured import constraint_field, constraint_refusal
 from splitserve.cluster.api.prepare import INLINE_MESSAGES, PreparePool, shared_pool
 from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.reasoning import Reasoning
@@ -265,7 +265,9 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     try:
         opened = await open_choices(request, streams)
     except InvalidRequestError as e:
-        raise constraint_refusal(e, _constraint_field(body, tools)) from None
+        raise constraint_refusal(e, constraint_field(
+            tools, "structured_outputs" if body.structured_outputs is not None
+            else "response_format")) from None
     if opened is None:
         return Response(status_code=499)
     choices, first = opened
@@ -296,13 +298,6 @@ async def _respond(request: Request, backend: Backend, kind: str, body, batch: l
     if timings is not None:
         result["splitserve_timings"] = timings
     return JSONResponse(result, headers=headers)
-
-
-def _constraint_field(body, tools: ToolRequest | None) -> str:
-    """The field the request's structured output constraint came from."""
-    if tools is not None and tools.constraint_param is not None:
-        return tools.constraint_param
-    return "structured_outputs" if body.structured_outputs is not None else "response_format"
 
 
 def _usage(states: list[ChoiceState], n: int) -> dict:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import PARAM, check_spec, choice_spec, json_object_spec
+
+if TYPE_CHECKING:  # tool_calls imports this module
+    from splitserve.cluster.api.tool_calls import ToolRequest
 
 _VLLM = "structured_outputs"
 # llguidance holds a JSON schema's integers in 64 bits (i64 or u64): a larger
@@ -42,6 +45,17 @@ def constraint_refusal(e: BaseException, field: str | None) -> BaseException:
     if field is None or field == PARAM or not isinstance(e, InvalidRequestError) or e.param != PARAM:
         return e
     return InvalidRequestError(str(e), param=field)
+
+
+def constraint_field(tools: ToolRequest | None, otherwise: str, tool_level: bool = True) -> str:
+    """The request field a structured output constraint came from: the
+    tools' (``ToolRequest.constraint_param``, written the chat API's way,
+    ``tools[i].function.parameters``; ``tool_level`` False for APIs whose
+    tools have no ``function`` level: gRPC's, the Responses API's), else
+    ``otherwise``."""
+    if tools is None or tools.constraint_param is None:
+        return otherwise
+    return tools.constraint_param if tool_level else tools.constraint_param.replace(".function", "")
 
 
 def _bounded_int(text: str, param: str) -> int:

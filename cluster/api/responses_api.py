@@ -41,7 +41,7 @@ from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.api.request_options import http_options
 from splitserve.cluster.api.routing import resolve_http, variant_headers
 from splitserve.cluster.api.responses_output import OutputItems, response_usage, status_of
-from splitserve.cluster.api.openai_structured import constraint_refusal
+from splitserve.cluster.api.openai_structured import constraint_field, constraint_refusal
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import check_prompt_chars
@@ -62,7 +62,9 @@ def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes:
             opened = await open_choices(request, [backend.routing.track(routed, backend.generate(
                 body.model, rid, chat.token_ids, chat.params, options))])
         except InvalidRequestError as e:
-            raise constraint_refusal(e, _constraint_field(body, chat)) from None
+            raise constraint_refusal(e, constraint_field(
+                chat.tools, "text.format" if body.text_format() is not None
+                else "structured_outputs", tool_level=False)) from None
         if opened is None:
             return Response(status_code=499)
         choices, first = opened
@@ -84,13 +86,6 @@ def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes:
             await choices.aclose()
         answer.end()
         return JSONResponse(answer.response(), headers=headers)
-
-
-def _constraint_field(body: ResponsesRequest, chat: ChatPrompt) -> str:
-    """The field the request's structured output constraint came from."""
-    if chat.tools is not None and chat.tools.constraint_param is not None:
-        return chat.tools.constraint_param.replace(".function", "")  # a Responses tool has no such level
-    return "text.format" if body.text_format() is not None else "structured_outputs"
 
 
 def _prepare(backend: Backend, body: ResponsesRequest) -> ChatPrompt:
