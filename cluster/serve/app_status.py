@@ -41,16 +41,23 @@ class AppsReport:
 TRACEBACK = "Traceback (most recent call last):"
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (of a traceback: the exception
+    raised), stripped; "" when it has none."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 def _condensed(message: str) -> str:
     """``message`` with a Python traceback in it cut to Serve's first line
     and the traceback's last (the exception raised, e.g. a constructor's
     ``OSError: ... cannot listen on 127.0.0.1:8000 ...``): the frames of
     Serve's replica wrapper fill a terminal and hide what went wrong; they
     stay in the replica's log."""
-    if TRACEBACK not in message:
+    lines = message.strip().splitlines()
+    if TRACEBACK not in message or len([ln for ln in lines if ln.strip()]) < 2:
         return message
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    return f"{lines[0]} {lines[-1]}" if len(lines) > 1 else message
+    return f"{lines[0].strip()} {last_line(message)}"
 
 
 def _reason(app: ApplicationStatusOverview) -> str:

@@ -63,10 +63,9 @@ def proxy_start_failed(ep: EndpointSpec, error: BaseException):
     """The ``DeployFailed`` for Serve's proxy not starting on ``ep``'s
     address: the address, the settings, and the last line of ``error`` (a
     Ray task error holds the proxy actor's whole traceback)."""
-    from splitserve.cluster.serve.app_status import DeployFailed
+    from splitserve.cluster.serve.app_status import DeployFailed, last_line
 
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    cause = lines[-1] if lines else type(error).__name__
+    cause = last_line(str(error)) or type(error).__name__
     return DeployFailed(
         f"Ray Serve's HTTP proxy did not start on {ep.host}:{ep.http_port} (endpoints.host / "
         f"endpoints.http_port; is another process holding the port?): {cause}")
