@@ -5,7 +5,8 @@ worker on it, as a reclaimed spot node): requests go on being answered,
 decode replicas prefilling them, with the same greedy text; ``/ready``
 stays 200 and names the prefill pool as degraded (a load balancer must not
 drop a cluster that still answers); ``splitserve status`` still reports the
-cluster; and once the node is back the pool returns to its size."""
+cluster; and once the node is back the pool returns to its size, with no
+admission slot or sequence left held."""
 
 from __future__ import annotations
 
@@ -144,4 +145,13 @@ def test_prefill_node_lost_decode_serves_and_the_pool_returns(cluster, capsys):
         code, body = ready(http, base)
         assert code == 200 and "degraded" not in body, body
         assert complete(http, base) == (200, reference)
+
+        # nothing left held: no admission slot at the router (an ingress on
+        # the lost node held none past router.lease_ttl_s), no sequence on decode
+        def idle():
+            counters = ray.get(get_router().counters.remote(), timeout=10)
+            decode = ray.get(get_router().replicas.remote(), timeout=10)["tiny"]["decode"]
+            return (counters["in_flight"] == {"tiny": 0}
+                    and all(d["running_seqs"] == 0 and d["waiting_requests"] == 0 for d in decode))
+        wait_for(idle, 30, "the slots and sequences to be released")
     print(f"prefill replica forgotten {forgotten_s:.1f} s after its node was lost")
