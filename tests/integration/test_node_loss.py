@@ -93,8 +93,11 @@ def wait_for(cond, timeout_s: float, what: str):
     while True:
         try:
             got = cond()
-        except (httpx.HTTPError, ValueError):
-            got = None  # the API's connection on the lost node, a reply cut short
+        except (httpx.HTTPError, ValueError, ray.exceptions.RayActorError,
+                ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            # the API's connection on the lost node, a reply cut short, a
+            # router that ran there and is being restarted
+            got = None
         if got:
             return got
         assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
