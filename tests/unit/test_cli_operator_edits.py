@@ -108,3 +108,81 @@ def test_a_section_added_or_removed_is_one_line():
     assert config_changes(old, new) == [
         "models[m].model.speculative: added (method 'ngram', num_speculative_tokens 3)"]
     assert config_changes(new, old) == ["models[m].model.speculative: removed"]
+
+
+def test_a_fixed_pool_reports_its_size_as_target():
+    from splitserve.cluster.cli.ops import fixed_target
+
+    cfg = ClusterConfig.model_validate({"models": [{
+        "prefill": {"min_replicas": 2, "max_replicas": 2, "autoscaling": None},
+        "decode": {"min_replicas": 1, "max_replicas": 3,
+                   "autoscaling": {"bottleneck": "memory"}}}]})
+    assert fixed_target(cfg.models[0].prefill) == 2
+    assert fixed_target(cfg.models[0].decode) is None  # the autoscaler's decisions say
+
+
+def test_a_local_address_uses_this_machines_ray_token(monkeypatch):
+    # `splitserve serve` prints this machine's Ray address; Ray itself only
+    # sends its token to a cluster it finds as "auto"
+    from splitserve.cluster.cli.ops import local_address_without_auth_mode as local
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert local("127.0.0.1:6379") and local("localhost:6379")
+    assert not local("198.51.100.7:6379")  # TEST-NET-2: no machine's own address
+    assert not local("auto") and not local("ray://127.0.0.1:10001")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not local("127.0.0.1:6379")  # the operator's choice stands
+
+
+def test_python_dash_m_runs_the_command(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["splitserve", "status", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("splitserve.cluster.cli", run_name="__main__")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: splitserve status")
+
+
+# -- ShareGPT files for `splitserve bench` --------------------------------------------------
+GOOD_CONV = '{"conversations": [{"from": "human", "value": "%s"}, {"from": "gpt", "value": "%s"}]}'
+
+
+def bench_refused(tmp_path, capsys, text: str, n: int = 1) -> str:
+    p = tmp_path / "sharegpt.json"
+    p.write_text(text)
+    # nothing listens at the URL: the file is refused before any request
+    code = main(["bench", "--url", "http://127.0.0.1:1", "--dataset", str(p),
+                 "--num-requests", str(n), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {p}: "), line
+    return line[len(f"error: {p}: "):]
+
+
+@pytest.mark.parametrize("entry,why", [
+    ('"just text"', "a conversation is an object, got str"),
+    ('{"messages": [{"role": "user", "content": "hello there"}]}',
+     "no 'conversations' list (ShareGPT: {\"conversations\": [{\"from\": \"human\", "
+     "\"value\": \"...\"}, ...]})"),
+    ('{"conversations": "oops"}', "'conversations' must be a list of turns, got str"),
+    ('{"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "b"}]}',
+     "turn 1 has no text 'value' (a string)"),
+    ('{"conversations": [["human", "hello"], {"from": "gpt", "value": "b"}]}',
+     "turn 1 has no text 'value' (a string)"),
+])
+def test_a_malformed_conversation_is_named_with_its_line(tmp_path, capsys, entry, why):
+    good = GOOD_CONV % ("a" * 40, "b" * 40)
+    text = "[\n" + ",\n".join([good] * 5) + ",\n\n" + entry + "\n]\n"  # the bad one: line 8
+    assert bench_refused(tmp_path, capsys, text) == f"conversation 6 (line 8): {why}"
+
+
+def test_too_few_usable_conversations_say_why_each_was_skipped(tmp_path, capsys):
+    convs = [GOOD_CONV % ("hi", "hello"), GOOD_CONV % ("a" * 40, "b" * 40),
+             '{"conversations": [{"from": "human", "value": "only one turn"}]}']
+    line = bench_refused(tmp_path, capsys, "[" + ",".join(convs) + "]", n=2)
+    assert line.startswith("only 1 usable conversations, 2 asked for")
+    assert line.endswith("skipped: 1 with fewer than 2 turns, 1 with a prompt or reply under "
+                         "4 tokens")
