@@ -186,3 +186,39 @@ def test_too_few_usable_conversations_say_why_each_was_skipped(tmp_path, capsys)
     assert line.startswith("only 1 usable conversations, 2 asked for")
     assert line.endswith("skipped: 1 with fewer than 2 turns, 1 with a prompt or reply under "
                          "4 tokens")
+
+
+# -- a hardware catalog edited by hand (`splitserve profile --catalog FILE --list`) --------
+CATALOG = """\
+efficiency: {matmul: 0.6, memory: 0.8}
+gpus:
+  my-gpu:
+    name: My GPU
+    peak_flops: {bfloat16: 100.0e12}
+    memory_bandwidth: 1.0e12
+    memory_bytes: 24.0e9
+    intra_node_bandwidth: 50.0e9
+    network_bandwidth: 12.5e9
+    source: my datasheet
+"""
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("24.0e9", "true"), "gpus.my-gpu: 'memory_bytes' must be a number, got True"),
+    (("    source: my datasheet\n", "    source: my datasheet\n    memory_bytes: 48.0e9\n"),
+     "invalid YAML: line 11, column 5: 'memory_bytes' appears twice (lines 7 and 11); YAML "
+     "would keep the second silently: keep one"),
+])
+def test_a_catalog_edit_that_cannot_be_meant_is_refused(tmp_path, capsys, edit, message):
+    p = tmp_path / "catalog.yaml"
+    p.write_text(CATALOG.replace(*edit))
+    code = main(["profile", "--catalog", str(p), "--list", "--db", str(tmp_path / "p.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {p}: {message}\n"
+
+
+def test_a_hand_written_catalog_loads(tmp_path, capsys):
+    p = tmp_path / "catalog.yaml"
+    p.write_text(CATALOG)
+    assert main(["profile", "--catalog", str(p), "--list", "--db", str(tmp_path / "p.db")]) == 0
+    assert "my-gpu" in capsys.readouterr().out
