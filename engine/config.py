@@ -53,14 +53,16 @@ ARCHITECTURES = {
     "Starcoder2ForCausalLM": "starcoder2",
     "PhiForCausalLM": "phi",
     "StableLmForCausalLM": "stablelm",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
 
 # config.json defaults that differ from the Llama-style ones, as each family's
 # transformers config class sets them when the key is absent
 _DEFAULT_HEAD_DIM = {"seed_oss": 128, "helium": 128}
-_DEFAULT_NORM_EPS = {"helium": 1e-8, "starcoder2": 1e-5, "phi": 1e-5, "stablelm": 1e-5}
+_DEFAULT_NORM_EPS = {"helium": 1e-8, "starcoder2": 1e-5, "phi": 1e-5, "stablelm": 1e-5, "gpt_neox": 1e-5}
 # the families that name their norm epsilon otherwise
-_NORM_EPS_KEY = {"starcoder2": "norm_epsilon", "phi": "layer_norm_eps", "stablelm": "layer_norm_eps"}
+_NORM_EPS_KEY = {"starcoder2": "norm_epsilon", "phi": "layer_norm_eps", "stablelm": "layer_norm_eps",
+                 "gpt_neox": "layer_norm_eps"}
 _DEFAULT_TIED = {"starcoder2": True}
 
 
@@ -140,7 +142,8 @@ class ModelConfig:
                         "qwen2_moe": bool(cfg.get("qkv_bias", True)), "ministral": False,
                         "seed_oss": bool(cfg.get("attention_bias", True)),
                         "starcoder2": bool(cfg.get("use_bias", True)), "phi": True,
-                        "stablelm": bool(cfg.get("use_qkv_bias", False))}.get(family, cfg_bias)
+                        "stablelm": bool(cfg.get("use_qkv_bias", False)),
+                        "gpt_neox": bool(cfg.get("attention_bias", True))}.get(family, cfg_bias)
             if dtype not in DTYPES:
                 raise CheckpointError(f"{source}: unsupported torch_dtype {dtype!r}")
             quantization = parse_quantization_config(cfg, source)
@@ -160,7 +163,9 @@ class ModelConfig:
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                # GPT-NeoX has one KV head per query head, whatever else config.json holds
+                num_kv_heads=(heads if family == "gpt_neox"
+                              else int(cfg.get("num_key_value_heads") or heads)),
                 head_dim=_head_dim(cfg, family, hidden, heads),
                 rms_norm_eps=float(cfg.get(_NORM_EPS_KEY.get(family, "rms_norm_eps"),
                                            _DEFAULT_NORM_EPS.get(family, 1e-6))),
@@ -226,7 +231,7 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
 def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:
     # Phi and StableLM always split hidden_size evenly over the heads; Seed-OSS and
     # Helium default to 128 when config.json has no head_dim key (null: the split)
-    if family in ("phi", "stablelm"):
+    if family in ("phi", "stablelm", "gpt_neox"):
         return hidden // heads
     if "head_dim" not in cfg and family in _DEFAULT_HEAD_DIM:
         return _DEFAULT_HEAD_DIM[family]
@@ -240,13 +245,15 @@ def _o_proj_bias(cfg: dict[str, Any], family: str, cfg_bias: bool) -> bool:
         return bool(cfg.get("use_bias", True))
     if family == "phi":  # the attention's ``dense`` always has one
         return True
+    if family == "gpt_neox":  # ``dense`` per attention_bias, on by default
+        return bool(cfg.get("attention_bias", True))
     return family in _O_PROJ_BIAS_FAMILIES and cfg_bias
 
 
 def _mlp_bias(cfg: dict[str, Any], family: str) -> bool:
     if family == "starcoder2":
         return bool(cfg.get("use_bias", True))
-    if family == "phi":  # fc1 and fc2 always have one
+    if family in ("phi", "gpt_neox"):  # the ungated MLP always has them
         return True
     return family in ("llama", "granite", "smollm3", "seed_oss", "helium") and bool(cfg.get("mlp_bias", False))
 
@@ -259,7 +266,7 @@ _O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemm
 # Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
 _EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2")
 # Families with no sliding window at all.
-_UNWINDOWED = ("llama", "gemma", "granite", "olmo2", "seed_oss", "helium", "phi", "stablelm")
+_UNWINDOWED = ("llama", "gemma", "granite", "olmo2", "seed_oss", "helium", "phi", "stablelm", "gpt_neox")
 
 
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
@@ -342,6 +349,7 @@ def _rope_params(cfg: dict[str, Any], family: str = "") -> tuple[float, dict[str
         params = _gemma3_full_rope(cfg)
     # both present: the dict's, as transformers >= 5 standardises them
     theta = ((params or {}).get("rope_theta") or cfg.get("rope_theta")
+             or (cfg.get("rotary_emb_base") if family == "gpt_neox" else None)  # its older name
              or DEFAULT_ROPE_THETA.get(family, 10000.0))
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)

@@ -35,11 +35,11 @@ _PLAIN_ACTIVATIONS = {
 
 # The families whose checkpoints need more than the Llama-style defaults.
 OPTION_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "helium",
-                   "starcoder2", "phi", "stablelm")
-# Families with LayerNorm (weight and bias) in place of RMSNorm.
-LAYER_NORM_FAMILIES = ("starcoder2", "phi", "stablelm")
+                   "starcoder2", "phi", "stablelm", "gpt_neox")
+# The families whose MLP is ungated (up -> act -> down).
+_PLAIN_MLP_FAMILIES = ("starcoder2", "phi", "gpt_neox")
 # transformers' partial_rotary_factor where config.json names none
-_DEFAULT_ROTARY_FACTOR = {"phi": 0.5, "stablelm": 0.25}
+_DEFAULT_ROTARY_FACTOR = {"phi": 0.5, "stablelm": 0.25, "gpt_neox": 0.25}
 
 # transformers' RoPE base where config.json names none (its config classes' default_theta)
 DEFAULT_ROPE_THETA = {"gemma3": 1_000_000.0, "smollm3": 2_000_000.0, "helium": 100_000.0}
@@ -78,8 +78,10 @@ class FamilyOptions:
     # (``plain_mlp``: (up, down), e.g. ("c_fc", "c_proj")); empty: the gated MLP
     plain_mlp: tuple[str, ...] = ()
     o_proj_name: str = "o_proj"  # the attention output projection's checkpoint name (Phi: dense)
-    # Phi, StableLM use_parallel_residual: x + attn(norm(x)) + mlp(norm(x)), one norm
+    # Phi, StableLM use_parallel_residual: x + attn(norm(x)) + mlp(norm(x)), one norm;
+    # GPT-NeoX (``parallel_mlp_norm``): x + attn(norm1(x)) + mlp(norm2(x))
     parallel_residual: bool = False
+    parallel_mlp_norm: bool = False
     final_norm_name: str = "model.norm"  # Phi: model.final_layernorm
     lm_head_bias: bool = False  # Phi: the vocabulary projection has a bias
 
@@ -147,6 +149,13 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
         return FamilyOptions(hidden_act=act, layer_norm=True,
                              parallel_residual=bool(cfg.get("use_parallel_residual", False)),
                              rotary_dim=_rotary_dim(cfg, family))
+    if family == "gpt_neox":
+        # the checkpoint's gpt_neox.* names map onto the shared decoder's
+        # (splitserve.engine.models.gpt_neox), the MLP's keep theirs
+        parallel = bool(cfg.get("use_parallel_residual", True))
+        return FamilyOptions(hidden_act=act, layer_norm=True, plain_mlp=("dense_h_to_4h", "dense_4h_to_h"),
+                             parallel_residual=parallel, parallel_mlp_norm=parallel,
+                             rotary_dim=_rotary_dim(cfg, family))
     if family == "olmo2":
         return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True,
                              norm_fp32_product=True)
@@ -172,7 +181,9 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
         name = cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if family == "phi":
         name = cfg.get("hidden_act") or "gelu_new"
-    table = _PLAIN_ACTIVATIONS if family in ("starcoder2", "phi") else _ACTIVATIONS
+    if family == "gpt_neox":
+        name = cfg.get("hidden_act") or "gelu"
+    table = _PLAIN_ACTIVATIONS if family in _PLAIN_MLP_FAMILIES else _ACTIVATIONS
     if name not in table:
         raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
                          f"{', '.join(table)}")
@@ -234,11 +245,13 @@ def _rotary_dim(cfg: dict[str, Any], family: str) -> int | None:
     # top level (transformers < 5) or inside rope_parameters / rope_scaling
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     factor = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+                   or (cfg.get("rotary_pct") if family == "gpt_neox" else None)  # its older name
                    or _DEFAULT_ROTARY_FACTOR.get(family, 1.0))
     if factor == 1.0:
         return None
     # Phi and StableLM split hidden_size over the heads whatever head_dim says
-    head_dim = (int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]) if family in ("phi", "stablelm")
+    head_dim = (int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+                if family in ("phi", "stablelm", "gpt_neox")
                 else _head_dim(cfg))
     dim = int(head_dim * factor)
     if not 0 < dim <= head_dim or dim % 2:

@@ -8,6 +8,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
@@ -25,7 +26,8 @@ from splitserve.engine.parallel.group import TPGroup
 # add per-head q/k norms and a second RoPE base, SmolLM3's skip RoPE in some layers,
 # Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
 # from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
-# with LayerNorm, the plain MLP and the parallel residual (FamilyOptions).
+# with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
+# too, its checkpoint names mapped at load.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -47,6 +49,7 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "starcoder2": CausalLM,
     "phi": CausalLM,
     "stablelm": CausalLM,
+    "gpt_neox": GPTNeoXCausalLM,
 }
 
 
@@ -67,6 +70,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

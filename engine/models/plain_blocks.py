@@ -1,4 +1,4 @@
-"""The blocks of the GPT-style families (StarCoder2, Phi, StableLM) that the
+"""The blocks of the GPT-style families (StarCoder2, Phi, StableLM, GPT-NeoX) that the
 Llama-style decoder lacks, as options it takes (``FamilyOptions``):
 
 - ``splitserve.engine.models.layers.LayerNorm``: mean and variance, a weight
@@ -71,14 +71,18 @@ class PlainMLP(nn.Module):
 
 class ParallelDecoderLayer(DecoderLayer):
     """``x + attn(norm(x)) + mlp(norm(x))``: one input norm, no
-    post-attention norm (Phi; StableLM with use_parallel_residual). Returns
-    ``attn + mlp`` and the stream apart; the next norm adds them, in
-    transformers' order (attention + MLP first, then the residual)."""
+    post-attention norm (Phi; StableLM with use_parallel_residual), or with
+    ``FamilyOptions.parallel_mlp_norm`` the MLP's own norm of the same x
+    (GPT-NeoX's ``post_attention_layernorm``). Returns ``attn + mlp`` and
+    the stream apart; the next norm adds them, in transformers' order
+    (attention + MLP first, then the residual; a + m and m + a are the
+    same float)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, mlp: nn.Module | None = None, prefix: str = ""):
         super().__init__(cfg, dtype, device, sliding_window, mlp=mlp, prefix=prefix)
-        self.post_attention_layernorm = None
+        if not cfg.options.parallel_mlp_norm:
+            self.post_attention_layernorm = None
 
     def forward(
         self,
@@ -98,11 +102,16 @@ class ParallelDecoderLayer(DecoderLayer):
         attn = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
         if self.tp is not None:
             attn = self.tp.all_reduce(attn)
+        if self.post_attention_layernorm is not None:
+            h, _ = self.post_attention_layernorm(residual)
         return attn + self.feed_forward(h, lora), residual
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
+        norms = norm_slots(f"{prefix}.input_layernorm", self.input_layernorm)
+        if self.post_attention_layernorm is not None:
+            norms.update(norm_slots(f"{prefix}.post_attention_layernorm", self.post_attention_layernorm))
         return {
-            **norm_slots(f"{prefix}.input_layernorm", self.input_layernorm),
+            **norms,
             **self.self_attn.weight_slots(f"{prefix}.self_attn"),
             **self.mlp.weight_slots(f"{prefix}.{self.mlp_name}"),
         }

@@ -50,7 +50,7 @@ def check(cfg: ModelConfig, size: int) -> None:
                         "are not split across ranks (serve it at tensor_parallel_size 1)")
     if cfg.options.layer_norm:
         problems.append("its LayerNorm / ungated-MLP / parallel-residual layers (StarCoder2, Phi, "
-                        "StableLM) are not split across ranks yet (serve it at "
+                        "StableLM, GPT-NeoX) are not split across ranks yet (serve it at "
                         "tensor_parallel_size 1)")
     if cfg.quantization is not None:
         problems.append("fp8 checkpoints are not split across ranks yet (serve them at "

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 # layer, which only skips the rotary op (slow: no kernel runs differently); helium: q/k rows
 # reordered for the rotate-half kernel; starcoder2: LayerNorm and the plain MLP (torch ops)
 # between kernels, a window of 8; phi: the parallel residual, half of each head rotated.
-# Ministral, Seed-OSS and StableLM run only ops the others cover (slow).
+# Ministral, Seed-OSS, StableLM and GPT-NeoX run only ops the others cover (slow).
 SLOW = pytest.mark.slow
 
 
@@ -28,7 +28,8 @@ SLOW = pytest.mark.slow
                                     "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
                                     "helium", "starcoder2", "phi", pytest.param("ministral", marks=SLOW),
                                     pytest.param("seed_oss", marks=SLOW),
-                                    pytest.param("stablelm", marks=SLOW)])
+                                    pytest.param("stablelm", marks=SLOW),
+                                    pytest.param("gpt_neox", marks=SLOW)])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

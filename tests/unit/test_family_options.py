@@ -127,6 +127,24 @@ def test_phi_and_stablelm_rotary_defaults():
     assert not stable.attention_bias and not stable.o_proj_bias
 
 
+def test_gpt_neox_options_and_older_key_names():
+    cfg = ModelConfig.from_hf(raw("GPTNeoXForCausalLM", rotary_pct=0.5, rotary_emb_base=500.0))
+    assert cfg.num_kv_heads == cfg.num_heads == 4  # no GQA, whatever num_key_value_heads says
+    assert cfg.options.rotary_dim == 8 and cfg.rope_theta == 500.0
+    assert cfg.options.parallel_residual and cfg.options.parallel_mlp_norm
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, True, True)
+    assert cfg.options.hidden_act == "gelu" and cfg.rms_norm_eps == 1e-5
+    seq = ModelConfig.from_hf(raw("GPTNeoXForCausalLM", use_parallel_residual=False, attention_bias=False))
+    assert not seq.options.parallel_residual and seq.options.rotary_dim == 4  # default 0.25
+    assert not (seq.attention_bias or seq.o_proj_bias) and seq.mlp_bias
+
+
+def test_gpt_neox_layers_keep_both_norms(parity_models):
+    model, _ = parity_models("gpt_neox")
+    layer = model.layers[0]
+    assert isinstance(layer, ParallelDecoderLayer) and isinstance(layer.post_attention_layernorm, LayerNorm)
+
+
 @pytest.mark.parametrize("arch, extra, match", [
     ("PhiForCausalLM", {"qk_layernorm": True}, "qk_layernorm"),
     ("StableLmForCausalLM", {"qk_layernorm": True}, "qk_layernorm"),
@@ -150,7 +168,8 @@ def test_layers_built_from_the_options(parity_models):
     assert isinstance(starcoder.norm, LayerNorm) and starcoder.lm_head is None
 
 
-@pytest.mark.parametrize("arch", ["Starcoder2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM"])
+@pytest.mark.parametrize("arch", ["Starcoder2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
+                                  "GPTNeoXForCausalLM"])
 def test_tensor_parallel_refused_for_layer_norm_families(arch):
     with pytest.raises(TensorParallelConfigError, match="not split across ranks yet"):
         check(ModelConfig.from_hf(raw(arch)), 2)
