@@ -114,7 +114,8 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
-    # what Gemma 1-3, Phi-3, Granite, OLMo 2 and SmolLM3 add (splitserve.engine.family_config)
+    # what Gemma 1-3, Phi-3, Granite, OLMo 2, SmolLM3, Helium and the LayerNorm families add
+    # (splitserve.engine.family_config)
     options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
@@ -229,9 +230,9 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
 
 
 def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:
-    # Phi and StableLM always split hidden_size evenly over the heads; Seed-OSS and
-    # Helium default to 128 when config.json has no head_dim key (null: the split)
-    if family in ("phi", "stablelm", "gpt_neox"):
+    # StableLM and GPT-NeoX always split hidden_size evenly over the heads; Seed-OSS
+    # and Helium default to 128 when config.json has no head_dim key (null: the split)
+    if family in ("stablelm", "gpt_neox"):
         return hidden // heads
     if "head_dim" not in cfg and family in _DEFAULT_HEAD_DIM:
         return _DEFAULT_HEAD_DIM[family]

@@ -1,5 +1,5 @@
 """What the Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2, SmolLM3,
-Helium, StarCoder2, Phi and StableLM families add to the Llama-style
+Helium, StarCoder2, Phi, StableLM and GPT-NeoX families add to the Llama-style
 decoder, read from their ``config.json``.
 
 ``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
@@ -48,7 +48,9 @@ GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers, without rope_loc
 
 @dataclass(frozen=True)
 class FamilyOptions:
-    hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
+    # the MLP's activation: silu | gelu_tanh (gated: SwiGLU, GeGLU); the ungated MLP
+    # (plain_mlp) also gelu (erf) | relu
+    hidden_act: str = "silu"
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
     # Gemma, OLMo 2: RMSNorm multiplies the weight into the float32 normed row and
     # rounds once (Llama rounds the normed row to the model dtype first)
@@ -249,9 +251,9 @@ def _rotary_dim(cfg: dict[str, Any], family: str) -> int | None:
                    or _DEFAULT_ROTARY_FACTOR.get(family, 1.0))
     if factor == 1.0:
         return None
-    # Phi and StableLM split hidden_size over the heads whatever head_dim says
+    # StableLM and GPT-NeoX split hidden_size over the heads whatever head_dim says
     head_dim = (int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
-                if family in ("phi", "stablelm", "gpt_neox")
+                if family in ("stablelm", "gpt_neox")
                 else _head_dim(cfg))
     dim = int(head_dim * factor)
     if not 0 < dim <= head_dim or dim % 2:
