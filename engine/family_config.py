@@ -131,9 +131,13 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             logits_divisor=_multiplier(cfg, "logits_scaling"),
         )
     if family == "helium":
+        heads, head_dim = int(cfg["num_attention_heads"]), _head_dim(cfg, 128)
+        if heads * head_dim != hidden:  # transformers' Helium o_proj is [hidden, hidden]
+            raise ValueError(f"Helium needs num_attention_heads * head_dim ({heads} * {head_dim}) "
+                             f"equal to hidden_size ({hidden})")
         # transformers' Helium scales scores by 1 / math.sqrt(head_dim)
         return FamilyOptions(hidden_act=act, norm_fp32_product=True, interleaved_rope=True,
-                             attn_scale=1 / math.sqrt(_head_dim(cfg, 128)))
+                             attn_scale=1 / math.sqrt(head_dim))
     if family == "starcoder2":
         return FamilyOptions(hidden_act=act, layer_norm=True, plain_mlp=("c_fc", "c_proj"))
     if family == "phi":

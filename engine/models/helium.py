@@ -14,7 +14,7 @@ RMSNorm multiplying the float32 weight into the float32 normed row
 (``norm_fp32_product``), scores scaled by ``1 / math.sqrt(head_dim)``,
 q/k/v biases per ``attention_bias`` and MLP biases per ``mlp_bias``, no
 o_proj bias; o_proj maps hidden_size to hidden_size, so the heads must span
-hidden_size exactly. fp8 checkpoints and LoRA adapters are refused: their
+hidden_size exactly (``parse_family_options`` refuses other shapes). fp8 checkpoints and LoRA adapters are refused: their
 q/k rows would need the same reordering.
 """
 
@@ -24,7 +24,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.lora_layers import LoraStack
@@ -42,14 +41,6 @@ def deinterleave_heads(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class HeliumCausalLM(CausalLM):
     """Helium (``HeliumForCausalLM``): q/k rows reordered at load."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
-        if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
-            # transformers' Helium o_proj is [hidden_size, hidden_size]
-            raise CheckpointError(
-                f"config.json: Helium needs num_attention_heads * head_dim ({cfg.num_heads} * "
-                f"{cfg.head_dim}) equal to hidden_size ({cfg.hidden_size})")
-        super().__init__(cfg, dtype, device)
 
     def _reordered(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         d = self.cfg.head_dim

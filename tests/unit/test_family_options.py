@@ -68,15 +68,13 @@ def test_helium_defaults():
     assert cfg.rms_norm_eps == 1e-8 and cfg.rope_theta == 100_000.0
     assert cfg.options.interleaved_rope and cfg.options.norm_fp32_product
     assert not cfg.o_proj_bias
-    assert ModelConfig.from_hf(raw("HeliumForCausalLM")).head_dim == 128
+    wide = raw("HeliumForCausalLM", hidden_size=512)  # no head_dim key: 128, 4 x 128 = 512
+    assert ModelConfig.from_hf(wide).head_dim == 128
 
 
-def test_helium_refuses_heads_not_spanning_hidden_size(tmp_path):
-    from splitserve.engine.models import build_model
-
-    cfg = ModelConfig.from_hf(raw("HeliumForCausalLM", head_dim=32))  # 4 x 32 != 64
+def test_helium_refuses_heads_not_spanning_hidden_size():
     with pytest.raises(CheckpointError, match=r"num_attention_heads \* head_dim \(4 \* 32\)"):
-        build_model(cfg, torch.float32, "cpu")
+        ModelConfig.from_hf(raw("HeliumForCausalLM", head_dim=32))  # 4 x 32 != 64
 
 
 def test_helium_refuses_fp8_checkpoints_and_lora(tiny_checkpoints):
