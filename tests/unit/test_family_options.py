@@ -161,6 +161,8 @@ def test_layers_built_from_the_options(parity_models):
     assert isinstance(layer, ParallelDecoderLayer) and isinstance(layer.mlp, PlainMLP)
     assert isinstance(layer.input_layernorm, LayerNorm) and layer.post_attention_layernorm is None
     assert phi.lm_head_bias is not None
+    ministral, _ = parity_models("ministral")  # layer_types: sliding (8), full
+    assert [layer.self_attn.sliding_window for layer in ministral.layers] == [8, 0]
     starcoder, _ = parity_models("starcoder2")
     assert type(starcoder.layers[0]) is not ParallelDecoderLayer
     assert isinstance(starcoder.norm, LayerNorm) and starcoder.lm_head is None
