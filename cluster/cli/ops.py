@@ -45,6 +45,15 @@ def add_subcommands(sub) -> None:
                         "its target or running replica count changed (the ledger keeps the "
                         "last 1,000 per pool)")
     s.set_defaults(func=cmd_status)
+    x = sub.add_parser(
+        "shutdown", help="remove splitserve from a running cluster (Ray keeps running)",
+        description="Delete every splitserve application (pools, ingress), the router actors, "
+                    "the route controller and the adapters loaded at run time from the running "
+                    "Ray cluster; in-flight requests are cut. The Ray cluster itself keeps "
+                    "running: `ray stop` (every Ray process of the machine, whoever started "
+                    "it) or `ray down` ends it; a `splitserve serve` ends with Ctrl-C.")
+    _address(x)
+    x.set_defaults(func=cmd_shutdown)
 
 
 def _address(p) -> None:
@@ -344,6 +353,34 @@ def cmd_status(args) -> int:
         if routes:
             print()
             print(format_routes(routes, time.time()))
+    return 0
+
+
+def cmd_shutdown(args) -> int:
+    try:
+        _connect(args.address)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+        return 1
+    from splitserve.cluster.serve.app import serve_status, shutdown
+
+    dump = _ledger_call("config")
+    try:
+        apps = sorted(serve_status().applications)
+    except Exception:  # noqa: BLE001 - Serve not running here: no application to remove
+        apps = []
+    if dump is None and not apps:
+        print("no splitserve cluster deployed here: nothing to remove", file=sys.stderr)
+        return 1
+    shutdown()
+    if dump is not None:  # `status` then says nothing is deployed, not pools at 0 replicas
+        import ray
+
+        from splitserve.cluster.autoscaling.ledger import get_ledger
+
+        ray.get(get_ledger().reset.remote())
+    print(f"removed: {', '.join(apps) or 'no applications'}; the routers and the route "
+          "controller. The Ray cluster keeps running (`ray stop` or `ray down` ends it).")
     return 0
 
 

@@ -222,3 +222,20 @@ def test_a_hand_written_catalog_loads(tmp_path, capsys):
     p.write_text(CATALOG)
     assert main(["profile", "--catalog", str(p), "--list", "--db", str(tmp_path / "p.db")]) == 0
     assert "my-gpu" in capsys.readouterr().out
+
+
+def test_shutdown_where_nothing_listens_fails_at_once(capsys):
+    assert main(["shutdown", "--address", NOWHERE]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot connect to the Ray cluster: nothing answers at "
+                          "127.0.0.1:1") and len(err.strip().splitlines()) == 1
+
+
+def test_an_azure_row_with_a_value_past_the_header_is_refused(tmp_path):
+    from splitserve.cluster.planning.workload import TraceError, read_trace
+
+    p = tmp_path / "t.csv"
+    p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,100,10,\n1,2,000,10\n")
+    with pytest.raises(TraceError) as e:  # line 2's empty trailing field is fine
+        list(read_trace(p))
+    assert str(e.value) == f"{p} line 3: 4 fields, the header has 3 (an unquoted comma?)"
