@@ -150,29 +150,72 @@ def load_sharegpt(path: str | Path, n: int, seed: int = 0,
     count = count_tokens or _chars_to_tokens
     try:
         # utf-8-sig: a byte-order mark (Windows editors) is not part of the JSON
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        text = Path(path).read_text(encoding="utf-8-sig")
+        data = json.loads(text)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read a JSON ShareGPT file: {e}") from None
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of conversations")
+    for i, conv in enumerate(data):  # a shape no ShareGPT file has is an error, not a skip
+        problem = _conversation_problem(conv)
+        if problem:
+            raise DatasetError(f"{path}: conversation {i + 1} (line {_entry_line(text, i)}): "
+                               f"{problem}")
     order = np.random.default_rng(seed).permutation(len(data))
     out: list[BenchRequest] = []
+    skipped = {"with fewer than 2 turns": 0, f"with a prompt or reply under {min_len} tokens": 0,
+               f"with a prompt over {max_prompt_len} tokens": 0,
+               f"over {max_total_len} tokens in all": 0}
+    reasons = list(skipped)
     for i in order:
-        conv = data[i].get("conversations") if isinstance(data[i], dict) else None
-        if not isinstance(conv, list) or len(conv) < 2:
+        conv = data[i]["conversations"]
+        if len(conv) < 2:
+            skipped[reasons[0]] += 1
             continue
-        try:
-            prompt, reply = str(conv[0]["value"]), str(conv[1]["value"])
-        except (KeyError, TypeError):
-            continue
+        prompt, reply = conv[0]["value"], conv[1]["value"]
         p_len = count(prompt)
         o_len = output_len or count(reply)
-        if p_len < min_len or o_len < min_len or p_len > max_prompt_len or \
-                p_len + o_len > max_total_len:
+        why = (reasons[1] if p_len < min_len or o_len < min_len else
+               reasons[2] if p_len > max_prompt_len else
+               reasons[3] if p_len + o_len > max_total_len else None)
+        if why is not None:
+            skipped[why] += 1
             continue
         out.append(BenchRequest(prompt, p_len, o_len))
         if len(out) == n:
             return out
+    why = ", ".join(f"{k} {w}" for w, k in skipped.items() if k)
     raise DatasetError(f"{path}: only {len(out)} usable conversations, {n} asked for "
                        f"(filters: {min_len} <= lengths, prompt <= {max_prompt_len}, "
-                       f"prompt + reply <= {max_total_len} tokens)")
+                       f"prompt + reply <= {max_total_len} tokens)" + (f"; skipped: {why}" if why else ""))
+
+
+def _conversation_problem(conv) -> str | None:
+    """What makes ``conv`` no ShareGPT conversation, or None. Only the first
+    two turns are read (prompt, reply), so only they must hold text."""
+    if not isinstance(conv, dict):
+        return f"a conversation is an object, got {type(conv).__name__}"
+    turns = conv.get("conversations")
+    if turns is None:
+        return ('no \'conversations\' list (ShareGPT: {"conversations": [{"from": "human", '
+                '"value": "..."}, ...]})')
+    if not isinstance(turns, list):
+        return f"'conversations' must be a list of turns, got {type(turns).__name__}"
+    for k, turn in enumerate(turns[:2]):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"turn {k + 1} has no text 'value' (a string)"
+    return None
+
+
+def _entry_line(text: str, index: int) -> int:
+    """The line (1-based) where the top-level JSON list in ``text`` holds
+    its entry ``index``; called once, for an error."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    for i in range(index + 1):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        if i == index:
+            return text.count("\n", 0, pos) + 1
+        _, pos = decoder.raw_decode(text, pos)
+    return 1

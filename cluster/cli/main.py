@@ -157,13 +157,16 @@ def cmd_serve(args) -> int:
         return 1
     base = url(ep)
     name = cfg.models[0].model.name
+    # with keys configured a request without one is refused (401): the
+    # hint carries the header, not the key (it may be a file's or a variable's)
+    auth = " -H 'Authorization: Bearer <API key>'" if cfg.auth.has_api_keys() else ""
     print(f"ready in {time.time() - t0:.0f}s\n"
           f"  OpenAI HTTP API: {base}/v1  (models: {', '.join(m.model.name for m in cfg.models)}; "
           f"{served_by(ep)})\n"
           f"  gRPC API:        {ep.host}:{ep.grpc_port}\n"
           f"  Ray:             {ray.get_runtime_context().gcs_address}  (splitserve status "
           f"--address ...)\n"
-          f"  try: curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"  try: curl {base}/v1/completions{auth} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
     if args.smoke:
         from splitserve.cluster.cli.smoke import smoke_test

@@ -45,6 +45,15 @@ def add_subcommands(sub) -> None:
                         "its target or running replica count changed (the ledger keeps the "
                         "last 1,000 per pool)")
     s.set_defaults(func=cmd_status)
+    x = sub.add_parser(
+        "shutdown", help="remove splitserve from a running cluster (Ray keeps running)",
+        description="Delete every splitserve application (pools, ingress), the router actors, "
+                    "the route controller and the adapters loaded at run time from the running "
+                    "Ray cluster; in-flight requests are cut. The Ray cluster itself keeps "
+                    "running: `ray stop` (every Ray process of the machine, whoever started "
+                    "it) or `ray down` ends it; a `splitserve serve` ends with Ctrl-C.")
+    _address(x)
+    x.set_defaults(func=cmd_shutdown)
 
 
 def _address(p) -> None:
@@ -60,9 +69,42 @@ def _connect(address: str | None) -> None:
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     check_reachable(address)
+    if local_address_without_auth_mode(address):
+        # Ray turns its token on by itself only for a cluster it finds as
+        # "auto": the address `splitserve serve` prints (this machine's, or
+        # loopback) would otherwise fail with InvalidAuthToken after 15 s
+        # of retries where the head holds the token this machine keeps
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     from splitserve.cluster.serve.app import connect
 
     connect(address)
+
+
+def local_address_without_auth_mode(address: str) -> bool:
+    """Whether ``address`` (HOST:PORT) is on this machine and
+    $RAY_AUTH_MODE leaves Ray's token authentication to its defaults: then
+    the client uses this machine's token when it has one, as Ray's own
+    ``auto`` does (a remote address needs RAY_AUTH_MODE=token, as Ray asks)."""
+    import socket
+
+    if "RAY_AUTH_MODE" in os.environ or "://" in address or address in ("auto", "local"):
+        return False
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind((sockaddr[0], 0))  # only an address of this machine binds
+                return True
+            except OSError:
+                continue
+    return False
 
 
 # -- deploy ----------------------------------------------------------------------
@@ -101,6 +143,10 @@ def cmd_deploy(args) -> int:
         for line in changes:
             print(f"  {line}")
     if args.dry_run:
+        problem = _refused_on_this_cluster(cfg, prev)
+        if problem:  # what the deploy itself would refuse, before it changed anything
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         return 0
     from splitserve.cluster.serve.app import deploy
     from splitserve.cluster.serve.app_status import DeployFailed, DeployInProgress
@@ -125,6 +171,24 @@ def cmd_deploy(args) -> int:
         print("warning: ingresses not yet holding the new routes: "
               + ", ".join(summary["routes_pending"]), file=sys.stderr)
     return 0
+
+
+def _refused_on_this_cluster(cfg, prev: dict[str, Any] | None) -> str | None:
+    """Why the connected cluster would refuse ``cfg`` (``prev``: the config
+    applied last): endpoints only a new Serve instance takes
+    (``http_server``; in proxy mode the proxy's address and TLS files)."""
+    from splitserve.cluster.config import ClusterConfig, ConfigError
+    from splitserve.cluster.serve.http_proxy import check_mode, check_unchanged, proxy_running
+
+    try:
+        proxy = proxy_running() if prev is not None else None
+        if proxy is not None:
+            check_mode(proxy, cfg.endpoints)
+        if prev is not None:
+            check_unchanged(ClusterConfig.model_validate(prev).endpoints, cfg.endpoints)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 ACTOR_WAIT_S = 30.0  # how long status waits for an actor Ray is restarting
@@ -230,16 +294,25 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
             stats = reps.get(name, {}).get(role.pool.value, [])
             rows.append(PoolStatus(
                 app=app, role=role.value, running=running,
-                target=latest.target if latest else None,
+                target=latest.target if latest else fixed_target(pool),
                 min_replicas=pool.min_replicas, max_replicas=pool.max_replicas,
                 bottleneck=pool.autoscaling.bottleneck if pool.autoscaling else "fixed",
                 value=latest.value if latest else None,
                 load=router_down or _load_summary(role.pool, stats),
-                decision=latest.reason if latest else "-",
+                decision=(latest.reason if latest else "-" if fixed_target(pool) is None
+                          else f"fixed at {pool.min_replicas} (no autoscaling section)"),
                 decided_at=latest.time if latest else None,
                 last_change=change.reason if change else "-",
                 changed_at=change.time if change else None))
     return dump, rows
+
+
+def fixed_target(pool) -> int | None:
+    """The size Serve holds a pool without autoscaling at (its
+    min_replicas = max_replicas), or None for a pool the autoscaler sizes."""
+    if pool.autoscaling is None and pool.min_replicas == pool.max_replicas:
+        return pool.min_replicas
+    return None
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -316,6 +389,34 @@ def cmd_status(args) -> int:
         if routes:
             print()
             print(format_routes(routes, time.time()))
+    return 0
+
+
+def cmd_shutdown(args) -> int:
+    try:
+        _connect(args.address)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+        return 1
+    from splitserve.cluster.serve.app import serve_status, shutdown
+
+    dump = _ledger_call("config")
+    try:
+        apps = sorted(serve_status().applications)
+    except Exception:  # noqa: BLE001 - Serve not running here: no application to remove
+        apps = []
+    if dump is None and not apps:
+        print("no splitserve cluster deployed here: nothing to remove", file=sys.stderr)
+        return 1
+    shutdown()
+    if dump is not None:  # `status` then says nothing is deployed, not pools at 0 replicas
+        import ray
+
+        from splitserve.cluster.autoscaling.ledger import get_ledger
+
+        ray.get(get_ledger().reset.remote())
+    print(f"removed: {', '.join(apps) or 'no applications'}; the routers and the route "
+          "controller. The Ray cluster keeps running (`ray stop` or `ray down` ends it).")
     return 0
 
 

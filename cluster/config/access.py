@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .base import _Strict, is_loopback_host
+from .base import _Strict, host_problem, is_loopback_host
 from .tracing import TracingSpec
 
 
@@ -59,7 +59,9 @@ class EndpointSpec(_Strict):
         "serves gRPC on grpc_port (and, with http_server ingress, HTTP on http_port), replicas "
         "on one node sharing the port (SO_REUSEPORT: the kernel spreads new connections). 1 suits one machine (`splitserve serve`, tests); 2 or more keep "
         "the API answering while Serve replaces a replica that died.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="Largest HTTP "
+                                "request body (at most 1 GiB: an ingress holds a body whole "
+                                "before it parses it).")
     body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="How long an HTTP "
                                   "request's body may take to arrive, from when the request "
                                   "reaches the API; a body still incomplete then (a client that "
@@ -87,6 +89,14 @@ class EndpointSpec(_Strict):
     allow_unauthenticated: bool = Field(False, description="Serve on a non-loopback host without "
                                         "API keys. Off: such a config is refused, since anyone "
                                         "who reaches the port gets free inference.")
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        problem = host_problem(host)
+        if problem:
+            raise ValueError(problem)
+        return host
 
     @model_validator(mode="after")
     def _replicas_share_a_port(self) -> "EndpointSpec":

@@ -141,6 +141,9 @@ def parse_config(data: Any, source: str = "config", *,
     return cfg
 
 
+MAX_FILE_BYTES = 1_000_000
+
+
 def load_config(path: str | Path) -> ClusterConfig:
     """The operator file at ``path``, validated; ConfigError naming the file
     and the line (YAML syntax) or the key and its line (content) at fault.
@@ -148,6 +151,11 @@ def load_config(path: str | Path) -> ClusterConfig:
     every default."""
     p = Path(path)
     try:
+        size = p.stat().st_size if p.is_file() else 0
+        if size > MAX_FILE_BYTES:  # PyYAML reads about 250 KB a second: a 10 MB file is a minute
+            raise ConfigError(f"{p}: {size / 1e6:.1f} MB; an operator config is at most "
+                              f"{MAX_FILE_BYTES / 1e6:.0f} MB (many API keys belong in "
+                              "auth.api_keys_file)")
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
@@ -192,9 +200,11 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
     """What applying ``new`` over ``old`` changes, one line per key, e.g.
-    ``models[tiny].decode.max_replicas: 2 -> 4``, and one line per served
-    model or route added or removed whole (``models[b]: added``); secrets
-    are not shown."""
+    ``models[tiny].decode.max_replicas: 2 -> 4``; one line per served
+    model or route added or removed whole (``models[b]: added``), and per
+    named entry or section added or removed within one
+    (``models[a].model.adapters[sql]: added (path '/adapters/sql')``,
+    ``models[a].model.speculative: removed``); secrets are not shown."""
     if old is None:
         return ["(new cluster)"]
     a: dict[str, Any] = {}
@@ -204,9 +214,22 @@ def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
     entries_a, entries_b = _entries(old), _entries(new)
     whole = {e: "added" for e in entries_b - entries_a} | {e: "removed" for e in entries_a - entries_b}
     lines = {e: f"{e}: {what}" for e, what in whole.items()}
+    added = _grouped(b, a, whole)
+    removed = _grouped(a, b, whole)
+    for root, items in added.items():
+        shown = ", ".join(f"{k} {v!r}" for k, v in _not_default(new, root, items).items())
+        lines[root] = f"{root}: added" + (f" ({shown})" if shown else "")
+    lines.update({root: f"{root}: removed" for root in removed})
+    grouped = added.keys() | removed.keys()
     for key in a.keys() | b.keys():
         if key.split(".", 1)[0] in whole or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
+        if key in grouped or any(key.startswith(r) and key[len(r)] in ".[" for r in grouped
+                                 if len(key) > len(r)):
+            continue  # under an entry or section of its own line
+        if a.get(key, b.get(key)) in (None, [], {}) and any(
+                r.startswith(key) and r[len(key)] in ".[" for r in grouped if len(r) > len(key)):
+            continue  # the empty value an entry or section replaced (or was replaced by)
         if key.startswith("auth."):
             lines[key] = f"{key}: changed"
         elif key not in a:
@@ -216,6 +239,56 @@ def config_changes(old: ClusterConfig | None, new: ClusterConfig) -> list[str]:
         else:
             lines[key] = f"{key}: {a[key]!r} -> {b[key]!r}"
     return [lines[k] for k in sorted(lines)]
+
+
+def _grouped(this: dict[str, Any], other: dict[str, Any],
+             whole: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The keys of ``this`` that ``other`` lacks, grouped under the entry or
+    section that ``other`` lacks whole: a named entry (``adapters[sql]``) it
+    has not, or a section it holds as an empty value (``speculative: None``,
+    ``adapters: []``). {root: {key below root: value}}, in ``this``'s order."""
+    roots_other = {key[:i + 1] for key in other for i, c in enumerate(key) if c == "]"}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in this.items():
+        if key in other or key.startswith("auth.") or key.split(".", 1)[0] in whole:
+            continue  # a model or route added whole has its line; secrets have theirs
+        cuts = [i for i, c in enumerate(key) if c in ".[" or (c == "]" and i + 1 < len(key))]
+        root = None
+        for i in cuts:
+            prefix = key[:i + 1] if key[i] == "]" else key[:i]
+            if key[i] == "]" and prefix not in roots_other:
+                root = prefix  # an entry other has not
+                break
+            if key[i] == "." and other.get(prefix, "<unset>") in (None, [], {}):
+                root = prefix  # a section other holds empty (an empty list's
+                break          # entries are found at their "]")
+        if root is None:
+            continue
+        sub = key[len(root):].lstrip(".")
+        groups.setdefault(root, {})[sub] = value
+    return groups
+
+
+def _not_default(cfg: ClusterConfig, root: str, items: dict[str, Any]) -> dict[str, Any]:
+    """``items`` (keys below ``root`` in ``cfg``) less the fields left at
+    their defaults, so an added section shows what its file sets."""
+    import re
+
+    obj: Any = cfg
+    for name, entry in re.findall(r"([A-Za-z_]\w*)(?:\[([^\]]*)\])?", root):
+        obj = getattr(obj, name, None)
+        if entry and isinstance(obj, list):
+            obj = next((v for v in obj if entry in (getattr(v, "name", None),
+                                                    getattr(getattr(v, "model", None), "name", None))), None)
+    fields = getattr(type(obj), "model_fields", {})
+    out = {}
+    for key, value in items.items():
+        f = fields.get(key)
+        if value in (None, [], {}) or (f is not None and not f.is_required()
+                                       and f.get_default(call_default_factory=True) == value):
+            continue
+        out[key] = value
+    return out
 
 
 def _entries(cfg: ClusterConfig) -> set[str]:

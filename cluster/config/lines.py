@@ -14,14 +14,53 @@ import yaml
 
 def read_yaml(text: str) -> tuple[object, yaml.Node | None]:
     """(the data ``yaml.safe_load`` gives, the node tree it was built from);
-    parsed once, so the lines are those of the data. YAMLError as safe_load."""
+    parsed once, so the lines are those of the data. YAMLError as safe_load,
+    and ``RepeatedKey`` for a key written twice in one mapping."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            check_unique_keys(node)
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
     return data, node
+
+
+class RepeatedKey(yaml.MarkedYAMLError):
+    """A mapping that names one key twice: YAML keeps the last silently, so
+    an edit appended below an old value (or a pasted section) would win or
+    lose unseen."""
+
+
+def check_unique_keys(root: yaml.Node) -> None:
+    """Raise RepeatedKey at the second of two equal keys of one mapping.
+    A merge (``<<: *defaults``) may bring a key the mapping also writes:
+    that is what merges are for. Each node is visited once, so aliases of
+    aliases (a "billion laughs" file) cost their size, not their expansion."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, yaml.Mark] = {}
+            for key, value in node.value:
+                stack.append(value)
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    stack.append(key)
+                    continue
+                if key.value in first:
+                    raise RepeatedKey(
+                        problem=f"{key.value!r} appears twice (lines "
+                                f"{first[key.value].line + 1} and {key.start_mark.line + 1}); "
+                                "YAML would keep the second silently: keep one",
+                        problem_mark=key.start_mark)
+                first[key.value] = key.start_mark
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def locate(root: yaml.Node | None, loc: tuple) -> str | None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from .base import ConfigError, _Strict
+from .base import ConfigError, _Strict, host_problem
 
 if TYPE_CHECKING:
     from splitserve.handoff.tls import TLSConfig
@@ -64,3 +64,11 @@ class TransferSpec(_Strict):
                                 "(torch_dist: its control channel) and the router streams; "
                                 "None: plaintext, authenticated by the cluster token (the "
                                 "routers' tokens) only.")
+
+    @field_validator("bind_host")
+    @classmethod
+    def _an_address(cls, host: str | None) -> str | None:
+        problem = None if host is None else host_problem(host)
+        if problem:
+            raise ValueError(problem)
+        return host

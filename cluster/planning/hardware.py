@@ -74,9 +74,16 @@ class Hardware:
         return asdict(self)
 
 
+def _float(value) -> float:
+    """float(value), but YAML's true/false is no figure (float() reads 1/0)."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean")
+    return float(value)
+
+
 def _number(entry: dict, key: str, where: str) -> float:
     try:
-        value = float(entry[key])
+        value = _float(entry[key])
     except KeyError:
         raise CatalogError(f"{where}: missing {key!r}") from None
     except (TypeError, ValueError):
@@ -114,7 +121,7 @@ def _efficiency(data, p: Path) -> Efficiency:
         if k not in names:
             raise _unknown_key(f"{p}: efficiency", k, names)
         try:
-            x = float(v)
+            x = _float(v)
         except (TypeError, ValueError):
             raise CatalogError(f"{p}: efficiency.{k} must be a number, got {v!r}") from None
         if k in _SHARES and not 0 < x <= 1:
@@ -134,7 +141,7 @@ def _prices(data, p: Path) -> tuple[dict[str, float], str]:
     out = {}
     for k, v in per_hour.items():
         try:
-            x = float(v)
+            x = _float(v)
         except (TypeError, ValueError):
             x = math.nan
         if not (math.isfinite(x) and x >= 0):
@@ -147,7 +154,11 @@ def load_catalog(path: str | Path = CATALOG_PATH) -> tuple[dict[str, Hardware], 
     """(key -> derived Hardware, the efficiency model, the prices' source)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        from splitserve.cluster.config.lines import read_yaml
+
+        # read_yaml: as safe_load, but a key written twice (an edited price
+        # or figure below the old one) is refused instead of one winning unseen
+        data, _ = read_yaml(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise CatalogError(f"{p}: cannot read the catalog: {e.strerror}") from None
     except UnicodeDecodeError:

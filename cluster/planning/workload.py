@@ -227,6 +227,12 @@ def read_azure(path: str | Path, time_scale: float = 1.0) -> Iterator[TraceReque
                 continue
             if len(row) < len(cols):
                 raise TraceError(f"{where}: {len(row)} fields, the header has {len(cols)}")
+            if any(x.strip() for x in row[len(cols):]):
+                # a value past the last column: the row's fields are shifted (an
+                # unquoted comma), so its columns cannot be trusted; an empty one
+                # (a spreadsheet's trailing comma) is harmless
+                raise TraceError(f"{where}: {len(row)} fields, the header has {len(cols)} "
+                                 "(an unquoted comma?)")
             ts = _azure_time(row[it], where)
             if ts < last:
                 raise TraceError(f"{where}: TIMESTAMP is before the previous row's; the trace "

@@ -118,8 +118,10 @@ def test_config_changes_name_each_key_and_hide_secrets():
         {"model": {"name": "b"}}], "auth": {"cluster_token": "other"}})
     lines = config_changes(old, new)
     assert "models[a].decode.max_replicas: 2 -> 4" in lines
-    assert "models[a].decode.autoscaling.target_kv_usage: added 0.6" in lines
-    assert "models[a].decode.autoscaling: removed" in lines
+    # a section added is one line with what it sets beyond its defaults
+    assert ("models[a].decode.autoscaling: added (bottleneck 'memory', target_kv_usage 0.6)"
+            in lines)
+    assert not any(line.startswith("models[a].decode.autoscaling.") for line in lines)
     assert "models[b]: added" in lines  # a model added whole: one line, not one per key
     assert not any(line.startswith("models[b].") for line in lines)
     assert config_changes(new, old)[-1] == "models[b]: removed"
