@@ -9,7 +9,11 @@ the kernel spreads new connections over them, as for the gRPC API
 given. A connection's request head must arrive within ``head_timeout_s``
 (the operator's ``endpoints.head_timeout_s``; ``HEAD_TIMEOUT_S`` by default)
 of it opening or of its previous response (``HeadDeadlineProtocol``): idle
-and slowloris connections do not hold descriptors indefinitely.
+and slowloris connections do not hold descriptors indefinitely. A head
+larger than ``MAX_HEAD_BYTES`` is refused (431) before more of it is read,
+and a request the HTTP parser cannot frame (a malformed chunk size, two
+Content-Lengths, an HTTP/2 preface) gets a 400; both in OpenAI's error
+shape, and the connection is closed after them (its framing is lost).
 
 Stopping (``DirectHttpServer.stop``): the listening socket is closed first,
 so new connections go to the node's other replicas; idle keep-alive
@@ -28,11 +32,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import socket
+import sys
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from splitserve.cluster.api.openai_schema import ApiError
 
 log = logging.getLogger("splitserve.http")
 
@@ -40,6 +48,10 @@ BACKLOG = 2048
 # a request's head (line and headers) must arrive within this of the
 # connection opening or of its previous response ending (keep-alive idle)
 HEAD_TIMEOUT_S = 30.0
+# a request's line and headers together; the parser itself bounds neither
+# the headers' count nor their size, so without this a client holds as much
+# of the replica's memory as it sends within the head deadline
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -70,7 +82,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head.
+    """uvicorn's HTTP/1.1 protocol with a deadline and a size bound on each
+    request's head, and its framing errors in OpenAI's shape.
 
     uvicorn bounds only the idle wait between requests, and its timer stops
     at the first byte that arrives: a connection that never sends a request,
@@ -79,13 +92,23 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     of them run the replica out of descriptors. Here the head (request line
     and headers) must be complete within ``head_timeout_s`` of the
     connection opening or of the previous response ending; past it the
-    connection is closed. The body has its own bound (``BodyDeadline``)."""
+    connection is closed. The body has its own bound (``BodyDeadline``).
+
+    The head may be at most ``MAX_HEAD_BYTES`` (counted as it arrives, so a
+    head one byte over it is refused at the latest one read later): past it
+    the answer is 431 ``request_header_too_large``. A request the parser
+    rejects gets 400 ``invalid_http_request`` naming the parser's reason
+    rather than uvicorn's plain-text 400. Both close the connection: what
+    follows on it cannot be framed."""
 
     head_timeout_s = HEAD_TIMEOUT_S  # set per server by ``start_http_server``
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_timer = None
+        # bytes received while a head is incomplete: from the connection's
+        # start, and from each message's first byte to its headers' end
+        self._in_head, self._head_bytes = True, 0
         self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
@@ -102,9 +125,45 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(ApiError(431, f"the request line and headers exceed {MAX_HEAD_BYTES} "
+                                      "bytes", code="request_header_too_large"))
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
         self._cancel_head_deadline()
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn calls this from its ``except HttpParserError``: the
+        # exception in hand names what the parser refused (a failed callback,
+        # e.g. a URL too long to parse, carries its reason as the context)
+        exc = sys.exc_info()[1]
+        reason = exc.__context__ if exc is not None and exc.__context__ is not None else exc
+        detail = f": {str(reason)[:200]}" if reason is not None and str(reason) else ""
+        if self.parser.get_method() == b"PRI":  # llhttp's words for it: "Pause on PRI/Upgrade"
+            detail = ": HTTP/2 is not served on this port; send HTTP/1.1"
+        self._refuse(ApiError(400, f"malformed HTTP request{detail}",
+                              code="invalid_http_request"))
+
+    def _refuse(self, err: ApiError) -> None:
+        """Answer ``err`` and close the connection, whatever else it carries."""
+        if self.transport.is_closing():
+            return
+        body = json.dumps(err.body()).encode()
+        self.transport.write(b"".join([
+            STATUS_LINE[err.status], b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
