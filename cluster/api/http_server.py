@@ -52,6 +52,9 @@ HEAD_TIMEOUT_S = 30.0
 # the headers' count nor their size, so without this a client holds as much
 # of the replica's memory as it sends within the head deadline
 MAX_HEAD_BYTES = 64 * 1024
+# a response's client must read: one that leaves the server's write buffer
+# full (above its high-water mark) for this long is cut off
+WRITE_STALL_S = 60.0
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -102,10 +105,11 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     follows on it cannot be framed."""
 
     head_timeout_s = HEAD_TIMEOUT_S  # set per server by ``start_http_server``
+    write_stall_s = WRITE_STALL_S  # likewise
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer = None
+        self._head_timer = self._stall_timer = None
         # bytes received while a head is incomplete: from the connection's
         # start, and from each message's first byte to its headers' end
         self._in_head, self._head_bytes = True, 0
@@ -171,13 +175,44 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_head_deadline()
 
+    # A client that stops reading (a stream opened and never read) fills
+    # the kernel's buffers, then the transport's; uvicorn then holds each
+    # send until the buffer drains, which it never does: the connection,
+    # the request's task and what the response holds (its backend streams,
+    # their admission slots) would stay for as long as the client keeps the
+    # connection open. The transport says when its buffer passes the
+    # high-water mark and when it is back under the low one: a buffer that
+    # stays full for ``write_stall_s`` aborts the connection, which ends the
+    # response as a client disconnect does.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.write_stall_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_stall()
+        super().resume_writing()
+
+    def _cancel_write_stall(self) -> None:
+        if getattr(self, "_stall_timer", None) is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        log.info("a client read nothing of its response for %g s: connection closed",
+                 self.write_stall_s)
+        self.transport.abort()
+
     def connection_lost(self, exc) -> None:
         self._cancel_head_deadline()
+        self._cancel_write_stall()
         super().connection_lost(exc)
 
 
-def _protocol(head_timeout_s: float) -> type[HeadDeadlineProtocol]:
-    return type("HeadDeadline", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+def _protocol(head_timeout_s: float, write_stall_s: float) -> type[HeadDeadlineProtocol]:
+    return type("HeadDeadline", (HeadDeadlineProtocol,),
+                {"head_timeout_s": head_timeout_s, "write_stall_s": write_stall_s})
 
 
 class _ReplicaServer(uvicorn.Server):
@@ -238,11 +273,13 @@ class DirectHttpServer:
 
 async def start_http_server(app, host: str, port: int, tls_cert: str | None = None,
                             tls_key: str | None = None,
-                            head_timeout_s: float = HEAD_TIMEOUT_S) -> DirectHttpServer:
+                            head_timeout_s: float = HEAD_TIMEOUT_S,
+                            write_stall_s: float = WRITE_STALL_S) -> DirectHttpServer:
     """Serve ``app`` (ASGI) on ``host:port`` (0: a free port) from this
     event loop; returns once it accepts connections. A connection whose next
     request head has not arrived ``head_timeout_s`` after it opened or after
-    its previous response is closed (``HeadDeadlineProtocol``). Raises
+    its previous response is closed, and one whose client has read nothing of
+    a response for ``write_stall_s`` aborted (``HeadDeadlineProtocol``). Raises
     OSError when the address cannot be bound, RuntimeError when the server
     fails to start."""
     if (tls_cert is None) != (tls_key is None):
@@ -254,7 +291,7 @@ async def start_http_server(app, host: str, port: int, tls_cert: str | None = No
         # the app answers every error in OpenAI's shape; uvicorn's own
         # date/server headers add nothing a client needs
         server_header=False, backlog=BACKLOG, timeout_keep_alive=head_timeout_s,
-        http=_protocol(head_timeout_s))
+        http=_protocol(head_timeout_s, write_stall_s))
     server = _ReplicaServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
