@@ -113,6 +113,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         # bytes received while a head is incomplete: from the connection's
         # start, and from each message's first byte to its headers' end
         self._in_head, self._head_bytes = True, 0
+        self._refusal: ApiError | None = None  # answered once the responses before it are
         self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
@@ -160,8 +161,23 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
                               code="invalid_http_request"))
 
     def _refuse(self, err: ApiError) -> None:
-        """Answer ``err`` and close the connection, whatever else it carries."""
-        if self.transport.is_closing():
+        """Answer ``err`` and close the connection. A request framed whole
+        before the bad bytes is answered first (answers go in order:
+        written now, this one would read as that request's answer), nothing
+        more being read meanwhile; when the bad bytes are the body of the
+        request in flight, that request is the one refused: its response
+        cannot have begun (our routes answer after the whole body), or if
+        it has, the connection is closed without a word."""
+        if self.transport.is_closing() or self._refusal is not None:
+            return
+        cycle = self.cycle
+        in_flight = cycle is not None and not cycle.response_complete
+        if self.pipeline or (in_flight and not cycle.more_body):
+            self._refusal = err
+            self.flow.pause_reading()
+            return
+        if in_flight and cycle.response_started:
+            self.transport.close()
             return
         body = json.dumps(err.body()).encode()
         self.transport.write(b"".join([
@@ -171,6 +187,11 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._refusal is not None:  # the requests before it are answered (``_refuse``)
+            if (self.cycle is None or self.cycle.response_complete) and not self.pipeline:
+                err, self._refusal = self._refusal, None
+                self._refuse(err)
+            return
         # the next head is awaited unless one is already queued (pipelined)
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_head_deadline()
