@@ -47,7 +47,23 @@ ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "Gemma3ForCausalLM": "gemma3",
     "SmolLM3ForCausalLM": "smollm3",
+    "MinistralForCausalLM": "ministral",
+    "SeedOssForCausalLM": "seed_oss",
+    "HeliumForCausalLM": "helium",
+    "Starcoder2ForCausalLM": "starcoder2",
+    "PhiForCausalLM": "phi",
+    "StableLmForCausalLM": "stablelm",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
+
+# config.json defaults that differ from the Llama-style ones, as each family's
+# transformers config class sets them when the key is absent
+_DEFAULT_HEAD_DIM = {"seed_oss": 128, "helium": 128}
+_DEFAULT_NORM_EPS = {"helium": 1e-8, "starcoder2": 1e-5, "phi": 1e-5, "stablelm": 1e-5, "gpt_neox": 1e-5}
+# the families that name their norm epsilon otherwise
+_NORM_EPS_KEY = {"starcoder2": "norm_epsilon", "phi": "layer_norm_eps", "stablelm": "layer_norm_eps",
+                 "gpt_neox": "layer_norm_eps"}
+_DEFAULT_TIED = {"starcoder2": True}
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,8 @@ class ModelConfig:
     # fp8 checkpoints: the quantization_config, and (once splitserve.engine.loader
     # has read the weight files' headers) which tensors are fp8; None: unquantized
     quantization: QuantizationConfig | None = None
-    # what Gemma 1-3, Phi-3, Granite, OLMo 2 and SmolLM3 add (splitserve.engine.family_config)
+    # what Gemma 1-3, Phi-3, Granite, OLMo 2, SmolLM3, Helium and the LayerNorm families add
+    # (splitserve.engine.family_config)
     options: FamilyOptions = field(default_factory=FamilyOptions)
 
     @classmethod
@@ -123,10 +140,18 @@ class ModelConfig:
             # ``qkv_bias`` (on unless written off), Llama/Qwen3(-MoE) follow attention_bias.
             cfg_bias = bool(cfg.get("attention_bias", False))
             qkv_bias = {"qwen2": True, "mistral": False, "mixtral": False, "phi3": False,
-                        "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(family, cfg_bias)
+                        "qwen2_moe": bool(cfg.get("qkv_bias", True)), "ministral": False,
+                        "seed_oss": bool(cfg.get("attention_bias", True)),
+                        "starcoder2": bool(cfg.get("use_bias", True)), "phi": True,
+                        "stablelm": bool(cfg.get("use_qkv_bias", False)),
+                        "gpt_neox": bool(cfg.get("attention_bias", True))}.get(family, cfg_bias)
             if dtype not in DTYPES:
                 raise CheckpointError(f"{source}: unsupported torch_dtype {dtype!r}")
             quantization = parse_quantization_config(cfg, source)
+            if quantization is not None and family == "helium":
+                raise CheckpointError(f"{source}: fp8 {arch} checkpoints are not supported (q/k rows "
+                                      "are reordered at load); serve the unquantized checkpoint, with "
+                                      "weight_dtype fp8 if wanted")
             if quantization is not None and family == "phi3":
                 raise CheckpointError(f"{source}: fp8 {arch} checkpoints (fused qkv_proj / "
                                       "gate_up_proj scales) are not supported; serve the "
@@ -139,12 +164,15 @@ class ModelConfig:
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                # GPT-NeoX has one KV head per query head, whatever else config.json holds
+                num_kv_heads=(heads if family == "gpt_neox"
+                              else int(cfg.get("num_key_value_heads") or heads)),
+                head_dim=_head_dim(cfg, family, hidden, heads),
+                rms_norm_eps=float(cfg.get(_NORM_EPS_KEY.get(family, "rms_norm_eps"),
+                                           _DEFAULT_NORM_EPS.get(family, 1e-6))),
                 rope_theta=rope_theta,
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", _DEFAULT_TIED.get(family, False))),
                 attention_bias=qkv_bias,
                 qk_norm=family in ("qwen3", "qwen3_moe", "olmo2", "gemma3"),
                 rope_scaling=rope_scaling,
@@ -152,8 +180,8 @@ class ModelConfig:
                 dtype=dtype,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                o_proj_bias=family in _O_PROJ_BIAS_FAMILIES and cfg_bias,
-                mlp_bias=family in ("llama", "granite", "smollm3") and bool(cfg.get("mlp_bias", False)),
+                o_proj_bias=_o_proj_bias(cfg, family, cfg_bias),
+                mlp_bias=_mlp_bias(cfg, family),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
                 quantization=quantization,
                 options=parse_family_options(cfg, family),
@@ -201,15 +229,45 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
     )
 
 
+def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:
+    # StableLM and GPT-NeoX always split hidden_size evenly over the heads; Seed-OSS
+    # and Helium default to 128 when config.json has no head_dim key (null: the split)
+    if family in ("stablelm", "gpt_neox"):
+        return hidden // heads
+    if "head_dim" not in cfg and family in _DEFAULT_HEAD_DIM:
+        return _DEFAULT_HEAD_DIM[family]
+    return int(cfg.get("head_dim") or hidden // heads)
+
+
+def _o_proj_bias(cfg: dict[str, Any], family: str, cfg_bias: bool) -> bool:
+    if family == "seed_oss":  # its own switch for the output projection
+        return bool(cfg.get("attention_out_bias", False))
+    if family == "starcoder2":  # use_bias: every projection
+        return bool(cfg.get("use_bias", True))
+    if family == "phi":  # the attention's ``dense`` always has one
+        return True
+    if family == "gpt_neox":  # ``dense`` per attention_bias, on by default
+        return bool(cfg.get("attention_bias", True))
+    return family in _O_PROJ_BIAS_FAMILIES and cfg_bias
+
+
+def _mlp_bias(cfg: dict[str, Any], family: str) -> bool:
+    if family == "starcoder2":
+        return bool(cfg.get("use_bias", True))
+    if family in ("phi", "gpt_neox"):  # the ungated MLP always has them
+        return True
+    return family in ("llama", "granite", "smollm3", "seed_oss", "helium") and bool(cfg.get("mlp_bias", False))
+
+
 # Families whose ``attention_bias`` covers o_proj as well as q/k/v.
 _O_PROJ_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "granite", "olmo2",
                          "smollm3")
 
 # Families whose window, once set, covers every layer: Mistral, Mixtral and
 # Phi-3 with no switch, Qwen3-MoE behind ``use_sliding_window``.
-_EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe")
+_EVERY_LAYER_WINDOWED = ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2")
 # Families with no sliding window at all.
-_UNWINDOWED = ("llama", "gemma", "granite", "olmo2")
+_UNWINDOWED = ("llama", "gemma", "granite", "olmo2", "seed_oss", "helium", "phi", "stablelm", "gpt_neox")
 
 
 def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
@@ -225,11 +283,13 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
     every layer, Qwen2/Qwen3/Qwen2-MoE to the layers ``layer_types`` marks
     ``sliding_attention`` (older configs: layers from ``max_window_layers``
     on). Llama has none."""
-    window = cfg.get("sliding_window", 4096 if family == "gemma3" else None)
+    window = cfg.get("sliding_window", 4096 if family in ("gemma3", "ministral") else None)
     if family == "gemma3" and window is None and "sliding_attention" in gemma3_layer_types(cfg):
         # transformers cannot build the sliding layers' mask without one
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
-    switched = (family in ("mistral", "mixtral", "phi3", "gemma2", "gemma3")
+    if family == "ministral":
+        return _ministral_windows(cfg, window, num_layers)
+    switched = (family in ("mistral", "mixtral", "phi3", "gemma2", "gemma3", "starcoder2")
                 or cfg.get("use_sliding_window"))
     if family in _UNWINDOWED or not window or not switched:
         return {"sliding_window": None, "layer_windows": (0,) * num_layers}
@@ -254,6 +314,26 @@ def _windows(cfg: dict[str, Any], family: str, num_layers: int) -> dict[str, Any
     return {"sliding_window": window if any(windows) else None, "layer_windows": windows}
 
 
+def _ministral_windows(cfg: dict[str, Any], window: Any, num_layers: int) -> dict[str, Any]:
+    """Ministral: ``layer_types`` per layer; without it every layer slides
+    when a window is set, none when it is null (as its config class fills it)."""
+    types = cfg.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"layer_types {sorted(unknown)} are not supported for ministral; "
+                         "supported: sliding_attention, full_attention")
+    if "sliding_attention" in types and window is None:
+        raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
+    if window is not None and int(window) <= 0:
+        raise ValueError(f"sliding_window must be positive, got {window}")
+    windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+    return {"sliding_window": int(window) if any(windows) else None, "layer_windows": windows}
+
+
 def _rope_params(cfg: dict[str, Any], family: str = "") -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either config layout.
 
@@ -270,6 +350,7 @@ def _rope_params(cfg: dict[str, Any], family: str = "") -> tuple[float, dict[str
         params = _gemma3_full_rope(cfg)
     # both present: the dict's, as transformers >= 5 standardises them
     theta = ((params or {}).get("rope_theta") or cfg.get("rope_theta")
+             or (cfg.get("rotary_emb_base") if family == "gpt_neox" else None)  # its older name
              or DEFAULT_ROPE_THETA.get(family, 10000.0))
     kind = (params or {}).get("rope_type") or (params or {}).get("type") or "default"
     scaling = None if kind == "default" else dict(params)

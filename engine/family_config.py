@@ -1,5 +1,6 @@
-"""What the Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2 and SmolLM3
-families add to the Llama-style decoder, read from their ``config.json``.
+"""What the Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2, SmolLM3,
+Helium, StarCoder2, Phi, StableLM and GPT-NeoX families add to the Llama-style
+decoder, read from their ``config.json``.
 
 ``ModelConfig.options`` holds one ``FamilyOptions``; the Llama, Mistral,
 Qwen and MoE families keep the defaults, which change nothing. Each field
@@ -22,18 +23,34 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_tanh": "gelu_tanh",
 }
+# ... and those of the plain (fc -> act -> proj) MLP, applied with torch: the
+# exact erf GELU, the tanh approximation (transformers' gelu_new is that formula)
+_PLAIN_ACTIVATIONS = {
+    **_ACTIVATIONS,
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
 
 # The families whose checkpoints need more than the Llama-style defaults.
-OPTION_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3")
+OPTION_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "helium",
+                   "starcoder2", "phi", "stablelm", "gpt_neox")
+# The families whose MLP is ungated (up -> act -> down).
+_PLAIN_MLP_FAMILIES = ("starcoder2", "phi", "gpt_neox")
+# transformers' partial_rotary_factor where config.json names none
+_DEFAULT_ROTARY_FACTOR = {"phi": 0.5, "stablelm": 0.25, "gpt_neox": 0.25}
 
 # transformers' RoPE base where config.json names none (its config classes' default_theta)
-DEFAULT_ROPE_THETA = {"gemma3": 1_000_000.0, "smollm3": 2_000_000.0}
+DEFAULT_ROPE_THETA = {"gemma3": 1_000_000.0, "smollm3": 2_000_000.0, "helium": 100_000.0}
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers, without rope_local_base_freq
 
 
 @dataclass(frozen=True)
 class FamilyOptions:
-    hidden_act: str = "silu"  # the gated MLP's activation: silu | gelu_tanh (GeGLU)
+    # the MLP's activation: silu | gelu_tanh (gated: SwiGLU, GeGLU); the ungated MLP
+    # (plain_mlp) also gelu (erf) | relu
+    hidden_act: str = "silu"
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
     # Gemma, OLMo 2: RMSNorm multiplies the weight into the float32 normed row and
     # rounds once (Llama rounds the normed row to the model dtype first)
@@ -55,6 +72,20 @@ class FamilyOptions:
     local_rope_layers: tuple[int, ...] = ()
     local_rope_theta: float = 0.0
     nope_layers: tuple[int, ...] = ()  # SmolLM3 no_rope_layers: the layers that apply no RoPE
+    # Helium: RoPE rotates adjacent dim pairs (2i, 2i+1), not (i, i + D/2); q/k rows are
+    # reordered at load so the rotate-half kernels compute it (splitserve.engine.models.helium)
+    interleaved_rope: bool = False
+    layer_norm: bool = False  # StarCoder2, Phi, StableLM: LayerNorm (weight, bias), not RMSNorm
+    # StarCoder2, Phi: an ungated MLP, up -> act -> down, by these checkpoint names
+    # (``plain_mlp``: (up, down), e.g. ("c_fc", "c_proj")); empty: the gated MLP
+    plain_mlp: tuple[str, ...] = ()
+    o_proj_name: str = "o_proj"  # the attention output projection's checkpoint name (Phi: dense)
+    # Phi, StableLM use_parallel_residual: x + attn(norm(x)) + mlp(norm(x)), one norm;
+    # GPT-NeoX (``parallel_mlp_norm``): x + attn(norm1(x)) + mlp(norm2(x))
+    parallel_residual: bool = False
+    parallel_mlp_norm: bool = False
+    final_norm_name: str = "model.norm"  # Phi: model.final_layernorm
+    lm_head_bias: bool = False  # Phi: the vocabulary projection has a bias
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
@@ -99,6 +130,38 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
             residual_scale=_multiplier(cfg, "residual_multiplier"),
             logits_divisor=_multiplier(cfg, "logits_scaling"),
         )
+    if family == "helium":
+        heads, head_dim = int(cfg["num_attention_heads"]), _head_dim(cfg, 128)
+        if heads * head_dim != hidden:  # transformers' Helium o_proj is [hidden, hidden]
+            raise ValueError(f"Helium needs num_attention_heads * head_dim ({heads} * {head_dim}) "
+                             f"equal to hidden_size ({hidden})")
+        # transformers' Helium scales scores by 1 / math.sqrt(head_dim)
+        return FamilyOptions(hidden_act=act, norm_fp32_product=True, interleaved_rope=True,
+                             attn_scale=1 / math.sqrt(head_dim))
+    if family == "starcoder2":
+        return FamilyOptions(hidden_act=act, layer_norm=True, plain_mlp=("c_fc", "c_proj"))
+    if family == "phi":
+        if cfg.get("qk_layernorm"):
+            raise ValueError("qk_layernorm (LayerNorm on each query/key head) is not supported "
+                             "for phi")
+        return FamilyOptions(hidden_act=act, layer_norm=True, plain_mlp=("fc1", "fc2"),
+                             o_proj_name="dense", parallel_residual=True,
+                             final_norm_name="model.final_layernorm", lm_head_bias=True,
+                             rotary_dim=_rotary_dim(cfg, family))
+    if family == "stablelm":
+        if cfg.get("qk_layernorm"):
+            raise ValueError("qk_layernorm (LayerNorm on each query/key head) is not supported "
+                             "for stablelm")
+        return FamilyOptions(hidden_act=act, layer_norm=True,
+                             parallel_residual=bool(cfg.get("use_parallel_residual", False)),
+                             rotary_dim=_rotary_dim(cfg, family))
+    if family == "gpt_neox":
+        # the checkpoint's gpt_neox.* names map onto the shared decoder's
+        # (splitserve.engine.models.gpt_neox), the MLP's keep theirs
+        parallel = bool(cfg.get("use_parallel_residual", True))
+        return FamilyOptions(hidden_act=act, layer_norm=True, plain_mlp=("dense_h_to_4h", "dense_4h_to_h"),
+                             parallel_residual=parallel, parallel_mlp_norm=parallel,
+                             rotary_dim=_rotary_dim(cfg, family))
     if family == "olmo2":
         return FamilyOptions(hidden_act=act, post_norms=True, full_qk_norm=True,
                              norm_fp32_product=True)
@@ -107,7 +170,7 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
     if (rope.get("rope_type") or rope.get("type")) == "yarn":
         raise ValueError("Phi-3 rope scaling 'yarn' (which transformers reads as 'longrope') is "
                          "not supported; write it as 'longrope'")
-    return FamilyOptions(hidden_act=act, fused_projections=True, rotary_dim=_rotary_dim(cfg),
+    return FamilyOptions(hidden_act=act, fused_projections=True, rotary_dim=_rotary_dim(cfg, family),
                          original_max_position=int(cfg.get("original_max_position_embeddings") or 0))
 
 
@@ -120,10 +183,17 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
     name = name or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
     if family == "gemma" and name == "gelu":
         name = "gelu_pytorch_tanh"
-    if name not in _ACTIVATIONS:
+    if family == "starcoder2":
+        name = cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if family == "phi":
+        name = cfg.get("hidden_act") or "gelu_new"
+    if family == "gpt_neox":
+        name = cfg.get("hidden_act") or "gelu"
+    table = _PLAIN_ACTIVATIONS if family in _PLAIN_MLP_FAMILIES else _ACTIVATIONS
+    if name not in table:
         raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
-                         f"{', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+                         f"{', '.join(table)}")
+    return table[name]
 
 
 def gemma3_layer_types(cfg: dict[str, Any]) -> list[str]:
@@ -171,13 +241,24 @@ def smollm3_rope_layers(cfg: dict[str, Any]) -> list[int]:
     return [int(f) for f in flags[:num_layers]]
 
 
-def _rotary_dim(cfg: dict[str, Any]) -> int | None:
+def _head_dim(cfg: dict[str, Any], default: int | None = None) -> int:
+    if default is not None and "head_dim" not in cfg:
+        return default
+    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+
+def _rotary_dim(cfg: dict[str, Any], family: str) -> int | None:
     # top level (transformers < 5) or inside rope_parameters / rope_scaling
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    factor = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    factor = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+                   or (cfg.get("rotary_pct") if family == "gpt_neox" else None)  # its older name
+                   or _DEFAULT_ROTARY_FACTOR.get(family, 1.0))
     if factor == 1.0:
         return None
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    # StableLM and GPT-NeoX split hidden_size over the heads whatever head_dim says
+    head_dim = (int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+                if family in ("stablelm", "gpt_neox")
+                else _head_dim(cfg))
     dim = int(head_dim * factor)
     if not 0 < dim <= head_dim or dim % 2:
         raise ValueError(f"partial_rotary_factor {factor} gives {dim} rotated dims of {head_dim}; "

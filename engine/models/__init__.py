@@ -8,7 +8,9 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
+from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -21,7 +23,11 @@ from splitserve.engine.parallel.group import TPGroup
 # embeddings and norms and Gemma 2's add norms and soft caps, Phi-3's split
 # fused checkpoint tensors, Granite's scale embeddings, residual branches and
 # logits, OLMo 2's norm each block's output instead of its input, Gemma 3's
-# add per-head q/k norms and a second RoPE base, SmolLM3's skip RoPE in some layers.
+# add per-head q/k norms and a second RoPE base, SmolLM3's skip RoPE in some layers,
+# Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
+# from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
+# with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
+# too, its checkpoint names mapped at load.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -37,6 +43,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "olmo2": Olmo2CausalLM,
     "gemma3": Gemma3CausalLM,
     "smollm3": SmolLM3CausalLM,
+    "ministral": CausalLM,
+    "seed_oss": CausalLM,
+    "helium": HeliumCausalLM,
+    "starcoder2": CausalLM,
+    "phi": CausalLM,
+    "stablelm": CausalLM,
+    "gpt_neox": GPTNeoXCausalLM,
 }
 
 
@@ -57,5 +70,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "MODEL_FAMILIES",
+__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+           "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

@@ -132,14 +132,47 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual, self.fp32_product)
 
 
-def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype, device: torch.device | str) -> RMSNorm:
-    """An RMSNorm of ``dim`` rounding as ``cfg``'s family does. Gemma's
+class LayerNorm(nn.Module):
+    """``torch.nn.functional.layer_norm`` with a weight and a bias (StarCoder2,
+    Phi, StableLM), and ``RMSNorm``'s interface: with ``residual`` returns
+    (norm(x + residual), x + residual). A torch op on every device: the
+    kernel registry has no LayerNorm kernel."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_param(dim, dtype=dtype, device=device)
+        self.bias = empty_param(dim, dtype=dtype, device=device)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if residual is not None:
+            x = x + residual
+        normed = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return normed, (x if residual is not None else None)
+
+
+def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype,
+               device: torch.device | str) -> RMSNorm | LayerNorm:
+    """An RMSNorm of ``dim`` rounding as ``cfg``'s family does (a LayerNorm
+    for the families with ``FamilyOptions.layer_norm``). Gemma's
     ``1 + weight`` is kept in float32: transformers sums it in float32 for
     the product, and a 16-bit copy would round it (1 + w near 1 keeps only
     8 bits of w in bf16)."""
     opts = cfg.options
+    if opts.layer_norm:
+        return LayerNorm(dim, cfg.rms_norm_eps, dtype, device)
     weight_dtype = torch.float32 if opts.norm_plus_one else dtype
     return RMSNorm(dim, cfg.rms_norm_eps, weight_dtype, device, fp32_product=opts.norm_fp32_product)
+
+
+def norm_slots(prefix: str, norm: RMSNorm | LayerNorm) -> dict[str, ShardSlot]:
+    """A norm's checkpoint tensors: ``prefix.weight`` and, for a LayerNorm, ``prefix.bias``."""
+    slots = {f"{prefix}.weight": ShardSlot(norm.weight)}
+    if isinstance(norm, LayerNorm):
+        slots[f"{prefix}.bias"] = ShardSlot(norm.bias)
+    return slots
 
 
 class Linear(nn.Module):
@@ -227,9 +260,10 @@ class Attention(nn.Module):
             fp8_groups=layer_groups(self.quant, [(f"{prefix}.{n}_proj.weight", r) for n, r in (
                 ("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))], cfg.hidden_size),
         )
+        self.o_name = opts.o_proj_name  # its checkpoint name (Phi: dense)
         self.o_proj = Linear(
             self.q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, device,
-            fp8_groups=layer_groups(self.quant, [(f"{prefix}.o_proj.weight", cfg.hidden_size)],
+            fp8_groups=layer_groups(self.quant, [(f"{prefix}.{self.o_name}.weight", cfg.hidden_size)],
                                     self.q_size))
         # q/k norms: per head (Qwen3) or, with full_qk_norm, over all heads at once (OLMo 2)
         self.full_qk_norm = opts.full_qk_norm
@@ -294,7 +328,7 @@ class Attention(nn.Module):
         q, kv = self.q_size, self.kv_size
         slots = linear_slots(self.qkv_proj, [(f"{prefix}.q_proj", 0, q), (f"{prefix}.k_proj", q, kv),
                                              (f"{prefix}.v_proj", q + kv, kv)], self.quant)
-        slots.update(linear_slots(self.o_proj, [(f"{prefix}.o_proj", 0, self.o_proj.out_features)],
+        slots.update(linear_slots(self.o_proj, [(f"{prefix}.{self.o_name}", 0, self.o_proj.out_features)],
                                   self.quant))
         if self.q_norm is not None:
             slots[f"{prefix}.q_norm.weight"] = ShardSlot(self.q_norm.weight)
@@ -424,8 +458,8 @@ class DecoderLayer(nn.Module):
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         return {
-            f"{prefix}.input_layernorm.weight": ShardSlot(self.input_layernorm.weight),
-            f"{prefix}.post_attention_layernorm.weight": ShardSlot(self.post_attention_layernorm.weight),
+            **norm_slots(f"{prefix}.input_layernorm", self.input_layernorm),
+            **norm_slots(f"{prefix}.post_attention_layernorm", self.post_attention_layernorm),
             **self.self_attn.weight_slots(f"{prefix}.self_attn"),
             **self.mlp.weight_slots(f"{prefix}.{self.mlp_name}"),
         }

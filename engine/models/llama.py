@@ -22,8 +22,9 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.layers import DecoderLayer, ShardSlot, empty_param, model_norm
+from splitserve.engine.models.layers import DecoderLayer, ShardSlot, empty_param, model_norm, norm_slots
 from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.plain_blocks import ParallelDecoderLayer, PlainMLP
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.group import TPGroup
 from splitserve.engine.parallel.sharding import shard_slots
@@ -49,6 +50,8 @@ class CausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
+        self.lm_head_bias = (empty_param(cfg.vocab_size, dtype=dtype, device=device)
+                             if cfg.options.lm_head_bias else None)  # Phi
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(cfg, device), persistent=False)
         self.tp: TPGroup | None = None  # tensor parallel: see attach_tensor_parallel
 
@@ -63,9 +66,15 @@ class CausalLM(nn.Module):
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
-        """Decoder layer ``index`` (attention window ``window``, 0 = none);
-        families whose MLP differs (splitserve.engine.models.moe) override this."""
-        return DecoderLayer(self.cfg, dtype, device, window, prefix=f"model.layers.{index}")
+        """Decoder layer ``index`` (attention window ``window``, 0 = none):
+        with the plain MLP and the parallel residual where ``FamilyOptions``
+        asks for them; families whose MLP differs (splitserve.engine.models.moe)
+        override this."""
+        prefix = f"model.layers.{index}"
+        opts = self.cfg.options
+        mlp = PlainMLP(self.cfg, dtype, device, prefix=f"{prefix}.mlp") if opts.plain_mlp else None
+        layer = ParallelDecoderLayer if opts.parallel_residual else DecoderLayer
+        return layer(self.cfg, dtype, device, window, mlp=mlp, prefix=prefix)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -119,7 +128,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (tensor parallel: on rank 0, from
         every rank's vocabulary rows; None on the other ranks)."""
-        logits = self.scale_logits(ops.linear(hidden, self.lm_head_weight)).float()
+        logits = self.scale_logits(ops.linear(hidden, self.lm_head_weight, self.lm_head_bias)).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -133,9 +142,11 @@ class CausalLM(nn.Module):
         slots = {"model.embed_tokens.weight": ShardSlot(self.embed_tokens)}
         for i, layer in enumerate(self.layers):
             slots.update(layer.weight_slots(f"model.layers.{i}"))
-        slots["model.norm.weight"] = ShardSlot(self.norm.weight)
+        slots.update(norm_slots(self.cfg.options.final_norm_name, self.norm))
         if self.lm_head is not None:
             slots["lm_head.weight"] = ShardSlot(self.lm_head)
+        if self.lm_head_bias is not None:
+            slots["lm_head.bias"] = ShardSlot(self.lm_head_bias)
         return slots
 
     def _skipped(self, name: str) -> bool:

@@ -48,6 +48,10 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.full_qk_norm:
         problems.append("its q_norm/k_norm (OLMo 2) normalise across all heads at once, which "
                         "are not split across ranks (serve it at tensor_parallel_size 1)")
+    if cfg.options.layer_norm:
+        problems.append("its LayerNorm / ungated-MLP / parallel-residual layers (StarCoder2, Phi, "
+                        "StableLM, GPT-NeoX) are not split across ranks yet (serve it at "
+                        "tensor_parallel_size 1)")
     if cfg.quantization is not None:
         problems.append("fp8 checkpoints are not split across ranks yet (serve them at "
                         "tensor_parallel_size 1)")

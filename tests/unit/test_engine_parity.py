@@ -23,8 +23,15 @@ FAMILIES = ["llama", "qwen3", "gemma", "gemma2", "phi3"]
 # through one engine test, the rest of the matrix is marked slow to keep its
 # time down.
 MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
-ALL = FAMILIES + MODEL_ONLY_FAMILIES
-MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in MODEL_ONLY_FAMILIES]
+# Ministral (a window on layer 0), Seed-OSS, Helium (q/k rows reordered at load),
+# StarCoder2 (LayerNorm, plain MLP, windows), Phi (parallel residual, partial RoPE),
+# StableLM (LayerNorm, partial RoPE; its parallel residual: test_model_parity), GPT-NeoX
+# (fused per-head q/k/v split at load, the parallel residual with two norms): the fast set runs each through chunked prefill with prefix-cache
+# hits in one engine (test_chunked_prefill_with_prefix_hits), the matrix is slow.
+COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox"]
+ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
+MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
+                     for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
 
 
 def make(path, **kw):
@@ -60,6 +67,18 @@ def test_one_at_a_time_and_batched(family):
     eng = make(path)
     assert run(eng, prompts, one_at_a_time=True) == want
     assert run(eng, prompts) == want
+    eng.kv.check_invariants()
+    assert eng.kv.all_free()
+
+
+@pytest.mark.parametrize("family", COMBINED_FAMILIES, indirect=True)
+def test_chunked_prefill_with_prefix_hits(family):
+    path, prompts, want = family
+    eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)
+    assert run(eng, prompts) == want  # prompts prefilled in chunks of up to 5 tokens
+    h0 = eng.kv.pool.hits
+    assert run(eng, prompts) == want  # again: their full blocks now come from the cache
+    assert eng.kv.pool.hits - h0 >= 10
     eng.kv.check_invariants()
     assert eng.kv.all_free()
 

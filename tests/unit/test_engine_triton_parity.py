@@ -17,9 +17,19 @@ pytest.importorskip("triton")
 # phi3_longrope: fused projections, half of each head rotated; granite: scaled scores,
 # residual branches and logits; olmo2: post-block norms, q/k norms across all heads;
 # gemma3: two RoPE tables (a window of 8 on layer 0), per-head q/k norms; smollm3: a NoPE
-# layer, which only skips the rotary op (slow: no kernel runs differently)
+# layer, which only skips the rotary op (slow: no kernel runs differently); helium: q/k rows
+# reordered for the rotate-half kernel; starcoder2: LayerNorm and the plain MLP (torch ops)
+# between kernels, a window of 8; phi: the parallel residual, half of each head rotated.
+# Ministral, Seed-OSS, StableLM and GPT-NeoX run only ops the others cover (slow).
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
-                                    "olmo2", "gemma3", pytest.param("smollm3", marks=pytest.mark.slow)])
+                                    "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
+                                    "helium", "starcoder2", "phi", pytest.param("ministral", marks=SLOW),
+                                    pytest.param("seed_oss", marks=SLOW),
+                                    pytest.param("stablelm", marks=SLOW),
+                                    pytest.param("gpt_neox", marks=SLOW)])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -60,7 +60,7 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
 # test_sliding_window its window.
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "phi3_longrope", "granite",
-                                    "gemma3", "smollm3"])
+                                    "gemma3", "smollm3", "ministral", "seed_oss", "helium"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
@@ -90,6 +90,11 @@ def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
 def test_tp_refuses_a_model_that_does_not_split(tiny_checkpoints):
     with pytest.raises(ValueError, match="num_attention_heads \\(4\\) is not a multiple"):
         make(tiny_checkpoints["llama"], 3)
+
+
+def test_tp_refuses_the_layer_norm_families(tiny_checkpoints):
+    with pytest.raises(ValueError, match="StarCoder2, Phi, StableLM, GPT-NeoX\\) are not split"):
+        make(tiny_checkpoints["starcoder2"], 2)
 
 
 @pytest.mark.slow

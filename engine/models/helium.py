@@ -1,0 +1,58 @@
+"""Helium: the Llama decoder with interleaved rotary pairs.
+
+transformers' Helium rotates each head's dims in adjacent pairs (2i, 2i+1)
+with frequency i, where the engine's rotary kernels pair i with i + D/2
+(rotate-half). Reordering each query and key head's rows at load, even dims
+first then odd ones (``deinterleave_heads``), turns the one into the other:
+q . k is a sum over the same dims in another order, values are untouched,
+so scores and outputs are transformers' while every kernel stays as it is.
+Keys are cached in that order, which the prefix cache and the KV hand-off
+carry like any other (both ends load the checkpoint the same way).
+
+The rest, from its config.json (``splitserve.engine.family_config``):
+RMSNorm multiplying the float32 weight into the float32 normed row
+(``norm_fp32_product``), scores scaled by ``1 / math.sqrt(head_dim)``,
+q/k/v biases per ``attention_bias`` and MLP biases per ``mlp_bias``, no
+o_proj bias; o_proj maps hidden_size to hidden_size, so the heads must span
+hidden_size exactly (``parse_family_options`` refuses other shapes). fp8 checkpoints and LoRA adapters are refused: their
+q/k rows would need the same reordering.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.lora_layers import LoraStack
+
+_ROTATED = ("q_proj", "k_proj")
+
+
+def deinterleave_heads(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of a q/k projection (weight [H*D, in] or bias [H*D]) reordered
+    within each head: dims 0, 2, 4, ... then 1, 3, 5, ..."""
+    rows = tensor.shape[0]
+    heads = tensor.reshape(rows // head_dim, head_dim // 2, 2, *tensor.shape[1:])
+    return heads.transpose(1, 2).reshape(tensor.shape)
+
+
+class HeliumCausalLM(CausalLM):
+    """Helium (``HeliumForCausalLM``): q/k rows reordered at load."""
+
+    def _reordered(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        d = self.cfg.head_dim
+        for name, tensor in weights:
+            module = name.rpartition(".")[0].rpartition(".")[2]
+            if module in _ROTATED and tensor.dim() >= 1 and tensor.shape[0] % d == 0:
+                tensor = deinterleave_heads(tensor, d)
+            yield name, tensor  # a q/k tensor of the wrong shape fails in its slot, by name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(self._reordered(weights))
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
+        raise CheckpointError("LoRA adapters are not supported for Helium checkpoints (its q/k "
+                              "rows are reordered at load; adapters' would need the same)")
