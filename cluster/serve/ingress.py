@@ -20,7 +20,7 @@ reconnect reach another. Each replica holds its own admission slots at the
 routers (one lease holder per process): the slots of a replica that dies
 expire after ``router.lease_ttl_s``.
 
-Stopping (a redeploy, a scale-down, ``serve shutdown``): Serve counts only
+Stopping (a redeploy, a scale-down, ``splitserve shutdown``): Serve counts only
 the requests that came through it, so ``__del__`` drains the replica's own
 servers: both stop accepting at once (the node's other replicas keep the
 ports), their in-flight streams run on for at most ``endpoints.drain_s``,
