@@ -91,12 +91,18 @@ class _ApiKeyGuard:
         self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths
-                and not _key_ok(Headers(scope=scope).get("authorization"), self.keys)):
-            err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-            return await err.response()(scope, receive, send)
+        if scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths:
+            # two Authorization headers are refused whatever they hold:
+            # taking the first would let a proxy that checks the last (or
+            # the other way round) disagree with this check
+            given = Headers(scope=scope).getlist("authorization")
+            if len(given) != 1 or not _key_ok(given[0], self.keys):
+                message = ("missing or invalid API key: send 'Authorization: Bearer <key>'"
+                           if len(given) < 2 else "send one Authorization header, not "
+                           f"{len(given)}")
+                err = ApiError(401, message, "authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -122,6 +128,10 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
     pool = pool or shared_pool()
     observability = observability or ObservabilitySpec()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+    # a path with a trailing slash is a 404 like any unknown path: Starlette's
+    # 307 to the path without it names a URL built from the client's Host
+    # header, with the scheme the server saw (http behind TLS termination)
+    app.router.redirect_slashes = False
 
     async def on_error(_request: Request, exc: Exception) -> Response:
         return api_error(exc).response()

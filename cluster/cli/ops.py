@@ -73,11 +73,15 @@ def _connect(address: str | None) -> None:
         # Ray turns its token on by itself only for a cluster it finds as
         # "auto": the address `splitserve serve` prints (this machine's, or
         # loopback) would otherwise fail with InvalidAuthToken after 15 s
-        # of retries where the head holds the token this machine keeps
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        # of retries where the head holds the token this machine keeps (a
+        # private Ray call: without it, as before, RAY_AUTH_MODE=token works)
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+        except ImportError:
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     from splitserve.cluster.serve.app import connect
 
     connect(address)

@@ -25,7 +25,7 @@ from splitserve.cluster.config.access import EndpointSpec
 
 # the fields the proxy reads at its start
 PROXY_FIELDS = ("host", "http_port", "http_tls_cert", "http_tls_key")
-RESTART = ("stop Serve (`serve shutdown`) and deploy again (every application restarts)")
+RESTART = ("stop Serve (`splitserve shutdown`) and deploy again (every application restarts)")
 
 
 def proxy_options(ep: EndpointSpec) -> dict[str, Any]:

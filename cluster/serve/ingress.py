@@ -20,7 +20,7 @@ reconnect reach another. Each replica holds its own admission slots at the
 routers (one lease holder per process): the slots of a replica that dies
 expire after ``router.lease_ttl_s``.
 
-Stopping (a redeploy, a scale-down, ``serve shutdown``): Serve counts only
+Stopping (a redeploy, a scale-down, ``splitserve shutdown``): Serve counts only
 the requests that came through it, so ``__del__`` drains the replica's own
 servers: both stop accepting at once (the node's other replicas keep the
 ports), their in-flight streams run on for at most ``endpoints.drain_s``,
@@ -36,7 +36,8 @@ import logging
 from ray import serve
 
 from splitserve.cluster.config import ClusterConfig
-from splitserve.cluster.serve.rollout import IngressRollout, ingress_digest, publish_target
+from splitserve.cluster.serve.rollout import (IngressRollout, drop_unread_endpoints, ingress_digest,
+                                              publish_target)
 
 log = logging.getLogger("splitserve.ingress")
 SHUTDOWN_MARGIN_S = 10.0
@@ -129,13 +130,8 @@ def ingress_app(cfg: ClusterConfig, secrets_version: str):
     """The ingress deployment of ``cfg``, bound; publishes its config as the
     cluster's target (``rollout``): replicas of any other config stop being
     ready now (needs a connected Ray driver)."""
-    from splitserve.cluster.serve.secrets import public_config
-
     publish_target(ingress_digest(cfg, secrets_version))
-    args = public_config(cfg)
-    # the replicas' count is the deployment's, not theirs: changing it
-    # scales the ingress without replacing the replicas that run
-    args["endpoints"].pop("ingress_replicas")
+    args = ingress_args(cfg)
     dep = serve.deployment(Ingress).options(
         name="ingress", num_replicas=cfg.endpoints.ingress_replicas,
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, health_check_period_s=5.0,
@@ -144,3 +140,16 @@ def ingress_app(cfg: ClusterConfig, secrets_version: str):
         # closes the backend: the margin keeps Serve from killing it first
         graceful_shutdown_timeout_s=cfg.endpoints.drain_s + SHUTDOWN_MARGIN_S)
     return dep.bind(args, secrets_version)
+
+
+def ingress_args(cfg: ClusterConfig) -> dict:
+    """What an ingress replica is built from: ``cfg`` without its secrets,
+    its replica count (the deployment's: changing it scales the ingress
+    without replacing the replicas that run) and the endpoint settings its
+    HTTP mode does not read (changing those replaces no replica either)."""
+    from splitserve.cluster.serve.secrets import public_config
+
+    args = public_config(cfg)
+    args["endpoints"].pop("ingress_replicas")
+    drop_unread_endpoints(args["endpoints"])
+    return args

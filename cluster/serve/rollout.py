@@ -54,7 +54,17 @@ def ingress_view(cfg: ClusterConfig) -> dict[str, Any]:
         m.pop("prefill")
         m.pop("decode")
     d["endpoints"].pop("ingress_replicas")
+    drop_unread_endpoints(d["endpoints"])
     return d
+
+
+def drop_unread_endpoints(endpoints: dict[str, Any]) -> None:
+    """Take out of an ingress' ``endpoints`` the settings its HTTP server
+    mode does not read, so that changing one replaces no replica: behind
+    Serve's proxy (``http_server: proxy``) the request-head deadline is the
+    proxy's, not the ingress's."""
+    if endpoints.get("http_server") == "proxy":
+        endpoints.pop("head_timeout_s", None)
 
 
 def ingress_digest(cfg: ClusterConfig, secrets_version: str) -> str:

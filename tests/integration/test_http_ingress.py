@@ -5,10 +5,15 @@ streamed and whole completions equal the engine's; bad input gets OpenAI's
 error shape; the probes and /metrics answer as through the proxy; a switch
 back to Serve's proxy on the running cluster is refused; an ingress roll (an
 API key added) under a steady load of streams loses none of them, the
-replicas being replaced having drained theirs."""
+replicas being replaced having drained theirs. Hostile clients (broken
+framing, oversized heads, garbage for a TLS handshake, 500 connections
+dropped at once, a stream never read) get OpenAI-shaped refusals or closed
+connections and leave nothing held; replicas killed under HTTP and gRPC
+load lose only what they were serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -38,6 +43,7 @@ PROMPT = "the quick brown fox"
 STREAM_TOKENS = 96
 CLIENTS = 4
 BODY_TIMEOUT_S = 1.0
+LEASE_TTL_S = 2.0  # a killed replica's slots expire after this
 
 
 def config(model: str, http_port: int, grpc_port: int, cert: str, key: str, keys: list[str],
@@ -47,7 +53,7 @@ def config(model: str, http_port: int, grpc_port: int, cert: str, key: str, keys
                               "block_size": 4, "max_num_seqs": 16},
                     "mode": "colocated",
                     "decode": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}}],
-        "router": {"routers": 1, "stats_period_s": 0.1},
+        "router": {"routers": 1, "stats_period_s": 0.1, "lease_ttl_s": LEASE_TTL_S},
         "auth": {"api_keys": keys, "cluster_token": "http-ingress-token"},
         "endpoints": {"http_port": http_port, "grpc_port": grpc_port, "ingress_replicas": 2,
                       "http_server": http_server, "http_tls_cert": cert, "http_tls_key": key,
@@ -147,8 +153,6 @@ def test_bad_input_gets_openai_errors(cluster):
 
 def _decode_stats(token: str):
     """The decode replica's ``WorkerStats`` (asked over the worker RPC)."""
-    import asyncio
-
     from splitserve.engine.stats import stats_from_wire
     from splitserve.handoff.rpc import WorkerClient
 
@@ -173,8 +177,6 @@ def test_clients_gone_mid_stream_leave_no_slot_or_kv_block(cluster):
     cut ones' requests are cancelled at the decode replica (far fewer engine
     steps than they asked tokens for), their KV blocks freed and their
     admission slots returned, as through Serve's proxy."""
-    import asyncio
-
     (_, http_port, *_), ca = cluster
 
     async def one(c: httpx.AsyncClient, cut: bool) -> str:
@@ -208,6 +210,263 @@ def test_clients_gone_mid_stream_leave_no_slot_or_kv_block(cluster):
         time.sleep(0.2)
     print(f"decode steps for the burst: {s.engine.steps - steps}")
     assert s.engine.steps - steps < CUT_TOKENS / 2, (steps, s.engine.steps)
+
+
+def _tls(cluster) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cluster[1])
+
+
+def _raw_exchange(cluster, data: bytes, tls: bool = True, timeout: float = 10) -> bytes:
+    """What the server answers ``data`` with, over one new (TLS) connection,
+    until it closes it (a reset after the answer counts as closed)."""
+    (_, http_port, *_), _ = cluster
+    with socket.create_connection(("127.0.0.1", http_port), timeout=timeout) as raw:
+        sock = _tls(cluster).wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
+        sock.sendall(data)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        return got
+
+
+def _error_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}, answer
+    return int(head.split()[1]), err
+
+
+def _held_and_free() -> tuple[dict, object]:
+    return (ray.get(get_router().counters.remote())["slots_by_holder"],
+            _decode_stats("http-ingress-token"))
+
+
+def _wait_nothing_held(timeout: float) -> None:
+    """Until no admission slot is held and the decode replica is idle with
+    every KV block free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held, s = _held_and_free()
+        if not any(held.values()) and s.idle() and s.engine.free_blocks == s.engine.total_blocks:
+            return
+        assert time.monotonic() < deadline, (held, s)
+        time.sleep(0.2)
+
+
+MODELS = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+
+
+def test_hostile_http_clients_over_tls(cluster):
+    """Broken framing, an oversized head, two keys, a WebSocket upgrade,
+    HTTP/2 and garbage instead of a TLS ClientHello, then 500 connections
+    opened and dropped at once: each gets its OpenAI-shaped 4xx (or its
+    connection closed where no HTTP answer is possible) and the replicas
+    serve the next client, holding nothing; neither replica died of it."""
+    replicas = set(_ingress_replicas())
+    assert len(replicas) == 2
+    cases = [
+        (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+         "Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "invalid_http_request"),
+        (f"{MODELS}X-Big: {'b' * 70000}\r\n\r\n", 431, "request_header_too_large"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".decode(), 400, "invalid_http_request"),
+        (f"{MODELS}Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n", 401,
+         "invalid_api_key"),
+    ]
+    for data, status, code in cases:
+        got, err = _error_of(_raw_exchange(cluster, data.encode()))
+        assert (got, err["code"]) == (status, code), (data[:60], err)
+    # no WebSocket is served (both modes refuse the upgrade the same way)
+    ws = (f"{MODELS}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert _raw_exchange(cluster, ws.encode()).startswith(b"HTTP/1.1 403")
+    # garbage where the ClientHello belongs: the handshake fails, the
+    # connection is closed at once (not held to the head deadline)
+    t0 = time.monotonic()
+    assert b"HTTP" not in _raw_exchange(cluster, bytes(range(256)) * 4, tls=False)
+    assert time.monotonic() - t0 < 5
+
+    (_, http_port, *_), _ = cluster
+
+    async def churn(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        if i % 3 == 1:  # half a ClientHello
+            writer.write(b"\x16\x03\x01\x02\x00\x01\x00")
+        elif i % 3 == 2:  # a TLS session, then gone
+            writer.close()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", http_port, ssl=_tls(cluster), server_hostname="127.0.0.1")
+        writer.transport.abort()
+
+    async def burst():
+        return await asyncio.gather(*(churn(i) for i in range(500)), return_exceptions=True)
+
+    t0 = time.monotonic()
+    errors = [e for e in asyncio.run(burst()) if e is not None]
+    print(f"500 connections opened and dropped in {time.monotonic() - t0:.1f} s; "
+          f"{len(errors)} failed to open: {errors[:3]}")
+    assert len(errors) < 50, errors[:5]  # a full accept queue may refuse a few
+    assert client(cluster).models.list().data[0].id == "tiny"
+    _wait_nothing_held(10)
+    assert set(_ingress_replicas()) == replicas
+
+
+def test_a_stream_never_read_blocks_no_other_and_holds_nothing(cluster, tiny_llama):
+    """A client that opens a stream and never reads (a tiny receive
+    buffer): the other clients' streams run as usual, and the unread
+    stream's request ends on the cluster (its output fits the buffers) or
+    is cut off when its writes stall (``write_stall_s``): no admission slot
+    or KV block stays held while its connection stays open."""
+    (_, http_port, *_), _ = cluster
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": CUT_TOKENS, "n": 4,
+                       "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", http_port))
+    with _tls(cluster).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}"
+                     f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "\r\n".encode() + body)
+        want = reference(tiny_llama, 12)
+        c = client(cluster)
+        for _ in range(4):  # on both replicas, likely
+            streamed = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+            assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want
+        _wait_nothing_held(30)  # while the unread connection stays open
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+
+
+def _ingress_replicas() -> dict[int, object]:
+    """pid -> actor handle of each running ingress replica."""
+    import os
+
+    out = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("SERVE_REPLICA::ingress#ingress#"):
+            try:
+                h = ray.get_actor(a["name"], namespace=a["namespace"])
+                out[ray.get(h.__ray_call__.remote(lambda self: os.getpid()), timeout=10)] = h
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # gone meanwhile
+    return out
+
+
+def _grpc_stream(cluster, i: int, max_tokens: int, started: threading.Event | None = None) -> bool:
+    """One streamed gRPC generation on its own channel; True when it ran to its end."""
+    import grpc
+
+    from splitserve.cluster.api.proto import splitserve_pb2 as pb
+    from splitserve.cluster.api.proto import splitserve_pb2_grpc as pb_grpc
+
+    (_, _, grpc_port, *_), _ = cluster
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        req = pb.GenerateRequest(model="tiny", text=f"grpc {i}", params=pb.SamplingParams(
+            max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        try:
+            for out in pb_grpc.GenerationStub(ch).Generate(
+                    req, metadata=(("authorization", f"Bearer {KEY}"),), timeout=120):
+                if started is not None:
+                    started.set()
+                if out.finish_reason:
+                    return out.finish_reason == "length"
+        except grpc.RpcError:
+            pass
+    return False
+
+
+def _http_call(cluster, max_tokens: int, stream: bool, started: threading.Event | None = None
+               ) -> bool:
+    """One completion with the official client (its default retries);
+    True when it came whole."""
+    try:
+        c = client(cluster)
+        if not stream:
+            if started is not None:
+                started.set()
+            out = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=max_tokens,
+                                       temperature=0, extra_body={"ignore_eos": True})
+            return out.usage.completion_tokens == max_tokens
+        n = 0
+        for ch in c.completions.create(model="tiny", prompt=PROMPT, max_tokens=max_tokens,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True}):
+            if started is not None:
+                started.set()
+            n += len(ch.choices)
+        return n > 0
+    except (openai.APIError, httpx.HTTPError):
+        return False
+
+
+def _serve_ok(cluster) -> bool:
+    return _http_call(cluster, 2, stream=True) and _grpc_stream(cluster, 0, 2)
+
+
+def test_ingress_replicas_killed_under_load(cluster):
+    """8 HTTP streams, 8 whole HTTP completions and 4 gRPC streams run
+    over both replicas; one replica is killed: what the other serves runs
+    to its end, the whole completions all succeed (the official client
+    retries what the dead replica dropped, on the survivor, which holds the
+    port), and new requests are served at once. Then every replica is
+    killed: new requests fail until Serve has started another, then are
+    served. The dead replicas' admission slots expire; no KV block stays
+    held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    def running() -> int:
+        st = serve.status().applications["ingress"].deployments["ingress"]
+        return st.replica_states.get("RUNNING", 0)
+
+    started = [threading.Event() for _ in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        load = [pool.submit(_http_call, cluster, 200, True, started[i]) for i in range(8)]
+        load += [pool.submit(_http_call, cluster, 64, False, started[8 + i]) for i in range(8)]
+        load += [pool.submit(_grpc_stream, cluster, i, 200, started[16 + i]) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while True:  # most requests in flight, holding their slots (short ones may be done)
+            held = ray.get(get_router().counters.remote())["slots_by_holder"]
+            if sum(e.is_set() for e in started) >= 16 and sum(held.values()) >= 10:
+                break
+            assert time.monotonic() < deadline, (held, [f.done() for f in load])
+            time.sleep(0.02)
+        by_pid = {int(h.split(":")[1]): n for h, n in held.items()}
+        replicas = _ingress_replicas()
+        victim = max(replicas, key=lambda pid: by_pid.get(pid, 0))
+        on_victim = by_pid.get(victim, 0)
+        ray.kill(replicas[victim], no_restart=True)  # Serve starts another
+        killed_at = time.monotonic()
+        assert _serve_ok(cluster)  # the survivor holds both ports: served at once
+        results = [f.result(timeout=120) for f in load]
+    whole = results[8:16]
+    print(f"one killed: {on_victim} of {sum(by_pid.values())} requests were on it; "
+          f"finished: {sum(results)} of {len(results)} (whole completions {sum(whole)} of 8)")
+    assert all(whole), results  # retried on the survivor
+    assert sum(results) >= len(results) - on_victim, (results, on_victim)
+
+    # every replica now (the survivor, and the killed one's replacement if
+    # it is up yet): nothing listens until Serve has started another
+    for h in _ingress_replicas().values():
+        ray.kill(h, no_restart=True)
+    killed_at = time.monotonic()
+    failures = 0
+    while not _serve_ok(cluster):
+        failures += 1
+        assert time.monotonic() - killed_at < 120, "the ingress did not come back"
+        time.sleep(0.5)
+    print(f"all killed: served again after {time.monotonic() - killed_at:.1f} s "
+          f"({failures} failed tries meanwhile)")
+    while running() < 2:
+        assert time.monotonic() - killed_at < 120, "the ingress was not replaced"
+        time.sleep(0.5)
+    for _ in range(4):  # over both new replicas, likely
+        assert _serve_ok(cluster)
+    _wait_nothing_held(LEASE_TTL_S + 20)
 
 
 def test_switching_to_the_proxy_on_the_running_cluster_is_refused(cluster):

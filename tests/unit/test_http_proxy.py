@@ -29,7 +29,7 @@ def test_a_running_proxy_keeps_its_address_and_tls_so_changing_them_is_refused()
                                               http_tls_key="/k.pem"))
     msg = str(e.value)
     assert "endpoints.http_port: 8000 -> 8001" in msg
-    assert "endpoints.http_tls_cert: None -> '/c.pem'" in msg and "serve shutdown" in msg
+    assert "endpoints.http_tls_cert: None -> '/c.pem'" in msg and "splitserve shutdown" in msg
 
 
 def test_ingress_mode_starts_serve_without_a_proxy():
@@ -52,7 +52,7 @@ def test_switching_who_serves_http_on_a_running_cluster_is_refused(was, want):
     with pytest.raises(ConfigError) as e:
         check_unchanged(EndpointSpec(http_server=was), EndpointSpec(http_server=want))
     msg = str(e.value)
-    assert f"endpoints.http_server: {was!r} -> {want!r}" in msg and "serve shutdown" in msg
+    assert f"endpoints.http_server: {was!r} -> {want!r}" in msg and "splitserve shutdown" in msg
     # the running Serve's own state says the same, whatever the ledger holds
     with pytest.raises(ConfigError, match="fixed when Serve starts"):
         check_mode(was == "proxy", EndpointSpec(http_server=want))

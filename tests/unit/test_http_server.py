@@ -239,3 +239,61 @@ def test_a_connection_without_a_request_head_in_time_is_closed(tmp_path):
             await t.stop(grace=1.0)
 
     asyncio.run(main())
+
+
+def test_a_client_that_never_reads_its_stream_is_cut_off_without_blocking_others():
+    """A stream whose client never reads: what the server holds for it is
+    bounded (it waits for the buffers to drain rather than producing on),
+    other clients are served meanwhile, and once its buffer has stayed full
+    for ``write_stall_s`` the connection is aborted and the response's
+    generator closed, as when a client goes away."""
+    port = free_port()
+    produced, closed = [0], asyncio.Event()
+    chunk = b"x" * 65536
+
+    async def flood(_request):
+        async def chunks():
+            try:
+                while True:
+                    produced[0] += len(chunk)
+                    yield chunk
+                    await asyncio.sleep(0)  # sends to a gone client return at once
+            finally:
+                closed.set()
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    async def who(_request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/flood", flood), Route("/who", who)])
+
+    async def main():
+        s = await start_http_server(app, "127.0.0.1", port, write_stall_s=1.0)
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, hold little
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await asyncio.sleep(0.5)
+            stalled_at = produced[0]
+            async with httpx.AsyncClient(timeout=5) as c:  # others are served meanwhile
+                assert (await c.get(f"http://127.0.0.1:{port}/who")).text == "ok"
+            await asyncio.sleep(0.3)
+            # the generator waits for the client: nothing more was produced
+            # (the kernel's buffers and the transport's high-water mark hold it)
+            assert produced[0] == stalled_at < 64 << 20, (stalled_at, produced[0])
+            await asyncio.wait_for(closed.wait(), 5.0)  # cut off: the generator was closed
+            assert 1.0 <= loop.time() - t0 < 4.0
+            for _ in range(100):
+                if not s._server.server_state.connections and not s._server.server_state.tasks:
+                    break
+                await asyncio.sleep(0.01)
+            assert not s._server.server_state.connections and not s._server.server_state.tasks
+            sock.close()
+        finally:
+            await s.stop(grace=1.0)
+
+    asyncio.run(main())

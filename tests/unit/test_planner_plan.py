@@ -138,3 +138,19 @@ def test_diurnal_workload_scales_down_in_troughs(db):
     if c.plan.decode.replicas > 1:
         assert pool.min_replicas < pool.max_replicas == c.plan.decode.replicas
     assert pool.autoscaling is not None and pool.autoscaling.bottleneck == "memory"
+
+
+def test_table_and_choice_name_each_pools_tp_degree(planned):
+    # a pool at TP 2 holds twice the devices: the table's pools column and
+    # the chosen line must say so, or a 1:1 plan's price reads as 3 devices'
+    import dataclasses
+
+    from splitserve.cluster.planning.planner import report
+
+    planner, res = planned
+    o = res.chosen
+    plan = o.plan
+    wide = dataclasses.replace(plan, decode=dataclasses.replace(plan.decode, tp=2))
+    text = report.table([dataclasses.replace(o, plan=wide)], res.request.slo, None)
+    assert f"{plan.decode.replicas}x{plan.decode.hardware} tp2" in text.splitlines()[2]
+    assert " tp2" not in report.table([o], res.request.slo, None).splitlines()[2]

@@ -114,3 +114,20 @@ def test_several_ingress_replicas_need_a_fixed_grpc_port():
         parse_config({**base, "endpoints": {"ingress_replicas": 2, "grpc_port": 0}})
     # the count is the deployment's: scaling the ingress is no new ingress config
     assert ingress_digest(cfg, "v") == ingress_digest(parse_config(base), "v")
+
+
+def test_a_setting_the_http_mode_does_not_read_replaces_no_ingress():
+    from splitserve.cluster.serve.ingress import ingress_args
+
+    base = {"models": [{"model": {"name": "m", "path": "/x"}}]}
+
+    def cfg(mode, head):
+        return parse_config({**base, "endpoints": {"http_server": mode, "head_timeout_s": head}})
+
+    # behind Serve's proxy the head deadline is the proxy's: the same config
+    # name and the same replica arguments, so Serve replaces no replica
+    assert ingress_digest(cfg("proxy", 5), "v") == ingress_digest(cfg("proxy", 30), "v")
+    assert ingress_digest(cfg("ingress", 5), "v") != ingress_digest(cfg("ingress", 30), "v")
+    proxy = [ingress_args(cfg("proxy", h))["endpoints"] for h in (5, 30)]
+    assert proxy[0] == proxy[1] and "head_timeout_s" not in proxy[0]
+    assert [ingress_args(cfg("ingress", h))["endpoints"]["head_timeout_s"] for h in (5, 30)] == [5, 30]

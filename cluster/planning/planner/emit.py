@@ -41,6 +41,10 @@ class PoolPlan:
     cpu: bool = False
     threads: int = 1
 
+    def size(self) -> str:
+        """Replicas, device and TP degree: "2xh100-sxm tp2"."""
+        return f"{self.replicas}x{self.hardware}" + (f" tp{self.tp}" if self.tp > 1 else "")
+
 
 @dataclass(frozen=True)
 class EnginePlan:
@@ -88,7 +92,7 @@ class Plan:
         e = self.engine
 
         def pool(role: str, p: PoolPlan) -> str:
-            s = f"{role} {p.replicas}x{p.hardware}" + (f" tp{p.tp}" if p.tp > 1 else "")
+            s = f"{role} {p.size()}"
             if role == "prefill":  # a prefill pool's batch cap follows its chunk
                 return s + f" chunk {p.engine.max_num_batched_tokens}"
             return s + f" seqs {p.engine.max_num_seqs} chunk {p.engine.max_num_batched_tokens}"

@@ -55,7 +55,7 @@ def table(outcomes: list[SimOutcome], slo, chosen: SimOutcome | None) -> str:
     for o in outcomes:
         p = o.plan
         e = p.engine
-        pools = " + ".join(f"{pp.replicas}x{pp.hardware}" for _, pp in p.pools)
+        pools = " + ".join(pp.size() for _, pp in p.pools)
         pool_settings = "; ".join(
             (f"chunk {pp.engine.max_num_batched_tokens}" if role == "prefill" else
              f"seqs {pp.engine.max_num_seqs}, chunk {pp.engine.max_num_batched_tokens}")
@@ -109,7 +109,7 @@ def explanation(res: PlanResult) -> list[str]:
     wl = req.workload
     lines = [
         f"Chosen: {p.layout}, " + ", ".join(
-            f"{role} {pp.replicas} x {pp.hardware}" for role, pp in p.pools)
+            f"{role} {pp.size()}" for role, pp in p.pools)
         + (f" (P:D = {p.ratio()})" if p.layout == "disaggregated" else "")
         + f"; ${ch.cost_per_hour:.2f}/hour, ${ch.usd_per_m_tokens:.3f} per million output tokens, "
           f"{ch.gpu_hours_per_day:.0f} device-hours a day.",
