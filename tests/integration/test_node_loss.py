@@ -1,6 +1,6 @@
 """A whole node lost, on a real multi-node Ray cluster on loopback
-(``autoscale_cluster``): the prefill pool on one worker node, the decode
-pool on another. The prefill node is killed at once (its raylet and every
+(``autoscale_cluster``): the prefill pool on a worker node, the decode
+pool on the head. The prefill node is killed at once (its raylet and every
 worker on it, as a reclaimed spot node): requests go on being answered,
 decode replicas prefilling them, with the same greedy text; ``/ready``
 stays 200 and names the prefill pool as degraded (a load balancer must not
@@ -36,8 +36,8 @@ PREFILL_NODE = NodeSpec({"prefill_node": 4})
 def cluster(tiny_llama):
     saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
     os.environ.update(CLUSTER_ENV)
-    c = LocalCluster(NodeSpec({"head_node": 1}, num_cpus=2),
-                     [PREFILL_NODE, NodeSpec({"decode_node": 4})])
+    # the head carries the decode pool: one node fewer to start
+    c = LocalCluster(NodeSpec({"head_node": 1, "decode_node": 4}, num_cpus=2), [PREFILL_NODE])
     http = free_port()
     cfg = parse_config({
         "name": "node-loss",
@@ -112,8 +112,7 @@ def test_prefill_node_lost_decode_serves_and_the_pool_returns(cluster, capsys):
         assert code == 200 and reference
         assert ready(http, base)[0] == 200
 
-        prefill_node = c.procs[1]
-        c._kill_session(prefill_node)  # the raylet and every worker of that node at once
+        c.kill_node(1)  # the raylet and every worker of the prefill node at once
         lost_at = time.monotonic()
 
         # the router forgets the prefill replica (no heartbeat to the router
@@ -141,8 +140,7 @@ def test_prefill_node_lost_decode_serves_and_the_pool_returns(cluster, capsys):
         assert "tiny-prefill" in out and "tiny-decode" in out, out
 
         # the node comes back: the pool returns to its size and serves
-        c._start_with_retries(lambda: c._start(["--address", c.address, *c._common(PREFILL_NODE)],
-                                               "prefill-again"), 3, 180)
+        c.add_worker(PREFILL_NODE)
         wait_for(lambda: router_pools() == {"prefill": 1, "decode": 1}, 120,
                  "the prefill pool to return")
         code, body = ready(http, base)
