@@ -60,6 +60,16 @@ async def queued_at_router(n: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
+async def replica_busy_at_router(timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reps = await asyncio.to_thread(lambda: ray.get(get_router().replicas.remote())["tiny"])
+        if any(r["running_seqs"] >= 1 for pool in reps.values() for r in pool):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def http_request(http, cfg, prompt, max_tokens, priority=None, headers=None,
                        started=None):
     """(status, monotonic time of the first token or of the answer, body text)."""
@@ -103,6 +113,9 @@ def test_priority_orders_the_queue_and_the_clients_timeout_bounds_its_wait(clust
             holders = [asyncio.ensure_future(http_request(http, cluster, "hold 0", 240,
                                                           priority=-10, started=started))]
             await asyncio.wait_for(started.wait(), 60)
+            # and the router has seen that seat taken (its stats lag the first
+            # token on a loaded machine): the next holders wait at the router
+            assert await replica_busy_at_router(), router_counters()
             holders += [asyncio.ensure_future(http_request(http, cluster, f"hold {i}", 240,
                                                            priority=-10))
                         for i in range(1, HOLDERS)]
