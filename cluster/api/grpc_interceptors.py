@@ -14,17 +14,32 @@ DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
 PARAM_METADATA = "splitserve-param"
 
 
-def _key_ok(metadata, keys: list[bytes]) -> bool:
-    given = []
+MISSING_KEY = ("missing or invalid API key: send metadata 'authorization: Bearer <key>' or "
+               "'x-api-key: <key>'")
+
+
+def _key_problem(metadata, keys: list[bytes]) -> str | None:
+    """Why the call's credentials are refused, or None: it needs one
+    ``authorization: Bearer <key>`` and/or one ``x-api-key: <key>``, each
+    naming a configured key. A name sent twice is refused whatever the values
+    hold (as HTTP refuses two Authorization headers): taking either would let
+    a proxy that checks the other one disagree with this check."""
+    given: dict[str, list[str]] = {"authorization": [], "x-api-key": []}
     for key, value in metadata or ():
-        if key == "authorization" and value[:7].lower() == "bearer ":
-            given.append(value[7:].strip())
-        elif key == "x-api-key":
-            given.append(value.strip())
-    ok = False
-    for g in given:  # no early exit: the time taken does not tell which value was a key
-        ok |= secret_matches(g, *keys)
-    return ok
+        if key in given:  # a -bin value is bytes: never a key
+            given[key].append(value if isinstance(value, str) else "")
+    for name, values in given.items():
+        if len(values) > 1:
+            return f"send one '{name}' metadata entry, not {len(values)}"
+    if not given["authorization"] and not given["x-api-key"]:
+        return MISSING_KEY
+    ok = True
+    for bearer in given["authorization"]:
+        ok &= bearer[:7].lower() == "bearer "
+        ok &= secret_matches(bearer[7:].strip(), *keys)
+    for key in given["x-api-key"]:  # no early exit: the time taken does not tell which matched
+        ok &= secret_matches(key.strip(), *keys)
+    return None if ok else MISSING_KEY
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -37,15 +52,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or _key_ok(details.invocation_metadata, self.keys):
+        problem = None if handler is None else _key_problem(details.invocation_metadata, self.keys)
+        if problem is None:
             return handler
         if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
 
         async def deny(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid API key: send metadata 'authorization: Bearer "
-                                "<key>' or 'x-api-key: <key>'")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
