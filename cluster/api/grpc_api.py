@@ -42,7 +42,8 @@ from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloade
                                            UnknownModel)
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.grpc_interceptors import (DETAILS_CHARS, PARAM_METADATA,
-                                                     ApiKeyInterceptor, DecodeErrorInterceptor)
+                                                     ApiKeyInterceptor, DecodeErrorInterceptor,
+                                                     MetadataLimitInterceptor, OneRequestInterceptor)
 from splitserve.cluster.api.grpc_stall import WRITE_STALL_S, WriteStallInterceptor
 from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_kwargs, generate_response,
                                                  messages_chars, request_tools, sampling_params,
@@ -66,7 +67,11 @@ from splitserve.handoff.tracing import SPAN_INGRESS, Span, Tracer
 log = logging.getLogger("splitserve.grpc")
 
 CONNECTION_IDLE_S = 300.0  # a connection without a call this long is closed (clients reconnect)
-MAX_STREAMS_PER_CONNECTION = 256  # the default admission queue per model
+# a call's metadata, all entries together (HTTP's MAX_HEAD_BYTES); also gRPC's
+# own limit, which a raw client's uncompressed literal passes
+# (splitserve.cluster.api.grpc_interceptors.MetadataLimitInterceptor)
+MAX_METADATA_BYTES = 64 << 10
+MAX_STREAMS_PER_CONNECTION = 1024  # a bound on what one connection holds; past it the client queues
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -305,10 +310,14 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     interceptors = [ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
         # the stall guard first: it wraps the handlers the others return
-        interceptors=[WriteStallInterceptor(write_stall_s)] + interceptors + [DecodeErrorInterceptor()],
+        interceptors=[WriteStallInterceptor(write_stall_s), MetadataLimitInterceptor(MAX_METADATA_BYTES),
+                      *interceptors, OneRequestInterceptor(), DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
+                 # soft = hard limit: every call past it is refused, none by chance
+                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
                  # a connection's streams at once: past this the client queues them
                  ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                  # several ingress replicas on one node listen on one port (gRPC's

@@ -4,6 +4,8 @@ message answered INVALID_ARGUMENT instead of gRPC's own UNKNOWN."""
 
 from __future__ import annotations
 
+import inspect
+
 import grpc
 from google.protobuf.message import DecodeError
 
@@ -58,14 +60,86 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
 
-        async def deny(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
-        return make[(handler.request_streaming, handler.response_streaming)](deny)
+
+def refusal(handler, code: grpc.StatusCode, details: str):
+    """A handler of ``handler``'s kind that answers ``code`` at once."""
+    async def refuse(_request, context):
+        await context.abort(code, details)
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[(handler.request_streaming, handler.response_streaming)](refuse)
+
+
+class MetadataLimitInterceptor(grpc.aio.ServerInterceptor):
+    """A call whose metadata (names and values, all entries together) passes
+    ``max_bytes`` is RESOURCE_EXHAUSTED. gRPC enforces its own limit
+    (``grpc.absolute_max_metadata_size``) on some encodings of a header
+    only: a raw HTTP/2 client's uncompressed literal passes it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        size = sum(len(k) + len(v) for k, v in details.invocation_metadata or ())
+        if handler is None or size <= self.max_bytes:
+            return handler
+        return refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"the call's metadata has {size} bytes; at most {self.max_bytes}")
+
+
+class OneRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A unary-request method whose request never arrives whole (the client
+    half-closes with no message, or its length prefix promises more bytes
+    than the stream carries) is INVALID_ARGUMENT. gRPC's own unary path
+    drops such a call without a status, leaving the stream open until the
+    connection closes; read as a request stream here, the missing message
+    is seen and answered. Placed before ``DecodeErrorInterceptor``, whose
+    handlers it wraps."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        async def one(requests, context):
+            request = await anext(aiter(requests), None)
+            if request is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "the call carried no complete request message",
+                                    trailing_metadata=((PARAM_METADATA, ""),))
+            return request
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream_stream(requests, context):
+                responses = inner_stream(await one(requests, context), context)
+                if not inspect.isasyncgen(responses):  # a refusal: a coroutine that aborts
+                    await responses
+                    return
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    await responses.aclose()
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        async def stream_unary(requests, context):
+            return await inner_unary(await one(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 class _Undecodable:

@@ -26,7 +26,7 @@ WRITE_STALL_S = 60.0  # the HTTP server's: one response the client does not take
 
 
 class WriteStallInterceptor(grpc.aio.ServerInterceptor):
-    """Bounds each response write of every unary-stream method (Generate,
+    """Bounds each response write of every server-streaming method (Generate,
     health Watch) to ``write_stall_s`` seconds; must come first among the
     server's interceptors, so that it wraps what the others return."""
 
@@ -37,14 +37,15 @@ class WriteStallInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if (handler is None or handler.request_streaming or not handler.response_streaming
-                or not inspect.isasyncgenfunction(handler.unary_stream)):
+        if handler is None or not handler.response_streaming:
+            return handler
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        if not inspect.isasyncgenfunction(inner):
             return handler  # e.g. a refusal, which writes no response
-        inner = handler.unary_stream
         stall_s = self.write_stall_s
         method = details.method
 
-        async def unary_stream(request, context) -> None:
+        async def write_all(request, context) -> None:
             responses = inner(request, context)
             stalled = False
             try:
@@ -61,6 +62,7 @@ class WriteStallInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"the client read no response for {stall_s:g} s")
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler)
+        return make(write_all, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
