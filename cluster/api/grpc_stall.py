@@ -55,8 +55,11 @@ class WriteStallInterceptor(grpc.aio.ServerInterceptor):
                     except asyncio.TimeoutError:
                         stalled = True
                         break
-            finally:  # frees what the stream holds before anything else is awaited
-                await responses.aclose()
+            finally:
+                # frees what the stream holds before anything else is awaited; shielded:
+                # a client that disconnects meanwhile cancels this task, and an
+                # interrupted close would leave the request running
+                await asyncio.shield(responses.aclose())
             if stalled:
                 log.warning("%s: the client read nothing for %g s; the call is ended", method, stall_s)
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -183,6 +183,8 @@ BOMB = gzip.compress(b"\x00" * (16 << 20))  # 16 KB that inflate past the 4 MiB 
     ("bad base64 in a -bin key", message(b""), [("x-trace-bin", "!!!not base64")], "13"),
     ("non-ASCII key", message(b""), [], "16"),
     ("json content type", message(b"{}"), [("content-type", "application/grpc+json")], "3"),
+    ("reflection", message(b""), [], "12"),
+    ("unknown method", message(b""), [], "12"),
     ("3000 metadata keys", message(b""), [(f"x-k{i}", "v") for i in range(3000)], "0"),
 ])
 def test_malformed_requests_get_a_status_and_the_server_serves_on(server, name, body, extra, want):
@@ -193,7 +195,9 @@ def test_malformed_requests_get_a_status_and_the_server_serves_on(server, name, 
             kw["auth"] = "Bearer ключ"
         if name == "json content type":
             kw["content_type"], extra = "application/grpc+json", []
-        client.call(LIST, body, extra, **kw)
+        path = {"reflection": "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "unknown method": "/splitserve.v1.Generation/Nope"}.get(name, LIST)
+        client.call(path, body, extra, **kw)
         assert client.status()[0] == want
     finally:
         client.close()
@@ -267,4 +271,18 @@ def test_a_thousand_streams_on_one_channel_and_a_cancel_flood_leak_nothing(serve
     results = asyncio.run(main())
     assert set(results) <= {2, grpc.StatusCode.RESOURCE_EXHAUSTED} and 2 in results
     assert wait_until(lambda: released(admission, local, engines), 10)
+    assert served(server)
+
+
+def test_a_grpc_client_that_stops_reading_mid_stream_frees_the_request(server, admission, local,
+                                                                        engines):
+    # grpcio's own client takes the stream into its buffers (its window grows):
+    # the request runs to its end unread, and frees what it held
+    request = pb.GenerateRequest(model="slow", text="hello", params=pb.SamplingParams(
+        max_tokens=120, ignore_eos=True, temperature=0.0))
+    with grpc.insecure_channel(server.target) as ch:
+        call = pb_grpc.GenerationStub(ch).Generate(request, metadata=MD)
+        next(call)
+        assert wait_until(lambda: released(admission, local, engines), 10)
+        assert sum(len(r.token_ids) for r in call) == 119
     assert served(server)
