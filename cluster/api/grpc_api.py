@@ -22,6 +22,13 @@ still up; a request that is not a valid message, e.g. a string that is not
 UTF-8, is INVALID_ARGUMENT with an empty param), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
 DEADLINE_EXCEEDED, INTERNAL (a server fault).
 
+Transport bounds (``start_grpc_server``; docs/api.md lists each hostile
+client's answer): a stream its client stops reading ends after
+``write_stall_s``; metadata past ``MAX_METADATA_BYTES`` is
+RESOURCE_EXHAUSTED; a request that never arrives whole is INVALID_ARGUMENT;
+a connection holds ``MAX_STREAMS_PER_CONNECTION`` streams and is closed
+after ``idle_s`` without a call.
+
 Traced (a tracer given): each Generate call is an ``ingress`` span, child
 of the client's W3C ``traceparent`` metadata when it sends one, and the
 task's ``ingress_span`` while it runs (``ClusterBackend.generate`` adds the

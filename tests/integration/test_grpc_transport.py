@@ -286,3 +286,16 @@ def test_a_grpc_client_that_stops_reading_mid_stream_frees_the_request(server, a
         assert wait_until(lambda: released(admission, local, engines), 10)
         assert sum(len(r.token_ids) for r in call) == 119
     assert served(server)
+
+
+def test_a_client_that_half_closes_its_connection_frees_its_request(server, admission, local, engines):
+    client = RawClient(server.port)
+    try:
+        client.call(GENERATE, message(LONG.SerializeToString()))
+        assert wait_until(lambda: admission.in_flight("slow") == 1, 5)
+        client.sock.shutdown(socket.SHUT_WR)  # TCP FIN: it sends nothing more
+        assert "EOF" in client.events(5, until_end=False)  # gRPC closes the connection
+        assert wait_until(lambda: released(admission, local, engines), 5)
+    finally:
+        client.close()
+    assert served(server)
