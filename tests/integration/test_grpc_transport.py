@@ -16,6 +16,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 
@@ -102,7 +103,11 @@ class RawClient:
             if not data:
                 got.append("EOF")
                 break
-            got += self.h2.receive_data(data)
+            try:
+                got += self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError:  # frames after the server's GOAWAY
+                got.append("EOF")
+                break
             try:
                 self.flush()  # acknowledgements
             except OSError:  # the server closed the connection meanwhile
@@ -299,3 +304,33 @@ def test_a_client_that_half_closes_its_connection_frees_its_request(server, admi
     finally:
         client.close()
     assert served(server)
+
+
+def test_pings_every_millisecond_during_a_stream(server, admission, local, engines):
+    client = RawClient(server.port)
+    try:
+        client.call(GENERATE, message(LONG.SerializeToString()))
+        client.sock.settimeout(0.001)
+        got, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 3 and not any(
+                e == "EOF" or isinstance(e, h2.events.ConnectionTerminated) for e in got):
+            client.h2.ping(struct.pack(">d", time.monotonic()))
+            try:
+                client.flush()
+            except OSError:
+                break
+            got += client.events(0.001, until_end=False)
+        # GOAWAY and closed (h2 reports what follows the GOAWAY as an error: "EOF" here)
+        assert any(e == "EOF" or isinstance(e, h2.events.ConnectionTerminated) for e in got)
+        assert time.monotonic() - t0 < 2
+        assert wait_until(lambda: released(admission, local, engines), 5)
+    finally:
+        client.close()
+    assert served(server)
+
+
+def test_compressed_requests_and_responses(server):
+    with grpc.insecure_channel(server.target, compression=grpc.Compression.Gzip) as ch:
+        rs = list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+            model="slow", text="x " * 200, params=pb.SamplingParams(max_tokens=3)), metadata=MD, timeout=10))
+    assert sum(len(r.token_ids) for r in rs) == 3
