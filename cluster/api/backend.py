@@ -88,8 +88,10 @@ class PoolReadiness:
     model: str
     pool: str  # a Role value: prefill, decode or colocated
     live_replicas: int  # healthy, not draining, stats younger than the router's TTL
-    required: bool = True  # False: requests are served without it (a prefill pool
-    # that may scale to zero: decode replicas then prefill)
+    required: bool = True  # False: requests are served without it (a prefill pool:
+    # with none live, decode replicas prefill themselves)
+    wanted: bool = True  # the pool's min_replicas is above 0: none live is a loss
+    # (its node gone) the operator must see, though requests are still served
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,12 @@ class Readiness:
     @property
     def missing(self) -> list[PoolReadiness]:
         return [p for p in self.pools if p.required and p.live_replicas == 0]
+
+    @property
+    def degraded(self) -> list[PoolReadiness]:
+        """Pools with no live replica that requests are served without, though
+        the configuration asks for one (a prefill pool whose node was lost)."""
+        return [p for p in self.pools if not p.required and p.wanted and p.live_replicas == 0]
 
     @property
     def ready(self) -> bool:
@@ -126,6 +134,10 @@ class Readiness:
         if not self.ready:
             out["reason"] = self.reason()
             out["missing"] = [{"model": p.model, "pool": p.pool} for p in self.missing]
+        if self.degraded:
+            out["degraded"] = [{"model": p.model, "pool": p.pool,
+                                "reason": f"no live {p.pool} replica; its decode replicas "
+                                          "prefill its prompts"} for p in self.degraded]
         return out
 
 

@@ -16,8 +16,13 @@ Generation service are SERVING only while the backend is ready (and
 ``set_serving(False)`` has not taken them out, e.g. while draining).
 
 A pool is required unless requests are served without it: a prefill pool
-whose min_replicas is 0 may be empty, since decode replicas then prefill
-(the rule ``splitserve deploy`` waits by, ``splitserve.cluster.serve.app.wait_for_pools``).
+may be empty, since decode replicas then prefill (the router places every
+prompt on decode while no prefill replica is live). A prefill pool whose
+min_replicas is above 0 and that has no live replica (its node was lost)
+leaves /ready at 200, naming the pool under ``degraded``: taking the API out
+of a load balancer's rotation would stop requests it still answers.
+``splitserve deploy`` still waits for such a pool
+(``splitserve.cluster.serve.app.wait_for_pools``).
 """
 
 from __future__ import annotations
@@ -52,9 +57,11 @@ def cluster_readiness(cfg: ClusterConfig, live: dict[str, dict[str, int]],
     for served in cfg.models:
         name = served.model.name
         for role in served.roles():
-            required = role.pool is Role.DECODE or served.pool(role).min_replicas > 0
+            # decode (or colocated) replicas answer every request; prefill
+            # replicas only speed them up
+            required = role.pool is not Role.PREFILL
             pools.append(PoolReadiness(name, role.value, live.get(name, {}).get(role.value, 0),
-                                       required))
+                                       required, served.pool(role).min_replicas > 0))
     return Readiness(tuple(pools), problems=problems)
 
 

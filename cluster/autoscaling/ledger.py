@@ -7,12 +7,22 @@ size over time).
 
 Written by ``splitserve.cluster.serve.app.deploy`` and by the autoscaling policy, which runs
 inside the Serve controller; read by the CLI. It also holds the deploy lease
-(``begin_deploy``): one deploy at a time changes the cluster. Losing it
-loses only history (and a lease, which the next deploy then takes).
+(``begin_deploy``): one deploy at a time changes the cluster.
+
+Ray restarts it wherever it can (``max_restarts=-1``), e.g. after the node
+it ran on was lost. The config last applied (with its secrets' digest and
+when it was applied) is also written to Ray's internal key-value store,
+which lives in the GCS on the head node, and a restarted ledger reads it
+back: ``splitserve status`` and the next deploy's diff still know the
+cluster. The decisions and their history are lost with it (they refill
+at the autoscaler's next tick), and so is the deploy lease (the next deploy
+then takes it).
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 import time
 from collections import deque
 from typing import Any
@@ -24,6 +34,32 @@ from splitserve.cluster.autoscaling.records import DecisionRecord, PoolDecisions
 LEDGER_NAME = "splitserve-ops-ledger"
 HISTORY_LEN = 1000  # size changes kept per pool (oldest dropped first)
 NAMESPACE = "splitserve"
+_KV_KEY = b"ops_ledger_config"  # (config, secrets_version, applied_at), pickled
+
+log = logging.getLogger(__name__)
+
+
+def _kv():
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def _load_applied() -> tuple[dict[str, Any] | None, str | None, float | None]:
+    """What ``OpsLedger.set_config`` last wrote; (None, None, None) when nothing
+    (or outside Ray, where the ledger runs as a plain object in tests)."""
+    kv = _kv()
+    if not kv._internal_kv_initialized():
+        return None, None, None
+    raw = kv._internal_kv_get(_KV_KEY, namespace=NAMESPACE)
+    if raw is None:
+        return None, None, None
+    try:
+        cfg, version, at = pickle.loads(raw)
+        return cfg, version, at
+    except Exception:  # noqa: BLE001 - written by an incompatible version: start empty
+        log.exception("the ops ledger's saved config is unreadable; starting empty")
+        return None, None, None
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -31,10 +67,17 @@ class OpsLedger:
     def __init__(self, history_len: int = HISTORY_LEN) -> None:
         self._history_len = history_len
         self._deploy: tuple[str, float, float] | None = None  # (holder, since, expires)
-        self.reset()
+        self._forget_all()
+        # restarted (its node lost): the config applied before
+        self._config, self._secrets_version, self._applied_at = _load_applied()
 
     def reset(self) -> None:
         """Forget everything (the cluster it described was shut down)."""
+        self._forget_all()
+        if _kv()._internal_kv_initialized():
+            _kv()._internal_kv_del(_KV_KEY, namespace=NAMESPACE)
+
+    def _forget_all(self) -> None:
         self._config: dict[str, Any] | None = None
         self._secrets_version: str | None = None
         self._applied_at: float | None = None
@@ -63,6 +106,10 @@ class OpsLedger:
         self._config = cfg
         self._secrets_version = secrets_version
         self._applied_at = time.time()
+        if _kv()._internal_kv_initialized():
+            _kv()._internal_kv_put(
+                _KV_KEY, pickle.dumps((cfg, secrets_version, self._applied_at)),
+                overwrite=True, namespace=NAMESPACE)
 
     def secrets_version(self) -> str | None:
         return self._secrets_version

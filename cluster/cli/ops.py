@@ -195,13 +195,33 @@ def _refused_on_this_cluster(cfg, prev: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _ledger_call(method: str) -> Any:
+ACTOR_WAIT_S = 30.0  # how long status waits for an actor Ray is restarting
+
+
+def _ask_actor(get_actor, method: str, wait_s: float = ACTOR_WAIT_S) -> Any:
+    """``method`` of the named actor ``get_actor()`` returns, asked again while
+    Ray restarts it (its node was lost: calls fail until it runs elsewhere),
+    for up to ``wait_s``; then the last error is raised. ValueError (no such
+    actor) is raised at once."""
     import ray
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(getattr(get_actor(), method).remote(),
+                           timeout=max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.GetTimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _ledger_call(method: str) -> Any:
     from splitserve.cluster.autoscaling.ledger import get_ledger
 
     try:
-        return ray.get(getattr(get_ledger(), method).remote())
+        return _ask_actor(get_ledger, method)
     except ValueError:  # nothing deployed through splitserve yet
         return None
 
@@ -253,10 +273,16 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
     cfg = ClusterConfig.model_validate(dump)
     decisions = _ledger_call("decisions") or {}
     apps = serve_status().applications
+    router_down = ""
     try:
-        reps = ray.get(get_router().replicas.remote())
+        reps = _ask_actor(get_router, "replicas")
     except ValueError:
         reps = {}
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.GetTimeoutError) as e:
+        # restarting for longer than status waits: the pools' sizes (Serve's)
+        # are still shown, their load is not known
+        reps, router_down = {}, f"router unavailable ({type(e).__name__})"
     rows = []
     for served in cfg.models:
         name = served.model.name
@@ -275,7 +301,8 @@ def collect_status() -> tuple[dict[str, Any] | None, list[PoolStatus]]:
                 target=latest.target if latest else fixed_target(pool),
                 min_replicas=pool.min_replicas, max_replicas=pool.max_replicas,
                 bottleneck=pool.autoscaling.bottleneck if pool.autoscaling else "fixed",
-                value=latest.value if latest else None, load=_load_summary(role.pool, stats),
+                value=latest.value if latest else None,
+                load=router_down or _load_summary(role.pool, stats),
                 decision=(latest.reason if latest else "-" if fixed_target(pool) is None
                           else f"fixed at {pool.min_replicas} (no autoscaling section)"),
                 decided_at=latest.time if latest else None,
@@ -349,7 +376,16 @@ def cmd_status(args) -> int:
         print("no splitserve cluster deployed here (run `splitserve deploy CONFIG`)",
               file=sys.stderr)
         return 1
-    routes = collect_routes()
+    import ray
+
+    try:
+        routes = collect_routes()
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.GetTimeoutError) as e:
+        # restarting for longer than status waits (its node lost): the pools still print
+        print(f"routes: unknown, the route controller is unavailable ({type(e).__name__})",
+              file=sys.stderr)
+        routes = []
     if args.json:
         print(json.dumps({"pools": [asdict(r) for r in rows], "routes": routes}, indent=2))
     else:
@@ -390,15 +426,12 @@ def cmd_shutdown(args) -> int:
 
 def collect_routes() -> list[dict[str, Any]]:
     """Each route's status from the route controller (``RouteBook.status``)."""
-    import ray
-
     from splitserve.cluster.serve.route_actor import get_route_actor
 
     try:
-        actor = get_route_actor()
+        return _ask_actor(get_route_actor, "status")
     except ValueError:
         return []
-    return ray.get(actor.status.remote())
 
 
 def format_routes(routes: list[dict[str, Any]], now: float) -> str:

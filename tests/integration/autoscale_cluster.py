@@ -142,6 +142,18 @@ class LocalCluster:
                 out.append(int(d.name))
         return out
 
+    def kill_node(self, i: int) -> None:
+        """Lose node ``i`` (0: the head) at once: its raylet and every worker
+        on it, SIGKILLed, as a host crash or a reclaimed spot node."""
+        self._kill_session(self.procs[i])
+
+    def add_worker(self, spec: NodeSpec, timeout_s: float = 180.0, attempts: int = 3) -> None:
+        """Start one more worker node of ``spec`` (a lost node coming back)."""
+        n = len(self.procs)
+        self._start_with_retries(
+            lambda: self._start(["--address", self.address, *self._common(spec)], f"worker{n}"),
+            attempts, timeout_s)
+
     def _kill_session(self, p: subprocess.Popen) -> None:
         for pid in self._session_pids({p.pid}):
             with contextlib.suppress(ProcessLookupError):

@@ -1,7 +1,8 @@
 """Readiness on a real local Ray cluster: /ready (and gRPC health) answer 503
 / NOT_SERVING while the ingress runs without pools, 200 / SERVING once every
-pool has a live replica, and 503 naming the pool again when a pool loses
-its last replica; /health stays 200 throughout."""
+pool has a live replica, and still 200 / SERVING, naming the pool as
+degraded, when the prefill pool loses its last replica (decode replicas then
+prefill); /health stays 200 throughout."""
 
 import argparse
 import threading
@@ -68,8 +69,9 @@ def test_ready_follows_the_pools(cfg, tmp_path, capsys):
         get_router(create_with=app.router_config(cfg))
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.endpoints.http_port})
         serve.run(ingress_app(cfg, version), name="ingress", route_prefix="/", blocking=False)
-        both = [{"model": "tiny", "pool": "prefill"}, {"model": "tiny", "pool": "decode"}]
-        assert wait_for(ready, (503, both), timeout=180) == (503, both)
+        # decode is what requests need (the empty prefill pool is only degraded)
+        decode = [{"model": "tiny", "pool": "decode"}]
+        assert wait_for(ready, (503, decode), timeout=180) == (503, decode)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401  # the rest needs a key
         channel = grpc.insecure_channel(f"127.0.0.1:{cfg.endpoints.grpc_port}")
@@ -95,11 +97,21 @@ def test_ready_follows_the_pools(cfg, tmp_path, capsys):
                        json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
         assert r.status_code == 200, r.text
 
-        # the prefill pool loses its last replica: not ready, naming that pool
+        # the prefill pool loses its last replica: decode replicas prefill,
+        # so the API still answers: ready, naming the pool as degraded
         serve.delete(app.app_name("tiny", Role.PREFILL))
-        prefill = [{"model": "tiny", "pool": "prefill"}]
-        assert wait_for(ready, (503, prefill)) == (503, prefill)
-        assert grpc_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        def degraded():
+            r = httpx.get(f"{url}/ready", timeout=10)
+            return r.status_code, r.json().get("degraded")
+
+        prefill = [{"model": "tiny", "pool": "prefill",
+                    "reason": "no live prefill replica; its decode replicas prefill its prompts"}]
+        assert wait_for(degraded, (200, prefill)) == (200, prefill)
+        assert grpc_status() == health_pb2.HealthCheckResponse.SERVING
+        r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 200, r.text
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
         # and back

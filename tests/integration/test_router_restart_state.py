@@ -1,7 +1,7 @@
 """What a router finds again when Ray restarts it (real local Ray, router
 actors only): the prefer-local-prefill switch the autoscaler set, and the
 config and stream TLS of its last deploy, not those it was first created
-with."""
+with; and what the ops ledger finds again (the config last applied)."""
 
 import time
 
@@ -83,3 +83,45 @@ def test_a_restarted_router_keeps_the_switch_and_its_last_config(tmp_path):
         get_router(create_with=config("c"), index=0, count=1)
         assert models_of(0) == {"c"} and router_state.load().config == config("c")
         kill_routers()
+
+
+def test_a_restarted_ops_ledger_keeps_the_config_last_applied():
+    """The ledger is restarted on another node when its node is lost: the
+    config last applied (what ``splitserve status`` and the next deploy's
+    diff read) comes back from the GCS; a reset (the cluster shut down)
+    forgets it for good."""
+    import os
+
+    from splitserve.cluster.autoscaling.ledger import get_ledger
+
+    def ask(method: str):
+        """``method`` of the ledger's current incarnation, once it answers."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                led = get_ledger()
+                if method == "pid":
+                    return ray.get(led.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+                return ray.get(getattr(led, method).remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError):
+                assert time.monotonic() < deadline, "the ledger did not come back"
+                time.sleep(0.2)
+
+    def restart() -> None:
+        before = ask("pid")
+        ray.kill(get_ledger(), no_restart=False)
+        while ask("pid") == before:
+            time.sleep(0.2)
+
+    cfg = {"name": "kept", "models": [{"model": {"name": "m"}}]}
+    with local_ray(num_cpus=2):
+        led = get_ledger(create=True)
+        assert ray.get(led.config.remote()) is None
+        ray.get(led.set_config.remote(cfg, "v1"))
+        applied = ray.get(led.applied_at.remote())
+        restart()
+        assert (ask("config"), ask("secrets_version"), ask("applied_at")) == (cfg, "v1", applied)
+        ray.get(get_ledger().reset.remote())
+        restart()
+        assert (ask("config"), ask("secrets_version"), ask("applied_at")) == (None, None, None)

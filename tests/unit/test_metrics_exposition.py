@@ -147,13 +147,34 @@ def test_readiness_follows_required_pools():
     r = cluster_readiness(cfg, live)
     assert r.ready and r.to_dict() == {"status": "ready", "models": {
         "a": {"prefill": 1, "decode": 2}, "b": {"colocated": 1}, "c": {"prefill": 0, "decode": 1}}}
-    r = cluster_readiness(cfg, {**live, "a": {"decode": 2}, "b": {}})
+    assert r.degraded == [] and "degraded" not in r.to_dict()
+    r = cluster_readiness(cfg, {**live, "a": {"prefill": 1}, "b": {}})
     assert not r.ready
-    assert r.missing == [PoolReadiness("a", "prefill", 0), PoolReadiness("b", "colocated", 0)]
-    assert r.to_dict()["missing"] == [{"model": "a", "pool": "prefill"},
+    assert r.missing == [PoolReadiness("a", "decode", 0), PoolReadiness("b", "colocated", 0)]
+    assert r.to_dict()["missing"] == [{"model": "a", "pool": "decode"},
                                       {"model": "b", "pool": "colocated"}]
-    assert r.reason() == ("model 'a' has no live prefill replica; "
+    assert r.reason() == ("model 'a' has no live decode replica; "
                           "model 'b' has no live colocated replica")
+
+
+def test_readiness_stays_up_without_prefill_replicas():
+    """A lost prefill node leaves decode replicas prefilling every prompt:
+    the API still answers, so /ready stays 200 (a load balancer keeps
+    sending), and names the pool the configuration wants but lacks."""
+    cfg = parse_config({"models": [
+        {"model": {"name": "a", "path": "/x"}},
+        {"model": {"name": "c", "path": "/x"}, "prefill": {"min_replicas": 0, "max_replicas": 2}},
+    ]})
+    r = cluster_readiness(cfg, {"a": {"decode": 2}, "c": {"decode": 1}})
+    assert r.ready and r.missing == []
+    assert r.degraded == [PoolReadiness("a", "prefill", 0, required=False, wanted=True)]
+    body = r.to_dict()
+    assert body["status"] == "ready" and body["models"]["a"] == {"prefill": 0, "decode": 2}
+    assert body["degraded"] == [{"model": "a", "pool": "prefill", "reason":
+                                 "no live prefill replica; its decode replicas prefill its prompts"}]
+    # no decode replica either: nothing answers the model
+    r = cluster_readiness(cfg, {"c": {"decode": 1}})
+    assert not r.ready and r.missing == [PoolReadiness("a", "decode", 0)]
     down = Readiness(error="the router is unavailable: RayActorError")
     assert not down.ready and down.to_dict()["reason"] == down.error
 
