@@ -15,6 +15,7 @@ import time
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -334,3 +335,16 @@ def test_compressed_requests_and_responses(server):
         rs = list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
             model="slow", text="x " * 200, params=pb.SamplingParams(max_tokens=3)), metadata=MD, timeout=10))
     assert sum(len(r.token_ids) for r in rs) == 3
+
+
+def test_a_rapid_reset_flood_on_one_connection_leaks_nothing(server, admission, local, engines):
+    client = RawClient(server.port)
+    try:
+        for _ in range(500):  # HEADERS + DATA, then RST_STREAM at once
+            sid = client.call(GENERATE, message(LONG.SerializeToString()))
+            client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            client.flush()
+    finally:
+        client.close()
+    assert wait_until(lambda: released(admission, local, engines), 10)
+    assert served(server)
