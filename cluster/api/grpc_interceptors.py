@@ -1,6 +1,9 @@
 """Interceptors of the gRPC API server: the API key on every method (the
-health service optionally open), and a request that does not parse as its
-message answered INVALID_ARGUMENT instead of gRPC's own UNKNOWN."""
+health service optionally open), metadata bounded in size, a unary request
+that never arrives whole answered INVALID_ARGUMENT (gRPC leaves that call
+open without a status), and a request that does not parse as its message
+answered INVALID_ARGUMENT instead of gRPC's own UNKNOWN. Their order is
+``start_grpc_server``'s (splitserve.cluster.api.grpc_api)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,6 @@ from splitserve.engine.auth import secret_matches
 
 DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
 PARAM_METADATA = "splitserve-param"
-
-
 MISSING_KEY = ("missing or invalid API key: send metadata 'authorization: Bearer <key>' or "
                "'x-api-key: <key>'")
 
