@@ -22,6 +22,13 @@ still up; a request that is not a valid message, e.g. a string that is not
 UTF-8, is INVALID_ARGUMENT with an empty param), UNAVAILABLE (with ``retry-after``), UNAUTHENTICATED,
 DEADLINE_EXCEEDED, INTERNAL (a server fault).
 
+Transport bounds (``start_grpc_server``; docs/api.md lists each hostile
+client's answer): a stream its client stops reading ends after
+``write_stall_s``; metadata past ``MAX_METADATA_BYTES`` is
+RESOURCE_EXHAUSTED; a request that never arrives whole is INVALID_ARGUMENT;
+a connection holds ``MAX_STREAMS_PER_CONNECTION`` streams and is closed
+after ``idle_s`` without a call.
+
 Traced (a tracer given): each Generate call is an ``ingress`` span, child
 of the client's W3C ``traceparent`` metadata when it sends one, and the
 task's ``ingress_span`` while it runs (``ClusterBackend.generate`` adds the
@@ -42,7 +49,9 @@ from splitserve.cluster.api.backend import (Backend, DeadlineExceeded, Overloade
                                            UnknownModel)
 from splitserve.cluster.api.chat_output import ChatOutput
 from splitserve.cluster.api.grpc_interceptors import (DETAILS_CHARS, PARAM_METADATA,
-                                                     ApiKeyInterceptor, DecodeErrorInterceptor)
+                                                     ApiKeyInterceptor, DecodeErrorInterceptor,
+                                                     MetadataLimitInterceptor, OneRequestInterceptor)
+from splitserve.cluster.api.grpc_stall import WRITE_STALL_S, WriteStallInterceptor
 from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_kwargs, generate_response,
                                                  messages_chars, request_tools, sampling_params,
                                                  template_tools)
@@ -63,6 +72,13 @@ from splitserve.cluster.observability.tracing import set_ingress_span
 from splitserve.handoff.tracing import SPAN_INGRESS, Span, Tracer
 
 log = logging.getLogger("splitserve.grpc")
+
+CONNECTION_IDLE_S = 300.0  # a connection without a call this long is closed (clients reconnect)
+# a call's metadata, all entries together (HTTP's MAX_HEAD_BYTES); also gRPC's
+# own limit, which a raw client's uncompressed literal passes
+# (splitserve.cluster.api.grpc_interceptors.MetadataLimitInterceptor)
+MAX_METADATA_BYTES = 64 << 10
+MAX_STREAMS_PER_CONNECTION = 1024  # a bound on what one connection holds; past it the client queues
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -282,7 +298,9 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
                             health: HealthService | None = None,
                             pool: PreparePool | None = None,
                             open_health: bool = False,
-                            tracer: Tracer | None = None) -> tuple[grpc.aio.Server, int]:
+                            tracer: Tracer | None = None,
+                            write_stall_s: float = WRITE_STALL_S,
+                            idle_s: float = CONNECTION_IDLE_S) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``host:port`` (0: a free port); returns the server
     and the bound port. TLS when both certificate and key (PEM files) are
     given. The health service reports the backend's readiness; pass
@@ -290,14 +308,25 @@ async def start_grpc_server(backend: Backend, host: str, port: int, api_keys: li
     draining. ``open_health``: the health service answers without an API
     key (Kubernetes' gRPC probes send none). ``pool``: where requests are
     tokenized (default: the process's shared pool). ``tracer``: each
-    Generate call is an ``ingress`` span. Stop with ``await server.stop(grace)``."""
+    Generate call is an ``ingress`` span. A response stream whose client
+    reads nothing for ``write_stall_s`` is ended (splitserve.cluster.api.grpc_stall);
+    a connection with no call for ``idle_s`` (one that never starts a call
+    included) is closed with GOAWAY. Stop with ``await server.stop(grace)``."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both grpc_tls_cert and grpc_tls_key (PEM files), or neither")
     interceptors = [ApiKeyInterceptor(api_keys, open_health)] if api_keys else []
     server = grpc.aio.server(
-        interceptors=interceptors + [DecodeErrorInterceptor()],
+        # the stall guard first: it wraps the handlers the others return
+        interceptors=[WriteStallInterceptor(write_stall_s), MetadataLimitInterceptor(MAX_METADATA_BYTES),
+                      *interceptors, OneRequestInterceptor(), DecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
+                 # soft = hard limit: every call past it is refused, none by chance
+                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+                 # a connection's streams at once: past this the client queues them
+                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                  # several ingress replicas on one node listen on one port (gRPC's
                  # default on Linux, stated because the ingress relies on it)
                  ("grpc.so_reuseport", 1)])

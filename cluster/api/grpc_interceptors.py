@@ -1,8 +1,13 @@
 """Interceptors of the gRPC API server: the API key on every method (the
-health service optionally open), and a request that does not parse as its
-message answered INVALID_ARGUMENT instead of gRPC's own UNKNOWN."""
+health service optionally open), metadata bounded in size, a unary request
+that never arrives whole answered INVALID_ARGUMENT (gRPC leaves that call
+open without a status), and a request that does not parse as its message
+answered INVALID_ARGUMENT instead of gRPC's own UNKNOWN. Their order is
+``start_grpc_server``'s (splitserve.cluster.api.grpc_api)."""
 
 from __future__ import annotations
+
+import inspect
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -12,19 +17,32 @@ from splitserve.engine.auth import secret_matches
 
 DETAILS_CHARS = 1024  # status details stay small whatever the request echoed
 PARAM_METADATA = "splitserve-param"
+MISSING_KEY = ("missing or invalid API key: send metadata 'authorization: Bearer <key>' or "
+               "'x-api-key: <key>'")
 
 
-def _key_ok(metadata, keys: list[bytes]) -> bool:
-    given = []
+def _key_problem(metadata, keys: list[bytes]) -> str | None:
+    """Why the call's credentials are refused, or None: it needs one
+    ``authorization: Bearer <key>`` and/or one ``x-api-key: <key>``, each
+    naming a configured key. A name sent twice is refused whatever the values
+    hold (as HTTP refuses two Authorization headers): taking either would let
+    a proxy that checks the other one disagree with this check."""
+    given: dict[str, list[str]] = {"authorization": [], "x-api-key": []}
     for key, value in metadata or ():
-        if key == "authorization" and value[:7].lower() == "bearer ":
-            given.append(value[7:].strip())
-        elif key == "x-api-key":
-            given.append(value.strip())
-    ok = False
-    for g in given:  # no early exit: the time taken does not tell which value was a key
-        ok |= secret_matches(g, *keys)
-    return ok
+        if key in given:  # a -bin value is bytes: never a key
+            given[key].append(value if isinstance(value, str) else "")
+    for name, values in given.items():
+        if len(values) > 1:
+            return f"send one '{name}' metadata entry, not {len(values)}"
+    if not given["authorization"] and not given["x-api-key"]:
+        return MISSING_KEY
+    ok = True
+    for bearer in given["authorization"]:
+        ok &= bearer[:7].lower() == "bearer "
+        ok &= secret_matches(bearer[7:].strip(), *keys)
+    for key in given["x-api-key"]:  # no early exit: the time taken does not tell which matched
+        ok &= secret_matches(key.strip(), *keys)
+    return None if ok else MISSING_KEY
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -37,21 +55,92 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or _key_ok(details.invocation_metadata, self.keys):
+        problem = None if handler is None else _key_problem(details.invocation_metadata, self.keys)
+        if problem is None:
             return handler
         if self.open_health and details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
 
-        async def deny(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid API key: send metadata 'authorization: Bearer "
-                                "<key>' or 'x-api-key: <key>'")
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
-        return make[(handler.request_streaming, handler.response_streaming)](deny)
+
+def refusal(handler, code: grpc.StatusCode, details: str):
+    """A handler of ``handler``'s kind that answers ``code`` at once."""
+    async def refuse(_request, context):
+        await context.abort(code, details)
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[(handler.request_streaming, handler.response_streaming)](refuse)
+
+
+class MetadataLimitInterceptor(grpc.aio.ServerInterceptor):
+    """A call whose metadata (names and values, all entries together) passes
+    ``max_bytes`` is RESOURCE_EXHAUSTED. gRPC enforces its own limit
+    (``grpc.absolute_max_metadata_size``) on some encodings of a header
+    only: a raw HTTP/2 client's uncompressed literal passes it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        size = sum(len(k) + len(v) for k, v in details.invocation_metadata or ())
+        if handler is None or size <= self.max_bytes:
+            return handler
+        return refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"the call's metadata has {size} bytes; at most {self.max_bytes}")
+
+
+class OneRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A unary-request method whose request never arrives whole (the client
+    half-closes with no message, or its length prefix promises more bytes
+    than the stream carries) is INVALID_ARGUMENT. gRPC's own unary path
+    drops such a call without a status, leaving the stream open until the
+    connection closes; read as a request stream here, the missing message
+    is seen and answered. Placed before ``DecodeErrorInterceptor``, whose
+    handlers it wraps."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        async def one(requests, context):
+            request = await anext(aiter(requests), None)
+            if request is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "the call carried no complete request message",
+                                    trailing_metadata=((PARAM_METADATA, ""),))
+            return request
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream_stream(requests, context):
+                responses = inner_stream(await one(requests, context), context)
+                if not inspect.isasyncgen(responses):  # a refusal: a coroutine that aborts
+                    await responses
+                    return
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    await responses.aclose()
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        async def stream_unary(requests, context):
+            return await inner_unary(await one(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 class _Undecodable:
