@@ -54,8 +54,24 @@ HANDOFF_ENGINE_ALLOWED = {
 }
 
 
+def parse(path: Path) -> ast.Module:
+    # CPython 3.11 keeps one AST-construction depth counter per interpreter:
+    # an ast.parse racing AST work on another thread (threads earlier tests
+    # in this process left running) can fail with a spurious SystemError
+    # "AST constructor recursion depth mismatch" (python/cpython#106905);
+    # parsing the same text again is the workaround
+    text = path.read_text()
+    for attempt in range(3):
+        try:
+            return ast.parse(text, str(path))
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parse(path)
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
