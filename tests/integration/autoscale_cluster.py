@@ -176,3 +176,31 @@ class LocalCluster:
         self.procs.clear()
         if not os.environ.get("KEEP_RAY_LOGS"):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(cluster: LocalCluster):
+    """``cluster`` started with ``CLUSTER_ENV`` set in this process too (the
+    driver must use the nodes' settings); on exit the driver disconnects,
+    every node of the cluster stops (Serve with them, as in
+    ``ray_cluster.local_ray``) and the environment is restored."""
+    import ray
+    from ray.serve import context as serve_context
+
+    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
+    os.environ.update(CLUSTER_ENV)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+                serve_context._disconnect()
+        finally:
+            cluster.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

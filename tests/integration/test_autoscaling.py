@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 
 import pytest
 import ray
 import yaml
-from ray.serve import context as serve_context
 
 from splitserve.cluster.serve import app
 from splitserve.cluster.cli import ops as cli_ops
@@ -26,7 +24,7 @@ from splitserve.cluster.autoscaling.ledger import get_ledger
 from splitserve.cluster.serve.orchestrator import ClusterBackend
 from splitserve.cluster.config import load_config, parse_config
 from splitserve.engine.sampling_params import SamplingParams
-from tests.integration.autoscale_cluster import CLUSTER_ENV, LocalCluster, NodeSpec
+from tests.integration.autoscale_cluster import LocalCluster, NodeSpec, running
 from tests.integration.autoscale_load import (
     LoadResult,
     drive,
@@ -65,28 +63,12 @@ def config_dict(path, prefill=(1, 2), decode=(1, 2), kv_target=0.9):
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama):
-    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
-    os.environ.update(CLUSTER_ENV)
     c = LocalCluster(NodeSpec({"head_node": 1}), [NodeSpec({"prefill_node": 4}),
                                                   NodeSpec({"decode_node": 4})])
-    try:
-        c.start()
+    with running(c):
         app.deploy(parse_config(config_dict(tiny_llama)), address=c.address, with_ingress=False,
                    wait_s=240)
         yield c
-    finally:
-        try:
-            if ray.is_initialized():
-                # the nodes stop below, Serve with them (see ray_cluster.local_ray)
-                ray.shutdown()
-                serve_context._disconnect()
-        finally:
-            c.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def wait_for(cond, timeout_s, what):

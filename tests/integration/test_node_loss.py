@@ -10,20 +10,18 @@ admission slot or sequence left held."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
 import pytest
 import ray
-from ray.serve import context as serve_context
 
 from splitserve.cluster.cli.main import main as cli_main
 from splitserve.cluster.config import parse_config
 from splitserve.cluster.serve import app
 from splitserve.cluster.serve.router_actor import get_router
 from tests.fixtures.ports import free_port
-from tests.integration.autoscale_cluster import CLUSTER_ENV, LocalCluster, NodeSpec
+from tests.integration.autoscale_cluster import LocalCluster, NodeSpec, running
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +32,6 @@ PREFILL_NODE = NodeSpec({"prefill_node": 4})
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama):
-    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
-    os.environ.update(CLUSTER_ENV)
     # the head carries the decode pool: one node fewer to start
     c = LocalCluster(NodeSpec({"head_node": 1, "decode_node": 4}, num_cpus=2), [PREFILL_NODE])
     http = free_port()
@@ -53,22 +49,9 @@ def cluster(tiny_llama):
         "auth": {"api_keys": [KEY], "cluster_token": "node-loss-token"},
         "endpoints": {"host": "127.0.0.1", "http_port": http, "grpc_port": free_port()},
     })
-    try:
-        c.start()
+    with running(c):
         app.deploy(cfg, address=c.address, wait_s=240)
         yield c, f"http://127.0.0.1:{http}"
-    finally:
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-                serve_context._disconnect()
-        finally:
-            c.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def complete(http: httpx.Client, base: str) -> tuple[int, str]:
