@@ -204,3 +204,10 @@ def running(cluster: LocalCluster):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            # Ray keeps the auth mode this process last read (disabled, from
+            # CLUSTER_ENV) in its cached config, and a later local ray.init
+            # that finds RAY_AUTH_MODE set does not read it again: its driver
+            # would then send no token to a GCS started in token mode
+            from ray._raylet import Config
+
+            Config.initialize("")
