@@ -51,7 +51,8 @@ class LocalCluster:
     temp_dir: str = ""
     logs: list[Path] = field(default_factory=list)
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """The environment of every process of this cluster (and of a CLI run against it)."""
         env = dict(os.environ)
         # the Serve controller unpickles the autoscaling policy, which imports
         # cluster.*: every Ray process must find the repository
@@ -66,7 +67,7 @@ class LocalCluster:
         with open(log, "wb") as out:
             p = subprocess.Popen([_ray_bin(), "start", "--block", "--disable-usage-stats",
                                   "--node-ip-address", "127.0.0.1", *args],
-                                 stdout=out, stderr=subprocess.STDOUT, env=self._env(),
+                                 stdout=out, stderr=subprocess.STDOUT, env=self.env(),
                                  cwd=str(ROOT), start_new_session=True)
         self.procs.append(p)
 
@@ -187,8 +188,14 @@ def running(cluster: LocalCluster):
     import ray
     from ray.serve import context as serve_context
 
+    from ray._raylet import Config
+
     saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
     os.environ.update(CLUSTER_ENV)
+    # Ray caches the auth mode this process last read from RAY_AUTH_MODE
+    # (token, after an earlier local ray.init here): read it again, both
+    # ways, or the driver and the cluster disagree on sending a token
+    Config.initialize("")
     try:
         cluster.start()
         yield cluster
@@ -204,10 +211,6 @@ def running(cluster: LocalCluster):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            # Ray keeps the auth mode this process last read (disabled, from
-            # CLUSTER_ENV) in its cached config, and a later local ray.init
-            # that finds RAY_AUTH_MODE set does not read it again: its driver
-            # would then send no token to a GCS started in token mode
-            from ray._raylet import Config
-
+            # (a later local ray.init that finds RAY_AUTH_MODE set does not
+            # read it again: its driver would send no token to its GCS)
             Config.initialize("")

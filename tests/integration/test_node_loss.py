@@ -10,15 +10,17 @@ admission slot or sequence left held."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 import ray
+import yaml
 
 from splitserve.cluster.cli.main import main as cli_main
 from splitserve.cluster.config import parse_config
-from splitserve.cluster.serve import app
 from splitserve.cluster.serve.router_actor import get_router
 from tests.fixtures.ports import free_port
 from tests.integration.autoscale_cluster import LocalCluster, NodeSpec, running
@@ -31,11 +33,11 @@ PREFILL_NODE = NodeSpec({"prefill_node": 4})
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama):
+def cluster(tiny_llama, tmp_path_factory):
     # the head carries the decode pool: one node fewer to start
     c = LocalCluster(NodeSpec({"head_node": 1, "decode_node": 4}, num_cpus=2), [PREFILL_NODE])
     http = free_port()
-    cfg = parse_config({
+    cfg = {
         "name": "node-loss",
         "models": [{"model": {"name": "tiny", "path": str(tiny_llama), "num_blocks": 256,
                               "block_size": 4},
@@ -48,9 +50,19 @@ def cluster(tiny_llama):
         "transfer": {"transport": "grpc"},
         "auth": {"api_keys": [KEY], "cluster_token": "node-loss-token"},
         "endpoints": {"host": "127.0.0.1", "http_port": http, "grpc_port": free_port()},
-    })
+    }
+    parse_config(cfg)  # the file below is valid
+    path = tmp_path_factory.mktemp("node-loss") / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     with running(c):
-        app.deploy(cfg, address=c.address, wait_s=240)
+        # deployed as an operator would, by the CLI in its own process: this
+        # test process has run other Ray clusters, whose Serve client state a
+        # driver-side deploy here could meet
+        done = subprocess.run([sys.executable, "-m", "splitserve.cluster.cli", "deploy",
+                               str(path), "--address", c.address, "--wait-s", "240"],
+                              env=c.env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        ray.init(address=c.address)
         yield c, f"http://127.0.0.1:{http}"
 
 
