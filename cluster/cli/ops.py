@@ -5,12 +5,12 @@ load, bottleneck value and the autoscaler's last decision."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from splitserve.cluster.cli.ray_address import add_address_argument, join_cluster
 from splitserve.engine.roles import Role
 
 
@@ -22,7 +22,7 @@ def add_subcommands(sub) -> None:
                     "whose replicas are built the same way keep them (bounds and autoscaling "
                     "edits take effect without restarts).")
     d.add_argument("config", help="operator YAML (examples in deploy/configs/)")
-    _address(d)
+    add_address_argument(d)
     d.add_argument("--dry-run", action="store_true",
                    help="validate and show the changes only (without a reachable cluster: "
                         "validate only)")
@@ -37,7 +37,7 @@ def add_subcommands(sub) -> None:
                     "latest autoscaling decision and last size change with their reasons; then "
                     "each route: its variants' weights in force, its ramp's step, guard "
                     "readings and last move with its reason.")
-    _address(s)
+    add_address_argument(s)
     s.add_argument("--json", action="store_true",
                    help='print {"pools": [rows], "routes": [routes]} as JSON')
     s.add_argument("--history", action="store_true",
@@ -52,63 +52,8 @@ def add_subcommands(sub) -> None:
                     "Ray cluster; in-flight requests are cut. The Ray cluster itself keeps "
                     "running: `ray stop` (every Ray process of the machine, whoever started "
                     "it) or `ray down` ends it; a `splitserve serve` ends with Ctrl-C.")
-    _address(x)
+    add_address_argument(x)
     x.set_defaults(func=cmd_shutdown)
-
-
-def _address(p) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, or "
-                        "the cluster started on this machine)")
-
-
-def _connect(address: str | None) -> None:
-    """Join the Ray cluster; ConnectionError at once when nothing listens at
-    an explicit HOST:PORT (``ray.init`` would retry for minutes)."""
-    from splitserve.cluster.cli.common import check_reachable
-
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    check_reachable(address)
-    if local_address_without_auth_mode(address):
-        # Ray turns its token on by itself only for a cluster it finds as
-        # "auto": the address `splitserve serve` prints (this machine's, or
-        # loopback) would otherwise fail with InvalidAuthToken after 15 s
-        # of retries where the head holds the token this machine keeps (a
-        # private Ray call: without it, as before, RAY_AUTH_MODE=token works)
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available)
-        except ImportError:
-            pass
-        else:
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    from splitserve.cluster.serve.app import connect
-
-    connect(address)
-
-
-def local_address_without_auth_mode(address: str) -> bool:
-    """Whether ``address`` (HOST:PORT) is on this machine and
-    $RAY_AUTH_MODE leaves Ray's token authentication to its defaults: then
-    the client uses this machine's token when it has one, as Ray's own
-    ``auto`` does (a remote address needs RAY_AUTH_MODE=token, as Ray asks)."""
-    import socket
-
-    if "RAY_AUTH_MODE" in os.environ or "://" in address or address in ("auto", "local"):
-        return False
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            try:
-                sock.bind((sockaddr[0], 0))  # only an address of this machine binds
-                return True
-            except OSError:
-                continue
-    return False
 
 
 # -- deploy ----------------------------------------------------------------------
@@ -121,7 +66,7 @@ def cmd_deploy(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        _connect(args.address)
+        join_cluster(args.address)
     except (ConnectionError, RuntimeError) as e:
         if args.dry_run:  # the file is checked; only the comparison needs the cluster
             print(f"{args.config}: valid; no Ray cluster to compare against ({e}): changes "
@@ -356,7 +301,7 @@ def format_history(history: dict[str, list[Any]]) -> str:
 
 def cmd_status(args) -> int:
     try:
-        _connect(args.address)
+        join_cluster(args.address)
     except (ConnectionError, RuntimeError) as e:
         print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
         return 1
@@ -398,7 +343,7 @@ def cmd_status(args) -> int:
 
 def cmd_shutdown(args) -> int:
     try:
-        _connect(args.address)
+        join_cluster(args.address)
     except (ConnectionError, RuntimeError) as e:
         print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
         return 1

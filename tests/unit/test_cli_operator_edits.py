@@ -124,7 +124,7 @@ def test_a_fixed_pool_reports_its_size_as_target():
 def test_a_local_address_uses_this_machines_ray_token(monkeypatch):
     # `splitserve serve` prints this machine's Ray address; Ray itself only
     # sends its token to a cluster it finds as "auto"
-    from splitserve.cluster.cli.ops import local_address_without_auth_mode as local
+    from splitserve.cluster.cli.ray_address import local_address_without_auth_mode as local
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert local("127.0.0.1:6379") and local("localhost:6379")
