@@ -22,7 +22,8 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.layers import DecoderLayer, ShardSlot, empty_param, model_norm, norm_slots
+from splitserve.engine.models.decoder_layer import DecoderLayer
+from splitserve.engine.models.layers import ShardSlot, empty_param, model_norm, norm_slots
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.plain_blocks import ParallelDecoderLayer, PlainMLP
 from splitserve.engine.models.rope import build_cos_sin_cache

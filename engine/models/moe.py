@@ -38,9 +38,9 @@ from torch import nn
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.layers import (
     MLP,
-    DecoderLayer,
     Linear,
     ShardSlot,
     empty_param,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.models.layers import DecoderLayer, ShardSlot, model_norm
+from splitserve.engine.models.decoder_layer import DecoderLayer
+from splitserve.engine.models.layers import ShardSlot, model_norm
 from splitserve.engine.models.llama import CausalLM
 from splitserve.kernels.lora import LoraMeta
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.models.layers import DecoderLayer, Linear, ShardSlot, linear_slots, norm_slots
+from splitserve.engine.models.decoder_layer import DecoderLayer
+from splitserve.engine.models.layers import Linear, ShardSlot, linear_slots, norm_slots
 from splitserve.engine.quantization import layer_groups
 from splitserve.kernels.lora import LoraMeta
 
