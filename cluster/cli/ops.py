@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from splitserve.cluster.cli.ray_address import add_address_argument, join_cluster
+from splitserve.cluster.cli.ray_address import add_address_argument, join_cluster, join_or_report
 from splitserve.engine.roles import Role
 
 
@@ -300,10 +300,7 @@ def format_history(history: dict[str, list[Any]]) -> str:
 
 
 def cmd_status(args) -> int:
-    try:
-        join_cluster(args.address)
-    except (ConnectionError, RuntimeError) as e:
-        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+    if not join_or_report(args.address):
         return 1
     if args.history:
         import msgspec
@@ -342,10 +339,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_shutdown(args) -> int:
-    try:
-        join_cluster(args.address)
-    except (ConnectionError, RuntimeError) as e:
-        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+    if not join_or_report(args.address):
         return 1
     from splitserve.cluster.serve.app import serve_status, shutdown
 

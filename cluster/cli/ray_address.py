@@ -5,6 +5,7 @@ machine's Ray token for an address of this machine."""
 from __future__ import annotations
 
 import os
+import sys
 
 
 def add_address_argument(p) -> None:
@@ -36,6 +37,16 @@ def join_cluster(address: str | None) -> None:
     from splitserve.cluster.serve.app import connect
 
     connect(address)
+
+
+def join_or_report(address: str | None) -> bool:
+    """``join_cluster``; False, with the reason on stderr, where it cannot."""
+    try:
+        join_cluster(address)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: cannot connect to the Ray cluster: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def local_address_without_auth_mode(address: str) -> bool:

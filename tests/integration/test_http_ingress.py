@@ -33,6 +33,7 @@ from splitserve.cluster.serve.router_actor import get_router
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.ports import free_port
 from tests.integration.pd_harness import make_engine
+from tests.integration.test_ingress_replicas import ingress_replicas as _ingress_replicas
 from tests.integration.ray_cluster import local_ray
 from tests.unit.tls_certs import CA
 
@@ -338,21 +339,6 @@ def test_a_stream_never_read_blocks_no_other_and_holds_nothing(cluster, tiny_lla
             assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want
         _wait_nothing_held(30)  # while the unread connection stays open
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
-
-
-def _ingress_replicas() -> dict[int, object]:
-    """pid -> actor handle of each running ingress replica."""
-    import os
-
-    out = {}
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["name"].startswith("SERVE_REPLICA::ingress#ingress#"):
-            try:
-                h = ray.get_actor(a["name"], namespace=a["namespace"])
-                out[ray.get(h.__ray_call__.remote(lambda self: os.getpid()), timeout=10)] = h
-            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # gone meanwhile
-    return out
 
 
 def _grpc_stream(cluster, i: int, max_tokens: int, started: threading.Event | None = None) -> bool:
