@@ -16,6 +16,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.family_config import (
     DEFAULT_ROPE_THETA,
     FamilyOptions,
+    checked_layer_types,
     gemma3_layer_types,
     parse_family_options,
     smollm3_rope_layers,
@@ -320,12 +321,7 @@ def _ministral_windows(cfg: dict[str, Any], window: Any, num_layers: int) -> dic
     types = cfg.get("layer_types")
     if types is None:
         types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
-    if len(types) != num_layers:
-        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown:
-        raise ValueError(f"layer_types {sorted(unknown)} are not supported for ministral; "
-                         "supported: sliding_attention, full_attention")
+    types = checked_layer_types(types, num_layers, "ministral")
     if "sliding_attention" in types and window is None:
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
     if window is not None and int(window) <= 0:

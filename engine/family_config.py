@@ -205,11 +205,16 @@ def gemma3_layer_types(cfg: dict[str, Any]) -> list[str]:
         pattern = int(cfg.get("sliding_window_pattern") or 6)
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                  for i in range(num_layers)]
+    return checked_layer_types(types, num_layers, "gemma3")
+
+
+def checked_layer_types(types: list[Any], num_layers: int, family: str) -> list[str]:
+    """A config's ``layer_types``: one per layer, each sliding or full attention."""
     if len(types) != num_layers:
         raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise ValueError(f"layer_types {sorted(unknown)} are not supported for gemma3; "
+        raise ValueError(f"layer_types {sorted(unknown)} are not supported for {family}; "
                          "supported: sliding_attention, full_attention")
     return list(types)
 
