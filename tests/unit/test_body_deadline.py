@@ -14,6 +14,7 @@ from splitserve.cluster.api.http_server import start_http_server
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.prepare import PreparePool
 from splitserve.cluster.config.access import EndpointSpec
+from tests.unit.test_http_server import assert_nothing_held
 
 TIMEOUT_S = 0.3
 HEAD = "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -60,12 +61,7 @@ def _serve(check):
         try:
             await check(server.port)
             # nothing left behind: no connection, no request task
-            state = server._server.server_state
-            for _ in range(100):
-                if not state.connections and not state.tasks:
-                    break
-                await asyncio.sleep(0.01)
-            assert not state.connections and not state.tasks
+            await assert_nothing_held(server)
         finally:
             await server.stop(grace=1.0)
             await backend.close()

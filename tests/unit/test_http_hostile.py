@@ -19,6 +19,7 @@ from splitserve.cluster.api.backend import LocalBackend
 from splitserve.cluster.api.http_server import MAX_HEAD_BYTES, start_http_server
 from splitserve.cluster.api.openai_api import build_http_app
 from splitserve.cluster.api.prepare import PreparePool
+from tests.unit.test_http_server import assert_nothing_held
 
 KEY = "sk-hostile"
 AUTH = f"Authorization: Bearer {KEY}\r\n"
@@ -83,12 +84,7 @@ def _serve(check):
                 server.port, f"{MODELS}Connection: close\r\n\r\n".encode()))[0])
             assert status == 200 and json.loads(body)["object"] == "list"
             # and nothing is left behind: no connection, no request task
-            state = server._server.server_state
-            for _ in range(100):
-                if not state.connections and not state.tasks:
-                    break
-                await asyncio.sleep(0.01)
-            assert not state.connections and not state.tasks
+            await assert_nothing_held(server)
         finally:
             await server.stop(grace=1.0)
             await backend.close()

@@ -287,13 +287,19 @@ def test_a_client_that_never_reads_its_stream_is_cut_off_without_blocking_others
             assert produced[0] == stalled_at < 64 << 20, (stalled_at, produced[0])
             await asyncio.wait_for(closed.wait(), 5.0)  # cut off: the generator was closed
             assert 1.0 <= loop.time() - t0 < 4.0
-            for _ in range(100):
-                if not s._server.server_state.connections and not s._server.server_state.tasks:
-                    break
-                await asyncio.sleep(0.01)
-            assert not s._server.server_state.connections and not s._server.server_state.tasks
+            await assert_nothing_held(s)
             sock.close()
         finally:
             await s.stop(grace=1.0)
 
     asyncio.run(main())
+
+
+async def assert_nothing_held(server) -> None:
+    """Within a second: no connection and no request task left on ``server``."""
+    state = server._server.server_state
+    for _ in range(100):
+        if not state.connections and not state.tasks:
+            break
+        await asyncio.sleep(0.01)
+    assert not state.connections and not state.tasks
