@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from splitserve.engine.dialects import DIALECTS, dialect_architectures
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.family_config import (
     DEFAULT_ROPE_THETA,
@@ -55,6 +56,7 @@ ARCHITECTURES = {
     "PhiForCausalLM": "phi",
     "StableLmForCausalLM": "stablelm",
     "GPTNeoXForCausalLM": "gpt_neox",
+    **dialect_architectures(),  # the families of splitserve.engine.dialects
 }
 
 # config.json defaults that differ from the Llama-style ones, as each family's
@@ -130,6 +132,10 @@ class ModelConfig:
             )
         family = ARCHITECTURES[arch]
         try:
+            options = (DIALECTS[family].options(cfg) if family in DIALECTS
+                       else parse_family_options(cfg, family))
+            if family in DIALECTS:  # read as a Llama-style config.json from here on
+                cfg = DIALECTS[family].llama_keys(cfg)
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             eos = cfg.get("eos_token_id")
@@ -175,7 +181,8 @@ class ModelConfig:
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", _DEFAULT_TIED.get(family, False))),
                 attention_bias=qkv_bias,
-                qk_norm=family in ("qwen3", "qwen3_moe", "olmo2", "gemma3"),
+                qk_norm=(family in ("qwen3", "qwen3_moe", "olmo2", "gemma3")
+                         or (family in DIALECTS and bool(cfg.get("qk_norm", False)))),
                 rope_scaling=rope_scaling,
                 **_windows(cfg, family, int(cfg["num_hidden_layers"])),
                 dtype=dtype,
@@ -185,7 +192,7 @@ class ModelConfig:
                 mlp_bias=_mlp_bias(cfg, family),
                 moe=_moe(cfg, family, int(cfg["num_hidden_layers"])),
                 quantization=quantization,
-                options=parse_family_options(cfg, family),
+                options=options,
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -203,7 +210,8 @@ class ModelConfig:
 
 def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
     """The sparse MLP's shape and routing, as each family's transformers code reads it."""
-    if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if family not in ("mixtral", "qwen2_moe", "qwen3_moe") and not (
+            family in DIALECTS and cfg.get("num_experts")):
         return None
     # Mixtral calls it num_local_experts; Qwen num_experts (transformers 5 writes either)
     num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
@@ -249,6 +257,8 @@ def _o_proj_bias(cfg: dict[str, Any], family: str, cfg_bias: bool) -> bool:
         return True
     if family == "gpt_neox":  # ``dense`` per attention_bias, on by default
         return bool(cfg.get("attention_bias", True))
+    if family in DIALECTS:
+        return bool(cfg.get("attention_out_bias", cfg_bias))
     return family in _O_PROJ_BIAS_FAMILIES and cfg_bias
 
 
@@ -257,7 +267,8 @@ def _mlp_bias(cfg: dict[str, Any], family: str) -> bool:
         return bool(cfg.get("use_bias", True))
     if family in ("phi", "gpt_neox"):  # the ungated MLP always has them
         return True
-    return family in ("llama", "granite", "smollm3", "seed_oss", "helium") and bool(cfg.get("mlp_bias", False))
+    return (family in ("llama", "granite", "smollm3", "seed_oss", "helium") or family in DIALECTS) \
+        and bool(cfg.get("mlp_bias", False))
 
 
 # Families whose ``attention_bias`` covers o_proj as well as q/k/v.

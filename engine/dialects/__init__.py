@@ -1,0 +1,60 @@
+"""Families whose config.json is written in other keys than the Llama-style
+ones (GPT-2's ``n_embd``, OPT's ``ffn_dim``, Falcon's ``n_head``...).
+
+Each such family has a ``Dialect`` in its own module of this package, named
+in ``DIALECTS``. ``ModelConfig.from_hf`` hands the family's config.json to
+``Dialect.llama_keys`` first and reads the result as it reads a Llama
+config.json, with these meanings:
+
+- ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+  ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+  ``max_position_embeddings``, ``vocab_size``, ``tie_word_embeddings``,
+  ``rms_norm_eps`` (the epsilon of whatever norm the family uses),
+  ``rope_theta`` / ``rope_parameters`` as in Llama;
+- ``attention_bias``: the q/k/v projections carry biases;
+  ``attention_out_bias``: the output projection does (default: as
+  ``attention_bias``); ``mlp_bias``: the MLP projections do;
+- ``qk_norm``: RMSNorm on each head's q and k before RoPE (Qwen3);
+- a mixture of experts in the Qwen keys (``num_experts``,
+  ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``,
+  ``decoder_sparse_step``, ``mlp_only_layers``);
+- sliding windows in the Qwen keys (``use_sliding_window``,
+  ``sliding_window``, ``layer_types``).
+
+``Dialect.options`` gives the family's ``FamilyOptions`` from the original
+config.json. Both raise ``ValueError`` for what the family's implementation
+cannot express; ``from_hf`` turns it into a ``CheckpointError`` naming the
+file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from splitserve.engine.family_config import FamilyOptions
+
+
+@dataclass(frozen=True)
+class Dialect:
+    architectures: tuple[str, ...]  # config.json ``architectures`` entries of the family
+    llama_keys: Callable[[dict[str, Any]], dict[str, Any]]
+    options: Callable[[dict[str, Any]], FamilyOptions]
+
+
+# family -> its dialect (one module each in this package)
+DIALECTS: dict[str, Dialect] = {}
+
+
+def dialect_architectures() -> dict[str, str]:
+    """architecture name -> family, for every dialect family."""
+    return {arch: family for family, d in DIALECTS.items() for arch in d.architectures}
+
+
+def required(cfg: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` that config.json holds (families renamed keys
+    over time); a ``KeyError`` naming the first when none is there."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise KeyError(keys[0])
