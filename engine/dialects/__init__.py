@@ -42,10 +42,6 @@ class Dialect:
     options: Callable[[dict[str, Any]], FamilyOptions]
 
 
-# family -> its dialect (one module each in this package)
-DIALECTS: dict[str, Dialect] = {}
-
-
 def dialect_architectures() -> dict[str, str]:
     """architecture name -> family, for every dialect family."""
     return {arch: family for family, d in DIALECTS.items() for arch in d.architectures}
@@ -58,3 +54,8 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
         if cfg.get(key) is not None:
             return cfg[key]
     raise KeyError(keys[0])
+
+
+# family -> its dialect, one module each in this package (imported here, after
+# Dialect and required, which those modules import)
+DIALECTS: dict[str, Dialect] = {}
