@@ -86,6 +86,13 @@ class FamilyOptions:
     parallel_mlp_norm: bool = False
     final_norm_name: str = "model.norm"  # Phi: model.final_layernorm
     lm_head_bias: bool = False  # Phi: the vocabulary projection has a bias
+    # GPT-2 wpe, OPT embed_positions: a learned absolute position table, by this name in
+    # weight_slots, whose row ``position + position_offset`` is added to each token's
+    # embedding; its layers apply no RoPE. Empty: none (RoPE)
+    position_table: str = ""
+    position_offset: int = 0  # OPT's OPTLearnedPositionalEmbedding: position 0 is row 2
+    # GPT-2 scale_attn_by_inverse_layer_idx: layer i's scores also divided by i + 1
+    inverse_layer_attn_scale: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

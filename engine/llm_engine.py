@@ -89,7 +89,8 @@ class LLMEngine:
             num_blocks * cfg.block_size,
         )
         if cfg.max_model_len and cfg.max_model_len > self.model_cfg.max_position:
-            # RoPE tables end at max_position_embeddings: positions past it have no rotation
+            # RoPE and learned position tables end at max_position_embeddings: positions
+            # past it have no rotation or no row (GPT-2, OPT), so the context is capped there
             log.warning("max_model_len %d is past the model's max_position_embeddings %d: "
                         "serving %d tokens of context", cfg.max_model_len,
                         self.model_cfg.max_position, self.max_model_len)

@@ -2,7 +2,9 @@
 
 The families differ only in flags read from ``ModelConfig``: q/k/v biases
 (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), o_proj/MLP biases (Llama
-options), tied embeddings, GQA head counts and RoPE scaling.
+options), tied embeddings, GQA head counts and RoPE scaling. Families with
+learned absolute positions (GPT-2, OPT: ``FamilyOptions.position_table``)
+add a table row per token to its embedding instead of rotating q and k.
 
 The model runs on a flat batch: the scheduled tokens of every sequence
 concatenated, ``positions`` giving each token's position in its sequence and
@@ -53,7 +55,13 @@ class CausalLM(nn.Module):
         )
         self.lm_head_bias = (empty_param(cfg.vocab_size, dtype=dtype, device=device)
                              if cfg.options.lm_head_bias else None)  # Phi
-        self.register_buffer("cos_sin_cache", build_cos_sin_cache(cfg, device), persistent=False)
+        # GPT-2, OPT: learned absolute positions (max_position rows after the offset), no RoPE
+        opts = cfg.options
+        self.embed_positions = (empty_param(cfg.max_position + opts.position_offset, cfg.hidden_size,
+                                            dtype=dtype, device=device)
+                                if opts.position_table else None)
+        self.register_buffer("cos_sin_cache", None if opts.position_table
+                             else build_cos_sin_cache(cfg, device), persistent=False)
         self.tp: TPGroup | None = None  # tensor parallel: see attach_tensor_parallel
 
     def attach_tensor_parallel(self, tp: TPGroup) -> None:
@@ -99,6 +107,8 @@ class CausalLM(nn.Module):
                 f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}"
             )
         x = self.embed(input_ids)  # [T, hidden]
+        if self.embed_positions is not None:  # token + position, in transformers' order
+            x = x + F.embedding(positions + self.cfg.options.position_offset, self.embed_positions)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, kv_cache[i], meta, self.rope_table(i), lora)
@@ -108,8 +118,9 @@ class CausalLM(nn.Module):
         return x
 
     def rope_table(self, index: int) -> torch.Tensor | None:
-        """Layer ``index``'s cos/sin table; None: the layer applies no RoPE.
-        Families whose layers rotate differently (Gemma 3, SmolLM3) override this."""
+        """Layer ``index``'s cos/sin table; None: the layer applies no RoPE (every
+        layer of a family with learned positions). Families whose layers rotate
+        differently (Gemma 3, SmolLM3) override this."""
         return self.cos_sin_cache
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -141,6 +152,8 @@ class CausalLM(nn.Module):
     def weight_slots(self) -> dict[str, ShardSlot]:
         """Every checkpoint tensor this model needs, by its Hugging Face name."""
         slots = {"model.embed_tokens.weight": ShardSlot(self.embed_tokens)}
+        if self.embed_positions is not None:
+            slots[f"{self.cfg.options.position_table}.weight"] = ShardSlot(self.embed_positions)
         for i, layer in enumerate(self.layers):
             slots.update(layer.weight_slots(f"model.layers.{i}"))
         slots.update(norm_slots(self.cfg.options.final_norm_name, self.norm))
