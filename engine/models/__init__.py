@@ -8,12 +8,14 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
+from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.parallel.group import TPGroup
@@ -27,7 +29,8 @@ from splitserve.engine.parallel.group import TPGroup
 # Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
 # from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
 # with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
-# too, its checkpoint names mapped at load.
+# too, its checkpoint names mapped at load. GPT-2 and OPT take LayerNorm and the plain
+# MLP with a learned position table in place of RoPE, their checkpoint names mapped at load.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -50,6 +53,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phi": CausalLM,
     "stablelm": CausalLM,
     "gpt_neox": GPTNeoXCausalLM,
+    "gpt2": GPT2CausalLM,
+    "opt": OPTCausalLM,
 }
 
 
@@ -70,6 +75,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
-           "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]
+           "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]
