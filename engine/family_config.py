@@ -93,6 +93,13 @@ class FamilyOptions:
     position_offset: int = 0  # OPT's OPTLearnedPositionalEmbedding: position 0 is row 2
     # GPT-2 scale_attn_by_inverse_layer_idx: layer i's scores also divided by i + 1
     inverse_layer_attn_scale: bool = False
+    # OPT do_layer_norm_before false (OPT-350m): each block's norm after its residual add,
+    # x = norm(x + block(x)) (splitserve.engine.models.opt)
+    norm_after_block: bool = False
+    final_norm: bool = True  # False: no norm after the last layer (OPT-350m, _remove_final_layer_norm)
+    # OPT word_embed_proj_dim: token embeddings and LM head this wide, mapped to and from
+    # hidden_size by project_in / project_out (no bias); 0: hidden_size
+    embed_proj_dim: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

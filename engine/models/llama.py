@@ -47,7 +47,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         windows = cfg.layer_windows or (0,) * cfg.num_layers
         self.layers = nn.ModuleList(self.build_layer(i, w, dtype, device) for i, w in enumerate(windows))
-        self.norm = model_norm(cfg, cfg.hidden_size, dtype, device)
+        self.norm = model_norm(cfg, cfg.hidden_size, dtype, device) if cfg.options.final_norm else None
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -98,7 +98,7 @@ class CausalLM(nn.Module):
         on_layer_done: Callable[[int], None] | None = None,
         lora: LoraMeta | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm: [T, hidden]. Writes this step's
+        """Hidden states after the final norm (if any): [T, hidden]. Writes this step's
         keys/values into ``kv_cache`` at ``meta.slot_mapping``; calls
         ``on_layer_done(i)`` once layer i's keys/values are stored. ``lora``:
         each token's adapter slot (after ``enable_lora``); None: the base model."""
@@ -114,7 +114,10 @@ class CausalLM(nn.Module):
             x, residual = layer(positions, x, residual, kv_cache[i], meta, self.rope_table(i), lora)
             if on_layer_done is not None:
                 on_layer_done(i)
-        x, _ = self.norm(x, residual)
+        if self.norm is not None:
+            x, _ = self.norm(x, residual)
+        elif residual is not None:
+            x = x + residual
         return x
 
     def rope_table(self, index: int) -> torch.Tensor | None:
@@ -156,7 +159,8 @@ class CausalLM(nn.Module):
             slots[f"{self.cfg.options.position_table}.weight"] = ShardSlot(self.embed_positions)
         for i, layer in enumerate(self.layers):
             slots.update(layer.weight_slots(f"model.layers.{i}"))
-        slots.update(norm_slots(self.cfg.options.final_norm_name, self.norm))
+        if self.norm is not None:
+            slots.update(norm_slots(self.cfg.options.final_norm_name, self.norm))
         if self.lm_head is not None:
             slots["lm_head.weight"] = ShardSlot(self.lm_head)
         if self.lm_head_bias is not None:
