@@ -9,11 +9,12 @@ rows, position 0 being row 2), ``activation_function`` (``relu``),
 head. The model (``splitserve.engine.models.opt``) is the shared decoder
 with LayerNorm, the plain MLP and the learned position table.
 
-Refused, naming the option: ``do_layer_norm_before: false`` (OPT-350m's
-norms after each block), ``word_embed_proj_dim`` other than hidden_size
-(its project_in / project_out), ``layer_norm_elementwise_affine: false``
-(norms without weights), ``_remove_final_layer_norm``, and fp8 checkpoints
-(tensors are renamed at load).
+``do_layer_norm_before: false`` (OPT-350m: norms after each block's
+residual add, no final norm), ``_remove_final_layer_norm`` and a
+``word_embed_proj_dim`` other than hidden_size (embeddings projected in
+and out) are options of the model. Refused, naming the option:
+``layer_norm_elementwise_affine: false`` (norms without weights) and fp8
+checkpoints (tensors are renamed at load).
 """
 
 from __future__ import annotations
@@ -53,19 +54,16 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    if not cfg.get("do_layer_norm_before", True):
-        raise ValueError("do_layer_norm_before: false (OPT-350m's LayerNorm after each block) is not "
-                         "supported")
-    proj = cfg.get("word_embed_proj_dim")
-    if proj is not None and int(proj) != int(required(cfg, "hidden_size")):
-        raise ValueError(f"word_embed_proj_dim ({proj}) other than hidden_size "
-                         f"({cfg['hidden_size']}) (project_in / project_out) is not supported")
     if not cfg.get("layer_norm_elementwise_affine", True):
         raise ValueError("layer_norm_elementwise_affine: false (LayerNorm without weight and bias) "
                          "is not supported")
-    if cfg.get("_remove_final_layer_norm"):
-        raise ValueError("_remove_final_layer_norm (no final LayerNorm) is not supported")
     refuse_fp8_checkpoint(cfg, "OPT", "its tensors are renamed at load")
+    hidden = int(required(cfg, "hidden_size"))
+    proj = cfg.get("word_embed_proj_dim")  # None: hidden_size, as OPTConfig fills it
+    proj = hidden if proj is None else int(proj)
+    if proj <= 0:
+        raise ValueError(f"word_embed_proj_dim must be positive, got {proj}")
+    pre_norm = bool(cfg.get("do_layer_norm_before", True))
     return FamilyOptions(
         hidden_act=plain_activation(cfg, "opt", "relu"),
         layer_norm=True,
@@ -73,6 +71,10 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
         o_proj_name="out_proj",
         position_table="model.embed_positions",
         position_offset=POSITION_OFFSET,
+        norm_after_block=not pre_norm,
+        # OPTDecoder builds its final_layer_norm only before-block and not removed
+        final_norm=pre_norm and not cfg.get("_remove_final_layer_norm", False),
+        embed_proj_dim=0 if proj == hidden else proj,
     )
 
 

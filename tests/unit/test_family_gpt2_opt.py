@@ -1,8 +1,8 @@
 """GPT-2 and OPT: config.json translation (their own key names and
 transformers' defaults), the options they refuse, checkpoints of the bare
 base model (no ``transformer.`` / ``model.`` prefix), GPT-2's attention
-scale switches against transformers, and the learned position table's end
-as the engine's context limit. Token parity of the default variants is in
+scale switches and OPT-350m's layout against transformers, and the learned
+position table's end as the engine's context limit. Token parity of the default variants is in
 test_model_parity / test_engine_parity."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models import build_model
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, write_hf_checkpoint
+from tests.fixtures.checkpoints import COMMON, VARIANTS, hf_greedy, hf_model, write_hf_checkpoint
 from tests.unit.test_model_parity import ATOL, PROMPT, hf_logits, prompt_logits
 
 
@@ -63,9 +63,14 @@ def test_opt_config_keys_and_defaults():
     assert (opts.position_table, opts.position_offset) == ("model.embed_positions", 2)
     unbiased = ModelConfig.from_hf(opt_raw(enable_bias=False))
     assert not (unbiased.attention_bias or unbiased.o_proj_bias or unbiased.mlp_bias)
+    assert (opts.norm_after_block, opts.final_norm, opts.embed_proj_dim) == (False, True, 0)
     # 2 rows before position 0: the table has max_position + 2 rows
     model = build_model(cfg, torch.float32, "cpu")
     assert model.embed_positions.shape == (130, 64) and model.cos_sin_cache is None
+    # OPT-350m: norms after each block and no final one, 32-wide embeddings projected in and out
+    opts = ModelConfig.from_hf(opt_raw(do_layer_norm_before=False, word_embed_proj_dim=32)).options
+    assert (opts.norm_after_block, opts.final_norm, opts.embed_proj_dim) == (True, False, 32)
+    assert not ModelConfig.from_hf(opt_raw(_remove_final_layer_norm=True)).options.final_norm
 
 
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
@@ -76,10 +81,8 @@ QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
     (gpt2_raw(activation_function="quick_gelu"), "activation_function 'quick_gelu'"),
     (gpt2_raw(quantization_config=QUANT), "fp8 GPT-2 checkpoints are not supported"),
     (gpt2_raw(n_head=5), r"n_embd \(64\) must be a multiple of n_head \(5\)"),
-    (opt_raw(do_layer_norm_before=False), "do_layer_norm_before"),
-    (opt_raw(word_embed_proj_dim=32), r"word_embed_proj_dim \(32\)"),
+    (opt_raw(word_embed_proj_dim=-1), "word_embed_proj_dim must be positive"),
     (opt_raw(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine"),
-    (opt_raw(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
     (opt_raw(quantization_config=QUANT), "fp8 OPT checkpoints are not supported"),
 ])
 def test_unsupported_options_are_refused(raw, match):
@@ -119,6 +122,35 @@ def test_gpt2_attention_scale_switches_match_transformers(tmp_path, tiny_tokeniz
                                    {**COMMON, "vocab_size": vocab, **switches}, 40, {}, tiny_tokenizer_dir)
         model = load_model(load_checkpoint(path), torch.float32)
         torch.testing.assert_close(prompt_logits(model), hf_logits(hf_model(path), PROMPT), atol=ATOL, rtol=0)
+
+
+# over the opt variant: OPT-350m's norms after each block (no final norm) with 32-wide
+# embeddings and LM head projected to and from hidden_size; a removed final norm alone
+OPT_LAYOUTS = {
+    "post_norm_projected": {"do_layer_norm_before": False, "word_embed_proj_dim": 32},
+    "no_final_norm": {"_remove_final_layer_norm": True},
+}
+
+
+@pytest.mark.parametrize("layout", OPT_LAYOUTS)
+def test_opt_layouts_match_transformers(tmp_path, tiny_tokenizer_dir, tiny_checkpoints, layout):
+    vocab = load_checkpoint(tiny_checkpoints["opt"]).model_config.vocab_size
+    path = write_hf_checkpoint(tmp_path / layout, "OPTConfig",
+                               {**COMMON, "vocab_size": vocab, **VARIANTS["opt"][1], **OPT_LAYOUTS[layout]},
+                               41, {}, tiny_tokenizer_dir)
+    ref = hf_model(path)
+    model = load_model(load_checkpoint(path), torch.float32)
+    torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
+    # through the engine: chunked prefill, then the same prompts again from the prefix cache
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4,
+                                 max_num_batched_tokens=5, max_num_seqs=4))
+    prompts = [PROMPT, PROMPT[:9] + [3, 4], list(range(3, 40))]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = hf_greedy(ref, prompts, 6)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
+    h0 = eng.kv.pool.hits
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
+    assert eng.kv.pool.hits - h0 == len(prompts)  # each prompt's full blocks came from the cache
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt"])
