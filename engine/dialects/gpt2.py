@@ -38,6 +38,7 @@ def plain_activation(cfg: dict[str, Any], family: str, default: str) -> str:
 
 
 def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
+    """A ``ValueError`` for an fp8 checkpoint (a quantization_config) of ``family``."""
     if cfg.get("quantization_config") is not None:
         raise ValueError(f"quantization_config: fp8 {family} checkpoints are not supported ({why}); "
                          "serve the unquantized checkpoint, with weight_dtype fp8 if wanted")
