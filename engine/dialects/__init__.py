@@ -59,3 +59,9 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # family -> its dialect, one module each in this package (imported here, after
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
+
+from splitserve.engine.dialects import falcon  # noqa: E402
+from splitserve.engine.dialects import gptj  # noqa: E402
+
+DIALECTS["falcon"] = falcon.DIALECT
+DIALECTS["gptj"] = gptj.DIALECT

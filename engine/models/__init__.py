@@ -6,9 +6,11 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
+from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
@@ -27,7 +29,8 @@ from splitserve.engine.parallel.group import TPGroup
 # Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
 # from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
 # with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
-# too, its checkpoint names mapped at load.
+# too, its checkpoint names mapped at load; Falcon and GPT-J likewise, Falcon's
+# fused q/k/v split by KV group, GPT-J's q/k rows reordered for its interleaved RoPE.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -50,6 +53,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phi": CausalLM,
     "stablelm": CausalLM,
     "gpt_neox": GPTNeoXCausalLM,
+    "falcon": FalconCausalLM,
+    "gptj": GPTJCausalLM,
 }
 
 
@@ -72,4 +77,5 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 
 __all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
-           "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]
+           "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
+           "FalconCausalLM", "GPTJCausalLM"]
