@@ -19,6 +19,7 @@ from splitserve.engine.models.layers import LayerNorm
 from splitserve.engine.models.plain_blocks import ParallelDecoderLayer
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from tests.fixtures.checkpoints import COMMON, hf_model, write_hf_checkpoint
+from tests.unit.test_fp8_engine import LOGIT_REL_BOUND
 from tests.unit.test_model_parity import ATOL, PROMPT, greedy_tokens, hf_logits, prompt_logits
 
 
@@ -183,3 +184,14 @@ def test_gptj_refuses_lora(parity_models):
 def test_tensor_parallel_refused(cfg):
     with pytest.raises(TensorParallelConfigError, match="not split across ranks yet"):
         check(ModelConfig.from_hf(cfg), 2)
+
+
+@pytest.mark.parametrize("variant", ["falcon", "gptj"])
+def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models, variant):
+    # the projections of the split / reordered tensors, quantized once loaded
+    model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32, weight_dtype="fp8")
+    attn = model.layers[0].self_attn
+    assert attn.qkv_proj.weight.dtype == torch.float8_e4m3fn == model.layers[0].mlp.up_proj.weight.dtype
+    full, _ = parity_models(variant)
+    logits, ref = prompt_logits(model), prompt_logits(full)
+    assert 0 < ((logits - ref).norm() / ref.norm()).item() < LOGIT_REL_BOUND
