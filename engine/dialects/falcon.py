@@ -84,7 +84,6 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
         raise ValueError("quantization_config: fp8 falcon checkpoints are not supported "
                          "(query_key_value is split at load); serve the unquantized checkpoint, "
                          "with weight_dtype fp8 if wanted")
-    _shape(cfg)
     name = cfg.get("activation") or "gelu"
     if name not in _PLAIN_ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not supported for falcon; supported: "

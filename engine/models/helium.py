@@ -31,7 +31,8 @@ from splitserve.engine.models.lora_layers import LoraStack
 _ROTATED = ("q_proj", "k_proj")
 
 
-def deinterleave_heads(tensor: torch.Tensor, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+def deinterleave_heads(tensor: torch.Tensor, head_dim: int,
+                       rotary_dim: int | None = None) -> torch.Tensor:
     """Rows of a q/k projection (weight [H*D, in] or bias [H*D]) reordered
     within each head: dims 0, 2, 4, ... then 1, 3, 5, ... of its first
     ``rotary_dim`` dims (None: all of them, Helium), the rest kept in place

@@ -128,7 +128,8 @@ def test_falcon_loads_two_norms_and_refuses_lora(parity_models):
 
 def test_gptj_defaults_and_options():
     cfg = ModelConfig.from_hf(gptj(rope_theta=500.0))  # GPT-J's RoPE base is always 10000
-    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (64, 2, 4, 4, 16)
+    shape = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    assert shape == (64, 2, 4, 4, 16)
     assert cfg.intermediate_size == 256 and cfg.max_position == 2048 and cfg.rope_theta == 10000.0
     assert not (cfg.attention_bias or cfg.o_proj_bias) and cfg.mlp_bias and not cfg.tie_word_embeddings
     opts = cfg.options
