@@ -60,8 +60,11 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
 
-from splitserve.engine.dialects import gpt2  # noqa: E402
-from splitserve.engine.dialects import opt  # noqa: E402
+from splitserve.engine.dialects import falcon, gpt2, gptj, opt  # noqa: E402
 
-DIALECTS["gpt2"] = gpt2.DIALECT
-DIALECTS["opt"] = opt.DIALECT
+DIALECTS.update({
+    "gpt2": gpt2.DIALECT,
+    "opt": opt.DIALECT,
+    "falcon": falcon.DIALECT,
+    "gptj": gptj.DIALECT,
+})

@@ -6,10 +6,12 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
+from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
@@ -29,8 +31,10 @@ from splitserve.engine.parallel.group import TPGroup
 # Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
 # from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
 # with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
-# too, its checkpoint names mapped at load. GPT-2 and OPT take LayerNorm and the plain
-# MLP with a learned position table in place of RoPE, their checkpoint names mapped at load.
+# too, its checkpoint names mapped at load; Falcon and GPT-J likewise, Falcon's
+# fused q/k/v split by KV group, GPT-J's q/k rows reordered for its interleaved RoPE.
+# GPT-2 and OPT take LayerNorm and the plain MLP with a learned position table in
+# place of RoPE, their checkpoint names mapped at load.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -55,6 +59,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "gpt_neox": GPTNeoXCausalLM,
     "gpt2": GPT2CausalLM,
     "opt": OPTCausalLM,
+    "falcon": FalconCausalLM,
+    "gptj": GPTJCausalLM,
 }
 
 
@@ -77,4 +83,5 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 
 __all__ = ["CausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
-           "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]
+           "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
+           "FalconCausalLM", "GPTJCausalLM"]

@@ -31,12 +31,18 @@ from splitserve.engine.models.lora_layers import LoraStack
 _ROTATED = ("q_proj", "k_proj")
 
 
-def deinterleave_heads(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+def deinterleave_heads(tensor: torch.Tensor, head_dim: int,
+                       rotary_dim: int | None = None) -> torch.Tensor:
     """Rows of a q/k projection (weight [H*D, in] or bias [H*D]) reordered
-    within each head: dims 0, 2, 4, ... then 1, 3, 5, ..."""
-    rows = tensor.shape[0]
-    heads = tensor.reshape(rows // head_dim, head_dim // 2, 2, *tensor.shape[1:])
-    return heads.transpose(1, 2).reshape(tensor.shape)
+    within each head: dims 0, 2, 4, ... then 1, 3, 5, ... of its first
+    ``rotary_dim`` dims (None: all of them, Helium), the rest kept in place
+    after them (GPT-J's partial rotary)."""
+    rot = rotary_dim or head_dim
+    rest = tensor.shape[1:]
+    heads = tensor.reshape(tensor.shape[0] // head_dim, head_dim, *rest)
+    turned = heads[:, :rot].reshape(heads.shape[0], rot // 2, 2, *rest).transpose(1, 2)
+    turned = turned.reshape(heads.shape[0], rot, *rest)
+    return torch.cat([turned, heads[:, rot:]], dim=1).reshape(tensor.shape)
 
 
 class HeliumCausalLM(CausalLM):

@@ -49,9 +49,8 @@ def check(cfg: ModelConfig, size: int) -> None:
         problems.append("its q_norm/k_norm (OLMo 2) normalise across all heads at once, which "
                         "are not split across ranks (serve it at tensor_parallel_size 1)")
     if cfg.options.layer_norm:
-        problems.append("its LayerNorm / ungated-MLP / parallel-residual layers (StarCoder2, Phi, "
-                        "StableLM, GPT-NeoX) are not split across ranks yet (serve it at "
-                        "tensor_parallel_size 1)")
+        problems.append(f"its LayerNorm / ungated-MLP / parallel-residual layers ({cfg.architecture}) "
+                        "are not split across ranks yet (serve it at tensor_parallel_size 1)")
     if cfg.options.position_table:
         problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
                         "(serve it at tensor_parallel_size 1)")

@@ -26,12 +26,17 @@ MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 # Ministral (a window on layer 0), Seed-OSS, Helium (q/k rows reordered at load),
 # StarCoder2 (LayerNorm, plain MLP, windows), Phi (parallel residual, partial RoPE),
 # StableLM (LayerNorm, partial RoPE; its parallel residual: test_model_parity), GPT-NeoX
-# (fused per-head q/k/v split at load, the parallel residual with two norms), GPT-2 and OPT
-# (learned positions, no RoPE): the fast set runs each through chunked prefill with prefix-cache
-# hits in one engine (test_chunked_prefill_with_prefix_hits), the matrix is slow.
-COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox",
-                     "gpt2", "opt"]
-ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
+# (fused per-head q/k/v split at load, the parallel residual with two norms): the fast set
+# runs each through chunked prefill with prefix-cache hits in one engine
+# (test_chunked_prefill_with_prefix_hits), the matrix is slow.
+COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox"]
+# The families of splitserve.engine.dialects: GPT-2 and OPT (learned positions, no RoPE),
+# Falcon (q/k/v split by KV group: GQA, and one KV head with falcon_mq), GPT-J (partial
+# interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
+# preemption and hand-off paths run no code of theirs that chunked prefill with prefix hits
+# leaves out (the live hand-off: tests/integration/test_family_handoff.py).
+DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj"]
+ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + DIALECT_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
 
@@ -73,7 +78,7 @@ def test_one_at_a_time_and_batched(family):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("family", COMBINED_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES, indirect=True)
 def test_chunked_prefill_with_prefix_hits(family):
     path, prompts, want = family
     eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)

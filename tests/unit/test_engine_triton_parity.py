@@ -21,8 +21,10 @@ pytest.importorskip("triton")
 # reordered for the rotate-half kernel; starcoder2: LayerNorm and the plain MLP (torch ops)
 # between kernels, a window of 8; phi: the parallel residual, half of each head rotated.
 # Ministral (per-layer windows, as qwen2_window), Seed-OSS (biases, as llama_bias), StableLM
-# and GPT-NeoX (the parallel residual and partial rotary, as phi) run no kernel differently:
-# the interpreter's 3-5 s each would test the same calls again, so they are left out.
+# and GPT-NeoX (the parallel residual and partial rotary, as phi), Falcon (q/k/v split at
+# load, grouped KV heads) and GPT-J (partial rotary as phi, its q/k rows reordered as helium's)
+# run no kernel differently: the interpreter's 3-5 s each would test the same calls again, so
+# they are left out.
 SLOW = pytest.mark.slow
 
 
