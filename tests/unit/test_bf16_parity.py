@@ -31,8 +31,10 @@ from tests.unit.test_model_parity import IDENTITY_TABLE, PROMPT, new_cache, run,
 FAMILIES = ("llama", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "smollm3")
 # max |logit difference| over the prompt's last token and each decode step;
 # measured on these checkpoints (Gemma 3 0.105, Gemma 2 0.08, the others
-# 0.066 at most, Granite 0.02: its logits are divided by logits_scaling = 2.5)
-LOGIT_BOUND = {"gemma2": 0.1, "gemma3": 0.125, "granite": 0.025, "default": 0.08}
+# 0.066 at most, Granite 0.02: its logits are divided by logits_scaling = 2.5).
+# transformers' bf16 attention rounds differently by CPU: on a host with
+# AVX512-BF16 (no AMX) Gemma reached 0.082, hence its own bound
+LOGIT_BOUND = {"gemma": 0.1, "gemma2": 0.1, "gemma3": 0.125, "granite": 0.025, "default": 0.08}
 DECODE_STEPS = 16
 
 

@@ -126,7 +126,8 @@ def test_repetitions_multiply_along_the_heaviest_chain_only():
 def test_the_realistic_grammar_costs_little_per_mask():
     """Measured on the default model's tokenizer: what the bound now accepts
     costs well under a millisecond per mask (an unrolled ``a{10000}`` about
-    7 ms there)."""
+    7 ms there). Counted in this thread's CPU time, which other processes on
+    a loaded host do not inflate (wall time reached 33 ms there)."""
     import time
 
     import llguidance as llg
@@ -143,8 +144,8 @@ def test_the_realistic_grammar_costs_little_per_mask():
     text = "let my_list = [" + "".join(f"{i}," for i in range(60)) + "]"
     worst = 0.0
     for t in tok.encode(text, add_special_tokens=False).ids:
-        start = time.perf_counter()
+        start = time.thread_time()
         m.compute_bitmask()
-        worst = max(worst, time.perf_counter() - start)
+        worst = max(worst, time.thread_time() - start)
         assert m.consume_token(t), m.get_error()
     assert worst < 0.02, worst
