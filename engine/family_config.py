@@ -86,6 +86,9 @@ class FamilyOptions:
     parallel_mlp_norm: bool = False
     final_norm_name: str = "model.norm"  # Phi: model.final_layernorm
     lm_head_bias: bool = False  # Phi: the vocabulary projection has a bias
+    # OLMoE clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after the q/k norms,
+    # before RoPE; None: no clamp
+    clip_qkv: float | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

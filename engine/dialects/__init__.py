@@ -59,3 +59,10 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # family -> its dialect, one module each in this package (imported here, after
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
+from splitserve.engine.dialects import olmoe  # noqa: E402
+
+DIALECTS["olmoe"] = olmoe.DIALECT
+from splitserve.engine.dialects import granitemoe  # noqa: E402
+
+DIALECTS["granitemoe"] = granitemoe.DIALECT
+DIALECTS["granitemoeshared"] = granitemoe.SHARED_DIALECT

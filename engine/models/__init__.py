@@ -10,6 +10,7 @@ from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
+from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -50,6 +51,11 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phi": CausalLM,
     "stablelm": CausalLM,
     "gpt_neox": GPTNeoXCausalLM,
+    # OLMoE: the MoE decoder with OLMo 2's all-head q/k norms and clip_qkv (FamilyOptions);
+    # GraniteMoE(Shared): Granite's scalars, fused experts split at load
+    "olmoe": MoECausalLM,
+    "granitemoe": GraniteMoeCausalLM,
+    "granitemoeshared": GraniteMoeCausalLM,
 }
 
 
@@ -70,6 +76,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "GraniteMoeCausalLM",
+           "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

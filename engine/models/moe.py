@@ -57,6 +57,11 @@ CHECKPOINT_NAMES = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # their fused input_linear / output_linear split into these at load
+    # (splitserve.engine.models.granitemoe)
+    "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
+    "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
