@@ -97,8 +97,10 @@ class GraniteMoeCausalLM(GraniteCausalLM):
                 yield f"{prefix}.down_proj.weight", t
 
     def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        shared = self.layers[0].shared_mlp is not None  # else shared_mlp tensors stay unexpected
         for name, tensor in weights:
-            if name.endswith((".input_linear.weight", ".output_linear.weight")):
+            if name.endswith((".input_linear.weight", ".output_linear.weight")) and (
+                    shared or ".shared_mlp." not in name):
                 yield from self.split(name, tensor)
             elif name.endswith(f".{_MOE}.router.layer.weight"):
                 yield name.replace(".router.layer.", ".gate."), tensor

@@ -9,14 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.config import ModelConfig
+from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.lora.adapter import AdapterError, parse_adapter_config
 from splitserve.engine.lora.layout import adapter_layout
 from splitserve.engine.models import GraniteMoeCausalLM
 from splitserve.engine.models.moe import SparseMoeBlock
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy
 from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
 
 
@@ -129,3 +132,27 @@ def test_granitemoe_layers_and_split(parity_models, tiny_checkpoints):
     fresh = GraniteMoeCausalLM(ck.model_config, torch.float32, "cpu")
     with pytest.raises(CheckpointError, match=bad.replace(".", r"\.") + ".*expected shape \\[4, 256, 64\\]"):
         fresh.load_weights(tensors.items())
+    # a shared MLP in a checkpoint whose config.json has none is named as stored
+    tensors = load_file(str(ck.weight_files[0]))
+    tensors["model.layers.0.shared_mlp.input_linear.weight"] = torch.zeros(96, 64)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.shared_mlp.input_linear"):
+        GraniteMoeCausalLM(ck.model_config, torch.float32, "cpu").load_weights(tensors.items())
+
+
+@pytest.mark.slow
+def test_granitemoeshared_tp2_greedy_parity(tiny_checkpoints, parity_models):
+    # experts, shared MLP and Granite's scalars split over two ranks (one spawned over
+    # gloo), chunked prefill and prefix-cache hits: transformers' greedy tokens
+    _, ref = parity_models("granitemoeshared")
+    prompts = [list(range(20, 37)), [5, 9, 13]]
+    want = hf_greedy(ref, prompts, 4)
+    eng = LLMEngine(EngineConfig(model=str(tiny_checkpoints["granitemoeshared"]), num_blocks=32,
+                                 block_size=4, max_num_batched_tokens=8, tensor_parallel_size=2))
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert [r.token_ids for r in eng.generate(prompts, params)] == want
+        assert eng.generate(prompts[:1], params)[0].token_ids == want[0]
+        layer = eng.runner.model.layers[0]
+        assert layer.mlp.w_down.shape[2] == 64 and layer.shared_mlp.intermediate == 24
+    finally:
+        eng.close()
