@@ -34,6 +34,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
 @pytest.mark.parametrize("variant, kv", [
     ("mistral_window", "auto"), ("qwen2_window", "auto"), ("gemma3", "auto"),
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
+    ("olmoe", "auto"),
     ("gemma3", "fp8"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
