@@ -1,4 +1,5 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+(GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
