@@ -41,6 +41,8 @@ def _llama_keys(cfg: dict[str, Any], shared: bool) -> dict[str, Any]:
                          "fp8 if wanted")
     return {
         **without_window_keys(cfg),
+        "qk_norm": False,
+        "attention_out_bias": bool(cfg.get("attention_bias", False)),  # o_proj's, as q/k/v's
         "mlp_bias": False,
         "num_experts": int(cfg.get("num_local_experts") or 8),
         "num_experts_per_tok": int(cfg.get("num_experts_per_tok") or 2),

@@ -35,6 +35,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
         **without_window_keys(cfg),
         "rms_norm_eps": cfg.get("rms_norm_eps") or 1e-5,
         "qk_norm": True,
+        "attention_out_bias": bool(cfg.get("attention_bias", False)),  # o_proj's, as q/k/v's
         "mlp_bias": False,
         "num_experts": int(cfg.get("num_experts") or 64),
         "num_experts_per_tok": int(cfg.get("num_experts_per_tok") or 8),

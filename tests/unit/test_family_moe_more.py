@@ -50,10 +50,12 @@ def test_granitemoe_defaults_and_multipliers():
     assert m.moe.renormalize and m.options.attn_scale == 1.0 and m.options.embed_scale == 1.0
     m = ModelConfig.from_hf(raw("GraniteMoeForCausalLM", num_local_experts=4, embedding_multiplier=12,
                                 attention_multiplier=0.015625, residual_multiplier=0.22,
-                                logits_scaling=6, attention_bias=True))
+                                logits_scaling=6, attention_bias=True, qk_norm=True,
+                                attention_out_bias=False))  # keys GraniteMoE never reads
     o = m.options
     assert (o.embed_scale, o.attn_scale, o.residual_scale, o.logits_divisor) == (12, 0.015625, 0.22, 6)
     assert m.moe.num_experts == 4 and m.attention_bias and m.o_proj_bias and not m.mlp_bias
+    assert not m.qk_norm
 
 
 def test_granitemoeshared_reads_the_shared_mlp_size():
