@@ -76,7 +76,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "GraniteMoeCausalLM",
-           "HeliumCausalLM",
+__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

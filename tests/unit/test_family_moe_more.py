@@ -15,7 +15,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.lora.adapter import AdapterError, parse_adapter_config
 from splitserve.engine.lora.layout import adapter_layout
-from splitserve.engine.models import GraniteMoeCausalLM
+from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.moe import SparseMoeBlock
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
