@@ -71,7 +71,8 @@ _DEFAULT_TIED = {"starcoder2": True}
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE).
+    """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
+    GraniteMoE).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to

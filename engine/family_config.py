@@ -100,6 +100,9 @@ class FamilyOptions:
     # OPT word_embed_proj_dim: token embeddings and LM head this wide, mapped to and from
     # hidden_size by project_in / project_out (no bias); 0: hidden_size
     embed_proj_dim: int = 0
+    # OLMoE clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after the q/k norms,
+    # before RoPE; None: no clamp
+    clip_qkv: float | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -60,11 +60,14 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
 
-from splitserve.engine.dialects import falcon, gpt2, gptj, opt  # noqa: E402
+from splitserve.engine.dialects import falcon, gpt2, gptj, granitemoe, olmoe, opt  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
     "opt": opt.DIALECT,
     "falcon": falcon.DIALECT,
     "gptj": gptj.DIALECT,
+    "olmoe": olmoe.DIALECT,
+    "granitemoe": granitemoe.DIALECT,
+    "granitemoeshared": granitemoe.SHARED_DIALECT,
 })

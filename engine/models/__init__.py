@@ -13,6 +13,7 @@ from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
+from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -61,6 +62,11 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "opt": OPTCausalLM,
     "falcon": FalconCausalLM,
     "gptj": GPTJCausalLM,
+    # OLMoE: the MoE decoder with OLMo 2's all-head q/k norms and clip_qkv (FamilyOptions);
+    # GraniteMoE(Shared): Granite's scalars, fused experts split at load
+    "olmoe": MoECausalLM,
+    "granitemoe": GraniteMoeCausalLM,
+    "granitemoeshared": GraniteMoeCausalLM,
 }
 
 

@@ -14,6 +14,7 @@ Biases follow ``attention_bias`` (q/k/v and o_proj) and ``mlp_bias`` as in Llama
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.models.decoder_layer import DecoderLayer
@@ -27,8 +28,8 @@ class GraniteDecoderLayer(DecoderLayer):
     add itself stays fused into the next norm)."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
-                 prefix: str = ""):
-        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
+                 prefix: str = "", mlp: nn.Module | None = None, mlp_name: str = "mlp"):
+        super().__init__(cfg, dtype, device, sliding_window, mlp=mlp, mlp_name=mlp_name, prefix=prefix)
         self.residual_scale = cfg.options.residual_scale
 
     def forward(

@@ -270,6 +270,7 @@ class Attention(nn.Module):
         q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
         self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
+        self.clip_qkv = opts.clip_qkv  # OLMoE
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -309,6 +310,9 @@ class Attention(nn.Module):
             rows = t if self.full_qk_norm else -1
             q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
             k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
+        if self.clip_qkv is not None:  # OLMoE: after the q/k norms, before RoPE and the cache
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if cos_sin_cache is not None:
             q, k = apply_rotary(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,

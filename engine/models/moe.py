@@ -1,4 +1,5 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+(GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
@@ -57,6 +58,11 @@ CHECKPOINT_NAMES = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # their fused input_linear / output_linear split into these at load
+    # (splitserve.engine.models.granitemoe)
+    "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
+    "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
