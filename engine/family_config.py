@@ -86,6 +86,15 @@ class FamilyOptions:
     parallel_mlp_norm: bool = False
     final_norm_name: str = "model.norm"  # Phi: model.final_layernorm
     lm_head_bias: bool = False  # Phi: the vocabulary projection has a bias
+    # LayerNorm computed in float32, no bias, rounded once to the model dtype:
+    # "weight" (Cohere's CohereLayerNorm) or "none", no parameters (OLMo's OlmoLayerNorm);
+    # "": the norm ``layer_norm`` says
+    float_layer_norm: str = ""
+    clip_qkv: float | None = None  # OLMo clip_qkv: q, k and v projections clamped to [-c, c]
+    logit_scale: float = 1.0  # Cohere logit_scale: the output logits multiplied by it
+    # Cohere use_qk_norm: q and k LayerNorm-ed per head before RoPE, each head its own
+    # weight ([heads, head_dim]; splitserve.engine.models.cohere)
+    head_qk_layer_norm: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
