@@ -59,3 +59,9 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # family -> its dialect, one module each in this package (imported here, after
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
+
+from splitserve.engine.dialects import cohere  # noqa: E402
+from splitserve.engine.dialects import olmo  # noqa: E402
+
+DIALECTS["cohere"] = cohere.DIALECT
+DIALECTS["olmo"] = olmo.DIALECT

@@ -6,6 +6,7 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
@@ -27,7 +28,9 @@ from splitserve.engine.parallel.group import TPGroup
 # Helium's reorder q/k rows for its interleaved RoPE. Ministral and Seed-OSS differ
 # from Llama in config.json only; StarCoder2, Phi and StableLM take the dense decoder
 # with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
-# too, its checkpoint names mapped at load.
+# too, its checkpoint names mapped at load. Cohere's take the parallel residual with
+# float32 LayerNorms, Helium's q/k reordering and scaled logits; OLMo's the dense
+# decoder with parameterless LayerNorms and clamped q/k/v (FamilyOptions).
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -50,6 +53,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phi": CausalLM,
     "stablelm": CausalLM,
     "gpt_neox": GPTNeoXCausalLM,
+    "cohere": CohereCausalLM,
+    "olmo": CausalLM,
 }
 
 
@@ -70,6 +75,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "CohereCausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]
