@@ -12,7 +12,8 @@ max_window_layers; Gemma 3, whose sliding layers have their own RoPE
 base), LongRoPE on half of each head with a window (Phi-3), layers
 without RoPE (SmolLM3), LayerNorm blocks with a window on every layer
 (StarCoder2), a mixture of experts with a shared expert
-(Qwen2-MoE), and an fp8 KV cache (Gemma 3 again, against the engine
+(Qwen2-MoE), keys cached with their rows reordered for interleaved RoPE
+(Cohere), and an fp8 KV cache (Gemma 3 again, against the engine
 itself: fp8 changes the numbers)."""
 
 import asyncio
@@ -34,7 +35,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
 @pytest.mark.parametrize("variant, kv", [
     ("mistral_window", "auto"), ("qwen2_window", "auto"), ("gemma3", "auto"),
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
-    ("gemma3", "fp8"),
+    ("gemma3", "fp8"), ("cohere", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]

@@ -26,9 +26,12 @@ MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 # Ministral (a window on layer 0), Seed-OSS, Helium (q/k rows reordered at load),
 # StarCoder2 (LayerNorm, plain MLP, windows), Phi (parallel residual, partial RoPE),
 # StableLM (LayerNorm, partial RoPE; its parallel residual: test_model_parity), GPT-NeoX
-# (fused per-head q/k/v split at load, the parallel residual with two norms): the fast set runs each through chunked prefill with prefix-cache
+# (fused per-head q/k/v split at load, the parallel residual with two norms), Cohere
+# (float32 LayerNorms, interleaved RoPE, per-head q/k norms, scaled logits), OLMo
+# (parameterless LayerNorms, clamped q/k/v): the fast set runs each through chunked prefill with prefix-cache
 # hits in one engine (test_chunked_prefill_with_prefix_hits), the matrix is slow.
-COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox"]
+COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox",
+                     "cohere_qk_norm", "olmo"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
