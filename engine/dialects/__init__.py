@@ -62,6 +62,8 @@ DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import cohere  # noqa: E402
 from splitserve.engine.dialects import olmo  # noqa: E402
+from splitserve.engine.dialects import glm  # noqa: E402
 
 DIALECTS["cohere"] = cohere.DIALECT
 DIALECTS["olmo"] = olmo.DIALECT
+DIALECTS["glm"] = glm.DIALECT

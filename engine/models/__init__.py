@@ -9,6 +9,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
@@ -30,7 +31,8 @@ from splitserve.engine.parallel.group import TPGroup
 # with LayerNorm, the plain MLP and the parallel residual (FamilyOptions), GPT-NeoX
 # too, its checkpoint names mapped at load. Cohere's take the parallel residual with
 # float32 LayerNorms, Helium's q/k reordering and scaled logits; OLMo's the dense
-# decoder with parameterless LayerNorms and clamped q/k/v (FamilyOptions).
+# decoder with parameterless LayerNorms and clamped q/k/v (FamilyOptions). GLM's split
+# Phi-3's fused gate_up_proj and reorder the rotated part of each q/k head's rows.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -55,6 +57,7 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "gpt_neox": GPTNeoXCausalLM,
     "cohere": CohereCausalLM,
     "olmo": CausalLM,
+    "glm": GlmCausalLM,
 }
 
 
@@ -75,6 +78,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "CohereCausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "CohereCausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GlmCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model"]

@@ -28,10 +28,11 @@ MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 # StableLM (LayerNorm, partial RoPE; its parallel residual: test_model_parity), GPT-NeoX
 # (fused per-head q/k/v split at load, the parallel residual with two norms), Cohere
 # (float32 LayerNorms, interleaved RoPE, per-head q/k norms, scaled logits), OLMo
-# (parameterless LayerNorms, clamped q/k/v): the fast set runs each through chunked prefill with prefix-cache
+# (parameterless LayerNorms, clamped q/k/v), GLM (fused gate_up_proj split at load,
+# half of each head rotated in adjacent pairs): the fast set runs each through chunked prefill with prefix-cache
 # hits in one engine (test_chunked_prefill_with_prefix_hits), the matrix is slow.
 COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox",
-                     "cohere_qk_norm", "olmo"]
+                     "cohere_qk_norm", "olmo", "glm"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]

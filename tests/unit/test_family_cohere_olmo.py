@@ -1,8 +1,8 @@
-"""config.json parsing of the Cohere (Command-R) and OLMo (1) families: the
-defaults transformers' config classes fill in, the options read, the norms
-against transformers' own classes, and a clear CheckpointError for what the
-engine does not support. Token parity is in test_model_parity /
-test_engine_parity (variants cohere, cohere_qk_norm, olmo) and, at
+"""config.json parsing of the Cohere (Command-R), OLMo (1) and GLM families:
+the defaults transformers' config classes fill in, the options read, the
+norms against transformers' own classes, and a clear CheckpointError for
+what the engine does not support. Token parity is in test_model_parity /
+test_engine_parity (variants cohere, cohere_qk_norm, olmo, glm) and, at
 tensor_parallel_size 2, test_tp_engine."""
 
 from __future__ import annotations
@@ -60,12 +60,31 @@ def test_olmo_defaults():
     assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, True, False)
 
 
+def test_glm_defaults():
+    cfg = ModelConfig.from_hf(raw("GlmForCausalLM", num_key_value_heads=None))
+    # no head_dim key: 128, half of it rotating; no num_key_value_heads value: all heads
+    assert cfg.family == "glm" and cfg.head_dim == 128 and cfg.options.rotary_dim == 64
+    assert cfg.rms_norm_eps == 1.5625e-7 and not cfg.tie_word_embeddings
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, False, False)
+    assert cfg.eos_token_ids == (151329, 151336, 151338) and cfg.options.interleaved_rope
+    nested = raw("GlmForCausalLM", head_dim=16, attention_bias=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25})
+    del nested["num_key_value_heads"]  # transformers' default: 2
+    cfg = ModelConfig.from_hf(nested)
+    assert (cfg.options.rotary_dim, cfg.rope_theta, cfg.attention_bias, cfg.num_kv_heads) == (4, 500.0, False, 2)
+    full = ModelConfig.from_hf(raw("GlmForCausalLM", head_dim=16, partial_rotary_factor=1.0))
+    assert full.options.rotary_dim is None
+
+
 @pytest.mark.parametrize("arch, extra, match", [
     ("CohereForCausalLM", {"logit_scale": 0}, "logit_scale must be a positive number"),
     ("CohereForCausalLM", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ("CohereForCausalLM", {"hidden_act": "relu"}, "activation 'relu' is not supported for cohere"),
     ("CohereForCausalLM", {"quantization_config": {"quant_method": "fp8"}},
      "fp8 CohereForCausalLM checkpoints are not supported"),
+    ("GlmForCausalLM", {"head_dim": 16, "partial_rotary_factor": 0.1}, "gives 1 rotated dims of 16"),
+    ("GlmForCausalLM", {"quantization_config": {"quant_method": "fp8"}},
+     "fp8 GlmForCausalLM checkpoints are not supported"),
     ("OlmoForCausalLM", {"clip_qkv": -1}, "clip_qkv must be a positive number"),
     ("OlmoForCausalLM", {"hidden_act": "gelu"}, "activation 'gelu' is not supported for olmo"),
 ])
@@ -110,7 +129,8 @@ def test_olmo_variant_clip_binds(tiny_checkpoints):
             assert (out > clip).any() and (out < clip).any()
 
 
-def test_cohere_refuses_lora(tiny_checkpoints):
-    model = load_model(load_checkpoint(tiny_checkpoints["cohere_qk_norm"]), torch.float32)
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Cohere"):
+@pytest.mark.parametrize("variant, name", [("cohere_qk_norm", "Cohere"), ("glm", "GLM")])
+def test_lora_is_refused(tiny_checkpoints, variant, name):
+    model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32)
+    with pytest.raises(CheckpointError, match=f"LoRA adapters are not supported for {name}"):
         model.enable_lora(2, 4)
