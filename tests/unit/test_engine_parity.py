@@ -32,9 +32,10 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 # Cohere (float32 LayerNorms, interleaved RoPE as Helium's, per-head q/k norms, scaled
 # logits), OLMo (parameterless LayerNorms, clamped q/k/v), GLM (fused gate_up_proj split
 # at load, half of each head rotated in adjacent pairs): their KV cache layout is one the
-# matrix already covers, so they run the fast set only.
-FAST_ONLY_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
-ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + FAST_ONLY_FAMILIES
+# matrix already covers, so they run test_chunked_prefill_with_prefix_hits only (batched,
+# chunked, with prefix-cache hits, in one engine).
+PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
+ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
 
@@ -76,7 +77,7 @@ def test_one_at_a_time_and_batched(family):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("family", COMBINED_FAMILIES + FAST_ONLY_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", COMBINED_FAMILIES + PREFIX_HIT_FAMILIES, indirect=True)
 def test_chunked_prefill_with_prefix_hits(family):
     path, prompts, want = family
     eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)
