@@ -100,9 +100,17 @@ class FamilyOptions:
     # OPT word_embed_proj_dim: token embeddings and LM head this wide, mapped to and from
     # hidden_size by project_in / project_out (no bias); 0: hidden_size
     embed_proj_dim: int = 0
-    # OLMoE clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after the q/k norms,
-    # before RoPE; None: no clamp
+    # OLMo, OLMoE clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after the q/k
+    # norms (OLMoE), before RoPE; None: no clamp
     clip_qkv: float | None = None
+    # LayerNorm computed in float32, no bias, rounded once to the model dtype:
+    # "weight" (Cohere's CohereLayerNorm) or "none", no parameters (OLMo's OlmoLayerNorm);
+    # "": the norm ``layer_norm`` says
+    float_layer_norm: str = ""
+    logit_scale: float = 1.0  # Cohere logit_scale: the output logits multiplied by it
+    # Cohere use_qk_norm: q and k LayerNorm-ed per head before RoPE, each head its own
+    # weight ([heads, head_dim]; splitserve.engine.models.cohere)
+    head_qk_layer_norm: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

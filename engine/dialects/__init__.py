@@ -60,7 +60,7 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
 
-from splitserve.engine.dialects import falcon, gpt2, gptj, granitemoe, olmoe, opt  # noqa: E402
+from splitserve.engine.dialects import cohere, falcon, glm, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -70,4 +70,7 @@ DIALECTS.update({
     "olmoe": olmoe.DIALECT,
     "granitemoe": granitemoe.DIALECT,
     "granitemoeshared": granitemoe.SHARED_DIALECT,
+    "cohere": cohere.DIALECT,
+    "olmo": olmo.DIALECT,
+    "glm": glm.DIALECT,
 })

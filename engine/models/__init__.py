@@ -6,9 +6,11 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
@@ -36,6 +38,10 @@ from splitserve.engine.parallel.group import TPGroup
 # fused q/k/v split by KV group, GPT-J's q/k rows reordered for its interleaved RoPE.
 # GPT-2 and OPT take LayerNorm and the plain MLP with a learned position table in
 # place of RoPE, their checkpoint names mapped at load.
+# Cohere's take the parallel residual with float32 LayerNorms, Helium's q/k
+# reordering and scaled logits; OLMo's the dense decoder with parameterless
+# LayerNorms and clamped q/k/v (FamilyOptions). GLM's split Phi-3's fused
+# gate_up_proj and reorder the rotated part of each q/k head's rows.
 MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "llama": CausalLM,
     "mistral": CausalLM,
@@ -67,6 +73,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "olmoe": MoECausalLM,
     "granitemoe": GraniteMoeCausalLM,
     "granitemoeshared": GraniteMoeCausalLM,
+    "cohere": CohereCausalLM,
+    "olmo": CausalLM,
+    "glm": GlmCausalLM,
 }
 
 
@@ -87,7 +96,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+__all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM",
+           "GlmCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM"]

@@ -21,12 +21,14 @@ class DecoderLayer(nn.Module):
     name in checkpoints (``model.layers.3``), which says which of its
     tensors an fp8 checkpoint stores in fp8."""
 
+    attention_class: type[Attention] = Attention  # families whose attention differs (Cohere) override it
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp",
                  prefix: str = ""):
         super().__init__()
         self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
-        self.self_attn = Attention(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
+        self.self_attn = self.attention_class(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name

@@ -26,6 +26,7 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
+from splitserve.engine.models.float_layer_norm import FloatLayerNorm
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import apply_rotary
 from splitserve.kernels import ops
@@ -154,25 +155,26 @@ class LayerNorm(nn.Module):
 
 
 def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype,
-               device: torch.device | str) -> RMSNorm | LayerNorm:
+               device: torch.device | str) -> RMSNorm | LayerNorm | FloatLayerNorm:
     """An RMSNorm of ``dim`` rounding as ``cfg``'s family does (a LayerNorm
-    for the families with ``FamilyOptions.layer_norm``). Gemma's
+    for the families with ``FamilyOptions.layer_norm``, a float32 one for
+    those with ``float_layer_norm``). Gemma's
     ``1 + weight`` is kept in float32: transformers sums it in float32 for
     the product, and a 16-bit copy would round it (1 + w near 1 keeps only
     8 bits of w in bf16)."""
     opts = cfg.options
+    if opts.float_layer_norm:
+        return FloatLayerNorm((dim,), cfg.rms_norm_eps, dtype, device, weight=opts.float_layer_norm == "weight")
     if opts.layer_norm:
         return LayerNorm(dim, cfg.rms_norm_eps, dtype, device)
     weight_dtype = torch.float32 if opts.norm_plus_one else dtype
     return RMSNorm(dim, cfg.rms_norm_eps, weight_dtype, device, fp32_product=opts.norm_fp32_product)
 
 
-def norm_slots(prefix: str, norm: RMSNorm | LayerNorm) -> dict[str, ShardSlot]:
-    """A norm's checkpoint tensors: ``prefix.weight`` and, for a LayerNorm, ``prefix.bias``."""
-    slots = {f"{prefix}.weight": ShardSlot(norm.weight)}
-    if isinstance(norm, LayerNorm):
-        slots[f"{prefix}.bias"] = ShardSlot(norm.bias)
-    return slots
+def norm_slots(prefix: str, norm: RMSNorm | LayerNorm | FloatLayerNorm) -> dict[str, ShardSlot]:
+    """A norm's checkpoint tensors: ``prefix.weight`` and ``prefix.bias``, those it has."""
+    return {f"{prefix}.{kind}": ShardSlot(param) for kind in ("weight", "bias")
+            if (param := getattr(norm, kind, None)) is not None}
 
 
 class Linear(nn.Module):
@@ -270,7 +272,7 @@ class Attention(nn.Module):
         q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
         self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
-        self.clip_qkv = opts.clip_qkv  # OLMoE
+        self.clip_qkv = opts.clip_qkv  # OLMo, OLMoE: q, k and v clamped to [-c, c]
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -305,12 +307,8 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         if self.q_norm is not None:
-            # Qwen3, Gemma 3: RMSNorm over each head's D dims; OLMo 2: over a token's
-            # whole q (Hq*D) and k (Hk*D); both before RoPE
-            rows = t if self.full_qk_norm else -1
-            q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
-            k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
-        if self.clip_qkv is not None:  # OLMoE: after the q/k norms, before RoPE and the cache
+            q, k = self.norm_qk(q, k)
+        if self.clip_qkv is not None:  # after the q/k norms (OLMoE), before RoPE and the cache
             c = self.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if cos_sin_cache is not None:
@@ -322,6 +320,14 @@ class Attention(nn.Module):
         if lora is not None and self.o_lora is not None:
             self.o_lora.add_to(y, out, lora)
         return y
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D] and k [T, Hk, D] normed before RoPE. Qwen3, Gemma 3: RMSNorm
+        over each head's D dims; OLMo 2: over a token's whole q (Hq*D) and k (Hk*D)."""
+        rows = q.shape[0] if self.full_qk_norm else -1
+        q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
+        k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
+        return q, k
 
     def quantize_fp8_(self) -> None:
         self.qkv_proj.quantize_fp8_()

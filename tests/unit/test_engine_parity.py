@@ -30,6 +30,12 @@ MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 # runs each through chunked prefill with prefix-cache hits in one engine
 # (test_chunked_prefill_with_prefix_hits), the matrix is slow.
 COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox"]
+# Cohere (float32 LayerNorms, interleaved RoPE as Helium's, per-head q/k norms, scaled
+# logits), OLMo (parameterless LayerNorms, clamped q/k/v), GLM (fused gate_up_proj split
+# at load, half of each head rotated in adjacent pairs): their KV cache layout is one the
+# matrix already covers, so they run test_chunked_prefill_with_prefix_hits only (batched,
+# chunked, with prefix-cache hits, in one engine).
+PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
 # The families of splitserve.engine.dialects: GPT-2 and OPT (learned positions, no RoPE),
 # Falcon (q/k/v split by KV group: GQA, and one KV head with falcon_mq), GPT-J (partial
 # interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
@@ -78,7 +84,8 @@ def test_one_at_a_time_and_batched(family):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES + PREFIX_HIT_FAMILIES,
+                         indirect=True)
 def test_chunked_prefill_with_prefix_hits(family):
     path, prompts, want = family
     eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)
