@@ -25,7 +25,7 @@ _ACTIVATIONS = {
 }
 # ... and those of the plain (fc -> act -> proj) MLP, applied with torch: the
 # exact erf GELU, the tanh approximation (transformers' gelu_new is that formula)
-_PLAIN_ACTIVATIONS = {
+PLAIN_ACTIVATIONS = {
     **_ACTIVATIONS,
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
@@ -119,7 +119,7 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
     if family not in OPTION_FAMILIES:
         return FamilyOptions()
     hidden = int(cfg["hidden_size"])
-    act = _activation(cfg, family)
+    act = family_activation(cfg, family)
     if family == "gemma":
         _no_bidirectional(cfg)
         return FamilyOptions(hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden))
@@ -199,7 +199,7 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
                          original_max_position=int(cfg.get("original_max_position_embeddings") or 0))
 
 
-def _activation(cfg: dict[str, Any], family: str) -> str:
+def family_activation(cfg: dict[str, Any], family: str) -> str:
     # Gemma 2 and 3 name it hidden_activation; the others hidden_act.
     # Gemma's legacy "gelu" means the tanh approximation (transformers rewrites it so).
     name = cfg.get("hidden_activation") if family in ("gemma2", "gemma3") else None
@@ -214,7 +214,7 @@ def _activation(cfg: dict[str, Any], family: str) -> str:
         name = cfg.get("hidden_act") or "gelu_new"
     if family == "gpt_neox":
         name = cfg.get("hidden_act") or "gelu"
-    table = _PLAIN_ACTIVATIONS if family in _PLAIN_MLP_FAMILIES else _ACTIVATIONS
+    table = PLAIN_ACTIVATIONS if family in _PLAIN_MLP_FAMILIES else _ACTIVATIONS
     if name not in table:
         raise ValueError(f"activation {name!r} is not supported for {family}; supported: "
                          f"{', '.join(table)}")

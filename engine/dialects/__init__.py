@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from splitserve.engine.family_config import FamilyOptions
+from splitserve.engine.family_config import PLAIN_ACTIVATIONS, FamilyOptions
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,32 @@ def required(cfg: dict[str, Any], *keys: str) -> Any:
         if cfg.get(key) is not None:
             return cfg[key]
     raise KeyError(keys[0])
+
+
+def passed_keys(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The keys read as Llama's (``defaults``' names) from ``cfg``, else their
+    default; a default of None leaves an absent key out."""
+    out = {k: cfg.get(k, default) for k, default in defaults.items()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def plain_activation(cfg: dict[str, Any], family: str, default: str,
+                     key: str = "activation_function") -> str:
+    """config.json's ``key`` (its ``default`` when absent) as the ungated
+    MLP's ``FamilyOptions.hidden_act``."""
+    name = cfg.get(key) or default
+    if name not in PLAIN_ACTIVATIONS:
+        raise ValueError(f"{key} {name!r} is not supported for {family}; supported: "
+                         f"{', '.join(PLAIN_ACTIVATIONS)}")
+    return PLAIN_ACTIVATIONS[name]
+
+
+def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
+    """A ``ValueError`` for an fp8 checkpoint (a quantization_config) of
+    ``family`` whose tensors are split, renamed or reordered at load (``why``)."""
+    if cfg.get("quantization_config") is not None:
+        raise ValueError(f"quantization_config: fp8 {family} checkpoints are not supported ({why}); "
+                         "serve the unquantized checkpoint, with weight_dtype fp8 if wanted")
 
 
 # family -> its dialect, one module each in this package (imported here, after

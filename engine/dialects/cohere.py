@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect
-from splitserve.engine.family_config import FamilyOptions, _activation
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint
+from splitserve.engine.family_config import FamilyOptions, family_activation
 
 # keys read as Llama's, as written
 _COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -53,10 +53,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    if cfg.get("quantization_config") is not None:
-        raise ValueError("fp8 CohereForCausalLM checkpoints are not supported (q/k rows are "
-                         "reordered at load); serve the unquantized checkpoint, with weight_dtype "
-                         "fp8 if wanted")
+    refuse_fp8_checkpoint(cfg, "CohereForCausalLM", "q/k rows are reordered at load")
     partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
         raise ValueError(f"partial_rotary_factor {partial} is not supported for cohere (every "
@@ -64,7 +61,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     scale = float(_get(cfg, "logit_scale"))
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"logit_scale must be a positive number, got {cfg.get('logit_scale')!r}")
-    return FamilyOptions(hidden_act=_activation(cfg, "cohere"), float_layer_norm="weight",
+    return FamilyOptions(hidden_act=family_activation(cfg, "cohere"), float_layer_norm="weight",
                          parallel_residual=True, interleaved_rope=True, logit_scale=scale,
                          head_qk_layer_norm=bool(cfg.get("use_qk_norm", False)))
 

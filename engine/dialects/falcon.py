@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, required
-from splitserve.engine.family_config import _PLAIN_ACTIVATIONS, FamilyOptions
+from splitserve.engine.dialects import Dialect, passed_keys, plain_activation, refuse_fp8_checkpoint, required
+from splitserve.engine.family_config import FamilyOptions
 
 # config.json keys read as they are, with transformers' FalconConfig defaults
 _PASSED = {"bos_token_id": 11, "eos_token_id": 11, "torch_dtype": None, "dtype": None,
@@ -61,7 +61,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     bias = bool(cfg.get("bias", False))
     tied = cfg.get("tie_word_embeddings")
     return {
-        **{k: v for k, v in ((k, cfg.get(k, d)) for k, d in _PASSED.items()) if v is not None},
+        **passed_keys(cfg, _PASSED),
         "hidden_size": hidden,
         "intermediate_size": int(cfg.get("ffn_hidden_size") or 4 * hidden),
         "num_hidden_layers": int(required(cfg, "num_hidden_layers", "n_layer")),
@@ -80,14 +80,8 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     if cfg.get("alibi"):
         raise ValueError("alibi (ALiBi attention biases in place of RoPE) is not supported for "
                          "falcon")
-    if cfg.get("quantization_config") is not None:
-        raise ValueError("quantization_config: fp8 falcon checkpoints are not supported "
-                         "(query_key_value is split at load); serve the unquantized checkpoint, "
-                         "with weight_dtype fp8 if wanted")
-    name = cfg.get("activation") or "gelu"
-    if name not in _PLAIN_ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported for falcon; supported: "
-                         f"{', '.join(_PLAIN_ACTIVATIONS)}")
+    refuse_fp8_checkpoint(cfg, "falcon", "query_key_value is split at load")
+    act = plain_activation(cfg, "falcon", "gelu", key="activation")
     new_arch = bool(cfg.get("new_decoder_architecture", False))
     parallel = bool(cfg.get("parallel_attn", True))
     norms = cfg.get("num_ln_in_parallel_attn")
@@ -103,7 +97,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     # sequential: DecoderLayer's input_layernorm and post_attention_layernorm;
     # parallel with two norms: ln_attn / ln_mlp, loaded as those two
     # (splitserve.engine.models.falcon)
-    return FamilyOptions(hidden_act=_PLAIN_ACTIVATIONS[name], layer_norm=True,
+    return FamilyOptions(hidden_act=act, layer_norm=True,
                          plain_mlp=("dense_h_to_4h", "dense_4h_to_h"),
                          parallel_residual=parallel, parallel_mlp_norm=parallel and norms == 2)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect
-from splitserve.engine.family_config import FamilyOptions, _activation
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint
+from splitserve.engine.family_config import FamilyOptions, family_activation
 
 # keys read as Llama's, as written
 _COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -50,11 +50,8 @@ def rotary_dim(cfg: dict[str, Any]) -> int | None:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    if cfg.get("quantization_config") is not None:
-        raise ValueError("fp8 GlmForCausalLM checkpoints are not supported (fused gate_up_proj, "
-                         "q/k rows reordered at load); serve the unquantized checkpoint, with "
-                         "weight_dtype fp8 if wanted")
-    return FamilyOptions(hidden_act=_activation(cfg, "glm"), interleaved_rope=True,
+    refuse_fp8_checkpoint(cfg, "GlmForCausalLM", "fused gate_up_proj, q/k rows reordered at load")
+    return FamilyOptions(hidden_act=family_activation(cfg, "glm"), interleaved_rope=True,
                          rotary_dim=rotary_dim(cfg))
 
 

@@ -21,33 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, required
-from splitserve.engine.family_config import _PLAIN_ACTIVATIONS, FamilyOptions
+from splitserve.engine.dialects import Dialect, passed_keys, plain_activation, refuse_fp8_checkpoint, required
+from splitserve.engine.family_config import FamilyOptions
 
 # config.json keys copied as they are, with transformers' GPT2Config defaults
 _PASSED = {"bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": None, "dtype": None}
-
-
-def plain_activation(cfg: dict[str, Any], family: str, default: str) -> str:
-    """``activation_function`` as the plain MLP's ``FamilyOptions.hidden_act``."""
-    name = cfg.get("activation_function") or default
-    if name not in _PLAIN_ACTIVATIONS:
-        raise ValueError(f"activation_function {name!r} is not supported for {family}; supported: "
-                         f"{', '.join(_PLAIN_ACTIVATIONS)}")
-    return _PLAIN_ACTIVATIONS[name]
-
-
-def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
-    """A ``ValueError`` for an fp8 checkpoint (a quantization_config) of ``family``."""
-    if cfg.get("quantization_config") is not None:
-        raise ValueError(f"quantization_config: fp8 {family} checkpoints are not supported ({why}); "
-                         "serve the unquantized checkpoint, with weight_dtype fp8 if wanted")
-
-
-def passed_keys(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The keys read as Llama's (``defaults``' names) from ``cfg``, else their default."""
-    out = {k: cfg.get(k, default) for k, default in defaults.items()}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, required
-from splitserve.engine.family_config import _PLAIN_ACTIVATIONS, FamilyOptions
+from splitserve.engine.dialects import Dialect, passed_keys, plain_activation, refuse_fp8_checkpoint, required
+from splitserve.engine.family_config import FamilyOptions
 
 # config.json keys read as they are, with transformers' GPTJConfig defaults
 _PASSED = {"bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": None, "dtype": None,
@@ -38,7 +38,7 @@ def _heads(cfg: dict[str, Any]) -> tuple[int, int]:
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     hidden, heads = _heads(cfg)
     return {
-        **{k: v for k, v in ((k, cfg.get(k, d)) for k, d in _PASSED.items()) if v is not None},
+        **passed_keys(cfg, _PASSED),
         "hidden_size": hidden,
         "intermediate_size": int(cfg.get("n_inner") or 4 * hidden),
         "num_hidden_layers": int(required(cfg, "n_layer", "num_hidden_layers")),
@@ -57,21 +57,14 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    if cfg.get("quantization_config") is not None:
-        raise ValueError("quantization_config: fp8 gptj checkpoints are not supported (q/k rows "
-                         "are reordered at load); serve the unquantized checkpoint, with "
-                         "weight_dtype fp8 if wanted")
+    refuse_fp8_checkpoint(cfg, "gptj", "q/k rows are reordered at load")
     hidden, heads = _heads(cfg)
     head_dim = hidden // heads
     rot = cfg.get("rotary_dim", 64)
     if rot is None or not 0 < int(rot) <= head_dim or int(rot) % 2:
         raise ValueError(f"rotary_dim {rot!r} is not supported for gptj: an even number of dims "
                          f"in (0, head_dim = {head_dim}] is needed")
-    name = cfg.get("activation_function") or "gelu_new"
-    if name not in _PLAIN_ACTIVATIONS:
-        raise ValueError(f"activation_function {name!r} is not supported for gptj; supported: "
-                         f"{', '.join(_PLAIN_ACTIVATIONS)}")
-    return FamilyOptions(hidden_act=_PLAIN_ACTIVATIONS[name], layer_norm=True,
+    return FamilyOptions(hidden_act=plain_activation(cfg, "gptj", "gelu_new"), layer_norm=True,
                          plain_mlp=("fc_in", "fc_out"), parallel_residual=True,
                          interleaved_rope=True, lm_head_bias=True,
                          rotary_dim=None if int(rot) == head_dim else int(rot))

@@ -29,16 +29,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from splitserve.engine.dialects import Dialect
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint
 from splitserve.engine.dialects.moe_keys import checked_activation, without_window_keys
 from splitserve.engine.family_config import FamilyOptions, parse_family_options
 
 
 def _llama_keys(cfg: dict[str, Any], shared: bool) -> dict[str, Any]:
-    if cfg.get("quantization_config") is not None:
-        raise ValueError("fp8 GraniteMoE checkpoints (fused input_linear / output_linear experts) "
-                         "are not supported; serve the unquantized checkpoint, with weight_dtype "
-                         "fp8 if wanted")
+    refuse_fp8_checkpoint(cfg, "GraniteMoE", "fused input_linear / output_linear experts")
     return {
         **without_window_keys(cfg),
         "qk_norm": False,

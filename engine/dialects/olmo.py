@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from splitserve.engine.dialects import Dialect
-from splitserve.engine.family_config import FamilyOptions, _activation
+from splitserve.engine.family_config import FamilyOptions, family_activation
 
 # keys read as Llama's, as written
 _COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -39,7 +39,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
         clip = float(clip)
         if not clip > 0 or math.isinf(clip):
             raise ValueError(f"clip_qkv must be a positive number or null, got {cfg.get('clip_qkv')!r}")
-    return FamilyOptions(hidden_act=_activation(cfg, "olmo"), float_layer_norm="none", clip_qkv=clip)
+    return FamilyOptions(hidden_act=family_activation(cfg, "olmo"), float_layer_norm="none", clip_qkv=clip)
 
 
 DIALECT = Dialect(architectures=("OlmoForCausalLM",), llama_keys=llama_keys, options=options)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, required
-from splitserve.engine.dialects.gpt2 import passed_keys, plain_activation, refuse_fp8_checkpoint
+from splitserve.engine.dialects import Dialect, passed_keys, plain_activation, refuse_fp8_checkpoint, required
 from splitserve.engine.family_config import FamilyOptions
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
