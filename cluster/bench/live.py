@@ -8,6 +8,7 @@ share it, so both measure the same way."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,11 +23,41 @@ from splitserve.cluster.config import load_config
 CLI = [sys.executable, "-m", "splitserve.cluster.cli.main"]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a cluster's endpoints."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ray's workers listen on ports 10002-19999 (its min/max_worker_port defaults)
+_ABOVE_RAY_WORKERS = 20000
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range, where outgoing
+    connections take their local ports (32768 by default on Linux)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port free on ``ip`` now, for a cluster's endpoints. Chosen
+    between Ray's worker ports and the kernel's ephemeral range, so that
+    neither a Ray worker nor some process's outgoing connection takes it
+    between this probe and the server's bind (a port the kernel hands out
+    with bind(0) is an ephemeral one, and was once taken that way: the
+    ingress then failed with "Failed to bind")."""
+    low = _ephemeral_low()
+    if low - _ABOVE_RAY_WORKERS < 1000:  # an unusual range: let the kernel choose
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randrange(_ABOVE_RAY_WORKERS, low)
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on {ip} in {_ABOVE_RAY_WORKERS}-{low - 1}")
 
 
 def cli_env() -> dict[str, str]:

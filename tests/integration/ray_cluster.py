@@ -8,6 +8,9 @@ import sys
 
 import ray
 
+# ray.init's errors when its GCS or raylet did not come up in time
+_START_TIMEOUTS = ("Timed out waiting for file", "The current node timed out during startup")
+
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None,
@@ -30,11 +33,13 @@ def local_ray(num_cpus: int = 4, worker_setup_hook: str | None = None,
                      _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
                      _system_config=system_config or None)
             break
-        except RuntimeError as e:
+        except Exception as e:
             # Ray's GCS process once never came up (no log, no port file in
-            # 30 s) on a loaded CI host, failing a whole module's setup:
-            # start the runtime again, once; anything else is a failure
-            if attempt == 2 or "Timed out waiting for file" not in str(e):
+            # 30 s) on a loaded CI host, and once its raylet never registered
+            # ("The current node timed out during startup"), each failing a
+            # whole module's setup: start the runtime again, once; anything
+            # else is a failure
+            if attempt == 2 or not any(m in str(e) for m in _START_TIMEOUTS):
                 raise
             print(f"ray.init failed ({e}); starting Ray again", file=sys.stderr)
             ray.shutdown()

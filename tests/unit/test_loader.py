@@ -75,8 +75,8 @@ def test_config_missing_required_key(ckpt: Path):
 
 
 def test_unsupported_architecture(ckpt: Path):
-    edit_config(ckpt, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(CheckpointError, match=r"config\.json: unsupported architecture.*GPT2LMHeadModel"):
+    edit_config(ckpt, architectures=["T5ForConditionalGeneration"])
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported architecture.*T5ForConditionalGeneration"):
         load_checkpoint(ckpt)
 
 
