@@ -21,7 +21,10 @@ def add_subcommands(sub) -> None:
                     "changes against the config applied last, and apply it in place: pools "
                     "whose replicas are built the same way keep them (bounds and autoscaling "
                     "edits take effect without restarts).")
-    d.add_argument("config", help="operator YAML (examples in deploy/configs/)")
+    d.add_argument("config", nargs="?", help="operator YAML (examples in deploy/configs/)")
+    d.add_argument("--config", dest="config_flag", metavar="FILE",
+                   help="the operator YAML given as a flag, as serve, profile and simulate "
+                        "take it (instead of CONFIG)")
     add_address_argument(d)
     d.add_argument("--dry-run", action="store_true",
                    help="validate and show the changes only (without a reachable cluster: "
@@ -60,6 +63,15 @@ def add_subcommands(sub) -> None:
 def cmd_deploy(args) -> int:
     from splitserve.cluster.config import ClusterConfig, ConfigError, config_changes, load_config
 
+    if args.config and args.config_flag and args.config != args.config_flag:
+        print(f"error: two configs given: {args.config} and --config {args.config_flag}",
+              file=sys.stderr)
+        return 2
+    args.config = args.config or args.config_flag
+    if not args.config:
+        print("error: deploy needs an operator YAML: splitserve deploy CONFIG "
+              "(examples in deploy/configs/)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -67,6 +67,7 @@ def test_bad_operator_yaml_is_one_line_naming_file_and_place(tmp_path, capsys, c
     assert str(e.value) == f"{p}: {message}"
     for argv in (["serve", "--config", str(p), "--print-config"],
                  ["deploy", str(p), "--dry-run"],
+                 ["deploy", "--config", str(p), "--dry-run"],
                  ["simulate", "--config", str(p), "--rate", "1", "--num-requests", "1"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -233,6 +234,15 @@ def test_unreachable_addresses_fail_at_once(capsys):
     # a dry run needs no cluster: the file is checked, the comparison skipped
     assert main(["deploy", GPU_CFG, "--address", addr, "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith(f"{GPU_CFG}: valid; no Ray cluster to compare")
+    assert main(["deploy", "--config", GPU_CFG, "--address", addr, "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"{GPU_CFG}: valid; no Ray cluster to compare")
+
+
+def test_deploy_needs_one_config(capsys):
+    assert main(["deploy", "--dry-run"]) == 2
+    assert "error: deploy needs an operator YAML" in capsys.readouterr().err
+    assert main(["deploy", GPU_CFG, "--config", "other.yaml", "--dry-run"]) == 2
+    assert f"error: two configs given: {GPU_CFG} and --config other.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
