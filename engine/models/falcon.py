@@ -28,13 +28,12 @@ and ``dense``, which the engine's adapter slots do not name.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import MappedCausalLM, renamed
 
 _RENAMES = (  # checkpoint prefix -> the shared decoder's (first match wins)
     ("transformer.word_embeddings.", "model.embed_tokens."),
@@ -45,8 +44,11 @@ _LAYER_RENAMES = ((".self_attention.dense.", ".self_attn.o_proj."), (".self_atte
                   (".ln_attn.", ".input_layernorm."), (".ln_mlp.", ".post_attention_layernorm."))
 
 
-class FalconCausalLM(CausalLM):
+class FalconCausalLM(MappedCausalLM):
     """Falcon (``FalconForCausalLM``): checkpoint names mapped, q/k/v split at load."""
+
+    lora_refusal = ("LoRA adapters are not supported for Falcon checkpoints (PEFT trains its fused "
+                    "query_key_value and dense, which are split and renamed at load)")
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """``query_key_value.{weight,bias}`` -> q_proj, k_proj and v_proj's."""
@@ -64,23 +66,9 @@ class FalconCausalLM(CausalLM):
         for part, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             yield f"{base}.{part}.{kind}", t.reshape(-1, *rest)
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            for old, new in _RENAMES:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            for old, new in _LAYER_RENAMES:
-                name = name.replace(old, new)
-            if ".self_attn.query_key_value." in name:
-                yield from self.split_qkv(name, tensor)
-            else:
-                yield name, tensor
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self.renamed(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for Falcon checkpoints (PEFT trains "
-                              "its fused query_key_value and dense, which are split and renamed "
-                              "at load)")
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        name = renamed(name, _RENAMES, _LAYER_RENAMES)
+        if ".self_attn.query_key_value." in name:
+            yield from self.split_qkv(name, tensor)
+        else:
+            yield name, tensor

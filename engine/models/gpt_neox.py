@@ -17,12 +17,12 @@ Older exports' causal-mask buffers (``attention.bias``,
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.mapped import MappedCausalLM, renamed
 
 _RENAMES = (  # checkpoint prefix -> the shared decoder's (first match wins)
     ("gpt_neox.embed_in.", "model.embed_tokens."),
@@ -30,10 +30,11 @@ _RENAMES = (  # checkpoint prefix -> the shared decoder's (first match wins)
     ("embed_out.", "lm_head."),
     ("gpt_neox.layers.", "model.layers."),
 )
+_LAYER_RENAMES = ((".attention.", ".self_attn."), (".self_attn.dense.", ".self_attn.o_proj."))
 _MASK_BUFFERS = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
 
 
-class GPTNeoXCausalLM(CausalLM):
+class GPTNeoXCausalLM(MappedCausalLM):
     """GPT-NeoX (``GPTNeoXForCausalLM``): checkpoint names mapped at load."""
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -48,19 +49,11 @@ class GPTNeoXCausalLM(CausalLM):
         for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
             yield f"{base}.{part}.{kind}", per_head[:, i].reshape(heads * d, *tensor.shape[1:])
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            if name.endswith(_MASK_BUFFERS):
-                continue
-            for old, new in _RENAMES:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            name = name.replace(".attention.", ".self_attn.").replace(".self_attn.dense.", ".self_attn.o_proj.")
-            if ".self_attn.query_key_value." in name:
-                yield from self.split_qkv(name, tensor)
-            else:
-                yield name, tensor
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self.renamed(weights))
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.endswith(_MASK_BUFFERS):
+            return
+        name = renamed(name, _RENAMES, _LAYER_RENAMES)
+        if ".self_attn.query_key_value." in name:
+            yield from self.split_qkv(name, tensor)
+        else:
+            yield name, tensor

@@ -23,14 +23,12 @@ LoRA adapters are refused: their q/k rows would need the same reordering.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.helium import deinterleave_heads
-from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import MappedCausalLM, renamed
 
 _RENAMES = (  # checkpoint prefix -> the shared decoder's (first match wins)
     ("transformer.wte.", "model.embed_tokens."),
@@ -43,27 +41,16 @@ _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _ROTATED = (".self_attn.q_proj.", ".self_attn.k_proj.")
 
 
-class GPTJCausalLM(CausalLM):
+class GPTJCausalLM(MappedCausalLM):
     """GPT-J (``GPTJForCausalLM``): names mapped, q/k rows reordered at load."""
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        d = self.cfg.head_dim
-        for name, tensor in weights:
-            if name.endswith(_MASK_BUFFERS):
-                continue
-            for old, new in _RENAMES:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            for old, new in _LAYER_RENAMES:
-                name = name.replace(old, new)
-            if any(r in name for r in _ROTATED) and tensor.dim() >= 1 and tensor.shape[0] % d == 0:
-                tensor = deinterleave_heads(tensor, d, self.cfg.options.rotary_dim)
-            yield name, tensor  # a q/k tensor of the wrong shape fails in its slot, by name
+    lora_refusal = ("LoRA adapters are not supported for GPT-J checkpoints (its q/k rows are "
+                    "reordered at load; adapters' would need the same)")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self.renamed(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for GPT-J checkpoints (its q/k "
-                              "rows are reordered at load; adapters' would need the same)")
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        if name.endswith(_MASK_BUFFERS):
+            return ()
+        name, d = renamed(name, _RENAMES, _LAYER_RENAMES), self.cfg.head_dim
+        if any(r in name for r in _ROTATED) and tensor.dim() >= 1 and tensor.shape[0] % d == 0:
+            tensor = deinterleave_heads(tensor, d, self.cfg.options.rotary_dim)
+        return ((name, tensor),)  # a q/k tensor of the wrong shape fails in its slot, by name

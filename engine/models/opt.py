@@ -24,17 +24,15 @@ embeddings by default.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
-from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import MappedCausalLM, renamed
 from splitserve.engine.models.plain_blocks import PlainMLP
 from splitserve.kernels.lora import LoraMeta
 
@@ -69,9 +67,12 @@ class PostNormDecoderLayer(DecoderLayer):
         return x, None
 
 
-class OPTCausalLM(CausalLM):
+class OPTCausalLM(MappedCausalLM):
     """OPT (``OPTForCausalLM``): checkpoint names mapped at load; OPT-350m's
     post-block norms and embedding projections."""
+
+    lora_refusal = ("LoRA adapters are not supported for OPT checkpoints (its projections sit "
+                    "under model.decoder.layers, which adapters do not map onto)")
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
@@ -106,21 +107,9 @@ class OPTCausalLM(CausalLM):
             slots["model.project_out.weight"] = ShardSlot(self.project_out.weight)
         return slots
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            bare = name.removeprefix("model.")
-            for old, new in _RENAMES:
-                if bare.startswith(old):
-                    name = new + bare[len(old):]
-                    break
-            if name.startswith("model.layers."):
-                for old, new in _LAYER_RENAMES:
-                    name = name.replace(old, new, 1)
-            yield name, tensor
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self.renamed(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for OPT checkpoints (its projections "
-                              "sit under model.decoder.layers, which adapters do not map onto)")
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        bare = name.removeprefix("model.")
+        name = renamed(bare, _RENAMES) if bare.startswith(tuple(p for p, _ in _RENAMES)) else name
+        if name.startswith("model.layers."):
+            name = renamed(name, (), _LAYER_RENAMES, count=1)
+        return ((name, tensor),)
