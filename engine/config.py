@@ -72,7 +72,7 @@ _DEFAULT_TIED = {"starcoder2": True}
 @dataclass(frozen=True)
 class MoEConfig:
     """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
-    GraniteMoE).
+    GraniteMoE, GLM-4.5, dots.llm1).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to
@@ -87,6 +87,16 @@ class MoEConfig:
     renormalize: bool
     sparse_layers: tuple[bool, ...]
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert; 0 = none
+    # GLM-4.5, dots.llm1 (their Glm4MoeTopkRouter / Dots1TopkRouter): sigmoid scores, a
+    # learned per-expert bias added to them for choosing only, the ``topk_groups`` best of
+    # ``num_groups`` expert groups (by the sum of each group's two best biased scores)
+    # chosen first, then ``top_k`` experts among theirs; the chosen experts' unbiased
+    # scores (renormalised with ``renormalize``) times ``routed_scaling_factor``
+    # (splitserve.engine.models.grouped_router). Their shared experts have no gate.
+    grouped_sigmoid: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,8 @@ def _moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
         renormalize=bool(cfg.get("norm_topk_prob", False)),
         sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
         shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)
-                                         if family == "qwen2_moe" else 0),
+                                         if family == "qwen2_moe" or family in DIALECTS else 0),
+        **(cfg.get("moe_routing") or {}),  # a dialect's MoEConfig routing fields (GLM-4.5's)
     )
 
 

@@ -111,6 +111,10 @@ class FamilyOptions:
     # Cohere use_qk_norm: q and k LayerNorm-ed per head before RoPE, each head its own
     # weight ([heads, head_dim]; splitserve.engine.models.cohere)
     head_qk_layer_norm: bool = False
+    # GLM-4.5 num_nextn_predict_layers: multi-token-prediction layers stored after the last
+    # decoder layer (model.layers.{num_hidden_layers + i}), skipped at load as transformers
+    # skips them (splitserve.engine.models.glm4_moe)
+    mtp_layers: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -17,7 +17,9 @@ config.json, with these meanings:
 - ``qk_norm``: RMSNorm on each head's q and k before RoPE (Qwen3);
 - a mixture of experts in the Qwen keys (``num_experts``,
   ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``,
-  ``decoder_sparse_step``, ``mlp_only_layers``);
+  ``decoder_sparse_step``, ``mlp_only_layers``, ``shared_expert_intermediate_size``:
+  an ungated shared expert unless the family's sparse MLP gates it), and
+  ``moe_routing``: ``MoEConfig`` routing fields as they are (GLM-4.5's router);
 - sliding windows in the Qwen keys (``use_sliding_window``,
   ``sliding_window``, ``layer_types``).
 
@@ -86,7 +88,7 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
 
-from splitserve.engine.dialects import cohere, falcon, glm, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
+from splitserve.engine.dialects import cohere, dots1, falcon, glm, glm4_moe, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -99,4 +101,6 @@ DIALECTS.update({
     "cohere": cohere.DIALECT,
     "olmo": olmo.DIALECT,
     "glm": glm.DIALECT,
+    "glm4_moe": glm4_moe.DIALECT,
+    "dots1": dots1.DIALECT,
 })

@@ -11,6 +11,7 @@ from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
+from splitserve.engine.models.glm4_moe import Glm4MoeCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
@@ -76,6 +77,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "cohere": CohereCausalLM,
     "olmo": CausalLM,
     "glm": GlmCausalLM,
+    # GLM-4.5 and dots.llm1: the MoE decoder with the grouped sigmoid router and ungated
+    # shared experts (MoEConfig); GLM-4.5's multi-token-prediction layers skipped at load
+    "glm4_moe": Glm4MoeCausalLM,
+    "dots1": MoECausalLM,
 }
 
 
@@ -97,7 +102,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 
 
 __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM",
-           "GlmCausalLM", "GraniteCausalLM", "HeliumCausalLM",
+           "GlmCausalLM", "Glm4MoeCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM"]

@@ -1,4 +1,4 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 and dots.llm1
 (GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
@@ -6,12 +6,16 @@ sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
 router (``gate``, a [E, hidden] linear) scores the experts for each token,
 the ``top_k`` best run through ``ops.fused_moe`` and their outputs are
 summed with the routing weights. Qwen2-MoE adds a shared expert that every
-token runs, scaled by a sigmoid gate.
+token runs, scaled by a sigmoid gate; GLM-4.5 and dots.llm1 an ungated one
+(``shared_experts``).
 
 Routing, as transformers does it: softmax over all experts' logits in
 float32, then the top k; Mixtral renormalises the k probabilities to sum to
 one (the same as a softmax over the top-k logits), Qwen only with
-``norm_topk_prob``.
+``norm_topk_prob``. GLM-4.5 and dots.llm1 route with sigmoid scores, a
+correction bias and expert groups (``MoEConfig.grouped_sigmoid``,
+``splitserve.engine.models.grouped_router``), their router and its bias in
+float32 whatever the model dtype, as transformers keeps them.
 
 Checkpoints store each expert's projections separately
 (``...block_sparse_moe.experts.3.w1.weight`` in Mixtral,
@@ -40,6 +44,7 @@ from torch import nn
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
+from splitserve.engine.models.grouped_router import route_grouped
 from splitserve.engine.models.layers import (
     MLP,
     Linear,
@@ -63,7 +68,12 @@ CHECKPOINT_NAMES = {
     # (splitserve.engine.models.granitemoe)
     "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
+# family -> its shared expert's checkpoint name where that expert has no gate
+# (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
+UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +103,26 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         moe = cfg.moe
         h, i, e = cfg.hidden_size, moe.expert_intermediate_size, moe.num_experts
-        self.top_k, self.renormalize, self.intermediate = moe.top_k, moe.renormalize, i
+        self.moe, self.top_k, self.renormalize, self.intermediate = moe, moe.top_k, moe.renormalize, i
         self.expert_names = CHECKPOINT_NAMES[cfg.family][1]
         self.quant = quant = cfg.quantization
-        self.gate = Linear(h, e, False, dtype, device,  # the router
+        gate_dtype = torch.float32 if moe.grouped_sigmoid else dtype
+        self.gate = Linear(h, e, False, gate_dtype, device,  # the router
                            fp8_groups=layer_groups(quant, [(f"{prefix}.gate.weight", e)], h))
+        self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=device)
+                                        if moe.grouped_sigmoid else None)
         self.gate_up_groups, self.down_groups = self._expert_groups(prefix, e, h, i)
         self.w_gate_up, self.w_gate_up_scale = self._experts(e, 2 * i, h, self.gate_up_groups, dtype, device)
         self.w_down, self.w_down_scale = self._experts(e, h, i, self.down_groups, dtype, device)
         self.shared_expert = self.shared_expert_gate = None
+        self.shared_name = UNGATED_SHARED_EXPERTS.get(cfg.family, "shared_expert")
         if moe.shared_expert_intermediate_size:
             shared_cfg = dataclasses.replace(cfg, intermediate_size=moe.shared_expert_intermediate_size)
-            self.shared_expert = MLP(shared_cfg, dtype, device, prefix=f"{prefix}.shared_expert")
-            self.shared_expert_gate = Linear(
-                h, 1, False, dtype, device,
-                fp8_groups=layer_groups(quant, [(f"{prefix}.shared_expert_gate.weight", 1)], h))
+            self.shared_expert = MLP(shared_cfg, dtype, device, prefix=f"{prefix}.{self.shared_name}")
+            if cfg.family not in UNGATED_SHARED_EXPERTS:
+                self.shared_expert_gate = Linear(
+                    h, 1, False, dtype, device,
+                    fp8_groups=layer_groups(quant, [(f"{prefix}.shared_expert_gate.weight", 1)], h))
 
     def _expert_groups(self, prefix: str, e: int, h: int, i: int) -> tuple[Groups | None, Groups | None]:
         """The fp8 scale groups of the stacked expert weights (None: not fp8);
@@ -134,14 +149,19 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> K experts per token -> [T, hidden]
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if self.e_score_correction_bias is None:
+            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        else:  # GLM-4.5, dots.llm1: in float32
+            weights, ids = route_grouped(self.gate(x.float()), self.e_score_correction_bias, self.moe)
         if self.w_gate_up_scale is None:
             out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
         else:
             out = ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
                                     self.w_down, self.w_down_scale, self.down_groups, weights, ids)
-        if self.shared_expert is not None:
+        if self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.shared_expert is not None:
+            out = out + self.shared_expert(x)
         return out
 
     @torch.no_grad()
@@ -165,6 +185,8 @@ class SparseMoeBlock(nn.Module):
         gate, up, down = self.expert_names
         i, h = self.intermediate, self.w_down.shape[1]
         slots = linear_slots(self.gate, [(f"{prefix}.gate", 0, self.gate.out_features)], self.quant)
+        if self.e_score_correction_bias is not None:
+            slots[f"{prefix}.gate.e_score_correction_bias"] = ShardSlot(self.e_score_correction_bias)
         for e in range(self.w_gate_up.shape[0]):
             p = f"{prefix}.experts.{e}"
             slots[f"{p}.{gate}.weight"] = ExpertSlot(self.w_gate_up, 0, i, expert=e)
@@ -178,7 +200,8 @@ class SparseMoeBlock(nn.Module):
                     info = self.quant.weights[f"{p}.{name}.weight"]
                     slots[info.scale_name] = scale_slot(param, row, rows, k, info.groups, groups[0], expert=e)
         if self.shared_expert is not None:
-            slots.update(self.shared_expert.weight_slots(f"{prefix}.shared_expert"))
+            slots.update(self.shared_expert.weight_slots(f"{prefix}.{self.shared_name}"))
+        if self.shared_expert_gate is not None:
             slots.update(linear_slots(self.shared_expert_gate, [(f"{prefix}.shared_expert_gate", 0, 1)],
                                       self.quant))
         return slots
