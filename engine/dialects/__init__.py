@@ -87,6 +87,7 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import cohere, falcon, glm, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
+from splitserve.engine.dialects import arcee, cohere2, glm4, nemotron  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -99,4 +100,8 @@ DIALECTS.update({
     "cohere": cohere.DIALECT,
     "olmo": olmo.DIALECT,
     "glm": glm.DIALECT,
+    "glm4": glm4.DIALECT,
+    "cohere2": cohere2.DIALECT,
+    "nemotron": nemotron.DIALECT,
+    "arcee": arcee.DIALECT,
 })

@@ -41,7 +41,9 @@ PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
 # interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
 # preemption and hand-off paths run no code of theirs that chunked prefill with prefix hits
 # leaves out (the live hand-off: tests/integration/test_family_handoff.py).
-DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj"]
+# GLM-4 (GLM with sandwich norms), Cohere 2 (a window on one layer, no RoPE on the other),
+# Nemotron (LayerNorm1P, relu2, partial RoPE) and Arcee (Llama with the relu2 MLP) likewise.
+DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "glm4", "cohere2", "nemotron", "arcee"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + DIALECT_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
