@@ -31,6 +31,7 @@ PLAIN_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
+    "relu2": "relu2",  # Nemotron, Arcee: relu(x) ** 2 (transformers' ReLUSquaredActivation)
 }
 
 # The families whose checkpoints need more than the Llama-style defaults.
@@ -49,7 +50,7 @@ GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers, without rope_loc
 @dataclass(frozen=True)
 class FamilyOptions:
     # the MLP's activation: silu | gelu_tanh (gated: SwiGLU, GeGLU); the ungated MLP
-    # (plain_mlp) also gelu (erf) | relu
+    # (plain_mlp) also gelu (erf) | relu | relu2 (squared)
     hidden_act: str = "silu"
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
     # Gemma, OLMo 2: RMSNorm multiplies the weight into the float32 normed row and

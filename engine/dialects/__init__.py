@@ -88,7 +88,10 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}
 
-from splitserve.engine.dialects import cohere, dots1, falcon, glm, glm4_moe, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
+from splitserve.engine.dialects import (  # noqa: E402
+    arcee, cohere, cohere2, dots1, falcon, glm, glm4, glm4_moe, gpt2, gptj, granitemoe, nemotron, olmo,
+    olmoe, opt,
+)
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -103,4 +106,8 @@ DIALECTS.update({
     "glm": glm.DIALECT,
     "glm4_moe": glm4_moe.DIALECT,
     "dots1": dots1.DIALECT,
+    "glm4": glm4.DIALECT,
+    "cohere2": cohere2.DIALECT,
+    "nemotron": nemotron.DIALECT,
+    "arcee": arcee.DIALECT,
 })

@@ -34,8 +34,9 @@ def _get(cfg: dict[str, Any], key: str) -> Any:
     return _DEFAULTS[key] if value is None else value
 
 
-def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
-    # a rope_parameters that is no dict is refused where ModelConfig reads it
+def rope_dict(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json's rope_parameters (or rope_scaling); {} where none (one
+    that is no dict is refused where ModelConfig reads it)."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     return params if isinstance(params, dict) else {}
 
@@ -47,22 +48,27 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
                max_position_embeddings=int(_get(cfg, "max_position_embeddings")),
                bos_token_id=cfg.get("bos_token_id", _DEFAULTS["bos_token_id"]),
                eos_token_id=cfg.get("eos_token_id", _DEFAULTS["eos_token_id"]))
-    if cfg.get("rope_theta") is None and _rope(cfg).get("rope_theta") is None:
+    if cfg.get("rope_theta") is None and rope_dict(cfg).get("rope_theta") is None:
         out["rope_theta"] = _DEFAULTS["rope_theta"]
     return out
 
 
-def options(cfg: dict[str, Any]) -> FamilyOptions:
-    refuse_fp8_checkpoint(cfg, "CohereForCausalLM", "q/k rows are reordered at load")
-    partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor {partial} is not supported for cohere (every "
-                         "dim rotates)")
+def logit_scale(cfg: dict[str, Any]) -> float:
+    """``logit_scale`` (default 0.0625): a positive number."""
     scale = float(_get(cfg, "logit_scale"))
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"logit_scale must be a positive number, got {cfg.get('logit_scale')!r}")
+    return scale
+
+
+def options(cfg: dict[str, Any]) -> FamilyOptions:
+    refuse_fp8_checkpoint(cfg, "CohereForCausalLM", "q/k rows are reordered at load")
+    partial = rope_dict(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported for cohere (every "
+                         "dim rotates)")
     return FamilyOptions(hidden_act=family_activation(cfg, "cohere"), float_layer_norm="weight",
-                         parallel_residual=True, interleaved_rope=True, logit_scale=scale,
+                         parallel_residual=True, interleaved_rope=True, logit_scale=logit_scale(cfg),
                          head_qk_layer_norm=bool(cfg.get("use_qk_norm", False)))
 
 

@@ -34,13 +34,15 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def rotary_dim(cfg: dict[str, Any]) -> int | None:
-    """How many of each head's dims rotate; None: all of them."""
+def rotary_dim(cfg: dict[str, Any], default_head_dim: int | None = _DEFAULTS["head_dim"]) -> int | None:
+    """How many of each head's dims rotate (``partial_rotary_factor``, 0.5
+    when absent); None: all of them. ``default_head_dim``: the config class's
+    head_dim when config.json has no such key (None: hidden_size / heads)."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     rope = rope if isinstance(rope, dict) else {}
     factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     factor = DEFAULT_ROTARY_FACTOR if factor is None else float(factor)
-    head_dim = cfg.get("head_dim", _DEFAULTS["head_dim"])
+    head_dim = cfg.get("head_dim", default_head_dim)
     head_dim = int(head_dim or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
     dim = int(head_dim * factor)
     if not 0 < dim <= head_dim or dim % 2:

@@ -6,11 +6,14 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.arcee import ArceeCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
+from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
+from splitserve.engine.models.glm4 import Glm4CausalLM
 from splitserve.engine.models.glm4_moe import Glm4MoeCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
@@ -20,6 +23,7 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
 from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
@@ -81,6 +85,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # shared experts (MoEConfig); GLM-4.5's multi-token-prediction layers skipped at load
     "glm4_moe": Glm4MoeCausalLM,
     "dots1": MoECausalLM,
+    # GLM-4: GLM with Gemma 2's sandwich norms; Cohere 2: Cohere with windows on some layers
+    # and no RoPE on the others; Nemotron: LayerNorms scaling by 1 + weight, the plain
+    # relu2 MLP and partial RoPE; Arcee: Llama with the plain relu2 MLP (FamilyOptions)
+    "glm4": Glm4CausalLM,
+    "cohere2": Cohere2CausalLM,
+    "nemotron": NemotronCausalLM,
+    "arcee": ArceeCausalLM,
 }
 
 
@@ -105,4 +116,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "GlmCausalLM", "Glm4MoeCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
-           "FalconCausalLM", "GPTJCausalLM"]
+           "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
+           "ArceeCausalLM"]

@@ -16,6 +16,7 @@ mixture of experts with a shared expert (Qwen2-MoE), one KV head for four
 query heads (Falcon multi-query), OLMoE's clamped q/k/v and sparse MLP,
 keys cached with their rows reordered for interleaved RoPE (Cohere),
 partial rotate-half RoPE before GLM-4.5's grouped-router experts,
+Cohere 2's window on one layer beside an unrotated full-attention layer,
 and an fp8 KV cache (Gemma 3 again, against the engine itself: fp8
 changes the numbers)."""
 
@@ -40,6 +41,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"),
+    ("cohere2", "auto"),
     ("gemma3", "fp8"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):

@@ -30,19 +30,19 @@ MODEL_ONLY_FAMILIES = ["granite", "olmo2", "gemma3", "smollm3"]
 # runs each through chunked prefill with prefix-cache hits in one engine
 # (test_chunked_prefill_with_prefix_hits), the matrix is slow.
 COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "stablelm", "gpt_neox"]
-# Cohere (float32 LayerNorms, interleaved RoPE as Helium's, per-head q/k norms, scaled
-# logits), OLMo (parameterless LayerNorms, clamped q/k/v), GLM (fused gate_up_proj split
-# at load, half of each head rotated in adjacent pairs): their KV cache layout is one the
-# matrix already covers, so they run test_chunked_prefill_with_prefix_hits only (batched,
-# chunked, with prefix-cache hits, in one engine).
-PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
 # The families of splitserve.engine.dialects: GPT-2 and OPT (learned positions, no RoPE),
 # Falcon (q/k/v split by KV group: GQA, and one KV head with falcon_mq), GPT-J (partial
-# interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
-# preemption and hand-off paths run no code of theirs that chunked prefill with prefix hits
-# leaves out (the live hand-off: tests/integration/test_family_handoff.py).
-DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj"]
-ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + DIALECT_FAMILIES
+# interleaved RoPE, q/k rows reordered at load), Cohere (float32 LayerNorms, interleaved
+# RoPE, per-head q/k norms, scaled logits), OLMo (parameterless LayerNorms, clamped q/k/v),
+# GLM (fused gate_up_proj, half of each head rotated in adjacent pairs), GLM-4 (GLM with
+# sandwich norms), Cohere 2 (a window on one layer, no RoPE on the other), Nemotron
+# (LayerNorm1P, relu2, partial RoPE) and Arcee (Llama with the relu2 MLP). Their KV cache
+# layouts are ones the matrix covers, so each runs test_chunked_prefill_with_prefix_hits
+# only (batched, chunked, with prefix-cache hits, in one engine); the live hand-off:
+# tests/integration/test_family_handoff.py.
+DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_norm", "olmo", "glm",
+                    "glm4", "cohere2", "nemotron", "arcee"]
+ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
 
@@ -84,8 +84,7 @@ def test_one_at_a_time_and_batched(family):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES + PREFIX_HIT_FAMILIES,
-                         indirect=True)
+@pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES, indirect=True)
 def test_chunked_prefill_with_prefix_hits(family):
     path, prompts, want = family
     eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)
