@@ -9,7 +9,8 @@ with a 400 before any replica sees it. PEFT writes each projection's pair as
 
 Every tensor must be such a pair's half on a projection the model has: the
 attention projections of every layer, the MLP projections of dense layers
-(an MoE layer's experts and router take no LoRA). Anything else is refused
+(an MoE layer's experts and router take no LoRA, nor does the ungated MLP of
+StarCoder2, Phi or GPT-NeoX). Anything else is refused
 by name: embedding and lm_head LoRA, DoRA magnitudes, biases, MoE experts.
 """
 
@@ -90,6 +91,10 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
+        if _PLACE[module] == "mlp" and model.options.plain_mlp:
+            raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
+                               f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
+                               "attention projections do", param="target_modules")
         if projection_shape(model, layer, module) is None:
             raise AdapterError(f"{source}: tensor {name!r}: layer {layer} is a mixture-of-experts "
                                "layer; MoE experts and routers take no LoRA", param="target_modules")

@@ -101,6 +101,18 @@ def test_moe_layers_take_lora_on_attention_and_dense_mlp_only():
         adapter_layout(cfg, expert, moe, 8)
 
 
+def test_an_ungated_mlp_takes_no_lora():
+    """StarCoder2's MLP is c_fc / c_proj: an adapter naming gate/up/down_proj
+    (trained for another base) is refused by name, not failed when written."""
+    cfg = parse_adapter_config(BASE)
+    sc2 = ModelConfig.from_hf({"architectures": ["Starcoder2ForCausalLM"], "vocab_size": 64,
+                               "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert len(adapter_layout(cfg, pair(0, "q_proj", 4, 32, 32), sc2, 8).modules) == 1
+    with pytest.raises(AdapterError, match="Starcoder2ForCausalLM's MLP is ungated \\(c_fc / c_proj\\)"):
+        adapter_layout(cfg, {**pair(0, "q_proj", 4, 32, 32), **pair(1, "up_proj", 4, 32, 48)}, sc2, 8)
+
+
 def test_slot_table_lru_never_evicts_a_held_adapter():
     t = SlotTable(2)
     a = t.acquire("a")
