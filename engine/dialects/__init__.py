@@ -87,6 +87,7 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import cohere, falcon, glm, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
+from splitserve.engine.dialects import gpt_bigcode, gpt_neo  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -99,4 +100,6 @@ DIALECTS.update({
     "cohere": cohere.DIALECT,
     "olmo": olmo.DIALECT,
     "glm": glm.DIALECT,
+    "gpt_bigcode": gpt_bigcode.DIALECT,
+    "gpt_neo": gpt_neo.DIALECT,
 })

@@ -12,6 +12,8 @@ from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
+from splitserve.engine.models.gpt_bigcode import GPTBigCodeCausalLM
+from splitserve.engine.models.gpt_neo import GPTNeoCausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
@@ -76,6 +78,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "cohere": CohereCausalLM,
     "olmo": CausalLM,
     "glm": GlmCausalLM,
+    # GPT-BigCode, GPT-Neo: GPT-2's learned positions and names, nn.Linear weights; GPT-BigCode's
+    # c_attn split by KV head (multi-query), GPT-Neo's windowed layers unscaled
+    "gpt_bigcode": GPTBigCodeCausalLM,
+    "gpt_neo": GPTNeoCausalLM,
 }
 
 
@@ -100,4 +106,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "GlmCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
-           "FalconCausalLM", "GPTJCausalLM"]
+           "FalconCausalLM", "GPTJCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM"]
