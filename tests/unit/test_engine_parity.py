@@ -38,10 +38,13 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
 # The families of splitserve.engine.dialects: GPT-2 and OPT (learned positions, no RoPE),
 # Falcon (q/k/v split by KV group: GQA, and one KV head with falcon_mq), GPT-J (partial
-# interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
-# preemption and hand-off paths run no code of theirs that chunked prefill with prefix hits
-# leaves out (the live hand-off: tests/integration/test_family_handoff.py).
-DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj"]
+# interleaved RoPE, q/k rows reordered at load), GPT-BigCode (learned positions, c_attn split
+# by KV head: multi-query and per head), GPT-Neo (learned positions, unscaled scores, a window
+# of 8 on layer 1). The fast set only: the matrix's batching, preemption and hand-off paths
+# run no code of theirs that chunked prefill with prefix hits leaves out (the live hand-off:
+# tests/integration/test_family_handoff.py).
+DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "gpt_bigcode", "gpt_bigcode_mha",
+                    "gpt_neo"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + DIALECT_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
