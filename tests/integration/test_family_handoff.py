@@ -15,8 +15,9 @@ without RoPE (SmolLM3), LayerNorm blocks with a window on every layer
 mixture of experts with a shared expert (Qwen2-MoE), one KV head for four
 query heads (Falcon multi-query), OLMoE's clamped q/k/v and sparse MLP,
 keys cached with their rows reordered for interleaved RoPE (Cohere),
-and an fp8 KV cache (Gemma 3 again, against the engine itself: fp8
-changes the numbers)."""
+learned positions with a window on some layers (GPT-Neo), and an fp8
+KV cache (Gemma 3 again, against the engine itself: fp8 changes the
+numbers)."""
 
 import asyncio
 
@@ -39,6 +40,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("gemma3", "fp8"),
+    ("gpt_neo", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
