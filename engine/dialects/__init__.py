@@ -89,8 +89,8 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
-    arcee, cohere, cohere2, dots1, falcon, glm, glm4, glm4_moe, gpt2, gptj, granitemoe, nemotron, olmo,
-    olmoe, opt,
+    arcee, cohere, cohere2, dots1, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode, gpt_neo, gptj,
+    granitemoe, nemotron, olmo, olmoe, opt,
 )
 
 DIALECTS.update({
@@ -110,4 +110,6 @@ DIALECTS.update({
     "cohere2": cohere2.DIALECT,
     "nemotron": nemotron.DIALECT,
     "arcee": arcee.DIALECT,
+    "gpt_bigcode": gpt_bigcode.DIALECT,
+    "gpt_neo": gpt_neo.DIALECT,
 })

@@ -16,6 +16,8 @@ from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.glm4 import Glm4CausalLM
 from splitserve.engine.models.glm4_moe import Glm4MoeCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
+from splitserve.engine.models.gpt_bigcode import GPTBigCodeCausalLM
+from splitserve.engine.models.gpt_neo import GPTNeoCausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
@@ -92,6 +94,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "cohere2": Cohere2CausalLM,
     "nemotron": NemotronCausalLM,
     "arcee": ArceeCausalLM,
+    # GPT-BigCode, GPT-Neo: GPT-2's learned positions and names, nn.Linear weights; GPT-BigCode's
+    # c_attn split by KV head (multi-query), GPT-Neo's windowed layers unscaled
+    "gpt_bigcode": GPTBigCodeCausalLM,
+    "gpt_neo": GPTNeoCausalLM,
 }
 
 
@@ -117,4 +123,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
-           "ArceeCausalLM"]
+           "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM"]

@@ -42,6 +42,8 @@ _CONV1D = (".c_attn.weight", ".o_proj.weight", ".c_fc.weight", ".c_proj.weight")
 class GPT2CausalLM(CausalLM):
     """GPT-2 (``GPT2LMHeadModel``): checkpoint names and layouts mapped at load."""
 
+    conv1d_weights = _CONV1D  # the weights stored [in, out]; families of nn.Linear name none
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
         if cfg.options.inverse_layer_attn_scale:  # as GPT2Attention.scaling, layer by layer
@@ -69,7 +71,7 @@ class GPT2CausalLM(CausalLM):
                     break
             for old, new in _LAYER_RENAMES:
                 name = name.replace(old, new, 1)
-            if name.startswith("model.layers.") and name.endswith(_CONV1D) and tensor.dim() == 2:
+            if name.startswith("model.layers.") and name.endswith(self.conv1d_weights) and tensor.dim() == 2:
                 tensor = tensor.t()  # Conv1D: [in, out]
             if ".c_attn." in name:
                 yield from self.split_qkv(name, tensor)

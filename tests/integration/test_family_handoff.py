@@ -17,8 +17,9 @@ query heads (Falcon multi-query), OLMoE's clamped q/k/v and sparse MLP,
 keys cached with their rows reordered for interleaved RoPE (Cohere),
 partial rotate-half RoPE before GLM-4.5's grouped-router experts,
 Cohere 2's window on one layer beside an unrotated full-attention layer,
-and an fp8 KV cache (Gemma 3 again, against the engine itself: fp8
-changes the numbers)."""
+learned positions with a window on some layers (GPT-Neo), and an fp8
+KV cache (Gemma 3 again, against the engine itself: fp8 changes the
+numbers)."""
 
 import asyncio
 
@@ -43,6 +44,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("glm4_moe", "auto"),
     ("cohere2", "auto"),
     ("gemma3", "fp8"),
+    ("gpt_neo", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]

@@ -36,12 +36,14 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 # RoPE, per-head q/k norms, scaled logits), OLMo (parameterless LayerNorms, clamped q/k/v),
 # GLM (fused gate_up_proj, half of each head rotated in adjacent pairs), GLM-4 (GLM with
 # sandwich norms), Cohere 2 (a window on one layer, no RoPE on the other), Nemotron
-# (LayerNorm1P, relu2, partial RoPE) and Arcee (Llama with the relu2 MLP). Their KV cache
+# (LayerNorm1P, relu2, partial RoPE), Arcee (Llama with the relu2 MLP), GPT-BigCode
+# (learned positions, c_attn split by KV head: multi-query and per head) and GPT-Neo
+# (learned positions, unscaled scores, a window of 8 on layer 1). Their KV cache
 # layouts are ones the matrix covers, so each runs test_chunked_prefill_with_prefix_hits
 # only (batched, chunked, with prefix-cache hits, in one engine); the live hand-off:
 # tests/integration/test_family_handoff.py.
 DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_norm", "olmo", "glm",
-                    "glm4", "cohere2", "nemotron", "arcee"]
+                    "glm4", "cohere2", "nemotron", "arcee", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
