@@ -18,17 +18,15 @@ same reordering.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.float_layer_norm import FloatLayerNorm
 from splitserve.engine.models.helium import HeliumCausalLM, deinterleave_heads
 from splitserve.engine.models.layers import Attention
-from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.plain_blocks import ParallelDecoderLayer
 
 _HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
@@ -61,6 +59,9 @@ class CohereCausalLM(HeliumCausalLM):
     """Cohere (``CohereForCausalLM``): ``CohereDecoderLayer`` layers, q/k rows
     and per-head norm weights reordered at load, scaled logits."""
 
+    lora_refusal = ("LoRA adapters are not supported for Cohere checkpoints (its q/k rows are "
+                    "reordered at load; adapters' would need the same)")
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         return CohereDecoderLayer(self.cfg, dtype, device, window, prefix=f"model.layers.{index}")
@@ -68,21 +69,13 @@ class CohereCausalLM(HeliumCausalLM):
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits * self.cfg.options.logit_scale
 
-    def _head_norms(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         # [heads, D] q/k norm weights: columns in the q/k rows' order, and with
         # tensor parallelism the rank's heads only
         d = self.cfg.head_dim
-        for name, tensor in weights:
-            if name.endswith(_HEAD_NORMS) and tensor.dim() == 2 and tensor.shape[1] == d:
-                tensor = deinterleave_heads(tensor.reshape(-1), d).reshape(tensor.shape)
-                if self.tp is not None:
-                    start, end = self.tp.plan.q_heads() if ".q_norm." in name else self.tp.plan.kv_heads()
-                    tensor = tensor[start:end]
-            yield name, tensor  # one of the wrong shape fails in its slot, by name
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self._head_norms(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for Cohere checkpoints (its q/k "
-                              "rows are reordered at load; adapters' would need the same)")
+        if name.endswith(_HEAD_NORMS) and tensor.dim() == 2 and tensor.shape[1] == d:
+            tensor = deinterleave_heads(tensor.reshape(-1), d).reshape(tensor.shape)
+            if self.tp is not None:
+                start, end = self.tp.plan.q_heads() if ".q_norm." in name else self.tp.plan.kv_heads()
+                tensor = tensor[start:end]
+        return super().mapped(name, tensor)  # one of the wrong shape fails in its slot, by name

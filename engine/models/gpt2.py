@@ -18,14 +18,13 @@ skipped. The LM head is tied to ``wte`` unless config.json says otherwise.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import MappedCausalLM, renamed
 
 _RENAMES = (  # checkpoint prefix (after ``transformer.``) -> the shared decoder's
     ("wte.", "model.embed_tokens."),
@@ -39,10 +38,12 @@ _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _CONV1D = (".c_attn.weight", ".o_proj.weight", ".c_fc.weight", ".c_proj.weight")
 
 
-class GPT2CausalLM(CausalLM):
+class GPT2CausalLM(MappedCausalLM):
     """GPT-2 (``GPT2LMHeadModel``): checkpoint names and layouts mapped at load."""
 
     conv1d_weights = _CONV1D  # the weights stored [in, out]; families of nn.Linear name none
+    lora_refusal = ("LoRA adapters are not supported for GPT-2 checkpoints (its fused c_attn and "
+                    "Conv1D projections have no q/k/v/o_proj to adapt)")
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
@@ -60,27 +61,13 @@ class GPT2CausalLM(CausalLM):
         for part, rows in zip(("q_proj", "k_proj", "v_proj"), tensor.split(hidden)):
             yield f"{base}.{part}.{kind}", rows
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            if name.endswith(_MASK_BUFFERS):
-                continue
-            name = name.removeprefix("transformer.")
-            for old, new in _RENAMES:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            for old, new in _LAYER_RENAMES:
-                name = name.replace(old, new, 1)
-            if name.startswith("model.layers.") and name.endswith(self.conv1d_weights) and tensor.dim() == 2:
-                tensor = tensor.t()  # Conv1D: [in, out]
-            if ".c_attn." in name:
-                yield from self.split_qkv(name, tensor)
-            else:
-                yield name, tensor
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self.renamed(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for GPT-2 checkpoints (its fused "
-                              "c_attn and Conv1D projections have no q/k/v/o_proj to adapt)")
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.endswith(_MASK_BUFFERS):
+            return
+        name = renamed(name.removeprefix("transformer."), _RENAMES, _LAYER_RENAMES, count=1)
+        if name.startswith("model.layers.") and name.endswith(self.conv1d_weights) and tensor.dim() == 2:
+            tensor = tensor.t()  # Conv1D: [in, out]
+        if ".c_attn." in name:
+            yield from self.split_qkv(name, tensor)
+        else:
+            yield name, tensor

@@ -13,10 +13,8 @@ group per KV head holding its query heads then its key and value, which
 
 from __future__ import annotations
 
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gpt2 import GPT2CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
 
 
 class GPTBigCodeCausalLM(GPT2CausalLM):
@@ -24,7 +22,5 @@ class GPTBigCodeCausalLM(GPT2CausalLM):
 
     conv1d_weights = ()
     split_qkv = FalconCausalLM.split_qkv
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for GPT-BigCode checkpoints (PEFT "
-                              "trains its fused c_attn, which is split at load)")
+    lora_refusal = ("LoRA adapters are not supported for GPT-BigCode checkpoints (PEFT trains its "
+                    "fused c_attn, which is split at load)")

@@ -13,13 +13,12 @@ mapped as GPT-2's are; the causal-mask buffers of older exports
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.gpt2 import GPT2CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import renamed
 
 _AS_GPT2 = ((".attn.attention.out_proj.", ".attn.c_proj."), (".attn.attention.", ".attn."))
 
@@ -28,15 +27,8 @@ class GPTNeoCausalLM(GPT2CausalLM):
     """GPT-Neo (``GPTNeoForCausalLM``): names mapped through GPT-2's at load."""
 
     conv1d_weights = ()
+    lora_refusal = ("LoRA adapters are not supported for GPT-Neo checkpoints (its projections sit "
+                    "under transformer.h.N.attn.attention, which adapters do not map onto)")
 
-    def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        def as_gpt2(name: str) -> str:
-            for old, new in _AS_GPT2:
-                name = name.replace(old, new, 1)
-            return name
-        return super().renamed((as_gpt2(name), tensor) for name, tensor in weights)
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for GPT-Neo checkpoints (its "
-                              "projections sit under transformer.h.N.attn.attention, which adapters "
-                              "do not map onto)")
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        return super().mapped(renamed(name, (), _AS_GPT2, count=1), tensor)

@@ -20,13 +20,11 @@ q/k rows would need the same reordering.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
-from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
+from splitserve.engine.models.mapped import MappedCausalLM
 
 _ROTATED = ("q_proj", "k_proj")
 
@@ -45,20 +43,19 @@ def deinterleave_heads(tensor: torch.Tensor, head_dim: int,
     return torch.cat([turned, heads[:, rot:]], dim=1).reshape(tensor.shape)
 
 
-class HeliumCausalLM(CausalLM):
+class HeliumCausalLM(MappedCausalLM):
     """Helium (``HeliumForCausalLM``): q/k rows reordered at load."""
 
-    def _reordered(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    lora_refusal = ("LoRA adapters are not supported for Helium checkpoints (its q/k rows are "
+                    "reordered at load; adapters' would need the same)")
+
+    def reordered_dims(self) -> int | None:
+        """How many of each q/k head's first dims rotate in pairs (None: all of them)."""
+        return None
+
+    def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         d = self.cfg.head_dim
-        for name, tensor in weights:
-            module = name.rpartition(".")[0].rpartition(".")[2]
-            if module in _ROTATED and tensor.dim() >= 1 and tensor.shape[0] % d == 0:
-                tensor = deinterleave_heads(tensor, d)
-            yield name, tensor  # a q/k tensor of the wrong shape fails in its slot, by name
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self._reordered(weights))
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for Helium checkpoints (its q/k "
-                              "rows are reordered at load; adapters' would need the same)")
+        module = name.rpartition(".")[0].rpartition(".")[2]
+        if module in _ROTATED and tensor.dim() >= 1 and tensor.shape[0] % d == 0:
+            tensor = deinterleave_heads(tensor, d, self.reordered_dims())
+        return ((name, tensor),)  # a q/k tensor of the wrong shape fails in its slot, by name
