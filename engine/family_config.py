@@ -111,6 +111,9 @@ class FamilyOptions:
     # Cohere use_qk_norm: q and k LayerNorm-ed per head before RoPE, each head its own
     # weight ([heads, head_dim]; splitserve.engine.models.cohere)
     head_qk_layer_norm: bool = False
+    # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
+    # after RoPE, not before it
+    qk_norm_after_rope: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
