@@ -87,6 +87,7 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import cohere, falcon, glm, gpt2, gptj, granitemoe, olmo, olmoe, opt  # noqa: E402,E501
+from splitserve.engine.dialects import ernie4_5, exaone4, hunyuan, olmo3  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -99,4 +100,8 @@ DIALECTS.update({
     "cohere": cohere.DIALECT,
     "olmo": olmo.DIALECT,
     "glm": glm.DIALECT,
+    "olmo3": olmo3.DIALECT,
+    "exaone4": exaone4.DIALECT,
+    "ernie4_5": ernie4_5.DIALECT,
+    "hunyuan_v1_dense": hunyuan.DIALECT,
 })

@@ -40,8 +40,11 @@ PREFIX_HIT_FAMILIES = ["cohere_qk_norm", "olmo", "glm"]
 # Falcon (q/k/v split by KV group: GQA, and one KV head with falcon_mq), GPT-J (partial
 # interleaved RoPE, q/k rows reordered at load). The fast set only: the matrix's batching,
 # preemption and hand-off paths run no code of theirs that chunked prefill with prefix hits
-# leaves out (the live hand-off: tests/integration/test_family_handoff.py).
-DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj"]
+# leaves out (the live hand-off: tests/integration/test_family_handoff.py). OLMo 3 and
+# EXAONE 4 (windows of 8 on layer 0; OLMo 3's second RoPE table, EXAONE 4's NoPE layer),
+# ERNIE 4.5 (interleaved RoPE as Helium's), HunYuan dense (q/k norms after RoPE) likewise.
+DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "olmo3", "exaone4", "ernie4_5",
+                    "hunyuan_dense"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES + DIALECT_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
