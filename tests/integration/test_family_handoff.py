@@ -15,7 +15,8 @@ without RoPE (SmolLM3), LayerNorm blocks with a window on every layer
 mixture of experts with a shared expert (Qwen2-MoE), one KV head for four
 query heads (Falcon multi-query), OLMoE's clamped q/k/v and sparse MLP,
 keys cached with their rows reordered for interleaved RoPE (Cohere),
-and an fp8 KV cache (Gemma 3 again, against the engine itself: fp8
+a sliding layer beside a full-attention one without RoPE behind OLMo 2's
+post-norms (EXAONE 4), and an fp8 KV cache (Gemma 3 again, against the engine itself: fp8
 changes the numbers)."""
 
 import asyncio
@@ -38,7 +39,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("mistral_window", "auto"), ("qwen2_window", "auto"), ("gemma3", "auto"),
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
-    ("gemma3", "fp8"),
+    ("exaone4", "auto"), ("gemma3", "fp8"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
