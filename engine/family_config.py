@@ -116,6 +116,9 @@ class FamilyOptions:
     # decoder layer (model.layers.{num_hidden_layers + i}), skipped at load as transformers
     # skips them (splitserve.engine.models.glm4_moe)
     mtp_layers: int = 0
+    # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
+    # after RoPE, not before it
+    qk_norm_after_rope: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -89,8 +89,8 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
-    arcee, cohere, cohere2, dots1, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode, gpt_neo, gptj,
-    granitemoe, nemotron, olmo, olmoe, opt,
+    arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
+    gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
 )
 
 DIALECTS.update({
@@ -112,4 +112,8 @@ DIALECTS.update({
     "arcee": arcee.DIALECT,
     "gpt_bigcode": gpt_bigcode.DIALECT,
     "gpt_neo": gpt_neo.DIALECT,
+    "olmo3": olmo3.DIALECT,
+    "exaone4": exaone4.DIALECT,
+    "ernie4_5": ernie4_5.DIALECT,
+    "hunyuan_v1_dense": hunyuan.DIALECT,
 })

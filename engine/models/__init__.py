@@ -9,6 +9,8 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
+from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
+from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
@@ -23,10 +25,12 @@ from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
+from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
+from splitserve.engine.models.olmo3 import Olmo3CausalLM
 from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
@@ -98,6 +102,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # c_attn split by KV head (multi-query), GPT-Neo's windowed layers unscaled
     "gpt_bigcode": GPTBigCodeCausalLM,
     "gpt_neo": GPTNeoCausalLM,
+    # OLMo 3: OLMo 2's with windows and the sliding layers' own RoPE table; EXAONE 4: OLMo 2's
+    # post-norms with per-head q/k norms, windows and NoPE full-attention layers; ERNIE 4.5:
+    # Helium's q/k reordering; HunYuan dense: q/k norms after RoPE, renamed at load
+    "olmo3": Olmo3CausalLM,
+    "exaone4": Exaone4CausalLM,
+    "ernie4_5": Ernie4_5CausalLM,
+    "hunyuan_v1_dense": HunYuanDenseCausalLM,
 }
 
 
@@ -123,4 +134,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
-           "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM"]
+           "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]

@@ -273,6 +273,7 @@ class Attention(nn.Module):
         self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
         self.clip_qkv = opts.clip_qkv  # OLMo, OLMoE: q, k and v clamped to [-c, c]
+        self.qk_norm_after_rope = opts.qk_norm_after_rope  # HunYuan: q/k normed once rotated
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -306,13 +307,15 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim).contiguous()
         k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
         if self.clip_qkv is not None:  # after the q/k norms (OLMoE), before RoPE and the cache
             c = self.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if cos_sin_cache is not None:
             q, k = apply_rotary(positions, q, k, cos_sin_cache)
+        if self.q_norm is not None and self.qk_norm_after_rope:
+            q, k = self.norm_qk(q, k)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
@@ -322,8 +325,9 @@ class Attention(nn.Module):
         return y
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D] and k [T, Hk, D] normed before RoPE. Qwen3, Gemma 3: RMSNorm
-        over each head's D dims; OLMo 2: over a token's whole q (Hq*D) and k (Hk*D)."""
+        """q [T, Hq, D] and k [T, Hk, D] normed before RoPE (after it: HunYuan). Qwen3,
+        Gemma 3: RMSNorm over each head's D dims; OLMo 2: over a token's whole q (Hq*D)
+        and k (Hk*D)."""
         rows = q.shape[0] if self.full_qk_norm else -1
         q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
         k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)

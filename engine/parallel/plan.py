@@ -46,7 +46,7 @@ def check(cfg: ModelConfig, size: int) -> None:
             problems.append("shared_expert_intermediate_size "
                             f"({cfg.moe.shared_expert_intermediate_size}) is not a multiple of it")
     if cfg.options.full_qk_norm:
-        problems.append("its q_norm/k_norm (OLMo 2, OLMoE) normalise across all heads at once, which "
+        problems.append("its q_norm/k_norm (OLMo 2, OLMo 3, OLMoE) normalise across all heads at once, which "
                         "are not split across ranks (serve it at tensor_parallel_size 1)")
     if cfg.options.layer_norm:
         problems.append(f"its LayerNorm / ungated-MLP / parallel-residual layers ({cfg.architecture}) "

@@ -1,0 +1,36 @@
+"""OLMo 3: OLMo 2's decoder with sliding windows and a RoPE per layer type.
+
+Everything of OLMo 2 (``splitserve.engine.models.olmo2``): norms on the
+attention and MLP outputs, none before them; q/k RMSNorms over all heads
+at once, so OLMo 3 is not split across tensor-parallel ranks either. What
+it adds (``splitserve.engine.dialects.olmo3``):
+
+- the layers ``layer_types`` marks ``sliding_attention`` attend to the last
+  ``sliding_window`` tokens (``ModelConfig.layer_windows``), the others to
+  the whole context;
+- the sliding layers rotate with their own base, unscaled (a second cos/sin
+  table, built as Gemma 3's: ``local_rope_config``); the full-attention
+  layers with the model's main table (its base and any scaling, e.g. YaRN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.models.gemma3 import local_rope_config
+from splitserve.engine.models.olmo2 import Olmo2CausalLM
+from splitserve.engine.models.rope import build_cos_sin_cache
+
+
+class Olmo3CausalLM(Olmo2CausalLM):
+    """OLMo 3 (``Olmo3ForCausalLM``): a second cos/sin table for the sliding layers."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__(cfg, dtype, device)
+        self.register_buffer("local_cos_sin_cache", build_cos_sin_cache(local_rope_config(cfg), device),
+                             persistent=False)
+        self._local_layers = frozenset(cfg.options.local_rope_layers)
+
+    def rope_table(self, index: int) -> torch.Tensor:
+        return self.local_cos_sin_cache if index in self._local_layers else self.cos_sin_cache
