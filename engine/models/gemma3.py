@@ -30,6 +30,7 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.gemma import GemmaCausalLM
+from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.rope import build_cos_sin_cache
 
 
@@ -38,8 +39,11 @@ def local_rope_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, rope_theta=cfg.options.local_rope_theta, rope_scaling=None)
 
 
-class Gemma3CausalLM(GemmaCausalLM):
-    """Gemma 3 (``Gemma3ForCausalLM``): a second cos/sin table for the sliding layers."""
+class LocalRopeLayers(CausalLM):
+    """A second cos/sin table, of ``local_rope_config``, for the layers
+    ``FamilyOptions.local_rope_layers`` names (Gemma 3's and OLMo 3's sliding
+    layers); the others rotate with the main table. Put it before the
+    family's decoder among the bases."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
@@ -49,3 +53,7 @@ class Gemma3CausalLM(GemmaCausalLM):
 
     def rope_table(self, index: int) -> torch.Tensor:
         return self.local_cos_sin_cache if index in self._local_layers else self.cos_sin_cache
+
+
+class Gemma3CausalLM(LocalRopeLayers, GemmaCausalLM):
+    """Gemma 3 (``Gemma3ForCausalLM``): a second cos/sin table for the sliding layers."""

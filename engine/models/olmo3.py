@@ -15,22 +15,9 @@ it adds (``splitserve.engine.dialects.olmo3``):
 
 from __future__ import annotations
 
-import torch
-
-from splitserve.engine.config import ModelConfig
-from splitserve.engine.models.gemma3 import local_rope_config
+from splitserve.engine.models.gemma3 import LocalRopeLayers
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
-from splitserve.engine.models.rope import build_cos_sin_cache
 
 
-class Olmo3CausalLM(Olmo2CausalLM):
+class Olmo3CausalLM(LocalRopeLayers, Olmo2CausalLM):
     """OLMo 3 (``Olmo3ForCausalLM``): a second cos/sin table for the sliding layers."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
-        super().__init__(cfg, dtype, device)
-        self.register_buffer("local_cos_sin_cache", build_cos_sin_cache(local_rope_config(cfg), device),
-                             persistent=False)
-        self._local_layers = frozenset(cfg.options.local_rope_layers)
-
-    def rope_table(self, index: int) -> torch.Tensor:
-        return self.local_cos_sin_cache if index in self._local_layers else self.cos_sin_cache
