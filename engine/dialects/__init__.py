@@ -76,6 +76,15 @@ def plain_activation(cfg: dict[str, Any], family: str, default: str,
     return PLAIN_ACTIVATIONS[name]
 
 
+def refuse_partial_rotary(cfg: dict[str, Any], rope: dict[str, Any], family: str) -> None:
+    """A ``ValueError`` for a ``partial_rotary_factor`` other than 1 (in ``rope``, the
+    config's rope dict, or at top level) on a family whose every dim rotates."""
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported for {family} (every "
+                         "dim rotates)")
+
+
 def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
     """A ``ValueError`` for an fp8 checkpoint (a quantization_config) of
     ``family`` whose tensors are split, renamed or reordered at load (``why``)."""

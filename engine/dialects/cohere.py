@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint, refuse_partial_rotary
 from splitserve.engine.family_config import FamilyOptions, family_activation
 
 # keys read as Llama's, as written
@@ -63,10 +63,7 @@ def logit_scale(cfg: dict[str, Any]) -> float:
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, "CohereForCausalLM", "q/k rows are reordered at load")
-    partial = rope_dict(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor {partial} is not supported for cohere (every "
-                         "dim rotates)")
+    refuse_partial_rotary(cfg, rope_dict(cfg), "cohere")
     return FamilyOptions(hidden_act=family_activation(cfg, "cohere"), float_layer_norm="weight",
                          parallel_residual=True, interleaved_rope=True, logit_scale=logit_scale(cfg),
                          head_qk_layer_norm=bool(cfg.get("use_qk_norm", False)))

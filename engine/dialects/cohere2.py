@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, cohere, refuse_fp8_checkpoint
+from splitserve.engine.dialects import Dialect, cohere, refuse_fp8_checkpoint, refuse_partial_rotary
 from splitserve.engine.family_config import FamilyOptions, checked_layer_types, family_activation
 
 DEFAULT_ROPE_THETA = 10000.0  # Cohere2Config has no default_theta of its own
@@ -65,10 +65,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     if {"full_attention", "sliding_attention"} & rope.keys():
         raise ValueError("rope_parameters nested by layer type are not supported for cohere2 "
                          "(one RoPE for the sliding layers)")
-    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor {partial} is not supported for cohere2 (every "
-                         "dim rotates)")
+    refuse_partial_rotary(cfg, rope, "cohere2")
     return FamilyOptions(hidden_act=family_activation(cfg, "cohere2"), float_layer_norm="weight",
                          parallel_residual=True, interleaved_rope=True,
                          logit_scale=cohere.logit_scale(cfg),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint
+from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary
 from splitserve.engine.family_config import FamilyOptions, family_activation
 
 # keys read as Llama's, with transformers' Ernie4_5Config defaults (None: left out when absent)
@@ -43,10 +43,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, "Ernie4_5ForCausalLM", "q/k rows are reordered at load")
-    partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor {partial} is not supported for ernie4_5 (every "
-                         "dim rotates)")
+    refuse_partial_rotary(cfg, _rope(cfg), "ernie4_5")
     return FamilyOptions(hidden_act=family_activation(cfg, "ernie4_5"), interleaved_rope=True)
 
 
