@@ -71,16 +71,29 @@ class LocalCluster:
                                  cwd=str(ROOT), start_new_session=True)
         self.procs.append(p)
 
-    def _common(self, spec: NodeSpec) -> list[str]:
+    def _common(self, spec: NodeSpec, head_flags: tuple[str, ...] = ()) -> list[str]:
+        """A node's resources and ports: a range of 201 worker ports, and its
+        other ports (``head_flags``' too) each chosen outside that range (Ray
+        refuses to start a node whose object manager port, say, falls among
+        its worker ports)."""
         lo = free_port()
+        workers = range(lo, lo + 201)
+
+        def single() -> int:
+            for _ in range(100):
+                port = free_port()
+                if port not in workers:
+                    return port
+            raise RuntimeError(f"no free port outside the worker ports {lo}-{lo + 200}")
+
+        ports = {flag: single() for flag in (
+            "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+            "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port",
+            "--metrics-export-port", *head_flags)}
         return ["--num-cpus", str(spec.num_cpus), "--resources", json.dumps(spec.resources),
-                "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port()),
-                "--dashboard-agent-grpc-port", str(free_port()),
-                "--dashboard-agent-listen-port", str(free_port()),
-                "--metrics-export-port", str(free_port()),
-                "--min-worker-port", str(max(lo, 20000)), "--max-worker-port",
-                str(max(lo, 20000) + 200), "--object-store-memory", str(200 << 20)]
+                *(a for flag, port in ports.items() for a in (flag, str(port))),
+                "--min-worker-port", str(lo), "--max-worker-port", str(lo + 200),
+                "--object-store-memory", str(200 << 20)]
 
     def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "LocalCluster":
         """Start the head, then each worker in turn (concurrent starts time
@@ -89,11 +102,10 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="ray_as_")
 
         def head() -> None:
-            port = free_port()
-            self.address = f"127.0.0.1:{port}"
-            self._start(["--head", "--port", str(port), "--include-dashboard", "false",
-                         "--ray-client-server-port", str(free_port()), "--temp-dir",
-                         os.path.join(self.temp_dir, "t"), *self._common(self.head)], "head")
+            args = self._common(self.head, ("--port", "--ray-client-server-port"))
+            self.address = f"127.0.0.1:{args[args.index('--port') + 1]}"
+            self._start(["--head", "--include-dashboard", "false", "--temp-dir",
+                         os.path.join(self.temp_dir, "t"), *args], "head")
 
         self._start_with_retries(head, attempts, timeout_s)
         for i, w in enumerate(self.workers):
