@@ -34,7 +34,10 @@ _HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 class CohereAttention(Attention):
     """``Attention`` whose q/k norms (``FamilyOptions.head_qk_layer_norm``)
-    are float32 LayerNorms with a weight per head."""
+    are float32 LayerNorms with a weight per head, and whose RoPE rotates
+    float32 copies of q and k (rounded once, as transformers' Cohere does)."""
+
+    float_rope = True
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, prefix: str = "self_attn"):
@@ -50,9 +53,11 @@ class CohereAttention(Attention):
 
 
 class CohereDecoderLayer(ParallelDecoderLayer):
-    """The parallel residual on one norm, with ``CohereAttention``."""
+    """The parallel residual on one norm, with ``CohereAttention``, summed as
+    transformers sums it: ``(x + attn) + mlp``."""
 
     attention_class = CohereAttention
+    attn_into_residual = True
 
 
 class CohereCausalLM(HeliumCausalLM):

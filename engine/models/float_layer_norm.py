@@ -4,7 +4,9 @@ and OLMo's OlmoLayerNorm (no parameters at all).
 Both transformers classes cast the row to float32, subtract its mean,
 divide by the root of its (biased) variance plus eps, multiply the float32
 weight in where there is one, and round the result once to the input
-dtype. ``FloatLayerNorm`` does the same with ``RMSNorm``'s interface (the
+dtype: OLMo through ``F.layer_norm``, Cohere by its own formula, which
+can differ from it by a float32 ulp and so, after rounding, by a bf16 one;
+each is computed here as its family computes it. ``FloatLayerNorm`` does the same with ``RMSNorm``'s interface (the
 residual add fused in). A torch op on every device: the kernel registry
 has no LayerNorm kernel.
 """
@@ -36,7 +38,11 @@ class FloatLayerNorm(nn.Module):
         # x: [..., dim]; with residual returns (norm(x + residual), x + residual)
         if residual is not None:
             x = x + residual
-        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        if self.weight is not None:
+        if self.weight is None:  # OLMo: torch's layer_norm, as transformers calls it
+            normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        else:  # Cohere: transformers' own formula (a float32 ulp apart from layer_norm's)
+            xf = x.float()
+            centred = xf - xf.mean(-1, keepdim=True)
+            normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
             normed = self.weight.float() * normed
         return normed.to(x.dtype), (x if residual is not None else None)

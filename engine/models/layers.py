@@ -239,6 +239,8 @@ def linear_slots(linear: Linear, shards: list[tuple[str, int, int]],
 
 
 class Attention(nn.Module):
+    float_rope = False  # RoPE on float32 copies of q/k, rounded once (Cohere)
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, prefix: str = "self_attn"):
         super().__init__()
@@ -313,7 +315,7 @@ class Attention(nn.Module):
             c = self.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if cos_sin_cache is not None:
-            q, k = apply_rotary(positions, q, k, cos_sin_cache)
+            q, k = apply_rotary(positions, q, k, cos_sin_cache, self.float_rope)
         if self.q_norm is not None and self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,

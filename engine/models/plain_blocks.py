@@ -78,7 +78,11 @@ class ParallelDecoderLayer(DecoderLayer):
     (GPT-NeoX's ``post_attention_layernorm``). Returns ``attn + mlp`` and
     the stream apart; the next norm adds them, in transformers' order
     (attention + MLP first, then the residual; a + m and m + a are the
-    same float)."""
+    same float). ``attn_into_residual``: the attention output joins the
+    residual first, ``(x + attn) + mlp``, as Cohere sums them (in bf16 the
+    two orders round differently)."""
+
+    attn_into_residual = False
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, mlp: nn.Module | None = None, prefix: str = ""):
@@ -106,6 +110,8 @@ class ParallelDecoderLayer(DecoderLayer):
             attn = self.tp.all_reduce(attn)
         if self.post_attention_layernorm is not None:
             h, _ = self.post_attention_layernorm(residual)
+        if self.attn_into_residual:
+            return self.feed_forward(h, lora), residual + attn
         return attn + self.feed_forward(h, lora), residual
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:

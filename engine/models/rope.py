@@ -43,9 +43,14 @@ def _rotated(cfg: ModelConfig) -> ModelConfig:
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos_sin_cache: torch.Tensor, in_float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.rotary_embedding`` on q [T, Hq, D] and k [T, Hk, D]; a table
-    narrower than D (partial rotary) turns only each head's first dims."""
+    narrower than D (partial rotary) turns only each head's first dims.
+    ``in_float32``: rotate float32 copies and round once (Cohere's
+    ``apply_rotary_pos_emb`` upcasts q and k), not each product in q's dtype."""
+    if in_float32 and q.dtype != torch.float32:
+        q32, k32 = apply_rotary(positions, q.float(), k.float(), cos_sin_cache)
+        return q32.to(q.dtype), k32.to(k.dtype)
     rot = cos_sin_cache.shape[1]
     if rot == q.shape[-1]:
         return ops.rotary_embedding(positions, q, k, cos_sin_cache)
