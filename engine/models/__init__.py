@@ -109,6 +109,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone4": Exaone4CausalLM,
     "ernie4_5": Ernie4_5CausalLM,
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
+    # InternLM3: Llama, its biases read from qkv_bias / bias
+    "internlm3": CausalLM,
 }
 
 
