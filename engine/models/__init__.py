@@ -34,6 +34,7 @@ from splitserve.engine.models.olmo3 import Olmo3CausalLM
 from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
+from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -111,6 +112,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
     # InternLM3: Llama, its biases read from qkv_bias / bias
     "internlm3": CausalLM,
+    # Apertus: per-head q/k norms and the ungated xIELU MLP, norms renamed at load
+    "apertus": ApertusCausalLM,
 }
 
 
@@ -137,4 +140,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
-           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
+           "ApertusCausalLM"]

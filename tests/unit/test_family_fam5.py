@@ -1,15 +1,19 @@
-"""config.json parsing and refusals of the InternLM3 family: the defaults
-transformers' config class fills in (checked against it), its bias keys,
-and a clear CheckpointError for what the engine does not support. Token
-parity is in test_model_parity / test_engine_parity (internlm3); at
+"""config.json parsing, xIELU and refusals of the InternLM3 and Apertus
+families: the defaults transformers' config classes fill in (checked
+against those classes), xIELU against transformers' own function, and a
+clear CheckpointError for what the engine does not support. Token parity is
+in test_model_parity / test_engine_parity (internlm3, apertus); at
 tensor_parallel_size 2 in test_tp_engine (slow)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.parallel.plan import check
 
 
 def raw(arch: str, **extra) -> dict:
@@ -51,3 +55,45 @@ def test_internlm3_biases_by_either_name(keys):
 
 def test_internlm3_refuses_qkv_bias_apart_from_bias():
     refused(raw("InternLM3ForCausalLM", qkv_bias=True, bias=False), "qkv_bias .* different from bias")
+
+
+# --- Apertus ------------------------------------------------------------------
+
+def test_apertus_defaults_as_its_config_class():
+    cfg = raw("ApertusForCausalLM")
+    ours, ref = ModelConfig.from_hf(cfg), hf_config("ApertusConfig", cfg)
+    assert ours.family == "apertus" and ours.qk_norm and ours.num_kv_heads == ref.num_key_value_heads == 4
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.max_position == ref.max_position_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] == 12_000_000.0
+    for key in ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        assert ours.rope_scaling[key] == ref.rope_parameters[key], key
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
+    assert ours.options.hidden_act == "xielu" and ours.options.plain_mlp == ("up_proj", "down_proj")
+    check(ours, 2)  # Llama-like with RMSNorm: splits across ranks
+
+
+def test_apertus_xielu_matches_transformers():
+    from transformers.activations import XIELUActivation
+
+    from splitserve.engine.models.apertus import XieluMLP
+
+    cfg = ModelConfig.from_hf(raw("ApertusForCausalLM"))
+    ref = XIELUActivation(dtype=torch.float32)
+    mlp = XieluMLP(cfg, torch.float32, "cpu", "mlp")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in ("alpha_p", "alpha_n", "beta", "eps"):
+            getattr(ref, name).add_(0.3 * torch.randn(getattr(ref, name).shape, generator=gen))
+            getattr(mlp, name).copy_(getattr(ref, name).reshape(1))
+    x = 3 * torch.randn(64, 32, generator=gen)
+    x[0, :4] = torch.tensor([0.0, -1e-7, 1e-7, -0.0])  # around the eps kink
+    torch.testing.assert_close(mlp.xielu(x), ref._xielu_python(x), atol=0, rtol=0)
+
+
+def test_apertus_refusals(tiny_checkpoints):
+    refused(raw("ApertusForCausalLM", hidden_act="silu"), "hidden_act 'silu' is not supported for apertus")
+    refused(raw("ApertusForCausalLM", quantization_config={"quant_method": "fp8"}),
+            "fp8 ApertusForCausalLM checkpoints are not supported")
+    model = load_model(load_checkpoint(tiny_checkpoints["apertus"]), torch.float32)
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Apertus"):
+        model.enable_lora(1, 8)
