@@ -101,7 +101,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
 )
-from splitserve.engine.dialects import apertus, internlm3  # noqa: E402
+from splitserve.engine.dialects import apertus, internlm3, phimoe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -128,4 +128,5 @@ DIALECTS.update({
     "hunyuan_v1_dense": hunyuan.DIALECT,
     "internlm3": internlm3.DIALECT,
     "apertus": apertus.DIALECT,
+    "phimoe": phimoe.DIALECT,
 })

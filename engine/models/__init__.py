@@ -35,6 +35,7 @@ from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
+from splitserve.engine.models.phimoe import PhimoeCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -114,6 +115,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "internlm3": CausalLM,
     # Apertus: per-head q/k norms and the ungated xIELU MLP, norms renamed at load
     "apertus": ApertusCausalLM,
+    # PhiMoE: LayerNorms, biased attention and LM head, the sparsemixer router, its own LongRoPE table
+    "phimoe": PhimoeCausalLM,
 }
 
 
@@ -141,4 +144,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
-           "ApertusCausalLM"]
+           "ApertusCausalLM", "PhimoeCausalLM"]

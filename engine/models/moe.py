@@ -1,5 +1,5 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 and dots.llm1
-(GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1 and
+PhiMoE (GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
@@ -15,7 +15,8 @@ one (the same as a softmax over the top-k logits), Qwen only with
 ``norm_topk_prob``. GLM-4.5 and dots.llm1 route with sigmoid scores, a
 correction bias and expert groups (``MoEConfig.grouped_sigmoid``,
 ``splitserve.engine.models.grouped_router``), their router and its bias in
-float32 whatever the model dtype, as transformers keeps them.
+float32 whatever the model dtype, as transformers keeps them. PhiMoE routes
+with its sparsemixer (``splitserve.engine.models.sparsemixer``).
 
 Checkpoints store each expert's projections separately
 (``...block_sparse_moe.experts.3.w1.weight`` in Mixtral,
@@ -54,6 +55,7 @@ from splitserve.engine.models.layers import (
     scale_slot,
 )
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.sparsemixer import route_sparsemixer
 from splitserve.engine.quantization import Groups, layer_groups
 from splitserve.kernels import ops
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
@@ -70,6 +72,7 @@ CHECKPOINT_NAMES = {
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -149,10 +152,12 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> K experts per token -> [T, hidden]
-        if self.e_score_correction_bias is None:
-            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        else:  # GLM-4.5, dots.llm1: in float32
+        if self.e_score_correction_bias is not None:  # GLM-4.5, dots.llm1: in float32
             weights, ids = route_grouped(self.gate(x.float()), self.e_score_correction_bias, self.moe)
+        elif self.moe.sparsemixer_eps is not None:  # PhiMoE
+            weights, ids = route_sparsemixer(self.gate(x), self.moe.sparsemixer_eps)
+        else:
+            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         if self.w_gate_up_scale is None:
             out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
         else:

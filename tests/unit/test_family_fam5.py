@@ -1,9 +1,11 @@
-"""config.json parsing, xIELU and refusals of the InternLM3 and Apertus
-families: the defaults transformers' config classes fill in (checked
-against those classes), xIELU against transformers' own function, and a
-clear CheckpointError for what the engine does not support. Token parity is
-in test_model_parity / test_engine_parity (internlm3, apertus); at
-tensor_parallel_size 2 in test_tp_engine (slow)."""
+"""config.json parsing, routers and refusals of the InternLM3, Apertus and
+PhiMoE families: the defaults transformers' config classes fill in (checked
+against those classes), xIELU and sparsemixer against transformers' own
+functions, PhiMoE's LongRoPE past its switch, and a clear CheckpointError
+(or tensor-parallel refusal) for what the engine does not support. Token
+parity is in test_model_parity / test_engine_parity (internlm3, apertus) and
+test_moe_parity (phimoe); at tensor_parallel_size 2 in test_tp_engine
+(slow); PhiMoE through the live hand-off in test_family_handoff."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.loader import load_checkpoint, load_model
-from splitserve.engine.parallel.plan import check
+from splitserve.engine.models.sparsemixer import route_sparsemixer
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, new_cache, run, step_meta
 
 
 def raw(arch: str, **extra) -> dict:
@@ -97,3 +101,66 @@ def test_apertus_refusals(tiny_checkpoints):
     model = load_model(load_checkpoint(tiny_checkpoints["apertus"]), torch.float32)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Apertus"):
         model.enable_lora(1, 8)
+
+
+# --- PhiMoE -------------------------------------------------------------------
+
+def test_phimoe_defaults_as_its_config_class():
+    cfg = raw("PhimoeForCausalLM", num_local_experts=4)
+    ours, ref = ModelConfig.from_hf(cfg), hf_config("PhimoeConfig", cfg)
+    assert ours.family == "phimoe" and ours.num_kv_heads == ref.num_key_value_heads == 8
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.max_position == ref.max_position_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    assert ours.sliding_window is None and ours.layer_windows == (0, 0)
+    moe = ours.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size) == (4, 2, 128)
+    assert moe.sparsemixer_eps == ref.router_jitter_noise and not moe.renormalize
+    assert ours.options.layer_norm and not ours.options.lm_head_bias
+    windowed = ModelConfig.from_hf(raw("PhimoeForCausalLM", sliding_window=8, lm_head_bias=True))
+    assert windowed.layer_windows == (8, 8) and windowed.options.lm_head_bias
+    with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
+        check(ours, 2)
+
+
+def test_phimoe_refusals():
+    refused(raw("PhimoeForCausalLM", num_experts_per_tok=1), "sparsemixer router always picks 2")
+    refused(raw("PhimoeForCausalLM", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "rope scaling 'linear' is not supported for phimoe")
+    refused(raw("PhimoeForCausalLM", rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                   "long_factor": [1.0] * 8, "long_mscale": 1.0}),
+            "needs short_mscale")
+    refused(raw("PhimoeForCausalLM", partial_rotary_factor=0.5), "partial_rotary_factor 0.5")
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2, 1.0])
+def test_sparsemixer_matches_transformers(eps):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = torch.randn(200, 6, generator=torch.Generator().manual_seed(3))
+    logits[0] = torch.tensor([1.0, 0.99, -2.0, 0.5, 0.98, -0.1])  # several near the best
+    want_w, want_ids = sparsemixer(logits, jitter_eps=eps, training=False)
+    weights, ids = route_sparsemixer(logits, eps)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_phimoe_decodes_past_the_longrope_switch(parity_models):
+    # a 60-token prompt and 8 decode steps: positions from 64 (original_max_position_embeddings)
+    # on take long_mscale, against transformers' forward with its cache, step by step (its
+    # generate instead re-prefills the whole sequence once at the switch, which a paged cache
+    # of rotated keys cannot do; the parity variants stay below it)
+    model, ref = parity_models("phimoe")
+    ids = [(7 * i + 3) % 500 for i in range(60)]
+    kv = new_cache(model)
+    positions, meta = step_meta([IDENTITY_TABLE], [0], [len(ids)])
+    ours = run(model, kv, ids, positions, meta)[-1]
+    out = ref(torch.tensor([ids]), use_cache=True)
+    for _ in range(8):
+        torch.testing.assert_close(ours, out.logits[0, -1], atol=ATOL, rtol=0)
+        ids.append(int(ours.argmax()))
+        positions, meta = step_meta([IDENTITY_TABLE], [len(ids) - 1], [1])
+        ours = run(model, kv, ids[-1:], positions, meta)[-1]
+        out = ref(torch.tensor([ids[-1:]]), cache=out.past_key_values, use_cache=True,
+                  position_ids=torch.tensor([[len(ids) - 1]]))
+    assert len(ids) - 1 > 64
