@@ -35,6 +35,7 @@ from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
+from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -117,6 +118,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "apertus": ApertusCausalLM,
     # PhiMoE: LayerNorms, biased attention and LM head, the sparsemixer router, its own LongRoPE table
     "phimoe": PhimoeCausalLM,
+    # DBRX: float32 LayerNorms, clamped q/k/v, fused Wqkv and experts split at load, p-normed weights
+    "dbrx": DbrxCausalLM,
 }
 
 
@@ -144,4 +147,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
-           "ApertusCausalLM", "PhimoeCausalLM"]
+           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM"]

@@ -1,10 +1,11 @@
-"""config.json parsing, routers and refusals of the InternLM3, Apertus and
-PhiMoE families: the defaults transformers' config classes fill in (checked
-against those classes), xIELU and sparsemixer against transformers' own
-functions, PhiMoE's LongRoPE past its switch, and a clear CheckpointError
-(or tensor-parallel refusal) for what the engine does not support. Token
-parity is in test_model_parity / test_engine_parity (internlm3, apertus) and
-test_moe_parity (phimoe); at tensor_parallel_size 2 in test_tp_engine
+"""config.json parsing, routers and refusals of the InternLM3, Apertus,
+PhiMoE and DBRX families: the defaults transformers' config classes fill
+in (checked against those classes), xIELU and sparsemixer against
+transformers' own functions, PhiMoE's LongRoPE past its switch, DBRX's
+fused layouts, and a clear CheckpointError (or tensor-parallel refusal)
+for what the engine does not support. Token parity is in
+test_model_parity / test_engine_parity (internlm3, apertus) and
+test_moe_parity (phimoe, dbrx); at tensor_parallel_size 2 in test_tp_engine
 (slow); PhiMoE through the live hand-off in test_family_handoff."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.models.moe import route
 from splitserve.engine.models.sparsemixer import route_sparsemixer
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, new_cache, run, step_meta
@@ -164,3 +166,66 @@ def test_phimoe_decodes_past_the_longrope_switch(parity_models):
         out = ref(torch.tensor([ids[-1:]]), cache=out.past_key_values, use_cache=True,
                   position_ids=torch.tensor([[len(ids) - 1]]))
     assert len(ids) - 1 > 64
+
+
+# --- DBRX ---------------------------------------------------------------------
+
+def dbrx(**extra) -> dict:
+    return {"architectures": ["DbrxForCausalLM"], "vocab_size": 32, "d_model": 64, "n_heads": 4,
+            "n_layers": 2, **extra}
+
+
+def test_dbrx_defaults_as_its_config_class():
+    cfg = dbrx()
+    ours, ref = ModelConfig.from_hf(cfg), hf_config("DbrxConfig", cfg)
+    assert ours.family == "dbrx" and ours.head_dim == 16 and ours.num_kv_heads == ref.attn_config.kv_n_heads
+    assert ours.max_position == ref.max_position_embeddings and ours.rms_norm_eps == 1e-5
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] == 10000.0
+    moe, ffn = ours.moe, ref.ffn_config
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size) == (
+        ffn.moe_num_experts, ffn.moe_top_k, ffn.ffn_hidden_size)
+    assert moe.expert_weight_norm == ffn.moe_normalize_expert_weights and not moe.renormalize
+    assert ours.options.clip_qkv is None and ours.options.float_layer_norm == "weight"
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
+    with pytest.raises(TensorParallelConfigError, match="fused Wqkv and experts"):
+        check(ours, 2)
+
+
+def test_dbrx_rope_theta():
+    # transformers 5 writes rope_parameters; older configs hold it in attn_config
+    assert ModelConfig.from_hf(dbrx(rope_parameters={"rope_type": "default", "rope_theta": 7.0},
+                                    attn_config={"rope_theta": 5.0})).rope_theta == 7.0
+    assert ModelConfig.from_hf(dbrx(attn_config={"rope_theta": 500000})).rope_theta == 500000.0
+
+
+def test_dbrx_routes_by_the_p_norm():
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    weights, ids = route(logits, 2, False, 3.0)
+    top = torch.softmax(logits, -1).topk(2).values
+    torch.testing.assert_close(weights, top / top.pow(3).sum(-1, keepdim=True) ** (1 / 3))
+
+
+def test_dbrx_refusals(tiny_checkpoints):
+    refused(dbrx(tie_word_embeddings=True), "tie_word_embeddings is not supported for DBRX")
+    refused(dbrx(ffn_config={"ffn_act_fn": {"name": "gelu"}}), "ffn_act_fn .* not supported for dbrx")
+    refused(dbrx(attn_config={"clip_qkv": 0}), "clip_qkv must be positive")
+    refused(dbrx(d_model=66), r"d_model \(66\) must be a multiple of n_heads")
+    refused(dbrx(quantization_config={"quant_method": "fp8"}), "fp8 DBRX checkpoints are not supported")
+    model = load_model(load_checkpoint(tiny_checkpoints["dbrx"]), torch.float32)
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for DBRX"):
+        model.enable_lora(1, 8)
+
+
+def test_dbrx_misshapen_experts_are_named(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoints["dbrx"]
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f.resolve())
+    (tmp_path / "model.safetensors").unlink()
+    tensors = load_file(str(src / "model.safetensors"))
+    name = "transformer.blocks.1.ffn.experts.mlp.v1"
+    tensors[name] = tensors[name][:-1]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor '{name}': expected shape \\[128, 64\\]"):
+        load_model(load_checkpoint(tmp_path), torch.float32)

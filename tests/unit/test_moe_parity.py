@@ -1,5 +1,5 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE,
-GraniteMoE, GraniteMoeShared, GLM-4.5, dots.llm1, PhiMoE) against
+GraniteMoE, GraniteMoeShared, GLM-4.5, dots.llm1, PhiMoE, DBRX) against
 transformers on tiny random checkpoints: 4 experts, top-2 (GLM-4.5 and
 dots.llm1: 8 experts in groups, tests/fixtures/checkpoints.py).
 
