@@ -119,6 +119,10 @@ class FamilyOptions:
     # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
     # after RoPE, not before it
     qk_norm_after_rope: bool = False
+    # why the family cannot be split across tensor-parallel ranks where no other option says
+    # it (DBRX: tensors split at load, untested across ranks; splitserve.engine.parallel.plan);
+    # "": no such reason
+    tensor_parallel_refusal: str = ""
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

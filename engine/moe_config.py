@@ -12,7 +12,7 @@ from splitserve.engine.dialects import DIALECTS
 @dataclass(frozen=True)
 class MoEConfig:
     """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
-    GraniteMoE, GLM-4.5, dots.llm1).
+    GraniteMoE, GLM-4.5, dots.llm1, PhiMoE, DBRX).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to
@@ -37,6 +37,13 @@ class MoEConfig:
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling_factor: float = 1.0
+    # PhiMoE's sparsemixer (its router_jitter_noise): two experts, each weighted by a softmax
+    # over the experts within this relative distance (x 2) of it (splitserve.engine.models.sparsemixer);
+    # None: the softmax router
+    sparsemixer_eps: float | None = None
+    # DBRX moe_normalize_expert_weights: the top-k weights divided by their p-norm of this p
+    # (in place of ``renormalize``'s sum); None: not normalised so
+    expert_weight_norm: float | None = None
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

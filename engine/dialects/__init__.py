@@ -101,6 +101,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
 )
+from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -125,4 +126,8 @@ DIALECTS.update({
     "exaone4": exaone4.DIALECT,
     "ernie4_5": ernie4_5.DIALECT,
     "hunyuan_v1_dense": hunyuan.DIALECT,
+    "internlm3": internlm3.DIALECT,
+    "apertus": apertus.DIALECT,
+    "phimoe": phimoe.DIALECT,
+    "dbrx": dbrx.DIALECT,
 })

@@ -34,6 +34,9 @@ from splitserve.engine.models.olmo3 import Olmo3CausalLM
 from splitserve.engine.models.opt import OPTCausalLM
 from splitserve.engine.models.phi3 import Phi3CausalLM
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
+from splitserve.engine.models.apertus import ApertusCausalLM
+from splitserve.engine.models.dbrx import DbrxCausalLM
+from splitserve.engine.models.phimoe import PhimoeCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -109,6 +112,14 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone4": Exaone4CausalLM,
     "ernie4_5": Ernie4_5CausalLM,
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
+    # InternLM3: Llama, its biases read from qkv_bias / bias
+    "internlm3": CausalLM,
+    # Apertus: per-head q/k norms and the ungated xIELU MLP, norms renamed at load
+    "apertus": ApertusCausalLM,
+    # PhiMoE: LayerNorms, biased attention and LM head, the sparsemixer router, its own LongRoPE table
+    "phimoe": PhimoeCausalLM,
+    # DBRX: float32 LayerNorms, clamped q/k/v, fused Wqkv and experts split at load, p-normed weights
+    "dbrx": DbrxCausalLM,
 }
 
 
@@ -135,4 +146,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
-           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
+           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM"]

@@ -1,5 +1,5 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 and dots.llm1
-(GraniteMoE's experts too: ``splitserve.engine.models.granitemoe``).
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1 and
+PhiMoE (GraniteMoE's and DBRX's experts too: ``splitserve.engine.models.granitemoe``, ``dbrx``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
@@ -15,7 +15,9 @@ one (the same as a softmax over the top-k logits), Qwen only with
 ``norm_topk_prob``. GLM-4.5 and dots.llm1 route with sigmoid scores, a
 correction bias and expert groups (``MoEConfig.grouped_sigmoid``,
 ``splitserve.engine.models.grouped_router``), their router and its bias in
-float32 whatever the model dtype, as transformers keeps them.
+float32 whatever the model dtype, as transformers keeps them. PhiMoE routes
+with its sparsemixer (``splitserve.engine.models.sparsemixer``); DBRX divides
+the top-k weights by their p-norm (``MoEConfig.expert_weight_norm``).
 
 Checkpoints store each expert's projections separately
 (``...block_sparse_moe.experts.3.w1.weight`` in Mixtral,
@@ -54,6 +56,7 @@ from splitserve.engine.models.layers import (
     scale_slot,
 )
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.sparsemixer import route_sparsemixer
 from splitserve.engine.quantization import Groups, layer_groups
 from splitserve.kernels import ops
 from splitserve.kernels.fp8_gemm import FP8_WEIGHT_DTYPE, quantize_weight, scale_shape
@@ -70,6 +73,9 @@ CHECKPOINT_NAMES = {
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
+    # its fused ffn.experts.mlp.w1 / v1 / w2 split into these at load (splitserve.engine.models.dbrx)
+    "dbrx": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -88,12 +94,16 @@ class ExpertSlot(ShardSlot):
         return t if self.start is None else t.narrow(0, self.start, self.size)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E] -> (weights [T, K] float32, expert ids [T, K] int64)."""
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          norm_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (weights [T, K] float32, expert ids [T, K] int64);
+    ``norm_p`` (DBRX): the weights divided by their p-norm."""
     probs = F.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif norm_p is not None:
+        weights = weights / torch.norm(weights, p=norm_p, dim=-1, keepdim=True)
     return weights, ids
 
 
@@ -149,10 +159,12 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> K experts per token -> [T, hidden]
-        if self.e_score_correction_bias is None:
-            weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        else:  # GLM-4.5, dots.llm1: in float32
+        if self.e_score_correction_bias is not None:  # GLM-4.5, dots.llm1: in float32
             weights, ids = route_grouped(self.gate(x.float()), self.e_score_correction_bias, self.moe)
+        elif self.moe.sparsemixer_eps is not None:  # PhiMoE
+            weights, ids = route_sparsemixer(self.gate(x), self.moe.sparsemixer_eps)
+        else:
+            weights, ids = route(self.gate(x), self.top_k, self.renormalize, self.moe.expert_weight_norm)
         if self.w_gate_up_scale is None:
             out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
         else:

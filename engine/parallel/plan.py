@@ -51,6 +51,8 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.layer_norm:
         problems.append(f"its LayerNorm / ungated-MLP / parallel-residual layers ({cfg.architecture}) "
                         "are not split across ranks yet (serve it at tensor_parallel_size 1)")
+    if cfg.options.tensor_parallel_refusal:
+        problems.append(cfg.options.tensor_parallel_refusal)
     if cfg.options.position_table:
         problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
                         "(serve it at tensor_parallel_size 1)")
