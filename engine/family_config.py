@@ -105,8 +105,9 @@ class FamilyOptions:
     # norms (OLMoE), before RoPE; None: no clamp
     clip_qkv: float | None = None
     # LayerNorm computed in float32, no bias, rounded once to the model dtype:
-    # "weight" (Cohere's CohereLayerNorm) or "none", no parameters (OLMo's OlmoLayerNorm);
-    # "": the norm ``layer_norm`` says
+    # "weight" (DBRX's LayerNorm without bias), "cohere" (a weight, by CohereLayerNorm's
+    # own formula) or "none", no parameters (OLMo's OlmoLayerNorm); "": the norm
+    # ``layer_norm`` says
     float_layer_norm: str = ""
     logit_scale: float = 1.0  # Cohere logit_scale: the output logits multiplied by it
     # Cohere use_qk_norm: q and k LayerNorm-ed per head before RoPE, each head its own

@@ -64,7 +64,7 @@ def logit_scale(cfg: dict[str, Any]) -> float:
 def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, "CohereForCausalLM", "q/k rows are reordered at load")
     refuse_partial_rotary(cfg, rope_dict(cfg), "cohere")
-    return FamilyOptions(hidden_act=family_activation(cfg, "cohere"), float_layer_norm="weight",
+    return FamilyOptions(hidden_act=family_activation(cfg, "cohere"), float_layer_norm="cohere",
                          parallel_residual=True, interleaved_rope=True, logit_scale=logit_scale(cfg),
                          head_qk_layer_norm=bool(cfg.get("use_qk_norm", False)))
 

@@ -66,7 +66,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
         raise ValueError("rope_parameters nested by layer type are not supported for cohere2 "
                          "(one RoPE for the sliding layers)")
     refuse_partial_rotary(cfg, rope, "cohere2")
-    return FamilyOptions(hidden_act=family_activation(cfg, "cohere2"), float_layer_norm="weight",
+    return FamilyOptions(hidden_act=family_activation(cfg, "cohere2"), float_layer_norm="cohere",
                          parallel_residual=True, interleaved_rope=True,
                          logit_scale=cohere.logit_scale(cfg),
                          nope_layers=tuple(i for i, t in enumerate(layer_types(cfg)) if t == "full_attention"))

@@ -44,8 +44,8 @@ class CohereAttention(Attention):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
         if cfg.options.head_qk_layer_norm:
             eps, d = cfg.rms_norm_eps, self.head_dim
-            self.q_norm = FloatLayerNorm((self.num_heads, d), eps, dtype, device)
-            self.k_norm = FloatLayerNorm((self.num_kv_heads, d), eps, dtype, device)
+            self.q_norm = FloatLayerNorm((self.num_heads, d), eps, dtype, device, cohere=True)
+            self.k_norm = FloatLayerNorm((self.num_kv_heads, d), eps, dtype, device, cohere=True)
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q [T, Hq, D], k [T, Hk, D]: each head over its D dims, times its own weight row

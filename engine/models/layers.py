@@ -164,7 +164,9 @@ def model_norm(cfg: ModelConfig, dim: int, dtype: torch.dtype,
     8 bits of w in bf16)."""
     opts = cfg.options
     if opts.float_layer_norm:
-        return FloatLayerNorm((dim,), cfg.rms_norm_eps, dtype, device, weight=opts.float_layer_norm == "weight")
+        return FloatLayerNorm((dim,), cfg.rms_norm_eps, dtype, device,
+                              weight=opts.float_layer_norm != "none",
+                              cohere=opts.float_layer_norm == "cohere")
     if opts.layer_norm:
         return LayerNorm(dim, cfg.rms_norm_eps, dtype, device)
     weight_dtype = torch.float32 if opts.norm_plus_one else dtype

@@ -43,7 +43,7 @@ def test_cohere2_layer_types_windows_and_nope_layers():
     assert cfg.family == "cohere2" and cfg.head_dim == 16 and cfg.rope_theta == 10000.0
     assert cfg.layer_windows == (4096, 4096, 4096, 0, 4096) and cfg.options.nope_layers == (3,)
     assert cfg.tie_word_embeddings and cfg.rms_norm_eps == 1e-5 and cfg.options.logit_scale == 0.0625
-    assert cfg.options.float_layer_norm == "weight" and cfg.options.parallel_residual
+    assert cfg.options.float_layer_norm == "cohere" and cfg.options.parallel_residual
     assert not cfg.options.head_qk_layer_norm and not cfg.qk_norm
     cfg = ModelConfig.from_hf(raw("Cohere2ForCausalLM", num_hidden_layers=3, sliding_window_pattern=2,
                                   sliding_window=8, attention_bias=True, rope_theta=50.0))
