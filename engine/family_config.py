@@ -119,6 +119,9 @@ class FamilyOptions:
     # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
     # after RoPE, not before it
     qk_norm_after_rope: bool = False
+    # gpt-oss self_attn.sinks: a learned logit per query head that joins each softmax's
+    # denominator as a key without a value (transformers' eager_attention_forward ``sinks``)
+    attention_sinks: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

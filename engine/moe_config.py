@@ -12,7 +12,7 @@ from splitserve.engine.dialects import DIALECTS
 @dataclass(frozen=True)
 class MoEConfig:
     """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
-    GraniteMoE, GLM-4.5, dots.llm1).
+    GraniteMoE, GLM-4.5, dots.llm1, gpt-oss).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to
@@ -37,6 +37,12 @@ class MoEConfig:
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling_factor: float = 1.0
+    # gpt-oss (its GptOssTopKRouter / GptOssExperts): a router with a bias, the softmax over
+    # the top-k logits; experts with biases whose gate (clamped above at ``swiglu_limit``)
+    # and up (clamped to +-``swiglu_limit``) give (up + 1) * gate * sigmoid(gate *
+    # ``swiglu_alpha``) (splitserve.engine.models.gpt_oss); 0: the plain SwiGLU experts
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 0.0
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

@@ -21,6 +21,7 @@ from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_bigcode import GPTBigCodeCausalLM
 from splitserve.engine.models.gpt_neo import GPTNeoCausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
+from splitserve.engine.models.gpt_oss import GptOssCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
@@ -109,6 +110,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone4": Exaone4CausalLM,
     "ernie4_5": Ernie4_5CausalLM,
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
+    # gpt-oss: attention sinks, windows on alternate layers, and experts with biases and a
+    # clamped SwiGLU, their fused gate/up de-interleaved at load
+    "gpt_oss": GptOssCausalLM,
 }
 
 
@@ -135,4 +139,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
-           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM", "GptOssCausalLM"]
