@@ -124,6 +124,9 @@ class FamilyOptions:
     # it (DBRX: tensors split at load, untested across ranks; splitserve.engine.parallel.plan);
     # "": no such reason
     tensor_parallel_refusal: str = ""
+    # gpt-oss self_attn.sinks: a learned logit per query head that joins each softmax's
+    # denominator as a key without a value (transformers' eager_attention_forward ``sinks``)
+    attention_sinks: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -12,7 +12,7 @@ from splitserve.engine.dialects import DIALECTS
 @dataclass(frozen=True)
 class MoEConfig:
     """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
-    GraniteMoE, GLM-4.5, dots.llm1, PhiMoE, DBRX).
+    GraniteMoE, GLM-4.5, dots.llm1, PhiMoE, DBRX, gpt-oss).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to
@@ -44,6 +44,12 @@ class MoEConfig:
     # DBRX moe_normalize_expert_weights: the top-k weights divided by their p-norm of this p
     # (in place of ``renormalize``'s sum); None: not normalised so
     expert_weight_norm: float | None = None
+    # gpt-oss (its GptOssTopKRouter / GptOssExperts): a router with a bias, the softmax over
+    # the top-k logits; experts with biases whose gate (clamped above at ``swiglu_limit``)
+    # and up (clamped to +-``swiglu_limit``) give (up + 1) * gate * sigmoid(gate *
+    # ``swiglu_alpha``) (splitserve.engine.models.gpt_oss); 0: the plain SwiGLU experts
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 0.0
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

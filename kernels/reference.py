@@ -151,19 +151,28 @@ def _gather_seq_kv(cache, block_table, ctx_len, scale, dtype):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-           softcap: float = 0.0) -> torch.Tensor:
+           softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scores) @ v over the keys ``mask`` lets each query see, where
     scores = q k^T * scale, soft-capped to ``softcap * tanh(scores / softcap)``
     when ``softcap`` > 0 (Gemma 2's attention logit cap, applied before the
-    mask as transformers does). Shapes as ``F.scaled_dot_product_attention``
-    (q, k, v: [..., S, D], mask broadcastable to [..., Sq, Sk]); without a cap
-    it is that call. A query that sees no key gets zeros."""
-    if softcap <= 0:
+    mask as transformers does). ``sinks`` (broadcastable to [..., Sq, 1]):
+    each query row's sink logit, a virtual key with no value that joins the
+    softmax's denominator (gpt-oss); None: none. Shapes as
+    ``F.scaled_dot_product_attention`` (q, k, v: [..., S, D], mask
+    broadcastable to [..., Sq, Sk]); without a cap or sinks it is that call.
+    A query that sees no key gets zeros."""
+    if softcap <= 0 and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf")).float()
+    if sinks is not None:
+        sink = sinks.float().expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]  # the sink's share is dropped: it has no value
     return torch.matmul(probs, v)
 
 
@@ -171,7 +180,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
                     v_scale: float = 1.0, sliding_window: int = 0,
-                    softcap: float = 0.0) -> torch.Tensor:
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-length causal attention over a paged KV cache.
 
     The batch holds B sequences; sequence b contributes the query tokens
@@ -183,6 +192,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     only to the W latest of them (key j visible to query p iff p - W < j <= p,
     as Mistral and Qwen define the window). 0 means no window. ``softcap``
     > 0 caps each score at ``softcap * tanh(score / softcap)`` (``attend``).
+    ``sinks``: [Hq] float32, each query head's sink logit joining its
+    softmax's denominator (``attend``); None: none.
 
     q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D] (Hq % Hk == 0);
     block_tables: [B, max_blocks] int32; cu_query_lens: [B+1] int32;
@@ -200,7 +211,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sel = torch.tensor(single, device=block_tables.device)
         out[rows] = paged_decode_attention(
             q[rows], k_cache, v_cache, block_tables[sel], context_lens[sel.to(context_lens.device)],
-            scale, k_scale, v_scale, sliding_window, softcap)
+            scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks)
     done = set(single) if len(single) > 1 else set()
     for b in range(len(ctx)):
         s, e = cu[b], cu[b + 1]
@@ -218,7 +229,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = kpos <= qpos  # [q_len, c]
         if sliding_window > 0:
             mask &= kpos > qpos - sliding_window
-        o = attend(qb.float(), k.float(), v.float(), mask, scale, softcap)
+        head_sinks = None if sinks is None else sinks.view(hq, 1, 1)
+        o = attend(qb.float(), k.float(), v.float(), mask, scale, softcap, sinks=head_sinks)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out
 
@@ -226,12 +238,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0,
-                           sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                           sliding_window: int = 0, softcap: float = 0.0,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
     context_lens: [B] (including the token being decoded; 0 yields zeros);
-    ``sliding_window`` and ``softcap`` as in ``paged_attention``.
+    ``sliding_window``, ``softcap`` and ``sinks`` as in ``paged_attention``.
     Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
     context, masked, and attended in one fused SDPA call.
     """
@@ -257,7 +270,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         valid &= pos >= ctx - sliding_window
     # one fused SDPA call; GQA by grouping query heads per kv head
     qg = q.view(b, hk, hq // hk, d)  # [B, Hk, G, D]
-    out = attend(qg, k, v, valid[:, None, None, :], scale, softcap)
+    group_sinks = None if sinks is None else sinks.view(1, hk, hq // hk, 1)
+    out = attend(qg, k, v, valid[:, None, None, :], scale, softcap, sinks=group_sinks)
     return out.reshape(b, hq, d)
 
 

@@ -19,7 +19,8 @@ config.json, with these meanings:
   ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``,
   ``decoder_sparse_step``, ``mlp_only_layers``, ``shared_expert_intermediate_size``:
   an ungated shared expert unless the family's sparse MLP gates it), and
-  ``moe_routing``: ``MoEConfig`` routing fields as they are (GLM-4.5's router);
+  ``moe_routing``: ``MoEConfig`` routing fields as they are (GLM-4.5's router,
+  gpt-oss's clamped SwiGLU experts);
 - sliding windows in the Qwen keys (``use_sliding_window``,
   ``sliding_window``, ``layer_types``).
 
@@ -99,7 +100,7 @@ DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
-    gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
+    gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
 )
 from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
@@ -130,4 +131,5 @@ DIALECTS.update({
     "apertus": apertus.DIALECT,
     "phimoe": phimoe.DIALECT,
     "dbrx": dbrx.DIALECT,
+    "gpt_oss": gpt_oss.DIALECT,
 })

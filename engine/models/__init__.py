@@ -21,6 +21,7 @@ from splitserve.engine.models.gpt2 import GPT2CausalLM
 from splitserve.engine.models.gpt_bigcode import GPTBigCodeCausalLM
 from splitserve.engine.models.gpt_neo import GPTNeoCausalLM
 from splitserve.engine.models.gpt_neox import GPTNeoXCausalLM
+from splitserve.engine.models.gpt_oss import GptOssCausalLM
 from splitserve.engine.models.gptj import GPTJCausalLM
 from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
@@ -120,6 +121,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "phimoe": PhimoeCausalLM,
     # DBRX: float32 LayerNorms, clamped q/k/v, fused Wqkv and experts split at load, p-normed weights
     "dbrx": DbrxCausalLM,
+    # gpt-oss: attention sinks, windows on alternate layers, and experts with biases and a
+    # clamped SwiGLU, their fused gate/up de-interleaved at load
+    "gpt_oss": GptOssCausalLM,
 }
 
 
@@ -147,4 +151,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
-           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM"]
+           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM"]

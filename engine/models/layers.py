@@ -278,6 +278,9 @@ class Attention(nn.Module):
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
         self.clip_qkv = opts.clip_qkv  # OLMo, OLMoE: q, k and v clamped to [-c, c]
         self.qk_norm_after_rope = opts.qk_norm_after_rope  # HunYuan: q/k normed once rotated
+        # gpt-oss: a learned logit per query head joining its softmax's denominator
+        self.sinks = (empty_param(self.num_heads, dtype=torch.float32, device=device)
+                      if opts.attention_sinks else None)
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -321,7 +324,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
-                                    self.sliding_window, self.softcap)  # [T, Hq, D]
+                                    self.sliding_window, self.softcap, sinks=self.sinks)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
         y = self.o_proj(out)
         if lora is not None and self.o_lora is not None:
@@ -351,6 +354,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             slots[f"{prefix}.q_norm.weight"] = ShardSlot(self.q_norm.weight)
             slots[f"{prefix}.k_norm.weight"] = ShardSlot(self.k_norm.weight)
+        if self.sinks is not None:
+            slots[f"{prefix}.sinks"] = ShardSlot(self.sinks)
         return slots
 
 

@@ -14,6 +14,8 @@ name in Hugging Face checkpoints:
   o_proj, down_proj, Mixtral's w2: columns likewise; their bias is added
   once, by rank 0 (the other ranks hold zeros);
 - vocabulary-parallel: embed_tokens, lm_head: the rank's vocabulary rows;
+- attention sinks (gpt-oss ``self_attn.sinks``, one per query head): the
+  rank's query heads';
 - everything else (norms, q/k norms, MoE routers, the shared expert's
   gate) is whole on every rank.
 A slot whose shape does not match the narrowed tensor fails the load with
@@ -81,6 +83,9 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
             start, end = plan.vocab()
             slot.target.zero_()  # padding rows of the last shard stay zero
             out[name] = RankSlice(ShardSlot(slot.param, 0, end - start), 0, start, end - start)
+        elif kind == "sinks":
+            h0, h1 = plan.q_heads()
+            out[name] = RankSlice(slot, 0, h0, h1 - h0)
         elif module in COLUMN:
             out[name] = RankSlice(slot, 0, plan.rank * rows, rows)
         elif module in KV:

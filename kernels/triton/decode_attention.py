@@ -27,7 +27,13 @@ from splitserve.kernels.triton._common import (
     next_pow2,
     num_sms,
 )
-from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets, score_scale
+from splitserve.kernels.triton.paged_tile import (
+    attend_tile,
+    paged_token_offsets,
+    score_scale,
+    sink_args,
+    sink_init,
+)
 
 MIN_TILES_PER_SPLIT = 4  # below this the merge costs more than the split saves
 GPU_BLOCK_N = 64  # KV tokens per tile
@@ -38,13 +44,13 @@ CPU_BLOCK_N = 16  # interpreter: small tiles, so short test contexts still span 
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_ptr, l_ptr, acc_ptr,
-    scale_log2, k_scale, v_scale, window, softcap,
+    scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
     HQ, G, D, BS, NUM_SPLITS, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -65,8 +71,11 @@ def _decode_split_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_SINKS:  # the sinks join the first split's state, so the merge counts them once
+        m_i, l_i = sink_init(sinks_ptr, heads, gmask, split == 0, BLOCK_G)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
@@ -144,6 +153,7 @@ def paged_decode_attention(
     softcap: float = 0.0,
     *,
     num_splits: int | None = None,
+    sinks: torch.Tensor | None = None,  # [Hq] float
 ) -> torch.Tensor:
     """Same contract as ``splitserve.kernels.reference.paged_decode_attention``.
 
@@ -157,6 +167,7 @@ def paged_decode_attention(
         raise ValueError(f"{op}: q has {b} sequences but block_tables has {block_tables.shape[0]} rows")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"{op}: num_splits must be >= 1, got {num_splits}")
+    sinks_arg, has_sinks = sink_args(op, sinks, q)
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
     if b == 0:
         return out
@@ -177,12 +188,12 @@ def paged_decode_attention(
         q, kc, vc, block_tables, context_lens,
         out, m, l, acc,
         score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
-        float(softcap), hq, g, d, bs, splits, split_len,
+        float(softcap), sinks_arg, hq, g, d, bs, splits, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
         ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0,
-        BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d, HAS_SINKS=has_sinks,
         num_warps=4,
     )
     if splits > 1:

@@ -25,6 +25,33 @@ def score_scale(scale: float, softcap: float) -> float:
     return float(scale) if softcap > 0 else float(scale) * math.log2(math.e)
 
 
+def sink_args(op: str, sinks, q) -> tuple[object, bool]:
+    """(the sinks pointer a kernel takes, whether there are sinks) for an
+    op's optional ``sinks`` ([Hq] float, one logit per query head); q stands
+    in as the pointer when there are none."""
+    if sinks is None:
+        return q, False
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1] or not sinks.is_floating_point():
+        raise ValueError(f"{op}: sinks must be a float tensor of [num_heads={q.shape[1]}], "
+                         f"got {sinks.dtype} {list(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"{op}: sinks are on {sinks.device} but q is on {q.device}")
+    return sinks.contiguous(), True
+
+
+@triton.jit
+def sink_init(sinks_ptr, heads, hmask, first, BLOCK: tl.constexpr):
+    """Online-softmax state (m, l) [BLOCK] of rows of query heads ``heads``
+    before their first tile: the sink logit (log2 units) as the running max
+    and exp2(0) = 1 in the denominator, a virtual key with no value. Only
+    where ``first`` (one split of a split-K pass carries the sink); else the
+    empty state (-inf, 0)."""
+    sink = tl.load(sinks_ptr + heads, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    m = tl.where(first, sink, float("-inf"))
+    l = tl.where(first, tl.full([BLOCK], 1.0, tl.float32), tl.zeros([BLOCK], tl.float32))
+    return m, l
+
+
 @triton.jit
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): exp overflowing to inf gives 1, underflowing to 0

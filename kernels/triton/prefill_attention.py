@@ -30,7 +30,13 @@ from splitserve.kernels.triton._common import (
     is_fp8,
     next_pow2,
 )
-from splitserve.kernels.triton.paged_tile import attend_tile, paged_token_offsets, score_scale
+from splitserve.kernels.triton.paged_tile import (
+    attend_tile,
+    paged_token_offsets,
+    score_scale,
+    sink_args,
+    sink_init,
+)
 
 
 @triton.jit
@@ -52,12 +58,13 @@ def _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
-    scale_log2, k_scale, v_scale, window, softcap,
+    scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
     B, G, D, BS,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,8 +90,11 @@ def _paged_prefill_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # each row's head's sink logit joins the denominator
+        m_i, l_i = sink_init(sinks_ptr, heads, rmask, True, BLOCK_M)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_end = tl.minimum(ctx, prefix + tl.minimum((tile + 1) * BLOCK_Q, q_len))  # last row's pos + 1
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -132,6 +142,7 @@ def paged_attention(
     v_scale: float = 1.0,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,  # [Hq] float
 ) -> torch.Tensor:
     """Same contract as ``splitserve.kernels.reference.paged_attention``.
 
@@ -148,6 +159,7 @@ def paged_attention(
         raise ValueError(
             f"{op}: cu_query_lens has {cu_query_lens.shape[0]} entries; expected num_seqs + 1 = {b + 1}"
         )
+    sinks_arg, has_sinks = sink_args(op, sinks, q)
     t, hq, d = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if t == 0 or b == 0:
@@ -159,11 +171,11 @@ def paged_attention(
     _paged_prefill_kernel[(t // block_q + b, hk)](
         q, kc, vc, block_tables, cu_query_lens, context_lens, out,
         score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
-        float(softcap), b, g, d, bs,
+        float(softcap), sinks_arg, b, g, d, bs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
         HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
-        num_warps=num_warps,
+        HAS_SINKS=has_sinks, num_warps=num_warps,
     )
     return out

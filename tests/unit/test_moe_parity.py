@@ -1,7 +1,7 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE,
-GraniteMoE, GraniteMoeShared, GLM-4.5, dots.llm1, PhiMoE, DBRX) against
-transformers on tiny random checkpoints: 4 experts, top-2 (GLM-4.5 and
-dots.llm1: 8 experts in groups, tests/fixtures/checkpoints.py).
+GraniteMoE, GraniteMoeShared, GLM-4.5, dots.llm1, PhiMoE, DBRX, gpt-oss)
+against transformers on tiny random checkpoints: 4 experts, top-2 (GLM-4.5
+and dots.llm1: 8 experts in groups, tests/fixtures/checkpoints.py).
 
 Prefill logits match transformers' forward in float32, greedy decoding
 through the paged cache reproduces ``generate(do_sample=False)``, and the
@@ -18,6 +18,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.models import MoECausalLM
+from splitserve.engine.models.gpt_oss import GptOssMoE
 from splitserve.engine.models.moe import SparseMoeBlock, route
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import MOE_VARIANTS, hf_greedy
@@ -28,7 +29,7 @@ from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, greedy_t
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
 def test_prefill_logits_match_transformers(parity_models, variant):
     model, ref = parity_models(variant)
-    assert any(isinstance(m, SparseMoeBlock) for m in model.modules())
+    assert any(isinstance(m, (SparseMoeBlock, GptOssMoE)) for m in model.modules())
     torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
 
 
