@@ -153,16 +153,20 @@ class SparseMoeBlock(nn.Module):
             weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         else:  # GLM-4.5, dots.llm1: in float32
             weights, ids = route_grouped(self.gate(x.float()), self.e_score_correction_bias, self.moe)
-        if self.w_gate_up_scale is None:
-            out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
-        else:
-            out = ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
-                                    self.w_down, self.w_down_scale, self.down_groups, weights, ids)
+        out = self.run_experts(x, weights, ids)
         if self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum per token ([T, hidden]; ``weights``, ``ids``:
+        [T, K]), through the fused kernel (its fp8 form for fp8 experts)."""
+        if self.w_gate_up_scale is None:
+            return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        return ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
+                                 self.w_down, self.w_down_scale, self.down_groups, weights, ids)
 
     @torch.no_grad()
     def quantize_fp8_(self) -> None:
