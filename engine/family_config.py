@@ -119,6 +119,14 @@ class FamilyOptions:
     # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
     # after RoPE, not before it
     qk_norm_after_rope: bool = False
+    # Llama 4 use_qk_norm: on the layers that rotate, q and k divided by their root mean
+    # square over each head's dims (no weight) once rotated (Llama4TextL2Norm)
+    rope_qk_l2_norm: bool = False
+    # Llama 4 attn_temperature_tuning: on its layers without RoPE, each query multiplied by
+    # 1 + temperature_scale * log1p(floor((position + 1) / temperature_floor)) (attn_scale,
+    # floor_scale); 0: off
+    temperature_floor: float = 0.0
+    temperature_scale: float = 0.0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -99,7 +99,7 @@ DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
-    gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
+    gpt_neo, gptj, granitemoe, hunyuan, llama4, nemotron, olmo, olmo3, olmoe, opt,
 )
 
 DIALECTS.update({
@@ -125,4 +125,5 @@ DIALECTS.update({
     "exaone4": exaone4.DIALECT,
     "ernie4_5": ernie4_5.DIALECT,
     "hunyuan_v1_dense": hunyuan.DIALECT,
+    "llama4": llama4.DIALECT,
 })

@@ -27,6 +27,7 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -109,6 +110,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone4": Exaone4CausalLM,
     "ernie4_5": Ernie4_5CausalLM,
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
+    # Llama 4: Helium's q/k reordering, SmolLM3's NoPE layers with query temperature, q/k
+    # L2 norms after RoPE, experts scaled at their input beside a shared expert
+    "llama4": Llama4CausalLM,
 }
 
 
@@ -135,4 +139,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
-           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM", "Llama4CausalLM"]

@@ -70,10 +70,13 @@ CHECKPOINT_NAMES = {
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # its fused gate_up_proj / down_proj split into these at load (splitserve.engine.models.llama4)
+    "llama4": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
-UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts"}
+UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts",
+                          "llama4": "shared_expert"}
 
 
 @dataclasses.dataclass(frozen=True)
