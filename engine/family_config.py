@@ -127,6 +127,14 @@ class FamilyOptions:
     # gpt-oss self_attn.sinks: a learned logit per query head that joins each softmax's
     # denominator as a key without a value (transformers' eager_attention_forward ``sinks``)
     attention_sinks: bool = False
+    # Llama 4 use_qk_norm: on the layers that rotate, q and k divided by their root mean
+    # square over each head's dims (no weight) once rotated (Llama4TextL2Norm)
+    rope_qk_l2_norm: bool = False
+    # Llama 4 attn_temperature_tuning: on its layers without RoPE, each query multiplied by
+    # 1 + temperature_scale * log1p(floor((position + 1) / temperature_floor)) (attn_scale,
+    # floor_scale); 0: off
+    temperature_floor: float = 0.0
+    temperature_scale: float = 0.0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -100,7 +100,7 @@ DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
-    gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
+    gpt_neo, gptj, granitemoe, hunyuan, llama4, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
 )
 from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
@@ -132,4 +132,5 @@ DIALECTS.update({
     "phimoe": phimoe.DIALECT,
     "dbrx": dbrx.DIALECT,
     "gpt_oss": gpt_oss.DIALECT,
+    "llama4": llama4.DIALECT,
 })

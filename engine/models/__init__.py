@@ -28,6 +28,7 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
+from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -124,6 +125,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # gpt-oss: attention sinks, windows on alternate layers, and experts with biases and a
     # clamped SwiGLU, their fused gate/up de-interleaved at load
     "gpt_oss": GptOssCausalLM,
+    # Llama 4: Helium's q/k reordering, SmolLM3's NoPE layers with query temperature, q/k
+    # L2 norms after RoPE, experts scaled at their input beside a shared expert
+    "llama4": Llama4CausalLM,
 }
 
 
@@ -151,4 +155,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
-           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM"]
+           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM"]

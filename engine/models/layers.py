@@ -323,6 +323,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(positions, q, k, cos_sin_cache, self.float_rope)
         if self.q_norm is not None and self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
+        q, k = self.position_qk(positions, q, k, cos_sin_cache)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
                                     self.sliding_window, self.softcap, sinks=self.sinks)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
@@ -338,6 +339,11 @@ class Attention(nn.Module):
         rows = q.shape[0] if self.full_qk_norm else -1
         q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
         k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)
+        return q, k
+
+    def position_qk(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    cos_sin_cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k, rotated and normed, as the kernel takes them (Llama 4 overrides it)."""
         return q, k
 
     def quantize_fp8_(self) -> None:

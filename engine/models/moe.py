@@ -76,10 +76,13 @@ CHECKPOINT_NAMES = {
     "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
     # its fused ffn.experts.mlp.w1 / v1 / w2 split into these at load (splitserve.engine.models.dbrx)
     "dbrx": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # its fused gate_up_proj / down_proj split into these at load (splitserve.engine.models.llama4)
+    "llama4": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
-UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts"}
+UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts",
+                          "llama4": "shared_expert"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,16 +168,20 @@ class SparseMoeBlock(nn.Module):
             weights, ids = route_sparsemixer(self.gate(x), self.moe.sparsemixer_eps)
         else:
             weights, ids = route(self.gate(x), self.top_k, self.renormalize, self.moe.expert_weight_norm)
-        if self.w_gate_up_scale is None:
-            out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
-        else:
-            out = ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
-                                    self.w_down, self.w_down_scale, self.down_groups, weights, ids)
+        out = self.run_experts(x, weights, ids)
         if self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum per token ([T, hidden]; ``weights``, ``ids``:
+        [T, K]), through the fused kernel (its fp8 form for fp8 experts)."""
+        if self.w_gate_up_scale is None:
+            return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        return ops.fp8_fused_moe(x, self.w_gate_up, self.w_gate_up_scale, self.gate_up_groups,
+                                 self.w_down, self.w_down_scale, self.down_groups, weights, ids)
 
     @torch.no_grad()
     def quantize_fp8_(self) -> None:

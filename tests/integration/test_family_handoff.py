@@ -22,8 +22,9 @@ layer beside a full-attention one without RoPE behind OLMo 2's
 post-norms (EXAONE 4), PhiMoE's sparsemixer experts behind LayerNorms
 with a window on every layer and its own LongRoPE table, attention sinks
 beside a window on one layer and gpt-oss's biased, clamped experts
-(gpt-oss), and an fp8 KV cache (Gemma 3 again, against the engine
-itself: fp8 changes the numbers)."""
+(gpt-oss), L2-normed keys beside unrotated ones before input-scaled
+experts (Llama 4), and an fp8 KV cache (Gemma 3 again, against the
+engine itself: fp8 changes the numbers)."""
 
 import asyncio
 
@@ -46,7 +47,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
-    ("phimoe", "auto"), ("gpt_oss", "auto"), ("gemma3", "fp8"),
+    ("phimoe", "auto"), ("gpt_oss", "auto"), ("llama4", "auto"), ("gemma3", "fp8"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
