@@ -37,6 +37,12 @@ class MoEConfig:
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling_factor: float = 1.0
+    # DeepSeek-V2 (DeepseekV2TopkRouter): softmax scores in float32, the top-k weights never
+    # renormalised, times ``routed_scaling_factor``; with ``group_limited`` (its topk_method
+    # group_limited_greedy) chosen only among the ``topk_groups`` best of ``num_groups``
+    # groups, each rated by its best expert's score (grouped_router.route_softmax_groups)
+    scaled_softmax: bool = False
+    group_limited: bool = False
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
