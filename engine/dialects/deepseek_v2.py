@@ -21,12 +21,14 @@ times ``routed_scaling_factor`` (1.0); ``n_shared_experts`` (2) * the
 expert width as one ungated shared MLP; the first ``first_k_dense_replace``
 (0) layers dense; ``mlp_bias`` on the dense and shared MLPs.
 
+fp8 checkpoints (``quantization_config``; DeepSeek's own releases are
+128x128 block-fp8) load every latent projection, dense MLP and expert in
+fp8 with its scales; routers, norms and the correction bias stay float.
+
 Refused: ``num_key_value_heads`` other than the head count,
 ``moe_layer_freq`` other than 1 and ``norm_topk_prob`` (transformers'
 DeepSeek-V2 reads neither), other ``topk_method``s (noaux_tc is V3's
-router), activations other than SiLU, ``partial_rotary_factor``, fp8
-checkpoints (block-fp8 latent projections are untested here;
-``weight_dtype: fp8`` quantizes at load instead).
+router), activations other than SiLU, ``partial_rotary_factor``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from splitserve.engine.dialects import (Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary,
-                                        required)
+from splitserve.engine.dialects import Dialect, passed_keys, refuse_partial_rotary, required
 from splitserve.engine.dialects.moe_keys import checked_activation
 from splitserve.engine.family_config import FamilyOptions
 from splitserve.engine.mla_config import MLAConfig
@@ -44,7 +45,8 @@ ARCH = "DeepseekV2ForCausalLM"
 # keys read as Llama's, as written (no default: ModelConfig's, which are DeepSeek's too)
 COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "rope_theta",
           "rope_parameters", "rope_scaling", "original_max_position_embeddings", "max_position_embeddings",
-          "rms_norm_eps", "tie_word_embeddings", "torch_dtype", "dtype", "bos_token_id", "eos_token_id")
+          "rms_norm_eps", "tie_word_embeddings", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
+          "quantization_config")
 # transformers' DeepseekV2Config defaults of the latent shape, where config.json has no such key
 _MLA_DEFAULTS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
                  "v_head_dim": 128}
@@ -113,7 +115,6 @@ def mla_options(cfg: dict[str, Any], family: str, arch: str, interleaved: bool,
                 mtp_layers: int) -> FamilyOptions:
     """The options both DeepSeek dialects give: SiLU experts, the latent attention and
     its softmax scale, RoPE over the rope dims only."""
-    refuse_fp8_checkpoint(cfg, arch, "untested: block-fp8 latent projections and the float32 router")
     refuse_unread_keys(cfg, arch)
     mla = latent_shape(cfg)
     return FamilyOptions(hidden_act=checked_activation(cfg, family), rotary_dim=mla.qk_rope_head_dim,

@@ -20,10 +20,11 @@ No MLP biases; defaults ``max_position_embeddings`` 4096, eps 1e-6.
 
 ``num_nextn_predict_layers`` (``num_mtp_layers``, default 1)
 multi-token-prediction layers, stored as the layers after the last, are
-skipped at load, as transformers skips them. Refused as for DeepSeek-V2
-(KV heads, ``moe_layer_freq``, activation, ``partial_rotary_factor``, fp8
-checkpoints: DeepSeek-V3's and Kimi K2's own block-fp8 releases included),
-and the router shapes GLM-4.5's refuses. DeepSeek-V3.2
+skipped at load, as transformers skips them. fp8 checkpoints load as
+DeepSeek-V2's do (DeepSeek-V3's and Kimi K2's own releases are 128x128
+block-fp8). Refused as for DeepSeek-V2 (KV heads, ``moe_layer_freq``,
+activation, ``partial_rotary_factor``), and the router shapes GLM-4.5's
+refuses. DeepSeek-V3.2
 (``DeepseekV32ForCausalLM``, its sparse indexer) is another architecture and
 stays unsupported.
 """

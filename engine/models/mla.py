@@ -22,7 +22,9 @@ compute, with the same q . k. Scores are scaled by ``FamilyOptions.attn_scale``
 (YaRN's mscale folded in by the dialect).
 
 The low-rank norms (q_a_layernorm, kv_a_layernorm) use transformers'
-default epsilon, 1e-6, whatever ``rms_norm_eps`` says.
+default epsilon, 1e-6, whatever ``rms_norm_eps`` says. Each projection is
+an fp8 ``Linear`` where an fp8 checkpoint stores it so (DeepSeek's 128x128
+block-fp8 releases), and ``quantize_fp8_`` turns them all to fp8.
 """
 
 from __future__ import annotations

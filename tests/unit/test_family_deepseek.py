@@ -2,8 +2,9 @@
 router against transformers' own, the RoPE table and softmax scale against
 transformers' for YaRN with mscale, config.json defaults and the options
 read, what is refused, the multi-token-prediction layers skipped at load,
-that each variant's distinctive features move the logits, and
-``weight_dtype: fp8`` on the latent projections. Token parity is in
+that each variant's distinctive features move the logits, ``weight_dtype:
+fp8`` on the latent projections and a block-fp8 checkpoint (DeepSeek's own
+format) against its dequantized weights. Token parity is in
 test_moe_parity."""
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.config import ModelConfig, MoEConfig
+from splitserve.engine.config import EngineConfig, ModelConfig, MoEConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.grouped_router import route_softmax_groups
 from splitserve.engine.models.moe import SparseMoeBlock
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.fixtures.fp8_checkpoints import write_dequantized_checkpoint, write_fp8_checkpoint
 from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, prompt_logits,
                                           run, step_meta)
 
@@ -163,9 +168,6 @@ def test_v3_defaults_and_options():
     (V2, {"routed_scaling_factor": 0}, "routed_scaling_factor must be positive"),
     (V3, {"n_routed_experts": 8, "n_group": 8}, "groups of at least 2"),
     (V2, {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for deepseek_v2"),
-    (V3, {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "fp8 DeepseekV3ForCausalLM checkpoints"),
-    (V2, {"quantization_config": {"quant_method": "fp8"}}, "fp8 DeepseekV2ForCausalLM checkpoints"),
     (V3, {"qk_rope_head_dim": 7}, "qk_rope_head_dim must be even"),
     (V3, {"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer"),
     (V3, {"rope_parameters": {"rope_type": "yarn", "mscale_all_dim": 1.0}}, "mscale_all_dim without factor"),
@@ -252,3 +254,24 @@ def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models):
     full, _ = parity_models("deepseek_v3")
     logits, ref = prompt_logits(model), prompt_logits(full)
     assert 0 < ((logits - ref).norm() / ref.norm()).item() < LOGIT_REL_BOUND
+
+
+def test_block_fp8_checkpoint_matches_its_dequantized_weights(tiny_checkpoints, tmp_path):
+    # DeepSeek's own format (quant_method fp8, weight_scale_inv per block; 16x16 here, so that
+    # blocks split every projection, some partially): every latent projection, dense MLP and
+    # expert in fp8, routers and the correction bias float32; greedy tokens through the
+    # engine (chunked prefill) and prefill logits are transformers' on the dequantized weights
+    q = write_fp8_checkpoint(tiny_checkpoints["deepseek_v3"], tmp_path / "fp8", "fp8_block", block=16)
+    ref = hf_model(write_dequantized_checkpoint(q, tmp_path / "dequantized"))
+    prompts = [[5, 9, 13], list(range(20, 37))]
+    eng = LLMEngine(EngineConfig(model=str(q), num_blocks=32, block_size=4, max_num_batched_tokens=8))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == hf_greedy(ref, prompts, 4)
+    model = eng.runner.model
+    attn, block = model.layers[1].self_attn, model.layers[1].mlp
+    for linear in (attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj,
+                   model.layers[0].mlp.gate_up_proj, block.shared_expert.down_proj):
+        assert linear.weight.dtype == torch.float8_e4m3fn and linear.fp8_groups == (16, 16)
+    assert block.w_gate_up.dtype == torch.float8_e4m3fn and block.gate.weight.dtype == torch.float32
+    assert block.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
