@@ -24,7 +24,10 @@ compute, with the same q . k. Scores are scaled by ``FamilyOptions.attn_scale``
 The low-rank norms (q_a_layernorm, kv_a_layernorm) use transformers'
 default epsilon, 1e-6, whatever ``rms_norm_eps`` says. Each projection is
 an fp8 ``Linear`` where an fp8 checkpoint stores it so (DeepSeek's 128x128
-block-fp8 releases), and ``quantize_fp8_`` turns them all to fp8.
+block-fp8 releases), and ``quantize_fp8_`` turns them all to fp8. With
+tensor parallelism each rank holds its heads' rows of q_proj / q_b_proj and
+kv_b_proj and columns of o_proj (``splitserve.engine.parallel.sharding``),
+the low-rank projections and norms whole.
 """
 
 from __future__ import annotations

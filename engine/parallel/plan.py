@@ -54,9 +54,6 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.position_table:
         problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
                         "(serve it at tensor_parallel_size 1)")
-    if cfg.options.mla is not None:
-        problems.append(f"its multi-head latent attention ({cfg.architecture}) is not split across "
-                        "ranks yet (serve it at tensor_parallel_size 1)")
     if cfg.quantization is not None:
         problems.append("fp8 checkpoints are not split across ranks yet (serve them at "
                         "tensor_parallel_size 1)")

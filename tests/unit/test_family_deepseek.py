@@ -1,11 +1,11 @@
 """DeepSeek-V2 and DeepSeek-V3 (multi-head latent attention): V2's softmax
 router against transformers' own, the RoPE table and softmax scale against
 transformers' for YaRN with mscale, config.json defaults and the options
-read, what is refused, the multi-token-prediction layers skipped at load,
-that each variant's distinctive features move the logits, ``weight_dtype:
-fp8`` on the latent projections and a block-fp8 checkpoint (DeepSeek's own
-format) against its dequantized weights. Token parity is in
-test_moe_parity."""
+read, what is refused (LoRA among it), tensor parallelism at TP=2 (slow),
+the multi-token-prediction layers skipped at load, that each variant's
+distinctive features move the logits, ``weight_dtype: fp8`` on the latent
+projections and a block-fp8 checkpoint (DeepSeek's own format) against its
+dequantized weights. Token parity is in test_moe_parity."""
 
 from __future__ import annotations
 
@@ -184,13 +184,36 @@ def test_v32_stays_unsupported():
 
 
 @pytest.mark.parametrize("arch", [V2, V3])
-def test_tensor_parallel_and_lora_refused(arch):
+def test_lora_refused_and_tensor_parallel_splits(arch):
     cfg = ModelConfig.from_hf(raw(arch, n_routed_experts=8, n_group=2, topk_group=1, q_lora_rank=16,
-                                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8))
-    with pytest.raises(TensorParallelConfigError, match="multi-head latent attention"):
-        check(cfg, 2)
+                                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                  moe_intermediate_size=32))
     with pytest.raises(CheckpointError, match=f"LoRA adapters are not supported for {arch}"):
         DeepseekCausalLM(cfg, torch.float32, "cpu").enable_lora(1, 4)
+    check(cfg, 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(16\) is not a multiple"):
+        check(cfg, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+def test_tp2_greedy_parity(tiny_checkpoints, parity_models, variant):
+    # heads split by rank (q_proj / q_b_proj and kv_b_proj by rows, o_proj by columns; the
+    # latent projections whole), experts and dense layers split, over two ranks (one spawned
+    # over gloo), chunked prefill and prefix-cache hits: transformers' greedy tokens
+    _, ref = parity_models(variant)
+    prompts = [list(range(20, 37)), [5, 9, 13]]
+    want = hf_greedy(ref, prompts, 4)
+    eng = LLMEngine(EngineConfig(model=str(tiny_checkpoints[variant]), num_blocks=32, block_size=4,
+                                 max_num_batched_tokens=8, tensor_parallel_size=2))
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert [r.token_ids for r in eng.generate(prompts, params)] == want
+        assert eng.generate(prompts[:1], params)[0].token_ids == want[0]
+        attn = eng.runner.model.layers[1].self_attn
+        assert attn.num_heads == 2 and eng.runner.kv_cache.shape[-2] == 2
+    finally:
+        eng.close()
 
 
 def test_mtp_layers_are_skipped_at_load(tiny_checkpoints):
