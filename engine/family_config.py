@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.mla_config import MLAConfig
+
 # config.json activation names -> the gated MLP's activation
 _ACTIVATIONS = {
     "silu": "silu",
@@ -135,6 +137,10 @@ class FamilyOptions:
     # floor_scale); 0: off
     temperature_floor: float = 0.0
     temperature_scale: float = 0.0
+    # DeepSeek V2 / V3: multi-head latent attention of this shape in every layer, its keys and
+    # values decompressed per head into the paged cache (splitserve.engine.models.mla); None:
+    # the Llama-style attention
+    mla: MLAConfig | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

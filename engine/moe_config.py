@@ -50,6 +50,12 @@ class MoEConfig:
     # ``swiglu_alpha``) (splitserve.engine.models.gpt_oss); 0: the plain SwiGLU experts
     swiglu_limit: float = 0.0
     swiglu_alpha: float = 0.0
+    # DeepSeek-V2 (DeepseekV2TopkRouter): softmax scores in float32, the top-k weights never
+    # renormalised, times ``routed_scaling_factor``; with ``group_limited`` (its topk_method
+    # group_limited_greedy) chosen only among the ``topk_groups`` best of ``num_groups``
+    # groups, each rated by its best expert's score (grouped_router.route_softmax_groups)
+    scaled_softmax: bool = False
+    group_limited: bool = False
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

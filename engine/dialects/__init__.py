@@ -101,6 +101,7 @@ DIALECTS: dict[str, Dialect] = {}
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gptj, granitemoe, hunyuan, llama4, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
+    deepseek_v2, deepseek_v3,
 )
 from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
@@ -133,4 +134,6 @@ DIALECTS.update({
     "dbrx": dbrx.DIALECT,
     "gpt_oss": gpt_oss.DIALECT,
     "llama4": llama4.DIALECT,
+    "deepseek_v2": deepseek_v2.DIALECT,
+    "deepseek_v3": deepseek_v3.DIALECT,
 })

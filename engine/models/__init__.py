@@ -9,6 +9,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
+from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
@@ -128,6 +129,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Llama 4: Helium's q/k reordering, SmolLM3's NoPE layers with query temperature, q/k
     # L2 norms after RoPE, experts scaled at their input beside a shared expert
     "llama4": Llama4CausalLM,
+    # DeepSeek V2 / V3: GLM-4.5's MoE decoder with multi-head latent attention, its keys and
+    # values decompressed per head into the paged cache; V2's softmax router
+    "deepseek_v2": DeepseekCausalLM,
+    "deepseek_v3": DeepseekCausalLM,
 }
 
 
@@ -155,4 +160,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
-           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM"]
+           "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
+           "DeepseekCausalLM"]

@@ -46,7 +46,7 @@ from torch import nn
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
-from splitserve.engine.models.grouped_router import route_grouped
+from splitserve.engine.models.grouped_router import route_grouped, route_softmax_groups
 from splitserve.engine.models.layers import (
     MLP,
     Linear,
@@ -78,11 +78,14 @@ CHECKPOINT_NAMES = {
     "dbrx": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     # its fused gate_up_proj / down_proj split into these at load (splitserve.engine.models.llama4)
     "llama4": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
 UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts",
-                          "llama4": "shared_expert"}
+                          "llama4": "shared_expert", "deepseek_v2": "shared_experts",
+                          "deepseek_v3": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,7 @@ class SparseMoeBlock(nn.Module):
         self.moe, self.top_k, self.renormalize, self.intermediate = moe, moe.top_k, moe.renormalize, i
         self.expert_names = CHECKPOINT_NAMES[cfg.family][1]
         self.quant = quant = cfg.quantization
-        gate_dtype = torch.float32 if moe.grouped_sigmoid else dtype
+        gate_dtype = torch.float32 if moe.grouped_sigmoid or moe.scaled_softmax else dtype
         self.gate = Linear(h, e, False, gate_dtype, device,  # the router
                            fp8_groups=layer_groups(quant, [(f"{prefix}.gate.weight", e)], h))
         self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=device)
@@ -162,8 +165,10 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> K experts per token -> [T, hidden]
-        if self.e_score_correction_bias is not None:  # GLM-4.5, dots.llm1: in float32
+        if self.e_score_correction_bias is not None:  # GLM-4.5, dots.llm1, DeepSeek-V3: in float32
             weights, ids = route_grouped(self.gate(x.float()), self.e_score_correction_bias, self.moe)
+        elif self.moe.scaled_softmax:  # DeepSeek-V2: in float32
+            weights, ids = route_softmax_groups(self.gate(x.float()), self.moe)
         elif self.moe.sparsemixer_eps is not None:  # PhiMoE
             weights, ids = route_sparsemixer(self.gate(x), self.moe.sparsemixer_eps)
         else:
@@ -227,13 +232,16 @@ class SparseMoeBlock(nn.Module):
 
 
 class MoECausalLM(CausalLM):
-    """The decoder with a ``SparseMoeBlock`` in the layers ``cfg.moe`` marks sparse."""
+    """The decoder with a ``SparseMoeBlock`` in the layers ``cfg.moe`` marks sparse;
+    ``layer_class``: its decoder layer (DeepSeek's has latent attention)."""
+
+    layer_class: type[DecoderLayer] = DecoderLayer
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         cfg, prefix = self.cfg, f"model.layers.{index}"
         if not cfg.moe.sparse_layers[index]:  # Qwen mlp_only_layers / decoder_sparse_step
-            return DecoderLayer(cfg, dtype, device, window, prefix=prefix)
+            return self.layer_class(cfg, dtype, device, window, prefix=prefix)
         name = CHECKPOINT_NAMES[cfg.family][0]
-        return DecoderLayer(cfg, dtype, device, window, prefix=prefix, mlp_name=name,
-                            mlp=SparseMoeBlock(cfg, dtype, device, prefix=f"{prefix}.{name}"))
+        return self.layer_class(cfg, dtype, device, window, prefix=prefix, mlp_name=name,
+                                mlp=SparseMoeBlock(cfg, dtype, device, prefix=f"{prefix}.{name}"))

@@ -6,9 +6,10 @@ module wraps its slots so the full checkpoint tensor is narrowed to the
 rank's part before the slot copies it. Which part, by the projection's
 name in Hugging Face checkpoints:
 
-- column-parallel (output rows split): q_proj, gate_proj, up_proj and
-  Mixtral's w1/w3 (every expert's too): rows [rank * n, (rank + 1) * n) for
-  the slot's n rows; k_proj/v_proj: the rows of the rank's KV heads
+- column-parallel (output rows split): q_proj, gate_proj, up_proj,
+  Mixtral's w1/w3 (every expert's too) and DeepSeek's q_b_proj / kv_b_proj
+  (their rows are per head): rows [rank * n, (rank + 1) * n) for the
+  slot's n rows; k_proj/v_proj: the rows of the rank's KV heads
   (``ShardPlan.kv_heads``, replicated heads included);
 - row-parallel (input columns split, output summed by one all-reduce):
   o_proj, down_proj, Mixtral's w2: columns likewise; their bias is added
@@ -17,7 +18,7 @@ name in Hugging Face checkpoints:
 - attention sinks (gpt-oss ``self_attn.sinks``, one per query head): the
   rank's query heads';
 - everything else (norms, q/k norms, MoE routers, the shared expert's
-  gate) is whole on every rank.
+  gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank.
 A slot whose shape does not match the narrowed tensor fails the load with
 the tensor's name, as an unsharded load would.
 """
@@ -32,7 +33,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.layers import ShardSlot
 from splitserve.engine.parallel.plan import ShardPlan
 
-COLUMN = frozenset({"q_proj", "gate_proj", "up_proj", "w1", "w3"})
+COLUMN = frozenset({"q_proj", "gate_proj", "up_proj", "w1", "w3", "q_b_proj", "kv_b_proj"})
 KV = frozenset({"k_proj", "v_proj"})
 ROW = frozenset({"o_proj", "down_proj", "w2"})
 VOCAB = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
