@@ -119,6 +119,11 @@ class FamilyOptions:
     # HunYuan dense V1: the per-head q/k RMSNorms (query_layernorm / key_layernorm) applied
     # after RoPE, not before it
     qk_norm_after_rope: bool = False
+    # Bloom, MPT, Falcon alibi: ALiBi in place of RoPE, each head's scores biased by
+    # slope * (key position - query position) (splitserve.engine.models.alibi): "bloom"
+    # (build_alibi_tensor's slopes, which MPT's build_mpt_alibi_tensor shares), "falcon"
+    # (those in bfloat16, divided by sqrt(head_dim) as FalconModel scales them); "": none
+    alibi: str = ""
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

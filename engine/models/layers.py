@@ -26,6 +26,7 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
+from splitserve.engine.models.alibi import family_alibi_slopes
 from splitserve.engine.models.float_layer_norm import FloatLayerNorm
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import apply_rotary
@@ -274,6 +275,8 @@ class Attention(nn.Module):
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
         self.clip_qkv = opts.clip_qkv  # OLMo, OLMoE: q, k and v clamped to [-c, c]
         self.qk_norm_after_rope = opts.qk_norm_after_rope  # HunYuan: q/k normed once rotated
+        # Bloom, MPT, Falcon alibi: [Hq] float32 ALiBi slopes (None: none)
+        self.register_buffer("alibi_slopes", family_alibi_slopes(cfg, device), persistent=False)
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -316,8 +319,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(positions, q, k, cos_sin_cache)
         if self.q_norm is not None and self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
-        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
-                                    self.sliding_window, self.softcap)  # [T, Hq, D]
+        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window,
+                                    self.softcap, alibi_slopes=self.alibi_slopes)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
         y = self.o_proj(out)
         if lora is not None and self.o_lora is not None:

@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 # gemma3: two RoPE tables (a window of 8 on layer 0), per-head q/k norms; smollm3: a NoPE
 # layer, which only skips the rotary op (slow: no kernel runs differently); helium: q/k rows
 # reordered for the rotate-half kernel; starcoder2: LayerNorm and the plain MLP (torch ops)
-# between kernels, a window of 8; phi: the parallel residual, half of each head rotated.
+# between kernels, a window of 8; phi: the parallel residual, half of each head rotated;
+# falcon_alibi: ALiBi's bias in both kernels, over grouped KV heads.
 # Ministral (per-layer windows, as qwen2_window), Seed-OSS (biases, as llama_bias), StableLM
 # and GPT-NeoX (the parallel residual and partial rotary, as phi), Falcon (q/k/v split at
 # load, grouped KV heads) and GPT-J (partial rotary as phi, its q/k rows reordered as helium's)
@@ -30,7 +31,7 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
                                     "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
-                                    "helium", "starcoder2", "phi"])
+                                    "helium", "starcoder2", "phi", "falcon_alibi"])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)
