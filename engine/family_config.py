@@ -124,6 +124,9 @@ class FamilyOptions:
     # (build_alibi_tensor's slopes, which MPT's build_mpt_alibi_tensor shares), "falcon"
     # (those in bfloat16, divided by sqrt(head_dim) as FalconModel scales them); "": none
     alibi: str = ""
+    # Bloom apply_residual_connection_post_layernorm: each block's residual is its normed
+    # input, not its input (splitserve.engine.models.bloom)
+    residual_after_norm: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -100,6 +100,7 @@ DIALECTS: dict[str, Dialect] = {}
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gptj, granitemoe, hunyuan, nemotron, olmo, olmo3, olmoe, opt,
+    bloom, mpt,
 )
 
 DIALECTS.update({
@@ -125,4 +126,6 @@ DIALECTS.update({
     "exaone4": exaone4.DIALECT,
     "ernie4_5": ernie4_5.DIALECT,
     "hunyuan_v1_dense": hunyuan.DIALECT,
+    "bloom": bloom.DIALECT,
+    "mpt": mpt.DIALECT,
 })

@@ -7,6 +7,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
+from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
@@ -28,6 +29,7 @@ from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.models.mpt import MptCausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
 from splitserve.engine.models.olmo3 import Olmo3CausalLM
@@ -109,6 +111,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone4": Exaone4CausalLM,
     "ernie4_5": Ernie4_5CausalLM,
     "hunyuan_v1_dense": HunYuanDenseCausalLM,
+    # Bloom, MPT: ALiBi in place of RoPE (FamilyOptions.alibi); Bloom's Falcon-named tensors and
+    # its norm on the embeddings, MPT's fused Wqkv split at load
+    "bloom": BloomCausalLM,
+    "mpt": MptCausalLM,
 }
 
 
@@ -135,4 +141,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
-           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM"]
+           "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM", "BloomCausalLM", "MptCausalLM"]

@@ -19,8 +19,10 @@ partial rotate-half RoPE before GLM-4.5's grouped-router experts,
 Cohere 2's window on one layer beside an unrotated full-attention layer,
 learned positions with a window on some layers (GPT-Neo), a sliding
 layer beside a full-attention one without RoPE behind OLMo 2's
-post-norms (EXAONE 4), and an fp8 KV cache (Gemma 3 again, against the
-engine itself: fp8 changes the numbers)."""
+post-norms (EXAONE 4), an fp8 KV cache (Gemma 3 again, against the
+engine itself: fp8 changes the numbers), and ALiBi's position biases in
+place of RoPE (Bloom), which the decode engine must compute from the
+handed-off keys' positions."""
 
 import asyncio
 
@@ -43,7 +45,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("phi3_longrope", "auto"), ("smollm3", "auto"), ("starcoder2", "auto"), ("qwen2_moe", "auto"),
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
-    ("gemma3", "fp8"),
+    ("gemma3", "fp8"), ("bloom", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
