@@ -35,11 +35,14 @@ def paged_attention_layer(
     sliding_window: int = 0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,  # [Hq] float32
 ) -> torch.Tensor:
     """Store this step's K/V into the cache, then attend over the cache
     (over its latest ``sliding_window`` tokens when > 0; scores soft-capped
     at ``softcap`` when > 0, as Gemma 2 does; ``sinks`` [Hq] float32: each
-    head's sink logit joining its softmax's denominator, as gpt-oss does).
+    head's sink logit joining its softmax's denominator, as gpt-oss does;
+    with ``alibi_slopes``, head h's scores biased by ``slope_h * (key
+    position - query position)``, as Bloom, MPT and Falcon's ALiBi do).
 
     Returns [T, Hq, D]."""
     k_cache, v_cache = layer_cache[0], layer_cache[1]
@@ -48,8 +51,10 @@ def paged_attention_layer(
         return ops.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
             meta.k_scale, meta.v_scale, sliding_window, softcap, sinks=sinks,
+            alibi_slopes=alibi_slopes,
         )
     return ops.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.cu_query_lens, meta.context_lens,
         scale, meta.k_scale, meta.v_scale, sliding_window, softcap, sinks=sinks,
+        alibi_slopes=alibi_slopes,
     )

@@ -141,6 +141,14 @@ class FamilyOptions:
     # values decompressed per head into the paged cache (splitserve.engine.models.mla); None:
     # the Llama-style attention
     mla: MLAConfig | None = None
+    # Bloom, MPT, Falcon alibi: ALiBi in place of RoPE, each head's scores biased by
+    # slope * (key position - query position) (splitserve.engine.models.alibi): "bloom"
+    # (build_alibi_tensor's slopes, which MPT's build_mpt_alibi_tensor shares), "falcon"
+    # (those in bfloat16, divided by sqrt(head_dim) as FalconModel scales them); "": none
+    alibi: str = ""
+    # Bloom apply_residual_connection_post_layernorm: each block's residual is its normed
+    # input, not its input (splitserve.engine.models.bloom)
+    residual_after_norm: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -27,7 +27,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
                     v_scale: float = 1.0, sliding_window: int = 0,
-                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """As ``reference.paged_attention``. q: [T, Hq, D] -> [T, Hq, D]."""
     cu = cu_query_lens.tolist()
     ctx = context_lens.tolist()
@@ -43,20 +44,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for n, seqs in groups.items():
         rows = torch.tensor([cu[b] + i for b in seqs for i in range(n)], device=q.device)
         out[rows] = _short_queries(q[rows], n, k_cache, v_cache, block_tables, seqs, ctx,
-                                   scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks)
+                                   scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks,
+                                   alibi_slopes=alibi_slopes)
     for b in long:
         s, e = cu[b], cu[b + 1]
         out[s:e] = reference.paged_attention(
             q[s:e], k_cache, v_cache, block_tables[b:b + 1],
             torch.tensor([0, e - s], dtype=torch.int32), context_lens[b:b + 1],
-            scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks)
+            scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     return out
 
 
 def _short_queries(q: torch.Tensor, n: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, seqs: list[int], ctx: list[int], scale: float,
                    k_scale: float, v_scale: float, sliding_window: int,
-                   softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                   softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                   alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B * n, Hq, D], the last n tokens of each of ``seqs`` -> [B * n, Hq, D]."""
     b, (_, hq, d) = len(seqs), q.shape
     bs, hk = k_cache.shape[1], k_cache.shape[2]
@@ -82,5 +85,9 @@ def _short_queries(q: torch.Tensor, n: int, k_cache: torch.Tensor, v_cache: torc
     # each row's head's sink: rows ordered (token, head of the group) within a KV head
     row_sinks = (None if sinks is None
                  else sinks.view(hk, 1, g).expand(hk, n, g).reshape(1, hk, n * g, 1))
-    o = reference.attend(qg, k, v, mask, scale, softcap, sinks=row_sinks)
+    bias = None
+    if alibi_slopes is not None:  # [Hq, B, n, S] -> [B, Hk, n * G, S], as qg's rows
+        bias = reference.alibi_bias(alibi_slopes, kpos, qpos).view(hk, g, b, n, -1)
+        bias = bias.permute(2, 0, 3, 1, 4).reshape(b, hk, n * g, -1)
+    o = reference.attend(qg, k, v, mask, scale, softcap, bias, sinks=row_sinks)
     return o.view(b, hk, n, g, d).permute(0, 2, 1, 3, 4).reshape(b * n, hq, d).to(q.dtype)

@@ -37,18 +37,20 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens,
-                    scale, k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0, sinks=None):
+                    scale, k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0, sinks=None,
+                    alibi_slopes=None):
     return get_op("paged_attention", q.device)(
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale, k_scale, v_scale,
-        sliding_window, softcap, sinks=sinks,
+        sliding_window, softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0, sinks=None):
+                           k_scale=1.0, v_scale=1.0, sliding_window=0, softcap=0.0, sinks=None,
+                           alibi_slopes=None):
     return get_op("paged_decode_attention", q.device)(
         q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, sliding_window,
-        softcap, sinks=sinks,
+        softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )
 
 

@@ -151,21 +151,25 @@ def _gather_seq_kv(cache, block_table, ctx_len, scale, dtype):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-           softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+           softcap: float = 0.0, bias: torch.Tensor | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scores) @ v over the keys ``mask`` lets each query see, where
     scores = q k^T * scale, soft-capped to ``softcap * tanh(scores / softcap)``
     when ``softcap`` > 0 (Gemma 2's attention logit cap, applied before the
-    mask as transformers does). ``sinks`` (broadcastable to [..., Sq, 1]):
-    each query row's sink logit, a virtual key with no value that joins the
-    softmax's denominator (gpt-oss); None: none. Shapes as
-    ``F.scaled_dot_product_attention`` (q, k, v: [..., S, D], mask
-    broadcastable to [..., Sq, Sk]); without a cap or sinks it is that call.
-    A query that sees no key gets zeros."""
-    if softcap <= 0 and sinks is None:
+    mask as transformers does), plus ``bias`` (float32, broadcastable to the
+    scores: ALiBi's, added after the cap) when given. ``sinks``
+    (broadcastable to [..., Sq, 1]): each query row's sink logit, a virtual
+    key with no value that joins the softmax's denominator (gpt-oss); None:
+    none. Shapes as ``F.scaled_dot_product_attention`` (q, k, v: [..., S,
+    D], mask broadcastable to [..., Sq, Sk]); without a cap, a bias or sinks
+    it is that call. A query that sees no key gets zeros."""
+    if softcap <= 0 and bias is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap > 0:
         scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores.float() + bias
     scores = scores.masked_fill(~mask, float("-inf")).float()
     if sinks is not None:
         sink = sinks.float().expand(*scores.shape[:-1], 1)
@@ -176,11 +180,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v)
 
 
+def alibi_bias(slopes: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """ALiBi's causal bias ``slope * (key position - query position)``:
+    slopes [H] float32, kpos and qpos integer tensors broadcasting to each
+    other -> float32 [H, *broadcast shape]. (Bloom's ``slope * key
+    position`` differs from it by a constant per query row, which softmax
+    removes.)"""
+    rel = (kpos - qpos).to(torch.float32)
+    return slopes.float().view(-1, *([1] * rel.dim())) * rel
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
                     v_scale: float = 1.0, sliding_window: int = 0,
-                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-length causal attention over a paged KV cache.
 
     The batch holds B sequences; sequence b contributes the query tokens
@@ -193,7 +208,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     as Mistral and Qwen define the window). 0 means no window. ``softcap``
     > 0 caps each score at ``softcap * tanh(score / softcap)`` (``attend``).
     ``sinks``: [Hq] float32, each query head's sink logit joining its
-    softmax's denominator (``attend``); None: none.
+    softmax's denominator (``attend``); None: none. ``alibi_slopes`` ([Hq]
+    float32; None: no ALiBi) adds ``slope_h * (key position - query
+    position)`` to head h's scores (``alibi_bias``).
 
     q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D] (Hq % Hk == 0);
     block_tables: [B, max_blocks] int32; cu_query_lens: [B+1] int32;
@@ -211,7 +228,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sel = torch.tensor(single, device=block_tables.device)
         out[rows] = paged_decode_attention(
             q[rows], k_cache, v_cache, block_tables[sel], context_lens[sel.to(context_lens.device)],
-            scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks)
+            scale, k_scale, v_scale, sliding_window, softcap, sinks=sinks,
+            alibi_slopes=alibi_slopes)
     done = set(single) if len(single) > 1 else set()
     for b in range(len(ctx)):
         s, e = cu[b], cu[b + 1]
@@ -230,7 +248,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if sliding_window > 0:
             mask &= kpos > qpos - sliding_window
         head_sinks = None if sinks is None else sinks.view(hq, 1, 1)
-        o = attend(qb.float(), k.float(), v.float(), mask, scale, softcap, sinks=head_sinks)
+        bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, kpos, qpos)
+        o = attend(qb.float(), k.float(), v.float(), mask, scale, softcap, bias, sinks=head_sinks)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out
 
@@ -239,12 +258,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0,
                            sliding_window: int = 0, softcap: float = 0.0,
-                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           sinks: torch.Tensor | None = None,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (the decode step), batched.
 
     q: [B, Hq, D]; caches as in ``paged_attention``; block_tables: [B, M];
-    context_lens: [B] (including the token being decoded; 0 yields zeros);
-    ``sliding_window``, ``softcap`` and ``sinks`` as in ``paged_attention``.
+    context_lens: [B] (including the token being decoded, whose position
+    is context_len - 1; 0 yields zeros); ``sliding_window``, ``softcap``,
+    ``sinks`` and ``alibi_slopes`` as in ``paged_attention``.
     Returns [B, Hq, D]. Vectorised: all sequences gathered to the longest
     context, masked, and attended in one fused SDPA call.
     """
@@ -271,7 +292,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # one fused SDPA call; GQA by grouping query heads per kv head
     qg = q.view(b, hk, hq // hk, d)  # [B, Hk, G, D]
     group_sinks = None if sinks is None else sinks.view(1, hk, hq // hk, 1)
-    out = attend(qg, k, v, valid[:, None, None, :], scale, softcap, sinks=group_sinks)
+    bias = None
+    if alibi_slopes is not None:  # [Hq, B, S] -> [B, Hk, G, S]
+        bias = alibi_bias(alibi_slopes, pos, ctx - 1).view(hk, hq // hk, b, -1).permute(2, 0, 1, 3)
+    out = attend(qg, k, v, valid[:, None, None, :], scale, softcap, bias, sinks=group_sinks)
     return out.reshape(b, hq, d)
 
 

@@ -101,7 +101,7 @@ DIALECTS: dict[str, Dialect] = {}
 from splitserve.engine.dialects import (  # noqa: E402
     arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gptj, granitemoe, hunyuan, llama4, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
-    deepseek_v2, deepseek_v3,
+    deepseek_v2, deepseek_v3, bloom, mpt,
 )
 from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
@@ -136,4 +136,6 @@ DIALECTS.update({
     "llama4": llama4.DIALECT,
     "deepseek_v2": deepseek_v2.DIALECT,
     "deepseek_v3": deepseek_v3.DIALECT,
+    "bloom": bloom.DIALECT,
+    "mpt": mpt.DIALECT,
 })

@@ -19,8 +19,12 @@ The layer's shape, as ``FalconDecoderLayer`` builds it:
   on ``input_layernorm``, without it they run one after the other, the MLP
   behind ``post_attention_layernorm``.
 
-Refused: ``alibi`` (ALiBi position biases; the engine's attention has
-none), the combinations transformers' own layer cannot run (the new
+``alibi`` (Falcon-RW) replaces RoPE by ALiBi with Bloom's slopes, which
+``FalconModel`` rounds to bfloat16 and divides by sqrt(head_dim)
+(``FamilyOptions.alibi`` "falcon", splitserve.engine.models.alibi), in any
+of these layouts.
+
+Refused: the combinations transformers' own layer cannot run (the new
 architecture without ``parallel_attn``; two norms in the old one),
 ``num_kv_heads`` other than the head count in the old architecture without
 multi-query, and fp8 checkpoints (``query_key_value`` is split at load).
@@ -77,9 +81,6 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    if cfg.get("alibi"):
-        raise ValueError("alibi (ALiBi attention biases in place of RoPE) is not supported for "
-                         "falcon")
     refuse_fp8_checkpoint(cfg, "falcon", "query_key_value is split at load")
     act = plain_activation(cfg, "falcon", "gelu", key="activation")
     new_arch = bool(cfg.get("new_decoder_architecture", False))
@@ -99,7 +100,8 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     # (splitserve.engine.models.falcon)
     return FamilyOptions(hidden_act=act, layer_norm=True,
                          plain_mlp=("dense_h_to_4h", "dense_4h_to_h"),
-                         parallel_residual=parallel, parallel_mlp_norm=parallel and norms == 2)
+                         parallel_residual=parallel, parallel_mlp_norm=parallel and norms == 2,
+                         alibi="falcon" if cfg.get("alibi") else "")
 
 
 DIALECT = Dialect(architectures=("FalconForCausalLM",), llama_keys=llama_keys, options=options)

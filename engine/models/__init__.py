@@ -7,6 +7,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
+from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
@@ -31,6 +32,7 @@ from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.models.mpt import MptCausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
 from splitserve.engine.models.olmo3 import Olmo3CausalLM
@@ -133,6 +135,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # values decompressed per head into the paged cache; V2's softmax router
     "deepseek_v2": DeepseekCausalLM,
     "deepseek_v3": DeepseekCausalLM,
+    # Bloom, MPT: ALiBi in place of RoPE (FamilyOptions.alibi); Bloom's Falcon-named tensors and
+    # its norm on the embeddings, MPT's fused Wqkv split at load
+    "bloom": BloomCausalLM,
+    "mpt": MptCausalLM,
 }
 
 
@@ -161,4 +167,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
-           "DeepseekCausalLM"]
+           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM"]

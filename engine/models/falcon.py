@@ -1,6 +1,7 @@
 """Falcon: the dense decoder with LayerNorm, the ungated GELU MLP, full-head
-RoPE and, by default, the parallel residual (``FamilyOptions`` from
-``splitserve.engine.dialects.falcon``), multi-query or grouped KV heads.
+RoPE (ALiBi with ``alibi: true``) and, by default, the parallel residual
+(``FamilyOptions`` from ``splitserve.engine.dialects.falcon``), multi-query
+or grouped KV heads.
 
 Its checkpoints name things their own way; ``FalconCausalLM`` renames them
 at load onto the shared decoder's slots: ``transformer.word_embeddings`` ->

@@ -26,6 +26,7 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.quantization import Groups, QuantizationConfig, layer_groups
+from splitserve.engine.models.alibi import family_alibi_slopes
 from splitserve.engine.models.float_layer_norm import FloatLayerNorm
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.rope import apply_rotary
@@ -281,6 +282,8 @@ class Attention(nn.Module):
         # gpt-oss: a learned logit per query head joining its softmax's denominator
         self.sinks = (empty_param(self.num_heads, dtype=torch.float32, device=device)
                       if opts.attention_sinks else None)
+        # Bloom, MPT, Falcon alibi: [Hq] float32 ALiBi slopes (None: none)
+        self.register_buffer("alibi_slopes", family_alibi_slopes(cfg, device), persistent=False)
         self.qkv_lora: LoraStack | None = None  # enable_lora
         self.o_lora: LoraStack | None = None
 
@@ -324,8 +327,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.qk_norm_after_rope:
             q, k = self.norm_qk(q, k)
         q, k = self.position_qk(positions, q, k, cos_sin_cache)
-        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale,
-                                    self.sliding_window, self.softcap, sinks=self.sinks)  # [T, Hq, D]
+        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window,
+                                    self.softcap, sinks=self.sinks,
+                                    alibi_slopes=self.alibi_slopes)  # [T, Hq, D]
         out = out.reshape(t, self.q_size)
         y = self.o_proj(out)
         if lora is not None and self.o_lora is not None:

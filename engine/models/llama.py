@@ -24,6 +24,7 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.alibi import shard_alibi_slopes
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.layers import ShardSlot, empty_param, model_norm, norm_slots
 from splitserve.engine.models.lora_layers import LoraStack
@@ -60,7 +61,7 @@ class CausalLM(nn.Module):
         self.embed_positions = (empty_param(cfg.max_position + opts.position_offset, cfg.hidden_size,
                                             dtype=dtype, device=device)
                                 if opts.position_table else None)
-        self.register_buffer("cos_sin_cache", None if opts.position_table
+        self.register_buffer("cos_sin_cache", None if opts.position_table or opts.alibi  # ALiBi: no RoPE
                              else build_cos_sin_cache(cfg, device), persistent=False)
         self.tp: TPGroup | None = None  # tensor parallel: see attach_tensor_parallel
 
@@ -72,6 +73,7 @@ class CausalLM(nn.Module):
         self.tp = tp
         for layer in self.layers:
             layer.tp = tp
+        shard_alibi_slopes(self.layers, tp.plan)  # ALiBi: the rank's heads' slopes
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:

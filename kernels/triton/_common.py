@@ -136,3 +136,15 @@ def check_paged_attention_args(
                  context_lens=context_lens)
     if is_fp8(k_cache) and (k_scale <= 0 or v_scale <= 0):
         raise ValueError(f"{op}: fp8 scales must be positive, got k_scale={k_scale}, v_scale={v_scale}")
+
+
+def check_alibi_slopes(op: str, q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> None:
+    """``alibi_slopes``: None, or one float32 slope per query head on q's device."""
+    if alibi_slopes is None:
+        return
+    if alibi_slopes.shape != (q.shape[1],) or alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"{op}: alibi_slopes must be float32 [{q.shape[1]}] (one per query head), "
+                         f"got {alibi_slopes.dtype} {list(alibi_slopes.shape)}")
+    check_device(op, q, alibi_slopes=alibi_slopes)
+    if not alibi_slopes.is_contiguous():
+        raise ValueError(f"{op}: alibi_slopes must be contiguous")

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from splitserve.kernels.triton._common import (
     as_kernel_cache,
+    check_alibi_slopes,
     check_paged_attention_args,
     dot_in_fp32,
     dot_precision,
@@ -28,6 +29,7 @@ from splitserve.kernels.triton._common import (
     num_sms,
 )
 from splitserve.kernels.triton.paged_tile import (
+    alibi_tile,
     attend_tile,
     paged_token_offsets,
     score_scale,
@@ -47,10 +49,11 @@ def _decode_split_kernel(
     scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
     HQ, G, D, BS, NUM_SPLITS, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
-    stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_cb, stride_cs, stride_ch, stride_bt, alibi_ptr,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -70,6 +73,10 @@ def _decode_split_kernel(
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    slope = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_ALIBI:  # each query head's ALiBi slope
+        slope = tl.load(alibi_ptr + heads, mask=gmask, other=0.0)
+    pos = tl.zeros([BLOCK_G], tl.int32) + (ctx - 1)  # the decoded token's position
 
     if HAS_SINKS:  # the sinks join the first split's state, so the merge counts them once
         m_i, l_i = sink_init(sinks_ptr, heads, gmask, split == 0, BLOCK_G)
@@ -82,9 +89,13 @@ def _decode_split_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         tok_off = paged_token_offsets(bt_row, n, nmask, kv_head, BS, stride_cb, stride_cs, stride_ch)
+        alibi = 0.0  # no bias: attend_tile ignores it
+        if HAS_ALIBI:
+            alibi = alibi_tile(slope, n, pos)
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, nmask[None, :], d, dmask,
             k_scale, v_scale, scale_log2, softcap, FP8_KV, PRECISION, HAS_SOFTCAP,
+            alibi, HAS_ALIBI,
         )
 
     if ONE_SPLIT:
@@ -154,6 +165,7 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     sinks: torch.Tensor | None = None,  # [Hq] float
+    alibi_slopes: torch.Tensor | None = None,  # [Hq] float32
 ) -> torch.Tensor:
     """Same contract as ``splitserve.kernels.reference.paged_decode_attention``.
 
@@ -162,6 +174,7 @@ def paged_decode_attention(
     """
     op = "paged_decode_attention"
     check_paged_attention_args(op, q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
+    check_alibi_slopes(op, q, alibi_slopes)
     b, hq, d = q.shape
     if block_tables.shape[0] != b:
         raise ValueError(f"{op}: q has {b} sequences but block_tables has {block_tables.shape[0]} rows")
@@ -191,9 +204,11 @@ def paged_decode_attention(
         float(softcap), sinks_arg, hq, g, d, bs, splits, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        out if alibi_slopes is None else alibi_slopes,  # without ALiBi: never read
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
         ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d, HAS_SINKS=has_sinks,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=4,
     )
     if splits > 1:

@@ -53,6 +53,14 @@ def sink_init(sinks_ptr, heads, hmask, first, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def alibi_tile(slope, n, pos):
+    """ALiBi's bias of a tile: slope [M] (each row's head's slope), n [N]
+    key positions, pos [M] (each row's query position) -> ``slope * (n -
+    pos)``, [M, N] float32 in natural units."""
+    return slope[:, None] * (n[None, :] - pos[:, None]).to(tl.float32)
+
+
+@triton.jit
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): exp overflowing to inf gives 1, underflowing to 0
     # gives -1, so large scores saturate without NaN
@@ -65,12 +73,15 @@ def attend_tile(
     k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
     k_scale, v_scale, scale_log2, softcap,
     FP8_KV: tl.constexpr, PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    alibi, HAS_ALIBI: tl.constexpr,
 ):
     """One KV tile of online softmax for a block of query rows.
 
     With HAS_SOFTCAP, ``scale_log2`` is the plain softmax scale (natural
     units) and each score is capped to ``softcap * tanh(score / softcap)``
-    before it moves to the log2 domain (Gemma 2).
+    before it moves to the log2 domain (Gemma 2). With HAS_ALIBI, ``alibi``
+    ([M, N] float32, natural units: ``alibi_tile``) is added to the scores
+    after the cap.
 
     q: [M, BD] (in the dot dtype); m_i, l_i: [M] running max (log2 units)
     and denominator; acc: [M, BD] fp32 unnormalised output; tok_off,
@@ -83,6 +94,8 @@ def attend_tile(
     s = tl.dot(q, k_t.to(q.dtype), input_precision=PRECISION) * scale_log2  # [M, N]
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap) * 1.4426950408889634  # capped, then to log2 units
+    if HAS_ALIBI:
+        s = s + alibi * 1.4426950408889634
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

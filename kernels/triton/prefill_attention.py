@@ -21,6 +21,7 @@ import triton.language as tl
 from splitserve.kernels.triton._common import (
     INDEX_DTYPES,
     as_kernel_cache,
+    check_alibi_slopes,
     check_device,
     check_dtype,
     check_ndim,
@@ -31,6 +32,7 @@ from splitserve.kernels.triton._common import (
     next_pow2,
 )
 from splitserve.kernels.triton.paged_tile import (
+    alibi_tile,
     attend_tile,
     paged_token_offsets,
     score_scale,
@@ -61,10 +63,11 @@ def _paged_prefill_kernel(
     scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
     B, G, D, BS,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_cb, stride_cs, stride_ch, stride_bt, alibi_ptr,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,6 +92,9 @@ def _paged_prefill_kernel(
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:  # each row's head's ALiBi slope
+        slope = tl.load(alibi_ptr + heads, mask=rmask, other=0.0)
 
     if HAS_SINKS:  # each row's head's sink logit joins the denominator
         m_i, l_i = sink_init(sinks_ptr, heads, rmask, True, BLOCK_M)
@@ -108,9 +114,13 @@ def _paged_prefill_kernel(
         visible = nmask[None, :] & (n[None, :] <= pos[:, None])
         if HAS_WINDOW:
             visible = visible & (n[None, :] > pos[:, None] - window)
+        alibi = 0.0  # no bias: attend_tile ignores it
+        if HAS_ALIBI:
+            alibi = alibi_tile(slope, n, pos)
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tok_off, nmask, visible, d, dmask,
             k_scale, v_scale, scale_log2, softcap, FP8_KV, PRECISION, HAS_SOFTCAP,
+            alibi, HAS_ALIBI,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -143,6 +153,7 @@ def paged_attention(
     sliding_window: int = 0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,  # [Hq] float
+    alibi_slopes: torch.Tensor | None = None,  # [Hq] float32
 ) -> torch.Tensor:
     """Same contract as ``splitserve.kernels.reference.paged_attention``.
 
@@ -151,6 +162,7 @@ def paged_attention(
     """
     op = "paged_attention"
     check_paged_attention_args(op, q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
+    check_alibi_slopes(op, q, alibi_slopes)
     b = context_lens.shape[0]
     check_ndim(op, "cu_query_lens", cu_query_lens, 1, "[num_seqs + 1]")
     check_dtype(op, "cu_query_lens", cu_query_lens, INDEX_DTYPES)
@@ -174,8 +186,10 @@ def paged_attention(
         float(softcap), sinks_arg, b, g, d, bs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        out if alibi_slopes is None else alibi_slopes,  # without ALiBi: never read
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
         HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
-        HAS_SINKS=has_sinks, num_warps=num_warps,
+        HAS_SINKS=has_sinks, HAS_ALIBI=alibi_slopes is not None,
+        num_warps=num_warps,
     )
     return out

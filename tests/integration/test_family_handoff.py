@@ -23,8 +23,10 @@ post-norms (EXAONE 4), PhiMoE's sparsemixer experts behind LayerNorms
 with a window on every layer and its own LongRoPE table, attention sinks
 beside a window on one layer and gpt-oss's biased, clamped experts
 (gpt-oss), L2-normed keys beside unrotated ones before input-scaled
-experts (Llama 4), and an fp8 KV cache (Gemma 3 again, against the
-engine itself: fp8 changes the numbers)."""
+experts (Llama 4), latent attention (DeepSeek-V3), ALiBi's position
+biases in place of RoPE (Bloom), which the decode engine must compute
+from the handed-off keys' positions, and an fp8 KV cache (Gemma 3 again,
+against the engine itself: fp8 changes the numbers)."""
 
 import asyncio
 
@@ -48,7 +50,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
     ("phimoe", "auto"), ("gpt_oss", "auto"), ("llama4", "auto"), ("deepseek_v3", "auto"),
-    ("gemma3", "fp8"),
+    ("bloom", "auto"), ("gemma3", "fp8"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]

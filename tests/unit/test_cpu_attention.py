@@ -74,3 +74,18 @@ def test_fp8_cache_matches_the_reference():
 
 def test_registered_for_cpu_tensors():
     assert dispatch.get_op("paged_attention", torch.device("cpu")) is cpu.paged_attention
+
+
+@pytest.mark.parametrize("hq", [4, 2])
+def test_alibi_matches_the_reference(hq):
+    # verifies, plain decodes and a long chunk, GQA and not: each path's bias per query head
+    q_lens, ctxs = [1, 5, 3, 1, 20], [7, 18, 11, 30, 20]
+    k, v, tables = paged(ctxs)
+    q = torch.randn(sum(q_lens), hq, D, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0] + q_lens).cumsum(0).int()
+    args = (k, v, tables, cu, torch.tensor(ctxs, dtype=torch.int32), D**-0.5)
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(hq)])
+    got = cpu.paged_attention(q, *args, alibi_slopes=slopes)
+    want = ref.paged_attention(q, *args, alibi_slopes=slopes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - ref.paged_attention(q, *args)).abs().max() > 1e-2

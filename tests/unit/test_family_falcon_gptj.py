@@ -73,7 +73,6 @@ def test_falcon_older_key_names_and_options():
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"alibi": True}, "alibi .* is not supported for falcon"),
     ({"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn false is not supported"),
     ({"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn 2 without new_decoder_architecture"),
     ({"num_ln_in_parallel_attn": 3, "new_decoder_architecture": True}, "must be 1 or 2"),

@@ -1,6 +1,7 @@
 """A verify step's attention as decode rows (``model_runner.verify_rows_as_decode``,
 the CPU's form) gives the logits the chunked form gives, with sliding
-windows, across block boundaries and beside a sequence without drafts."""
+windows, with ALiBi (each row biased from its own position), across block
+boundaries and beside a sequence without drafts."""
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def verify_logits(path, as_decode: bool, monkeypatch) -> tuple[torch.Tensor, boo
     return logits, inp.meta.decode_only
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen2_window"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen2_window", "falcon_alibi"])
 def test_decode_rows_match_chunked_verify(tiny_checkpoints, variant, monkeypatch):
     path = tiny_checkpoints[variant]
     chunked, chunked_decode_only = verify_logits(path, False, monkeypatch)

@@ -285,3 +285,63 @@ def test_reference_softcap_matches_eager_math():
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("hts,sd->thd", scores.softmax(-1), v[:, 0])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- ALiBi (Bloom, MPT, Falcon alibi) ----------------------------------------------
+
+
+def steep_slopes(hq: int) -> torch.Tensor:
+    # 1/2, 1/4, ...: over these contexts the bias outweighs q.k, so a wrong one shows
+    return torch.tensor([2.0 ** -(h + 1) for h in range(hq)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("hq,hk,num_splits", [(4, 2, None), (3, 1, 3)])
+def test_decode_alibi(hq, hk, num_splits):
+    cache = PagedCache([70, 64, 1, 33], 8, hk, torch.float32, seed=17)
+    q = rand_q(4, hq, torch.float32)
+    slopes = steep_slopes(hq)
+    out = run_decode(paged_decode_attention, q, cache, alibi_slopes=slopes, num_splits=num_splits)
+    want = run_decode(ref.paged_decode_attention, q, cache, alibi_slopes=slopes)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    assert (want - run_decode(ref.paged_decode_attention, q, cache)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_alibi(dtype):
+    # whole prompts, chunks after a cached prefix (prefix hits), one-token chunks; GQA
+    pairs = [(0, 23), (16, 7), (31, 1), (0, 1), (40, 30)]
+    q_lens, context_lens = [n for _, n in pairs], [p + n for p, n in pairs]
+    cache = PagedCache(context_lens, 8, 2, dtype, seed=18)
+    q = rand_q(sum(q_lens), 4, dtype, seed=19)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    args = (cache.k, cache.v, cache.block_tables, cu, cache.context_lens, D**-0.5)
+    slopes = steep_slopes(4)
+    want = ref.paged_attention(q, *args, alibi_slopes=slopes)
+    torch.testing.assert_close(paged_attention(q, *args, alibi_slopes=slopes), want, **TOL[dtype])
+    assert (want.float() - ref.paged_attention(q, *args).float()).abs().max() > 1e-2
+
+
+def test_alibi_slopes_checked():
+    cache = PagedCache([4], 4, 1, torch.float32)
+    args = (rand_q(1, 2, torch.float32), cache.k, cache.v, cache.block_tables, cache.context_lens, 0.25)
+    with pytest.raises(ValueError, match="alibi_slopes must be float32 \\[2\\]"):
+        paged_decode_attention(*args, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="alibi_slopes must be float32"):
+        paged_decode_attention(*args, alibi_slopes=torch.ones(2, dtype=torch.float64))
+
+
+def test_reference_alibi_matches_eager_math():
+    # the reference against the formula written out: softmax(q.k * s + slope * (j - i)) v, i
+    # the query's position: a 5-token chunk after 4 cached tokens, one KV head for two query heads
+    cache = PagedCache([9], 4, 1, torch.float32, seed=20)
+    q = rand_q(5, 2, torch.float32)
+    slopes = torch.tensor([0.5, 0.125])
+    got = ref.paged_attention(q, cache.k, cache.v, cache.block_tables, torch.tensor([0, 5], dtype=torch.int32),
+                              cache.context_lens, 0.3, alibi_slopes=slopes)
+    k = ref._gather_seq_kv(cache.k, cache.block_tables[0], 9, 1.0, torch.float32)[:, 0]  # [9, D]
+    v = ref._gather_seq_kv(cache.v, cache.block_tables[0], 9, 1.0, torch.float32)[:, 0]
+    i, j = torch.arange(4, 9)[:, None], torch.arange(9)[None, :]
+    scores = torch.einsum("thd,sd->hts", q, k) * 0.3 + slopes[:, None, None] * (j - i)
+    scores = scores.masked_fill(j > i, float("-inf"))
+    want = torch.einsum("hts,sd->thd", scores.softmax(-1), v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ CASE_NAMES = [
     "store_kv fp8", "pack_kv", "unpack_kv", "decode one split bf16", "decode split fp8 sm90",
     "decode split fp8 sm80", "decode reduce", "prefill G=4 bf16", "prefill G=7 fp8", "prefill G=4 fp32 sm80",
     "decode softcap window bf16", "prefill softcap window bf16", "decode sinks window bf16",
-    "prefill sinks window bf16",
+    "prefill sinks window bf16", "decode alibi bf16", "prefill alibi bf16",
 ]
 
 
@@ -120,6 +120,13 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
     compile_case("prefill sinks window bf16", pre, "_paged_prefill_kernel",
                  lambda: pre.paged_attention(qp, cache, cache, tables, cu, lens, 0.1, sliding_window=64,
                                              sinks=sinks),
+                 dict(gpu_dot, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=warps))
+    slopes = torch.rand(hq)  # Bloom, MPT, Falcon alibi
+    compile_case("decode alibi bf16", dec, "_decode_split_kernel",
+                 lambda: dec.paged_decode_attention(qd, cache, cache, tables, lens, 0.1, num_splits=4,
+                                                    alibi_slopes=slopes), decode_gpu)
+    compile_case("prefill alibi bf16", pre, "_paged_prefill_kernel",
+                 lambda: pre.paged_attention(qp, cache, cache, tables, cu, lens, 0.1, alibi_slopes=slopes),
                  dict(gpu_dot, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=warps))
 
 
