@@ -99,11 +99,10 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
-    arcee, cohere, cohere2, dots1, ernie4_5, exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
-    gpt_neo, gptj, granitemoe, hunyuan, llama4, nemotron, olmo, olmo3, olmoe, opt, gpt_oss,
-    deepseek_v2, deepseek_v3, bloom, mpt,
+    apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
+    exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe,
+    hunyuan, internlm3, llama4, mpt, nemotron, olmo, olmo3, olmoe, opt, phimoe,
 )
-from splitserve.engine.dialects import apertus, dbrx, internlm3, phimoe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
