@@ -186,9 +186,10 @@ def test_tensor_parallel_refused(cfg):
         check(ModelConfig.from_hf(cfg), 2)
 
 
-@pytest.mark.parametrize("variant", ["falcon", "gptj"])
+@pytest.mark.parametrize("variant", ["falcon", "gptj", "bloom", "mpt"])
 def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models, variant):
-    # the projections of the split / reordered tensors, quantized once loaded
+    # the projections of the split / reordered tensors (Bloom's and MPT's too), quantized once
+    # loaded
     model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32, weight_dtype="fp8")
     attn = model.layers[0].self_attn
     assert attn.qkv_proj.weight.dtype == torch.float8_e4m3fn == model.layers[0].mlp.up_proj.weight.dtype
