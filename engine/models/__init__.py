@@ -14,6 +14,7 @@ from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
+from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
@@ -139,6 +140,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # its norm on the embeddings, MPT's fused Wqkv split at load
     "bloom": BloomCausalLM,
     "mpt": MptCausalLM,
+    # FlexOlmo: OLMo 2's post-norm layers around OLMoE's experts
+    "flex_olmo": FlexOlmoCausalLM,
 }
 
 
@@ -167,4 +170,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
-           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM"]
+           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM"]

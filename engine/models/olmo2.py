@@ -29,8 +29,9 @@ class Olmo2DecoderLayer(DecoderLayer):
     output and the stream apart; the next layer (or the final norm) adds them."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
-                 prefix: str = ""):
-        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
+                 prefix: str = "", **mlp):
+        # mlp: DecoderLayer's mlp / mlp_name (FlexOlmo's experts)
+        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix, **mlp)
         self.input_layernorm = None  # OLMo 2 has no pre-attention norm
         self.post_feedforward_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
 
