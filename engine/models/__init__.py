@@ -33,6 +33,7 @@ from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
+from splitserve.engine.models.minimax_m2 import MiniMaxM2CausalLM
 from splitserve.engine.models.mpt import MptCausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -142,6 +143,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "mpt": MptCausalLM,
     # FlexOlmo: OLMo 2's post-norm layers around OLMoE's experts
     "flex_olmo": FlexOlmoCausalLM,
+    # MiniMax-M2: the MoE decoder with GLM-4.5's sigmoid router as one group, all-head q/k
+    # norms and partial RoPE; the router's correction bias renamed at load
+    "minimax_m2": MiniMaxM2CausalLM,
 }
 
 
@@ -170,4 +174,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
-           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM"]
+           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
+           "MiniMaxM2CausalLM"]

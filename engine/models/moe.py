@@ -81,6 +81,7 @@ CHECKPOINT_NAMES = {
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
