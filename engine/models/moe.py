@@ -1,5 +1,6 @@
-"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1 and
-PhiMoE (GraniteMoE's and DBRX's experts too: ``splitserve.engine.models.granitemoe``, ``dbrx``).
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1,
+PhiMoE, FlexOlmo and MiniMax-M2 (GraniteMoE's and DBRX's experts too:
+``splitserve.engine.models.granitemoe``, ``dbrx``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
@@ -12,7 +13,7 @@ token runs, scaled by a sigmoid gate; GLM-4.5 and dots.llm1 an ungated one
 Routing, as transformers does it: softmax over all experts' logits in
 float32, then the top k; Mixtral renormalises the k probabilities to sum to
 one (the same as a softmax over the top-k logits), Qwen only with
-``norm_topk_prob``. GLM-4.5 and dots.llm1 route with sigmoid scores, a
+``norm_topk_prob``. GLM-4.5, dots.llm1 and MiniMax-M2 route with sigmoid scores, a
 correction bias and expert groups (``MoEConfig.grouped_sigmoid``,
 ``splitserve.engine.models.grouped_router``), their router and its bias in
 float32 whatever the model dtype, as transformers keeps them. PhiMoE routes
