@@ -12,6 +12,7 @@ from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
+from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
@@ -139,6 +140,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # its norm on the embeddings, MPT's fused Wqkv split at load
     "bloom": BloomCausalLM,
     "mpt": MptCausalLM,
+    # ERNIE 4.5 MoE: ERNIE 4.5's q/k reordering with a correction-biased softmax router and
+    # ungated shared experts
+    "ernie4_5_moe": Ernie4_5MoeCausalLM,
 }
 
 
