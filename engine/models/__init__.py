@@ -30,6 +30,7 @@ from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
+from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -143,6 +144,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # ERNIE 4.5 MoE: ERNIE 4.5's q/k reordering with a correction-biased softmax router and
     # ungated shared experts
     "ernie4_5_moe": Ernie4_5MoeCausalLM,
+    # HunYuan MoE: HunYuan dense's q/k norms after RoPE with a float32 softmax router and an
+    # ungated shared MLP in every layer, renamed at load
+    "hunyuan_v1_moe": HunYuanMoeCausalLM,
 }
 
 

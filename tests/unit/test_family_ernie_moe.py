@@ -1,8 +1,9 @@
-"""ERNIE 4.5 MoE (ernie4_5_moe): its router against transformers' own, the
-config.json defaults and sparse layers read, what is refused (options,
-fp8 checkpoints, LoRA, tensor parallelism), the multi-token-prediction
-tensors skipped, and that the variant's correction bias moves the logits.
-Token parity is in test_moe_parity."""
+"""ERNIE 4.5 MoE (ernie4_5_moe) and HunYuan MoE V1 (hunyuan_v1_moe): their
+routers against transformers' own, the config.json defaults and sparse
+layers read, what is refused (options, fp8 checkpoints, LoRA, tensor
+parallelism), ERNIE's multi-token-prediction tensors skipped, and that its
+variant's correction bias moves the logits. Token parity is in
+test_moe_parity."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeBlock, route_corrected_softmax
+from splitserve.engine.models.hunyuan_moe import HunYuanMoeBlock
+from splitserve.engine.models.moe import route
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
 
@@ -94,3 +97,61 @@ def test_lora_refused_mtp_skipped_and_correction_bias_binds(parity_models):
     finally:
         block.correction_bias.data.copy_(bias)
     assert (wrong - hf_logits(ref, PROMPT)).abs().max() > 10 * ATOL
+
+
+# --- HunYuan MoE --------------------------------------------------------------
+
+HUNYUAN = "HunYuanMoEV1ForCausalLM"
+
+
+def hunyuan(**extra) -> dict:
+    return {"architectures": [HUNYUAN], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16, "num_experts": 8,
+            "moe_topk": 2, **extra}
+
+
+def test_hunyuan_router_matches_transformers():
+    from transformers import HunYuanMoEV1Config
+    from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Gate
+
+    gate = HunYuanMoEV1Gate(HunYuanMoEV1Config(hidden_size=32, num_experts=16, moe_topk=3))
+    gen = torch.Generator().manual_seed(171)
+    with torch.no_grad():
+        gate.wg.weight.copy_(torch.randn(16, 32, generator=gen) * 0.3)
+    x = torch.randn(64, 32, generator=gen)
+    _, want_w, want_ids = gate(x)
+    w, ids = route(F.linear(x, gate.wg.weight), 3, renormalize=True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=0)
+
+
+def test_hunyuan_defaults_and_uniform_lists():
+    cfg = ModelConfig.from_hf(hunyuan(moe_topk=[3, 3], num_experts=[8, 8]))
+    moe = cfg.moe
+    assert moe.sparse_layers == (True, True) and moe.renormalize
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.shared_expert_intermediate_size) \
+        == (8, 3, 32, 32)
+    assert (cfg.num_kv_heads, cfg.tie_word_embeddings, cfg.options.qk_norm_after_rope) == (4, False, True)
+    assert not (cfg.attention_bias or cfg.mlp_bias)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"moe_topk": [2, 3]}, "moe_topk"),
+    ({"num_experts": [8]}, "num_experts"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"head_dim": None}, "head_dim"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_hunyuan_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(hunyuan(**extra))
+
+
+def test_hunyuan_lora_and_tensor_parallel_refused(parity_models):
+    with pytest.raises(TensorParallelConfigError, match="HunYuan MoE"):
+        check(ModelConfig.from_hf(hunyuan()), 2)
+    model, _ = parity_models("hunyuan_moe")
+    assert all(isinstance(layer.mlp, HunYuanMoeBlock) for layer in model.layers)
+    assert model.layers[0].mlp.gate.weight.dtype == torch.float32
+    with pytest.raises(CheckpointError, match="LoRA"):
+        model.enable_lora(1, 4)
