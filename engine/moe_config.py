@@ -56,6 +56,11 @@ class MoEConfig:
     # groups, each rated by its best expert's score (grouped_router.route_softmax_groups)
     scaled_softmax: bool = False
     group_limited: bool = False
+    # ERNIE 4.5 MoE (Ernie4_5_MoeTopKRouter): float32 softmax probabilities; the top k of
+    # them plus the per-expert correction bias choose, their unbiased probabilities divided
+    # by their sum clamped below at this ``moe_norm_min`` weigh
+    # (splitserve.engine.models.ernie4_5_moe); None: another router
+    corrected_softmax_norm_min: float | None = None
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

@@ -12,6 +12,7 @@ from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
+from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
@@ -30,6 +31,7 @@ from splitserve.engine.models.granite import GraniteCausalLM
 from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
+from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -146,6 +148,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # MiniMax-M2: the MoE decoder with GLM-4.5's sigmoid router as one group, all-head q/k
     # norms and partial RoPE; the router's correction bias renamed at load
     "minimax_m2": MiniMaxM2CausalLM,
+    # ERNIE 4.5 MoE: ERNIE 4.5's q/k reordering with a correction-biased softmax router and
+    # ungated shared experts
+    "ernie4_5_moe": Ernie4_5MoeCausalLM,
+    # HunYuan MoE: HunYuan dense's q/k norms after RoPE with a float32 softmax router and an
+    # ungated shared MLP in every layer, renamed at load
+    "hunyuan_v1_moe": HunYuanMoeCausalLM,
 }
 
 
