@@ -12,7 +12,8 @@ from splitserve.engine.dialects import DIALECTS
 @dataclass(frozen=True)
 class MoEConfig:
     """The sparse MLP of a mixture-of-experts family (Mixtral, Qwen2/Qwen3-MoE, OLMoE,
-    GraniteMoE, GLM-4.5, dots.llm1, PhiMoE, DBRX, gpt-oss).
+    GraniteMoE, GLM-4.5, dots.llm1, PhiMoE, DBRX, gpt-oss, Llama 4, DeepSeek-V2/V3,
+    FlexOlmo, MiniMax-M2, ERNIE 4.5 MoE, HunYuan MoE).
 
     Each token's router logits pick ``top_k`` of ``num_experts`` experts;
     their softmax probabilities weight the experts' outputs, renormalised to

@@ -1,6 +1,7 @@
 """Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1,
-PhiMoE, FlexOlmo and MiniMax-M2 (GraniteMoE's and DBRX's experts too:
-``splitserve.engine.models.granitemoe``, ``dbrx``).
+PhiMoE, FlexOlmo, MiniMax-M2, DeepSeek-V2/V3, ERNIE 4.5 MoE and HunYuan MoE (the experts
+of GraniteMoE, DBRX, Llama 4 and gpt-oss too: ``splitserve.engine.models.granitemoe``,
+``dbrx``, ``llama4``, ``gpt_oss``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
