@@ -166,8 +166,9 @@ def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
         return FamilyOptions(
             hidden_act=act, norm_plus_one=True, norm_fp32_product=True, embed_scale=math.sqrt(hidden),
             attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
-            attn_softcap=_cap(cfg, "attn_logit_softcapping"),
-            final_softcap=_cap(cfg, "final_logit_softcapping"),
+            # Gemma2Config's defaults where config.json leaves them out (null: no cap)
+            attn_softcap=_cap(cfg, "attn_logit_softcapping", 50.0),
+            final_softcap=_cap(cfg, "final_logit_softcapping", 30.0),
             sandwich_norms=True,
         )
     if family == "gemma3":
@@ -343,8 +344,10 @@ def _multiplier(cfg: dict[str, Any], key: str) -> float:
     return value
 
 
-def _cap(cfg: dict[str, Any], key: str) -> float:
-    value = cfg.get(key)
+def _cap(cfg: dict[str, Any], key: str, default: float | None = None) -> float:
+    """A soft cap from config.json: ``default`` (the config class's) where the
+    key is absent, 0 (none) where it is null."""
+    value = cfg.get(key, default)
     if value is None:
         return 0.0
     if float(value) <= 0:

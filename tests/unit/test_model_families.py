@@ -48,6 +48,10 @@ def test_gemma_options_parsed_as_transformers_reads_them():
     typed = config("Gemma2ForCausalLM", sliding_window=8,
                    layer_types=["full_attention", "sliding_attention"] * 2)
     assert typed.layer_windows == (0, 8, 0, 8)
+    # caps left out of config.json: Gemma2Config's defaults, as transformers reads them
+    assert (typed.options.attn_softcap, typed.options.final_softcap) == (50.0, 30.0)
+    bare = _via_transformers("Gemma2Config", "Gemma2ForCausalLM")
+    assert (bare.options.attn_softcap, bare.options.final_softcap) == (50.0, 30.0)
 
 
 def test_granite_and_olmo2_options():
