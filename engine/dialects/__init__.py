@@ -101,7 +101,7 @@ DIALECTS: dict[str, Dialect] = {}
 from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
     exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe,
-    hunyuan, internlm3, llama4, mpt, nemotron, olmo, olmo3, olmoe, opt, phimoe,
+    hunyuan, internlm3, llama4, mpt, nemotron, olmo, olmo3, olmoe, opt, phimoe, exaone,
 )
 
 DIALECTS.update({
@@ -137,4 +137,5 @@ DIALECTS.update({
     "deepseek_v3": deepseek_v3.DIALECT,
     "bloom": bloom.DIALECT,
     "mpt": mpt.DIALECT,
+    "exaone": exaone.DIALECT,
 })

@@ -12,6 +12,7 @@ from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
+from splitserve.engine.models.exaone import ExaoneCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
@@ -139,6 +140,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # its norm on the embeddings, MPT's fused Wqkv split at load
     "bloom": BloomCausalLM,
     "mpt": MptCausalLM,
+    # EXAONE 3.0 / 3.5: Llama under its own tensor names, mapped at load
+    "exaone": ExaoneCausalLM,
 }
 
 
@@ -167,4 +170,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
-           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM"]
+           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "ExaoneCausalLM"]

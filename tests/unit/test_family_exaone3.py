@@ -1,0 +1,59 @@
+"""config.json parsing of EXAONE 3.0 / 3.5: its own key names and the defaults
+transformers' ExaoneConfig fills in (checked against that class), tensor
+parallelism, and a clear CheckpointError for what the engine does not support
+(fp8 checkpoints, LoRA adapters, other activations). Token parity is in
+test_model_parity / test_engine_parity (variant exaone) and at
+tensor_parallel_size 2 in test_tp_engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.parallel.plan import check
+from tests.unit.test_family_olmo3_exaone import hf_config, raw
+
+
+def exaone(**extra) -> dict:
+    """A config.json in EXAONE's own key names, as the hub's checkpoints write it."""
+    c = raw("ExaoneForCausalLM", num_layers=3, layer_norm_epsilon=1e-3, activation_function="gelu_pytorch_tanh")
+    del c["num_hidden_layers"]
+    return {**c, **extra}
+
+
+def test_exaone_keys_and_defaults_as_transformers_reads_them():
+    c = exaone()
+    del c["num_key_value_heads"], c["head_dim"]
+    ours, ref = ModelConfig.from_hf(c), hf_config("ExaoneConfig", c)
+    assert ours.family == "exaone" and ours.num_layers == ref.num_hidden_layers == 3
+    assert ours.rms_norm_eps == ref.rms_norm_eps == 1e-3 and ours.options.hidden_act == "gelu_tanh"
+    assert ours.num_kv_heads == ref.num_key_value_heads == 8
+    assert ours.head_dim == ref.head_dim == 16 and ours.rope_theta == 500000.0
+    assert (ours.bos_token_id, ours.eos_token_ids) == (1, (361,)) and not ours.tie_word_embeddings
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
+    ours = ModelConfig.from_hf(exaone(attention_bias=True, mlp_bias=True, num_key_value_heads=None,
+                                      rope_theta=7.0))
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
+    assert ours.num_kv_heads == 4 and ours.rope_theta == 7.0
+    # transformers' own key names are read too
+    ours = ModelConfig.from_hf(raw("ExaoneForCausalLM", rms_norm_eps=1e-4, hidden_act="silu"))
+    assert ours.num_layers == 2 and ours.rms_norm_eps == 1e-4 and ours.options.hidden_act == "silu"
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 ExaoneForCausalLM checkpoints are not supported"),
+    ({"activation_function": "swish_x"}, "activation 'swish_x' is not supported for exaone"),
+])
+def test_exaone_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(exaone(**extra))
+
+
+def test_exaone_tensor_parallel_and_lora_refusal(tiny_checkpoints):
+    check(ModelConfig.from_hf(exaone()), 2)  # test_tp_engine checks its tokens at TP=2
+    model = load_model(load_checkpoint(tiny_checkpoints["exaone"]), torch.float32)
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for EXAONE 3"):
+        model.enable_lora(2, 4)
