@@ -102,6 +102,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
     exaone4, falcon, glm, glm4, glm4_moe, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe,
     hunyuan, internlm3, llama4, mpt, nemotron, olmo, olmo3, olmoe, opt, phimoe, exaone,
+    vaultgemma,
 )
 
 DIALECTS.update({
@@ -138,4 +139,5 @@ DIALECTS.update({
     "bloom": bloom.DIALECT,
     "mpt": mpt.DIALECT,
     "exaone": exaone.DIALECT,
+    "vaultgemma": vaultgemma.DIALECT,
 })

@@ -14,6 +14,7 @@ from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.exaone import ExaoneCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
+from splitserve.engine.models.vaultgemma import VaultGemmaCausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
@@ -142,6 +143,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "mpt": MptCausalLM,
     # EXAONE 3.0 / 3.5: Llama under its own tensor names, mapped at load
     "exaone": ExaoneCausalLM,
+    # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
+    "vaultgemma": VaultGemmaCausalLM,
 }
 
 
@@ -170,4 +173,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
-           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "ExaoneCausalLM"]
+           "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "ExaoneCausalLM",
+           "VaultGemmaCausalLM"]

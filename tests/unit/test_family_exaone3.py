@@ -1,9 +1,10 @@
-"""config.json parsing of EXAONE 3.0 / 3.5: its own key names and the defaults
-transformers' ExaoneConfig fills in (checked against that class), tensor
-parallelism, and a clear CheckpointError for what the engine does not support
-(fp8 checkpoints, LoRA adapters, other activations). Token parity is in
-test_model_parity / test_engine_parity (variant exaone) and at
-tensor_parallel_size 2 in test_tp_engine."""
+"""config.json parsing of EXAONE 3.0 / 3.5 (its own key names) and VaultGemma
+(Gemma 2's options without the post-norms): the defaults transformers'
+ExaoneConfig / VaultGemmaConfig fill in (checked against those classes),
+tensor parallelism, and a clear CheckpointError for what the engine does not
+support (fp8 checkpoints, LoRA adapters, other activations, windows).
+Token parity is in test_model_parity / test_engine_parity (variants exaone,
+vaultgemma) and at tensor_parallel_size 2 in test_tp_engine."""
 
 from __future__ import annotations
 
@@ -56,4 +57,38 @@ def test_exaone_tensor_parallel_and_lora_refusal(tiny_checkpoints):
     check(ModelConfig.from_hf(exaone()), 2)  # test_tp_engine checks its tokens at TP=2
     model = load_model(load_checkpoint(tiny_checkpoints["exaone"]), torch.float32)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported for EXAONE 3"):
+        model.enable_lora(2, 4)
+
+
+def test_vaultgemma_defaults_as_transformers_reads_them():
+    c = raw("VaultGemmaForCausalLM", num_hidden_layers=3)
+    del c["head_dim"]
+    ours, ref = ModelConfig.from_hf(c), hf_config("VaultGemmaConfig", c)
+    assert ours.family == "vaultgemma" and ours.head_dim == ref.head_dim == 256
+    assert ours.layer_windows == tuple(4096 if t == "sliding_attention" else 0 for t in ref.layer_types)
+    assert ours.layer_windows == (4096, 0, 4096) and ours.tie_word_embeddings and ours.rms_norm_eps == 1e-6
+    opts = ours.options
+    assert not opts.sandwich_norms and opts.norm_plus_one and opts.embed_scale == 8.0
+    assert (opts.attn_softcap, opts.final_softcap) == (50.0, 30.0) and opts.attn_scale == 256 ** -0.5
+    assert opts.hidden_act == "gelu_tanh" and (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False,) * 3
+    ours = ModelConfig.from_hf(raw("VaultGemmaForCausalLM", sliding_window=None,
+                                   layer_types=["full_attention"] * 2, attention_bias=True))
+    assert ours.layer_windows == (0, 0) and ours.attention_bias and ours.o_proj_bias
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 VaultGemmaForCausalLM checkpoints are not supported"),
+    ({"hidden_activation": "relu"}, "activation 'relu' is not supported for gemma2"),
+    ({"sliding_window": None}, "sliding_window is null but layer_types"),
+    ({"layer_types": ["chunked_attention"] * 2}, "'chunked_attention'] are not supported for vaultgemma"),
+])
+def test_vaultgemma_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw("VaultGemmaForCausalLM", **extra))
+
+
+def test_vaultgemma_tensor_parallel_and_lora_refusal(tiny_checkpoints):
+    check(ModelConfig.from_hf(raw("VaultGemmaForCausalLM")), 2)  # test_tp_engine checks its tokens
+    model = load_model(load_checkpoint(tiny_checkpoints["vaultgemma"]), torch.float32)
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for VaultGemma"):
         model.enable_lora(2, 4)
