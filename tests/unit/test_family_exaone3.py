@@ -2,7 +2,8 @@
 (Gemma 2's options without the post-norms): the defaults transformers'
 ExaoneConfig / VaultGemmaConfig fill in (checked against those classes),
 tensor parallelism, and a clear CheckpointError for what the engine does not
-support (fp8 checkpoints, LoRA adapters, other activations, windows).
+support (fp8 checkpoints, LoRA adapters, other activations, windows);
+``weight_dtype: fp8`` quantizing their renamed projections at load.
 Token parity is in test_model_parity / test_engine_parity (variants exaone,
 vaultgemma) and at tensor_parallel_size 2 in test_tp_engine."""
 
@@ -16,6 +17,8 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.parallel.plan import check
 from tests.unit.test_family_olmo3_exaone import hf_config, raw
+from tests.unit.test_fp8_engine import LOGIT_REL_BOUND
+from tests.unit.test_model_parity import prompt_logits
 
 
 def exaone(**extra) -> dict:
@@ -92,3 +95,14 @@ def test_vaultgemma_tensor_parallel_and_lora_refusal(tiny_checkpoints):
     model = load_model(load_checkpoint(tiny_checkpoints["vaultgemma"]), torch.float32)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported for VaultGemma"):
         model.enable_lora(2, 4)
+
+
+@pytest.mark.parametrize("variant", ["exaone", "vaultgemma"])
+def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models, variant):
+    # the renamed projections, quantized once loaded
+    model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32, weight_dtype="fp8")
+    layer = model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn == layer.mlp.down_proj.weight.dtype
+    full, _ = parity_models(variant)
+    logits, ref = prompt_logits(model), prompt_logits(full)
+    assert 0 < ((logits - ref).norm() / ref.norm()).item() < LOGIT_REL_BOUND
