@@ -13,7 +13,9 @@ from splitserve.engine.models.cohere2 import Cohere2CausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeCausalLM
+from splitserve.engine.models.exaone import ExaoneCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
+from splitserve.engine.models.vaultgemma import VaultGemmaCausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
@@ -154,6 +156,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # HunYuan MoE: HunYuan dense's q/k norms after RoPE with a float32 softmax router and an
     # ungated shared MLP in every layer, renamed at load
     "hunyuan_v1_moe": HunYuanMoeCausalLM,
+    # EXAONE 3.0 / 3.5: Llama under its own tensor names, mapped at load
+    "exaone": ExaoneCausalLM,
+    # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
+    "vaultgemma": VaultGemmaCausalLM,
 }
 
 
@@ -183,4 +189,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
