@@ -26,24 +26,32 @@ _PASSED = {"vocab_size": None, "hidden_size": None, "intermediate_size": None, "
 DEFAULT_THETA = 500000.0  # Ernie4_5Config.default_theta
 
 
-def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
-    # a rope_parameters that is no dict is refused where ModelConfig reads it
+def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json's RoPE dict ({} where there is none; one that is no dict is
+    refused where ModelConfig reads it)."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     return params if isinstance(params, dict) else {}
 
 
-def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = passed_keys(cfg, _PASSED)
+def ernie_keys(cfg: dict[str, Any], passed: dict[str, Any]) -> dict[str, Any]:
+    """The Llama keys of an ERNIE 4.5 config.json (dense or MoE, whose config
+    classes default differently: ``passed``): ``use_bias`` on every
+    projection, the RoPE base defaulting to Ernie4_5Config's."""
+    out = passed_keys(cfg, passed)
     bias = bool(cfg.get("use_bias", False))
     out.update(attention_bias=bias, attention_out_bias=bias, mlp_bias=bias)
-    if cfg.get("rope_theta") is None and _rope(cfg).get("rope_theta") is None:
+    if cfg.get("rope_theta") is None and rope_params(cfg).get("rope_theta") is None:
         out["rope_theta"] = DEFAULT_THETA
     return out
 
 
+def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    return ernie_keys(cfg, _PASSED)
+
+
 def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, "Ernie4_5ForCausalLM", "q/k rows are reordered at load")
-    refuse_partial_rotary(cfg, _rope(cfg), "ernie4_5")
+    refuse_partial_rotary(cfg, rope_params(cfg), "ernie4_5")
     return FamilyOptions(hidden_act=family_activation(cfg, "ernie4_5"), interleaved_rope=True)
 
 

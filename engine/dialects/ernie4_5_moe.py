@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary
-from splitserve.engine.dialects.ernie4_5 import DEFAULT_THETA, _rope
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint, refuse_partial_rotary
+from splitserve.engine.dialects.ernie4_5 import ernie_keys, rope_params
 from splitserve.engine.dialects.moe_keys import checked_activation
 from splitserve.engine.family_config import FamilyOptions
 
@@ -72,18 +72,14 @@ def moe_keys(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
 
 
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = passed_keys(cfg, _PASSED)
-    bias = bool(cfg.get("use_bias", False))
-    out.update(attention_bias=bias, attention_out_bias=bias, mlp_bias=bias,
-               **moe_keys(cfg, int(out["num_hidden_layers"])))
-    if cfg.get("rope_theta") is None and _rope(cfg).get("rope_theta") is None:
-        out["rope_theta"] = DEFAULT_THETA
+    out = ernie_keys(cfg, _PASSED)
+    out.update(moe_keys(cfg, int(out["num_hidden_layers"])))
     return out
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, "Ernie4_5_MoeForCausalLM", "q/k rows are reordered at load")
-    refuse_partial_rotary(cfg, _rope(cfg), "ernie4_5_moe")
+    refuse_partial_rotary(cfg, rope_params(cfg), "ernie4_5_moe")
     return FamilyOptions(hidden_act=checked_activation(cfg, "ernie4_5_moe"), interleaved_rope=True,
                          lm_head_bias=bool(cfg.get("use_bias", False)),
                          tensor_parallel_refusal="its correction-biased router (ERNIE 4.5 MoE) is "
