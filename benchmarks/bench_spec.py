@@ -6,7 +6,13 @@
       little on its own, so the prompts are built from its own output: prompt = prefix + (its greedy continuation of prefix) +
       separator + prefix. Where the model then writes the same continuation
       again, prompt lookup finds it in the prompt, as it finds the unchanged
-      lines of a file being edited.
+      lines of a file being edited. The model's output repeats the body
+      only in part (about 65% of its tokens are found by prompt lookup).
+  rewrite (n-gram prompt lookup): the copy shape with its body refined
+      (``spec_probe.copy_prompts`` with ``--rewrite-rounds``) until the model's
+      output repeats it as a rewrite of a shown file repeats the file: the
+      output mostly copies the prompt (about 85% of its tokens found by
+      prompt lookup), the code-editing workload of the 2x target.
   free (draft model): greedy free generation from corpus prefixes, drafted
       by (a) the model's first layer (a compatible checkpoint cut from the
       same weights), (b) the shipped draft (``default_draft_path()``: a
@@ -25,8 +31,8 @@ shipped-draft cases of its record into the profile database.
 For each case it reports tokens/s of plain and speculative decoding, their
 ratio (per pass, the range over passes), the acceptance rate, the mean
 accepted length and the draft time share; outputs are checked to be equal
-(greedy). The adaptive length rule runs as deployed (``--saturation-tokens``
-sets its step-cost knee; ``--fixed`` verifies the full length every step in
+(greedy). The adaptive length rule runs as deployed (the device's step curve;
+``--saturation-tokens`` sets a knee in its place; ``--fixed`` verifies the full length every step in
 every case).
 
     python -m benchmarks.bench_spec --out bench-results/spec-cpu.json
@@ -87,12 +93,20 @@ def corpus_prefixes(tokenizer, n: int, length: int) -> list[list[int]]:
                                       length)
 
 
-def copy_prompts(plain, n: int, prefix_len: int, body_len: int) -> list[list[int]]:
+def copy_prompts(plain, n: int, prefix_len: int, body_len: int,
+                 rounds: int = 0) -> list[list[int]]:
     # the code-edit workload of `splitserve profile --speculation` (spec_probe)
     from splitserve.cluster.planning import spec_probe
 
     return spec_probe.copy_prompts(plain, corpus_prefixes(plain.tokenizer, n, prefix_len),
-                                   body_len)
+                                   body_len, rounds)
+
+
+def copy_fraction(prompts: list[list[int]], outputs: list[list[int]]) -> float:
+    """The share of the outputs' tokens that prompt lookup predicts."""
+    from splitserve.cluster.planning.spec_probe import copy_fraction as one
+
+    return statistics.mean(one(p, o) for p, o in zip(prompts, outputs))
 
 
 def timed(eng, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -109,7 +123,7 @@ def step_costs(path: Path, device: str, batches: list[int], ks: list[int],
                reps: int) -> list[dict]:
     """The time of one verify forward of ``k`` drafts per sequence relative
     to a plain decode forward, at each batch size: the curve the adaptive
-    rule's knee (``saturation_tokens``) stands for. Each sequence holds a
+    rule's step curve (``engine.spec.adaptive.STEP_CURVES``) stands for. Each sequence holds a
     100-token context; the forwards alternate, ``reps`` rounds; medians
     and minima of the per-forward times."""
     from splitserve.engine.sampling_params import SamplingParams
@@ -153,8 +167,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--saturation-tokens", type=int, default=None,
-                    help="the adaptive rule's step-cost knee (default: the device's)")
+                    help="a knee for the adaptive rule's step cost (default: the device's curve)")
     ap.add_argument("--fixed", action="store_true", help="no adaptive length")
+    ap.add_argument("--rewrite-rounds", type=int, default=4,
+                    help="refinements of the rewrite workload's body (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a shared machine, OpenMP barriers between "
                          "two threads stall far more than they gain)")
@@ -205,11 +221,17 @@ def main() -> None:
             # mechanism yields at 100% acceptance (draft = target)
             "copy / ngram, fixed k": ("copy", SpeculativeConfig(
                 method="ngram", ngram_max=4, **{**common, "adaptive": False})),
-            # the length a batch of one may verify on a CPU (the rule's knee,
-            # engine.spec.adaptive.SATURATION_TOKENS): prompt lookup's drafts
+            # a longer length for a batch of one (on a CPU the rule's step curve,
+            # engine.spec.adaptive.STEP_CURVES, lets it verify 8): prompt lookup's drafts
             # come in runs, copied whole or missed at once, so the longer
             # lengths keep paying where the geometric model says they stop
             "copy / ngram, k = 8": ("copy", SpeculativeConfig(
+                method="ngram", ngram_max=4, **{**common, "num_speculative_tokens": 8})),
+            # the same on the rewrite workload, where the output mostly copies the prompt
+            "rewrite / ngram": ("rewrite", SpeculativeConfig(method="ngram", ngram_max=4, **common)),
+            "rewrite / ngram, fixed k": ("rewrite", SpeculativeConfig(
+                method="ngram", ngram_max=4, **{**common, "adaptive": False})),
+            "rewrite / ngram, k = 8": ("rewrite", SpeculativeConfig(
                 method="ngram", ngram_max=4, **{**common, "num_speculative_tokens": 8})),
             # prompt lookup where the output does not copy the prompt: what the
             # rule costs when its drafts are rarely accepted
@@ -226,6 +248,8 @@ def main() -> None:
         engines = {name: engine(target, args.device, spec) for name, (_, spec) in cases.items()}
         batches = args.batches
         workloads = {b: {"copy": copy_prompts(plain, b, 24, args.new_tokens + 8),
+                         "rewrite": copy_prompts(plain, b, 24, args.new_tokens + 8,
+                                                 args.rewrite_rounds),
                          "free": corpus_prefixes(plain.tokenizer, b, 24)} for b in batches}
         for b in batches:  # warm-up: allocator, first-call paths
             timed(plain, workloads[b]["free"][:1], 4)
@@ -261,24 +285,27 @@ def main() -> None:
                     "draft_time_share": (c1.spec_draft_time_s - c0.spec_draft_time_s) / busy
                     if busy else 0.0,
                     "last_speculation_length": eng.spec.last_k,
-                    "saturation_tokens": eng.spec.saturation_tokens,
+                    "step_curve": vars(eng.spec.curve),
                     "draft_cost_ratio": eng.spec.tracker.draft_ratio,
+                    "copy_fraction": copy_fraction(ps, want),
                 })
                 r = results[-1]
                 print(f"{name:24s} batch {b:3d}: plain {r['plain_tokens_per_s']:8.1f} tok/s, "
                       f"spec {r['spec_tokens_per_s']:8.1f} tok/s, ratio {r['ratio_median']:.2f} "
                       f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}], acceptance "
                       f"{r['acceptance_rate']:.2f}, mean accepted length "
-                      f"{r['mean_accepted_length']:.2f}", flush=True)
+                      f"{r['mean_accepted_length']:.2f}, copy fraction {r['copy_fraction']:.2f}",
+                      flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(table([[r["case"], r["batch"], f"{r['plain_tokens_per_s']:.1f}",
                   f"{r['spec_tokens_per_s']:.1f}",
                   f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]",
-                  f"{r['acceptance_rate']:.2f}", f"{r['mean_accepted_length']:.2f}"]
+                  f"{r['acceptance_rate']:.2f}", f"{r['mean_accepted_length']:.2f}",
+                  f"{r['copy_fraction']:.2f}"]
                  for r in results],
                 ["case", "batch", "plain tok/s", "spec tok/s", "ratio", "acceptance",
-                 "accepted len"]))
+                 "accepted len", "copy fraction"]))
     rec = {**record_header("spec"), "settings": vars(args), "results": results}
     if args.out:
         write_json(args.out, rec)

@@ -33,8 +33,8 @@ class SpeculativeSpec(_Strict):
                                            "most this many sequences run; None: no limit.")
     saturation_tokens: int | None = Field(None, ge=1, description="Tokens one engine step "
                                           "holds before its time grows with its size (the "
-                                          "adaptive rule); None: by device, 256 on GPUs, 8 on "
-                                          "CPUs.")
+                                          "adaptive rule's knee); None: by device, a knee at "
+                                          "256 on GPUs, a measured curve on CPUs.")
     draft_num_blocks: int | None = Field(None, ge=16, description="method draft: KV blocks of "
                                          "the draft model; None: as many as the model's.")
 

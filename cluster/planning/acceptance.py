@@ -12,10 +12,10 @@ says which (``Acceptance.describe``).
 
 ``settled_length`` is the length ``engine.spec.adaptive.LengthRule``
 settles on at a batch size when drafts are accepted at ``a``: the rule
-scores lengths by its tracker's rate, which the engine measures as accepted
-over drafted tokens (``AcceptanceTracker``), so the tracker settles where
-that share at the rule's own length equals it. The estimate tabulates it
-per batch size (``length_table``), by the engine's ``choose_num_tokens``.
+scores lengths by its tracker's rate, which the engine measures as
+accepted over judged drafts (``AcceptanceTracker``), ``a`` itself. The
+estimate tabulates it per batch size (``length_table``), by the engine's
+``choose_num_tokens`` on the device's step curve.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from splitserve.cluster.planning.records import SpecAcceptance
 from splitserve.engine.spec.adaptive import (
-    AcceptanceTracker, choose_num_tokens, default_saturation_tokens, expected_tokens)
+    StepCurve, choose_num_tokens, expected_tokens, step_curve)
 
 # assumed per-token acceptance rate of the drafts, by method, where the
 # profile database has no measured row
@@ -50,13 +50,6 @@ def per_token_rate(tokens_per_step: float, k: float) -> float:
         else:
             hi = mid
     return (lo + hi) / 2
-
-
-def drafted_share(a: float, k: int) -> float:
-    """Accepted over drafted tokens at length ``k`` when each draft is
-    accepted at ``a`` while the ones before it were: what the engine's
-    tracker measures."""
-    return (expected_tokens(a, k) - 1.0) / k if k > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -115,27 +108,15 @@ def _measured(method: str, row: SpecAcceptance, why: str) -> Acceptance:
                       f"{why}, {row.draft_tokens} drafted tokens")
 
 
-def settled_length(max_k: int, batch: int, a: float, saturation_tokens: int,
+def settled_length(max_k: int, batch: int, a: float, curve: StepCurve | int,
                    draft_ratio: float = 0.0, disable_batch_size: int | None = None) -> int:
     """The speculation length ``LengthRule`` (adaptive) settles on for a
     steady batch of ``batch`` when drafts are accepted at ``a``: its
-    tracker, from the engine's prior, moves to the drafted share of the
-    length it chose, until the length stops changing. Where the rule turns
-    speculation off, only its rare probes (the full length) are measured;
-    the steps are plain (0)."""
-    alpha = AcceptanceTracker().alpha
-    seen: list[int] = []
-    for _ in range(16):
-        k = choose_num_tokens(max_k, batch, alpha, saturation_tokens, draft_ratio,
-                              disable_batch_size)
-        nxt = drafted_share(a, k or max_k)
-        if abs(nxt - alpha) < 1e-9:
-            return k
-        if k in seen:  # a cycle between lengths: the shorter, as a tracker averaging both
-            return min(seen[seen.index(k):])
-        seen.append(k)
-        alpha = nxt
-    return k
+    tracker measures the rate itself (accepted over judged drafts), at
+    whatever length it verifies or probes, so it settles where the rule's
+    choice at ``a`` is; 0 where that is no speculation (only its rare
+    probes draft)."""
+    return choose_num_tokens(max_k, batch, a, curve, draft_ratio, disable_batch_size)
 
 
 @dataclass(frozen=True)
@@ -149,8 +130,8 @@ class LengthTable:
 
 def length_table(max_k: int, a: float, device_type: str, max_batch: int,
                  draft_ratio: float = 0.0, saturation_tokens: int | None = None) -> LengthTable:
-    sat = saturation_tokens or default_saturation_tokens(device_type)
-    ks = np.array([settled_length(max_k, b, a, sat, draft_ratio) for b in range(max_batch + 1)],
+    curve = step_curve(saturation_tokens, device_type)
+    ks = np.array([settled_length(max_k, b, a, curve, draft_ratio) for b in range(max_batch + 1)],
                   dtype=np.int64)
     toks = np.array([expected_tokens(a, int(k)) for k in ks])
     return LengthTable(ks, toks)

@@ -68,15 +68,46 @@ def corpus_prefixes(tokenizer, text: str, n: int, length: int) -> list[list[int]
     return [ids[i * step:i * step + length] for i in range(n)]
 
 
-def copy_prompts(plain, prefixes: list[list[int]], body_len: int) -> list[list[int]]:
+def copy_prompts(plain, prefixes: list[list[int]], body_len: int,
+                 rounds: int = 0) -> list[list[int]]:
     """code-edit prompts: each prefix, ``plain``'s greedy continuation of it,
-    a blank line, and the prefix again."""
+    a blank line, and the prefix again.
+
+    With ``rounds`` > 0 the body is refined that many times: it becomes
+    ``plain``'s greedy continuation of the whole prompt built from the
+    previous body (its tail kept past what was generated), so that the
+    output repeats the body as a rewrite of a shown file does. Refining
+    stops early once no body changes."""
     from splitserve.engine.sampling_params import SamplingParams
 
-    bodies = plain.generate(prefixes, SamplingParams(max_tokens=body_len, temperature=0.0,
-                                                     ignore_eos=True))
+    sp = SamplingParams(max_tokens=body_len, temperature=0.0, ignore_eos=True)
     sep = plain.tokenizer.encode("\n\n", add_special_tokens=False)
-    return [p + b.token_ids + sep + p for p, b in zip(prefixes, bodies)]
+    bodies = [b.token_ids for b in plain.generate(prefixes, sp)]
+    for _ in range(rounds):
+        outs = plain.generate([p + b + sep + p for p, b in zip(prefixes, bodies)], sp)
+        refined = [o.token_ids + b[len(o.token_ids):] for o, b in zip(outs, bodies)]
+        if refined == bodies:
+            break
+        bodies = refined
+    return [p + b + sep + p for p, b in zip(prefixes, bodies)]
+
+
+def copy_fraction(prompt: list[int], output: list[int], n_min: int = 1,
+                  n_max: int = 4) -> float:
+    """The share of ``output``'s tokens that prompt lookup predicts, each
+    from the prompt and the output before it (the n-gram proposer's own
+    lookup, one token at a time): how much of the output copies the
+    prompt."""
+    from splitserve.engine.spec.ngram import ngram_lookup
+
+    if not output:
+        return 0.0
+    seq = list(prompt)
+    hits = 0
+    for t in output:
+        hits += ngram_lookup(seq, n_min, n_max, 1) == [t]
+        seq.append(t)
+    return hits / len(output)
 
 
 def workload_prompts(plain, kind: str, text: str, n: int, prefix_len: int,

@@ -1,22 +1,20 @@
 """How many draft tokens to verify this step: the speculation length rule.
 
 Verifying k drafts per sequence runs a batch of ``B * (k + 1)`` tokens
-instead of ``B``. Decode steps are memory-bound (the weights are read once
-per step whatever its size) until the batch reaches ``saturation_tokens``;
-past that, a step's time grows with its tokens. With acceptance rate ``a``
-(the chance that a draft token is accepted, measured), a verify step
-yields on average ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens per sequence
-(accepted drafts plus the target's own next token), and costs, relative to
-a plain decode step,
+instead of ``B``. How much longer that step takes is the device's step
+curve ``T(n)``, a step's time by its tokens (``StepCurve``). With
+acceptance rate ``a`` (the chance that a draft token is accepted,
+measured), a verify step yields on average ``E(k) = (1 - a^(k+1)) / (1 - a)``
+tokens per sequence (accepted drafts plus the target's own next token), and
+costs, relative to a plain decode step,
 
-    C(k) = max(1, B (k + 1) / S) / max(1, B / S) + k r
+    C(k) = T(B (k + 1)) / T(B) + k r
 
-with ``S = saturation_tokens`` and ``r`` the measured time of one draft
-step relative to one target step; a proposer whose drafting costs the same
-whatever ``k`` (prompt lookup: one search finds the whole run,
-``Proposer.cost_per_position`` False) is charged ``r`` once, its time per
-step, not ``k r``. The engine
-verifies the ``k`` in ``[0, num_speculative_tokens]`` with the largest
+with ``r`` the measured time of one draft step relative to one target step;
+a proposer whose drafting costs the same whatever ``k`` (prompt lookup: one
+search finds the whole run, ``Proposer.cost_per_position`` False) is
+charged ``r`` once, its time per step, not ``k r``. The engine verifies
+the ``k`` in ``[0, num_speculative_tokens]`` with the largest
 ``E(k) / C(k)``; ``k = 0`` (no speculation) scores 1. So a small batch
 speculates the full length, a batch large enough that verifying costs
 more than it yields stops, and a low acceptance shortens the drafts first.
@@ -25,35 +23,73 @@ outright. When the rule turns speculation off on acceptance alone, one
 step in ``PROBE_INTERVAL`` speculates the full length so the acceptance
 rate is measured again (``LengthRule``, which the engine's decoder and the
 planning simulator both run). Plain Python, no tensors.
+
+Two curves: a knee (a GPU: the weights are read once per step whatever its
+size, so the time stays flat up to ``saturation_tokens``, then grows in
+proportion) and, on a CPU, ``fixed + sqrt(n) + linear n`` (a step's fixed
+cost, then matrix products that get more efficient with their rows, never
+flat, and in proportion once they are large). An operator's
+``saturation_tokens`` sets a knee on any device.
 """
 
 from __future__ import annotations
 
-# ``saturation_tokens`` when the operator leaves it unset, by device type.
+import math
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class StepCurve:
+    """A step's time by its number of tokens ``n``, up to a constant factor:
+    with ``saturation_tokens`` S > 0, ``max(1, n / S)`` (a knee), else
+    ``fixed + sqrt(n) + linear * n``."""
+
+    saturation_tokens: int = 0
+    fixed: float = 0.0
+    linear: float = 0.0
+
+    def time(self, n: float) -> float:
+        if self.saturation_tokens > 0:
+            return max(1.0, n / self.saturation_tokens)
+        return self.fixed + math.sqrt(n) + self.linear * n
+
+
+# The curve when the operator sets no ``saturation_tokens``, by device type.
 # A GPU reads the weights once per decode step and leaves most of its
 # arithmetic idle: a 7-8B model's step time stays flat to a few hundred
-# tokens. A CPU has little such slack: its matrix products take time in
-# proportion to their rows past a few tokens. Measured with the default
-# model on a 2-vCPU Xeon, one thread (``bench_spec --step-costs``,
-# docs/benchmarks.md), a verify forward against a plain one: one sequence
-# with 4 drafts 1.26, with 6 1.36, with 8 1.42; two sequences with 4 each
-# 1.37; eight sequences with one each 1.18, with 4 each 1.48. At 8 a batch
-# of one verifies up to 7 drafts as if free (each costs a twentieth of a
-# step or so: a run accepted whole pays that many times over), batches of 2
-# to 7 verify fewer (at acceptance 0.6: 3 drafts at 2, 2 at 3, 1 at 4-6,
-# none at 7), and from 8 on one draft would cost as much as it could ever
-# yield: no speculation there.
-SATURATION_TOKENS = {"cuda": 256, "cpu": 8}
+# tokens. A CPU has no such flat stretch, but its matrix products get more
+# efficient with their rows: measured with the default model on a 2-vCPU
+# Xeon, one thread (``bench_spec --step-costs``, docs/benchmarks.md), a
+# verify forward against a plain one follows ``5.3 + sqrt(n) + 0.058 n``
+# within 11% over batches of 1 to 32 sequences with 1 to 12 drafts each
+# (one sequence with 4 drafts 1.26, model 1.23; eight with 4 each 1.48,
+# model 1.62; 32 with 4 each 2.08, model 2.13; 32 with 12 each 4.32, model
+# 3.89), where a knee at 8 tokens put eight sequences with 4 drafts each at
+# 5.0 and 32 with 4 each at 5.0.
+STEP_CURVES = {"cuda": StepCurve(saturation_tokens=256),
+               "cpu": StepCurve(fixed=5.3, linear=0.058)}
+
+
+def default_step_curve(device_type: str) -> StepCurve:
+    """The step curve on ``device_type`` ("cuda", "cpu", ...); other
+    accelerators are taken to be GPU-like."""
+    return STEP_CURVES.get(device_type, STEP_CURVES["cuda"])
+
+
+def step_curve(saturation_tokens: int | None, device_type: str) -> StepCurve:
+    """The operator's knee where one is set, else the device's curve."""
+    if saturation_tokens:
+        return StepCurve(saturation_tokens=int(saturation_tokens))
+    return default_step_curve(device_type)
+
+
+def as_curve(curve: StepCurve | int) -> StepCurve:
+    """A curve, or a knee at that many tokens."""
+    return curve if isinstance(curve, StepCurve) else StepCurve(saturation_tokens=int(curve))
+
 
 # steps without speculation, chosen by the adaptive rule, before one that
 # speculates the full length to measure the acceptance rate again
 PROBE_INTERVAL = 32
-
-
-def default_saturation_tokens(device_type: str) -> int:
-    """The knee of the step time on ``device_type`` ("cuda", "cpu", ...);
-    other accelerators are taken to be GPU-like."""
-    return SATURATION_TOKENS.get(device_type, SATURATION_TOKENS["cuda"])
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -63,26 +99,26 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def step_cost(batch: int, k: int, saturation_tokens: int, draft_ratio: float,
+def step_cost(batch: int, k: int, curve: StepCurve | int, draft_ratio: float,
               per_position: bool = True) -> float:
-    """A verify step's time relative to a plain decode step of ``batch``
-    (``per_position``: the draft's cost grows with ``k``)."""
-    s = float(saturation_tokens)
+    """A verify step's time relative to a plain decode step of ``batch`` on
+    ``curve`` (an int: a knee at that many tokens; ``per_position``: the
+    draft's cost grows with ``k``)."""
+    c = as_curve(curve)
     draft = k * draft_ratio if per_position else draft_ratio
-    return max(1.0, batch * (k + 1) / s) / max(1.0, batch / s) + draft
+    return c.time(batch * (k + 1)) / c.time(batch) + draft
 
 
-def choose_num_tokens(max_k: int, batch: int, alpha: float, saturation_tokens: int,
+def choose_num_tokens(max_k: int, batch: int, alpha: float, curve: StepCurve | int,
                       draft_ratio: float = 0.0, disable_batch_size: int | None = None,
                       per_position: bool = True) -> int:
     """The speculation length for this step (0: do not speculate);
-    ``per_position`` as in ``step_cost``."""
+    ``curve`` and ``per_position`` as in ``step_cost``."""
     if batch <= 0 or (disable_batch_size is not None and batch > disable_batch_size):
         return 0
     best_k, best = 0, 1.0
     for k in range(1, max_k + 1):
-        score = expected_tokens(alpha, k) / step_cost(batch, k, saturation_tokens, draft_ratio,
-                                                      per_position)
+        score = expected_tokens(alpha, k) / step_cost(batch, k, curve, draft_ratio, per_position)
         if score > best + 1e-9:
             best_k, best = k, score
     return best_k
@@ -92,6 +128,13 @@ class AcceptanceTracker:
     """Moving averages of the acceptance rate and of the draft cost ratio,
     updated after each verify step.
 
+    The acceptance rate is the chance that a draft token is accepted when
+    the ones before it were: accepted tokens over the draft tokens the
+    verification reached (the accepted ones, and the first rejected one of
+    each run cut short; the drafts after it were never judged). That is
+    the rate ``expected_tokens`` takes, whatever length was verified: a
+    share of all drafted tokens would read lower the longer the drafts.
+
     The cost ratio starts at ``cost_prior``, which counts as one
     observation: while few steps are timed it is their running mean with
     the prior, then an exponential moving average (``weight``). One step
@@ -100,20 +143,28 @@ class AcceptanceTracker:
     speculation off, and with speculation off only the rare probe steps
     are timed to bring it back."""
 
-    def __init__(self, prior: float = 0.5, weight: float = 0.1, cost_prior: float = 0.0):
+    def __init__(self, prior: float = 0.5, weight: float = 0.1, cost_prior: float = 0.0,
+                 acceptance_weight: float = 0.05):
         self.alpha = prior
         self.draft_ratio = cost_prior
         self.weight = weight
+        self.acceptance_weight = acceptance_weight  # per judged draft token
         self._timed = 0  # steps whose draft cost was observed
 
-    def observe(self, proposed: int, accepted: int, draft_s: float | None, step_s: float) -> None:
-        """``draft_s``: seconds per draft position of this step's drafting
+    def observe(self, proposed: int, accepted: int, draft_s: float | None, step_s: float,
+                rejected: int) -> None:
+        """``proposed`` draft tokens verified this step, ``accepted`` of
+        them, ``rejected``: the runs that a rejected draft cut short (a
+        sequence that finished on an accepted token was not);
+        ``draft_s``: seconds per draft position of this step's drafting
         (per step for a proposer whose cost does not grow with the length),
         without one-off work (None: not measured this step); ``step_s``:
         the verify step without the drafting."""
-        if proposed > 0:
-            w = min(1.0, self.weight * proposed)  # a step with more drafts says more
-            self.alpha += w * (accepted / proposed - self.alpha)
+        reached = accepted + rejected
+        if proposed > 0 and reached > 0:
+            # a step with more judged drafts says more, but no one step decides alone
+            w = min(0.5, self.acceptance_weight * reached)
+            self.alpha += w * (accepted / reached - self.alpha)
         if draft_s is not None and step_s > 0:
             self._timed += 1
             w = max(self.weight, 1.0 / (self._timed + 1))
@@ -132,12 +183,12 @@ class LengthRule:
     of ``batch * (k + 1)`` tokens, and a draft model's catch-up on every
     sequence."""
 
-    def __init__(self, max_k: int, saturation_tokens: int, adaptive: bool = True,
+    def __init__(self, max_k: int, curve: StepCurve | int, adaptive: bool = True,
                  disable_batch_size: int | None = None,
                  tracker: AcceptanceTracker | None = None, per_position: bool = True):
         self.max_k = max_k
         self.per_position = per_position  # the draft's cost: Proposer.cost_per_position
-        self.saturation_tokens = saturation_tokens
+        self.curve = as_curve(curve)
         self.adaptive = adaptive
         self.disable_batch_size = disable_batch_size
         self.tracker = tracker if tracker is not None else AcceptanceTracker()
@@ -151,12 +202,12 @@ class LengthRule:
         if not self.adaptive:
             return self.max_k
         max_k, t = self.max_k, self.tracker
-        k = choose_num_tokens(max_k, batch, t.alpha, self.saturation_tokens, t.draft_ratio,
+        k = choose_num_tokens(max_k, batch, t.alpha, self.curve, t.draft_ratio,
                               per_position=self.per_position)
         if k > 0:
             self.idle_steps = 0
             return k
-        if choose_num_tokens(max_k, batch, 1.0, self.saturation_tokens, t.draft_ratio,
+        if choose_num_tokens(max_k, batch, 1.0, self.curve, t.draft_ratio,
                              per_position=self.per_position) == 0:
             return 0  # off on cost: no acceptance would pay
         self.idle_steps += 1
@@ -174,5 +225,5 @@ class LengthRule:
             return True
         if not self.adaptive:
             return False
-        return choose_num_tokens(self.max_k, batch, 1.0, self.saturation_tokens,
+        return choose_num_tokens(self.max_k, batch, 1.0, self.curve,
                                  self.tracker.draft_ratio, per_position=self.per_position) == 0

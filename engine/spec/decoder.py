@@ -46,7 +46,7 @@ from splitserve.engine.isolation import is_fatal
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens
+from splitserve.engine.spec.adaptive import LengthRule, step_curve
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.proposer import Proposer, ProposerContext, make_proposer
 
@@ -89,9 +89,8 @@ class SpecDecoder:
                  proposer: Proposer | None = None):
         self.cfg = cfg
         self.proposer = proposer or make_proposer(cfg, ctx)
-        self.saturation_tokens = (cfg.saturation_tokens
-                                  or default_saturation_tokens(ctx.device.type))
-        self.rule = LengthRule(cfg.num_speculative_tokens, self.saturation_tokens,
+        self.curve = step_curve(cfg.saturation_tokens, ctx.device.type)
+        self.rule = LengthRule(cfg.num_speculative_tokens, self.curve,
                                cfg.adaptive, cfg.disable_batch_size,
                                per_position=self.proposer.cost_per_position)
         self.tracker = self.rule.tracker
@@ -211,9 +210,11 @@ class SpecDecoder:
                 engine.kv.trim(seq.seq_id, seq.num_tokens)
                 engine.kv.cache_full_blocks(seq)
         proposed = sum(len(r.sched.spec_token_ids) for r in runs)
+        rejected = sum(1 for r in runs if r.accepted < len(r.sched.spec_token_ids)
+                       and not r.sched.seq.is_finished)
         step_s = time.perf_counter() - self._t_step - self._draft_s
         self.tracker.observe(proposed, sum(r.accepted for r in runs), self._per_position_s(),
-                             step_s)
+                             step_s, rejected)
         return merge_outputs(outputs)
 
     def _per_position_s(self) -> float | None:

@@ -5,13 +5,12 @@ estimate drafts the length the engine's rule settles on at each batch size."""
 
 import json
 import random
-import sqlite3
 
 import numpy as np
 import pytest
 
 from splitserve.cluster.bench.datasets import parse_length_dist
-from splitserve.cluster.planning import acceptance, profile_run, profiler, spec_probe
+from splitserve.cluster.planning import profile_run, profiler, spec_probe
 from splitserve.cluster.planning.acceptance import (
     ASSUMED_ACCEPTANCE, length_table, per_token_rate, resolve, settled_length)
 from splitserve.cluster.planning.db import ProfileDB
@@ -21,9 +20,9 @@ from splitserve.cluster.planning.planner.request import PlanRequest
 from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.records import MEASURED, SpecAcceptance
-from splitserve.cluster.planning.shapes import PRESETS, shape_from_config_json
+from splitserve.cluster.planning.shapes import PRESETS
 from splitserve.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
-from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens, expected_tokens
+from splitserve.engine.spec.adaptive import LengthRule, expected_tokens, step_curve
 
 LLAMA = PRESETS["llama-3.1-8b"]
 
@@ -117,6 +116,42 @@ def test_profile_measures_acceptance_through_the_engines_speculative_path(tmp_pa
     assert resolve(db, target.shape.key, "ngram").rate == min(edit.acceptance, free.acceptance)
 
 
+def test_copy_fraction_counts_what_prompt_lookup_predicts():
+    # 7 follows 5 6 earlier in the prompt; 9 was never seen; the second 5 6 7 repeats
+    prompt = [1, 5, 6, 7, 2, 5, 6]
+    assert spec_probe.copy_fraction(prompt, [7, 9]) == 0.5
+    assert spec_probe.copy_fraction(prompt, [7, 2, 5]) == 1.0
+    assert spec_probe.copy_fraction(prompt, [3, 3]) == 0.0  # no 3 has followed a 3 before
+    assert spec_probe.copy_fraction(prompt, []) == 0.0
+
+
+def test_refined_rewrite_prompts_are_copied_more_than_the_code_edit_ones():
+    import torch
+
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(1)
+    plain = LLMEngine(EngineConfig(model=str(default_model_path()), device="cpu",
+                                   num_blocks=512, enable_prefix_caching=False))
+    text = profiler.HELDOUT_PATH.read_text(encoding="utf-8")
+    prefixes = spec_probe.corpus_prefixes(plain.tokenizer, text, 4, 24)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def fraction(prompts):
+        outs = [o.token_ids for o in plain.generate(prompts, sp)]
+        return np.mean([spec_probe.copy_fraction(p, o) for p, o in zip(prompts, outs)])
+
+    edit = spec_probe.copy_prompts(plain, prefixes, 32)
+    rewrite = spec_probe.copy_prompts(plain, prefixes, 32, rounds=4)
+    assert [len(p) for p in rewrite] == [len(p) for p in edit]
+    # each prompt is prefix + body + blank line + prefix
+    assert all(p[:24] == q[:24] and p[-24:] == q[-24:] for p, q in zip(edit, rewrite))
+    assert fraction(rewrite) > fraction(edit)
+    assert fraction(rewrite) >= 0.7
+
+
 def test_a_config_that_speculates_is_measured_by_default(tmp_path):
     import yaml
 
@@ -164,11 +199,16 @@ def test_cli_imports_a_bench_spec_record(tmp_path, capsys):
 
 # -- the engine's length rule in the estimate -------------------------------------------------
 def test_the_settled_length_is_where_the_engines_rule_settles():
-    """The engine's LengthRule, its tracker fed geometric draws at rate a,
+    """The engine's LengthRule, its tracker fed the verify steps of a batch
+    of ``b`` sequences whose drafts are accepted at a (geometric draws),
     settles on the length the estimate tabulates, at every batch size."""
-    for a, device, batches in ((0.7, "cuda", (1, 64, 100, 128, 300)), (0.6, "cpu", (1, 2, 8))):
+    # (rates away from a tie between two lengths at those batch sizes: the
+    # tracker's moving average wanders a few hundredths either side)
+    for a, device, batches in ((0.7, "cuda", (1, 64, 100, 128, 300)), (0.6, "cpu", (1,)),
+                               (0.5, "cpu", (8, 32)), (0.4, "cpu", (2,)), (0.85, "cpu", (32,)),
+                               (0.15, "cpu", (32,))):
         table = length_table(4, a, device, 300)
-        sat = default_saturation_tokens(device)
+        sat = step_curve(None, device)
         for b in batches:
             rule = LengthRule(4, sat)
             rng = random.Random(b)
@@ -176,11 +216,16 @@ def test_the_settled_length_is_where_the_engines_rule_settles():
             for _ in range(400):
                 k = rule.length(b, True)
                 ks.append(k)
-                acc = 0
-                while acc < k and rng.random() < a:
-                    acc += 1
-                if k:
-                    rule.tracker.observe(k, acc, None, 1.0)
+                if not k:
+                    continue
+                accepted = rejected = 0
+                for _ in range(b):
+                    acc = 0
+                    while acc < k and rng.random() < a:
+                        acc += 1
+                    accepted += acc
+                    rejected += acc < k
+                rule.tracker.observe(b * k, accepted, None, 1.0, rejected=rejected)
             settled = max(set(ks[-100:]), key=ks[-100:].count)
             assert table.k[b] == settled == settled_length(4, b, a, sat), (a, device, b)
     t = length_table(4, 0.7, "cuda", 512)

@@ -98,10 +98,12 @@ def test_draft_model_other_checkpoint_keeps_greedy_output(plain, tiny_llama, tin
     assert eng.spec.counters.draft_tokens > 0
 
 
-def test_saturation_tokens_resolved_by_device(ngram, tiny_llama):
-    assert ngram.spec.saturation_tokens == 8  # a CPU engine, no setting
+def test_step_curve_resolved_by_device(ngram, tiny_llama):
+    from splitserve.engine.spec.adaptive import StepCurve, default_step_curve
+
+    assert ngram.spec.curve == default_step_curve("cpu")  # a CPU engine, no setting
     eng = make(tiny_llama, SpeculativeConfig(method="ngram", saturation_tokens=300))
-    assert eng.spec.saturation_tokens == 300
+    assert eng.spec.curve == StepCurve(saturation_tokens=300)
 
 
 def lengths(eng, prompt, params) -> list[int]:

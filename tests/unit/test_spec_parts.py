@@ -7,9 +7,9 @@ from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.spec.adaptive import (AcceptanceTracker, LengthRule, choose_num_tokens,
-                                             default_saturation_tokens, expected_tokens,
-                                             step_cost)
+from splitserve.engine.spec.adaptive import (AcceptanceTracker, LengthRule, StepCurve,
+                                             choose_num_tokens, default_step_curve,
+                                             expected_tokens, step_cost, step_curve)
 from splitserve.engine.spec.config import SpeculativeConfig
 from splitserve.engine.spec.decoder import merge_outputs
 from splitserve.engine.spec.ngram import ngram_lookup
@@ -47,12 +47,36 @@ def test_speculation_length_rule():
     assert choose_num_tokens(4, 1, 0.6, 256, draft_ratio=0.5) < 4
     assert choose_num_tokens(4, 8, 0.9, 256, disable_batch_size=4) == 0
     t = AcceptanceTracker(prior=0.5)
-    t.observe(proposed=10, accepted=10, draft_s=0.6, step_s=1.0)
-    assert t.alpha == 1.0 and t.draft_ratio == pytest.approx(0.3)  # pooled with the prior 0
-    t.observe(proposed=10, accepted=0, draft_s=None, step_s=1.0)  # drafting not timed
-    assert t.alpha == 0.0 and t.draft_ratio == pytest.approx(0.3)
+    t.observe(proposed=10, accepted=10, draft_s=0.6, step_s=1.0, rejected=0)
+    # no one step sets the rate alone: halfway to what it saw
+    assert t.alpha == 0.75 and t.draft_ratio == pytest.approx(0.3)  # pooled with the prior 0
+    # ten sequences, each cut at its first draft; drafting not timed
+    t.observe(proposed=10, accepted=0, draft_s=None, step_s=1.0, rejected=10)
+    assert t.alpha == 0.375 and t.draft_ratio == pytest.approx(0.3)
+    t.observe(proposed=1, accepted=0, draft_s=None, step_s=1.0, rejected=1)
+    assert t.alpha == pytest.approx(0.375 * 0.95)  # one judged draft moves it by its weight
     # a draft as slow as the target never pays, even accepted every time
     assert choose_num_tokens(4, 1, 1.0, 256, draft_ratio=1.0) == 0
+
+
+def test_the_tracker_measures_the_per_token_rate_at_any_length():
+    # drafts accepted at 0.8 while the ones before them were: the share of
+    # drafted tokens accepted falls with the length (0.66 at k = 4, 0.49 at
+    # k = 8), the rate over judged drafts does not
+    import random
+
+    for k in (1, 4, 8):
+        t, rng = AcceptanceTracker(prior=0.5, acceptance_weight=0.01), random.Random(k)
+        for _ in range(3000):
+            acc = 0
+            while acc < k and rng.random() < 0.8:
+                acc += 1
+            t.observe(proposed=k, accepted=acc, draft_s=None, step_s=1.0, rejected=int(acc < k))
+        assert t.alpha == pytest.approx(0.8, abs=0.04), k
+    # a sequence that finished on an accepted draft judged no further drafts
+    t = AcceptanceTracker(prior=0.5)
+    t.observe(proposed=4, accepted=2, draft_s=None, step_s=1.0, rejected=0)
+    assert t.alpha == pytest.approx(0.5 + 0.1 * 0.5)  # two judged, both accepted
 
 
 def test_a_lookup_is_charged_once_per_step_not_per_draft_position():
@@ -85,37 +109,44 @@ def test_one_slow_step_does_not_decide_the_draft_cost():
     # must leave the draft speculating once cheap steps follow; setting the
     # ratio from that step alone switched a useful draft off for good
     t = AcceptanceTracker(prior=0.5)
-    t.observe(proposed=4, accepted=2, draft_s=5.0, step_s=1.0)
+    t.observe(proposed=4, accepted=2, draft_s=5.0, step_s=1.0, rejected=1)
     assert t.draft_ratio == pytest.approx(2.5)
     for _ in range(6):
-        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0, rejected=1)
     assert t.draft_ratio == pytest.approx((5.0 + 6 * 0.05) / 8)  # the mean, prior included
     for _ in range(40):  # then an exponential moving average
-        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0)
+        t.observe(proposed=4, accepted=2, draft_s=0.05, step_s=1.0, rejected=1)
     assert t.draft_ratio < 0.1
     assert choose_num_tokens(4, 1, t.alpha, 256, t.draft_ratio) > 0
 
 
-def test_saturation_default_by_device():
-    # a GPU verifies a few hundred tokens for the price of one; a CPU a handful
-    assert default_saturation_tokens("cuda") == 256
-    cpu = default_saturation_tokens("cpu")
-    assert cpu == 8
+def test_step_curve_by_device():
+    # a GPU verifies a few hundred tokens for the price of one: a knee
+    gpu, cpu = default_step_curve("cuda"), default_step_curve("cpu")
+    assert gpu == StepCurve(saturation_tokens=256) == step_curve(None, "cuda")
+    assert step_curve(None, "cpu") == cpu
+    assert step_curve(300, "cpu") == StepCurve(saturation_tokens=300)  # the operator's knee
     assert SpeculativeConfig().saturation_tokens is None  # resolved by the engine's device
-    # on a CPU a batch of 32 stops speculating at the acceptance the trained
-    # pair reaches with prompt lookup; the GPU knee would still verify drafts
-    assert choose_num_tokens(4, 32, 0.6, cpu) == 0
-    assert choose_num_tokens(4, 32, 0.6, default_saturation_tokens("cuda")) > 0
-    # from a batch of 8 on, not even every draft accepted pays on a CPU: no
-    # speculation and no probes there (LengthRule.quiet)
-    for batch in (8, 32):
-        assert choose_num_tokens(8, batch, 1.0, cpu) == 0
-        assert LengthRule(8, cpu).quiet(batch)
-    # a batch of one verifies up to 7 drafts (their tokens cost little), a
-    # batch of two up to 3
-    assert choose_num_tokens(4, 1, 0.5, cpu) == 4
-    assert choose_num_tokens(8, 1, 0.5, cpu) == 7
-    assert choose_num_tokens(8, 2, 0.9, cpu) == 3
+    # a CPU's verify forwards as measured (bench_spec --step-costs, default
+    # model, one thread): the curve within 11%, where a knee at 8 tokens put
+    # eight sequences with 4 drafts each at 5x a plain step
+    measured = {(1, 4): 1.26, (1, 8): 1.42, (2, 4): 1.37, (8, 1): 1.18, (8, 4): 1.48,
+                (8, 12): 2.40, (32, 1): 1.25, (32, 4): 2.08, (32, 12): 4.32}
+    for (b, k), m in measured.items():
+        assert step_cost(b, k, cpu, 0.0) == pytest.approx(m, rel=0.11), (b, k)
+    assert step_cost(8, 4, 8, 0.0) == 5.0
+    # so a CPU batch of 32 speculates where drafts are mostly accepted, less
+    # where fewer are, and not where verifying costs more than it yields
+    assert choose_num_tokens(4, 32, 0.9, cpu) == 4
+    assert choose_num_tokens(4, 32, 0.6, cpu) == 2
+    assert choose_num_tokens(4, 32, 0.25, cpu) == 0
+    assert choose_num_tokens(4, 32, 0.6, gpu) == 4  # under the GPU's knee: the full length
+    # every draft accepted pays at any batch a CPU runs: the rule probes there
+    assert not LengthRule(8, cpu).quiet(32)
+    assert LengthRule(8, 1).quiet(32)  # a knee of one token: no acceptance pays
+    # a batch of one verifies longer runs as the acceptance grows
+    assert choose_num_tokens(8, 1, 0.5, cpu) == 3
+    assert choose_num_tokens(8, 1, 0.8, cpu) == 8
 
 
 def test_config_checks_and_registry():

@@ -68,7 +68,7 @@ def spec_tables(space: SpaceSpec, devices: list[Device], dev: np.ndarray, spec: 
     """Speculation length tables (``Units.spec_row``, ``spec_k``, ``spec_g``):
     one row per (speculation setting, device type), by the engine's rule
     (``acceptance.length_table``: the acceptance of the setting's method, the
-    device's saturation_tokens, a draft model's cost ratio)."""
+    device's step curve, a draft model's cost ratio)."""
     width = max(space.max_num_seqs) + 1
     ks, gs = [np.zeros(width, dtype=np.int64)], [np.ones(width)]
     index: dict[tuple[int, str], int] = {}

@@ -94,7 +94,7 @@ class SimReplica:
         self._step_verify_s = 0.0
         self._step_draft_s = 0.0
         self._spec_ids: dict[str, int] = {}  # the step's verify runs: seq id -> drafts
-        self._proposed = self._accepted = 0
+        self._proposed = self._accepted = self._rejected = 0
         self.run = CoalescedRun(self)
 
     # -- the engine thread ---------------------------------------------------------
@@ -198,7 +198,7 @@ class SimReplica:
         self._out, self._completing = None, []
         self._spec_ids = {} if self.spec is None else {
             s.seq.seq_id: len(s.spec_token_ids) for s in out.scheduled if s.spec_token_ids}
-        self._proposed, self._accepted = sum(self._spec_ids.values()), 0
+        self._proposed, self._accepted, self._rejected = sum(self._spec_ids.values()), 0, 0
         self.sched.commit(out)
         self.step_count += 1
         self.busy_time_s += self._step_dt
@@ -214,13 +214,15 @@ class SimReplica:
             if seq.num_output_tokens == 1:
                 self.hooks.on_first_token(self, seq)
             if not seq.done and self._spec_ids.get(seq.seq_id):
-                self._accepted += self.spec.accept(seq, self._spec_ids[seq.seq_id], self.kv)
+                got, cut = self.spec.accept(seq, self._spec_ids[seq.seq_id], self.kv)
+                self._accepted += got
+                self._rejected += cut
             if seq.done:
                 self.sched.finish(seq, FinishReason.LENGTH)
                 self.hooks.on_finished(self, seq)
         if self._spec_ids:
             self.spec.observe(len(self._spec_ids), self._proposed, self._accepted,
-                              self._step_draft_s, self._step_verify_s)
+                              self._step_draft_s, self._step_verify_s, self._rejected)
         self.busy = False
         self.drain_calls()
         self.kick()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 
 from splitserve.cluster.planning.acceptance import ASSUMED_ACCEPTANCE
-from splitserve.engine.spec.adaptive import LengthRule, default_saturation_tokens
+from splitserve.engine.spec.adaptive import LengthRule, step_curve
 
 __all__ = ["ASSUMED_ACCEPTANCE", "DRAFT_COST_RATIO", "SimSpeculator"]
 # method draft: one draft-model decode step's time relative to the target
@@ -49,8 +49,7 @@ class SimSpeculator:
         self.draft_cost_ratio = draft_cost_ratio if method == "draft" else 0.0
         # prompt lookup drafts a whole run in one search, as the engine's
         # NgramProposer (cost_per_position False) tells its rule
-        self.rule = LengthRule(num_speculative_tokens,
-                               saturation_tokens or default_saturation_tokens(device_type),
+        self.rule = LengthRule(num_speculative_tokens, step_curve(saturation_tokens, device_type),
                                adaptive, disable_batch_size, per_position=method != "ngram")
         self.rng = random.Random(seed)
         self.last_k = 0
@@ -96,31 +95,33 @@ class SimSpeculator:
             j += 1
         return j
 
-    def accept(self, seq, k: int, kv) -> int:
+    def accept(self, seq, k: int, kv) -> tuple[int, bool]:
         """Verify the ``k`` drafts of ``seq`` (its first token of the step is
         taken): a drawn number accepted, their KV standing and each an
         output token, the KV blocks of the rest trimmed, as
-        ``SpecDecoder.finish_verify`` does. Returns how many were accepted."""
+        ``SpecDecoder.finish_verify`` does. Returns how many were accepted
+        and whether a rejected draft cut the run short."""
         j = self.draw(k)
         for i in range(j):
             seq.num_computed_tokens += 1
             seq.append_token(0)
             if seq.done:
-                return i + 1
+                return i + 1, False
         kv.trim(seq.seq_id, seq.num_tokens)
         kv.cache_full_blocks(seq)
-        return j
+        return j, j < k
 
     def draft_position_s(self, plain_step_s: float) -> float:
         """Seconds one draft position takes (all sequences at once)."""
         return self.draft_cost_ratio * plain_step_s
 
     def observe(self, runs: int, proposed: int, accepted: int, draft_s: float,
-                verify_s: float) -> None:
-        """A verify step's outcome (``runs`` sequences verified), to the
-        tracker as the engine reports it."""
+                verify_s: float, rejected: int) -> None:
+        """A verify step's outcome (``runs`` sequences verified, ``rejected``
+        of them cut short by a rejected draft), to the tracker as the engine
+        reports it."""
         self.verified += runs
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
         self.verify_steps += 1
-        self.rule.tracker.observe(proposed, accepted, draft_s, verify_s)
+        self.rule.tracker.observe(proposed, accepted, draft_s, verify_s, rejected)
