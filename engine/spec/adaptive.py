@@ -8,9 +8,11 @@ measured), a verify step yields on average ``E(k) = (1 - a^(k+1)) / (1 - a)``
 tokens per sequence (accepted drafts plus the target's own next token), and
 costs, relative to a plain decode step,
 
-    C(k) = T(B (k + 1)) / T(B) + k r
+    C(k) = T(B (k + 1)) / T(B) + v + k r
 
-with ``r`` the measured time of one draft step relative to one target step;
+with ``v`` the verify step's own work beyond its forward (the sampling
+rounds of its drafts, the rollback), relative to a plain step, and ``r``
+the measured time of one draft step relative to one target step;
 a proposer whose drafting costs the same whatever ``k`` (prompt lookup: one
 search finds the whole run, ``Proposer.cost_per_position`` False) is
 charged ``r`` once, its time per step, not ``k r``. The engine verifies
@@ -41,11 +43,13 @@ from dataclasses import dataclass
 class StepCurve:
     """A step's time by its number of tokens ``n``, up to a constant factor:
     with ``saturation_tokens`` S > 0, ``max(1, n / S)`` (a knee), else
-    ``fixed + sqrt(n) + linear * n``."""
+    ``fixed + sqrt(n) + linear * n``; ``verify``: what a verify step costs
+    beyond its forward, in plain steps."""
 
     saturation_tokens: int = 0
     fixed: float = 0.0
     linear: float = 0.0
+    verify: float = 0.0
 
     def time(self, n: float) -> float:
         if self.saturation_tokens > 0:
@@ -64,9 +68,15 @@ class StepCurve:
 # (one sequence with 4 drafts 1.26, model 1.23; eight with 4 each 1.48,
 # model 1.62; 32 with 4 each 2.08, model 2.13; 32 with 12 each 4.32, model
 # 3.89), where a knee at 8 tokens put eight sequences with 4 drafts each at
-# 5.0 and 32 with 4 each at 5.0.
+# 5.0 and 32 with 4 each at 5.0. Whole verify steps cost more on a CPU than
+# their forwards: the drafts' sampling rounds and the rollback run in
+# Python per sequence. End to end (bench_spec, fixed lengths, 8 and 32
+# sequences) that was 0.45-0.8 of a plain step more than the forward alone;
+# ``verify`` 0.5 keeps prompt lookup off on free text there (0.84-0.88x
+# when the forward alone was counted) and on where the output copies the
+# prompt. On GPUs it is left at 0: unmeasured.
 STEP_CURVES = {"cuda": StepCurve(saturation_tokens=256),
-               "cpu": StepCurve(fixed=5.3, linear=0.058)}
+               "cpu": StepCurve(fixed=5.3, linear=0.058, verify=0.5)}
 
 
 def default_step_curve(device_type: str) -> StepCurve:
@@ -106,7 +116,7 @@ def step_cost(batch: int, k: int, curve: StepCurve | int, draft_ratio: float,
     draft's cost grows with ``k``)."""
     c = as_curve(curve)
     draft = k * draft_ratio if per_position else draft_ratio
-    return c.time(batch * (k + 1)) / c.time(batch) + draft
+    return c.time(batch * (k + 1)) / c.time(batch) + c.verify + draft
 
 
 def choose_num_tokens(max_k: int, batch: int, alpha: float, curve: StepCurve | int,
@@ -163,7 +173,7 @@ class AcceptanceTracker:
         reached = accepted + rejected
         if proposed > 0 and reached > 0:
             # a step with more judged drafts says more, but no one step decides alone
-            w = min(0.5, self.acceptance_weight * reached)
+            w = min(0.2, self.acceptance_weight * reached)
             self.alpha += w * (accepted / reached - self.alpha)
         if draft_s is not None and step_s > 0:
             self._timed += 1

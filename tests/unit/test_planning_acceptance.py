@@ -205,8 +205,7 @@ def test_the_settled_length_is_where_the_engines_rule_settles():
     # (rates away from a tie between two lengths at those batch sizes: the
     # tracker's moving average wanders a few hundredths either side)
     for a, device, batches in ((0.7, "cuda", (1, 64, 100, 128, 300)), (0.6, "cpu", (1,)),
-                               (0.5, "cpu", (8, 32)), (0.4, "cpu", (2,)), (0.85, "cpu", (32,)),
-                               (0.15, "cpu", (32,))):
+                               (0.7, "cpu", (2, 8)), (0.85, "cpu", (32,)), (0.3, "cpu", (1, 8, 32))):
         table = length_table(4, a, device, 300)
         sat = step_curve(None, device)
         for b in batches:
