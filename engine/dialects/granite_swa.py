@@ -19,7 +19,8 @@ the score scale, ``residual_multiplier``, ``logits_scaling``; biases per
   rotates with ``rope_parameters``' base.
 
 GraniteSWAConfig's defaults fill what config.json leaves out (eps 1e-5,
-tied embeddings, 4 KV heads...).
+tied embeddings, 4 KV heads...). GraniteMoeSWA
+(``splitserve.engine.dialects.granitemoe_swa``) reads the same keys.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
 from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
+from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -161,8 +162,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
-    # Granite SWA: Granite's layers with sinks, windows per layer_types and a RoPE base per layer
+    # Granite SWA, GraniteMoeSWA: Granite's (GraniteMoeShared's) layers with sinks, windows per
+    # layer_types and a RoPE base per layer; GraniteMoeSWA's transformers 5 expert names mapped
     "granite_swa": GraniteSwaCausalLM,
+    "granitemoe_swa": GraniteMoeSwaCausalLM,
 }
 
 
@@ -193,4 +196,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
-           "GraniteSwaCausalLM"]
+           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM"]

@@ -1,9 +1,9 @@
-"""config.json parsing and refusals of the Granite SWA family: the
-defaults transformers' config class fills in (checked against that
-class), the per-layer RoPE tables, and a clear CheckpointError for what
-the engine does not support. Token parity is in test_model_parity /
-test_engine_parity (granite_swa); at tensor_parallel_size 2 in
-test_tp_engine (slow)."""
+"""config.json parsing and refusals of the Granite SWA and GraniteMoeSWA
+families: the defaults transformers' config classes fill in (checked
+against those classes), the per-layer RoPE tables, and a clear
+CheckpointError for what the engine does not support. Token parity is in
+test_model_parity / test_engine_parity (granite_swa) and test_moe_parity
+(granitemoe_swa); at tensor_parallel_size 2 in test_tp_engine (slow)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def refused(cfg: dict, match: str) -> None:
 # --- Granite SWA, GraniteMoeSWA -------------------------------------------------
 
 # (architecture, its transformers config class): the families of Granite SWA's attention
-SWA_FAMILIES = [("GraniteSWAForCausalLM", "GraniteSWAConfig")]
+SWA_FAMILIES = [("GraniteSWAForCausalLM", "GraniteSWAConfig"),
+                ("GraniteMoeSWAForCausalLM", "GraniteMoeSWAConfig")]
 
 
 @pytest.mark.parametrize("arch,cls_name", SWA_FAMILIES)
@@ -54,6 +55,17 @@ def test_granite_swa_defaults_as_its_config_class(arch, cls_name):
     assert ours.options.attention_sinks and ours.options.layer_rope_thetas == ()
     assert set(ref.layer_rope_theta) == {ours.rope_theta}  # every layer the model's base
     assert (ours.options.attn_scale, ours.options.embed_scale) == (1.0, 1.0)
+
+
+def test_granitemoe_swa_reads_granitemoe_shared_keys():
+    cfg = ModelConfig.from_hf(raw("GraniteMoeSWAForCausalLM", shared_intermediate_size=48,
+                                  num_local_experts=4, attention_bias=True, sliding_window=8,
+                                  layer_types=["full_attention", "sliding_attention"] * 3))
+    assert cfg.family == "granitemoe_swa" and cfg.intermediate_size == 48
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_intermediate_size) == (4, 2, 128)
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, True, False)
+    assert cfg.layer_windows == (0, 8) * 3
+    check(cfg, 2)  # Granite's layers, experts split like Mixtral's: splits across ranks
 
 
 def test_granite_swa_rope_table_per_layer(parity_models):
@@ -79,6 +91,11 @@ def test_granite_swa_rope_table_per_layer(parity_models):
 @pytest.mark.parametrize("arch", [arch for arch, _ in SWA_FAMILIES])
 def test_granite_swa_refusals(arch, extra, match):
     refused(raw(arch, **extra), match)
+
+
+def test_granitemoe_swa_refuses_fp8_checkpoints():
+    refused(raw("GraniteMoeSWAForCausalLM", quantization_config={"quant_method": "fp8"}),
+            "fp8 GraniteMoeSWA checkpoints are not supported")
 
 
 def test_granite_swa_takes_lora_on_its_projections(parity_models):
