@@ -48,6 +48,7 @@ from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
+from splitserve.engine.models.codegen import CodeGenCausalLM
 from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.parallel.group import TPGroup
@@ -166,6 +167,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # layer_types and a RoPE base per layer; GraniteMoeSWA's transformers 5 expert names mapped
     "granite_swa": GraniteSwaCausalLM,
     "granitemoe_swa": GraniteMoeSwaCausalLM,
+    # CodeGen: GPT-J's model with its fused, 4-shard qkv_proj split at load
+    "codegen": CodeGenCausalLM,
 }
 
 
@@ -196,4 +199,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
-           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM"]
+           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM"]
