@@ -149,6 +149,10 @@ class FamilyOptions:
     # Bloom apply_residual_connection_post_layernorm: each block's residual is its normed
     # input, not its input (splitserve.engine.models.bloom)
     residual_after_norm: bool = False
+    # GraniteSWA layer_rope_theta: each layer's RoPE base, 0 where the layer applies no RoPE,
+    # the model's rope_parameters (scaling included) otherwise (splitserve.engine.models.
+    # granite_swa); empty: every layer rotates with ``ModelConfig.rope_theta``
+    layer_rope_thetas: tuple[float, ...] = ()
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

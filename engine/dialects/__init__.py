@@ -104,6 +104,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
     nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
 )
+from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -144,4 +145,7 @@ DIALECTS.update({
     "hunyuan_v1_moe": hunyuan_moe.DIALECT,
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
+    "granite_swa": granite_swa.DIALECT,
+    "granitemoe_swa": granitemoe_swa.DIALECT,
+    "codegen": codegen.DIALECT,
 })

@@ -56,15 +56,18 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def options(cfg: dict[str, Any]) -> FamilyOptions:
-    refuse_fp8_checkpoint(cfg, "gptj", "q/k rows are reordered at load")
+def options(cfg: dict[str, Any], family: str = "gptj",
+            fp8_why: str = "q/k rows are reordered at load") -> FamilyOptions:
+    """GPT-J's options; ``family`` and ``fp8_why`` name the family (CodeGen
+    reads the same keys) in refusals."""
+    refuse_fp8_checkpoint(cfg, family, fp8_why)
     hidden, heads = _heads(cfg)
     head_dim = hidden // heads
     rot = cfg.get("rotary_dim", 64)
     if rot is None or not 0 < int(rot) <= head_dim or int(rot) % 2:
-        raise ValueError(f"rotary_dim {rot!r} is not supported for gptj: an even number of dims "
+        raise ValueError(f"rotary_dim {rot!r} is not supported for {family}: an even number of dims "
                          f"in (0, head_dim = {head_dim}] is needed")
-    return FamilyOptions(hidden_act=plain_activation(cfg, "gptj", "gelu_new"), layer_norm=True,
+    return FamilyOptions(hidden_act=plain_activation(cfg, family, "gelu_new"), layer_norm=True,
                          plain_mlp=("fc_in", "fc_out"), parallel_residual=True,
                          interleaved_rope=True, lm_head_bias=True,
                          rotary_dim=None if int(rot) == head_dim else int(rot))

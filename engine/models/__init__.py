@@ -48,6 +48,9 @@ from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
+from splitserve.engine.models.codegen import CodeGenCausalLM
+from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
+from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -160,6 +163,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # Granite SWA, GraniteMoeSWA: Granite's (GraniteMoeShared's) layers with sinks, windows per
+    # layer_types and a RoPE base per layer; GraniteMoeSWA's transformers 5 expert names mapped
+    "granite_swa": GraniteSwaCausalLM,
+    "granitemoe_swa": GraniteMoeSwaCausalLM,
+    # CodeGen: GPT-J's model with its fused, 4-shard qkv_proj split at load
+    "codegen": CodeGenCausalLM,
 }
 
 
@@ -189,4 +198,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
+           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM"]

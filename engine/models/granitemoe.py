@@ -42,7 +42,7 @@ class GraniteMoeDecoderLayer(GraniteDecoderLayer):
                  prefix: str = ""):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix, mlp_name=_MOE,
                          mlp=SparseMoeBlock(cfg, dtype, device, prefix=f"{prefix}.{_MOE}"))
-        shared = cfg.family == "granitemoeshared" and cfg.intermediate_size > 0
+        shared = cfg.family in ("granitemoeshared", "granitemoe_swa") and cfg.intermediate_size > 0
         self.shared_mlp = MLP(cfg, dtype, device, prefix=f"{prefix}.shared_mlp") if shared else None
 
     def feed_forward(self, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:

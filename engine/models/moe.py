@@ -86,6 +86,8 @@ CHECKPOINT_NAMES = {
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
     "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # its experts.gate_up_proj / down_proj split into these at load (splitserve.engine.models.granitemoe_swa)
+    "granitemoe_swa": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

@@ -63,7 +63,7 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
                                     "gemma3", "smollm3", "ministral", "seed_oss", "helium",
                                     "cohere_qk_norm", "olmo", "glm", "glm4", "cohere2", "arcee",
                                     "exaone4", "hunyuan_dense", "internlm3", "apertus", "mpt",
-                                    "exaone", "vaultgemma"])
+                                    "exaone", "vaultgemma", "granite_swa"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
@@ -83,7 +83,8 @@ def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4"])  # gpt_oss: sinks split too
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4",  # gpt_oss: sinks split too
+                                    "granitemoe_swa"])
 def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
