@@ -149,6 +149,11 @@ class FamilyOptions:
     # Bloom apply_residual_connection_post_layernorm: each block's residual is its normed
     # input, not its input (splitserve.engine.models.bloom)
     residual_after_norm: bool = False
+    # Ministral 3 llama_4_scaling_beta: every layer's queries, once rotated, multiplied by
+    # 1 + beta * log(1 + floor(position / original_max_position_embeddings)) (the length),
+    # rounded to the model dtype first (get_llama_4_attn_scale); 0: off
+    query_position_beta: float = 0.0
+    query_position_length: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

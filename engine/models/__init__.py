@@ -38,6 +38,7 @@ from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.minimax_m2 import MiniMaxM2CausalLM
+from splitserve.engine.models.ministral3 import Ministral3CausalLM
 from splitserve.engine.models.mpt import MptCausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -160,6 +161,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # Ministral 3: Mistral with its queries scaled by position (Llama 4's form) in every layer
+    "ministral3": Ministral3CausalLM,
 }
 
 
@@ -189,4 +192,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM", "Ministral3CausalLM"]

@@ -1,0 +1,92 @@
+"""config.json parsing of Ministral 3: the defaults their
+transformers config classes fill in (checked against those classes), what is refused
+with a clear CheckpointError, tensor parallelism, and Ministral 3's query scaling
+against transformers' ``get_llama_4_attn_scale``. Token parity is in
+test_model_parity / test_engine_parity (variant ministral3) and at
+tensor_parallel_size 2 in test_tp_engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.ministral3 import Ministral3Attention
+from splitserve.engine.parallel.plan import check
+from tests.unit.test_family_olmo3_exaone import hf_config, raw
+
+M3 = "Ministral3ForCausalLM"
+
+
+def test_ministral3_defaults_as_transformers_reads_them():
+    c = raw(M3, num_hidden_layers=3)
+    del c["head_dim"], c["num_key_value_heads"]
+    ours, ref = ModelConfig.from_hf(c), hf_config("Ministral3Config", c)
+    assert ours.family == "ministral3" and ours.head_dim == ref.head_dim == 128
+    assert ours.num_kv_heads == ref.num_key_value_heads == 8 and ours.rms_norm_eps == ref.rms_norm_eps == 1e-5
+    assert ours.layer_windows == (0,) * 3 and ref.sliding_window is None and not ours.tie_word_embeddings
+    assert (ours.bos_token_id, ours.eos_token_ids) == (1, (2,))
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
+    rope = ref.rope_parameters
+    assert ours.rope_theta == rope["rope_theta"] == 1e6 and ours.rope_scaling["type"] == rope["rope_type"] == "yarn"
+    for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        assert ours.rope_scaling[key] == rope[key], key
+    opts = ours.options
+    assert (opts.query_position_beta, opts.query_position_length) == (0.1, 16384) == (
+        rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+    # a window covers every layer, as Mistral's; head_dim null: the split
+    ours = ModelConfig.from_hf(raw(M3, sliding_window=32, head_dim=None))
+    assert ours.layer_windows == (32, 32) and ours.head_dim == 16
+
+
+def test_ministral3_scaling_length_as_transformers_standardises_it():
+    rope = {"rope_type": "yarn", "factor": 4.0, "llama_4_scaling_beta": 0.2, "rope_theta": 10.0}
+    # a top-level original_max_position_embeddings is not Ministral3Config's: ignored
+    for extra, length in [({}, 256), ({"original_max_position_embeddings": 64}, 256),
+                          ({"rope_parameters": {**rope, "original_max_position_embeddings": 64}}, 64)]:
+        c = raw(M3, **{"rope_parameters": dict(rope), **extra})
+        ref = hf_config("Ministral3Config", c).rope_parameters
+        ours = ModelConfig.from_hf(c)
+        assert ours.options.query_position_length == ref["original_max_position_embeddings"] == length
+        assert ours.rope_scaling["original_max_position_embeddings"] == length
+    plain = ModelConfig.from_hf(raw(M3, rope_parameters={"rope_type": "default", "rope_theta": 10.0,
+                                                         "llama_4_scaling_beta": 0.2,
+                                                         "original_max_position_embeddings": 32}))
+    assert plain.rope_scaling is None and plain.options.query_position_length == 32
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10.0}}, "needs llama_4_scaling_beta"),
+    ({"rope_parameters": {"rope_type": "default", "llama_4_scaling_beta": 0.1}},
+     "needs original_max_position_embeddings"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "llama_4_scaling_beta": 0.1,
+                          "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5 is not supported"),
+    ({"architectures": ["Mistral3ForConditionalGeneration"]}, "Mistral3ForConditionalGeneration checkpoints"),
+    ({"hidden_act": "relu"}, "activation 'relu' is not supported for ministral3"),
+])
+def test_ministral3_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({**raw(M3), **extra})
+
+
+def test_ministral3_query_scale_matches_transformers():
+    from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
+
+    cfg = ModelConfig.from_hf(raw(M3, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 5,
+                                                       "llama_4_scaling_beta": 0.3}))
+    attn = Ministral3Attention(cfg, torch.bfloat16, "cpu")
+    positions = torch.arange(40)
+    q, k = torch.randn(40, 4, 16).to(torch.bfloat16), torch.randn(40, 2, 16).to(torch.bfloat16)
+    ours_q, ours_k = attn.position_qk(positions, q, k, None)
+    want = q.transpose(0, 1)[None] * get_llama_4_attn_scale(positions[None], 0.3, 5).to(torch.bfloat16)
+    assert torch.equal(ours_q, want[0].transpose(0, 1)) and ours_k is k
+    assert torch.equal(ours_q[:5], q[:5]) and not torch.equal(ours_q[5:], q[5:])
+
+
+
+
+@pytest.mark.parametrize("arch", [M3])
+def test_tensor_parallel_splits_them(arch):
+    check(ModelConfig.from_hf(raw(arch)), 2)  # test_tp_engine checks their tokens at TP=2
