@@ -1,8 +1,8 @@
-"""config.json parsing of Ministral 3: the defaults their
+"""config.json parsing of Ministral 3 and CWM: the defaults their
 transformers config classes fill in (checked against those classes), what is refused
 with a clear CheckpointError, tensor parallelism, and Ministral 3's query scaling
 against transformers' ``get_llama_4_attn_scale``. Token parity is in
-test_model_parity / test_engine_parity (variant ministral3) and at
+test_model_parity / test_engine_parity (variants ministral3, cwm) and at
 tensor_parallel_size 2 in test_tp_engine."""
 
 from __future__ import annotations
@@ -85,8 +85,39 @@ def test_ministral3_query_scale_matches_transformers():
     assert torch.equal(ours_q[:5], q[:5]) and not torch.equal(ours_q[5:], q[5:])
 
 
+def test_cwm_defaults_as_transformers_reads_them():
+    c = raw("CwmForCausalLM", num_hidden_layers=6, attention_bias=True)
+    del c["head_dim"], c["num_key_value_heads"]
+    ours, ref = ModelConfig.from_hf(c), hf_config("CwmConfig", c)
+    assert ours.family == "cwm" and ours.head_dim == ref.head_dim == 128
+    assert ours.num_kv_heads == ref.num_key_value_heads == 8 and ours.rms_norm_eps == 1e-5
+    assert ours.layer_windows == tuple(8192 if t == "sliding_attention" else 0 for t in ref.layer_types)
+    assert ours.layer_windows == (0, 8192, 8192, 8192, 0, 8192)
+    # attention_bias is not CwmConfig's: no projection takes one
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
+    assert (ours.bos_token_id, ours.eos_token_ids) == (128000, (128001, 128008, 128009))
+    rope = ref.rope_parameters
+    assert ours.rope_theta == rope["rope_theta"] == 1e6 and ours.rope_scaling["rope_type"] == "llama3"
+    assert ours.rope_scaling["original_max_position_embeddings"] == rope["original_max_position_embeddings"]
+    ours = ModelConfig.from_hf(raw("CwmForCausalLM", layer_types=["sliding_attention", "full_attention"],
+                                   sliding_window=4, mlp_bias=True, rope_parameters={"rope_type": "default"}))
+    assert ours.layer_windows == (4, 0) and ours.mlp_bias and ours.rope_scaling is None
+    assert ours.rope_theta == 1e6  # CwmConfig's default_theta
+    assert ModelConfig.from_hf(raw("CwmForCausalLM", layer_types=["full_attention"] * 2,
+                                   sliding_window=None)).layer_windows == (0, 0)
 
 
-@pytest.mark.parametrize("arch", [M3])
+@pytest.mark.parametrize("extra, match", [
+    ({"sliding_window": None}, "sliding_window is null but layer_types has sliding_attention"),
+    ({"layer_types": ["full_attention"]}, "layer_types has 1 entries for 2 layers"),
+    ({"layer_types": ["chunked_attention", "full_attention"]}, "layer_types .* not supported for cwm"),
+])
+def test_cwm_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw("CwmForCausalLM", **extra))
+
+
+
+@pytest.mark.parametrize("arch", [M3, "CwmForCausalLM"])
 def test_tensor_parallel_splits_them(arch):
     check(ModelConfig.from_hf(raw(arch)), 2)  # test_tp_engine checks their tokens at TP=2
