@@ -163,8 +163,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "vaultgemma": VaultGemmaCausalLM,
     # Ministral 3: Mistral with its queries scaled by position (Llama 4's form) in every layer
     "ministral3": Ministral3CausalLM,
-    # CWM: Llama with windows on the layers layer_types marks
+    # CWM: Llama with windows on the layers layer_types marks; IQuest-Coder: Llama
     "cwm": CausalLM,
+    "iquestcoder": CausalLM,
 }
 
 

@@ -1,8 +1,8 @@
-"""config.json parsing of Ministral 3 and CWM: the defaults their
+"""config.json parsing of Ministral 3, CWM and IQuest-Coder: the defaults their
 transformers config classes fill in (checked against those classes), what is refused
 with a clear CheckpointError, tensor parallelism, and Ministral 3's query scaling
 against transformers' ``get_llama_4_attn_scale``. Token parity is in
-test_model_parity / test_engine_parity (variants ministral3, cwm) and at
+test_model_parity / test_engine_parity (variants ministral3, cwm, iquestcoder) and at
 tensor_parallel_size 2 in test_tp_engine."""
 
 from __future__ import annotations
@@ -117,7 +117,30 @@ def test_cwm_unsupported_options_are_refused(extra, match):
         ModelConfig.from_hf(raw("CwmForCausalLM", **extra))
 
 
+def test_iquestcoder_defaults_as_transformers_reads_them():
+    c = raw("IQuestCoderForCausalLM")
+    del c["head_dim"], c["num_key_value_heads"]
+    ours, ref = ModelConfig.from_hf(c), hf_config("IQuestCoderConfig", c)
+    assert ours.family == "iquestcoder" and ours.head_dim == ref.head_dim == 128
+    assert ours.num_kv_heads == ref.num_key_value_heads == 8 and ours.rms_norm_eps == 1e-5
+    assert (ours.bos_token_id, ours.eos_token_ids) == (1, (2,)) and ours.layer_windows == (0, 0)
+    assert ours.rope_theta == 10000.0 and ours.rope_scaling is None
+    ours = ModelConfig.from_hf(raw("IQuestCoderForCausalLM", head_dim=None, num_key_value_heads=None,
+                                   attention_bias=True, mlp_bias=True))
+    assert ours.head_dim == 16 and ours.num_kv_heads == 4
+    assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (True, True, True)
 
-@pytest.mark.parametrize("arch", [M3, "CwmForCausalLM"])
+
+@pytest.mark.parametrize("extra, match", [
+    ({"clip_qkv": 8.0}, "clip_qkv is not supported for IQuest-Coder"),
+    ({"use_sliding_window": True}, "use_sliding_window is not supported for IQuest-Coder"),
+    ({"hidden_size": 66}, r"hidden_size \(66\) is not a multiple of num_attention_heads \(4\)"),
+])
+def test_iquestcoder_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw("IQuestCoderForCausalLM", **extra))
+
+
+@pytest.mark.parametrize("arch", [M3, "CwmForCausalLM", "IQuestCoderForCausalLM"])
 def test_tensor_parallel_splits_them(arch):
     check(ModelConfig.from_hf(raw(arch)), 2)  # test_tp_engine checks their tokens at TP=2
