@@ -11,17 +11,24 @@ has no rope dict, Ministral3Config's: YaRN (factor 16 over 16384 positions, base
 128 (null: hidden_size / num_attention_heads), 8 KV heads, 262144 positions, eps
 1e-5, untied embeddings, bos 1, eos 2. Tensor names are Llama's: the shared decoder
 loads them as they are, LoRA adapters, fp8 checkpoints and tensor parallelism included.
+
+``Mistral3ForConditionalGeneration`` (model_type mistral3, how the hub ships Ministral
+3 with its vision tower): its ``text_config`` is read (dtype and quantization_config
+from the top level where it has none), its embeddings tied by the wrapper's own
+``tie_word_embeddings`` (default true; the text config's is not read), as
+transformers ties them.
 Refused: a rope dict without ``llama_4_scaling_beta`` or (for RoPE without scaling)
-``original_max_position_embeddings``, which transformers' attention cannot run without,
-and ``Mistral3ForConditionalGeneration`` (the multimodal wrapper of the hub's
-checkpoints), whose text tower is not read here.
+``original_max_position_embeddings``, which transformers' attention cannot run without;
+a wrapper whose text model is not Ministral 3's (model_type ministral3: Mistral Small
+3.x's is Mistral's), and fp8 wrapped checkpoints (renamed at load; ``weight_dtype:
+fp8`` quantizes at load instead).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_partial_rotary
+from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary
 from splitserve.engine.family_config import FamilyOptions, family_activation
 
 WRAPPED = "Mistral3ForConditionalGeneration"
@@ -33,13 +40,31 @@ _PASSED = {"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336
 _SCALED_ROPE = ("llama3", "yarn", "longrope")  # the kinds whose pretraining length transformers fills in
 
 
+def wrapped(cfg: dict[str, Any]) -> bool:
+    """Whether config.json is ``Mistral3ForConditionalGeneration``'s (the text model under it)."""
+    return [a for a in cfg.get("architectures") or () if a in DIALECT.architectures][:1] == [WRAPPED]
+
+
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config: the wrapper's ``text_config`` (its dtype and
+    quantization_config from the top level where it has none, the wrapper's tie), else
+    config.json itself."""
+    if not wrapped(cfg):
+        return cfg
+    text = dict(cfg.get("text_config") or {})
+    if text.get("model_type") != "ministral3":
+        raise ValueError(f"{WRAPPED} with a text model of model_type {text.get('model_type')!r} is not "
+                         "supported; only Ministral 3's (ministral3)")
+    for key in ("torch_dtype", "dtype", "quantization_config"):
+        if text.get(key) is None and cfg.get(key) is not None:
+            text[key] = cfg[key]
+    refuse_fp8_checkpoint(text, WRAPPED, "its tensors are renamed at load")
+    return {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+
+
 def rope_dict(cfg: dict[str, Any]) -> dict[str, Any]:
     """config.json's rope dict (``rope_parameters``, or the older ``rope_scaling``), else
-    Ministral3Config's default one; a ``ValueError`` for a wrapped checkpoint."""
-    if WRAPPED in (cfg.get("architectures") or ()):
-        raise ValueError(f"{WRAPPED} checkpoints (Ministral 3 and Mistral Small 3.x with their vision "
-                         "tower) are not supported; serve a Ministral3ForCausalLM checkpoint of the "
-                         "text model")
+    Ministral3Config's default one."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     if rope is None:
         return {"type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
@@ -71,6 +96,7 @@ def query_scaling(cfg: dict[str, Any]) -> tuple[float, int]:
 
 
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = text_config(cfg)
     rope = rope_dict(cfg)
     refuse_partial_rotary(cfg, rope, "ministral3")
     heads = int(cfg.get("num_attention_heads", 32))
@@ -88,6 +114,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
+    cfg = text_config(cfg)
     beta, length = query_scaling(cfg)
     return FamilyOptions(hidden_act=family_activation(cfg, "ministral3"), query_position_beta=beta,
                          query_position_length=length)

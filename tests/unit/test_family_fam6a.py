@@ -12,11 +12,15 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.ministral3 import Ministral3Attention
 from splitserve.engine.parallel.plan import check
+from tests.fixtures.checkpoints import COMMON, VARIANTS, hf_greedy
 from tests.unit.test_family_olmo3_exaone import hf_config, raw
+from tests.unit.test_model_parity import ATOL, PROMPT, greedy_tokens, hf_logits, prompt_logits
 
 M3 = "Ministral3ForCausalLM"
+WRAPPED = "Mistral3ForConditionalGeneration"
 
 
 def test_ministral3_defaults_as_transformers_reads_them():
@@ -62,12 +66,56 @@ def test_ministral3_scaling_length_as_transformers_standardises_it():
      "needs original_max_position_embeddings"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "llama_4_scaling_beta": 0.1,
                           "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5 is not supported"),
-    ({"architectures": ["Mistral3ForConditionalGeneration"]}, "Mistral3ForConditionalGeneration checkpoints"),
+    ({"architectures": [WRAPPED], "text_config": {"model_type": "mistral"}},
+     "Mistral3ForConditionalGeneration with a text model of model_type 'mistral' is not supported"),
+    ({"architectures": [WRAPPED], "text_config": {**raw(M3), "model_type": "ministral3"},
+      "quantization_config": {"quant_method": "fp8"}}, "fp8 Mistral3ForConditionalGeneration checkpoints"),
     ({"hidden_act": "relu"}, "activation 'relu' is not supported for ministral3"),
 ])
 def test_ministral3_unsupported_options_are_refused(extra, match):
     with pytest.raises(CheckpointError, match=match):
         ModelConfig.from_hf({**raw(M3), **extra})
+
+
+def test_ministral3_wrapper_reads_its_text_config():
+    text = {**raw(M3, eos_token_id=[5, 6], dtype="float32", tie_word_embeddings=False), "model_type": "ministral3"}
+    del text["architectures"]
+    m = ModelConfig.from_hf({"architectures": [WRAPPED], "model_type": "mistral3", "text_config": text,
+                             "vision_config": {"hidden_size": 32}, "dtype": "bfloat16"})
+    assert m.architecture == WRAPPED and m.family == "ministral3" and m.hidden_size == 64
+    assert m.eos_token_ids == (5, 6) and m.dtype == "float32" and m.options.query_position_beta == 0.1
+    assert m.tie_word_embeddings  # the wrapper's tie (default true), as transformers ties it
+    del text["dtype"]  # the top level's where the text config has none
+    m = ModelConfig.from_hf({"architectures": [WRAPPED], "text_config": text, "dtype": "bfloat16",
+                             "tie_word_embeddings": False})
+    assert m.dtype == "bfloat16" and not m.tie_word_embeddings
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_ministral3_wrapped_checkpoint_serves_its_text_model(tmp_path, tiny_checkpoints, tied):
+    # the ministral3 variant's text model inside Mistral3ForConditionalGeneration with a tiny
+    # Pixtral tower: language_model.* read, vision_tower.* / multi_modal_projector.* skipped
+    import transformers
+
+    _, extra, seed, _ = VARIANTS["ministral3"]
+    config = transformers.Mistral3Config(
+        text_config=transformers.Ministral3Config(**{**COMMON, "vocab_size": tiny_checkpoints.vocab_size,
+                                                     **extra}),
+        vision_config=transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, image_size=32, patch_size=16,
+                                                       head_dim=8),
+        tie_word_embeddings=tied)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ref = transformers.Mistral3ForConditionalGeneration(config).eval()
+    ref.save_pretrained(str(tmp_path), safe_serialization=True)
+    ck = load_checkpoint(tmp_path)
+    assert ck.model_config.architecture == WRAPPED and ck.model_config.tie_word_embeddings == tied
+    model = load_model(ck, torch.float32)
+    torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
+    assert greedy_tokens(model, 6) == hf_greedy(ref, [PROMPT], 6)[0]
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Mistral3ForConditional"):
+        model.enable_lora(2, 4)
 
 
 def test_ministral3_query_scale_matches_transformers():
