@@ -153,6 +153,11 @@ class FamilyOptions:
     # the model's rope_parameters (scaling included) otherwise (splitserve.engine.models.
     # granite_swa); empty: every layer rotates with ``ModelConfig.rope_theta``
     layer_rope_thetas: tuple[float, ...] = ()
+    # Ministral 3 llama_4_scaling_beta: every layer's queries, once rotated, multiplied by
+    # 1 + beta * log(1 + floor(position / original_max_position_embeddings)) (the length),
+    # rounded to the model dtype first (get_llama_4_attn_scale); 0: off
+    query_position_beta: float = 0.0
+    query_position_length: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

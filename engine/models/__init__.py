@@ -38,6 +38,7 @@ from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
 from splitserve.engine.models.minimax_m2 import MiniMaxM2CausalLM
+from splitserve.engine.models.ministral3 import Ministral3CausalLM
 from splitserve.engine.models.mpt import MptCausalLM
 from splitserve.engine.models.nemotron import NemotronCausalLM
 from splitserve.engine.models.olmo2 import Olmo2CausalLM
@@ -169,6 +170,11 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "granitemoe_swa": GraniteMoeSwaCausalLM,
     # CodeGen: GPT-J's model with its fused, 4-shard qkv_proj split at load
     "codegen": CodeGenCausalLM,
+    # Ministral 3: Mistral with its queries scaled by position (Llama 4's form) in every layer
+    "ministral3": Ministral3CausalLM,
+    # CWM: Llama with windows on the layers layer_types marks; IQuest-Coder: Llama
+    "cwm": CausalLM,
+    "iquestcoder": CausalLM,
 }
 
 
@@ -199,4 +205,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
-           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM"]
+           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM"]
