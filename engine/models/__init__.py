@@ -15,6 +15,7 @@ from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeCausalLM
 from splitserve.engine.models.exaone import ExaoneCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
+from splitserve.engine.models.exaone_moe import ExaoneMoeCausalLM
 from splitserve.engine.models.vaultgemma import VaultGemmaCausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
@@ -160,6 +161,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # K-EXAONE: the MoE decoder with EXAONE 4's per-head q/k norms, windows and NoPE
+    # full-attention layers, DeepSeek-V3's router; its MTP tensors skipped at load
+    "exaone_moe": ExaoneMoeCausalLM,
 }
 
 

@@ -35,7 +35,7 @@ FAMILIES = ("llama", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "o
             "hunyuan_dense",
             # mixture of experts (not GraniteMoeShared: its logits, divided by 2.5, are near
             # ties at most steps; nor Qwen2-MoE, below)
-            "mixtral", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "dots1")
+            "mixtral", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "dots1", "exaone_moe")
 # the families whose modules carry Llama's names on both sides (layers[0].mlp, model.norm...),
 # for the bit-for-bit test of the elementwise ops
 ROUNDING_FAMILIES = ("llama", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2",
