@@ -99,7 +99,7 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
-    apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
+    apertus, arcee, bloom, cohere, cohere2, cohere2_moe, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
     ernie4_5_moe, exaone, exaone4, exaone_moe, falcon, flex_olmo, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
     nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
@@ -145,4 +145,5 @@ DIALECTS.update({
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
     "exaone_moe": exaone_moe.DIALECT,
+    "cohere2_moe": cohere2_moe.DIALECT,
 })

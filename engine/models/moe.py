@@ -87,13 +87,15 @@ CHECKPOINT_NAMES = {
     "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
 UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts",
                           "llama4": "shared_expert", "deepseek_v2": "shared_experts",
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
-                          "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts"}
+                          "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
+                          "cohere2_moe": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
