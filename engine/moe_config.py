@@ -62,6 +62,13 @@ class MoEConfig:
     # by their sum clamped below at this ``moe_norm_min`` weigh
     # (splitserve.engine.models.ernie4_5_moe); None: another router
     corrected_softmax_norm_min: float | None = None
+    # Cohere 2 MoE (Cohere2MoeTopKRouter, Cohere2MoeSparseMoeBlock): the top-k router logits
+    # chosen in the model dtype, then weighted by their float32 softmax or, with
+    # ``topk_sigmoid``, their sigmoid (divided by its sum with ``renormalize``), rounded to
+    # the model dtype; ``shared_expert_average``: the shared experts' output and the routed
+    # ones' averaged, not summed (splitserve.engine.models.cohere2_moe)
+    topk_sigmoid: bool = False
+    shared_expert_average: bool = False
 
 
 def parse_moe(cfg: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:

@@ -99,10 +99,11 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
 DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
-    apertus, arcee, bloom, cohere, cohere2, cwm, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
-    ernie4_5_moe, exaone, exaone4, falcon, flex_olmo, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
-    gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, iquestcoder, llama4,
-    minimax_m2, ministral3, mpt, nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
+    apertus, arcee, bloom, cohere, cohere2, cohere2_moe, cwm, dbrx, deepseek_v2, deepseek_v3,
+    dots1, ernie4_5, ernie4_5_moe, exaone, exaone4, exaone_moe, falcon, flex_olmo, glm, glm4,
+    glm4_moe, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe,
+    internlm3, iquestcoder, llama4, minimax_m2, ministral3, mpt, nemotron, olmo, olmo3, olmoe, opt,
+    phimoe, vaultgemma,
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 
@@ -151,4 +152,6 @@ DIALECTS.update({
     "ministral3": ministral3.DIALECT,
     "cwm": cwm.DIALECT,
     "iquestcoder": iquestcoder.DIALECT,
+    "exaone_moe": exaone_moe.DIALECT,
+    "cohere2_moe": cohere2_moe.DIALECT,
 })

@@ -35,8 +35,9 @@ def window(cfg: dict[str, Any]) -> int | None:
     return cfg.get("sliding_window", DEFAULT_WINDOW)
 
 
-def layer_types(cfg: dict[str, Any]) -> list[str]:
-    """``layer_types``, or as Exaone4Config derives it from ``sliding_window_pattern``."""
+def layer_types(cfg: dict[str, Any], family: str = "exaone4") -> list[str]:
+    """``layer_types``, or as Exaone4Config (and ExaoneMoeConfig) derives it from
+    ``sliding_window_pattern``."""
     n = int(cfg["num_hidden_layers"])
     types = cfg.get("layer_types")
     if types is None:
@@ -46,7 +47,7 @@ def layer_types(cfg: dict[str, Any]) -> list[str]:
             raise ValueError(f"EXAONE 4 with {shown} needs layer_types (transformers derives them "
                              "from a positive integer pattern only)")
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    types = checked_layer_types(types, n, "exaone4")
+    types = checked_layer_types(types, n, family)
     if window(cfg) is None and "sliding_attention" in types:
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
     return types

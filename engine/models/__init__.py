@@ -10,11 +10,13 @@ from splitserve.engine.models.arcee import ArceeCausalLM
 from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
+from splitserve.engine.models.cohere2_moe import Cohere2MoeCausalLM
 from splitserve.engine.models.deepseek import DeepseekCausalLM
 from splitserve.engine.models.ernie4_5 import Ernie4_5CausalLM
 from splitserve.engine.models.ernie4_5_moe import Ernie4_5MoeCausalLM
 from splitserve.engine.models.exaone import ExaoneCausalLM
 from splitserve.engine.models.exaone4 import Exaone4CausalLM
+from splitserve.engine.models.exaone_moe import ExaoneMoeCausalLM
 from splitserve.engine.models.vaultgemma import VaultGemmaCausalLM
 from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
@@ -175,6 +177,11 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # CWM: Llama with windows on the layers layer_types marks; IQuest-Coder: Llama
     "cwm": CausalLM,
     "iquestcoder": CausalLM,
+    # K-EXAONE: the MoE decoder with EXAONE 4's per-head q/k norms, windows and NoPE
+    # full-attention layers, DeepSeek-V3's router; its MTP tensors skipped at load
+    "exaone_moe": ExaoneMoeCausalLM,
+    # Cohere 2 MoE: Cohere 2's layers with top-k routed experts and averaged shared experts
+    "cohere2_moe": Cohere2MoeCausalLM,
 }
 
 
