@@ -104,6 +104,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
     nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
 )
+from splitserve.engine.dialects import jais2  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -144,4 +145,5 @@ DIALECTS.update({
     "hunyuan_v1_moe": hunyuan_moe.DIALECT,
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
+    "jais2": jais2.DIALECT,
 })

@@ -48,6 +48,7 @@ from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
+from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -160,6 +161,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # Jais 2: Llama with LayerNorms and the plain relu2 MLP (FamilyOptions)
+    "jais2": Jais2CausalLM,
 }
 
 
@@ -189,4 +192,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
+           "Jais2CausalLM"]
