@@ -48,6 +48,7 @@ from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
+from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -163,6 +164,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "vaultgemma": VaultGemmaCausalLM,
     # Jais 2: Llama with LayerNorms and the plain relu2 MLP (FamilyOptions)
     "jais2": Jais2CausalLM,
+    # HyperCLOVA X: Granite's scalars, logits multiplied, Gemma 2's sandwich norms renamed
+    "hyperclovax": HyperCLOVAXCausalLM,
 }
 
 
@@ -193,4 +196,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
-           "Jais2CausalLM"]
+           "HyperCLOVAXCausalLM", "Jais2CausalLM"]

@@ -63,7 +63,7 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
                                     "gemma3", "smollm3", "ministral", "seed_oss", "helium",
                                     "cohere_qk_norm", "olmo", "glm", "glm4", "cohere2", "arcee",
                                     "exaone4", "hunyuan_dense", "internlm3", "apertus", "mpt",
-                                    "exaone", "vaultgemma"])
+                                    "exaone", "vaultgemma", "hyperclovax"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
