@@ -104,7 +104,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
     nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
 )
-from splitserve.engine.dialects import hyperclovax, jais2  # noqa: E402
+from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -145,6 +145,7 @@ DIALECTS.update({
     "hunyuan_v1_moe": hunyuan_moe.DIALECT,
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
+    "solar_open": solar_open.DIALECT,
     "jais2": jais2.DIALECT,
     "hyperclovax": hyperclovax.DIALECT,
 })

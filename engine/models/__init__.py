@@ -162,6 +162,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # Solar Open: GLM-4.5's grouped sigmoid router and shared experts in every layer, full RoPE,
+    # no q/k norms (FamilyOptions)
+    "solar_open": MoECausalLM,
     # Jais 2: Llama with LayerNorms and the plain relu2 MLP (FamilyOptions)
     "jais2": Jais2CausalLM,
     # HyperCLOVA X: Granite's scalars, logits multiplied, Gemma 2's sandwich norms renamed

@@ -86,13 +86,14 @@ CHECKPOINT_NAMES = {
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
     "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
 UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts",
                           "llama4": "shared_expert", "deepseek_v2": "shared_experts",
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
-                          "hunyuan_v1_moe": "shared_mlp"}
+                          "hunyuan_v1_moe": "shared_mlp", "solar_open": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)

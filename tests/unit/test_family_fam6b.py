@@ -1,25 +1,28 @@
-"""config.json parsing of Jais 2 and HyperCLOVA X SEED: the defaults
-transformers' config classes fill in, the options read, a clear
+"""config.json parsing of Solar Open, Jais 2 and HyperCLOVA X SEED: the
+defaults transformers' config classes fill in, the options read, a clear
 CheckpointError for what the engine does not support, and the paths the
-shared parity tests leave out. Token parity: test_model_parity /
-test_engine_parity (variant jais2); test_model_parity / test_engine_parity
-(variant hyperclovax), at tensor_parallel_size 2 test_tp_engine (slow), LoRA
-test_lora_engine (slow)."""
+shared parity tests leave out. Token parity: test_moe_parity (variant
+solar_open), at tensor_parallel_size 2 test_tp_engine (slow);
+test_model_parity / test_engine_parity (variant jais2); test_model_parity /
+test_engine_parity (variant hyperclovax), at tensor_parallel_size 2
+test_tp_engine (slow), LoRA test_lora_engine (slow)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from splitserve.engine.config import ModelConfig
+from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.granite import GraniteDecoderLayer
 from splitserve.engine.models.hyperclovax import PeriNormDecoderLayer
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.layers import LayerNorm
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
-from tests.fixtures.checkpoints import hf_model, variant_kwargs, write_hf_checkpoint
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model, variant_kwargs, write_hf_checkpoint
 from tests.unit.test_model_parity import ATOL, PROMPT, hf_logits, prompt_logits
 
 
@@ -34,6 +37,63 @@ def raw(arch: str, *absent: str, **extra) -> dict:
 def refused(cfg: dict, match: str) -> None:
     with pytest.raises(CheckpointError, match=match):
         ModelConfig.from_hf(cfg)
+
+
+def solar(*absent: str, **extra) -> dict:
+    # SolarOpenConfig writes no intermediate_size (its experts' size is moe_intermediate_size)
+    return raw("SolarOpenForCausalLM", "intermediate_size", *absent, **extra)
+
+
+def test_solar_open_defaults_and_options():
+    cfg = ModelConfig.from_hf(solar("num_key_value_heads"))
+    # SolarOpenConfig's defaults: head_dim 128 (every dim rotating), 8 KV heads, base 1e6
+    assert cfg.family == "solar_open" and cfg.head_dim == 128 and cfg.options.rotary_dim is None
+    assert (cfg.num_kv_heads, cfg.rope_theta, cfg.rms_norm_eps) == (8, 1_000_000.0, 1e-5)
+    moe = cfg.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size) == (128, 8, 1280)
+    assert moe.shared_expert_intermediate_size == 1280 and moe.renormalize and moe.grouped_sigmoid
+    assert (moe.num_groups, moe.topk_groups, moe.routed_scaling_factor) == (1, 1, 1.0)
+    assert all(moe.sparse_layers) and cfg.intermediate_size == 1280
+    assert not cfg.qk_norm and cfg.options.mtp_layers == 0 and not cfg.tie_word_embeddings
+    # GLM-4.5's keys that transformers' Solar Open does not read are not read here either
+    cfg = ModelConfig.from_hf(solar(first_k_dense_replace=1, use_qk_norm=True, intermediate_size=96,
+                                    attention_bias=True, n_routed_experts=16, n_group=4, topk_group=2,
+                                    num_experts_per_tok=3, n_shared_experts=2, moe_intermediate_size=32,
+                                    norm_topk_prob=False, routed_scaling_factor=2.0, head_dim=16,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 50.0,
+                                                     "partial_rotary_factor": 0.5}))
+    moe = cfg.moe
+    assert all(moe.sparse_layers) and not cfg.qk_norm and cfg.intermediate_size == 32
+    assert (moe.num_experts, moe.num_groups, moe.topk_groups, moe.top_k) == (16, 4, 2, 3)
+    assert (moe.shared_expert_intermediate_size, moe.renormalize, moe.routed_scaling_factor) == (64, False, 2.0)
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, False, False)
+    assert cfg.options.rotary_dim == 8 and cfg.rope_theta == 50.0
+    check(cfg, 2)  # splits as GLM-4.5's: test_tp_engine checks its tokens at TP=2
+
+
+def test_solar_open_chunked_prefill_with_prefix_hits(tiny_checkpoints):
+    path = tiny_checkpoints["solar_open"]
+    prompts = [list(range(20, 37)), [5, 9, 13, 17, 21, 25, 29, 33, 3], PROMPT]
+    want = hf_greedy(hf_model(path), prompts, 6)
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4, max_num_batched_tokens=5,
+                                 max_num_seqs=4))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want  # prefilled in chunks of 5
+    h0 = eng.kv.pool.hits
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want  # full blocks from the cache
+    assert eng.kv.pool.hits - h0 >= 3  # each prompt
+    eng.kv.check_invariants()
+    assert eng.kv.all_free()
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"n_group": 3}, "n_group \\(3\\) must split n_routed_experts \\(128\\)"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for solar_open"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 SolarOpenForCausalLM checkpoints are not supported"),
+    ({"partial_rotary_factor": 0.01}, "gives 1 rotated dims of 128"),
+])
+def test_solar_open_unsupported_options_are_refused(extra, match):
+    refused(solar(**extra), match)
 
 
 def test_jais2_defaults():
