@@ -27,7 +27,7 @@ import dataclasses
 from typing import Any
 
 from splitserve.engine.dialects import Dialect, passed_keys, refuse_partial_rotary
-from splitserve.engine.family_config import FamilyOptions, parse_family_options
+from splitserve.engine.family_config import FamilyOptions, family_activation, parse_family_options
 
 # Llama's keys, as written, else transformers' HyperCLOVAXConfig default (None: left out)
 _PASSED = {"vocab_size": None, "hidden_size": None, "intermediate_size": None,
@@ -46,9 +46,9 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     refuse_partial_rotary(cfg, rope if isinstance(rope, dict) else {}, "HyperCLOVAXForCausalLM")
     # Granite's four scalars, each checked positive (absent: 1.0)
-    granite = parse_family_options(cfg, "granite")
+    granite = parse_family_options({**cfg, "hidden_act": "silu"}, "granite")
     return dataclasses.replace(
-        granite,
+        granite, hidden_act=family_activation(cfg, "hyperclovax"),
         attn_scale=granite.attn_scale if cfg.get("attention_multiplier") is not None else None,
         logits_divisor=1.0, logit_scale=granite.logits_divisor,
         sandwich_norms=bool(cfg.get("use_post_norm", True)))
