@@ -106,6 +106,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     phimoe, vaultgemma,
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
+from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -154,4 +155,7 @@ DIALECTS.update({
     "iquestcoder": iquestcoder.DIALECT,
     "exaone_moe": exaone_moe.DIALECT,
     "cohere2_moe": cohere2_moe.DIALECT,
+    "solar_open": solar_open.DIALECT,
+    "jais2": jais2.DIALECT,
+    "hyperclovax": hyperclovax.DIALECT,
 })

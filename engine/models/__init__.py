@@ -54,6 +54,8 @@ from splitserve.engine.models.phimoe import PhimoeCausalLM
 from splitserve.engine.models.codegen import CodeGenCausalLM
 from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
+from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
+from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -182,6 +184,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone_moe": ExaoneMoeCausalLM,
     # Cohere 2 MoE: Cohere 2's layers with top-k routed experts and averaged shared experts
     "cohere2_moe": Cohere2MoeCausalLM,
+    # Solar Open: GLM-4.5's grouped sigmoid router and shared experts in every layer, full RoPE,
+    # no q/k norms (FamilyOptions)
+    "solar_open": MoECausalLM,
+    # Jais 2: Llama with LayerNorms and the plain relu2 MLP (FamilyOptions)
+    "jais2": Jais2CausalLM,
+    # HyperCLOVA X: Granite's scalars, logits multiplied, Gemma 2's sandwich norms renamed
+    "hyperclovax": HyperCLOVAXCausalLM,
 }
 
 
@@ -212,4 +221,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
-           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM"]
+           "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
+           "HyperCLOVAXCausalLM", "Jais2CausalLM"]

@@ -90,6 +90,7 @@ CHECKPOINT_NAMES = {
     "granitemoe_swa": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -97,7 +98,7 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "llama4": "shared_expert", "deepseek_v2": "shared_experts",
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
-                          "cohere2_moe": "shared_experts"}
+                          "cohere2_moe": "shared_experts", "solar_open": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)

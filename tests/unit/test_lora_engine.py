@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 
@@ -162,9 +161,10 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3"])
+@pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3", "hyperclovax"])
 def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
-    # the same module names as Llama's; Granite scales the adapted blocks' outputs,
+    # the same module names as Llama's; Granite (and HyperCLOVA X, after its post-norms)
+    # scales the adapted blocks' outputs,
     # OLMo 2 and Gemma 3 norm them after the LoRA delta is added (Gemma 3 per head
     # before RoPE too), SmolLM3 adapts its NoPE layer like the others
     base = tiny_checkpoints[variant]

@@ -64,7 +64,7 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
                                     "cohere_qk_norm", "olmo", "glm", "glm4", "cohere2", "arcee",
                                     "exaone4", "hunyuan_dense", "internlm3", "apertus", "mpt",
                                     "exaone", "vaultgemma", "granite_swa", "ministral3", "cwm",
-                                    "iquestcoder"])
+                                    "iquestcoder", "hyperclovax"])
 def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
@@ -84,8 +84,9 @@ def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4",  # gpt_oss: sinks split too
-                                    "granitemoe_swa"])
+# gpt_oss: sinks split too; solar_open: GLM-4.5's grouped router and shared expert in every layer
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4", "granitemoe_swa",
+                                    "solar_open"])
 def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
