@@ -160,6 +160,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM-4.5's experts, dense layers by
+    # mlp_layer_types
+    "glm4_moe_lite": DeepseekCausalLM,
 }
 
 

@@ -25,8 +25,10 @@ beside a window on one layer and gpt-oss's biased, clamped experts
 (gpt-oss), L2-normed keys beside unrotated ones before input-scaled
 experts (Llama 4), latent attention (DeepSeek-V3), ALiBi's position
 biases in place of RoPE (Bloom), which the decode engine must compute
-from the handed-off keys' positions, and an fp8 KV cache (Gemma 3 again,
-against the engine itself: fp8 changes the numbers)."""
+from the handed-off keys' positions, an fp8 KV cache (Gemma 3 again,
+against the engine itself: fp8 changes the numbers), and latent attention
+with values narrower than its keys, a sparse layer before a dense one
+(GLM-4.7-Flash)."""
 
 import asyncio
 
@@ -50,7 +52,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
     ("phimoe", "auto"), ("gpt_oss", "auto"), ("llama4", "auto"), ("deepseek_v3", "auto"),
-    ("bloom", "auto"), ("gemma3", "fp8"),
+    ("bloom", "auto"), ("gemma3", "fp8"), ("glm4_moe_lite", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
