@@ -102,7 +102,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
     ernie4_5_moe, exaone, exaone4, falcon, flex_olmo, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
-    nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma, glm4_moe_lite,
+    nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma, glm4_moe_lite, youtu,
 )
 
 DIALECTS.update({
@@ -145,4 +145,5 @@ DIALECTS.update({
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
     "glm4_moe_lite": glm4_moe_lite.DIALECT,
+    "youtu": youtu.DIALECT,
 })

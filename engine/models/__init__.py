@@ -48,6 +48,7 @@ from splitserve.engine.models.smollm3 import SmolLM3CausalLM
 from splitserve.engine.models.apertus import ApertusCausalLM
 from splitserve.engine.models.dbrx import DbrxCausalLM
 from splitserve.engine.models.phimoe import PhimoeCausalLM
+from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -163,6 +164,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM-4.5's experts, dense layers by
     # mlp_layer_types
     "glm4_moe_lite": DeepseekCausalLM,
+    # Youtu: the dense decoder with DeepSeek's latent attention in every layer
+    "youtu": YoutuCausalLM,
 }
 
 
@@ -192,4 +195,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM", "YoutuCausalLM"]

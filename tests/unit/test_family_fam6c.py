@@ -1,11 +1,12 @@
-"""GLM-4.7-Flash (glm4_moe_lite), multi-head latent attention beside
-GLM-4.5's experts: config.json defaults against transformers' config
-class, the RoPE table and softmax scale against transformers' for YaRN
-with mscale, the dense/sparse layers of ``mlp_layer_types``, what is
-refused (LoRA and tensor-parallel sizes among it), the
-multi-token-prediction layers skipped at load, that the variant's
-distinctive features move the logits, and tensor parallelism at TP=2
-(slow). Token parity is in test_moe_parity."""
+"""GLM-4.7-Flash (glm4_moe_lite) and Youtu (youtu), multi-head latent
+attention beside GLM-4.5's experts and in a dense decoder: config.json
+defaults against transformers' config classes, the RoPE table and softmax
+scale against transformers' for YaRN with mscale, the dense/sparse layers
+of ``mlp_layer_types``, what is refused (LoRA and tensor-parallel sizes
+among it), the multi-token-prediction layers skipped at load, that each
+variant's distinctive features move the logits, and tensor parallelism at
+TP=2 (slow). Token parity is in test_moe_parity (glm4_moe_lite),
+test_model_parity and test_engine_parity (youtu)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy
 from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
 
-LITE = "Glm4MoeLiteForCausalLM"
+LITE, YOUTU = "Glm4MoeLiteForCausalLM", "YoutuForCausalLM"
 SHAPE = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 
 
@@ -38,7 +39,8 @@ def raw(arch: str, **extra) -> dict:
 def hf_config(cfg: dict):
     import transformers
 
-    return transformers.Glm4MoeLiteConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    cls = transformers.Glm4MoeLiteConfig if cfg["architectures"] == [LITE] else transformers.YoutuConfig
+    return cls(**{k: v for k, v in cfg.items() if k != "architectures"})
 
 
 def refused(cfg: dict, match: str) -> None:
@@ -87,14 +89,18 @@ def test_glm4_moe_lite_options():
 @pytest.mark.parametrize("arch, rope", [
     (LITE, {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale": 1.0, "mscale_all_dim": 0.8,
             "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 64}),
+    (YOUTU, {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+             "original_max_position_embeddings": 32}),
 ])
 def test_rope_table_and_softmax_scale_match_transformers(arch, rope):
     from transformers.models.glm4_moe_lite import modeling_glm4_moe_lite as lite
+    from transformers.models.youtu import modeling_youtu as youtu
 
     cfg = raw(arch, **{**SHAPE, "q_lora_rank": None}, num_attention_heads=4, max_position_embeddings=256,
               rope_parameters=dict(rope))
     hf_cfg = hf_config(cfg)
-    attention, rotary = lite.Glm4MoeLiteAttention, lite.Glm4MoeLiteRotaryEmbedding
+    attention, rotary = ((lite.Glm4MoeLiteAttention, lite.Glm4MoeLiteRotaryEmbedding) if arch == LITE
+                         else (youtu.YoutuAttention, youtu.YoutuRotaryEmbedding))
     cos, sin = rotary(hf_cfg)(torch.zeros(1), torch.arange(256)[None])
     ours = ModelConfig.from_hf(cfg)
     assert ours.options.attn_scale == attention(hf_cfg, 0).scaling != 12 ** -0.5
@@ -102,6 +108,26 @@ def test_rope_table_and_softmax_scale_match_transformers(arch, rope):
     assert table.shape == (256, 4)
     torch.testing.assert_close(table[:, :2], cos[0, :, :2], atol=1e-6, rtol=0)
     torch.testing.assert_close(table[:, 2:], sin[0, :, :2], atol=1e-6, rtol=0)
+
+
+def test_youtu_defaults_as_its_config_class():
+    cfg = raw(YOUTU)
+    ours, ref = ModelConfig.from_hf(cfg), hf_config(cfg)
+    mla = ours.options.mla
+    assert ours.family == "youtu" and ours.moe is None and ours.num_kv_heads == 16
+    assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
+        == (ref.q_lora_rank, ref.kv_lora_rank, ref.qk_nope_head_dim, ref.qk_rope_head_dim, ref.v_head_dim)
+    assert ours.head_dim == 192 and ours.options.rotary_dim == ref.head_dim == 64
+    assert ours.options.interleaved_rope and ours.options.attn_scale == 192 ** -0.5
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.max_position == ref.max_position_embeddings
+    assert ours.tie_word_embeddings and ref.tie_word_embeddings and ours.options.hidden_act == "silu"
+    assert (ours.bos_token_id, ours.eos_token_ids) == (ref.bos_token_id, (ref.eos_token_id,))
+    assert not (ours.attention_bias or ours.o_proj_bias or ours.mlp_bias)
+    # what transformers saves (head_dim written as qk_rope_head_dim), and rope_interleave null
+    m = ModelConfig.from_hf(raw(YOUTU, **SHAPE, head_dim=4, rope_interleave=None, attention_bias=True,
+                                hidden_act="gelu_pytorch_tanh", n_routed_experts=8))
+    assert not m.options.interleaved_rope and m.head_dim == 12 and m.moe is None
+    assert m.attention_bias and m.o_proj_bias and m.options.hidden_act == "gelu_tanh"
 
 
 @pytest.mark.parametrize("cfg, match", [
@@ -115,12 +141,19 @@ def test_rope_table_and_softmax_scale_match_transformers(arch, rope):
     (raw(LITE, n_routed_experts=8, n_group=8), "groups of at least 2"),
     (raw(LITE, moe_layer_freq=2), "moe_layer_freq 2 is not supported"),
     (raw(LITE, quantization_config={"quant_method": "fp8"}), f"fp8 {LITE} checkpoints"),
+    (raw(YOUTU, head_dim=32), r"head_dim \(32\) differs from qk_rope_head_dim \(64\)"),
+    (raw(YOUTU, num_key_value_heads=4), r"num_key_value_heads \(4\) must equal num_attention_heads"),
+    (raw(YOUTU, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor 0.5 is not supported"),
+    (raw(YOUTU, hidden_act="relu"), "activation 'relu' is not supported for youtu"),
+    (raw(YOUTU, qk_rope_head_dim=7, head_dim=7), "qk_rope_head_dim must be even"),
+    (raw(YOUTU, quantization_config={"quant_method": "fp8"}), f"fp8 {YOUTU} checkpoints"),
 ])
 def test_unsupported_options_are_refused(cfg, match):
     refused(cfg, match)
 
 
-@pytest.mark.parametrize("arch", [LITE])
+@pytest.mark.parametrize("arch", [LITE, YOUTU])
 def test_lora_refused_and_tensor_parallel_splits(arch):
     cfg = ModelConfig.from_hf(raw(arch, **SHAPE, n_routed_experts=8, num_experts_per_tok=2,
                                   moe_intermediate_size=32))
@@ -158,7 +191,7 @@ def _undone_logits(model, changes: list[tuple[object, str, object]]) -> torch.Te
             setattr(obj, name, value)
 
 
-@pytest.mark.parametrize("variant", ["glm4_moe_lite"])
+@pytest.mark.parametrize("variant", ["glm4_moe_lite", "youtu"])
 def test_distinctive_features_bind(parity_models, variant):
     # each of them, undone, moves the variant's logits well past the tolerance
     model, ref = parity_models(variant)
@@ -168,21 +201,23 @@ def test_distinctive_features_bind(parity_models, variant):
     assert model.cfg.head_dim == max(mla.qk_head_dim, mla.v_head_dim) > min(mla.qk_head_dim, mla.v_head_dim)
     assert all(a.q_b_proj is not None for a in attns)
     undone = {"rope pairs": [(a, "interleaved", not a.interleaved) for a in attns]}
-    # mlp_layer_types: layer 0 sparse, layer 1 dense
-    block = model.layers[0].mlp
-    assert isinstance(block, SparseMoeBlock) and not isinstance(model.layers[1].mlp, SparseMoeBlock)
-    moe = block.moe
-    undone["routed_scaling_factor"] = [(block, "moe", dataclasses.replace(moe, routed_scaling_factor=1.0))]
-    undone["expert groups"] = [(block, "moe", dataclasses.replace(moe, num_groups=1, topk_groups=1))]
+    if variant == "glm4_moe_lite":  # mlp_layer_types: layer 0 sparse, layer 1 dense
+        block = model.layers[0].mlp
+        assert isinstance(block, SparseMoeBlock) and not isinstance(model.layers[1].mlp, SparseMoeBlock)
+        moe = block.moe
+        undone["routed_scaling_factor"] = [(block, "moe", dataclasses.replace(moe, routed_scaling_factor=1.0))]
+        undone["expert groups"] = [(block, "moe", dataclasses.replace(moe, num_groups=1, topk_groups=1))]
+    else:
+        assert model.lm_head is None  # tied
     for name, changes in undone.items():
         assert (_undone_logits(model, changes) - want).abs().max() > 100 * ATOL, name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["glm4_moe_lite"])
+@pytest.mark.parametrize("variant", ["glm4_moe_lite", "youtu"])
 def test_tp2_greedy_parity(tiny_checkpoints, parity_models, variant):
     # heads split by rank (q_b_proj and kv_b_proj by rows, o_proj by columns; the latent
-    # projections whole), experts, the dense MLP and the vocabulary split, over two ranks,
+    # projections whole), experts, dense MLPs and the vocabulary split, over two ranks,
     # chunked prefill and prefix-cache hits: transformers' greedy tokens
     _, ref = parity_models(variant)
     prompts = [list(range(20, 37)), [5, 9, 13]]
