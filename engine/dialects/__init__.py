@@ -101,9 +101,9 @@ DIALECTS: dict[str, Dialect] = {}
 from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, cohere2_moe, cwm, dbrx, deepseek_v2, deepseek_v3,
     dots1, ernie4_5, ernie4_5_moe, exaone, exaone4, exaone_moe, falcon, flex_olmo, glm, glm4,
-    glm4_moe, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe,
-    internlm3, iquestcoder, llama4, minimax_m2, ministral3, mpt, nemotron, olmo, olmo3, olmoe, opt,
-    phimoe, vaultgemma,
+    glm4_moe, glm4_moe_lite, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe, hunyuan,
+    hunyuan_moe, internlm3, iquestcoder, llama4, minimax_m2, ministral3, mpt, nemotron, olmo,
+    olmo3, olmoe, opt, phimoe, vaultgemma, youtu,
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
@@ -158,4 +158,6 @@ DIALECTS.update({
     "solar_open": solar_open.DIALECT,
     "jais2": jais2.DIALECT,
     "hyperclovax": hyperclovax.DIALECT,
+    "glm4_moe_lite": glm4_moe_lite.DIALECT,
+    "youtu": youtu.DIALECT,
 })

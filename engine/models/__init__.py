@@ -56,6 +56,7 @@ from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
+from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -191,6 +192,11 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "jais2": Jais2CausalLM,
     # HyperCLOVA X: Granite's scalars, logits multiplied, Gemma 2's sandwich norms renamed
     "hyperclovax": HyperCLOVAXCausalLM,
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM-4.5's experts, dense layers by
+    # mlp_layer_types
+    "glm4_moe_lite": DeepseekCausalLM,
+    # Youtu: the dense decoder with DeepSeek's latent attention in every layer
+    "youtu": YoutuCausalLM,
 }
 
 
@@ -222,4 +228,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
-           "HyperCLOVAXCausalLM", "Jais2CausalLM"]
+           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM"]

@@ -1,13 +1,15 @@
-"""DeepSeek-V2 and DeepSeek-V3 (``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``):
-the mixture-of-experts decoder of GLM-4.5 (``Glm4MoeCausalLM``: dense first
-layers, ungated shared experts, multi-token-prediction layers skipped at
-load) with multi-head latent attention in every layer
+"""DeepSeek-V2 and DeepSeek-V3 (``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``)
+and GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``): the mixture-of-experts decoder
+of GLM-4.5 (``Glm4MoeCausalLM``: dense first layers, or GLM-4.7-Flash's
+``mlp_layer_types``, ungated shared experts, multi-token-prediction layers
+skipped at load) with multi-head latent attention in every layer
 (``splitserve.engine.models.mla``).
 
 Routing, from ``ModelConfig.moe`` (``splitserve.engine.dialects.deepseek_v2``
 / ``deepseek_v3``): V2's float32 softmax router, greedy or group-limited,
 scaled and never renormalised (``MoEConfig.scaled_softmax``); V3's grouped
-sigmoid router with its correction bias (``MoEConfig.grouped_sigmoid``).
+sigmoid router with its correction bias (``MoEConfig.grouped_sigmoid``), as
+GLM-4.7-Flash's (``splitserve.engine.dialects.glm4_moe_lite``).
 
 LoRA adapters are refused: the latent attention has none of the shared
 decoder's q/k/v projections and its experts take none.

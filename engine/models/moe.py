@@ -1,7 +1,7 @@
 """Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, dots.llm1,
-PhiMoE, FlexOlmo, MiniMax-M2, DeepSeek-V2/V3, ERNIE 4.5 MoE and HunYuan MoE (the experts
-of GraniteMoE, DBRX, Llama 4 and gpt-oss too: ``splitserve.engine.models.granitemoe``,
-``dbrx``, ``llama4``, ``gpt_oss``).
+PhiMoE, FlexOlmo, MiniMax-M2, DeepSeek-V2/V3, GLM-4.7-Flash, ERNIE 4.5 MoE and HunYuan
+MoE (the experts of GraniteMoE, DBRX, Llama 4 and gpt-oss too:
+``splitserve.engine.models.granitemoe``, ``dbrx``, ``llama4``, ``gpt_oss``).
 
 They are the dense decoder of ``splitserve.engine.models.llama`` with a
 sparse MLP in some or all layers (``ModelConfig.moe.sparse_layers``): a
@@ -91,6 +91,7 @@ CHECKPOINT_NAMES = {
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -98,7 +99,8 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "llama4": "shared_expert", "deepseek_v2": "shared_experts",
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
-                          "cohere2_moe": "shared_experts", "solar_open": "shared_experts"}
+                          "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
+                          "glm4_moe_lite": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,10 @@ beside a window on one layer and gpt-oss's biased, clamped experts
 experts (Llama 4), latent attention (DeepSeek-V3), ALiBi's position
 biases in place of RoPE (Bloom), which the decode engine must compute
 from the handed-off keys' positions, queries scaled by their position past
-YaRN-rotated keys with a window on every layer (Ministral 3), and an fp8
-KV cache (Gemma 3 again, against the engine itself: fp8 changes the
-numbers)."""
+YaRN-rotated keys with a window on every layer (Ministral 3), an fp8 KV
+cache (Gemma 3 again, against the engine itself: fp8 changes the numbers),
+and latent attention with values narrower than its keys, a sparse layer
+before a dense one (GLM-4.7-Flash)."""
 
 import asyncio
 
@@ -52,7 +53,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("gpt2", "auto"), ("falcon_mq", "auto"), ("olmoe", "auto"), ("cohere", "auto"),
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
     ("phimoe", "auto"), ("gpt_oss", "auto"), ("llama4", "auto"), ("deepseek_v3", "auto"),
-    ("bloom", "auto"), ("gemma3", "fp8"), ("ministral3", "auto"),
+    ("bloom", "auto"), ("gemma3", "fp8"), ("ministral3", "auto"), ("glm4_moe_lite", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]

@@ -1,8 +1,9 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE,
 GraniteMoE, GraniteMoeShared, GLM-4.5, dots.llm1, PhiMoE, DBRX, gpt-oss,
-Llama 4, DeepSeek V2/V3, MiniMax-M2, FlexOlmo) against transformers on tiny
-random checkpoints: 4 experts, top-2 (GLM-4.5, dots.llm1 and DeepSeek: 8
-experts in groups; MiniMax-M2: 8 experts, tests/fixtures/checkpoints.py).
+Llama 4, DeepSeek V2/V3, MiniMax-M2, FlexOlmo, GLM-4.7-Flash...) against
+transformers on tiny random checkpoints: 4 experts, top-2 (GLM-4.5,
+dots.llm1, DeepSeek and GLM-4.7-Flash: 8 experts in groups; MiniMax-M2: 8
+experts, tests/fixtures/checkpoints.py).
 
 Prefill logits match transformers' forward in float32, greedy decoding
 through the paged cache reproduces ``generate(do_sample=False)``, and the
