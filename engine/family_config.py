@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.mla_config import MLAConfig
 
 # config.json activation names -> the gated MLP's activation
@@ -149,6 +150,9 @@ class FamilyOptions:
     # Bloom apply_residual_connection_post_layernorm: each block's residual is its normed
     # input, not its input (splitserve.engine.models.bloom)
     residual_after_norm: bool = False
+    # Gemma 4: each layer's head width, KV heads, shared keys/values, MLP width and RoPE, and
+    # the per-layer input embeddings (splitserve.engine.models.gemma4); None: not Gemma 4
+    gemma4: Gemma4Shape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

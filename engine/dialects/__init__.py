@@ -102,7 +102,7 @@ from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, dbrx, deepseek_v2, deepseek_v3, dots1, ernie4_5,
     ernie4_5_moe, exaone, exaone4, falcon, flex_olmo, glm, glm4, glm4_moe, gpt2, gpt_bigcode,
     gpt_neo, gpt_oss, gptj, granitemoe, hunyuan, hunyuan_moe, internlm3, llama4, minimax_m2, mpt,
-    nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma,
+    nemotron, olmo, olmo3, olmoe, opt, phimoe, vaultgemma, gemma4,
 )
 
 DIALECTS.update({
@@ -144,4 +144,5 @@ DIALECTS.update({
     "hunyuan_v1_moe": hunyuan_moe.DIALECT,
     "exaone": exaone.DIALECT,
     "vaultgemma": vaultgemma.DIALECT,
+    "gemma4": gemma4.DIALECT,
 })
