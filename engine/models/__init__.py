@@ -20,6 +20,7 @@ from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.gemma4 import Gemma4CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.glm4 import Glm4CausalLM
 from splitserve.engine.models.glm4_moe import Glm4MoeCausalLM
@@ -160,6 +161,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "exaone": ExaoneCausalLM,
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
+    # Gemma 4: Gemma 3's sandwich layers with per-layer head shapes (zero-padded into one
+    # cache width), shared KV caches, per-layer input embeddings and a scalar per layer
+    "gemma4": Gemma4CausalLM,
 }
 
 
@@ -189,4 +193,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
-           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM"]
+           "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM", "Gemma4CausalLM"]

@@ -42,14 +42,15 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 # (windows of 8 on layer 0; OLMo 3's second RoPE table, EXAONE 4's NoPE layer), ERNIE 4.5
 # (interleaved RoPE as Helium's), HunYuan dense (q/k norms after RoPE), InternLM3 (Llama
 # with its own bias keys), Apertus (per-head q/k norms, the xIELU MLP), EXAONE 3 (Llama
-# under its own tensor names) and VaultGemma (Gemma 2 without its post-norms). Their KV
+# under its own tensor names), VaultGemma (Gemma 2 without its post-norms) and Gemma 4 (per-layer
+# head shapes padded into one cache width, per-layer input embeddings). Their KV
 # cache layouts are ones the matrix covers, so each runs test_chunked_prefill_with_prefix_hits
 # only (batched, chunked, with prefix-cache hits, in one engine); the live hand-off:
 # tests/integration/test_family_handoff.py.
 DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_norm", "olmo", "glm",
                     "glm4", "cohere2", "nemotron", "arcee", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo",
                     "olmo3", "exaone4", "ernie4_5", "hunyuan_dense", "internlm3", "apertus",
-                    "bloom", "mpt", "falcon_alibi", "exaone", "vaultgemma"]
+                    "bloom", "mpt", "falcon_alibi", "exaone", "vaultgemma", "gemma4"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
