@@ -37,7 +37,9 @@ class Gemma4Shape:
     - ``ropes``: its RoPE.
 
     ``ple_dim``: ``hidden_size_per_layer_input``, the per-layer input embeddings'
-    width (0: none), ``ple_vocab`` their vocabulary."""
+    width (0: none), ``ple_vocab`` their vocabulary. ``num_experts`` (0: none) experts of
+    ``moe_intermediate``, ``top_k`` per token, beside every layer's MLP
+    (``enable_moe_block``)."""
 
     head_dims: tuple[int, ...]
     kv_heads: tuple[int, ...]
@@ -47,6 +49,9 @@ class Gemma4Shape:
     ropes: tuple[LayerRope, ...]
     ple_dim: int = 0
     ple_vocab: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate: int = 0
 
     def shares_kv(self, layer: int) -> bool:
         """Whether ``layer`` reads an earlier layer's keys and values."""

@@ -17,6 +17,8 @@ config.json in Llama's keys, its ``FamilyOptions`` and per-layer shape
   earlier layer of their type (``use_double_wide_mlp``: their MLP twice as wide);
 - per-layer input embeddings of ``hidden_size_per_layer_input`` (256; 0: none)
   over ``vocab_size_per_layer_input`` tokens;
+- with ``enable_moe_block``, ``num_experts`` experts of ``moe_intermediate_size``
+  (``top_k_experts`` per token) beside every layer's MLP;
 - scores unscaled (scale 1), q/k RMSNorms per head and a weightless one on v,
   norms scaling by their weight (not 1 + weight), embeddings scaled by
   sqrt(hidden_size), a GeGLU MLP between sandwich norms, ``final_logit_softcapping``
@@ -27,8 +29,7 @@ largest head width and the least common multiple of the layers' KV head counts
 (``head_dim`` / ``num_key_value_heads`` here); each layer zero-pads its heads and
 repeats its KV heads to fill it (``splitserve.engine.models.gemma4``).
 
-Refused: ``enable_moe_block`` (the experts beside the MLP),
-``use_bidirectional_attention``, RoPE types other than default / proportional,
+Refused: ``use_bidirectional_attention``, RoPE types other than default / proportional,
 ``per_layer_config`` entries other than head_dim / num_key_value_heads, layers of
 one type with different head widths, fp8 checkpoints (q/k/v fused and values
 shared at load, untested), tensor parallelism.
@@ -175,12 +176,28 @@ def shape(cfg: dict[str, Any]) -> Gemma4Shape:
         intermediate=tuple(inter * (2 if wide and s != i else 1) for i, s in enumerate(sources)),
         ropes=tuple(ropes[t] for t in types),
         ple_dim=int(ple or 0),
-        ple_vocab=int(cfg.get("vocab_size_per_layer_input") or _PASSED["vocab_size"]))
+        ple_vocab=int(cfg.get("vocab_size_per_layer_input") or _PASSED["vocab_size"]),
+        **experts(cfg))
+
+
+def experts(cfg: dict[str, Any]) -> dict[str, int]:
+    """With ``enable_moe_block``: ``num_experts``, ``top_k_experts`` and
+    ``moe_intermediate_size`` (transformers has no defaults for them)."""
+    if not cfg.get("enable_moe_block"):
+        return {}
+    keys = {"num_experts": "num_experts", "top_k": "top_k_experts", "moe_intermediate": "moe_intermediate_size"}
+    out = {}
+    for field, key in keys.items():
+        value = cfg.get(key)
+        if value is None or int(value) <= 0:
+            raise ValueError(f"enable_moe_block needs a positive {key}, got {value!r}")
+        out[field] = int(value)
+    if out["top_k"] > out["num_experts"]:
+        raise ValueError(f"top_k_experts ({out['top_k']}) exceeds num_experts ({out['num_experts']})")
+    return out
 
 
 def _refuse_unsupported(cfg: dict[str, Any]) -> None:
-    if cfg.get("enable_moe_block"):
-        raise ValueError("enable_moe_block (experts beside each layer's MLP) is not supported for gemma4")
     if "sliding_attention" in layer_types(cfg) and "sliding_window" in cfg and cfg["sliding_window"] is None:
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
     if cfg.get("use_bidirectional_attention"):

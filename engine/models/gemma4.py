@@ -10,6 +10,11 @@ Each layer (``Gemma4DecoderLayer``), on the hidden stream x:
   per_layer_projection(act(per_layer_input_gate(x)) * ple_i))``;
 - x times the layer's ``layer_scalar`` (a checkpoint buffer).
 
+With experts (``splitserve.engine.models.gemma4_moe``) the MLP's output is normed
+(``post_feedforward_layernorm_1``) and added to the experts' (on
+``pre_feedforward_layernorm_2(x)``, routed by x, normed by
+``post_feedforward_layernorm_2``) before ``post_feedforward_layernorm``.
+
 The PLE input of layer i (``per_layer_inputs``): the token's row of
 ``embed_tokens_per_layer`` (scaled by sqrt(ple_dim)) plus the RMSNormed
 (``per_layer_projection_norm``) projection of the scaled embeddings
@@ -40,6 +45,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.gemma4_config import LayerRope
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma4_attention import Gemma4Attention
+from splitserve.engine.models.gemma4_moe import Gemma4Experts
 from splitserve.engine.models.layers import MLP, Linear, ShardSlot, empty_param, linear_slots, model_norm
 from splitserve.engine.models.mapped import MappedCausalLM
 from splitserve.kernels.lora import LoraMeta
@@ -81,6 +87,10 @@ class Gemma4DecoderLayer(nn.Module):
             self.per_layer_input_gate = Linear(cfg.hidden_size, self.ple_dim, False, dtype, device)
             self.per_layer_projection = Linear(self.ple_dim, cfg.hidden_size, False, dtype, device)
             self.post_per_layer_input_norm = norm()
+        self.experts = Gemma4Experts(cfg, dtype, device) if shape.num_experts else None
+        if self.experts is not None:  # the experts' and the MLP's outputs, normed apart
+            self.post_feedforward_layernorm_1, self.post_feedforward_layernorm_2 = norm(), norm()
+            self.pre_feedforward_layernorm_2 = norm()
         self.layer_scalar = empty_param(1, dtype=dtype, device=device)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ple: torch.Tensor | None,
@@ -88,6 +98,9 @@ class Gemma4DecoderLayer(nn.Module):
         h = self.self_attn(positions, self.input_layernorm(x)[0], layer_cache, meta, cos_sin_cache)
         x = x + self.post_attention_layernorm(h)[0]
         h = self.mlp(self.pre_feedforward_layernorm(x)[0])
+        if self.experts is not None:
+            routed = self.experts(x, self.pre_feedforward_layernorm_2(x)[0])
+            h = self.post_feedforward_layernorm_1(h)[0] + self.post_feedforward_layernorm_2(routed)[0]
         x = x + self.post_feedforward_layernorm(h)[0]
         if self.ple_dim:
             gate = self.per_layer_input_gate(x)
@@ -105,8 +118,14 @@ class Gemma4DecoderLayer(nn.Module):
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"] + (["post_per_layer_input_norm"] if self.ple_dim else [])
+                 "post_feedforward_layernorm"]
+        if self.ple_dim:
+            norms.append("post_per_layer_input_norm")
+        if self.experts is not None:
+            norms += ["post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"]
         slots = {f"{prefix}.{n}.weight": ShardSlot(getattr(self, n).weight) for n in norms}
+        if self.experts is not None:
+            slots.update(self.experts.weight_slots(prefix))
         slots.update(self.self_attn.weight_slots(f"{prefix}.self_attn"))
         slots.update(self.mlp.weight_slots(f"{prefix}.mlp"))
         if self.ple_dim:

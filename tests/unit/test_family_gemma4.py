@@ -2,7 +2,8 @@
 ``global_head_dim`` as released checkpoints write it and from ``per_layer_config`` as
 transformers 5.25 writes it, what is refused, naming the option), chunked prefill
 over the caches the shared layers reuse, the ``Gemma4ForConditionalGeneration`` text
-tower, and the LoRA and tensor-parallel refusals. The variants' token parity is in
+tower, chunked prefill through the experts, ``weight_dtype: fp8``, and the LoRA and
+tensor-parallel refusals. The variants' token parity is in
 test_model_parity / test_engine_parity."""
 
 from __future__ import annotations
@@ -69,8 +70,18 @@ def test_kv_sharing_sources_and_double_wide_mlp():
     assert shape.intermediate == (128, 128, 128, 256, 256, 256)
 
 
+def test_experts_keys():
+    cfg = ModelConfig.from_hf(gemma4(enable_moe_block=True, num_experts=8, top_k_experts=2,
+                                     moe_intermediate_size=16))
+    shape = cfg.options.gemma4
+    assert (shape.num_experts, shape.top_k, shape.moe_intermediate) == (8, 2, 16)
+    assert ModelConfig.from_hf(gemma4(num_experts=8)).options.gemma4.num_experts == 0  # off unless enabled
+
+
 @pytest.mark.parametrize("extra, match", [
-    ({"enable_moe_block": True}, "enable_moe_block"),
+    ({"enable_moe_block": True, "top_k_experts": 2, "moe_intermediate_size": 8}, "positive num_experts"),
+    ({"enable_moe_block": True, "num_experts": 2, "top_k_experts": 3, "moe_intermediate_size": 8},
+     "top_k_experts"),
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
     ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0},
                           "full_attention": {"rope_type": "default", "rope_theta": 1.0}}}, "yarn"),
@@ -109,10 +120,12 @@ def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models, var
     assert 0 < ((logits - ref).norm() / ref.norm()).item() < LOGIT_REL_BOUND
 
 
-def test_shared_kv_chunked_prefill_matches_transformers(parity_models):
+@pytest.mark.parametrize("variant", ["gemma4_shared", "gemma4_moe"])
+def test_chunked_prefill_matches_transformers(parity_models, variant):
     """Prefilled in chunks of 5, 4 and 3 tokens: the shared layers attend over the
-    keys and values their source layers cached in earlier chunks."""
-    model, ref = parity_models("gemma4_shared")
+    keys and values their source layers cached in earlier chunks; the experts route
+    each chunk's tokens."""
+    model, ref = parity_models(variant)
     want = hf_logits(ref, PROMPT)
     kv, done = new_cache(model), 0
     for n in (5, 4, 3):
@@ -120,7 +133,8 @@ def test_shared_kv_chunked_prefill_matches_transformers(parity_models):
         got = run(model, kv, PROMPT[done:done + n], positions, meta)
         torch.testing.assert_close(got, want[done:done + n], atol=ATOL, rtol=0)
         done += n
-    assert kv[2:].abs().sum() == 0  # the shared layers wrote no keys or values
+    if variant == "gemma4_shared":
+        assert kv[2:].abs().sum() == 0  # the shared layers wrote no keys or values
 
 
 def test_conditional_generation_text_tower(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
@@ -130,7 +144,7 @@ def test_conditional_generation_text_tower(tmp_path, tiny_tokenizer_dir, tiny_ch
             if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
     path = write_hf_checkpoint(tmp_path / "gemma4_cg", "Gemma4Config",
                                {"text_config": text, "vision_config": None, "audio_config": None,
-                                "bos_token_id": COMMON["bos_token_id"]}, 215, {}, tiny_tokenizer_dir)
+                                "bos_token_id": COMMON["bos_token_id"]}, 216, {}, tiny_tokenizer_dir)
     model = load_model(load_checkpoint(path), torch.float32)
     assert model.cfg.architecture == "Gemma4ForConditionalGeneration"
     torch.testing.assert_close(prompt_logits(model), hf_logits(hf_model(path), PROMPT), atol=ATOL, rtol=0)
