@@ -29,7 +29,8 @@ largest head width and the least common multiple of the layers' KV head counts
 (``head_dim`` / ``num_key_value_heads`` here); each layer zero-pads its heads and
 repeats its KV heads to fill it (``splitserve.engine.models.gemma4``).
 
-Refused: ``use_bidirectional_attention``, RoPE types other than default / proportional,
+Refused: ``use_bidirectional_attention`` "all" ("vision" makes only image tokens
+bidirectional: text attends causally), RoPE types other than default / proportional,
 ``per_layer_config`` entries other than head_dim / num_key_value_heads, layers of
 one type with different head widths, fp8 checkpoints (q/k/v fused and values
 shared at load, untested), tensor parallelism.
@@ -200,8 +201,9 @@ def experts(cfg: dict[str, Any]) -> dict[str, int]:
 def _refuse_unsupported(cfg: dict[str, Any]) -> None:
     if "sliding_attention" in layer_types(cfg) and "sliding_window" in cfg and cfg["sliding_window"] is None:
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
-    if cfg.get("use_bidirectional_attention"):
-        raise ValueError("use_bidirectional_attention is set: not a causal language model "
+    mode = cfg.get("use_bidirectional_attention")
+    if mode not in (None, "vision"):  # "vision": image tokens only, so text stays causal
+        raise ValueError(f"use_bidirectional_attention {mode!r}: not a causal language model "
                          "(not supported for gemma4)")
 
 

@@ -162,7 +162,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # VaultGemma: Gemma 2's scales and soft caps on Gemma's layers, its pre-MLP norm renamed at load
     "vaultgemma": VaultGemmaCausalLM,
     # Gemma 4: Gemma 3's sandwich layers with per-layer head shapes (zero-padded into one
-    # cache width), shared KV caches, per-layer input embeddings and a scalar per layer
+    # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
+    # experts beside the MLP
     "gemma4": Gemma4CausalLM,
 }
 

@@ -78,6 +78,11 @@ def test_experts_keys():
     assert ModelConfig.from_hf(gemma4(num_experts=8)).options.gemma4.num_experts == 0  # off unless enabled
 
 
+def test_bidirectional_vision_is_causal_text():
+    # "vision" lets image tokens attend both ways; the text the engine serves stays causal
+    assert ModelConfig.from_hf(gemma4(use_bidirectional_attention="vision")).family == "gemma4"
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"enable_moe_block": True, "top_k_experts": 2, "moe_intermediate_size": 8}, "positive num_experts"),
     ({"enable_moe_block": True, "num_experts": 2, "top_k_experts": 3, "moe_intermediate_size": 8},
