@@ -2,7 +2,7 @@
 ``global_head_dim`` as released checkpoints write it and from ``per_layer_config`` as
 transformers 5.25 writes it, what is refused, naming the option), chunked prefill
 over the caches the shared layers reuse, the ``Gemma4ForConditionalGeneration`` text
-tower, chunked prefill through the experts, ``weight_dtype: fp8``, and the LoRA and
+tower, chunked prefill through the experts, a KV hand-off between engines, ``weight_dtype: fp8``, and the LoRA and
 tensor-parallel refusals. The variants' token parity is in
 test_model_parity / test_engine_parity."""
 
@@ -11,13 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.config import ModelConfig
+from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.gemma4_config import LayerRope
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.layers import Linear
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
-from tests.fixtures.checkpoints import COMMON, hf_model, variant_kwargs, write_hf_checkpoint
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, variant_kwargs, write_hf_checkpoint
+from tests.fixtures.handoff import handoff_generate
 from tests.unit.test_fp8_engine import LOGIT_REL_BOUND
 from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, prompt_logits,
                                           run, step_meta)
@@ -140,6 +143,19 @@ def test_chunked_prefill_matches_transformers(parity_models, variant):
         done += n
     if variant == "gemma4_shared":
         assert kv[2:].abs().sum() == 0  # the shared layers wrote no keys or values
+
+
+def test_shared_kv_handoff_into_second_engine(tiny_checkpoints, parity_models):
+    """Prefilled in one engine, decoded in another from the handed-off blocks: the
+    shared layers read their source layers' keys and values there."""
+    _, ref = parity_models("gemma4_shared")
+    prompts = [list(range(20, 37))]  # past the window of 8, over 5 blocks
+    want = hf_greedy(ref, prompts, 3)
+    src, dst = (LLMEngine(EngineConfig(model=str(tiny_checkpoints["gemma4_shared"]), num_blocks=32, block_size=4,
+                                       max_num_batched_tokens=8)) for _ in range(2))
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert handoff_generate(src, dst, prompts, params) == want
+    assert src.kv.all_free() and dst.kv.all_free()
 
 
 def test_conditional_generation_text_tower(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
