@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.mla_config import MLAConfig
 
 # config.json activation names -> the gated MLP's activation
@@ -158,6 +159,9 @@ class FamilyOptions:
     # rounded to the model dtype first (get_llama_4_attn_scale); 0: off
     query_position_beta: float = 0.0
     query_position_length: int = 0
+    # Gemma 4: each layer's head width, KV heads, shared keys/values, MLP width and RoPE, and
+    # the per-layer input embeddings (splitserve.engine.models.gemma4); None: not Gemma 4
+    gemma4: Gemma4Shape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

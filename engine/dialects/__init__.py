@@ -100,8 +100,8 @@ DIALECTS: dict[str, Dialect] = {}
 
 from splitserve.engine.dialects import (  # noqa: E402
     apertus, arcee, bloom, cohere, cohere2, cohere2_moe, cwm, dbrx, deepseek_v2, deepseek_v3,
-    dots1, ernie4_5, ernie4_5_moe, exaone, exaone4, exaone_moe, falcon, flex_olmo, glm, glm4,
-    glm4_moe, glm4_moe_lite, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe, hunyuan,
+    dots1, ernie4_5, ernie4_5_moe, exaone, exaone4, exaone_moe, falcon, flex_olmo, gemma4, glm,
+    glm4, glm4_moe, glm4_moe_lite, gpt2, gpt_bigcode, gpt_neo, gpt_oss, gptj, granitemoe, hunyuan,
     hunyuan_moe, internlm3, iquestcoder, llama4, minimax_m2, ministral3, mpt, nemotron, olmo,
     olmo3, olmoe, opt, phimoe, vaultgemma, youtu,
 )
@@ -160,4 +160,5 @@ DIALECTS.update({
     "hyperclovax": hyperclovax.DIALECT,
     "glm4_moe_lite": glm4_moe_lite.DIALECT,
     "youtu": youtu.DIALECT,
+    "gemma4": gemma4.DIALECT,
 })

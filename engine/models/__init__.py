@@ -22,6 +22,7 @@ from splitserve.engine.models.falcon import FalconCausalLM
 from splitserve.engine.models.flex_olmo import FlexOlmoCausalLM
 from splitserve.engine.models.gemma import GemmaCausalLM
 from splitserve.engine.models.gemma3 import Gemma3CausalLM
+from splitserve.engine.models.gemma4 import Gemma4CausalLM
 from splitserve.engine.models.glm import GlmCausalLM
 from splitserve.engine.models.glm4 import Glm4CausalLM
 from splitserve.engine.models.glm4_moe import Glm4MoeCausalLM
@@ -197,6 +198,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "glm4_moe_lite": DeepseekCausalLM,
     # Youtu: the dense decoder with DeepSeek's latent attention in every layer
     "youtu": YoutuCausalLM,
+    # Gemma 4: Gemma 3's sandwich layers with per-layer head shapes (zero-padded into one
+    # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
+    # experts beside the MLP
+    "gemma4": Gemma4CausalLM,
 }
 
 
@@ -228,4 +233,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
-           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM"]
+           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM"]

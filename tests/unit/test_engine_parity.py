@@ -45,8 +45,9 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 # under its own tensor names), VaultGemma (Gemma 2 without its post-norms), Granite SWA
 # (sinks, windows of 8, a RoPE base per layer, one NoPE), CodeGen (GPT-J with its 4-shard
 # fused qkv_proj split at load), Jais 2 (Llama with LayerNorms and the relu2 MLP),
-# HyperCLOVA X (Granite's scalars with post-norms, logits multiplied) and Youtu (latent
-# attention decompressed per head, keys and values zero-padded in the cache). Their KV
+# HyperCLOVA X (Granite's scalars with post-norms, logits multiplied), Youtu (latent
+# attention decompressed per head, keys and values zero-padded in the cache) and Gemma 4
+# (per-layer head shapes padded into one cache width, per-layer input embeddings). Their KV
 # cache layouts are ones the matrix covers, so each runs test_chunked_prefill_with_prefix_hits
 # only (batched, chunked, with prefix-cache hits, in one engine); the live hand-off:
 # tests/integration/test_family_handoff.py.
@@ -54,7 +55,7 @@ DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_nor
                     "glm4", "cohere2", "nemotron", "arcee", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo",
                     "olmo3", "exaone4", "ernie4_5", "hunyuan_dense", "internlm3", "apertus",
                     "bloom", "mpt", "falcon_alibi", "exaone", "vaultgemma", "granite_swa", "codegen",
-                    "ministral3", "cwm", "iquestcoder", "jais2", "hyperclovax", "youtu"]
+                    "ministral3", "cwm", "iquestcoder", "jais2", "hyperclovax", "youtu", "gemma4"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
