@@ -94,6 +94,22 @@ def refuse_fp8_checkpoint(cfg: dict[str, Any], family: str, why: str) -> None:
                          "serve the unquantized checkpoint, with weight_dtype fp8 if wanted")
 
 
+def wrapped_text_config(cfg: dict[str, Any], architectures: tuple[str, ...], wrapper: str,
+                        inherit: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """For a multimodal ``wrapper`` (the first of config.json's architectures
+    among ``architectures``), its ``text_config`` with the wrapper's dtype and
+    quantization_config (and the ``inherit`` keys) where it has none; None
+    for any other architecture (config.json is the text model's own)."""
+    archs = [a for a in cfg.get("architectures") or () if a in architectures]
+    if archs[:1] != [wrapper]:
+        return None
+    text = dict(cfg.get("text_config") or {})
+    for key in ("torch_dtype", "dtype", "quantization_config", *inherit):
+        if text.get(key) is None and cfg.get(key) is not None:
+            text[key] = cfg[key]
+    return text
+
+
 # family -> its dialect, one module each in this package (imported here, after
 # Dialect and required, which those modules import)
 DIALECTS: dict[str, Dialect] = {}

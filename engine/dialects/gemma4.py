@@ -41,7 +41,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint
+from splitserve.engine.dialects import (Dialect, passed_keys, refuse_fp8_checkpoint,
+                                        wrapped_text_config)
 from splitserve.engine.family_config import FamilyOptions, checked_layer_types, family_activation
 from splitserve.engine.gemma4_config import Gemma4Shape, LayerRope
 
@@ -61,14 +62,8 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The text model's config: ``text_config`` for ``Gemma4ForConditionalGeneration``
     (its dtype and quantization_config from the top level where it has none), else
     config.json itself."""
-    archs = [a for a in cfg.get("architectures") or () if a in DIALECT.architectures]
-    if archs[:1] != [WRAPPED]:
-        return cfg
-    text = dict(cfg.get("text_config") or {})
-    for key in ("torch_dtype", "dtype", "quantization_config", "tie_word_embeddings"):
-        if text.get(key) is None and cfg.get(key) is not None:
-            text[key] = cfg[key]
-    return text
+    text = wrapped_text_config(cfg, DIALECT.architectures, WRAPPED, ("tie_word_embeddings",))
+    return cfg if text is None else text
 
 
 def layer_types(cfg: dict[str, Any]) -> list[str]:

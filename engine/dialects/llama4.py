@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary
+from splitserve.engine.dialects import (Dialect, passed_keys, refuse_fp8_checkpoint,
+                                        refuse_partial_rotary, wrapped_text_config)
 from splitserve.engine.dialects.moe_keys import checked_activation
 from splitserve.engine.family_config import FamilyOptions, smollm3_rope_layers
 
@@ -51,14 +52,8 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The text model's config: ``text_config`` for ``Llama4ForConditionalGeneration``
     (its dtype and quantization_config from the top level where it has none), else
     config.json itself."""
-    archs = [a for a in cfg.get("architectures") or () if a in DIALECT.architectures]
-    if archs[:1] != [WRAPPED]:
-        return cfg
-    text = dict(cfg.get("text_config") or {})
-    for key in ("torch_dtype", "dtype", "quantization_config"):
-        if text.get(key) is None and cfg.get(key) is not None:
-            text[key] = cfg[key]
-    return text
+    text = wrapped_text_config(cfg, DIALECT.architectures, WRAPPED)
+    return cfg if text is None else text
 
 
 def _positive(cfg: dict[str, Any], key: str, default: Any) -> Any:

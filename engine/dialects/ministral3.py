@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint, refuse_partial_rotary
+from splitserve.engine.dialects import (Dialect, passed_keys, refuse_fp8_checkpoint,
+                                        refuse_partial_rotary, wrapped_text_config)
 from splitserve.engine.family_config import FamilyOptions, family_activation
 
 WRAPPED = "Mistral3ForConditionalGeneration"
@@ -40,24 +41,16 @@ _PASSED = {"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336
 _SCALED_ROPE = ("llama3", "yarn", "longrope")  # the kinds whose pretraining length transformers fills in
 
 
-def wrapped(cfg: dict[str, Any]) -> bool:
-    """Whether config.json is ``Mistral3ForConditionalGeneration``'s (the text model under it)."""
-    return [a for a in cfg.get("architectures") or () if a in DIALECT.architectures][:1] == [WRAPPED]
-
-
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The text model's config: the wrapper's ``text_config`` (its dtype and
     quantization_config from the top level where it has none, the wrapper's tie), else
     config.json itself."""
-    if not wrapped(cfg):
+    text = wrapped_text_config(cfg, DIALECT.architectures, WRAPPED)
+    if text is None:
         return cfg
-    text = dict(cfg.get("text_config") or {})
     if text.get("model_type") != "ministral3":
         raise ValueError(f"{WRAPPED} with a text model of model_type {text.get('model_type')!r} is not "
                          "supported; only Ministral 3's (ministral3)")
-    for key in ("torch_dtype", "dtype", "quantization_config"):
-        if text.get(key) is None and cfg.get(key) is not None:
-            text[key] = cfg[key]
     refuse_fp8_checkpoint(text, WRAPPED, "its tensors are renamed at load")
     return {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
 
