@@ -113,7 +113,7 @@ def prefill_inputs(cfg, tokens, block_size, device):
 
 
 def kv_cache(cfg, nblocks, block_size, dtype, device):
-    return torch.zeros(cfg.num_layers, 2, nblocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+    return torch.zeros(cfg.num_cache_layers, 2, nblocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                        dtype=dtype, device=device)
 
 

@@ -185,9 +185,17 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers that keep keys and values in the KV cache: every layer, but
+        for Gemma 4's KV-sharing layers (the last ones), which read an earlier
+        layer's."""
+        g = self.options.gemma4
+        return g.num_cache_layers if g is not None else self.num_layers
+
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=kv_dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_cache_layers * self.num_kv_heads * self.head_dim * elem
 
 
 def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:

@@ -56,3 +56,9 @@ class Gemma4Shape:
     def shares_kv(self, layer: int) -> bool:
         """Whether ``layer`` reads an earlier layer's keys and values."""
         return self.kv_source[layer] != layer
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers with a KV cache of their own: the layers before the shared ones
+        (which come last and read earlier layers' caches)."""
+        return max(self.kv_source) + 1

@@ -121,7 +121,7 @@ class KVPort:
         self._spec = KVCacheSpec(
             model_id=engine.model_id, dtype=dtype_name(engine.dtype),
             kv_dtype=dtype_name(cache.dtype), block_size=engine.cfg.block_size,
-            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            num_layers=mc.num_cache_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             bytes_per_block=mc.kv_bytes_per_token(cache.dtype) * engine.cfg.block_size,
             tensor_parallel_size=engine.cfg.tensor_parallel_size)
         self._holders: weakref.WeakSet = weakref.WeakSet()

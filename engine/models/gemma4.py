@@ -174,21 +174,22 @@ class Gemma4CausalLM(MappedCausalLM, GemmaCausalLM):
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
+        kv_cache: torch.Tensor,  # [cache layers, 2, NB, BS, Hk, D]
         meta: AttentionMetadata,
         on_layer_done: Callable[[int], None] | None = None,
         lora: LoraMeta | None = None,  # always None: adapters are refused
     ) -> torch.Tensor:
-        if kv_cache.shape[0] != len(self.layers):
-            raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}")
+        cached = self.cfg.num_cache_layers  # the shared layers, last, write no cache
+        if kv_cache.shape[0] != cached:
+            raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers, the model caches {cached}")
         x = self.embed(input_ids)
         ple = self.per_layer_inputs(input_ids, x)
         sources = self.cfg.options.gemma4.kv_source
         for i, layer in enumerate(self.layers):
             x = layer(positions, x, None if ple is None else ple[:, i], kv_cache[sources[i]], meta,
                       self.rope_table(i))
-            if on_layer_done is not None:
-                on_layer_done(i)
+            if on_layer_done is not None and i < cached:
+                on_layer_done(i)  # cache layer i is complete (a hand-off may send it)
         return self.norm(x)[0]
 
     def per_layer_inputs(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -142,7 +142,9 @@ def test_chunked_prefill_matches_transformers(parity_models, variant):
         torch.testing.assert_close(got, want[done:done + n], atol=ATOL, rtol=0)
         done += n
     if variant == "gemma4_shared":
-        assert kv[2:].abs().sum() == 0  # the shared layers wrote no keys or values
+        # the two shared layers (last) keep no cache: the two before them fill it
+        assert model.cfg.num_cache_layers == 2 and kv.shape[0] == 2
+        assert all(kv[i].abs().sum() > 0 for i in range(2))
 
 
 def test_shared_kv_handoff_into_second_engine(tiny_checkpoints, parity_models):
@@ -156,6 +158,10 @@ def test_shared_kv_handoff_into_second_engine(tiny_checkpoints, parity_models):
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     assert handoff_generate(src, dst, prompts, params) == want
     assert src.kv.all_free() and dst.kv.all_free()
+    # the cache, its size per token and what a hand-off ships: the two layers that cache
+    mc = src.model_cfg
+    assert src.runner.kv_cache.shape[0] == mc.num_cache_layers == 2 < mc.num_layers
+    assert mc.kv_bytes_per_token(torch.float32) == 2 * 2 * mc.num_kv_heads * mc.head_dim * 4
 
 
 def test_conditional_generation_text_tower(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
