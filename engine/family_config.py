@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.engine.gemma4_config import Gemma4Shape
+from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
 
 # config.json activation names -> the gated MLP's activation
@@ -162,6 +163,10 @@ class FamilyOptions:
     # Gemma 4: each layer's head width, KV heads, shared keys/values, MLP width and RoPE, and
     # the per-layer input embeddings (splitserve.engine.models.gemma4); None: not Gemma 4
     gemma4: Gemma4Shape | None = None
+    # MiMo-V2-Flash: values narrower than the keys and scaled, twice the KV heads and a sink
+    # per query head on the sliding layers (splitserve.engine.models.mimo_v2_flash); None:
+    # not MiMo-V2-Flash
+    mimo_v2: MiMoV2Shape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

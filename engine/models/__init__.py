@@ -57,6 +57,7 @@ from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
+from splitserve.engine.models.mimo_v2_flash import MiMoV2FlashCausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -202,6 +203,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # MiMo-V2-Flash: GLM-4.5's router without shared experts, sliding layers with twice the KV
+    # heads and sinks, values narrower than the keys (zero-padded in the cache) and scaled, a
+    # RoPE base per layer type
+    "mimo_v2_flash": MiMoV2FlashCausalLM,
 }
 
 
