@@ -7,6 +7,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
+from splitserve.engine.models.axk1 import AXK1CausalLM
 from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
@@ -202,6 +203,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # A.X K1: DeepSeek-V3 with an RMSNorm on each sparse layer's experts' output
+    "axk1": AXK1CausalLM,
 }
 
 
@@ -233,4 +236,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
-           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM"]
+           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
+           "AXK1CausalLM"]
