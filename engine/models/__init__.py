@@ -58,6 +58,7 @@ from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
+from splitserve.engine.models.kolibri1 import Kolibri1CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -205,6 +206,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "gemma4": Gemma4CausalLM,
     # A.X K1: DeepSeek-V3 with an RMSNorm on each sparse layer's experts' output
     "axk1": AXK1CausalLM,
+    # Kolibri: EXAONE 4's attention in GLM-4's sandwich layers, experts in every layer ranked
+    # by logit plus a correction bias, weighted by sigmoid; renamed at load
+    "kolibri1": Kolibri1CausalLM,
 }
 
 
@@ -237,4 +241,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
            "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
-           "AXK1CausalLM"]
+           "AXK1CausalLM", "Kolibri1CausalLM"]

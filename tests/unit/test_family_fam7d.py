@@ -1,8 +1,9 @@
-"""A.X K1 (axk1): the config.json defaults and derived layer kinds read,
+"""Kolibri (kolibri1) and A.X K1 (axk1): Kolibri's router against
+transformers' own, the config.json defaults and derived layer kinds read,
 what is refused (options, fp8 checkpoints, tensor parallelism, LoRA), both
-namings of the norm on the experts' output loaded alike (and a dense layer's
-unused one skipped), and that norm shown to bind. Token parity is in
-test_moe_parity (variant axk1)."""
+checkpoint namings of each family loaded alike, and the family-specific
+tensors (Kolibri's correction bias, A.X K1's norm on the experts' output)
+shown to bind. Token parity is in test_moe_parity (variants kolibri1, axk1)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.axk1 import NormedMoeBlock
+from splitserve.engine.models.kolibri1 import Kolibri1MoeBlock, route_biased_logits
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from tests.unit.test_model_parity import ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, run, step_meta
 
@@ -49,6 +51,54 @@ def reloaded(model_path, rename) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_kolibri1_router_matches_transformers(norm):
+    from transformers import Kolibri1Config
+    from transformers.models.kolibri1.modeling_kolibri1 import Kolibri1TopKRouter
+
+    router = Kolibri1TopKRouter(Kolibri1Config(hidden_size=32, num_experts=16, num_experts_per_tok=3,
+                                               norm_topk_prob=norm))
+    gen = torch.Generator().manual_seed(227)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=gen) * 0.3)
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=gen))
+    x = torch.randn(64, 32, generator=gen)
+    logits, want_w, want_ids = router(x)
+    w, ids = route_biased_logits(logits, router.e_score_correction_bias, 3, norm)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+def test_kolibri1_defaults():
+    cfg = ModelConfig.from_hf(raw(KOLIBRI, num_hidden_layers=10, num_local_experts=16))
+    moe = cfg.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.shared_expert_intermediate_size) \
+        == (16, 6, 512, 512)
+    assert moe.sparse_layers == (True,) * 10 and not moe.renormalize and not moe.grouped_sigmoid
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.rope_theta) == (128, 4, 1e-6, 10000.0)
+    assert cfg.qk_norm and not (cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias)
+    assert not cfg.tie_word_embeddings and cfg.max_position == 262144
+    # every fifth layer full attention without RoPE, the rest sliding over 513 tokens
+    assert cfg.layer_windows == (513,) * 4 + (0,) + (513,) * 4 + (0,) and cfg.options.nope_layers == (4, 9)
+    # no window: every layer full and rotating
+    cfg = ModelConfig.from_hf(raw(KOLIBRI, num_hidden_layers=2, sliding_window=None, num_experts=8,
+                                  layer_types=["full_attention"] * 2, norm_topk_prob=True))
+    assert cfg.layer_windows == (0, 0) and cfg.options.nope_layers == () and cfg.moe.renormalize
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"sliding_window": None}, "sliding_window is null"),
+    ({"sliding_window": 0}, "sliding_window must be positive"),
+    ({"layer_types": ["chunked_attention"] * 6}, "layer_types"),
+    ({"layer_types": ["full_attention"] * 5}, "layer_types has 5 entries"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 Kolibri1ForCausalLM"),
+])
+def test_kolibri1_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(KOLIBRI, **extra))
+
+
 def test_axk1_defaults():
     cfg = ModelConfig.from_hf(raw(AXK1, num_hidden_layers=4, head_dim=99))
     moe, mla = cfg.moe, cfg.options.mla
@@ -80,10 +130,27 @@ def test_axk1_refusals(extra, match):
         ModelConfig.from_hf(raw(AXK1, **extra))
 
 
-@pytest.mark.parametrize("arch, name", [(AXK1, "A.X K1")])
+@pytest.mark.parametrize("arch, name", [(KOLIBRI, "Kolibri"), (AXK1, "A.X K1")])
 def test_tensor_parallel_is_refused(arch, name):
     with pytest.raises(TensorParallelConfigError, match=name):
         check(ModelConfig.from_hf(raw(arch)), 2)
+
+
+def test_kolibri1_names_and_bias(tiny_checkpoints, parity_models):
+    model, ref = parity_models("kolibri1")
+    assert all(isinstance(layer.mlp, Kolibri1MoeBlock) for layer in model.layers)
+    binds(model, ref, model.layers[0].mlp.e_score_correction_bias)
+    assert model.enable_lora(1, 4)  # adapters on the attention projections
+    # transformers' own module names load alike
+    names = {"post_attn_norm": "post_self_attn_layernorm", "post_ffn_norm": "post_mlp_layernorm",
+             "moe.router.expert_bias": "mlp.gate.e_score_correction_bias"}
+
+    def internal(name: str) -> str:
+        for old, new in names.items():
+            name = name.replace(old, new)
+        return name
+    torch.testing.assert_close(logits_of(reloaded(tiny_checkpoints["kolibri1"], internal)), logits_of(model),
+                               atol=0, rtol=0)
 
 
 def test_axk1_norm_binds_names_and_dense_norm_skipped(tiny_checkpoints, parity_models):
