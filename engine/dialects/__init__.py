@@ -123,7 +123,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
-from splitserve.engine.dialects import axk1, kolibri1  # noqa: E402
+from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -180,4 +180,5 @@ DIALECTS.update({
     "gemma4": gemma4.DIALECT,
     "axk1": axk1.DIALECT,
     "kolibri1": kolibri1.DIALECT,
+    "minicpm5_moe": minicpm5_moe.DIALECT,
 })

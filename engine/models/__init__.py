@@ -59,6 +59,7 @@ from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.kolibri1 import Kolibri1CausalLM
+from splitserve.engine.models.minicpm5_moe import MiniCPM5MoeCausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -209,6 +210,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Kolibri: EXAONE 4's attention in GLM-4's sandwich layers, experts in every layer ranked
     # by logit plus a correction bias, weighted by sigmoid; renamed at load
     "kolibri1": Kolibri1CausalLM,
+    # MiniCPM5-MoE: DeepSeek-V3's router and shared experts with Llama's attention, each head's
+    # output gated by a sigmoid (its q_proj rows split at load)
+    "minicpm5_moe": MiniCPM5MoeCausalLM,
 }
 
 
@@ -241,4 +245,4 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
            "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
-           "AXK1CausalLM", "Kolibri1CausalLM"]
+           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM"]

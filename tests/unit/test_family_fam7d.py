@@ -1,9 +1,10 @@
-"""Kolibri (kolibri1) and A.X K1 (axk1): Kolibri's router against
-transformers' own, the config.json defaults and derived layer kinds read,
-what is refused (options, fp8 checkpoints, tensor parallelism, LoRA), both
-checkpoint namings of each family loaded alike, and the family-specific
-tensors (Kolibri's correction bias, A.X K1's norm on the experts' output)
-shown to bind. Token parity is in test_moe_parity (variants kolibri1, axk1)."""
+"""Kolibri (kolibri1), MiniCPM5-MoE (minicpm5_moe) and A.X K1 (axk1): Kolibri's
+router against transformers' own, the config.json defaults and derived layer
+kinds read, what is refused (options, fp8 checkpoints, tensor parallelism,
+LoRA), both checkpoint namings of each family loaded alike, and the
+family-specific tensors (Kolibri's correction bias, MiniCPM5's attention
+gate, A.X K1's norm on the experts' output) shown to bind. Token parity is in
+test_moe_parity (variants kolibri1, minicpm5_moe, axk1)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,37 @@ def test_kolibri1_refusals(extra, match):
         ModelConfig.from_hf(raw(KOLIBRI, **extra))
 
 
+def test_minicpm5_moe_defaults():
+    cfg = ModelConfig.from_hf(raw(MINICPM, num_hidden_layers=4))
+    moe = cfg.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.shared_expert_intermediate_size) \
+        == (160, 16, 512, 512)
+    assert moe.grouped_sigmoid and moe.renormalize and moe.routed_scaling_factor == 3.66
+    assert (moe.num_groups, moe.topk_groups) == (1, 1) and moe.sparse_layers == (False, True, True, True)
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.rope_theta) == (128, 2, 1e-6, 5e6)
+    assert (cfg.intermediate_size, cfg.max_position, cfg.eos_token_ids) == (8192, 524288, (1, 130073))
+    assert not (cfg.qk_norm or cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias or cfg.tie_word_embeddings)
+    assert cfg.layer_windows == (0,) * 4 and cfg.options.nope_layers == ()
+    # the older architecture name; first_k_dense_replace without mlp_layer_types; biases on q/k/v/o
+    cfg = ModelConfig.from_hf(raw("MiniCPM5MoEForCausalLM", num_hidden_layers=4, first_k_dense_replace=2,
+                                  attention_bias=True, n_shared_experts=2, head_dim=None))
+    assert cfg.moe.sparse_layers == (False, False, True, True) and cfg.attention_bias and cfg.o_proj_bias
+    assert cfg.moe.shared_expert_intermediate_size == 1024 and cfg.head_dim == 16
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"use_gated_attention": False}, "use_gated_attention"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"n_routed_experts": 6, "n_group": 4}, "n_group"),
+    ({"mlp_layer_types": ["dense", "moe"] * 3}, "mlp_layer_types"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 MiniCPM5MoeForCausalLM"),
+])
+def test_minicpm5_moe_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(MINICPM, **extra))
+
+
 def test_axk1_defaults():
     cfg = ModelConfig.from_hf(raw(AXK1, num_hidden_layers=4, head_dim=99))
     moe, mla = cfg.moe, cfg.options.mla
@@ -130,7 +162,7 @@ def test_axk1_refusals(extra, match):
         ModelConfig.from_hf(raw(AXK1, **extra))
 
 
-@pytest.mark.parametrize("arch, name", [(KOLIBRI, "Kolibri"), (AXK1, "A.X K1")])
+@pytest.mark.parametrize("arch, name", [(KOLIBRI, "Kolibri"), (MINICPM, "MiniCPM5-MoE"), (AXK1, "A.X K1")])
 def test_tensor_parallel_is_refused(arch, name):
     with pytest.raises(TensorParallelConfigError, match=name):
         check(ModelConfig.from_hf(raw(arch)), 2)
@@ -151,6 +183,15 @@ def test_kolibri1_names_and_bias(tiny_checkpoints, parity_models):
         return name
     torch.testing.assert_close(logits_of(reloaded(tiny_checkpoints["kolibri1"], internal)), logits_of(model),
                                atol=0, rtol=0)
+
+
+def test_minicpm5_moe_gate_binds_and_names(tiny_checkpoints, parity_models):
+    model, ref = parity_models("minicpm5_moe")
+    binds(model, ref, model.layers[0].self_attn.gate_proj.weight)
+    with pytest.raises(CheckpointError, match="LoRA"):
+        model.enable_lora(1, 4)
+    fused = reloaded(tiny_checkpoints["minicpm5_moe"], lambda n: n.replace(".q_proj.", ".q_gate_proj."))
+    torch.testing.assert_close(logits_of(fused), logits_of(model), atol=0, rtol=0)
 
 
 def test_axk1_norm_binds_names_and_dense_norm_skipped(tiny_checkpoints, parity_models):
