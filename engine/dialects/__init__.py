@@ -124,6 +124,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
 from splitserve.engine.dialects import mimo_v2_flash  # noqa: E402
+from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -179,4 +180,7 @@ DIALECTS.update({
     "youtu": youtu.DIALECT,
     "gemma4": gemma4.DIALECT,
     "mimo_v2_flash": mimo_v2_flash.DIALECT,
+    "axk1": axk1.DIALECT,
+    "kolibri1": kolibri1.DIALECT,
+    "minicpm5_moe": minicpm5_moe.DIALECT,
 })

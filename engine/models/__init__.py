@@ -7,6 +7,7 @@ import torch
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.arcee import ArceeCausalLM
+from splitserve.engine.models.axk1 import AXK1CausalLM
 from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
 from splitserve.engine.models.cohere2 import Cohere2CausalLM
@@ -58,6 +59,8 @@ from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.mimo_v2_flash import MiMoV2FlashCausalLM
+from splitserve.engine.models.kolibri1 import Kolibri1CausalLM
+from splitserve.engine.models.minicpm5_moe import MiniCPM5MoeCausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -207,6 +210,14 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # heads and sinks, values narrower than the keys (zero-padded in the cache) and scaled, a
     # RoPE base per layer type
     "mimo_v2_flash": MiMoV2FlashCausalLM,
+    # A.X K1: DeepSeek-V3 with an RMSNorm on each sparse layer's experts' output
+    "axk1": AXK1CausalLM,
+    # Kolibri: EXAONE 4's attention in GLM-4's sandwich layers, experts in every layer ranked
+    # by logit plus a correction bias, weighted by sigmoid; renamed at load
+    "kolibri1": Kolibri1CausalLM,
+    # MiniCPM5-MoE: DeepSeek-V3's router and shared experts with Llama's attention, each head's
+    # output gated by a sigmoid (its q_proj rows split at load)
+    "minicpm5_moe": MiniCPM5MoeCausalLM,
 }
 
 
@@ -238,4 +249,5 @@ __all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gem
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
-           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM"]
+           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
+           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM"]

@@ -52,8 +52,9 @@ class Gemma2DecoderLayer(DecoderLayer):
     The residual add is fused into the next norm, as in ``DecoderLayer``."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
-                 prefix: str = ""):
-        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
+                 prefix: str = "", **mlp):
+        # mlp: DecoderLayer's mlp / mlp_name (Kolibri's experts)
+        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix, **mlp)
         norm = lambda: model_norm(cfg, cfg.hidden_size, dtype, device)  # noqa: E731
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()

@@ -93,6 +93,9 @@ CHECKPOINT_NAMES = {
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mimo_v2_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "minicpm5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -101,7 +104,8 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
                           "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
-                          "glm4_moe_lite": "shared_experts"}
+                          "glm4_moe_lite": "shared_experts", "axk1": "shared_experts",
+                          "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +253,11 @@ class SparseMoeBlock(nn.Module):
 
 class MoECausalLM(CausalLM):
     """The decoder with a ``SparseMoeBlock`` in the layers ``cfg.moe`` marks sparse;
-    ``layer_class``: its decoder layer (DeepSeek's has latent attention)."""
+    ``layer_class``: its decoder layer (DeepSeek's has latent attention);
+    ``moe_block_class``: its sparse MLP (A.X K1's norms the experts' output)."""
 
     layer_class: type[DecoderLayer] = DecoderLayer
+    moe_block_class: type[SparseMoeBlock] = SparseMoeBlock
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
@@ -260,4 +266,4 @@ class MoECausalLM(CausalLM):
             return self.layer_class(cfg, dtype, device, window, prefix=prefix)
         name = CHECKPOINT_NAMES[cfg.family][0]
         return self.layer_class(cfg, dtype, device, window, prefix=prefix, mlp_name=name,
-                                mlp=SparseMoeBlock(cfg, dtype, device, prefix=f"{prefix}.{name}"))
+                                mlp=self.moe_block_class(cfg, dtype, device, prefix=f"{prefix}.{name}"))
