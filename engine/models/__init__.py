@@ -58,6 +58,7 @@ from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
+from splitserve.engine.models.nanochat import NanoChatCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -202,6 +203,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # nanochat: weightless norms (one on the embeddings), Llama 4's q/k norms after a RoPE
+    # turning the other way (q/k rows negated at load), the plain relu2 MLP, capped logits
+    "nanochat": NanoChatCausalLM,
 }
 
 
