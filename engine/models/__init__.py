@@ -59,6 +59,7 @@ from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.models.nanochat import NanoChatCausalLM
+from splitserve.engine.models.afmoe import AfmoeCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -206,6 +207,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # nanochat: weightless norms (one on the embeddings), Llama 4's q/k norms after a RoPE
     # turning the other way (q/k rows negated at load), the plain relu2 MLP, capped logits
     "nanochat": NanoChatCausalLM,
+    # AFMoE: Gemma 2's sandwich norms around gated attention (NoPE full layers) and GLM-4.5's
+    # sigmoid router as one group with an ungated shared MLP, renamed at load
+    "afmoe": AfmoeCausalLM,
 }
 
 
