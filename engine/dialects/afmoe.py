@@ -16,6 +16,8 @@ read them (``splitserve.engine.models.afmoe``):
   MLP of ``moe_intermediate_size * num_shared_experts`` (2); the first
   ``num_dense_layers`` (1) layers a dense SwiGLU MLP of ``intermediate_size``;
 - ``mup_enabled``: embeddings multiplied by sqrt(hidden_size);
+- RMSNorms multiplying their weight into the float32 normed row and rounding
+  once (``FamilyOptions.norm_fp32_product``, as AfmoeRMSNorm);
 - defaults: ``head_dim`` 128, eps 1e-5, untied embeddings, 16384 positions.
 
 Refused: activations other than SiLU, a ``partial_rotary_factor`` other than
@@ -86,6 +88,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     full = tuple(i for i, t in enumerate(layer_types(cfg)) if t == "full_attention")
     return FamilyOptions(
         hidden_act=checked_activation(cfg, "afmoe"), sandwich_norms=True, nope_layers=full,
+        norm_fp32_product=True,  # AfmoeRMSNorm: weight times the float32 normed row, rounded once
         embed_scale=math.sqrt(hidden) if cfg.get("mup_enabled") else 1.0,
         tensor_parallel_refusal="its gated attention and sigmoid router (AFMoE) are not split "
                                 "across ranks (serve it at tensor_parallel_size 1)")

@@ -47,7 +47,7 @@ def test_afmoe_defaults_as_its_config_class():
     windows = tuple(ref.sliding_window if t == "sliding_attention" else 0 for t in ref.layer_types)
     assert ours.layer_windows == windows == (1024, 1024, 1024, 0) * 2
     assert ours.options.nope_layers == (3, 7) and ours.options.sandwich_norms
-    assert ours.options.embed_scale == 1.0 and ours.qk_norm
+    assert ours.options.embed_scale == 1.0 and ours.qk_norm and ours.options.norm_fp32_product
     assert (ours.num_kv_heads, ours.head_dim) == (ref.num_key_value_heads, ref.head_dim) == (4, 128)
     assert ours.rms_norm_eps == ref.rms_norm_eps and ours.max_position == ref.max_position_embeddings
     assert ours.tie_word_embeddings == ref.tie_word_embeddings
