@@ -125,6 +125,7 @@ from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # n
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
 from splitserve.engine.dialects import mimo_v2_flash  # noqa: E402
 from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E402
+from splitserve.engine.dialects import afmoe, nanochat  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -183,4 +184,6 @@ DIALECTS.update({
     "axk1": axk1.DIALECT,
     "kolibri1": kolibri1.DIALECT,
     "minicpm5_moe": minicpm5_moe.DIALECT,
+    "nanochat": nanochat.DIALECT,
+    "afmoe": afmoe.DIALECT,
 })

@@ -62,6 +62,8 @@ from splitserve.engine.models.mimo_v2_flash import MiMoV2FlashCausalLM
 from splitserve.engine.models.kolibri1 import Kolibri1CausalLM
 from splitserve.engine.models.minicpm5_moe import MiniCPM5MoeCausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
+from splitserve.engine.models.nanochat import NanoChatCausalLM
+from splitserve.engine.models.afmoe import AfmoeCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -218,6 +220,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # MiniCPM5-MoE: DeepSeek-V3's router and shared experts with Llama's attention, each head's
     # output gated by a sigmoid (its q_proj rows split at load)
     "minicpm5_moe": MiniCPM5MoeCausalLM,
+    # nanochat: weightless norms (one on the embeddings), Llama 4's q/k norms after a RoPE
+    # turning the other way (q/k rows negated at load), the plain relu2 MLP, capped logits
+    "nanochat": NanoChatCausalLM,
+    # AFMoE: Gemma 2's sandwich norms around gated attention (NoPE full layers) and GLM-4.5's
+    # sigmoid router as one group with an ungated shared MLP, renamed at load
+    "afmoe": AfmoeCausalLM,
 }
 
 

@@ -96,6 +96,7 @@ CHECKPOINT_NAMES = {
     "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "minicpm5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -105,7 +106,8 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
                           "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
                           "glm4_moe_lite": "shared_experts", "axk1": "shared_experts",
-                          "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts"}
+                          "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts",
+                          "afmoe": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
