@@ -58,6 +58,7 @@ from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
+from splitserve.engine.models.persimmon import PersimmonCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -202,6 +203,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # Persimmon: GPT-NeoX's fused query_key_value with shared q/k LayerNorms, partial RoPE
+    # and the plain relu2 MLP
+    "persimmon": PersimmonCausalLM,
 }
 
 

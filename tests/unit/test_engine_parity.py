@@ -55,7 +55,8 @@ DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_nor
                     "glm4", "cohere2", "nemotron", "arcee", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo",
                     "olmo3", "exaone4", "ernie4_5", "hunyuan_dense", "internlm3", "apertus",
                     "bloom", "mpt", "falcon_alibi", "exaone", "vaultgemma", "granite_swa", "codegen",
-                    "ministral3", "cwm", "iquestcoder", "jais2", "hyperclovax", "youtu", "gemma4"]
+                    "ministral3", "cwm", "iquestcoder", "jais2", "hyperclovax", "youtu", "gemma4",
+                    "persimmon"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]

@@ -1,0 +1,79 @@
+"""config.json parsing and refusals of the Persimmon family:
+the defaults transformers' config classes fill in (checked against those
+classes) and a clear CheckpointError (or LoRA / tensor-parallel refusal)
+for what the engine does not support. Token parity is in test_model_parity /
+test_engine_parity (persimmon)."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None}
+
+
+def hf_config(cls_name: str, cfg: dict):
+    import transformers
+
+    return getattr(transformers, cls_name)(**{k: v for k, v in cfg.items() if k != "architectures"})
+
+
+def refused(cfg: dict, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(cfg)
+
+
+def persimmon(**extra) -> dict:
+    return {"architectures": ["PersimmonForCausalLM"], "vocab_size": 32, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, **extra}
+
+
+# --- Persimmon --------------------------------------------------------------------
+
+def test_persimmon_defaults_as_its_config_class():
+    raw = persimmon()
+    ours, ref = ModelConfig.from_hf(raw), hf_config("PersimmonConfig", raw)
+    assert ours.family == "persimmon" and ours.num_kv_heads == 4 and ours.head_dim == 16
+    assert ours.rms_norm_eps == ref.layer_norm_eps and ours.qk_norm == ref.qk_layernorm is True
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is False
+    assert (ours.bos_token_id, ours.eos_token_ids) == (ref.bos_token_id, (ref.eos_token_id,))
+    assert ours.max_position == ref.max_position_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert ours.options.rotary_dim == int(16 * ref.rope_parameters["partial_rotary_factor"]) == 8
+    assert ours.options.hidden_act == "relu2" and ours.options.layer_norm
+    assert ours.attention_bias and ours.o_proj_bias and ours.mlp_bias
+
+
+def test_persimmon_reads_its_options_and_ignores_head_dim():
+    cfg = ModelConfig.from_hf(persimmon(qk_layernorm=False, head_dim=32, partial_rotary_factor=0.25,
+                                        layer_norm_eps=1e-3, hidden_act="gelu"))
+    assert not cfg.qk_norm and cfg.head_dim == 16 and cfg.options.rotary_dim == 4
+    assert cfg.rms_norm_eps == 1e-3 and cfg.options.hidden_act == "gelu"
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ({"quantization_config": FP8}, "quantization_config"),
+    ({"hidden_act": "tanh"}, "hidden_act"),
+])
+def test_persimmon_refusals_name_the_option(extra, match):
+    refused(persimmon(**extra), match)
+
+
+# --- all of them---------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [persimmon()],
+                         ids=["persimmon"])
+def test_tensor_parallel_is_refused(raw):
+    with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
+        check(ModelConfig.from_hf(raw), 2)
+
+
+@pytest.mark.parametrize("variant", ["persimmon"])
+def test_lora_is_refused(parity_models, variant):
+    model, _ = parity_models(variant)
+    with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
+        model.enable_lora(1, 4)
