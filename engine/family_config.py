@@ -162,6 +162,9 @@ class FamilyOptions:
     # Gemma 4: each layer's head width, KV heads, shared keys/values, MLP width and RoPE, and
     # the per-layer input embeddings (splitserve.engine.models.gemma4); None: not Gemma 4
     gemma4: Gemma4Shape | None = None
+    # XGLM pad_token_id: that row of its fixed sinusoidal position table
+    # (XGLMSinusoidalPositionalEmbedding's padding_idx) is zeroed; None: no row is
+    position_pad_row: int | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -59,6 +59,7 @@ from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.models.persimmon import PersimmonCausalLM
+from splitserve.engine.models.xglm import XGLMCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -206,6 +207,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Persimmon: GPT-NeoX's fused query_key_value with shared q/k LayerNorms, partial RoPE
     # and the plain relu2 MLP
     "persimmon": PersimmonCausalLM,
+    # XGLM: OPT's model with scaled token embeddings and a fixed sinusoidal position table
+    "xglm": XGLMCausalLM,
 }
 
 

@@ -1,15 +1,17 @@
-"""config.json parsing and refusals of the Persimmon family:
+"""config.json parsing and refusals of the Persimmon and XGLM families:
 the defaults transformers' config classes fill in (checked against those
-classes) and a clear CheckpointError (or LoRA / tensor-parallel refusal)
+classes), XGLM's sinusoidal table against transformers' own, and a clear CheckpointError (or LoRA / tensor-parallel refusal)
 for what the engine does not support. Token parity is in test_model_parity /
-test_engine_parity (persimmon)."""
+test_engine_parity (persimmon, xglm)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.xglm import sinusoidal_table
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
 FP8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None}
@@ -29,6 +31,11 @@ def refused(cfg: dict, match: str) -> None:
 def persimmon(**extra) -> dict:
     return {"architectures": ["PersimmonForCausalLM"], "vocab_size": 32, "hidden_size": 64,
             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, **extra}
+
+
+def xglm(**extra) -> dict:
+    return {"architectures": ["XGLMForCausalLM"], "vocab_size": 32, "d_model": 64, "ffn_dim": 96,
+            "num_layers": 2, "attention_heads": 4, **extra}
 
 
 # --- Persimmon --------------------------------------------------------------------
@@ -63,16 +70,47 @@ def test_persimmon_refusals_name_the_option(extra, match):
     refused(persimmon(**extra), match)
 
 
+# --- XGLM -------------------------------------------------------------------------
+
+def test_xglm_defaults_as_its_config_class():
+    raw = xglm()
+    ours, ref = ModelConfig.from_hf(raw), hf_config("XGLMConfig", raw)
+    assert ours.family == "xglm" and (ours.hidden_size, ours.num_layers) == (ref.d_model, ref.num_layers)
+    assert ours.intermediate_size == ref.ffn_dim and ours.num_kv_heads == 4
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is True
+    assert (ours.bos_token_id, ours.eos_token_ids) == (ref.bos_token_id, (ref.eos_token_id,))
+    assert ours.max_position == ref.max_position_embeddings and ours.rms_norm_eps == 1e-5
+    assert ours.options.embed_scale == 8.0 and ours.options.hidden_act == "gelu"
+    assert ours.options.position_pad_row == ref.pad_token_id == 1
+    assert ModelConfig.from_hf(xglm(scale_embedding=False)).options.embed_scale == 1.0
+
+
+@pytest.mark.parametrize("dim,pad", [(64, 1), (63, None), (10, 5)])
+def test_xglm_sinusoids_match_transformers(dim, pad):
+    from transformers.models.xglm.modeling_xglm import XGLMSinusoidalPositionalEmbedding
+
+    want = XGLMSinusoidalPositionalEmbedding.get_embedding(40, dim, pad)
+    assert torch.equal(sinusoidal_table(40, dim, pad), want)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"add_cross_attention": True}, "add_cross_attention"),
+    ({"quantization_config": FP8}, "quantization_config"),
+])
+def test_xglm_refusals_name_the_option(extra, match):
+    refused(xglm(**extra), match)
+
+
 # --- all of them---------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw", [persimmon()],
-                         ids=["persimmon"])
+@pytest.mark.parametrize("raw", [persimmon(), xglm()],
+                         ids=["persimmon", "xglm"])
 def test_tensor_parallel_is_refused(raw):
     with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
         check(ModelConfig.from_hf(raw), 2)
 
 
-@pytest.mark.parametrize("variant", ["persimmon"])
+@pytest.mark.parametrize("variant", ["persimmon", "xglm"])
 def test_lora_is_refused(parity_models, variant):
     model, _ = parity_models(variant)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
