@@ -60,6 +60,7 @@ from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.models.persimmon import PersimmonCausalLM
 from splitserve.engine.models.xglm import XGLMCausalLM
+from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -209,6 +210,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "persimmon": PersimmonCausalLM,
     # XGLM: OPT's model with scaled token embeddings and a fixed sinusoidal position table
     "xglm": XGLMCausalLM,
+    # OpenAI GPT: GPT-2's Conv1D checkpoints in OPT-350m's post-norm layers, no final norm
+    "openai-gpt": OpenAIGPTCausalLM,
 }
 
 

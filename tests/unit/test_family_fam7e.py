@@ -1,8 +1,8 @@
-"""config.json parsing and refusals of the Persimmon and XGLM families:
+"""config.json parsing and refusals of the Persimmon, XGLM and OpenAI GPT families:
 the defaults transformers' config classes fill in (checked against those
 classes), XGLM's sinusoidal table against transformers' own, and a clear CheckpointError (or LoRA / tensor-parallel refusal)
 for what the engine does not support. Token parity is in test_model_parity /
-test_engine_parity (persimmon, xglm)."""
+test_engine_parity (persimmon, xglm, openai_gpt)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def persimmon(**extra) -> dict:
 def xglm(**extra) -> dict:
     return {"architectures": ["XGLMForCausalLM"], "vocab_size": 32, "d_model": 64, "ffn_dim": 96,
             "num_layers": 2, "attention_heads": 4, **extra}
+
+
+def openai_gpt(**extra) -> dict:
+    return {"architectures": ["OpenAIGPTLMHeadModel"], "vocab_size": 32, "n_embd": 64, "n_layer": 2,
+            "n_head": 4, **extra}
 
 
 # --- Persimmon --------------------------------------------------------------------
@@ -101,16 +106,38 @@ def test_xglm_refusals_name_the_option(extra, match):
     refused(xglm(**extra), match)
 
 
+# --- OpenAI GPT -------------------------------------------------------------------
+
+def test_openai_gpt_defaults_as_its_config_class():
+    raw = openai_gpt()
+    ours, ref = ModelConfig.from_hf(raw), hf_config("OpenAIGPTConfig", raw)
+    assert ours.family == "openai-gpt" and ours.intermediate_size == 4 * ref.n_embd
+    assert ours.max_position == ref.n_positions and ours.rms_norm_eps == ref.layer_norm_epsilon
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is True
+    assert ours.bos_token_id is ref.bos_token_id is None and ours.eos_token_ids == ()
+    opts = ours.options
+    assert opts.hidden_act == "gelu_tanh" and opts.norm_after_block and not opts.final_norm
+    assert ModelConfig.from_hf(openai_gpt(afn="swish")).options.hidden_act == "silu"
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"afn": "gelu_new"}, "afn"),
+    ({"quantization_config": FP8}, "quantization_config"),
+])
+def test_openai_gpt_refusals_name_the_option(extra, match):
+    refused(openai_gpt(**extra), match)
+
+
 # --- all of them---------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw", [persimmon(), xglm()],
-                         ids=["persimmon", "xglm"])
+@pytest.mark.parametrize("raw", [persimmon(), xglm(), openai_gpt()],
+                         ids=["persimmon", "xglm", "openai_gpt"])
 def test_tensor_parallel_is_refused(raw):
     with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
         check(ModelConfig.from_hf(raw), 2)
 
 
-@pytest.mark.parametrize("variant", ["persimmon", "xglm"])
+@pytest.mark.parametrize("variant", ["persimmon", "xglm", "openai_gpt"])
 def test_lora_is_refused(parity_models, variant):
     model, _ = parity_models(variant)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
