@@ -123,7 +123,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
-from splitserve.engine.dialects import openai_gpt, persimmon, xglm  # noqa: E402
+from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -181,4 +181,5 @@ DIALECTS.update({
     "persimmon": persimmon.DIALECT,
     "xglm": xglm.DIALECT,
     "openai-gpt": openai_gpt.DIALECT,
+    "biogpt": biogpt.DIALECT,
 })

@@ -61,6 +61,7 @@ from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.models.persimmon import PersimmonCausalLM
 from splitserve.engine.models.xglm import XGLMCausalLM
 from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
+from splitserve.engine.models.biogpt import BioGptCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -212,6 +213,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "xglm": XGLMCausalLM,
     # OpenAI GPT: GPT-2's Conv1D checkpoints in OPT-350m's post-norm layers, no final norm
     "openai-gpt": OpenAIGPTCausalLM,
+    # BioGPT: OPT's model with scaled token embeddings, renamed at load
+    "biogpt": BioGptCausalLM,
 }
 
 

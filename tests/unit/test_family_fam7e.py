@@ -1,8 +1,9 @@
-"""config.json parsing and refusals of the Persimmon, XGLM and OpenAI GPT families:
-the defaults transformers' config classes fill in (checked against those
-classes), XGLM's sinusoidal table against transformers' own, and a clear CheckpointError (or LoRA / tensor-parallel refusal)
-for what the engine does not support. Token parity is in test_model_parity /
-test_engine_parity (persimmon, xglm, openai_gpt)."""
+"""config.json parsing and refusals of the Persimmon, XGLM, OpenAI GPT and
+BioGPT families: the defaults transformers' config classes fill in (checked
+against those classes), XGLM's sinusoidal table against transformers' own,
+and a clear CheckpointError (or LoRA / tensor-parallel refusal) for what the
+engine does not support. Token parity is in test_model_parity /
+test_engine_parity (persimmon, xglm, openai_gpt, biogpt)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def xglm(**extra) -> dict:
 def openai_gpt(**extra) -> dict:
     return {"architectures": ["OpenAIGPTLMHeadModel"], "vocab_size": 32, "n_embd": 64, "n_layer": 2,
             "n_head": 4, **extra}
+
+
+def biogpt(**extra) -> dict:
+    return {"architectures": ["BioGptForCausalLM"], "vocab_size": 32, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, **extra}
 
 
 # --- Persimmon --------------------------------------------------------------------
@@ -128,16 +134,34 @@ def test_openai_gpt_refusals_name_the_option(extra, match):
     refused(openai_gpt(**extra), match)
 
 
-# --- all of them---------------------------------------------------------------------
+# --- BioGPT -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw", [persimmon(), xglm(), openai_gpt()],
-                         ids=["persimmon", "xglm", "openai_gpt"])
+def test_biogpt_defaults_as_its_config_class():
+    raw = biogpt()
+    ours, ref = ModelConfig.from_hf(raw), hf_config("BioGptConfig", raw)
+    assert ours.family == "biogpt" and ours.num_kv_heads == 4
+    assert ours.max_position == ref.max_position_embeddings
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is True
+    assert (ours.bos_token_id, ours.eos_token_ids) == (ref.bos_token_id, (ref.eos_token_id,))
+    assert ours.rms_norm_eps == 1e-5 != ref.layer_norm_eps  # its nn.LayerNorms ignore the key
+    assert ours.options.embed_scale == 8.0 and ours.options.position_offset == 2
+    assert ModelConfig.from_hf(biogpt(scale_embedding=False)).options.embed_scale == 1.0
+
+
+def test_biogpt_refuses_fp8_checkpoints():
+    refused(biogpt(quantization_config=FP8), "quantization_config")
+
+
+# --- all four ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [persimmon(), xglm(), openai_gpt(), biogpt()],
+                         ids=["persimmon", "xglm", "openai_gpt", "biogpt"])
 def test_tensor_parallel_is_refused(raw):
     with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
         check(ModelConfig.from_hf(raw), 2)
 
 
-@pytest.mark.parametrize("variant", ["persimmon", "xglm", "openai_gpt"])
+@pytest.mark.parametrize("variant", ["persimmon", "xglm", "openai_gpt", "biogpt"])
 def test_lora_is_refused(parity_models, variant):
     model, _ = parity_models(variant)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
