@@ -167,6 +167,9 @@ class FamilyOptions:
     # per query head on the sliding layers (splitserve.engine.models.mimo_v2_flash); None:
     # not MiMo-V2-Flash
     mimo_v2: MiMoV2Shape | None = None
+    # XGLM pad_token_id: that row of its fixed sinusoidal position table
+    # (XGLMSinusoidalPositionalEmbedding's padding_idx) is zeroed; None: no row is
+    position_pad_row: int | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

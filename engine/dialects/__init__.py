@@ -126,6 +126,7 @@ from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E
 from splitserve.engine.dialects import mimo_v2_flash  # noqa: E402
 from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E402
 from splitserve.engine.dialects import afmoe, nanochat  # noqa: E402
+from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -186,4 +187,8 @@ DIALECTS.update({
     "minicpm5_moe": minicpm5_moe.DIALECT,
     "nanochat": nanochat.DIALECT,
     "afmoe": afmoe.DIALECT,
+    "persimmon": persimmon.DIALECT,
+    "xglm": xglm.DIALECT,
+    "openai-gpt": openai_gpt.DIALECT,
+    "biogpt": biogpt.DIALECT,
 })

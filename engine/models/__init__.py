@@ -64,6 +64,10 @@ from splitserve.engine.models.minicpm5_moe import MiniCPM5MoeCausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
 from splitserve.engine.models.nanochat import NanoChatCausalLM
 from splitserve.engine.models.afmoe import AfmoeCausalLM
+from splitserve.engine.models.persimmon import PersimmonCausalLM
+from splitserve.engine.models.xglm import XGLMCausalLM
+from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
+from splitserve.engine.models.biogpt import BioGptCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -226,6 +230,15 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # AFMoE: Gemma 2's sandwich norms around gated attention (NoPE full layers) and GLM-4.5's
     # sigmoid router as one group with an ungated shared MLP, renamed at load
     "afmoe": AfmoeCausalLM,
+    # Persimmon: GPT-NeoX's fused query_key_value with shared q/k LayerNorms, partial RoPE
+    # and the plain relu2 MLP
+    "persimmon": PersimmonCausalLM,
+    # XGLM: OPT's model with scaled token embeddings and a fixed sinusoidal position table
+    "xglm": XGLMCausalLM,
+    # OpenAI GPT: GPT-2's Conv1D checkpoints in OPT-350m's post-norm layers, no final norm
+    "openai-gpt": OpenAIGPTCausalLM,
+    # BioGPT: OPT's model with scaled token embeddings, renamed at load
+    "biogpt": BioGptCausalLM,
 }
 
 

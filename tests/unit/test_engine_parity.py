@@ -56,7 +56,7 @@ DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_nor
                     "olmo3", "exaone4", "ernie4_5", "hunyuan_dense", "internlm3", "apertus",
                     "bloom", "mpt", "falcon_alibi", "exaone", "vaultgemma", "granite_swa", "codegen",
                     "ministral3", "cwm", "iquestcoder", "jais2", "hyperclovax", "youtu", "gemma4",
-                    "nanochat"]
+                    "nanochat", "persimmon", "xglm", "openai_gpt", "biogpt"]
 ALL = FAMILIES + MODEL_ONLY_FAMILIES + COMBINED_FAMILIES
 MATRIX = FAMILIES + [pytest.param(f, marks=pytest.mark.slow)
                      for f in MODEL_ONLY_FAMILIES + COMBINED_FAMILIES]
