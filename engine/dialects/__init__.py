@@ -43,11 +43,19 @@ class Dialect:
     architectures: tuple[str, ...]  # config.json ``architectures`` entries of the family
     llama_keys: Callable[[dict[str, Any]], dict[str, Any]]
     options: Callable[[dict[str, Any]], FamilyOptions]
+    # config.json ``model_type`` values that pick the family whatever ``architectures`` names
+    # (transformers saves Sarvam MoE as ``Glm4MoeForCausalLM``, the class it runs it with)
+    model_types: tuple[str, ...] = ()
 
 
 def dialect_architectures() -> dict[str, str]:
     """architecture name -> family, for every dialect family."""
     return {arch: family for family, d in DIALECTS.items() for arch in d.architectures}
+
+
+def dialect_model_types() -> dict[str, str]:
+    """model_type -> family, for the dialect families that claim a model_type."""
+    return {t: family for family, d in DIALECTS.items() for t in d.model_types}
 
 
 def required(cfg: dict[str, Any], *keys: str) -> Any:
@@ -123,7 +131,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
-from splitserve.engine.dialects import flint  # noqa: E402
+from splitserve.engine.dialects import flint, sarvam_moe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -178,5 +186,7 @@ DIALECTS.update({
     "glm4_moe_lite": glm4_moe_lite.DIALECT,
     "youtu": youtu.DIALECT,
     "gemma4": gemma4.DIALECT,
+    "sarvam_moe": sarvam_moe.DIALECT,
+    "param2moe": sarvam_moe.PARAM2_DIALECT,
     "flint": flint.DIALECT,
 })

@@ -58,6 +58,7 @@ from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
 from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.youtu import YoutuCausalLM
+from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -203,6 +204,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # Sarvam MoE, Param2 MoE: GLM-4.5's decoder under their own names, fused q/k/v split at load
+    "sarvam_moe": SarvamMoeCausalLM,
+    "param2moe": SarvamMoeCausalLM,
     # Flint: the MoE decoder with gpt-oss's sinks, NoPE full-attention layers and a sigmoid router
     "flint": FlintCausalLM,
 }

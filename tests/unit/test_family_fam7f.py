@@ -1,6 +1,7 @@
-"""Flint: the config.json defaults read, derived layer kinds, what is
-refused (options, fp8 checkpoints, tensor parallelism). Token parity is in
-test_moe_parity (variant flint)."""
+"""Flint, Sarvam MoE and Param2 MoE: the config.json defaults and original
+key names read, derived layer kinds, the family picked by model_type, what
+is refused (options, fp8 checkpoints, tensor parallelism, LoRA). Token
+parity is in test_moe_parity (variants flint, sarvam_moe, param2moe)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
 FLINT = "FlintForCausalLM"
+SARVAM = "SarvamMoEForCausalLM"
+PARAM2 = "Param2MoEForCausalLM"
 
 
 def raw(arch: str, **extra) -> dict:
@@ -33,11 +36,40 @@ def test_flint_defaults():
     assert cfg.moe.sparse_layers == (False, True) * 3 and cfg.attention_bias and cfg.o_proj_bias
 
 
+def test_sarvam_and_param2_defaults_and_original_names():
+    cfg = ModelConfig.from_hf(raw(SARVAM))
+    moe = cfg.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.shared_expert_intermediate_size) \
+        == (128, 6, 1024, 1024)
+    assert moe.grouped_sigmoid and moe.renormalize and moe.routed_scaling_factor == 2.5
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_theta, cfg.rms_norm_eps) == (64, 4, 8e6, 1e-6)
+    assert cfg.qk_norm and cfg.options.rotary_dim is None and not cfg.tie_word_embeddings
+    cfg = ModelConfig.from_hf(raw(SARVAM, num_experts=16, num_shared_experts=2, use_qkv_bias=True,
+                                  moe_intermediate_size=32, partial_rotary_factor=0.5, head_dim=16))
+    assert (cfg.moe.num_experts, cfg.moe.shared_expert_intermediate_size) == (16, 64)
+    assert cfg.attention_bias and not cfg.o_proj_bias and cfg.options.rotary_dim == 8
+    cfg = ModelConfig.from_hf(raw(PARAM2))
+    assert (cfg.moe.num_experts, cfg.moe.shared_expert_intermediate_size) == (64, 4096)
+    assert (cfg.num_kv_heads, cfg.rope_theta) == (8, 500000.0) and cfg.tie_word_embeddings
+
+
+def test_model_type_picks_the_family():
+    # transformers saves Sarvam MoE / Param2 MoE under the class it runs them with
+    glm = {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    cfg = ModelConfig.from_hf(raw("Glm4MoeForCausalLM", model_type="param2moe", **glm))
+    assert cfg.family == "param2moe" and cfg.tie_word_embeddings
+    assert ModelConfig.from_hf(raw("Glm4MoeForCausalLM", model_type="glm4_moe", **glm)).family == "glm4_moe"
+
+
 @pytest.mark.parametrize("arch, extra, match", [
     (FLINT, {"hidden_act": "gelu"}, "hidden_act"),
     (FLINT, {"layer_types": ["full_attention"] * 5}, "layer_types"),
     (FLINT, {"sliding_window": None}, "sliding_window"),
     (FLINT, {"quantization_config": {"quant_method": "fp8"}}, f"fp8 {FLINT}"),
+    (SARVAM, {"hidden_act": "gelu"}, "hidden_act"),
+    (SARVAM, {"quantization_config": {"quant_method": "fp8"}}, f"fp8 {SARVAM}"),
+    (PARAM2, {"quantization_config": {"quant_method": "fp8"}}, f"fp8 {PARAM2}"),
+    (PARAM2, {"num_experts": 6, "n_group": 4}, "n_group"),
 ])
 def test_refusals(arch, extra, match):
     with pytest.raises(CheckpointError, match=match):
@@ -48,3 +80,8 @@ def test_flint_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="Flint"):
         check(ModelConfig.from_hf(raw(FLINT)), 2)
 
+
+def test_sarvam_moe_lora_refused(parity_models):
+    model, _ = parity_models("sarvam_moe")
+    with pytest.raises(CheckpointError, match="LoRA"):
+        model.enable_lora(1, 4)
