@@ -131,7 +131,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
-from splitserve.engine.dialects import flint, sarvam_moe  # noqa: E402
+from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -188,5 +188,6 @@ DIALECTS.update({
     "gemma4": gemma4.DIALECT,
     "sarvam_moe": sarvam_moe.DIALECT,
     "param2moe": sarvam_moe.PARAM2_DIALECT,
+    "sarvam_mla": sarvam_mla.DIALECT,
     "flint": flint.DIALECT,
 })

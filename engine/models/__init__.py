@@ -207,6 +207,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Sarvam MoE, Param2 MoE: GLM-4.5's decoder under their own names, fused q/k/v split at load
     "sarvam_moe": SarvamMoeCausalLM,
     "param2moe": SarvamMoeCausalLM,
+    # Sarvam MLA: DeepSeek-V3 under its own config names
+    "sarvam_mla": DeepseekCausalLM,
     # Flint: the MoE decoder with gpt-oss's sinks, NoPE full-attention layers and a sigmoid router
     "flint": FlintCausalLM,
 }

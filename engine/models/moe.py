@@ -94,6 +94,7 @@ CHECKPOINT_NAMES = {
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "param2moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
@@ -104,7 +105,7 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
                           "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
                           "glm4_moe_lite": "shared_experts", "sarvam_moe": "shared_experts",
-                          "param2moe": "shared_experts",
+                          "param2moe": "shared_experts", "sarvam_mla": "shared_experts",
                           "flint": "shared_expert"}
 
 

@@ -1,7 +1,7 @@
-"""Flint, Sarvam MoE and Param2 MoE: the config.json defaults and original
-key names read, derived layer kinds, the family picked by model_type, what
-is refused (options, fp8 checkpoints, tensor parallelism, LoRA). Token
-parity is in test_moe_parity (variants flint, sarvam_moe, param2moe)."""
+"""Flint, Sarvam MoE, Sarvam MLA and Param2 MoE: the config.json defaults
+and original key names read, derived layer kinds, what is refused (options,
+fp8 checkpoints, tensor parallelism, LoRA). Token parity is in
+test_moe_parity (variants flint, sarvam_moe, sarvam_mla, param2moe)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 FLINT = "FlintForCausalLM"
 SARVAM = "SarvamMoEForCausalLM"
 PARAM2 = "Param2MoEForCausalLM"
+SARVAM_MLA = "SarvamMLAForCausalLM"
 
 
 def raw(arch: str, **extra) -> dict:
@@ -61,6 +62,20 @@ def test_model_type_picks_the_family():
     assert ModelConfig.from_hf(raw("Glm4MoeForCausalLM", model_type="glm4_moe", **glm)).family == "glm4_moe"
 
 
+def test_sarvam_mla_original_config():
+    cfg = ModelConfig.from_hf(raw(SARVAM_MLA, num_experts=8, num_shared_experts=1, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                                  qk_rope_head_dim=8, v_head_dim=16, q_head_dim=24, head_dim=40,
+                                  rope_scaling={"type": "deepseek_yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 16,
+                                                "mscale_all_dim": 1.0}))
+    moe, mla = cfg.moe, cfg.options.mla
+    assert (moe.num_experts, moe.num_groups, moe.topk_groups) == (8, 1, 1)
+    assert moe.sparse_layers == (False,) + (True,) * 5 and cfg.options.mtp_layers == 0
+    assert mla.q_lora_rank == 0 and mla.qk_rope_head_dim == 8 and cfg.options.interleaved_rope
+    assert cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "yarn"
+
+
 @pytest.mark.parametrize("arch, extra, match", [
     (FLINT, {"hidden_act": "gelu"}, "hidden_act"),
     (FLINT, {"layer_types": ["full_attention"] * 5}, "layer_types"),
@@ -70,6 +85,7 @@ def test_model_type_picks_the_family():
     (SARVAM, {"quantization_config": {"quant_method": "fp8"}}, f"fp8 {SARVAM}"),
     (PARAM2, {"quantization_config": {"quant_method": "fp8"}}, f"fp8 {PARAM2}"),
     (PARAM2, {"num_experts": 6, "n_group": 4}, "n_group"),
+    (SARVAM_MLA, {"num_key_value_heads": 2}, "num_key_value_heads"),
 ])
 def test_refusals(arch, extra, match):
     with pytest.raises(CheckpointError, match=match):
