@@ -11,18 +11,16 @@ does.
   denominator (``FamilyOptions.attention_sinks``); norms multiply their
   weight in float32 (gpt-oss's RMSNorm, ``norm_fp32_product``);
 - experts: ``num_experts`` (256) of ``moe_intermediate_size`` (512),
-  ``num_experts_per_tok`` (6) per token by the top router logits, weighted
-  by their sigmoid, divided by its sum with ``norm_topk_prob`` (on)
-  (``MoEConfig.topk_sigmoid``, Cohere 2 MoE's router), plus an ungated
-  shared SwiGLU MLP of ``shared_expert_intermediate_size`` (1024) summed in;
+  ``num_experts_per_tok`` (6) per token: the top sigmoid scores of float32
+  router logits, divided by their sum with ``norm_topk_prob`` (on)
+  (``splitserve.engine.models.flint``), plus an ungated shared SwiGLU MLP
+  of ``shared_expert_intermediate_size`` (1024) summed in;
   the ``mlp_only_layers`` ([0, 1]) and the layers off
   ``decoder_sparse_step`` have a dense MLP of ``intermediate_size``.
 
 Refused: activations other than SiLU, fp8 checkpoints (untested:
 the float32 router and sinks beside fp8 weights), tensor parallelism (the
 sinks beside q/k norms and the sigmoid router are untested across ranks).
-transformers computes the router in float32 whatever the model dtype; this
-engine computes it in the model dtype (the same in float32).
 """
 
 from __future__ import annotations
@@ -68,8 +66,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     only = cfg.get("mlp_only_layers")
     out.update(moe, mlp_only_layers=[0, 1] if only is None else list(only), qk_norm=True,
                attention_out_bias=bool(out["attention_bias"]), mlp_bias=False,
-               use_sliding_window=True, sliding_window=window(cfg), layer_types=layer_types(cfg),
-               moe_routing={"topk_sigmoid": True})
+               use_sliding_window=True, sliding_window=window(cfg), layer_types=layer_types(cfg))
     return out
 
 

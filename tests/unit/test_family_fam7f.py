@@ -6,9 +6,12 @@ test_moe_parity (variants flint, sarvam_moe, sarvam_mla, param2moe)."""
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.models.flint import route_sigmoid
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
 FLINT = "FlintForCausalLM"
@@ -22,12 +25,27 @@ def raw(arch: str, **extra) -> dict:
             "num_hidden_layers": 6, "num_attention_heads": 4, **extra}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flint_router_matches_transformers(dtype):
+    from transformers import FlintConfig
+    from transformers.models.flint.modeling_flint import FlintTopKRouter
+
+    router = FlintTopKRouter(FlintConfig(hidden_size=32, num_experts=16, num_experts_per_tok=3))
+    gen = torch.Generator().manual_seed(235)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=gen) * 0.3)
+    x = torch.randn(64, 32, generator=gen).to(dtype)
+    _, want_w, want_ids = router(x)
+    w, ids = route_sigmoid(F.linear(x.float(), router.weight), 3, renormalize=True)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
 def test_flint_defaults():
     cfg = ModelConfig.from_hf(raw(FLINT))
     moe, opts = cfg.moe, cfg.options
     assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.shared_expert_intermediate_size) \
         == (256, 6, 512, 1024)
-    assert moe.topk_sigmoid and moe.renormalize and not moe.grouped_sigmoid
+    assert moe.renormalize and not (moe.grouped_sigmoid or moe.topk_sigmoid)
     assert moe.sparse_layers == (False, False, True, True, True, True)
     # full attention (no RoPE) on layers 0, 1, 5 (every fourth from 1) and the last
     assert cfg.layer_windows == (0, 0, 513, 513, 513, 0) and opts.nope_layers == (0, 1, 5)
