@@ -38,7 +38,7 @@ class SarvamMoeCausalLM(MappedCausalLM, Glm4MoeCausalLM):
         if ".self_attn.query_key_value." not in name:
             yield name, tensor
             return
-        cfg = self.cfg
+        cfg = self.cfg if self.tp is None else self.tp.plan.cfg  # the whole model's sizes
         sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
         if tensor.dim() < 1 or tensor.shape[0] != sum(sizes):
             raise CheckpointError(f"tensor {name!r}: expected {sum(sizes)} rows ({cfg.num_heads} query and "
