@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from splitserve.engine.dialects import DIALECTS, dialect_architectures
+from splitserve.engine.dialects import DIALECTS, dialect_architectures, dialect_model_types
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.family_config import (
     DEFAULT_ROPE_THETA,
@@ -112,7 +112,7 @@ class ModelConfig:
                 f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"supported: {', '.join(ARCHITECTURES)}"
             )
-        family = ARCHITECTURES[arch]
+        family = dialect_model_types().get(cfg.get("model_type"), ARCHITECTURES[arch])
         try:
             options = (DIALECTS[family].options(cfg) if family in DIALECTS
                        else parse_family_options(cfg, family))

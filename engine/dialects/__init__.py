@@ -43,11 +43,19 @@ class Dialect:
     architectures: tuple[str, ...]  # config.json ``architectures`` entries of the family
     llama_keys: Callable[[dict[str, Any]], dict[str, Any]]
     options: Callable[[dict[str, Any]], FamilyOptions]
+    # config.json ``model_type`` values that pick the family whatever ``architectures`` names
+    # (transformers saves Sarvam MoE as ``Glm4MoeForCausalLM``, the class it runs it with)
+    model_types: tuple[str, ...] = ()
 
 
 def dialect_architectures() -> dict[str, str]:
     """architecture name -> family, for every dialect family."""
     return {arch: family for family, d in DIALECTS.items() for arch in d.architectures}
+
+
+def dialect_model_types() -> dict[str, str]:
+    """model_type -> family, for the dialect families that claim a model_type."""
+    return {t: family for family, d in DIALECTS.items() for t in d.model_types}
 
 
 def required(cfg: dict[str, Any], *keys: str) -> Any:
@@ -127,6 +135,7 @@ from splitserve.engine.dialects import mimo_v2_flash  # noqa: E402
 from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E402
 from splitserve.engine.dialects import afmoe, nanochat  # noqa: E402
 from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # noqa: E402
+from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -191,4 +200,8 @@ DIALECTS.update({
     "xglm": xglm.DIALECT,
     "openai-gpt": openai_gpt.DIALECT,
     "biogpt": biogpt.DIALECT,
+    "sarvam_moe": sarvam_moe.DIALECT,
+    "param2moe": sarvam_moe.PARAM2_DIALECT,
+    "sarvam_mla": sarvam_mla.DIALECT,
+    "flint": flint.DIALECT,
 })

@@ -68,6 +68,8 @@ from splitserve.engine.models.persimmon import PersimmonCausalLM
 from splitserve.engine.models.xglm import XGLMCausalLM
 from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
 from splitserve.engine.models.biogpt import BioGptCausalLM
+from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
+from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -239,6 +241,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "openai-gpt": OpenAIGPTCausalLM,
     # BioGPT: OPT's model with scaled token embeddings, renamed at load
     "biogpt": BioGptCausalLM,
+    # Sarvam MoE, Param2 MoE: GLM-4.5's decoder under their own names, fused q/k/v split at load
+    "sarvam_moe": SarvamMoeCausalLM,
+    "param2moe": SarvamMoeCausalLM,
+    # Sarvam MLA: DeepSeek-V3 under its own config names
+    "sarvam_mla": DeepseekCausalLM,
+    # Flint: the MoE decoder with gpt-oss's sinks, NoPE full-attention layers and a sigmoid router
+    "flint": FlintCausalLM,
 }
 
 

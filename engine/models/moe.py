@@ -97,6 +97,10 @@ CHECKPOINT_NAMES = {
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "minicpm5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "param2moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -107,7 +111,9 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
                           "glm4_moe_lite": "shared_experts", "axk1": "shared_experts",
                           "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts",
-                          "afmoe": "shared_experts"}
+                          "afmoe": "shared_experts", "sarvam_moe": "shared_experts",
+                          "param2moe": "shared_experts", "sarvam_mla": "shared_experts",
+                          "flint": "shared_expert"}
 
 
 @dataclasses.dataclass(frozen=True)

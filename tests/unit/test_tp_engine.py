@@ -84,9 +84,10 @@ def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
 
 
 @pytest.mark.slow
-# gpt_oss: sinks split too; solar_open: GLM-4.5's grouped router and shared expert in every layer
+# gpt_oss: sinks split too; solar_open: GLM-4.5's grouped router and shared expert in every layer;
+# sarvam_moe: its fused query_key_value split at load, then sharded as q/k/v
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4", "granitemoe_swa",
-                                    "solar_open"])
+                                    "solar_open", "sarvam_moe"])
 def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
