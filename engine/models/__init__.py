@@ -37,6 +37,7 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
+from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -202,6 +203,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # cache width), shared KV caches, per-layer input embeddings, a scalar per layer and
     # experts beside the MLP
     "gemma4": Gemma4CausalLM,
+    # Hy3: the MoE decoder with per-head q/k norms, a single-group sigmoid router and an
+    # ungated shared MLP, dense layers by mlp_layer_types; its router renamed at load
+    "hy_v3": HYV3CausalLM,
 }
 
 

@@ -92,6 +92,7 @@ CHECKPOINT_NAMES = {
     "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -100,7 +101,7 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "deepseek_v3": "shared_experts", "ernie4_5_moe": "shared_experts",
                           "hunyuan_v1_moe": "shared_mlp", "exaone_moe": "shared_experts",
                           "cohere2_moe": "shared_experts", "solar_open": "shared_experts",
-                          "glm4_moe_lite": "shared_experts"}
+                          "glm4_moe_lite": "shared_experts", "hy_v3": "shared_mlp"}
 
 
 @dataclasses.dataclass(frozen=True)
