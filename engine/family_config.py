@@ -162,6 +162,9 @@ class FamilyOptions:
     # Gemma 4: each layer's head width, KV heads, shared keys/values, MLP width and RoPE, and
     # the per-layer input embeddings (splitserve.engine.models.gemma4); None: not Gemma 4
     gemma4: Gemma4Shape | None = None
+    # LongCat-Flash zero_expert_num: router choices past the real experts that return their
+    # input times their weight (LongcatFlashMoE; splitserve.engine.models.longcat_flash)
+    zero_experts: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

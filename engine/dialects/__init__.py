@@ -123,7 +123,7 @@ from splitserve.engine.dialects import (  # noqa: E402
 )
 from splitserve.engine.dialects import codegen, granite_swa, granitemoe_swa  # noqa: E402
 from splitserve.engine.dialects import hyperclovax, jais2, solar_open  # noqa: E402
-from splitserve.engine.dialects import hy_v3  # noqa: E402
+from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -179,4 +179,5 @@ DIALECTS.update({
     "youtu": youtu.DIALECT,
     "gemma4": gemma4.DIALECT,
     "hy_v3": hy_v3.DIALECT,
+    "longcat_flash": longcat_flash.DIALECT,
 })

@@ -93,6 +93,8 @@ CHECKPOINT_NAMES = {
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
+    "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
