@@ -15,7 +15,7 @@ from the first to the second (``splitserve.engine.models.longcat_flash``).
   values of 128; the scores' scale with YaRN's ``mscale_all_dim``), the rope
   dims always turned in adjacent pairs; the q and the kv latents scaled by
   sqrt(hidden_size / ``q_lora_rank``) and sqrt(hidden_size /
-  ``kv_lora_rank``) (folded into q_b_proj and kv_a_layernorm at load).
+  ``kv_lora_rank``).
   ``head_dim`` (64), the width of transformers' RoPE table, must be
   ``qk_rope_head_dim``.
 - Experts: a float32 softmax router (``mlp.router.classifier``) over
@@ -29,8 +29,8 @@ from the first to the second (``splitserve.engine.models.longcat_flash``).
 Multi-token-prediction tensors (``model.mtp.*``) are skipped at load, as
 transformers skips them. Refused: a null ``q_lora_rank``, ``router_bias``, KV heads other than the
 head count, ``qk_head_dim`` other than nope + rope, activations other than
-SiLU, ``partial_rotary_factor``, fp8 checkpoints (untested: renamed and
-rescaled tensors), tensor parallelism (untested), LoRA adapters (as
+SiLU, ``partial_rotary_factor``, fp8 checkpoints (untested: renamed
+tensors), tensor parallelism (untested), LoRA adapters (as
 DeepSeek's).
 """
 
@@ -108,7 +108,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    refuse_fp8_checkpoint(cfg, ARCH, "untested: its tensors renamed and rescaled at load")
+    refuse_fp8_checkpoint(cfg, ARCH, "untested: its tensors renamed at load")
     c = _merged(cfg)
     opts = mla_options(c, "longcat_flash", ARCH, interleaved=True, mtp_layers=0)
     return dataclasses.replace(opts, zero_experts=int(c["zero_expert_num"] or 0),

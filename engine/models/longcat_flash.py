@@ -17,10 +17,13 @@ times its weight; the real ones run through the fused experts.
 At load the checkpoint's names are mapped onto the sublayers
 (``model.layers.3.self_attn.1.q_a_proj`` -> ``model.layers.7.self_attn.q_a_proj``,
 ``mlps.1`` -> ``mlp``, ``mlp.router.classifier`` -> ``shortcut.gate``,
-``mlp.experts`` -> ``shortcut.experts``) and the attention's latent scales
-(sqrt(hidden / q_lora_rank) on q, sqrt(hidden / kv_lora_rank) on the kv
-latent) folded into q_b_proj and kv_a_layernorm. Multi-token-prediction
-tensors (``model.mtp.*``) are skipped, as transformers skips them.
+``mlp.experts`` -> ``shortcut.experts``). Multi-token-prediction tensors
+(``model.mtp.*``) are skipped, as transformers skips them.
+
+The attention is DeepSeek's (``MLAttention``) with transformers' latent
+scales: q_b_proj's output multiplied by sqrt(hidden / q_lora_rank) and
+kv_a_layernorm's by sqrt(hidden / kv_lora_rank), each product rounded to
+the model dtype as transformers rounds it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ import torch
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.deepseek import DeepseekCausalLM
-from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
-from splitserve.engine.models.mla import MLADecoderLayer
+from splitserve.engine.models.layers import Linear, RMSNorm, ShardSlot, empty_param
+from splitserve.engine.models.mla import LATENT_NORM_EPS, MLADecoderLayer
 from splitserve.engine.models.moe import SparseMoeBlock
 from splitserve.kernels.lora import LoraMeta
 
@@ -43,6 +46,30 @@ _SUBLAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|input_layernorm|post_a
                        r"\.([01])\.(.+)")
 _SHORTCUT = re.compile(r"model\.layers\.(\d+)\.mlp\.(router\.classifier|router|experts)\.(.+)")
 _SHORTCUT_PARTS = {"router.classifier": "gate", "router": "gate", "experts": "experts"}
+
+
+class ScaledLinear(Linear):
+    """A Linear whose output is multiplied by ``scale`` (LongCat-Flash's q_b_proj)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str, scale: float):
+        super().__init__(d_in, d_out, False, dtype, device)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class ScaledRMSNorm(RMSNorm):
+    """An RMSNorm whose output is multiplied by ``scale`` (LongCat-Flash's kv_a_layernorm)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str, scale: float):
+        super().__init__(dim, LATENT_NORM_EPS, dtype, device)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, residual = super().forward(x, residual)
+        return out * self.scale, residual
 
 
 class ShortcutMoE(SparseMoeBlock):
@@ -72,6 +99,10 @@ class LongcatSublayer(MLADecoderLayer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, prefix: str = "", **kwargs):
         super().__init__(cfg, dtype, device, sliding_window, prefix=prefix, **kwargs)
+        attn, mla, hidden = self.self_attn, cfg.options.mla, cfg.hidden_size
+        attn.q_b_proj = ScaledLinear(mla.q_lora_rank, attn.q_b_proj.out_features, dtype, device,
+                                     math.sqrt(hidden / mla.q_lora_rank))
+        attn.kv_a_layernorm = ScaledRMSNorm(mla.kv_lora_rank, dtype, device, math.sqrt(hidden / mla.kv_lora_rank))
         first = int(prefix.rsplit(".", 1)[1]) % 2 == 0
         self.shortcut = ShortcutMoE(cfg, dtype, device, prefix=f"{prefix}.shortcut") if first else None
         self.carry: dict[str, torch.Tensor] = {}  # shared with the pair's other sublayer
@@ -106,26 +137,20 @@ class LongcatFlashCausalLM(DeepseekCausalLM):
         super().__init__(cfg, dtype, device)
         for first, second in zip(self.layers[0::2], self.layers[1::2]):
             second.carry = first.carry
-        mla = cfg.options.mla
-        self._latent_scales = {"self_attn.q_b_proj.weight": math.sqrt(cfg.hidden_size / mla.q_lora_rank),
-                               "self_attn.kv_a_layernorm.weight": math.sqrt(cfg.hidden_size / mla.kv_lora_rank)}
 
     def _skipped(self, name: str) -> bool:
         return super()._skipped(name) or name.startswith("model.mtp.")  # transformers ignores model.mtp.*
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(self._mapped(name, tensor) for name, tensor in weights)
+        super().load_weights((_sublayer_name(name), tensor) for name, tensor in weights)
 
-    def _mapped(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """A checkpoint tensor as its sublayer's (latent scales folded in)."""
-        if m := _SUBLAYER.fullmatch(name):
-            layer, part, sub, rest = m.groups()
-            part = "mlp" if part == "mlps" else part
-            name = f"model.layers.{2 * int(layer) + int(sub)}.{part}.{rest}"
-            scale = self._latent_scales.get(f"{part}.{rest}")
-            if scale is not None:
-                tensor = tensor.float() * scale
-        elif m := _SHORTCUT.fullmatch(name):
-            layer, part, rest = m.groups()
-            name = f"model.layers.{2 * int(layer)}.shortcut.{_SHORTCUT_PARTS[part]}.{rest}"
-        return name, tensor
+
+def _sublayer_name(name: str) -> str:
+    """A checkpoint tensor's name as its sublayer's."""
+    if m := _SUBLAYER.fullmatch(name):
+        layer, part, sub, rest = m.groups()
+        return f"model.layers.{2 * int(layer) + int(sub)}.{'mlp' if part == 'mlps' else part}.{rest}"
+    if m := _SHORTCUT.fullmatch(name):
+        layer, part, rest = m.groups()
+        return f"model.layers.{2 * int(layer)}.shortcut.{_SHORTCUT_PARTS[part]}.{rest}"
+    return name

@@ -86,6 +86,7 @@ def test_hy_v3_router_names_bind_and_mtp_layer_skipped(parity_models):
     finally:
         block.e_score_correction_bias.data.copy_(bias)
     assert (wrong - hf_logits(ref, PROMPT)).abs().max() > 10 * ATOL
+    assert model.enable_lora(1, 4)  # adapters on the attention projections, as the other MoE families
 
 
 def test_longcat_flash_defaults():
@@ -132,9 +133,10 @@ def test_longcat_flash_sublayers_zero_experts_and_scales(parity_models):
     model, ref = parity_models("longcat_flash")
     assert len(model.layers) == 4 and model._skipped("model.mtp.layers.0.eh_proj.weight")
     assert [layer.shortcut is not None for layer in model.layers] == [True, False, True, False]
-    # the latent scales folded in at load: q_b_proj by sqrt(64 / 24)
-    want = ref.model.layers[1].self_attn[1].q_b_proj.weight * (64 / 24) ** 0.5
-    torch.testing.assert_close(model.layers[3].self_attn.q_b_proj.weight, want)
+    # sublayer 1 of layer 1 is layer 3; its latent scales sqrt(64 / 24) and sqrt(64 / 32)
+    attn = model.layers[3].self_attn
+    assert torch.equal(attn.q_b_proj.weight, ref.model.layers[1].self_attn[1].q_b_proj.weight)
+    assert (attn.q_b_proj.scale, attn.kv_a_layernorm.scale) == ((64 / 24) ** 0.5, 2 ** 0.5)
     # some tokens choose a zero-computation expert (ids 4, 5) in some layer
     chosen = []
     hooks = [layer.shortcut.gate.register_forward_hook(lambda _, __, out: chosen.append(out))
