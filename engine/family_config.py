@@ -170,6 +170,9 @@ class FamilyOptions:
     # XGLM pad_token_id: that row of its fixed sinusoidal position table
     # (XGLMSinusoidalPositionalEmbedding's padding_idx) is zeroed; None: no row is
     position_pad_row: int | None = None
+    # LongCat-Flash zero_expert_num: router choices past the real experts that return their
+    # input times their weight (LongcatFlashMoE; splitserve.engine.models.longcat_flash)
+    zero_experts: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

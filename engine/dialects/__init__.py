@@ -136,6 +136,7 @@ from splitserve.engine.dialects import axk1, kolibri1, minicpm5_moe  # noqa: E40
 from splitserve.engine.dialects import afmoe, nanochat  # noqa: E402
 from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # noqa: E402
 from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
+from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -204,4 +205,6 @@ DIALECTS.update({
     "param2moe": sarvam_moe.PARAM2_DIALECT,
     "sarvam_mla": sarvam_mla.DIALECT,
     "flint": flint.DIALECT,
+    "hy_v3": hy_v3.DIALECT,
+    "longcat_flash": longcat_flash.DIALECT,
 })

@@ -38,6 +38,8 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM
 from splitserve.engine.models.helium import HeliumCausalLM
 from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
+from splitserve.engine.models.hy_v3 import HYV3CausalLM
+from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -248,6 +250,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "sarvam_mla": DeepseekCausalLM,
     # Flint: the MoE decoder with gpt-oss's sinks, NoPE full-attention layers and a sigmoid router
     "flint": FlintCausalLM,
+    # Hy3: the MoE decoder with per-head q/k norms, a single-group sigmoid router and an
+    # ungated shared MLP, dense layers by mlp_layer_types; its router renamed at load
+    "hy_v3": HYV3CausalLM,
+    # LongCat-Flash: two latent-attention sublayers per layer, each a decoder layer, the
+    # first feeding shortcut experts (with zero-computation ones) whose output the second adds
+    "longcat_flash": LongcatFlashCausalLM,
 }
 
 

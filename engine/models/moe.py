@@ -101,6 +101,9 @@ CHECKPOINT_NAMES = {
     "param2moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
+    "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -113,7 +116,7 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts",
                           "afmoe": "shared_experts", "sarvam_moe": "shared_experts",
                           "param2moe": "shared_experts", "sarvam_mla": "shared_experts",
-                          "flint": "shared_expert"}
+                          "flint": "shared_expert", "hy_v3": "shared_mlp"}
 
 
 @dataclasses.dataclass(frozen=True)

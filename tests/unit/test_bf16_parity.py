@@ -34,9 +34,10 @@ FAMILIES = ("llama", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "o
             "cohere2", "olmo", "olmo3", "glm", "glm4", "nemotron", "exaone4", "ernie4_5",
             "hunyuan_dense",
             # mixture of experts (not GraniteMoeShared: its logits, divided by 2.5, are near
-            # ties at most steps; nor Qwen2-MoE, below)
+            # ties at most steps; nor Qwen2-MoE, below; nor LongCat-Flash: its shortcut router
+            # meets a near tie at one decode step, 0.431 against 0.429, that bf16 flips)
             "mixtral", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "dots1", "cohere2_moe",
-            "exaone_moe")
+            "exaone_moe", "hy_v3")
 # the families whose modules carry Llama's names on both sides (layers[0].mlp, model.norm...),
 # for the bit-for-bit test of the elementwise ops
 ROUNDING_FAMILIES = ("llama", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2",
