@@ -25,17 +25,14 @@ from typing import Iterable
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
+from splitserve.engine.models.gated_attention import GatedAttention
 from splitserve.engine.models.gemma import Gemma2DecoderLayer
-from splitserve.engine.models.layers import Attention, Linear, ShardSlot, linear_slots, model_norm
+from splitserve.engine.models.layers import model_norm
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.moe import MoECausalLM
-from splitserve.engine.models.rope import apply_rotary
 from splitserve.engine.models.smollm3 import SmolLM3CausalLM
-from splitserve.engine.quantization import layer_groups
-from splitserve.kernels.lora import LoraMeta
 
 # checkpoint name part -> the shared decoder's
 _RENAMES = ((".pre_mlp_layernorm.", ".pre_feedforward_layernorm."),
@@ -44,44 +41,11 @@ _RENAMES = ((".pre_mlp_layernorm.", ".pre_feedforward_layernorm."),
             (".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"))
 
 
-class AfmoeAttention(Attention):
-    """Qwen3's attention with its output gated per dim by ``sigmoid(gate_proj(x))``."""
+class AfmoeAttention(GatedAttention):
+    """Qwen3's attention (q/k norms before RoPE; none on the NoPE layers) with its
+    output gated by ``sigmoid(gate_proj(x))``, the gate without a bias."""
 
-    def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
-                 prefix: str = "self_attn"):
-        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
-        self.gate_proj = Linear(cfg.hidden_size, self.q_size, False, dtype, device,
-                                fp8_groups=layer_groups(self.quant, [(f"{prefix}.gate_proj.weight", self.q_size)],
-                                                        cfg.hidden_size))
-
-    def forward(
-        self,
-        positions: torch.Tensor,  # [T]
-        x: torch.Tensor,  # [T, hidden]
-        layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
-        meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor | None,  # None: a full-attention (NoPE) layer
-        lora: LoraMeta | None = None,  # refused for AFMoE (AfmoeCausalLM.enable_lora)
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim).contiguous()
-        k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = self.norm_qk(q, k)
-        if cos_sin_cache is not None:
-            q, k = apply_rotary(positions, q, k, cos_sin_cache, self.float_rope)
-        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(t, self.q_size) * torch.sigmoid(self.gate_proj(x)))
-
-    def quantize_fp8_(self) -> None:
-        super().quantize_fp8_()
-        self.gate_proj.quantize_fp8_()
-
-    def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots = super().weight_slots(prefix)
-        slots.update(linear_slots(self.gate_proj, [(f"{prefix}.gate_proj", 0, self.q_size)], self.quant))
-        return slots
+    gate_bias = False
 
 
 class AfmoeDecoderLayer(Gemma2DecoderLayer):

@@ -330,11 +330,16 @@ class Attention(nn.Module):
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window,
                                     self.softcap, sinks=self.sinks,
                                     alibi_slopes=self.alibi_slopes)  # [T, Hq, D]
-        out = out.reshape(t, self.q_size)
+        out = self.gate_output(x, out.reshape(t, self.q_size))
         y = self.o_proj(out)
         if lora is not None and self.o_lora is not None:
             self.o_lora.add_to(y, out, lora)
         return y
+
+    def gate_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The attention output [T, Hq * D] as ``o_proj`` takes it, given the
+        layer's input ``x`` (gated attention overrides it)."""
+        return out
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D] and k [T, Hk, D] normed before RoPE (after it: HunYuan). Qwen3,

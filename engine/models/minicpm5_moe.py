@@ -22,47 +22,13 @@ from typing import Iterable, Iterator
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
-from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.decoder_layer import DecoderLayer
-from splitserve.engine.models.layers import Attention, Linear, ShardSlot, linear_slots
+from splitserve.engine.models.gated_attention import GatedAttention
 from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.moe import MoECausalLM
-from splitserve.engine.models.rope import apply_rotary
-from splitserve.kernels.lora import LoraMeta
 
 _FUSED = (".self_attn.q_proj.", ".self_attn.q_gate_proj.")  # the released name, transformers'
-
-
-class GatedAttention(Attention):
-    """Llama's attention, each head's output times the sigmoid of its gate."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-                 sliding_window: int = 0, prefix: str = "self_attn"):
-        super().__init__(cfg, dtype, device, sliding_window, prefix=prefix)
-        self.gate_proj = Linear(cfg.hidden_size, self.q_size, cfg.attention_bias, dtype, device)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor,
-                meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None,
-                lora: LoraMeta | None = None) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim).contiguous()
-        k = k.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = apply_rotary(positions, q, k, cos_sin_cache, self.float_rope)
-        out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(t, self.q_size) * torch.sigmoid(self.gate_proj(x)))
-
-    def quantize_fp8_(self) -> None:
-        super().quantize_fp8_()
-        self.gate_proj.quantize_fp8_()
-
-    def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots = super().weight_slots(prefix)
-        slots.update(linear_slots(self.gate_proj, [(f"{prefix}.gate_proj", 0, self.q_size)], self.quant))
-        return slots
 
 
 class GatedAttentionLayer(DecoderLayer):
