@@ -38,9 +38,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from splitserve.engine.dialects import Dialect, passed_keys, refuse_fp8_checkpoint
-from splitserve.engine.dialects.deepseek_v2 import COPIED, attention_keys, mla_options
-from splitserve.engine.dialects.glm4_moe import moe_keys
+from splitserve.engine.dialects import Dialect, refuse_fp8_checkpoint
+from splitserve.engine.dialects.deepseek_v2 import mla_options
+from splitserve.engine.dialects.glm4_moe_lite import latent_moe_keys
 from splitserve.engine.family_config import FamilyOptions
 
 ARCH = "AXK1ForCausalLM"
@@ -92,10 +92,7 @@ def _mtp_layers(cfg: dict[str, Any]) -> int:
 
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     full = _with_defaults(cfg)
-    moe = moe_keys({**full, "first_k_dense_replace": 0}, "axk1", first_dense=0, norm_topk=True)
-    moe["mlp_only_layers"] = [i for i, t in enumerate(mlp_layer_types(full)) if t == "dense"]
-    return {**passed_keys(full, {k: None for k in COPIED}), **attention_keys(full, ARCH), **moe,
-            "mlp_bias": False}
+    return latent_moe_keys(full, "axk1", ARCH, mlp_layer_types(full))
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:

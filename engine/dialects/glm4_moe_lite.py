@@ -81,12 +81,20 @@ def mlp_layer_types(cfg: dict[str, Any]) -> list[str]:
     return types
 
 
+def latent_moe_keys(full: dict[str, Any], family: str, arch: str,
+                    layer_types: list[str]) -> dict[str, Any]:
+    """The Llama keys of a latent-attention family with GLM-4.5's router whose
+    layers are "dense" or "sparse" by ``layer_types`` (``full``: config.json
+    with the family's defaults), no MLP biases."""
+    moe = moe_keys({**full, "first_k_dense_replace": 0}, family, first_dense=0, norm_topk=True)
+    moe["mlp_only_layers"] = [i for i, t in enumerate(layer_types) if t == "dense"]
+    return {**passed_keys(full, {k: None for k in COPIED}), **attention_keys(full, arch), **moe,
+            "mlp_bias": False}
+
+
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     full = _with_defaults(cfg)
-    moe = moe_keys({**full, "first_k_dense_replace": 0}, "glm4_moe_lite", first_dense=0, norm_topk=True)
-    moe["mlp_only_layers"] = [i for i, t in enumerate(mlp_layer_types(full)) if t == "dense"]
-    return {**passed_keys(full, {k: None for k in COPIED}), **attention_keys(full, ARCH), **moe,
-            "mlp_bias": False}
+    return latent_moe_keys(full, "glm4_moe_lite", ARCH, mlp_layer_types(full))
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
