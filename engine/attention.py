@@ -23,6 +23,10 @@ class AttentionMetadata:
     decode_only: bool  # every sequence has exactly one new token
     k_scale: float = 1.0  # fp8 KV scales (1.0 for bf16/fp16/fp32 caches)
     v_scale: float = 1.0
+    # hybrid models (splitserve.engine.state_cache): [B] int64 each sequence's
+    # recurrent-state slot, and each sequence's new tokens on the host; None otherwise
+    state_slots: torch.Tensor | None = None
+    query_lens: tuple[int, ...] | None = None
 
 
 def paged_attention_layer(

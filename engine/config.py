@@ -189,9 +189,12 @@ class ModelConfig:
     def num_cache_layers(self) -> int:
         """Layers that keep keys and values in the KV cache: every layer, but
         for Gemma 4's KV-sharing layers (the last ones), which read an earlier
-        layer's."""
+        layer's, and a hybrid model's recurrent layers, which keep a state."""
         g = self.options.gemma4
-        return g.num_cache_layers if g is not None else self.num_layers
+        if g is not None:
+            return g.num_cache_layers
+        h = self.options.hybrid
+        return h.num_cache_layers if h is not None else self.num_layers
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=kv_dtype).element_size()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.engine.gemma4_config import Gemma4Shape
+from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
 
@@ -173,6 +174,12 @@ class FamilyOptions:
     # LongCat-Flash zero_expert_num: router choices past the real experts that return their
     # input times their weight (LongcatFlashMoE; splitserve.engine.models.longcat_flash)
     zero_experts: int = 0
+    # Hybrid models: which layers attend over the paged cache and which keep a recurrent
+    # state per sequence instead (splitserve.engine.state_cache); None: every layer attends
+    hybrid: HybridLayout | None = None
+    # Qwen3-Next, Qwen3.5: the shape of their Gated DeltaNet layers
+    # (splitserve.engine.models.gated_delta_net); None: none
+    gated_delta_net: GatedDeltaNetShape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -4,12 +4,17 @@ The scheduler asks this manager for room; it answers with counts and never
 exposes the pool's internals. Block tables leave as ``BlockTable`` values
 (read-only). A reservation for an incoming hand-off is a block table owned
 by the hand-off id, which the admitted sequence keeps as its own id.
+
+A hybrid model's engine also hands each owner a recurrent-state slot
+(``splitserve.engine.state_cache.StateSlots``) with its blocks, and frees it
+with them; its prefix caching is off (a state cannot be shared by prefix).
 """
 
 from __future__ import annotations
 
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
+from splitserve.engine.state_cache import StateSlots
 
 
 class BlockTable:
@@ -32,9 +37,11 @@ class BlockTable:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 states: StateSlots | None = None):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.states = states  # hybrid models: one recurrent-state slot per owner
+        self.pool = BlockPool(num_blocks, enable_prefix_caching and states is None)
         self._tables: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # full blocks already registered per owner
 
@@ -62,6 +69,14 @@ class KVCacheManager:
 
     def has_owner(self, owner: str) -> bool:
         return owner in self._tables
+
+    def state_slot(self, owner: str) -> int:
+        """``owner``'s recurrent-state slot (hybrid models only)."""
+        return self.states.slot(owner)
+
+    def _take_state(self, owner: str) -> bool:
+        """A state slot for ``owner`` where the model keeps states; False when none is free."""
+        return self.states is None or self.states.acquire(owner) is not None
 
     def _match_prefix(self, token_hashes: list[int], max_blocks: int) -> list[int]:
         if not self.pool.enable_prefix_caching:
@@ -97,7 +112,7 @@ class KVCacheManager:
             return 0
         need = self.blocks_for(num_cached + n) - len(hits)
         hits_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        if need > self.pool.num_free_blocks - hits_free:
+        if need > self.pool.num_free_blocks - hits_free or not self._take_state(seq.seq_id):
             return 0
         for b in hits:
             self.pool.acquire(b)
@@ -155,6 +170,8 @@ class KVCacheManager:
         shared head of a prefix stays cached longest. Idempotent."""
         table = self._tables.pop(owner, None)
         self._num_hashed.pop(owner, None)
+        if self.states is not None:
+            self.states.release(owner)
         if table is None:
             return
         self.pool.release_many(reversed(table))
@@ -169,7 +186,7 @@ class KVCacheManager:
         hits = self._match_prefix(token_hashes, (num_tokens - 1) // self.block_size)
         need = self.blocks_for(num_tokens) - len(hits)
         hits_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
-        if need > self.pool.num_free_blocks - hits_free:
+        if need > self.pool.num_free_blocks - hits_free or not self._take_state(owner):
             return None
         for b in hits:
             self.pool.acquire(b)
@@ -190,4 +207,5 @@ class KVCacheManager:
 
     def all_free(self) -> bool:
         """True when no block is referenced: the leak check tests end with."""
-        return not self._tables and self.pool.num_free_blocks == self.pool.num_blocks
+        return (not self._tables and self.pool.num_free_blocks == self.pool.num_blocks
+                and (self.states is None or self.states.all_free()))

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import EngineDeadError, InvalidRequestError
+from splitserve.engine.errors import CheckpointError, EngineDeadError, InvalidRequestError
 from splitserve.engine.isolation import is_fatal
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
@@ -25,7 +25,8 @@ from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.manager import LoraManager
 from splitserve.engine.lora.registry import AdapterRegistry
-from splitserve.engine.model_runner import ModelRunner, kv_cache_dtype, num_kv_blocks, resolve_dtype
+from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_blocks, num_state_slots,
+                                            resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
@@ -35,6 +36,7 @@ from splitserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from splitserve.engine.sequence import FinishReason, Sequence
 from splitserve.engine.spec.decoder import SpecDecoder
 from splitserve.engine.spec.proposer import ProposerContext
+from splitserve.engine.state_cache import StateSlots
 from splitserve.engine.stats import EngineLoad
 from splitserve.engine.step_guard import StepGuard
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
@@ -54,12 +56,18 @@ class LLMEngine:
         self.device = torch.device(cfg.device)
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.tokenizer = Tokenizer.from_dir(Path(cfg.model))
+        hybrid = self.model_cfg.options.hybrid
+        if hybrid is not None and cfg.speculative is not None:
+            raise CheckpointError(
+                f"{self.model_cfg.architecture}: speculative decoding is not supported for hybrid "
+                "models (a rejected draft would need its recurrent layers' states rolled back); "
+                "remove speculative from the model's config")
         torch.manual_seed(cfg.seed)
         tp = None
         if cfg.tensor_parallel_size > 1:  # ranks 1..N-1 start loading their shards now
             tp, num_blocks = start_ranks(cfg, self.checkpoint, self.dtype, self.device)
         else:
-            num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype))
+            num_blocks = num_kv_blocks(cfg, self.model_cfg, kv_cache_dtype(cfg, self.dtype), self.dtype)
         try:
             model = load_model(self.checkpoint, self.dtype, self.device,
                                tp=None if tp is None else tp.group)
@@ -77,7 +85,9 @@ class LLMEngine:
             if tp is not None:
                 tp.close()
             raise
-        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        # hybrid models: a recurrent-state slot per sequence beside its blocks, no prefix caching
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                 StateSlots(num_state_slots(cfg)) if hybrid is not None else None)
         self.requests: dict[str, RequestState] = {}
         self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,

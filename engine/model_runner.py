@@ -24,6 +24,7 @@ from splitserve.engine.parallel.launcher import TensorParallelRanks
 from splitserve.engine.parallel.messages import StepCommand
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.engine.state_cache import RecurrentState
 from splitserve.kernels import ops
 from splitserve.kernels.lora import LoraMeta, lora_meta_runs
 
@@ -43,11 +44,28 @@ def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     return torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else dtype
 
 
-def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
+def num_state_slots(cfg: EngineConfig) -> int:
+    """Recurrent-state slots of a hybrid model's engine: the running batch's,
+    as many again for hand-off imports parked or reserved beside it."""
+    return 2 * cfg.max_num_seqs
+
+
+def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
+                  dtype: torch.dtype | None = None) -> int:
+    """Blocks that fit ``kv_cache_memory_gb`` (a hybrid model's recurrent
+    states, ``num_state_slots`` of them in ``dtype``, come out of it first)."""
     if cfg.num_blocks is not None:
         return cfg.num_blocks
     per_block = model_cfg.kv_bytes_per_token(kv_dtype) * cfg.block_size
-    return max(16, int(cfg.kv_cache_memory_gb * (1 << 30)) // per_block)
+    budget = int(cfg.kv_cache_memory_gb * (1 << 30))
+    hybrid = model_cfg.options.hybrid
+    if hybrid is not None:
+        elem = torch.empty((), dtype=dtype or model_cfg.torch_dtype).element_size()
+        budget -= hybrid.state_bytes_per_sequence(elem) * num_state_slots(cfg)
+    if per_block == 0:  # no attention layer: blocks only count tokens
+        max_len = cfg.max_model_len or model_cfg.max_position
+        return num_state_slots(cfg) * -(-max_len // cfg.block_size)
+    return max(16, budget // per_block)
 
 
 @dataclass
@@ -62,6 +80,7 @@ class StepInputs:
     prompt_targets: list[int] = field(default_factory=list)
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
     lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
+    fresh_slots: list[int] = field(default_factory=list)  # recurrent states to zero first
 
 
 # Devices whose verify steps (every sequence: its last token and its draft
@@ -145,8 +164,14 @@ class ModelRunner:
         self.k_scale = float(cfg.extra.get("k_scale", 1.0))
         self.v_scale = float(cfg.extra.get("v_scale", 1.0))
         self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
+        # hybrid models: the recurrent layers' states, one slot per sequence
+        self.state: RecurrentState | None = None
+        if model_cfg.options.hybrid is not None:
+            self.state = RecurrentState(model_cfg.options.hybrid, num_state_slots(cfg), dtype, device)
+            model.bind_state(self.state)
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager and tp is None:
+        # (hybrid models run eagerly: their recurrent layers loop over the batch's sequences)
+        if device.type == "cuda" and not cfg.enforce_eager and tp is None and self.state is None:
             from splitserve.engine.cuda_graphs import CudaGraphRunner
 
             max_len = cfg.max_model_len or model_cfg.max_position
@@ -169,6 +194,8 @@ class ModelRunner:
         p_targets: list[int] = []
         p_owners: list[tuple[int, int]] = []
         lora_runs: list[tuple[int, int]] = []
+        state_slots: list[int] = []
+        fresh: list[int] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -179,6 +206,10 @@ class ModelRunner:
                     p_targets.append(seq.token_ids[p + 1])
                     p_owners.append((i, p))
             table = kv.raw_block_ids(seq.seq_id)
+            if self.state is not None:
+                state_slots.append(kv.state_slot(seq.seq_id))
+                if start == 0:  # from its first token: a new prompt, or recomputed
+                    fresh.append(state_slots[-1])
             lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
             spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
@@ -194,7 +225,7 @@ class ModelRunner:
                 logit_rows.extend(range(first, cu[-1]))
                 logit_seqs.extend([i] * (1 + len(spec)))
         decode_only = len(ids) == len(scheduled)
-        if (not decode_only and self.device.type in VERIFY_AS_DECODE_DEVICES
+        if (not decode_only and self.state is None and self.device.type in VERIFY_AS_DECODE_DEVICES
                 and len(ids) <= VERIFY_AS_DECODE_MAX_TOKENS
                 and all(s.num_new_tokens - len(s.spec_token_ids) == 1 for s in scheduled)):
             cu, ctx, tables = verify_rows_as_decode(scheduled, ctx, tables)
@@ -211,6 +242,9 @@ class ModelRunner:
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
+        if self.state is not None:
+            meta.state_slots = torch.tensor(state_slots, dtype=torch.int64, device=dev)
+            meta.query_lens = tuple(s.num_new_tokens for s in scheduled)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
@@ -222,6 +256,7 @@ class ModelRunner:
             prompt_owners=p_owners,
             lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
             if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
+            fresh_slots=fresh,
         )
 
     @torch.inference_mode()
@@ -246,6 +281,8 @@ class ModelRunner:
         # The other tensor-parallel ranks repeat these model calls in this
         # order (splitserve.engine.parallel.rank_worker.run_step).
         hidden = None
+        if self.state is not None:
+            self.state.zero(inp.fresh_slots)
         if self.graphs is not None and on_layer_done is None:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:

@@ -40,6 +40,7 @@ from splitserve.engine.models.hunyuan import HunYuanDenseCausalLM
 from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
 from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
+from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -256,6 +257,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # LongCat-Flash: two latent-attention sublayers per layer, each a decoder layer, the
     # first feeding shortcut experts (with zero-computation ones) whose output the second adds
     "longcat_flash": LongcatFlashCausalLM,
+    # Qwen3-Next: Gated DeltaNet layers (a recurrent state per sequence) beside gated
+    # attention layers, Qwen2-MoE's sparse MLP
+    "qwen3_next": Qwen3NextForCausalLM,
 }
 
 
@@ -276,7 +280,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-__all__ = ["CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM",
+__all__ = ["Qwen3NextForCausalLM", "CausalLM", "CohereCausalLM", "GPT2CausalLM", "GPTNeoXCausalLM", "Gemma3CausalLM", "GemmaCausalLM",
            "GlmCausalLM", "Glm4MoeCausalLM", "GraniteCausalLM", "HeliumCausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",

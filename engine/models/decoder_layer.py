@@ -25,10 +25,14 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  sliding_window: int = 0, mlp: nn.Module | None = None, mlp_name: str = "mlp",
-                 prefix: str = ""):
+                 prefix: str = "", mixer: nn.Module | None = None, mixer_name: str = "self_attn"):
+        """``mixer``: the token mixer in place of attention (a hybrid model's
+        recurrent layers: Gated DeltaNet), named ``mixer_name`` in checkpoints."""
         super().__init__()
         self.input_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
-        self.self_attn = self.attention_class(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn")
+        self.mixer_name = mixer_name
+        self.self_attn = (mixer if mixer is not None
+                          else self.attention_class(cfg, dtype, device, sliding_window, prefix=f"{prefix}.self_attn"))
         self.post_attention_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)
         self.mlp = mlp if mlp is not None else MLP(cfg, dtype, device, prefix=f"{prefix}.{mlp_name}")
         self.mlp_name = mlp_name
@@ -90,6 +94,6 @@ class DecoderLayer(nn.Module):
         return {
             **norm_slots(f"{prefix}.input_layernorm", self.input_layernorm),
             **norm_slots(f"{prefix}.post_attention_layernorm", self.post_attention_layernorm),
-            **self.self_attn.weight_slots(f"{prefix}.self_attn"),
+            **self.self_attn.weight_slots(f"{prefix}.{self.mixer_name}"),
             **self.mlp.weight_slots(f"{prefix}.{self.mlp_name}"),
         }

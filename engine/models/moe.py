@@ -104,6 +104,7 @@ CHECKPOINT_NAMES = {
     "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
     "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

@@ -1,0 +1,102 @@
+"""The recurrent-state store of a hybrid model: beside the paged KV cache,
+each running sequence holds one slot of fixed-size state tensors (a
+convolution's last inputs, a linear-attention or SSM state) in every
+recurrent layer (``splitserve.engine.hybrid_config``).
+
+``StateSlots`` hands slots out by owner (a sequence id, or a hand-off id
+whose reservation the admitted sequence keeps, as block tables do);
+``RecurrentState`` holds the tensors ``[state layers, slots, *shape]``, one
+per ``StateKind``. A slot is zeroed when its sequence starts from its first
+token (a new prompt, or after a preemption by recompute), so a state never
+leaks from one sequence to the next.
+
+A state summarises every token before it, so it cannot be shared by
+prefix: engines of hybrid models run without prefix caching. A hand-off
+sends the state after the prompt with the prompt's blocks
+(``KVPort.export_state`` / ``import_state``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.hybrid_config import HybridLayout
+
+
+class StateSlots:
+    """Slots by owner. Plain Python; the engine thread only."""
+
+    def __init__(self, num_slots: int):
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._owned: dict[str, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def acquire(self, owner: str) -> int | None:
+        """A slot for ``owner`` (its own if it holds one); None when none is free."""
+        slot = self._owned.get(owner)
+        if slot is not None:
+            return slot
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._owned[owner] = slot
+        return slot
+
+    def slot(self, owner: str) -> int:
+        return self._owned[owner]
+
+    def release(self, owner: str) -> None:
+        """Give back ``owner``'s slot. Idempotent."""
+        slot = self._owned.pop(owner, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def all_free(self) -> bool:
+        return not self._owned and len(self._free) == self.num_slots
+
+
+class RecurrentState:
+    """The state tensors, ``tensors[kind name]``: [state layers, slots, *shape]."""
+
+    def __init__(self, layout: HybridLayout, num_slots: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.layout = layout
+        self.num_slots = num_slots
+        n = len(layout.state_layers)
+        self.tensors: dict[str, torch.Tensor] = {
+            s.name: torch.zeros(n, num_slots, *s.shape,
+                                dtype=torch.float32 if s.dtype == "float32" else dtype, device=device)
+            for s in layout.states}
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """State layer ``index``'s tensors, [slots, *shape] each (views)."""
+        return {name: t[index] for name, t in self.tensors.items()}
+
+    def zero(self, slots: list[int]) -> None:
+        """Start ``slots`` over (sequences that begin at their first token)."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.int64, device=next(iter(self.tensors.values())).device)
+        for t in self.tensors.values():
+            t.index_fill_(1, idx, 0)
+
+    def pack(self, slot: int) -> dict[str, torch.Tensor]:
+        """A copy of one slot's states: name -> [state layers, *shape]."""
+        return {name: t[:, slot].clone() for name, t in self.tensors.items()}
+
+    def unpack(self, slot: int, states: dict[str, torch.Tensor]) -> None:
+        """Write ``pack``'s output (from an engine of the same layout) into ``slot``."""
+        if set(states) != set(self.tensors):
+            raise ValueError(f"state kinds {sorted(states)} do not match {sorted(self.tensors)}")
+        for name, t in self.tensors.items():
+            src = states[name]
+            if tuple(src.shape) != tuple(t[:, slot].shape):
+                raise ValueError(f"state {name!r} of shape {tuple(src.shape)} does not fit "
+                                 f"{tuple(t[:, slot].shape)}")
+            t[:, slot].copy_(src.to(device=t.device, dtype=t.dtype))
