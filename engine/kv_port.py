@@ -18,6 +18,9 @@ hand-off, which nothing else reads until ``admit``.
     reserve(...)          holds blocks for an incoming sequence; blocks of a
                           prefix this engine caches already count as received
     import_layers(...)    writes received layers into the reserved blocks
+    import_state(...)     a hybrid model's recurrent states after the prompt
+                          (the source's ``export_state``), into the
+                          reservation's state slot
     cancel(id)            frees a reservation
     admit(...)            turns a filled reservation into a running sequence
     add_reservation_holder(h)
@@ -70,6 +73,10 @@ class KVCacheSpec:
     bytes_per_block: int  # one block's K and V over every layer, every head
     # ranks the engine's heads are split over; the port moves whole heads at any degree
     tensor_parallel_size: int = 1
+    # a hybrid model's recurrent-state kinds (splitserve.engine.state_cache): a hand-off
+    # carries each sequence's states with its blocks; empty: none
+    state_kinds: tuple[str, ...] = ()
+    state_bytes: int = 0  # one sequence's recurrent states, every kind and layer
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,10 @@ class KVPort:
             kv_dtype=dtype_name(cache.dtype), block_size=engine.cfg.block_size,
             num_layers=mc.num_cache_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             bytes_per_block=mc.kv_bytes_per_token(cache.dtype) * engine.cfg.block_size,
-            tensor_parallel_size=engine.cfg.tensor_parallel_size)
+            tensor_parallel_size=engine.cfg.tensor_parallel_size,
+            state_kinds=tuple(s.name for s in mc.options.hybrid.states) if mc.options.hybrid else (),
+            state_bytes=(mc.options.hybrid.state_bytes_per_sequence(engine.dtype.itemsize)
+                         if mc.options.hybrid else 0))
         self._holders: weakref.WeakSet = weakref.WeakSet()
 
     def spec(self) -> KVCacheSpec:
@@ -152,6 +162,14 @@ class KVPort:
         eng = self._engine
         ids = eng.kv.raw_block_ids(request_id)[skip_tokens // self._spec.block_size:]
         return eng.runner.pack_kv(list(ids), layer_start, layer_end)
+
+    def export_state(self, request_id: str) -> dict[str, torch.Tensor] | None:
+        """A hybrid model's recurrent states of ``request_id`` after its prompt
+        (copies, name -> [state layers, *shape]); None for other models."""
+        state = self._engine.runner.state
+        if state is None:
+            return None
+        return state.pack(self._engine.kv.state_slot(request_id))
 
     def release(self, request_id: str) -> None:
         """Free what a finished prefill-only request holds. Idempotent."""
@@ -195,6 +213,14 @@ class KVPort:
                              f"not fit {len(ids)} blocks of {self._spec.num_layers} layers")
         if ids:
             self._engine.runner.unpack_kv(buf, list(ids), layer_start)
+
+    def import_state(self, reservation: BlockReservation, states: dict[str, torch.Tensor]) -> None:
+        """Write the source's ``export_state`` into the reservation's state slot
+        (engine thread). Raises ValueError when the kinds or shapes differ."""
+        state = self._engine.runner.state
+        if state is None:
+            raise ValueError("this engine's model keeps no recurrent state")
+        state.unpack(self._engine.kv.state_slot(reservation.handoff_id), states)
 
     def cancel(self, handoff_id: str) -> None:
         """Free a reservation's blocks. Idempotent."""

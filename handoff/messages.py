@@ -36,6 +36,7 @@ import enum
 from typing import Annotated, Any, NamedTuple, Union
 
 import msgspec
+import torch
 from msgspec import Meta
 
 from splitserve.engine.kv_port import AdapterRef, FinishReason, TokenLogprobs
@@ -112,6 +113,40 @@ class Adapter(Message):
         return None if a is None else AdapterRef(a.name, a.path, a.digest)
 
 
+# a hybrid model's recurrent states of one sequence, over every recurrent layer
+MAX_STATE_BYTES = 48 << 20
+_STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class StateTensor(Message):
+    """One kind of a hybrid model's recurrent state (``KVPort.export_state``):
+    [state layers, *shape] of ``dtype``, raw little-endian bytes."""
+
+    name: Annotated[str, Meta(max_length=64)]
+    dtype: Annotated[str, Meta(max_length=16)]
+    shape: Annotated[list[Annotated[int, Meta(ge=1)]], Meta(max_length=8)]
+    data: Annotated[bytes, Meta(max_length=MAX_STATE_BYTES)]
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor) -> "StateTensor":
+        t = t.detach().to("cpu").contiguous()
+        return cls(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                   data=t.view(torch.uint8).numpy().tobytes())
+
+    def to_tensor(self) -> torch.Tensor:
+        """The tensor; ValueError when the bytes do not match the dtype and shape."""
+        if self.dtype not in _STATE_DTYPES:
+            raise ValueError(f"state {self.name!r}: dtype {self.dtype!r} is not one of {_STATE_DTYPES}")
+        dtype = getattr(torch, self.dtype)
+        n = dtype.itemsize
+        for d in self.shape:
+            n *= d
+        if n != len(self.data):
+            raise ValueError(f"state {self.name!r}: {len(self.data)} bytes for shape {self.shape} "
+                             f"of {self.dtype}")
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(dtype).reshape(self.shape)
+
+
 # -- Prefill ------------------------------------------------------------------------
 class HandoffMeta(Message):
     """Everything the target needs besides the KV bytes."""
@@ -125,6 +160,8 @@ class HandoffMeta(Message):
     # where asked for: [None, logprobs of prompt token 1, ...]
     prompt_logprobs: Annotated[list[Logprob | None], Meta(max_length=MAX_PROMPT_TOKENS)] | None
     adapter: Adapter | None = None  # the KV was computed with it; None: the base model
+    # a hybrid model's recurrent states after the prompt; None: the model keeps none
+    state: Annotated[list[StateTensor], Meta(max_length=8)] | None = None
 
 
 class PrefillTarget(Message):

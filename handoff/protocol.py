@@ -26,7 +26,7 @@ from splitserve.engine.errors import IncompatibleKVError, InvalidRequestError
 from splitserve.engine.kv_port import AdapterRef, BlockReservation, HandoffSequence, KVPort
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.handoff.messages import Adapter, HandoffMeta, Logprob
+from splitserve.handoff.messages import MAX_STATE_BYTES, Adapter, HandoffMeta, Logprob, StateTensor
 from splitserve.handoff.transfer.base import ChunkHeader, KVLayout, KVSink
 from splitserve.handoff.transfer.errors import MessageTooLarge, UnknownHandoffError
 
@@ -46,17 +46,31 @@ def engine_layout(engine) -> KVLayout:
     return layout_of(engine.kv_port)
 
 
+def check_state_fits(port: KVPort) -> None:
+    """Raise IncompatibleKVError where a sequence's recurrent states (a hybrid
+    model's) exceed what a hand-off reply carries: such a model is served by
+    colocated replicas only."""
+    s = port.spec()
+    if s.state_bytes > MAX_STATE_BYTES:
+        raise IncompatibleKVError(
+            f"{s.model_id}: a sequence's recurrent states take {s.state_bytes >> 20} MiB, over the "
+            f"{MAX_STATE_BYTES >> 20} MiB a prefill->decode hand-off carries; serve this model "
+            "colocated")
+
+
 # -- source side ----------------------------------------------------------------
 def export_meta(port: KVPort, request_id: str) -> HandoffMeta:
     """The finished prefill ``request_id`` in wire form (engine thread)."""
     seq = port.export_sequence(request_id)
+    states = port.export_state(request_id)
     return HandoffMeta(
         request_id=seq.request_id, layout=layout_of(port),
         prompt_token_ids=list(seq.prompt_token_ids), first_token_id=seq.first_token_id,
         params=seq.params.to_dict(), first_logprobs=Logprob.of(seq.first_logprobs),
         prompt_logprobs=None if seq.prompt_logprobs is None
         else [Logprob.of(lp) for lp in seq.prompt_logprobs],
-        adapter=Adapter.of(seq.adapter))
+        adapter=Adapter.of(seq.adapter),
+        state=None if states is None else [StateTensor.of(n, t) for n, t in states.items()])
 
 
 def sequence_of(meta: HandoffMeta) -> HandoffSequence:
@@ -155,10 +169,26 @@ class Reservations(KVSink):
             del self._open[meta.request_id]
         try:
             seq = sequence_of(meta)
+            self._import_state(r, meta)
         except BaseException:
             self.port.cancel(r.handoff_id)
             raise
         return self.port.admit(r, seq, matcher)
+
+    def _import_state(self, r: BlockReservation, meta: HandoffMeta) -> None:
+        """A hybrid model's recurrent states into the reservation's slot; an
+        IncompatibleKVError when they are missing, unexpected or misshapen."""
+        kinds = self.port.spec().state_kinds
+        sent = tuple(s.name for s in meta.state or ())
+        if sorted(sent) != sorted(kinds):
+            raise IncompatibleKVError(f"hand-off {meta.request_id!r} carries recurrent states "
+                                      f"{list(sent)}, this engine keeps {list(kinds)}")
+        if not kinds:
+            return
+        try:
+            self.port.import_state(r, {s.name: s.to_tensor() for s in meta.state})
+        except ValueError as e:
+            raise IncompatibleKVError(f"hand-off {meta.request_id!r}: {e}") from None
 
     def cancel(self, handoff_id: str) -> bool:
         with self._lock:

@@ -43,7 +43,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.stats import PrefillStats
 from splitserve.handoff.messages import Adapter, PrefillReply, PrefillRequest, PrefillTimings
-from splitserve.handoff.protocol import export_meta, layout_of
+from splitserve.handoff.protocol import check_state_fits, export_meta, layout_of
 from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_PROMPT_TOKENS,
                                         ATTR_REQUEST_ID, SPAN_HANDOFF_SEND, SPAN_PREFILL, Span,
                                         Tracer)
@@ -85,6 +85,7 @@ class PrefillWorker:
         self.engine = engine
         self.tracer = tracer
         self.port = engine.kv_port
+        check_state_fits(self.port)  # a hybrid model's states ride in the reply
         self.sender = sender
         self.num_layers = self.port.spec().num_layers
         self.group = layer_group_size if 0 < layer_group_size < self.num_layers else self.num_layers

@@ -33,6 +33,9 @@ class ModelShape:
     num_experts: int = 0  # 0: dense MLP
     experts_per_token: int = 0
     tie_word_embeddings: bool = False
+    # layers with a KV cache where fewer than num_layers (a hybrid model's attention
+    # layers, Gemma 4's non-sharing ones); 0: every layer
+    num_cache_layers: int = 0
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -65,13 +68,16 @@ class ModelShape:
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         """K and V of every layer for one token (Llama-3-8B bf16: 128 KiB)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
+        layers = self.num_cache_layers or self.num_layers
+        return 2 * layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
 
     @property
     def key(self) -> str:
         """Stable id of the shape (the database keys models by it)."""
         fields = asdict(self)
         fields.pop("name")
+        if not fields["num_cache_layers"]:  # the keys of shapes from before the field
+            fields.pop("num_cache_layers")
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.name}@{digest}"
 
@@ -112,7 +118,8 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
         num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
         vocab_size=mc.vocab_size, num_experts=int(raw.get("num_local_experts", 0) or 0),
         experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
-        tie_word_embeddings=mc.tie_word_embeddings)
+        tie_word_embeddings=mc.tie_word_embeddings,
+        num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0)
 
 
 def resolve_shape(spec: str) -> ModelShape:

@@ -3,19 +3,27 @@ Qwen3-Next's Gated DeltaNet layers) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
-with their sequences; prefix caching off; the options hybrids refuse."""
+with their sequences; prefix caching off; the options hybrids refuse; the
+prefill->decode hand-off carrying the states."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
+import msgspec
 import pytest
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import CheckpointError
+from splitserve.engine.errors import CheckpointError, IncompatibleKVError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.spec.config import SpeculativeConfig
+from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
 HYBRID_VARIANTS = ("qwen3_next",)
 # a prompt past one delta-rule chunk (64 tokens), and short ones
@@ -95,3 +103,64 @@ def test_refusals(tiny_checkpoints):
         engine(path, speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2))
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         engine(path, max_loras=1)
+
+
+@pytest.mark.parametrize("variant", HYBRID_VARIANTS)
+def test_handoff_carries_the_recurrent_state(tiny_checkpoints, references, variant):
+    # prefill on one engine, the KV blocks and the states (through their wire form) into
+    # another, decoding there: transformers' tokens
+    _, want = references(variant)
+    src = engine(tiny_checkpoints[variant], max_num_batched_tokens=16)
+    dst = engine(tiny_checkpoints[variant])
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert handoff_generate(src, dst, PROMPTS, params) == want
+    assert src.kv.all_free() and dst.kv.all_free()
+
+
+def test_handoff_without_the_state_is_refused(tiny_checkpoints):
+    src = engine(tiny_checkpoints["qwen3_next"])
+    dst = engine(tiny_checkpoints["qwen3_next"])
+    src.add_request("r", prompt_token_ids=PROMPTS[2], params=SamplingParams(max_tokens=4),
+                    prefill_only=True)
+    while src.has_unfinished():
+        src.step()
+    meta = msgspec.msgpack.decode(msgspec.msgpack.encode(export_meta(src, "r")), type=HandoffMeta)
+    assert [s.name for s in meta.state] == ["conv", "recurrent"]
+    buf = export_layers(src, "r", 0, src.model_cfg.num_cache_layers)
+    stripped = msgspec.structs.replace(meta, state=None)
+    with pytest.raises(IncompatibleKVError, match="carries recurrent states"):
+        import_kv(dst, stripped, buf)
+    bad = msgspec.structs.replace(meta, state=[meta.state[0], msgspec.structs.replace(
+        meta.state[1], data=meta.state[1].data[:-4])])
+    with pytest.raises(IncompatibleKVError, match="bytes for shape"):
+        import_kv(dst, bad, buf)
+    assert dst.kv.all_free()  # each refused import freed its reservation
+    first = import_kv(dst, meta, buf)[1]
+    assert first.new_token_ids
+    src.kv_port.release("r")
+    assert src.kv.all_free()
+
+
+def test_state_too_large_for_a_handoff_is_refused_at_start(tiny_checkpoints, monkeypatch):
+    from splitserve.handoff import protocol
+
+    eng = engine(tiny_checkpoints["qwen3_next"])
+    protocol.check_state_fits(eng.kv_port)  # a few KiB
+    monkeypatch.setattr(protocol, "MAX_STATE_BYTES", 1024)
+    with pytest.raises(IncompatibleKVError, match="serve this model colocated"):
+        protocol.check_state_fits(eng.kv_port)
+
+
+def test_planner_shape_counts_only_the_attention_layers_kv(tiny_checkpoints):
+    from splitserve.cluster.planning.shapes import shape_from_config_json
+
+    shape = shape_from_config_json(tiny_checkpoints["qwen3_next"])
+    assert shape.num_layers == 4 and shape.num_cache_layers == 2
+    assert shape.kv_bytes_per_token("float32") == 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads of 16
+    dense = shape_from_config_json(tiny_checkpoints["llama"])
+    assert dense.num_cache_layers == 0
+    # a shape with every layer cached keeps the database key it had before the field
+    fields = {k: v for k, v in dataclasses.asdict(dense).items() if k not in ("name", "num_cache_layers")}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    assert dense.key == f"{dense.name}@{digest}"
+    assert shape.key != dataclasses.replace(shape, num_cache_layers=0).key
