@@ -61,7 +61,13 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dty
     hybrid = model_cfg.options.hybrid
     if hybrid is not None:
         elem = torch.empty((), dtype=dtype or model_cfg.torch_dtype).element_size()
-        budget -= hybrid.state_bytes_per_sequence(elem) * num_state_slots(cfg)
+        states = hybrid.state_bytes_per_sequence(elem) * num_state_slots(cfg)
+        if states >= budget:
+            raise ValueError(
+                f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} cannot hold the recurrent states of "
+                f"{num_state_slots(cfg)} sequences ({states / (1 << 30):.2f} GiB, twice max_num_seqs) "
+                "and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+        budget -= states
     if per_block == 0:  # no attention layer: blocks only count tokens
         max_len = cfg.max_model_len or model_cfg.max_position
         return num_state_slots(cfg) * -(-max_len // cfg.block_size)

@@ -6,11 +6,13 @@ and its KV handed to the decode pool:
   past the tokenizer's 512 ids, weights stored in bf16;
 - Qwen3 with per-head q/k norms over head_dim 48 and YaRN-scaled RoPE;
 - a Gemma 2 checkpoint (soft caps, sandwich norms, a window on every other
-  layer), a family other than Llama's.
+  layer), a family other than Llama's;
+- a hybrid model (Qwen3-Next: Gated DeltaNet layers whose recurrent
+  states ride in the hand-off beside the attention layers' blocks).
 
 Greedy tokens through the official ``openai`` client (text, usage,
 logprobs) and the gRPC API (token ids) equal transformers' ``generate``.
-One cluster serves all three (a cluster's start is most of the time)."""
+One cluster serves all four (a cluster's start is most of the time)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ NUM_BLOCKS, BLOCK = 48, 4  # 192 tokens of KV per replica: less than the models'
 def cluster(shape_checkpoints, tiny_checkpoints):
     paths = {name: shape_checkpoints[shape] for name, shape in MODELS.items()}
     paths["gemma2"] = tiny_checkpoints["gemma2"]
+    paths["qwen3_next"] = tiny_checkpoints["qwen3_next"]
     http, grpc_port = free_port(), free_port()
     pool = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     cfg = parse_config({
@@ -150,3 +153,28 @@ def test_gemma2_through_the_handoff_matches_transformers(cluster):
         model="gemma2", prompt=prompt, max_tokens=GEMMA_NEW, temperature=0, stream=True,
         extra_body={"ignore_eos": True}) if c.choices)
     assert streamed == local.text
+
+
+def test_hybrid_model_through_the_handoff_matches_transformers(cluster):
+    cfg, paths = cluster
+    name = "qwen3_next"
+    path = paths[name]
+    tok = hf_tokenizer(path)
+    prompts = [[(13 * i + j * 7) % 500 + 3 for j in range(n)] for i, n in enumerate((5, 19, 30))]
+    want = hf_greedy(hf_model(path), prompts, MAX_NEW)
+    before = replica_stats(cfg, name)
+    client = OpenAI(base_url=f"http://127.0.0.1:{cfg.endpoints.http_port}/v1", api_key=KEY,
+                    max_retries=0)
+    for p, w in zip(prompts, want):
+        out = client.completions.create(model=name, prompt=p, max_tokens=MAX_NEW, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == tok.decode(w, skip_special_tokens=True)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=name, prompt=p, max_tokens=MAX_NEW, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices)
+        assert streamed == out.choices[0].text
+    after = replica_stats(cfg, name)
+    sent = sum(s.completed - before[r].completed for r, s in after.items() if isinstance(s, PrefillStats))
+    got = sum(s.handoffs - before[r].handoffs for r, s in after.items() if isinstance(s, DecodeStats))
+    assert sent == got == 2 * len(prompts)
+    assert wait_for(lambda: all(pools_free(cfg, name).values()))

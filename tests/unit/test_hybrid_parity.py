@@ -164,3 +164,20 @@ def test_planner_shape_counts_only_the_attention_layers_kv(tiny_checkpoints):
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     assert dense.key == f"{dense.name}@{digest}"
     assert shape.key != dataclasses.replace(shape, num_cache_layers=0).key
+
+
+def test_state_memory_comes_out_of_the_kv_budget(tiny_checkpoints):
+    from splitserve.engine.model_runner import num_kv_blocks
+
+    from splitserve.engine.loader import load_checkpoint
+
+    path = tiny_checkpoints["qwen3_next"]
+    mc = load_checkpoint(path).model_config
+    per_seq = mc.options.hybrid.state_bytes_per_sequence(4)
+    cfg = EngineConfig(model=str(path), kv_cache_memory_gb=0.01, max_num_seqs=8, block_size=4)
+    per_block = mc.kv_bytes_per_token(torch.float32) * 4
+    want = (int(0.01 * (1 << 30)) - 16 * per_seq) // per_block
+    assert num_kv_blocks(cfg, mc, torch.float32, torch.float32) == want
+    small = EngineConfig(model=str(path), kv_cache_memory_gb=per_seq * 15 / (1 << 30), max_num_seqs=8)
+    with pytest.raises(ValueError, match="cannot hold the recurrent states of 16 sequences"):
+        num_kv_blocks(small, mc, torch.float32, torch.float32)
