@@ -96,7 +96,8 @@ class GatedDeltaNet(nn.Module):
         mixed = torch.empty_like(qkv)
         if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
             window = torch.cat([conv_state.index_select(0, slots), qkv[:, :, None].to(conv_state.dtype)], dim=2)
-            mixed = F.silu((window * weight.to(window.dtype)).sum(-1)).to(qkv.dtype)
+            out = F.conv1d(window, weight[:, None, :].to(window.dtype), groups=weight.shape[0])[..., 0]
+            mixed = F.silu(out).to(qkv.dtype)
             conv_state.index_copy_(0, slots, window[:, :, 1:])
         else:
             start = 0
@@ -115,7 +116,7 @@ class GatedDeltaNet(nn.Module):
         r = s.num_v_heads // s.num_k_heads
         if r > 1:  # each q/k head serves r consecutive value heads
             q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
-        beta = b.float().sigmoid()
+        beta = b.sigmoid().float()  # in the model dtype, as transformers rounds it
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if all(n == 1 for n in lens):
             out, new = recurrent_step(q, k, v, g, beta, rec_state.index_select(0, slots))
