@@ -27,6 +27,9 @@ class AttentionMetadata:
     # recurrent-state slot, and each sequence's new tokens on the host; None otherwise
     state_slots: torch.Tensor | None = None
     query_lens: tuple[int, ...] | None = None
+    # ... and whether each sequence's chunk is a verify chunk whose per-token states are
+    # kept for the rollback of rejected drafts (RecurrentState.keep)
+    keep_states: tuple[bool, ...] | None = None
 
 
 def paged_attention_layer(

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import CheckpointError, EngineDeadError, InvalidRequestError
+from splitserve.engine.errors import EngineDeadError, InvalidRequestError
 from splitserve.engine.isolation import is_fatal
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
@@ -57,11 +57,6 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.tokenizer = Tokenizer.from_dir(Path(cfg.model))
         hybrid = self.model_cfg.options.hybrid
-        if hybrid is not None and cfg.speculative is not None:
-            raise CheckpointError(
-                f"{self.model_cfg.architecture}: speculative decoding is not supported for hybrid "
-                "models (a rejected draft would need its recurrent layers' states rolled back); "
-                "remove speculative from the model's config")
         torch.manual_seed(cfg.seed)
         tp = None
         if cfg.tensor_parallel_size > 1:  # ranks 1..N-1 start loading their shards now

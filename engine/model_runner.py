@@ -251,6 +251,7 @@ class ModelRunner:
         if self.state is not None:
             meta.state_slots = torch.tensor(state_slots, dtype=torch.int64, device=dev)
             meta.query_lens = tuple(s.num_new_tokens for s in scheduled)
+            meta.keep_states = tuple(bool(s.spec_token_ids) for s in scheduled)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
@@ -288,6 +289,7 @@ class ModelRunner:
         # order (splitserve.engine.parallel.rank_worker.run_step).
         hidden = None
         if self.state is not None:
+            self.state.clear_kept()
             self.state.zero(inp.fresh_slots)
         if self.graphs is not None and on_layer_done is None:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)

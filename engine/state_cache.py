@@ -14,6 +14,12 @@ A state summarises every token before it, so it cannot be shared by
 prefix: engines of hybrid models run without prefix caching. A hand-off
 sends the state after the prompt with the prompt's blocks
 (``KVPort.export_state`` / ``import_state``).
+
+Speculative decoding: a verify step runs a sequence's last token and its
+drafts as one chunk, so the state after it has seen every draft. The
+recurrent layers keep the state after each of the chunk's tokens
+(``keep``) for the sequences the step marks; once the drafts are judged,
+``rollback`` puts back the state after the accepted ones.
 """
 
 from __future__ import annotations
@@ -73,6 +79,9 @@ class RecurrentState:
             s.name: torch.zeros(n, num_slots, *s.shape,
                                 dtype=torch.float32 if s.dtype == "float32" else dtype, device=device)
             for s in layout.states}
+        # slot -> state layer -> kind -> [chunk tokens, *shape]: the state after each token of
+        # this step's verify chunk (speculative decoding), until ``rollback`` or the next step
+        self._kept: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """State layer ``index``'s tensors, [slots, *shape] each (views)."""
@@ -85,6 +94,22 @@ class RecurrentState:
         idx = torch.tensor(slots, dtype=torch.int64, device=next(iter(self.tensors.values())).device)
         for t in self.tensors.values():
             t.index_fill_(1, idx, 0)
+
+    def keep(self, layer: int, slot: int, states: dict[str, torch.Tensor]) -> None:
+        """State layer ``layer``'s states of ``slot`` after each token of its
+        verify chunk (kind -> [tokens, *shape])."""
+        self._kept.setdefault(slot, {})[layer] = states
+
+    def rollback(self, slot: int, tokens: int) -> None:
+        """Set ``slot`` to its state after the first ``tokens`` tokens of its
+        verify chunk (the last token and the accepted drafts)."""
+        for layer, states in self._kept.pop(slot, {}).items():
+            for name, t in states.items():
+                self.tensors[name][layer, slot].copy_(t[tokens - 1])
+
+    def clear_kept(self) -> None:
+        """Drop every kept state (a new step begins)."""
+        self._kept.clear()
 
     def pack(self, slot: int) -> dict[str, torch.Tensor]:
         """A copy of one slot's states: name -> [state layers, *shape]."""

@@ -11,7 +11,9 @@ output is RMS-normed per value head, times SiLU(z), and projected back.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs on
 its own, starting from its sequence's state (zeroed by the runner at the
-sequence's first token).
+sequence's first token). A speculative verify chunk (``meta.keep_states``)
+runs token by token and keeps the state after each token, so the engine can
+put back the state after the accepted drafts (``RecurrentState.rollback``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = empty_param(shape.v_head_dim, dtype=dtype, device=device)
         self.out_proj = Linear(shape.value_dim, h, False, dtype, device)
         self.state: RecurrentState | None = None
+        self.kept_conv: dict[int, torch.Tensor] = {}  # slot -> conv states of a verify chunk
 
     def bind(self, state: RecurrentState) -> None:
         self.state = state
@@ -100,12 +103,18 @@ class GatedDeltaNet(nn.Module):
             mixed = F.silu(out).to(qkv.dtype)
             conv_state.index_copy_(0, slots, window[:, :, 1:])
         else:
+            keep = meta.keep_states or (False,) * len(lens)
             start = 0
             for i, n in enumerate(lens):
                 slot = int(slots[i])
+                before = conv_state[slot].clone() if keep[i] else None
                 out, new = causal_conv(qkv[start:start + n], conv_state[slot], weight)
                 mixed[start:start + n] = out.to(qkv.dtype)
                 conv_state[slot] = new
+                if keep[i]:  # the last K - 1 inputs after each token of the chunk
+                    window = torch.cat([before, qkv[start:start + n].t().to(before.dtype)], dim=1)
+                    k1 = before.shape[1]
+                    self.kept_conv[slot] = torch.stack([window[:, t + 1:t + 1 + k1] for t in range(n)])
                 start += n
         t = x.shape[0]
         q, k, v = mixed.float().split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
@@ -122,12 +131,16 @@ class GatedDeltaNet(nn.Module):
             out, new = recurrent_step(q, k, v, g, beta, rec_state.index_select(0, slots))
             rec_state.index_copy_(0, slots, new)
         else:
+            keep = meta.keep_states or (False,) * len(lens)
             out = torch.empty_like(v)
             start = 0
             for i, n in enumerate(lens):
                 slot = int(slots[i])
                 rows = slice(start, start + n)
-                if n == 1:
+                if keep[i]:
+                    o, new = self._kept_steps(slot, q[rows], k[rows], v[rows], g[rows], beta[rows],
+                                              rec_state[slot])
+                elif n == 1:
                     o, new = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows],
                                             rec_state[slot:slot + 1])
                     new = new[0]
@@ -137,6 +150,19 @@ class GatedDeltaNet(nn.Module):
                 rec_state[slot] = new
                 start += n
         return self.out_proj(self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim))
+
+    def _kept_steps(self, slot: int, q, k, v, g, beta, state: torch.Tensor):
+        """A verify chunk token by token, keeping each token's states
+        (``RecurrentState.keep``). Returns (o [n, H, Dv], the last state)."""
+        outs, states = [], []
+        s = state[None]
+        for t in range(q.shape[0]):
+            o, s = recurrent_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1], beta[t:t + 1], s)
+            outs.append(o)
+            states.append(s[0])
+        self.state.keep(self.state_index, slot, {"conv": self.kept_conv.pop(slot),
+                                                 "recurrent": torch.stack(states)})
+        return torch.cat(outs), s[0]
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each value head's output (weight times the normed row

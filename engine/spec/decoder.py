@@ -24,8 +24,10 @@ set (``LLMEngine.spec``):
                            back to its accepted tokens (``KVCacheManager.trim``
                            frees blocks held only for rejected drafts; only
                            full blocks of accepted tokens are hashed into the
-                           prefix cache) and its outputs of the step merge
-                           into one.
+                           prefix cache; a hybrid model's recurrent states go
+                           back to those after the accepted drafts,
+                           ``RecurrentState.rollback``) and its outputs of the
+                           step merge into one.
 
 The verdict per row: greedy rows take the argmax; seeded rows their seeded
 draw, which for these point-mass drafts is exact rejection sampling (see
@@ -209,6 +211,8 @@ class SpecDecoder:
             if not seq.is_finished and engine.kv.has_owner(seq.seq_id):
                 engine.kv.trim(seq.seq_id, seq.num_tokens)
                 engine.kv.cache_full_blocks(seq)
+                if engine.runner.state is not None:  # a hybrid's states after the accepted drafts
+                    engine.runner.state.rollback(engine.kv.state_slot(seq.seq_id), 1 + r.accepted)
         proposed = sum(len(r.sched.spec_token_ids) for r in runs)
         rejected = sum(1 for r in runs if r.accepted < len(r.sched.spec_token_ids)
                        and not r.sched.seq.is_finished)

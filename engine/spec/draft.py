@@ -69,6 +69,9 @@ class DraftModelProposer(Proposer):
         path = Path(cfg.draft_model).expanduser()
         ckpt = load_checkpoint(path)
         check_compatible(path, ckpt.model_config.vocab_size, ctx)
+        if ckpt.model_config.options.hybrid is not None:
+            raise CheckpointError(f"draft model {path}: a hybrid model ({ckpt.model_config.architecture}) "
+                                  "cannot draft here; use an attention-only draft or n-gram")
         ecfg = ctx.engine_cfg
         self.block_size = ecfg.block_size
         num_blocks = cfg.draft_num_blocks or ctx.num_blocks

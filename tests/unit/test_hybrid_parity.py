@@ -21,6 +21,7 @@ from splitserve.engine.errors import CheckpointError, IncompatibleKVError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.spec.config import SpeculativeConfig
+from splitserve.engine.spec.proposer import Proposer, register_proposer
 from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
@@ -97,10 +98,55 @@ def test_no_prefix_cache_hits_and_slots_freed(tiny_checkpoints, references):
     assert eng.kv.states.all_free() and eng.kv.all_free()
 
 
+# prompt -> its reference continuation, for the proposer below
+_ORACLE: dict[tuple[int, ...], list[int]] = {}
+
+
+class _OracleProposer(Proposer):
+    """Drafts the reference continuation with its last draft changed: each
+    verify step accepts all but the last draft and rejects that one (the
+    engine's own proposers are tested in test_spec_engine; this one makes a
+    rejection certain on random weights)."""
+
+    cost_per_position = False
+
+    def propose(self, seqs, num_tokens):
+        out = []
+        for s, k in zip(seqs, num_tokens):
+            ref = _ORACLE.get(tuple(s.prompt_token_ids), [])
+            d = list(ref[s.num_output_tokens:s.num_output_tokens + k])
+            if len(d) >= 2:
+                d[-1] = (d[-1] + 1) % 400 + 3
+            out.append(d)
+        return out
+
+
+register_proposer("test_oracle_hybrid")(lambda cfg, ctx: _OracleProposer())
+
+
+@pytest.mark.parametrize("variant", HYBRID_VARIANTS)
+def test_speculative_decoding_rolls_the_state_back(tiny_checkpoints, references, variant):
+    # every verify step rejects a draft after accepting others: the states after the accepted
+    # drafts are put back, so greedy output stays transformers'
+    ref, want = references(variant)
+    _ORACLE.update({tuple(p): w for p, w in zip(PROMPTS, want)})
+    eng = engine(tiny_checkpoints[variant], max_num_batched_tokens=64, speculative=SpeculativeConfig(
+        method="test_oracle_hybrid", num_speculative_tokens=3, adaptive=False))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(PROMPTS, params)] == want
+    c = eng.spec.counters
+    assert c.accepted_tokens > 0 and c.draft_tokens > c.accepted_tokens
+    assert eng.kv.all_free()
+    # n-gram lookup too (on these random weights it rarely finds a run): the same tokens
+    eng = engine(tiny_checkpoints[variant], speculative=SpeculativeConfig(method="ngram"))
+    assert [r.token_ids for r in eng.generate(PROMPTS, params)] == want
+
+
 def test_refusals(tiny_checkpoints):
     path = tiny_checkpoints["qwen3_next"]
-    with pytest.raises(CheckpointError, match="speculative decoding is not supported"):
-        engine(path, speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2))
+    with pytest.raises(CheckpointError, match="cannot draft here"):
+        engine(tiny_checkpoints["llama"], speculative=SpeculativeConfig(
+            method="draft", draft_model=str(path), num_speculative_tokens=2))
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         engine(path, max_loras=1)
 
