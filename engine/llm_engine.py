@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import EngineDeadError, InvalidRequestError
+from splitserve.engine.errors import CheckpointError, EngineDeadError, InvalidRequestError
 from splitserve.engine.isolation import is_fatal
 from splitserve.engine.kv_manager import KVCacheManager
 from splitserve.engine.kv_port import KVPort
@@ -66,6 +66,11 @@ class LLMEngine:
         try:
             model = load_model(self.checkpoint, self.dtype, self.device,
                                tp=None if tp is None else tp.group)
+            if hybrid is not None and cfg.speculative is not None and not model.keeps_verify_states:
+                raise CheckpointError(
+                    f"{self.model_cfg.architecture}: speculative decoding is not supported for this "
+                    "hybrid model (its recurrent layers cannot roll rejected drafts back); remove "
+                    "speculative from the model's config")
             # LoRA: slots allocated before the runner captures CUDA graphs over them
             self.lora: LoraManager | None = None
             if cfg.max_loras > 0:

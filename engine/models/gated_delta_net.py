@@ -41,6 +41,8 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> t
 
 
 class GatedDeltaNet(nn.Module):
+    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
         super().__init__()

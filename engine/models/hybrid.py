@@ -27,6 +27,14 @@ class HybridCausalLM(CausalLM):
         for i in layout.state_layers:
             self.layers[i].self_attn.bind(state)
 
+    @property
+    def keeps_verify_states(self) -> bool:
+        """Whether every recurrent layer keeps its per-token states of a verify
+        chunk (``RecurrentState.keep``): what speculative decoding needs to
+        roll rejected drafts back."""
+        return all(getattr(self.layers[i].self_attn, "keeps_verify_states", False)
+                   for i in self.cfg.options.hybrid.state_layers)
+
     def enable_lora(self, num_slots: int, max_rank: int):
         raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
                               "model: its recurrent layers' projections take no adapter here)")

@@ -142,8 +142,14 @@ def test_speculative_decoding_rolls_the_state_back(tiny_checkpoints, references,
     assert [r.token_ids for r in eng.generate(PROMPTS, params)] == want
 
 
-def test_refusals(tiny_checkpoints):
+def test_refusals(tiny_checkpoints, monkeypatch):
+    from splitserve.engine.models.gated_delta_net import GatedDeltaNet
+
     path = tiny_checkpoints["qwen3_next"]
+    with monkeypatch.context() as m:  # a recurrent layer that cannot roll drafts back
+        m.setattr(GatedDeltaNet, "keeps_verify_states", False)
+        with pytest.raises(CheckpointError, match="cannot roll rejected drafts back"):
+            engine(path, speculative=SpeculativeConfig(method="ngram"))
     with pytest.raises(CheckpointError, match="cannot draft here"):
         engine(tiny_checkpoints["llama"], speculative=SpeculativeConfig(
             method="draft", draft_model=str(path), num_speculative_tokens=2))
