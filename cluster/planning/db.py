@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Iterable
 
 from splitserve.cluster.planning.db_schema import (BEST, READABLE_VERSIONS, SAME_SHAPE, SCHEMA,
-                                                  SCHEMA_VERSION, schema_problem, shape_args)
+                                                  SCHEMA_VERSION, migrate_columns, schema_problem,
+                                                  shape_args)
 from splitserve.cluster.planning.hardware import CATALOG_PATH, Efficiency, Hardware, host_name, load_catalog
 from splitserve.cluster.planning.records import (
     DERIVED, MEASURED, PROVENANCES, EngineSettings, SpecAcceptance, StepSample)
@@ -77,6 +78,7 @@ class ProfileDB:
                 self.conn.close()
                 raise ProfileDBError(f"{self.path}: {problem}")
             self.conn.executescript(SCHEMA)
+            migrate_columns(self.conn)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.commit()
         except sqlite3.Error as e:  # not a database, a read-only file or folder, a full disk
@@ -147,11 +149,12 @@ class ProfileDB:
         cur = self.conn.execute(
             "INSERT INTO models (key, name, num_layers, hidden_size, intermediate_size, num_heads, "
             "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
-            "tie_word_embeddings, num_params, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "tie_word_embeddings, num_params, created_at, num_cache_layers) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
              shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
              shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
-             shape.num_params, time.time()))
+             shape.num_params, time.time(), shape.num_cache_layers))
         self.conn.commit()
         return cur.lastrowid
 
@@ -164,7 +167,8 @@ class ProfileDB:
         return ModelShape(row["name"], row["num_layers"], row["hidden_size"],
                           row["intermediate_size"], row["num_heads"], row["num_kv_heads"],
                           row["head_dim"], row["vocab_size"], row["num_experts"],
-                          row["experts_per_token"], bool(row["tie_word_embeddings"]))
+                          row["experts_per_token"], bool(row["tie_word_embeddings"]),
+                          row["num_cache_layers"])
 
     def put_settings(self, s: EngineSettings) -> int:
         row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()

@@ -3,16 +3,21 @@ fragments every reader shares.
 
 ``ProfileDB`` (``cluster.planning.db``) runs ``SCHEMA`` on every open; all
 of it is ``CREATE ... IF NOT EXISTS``, which is also how an older file is
-migrated (version 1 lacked the ``speculation`` table). ``SAME_SHAPE`` with
+migrated (version 1 lacked the ``speculation`` table); columns added since
+(``ADDED_COLUMNS``: version 3's ``models.num_cache_layers``) are added to an
+older file's tables by ``migrate_columns``. ``SAME_SHAPE`` with
 ``shape_args`` matches a model by key, name or structure; ``BEST`` orders
 rows best first. docs/planning.md shows the schema as tables.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
-# versions this one opens (older ones are migrated: only tables were added since)
-READABLE_VERSIONS = (0, 1, 2)
+SCHEMA_VERSION = 3
+# versions this one opens (older ones are migrated: only tables and ADDED_COLUMNS since)
+READABLE_VERSIONS = (0, 1, 2, 3)
+# table -> column -> its definition, for columns added after their table: an older file
+# lacks them, and opening it adds them (migrate_columns)
+ADDED_COLUMNS = {"models": {"num_cache_layers": "INTEGER NOT NULL DEFAULT 0"}}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hardware (
@@ -43,7 +48,8 @@ CREATE TABLE IF NOT EXISTS models (
     num_experts INTEGER NOT NULL DEFAULT 0, experts_per_token INTEGER NOT NULL DEFAULT 0,
     tie_word_embeddings INTEGER NOT NULL DEFAULT 0,
     num_params INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    num_cache_layers INTEGER NOT NULL DEFAULT 0  -- 0: every layer keeps KV (version 3)
 );
 CREATE TABLE IF NOT EXISTS engine_settings (
     id INTEGER PRIMARY KEY,
@@ -167,11 +173,20 @@ def schema_problem(conn) -> str | None:
             cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         except sqlite3.Error:
             cols = set()
-        missing = [c for c in want[table] if c not in cols]
+        missing = [c for c in want[table] if c not in cols and c not in ADDED_COLUMNS.get(table, {})]
         if missing:
             return (f"table {table} lacks the columns {', '.join(missing)}; not a profile "
                     "database, or a damaged one: give --db another file")
     return None
+
+
+def migrate_columns(conn) -> None:
+    """Add ``ADDED_COLUMNS`` an older file's tables lack (after ``SCHEMA`` ran)."""
+    for table, added in ADDED_COLUMNS.items():
+        cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for name, ddl in added.items():
+            if name not in cols:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
 
 
 _COLUMNS: dict[str, list[str]] = {}

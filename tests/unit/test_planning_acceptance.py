@@ -43,11 +43,31 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
         db.conn.execute("PRAGMA user_version = 1")
         db.conn.commit()
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.startup_s(LLAMA.key, "h100-sxm") == (12.5, MEASURED)
         assert db.speculation(LLAMA.key) == []
         db.add_speculation(LLAMA, row(0.3))
         assert [r.acceptance for r in db.speculation(LLAMA.name, "ngram")] == [0.3]
+
+
+def test_a_version_2_file_gains_num_cache_layers_and_keeps_its_models(tmp_path):
+    # version 2's models table had no num_cache_layers: opening the file adds it (0: every
+    # layer), and a hybrid shape stored then reads back with its attention layers
+    import dataclasses
+
+    path = tmp_path / "v2.db"
+    with ProfileDB(path) as db:
+        db.put_model(LLAMA)
+        db.conn.execute("ALTER TABLE models DROP COLUMN num_cache_layers")
+        db.conn.execute("PRAGMA user_version = 2")
+        db.conn.commit()
+    hybrid = dataclasses.replace(LLAMA, name="hybrid", num_cache_layers=LLAMA.num_layers // 4)
+    with ProfileDB(path) as db:
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.model(LLAMA.key) == LLAMA
+        db.put_model(hybrid)
+        assert db.model("hybrid") == hybrid
+        assert db.model("hybrid").kv_bytes_per_token("bfloat16") * 4 == LLAMA.kv_bytes_per_token("bfloat16")
 
 
 def test_rows_keep_every_field_and_come_back_best_first(tmp_path):
