@@ -1,5 +1,5 @@
 """Hybrid models (a recurrent state per sequence beside the paged KV cache:
-Qwen3-Next's Gated DeltaNet layers) through ``LLMEngine`` against
+Qwen3-Next's Gated DeltaNet layers, Kimi Linear's KDA layers) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
@@ -17,7 +17,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.spec.config import SpeculativeConfig
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
-HYBRID_VARIANTS = ("qwen3_next",)
+HYBRID_VARIANTS = ("qwen3_next", "kimi_linear")
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
