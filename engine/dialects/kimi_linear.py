@@ -30,7 +30,9 @@ As transformers' KimiLinearConfig and its model read it:
   ``mlp_layer_types`` ("dense" / "sparse"; default: the first
   ``first_k_dense_replace`` (1) layers dense);
 - ``model_max_length`` (or ``max_position_embeddings``, 1048576) positions;
-  plain RMSNorms (eps ``rms_norm_eps``, 1e-5; the latent norms 1e-6).
+  plain RMSNorms (eps ``rms_norm_eps``, 1e-5; the latent norms 1e-6);
+- ``lm_head`` never tied to the embeddings, whatever ``tie_word_embeddings``
+  says (transformers' KimiLinearForCausalLM ties no weights).
 
 Refused: ``mla_use_nope`` false (transformers' Kimi Linear rotates nothing),
 a ``moe_router_activation_func`` other than sigmoid, activations other than
@@ -55,8 +57,7 @@ ARCH = "KimiLinearForCausalLM"
 KIMI_DELTA = "kimi_delta_attention"
 # transformers' KimiLinearConfig defaults, where config.json has no such key
 _DEFAULTS = {"vocab_size": 163840, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 27,
-             "num_attention_heads": 32, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-             "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163586,
+             "num_attention_heads": 32, "rms_norm_eps": 1e-5, "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163586,
              "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
              "v_head_dim": 128, "moe_intermediate_size": 1024, "topk_group": 1, "routed_scaling_factor": 2.446}
 # DeepSeek-V3's key <- (the name KimiLinearConfig saves, its attribute_map alias), default
@@ -145,7 +146,8 @@ def kimi_delta_shape(cfg: dict[str, Any]) -> GatedDeltaNetShape:
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     full = full_config(cfg)
     layers = int(full["num_hidden_layers"])
-    return latent_moe_keys(full, "kimi_linear", ARCH, mlp_layer_types(full, layers))
+    keys = latent_moe_keys(full, "kimi_linear", ARCH, mlp_layer_types(full, layers))
+    return {**keys, "tie_word_embeddings": False}  # transformers' model never ties them
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:

@@ -67,6 +67,11 @@ def test_config_matches_transformers(raw):
     assert cfg.num_cache_layers == ref.layer_types.count("full_attention")
 
 
+def test_lm_head_is_never_tied():
+    # transformers' KimiLinearForCausalLM ties no weights: lm_head.weight is its own tensor
+    assert not ModelConfig.from_hf({"architectures": [ARCH], "tie_word_embeddings": True}).tie_word_embeddings
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"mla_use_nope": False}, "mla_use_nope"),
     ({"moe_router_activation_func": "softmax"}, "moe_router_activation_func"),
