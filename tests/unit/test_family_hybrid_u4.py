@@ -27,7 +27,7 @@ ARCH = "KimiLinearForCausalLM"
 # the KDA shape and 1-based layer lists in linear_attn_config, no layer_types / mlp_layer_types
 ORIGINAL = {"architectures": [ARCH], "model_type": "kimi_linear", "hidden_size": 256, "num_hidden_layers": 6,
             "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 72, "rope_theta": 10000.0,
-            "rope_scaling": None, "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+            "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
             "qk_rope_head_dim": 16, "v_head_dim": 32, "mla_use_nope": True, "num_experts": 16,
             "num_experts_per_token": 4, "num_shared_experts": 2, "moe_intermediate_size": 64,
             "moe_renormalize": False, "moe_router_activation_func": "sigmoid", "routed_scaling_factor": 1.5,
