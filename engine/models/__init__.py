@@ -41,6 +41,7 @@ from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
 from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
+from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -260,6 +261,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Qwen3-Next: Gated DeltaNet layers (a recurrent state per sequence) beside gated
     # attention layers, Qwen2-MoE's sparse MLP
     "qwen3_next": Qwen3NextForCausalLM,
+    # Kimi Linear: Kimi Delta Attention layers (a recurrent state per sequence) beside latent
+    # attention layers without RoPE, DeepSeek-V3's experts
+    "kimi_linear": KimiLinearForCausalLM,
 }
 
 
@@ -292,4 +296,4 @@ __all__ = ["Qwen3NextForCausalLM", "CausalLM", "CohereCausalLM", "GPT2CausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
            "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
-           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM"]
+           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM"]

@@ -91,7 +91,7 @@ class MLAttention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         layer_cache: torch.Tensor,  # [2, NB, BS, H, D]
         meta: AttentionMetadata,
-        cos_sin_cache: torch.Tensor,  # [max_position, qk_rope_head_dim] float32
+        cos_sin_cache: torch.Tensor | None,  # [max_position, qk_rope_head_dim] float32
         lora: LoraMeta | None = None,  # always None: DeepseekCausalLM refuses adapters
     ) -> torch.Tensor:
         t, h, m = x.shape[0], self.num_heads, self.mla
@@ -103,8 +103,9 @@ class MLAttention(nn.Module):
         q = q.view(t, h, m.qk_head_dim)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent.contiguous())[0]).view(t, h, nope + m.v_head_dim)
-        q_pe, k_pe = ops.rotary_embedding(positions, self._pairs(q[..., nope:]),
-                                          self._pairs(k_pe.view(t, 1, rope)), cos_sin_cache)
+        q_pe, k_pe = q[..., nope:], k_pe.view(t, 1, rope)
+        if cos_sin_cache is not None:  # None: no RoPE (Kimi Linear), the rope dims pass as they are
+            q_pe, k_pe = ops.rotary_embedding(positions, self._pairs(q_pe), self._pairs(k_pe), cos_sin_cache)
         d = self.head_dim
         q = _padded(torch.cat([q[..., :nope], q_pe], dim=-1), d)
         k = _padded(torch.cat([kv[..., :nope], k_pe.expand(t, h, rope)], dim=-1), d)

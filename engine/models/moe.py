@@ -105,6 +105,8 @@ CHECKPOINT_NAMES = {
     # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
     "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # its block_sparse_moe renamed mlp at load (splitserve.engine.models.kimi_linear)
+    "kimi_linear": ("mlp", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -117,7 +119,8 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "kolibri1": "shared_experts", "minicpm5_moe": "shared_experts",
                           "afmoe": "shared_experts", "sarvam_moe": "shared_experts",
                           "param2moe": "shared_experts", "sarvam_mla": "shared_experts",
-                          "flint": "shared_expert", "hy_v3": "shared_mlp"}
+                          "flint": "shared_expert", "hy_v3": "shared_mlp",
+                          "kimi_linear": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)

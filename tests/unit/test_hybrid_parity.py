@@ -1,5 +1,5 @@
 """Hybrid models (a recurrent state per sequence beside the paged KV cache:
-Qwen3-Next's Gated DeltaNet layers) through ``LLMEngine`` against
+Qwen3-Next's Gated DeltaNet layers, Kimi Linear's KDA layers) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
@@ -26,7 +26,10 @@ from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
-HYBRID_VARIANTS = ("qwen3_next",)
+HYBRID_VARIANTS = ("qwen3_next", "kimi_linear")
+# those whose recurrent layers keep a verify chunk's states (speculative decoding); the
+# others refuse it (test_refusals)
+SPECULATING = ("qwen3_next",)
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
@@ -124,7 +127,7 @@ class _OracleProposer(Proposer):
 register_proposer("test_oracle_hybrid")(lambda cfg, ctx: _OracleProposer())
 
 
-@pytest.mark.parametrize("variant", HYBRID_VARIANTS)
+@pytest.mark.parametrize("variant", SPECULATING)
 def test_speculative_decoding_rolls_the_state_back(tiny_checkpoints, references, variant):
     # every verify step rejects a draft after accepting others: the states after the accepted
     # drafts are put back, so greedy output stays transformers'
@@ -155,6 +158,9 @@ def test_refusals(tiny_checkpoints, monkeypatch):
             method="draft", draft_model=str(path), num_speculative_tokens=2))
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         engine(path, max_loras=1)
+    for variant in set(HYBRID_VARIANTS) - set(SPECULATING):
+        with pytest.raises(CheckpointError, match="cannot roll rejected drafts back"):
+            engine(tiny_checkpoints[variant], speculative=SpeculativeConfig(method="ngram"))
 
 
 @pytest.mark.parametrize("variant", HYBRID_VARIANTS)
