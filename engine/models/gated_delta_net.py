@@ -31,13 +31,38 @@ from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, line
 from splitserve.engine.state_cache import RecurrentState
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's chunk x [n, C] through the depthwise causal convolution
-    ``weight`` [C, K] after its last K - 1 inputs ``state`` [C, K - 1]: (SiLU
-    of the output [n, C], the new state)."""
+    ``weight`` [C, K] (plus ``bias`` [C], if any) after its last K - 1 inputs
+    ``state`` [C, K - 1]: (SiLU of the output [n, C], the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), groups=weight.shape[0])[0]
+    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), _cast(bias, window),
+                   groups=weight.shape[0])[0]
     return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
+
+
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of each sequence, x [B, C], through the convolution after
+    its slot's last inputs in ``conv_state`` [slots, C, K - 1], which it
+    updates: SiLU of the output [B, C] (in the state's dtype)."""
+    window = torch.cat([conv_state.index_select(0, slots), x[:, :, None].to(conv_state.dtype)], dim=2)
+    out = F.conv1d(window, weight[:, None, :].to(window.dtype), _cast(bias, window), groups=weight.shape[0])
+    conv_state.index_copy_(0, slots, window[:, :, 1:])
+    return F.silu(out[..., 0])
+
+
+def kept_conv_states(before: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The convolution's last K - 1 inputs after each token of a chunk x [n, C]
+    that starts from ``before`` [C, K - 1]: [n, C, K - 1]."""
+    window = torch.cat([before, x.t().to(before.dtype)], dim=1)
+    k1 = before.shape[1]
+    return torch.stack([window[:, t + 1:t + 1 + k1] for t in range(x.shape[0])])
+
+
+def _cast(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias.to(like.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -100,10 +125,7 @@ class GatedDeltaNet(nn.Module):
         slots = meta.state_slots
         mixed = torch.empty_like(qkv)
         if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
-            window = torch.cat([conv_state.index_select(0, slots), qkv[:, :, None].to(conv_state.dtype)], dim=2)
-            out = F.conv1d(window, weight[:, None, :].to(window.dtype), groups=weight.shape[0])[..., 0]
-            mixed = F.silu(out).to(qkv.dtype)
-            conv_state.index_copy_(0, slots, window[:, :, 1:])
+            mixed = conv_step(qkv, conv_state, weight, slots).to(qkv.dtype)
         else:
             keep = meta.keep_states or (False,) * len(lens)
             start = 0
@@ -114,9 +136,7 @@ class GatedDeltaNet(nn.Module):
                 mixed[start:start + n] = out.to(qkv.dtype)
                 conv_state[slot] = new
                 if keep[i]:  # the last K - 1 inputs after each token of the chunk
-                    window = torch.cat([before, qkv[start:start + n].t().to(before.dtype)], dim=1)
-                    k1 = before.shape[1]
-                    self.kept_conv[slot] = torch.stack([window[:, t + 1:t + 1 + k1] for t in range(n)])
+                    self.kept_conv[slot] = kept_conv_states(before, qkv[start:start + n])
                 start += n
         t = x.shape[0]
         q, k, v = mixed.float().split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
