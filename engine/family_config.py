@@ -18,6 +18,7 @@ from typing import Any
 
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
+from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
 
@@ -180,6 +181,12 @@ class FamilyOptions:
     # Qwen3-Next, Qwen3.5: the shape of their Gated DeltaNet layers
     # (splitserve.engine.models.gated_delta_net); None: none
     gated_delta_net: GatedDeltaNetShape | None = None
+    # Mamba, Falcon-Mamba, Jamba: the shape of their Mamba-1 layers (transformers'
+    # MambaMixer; splitserve.engine.models.mamba1); None: none
+    mamba: Mamba1Shape | None = None
+    # Mamba, Falcon-Mamba residual_in_fp32: the residual stream kept in float32 between
+    # layers (MambaBlock), each norm reading it rounded to the model dtype
+    residual_in_fp32: bool = False
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

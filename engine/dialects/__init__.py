@@ -139,6 +139,7 @@ from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E4
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
 from splitserve.engine.dialects import kimi_linear  # noqa: E402
+from splitserve.engine.dialects import mamba  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -211,4 +212,5 @@ DIALECTS.update({
     "longcat_flash": longcat_flash.DIALECT,
     "qwen3_next": qwen3_next.DIALECT,
     "kimi_linear": kimi_linear.DIALECT,
+    "mamba": mamba.DIALECT,
 })

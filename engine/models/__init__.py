@@ -42,6 +42,7 @@ from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
+from splitserve.engine.models.mamba import MambaCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -264,6 +265,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Kimi Linear: Kimi Delta Attention layers (a recurrent state per sequence) beside latent
     # attention layers without RoPE, DeepSeek-V3's experts
     "kimi_linear": KimiLinearForCausalLM,
+    # Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
+    # attention (a KV cache of no layer), the residual stream in float32
+    "mamba": MambaCausalLM,
 }
 
 
@@ -296,4 +300,4 @@ __all__ = ["Qwen3NextForCausalLM", "CausalLM", "CohereCausalLM", "GPT2CausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
            "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
-           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM"]
+           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM", "MambaCausalLM"]

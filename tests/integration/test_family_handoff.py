@@ -32,7 +32,8 @@ and latent attention with values narrower than its keys, a sparse layer
 before a dense one (GLM-4.7-Flash), and Gated DeltaNet layers whose
 recurrent states ride in the hand-off's reply beside gated attention
 layers' blocks (Qwen3-Next: the resumed stream's prompt is computed again,
-no prefix caching)."""
+no prefix caching), and Mamba, with no attention layer: no KV block at all,
+its states alone in the reply."""
 
 import asyncio
 
@@ -43,7 +44,8 @@ from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.integration.pd_harness import make_engine, start_pd
 
 NEW, CUT = 8, 3
-RECURRENT = ("qwen3_next",)  # hybrid models: their engines keep no prefix cache
+RECURRENT = ("qwen3_next", "mamba")  # hybrid models: their engines keep no prefix cache
+NO_CACHE = ("mamba",)  # no attention layer: no KV block is sent, the states ride in the reply
 PROMPT = [(37 * i + 11) % 500 + 3 for i in range(26)]  # > the fixtures' windows of 8
 
 
@@ -58,7 +60,7 @@ def greedy(n: int, resumed: int = 0) -> SamplingParams:
     ("glm4_moe", "auto"), ("cohere2", "auto"), ("gpt_neo", "auto"), ("exaone4", "auto"),
     ("phimoe", "auto"), ("gpt_oss", "auto"), ("llama4", "auto"), ("deepseek_v3", "auto"),
     ("bloom", "auto"), ("gemma3", "fp8"), ("ministral3", "auto"), ("glm4_moe_lite", "auto"),
-    ("qwen3_next", "auto"),
+    ("qwen3_next", "auto"), ("mamba", "auto"),
 ])
 def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
     path = tiny_checkpoints[variant]
@@ -72,11 +74,13 @@ def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
                             make_engine(path, kv_cache_dtype=kv))
         try:
             got, first = await pd.generate(PROMPT, greedy(NEW))
-            assert first.mode.value == "remote" and first.bytes > 0
+            assert first.mode.value == "remote" and (first.bytes > 0) == (variant not in NO_CACHE)
             assert got == want
             tail, resumed = await pd.generate(PROMPT + want[:CUT], greedy(NEW - CUT, CUT))
             assert resumed.mode.value == "remote"
-            if variant in RECURRENT:  # no prefix caching: every block is sent again
+            if variant in NO_CACHE:
+                assert resumed.bytes == 0
+            elif variant in RECURRENT:  # no prefix caching: every block is sent again
                 assert resumed.bytes > first.bytes
             else:
                 assert 0 < resumed.bytes < first.bytes  # the cached prefix's blocks stay put

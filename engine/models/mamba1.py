@@ -1,0 +1,184 @@
+"""A Mamba-1 layer (transformers' ``MambaMixer``: Mamba's and Falcon-Mamba's
+``mixer``, Jamba's ``mamba``) over the engine's flat batch, its per-sequence
+state in the recurrent-state store (``splitserve.engine.state_cache``): the
+convolution's last inputs ("conv") and the selective scan's [inner, state]
+state ("ssm", float32).
+
+Per token, with the shape ``FamilyOptions.mamba`` gives:
+
+- in_proj(h) -> x, z (inner channels each);
+- x through the causal depthwise convolution (``conv_kernel`` taps, its
+  bias where ``conv_bias``) and SiLU;
+- x_proj(x) -> dt (``dt_rank`` dims), B, C (``state_size`` each); Falcon-Mamba
+  RMS-normalises each without a weight, Jamba with one (``dt_norms``);
+- dt = softplus(dt_proj(dt)) (the bias added in the model dtype, as
+  transformers does); A = -exp(A_log) [inner, state];
+- the selective scan: s = exp(dt A) s + dt B x; y = s C + D x;
+- y * SiLU(z) through out_proj.
+
+Sequences of one token (decoding) run batched; each prompt chunk runs its
+scan token by token from its sequence's state (zeroed by the runner at the
+sequence's first token). A speculative verify chunk (``meta.keep_states``)
+keeps the states after each token for ``RecurrentState.rollback``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.mamba_config import Mamba1Shape
+from splitserve.engine.models.gated_delta_net import causal_conv, conv_step, kept_conv_states
+from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.state_cache import RecurrentState
+
+
+def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x RMS-normalised over its last dim in float32, rounded back to x's dtype,
+    then times ``weight`` (if any)."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
+
+
+class Mamba1Mixer(nn.Module):
+    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 state_index: int):
+        super().__init__()
+        shape: Mamba1Shape = cfg.options.mamba
+        if cfg.options.hidden_act != "silu":
+            raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
+                                  "by Mamba layers (their convolution's activation is SiLU here)")
+        self.shape = shape
+        self.state_index = state_index
+        h, inner, n = cfg.hidden_size, shape.inner, shape.state_size
+        self.in_proj = Linear(h, 2 * inner, shape.proj_bias, dtype, device)
+        self.conv_weight = empty_param(inner, 1, shape.conv_kernel, dtype=dtype, device=device)
+        self.conv_bias = empty_param(inner, dtype=dtype, device=device) if shape.conv_bias else None
+        self.x_proj = Linear(inner, shape.dt_rank + 2 * n, False, dtype, device)
+        self.dt_proj = Linear(shape.dt_rank, inner, False, dtype, device)
+        self.dt_bias = empty_param(inner, dtype=dtype, device=device)  # dt_proj.bias, added apart
+        self.A_log = empty_param(inner, n, dtype=dtype, device=device)
+        self.D = empty_param(inner, dtype=dtype, device=device)
+        self.out_proj = Linear(inner, h, shape.proj_bias, dtype, device)
+        weighted = shape.dt_norms == "weighted"
+        self.norm_weights = nn.ParameterDict(
+            {k: empty_param(d, dtype=dtype, device=device) for k, d in
+             (("dt", shape.dt_rank), ("b", n), ("c", n))} if weighted else {})
+        self.state: RecurrentState | None = None
+        self.kept_conv: dict[int, torch.Tensor] = {}  # slot -> conv states of a verify chunk
+
+    def bind(self, state: RecurrentState) -> None:
+        self.state = state
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
+                meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
+                lora=None) -> torch.Tensor:
+        s = self.shape
+        u, z = self.in_proj(x).split([s.inner, s.inner], dim=-1)
+        states = self.state.layer(self.state_index)
+        conv_state, ssm_state = states["conv"], states["ssm"]
+        weight = self.conv_weight[:, 0, :]
+        lens, slots = meta.query_lens, meta.state_slots
+        decoding = all(n == 1 for n in lens)
+        keep = meta.keep_states or (False,) * len(lens)
+        if decoding:  # every sequence one token, batched
+            u = conv_step(u, conv_state, weight, slots, self.conv_bias).to(x.dtype)
+        else:
+            mixed = torch.empty_like(u)
+            start = 0
+            for i, n in enumerate(lens):
+                slot, rows = int(slots[i]), slice(start, start + n)
+                if keep[i]:  # the last K - 1 inputs after each token of the chunk
+                    self.kept_conv[slot] = kept_conv_states(conv_state[slot].clone(), u[rows])
+                out, conv_state[slot] = causal_conv(u[rows], conv_state[slot], weight, self.conv_bias)
+                mixed[rows] = out.to(x.dtype)
+                start += n
+            u = mixed
+        dt, B, C = self.selective_inputs(u)
+        if decoding:
+            y, new = scan(u, dt, B, C, self.A, ssm_state.index_select(0, slots), keep_all=False)
+            ssm_state.index_copy_(0, slots, new)
+        else:
+            y = torch.empty_like(u)
+            start = 0
+            for i, n in enumerate(lens):
+                slot, rows = int(slots[i]), slice(start, start + n)
+                out, new = scan(u[rows, None], dt[rows, None], B[rows, None], C[rows, None], self.A,
+                                ssm_state[slot:slot + 1], keep_all=keep[i])
+                if keep[i]:
+                    self.state.keep(self.state_index, slot, {"conv": self.kept_conv.pop(slot),
+                                                             "ssm": new[:, 0]})
+                    new = new[-1]
+                y[rows] = out[:, 0]
+                ssm_state[slot] = new[0]
+                start += n
+        y = y + u * self.D
+        return self.out_proj((y * F.silu(z)).to(x.dtype))
+
+    @property
+    def A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def selective_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_proj's dt, B and C for the convolved u [T, inner], normed as the
+        family does; dt through dt_proj, its bias and softplus."""
+        s = self.shape
+        dt, B, C = self.x_proj(u).split([s.dt_rank, s.state_size, s.state_size], dim=-1)
+        if s.dt_norms:
+            w = self.norm_weights
+            dt, B, C = (rms(t, s.dt_norm_eps, w[k] if w else None) for t, k in ((dt, "dt"), (B, "b"), (C, "c")))
+        dt = F.softplus(self.dt_proj(dt) + self.dt_bias)
+        return dt, B, C
+
+    def quantize_fp8_(self) -> None:
+        for lin in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj):
+            lin.quantize_fp8_()
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
+        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+
+    def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
+        slots: dict[str, ShardSlot] = {}
+        for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+            lin = getattr(self, name)
+            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        slots[f"{prefix}.dt_proj.bias"] = ShardSlot(self.dt_bias)
+        slots[f"{prefix}.conv1d.weight"] = ShardSlot(self.conv_weight)
+        if self.conv_bias is not None:
+            slots[f"{prefix}.conv1d.bias"] = ShardSlot(self.conv_bias)
+        slots[f"{prefix}.A_log"] = ShardSlot(self.A_log)
+        slots[f"{prefix}.D"] = ShardSlot(self.D)
+        for k, p in self.norm_weights.items():
+            slots[f"{prefix}.{k}_layernorm.weight"] = ShardSlot(p)
+        return slots
+
+
+def scan(u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor,
+         state: torch.Tensor, keep_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan over n steps of a batch: u, dt [n, b, inner] (or
+    [b, inner], one step), B, C [n, b, state], A [inner, state], state
+    [b, inner, state] float32. Returns (s C per step in u's dtype, shaped as
+    u; the state after the last step, or after each step [n, b, inner,
+    state] where ``keep_all``)."""
+    one = u.dim() == 2
+    if one:
+        u, dt, B, C = u[None], dt[None], B[None], C[None]
+    s = state.float()
+    outs, kept = [], []
+    for t in range(u.shape[0]):
+        d = dt[t].float()[..., None]  # [b, inner, 1]
+        s = torch.exp(d * A) * s + d * B[t].float()[:, None, :] * u[t].float()[..., None]
+        outs.append(torch.matmul(s.to(u.dtype), C[t][..., None].to(u.dtype))[..., 0])
+        if keep_all:
+            kept.append(s)
+    y = torch.stack(outs)
+    if one:
+        return y[0], s
+    return y, (torch.stack(kept) if keep_all else s)
