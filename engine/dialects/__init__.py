@@ -213,4 +213,5 @@ DIALECTS.update({
     "qwen3_next": qwen3_next.DIALECT,
     "kimi_linear": kimi_linear.DIALECT,
     "mamba": mamba.DIALECT,
+    "falcon_mamba": mamba.FALCON_DIALECT,
 })

@@ -1,7 +1,8 @@
-"""Mamba (``MambaForCausalLM``, transformers' ``mamba``): its config.json in
-Llama's keys, and its ``FamilyOptions``.
+"""Mamba (``MambaForCausalLM``, transformers' ``mamba``) and Falcon-Mamba
+(``FalconMambaForCausalLM``, ``falcon_mamba``): their config.json in
+Llama's keys, and their ``FamilyOptions``.
 
-As transformers' MambaConfig and its model read it:
+As transformers' MambaConfig / FalconMambaConfig and their models read it:
 
 - ``hidden_size`` (768; the original checkpoints' ``d_model``),
   ``num_hidden_layers`` (32; ``n_layer``), ``vocab_size`` (50280; in the
@@ -10,6 +11,8 @@ As transformers' MambaConfig and its model read it:
   ``expand`` (2) x hidden channels, ``state_size`` (16), ``conv_kernel`` (4)
   taps (a bias where ``use_conv_bias``, on), ``time_step_rank`` ("auto":
   ceil(hidden / 16)), in_proj / out_proj biases where ``use_bias`` (off);
+  Falcon-Mamba RMS-normalises dt, B and C without a weight (``mixer_rms_eps``,
+  1e-6);
 - RMSNorms of ``layer_norm_epsilon`` (1e-5); ``residual_in_fp32`` (on);
   ``tie_word_embeddings`` (on); no attention layer, so the KV cache has none.
 
@@ -36,7 +39,7 @@ from splitserve.engine.family_config import FamilyOptions
 from splitserve.engine.hybrid_config import HybridLayout
 from splitserve.engine.mamba_config import Mamba1Shape
 
-ARCH = "MambaForCausalLM"
+ARCH, FALCON_ARCH = "MambaForCausalLM", "FalconMambaForCausalLM"
 MAMBA = "mamba"  # the layer kind of HybridLayout
 # the original checkpoints' ssm_cfg keys -> transformers' names
 _SSM_CFG = {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand", "dt_rank": "time_step_rank",
@@ -106,9 +109,12 @@ def _options(cfg: dict[str, Any], arch: str, dt_norms: str) -> FamilyOptions:
         raise ValueError(f"hidden_act {act!r} is not supported for {arch}; supported: silu")
     shape = mamba_shape(full, dt_norms)
     layers = int(full.get("num_hidden_layers") or 32)
+    family = "falcon_mamba" if arch == FALCON_ARCH else "mamba"
     return FamilyOptions(hidden_act="silu", hybrid=HybridLayout((MAMBA,) * layers, shape.states()), mamba=shape,
                          residual_in_fp32=bool(full.get("residual_in_fp32", True)),
-                         tensor_parallel_refusal="mamba's Mamba layers are not sharded across ranks")
+                         tensor_parallel_refusal=f"{family}'s Mamba layers are not sharded across ranks")
 
 
 DIALECT = Dialect(architectures=(ARCH,), llama_keys=llama_keys, options=lambda cfg: _options(cfg, ARCH, ""))
+FALCON_DIALECT = Dialect(architectures=(FALCON_ARCH,), llama_keys=llama_keys,
+                         options=lambda cfg: _options(cfg, FALCON_ARCH, "weightless"))

@@ -265,9 +265,10 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Kimi Linear: Kimi Delta Attention layers (a recurrent state per sequence) beside latent
     # attention layers without RoPE, DeepSeek-V3's experts
     "kimi_linear": KimiLinearForCausalLM,
-    # Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
+    # Mamba, Falcon-Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
     # attention (a KV cache of no layer), the residual stream in float32
     "mamba": MambaCausalLM,
+    "falcon_mamba": MambaCausalLM,
 }
 
 

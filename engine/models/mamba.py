@@ -1,8 +1,9 @@
-"""Mamba (``MambaForCausalLM``): every layer an RMSNorm then a Mamba-1
-mixer (``splitserve.engine.models.mamba1``), no attention and no MLP, so
-the engine's KV cache has no layer at all (its blocks only count tokens);
-a final RMSNorm (``norm_f``), the LM head tied to the embeddings unless
-config.json says otherwise.
+"""Mamba (``MambaForCausalLM``) and Falcon-Mamba (``FalconMambaForCausalLM``):
+every layer an RMSNorm then a Mamba-1 mixer
+(``splitserve.engine.models.mamba1``; Falcon-Mamba's normalises dt, B and C),
+no attention and no MLP, so the engine's KV cache has no layer at all (its
+blocks only count tokens); a final RMSNorm (``norm_f``), the LM head tied
+to the embeddings unless config.json says otherwise.
 
 ``residual_in_fp32`` (transformers' default): the residual stream is kept in
 float32, each layer's norm reading it rounded to the model dtype. Checkpoint

@@ -1,4 +1,4 @@
-"""Mamba-1 families (Mamba): config.json read as transformers'
+"""Mamba-1 families (Mamba, Falcon-Mamba): config.json read as transformers'
 config classes read it (their defaults, the original checkpoints' keys),
 the original checkpoints' tensor names, and what is refused. Token parity
 through LLMEngine (chunked prefill, preemption, speculative decoding, the
@@ -13,7 +13,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
-MAMBA = "MambaForCausalLM"
+MAMBA, FALCON = "MambaForCausalLM", "FalconMambaForCausalLM"
 # config.json in state-spaces' original format (mamba_ssm's MambaConfig)
 ORIGINAL = {"architectures": [MAMBA], "d_model": 96, "n_layer": 3, "vocab_size": 50277,
             "ssm_cfg": {"d_state": 8, "d_conv": 3}, "rms_norm": True, "residual_in_fp32": False,
@@ -23,10 +23,10 @@ ORIGINAL = {"architectures": [MAMBA], "d_model": 96, "n_layer": 3, "vocab_size":
 def reference(arch: str):
     import transformers
 
-    return transformers.MambaConfig()
+    return (transformers.MambaConfig if arch == MAMBA else transformers.FalconMambaConfig)()
 
 
-@pytest.mark.parametrize("arch", [MAMBA])
+@pytest.mark.parametrize("arch", [MAMBA, FALCON])
 def test_defaults_match_transformers(arch):
     cfg, ref = ModelConfig.from_hf({"architectures": [arch]}), reference(arch)
     shape, opts = cfg.options.mamba, cfg.options
@@ -36,7 +36,9 @@ def test_defaults_match_transformers(arch):
         ref.intermediate_size, ref.state_size, ref.conv_kernel, ref.time_step_rank)
     assert (shape.conv_bias, shape.proj_bias, opts.residual_in_fp32) == (
         ref.use_conv_bias, ref.use_bias, ref.residual_in_fp32)
-    assert shape.dt_norms == ""
+    assert shape.dt_norms == ("weightless" if arch == FALCON else "")
+    if arch == FALCON:
+        assert shape.dt_norm_eps == ref.mixer_rms_eps
     assert cfg.num_cache_layers == 0 and cfg.kv_bytes_per_token(cfg.torch_dtype) == 0
     assert [s.name for s in opts.hybrid.states] == ["conv", "ssm"]
 
@@ -64,7 +66,7 @@ def test_unsupported_options_are_refused(extra, match):
 
 def test_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
     with pytest.raises(TensorParallelConfigError, match="Mamba layers are not sharded"):
-        check(ModelConfig.from_hf({"architectures": [MAMBA]}), 2)
+        check(ModelConfig.from_hf({"architectures": [FALCON]}), 2)
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         LLMEngine(EngineConfig(model=str(tiny_checkpoints["mamba"]), num_blocks=32, block_size=4, max_loras=1))
 
