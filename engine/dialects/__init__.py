@@ -139,7 +139,7 @@ from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E4
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
 from splitserve.engine.dialects import kimi_linear  # noqa: E402
-from splitserve.engine.dialects import mamba  # noqa: E402
+from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -214,4 +214,5 @@ DIALECTS.update({
     "kimi_linear": kimi_linear.DIALECT,
     "mamba": mamba.DIALECT,
     "falcon_mamba": mamba.FALCON_DIALECT,
+    "jamba": jamba.DIALECT,
 })

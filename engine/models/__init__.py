@@ -43,6 +43,7 @@ from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
 from splitserve.engine.models.mamba import MambaCausalLM
+from splitserve.engine.models.jamba import JambaCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -269,6 +270,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # attention (a KV cache of no layer), the residual stream in float32
     "mamba": MambaCausalLM,
     "falcon_mamba": MambaCausalLM,
+    # Jamba: Mamba-1 layers beside attention layers without RoPE, experts on some layers
+    "jamba": JambaCausalLM,
 }
 
 
@@ -301,4 +304,4 @@ __all__ = ["Qwen3NextForCausalLM", "CausalLM", "CohereCausalLM", "GPT2CausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
            "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
-           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM", "MambaCausalLM"]
+           "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM", "MambaCausalLM", "JambaCausalLM"]

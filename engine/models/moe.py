@@ -107,6 +107,8 @@ CHECKPOINT_NAMES = {
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     # its block_sparse_moe renamed mlp at load (splitserve.engine.models.kimi_linear)
     "kimi_linear": ("mlp", ("w1", "w3", "w2")),
+    # its feed_forward.router renamed gate at load (splitserve.engine.models.jamba)
+    "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

@@ -1,8 +1,9 @@
-"""Mamba-1 families (Mamba, Falcon-Mamba): config.json read as transformers'
-config classes read it (their defaults, the original checkpoints' keys),
-the original checkpoints' tensor names, and what is refused. Token parity
-through LLMEngine (chunked prefill, preemption, speculative decoding, the
-hand-off of a model with no KV cache layer) is in test_hybrid_parity."""
+"""Mamba-1 families (Mamba, Falcon-Mamba, Jamba): config.json read as
+transformers' config classes read it (their defaults, the original
+checkpoints' keys), the original checkpoints' tensor names, a Jamba without
+experts, and what is refused. Token parity through LLMEngine (chunked
+prefill, preemption, speculative decoding, the hand-off of a model with no
+KV cache layer) is in test_hybrid_parity."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
-MAMBA, FALCON = "MambaForCausalLM", "FalconMambaForCausalLM"
+MAMBA, FALCON, JAMBA = "MambaForCausalLM", "FalconMambaForCausalLM", "JambaForCausalLM"
 # config.json in state-spaces' original format (mamba_ssm's MambaConfig)
 ORIGINAL = {"architectures": [MAMBA], "d_model": 96, "n_layer": 3, "vocab_size": 50277,
             "ssm_cfg": {"d_state": 8, "d_conv": 3}, "rms_norm": True, "residual_in_fp32": False,
@@ -91,3 +92,65 @@ def test_original_checkpoint_names_load(tiny_checkpoints, tmp_path):
     eng = LLMEngine(EngineConfig(model=str(dst), num_blocks=32, block_size=4))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in eng.generate([prompt], params)] == want
+
+
+@pytest.mark.parametrize("raw", [{}, {"num_hidden_layers": 6, "num_key_value_heads": None, "num_local_experts": 4,
+                                      "attn_layer_period": 3, "attn_layer_offset": 0, "expert_layer_period": 3,
+                                      "expert_layer_offset": 2, "mamba_dt_rank": 12, "mamba_expand": 3}],
+                         ids=["defaults", "periods"])
+def test_jamba_config_matches_transformers(raw):
+    import transformers
+
+    from splitserve.engine.hybrid_config import ATTENTION
+
+    cfg = ModelConfig.from_hf({"architectures": [JAMBA], **raw})
+    ref = transformers.JambaConfig(**{k: v for k, v in raw.items() if v is not None})
+    if "num_key_value_heads" in raw:  # null: the head count, as JambaConfig's __post_init__ sets it
+        ref.num_key_value_heads = ref.num_attention_heads
+    shape, moe = cfg.options.mamba, cfg.moe
+    assert (cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+            cfg.max_position, cfg.tie_word_embeddings) == (
+        ref.hidden_size, ref.num_hidden_layers, ref.vocab_size, ref.num_attention_heads, ref.num_key_value_heads,
+        ref.rms_norm_eps, ref.max_position_embeddings, ref.tie_word_embeddings)
+    assert cfg.options.hybrid.layer_kinds == tuple(ATTENTION if t == "attention" else "mamba"
+                                                   for t in ref.layers_block_type)
+    assert moe.sparse_layers == tuple(n > 1 for n in ref.layers_num_experts)
+    assert (moe.num_experts, moe.top_k, moe.renormalize, moe.expert_intermediate_size) == (
+        ref.num_experts, ref.num_experts_per_tok, False, ref.intermediate_size)
+    assert (shape.inner, shape.state_size, shape.conv_kernel, shape.dt_rank, shape.dt_norms) == (
+        ref.mamba_expand * ref.hidden_size, ref.mamba_d_state, ref.mamba_d_conv, ref.mamba_dt_rank, "weighted")
+    assert (shape.conv_bias, shape.proj_bias, shape.dt_norm_eps) == (
+        ref.mamba_conv_bias, ref.mamba_proj_bias, ref.rms_norm_eps)
+    assert cfg.num_cache_layers == ref.layers_block_type.count("attention")
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"attn_layer_offset": 8}, "attn_layer_offset"),
+    ({"expert_layer_offset": 2}, "expert_layer_offset"),
+    ({"attn_layer_period": 1, "attn_layer_offset": 0}, "recurrent layer"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"sliding_window": 4096}, "sliding_window"),
+    ({"mamba_d_conv": 1}, "taps"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_jamba_unsupported_options_are_refused(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": [JAMBA], **extra})
+    with pytest.raises(TensorParallelConfigError, match="Mamba layers are not sharded"):
+        check(ModelConfig.from_hf({"architectures": [JAMBA]}), 2)
+
+
+def test_jamba_without_experts(tiny_checkpoints, tmp_path):
+    # num_experts 1: every layer's MLP dense (transformers' JambaMLP), no sparse block
+    from splitserve.engine.sampling_params import SamplingParams
+    from tests.fixtures.checkpoints import hf_greedy, hf_model, variant_kwargs, write_hf_checkpoint
+
+    kwargs = {**variant_kwargs("jamba", tiny_checkpoints.vocab_size), "num_experts": 1}
+    path = write_hf_checkpoint(tmp_path / "dense", "JambaConfig", kwargs, 253, {},
+                               tiny_checkpoints.tokenizer_dir)
+    prompts = [[5, 9, 13], list(range(20, 37))]
+    want = hf_greedy(hf_model(path), prompts, 4)
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=32, block_size=4, max_num_batched_tokens=8))
+    assert eng.model_cfg.moe is None
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want

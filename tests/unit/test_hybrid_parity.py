@@ -26,10 +26,10 @@ from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
-HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "mamba", "falcon_mamba")
+HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "mamba", "falcon_mamba", "jamba")
 # those whose recurrent layers keep a verify chunk's states (speculative decoding); the
 # others refuse it (test_refusals)
-SPECULATING = ("qwen3_next", "mamba", "falcon_mamba")
+SPECULATING = ("qwen3_next", "mamba", "falcon_mamba", "jamba")
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
