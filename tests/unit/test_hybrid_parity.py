@@ -29,7 +29,7 @@ from tests.fixtures.handoff import export_layers, export_meta, handoff_generate,
 HYBRID_VARIANTS = ("qwen3_next", "kimi_linear")
 # those whose recurrent layers keep a verify chunk's states (speculative decoding); the
 # others refuse it (test_refusals)
-SPECULATING = ("qwen3_next",)
+SPECULATING = ("qwen3_next", "kimi_linear")
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
