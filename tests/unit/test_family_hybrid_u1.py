@@ -1,0 +1,142 @@
+"""config.json parsing of Qwen3.5 (and its multimodal wrapper's text model): the
+defaults transformers' config classes fill in (checked against those classes), what
+is refused with a clear CheckpointError, the multimodal RoPE of text tokens against
+transformers' own table, and a wrapper checkpoint served through LLMEngine. Token
+parity of the text models is in test_hybrid_parity (variant qwen3_5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.hybrid_config import ATTENTION
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.models.rope import build_cos_sin_cache
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import COMMON, variant_kwargs
+from tests.unit.test_family_olmo3_exaone import hf_config
+
+QWEN3_5 = "Qwen3_5ForCausalLM"
+QWEN3_5_WRAPPED = "Qwen3_5ForConditionalGeneration"
+PROMPTS = [[5, 9, 13, 21, 40], list(range(30, 52))]
+
+
+def assert_hybrid_shape(ours: ModelConfig, ref) -> None:
+    """Layer kinds and the Gated DeltaNet's shape as transformers' config gives them."""
+    kinds = tuple(ATTENTION if t == "full_attention" else "gated_delta_net" for t in ref.layer_types)
+    assert ours.options.hybrid.layer_kinds == kinds
+    s = ours.options.gated_delta_net
+    assert (s.num_k_heads, s.num_v_heads, s.k_head_dim, s.v_head_dim, s.conv_kernel) == (
+        ref.linear_num_key_heads, ref.linear_num_value_heads, ref.linear_key_head_dim,
+        ref.linear_value_head_dim, ref.linear_conv_kernel_dim)
+
+
+def test_qwen3_5_defaults_as_transformers_reads_them():
+    c = {"architectures": [QWEN3_5]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("Qwen3_5TextConfig", c)
+    assert ours.family == "qwen3_5" and ours.moe is None
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers) == (
+        ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers) == (248320, 4096, 12288, 32)
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.tie_word_embeddings == ref.tie_word_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert ours.options.rotary_dim == int(ref.head_dim * ref.rope_parameters["partial_rotary_factor"]) == 64
+    assert ours.qk_norm and not ours.attention_bias and not ours.mlp_bias
+    assert ours.options.norm_plus_one and not ours.options.gated_delta_net.fused_projections
+    assert_hybrid_shape(ours, ref)
+    assert ours.num_cache_layers == 8
+
+
+def test_qwen3_5_wrapper_reads_its_text_config_and_ties_by_its_own_key():
+    text = {"hidden_size": 64, "num_hidden_layers": 3, "full_attention_interval": 3, "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5,
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}}
+    c = {"architectures": [QWEN3_5_WRAPPED], "model_type": "qwen3_5", "text_config": text, "dtype": "bfloat16"}
+    ours, ref = ModelConfig.from_hf(c), hf_config("Qwen3_5Config", c)
+    assert ours.architecture == QWEN3_5_WRAPPED and ours.family == "qwen3_5" and ours.dtype == "bfloat16"
+    assert ours.hidden_size == ref.text_config.hidden_size == 64
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is False  # the wrapper's, not the text's
+    assert ours.options.rotary_dim == 128
+    assert_hybrid_shape(ours, ref.text_config)
+    assert ModelConfig.from_hf({**c, "tie_word_embeddings": True}).tie_word_embeddings
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"sliding_window": 8, "use_sliding_window": True}, "sliding windows"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 4]}}, "mrope_section"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types"),
+])
+def test_qwen3_5_refusals_name_the_option(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 2, **extra})
+
+
+def test_qwen3_5_tensor_parallel_refused():
+    with pytest.raises(TensorParallelConfigError, match="Gated DeltaNet"):
+        check(ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 4}), 2)
+
+
+def test_qwen3_5_text_positions_turn_as_plain_rope():
+    """transformers' interleaved multimodal table, every axis at the text position,
+    is the plain partial RoPE table the engine builds."""
+    import transformers
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+    kwargs = variant_kwargs("qwen3_5", 100)
+    ref = Qwen3_5TextRotaryEmbedding(transformers.Qwen3_5TextConfig(**kwargs))
+    positions = torch.arange(200)
+    cos, sin = ref(torch.zeros(1, dtype=torch.float32), positions[None, None].expand(3, 1, -1))
+    ours = build_cos_sin_cache(ModelConfig.from_hf({"architectures": [QWEN3_5], **kwargs}))
+    half = ours.shape[1] // 2
+    assert ours.shape[1] == cos.shape[-1] == 8
+    torch.testing.assert_close(ours[:200, :half], cos[0, :, :half], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:200, half:], sin[0, :, :half], rtol=0, atol=1e-6)
+
+
+def write_wrapper(out, tokenizer_dir, vocab: int, variant: str, wrapper_config: str, wrapper: str,
+                  vision_config: str, seed: int):
+    """``variant``'s text model inside its multimodal ``wrapper`` with a one-block
+    vision tower, tied embeddings (the wrapper's key), saved as transformers saves it."""
+    import transformers
+
+    text = {k: v for k, v in variant_kwargs(variant, vocab).items() if k not in ("pad_token_id",)}
+    vision = getattr(transformers, vision_config)(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                  out_hidden_size=COMMON["hidden_size"],
+                                                  num_position_embeddings=16)
+    config = getattr(transformers, wrapper_config)(text_config=text, vision_config=vision.to_dict(),
+                                                   tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ref = getattr(transformers, wrapper)(config).eval()
+    ref.save_pretrained(str(out), safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return ref
+
+
+@torch.no_grad()
+def wrapper_matches(path, ref) -> None:
+    """LLMEngine on the wrapper checkpoint: transformers' greedy tokens and prompt logprobs."""
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4, max_num_batched_tokens=8))
+    assert eng.model_cfg.tie_word_embeddings
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    for prompt, out in zip(PROMPTS, eng.generate(PROMPTS, params)):
+        ids = ref.generate(torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == ids[0, len(prompt):].tolist()
+        logits = ref(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        want = logits[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_qwen3_5_wrapper_checkpoint_serves_its_text_model(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
+    ref = write_wrapper(tmp_path, tiny_tokenizer_dir, tiny_checkpoints.vocab_size, "qwen3_5", "Qwen3_5Config",
+                        QWEN3_5_WRAPPED, "Qwen3_5VisionConfig", 231)
+    wrapper_matches(tmp_path, ref)
