@@ -211,4 +211,5 @@ DIALECTS.update({
     "longcat_flash": longcat_flash.DIALECT,
     "qwen3_next": qwen3_next.DIALECT,
     "qwen3_5": qwen3_5.DIALECT,
+    "qwen3_5_moe": qwen3_5.MOE_DIALECT,
 })

@@ -1,14 +1,22 @@
 """Qwen3.5 (``Qwen3_5ForCausalLM``, transformers' ``qwen3_5_text``; and the text
 model of ``Qwen3_5ForConditionalGeneration``, model_type qwen3_5, from its
-``text_config``): its config.json in Llama's keys, and its ``FamilyOptions``.
+``text_config``) and Qwen3.5-MoE (``Qwen3_5MoeForCausalLM``, ``qwen3_5_moe_text``,
+and ``Qwen3_5MoeForConditionalGeneration``'s text model): their config.json in
+Llama's keys, and their ``FamilyOptions``.
 
 Qwen3-Next's layers (``splitserve.engine.dialects.qwen3_next``) as
 transformers' Qwen3_5TextConfig and its model read them, bar:
 
 - the Gated DeltaNet's projections stored apart (``in_proj_qkv``,
   ``in_proj_z``, ``in_proj_b``, ``in_proj_a``), not grouped per key head;
-- a dense MLP in every layer (``intermediate_size`` 12288);
-- defaults: 32 layers of 4096, 16 heads, 4 KV heads, a vocabulary of 248320;
+- Qwen3.5: a dense MLP in every layer (``intermediate_size`` 12288);
+  defaults: 32 layers of 4096, 16 heads, 4 KV heads, a vocabulary of 248320;
+- Qwen3.5-MoE: Qwen2-MoE's sparse MLP in every layer (``decoder_sparse_step``
+  and ``mlp_only_layers`` are no keys of its config), its top-k softmax
+  weights always renormalised (no ``norm_topk_prob``): ``num_experts`` 256,
+  top ``num_experts_per_tok`` 8 of ``moe_intermediate_size`` 512, a
+  sigmoid-gated shared expert of ``shared_expert_intermediate_size`` 512;
+  defaults: 40 layers of 2048, 16 heads, 2 KV heads, a vocabulary of 248320;
 - RoPE through multimodal sections (``mrope_section``, interleaved): a text
   token's position is the same on its time, height and width axes, so every
   section turns by the one position and the table is plain RoPE over
@@ -90,3 +98,29 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
 
 
 DIALECT = Dialect(architectures=(ARCH, WRAPPED), llama_keys=llama_keys, options=options)
+
+MOE_ARCH = "Qwen3_5MoeForCausalLM"
+MOE_WRAPPED = "Qwen3_5MoeForConditionalGeneration"
+# transformers' Qwen3_5MoeTextConfig defaults (it has no intermediate_size: no layer is dense)
+_MOE_PASSED = {**_PASSED, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2}
+del _MOE_PASSED["intermediate_size"]
+_MOE_DEFAULTS = {"num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                 "shared_expert_intermediate_size": 512}
+
+
+def moe_llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    text = text_config(cfg, MOE_DIALECT.architectures, MOE_WRAPPED)
+    out = dense_keys(text, _MOE_PASSED, "qwen3_5_moe")
+    moe = {k: text.get(k) if text.get(k) is not None else v for k, v in _MOE_DEFAULTS.items()}
+    # every layer sparse, every top-k renormalised (Qwen3_5MoeSparseMoeBlock, Qwen3_5MoeTopKRouter)
+    out.update(moe, intermediate_size=moe["moe_intermediate_size"], norm_topk_prob=True,
+               decoder_sparse_step=1, mlp_only_layers=[])
+    return out
+
+
+def moe_options(cfg: dict[str, Any]) -> FamilyOptions:
+    return family_options(text_config(cfg, MOE_DIALECT.architectures, MOE_WRAPPED), MOE_ARCH, "qwen3_5_moe",
+                          _MOE_PASSED)
+
+
+MOE_DIALECT = Dialect(architectures=(MOE_ARCH, MOE_WRAPPED), llama_keys=moe_llama_keys, options=moe_options)

@@ -264,6 +264,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Qwen3.5: Qwen3-Next's layers, the Gated DeltaNet's projections stored apart, dense MLPs;
     # its multimodal wrapper's text model
     "qwen3_5": Qwen3_5ForCausalLM,
+    # Qwen3.5-MoE: the same, Qwen2-MoE's sparse MLP (renormalised top-k) in every layer
+    "qwen3_5_moe": Qwen3_5ForCausalLM,
 }
 
 

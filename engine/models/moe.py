@@ -105,6 +105,8 @@ CHECKPOINT_NAMES = {
     # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
     "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # per expert, or fused experts split at load (splitserve.engine.models.qwen3_5)
+    "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

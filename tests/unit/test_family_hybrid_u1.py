@@ -1,8 +1,9 @@
-"""config.json parsing of Qwen3.5 (and its multimodal wrapper's text model): the
-defaults transformers' config classes fill in (checked against those classes), what
-is refused with a clear CheckpointError, the multimodal RoPE of text tokens against
-transformers' own table, and a wrapper checkpoint served through LLMEngine. Token
-parity of the text models is in test_hybrid_parity (variant qwen3_5)."""
+"""config.json parsing of Qwen3.5 and Qwen3.5-MoE (and their multimodal wrappers'
+text models): the defaults transformers' config classes fill in (checked against those
+classes), what is refused with a clear CheckpointError, the multimodal RoPE of text
+tokens against transformers' own table, and wrapper checkpoints (and fused experts)
+served through LLMEngine. Token parity of the text models is in test_hybrid_parity
+(variants qwen3_5, qwen3_5_moe)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import COMMON, variant_kwargs
+from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, variant_kwargs
 from tests.unit.test_family_olmo3_exaone import hf_config
 
 QWEN3_5 = "Qwen3_5ForCausalLM"
 QWEN3_5_WRAPPED = "Qwen3_5ForConditionalGeneration"
+QWEN3_5_MOE = "Qwen3_5MoeForCausalLM"
+QWEN3_5_MOE_WRAPPED = "Qwen3_5MoeForConditionalGeneration"
 PROMPTS = [[5, 9, 13, 21, 40], list(range(30, 52))]
 
 
@@ -139,4 +142,68 @@ def wrapper_matches(path, ref) -> None:
 def test_qwen3_5_wrapper_checkpoint_serves_its_text_model(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
     ref = write_wrapper(tmp_path, tiny_tokenizer_dir, tiny_checkpoints.vocab_size, "qwen3_5", "Qwen3_5Config",
                         QWEN3_5_WRAPPED, "Qwen3_5VisionConfig", 231)
+    wrapper_matches(tmp_path, ref)
+
+
+def test_qwen3_5_moe_defaults_as_transformers_reads_them():
+    c = {"architectures": [QWEN3_5_MOE]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("Qwen3_5MoeTextConfig", c)
+    assert ours.family == "qwen3_5_moe"
+    assert (ours.vocab_size, ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads,
+        ref.head_dim) == (248320, 2048, 40, 16, 2, 256)
+    m = ours.moe
+    assert (m.num_experts, m.top_k, m.expert_intermediate_size, m.shared_expert_intermediate_size) == (
+        ref.num_experts, ref.num_experts_per_tok, ref.moe_intermediate_size, ref.shared_expert_intermediate_size)
+    assert m.renormalize and all(m.sparse_layers) and len(m.sparse_layers) == 40
+    assert ours.options.rotary_dim == 64 and not ours.tie_word_embeddings
+    assert_hybrid_shape(ours, ref)
+
+
+def test_qwen3_5_moe_reads_no_dense_layer_keys():
+    """Its config has no decoder_sparse_step, mlp_only_layers or norm_topk_prob: every
+    layer sparse, every top-k renormalised, whatever config.json holds."""
+    c = {"architectures": [QWEN3_5_MOE], "num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2,
+         "mlp_only_layers": [1], "decoder_sparse_step": 2, "norm_topk_prob": False}
+    m = ModelConfig.from_hf(c).moe
+    assert m.renormalize and m.sparse_layers == (True,) * 4 and m.num_experts == 4
+
+
+def fuse_experts(src, out, prefix: str = "model.language_model.") -> None:
+    """``src``'s checkpoint rewritten with each layer's experts fused ([E, 2I, hidden]
+    gate_up_proj, rows [gate | up]; [E, hidden, I] down_proj) and its text tensors
+    under ``prefix``."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    experts, tensors = {}, {}
+    for name, t in load_file(str(out / "model.safetensors")).items():
+        name = prefix + name[len("model."):] if name.startswith("model.") else name
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if m is None:
+            tensors[name] = t
+        else:
+            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = t
+    for base, projs in experts.items():
+        stacked = {p: torch.stack([w[e] for e in sorted(w)]) for p, w in projs.items()}
+        tensors[f"{base}.gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], dim=1)
+        tensors[f"{base}.down_proj"] = stacked["down_proj"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_qwen3_5_moe_fused_experts_under_the_wrapper_prefix(tmp_path, tiny_checkpoints):
+    src = tiny_checkpoints["qwen3_5_moe"]
+    fuse_experts(src, tmp_path / "fused")
+    eng = LLMEngine(EngineConfig(model=str(tmp_path / "fused"), num_blocks=64, block_size=4,
+                                 max_num_batched_tokens=8))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(PROMPTS, params)] == hf_greedy(hf_model(src), PROMPTS, 4)
+
+
+def test_qwen3_5_moe_wrapper_checkpoint_serves_its_text_model(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
+    ref = write_wrapper(tmp_path, tiny_tokenizer_dir, tiny_checkpoints.vocab_size, "qwen3_5_moe",
+                        "Qwen3_5MoeConfig", QWEN3_5_MOE_WRAPPED, "Qwen3_5MoeVisionConfig", 233)
     wrapper_matches(tmp_path, ref)
