@@ -42,6 +42,7 @@ from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.qwen3_5 import Qwen3_5ForCausalLM
+from splitserve.engine.models.olmo_hybrid import OlmoHybridCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -266,6 +267,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "qwen3_5": Qwen3_5ForCausalLM,
     # Qwen3.5-MoE: the same, Qwen2-MoE's sparse MLP (renormalised top-k) in every layer
     "qwen3_5_moe": Qwen3_5ForCausalLM,
+    # OLMo Hybrid: pre-norm Gated DeltaNet layers beside OLMo 3's post-norm attention layers
+    "olmo_hybrid": OlmoHybridCausalLM,
 }
 
 

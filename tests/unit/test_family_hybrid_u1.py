@@ -1,9 +1,9 @@
-"""config.json parsing of Qwen3.5 and Qwen3.5-MoE (and their multimodal wrappers'
-text models): the defaults transformers' config classes fill in (checked against those
-classes), what is refused with a clear CheckpointError, the multimodal RoPE of text
-tokens against transformers' own table, and wrapper checkpoints (and fused experts)
-served through LLMEngine. Token parity of the text models is in test_hybrid_parity
-(variants qwen3_5, qwen3_5_moe)."""
+"""config.json parsing of Qwen3.5, Qwen3.5-MoE (and their multimodal wrappers' text
+models) and OLMo Hybrid: the defaults transformers' config classes fill in (checked
+against those classes), what is refused with a clear CheckpointError, the multimodal
+RoPE of text tokens against transformers' own table, a wrapper checkpoint, fused
+experts and OLMo Hybrid without RoPE served through LLMEngine. Token parity of the
+text models is in test_hybrid_parity (variants qwen3_5, qwen3_5_moe, olmo_hybrid)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
-from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, variant_kwargs
+from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, variant_kwargs, write_hf_checkpoint
 from tests.unit.test_family_olmo3_exaone import hf_config
 
 QWEN3_5 = "Qwen3_5ForCausalLM"
 QWEN3_5_WRAPPED = "Qwen3_5ForConditionalGeneration"
 QWEN3_5_MOE = "Qwen3_5MoeForCausalLM"
 QWEN3_5_MOE_WRAPPED = "Qwen3_5MoeForConditionalGeneration"
+OLMO_HYBRID = "OlmoHybridForCausalLM"
 PROMPTS = [[5, 9, 13, 21, 40], list(range(30, 52))]
 
 
@@ -203,7 +204,76 @@ def test_qwen3_5_moe_fused_experts_under_the_wrapper_prefix(tmp_path, tiny_check
     assert [r.token_ids for r in eng.generate(PROMPTS, params)] == hf_greedy(hf_model(src), PROMPTS, 4)
 
 
-def test_qwen3_5_moe_wrapper_checkpoint_serves_its_text_model(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
-    ref = write_wrapper(tmp_path, tiny_tokenizer_dir, tiny_checkpoints.vocab_size, "qwen3_5_moe",
-                        "Qwen3_5MoeConfig", QWEN3_5_MOE_WRAPPED, "Qwen3_5MoeVisionConfig", 233)
-    wrapper_matches(tmp_path, ref)
+def test_qwen3_5_moe_wrapper_reads_its_text_config():
+    """Its checkpoints load as the dense wrapper's do (the fused-experts test reads one
+    under model.language_model.); its config.json is its text_config."""
+    text = {"hidden_size": 64, "num_hidden_layers": 2, "full_attention_interval": 2, "num_experts": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 16, "tie_word_embeddings": True}
+    c = {"architectures": [QWEN3_5_MOE_WRAPPED], "model_type": "qwen3_5_moe", "text_config": text}
+    ours, ref = ModelConfig.from_hf(c), hf_config("Qwen3_5MoeConfig", c)
+    assert ours.architecture == QWEN3_5_MOE_WRAPPED and ours.family == "qwen3_5_moe"
+    assert (ours.moe.num_experts, ours.moe.top_k, ours.moe.expert_intermediate_size) == (
+        ref.text_config.num_experts, ref.text_config.num_experts_per_tok, ref.text_config.moe_intermediate_size)
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings is False
+    assert_hybrid_shape(ours, ref.text_config)
+
+
+def test_olmo_hybrid_defaults_as_transformers_reads_them():
+    c = {"architectures": [OLMO_HYBRID]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("OlmoHybridConfig", c)
+    assert ours.family == "olmo_hybrid" and ours.moe is None
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
+            ours.num_kv_heads) == (ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers,
+                                   ref.num_attention_heads, ref.num_key_value_heads) == (100352, 3840, 11008, 32, 30, 30)
+    assert ours.head_dim == ref.hidden_size // ref.num_attention_heads == 128
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.tie_word_embeddings == ref.tie_word_embeddings
+    assert ours.eos_token_ids == (ref.eos_token_id,) and ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert ours.qk_norm and not ours.attention_bias and not ours.o_proj_bias and not ours.mlp_bias
+    o = ours.options
+    assert o.post_norms and o.full_qk_norm and o.norm_fp32_product and not o.norm_plus_one
+    assert o.rotary_dim is None and o.nope_layers == ()
+    assert_hybrid_shape(ours, ref)
+    assert (o.gated_delta_net.beta_scale, o.gated_delta_net.norm_eps) == (2.0, 1e-5)
+    # fewer than four layers: the last one attends
+    c = {"architectures": [OLMO_HYBRID], "num_hidden_layers": 3}
+    assert_hybrid_shape(ModelConfig.from_hf(c), hf_config("OlmoHybridConfig", c))
+
+
+def test_olmo_hybrid_options():
+    c = {"architectures": [OLMO_HYBRID], "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+         "head_dim": 32, "linear_allow_neg_eigval": False}
+    ours = ModelConfig.from_hf(c)
+    assert ours.head_dim == 32  # its attention reads a head_dim config.json holds
+    assert ours.options.gated_delta_net.beta_scale == 1.0
+    nope = ModelConfig.from_hf({**c, "rope_parameters": {"rope_type": "default", "rope_theta": None}})
+    assert nope.options.nope_layers == (3,)
+    assert ModelConfig.from_hf({**c, "rope_theta": None}).options.nope_layers == (3,)
+    assert ModelConfig.from_hf({**c, "rope_parameters": None}).options.nope_layers == ()
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"layer_types": ["linear_attention"] * 2}, "both full_attention and linear_attention"),
+    ({"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types"),
+    ({"linear_conv_kernel_dim": 1}, "linear_conv_kernel_dim"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_olmo_hybrid_refusals_name_the_option(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": [OLMO_HYBRID], "num_hidden_layers": 2, **extra})
+    with pytest.raises(TensorParallelConfigError, match="Gated DeltaNet"):
+        check(ModelConfig.from_hf({"architectures": [OLMO_HYBRID], "num_hidden_layers": 4}), 2)
+
+
+def test_olmo_hybrid_without_rope_matches_transformers(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
+    """A null rope_theta (the released checkpoints'): no layer rotates, in transformers and here."""
+    kwargs = {**variant_kwargs("olmo_hybrid", tiny_checkpoints.vocab_size),
+              "rope_parameters": {"rope_type": "default", "rope_theta": None}}
+    path = write_hf_checkpoint(tmp_path / "nope", "OlmoHybridConfig", kwargs, 234, {}, tiny_tokenizer_dir)
+    ref = hf_model(path)
+    assert ref.model.rotary_emb is None
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4, max_num_batched_tokens=8))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(PROMPTS, params)] == hf_greedy(ref, PROMPTS, 4)
