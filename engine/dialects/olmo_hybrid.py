@@ -110,7 +110,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:
-    refuse_fp8_checkpoint(cfg, ARCH, "untested through its renamed Gated DeltaNet tensors")
+    refuse_fp8_checkpoint(cfg, ARCH, "untested: its tensors are renamed and its convolution joined at load")
     kinds = layer_kinds(cfg)
     shape = gated_delta_net_shape(cfg)
     rotates = rope(cfg)[1]

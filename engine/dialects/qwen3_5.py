@@ -85,7 +85,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def family_options(text: dict[str, Any], arch: str, family: str, passed: dict[str, Any]) -> FamilyOptions:
-    refuse_fp8_checkpoint(text, arch, "untested through its renamed Gated DeltaNet projections")
+    refuse_fp8_checkpoint(text, arch, "untested: its tensors are renamed or split at load")
     # the layer count's default where config.json names none (hybrid_options reads Qwen3-Next's)
     full = {**text, "num_hidden_layers": text.get("num_hidden_layers") or passed["num_hidden_layers"],
             "hidden_size": text.get("hidden_size") or passed["hidden_size"],
