@@ -139,6 +139,8 @@ from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E4
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
 from splitserve.engine.dialects import kimi_linear  # noqa: E402
+from splitserve.engine.dialects import qwen3_5  # noqa: E402
+from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -211,4 +213,7 @@ DIALECTS.update({
     "longcat_flash": longcat_flash.DIALECT,
     "qwen3_next": qwen3_next.DIALECT,
     "kimi_linear": kimi_linear.DIALECT,
+    "qwen3_5": qwen3_5.DIALECT,
+    "qwen3_5_moe": qwen3_5.MOE_DIALECT,
+    "olmo_hybrid": olmo_hybrid.DIALECT,
 })

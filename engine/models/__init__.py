@@ -42,6 +42,8 @@ from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
+from splitserve.engine.models.qwen3_5 import Qwen3_5ForCausalLM
+from splitserve.engine.models.olmo_hybrid import OlmoHybridCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -264,6 +266,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Kimi Linear: Kimi Delta Attention layers (a recurrent state per sequence) beside latent
     # attention layers without RoPE, DeepSeek-V3's experts
     "kimi_linear": KimiLinearForCausalLM,
+    # Qwen3.5: Qwen3-Next's layers, the Gated DeltaNet's projections stored apart, dense MLPs;
+    # its multimodal wrapper's text model
+    "qwen3_5": Qwen3_5ForCausalLM,
+    # Qwen3.5-MoE: the same, Qwen2-MoE's sparse MLP (renormalised top-k) in every layer
+    "qwen3_5_moe": Qwen3_5ForCausalLM,
+    # OLMo Hybrid: pre-norm Gated DeltaNet layers beside OLMo 3's post-norm attention layers
+    "olmo_hybrid": OlmoHybridCausalLM,
 }
 
 

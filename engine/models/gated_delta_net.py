@@ -5,9 +5,10 @@ the engine's flat batch, its per-sequence state in the recurrent-state store
 
 Per token: projections give q, k, v (through a causal depthwise convolution
 of ``conv_kernel`` taps and SiLU), a gate z, and per value head b and a;
-beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); the gated delta
-rule (``splitserve.engine.models.delta_rule``) mixes the sequence; its
-output is RMS-normed per value head, times SiLU(z), and projected back.
+beta = sigmoid(b) (times ``beta_scale``), g = -exp(A_log) * softplus(a +
+dt_bias); the gated delta rule (``splitserve.engine.models.delta_rule``)
+mixes the sequence; its output is RMS-normed per value head, times SiLU(z),
+and projected back.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs on
 its own, starting from its sequence's state (zeroed by the runner at the
@@ -44,7 +45,7 @@ class GatedDeltaNet(nn.Module):
                                   "by Gated DeltaNet layers (their convolution and gate use SiLU)")
         self.shape = shape
         self.state_index = state_index
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h = cfg.hidden_size
         self.dtype = dtype
         if shape.fused_projections:  # [q k v z] per key head; [b a] per key head
@@ -100,7 +101,7 @@ class GatedDeltaNet(nn.Module):
         r = s.num_v_heads // s.num_k_heads
         if r > 1:  # each q/k head serves r consecutive value heads
             q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
-        beta = b.sigmoid().float()  # in the model dtype, as transformers rounds it
+        beta = (b.sigmoid() * s.beta_scale).float()  # in the model dtype, as transformers rounds it
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta)
         for slot, steps in kept.items():

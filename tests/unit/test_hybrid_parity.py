@@ -26,10 +26,11 @@ from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
-HYBRID_VARIANTS = ("qwen3_next", "kimi_linear")
-# those whose recurrent layers keep a verify chunk's states (speculative decoding); the
-# others refuse it (test_refusals)
-SPECULATING = ("qwen3_next", "kimi_linear")
+HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
+# speculative decoding's rollback tested on one variant per recurrent layer kind; those whose
+# recurrent layers keep no verify chunk's states refuse it (test_refusals)
+SPECULATING = ("qwen3_next", "kimi_linear", "olmo_hybrid")
+NO_SPECULATION: tuple[str, ...] = ()
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
@@ -158,7 +159,7 @@ def test_refusals(tiny_checkpoints, monkeypatch):
             method="draft", draft_model=str(path), num_speculative_tokens=2))
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         engine(path, max_loras=1)
-    for variant in set(HYBRID_VARIANTS) - set(SPECULATING):
+    for variant in NO_SPECULATION:
         with pytest.raises(CheckpointError, match="cannot roll rejected drafts back"):
             engine(tiny_checkpoints[variant], speculative=SpeculativeConfig(method="ngram"))
 
