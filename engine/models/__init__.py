@@ -41,6 +41,7 @@ from splitserve.engine.models.hunyuan_moe import HunYuanMoeCausalLM
 from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
+from splitserve.engine.models.lfm2 import Lfm2ForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -260,6 +261,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Qwen3-Next: Gated DeltaNet layers (a recurrent state per sequence) beside gated
     # attention layers, Qwen2-MoE's sparse MLP
     "qwen3_next": Qwen3NextForCausalLM,
+    # LFM2: gated short-convolution layers (a state per sequence) beside attention layers
+    "lfm2": Lfm2ForCausalLM,
 }
 
 

@@ -16,6 +16,8 @@ sequence's first token).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,13 +31,18 @@ from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, line
 from splitserve.engine.state_cache import RecurrentState
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                activation: Callable[[torch.Tensor], torch.Tensor] | None = F.silu,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's chunk x [n, C] through the depthwise causal convolution
-    ``weight`` [C, K] after its last K - 1 inputs ``state`` [C, K - 1]: (SiLU
-    of the output [n, C], the new state)."""
+    ``weight`` [C, K] (plus ``bias`` [C]) after its last K - 1 inputs ``state``
+    [C, K - 1]: (``activation`` of the output [n, C] (None: none), the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), groups=weight.shape[0])[0]
-    return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
+    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype),
+                   None if bias is None else bias.to(window.dtype), groups=weight.shape[0])[0]
+    if activation is not None:
+        out = activation(out)
+    return out.t(), window[:, window.shape[1] - state.shape[1]:]
 
 
 class GatedDeltaNet(nn.Module):

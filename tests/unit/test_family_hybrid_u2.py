@@ -1,0 +1,96 @@
+"""LFM2 (lfm2): the config.json defaults as Lfm2Config gives them, the layer
+pattern and MLP width derived as transformers derives them, and what is
+refused (options, fp8 checkpoints, tensor parallelism). Token parity is in
+test_hybrid_parity (variant lfm2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.lfm2_config import SHORT_CONV
+from splitserve.engine.hybrid_config import ATTENTION
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+LFM2 = "Lfm2ForCausalLM"
+
+
+def raw(arch: str, **extra) -> dict:
+    return {"architectures": [arch], **extra}
+
+
+def hf_mlp_width(config_cls: str, mlp_cls, **kwargs) -> int:
+    """The MLP width transformers builds for a config (on the meta device)."""
+    config = getattr(transformers, config_cls)(**kwargs)
+    with torch.device("meta"):
+        return mlp_cls(config).w1.out_features
+
+
+def test_lfm2_defaults():
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+
+    ref = transformers.Lfm2Config()
+    cfg = ModelConfig.from_hf(raw(LFM2))
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) \
+        == (ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads,
+            ref.num_key_value_heads, ref.hidden_size // ref.num_attention_heads)
+    assert cfg.intermediate_size == hf_mlp_width("Lfm2Config", Lfm2MLP) == 8192
+    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.max_position) == (ref.norm_eps, 1e6, ref.max_position_embeddings)
+    assert cfg.tie_word_embeddings and cfg.qk_norm and not (cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias)
+    assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
+    # every layer attends by default (full_attn_idxs absent): no state, the plain decoder
+    assert cfg.options.hybrid is None and cfg.num_cache_layers == 32
+    assert (cfg.options.lfm2.conv_kernel, cfg.options.lfm2.conv_bias) == (3, False)
+
+
+def test_lfm2_layer_pattern():
+    cfg = ModelConfig.from_hf(raw(LFM2, num_hidden_layers=5, full_attn_idxs=[1, 4], conv_L_cache=4))
+    ref = transformers.Lfm2Config(num_hidden_layers=5, full_attn_idxs=[1, 4]).layer_types
+    kinds = cfg.options.hybrid.layer_kinds
+    assert kinds == tuple(ATTENTION if t == "full_attention" else SHORT_CONV for t in ref)
+    assert cfg.num_cache_layers == 2 and cfg.options.hybrid.states[0].shape == (2560, 3)
+    # layer_types wins over full_attn_idxs
+    cfg = ModelConfig.from_hf(raw(LFM2, num_hidden_layers=2, full_attn_idxs=[0],
+                                  layer_types=["conv", "full_attention"]))
+    assert cfg.options.hybrid.layer_kinds == (SHORT_CONV, ATTENTION)
+
+
+@pytest.mark.parametrize("extra", [
+    {"block_ffn_dim_multiplier": 0.7},
+    {"block_auto_adjust_ff_dim": False},
+    {"intermediate_size": 1000, "block_ffn_dim_multiplier": 1.3, "block_multiple_of": 96},
+])
+def test_lfm2_mlp_width_matches_transformers(extra):
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+
+    cfg = ModelConfig.from_hf(raw(LFM2, hidden_size=64, **extra))
+    assert cfg.intermediate_size == hf_mlp_width("Lfm2Config", Lfm2MLP, hidden_size=64, **extra)
+
+
+def test_lfm2_older_key_names():
+    # block_ff_dim and tie_embedding, popped by Lfm2Config over intermediate_size / tie_word_embeddings
+    cfg = ModelConfig.from_hf(raw(LFM2, block_ff_dim=1536, intermediate_size=999, tie_embedding=False,
+                                  tie_word_embeddings=True, block_auto_adjust_ff_dim=False))
+    assert cfg.intermediate_size == 1536 and not cfg.tie_word_embeddings
+    # a null multiplier (Lfm2MLP's test; Lfm2Config itself takes none): 2/3 of the width, unrounded
+    assert ModelConfig.from_hf(raw(LFM2, intermediate_size=1000,
+                                   block_ffn_dim_multiplier=None)).intermediate_size == 666
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"conv_L_cache": 1}, "conv_L_cache"),
+    ({"num_hidden_layers": 2, "layer_types": ["conv", "sliding_attention"]}, "layer_types"),
+    ({"num_hidden_layers": 2, "layer_types": ["conv"]}, "layer_types has 1 entries"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 Lfm2ForCausalLM"),
+])
+def test_lfm2_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(LFM2, **extra))
+
+
+def test_lfm2_tensor_parallel_is_refused():
+    with pytest.raises(TensorParallelConfigError, match="short convolution"):
+        check(ModelConfig.from_hf(raw(LFM2, num_hidden_layers=2, full_attn_idxs=[1])), 2)
