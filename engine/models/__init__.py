@@ -42,6 +42,7 @@ from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.lfm2 import Lfm2ForCausalLM
+from splitserve.engine.models.lfm2_moe import Lfm2MoeForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -263,6 +264,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "qwen3_next": Qwen3NextForCausalLM,
     # LFM2: gated short-convolution layers (a state per sequence) beside attention layers
     "lfm2": Lfm2ForCausalLM,
+    # LFM2-MoE: LFM2 with sigmoid-routed experts (a per-expert bias for choosing) past its dense layers
+    "lfm2_moe": Lfm2MoeForCausalLM,
 }
 
 

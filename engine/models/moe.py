@@ -105,6 +105,7 @@ CHECKPOINT_NAMES = {
     # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
     "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

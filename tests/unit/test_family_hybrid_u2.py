@@ -1,7 +1,8 @@
-"""LFM2 (lfm2): the config.json defaults as Lfm2Config gives them, the layer
-pattern and MLP width derived as transformers derives them, and what is
-refused (options, fp8 checkpoints, tensor parallelism). Token parity is in
-test_hybrid_parity (variant lfm2)."""
+"""LFM2 (lfm2) and LFM2-MoE (lfm2_moe): the config.json defaults as their
+config classes give them, the layer pattern and MLP width derived as
+transformers derives them, and what is refused (options, fp8 checkpoints,
+tensor parallelism). Token parity is in test_hybrid_parity (variants lfm2,
+lfm2_moe)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
 LFM2 = "Lfm2ForCausalLM"
+LFM2_MOE = "Lfm2MoeForCausalLM"
 
 
 def raw(arch: str, **extra) -> dict:
@@ -94,3 +96,41 @@ def test_lfm2_refusals(extra, match):
 def test_lfm2_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="short convolution"):
         check(ModelConfig.from_hf(raw(LFM2, num_hidden_layers=2, full_attn_idxs=[1])), 2)
+
+
+def test_lfm2_moe_defaults():
+    ref = transformers.Lfm2MoeConfig()
+    types = ["conv", "full_attention", "conv", "conv"]
+    cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=4, layer_types=types))
+    moe = cfg.moe
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads) \
+        == (ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_attention_heads,
+            ref.num_key_value_heads)
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size, moe.routed_scaling_factor) \
+        == (ref.num_experts, ref.num_experts_per_tok, ref.moe_intermediate_size, ref.routed_scaling_factor)
+    assert moe.renormalize == ref.norm_topk_prob and moe.shared_expert_intermediate_size == 0
+    assert moe.sparse_layers == (False, False, True, True)  # num_dense_layers 2
+    assert (cfg.rms_norm_eps, cfg.rope_theta) == (ref.norm_eps, 1e6) and cfg.tie_word_embeddings
+    opts = cfg.options
+    assert opts.lfm2.expert_bias == ref.use_expert_bias and opts.lfm2.conv_kernel == ref.conv_L_cache
+    assert opts.hybrid.layer_kinds == (SHORT_CONV, ATTENTION, SHORT_CONV, SHORT_CONV)
+    cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=4, layer_types=types, num_dense_layers=0,
+                                  use_expert_bias=False, norm_topk_prob=False))
+    assert all(cfg.moe.sparse_layers) and not cfg.moe.renormalize and not cfg.options.lfm2.expert_bias
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({}, "layer_types is required"),
+    ({"layer_types": ["conv", "linear_attention"]}, "layer_types"),
+    ({"layer_types": ["conv", "conv"], "num_experts_per_tok": 40}, "num_experts_per_tok"),
+    ({"layer_types": ["conv", "conv"], "quantization_config": {"quant_method": "fp8"}}, "fp8 Lfm2MoeForCausalLM"),
+])
+def test_lfm2_moe_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=2, **extra))
+
+
+def test_lfm2_moe_tensor_parallel_is_refused():
+    cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=2, layer_types=["conv", "full_attention"]))
+    with pytest.raises(TensorParallelConfigError, match="short convolution"):
+        check(cfg, 2)
