@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.engine.gemma4_config import LayerRope
 from splitserve.engine.hybrid_config import StateKind
 
 SHORT_CONV = "short_conv"  # the recurrent layer kind (``layer_types`` "conv")
@@ -19,13 +20,16 @@ class Lfm2Shape:
     ``expert_bias`` (LFM2-MoE ``use_expert_bias``): a per-expert bias added
     to the router's sigmoid scores for choosing only; ``attention_gate``
     (LFM3 ``use_attention_gate``): each head's attention output times
-    sigmoid(``g_proj`` of the layer input)."""
+    sigmoid(``g_proj`` of the layer input); ``ropes`` (LFM3): each layer's
+    RoPE by its type (None on the convolution layers; empty: every layer
+    rotates with ``ModelConfig``'s)."""
 
     hidden_size: int
     conv_kernel: int
     conv_bias: bool = False
     expert_bias: bool = False
     attention_gate: bool = False
+    ropes: tuple[LayerRope | None, ...] = ()
 
     def __post_init__(self):
         if self.conv_kernel < 2:

@@ -138,7 +138,7 @@ from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # no
 from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
-from splitserve.engine.dialects import lfm2, lfm2_moe  # noqa: E402
+from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -212,4 +212,5 @@ DIALECTS.update({
     "qwen3_next": qwen3_next.DIALECT,
     "lfm2": lfm2.DIALECT,
     "lfm2_moe": lfm2_moe.DIALECT,
+    "lfm3": lfm3.DIALECT,
 })

@@ -100,7 +100,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def lfm2_options(cfg: dict[str, Any], family: str, kinds: tuple[str, ...], conv_default: int,
-                 **shape: bool) -> dict[str, Any]:
+                 **shape: Any) -> dict[str, Any]:
     """The FamilyOptions fields the LFM2 families share: the layout (None
     where no layer is a convolution) and the convolution's shape."""
     kernel = cfg.get("conv_L_cache")

@@ -43,6 +43,7 @@ from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.lfm2 import Lfm2ForCausalLM
 from splitserve.engine.models.lfm2_moe import Lfm2MoeForCausalLM
+from splitserve.engine.models.lfm3 import Lfm3ForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -266,6 +267,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "lfm2": Lfm2ForCausalLM,
     # LFM2-MoE: LFM2 with sigmoid-routed experts (a per-expert bias for choosing) past its dense layers
     "lfm2_moe": Lfm2MoeForCausalLM,
+    # LFM3: LFM2 with full and sliding attention layers (RoPE per layer type), gated heads and
+    # sandwich norms
+    "lfm3": Lfm3ForCausalLM,
 }
 
 

@@ -1,8 +1,9 @@
-"""LFM2 (lfm2) and LFM2-MoE (lfm2_moe): the config.json defaults as their
-config classes give them, the layer pattern and MLP width derived as
-transformers derives them, and what is refused (options, fp8 checkpoints,
-tensor parallelism). Token parity is in test_hybrid_parity (variants lfm2,
-lfm2_moe)."""
+"""LFM2 (lfm2), LFM2-MoE (lfm2_moe) and LFM3 (lfm3): the config.json
+defaults as their config classes give them, the layer pattern, MLP width
+and RoPE derived as transformers derives them, and what is refused
+(options, fp8 checkpoints, tensor parallelism); LFM3 without sandwich norms
+or head gates against transformers. Token parity is in test_hybrid_parity
+(variants lfm2, lfm2_moe, lfm3)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import pytest
 import torch
 import transformers
 
-from splitserve.engine.config import ModelConfig
+from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.lfm2_config import SHORT_CONV
 from splitserve.engine.hybrid_config import ATTENTION
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 LFM2 = "Lfm2ForCausalLM"
 LFM2_MOE = "Lfm2MoeForCausalLM"
+LFM3 = "Lfm3ForCausalLM"
 
 
 def raw(arch: str, **extra) -> dict:
@@ -134,3 +139,53 @@ def test_lfm2_moe_tensor_parallel_is_refused():
     cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=2, layer_types=["conv", "full_attention"]))
     with pytest.raises(TensorParallelConfigError, match="short convolution"):
         check(cfg, 2)
+
+
+def test_lfm3_defaults():
+    ref = transformers.Lfm3Config()
+    cfg = ModelConfig.from_hf(raw(LFM3))
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+            cfg.num_kv_heads, cfg.head_dim) == (ref.vocab_size, ref.hidden_size, ref.intermediate_size,
+                                                ref.num_hidden_layers, ref.num_attention_heads,
+                                                ref.num_key_value_heads, ref.head_dim)
+    assert (cfg.rms_norm_eps, cfg.bos_token_id, cfg.eos_token_ids) == (ref.norm_eps, ref.bos_token_id,
+                                                                        (ref.eos_token_id,))
+    assert cfg.tie_word_embeddings and cfg.qk_norm and not (cfg.attention_bias or cfg.o_proj_bias)
+    opts = cfg.options
+    kinds = tuple(SHORT_CONV if t == "conv" else ATTENTION for t in ref.layer_types)
+    assert opts.hybrid.layer_kinds == kinds and opts.sandwich_norms and opts.lfm2.attention_gate
+    assert cfg.layer_windows == tuple(256 if t == "sliding_attention" else 0 for t in ref.layer_types)
+    assert opts.lfm2.conv_kernel == ref.conv_L_cache == 7
+    # the sliding layers rotate every dim with base 1e4; the full ones half of them with 1e6
+    sliding, full = opts.lfm2.ropes[4], opts.lfm2.ropes[2]
+    assert (sliding.theta, sliding.angles, full.theta, full.angles) == (1e4, 64, 1e6, 32)
+    assert opts.lfm2.ropes[0] is None
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "nested by layer type"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "yarn"),
+    ({"sliding_window": None, "layer_types": ["conv", "sliding_attention", "full_attention", "conv"]},
+     "sliding_window is null"),
+    ({"layer_types": ["conv", "linear_attention", "conv", "conv"]}, "layer_types"),
+    ({"conv_L_cache": 1}, "conv_L_cache"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8 Lfm3ForCausalLM"),
+])
+def test_lfm3_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(LFM3, num_hidden_layers=4, **extra))
+
+
+def test_lfm3_tensor_parallel_is_refused():
+    with pytest.raises(TensorParallelConfigError, match="short convolution"):
+        check(ModelConfig.from_hf(raw(LFM3, num_hidden_layers=4)), 2)
+
+
+def test_lfm3_without_sandwich_norms_or_gates_matches_transformers(tiny_checkpoints):
+    path = tiny_checkpoints["lfm3_plain"]
+    prompts = [list(range(20, 37)), [5, 9, 13]]
+    want = hf_greedy(hf_model(path), prompts, 5)
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=32, block_size=4, max_num_batched_tokens=8))
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
