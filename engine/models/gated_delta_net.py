@@ -38,13 +38,15 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
     ``weight`` [C, K] (plus ``bias`` [C]) after its last K - 1 inputs ``state``
     [C, K - 1]: (``activation`` of the output [n, C] (None: none), the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    # tap by tap (F.conv1d's depthwise CPU path costs tens of milliseconds a call)
-    n, weight = x.shape[0], weight.to(window.dtype)
-    out = window[:, :n] * weight[:, :1]
+    # tap by tap in float32, rounded once as conv1d rounds (its depthwise CPU path costs tens
+    # of milliseconds a call)
+    n, taps, weight = x.shape[0], window.float(), weight.float()
+    out = taps[:, :n] * weight[:, :1]
     for k in range(1, weight.shape[1]):
-        out = out + window[:, k:k + n] * weight[:, k:k + 1]
+        out = out + taps[:, k:k + n] * weight[:, k:k + 1]
     if bias is not None:
-        out = out + bias.to(window.dtype)[:, None]
+        out = out + bias.float()[:, None]
+    out = out.to(window.dtype)
     if activation is not None:
         out = activation(out)
     return out.t(), window[:, window.shape[1] - state.shape[1]:]

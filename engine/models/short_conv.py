@@ -52,9 +52,9 @@ class ShortConv(nn.Module):
         lens, slots = meta.query_lens, meta.state_slots
         if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
             window = torch.cat([conv_state.index_select(0, slots), bx[:, :, None].to(conv_state.dtype)], dim=2)
-            out = (window * weight.to(window.dtype)).sum(-1)
+            out = (window.float() * weight.float()).sum(-1)  # in float32, rounded once
             if self.conv_bias is not None:
-                out = out + self.conv_bias.to(out.dtype)
+                out = out + self.conv_bias.float()
             conv_state.index_copy_(0, slots, window[:, :, 1:])
         else:
             out = torch.empty_like(bx)
