@@ -18,6 +18,7 @@ from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.spec.config import SpeculativeConfig
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 LFM2 = "Lfm2ForCausalLM"
@@ -101,6 +102,16 @@ def test_lfm2_refusals(extra, match):
 def test_lfm2_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="short convolution"):
         check(ModelConfig.from_hf(raw(LFM2, num_hidden_layers=2, full_attn_idxs=[1])), 2)
+
+
+@pytest.mark.parametrize("variant", ["lfm2", "lfm2_moe"])
+def test_lora_and_speculative_decoding_are_refused(tiny_checkpoints, variant):
+    path = str(tiny_checkpoints[variant])
+    with pytest.raises(CheckpointError, match="speculative decoding is not supported"):
+        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4,
+                               speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2)))
+    with pytest.raises(Exception, match="LoRA adapters are not supported"):
+        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
 
 
 def test_lfm2_moe_defaults():
