@@ -82,12 +82,15 @@ def layer_kinds(cfg: dict[str, Any], num_layers: int, default: list[str] | None 
     return tuple(SHORT_CONV if t == "conv" else ATTENTION for t in types)
 
 
-def common_keys(cfg: dict[str, Any], passed: dict[str, Any]) -> dict[str, Any]:
+def common_keys(cfg: dict[str, Any], passed: dict[str, Any], old_tie_key: bool = True) -> dict[str, Any]:
     """The Llama keys every LFM2 family gives alike: ``passed``, the norm
-    epsilon, the tie (``tie_embedding`` first, as transformers pops it), the
-    RoPE base's default, per-head q/k norms, no MLP biases."""
+    epsilon, the tie (with ``old_tie_key``, ``tie_embedding`` first, as
+    Lfm2Config and Lfm2MoeConfig pop it), the RoPE base's default, per-head
+    q/k norms, no MLP biases."""
     out = passed_keys(cfg, passed)
-    tied = cfg.get("tie_embedding", cfg.get("tie_word_embeddings"))
+    tied = cfg.get("tie_word_embeddings")
+    if old_tie_key and "tie_embedding" in cfg:
+        tied = cfg["tie_embedding"]
     out.update(rms_norm_eps=float(cfg.get("norm_eps") or 1e-5), tie_word_embeddings=bool(True if tied is None else tied),
                rope_theta=cfg.get("rope_theta") or DEFAULT_ROPE_THETA, qk_norm=True, mlp_bias=False)
     return out
@@ -116,7 +119,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     refuse_fp8_checkpoint(cfg, ARCH, "its tensors are renamed at load")
     full = {**_PASSED, **{k: v for k, v in cfg.items() if v is not None}}
     kinds = layer_kinds(cfg, int(full["num_hidden_layers"]))
-    return FamilyOptions(**lfm2_options({**cfg, "hidden_size": full["hidden_size"]}, "lfm2", kinds, 3))
+    return FamilyOptions(**lfm2_options(full, "lfm2", kinds, 3))
 
 
 DIALECT = Dialect(architectures=(ARCH,), llama_keys=llama_keys, options=options)

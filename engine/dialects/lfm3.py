@@ -93,7 +93,7 @@ def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     window = cfg.get("sliding_window", 256)
     if window is None and "sliding_attention" in types:
         raise ValueError("sliding_window is null but layer_types has sliding_attention layers")
-    out = common_keys(full, _PASSED)
+    out = common_keys(full, _PASSED, old_tie_key=False)  # Lfm3Config pops no tie_embedding
     out.update(rope_theta=layer_rope(cfg, "full_attention", int(full["head_dim"])).theta,
                attention_bias=bool(full["attention_bias"]), use_sliding_window=window is not None,
                sliding_window=window, layer_types=types)

@@ -133,6 +133,9 @@ def test_lfm2_moe_defaults():
     cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=4, layer_types=types, num_dense_layers=0,
                                   use_expert_bias=False, norm_topk_prob=False))
     assert all(cfg.moe.sparse_layers) and not cfg.moe.renormalize and not cfg.options.lfm2.expert_bias
+    # Lfm2MoeConfig pops tie_embedding as LFM2's does
+    cfg = ModelConfig.from_hf(raw(LFM2_MOE, num_hidden_layers=4, layer_types=types, tie_embedding=False))
+    assert cfg.tie_word_embeddings == transformers.Lfm2MoeConfig(tie_embedding=False).tie_word_embeddings
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -171,6 +174,9 @@ def test_lfm3_defaults():
     sliding, full = opts.lfm2.ropes[4], opts.lfm2.ropes[2]
     assert (sliding.theta, sliding.angles, full.theta, full.angles) == (1e4, 64, 1e6, 32)
     assert opts.lfm2.ropes[0] is None
+    # Lfm3Config reads no tie_embedding (LFM2's older name)
+    assert ModelConfig.from_hf(raw(LFM3, tie_embedding=False)).tie_word_embeddings \
+        == transformers.Lfm3Config(tie_embedding=False).tie_word_embeddings
 
 
 @pytest.mark.parametrize("extra, match", [
