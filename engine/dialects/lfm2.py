@@ -43,32 +43,30 @@ _PASSED = {"vocab_size": 65536, "hidden_size": 2560, "num_hidden_layers": 32, "n
            "num_key_value_heads": 8, "max_position_embeddings": 128_000, "head_dim": None,
            "rope_parameters": None, "rope_scaling": None, "torch_dtype": None, "dtype": None,
            "quantization_config": None, "bos_token_id": 1, "eos_token_id": 2}
-_MLP_DEFAULTS = {"intermediate_size": 12288, "block_auto_adjust_ff_dim": True, "block_ffn_dim_multiplier": 1.0,
-                 "block_multiple_of": 256}
+DEFAULT_MLP_WIDTH, DEFAULT_MULTIPLE_OF = 12288, 256  # Lfm2Config's intermediate_size, block_multiple_of
 
 
 def mlp_width(cfg: dict[str, Any]) -> int:
     """Lfm2MLP's width: ``block_ff_dim`` (else ``intermediate_size``), adjusted
     as transformers adjusts it when ``block_auto_adjust_ff_dim``."""
-    width = int(cfg.get("block_ff_dim") or cfg.get("intermediate_size") or _MLP_DEFAULTS["intermediate_size"])
+    width = int(cfg.get("block_ff_dim") or cfg.get("intermediate_size") or DEFAULT_MLP_WIDTH)
     if not cfg.get("block_auto_adjust_ff_dim", True):
         return width
     width = int(2 * width / 3)
     multiplier = cfg.get("block_ffn_dim_multiplier", 1.0)  # null: neither scaled nor rounded
     if multiplier is not None:
-        multiple = int(cfg.get("block_multiple_of") or _MLP_DEFAULTS["block_multiple_of"])
+        multiple = int(cfg.get("block_multiple_of") or DEFAULT_MULTIPLE_OF)
         width = int(float(multiplier) * width)
         width = multiple * ((width + multiple - 1) // multiple)
     return width
 
 
-def layer_kinds(cfg: dict[str, Any], num_layers: int, default: list[str] | None = None,
+def layer_kinds(cfg: dict[str, Any], num_layers: int,
                 attention_types: tuple[str, ...] = ("full_attention",)) -> tuple[str, ...]:
-    """Each layer's kind from ``layer_types``; without it ``default`` (LFM3's
-    pattern) or, with none, LFM2's ``full_attn_idxs`` (every layer when absent)."""
+    """Each layer's kind from ``layer_types`` (``conv`` or one of
+    ``attention_types``); without it, the layers LFM2's ``full_attn_idxs``
+    names attend (every layer when it is absent too)."""
     types = cfg.get("layer_types")
-    if types is None:
-        types = default
     if types is None:
         idxs = cfg.get("full_attn_idxs")
         idxs = set(range(num_layers) if idxs is None else idxs)
@@ -91,7 +89,7 @@ def common_keys(cfg: dict[str, Any], passed: dict[str, Any], old_tie_key: bool =
     tied = cfg.get("tie_word_embeddings")
     if old_tie_key and "tie_embedding" in cfg:
         tied = cfg["tie_embedding"]
-    out.update(rms_norm_eps=float(cfg.get("norm_eps") or 1e-5), tie_word_embeddings=bool(True if tied is None else tied),
+    out.update(rms_norm_eps=float(cfg.get("norm_eps") or 1e-5), tie_word_embeddings=tied is None or bool(tied),
                rope_theta=cfg.get("rope_theta") or DEFAULT_ROPE_THETA, qk_norm=True, mlp_bias=False)
     return out
 

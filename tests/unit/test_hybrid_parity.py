@@ -1,5 +1,5 @@
 """Hybrid models (a recurrent state per sequence beside the paged KV cache:
-Qwen3-Next's Gated DeltaNet layers) through ``LLMEngine`` against
+Qwen3-Next's Gated DeltaNet layers, the LFM2 family's short convolutions) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
