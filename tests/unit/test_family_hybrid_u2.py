@@ -46,8 +46,9 @@ def test_lfm2_defaults():
         == (ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads,
             ref.num_key_value_heads, ref.hidden_size // ref.num_attention_heads)
     assert cfg.intermediate_size == hf_mlp_width("Lfm2Config", Lfm2MLP) == 8192
-    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.max_position) == (ref.norm_eps, 1e6, ref.max_position_embeddings)
-    assert cfg.tie_word_embeddings and cfg.qk_norm and not (cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias)
+    assert (cfg.rms_norm_eps, cfg.rope_theta) == (ref.norm_eps, 1e6)
+    assert cfg.max_position == ref.max_position_embeddings and cfg.tie_word_embeddings and cfg.qk_norm
+    assert not (cfg.attention_bias or cfg.o_proj_bias or cfg.mlp_bias)
     assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
     # every layer attends by default (full_attn_idxs absent): no state, the plain decoder
     assert cfg.options.hybrid is None and cfg.num_cache_layers == 32
@@ -142,7 +143,8 @@ def test_lfm2_moe_defaults():
     ({}, "layer_types is required"),
     ({"layer_types": ["conv", "linear_attention"]}, "layer_types"),
     ({"layer_types": ["conv", "conv"], "num_experts_per_tok": 40}, "num_experts_per_tok"),
-    ({"layer_types": ["conv", "conv"], "quantization_config": {"quant_method": "fp8"}}, "fp8 Lfm2MoeForCausalLM"),
+    ({"layer_types": ["conv", "conv"], "quantization_config": {"quant_method": "fp8"}},
+     "fp8 Lfm2MoeForCausalLM"),
 ])
 def test_lfm2_moe_refusals(extra, match):
     with pytest.raises(CheckpointError, match=match):
