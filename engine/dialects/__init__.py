@@ -141,6 +141,7 @@ from splitserve.engine.dialects import qwen3_next  # noqa: E402
 from splitserve.engine.dialects import kimi_linear  # noqa: E402
 from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
+from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -216,4 +217,7 @@ DIALECTS.update({
     "qwen3_5": qwen3_5.DIALECT,
     "qwen3_5_moe": qwen3_5.MOE_DIALECT,
     "olmo_hybrid": olmo_hybrid.DIALECT,
+    "lfm2": lfm2.DIALECT,
+    "lfm2_moe": lfm2_moe.DIALECT,
+    "lfm3": lfm3.DIALECT,
 })

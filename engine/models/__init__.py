@@ -44,6 +44,9 @@ from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
 from splitserve.engine.models.qwen3_5 import Qwen3_5ForCausalLM
 from splitserve.engine.models.olmo_hybrid import OlmoHybridCausalLM
+from splitserve.engine.models.lfm2 import Lfm2ForCausalLM
+from splitserve.engine.models.lfm2_moe import Lfm2MoeForCausalLM
+from splitserve.engine.models.lfm3 import Lfm3ForCausalLM
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.models.llama4 import Llama4CausalLM
 from splitserve.engine.models.moe import MoECausalLM
@@ -273,6 +276,13 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "qwen3_5_moe": Qwen3_5ForCausalLM,
     # OLMo Hybrid: pre-norm Gated DeltaNet layers beside OLMo 3's post-norm attention layers
     "olmo_hybrid": OlmoHybridCausalLM,
+    # LFM2: gated short-convolution layers (a state per sequence) beside attention layers
+    "lfm2": Lfm2ForCausalLM,
+    # LFM2-MoE: LFM2 with sigmoid-routed experts (a per-expert bias for choosing) past its dense layers
+    "lfm2_moe": Lfm2MoeForCausalLM,
+    # LFM3: LFM2 with full and sliding attention layers (RoPE per layer type), gated heads and
+    # sandwich norms
+    "lfm3": Lfm3ForCausalLM,
 }
 
 

@@ -109,6 +109,7 @@ CHECKPOINT_NAMES = {
     "kimi_linear": ("mlp", ("w1", "w3", "w2")),
     # per expert, or fused experts split at load (splitserve.engine.models.qwen3_5)
     "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

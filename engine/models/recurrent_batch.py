@@ -14,27 +14,49 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Activation = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _taps(window: torch.Tensor, weight: torch.Tensor, n: int, bias: torch.Tensor | None,
+          activation: Activation) -> torch.Tensor:
+    """The last ``n`` outputs of a depthwise convolution over ``window`` [..., C,
+    K - 1 + n]: tap by tap in float32 (plus ``bias`` [C]), rounded once to
+    the window's dtype as conv1d rounds, then ``activation``. (A small
+    depthwise ``F.conv1d`` costs milliseconds a call on the CPU.)"""
+    taps, w = window.float(), weight.float()
+    out = taps[..., :n] * w[:, :1]
+    for k in range(1, w.shape[1]):
+        out = out + taps[..., k:k + n] * w[:, k:k + 1]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    out = out.to(window.dtype)
+    return out if activation is None else activation(out)
+
+
+def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, activation: Activation = F.silu,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's chunk x [n, C] through the depthwise causal convolution
-    ``weight`` [C, K] after its last K - 1 inputs ``state`` [C, K - 1]: (SiLU
-    of the output [n, C], the new state)."""
+    ``weight`` [C, K] (plus ``bias`` [C]) after its last K - 1 inputs
+    ``state`` [C, K - 1]: (``activation`` of the output [n, C] (None: none),
+    the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), groups=weight.shape[0])[0]
-    return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
+    out = _taps(window, weight, x.shape[0], bias, activation)
+    return out.t(), window[:, window.shape[1] - state.shape[1]:]
 
 
 def conv_sequences(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                   lens: tuple[int, ...], slots: torch.Tensor,
-                   keep: tuple[bool, ...] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                   lens: tuple[int, ...], slots: torch.Tensor, keep: tuple[bool, ...] | None = None,
+                   activation: Activation = F.silu, bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The flat batch x [T, C] through each sequence's ``causal_conv``, reading
     and updating its slot of ``conv_state`` [slots, C, K - 1]. Returns (the
     output [T, C] in x's dtype, slot -> the state after each token [n, C,
     K - 1] of the sequences ``keep`` marks)."""
     if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
         window = torch.cat([conv_state.index_select(0, slots), x[:, :, None].to(conv_state.dtype)], dim=2)
-        out = F.conv1d(window, weight[:, None, :].to(window.dtype), groups=weight.shape[0])[..., 0]
+        out = _taps(window, weight, 1, bias, activation)[..., 0]
         conv_state.index_copy_(0, slots, window[:, :, 1:])
-        return F.silu(out).to(x.dtype), {}
+        return out.to(x.dtype), {}
     keep = keep or (False,) * len(lens)
     out = torch.empty_like(x)
     kept: dict[int, torch.Tensor] = {}
@@ -46,7 +68,7 @@ def conv_sequences(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tens
             window = torch.cat([conv_state[slot], chunk.t().to(conv_state.dtype)], dim=1)
             k1 = conv_state.shape[2]
             kept[slot] = torch.stack([window[:, t + 1:t + 1 + k1] for t in range(n)])
-        mixed, conv_state[slot] = causal_conv(chunk, conv_state[slot], weight)
+        mixed, conv_state[slot] = causal_conv(chunk, conv_state[slot], weight, activation, bias)
         out[start:start + n] = mixed.to(x.dtype)
         start += n
     return out, kept
