@@ -18,6 +18,7 @@ from typing import Any
 
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
+from splitserve.engine.lfm2_config import Lfm2Shape
 from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
@@ -181,6 +182,9 @@ class FamilyOptions:
     # Qwen3-Next, Qwen3.5: the shape of their Gated DeltaNet layers
     # (splitserve.engine.models.gated_delta_net); None: none
     gated_delta_net: GatedDeltaNetShape | None = None
+    # LFM2, LFM2-MoE, LFM3: their gated short convolutions' shape and the switches that tell
+    # the three apart (splitserve.engine.models.lfm2); None: not the LFM2 family
+    lfm2: Lfm2Shape | None = None
     # Mamba, Falcon-Mamba, Jamba: the shape of their Mamba-1 layers (transformers'
     # MambaMixer; splitserve.engine.models.mamba1); None: none
     mamba: Mamba1Shape | None = None

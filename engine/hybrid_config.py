@@ -92,6 +92,11 @@ class GatedDeltaNetShape:
     v_head_dim: int
     conv_kernel: int
     fused_projections: bool = True
+    # OLMo Hybrid linear_allow_neg_eigval: beta = sigmoid(b) times this (2: beta in (0, 2),
+    # negative eigenvalues in the state's update); 1: Qwen's
+    beta_scale: float = 1.0
+    # the output norm's epsilon (OLMo Hybrid's o_norm: 1e-5, FLA's default); None: rms_norm_eps
+    norm_eps: float | None = None
 
     def __post_init__(self):
         if self.num_v_heads % self.num_k_heads:

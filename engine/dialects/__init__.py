@@ -139,6 +139,9 @@ from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E4
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
 from splitserve.engine.dialects import kimi_linear  # noqa: E402
+from splitserve.engine.dialects import qwen3_5  # noqa: E402
+from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
+from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 
 DIALECTS.update({
@@ -212,6 +215,12 @@ DIALECTS.update({
     "longcat_flash": longcat_flash.DIALECT,
     "qwen3_next": qwen3_next.DIALECT,
     "kimi_linear": kimi_linear.DIALECT,
+    "qwen3_5": qwen3_5.DIALECT,
+    "qwen3_5_moe": qwen3_5.MOE_DIALECT,
+    "olmo_hybrid": olmo_hybrid.DIALECT,
+    "lfm2": lfm2.DIALECT,
+    "lfm2_moe": lfm2_moe.DIALECT,
+    "lfm3": lfm3.DIALECT,
     "mamba": mamba.DIALECT,
     "falcon_mamba": mamba.FALCON_DIALECT,
     "jamba": jamba.DIALECT,

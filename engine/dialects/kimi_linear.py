@@ -38,8 +38,8 @@ Refused: ``mla_use_nope`` false (transformers' Kimi Linear rotates nothing),
 a ``moe_router_activation_func`` other than sigmoid, activations other than
 SiLU, KV heads other than the head count, convolutions of fewer than 2 taps,
 fp8 checkpoints (the convolutions are stacked at load), tensor parallelism
-(the recurrent layers are not sharded), LoRA adapters, speculative decoding.
-A hybrid model's engine runs without prefix caching.
+(the recurrent layers are not sharded), LoRA adapters. A hybrid model's
+engine runs without prefix caching; speculative decoding rolls its states back.
 """
 
 from __future__ import annotations

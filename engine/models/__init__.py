@@ -42,6 +42,11 @@ from splitserve.engine.models.hy_v3 import HYV3CausalLM
 from splitserve.engine.models.longcat_flash import LongcatFlashCausalLM
 from splitserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.engine.models.kimi_linear import KimiLinearForCausalLM
+from splitserve.engine.models.qwen3_5 import Qwen3_5ForCausalLM
+from splitserve.engine.models.olmo_hybrid import OlmoHybridCausalLM
+from splitserve.engine.models.lfm2 import Lfm2ForCausalLM
+from splitserve.engine.models.lfm2_moe import Lfm2MoeForCausalLM
+from splitserve.engine.models.lfm3 import Lfm3ForCausalLM
 from splitserve.engine.models.mamba import MambaCausalLM
 from splitserve.engine.models.jamba import JambaCausalLM
 from splitserve.engine.models.llama import CausalLM
@@ -266,6 +271,20 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Kimi Linear: Kimi Delta Attention layers (a recurrent state per sequence) beside latent
     # attention layers without RoPE, DeepSeek-V3's experts
     "kimi_linear": KimiLinearForCausalLM,
+    # Qwen3.5: Qwen3-Next's layers, the Gated DeltaNet's projections stored apart, dense MLPs;
+    # its multimodal wrapper's text model
+    "qwen3_5": Qwen3_5ForCausalLM,
+    # Qwen3.5-MoE: the same, Qwen2-MoE's sparse MLP (renormalised top-k) in every layer
+    "qwen3_5_moe": Qwen3_5ForCausalLM,
+    # OLMo Hybrid: pre-norm Gated DeltaNet layers beside OLMo 3's post-norm attention layers
+    "olmo_hybrid": OlmoHybridCausalLM,
+    # LFM2: gated short-convolution layers (a state per sequence) beside attention layers
+    "lfm2": Lfm2ForCausalLM,
+    # LFM2-MoE: LFM2 with sigmoid-routed experts (a per-expert bias for choosing) past its dense layers
+    "lfm2_moe": Lfm2MoeForCausalLM,
+    # LFM3: LFM2 with full and sliding attention layers (RoPE per layer type), gated heads and
+    # sandwich norms
+    "lfm3": Lfm3ForCausalLM,
     # Mamba, Falcon-Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
     # attention (a KV cache of no layer), the residual stream in float32
     "mamba": MambaCausalLM,

@@ -5,9 +5,10 @@ the engine's flat batch, its per-sequence state in the recurrent-state store
 
 Per token: projections give q, k, v (through a causal depthwise convolution
 of ``conv_kernel`` taps and SiLU), a gate z, and per value head b and a;
-beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); the gated delta
-rule (``splitserve.engine.models.delta_rule``) mixes the sequence; its
-output is RMS-normed per value head, times SiLU(z), and projected back.
+beta = sigmoid(b) (times ``beta_scale``), g = -exp(A_log) * softplus(a +
+dt_bias); the gated delta rule (``splitserve.engine.models.delta_rule``)
+mixes the sequence; its output is RMS-normed per value head, times SiLU(z),
+and projected back.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs on
 its own, starting from its sequence's state (zeroed by the runner at the
@@ -26,43 +27,10 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.hybrid_config import GatedDeltaNetShape
+from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.delta_rule import chunked, normalize_qk, recurrent_step
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.state_cache import RecurrentState
-
-
-def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's chunk x [n, C] through the depthwise causal convolution
-    ``weight`` [C, K] (plus ``bias`` [C], if any) after its last K - 1 inputs
-    ``state`` [C, K - 1]: (SiLU of the output [n, C], the new state)."""
-    window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), _cast(bias, window),
-                   groups=weight.shape[0])[0]
-    return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
-
-
-def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One token of each sequence, x [B, C], through the convolution after
-    its slot's last inputs in ``conv_state`` [slots, C, K - 1], which it
-    updates: SiLU of the output [B, C] (in the state's dtype)."""
-    window = torch.cat([conv_state.index_select(0, slots), x[:, :, None].to(conv_state.dtype)], dim=2)
-    out = F.conv1d(window, weight[:, None, :].to(window.dtype), _cast(bias, window), groups=weight.shape[0])
-    conv_state.index_copy_(0, slots, window[:, :, 1:])
-    return F.silu(out[..., 0])
-
-
-def kept_conv_states(before: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The convolution's last K - 1 inputs after each token of a chunk x [n, C]
-    that starts from ``before`` [C, K - 1]: [n, C, K - 1]."""
-    window = torch.cat([before, x.t().to(before.dtype)], dim=1)
-    k1 = before.shape[1]
-    return torch.stack([window[:, t + 1:t + 1 + k1] for t in range(x.shape[0])])
-
-
-def _cast(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if bias is None else bias.to(like.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -77,7 +45,7 @@ class GatedDeltaNet(nn.Module):
                                   "by Gated DeltaNet layers (their convolution and gate use SiLU)")
         self.shape = shape
         self.state_index = state_index
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h = cfg.hidden_size
         self.dtype = dtype
         if shape.fused_projections:  # [q k v z] per key head; [b a] per key head
@@ -94,7 +62,6 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = empty_param(shape.v_head_dim, dtype=dtype, device=device)
         self.out_proj = Linear(shape.value_dim, h, False, dtype, device)
         self.state: RecurrentState | None = None
-        self.kept_conv: dict[int, torch.Tensor] = {}  # slot -> conv states of a verify chunk
 
     def bind(self, state: RecurrentState) -> None:
         self.state = state
@@ -123,21 +90,8 @@ class GatedDeltaNet(nn.Module):
         weight = self.conv_weight[:, 0, :]
         lens = meta.query_lens
         slots = meta.state_slots
-        mixed = torch.empty_like(qkv)
-        if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
-            mixed = conv_step(qkv, conv_state, weight, slots).to(qkv.dtype)
-        else:
-            keep = meta.keep_states or (False,) * len(lens)
-            start = 0
-            for i, n in enumerate(lens):
-                slot = int(slots[i])
-                before = conv_state[slot].clone() if keep[i] else None
-                out, new = causal_conv(qkv[start:start + n], conv_state[slot], weight)
-                mixed[start:start + n] = out.to(qkv.dtype)
-                conv_state[slot] = new
-                if keep[i]:  # the last K - 1 inputs after each token of the chunk
-                    self.kept_conv[slot] = kept_conv_states(before, qkv[start:start + n])
-                start += n
+        keep = meta.keep_states
+        mixed, kept_conv = conv_sequences(qkv, conv_state, weight, lens, slots, keep)
         t = x.shape[0]
         q, k, v = mixed.float().split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q = q.view(t, s.num_k_heads, s.k_head_dim)
@@ -147,44 +101,12 @@ class GatedDeltaNet(nn.Module):
         r = s.num_v_heads // s.num_k_heads
         if r > 1:  # each q/k head serves r consecutive value heads
             q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
-        beta = b.sigmoid().float()  # in the model dtype, as transformers rounds it
+        beta = (b.sigmoid() * s.beta_scale).float()  # in the model dtype, as transformers rounds it
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        if all(n == 1 for n in lens):
-            out, new = recurrent_step(q, k, v, g, beta, rec_state.index_select(0, slots))
-            rec_state.index_copy_(0, slots, new)
-        else:
-            keep = meta.keep_states or (False,) * len(lens)
-            out = torch.empty_like(v)
-            start = 0
-            for i, n in enumerate(lens):
-                slot = int(slots[i])
-                rows = slice(start, start + n)
-                if keep[i]:
-                    o, new = self._kept_steps(slot, q[rows], k[rows], v[rows], g[rows], beta[rows],
-                                              rec_state[slot])
-                elif n == 1:
-                    o, new = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows],
-                                            rec_state[slot:slot + 1])
-                    new = new[0]
-                else:
-                    o, new = chunked(q[rows], k[rows], v[rows], g[rows], beta[rows], rec_state[slot])
-                out[rows] = o
-                rec_state[slot] = new
-                start += n
+        out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta)
+        for slot, steps in kept.items():
+            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
         return self.out_proj(self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim))
-
-    def _kept_steps(self, slot: int, q, k, v, g, beta, state: torch.Tensor):
-        """A verify chunk token by token, keeping each token's states
-        (``RecurrentState.keep``). Returns (o [n, H, Dv], the last state)."""
-        outs, states = [], []
-        s = state[None]
-        for t in range(q.shape[0]):
-            o, s = recurrent_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1], beta[t:t + 1], s)
-            outs.append(o)
-            states.append(s[0])
-        self.state.keep(self.state_index, slot, {"conv": self.kept_conv.pop(slot),
-                                                 "recurrent": torch.stack(states)})
-        return torch.cat(outs), s[0]
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each value head's output (weight times the normed row

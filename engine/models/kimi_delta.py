@@ -27,7 +27,6 @@ sequence's first token).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
@@ -36,33 +35,16 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.hybrid_config import GatedDeltaNetShape
 from splitserve.engine.models import kda_rule
 from splitserve.engine.models.delta_rule import normalize_qk
-from splitserve.engine.models.gated_delta_net import causal_conv
+from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.state_cache import RecurrentState
 
 SOFTPLUS_LINEAR_ABOVE = 20.0  # the forget gate's softplus is the identity above this, as transformers'
 
 
-def short_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, lens: tuple[int, ...],
-               slots: torch.Tensor) -> torch.Tensor:
-    """The flat batch x [T, C] through each sequence's causal depthwise
-    convolution ``weight`` [C, K] and SiLU, reading and updating its last
-    K - 1 inputs in ``conv_state`` [slots, C, K - 1]."""
-    if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
-        window = torch.cat([conv_state.index_select(0, slots), x[:, :, None].to(conv_state.dtype)], dim=2)
-        conv_state.index_copy_(0, slots, window[:, :, 1:])
-        return F.silu((window * weight.to(window.dtype)).sum(-1)).to(x.dtype)
-    out = torch.empty_like(x)
-    start = 0
-    for i, n in enumerate(lens):
-        slot = int(slots[i])
-        mixed, conv_state[slot] = causal_conv(x[start:start + n], conv_state[slot], weight)
-        out[start:start + n] = mixed.to(x.dtype)
-        start += n
-    return out
-
-
 class KimiDeltaAttention(nn.Module):
+    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
         super().__init__()
@@ -96,12 +78,16 @@ class KimiDeltaAttention(nn.Module):
         t, hd = x.shape[0], (self.heads, self.head_dim)
         qkv, f_a, g_a, b = self.in_proj(x).split(self.split, dim=-1)
         states = self.state.layer(self.state_index)
-        mixed = short_conv(qkv, states["conv"], self.conv_weight[:, 0, :], meta.query_lens, meta.state_slots)
+        mixed, kept_conv = conv_sequences(qkv, states["conv"], self.conv_weight[:, 0, :], meta.query_lens,
+                                          meta.state_slots, meta.keep_states)
         q, k, v = (y.reshape(t, *hd) for y in mixed.float().split(self.width, dim=-1))
         q, k = normalize_qk(q, k)
         g = self.forget_gate(f_a)
         beta = torch.sigmoid(b).float()
-        out = self.delta_rule(q, k, v, g, beta, states["recurrent"], meta)
+        out, kept = rule_sequences(kda_rule.recurrent_step, kda_rule.chunked, states["recurrent"],
+                                   meta.query_lens, meta.state_slots, meta.keep_states, q, k, v, g, beta)
+        for slot, steps in kept.items():
+            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
         gate = self.g_b_proj(g_a).view(t, *hd)
         return self.o_proj(self.gated_norm(out.to(x.dtype), gate).reshape(t, self.width))
 
@@ -110,31 +96,6 @@ class KimiDeltaAttention(nn.Module):
         raw = (self.f_b_proj(f_a).float() + self.dt_bias.float()).view(-1, self.heads, self.head_dim)
         softplus = torch.where(raw > SOFTPLUS_LINEAR_ABOVE, raw, torch.log(1.0 + torch.exp(raw)))
         return -self.A_log.float().exp()[0, 0] * softplus
-
-    def delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                   beta: torch.Tensor, rec_state: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The flat batch's outputs [T, heads, head dim] (float32), each sequence
-        from its slot of ``rec_state``, which is updated."""
-        lens, slots = meta.query_lens, meta.state_slots
-        if all(n == 1 for n in lens):
-            out, new = kda_rule.recurrent_step(q, k, v, g, beta, rec_state.index_select(0, slots))
-            rec_state.index_copy_(0, slots, new)
-            return out
-        out = torch.empty_like(v)
-        start = 0
-        for i, n in enumerate(lens):
-            slot = int(slots[i])
-            rows = slice(start, start + n)
-            if n == 1:
-                o, new = kda_rule.recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows],
-                                                 rec_state[slot:slot + 1])
-                new = new[0]
-            else:
-                o, new = kda_rule.chunked(q[rows], k[rows], v[rows], g[rows], beta[rows], rec_state[slot])
-            out[rows] = o
-            rec_state[slot] = new
-            start += n
-        return out
 
     def gated_norm(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Each head's output RMS-normed and scaled by the weight, times

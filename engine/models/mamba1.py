@@ -32,8 +32,8 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.mamba_config import Mamba1Shape
-from splitserve.engine.models.gated_delta_net import causal_conv, conv_step, kept_conv_states
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.models.recurrent_batch import conv_sequences
 from splitserve.engine.state_cache import RecurrentState
 
 
@@ -72,7 +72,6 @@ class Mamba1Mixer(nn.Module):
             {k: empty_param(d, dtype=dtype, device=device) for k, d in
              (("dt", shape.dt_rank), ("b", n), ("c", n))} if weighted else {})
         self.state: RecurrentState | None = None
-        self.kept_conv: dict[int, torch.Tensor] = {}  # slot -> conv states of a verify chunk
 
     def bind(self, state: RecurrentState) -> None:
         self.state = state
@@ -84,25 +83,12 @@ class Mamba1Mixer(nn.Module):
         u, z = self.in_proj(x).split([s.inner, s.inner], dim=-1)
         states = self.state.layer(self.state_index)
         conv_state, ssm_state = states["conv"], states["ssm"]
-        weight = self.conv_weight[:, 0, :]
         lens, slots = meta.query_lens, meta.state_slots
-        decoding = all(n == 1 for n in lens)
         keep = meta.keep_states or (False,) * len(lens)
-        if decoding:  # every sequence one token, batched
-            u = conv_step(u, conv_state, weight, slots, self.conv_bias).to(x.dtype)
-        else:
-            mixed = torch.empty_like(u)
-            start = 0
-            for i, n in enumerate(lens):
-                slot, rows = int(slots[i]), slice(start, start + n)
-                if keep[i]:  # the last K - 1 inputs after each token of the chunk
-                    self.kept_conv[slot] = kept_conv_states(conv_state[slot].clone(), u[rows])
-                out, conv_state[slot] = causal_conv(u[rows], conv_state[slot], weight, self.conv_bias)
-                mixed[rows] = out.to(x.dtype)
-                start += n
-            u = mixed
+        u, kept_conv = conv_sequences(u, conv_state, self.conv_weight[:, 0, :], lens, slots, keep,
+                                      bias=self.conv_bias)
         dt, B, C = self.selective_inputs(u)
-        if decoding:
+        if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
             y, new = scan(u, dt, B, C, self.A, ssm_state.index_select(0, slots), keep_all=False)
             ssm_state.index_copy_(0, slots, new)
         else:
@@ -113,8 +99,7 @@ class Mamba1Mixer(nn.Module):
                 out, new = scan(u[rows, None], dt[rows, None], B[rows, None], C[rows, None], self.A,
                                 ssm_state[slot:slot + 1], keep_all=keep[i])
                 if keep[i]:
-                    self.state.keep(self.state_index, slot, {"conv": self.kept_conv.pop(slot),
-                                                             "ssm": new[:, 0]})
+                    self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "ssm": new[:, 0]})
                     new = new[-1]
                 y[rows] = out[:, 0]
                 ssm_state[slot] = new[0]

@@ -107,6 +107,9 @@ CHECKPOINT_NAMES = {
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     # its block_sparse_moe renamed mlp at load (splitserve.engine.models.kimi_linear)
     "kimi_linear": ("mlp", ("w1", "w3", "w2")),
+    # per expert, or fused experts split at load (splitserve.engine.models.qwen3_5)
+    "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
     # its feed_forward.router renamed gate at load (splitserve.engine.models.jamba)
     "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }

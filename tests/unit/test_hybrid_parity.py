@@ -1,5 +1,6 @@
 """Hybrid models (a recurrent state per sequence beside the paged KV cache:
-Qwen3-Next's Gated DeltaNet layers, Kimi Linear's KDA layers) through ``LLMEngine`` against
+Qwen3-Next's Gated DeltaNet layers, Kimi Linear's KDA layers, the LFM2 family's short
+convolutions) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
@@ -26,10 +27,12 @@ from splitserve.handoff.messages import HandoffMeta
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
-HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "mamba", "falcon_mamba", "jamba")
-# those whose recurrent layers keep a verify chunk's states (speculative decoding); the
-# others refuse it (test_refusals)
-SPECULATING = ("qwen3_next", "mamba", "falcon_mamba", "jamba")
+HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lfm2", "lfm2_moe",
+                   "lfm3", "mamba", "falcon_mamba", "jamba")
+# speculative decoding's rollback tested on one variant per recurrent layer kind; those whose
+# recurrent layers keep no verify chunk's states refuse it (test_refusals)
+SPECULATING = ("qwen3_next", "kimi_linear", "olmo_hybrid", "lfm2", "mamba", "falcon_mamba", "jamba")
+NO_SPECULATION: tuple[str, ...] = ()
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
@@ -158,7 +161,7 @@ def test_refusals(tiny_checkpoints, monkeypatch):
             method="draft", draft_model=str(path), num_speculative_tokens=2))
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         engine(path, max_loras=1)
-    for variant in set(HYBRID_VARIANTS) - set(SPECULATING):
+    for variant in NO_SPECULATION:
         with pytest.raises(CheckpointError, match="cannot roll rejected drafts back"):
             engine(tiny_checkpoints[variant], speculative=SpeculativeConfig(method="ngram"))
 
