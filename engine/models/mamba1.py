@@ -17,8 +17,9 @@ Per token, with the shape ``FamilyOptions.mamba`` gives:
 - y * SiLU(z) through out_proj.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs its
-scan token by token from its sequence's state (zeroed by the runner at the
-sequence's first token). A speculative verify chunk (``meta.keep_states``)
+scan from its sequence's state (zeroed by the runner at the sequence's
+first token), the recurrence step by step, its decays and inputs computed
+a block of steps at once (``scan``). A speculative verify chunk (``meta.keep_states``)
 keeps the states after each token for ``RecurrentState.rollback``.
 """
 
@@ -35,6 +36,8 @@ from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.models.recurrent_batch import conv_sequences
 from splitserve.engine.state_cache import RecurrentState
+
+SCAN_BLOCK = 128  # prompt steps whose decays and inputs are computed at once
 
 
 def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,19 +154,27 @@ def scan(u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A:
     [b, inner], one step), B, C [n, b, state], A [inner, state], state
     [b, inner, state] float32. Returns (s C per step in u's dtype, shaped as
     u; the state after the last step, or after each step [n, b, inner,
-    state] where ``keep_all``)."""
+    state] where ``keep_all``). Each block of ``SCAN_BLOCK`` steps computes
+    its decays exp(dt A) and inputs dt B u at once; only the recurrence
+    itself runs step by step."""
     one = u.dim() == 2
     if one:
         u, dt, B, C = u[None], dt[None], B[None], C[None]
     s = state.float()
     outs, kept = [], []
-    for t in range(u.shape[0]):
-        d = dt[t].float()[..., None]  # [b, inner, 1]
-        s = torch.exp(d * A) * s + d * B[t].float()[:, None, :] * u[t].float()[..., None]
-        outs.append(torch.matmul(s.to(u.dtype), C[t][..., None].to(u.dtype))[..., 0])
+    for start in range(0, u.shape[0], SCAN_BLOCK):
+        rows = slice(start, start + SCAN_BLOCK)
+        d = dt[rows].float()[..., None]  # [m, b, inner, 1]
+        decay = torch.exp(d * A)
+        inputs = d * B[rows].float()[:, :, None, :] * u[rows].float()[..., None]
+        states = torch.empty_like(decay)
+        for t in range(decay.shape[0]):
+            s = decay[t] * s + inputs[t]
+            states[t] = s
+        outs.append(torch.matmul(states.to(u.dtype), C[rows][..., None].to(u.dtype))[..., 0])
         if keep_all:
-            kept.append(s)
-    y = torch.stack(outs)
+            kept.append(states)
+    y = torch.cat(outs)
     if one:
         return y[0], s
-    return y, (torch.stack(kept) if keep_all else s)
+    return y, (torch.cat(kept) if keep_all else s)

@@ -154,3 +154,25 @@ def test_jamba_without_experts(tiny_checkpoints, tmp_path):
     assert eng.model_cfg.moe is None
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in eng.generate(prompts, params)] == want
+
+
+def test_scan_blocks_match_step_by_step():
+    # a prompt over three scan blocks from a nonzero state, against one step at a time
+    import torch
+
+    from splitserve.engine.models.mamba1 import SCAN_BLOCK, scan
+
+    gen = torch.Generator().manual_seed(254)
+    n, inner, size = 2 * SCAN_BLOCK + 5, 6, 4
+    u = torch.randn(n, 1, inner, generator=gen)
+    dt = torch.nn.functional.softplus(torch.randn(n, 1, inner, generator=gen))
+    B, C = (torch.randn(n, 1, size, generator=gen) for _ in range(2))
+    A = -torch.rand(inner, size, generator=gen) * 2
+    state = torch.randn(1, inner, size, generator=gen)
+    y, states = scan(u, dt, B, C, A, state, keep_all=True)
+    s = state
+    for t in range(n):
+        out, s = scan(u[t], dt[t], B[t], C[t], A, s, keep_all=False)
+        torch.testing.assert_close(y[t], out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(states[t], s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scan(u, dt, B, C, A, state, keep_all=False)[1], s)
