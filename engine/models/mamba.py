@@ -82,7 +82,7 @@ class MambaCausalLM(HybridCausalLM):
         for layer in self.layers:
             x, residual = layer(positions, x, residual, None, meta, None, lora)
         stream = residual + x  # norm_f on the stream as it is (float32 with residual_in_fp32)
-        return rms(stream, self.cfg.rms_norm_eps).to(self.dtype) * self.norm.weight
+        return (rms(stream, self.cfg.rms_norm_eps) * self.norm.weight).to(self.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights((renamed(name, _RENAMES), t) for name, t in weights)

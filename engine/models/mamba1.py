@@ -94,6 +94,7 @@ class Mamba1Mixer(nn.Module):
         if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
             y, new = scan(u, dt, B, C, self.A, ssm_state.index_select(0, slots), keep_all=False)
             ssm_state.index_copy_(0, slots, new)
+            y = self.gated(y, u, z, wide=False)
         else:
             y = torch.empty_like(u)
             start = 0
@@ -104,11 +105,18 @@ class Mamba1Mixer(nn.Module):
                 if keep[i]:
                     self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "ssm": new[:, 0]})
                     new = new[-1]
-                y[rows] = out[:, 0]
+                y[rows] = self.gated(out[:, 0], u[rows], z[rows], wide=n > 1)
                 ssm_state[slot] = new[0]
                 start += n
-        y = y + u * self.D
-        return self.out_proj((y * F.silu(z)).to(x.dtype))
+        return self.out_proj(y)
+
+    def gated(self, y: torch.Tensor, u: torch.Tensor, z: torch.Tensor, wide: bool) -> torch.Tensor:
+        """(y + D u) * SiLU(z) in u's dtype: computed in float32 for a prompt's
+        steps (``wide``), in u's dtype for a single token, as transformers'
+        scan and its one-step update round."""
+        if wide:
+            return ((y + u * self.D.float()) * F.silu(z)).to(u.dtype)
+        return (y + u * self.D) * F.silu(z)
 
     @property
     def A(self) -> torch.Tensor:

@@ -176,3 +176,30 @@ def test_scan_blocks_match_step_by_step():
         torch.testing.assert_close(y[t], out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(states[t], s, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scan(u, dt, B, C, A, state, keep_all=False)[1], s)
+
+
+def test_mamba_bf16_prompt_logprobs_near_transformers(tmp_path, tiny_checkpoints):
+    # both sides in bf16: the residual stream in float32 (residual_in_fp32) between bf16 layers,
+    # the conv state in bf16, the scan's state in float32, D and the gate in float32 over a
+    # prompt, as transformers rounds them (equal, measured). Without in_proj / out_proj biases
+    # (Mamba's default): biased bf16 projections round their sum apart from transformers' (0.03)
+    import torch
+    import transformers
+
+    from splitserve.engine.sampling_params import SamplingParams
+    from tests.fixtures.checkpoints import VARIANTS, variant_kwargs, write_hf_checkpoint
+
+    cls, _, seed, _ = VARIANTS["mamba"]
+    kwargs = {**variant_kwargs("mamba", tiny_checkpoints.vocab_size), "use_bias": False}
+    path = write_hf_checkpoint(tmp_path / "bf16", cls, kwargs, seed, {"dtype": torch.bfloat16},
+                               tiny_checkpoints.tokenizer_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    prompt = [(i * 37) % 400 + 3 for i in range(40)]
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    want = logits[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", num_blocks=32, block_size=4,
+                                 max_num_batched_tokens=16))
+    out = eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+    assert (got - want).abs().max().item() < 0.01
