@@ -18,6 +18,7 @@ from typing import Any
 
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
+from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
 
@@ -180,6 +181,9 @@ class FamilyOptions:
     # Qwen3-Next, Qwen3.5: the shape of their Gated DeltaNet layers
     # (splitserve.engine.models.gated_delta_net); None: none
     gated_delta_net: GatedDeltaNetShape | None = None
+    # Granite 4.0-H, Bamba: the shape of their Mamba-2 layers (transformers' BambaMixer;
+    # splitserve.engine.models.mamba2); None: none
+    mamba2: Mamba2Shape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -73,6 +73,7 @@ from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
 from splitserve.engine.models.biogpt import BioGptCausalLM
 from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
+from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -260,6 +261,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Qwen3-Next: Gated DeltaNet layers (a recurrent state per sequence) beside gated
     # attention layers, Qwen2-MoE's sparse MLP
     "qwen3_next": Qwen3NextForCausalLM,
+    # Granite 4.0-H: Mamba-2 layers beside Granite attention layers (RoPE or none), the
+    # experts and a shared MLP (or the shared MLP alone), Granite's scalars throughout
+    "granitemoehybrid": GraniteMoeHybridCausalLM,
 }
 
 

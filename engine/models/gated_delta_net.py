@@ -29,13 +29,27 @@ from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, line
 from splitserve.engine.state_cache import RecurrentState
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's chunk x [n, C] through the depthwise causal convolution
-    ``weight`` [C, K] after its last K - 1 inputs ``state`` [C, K - 1]: (SiLU
-    of the output [n, C], the new state)."""
+    ``weight`` [C, K] (plus ``bias`` [C], if any) after its last K - 1 inputs
+    ``state`` [C, K - 1]: (SiLU of the output [n, C], the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), groups=weight.shape[0])[0]
+    b = None if bias is None else bias.to(window.dtype)
+    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), b, groups=weight.shape[0])[0]
     return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
+
+
+def causal_conv_step(x: torch.Tensor, states: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of each of a batch of sequences, x [b, C], after their last
+    K - 1 inputs ``states`` [b, C, K - 1]: (SiLU of ``causal_conv``'s output
+    [b, C], the new states)."""
+    window = torch.cat([states, x[:, :, None].to(states.dtype)], dim=2)  # [b, C, K]
+    out = (window * weight.to(window.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(window.dtype)
+    return F.silu(out), window[:, :, 1:]
 
 
 class GatedDeltaNet(nn.Module):
@@ -95,9 +109,9 @@ class GatedDeltaNet(nn.Module):
         slots = meta.state_slots
         mixed = torch.empty_like(qkv)
         if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
-            window = torch.cat([conv_state.index_select(0, slots), qkv[:, :, None].to(conv_state.dtype)], dim=2)
-            mixed = F.silu((window * weight.to(window.dtype)).sum(-1)).to(qkv.dtype)
-            conv_state.index_copy_(0, slots, window[:, :, 1:])
+            out, new = causal_conv_step(qkv, conv_state.index_select(0, slots), weight)
+            mixed = out.to(qkv.dtype)
+            conv_state.index_copy_(0, slots, new)
         else:
             start = 0
             for i, n in enumerate(lens):

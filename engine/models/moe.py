@@ -105,6 +105,8 @@ CHECKPOINT_NAMES = {
     # LongCat-Flash's shortcut experts (splitserve.engine.models.longcat_flash)
     "longcat_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # split from input_linear / output_linear at load, as GraniteMoE's
+    "granitemoehybrid": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)

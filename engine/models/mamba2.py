@@ -1,0 +1,131 @@
+"""A Mamba-2 layer (Granite 4.0-H's and Bamba's ``mamba`` mixer) over the
+engine's flat batch, its per-sequence state in the recurrent-state store
+(``splitserve.engine.state_cache``): the convolution's last inputs ("conv")
+and the scan's state ("ssm").
+
+Per token: ``in_proj`` gives the gate z [inner], x|B|C [conv dim] and dt
+[heads]; x|B|C go through the causal depthwise convolution (its bias, SiLU);
+dt = softplus(dt + dt_bias) clamped to ``time_step_limit``, A = -exp(A_log);
+the selective scan (``splitserve.engine.models.ssd``) mixes the sequence,
+with the D skip; its output is RMS-normed per group of the inner width,
+gated by SiLU(z) (before the norm, or after it with ``norm_before_gate``),
+and projected back by ``out_proj``.
+
+Sequences of one token (decoding) run batched; each prompt chunk runs on
+its own, from its sequence's state (zeroed by the runner at the sequence's
+first token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.engine.attention import AttentionMetadata
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.mamba2_config import Mamba2Shape
+from splitserve.engine.models.gated_delta_net import causal_conv, causal_conv_step
+from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.models.ssd import chunked, heads_of_groups, scan_step
+from splitserve.engine.state_cache import RecurrentState
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 state_index: int):
+        super().__init__()
+        shape: Mamba2Shape = cfg.options.mamba2
+        if cfg.options.hidden_act != "silu":
+            raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
+                                  "by Mamba-2 layers (their convolution is followed by SiLU)")
+        self.shape = shape
+        self.state_index = state_index
+        self.eps = cfg.rms_norm_eps
+        h, s = cfg.hidden_size, shape
+        self.in_proj = Linear(h, s.inner + s.conv_dim + s.num_heads, s.proj_bias, dtype, device)
+        self.conv_weight = empty_param(s.conv_dim, 1, s.conv_kernel, dtype=dtype, device=device)
+        self.conv_bias = empty_param(s.conv_dim, dtype=dtype, device=device) if s.conv_bias else None
+        self.dt_bias = empty_param(s.num_heads, dtype=dtype, device=device)
+        self.A_log = empty_param(s.num_heads, dtype=dtype, device=device)
+        self.D = empty_param(s.num_heads, dtype=dtype, device=device)
+        self.norm_weight = empty_param(s.inner, dtype=dtype, device=device)
+        self.out_proj = Linear(s.inner, h, s.proj_bias, dtype, device)
+        self.state: RecurrentState | None = None
+
+    def bind(self, state: RecurrentState) -> None:
+        self.state = state
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
+                meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
+                lora=None) -> torch.Tensor:
+        s, t = self.shape, x.shape[0]
+        z, xbc, dt = self.in_proj(x).split([s.inner, s.conv_dim, s.num_heads], dim=-1)
+        states = self.state.layer(self.state_index)
+        conv_state, ssm_state = states["conv"], states["ssm"]
+        weight, bias = self.conv_weight[:, 0, :], self.conv_bias
+        lens, slots = meta.query_lens, meta.state_slots
+        decoding = all(n == 1 for n in lens)  # every sequence one token: batched
+        if decoding:
+            mixed, new = causal_conv_step(xbc, conv_state.index_select(0, slots), weight, bias)
+            conv_state.index_copy_(0, slots, new)
+        else:
+            mixed = torch.empty_like(xbc, dtype=conv_state.dtype)
+            start = 0
+            for i, n in enumerate(lens):
+                slot = int(slots[i])
+                mixed[start:start + n], conv_state[slot] = causal_conv(xbc[start:start + n], conv_state[slot],
+                                                                       weight, bias)
+                start += n
+        xs, B, C = mixed.to(x.dtype).float().split([s.inner, s.n_groups * s.state_size,
+                                                    s.n_groups * s.state_size], dim=-1)
+        xs = xs.view(t, s.num_heads, s.head_dim)
+        B = heads_of_groups(B.view(t, s.n_groups, s.state_size), s.num_heads)
+        C = heads_of_groups(C.view(t, s.n_groups, s.state_size), s.num_heads)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*s.time_step_limit)
+        A, D = -self.A_log.float().exp(), self.D.float()
+        if decoding:
+            y, new = scan_step(xs, dt, A, B, C, D, ssm_state.index_select(0, slots))
+            ssm_state.index_copy_(0, slots, new)
+        else:
+            y = torch.empty_like(xs)
+            start = 0
+            for i, n in enumerate(lens):
+                slot, rows = int(slots[i]), slice(start, start + n)
+                y[rows], ssm_state[slot] = chunked(xs[rows], dt[rows], A, B[rows], C[rows], D, ssm_state[slot])
+                start += n
+        return self.out_proj(self.gated_norm(y.reshape(t, s.inner), z))
+
+    def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y [T, inner] float32 RMS-normed per group of the inner width, times
+        SiLU(z) before the norm (after it with ``norm_before_gate``), times the
+        weight in float32, rounded once to the model dtype."""
+        s = self.shape
+        gate = F.silu(z.float())
+        h = y if s.norm_before_gate else y * gate
+        g = h.view(h.shape[0], s.n_groups, -1)
+        h = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).view_as(h)
+        if s.norm_before_gate:
+            h = h * gate
+        return (self.norm_weight.float() * h).to(z.dtype)
+
+    def quantize_fp8_(self) -> None:
+        self.in_proj.quantize_fp8_()
+        self.out_proj.quantize_fp8_()
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
+        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+
+    def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
+        slots: dict[str, ShardSlot] = {}
+        for name in ("in_proj", "out_proj"):
+            lin = getattr(self, name)
+            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        slots[f"{prefix}.conv1d.weight"] = ShardSlot(self.conv_weight)
+        if self.conv_bias is not None:
+            slots[f"{prefix}.conv1d.bias"] = ShardSlot(self.conv_bias)
+        for name in ("dt_bias", "A_log", "D"):
+            slots[f"{prefix}.{name}"] = ShardSlot(getattr(self, name))
+        slots[f"{prefix}.norm.weight"] = ShardSlot(self.norm_weight)
+        return slots

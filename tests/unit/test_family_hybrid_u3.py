@@ -1,0 +1,77 @@
+"""config.json parsing of the Mamba-2 hybrids (Granite 4.0-H): the defaults
+transformers' config classes fill in, the options read, and a clear
+CheckpointError (or tensor-parallel refusal) naming what the engine does not
+support. Token parity is in test_hybrid_parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.hybrid_config import ATTENTION
+from splitserve.engine.mamba2_config import SSM_KIND
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+GRANITE_H = "GraniteMoeHybridForCausalLM"
+
+
+def raw(arch: str, **extra) -> dict:
+    return {"architectures": [arch], "vocab_size": 32, "hidden_size": 256, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, **extra}
+
+
+# --- Granite 4.0-H -----------------------------------------------------------
+
+def test_granite_h_defaults():
+    cfg = ModelConfig.from_hf(raw(GRANITE_H, layer_types=["mamba", "attention"]))
+    opts = cfg.options
+    assert opts.hybrid.layer_kinds == (SSM_KIND, ATTENTION) and cfg.num_cache_layers == 1
+    m = opts.mamba2
+    # GraniteMoeHybridConfig: 128 heads over mamba_expand (2) x hidden, 256-dim states in 1 group
+    assert (m.num_heads, m.head_dim, m.n_groups, m.state_size, m.conv_kernel) == (128, 4, 1, 256, 4)
+    assert m.conv_bias and not m.proj_bias and m.time_step_limit == (0.0, math.inf)
+    assert not m.norm_before_gate
+    assert opts.nope_layers == (0, 1)  # position_embedding_type null: no RoPE
+    assert (opts.embed_scale, opts.attn_scale, opts.residual_scale, opts.logits_divisor) == (1, 1, 1, 1)
+    # 8 experts (top 2) of intermediate_size, the shared MLP of 1024
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_intermediate_size) == (8, 2, 128)
+    assert cfg.moe.renormalize and cfg.intermediate_size == 1024
+    assert opts.hybrid.states[1].shape == (128, 4, 256) and opts.hybrid.states[1].dtype == "float32"
+
+
+def test_granite_h_options_read():
+    cfg = ModelConfig.from_hf(raw(
+        GRANITE_H, layers_block_type=["attention", "mamba"], position_embedding_type="rope",
+        num_local_experts=0, shared_intermediate_size=64, mamba_n_heads=8, mamba_d_head=64,
+        mamba_n_groups=4, time_step_limit=[0.001, {"__float__": "Infinity"}], attention_bias=True))
+    assert cfg.options.hybrid.layer_kinds == (ATTENTION, SSM_KIND)
+    assert cfg.options.nope_layers == () and cfg.moe is None and cfg.intermediate_size == 64
+    assert cfg.options.mamba2.time_step_limit == (0.001, math.inf) and cfg.options.mamba2.n_groups == 4
+    assert cfg.attention_bias and cfg.o_proj_bias
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"layer_types": None}, "no attention layer"),
+    ({"layer_types": ["mamba", "sliding_attention"]}, "layer_types.*sliding_attention"),
+    ({"layer_types": ["mamba"]}, "layer_types has 1 entries for 2 layers"),
+    ({"position_embedding_type": "alibi"}, "position_embedding_type 'alibi'"),
+    ({"mamba_d_head": 32}, "mamba_n_heads 128 x mamba_d_head 32"),
+    ({"mamba_n_heads": 8, "mamba_n_groups": 3}, "mamba_n_groups 3 must divide"),
+    ({"mamba_d_conv": 1}, "mamba_d_conv 1"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"shared_intermediate_size": 0}, "shared_intermediate_size 0"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_granite_h_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(GRANITE_H, **{"layer_types": ["mamba", "attention"], **extra}))
+
+
+def test_granite_h_tensor_parallel_is_refused():
+    with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
+        check(ModelConfig.from_hf(raw(GRANITE_H, layer_types=["mamba", "attention"])), 2)
+
