@@ -138,7 +138,7 @@ from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # no
 from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
-from splitserve.engine.dialects import granitemoehybrid  # noqa: E402
+from splitserve.engine.dialects import bamba, granitemoehybrid  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -211,4 +211,5 @@ DIALECTS.update({
     "longcat_flash": longcat_flash.DIALECT,
     "qwen3_next": qwen3_next.DIALECT,
     "granitemoehybrid": granitemoehybrid.DIALECT,
+    "bamba": bamba.DIALECT,
 })

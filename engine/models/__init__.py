@@ -74,6 +74,7 @@ from splitserve.engine.models.biogpt import BioGptCausalLM
 from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
+from splitserve.engine.models.bamba import BambaCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -264,6 +265,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Granite 4.0-H: Mamba-2 layers beside Granite attention layers (RoPE or none), the
     # experts and a shared MLP (or the shared MLP alone), Granite's scalars throughout
     "granitemoehybrid": GraniteMoeHybridCausalLM,
+    # Bamba: Mamba-2 layers beside Llama attention layers with partial RoPE, a SwiGLU
+    # feed_forward in every layer
+    "bamba": BambaCausalLM,
 }
 
 

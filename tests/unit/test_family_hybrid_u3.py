@@ -1,4 +1,4 @@
-"""config.json parsing of the Mamba-2 hybrids (Granite 4.0-H): the defaults
+"""config.json parsing of the Mamba-2 hybrids (Granite 4.0-H, Bamba): the defaults
 transformers' config classes fill in, the options read, and a clear
 CheckpointError (or tensor-parallel refusal) naming what the engine does not
 support. Token parity is in test_hybrid_parity."""
@@ -75,3 +75,43 @@ def test_granite_h_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
         check(ModelConfig.from_hf(raw(GRANITE_H, layer_types=["mamba", "attention"])), 2)
 
+
+
+# --- Bamba ---------------------------------------------------------------------
+
+BAMBA = "BambaForCausalLM"
+
+
+def test_bamba_defaults():
+    cfg = ModelConfig.from_hf(raw(BAMBA, num_hidden_layers=3, attn_layer_indices=[2]))
+    opts = cfg.options
+    assert opts.hybrid.layer_kinds == (SSM_KIND, SSM_KIND, ATTENTION) and cfg.num_cache_layers == 1
+    assert opts.rotary_dim == 32  # BambaConfig rotates half of each head (64) by default
+    assert opts.final_norm_name == "model.final_layernorm" and cfg.rms_norm_eps == 1e-5
+    m = opts.mamba2
+    assert (m.num_heads, m.head_dim, m.n_groups, m.state_size, m.conv_kernel) == (128, 4, 1, 256, 4)
+    assert cfg.moe is None and not cfg.attention_bias and not cfg.mlp_bias
+
+
+def test_bamba_rope_dict_rotary_factor_wins():
+    # a top-level partial_rotary_factor is overwritten by BambaConfig; the rope dict's is read
+    cfg = ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[0], partial_rotary_factor=1.0, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.25}))
+    assert cfg.options.rotary_dim == 16 and cfg.rope_theta == 1000.0
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"attn_layer_indices": None}, "no attention layer"),
+    ({"attn_layer_indices": [5]}, "attn_layer_indices \\[5\\]"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"mamba_expand": 3, "mamba_n_heads": 100}, "mamba_n_heads 100 x mamba_d_head 7"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_bamba_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw(BAMBA, **{"attn_layer_indices": [1], **extra}))
+
+
+def test_bamba_tensor_parallel_is_refused():
+    with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
+        check(ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1])), 2)
