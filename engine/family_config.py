@@ -184,6 +184,10 @@ class FamilyOptions:
     # Granite 4.0-H, Bamba: the shape of their Mamba-2 layers (transformers' BambaMixer;
     # splitserve.engine.models.mamba2); None: none
     mamba2: Mamba2Shape | None = None
+    # Nemotron-H: one mixer per checkpoint layer (backbone.layers.j); per decoder layer here,
+    # the checkpoint layers it holds: (its Mamba-2 or attention block, the MLP block after it
+    # or -1 for none) (splitserve.engine.models.nemotron_h); empty: one checkpoint layer each
+    checkpoint_blocks: tuple[tuple[int, int], ...] = ()
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

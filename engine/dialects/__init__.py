@@ -138,7 +138,7 @@ from splitserve.engine.dialects import biogpt, openai_gpt, persimmon, xglm  # no
 from splitserve.engine.dialects import flint, sarvam_mla, sarvam_moe  # noqa: E402
 from splitserve.engine.dialects import hy_v3, longcat_flash  # noqa: E402
 from splitserve.engine.dialects import qwen3_next  # noqa: E402
-from splitserve.engine.dialects import bamba, granitemoehybrid  # noqa: E402
+from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -212,4 +212,5 @@ DIALECTS.update({
     "qwen3_next": qwen3_next.DIALECT,
     "granitemoehybrid": granitemoehybrid.DIALECT,
     "bamba": bamba.DIALECT,
+    "nemotron_h": nemotron_h.DIALECT,
 })

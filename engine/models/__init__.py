@@ -75,6 +75,7 @@ from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
+from splitserve.engine.models.nemotron_h import NemotronHCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -268,6 +269,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Bamba: Mamba-2 layers beside Llama attention layers with partial RoPE, a SwiGLU
     # feed_forward in every layer
     "bamba": BambaCausalLM,
+    # Nemotron-H: one Mamba-2 or attention block (no positional encoding) and the relu2 MLP
+    # block after it per layer, renamed from the checkpoint's blocks at load
+    "nemotron_h": NemotronHCausalLM,
 }
 
 

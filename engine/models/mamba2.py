@@ -1,11 +1,12 @@
-"""A Mamba-2 layer (Granite 4.0-H's and Bamba's ``mamba`` mixer) over the
+"""A Mamba-2 layer (Granite 4.0-H's, Bamba's and Nemotron-H's) over the
 engine's flat batch, its per-sequence state in the recurrent-state store
 (``splitserve.engine.state_cache``): the convolution's last inputs ("conv")
 and the scan's state ("ssm").
 
 Per token: ``in_proj`` gives the gate z [inner], x|B|C [conv dim] and dt
-[heads]; x|B|C go through the causal depthwise convolution (its bias, SiLU);
-dt = softplus(dt + dt_bias) clamped to ``time_step_limit``, A = -exp(A_log);
+[heads]; x|B|C go through the causal depthwise convolution (its bias, SiLU:
+the dialects refuse other activations); dt = softplus(dt + dt_bias) clamped
+to ``time_step_limit``, A = -exp(A_log);
 the selective scan (``splitserve.engine.models.ssd``) mixes the sequence,
 with the D skip; its output is RMS-normed per group of the inner width,
 gated by SiLU(z) (before the norm, or after it with ``norm_before_gate``),
@@ -24,7 +25,6 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.models.gated_delta_net import causal_conv, causal_conv_step
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
@@ -37,9 +37,6 @@ class Mamba2Mixer(nn.Module):
                  state_index: int):
         super().__init__()
         shape: Mamba2Shape = cfg.options.mamba2
-        if cfg.options.hidden_act != "silu":
-            raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
-                                  "by Mamba-2 layers (their convolution is followed by SiLU)")
         self.shape = shape
         self.state_index = state_index
         self.eps = cfg.rms_norm_eps

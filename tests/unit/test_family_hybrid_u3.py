@@ -1,7 +1,7 @@
-"""config.json parsing of the Mamba-2 hybrids (Granite 4.0-H, Bamba): the defaults
-transformers' config classes fill in, the options read, and a clear
-CheckpointError (or tensor-parallel refusal) naming what the engine does not
-support. Token parity is in test_hybrid_parity."""
+"""config.json parsing of the Mamba-2 hybrids (Granite 4.0-H, Bamba,
+Nemotron-H): the defaults transformers' config classes fill in, the options
+read, and a clear CheckpointError (or tensor-parallel refusal) naming what
+the engine does not support. Token parity is in test_hybrid_parity."""
 
 from __future__ import annotations
 
@@ -115,3 +115,60 @@ def test_bamba_refusals(extra, match):
 def test_bamba_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
         check(ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1])), 2)
+
+
+# --- Nemotron-H ----------------------------------------------------------------
+
+NEMOTRON_H = "NemotronHForCausalLM"
+
+
+def nemotron_h(**extra) -> dict:
+    out = raw(NEMOTRON_H, **extra)
+    del out["num_hidden_layers"]  # NemotronHConfig counts the blocks of its pattern
+    return out
+
+
+def test_nemotron_h_defaults_and_pattern():
+    cfg = ModelConfig.from_hf(nemotron_h(hybrid_override_pattern="M-*-MM-"))
+    opts = cfg.options
+    # M-, *-, M, M-: four decoder layers of the seven blocks
+    assert opts.checkpoint_blocks == ((0, 1), (2, 3), (4, -1), (5, 6)) and cfg.num_layers == 4
+    assert opts.hybrid.layer_kinds == (SSM_KIND, ATTENTION, SSM_KIND, SSM_KIND)
+    m = opts.mamba2
+    assert (m.num_heads, m.head_dim, m.n_groups, m.state_size, m.conv_kernel) == (128, 64, 8, 128, 4)
+    assert m.conv_bias and not m.proj_bias and m.time_step_limit == (0.0, math.inf)
+    assert opts.hidden_act == "relu2" and opts.plain_mlp == ("up_proj", "down_proj")
+    assert opts.norm_fp32_product and opts.final_norm_name == "backbone.norm_f" and opts.nope_layers == (1,)
+    assert cfg.head_dim == 128 and cfg.rms_norm_eps == 1e-5 and not cfg.tie_word_embeddings
+    assert not cfg.attention_bias and not cfg.o_proj_bias and cfg.moe is None
+
+
+def test_nemotron_h_older_names():
+    cfg = ModelConfig.from_hf(nemotron_h(layers_block_type=["mamba", "mlp", "attention"], mamba_n_groups=2,
+                                         mamba_d_conv=3, mamba_conv_bias=False,
+                                         mamba_dt_limit=[0.0, {"__float__": "Infinity"}]))
+    m = cfg.options.mamba2
+    assert cfg.options.checkpoint_blocks == ((0, 1), (2, -1))
+    assert (m.n_groups, m.conv_kernel, m.conv_bias) == (2, 3, False)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({}, "'moe' blocks"),  # NemotronHConfig's default pattern has one
+    ({"hybrid_override_pattern": "ME*-"}, "'moe' blocks"),
+    ({"hybrid_override_pattern": "-M*"}, "block 0 \\(mlp\\) does not follow"),
+    ({"hybrid_override_pattern": "M--*"}, "block 2 \\(mlp\\) does not follow"),
+    ({"hybrid_override_pattern": "M-M-"}, "no attention layer"),
+    ({"hybrid_override_pattern": "M-X*"}, "unknown block symbols \\['X'\\]"),
+    ({"layers_block_type": ["linear_attention", "sliding_attention"]}, "sliding_attention"),
+    ({"hybrid_override_pattern": "M*", "mamba_hidden_act": "gelu"}, "mamba_hidden_act 'gelu'"),
+    ({"hybrid_override_pattern": "M*", "mlp_hidden_act": "swiglu"}, "mlp_hidden_act 'swiglu'"),
+    ({"hybrid_override_pattern": "M*", "quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_nemotron_h_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(nemotron_h(**extra))
+
+
+def test_nemotron_h_tensor_parallel_is_refused():
+    with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
+        check(ModelConfig.from_hf(nemotron_h(hybrid_override_pattern="M*")), 2)

@@ -17,7 +17,8 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.spec.config import SpeculativeConfig
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
-HYBRID_VARIANTS = ("qwen3_next", "granitemoehybrid", "granitemoehybrid_dense", "bamba")
+HYBRID_VARIANTS = ("qwen3_next", "granitemoehybrid", "granitemoehybrid_dense", "bamba",
+                   "nemotron_h")
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
 
