@@ -35,8 +35,10 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
     ``weight`` [C, K] (plus ``bias`` [C], if any) after its last K - 1 inputs
     ``state`` [C, K - 1]: (SiLU of the output [n, C], the new state)."""
     window = torch.cat([state, x.t().to(state.dtype)], dim=1)  # [C, K - 1 + n]
-    b = None if bias is None else bias.to(window.dtype)
-    out = F.conv1d(window[None], weight[:, None, :].to(window.dtype), b, groups=weight.shape[0])[0]
+    # each output's K inputs side by side: on CPUs far faster than a grouped conv1d
+    out = (window.unfold(1, weight.shape[1], 1) * weight[:, None, :].to(window.dtype)).sum(-1)  # [C, n]
+    if bias is not None:
+        out = out + bias.to(window.dtype)[:, None]
     return F.silu(out).t(), window[:, window.shape[1] - state.shape[1]:]
 
 
