@@ -181,8 +181,8 @@ class FamilyOptions:
     # Qwen3-Next, Qwen3.5: the shape of their Gated DeltaNet layers
     # (splitserve.engine.models.gated_delta_net); None: none
     gated_delta_net: GatedDeltaNetShape | None = None
-    # Granite 4.0-H, Bamba: the shape of their Mamba-2 layers (transformers' BambaMixer;
-    # splitserve.engine.models.mamba2); None: none
+    # Granite 4.0-H, Bamba, Nemotron-H: the shape of their Mamba-2 layers (transformers'
+    # BambaMixer; splitserve.engine.models.mamba2); None: none
     mamba2: Mamba2Shape | None = None
     # Nemotron-H: one mixer per checkpoint layer (backbone.layers.j); per decoder layer here,
     # the checkpoint layers it holds: (its Mamba-2 or attention block, the MLP block after it

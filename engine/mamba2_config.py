@@ -1,5 +1,5 @@
-"""The shape of a Mamba-2 layer (Granite 4.0-H's and Bamba's ``mamba``
-mixer), read from config.json by the families' dialects and held in
+"""The shape of a Mamba-2 layer (Granite 4.0-H's, Bamba's and Nemotron-H's),
+read from config.json by the families' dialects and held in
 ``FamilyOptions.mamba2``; ``splitserve.engine.models.mamba2`` builds it."""
 
 from __future__ import annotations
