@@ -188,6 +188,9 @@ class FamilyOptions:
     # the checkpoint layers it holds: (its Mamba-2 or attention block, the MLP block after it
     # or -1 for none) (splitserve.engine.models.nemotron_h); empty: one checkpoint layer each
     checkpoint_blocks: tuple[tuple[int, int], ...] = ()
+    # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
+    # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
+    moe_latent_size: int = 0
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

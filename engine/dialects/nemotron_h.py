@@ -18,12 +18,18 @@ As transformers' NemotronHConfig and its model read it:
 - attention: no positional encoding, no biases, ``head_dim`` (128);
 - MLP: ``up_proj`` -> ``mlp_hidden_act`` (relu2) -> ``down_proj``, biases
   by ``mlp_bias``;
+- MoE blocks (Nemotron 3): DeepSeek-V3's router over ``n_routed_experts``
+  (8) ungated experts of ``moe_intermediate_size`` (top
+  ``num_experts_per_tok``, 2; ``n_group`` / ``topk_group`` groups;
+  ``norm_topk_prob``; ``routed_scaling_factor``), in ``moe_latent_size``
+  when set, beside a shared MLP of ``moe_shared_expert_intermediate_size``
+  (``splitserve.engine.models.nemotron_h_moe``);
 - RMSNorms of ``layer_norm_epsilon`` (1e-5) multiplying their weight in
   float32; the embeddings never tied to the LM head; ``mtp.*`` tensors
   (multi-token prediction) skipped at load.
 
-Refused: MoE blocks (Nemotron 3's ungated experts), an MLP block that does
-not follow a Mamba-2 or attention block, a model without attention blocks,
+Refused: an MLP or MoE block that does not follow a Mamba-2 or attention
+block, a model without attention blocks,
 Mamba activations other than SiLU, fp8 checkpoints (tensors renamed at
 load), tensor parallelism (the Mamba-2 layers are not sharded), LoRA
 adapters, speculative decoding. A hybrid model's engine runs without prefix
@@ -53,6 +59,10 @@ _MAMBA = {"mamba_num_heads": (128, None), "mamba_head_dim": (64, None), "n_group
           "time_step_limit": ((0.0, float("inf")), "mamba_dt_limit")}
 PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _MIXERS, _MLPS = ("linear_attention", "full_attention"), ("mlp", "moe")
+# the MoE blocks' keys (NemotronHConfig's defaults)
+_MOE_DEFAULTS = {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 7688,
+                 "moe_shared_expert_intermediate_size": 7688, "norm_topk_prob": True, "n_group": 1,
+                 "topk_group": 1, "routed_scaling_factor": 1.0}
 _LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}
 
 
@@ -72,9 +82,6 @@ def block_types(cfg: dict[str, Any]) -> list[str]:
     if unknown:
         raise ValueError(f"layers_block_type {unknown} are not supported; supported: "
                          f"{', '.join(_MIXERS + _MLPS)}")
-    if "moe" in types:
-        raise ValueError("layers_block_type 'moe' blocks (NemotronH's ungated experts with a grouped "
-                         "sigmoid router) are not supported")
     return types
 
 
@@ -109,11 +116,30 @@ def mamba2_shape(cfg: dict[str, Any]) -> Mamba2Shape:
                        proj_bias=bool(m["use_bias"]), time_step_limit=limit)
 
 
+def moe_keys(cfg: dict[str, Any], types: list[str], blocks: tuple[tuple[int, int], ...]) -> dict[str, Any]:
+    """The sparse MLP blocks' shape and DeepSeek-V3's router, in Llama's (Qwen's) MoE keys;
+    the decoder layers whose MLP block is not one are ``mlp_only_layers``."""
+    m = {**_MOE_DEFAULTS, **{k: v for k, v in cfg.items() if k in _MOE_DEFAULTS and v is not None}}
+    experts, groups_ = int(m["n_routed_experts"]), int(m["n_group"])
+    if experts % groups_:
+        raise ValueError(f"n_group {groups_} must divide n_routed_experts {experts}")
+    return {"num_experts": experts, "num_experts_per_tok": int(m["num_experts_per_tok"]),
+            "moe_intermediate_size": int(m["moe_intermediate_size"]), "norm_topk_prob": bool(m["norm_topk_prob"]),
+            "shared_expert_intermediate_size": int(m["moe_shared_expert_intermediate_size"]),
+            "mlp_only_layers": [i for i, (_, mlp) in enumerate(blocks) if mlp < 0 or types[mlp] != "moe"],
+            "moe_routing": {"grouped_sigmoid": True, "num_groups": groups_, "topk_groups": int(m["topk_group"]),
+                            "routed_scaling_factor": float(m["routed_scaling_factor"])}}
+
+
 def llama_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    types = block_types(cfg)
+    blocks = groups(types)
     out = passed_keys(cfg, _PASSED)
-    out.update(num_hidden_layers=len(groups(block_types(cfg))),
+    out.update(num_hidden_layers=len(blocks),
                rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), tie_word_embeddings=False,
                attention_bias=False, attention_out_bias=False, qk_norm=False)
+    if "moe" in types:
+        out.update(moe_keys(cfg, types, blocks))
     return out
 
 
@@ -123,12 +149,15 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     blocks = groups(types)
     kinds = checked_kinds([types[m] for m, _ in blocks], len(blocks), "layers_block_type")
     shape = mamba2_shape(cfg)
+    latent = int(cfg.get("moe_latent_size") or 0)
+    if latent < 0:
+        raise ValueError(f"moe_latent_size must be positive or null, got {latent}")
     return FamilyOptions(
         hidden_act=plain_activation(cfg, ARCH, "relu2", key="mlp_hidden_act"),
         plain_mlp=("up_proj", "down_proj"),
         norm_fp32_product=True, final_norm_name="backbone.norm_f",
         nope_layers=tuple(i for i, k in enumerate(kinds) if k == ATTENTION),
-        hybrid=hybrid_layout(kinds, shape), mamba2=shape, checkpoint_blocks=blocks,
+        hybrid=hybrid_layout(kinds, shape), mamba2=shape, checkpoint_blocks=blocks, moe_latent_size=latent,
         tensor_parallel_refusal="nemotron_h's recurrent (Mamba-2) layers are not sharded across ranks")
 
 

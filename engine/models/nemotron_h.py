@@ -1,7 +1,8 @@
 """Nemotron-H (``NemotronHForCausalLM``): Mamba-2 blocks
 (``splitserve.engine.models.mamba2``) and attention blocks without
 positional encoding, each here one decoder layer with the relu2 MLP block
-that follows it in the checkpoint, if any (``FamilyOptions.checkpoint_blocks``).
+or MoE block (``splitserve.engine.models.nemotron_h_moe``) that follows it
+in the checkpoint, if any (``FamilyOptions.checkpoint_blocks``).
 
 A checkpoint block is ``x + mixer(norm(x))``, so a mixer block then an MLP
 block is the decoder's ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``;
@@ -24,6 +25,7 @@ from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import ShardSlot, norm_slots
 from splitserve.engine.models.mamba2 import Mamba2Mixer
+from splitserve.engine.models.nemotron_h_moe import NemotronHMoE
 from splitserve.engine.models.plain_blocks import PlainMLP
 from splitserve.kernels.lora import LoraMeta
 
@@ -31,14 +33,14 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_laye
 
 
 class NemotronHDecoderLayer(DecoderLayer):
-    """A Mamba-2 or attention block (named ``mixer``), then the relu2 MLP
-    block when ``has_mlp``; without it, no post-attention norm or MLP."""
+    """A Mamba-2 or attention block (named ``mixer``), then the MLP or MoE
+    block ``mlp``; without one, no post-attention norm or MLP."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, prefix: str,
-                 mixer: Mamba2Mixer | None, has_mlp: bool):
-        mlp = PlainMLP(cfg, dtype, device, prefix=f"{prefix}.mlp") if has_mlp else nn.Identity()
-        super().__init__(cfg, dtype, device, 0, mlp=mlp, prefix=prefix, mixer=mixer, mixer_name="mixer")
-        if not has_mlp:
+                 mixer: Mamba2Mixer | None, mlp: nn.Module | None):
+        super().__init__(cfg, dtype, device, 0, mlp=mlp or nn.Identity(), prefix=prefix, mixer=mixer,
+                         mixer_name="mixer")
+        if mlp is None:
             self.mlp = self.post_attention_layernorm = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
@@ -67,8 +69,13 @@ class NemotronHCausalLM(HybridCausalLM):
         layout = cfg.options.hybrid
         mixer = (None if layout.layer_kinds[index] == ATTENTION
                  else Mamba2Mixer(cfg, dtype, device, layout.state_index(index)))
-        has_mlp = cfg.options.checkpoint_blocks[index][1] >= 0
-        return NemotronHDecoderLayer(cfg, dtype, device, f"model.layers.{index}", mixer, has_mlp)
+        prefix = f"model.layers.{index}"
+        mlp = None
+        if cfg.moe is not None and cfg.moe.sparse_layers[index]:
+            mlp = NemotronHMoE(cfg, dtype, device, prefix=f"{prefix}.mlp")
+        elif cfg.options.checkpoint_blocks[index][1] >= 0:
+            mlp = PlainMLP(cfg, dtype, device, prefix=f"{prefix}.mlp")
+        return NemotronHDecoderLayer(cfg, dtype, device, prefix, mixer, mlp)
 
     def rope_table(self, index: int) -> torch.Tensor | None:
         return None  # no positional encoding

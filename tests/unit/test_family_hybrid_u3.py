@@ -152,9 +152,21 @@ def test_nemotron_h_older_names():
     assert (m.n_groups, m.conv_kernel, m.conv_bias) == (2, 3, False)
 
 
+def test_nemotron_h_moe_blocks():
+    # NemotronHConfig's default pattern: Mamba-2, MoE, attention, MLP
+    cfg = ModelConfig.from_hf(nemotron_h(moe_latent_size=256))
+    assert cfg.options.checkpoint_blocks == ((0, 1), (2, 3)) and cfg.options.moe_latent_size == 256
+    moe = cfg.moe
+    assert moe.sparse_layers == (True, False) and moe.grouped_sigmoid and moe.renormalize
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size) == (8, 2, 7688)
+    assert (moe.num_groups, moe.topk_groups, moe.routed_scaling_factor) == (1, 1, 1.0)
+    assert moe.shared_expert_intermediate_size == 7688 and cfg.intermediate_size == 128  # the MLP blocks'
+    assert ModelConfig.from_hf(nemotron_h(hybrid_override_pattern="M-*")).moe is None
+
+
 @pytest.mark.parametrize("extra, match", [
-    ({}, "'moe' blocks"),  # NemotronHConfig's default pattern has one
-    ({"hybrid_override_pattern": "ME*-"}, "'moe' blocks"),
+    ({"hybrid_override_pattern": "ME*-", "n_group": 3}, "n_group 3 must divide n_routed_experts 8"),
+    ({"hybrid_override_pattern": "ME*-", "moe_latent_size": -4}, "moe_latent_size"),
     ({"hybrid_override_pattern": "-M*"}, "block 0 \\(mlp\\) does not follow"),
     ({"hybrid_override_pattern": "M--*"}, "block 2 \\(mlp\\) does not follow"),
     ({"hybrid_override_pattern": "M-M-"}, "no attention layer"),
