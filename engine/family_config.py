@@ -19,6 +19,7 @@ from typing import Any
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
 from splitserve.engine.lfm2_config import Lfm2Shape
+from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
@@ -185,6 +186,16 @@ class FamilyOptions:
     # LFM2, LFM2-MoE, LFM3: their gated short convolutions' shape and the switches that tell
     # the three apart (splitserve.engine.models.lfm2); None: not the LFM2 family
     lfm2: Lfm2Shape | None = None
+    # Granite 4.0-H, Bamba, Nemotron-H: the shape of their Mamba-2 layers (transformers'
+    # BambaMixer; splitserve.engine.models.mamba2); None: none
+    mamba2: Mamba2Shape | None = None
+    # Nemotron-H: one mixer per checkpoint layer (backbone.layers.j); per decoder layer here,
+    # the checkpoint layers it holds: (its Mamba-2 or attention block, the MLP block after it
+    # or -1 for none) (splitserve.engine.models.nemotron_h); empty: one checkpoint layer each
+    checkpoint_blocks: tuple[tuple[int, int], ...] = ()
+    # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
+    # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
+    moe_latent_size: int = 0
     # Mamba, Falcon-Mamba, Jamba: the shape of their Mamba-1 layers (transformers'
     # MambaMixer; splitserve.engine.models.mamba1); None: none
     mamba: Mamba1Shape | None = None

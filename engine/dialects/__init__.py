@@ -142,6 +142,7 @@ from splitserve.engine.dialects import kimi_linear  # noqa: E402
 from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
+from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 
 DIALECTS.update({
@@ -221,6 +222,9 @@ DIALECTS.update({
     "lfm2": lfm2.DIALECT,
     "lfm2_moe": lfm2_moe.DIALECT,
     "lfm3": lfm3.DIALECT,
+    "granitemoehybrid": granitemoehybrid.DIALECT,
+    "bamba": bamba.DIALECT,
+    "nemotron_h": nemotron_h.DIALECT,
     "mamba": mamba.DIALECT,
     "falcon_mamba": mamba.FALCON_DIALECT,
     "jamba": jamba.DIALECT,

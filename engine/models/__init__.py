@@ -81,6 +81,9 @@ from splitserve.engine.models.openai_gpt import OpenAIGPTCausalLM
 from splitserve.engine.models.biogpt import BioGptCausalLM
 from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
+from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
+from splitserve.engine.models.bamba import BambaCausalLM
+from splitserve.engine.models.nemotron_h import NemotronHCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -285,6 +288,15 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # LFM3: LFM2 with full and sliding attention layers (RoPE per layer type), gated heads and
     # sandwich norms
     "lfm3": Lfm3ForCausalLM,
+    # Granite 4.0-H: Mamba-2 layers beside Granite attention layers (RoPE or none), the
+    # experts and a shared MLP (or the shared MLP alone), Granite's scalars throughout
+    "granitemoehybrid": GraniteMoeHybridCausalLM,
+    # Bamba: Mamba-2 layers beside Llama attention layers with partial RoPE, a SwiGLU
+    # feed_forward in every layer
+    "bamba": BambaCausalLM,
+    # Nemotron-H: one Mamba-2 or attention block (no positional encoding) and the relu2 MLP
+    # block after it per layer, renamed from the checkpoint's blocks at load
+    "nemotron_h": NemotronHCausalLM,
     # Mamba, Falcon-Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
     # attention (a KV cache of no layer), the residual stream in float32
     "mamba": MambaCausalLM,

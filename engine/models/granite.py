@@ -28,8 +28,10 @@ class GraniteDecoderLayer(DecoderLayer):
     add itself stays fused into the next norm)."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, sliding_window: int = 0,
-                 prefix: str = "", mlp: nn.Module | None = None, mlp_name: str = "mlp"):
-        super().__init__(cfg, dtype, device, sliding_window, mlp=mlp, mlp_name=mlp_name, prefix=prefix)
+                 prefix: str = "", mlp: nn.Module | None = None, mlp_name: str = "mlp",
+                 mixer: nn.Module | None = None, mixer_name: str = "self_attn"):
+        super().__init__(cfg, dtype, device, sliding_window, mlp=mlp, mlp_name=mlp_name, prefix=prefix,
+                         mixer=mixer, mixer_name=mixer_name)
         self.residual_scale = cfg.options.residual_scale
 
     def forward(

@@ -97,7 +97,7 @@ class GraniteMoeCausalLM(GraniteCausalLM):
                 yield f"{prefix}.down_proj.weight", t
 
     def renamed(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        shared = self.layers[0].shared_mlp is not None  # else shared_mlp tensors stay unexpected
+        shared = self.splits_shared_mlp()
         for name, tensor in weights:
             if name.endswith((".input_linear.weight", ".output_linear.weight")) and (
                     shared or ".shared_mlp." not in name):
@@ -106,6 +106,10 @@ class GraniteMoeCausalLM(GraniteCausalLM):
                 yield name.replace(".router.layer.", ".gate."), tensor
             else:
                 yield name, tensor
+
+    def splits_shared_mlp(self) -> bool:
+        """Whether fused shared_mlp tensors are split at load (else they stay unexpected)."""
+        return self.layers[0].shared_mlp is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(self.renamed(weights))

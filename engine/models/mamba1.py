@@ -19,8 +19,9 @@ Per token, with the shape ``FamilyOptions.mamba`` gives:
 Sequences of one token (decoding) run batched; each prompt chunk runs its
 scan from its sequence's state (zeroed by the runner at the sequence's
 first token), the recurrence step by step, its decays and inputs computed
-a block of steps at once (``scan``). A speculative verify chunk (``meta.keep_states``)
-keeps the states after each token for ``RecurrentState.rollback``.
+a block of steps at once (``scan``). A speculative verify chunk
+(``meta.keep_states``) keeps the states after each token for
+``RecurrentState.rollback``.
 """
 
 from __future__ import annotations

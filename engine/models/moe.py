@@ -110,6 +110,8 @@ CHECKPOINT_NAMES = {
     # per expert, or fused experts split at load (splitserve.engine.models.qwen3_5)
     "qwen3_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
+    # split from input_linear / output_linear at load, as GraniteMoE's
+    "granitemoehybrid": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     # its feed_forward.router renamed gate at load (splitserve.engine.models.jamba)
     "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }

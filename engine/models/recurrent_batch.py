@@ -94,32 +94,33 @@ def kept_steps(step: Step, state: torch.Tensor, *inputs: torch.Tensor
 
 def rule_sequences(step: Step, chunked: Callable[..., tuple[torch.Tensor, torch.Tensor]],
                    state: torch.Tensor, lens: tuple[int, ...], slots: torch.Tensor,
-                   keep: tuple[bool, ...] | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   g: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """A delta rule over the flat batch (rows of q, k, v, g, beta per token),
-    each sequence from its slot of ``state`` [slots, *shape], which is
-    updated: ``step`` for a batch of single tokens, ``chunked`` for one
-    sequence's chunk. Returns (the outputs [T, ...], slot -> every token's
-    state [n, *shape] of the sequences ``keep`` marks)."""
+                   keep: tuple[bool, ...] | None, *inputs: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """A recurrent rule over the flat batch (``inputs``: per-token rows, such
+    as q, k, v, g, beta), each sequence from its slot of ``state`` [slots,
+    *shape], which is updated: ``step(*inputs, state)`` for a batch of single
+    tokens, ``chunked(*inputs, state)`` for one sequence's chunk. Returns
+    (the outputs [T, ...], slot -> every token's state [n, *shape] of the
+    sequences ``keep`` marks)."""
     if all(n == 1 for n in lens):
-        out, new = step(q, k, v, g, beta, state.index_select(0, slots))
+        out, new = step(*inputs, state.index_select(0, slots))
         state.index_copy_(0, slots, new)
         return out, {}
     keep = keep or (False,) * len(lens)
-    out = torch.empty_like(v)
+    outs: list[torch.Tensor] = []
     kept: dict[int, torch.Tensor] = {}
     start = 0
     for i, n in enumerate(lens):
         slot = int(slots[i])
-        rows = slice(start, start + n)
+        rows = [x[start:start + n] for x in inputs]
         if keep[i]:
-            o, new, kept[slot] = kept_steps(step, state[slot], q[rows], k[rows], v[rows], g[rows], beta[rows])
+            o, new, kept[slot] = kept_steps(step, state[slot], *rows)
         elif n == 1:
-            o, new = step(q[rows], k[rows], v[rows], g[rows], beta[rows], state[slot:slot + 1])
+            o, new = step(*rows, state[slot:slot + 1])
             new = new[0]
         else:
-            o, new = chunked(q[rows], k[rows], v[rows], g[rows], beta[rows], state[slot])
-        out[rows] = o
+            o, new = chunked(*rows, state[slot])
+        outs.append(o)
         state[slot] = new
         start += n
-    return out, kept
+    return torch.cat(outs), kept
