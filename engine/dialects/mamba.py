@@ -16,6 +16,8 @@ As transformers' MambaConfig / FalconMambaConfig and their models read it:
 - RMSNorms of ``layer_norm_epsilon`` (1e-5); ``residual_in_fp32`` (on);
   ``tie_word_embeddings`` (on); no attention layer, so the KV cache has none.
 
+The original format is read where ``architectures`` names MambaForCausalLM
+(state-spaces' own config.json names none: the key must be added).
 ``max_position_embeddings`` bounds the sequence length where config.json
 has one; Mamba has no position limit of its own, so the engine's default
 (2048) applies otherwise: raise it with that key. The training-only keys
