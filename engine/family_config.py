@@ -22,6 +22,7 @@ from splitserve.engine.lfm2_config import Lfm2Shape
 from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
+from splitserve.engine.recurrent_gemma_config import RgLruShape
 
 # config.json activation names -> the gated MLP's activation
 _ACTIVATIONS = {
@@ -195,6 +196,9 @@ class FamilyOptions:
     # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
     # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
     moe_latent_size: int = 0
+    # RecurrentGemma: the shape of its recurrent blocks (transformers' RecurrentGemmaRecurrentBlock;
+    # splitserve.engine.models.rg_lru); None: none
+    rg_lru: RgLruShape | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:
