@@ -23,6 +23,7 @@ from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
+from splitserve.engine.recurrent_gemma_config import RgLruShape
 
 # config.json activation names -> the gated MLP's activation
 _ACTIVATIONS = {
@@ -196,6 +197,9 @@ class FamilyOptions:
     # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
     # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
     moe_latent_size: int = 0
+    # RecurrentGemma: the shape of its recurrent blocks (transformers' RecurrentGemmaRecurrentBlock;
+    # splitserve.engine.models.rg_lru); None: none
+    rg_lru: RgLruShape | None = None
     # Mamba, Falcon-Mamba, Jamba: the shape of their Mamba-1 layers (transformers'
     # MambaMixer; splitserve.engine.models.mamba1); None: none
     mamba: Mamba1Shape | None = None

@@ -143,6 +143,7 @@ from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
+from splitserve.engine.dialects import recurrent_gemma  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 
 DIALECTS.update({
@@ -225,6 +226,7 @@ DIALECTS.update({
     "granitemoehybrid": granitemoehybrid.DIALECT,
     "bamba": bamba.DIALECT,
     "nemotron_h": nemotron_h.DIALECT,
+    "recurrent_gemma": recurrent_gemma.DIALECT,
     "mamba": mamba.DIALECT,
     "falcon_mamba": mamba.FALCON_DIALECT,
     "jamba": jamba.DIALECT,

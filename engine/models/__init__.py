@@ -84,6 +84,7 @@ from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
 from splitserve.engine.models.nemotron_h import NemotronHCausalLM
+from splitserve.engine.models.recurrent_gemma import RecurrentGemmaForCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -297,6 +298,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Nemotron-H: one Mamba-2 or attention block (no positional encoding) and the relu2 MLP
     # block after it per layer, renamed from the checkpoint's blocks at load
     "nemotron_h": NemotronHCausalLM,
+    # RecurrentGemma: Griffin's recurrent blocks (convolution and RG-LRU) beside local multi-query
+    # attention layers, Gemma's norms, embedding scale and logit soft-cap
+    "recurrent_gemma": RecurrentGemmaForCausalLM,
     # Mamba, Falcon-Mamba: every layer a Mamba-1 mixer (a recurrent state per sequence), no
     # attention (a KV cache of no layer), the residual stream in float32
     "mamba": MambaCausalLM,

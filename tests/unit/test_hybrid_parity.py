@@ -1,6 +1,6 @@
 """Hybrid models (a recurrent state per sequence beside the paged KV cache:
 Qwen3-Next's Gated DeltaNet layers, Kimi Linear's KDA layers, the LFM2 family's short
-convolutions) through ``LLMEngine`` against
+convolutions, Mamba-2 layers, RecurrentGemma's RG-LRU blocks) through ``LLMEngine`` against
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
@@ -28,12 +28,12 @@ from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.handoff import export_layers, export_meta, handoff_generate, import_kv
 
 HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lfm2", "lfm2_moe",
-                   "lfm3", "granitemoehybrid", "granitemoehybrid_dense", "bamba", "nemotron_h", "mamba",
-                   "falcon_mamba", "jamba")
+                   "lfm3", "granitemoehybrid", "granitemoehybrid_dense", "bamba", "nemotron_h",
+                   "recurrent_gemma", "mamba", "falcon_mamba", "jamba")
 # speculative decoding's rollback tested on one variant per recurrent layer kind; those whose
 # recurrent layers keep no verify chunk's states refuse it (test_refusals)
-SPECULATING = ("qwen3_next", "kimi_linear", "olmo_hybrid", "lfm2", "granitemoehybrid", "mamba", "falcon_mamba",
-               "jamba")
+SPECULATING = ("qwen3_next", "kimi_linear", "olmo_hybrid", "lfm2", "granitemoehybrid", "recurrent_gemma", "mamba",
+               "falcon_mamba", "jamba")
 NO_SPECULATION: tuple[str, ...] = ()
 # a prompt past one delta-rule chunk (64 tokens), and short ones
 PROMPTS = [[5, 9, 13], [7] * 9, list(range(20, 37)), [(i * 37) % 400 + 3 for i in range(83)]]
