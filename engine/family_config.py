@@ -195,6 +195,10 @@ class FamilyOptions:
     # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
     # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
     moe_latent_size: int = 0
+    # MiniMax *_alpha_factor / *_beta_factor: (alpha, beta) of the full-attention, lightning
+    # and MLP blocks, each residual its normed input: x = norm(x) * alpha + block * beta
+    # (splitserve.engine.models.minimax); empty: not MiniMax
+    residual_factors: tuple[tuple[float, float], ...] = ()
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

@@ -143,6 +143,7 @@ from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
+from splitserve.engine.dialects import minimax  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -224,4 +225,5 @@ DIALECTS.update({
     "granitemoehybrid": granitemoehybrid.DIALECT,
     "bamba": bamba.DIALECT,
     "nemotron_h": nemotron_h.DIALECT,
+    "minimax": minimax.DIALECT,
 })

@@ -82,6 +82,7 @@ from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
 from splitserve.engine.models.nemotron_h import NemotronHCausalLM
+from splitserve.engine.models.minimax import MiniMaxForCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -295,6 +296,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Nemotron-H: one Mamba-2 or attention block (no positional encoding) and the relu2 MLP
     # block after it per layer, renamed from the checkpoint's blocks at load
     "nemotron_h": NemotronHCausalLM,
+    # MiniMax-Text-01: lightning (linear, decaying) attention layers beside Llama attention
+    # layers, Mixtral's experts in every layer, each residual the block's normed input
+    "minimax": MiniMaxForCausalLM,
 }
 
 

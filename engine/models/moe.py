@@ -112,6 +112,7 @@ CHECKPOINT_NAMES = {
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
     # split from input_linear / output_linear at load, as GraniteMoE's
     "granitemoehybrid": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
+    "minimax": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
