@@ -143,7 +143,7 @@ from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
-from splitserve.engine.dialects import minimax  # noqa: E402
+from splitserve.engine.dialects import bailing_hybrid, minimax  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -226,4 +226,5 @@ DIALECTS.update({
     "bamba": bamba.DIALECT,
     "nemotron_h": nemotron_h.DIALECT,
     "minimax": minimax.DIALECT,
+    "bailing_hybrid": bailing_hybrid.DIALECT,
 })

@@ -1,10 +1,15 @@
 """MiniMax-Text-01 (lightning attention beside softmax attention, experts
-in every layer): config.json read as transformers' MiniMaxConfig reads it,
-the lightning layers' decay rates and chunked form against the
-token-by-token rule, and what is refused. Token parity through LLMEngine
-is in test_hybrid_parity."""
+in every layer) and the Bailing hybrid (Kimi Delta Attention with its own
+gates beside gated latent attention): config.json read as transformers'
+config classes read it, MiniMax's decay rates and chunked lightning form
+against the token-by-token rule, Bailing's forget gates against
+transformers', its multi-token-prediction layers skipped, and what is
+refused. Token parity through LLMEngine is in test_hybrid_parity."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from splitserve.engine.models.lightning import BLOCK, LightningAttention, slope_
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
 MINIMAX = "MiniMaxForCausalLM"
+BAILING = "BailingHybridForCausalLM"
 
 
 def test_minimax_config_matches_transformers():
@@ -95,3 +101,85 @@ def test_minimax_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
     path = str(tiny_checkpoints["minimax"])
     with pytest.raises(Exception, match="LoRA adapters are not supported"):
         LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
+
+
+def test_bailing_config_matches_transformers():
+    import transformers
+
+    raw = {"architectures": [BAILING], "num_hidden_layers": 7, "num_local_experts": 16, "n_group": 4}
+    cfg, ref = ModelConfig.from_hf(raw), transformers.BailingHybridConfig(**{k: v for k, v in raw.items()
+                                                                             if k != "architectures"})
+    moe, mla, opts, kda = cfg.moe, cfg.options.mla, cfg.options, cfg.options.gated_delta_net
+    assert (cfg.hidden_size, cfg.num_heads, cfg.vocab_size, cfg.rms_norm_eps, cfg.max_position) == (
+        ref.hidden_size, ref.num_attention_heads, ref.vocab_size, ref.rms_norm_eps, ref.max_position_embeddings)
+    assert (moe.num_experts, moe.top_k, moe.renormalize, moe.num_groups, moe.topk_groups) == (
+        ref.num_local_experts, ref.num_experts_per_tok, ref.norm_topk_prob, ref.n_group, ref.topk_group)
+    assert moe.routed_scaling_factor == pytest.approx(ref.routed_scaling_factor)
+    assert moe.shared_expert_intermediate_size == ref.moe_intermediate_size * ref.n_shared_experts
+    assert moe.sparse_layers == tuple(t == "sparse" for t in ref.mlp_layer_types)
+    assert opts.hybrid.layer_kinds == tuple(ATTENTION if t == "full_attention" else "kimi_delta_attention"
+                                           for t in ref.layer_types)
+    assert (kda.num_k_heads, kda.k_head_dim, kda.conv_kernel, kda.forget_gate_bound) == (
+        ref.linear_num_heads, ref.linear_head_dim, ref.linear_conv_kernel_dim, ref.kda_lower_bound)
+    assert (mla.q_lora_rank or None, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim,
+            mla.v_head_dim) == (ref.q_lora_rank, ref.kv_lora_rank, ref.qk_nope_head_dim, ref.qk_rope_head_dim,
+                                ref.v_head_dim)
+    assert opts.interleaved_rope and opts.rotary_dim == ref.qk_rope_head_dim == ref.head_dim
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
+    assert opts.mtp_layers == ref.num_mtp_layers and not cfg.tie_word_embeddings
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_bailing_forget_gate_matches_transformers(safe):
+    import transformers
+    from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridForgetGate
+
+    from splitserve.engine.models.bailing_hybrid import BailingDeltaAttention
+
+    raw = {"hidden_size": 32, "num_attention_heads": 2, "head_dim": 8, "kda_safe_gate": safe,
+           "kda_lower_bound": -2.0, "num_hidden_layers": 2}
+    gen = torch.Generator().manual_seed(263)
+    ref = BailingHybridForgetGate(transformers.BailingHybridConfig(**raw))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    mixer = BailingDeltaAttention(ModelConfig.from_hf({"architectures": [BAILING], **raw}), torch.float32, "cpu", 0)
+    mixer.A_log.data.copy_(ref.A_log)
+    mixer.dt_bias.data.copy_(ref.dt_bias)
+    x = torch.randn(5, 32, generator=gen)
+    got = mixer.forget_gate(ref.f_proj(x).detach())
+    torch.testing.assert_close(got, ref(x[None]).detach()[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"expert_swiglu_limit_list": [0, 7.0]}, "expert_swiglu_limit_list"),
+    ({"share_expert_swiglu_limit_list": [0]}, "share_expert_swiglu_limit_list"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"short_conv_kernel_size": 1}, "short_conv_kernel_size"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"mlp_layer_types": ["dense"]}, "mlp_layer_types"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_bailing_unsupported_options_are_refused(extra, match):
+    raw = {"architectures": [BAILING], "num_hidden_layers": 2, "num_attention_heads": 4, **extra}
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(raw)
+
+
+def test_bailing_skips_mtp_layers_and_refuses_tp_and_lora(tiny_checkpoints, tmp_path):
+    # a checkpoint with its multi-token-prediction layer (layer 3 of 3) loads; TP and LoRA are refused
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(TensorParallelConfigError, match="Kimi Delta Attention"):
+        check(ModelConfig.from_hf({"architectures": [BAILING]}), 2)
+    src = tiny_checkpoints["bailing_hybrid"]
+    out = tmp_path / "bailing_mtp"
+    shutil.copytree(src, out)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors.update({k.replace("layers.2.", "layers.3."): t.clone() for k, t in tensors.items() if "layers.2." in k})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    LLMEngine(EngineConfig(model=str(out), num_blocks=32, block_size=4))
+    with pytest.raises(Exception, match="LoRA adapters are not supported"):
+        LLMEngine(EngineConfig(model=str(out), num_blocks=32, block_size=4, max_loras=1))
