@@ -206,6 +206,10 @@ class FamilyOptions:
     # Mamba, Falcon-Mamba residual_in_fp32: the residual stream kept in float32 between
     # layers (MambaBlock), each norm reading it rounded to the model dtype
     residual_in_fp32: bool = False
+    # MiniMax *_alpha_factor / *_beta_factor: (alpha, beta) of the full-attention, lightning
+    # and MLP blocks, each residual its normed input: x = norm(x) * alpha + block * beta
+    # (splitserve.engine.models.minimax); empty: not MiniMax
+    residual_factors: tuple[tuple[float, float], ...] = ()
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

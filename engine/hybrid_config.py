@@ -97,6 +97,9 @@ class GatedDeltaNetShape:
     beta_scale: float = 1.0
     # the output norm's epsilon (OLMo Hybrid's o_norm: 1e-5, FLA's default); None: rms_norm_eps
     norm_eps: float | None = None
+    # Bailing hybrid kda_safe_gate: the KDA forget gate is this lower bound times
+    # sigmoid(exp(A_log) * (f + dt_bias)); None: -exp(A_log) * softplus(f + dt_bias) (Kimi's)
+    forget_gate_bound: float | None = None
 
     def __post_init__(self):
         if self.num_v_heads % self.num_k_heads:

@@ -145,6 +145,7 @@ from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
 from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
 from splitserve.engine.dialects import recurrent_gemma  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
+from splitserve.engine.dialects import bailing_hybrid, minimax  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -230,4 +231,6 @@ DIALECTS.update({
     "mamba": mamba.DIALECT,
     "falcon_mamba": mamba.FALCON_DIALECT,
     "jamba": jamba.DIALECT,
+    "minimax": minimax.DIALECT,
+    "bailing_hybrid": bailing_hybrid.DIALECT,
 })

@@ -85,6 +85,8 @@ from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
 from splitserve.engine.models.nemotron_h import NemotronHCausalLM
 from splitserve.engine.models.recurrent_gemma import RecurrentGemmaForCausalLM
+from splitserve.engine.models.minimax import MiniMaxForCausalLM
+from splitserve.engine.models.bailing_hybrid import BailingHybridForCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
 # family -> implementation; the dense families share one decoder with flags,
@@ -307,6 +309,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "falcon_mamba": MambaCausalLM,
     # Jamba: Mamba-1 layers beside attention layers without RoPE, experts on some layers
     "jamba": JambaCausalLM,
+    # MiniMax-Text-01: lightning (linear, decaying) attention layers beside Llama attention
+    # layers, Mixtral's experts in every layer, each residual the block's normed input
+    "minimax": MiniMaxForCausalLM,
+    # Bailing hybrid (Ling 3): Kimi Delta Attention with Bailing's gates beside gated latent
+    # attention, DeepSeek-V3's experts; original checkpoint names mapped at load
+    "bailing_hybrid": BailingHybridForCausalLM,
 }
 
 

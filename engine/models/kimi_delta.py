@@ -57,17 +57,22 @@ class KimiDeltaAttention(nn.Module):
         self.state_index = state_index
         self.eps = cfg.rms_norm_eps
         h, d = cfg.hidden_size, self.head_dim
-        # q | k | v | f_a | g_a | b, all read from the normed hidden state
+        self.gate_projections(h, dtype, device)
+        self.o_proj = Linear(self.width, h, False, dtype, device)
+        self.conv_weight = empty_param(3 * self.width, 1, shape.conv_kernel, dtype=dtype, device=device)
+        self.dt_bias = empty_param(self.width, dtype=torch.float32, device=device)  # float32, as transformers
+        self.o_norm_weight = empty_param(d, dtype=dtype, device=device)
+        self.state: RecurrentState | None = None
+
+    def gate_projections(self, h: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """``in_proj`` (q | k | v | f_a | g_a | b, all read from the normed hidden
+        state, ``split`` its rows), the low-rank gates' second halves and A_log."""
+        d = self.head_dim
         self.split = [3 * self.width, d, d, self.heads]
         self.in_proj = Linear(h, sum(self.split), False, dtype, device)
         self.f_b_proj = Linear(d, self.width, False, dtype, device)
         self.g_b_proj = Linear(d, self.width, False, dtype, device)
-        self.o_proj = Linear(self.width, h, False, dtype, device)
-        self.conv_weight = empty_param(3 * self.width, 1, shape.conv_kernel, dtype=dtype, device=device)
         self.A_log = empty_param(1, 1, self.heads, 1, dtype=dtype, device=device)
-        self.dt_bias = empty_param(self.width, dtype=torch.float32, device=device)  # float32, as transformers
-        self.o_norm_weight = empty_param(d, dtype=dtype, device=device)
-        self.state: RecurrentState | None = None
 
     def bind(self, state: RecurrentState) -> None:
         self.state = state
@@ -76,19 +81,19 @@ class KimiDeltaAttention(nn.Module):
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         t, hd = x.shape[0], (self.heads, self.head_dim)
-        qkv, f_a, g_a, b = self.in_proj(x).split(self.split, dim=-1)
+        qkv, f, g_in, b = self.in_proj(x).split(self.split, dim=-1)
         states = self.state.layer(self.state_index)
         mixed, kept_conv = conv_sequences(qkv, states["conv"], self.conv_weight[:, 0, :], meta.query_lens,
                                           meta.state_slots, meta.keep_states)
         q, k, v = (y.reshape(t, *hd) for y in mixed.float().split(self.width, dim=-1))
         q, k = normalize_qk(q, k)
-        g = self.forget_gate(f_a)
+        g = self.forget_gate(f)
         beta = torch.sigmoid(b).float()
         out, kept = rule_sequences(kda_rule.recurrent_step, kda_rule.chunked, states["recurrent"],
                                    meta.query_lens, meta.state_slots, meta.keep_states, q, k, v, g, beta)
         for slot, steps in kept.items():
             self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
-        gate = self.g_b_proj(g_a).view(t, *hd)
+        gate = self.output_gate(g_in).view(t, *hd)
         return self.o_proj(self.gated_norm(out.to(x.dtype), gate).reshape(t, self.width))
 
     def forget_gate(self, f_a: torch.Tensor) -> torch.Tensor:
@@ -96,6 +101,10 @@ class KimiDeltaAttention(nn.Module):
         raw = (self.f_b_proj(f_a).float() + self.dt_bias.float()).view(-1, self.heads, self.head_dim)
         softplus = torch.where(raw > SOFTPLUS_LINEAR_ABOVE, raw, torch.log(1.0 + torch.exp(raw)))
         return -self.A_log.float().exp()[0, 0] * softplus
+
+    def output_gate(self, g_a: torch.Tensor) -> torch.Tensor:
+        """[T, head dim] -> the output gate's logits [T, heads x head dim]."""
+        return self.g_b_proj(g_a)
 
     def gated_norm(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Each head's output RMS-normed and scaled by the weight, times

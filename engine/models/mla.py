@@ -111,7 +111,12 @@ class MLAttention(nn.Module):
         k = _padded(torch.cat([kv[..., :nope], k_pe.expand(t, h, rope)], dim=-1), d)
         v = _padded(kv[..., nope:], d)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window)  # [T, H, D]
-        return self.o_proj(out[..., :m.v_head_dim].reshape(t, h * m.v_head_dim))
+        return self.project_out(x, out[..., :m.v_head_dim])
+
+    def project_out(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [T, H, v_head_dim] through o_proj (``x``, the layer's
+        input, for the families that gate the heads with it)."""
+        return self.o_proj(out.reshape(out.shape[0], -1))
 
     def _pairs(self, x: torch.Tensor) -> torch.Tensor:
         """The rope dims [T, heads, rope] as the rotate-half kernels take them:

@@ -114,6 +114,8 @@ CHECKPOINT_NAMES = {
     "granitemoehybrid": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
     # its feed_forward.router renamed gate at load (splitserve.engine.models.jamba)
     "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
+    "minimax": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "bailing_hybrid": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 # family -> its shared expert's checkpoint name where that expert has no gate
 # (Qwen2-MoE's ``shared_expert`` is scaled by ``shared_expert_gate``)
@@ -127,7 +129,7 @@ UNGATED_SHARED_EXPERTS = {"glm4_moe": "shared_experts", "dots1": "shared_experts
                           "afmoe": "shared_experts", "sarvam_moe": "shared_experts",
                           "param2moe": "shared_experts", "sarvam_mla": "shared_experts",
                           "flint": "shared_expert", "hy_v3": "shared_mlp",
-                          "kimi_linear": "shared_experts"}
+                          "kimi_linear": "shared_experts", "bailing_hybrid": "shared_experts"}
 
 
 @dataclasses.dataclass(frozen=True)
