@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.falcon_h1_config import FalconH1Scales
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
 from splitserve.engine.lfm2_config import Lfm2Shape
@@ -195,6 +196,9 @@ class FamilyOptions:
     # Nemotron 3 moe_latent_size: the experts work in this width, between fc1_latent_proj and
     # fc2_latent_proj (splitserve.engine.models.nemotron_h_moe); 0: hidden_size, no projections
     moe_latent_size: int = 0
+    # Falcon-H1: its multipliers (embedding, lm_head, attention/SSM in and out, key, MLP gate
+    # and down; transformers' FalconH1Model; splitserve.engine.models.falcon_h1); None: none
+    falcon_h1: FalconH1Scales | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

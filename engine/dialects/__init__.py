@@ -142,7 +142,7 @@ from splitserve.engine.dialects import kimi_linear  # noqa: E402
 from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
-from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # noqa: E402
+from splitserve.engine.dialects import bamba, falcon_h1, granitemoehybrid, nemotron_h  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -224,4 +224,5 @@ DIALECTS.update({
     "granitemoehybrid": granitemoehybrid.DIALECT,
     "bamba": bamba.DIALECT,
     "nemotron_h": nemotron_h.DIALECT,
+    "falcon_h1": falcon_h1.DIALECT,
 })

@@ -81,6 +81,7 @@ from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
+from splitserve.engine.models.falcon_h1 import FalconH1CausalLM
 from splitserve.engine.models.nemotron_h import NemotronHCausalLM
 from splitserve.engine.parallel.group import TPGroup
 
@@ -295,6 +296,9 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Nemotron-H: one Mamba-2 or attention block (no positional encoding) and the relu2 MLP
     # block after it per layer, renamed from the checkpoint's blocks at load
     "nemotron_h": NemotronHCausalLM,
+    # Falcon-H1: Mamba-2 and Llama attention side by side in every layer, a SwiGLU
+    # feed_forward, its multipliers throughout
+    "falcon_h1": FalconH1CausalLM,
 }
 
 

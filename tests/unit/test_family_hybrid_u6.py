@@ -1,0 +1,108 @@
+"""config.json parsing of Falcon-H1: the defaults transformers' config class
+fills in (checked against it), the layout of layers that both attend and keep a
+state, what is refused with a clear CheckpointError (tensor parallelism and LoRA
+too), the gated-norm variant served through LLMEngine against transformers. The
+full parity set runs in test_hybrid_parity (variant falcon_h1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.config import EngineConfig, ModelConfig
+from splitserve.engine.errors import CheckpointError
+from splitserve.engine.falcon_h1_config import PARALLEL_KIND
+from splitserve.engine.hybrid_config import ATTENTION, HybridLayout, StateKind
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.sampling_params import SamplingParams
+from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.unit.test_family_olmo3_exaone import hf_config
+
+ARCH = "FalconH1ForCausalLM"
+
+
+def test_defaults_as_transformers_reads_them():
+    c = {"architectures": [ARCH]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("FalconH1Config", c)
+    assert ours.family == "falcon_h1"
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers) == (
+        ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers)
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        ref.num_attention_heads, ref.num_key_value_heads, ref.hidden_size // ref.num_attention_heads)
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.tie_word_embeddings == ref.tie_word_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert not ours.attention_bias and not ours.mlp_bias and ours.options.rotary_dim is None
+    s = ours.options.mamba2
+    assert (s.num_heads, s.head_dim, s.n_groups, s.state_size, s.conv_kernel) == (
+        ref.mamba_n_heads, ref.mamba_d_head, ref.mamba_n_groups, ref.mamba_d_state, ref.mamba_d_conv)
+    assert s.inner == ref.mamba_d_ssm == 1024
+    assert s.conv_bias and not s.proj_bias and s.out_proj_bias is False and s.time_step_limit == ref.time_step_limit
+    assert not s.gated_norm and s.norm_before_gate and s.in_proj_scales is None  # mamba_rms_norm false
+    k = ours.options.falcon_h1
+    assert (k.embedding, k.lm_head, k.key, k.attention_in, k.attention_out, k.ssm_in, k.ssm_out) == (
+        ref.embedding_multiplier, ref.lm_head_multiplier, ref.key_multiplier, ref.attention_in_multiplier,
+        ref.attention_out_multiplier, ref.ssm_in_multiplier, ref.ssm_out_multiplier)
+    assert [k.mlp_gate, k.mlp_down] == ref.mlp_multipliers
+    layout = ours.options.hybrid
+    assert layout.layer_kinds == (PARALLEL_KIND,) * 32
+    assert ours.num_cache_layers == 32 and len(layout.state_layers) == 32
+
+
+def test_d_ssm_null_and_multipliers():
+    c = {"architectures": [ARCH], "hidden_size": 64, "num_attention_heads": 4, "mamba_d_ssm": None,
+         "mamba_n_heads": 8, "ssm_multipliers": [1.0, 2.0, 3.0, 4.0, 5.0], "mlp_multipliers": [0.5, 2.0]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("FalconH1Config", c)
+    assert ours.options.mamba2.inner == ref.mamba_expand * 64 == 128
+    assert ours.options.mamba2.head_dim == ref.mamba_d_head == 16
+    assert ours.options.mamba2.in_proj_scales == (1, 2, 3, 4, 5)
+    assert (ours.options.falcon_h1.mlp_gate, ours.options.falcon_h1.mlp_down) == (0.5, 2)
+
+
+def test_layers_that_attend_and_keep_a_state():
+    both = HybridLayout(("a", ATTENTION, "b", "a"), (StateKind("s", (2,)),), attending_kinds=("a",))
+    assert both.attention_layers == (0, 1, 3) and both.state_layers == (0, 2, 3)
+    assert both.num_cache_layers == 3 and both.cache_index(3) == 2 and both.state_index(3) == 2
+    plain = HybridLayout(("a", ATTENTION, "b"), (StateKind("s", (2,)),))
+    assert plain.attention_layers == (1,) and plain.state_layers == (0, 2) and plain.num_cache_layers == 1
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"layers_block_type": ["hybrid", "mamba"], "num_hidden_layers": 2}, "layers_block_type"),
+    ({"ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers"),
+    ({"mlp_multipliers": [1.0]}, "mlp_multipliers"),
+    ({"mamba_d_ssm": 1000}, "mamba_d_ssm"),
+])
+def test_refusals_name_the_option(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": [ARCH], **extra})
+
+
+def test_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
+    with pytest.raises(TensorParallelConfigError, match="falcon_h1"):
+        check(ModelConfig.from_hf({"architectures": [ARCH]}), 2)
+    path = str(tiny_checkpoints["falcon_h1"])
+    with pytest.raises(Exception, match="LoRA adapters are not supported"):
+        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
+
+
+def test_gated_norm_variant_matches_transformers(tiny_checkpoints):
+    # mamba_rms_norm with the gate after the norm, mamba_d_ssm null, tied embeddings: prompts
+    # in chunks of 8 beside decoding sequences; greedy tokens and prompt logprobs
+    path = tiny_checkpoints["falcon_h1_norm"]
+    ref = hf_model(path)
+    prompts = [[5, 9, 13], list(range(20, 41))]
+    want = hf_greedy(ref, prompts, 5)
+    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=4, max_num_batched_tokens=8))
+    outs = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=0))
+    assert [o.token_ids for o in outs] == want
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompts[1]])).logits[0].float().log_softmax(-1)
+    expected = logits[torch.arange(len(prompts[1]) - 1), torch.tensor(prompts[1][1:])]
+    got = torch.tensor([lp.logprob for lp in outs[1].prompt_logprobs[1:]])
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+    assert eng.kv.all_free()
