@@ -39,6 +39,8 @@ class Mamba2Shape:
     # Falcon-H1 ssm_multipliers (its mup_vector): in_proj's z, x, B, C and dt outputs each
     # multiplied by one factor; None: none
     in_proj_scales: tuple[float, float, float, float, float] | None = None
+    # Zamba2: the gated norm's epsilon (1e-5 whatever rms_norm_eps says); None: rms_norm_eps
+    norm_eps: float | None = None
 
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "n_groups", "state_size"):

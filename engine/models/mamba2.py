@@ -41,7 +41,7 @@ class Mamba2Mixer(nn.Module):
         shape: Mamba2Shape = cfg.options.mamba2
         self.shape = shape
         self.state_index = state_index
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h, s = cfg.hidden_size, shape
         self.in_proj = Linear(h, s.inner + s.conv_dim + s.num_heads, s.proj_bias, dtype, device)
         scale = s.in_proj_scale()  # Falcon-H1's ssm_multipliers, float32 as its mup_vector
