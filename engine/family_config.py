@@ -23,6 +23,7 @@ from splitserve.engine.lfm2_config import Lfm2Shape
 from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
+from splitserve.engine.zamba2_config import Zamba2Blocks
 
 # config.json activation names -> the gated MLP's activation
 _ACTIVATIONS = {
@@ -199,6 +200,9 @@ class FamilyOptions:
     # Falcon-H1: its multipliers (embedding, lm_head, attention/SSM in and out, key, MLP gate
     # and down; transformers' FalconH1Model; splitserve.engine.models.falcon_h1); None: none
     falcon_h1: FalconH1Scales | None = None
+    # Zamba2: its shared attention + MLP blocks (num_mem_blocks, adapters, use_mem_rope;
+    # splitserve.engine.models.zamba2); None: none
+    zamba2: Zamba2Blocks | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

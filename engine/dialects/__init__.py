@@ -142,7 +142,7 @@ from splitserve.engine.dialects import kimi_linear  # noqa: E402
 from splitserve.engine.dialects import qwen3_5  # noqa: E402
 from splitserve.engine.dialects import olmo_hybrid  # noqa: E402
 from splitserve.engine.dialects import lfm2, lfm2_moe, lfm3  # noqa: E402
-from splitserve.engine.dialects import bamba, falcon_h1, granitemoehybrid, nemotron_h  # noqa: E402
+from splitserve.engine.dialects import bamba, falcon_h1, granitemoehybrid, nemotron_h, zamba2  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -225,4 +225,5 @@ DIALECTS.update({
     "bamba": bamba.DIALECT,
     "nemotron_h": nemotron_h.DIALECT,
     "falcon_h1": falcon_h1.DIALECT,
+    "zamba2": zamba2.DIALECT,
 })

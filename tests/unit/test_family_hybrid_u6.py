@@ -1,8 +1,9 @@
-"""config.json parsing of Falcon-H1: the defaults transformers' config class
-fills in (checked against it), the layout of layers that both attend and keep a
-state, what is refused with a clear CheckpointError (tensor parallelism and LoRA
-too), the gated-norm variant served through LLMEngine against transformers. The
-full parity set runs in test_hybrid_parity (variant falcon_h1)."""
+"""config.json parsing of Falcon-H1 and Zamba2: the defaults transformers' config
+classes fill in (checked against them), the layout of layers that both attend and
+keep a state, what is refused with a clear CheckpointError (tensor parallelism and
+LoRA too), Falcon-H1's gated-norm variant served through LLMEngine against
+transformers. The full parity set runs in test_hybrid_parity (variants falcon_h1,
+zamba2)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 
 from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError
+from splitserve.engine.dialects.zamba2 import HYBRID_KIND
 from splitserve.engine.falcon_h1_config import PARALLEL_KIND
+from splitserve.engine.mamba2_config import SSM_KIND
 from splitserve.engine.hybrid_config import ATTENTION, HybridLayout, StateKind
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
@@ -20,6 +23,7 @@ from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.unit.test_family_olmo3_exaone import hf_config
 
 ARCH = "FalconH1ForCausalLM"
+ZAMBA2 = "Zamba2ForCausalLM"
 
 
 def test_defaults_as_transformers_reads_them():
@@ -106,3 +110,71 @@ def test_gated_norm_variant_matches_transformers(tiny_checkpoints):
     got = torch.tensor([lp.logprob for lp in outs[1].prompt_logprobs[1:]])
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
     assert eng.kv.all_free()
+
+
+def test_zamba2_defaults_as_transformers_reads_them():
+    c = {"architectures": [ZAMBA2]}
+    ours, ref = ModelConfig.from_hf(c), hf_config("Zamba2Config", c)
+    assert ours.family == "zamba2"
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers) == (
+        ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers)
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        ref.num_attention_heads, ref.num_key_value_heads, ref.attention_head_dim)
+    assert ours.rms_norm_eps == ref.rms_norm_eps and ours.tie_word_embeddings == ref.tie_word_embeddings
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] and ours.options.hidden_act == ref.hidden_act
+    s = ours.options.mamba2
+    assert (s.num_heads, s.head_dim, s.n_groups, s.state_size, s.conv_kernel) == (
+        ref.n_mamba_heads, ref.mamba_headdim, ref.mamba_ngroups, ref.mamba_d_state, ref.mamba_d_conv)
+    assert s.time_step_limit == (ref.time_step_min, float("inf")) and s.norm_eps == 1e-5
+    assert s.conv_bias and not s.proj_bias and not s.norm_before_gate
+    b = ours.options.zamba2
+    assert (b.num_blocks, b.adapter_rank, b.qkv_adapters, b.rope) == (
+        ref.num_mem_blocks, ref.adapter_rank, ref.use_shared_attention_adapter, ref.use_mem_rope)
+    kinds = ours.options.hybrid.layer_kinds
+    assert [i for i, k in enumerate(kinds) if k == HYBRID_KIND] == ref.hybrid_layer_ids
+    assert all(k in (SSM_KIND, HYBRID_KIND) for k in kinds)
+    assert ours.num_cache_layers == len(ref.hybrid_layer_ids) and len(ours.options.hybrid.state_layers) == 54
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"use_long_context": True}, "use_long_context"),
+    ({"layers_block_type": ["mamba", "mamba"], "num_hidden_layers": 2}, "no hybrid layer"),
+    ({"layers_block_type": ["hybrid", "moe"], "num_hidden_layers": 2}, "moe"),
+    ({"layers_block_type": ["hybrid"], "num_hidden_layers": 2}, "1 entries for 2 layers"),
+    ({"use_shared_attention_adapter": True, "num_key_value_heads": 8}, "use_shared_attention_adapter"),
+    ({"attention_hidden_size": 100}, "attention_hidden_size"),
+    ({"n_mamba_heads": 7}, "n_mamba_heads"),
+])
+def test_zamba2_refusals_name_the_option(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": [ZAMBA2], **extra})
+
+
+def test_zamba2_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
+    with pytest.raises(TensorParallelConfigError, match="zamba2"):
+        check(ModelConfig.from_hf({"architectures": [ZAMBA2]}), 2)
+    path = str(tiny_checkpoints["zamba2"])
+    with pytest.raises(Exception, match="LoRA adapters are not supported"):
+        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
+
+
+def test_zamba2_tied_copies_of_a_shared_block_are_skipped(tiny_checkpoints, tmp_path):
+    # a checkpoint that also stores layer 4's copy of block 0 (its first home: layer 0)
+    # loads as the one without it
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoints["zamba2"]
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    home = "model.layers.0.shared_transformer."
+    tensors.update({"model.layers.4.shared_transformer." + k[len(home):]: v.clone()
+                    for k, v in tensors.items() if k.startswith(home)})
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(20, 33))]
+    got = LLMEngine(EngineConfig(model=str(tmp_path), num_blocks=32, block_size=4)).generate(prompts, params)
+    want = LLMEngine(EngineConfig(model=str(src), num_blocks=32, block_size=4)).generate(prompts, params)
+    assert got[0].token_ids == want[0].token_ids
