@@ -161,7 +161,7 @@ def test_zamba2_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
 
 
 def test_zamba2_tied_copies_of_a_shared_block_are_skipped(tiny_checkpoints, tmp_path):
-    # a checkpoint that also stores layer 4's copy of block 0 (its first home: layer 0)
+    # a checkpoint that also stores layer 3's copy of block 0 (its first home: layer 0)
     # loads as the one without it
     from safetensors.torch import load_file, save_file
 
@@ -170,7 +170,7 @@ def test_zamba2_tied_copies_of_a_shared_block_are_skipped(tiny_checkpoints, tmp_
         (tmp_path / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(src / "model.safetensors"))
     home = "model.layers.0.shared_transformer."
-    tensors.update({"model.layers.4.shared_transformer." + k[len(home):]: v.clone()
+    tensors.update({"model.layers.3.shared_transformer." + k[len(home):]: v.clone()
                     for k, v in tensors.items() if k.startswith(home)})
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
