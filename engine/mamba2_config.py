@@ -1,6 +1,7 @@
-"""The shape of a Mamba-2 layer (Granite 4.0-H's, Bamba's and Nemotron-H's),
-read from config.json by the families' dialects and held in
-``FamilyOptions.mamba2``; ``splitserve.engine.models.mamba2`` builds it."""
+"""The shape of a Mamba-2 layer (Granite 4.0-H's, Bamba's, Nemotron-H's,
+Falcon-H1's and Zamba2's), read from config.json by the families' dialects
+and held in ``FamilyOptions.mamba2``; ``splitserve.engine.models.mamba2``
+builds it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class Mamba2Shape:
     the time step clamped to ``time_step_limit`` after its softplus; the
     gated RMSNorm over ``n_groups`` groups of the inner width, the gate
     applied after the norm when ``norm_before_gate``, else before it (the
-    fields after it: Falcon-H1's differences)."""
+    fields after it: where Falcon-H1's and Zamba2's layers differ)."""
 
     num_heads: int
     head_dim: int

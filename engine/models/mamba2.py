@@ -1,5 +1,6 @@
-"""A Mamba-2 layer (Granite 4.0-H's, Bamba's and Nemotron-H's) over the
-engine's flat batch, its per-sequence state in the recurrent-state store
+"""A Mamba-2 layer (Granite 4.0-H's, Bamba's, Nemotron-H's, Falcon-H1's and
+Zamba2's) over the engine's flat batch, its per-sequence state in the
+recurrent-state store
 (``splitserve.engine.state_cache``): the convolution's last inputs ("conv")
 and the scan's state ("ssm").
 
@@ -10,7 +11,9 @@ to ``time_step_limit``, A = -exp(A_log);
 the selective scan (``splitserve.engine.models.ssd``) mixes the sequence,
 with the D skip; its output is RMS-normed per group of the inner width,
 gated by SiLU(z) (before the norm, or after it with ``norm_before_gate``),
-and projected back by ``out_proj``.
+and projected back by ``out_proj``. Falcon-H1 (``Mamba2Shape``'s last
+fields) scales in_proj's parts, may skip the norm and gives out_proj its
+own bias; Zamba2 norms with its own epsilon.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs on
 its own, from its sequence's state (zeroed by the runner at the sequence's
