@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.engine.falcon_h1_config import FalconH1Scales
 from splitserve.engine.gemma4_config import Gemma4Shape
 from splitserve.engine.hybrid_config import GatedDeltaNetShape, HybridLayout
 from splitserve.engine.lfm2_config import Lfm2Shape
@@ -24,6 +25,7 @@ from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.mimo_v2_config import MiMoV2Shape
 from splitserve.engine.mla_config import MLAConfig
 from splitserve.engine.recurrent_gemma_config import RgLruShape
+from splitserve.engine.zamba2_config import Zamba2Blocks
 
 # config.json activation names -> the gated MLP's activation
 _ACTIVATIONS = {
@@ -210,6 +212,12 @@ class FamilyOptions:
     # and MLP blocks, each residual its normed input: x = norm(x) * alpha + block * beta
     # (splitserve.engine.models.minimax); empty: not MiniMax
     residual_factors: tuple[tuple[float, float], ...] = ()
+    # Falcon-H1: its multipliers (embedding, lm_head, attention/SSM in and out, key, MLP gate
+    # and down; transformers' FalconH1Model; splitserve.engine.models.falcon_h1); None: none
+    falcon_h1: FalconH1Scales | None = None
+    # Zamba2: its shared attention + MLP blocks (num_mem_blocks, adapters, use_mem_rope;
+    # splitserve.engine.models.zamba2); None: none
+    zamba2: Zamba2Blocks | None = None
 
 
 def parse_family_options(cfg: dict[str, Any], family: str) -> FamilyOptions:

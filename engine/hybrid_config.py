@@ -33,10 +33,13 @@ class StateKind:
 class HybridLayout:
     """``layer_kinds``: per decoder layer, ``ATTENTION`` or the name of its
     recurrent kind; ``states``: what each recurrent layer keeps (every
-    recurrent layer keeps the same kinds)."""
+    recurrent layer keeps the same kinds); ``attending_kinds``: recurrent
+    kinds whose layers attend as well (Falcon-H1's Mamba-2 beside attention
+    in one layer): such a layer keeps a state and a KV cache slice."""
 
     layer_kinds: tuple[str, ...]
     states: tuple[StateKind, ...]
+    attending_kinds: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.state_layers:
@@ -46,7 +49,7 @@ class HybridLayout:
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == ATTENTION)
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == ATTENTION or k in self.attending_kinds)
 
     @property
     def state_layers(self) -> tuple[int, ...]:
@@ -54,7 +57,7 @@ class HybridLayout:
 
     @property
     def num_cache_layers(self) -> int:
-        """Layers with a slice of the paged KV cache: the attention layers."""
+        """Layers with a slice of the paged KV cache: the attending layers."""
         return len(self.attention_layers)
 
     def cache_index(self, layer: int) -> int:

@@ -146,6 +146,7 @@ from splitserve.engine.dialects import bamba, granitemoehybrid, nemotron_h  # no
 from splitserve.engine.dialects import recurrent_gemma  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 from splitserve.engine.dialects import bailing_hybrid, minimax  # noqa: E402
+from splitserve.engine.dialects import falcon_h1, zamba2  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -233,4 +234,6 @@ DIALECTS.update({
     "jamba": jamba.DIALECT,
     "minimax": minimax.DIALECT,
     "bailing_hybrid": bailing_hybrid.DIALECT,
+    "falcon_h1": falcon_h1.DIALECT,
+    "zamba2": zamba2.DIALECT,
 })

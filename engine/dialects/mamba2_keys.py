@@ -27,14 +27,17 @@ def json_float(value: Any) -> float:
     return float(value)
 
 
-def mamba2_shape(cfg: dict[str, Any], hidden: int) -> Mamba2Shape:
-    """The Mamba-2 layers' shape from the ``mamba_*`` keys and ``time_step_limit``."""
+def mamba2_shape(cfg: dict[str, Any], hidden: int, inner: int | None = None) -> Mamba2Shape:
+    """The Mamba-2 layers' shape from the ``mamba_*`` keys and ``time_step_limit``;
+    ``inner``: the inner width where the family sets it (Falcon-H1's
+    ``mamba_d_ssm``), else ``mamba_expand`` x hidden_size."""
     m = {**MAMBA_DEFAULTS, **{k: v for k, v in cfg.items() if k in MAMBA_DEFAULTS and v is not None}}
-    heads, inner = int(m["mamba_n_heads"]), int(m["mamba_expand"]) * hidden
+    heads = int(m["mamba_n_heads"])
+    inner = int(m["mamba_expand"]) * hidden if inner is None else inner
     head_dim = inner // heads if m["mamba_d_head"] == "auto" else int(m["mamba_d_head"])
     if heads * head_dim != inner:
-        raise ValueError(f"mamba_n_heads {heads} x mamba_d_head {head_dim} must equal mamba_expand x "
-                         f"hidden_size ({inner})")
+        raise ValueError(f"mamba_n_heads {heads} x mamba_d_head {head_dim} must equal the inner width "
+                         f"(mamba_expand x hidden_size or mamba_d_ssm: {inner})")
     limit = cfg.get("time_step_limit")
     limit = (0.0, math.inf) if limit is None else tuple(json_float(v) for v in limit)
     if len(limit) != 2:

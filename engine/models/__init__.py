@@ -83,6 +83,8 @@ from splitserve.engine.models.sarvam_moe import SarvamMoeCausalLM
 from splitserve.engine.models.flint import FlintCausalLM
 from splitserve.engine.models.granitemoehybrid import GraniteMoeHybridCausalLM
 from splitserve.engine.models.bamba import BambaCausalLM
+from splitserve.engine.models.falcon_h1 import FalconH1CausalLM
+from splitserve.engine.models.zamba2 import Zamba2CausalLM
 from splitserve.engine.models.nemotron_h import NemotronHCausalLM
 from splitserve.engine.models.recurrent_gemma import RecurrentGemmaForCausalLM
 from splitserve.engine.models.minimax import MiniMaxForCausalLM
@@ -315,6 +317,12 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Bailing hybrid (Ling 3): Kimi Delta Attention with Bailing's gates beside gated latent
     # attention, DeepSeek-V3's experts; original checkpoint names mapped at load
     "bailing_hybrid": BailingHybridForCausalLM,
+    # Falcon-H1: Mamba-2 and Llama attention side by side in every layer, a SwiGLU
+    # feed_forward, its multipliers throughout
+    "falcon_h1": FalconH1CausalLM,
+    # Zamba2: Mamba-2 layers, the hybrid ones after a use of a shared attention + MLP block
+    # (per-use adapters and KV cache slices) on their input beside the original embeddings
+    "zamba2": Zamba2CausalLM,
 }
 
 

@@ -11,7 +11,6 @@ import torch
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.models.llama import CausalLM
 from splitserve.engine.state_cache import RecurrentState
 from splitserve.kernels.lora import LoraMeta
@@ -25,14 +24,19 @@ class HybridCausalLM(CausalLM):
         """Give every recurrent layer the runner's state store."""
         layout = self.cfg.options.hybrid
         for i in layout.state_layers:
-            self.layers[i].self_attn.bind(state)
+            self.state_mixer(i).bind(state)
+
+    def state_mixer(self, index: int) -> torch.nn.Module:
+        """Recurrent layer ``index``'s mixer, the module that keeps its state
+        (the layer's ``self_attn``; Falcon-H1's ``mamba`` beside attention)."""
+        return self.layers[index].self_attn
 
     @property
     def keeps_verify_states(self) -> bool:
         """Whether every recurrent layer keeps its per-token states of a verify
         chunk (``RecurrentState.keep``): what speculative decoding needs to
         roll rejected drafts back."""
-        return all(getattr(self.layers[i].self_attn, "keeps_verify_states", False)
+        return all(getattr(self.state_mixer(i), "keeps_verify_states", False)
                    for i in self.cfg.options.hybrid.state_layers)
 
     def enable_lora(self, num_slots: int, max_rank: int):
@@ -55,8 +59,9 @@ class HybridCausalLM(CausalLM):
         x = self.embed(input_ids)
         residual = None
         cached = 0
+        attending = set(layout.attention_layers)
         for i, layer in enumerate(self.layers):
-            attends = layout.layer_kinds[i] == ATTENTION
+            attends = i in attending
             cache = kv_cache[cached] if attends else None
             x, residual = layer(positions, x, residual, cache, meta, self.rope_table(i), lora)
             if attends:

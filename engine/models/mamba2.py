@@ -1,5 +1,6 @@
-"""A Mamba-2 layer (Granite 4.0-H's, Bamba's and Nemotron-H's) over the
-engine's flat batch, its per-sequence state in the recurrent-state store
+"""A Mamba-2 layer (Granite 4.0-H's, Bamba's, Nemotron-H's, Falcon-H1's and
+Zamba2's) over the engine's flat batch, its per-sequence state in the
+recurrent-state store
 (``splitserve.engine.state_cache``): the convolution's last inputs ("conv")
 and the scan's state ("ssm").
 
@@ -10,7 +11,9 @@ to ``time_step_limit``, A = -exp(A_log);
 the selective scan (``splitserve.engine.models.ssd``) mixes the sequence,
 with the D skip; its output is RMS-normed per group of the inner width,
 gated by SiLU(z) (before the norm, or after it with ``norm_before_gate``),
-and projected back by ``out_proj``.
+and projected back by ``out_proj``. Falcon-H1 (``Mamba2Shape``'s last
+fields) scales in_proj's parts, may skip the norm and gives out_proj its
+own bias; Zamba2 norms with its own epsilon.
 
 Sequences of one token (decoding) run batched; each prompt chunk runs on
 its own, from its sequence's state (zeroed by the runner at the sequence's
@@ -41,16 +44,20 @@ class Mamba2Mixer(nn.Module):
         shape: Mamba2Shape = cfg.options.mamba2
         self.shape = shape
         self.state_index = state_index
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h, s = cfg.hidden_size, shape
         self.in_proj = Linear(h, s.inner + s.conv_dim + s.num_heads, s.proj_bias, dtype, device)
+        scale = s.in_proj_scale()  # Falcon-H1's ssm_multipliers, float32 as its mup_vector
+        self.register_buffer("in_scale", None if scale is None
+                             else torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
         self.conv_weight = empty_param(s.conv_dim, 1, s.conv_kernel, dtype=dtype, device=device)
         self.conv_bias = empty_param(s.conv_dim, dtype=dtype, device=device) if s.conv_bias else None
         self.dt_bias = empty_param(s.num_heads, dtype=dtype, device=device)
         self.A_log = empty_param(s.num_heads, dtype=dtype, device=device)
         self.D = empty_param(s.num_heads, dtype=dtype, device=device)
-        self.norm_weight = empty_param(s.inner, dtype=dtype, device=device)
-        self.out_proj = Linear(s.inner, h, s.proj_bias, dtype, device)
+        self.norm_weight = empty_param(s.inner, dtype=dtype, device=device) if s.gated_norm else None
+        out_bias = s.proj_bias if s.out_proj_bias is None else s.out_proj_bias
+        self.out_proj = Linear(s.inner, h, out_bias, dtype, device)
         self.state: RecurrentState | None = None
 
     def bind(self, state: RecurrentState) -> None:
@@ -60,7 +67,10 @@ class Mamba2Mixer(nn.Module):
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         s, t = self.shape, x.shape[0]
-        z, xbc, dt = self.in_proj(x).split([s.inner, s.conv_dim, s.num_heads], dim=-1)
+        proj = self.in_proj(x)
+        if self.in_scale is not None:
+            proj = (proj.float() * self.in_scale).to(proj.dtype)
+        z, xbc, dt = proj.split([s.inner, s.conv_dim, s.num_heads], dim=-1)
         states = self.state.layer(self.state_index)
         conv_state, ssm_state = states["conv"], states["ssm"]
         weight, bias = self.conv_weight[:, 0, :], self.conv_bias
@@ -82,9 +92,12 @@ class Mamba2Mixer(nn.Module):
     def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [T, inner] float32 RMS-normed per group of the inner width, times
         SiLU(z) before the norm (after it with ``norm_before_gate``), times the
-        weight in float32, rounded once to the model dtype."""
+        weight in float32, rounded once to the model dtype; without the norm
+        (Falcon-H1's ``mamba_rms_norm`` false), y times SiLU(z) alone."""
         s = self.shape
         gate = F.silu(z.float())
+        if self.norm_weight is None:
+            return (y * gate).to(z.dtype)
         h = y if s.norm_before_gate else y * gate
         g = h.view(h.shape[0], s.n_groups, -1)
         h = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).view_as(h)
@@ -109,5 +122,6 @@ class Mamba2Mixer(nn.Module):
             slots[f"{prefix}.conv1d.bias"] = ShardSlot(self.conv_bias)
         for name in ("dt_bias", "A_log", "D"):
             slots[f"{prefix}.{name}"] = ShardSlot(getattr(self, name))
-        slots[f"{prefix}.norm.weight"] = ShardSlot(self.norm_weight)
+        if self.norm_weight is not None:
+            slots[f"{prefix}.norm.weight"] = ShardSlot(self.norm_weight)
         return slots
