@@ -90,8 +90,8 @@ class BailingDeltaAttention(KimiDeltaAttention):
     def output_gate(self, g: torch.Tensor) -> torch.Tensor:
         return g
 
-    def projections(self) -> list[Linear]:
-        return [self.in_proj, self.o_proj]
+    def projection_names(self) -> tuple[str, ...]:
+        return ("in_proj", "o_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         w = self.width

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
@@ -29,22 +28,19 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.hybrid_config import GatedDeltaNetShape
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.delta_rule import chunked, normalize_qk, recurrent_step
-from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
-from splitserve.engine.state_cache import RecurrentState
+from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 
-class GatedDeltaNet(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class GatedDeltaNet(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         shape: GatedDeltaNetShape = cfg.options.gated_delta_net
         if cfg.options.hidden_act != "silu":
             raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
                                   "by Gated DeltaNet layers (their convolution and gate use SiLU)")
         self.shape = shape
-        self.state_index = state_index
         self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h = cfg.hidden_size
         self.dtype = dtype
@@ -61,10 +57,6 @@ class GatedDeltaNet(nn.Module):
         self.A_log = empty_param(shape.num_v_heads, dtype=dtype, device=device)
         self.norm_weight = empty_param(shape.v_head_dim, dtype=dtype, device=device)
         self.out_proj = Linear(shape.value_dim, h, False, dtype, device)
-        self.state: RecurrentState | None = None
-
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """[T, hidden] -> (q|k|v [T, conv dim] in the convolution's channel
@@ -85,7 +77,7 @@ class GatedDeltaNet(nn.Module):
                 lora=None) -> torch.Tensor:
         s = self.shape
         qkv, z, b, a = self.project(x)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         conv_state, rec_state = states["conv"], states["recurrent"]
         weight = self.conv_weight[:, 0, :]
         lens = meta.query_lens
@@ -104,8 +96,7 @@ class GatedDeltaNet(nn.Module):
         beta = (b.sigmoid() * s.beta_scale).float()  # in the model dtype, as transformers rounds it
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta)
-        for slot, steps in kept.items():
-            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
+        self.keep(conv=kept_conv, recurrent=kept)
         return self.out_proj(self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim))
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -117,25 +108,13 @@ class GatedDeltaNet(nn.Module):
         h = self.norm_weight * h.to(dtype)
         return (h * F.silu(z.float())).to(dtype)
 
-    def quantize_fp8_(self) -> None:
-        for lin in self.projections():
-            lin.quantize_fp8_()
-
-    def projections(self) -> list[Linear]:
-        names = (("in_proj_qkvz", "in_proj_ba") if self.shape.fused_projections
-                 else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
-        return [getattr(self, n) for n in names] + [self.out_proj]
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (FamilyOptions)
+    def projection_names(self) -> tuple[str, ...]:
+        inputs = (("in_proj_qkvz", "in_proj_ba") if self.shape.fused_projections
+                  else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
+        return (*inputs, "out_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots: dict[str, ShardSlot] = {}
-        names = (("in_proj_qkvz", "in_proj_ba") if self.shape.fused_projections
-                 else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
-        for name in (*names, "out_proj"):
-            lin = getattr(self, name)
-            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        slots = self.projection_slots(prefix)
         slots[f"{prefix}.conv1d.weight"] = ShardSlot(self.conv_weight)
         slots[f"{prefix}.dt_bias"] = ShardSlot(self.dt_bias)
         slots[f"{prefix}.A_log"] = ShardSlot(self.A_log)

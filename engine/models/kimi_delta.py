@@ -27,7 +27,6 @@ sequence's first token).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
@@ -37,24 +36,21 @@ from splitserve.engine.models import kda_rule
 from splitserve.engine.models.delta_rule import normalize_qk
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
-from splitserve.engine.state_cache import RecurrentState
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 SOFTPLUS_LINEAR_ABOVE = 20.0  # the forget gate's softplus is the identity above this, as transformers'
 
 
-class KimiDeltaAttention(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class KimiDeltaAttention(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         shape: GatedDeltaNetShape = cfg.options.gated_delta_net
         if cfg.options.hidden_act != "silu":
             raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
                                   "by Kimi Delta Attention layers (their convolutions use SiLU)")
         self.heads, self.head_dim = shape.num_k_heads, shape.k_head_dim
         self.width = self.heads * self.head_dim  # q, k, v, the gates: heads x head dim each
-        self.state_index = state_index
         self.eps = cfg.rms_norm_eps
         h, d = cfg.hidden_size, self.head_dim
         self.gate_projections(h, dtype, device)
@@ -62,7 +58,6 @@ class KimiDeltaAttention(nn.Module):
         self.conv_weight = empty_param(3 * self.width, 1, shape.conv_kernel, dtype=dtype, device=device)
         self.dt_bias = empty_param(self.width, dtype=torch.float32, device=device)  # float32, as transformers
         self.o_norm_weight = empty_param(d, dtype=dtype, device=device)
-        self.state: RecurrentState | None = None
 
     def gate_projections(self, h: int, dtype: torch.dtype, device: torch.device | str) -> None:
         """``in_proj`` (q | k | v | f_a | g_a | b, all read from the normed hidden
@@ -74,15 +69,12 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = Linear(d, self.width, False, dtype, device)
         self.A_log = empty_param(1, 1, self.heads, 1, dtype=dtype, device=device)
 
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
-
     def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         t, hd = x.shape[0], (self.heads, self.head_dim)
         qkv, f, g_in, b = self.in_proj(x).split(self.split, dim=-1)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         mixed, kept_conv = conv_sequences(qkv, states["conv"], self.conv_weight[:, 0, :], meta.query_lens,
                                           meta.state_slots, meta.keep_states)
         q, k, v = (y.reshape(t, *hd) for y in mixed.float().split(self.width, dim=-1))
@@ -91,8 +83,7 @@ class KimiDeltaAttention(nn.Module):
         beta = torch.sigmoid(b).float()
         out, kept = rule_sequences(kda_rule.recurrent_step, kda_rule.chunked, states["recurrent"],
                                    meta.query_lens, meta.state_slots, meta.keep_states, q, k, v, g, beta)
-        for slot, steps in kept.items():
-            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
+        self.keep(conv=kept_conv, recurrent=kept)
         gate = self.output_gate(g_in).view(t, *hd)
         return self.o_proj(self.gated_norm(out.to(x.dtype), gate).reshape(t, self.width))
 
@@ -113,22 +104,15 @@ class KimiDeltaAttention(nn.Module):
         h = self.o_norm_weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
         return (h * torch.sigmoid(gate.float())).to(o.dtype)
 
-    def projections(self) -> list[Linear]:
-        return [self.in_proj, self.f_b_proj, self.g_b_proj, self.o_proj]
-
-    def quantize_fp8_(self) -> None:
-        for lin in self.projections():
-            lin.quantize_fp8_()
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+    def projection_names(self) -> tuple[str, ...]:
+        return ("in_proj", "f_b_proj", "g_b_proj", "o_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         w, d = self.width, self.head_dim
         rows = [(f"{prefix}.{name}", start, size) for name, start, size in (
             ("q_proj", 0, w), ("k_proj", w, w), ("v_proj", 2 * w, w), ("f_a_proj", 3 * w, d),
             ("g_a_proj", 3 * w + d, d), ("b_proj", 3 * w + 2 * d, self.heads))]
-        slots = linear_slots(self.in_proj, rows, None)
+        slots = linear_slots(self.in_proj, rows, None)  # its rows under the checkpoint's names
         for name in ("f_b_proj", "g_b_proj", "o_proj"):
             lin = getattr(self, name)
             slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))

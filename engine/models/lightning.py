@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.models.layers import Linear, RMSNorm, ShardSlot, linear_slots
+from splitserve.engine.models.layers import Linear, RMSNorm, ShardSlot
 from splitserve.engine.models.recurrent_batch import rule_sequences
-from splitserve.engine.state_cache import RecurrentState
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 BLOCK = 256  # tokens of a prompt chunk per block of the closed form (MiniMaxConfig.block_size)
 NORM_EPS = 1e-6  # MiniMaxRMSNorm's default, which the lightning layers' norm keeps
@@ -41,24 +40,17 @@ def slope_rates(heads: int, layer: int, num_layers: int) -> torch.Tensor:
     return rate * (1 - layer / (num_layers - 1 + 1e-5) + 1e-5)
 
 
-class LightningAttention(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class LightningAttention(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  layer: int, state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         width, h = self.heads * self.head_dim, cfg.hidden_size
-        self.state_index = state_index
         self.qkv_proj = Linear(h, 3 * width, False, dtype, device)
         self.output_gate = Linear(h, width, False, dtype, device)
         self.out_proj = Linear(width, h, False, dtype, device)
         self.norm = RMSNorm(width, NORM_EPS, dtype, device)
         self.register_buffer("slopes", slope_rates(self.heads, layer, cfg.num_layers).to(device), persistent=False)
-        self.state: RecurrentState | None = None
-
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
@@ -66,11 +58,10 @@ class LightningAttention(nn.Module):
         t = x.shape[0]
         qkv = F.silu(self.qkv_proj(x)).view(t, self.heads, 3 * self.head_dim).float()
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         out, kept = rule_sequences(self.step, self.chunked, states["recurrent"], meta.query_lens,
                                    meta.state_slots, meta.keep_states, q, k, v)
-        for slot, steps in kept.items():
-            self.state.keep(self.state_index, slot, {"recurrent": steps})
+        self.keep(recurrent=kept)
         normed, _ = self.norm(out.to(x.dtype).reshape(t, -1))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * normed)
 
@@ -101,16 +92,8 @@ class LightningAttention(nn.Module):
             state = state * torch.exp(-s * m)[:, :, None] + torch.einsum("jhk,jhv->hkv", kb * kd, vb)
         return torch.cat(outs), state
 
-    def quantize_fp8_(self) -> None:
-        for lin in (self.qkv_proj, self.output_gate, self.out_proj):
-            lin.quantize_fp8_()
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+    def projection_names(self) -> tuple[str, ...]:
+        return ("qkv_proj", "output_gate", "out_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots: dict[str, ShardSlot] = {f"{prefix}.norm.weight": ShardSlot(self.norm.weight)}
-        for name in ("qkv_proj", "output_gate", "out_proj"):
-            lin = getattr(self, name)
-            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
-        return slots
+        return {f"{prefix}.norm.weight": ShardSlot(self.norm.weight), **self.projection_slots(prefix)}

@@ -34,9 +34,9 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.mamba_config import Mamba1Shape
-from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
 from splitserve.engine.models.recurrent_batch import conv_sequences
-from splitserve.engine.state_cache import RecurrentState
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 SCAN_BLOCK = 128  # prompt steps whose decays and inputs are computed at once
 
@@ -49,18 +49,15 @@ def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torc
     return h if weight is None else weight * h
 
 
-class Mamba1Mixer(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class Mamba1Mixer(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         shape: Mamba1Shape = cfg.options.mamba
         if cfg.options.hidden_act != "silu":
             raise CheckpointError(f"config.json: hidden_act {cfg.options.hidden_act!r} is not supported "
                                   "by Mamba layers (their convolution's activation is SiLU here)")
         self.shape = shape
-        self.state_index = state_index
         h, inner, n = cfg.hidden_size, shape.inner, shape.state_size
         self.in_proj = Linear(h, 2 * inner, shape.proj_bias, dtype, device)
         self.conv_weight = empty_param(inner, 1, shape.conv_kernel, dtype=dtype, device=device)
@@ -75,17 +72,13 @@ class Mamba1Mixer(nn.Module):
         self.norm_weights = nn.ParameterDict(
             {k: empty_param(d, dtype=dtype, device=device) for k, d in
              (("dt", shape.dt_rank), ("b", n), ("c", n))} if weighted else {})
-        self.state: RecurrentState | None = None
-
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         s = self.shape
         u, z = self.in_proj(x).split([s.inner, s.inner], dim=-1)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         conv_state, ssm_state = states["conv"], states["ssm"]
         lens, slots = meta.query_lens, meta.state_slots
         keep = meta.keep_states or (False,) * len(lens)
@@ -134,18 +127,11 @@ class Mamba1Mixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt) + self.dt_bias)
         return dt, B, C
 
-    def quantize_fp8_(self) -> None:
-        for lin in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj):
-            lin.quantize_fp8_()
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+    def projection_names(self) -> tuple[str, ...]:
+        return ("in_proj", "x_proj", "dt_proj", "out_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots: dict[str, ShardSlot] = {}
-        for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-            lin = getattr(self, name)
-            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        slots = self.projection_slots(prefix)
         slots[f"{prefix}.dt_proj.bias"] = ShardSlot(self.dt_bias)
         slots[f"{prefix}.conv1d.weight"] = ShardSlot(self.conv_weight)
         if self.conv_bias is not None:

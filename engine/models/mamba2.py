@@ -24,26 +24,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
-from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 from splitserve.engine.models.ssd import chunked, heads_of_groups, scan_step
-from splitserve.engine.state_cache import RecurrentState
 
 
-class Mamba2Mixer(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class Mamba2Mixer(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         shape: Mamba2Shape = cfg.options.mamba2
         self.shape = shape
-        self.state_index = state_index
         self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h, s = cfg.hidden_size, shape
         self.in_proj = Linear(h, s.inner + s.conv_dim + s.num_heads, s.proj_bias, dtype, device)
@@ -58,10 +54,6 @@ class Mamba2Mixer(nn.Module):
         self.norm_weight = empty_param(s.inner, dtype=dtype, device=device) if s.gated_norm else None
         out_bias = s.proj_bias if s.out_proj_bias is None else s.out_proj_bias
         self.out_proj = Linear(s.inner, h, out_bias, dtype, device)
-        self.state: RecurrentState | None = None
-
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
@@ -71,7 +63,7 @@ class Mamba2Mixer(nn.Module):
         if self.in_scale is not None:
             proj = (proj.float() * self.in_scale).to(proj.dtype)
         z, xbc, dt = proj.split([s.inner, s.conv_dim, s.num_heads], dim=-1)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         conv_state, ssm_state = states["conv"], states["ssm"]
         weight, bias = self.conv_weight[:, 0, :], self.conv_bias
         lens, slots, keep = meta.query_lens, meta.state_slots, meta.keep_states
@@ -85,8 +77,7 @@ class Mamba2Mixer(nn.Module):
         y, kept = rule_sequences(lambda x_, dt_, b_, c_, st: scan_step(x_, dt_, A, b_, c_, D, st),
                                  lambda x_, dt_, b_, c_, st: chunked(x_, dt_, A, b_, c_, D, st),
                                  ssm_state, lens, slots, keep, xs, dt, B, C)
-        for slot, steps in kept.items():
-            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "ssm": steps})
+        self.keep(conv=kept_conv, ssm=kept)
         return self.out_proj(self.gated_norm(y.reshape(t, s.inner), z))
 
     def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -105,18 +96,11 @@ class Mamba2Mixer(nn.Module):
             h = h * gate
         return (self.norm_weight.float() * h).to(z.dtype)
 
-    def quantize_fp8_(self) -> None:
-        self.in_proj.quantize_fp8_()
-        self.out_proj.quantize_fp8_()
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+    def projection_names(self) -> tuple[str, ...]:
+        return ("in_proj", "out_proj")
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots: dict[str, ShardSlot] = {}
-        for name in ("in_proj", "out_proj"):
-            lin = getattr(self, name)
-            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        slots = self.projection_slots(prefix)
         slots[f"{prefix}.conv1d.weight"] = ShardSlot(self.conv_weight)
         if self.conv_bias is not None:
             slots[f"{prefix}.conv1d.bias"] = ShardSlot(self.conv_bias)

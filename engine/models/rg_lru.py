@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.recurrent_gemma_config import RgLruShape
-from splitserve.engine.state_cache import RecurrentState
+from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 
 def lru_step(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,15 +53,12 @@ def lru_chunk(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> tuple[torch.
     return out, h
 
 
-class RecurrentBlock(nn.Module):
-    keeps_verify_states = True  # meta.keep_states: per-token states kept for a rollback
-
+class RecurrentBlock(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  state_index: int):
-        super().__init__()
+        super().__init__(state_index)
         shape: RgLruShape = cfg.options.rg_lru
         self.shape = shape
-        self.state_index = state_index
         h, w, heads, bw = cfg.hidden_size, shape.lru_width, shape.num_heads, shape.block_width
         self.in_proj = Linear(h, 2 * w, True, dtype, device)  # rows [linear_x | linear_y]
         self.conv_weight = empty_param(w, 1, shape.conv_kernel, dtype=dtype, device=device)
@@ -73,24 +69,19 @@ class RecurrentBlock(nn.Module):
         self.recurrent_gate_weight = empty_param(heads, bw, bw, dtype=dtype, device=device)
         self.recurrent_gate_bias = empty_param(heads, bw, dtype=dtype, device=device)
         self.linear_out = Linear(w, h, True, dtype, device)
-        self.state: RecurrentState | None = None
-
-    def bind(self, state: RecurrentState) -> None:
-        self.state = state
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, layer_cache: torch.Tensor | None,
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         xb, y = self.in_proj(x).chunk(2, dim=-1)
         y = F.gelu(y, approximate="tanh")  # hidden_activation (the dialect admits gelu_pytorch_tanh)
-        states = self.state.layer(self.state_index)
+        states = self.states()
         lens, slots, keep = meta.query_lens, meta.state_slots, meta.keep_states
         xb, kept_conv = conv_sequences(xb, states["conv"], self.conv_weight[:, 0, :], lens, slots, keep,
                                        activation=None, bias=self.conv_bias)
         inputs, a = self.gated_inputs(xb, positions)
         h, kept = rule_sequences(lru_step, lru_chunk, states["recurrent"], lens, slots, keep, inputs, a)
-        for slot, steps in kept.items():
-            self.state.keep(self.state_index, slot, {"conv": kept_conv[slot], "recurrent": steps})
+        self.keep(conv=kept_conv, recurrent=kept)
         return self.linear_out(h.to(x.dtype) * y)
 
     def gated_inputs(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +103,8 @@ class RecurrentBlock(nn.Module):
         a = torch.where(first, torch.zeros_like(log_a), torch.exp(log_a))
         return x * input_gate * multiplier.to(x.dtype), a
 
-    def quantize_fp8_(self) -> None:
-        self.in_proj.quantize_fp8_()
-        self.linear_out.quantize_fp8_()
-
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}  # adapters are refused for hybrid families (HybridCausalLM)
+    def projections(self) -> list[Linear]:
+        return [self.in_proj, self.linear_out]
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         w = self.shape.lru_width

@@ -1,0 +1,63 @@
+"""The base of a hybrid model's recurrent layers: the token mixer a decoder
+layer runs in place of attention (``DecoderLayer(mixer=...)``), its states
+in the runner's recurrent-state store (``splitserve.engine.state_cache``).
+
+A mixer reads its state layer's tensors (``states()``), runs the batch with
+``splitserve.engine.models.recurrent_batch``, and hands the per-token states
+of verify chunks to ``keep`` so speculative decoding can roll rejected
+drafts back (``keeps_verify_states``). Its projections (``projection_names``)
+are what ``quantize_fp8_`` quantizes and ``projection_slots`` loads by their
+checkpoint names. LoRA adapters are refused for hybrid models
+(``HybridCausalLM.enable_lora``), so a mixer takes none."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splitserve.engine.models.layers import Linear, ShardSlot, linear_slots
+from splitserve.engine.state_cache import RecurrentState
+
+
+class RecurrentMixer(nn.Module):
+    keeps_verify_states = True  # every verify chunk's per-token states go to ``keep``
+
+    def __init__(self, state_index: int):
+        super().__init__()
+        self.state_index = state_index  # its layer among the model's recurrent layers
+        self.state: RecurrentState | None = None  # bound by the runner (HybridCausalLM.bind_state)
+
+    def bind(self, state: RecurrentState) -> None:
+        self.state = state
+
+    def states(self) -> dict[str, torch.Tensor]:
+        """This layer's state tensors, kind -> [slots, *shape] (views)."""
+        return self.state.layer(self.state_index)
+
+    def keep(self, **kept: dict[int, torch.Tensor]) -> None:
+        """kind -> {slot: its state after each token of the slot's verify chunk}:
+        every kind of each slot, to ``RecurrentState.keep``."""
+        for slot in next(iter(kept.values()), {}):
+            self.state.keep(self.state_index, slot, {kind: by_slot[slot] for kind, by_slot in kept.items()})
+
+    def projection_names(self) -> tuple[str, ...]:
+        """Its ``Linear`` attributes, by their checkpoint names."""
+        return ()
+
+    def projections(self) -> list[Linear]:
+        return [getattr(self, n) for n in self.projection_names()]
+
+    def quantize_fp8_(self) -> None:
+        for lin in self.projections():
+            lin.quantize_fp8_()
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
+        return {}
+
+    def projection_slots(self, prefix: str) -> dict[str, ShardSlot]:
+        """The projections' checkpoint tensors under ``prefix``."""
+        slots: dict[str, ShardSlot] = {}
+        for name in self.projection_names():
+            lin = getattr(self, name)
+            slots.update(linear_slots(lin, [(f"{prefix}.{name}", 0, lin.out_features)], None))
+        return slots
