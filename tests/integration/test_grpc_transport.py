@@ -140,8 +140,8 @@ def test_a_stream_its_client_never_reads_ends_and_frees_its_slot_and_blocks(serv
     client = RawClient(server.port, window=64)  # room for one response, never more
     try:
         client.call(GENERATE, message(LONG.SerializeToString()))
-        # admitted (on a loaded machine the stall may already have ended its generation)
-        assert wait_until(lambda: admission.in_flight("slow") == 1 or released(admission, local, engines), 5)
+        # admitted (its generation may already have been ended by the stall on a loaded machine)
+        assert wait_until(lambda: admission.in_flight("slow") == 1, 5)
         # another client is served meanwhile, at full speed
         with grpc.insecure_channel(server.target) as ch:
             rs = list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
