@@ -8,9 +8,9 @@ recurrent states per sequence, and one sequence's whole cache at several
 context lengths, beside the same model with every layer attending (the
 attention layers' geometry on every layer). Arithmetic only: no weights.
 
-``--decode``: a tiny Qwen3-Next checkpoint and its all-attention twin (the
-same config with every layer full attention), written by transformers with
-random weights, through ``LLMEngine`` on this machine: the time of one
+``--decode``: a small Qwen3-Next checkpoint (2 of 8 layers attend) and an
+all-attention twin of the same width and depth (Qwen3), written by
+transformers with random weights, through ``LLMEngine`` on this machine: the time of one
 decode step of a batch at each context length, three runs, alternating the
 two models so both see the same load.
 
@@ -79,16 +79,22 @@ def memory_rows() -> list[dict]:
     return rows
 
 
-def _checkpoint(root: Path, name: str, layer_types: list[str]) -> Path:
+def _checkpoint(root: Path, name: str, hybrid: bool) -> Path:
+    """A random 8-layer model of hidden 256 (8 heads of 32, 2 KV heads, MLP 512):
+    Qwen3-Next with attention on 2 of its layers, or Qwen3 (every layer attends)."""
     import transformers
 
     from splitserve.engine.default_model import CORPUS_PATH, train_bpe_tokenizer, write_tokenizer_files
 
-    cfg = transformers.Qwen3NextConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8,
-        linear_key_head_dim=32, linear_value_head_dim=32, num_experts=0, layer_types=layer_types,
-        max_position_embeddings=8192)
+    shape = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192)
+    if hybrid:
+        cfg = transformers.Qwen3NextConfig(
+            **shape, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
+            linear_value_head_dim=32, num_experts=0,
+            layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(8)])
+    else:
+        cfg = transformers.Qwen3Config(**shape)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     out = root / name
@@ -121,12 +127,10 @@ def decode_step_s(path: Path, context: int, batch: int, steps: int) -> float:
 
 
 def decode_rows(contexts: list[int], batch: int, steps: int, runs: int) -> list[dict]:
-    layers = 8
-    hybrid_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = {"hybrid (2 of 8 layers attend)": _checkpoint(root, "hybrid", hybrid_types),
-                 "all attention": _checkpoint(root, "attention", ["full_attention"] * layers)}
+        paths = {"hybrid (2 of 8 layers attend)": _checkpoint(root, "hybrid", True),
+                 "all attention": _checkpoint(root, "attention", False)}
         rows = []
         for c in contexts:
             samples: dict[str, list[float]] = {k: [] for k in paths}
