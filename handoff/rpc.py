@@ -41,8 +41,9 @@ from splitserve.handoff.transfer.errors import MessageTooLarge
 SERVICE = "splitserve.Worker"
 TOKEN_KEY = "x-splitserve-token"
 # replies come from workers that passed the TLS and token checks: a long
-# prompt's prompt_logprobs may be large
-MAX_REPLY_BYTES = 64 << 20
+# prompt's prompt_logprobs may be large, and a hybrid model's recurrent states
+# ride in a prefill reply (up to messages.MAX_STATE_BYTES)
+MAX_REPLY_BYTES = 256 << 20
 
 _encode = msgspec.msgpack.encode
 _REQUESTS = {m.name: msgspec.msgpack.Decoder(m.request).decode for m in METHODS.values()}
