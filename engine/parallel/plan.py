@@ -53,6 +53,9 @@ def check(cfg: ModelConfig, size: int) -> None:
                         "are not split across ranks yet (serve it at tensor_parallel_size 1)")
     if cfg.options.tensor_parallel_refusal:
         problems.append(cfg.options.tensor_parallel_refusal)
+    elif cfg.options.hybrid is not None:
+        problems.append("its recurrent layers and their states are not split across ranks (serve it at "
+                        "tensor_parallel_size 1)")
     if cfg.options.position_table:
         problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
                         "(serve it at tensor_parallel_size 1)")

@@ -268,3 +268,12 @@ def test_bf16_prompt_logprobs_near_transformers(tmp_path, tiny_tokenizer_dir, ti
     out = eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
     got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
     assert (got - want).abs().max().item() < 0.25
+
+
+@pytest.mark.parametrize("variant", HYBRID_VARIANTS)
+def test_tensor_parallelism_is_refused(tiny_checkpoints, variant):
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+    with pytest.raises(TensorParallelConfigError, match="cannot run at tensor_parallel_size 2"):
+        check(load_checkpoint(tiny_checkpoints[variant]).model_config, 2)
