@@ -147,6 +147,7 @@ from splitserve.engine.dialects import recurrent_gemma  # noqa: E402
 from splitserve.engine.dialects import jamba, mamba  # noqa: E402
 from splitserve.engine.dialects import bailing_hybrid, minimax  # noqa: E402
 from splitserve.engine.dialects import falcon_h1, zamba2  # noqa: E402
+from splitserve.engine.dialects import mamba2 as mamba2_dialect  # noqa: E402
 
 DIALECTS.update({
     "gpt2": gpt2.DIALECT,
@@ -236,4 +237,5 @@ DIALECTS.update({
     "bailing_hybrid": bailing_hybrid.DIALECT,
     "falcon_h1": falcon_h1.DIALECT,
     "zamba2": zamba2.DIALECT,
+    "mamba2": mamba2_dialect.DIALECT,
 })

@@ -323,6 +323,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Zamba2: Mamba-2 layers, the hybrid ones after a use of a shared attention + MLP block
     # (per-use adapters and KV cache slices) on their input beside the original embeddings
     "zamba2": Zamba2CausalLM,
+    # Mamba-2 (Codestral Mamba): Mamba's blocks with Mamba-2 mixers, no attention layer
+    "mamba2": MambaCausalLM,
 }
 
 

@@ -1,6 +1,7 @@
-"""Mamba (``MambaForCausalLM``) and Falcon-Mamba (``FalconMambaForCausalLM``):
-every layer an RMSNorm then a Mamba-1 mixer
-(``splitserve.engine.models.mamba1``; Falcon-Mamba's normalises dt, B and C),
+"""Mamba (``MambaForCausalLM``), Falcon-Mamba (``FalconMambaForCausalLM``) and
+Mamba-2 (``Mamba2ForCausalLM``): every layer an RMSNorm then a Mamba-1 mixer
+(``splitserve.engine.models.mamba1``; Falcon-Mamba's normalises dt, B and C)
+or a Mamba-2 mixer (``splitserve.engine.models.mamba2``),
 no attention and no MLP, so the engine's KV cache has no layer at all (its
 blocks only count tokens); a final RMSNorm (``norm_f``), the LM head tied
 to the embeddings unless config.json says otherwise.
@@ -22,6 +23,7 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import ShardSlot, model_norm, norm_slots
 from splitserve.engine.models.mamba1 import Mamba1Mixer, rms
+from splitserve.engine.models.mamba2 import Mamba2Mixer
 from splitserve.engine.models.mapped import renamed
 from splitserve.kernels.lora import LoraMeta
 
@@ -37,7 +39,8 @@ class MambaBlock(nn.Module):
         self.dtype = dtype
         self.stream_dtype = torch.float32 if cfg.options.residual_in_fp32 else dtype
         self.norm = model_norm(cfg, cfg.hidden_size, dtype, device)
-        self.self_attn = Mamba1Mixer(cfg, dtype, device, index)  # the name HybridCausalLM binds
+        mixer = Mamba1Mixer if cfg.options.mamba is not None else Mamba2Mixer
+        self.self_attn = mixer(cfg, dtype, device, index)  # the name HybridCausalLM binds
         self.tp = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,

@@ -203,3 +203,31 @@ def test_mamba_bf16_prompt_logprobs_near_transformers(tmp_path, tiny_checkpoints
     out = eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
     got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
     assert (got - want).abs().max().item() < 0.01
+
+
+def test_mamba2_defaults_match_transformers():
+    import transformers
+
+    ref = transformers.Mamba2Config()
+    cfg = ModelConfig.from_hf({"architectures": ["Mamba2ForCausalLM"]})
+    shape = cfg.options.mamba2
+    assert (cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (
+        ref.hidden_size, ref.num_hidden_layers, ref.vocab_size, ref.layer_norm_epsilon, ref.tie_word_embeddings)
+    assert (shape.num_heads, shape.head_dim, shape.n_groups, shape.state_size, shape.conv_kernel) == (
+        ref.num_heads, ref.head_dim, ref.n_groups, ref.state_size, ref.conv_kernel)
+    assert (shape.conv_bias, shape.proj_bias, cfg.options.residual_in_fp32) == (
+        ref.use_conv_bias, ref.use_bias, ref.residual_in_fp32)
+    assert shape.time_step_limit == tuple(ref.time_step_limit) and not shape.norm_before_gate
+    assert cfg.num_cache_layers == 0 and [s.name for s in cfg.options.hybrid.states] == ["conv", "ssm"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"num_heads": 64}, "num_heads 64 x head_dim 64 must equal"),
+    ({"conv_kernel": 1}, "taps"),
+    ({"n_groups": 3}, "must divide"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_mamba2_refusals(extra, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf({"architectures": ["Mamba2ForCausalLM"], **extra})

@@ -30,7 +30,7 @@ from tests.fixtures.handoff import export_layers, export_meta, handoff_generate,
 HYBRID_VARIANTS = ("qwen3_next", "kimi_linear", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lfm2", "lfm2_moe",
                    "lfm3", "granitemoehybrid", "granitemoehybrid_dense", "bamba", "nemotron_h",
                    "recurrent_gemma", "mamba", "falcon_mamba", "jamba", "minimax", "bailing_hybrid",
-                   "falcon_h1", "zamba2")
+                   "falcon_h1", "zamba2", "mamba2")
 # speculative decoding's rollback tested on one variant per recurrent layer kind; those whose
 # recurrent layers keep no verify chunk's states refuse it (test_refusals)
 SPECULATING = ("qwen3_next", "kimi_linear", "olmo_hybrid", "lfm2", "granitemoehybrid", "recurrent_gemma", "mamba",
