@@ -25,14 +25,11 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.hybrid_config import ATTENTION
-from splitserve.engine.models.decoder_layer import DecoderLayer
-from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.kimi_delta import KimiDeltaAttention
+from splitserve.engine.models.kimi_linear import LatentDeltaHybrid
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.models.mapped import renamed
 from splitserve.engine.models.mla import MLADecoderLayer, MLAttention
-from splitserve.engine.models.moe import MoECausalLM
 
 PREFIXES = (("model.word_embeddings.", "model.embed_tokens."),)
 RENAMES = ((".attention.", ".self_attn."), (".self_attn.dense.", ".self_attn.o_proj."),
@@ -107,18 +104,9 @@ class BailingDeltaAttention(KimiDeltaAttention):
         return slots
 
 
-class BailingHybridForCausalLM(HybridCausalLM, MoECausalLM):
-    def build_layer(self, index: int, window: int, dtype: torch.dtype,
-                    device: torch.device | str) -> DecoderLayer:
-        cfg, prefix = self.cfg, f"model.layers.{index}"
-        layout = cfg.options.hybrid
-        kwargs = {}
-        if cfg.moe.sparse_layers[index]:
-            kwargs = {"mlp": self.moe_block_class(cfg, dtype, device, prefix=f"{prefix}.mlp")}
-        if layout.layer_kinds[index] == ATTENTION:
-            return GatedMLADecoderLayer(cfg, dtype, device, window, prefix=prefix, **kwargs)
-        mixer = BailingDeltaAttention(cfg, dtype, device, layout.state_index(index))
-        return DecoderLayer(cfg, dtype, device, window, prefix=prefix, mixer=mixer, **kwargs)
+class BailingHybridForCausalLM(LatentDeltaHybrid):
+    attention_layer_class = GatedMLADecoderLayer
+    mixer_class = BailingDeltaAttention
 
     def _skipped(self, name: str) -> bool:
         n = self.cfg.num_layers

@@ -26,10 +26,14 @@ from splitserve.engine.models.mla import MLADecoderLayer
 from splitserve.engine.models.moe import MoECausalLM
 
 
-class KimiLinearForCausalLM(HybridCausalLM, MoECausalLM):
-    def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str):
-        super().__init__(cfg, dtype, device)
-        self.cos_sin_cache = None  # no layer rotates
+class LatentDeltaHybrid(HybridCausalLM, MoECausalLM):
+    """Latent attention layers (``attention_layer_class``) beside Kimi Delta
+    Attention layers (``mixer_class``), each followed by the experts where
+    ``cfg.moe`` marks the layer sparse, else a dense MLP: Kimi Linear's and
+    the Bailing hybrid's layout."""
+
+    attention_layer_class: type[DecoderLayer] = MLADecoderLayer
+    mixer_class: type[KimiDeltaAttention] = KimiDeltaAttention
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
@@ -39,9 +43,15 @@ class KimiLinearForCausalLM(HybridCausalLM, MoECausalLM):
         if cfg.moe.sparse_layers[index]:
             kwargs = {"mlp": self.moe_block_class(cfg, dtype, device, prefix=f"{prefix}.mlp")}
         if layout.layer_kinds[index] == ATTENTION:
-            return MLADecoderLayer(cfg, dtype, device, window, prefix=prefix, **kwargs)
-        mixer = KimiDeltaAttention(cfg, dtype, device, layout.state_index(index))
+            return self.attention_layer_class(cfg, dtype, device, window, prefix=prefix, **kwargs)
+        mixer = self.mixer_class(cfg, dtype, device, layout.state_index(index))
         return DecoderLayer(cfg, dtype, device, window, prefix=prefix, mixer=mixer, **kwargs)
+
+
+class KimiLinearForCausalLM(LatentDeltaHybrid):
+    def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str):
+        super().__init__(cfg, dtype, device)
+        self.cos_sin_cache = None  # no layer rotates
 
     def rope_table(self, index: int) -> None:
         return None
