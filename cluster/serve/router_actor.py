@@ -384,8 +384,10 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0, count: i
     except ValueError:
         if create_with is None:
             raise
+    # SPREAD: routers on different nodes where there are several, so that one
+    # node's loss leaves a standby router up while Ray restarts the lost one
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(create_with, index=index, count=count,
+                               get_if_exists=True, scheduling_strategy="SPREAD").remote(create_with, index=index, count=count,
                                                           tracing=tracing, tls=tls)
 
 
