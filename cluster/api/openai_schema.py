@@ -300,6 +300,9 @@ class ChatMessage(RequestBody):
         string (with newlines, like vLLM), since most templates read content
         as a string."""
         content = self.content
+        if content is None and self.role != "assistant":  # as OpenAI: only an assistant's may be null
+            raise InvalidRequestError(f"messages[{index}].content is required for a {self.role[:40]!r} message",
+                                      param=f"messages[{index}].content")
         if isinstance(content, list):
             texts = []
             for k, part in enumerate(content):

@@ -397,6 +397,8 @@ CRAFTED = [
     (R, {**OK_R, "text": {"format": {"type": "text", "schema": {}}}}, "text.format"),
     (CH, {**OK_CH, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
      "messages[0].content[0].text"),
+    # only an assistant's content may be left out (as OpenAI)
+    (CH, {**OK_CH, "messages": [{"role": "user"}]}, "messages[0].content"),
     (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "bogus", "function": {"name": "f", "arguments": "{}"}}]}]},
      "messages[0].tool_calls[0].type"),
