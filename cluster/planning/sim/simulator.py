@@ -27,6 +27,7 @@ from splitserve.cluster.config import ClusterConfig, ModelSpec
 from splitserve.cluster.planning import profiles
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.hardware import local_cpu_key
+from splitserve.cluster.planning.kv_room import STATE_SLOTS_PER_SEQ
 from splitserve.cluster.planning.records import EngineSettings
 from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim import adapter
@@ -234,7 +235,15 @@ class Simulation:
                     groups[gkey] = NodeGroup(gkey, per_node,
                                              hw.network_bandwidth * eff * (1 if on_cpu else per_node),
                                              hw.intra_node_bandwidth)
-                plans.append((served, role, spec, m, prof, groups[gkey]))
+                blocks = kv_blocks(m, shapes[m.name], settings)
+                if not blocks:
+                    raise SimConfigError(
+                        f"{m.name} {role}: kv_cache_memory_gb {m.kv_cache_memory_gb} cannot hold the "
+                        f"recurrent states of {STATE_SLOTS_PER_SEQ * m.max_num_seqs} sequences ("
+                        f"{STATE_SLOTS_PER_SEQ} per max_num_seqs, "
+                        f"{shapes[m.name].state_bytes_per_sequence(settings.dtype) / (1 << 20):.1f} "
+                        "MiB each) and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+                plans.append((served, role, spec, m, prof, groups[gkey], blocks))
         # the router actor's service (wait queues, leases) over its RouterCore
         self.service = RouterService(adapter.router_config(cfg, self._kv), clock=self.loop.clock,
                                      incarnation="sim")
@@ -244,10 +253,9 @@ class Simulation:
             transport_bps = db.handoff_bytes_per_s("grpc")
         self.network = Network(self.loop, opts.network_latency_s, opts.rpc_s, transport_bps)
         self.serving = Serving(self)
-        for served, role, spec, m, prof, group in plans:
+        for served, role, spec, m, prof, group, blocks in plans:
             app = f"{m.name}-{role}"
-            self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
-                                   kv_blocks(m, self._kv[m.name], shapes[m.name].num_kv_heads))
+            self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group, blocks)
         self._workload: Iterator[TraceRequest] = iter(workload)
         self._arrived = 0
         self._last_arrival = 0.0
