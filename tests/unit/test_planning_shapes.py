@@ -149,3 +149,40 @@ def test_planner_units_leave_the_hybrids_states_out_of_the_kv_tokens(tmp_path):
         assert u.kv_tokens[i] / block == pytest.approx(without - states / per_block, abs=2)
         seen.add(seqs)
     assert seen == {16, 256}
+
+
+def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
+    """A hybrid pool's blocks come after its states (a batch cap whose states fill
+    kv_cache_memory_gb is refused, naming the settings), and each hand-off carries
+    the request's states beside its KV."""
+    from splitserve.cluster.bench.datasets import parse_length_dist
+    from splitserve.cluster.config import parse_config
+    from splitserve.cluster.planning.db import ProfileDB
+    from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
+    from splitserve.cluster.planning.workload import synthetic
+
+    def config(seqs):
+        pool = {"min_replicas": 1, "max_replicas": 1, "num_gpus": 2}
+        return parse_config({"name": "hybrid", "models": [{
+            "model": {"name": "q", "path": "/nowhere/q", "dtype": "bfloat16", "kv_cache_memory_gb": 8,
+                      "max_num_seqs": seqs, "max_num_batched_tokens": 2048},
+            "prefill": pool, "decode": pool}], "router": {"local_prefill_max_tokens": 16}})
+
+    db = ProfileDB(tmp_path / "p.db")
+    wl = lambda: synthetic(4.0, parse_length_dist("uniform:64:512"), parse_length_dist("8"),  # noqa: E731
+                           seed=0, num_requests=12)
+    hw = lambda m, r: "h200"  # noqa: E731
+    with pytest.raises(SimConfigError, match="kv_cache_memory_gb 8.0 cannot hold the recurrent states of 128"):
+        Simulation(config(64), {"q": QWEN3_NEXT}, hw, db, wl())  # 128 x 74 MiB > 8 GiB
+    sim = Simulation(config(16), {"q": QWEN3_NEXT}, hw, db, wl(), SimOptions(seed=0))
+    want = kv_room.kv_blocks(QWEN3_NEXT, 8 << 30, kv_dtype="bfloat16", dtype="bfloat16",
+                             block_size=16, max_num_seqs=16)
+    assert {p.num_blocks for p in sim.pools.values()} == {want}
+    assert want < (8 << 30) // (16 * QWEN3_NEXT.kv_bytes_per_token("bfloat16")) - 1000
+    sent = []
+    transfer = sim.network.transfer
+    sim.network.transfer = lambda src, dst, nbytes, done: (sent.append(nbytes),
+                                                            transfer(src, dst, nbytes, done))
+    assert sim.run().record["summary"]["completed"] == 12
+    state, kv = QWEN3_NEXT.state_bytes_per_sequence("bfloat16"), QWEN3_NEXT.kv_bytes_per_token("bfloat16")
+    assert sent and all(n > state and (n - state) % kv == 0 for n in sent)

@@ -202,6 +202,7 @@ class Simulation:
                 resolve_acceptance(db, shapes[m.model.name].key, sp.method, opts.spec_workload,
                                    _draft_key(sp)))
         self._kv: dict[str, int] = {}
+        self._state: dict[str, int] = {}  # a hybrid's recurrent states per hand-off
         self.pools: dict[str, Pool] = {}
         groups: dict[str, NodeGroup] = {}
         self.replicas: dict = {}  # replica name -> Slot (ready at least once)
@@ -227,6 +228,7 @@ class Simulation:
                 except profiles.UnknownHardwareError as e:
                     raise SimConfigError(str(e)) from None
                 self._kv[m.name] = shapes[m.name].kv_bytes_per_token(settings.kv_dtype)
+                self._state[m.name] = shapes[m.name].state_bytes_per_sequence(settings.dtype)
                 per_node = (1 << 20) if on_cpu else opts.devices_per_node
                 gkey = f"{key}/{spec.node_type or 'node'}"
                 if gkey not in groups:
@@ -272,6 +274,10 @@ class Simulation:
 
     def kv_bytes(self, model: str) -> int:
         return self._kv[model]
+
+    def state_bytes(self, model: str) -> int:
+        """What a hand-off carries per request beside the KV: the recurrent states."""
+        return self._state[model]
 
     # -- arrivals ----------------------------------------------------------------------------
     def _next_arrival(self, _=None) -> None:
