@@ -60,11 +60,12 @@ def test_parameter_counts_are_the_checkpoints_tensors(tiny_checkpoints, variant,
     assert (routed > 0) == bool(e)  # the experts are there to leave out
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3_next", "jamba", "mamba"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3_next", "jamba", "mamba"])
 def test_kv_blocks_are_the_engines_for_the_same_settings(tiny_checkpoints, variant):
     """The simulator's (and kv_room's, which the planner's units use) blocks for a
     memory budget are what LLMEngine sizes with the same settings: a hybrid's states
-    for 2 x max_num_seqs sequences first, a model without attention by context."""
+    for 2 x max_num_seqs sequences first, a model without attention by context; the
+    KV bytes per token are ModelConfig's (MLA's included)."""
     path = tiny_checkpoints[variant]
     shape = shape_from_config_json(path)
     mc = load_checkpoint(path).model_config
