@@ -173,7 +173,8 @@ def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
     wl = lambda: synthetic(4.0, parse_length_dist("uniform:64:512"), parse_length_dist("8"),  # noqa: E731
                            seed=0, num_requests=12)
     hw = lambda m, r: "h200"  # noqa: E731
-    with pytest.raises(SimConfigError, match="kv_cache_memory_gb 8.0 cannot hold the recurrent states of 128"):
+    refused = "kv_cache_memory_gb 8.0 cannot hold the recurrent states of 128"
+    with pytest.raises(SimConfigError, match=refused):
         Simulation(config(64), {"q": QWEN3_NEXT}, hw, db, wl())  # 128 x 74 MiB > 8 GiB
     sim = Simulation(config(16), {"q": QWEN3_NEXT}, hw, db, wl(), SimOptions(seed=0))
     want = kv_room.kv_blocks(QWEN3_NEXT, 8 << 30, kv_dtype="bfloat16", dtype="bfloat16",
@@ -185,5 +186,6 @@ def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
     sim.network.transfer = lambda src, dst, nbytes, done: (sent.append(nbytes),
                                                             transfer(src, dst, nbytes, done))
     assert sim.run().record["summary"]["completed"] == 12
-    state, kv = QWEN3_NEXT.state_bytes_per_sequence("bfloat16"), QWEN3_NEXT.kv_bytes_per_token("bfloat16")
+    state = QWEN3_NEXT.state_bytes_per_sequence("bfloat16")
+    kv = QWEN3_NEXT.kv_bytes_per_token("bfloat16")
     assert sent and all(n > state and (n - state) % kv == 0 for n in sent)
