@@ -44,7 +44,8 @@ def add_subcommand(sub) -> None:
                    help="checkpoint folder (its config.json gives the shape; the YAML serves it)")
     m.add_argument("--shape", default=None, metavar="NAME",
                    help="a shape preset (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, qwen2.5-7b, "
-                        "mixtral-8x7b) or a model in the profile database; default: the current "
+                        "mixtral-8x7b, qwen3-next-80b-a3b) or a model in the profile database; "
+                        "default: the current "
                         "config's model, else the embedded default model")
     m.add_argument("--served-name", default=None,
                    help="model name clients ask for (default: the current config's, else "

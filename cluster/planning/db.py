@@ -143,18 +143,29 @@ class ProfileDB:
 
     # -- models and settings -------------------------------------------------------
     def put_model(self, shape: ModelShape) -> int:
-        row = self.conn.execute("SELECT id FROM models WHERE key = ?", (shape.key,)).fetchone()
+        """The id of ``shape``'s row, written if new; a row of the same key
+        written before its parameters were counted gets ``shape``'s counts."""
+        counted = (shape.params_total, shape.params_active, shape.max_position)
+        row = self.conn.execute("SELECT id, params_total FROM models WHERE key = ?",
+                                (shape.key,)).fetchone()
         if row:
-            return row[0]
+            if not row["params_total"] and shape.params_total:
+                self.conn.execute("UPDATE models SET num_params = ?, params_total = ?, "
+                                  "params_active = ?, max_position = ? WHERE id = ?",
+                                  (shape.num_params, *counted, row["id"]))
+                self.conn.commit()
+            return row["id"]
         cur = self.conn.execute(
             "INSERT INTO models (key, name, num_layers, hidden_size, intermediate_size, num_heads, "
             "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
-            "tie_word_embeddings, num_params, created_at, num_cache_layers) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "tie_word_embeddings, num_params, created_at, num_cache_layers, params_total, "
+            "params_active, max_position, state_elems, state_elems_fp32) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
              shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
              shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
-             shape.num_params, time.time(), shape.num_cache_layers))
+             shape.num_params, time.time(), shape.num_cache_layers, *counted,
+             shape.state_elems, shape.state_elems_fp32))
         self.conn.commit()
         return cur.lastrowid
 
@@ -168,7 +179,8 @@ class ProfileDB:
                           row["intermediate_size"], row["num_heads"], row["num_kv_heads"],
                           row["head_dim"], row["vocab_size"], row["num_experts"],
                           row["experts_per_token"], bool(row["tie_word_embeddings"]),
-                          row["num_cache_layers"])
+                          row["num_cache_layers"], row["params_total"], row["params_active"],
+                          row["state_elems"], row["state_elems_fp32"], row["max_position"])
 
     def put_settings(self, s: EngineSettings) -> int:
         row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()

@@ -4,7 +4,8 @@ fragments every reader shares.
 ``ProfileDB`` (``cluster.planning.db``) runs ``SCHEMA`` on every open; all
 of it is ``CREATE ... IF NOT EXISTS``, which is also how an older file is
 migrated (version 1 lacked the ``speculation`` table); columns added since
-(``ADDED_COLUMNS``: version 3's ``models.num_cache_layers``) are added to an
+(``ADDED_COLUMNS``: version 3's ``models.num_cache_layers``, version 4's
+parameter counts, recurrent state sizes and context length) are added to an
 older file's tables by ``migrate_columns``. ``SAME_SHAPE`` with
 ``shape_args`` matches a model by key, name or structure; ``BEST`` orders
 rows best first. docs/planning.md shows the schema as tables.
@@ -12,12 +13,16 @@ rows best first. docs/planning.md shows the schema as tables.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # versions this one opens (older ones are migrated: only tables and ADDED_COLUMNS since)
-READABLE_VERSIONS = (0, 1, 2, 3)
+READABLE_VERSIONS = (0, 1, 2, 3, 4)
 # table -> column -> its definition, for columns added after their table: an older file
 # lacks them, and opening it adds them (migrate_columns)
-ADDED_COLUMNS = {"models": {"num_cache_layers": "INTEGER NOT NULL DEFAULT 0"}}
+_ZERO = "INTEGER NOT NULL DEFAULT 0"
+ADDED_COLUMNS = {"models": {"num_cache_layers": _ZERO,  # version 3
+                            # version 4 (0: unknown, as in every older row)
+                            "params_total": _ZERO, "params_active": _ZERO, "state_elems": _ZERO,
+                            "state_elems_fp32": _ZERO, "max_position": _ZERO}}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hardware (
@@ -49,7 +54,12 @@ CREATE TABLE IF NOT EXISTS models (
     tie_word_embeddings INTEGER NOT NULL DEFAULT 0,
     num_params INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    num_cache_layers INTEGER NOT NULL DEFAULT 0  -- 0: every layer keeps KV (version 3)
+    num_cache_layers INTEGER NOT NULL DEFAULT 0, -- 0: every layer keeps KV (version 3)
+    params_total INTEGER NOT NULL DEFAULT 0,     -- the engine's model, counted (version 4; 0: unknown)
+    params_active INTEGER NOT NULL DEFAULT 0,    -- per token: chosen experts, no lookup tables
+    state_elems INTEGER NOT NULL DEFAULT 0,      -- recurrent state per sequence, model dtype
+    state_elems_fp32 INTEGER NOT NULL DEFAULT 0, -- recurrent state per sequence, float32
+    max_position INTEGER NOT NULL DEFAULT 0      -- context length (0: unknown)
 );
 CREATE TABLE IF NOT EXISTS engine_settings (
     id INTEGER PRIMARY KEY,

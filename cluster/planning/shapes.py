@@ -20,6 +20,13 @@ class ShapeError(ValueError):
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 
 
+# fields a shape's key leaves out: counted from the checkpoint the other fields
+# describe, so the rows measured before they were counted keep matching
+KEYLESS = ("params_total", "params_active", "max_position")
+# fields added after the first keys were made: in the key only when set
+ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     name: str
@@ -34,8 +41,18 @@ class ModelShape:
     experts_per_token: int = 0
     tie_word_embeddings: bool = False
     # layers with a KV cache where fewer than num_layers (a hybrid model's attention
-    # layers, Gemma 4's non-sharing ones); 0: every layer
+    # layers, Gemma 4's non-sharing ones); 0: every layer (none when the shape keeps
+    # recurrent state: a model without attention layers)
     num_cache_layers: int = 0
+    # exact counts of the engine's own model (cluster.planning.param_count); 0: unknown,
+    # the per-layer formulas below stand in (named presets without a count)
+    params_total: int = 0
+    params_active: int = 0  # per token: the chosen experts only, no lookup tables
+    # a hybrid model's recurrent state per sequence over its recurrent layers: elements
+    # kept in the model's compute dtype and in float32 (engine.hybrid_config.StateKind)
+    state_elems: int = 0
+    state_elems_fp32: int = 0
+    max_position: int = 0  # the model's context length; 0: unknown
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -49,7 +66,11 @@ class ModelShape:
 
     @property
     def num_params(self) -> int:
-        """Every weight, embeddings included (what is stored and loaded)."""
+        """Every weight, embeddings included (what is stored and loaded): the
+        exact count where known, else attention + a 3-matrix MLP (times the
+        experts) per layer."""
+        if self.params_total:
+            return self.params_total
         experts = max(self.num_experts, 1)
         router = self.hidden_size * self.num_experts
         layer = self._attn_params() + experts * self._mlp_params() + router
@@ -59,6 +80,8 @@ class ModelShape:
     @property
     def active_params_per_token(self) -> int:
         """Weights one token multiplies with (no input embedding: a lookup)."""
+        if self.params_active:
+            return self.params_active
         experts = self.experts_per_token if self.num_experts else 1
         layer = self._attn_params() + experts * self._mlp_params()
         return self.num_layers * layer + self.vocab_size * self.hidden_size
@@ -66,18 +89,37 @@ class ModelShape:
     def weight_bytes(self, dtype: str) -> float:
         return self.num_params * DTYPE_BYTES.get(dtype, 2)
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the model keeps a recurrent state per sequence (a hybrid)."""
+        return bool(self.state_elems or self.state_elems_fp32)
+
+    @property
+    def cache_layers(self) -> int:
+        """Layers that keep K and V in the paged cache."""
+        return self.num_cache_layers if self.num_cache_layers or self.keeps_state else self.num_layers
+
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
-        """K and V of every layer for one token (Llama-3-8B bf16: 128 KiB)."""
-        layers = self.num_cache_layers or self.num_layers
-        return 2 * layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
+        """K and V of every cached layer for one token (Llama-3-8B bf16: 128
+        KiB), as ``engine.config.ModelConfig.kv_bytes_per_token``."""
+        return 2 * self.cache_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
+
+    def state_bytes_per_sequence(self, dtype: str) -> int:
+        """One sequence's recurrent states, the model-dtype ones in ``dtype``
+        (the engine's compute dtype; fp8 weights compute in bfloat16)."""
+        elem = 2 if dtype == "fp8" else DTYPE_BYTES.get(dtype, 2)
+        return self.state_elems * elem + 4 * self.state_elems_fp32
 
     @property
     def key(self) -> str:
         """Stable id of the shape (the database keys models by it)."""
         fields = asdict(self)
         fields.pop("name")
-        if not fields["num_cache_layers"]:  # the keys of shapes from before the field
-            fields.pop("num_cache_layers")
+        for derived in KEYLESS:
+            fields.pop(derived)
+        for added in ADDED_FIELDS:  # the keys of shapes from before the field
+            if not fields[added]:
+                fields.pop(added)
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.name}@{digest}"
 
@@ -85,23 +127,40 @@ class ModelShape:
         return asdict(self)
 
 
-def _preset(name, layers, hidden, inter, heads, kv_heads, vocab, experts=0, per_token=0):
+def _preset(name, layers, hidden, inter, heads, kv_heads, vocab, experts=0, per_token=0,
+            tied=False):
     return ModelShape(name, layers, hidden, inter, heads, kv_heads, hidden // heads, vocab,
-                      experts, per_token)
+                      experts, per_token, tied)
+
+
+# Qwen3-Next-80B-A3B (transformers' Qwen3NextConfig defaults, its released shape): 48
+# layers, every 4th attending (16 heads of 256, 2 KV heads), the others Gated DeltaNet
+# (16 key heads x 128, 32 value heads x 128, 4 conv taps); 512 experts of 512, 10 per
+# token, and a shared expert. Counts from param_count on that config (a unit test
+# rebuilds them); state per sequence: the conv window (8192 x 3, model dtype) and the
+# delta rule's (32 x 128 x 128, float32) on each of 36 layers (74 MiB in bf16).
+QWEN3_NEXT_80B = ModelShape(
+    "qwen3-next-80b-a3b", num_layers=48, hidden_size=2048, intermediate_size=512, num_heads=16,
+    num_kv_heads=2, head_dim=256, vocab_size=151936, num_experts=512, experts_per_token=10,
+    num_cache_layers=12, params_total=79_674_391_296, params_active=3_563_764_480,
+    state_elems=36 * 8192 * 3, state_elems_fp32=36 * 32 * 128 * 128, max_position=262144)
 
 
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
     _preset("llama-3.1-8b", 32, 4096, 14336, 32, 8, 128256),
     _preset("llama-3.1-70b", 80, 8192, 28672, 64, 8, 128256),
-    _preset("llama-3.2-1b", 16, 2048, 8192, 32, 8, 128256),
+    _preset("llama-3.2-1b", 16, 2048, 8192, 32, 8, 128256, tied=True),
     _preset("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064),
     _preset("mixtral-8x7b", 32, 4096, 14336, 32, 8, 32000, experts=8, per_token=2),
+    QWEN3_NEXT_80B,
 )}
 
 
 def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelShape:
     """The shape of a Hugging Face checkpoint folder (or its config.json),
-    read with the engine's own config parser."""
+    read with the engine's own config parser; its parameters counted on the
+    engine's own model built on the meta device (``param_count``)."""
+    from splitserve.cluster.planning.param_count import count_parameters, state_elements
     from splitserve.engine.config import ModelConfig
     from splitserve.engine.errors import CheckpointError
 
@@ -110,16 +169,20 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
     try:
         raw = json.loads(cfg_path.read_text())
         mc = ModelConfig.from_hf(raw, str(cfg_path))
-    except (OSError, json.JSONDecodeError, CheckpointError) as e:
+        count = count_parameters(mc)
+    except (OSError, json.JSONDecodeError, CheckpointError, ValueError) as e:
         raise ShapeError(f"{cfg_path}: cannot read the model shape: {e}") from None
+    state, state_fp32 = state_elements(mc)
     return ModelShape(
         name=name or (p.name if p.is_dir() else p.parent.name), num_layers=mc.num_layers,
         hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
         num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-        vocab_size=mc.vocab_size, num_experts=int(raw.get("num_local_experts", 0) or 0),
-        experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
+        vocab_size=mc.vocab_size, num_experts=count.num_experts,
+        experts_per_token=count.experts_per_token,
         tie_word_embeddings=mc.tie_word_embeddings,
-        num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0)
+        num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0,
+        params_total=count.total, params_active=count.active_per_token,
+        state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position)
 
 
 def resolve_shape(spec: str) -> ModelShape:

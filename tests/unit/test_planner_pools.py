@@ -22,6 +22,7 @@ from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.shapes import PRESETS, ModelShape
 from splitserve.cluster.planning.sim.pools import kv_blocks
+from splitserve.cluster.planning.sim.simulator import engine_settings
 from splitserve.engine.roles import Role
 
 SHAPE = PRESETS["llama-3.1-8b"]
@@ -96,8 +97,8 @@ def test_kv_memory_is_written_per_rank_as_the_engine_sizes_it(planner):
     for tp in (1, 2):
         i = int(np.flatnonzero((u.tp == tp) & u.mem_ok)[0])
         spec = ModelSpec(kv_cache_memory_gb=float(u.kv_gib[i]), block_size=int(u.block[i]),
-                         tensor_parallel_size=tp)
-        blocks = kv_blocks(spec, SHAPE.kv_bytes_per_token("bfloat16"), SHAPE.num_kv_heads)
+                         tensor_parallel_size=tp, max_num_seqs=int(u.seqs[i]))
+        blocks = kv_blocks(spec, SHAPE, engine_settings(spec, "cuda", tp))
         assert blocks * int(u.block[i]) == pytest.approx(float(u.kv_tokens[i]), rel=1e-6, abs=16)
 
 

@@ -43,7 +43,7 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
         db.conn.execute("PRAGMA user_version = 1")
         db.conn.commit()
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert db.startup_s(LLAMA.key, "h100-sxm") == (12.5, MEASURED)
         assert db.speculation(LLAMA.key) == []
         db.add_speculation(LLAMA, row(0.3))
@@ -63,11 +63,44 @@ def test_a_version_2_file_gains_num_cache_layers_and_keeps_its_models(tmp_path):
         db.conn.commit()
     hybrid = dataclasses.replace(LLAMA, name="hybrid", num_cache_layers=LLAMA.num_layers // 4)
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.model(LLAMA.key) == LLAMA
         db.put_model(hybrid)
         assert db.model("hybrid") == hybrid
         assert db.model("hybrid").kv_bytes_per_token("bfloat16") * 4 == LLAMA.kv_bytes_per_token("bfloat16")
+
+
+def test_a_version_3_file_gains_counts_and_states_and_keeps_its_models(tmp_path):
+    # version 3's models table had no parameter counts, states or context length: opening
+    # the file adds them as 0 (unknown: the formulas), a shape counted since fills its old
+    # row in, and a hybrid with its states round-trips
+    import dataclasses
+
+    from splitserve.cluster.planning.db_schema import ADDED_COLUMNS
+
+    v4 = [c for c in ADDED_COLUMNS["models"] if c != "num_cache_layers"]
+    path = tmp_path / "v3.db"
+    with ProfileDB(path) as db:
+        db.put_model(LLAMA)
+        for col in v4:
+            db.conn.execute(f"ALTER TABLE models DROP COLUMN {col}")
+        db.conn.execute("PRAGMA user_version = 3")
+        db.conn.commit()
+    counted = dataclasses.replace(LLAMA, params_total=8_030_261_248, params_active=7_504_924_672,
+                                  max_position=131072)
+    hybrid = PRESETS["qwen3-next-80b-a3b"]
+    with ProfileDB(path) as db:
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        old = db.model(LLAMA.key)
+        assert old == LLAMA and old.num_params == LLAMA.num_params  # the formula, as before
+        assert counted.key == LLAMA.key  # the counts leave the key as it was
+        assert db.put_model(counted) == db.put_model(LLAMA)
+        assert db.model(LLAMA.key) == counted and db.model(LLAMA.key).num_params == 8_030_261_248
+        db.put_model(hybrid)
+        back = db.model(hybrid.key)
+        assert back == hybrid and back.state_bytes_per_sequence("bfloat16") == 77_266_944
+        assert db.conn.execute("SELECT num_params FROM models WHERE key = ?",
+                               (hybrid.key,)).fetchone()[0] == hybrid.params_total
 
 
 def test_rows_keep_every_field_and_come_back_best_first(tmp_path):

@@ -55,10 +55,14 @@ def test_the_simulator_sizes_a_tp_replicas_kv_as_the_engine_does():
     from splitserve.engine.parallel.plan import ShardPlan
     from tests.unit.test_tp_plan import CFG  # 2 KV heads
 
-    per_token = CFG.kv_bytes_per_token(torch.float32)
+    from splitserve.cluster.planning.records import EngineSettings
+
+    shape = ModelShape("t", CFG.num_layers, CFG.hidden_size, CFG.intermediate_size, CFG.num_heads,
+                       CFG.num_kv_heads, CFG.head_dim, CFG.vocab_size)
+    settings = EngineSettings(dtype="float32", kv_dtype="float32")
     for tp in (1, 2, 4):
         spec = ModelSpec(kv_cache_memory_gb=0.01, block_size=16, tensor_parallel_size=tp)
         local = ShardPlan(CFG, tp, 0).local_config()
         engine = num_kv_blocks(EngineConfig(model="m", kv_cache_memory_gb=0.01, block_size=16),
                                local, torch.float32)
-        assert kv_blocks(spec, per_token, CFG.num_kv_heads) == engine
+        assert kv_blocks(spec, shape, settings) == engine

@@ -62,6 +62,9 @@ def analytic(ctx: PlanContext) -> Analytic:
     cpu_kv = np.array([req.shape.kv_bytes_per_token("fp8" if space.kv_dtypes[k] == "fp8"
                                                     else "float32")
                        for k in range(len(space.kv_dtypes))], dtype=np.float64)
+    # a hybrid's recurrent states travel with each hand-off (GPU pools: bf16, CPU: float32)
+    states = (req.shape.state_bytes_per_sequence("bfloat16"),
+              req.shape.state_bytes_per_sequence("float32"))
     if "colocated" in layouts:
         opts = router_options(space, "colocated")
         ws = workload_stats(req.workload, opts, rmax, slo.ttft_pct, all_local=True)
@@ -107,7 +110,8 @@ def analytic(ctx: PlanContext) -> Analytic:
         kv_of_unit = np.where([ctx.devices[i].cpu for i in up.dev], cpu_kv[grid.kv[up.e]],
                               kvbpt[grid.kv[up.e]])
         td = decode_table(ud, opts, ws, slo, rmax, colocated=False, hops=4 * RPC_S)
-        tp_ = prefill_table(up, opts, ws, slo, rmax, nic[up.dev], kv_of_unit)
+        state_of_unit = np.where([ctx.devices[i].cpu for i in up.dev], states[1], states[0])
+        tp_ = prefill_table(up, opts, ws, slo, rmax, nic[up.dev], kv_of_unit, state_of_unit)
         td.bounds_ok &= col(unit_ok_q[ud.e]) & (td.metrics["cost"] <= budget)
         tp_.bounds_ok &= col(unit_ok_q[up.e]) & (tp_.metrics["cost"] <= budget)
         td.est_ok &= td.bounds_ok
@@ -122,7 +126,7 @@ def analytic(ctx: PlanContext) -> Analytic:
         e1, rec_list, cl = score_pairs(
             ctx.devices, grid, ctx.quality, units_key, req.slack,
             ctx.db.handoff_bytes_per_s("grpc"), up, tp_, ud, td, ws, opts, slo, budget,
-            kvbpt, cpu_kv, rng)
+            kvbpt, cpu_kv, states, rng)
         estim["deployable"] += e1[0] * n_auto
         estim["modelled_only"] += (e1[1] - e1[0]) * n_auto
         cands += rec_list

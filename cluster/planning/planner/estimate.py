@@ -227,7 +227,10 @@ def decode_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int, colocat
 
 
 def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
-                  nic_bytes_per_s: np.ndarray, kv_bytes_per_token: np.ndarray) -> PoolTable:
+                  nic_bytes_per_s: np.ndarray, kv_bytes_per_token: np.ndarray,
+                  state_bytes: np.ndarray) -> PoolTable:
+    """``kv_bytes_per_token``, ``state_bytes``: per unit, what one hand-off
+    carries per prompt token and per request (a hybrid's recurrent states)."""
     f = u.forms
     r = np.arange(1, rmax + 1, dtype=np.float64)[None, None, :]
     rem_n = ws.rem_n[None]
@@ -255,8 +258,8 @@ def prefill_table(u: Units, opts, ws: WorkloadStats, slo: SLO, rmax: int,
     own_p = np.maximum(*[_prompt_time(u, ws.rem_up[None], b, 0.0, k) for k in range(2)])
     own_m = np.maximum(*[_prompt_time(u, mean_u, b, 0.0, k) for k in range(2)])
     ttft = np.maximum(own_p + w, own_m + wp) + np.where(np.isfinite(tau_s), tau_s / 2, 0.0)
-    # the KV hand-off of every remote prompt leaves through these replicas' NICs
-    handoff = ws.rate * rem_n * ws.rem_imean[None] * col(kv_bytes_per_token)
+    # the KV hand-off of every remote prompt (and its states) leaves through these NICs
+    handoff = ws.rate * rem_n * (ws.rem_imean[None] * col(kv_bytes_per_token) + col(state_bytes))
     net_ok = handoff <= 0.8 * col(nic_bytes_per_s) * r * col(u.tp)
     within_cap = r <= col(u.cap)
     unit_ok = col(u.mem_ok & u.flops_ok & (u.kv_tokens >= ws.max_prompt))

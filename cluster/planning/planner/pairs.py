@@ -53,10 +53,12 @@ def count_pairs(devices, grid, up, okp, ud, okd, n_opts, budget):
 
 
 def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td, ws, opts, slo,
-                budget, kvbpt, cpu_kv, rng):
+                budget, kvbpt, cpu_kv, states, rng):
     """The (prefill row, decode row) pairs whose estimate meets the SLOs (within
     ``slack``), scored in chunks of about PAIR_CHUNK: ((deployable, all) counts
-    within the SLOs, the cheapest records of each chunk, a sample for the plot)."""
+    within the SLOs, the cheapest records of each chunk, a sample for the plot).
+    ``kvbpt``/``cpu_kv``: hand-off bytes per token by KV dtype on GPU/CPU pools;
+    ``states``: per request (a hybrid's recurrent states), on GPU and CPU pools."""
     n_opts = len(opts)
     mp, md = tp_.metrics, td.metrics
     pi, variants = _prefill_variants(grid, up, tp_)
@@ -121,7 +123,7 @@ def score_pairs(devices, grid, quality, units_key, slack, grpc, up, tp_, ud, td,
         if grpc is not None:
             bw = np.where(cpu[dev_p], np.minimum(bw, grpc), bw)
         rem_n = ws.rem_n[a_o, a_r]
-        xfer = ws.rem_ip[a_o, a_r] * kv / bw
+        xfer = (ws.rem_ip[a_o, a_r] * kv + np.where(cpu[dev_p], states[1], states[0])) / bw
         matters = rem_n >= tail_t
         after = xfer + md["tau"].ravel()[dflat] + 4 * RPC_S  # behind the prefill pool
         remote = np.where(matters, mp["ttft_p"].ravel()[pflat] + after, 0.0)

@@ -134,14 +134,16 @@ class PlanTables:
             ok = ok and bool(tpre.est_ok[pat])
             if ws.rem_n[o, pat[2]] >= 1 - slo.ttft_pct / 100:
                 dev_p, dev_d = self.ctx.devices[plan.prefill.device], self.ctx.devices[plan.decode.device]
-                kv = self.ctx.req.shape.kv_bytes_per_token(
+                shape = self.ctx.req.shape
+                kv = shape.kv_bytes_per_token(
                     "fp8" if plan.engine.kv_cache_dtype == "fp8" else
                     ("float32" if dev_p.cpu else "bfloat16"))
+                state = shape.state_bytes_per_sequence("float32" if dev_p.cpu else "bfloat16")
                 same = dev_p.index == dev_d.index and plan.devices <= DEVICES_PER_NODE
                 bw = dev_p.hw.intra_node_bandwidth if same else 4 * min(
                     dev_p.hw.network_bandwidth * dev_p.hw.efficiency.network,
                     dev_d.hw.network_bandwidth * dev_d.hw.efficiency.network)
-                remote = (float(mp["ttft_p"][pat]) + float(ws.rem_ip[o, pat[2]]) * kv / bw
+                remote = (float(mp["ttft_p"][pat]) + (float(ws.rem_ip[o, pat[2]]) * kv + state) / bw
                           + float(m["tau"][at]) + 4 * RPC_S)
                 ttft = max(ttft, remote)
         q = float(self.ctx.quality[e])

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitserve.cluster.planning.acceptance import length_table
+from splitserve.cluster.planning.kv_room import (MIN_BLOCKS, kv_blocks, rank_kv_bytes_per_token,
+                                                  state_reserve_bytes)
 from splitserve.cluster.planning.planner.devices import Device, FormCache
 from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, fp8_index, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
@@ -128,7 +130,6 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         oh[sel] = overhead
         # the form whose per-token weight on decode sequences is the compute one
         comp[sel, int(np.argmax(f[:, 1]))] = True
-        kv_per_token = shape.kv_bytes_per_token(settings.kv_dtype)
         weights = shape.weight_bytes("fp8" if wd == "fp8" else settings.dtype)
         act = budget[sel] * (2 * shape.hidden_size + shape.intermediate_size) * 4.0 / key[1]
         if d.cpu:
@@ -138,14 +139,16 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
             free = d.hw.memory_bytes * key[1] * MEMORY_UTILIZATION - weights - act
             fits = free > 0
         # each rank holds its share of the KV heads (all of one when the heads are
-        # fewer than the ranks) in its share of the free memory, as sim.pools.kv_blocks
+        # fewer than the ranks) in its share of the free memory, after a hybrid
+        # model's recurrent states, as the engine sizes it (kv_room.kv_blocks)
         rank_free = np.maximum(free, 0) / key[1]
-        hk = shape.num_kv_heads
-        per_block = (kv_per_token * max(1, hk // key[1]) // hk if hk else kv_per_token) * block[sel]
-        blocks = np.floor(rank_free / per_block)
+        blocks = kv_blocks(shape, rank_free, kv_dtype=settings.kv_dtype, dtype=settings.dtype,
+                           block_size=block[sel], max_num_seqs=seqs[sel], tensor_parallel=key[1])
         kv_tokens[sel] = blocks * block[sel]
         kv_gib[sel] = rank_free / (1 << 30)
-        mem_ok[sel] = fits & (blocks >= 16)
+        room = rank_free - state_reserve_bytes(shape, settings.dtype, seqs[sel])
+        per_block = rank_kv_bytes_per_token(shape, settings.kv_dtype, key[1]) * block[sel]
+        mem_ok[sel] = fits & (room > 0) & (room >= MIN_BLOCKS * per_block)
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
     dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])

@@ -37,7 +37,8 @@ def add_simulate_arguments(p) -> None:
     c.add_argument("--model", default=None, help="model the workload asks for (default: the first)")
     c.add_argument("--shape", action="append", default=[], metavar="[MODEL=]PRESET|DIR",
                    help="model shape: a preset (llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, "
-                        "qwen2.5-7b, mixtral-8x7b) or a checkpoint folder; default: the model's "
+                        "qwen2.5-7b, mixtral-8x7b, qwen3-next-80b-a3b) or a checkpoint folder; "
+                        "default: the model's "
                         "path in the config, or the embedded default model when the path is null")
     c.add_argument("--hardware", default="local", metavar="KEY",
                    help="hardware of every pool: a catalog key (h100-sxm, h200, a100-80gb, l40s, "

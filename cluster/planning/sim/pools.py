@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING
 
 from splitserve.cluster.autoscaling.decision import DelayState
 from splitserve.cluster.config import ModelSpec, PoolSpec
+from splitserve.cluster.planning.kv_room import kv_blocks as room_blocks
 from splitserve.cluster.planning.profiles import DeviceProfile
+from splitserve.cluster.planning.records import EngineSettings
+from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.metrics import PoolSample
 from splitserve.cluster.planning.sim.replica import SimReplica
@@ -320,17 +323,18 @@ class Pool:
             waiting, pending, running))
 
 
-def kv_blocks(mspec: ModelSpec, kv_bytes_per_token: int, num_kv_heads: int = 0) -> int:
-    """``engine.model_runner.num_kv_blocks`` for a replica of this spec: at
-    tensor-parallel degree N each rank gives ``kv_cache_memory_gb`` to its
-    share of the ``num_kv_heads`` KV heads (max(1, Hk/N) of them)."""
+def kv_blocks(mspec: ModelSpec, shape: ModelShape, settings: EngineSettings) -> int:
+    """``engine.model_runner.num_kv_blocks`` for a replica of this spec
+    (``kv_room.kv_blocks``): at tensor-parallel degree N each rank gives
+    ``kv_cache_memory_gb`` to its share of the KV heads (max(1, Hk/N) of
+    them), after a hybrid model's recurrent states for 2 x max_num_seqs
+    sequences. 0: the states alone fill it."""
     if mspec.num_blocks is not None:
         return mspec.num_blocks
-    tp = mspec.tensor_parallel_size
-    if tp > 1 and num_kv_heads:
-        kv_bytes_per_token = kv_bytes_per_token * max(1, num_kv_heads // tp) // num_kv_heads
-    per_block = kv_bytes_per_token * mspec.block_size
-    return max(16, int(mspec.kv_cache_memory_gb * (1 << 30)) // per_block)
+    return room_blocks(shape, int(mspec.kv_cache_memory_gb * (1 << 30)), kv_dtype=settings.kv_dtype,
+                       dtype=settings.dtype, block_size=mspec.block_size,
+                       max_num_seqs=mspec.max_num_seqs, tensor_parallel=mspec.tensor_parallel_size,
+                       max_model_len=mspec.max_model_len)
 
 
 def devices_for(spec: PoolSpec, on_gpu: bool, tensor_parallel_size: int = 1) -> int:

@@ -242,7 +242,7 @@ class Serving:
             rep.inflight -= 1
             return
         n = req.prompt_len + req.produced
-        nbytes = (n - req.cached) * self.sim.kv_bytes(req.model)
+        nbytes = (n - req.cached) * self.sim.kv_bytes(req.model) + self.sim.state_bytes(req.model)
         req.nbytes = nbytes
         rep.bytes_sent += nbytes
         attempt = req.attempt

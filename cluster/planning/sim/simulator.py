@@ -27,6 +27,7 @@ from splitserve.cluster.config import ClusterConfig, ModelSpec
 from splitserve.cluster.planning import profiles
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.hardware import local_cpu_key
+from splitserve.cluster.planning.kv_room import STATE_SLOTS_PER_SEQ
 from splitserve.cluster.planning.records import EngineSettings
 from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim import adapter
@@ -201,6 +202,7 @@ class Simulation:
                 resolve_acceptance(db, shapes[m.model.name].key, sp.method, opts.spec_workload,
                                    _draft_key(sp)))
         self._kv: dict[str, int] = {}
+        self._state: dict[str, int] = {}  # a hybrid's recurrent states per hand-off
         self.pools: dict[str, Pool] = {}
         groups: dict[str, NodeGroup] = {}
         self.replicas: dict = {}  # replica name -> Slot (ready at least once)
@@ -226,6 +228,7 @@ class Simulation:
                 except profiles.UnknownHardwareError as e:
                     raise SimConfigError(str(e)) from None
                 self._kv[m.name] = shapes[m.name].kv_bytes_per_token(settings.kv_dtype)
+                self._state[m.name] = shapes[m.name].state_bytes_per_sequence(settings.dtype)
                 per_node = (1 << 20) if on_cpu else opts.devices_per_node
                 gkey = f"{key}/{spec.node_type or 'node'}"
                 if gkey not in groups:
@@ -234,7 +237,15 @@ class Simulation:
                     groups[gkey] = NodeGroup(gkey, per_node,
                                              hw.network_bandwidth * eff * (1 if on_cpu else per_node),
                                              hw.intra_node_bandwidth)
-                plans.append((served, role, spec, m, prof, groups[gkey]))
+                blocks = kv_blocks(m, shapes[m.name], settings)
+                if not blocks:
+                    raise SimConfigError(
+                        f"{m.name} {role}: kv_cache_memory_gb {m.kv_cache_memory_gb} cannot hold the "
+                        f"recurrent states of {STATE_SLOTS_PER_SEQ * m.max_num_seqs} sequences ("
+                        f"{STATE_SLOTS_PER_SEQ} per max_num_seqs, "
+                        f"{shapes[m.name].state_bytes_per_sequence(settings.dtype) / (1 << 20):.1f} "
+                        "MiB each) and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+                plans.append((served, role, spec, m, prof, groups[gkey], blocks))
         # the router actor's service (wait queues, leases) over its RouterCore
         self.service = RouterService(adapter.router_config(cfg, self._kv), clock=self.loop.clock,
                                      incarnation="sim")
@@ -244,10 +255,9 @@ class Simulation:
             transport_bps = db.handoff_bytes_per_s("grpc")
         self.network = Network(self.loop, opts.network_latency_s, opts.rpc_s, transport_bps)
         self.serving = Serving(self)
-        for served, role, spec, m, prof, group in plans:
+        for served, role, spec, m, prof, group, blocks in plans:
             app = f"{m.name}-{role}"
-            self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group,
-                                   kv_blocks(m, self._kv[m.name], shapes[m.name].num_kv_heads))
+            self.pools[app] = Pool(self, app, m.name, role, spec, m, prof, group, blocks)
         self._workload: Iterator[TraceRequest] = iter(workload)
         self._arrived = 0
         self._last_arrival = 0.0
@@ -264,6 +274,10 @@ class Simulation:
 
     def kv_bytes(self, model: str) -> int:
         return self._kv[model]
+
+    def state_bytes(self, model: str) -> int:
+        """What a hand-off carries per request beside the KV: the recurrent states."""
+        return self._state[model]
 
     # -- arrivals ----------------------------------------------------------------------------
     def _next_arrival(self, _=None) -> None:

@@ -1,0 +1,55 @@
+"""How many KV blocks a replica's KV memory holds, as the engine sizes them
+(``engine.model_runner.num_kv_blocks``): a hybrid model's recurrent states
+for ``STATE_SLOTS_PER_SEQ`` x ``max_num_seqs`` sequences come out of the
+memory first, the rest is cut into blocks of every cached layer's K and V
+(at tensor-parallel degree N, one rank's share of the KV heads: max(1,
+Hk/N) of them). The planner's units and the simulator's pools both size
+their replicas here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from splitserve.cluster.planning.shapes import ModelShape
+
+# recurrent-state slots per running sequence (engine.model_runner.num_state_slots:
+# the running batch's and as many for hand-off imports)
+STATE_SLOTS_PER_SEQ = 2
+MIN_BLOCKS = 16  # the engine's floor on a memory-sized cache
+
+
+def state_reserve_bytes(shape: ModelShape, dtype: str, max_num_seqs):
+    """Bytes of recurrent state the engine reserves (0 for a model without):
+    ``dtype`` is the engine's compute dtype."""
+    return shape.state_bytes_per_sequence(dtype) * STATE_SLOTS_PER_SEQ * np.asarray(max_num_seqs)
+
+
+def rank_kv_bytes_per_token(shape: ModelShape, kv_dtype: str, tensor_parallel: int = 1) -> int:
+    """One token's K and V on one tensor-parallel rank."""
+    per_token = shape.kv_bytes_per_token(kv_dtype)
+    hk = shape.num_kv_heads
+    if tensor_parallel > 1 and hk:
+        return per_token * max(1, hk // tensor_parallel) // hk
+    return per_token
+
+
+def kv_blocks(shape: ModelShape, kv_memory_bytes, *, kv_dtype: str, dtype: str, block_size,
+              max_num_seqs, tensor_parallel: int = 1, max_model_len: int | None = None):
+    """Blocks per replica for ``kv_memory_bytes`` per rank (the engine's
+    ``kv_cache_memory_gb``); arguments may be numpy arrays of equal shape.
+    0 where the recurrent states alone fill the memory (the engine refuses
+    to start). A model without attention layers gets what it counts tokens
+    with: a full context (``max_model_len``, else the shape's) per slot."""
+    budget = np.asarray(kv_memory_bytes, dtype=np.float64)
+    block_size = np.asarray(block_size)
+    states = state_reserve_bytes(shape, dtype, max_num_seqs)
+    room = np.floor(budget) - states
+    per_block = rank_kv_bytes_per_token(shape, kv_dtype, tensor_parallel) * block_size
+    if shape.cache_layers == 0:
+        max_len = max_model_len or shape.max_position
+        blocks = STATE_SLOTS_PER_SEQ * np.asarray(max_num_seqs) * -(-max_len // block_size)
+    else:
+        blocks = np.maximum(MIN_BLOCKS, np.floor(room / per_block))
+    out = np.where(room > 0, blocks, 0)
+    return int(out) if out.ndim == 0 else out.astype(np.int64)
