@@ -74,12 +74,20 @@ def prompt_set(vocab, n=20, seed=0):
     return [[rng.randrange(vocab) for _ in range(k)] for k in lengths]
 
 
+# test_chunked_prefill_with_prefix_hits runs every other prompt (lengths 2 to 60, block-aligned
+# and not): half the engine steps; the families that run nothing else get transformers'
+# reference for those prompts alone
+HALF = slice(1, None, 2)
+
+
 @pytest.fixture(scope="module")
 def family(request, tiny_checkpoints):
     path = tiny_checkpoints[request.param]
     model = hf_model(path)
     vocab = model.config.vocab_size
     prompts = prompt_set(vocab)
+    if request.param not in ALL:
+        prompts = prompts[HALF]
     return path, prompts, hf_greedy(model, prompts, MAX_NEW)
 
 
@@ -102,11 +110,13 @@ def test_one_at_a_time_and_batched(family):
 @pytest.mark.parametrize("family", COMBINED_FAMILIES + DIALECT_FAMILIES, indirect=True)
 def test_chunked_prefill_with_prefix_hits(family):
     path, prompts, want = family
+    if len(prompts) == len(prompt_set(2)):  # a family of the matrix: its reference holds all
+        prompts, want = prompts[HALF], want[HALF]
     eng = make(path, max_num_batched_tokens=5, max_num_seqs=4)
     assert run(eng, prompts) == want  # prompts prefilled in chunks of up to 5 tokens
     h0 = eng.kv.pool.hits
     assert run(eng, prompts) == want  # again: their full blocks now come from the cache
-    assert eng.kv.pool.hits - h0 >= 10
+    assert eng.kv.pool.hits - h0 >= 8  # the 8 prompts of more than one block
     eng.kv.check_invariants()
     assert eng.kv.all_free()
 
