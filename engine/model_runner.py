@@ -44,10 +44,23 @@ def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     return torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else dtype
 
 
-def num_state_slots(cfg: EngineConfig) -> int:
-    """Recurrent-state slots of a hybrid model's engine: the running batch's,
-    as many again for hand-off imports parked or reserved beside it."""
+def num_live_state_slots(cfg: EngineConfig) -> int:
+    """Live recurrent-state slots of a hybrid model's engine: the running
+    batch's, as many again for hand-off imports parked or reserved beside it."""
     return 2 * cfg.max_num_seqs
+
+
+def num_state_checkpoints(cfg: EngineConfig) -> int:
+    """State checkpoint slots (``splitserve.engine.state_checkpoints``):
+    ``state_checkpoints`` (None: ``max_num_seqs``); none without prefix caching."""
+    if not cfg.enable_prefix_caching:
+        return 0
+    return cfg.max_num_seqs if cfg.state_checkpoints is None else cfg.state_checkpoints
+
+
+def num_state_slots(cfg: EngineConfig) -> int:
+    """Every recurrent-state slot: the live ones, then the checkpoints."""
+    return num_live_state_slots(cfg) + num_state_checkpoints(cfg)
 
 
 def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
@@ -65,8 +78,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dty
         if states >= budget:
             raise ValueError(
                 f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} cannot hold the recurrent states of "
-                f"{num_state_slots(cfg)} sequences ({states / (1 << 30):.2f} GiB, twice max_num_seqs) "
-                "and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+                f"{num_state_slots(cfg)} sequences ({states / (1 << 30):.2f} GiB: twice max_num_seqs "
+                f"live, {num_state_checkpoints(cfg)} state_checkpoints) and any KV block: raise "
+                "kv_cache_memory_gb, or lower max_num_seqs or state_checkpoints")
         budget -= states
     if per_block == 0:  # no attention layer: blocks only count tokens
         max_len = cfg.max_model_len or model_cfg.max_position
