@@ -80,6 +80,8 @@ def test_preemption_recomputes_the_state(tiny_checkpoints, references, variant):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in eng.generate(prompts, params)] == want
     assert eng.scheduler.num_preemptions > 0
+    # the preempted one resumed from the checkpoint at its prompt's last full block (12)
+    assert eng.kv.checkpoints.restored > 0
     assert eng.kv.all_free()
 
 
@@ -223,6 +225,13 @@ def test_handoff_carries_the_recurrent_state(tiny_checkpoints, references, varia
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     assert handoff_generate(src, dst, PROMPTS, params) == want
     assert src.kv.all_free() and dst.kv.all_free()
+    if variant == "qwen3_next":
+        # again: the prefill side resumes from its checkpoints and still exports the state after
+        # the whole prompt; the decode side reserves over the blocks it cached, taking the state
+        # that comes with the hand-off
+        assert handoff_generate(src, dst, PROMPTS, params) == want
+        assert src.kv.checkpoints.restored == 3 and dst.kv.pool.hits == 3
+        assert src.kv.all_free() and dst.kv.all_free()
 
 
 def test_handoff_without_the_state_is_refused(tiny_checkpoints):
