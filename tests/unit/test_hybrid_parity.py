@@ -4,8 +4,9 @@ convolutions, Mamba-2 layers, RecurrentGemma's RG-LRU blocks) through ``LLMEngin
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
-with their sequences; prefix caching off; the options hybrids refuse; the
-prefill->decode hand-off carrying the states."""
+with their sequences; prefix-cache hits resumed from state checkpoints (and
+off without them); the options hybrids refuse; the prefill->decode hand-off
+carrying the states."""
 
 from __future__ import annotations
 
