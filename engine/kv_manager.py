@@ -56,9 +56,12 @@ class KVCacheManager:
         self.block_size = block_size
         self.states = states  # hybrid models: one recurrent-state slot per owner
         self.checkpoints = checkpoints if states is not None and enable_prefix_caching else None
-        self.pool = BlockPool(num_blocks, enable_prefix_caching and (states is None or self.checkpoints is not None))
+        self.pool = BlockPool(num_blocks, enable_prefix_caching
+                              and (states is None or self.checkpoints is not None))
         self._tables: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # full blocks already registered per owner
+        # owner -> the checkpoint slot its state starts from, until its first chunk ran
+        self._restore: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------
     @property
@@ -116,10 +119,18 @@ class KVCacheManager:
         aligned = end - end % self.block_size
         return aligned - start if aligned > start else n
 
-    def checkpoint_state(self, seq: Sequence) -> None:
-        """After a prompt chunk of ``seq`` (never a verify chunk: its state has
-        seen the drafts) was computed and its full blocks cached: checkpoint
-        its state when the chunk ended on a block boundary in the prompt."""
+    def restore_slot(self, owner: str) -> int | None:
+        """The checkpoint slot ``owner``'s state is to be copied from before
+        its next chunk runs (it resumed from a prefix hit); None otherwise."""
+        return self._restore.get(owner)
+
+    def commit_state(self, seq: Sequence) -> None:
+        """After a chunk of ``seq`` without drafts was computed and its full
+        blocks cached (never a verify chunk: its state has seen the drafts):
+        its state no longer needs its checkpoint, and is checkpointed when
+        the chunk ended on a block boundary inside the prompt."""
+        if self._restore:
+            self._restore.pop(seq.seq_id, None)
         end = seq.num_computed_tokens
         if self.checkpoints is None or end == 0 or end % self.block_size or end > seq.num_prompt_tokens:
             return
@@ -160,7 +171,7 @@ class KVCacheManager:
         if hits:
             self.pool.hits += 1
             if self.checkpoints is not None:
-                self.checkpoints.restore(hashes[len(hits) - 1], self.states.slot(seq.seq_id))
+                self._restore[seq.seq_id] = self.checkpoints.take(hashes[len(hits) - 1])
         table = hits + self.pool.allocate_many(need) if need > 0 else hits
         self._tables[seq.seq_id] = table
         self._num_hashed[seq.seq_id] = len(hits)
@@ -213,6 +224,7 @@ class KVCacheManager:
         shared head of a prefix stays cached longest. Idempotent."""
         table = self._tables.pop(owner, None)
         self._num_hashed.pop(owner, None)
+        self._restore.pop(owner, None)
         if self.states is not None:
             self.states.release(owner)
         if table is None:
@@ -251,11 +263,15 @@ class KVCacheManager:
         assert refs == self.pool.ref_counts, "block tables and reference counts disagree"
         if self.checkpoints is not None:
             assert self.checkpoints.accounted(), "a state checkpoint slot is lost or held twice"
+        for owner, slot in self._restore.items():
+            assert owner in self._tables and self.checkpoints.holds(slot), \
+                f"{owner} resumes from checkpoint slot {slot}, which it or the pool no longer holds"
 
     def all_free(self) -> bool:
         """True when no block is referenced and no live state slot held: the
         leak check tests end with (cached blocks and state checkpoints stay,
         accounted for)."""
-        return (not self._tables and self.pool.num_free_blocks == self.pool.num_blocks
+        return (not self._tables and not self._restore
+                and self.pool.num_free_blocks == self.pool.num_blocks
                 and (self.states is None or self.states.all_free())
                 and (self.checkpoints is None or self.checkpoints.accounted()))

@@ -25,8 +25,8 @@ from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.manager import LoraManager
 from splitserve.engine.lora.registry import AdapterRegistry
-from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_blocks, num_live_state_slots,
-                                            num_state_checkpoints, resolve_dtype)
+from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_blocks,
+                                            num_live_state_slots, num_state_checkpoints, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
@@ -93,7 +93,8 @@ class LLMEngine:
             live = num_live_state_slots(cfg)
             states = StateSlots(live)
             if num_state_checkpoints(cfg) > 0:
-                checkpoints = StateCheckpoints(live, num_state_checkpoints(cfg), self.runner.state.copy_slot)
+                checkpoints = StateCheckpoints(live, num_state_checkpoints(cfg),
+                                               self.runner.state.copy_slot)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, states, checkpoints)
         self.requests: dict[str, RequestState] = {}
         self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)

@@ -101,6 +101,8 @@ class StepInputs:
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
     lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
     fresh_slots: list[int] = field(default_factory=list)  # recurrent states to zero first
+    # (checkpoint slot, live slot): states of sequences resuming from a prefix hit, copied first
+    restores: list[tuple[int, int]] = field(default_factory=list)
 
 
 # Devices whose verify steps (every sequence: its last token and its draft
@@ -216,6 +218,7 @@ class ModelRunner:
         lora_runs: list[tuple[int, int]] = []
         state_slots: list[int] = []
         fresh: list[int] = []
+        restores: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -230,6 +233,8 @@ class ModelRunner:
                 state_slots.append(kv.state_slot(seq.seq_id))
                 if start == 0:  # from its first token: a new prompt, or recomputed
                     fresh.append(state_slots[-1])
+                elif (src := kv.restore_slot(seq.seq_id)) is not None:  # from a prefix hit
+                    restores.append((src, state_slots[-1]))
             lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
             spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
@@ -278,6 +283,7 @@ class ModelRunner:
             lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
             if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
             fresh_slots=fresh,
+            restores=restores,
         )
 
     @torch.inference_mode()
@@ -305,6 +311,8 @@ class ModelRunner:
         if self.state is not None:
             self.state.clear_kept()
             self.state.zero(inp.fresh_slots)
+            for src, dst in inp.restores:
+                self.state.copy_slot(src, dst)
         if self.graphs is not None and on_layer_done is None:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:

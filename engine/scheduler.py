@@ -236,4 +236,4 @@ class Scheduler:
             s.seq.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.kv.cache_full_blocks(s.seq)
             if not s.spec_token_ids:
-                self.kv.checkpoint_state(s.seq)
+                self.kv.commit_state(s.seq)

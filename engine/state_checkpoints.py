@@ -11,16 +11,17 @@ hashes mean every token up to the end of the block matches).
 
 A checkpoint is taken when a prompt chunk ends on a block boundary
 (``KVCacheManager.checkpoint_state``); a waiting sequence resumes from the
-longest boundary that has both its KV blocks cached and a checkpoint, its
-live slot filled by copying the checkpoint (``restore``). Checkpoints are
+longest boundary that has both its KV blocks cached and a checkpoint
+(``take``), its live slot filled from the checkpoint by the model runner
+before its first chunk runs, where a fresh sequence's is zeroed. Checkpoints are
 evicted least recently used first (taken or restored counts as use). One
 whose KV blocks were evicted from the prefix cache is not dropped at once:
 it is never matched (a hit needs the blocks up to its boundary too), ages
 out by LRU, and becomes useful again if a later prompt caches the same
 blocks anew (the same hash is the same content).
 
-Plain Python over slot numbers; the tensor copies go through ``copy``
-(``RecurrentState.copy_slot``).
+Plain Python over slot numbers; the copies into checkpoints go through
+``copy`` (``RecurrentState.copy_slot``).
 """
 
 from __future__ import annotations
@@ -75,11 +76,16 @@ class StateCheckpoints:
                 return k
         return 0
 
-    def restore(self, block_hash: int, slot: int) -> None:
-        """Copy the checkpoint of ``block_hash`` into live ``slot``."""
+    def take(self, block_hash: int) -> int:
+        """The slot of the checkpoint of ``block_hash``, for a sequence that
+        resumes from it (it becomes the most recently used)."""
         self._slots.move_to_end(block_hash)
-        self.copy(self._slots[block_hash], slot)
         self.restored += 1
+        return self._slots[block_hash]
+
+    def holds(self, slot: int) -> bool:
+        """Whether checkpoint ``slot`` holds a checkpoint now."""
+        return slot in self._slots.values()
 
     def accounted(self) -> bool:
         """Every slot is either free or holds exactly one checkpoint."""

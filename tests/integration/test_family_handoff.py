@@ -32,8 +32,9 @@ and latent attention with values narrower than its keys, a sparse layer
 before a dense one (GLM-4.7-Flash), and Gated DeltaNet layers whose
 recurrent states ride in the hand-off's reply beside gated attention
 layers' blocks (Qwen3-Next: the resumed stream's cached prefix blocks stay
-put on the decode side, the state after the whole prompt still sent), and Mamba, with no attention layer: no KV block at all,
-its states alone in the reply."""
+put on the decode side, the state after the whole prompt still sent), and
+Mamba, with no attention layer: no KV block at all, its states alone in the
+reply."""
 
 import asyncio
 

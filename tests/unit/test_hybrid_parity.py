@@ -297,10 +297,12 @@ def test_state_memory_comes_out_of_the_kv_budget(tiny_checkpoints):
     # 16 live slots (twice max_num_seqs) and 8 state checkpoints (max_num_seqs by default)
     want = (int(0.01 * (1 << 30)) - 24 * per_seq) // per_block
     assert num_kv_blocks(cfg, mc, torch.float32, torch.float32) == want
-    for off in (dataclasses.replace(cfg, state_checkpoints=0), dataclasses.replace(cfg, enable_prefix_caching=False)):
-        assert num_kv_blocks(off, mc, torch.float32, torch.float32) == (int(0.01 * (1 << 30)) - 16 * per_seq) // per_block
+    live_only = (int(0.01 * (1 << 30)) - 16 * per_seq) // per_block
+    for off in (dataclasses.replace(cfg, state_checkpoints=0),
+                dataclasses.replace(cfg, enable_prefix_caching=False)):
+        assert num_kv_blocks(off, mc, torch.float32, torch.float32) == live_only
     small = EngineConfig(model=str(path), kv_cache_memory_gb=per_seq * 23 / (1 << 30), max_num_seqs=8)
-    with pytest.raises(ValueError, match="recurrent states of 24 sequences .* lower max_num_seqs or state_checkpoints"):
+    with pytest.raises(ValueError, match="states of 24 sequences .* lower max_num_seqs or state_checkpoints"):
         num_kv_blocks(small, mc, torch.float32, torch.float32)
     with pytest.raises(ValueError, match="state_checkpoints must be >= 0"):
         EngineConfig(model=str(path), state_checkpoints=-1)

@@ -24,8 +24,7 @@ def test_pool_keeps_the_most_recently_used():
     assert copies[-1] == (2, 5) and 22 not in pool and len(pool) == 2
     assert pool.longest([11, 22, 33], 3) == 3 and pool.longest([11, 22, 33], 2) == 1
     assert pool.longest([22, 44], 2) == 0
-    pool.restore(11, 1)
-    assert copies[-1] == (4, 1) and pool.restored == 1
+    assert pool.take(11) == 4 and pool.restored == 1 and pool.holds(4)
     pool.save(44, 0)  # 33 is now the oldest
     assert 33 not in pool and 11 in pool and pool.accounted()
     with pytest.raises(ValueError, match="at least one slot"):
@@ -61,17 +60,28 @@ def test_chunks_end_on_block_boundaries_and_leave_checkpoints():
     assert run(s, [a]) == [("a", 8), ("a", 2)]
     assert copies == [(kv.state_slot("a"), 2)] and a.block_hashes()[1] in kv.checkpoints
     s.finish(a, FinishReason.STOP)
-    # the same head: resumes at 8 from a copy of the checkpoint into its own slot
+    # the same head: resumes at 8, its state copied from the checkpoint before its first chunk
     b = Sequence("b", list(range(1, 9)) + [50, 51, 52], None, 4)
-    assert run(s, [b]) == [("b", 3)] and b.num_cached_tokens == 8
-    assert copies[-1] == (2, kv.state_slot("b")) and kv.checkpoints.restored == 1
+    s.add(b)
+    out = s.schedule()
+    assert [(x.seq.seq_id, x.num_new_tokens) for x in out.scheduled] == [("b", 3)]
+    assert b.num_cached_tokens == 8 and kv.restore_slot("b") == 2 and kv.checkpoints.restored == 1
+    kv.check_invariants()
+    s.commit(out)
+    assert kv.restore_slot("b") is None  # its state has moved on
     s.finish(b, FinishReason.STOP)
     # a prompt of whole blocks checkpoints where it ends (a follow-up turn resends it)
     c = Sequence("c", list(range(60, 68)), None, 4)
     assert run(s, [c]) == [("c", 8)] and c.block_hashes()[1] in kv.checkpoints
     kv.check_invariants()
     s.finish(c, FinishReason.STOP)
-    assert kv.all_free()
+    # aborted after its admission from a hit, before its chunk ran: nothing of it stays
+    d = Sequence("d", list(range(1, 9)) + [70], None, 4)
+    s.add(d)
+    s.schedule()
+    assert kv.restore_slot("d") == 2
+    s.finish(d, FinishReason.ABORT)
+    assert kv.restore_slot("d") is None and kv.all_free()
 
 
 def test_budget_chunks_inside_the_prompt_end_on_boundaries():
@@ -122,4 +132,5 @@ def test_prompt_logprobs_and_no_checkpoints_turn_hits_off():
     run(s, [scored])
     assert scored.num_cached_tokens == 0  # every prompt token is computed, to be scored
     kv = KVCacheManager(16, 4, True, StateSlots(2))  # a hybrid model without checkpoints
-    assert not kv.pool.enable_prefix_caching and kv.chunk_tokens(Sequence("x", [1] * 10, None, 4), 0, 10) == 10
+    assert not kv.pool.enable_prefix_caching
+    assert kv.chunk_tokens(Sequence("x", [1] * 10, None, 4), 0, 10) == 10
