@@ -230,7 +230,7 @@ def test_handoff_carries_the_recurrent_state(tiny_checkpoints, references, varia
         # again: the prefill side resumes from its checkpoints and still exports the state after
         # the whole prompt; the decode side reserves over the blocks it cached, taking the state
         # that comes with the hand-off
-        assert handoff_generate(src, dst, PROMPTS, params) == want
+        assert handoff_generate(src, dst, PROMPTS[1:], params) == want[1:]  # those with a full block
         assert src.kv.checkpoints.restored == 3 and dst.kv.pool.hits == 3
         assert src.kv.all_free() and dst.kv.all_free()
 
