@@ -10,11 +10,12 @@ block's chained hash (the one prefix caching keys KV blocks by: equal
 hashes mean every token up to the end of the block matches).
 
 A checkpoint is taken when a prompt chunk ends on a block boundary
-(``KVCacheManager.checkpoint_state``); a waiting sequence resumes from the
+(``KVCacheManager.commit_state``); a waiting sequence resumes from the
 longest boundary that has both its KV blocks cached and a checkpoint
 (``take``), its live slot filled from the checkpoint by the model runner
-before its first chunk runs, where a fresh sequence's is zeroed. Checkpoints are
-evicted least recently used first (taken or restored counts as use). One
+before its first chunk runs, where a fresh sequence's is zeroed.
+Checkpoints are evicted least recently used first (saving one again or
+resuming from it counts as use). One
 whose KV blocks were evicted from the prefix cache is not dropped at once:
 it is never matched (a hit needs the blocks up to its boundary too), ages
 out by LRU, and becomes useful again if a later prompt caches the same
