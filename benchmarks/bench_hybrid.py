@@ -14,8 +14,15 @@ transformers with random weights, through ``LLMEngine`` on this machine: the tim
 decode step of a batch at each context length, three runs, alternating the
 two models so both see the same load.
 
+``--prefix``: the same hybrid checkpoint serving a conversation's second
+turn (the first turn's prompt of each context length, its reply, and a new
+message) with prefix caching (state checkpoints) and without
+(``state_checkpoints: 0``): the second turn's time to its first token and
+the prompt tokens it took from the cache, runs alternating the two.
+
     python benchmarks/bench_hybrid.py --memory --out bench-results/hybrid-memory.json
     python benchmarks/bench_hybrid.py --decode --contexts 256 1024 4096 --out bench-results/hybrid-decode.json
+    python benchmarks/bench_hybrid.py --prefix --contexts 512 2048 --out bench-results/hybrid-prefix.json
 """
 
 from __future__ import annotations
@@ -142,10 +149,51 @@ def decode_rows(contexts: list[int], batch: int, steps: int, runs: int) -> list[
     return rows
 
 
+def follow_up_ttft(path: Path, context: int, checkpoints: int | None) -> tuple[float, int]:
+    """A first turn of ``context`` prompt tokens and an 8-token reply, then the
+    second turn (that history and 64 new tokens): its seconds to the first
+    token, and its prompt tokens taken from the prefix cache."""
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(path), block_size=16, max_num_seqs=4, kv_cache_memory_gb=0.25,
+                                 max_num_batched_tokens=2048, state_checkpoints=checkpoints))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first = [(7 * j + 3) % 500 + 3 for j in range(context)]
+    reply = eng.generate([first], params)[0].token_ids
+    second = first + reply + [(11 * j + 5) % 500 + 3 for j in range(64)]
+    t = time.perf_counter()
+    eng.add_request("turn2", prompt_token_ids=second, params=SamplingParams(max_tokens=1))
+    cached = 0
+    while eng.has_unfinished():
+        for out in eng.step():
+            cached = out.num_cached_tokens or cached
+    return time.perf_counter() - t, cached
+
+
+def prefix_rows(contexts: list[int], runs: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _checkpoint(Path(tmp), "hybrid", True)
+        rows = []
+        for c in contexts:
+            samples: dict[str, list[float]] = {"cached": [], "uncached": []}
+            hit = 0
+            for _ in range(runs):
+                s, hit = follow_up_ttft(path, c, None)
+                samples["cached"].append(s)
+                samples["uncached"].append(follow_up_ttft(path, c, 0)[0])
+            rows.append({"context": c, "second_turn_tokens": c + 8 + 64, "cached_tokens": hit,
+                         **{f"{k} ttft ms": [round(1000 * s, 1) for s in v] for k, v in samples.items()}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--memory", action="store_true", help="memory per sequence of released shapes")
     ap.add_argument("--decode", action="store_true", help="decode step time against context length")
+    ap.add_argument("--prefix", action="store_true",
+                    help="a second turn's time to first token with and without prefix caching")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
@@ -169,6 +217,9 @@ def main() -> None:
     if args.decode:
         rec["decode"] = decode_rows(args.contexts, args.batch, args.steps, args.runs)
         print(json.dumps(rec["decode"], indent=1))
+    if args.prefix:
+        rec["prefix"] = prefix_rows(args.contexts, args.runs)
+        print(json.dumps(rec["prefix"], indent=1))
     if args.out:
         write_json(args.out, rec)
 

@@ -371,6 +371,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position
     enable_prefix_caching: bool = True
+    # hybrid models: recurrent-state checkpoints kept for prefix-cache hits
+    # (splitserve.engine.state_checkpoints); None: max_num_seqs; 0: no prefix caching
+    state_checkpoints: int | None = None
     enforce_eager: bool = False  # CUDA: skip capturing decode steps as CUDA graphs
     # LoRA adapters: device slots (0: none served), their largest rank, and
     # how many adapters host memory keeps (None: 4 per slot)
@@ -392,6 +395,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be positive")
         if self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
+        if self.state_checkpoints is not None and self.state_checkpoints < 0:
+            raise ValueError(f"state_checkpoints must be >= 0, got {self.state_checkpoints}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.max_loras < 0 or self.max_lora_rank <= 0:

@@ -7,7 +7,17 @@ by the hand-off id, which the admitted sequence keeps as its own id.
 
 A hybrid model's engine also hands each owner a recurrent-state slot
 (``splitserve.engine.state_cache.StateSlots``) with its blocks, and frees it
-with them; its prefix caching is off (a state cannot be shared by prefix).
+with them. Its prefix caching needs recurrent-state checkpoints
+(``splitserve.engine.state_checkpoints``; off without them): a prompt hits
+at the longest block boundary that has both its KV blocks cached and a
+checkpoint, whose copy becomes the sequence's state. To have a state at
+each prompt's last full block, a prompt chunk that would end past a block
+boundary inside the prompt ends at that boundary (``chunk_tokens``), its
+tail running in the next step. Splitting was chosen over the recurrent
+layers' per-token ``keep`` (speculative verify's): keeping a state per
+token of a prompt chunk would hold thousands of states (tens of MiB each
+on released models) where the split costs one more step for the prompt's
+last partial block.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.state_cache import StateSlots
+from splitserve.engine.state_checkpoints import StateCheckpoints
 
 
 class BlockTable:
@@ -37,13 +48,20 @@ class BlockTable:
 
 
 class KVCacheManager:
+    """``states``: a hybrid model's live state slots; ``checkpoints``: its
+    checkpoint pool, without which its prefix caching is off."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 states: StateSlots | None = None):
+                 states: StateSlots | None = None, checkpoints: StateCheckpoints | None = None):
         self.block_size = block_size
         self.states = states  # hybrid models: one recurrent-state slot per owner
-        self.pool = BlockPool(num_blocks, enable_prefix_caching and states is None)
+        self.checkpoints = checkpoints if states is not None and enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, enable_prefix_caching
+                              and (states is None or self.checkpoints is not None))
         self._tables: dict[str, list[int]] = {}
         self._num_hashed: dict[str, int] = {}  # full blocks already registered per owner
+        # owner -> the checkpoint slot its state starts from, until its first chunk ran
+        self._restore: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------
     @property
@@ -90,6 +108,37 @@ class KVCacheManager:
             hits.append(b)
         return hits
 
+    def chunk_tokens(self, seq: Sequence, start: int, n: int) -> int:
+        """How many of the ``n`` tokens from ``start`` on to run as one chunk:
+        with state checkpoints, a chunk that would end inside the prompt past
+        a block boundary ends at the last such boundary (a checkpoint is
+        taken there), unless that leaves it empty; else all ``n``."""
+        end = start + n
+        if self.checkpoints is None or end % self.block_size == 0 or end > seq.num_prompt_tokens:
+            return n
+        aligned = end - end % self.block_size
+        return aligned - start if aligned > start else n
+
+    def restore_slot(self, owner: str) -> int | None:
+        """The checkpoint slot ``owner``'s state is to be copied from before
+        its next chunk runs (it resumed from a prefix hit); None otherwise."""
+        return self._restore.get(owner)
+
+    def commit_state(self, seq: Sequence) -> None:
+        """After a chunk of ``seq`` without drafts was computed and its full
+        blocks cached (never a verify chunk: its state has seen the drafts):
+        its state no longer needs its checkpoint, and is checkpointed when
+        the chunk ended on a block boundary inside the prompt."""
+        if self._restore:
+            self._restore.pop(seq.seq_id, None)
+        end = seq.num_computed_tokens
+        if self.checkpoints is None or end == 0 or end % self.block_size or end > seq.num_prompt_tokens:
+            return
+        block = end // self.block_size - 1
+        h = seq.block_hashes()[block]
+        if self.pool.hash_to_block.get(h) is not None:  # its KV is cached (a hit needs both)
+            self.checkpoints.save(h, self.states.slot(seq.seq_id))
+
     # -- allocation ------------------------------------------------------
     def allocate_prompt(self, seq: Sequence, token_budget: int) -> int:
         """First allocation of a waiting sequence: reuse its cached prefix,
@@ -105,9 +154,12 @@ class KVCacheManager:
         max_cached = (seq.num_tokens - 1) // self.block_size
         if getattr(seq.params, "prompt_logprobs", None) is not None:
             max_cached = 0
-        hits = self._match_prefix(seq.block_hashes(), max_cached)
+        hashes = seq.block_hashes()
+        hits = self._match_prefix(hashes, max_cached)
+        if self.checkpoints is not None:  # a hybrid resumes where it has a state too
+            hits = hits[:self.checkpoints.longest(hashes, len(hits))]
         num_cached = len(hits) * self.block_size
-        n = min(seq.num_tokens - num_cached, token_budget)
+        n = self.chunk_tokens(seq, num_cached, min(seq.num_tokens - num_cached, token_budget))
         if n <= 0:
             return 0
         need = self.blocks_for(num_cached + n) - len(hits)
@@ -118,6 +170,8 @@ class KVCacheManager:
             self.pool.acquire(b)
         if hits:
             self.pool.hits += 1
+            if self.checkpoints is not None:
+                self._restore[seq.seq_id] = self.checkpoints.take(hashes[len(hits) - 1])
         table = hits + self.pool.allocate_many(need) if need > 0 else hits
         self._tables[seq.seq_id] = table
         self._num_hashed[seq.seq_id] = len(hits)
@@ -170,6 +224,7 @@ class KVCacheManager:
         shared head of a prefix stays cached longest. Idempotent."""
         table = self._tables.pop(owner, None)
         self._num_hashed.pop(owner, None)
+        self._restore.pop(owner, None)
         if self.states is not None:
             self.states.release(owner)
         if table is None:
@@ -180,7 +235,9 @@ class KVCacheManager:
     def reserve(self, owner: str, token_hashes: list[int], num_tokens: int) -> tuple[list[int], int] | None:
         """Hold blocks for an incoming sequence of ``num_tokens`` tokens whose
         full-block hashes are ``token_hashes``. Returns (block ids, tokens
-        already cached here, whose blocks need not be sent) or None if full."""
+        already cached here, whose blocks need not be sent) or None if full.
+        A hybrid model's cached blocks count without a state checkpoint: the
+        hand-off carries the state after the whole prompt."""
         assert owner not in self._tables, f"{owner} already holds blocks"
         self.pool.queries += 1
         hits = self._match_prefix(token_hashes, (num_tokens - 1) // self.block_size)
@@ -204,8 +261,17 @@ class KVCacheManager:
             for b in table:
                 refs[b] += 1
         assert refs == self.pool.ref_counts, "block tables and reference counts disagree"
+        if self.checkpoints is not None:
+            assert self.checkpoints.accounted(), "a state checkpoint slot is lost or held twice"
+        for owner, slot in self._restore.items():
+            assert owner in self._tables and self.checkpoints.holds(slot), \
+                f"{owner} resumes from checkpoint slot {slot}, which it or the pool no longer holds"
 
     def all_free(self) -> bool:
-        """True when no block is referenced: the leak check tests end with."""
-        return (not self._tables and self.pool.num_free_blocks == self.pool.num_blocks
-                and (self.states is None or self.states.all_free()))
+        """True when no block is referenced and no live state slot held: the
+        leak check tests end with (cached blocks and state checkpoints stay,
+        accounted for)."""
+        return (not self._tables and not self._restore
+                and self.pool.num_free_blocks == self.pool.num_blocks
+                and (self.states is None or self.states.all_free())
+                and (self.checkpoints is None or self.checkpoints.accounted()))

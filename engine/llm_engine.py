@@ -25,8 +25,8 @@ from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.manager import LoraManager
 from splitserve.engine.lora.registry import AdapterRegistry
-from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_blocks, num_state_slots,
-                                            resolve_dtype)
+from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_blocks,
+                                            num_live_state_slots, num_state_checkpoints, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
 from splitserve.engine.request_state import RequestState
@@ -37,6 +37,7 @@ from splitserve.engine.sequence import FinishReason, Sequence
 from splitserve.engine.spec.decoder import SpecDecoder
 from splitserve.engine.spec.proposer import ProposerContext
 from splitserve.engine.state_cache import StateSlots
+from splitserve.engine.state_checkpoints import StateCheckpoints
 from splitserve.engine.stats import EngineLoad
 from splitserve.engine.step_guard import StepGuard
 from splitserve.engine.structured import GrammarCompiler, GrammarMatcher
@@ -85,9 +86,16 @@ class LLMEngine:
             if tp is not None:
                 tp.close()
             raise
-        # hybrid models: a recurrent-state slot per sequence beside its blocks, no prefix caching
-        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                                 StateSlots(num_state_slots(cfg)) if hybrid is not None else None)
+        # hybrid models: a recurrent-state slot per sequence beside its blocks; prefix
+        # caching with state checkpoints in the slots after the live ones
+        states = checkpoints = None
+        if hybrid is not None:
+            live = num_live_state_slots(cfg)
+            states = StateSlots(live)
+            if num_state_checkpoints(cfg) > 0:
+                checkpoints = StateCheckpoints(live, num_state_checkpoints(cfg),
+                                               self.runner.state.copy_slot)
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, states, checkpoints)
         self.requests: dict[str, RequestState] = {}
         self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens,

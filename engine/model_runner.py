@@ -44,10 +44,23 @@ def kv_cache_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     return torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else dtype
 
 
-def num_state_slots(cfg: EngineConfig) -> int:
-    """Recurrent-state slots of a hybrid model's engine: the running batch's,
-    as many again for hand-off imports parked or reserved beside it."""
+def num_live_state_slots(cfg: EngineConfig) -> int:
+    """Live recurrent-state slots of a hybrid model's engine: the running
+    batch's, as many again for hand-off imports parked or reserved beside it."""
     return 2 * cfg.max_num_seqs
+
+
+def num_state_checkpoints(cfg: EngineConfig) -> int:
+    """State checkpoint slots (``splitserve.engine.state_checkpoints``):
+    ``state_checkpoints`` (None: ``max_num_seqs``); none without prefix caching."""
+    if not cfg.enable_prefix_caching:
+        return 0
+    return cfg.max_num_seqs if cfg.state_checkpoints is None else cfg.state_checkpoints
+
+
+def num_state_slots(cfg: EngineConfig) -> int:
+    """Every recurrent-state slot: the live ones, then the checkpoints."""
+    return num_live_state_slots(cfg) + num_state_checkpoints(cfg)
 
 
 def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
@@ -65,8 +78,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, kv_dtype: torch.dty
         if states >= budget:
             raise ValueError(
                 f"kv_cache_memory_gb {cfg.kv_cache_memory_gb} cannot hold the recurrent states of "
-                f"{num_state_slots(cfg)} sequences ({states / (1 << 30):.2f} GiB, twice max_num_seqs) "
-                "and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+                f"{num_state_slots(cfg)} sequences ({states / (1 << 30):.2f} GiB: twice max_num_seqs "
+                f"live, {num_state_checkpoints(cfg)} state_checkpoints) and any KV block: raise "
+                "kv_cache_memory_gb, or lower max_num_seqs or state_checkpoints")
         budget -= states
     if per_block == 0:  # no attention layer: blocks only count tokens
         max_len = cfg.max_model_len or model_cfg.max_position
@@ -87,6 +101,8 @@ class StepInputs:
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
     lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
     fresh_slots: list[int] = field(default_factory=list)  # recurrent states to zero first
+    # (checkpoint slot, live slot): states of sequences resuming from a prefix hit, copied first
+    restores: list[tuple[int, int]] = field(default_factory=list)
 
 
 # Devices whose verify steps (every sequence: its last token and its draft
@@ -202,6 +218,7 @@ class ModelRunner:
         lora_runs: list[tuple[int, int]] = []
         state_slots: list[int] = []
         fresh: list[int] = []
+        restores: list[tuple[int, int]] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -216,6 +233,8 @@ class ModelRunner:
                 state_slots.append(kv.state_slot(seq.seq_id))
                 if start == 0:  # from its first token: a new prompt, or recomputed
                     fresh.append(state_slots[-1])
+                elif (src := kv.restore_slot(seq.seq_id)) is not None:  # from a prefix hit
+                    restores.append((src, state_slots[-1]))
             lora_runs.append((seq.lora_slot, n))
             ids.extend(seq.token_ids[start:end])
             spec = s.spec_token_ids  # draft tokens after the last token: one logit row each
@@ -264,6 +283,7 @@ class ModelRunner:
             lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
             if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
             fresh_slots=fresh,
+            restores=restores,
         )
 
     @torch.inference_mode()
@@ -291,6 +311,8 @@ class ModelRunner:
         if self.state is not None:
             self.state.clear_kept()
             self.state.zero(inp.fresh_slots)
+            for src, dst in inp.restores:
+                self.state.copy_slot(src, dst)
         if self.graphs is not None and on_layer_done is None:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta, inp.lora)
         if hidden is None:

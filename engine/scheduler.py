@@ -162,7 +162,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self.kv.chunk_tokens(seq, seq.num_computed_tokens,
+                                     min(seq.num_tokens - seq.num_computed_tokens, budget))
             if n <= 0:
                 i += 1
                 continue
@@ -228,8 +229,11 @@ class Scheduler:
             self.on_release(seq.seq_id)
 
     def commit(self, out: SchedulerOutput) -> None:
-        """After the model ran: the scheduled tokens now have KV. Draft
-        tokens count once verified (``splitserve.engine.spec``)."""
+        """After the model ran: the scheduled tokens now have KV (and a
+        hybrid's prompt chunks a state checkpoint where they end on a block
+        boundary). Draft tokens count once verified (``splitserve.engine.spec``)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.kv.cache_full_blocks(s.seq)
+            if not s.spec_token_ids:
+                self.kv.commit_state(s.seq)

@@ -10,9 +10,11 @@ per ``StateKind``. A slot is zeroed when its sequence starts from its first
 token (a new prompt, or after a preemption by recompute), so a state never
 leaks from one sequence to the next.
 
-A state summarises every token before it, so it cannot be shared by
-prefix: engines of hybrid models run without prefix caching. A hand-off
-sends the state after the prompt with the prompt's blocks
+A state summarises every token before it, so a cached KV block alone
+cannot resume a sequence: prefix caching keeps copies of states at block
+boundaries in further slots of the same tensors
+(``splitserve.engine.state_checkpoints``, ``copy_slot``). A hand-off sends
+the state after the prompt with the prompt's blocks
 (``KVPort.export_state`` / ``import_state``).
 
 Speculative decoding: a verify step runs a sequence's last token and its
@@ -94,6 +96,11 @@ class RecurrentState:
         idx = torch.tensor(slots, dtype=torch.int64, device=next(iter(self.tensors.values())).device)
         for t in self.tensors.values():
             t.index_fill_(1, idx, 0)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Make slot ``dst``'s states those of slot ``src`` (state checkpoints)."""
+        for t in self.tensors.values():
+            t[:, dst].copy_(t[:, src])
 
     def keep(self, layer: int, slot: int, states: dict[str, torch.Tensor]) -> None:
         """State layer ``layer``'s states of ``slot`` after each token of its

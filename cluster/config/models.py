@@ -42,6 +42,11 @@ class ModelSpec(_Strict):
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of identical prompt "
                                         "prefixes across requests.")
+    state_checkpoints: int | None = Field(None, ge=0, description="Hybrid models: recurrent-state "
+                                          "checkpoints a replica keeps for prefix-cache hits (each "
+                                          "one sequence's states, out of kv_cache_memory_gb); "
+                                          "None: max_num_seqs; 0: no prefix caching. Ignored "
+                                          "for other models.")
     enforce_eager: bool = Field(False, description="On GPUs, run decode steps eagerly instead "
                                 "of replaying captured CUDA graphs (less memory, slower "
                                 "small batches).")

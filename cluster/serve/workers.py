@@ -82,6 +82,7 @@ def build_engine(spec: ModelSpec, role: Role = Role.DECODE):
         weight_dtype=spec.weight_dtype,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_model_len=spec.max_model_len, enable_prefix_caching=spec.enable_prefix_caching,
+        state_checkpoints=spec.state_checkpoints,
         max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
         max_cpu_loras=spec.max_cpu_loras,
         enforce_eager=spec.enforce_eager, tensor_parallel_size=spec.tensor_parallel_size,

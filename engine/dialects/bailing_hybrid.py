@@ -36,7 +36,7 @@ Refused: SwiGLU limits (nonzero ``expert_swiglu_limit_list`` /
 count, activations other than SiLU, convolutions of fewer than 2 taps,
 fp8 checkpoints (renamed and stacked tensors), tensor parallelism (the
 recurrent layers are not sharded), LoRA adapters. A hybrid model's engine
-runs without prefix caching; speculative decoding rolls its states back.
+caches prefixes with state checkpoints; speculative decoding rolls its states back.
 """
 
 from __future__ import annotations

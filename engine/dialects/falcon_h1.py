@@ -27,7 +27,7 @@ As transformers' FalconH1Config and its model read it:
 Refused: activations other than SiLU (the convolution's too), partial
 rotary, ``layers_block_type`` other than "hybrid", fp8 checkpoints (the
 Mamba-2 projections are not read in fp8), tensor parallelism, LoRA
-adapters. A hybrid model's engine runs without prefix caching.
+adapters. A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

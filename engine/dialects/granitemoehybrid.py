@@ -29,8 +29,8 @@ As transformers' GraniteMoeHybridConfig and its model read it:
 
 Refused: activations other than SiLU, partial rotary, fp8 checkpoints (fused
 experts and shared MLP split at load), tensor parallelism (the Mamba-2
-layers are not sharded), LoRA adapters. A hybrid model's engine runs
-without prefix caching.
+layers are not sharded), LoRA adapters. A hybrid model's engine caches
+prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ As transformers' JambaConfig and its model read it:
 Refused: offsets not below their periods, no Mamba layer at all,
 activations other than SiLU, sliding windows, convolutions of fewer than 2
 taps, fp8 checkpoints (renamed tensors, untested), tensor parallelism (the
-Mamba layers are not sharded), LoRA adapters. A hybrid model's engine runs
-without prefix caching.
+Mamba layers are not sharded), LoRA adapters. A hybrid model's engine caches
+prefixes with state checkpoints.
 """
 
 from __future__ import annotations

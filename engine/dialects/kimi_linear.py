@@ -39,7 +39,7 @@ a ``moe_router_activation_func`` other than sigmoid, activations other than
 SiLU, KV heads other than the head count, convolutions of fewer than 2 taps,
 fp8 checkpoints (the convolutions are stacked at load), tensor parallelism
 (the recurrent layers are not sharded), LoRA adapters. A hybrid model's
-engine runs without prefix caching; speculative decoding rolls its states back.
+engine caches prefixes with state checkpoints; speculative decoding rolls its states back.
 """
 
 from __future__ import annotations

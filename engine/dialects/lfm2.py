@@ -24,7 +24,7 @@ As transformers' Lfm2Config and its model read it:
 Refused: fewer than 2 convolution taps, layer types other than conv and
 full_attention, fp8 checkpoints (their tensors are renamed at load), tensor
 parallelism (the convolution layers are not sharded), LoRA adapters. A
-hybrid model's engine runs without prefix caching.
+hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

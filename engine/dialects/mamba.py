@@ -27,8 +27,8 @@ has one; Mamba has no position limit of its own, so the engine's default
 Refused: a ``hidden_act`` other than SiLU, convolutions of fewer than 2 taps,
 the original format's LayerNorm (``rms_norm`` false) and other ``ssm_cfg``
 layers than Mamba-1, fp8 checkpoints (untested here), tensor parallelism
-(the mixers are not sharded), LoRA adapters. A hybrid model's engine runs
-without prefix caching.
+(the mixers are not sharded), LoRA adapters. A hybrid model's engine caches
+prefixes with state checkpoints.
 """
 
 from __future__ import annotations

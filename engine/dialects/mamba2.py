@@ -24,7 +24,7 @@ change nothing at inference.
 Refused: a ``hidden_act`` other than SiLU, heads x head_dim other than the
 expanded width, convolutions of fewer than 2 taps, fp8 checkpoints
 (untested here), tensor parallelism (the mixers are not sharded), LoRA
-adapters. A hybrid model's engine runs without prefix caching.
+adapters. A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ than it computes (``attn_type_list`` disagreeing with the layer types,
 ``postnorm`` false, ``layernorm_*_alpha`` / ``_beta`` other than the
 factors above); fp8 checkpoints (untested: the lightning layers' fused
 projections); tensor parallelism (the lightning layers are not sharded);
-LoRA adapters. A hybrid model's engine runs without prefix caching.
+LoRA adapters. A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Refused: an MLP or MoE block that does not follow a Mamba-2 or attention
 block, a model without attention blocks,
 Mamba activations other than SiLU, fp8 checkpoints (tensors renamed at
 load), tensor parallelism (the Mamba-2 layers are not sharded), LoRA
-adapters. A hybrid model's engine runs without prefix caching.
+adapters. A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

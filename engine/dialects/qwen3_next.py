@@ -27,7 +27,7 @@ Refused: activations other than SiLU, sliding windows, a convolution of
 fewer than 2 taps, fp8 checkpoints (their projections are regrouped per key
 head here), tensor parallelism (the recurrent layers are not sharded),
 LoRA adapters, speculative decoding (rejected drafts would need the states
-rolled back). A hybrid model's engine runs without prefix caching.
+rolled back). A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

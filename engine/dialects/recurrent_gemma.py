@@ -30,8 +30,8 @@ Refused: block types other than recurrent and attention, layouts without a
 recurrent or without an attention layer, other activations, RoPE types
 other than default, a missing or non-positive soft cap, fp8 checkpoints
 (tensors renamed and fused at load), tensor parallelism (the recurrent
-blocks are not sharded), LoRA adapters. A hybrid model's engine runs
-without prefix caching.
+blocks are not sharded), LoRA adapters. A hybrid model's engine caches
+prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ convolutions, Mamba-2 layers, RecurrentGemma's RG-LRU blocks) through ``LLMEngin
 transformers on tiny random checkpoints, in float32: greedy tokens with
 chunked prefill, decoding batched beside prompt chunks, preemption by
 recompute, prompt logprobs through the prompt-scoring path; states freed
-with their sequences; prefix caching off; the options hybrids refuse; the
-prefill->decode hand-off carrying the states."""
+with their sequences; prefix-cache hits resumed from state checkpoints (and
+off without them); the options hybrids refuse; the prefill->decode hand-off
+carrying the states."""
 
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def test_preemption_recomputes_the_state(tiny_checkpoints, references, variant):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in eng.generate(prompts, params)] == want
     assert eng.scheduler.num_preemptions > 0
+    # the preempted one resumed from the checkpoint at its prompt's last full block (12)
+    assert eng.kv.checkpoints.restored > 0
     assert eng.kv.all_free()
 
 
@@ -96,9 +99,53 @@ def test_prompt_logprobs_match_transformers(tiny_checkpoints, references, varian
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
 
-def test_no_prefix_cache_hits_and_slots_freed(tiny_checkpoints, references):
+# one variant per recurrent kind: Gated DeltaNet, Mamba-2, short convolution, Mamba-1 (no
+# attention layer: its blocks only count tokens, their hashes still key the checkpoints)
+PREFIX_CACHING = ("qwen3_next", "mamba2", "lfm2", "mamba")
+SHARED = PROMPTS[3][:42]  # 42 tokens: chunks of 16 end on block boundaries at 16 and 32
+
+
+def _chat_prompts(want_first: list[int]) -> list[list[int]]:
+    """A prompt, another with the same 42-token head, and a follow-up turn
+    resending the first with its reply (``want_first``)."""
+    first = SHARED + [11, 12, 13, 14, 15]
+    return [first, SHARED + [201, 202, 203], first + want_first + [31, 32, 33, 34, 35, 36, 37]]
+
+
+def _hf_logprobs(ref, prompt: list[int], out: list[int]) -> torch.Tensor:
+    """transformers' log-probabilities of each token of ``out`` after ``prompt``."""
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + out])).logits[0].float().log_softmax(-1)
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(out) - 1)
+    return logits[rows, torch.tensor(out)]
+
+
+@pytest.mark.parametrize("variant", PREFIX_CACHING)
+def test_prefix_hits_resume_from_state_checkpoints(tiny_checkpoints, references, variant):
+    # the first prompt runs alone; then a prompt sharing its head resumes from the checkpoint
+    # at a chunk end (32 tokens), the follow-up turn from the one at the first prompt's last
+    # full block (44): transformers' tokens and log-probabilities, computed from the copies
+    ref, _ = references(variant)
+    first = _chat_prompts([])[0]
+    prompts = _chat_prompts(hf_greedy(ref, [first], 6)[0])
+    want = hf_greedy(ref, prompts, 6)
+    eng = engine(tiny_checkpoints[variant], max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    got = eng.generate(prompts[:1], params) + eng.generate(prompts[1:], params)
+    assert [r.token_ids for r in got] == want
+    assert [r.num_cached_tokens for r in got] == [0, 32, 44]
+    assert eng.kv.checkpoints.restored == 2
+    for p, r in zip(prompts, got):
+        lps = torch.tensor([lp.logprob for lp in r.logprobs])
+        torch.testing.assert_close(lps, _hf_logprobs(ref, p, r.token_ids), atol=2e-4, rtol=0)
+    eng.kv.check_invariants()
+    assert eng.kv.all_free()
+
+
+def test_prefix_caching_off_without_state_checkpoints(tiny_checkpoints, references):
     _, want = references("qwen3_next")
-    eng = engine(tiny_checkpoints["qwen3_next"], max_num_batched_tokens=64)
+    eng = engine(tiny_checkpoints["qwen3_next"], max_num_batched_tokens=64, state_checkpoints=0)
+    assert eng.kv.checkpoints is None and not eng.kv.pool.enable_prefix_caching
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     for _ in range(2):  # the same prompt again: computed again, never read from a cache
         out = eng.generate([PROMPTS[3]], params)[0]
@@ -179,6 +226,13 @@ def test_handoff_carries_the_recurrent_state(tiny_checkpoints, references, varia
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     assert handoff_generate(src, dst, PROMPTS, params) == want
     assert src.kv.all_free() and dst.kv.all_free()
+    if variant == "qwen3_next":
+        # again: the prefill side resumes from its checkpoints and still exports the state after
+        # the whole prompt; the decode side reserves over the blocks it cached, taking the state
+        # that comes with the hand-off
+        assert handoff_generate(src, dst, PROMPTS[1:], params) == want[1:]  # those with a full block
+        assert src.kv.checkpoints.restored == 3 and dst.kv.pool.hits == 3
+        assert src.kv.all_free() and dst.kv.all_free()
 
 
 def test_handoff_without_the_state_is_refused(tiny_checkpoints):
@@ -243,11 +297,18 @@ def test_state_memory_comes_out_of_the_kv_budget(tiny_checkpoints):
     per_seq = mc.options.hybrid.state_bytes_per_sequence(4)
     cfg = EngineConfig(model=str(path), kv_cache_memory_gb=0.01, max_num_seqs=8, block_size=4)
     per_block = mc.kv_bytes_per_token(torch.float32) * 4
-    want = (int(0.01 * (1 << 30)) - 16 * per_seq) // per_block
+    # 16 live slots (twice max_num_seqs) and 8 state checkpoints (max_num_seqs by default)
+    want = (int(0.01 * (1 << 30)) - 24 * per_seq) // per_block
     assert num_kv_blocks(cfg, mc, torch.float32, torch.float32) == want
-    small = EngineConfig(model=str(path), kv_cache_memory_gb=per_seq * 15 / (1 << 30), max_num_seqs=8)
-    with pytest.raises(ValueError, match="cannot hold the recurrent states of 16 sequences"):
+    live_only = (int(0.01 * (1 << 30)) - 16 * per_seq) // per_block
+    for off in (dataclasses.replace(cfg, state_checkpoints=0),
+                dataclasses.replace(cfg, enable_prefix_caching=False)):
+        assert num_kv_blocks(off, mc, torch.float32, torch.float32) == live_only
+    small = EngineConfig(model=str(path), kv_cache_memory_gb=per_seq * 23 / (1 << 30), max_num_seqs=8)
+    with pytest.raises(ValueError, match="states of 24 sequences .* lower max_num_seqs or state_checkpoints"):
         num_kv_blocks(small, mc, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="state_checkpoints must be >= 0"):
+        EngineConfig(model=str(path), state_checkpoints=-1)
 
 
 def test_bf16_prompt_logprobs_near_transformers(tmp_path, tiny_tokenizer_dir, tiny_checkpoints):
