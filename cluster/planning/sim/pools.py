@@ -327,14 +327,23 @@ def kv_blocks(mspec: ModelSpec, shape: ModelShape, settings: EngineSettings) -> 
     """``engine.model_runner.num_kv_blocks`` for a replica of this spec
     (``kv_room.kv_blocks``): at tensor-parallel degree N each rank gives
     ``kv_cache_memory_gb`` to its share of the KV heads (max(1, Hk/N) of
-    them), after a hybrid model's recurrent states for 2 x max_num_seqs
-    sequences. 0: the states alone fill it."""
+    them), after a hybrid model's recurrent states (2 x max_num_seqs live
+    slots and the prefix cache's state checkpoints). 0: the states alone
+    fill it."""
     if mspec.num_blocks is not None:
         return mspec.num_blocks
     return room_blocks(shape, int(mspec.kv_cache_memory_gb * (1 << 30)), kv_dtype=settings.kv_dtype,
                        dtype=settings.dtype, block_size=mspec.block_size,
                        max_num_seqs=mspec.max_num_seqs, tensor_parallel=mspec.tensor_parallel_size,
-                       max_model_len=mspec.max_model_len)
+                       max_model_len=mspec.max_model_len, state_checkpoints=spec_checkpoints(mspec))
+
+
+def spec_checkpoints(mspec: ModelSpec) -> int:
+    """A model's state checkpoints, as its engine counts them
+    (``engine.model_runner.num_state_checkpoints``)."""
+    if not mspec.enable_prefix_caching:
+        return 0
+    return mspec.max_num_seqs if mspec.state_checkpoints is None else mspec.state_checkpoints
 
 
 def devices_for(spec: PoolSpec, on_gpu: bool, tensor_parallel_size: int = 1) -> int:

@@ -27,14 +27,14 @@ from splitserve.cluster.config import ClusterConfig, ModelSpec
 from splitserve.cluster.planning import profiles
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.hardware import local_cpu_key
-from splitserve.cluster.planning.kv_room import STATE_SLOTS_PER_SEQ
+from splitserve.cluster.planning.kv_room import STATE_SLOTS_PER_SEQ, state_slots
 from splitserve.cluster.planning.records import EngineSettings
 from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim import adapter
 from splitserve.cluster.planning.sim.events import EventLoop
 from splitserve.cluster.planning.sim.metrics import LogHistogram, RequestLog, summarize
 from splitserve.cluster.planning.sim.network import Network
-from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks
+from splitserve.cluster.planning.sim.pools import NodeGroup, Pool, devices_for, kv_blocks, spec_checkpoints
 from splitserve.cluster.planning.sim.serving import HOLDER, Serving, SimRequest
 from splitserve.cluster.planning.acceptance import Acceptance
 from splitserve.cluster.planning.acceptance import resolve as resolve_acceptance
@@ -241,10 +241,12 @@ class Simulation:
                 if not blocks:
                     raise SimConfigError(
                         f"{m.name} {role}: kv_cache_memory_gb {m.kv_cache_memory_gb} cannot hold the "
-                        f"recurrent states of {STATE_SLOTS_PER_SEQ * m.max_num_seqs} sequences ("
-                        f"{STATE_SLOTS_PER_SEQ} per max_num_seqs, "
+                        f"recurrent states of {state_slots(m.max_num_seqs, spec_checkpoints(m))} "
+                        f"sequences ({STATE_SLOTS_PER_SEQ} per max_num_seqs, "
+                        f"{spec_checkpoints(m)} state_checkpoints, "
                         f"{shapes[m.name].state_bytes_per_sequence(settings.dtype) / (1 << 20):.1f} "
-                        "MiB each) and any KV block: raise kv_cache_memory_gb or lower max_num_seqs")
+                        "MiB each) and any KV block: raise kv_cache_memory_gb, or lower max_num_seqs "
+                        "or state_checkpoints")
                 plans.append((served, role, spec, m, prof, groups[gkey], blocks))
         # the router actor's service (wait queues, leases) over its RouterCore
         self.service = RouterService(adapter.router_config(cfg, self._kv), clock=self.loop.clock,
