@@ -26,8 +26,8 @@ As transformers' Qwen3NextConfig and its model read it:
 Refused: activations other than SiLU, sliding windows, a convolution of
 fewer than 2 taps, fp8 checkpoints (their projections are regrouped per key
 head here), tensor parallelism (the recurrent layers are not sharded),
-LoRA adapters, speculative decoding (rejected drafts would need the states
-rolled back). A hybrid model's engine caches prefixes with state checkpoints.
+LoRA adapters. A hybrid model's engine caches prefixes with state checkpoints;
+speculative decoding rolls its states back to the accepted drafts.
 """
 
 from __future__ import annotations
