@@ -216,6 +216,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
 
+    def preempt(self, seq: Sequence) -> None:
+        """Preempt a running ``seq`` by recompute outside scheduling (its step's
+        work was dropped): first in line to be admitted again."""
+        self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)

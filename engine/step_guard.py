@@ -8,8 +8,10 @@ each culprit gets a last output carrying a RequestFailedError (``fail``)
 and loses its blocks, and the other requests go on. A fatal error
 (``is_fatal``) propagates; when the forward fails for every request, a
 one-token probe decides whether the model can run at all (else
-EngineDeadError). The speculative verifier (``spec.decoder``) samples its
-later rounds and fails requests through the same guard.
+EngineDeadError). A hybrid model's other requests are preempted by
+recompute instead of run again: the failed runs advanced their recurrent
+states. The speculative verifier (``spec.decoder``) samples its later rounds
+and fails requests through the same guard.
 
 The guard keeps no state of its own: it reads and updates the engine's
 requests, scheduler, KV manager and failure counters
@@ -69,6 +71,16 @@ class StepGuard:
             self._probe()
         for st, err in suspects:
             outputs.append(self.fail(st, "the model forward", err))
+        if ran and eng.runner.state is not None:
+            # a hybrid model: the runs that raised advanced the recurrent states of the
+            # layers before the failure, so the parts that ran again started from states
+            # that had seen their chunk already. Their results are dropped and each of
+            # them recomputes its tokens from the start (or a state checkpoint), as
+            # after a preemption; KV blocks are rewritten alike.
+            for part, _ in ran:
+                for s in part:
+                    eng.scheduler.preempt(s.seq)
+            return []
         return ran
 
     def _probe(self) -> None:

@@ -236,3 +236,39 @@ def test_output_processing_failing_for_everyone_stops_the_engine(tiny_llama):
         eng.requests[f"r{i}"].stop.check = broken
     with pytest.raises(EngineDeadError, match="4 requests failed in a row"):
         eng.step()
+
+
+def test_a_hybrid_forward_that_fails_past_its_recurrent_layers_recomputes_the_others(tiny_checkpoints):
+    """Qwen3-Next: the last layer raises for every batch holding the poison once it
+    has three tokens, after the recurrent layers advanced every sequence's state. The
+    poison fails alone; the others, whose states had seen their chunk, are preempted
+    and recomputed (a second run of that chunk would advance them twice) and end with
+    the tokens of a run without the poison."""
+    path = tiny_checkpoints["qwen3_next"]
+    want = {rid: r.token_ids for rid, r in zip(PROMPTS, make_engine(path).generate(PROMPTS.values(), GREEDY))}
+    eng = make_engine(path)
+    add_all(eng)
+    eng.add_request("poison", prompt_token_ids=[9, 8, 7], params=GREEDY)
+    batch: list[str] = []
+    execute = eng.runner.execute
+
+    def recording(scheduled, kv, on_layer_done=None):
+        batch[:] = [s.seq.seq_id for s in scheduled]
+        return execute(scheduled, kv, on_layer_done)
+
+    last = eng.runner.model.layers[-1]
+    forward = last.forward
+
+    def failing(*args, **kwargs):
+        poison = eng.requests.get("poison")
+        if "poison" in batch and poison is not None and poison.seq.num_output_tokens >= 3:
+            raise RuntimeError("the last layer broke")
+        return forward(*args, **kwargs)
+
+    eng.runner.execute, last.forward = recording, failing
+    preemptions = eng.scheduler.num_preemptions
+    toks, errors = run(eng)
+    assert list(errors) == ["poison"] and "RuntimeError" in str(errors["poison"])
+    assert {r: toks[r] for r in PROMPTS} == want
+    assert eng.scheduler.num_preemptions - preemptions == len(PROMPTS)
+    assert_clean(eng)
