@@ -120,8 +120,8 @@ class MLAttention(nn.Module):
             q_pe, k_pe = ops.rotary_embedding(positions, self._pairs(q_pe), self._pairs(k_pe), cos_sin_cache)
         w_uk, w_uv = self.kv_b_proj.weight.view(h, nope + m.v_head_dim, rank).split([nope, m.v_head_dim], 1)
         q_abs = torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, rank]
-        q = torch.cat([q_abs, q_pe.to(q_abs.dtype)], dim=-1)  # [T, H, L]
-        kv = torch.cat([c.view(t, 1, rank), k_pe.to(c.dtype)], dim=-1)  # [T, 1, L]: key and value
+        q = torch.cat([q_abs, q_pe], dim=-1)  # [T, H, L]
+        kv = torch.cat([c.view(t, 1, rank), k_pe], dim=-1)  # [T, 1, L]: key and value
         out = paged_attention_layer(q, kv, kv, layer_cache, meta, self.scale, self.sliding_window)
         out = torch.bmm(out[..., :rank].transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, v_head_dim]
         return self.project_out(x, out.transpose(0, 1))
