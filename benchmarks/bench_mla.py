@@ -12,8 +12,10 @@ how many tokens a 64 GiB cache holds in each. Arithmetic only: no weights.
 ``--decode``: a small DeepSeek-V3 checkpoint with the released head widths
 (16 heads; kv_lora_rank 512, qk_rope_head_dim 64, qk_nope_head_dim 128,
 v_head_dim 128; 4 layers of hidden 1024, 8 experts), written by transformers
-with random weights, through ``LLMEngine`` on this machine: the median time
-of one decode step of a batch at each context length. ``--before TREE``
+with random weights, through ``LLMEngine`` on this machine: the median wall
+time and CPU time (``time.process_time``: every thread of the process,
+which other processes on a shared machine do not inflate) of one decode
+step of a batch at each context length. ``--before TREE``
 runs the same measurement on another source tree as well (e.g. an older
 revision unpacked with ``git archive``), in a subprocess with that tree
 first on ``PYTHONPATH``, alternating the two trees run by run.
@@ -85,8 +87,8 @@ def write_checkpoint(out: Path) -> Path:
     return out
 
 
-def decode_step_s(path: str, context: int, batch: int, steps: int) -> float:
-    """Median seconds of one decode step of ``batch`` sequences at ``context`` tokens."""
+def decode_step_s(path: str, context: int, batch: int, steps: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one decode step of ``batch`` sequences at ``context`` tokens."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
@@ -100,24 +102,28 @@ def decode_step_s(path: str, context: int, batch: int, steps: int) -> float:
                         params=params)
     while any(st.seq.num_output_tokens == 0 for st in eng.requests.values()):
         eng.step()  # the prompts, whole
-    times = []
+    wall, cpu = [], []
     while eng.has_unfinished():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         eng.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def _measure_in(tree: str | None, path: Path, context: int, batch: int, steps: int) -> float:
+def _measure_in(tree: str | None, path: Path, context: int, batch: int, steps: int) -> tuple[float, float]:
     """``decode_step_s`` here (tree None) or in a subprocess on ``tree``'s sources."""
     if tree is None:
         return decode_step_s(str(path), context, batch, steps)
     env = {**os.environ, "PYTHONPATH": tree}
-    code = ("import sys; from benchmarks.bench_mla import decode_step_s; "
-            f"print(decode_step_s({str(path)!r}, {context}, {batch}, {steps}))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(Path(__file__).parent.parent),
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    # run from ``tree`` (its ``splitserve`` first on sys.path), this file loaded by its path
+    code = ("import runpy; f = runpy.run_path(" + repr(str(Path(__file__).resolve())) + ")['decode_step_s']; "
+            f"import splitserve; assert splitserve.__file__.startswith({tree!r}), splitserve.__file__; "
+            f"print(f({str(path)!r}, {context}, {batch}, {steps}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True,
+                         check=True)
+    wall, cpu = out.stdout.strip().splitlines()[-1].strip("()").split(",")
+    return float(wall), float(cpu)
 
 
 def decode_rows(contexts: list[int], batch: int, steps: int, runs: int, before: str | None) -> list[dict]:
@@ -126,12 +132,15 @@ def decode_rows(contexts: list[int], batch: int, steps: int, runs: int, before: 
         path = write_checkpoint(Path(tmp) / "deepseek_v3_small")
         rows = []
         for c in contexts:
-            samples: dict[str, list[float]] = {k: [] for k in trees}
+            samples: dict[str, list[tuple[float, float]]] = {k: [] for k in trees}
             for _ in range(runs):
                 for name, tree in trees.items():
                     samples[name].append(_measure_in(tree, path, c, batch, steps))
-            rows.append({"context": c, "batch": batch,
-                         **{f"{k} ms": [round(1000 * s, 2) for s in v] for k, v in samples.items()}})
+            row = {"context": c, "batch": batch}
+            for k, v in samples.items():
+                row[f"{k} wall ms"] = [round(1000 * w, 2) for w, _ in v]
+                row[f"{k} cpu ms"] = [round(1000 * u, 2) for _, u in v]
+            rows.append(row)
     return rows
 
 
