@@ -3,7 +3,8 @@ decompressed, and the decode step's time on this machine.
 
 ``--memory``: for DeepSeek-V3 (Kimi K2's shape too) and GLM-4.7-Flash, the
 released model's shape (its transformers config class's defaults, read
-through the engine's own ``ModelConfig.from_hf``): KV bytes per token in bf16 as the engine caches it (the latent and k_pe, once:
+through the engine's own ``ModelConfig.from_hf``): KV bytes per token in
+bf16 as the engine caches it (the latent and k_pe, once:
 ``kv_lora_rank + qk_rope_head_dim`` per layer) beside the layout it replaced
 (keys and values decompressed per head, both at the wider of the key and
 value widths: ``2 * heads * max(qk_head_dim, v_head_dim)`` per layer), and
