@@ -36,7 +36,7 @@ def paged_attention_layer(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hk, D]
     v: torch.Tensor,  # [T, Hk, D]
-    layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D]
+    layer_cache: torch.Tensor,  # [2, NB, BS, Hk, D], or [1, ...]: keys that are the values
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int = 0,
@@ -51,8 +51,11 @@ def paged_attention_layer(
     with ``alibi_slopes``, head h's scores biased by ``slope_h * (key
     position - query position)``, as Bloom, MPT and Falcon's ALiBi do).
 
+    A one-plane ``layer_cache`` (multi-head latent attention) is both the
+    key and the value cache, ``k`` and ``v`` the same tensor.
+
     Returns [T, Hq, D]."""
-    k_cache, v_cache = layer_cache[0], layer_cache[1]
+    k_cache, v_cache = layer_cache[0], layer_cache[-1]
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, meta.k_scale, meta.v_scale)
     if meta.decode_only:
         return ops.paged_decode_attention(

@@ -196,9 +196,16 @@ class ModelConfig:
         h = self.options.hybrid
         return h.num_cache_layers if h is not None else self.num_layers
 
+    @property
+    def kv_planes(self) -> int:
+        """The KV cache's planes per layer: keys and values (2), or one for
+        multi-head latent attention, whose key and value are the same cached
+        latent (``splitserve.engine.models.mla``)."""
+        return 1 if self.options.mla is not None else 2
+
     def kv_bytes_per_token(self, kv_dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=kv_dtype).element_size()
-        return 2 * self.num_cache_layers * self.num_kv_heads * self.head_dim * elem
+        return self.kv_planes * self.num_cache_layers * self.num_kv_heads * self.head_dim * elem
 
 
 def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:

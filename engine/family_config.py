@@ -146,9 +146,9 @@ class FamilyOptions:
     # floor_scale); 0: off
     temperature_floor: float = 0.0
     temperature_scale: float = 0.0
-    # DeepSeek V2 / V3: multi-head latent attention of this shape in every layer, its keys and
-    # values decompressed per head into the paged cache (splitserve.engine.models.mla); None:
-    # the Llama-style attention
+    # DeepSeek V2 / V3: multi-head latent attention of this shape in every layer, in the
+    # absorbed form over a cache of the latent (splitserve.engine.models.mla); None: the
+    # Llama-style attention
     mla: MLAConfig | None = None
     # Bloom, MPT, Falcon alibi: ALiBi in place of RoPE, each head's scores biased by
     # slope * (key position - query position) (splitserve.engine.models.alibi): "bloom"

@@ -30,6 +30,7 @@ class MLAConfig:
 
     @property
     def cache_head_dim(self) -> int:
-        """The paged cache's one head width: keys and values both fit, the
-        narrower padded with zeros."""
-        return max(self.qk_head_dim, self.v_head_dim)
+        """The paged cache's one KV head width: the latent and the rotated
+        k_pe, ``kv_lora_rank + qk_rope_head_dim`` (576 for DeepSeek-V3),
+        which every query head attends to (``splitserve.engine.models.mla``)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim

@@ -178,9 +178,10 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = cfg.block_size
         self.kv_dtype = kv_cache_dtype(cfg, dtype)
-        # [L, 2, NB, BS, Hk, D] (Hk: this rank's heads); zeroed so unused slots never hold NaNs
+        # [L, planes, NB, BS, Hk, D] (Hk: this rank's heads; planes: keys and values, or one
+        # latent for both); zeroed so unused slots never hold NaNs
         self.kv_cache = torch.zeros(
-            model_cfg.num_cache_layers, 2, num_blocks, cfg.block_size,
+            model_cfg.num_cache_layers, model_cfg.kv_planes, num_blocks, cfg.block_size,
             model.cfg.num_kv_heads, model_cfg.head_dim, dtype=self.kv_dtype, device=device,
         )
         self.k_scale = float(cfg.extra.get("k_scale", 1.0))

@@ -10,7 +10,9 @@ is one gather):
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
 
-``kv_cache[l, 0]`` is layer l's key cache, ``kv_cache[l, 1]`` its value cache.
+``kv_cache[l, 0]`` is layer l's key cache, ``kv_cache[l, 1]`` its value cache;
+a model whose keys are its values (multi-head latent attention's latent)
+has one plane, ``kv_cache[l, 0]`` both (``ModelConfig.kv_planes``).
 A token's *slot* is ``block_id * block_size + offset``. A cache stored in
 ``torch.float8_e4m3fn`` holds ``value / scale``; readers multiply by the scale.
 """
@@ -306,7 +308,7 @@ def pack_kv(
     layer_end: int,
 ) -> torch.Tensor:
     """Gather a sequence's blocks for layers [layer_start, layer_end) into one
-    contiguous buffer: [layer_end - layer_start, 2, n, BS, Hk, D]."""
+    contiguous buffer: [layer_end - layer_start, planes, n, BS, Hk, D]."""
     return kv_cache[layer_start:layer_end].index_select(2, block_ids.long()).contiguous()
 
 

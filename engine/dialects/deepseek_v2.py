@@ -5,8 +5,9 @@ a softmax-routed mixture of experts, read from config.json as transformers'
 Attention (``FamilyOptions.mla``, ``splitserve.engine.models.mla``):
 ``q_lora_rank`` (1536; null: a plain q_proj), ``kv_lora_rank`` (512),
 ``qk_nope_head_dim`` (128), ``qk_rope_head_dim`` (64), ``v_head_dim`` (128);
-as many KV heads as query heads, each cached at the wider of the key
-(nope + rope) and value widths. RoPE turns the rope dims in adjacent pairs
+one KV head for all query heads, the latent and rotated k_pe
+(``kv_lora_rank + qk_rope_head_dim`` wide) that the absorbed form attends
+to. RoPE turns the rope dims in adjacent pairs
 (``FamilyOptions.interleaved_rope``; V2's complex form), its table as wide
 as ``qk_rope_head_dim``; scores are scaled by ``1 / sqrt(nope + rope)``,
 times ``yarn_mscale(factor, mscale_all_dim) ** 2`` when the scaled RoPE's
@@ -88,16 +89,16 @@ def softmax_scale(cfg: dict[str, Any], mla: MLAConfig) -> float:
 
 
 def attention_keys(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    """The attention in Llama-style keys: every head its own KV head, each as wide as
-    the cache's head (``MLAConfig.cache_head_dim``); ``attention_bias`` on q_a_proj,
-    kv_a_proj_with_mqa and o_proj."""
+    """The attention in Llama-style keys: one KV head, the cached latent
+    (``MLAConfig.cache_head_dim`` wide), for every query head; ``attention_bias``
+    on q_a_proj, kv_a_proj_with_mqa and o_proj."""
     heads = int(required(cfg, "num_attention_heads"))
     kv_heads = cfg.get("num_key_value_heads")
     if kv_heads is not None and int(kv_heads) != heads:
         raise ValueError(f"num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}) for "
-                         f"{arch}: its latent attention decompresses keys and values for every head")
+                         f"{arch}: transformers' latent attention gives every head its own key and value")
     bias = bool(cfg.get("attention_bias", False))
-    return {"num_attention_heads": heads, "num_key_value_heads": heads,
+    return {"num_attention_heads": heads, "num_key_value_heads": 1,
             "head_dim": latent_shape(cfg).cache_head_dim, "attention_bias": bias, "attention_out_bias": bias,
             "qk_norm": False}
 

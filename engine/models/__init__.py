@@ -178,8 +178,8 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # Llama 4: Helium's q/k reordering, SmolLM3's NoPE layers with query temperature, q/k
     # L2 norms after RoPE, experts scaled at their input beside a shared expert
     "llama4": Llama4CausalLM,
-    # DeepSeek V2 / V3: GLM-4.5's MoE decoder with multi-head latent attention, its keys and
-    # values decompressed per head into the paged cache; V2's softmax router
+    # DeepSeek V2 / V3: GLM-4.5's MoE decoder with multi-head latent attention over a cache of
+    # the latent (one KV head, one plane); V2's softmax router
     "deepseek_v2": DeepseekCausalLM,
     "deepseek_v3": DeepseekCausalLM,
     # Bloom, MPT: ALiBi in place of RoPE (FamilyOptions.alibi); Bloom's Falcon-named tensors and

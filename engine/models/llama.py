@@ -216,3 +216,6 @@ class CausalLM(nn.Module):
             shown = ", ".join(repr(n) for n in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise CheckpointError(f"missing tensor(s) for {arch}: {shown}{more}")
+        for module in self.modules():  # work done once on loaded weights (MLAttention's)
+            if hasattr(module, "finish_load"):
+                module.finish_load()

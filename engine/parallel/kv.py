@@ -52,7 +52,7 @@ class ShardedKV:
 
     def __init__(self, group: TPGroup, cache: torch.Tensor, conns: list[Connection]):
         self.group = group
-        self.cache = cache  # [L, 2, NB, BS, Hk/N (or 1), D]: rank 0's heads
+        self.cache = cache  # [L, planes, NB, BS, Hk/N (or 1), D]: rank 0's heads
         self.conns = conns  # ranks 1..N-1, their KV thread's pipe
         self._lock = threading.Lock()
 
@@ -64,7 +64,7 @@ class ShardedKV:
             raise RankFailedError(f"a tensor-parallel rank is gone: {e}") from e
 
     def pack(self, block_ids: list[int], layer_start: int, layer_end: int) -> torch.Tensor:
-        """[layer_end - layer_start, 2, n, BS, Hk, D]: every head of the blocks."""
+        """[layer_end - layer_start, planes, n, BS, Hk, D]: every head of the blocks."""
         g, plan = self.group, self.group.plan
         with self._lock:
             self._tell(ExportKV(list(block_ids), layer_start, layer_end))
@@ -127,7 +127,7 @@ def _serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
             mine = ops.pack_kv(cache, idx, msg.layer_start, msg.layer_end)
             group.wait(group.kv_pg.gather([], [_wire(mine)], opts_g), "KV export gather")
         elif isinstance(msg, ImportKV):
-            shape = (msg.num_layers, 2, len(msg.block_ids), cache.shape[3], local_heads,
+            shape = (msg.num_layers, cache.shape[1], len(msg.block_ids), cache.shape[3], local_heads,
                      cache.shape[-1])
             mine = torch.empty(shape, dtype=cache.dtype, device=cache.device)
             group.wait(group.kv_pg.scatter([_wire(mine)], [], opts_s), "KV import scatter")

@@ -90,7 +90,7 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
         group = TPGroup.join(plan, device, store, spec.prefix, spec.secret)
         model = load_model(checkpoint, DTYPES[spec.dtype], device, tp=group)
         mc, local = plan.cfg, model.cfg
-        cache = torch.zeros(mc.num_cache_layers, 2, spec.num_blocks, spec.block_size,
+        cache = torch.zeros(mc.num_cache_layers, mc.kv_planes, spec.num_blocks, spec.block_size,
                             local.num_kv_heads, mc.head_dim, dtype=KV_DTYPES[spec.kv_dtype],
                             device=device)
         threading.Thread(target=kv.serve, args=(group, cache, kv_conn), name="tp-kv",

@@ -91,7 +91,7 @@ class ChunkHeader:
     handoff_id: str
     layer_start: int
     layer_end: int
-    shape: tuple[int, ...]  # [layer_end - layer_start, 2, n, BS, Hk, D]
+    shape: tuple[int, ...]  # [layer_end - layer_start, planes (2, or 1: ModelConfig.kv_planes), n, BS, Hk, D]
     dtype: str  # name in chunks.DTYPES, e.g. "bfloat16"
     nbytes: int
     checksum: int  # crc32 (zlib) of the raw bytes; NO_CHECKSUM if the sender skipped it

@@ -1,8 +1,10 @@
 """Gather a sequence's blocks over a layer range into one contiguous buffer
 (``pack_kv``) and scatter such a buffer back (``unpack_kv``), one launch each.
 
-kv_cache: [L, 2, NB, BS, Hk, D]; buffer: [l, 2, n, BS, Hk, D]. Each program
-copies one slice of one (layer, k|v, block) chunk of BS*Hk*D elements. The
+kv_cache: [L, P, NB, BS, Hk, D]; buffer: [l, P, n, BS, Hk, D], P planes: 2
+(keys, values) or 1 (multi-head latent attention's one latent for both).
+Each program copies one slice of one (layer, plane, block) chunk of
+BS*Hk*D elements. The
 copy moves raw bits (elements reinterpreted as same-width integers), so every
 cache dtype, fp8 included, is copied exactly.
 """
@@ -22,17 +24,17 @@ _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 @triton.jit
 def _copy_blocks_kernel(
     src_ptr, dst_ptr, ids_ptr,
-    N, CHUNK,
+    N, PLANES, CHUNK,
     stride_src_l, stride_src_kv, stride_src_b,
     stride_dst_l, stride_dst_kv, stride_dst_b,
     layer_off,
     GATHER: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # program 0 axis: one (layer, kv, i) chunk; i indexes block_ids
+    # program 0 axis: one (layer, plane, i) chunk; i indexes block_ids
     chunk = tl.program_id(0)
     i = (chunk % N).to(tl.int64)
-    kv = ((chunk // N) % 2).to(tl.int64)
-    layer = (chunk // N // 2).to(tl.int64)
+    kv = ((chunk // N) % PLANES).to(tl.int64)
+    layer = (chunk // N // PLANES).to(tl.int64)
     block = tl.load(ids_ptr + i).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < CHUNK
@@ -52,9 +54,10 @@ def _blocks_contiguous(t: torch.Tensor) -> bool:
 
 
 def _check_cache(op: str, kv_cache: torch.Tensor) -> None:
-    check_ndim(op, "kv_cache", kv_cache, 6, "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]")
-    if kv_cache.shape[1] != 2:
-        raise ValueError(f"{op}: kv_cache dim 1 must be 2 (keys, values), got {tuple(kv_cache.shape)}")
+    check_ndim(op, "kv_cache", kv_cache, 6, "[num_layers, planes, num_blocks, block_size, num_kv_heads, head_dim]")
+    if kv_cache.shape[1] not in (1, 2):
+        raise ValueError(f"{op}: kv_cache dim 1 must be 2 (keys, values) or 1 (a latent for both), "
+                         f"got {tuple(kv_cache.shape)}")
     if not _blocks_contiguous(kv_cache):
         raise ValueError(
             f"{op}: each cache block [BS, Hk, D] must be contiguous (strides {kv_cache.stride()})"
@@ -81,9 +84,10 @@ def _launch(src, dst, ids, n_layers, layer_off, gather: bool) -> None:
     chunk = src.shape[3] * src.shape[4] * src.shape[5]
     bits = _BITS_VIEW[src.element_size()]
     src, dst = src.view(bits), dst.view(bits)
-    grid = (n_layers * 2 * n, triton.cdiv(chunk, BLOCK))
+    planes = src.shape[1]
+    grid = (n_layers * planes * n, triton.cdiv(chunk, BLOCK))
     _copy_blocks_kernel[grid](
-        src, dst, ids, n, chunk,
+        src, dst, ids, n, planes, chunk,
         src.stride(0), src.stride(1), src.stride(2),
         dst.stride(0), dst.stride(1), dst.stride(2),
         layer_off, GATHER=gather, BLOCK=BLOCK, num_warps=4,
@@ -91,12 +95,12 @@ def _launch(src, dst, ids, n_layers, layer_off, gather: bool) -> None:
 
 
 def pack_kv(
-    kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
+    kv_cache: torch.Tensor,  # [L, P, NB, BS, Hk, D]
     block_ids: torch.Tensor,  # [n] int
     layer_start: int,
     layer_end: int,
 ) -> torch.Tensor:
-    """Same contract as ``splitserve.kernels.reference.pack_kv``: [l, 2, n, BS, Hk, D]."""
+    """Same contract as ``splitserve.kernels.reference.pack_kv``: [l, P, n, BS, Hk, D]."""
     op = "pack_kv"
     _check_cache(op, kv_cache)
     if not 0 <= layer_start <= layer_end <= kv_cache.shape[0]:
@@ -105,16 +109,16 @@ def pack_kv(
         )
     ids = _block_ids(op, block_ids, kv_cache)
     n_layers = layer_end - layer_start
-    _, _, _, bs, hk, d = kv_cache.shape
-    buf = torch.empty((n_layers, 2, ids.numel(), bs, hk, d), dtype=kv_cache.dtype, device=kv_cache.device)
+    _, planes, _, bs, hk, d = kv_cache.shape
+    buf = torch.empty((n_layers, planes, ids.numel(), bs, hk, d), dtype=kv_cache.dtype, device=kv_cache.device)
     if buf.numel():
         _launch(kv_cache, buf, ids, n_layers, layer_start, gather=True)
     return buf
 
 
 def unpack_kv(
-    buf: torch.Tensor,  # [l, 2, n, BS, Hk, D]
-    kv_cache: torch.Tensor,  # [L, 2, NB, BS, Hk, D]
+    buf: torch.Tensor,  # [l, P, n, BS, Hk, D]
+    kv_cache: torch.Tensor,  # [L, P, NB, BS, Hk, D]
     block_ids: torch.Tensor,  # [n] int
     layer_start: int,
 ) -> None:
@@ -122,9 +126,9 @@ def unpack_kv(
     op = "unpack_kv"
     _check_cache(op, kv_cache)
     ids = _block_ids(op, block_ids, kv_cache)
-    check_ndim(op, "buf", buf, 6, "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]")
+    check_ndim(op, "buf", buf, 6, "[num_layers, planes, num_blocks, block_size, num_kv_heads, head_dim]")
     n_layers = buf.shape[0]
-    expected = (n_layers, 2, ids.numel(), *kv_cache.shape[3:])
+    expected = (n_layers, kv_cache.shape[1], ids.numel(), *kv_cache.shape[3:])
     if tuple(buf.shape) != expected:
         raise ValueError(f"{op}: buf {tuple(buf.shape)} must be {expected} for {ids.numel()} block ids")
     if layer_start < 0 or layer_start + n_layers > kv_cache.shape[0]:

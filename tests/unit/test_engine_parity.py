@@ -46,10 +46,11 @@ COMBINED_FAMILIES = ["ministral", "seed_oss", "helium", "starcoder2", "phi", "st
 # (sinks, windows of 8, a RoPE base per layer, one NoPE), CodeGen (GPT-J with its 4-shard
 # fused qkv_proj split at load), Jais 2 (Llama with LayerNorms and the relu2 MLP),
 # HyperCLOVA X (Granite's scalars with post-norms, logits multiplied), Youtu (latent
-# attention decompressed per head, keys and values zero-padded in the cache) and Gemma 4
-# (per-layer head shapes padded into one cache width, per-layer input embeddings). Their KV
-# cache layouts are ones the matrix covers, so each runs test_chunked_prefill_with_prefix_hits
-# only (batched, chunked, with prefix-cache hits, in one engine); the live hand-off:
+# attention over a one-plane cache of the latent, its hand-off in test_family_deepseek's
+# test_latent_cache_size_and_handoff) and Gemma 4 (per-layer head shapes padded into one
+# cache width, per-layer input embeddings). Their KV cache layouts are ones the matrix (or
+# that test) covers, so each runs test_chunked_prefill_with_prefix_hits only (batched,
+# chunked, with prefix-cache hits, in one engine); the live hand-off:
 # tests/integration/test_family_handoff.py.
 DIALECT_FAMILIES = ["gpt2", "opt", "falcon", "falcon_mq", "gptj", "cohere_qk_norm", "olmo", "glm",
                     "glm4", "cohere2", "nemotron", "arcee", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo",

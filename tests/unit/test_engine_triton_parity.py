@@ -21,7 +21,9 @@ pytest.importorskip("triton")
 # reordered for the rotate-half kernel; starcoder2: LayerNorm and the plain MLP (torch ops)
 # between kernels, a window of 8; phi: the parallel residual, half of each head rotated;
 # gpt_oss: attention sinks in the prefill and decode kernels, a window of 8 on layer 0.
-# falcon_alibi: ALiBi's bias in both kernels, over grouped KV heads.
+# falcon_alibi: ALiBi's bias in both kernels, over grouped KV heads. youtu: the latent
+# cache (one plane, one KV head of width 40, not a power of 2, for 4 query heads) in the
+# store, prefill and decode kernels.
 # Ministral (per-layer windows, as qwen2_window), Seed-OSS (biases, as llama_bias), StableLM
 # and GPT-NeoX (the parallel residual and partial rotary, as phi), Falcon (q/k/v split at
 # load, grouped KV heads) and GPT-J (partial rotary as phi, its q/k rows reordered as helium's)
@@ -32,7 +34,8 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
                                     "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
-                                    "helium", "starcoder2", "phi", "gpt_oss", "falcon_alibi"])
+                                    "helium", "starcoder2", "phi", "gpt_oss", "falcon_alibi",
+                                    "youtu"])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -5,7 +5,8 @@ read, what is refused (LoRA among it), tensor parallelism at TP=2 (slow),
 the multi-token-prediction layers skipped at load, that each variant's
 distinctive features move the logits, ``weight_dtype: fp8`` on the latent
 projections and a block-fp8 checkpoint (DeepSeek's own format) against its
-dequantized weights. Token parity is in test_moe_parity."""
+dequantized weights, and the latent cache: its size per token and a
+hand-off between two engines. Token parity is in test_moe_parity."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 from tests.fixtures.fp8_checkpoints import write_dequantized_checkpoint, write_fp8_checkpoint
+from tests.fixtures.handoff import export_layers, export_meta, handoff_generate
 from tests.unit.test_model_parity import (ATOL, IDENTITY_TABLE, PROMPT, hf_logits, new_cache, prompt_logits,
                                           run, step_meta)
 
@@ -107,7 +109,7 @@ def test_rope_table_and_softmax_scale_match_transformers(arch, rope):
 def test_v2_defaults_and_options():
     m = ModelConfig.from_hf(raw(V2))
     mla = m.options.mla
-    assert m.family == "deepseek_v2" and m.num_kv_heads == 16 and m.head_dim == 192
+    assert m.family == "deepseek_v2" and m.num_kv_heads == 1 and m.head_dim == 576  # the latent: 512 + 64
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
         == (1536, 512, 128, 64, 128)
     assert m.options.rotary_dim == 64 and m.options.interleaved_rope and m.options.mtp_layers == 0
@@ -122,7 +124,7 @@ def test_v2_defaults_and_options():
                                 n_shared_experts=0, routed_scaling_factor=16.0, attention_bias=True,
                                 mlp_bias=True, num_key_value_heads=16, head_dim=5,
                                 max_position_embeddings=64))
-    assert m.options.mla.q_lora_rank == 0 and m.head_dim == 32 and m.options.rotary_dim == 8
+    assert m.options.mla.q_lora_rank == 0 and m.head_dim == 40 and m.options.rotary_dim == 8
     assert m.moe.group_limited and (m.moe.num_groups, m.moe.topk_groups) == (4, 2)
     assert m.moe.routed_scaling_factor == 16.0
     assert m.moe.sparse_layers == (False, False, True, True) and m.moe.shared_expert_intermediate_size == 0
@@ -133,7 +135,7 @@ def test_v3_defaults_and_options():
     cfg = raw(V3)
     del cfg["num_experts_per_tok"]
     m = ModelConfig.from_hf(cfg)
-    assert m.family == "deepseek_v3" and m.head_dim == 192 and m.options.mla.q_lora_rank == 1536
+    assert m.family == "deepseek_v3" and m.head_dim == 576 and m.options.mla.q_lora_rank == 1536
     assert m.options.interleaved_rope and m.options.mtp_layers == 1 and m.max_position == 4096
     assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_intermediate_size) == (256, 8, 2048)
     assert m.moe.grouped_sigmoid and m.moe.renormalize and not m.moe.scaled_softmax
@@ -146,7 +148,7 @@ def test_v3_defaults_and_options():
                                 rope_scaling={"type": "yarn", "factor": 40, "mscale": 1.0,
                                               "mscale_all_dim": 1.0,
                                               "original_max_position_embeddings": 4096}))
-    assert not m.options.interleaved_rope and m.options.mtp_layers == 0 and m.head_dim == 256
+    assert not m.options.interleaved_rope and m.options.mtp_layers == 0 and m.head_dim == 576
     assert not m.moe.renormalize and m.moe.sparse_layers == (True,) * 4
     assert m.attention_bias and m.o_proj_bias and not m.mlp_bias
     assert m.rope_scaling["original_max_position_embeddings"] == 4096
@@ -211,7 +213,8 @@ def test_tp2_greedy_parity(tiny_checkpoints, parity_models, variant):
         assert [r.token_ids for r in eng.generate(prompts, params)] == want
         assert eng.generate(prompts[:1], params)[0].token_ids == want[0]
         attn = eng.runner.model.layers[1].self_attn
-        assert attn.num_heads == 2 and eng.runner.kv_cache.shape[-2] == 2
+        # each rank its two heads' W_UK / W_UV, the one latent KV head whole
+        assert attn.num_heads == 2 and eng.runner.kv_cache.shape[1:] == (1, 32, 4, 1, attn.mla.cache_head_dim)
     finally:
         eng.close()
 
@@ -252,7 +255,8 @@ def test_distinctive_features_bind(parity_models, variant):
     block = model.layers[1].mlp
     assert isinstance(block, SparseMoeBlock) and not isinstance(model.layers[0].mlp, SparseMoeBlock)
     mla = attns[0].mla
-    assert model.cfg.head_dim == max(mla.qk_head_dim, mla.v_head_dim) > min(mla.qk_head_dim, mla.v_head_dim)
+    # the cache: one plane, one KV head of the latent and k_pe
+    assert (model.cfg.kv_planes, model.cfg.num_kv_heads, model.cfg.head_dim) == (1, 1, mla.cache_head_dim)
     moe = block.moe
     undone = {"interleaved rope": [(a, "interleaved", False) for a in attns],
               "routed_scaling_factor": [(block, "moe", dataclasses.replace(moe, routed_scaling_factor=1.0))],
@@ -268,11 +272,13 @@ def test_distinctive_features_bind(parity_models, variant):
 
 
 def test_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models):
-    # every latent projection and the experts to fp8 once loaded; the router stays float32
+    # every latent projection but kv_b_proj (read as the absorbed W_UK / W_UV) and the experts
+    # to fp8 once loaded; the router stays float32
     model = load_model(load_checkpoint(tiny_checkpoints["deepseek_v3"]), torch.float32, weight_dtype="fp8")
     attn, block = model.layers[1].self_attn, model.layers[1].mlp
-    for linear in (attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj):
+    for linear in (attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.o_proj):
         assert linear.weight.dtype == torch.float8_e4m3fn
+    assert attn.kv_b_proj.weight.dtype == torch.float32
     assert block.w_down.dtype == torch.float8_e4m3fn and block.gate.weight.dtype == torch.float32
     full, _ = parity_models("deepseek_v3")
     logits, ref = prompt_logits(model), prompt_logits(full)
@@ -292,9 +298,47 @@ def test_block_fp8_checkpoint_matches_its_dequantized_weights(tiny_checkpoints, 
     assert [r.token_ids for r in eng.generate(prompts, params)] == hf_greedy(ref, prompts, 4)
     model = eng.runner.model
     attn, block = model.layers[1].self_attn, model.layers[1].mlp
-    for linear in (attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj,
+    for linear in (attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.o_proj,
                    model.layers[0].mlp.gate_up_proj, block.shared_expert.down_proj):
         assert linear.weight.dtype == torch.float8_e4m3fn and linear.fp8_groups == (16, 16)
+    # kv_b_proj dequantized once at load, to the model dtype (the absorbed form's W_UK / W_UV)
+    ref_kv_b = ref.model.layers[1].self_attn.kv_b_proj.weight
+    assert attn.kv_b_proj.weight.dtype == torch.float32 and attn.kv_b_proj.weight_scale is None
+    torch.testing.assert_close(attn.kv_b_proj.weight, ref_kv_b.to(torch.float32))
     assert block.w_gate_up.dtype == torch.float8_e4m3fn and block.gate.weight.dtype == torch.float32
     assert block.e_score_correction_bias.dtype == torch.float32
     torch.testing.assert_close(prompt_logits(model), hf_logits(ref, PROMPT), atol=ATOL, rtol=0)
+
+
+def test_latent_cache_size_and_handoff(tiny_checkpoints, parity_models):
+    # the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, once (one
+    # plane: the key is the value), so a fixed kv_cache_memory_gb holds that many more blocks
+    # than the decompressed layout (2 planes of every head at the wider of the key and value
+    # widths); a sequence prefilled on one engine resumes on another from its exported
+    # blocks (the second prompt's prefix cached there), with transformers' tokens
+    path = tiny_checkpoints["deepseek_v3"]
+    _, ref = parity_models("deepseek_v3")
+    mc = load_checkpoint(path).model_config
+    mla, layers = mc.options.mla, mc.num_cache_layers
+    latent = mla.kv_lora_rank + mla.qk_rope_head_dim
+    assert mc.kv_bytes_per_token(torch.float32) == layers * latent * 4
+    decompressed = 2 * layers * mc.num_heads * max(mla.qk_head_dim, mla.v_head_dim) * 4
+    assert decompressed == 32 * mc.kv_bytes_per_token(torch.float32) // 5  # 2 * 4 heads * 32 vs 40
+    budget_gb, bs = 0.002, 4
+    src, dst = (LLMEngine(EngineConfig(model=str(path), kv_cache_memory_gb=budget_gb, block_size=bs,
+                                       max_num_batched_tokens=8)) for _ in range(2))
+    blocks = int(budget_gb * (1 << 30)) // (bs * layers * latent * 4)
+    assert src.runner.kv_cache.shape == (layers, 1, blocks, bs, 1, latent)
+    assert src.kv.num_blocks == blocks > int(budget_gb * (1 << 30)) // (bs * decompressed) * 6
+    assert src.kv_port.spec().bytes_per_block == src.runner.kv_cache[:, :, 0].numel() * 4
+    prompts = [list(range(20, 37)), list(range(20, 37)) + [5, 9]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    src.add_request("x", prompt_token_ids=prompts[0], params=params, prefill_only=True)
+    while src.has_unfinished():
+        src.step()
+    buf = export_layers(src, "x", 0, layers)
+    assert export_meta(src, "x").layout.num_kv_heads == 1
+    assert buf.shape == (layers, 1, 5, bs, 1, latent) and buf.abs().sum() > 0
+    src.kv_port.release("x")
+    assert handoff_generate(src, dst, prompts, params) == hf_greedy(ref, prompts, 4)
+    assert src.kv.all_free() and dst.kv.all_free()

@@ -52,11 +52,11 @@ def test_glm4_moe_lite_defaults_as_its_config_class():
     cfg = raw(LITE)
     ours, ref = ModelConfig.from_hf(cfg), hf_config(cfg)
     mla = ours.options.mla
-    assert ours.family == "glm4_moe_lite" and ours.num_kv_heads == 16
+    assert ours.family == "glm4_moe_lite" and ours.num_kv_heads == 1  # the latent, for every head
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
         == (ref.q_lora_rank, ref.kv_lora_rank, ref.qk_nope_head_dim, ref.qk_rope_head_dim, ref.v_head_dim) \
         == (768, 512, 192, 64, 256)
-    assert ours.head_dim == 256 and ours.options.rotary_dim == 64 and ours.options.interleaved_rope
+    assert ours.head_dim == 512 + 64 and ours.options.rotary_dim == 64 and ours.options.interleaved_rope
     assert ours.options.attn_scale == 256 ** -0.5 and ours.options.mtp_layers == 1
     assert ours.rms_norm_eps == ref.rms_norm_eps == 1e-5
     assert ours.max_position == ref.max_position_embeddings and not ours.tie_word_embeddings
@@ -77,7 +77,7 @@ def test_glm4_moe_lite_options():
                                 moe_intermediate_size=16, mlp_layer_types=["sparse", "dense", "sparse", "dense"],
                                 rope_interleave=False, num_nextn_predict_layers=0, attention_bias=True,
                                 head_dim=4, norm_topk_prob=False))
-    assert m.options.mla.q_lora_rank == 0 and m.head_dim == 12 and not m.options.interleaved_rope
+    assert m.options.mla.q_lora_rank == 0 and m.head_dim == 20 and not m.options.interleaved_rope
     assert m.moe.num_experts == 8 and m.moe.num_groups == 2 and not m.moe.renormalize
     assert m.moe.sparse_layers == (True, False, True, False) and m.moe.shared_expert_intermediate_size == 32
     assert m.attention_bias and m.o_proj_bias and not m.mlp_bias and m.options.mtp_layers == 0
@@ -114,10 +114,10 @@ def test_youtu_defaults_as_its_config_class():
     cfg = raw(YOUTU)
     ours, ref = ModelConfig.from_hf(cfg), hf_config(cfg)
     mla = ours.options.mla
-    assert ours.family == "youtu" and ours.moe is None and ours.num_kv_heads == 16
+    assert ours.family == "youtu" and ours.moe is None and ours.num_kv_heads == 1
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
         == (ref.q_lora_rank, ref.kv_lora_rank, ref.qk_nope_head_dim, ref.qk_rope_head_dim, ref.v_head_dim)
-    assert ours.head_dim == 192 and ours.options.rotary_dim == ref.head_dim == 64
+    assert ours.head_dim == ref.kv_lora_rank + 64 and ours.options.rotary_dim == ref.head_dim == 64
     assert ours.options.interleaved_rope and ours.options.attn_scale == 192 ** -0.5
     assert ours.rms_norm_eps == ref.rms_norm_eps and ours.max_position == ref.max_position_embeddings
     assert ours.tie_word_embeddings and ref.tie_word_embeddings and ours.options.hidden_act == "silu"
@@ -126,7 +126,7 @@ def test_youtu_defaults_as_its_config_class():
     # what transformers saves (head_dim written as qk_rope_head_dim), and rope_interleave null
     m = ModelConfig.from_hf(raw(YOUTU, **SHAPE, head_dim=4, rope_interleave=None, attention_bias=True,
                                 hidden_act="gelu_pytorch_tanh", n_routed_experts=8))
-    assert not m.options.interleaved_rope and m.head_dim == 12 and m.moe is None
+    assert not m.options.interleaved_rope and m.head_dim == 20 and m.moe is None
     assert m.attention_bias and m.o_proj_bias and m.options.hidden_act == "gelu_tanh"
 
 
@@ -198,7 +198,7 @@ def test_distinctive_features_bind(parity_models, variant):
     want = hf_logits(ref, PROMPT)
     attns = [layer.self_attn for layer in model.layers]
     mla = attns[0].mla
-    assert model.cfg.head_dim == max(mla.qk_head_dim, mla.v_head_dim) > min(mla.qk_head_dim, mla.v_head_dim)
+    assert (model.cfg.kv_planes, model.cfg.num_kv_heads, model.cfg.head_dim) == (1, 1, mla.cache_head_dim)
     assert all(a.q_b_proj is not None for a in attns)
     undone = {"rope pairs": [(a, "interleaved", not a.interleaved) for a in attns]}
     if variant == "glm4_moe_lite":  # mlp_layer_types: layer 0 sparse, layer 1 dense
@@ -228,6 +228,8 @@ def test_tp2_greedy_parity(tiny_checkpoints, parity_models, variant):
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         assert [r.token_ids for r in eng.generate(prompts, params)] == want
         assert eng.generate(prompts[:1], params)[0].token_ids == want[0]
-        assert eng.runner.model.layers[1].self_attn.num_heads == 2 and eng.runner.kv_cache.shape[-2] == 2
+        attn = eng.runner.model.layers[1].self_attn
+        # each rank its two heads' W_UK / W_UV, the one latent KV head whole
+        assert attn.num_heads == 2 and eng.runner.kv_cache.shape[1:] == (1, 32, 4, 1, attn.mla.cache_head_dim)
     finally:
         eng.close()

@@ -98,7 +98,7 @@ def test_longcat_flash_defaults():
     assert not moe.renormalize and opts.zero_experts == 256 and cfg.intermediate_size == 12288
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
         == (1536, 512, 128, 64, 128)
-    assert cfg.num_heads == cfg.num_kv_heads == 64 and cfg.head_dim == 192
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (64, 1, 576)
     assert opts.interleaved_rope and opts.rotary_dim == 64 and opts.attn_scale == 192 ** -0.5
     assert (cfg.rope_theta, cfg.rms_norm_eps) == (10000000.0, 1e-5) and not cfg.tie_word_embeddings
     # num_hidden_layers counts sublayers; transformers' other key names are read

@@ -140,7 +140,7 @@ def test_axk1_defaults():
     assert (moe.num_groups, moe.topk_groups) == (8, 4) and moe.sparse_layers == (False, True, True, True)
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) \
         == (1536, 512, 128, 64, 128)
-    assert cfg.head_dim == 192 and cfg.options.interleaved_rope and cfg.options.rotary_dim == 64
+    assert cfg.head_dim == 576 and cfg.options.interleaved_rope and cfg.options.rotary_dim == 64
     assert (cfg.rms_norm_eps, cfg.max_position, cfg.eos_token_ids) == (1e-6, 32768, (163691,))
     # first_k_dense_replace / moe_layer_freq derive the layer types, as AXK1Config does
     cfg = ModelConfig.from_hf(raw(AXK1, num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2,

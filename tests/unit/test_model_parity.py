@@ -27,7 +27,8 @@ ATOL = 1e-4
 
 def new_cache(model: CausalLM, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     c = model.cfg
-    return torch.zeros(c.num_cache_layers, 2, NUM_BLOCKS, BLOCK_SIZE, c.num_kv_heads, c.head_dim, dtype=dtype)
+    return torch.zeros(c.num_cache_layers, c.kv_planes, NUM_BLOCKS, BLOCK_SIZE, c.num_kv_heads, c.head_dim,
+                       dtype=dtype)
 
 
 def step_meta(

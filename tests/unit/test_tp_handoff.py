@@ -3,7 +3,9 @@ over gloo: prompts prefilled on one engine, their KV exported and imported
 through the hand-off protocol (``tests.fixtures.handoff``), decoded on the
 other, give exactly the tokens a single TP=1 engine generates: 1 -> 2,
 2 -> 1, 2 -> 2, and layer group by layer group from inside the prefill
-step (as the prefill worker exports) into a TP=2 decode engine."""
+step (as the prefill worker exports) into a TP=2 decode engine; and a
+latent cache (DeepSeek-V3's one plane, one KV head replicated on every
+rank) 2 -> 1 -> 2."""
 
 from __future__ import annotations
 
@@ -173,3 +175,21 @@ def test_import_from_a_transport_thread_while_the_tp2_engine_steps(setup):
     for e in (src, dst):
         e.kv.check_invariants()
         assert e.kv.all_free()
+
+
+def test_latent_cache_between_tp_degrees(tiny_checkpoints):
+    # multi-head latent attention: every rank holds the one latent KV head (one plane);
+    # the export reads rank 0's, the import writes it to both ranks
+    path = tiny_checkpoints["deepseek_v3"]
+    one, two = make(path, 1), make(path, 2)
+    try:
+        prompts = [list(range(20, 37)), [5, 9, 13], list(range(20, 37)) + [3, 4]]
+        want = [r.token_ids for r in one.generate(prompts, GREEDY)]
+        assert two.runner.kv_cache.shape[1::3] == (1, 1)  # planes, KV heads
+        assert handoff_generate(two, one, prompts, GREEDY) == want
+        assert handoff_generate(one, two, prompts, GREEDY) == want
+        for e in (one, two):
+            e.kv.check_invariants()
+            assert e.kv.all_free()
+    finally:
+        two.close()

@@ -248,15 +248,17 @@ def test_fp8_helpers_bound_the_round_trip():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
-@pytest.mark.parametrize("layers", [(0, 4), (1, 3), (3, 4)])
+@pytest.mark.parametrize("layers", [(0, 4, 2), (1, 3, 2), (3, 4, 1)])  # (first, end, planes)
 def test_pack_unpack_round_trip_exact(dtype, layers):
-    num_layers, nb, bs, hk, d = 4, 9, 4, 2, 16
-    kv = rand(num_layers, 2, nb, bs, hk, d).to(dtype)
+    # planes 1: a latent cache (multi-head latent attention), one KV head of width 40
+    num_layers, nb, bs = 4, 9, 4
+    lo, hi, planes = layers
+    hk, d = (2, 16) if planes == 2 else (1, 40)
+    kv = rand(num_layers, planes, nb, bs, hk, d).to(dtype)
     ids = torch.tensor([7, 0, 3, 8])
-    lo, hi = layers
     buf = pack_kv(kv, ids, lo, hi)
     expected = ref.pack_kv(kv.view(torch.uint8) if dtype == FP8 else kv, ids, lo, hi)
-    assert buf.shape == (hi - lo, 2, len(ids), bs, hk, d) and buf.dtype == dtype
+    assert buf.shape == (hi - lo, planes, len(ids), bs, hk, d) and buf.dtype == dtype
     assert torch.equal(buf.view(torch.uint8) if dtype == FP8 else buf, expected)
 
     # scatter into other blocks of a second cache; the reference runs on byte
