@@ -159,13 +159,13 @@ class ProfileDB:
             "INSERT INTO models (key, name, num_layers, hidden_size, intermediate_size, num_heads, "
             "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
             "tie_word_embeddings, num_params, created_at, num_cache_layers, params_total, "
-            "params_active, max_position, state_elems, state_elems_fp32) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "params_active, max_position, state_elems, state_elems_fp32, kv_planes) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
              shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
              shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
              shape.num_params, time.time(), shape.num_cache_layers, *counted,
-             shape.state_elems, shape.state_elems_fp32))
+             shape.state_elems, shape.state_elems_fp32, shape.kv_planes))
         self.conn.commit()
         return cur.lastrowid
 
@@ -180,7 +180,8 @@ class ProfileDB:
                           row["head_dim"], row["vocab_size"], row["num_experts"],
                           row["experts_per_token"], bool(row["tie_word_embeddings"]),
                           row["num_cache_layers"], row["params_total"], row["params_active"],
-                          row["state_elems"], row["state_elems_fp32"], row["max_position"])
+                          row["state_elems"], row["state_elems_fp32"], row["max_position"],
+                          row["kv_planes"])
 
     def put_settings(self, s: EngineSettings) -> int:
         row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()

@@ -24,7 +24,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # describe, so the rows measured before they were counted keep matching
 KEYLESS = ("params_total", "params_active", "max_position")
 # fields added after the first keys were made: in the key only when set
-ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32")
+ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32", "kv_planes")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class ModelShape:
     state_elems: int = 0
     state_elems_fp32: int = 0
     max_position: int = 0  # the model's context length; 0: unknown
+    # K and V planes a cached layer stores per token (ModelConfig.kv_planes): 1 where one
+    # vector is both key and value (multi-head latent attention's latent); 0: 2
+    kv_planes: int = 0
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -102,7 +105,8 @@ class ModelShape:
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         """K and V of every cached layer for one token (Llama-3-8B bf16: 128
         KiB), as ``engine.config.ModelConfig.kv_bytes_per_token``."""
-        return 2 * self.cache_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
+        planes = self.kv_planes or 2
+        return planes * self.cache_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES.get(kv_dtype, 2)
 
     def state_bytes_per_sequence(self, dtype: str) -> int:
         """One sequence's recurrent states, the model-dtype ones in ``dtype``
@@ -182,7 +186,8 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
         tie_word_embeddings=mc.tie_word_embeddings,
         num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0,
         params_total=count.total, params_active=count.active_per_token,
-        state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position)
+        state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position,
+        kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0)
 
 
 def resolve_shape(spec: str) -> ModelShape:

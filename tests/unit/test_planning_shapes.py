@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from splitserve.cluster.config import ModelSpec
 from splitserve.cluster.planning import kv_room
+from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.shapes import PRESETS, shape_from_config_json
 from splitserve.cluster.planning.sim.pools import kv_blocks
 from splitserve.cluster.planning.sim.simulator import engine_settings
@@ -61,11 +62,12 @@ def test_parameter_counts_are_the_checkpoints_tensors(tiny_checkpoints, variant,
 
 
 @pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3_next", "jamba", "mamba"])
-def test_kv_blocks_are_the_engines_for_the_same_settings(tiny_checkpoints, variant):
+def test_kv_blocks_are_the_engines_for_the_same_settings(tiny_checkpoints, variant, tmp_path):
     """The simulator's (and kv_room's, which the planner's units use) blocks for a
     memory budget are what LLMEngine sizes with the same settings: a hybrid's states
-    for 2 x max_num_seqs sequences first, a model without attention by context; the
-    KV bytes per token are ModelConfig's (MLA's included)."""
+    for 2 x max_num_seqs sequences and its state checkpoints first, a model without
+    attention by context; the KV bytes per token are ModelConfig's (MLA's latent
+    stored once included), and the shape keeps them through the database."""
     path = tiny_checkpoints[variant]
     shape = shape_from_config_json(path)
     mc = load_checkpoint(path).model_config
@@ -73,6 +75,10 @@ def test_kv_blocks_are_the_engines_for_the_same_settings(tiny_checkpoints, varia
     assert shape.state_bytes_per_sequence("float32") == (
         hybrid.state_bytes_per_sequence(4) if hybrid else 0)
     assert shape.kv_bytes_per_token("float32") == mc.kv_bytes_per_token(torch.float32)
+    assert (shape.kv_planes == 1) == (variant == "deepseek_v3")
+    db = ProfileDB(tmp_path / "p.db")
+    db.put_model(shape)
+    assert db.model(shape.key) == shape
     for gb, seqs in ((0.01, 8), (0.002, 4), (0.05, 64)):
         cfg = EngineConfig(model=str(path), kv_cache_memory_gb=gb, max_num_seqs=seqs, block_size=4)
         dtype = resolve_dtype(cfg, mc, torch.device("cpu"))
@@ -116,7 +122,6 @@ def test_planner_units_leave_the_hybrids_states_out_of_the_kv_tokens(tmp_path):
     cut from the kv_cache_memory_gb it is given, after 3 x max_num_seqs states: fewer
     with the larger batch cap, and the simulator sizes the written memory alike."""
     from splitserve.cluster.bench.datasets import parse_length_dist
-    from splitserve.cluster.planning.db import ProfileDB
     from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
     from splitserve.cluster.planning.planner.request import PlanRequest
     from splitserve.cluster.planning.planner.search import Planner
@@ -158,7 +163,6 @@ def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
     the request's states beside its KV."""
     from splitserve.cluster.bench.datasets import parse_length_dist
     from splitserve.cluster.config import parse_config
-    from splitserve.cluster.planning.db import ProfileDB
     from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
     from splitserve.cluster.planning.workload import synthetic
 
