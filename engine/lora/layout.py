@@ -8,10 +8,13 @@ with a 400 before any replica sees it. PEFT writes each projection's pair as
     base_model.model.model.layers.<i>.mlp.<gate|up|down>_proj.lora_B.weight   [out, r]
 
 Every tensor must be such a pair's half on a projection the model has: the
-attention projections of every layer, the MLP projections of dense layers
-(an MoE layer's experts and router take no LoRA, nor does the ungated MLP of
-StarCoder2, Phi or GPT-NeoX). Anything else is refused
-by name: embedding and lm_head LoRA, DoRA magnitudes, biases, MoE experts.
+attention projections of every attention layer, the MLP projections of dense
+layers (an MoE layer's experts and router take no LoRA, nor does the ungated
+MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
+layers, the ``linear_attn`` projections (``in_proj_qkvz``, ``in_proj_ba`` or
+``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ``out_proj``).
+Anything else is refused by name: embedding and lm_head LoRA, DoRA
+magnitudes, biases, MoE experts, projections a layer lacks.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
                                             adapter_files, read_adapter_config)
 
-_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))"
+_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp|linear_attn)\.(\w+))"
                    r"\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+          **{n: "linear_attn" for n in ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z",
+                                        "in_proj_b", "in_proj_a", "out_proj")}}
+# families whose q_proj gives each head's query and output gate (Qwen3-Next's gated attention)
+QUERY_GATED = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+GATED_DELTA_NET = "gated_delta_net"  # the hybrid layer kind whose linear_attn takes LoRA
 
 
 @dataclass(frozen=True)
@@ -55,13 +64,46 @@ class AdapterLayout:
 
 def projection_shape(cfg: ModelConfig, layer: int, module: str) -> tuple[int, int] | None:
     """(in, out) features of ``module`` in ``layer``; None where the model
-    has no such dense projection (an MoE layer's MLP)."""
-    q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
-    if _PLACE[module] == "mlp" and cfg.moe is not None and cfg.moe.sparse_layers[layer]:
+    has no such dense projection (an MoE layer's MLP, or a hybrid layer of
+    the other kind: see ``layer_lacks``)."""
+    if _PLACE[module] == "mlp":
+        if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
+            return None
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        return {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
+    if layer_lacks(cfg, layer, module):
         return None
-    i = cfg.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
+    if _PLACE[module] == "linear_attn":
+        return _delta_net_shapes(cfg).get(module)
+    q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    q_rows = 2 * q if cfg.family in QUERY_GATED else q
+    return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}[module]
+
+
+def _delta_net_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """A Gated DeltaNet layer's projections, name -> (in, out)."""
+    s, h = cfg.options.gated_delta_net, cfg.hidden_size
+    if s.fused_projections:  # Qwen3-Next
+        inputs = {"in_proj_qkvz": 2 * s.key_dim + 2 * s.value_dim, "in_proj_ba": 2 * s.num_v_heads}
+    else:  # Qwen3.5
+        inputs = {"in_proj_qkv": s.conv_dim, "in_proj_z": s.value_dim, "in_proj_b": s.num_v_heads,
+                  "in_proj_a": s.num_v_heads}
+    return {**{n: (h, o) for n, o in inputs.items()}, "out_proj": (s.value_dim, h)}
+
+
+def layer_lacks(cfg: ModelConfig, layer: int, module: str) -> str:
+    """Why ``layer`` has no attention (``self_attn``) or Gated DeltaNet
+    (``linear_attn``) projection ``module``; "" where it has one."""
+    place, hybrid = _PLACE[module], cfg.options.hybrid
+    kind = ATTENTION if hybrid is None else hybrid.layer_kinds[layer]
+    if place == "self_attn" and hybrid is not None and layer not in hybrid.attention_layers:
+        return f"layer {layer} is a {kind} layer, without self_attn"
+    if place == "linear_attn" and kind != GATED_DELTA_NET:
+        return f"layer {layer} is {'an' if kind == ATTENTION else 'a'} {kind} layer, without linear_attn"
+    if place == "linear_attn" and module not in _delta_net_shapes(cfg):
+        return f"this model's linear_attn has no {module} (its projections: " \
+               f"{', '.join(_delta_net_shapes(cfg))})"
+    return ""
 
 
 def _refusal(name: str) -> str:
@@ -75,7 +117,7 @@ def _refusal(name: str) -> str:
     if any(k in name for k in ("experts", "block_sparse_moe", ".gate.", "shared_expert")):
         return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
     return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
-            "model.layers.<i>")
+            "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections)")
 
 
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
@@ -95,6 +137,9 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
             raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
                                f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
                                "attention projections do", param="target_modules")
+        if lacks := layer_lacks(model, layer, module):
+            raise AdapterError(f"{source}: tensor {name!r}: {lacks}; LoRA on a projection the "
+                               "model lacks is refused", param="target_modules")
         if projection_shape(model, layer, module) is None:
             raise AdapterError(f"{source}: tensor {name!r}: layer {layer} is a mixture-of-experts "
                                "layer; MoE experts and routers take no LoRA", param="target_modules")

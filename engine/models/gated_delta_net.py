@@ -58,17 +58,18 @@ class GatedDeltaNet(RecurrentMixer):
         self.norm_weight = empty_param(shape.v_head_dim, dtype=dtype, device=device)
         self.out_proj = Linear(shape.value_dim, h, False, dtype, device)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, lora=None) -> tuple[torch.Tensor, ...]:
         """[T, hidden] -> (q|k|v [T, conv dim] in the convolution's channel
-        order, z [T, Hv, Dv], b [T, Hv], a [T, Hv])."""
-        s, t = self.shape, x.shape[0]
+        order, z [T, Hv, Dv], b [T, Hv], a [T, Hv]), each projection with
+        its LoRA delta (``lora``: the step's adapters) before the split."""
+        s, t, p = self.shape, x.shape[0], self.adapted
         if not s.fused_projections:
-            return (self.in_proj_qkv(x), self.in_proj_z(x).view(t, s.num_v_heads, s.v_head_dim),
-                    self.in_proj_b(x), self.in_proj_a(x))
+            return (p("in_proj_qkv", x, lora), p("in_proj_z", x, lora).view(t, s.num_v_heads, s.v_head_dim),
+                    p("in_proj_b", x, lora), p("in_proj_a", x, lora))
         r = s.num_v_heads // s.num_k_heads
-        qkvz = self.in_proj_qkvz(x).view(t, s.num_k_heads, -1)
+        qkvz = p("in_proj_qkvz", x, lora).view(t, s.num_k_heads, -1)
         q, k, v, z = qkvz.split([s.k_head_dim, s.k_head_dim, r * s.v_head_dim, r * s.v_head_dim], dim=-1)
-        b, a = self.in_proj_ba(x).view(t, s.num_k_heads, 2 * r).split([r, r], dim=-1)
+        b, a = p("in_proj_ba", x, lora).view(t, s.num_k_heads, 2 * r).split([r, r], dim=-1)
         qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)
         return (qkv, z.reshape(t, s.num_v_heads, s.v_head_dim), b.reshape(t, -1), a.reshape(t, -1))
 
@@ -76,7 +77,7 @@ class GatedDeltaNet(RecurrentMixer):
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         s = self.shape
-        qkv, z, b, a = self.project(x)
+        qkv, z, b, a = self.project(x, lora)
         states = self.states()
         conv_state, rec_state = states["conv"], states["recurrent"]
         weight = self.conv_weight[:, 0, :]
@@ -97,7 +98,7 @@ class GatedDeltaNet(RecurrentMixer):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta)
         self.keep(conv=kept_conv, recurrent=kept)
-        return self.out_proj(self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim))
+        return self.adapted("out_proj", self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim), lora)
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each value head's output (weight times the normed row

@@ -18,7 +18,11 @@ from splitserve.kernels.lora import LoraMeta
 
 class HybridCausalLM(CausalLM):
     """``CausalLM`` whose layers ``cfg.options.hybrid`` marks recurrent keep a
-    state in place of a KV cache slice; their mixers take ``bind``."""
+    state in place of a KV cache slice; their mixers take ``bind``.
+    ``takes_lora``: whether the family serves LoRA adapters (its layer kinds
+    checked against PEFT)."""
+
+    takes_lora = False
 
     def bind_state(self, state: RecurrentState) -> None:
         """Give every recurrent layer the runner's state store."""
@@ -40,8 +44,13 @@ class HybridCausalLM(CausalLM):
                    for i in self.cfg.options.hybrid.state_layers)
 
     def enable_lora(self, num_slots: int, max_rank: int):
-        raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
-                              "model: its recurrent layers' projections take no adapter here)")
+        """LoRA stacks on the attention layers' and dense MLPs' projections and
+        on the recurrent mixers' (``RecurrentMixer.enable_lora``), in the
+        families that set ``takes_lora`` (Qwen3-Next, Qwen3.5); the others refuse."""
+        if not self.takes_lora:
+            raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
+                                  "model: LoRA on hybrids is served for Qwen3-Next and Qwen3.5 only)")
+        return super().enable_lora(num_slots, max_rank)
 
     def forward(
         self,

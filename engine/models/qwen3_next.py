@@ -7,7 +7,11 @@ The attention layers: ``q_proj`` gives each head's query and an output
 gate side by side ([heads, 2 x head_dim]); q and k are RMS-normed per head
 (scaled by 1 + weight, as every norm of the family) before a partial RoPE
 (``partial_rotary_factor``, 0.25 by default); the attention output is
-multiplied by sigmoid(gate) before ``o_proj``.
+multiplied by sigmoid(gate) before ``o_proj``. A LoRA adapter's q_proj
+delta covers q_proj's whole output, query and gate rows, as PEFT adds it.
+LoRA adapters are taken on the attention projections, the dense MLPs
+(not the experts, routers or shared experts) and the Gated DeltaNet's
+projections.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from splitserve.engine.models.gated_delta_net import GatedDeltaNet
 from splitserve.engine.models.gemma import NormPlusOneSlot
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import Attention, Linear, ShardSlot, linear_slots
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.moe import CHECKPOINT_NAMES, MoECausalLM
 from splitserve.engine.models.rope import apply_rotary
 from splitserve.kernels.lora import LoraMeta
@@ -40,7 +45,10 @@ class OutputGatedAttention(Attention):
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None,
                 lora: LoraMeta | None = None) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
-        qg, k, v = self.qkv_proj(x).split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qgkv = self.qkv_proj(x)
+        if lora is not None and self.qkv_lora is not None:  # on q_proj's whole [query | gate] rows
+            self.qkv_lora.add_to(qgkv, x, lora)
+        qg, k, v = qgkv.split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
         qg = qg.view(t, self.num_heads, 2 * d)
         q, gate = qg[..., :d].contiguous(), qg[..., d:].reshape(t, self.q_size)
         k = k.reshape(t, self.num_kv_heads, d).contiguous()
@@ -50,7 +58,21 @@ class OutputGatedAttention(Attention):
             q, k = apply_rotary(positions, q, k, cos_sin_cache, self.float_rope)
         out = paged_attention_layer(q, k, v, layer_cache, meta, self.scale, self.sliding_window,
                                     self.softcap)
-        return self.o_proj(out.reshape(t, self.q_size) * torch.sigmoid(gate))
+        out = out.reshape(t, self.q_size) * torch.sigmoid(gate)
+        y = self.o_proj(out)
+        if lora is not None and self.o_lora is not None:
+            self.o_lora.add_to(y, out, lora)
+        return y
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """As ``Attention.enable_lora``, q_proj's slice as wide as its query and gate rows."""
+        dev = self.o_proj.weight.device
+        self.qkv_lora = LoraStack(self.qkv_proj.in_features, (2 * self.q_size, self.kv_size, self.kv_size),
+                                  num_slots, max_rank, self.dtype, dev)
+        self.o_lora = LoraStack(self.q_size, (self.o_proj.out_features,), num_slots, max_rank,
+                                self.dtype, dev)
+        q, o = self.qkv_lora, self.o_lora
+        return {"q_proj": (q, 0), "k_proj": (q, 1), "v_proj": (q, 2), "o_proj": (o, 0)}
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         q, kv = 2 * self.q_size, self.kv_size
@@ -67,6 +89,8 @@ class GatedAttentionLayer(DecoderLayer):
 
 
 class Qwen3NextForCausalLM(HybridCausalLM, MoECausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         cfg, prefix = self.cfg, f"model.layers.{index}"

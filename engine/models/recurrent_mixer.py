@@ -6,9 +6,9 @@ A mixer reads its state layer's tensors (``states()``), runs the batch with
 ``splitserve.engine.models.recurrent_batch``, and hands the per-token states
 of verify chunks to ``keep`` so speculative decoding can roll rejected
 drafts back (``keeps_verify_states``). Its projections (``projection_names``)
-are what ``quantize_fp8_`` quantizes and ``projection_slots`` loads by their
-checkpoint names. LoRA adapters are refused for hybrid models
-(``HybridCausalLM.enable_lora``), so a mixer takes none."""
+are what ``quantize_fp8_`` quantizes, ``projection_slots`` loads by their
+checkpoint names and ``enable_lora`` gives LoRA stacks, which ``adapted``
+applies (in the families ``HybridCausalLM.takes_lora`` allows)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from splitserve.engine.models.layers import Linear, ShardSlot, linear_slots
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.state_cache import RecurrentState
+from splitserve.kernels.lora import LoraMeta
 
 
 class RecurrentMixer(nn.Module):
@@ -26,6 +28,7 @@ class RecurrentMixer(nn.Module):
         super().__init__()
         self.state_index = state_index  # its layer among the model's recurrent layers
         self.state: RecurrentState | None = None  # bound by the runner (HybridCausalLM.bind_state)
+        self.loras: dict[str, LoraStack] = {}  # projection name -> its stack (enable_lora)
 
     def bind(self, state: RecurrentState) -> None:
         self.state = state
@@ -51,8 +54,25 @@ class RecurrentMixer(nn.Module):
         for lin in self.projections():
             lin.quantize_fp8_()
 
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict:
-        return {}
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """A one-slice LoRA stack per projection, in the model dtype (``dtype``,
+        which mixers that take LoRA keep); name -> (its stack, slice 0)."""
+        for name in self.projection_names():
+            lin = getattr(self, name)
+            stack = LoraStack(lin.in_features, (lin.out_features,), num_slots, max_rank, self.dtype,
+                              lin.weight.device)
+            self.add_module(f"{name}_lora", stack)
+            self.loras[name] = stack
+        return {name: (stack, 0) for name, stack in self.loras.items()}
+
+    def adapted(self, name: str, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """Projection ``name`` of x plus each token's adapter's delta on its
+        whole output (before any split, as PEFT adds it)."""
+        y = getattr(self, name)(x)
+        stack = self.loras.get(name)
+        if lora is not None and stack is not None:
+            stack.add_to(y, x, lora)
+        return y
 
     def projection_slots(self, prefix: str) -> dict[str, ShardSlot]:
         """The projections' checkpoint tensors under ``prefix``."""

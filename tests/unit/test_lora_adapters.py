@@ -113,6 +113,44 @@ def test_an_ungated_mlp_takes_no_lora():
         adapter_layout(cfg, {**pair(0, "q_proj", 4, 32, 32), **pair(1, "up_proj", 4, 32, 48)}, sc2, 8)
 
 
+def test_hybrid_layers_take_lora_on_the_projections_they_have():
+    """Qwen3-Next: q_proj's rows are query and gate (twice the heads' width);
+    a Gated DeltaNet layer takes LoRA on its linear_attn projections only, an
+    attention layer on its self_attn ones; anything else is refused by name."""
+    cfg = parse_adapter_config(BASE)
+    nxt = ModelConfig.from_hf({
+        "architectures": ["Qwen3NextForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16, "mlp_only_layers": [0]})
+
+    def gdn(module: str, d_in: int, d_out: int) -> dict:
+        stem = f"base_model.model.model.layers.0.linear_attn.{module}"
+        return {f"{stem}.lora_A.weight": (4, d_in), f"{stem}.lora_B.weight": (d_out, 4)}
+
+    ok = {**pair(1, "q_proj", 4, 32, 64), **pair(1, "o_proj", 4, 32, 32), **pair(0, "down_proj", 4, 48, 32),
+          **gdn("in_proj_qkvz", 32, 96), **gdn("in_proj_ba", 32, 8), **gdn("out_proj", 32, 32)}
+    assert sorted(adapter_layout(cfg, ok, nxt, 8).modules) == [
+        (0, "down_proj"), (0, "in_proj_ba"), (0, "in_proj_qkvz"), (0, "out_proj"), (1, "o_proj"),
+        (1, "q_proj")]
+    bad = {
+        "fit rank": pair(1, "q_proj", 4, 32, 32),  # the query rows alone
+        "layer 0 is a gated_delta_net layer, without self_attn": pair(0, "k_proj", 4, 32, 16),
+        "linear_attn has no in_proj_qkv ": gdn("in_proj_qkv", 32, 64),  # Qwen3.5's name
+        "mixture-of-experts": pair(1, "gate_proj", 4, 32, 48),
+        "MoE experts": {"base_model.model.model.layers.1.mlp.shared_expert.up_proj.lora_A.weight": (4, 32)},
+        "no lora_A/lora_B weight": {"base_model.model.model.layers.0.linear_attn.conv1d.lora_A.weight": (4, 4)},
+    }
+    for what, tensors in bad.items():
+        with pytest.raises(AdapterError, match=what):
+            adapter_layout(cfg, tensors, nxt, 8)
+    attn_layer = {k.replace("layers.0", "layers.1"): v for k, v in gdn("out_proj", 32, 32).items()}
+    with pytest.raises(AdapterError, match="layer 1 is an attention layer, without linear_attn"):
+        adapter_layout(cfg, attn_layer, nxt, 8)
+
+
 def test_slot_table_lru_never_evicts_a_held_adapter():
     t = SlotTable(2)
     a = t.acquire("a")

@@ -7,8 +7,10 @@ Batches mix several adapters and the base model, with fewer device slots
 than adapters, so adapters are swapped in and out between and within
 runs; outputs must equal PEFT's greedy tokens exactly. Also: the prefix
 cache never serves one adapter's blocks to another or to the base model,
-a KV hand-off carries its adapter to the decoding engine, and the
-attention projections of an MoE model take LoRA.
+a KV hand-off carries its adapter to the decoding engine, the
+attention projections of an MoE model take LoRA, and so do the attention,
+dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
+hybrids.
 """
 
 from __future__ import annotations
@@ -177,4 +179,38 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
     eng.add_adapter("all", str(adapter))
     got = eng.generate(ps + ps, GREEDY, adapters=["all"] * len(ps) + [None] * len(ps))
     assert [r.token_ids for r in got] == want + plain
+    assert eng.kv.all_free()
+
+
+# Qwen3-Next: gated attention (q_proj's query and gate rows) and the Gated DeltaNet's fused
+# projections (PEFT writes MLP targets on this MoE model as expert parameters, which are
+# refused); Qwen3.5: every linear layer (its Gated DeltaNet's four input projections apart,
+# dense MLPs)
+HYBRID_TARGETS = {
+    "qwen3_next": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"),
+    "qwen3_5": "all-linear",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HYBRID_TARGETS))
+def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
+    # two adapters and the base model in one batch, through the recurrent layers' state slots
+    base = tiny_checkpoints[variant]
+    paths = {"mixed": build_adapter(base, tmp_path / "mixed", seed=6, r=4, lora_alpha=8,
+                                    target_modules=HYBRID_TARGETS[variant]),
+             "attn": build_adapter(base, tmp_path / "attn", **ADAPTERS["attn"])}
+    ps = prompts(hf_model(base).config.vocab_size, lengths=(3, 11, 20))
+    want = {n: hf_greedy(peft_model(base, p), ps, MAX_NEW) for n, p in paths.items()}
+    want[None] = hf_greedy(hf_model(base), ps, MAX_NEW)
+    assert want["mixed"] != want[None] and want["attn"] != want[None]
+    eng = make(base)
+    for n, p in paths.items():
+        eng.add_adapter(n, str(p))
+    linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj"))}
+    assert linear == ({"in_proj_qkvz", "in_proj_ba", "out_proj"} if variant == "qwen3_next"
+                      else {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
+    jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
+    got = eng.generate([ps[i] for _, i in jobs], GREEDY, adapters=[n for n, _ in jobs])
+    for (n, i), r in zip(jobs, got):
+        assert r.token_ids == want[n][i], (n, i)
     assert eng.kv.all_free()
