@@ -185,10 +185,12 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
 # Qwen3-Next: gated attention (q_proj's query and gate rows) and the Gated DeltaNet's fused
 # projections (PEFT writes MLP targets on this MoE model as expert parameters, which are
 # refused); Qwen3.5: every linear layer (its Gated DeltaNet's four input projections apart,
-# dense MLPs)
+# dense MLPs); Qwen3.5-MoE: attention and the Gated DeltaNet
 HYBRID_TARGETS = {
     "qwen3_next": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"),
     "qwen3_5": "all-linear",
+    "qwen3_5_moe": ("q_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                    "out_proj"),
 }
 
 
