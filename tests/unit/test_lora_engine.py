@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -202,8 +203,9 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
                                     target_modules=HYBRID_TARGETS[variant]),
              "attn": build_adapter(base, tmp_path / "attn", **ADAPTERS["attn"])}
     ps = prompts(hf_model(base).config.vocab_size, lengths=(5, 14))
-    want = {n: hf_greedy(peft_model(base, p), ps, MAX_NEW) for n, p in paths.items()}
-    want[None] = hf_greedy(hf_model(base), ps, MAX_NEW)
+    refs = {n: peft_model(base, p) for n, p in paths.items()}
+    refs[None] = hf_model(base)
+    want = {n: hf_greedy(m, ps, MAX_NEW) for n, m in refs.items()}
     assert want["mixed"] != want[None] and want["attn"] != want[None]
     eng = make(base)
     for n, p in paths.items():
@@ -212,7 +214,14 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     assert linear == ({"in_proj_qkvz", "in_proj_ba", "out_proj"} if variant == "qwen3_next"
                       else {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
-    got = eng.generate([ps[i] for _, i in jobs], GREEDY, adapters=[n for n, _ in jobs])
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    got = eng.generate([ps[i] for _, i in jobs], params, adapters=[n for n, _ in jobs])
     for (n, i), r in zip(jobs, got):
         assert r.token_ids == want[n][i], (n, i)
+        # each prompt token's logprob under the request's adapter, as PEFT's logits give it
+        p = ps[i]
+        with torch.no_grad():
+            ref = refs[n](torch.tensor([p])).logits[0].float().log_softmax(-1)
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in r.prompt_logprobs[1:]]),
+                                   ref[torch.arange(len(p) - 1), torch.tensor(p[1:])], atol=2e-4, rtol=0)
     assert eng.kv.all_free()
