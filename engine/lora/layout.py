@@ -11,8 +11,9 @@ Every tensor must be such a pair's half on a projection the model has: the
 attention projections of every attention layer, the MLP projections of dense
 layers (an MoE layer's experts and router take no LoRA, nor does the ungated
 MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
-layers, the ``linear_attn`` projections (``in_proj_qkvz``, ``in_proj_ba`` or
-``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ``out_proj``).
+layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
+``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
+``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """
@@ -33,9 +34,10 @@ from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, Ad
 _NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp|linear_attn)\.(\w+))"
                    r"\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-          **{n: "linear_attn" for n in ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z",
-                                        "in_proj_b", "in_proj_a", "out_proj")}}
+          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
+_LINEAR_ATTN = ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                "out_proj", "q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj", "o_proj")
 # families whose q_proj gives each head's query and output gate (Qwen3-Next's gated attention)
 QUERY_GATED = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 GATED_DELTA_NET = "gated_delta_net"  # the hybrid layer kind whose linear_attn takes LoRA
@@ -62,18 +64,18 @@ class AdapterLayout:
         return max((m.rank for m in self.modules.values()), default=0)
 
 
-def projection_shape(cfg: ModelConfig, layer: int, module: str) -> tuple[int, int] | None:
-    """(in, out) features of ``module`` in ``layer``; None where the model
-    has no such dense projection (an MoE layer's MLP, or a hybrid layer of
-    the other kind: see ``layer_lacks``)."""
-    if _PLACE[module] == "mlp":
+def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> tuple[int, int] | None:
+    """(in, out) features of ``place.module`` (``self_attn.q_proj``) in
+    ``layer``; None where the model has no such dense projection (an MoE
+    layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
+    if place == "mlp":
         if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
             return None
         h, i = cfg.hidden_size, cfg.intermediate_size
         return {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
-    if layer_lacks(cfg, layer, module):
+    if layer_lacks(cfg, layer, place, module):
         return None
-    if _PLACE[module] == "linear_attn":
+    if place == "linear_attn":
         return _delta_net_shapes(cfg).get(module)
     q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     q_rows = 2 * q if cfg.family in QUERY_GATED else q
@@ -83,18 +85,23 @@ def projection_shape(cfg: ModelConfig, layer: int, module: str) -> tuple[int, in
 def _delta_net_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """A Gated DeltaNet layer's projections, name -> (in, out)."""
     s, h = cfg.options.gated_delta_net, cfg.hidden_size
-    if s.fused_projections:  # Qwen3-Next
+    out = "out_proj"
+    if cfg.family == "olmo_hybrid":
+        inputs = {"q_proj": s.key_dim, "k_proj": s.key_dim, "v_proj": s.value_dim, "g_proj": s.value_dim,
+                  "b_proj": s.num_v_heads, "a_proj": s.num_v_heads}
+        out = "o_proj"
+    elif s.fused_projections:  # Qwen3-Next
         inputs = {"in_proj_qkvz": 2 * s.key_dim + 2 * s.value_dim, "in_proj_ba": 2 * s.num_v_heads}
     else:  # Qwen3.5
         inputs = {"in_proj_qkv": s.conv_dim, "in_proj_z": s.value_dim, "in_proj_b": s.num_v_heads,
                   "in_proj_a": s.num_v_heads}
-    return {**{n: (h, o) for n, o in inputs.items()}, "out_proj": (s.value_dim, h)}
+    return {**{n: (h, o) for n, o in inputs.items()}, out: (s.value_dim, h)}
 
 
-def layer_lacks(cfg: ModelConfig, layer: int, module: str) -> str:
+def layer_lacks(cfg: ModelConfig, layer: int, place: str, module: str) -> str:
     """Why ``layer`` has no attention (``self_attn``) or Gated DeltaNet
     (``linear_attn``) projection ``module``; "" where it has one."""
-    place, hybrid = _PLACE[module], cfg.options.hybrid
+    hybrid = cfg.options.hybrid
     kind = ATTENTION if hybrid is None else hybrid.layer_kinds[layer]
     if place == "self_attn" and hybrid is not None and layer not in hybrid.attention_layers:
         return f"layer {layer} is a {kind} layer, without self_attn"
@@ -123,35 +130,36 @@ def _refusal(name: str) -> str:
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
                    max_rank: int, source: str = "adapter_model.safetensors") -> AdapterLayout:
     """Check tensor ``shapes`` (name -> shape) against ``model``; return the layout."""
-    halves: dict[tuple[int, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
+    halves: dict[tuple[int, str, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
     for name, shape in shapes.items():
         m = _NAME.match(name)
-        if m is None or m.group(4) not in _PLACE or _PLACE[m.group(4)] != m.group(3):
+        if m is None or not (_PLACE.get(m.group(4)) == m.group(3) or
+                             (m.group(3) == "linear_attn" and m.group(4) in _LINEAR_ATTN)):
             raise AdapterError(f"{source}: tensor {name!r}: {_refusal(name)}",
                                param="target_modules")
-        layer, module = int(m.group(2)), m.group(4)
+        layer, place, module = int(m.group(2)), m.group(3), m.group(4)
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
-        if _PLACE[module] == "mlp" and model.options.plain_mlp:
+        if place == "mlp" and model.options.plain_mlp:
             raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
                                f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
                                "attention projections do", param="target_modules")
-        if lacks := layer_lacks(model, layer, module):
+        if lacks := layer_lacks(model, layer, place, module):
             raise AdapterError(f"{source}: tensor {name!r}: {lacks}; LoRA on a projection the "
                                "model lacks is refused", param="target_modules")
-        if projection_shape(model, layer, module) is None:
+        if projection_shape(model, layer, place, module) is None:
             raise AdapterError(f"{source}: tensor {name!r}: layer {layer} is a mixture-of-experts "
                                "layer; MoE experts and routers take no LoRA", param="target_modules")
-        halves.setdefault((layer, module), {})[m.group(5)] = (name, tuple(shape))
+        halves.setdefault((layer, place, module), {})[m.group(5)] = (name, tuple(shape))
     modules: dict[tuple[int, str], ModuleLora] = {}
-    for (layer, module), pair in sorted(halves.items()):
-        key = f"model.layers.{layer}.{_PLACE[module]}.{module}"
+    for (layer, place, module), pair in sorted(halves.items()):
+        key = f"model.layers.{layer}.{place}.{module}"
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterError(f"{source}: {key} has no {missing} weight", param="target_modules")
         (a_name, a_shape), (b_name, b_shape) = pair["A"], pair["B"]
-        d_in, d_out = projection_shape(model, layer, module)
+        d_in, d_out = projection_shape(model, layer, place, module)
         r = cfg.rank_of(key)
         if a_shape != (r, d_in) or b_shape != (d_out, r):
             raise AdapterError(

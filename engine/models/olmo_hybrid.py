@@ -38,10 +38,19 @@ from splitserve.engine.models.olmo2 import Olmo2DecoderLayer
 _NORM_NAMES = ((".input_layernorm.", ".attention_layer_norm."),
                (".post_attention_layernorm.", ".feedforward_layer_norm."))
 _CONV_PARTS = ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight")
+# the Gated DeltaNet's projections -> their checkpoint (and LoRA module) names
+_LORA_NAMES = {"in_proj_z": "g_proj", "in_proj_b": "b_proj", "in_proj_a": "a_proj", "out_proj": "o_proj"}
 
 
 class OlmoHybridGatedDeltaNet(GatedDeltaNet):
-    """The Gated DeltaNet under OLMo Hybrid's checkpoint names."""
+    """The Gated DeltaNet under OLMo Hybrid's checkpoint names (LoRA
+    adapters' too: q/k/v as three slices of ``in_proj_qkv``'s stack)."""
+
+    def lora_parts(self, name: str) -> list[tuple[str, int]]:
+        s = self.shape
+        if name == "in_proj_qkv":
+            return [("q_proj", s.key_dim), ("k_proj", s.key_dim), ("v_proj", s.value_dim)]
+        return [(_LORA_NAMES[name], getattr(self, name).out_features)]
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         s = self.shape
@@ -67,6 +76,8 @@ class OlmoHybridAttentionLayer(Olmo2DecoderLayer):
 
 
 class OlmoHybridCausalLM(MappedCausalLM, HybridCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
         self._conv_parts: dict[str, dict[str, torch.Tensor]] = {}  # a layer's convolution pieces so far

@@ -54,16 +54,25 @@ class RecurrentMixer(nn.Module):
         for lin in self.projections():
             lin.quantize_fp8_()
 
+    def lora_parts(self, name: str) -> list[tuple[str, int]]:
+        """The LoRA targets on projection ``name``'s output, in row order:
+        (the adapter's module name, its rows); one, the projection itself,
+        unless the checkpoint stores the projection in parts."""
+        return [(name, getattr(self, name).out_features)]
+
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
-        """A one-slice LoRA stack per projection, in the model dtype (``dtype``,
-        which mixers that take LoRA keep); name -> (its stack, slice 0)."""
+        """A LoRA stack per projection, a slice per part (``lora_parts``), in
+        the model dtype (``dtype``, which mixers that take LoRA keep); the
+        adapter's module name -> (its stack, its slice)."""
+        targets = {}
         for name in self.projection_names():
-            lin = getattr(self, name)
-            stack = LoraStack(lin.in_features, (lin.out_features,), num_slots, max_rank, self.dtype,
-                              lin.weight.device)
+            lin, parts = getattr(self, name), self.lora_parts(name)
+            stack = LoraStack(lin.in_features, tuple(rows for _, rows in parts), num_slots, max_rank,
+                              self.dtype, lin.weight.device)
             self.add_module(f"{name}_lora", stack)
             self.loras[name] = stack
-        return {name: (stack, 0) for name, stack in self.loras.items()}
+            targets.update({part: (stack, i) for i, (part, _) in enumerate(parts)})
+        return targets
 
     def adapted(self, name: str, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """Projection ``name`` of x plus each token's adapter's delta on its

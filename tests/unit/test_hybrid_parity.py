@@ -209,10 +209,10 @@ def test_refusals(tiny_checkpoints, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot draft here"):
         engine(tiny_checkpoints["llama"], speculative=SpeculativeConfig(
             method="draft", draft_model=str(path), num_speculative_tokens=2))
-    # LoRA: Qwen3-Next and Qwen3.5 take adapters (tests/unit/test_lora_engine.py); the other
-    # hybrids refuse them, OLMo Hybrid's Gated DeltaNet layers included
-    with pytest.raises(CheckpointError, match="not supported for OlmoHybridForCausalLM .a hybrid"):
-        engine(tiny_checkpoints["olmo_hybrid"], max_loras=1)
+    # LoRA: Qwen3-Next, Qwen3.5 and OLMo Hybrid take adapters (tests/unit/test_lora_engine.py);
+    # the other hybrids refuse them, Kimi Linear's delta-rule layers included
+    with pytest.raises(CheckpointError, match="not supported for KimiLinearForCausalLM .a hybrid"):
+        engine(tiny_checkpoints["kimi_linear"], max_loras=1)
     for variant in NO_SPECULATION:
         with pytest.raises(CheckpointError, match="cannot roll rejected drafts back"):
             engine(tiny_checkpoints[variant], speculative=SpeculativeConfig(method="ngram"))
