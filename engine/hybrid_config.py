@@ -7,6 +7,7 @@ lists, one slot per running sequence."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 ATTENTION = "attention"  # the layer kind that reads and writes the paged KV cache
@@ -122,6 +123,12 @@ class GatedDeltaNetShape:
     @property
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
+
+    def split(self, size: int) -> "GatedDeltaNetShape":
+        """One of ``size`` tensor-parallel ranks' part: ``num_k_heads / size``
+        key heads and the ``num_v_heads / size`` value heads they serve."""
+        return dataclasses.replace(self, num_k_heads=self.num_k_heads // size,
+                                   num_v_heads=self.num_v_heads // size)
 
     def states(self) -> tuple[StateKind, ...]:
         """The convolution's last ``conv_kernel - 1`` inputs and the delta rule's

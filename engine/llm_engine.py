@@ -94,7 +94,7 @@ class LLMEngine:
             states = StateSlots(live)
             if num_state_checkpoints(cfg) > 0:
                 checkpoints = StateCheckpoints(live, num_state_checkpoints(cfg),
-                                               self.runner.state.copy_slot)
+                                               self.runner.copy_state)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, states, checkpoints)
         self.requests: dict[str, RequestState] = {}
         self.adapters = AdapterRegistry(self.lora)  # served by name (add_adapter)

@@ -144,15 +144,19 @@ def verify_rows_as_decode(scheduled: list[ScheduledSeq], ctx: list[int],
 PROMPT_LOGPROB_ROWS = 256  # vocabulary projections per slice when scoring prompts
 
 
-def step_command(inp: StepInputs) -> StepCommand:
-    """The step as the other tensor-parallel ranks receive it."""
+def step_command(inp: StepInputs, state_ops: list[tuple[str, int, int]]) -> StepCommand:
+    """The step as the other tensor-parallel ranks receive it, after the
+    recurrent-state ``state_ops`` rank 0 ran since the last one."""
     m = inp.meta
     return StepCommand(
         input_ids=inp.input_ids.tolist(), positions=inp.positions.tolist(),
         slot_mapping=m.slot_mapping.tolist(), block_tables=m.block_tables.tolist(),
         cu_query_lens=m.cu_query_lens.tolist(), context_lens=m.context_lens.tolist(),
         decode_only=m.decode_only, k_scale=m.k_scale, v_scale=m.v_scale,
-        logit_rows=inp.logit_rows.tolist(), prompt_rows=list(inp.prompt_rows))
+        logit_rows=inp.logit_rows.tolist(), prompt_rows=list(inp.prompt_rows),
+        state_ops=list(state_ops), fresh_slots=list(inp.fresh_slots), restores=list(inp.restores),
+        state_slots=None if m.state_slots is None else m.state_slots.tolist(),
+        query_lens=m.query_lens, keep_states=m.keep_states)
 
 # scheduled index -> [(prompt position p, logprobs of prompt token p + 1)]
 PromptLogprobs = dict[int, list[tuple[int, TokenLogprobs]]]
@@ -187,11 +191,15 @@ class ModelRunner:
         self.k_scale = float(cfg.extra.get("k_scale", 1.0))
         self.v_scale = float(cfg.extra.get("v_scale", 1.0))
         self.scale = 1.0 / math.sqrt(model_cfg.head_dim)
-        # hybrid models: the recurrent layers' states, one slot per sequence
+        # hybrid models: the recurrent layers' states, one slot per sequence (tensor
+        # parallel: this rank's heads', as the shard's config lays them out)
         self.state: RecurrentState | None = None
         if model_cfg.options.hybrid is not None:
-            self.state = RecurrentState(model_cfg.options.hybrid, num_state_slots(cfg), dtype, device)
+            self.state = RecurrentState(model.cfg.options.hybrid, num_state_slots(cfg), dtype, device)
             model.bind_state(self.state)
+        # tensor parallel: state copies and rollbacks since the last step, which the
+        # other ranks repeat before it (StepCommand.state_ops)
+        self.state_ops: list[tuple[str, int, int]] = []
         self.graphs = None
         # (hybrid models run eagerly: their recurrent layers loop over the batch's sequences)
         if device.type == "cuda" and not cfg.enforce_eager and tp is None and self.state is None:
@@ -298,7 +306,8 @@ class ModelRunner:
         inp = self.prepare(scheduled, kv)
         if self.tp is None:
             return self._run(inp, scheduled, on_layer_done)
-        self.tp.send_step(step_command(inp))
+        ops, self.state_ops = self.state_ops, []
+        self.tp.send_step(step_command(inp, ops))
         try:
             return self._run(inp, scheduled, on_layer_done)
         except Exception as e:  # the other ranks may wait in a collective: fatal
@@ -327,6 +336,20 @@ class ModelRunner:
                     prompt_lps)
         logits = self.model.compute_logits(hidden.index_select(0, inp.logit_rows))
         return logits.float(), inp.logit_seqs, prompt_lps
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """Copy recurrent-state slot ``src`` into ``dst`` (state checkpoints),
+        on every rank."""
+        self.state.copy_slot(src, dst)
+        if self.tp is not None:
+            self.state_ops.append(("copy", src, dst))
+
+    def rollback_state(self, slot: int, tokens: int) -> None:
+        """``RecurrentState.rollback`` of ``slot`` to ``tokens`` of its verify
+        chunk, on every rank."""
+        self.state.rollback(slot, tokens)
+        if self.tp is not None:
+            self.state_ops.append(("rollback", slot, tokens))
 
     def pack_kv(self, block_ids: list[int], layer_start: int, layer_end: int) -> torch.Tensor:
         """Layers [layer_start, layer_end) of ``block_ids``, every KV head:

@@ -28,7 +28,7 @@ transformers' Qwen3_5TextConfig and its model read them, bar:
 
 Refused: activations other than SiLU, sliding windows, a malformed
 ``mrope_section``, fp8 checkpoints (untested through the renamed and split
-tensors), tensor parallelism, LoRA adapters.
+tensors), LoRA adapters.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ As transformers' Qwen3NextConfig and its model read it:
 
 Refused: activations other than SiLU, sliding windows, a convolution of
 fewer than 2 taps, fp8 checkpoints (their projections are regrouped per key
-head here), tensor parallelism (the recurrent layers are not sharded),
-LoRA adapters. A hybrid model's engine caches prefixes with state checkpoints;
-speculative decoding rolls its states back to the accepted drafts.
+head here), LoRA adapters. Tensor parallelism splits the Gated DeltaNet
+layers by key heads (``splitserve.engine.parallel.plan``). A hybrid model's
+engine caches prefixes with state checkpoints; speculative decoding rolls
+its states back to the accepted drafts.
 """
 
 from __future__ import annotations
@@ -121,9 +122,7 @@ def hybrid_options(cfg: dict[str, Any], family: str, fused: bool) -> dict[str, A
     head_dim = int(merged.get("head_dim") or int(merged["hidden_size"]) // int(merged["num_attention_heads"]))
     return dict(hidden_act=checked_activation(cfg, family), norm_plus_one=True, norm_fp32_product=True,
                 rotary_dim=rotary_dim(cfg, head_dim), hybrid=HybridLayout(kinds, shape.states()),
-                gated_delta_net=shape,
-                tensor_parallel_refusal=f"{family}'s recurrent (Gated DeltaNet) layers are not sharded "
-                                        "across ranks")
+                gated_delta_net=shape)
 
 
 def options(cfg: dict[str, Any]) -> FamilyOptions:

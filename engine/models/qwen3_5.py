@@ -39,10 +39,11 @@ class Qwen3_5ForCausalLM(MappedCausalLM, Qwen3NextForCausalLM):
     def split_experts(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """A fused [E, 2I, hidden] gate_up_proj or [E, hidden, I] down_proj ->
         each expert's gate_proj / up_proj [I, hidden] or down_proj [hidden, I]."""
-        moe = self.cfg.moe
+        cfg = self.cfg if self.tp is None else self.tp.plan.cfg  # the whole model's sizes
+        moe = cfg.moe
         if moe is None:
             raise CheckpointError(f"{name}: experts in a checkpoint of a model without them")
-        e, i, h = moe.num_experts, moe.expert_intermediate_size, self.cfg.hidden_size
+        e, i, h = moe.num_experts, moe.expert_intermediate_size, cfg.hidden_size
         gate_up = name.endswith("gate_up_proj")
         want = (e, 2 * i, h) if gate_up else (e, h, i)
         if tuple(tensor.shape) != want:

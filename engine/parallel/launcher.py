@@ -106,9 +106,11 @@ class TensorParallelRanks:
 
     @classmethod
     def start(cls, plan: ShardPlan, model: str, dtype: torch.dtype, kv_dtype: torch.dtype,
-              device: torch.device, num_blocks: int, block_size: int) -> "TensorParallelRanks":
+              device: torch.device, num_blocks: int, block_size: int,
+              num_state_slots: int = 0) -> "TensorParallelRanks":
         """Spawn ranks 1..N-1 and join the groups with them (they load their
-        shards from here on; ``wait_ready`` waits for that)."""
+        shards from here on; ``wait_ready`` waits for that). ``num_state_slots``:
+        a hybrid model's recurrent-state slots on each rank."""
         ctx = mp.get_context("spawn")
         store = open_store(STORE_TIMEOUT_S)
         prefix, secret = secrets.token_hex(16), secrets.token_bytes(32)
@@ -121,7 +123,7 @@ class TensorParallelRanks:
                 kv_dtype=str(kv_dtype).removeprefix("torch."), device=str(rank_device(device, r)),
                 num_blocks=num_blocks, block_size=block_size, store_port=store.port,
                 prefix=prefix, secret=secret, num_threads=torch.get_num_threads(),
-                parent_pid=os.getpid())
+                parent_pid=os.getpid(), num_state_slots=num_state_slots)
             p = ctx.Process(target=rank_main, args=(spec, theirs, kv_theirs),
                             name=f"splitserve-tp-rank{r}", daemon=True)
             p.start()
@@ -181,12 +183,12 @@ def start_ranks(cfg, checkpoint, dtype: torch.dtype,
                 device: torch.device) -> tuple[TensorParallelRanks, int]:
     """For ``LLMEngine``: check that the model splits ``cfg.tensor_parallel_size``
     ways, size the KV cache (each rank holds ``kv_cache_memory_gb`` of its
-    heads' KV), start the other ranks. Returns (the ranks, blocks per rank)."""
-    from splitserve.engine.model_runner import kv_cache_dtype, num_kv_blocks
+    heads' KV and recurrent states), start the other ranks. Returns (the ranks, blocks per rank)."""
+    from splitserve.engine.model_runner import kv_cache_dtype, num_kv_blocks, num_state_slots
 
     plan = ShardPlan(checkpoint.model_config, cfg.tensor_parallel_size, 0)
     kv_dtype = kv_cache_dtype(cfg, dtype)
     num_blocks = num_kv_blocks(cfg, plan.local_config(), kv_dtype)
     ranks = TensorParallelRanks.start(plan, str(checkpoint.path), dtype, kv_dtype, device,
-                                      num_blocks, cfg.block_size)
+                                      num_blocks, cfg.block_size, num_state_slots(cfg))
     return ranks, num_blocks

@@ -8,7 +8,7 @@ a pipe that closes tells a rank its engine is gone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class RankSpec:
     secret: bytes  # every rank proves it (splitserve.engine.parallel.group)
     num_threads: int  # torch intra-op threads, as rank 0 runs with
     parent_pid: int  # the rank exits when this process is gone
+    num_state_slots: int = 0  # a hybrid model's recurrent-state slots (as rank 0 holds)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,12 @@ class StepCommand:
 
     Every rank runs the forward over these tokens, then the same LM-head
     calls as rank 0: one per ``PROMPT_LOGPROB_ROWS`` slice of
-    ``prompt_rows``, then one over ``logit_rows`` when it is not empty."""
+    ``prompt_rows``, then one over ``logit_rows`` when it is not empty.
+
+    A hybrid model's ranks first repeat, on their heads' recurrent states,
+    what rank 0 did to its own since the last step (``state_ops``, in order:
+    ("copy", src, dst) state checkpoints, ("rollback", slot, tokens) after
+    speculative verifies), then this step's zeroing and restores."""
 
     input_ids: list[int]
     positions: list[int]
@@ -67,6 +73,12 @@ class StepCommand:
     v_scale: float
     logit_rows: list[int]
     prompt_rows: list[int]
+    state_ops: list[tuple[str, int, int]] = field(default_factory=list)
+    fresh_slots: list[int] = field(default_factory=list)
+    restores: list[tuple[int, int]] = field(default_factory=list)
+    state_slots: list[int] | None = None  # AttentionMetadata's state fields, as rank 0's
+    query_lens: tuple[int, ...] | None = None
+    keep_states: tuple[bool, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ Megatron-style layout over ``size`` ranks:
 - MLP (and each expert's, and Qwen2-MoE's shared expert's) intermediate
   dimension: I/N per rank;
 - vocabulary (embedding rows, LM head rows): ceil(V/N) per rank, the last
-  shard padded with zero rows.
+  shard padded with zero rows;
+- Gated DeltaNet layers (Qwen3-Next, Qwen3.5): ``linear_num_key_heads / N``
+  key heads per rank and the value heads each serves, so each rank's
+  recurrent states hold its heads only (``GatedDeltaNetShape.split``).
 ``check`` says, with the numbers, why a model cannot be split N ways.
 """
 
@@ -51,8 +54,14 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.layer_norm:
         problems.append(f"its LayerNorm / ungated-MLP / parallel-residual layers ({cfg.architecture}) "
                         "are not split across ranks yet (serve it at tensor_parallel_size 1)")
+    gdn = cfg.options.gated_delta_net
     if cfg.options.tensor_parallel_refusal:
         problems.append(cfg.options.tensor_parallel_refusal)
+    elif gdn is not None:
+        if gdn.num_k_heads % size:
+            problems.append(f"linear_num_key_heads ({gdn.num_k_heads}) is not a multiple of it")
+        if gdn.num_v_heads % size:
+            problems.append(f"linear_num_value_heads ({gdn.num_v_heads}) is not a multiple of it")
     elif cfg.options.hybrid is not None:
         problems.append("its recurrent layers and their states are not split across ranks (serve it at "
                         "tensor_parallel_size 1)")
@@ -118,14 +127,21 @@ class ShardPlan:
 
     def local_config(self) -> ModelConfig:
         """The config of this rank's shard: the model built from it has the
-        shard's shapes (heads, intermediate sizes, vocabulary rows)."""
+        shard's shapes (heads, intermediate sizes, vocabulary rows, Gated
+        DeltaNet heads and the recurrent states they keep)."""
         c, n = self.cfg, self.size
         moe = c.moe
         if moe is not None:
             moe = dataclasses.replace(
                 moe, expert_intermediate_size=moe.expert_intermediate_size // n,
                 shared_expert_intermediate_size=moe.shared_expert_intermediate_size // n)
+        options = c.options
+        if options.gated_delta_net is not None:
+            gdn = options.gated_delta_net.split(n)
+            options = dataclasses.replace(
+                options, gated_delta_net=gdn,
+                hybrid=dataclasses.replace(options.hybrid, states=gdn.states()))
         return dataclasses.replace(c, num_heads=self.num_local_heads,
                                    num_kv_heads=self.num_local_kv_heads,
                                    intermediate_size=c.intermediate_size // n,
-                                   vocab_size=self.vocab_shard, moe=moe)
+                                   vocab_size=self.vocab_shard, moe=moe, options=options)

@@ -3,7 +3,8 @@ rank 0's engine (``splitserve.engine.parallel.launcher``).
 
 A rank joins the replica's process groups, loads its shard of the
 checkpoint, allocates its heads' part of the paged KV cache (as many blocks
-as rank 0, the same block tables), reports ready, then runs every
+as rank 0, the same block tables) and, for a hybrid model, of the
+recurrent states (as many slots as rank 0), reports ready, then runs every
 ``StepCommand`` rank 0 sends: the same forward on its shards, the same
 LM-head calls (its vocabulary rows go to rank 0, which alone samples). A
 thread serves rank 0's KV moves (``splitserve.engine.parallel.kv.serve``).
@@ -32,6 +33,7 @@ from splitserve.engine.parallel.group import TPGroup, connect_store
 from splitserve.engine.parallel.messages import (RankFailed, RankJoining, RankReady, RankSpec,
                                                  StepCommand, Stop)
 from splitserve.engine.parallel.plan import ShardPlan
+from splitserve.engine.state_cache import RecurrentState
 
 log = logging.getLogger("splitserve.engine.parallel")
 STORE_TIMEOUT_S = 120.0
@@ -52,8 +54,22 @@ def _watch_parent(pid: int) -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
+def prepare_states(state: RecurrentState, cmd: StepCommand) -> None:
+    """Rank 0's state copies and rollbacks since the last step, then this
+    step's zeroing and restores (``ModelRunner._run``), on this rank's heads."""
+    for op, a, b in cmd.state_ops:
+        if op == "copy":
+            state.copy_slot(a, b)
+        else:
+            state.rollback(a, b)
+    state.clear_kept()
+    state.zero(cmd.fresh_slots)
+    for src, dst in cmd.restores:
+        state.copy_slot(src, dst)
+
+
 def run_step(model, cache: torch.Tensor, cmd: StepCommand, device: torch.device,
-             prompt_slice: int) -> None:
+             prompt_slice: int, state: RecurrentState | None = None) -> None:
     """The forward and LM-head calls of one step, as rank 0 runs them."""
     def t(x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype, device=device)
@@ -63,6 +79,10 @@ def run_step(model, cache: torch.Tensor, cmd: StepCommand, device: torch.device,
         cu_query_lens=t(cmd.cu_query_lens, torch.int32),
         context_lens=t(cmd.context_lens, torch.int32), decode_only=cmd.decode_only,
         k_scale=cmd.k_scale, v_scale=cmd.v_scale)
+    if state is not None:
+        prepare_states(state, cmd)
+        meta.state_slots = t(cmd.state_slots)
+        meta.query_lens, meta.keep_states = cmd.query_lens, cmd.keep_states
     hidden = model(t(cmd.input_ids), t(cmd.positions), cache, meta)
     rows = t(cmd.prompt_rows)
     for a in range(0, len(cmd.prompt_rows), prompt_slice):
@@ -93,6 +113,10 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
         cache = torch.zeros(mc.num_cache_layers, mc.kv_planes, spec.num_blocks, spec.block_size,
                             local.num_kv_heads, mc.head_dim, dtype=KV_DTYPES[spec.kv_dtype],
                             device=device)
+        state = None
+        if local.options.hybrid is not None:
+            state = RecurrentState(local.options.hybrid, spec.num_state_slots, DTYPES[spec.dtype], device)
+            model.bind_state(state)
         threading.Thread(target=kv.serve, args=(group, cache, kv_conn), name="tp-kv",
                          daemon=True).start()
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
@@ -107,7 +131,7 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
                 return
             if isinstance(cmd, Stop):
                 return
-            run_step(model, cache, cmd, device, PROMPT_LOGPROB_ROWS)
+            run_step(model, cache, cmd, device, PROMPT_LOGPROB_ROWS, state)
     except BaseException:
         log.exception("tensor-parallel rank %d failed; it exits", spec.rank)
         os._exit(1)

@@ -17,6 +17,12 @@ name in Hugging Face checkpoints:
 - vocabulary-parallel: embed_tokens, lm_head: the rank's vocabulary rows;
 - attention sinks (gpt-oss ``self_attn.sinks``, one per query head): the
   rank's query heads';
+- Gated DeltaNet layers (``linear_attn.``): the rank's key heads and their
+  value heads (``ShardPlan.local_config``): rows of the projections grouped
+  per key head (in_proj_qkvz, in_proj_ba) or per value head (in_proj_z,
+  in_proj_b, in_proj_a), of A_log and dt_bias; in_proj_qkv's and the
+  convolution's rows in three parts (the rank's q, k and v channels);
+  out_proj row-parallel; the per-head output norm whole;
 - everything else (norms, q/k norms, MoE routers, the shared expert's
   gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank.
 A slot whose shape does not match the narrowed tensor fails the load with
@@ -36,6 +42,9 @@ from splitserve.engine.parallel.plan import ShardPlan
 COLUMN = frozenset({"q_proj", "gate_proj", "up_proj", "w1", "w3", "q_b_proj", "kv_b_proj"})
 KV = frozenset({"k_proj", "v_proj"})
 ROW = frozenset({"o_proj", "down_proj", "w2"})
+GDN_ROWS = frozenset({"in_proj_qkvz", "in_proj_ba", "in_proj_z", "in_proj_b", "in_proj_a"})
+GDN_CHANNELS = frozenset({"in_proj_qkv", "conv1d"})  # [q | k | v] channels
+GDN_PER_HEAD = frozenset({"A_log", "dt_bias"})
 VOCAB = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
 
 
@@ -55,6 +64,21 @@ class RankSlice:
 
 
 @dataclass(frozen=True)
+class RankPieces:
+    """Loads the ranges ``pieces`` ((start, size) each) of dim 0, concatenated,
+    into ``slot``."""
+
+    slot: ShardSlot
+    pieces: tuple[tuple[int, int], ...]
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        for start, size in self.pieces:
+            if tensor.dim() == 0 or tensor.shape[0] < start + size:
+                raise_shape(name, tensor, RankSlice(self.slot, 0, start, size))
+        self.slot.load(name, torch.cat([tensor.narrow(0, s, n) for s, n in self.pieces]))
+
+
+@dataclass(frozen=True)
 class ZeroOnThisRank:
     """A row-parallel projection's bias on ranks other than 0: zeros, so the
     all-reduce adds it once."""
@@ -71,6 +95,28 @@ def raise_shape(name: str, tensor: torch.Tensor, part: RankSlice) -> None:
                           "for this tensor-parallel rank")
 
 
+def gated_delta_net_part(name: str, module: str, kind: str, slot: ShardSlot,
+                         plan: ShardPlan) -> object | None:
+    """The rank's part of a Gated DeltaNet tensor; None: not one, or whole."""
+    shape = plan.cfg.options.gated_delta_net
+    if shape is None or ".linear_attn." not in name:
+        return None
+    r, n = plan.rank, plan.size
+    if module in GDN_ROWS:
+        rows = slot.target.shape[0]
+        return RankSlice(slot, 0, r * rows, rows)
+    if module == "out_proj":
+        cols = slot.target.shape[1]
+        return RankSlice(slot, 1, r * cols, cols)
+    if kind in GDN_PER_HEAD:
+        heads = shape.num_v_heads // n
+        return RankSlice(slot, 0, r * heads, heads)
+    if module in GDN_CHANNELS:
+        k, v = shape.key_dim // n, shape.value_dim // n
+        return RankPieces(slot, ((r * k, k), (shape.key_dim + r * k, k), (2 * shape.key_dim + r * v, v)))
+    return None
+
+
 def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, object]:
     """The model's slots (built from ``plan.local_config()``), each reading
     its rank's part of the full checkpoint tensor."""
@@ -80,7 +126,10 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
         parts = name.split(".")
         module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
         rows = slot.target.shape[0]
-        if name in VOCAB:
+        recurrent = gated_delta_net_part(name, module, kind, slot, plan)
+        if recurrent is not None:
+            out[name] = recurrent
+        elif name in VOCAB:
             start, end = plan.vocab()
             slot.target.zero_()  # padding rows of the last shard stay zero
             out[name] = RankSlice(ShardSlot(slot.param, 0, end - start), 0, start, end - start)

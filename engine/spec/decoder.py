@@ -212,7 +212,7 @@ class SpecDecoder:
                 engine.kv.trim(seq.seq_id, seq.num_tokens)
                 engine.kv.cache_full_blocks(seq)
                 if engine.runner.state is not None:  # a hybrid's states after the accepted drafts
-                    engine.runner.state.rollback(engine.kv.state_slot(seq.seq_id), 1 + r.accepted)
+                    engine.runner.rollback_state(engine.kv.state_slot(seq.seq_id), 1 + r.accepted)
         proposed = sum(len(r.sched.spec_token_ids) for r in runs)
         rejected = sum(1 for r in runs if r.accepted < len(r.sched.spec_token_ids)
                        and not r.sched.seq.is_finished)

@@ -2,8 +2,9 @@
 (rank 0 here, rank 1 a process it spawns) generates greedily exactly what
 transformers does for every dense family, batched with chunked prefill and
 prefix-cache hits; MoE families split their experts' intermediate dimension
-the same way; TP=4 replicates the tiny models' two KV heads; and the
-engine's ranks stop with it."""
+the same way; Qwen3-Next and Qwen3.5 split their Gated DeltaNet layers and
+recurrent states by heads; TP=4 replicates the tiny models' two KV heads;
+and the engine's ranks stop with it."""
 
 from __future__ import annotations
 
@@ -92,6 +93,30 @@ def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
     assert moe.w_down.shape[2] == eng.model_cfg.moe.expert_intermediate_size // 2
+
+
+@pytest.mark.slow
+# qwen3_5_moe: the Gated DeltaNet's projections stored apart (q|k|v rows in three parts per
+# rank), its fused experts split at load (Qwen3.5's dense MLP splits as Llama's)
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
+def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family):
+    """Gated DeltaNet layers split by key heads, each rank's recurrent states
+    its heads'; prompts in chunks of 8 tokens, whose state checkpoints every
+    rank copies, and the second pass resumes from them on every rank."""
+    eng = check_parity(tiny_checkpoints[family], 2, engines, max_num_batched_tokens=8)
+    heads = eng.model_cfg.options.gated_delta_net.num_v_heads
+    assert eng.runner.state.tensors["recurrent"].shape[2] == heads // 2
+    assert eng.kv.checkpoints.restored > 0
+    with pytest.raises(ValueError, match="not handed off to or from a tensor-parallel replica"):
+        eng.kv_port.export_state("any")
+
+
+def test_tp_refuses_gated_delta_net_heads_that_do_not_split(tiny_checkpoints):
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+
+    with pytest.raises(TensorParallelConfigError, match=r"linear_num_key_heads \(2\) is not a multiple"):
+        check(load_checkpoint(tiny_checkpoints["qwen3_next"]).model_config, 4)
 
 
 def test_tp_refuses_a_model_that_does_not_split(tiny_checkpoints):
