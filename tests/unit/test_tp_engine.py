@@ -13,8 +13,10 @@ import random
 import pytest
 
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import IncompatibleKVError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.handoff.protocol import check_state_fits
 from tests.fixtures.checkpoints import hf_greedy, hf_model
 
 MAX_NEW = 6
@@ -107,8 +109,11 @@ def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family):
     heads = eng.model_cfg.options.gated_delta_net.num_v_heads
     assert eng.runner.state.tensors["recurrent"].shape[2] == heads // 2
     assert eng.kv.checkpoints.restored > 0
+    # its states are split by heads: not handed off (refused at the prefill pool's start)
     with pytest.raises(ValueError, match="not handed off to or from a tensor-parallel replica"):
         eng.kv_port.export_state("any")
+    with pytest.raises(IncompatibleKVError, match="split across 2 tensor-parallel ranks"):
+        check_state_fits(eng.kv_port)
 
 
 def test_tp_refuses_gated_delta_net_heads_that_do_not_split(tiny_checkpoints):
