@@ -15,7 +15,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.models.rope import build_cos_sin_cache
-from splitserve.engine.parallel.plan import TensorParallelConfigError, check
+from splitserve.engine.parallel.plan import ShardPlan, TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, variant_kwargs, write_hf_checkpoint
 from tests.unit.test_family_olmo3_exaone import hf_config
@@ -81,9 +81,19 @@ def test_qwen3_5_refusals_name_the_option(extra, match):
         ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 2, **extra})
 
 
-def test_qwen3_5_tensor_parallel_refused():
-    with pytest.raises(TensorParallelConfigError, match="Gated DeltaNet"):
-        check(ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 4}), 2)
+def test_qwen3_5_tensor_parallel_splits_the_gated_delta_net_heads():
+    """Each rank: half the key and value heads, and states of its heads only;
+    head counts the degree does not divide are refused by their keys."""
+    local = ShardPlan(ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 4}), 2, 1).local_config()
+    s = local.options.gated_delta_net
+    assert (s.num_k_heads, s.num_v_heads) == (8, 16)
+    assert local.options.hybrid.states == s.states()
+    assert local.options.hybrid.states[1].shape == (16, 128, 128)
+    odd = ModelConfig.from_hf({"architectures": [QWEN3_5], "num_hidden_layers": 4, "linear_num_key_heads": 2,
+                               "linear_num_value_heads": 6})
+    with pytest.raises(TensorParallelConfigError,
+                       match=r"linear_num_key_heads \(2\) is not a multiple.*linear_num_value_heads \(6\)"):
+        check(odd, 4)
 
 
 def test_qwen3_5_text_positions_turn_as_plain_rope():
