@@ -1,7 +1,8 @@
 """How many KV blocks a replica's KV memory holds, as the engine sizes them
 (``engine.model_runner.num_kv_blocks``): a hybrid model's recurrent states
 (``state_slots``: ``STATE_SLOTS_PER_SEQ`` x ``max_num_seqs`` live ones and
-its prefix cache's state checkpoints) come out of the memory first, the rest is cut into blocks of every cached layer's K and V
+its prefix cache's state checkpoints; at tensor-parallel degree N, 1/N of
+them where they split by heads) come out of the memory first, the rest is cut into blocks of every cached layer's K and V
 (at tensor-parallel degree N, one rank's share of the KV heads: max(1,
 Hk/N) of them). The planner's units and the simulator's pools both size
 their replicas here.
@@ -28,10 +29,13 @@ def state_slots(max_num_seqs, state_checkpoints: int | None = None):
     return STATE_SLOTS_PER_SEQ * seqs + (seqs if state_checkpoints is None else state_checkpoints)
 
 
-def state_reserve_bytes(shape: ModelShape, dtype: str, max_num_seqs, state_checkpoints: int | None = None):
-    """Bytes of recurrent state the engine reserves (0 for a model without):
+def state_reserve_bytes(shape: ModelShape, dtype: str, max_num_seqs, state_checkpoints: int | None = None,
+                        tensor_parallel: int = 1):
+    """Bytes of recurrent state the engine reserves on each rank (0 for a
+    model without; at degree N, 1/N of them where they split by heads):
     ``dtype`` is the engine's compute dtype."""
-    return shape.state_bytes_per_sequence(dtype) * state_slots(max_num_seqs, state_checkpoints)
+    return (shape.rank_state_bytes_per_sequence(dtype, tensor_parallel)
+            * state_slots(max_num_seqs, state_checkpoints))
 
 
 def rank_kv_bytes_per_token(shape: ModelShape, kv_dtype: str, tensor_parallel: int = 1) -> int:
@@ -53,7 +57,7 @@ def kv_blocks(shape: ModelShape, kv_memory_bytes, *, kv_dtype: str, dtype: str, 
     with: a full context (``max_model_len``, else the shape's) per state slot."""
     budget = np.asarray(kv_memory_bytes, dtype=np.float64)
     block_size = np.asarray(block_size)
-    states = state_reserve_bytes(shape, dtype, max_num_seqs, state_checkpoints)
+    states = state_reserve_bytes(shape, dtype, max_num_seqs, state_checkpoints, tensor_parallel)
     room = np.floor(budget) - states
     per_block = rank_kv_bytes_per_token(shape, kv_dtype, tensor_parallel) * block_size
     if shape.cache_layers == 0:

@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 
 # fields a shape's key leaves out: counted from the checkpoint the other fields
 # describe, so the rows measured before they were counted keep matching
-KEYLESS = ("params_total", "params_active", "max_position")
+KEYLESS = ("params_total", "params_active", "max_position", "state_heads")
 # fields added after the first keys were made: in the key only when set
 ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32", "kv_planes")
 
@@ -56,6 +56,10 @@ class ModelShape:
     # K and V planes a cached layer stores per token (ModelConfig.kv_planes): 1 where one
     # vector is both key and value (multi-head latent attention's latent); 0: 2
     kv_planes: int = 0
+    # the heads a hybrid's recurrent layers split by across tensor-parallel ranks, each rank
+    # keeping 1/N of the states (Qwen3-Next's and Qwen3.5's linear_num_key_heads); 0: its
+    # recurrent layers are not split (tensor parallelism refused). Not in the profile database
+    state_heads: int = 0
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -114,6 +118,12 @@ class ModelShape:
         elem = 2 if dtype == "fp8" else DTYPE_BYTES.get(dtype, 2)
         return self.state_elems * elem + 4 * self.state_elems_fp32
 
+    def rank_state_bytes_per_sequence(self, dtype: str, tensor_parallel: int = 1) -> int:
+        """One sequence's recurrent states on one of ``tensor_parallel`` ranks:
+        1/N of them where the states split by heads (``state_heads``)."""
+        whole = self.state_bytes_per_sequence(dtype)
+        return whole // tensor_parallel if self.state_heads and tensor_parallel > 1 else whole
+
     @property
     def key(self) -> str:
         """Stable id of the shape (the database keys models by it)."""
@@ -147,7 +157,8 @@ QWEN3_NEXT_80B = ModelShape(
     "qwen3-next-80b-a3b", num_layers=48, hidden_size=2048, intermediate_size=512, num_heads=16,
     num_kv_heads=2, head_dim=256, vocab_size=151936, num_experts=512, experts_per_token=10,
     num_cache_layers=12, params_total=79_674_391_296, params_active=3_563_764_480,
-    state_elems=36 * 8192 * 3, state_elems_fp32=36 * 32 * 128 * 128, max_position=262144)
+    state_elems=36 * 8192 * 3, state_elems_fp32=36 * 32 * 128 * 128, max_position=262144,
+    state_heads=16)
 
 
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
@@ -187,7 +198,15 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
         num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0,
         params_total=count.total, params_active=count.active_per_token,
         state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position,
-        kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0)
+        kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0, state_heads=state_heads(mc))
+
+
+def state_heads(mc) -> int:
+    """``ModelShape.state_heads`` of an engine ``ModelConfig``: the Gated
+    DeltaNet's key heads where the engine splits them across ranks
+    (``engine.parallel.plan``: families without a tensor-parallel refusal)."""
+    gdn = mc.options.gated_delta_net
+    return gdn.num_k_heads if gdn is not None and not mc.options.tensor_parallel_refusal else 0
 
 
 def resolve_shape(spec: str) -> ModelShape:

@@ -43,7 +43,7 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
         db.conn.execute("PRAGMA user_version = 1")
         db.conn.commit()
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert db.startup_s(LLAMA.key, "h100-sxm") == (12.5, MEASURED)
         assert db.speculation(LLAMA.key) == []
         db.add_speculation(LLAMA, row(0.3))
@@ -90,7 +90,7 @@ def test_a_version_3_file_gains_counts_and_states_and_keeps_its_models(tmp_path)
                                   max_position=131072)
     hybrid = PRESETS["qwen3-next-80b-a3b"]
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         old = db.model(LLAMA.key)
         assert old == LLAMA and old.num_params == LLAMA.num_params  # the formula, as before
         assert counted.key == LLAMA.key  # the counts leave the key as it was

@@ -119,15 +119,17 @@ def test_hybrid_preset_is_the_engines_count_of_the_released_shape():
 
 def test_planner_units_leave_the_hybrids_states_out_of_the_kv_tokens(tmp_path):
     """A replica's KV tokens in the planner's units are the blocks the engine would
-    cut from the kv_cache_memory_gb it is given, after 3 x max_num_seqs states: fewer
-    with the larger batch cap, and the simulator sizes the written memory alike."""
+    cut from the kv_cache_memory_gb it is given, after 3 x max_num_seqs states (each
+    TP=2 rank's half: its key heads'): fewer with the larger batch cap, and the
+    simulator sizes the written memory alike. Split replicas deploy colocated only."""
     from splitserve.cluster.bench.datasets import parse_length_dist
     from splitserve.cluster.planning.planner.inputs import SLO, Offer, synthetic_workload
     from splitserve.cluster.planning.planner.request import PlanRequest
     from splitserve.cluster.planning.planner.search import Planner
     from splitserve.cluster.planning.planner.space import SpaceSpec
 
-    space = SpaceSpec(layouts=("colocated",), max_num_seqs=(16, 128), max_num_batched_tokens=(2048,),
+    space = SpaceSpec(layouts=("colocated", "disaggregated"), max_num_seqs=(16, 128),
+                      max_num_batched_tokens=(2048,),
                       block_sizes=(16,), kv_dtypes=("auto",), weight_dtypes=("bfloat16",),
                       tensor_parallel=(1, 2), speculative=("off",), policies=("round_robin",),
                       local_prefill=(0,), autoscaling=("fixed",), max_replicas=2)
@@ -150,11 +152,16 @@ def test_planner_units_leave_the_hybrids_states_out_of_the_kv_tokens(tmp_path):
         without = kv_room.kv_blocks(stateless, float(u.kv_gib[i]) * (1 << 30), kv_dtype="bfloat16",
                                     dtype="bfloat16", block_size=block, max_num_seqs=seqs,
                                     tensor_parallel=tp)
-        states = 3 * seqs * QWEN3_NEXT.state_bytes_per_sequence("bfloat16")  # live and checkpoints
+        states = 3 * seqs * QWEN3_NEXT.state_bytes_per_sequence("bfloat16") // tp  # live and checkpoints
         per_block = kv_room.rank_kv_bytes_per_token(QWEN3_NEXT, "bfloat16", tp) * block
         assert u.kv_tokens[i] / block == pytest.approx(without - states / per_block, abs=2)
-        seen.add(seqs)
-    assert seen == {16, 128}
+        seen.add((seqs, tp))
+    assert seen == {(16, 2), (128, 2)}  # 159 GB of bf16 weights: two H200s
+    # deployable split (colocated); not in disaggregated pools, whose hand-offs carry whole states
+    assert (u.deployable & u.mem_ok & (u.tp == 2)).any()
+    for role in ("prefill", "decode"):
+        pool = planner.tables[role][0]
+        assert (pool.tp == 2).any() and not (pool.deployable & (pool.tp == 2)).any()
 
 
 def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):

@@ -27,6 +27,20 @@ def test_deployable_degrees_are_those_the_engine_splits_the_model_by():
     assert not tp_splits(ModelShape("i", 2, 64, 100, 8, 8, 8, 512), 8)  # intermediate 100
 
 
+def test_gated_delta_net_hybrids_split_their_states_by_key_heads(tiny_checkpoints):
+    """Qwen3-Next's shape splits at degrees dividing its 16 key heads, each
+    rank reserving 1/N of the states; other hybrids stay at degree 1."""
+    from splitserve.cluster.planning.kv_room import state_reserve_bytes
+    from splitserve.cluster.planning.shapes import QWEN3_NEXT_80B, shape_from_config_json
+
+    assert [tp for tp in (1, 2, 4, 8, 16, 32) if tp_splits(QWEN3_NEXT_80B, tp)] == [1, 2, 4, 8, 16]
+    whole = state_reserve_bytes(QWEN3_NEXT_80B, "bfloat16", 64)
+    assert state_reserve_bytes(QWEN3_NEXT_80B, "bfloat16", 64, tensor_parallel=4) == whole // 4
+    assert shape_from_config_json(tiny_checkpoints["qwen3_next"]).state_heads == 2
+    mamba = shape_from_config_json(tiny_checkpoints["falcon_h1"])
+    assert mamba.keeps_state and mamba.state_heads == 0 and not tp_splits(mamba, 2)
+
+
 def test_an_emitted_plan_sets_each_pools_degree_and_a_gpu_per_rank():
     engine = EnginePlan(block_size=16, kv_cache_dtype="auto", weight_dtype="bfloat16",
                         speculative="off")

@@ -49,11 +49,13 @@ def engine_support() -> dict[str, set]:
 def tp_splits(shape, tp: int) -> bool:
     """Whether the engine splits a model of ``shape`` (a ModelShape) over
     ``tp`` ranks: attention heads and the intermediate size divide, KV heads
-    divide or are replicated, and no recurrent state (a hybrid's layers are
-    not split) (splitserve.engine.parallel.plan.check)."""
+    divide or are replicated, and no recurrent state or one split by heads
+    the degree divides (``state_heads``: the Gated DeltaNet hybrids)
+    (splitserve.engine.parallel.plan.check)."""
     kv = shape.num_kv_heads
-    return (shape.num_heads % tp == 0 and shape.intermediate_size % tp == 0
-            and (kv % tp == 0 or tp % kv == 0) and (tp == 1 or not shape.keeps_state))
+    states_split = not shape.keeps_state or (shape.state_heads and shape.state_heads % tp == 0)
+    return bool(shape.num_heads % tp == 0 and shape.intermediate_size % tp == 0
+                and (kv % tp == 0 or tp % kv == 0) and (tp == 1 or states_split))
 
 
 def fp8_index(space: "SpaceSpec") -> int:

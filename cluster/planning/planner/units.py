@@ -94,10 +94,12 @@ def spec_tables(space: SpaceSpec, devices: list[Device], dev: np.ndarray, spec: 
 
 def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows: np.ndarray,
                 shape: ModelShape, forms: FormCache, quality: np.ndarray,
-                tp_support: set[int], acceptance: dict[str, float]) -> Units:
+                tp_support: set[int], acceptance: dict[str, float], handoff: bool = False) -> Units:
     """Units over ``rows`` of the engine grid, for every device and TP degree;
     ``acceptance``: the per-token rate of each speculation method
-    (``PlanContext.acceptance``)."""
+    (``PlanContext.acceptance``); ``handoff``: a disaggregated pool's, whose
+    recurrent states (a hybrid's) travel whole, so deployable at degree 1
+    only (a tensor-parallel replica's states are split across its ranks)."""
     combos = [(d, tp, e) for d in devices for tp in space.tensor_parallel for e in rows
               if not (d.cpu and tp > 1) and tp <= d.count]
     n = len(combos)
@@ -146,13 +148,15 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
                            block_size=block[sel], max_num_seqs=seqs[sel], tensor_parallel=key[1])
         kv_tokens[sel] = blocks * block[sel]
         kv_gib[sel] = rank_free / (1 << 30)
-        room = rank_free - state_reserve_bytes(shape, settings.dtype, seqs[sel])
+        room = rank_free - state_reserve_bytes(shape, settings.dtype, seqs[sel], tensor_parallel=key[1])
         per_block = rank_kv_bytes_per_token(shape, settings.kv_dtype, key[1]) * block[sel]
         mem_ok[sel] = fits & (room > 0) & (room >= MIN_BLOCKS * per_block)
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
     dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
     dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
+    if handoff and shape.keeps_state:
+        dep &= tp == 1
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),
