@@ -99,13 +99,14 @@ def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
 
 @pytest.mark.slow
 # qwen3_5_moe: the Gated DeltaNet's projections stored apart (q|k|v rows in three parts per
-# rank), its fused experts split at load (Qwen3.5's dense MLP splits as Llama's)
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
-def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family):
+# rank), its fused experts split at load (Qwen3.5's dense MLP splits as Llama's); whole prompts
+@pytest.mark.parametrize("family,budget", [("qwen3_next", 8), ("qwen3_5_moe", 512)])
+def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family, budget):
     """Gated DeltaNet layers split by key heads, each rank's recurrent states
-    its heads'; prompts in chunks of 8 tokens, whose state checkpoints every
-    rank copies, and the second pass resumes from them on every rank."""
-    eng = check_parity(tiny_checkpoints[family], 2, engines, max_num_batched_tokens=8)
+    its heads'; prompts in chunks of ``budget`` tokens, whose state
+    checkpoints every rank copies, and the second pass resumes from them on
+    every rank."""
+    eng = check_parity(tiny_checkpoints[family], 2, engines, max_num_batched_tokens=budget)
     heads = eng.model_cfg.options.gated_delta_net.num_v_heads
     assert eng.runner.state.tensors["recurrent"].shape[2] == heads // 2
     assert eng.kv.checkpoints.restored > 0
