@@ -23,7 +23,8 @@ As transformers' OlmoHybridConfig and its model read it:
 
 Refused: activations other than SiLU, ``partial_rotary_factor``, a
 convolution of fewer than 2 taps, fp8 checkpoints (untested), tensor
-parallelism, LoRA adapters.
+parallelism (its q/k norms span every head). LoRA adapters take its
+projections.
 """
 
 from __future__ import annotations

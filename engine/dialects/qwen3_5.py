@@ -28,7 +28,8 @@ transformers' Qwen3_5TextConfig and its model read them, bar:
 
 Refused: activations other than SiLU, sliding windows, a malformed
 ``mrope_section``, fp8 checkpoints (untested through the renamed and split
-tensors), LoRA adapters.
+tensors). LoRA adapters take the attention, MLP and Gated DeltaNet
+projections; tensor parallelism splits the Gated DeltaNet layers by key heads.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ As transformers' Qwen3NextConfig and its model read it:
 
 Refused: activations other than SiLU, sliding windows, a convolution of
 fewer than 2 taps, fp8 checkpoints (their projections are regrouped per key
-head here), LoRA adapters. Tensor parallelism splits the Gated DeltaNet
+head here). LoRA adapters take the attention and Gated DeltaNet projections
+(``HybridCausalLM.takes_lora``). Tensor parallelism splits the Gated DeltaNet
 layers by key heads (``splitserve.engine.parallel.plan``). A hybrid model's
 engine caches prefixes with state checkpoints; speculative decoding rolls
 its states back to the accepted drafts.
