@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,26 +111,12 @@ def _checkpoint(root: Path, name: str, hybrid: bool) -> Path:
 
 
 def decode_step_s(path: Path, context: int, batch: int, steps: int) -> float:
-    """Median seconds of one decode step of ``batch`` sequences at ``context`` tokens."""
-    from splitserve.engine.config import EngineConfig
-    from splitserve.engine.llm_engine import LLMEngine
-    from splitserve.engine.sampling_params import SamplingParams
+    """Median seconds of one decode step of ``batch`` sequences at ``context`` tokens
+    (``bench_mla.decode_step_s``, its wall-clock half)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_mla import decode_step_s as step_s
 
-    blocks = batch * (-(-(context + steps + 2) // 16)) + 16
-    eng = LLMEngine(EngineConfig(model=str(path), num_blocks=blocks, block_size=16, max_num_seqs=batch,
-                                 max_num_batched_tokens=max(context, 512), max_model_len=context + steps + 2))
-    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(f"r{i}", prompt_token_ids=[(7 * i + 3 * j) % 500 + 3 for j in range(context)],
-                        params=params)
-    while any(st.seq.num_output_tokens == 0 for st in eng.requests.values()):
-        eng.step()  # the prompts, whole
-    times = []
-    while eng.has_unfinished():
-        t = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return step_s(str(path), context, batch, steps)[0]
 
 
 def decode_rows(contexts: list[int], batch: int, steps: int, runs: int) -> list[dict]:
