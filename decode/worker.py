@@ -8,8 +8,10 @@ placement) takes one of two paths to its first token, then streams
       ``DecodeStage``: RESERVED -> RECEIVING -> COMMITTED -> RUNNING
       (``splitserve.decode.handoff``: reserve blocks with a lease, have the
       prefill replica run the prompt into them, admit the sequence, stream)
-  _local (no placement, or the hand-off failed under the ``local`` policy):
-      the prompt is prefilled here, in the running batch
+  _local (no placement, the hand-off failed under the ``local`` policy, or
+      this replica takes no hand-off: a hybrid model's recurrent states split
+      across its tensor-parallel ranks): the prompt is prefilled here, in the
+      running batch
 
 A refused reservation fails the call (RESOURCE_EXHAUSTED: the ingress tries
 another replica). A failed Prefill call cancels the reservation (CANCELLED)
@@ -31,13 +33,15 @@ Prefill call carries; failures and fallbacks are recorded on them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from splitserve.decode.handoff import IncomingHandoff
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from splitserve.engine.errors import (EngineDeadError, IncompatibleKVError, InvalidRequestError,
+                                      RequestFailedError)
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
@@ -45,7 +49,7 @@ from splitserve.engine.stats import DecodeStats
 from splitserve.engine.kv_port import AdapterRef
 from splitserve.handoff.messages import (Adapter, GenerateOutput, GenerateRequest,
                                          GenerateTimings, PrefillMode, PrefillReply)
-from splitserve.handoff.protocol import Reservations
+from splitserve.handoff.protocol import Reservations, check_state_fits
 from splitserve.handoff.rpc import RpcError, WorkerClients
 from splitserve.handoff.tls import TLSConfig
 from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_FINISH_REASON,
@@ -54,6 +58,7 @@ from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_FIN
                                         SPAN_DECODE, SPAN_HANDOFF_RECEIVE, Span, Tracer)
 from splitserve.handoff.transfer.base import KVReceiver
 
+log = logging.getLogger("splitserve.decode")
 FALLBACK_POLICIES = ("local", "error")
 
 
@@ -127,6 +132,15 @@ class DecodeWorker:
         self.draining = False
         self.counters = {"handoffs": 0, "local_prefills": 0, "fallbacks": 0, "refused": 0,
                          "expired": 0, "handoff_bytes": 0}
+        # why this replica takes no hand-off (a hybrid model's recurrent states split
+        # across tensor-parallel ranks, or too large for a reply), or None: it then
+        # prefills every prompt itself, whatever its placement says
+        self.no_handoffs: str | None = None
+        try:
+            check_state_fits(engine.kv_port)
+        except IncompatibleKVError as e:
+            self.no_handoffs = str(e)
+            log.warning("this decode replica prefills every prompt itself: %s", e)
 
     def start(self) -> "DecodeWorker":
         self.kv_endpoint = self.receiver.start(self.reservations)
@@ -185,7 +199,10 @@ class DecodeWorker:
         await self.aengine.load_adapter(adapter)
         first = _FirstToken(time.monotonic())
         handoff, stream = None, None
-        if req.prefill is not None:
+        if req.prefill is not None and self.no_handoffs is not None:
+            self.counters["fallbacks"] += 1  # a prefill placement this replica cannot take
+            first.fallback_reason = self.no_handoffs[:200]
+        elif req.prefill is not None:
             handoff, stream = await self._remote(rid, ids, params, req.prefill.address, first,
                                                  span, adapter)
         if stream is None:

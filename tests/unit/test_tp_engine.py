@@ -8,6 +8,7 @@ and the engine's ranks stop with it."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -115,6 +116,25 @@ def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family, budget):
         eng.kv_port.export_state("any")
     with pytest.raises(IncompatibleKVError, match="split across 2 tensor-parallel ranks"):
         check_state_fits(eng.kv_port)
+    if family == "qwen3_next":  # as a decode replica placed with a prefill one: it prefills itself
+        prompt = prompts_for(eng.model_cfg.vocab_size)[-1]
+        want = eng.generate([prompt], GREEDY)[0].token_ids
+        prefill = make(tiny_checkpoints[family], 1)
+        engines.append(prefill)
+        assert asyncio.run(_generate_placed(prefill, eng, prompt)) == (want, 1, 0)
+
+
+async def _generate_placed(prefill: LLMEngine, decode: LLMEngine, prompt: list[int]):
+    """``prompt`` through a decode worker of ``decode`` with a prefill placement on a
+    worker of ``prefill``: (tokens, the decode worker's fallbacks, its hand-offs)."""
+    from tests.integration.pd_harness import start_pd
+
+    pd = await start_pd(prefill, decode)
+    try:
+        toks, _ = await pd.generate(prompt, GREEDY)
+        return toks, pd.decode.counters["fallbacks"], pd.decode.counters["handoffs"]
+    finally:
+        await pd.close()
 
 
 def test_tp_refuses_a_model_that_does_not_split(tiny_checkpoints):
