@@ -54,9 +54,13 @@ class ModelSpec(_Strict):
                                       "over (tensor parallelism: one process and one device "
                                       "each; attention heads, MLP and vocabulary split, KV heads "
                                       "split or replicated). Must divide the attention heads, "
-                                      "the intermediate size(s) and divide or be a multiple of "
-                                      "the KV heads; checked against the checkpoint at deploy. "
-                                      "Pools may set their own; the hand-off pairs any degrees.")
+                                      "the intermediate size(s) (and a Gated DeltaNet hybrid's "
+                                      "linear_num_key_heads / linear_num_value_heads) and divide "
+                                      "or be a multiple of the KV heads; checked against the "
+                                      "checkpoint at deploy. Pools may set their own; the "
+                                      "hand-off pairs any degrees (a hybrid's recurrent states "
+                                      "only at degree 1: its decode replicas above 1 prefill "
+                                      "every prompt themselves).")
     chat_template: str | None = Field(None, description="Chat template for chat requests: a "
                                       "Jinja file on the ingress nodes or the template text; "
                                       "None: the checkpoint's.")
