@@ -38,6 +38,7 @@ from typing import Any
 
 import msgspec
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from splitserve.cluster.config.transfer import TLSSpec
 from splitserve.cluster.observability.metrics import RouterMetrics, render_prometheus
@@ -384,11 +385,19 @@ def get_router(create_with: RouterConfig | None = None, index: int = 0, count: i
     except ValueError:
         if create_with is None:
             raise
-    # SPREAD: routers on different nodes where there are several, so that one
-    # node's loss leaves a standby router up while Ray restarts the lost one
     return RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True, scheduling_strategy="SPREAD").remote(create_with, index=index, count=count,
+                               get_if_exists=True, scheduling_strategy=_node_for(index)).remote(create_with, index=index, count=count,
                                                           tracing=tracing, tls=tls)
+
+
+def _node_for(index: int) -> NodeAffinitySchedulingStrategy | str:
+    """Router ``index`` on the ``index``-th live node (by node id, round robin), so
+    that one node's loss leaves a standby router up while Ray restarts the lost
+    one; soft: elsewhere when that node is gone (a restart after its loss)."""
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if not nodes:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)
 
 
 def ensure_routers(cfg: RouterConfig, count: int, reconfigure: bool = False,
