@@ -2,8 +2,7 @@
 (``autoscale_cluster``): the prefill pool on a worker node, the decode
 pool on the head. The prefill node is killed at once (its raylet and every
 worker on it, as a reclaimed spot node): requests go on being answered,
-decode replicas prefilling them, with the same greedy text (the two routers
-were spread over both nodes, so one stays up); ``/ready``
+decode replicas prefilling them, with the same greedy text; ``/ready``
 stays 200 and names the prefill pool as degraded (a load balancer must not
 drop a cluster that still answers); ``splitserve status`` still reports the
 cluster; and once the node is back the pool returns to its size, with no
@@ -107,10 +106,6 @@ def test_prefill_node_lost_decode_serves_and_the_pool_returns(cluster, capsys):
         code, reference = complete(http, base)
         assert code == 200 and reference
         assert ready(http, base)[0] == 200
-        # the two routers on different nodes: the lost one leaves a standby up
-        nodes = {ray.get(get_router(index=i).__ray_call__.remote(
-            lambda _: ray.get_runtime_context().get_node_id()), timeout=10) for i in range(2)}
-        assert len(nodes) == 2, nodes
 
         c.kill_node(1)  # the raylet and every worker of the prefill node at once
         lost_at = time.monotonic()
