@@ -2,9 +2,9 @@
 (``engine.model_runner.num_kv_blocks``): a hybrid model's recurrent states
 (``state_slots``: ``STATE_SLOTS_PER_SEQ`` x ``max_num_seqs`` live ones and
 its prefix cache's state checkpoints; at tensor-parallel degree N, 1/N of
-them where they split by heads) come out of the memory first, the rest is cut into blocks of every cached layer's K and V
-(at tensor-parallel degree N, one rank's share of the KV heads: max(1,
-Hk/N) of them). The planner's units and the simulator's pools both size
+them where they split by heads) come out of the memory first, the rest is
+cut into blocks of every cached layer's K and V (at tensor-parallel degree
+N, one rank's share of the KV heads: max(1, Hk/N) of them). The planner's units and the simulator's pools both size
 their replicas here.
 """
 
