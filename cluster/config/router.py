@@ -44,11 +44,11 @@ _ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)
 
 class RouterSpec(_Strict):
     """The ``router`` section: the knobs of ``splitserve.router.config.RouterConfig``
-    an operator sets, under its names and with its defaults, plus three that
+    an operator sets, under its names and with its defaults, plus four that
     the replicas and the ingress read (``NOT_ROUTER_FIELDS``)."""
 
     NOT_ROUTER_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"stats_period_s", "max_retries", "routers"})
+        {"stats_period_s", "max_retries", "routers", "no_router_grace_s"})
 
     policy: Literal["cost", "prefix_aware", "least_loaded", "round_robin"] = Field(
         _ROUTER_DEFAULTS["policy"], description="Placement policy of (prefill, decode) pairs.")
@@ -86,6 +86,11 @@ class RouterSpec(_Strict):
                                       description="Requests of a model with no live decode "
                                       "replica wait this long (a replica restarting) before they "
                                       "are refused with HTTP 503.")
+    no_router_grace_s: float = Field(30.0, ge=0, description="Requests wait this long for a "
+                                     "router while none is up (Ray restarts a lost one once it "
+                                     "notices the loss of its node) before they are refused with "
+                                     "HTTP 503 and Retry-After; never past a request's own "
+                                     "deadline; 0: refused at once.")
     lease_ttl_s: float = Field(_ROUTER_DEFAULTS["lease_ttl_s"], gt=0,
                                description="An ingress silent this long is taken for dead: "
                                "its admission slots are freed. Keep it well above "

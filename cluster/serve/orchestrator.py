@@ -181,7 +181,7 @@ class ClusterBackend(Backend):
             spec = self.cfg.router
             self._router = RouterClient(spec.routers, heartbeat_s=spec.stats_period_s,
                                         models=[s.model.name for s in self.cfg.models],
-                                        tls=self._tls)
+                                        tls=self._tls, no_router_wait_s=spec.no_router_grace_s)
         return self._router
 
     def _resolve(self, name: str) -> tuple[_Model, AdapterRef | None]:

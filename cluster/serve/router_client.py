@@ -24,7 +24,10 @@ turns being first); its requests go to the first one that is up. A
 router whose call fails or times out is down: its
 in-flight and queued requests move to the next router at once (keeping
 their arrival time, so their place in line and their deadline), and it is
-probed again every heartbeat until it answers. Every heartbeat each live
+probed again every heartbeat until it answers. While no router is up (all
+on a lost node, restarting), calls wait for the first one back, at most
+``no_router_wait_s`` and their own deadline, then fail with
+RouterUnavailableError (HTTP 503 with Retry-After). Every heartbeat each live
 router gets the list of slots this process holds (``Exchange.live``),
 which renews them and lets a router that restarted or takes over rebuild
 its admission state. The slots of a process that dies expire at the
@@ -73,19 +76,23 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
+MAX_PARKED = 4096  # calls waiting for a router while none is up; more are refused
 
 
 class RouterClient:
     def __init__(self, count: int, heartbeat_s: float, models: Sequence[str] = (),
                  call_timeout_s: float = 5.0, handles: Sequence[Any] | None = None,
-                 stream: bool = True, tls: TLSConfig | None = None):
+                 stream: bool = True, tls: TLSConfig | None = None,
+                 no_router_wait_s: float = 0.0):
         """``count`` routers (``RouterSpec.routers``); ``heartbeat_s``: how
         often each hears from this process at least (the stats period);
         ``models``: the cluster's models, in config order (``router_order``);
         ``handles``: the router actors, else looked up by name; ``stream``:
         exchanges over the routers' TCP streams (``router_stream``), else
         only as actor calls; ``tls``: this process's ``transfer.tls``, which
-        the streams are then dialed with (and must offer)."""
+        the streams are then dialed with (and must offer);
+        ``no_router_wait_s``: how long a call waits for a router while none
+        is up (``RouterSpec.no_router_grace_s``; 0: refused at once)."""
         self._models = tuple(models)
         self.holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
@@ -103,11 +110,15 @@ class RouterClient:
         self._home: dict[str, int] = {}  # lease id -> the link its last call went to
         self._pending: dict[str, PendingCall] = {}  # lease id -> its unresolved place()
         self._staging = ChoiceStaging(self._send)  # a request's choices, sent together
+        self.no_router_wait_s = no_router_wait_s
+        # calls waiting for a router while none is up: call -> its timer
+        self._parked: dict[PendingCall, asyncio.TimerHandle] = {}
         self._seq = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0}
+        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0,
+                       "parked": 0}
         # operator queries (readiness, /metrics) over the same links
         self.queries = RouterQueries(self._links, link_actor, self._order)
 
@@ -149,6 +160,9 @@ class RouterClient:
         finally:
             if self._pending.get(lease_id) is p:
                 del self._pending[lease_id]
+                timer = self._parked.pop(p, None)
+                if timer is not None:  # cancelled while no router was up
+                    timer.cancel()
                 if self._staging.holds(p):
                     self._staging.unstage(p)  # cancelled while its siblings were asking
                     self._forget(lease_id)  # no router heard of it
@@ -164,6 +178,9 @@ class RouterClient:
             return
         if p is not None and self._staging.holds(p):
             self._staging.unstage(p)
+        timer = None if p is None else self._parked.pop(p, None)
+        if timer is not None:
+            timer.cancel()
         if p is not None and not p.sent:
             p.dropped = True  # its call is not sent now
             if not acked:
@@ -202,6 +219,10 @@ class RouterClient:
                 except Exception:  # noqa: BLE001 - best effort: the slots expire anyway
                     pass
         self._closed = True
+        for p, timer in list(self._parked.items()):
+            timer.cancel()
+            self._unavailable(p, "the ingress is shutting down")
+        self._parked.clear()
         for link in self._links:
             for t in (link.task, link.poller):
                 if t is not None:
@@ -232,15 +253,47 @@ class RouterClient:
         model = p.call.request.model
         i = self._current(model)
         if i is None:
-            self._forget(p.call.lease_id)
-            p.future.set_exception(RouterUnavailableError(
-                f"no router is up for model {model!r}: they are restarting; retry shortly"))
+            self._park(p)
             return
         link = self._links[i]
         p.link, p.sent = i, False
         self._home[p.call.lease_id] = i
         link.calls.append(p)
         self._poke(link)
+
+    def _park(self, p: PendingCall) -> None:
+        """No router is up for ``p``'s model (all are restarting: Ray brings a
+        lost one back on another node once it notices the loss): ``p`` waits
+        for the first one back, at most ``no_router_wait_s`` and never past
+        its own deadline, then fails with RouterUnavailableError."""
+        wait = self.no_router_wait_s
+        if p.call.deadline is not None:
+            wait = min(wait, p.call.deadline - time.time())
+        if wait <= 0 or self._closed or len(self._parked) >= MAX_PARKED:
+            self._unavailable(p, f"no router is up for model {p.call.request.model!r}: "
+                                 "they are restarting; retry shortly")
+            return
+        p.link, p.sent = -1, False
+        self.counts["parked"] += 1
+        self._parked[p] = self._loop.call_later(wait, self._expire, p, wait)
+
+    def _expire(self, p: PendingCall, waited: float) -> None:
+        if self._parked.pop(p, None) is not None:
+            self._unavailable(p, f"no router came back for model {p.call.request.model!r} "
+                                 f"within {waited:.3g} s; retry shortly")
+
+    def _unavailable(self, p: PendingCall, why: str) -> None:
+        if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
+            self._forget(p.call.lease_id)
+            p.future.set_exception(RouterUnavailableError(why))
+
+    def _unpark(self) -> None:
+        """A router is back: the parked calls go to it (in arrival order)."""
+        parked = list(self._parked)
+        for timer in self._parked.values():
+            timer.cancel()
+        self._parked.clear()
+        self._requeue(parked)
 
     def _poke(self, link: LinkState) -> None:
         if link.wake is not None:
@@ -261,6 +314,7 @@ class RouterClient:
         self._home.clear()
         self._pending.clear()
         self._staging.clear()
+        self._parked.clear()  # the old loop's timers ended with it
         for link in self._links:
             link.calls.clear()
             link.queued.clear()
@@ -281,6 +335,7 @@ class RouterClient:
                     await self._exchange(link, [])
                     link.up = True
                     log.info("router %d is back", link.index)
+                    self._unpark()
                 except Exception:  # noqa: BLE001 - still down
                     link.retry_at = time.monotonic() + self.heartbeat_s
                     link.router.retry_stream()  # its stream too, when it is back

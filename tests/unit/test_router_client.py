@@ -200,3 +200,55 @@ def test_no_router_up_is_unavailable():
         await client.close()
 
     asyncio.run(main())
+
+
+def test_calls_wait_for_a_router_that_comes_back():
+    router = FakeRouter()
+    router.dead = True
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router], no_router_wait_s=10.0)
+
+    async def main():
+        waiting = [asyncio.ensure_future(place(client, i)) for i in range(3)]
+        await asyncio.sleep(0.3)
+        assert not any(t.done() for t in waiting) and len(client._parked) == 3
+        router.dead = False  # restarted
+        got = await asyncio.wait_for(asyncio.gather(*waiting), 2.0)
+        assert all(p.decode_replica == "d0" for p in got)
+        assert not client._parked and client.counts["parked"] >= 3
+        await asyncio.sleep(0.15)
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert (c["in_flight"], c["unbalanced_releases"], c["decisions"]) == ({"m": 0}, 0, 3)
+
+
+def test_a_parked_call_ends_at_its_wait_or_its_deadline_and_a_cancelled_one_is_dropped():
+    router = FakeRouter()
+    router.dead = True
+    client = RouterClient(1, heartbeat_s=0.05, handles=[router], no_router_wait_s=0.3)
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(RouterUnavailableError, match="within 0.3 s"):
+            await place(client, 0)
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+        client.no_router_wait_s = 30.0
+        t0 = time.monotonic()
+        with pytest.raises(RouterUnavailableError):
+            await place(client, 1, deadline=time.time() + 0.2)  # the client's own deadline
+        assert time.monotonic() - t0 < 2.0
+        cancelled = asyncio.ensure_future(place(client, 2))
+        await asyncio.sleep(0.1)
+        assert len(client._parked) == 1
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert not client._parked and not client.held()
+        router.dead = False
+        assert (await place(client, 3)).decode_replica == "d0"
+        await asyncio.sleep(0.15)
+        await client.close()
+
+    asyncio.run(main())
+    c = router.counters()
+    assert (c["in_flight"], c["unbalanced_releases"], c["decisions"]) == ({"m": 0}, 0, 1)
