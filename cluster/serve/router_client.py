@@ -60,6 +60,7 @@ from splitserve.cluster.serve.choice_staging import ChoiceStaging, exchange_grou
 from splitserve.cluster.serve.router_client_state import LinkState, PendingCall, link_actor
 from splitserve.cluster.serve.router_link import RouterLink
 from splitserve.cluster.serve.router_names import router_order
+from splitserve.cluster.serve.router_parking import ParkedCalls
 from splitserve.cluster.serve.router_queries import RouterQueries
 from splitserve.router.exchange import (Exchange, ExchangeReply, LeaseEnd, Outcome, Queued,
                                         RouteCall, RouterUnavailableError)
@@ -76,7 +77,6 @@ MAX_BATCH = 512  # calls per exchange
 # batches win; raise it where round trips are cheap and latency matters more.
 MAX_IN_FLIGHT = 1
 POLL_S = 1.0  # a poll returns after this long without news (and is sent again)
-MAX_PARKED = 4096  # calls waiting for a router while none is up; more are refused
 
 
 class RouterClient:
@@ -111,14 +111,12 @@ class RouterClient:
         self._pending: dict[str, PendingCall] = {}  # lease id -> its unresolved place()
         self._staging = ChoiceStaging(self._send)  # a request's choices, sent together
         self.no_router_wait_s = no_router_wait_s
-        # calls waiting for a router while none is up: call -> its timer
-        self._parked: dict[PendingCall, asyncio.TimerHandle] = {}
+        self._parked = ParkedCalls(self._expire)  # waiting while no router is up
         self._seq = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0,
-                       "parked": 0}
+        self.counts = {"exchanges": 0, "calls": 0, "failovers": 0, "stream_exchanges": 0}
         # operator queries (readiness, /metrics) over the same links
         self.queries = RouterQueries(self._links, link_actor, self._order)
 
@@ -160,9 +158,7 @@ class RouterClient:
         finally:
             if self._pending.get(lease_id) is p:
                 del self._pending[lease_id]
-                timer = self._parked.pop(p, None)
-                if timer is not None:  # cancelled while no router was up
-                    timer.cancel()
+                self._parked.drop(p)  # cancelled while no router was up
                 if self._staging.holds(p):
                     self._staging.unstage(p)  # cancelled while its siblings were asking
                     self._forget(lease_id)  # no router heard of it
@@ -178,9 +174,8 @@ class RouterClient:
             return
         if p is not None and self._staging.holds(p):
             self._staging.unstage(p)
-        timer = None if p is None else self._parked.pop(p, None)
-        if timer is not None:
-            timer.cancel()
+        if p is not None:
+            self._parked.drop(p)
         if p is not None and not p.sent:
             p.dropped = True  # its call is not sent now
             if not acked:
@@ -219,10 +214,8 @@ class RouterClient:
                 except Exception:  # noqa: BLE001 - best effort: the slots expire anyway
                     pass
         self._closed = True
-        for p, timer in list(self._parked.items()):
-            timer.cancel()
+        for p in self._parked.drain():
             self._unavailable(p, "the ingress is shutting down")
-        self._parked.clear()
         for link in self._links:
             for t in (link.task, link.poller):
                 if t is not None:
@@ -269,18 +262,16 @@ class RouterClient:
         wait = self.no_router_wait_s
         if p.call.deadline is not None:
             wait = min(wait, p.call.deadline - time.time())
-        if wait <= 0 or self._closed or len(self._parked) >= MAX_PARKED:
+        if wait <= 0 or self._closed or self._parked.full():
             self._unavailable(p, f"no router is up for model {p.call.request.model!r}: "
                                  "they are restarting; retry shortly")
             return
         p.link, p.sent = -1, False
-        self.counts["parked"] += 1
-        self._parked[p] = self._loop.call_later(wait, self._expire, p, wait)
+        self._parked.park(self._loop, p, wait)
 
     def _expire(self, p: PendingCall, waited: float) -> None:
-        if self._parked.pop(p, None) is not None:
-            self._unavailable(p, f"no router came back for model {p.call.request.model!r} "
-                                 f"within {waited:.3g} s; retry shortly")
+        self._unavailable(p, f"no router came back for model {p.call.request.model!r} "
+                             f"within {waited:.3g} s; retry shortly")
 
     def _unavailable(self, p: PendingCall, why: str) -> None:
         if not p.dropped and not p.future.done() and self._pending.get(p.call.lease_id) is p:
@@ -289,11 +280,7 @@ class RouterClient:
 
     def _unpark(self) -> None:
         """A router is back: the parked calls go to it (in arrival order)."""
-        parked = list(self._parked)
-        for timer in self._parked.values():
-            timer.cancel()
-        self._parked.clear()
-        self._requeue(parked)
+        self._requeue(self._parked.drain())
 
     def _poke(self, link: LinkState) -> None:
         if link.wake is not None:
@@ -314,7 +301,7 @@ class RouterClient:
         self._home.clear()
         self._pending.clear()
         self._staging.clear()
-        self._parked.clear()  # the old loop's timers ended with it
+        self._parked.forget()  # the old loop's timers ended with it
         for link in self._links:
             link.calls.clear()
             link.queued.clear()

@@ -214,7 +214,7 @@ def test_calls_wait_for_a_router_that_comes_back():
         router.dead = False  # restarted
         got = await asyncio.wait_for(asyncio.gather(*waiting), 2.0)
         assert all(p.decode_replica == "d0" for p in got)
-        assert not client._parked and client.counts["parked"] >= 3
+        assert not client._parked and client._parked.total >= 3
         await asyncio.sleep(0.15)
         await client.close()
 
