@@ -132,8 +132,8 @@ class DecodeWorker:
         self.draining = False
         self.counters = {"handoffs": 0, "local_prefills": 0, "fallbacks": 0, "refused": 0,
                          "expired": 0, "handoff_bytes": 0}
-        # why this replica takes no hand-off (a hybrid model's recurrent states split
-        # across tensor-parallel ranks, or too large for a reply), or None: it then
+        # why this replica takes no hand-off (a hybrid model's recurrent states too
+        # large for a reply), or None: it then
         # prefills every prompt itself, whatever its placement says
         self.no_handoffs: str | None = None
         try:

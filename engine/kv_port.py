@@ -165,13 +165,12 @@ class KVPort:
 
     def export_state(self, request_id: str) -> dict[str, torch.Tensor] | None:
         """A hybrid model's recurrent states of ``request_id`` after its prompt
-        (copies, name -> [state layers, *shape]); None for other models.
-        Raises ValueError on a tensor-parallel replica (``_refuse_split_states``)."""
-        state = self._engine.runner.state
-        if state is None:
+        (copies, name -> [state layers, *shape], whole at any TP degree);
+        None for other models."""
+        runner = self._engine.runner
+        if runner.state is None:
             return None
-        self._refuse_split_states()
-        return state.pack(self._engine.kv.state_slot(request_id))
+        return runner.pack_state(self._engine.kv.state_slot(request_id))
 
     def release(self, request_id: str) -> None:
         """Free what a finished prefill-only request holds. Idempotent."""
@@ -219,20 +218,10 @@ class KVPort:
     def import_state(self, reservation: BlockReservation, states: dict[str, torch.Tensor]) -> None:
         """Write the source's ``export_state`` into the reservation's state slot
         (engine thread). Raises ValueError when the kinds or shapes differ."""
-        state = self._engine.runner.state
-        if state is None:
+        runner = self._engine.runner
+        if runner.state is None:
             raise ValueError("this engine's model keeps no recurrent state")
-        self._refuse_split_states()
-        state.unpack(self._engine.kv.state_slot(reservation.handoff_id), states)
-
-    def _refuse_split_states(self) -> None:
-        """A tensor-parallel replica's recurrent states are split by heads
-        across its ranks; they are not handed off (its KV is)."""
-        if self._engine.runner.tp is not None:
-            raise ValueError(
-                f"{self._engine.model_cfg.architecture}: recurrent states are not handed off to or "
-                "from a tensor-parallel replica (serve hand-offs of hybrid models at "
-                "tensor_parallel_size 1)")
+        runner.unpack_state(self._engine.kv.state_slot(reservation.handoff_id), states)
 
     def cancel(self, handoff_id: str) -> None:
         """Free a reservation's blocks. Idempotent."""

@@ -82,6 +82,7 @@ class LLMEngine:
                                       num_blocks, tp=tp)
             if tp is not None:
                 tp.wait_ready(self.runner.kv_cache)
+                tp.kv.state = self.runner.state  # hand-offs of states gather from every rank
         except BaseException:
             if tp is not None:
                 tp.close()

@@ -351,6 +351,25 @@ class ModelRunner:
         if self.tp is not None:
             self.state_ops.append(("rollback", slot, tokens))
 
+    def pack_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """A copy of recurrent-state slot ``slot``, whole: name -> [state
+        layers, *shape] (tensor parallel: gathered from the ranks)."""
+        if self.tp is not None:
+            return self.tp.kv.pack_state(slot)
+        return self.state.pack(slot)
+
+    def unpack_state(self, slot: int, states: dict[str, torch.Tensor]) -> None:
+        """Write ``pack_state``'s output (of an engine of the same model, any
+        TP degree) into ``slot`` (tensor parallel: each rank its rows).
+        Raises ValueError when the kinds or shapes differ."""
+        if self.tp is not None:
+            # the copies and rollbacks not yet sent may touch ``slot`` (its last
+            # owner's): the ranks repeat them before the import, not after it
+            self.tp.kv.unpack_state(slot, states, self.state_ops)
+            self.state_ops = []
+            return
+        self.state.unpack(slot, states)
+
     def pack_kv(self, block_ids: list[int], layer_start: int, layer_end: int) -> torch.Tensor:
         """Layers [layer_start, layer_end) of ``block_ids``, every KV head:
         [layers, 2, n, BS, Hk, D] (tensor parallel: gathered from the ranks)."""

@@ -114,6 +114,15 @@ class RecurrentState:
             for name, t in states.items():
                 self.tensors[name][layer, slot].copy_(t[tokens - 1])
 
+    def replay(self, ops: list[tuple[str, int, int]]) -> None:
+        """Repeat another rank's ``("copy", src, dst)`` and ``("rollback",
+        slot, tokens)`` operations, in order (tensor parallel)."""
+        for op, a, b in ops:
+            if op == "copy":
+                self.copy_slot(a, b)
+            else:
+                self.rollback(a, b)
+
     def clear_kept(self) -> None:
         """Drop every kept state (a new step begins)."""
         self._kept.clear()

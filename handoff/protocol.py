@@ -48,15 +48,9 @@ def engine_layout(engine) -> KVLayout:
 
 def check_state_fits(port: KVPort) -> None:
     """Raise IncompatibleKVError where a sequence's recurrent states (a hybrid
-    model's) exceed what a hand-off reply carries, or are split by heads
-    across tensor-parallel ranks (not handed off): such a model is served by
+    model's) exceed what a hand-off reply carries: such a model is served by
     colocated replicas only."""
     s = port.spec()
-    if s.state_bytes and s.tensor_parallel_size > 1:
-        raise IncompatibleKVError(
-            f"{s.model_id}: its recurrent states are split across {s.tensor_parallel_size} "
-            "tensor-parallel ranks and are not handed off; serve this model colocated, or its "
-            "prefill and decode pools at tensor_parallel_size 1")
     if s.state_bytes > MAX_STATE_BYTES:
         raise IncompatibleKVError(
             f"{s.model_id}: a sequence's recurrent states take {s.state_bytes >> 20} MiB, over the "

@@ -12,7 +12,9 @@ decode replicas of any TP degrees pair without the transports knowing:
 - import (decode side, transport threads): rank 0 scatters each rank its
   heads of the received buffer, every rank stores them, and a barrier
   makes the call return only once every rank has (the sequence is admitted
-  after, and its first step reads those blocks on every rank).
+  after, and its first step reads those blocks on every rank);
+- a hybrid model's recurrent states move the same way, whole at rank 0
+  (``pack_state`` / ``unpack_state``, ``state_moves``).
 
 Cost: (N-1)/N of the KV bytes cross the TP group once more (NVLink on GPU
 nodes, loopback here) and rank 0 holds one whole-head buffer per layer
@@ -31,8 +33,10 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
+from splitserve.engine.parallel import state_moves
 from splitserve.engine.parallel.group import RankFailedError, TPGroup
-from splitserve.engine.parallel.messages import ExportKV, ImportKV, Stop
+from splitserve.engine.parallel.messages import ExportKV, ExportState, ImportKV, ImportState, Stop
+from splitserve.engine.state_cache import RecurrentState
 from splitserve.kernels import ops
 
 log = logging.getLogger("splitserve.engine.parallel")
@@ -54,6 +58,7 @@ class ShardedKV:
         self.group = group
         self.cache = cache  # [L, planes, NB, BS, Hk/N (or 1), D]: rank 0's heads
         self.conns = conns  # ranks 1..N-1, their KV thread's pipe
+        self.state: RecurrentState | None = None  # rank 0's recurrent states (hybrid models)
         self._lock = threading.Lock()
 
     def _tell(self, msg: object) -> None:
@@ -97,19 +102,39 @@ class ShardedKV:
             g.wait(g.kv_pg.barrier(), "KV import barrier")
 
 
-def serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
+    def pack_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """Recurrent-state slot ``slot``, whole (name -> [state layers, *shape])."""
+        with self._lock:
+            self._tell(ExportState(slot))
+            return state_moves.gather(self.group, self.state, slot)
+
+    def unpack_state(self, slot: int, states: dict[str, torch.Tensor],
+                     state_ops: list[tuple[str, int, int]]) -> None:
+        """Store whole ``states`` into slot ``slot`` on every rank, after the
+        ranks repeat ``state_ops`` (rank 0's since the last step). Raises
+        ValueError (nothing sent) when their kinds or shapes are not this
+        model's."""
+        state_moves.check_whole(self.group, self.state, states)
+        with self._lock:
+            self._tell(ImportState(slot, list(state_ops)))
+            state_moves.scatter(self.group, self.state, slot, states)
+
+
+def serve(group: TPGroup, cache: torch.Tensor, conn: Connection,
+          state: RecurrentState | None = None) -> None:
     """Ranks 1..N-1: answer rank 0's KV moves until its pipe closes. A move
     that fails ends the process: rank 0's collective with it then fails at
     once rather than at its timeout, and the replica stops."""
     try:
         with torch.inference_mode():  # the cache is an inference tensor
-            _serve(group, cache, conn)
+            _serve(group, cache, conn, state)
     except BaseException:
         log.exception("tensor-parallel rank %d failed a KV move; it exits", group.rank)
         os._exit(1)
 
 
-def _serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
+def _serve(group: TPGroup, cache: torch.Tensor, conn: Connection,
+           state: RecurrentState | None) -> None:
     opts_g = dist.GatherOptions()
     opts_g.rootRank = 0
     opts_s = dist.ScatterOptions()
@@ -122,6 +147,13 @@ def _serve(group: TPGroup, cache: torch.Tensor, conn: Connection) -> None:
             return
         if isinstance(msg, Stop):
             return
+        if isinstance(msg, ExportState):
+            state_moves.export_rows(group, state, msg.slot)
+            continue
+        if isinstance(msg, ImportState):
+            state.replay(msg.state_ops)
+            state_moves.import_rows(group, state, msg.slot)
+            continue
         idx = _ids(msg.block_ids, group.device)
         if isinstance(msg, ExportKV):
             mine = ops.pack_kv(cache, idx, msg.layer_start, msg.layer_end)

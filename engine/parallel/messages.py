@@ -103,3 +103,23 @@ class ImportKV:
     block_ids: list[int]
     layer_start: int
     num_layers: int
+
+
+@dataclass(frozen=True)
+class ExportState:
+    """Send this rank's part of recurrent-state slot ``slot`` to rank 0 (a
+    gather per state kind, in sorted kind order)."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class ImportState:
+    """Repeat ``state_ops`` (rank 0's copies and rollbacks since the last
+    step, which may read or write ``slot``: they go before the import, not
+    with the next step), then take this rank's part of recurrent-state slot
+    ``slot`` from rank 0 (a scatter per state kind, in sorted kind order),
+    store it, then a barrier."""
+
+    slot: int
+    state_ops: list[tuple[str, int, int]] = field(default_factory=list)

@@ -125,6 +125,29 @@ class ShardPlan:
         start = self.rank * self.vocab_shard
         return min(start, self.cfg.vocab_size), min(start + self.vocab_shard, self.cfg.vocab_size)
 
+    def gdn_channels(self, rank: int | None = None) -> tuple[tuple[int, int], ...]:
+        """(start, size) of each run of a Gated DeltaNet layer's [q | k | v]
+        channels rank ``rank`` (default: this one) holds, in its order: its
+        q, k and v channels (``in_proj_qkv``'s and the convolution's rows,
+        the convolution state's)."""
+        g, r, n = self.cfg.options.gated_delta_net, self.rank if rank is None else rank, self.size
+        k, v = g.key_dim // n, g.value_dim // n
+        return (r * k, k), (g.key_dim + r * k, k), (2 * g.key_dim + r * v, v)
+
+    def state_rows(self, kind: str, rank: int | None = None) -> tuple[tuple[int, int], ...]:
+        """(start, size) of the runs of a sequence's recurrent state ``kind``
+        (rows: dim 0 of its ``StateKind.shape``) rank ``rank`` holds, in its
+        order: a Gated DeltaNet layer's conv channels, or its value heads."""
+        g, r = self.cfg.options.gated_delta_net, self.rank if rank is None else rank
+        if g is None:
+            raise ValueError(f"{self.cfg.architecture}: no recurrent state is split across ranks")
+        if kind == "conv":
+            return self.gdn_channels(r)
+        if kind == "recurrent":
+            h = g.num_v_heads // self.size
+            return ((r * h, h),)
+        raise ValueError(f"no split of recurrent state {kind!r} is known")
+
     def local_config(self) -> ModelConfig:
         """The config of this rank's shard: the model built from it has the
         shard's shapes (heads, intermediate sizes, vocabulary rows, Gated

@@ -57,11 +57,7 @@ def _watch_parent(pid: int) -> None:
 def prepare_states(state: RecurrentState, cmd: StepCommand) -> None:
     """Rank 0's state copies and rollbacks since the last step, then this
     step's zeroing and restores (``ModelRunner._run``), on this rank's heads."""
-    for op, a, b in cmd.state_ops:
-        if op == "copy":
-            state.copy_slot(a, b)
-        else:
-            state.rollback(a, b)
+    state.replay(cmd.state_ops)
     state.clear_kept()
     state.zero(cmd.fresh_slots)
     for src, dst in cmd.restores:
@@ -117,7 +113,7 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
         if local.options.hybrid is not None:
             state = RecurrentState(local.options.hybrid, spec.num_state_slots, DTYPES[spec.dtype], device)
             model.bind_state(state)
-        threading.Thread(target=kv.serve, args=(group, cache, kv_conn), name="tp-kv",
+        threading.Thread(target=kv.serve, args=(group, cache, kv_conn, state), name="tp-kv",
                          daemon=True).start()
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         conn.send(RankFailed(spec.rank, f"{type(e).__name__}: {e}"))

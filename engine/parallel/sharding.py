@@ -112,8 +112,7 @@ def gated_delta_net_part(name: str, module: str, kind: str, slot: ShardSlot,
         heads = shape.num_v_heads // n
         return RankSlice(slot, 0, r * heads, heads)
     if module in GDN_CHANNELS:
-        k, v = shape.key_dim // n, shape.value_dim // n
-        return RankPieces(slot, ((r * k, k), (shape.key_dim + r * k, k), (2 * shape.key_dim + r * v, v)))
+        return RankPieces(slot, plan.gdn_channels())
     return None
 
 

@@ -12,9 +12,9 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.errors import IncompatibleKVError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.handoff.protocol import check_state_fits
@@ -111,27 +111,43 @@ def test_tp2_gated_delta_net_hybrids(tiny_checkpoints, engines, family, budget):
     heads = eng.model_cfg.options.gated_delta_net.num_v_heads
     assert eng.runner.state.tensors["recurrent"].shape[2] == heads // 2
     assert eng.kv.checkpoints.restored > 0
-    # its states are split by heads: not handed off (refused at the prefill pool's start)
-    with pytest.raises(ValueError, match="not handed off to or from a tensor-parallel replica"):
-        eng.kv_port.export_state("any")
-    with pytest.raises(IncompatibleKVError, match="split across 2 tensor-parallel ranks"):
-        check_state_fits(eng.kv_port)
-    if family == "qwen3_next":  # as a decode replica placed with a prefill one: it prefills itself
+    check_state_fits(eng.kv_port)  # its hand-offs carry the states whole
+    if family == "qwen3_next":
+        # hand-offs TP=1 -> 2 and 2 -> 1: the states gathered from / scattered to the ranks
         prompt = prompts_for(eng.model_cfg.vocab_size)[-1]
         want = eng.generate([prompt], GREEDY)[0].token_ids
-        prefill = make(tiny_checkpoints[family], 1)
-        engines.append(prefill)
-        assert asyncio.run(_generate_placed(prefill, eng, prompt)) == (want, 1, 0)
+        tp1 = make(tiny_checkpoints[family], 1)
+        engines.append(tp1)
+        assert asyncio.run(_generate_placed(tp1, eng, prompt)) == (want, 0, 1)
+        assert asyncio.run(_generate_placed(eng, tp1, prompt)) == (want, 0, 1)
+        whole = eng.kv_port.spec().state_kinds
+        with pytest.raises(ValueError, match="does not fit"):  # rank 0's rows alone
+            eng.runner.unpack_state(0, {k: t[:, 0] for k, t in eng.runner.state.tensors.items()})
+        assert sorted(whole) == ["conv", "recurrent"]
+        # a copy rank 0 made before an import into its source slot: the other ranks
+        # repeat it before the import too (not with the next step, after it)
+        r = eng.runner
+        shapes = {k: t.shape for k, t in r.pack_state(0).items()}
+        old = {k: torch.randn(sh).to(r.state.tensors[k].dtype) for k, sh in shapes.items()}
+        new = {k: torch.randn(sh).to(r.state.tensors[k].dtype) for k, sh in shapes.items()}
+        r.unpack_state(0, old)
+        r.copy_state(0, 1)
+        r.unpack_state(0, new)
+        for slot, want_states in ((0, new), (1, old)):
+            got = r.pack_state(slot)
+            assert all(torch.equal(got[k], want_states[k]) for k in shapes), slot
 
 
 async def _generate_placed(prefill: LLMEngine, decode: LLMEngine, prompt: list[int]):
     """``prompt`` through a decode worker of ``decode`` with a prefill placement on a
-    worker of ``prefill``: (tokens, the decode worker's fallbacks, its hand-offs)."""
-    from tests.integration.pd_harness import start_pd
+    worker of ``prefill``: (tokens, the decode worker's fallbacks, its hand-offs),
+    once every block and state slot of both is free again."""
+    from tests.integration.pd_harness import start_pd, wait_until
 
     pd = await start_pd(prefill, decode)
     try:
         toks, _ = await pd.generate(prompt, GREEDY)
+        assert await wait_until(pd.all_free)
         return toks, pd.decode.counters["fallbacks"], pd.decode.counters["handoffs"]
     finally:
         await pd.close()

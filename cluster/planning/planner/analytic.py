@@ -103,9 +103,9 @@ def analytic(ctx: PlanContext) -> Analytic:
         opts = router_options(space, "disaggregated")
         ws = workload_stats(req.workload, opts, rmax, slo.ttft_pct, all_local=False)
         ud = build_units(ctx.devices, space, grid, all_rows, req.shape, ctx.forms,
-                             ctx.quality, sup["tensor_parallel"], ctx.acceptance_rates, handoff=True)
+                             ctx.quality, sup["tensor_parallel"], ctx.acceptance_rates)
         up = build_units(ctx.devices, space, grid, prefill_rows, req.shape, ctx.forms,
-                             ctx.quality, sup["tensor_parallel"], ctx.acceptance_rates, handoff=True)
+                             ctx.quality, sup["tensor_parallel"], ctx.acceptance_rates)
         nic = np.array([d.hw.network_bandwidth * d.hw.efficiency.network for d in ctx.devices])
         kv_of_unit = np.where([ctx.devices[i].cpu for i in up.dev], cpu_kv[grid.kv[up.e]],
                               kvbpt[grid.kv[up.e]])

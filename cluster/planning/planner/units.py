@@ -94,12 +94,11 @@ def spec_tables(space: SpaceSpec, devices: list[Device], dev: np.ndarray, spec: 
 
 def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows: np.ndarray,
                 shape: ModelShape, forms: FormCache, quality: np.ndarray,
-                tp_support: set[int], acceptance: dict[str, float], handoff: bool = False) -> Units:
+                tp_support: set[int], acceptance: dict[str, float]) -> Units:
     """Units over ``rows`` of the engine grid, for every device and TP degree;
     ``acceptance``: the per-token rate of each speculation method
-    (``PlanContext.acceptance``); ``handoff``: a disaggregated pool's, whose
-    recurrent states (a hybrid's) travel whole, so deployable at degree 1
-    only (a tensor-parallel replica's states are split across its ranks)."""
+    (``PlanContext.acceptance``). A hybrid's hand-off carries its recurrent
+    states whole at any degree (gathered from the ranks)."""
     combos = [(d, tp, e) for d in devices for tp in space.tensor_parallel for e in rows
               if not (d.cpu and tp > 1) and tp <= d.count]
     n = len(combos)
@@ -155,8 +154,6 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         cap[sel] = min(space.max_replicas, d.count // key[1])
     dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
     dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
-    if handoff and shape.keeps_state:
-        dep &= tp == 1
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp),
