@@ -77,6 +77,14 @@ def cmd_deploy(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:  # what the deploy checks before it changes anything
+        from splitserve.cluster.serve.app import preflight
+
+        try:
+            preflight(cfg)
+        except ConfigError as e:
+            print(f"error: {args.config}: {e}", file=sys.stderr)
+            return 1
     try:
         join_cluster(args.address)
     except (ConnectionError, RuntimeError) as e:

@@ -120,6 +120,18 @@ def router_config(cfg: ClusterConfig) -> RouterConfig:
     return cfg.router.router_config(facts)
 
 
+def preflight(cfg: ClusterConfig) -> RouterConfig:
+    """What a deploy checks of ``cfg`` before it changes anything (also
+    ``deploy --dry-run``): each model's checkpoint is readable and splits by
+    its pools' tensor-parallel degrees, and tracing's exporter is installed.
+    Returns the router's config; raises ConfigError naming the problem."""
+    from splitserve.cluster.observability.tracing import check_installed
+
+    check_tensor_parallel(cfg)
+    check_installed(cfg.observability.tracing)
+    return router_config(cfg)
+
+
 def connect(address: str | None = None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
@@ -147,13 +159,10 @@ def deploy(cfg: ClusterConfig, address: str | None = None, wait_s: float = 300.0
     when their settings changed; pools of models no longer listed are
     deleted (their replicas drain)."""
     from splitserve.cluster.autoscaling.ledger import get_ledger
-    from splitserve.cluster.observability.tracing import check_installed
 
     # everything that can refuse the file runs before anything is changed:
     # secrets, router and Serve applications stay as they were
-    check_tensor_parallel(cfg)
-    check_installed(cfg.observability.tracing)
-    rcfg = router_config(cfg)
+    rcfg = preflight(cfg)
     connect(address)
     deadline = time.monotonic() + wait_s
     ledger = get_ledger(create=True)

@@ -231,11 +231,18 @@ def test_unreachable_addresses_fail_at_once(capsys):
     assert "cannot connect to the Ray cluster: nothing answers at" in capsys.readouterr().err
     assert main(["deploy", GPU_CFG, "--address", addr]) == 1
     assert "cannot connect to the Ray cluster" in capsys.readouterr().err
-    # a dry run needs no cluster: the file is checked, the comparison skipped
-    assert main(["deploy", GPU_CFG, "--address", addr, "--dry-run"]) == 0
-    assert capsys.readouterr().out.startswith(f"{GPU_CFG}: valid; no Ray cluster to compare")
-    assert main(["deploy", "--config", GPU_CFG, "--address", addr, "--dry-run"]) == 0
-    assert capsys.readouterr().out.startswith(f"{GPU_CFG}: valid; no Ray cluster to compare")
+    # a dry run needs no cluster: the file and its checkpoints are checked, the
+    # comparison skipped
+    local = "deploy/configs/local.yaml"
+    assert main(["deploy", local, "--address", addr, "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"{local}: valid; no Ray cluster to compare")
+    assert main(["deploy", "--config", local, "--address", addr, "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"{local}: valid; no Ray cluster to compare")
+    # a checkpoint this machine cannot read: refused, as the deploy itself would
+    assert main(["deploy", GPU_CFG, "--address", addr, "--dry-run"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: {GPU_CFG}: model 'llama-3-8b-instruct': checkpoint directory "
+        "/models/Meta-Llama-3-8B-Instruct does not exist")
 
 
 def test_deploy_needs_one_config(capsys):
