@@ -123,13 +123,42 @@ def router_config(cfg: ClusterConfig) -> RouterConfig:
 def preflight(cfg: ClusterConfig) -> RouterConfig:
     """What a deploy checks of ``cfg`` before it changes anything (also
     ``deploy --dry-run``): each model's checkpoint is readable and splits by
-    its pools' tensor-parallel degrees, and tracing's exporter is installed.
-    Returns the router's config; raises ConfigError naming the problem."""
+    its pools' tensor-parallel degrees, each configured LoRA adapter reads
+    and fits its model (as the ingress checks it at its start), and
+    tracing's exporter is installed. Returns the router's config; raises
+    ConfigError naming the problem."""
     from splitserve.cluster.observability.tracing import check_installed
 
     check_tensor_parallel(cfg)
     check_installed(cfg.observability.tracing)
-    return router_config(cfg)
+    rcfg = router_config(cfg)
+    check_adapters(cfg)
+    return rcfg
+
+
+def check_adapters(cfg: ClusterConfig) -> None:
+    """Raise ConfigError naming the first configured adapter the ingress
+    would refuse at its start (unreadable, a rank over ``max_lora_rank``,
+    modules its model lacks, a name taken)."""
+    from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts
+    from splitserve.cluster.serve.checkpoints import checkpoint_dir
+    from splitserve.engine.errors import SplitserveError
+    from splitserve.engine.loader import load_checkpoint
+
+    if not any(s.model.adapters for s in cfg.models):
+        return
+    bases = {}
+    for served in cfg.models:
+        spec = served.model
+        bases[spec.name] = BaseFacts(load_checkpoint(checkpoint_dir(spec)).model_config,
+                                     spec.max_loras, spec.max_lora_rank)
+    registry = AdapterRegistry(bases)
+    for served in cfg.models:
+        for a in served.model.adapters:
+            try:
+                registry.load(a.name, a.path, served.model.name)
+            except (SplitserveError, OSError) as e:
+                raise ConfigError(f"model {served.model.name!r}, adapter {a.name!r}: {e}") from None
 
 
 def connect(address: str | None = None) -> None:

@@ -239,3 +239,32 @@ def test_an_azure_row_with_a_value_past_the_header_is_refused(tmp_path):
     with pytest.raises(TraceError) as e:  # line 2's empty trailing field is fine
         list(read_trace(p))
     assert str(e.value) == f"{p} line 3: 4 fields, the header has 3 (an unquoted comma?)"
+
+
+def test_a_dry_run_checks_checkpoints_and_adapters_as_the_deploy_does(
+        tmp_path, monkeypatch, capsys, tiny_llama):
+    """What the deploy refuses before it changes anything, the dry run
+    refuses too: a model path nothing is at, an adapter that cannot be read
+    or does not fit its model (exit status 1, one line naming them)."""
+    from tests.fixtures.lora_adapters import build_adapter
+
+    good = build_adapter(tiny_llama, tmp_path / "good", seed=1)
+    wide = build_adapter(tiny_llama, tmp_path / "wide", seed=2, r=32)
+
+    def cfg(path, adapters):
+        items = "".join(f"\n        - {{name: {n}, path: '{p}'}}" for n, p in adapters)
+        return (f"models:\n  - model:\n      name: m\n      path: '{path}'\n"
+                f"      max_loras: 2\n      max_lora_rank: 16\n      adapters:{items or ' []'}\n")
+
+    code, _ = dry_run(tmp_path, monkeypatch, cfg(tiny_llama, [("good", good)]))
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for text, why in [
+        (cfg(tmp_path / "nowhere", []), "model 'm': checkpoint directory"),
+        (cfg(tiny_llama, [("good", good), ("gone", tmp_path / "gone")]), "model 'm', adapter 'gone': "),
+        (cfg(tiny_llama, [("wide", wide)]), "model 'm', adapter 'wide': "),
+    ]:
+        code, p = dry_run(tmp_path, monkeypatch, text)
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: {p}: {why}") and len(err.strip().splitlines()) == 1, err
