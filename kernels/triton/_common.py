@@ -21,6 +21,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+WIDE_HEADS_PER_PROGRAM = 16  # query heads per program over heads wider than 256
+
+
+def heads_per_program(g: int, block_d: int) -> int:
+    """How many of a kv head's ``g`` query heads one attention program takes:
+    all of them, except over tiles wider than 256 (``block_d``), where a
+    [heads, block_d] query tile and accumulator for up to 128 heads (MLA)
+    would overflow shared memory and registers: 16 then."""
+    return g if block_d <= 256 else min(g, WIDE_HEADS_PER_PROGRAM)
+
+
 def check_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.device != ref.device:

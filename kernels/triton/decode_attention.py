@@ -4,7 +4,10 @@ split-K / flash-decoding.
 Kernel 1 runs one program per (sequence, kv head, KV split): it processes all
 query heads that share the kv head together (GQA: K/V are read once per
 group) over its slice of the context and writes partial max, denominator and
-unnormalised output. Kernel 2 merges the splits. With a single split the
+unnormalised output. Heads wider than 256 (multi-head latent attention's
+576-wide latent under up to 128 query heads, Gemma 4's 512) take at most 16
+query heads per program (``heads_per_program``: the kv head's tiles are read
+once per 16) and 32-token tiles, so a program's tiles fit shared memory. Kernel 2 merges the splits. With a single split the
 first kernel writes the normalised output itself.
 
 The grid depends only on tensor shapes (the split count is planned from the
@@ -20,6 +23,7 @@ import triton.language as tl
 
 from splitserve.kernels.triton._common import (
     as_kernel_cache,
+    heads_per_program,
     check_alibi_slopes,
     check_paged_attention_args,
     dot_in_fp32,
@@ -39,6 +43,7 @@ from splitserve.kernels.triton.paged_tile import (
 
 MIN_TILES_PER_SPLIT = 4  # below this the merge costs more than the split saves
 GPU_BLOCK_N = 64  # KV tokens per tile
+WIDE_GPU_BLOCK_N = 32  # ... for heads wider than 256 (MLA's 576-wide latent, Gemma 4's 512)
 CPU_BLOCK_N = 16  # interpreter: small tiles, so short test contexts still span several
 
 
@@ -47,7 +52,7 @@ def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_ptr, l_ptr, acc_ptr,
     scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
-    HQ, G, D, BS, NUM_SPLITS, split_len,
+    HQ, G, GH, HB, D, BS, NUM_SPLITS, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt, alibi_ptr,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
@@ -56,7 +61,8 @@ def _decode_split_kernel(
     HAS_ALIBI: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // HB  # HB programs per kv head, GH of its G query heads each
+    hb = tl.program_id(1) % HB
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
     start = split * split_len
@@ -64,9 +70,9 @@ def _decode_split_kernel(
     if HAS_WINDOW:  # only the latest ``window`` tokens: splits before them stay empty
         start = tl.maximum(start, ctx - window)
 
-    g = tl.arange(0, BLOCK_G)
+    g = hb * GH + tl.arange(0, BLOCK_G)  # this program's heads among the kv head's G
     d = tl.arange(0, BLOCK_D)
-    gmask = g < G
+    gmask = (tl.arange(0, BLOCK_G) < GH) & (g < G)
     dmask = d < D
     heads = kv_head * G + g  # [BLOCK_G] query heads of this kv head
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -186,30 +192,33 @@ def paged_decode_attention(
         return out
     _, bs, hk, _ = k_cache.shape
     g = hq // hk
-    block_n = GPU_BLOCK_N if q.device.type == "cuda" else CPU_BLOCK_N
+    block_d = max(16, next_pow2(d))
+    gh = heads_per_program(g, block_d)
+    hb = triton.cdiv(g, gh)
+    block_n = CPU_BLOCK_N if q.device.type != "cuda" else (
+        GPU_BLOCK_N if block_d <= 256 else WIDE_GPU_BLOCK_N)
     splits, split_len = plan_splits(b, hk, block_tables.shape[1] * bs, block_n, num_sms(q.device),
                                     num_splits)
     kc, vc = as_kernel_cache(k_cache), as_kernel_cache(v_cache)
-    block_d = max(16, next_pow2(d))
     if splits > 1:
         m = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     else:
         m = l = acc = out  # unused by the single-split kernel
-    _decode_split_kernel[(b, hk, splits)](
+    _decode_split_kernel[(b, hk * hb, splits)](
         q, kc, vc, block_tables, context_lens,
         out, m, l, acc,
         score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
-        float(softcap), sinks_arg, hq, g, d, bs, splits, split_len,
+        float(softcap), sinks_arg, hq, g, gh, hb, d, bs, splits, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out if alibi_slopes is None else alibi_slopes,  # without ALiBi: never read
         FP8_KV=is_fp8(k_cache), DOT_F32=dot_in_fp32(q), PRECISION=dot_precision(q),
         ONE_SPLIT=splits == 1, HAS_WINDOW=sliding_window > 0, HAS_SOFTCAP=softcap > 0,
-        BLOCK_G=max(16, next_pow2(g)), BLOCK_N=block_n, BLOCK_D=block_d, HAS_SINKS=has_sinks,
+        BLOCK_G=max(16, next_pow2(gh)), BLOCK_N=block_n, BLOCK_D=block_d, HAS_SINKS=has_sinks,
         HAS_ALIBI=alibi_slopes is not None,
-        num_warps=4,
+        num_warps=4 if block_d <= 256 else 8,
     )
     if splits > 1:
         _decode_reduce_kernel[(b, hq)](

@@ -2,8 +2,9 @@
 chunked prefill; a sequence's earlier tokens may already be cached).
 
 Each program owns one tile of BLOCK_Q query tokens of one sequence times the
-G query heads sharing one kv head, packed as BLOCK_M = BLOCK_Q * G rows
-(padded to a power of two), and runs flash-attention's online softmax over
+G query heads sharing one kv head (at most 16 of them for heads wider than
+256: ``heads_per_program``), packed as BLOCK_M = BLOCK_Q * G rows (padded
+to a power of two), and runs flash-attention's online softmax over
 KV tiles read through the block table, up to its last query's position.
 
 The grid is sized from shapes alone, ``T // BLOCK_Q + B`` tiles per kv head
@@ -27,6 +28,7 @@ from splitserve.kernels.triton._common import (
     check_ndim,
     check_paged_attention_args,
     dot_in_fp32,
+    heads_per_program,
     dot_precision,
     is_fp8,
     next_pow2,
@@ -61,7 +63,7 @@ def _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q: tl.constexpr):
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
     scale_log2, k_scale, v_scale, window, softcap, sinks_ptr,
-    B, G, D, BS,
+    B, G, GH, HB, D, BS,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt, alibi_ptr,
     FP8_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -70,7 +72,8 @@ def _paged_prefill_kernel(
     HAS_ALIBI: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // HB  # HB programs per kv head, GH of its G query heads each
+    hb = tl.program_id(1) % HB
     seq = _find_sequence(cu_query_lens_ptr, B, tile_id, BLOCK_Q)
     q_start = tl.load(cu_query_lens_ptr + seq)
     q_len = tl.load(cu_query_lens_ptr + seq + 1) - q_start
@@ -81,9 +84,10 @@ def _paged_prefill_kernel(
     prefix = ctx - q_len  # cached tokens before this chunk
 
     r = tl.arange(0, BLOCK_M)
-    tok = tile * BLOCK_Q + r // G  # [BLOCK_M] query index within the sequence
-    heads = kv_head * G + r % G
-    rmask = (r < BLOCK_Q * G) & (tok < q_len)
+    tok = tile * BLOCK_Q + r // GH  # [BLOCK_M] query index within the sequence
+    head_in_group = hb * GH + r % GH
+    heads = kv_head * G + head_in_group
+    rmask = (r < BLOCK_Q * GH) & (tok < q_len) & (head_in_group < G)
     pos = prefix + tok  # each row's position; it sees keys <= pos
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -129,13 +133,16 @@ def _paged_prefill_kernel(
 
 
 def _tile_shape(g: int, d: int, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for G query heads per kv head."""
+    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for ``g`` query heads per
+    program (``heads_per_program``)."""
     if not on_gpu:  # interpreter: small tiles keep numpy work per step small
         block_m, block_n = 16, 16
     elif d <= 128 and not fp32:
         block_m, block_n = 128, 64
-    else:  # fp32 operands or wide heads: halve the tiles to stay within shared memory
+    elif next_pow2(d) <= 256:  # fp32 operands or wide heads: halve the tiles to stay within shared memory
         block_m, block_n = 64, 32
+    else:  # 512 and 1024 wide (Gemma 4, MLA's latent): 16 rows, and 8 warps share the accumulator
+        return max(16, next_pow2(g)), max(16, next_pow2(g)) // g, 32, 8
     block_m = max(block_m, next_pow2(g))
     return block_m, block_m // g, block_n, 8 if block_m >= 128 else 4
 
@@ -178,12 +185,14 @@ def paged_attention(
         return out
     _, bs, hk, _ = k_cache.shape
     g = hq // hk
-    block_m, block_q, block_n, num_warps = _tile_shape(g, d, q.device.type == "cuda", dot_in_fp32(q))
+    gh = heads_per_program(g, max(16, next_pow2(d)))
+    hb = triton.cdiv(g, gh)
+    block_m, block_q, block_n, num_warps = _tile_shape(gh, d, q.device.type == "cuda", dot_in_fp32(q))
     kc, vc = as_kernel_cache(k_cache), as_kernel_cache(v_cache)
-    _paged_prefill_kernel[(t // block_q + b, hk)](
+    _paged_prefill_kernel[(t // block_q + b, hk * hb)](
         q, kc, vc, block_tables, cu_query_lens, context_lens, out,
         score_scale(scale, softcap), float(k_scale), float(v_scale), int(sliding_window),
-        float(softcap), sinks_arg, b, g, d, bs,
+        float(softcap), sinks_arg, b, g, gh, hb, d, bs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out if alibi_slopes is None else alibi_slopes,  # without ALiBi: never read

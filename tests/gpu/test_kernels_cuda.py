@@ -198,3 +198,34 @@ def test_attention_in_cuda_graphs():
     torch.cuda.synchronize()
     torch.testing.assert_close(dec_out, _decode(ref.paged_decode_attention, q_dec, c), **TOL[torch.bfloat16])
     torch.testing.assert_close(pre_out, _prefill(ref.paged_attention, q_pre, c, q_lens), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("d,hq,hk", [(576, 128, 1), (576, 16, 1), (576, 20, 1), (512, 32, 4)])
+def test_wide_heads(d, hq, hk):
+    """Multi-head latent attention (DeepSeek-V3 at TP 1 and 8, GLM-4.7-Flash: one
+    576-wide latent, key and value at once) and Gemma 4's 512-wide heads: the
+    kernels launch (16 query heads per program) and match the reference."""
+    g = torch.Generator(device=CUDA).manual_seed(21)
+    lens, bs = [1, 700, 2049], BS
+    per = [math.ceil(n / bs) for n in lens]
+    blocks = sum(per) + 4
+    tables = torch.zeros(len(lens), max(per), dtype=torch.int32, device=CUDA)
+    phys = torch.randperm(blocks, device=CUDA, generator=g).int()
+    at = 0
+    for i, n in enumerate(per):
+        tables[i, :n] = phys[at:at + n]
+        at += n
+    ctx = torch.tensor(lens, dtype=torch.int32, device=CUDA)
+    k = torch.randn(blocks, bs, hk, d, device=CUDA, generator=g).to(torch.bfloat16)
+    v = k if hk == 1 else torch.randn(blocks, bs, hk, d, device=CUDA, generator=g).to(torch.bfloat16)
+    scale = d ** -0.5
+    q = torch.randn(len(lens), hq, d, device=CUDA, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(decode_attention.paged_decode_attention(q, k, v, tables, ctx, scale),
+                               ref.paged_decode_attention(q, k, v, tables, ctx, scale),
+                               **TOL[torch.bfloat16])
+    q_lens = [1, 300, 49]
+    cu = torch.tensor([0] + q_lens, device=CUDA).cumsum(0).to(torch.int32)
+    qp = torch.randn(sum(q_lens), hq, d, device=CUDA, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(prefill_attention.paged_attention(qp, k, v, tables, cu, ctx, scale),
+                               ref.paged_attention(qp, k, v, tables, cu, ctx, scale),
+                               **TOL[torch.bfloat16])

@@ -345,3 +345,34 @@ def test_reference_alibi_matches_eager_math():
     scores = scores.masked_fill(j > i, float("-inf"))
     want = torch.einsum("hts,sd->thd", scores.softmax(-1), v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- heads wider than 256: a kv head's query heads over several programs ------------------
+
+@pytest.mark.parametrize("d,hq,hk", [(576, 34, 1), (512, 40, 2)])
+def test_wide_heads_split_their_query_heads_over_programs(d, hq, hk):
+    """MLA's 576-wide latent (one KV head, key and value at once) and Gemma 4's
+    512-wide heads: 16 query heads per program (``heads_per_program``), the
+    last program of a kv head partly masked (34 = 16 + 16 + 2; 20 = 16 + 4)."""
+    from splitserve.kernels.triton._common import heads_per_program
+
+    assert heads_per_program(hq // hk, 1024 if d > 512 else 512) == 16
+    g = torch.Generator().manual_seed(11)
+    bs, lens = 8, [1, 9, 30]
+    blocks = 16  # 4 per sequence in shuffled order, and spares
+    latent = torch.randn(blocks, bs, hk, d, generator=g)
+    tables = torch.randperm(blocks, generator=g)[:12].view(3, 4).int()
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    k, v = latent, (latent if hk == 1 else torch.randn(blocks, bs, hk, d, generator=g))
+    scale = d ** -0.5
+    q = torch.randn(3, hq, d, generator=g)
+    for splits in (1, 3):
+        torch.testing.assert_close(
+            paged_decode_attention(q, k, v, tables, ctx, scale, num_splits=splits),
+            ref.paged_decode_attention(q, k, v, tables, ctx, scale), **TOL[torch.float32])
+    q_lens = [1, 5, 12]  # chunks after cached prefixes of 0, 4 and 18 tokens
+    qp = torch.randn(sum(q_lens), hq, d, generator=g)
+    cu = torch.tensor([0, 1, 6, 18], dtype=torch.int32)
+    torch.testing.assert_close(paged_attention(qp, k, v, tables, cu, ctx, scale),
+                               ref.paged_attention(qp, k, v, tables, cu, ctx, scale),
+                               **TOL[torch.float32])
