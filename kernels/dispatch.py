@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from splitserve.kernels import fp8_gemm, lora, reference
+from splitserve.kernels import fp8_gemm, lora, recurrent, reference
 
 OP_NAMES = (
     "linear",
@@ -37,14 +37,16 @@ OP_NAMES = (
     "fp8_fused_moe",
     "lora_shrink",
     "lora_expand",
+    "gated_delta_step",
 )
 
 # Backends that register themselves on import of their module.
 _BACKEND_MODULES = {"triton": "splitserve.kernels.triton_ops", "cpu": "splitserve.kernels.cpu_ops"}
 
 # The reference of each op: kernels/reference.py, kernels/fp8_gemm.py for fp8
-# weights and kernels/lora.py for batched LoRA.
-_REFERENCE_MODULES = (reference, fp8_gemm, lora)
+# weights, kernels/lora.py for batched LoRA and kernels/recurrent.py for the
+# recurrent layers' steps.
+_REFERENCE_MODULES = (reference, fp8_gemm, lora, recurrent)
 _registry: dict[str, dict[str, Callable]] = {
     "reference": {name: next(getattr(m, name) for m in _REFERENCE_MODULES if hasattr(m, name))
                   for name in OP_NAMES}

@@ -2,7 +2,7 @@
 
 Signatures and semantics are those of ``splitserve.kernels.reference``
 (``splitserve.kernels.fp8_gemm`` for the fp8-weight ops, ``splitserve.kernels.lora``
-for batched LoRA).
+for batched LoRA, ``splitserve.kernels.recurrent`` for the recurrent layers).
 """
 
 from __future__ import annotations
@@ -86,3 +86,7 @@ def lora_shrink(x, lora_a, meta):
 
 def lora_expand(y, h, lora_b, meta, slice_offsets):
     return get_op("lora_expand", y.device)(y, h, lora_b, meta, slice_offsets)
+
+
+def gated_delta_step(q, k, v, g, beta, state, slots):
+    return get_op("gated_delta_step", q.device)(q, k, v, g, beta, state, slots)

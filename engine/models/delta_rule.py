@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels.recurrent import rule_step
+
 CHUNK = 64  # tokens per chunk of a prompt
 
 
@@ -39,15 +41,11 @@ def normalize_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q * q.shape[-1] ** -0.5, k
 
 
-def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                   beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of each of B sequences: q, k [B, H, Dk], v [B, H, Dv], g, beta
-    [B, H] (normalised, float32), state [B, H, Dk, Dv] float32. Returns (o [B,
-    H, Dv], the new state)."""
-    s = state * g.exp()[..., None, None]
-    u = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
-    s = s + k[..., :, None] * u[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", s, q), s
+# One token of each of B sequences: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H]
+# (normalised, float32), state [B, H, Dk, Dv] float32 -> (o [B, H, Dv], the new
+# state). A decode step of the whole batch runs ``ops.gated_delta_step`` instead (in
+# place on the state store's slots: one Triton kernel on GPUs).
+recurrent_step = rule_step
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

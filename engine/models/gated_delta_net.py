@@ -30,6 +30,7 @@ from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequen
 from splitserve.engine.models.delta_rule import chunked, normalize_qk, recurrent_step
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
 from splitserve.engine.models.recurrent_mixer import RecurrentMixer
+from splitserve.kernels import ops
 
 
 class GatedDeltaNet(RecurrentMixer):
@@ -96,7 +97,8 @@ class GatedDeltaNet(RecurrentMixer):
             q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
         beta = (b.sigmoid() * s.beta_scale).float()  # in the model dtype, as transformers rounds it
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta)
+        out, kept = rule_sequences(recurrent_step, chunked, rec_state, lens, slots, keep, q, k, v, g, beta,
+                                   decode=ops.gated_delta_step)
         self.keep(conv=kept_conv, recurrent=kept)
         return self.adapted("out_proj", self.gated_norm(out.to(x.dtype), z).reshape(t, s.value_dim), lora)
 

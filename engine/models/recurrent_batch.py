@@ -94,14 +94,19 @@ def kept_steps(step: Step, state: torch.Tensor, *inputs: torch.Tensor
 
 def rule_sequences(step: Step, chunked: Callable[..., tuple[torch.Tensor, torch.Tensor]],
                    state: torch.Tensor, lens: tuple[int, ...], slots: torch.Tensor,
-                   keep: tuple[bool, ...] | None, *inputs: torch.Tensor
+                   keep: tuple[bool, ...] | None, *inputs: torch.Tensor,
+                   decode: Callable[..., torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """A recurrent rule over the flat batch (``inputs``: per-token rows, such
     as q, k, v, g, beta), each sequence from its slot of ``state`` [slots,
     *shape], which is updated: ``step(*inputs, state)`` for a batch of single
-    tokens, ``chunked(*inputs, state)`` for one sequence's chunk. Returns
-    (the outputs [T, ...], slot -> every token's state [n, *shape] of the
+    tokens (``decode(*inputs, state, slots)`` instead where given: the same
+    step in place on the slots, such as ``ops.gated_delta_step``),
+    ``chunked(*inputs, state)`` for one sequence's chunk. Returns (the
+    outputs [T, ...], slot -> every token's state [n, *shape] of the
     sequences ``keep`` marks)."""
+    if all(n == 1 for n in lens) and decode is not None:
+        return decode(*inputs, state, slots), {}
     if all(n == 1 for n in lens):
         out, new = step(*inputs, state.index_select(0, slots))
         state.index_copy_(0, slots, new)

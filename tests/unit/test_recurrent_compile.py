@@ -1,0 +1,45 @@
+"""The gated delta rule's decode-step kernel compiles for NVIDIA GPUs
+(sm_90, sm_80) within shared memory at Qwen3-Next's shape (32 value heads
+of 128 x 128 float32 states per rank at TP 1, 16 at TP 2), checked without
+a GPU (tests.fixtures.triton_compile)."""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from tests.fixtures.triton_compile import compile_cubin, compile_in_subprocess, needs_ptxas, record_launches  # noqa: E402
+
+CASES = [(32, 90), (16, 90), (32, 80)]  # (value heads, arch)
+
+
+@needs_ptxas
+@pytest.mark.slow
+def test_gated_delta_step_compiles():
+    compile_in_subprocess(__file__, len(CASES), timeout=300)
+
+
+def _main() -> None:  # runs in the subprocess, without the interpreter
+    import torch
+
+    import splitserve.kernels.triton.gated_delta as gd
+
+    b, dk, dv = 8, 128, 128
+    for h, arch in CASES:
+        q, k = torch.randn(b, h, dk), torch.randn(b, h, dk)
+        v, g, beta = torch.randn(b, h, dv), torch.randn(b, h), torch.rand(b, h)
+        state, slots = torch.zeros(b, h, dk, dv), torch.arange(b)
+        fn, calls = record_launches(gd, ("_gated_delta_step_kernel",),
+                                    lambda: gd.gated_delta_step(q, k, v, g, beta, state, slots)
+                                    )["_gated_delta_step_kernel"]
+        args, kw = calls[0]
+        kw = {**kw, "BLOCK_V": 64}  # what the launcher picks on a GPU
+        options = {o: kw.pop(o) for o in ("num_warps", "num_stages") if o in kw}
+        binary = compile_cubin(f"gated_delta_step h={h}", fn, args, kw, arch, options)
+        print(f"compiled gated_delta_step h={h} sm_{arch} shared={binary.metadata.shared}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    _main()

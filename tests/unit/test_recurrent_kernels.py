@@ -1,0 +1,57 @@
+"""The gated delta rule's decode-step kernel (``kernels/triton/gated_delta.py``)
+against its torch reference (``kernels/recurrent.py``) under Triton's
+interpreter: outputs, the slots it updates in place and the slots it must
+leave alone; value widths over several programs and not a power of two;
+strided inputs; the state's layout checked."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from splitserve.kernels import recurrent  # noqa: E402
+from splitserve.kernels.triton.gated_delta import gated_delta_step  # noqa: E402
+
+
+def inputs(b, h, dk, dv, slots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(b, h, dk, generator=g), dim=-1) * dk ** -0.5
+    k = torch.nn.functional.normalize(torch.randn(b, h, dk, generator=g), dim=-1)
+    v = torch.randn(b, h, dv, generator=g)
+    gate = -torch.rand(b, h, generator=g) * 2  # log decay, below 0
+    beta = torch.rand(b, h, generator=g)
+    state = torch.randn(slots, h, dk, dv, generator=g)
+    return q, k, v, gate, beta, state
+
+
+@pytest.mark.parametrize("b,h,dk,dv", [(3, 2, 16, 24), (4, 3, 32, 72), (2, 4, 128, 128)])
+def test_decode_step_matches_the_reference_in_place(b, h, dk, dv):
+    q, k, v, gate, beta, state = inputs(b, h, dk, dv, slots=b + 3)
+    slots = torch.randperm(b + 3, generator=torch.Generator().manual_seed(1))[:b]
+    want_state = state.clone()
+    want = recurrent.gated_delta_step(q, k, v, gate, beta, want_state, slots)
+    got = gated_delta_step(q, k, v, gate, beta, state, slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)  # others untouched too
+    # and a second step from the updated slots
+    torch.testing.assert_close(gated_delta_step(q, k, v, gate, beta, state, slots),
+                               recurrent.gated_delta_step(q, k, v, gate, beta, want_state, slots),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_strided_inputs_and_a_layer_view_of_the_store():
+    b, h, dk, dv = 3, 2, 16, 40
+    q, k, v, gate, beta, _ = inputs(b, h, dk, dv, slots=1, seed=3)
+    fused = torch.cat([q, k], dim=-1)  # q and k as views with a row stride of 2 * dk
+    store = torch.randn(2, 5, h, dk, dv)  # [layers, slots, ...]: layer 1's view
+    want = store.clone()
+    slots = torch.tensor([4, 0, 2])
+    ref = recurrent.gated_delta_step(q, k, v, gate, beta, want[1], slots)
+    got = gated_delta_step(fused[..., :dk], fused[..., dk:], v, gate, beta, store[1], slots)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(store, want, rtol=1e-5, atol=1e-5)
+    assert gated_delta_step(q[:0], k[:0], v[:0], gate[:0], beta[:0], store[1], slots[:0]).shape == (0, h, dv)
+    with pytest.raises(ValueError, match="float32"):
+        gated_delta_step(q, k, v, gate, beta, store[1].double(), slots)
+    with pytest.raises(ValueError, match="do not match"):
+        gated_delta_step(q, k, v, gate, beta, store[1, :, :1], slots)
