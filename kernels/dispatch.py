@@ -38,6 +38,7 @@ OP_NAMES = (
     "lora_shrink",
     "lora_expand",
     "gated_delta_step",
+    "ssm_scan_step",
 )
 
 # Backends that register themselves on import of their module.

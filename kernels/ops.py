@@ -90,3 +90,7 @@ def lora_expand(y, h, lora_b, meta, slice_offsets):
 
 def gated_delta_step(q, k, v, g, beta, state, slots):
     return get_op("gated_delta_step", q.device)(q, k, v, g, beta, state, slots)
+
+
+def ssm_scan_step(x, dt, A, B, C, D, state, slots):
+    return get_op("ssm_scan_step", x.device)(x, dt, A, B, C, D, state, slots)

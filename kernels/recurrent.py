@@ -12,6 +12,16 @@ to its slot of the state store in place. The rule, per value head:
 
 (``rule_step`` is the same on states already gathered; the engine's
 chunked prompt path and verify steps use it.)
+
+``ssm_scan_step``: one token of each sequence through a Mamba-2 layer's
+selective state space (Mamba-2 and the hybrids built on it: Nemotron-H,
+Granite 4 hybrids, Falcon-H1, Bamba, Zamba2), a [head dim, state size]
+state per head in its slot, in place:
+
+    S = exp(dt A) S + dt x B^T
+    y = S C + D x
+
+(``scan_step`` on gathered states.)
 """
 
 from __future__ import annotations
@@ -38,3 +48,24 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     out, new = rule_step(q, k, v, g, beta, state.index_select(0, idx))
     state.index_copy_(0, idx, new)
     return out
+
+
+def scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [b, H, P], dt [b, H], A and D [H], B and C [b, H, N] (float32), state
+    [b, H, P, N] float32. Returns (y [b, H, P], the new state)."""
+    decay = torch.exp(dt * A)[..., None, None]
+    state = state * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C) + D[:, None] * x
+    return y, state
+
+
+def ssm_scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: torch.Tensor, state: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """``scan_step`` of sequence i from ``state[slots[i]]`` (state: [slots, H, P,
+    N] float32), written back there in place. Returns y [b, H, P] float32."""
+    idx = slots.long()
+    y, new = scan_step(x, dt, A, B, C, D, state.index_select(0, idx))
+    state.index_copy_(0, idx, new)
+    return y

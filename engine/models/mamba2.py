@@ -31,7 +31,9 @@ from splitserve.engine.mamba2_config import Mamba2Shape
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
 from splitserve.engine.models.recurrent_mixer import RecurrentMixer
-from splitserve.engine.models.ssd import chunked, heads_of_groups, scan_step
+from splitserve.engine.models.ssd import chunked, heads_of_groups
+from splitserve.kernels.recurrent import scan_step
+from splitserve.kernels import ops
 
 
 class Mamba2Mixer(RecurrentMixer):
@@ -76,7 +78,9 @@ class Mamba2Mixer(RecurrentMixer):
         A, D = -self.A_log.float().exp(), self.D.float()
         y, kept = rule_sequences(lambda x_, dt_, b_, c_, st: scan_step(x_, dt_, A, b_, c_, D, st),
                                  lambda x_, dt_, b_, c_, st: chunked(x_, dt_, A, b_, c_, D, st),
-                                 ssm_state, lens, slots, keep, xs, dt, B, C)
+                                 ssm_state, lens, slots, keep, xs, dt, B, C,
+                                 decode=lambda x_, dt_, b_, c_, st, sl: ops.ssm_scan_step(
+                                     x_, dt_, A, b_, c_, D, st, sl))
         self.keep(conv=kept_conv, ssm=kept)
         return self.out_proj(self.gated_norm(y.reshape(t, s.inner), z))
 

@@ -15,6 +15,10 @@ token t):
 
     y_t = exp(c_t) S0 C_t + sum_{s <= t} exp(c_t - c_s) (C_t . B_s) dt_s x_s + D x_t
     S_end = exp(c_end) S0 + sum_s exp(c_end - c_s) dt_s x_s B_s^T
+
+A decode step of the whole batch runs ``ops.ssm_scan_step`` (in place on the
+state slots: one Triton kernel on GPUs); ``kernels.recurrent.scan_step`` is its
+torch form on gathered states (verify steps, single tokens inside mixed batches).
 """
 
 from __future__ import annotations
@@ -28,16 +32,6 @@ def heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[..., groups, N] B or C -> [..., heads, N]: each group serves
     ``num_heads // groups`` consecutive heads."""
     return t.repeat_interleave(num_heads // t.shape[-2], dim=-2)
-
-
-def scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              D: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of a batch of sequences: x [b, H, P], dt [b, H], A and D
-    [H], B and C [b, H, N], state [b, H, P, N] -> (y [b, H, P], new state)."""
-    decay = torch.exp(dt * A)[..., None, None]
-    state = state * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, C) + D[:, None] * x
-    return y, state
 
 
 def chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

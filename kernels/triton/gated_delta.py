@@ -1,10 +1,15 @@
-"""The gated delta rule's decode step (``splitserve.kernels.recurrent``) in
-one kernel: one program per (sequence, value head, block of BLOCK_V value
-columns). Each value column of a state evolves on its own given k and q, so
-a program loads its [Dk, BLOCK_V] slice of the sequence's slot once,
-decays it, applies the correction, reads the output and stores it back in
-place: the state crosses memory twice per step (the torch reference makes
-five passes). Inputs and the state are float32, as the reference's.
+"""The recurrent layers' decode steps (``splitserve.kernels.recurrent``),
+each one kernel that reads a sequence's state from its slot once and
+writes it back in place (the torch references make four or five passes
+over it). Inputs and states are float32, as the references'.
+
+- ``gated_delta_step``: one program per (sequence, value head, block of
+  BLOCK_V value columns): each value column of a state evolves on its own
+  given k and q, so a program decays its [Dk, BLOCK_V] slice, applies the
+  correction and reads the output;
+- ``ssm_scan_step`` (Mamba-2): one program per (sequence, head, block of
+  BLOCK_P rows of the head dim): each row of a [P, N] state evolves on its
+  own given dt, B and C.
 """
 
 from __future__ import annotations
@@ -53,13 +58,13 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     """Same contract as ``splitserve.kernels.recurrent.gated_delta_step``."""
     b, h, dk = k.shape
     dv = v.shape[-1]
-    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != dv:
-        raise ValueError("gated_delta_step: the state must be float32 with contiguous "
-                         f"[Dk, Dv] rows, got {state.dtype} strides {state.stride()}")
     if tuple(state.shape[1:]) != (h, dk, dv) or q.shape != k.shape or slots.shape != (b,):
         raise ValueError(f"gated_delta_step: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}, state {tuple(state.shape)}, slots "
                          f"{tuple(slots.shape)} do not match")
+    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != dv:
+        raise ValueError("gated_delta_step: the state must be float32 with contiguous "
+                         f"[Dk, Dv] rows, got {state.dtype} strides {state.stride()}")
     out = torch.empty((b, h, dv), dtype=torch.float32, device=q.device)
     if b == 0:
         return out
@@ -74,3 +79,64 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _ssm_scan_step_kernel(
+    x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, state_ptr, slots_ptr, y_ptr,
+    P, N,
+    stride_xb, stride_xh, stride_dtb, stride_dth, stride_bb, stride_bh, stride_cb, stride_ch,
+    stride_ss, stride_sh, stride_sp,
+    stride_yb, stride_yh,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    nn = tl.arange(0, BLOCK_N)
+    pmask = pp < P
+    nmask = nn < N
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + pp, mask=pmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * stride_dtb + h * stride_dth).to(tl.float32)
+    a = tl.load(a_ptr + h).to(tl.float32)
+    d = tl.load(d_ptr + h).to(tl.float32)
+    bv = tl.load(b_ptr + b * stride_bb + h * stride_bh + nn, mask=nmask, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + b * stride_cb + h * stride_ch + nn, mask=nmask, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + slot * stride_ss + h * stride_sh + pp[:, None] * stride_sp + nn[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    s = tl.load(s_ptrs, mask=smask, other=0.0) * tl.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+    tl.store(s_ptrs, s, mask=smask)
+    y = tl.sum(s * cv[None, :], 1) + d * x
+    tl.store(y_ptr + b * stride_yb + h * stride_yh + pp, y, mask=pmask)
+
+
+def ssm_scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: torch.Tensor, state: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``splitserve.kernels.recurrent.ssm_scan_step``."""
+    b, h, p = x.shape
+    n = B.shape[-1]
+    if (tuple(state.shape[1:]) != (h, p, n) or B.shape != C.shape or B.shape[:2] != (b, h)
+            or slots.shape != (b,) or A.shape != (h,) or D.shape != (h,)):
+        raise ValueError(f"ssm_scan_step: shapes x {tuple(x.shape)}, B {tuple(B.shape)}, C "
+                         f"{tuple(C.shape)}, state {tuple(state.shape)}, slots "
+                         f"{tuple(slots.shape)} do not match")
+    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != n:
+        raise ValueError("ssm_scan_step: the state must be float32 with contiguous [P, N] "
+                         f"rows, got {state.dtype} strides {state.stride()}")
+    y = torch.empty((b, h, p), dtype=torch.float32, device=x.device)
+    if b == 0:
+        return y
+    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
+    A, D = A.contiguous(), D.contiguous()
+    block_n = max(16, next_pow2(n))
+    block_p = min(max(16, next_pow2(p)), 32)
+    _ssm_scan_step_kernel[(b, h, triton.cdiv(p, block_p))](
+        x, dt, A, B, C, D, state, slots, y, p, n,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), state.stride(0), state.stride(1), state.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+    )
+    return y

@@ -32,3 +32,22 @@ def test_gated_delta_step_on_cuda():
     got = gated_delta_step(q, k, v, gate, beta, state, slots)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-4)
+
+
+def test_ssm_scan_step_on_cuda():
+    """Nemotron-H's shape: 128 heads of 64 x 128 states, batch 64."""
+    from splitserve.kernels.triton.gated_delta import ssm_scan_step
+
+    dev, b, h, p, n = torch.device("cuda"), 64, 128, 64, 128
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(b, h, p, device=dev, generator=g)
+    dt = torch.rand(b, h, device=dev, generator=g) * 0.5
+    A, D = -torch.rand(h, device=dev, generator=g) * 4, torch.randn(h, device=dev, generator=g)
+    B, C = (torch.randn(b, h, n, device=dev, generator=g) for _ in range(2))
+    state = torch.randn(b + 8, h, p, n, device=dev, generator=g)
+    slots = torch.randperm(b + 8, device=dev, generator=g)[:b]
+    want_state = state.clone()
+    want = recurrent.ssm_scan_step(x, dt, A, B, C, D, want_state, slots)
+    torch.testing.assert_close(ssm_scan_step(x, dt, A, B, C, D, state, slots), want,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
-"""The gated delta rule's decode-step kernel compiles for NVIDIA GPUs
-(sm_90, sm_80) within shared memory at Qwen3-Next's shape (32 value heads
-of 128 x 128 float32 states per rank at TP 1, 16 at TP 2), checked without
-a GPU (tests.fixtures.triton_compile)."""
+"""The recurrent layers' decode-step kernels compile for NVIDIA GPUs (sm_90,
+sm_80) within shared memory, checked without a GPU
+(tests.fixtures.triton_compile): the gated delta rule at Qwen3-Next's shape
+(32 value heads of 128 x 128 float32 states per rank at TP 1, 16 at TP 2)
+and the Mamba-2 scan at Nemotron-H's (128 heads of 64 x 128)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ CASES = [(32, 90), (16, 90), (32, 80)]  # (value heads, arch)
 @needs_ptxas
 @pytest.mark.slow
 def test_gated_delta_step_compiles():
-    compile_in_subprocess(__file__, len(CASES), timeout=300)
+    compile_in_subprocess(__file__, len(CASES) + 2, timeout=300)
 
 
 def _main() -> None:  # runs in the subprocess, without the interpreter
@@ -39,6 +40,17 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
         binary = compile_cubin(f"gated_delta_step h={h}", fn, args, kw, arch, options)
         print(f"compiled gated_delta_step h={h} sm_{arch} shared={binary.metadata.shared}",
               flush=True)
+    h, p, n = 128, 64, 128
+    x, dt, A, D = torch.randn(b, h, p), torch.rand(b, h), -torch.rand(h), torch.randn(h)
+    B, C, state = torch.randn(b, h, n), torch.randn(b, h, n), torch.zeros(b, h, p, n)
+    for arch in (90, 80):
+        fn, calls = record_launches(gd, ("_ssm_scan_step_kernel",),
+                                    lambda: gd.ssm_scan_step(x, dt, A, B, C, D, state, slots)
+                                    )["_ssm_scan_step_kernel"]
+        args, kw = calls[0]
+        options = {o: kw.pop(o) for o in ("num_warps", "num_stages") if o in kw}
+        binary = compile_cubin(f"ssm_scan_step h={h}", fn, args, kw, arch, options)
+        print(f"compiled ssm_scan_step h={h} sm_{arch} shared={binary.metadata.shared}", flush=True)
 
 
 if __name__ == "__main__":

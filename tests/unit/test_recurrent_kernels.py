@@ -55,3 +55,24 @@ def test_strided_inputs_and_a_layer_view_of_the_store():
         gated_delta_step(q, k, v, gate, beta, store[1].double(), slots)
     with pytest.raises(ValueError, match="do not match"):
         gated_delta_step(q, k, v, gate, beta, store[1, :, :1], slots)
+
+
+@pytest.mark.parametrize("b,h,p,n", [(3, 2, 16, 16), (4, 3, 40, 24), (2, 4, 64, 128)])
+def test_ssm_scan_step_matches_the_reference_in_place(b, h, p, n):
+    from splitserve.kernels.triton.gated_delta import ssm_scan_step
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(b, h, p, generator=g)
+    dt = torch.rand(b, h, generator=g) * 0.5
+    A, D = -torch.rand(h, generator=g) * 4, torch.randn(h, generator=g)
+    B, C = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
+    state = torch.randn(b + 2, h, p, n, generator=g)
+    slots = torch.randperm(b + 2, generator=g)[:b]
+    want_state = state.clone()
+    for _ in range(2):  # a second step from the updated slots
+        want = recurrent.ssm_scan_step(x, dt, A, B, C, D, want_state, slots)
+        got = ssm_scan_step(x, dt, A, B, C, D, state, slots)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        ssm_scan_step(x, dt, A, B[..., :-1], C, D, state, slots)
