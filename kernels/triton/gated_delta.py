@@ -21,6 +21,18 @@ import triton.language as tl
 from splitserve.kernels.triton._common import next_pow2
 
 
+def _check(op: str, shapes_match: bool, tensors: dict[str, torch.Tensor], state: torch.Tensor,
+           row: int) -> None:
+    """Raise ValueError unless the shapes match and ``state`` is float32 with
+    rows of ``row`` contiguous values."""
+    if not shapes_match:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+        raise ValueError(f"{op}: shapes {shapes} do not match")
+    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != row:
+        raise ValueError(f"{op}: the state must be float32 with contiguous rows of {row}, got "
+                         f"{state.dtype} strides {state.stride()}")
+
+
 @triton.jit
 def _gated_delta_step_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, slots_ptr, out_ptr,
@@ -58,13 +70,8 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     """Same contract as ``splitserve.kernels.recurrent.gated_delta_step``."""
     b, h, dk = k.shape
     dv = v.shape[-1]
-    if tuple(state.shape[1:]) != (h, dk, dv) or q.shape != k.shape or slots.shape != (b,):
-        raise ValueError(f"gated_delta_step: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}, state {tuple(state.shape)}, slots "
-                         f"{tuple(slots.shape)} do not match")
-    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != dv:
-        raise ValueError("gated_delta_step: the state must be float32 with contiguous "
-                         f"[Dk, Dv] rows, got {state.dtype} strides {state.stride()}")
+    _check("gated_delta_step", tuple(state.shape[1:]) == (h, dk, dv) and q.shape == k.shape
+           and slots.shape == (b,), dict(q=q, k=k, v=v, state=state, slots=slots), state, dv)
     out = torch.empty((b, h, dv), dtype=torch.float32, device=q.device)
     if b == 0:
         return out
@@ -117,14 +124,9 @@ def ssm_scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     """Same contract as ``splitserve.kernels.recurrent.ssm_scan_step``."""
     b, h, p = x.shape
     n = B.shape[-1]
-    if (tuple(state.shape[1:]) != (h, p, n) or B.shape != C.shape or B.shape[:2] != (b, h)
-            or slots.shape != (b,) or A.shape != (h,) or D.shape != (h,)):
-        raise ValueError(f"ssm_scan_step: shapes x {tuple(x.shape)}, B {tuple(B.shape)}, C "
-                         f"{tuple(C.shape)}, state {tuple(state.shape)}, slots "
-                         f"{tuple(slots.shape)} do not match")
-    if state.dtype != torch.float32 or state.stride(-1) != 1 or state.stride(-2) != n:
-        raise ValueError("ssm_scan_step: the state must be float32 with contiguous [P, N] "
-                         f"rows, got {state.dtype} strides {state.stride()}")
+    _check("ssm_scan_step", tuple(state.shape[1:]) == (h, p, n) and B.shape == C.shape
+           and B.shape[:2] == (b, h) and slots.shape == (b,) and A.shape == (h,)
+           and D.shape == (h,), dict(x=x, B=B, C=C, state=state, slots=slots), state, n)
     y = torch.empty((b, h, p), dtype=torch.float32, device=x.device)
     if b == 0:
         return y
