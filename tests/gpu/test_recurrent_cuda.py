@@ -14,7 +14,7 @@ pytestmark = [
 pytest.importorskip("triton")
 
 from splitserve.kernels import recurrent  # noqa: E402
-from splitserve.kernels.triton.gated_delta import gated_delta_step  # noqa: E402
+from splitserve.kernels.triton.recurrent import gated_delta_step  # noqa: E402
 
 
 def test_gated_delta_step_on_cuda():
@@ -36,7 +36,7 @@ def test_gated_delta_step_on_cuda():
 
 def test_ssm_scan_step_on_cuda():
     """Nemotron-H's shape: 128 heads of 64 x 128 states, batch 64."""
-    from splitserve.kernels.triton.gated_delta import ssm_scan_step
+    from splitserve.kernels.triton.recurrent import ssm_scan_step
 
     dev, b, h, p, n = torch.device("cuda"), 64, 128, 64, 128
     g = torch.Generator(device=dev).manual_seed(1)

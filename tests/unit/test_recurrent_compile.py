@@ -24,7 +24,7 @@ def test_gated_delta_step_compiles():
 def _main() -> None:  # runs in the subprocess, without the interpreter
     import torch
 
-    import splitserve.kernels.triton.gated_delta as gd
+    import splitserve.kernels.triton.recurrent as gd
 
     b, dk, dv = 8, 128, 128
     for h, arch in CASES:

@@ -1,4 +1,4 @@
-"""The gated delta rule's decode-step kernel (``kernels/triton/gated_delta.py``)
+"""The gated delta rule's decode-step kernel (``kernels/triton/recurrent.py``)
 against its torch reference (``kernels/recurrent.py``) under Triton's
 interpreter: outputs, the slots it updates in place and the slots it must
 leave alone; value widths over several programs and not a power of two;
@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from splitserve.kernels import recurrent  # noqa: E402
-from splitserve.kernels.triton.gated_delta import gated_delta_step  # noqa: E402
+from splitserve.kernels.triton.recurrent import gated_delta_step  # noqa: E402
 
 
 def inputs(b, h, dk, dv, slots, seed=0):
@@ -59,7 +59,7 @@ def test_strided_inputs_and_a_layer_view_of_the_store():
 
 @pytest.mark.parametrize("b,h,p,n", [(3, 2, 16, 16), (4, 3, 40, 24), (2, 4, 64, 128)])
 def test_ssm_scan_step_matches_the_reference_in_place(b, h, p, n):
-    from splitserve.kernels.triton.gated_delta import ssm_scan_step
+    from splitserve.kernels.triton.recurrent import ssm_scan_step
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(b, h, p, generator=g)
