@@ -1,9 +1,11 @@
 """Torch references of the recurrent layers' ops (hybrid models).
 
 ``gated_delta_step``: one token of each of a batch of sequences through the
-gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo Hybrid), each
-sequence's [k dim, v dim] state per value head read from and written back
-to its slot of the state store in place. The rule, per value head:
+gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo Hybrid; with a
+decay per key channel, Kimi Delta Attention: Kimi Linear, the Bailing
+hybrid), each sequence's [k dim, v dim] state per value head read from and
+written back to its slot of the state store in place. The rule, per value
+head (g a scalar, or a [k dim] vector decaying each row of S):
 
     S' = exp(g) S
     u = beta (v - S'^T k)
@@ -31,9 +33,10 @@ import torch
 
 def rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
               beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H] (float32), state [B, H,
-    Dk, Dv] float32. Returns (o [B, H, Dv] float32, the new state)."""
-    s = state * g.exp()[..., None, None]
+    """q, k [B, H, Dk], v [B, H, Dv], g [B, H] (or [B, H, Dk]: per key channel),
+    beta [B, H] (float32), state [B, H, Dk, Dv] float32. Returns (o [B, H, Dv]
+    float32, the new state)."""
+    s = state * (g.exp()[..., None] if g.dim() == k.dim() else g.exp()[..., None, None])
     u = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
     s = s + k[..., :, None] * u[..., None, :]
     return torch.einsum("bhkv,bhk->bhv", s, q), s

@@ -32,18 +32,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels.recurrent import rule_step
+
 CHUNK = 32  # tokens per chunk of a prompt (each chunk holds a [H, C, C, k dim] decay tensor)
 
 
-def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                   beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of each of B sequences: q, k, g [B, H, Dk], v [B, H, Dv], beta
-    [B, H] (float32), state [B, H, Dk, Dv] float32. Returns (o [B, H, Dv], the
-    new state)."""
-    s = state * g.exp()[..., None]
-    u = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
-    s = s + k[..., :, None] * u[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", s, q), s
+# One token of each of B sequences: q, k, g [B, H, Dk], v [B, H, Dv], beta [B, H]
+# (float32), state [B, H, Dk, Dv] float32 -> (o [B, H, Dv], the new state): the gated
+# delta rule with a decay per key channel. A decode step of the whole batch runs
+# ``ops.gated_delta_step`` instead (in place on the state slots: one Triton kernel on
+# GPUs).
+recurrent_step = rule_step
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

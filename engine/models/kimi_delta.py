@@ -37,6 +37,7 @@ from splitserve.engine.models.delta_rule import normalize_qk
 from splitserve.engine.models.recurrent_batch import conv_sequences, rule_sequences
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
 from splitserve.engine.models.recurrent_mixer import RecurrentMixer
+from splitserve.kernels import ops
 
 SOFTPLUS_LINEAR_ABOVE = 20.0  # the forget gate's softplus is the identity above this, as transformers'
 
@@ -82,7 +83,8 @@ class KimiDeltaAttention(RecurrentMixer):
         g = self.forget_gate(f)
         beta = torch.sigmoid(b).float()
         out, kept = rule_sequences(kda_rule.recurrent_step, kda_rule.chunked, states["recurrent"],
-                                   meta.query_lens, meta.state_slots, meta.keep_states, q, k, v, g, beta)
+                                   meta.query_lens, meta.state_slots, meta.keep_states, q, k, v, g, beta,
+                                   decode=ops.gated_delta_step)
         self.keep(conv=kept_conv, recurrent=kept)
         gate = self.output_gate(g_in).view(t, *hd)
         return self.o_proj(self.gated_norm(out.to(x.dtype), gate).reshape(t, self.width))

@@ -25,7 +25,8 @@ pytest.importorskip("triton")
 # cache (one plane, one KV head of width 40, not a power of 2, for 4 query heads) in the
 # store, prefill and decode kernels. qwen3_next: its Gated DeltaNet layers' decode steps
 # through the gated delta rule's kernel (in place on the state slots) beside gated attention;
-# mamba2: its decode steps through the SSM scan's kernel.
+# mamba2: its decode steps through the SSM scan's kernel; kimi_linear: the same gated delta
+# kernel with a decay per key channel, beside latent attention.
 # Ministral (per-layer windows, as qwen2_window), Seed-OSS (biases, as llama_bias), StableLM
 # and GPT-NeoX (the parallel residual and partial rotary, as phi), Falcon (q/k/v split at
 # load, grouped KV heads) and GPT-J (partial rotary as phi, its q/k rows reordered as helium's)
@@ -37,7 +38,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
                                     "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
                                     "helium", "starcoder2", "phi", "gpt_oss", "falcon_alibi",
-                                    "youtu", "qwen3_next", "mamba2"])
+                                    "youtu", "qwen3_next", "mamba2", "kimi_linear"])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -76,3 +76,18 @@ def test_ssm_scan_step_matches_the_reference_in_place(b, h, p, n):
         torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):
         ssm_scan_step(x, dt, A, B[..., :-1], C, D, state, slots)
+
+
+def test_a_decay_per_key_channel():
+    """Kimi Delta Attention: g [B, H, Dk] decays each row of the state."""
+    b, h, dk, dv = 3, 2, 24, 40
+    q, k, v, _, beta, state = inputs(b, h, dk, dv, slots=5, seed=8)
+    gate = -torch.rand(b, h, dk, generator=torch.Generator().manual_seed(9)) * 3
+    slots = torch.tensor([3, 1, 4])
+    want_state = state.clone()
+    want = recurrent.gated_delta_step(q, k, v, gate, beta, want_state, slots)
+    torch.testing.assert_close(gated_delta_step(q, k, v, gate, beta, state, slots), want,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        gated_delta_step(q, k, v, gate[..., :-1], beta, state, slots)
