@@ -64,7 +64,7 @@ def _settings(engine, kv_cache_dtype: str, device: str, threads: int) -> EngineS
     dtype = str(engine.dtype).removeprefix("torch.")
     kv = "fp8" if kv_cache_dtype == "fp8" else dtype
     if getattr(engine.cfg, "weight_dtype", "auto") == "fp8":
-        dtype = "fp8"  # fp8 weights' rows, as sim.simulator.engine_settings looks them up
+        dtype = "fp8"  # fp8 weights' rows, as sim.options.engine_settings looks them up
     return EngineSettings(dtype=dtype, kv_dtype=kv, block_size=engine.cfg.block_size,
                           max_num_seqs=engine.cfg.max_num_seqs,
                           max_num_batched_tokens=engine.cfg.max_num_batched_tokens,

@@ -22,7 +22,7 @@ from splitserve.cluster.planning.planner.search import Planner
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.shapes import PRESETS, ModelShape
 from splitserve.cluster.planning.sim.pools import kv_blocks
-from splitserve.cluster.planning.sim.simulator import engine_settings
+from splitserve.cluster.planning.sim.options import engine_settings
 from splitserve.engine.roles import Role
 
 SHAPE = PRESETS["llama-3.1-8b"]

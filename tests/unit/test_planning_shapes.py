@@ -17,7 +17,7 @@ from splitserve.cluster.planning import kv_room
 from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.shapes import PRESETS, shape_from_config_json
 from splitserve.cluster.planning.sim.pools import kv_blocks
-from splitserve.cluster.planning.sim.simulator import engine_settings
+from splitserve.cluster.planning.sim.options import engine_settings
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.model_runner import kv_cache_dtype, num_kv_blocks, resolve_dtype
@@ -171,7 +171,8 @@ def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
     the request's states beside its KV."""
     from splitserve.cluster.bench.datasets import parse_length_dist
     from splitserve.cluster.config import parse_config
-    from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
+    from splitserve.cluster.planning.sim.options import SimConfigError, SimOptions
+    from splitserve.cluster.planning.sim.simulator import Simulation
     from splitserve.cluster.planning.workload import synthetic
 
     def config(seqs):

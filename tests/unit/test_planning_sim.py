@@ -14,7 +14,8 @@ from splitserve.cluster.planning.db import ProfileDB
 from splitserve.cluster.planning.samples import MOONCAKE
 from splitserve.cluster.planning.shapes import PRESETS
 from splitserve.cluster.planning.sim import adapter
-from splitserve.cluster.planning.sim.simulator import Failure, SimOptions, Simulation
+from splitserve.cluster.planning.sim.options import Failure, SimOptions
+from splitserve.cluster.planning.sim.simulator import Simulation
 from splitserve.cluster.planning.workload import synthetic
 from splitserve.engine.scheduler import Scheduler
 from splitserve.router import policies

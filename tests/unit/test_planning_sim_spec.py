@@ -15,7 +15,8 @@ from splitserve.cluster.planning.planner.inputs import Offer
 from splitserve.cluster.planning.planner.space import SpaceSpec
 from splitserve.cluster.planning.records import StepSample
 from splitserve.cluster.planning.shapes import PRESETS
-from splitserve.cluster.planning.sim.simulator import SimOptions, Simulation, engine_settings
+from splitserve.cluster.planning.sim.options import SimOptions, engine_settings
+from splitserve.cluster.planning.sim.simulator import Simulation
 from splitserve.cluster.planning.sim.speculation import ASSUMED_ACCEPTANCE, SimSpeculator
 from splitserve.cluster.planning.workload import TraceRequest, synthetic
 from splitserve.engine.spec import adaptive

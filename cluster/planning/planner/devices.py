@@ -59,7 +59,7 @@ def resolve_devices(db: ProfileDB, offers: list[Offer]) -> list[Device]:
 def engine_settings_for(dev: Device, tp: int, wd: str, kv: str):
     """The speed-relevant settings of a replica, built by the simulator's
     ``engine_settings`` (fp8 weights included)."""
-    from splitserve.cluster.planning.sim.simulator import engine_settings
+    from splitserve.cluster.planning.sim.options import engine_settings
 
     weight = "fp8" if wd == "fp8" else "auto"
     if dev.cpu:

@@ -162,7 +162,7 @@ def shapes_for(cfg, items: list[str]):
 
 
 def _failures(items: list[str]):
-    from splitserve.cluster.planning.sim.simulator import Failure
+    from splitserve.cluster.planning.sim.options import Failure
 
     import math
 
@@ -233,7 +233,8 @@ def run_from_args(args) -> int:
     from splitserve.cluster.planning.db import ProfileDB, ProfileDBError
     from splitserve.cluster.planning.shapes import ShapeError
     from splitserve.cluster.planning.sim import report
-    from splitserve.cluster.planning.sim.simulator import SimConfigError, SimOptions, Simulation
+    from splitserve.cluster.planning.sim.options import SimConfigError, SimOptions
+    from splitserve.cluster.planning.sim.simulator import Simulation
     from splitserve.cluster.planning.workload import TraceError
 
     from splitserve.cluster.cli.common import output_problem
