@@ -77,6 +77,9 @@ class KVCacheSpec:
     # carries each sequence's states with its blocks; empty: none
     state_kinds: tuple[str, ...] = ()
     state_bytes: int = 0  # one sequence's recurrent states, every kind and layer
+    # each kind's whole (every rank's) states of one sequence: (name, [state layers,
+    # *shape], dtype name), what ``KVPort.export_state`` returns at any TP degree
+    state_shapes: tuple[tuple[str, tuple[int, ...], str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,11 @@ class KVPort:
             tensor_parallel_size=engine.cfg.tensor_parallel_size,
             state_kinds=tuple(s.name for s in mc.options.hybrid.states) if mc.options.hybrid else (),
             state_bytes=(mc.options.hybrid.state_bytes_per_sequence(engine.dtype.itemsize)
-                         if mc.options.hybrid else 0))
+                         if mc.options.hybrid else 0),
+            state_shapes=tuple(
+                (s.name, (len(mc.options.hybrid.state_layers), *s.shape),
+                 "float32" if s.dtype == "float32" else dtype_name(engine.dtype))
+                for s in mc.options.hybrid.states) if mc.options.hybrid else ())
         self._holders: weakref.WeakSet = weakref.WeakSet()
 
     def spec(self) -> KVCacheSpec:

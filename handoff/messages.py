@@ -114,7 +114,8 @@ class Adapter(Message):
 
 
 # a hybrid model's recurrent states of one sequence, over every recurrent layer (Qwen3-Next-80B:
-# 74 MiB, Jamba 1.5 Large: 63 MiB); within the reply's bound (rpc.MAX_REPLY_BYTES)
+# 74 MiB, Jamba 1.5 Large: 63 MiB), where they ride in the reply (models without attention
+# layers; the others send them as a KV chunk); within the reply's bound (rpc.MAX_REPLY_BYTES)
 MAX_STATE_BYTES = 192 << 20
 _STATE_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -47,11 +47,12 @@ def engine_layout(engine) -> KVLayout:
 
 
 def check_state_fits(port: KVPort) -> None:
-    """Raise IncompatibleKVError where a sequence's recurrent states (a hybrid
-    model's) exceed what a hand-off reply carries: such a model is served by
-    colocated replicas only."""
+    """Raise IncompatibleKVError where a sequence's recurrent states exceed
+    what a hand-off reply carries, for a model whose states ride in the
+    reply (one without attention layers, ``states_by_chunk``): such a model
+    is served by colocated replicas only."""
     s = port.spec()
-    if s.state_bytes > MAX_STATE_BYTES:
+    if s.state_bytes > MAX_STATE_BYTES and not states_by_chunk(port):
         raise IncompatibleKVError(
             f"{s.model_id}: a sequence's recurrent states take {s.state_bytes >> 20} MiB, over the "
             f"{MAX_STATE_BYTES >> 20} MiB a prefill->decode hand-off carries; serve this model "
@@ -59,10 +60,49 @@ def check_state_fits(port: KVPort) -> None:
 
 
 # -- source side ----------------------------------------------------------------
-def export_meta(port: KVPort, request_id: str) -> HandoffMeta:
-    """The finished prefill ``request_id`` in wire form (engine thread)."""
-    seq = port.export_sequence(request_id)
+def states_by_chunk(port: KVPort) -> bool:
+    """Whether a hand-off of this engine's model sends its recurrent states
+    as one chunk after the KV layers (over the KV transport, NCCL where
+    configured): a hybrid model with attention layers. A model without
+    (pure Mamba) hands off no block at all: its states ride in the reply."""
+    s = port.spec()
+    return bool(s.state_bytes) and s.num_layers > 0
+
+
+def state_chunk(port: KVPort, request_id: str) -> torch.Tensor:
+    """The finished prefill ``request_id``'s recurrent states as one chunk's
+    buffer: every kind's bytes in name order (the ``state_shapes`` layout),
+    [1, state_bytes] uint8 (engine thread)."""
     states = port.export_state(request_id)
+    return torch.cat([states[name].contiguous().flatten().view(torch.uint8)
+                      for name in sorted(states)])[None]
+
+
+def states_of_chunk(port: KVPort, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``state_chunk``'s buffer back as name -> whole states (views of it).
+    Raises IncompatibleKVError when its size is not this model's."""
+    s = port.spec()
+    flat = buf.reshape(-1)
+    if flat.numel() != s.state_bytes:
+        raise IncompatibleKVError(f"a state chunk of {flat.numel()} bytes; this model's states "
+                                  f"take {s.state_bytes}")
+    out, at = {}, 0
+    for name, shape, dtype in sorted(s.state_shapes):
+        dt = getattr(torch, dtype)
+        n = dt.itemsize
+        for d in shape:
+            n *= d
+        out[name] = flat[at:at + n].clone().view(dt).view(shape)  # aligned for its dtype
+        at += n
+    return out
+
+
+def export_meta(port: KVPort, request_id: str, with_states: bool = True) -> HandoffMeta:
+    """The finished prefill ``request_id`` in wire form (engine thread);
+    ``with_states``: its recurrent states in it (else they went as a chunk:
+    ``state_chunk``)."""
+    seq = port.export_sequence(request_id)
+    states = port.export_state(request_id) if with_states else None
     return HandoffMeta(
         request_id=seq.request_id, layout=layout_of(port),
         prompt_token_ids=list(seq.prompt_token_ids), first_token_id=seq.first_token_id,
@@ -92,6 +132,7 @@ class _Lease:
     bytes_allowed: int
     adapter: AdapterRef | None  # the adapter the reserved prefix was matched under
     layers_received: set[int] = field(default_factory=set)
+    states: torch.Tensor | None = None  # the state chunk's bytes (``state_chunk``), once arrived
 
 
 class Reservations(KVSink):
@@ -118,8 +159,9 @@ class Reservations(KVSink):
             if handoff_id in self._open:
                 raise InvalidRequestError(f"hand-off {handoff_id!r} is already reserved")
             r = self.port.reserve(handoff_id, prompt_token_ids, max_tokens, adapter)
+            states = self.port.spec().state_bytes if states_by_chunk(self.port) else 0
             self._open[handoff_id] = _Lease(r, time.monotonic() + self.lease_s,
-                                            r.bytes_to_receive, adapter)
+                                            r.bytes_to_receive + states, adapter)
             return r
 
     def _live(self, handoff_id: str) -> _Lease:
@@ -137,6 +179,9 @@ class Reservations(KVSink):
             return lease.bytes_allowed
 
     def write_layers(self, header: ChunkHeader, buf: torch.Tensor) -> None:
+        if header.layer_start == self.layout.num_layers and states_by_chunk(self.port):
+            self._write_states(header, buf)
+            return
         with self._lock:
             lease = self._live(header.handoff_id)
             n = len(lease.blocks.blocks_to_receive)
@@ -146,6 +191,17 @@ class Reservations(KVSink):
                     f"{n} reserved blocks / {self.layout.num_layers} layers")
             self.port.import_layers(lease.blocks, header.layer_start, buf)
             lease.layers_received.update(range(header.layer_start, header.layer_end))
+
+    def _write_states(self, header: ChunkHeader, buf: torch.Tensor) -> None:
+        """The state chunk (the one past the last KV layer): kept until the
+        commit imports it on the engine thread (``buf`` is the receiver's)."""
+        want = self.port.spec().state_bytes
+        if header.layer_end != header.layer_start + 1 or buf.numel() * buf.element_size() != want:
+            raise MessageTooLarge(f"hand-off {header.handoff_id!r}: a state chunk of "
+                                  f"{buf.numel() * buf.element_size()} bytes; this model's states "
+                                  f"take {want}")
+        with self._lock:
+            self._live(header.handoff_id).states = buf.reshape(-1).view(torch.uint8).clone()
 
     def commit(self, meta: HandoffMeta, matcher=None) -> RequestOutput:
         """Admit the received sequence into the running batch. Returns its
@@ -169,16 +225,24 @@ class Reservations(KVSink):
             del self._open[meta.request_id]
         try:
             seq = sequence_of(meta)
-            self._import_state(r, meta)
+            self._import_state(r, meta, lease.states)
         except BaseException:
             self.port.cancel(r.handoff_id)
             raise
         return self.port.admit(r, seq, matcher)
 
-    def _import_state(self, r: BlockReservation, meta: HandoffMeta) -> None:
-        """A hybrid model's recurrent states into the reservation's slot; an
-        IncompatibleKVError when they are missing, unexpected or misshapen."""
+    def _import_state(self, r: BlockReservation, meta: HandoffMeta,
+                      chunk: torch.Tensor | None) -> None:
+        """A hybrid model's recurrent states into the reservation's slot, from
+        the state chunk (``chunk``) or the reply; an IncompatibleKVError when
+        they are missing, unexpected or misshapen."""
         kinds = self.port.spec().state_kinds
+        if chunk is not None and meta.state is None:
+            try:
+                self.port.import_state(r, states_of_chunk(self.port, chunk))
+            except (ValueError, IncompatibleKVError) as e:
+                raise IncompatibleKVError(f"hand-off {meta.request_id!r}: {e}") from None
+            return
         sent = tuple(s.name for s in meta.state or ())
         if sorted(sent) != sorted(kinds):
             raise IncompatibleKVError(f"hand-off {meta.request_id!r} carries recurrent states "

@@ -43,7 +43,8 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledSeq
 from splitserve.engine.stats import PrefillStats
 from splitserve.handoff.messages import Adapter, PrefillReply, PrefillRequest, PrefillTimings
-from splitserve.handoff.protocol import check_state_fits, export_meta, layout_of
+from splitserve.handoff.protocol import (check_state_fits, export_meta, layout_of, state_chunk,
+                                         states_by_chunk)
 from splitserve.handoff.tracing import (ATTR_BYTES, ATTR_CACHED_TOKENS, ATTR_PROMPT_TOKENS,
                                         ATTR_REQUEST_ID, SPAN_HANDOFF_SEND, SPAN_PREFILL, Span,
                                         Tracer)
@@ -85,7 +86,9 @@ class PrefillWorker:
         self.engine = engine
         self.tracer = tracer
         self.port = engine.kv_port
-        check_state_fits(self.port)  # a hybrid model's states ride in the reply
+        check_state_fits(self.port)  # a model's states without KV layers ride in the reply
+        # a hybrid model with attention layers sends its states as one more chunk
+        self.states_by_chunk = states_by_chunk(self.port)
         self.sender = sender
         self.num_layers = self.port.spec().num_layers
         self.group = layer_group_size if 0 < layer_group_size < self.num_layers else self.num_layers
@@ -123,6 +126,8 @@ class PrefillWorker:
             raise
         try:
             await self._run(h, req)
+            if self.states_by_chunk:
+                await self._send_states(h)
             if span is not None:
                 span.event("first_token", prefill_s=h.prefill_s, queue_s=h.queue_s,
                            cached_tokens=h.cached_tokens)
@@ -191,7 +196,7 @@ class PrefillWorker:
         """The sequence's description; its blocks are freed in the same trip
         to the engine thread (each trip waits for the running step to end)."""
         def meta_then_release(_engine):
-            meta = export_meta(self.port, h.request_id)
+            meta = export_meta(self.port, h.request_id, with_states=not self.states_by_chunk)
             h.released = True  # _release has nothing left to free, even if this raises
             self.port.release(h.request_id)
             return meta
@@ -201,6 +206,13 @@ class PrefillWorker:
             prefill_s=h.prefill_s, prefill_queue_s=h.queue_s,
             transfer_wait_s=h.transfer_wait_s, bytes=h.bytes_sent),
             cached_tokens=h.cached_tokens)
+
+    async def _send_states(self, h: OutgoingHandoff) -> None:
+        """The prefilled sequence's recurrent states, as the chunk past its
+        last KV layer (taken on the engine thread once the prompt's last
+        step has run every layer)."""
+        buf = await self.aengine.call(lambda _engine: state_chunk(self.port, h.request_id))
+        self._send(h, self.num_layers, self.num_layers + 1, buf)
 
     async def _release(self, h: OutgoingHandoff) -> None:
         """-> RELEASED: free the held blocks (or abort a request still running)."""

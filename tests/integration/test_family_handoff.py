@@ -30,9 +30,9 @@ YaRN-rotated keys with a window on every layer (Ministral 3), an fp8 KV
 cache (Gemma 3 again, against the engine itself: fp8 changes the numbers),
 and latent attention with values narrower than its keys, a sparse layer
 before a dense one (GLM-4.7-Flash), and Gated DeltaNet layers whose
-recurrent states ride in the hand-off's reply beside gated attention
-layers' blocks (Qwen3-Next: the resumed stream's cached prefix blocks stay
-put on the decode side, the state after the whole prompt still sent), and
+recurrent states go as one chunk after gated attention layers' blocks
+(Qwen3-Next: the resumed stream's cached prefix blocks stay put on the
+decode side, the state after the whole prompt still sent), and
 Mamba, with no attention layer: no KV block at all, its states alone in the
 reply."""
 
@@ -87,6 +87,43 @@ def test_family_through_the_handoff_and_a_resume(tiny_checkpoints, variant, kv):
             assert pd.all_free()
             for e in (pd.prefill.engine, pd.decode.engine):
                 e.kv.check_invariants()
+        finally:
+            await pd.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "torch_dist"])
+def test_a_hybrids_states_travel_as_a_chunk_past_its_kv_layers(tiny_checkpoints, transport):
+    """Qwen3-Next's recurrent states go over the KV transport (gloo here, NCCL
+    on GPUs) as one chunk after its layers, not in the reply: the bytes sent
+    are its blocks' and its states'; a state chunk of another size is refused."""
+    import math
+
+    import torch
+
+    from splitserve.handoff.protocol import states_by_chunk
+    from splitserve.handoff.transfer.base import make_header
+    from splitserve.handoff.transfer.errors import MessageTooLarge
+
+    path = tiny_checkpoints["qwen3_next"]
+    want = hf_greedy(hf_model(path), [PROMPT], NEW)[0]
+
+    async def main():
+        pd = await start_pd(make_engine(path), make_engine(path), transport=transport)
+        try:
+            spec = pd.prefill.engine.kv_port.spec()
+            assert states_by_chunk(pd.prefill.engine.kv_port) and spec.state_bytes > 0
+            got, first = await pd.generate(PROMPT, greedy(NEW))
+            assert got == want
+            blocks = math.ceil(len(PROMPT) / spec.block_size)
+            assert first.bytes == blocks * spec.bytes_per_block + spec.state_bytes
+            table, on_engine = pd.decode.reservations, pd.decode.aengine.call
+            await on_engine(lambda _e: table.reserve("odd", table.layout, PROMPT, 4))
+            bad = torch.zeros(1, spec.state_bytes - 1, dtype=torch.uint8)
+            with pytest.raises(MessageTooLarge, match="state chunk"):
+                table.write_layers(make_header("odd", spec.num_layers, spec.num_layers + 1, bad), bad)
+            await on_engine(lambda _e: table.cancel("odd"))
+            assert pd.all_free()
         finally:
             await pd.close()
     asyncio.run(main())

@@ -8,7 +8,7 @@ and its KV handed to the decode pool:
 - a Gemma 2 checkpoint (soft caps, sandwich norms, a window on every other
   layer), a family other than Llama's;
 - a hybrid model (Qwen3-Next: Gated DeltaNet layers whose recurrent
-  states ride in the hand-off beside the attention layers' blocks).
+  states go in the hand-off as a chunk after the attention layers' blocks).
 
 Greedy tokens through the official ``openai`` client (text, usage,
 logprobs) and the gRPC API (token ids) equal transformers' ``generate``.

@@ -262,13 +262,17 @@ def test_handoff_without_the_state_is_refused(tiny_checkpoints):
 
 
 def test_state_too_large_for_a_handoff_is_refused_at_start(tiny_checkpoints, monkeypatch):
+    # Mamba's states ride in the reply (no KV layer, no chunk), bounded by its size;
+    # Qwen3-Next's go as a chunk over the KV transport, unbounded
     from splitserve.handoff import protocol
 
-    eng = engine(tiny_checkpoints["qwen3_next"])
-    protocol.check_state_fits(eng.kv_port)  # a few KiB
+    mamba, hybrid = engine(tiny_checkpoints["mamba"]), engine(tiny_checkpoints["qwen3_next"])
+    protocol.check_state_fits(mamba.kv_port)  # a few KiB
     monkeypatch.setattr(protocol, "MAX_STATE_BYTES", 1024)
+    assert mamba.kv_port.spec().state_bytes > 1024 < hybrid.kv_port.spec().state_bytes
     with pytest.raises(IncompatibleKVError, match="serve this model colocated"):
-        protocol.check_state_fits(eng.kv_port)
+        protocol.check_state_fits(mamba.kv_port)
+    protocol.check_state_fits(hybrid.kv_port)
 
 
 def test_planner_shape_counts_only_the_attention_layers_kv(tiny_checkpoints):
