@@ -59,8 +59,7 @@ class ModelSpec(_Strict):
                                       "or be a multiple of the KV heads; checked against the "
                                       "checkpoint at deploy. Pools may set their own; the "
                                       "hand-off pairs any degrees (a hybrid's recurrent states "
-                                      "only at degree 1: its decode replicas above 1 prefill "
-                                      "every prompt themselves).")
+                                      "too).")
     chat_template: str | None = Field(None, description="Chat template for chat requests: a "
                                       "Jinja file on the ingress nodes or the template text; "
                                       "None: the checkpoint's.")
