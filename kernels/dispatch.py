@@ -39,6 +39,7 @@ OP_NAMES = (
     "lora_expand",
     "gated_delta_step",
     "ssm_scan_step",
+    "selective_scan_step",
 )
 
 # Backends that register themselves on import of their module.

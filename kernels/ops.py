@@ -94,3 +94,7 @@ def gated_delta_step(q, k, v, g, beta, state, slots):
 
 def ssm_scan_step(x, dt, A, B, C, D, state, slots):
     return get_op("ssm_scan_step", x.device)(x, dt, A, B, C, D, state, slots)
+
+
+def selective_scan_step(u, dt, A, B, C, state, slots):
+    return get_op("selective_scan_step", u.device)(u, dt, A, B, C, state, slots)

@@ -24,6 +24,13 @@ state per head in its slot, in place:
     y = S C + D x
 
 (``scan_step`` on gathered states.)
+
+``selective_scan_step``: one token of each sequence through a Mamba-1
+layer's selective scan (Mamba, Falcon Mamba, Jamba), an [inner, state
+size] state per sequence, a decay per channel and state entry:
+
+    S = exp(dt A) S + (dt u) B^T
+    y = S C         (in u's dtype; the layer adds D u and gates it)
 """
 
 from __future__ import annotations
@@ -72,3 +79,16 @@ def ssm_scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
     y, new = scan_step(x, dt, A, B, C, D, state.index_select(0, idx))
     state.index_copy_(0, idx, new)
     return y
+
+
+def selective_scan_step(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        C: torch.Tensor, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """u, dt [b, inner], A [inner, N] float32, B, C [b, N]; state [slots, inner, N]
+    float32, sequence i's at ``state[slots[i]]``, updated in place. Returns
+    y [b, inner] in u's dtype (the state rounded to it before the product
+    with C, as transformers' one-step update does)."""
+    idx = slots.long()
+    d = dt.float()[..., None]
+    s = torch.exp(d * A) * state.index_select(0, idx) + d * B.float()[:, None, :] * u.float()[..., None]
+    state.index_copy_(0, idx, s)
+    return torch.matmul(s.to(u.dtype), C[..., None].to(u.dtype))[..., 0]

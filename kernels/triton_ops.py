@@ -14,7 +14,7 @@ from splitserve.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from splitserve.kernels.triton.decode_attention import paged_decode_attention
 from splitserve.kernels.triton.fp8_gemm import fp8_w8a8_linear, fp8_w8a16_linear
 from splitserve.kernels.triton.fused_moe import fp8_fused_moe, fused_moe
-from splitserve.kernels.triton.recurrent import gated_delta_step, ssm_scan_step
+from splitserve.kernels.triton.recurrent import gated_delta_step, selective_scan_step, ssm_scan_step
 from splitserve.kernels.triton.kv_pack import pack_kv, unpack_kv
 from splitserve.kernels.triton.kv_store import store_kv
 from splitserve.kernels.triton.lora import lora_expand, lora_shrink
@@ -40,6 +40,7 @@ OPS = {
     "lora_expand": lora_expand,
     "gated_delta_step": gated_delta_step,
     "ssm_scan_step": ssm_scan_step,
+    "selective_scan_step": selective_scan_step,
 }
 
 for _name, _fn in OPS.items():

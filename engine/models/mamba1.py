@@ -36,6 +36,7 @@ from splitserve.engine.errors import CheckpointError
 from splitserve.engine.mamba_config import Mamba1Shape
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param
 from splitserve.engine.models.recurrent_batch import conv_sequences
+from splitserve.kernels import ops
 from splitserve.engine.models.recurrent_mixer import RecurrentMixer
 
 SCAN_BLOCK = 128  # prompt steps whose decays and inputs are computed at once
@@ -85,9 +86,8 @@ class Mamba1Mixer(RecurrentMixer):
         u, kept_conv = conv_sequences(u, conv_state, self.conv_weight[:, 0, :], lens, slots, keep,
                                       bias=self.conv_bias)
         dt, B, C = self.selective_inputs(u)
-        if all(n == 1 for n in lens):  # decoding: every sequence one token, batched
-            y, new = scan(u, dt, B, C, self.A, ssm_state.index_select(0, slots), keep_all=False)
-            ssm_state.index_copy_(0, slots, new)
+        if all(n == 1 for n in lens):  # decoding: every sequence one token, batched, in place
+            y = ops.selective_scan_step(u, dt, self.A, B, C, ssm_state, slots)
             y = self.gated(y, u, z, wide=False)
         else:
             y = torch.empty_like(u)

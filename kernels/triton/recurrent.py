@@ -10,7 +10,12 @@ over it). Inputs and states are float32, as the references'.
   correction and reads the output;
 - ``ssm_scan_step`` (Mamba-2): one program per (sequence, head, block of
   BLOCK_P rows of the head dim): each row of a [P, N] state evolves on its
-  own given dt, B and C.
+  own given dt, B and C;
+- ``selective_scan_step`` (Mamba-1): one program per (sequence, block of
+  BLOCK_D channels): each channel's [N] state row evolves on its own. Its
+  output is summed in float32 and rounded once to u's dtype (the torch
+  reference rounds the state first, as transformers' one-step update
+  does: bf16 results differ by that rounding).
 """
 
 from __future__ import annotations
@@ -147,5 +152,56 @@ def ssm_scan_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
         C.stride(0), C.stride(1), state.stride(0), state.stride(1), state.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+    )
+    return y
+
+
+@triton.jit
+def _selective_scan_step_kernel(
+    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, state_ptr, slots_ptr, y_ptr,
+    INNER, N,
+    stride_ub, stride_dtb, stride_ad, stride_bb, stride_cb,
+    stride_ss, stride_sd, stride_yb,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    nn = tl.arange(0, BLOCK_N)
+    dmask = dd < INNER
+    nmask = nn < N
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    u = tl.load(u_ptr + b * stride_ub + dd, mask=dmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * stride_dtb + dd, mask=dmask, other=0.0).to(tl.float32)
+    smask = dmask[:, None] & nmask[None, :]
+    a = tl.load(a_ptr + dd[:, None] * stride_ad + nn[None, :], mask=smask, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + b * stride_bb + nn, mask=nmask, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + b * stride_cb + nn, mask=nmask, other=0.0).to(tl.float32)
+    s_ptrs = state_ptr + slot * stride_ss + dd[:, None] * stride_sd + nn[None, :]
+    s = tl.exp(dt[:, None] * a) * tl.load(s_ptrs, mask=smask, other=0.0) \
+        + (dt * u)[:, None] * bv[None, :]
+    tl.store(s_ptrs, s, mask=smask)
+    y = tl.sum(s * cv[None, :], 1)
+    tl.store(y_ptr + b * stride_yb + dd, y.to(y_ptr.dtype.element_ty), mask=dmask)
+
+
+def selective_scan_step(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        C: torch.Tensor, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``splitserve.kernels.recurrent.selective_scan_step``."""
+    b, inner = u.shape
+    n = B.shape[-1]
+    _check("selective_scan_step", tuple(state.shape[1:]) == (inner, n) and dt.shape == u.shape
+           and A.shape == (inner, n) and B.shape == C.shape == (b, n) and slots.shape == (b,),
+           dict(u=u, dt=dt, A=A, B=B, C=C, state=state, slots=slots), state, n)
+    y = torch.empty((b, inner), dtype=u.dtype, device=u.device)
+    if b == 0:
+        return y
+    u, dt, A, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, dt, A, B, C))
+    block_n = max(16, next_pow2(n))
+    block_d = 32 if block_n <= 64 else 16
+    _selective_scan_step_kernel[(b, triton.cdiv(inner, block_d))](
+        u, dt, A, B, C, state, slots, y, inner, n,
+        u.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0),
+        state.stride(0), state.stride(1), y.stride(0),
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
     )
     return y

@@ -51,3 +51,21 @@ def test_ssm_scan_step_on_cuda():
     torch.testing.assert_close(ssm_scan_step(x, dt, A, B, C, D, state, slots), want,
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-4)
+
+
+def test_selective_scan_step_on_cuda():
+    """Jamba's Mamba-1 shape: 8192 channels of 16 state entries, batch 64, float32."""
+    from splitserve.kernels.triton.recurrent import selective_scan_step
+
+    dev, b, inner, n = torch.device("cuda"), 64, 8192, 16
+    g = torch.Generator(device=dev).manual_seed(2)
+    u, dt = torch.randn(b, inner, device=dev, generator=g), torch.rand(b, inner, device=dev, generator=g)
+    A = -torch.rand(inner, n, device=dev, generator=g) * 4
+    B, C = (torch.randn(b, n, device=dev, generator=g) for _ in range(2))
+    state = torch.randn(b + 8, inner, n, device=dev, generator=g)
+    slots = torch.randperm(b + 8, device=dev, generator=g)[:b]
+    want_state = state.clone()
+    want = recurrent.selective_scan_step(u, dt, A, B, C, want_state, slots)
+    torch.testing.assert_close(selective_scan_step(u, dt, A, B, C, state, slots), want,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-4)

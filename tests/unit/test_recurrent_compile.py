@@ -2,7 +2,8 @@
 sm_80) within shared memory, checked without a GPU
 (tests.fixtures.triton_compile): the gated delta rule at Qwen3-Next's shape
 (32 value heads of 128 x 128 float32 states per rank at TP 1, 16 at TP 2),
-with Kimi Delta Attention's decay per key channel, and the Mamba-2 scan at Nemotron-H's (128 heads of 64 x 128)."""
+with Kimi Delta Attention's decay per key channel, the Mamba-2 scan at Nemotron-H's (128 heads of 64 x 128) and the Mamba-1
+selective scan at Jamba's (8192 channels of 16)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ CASES = [(32, 90, False), (16, 90, False), (32, 80, False), (32, 90, True)]
 @needs_ptxas
 @pytest.mark.slow
 def test_gated_delta_step_compiles():
-    compile_in_subprocess(__file__, len(CASES) + 2, timeout=300)
+    compile_in_subprocess(__file__, len(CASES) + 3, timeout=300)
 
 
 def _main() -> None:  # runs in the subprocess, without the interpreter
@@ -53,6 +54,16 @@ def _main() -> None:  # runs in the subprocess, without the interpreter
         options = {o: kw.pop(o) for o in ("num_warps", "num_stages") if o in kw}
         binary = compile_cubin(f"ssm_scan_step h={h}", fn, args, kw, arch, options)
         print(f"compiled ssm_scan_step h={h} sm_{arch} shared={binary.metadata.shared}", flush=True)
+    inner, n = 8192, 16  # Jamba's and Falcon Mamba's Mamba-1 layers
+    u, dt, A = torch.randn(b, inner), torch.rand(b, inner), -torch.rand(inner, n)
+    B, C, state = torch.randn(b, n), torch.randn(b, n), torch.zeros(b, inner, n)
+    fn, calls = record_launches(gd, ("_selective_scan_step_kernel",),
+                                lambda: gd.selective_scan_step(u, dt, A, B, C, state, slots)
+                                )["_selective_scan_step_kernel"]
+    args, kw = calls[0]
+    options = {o: kw.pop(o) for o in ("num_warps", "num_stages") if o in kw}
+    binary = compile_cubin("selective_scan_step", fn, args, kw, 90, options)
+    print(f"compiled selective_scan_step inner={inner} sm_90 shared={binary.metadata.shared}", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,23 @@ def test_a_decay_per_key_channel():
     torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):
         gated_delta_step(q, k, v, gate[..., :-1], beta, state, slots)
+
+
+@pytest.mark.parametrize("b,inner,n", [(3, 40, 16), (2, 96, 24)])
+def test_selective_scan_step_matches_the_reference_in_place(b, inner, n):
+    from splitserve.kernels.triton.recurrent import selective_scan_step
+
+    g = torch.Generator().manual_seed(7)
+    u, dt = torch.randn(b, inner, generator=g), torch.rand(b, inner, generator=g) * 0.5
+    A = -torch.rand(inner, n, generator=g) * 4
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    state = torch.randn(b + 2, inner, n, generator=g)
+    slots = torch.randperm(b + 2, generator=g)[:b]
+    want_state = state.clone()
+    for _ in range(2):
+        want = recurrent.selective_scan_step(u, dt, A, B, C, want_state, slots)
+        torch.testing.assert_close(selective_scan_step(u, dt, A, B, C, state, slots), want,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        selective_scan_step(u, dt, A[:, :-1], B, C, state, slots)
