@@ -168,7 +168,60 @@ def bench(args) -> tuple[dict, list[Result]]:
     memory("store_kv", f"T={t}", 4 * key.numel() * 2,
            lambda: kv_store.store_kv(key, key, k_cache, v_cache, slots),
            lambda: ref.store_kv(key, key, k_cache, v_cache, slots))
+    recurrent_decode(memory)
+    latent_decode(memory)
     return limits, results
+
+
+def recurrent_decode(memory) -> None:
+    """The recurrent layers' decode steps at batch 64, in place on 64 of 72
+    state slots: bytes moved = the states read and written once (float32)."""
+    from splitserve.kernels import recurrent as rref
+    from splitserve.kernels.triton import recurrent
+
+    b, dev, f32 = 64, "cuda", torch.float32
+    slots = torch.randperm(b + 8, device=dev)[:b]
+    h, dk, dv = 32, 128, 128  # Qwen3-Next's Gated DeltaNet at TP 1
+    q, k = torch.randn(b, h, dk, device=dev), torch.randn(b, h, dk, device=dev)
+    v, g, beta = torch.randn(b, h, dv, device=dev), -torch.rand(b, h, device=dev), torch.rand(b, h, device=dev)
+    state = torch.zeros(b + 8, h, dk, dv, device=dev, dtype=f32)
+    memory("gated_delta_step", f"B={b} H={h} {dk}x{dv}", 2 * b * h * dk * dv * 4,
+           lambda: recurrent.gated_delta_step(q, k, v, g, beta, state, slots),
+           lambda: rref.gated_delta_step(q, k, v, g, beta, state, slots))
+    h, p, n = 128, 64, 128  # Nemotron-H's Mamba-2
+    x, dt = torch.randn(b, h, p, device=dev), torch.rand(b, h, device=dev)
+    A, D = -torch.rand(h, device=dev), torch.randn(h, device=dev)
+    B, C = torch.randn(b, h, n, device=dev), torch.randn(b, h, n, device=dev)
+    state = torch.zeros(b + 8, h, p, n, device=dev, dtype=f32)
+    memory("ssm_scan_step", f"B={b} H={h} {p}x{n}", 2 * b * h * p * n * 4,
+           lambda: recurrent.ssm_scan_step(x, dt, A, B, C, D, state, slots),
+           lambda: rref.ssm_scan_step(x, dt, A, B, C, D, state, slots))
+    inner, n = 8192, 16  # Jamba's Mamba-1
+    u, dt = torch.randn(b, inner, device=dev), torch.rand(b, inner, device=dev)
+    A, B, C = -torch.rand(inner, n, device=dev), torch.randn(b, n, device=dev), torch.randn(b, n, device=dev)
+    state = torch.zeros(b + 8, inner, n, device=dev, dtype=f32)
+    memory("selective_scan_step", f"B={b} inner={inner} N={n}", 2 * b * inner * n * 4,
+           lambda: recurrent.selective_scan_step(u, dt, A, B, C, state, slots),
+           lambda: rref.selective_scan_step(u, dt, A, B, C, state, slots))
+
+
+def latent_decode(memory) -> None:
+    """Multi-head latent attention's decode (DeepSeek-V3 at TP 1: one 576-wide
+    latent KV head, key and value at once, under 128 query heads) at batch 64
+    and 4096 tokens: bytes = the latent read once (the kernels read it once
+    per 16 heads, from L2 after the first)."""
+    from splitserve.kernels import reference as ref
+    from splitserve.kernels.triton import decode_attention
+
+    b, ctx, hq, d, bs = 64, 4096, 128, 576, 16
+    blocks = b * ctx // bs
+    latent = torch.randn(blocks, bs, 1, d, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(blocks, device="cuda", dtype=torch.int64).to(torch.int32).view(b, -1)
+    lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    a = (q, latent, latent, tables, lens, d ** -0.5)
+    memory("decode_attention latent", f"B={b} ctx={ctx} H={hq} L={d}", latent.numel() * 2,
+           lambda: decode_attention.paged_decode_attention(*a), lambda: ref.paged_decode_attention(*a))
 
 
 def print_table(limits: dict, results: list[Result]) -> None:
