@@ -5,7 +5,9 @@ gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo Hybrid; with a
 decay per key channel, Kimi Delta Attention: Kimi Linear, the Bailing
 hybrid), each sequence's [k dim, v dim] state per value head read from and
 written back to its slot of the state store in place. The rule, per value
-head (g a scalar, or a [k dim] vector decaying each row of S):
+head (g a scalar, or a [k dim] vector decaying each row of S; without beta,
+no correction: u = v, linear attention with a decay, MiniMax's lightning
+attention):
 
     S' = exp(g) S
     u = beta (v - S'^T k)
@@ -39,18 +41,18 @@ import torch
 
 
 def rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-              beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              beta: torch.Tensor | None, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [B, H, Dk], v [B, H, Dv], g [B, H] (or [B, H, Dk]: per key channel),
-    beta [B, H] (float32), state [B, H, Dk, Dv] float32. Returns (o [B, H, Dv]
-    float32, the new state)."""
+    beta [B, H] or None (no correction) (float32), state [B, H, Dk, Dv] float32.
+    Returns (o [B, H, Dv] float32, the new state)."""
     s = state * (g.exp()[..., None] if g.dim() == k.dim() else g.exp()[..., None, None])
-    u = (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
+    u = v if beta is None else (v - torch.einsum("bhkv,bhk->bhv", s, k)) * beta[..., None]
     s = s + k[..., :, None] * u[..., None, :]
     return torch.einsum("bhkv,bhk->bhv", s, q), s
 
 
 def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                     beta: torch.Tensor, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                     beta: torch.Tensor | None, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``rule_step`` of sequence i from ``state[slots[i]]`` (state: [slots, H,
     Dk, Dv] float32), written back there in place. Returns o [B, H, Dv]
     float32."""

@@ -25,6 +25,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.layers import Linear, RMSNorm, ShardSlot
 from splitserve.engine.models.recurrent_batch import rule_sequences
 from splitserve.engine.models.recurrent_mixer import RecurrentMixer
+from splitserve.kernels import ops
 
 BLOCK = 256  # tokens of a prompt chunk per block of the closed form (MiniMaxConfig.block_size)
 NORM_EPS = 1e-6  # MiniMaxRMSNorm's default, which the lightning layers' norm keeps
@@ -60,10 +61,17 @@ class LightningAttention(RecurrentMixer):
         q, k, v = qkv.split(self.head_dim, dim=-1)
         states = self.states()
         out, kept = rule_sequences(self.step, self.chunked, states["recurrent"], meta.query_lens,
-                                   meta.state_slots, meta.keep_states, q, k, v)
+                                   meta.state_slots, meta.keep_states, q, k, v, decode=self.decode)
         self.keep(recurrent=kept)
         normed, _ = self.norm(out.to(x.dtype).reshape(t, -1))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * normed)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+        """``step`` for a batch of single tokens, in place on the state slots
+        (``ops.gated_delta_step`` without a correction: one Triton kernel on
+        GPUs)."""
+        return ops.gated_delta_step(q, k, v, (-self.slopes).expand(q.shape[0], -1), None, state, slots)
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ over it). Inputs and states are float32, as the references'.
   BLOCK_V value columns): each value column of a state evolves on its own
   given k and q, so a program decays its [Dk, BLOCK_V] slice (by one gate
   per head, or one per key channel: Kimi Delta Attention), applies the
-  correction and reads the output;
+  correction (none without beta: lightning attention) and reads the output;
 - ``ssm_scan_step`` (Mamba-2): one program per (sequence, head, block of
   BLOCK_P rows of the head dim): each row of a [P, N] state evolves on its
   own given dt, B and C;
@@ -48,6 +48,7 @@ def _gated_delta_step_kernel(
     stride_ss, stride_sh, stride_sk,
     stride_ob, stride_oh,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, G_PER_KEY: tl.constexpr,
+    HAS_BETA: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -59,7 +60,6 @@ def _gated_delta_step_kernel(
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + kk, mask=kmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + kk, mask=kmask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + vv, mask=vmask, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + b * stride_bb + h * stride_bh).to(tl.float32)
     s_ptrs = state_ptr + slot * stride_ss + h * stride_sh + kk[:, None] * stride_sk + vv[None, :]
     smask = kmask[:, None] & vmask[None, :]
     s = tl.load(s_ptrs, mask=smask, other=0.0)
@@ -68,7 +68,11 @@ def _gated_delta_step_kernel(
         s = s * tl.exp(g)[:, None]
     else:
         s = s * tl.exp(tl.load(g_ptr + b * stride_gb + h * stride_gh).to(tl.float32))
-    u = (v - tl.sum(s * k[:, None], 0)) * beta  # [BLOCK_V]
+    if HAS_BETA:  # the delta rule's correction
+        beta = tl.load(beta_ptr + b * stride_bb + h * stride_bh).to(tl.float32)
+        u = (v - tl.sum(s * k[:, None], 0)) * beta  # [BLOCK_V]
+    else:  # linear attention with a decay (lightning attention)
+        u = v
     s = s + k[:, None] * u[None, :]
     tl.store(s_ptrs, s, mask=smask)
     o = tl.sum(s * q[:, None], 0)
@@ -80,7 +84,7 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     """Same contract as ``splitserve.kernels.recurrent.gated_delta_step``."""
     b, h, dk = k.shape
     dv = v.shape[-1]
-    per_key = g.dim() == 3
+    per_key, has_beta = g.dim() == 3, beta is not None
     _check("gated_delta_step", tuple(state.shape[1:]) == (h, dk, dv) and q.shape == k.shape
            and slots.shape == (b,) and tuple(g.shape) in ((b, h), (b, h, dk)),
            dict(q=q, k=k, v=v, g=g, state=state, slots=slots), state, dv)
@@ -88,6 +92,7 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if b == 0:
         return out
     q, k, v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, g))
+    beta = beta if has_beta else g  # never read
     block_k = max(16, next_pow2(dk))
     block_v = min(max(16, next_pow2(dv)), 64 if q.device.type == "cuda" else 32)
     _gated_delta_step_kernel[(b, h, triton.cdiv(dv, block_v))](
@@ -95,7 +100,7 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
         state.stride(0), state.stride(1), state.stride(2), out.stride(0), out.stride(1),
-        BLOCK_K=block_k, BLOCK_V=block_v, G_PER_KEY=per_key, num_warps=4,
+        BLOCK_K=block_k, BLOCK_V=block_v, G_PER_KEY=per_key, HAS_BETA=has_beta, num_warps=4,
     )
     return out
 

@@ -27,7 +27,8 @@ pytest.importorskip("triton")
 # through the gated delta rule's kernel (in place on the state slots) beside gated attention;
 # mamba2: its decode steps through the SSM scan's kernel; kimi_linear: the same gated delta
 # kernel with a decay per key channel, beside latent attention; mamba: Mamba-1's selective scan
-# kernel.
+# kernel; minimax: lightning attention's decode steps through the same kernel without a
+# correction.
 # Ministral (per-layer windows, as qwen2_window), Seed-OSS (biases, as llama_bias), StableLM
 # and GPT-NeoX (the parallel residual and partial rotary, as phi), Falcon (q/k/v split at
 # load, grouped KV heads) and GPT-J (partial rotary as phi, its q/k rows reordered as helium's)
@@ -39,7 +40,8 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2_window", "gemma2", "phi3_longrope", "granite",
                                     "olmo2", "gemma3", pytest.param("smollm3", marks=SLOW),
                                     "helium", "starcoder2", "phi", "gpt_oss", "falcon_alibi",
-                                    "youtu", "qwen3_next", "mamba2", "kimi_linear", "mamba"])
+                                    "youtu", "qwen3_next", "mamba2", "kimi_linear", "mamba",
+                                    "minimax"])
 def test_triton_dispatch_matches_transformers(tiny_checkpoints, monkeypatch, family):
     path = tiny_checkpoints[family]
     model = hf_model(path)

@@ -111,3 +111,17 @@ def test_selective_scan_step_matches_the_reference_in_place(b, inner, n):
         torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):
         selective_scan_step(u, dt, A[:, :-1], B, C, state, slots)
+
+
+def test_without_beta_no_correction():
+    """Lightning attention: the decayed sum of k v^T (beta None: u = v)."""
+    b, h, dk, dv = 3, 2, 16, 40
+    q, k, v, gate, _, state = inputs(b, h, dk, dv, slots=4, seed=12)
+    slots = torch.tensor([2, 0, 3])
+    want_state = state.clone()
+    want = recurrent.gated_delta_step(q, k, v, gate, None, want_state, slots)
+    decayed = state[slots] * gate.exp()[..., None, None] + k[..., :, None] * v[..., None, :]
+    torch.testing.assert_close(want_state[slots], decayed)
+    torch.testing.assert_close(gated_delta_step(q, k, v, gate, None, state, slots), want,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
