@@ -15,8 +15,10 @@ As transformers' BambaConfig and its model read it:
 
 Refused: a model without attention layers, activations other than SiLU,
 fp8 checkpoints (the Mamba-2 projections are not read in fp8), tensor
-parallelism (the Mamba-2 layers are not sharded), LoRA adapters. A hybrid
-model's engine caches prefixes with state checkpoints.
+parallelism (the Mamba-2 layers are not sharded). LoRA adapters apply to
+the attention projections, the ``feed_forward`` MLPs and the Mamba-2
+mixers' ``in_proj`` / ``out_proj``. A hybrid model's engine caches prefixes
+with state checkpoints.
 """
 
 from __future__ import annotations

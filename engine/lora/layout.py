@@ -13,7 +13,9 @@ layers (an MoE layer's experts and router take no LoRA, nor does the ungated
 MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
 layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
 ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
-``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``).
+``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
+and, in Bamba's Mamba-2 layers, the ``mamba`` mixer's ``in_proj`` and
+``out_proj`` (its MLPs are named ``feed_forward``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """
@@ -28,11 +30,12 @@ from safetensors import SafetensorError, safe_open
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hybrid_config import ATTENTION
+from splitserve.engine.mamba2_config import SSM_KIND
 from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
                                             adapter_files, read_adapter_config)
 
-_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp|linear_attn)\.(\w+))"
-                   r"\.lora_(A|B)\.weight$")
+_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\."
+                   r"(self_attn|mlp|linear_attn|mamba|feed_forward)\.(\w+))\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
@@ -41,6 +44,10 @@ _LINEAR_ATTN = ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_pr
 # families whose q_proj gives each head's query and output gate (Qwen3-Next's gated attention)
 QUERY_GATED = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 GATED_DELTA_NET = "gated_delta_net"  # the hybrid layer kind whose linear_attn takes LoRA
+# families whose Mamba-2 layers take LoRA on their ``mamba`` mixer's in_proj and out_proj,
+# and whose MLPs are named ``feed_forward`` (Bamba)
+MAMBA2_LORA = ("bamba",)
+_MAMBA_PROJECTIONS = ("in_proj", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,12 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     """(in, out) features of ``place.module`` (``self_attn.q_proj``) in
     ``layer``; None where the model has no such dense projection (an MoE
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
-    if place == "mlp":
+    if place == "mamba":
+        if layer_lacks(cfg, layer, place, module):
+            return None
+        s, h = cfg.options.mamba2, cfg.hidden_size
+        return {"in_proj": (h, s.inner + s.conv_dim + s.num_heads), "out_proj": (s.inner, h)}[module]
+    if place in ("mlp", "feed_forward"):
         if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
             return None
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -105,6 +117,9 @@ def layer_lacks(cfg: ModelConfig, layer: int, place: str, module: str) -> str:
     kind = ATTENTION if hybrid is None else hybrid.layer_kinds[layer]
     if place == "self_attn" and hybrid is not None and layer not in hybrid.attention_layers:
         return f"layer {layer} is a {kind} layer, without self_attn"
+    if place == "mamba" and (cfg.family not in MAMBA2_LORA or kind != SSM_KIND):
+        return f"layer {layer} is {'an' if kind == ATTENTION else 'a'} {kind} layer, without a " \
+               "Mamba-2 mixer that takes LoRA"
     if place == "linear_attn" and kind != GATED_DELTA_NET:
         return f"layer {layer} is {'an' if kind == ATTENTION else 'a'} {kind} layer, without linear_attn"
     if place == "linear_attn" and module not in _delta_net_shapes(cfg):
@@ -124,7 +139,22 @@ def _refusal(name: str) -> str:
     if any(k in name for k in ("experts", "block_sparse_moe", ".gate.", "shared_expert")):
         return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
     return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
-            "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections)")
+            "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections, nor of "
+            "Bamba's mamba in_proj/out_proj)")
+
+
+def _served_name(model: ModelConfig, place: str, module: str) -> bool:
+    """Whether ``place.module`` names a projection kind LoRA is served on:
+    attention and MLP projections (the MLP as ``feed_forward`` in the
+    families that name it so), a Gated DeltaNet layer's ``linear_attn`` ones,
+    a Mamba-2 mixer's ``in_proj`` and ``out_proj`` (``MAMBA2_LORA``)."""
+    if place == "linear_attn":
+        return module in _LINEAR_ATTN
+    if place == "mamba":
+        return module in _MAMBA_PROJECTIONS
+    if place == "feed_forward":
+        return model.family in MAMBA2_LORA and _PLACE.get(module) == "mlp"
+    return _PLACE.get(module) == place
 
 
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
@@ -133,15 +163,14 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
     halves: dict[tuple[int, str, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
     for name, shape in shapes.items():
         m = _NAME.match(name)
-        if m is None or not (_PLACE.get(m.group(4)) == m.group(3) or
-                             (m.group(3) == "linear_attn" and m.group(4) in _LINEAR_ATTN)):
+        if m is None or not _served_name(model, m.group(3), m.group(4)):
             raise AdapterError(f"{source}: tensor {name!r}: {_refusal(name)}",
                                param="target_modules")
         layer, place, module = int(m.group(2)), m.group(3), m.group(4)
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
-        if place == "mlp" and model.options.plain_mlp:
+        if place in ("mlp", "feed_forward") and model.options.plain_mlp:
             raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
                                f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
                                "attention projections do", param="target_modules")

@@ -18,6 +18,8 @@ from splitserve.engine.models.mamba2 import Mamba2Mixer
 
 
 class BambaCausalLM(HybridCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         cfg, prefix = self.cfg, f"model.layers.{index}"

@@ -42,6 +42,7 @@ class Mamba2Mixer(RecurrentMixer):
         super().__init__(state_index)
         shape: Mamba2Shape = cfg.options.mamba2
         self.shape = shape
+        self.dtype = dtype  # of the LoRA stacks (RecurrentMixer.enable_lora)
         self.eps = cfg.rms_norm_eps if shape.norm_eps is None else shape.norm_eps
         h, s = cfg.hidden_size, shape
         self.in_proj = Linear(h, s.inner + s.conv_dim + s.num_heads, s.proj_bias, dtype, device)
@@ -61,7 +62,7 @@ class Mamba2Mixer(RecurrentMixer):
                 meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None = None,
                 lora=None) -> torch.Tensor:
         s, t = self.shape, x.shape[0]
-        proj = self.in_proj(x)
+        proj = self.adapted("in_proj", x, lora)  # an adapter's delta before Falcon-H1's scales
         if self.in_scale is not None:
             proj = (proj.float() * self.in_scale).to(proj.dtype)
         z, xbc, dt = proj.split([s.inner, s.conv_dim, s.num_heads], dim=-1)
@@ -82,7 +83,7 @@ class Mamba2Mixer(RecurrentMixer):
                                  decode=lambda x_, dt_, b_, c_, st, sl: ops.ssm_scan_step(
                                      x_, dt_, A, b_, c_, D, st, sl))
         self.keep(conv=kept_conv, ssm=kept)
-        return self.out_proj(self.gated_norm(y.reshape(t, s.inner), z))
+        return self.adapted("out_proj", self.gated_norm(y.reshape(t, s.inner), z), lora)
 
     def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [T, inner] float32 RMS-normed per group of the inner width, times

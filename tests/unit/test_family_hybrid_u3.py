@@ -112,6 +112,35 @@ def test_bamba_refusals(extra, match):
         ModelConfig.from_hf(raw(BAMBA, **{"attn_layer_indices": [1], **extra}))
 
 
+def test_bamba_lora_on_its_mixers_attention_and_mlps_only():
+    from splitserve.engine.errors import AdapterError
+    from splitserve.engine.lora.adapter import parse_adapter_config
+    from splitserve.engine.lora.layout import adapter_layout
+
+    model = ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1]))  # layer 0: Mamba-2
+    s, h = model.options.mamba2, model.hidden_size
+    cfg = parse_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+
+    def pair(name: str, d_in: int, d_out: int) -> dict:
+        return {f"base_model.model.model.layers.{name}.lora_A.weight": (4, d_in),
+                f"base_model.model.model.layers.{name}.lora_B.weight": (d_out, 4)}
+
+    in_rows = s.inner + s.conv_dim + s.num_heads
+    ok = {**pair("0.mamba.in_proj", h, in_rows), **pair("0.mamba.out_proj", s.inner, h),
+          **pair("1.self_attn.q_proj", h, 4 * model.head_dim), **pair("0.feed_forward.up_proj", h, 128)}
+    assert sorted(adapter_layout(cfg, ok, model, 8).modules) == [
+        (0, "in_proj"), (0, "out_proj"), (0, "up_proj"), (1, "q_proj")]
+    for name, d_in, d_out, match in (("1.mamba.in_proj", h, in_rows, "attention layer, without a Mamba-2"),
+                                     ("0.self_attn.q_proj", h, 4 * model.head_dim, "without self_attn"),
+                                     ("0.mamba.x_proj", h, 8, "nor of Bamba's mamba")):
+        with pytest.raises(AdapterError, match=match):
+            adapter_layout(cfg, pair(name, d_in, d_out), model, 8)
+    # another family's MLP is not named feed_forward: refused by name
+    llama = ModelConfig.from_hf(raw("LlamaForCausalLM"))
+    with pytest.raises(AdapterError, match="no lora_A/lora_B weight"):
+        adapter_layout(cfg, pair("0.feed_forward.up_proj", h, 128), llama, 8)
+
+
 def test_bamba_tensor_parallel_is_refused():
     with pytest.raises(TensorParallelConfigError, match="Mamba-2"):
         check(ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1])), 2)
