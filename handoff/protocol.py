@@ -16,6 +16,7 @@ Nothing here touches an engine but through ``splitserve.engine.kv_port``.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ def state_chunk(port: KVPort, request_id: str) -> torch.Tensor:
 
 
 def states_of_chunk(port: KVPort, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``state_chunk``'s buffer back as name -> whole states (views of it).
+    """``state_chunk``'s buffer back as name -> whole states (copies, each
+    aligned for its dtype: ``buf`` may be a receiver's reused buffer).
     Raises IncompatibleKVError when its size is not this model's."""
     s = port.spec()
     flat = buf.reshape(-1)
@@ -89,10 +91,8 @@ def states_of_chunk(port: KVPort, buf: torch.Tensor) -> dict[str, torch.Tensor]:
     out, at = {}, 0
     for name, shape, dtype in sorted(s.state_shapes):
         dt = getattr(torch, dtype)
-        n = dt.itemsize
-        for d in shape:
-            n *= d
-        out[name] = flat[at:at + n].clone().view(dt).view(shape)  # aligned for its dtype
+        n = math.prod(shape) * dt.itemsize
+        out[name] = flat[at:at + n].clone().view(dt).view(shape)
         at += n
     return out
 
@@ -132,7 +132,8 @@ class _Lease:
     bytes_allowed: int
     adapter: AdapterRef | None  # the adapter the reserved prefix was matched under
     layers_received: set[int] = field(default_factory=set)
-    states: torch.Tensor | None = None  # the state chunk's bytes (``state_chunk``), once arrived
+    # the state chunk's states (``states_of_chunk``), once arrived
+    states: dict[str, torch.Tensor] | None = None
 
 
 class Reservations(KVSink):
@@ -144,6 +145,8 @@ class Reservations(KVSink):
         self.port = port
         self.lease_s = lease_s
         self.layout = layout_of(port)
+        # a hybrid's states arrive as one more chunk (``states_by_chunk``): their bytes; 0: none
+        self._chunk_state_bytes = port.spec().state_bytes if states_by_chunk(port) else 0
         self._open: dict[str, _Lease] = {}
         self._lock = threading.Lock()
         port.add_reservation_holder(self)  # an engine abort cancels here
@@ -159,9 +162,8 @@ class Reservations(KVSink):
             if handoff_id in self._open:
                 raise InvalidRequestError(f"hand-off {handoff_id!r} is already reserved")
             r = self.port.reserve(handoff_id, prompt_token_ids, max_tokens, adapter)
-            states = self.port.spec().state_bytes if states_by_chunk(self.port) else 0
             self._open[handoff_id] = _Lease(r, time.monotonic() + self.lease_s,
-                                            r.bytes_to_receive + states, adapter)
+                                            r.bytes_to_receive + self._chunk_state_bytes, adapter)
             return r
 
     def _live(self, handoff_id: str) -> _Lease:
@@ -179,7 +181,7 @@ class Reservations(KVSink):
             return lease.bytes_allowed
 
     def write_layers(self, header: ChunkHeader, buf: torch.Tensor) -> None:
-        if header.layer_start == self.layout.num_layers and states_by_chunk(self.port):
+        if header.layer_start == self.layout.num_layers and self._chunk_state_bytes:
             self._write_states(header, buf)
             return
         with self._lock:
@@ -195,13 +197,14 @@ class Reservations(KVSink):
     def _write_states(self, header: ChunkHeader, buf: torch.Tensor) -> None:
         """The state chunk (the one past the last KV layer): kept until the
         commit imports it on the engine thread (``buf`` is the receiver's)."""
-        want = self.port.spec().state_bytes
+        want = self._chunk_state_bytes
         if header.layer_end != header.layer_start + 1 or buf.numel() * buf.element_size() != want:
             raise MessageTooLarge(f"hand-off {header.handoff_id!r}: a state chunk of "
                                   f"{buf.numel() * buf.element_size()} bytes; this model's states "
                                   f"take {want}")
+        states = states_of_chunk(self.port, buf.view(torch.uint8))  # copied out of the buffer
         with self._lock:
-            self._live(header.handoff_id).states = buf.reshape(-1).view(torch.uint8).clone()
+            self._live(header.handoff_id).states = states
 
     def commit(self, meta: HandoffMeta, matcher=None) -> RequestOutput:
         """Admit the received sequence into the running batch. Returns its
@@ -232,15 +235,15 @@ class Reservations(KVSink):
         return self.port.admit(r, seq, matcher)
 
     def _import_state(self, r: BlockReservation, meta: HandoffMeta,
-                      chunk: torch.Tensor | None) -> None:
+                      chunk: dict[str, torch.Tensor] | None) -> None:
         """A hybrid model's recurrent states into the reservation's slot, from
         the state chunk (``chunk``) or the reply; an IncompatibleKVError when
         they are missing, unexpected or misshapen."""
         kinds = self.port.spec().state_kinds
         if chunk is not None and meta.state is None:
             try:
-                self.port.import_state(r, states_of_chunk(self.port, chunk))
-            except (ValueError, IncompatibleKVError) as e:
+                self.port.import_state(r, chunk)
+            except ValueError as e:
                 raise IncompatibleKVError(f"hand-off {meta.request_id!r}: {e}") from None
             return
         sent = tuple(s.name for s in meta.state or ())
