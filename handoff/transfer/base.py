@@ -150,6 +150,7 @@ class PeerInfo:
     receiver_id: str
     transports: tuple[str, ...]
     layout: KVLayout | None
+    push_ack: bool = False  # gRPC receivers: it admits a Push's header before its data
 
 
 class KVSink(ABC):

@@ -1,12 +1,22 @@
 """Sender-side gRPC channels, one per receiver endpoint, cached per event
 loop (a grpc.aio channel belongs to the loop that made it). Shared by the
-grpc transport (Push) and torch_dist's control channel (pair calls)."""
+grpc transport (Push) and torch_dist's control channel (pair calls).
+
+A Push goes out in steps, so that a refusal reaches the sender as the
+receiver's status: a new channel's first Push is preceded by a Ping (the
+token checked by a unary call, and whether the receiver acknowledges
+headers: ``PingReply.push_ack``); then the header frame; then, from such a
+receiver, its initial metadata (the header admitted) before any data frame.
+Streaming data into a call the receiver has ended loses its status: grpc.aio
+reports the failed write as INTERNAL instead. Receivers without the
+acknowledgement (older versions) get the frames at once, as before."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, Iterable
 
 import grpc
 
@@ -30,6 +40,7 @@ class _Conn:
     channel: grpc.aio.Channel
     push: Any  # stream-unary multicallable taking pre-encoded PushFrame bytes
     unary: dict[str, Any]
+    acks: bool | None = None  # the receiver's PingReply.push_ack; None until pinged
 
 
 class ChannelPool:
@@ -58,11 +69,28 @@ class ChannelPool:
         self._conns[endpoint] = conn
         return conn
 
-    async def push(self, endpoint: str, frames: AsyncIterator[bytes],
+    async def push(self, endpoint: str, sender_id: str, header: bytes, frames: Iterable[bytes],
                    timeout_s: float) -> pb.PushReply:
-        call = self._conn(endpoint, "grpc").push(
-            frames, timeout=timeout_s, metadata=self._metadata,
-            compression=grpc.Compression.NoCompression)
+        """One Push: the encoded ``header`` frame, then the data ``frames``
+        once the receiver admitted the header (see the module docstring)."""
+        deadline = time.monotonic() + timeout_s
+        conn = self._conn(endpoint, "grpc")
+        if conn.acks is None:
+            info = await self.ping(endpoint, "grpc", sender_id, timeout_s)
+            conn.acks = info.push_ack
+        call = conn.push(timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata,
+                         compression=grpc.Compression.NoCompression)
+        try:
+            await call.write(header)
+            if not conn.acks or wire.PUSH_GO in tuple(await call.initial_metadata()):
+                for frame in frames:
+                    await call.write(frame)
+                await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call ended: its status says why
+        except BaseException:
+            call.cancel()
+            raise
         return await self._await(call, endpoint)
 
     async def unary(self, endpoint: str, scheme: str, name: str, request: Any,
@@ -83,7 +111,7 @@ class ChannelPool:
         rep = await self.unary(endpoint, scheme, "Ping", pb.PingRequest(sender_id=sender_id),
                                timeout_s)
         layout = wire.layout_from_proto(rep.layout) if rep.HasField("layout") else None
-        return PeerInfo(rep.receiver_id, tuple(rep.transports), layout)
+        return PeerInfo(rep.receiver_id, tuple(rep.transports), layout, rep.push_ack)
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}

@@ -10,7 +10,9 @@ by ``wire.MAX_CONTROL_BYTES`` from its raw length (RESOURCE_EXHAUSTED) ->
 only then parsed (INVALID_ARGUMENT when it does not parse).
 
 Push, per call: header -> ``chunks.admit`` (valid, live reservation, fits)
--> bytes copied into one preallocated buffer as frames arrive, crc32 taken
+-> a buffer taken -> initial metadata sent: the go-ahead senders wait for
+before their data frames (``PingReply.push_ack``), so a refused chunk's
+bytes never travel and its status reaches the sender whole -> bytes copied into one preallocated buffer as frames arrive, crc32 taken
 on the way -> length and crc32 checked -> ``sink.write_layers`` -> reply.
 Any failure aborts only that call with the status ``wire.status_for`` maps
 its exception to; the server keeps serving.
@@ -94,6 +96,7 @@ class TransferService:
             admit(header, self.sink, self.config.require_checksum)
             base = self.buffers.acquire(header.nbytes)
             try:
+                context.send_initial_metadata((wire.PUSH_GO,))  # senders stream data after it
                 data = self._receive(header, frames, base[:header.nbytes])
                 if not context.is_active():  # the sender gave up: do not store behind its back
                     raise TransferTimeout(f"hand-off {header.handoff_id!r}: sender went away")
@@ -130,7 +133,8 @@ class TransferService:
         return data
 
     def ping(self, req: pb.PingRequest) -> pb.PingReply:
-        reply = pb.PingReply(receiver_id=self.receiver_id, transports=list(self.transports))
+        reply = pb.PingReply(receiver_id=self.receiver_id, transports=list(self.transports),
+                             push_ack=True)
         if self.config.layout is not None:
             reply.layout.CopyFrom(wire.layout_to_proto(self.config.layout))
         return reply

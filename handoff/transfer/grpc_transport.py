@@ -1,7 +1,8 @@
 """KV chunks over gRPC: one client-streaming ``Push`` call per chunk.
 
 The first frame carries the header, the following frames carry the raw
-bytes in ``chunk_bytes`` slices (no per-element encoding); the cluster token
+bytes in ``chunk_bytes`` slices (no per-element encoding), sent once the
+receiver has admitted the header (``grpc_client``); the cluster token
 travels as metadata on every call. The receiver bounds each message
 (``max_message_bytes``) and the whole chunk (``sink.expect``), verifies
 length and crc32, then hands a ``[L, 2, n, BS, Hk, D]`` view of its buffer to
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from typing import AsyncIterator
+from typing import Iterator
 
 import torch
 
@@ -42,10 +43,10 @@ class GrpcKVSender(KVSender):
         check_header(header)
         check_buffer(header, buf)
         data = host_bytes(buf)  # [nbytes] uint8; a view for contiguous CPU buffers
-        await self._pool.push(endpoint, self._frames(header, data), timeout_s)
+        await self._pool.push(endpoint, self.sender_id, wire.encode_header_frame(header),
+                              self._frames(data), timeout_s)
 
-    async def _frames(self, header: ChunkHeader, data: torch.Tensor) -> AsyncIterator[bytes]:
-        yield wire.encode_header_frame(header)
+    def _frames(self, data: torch.Tensor) -> Iterator[bytes]:
         view = memoryview(data.numpy())
         step = self.config.chunk_bytes
         for off in range(0, len(view), step):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-splitserve/handoff/transfer/kv_transfer.proto\x12\x19splitserve.kv_transfer.v1\"\x89\x01\n\x0b\x43hunkHeader\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06nbytes\x18\x06 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x03\"]\n\tPushFrame\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.splitserve.kv_transfer.v1.ChunkHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tPushReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"\xe7\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08kv_dtype\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\x05\x12\x15\n\rkv_head_start\x18\n \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x0b \x01(\x05\" \n\x0bPingRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\"i\n\tPingReply\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x12\n\ntransports\x18\x02 \x03(\t\x12\x33\n\x06layout\x18\x03 \x01(\x0b\x32#.splitserve.kv_transfer.v1.KVLayout\"5\n\x0fOpenPairRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"p\n\rOpenPairReply\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\x05\x12\x14\n\x0cstore_prefix\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bpair_secret\x18\x05 \x01(\x0c\"g\n\x0f\x41nnounceRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x36\n\x06header\x18\x03 \x01(\x0b\x32&.splitserve.kv_transfer.v1.ChunkHeader\"\x0f\n\rAnnounceReply\"@\n\rFinishRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x1d\n\x0b\x46inishReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"#\n\x10\x43losePairRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\"\x10\n\x0e\x43losePairReply2\xbd\x04\n\nKVTransfer\x12T\n\x04Push\x12$.splitserve.kv_transfer.v1.PushFrame\x1a$.splitserve.kv_transfer.v1.PushReply(\x01\x12T\n\x04Ping\x12&.splitserve.kv_transfer.v1.PingRequest\x1a$.splitserve.kv_transfer.v1.PingReply\x12`\n\x08OpenPair\x12*.splitserve.kv_transfer.v1.OpenPairRequest\x1a(.splitserve.kv_transfer.v1.OpenPairReply\x12`\n\x08\x41nnounce\x12*.splitserve.kv_transfer.v1.AnnounceRequest\x1a(.splitserve.kv_transfer.v1.AnnounceReply\x12Z\n\x06\x46inish\x12(.splitserve.kv_transfer.v1.FinishRequest\x1a&.splitserve.kv_transfer.v1.FinishReply\x12\x63\n\tClosePair\x12+.splitserve.kv_transfer.v1.ClosePairRequest\x1a).splitserve.kv_transfer.v1.ClosePairReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-splitserve/handoff/transfer/kv_transfer.proto\x12\x19splitserve.kv_transfer.v1\"\x89\x01\n\x0b\x43hunkHeader\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06nbytes\x18\x06 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x03\"]\n\tPushFrame\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.splitserve.kv_transfer.v1.ChunkHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tPushReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"\xe7\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08kv_dtype\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\x05\x12\x15\n\rkv_head_start\x18\n \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x0b \x01(\x05\" \n\x0bPingRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\"{\n\tPingReply\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x12\n\ntransports\x18\x02 \x03(\t\x12\x33\n\x06layout\x18\x03 \x01(\x0b\x32#.splitserve.kv_transfer.v1.KVLayout\x12\x10\n\x08push_ack\x18\x04 \x01(\x08\"5\n\x0fOpenPairRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"p\n\rOpenPairReply\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\x05\x12\x14\n\x0cstore_prefix\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bpair_secret\x18\x05 \x01(\x0c\"g\n\x0f\x41nnounceRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x36\n\x06header\x18\x03 \x01(\x0b\x32&.splitserve.kv_transfer.v1.ChunkHeader\"\x0f\n\rAnnounceReply\"@\n\rFinishRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x1d\n\x0b\x46inishReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"#\n\x10\x43losePairRequest\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\"\x10\n\x0e\x43losePairReply2\xbd\x04\n\nKVTransfer\x12T\n\x04Push\x12$.splitserve.kv_transfer.v1.PushFrame\x1a$.splitserve.kv_transfer.v1.PushReply(\x01\x12T\n\x04Ping\x12&.splitserve.kv_transfer.v1.PingRequest\x1a$.splitserve.kv_transfer.v1.PingReply\x12`\n\x08OpenPair\x12*.splitserve.kv_transfer.v1.OpenPairRequest\x1a(.splitserve.kv_transfer.v1.OpenPairReply\x12`\n\x08\x41nnounce\x12*.splitserve.kv_transfer.v1.AnnounceRequest\x1a(.splitserve.kv_transfer.v1.AnnounceReply\x12Z\n\x06\x46inish\x12(.splitserve.kv_transfer.v1.FinishRequest\x1a&.splitserve.kv_transfer.v1.FinishReply\x12\x63\n\tClosePair\x12+.splitserve.kv_transfer.v1.ClosePairRequest\x1a).splitserve.kv_transfer.v1.ClosePairReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_start=574
   _globals['_PINGREQUEST']._serialized_end=606
   _globals['_PINGREPLY']._serialized_start=608
-  _globals['_PINGREPLY']._serialized_end=713
-  _globals['_OPENPAIRREQUEST']._serialized_start=715
-  _globals['_OPENPAIRREQUEST']._serialized_end=768
-  _globals['_OPENPAIRREPLY']._serialized_start=770
-  _globals['_OPENPAIRREPLY']._serialized_end=882
-  _globals['_ANNOUNCEREQUEST']._serialized_start=884
-  _globals['_ANNOUNCEREQUEST']._serialized_end=987
-  _globals['_ANNOUNCEREPLY']._serialized_start=989
-  _globals['_ANNOUNCEREPLY']._serialized_end=1004
-  _globals['_FINISHREQUEST']._serialized_start=1006
-  _globals['_FINISHREQUEST']._serialized_end=1070
-  _globals['_FINISHREPLY']._serialized_start=1072
-  _globals['_FINISHREPLY']._serialized_end=1101
-  _globals['_CLOSEPAIRREQUEST']._serialized_start=1103
-  _globals['_CLOSEPAIRREQUEST']._serialized_end=1138
-  _globals['_CLOSEPAIRREPLY']._serialized_start=1140
-  _globals['_CLOSEPAIRREPLY']._serialized_end=1156
-  _globals['_KVTRANSFER']._serialized_start=1159
-  _globals['_KVTRANSFER']._serialized_end=1732
+  _globals['_PINGREPLY']._serialized_end=731
+  _globals['_OPENPAIRREQUEST']._serialized_start=733
+  _globals['_OPENPAIRREQUEST']._serialized_end=786
+  _globals['_OPENPAIRREPLY']._serialized_start=788
+  _globals['_OPENPAIRREPLY']._serialized_end=900
+  _globals['_ANNOUNCEREQUEST']._serialized_start=902
+  _globals['_ANNOUNCEREQUEST']._serialized_end=1005
+  _globals['_ANNOUNCEREPLY']._serialized_start=1007
+  _globals['_ANNOUNCEREPLY']._serialized_end=1022
+  _globals['_FINISHREQUEST']._serialized_start=1024
+  _globals['_FINISHREQUEST']._serialized_end=1088
+  _globals['_FINISHREPLY']._serialized_start=1090
+  _globals['_FINISHREPLY']._serialized_end=1119
+  _globals['_CLOSEPAIRREQUEST']._serialized_start=1121
+  _globals['_CLOSEPAIRREQUEST']._serialized_end=1156
+  _globals['_CLOSEPAIRREPLY']._serialized_start=1158
+  _globals['_CLOSEPAIRREPLY']._serialized_end=1174
+  _globals['_KVTRANSFER']._serialized_start=1177
+  _globals['_KVTRANSFER']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,9 @@ from splitserve.handoff.transfer.errors import (ChecksumMismatch, InvalidChunkEr
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
 TOKEN_KEY = "splitserve-token"
+# a Push's go-ahead: the receiver's initial metadata once it admitted the header
+# (a refusal sends initial metadata too, empty, with its status)
+PUSH_GO = ("splitserve-push", "go")
 _DATA_TAG = 0x12  # field 2 (data), wire type 2 (length-delimited)
 _HTTP2_MAX_FRAME = (1 << 24) - 1
 # the largest control message or Push header frame: its real ones are under

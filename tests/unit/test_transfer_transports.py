@@ -150,6 +150,47 @@ def test_wrong_token_is_refused_and_receiver_keeps_serving(rig):
     assert _same_bytes(rig.sink.received("t")[0], buf)
 
 
+def test_a_refusal_reaches_a_grpc_sender_as_the_receivers_status():
+    # Refused while frames stream, a call's status is lost (grpc.aio reports the
+    # failed write as INTERNAL: 5-10% of such sends before the sender waited for
+    # the header's go-ahead). A chunk of 64 messages, refused for its token and
+    # for its size, again and again: always the receiver's own reason, no bytes taken.
+    rig = Rig("grpc")
+    try:
+        buf = _buffer((2, 2, 64, 16, 2, 64), torch.float32)  # 4 MiB
+        header = make_header("r", 0, 2, buf)
+        rig.sink.reserve("r", buf.nbytes - 1)
+        for _ in range(12):
+            with pytest.raises(TransferAuthError):
+                rig.send(header, buf, token="not-the-secret")
+            with pytest.raises(MessageTooLarge, match="exceeds"):
+                rig.send(header, buf)
+        assert rig.sink.received("r") == []
+    finally:
+        rig.close()
+
+
+def test_a_grpc_receiver_without_the_go_ahead_still_gets_its_chunks(monkeypatch):
+    # an older receiver: its Ping says nothing of push_ack, so frames go at once
+    from splitserve.handoff.transfer.grpc_server import TransferService
+    ping = TransferService.ping
+    monkeypatch.setattr(TransferService, "ping",
+                        lambda self, req: _cleared(ping(self, req), "push_ack"))
+    rig = Rig("grpc")
+    try:
+        buf = _buffer((2, 2, 4, 16, 2, 64), torch.float16)
+        rig.sink.reserve("old", buf.nbytes)
+        rig.send(make_header("old", 0, 2, buf), buf)
+        assert _same_bytes(rig.sink.received("old")[0], buf)
+    finally:
+        rig.close()
+
+
+def _cleared(message, field):
+    message.ClearField(field)
+    return message
+
+
 def test_oversized_chunk_is_refused_and_receiver_keeps_serving(rig):
     buf = _buffer((2, 2, 4, 4, 2, 8), torch.float32)
     header = make_header("big", 0, 2, buf)
