@@ -145,11 +145,16 @@ class ProfileDB:
     def put_model(self, shape: ModelShape) -> int:
         """The id of ``shape``'s row, written if new; a row of the same key
         written before its parameters were counted gets ``shape``'s counts,
-        one written before its states' split was known its ``state_heads``."""
+        one written before its states' split was known its ``state_heads``,
+        one written before its routed experts were counted ``params_routed``."""
         counted = (shape.params_total, shape.params_active, shape.max_position)
-        row = self.conn.execute("SELECT id, params_total, state_heads FROM models WHERE key = ?",
-                                (shape.key,)).fetchone()
+        row = self.conn.execute("SELECT id, params_total, state_heads, params_routed FROM models "
+                                "WHERE key = ?", (shape.key,)).fetchone()
         if row:
+            if not row["params_routed"] and shape.params_routed:
+                self.conn.execute("UPDATE models SET params_routed = ? WHERE id = ?",
+                                  (shape.params_routed, row["id"]))
+                self.conn.commit()
             if not row["state_heads"] and shape.state_heads:
                 self.conn.execute("UPDATE models SET state_heads = ? WHERE id = ?",
                                   (shape.state_heads, row["id"]))
@@ -164,13 +169,14 @@ class ProfileDB:
             "INSERT INTO models (key, name, num_layers, hidden_size, intermediate_size, num_heads, "
             "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
             "tie_word_embeddings, num_params, created_at, num_cache_layers, params_total, "
-            "params_active, max_position, state_elems, state_elems_fp32, kv_planes, state_heads) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "params_active, max_position, state_elems, state_elems_fp32, kv_planes, state_heads, "
+            "params_routed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
              shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
              shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
              shape.num_params, time.time(), shape.num_cache_layers, *counted,
-             shape.state_elems, shape.state_elems_fp32, shape.kv_planes, shape.state_heads))
+             shape.state_elems, shape.state_elems_fp32, shape.kv_planes, shape.state_heads,
+             shape.params_routed))
         self.conn.commit()
         return cur.lastrowid
 
@@ -186,7 +192,7 @@ class ProfileDB:
                           row["experts_per_token"], bool(row["tie_word_embeddings"]),
                           row["num_cache_layers"], row["params_total"], row["params_active"],
                           row["state_elems"], row["state_elems_fp32"], row["max_position"],
-                          row["kv_planes"], row["state_heads"])
+                          row["kv_planes"], row["state_heads"], row["params_routed"])
 
     def put_settings(self, s: EngineSettings) -> int:
         row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()

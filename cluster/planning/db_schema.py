@@ -6,7 +6,7 @@ of it is ``CREATE ... IF NOT EXISTS``, which is also how an older file is
 migrated (version 1 lacked the ``speculation`` table); columns added since
 (``ADDED_COLUMNS``: version 3's ``models.num_cache_layers``, version 4's
 parameter counts, recurrent state sizes, context length and K/V planes,
-version 5's ``models.state_heads``) are added to an
+version 5's ``models.state_heads``, version 6's ``models.params_routed``) are added to an
 older file's tables by ``migrate_columns``. ``SAME_SHAPE`` with
 ``shape_args`` matches a model by key, name or structure; ``BEST`` orders
 rows best first. docs/planning.md shows the schema as tables.
@@ -14,9 +14,9 @@ rows best first. docs/planning.md shows the schema as tables.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # versions this one opens (older ones are migrated: only tables and ADDED_COLUMNS since)
-READABLE_VERSIONS = (0, 1, 2, 3, 4, 5)
+READABLE_VERSIONS = (0, 1, 2, 3, 4, 5, 6)
 # table -> column -> its definition, for columns added after their table: an older file
 # lacks them, and opening it adds them (migrate_columns)
 _ZERO = "INTEGER NOT NULL DEFAULT 0"
@@ -24,7 +24,8 @@ ADDED_COLUMNS = {"models": {"num_cache_layers": _ZERO,  # version 3
                             # version 4 (0: unknown, as in every older row)
                             "params_total": _ZERO, "params_active": _ZERO, "state_elems": _ZERO,
                             "state_elems_fp32": _ZERO, "max_position": _ZERO, "kv_planes": _ZERO,
-                            "state_heads": _ZERO}}  # version 5 (0: recurrent layers not split)
+                            "state_heads": _ZERO,  # version 5 (0: recurrent layers not split)
+                            "params_routed": _ZERO}}  # version 6 (0: not counted)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hardware (
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS models (
     state_elems_fp32 INTEGER NOT NULL DEFAULT 0, -- recurrent state per sequence, float32
     max_position INTEGER NOT NULL DEFAULT 0,     -- context length (0: unknown)
     kv_planes INTEGER NOT NULL DEFAULT 0,        -- K/V planes per cached layer: 1 for MLA (0: 2)
-    state_heads INTEGER NOT NULL DEFAULT 0       -- heads recurrent states split by across TP ranks (version 5)
+    state_heads INTEGER NOT NULL DEFAULT 0,      -- heads recurrent states split by across TP ranks (version 5)
+    params_routed INTEGER NOT NULL DEFAULT 0     -- the routed experts' weights (version 6; 0: not counted)
 );
 CREATE TABLE IF NOT EXISTS engine_settings (
     id INTEGER PRIMARY KEY,

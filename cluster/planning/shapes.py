@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 
 # fields a shape's key leaves out: counted from the checkpoint the other fields
 # describe, so the rows measured before they were counted keep matching
-KEYLESS = ("params_total", "params_active", "max_position", "state_heads")
+KEYLESS = ("params_total", "params_active", "max_position", "state_heads", "params_routed")
 # fields added after the first keys were made: in the key only when set
 ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32", "kv_planes")
 
@@ -60,6 +60,9 @@ class ModelShape:
     # keeping 1/N of the states (Qwen3-Next's and Qwen3.5's linear_num_key_heads); 0: its
     # recurrent layers are not split (tensor parallelism refused). Not in the profile database
     state_heads: int = 0
+    # the routed experts' weights, all of them (param_count's ``routed``); 0: uncounted (see
+    # ``routed_params``). A decode step of few tokens reads only the experts they choose
+    params_routed: int = 0
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -95,6 +98,25 @@ class ModelShape:
 
     def weight_bytes(self, dtype: str) -> float:
         return self.num_params * DTYPE_BYTES.get(dtype, 2)
+
+    @property
+    def routed_params(self) -> int:
+        """The routed experts' weights (every expert of every MoE layer): the
+        exact count where known; the per-layer formula's for a shape without
+        counts (a named preset); 0 for a dense model, and for a shape counted
+        before routed experts were (its steps then read every weight)."""
+        if not self.num_experts:
+            return 0
+        if self.params_routed or self.params_total:
+            return self.params_routed
+        return self.num_layers * self.num_experts * self._mlp_params()
+
+    @property
+    def expert_pass_probability(self) -> float:
+        """The chance that one token's router passes over a given expert
+        (1 - experts_per_token / num_experts): a step of T tokens routed
+        uniformly leaves that share to the power T of the experts unread."""
+        return 1.0 - self.experts_per_token / self.num_experts if self.num_experts else 1.0
 
     @property
     def keeps_state(self) -> bool:
@@ -158,7 +180,7 @@ QWEN3_NEXT_80B = ModelShape(
     num_kv_heads=2, head_dim=256, vocab_size=151936, num_experts=512, experts_per_token=10,
     num_cache_layers=12, params_total=79_674_391_296, params_active=3_563_764_480,
     state_elems=36 * 8192 * 3, state_elems_fp32=36 * 32 * 128 * 128, max_position=262144,
-    state_heads=16)
+    state_heads=16, params_routed=77_309_411_328)
 
 
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
@@ -198,7 +220,8 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
         num_cache_layers=mc.num_cache_layers if mc.num_cache_layers != mc.num_layers else 0,
         params_total=count.total, params_active=count.active_per_token,
         state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position,
-        kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0, state_heads=state_heads(mc))
+        kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0, state_heads=state_heads(mc),
+        params_routed=count.routed)
 
 
 def state_heads(mc) -> int:

@@ -13,6 +13,13 @@ sequences and C the sum of their attention lengths. The model is
 - *roofline* (``roofline``): two forms, compute (FLOPs / achievable
   FLOP/s) and memory (bytes / achievable bandwidth), from the model's shape
   and the hardware's figures under the efficiency model of catalog.yaml.
+  A mixture-of-experts model's memory form reads only the experts a step's
+  tokens choose: of its routed experts' read time R, a step of T = P + B
+  tokens skips R x p^T, p the chance that a token passes over an expert
+  (1 - top_k / experts; routing taken as uniform, so the distinct experts
+  read are an upper bound: real routers repeat experts more). A decode
+  step at batch 1 of a 256-expert top-8 model reads 3% of its experts; a
+  prompt chunk of 512 tokens reads all of them.
 
 Decode-only runs of K steps (the simulator coalesces them) have closed
 forms: with B fixed, C grows by B per step, so each form is linear in the
@@ -59,12 +66,24 @@ class StepTimeModel:
     provenance: str = MEASURED
     source: str = ""  # what it was built from, for reports
     fit: FitReport | None = field(default=None, compare=False)
+    # mixture of experts (roofline): form ``routed_form``'s constant reads every routed
+    # expert in ``routed_s``; a step of T tokens skips routed_s x expert_pass ** T of it
+    routed_s: float = 0.0
+    expert_pass: float = 0.0
+    routed_form: int = 1
+
+    def unread_s(self, tokens: float) -> float:
+        """The routed experts' read time a step of ``tokens`` tokens skips."""
+        return self.routed_s * self.expert_pass ** tokens if self.routed_s else 0.0
 
     def step_s(self, prefill_tokens: float, prefill_attn: float, decode_seqs: float,
                decode_context: float) -> float:
         best = -math.inf  # max over the forms, without a generator per step
-        for c, wp, wa, wb, wc in self.forms:
+        skip = self.unread_s(prefill_tokens + decode_seqs) if self.routed_s else 0.0
+        for i, (c, wp, wa, wb, wc) in enumerate(self.forms):
             v = c + wp * prefill_tokens + wa * prefill_attn + wb * decode_seqs + wc * decode_context
+            if skip and i == self.routed_form:
+                v -= skip
             if v > best:
                 best = v
         t = self.overhead_s + best
@@ -87,8 +106,10 @@ class StepTimeModel:
     # -- coalesced decode runs ----------------------------------------------------
     def _lines(self, batch: int, context: float) -> list[tuple[float, float]]:
         """Each form over a decode run as (value at step 0, increase per step)."""
-        return [(self.overhead_s + c + wb * batch + wc * context, wc * batch)
-                for c, _, _, wb, wc in self.forms]
+        skip = self.unread_s(batch)
+        return [(self.overhead_s + c + wb * batch + wc * context
+                 - (skip if i == self.routed_form else 0.0), wc * batch)
+                for i, (c, _, _, wb, wc) in enumerate(self.forms)]
 
     def decode_run_s(self, batch: int, context: float, steps: int) -> float:
         """Seconds of ``steps`` decode steps of ``batch`` sequences whose
@@ -104,6 +125,11 @@ class StepTimeModel:
             (c1, _, _, wb1, wc1), (c2, _, _, wb2, wc2) = forms
             a1 = self.overhead_s + c1 + wb1 * batch + wc1 * context
             a2 = self.overhead_s + c2 + wb2 * batch + wc2 * context
+            if self.routed_s:  # the batch is fixed over the run, so are the experts it reads
+                if self.routed_form == 0:
+                    a1 -= self.unread_s(batch)
+                else:
+                    a2 -= self.unread_s(batch)
             b1, b2 = wc1 * batch, wc2 * batch
             if b1 == b2 or not 0 < (a2 - a1) / (b1 - b2) < steps:
                 # one form is above over the whole run: compare at its middle
@@ -153,7 +179,8 @@ class StepTimeModel:
 
     def to_dict(self) -> dict:
         return {"forms": [dict(zip(("const",) + FEATURES, f)) for f in self.forms],
-                "overhead_s": self.overhead_s, "provenance": self.provenance,
+                "overhead_s": self.overhead_s, "routed_s": self.routed_s,
+                "expert_pass": self.expert_pass, "provenance": self.provenance,
                 "source": self.source,
                 "fit": None if self.fit is None else self.fit.__dict__}
 
@@ -226,8 +253,9 @@ def roofline(shape: ModelShape, hw: Hardware, settings: EngineSettings) -> StepT
     (bandwidth x memory efficiency), a step takes the larger plus the fixed
     step overhead. FLOPs: 2 x active parameters per token (lm head
     included), 4 x layers x heads x head_dim per query-key pair (QK^T and
-    PV). Bytes: the weights once per step, K and V written per new token and
-    read per attended context token."""
+    PV). Bytes: the weights once per step (of a mixture of experts, the
+    routed experts a step's tokens choose: ``StepTimeModel.unread_s``), K and
+    V written per new token and read per attended context token."""
     eff = hw.efficiency
     n = device_scale(hw, settings.tensor_parallel)
     flops = hw.flops(settings.dtype) * eff.matmul * n
@@ -236,11 +264,13 @@ def roofline(shape: ModelShape, hw: Hardware, settings: EngineSettings) -> StepT
     per_pair = 4.0 * shape.num_layers * shape.num_heads * shape.head_dim / flops
     kv = shape.kv_bytes_per_token(settings.kv_dtype) / bw
     weights = shape.weight_bytes(settings.dtype) / bw
+    routed = shape.routed_params * DTYPE_BYTES.get(settings.dtype, 2) / bw
     compute = (0.0, per_token, per_pair, per_token, per_pair)
     memory = (weights, kv, 0.0, kv, kv)
     where = "measured" if hw.provenance == MEASURED else "datasheet"
     return StepTimeModel(
         forms=(compute, memory), overhead_s=eff.step_overhead_s, provenance=DERIVED,
+        routed_s=routed, expert_pass=shape.expert_pass_probability if routed else 0.0,
         source=f"roofline of {shape.name} on {settings.tensor_parallel}x {hw.key} "
                f"({where} figures; {eff.describe()})")
 

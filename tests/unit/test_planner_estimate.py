@@ -1,6 +1,7 @@
 """The planner's analytic estimator: queueing formulas, monotone in
 replicas, memory bounds, and close to the simulator where it matters."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -113,3 +114,38 @@ def test_estimate_tracks_the_simulator(planner):
         assert math.isfinite(out.tpot_p) and math.isfinite(out.ttft_p)
         assert pred["tpot_p"] == pytest.approx(out.tpot_p, rel=0.35)
         assert 1 / 2.5 <= pred["ttft_p"] / out.ttft_p <= 2.5
+
+
+def test_the_estimate_reads_a_mixture_of_experts_as_the_step_model_does(tmp_path):
+    # the planner's step arithmetic (numpy, every unit at once) against the step-time
+    # model the simulator runs, for Mixtral: decode steps of 1-64 tokens read a share of
+    # its experts, a prompt chunk all of them
+    from types import SimpleNamespace
+
+    from splitserve.cluster.planning import profiles
+    from splitserve.cluster.planning.planner.estimate import _step
+    from splitserve.cluster.planning.planner.units import Forms
+
+    db = ProfileDB(tmp_path / "p.db")
+    wl = synthetic_workload(2, parse_length_dist("256"), parse_length_dist("64"), sample=100,
+                            window=10)
+    space = SpaceSpec(max_num_seqs=(64,), max_num_batched_tokens=(512,), block_sizes=(16,),
+                      kv_dtypes=("auto",), weight_dtypes=("bfloat16",), tensor_parallel=(2, 4),
+                      speculative=("off",), policies=("cost",), local_prefill=(0,),
+                      autoscaling=("fixed",), max_replicas=2)
+    shape = PRESETS["mixtral-8x7b"]
+    p = Planner(PlanRequest(shape, "moe", None, wl, SLO(5.0, 1.0), [Offer("h100-sxm", 8)],
+                            space=space), db)
+    p.analytic()
+    assert p.forms._cache
+    for (di, tp, wd, kv), (f, oh, _, _, settings, (unread, passes)) in p.forms._cache.items():
+        model = profiles.step_model(db, shape, p.ctx.devices[di].hw, settings)
+        assert model.routed_s > 0 and unread[1] == model.routed_s and passes == 0.75
+        one = SimpleNamespace(forms=Forms(*(f[None, :, i] for i in range(5)), np.array([oh]),
+                                          np.array([[True, False]]), unread[None], np.array([passes])))
+        for n, ctx, q, a in ((1, 300, 0, 0), (8, 2000, 0, 0), (64, 500, 0, 0), (4, 900, 512, 512 * 256.5)):
+            dec = [np.array([[[(f[k, 3] + f[k, 4] * ctx) * n]]]) for k in range(2)]
+            got = np.asarray(_step(one, dec, q, a, n + q)).item()
+            assert got == pytest.approx(model.step_s(q, a, n, n * ctx), rel=1e-9)
+        skipped = model.step_s(0, 0, 1, 300) / dataclasses.replace(model, routed_s=0.0).step_s(0, 0, 1, 300)
+        assert skipped < 0.45  # batch 1 reads 2 of 8 experts

@@ -43,7 +43,7 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
         db.conn.execute("PRAGMA user_version = 1")
         db.conn.commit()
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert db.startup_s(LLAMA.key, "h100-sxm") == (12.5, MEASURED)
         assert db.speculation(LLAMA.key) == []
         db.add_speculation(LLAMA, row(0.3))
@@ -90,7 +90,7 @@ def test_a_version_3_file_gains_counts_and_states_and_keeps_its_models(tmp_path)
                                   max_position=131072)
     hybrid = PRESETS["qwen3-next-80b-a3b"]
     with ProfileDB(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         old = db.model(LLAMA.key)
         assert old == LLAMA and old.num_params == LLAMA.num_params  # the formula, as before
         assert counted.key == LLAMA.key  # the counts leave the key as it was
@@ -101,6 +101,25 @@ def test_a_version_3_file_gains_counts_and_states_and_keeps_its_models(tmp_path)
         assert back == hybrid and back.state_bytes_per_sequence("bfloat16") == 77_266_944
         assert db.conn.execute("SELECT num_params FROM models WHERE key = ?",
                                (hybrid.key,)).fetchone()[0] == hybrid.params_total
+
+
+def test_a_version_5_file_gains_the_routed_experts_count(tmp_path):
+    # a mixture of experts counted before its routed experts were: read as unknown (its
+    # steps read every weight), filled in when the shape is counted again
+    import dataclasses
+
+    hybrid = PRESETS["qwen3-next-80b-a3b"]
+    path = tmp_path / "v5.db"
+    with ProfileDB(path) as db:
+        db.put_model(hybrid)
+        db.conn.execute("ALTER TABLE models DROP COLUMN params_routed")
+        db.conn.execute("PRAGMA user_version = 5")
+        db.conn.commit()
+    with ProfileDB(path) as db:
+        old = db.model(hybrid.key)
+        assert old == dataclasses.replace(hybrid, params_routed=0) and old.routed_params == 0
+        db.put_model(hybrid)
+        assert db.model(hybrid.key) == hybrid and db.model(hybrid.key).routed_params == 77_309_411_328
 
 
 def test_rows_keep_every_field_and_come_back_best_first(tmp_path):

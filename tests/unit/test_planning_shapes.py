@@ -59,6 +59,7 @@ def test_parameter_counts_are_the_checkpoints_tensors(tiny_checkpoints, variant,
     assert shape.active_params_per_token == (
         sum(tensors.values()) - routed + (routed * k // e if e else 0) - lookup)
     assert (routed > 0) == bool(e)  # the experts are there to leave out
+    assert shape.params_routed == shape.routed_params == routed
 
 
 @pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3_next", "jamba", "mamba"])
@@ -107,6 +108,7 @@ def test_hybrid_preset_is_the_engines_count_of_the_released_shape():
     mc = ModelConfig.from_hf(raw, "Qwen3NextConfig()")
     count = count_parameters(mc)
     assert (QWEN3_NEXT.params_total, QWEN3_NEXT.params_active) == (count.total, count.active_per_token)
+    assert QWEN3_NEXT.params_routed == count.routed
     assert (QWEN3_NEXT.num_experts, QWEN3_NEXT.experts_per_token) == (512, 10)
     assert (QWEN3_NEXT.state_elems, QWEN3_NEXT.state_elems_fp32) == state_elements(mc)
     assert QWEN3_NEXT.state_bytes_per_sequence("bfloat16") == mc.options.hybrid.state_bytes_per_sequence(2)

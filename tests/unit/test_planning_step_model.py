@@ -1,6 +1,7 @@
 """The step-time model: least-squares fit with its error, the roofline, and
 the closed forms the simulator's coalesced decode runs use."""
 
+import dataclasses
 import math
 import random
 
@@ -96,3 +97,38 @@ def test_tensor_parallel_replicas_are_faster_but_not_linearly():
     one = roofline(shape, hw, EngineSettings(tensor_parallel=1)).step_s(0, 0, 32, 32 * 1000)
     four = roofline(shape, hw, EngineSettings(tensor_parallel=4)).step_s(0, 0, 32, 32 * 1000)
     assert one / 4 < four < one / 3
+
+
+def test_a_mixture_of_experts_reads_the_experts_its_tokens_choose():
+    # Mixtral (8 experts, 2 per token): a decode step of one sequence reads 2 of 8
+    # experts, of 4 sequences 1 - (3/4)^4 of them, a prompt chunk all; the memory
+    # form's constant is every weight, less the routed read the tokens skip
+    h100, shape = catalog()["h100-sxm"], PRESETS["mixtral-8x7b"]
+    m = roofline(shape, h100, EngineSettings())
+    bw = h100.memory_bandwidth * h100.efficiency.memory
+    routed = 32 * 8 * 3 * 4096 * 14336 * 2 / bw  # every expert's bytes, in seconds
+    rest = (shape.num_params * 2 - 32 * 8 * 3 * 4096 * 14336 * 2) / bw
+    assert m.routed_s == pytest.approx(routed) and m.expert_pass == 0.75
+    kv = shape.kv_bytes_per_token("bfloat16") / bw
+    for b in (1, 4, 16):
+        read = rest + routed * (1 - 0.75 ** b)
+        assert m.step_s(0, 0, b, b * 100) == pytest.approx(
+            h100.efficiency.step_overhead_s + read + kv * (b + b * 100), rel=1e-9)
+    # batch 1 reads about a third of what reading every weight per step takes
+    dense = dataclasses.replace(m, routed_s=0.0)
+    assert m.step_s(0, 0, 1, 100) < 0.4 * dense.step_s(0, 0, 1, 100)
+    # a 512-token prompt chunk reads every expert: as the dense arithmetic, to 1e-9
+    assert m.step_s(512, 512 * 256.5, 0, 0) == pytest.approx(dense.step_s(512, 512 * 256.5, 0, 0))
+    # and a coalesced decode run is still the sum of its steps
+    for b, c, k in ((1, 100, 50), (6, 6000, 300)):
+        want = sum(m.step_s(0, 0, b, c + i * b) for i in range(k))
+        assert m.decode_run_s(b, c, k) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_three_form_model_skips_the_routed_read_on_its_form():
+    m = StepTimeModel(forms=((0.0, 1e-5, 0, 1e-5, 0), (0.02, 0, 0, 0, 1e-7), (0.001, 0, 0, 0, 0)),
+                      overhead_s=0.0005, routed_s=0.015, expert_pass=0.9)
+    for b, c, k in ((1, 100, 40), (30, 3000, 200)):
+        want = sum(m.step_s(0, 0, b, c + i * b) for i in range(k))
+        assert m.decode_run_s(b, c, k) == pytest.approx(want, rel=1e-9)
+    assert m.step_s(0, 0, 1, 0) == pytest.approx(0.0005 + 0.02 - 0.015 * 0.9)

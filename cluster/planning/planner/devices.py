@@ -83,6 +83,10 @@ class FormCache:
             forms = list(model.forms)
             if len(forms) == 1:
                 forms = forms * 2
+            # a mixture of experts' routed read (StepTimeModel.unread_s), on its form
+            unread = np.zeros(2)
+            if model.routed_s:
+                unread[min(model.routed_form, 1)] = model.routed_s
             self._cache[key] = (np.array(forms[:2]), model.overhead_s, model.provenance,
-                                model.describe(), settings)
+                                model.describe(), settings, (unread, model.expert_pass))
         return self._cache[key]

@@ -64,13 +64,16 @@ class PoolTable:
         return self.bounds_ok.shape
 
 
-def _step(u: Units, dec, q, a):
+def _step(u: Units, dec, q, a, tokens):
     """Step time with decode work ``dec`` (per form: the decoding sequences'
     seconds, ``_decode_work``) and a prompt chunk of ``q`` tokens (``a``
-    query-key pairs), the larger of the forms."""
+    query-key pairs), the larger of the forms; ``tokens``, all the step's
+    tokens, choose the experts a mixture of experts reads (``Forms.skipped``)."""
     f = u.forms
+    skip = f.skipped(tokens)
     return col(f.oh) + np.maximum(
-        *[col(f.c[:, k]) + col(f.wp[:, k]) * q + col(f.wa[:, k]) * a + dec[k] for k in range(2)])
+        *[col(f.c[:, k]) + col(f.wp[:, k]) * q + col(f.wa[:, k]) * a + dec[k] - skip[k]
+          for k in range(2)])
 
 
 def _speculation(u: Units, n):
@@ -120,8 +123,8 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
         cbar = np.where(share > 0, np.maximum(1.0, mean_u / av + 0.5), 0.0)
         q = np.where(cbar > 0, mean_u / np.maximum(cbar, 1e-12), 0.0)
         a = np.where(cbar > 0, attn_u / np.maximum(cbar, 1e-12), 0.0)
-        tc = _step(u, dec, q, a)
-        td = _step(u, dec, 0.0, 0.0)
+        tc = _step(u, dec, q, a, n * draft + q)
+        td = _step(u, dec, 0.0, 0.0, n * draft)
         cs = x * share * cbar  # chunk steps per second
         rho = cs * tc
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -130,7 +133,7 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
 
     # from below: the step of an empty batch, at the most tokens per step (batch 1's)
     g1, _ = _speculation(u, 1.0)
-    n = x * ws.eo / g1 * _step(u, [0.0, 0.0], 0.0, 0.0)
+    n = x * ws.eo / g1 * _step(u, [0.0, 0.0], 0.0, 0.0, 1.0)
     for _ in range(iterations):
         g, *_, steps = kinds(n)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -160,8 +163,9 @@ def _serve(u: Units, ws: WorkloadStats, rmax: int, loc: dict, z: float, hold_ext
     offered = ws.rate * (ws.eo / g * tau + hold_extra)
     blocking = erlang_b(slots * r, offered)
     _, draft1 = _speculation(u, 1.0)
-    floor_tpot = _step(u, _decode_work(u, perseq, 1.0, draft1), 0.0, 0.0) / g1
-    memory_bound = (col(f.c[:, 1]) + dec[1]) >= (col(f.c[:, 0]) + dec[0])
+    floor_tpot = _step(u, _decode_work(u, perseq, 1.0, draft1), 0.0, 0.0, draft1) / g1
+    skip = f.skipped(n * draft)
+    memory_bound = (col(f.c[:, 1]) + dec[1] - skip[1]) >= (col(f.c[:, 0]) + dec[0] - skip[0])
     shape = np.broadcast_shapes(tau.shape, slots.shape)
     return dict(tau=tau, n=n, slots=np.broadcast_to(slots, shape), tpot_p=tpot_p,
                 blocking=blocking, stable=stable, floor_tpot=np.broadcast_to(floor_tpot, shape),

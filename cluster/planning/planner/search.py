@@ -308,7 +308,7 @@ class Planner:
 
     def _forms_summary(self) -> dict:
         out = {}
-        for (di, tp, wd, kv), (_, _, prov, desc, _) in self.forms._cache.items():
+        for (di, tp, wd, kv), (_, _, prov, desc, _, _) in self.forms._cache.items():
             out[f"{self.devices[di].label} tp{tp} {wd} kv-{kv}"] = {"provenance": prov,
                                                                      "model": desc}
         return out

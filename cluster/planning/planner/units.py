@@ -12,6 +12,7 @@ import numpy as np
 from splitserve.cluster.planning.acceptance import length_table
 from splitserve.cluster.planning.kv_room import (MIN_BLOCKS, kv_blocks, rank_kv_bytes_per_token,
                                                   state_reserve_bytes)
+from splitserve.cluster.planning.planner.candidates import col
 from splitserve.cluster.planning.planner.devices import Device, FormCache
 from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, fp8_index, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
@@ -33,6 +34,18 @@ class Forms:
     wc: np.ndarray
     oh: np.ndarray  # (U,)
     compute_form: np.ndarray  # (U, 2) bool: the form that grows with tokens (speculation)
+    # a mixture of experts' routed experts: their read time in each form's c (U, 2), and
+    # the chance a token passes over one (U,); a step of T tokens skips unread x pass ** T
+    unread: np.ndarray | None = None
+    expert_pass: np.ndarray | None = None
+
+    def skipped(self, tokens):
+        """Per form, the routed read a step of ``tokens`` tokens skips
+        (``StepTimeModel.unread_s``), broadcast against ``tokens``."""
+        if self.unread is None or not self.unread.any():
+            return [0.0, 0.0]
+        share = col(self.expert_pass) ** np.asarray(tokens, dtype=np.float64)
+        return [col(self.unread[:, k]) * share for k in range(2)]
 
 
 @dataclass
@@ -107,6 +120,8 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
     e = np.array([c[2] for c in combos], dtype=np.int64)
     fc = np.zeros((n, 2, 5))
     oh = np.zeros(n)
+    unread = np.zeros((n, 2))
+    expert_pass = np.zeros(n)
     comp = np.zeros((n, 2), dtype=bool)
     kv_tokens = np.zeros(n)
     kv_gib = np.zeros(n)
@@ -126,9 +141,11 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         sel = (dev == key[0]) & (tp == key[1]) & (grid.wd[e] == key[2]) & (grid.kv[e] == key[3])
         if d.cpu and wd == "fp8":
             flops_ok[sel] = False  # the CPU engine has no fp8 weights
-        f, overhead, _, _, settings = forms.get(d, key[1], wd, kv)
+        f, overhead, _, _, settings, (routed, passes) = forms.get(d, key[1], wd, kv)
         fc[sel] = f
         oh[sel] = overhead
+        unread[sel] = routed
+        expert_pass[sel] = passes
         # the form whose per-token weight on decode sequences is the compute one
         comp[sel, int(np.argmax(f[:, 1]))] = True
         weights = shape.weight_bytes("fp8" if wd == "fp8" else settings.dtype)
@@ -156,7 +173,7 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
     dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
-                             comp),
+                             comp, unread, expert_pass),
                  kv_tokens=kv_tokens, kv_gib=kv_gib, mem_ok=mem_ok, price=price, cap=cap,
                  seqs=seqs, budget=budget, block=block, spec_row=spec_row, spec_k=spec_k,
                  spec_g=spec_g, deployable=dep,
