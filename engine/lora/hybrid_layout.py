@@ -1,0 +1,108 @@
+"""Where a PEFT adapter's tensors land in the Mamba-2 hybrids (``MAMBA2_LORA``).
+
+PEFT names each projection by transformers' module path; these families
+name theirs differently from Llama, and some group them differently from
+the engine's decoder layers. ``mamba2_target`` maps a path
+``<root>.layers.<i>.<place>.<module>`` onto the engine's layer and one of
+``splitserve.engine.lora.layout``'s places (``self_attn``, ``mlp``,
+``shared_mlp``, ``mamba``), or says why it is refused:
+
+- Bamba, Falcon-H1: ``self_attn.{q,k,v,o}_proj``, ``mamba.{in,out}_proj``
+  and the SwiGLU MLP as ``feed_forward.{gate,up,down}_proj``. Falcon-H1's
+  multipliers apply to each projection's output with its delta, as in
+  transformers.
+- Granite 4.0-H: ``self_attn``, ``mamba`` and the dense ``shared_mlp``
+  (in every layer, beside the experts where there are experts) as its fused
+  ``input_linear`` (gate rows then up rows: one LoRA served as a gate part
+  and an up part sharing A) and ``output_linear``.
+- Nemotron-H: every checkpoint block is ``model.layers.<j>.mixer`` (or
+  ``backbone.layers.<j>.mixer``, the name before transformers 5); the
+  engine folds a mixer block and the MLP block after it into one layer
+  (``FamilyOptions.checkpoint_blocks``). Attention blocks' q/k/v/o and
+  Mamba-2 blocks' ``in_proj`` take LoRA; its ungated relu2 MLP blocks take
+  none (as the other ungated MLPs), nor do MoE blocks.
+- Zamba2: the Mamba-2 mixers, ``mamba.{in,out}_proj`` of a Mamba-2 layer
+  and ``mamba_decoder.mamba.{in,out}_proj`` of a hybrid layer. The shared
+  blocks (``shared_transformer``) and each hybrid layer's ``linear`` are
+  refused: transformers gives every use of a shared block its own module
+  (only the weights are tied), so PEFT trains a separate LoRA per use, which
+  the engine's one module per shared block cannot hold.
+
+PEFT refuses LoRA on ``out_proj`` of the models it lists as Mamba-based
+(Falcon-H1 and Nemotron-H among them: transformers' fused kernels read that
+weight directly), so such a tensor is refused here too.
+"""
+
+from __future__ import annotations
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.hybrid_config import ATTENTION
+
+# families whose Mamba-2 mixers take LoRA on in_proj (and out_proj where PEFT allows it)
+MAMBA2_LORA = ("bamba", "granitemoehybrid", "falcon_h1", "nemotron_h", "zamba2")
+MAMBA_PROJECTIONS = ("in_proj", "out_proj")
+_NO_OUT_PROJ = ("falcon_h1", "nemotron_h")  # PEFT's Mamba-based model types among these
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# Granite 4.0-H's fused shared_mlp projections -> the engine MLP's parts, in row order
+FUSED_MLP = {"input_linear": ("gate_proj", "up_proj"), "output_linear": ("down_proj",)}
+
+
+def mamba2_target(model: ModelConfig, root: str, layer: int, place: str,
+                  module: str) -> tuple[int, str] | str | None:
+    """(engine layer, place) of PEFT's module ``<root>.layers.<layer>.<place>.<module>``
+    in a ``MAMBA2_LORA`` family; a str: why it is refused; None: a name no
+    family serves (``layout._refusal`` says why)."""
+    family = model.family
+    if root != "model" and family != "nemotron_h":
+        return None
+    if place == "mamba" and module == "out_proj" and family in _NO_OUT_PROJ:
+        return f"PEFT applies no LoRA to {model.architecture}'s Mamba-2 out_proj (transformers' " \
+               "fused kernels read its weight directly); in_proj takes LoRA"
+    if family == "nemotron_h":
+        return _nemotron_h(model, layer, place, module)
+    if family == "zamba2":
+        if place in ("shared_transformer", "linear") or place.startswith("shared_transformer."):
+            return "Zamba2's shared blocks (shared_transformer) and each hybrid layer's linear take " \
+                   "no LoRA: transformers gives each use of a shared block its own module, so PEFT " \
+                   "trains one LoRA per use; the Mamba-2 mixers' in_proj/out_proj take LoRA"
+        if place in ("mamba", "mamba_decoder.mamba") and module in MAMBA_PROJECTIONS:
+            return layer, "mamba"
+        return None
+    if place == "mamba" and module in MAMBA_PROJECTIONS or place == "self_attn" and module in _ATTENTION:
+        return layer, place
+    if family == "granitemoehybrid":
+        return (layer, "shared_mlp") if place == "shared_mlp" and module in FUSED_MLP else None
+    return (layer, "mlp") if place == "feed_forward" and module in _GATED_MLP else None
+
+
+def _nemotron_h(model: ModelConfig, block: int, place: str, module: str) -> tuple[int, str] | str | None:
+    """Nemotron-H's checkpoint block ``block``: its engine layer, or why not."""
+    if place != "mixer" and not place.startswith("mixer."):
+        return None
+    blocks = model.options.checkpoint_blocks
+    for layer, (mixer, mlp) in enumerate(blocks):
+        if block == mixer:
+            attends = model.options.hybrid.layer_kinds[layer] == ATTENTION
+            names, kind = (_ATTENTION, "an attention") if attends else (MAMBA_PROJECTIONS, "a Mamba-2")
+            if place == "mixer" and module in names:
+                return layer, "self_attn" if attends else "mamba"
+            return f"block {block} is {kind} block, whose LoRA targets are {', '.join(names)}"
+        if block == mlp:
+            if model.moe is not None and model.moe.sparse_layers[layer]:
+                return f"block {block} is a mixture-of-experts block; MoE experts, routers, shared " \
+                       "experts and latent projections take no LoRA"
+            return f"block {block} is an ungated (relu2) MLP block, which takes no LoRA (as the " \
+                   "other ungated MLPs); attention and Mamba-2 blocks do"
+    count = 1 + max(max(pair) for pair in blocks)
+    return f"it is for block {block}; the model has {count} blocks"
+
+
+def engine_parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int, int], ...]:
+    """The engine targets of one PEFT projection: (name, first row of its
+    lora_B, rows); one, the projection itself, except Granite 4.0-H's fused
+    ``input_linear`` (its gate and up parts)."""
+    if place != "shared_mlp":
+        return ((module, 0, 0),)  # 0 rows: the whole of lora_B
+    rows = model.intermediate_size if module == "input_linear" else 0
+    return tuple((name, i * rows, rows) for i, name in enumerate(FUSED_MLP[module]))
