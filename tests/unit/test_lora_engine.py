@@ -190,6 +190,7 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
 # (its Gated DeltaNet's q/k/v, g, b, a and o projections apart)
 HYBRID_TARGETS = {
     "bamba": "all-linear",
+    "falcon_h1": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"),
     "granitemoehybrid": "all-linear",
     "granitemoehybrid_dense": "all-linear",
     "olmo_hybrid": "all-linear",
@@ -218,8 +219,9 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj", "g_", "b_", "a_"))}
     mixers = {"qwen3_next": {"in_proj_qkvz", "in_proj_ba", "out_proj"},
               "olmo_hybrid": {"g_proj", "b_proj", "a_proj"},  # with q/k/v/o as attention's
-              "bamba": {"in_proj", "out_proj"}, "granitemoehybrid": {"in_proj", "out_proj"},
-              "granitemoehybrid_dense": {"in_proj", "out_proj"}}
+              # the Mamba-2 hybrids (Falcon-H1's out_proj stack stays empty: PEFT adapts no out_proj)
+              **dict.fromkeys(("bamba", "falcon_h1", "granitemoehybrid", "granitemoehybrid_dense"),
+                              {"in_proj", "out_proj"})}
     assert linear == mixers.get(variant, {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
