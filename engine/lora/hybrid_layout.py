@@ -56,7 +56,7 @@ def mamba2_target(model: ModelConfig, root: str, layer: int, place: str,
     family = model.family
     if root != "model" and family != "nemotron_h":
         return None
-    if place == "mamba" and module == "out_proj" and family in _NO_OUT_PROJ:
+    if place in ("mamba", "mixer") and module == "out_proj" and family in _NO_OUT_PROJ:
         return f"PEFT applies no LoRA to {model.architecture}'s Mamba-2 out_proj (transformers' " \
                "fused kernels read its weight directly); in_proj takes LoRA"
     if family == "nemotron_h":

@@ -51,7 +51,7 @@ class HybridCausalLM(CausalLM):
         if not self.takes_lora:
             raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
                                   "model: LoRA on hybrids is served for Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba, "
-                                  "Granite 4.0-H and Falcon-H1 only)")
+                                  "Granite 4.0-H, Falcon-H1 and Nemotron-H only)")
         return super().enable_lora(num_slots, max_rank)
 
     def forward(

@@ -10,6 +10,10 @@ a layer without an MLP block returns after its mixer. Checkpoint names map
 onto the decoder's in ``weight_slots``: ``backbone.embeddings`` is the
 token embedding, ``backbone.layers.j.norm`` / ``.mixer`` the norm and the
 mixer (or MLP) of block j, ``backbone.norm_f`` the final norm.
+
+LoRA adapters apply to the attention blocks' projections and the Mamba-2
+blocks' ``in_proj``; ``splitserve.engine.lora.hybrid_layout`` maps PEFT's
+block numbers onto the decoder layers and refuses the MLP and MoE blocks.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class NemotronHDecoderLayer(DecoderLayer):
 
 
 class NemotronHCausalLM(HybridCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         cfg = self.cfg

@@ -190,6 +190,7 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
 # (its Gated DeltaNet's q/k/v, g, b, a and o projections apart)
 HYBRID_TARGETS = {
     "bamba": "all-linear",
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj"),
     "falcon_h1": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"),
     "granitemoehybrid": "all-linear",
     "granitemoehybrid_dense": "all-linear",
@@ -219,8 +220,9 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj", "g_", "b_", "a_"))}
     mixers = {"qwen3_next": {"in_proj_qkvz", "in_proj_ba", "out_proj"},
               "olmo_hybrid": {"g_proj", "b_proj", "a_proj"},  # with q/k/v/o as attention's
-              # the Mamba-2 hybrids (Falcon-H1's out_proj stack stays empty: PEFT adapts no out_proj)
-              **dict.fromkeys(("bamba", "falcon_h1", "granitemoehybrid", "granitemoehybrid_dense"),
+              # the Mamba-2 hybrids (Falcon-H1's and Nemotron-H's out_proj stacks stay empty: PEFT
+              # adapts no out_proj there)
+              **dict.fromkeys(("bamba", "falcon_h1", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h"),
                               {"in_proj", "out_proj"})}
     assert linear == mixers.get(variant, {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
