@@ -22,11 +22,14 @@ the engine's decoder layers. ``mamba2_target`` maps a path
   Mamba-2 blocks' ``in_proj`` take LoRA; its ungated relu2 MLP blocks take
   none (as the other ungated MLPs), nor do MoE blocks.
 - Zamba2: the Mamba-2 mixers, ``mamba.{in,out}_proj`` of a Mamba-2 layer
-  and ``mamba_decoder.mamba.{in,out}_proj`` of a hybrid layer. The shared
-  blocks (``shared_transformer``) and each hybrid layer's ``linear`` are
-  refused: transformers gives every use of a shared block its own module
-  (only the weights are tied), so PEFT trains a separate LoRA per use, which
-  the engine's one module per shared block cannot hold.
+  and ``mamba_decoder.mamba.{in,out}_proj`` of a hybrid layer; a hybrid
+  layer's ``linear`` and its use of a shared block,
+  ``shared_transformer.self_attn.{q,k,v,o}_proj`` and
+  ``shared_transformer.feed_forward.{gate_up,down}_proj``: transformers
+  gives every use of a shared block its own module (only the weights are
+  tied), so PEFT trains a LoRA per use, and the engine keeps one per hybrid
+  layer (``splitserve.engine.models.zamba2``). The model's own per-use
+  adapters (``*_adapter_list``) take none.
 
 PEFT refuses LoRA on ``out_proj`` of the models it lists as Mamba-based
 (Falcon-H1 and Nemotron-H among them: transformers' fused kernels read that
@@ -44,6 +47,9 @@ MAMBA_PROJECTIONS = ("in_proj", "out_proj")
 _NO_OUT_PROJ = ("falcon_h1", "nemotron_h")  # PEFT's Mamba-based model types among these
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# Zamba2's shared block: PEFT's place -> its projections
+_ZAMBA2_BLOCK = {"shared_transformer.self_attn": _ATTENTION,
+                 "shared_transformer.feed_forward": ("gate_up_proj", "down_proj")}
 # Granite 4.0-H's fused shared_mlp projections -> the engine MLP's parts, in row order
 FUSED_MLP = {"input_linear": ("gate_proj", "up_proj"), "output_linear": ("down_proj",)}
 
@@ -62,13 +68,7 @@ def mamba2_target(model: ModelConfig, root: str, layer: int, place: str,
     if family == "nemotron_h":
         return _nemotron_h(model, layer, place, module)
     if family == "zamba2":
-        if place in ("shared_transformer", "linear") or place.startswith("shared_transformer."):
-            return "Zamba2's shared blocks (shared_transformer) and each hybrid layer's linear take " \
-                   "no LoRA: transformers gives each use of a shared block its own module, so PEFT " \
-                   "trains one LoRA per use; the Mamba-2 mixers' in_proj/out_proj take LoRA"
-        if place in ("mamba", "mamba_decoder.mamba") and module in MAMBA_PROJECTIONS:
-            return layer, "mamba"
-        return None
+        return _zamba2(model, layer, place, module)
     if place == "mamba" and module in MAMBA_PROJECTIONS or place == "self_attn" and module in _ATTENTION:
         return layer, place
     if family == "granitemoehybrid":
@@ -96,6 +96,32 @@ def _nemotron_h(model: ModelConfig, block: int, place: str, module: str) -> tupl
                    "other ungated MLPs); attention and Mamba-2 blocks do"
     count = 1 + max(max(pair) for pair in blocks)
     return f"it is for block {block}; the model has {count} blocks"
+
+
+def _zamba2(model: ModelConfig, layer: int, place: str, module: str) -> tuple[int, str] | str | None:
+    """Zamba2's layer ``layer``: where ``place.module`` lands, or why not."""
+    if layer >= model.num_layers:
+        return f"it is for layer {layer}; the model has {model.num_layers} layers"
+    if "_adapter_list." in place:
+        return "Zamba2's own per-use adapters (linear_q/k/v_adapter_list, gate_up_proj_adapter_list) " \
+               "take no LoRA; the shared block's projections they add to do"
+    hybrid = layer in model.options.hybrid.attention_layers
+    if place in ("mamba", "mamba_decoder.mamba") and module in MAMBA_PROJECTIONS:
+        mixer = "mamba_decoder.mamba" if hybrid else "mamba"
+        return (layer, "mamba") if place == mixer else \
+            f"layer {layer} is a {'hybrid' if hybrid else 'Mamba-2'} layer, whose mixer is {mixer}"
+    if place == "" and module == "linear" or module in _ZAMBA2_BLOCK.get(place, ()):
+        return (layer, "zamba2_block") if hybrid else \
+            f"layer {layer} is a Mamba-2 layer, without a shared block or linear"
+    return None
+
+
+def zamba2_block_shape(cfg: ModelConfig, module: str) -> tuple[int, int]:
+    """(in, out) of a Zamba2 hybrid layer's ``linear`` or a projection of its shared block."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q_proj": (2 * h, q), "k_proj": (2 * h, kv), "v_proj": (2 * h, kv), "o_proj": (q, h),
+            "gate_up_proj": (h, 2 * i), "down_proj": (i, h), "linear": (h, h)}[module]
 
 
 def engine_parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int, int], ...]:

@@ -31,12 +31,12 @@ from safetensors import SafetensorError, safe_open
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hybrid_config import ATTENTION
-from splitserve.engine.lora.hybrid_layout import MAMBA2_LORA, engine_parts, mamba2_target
+from splitserve.engine.lora.hybrid_layout import MAMBA2_LORA, engine_parts, mamba2_target, zamba2_block_shape
 from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
                                             adapter_files, read_adapter_config)
 
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
-_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone)\.layers\.(\d+)\.([\w.]+?)\.(\w+))"
+_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
                    r"\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -74,6 +74,8 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     """(in, out) features of ``place.module`` (``self_attn.q_proj``) in
     ``layer``; None where the model has no such dense projection (an MoE
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
+    if place == "zamba2_block":
+        return zamba2_block_shape(cfg, module)
     if place == "shared_mlp":  # Granite 4.0-H's fused dense MLP, in every layer
         h, i = cfg.hidden_size, cfg.intermediate_size
         return {"input_linear": (h, 2 * i), "output_linear": (i, h)}[module]
@@ -150,7 +152,7 @@ def _target(model: ModelConfig, m: re.Match) -> tuple[int, str] | str | None:
     on it: attention and MLP projections, a Gated DeltaNet layer's
     ``linear_attn`` ones, the Mamba-2 hybrids' (``hybrid_layout``); a str:
     why it is refused; None: no served name."""
-    root, layer, place, module = m.group(2), int(m.group(3)), m.group(4), m.group(5)
+    root, layer, place, module = m.group(2), int(m.group(3)), m.group(4) or "", m.group(5)
     if model.family in MAMBA2_LORA:
         return mamba2_target(model, root, layer, place, module)
     if root != "model":

@@ -50,8 +50,8 @@ class HybridCausalLM(CausalLM):
         Mamba-2 hybrids of ``splitserve.engine.lora.hybrid_layout``); the others refuse."""
         if not self.takes_lora:
             raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
-                                  "model: LoRA on hybrids is served for Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba, "
-                                  "Granite 4.0-H, Falcon-H1 and Nemotron-H only)")
+                                  "model: LoRA on hybrids is served for Qwen3-Next, Qwen3.5, OLMo Hybrid and the "
+                                  "Mamba-2 hybrids only)")
         return super().enable_lora(num_slots, max_rank)
 
     def forward(
