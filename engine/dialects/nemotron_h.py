@@ -33,9 +33,10 @@ block, a model without attention blocks,
 Mamba activations other than SiLU, fp8 checkpoints (tensors renamed at
 load), tensor parallelism (the Mamba-2 layers are not sharded). LoRA
 adapters apply to the attention blocks' projections and the Mamba-2 blocks'
-``in_proj`` (PEFT adapts no ``out_proj`` here), named by checkpoint block
-(``model.layers.<j>.mixer`` or ``backbone.layers.<j>.mixer``); the ungated
-MLP blocks and MoE blocks take none. A hybrid model's engine caches prefixes
+``in_proj`` (PEFT adapts no ``out_proj`` here) and the MLP blocks'
+``up_proj`` / ``down_proj``, named by checkpoint block
+(``model.layers.<j>.mixer`` or ``backbone.layers.<j>.mixer``); MoE blocks
+take none. A hybrid model's engine caches prefixes
 with state checkpoints.
 """
 

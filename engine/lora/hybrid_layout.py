@@ -19,8 +19,8 @@ the engine's decoder layers. ``mamba2_target`` maps a path
   ``backbone.layers.<j>.mixer``, the name before transformers 5); the
   engine folds a mixer block and the MLP block after it into one layer
   (``FamilyOptions.checkpoint_blocks``). Attention blocks' q/k/v/o and
-  Mamba-2 blocks' ``in_proj`` take LoRA; its ungated relu2 MLP blocks take
-  none (as the other ungated MLPs), nor do MoE blocks.
+  Mamba-2 blocks' ``in_proj`` and its ungated relu2 MLP blocks' ``up_proj``
+  and ``down_proj`` take LoRA; MoE blocks take none.
 - Zamba2: the Mamba-2 mixers, ``mamba.{in,out}_proj`` of a Mamba-2 layer
   and ``mamba_decoder.mamba.{in,out}_proj`` of a hybrid layer; a hybrid
   layer's ``linear`` and its use of a shared block,
@@ -47,6 +47,7 @@ MAMBA_PROJECTIONS = ("in_proj", "out_proj")
 _NO_OUT_PROJ = ("falcon_h1", "nemotron_h")  # PEFT's Mamba-based model types among these
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+_PLAIN_MLP = ("up_proj", "down_proj")  # Nemotron-H's ungated MLP blocks
 # Zamba2's shared block: PEFT's place -> its projections
 _ZAMBA2_BLOCK = {"shared_transformer.self_attn": _ATTENTION,
                  "shared_transformer.feed_forward": ("gate_up_proj", "down_proj")}
@@ -92,8 +93,9 @@ def _nemotron_h(model: ModelConfig, block: int, place: str, module: str) -> tupl
             if model.moe is not None and model.moe.sparse_layers[layer]:
                 return f"block {block} is a mixture-of-experts block; MoE experts, routers, shared " \
                        "experts and latent projections take no LoRA"
-            return f"block {block} is an ungated (relu2) MLP block, which takes no LoRA (as the " \
-                   "other ungated MLPs); attention and Mamba-2 blocks do"
+            if place == "mixer" and module in _PLAIN_MLP:
+                return layer, "plain_mlp"
+            return f"block {block} is an MLP block, whose LoRA targets are {', '.join(_PLAIN_MLP)}"
     count = 1 + max(max(pair) for pair in blocks)
     return f"it is for block {block}; the model has {count} blocks"
 

@@ -76,6 +76,9 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
     if place == "zamba2_block":
         return zamba2_block_shape(cfg, module)
+    if place == "plain_mlp":  # Nemotron-H's MLP blocks
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        return {"up_proj": (h, i), "down_proj": (i, h)}[module]
     if place == "shared_mlp":  # Granite 4.0-H's fused dense MLP, in every layer
         h, i = cfg.hidden_size, cfg.intermediate_size
         return {"input_linear": (h, 2 * i), "output_linear": (i, h)}[module]

@@ -246,12 +246,13 @@ def test_nemotron_h_lora_by_checkpoint_block():
     s, h, rows, q = model.options.mamba2, model.hidden_size, in_proj_rows(model), 4 * model.head_dim
     # PEFT's block numbers, under transformers 5's model.layers or the older backbone.layers
     ok = {**lora_pair("4.mixer.in_proj", h, rows), **lora_pair("2.mixer.q_proj", h, q),
-          **lora_pair("0.mixer.in_proj", h, rows, "backbone")}
-    assert sorted(lora_layout(model, ok).modules) == [(0, "in_proj"), (1, "q_proj"), (2, "in_proj")]
+          **lora_pair("0.mixer.in_proj", h, rows, "backbone"), **lora_pair("3.mixer.down_proj", 128, h)}
+    assert sorted(lora_layout(model, ok).modules) == [(0, "in_proj"), (1, "down_proj"), (1, "q_proj"),
+                                                      (2, "in_proj")]
     lora_refused(model, (("0.mixer.out_proj", s.inner, h, "PEFT applies no LoRA"),
                          ("2.mixer.in_proj", h, rows, "block 2 is an attention block, whose LoRA targets are q_proj"),
                          ("4.mixer.q_proj", h, q, "block 4 is a Mamba-2 block"),
-                         ("3.mixer.up_proj", h, 128, "block 3 is an ungated \\(relu2\\) MLP block"),
+                         ("3.mixer.gate_proj", h, 128, "block 3 is an MLP block, whose LoRA targets are up_proj"),
                          ("5.mixer.shared_experts.up_proj", h, 8, "block 5 is a mixture-of-experts block"),
                          ("5.mixer.gate", h, 8, "block 5 is a mixture-of-experts block"),
                          ("6.mixer.in_proj", h, rows, "it is for block 6; the model has 6 blocks"),

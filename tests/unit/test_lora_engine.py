@@ -192,7 +192,8 @@ HYBRID_TARGETS = {
     "bamba": "all-linear",
     "zamba2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "linear", "in_proj",
                "out_proj"),
-    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj"),
+    # (its MLP blocks' up/down, not the MoE blocks' shared experts of the same names)
+    "nemotron_h": r"model\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj|o_proj|in_proj|up_proj|down_proj)",
     "falcon_h1": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"),
     "granitemoehybrid": "all-linear",
     "granitemoehybrid_dense": "all-linear",
