@@ -5,7 +5,8 @@ name theirs differently from Llama, and some group them differently from
 the engine's decoder layers. ``mamba2_target`` maps a path
 ``<root>.layers.<i>.<place>.<module>`` onto the engine's layer and one of
 ``splitserve.engine.lora.layout``'s places (``self_attn``, ``mlp``,
-``shared_mlp``, ``mamba``), or says why it is refused:
+``mamba``; ``shared_mlp``, ``plain_mlp``, ``zamba2_block`` for the
+projections below that only one family has), or says why it is refused:
 
 - Bamba, Falcon-H1: ``self_attn.{q,k,v,o}_proj``, ``mamba.{in,out}_proj``
   and the SwiGLU MLP as ``feed_forward.{gate,up,down}_proj``. Falcon-H1's
