@@ -26,8 +26,10 @@ As transformers' FalconH1Config and its model read it:
 
 Refused: activations other than SiLU (the convolution's too), partial
 rotary, ``layers_block_type`` other than "hybrid", fp8 checkpoints (the
-Mamba-2 projections are not read in fp8), tensor parallelism, LoRA
-adapters. A hybrid model's engine caches prefixes with state checkpoints.
+Mamba-2 projections are not read in fp8), tensor parallelism, LoRA on
+the Mamba-2 ``out_proj`` (PEFT adapts none there). LoRA adapters apply to
+the attention projections, the ``feed_forward`` MLP and the mixer's
+``in_proj``. A hybrid model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ As transformers' GraniteMoeHybridConfig and its model read it:
 
 Refused: activations other than SiLU, partial rotary, fp8 checkpoints (fused
 experts and shared MLP split at load), tensor parallelism (the Mamba-2
-layers are not sharded), LoRA adapters. A hybrid model's engine caches
-prefixes with state checkpoints.
+layers are not sharded). LoRA adapters apply to the attention projections,
+the Mamba-2 mixers' ``in_proj`` / ``out_proj`` and the dense ``shared_mlp``'s
+fused ``input_linear`` / ``output_linear`` (not to the experts). A hybrid
+model's engine caches prefixes with state checkpoints.
 """
 
 from __future__ import annotations

@@ -31,8 +31,13 @@ As transformers' NemotronHConfig and its model read it:
 Refused: an MLP or MoE block that does not follow a Mamba-2 or attention
 block, a model without attention blocks,
 Mamba activations other than SiLU, fp8 checkpoints (tensors renamed at
-load), tensor parallelism (the Mamba-2 layers are not sharded), LoRA
-adapters. A hybrid model's engine caches prefixes with state checkpoints.
+load), tensor parallelism (the Mamba-2 layers are not sharded). LoRA
+adapters apply to the attention blocks' projections and the Mamba-2 blocks'
+``in_proj`` (PEFT adapts no ``out_proj`` here) and the MLP blocks'
+``up_proj`` / ``down_proj``, named by checkpoint block
+(``model.layers.<j>.mixer`` or ``backbone.layers.<j>.mixer``); MoE blocks
+take none. A hybrid model's engine caches prefixes
+with state checkpoints.
 """
 
 from __future__ import annotations

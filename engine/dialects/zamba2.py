@@ -29,7 +29,11 @@ As transformers' Zamba2Config and its model read it:
 Refused: a model without hybrid layers, unknown layer types, q/k/v
 adapters with fewer key/value heads than heads (transformers cannot add
 them either), activations other than gelu / silu, ``use_long_context``, fp8
-checkpoints (fused and shared tensors), tensor parallelism, LoRA adapters.
+checkpoints (fused and shared tensors), tensor parallelism, LoRA on the
+model's own per-use adapters. LoRA adapters apply to every layer's Mamba-2
+mixer (``in_proj`` / ``out_proj``) and, per hybrid layer, to its
+``linear`` and its use of the shared block (q/k/v/o, ``gate_up_proj``,
+``down_proj``), as PEFT trains them on transformers' per-use modules.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
 layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
 ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
-and, in Bamba's Mamba-2 layers, the ``mamba`` mixer's ``in_proj`` and
-``out_proj`` (its MLPs are named ``feed_forward``).
+and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
+Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own
+names for attention and MLPs (``splitserve.engine.lora.hybrid_layout``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """
@@ -30,12 +31,13 @@ from safetensors import SafetensorError, safe_open
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hybrid_config import ATTENTION
-from splitserve.engine.mamba2_config import SSM_KIND
+from splitserve.engine.lora.hybrid_layout import MAMBA2_LORA, engine_parts, mamba2_target, zamba2_block_shape
 from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
                                             adapter_files, read_adapter_config)
 
-_NAME = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\."
-                   r"(self_attn|mlp|linear_attn|mamba|feed_forward)\.(\w+))\.lora_(A|B)\.weight$")
+# (the module's path, its root, layer, place (dotted where nested), projection, A or B)
+_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
+                   r"\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
@@ -44,10 +46,6 @@ _LINEAR_ATTN = ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_pr
 # families whose q_proj gives each head's query and output gate (Qwen3-Next's gated attention)
 QUERY_GATED = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 GATED_DELTA_NET = "gated_delta_net"  # the hybrid layer kind whose linear_attn takes LoRA
-# families whose Mamba-2 layers take LoRA on their ``mamba`` mixer's in_proj and out_proj,
-# and whose MLPs are named ``feed_forward`` (Bamba)
-MAMBA2_LORA = ("bamba",)
-_MAMBA_PROJECTIONS = ("in_proj", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,7 @@ class ModuleLora:
     scaling: float
     a_name: str  # its tensors' names in the file
     b_name: str
+    b_rows: tuple[int, int] = (0, 0)  # (first, count) of lora_B's rows this target takes; count 0: all
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,20 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     """(in, out) features of ``place.module`` (``self_attn.q_proj``) in
     ``layer``; None where the model has no such dense projection (an MoE
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
+    if place == "zamba2_block":
+        return zamba2_block_shape(cfg, module)
+    if place == "plain_mlp":  # Nemotron-H's MLP blocks
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        return {"up_proj": (h, i), "down_proj": (i, h)}[module]
+    if place == "shared_mlp":  # Granite 4.0-H's fused dense MLP, in every layer
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        return {"input_linear": (h, 2 * i), "output_linear": (i, h)}[module]
     if place == "mamba":
         if layer_lacks(cfg, layer, place, module):
             return None
         s, h = cfg.options.mamba2, cfg.hidden_size
         return {"in_proj": (h, s.inner + s.conv_dim + s.num_heads), "out_proj": (s.inner, h)}[module]
-    if place in ("mlp", "feed_forward"):
+    if place == "mlp":
         if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
             return None
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -111,13 +118,13 @@ def _delta_net_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def layer_lacks(cfg: ModelConfig, layer: int, place: str, module: str) -> str:
-    """Why ``layer`` has no attention (``self_attn``) or Gated DeltaNet
-    (``linear_attn``) projection ``module``; "" where it has one."""
+    """Why ``layer`` has no attention (``self_attn``), Gated DeltaNet
+    (``linear_attn``) or Mamba-2 (``mamba``) projection ``module``; "" where it has one."""
     hybrid = cfg.options.hybrid
     kind = ATTENTION if hybrid is None else hybrid.layer_kinds[layer]
     if place == "self_attn" and hybrid is not None and layer not in hybrid.attention_layers:
         return f"layer {layer} is a {kind} layer, without self_attn"
-    if place == "mamba" and (cfg.family not in MAMBA2_LORA or kind != SSM_KIND):
+    if place == "mamba" and (cfg.family not in MAMBA2_LORA or layer not in hybrid.state_layers):
         return f"layer {layer} is {'an' if kind == ATTENTION else 'a'} {kind} layer, without a " \
                "Mamba-2 mixer that takes LoRA"
     if place == "linear_attn" and kind != GATED_DELTA_NET:
@@ -140,37 +147,39 @@ def _refusal(name: str) -> str:
         return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
     return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
             "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections, nor of "
-            "Bamba's mamba in_proj/out_proj)")
+            "a Mamba-2 hybrid's mamba in_proj/out_proj)")
 
 
-def _served_name(model: ModelConfig, place: str, module: str) -> bool:
-    """Whether ``place.module`` names a projection kind LoRA is served on:
-    attention and MLP projections (the MLP as ``feed_forward`` in the
-    families that name it so), a Gated DeltaNet layer's ``linear_attn`` ones,
-    a Mamba-2 mixer's ``in_proj`` and ``out_proj`` (``MAMBA2_LORA``)."""
+def _target(model: ModelConfig, m: re.Match) -> tuple[int, str] | str | None:
+    """(engine layer, place) of the tensor ``m`` names, where LoRA is served
+    on it: attention and MLP projections, a Gated DeltaNet layer's
+    ``linear_attn`` ones, the Mamba-2 hybrids' (``hybrid_layout``); a str:
+    why it is refused; None: no served name."""
+    root, layer, place, module = m.group(2), int(m.group(3)), m.group(4) or "", m.group(5)
+    if model.family in MAMBA2_LORA:
+        return mamba2_target(model, root, layer, place, module)
+    if root != "model":
+        return None
     if place == "linear_attn":
-        return module in _LINEAR_ATTN
-    if place == "mamba":
-        return module in _MAMBA_PROJECTIONS
-    if place == "feed_forward":
-        return model.family in MAMBA2_LORA and _PLACE.get(module) == "mlp"
-    return _PLACE.get(module) == place
+        return (layer, place) if module in _LINEAR_ATTN else None
+    return (layer, place) if _PLACE.get(module) == place else None
 
 
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
                    max_rank: int, source: str = "adapter_model.safetensors") -> AdapterLayout:
     """Check tensor ``shapes`` (name -> shape) against ``model``; return the layout."""
-    halves: dict[tuple[int, str, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
+    halves: dict[tuple[int, str, str, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
     for name, shape in shapes.items():
         m = _NAME.match(name)
-        if m is None or not _served_name(model, m.group(3), m.group(4)):
-            raise AdapterError(f"{source}: tensor {name!r}: {_refusal(name)}",
+        target = None if m is None else _target(model, m)
+        if not isinstance(target, tuple):
+            raise AdapterError(f"{source}: tensor {name!r}: {target or _refusal(name)}",
                                param="target_modules")
-        layer, place, module = int(m.group(2)), m.group(3), m.group(4)
+        (layer, place), path, module = target, m.group(1), m.group(5)
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
-        if place in ("mlp", "feed_forward") and model.options.plain_mlp:
+        if place == "mlp" and model.options.plain_mlp:
             raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
                                f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
                                "attention projections do", param="target_modules")
@@ -180,10 +189,9 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if projection_shape(model, layer, place, module) is None:
             raise AdapterError(f"{source}: tensor {name!r}: layer {layer} is a mixture-of-experts "
                                "layer; MoE experts and routers take no LoRA", param="target_modules")
-        halves.setdefault((layer, place, module), {})[m.group(5)] = (name, tuple(shape))
+        halves.setdefault((layer, place, module, path), {})[m.group(6)] = (name, tuple(shape))
     modules: dict[tuple[int, str], ModuleLora] = {}
-    for (layer, place, module), pair in sorted(halves.items()):
-        key = f"model.layers.{layer}.{place}.{module}"
+    for (layer, place, module, key), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterError(f"{source}: {key} has no {missing} weight", param="target_modules")
@@ -198,7 +206,8 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if r > max_rank:
             raise AdapterError(f"{source}: {key} has rank {r}, above this model's max_lora_rank "
                                f"({max_rank})", param="r")
-        modules[(layer, module)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name)
+        for part, first, rows in engine_parts(model, place, module):
+            modules[(layer, part)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name, (first, rows))
     if not modules:
         raise AdapterError(f"{source}: no LoRA weights", param="target_modules")
     return AdapterLayout(modules)

@@ -47,6 +47,10 @@ def load_adapter(ref: AdapterRef, model: ModelConfig, max_rank: int,
         for key, m in layout.modules.items():
             a = f.get_tensor(m.a_name).to(dtype)
             # scaling folded into B in float32, rounded once to the model's dtype
-            b = (f.get_tensor(m.b_name).float() * m.scaling).to(dtype)
+            b = f.get_tensor(m.b_name)
+            first, rows = m.b_rows
+            if rows:  # one part of a fused projection's lora_B (its A is shared)
+                b = b[first:first + rows]
+            b = (b.float() * m.scaling).to(dtype)
             modules[key] = (a.contiguous(), b.contiguous())
     return AdapterWeights(ref, modules)

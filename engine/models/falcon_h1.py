@@ -13,6 +13,10 @@ outputs (``ssm_out``, ``attention_out``); gate_proj's output before the
 activation and down_proj's output (``mlp_gate``, ``mlp_down``); the logits.
 In_proj's per-part factors (``ssm_multipliers``) are the mixer's own
 (``Mamba2Shape.in_proj_scales``).
+
+LoRA adapters apply to attention, the MLP and the mixer's ``in_proj`` (PEFT
+puts none on a Falcon-H1 ``out_proj``), each delta added to its
+projection's output before the multipliers that follow it, as PEFT adds it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import MLP, Attention, ShardSlot
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.mamba2 import Mamba2Mixer
 from splitserve.kernels.lora import LoraMeta
 
@@ -42,15 +47,24 @@ class FalconH1Attention(Attention):
 
 class FalconH1MLP(MLP):
     """SwiGLU with gate_proj's output multiplied before the activation and
-    down_proj's output after it (``mlp_multipliers``)."""
+    down_proj's output after it (``mlp_multipliers``); an adapter's deltas
+    join each projection's output before its multiplier, as PEFT's do."""
 
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str, prefix: str):
         super().__init__(cfg, dtype, device, prefix=prefix)
         self.gate_scale, self.down_scale = cfg.options.falcon_h1.mlp_gate, cfg.options.falcon_h1.mlp_down
 
     def forward(self, x: torch.Tensor, lora: LoraMeta | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.intermediate, self.intermediate], dim=-1)
-        return self.down_proj(self.act_and_mul(torch.cat([gate * self.gate_scale, up], dim=-1))) * self.down_scale
+        adapted = lora is not None and self.gate_up_lora is not None
+        gate_up = self.gate_up_proj(x)
+        if adapted:
+            self.gate_up_lora.add_to(gate_up, x, lora)
+        gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
+        act = self.act_and_mul(torch.cat([gate * self.gate_scale, up], dim=-1))
+        out = self.down_proj(act)
+        if adapted:
+            self.down_lora.add_to(out, act, lora)
+        return out * self.down_scale
 
 
 class FalconH1DecoderLayer(DecoderLayer):
@@ -75,9 +89,14 @@ class FalconH1DecoderLayer(DecoderLayer):
         else:
             h, residual = self.input_layernorm(x, residual)
         s = self.scales
-        ssm = self.mamba(positions, h * s.ssm_in, None, meta)
+        ssm = self.mamba(positions, h * s.ssm_in, None, meta, lora=lora)
         attn = self.self_attn(positions, h * s.attention_in, layer_cache, meta, cos_sin_cache, lora)
         return ssm * s.ssm_out + attn * s.attention_out, residual
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on attention, the MLP and the Mamba-2 mixer."""
+        return {**self.self_attn.enable_lora(num_slots, max_rank), **self.mlp.enable_lora(num_slots, max_rank),
+                **self.mamba.enable_lora(num_slots, max_rank)}
 
     def quantize_fp8_(self) -> None:
         super().quantize_fp8_()
@@ -92,6 +111,8 @@ class FalconH1DecoderLayer(DecoderLayer):
 
 
 class FalconH1CausalLM(HybridCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         return FalconH1DecoderLayer(self.cfg, dtype, device, f"model.layers.{index}",

@@ -8,6 +8,10 @@ the logits (``splitserve.engine.models.granite``). Attention applies RoPE
 only with ``position_embedding_type`` "rope" (``FamilyOptions.nope_layers``
 lists every layer otherwise).
 
+LoRA adapters apply to attention, the Mamba-2 mixers' ``in_proj`` /
+``out_proj`` and ``shared_mlp`` (its fused ``input_linear`` as the gate and
+up parts), not to the experts (``splitserve.engine.lora.hybrid_layout``).
+
 Fused expert and shared MLP tensors are split at load as GraniteMoE's
 (``splitserve.engine.models.granitemoe``).
 """
@@ -23,7 +27,9 @@ from splitserve.engine.models.granitemoe import GraniteMoeCausalLM, GraniteMoeDe
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import MLP
 from splitserve.engine.models.mamba2 import Mamba2Mixer
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.moe import SparseMoeBlock
+from splitserve.kernels.lora import LoraMeta
 
 _MOE, _SHARED = "block_sparse_moe", "shared_mlp"
 
@@ -45,8 +51,25 @@ class GraniteMoeHybridDecoderLayer(GraniteMoeDecoderLayer):
                                      **kwargs)
         self.shared_mlp = MLP(cfg, dtype, device, prefix=f"{prefix}.{_SHARED}") if experts else None
 
+    def feed_forward(self, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """The experts (no LoRA) plus ``shared_mlp`` with each token's adapter's
+        delta; without experts, ``shared_mlp`` alone as the decoder's MLP."""
+        if self.shared_mlp is None:
+            return super().feed_forward(h, lora)
+        return self.mlp(h) + self.shared_mlp(h, lora)  # tensor parallelism is refused
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on attention or the Mamba-2 mixer and on ``shared_mlp``
+        (the MLP itself without experts, beside them with)."""
+        out = super().enable_lora(num_slots, max_rank)
+        if self.shared_mlp is not None:
+            out.update(self.shared_mlp.enable_lora(num_slots, max_rank))
+        return out
+
 
 class GraniteMoeHybridCausalLM(HybridCausalLM, GraniteMoeCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def __init__(self, cfg, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
         self._nope_layers = frozenset(cfg.options.nope_layers)

@@ -46,11 +46,12 @@ class HybridCausalLM(CausalLM):
     def enable_lora(self, num_slots: int, max_rank: int):
         """LoRA stacks on the attention layers' and dense MLPs' projections and
         on the recurrent mixers' (``RecurrentMixer.enable_lora``), in the
-        families that set ``takes_lora`` (Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba); the
-        others refuse."""
+        families that set ``takes_lora`` (Qwen3-Next, Qwen3.5, OLMo Hybrid and the
+        Mamba-2 hybrids of ``splitserve.engine.lora.hybrid_layout``); the others refuse."""
         if not self.takes_lora:
             raise CheckpointError(f"LoRA adapters are not supported for {self.cfg.architecture} (a hybrid "
-                                  "model: LoRA on hybrids is served for Qwen3-Next, Qwen3.5, OLMo Hybrid and Bamba only)")
+                                  "model: LoRA on hybrids is served for Qwen3-Next, Qwen3.5, OLMo Hybrid and the "
+                                  "Mamba-2 hybrids only)")
         return super().enable_lora(num_slots, max_rank)
 
     def forward(

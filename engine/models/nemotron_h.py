@@ -10,6 +10,11 @@ a layer without an MLP block returns after its mixer. Checkpoint names map
 onto the decoder's in ``weight_slots``: ``backbone.embeddings`` is the
 token embedding, ``backbone.layers.j.norm`` / ``.mixer`` the norm and the
 mixer (or MLP) of block j, ``backbone.norm_f`` the final norm.
+
+LoRA adapters apply to the attention blocks' projections, the Mamba-2
+blocks' ``in_proj`` and the MLP blocks' ``up_proj`` / ``down_proj``;
+``splitserve.engine.lora.hybrid_layout`` maps PEFT's block numbers onto the
+decoder layers and refuses the MoE blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import ShardSlot, norm_slots
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.mamba2 import Mamba2Mixer
 from splitserve.engine.models.nemotron_h_moe import NemotronHMoE
 from splitserve.engine.models.plain_blocks import PlainMLP
@@ -50,6 +56,20 @@ class NemotronHDecoderLayer(DecoderLayer):
             return self.attend(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
         return super().forward(positions, x, residual, layer_cache, meta, cos_sin_cache, lora)
 
+    def feed_forward(self, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """The MLP block with each token's adapter's delta (tensor parallelism
+        is refused), or the MoE block (no LoRA)."""
+        if isinstance(self.mlp, PlainMLP):
+            return self.mlp(h, lora)
+        return super().feed_forward(h, lora)
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on the attention or Mamba-2 block and on an MLP block."""
+        out = self.self_attn.enable_lora(num_slots, max_rank)
+        if isinstance(self.mlp, PlainMLP):
+            out.update(self.mlp.enable_lora(num_slots, max_rank))
+        return out
+
     def quantize_fp8_(self) -> None:
         self.self_attn.quantize_fp8_()
         if self.mlp is not None:
@@ -63,6 +83,8 @@ class NemotronHDecoderLayer(DecoderLayer):
 
 
 class NemotronHCausalLM(HybridCausalLM):
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
+
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         cfg = self.cfg

@@ -27,6 +27,7 @@ from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.decoder_layer import DecoderLayer
 from splitserve.engine.models.layers import Linear, ShardSlot, linear_slots, norm_slots
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.quantization import layer_groups
 from splitserve.kernels.lora import LoraMeta
 
@@ -43,7 +44,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class PlainMLP(nn.Module):
     """``down(act(up(x)))`` with optional biases; checkpoint names from
     ``FamilyOptions.plain_mlp`` (StarCoder2 c_fc/c_proj, Phi fc1/fc2). Takes
-    no LoRA adapters (``DecoderLayer.enable_lora`` gives the attention's only)."""
+    LoRA adapters only where its layer calls ``enable_lora`` (Nemotron-H's MLP
+    blocks; ``DecoderLayer.enable_lora`` gives the attention's only)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, prefix: str):
         super().__init__()
@@ -51,13 +53,26 @@ class PlainMLP(nn.Module):
         self.quant = cfg.quantization
         hidden, i = cfg.hidden_size, cfg.intermediate_size
         self.act = _ACTIVATIONS[cfg.options.hidden_act]
+        self.dtype = dtype
+        self.up_lora: LoraStack | None = None  # enable_lora
+        self.down_lora: LoraStack | None = None
         self.up_proj = Linear(hidden, i, cfg.mlp_bias, dtype, device, fp8_groups=layer_groups(
             self.quant, [(f"{prefix}.{self.up_name}.weight", i)], hidden))
         self.down_proj = Linear(i, hidden, cfg.mlp_bias, dtype, device, fp8_groups=layer_groups(
             self.quant, [(f"{prefix}.{self.down_name}.weight", hidden)], i))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+    def forward(self, x: torch.Tensor, lora: LoraMeta | None = None) -> torch.Tensor:
+        if lora is None or self.up_lora is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        act = self.act(self.up_lora.add_to(self.up_proj(x), x, lora))
+        return self.down_lora.add_to(self.down_proj(act), act, lora)
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on up and down, by their names in ``FamilyOptions.plain_mlp``."""
+        dev, hidden, i = self.up_proj.weight.device, self.up_proj.in_features, self.up_proj.out_features
+        self.up_lora = LoraStack(hidden, (i,), num_slots, max_rank, self.dtype, dev)
+        self.down_lora = LoraStack(i, (hidden,), num_slots, max_rank, self.dtype, dev)
+        return {self.up_name: (self.up_lora, 0), self.down_name: (self.down_lora, 0)}
 
     def quantize_fp8_(self) -> None:
         self.up_proj.quantize_fp8_()

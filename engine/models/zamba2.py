@@ -19,6 +19,12 @@ B(A h) added to q, k, v (``use_shared_attention_adapter``) and to gate_up.
 Checkpoints store a block's weights, and every use's adapters of it, under
 the first hybrid layer using it (``model.layers.L.shared_transformer``, the
 adapters at list index = use); later layers' tied copies are skipped.
+
+LoRA adapters (PEFT's, not the built-in adapters above) apply per layer as
+PEFT trains them on transformers' model, where every use of a shared block
+is its own module with tied weights: each hybrid layer holds its use's
+stacks on the block's q/k/v/o, gate_up and down projections and on its own
+``linear``; every layer's Mamba-2 mixer takes them on in_proj and out_proj.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from splitserve.engine.attention import AttentionMetadata, paged_attention_layer
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.hybrid import HybridCausalLM
 from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, model_norm, norm_slots
+from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.mamba2 import Mamba2Mixer
 from splitserve.engine.models.rope import apply_rotary
+from splitserve.kernels.lora import LoraMeta
 
 _ACTS = {"gelu": F.gelu, "silu": F.silu}
 
@@ -53,7 +61,8 @@ class Adapter(nn.Module):
 
 
 class UseAdapters(nn.Module):
-    """One use's adapters: q, k, v (or none) and the MLP's gate_up."""
+    """One use's adapters: q, k, v (or none) and the MLP's gate_up; and, after
+    ``enable_lora``, its LoRA stacks on the shared block's projections."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
@@ -62,6 +71,28 @@ class UseAdapters(nn.Module):
         self.qkv = (nn.ModuleList(Adapter(wide, r, wide, dtype, device) for _ in range(3))
                     if blocks.qkv_adapters else None)
         self.gate_up = Adapter(cfg.hidden_size, r, 2 * cfg.intermediate_size, dtype, device)
+        self.loras = nn.ModuleDict()  # the block's projection -> this use's LoRA stack
+
+    def enable_lora(self, block: "SharedBlock", num_slots: int, max_rank: int,
+                    dtype: torch.dtype) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on this use of ``block``: q/k/v (one stack, three
+        slices), o_proj, gate_up_proj (one slice, as transformers fuses it)
+        and down_proj; PEFT's module name -> (stack, slice)."""
+        q, kv = block.q_size, block.kv_size
+        for name, d_in, slices in (("qkv_proj", block.qkv_proj.in_features, (q, kv, kv)),
+                                   ("o_proj", q, (block.o_proj.out_features,)),
+                                   ("gate_up_proj", block.gate_up_proj.in_features, (2 * block.intermediate,)),
+                                   ("down_proj", block.intermediate, (block.down_proj.out_features,))):
+            self.loras[name] = LoraStack(d_in, slices, num_slots, max_rank, dtype, block.o_proj.weight.device)
+        qkv = self.loras["qkv_proj"]
+        return {"q_proj": (qkv, 0), "k_proj": (qkv, 1), "v_proj": (qkv, 2),
+                **{name: (self.loras[name], 0) for name in ("o_proj", "gate_up_proj", "down_proj")}}
+
+    def add_lora(self, name: str, y: torch.Tensor, x: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
+        """y (projection ``name`` of x) plus each token's adapter's delta for this use."""
+        if lora is not None and name in self.loras:
+            self.loras[name].add_to(y, x, lora)
+        return y
 
     def weight_slots(self, block: str, use: int) -> dict[str, ShardSlot]:
         slots = self.gate_up.weight_slots(f"{block}.feed_forward.gate_up_proj_adapter_list.{use}")
@@ -89,10 +120,11 @@ class SharedBlock(nn.Module):
         self.act = _ACTS[cfg.options.hidden_act]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, emb: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None, adapters: UseAdapters) -> torch.Tensor:
+                meta: AttentionMetadata, cos_sin_cache: torch.Tensor | None, adapters: UseAdapters,
+                lora: LoraMeta | None = None) -> torch.Tensor:
         t = x.shape[0]
         h, _ = self.input_layernorm(torch.cat([x, emb], dim=-1))
-        qkv = self.qkv_proj(h)
+        qkv = adapters.add_lora("qkv_proj", self.qkv_proj(h), h, lora)
         if adapters.qkv is not None:
             qkv = qkv + torch.cat([a(h) for a in adapters.qkv], dim=-1)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -101,10 +133,12 @@ class SharedBlock(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         if cos_sin_cache is not None:
             q, k = apply_rotary(positions, q, k, cos_sin_cache)
-        out = paged_attention_layer(q, k, v, cache, meta, self.scale)
-        a, _ = self.pre_ff_layernorm(self.o_proj(out.reshape(t, self.q_size)))
-        gate, up = (self.gate_up_proj(a) + adapters.gate_up(a)).split([self.intermediate, self.intermediate], -1)
-        return self.down_proj(self.act(gate) * up)
+        out = paged_attention_layer(q, k, v, cache, meta, self.scale).reshape(t, self.q_size)
+        a, _ = self.pre_ff_layernorm(adapters.add_lora("o_proj", self.o_proj(out), out, lora))
+        gate_up = adapters.add_lora("gate_up_proj", self.gate_up_proj(a), a, lora) + adapters.gate_up(a)
+        gate, up = gate_up.split([self.intermediate, self.intermediate], -1)
+        m = self.act(gate) * up
+        return adapters.add_lora("down_proj", self.down_proj(m), m, lora)
 
     def quantize_fp8_(self) -> None:
         for lin in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
@@ -136,15 +170,32 @@ class Zamba2Layer(nn.Module):
         self.use = use
         self.adapters = UseAdapters(cfg, dtype, device) if use is not None else None
         self.linear = Linear(cfg.hidden_size, cfg.hidden_size, False, dtype, device) if use is not None else None
+        self.linear_lora: LoraStack | None = None  # enable_lora, on a hybrid layer
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, emb: torch.Tensor, block: SharedBlock | None,
                 cache: torch.Tensor | None, meta: AttentionMetadata,
-                cos_sin_cache: torch.Tensor | None) -> torch.Tensor:
+                cos_sin_cache: torch.Tensor | None, lora: LoraMeta | None = None) -> torch.Tensor:
         h = x
         if block is not None:
-            h = x + self.linear(block(positions, x, emb, cache, meta, cos_sin_cache, self.adapters))
+            t = block(positions, x, emb, cache, meta, cos_sin_cache, self.adapters, lora)
+            t2 = self.linear(t)
+            if lora is not None and self.linear_lora is not None:
+                self.linear_lora.add_to(t2, t, lora)
+            h = x + t2
         h, _ = self.input_layernorm(h)
-        return x + self.mamba(positions, h, None, meta)
+        return x + self.mamba(positions, h, None, meta, lora=lora)
+
+    def enable_lora(self, block: SharedBlock | None, num_slots: int,
+                    max_rank: int) -> dict[str, tuple[LoraStack, int]]:
+        """LoRA stacks on the Mamba-2 mixer and, on a hybrid layer, on its use
+        of ``block`` and its ``linear``; PEFT's module name -> (stack, slice)."""
+        out = self.mamba.enable_lora(num_slots, max_rank)
+        if block is not None:
+            dtype, h = self.mamba.dtype, self.linear.in_features
+            self.linear_lora = LoraStack(h, (h,), num_slots, max_rank, dtype, self.linear.weight.device)
+            out["linear"] = (self.linear_lora, 0)
+            out.update(self.adapters.enable_lora(block, num_slots, max_rank, dtype))
+        return out
 
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
         inner = prefix if self.use is None else f"{prefix}.mamba_decoder"
@@ -158,6 +209,8 @@ class Zamba2Layer(nn.Module):
 class Zamba2CausalLM(HybridCausalLM):
     """The layers (hybrid ones numbered by use), the shared blocks, and the
     forward that hands each layer the embeddings and its use's block."""
+
+    takes_lora = True  # checked against PEFT (tests/unit/test_lora_engine.py)
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         self._uses: list[int] = []  # the hybrid layers, in order
@@ -178,6 +231,15 @@ class Zamba2CausalLM(HybridCausalLM):
     def state_mixer(self, index: int) -> nn.Module:
         return self.layers[index].mamba
 
+    def block_of(self, layer: Zamba2Layer) -> SharedBlock | None:
+        """The shared block a hybrid layer uses; None for a Mamba-2 layer."""
+        return None if layer.use is None else self.blocks[layer.use % len(self.blocks)]
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
+        """As ``CausalLM.enable_lora``, each hybrid layer's stacks on its use of its shared block."""
+        return {(i, name): target for i, layer in enumerate(self.layers)
+                for name, target in layer.enable_lora(self.block_of(layer), num_slots, max_rank).items()}
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, on_layer_done=None, lora=None) -> torch.Tensor:
         if kv_cache.shape[0] != len(self._uses):
@@ -187,10 +249,9 @@ class Zamba2CausalLM(HybridCausalLM):
         rope = self.cos_sin_cache if self.cfg.options.zamba2.rope else None
         for layer in self.layers:
             if layer.use is None:
-                x = layer(positions, x, emb, None, None, meta, None)
+                x = layer(positions, x, emb, None, None, meta, None, lora)
                 continue
-            block = self.blocks[layer.use % len(self.blocks)]
-            x = layer(positions, x, emb, block, kv_cache[layer.use], meta, rope)
+            x = layer(positions, x, emb, self.block_of(layer), kv_cache[layer.use], meta, rope, lora)
             if on_layer_done is not None:
                 on_layer_done(layer.use)  # cache layer ``use`` is complete
         x, _ = self.norm(x)

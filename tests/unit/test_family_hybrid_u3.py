@@ -112,33 +112,64 @@ def test_bamba_refusals(extra, match):
         ModelConfig.from_hf(raw(BAMBA, **{"attn_layer_indices": [1], **extra}))
 
 
-def test_bamba_lora_on_its_mixers_attention_and_mlps_only():
-    from splitserve.engine.errors import AdapterError
+def lora_pair(name: str, d_in: int, d_out: int, root: str = "model") -> dict:
+    """The shapes of PEFT's lora_A / lora_B (rank 4) on ``<root>.layers.<name>``."""
+    return {f"base_model.model.{root}.layers.{name}.lora_A.weight": (4, d_in),
+            f"base_model.model.{root}.layers.{name}.lora_B.weight": (d_out, 4)}
+
+
+def lora_layout(model: ModelConfig, tensors: dict):
     from splitserve.engine.lora.adapter import parse_adapter_config
     from splitserve.engine.lora.layout import adapter_layout
 
-    model = ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1]))  # layer 0: Mamba-2
-    s, h = model.options.mamba2, model.hidden_size
     cfg = parse_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    return adapter_layout(cfg, tensors, model, 8)
 
-    def pair(name: str, d_in: int, d_out: int) -> dict:
-        return {f"base_model.model.model.layers.{name}.lora_A.weight": (4, d_in),
-                f"base_model.model.model.layers.{name}.lora_B.weight": (d_out, 4)}
 
-    in_rows = s.inner + s.conv_dim + s.num_heads
-    ok = {**pair("0.mamba.in_proj", h, in_rows), **pair("0.mamba.out_proj", s.inner, h),
-          **pair("1.self_attn.q_proj", h, 4 * model.head_dim), **pair("0.feed_forward.up_proj", h, 128)}
-    assert sorted(adapter_layout(cfg, ok, model, 8).modules) == [
-        (0, "in_proj"), (0, "out_proj"), (0, "up_proj"), (1, "q_proj")]
-    for name, d_in, d_out, match in (("1.mamba.in_proj", h, in_rows, "attention layer, without a Mamba-2"),
-                                     ("0.self_attn.q_proj", h, 4 * model.head_dim, "without self_attn"),
-                                     ("0.mamba.x_proj", h, 8, "nor of Bamba's mamba")):
+def lora_refused(model: ModelConfig, cases) -> None:
+    """Each (name, in, out, message) pair is refused with the message."""
+    from splitserve.engine.errors import AdapterError
+
+    for name, d_in, d_out, match, *root in cases:
         with pytest.raises(AdapterError, match=match):
-            adapter_layout(cfg, pair(name, d_in, d_out), model, 8)
+            lora_layout(model, lora_pair(name, d_in, d_out, *root))
+
+
+def in_proj_rows(model: ModelConfig) -> int:
+    s = model.options.mamba2
+    return s.inner + s.conv_dim + s.num_heads
+
+
+def test_granite_h_lora_on_attention_mixers_and_shared_mlp():
+    model = ModelConfig.from_hf(raw(GRANITE_H, layer_types=["mamba", "attention"]))  # with experts
+    s, h, i, rows = model.options.mamba2, model.hidden_size, model.intermediate_size, in_proj_rows(model)
+    ok = {**lora_pair("0.mamba.in_proj", h, rows), **lora_pair("0.mamba.out_proj", s.inner, h),
+          **lora_pair("1.self_attn.q_proj", h, 4 * model.head_dim),
+          **lora_pair("0.shared_mlp.input_linear", h, 2 * i), **lora_pair("1.shared_mlp.output_linear", i, h)}
+    modules = lora_layout(model, ok).modules
+    assert sorted(modules) == [(0, "gate_proj"), (0, "in_proj"), (0, "out_proj"), (0, "up_proj"),
+                               (1, "down_proj"), (1, "q_proj")]
+    # the fused input_linear: one lora_B, its gate rows then its up rows
+    assert (modules[(0, "gate_proj")].b_rows, modules[(0, "up_proj")].b_rows) == ((0, i), (i, i))
+    assert modules[(1, "down_proj")].b_rows == (0, 0)
+    lora_refused(model, (("1.mamba.in_proj", h, rows, "attention layer, without a Mamba-2"),
+                         ("0.block_sparse_moe.router.layer", h, 8, "MoE experts"),
+                         ("0.shared_mlp.gate_proj", h, i, "no lora_A/lora_B weight")))
+
+
+def test_bamba_lora_on_its_mixers_attention_and_mlps_only():
+    model = ModelConfig.from_hf(raw(BAMBA, attn_layer_indices=[1]))  # layer 0: Mamba-2
+    s, h, in_rows = model.options.mamba2, model.hidden_size, in_proj_rows(model)
+    ok = {**lora_pair("0.mamba.in_proj", h, in_rows), **lora_pair("0.mamba.out_proj", s.inner, h),
+          **lora_pair("1.self_attn.q_proj", h, 4 * model.head_dim), **lora_pair("0.feed_forward.up_proj", h, 128)}
+    assert sorted(lora_layout(model, ok).modules) == [
+        (0, "in_proj"), (0, "out_proj"), (0, "up_proj"), (1, "q_proj")]
+    lora_refused(model, (("1.mamba.in_proj", h, in_rows, "attention layer, without a Mamba-2"),
+                         ("0.self_attn.q_proj", h, 4 * model.head_dim, "without self_attn"),
+                         ("0.mamba.x_proj", h, 8, "nor of a Mamba-2 hybrid's mamba")))
     # another family's MLP is not named feed_forward: refused by name
-    llama = ModelConfig.from_hf(raw("LlamaForCausalLM"))
-    with pytest.raises(AdapterError, match="no lora_A/lora_B weight"):
-        adapter_layout(cfg, pair("0.feed_forward.up_proj", h, 128), llama, 8)
+    lora_refused(ModelConfig.from_hf(raw("LlamaForCausalLM")),
+                 (("0.feed_forward.up_proj", h, 128, "no lora_A/lora_B weight"),))
 
 
 def test_bamba_tensor_parallel_is_refused():
@@ -208,6 +239,24 @@ def test_nemotron_h_moe_blocks():
 def test_nemotron_h_refusals(extra, match):
     with pytest.raises(CheckpointError, match=match):
         ModelConfig.from_hf(nemotron_h(**extra))
+
+
+def test_nemotron_h_lora_by_checkpoint_block():
+    model = ModelConfig.from_hf(nemotron_h(hybrid_override_pattern="M-*-ME"))  # layers (0, 1), (2, 3), (4, 5)
+    s, h, rows, q = model.options.mamba2, model.hidden_size, in_proj_rows(model), 4 * model.head_dim
+    # PEFT's block numbers, under transformers 5's model.layers or the older backbone.layers
+    ok = {**lora_pair("4.mixer.in_proj", h, rows), **lora_pair("2.mixer.q_proj", h, q),
+          **lora_pair("0.mixer.in_proj", h, rows, "backbone"), **lora_pair("3.mixer.down_proj", 128, h)}
+    assert sorted(lora_layout(model, ok).modules) == [(0, "in_proj"), (1, "down_proj"), (1, "q_proj"),
+                                                      (2, "in_proj")]
+    lora_refused(model, (("0.mixer.out_proj", s.inner, h, "PEFT applies no LoRA"),
+                         ("2.mixer.in_proj", h, rows, "block 2 is an attention block, whose LoRA targets are q_proj"),
+                         ("4.mixer.q_proj", h, q, "block 4 is a Mamba-2 block"),
+                         ("3.mixer.gate_proj", h, 128, "block 3 is an MLP block, whose LoRA targets are up_proj"),
+                         ("5.mixer.shared_experts.up_proj", h, 8, "block 5 is a mixture-of-experts block"),
+                         ("5.mixer.gate", h, 8, "block 5 is a mixture-of-experts block"),
+                         ("6.mixer.in_proj", h, rows, "it is for block 6; the model has 6 blocks"),
+                         ("0.mamba.in_proj", h, rows, "no lora_A/lora_B weight")))
 
 
 def test_nemotron_h_tensor_parallel_is_refused():

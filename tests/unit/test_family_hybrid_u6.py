@@ -1,7 +1,7 @@
 """config.json parsing of Falcon-H1 and Zamba2: the defaults transformers' config
 classes fill in (checked against them), the layout of layers that both attend and
-keep a state, what is refused with a clear CheckpointError (tensor parallelism and
-LoRA too), Falcon-H1's gated-norm variant served through LLMEngine against
+keep a state, what is refused with a clear CheckpointError (tensor parallelism
+too), Falcon-H1's and Zamba2's LoRA tensor names, Falcon-H1's gated-norm variant served through LLMEngine against
 transformers. The full parity set runs in test_hybrid_parity (variants falcon_h1,
 zamba2)."""
 
@@ -20,6 +20,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.unit.test_family_hybrid_u3 import in_proj_rows, lora_layout, lora_pair, lora_refused, raw
 from tests.unit.test_family_olmo3_exaone import hf_config
 
 ARCH = "FalconH1ForCausalLM"
@@ -86,12 +87,19 @@ def test_refusals_name_the_option(extra, match):
         ModelConfig.from_hf({"architectures": [ARCH], **extra})
 
 
-def test_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
+def test_tensor_parallelism_is_refused():
     with pytest.raises(TensorParallelConfigError, match="falcon_h1"):
         check(ModelConfig.from_hf({"architectures": [ARCH]}), 2)
-    path = str(tiny_checkpoints["falcon_h1"])
-    with pytest.raises(Exception, match="LoRA adapters are not supported"):
-        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
+
+
+def test_falcon_h1_lora_on_attention_mlp_and_in_proj():
+    model = ModelConfig.from_hf(raw(ARCH, num_hidden_layers=2))  # every layer attends and scans
+    s, h, i, rows = model.options.mamba2, model.hidden_size, model.intermediate_size, in_proj_rows(model)
+    ok = {**lora_pair("1.mamba.in_proj", h, rows), **lora_pair("1.self_attn.k_proj", h, 2 * model.head_dim),
+          **lora_pair("0.feed_forward.gate_proj", h, i)}
+    assert sorted(lora_layout(model, ok).modules) == [(0, "gate_proj"), (1, "in_proj"), (1, "k_proj")]
+    lora_refused(model, (("0.mamba.out_proj", s.inner, h, "PEFT applies no LoRA to FalconH1ForCausalLM's"),
+                         ("0.mlp.gate_proj", h, i, "no lora_A/lora_B weight")))
 
 
 def test_gated_norm_variant_matches_transformers(tiny_checkpoints):
@@ -152,12 +160,26 @@ def test_zamba2_refusals_name_the_option(extra, match):
         ModelConfig.from_hf({"architectures": [ZAMBA2], **extra})
 
 
-def test_zamba2_tensor_parallelism_and_lora_are_refused(tiny_checkpoints):
+def test_zamba2_tensor_parallelism_is_refused():
     with pytest.raises(TensorParallelConfigError, match="zamba2"):
         check(ModelConfig.from_hf({"architectures": [ZAMBA2]}), 2)
-    path = str(tiny_checkpoints["zamba2"])
-    with pytest.raises(Exception, match="LoRA adapters are not supported"):
-        LLMEngine(EngineConfig(model=path, num_blocks=32, block_size=4, max_loras=1))
+
+
+def test_zamba2_lora_per_layer_and_per_use_of_a_shared_block():
+    model = ModelConfig.from_hf(raw(ZAMBA2, layers_block_type=["hybrid", "mamba"], num_key_value_heads=4))
+    s, h, i, rows = model.options.mamba2, model.hidden_size, model.intermediate_size, in_proj_rows(model)
+    q = model.num_heads * model.head_dim
+    ok = {**lora_pair("0.mamba_decoder.mamba.in_proj", h, rows), **lora_pair("1.mamba.out_proj", s.inner, h),
+          **lora_pair("0.linear", h, h), **lora_pair("0.shared_transformer.self_attn.k_proj", 2 * h, q),
+          **lora_pair("0.shared_transformer.feed_forward.gate_up_proj", h, 2 * i)}
+    assert sorted(lora_layout(model, ok).modules) == [(0, "gate_up_proj"), (0, "in_proj"), (0, "k_proj"),
+                                                      (0, "linear"), (1, "out_proj")]
+    lora_refused(model, (
+        ("0.shared_transformer.self_attn.linear_q_adapter_list.0.0", 2 * h, 8, "own per-use adapters"),
+        ("1.linear", h, h, "layer 1 is a Mamba-2 layer, without a shared block or linear"),
+        ("0.mamba.in_proj", h, rows, "layer 0 is a hybrid layer, whose mixer is mamba_decoder.mamba"),
+        ("2.mamba.in_proj", h, rows, "it is for layer 2; the model has 2 layers"),
+        ("0.shared_transformer.feed_forward.up_proj", h, i, "no lora_A/lora_B weight")))
 
 
 def test_zamba2_tied_copies_of_a_shared_block_are_skipped(tiny_checkpoints, tmp_path):

@@ -209,7 +209,8 @@ def test_refusals(tiny_checkpoints, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot draft here"):
         engine(tiny_checkpoints["llama"], speculative=SpeculativeConfig(
             method="draft", draft_model=str(path), num_speculative_tokens=2))
-    # LoRA: Qwen3-Next, Qwen3.5 and OLMo Hybrid take adapters (tests/unit/test_lora_engine.py);
+    # LoRA: Qwen3-Next, Qwen3.5, OLMo Hybrid and the Mamba-2 hybrids take adapters
+    # (tests/unit/test_lora_engine.py);
     # the other hybrids refuse them, Kimi Linear's delta-rule layers included
     with pytest.raises(CheckpointError, match="not supported for KimiLinearForCausalLM .a hybrid"):
         engine(tiny_checkpoints["kimi_linear"], max_loras=1)

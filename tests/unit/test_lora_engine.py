@@ -10,7 +10,8 @@ cache never serves one adapter's blocks to another or to the base model,
 a KV hand-off carries its adapter to the decoding engine, the
 attention projections of an MoE model take LoRA, and so do the attention,
 dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
-hybrids.
+hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
+hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2).
 """
 
 from __future__ import annotations
@@ -187,22 +188,38 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
 # projections (PEFT writes MLP targets on this MoE model as expert parameters, which are
 # refused); Qwen3.5: every linear layer (its Gated DeltaNet's four input projections apart,
 # dense MLPs); Qwen3.5-MoE: attention and the Gated DeltaNet; OLMo Hybrid: every linear layer
-# (its Gated DeltaNet's q/k/v, g, b, a and o projections apart)
+# (its Gated DeltaNet's q/k/v, g, b, a and o projections apart). The Mamba-2 hybrids: Bamba and
+# Granite 4.0-H every linear layer (Granite's fused shared_mlp beside experts and without);
+# Falcon-H1 and Nemotron-H all but out_proj, which PEFT refuses on them (Nemotron-H's MLP blocks'
+# up/down, not its MoE blocks' shared experts of the same names); Zamba2 the Mamba-2 mixers,
+# each hybrid layer's linear and its own LoRA on its use of a shared block (its built-in
+# per-use adapters apart)
 HYBRID_TARGETS = {
     "bamba": "all-linear",
+    "granitemoehybrid": "all-linear",
+    "granitemoehybrid_dense": "all-linear",
+    "falcon_h1": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"),
+    "nemotron_h": r"model\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj|o_proj|in_proj|up_proj|down_proj)",
+    "zamba2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "linear", "in_proj",
+               "out_proj"),
     "olmo_hybrid": "all-linear",
     "qwen3_next": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"),
     "qwen3_5": "all-linear",
     "qwen3_5_moe": ("q_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                     "out_proj"),
 }
+MAMBA2_HYBRIDS = ("bamba", "granitemoehybrid", "granitemoehybrid_dense", "falcon_h1", "nemotron_h", "zamba2")
+# Zamba2 at alpha 8: its every-projection deltas leave even PEFT's float32 1e-3 from float64 on
+# 14-token prompts (wide dt through in_proj); alpha 2 keeps the reference well conditioned
+HYBRID_ALPHA = {"zamba2": 2}
 
 
 @pytest.mark.parametrize("variant", sorted(HYBRID_TARGETS))
 def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     # two adapters and the base model in one batch, through the recurrent layers' state slots
     base = tiny_checkpoints[variant]
-    paths = {"mixed": build_adapter(base, tmp_path / "mixed", seed=6, r=4, lora_alpha=8,
+    paths = {"mixed": build_adapter(base, tmp_path / "mixed", seed=6, r=4,
+                                    lora_alpha=HYBRID_ALPHA.get(variant, 8),
                                     target_modules=HYBRID_TARGETS[variant]),
              "attn": build_adapter(base, tmp_path / "attn", **ADAPTERS["attn"])}
     ps = prompts(hf_model(base).config.vocab_size, lengths=(5, 14))
@@ -216,7 +233,8 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj", "g_", "b_", "a_"))}
     mixers = {"qwen3_next": {"in_proj_qkvz", "in_proj_ba", "out_proj"},
               "olmo_hybrid": {"g_proj", "b_proj", "a_proj"},  # with q/k/v/o as attention's
-              "bamba": {"in_proj", "out_proj"}}
+              # (Falcon-H1's and Nemotron-H's out_proj stacks stay empty: PEFT adapts none there)
+              **dict.fromkeys(MAMBA2_HYBRIDS, {"in_proj", "out_proj"})}
     assert linear == mixers.get(variant, {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
