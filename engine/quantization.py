@@ -52,6 +52,7 @@ class Fp8Weight:
 
     groups: Groups
     scale_name: str
+    shape: tuple[int, ...] = ()  # the weight's, [out, in]
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def scan_fp8_weights(files: Iterable[Path], cfg: QuantizationConfig) -> Quantiza
         if scale is None:
             raise CheckpointError(f"fp8 tensor {name!r} has no scale ({base}weight_scale_inv or "
                                   f"{base}weight_scale)")
-        weights[name] = Fp8Weight(checkpoint_groups(name, shapes[name], shapes[scale], cfg), scale)
+        weights[name] = Fp8Weight(checkpoint_groups(name, shapes[name], shapes[scale], cfg), scale,
+                                  tuple(shapes[name]))
     if not weights:
         raise CheckpointError(f"quantization_config says {cfg.method}, but no tensor is stored in "
                               "float8_e4m3fn")

@@ -107,10 +107,11 @@ class TensorParallelRanks:
     @classmethod
     def start(cls, plan: ShardPlan, model: str, dtype: torch.dtype, kv_dtype: torch.dtype,
               device: torch.device, num_blocks: int, block_size: int,
-              num_state_slots: int = 0) -> "TensorParallelRanks":
+              num_state_slots: int = 0, weight_dtype: str = "auto") -> "TensorParallelRanks":
         """Spawn ranks 1..N-1 and join the groups with them (they load their
         shards from here on; ``wait_ready`` waits for that). ``num_state_slots``:
-        a hybrid model's recurrent-state slots on each rank."""
+        a hybrid model's recurrent-state slots on each rank; ``weight_dtype``
+        "fp8": each rank quantizes its shard's projections, as rank 0 does."""
         ctx = mp.get_context("spawn")
         store = open_store(STORE_TIMEOUT_S)
         prefix, secret = secrets.token_hex(16), secrets.token_bytes(32)
@@ -123,7 +124,8 @@ class TensorParallelRanks:
                 kv_dtype=str(kv_dtype).removeprefix("torch."), device=str(rank_device(device, r)),
                 num_blocks=num_blocks, block_size=block_size, store_port=store.port,
                 prefix=prefix, secret=secret, num_threads=torch.get_num_threads(),
-                parent_pid=os.getpid(), num_state_slots=num_state_slots)
+                parent_pid=os.getpid(), num_state_slots=num_state_slots,
+                weight_dtype=weight_dtype)
             p = ctx.Process(target=rank_main, args=(spec, theirs, kv_theirs),
                             name=f"splitserve-tp-rank{r}", daemon=True)
             p.start()
@@ -190,5 +192,6 @@ def start_ranks(cfg, checkpoint, dtype: torch.dtype,
     kv_dtype = kv_cache_dtype(cfg, dtype)
     num_blocks = num_kv_blocks(cfg, plan.local_config(), kv_dtype)
     ranks = TensorParallelRanks.start(plan, str(checkpoint.path), dtype, kv_dtype, device,
-                                      num_blocks, cfg.block_size, num_state_slots(cfg))
+                                      num_blocks, cfg.block_size, num_state_slots(cfg),
+                                      cfg.weight_dtype)
     return ranks, num_blocks

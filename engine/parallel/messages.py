@@ -29,6 +29,7 @@ class RankSpec:
     num_threads: int  # torch intra-op threads, as rank 0 runs with
     parent_pid: int  # the rank exits when this process is gone
     num_state_slots: int = 0  # a hybrid model's recurrent-state slots (as rank 0 holds)
+    weight_dtype: str = "auto"  # "fp8": quantize the shard's projections once loaded
 
 
 @dataclass(frozen=True)

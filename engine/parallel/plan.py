@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.parallel.scale_shards import check_fp8_split
 
 
 class TensorParallelConfigError(ValueError):
@@ -68,9 +69,7 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.position_table:
         problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
                         "(serve it at tensor_parallel_size 1)")
-    if cfg.quantization is not None:
-        problems.append("fp8 checkpoints are not split across ranks yet (serve them at "
-                        "tensor_parallel_size 1)")
+    problems += check_fp8_split(cfg, size)
     if problems:
         raise TensorParallelConfigError(
             f"{cfg.architecture} cannot run at tensor_parallel_size {size}: " + "; ".join(problems))

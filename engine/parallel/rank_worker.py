@@ -104,7 +104,8 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
         conn.send(RankJoining(spec.rank))
         store = connect_store(spec.store_port, STORE_TIMEOUT_S)
         group = TPGroup.join(plan, device, store, spec.prefix, spec.secret)
-        model = load_model(checkpoint, DTYPES[spec.dtype], device, tp=group)
+        model = load_model(checkpoint, DTYPES[spec.dtype], device, weight_dtype=spec.weight_dtype,
+                           tp=group)
         mc, local = plan.cfg, model.cfg
         cache = torch.zeros(mc.num_cache_layers, mc.kv_planes, spec.num_blocks, spec.block_size,
                             local.num_kv_heads, mc.head_dim, dtype=KV_DTYPES[spec.kv_dtype],

@@ -24,7 +24,8 @@ name in Hugging Face checkpoints:
   convolution's rows in three parts (the rank's q, k and v channels);
   out_proj row-parallel; the per-head output norm whole;
 - everything else (norms, q/k norms, MoE routers, the shared expert's
-  gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank.
+  gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank;
+- an fp8 checkpoint's scales follow their weights (``scale_shards``).
 A slot whose shape does not match the narrowed tensor fails the load with
 the tensor's name, as an unsharded load would.
 """
@@ -36,8 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.layers import ShardSlot
+from splitserve.engine.models.layers import ScaleSlot, ShardSlot
 from splitserve.engine.parallel.plan import ShardPlan
+from splitserve.engine.parallel.scale_shards import scale_part, weight_of_scale
 
 COLUMN = frozenset({"q_proj", "gate_proj", "up_proj", "w1", "w3", "q_b_proj", "kv_b_proj"})
 KV = frozenset({"k_proj", "v_proj"})
@@ -121,7 +123,10 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
     its rank's part of the full checkpoint tensor."""
     out: dict[str, object] = {}
     head_dim = plan.cfg.head_dim
+    scales = {n: s for n, s in slots.items() if isinstance(s, ScaleSlot)}
     for name, slot in slots.items():
+        if name in scales:
+            continue
         parts = name.split(".")
         module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", name)
         rows = slot.target.shape[0]
@@ -147,4 +152,9 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
             out[name] = RankSlice(slot, 1, plan.rank * cols, cols)
         else:
             out[name] = slot
+    for name, slot in scales.items():
+        weight = weight_of_scale(name)
+        if weight not in out:
+            raise CheckpointError(f"tensor {name!r} is an fp8 scale of no weight this model loads")
+        out[name] = scale_part(name, slot, out[weight])
     return out

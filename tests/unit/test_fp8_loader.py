@@ -135,8 +135,8 @@ def edit_weights(path: Path, fn) -> None:
 
 def test_scales_land_where_their_rows_are(fp8_block32: Path, tiny_checkpoints):
     ck = load_checkpoint(fp8_block32)
-    assert ck.model_config.quantization.weights[f"{Q_PROJ}.weight"] == Fp8Weight((32, 32),
-                                                                                 f"{Q_PROJ}.weight_scale_inv")
+    assert ck.model_config.quantization.weights[f"{Q_PROJ}.weight"] == Fp8Weight(
+        (32, 32), f"{Q_PROJ}.weight_scale_inv", (64, 64))
     model = load_model(ck, torch.float32)
     attn = model.layers[0].self_attn
     assert attn.qkv_proj.fp8_groups == (32, 32)  # q 64 / k 32 / v 32 rows: blocks kept

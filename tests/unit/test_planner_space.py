@@ -41,10 +41,7 @@ def brute_force(space: SpaceSpec, counts: list[int]) -> tuple[int, int]:
         for pool, e, _, _, _ in itertools.product(pools, range(len(grid)), chunks, routers,
                                                   space.autoscaling):
             total += 1
-            split = any(tp > 1 for _, tp, _ in pool)
-            fp8 = space.weight_dtypes[grid.wd[e]] == "fp8"
-            if (grid.deployable[e] and all(tp in sup["tensor_parallel"] for _, tp, _ in pool)
-                    and not (fp8 and split)):  # fp8 weights deploy unsplit only
+            if grid.deployable[e] and all(tp in sup["tensor_parallel"] for _, tp, _ in pool):
                 dep += 1
     return dep, total
 

@@ -58,13 +58,6 @@ def tp_splits(shape, tp: int) -> bool:
                 and (kv % tp == 0 or tp % kv == 0) and (tp == 1 or states_split))
 
 
-def fp8_index(space: "SpaceSpec") -> int:
-    """The index of fp8 in ``space.weight_dtypes`` (-1 when absent): fp8 weights
-    deploy at tensor-parallel degree 1 only (ServedModel refuses fp8 weights
-    split across ranks)."""
-    return space.weight_dtypes.index("fp8") if "fp8" in space.weight_dtypes else -1
-
-
 @dataclass(frozen=True)
 class SpaceSpec:
     layouts: tuple[str, ...] = ("colocated", "disaggregated")
@@ -166,7 +159,6 @@ def space_size(space: SpaceSpec, counts: list[int]) -> dict:
     out = {"deployable": 0, "modelled_only": 0}
     n_auto = len(space.autoscaling)
     e_dep = int(grid.deployable.sum())
-    e_dep_split = int((grid.deployable & (grid.wd != fp8_index(space))).sum())
     e_all = len(grid)
     # prefill pools read neither max_num_seqs nor speculative decoding: no combinations
     # from them there; their chunk size is their own
@@ -195,9 +187,7 @@ def space_size(space: SpaceSpec, counts: list[int]) -> dict:
                             pools += cap_p * cap_d
             per_pool = 1 if layout == "colocated" else n_chunk
             total = pools * e_all * per_pool * n_router * n_auto
-            split = tp_d > 1 or (layout != "colocated" and tp_p > 1)
-            dep = pools * (e_dep_split if split else e_dep) * per_pool * n_router * n_auto \
-                if dep_tp else 0
+            dep = pools * e_dep * per_pool * n_router * n_auto if dep_tp else 0
             out["deployable"] += dep
             out["modelled_only"] += total - dep
     out["total"] = out["deployable"] + out["modelled_only"]

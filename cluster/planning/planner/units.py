@@ -14,7 +14,7 @@ from splitserve.cluster.planning.kv_room import (MIN_BLOCKS, kv_blocks, rank_kv_
                                                   state_reserve_bytes)
 from splitserve.cluster.planning.planner.candidates import col
 from splitserve.cluster.planning.planner.devices import Device, FormCache
-from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, fp8_index, tp_splits
+from splitserve.cluster.planning.planner.space import EngineGrid, SpaceSpec, tp_splits
 from splitserve.cluster.planning.shapes import ModelShape
 from splitserve.cluster.planning.sim.speculation import DRAFT_COST_RATIO
 
@@ -170,7 +170,6 @@ def build_units(devices: list[Device], space: SpaceSpec, grid: EngineGrid, rows:
         price[sel] = d.price * key[1]
         cap[sel] = min(space.max_replicas, d.count // key[1])
     dep = grid.deployable[e] & np.isin(tp, [t for t in tp_support if tp_splits(shape, t)])
-    dep &= (tp == 1) | (grid.wd[e] != fp8_index(space))  # fp8 weights are not split (yet)
     return Units(dev=dev, tp=tp, e=e,
                  forms=Forms(fc[:, :, 0], fc[:, :, 1], fc[:, :, 2], fc[:, :, 3], fc[:, :, 4], oh,
                              comp, unread, expert_pass),
