@@ -170,13 +170,13 @@ class ProfileDB:
             "num_kv_heads, head_dim, vocab_size, num_experts, experts_per_token, "
             "tie_word_embeddings, num_params, created_at, num_cache_layers, params_total, "
             "params_active, max_position, state_elems, state_elems_fp32, kv_planes, state_heads, "
-            "params_routed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "params_routed, fp8_weights) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (shape.key, shape.name, shape.num_layers, shape.hidden_size, shape.intermediate_size,
              shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.vocab_size,
              shape.num_experts, shape.experts_per_token, int(shape.tie_word_embeddings),
              shape.num_params, time.time(), shape.num_cache_layers, *counted,
              shape.state_elems, shape.state_elems_fp32, shape.kv_planes, shape.state_heads,
-             shape.params_routed))
+             shape.params_routed, int(shape.fp8_weights)))
         self.conn.commit()
         return cur.lastrowid
 
@@ -192,7 +192,8 @@ class ProfileDB:
                           row["experts_per_token"], bool(row["tie_word_embeddings"]),
                           row["num_cache_layers"], row["params_total"], row["params_active"],
                           row["state_elems"], row["state_elems_fp32"], row["max_position"],
-                          row["kv_planes"], row["state_heads"], row["params_routed"])
+                          row["kv_planes"], row["state_heads"], row["params_routed"],
+                          bool(row["fp8_weights"]))
 
     def put_settings(self, s: EngineSettings) -> int:
         row = self.conn.execute("SELECT id FROM engine_settings WHERE key = ?", (s.key,)).fetchone()

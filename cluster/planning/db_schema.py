@@ -6,7 +6,7 @@ of it is ``CREATE ... IF NOT EXISTS``, which is also how an older file is
 migrated (version 1 lacked the ``speculation`` table); columns added since
 (``ADDED_COLUMNS``: version 3's ``models.num_cache_layers``, version 4's
 parameter counts, recurrent state sizes, context length and K/V planes,
-version 5's ``models.state_heads``, version 6's ``models.params_routed``) are added to an
+version 5's ``models.state_heads``, version 6's ``models.params_routed`` and ``fp8_weights``) are added to an
 older file's tables by ``migrate_columns``. ``SAME_SHAPE`` with
 ``shape_args`` matches a model by key, name or structure; ``BEST`` orders
 rows best first. docs/planning.md shows the schema as tables.
@@ -25,7 +25,8 @@ ADDED_COLUMNS = {"models": {"num_cache_layers": _ZERO,  # version 3
                             "params_total": _ZERO, "params_active": _ZERO, "state_elems": _ZERO,
                             "state_elems_fp32": _ZERO, "max_position": _ZERO, "kv_planes": _ZERO,
                             "state_heads": _ZERO,  # version 5 (0: recurrent layers not split)
-                            "params_routed": _ZERO}}  # version 6 (0: not counted)
+                            "params_routed": _ZERO,  # version 6 (0: not counted)
+                            "fp8_weights": _ZERO}}  # version 6 (0: projections not in fp8)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hardware (
@@ -65,7 +66,8 @@ CREATE TABLE IF NOT EXISTS models (
     max_position INTEGER NOT NULL DEFAULT 0,     -- context length (0: unknown)
     kv_planes INTEGER NOT NULL DEFAULT 0,        -- K/V planes per cached layer: 1 for MLA (0: 2)
     state_heads INTEGER NOT NULL DEFAULT 0,      -- heads recurrent states split by across TP ranks (version 5)
-    params_routed INTEGER NOT NULL DEFAULT 0     -- the routed experts' weights (version 6; 0: not counted)
+    params_routed INTEGER NOT NULL DEFAULT 0,    -- the routed experts' weights (version 6; 0: not counted)
+    fp8_weights INTEGER NOT NULL DEFAULT 0       -- 1: an fp8 checkpoint (version 6)
 );
 CREATE TABLE IF NOT EXISTS engine_settings (
     id INTEGER PRIMARY KEY,

@@ -24,7 +24,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # describe, so the rows measured before they were counted keep matching
 KEYLESS = ("params_total", "params_active", "max_position", "state_heads", "params_routed")
 # fields added after the first keys were made: in the key only when set
-ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32", "kv_planes")
+ADDED_FIELDS = ("num_cache_layers", "state_elems", "state_elems_fp32", "kv_planes", "fp8_weights")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class ModelShape:
     # the routed experts' weights, all of them (param_count's ``routed``); 0: uncounted (see
     # ``routed_params``). A decode step of few tokens reads only the experts they choose
     params_routed: int = 0
+    # the checkpoint stores its projections in fp8 (HF fp8 or compressed-tensors float8): it
+    # is served in fp8 whatever weight_dtype says, at one byte per projection weight
+    fp8_weights: bool = False
 
     # -- parameter counts ---------------------------------------------------
     def _attn_params(self) -> int:
@@ -221,7 +224,7 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
         params_total=count.total, params_active=count.active_per_token,
         state_elems=state, state_elems_fp32=state_fp32, max_position=mc.max_position,
         kv_planes=mc.kv_planes if mc.kv_planes != 2 else 0, state_heads=state_heads(mc),
-        params_routed=count.routed)
+        params_routed=count.routed, fp8_weights=mc.quantization is not None)
 
 
 def state_heads(mc) -> int:

@@ -149,3 +149,42 @@ def test_the_estimate_reads_a_mixture_of_experts_as_the_step_model_does(tmp_path
             assert got == pytest.approx(model.step_s(q, a, n, n * ctx), rel=1e-9)
         skipped = model.step_s(0, 0, 1, 300) / dataclasses.replace(model, routed_s=0.0).step_s(0, 0, 1, 300)
         assert skipped < 0.45  # batch 1 reads 2 of 8 experts
+
+
+def test_an_fp8_checkpoint_is_planned_in_fp8(tmp_path):
+    # Llama-3.1-70B as an fp8 checkpoint: its 70 GB of weights fit one H200, which
+    # its bf16 twin's 141 GB do not; fp8 is the only weight dtype to search, with no
+    # quality cost against itself; the simulator times it in fp8 too
+    import dataclasses
+
+    from splitserve.cluster.config import ModelSpec
+    from splitserve.cluster.planning.planner.quality import quality_increases
+    from splitserve.cluster.planning.sim.options import engine_settings
+
+    db = ProfileDB(tmp_path / "p.db")
+    wl = synthetic_workload(1, parse_length_dist("64"), parse_length_dist("16"), sample=100,
+                            window=10)
+    space = SpaceSpec(max_num_seqs=(32,), max_num_batched_tokens=(512,), block_sizes=(16,),
+                      kv_dtypes=("auto",), tensor_parallel=(1, 2), speculative=("off",),
+                      policies=("cost",), local_prefill=(0,), autoscaling=("fixed",),
+                      max_replicas=2)
+    bf16 = PRESETS["llama-3.1-70b"]
+    fp8 = dataclasses.replace(bf16, fp8_weights=True)
+    assert fp8.key != bf16.key  # measured rows of one are not the other's
+    one_gpu_fits = {}
+    for shape in (bf16, fp8):
+        req = PlanRequest(shape, "big", None, wl, SLO(5.0, 1.0), [Offer("h200", 2)], space=space,
+                          max_ppl_increase=None)
+        p = Planner(req, db)
+        p.analytic()
+        assert req.space.weight_dtypes == (("fp8",) if shape.fp8_weights else ("bfloat16", "fp8"))
+        u = p.tables["colocated"][0]
+        wd = np.array([req.space.weight_dtypes[w] for w in p.ctx.grid.wd])[u.e]
+        one_gpu_fits[shape.fp8_weights] = {d: bool(u.mem_ok[(u.tp == 1) & (wd == d)].all())
+                                           for d in set(wd)}
+    assert one_gpu_fits == {False: {"bfloat16": False, "fp8": True}, True: {"fp8": True}}
+    assert quality_increases(db, fp8, space) == {("fp8", "auto"): 0.0}
+    spec = ModelSpec(dtype="bfloat16")
+    assert engine_settings(spec, "cuda", 1, fp8_checkpoint=True).dtype == "fp8"
+    assert engine_settings(spec, "cuda", 1).dtype == "bfloat16"
+    assert engine_settings(ModelSpec(), "cpu", 1, fp8_checkpoint=True).dtype == "float32"

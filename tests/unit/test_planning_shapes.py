@@ -204,3 +204,19 @@ def test_the_simulator_reserves_and_ships_a_hybrids_states(tmp_path):
     state = QWEN3_NEXT.state_bytes_per_sequence("bfloat16")
     kv = QWEN3_NEXT.kv_bytes_per_token("bfloat16")
     assert sent and all(n > state and (n - state) % kv == 0 for n in sent)
+
+
+def test_an_fp8_checkpoints_shape_says_so_and_keeps_its_own_key(tiny_checkpoints, tmp_path):
+    from tests.fixtures.fp8_checkpoints import write_fp8_checkpoint
+
+    plain = shape_from_config_json(tiny_checkpoints["mixtral"])
+    fp8 = shape_from_config_json(write_fp8_checkpoint(tiny_checkpoints["mixtral"],
+                                                      tmp_path / "fp8", "fp8_block", block=8))
+    assert fp8.fp8_weights and not plain.fp8_weights
+    assert (fp8.params_total, fp8.params_active, fp8.params_routed) == (
+        plain.params_total, plain.params_active, plain.params_routed)
+    twin = dataclasses.replace(fp8, name=plain.name, fp8_weights=False)
+    assert fp8.key.split("@")[1] != plain.key.split("@")[1] and twin.key == plain.key
+    with ProfileDB(tmp_path / "p.db") as db:
+        db.put_model(plain), db.put_model(fp8)
+        assert db.model(fp8.key) == fp8 and db.model(plain.key) == plain

@@ -16,7 +16,8 @@ def quality_increases(db: ProfileDB, shape: ModelShape,
     reference (bf16 weights, KV in the weights' dtype), from the database's
     quality rows: a setting's row over the row of the same model, device and
     weight dtype with the reference KV. The reference itself is 0; a pair
-    without rows is missing (unknown)."""
+    without rows is missing (unknown). An fp8 checkpoint's reference is
+    itself: fp8 weights with the activations' KV."""
     rows = db.quality(shape.key) or db.quality(shape.name)
     by: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
@@ -46,6 +47,11 @@ def quality_increases(db: ProfileDB, shape: ModelShape,
         out[("fp8", "auto")] = float(np.mean(fp8_w))
         if ("bfloat16", "fp8") in out:
             out[("fp8", "fp8")] = out[("fp8", "auto")] + out[("bfloat16", "fp8")]
+    if shape.fp8_weights:  # an fp8 checkpoint: its own fp8 weights are the reference
+        own = {("fp8", "auto"): 0.0}
+        if ("bfloat16", "fp8") in out:
+            own[("fp8", "fp8")] = out[("bfloat16", "fp8")]
+        return own
     return out
 
 

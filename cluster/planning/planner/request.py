@@ -4,6 +4,7 @@ each simulated plan's outcome (``SimOutcome``) and the search's result
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from splitserve.cluster.planning.planner.emit import EmitContext, Plan
@@ -33,6 +34,11 @@ class PlanRequest:
     # the workload's kind for measured speculation acceptance (code-edit, free, a
     # dataset's name); None: the lowest measured (planning.acceptance.resolve)
     spec_workload: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape.fp8_weights and self.space.weight_dtypes != ("fp8",):
+            # an fp8 checkpoint serves in fp8 whatever the setting: one weight dtype to search
+            self.space = dataclasses.replace(self.space, weight_dtypes=("fp8",))
 
 
 @dataclass

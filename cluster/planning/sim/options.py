@@ -66,7 +66,8 @@ class SimOptions:
         return ASSUMED_ACCEPTANCE[method] if given is None else given
 
 
-def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettings:
+def engine_settings(mspec: ModelSpec, device: str, devices: int,
+                    fp8_checkpoint: bool = False) -> EngineSettings:
     """The speed-relevant settings of a replica of ``mspec`` on ``device``.
 
     fp8 weights (``weight_dtype: fp8``) make ``dtype`` "fp8": the step-time
@@ -75,8 +76,9 @@ def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettin
     (half of bf16's) and computes at the device's fp8 rate
     (``step_model.roofline``). The planner's estimate builds its settings
     here too (``planner.devices.engine_settings_for``), so both time fp8 by
-    this one rule. The KV cache keeps the activations' dtype unless it is
-    fp8 itself."""
+    this one rule. An fp8 checkpoint (``fp8_checkpoint``: ``ModelShape.
+    fp8_weights``) runs in fp8 on a GPU whatever ``weight_dtype`` says. The
+    KV cache keeps the activations' dtype unless it is fp8 itself."""
     if device == "cpu":
         from splitserve.kernels.dispatch import backend_for
         import torch
@@ -87,7 +89,7 @@ def engine_settings(mspec: ModelSpec, device: str, devices: int) -> EngineSettin
         backend = "triton"
         dtype = "bfloat16" if mspec.dtype == "auto" else mspec.dtype
     kv = "fp8" if mspec.kv_cache_dtype == "fp8" else dtype
-    if mspec.weight_dtype == "fp8":
+    if mspec.weight_dtype == "fp8" or (fp8_checkpoint and device != "cpu"):
         dtype = "fp8"
     return EngineSettings(dtype=dtype, kv_dtype=kv, block_size=mspec.block_size,
                           max_num_seqs=mspec.max_num_seqs,

@@ -116,7 +116,8 @@ class Simulation:
                     key = local_cpu_key(max(1, int(spec.num_cpus * tp)))
                 on_cpu = key.startswith("cpu:")
                 devices = devices_for(spec, not on_cpu, tp)
-                settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices)
+                settings = engine_settings(m, "cpu" if on_cpu else "cuda", devices,
+                                           shapes[m.name].fp8_weights)
                 layout = served.mode if role != "prefill" and opts.serving_overhead else None
                 try:
                     prof = profiles.device_profile(db, shapes[m.name], key, settings, layout)
