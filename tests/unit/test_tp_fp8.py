@@ -36,6 +36,9 @@ CASES = [
     ("qwen2", "fp8_tensor", {"static": True}),
     ("mixtral", "ct_channel", {}),  # experts' rows and columns with their channels' scales
     ("qwen3_moe", "fp8_block", {"block": 8}),
+    # DeepSeek-V3's shape of fp8 checkpoint: multi-head latent attention (q_b/kv_b rows by
+    # head, q_a/kv_a whole), a dense first layer, shared and routed experts
+    ("deepseek_v3", "fp8_block", {"block": 8}),
 ]
 
 
