@@ -416,6 +416,3 @@ class EngineConfig:
             raise ValueError(f"weight_dtype must be 'auto' or 'fp8', got {self.weight_dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.max_loras > 0:
-            raise ValueError("LoRA adapters (max_loras > 0) are not supported with "
-                             "tensor_parallel_size > 1 yet")

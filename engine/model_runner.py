@@ -100,6 +100,7 @@ class StepInputs:
     prompt_targets: list[int] = field(default_factory=list)
     prompt_owners: list[tuple[int, int]] = field(default_factory=list)  # (scheduled index, p)
     lora: LoraMeta | None = None  # each token's adapter slot; None: no token has one
+    lora_runs: list[tuple[int, int]] | None = None  # what ``lora`` was built from
     fresh_slots: list[int] = field(default_factory=list)  # recurrent states to zero first
     # (checkpoint slot, live slot): states of sequences resuming from a prefix hit, copied first
     restores: list[tuple[int, int]] = field(default_factory=list)
@@ -156,7 +157,7 @@ def step_command(inp: StepInputs, state_ops: list[tuple[str, int, int]]) -> Step
         logit_rows=inp.logit_rows.tolist(), prompt_rows=list(inp.prompt_rows),
         state_ops=list(state_ops), fresh_slots=list(inp.fresh_slots), restores=list(inp.restores),
         state_slots=None if m.state_slots is None else m.state_slots.tolist(),
-        query_lens=m.query_lens, keep_states=m.keep_states)
+        query_lens=m.query_lens, keep_states=m.keep_states, lora_runs=inp.lora_runs)
 
 # scheduled index -> [(prompt position p, logprobs of prompt token p + 1)]
 PromptLogprobs = dict[int, list[tuple[int, TokenLogprobs]]]
@@ -280,6 +281,7 @@ class ModelRunner:
             meta.state_slots = torch.tensor(state_slots, dtype=torch.int64, device=dev)
             meta.query_lens = tuple(s.num_new_tokens for s in scheduled)
             meta.keep_states = tuple(bool(s.spec_token_ids) for s in scheduled)
+        with_lora = bool(self.lora_slots) and any(slot >= 0 for slot, _ in lora_runs)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
@@ -289,8 +291,8 @@ class ModelRunner:
             prompt_rows=p_rows,
             prompt_targets=p_targets,
             prompt_owners=p_owners,
-            lora=lora_meta_runs(lora_runs, self.lora_slots, dev)
-            if self.lora_slots and any(slot >= 0 for slot, _ in lora_runs) else None,
+            lora=lora_meta_runs(lora_runs, self.lora_slots, dev) if with_lora else None,
+            lora_runs=lora_runs if with_lora else None,
             fresh_slots=fresh,
             restores=restores,
         )

@@ -255,10 +255,6 @@ class ServedModel(_Strict):
                 raise ValueError(
                     f"the {role.value} pool runs tensor_parallel_size {tp} with num_gpus {gpus}: "
                     "num_gpus counts per rank and must be 0 (CPU) or 1 (a GPU per rank)")
-            if tp > 1 and self.model.max_loras > 0:
-                raise ValueError(
-                    f"the {role.value} pool runs tensor_parallel_size {tp}: LoRA adapters "
-                    "(max_loras) are not split across ranks yet")
         return self
 
     def roles(self) -> tuple[Role, ...]:

@@ -21,18 +21,23 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.slots import SlotTable
 from splitserve.engine.lora.weights import AdapterWeights, load_adapter
+from splitserve.engine.parallel.lora_shards import shard_adapter
 
 if TYPE_CHECKING:
     from splitserve.engine.models.lora_layers import LoraStack
+    from splitserve.engine.parallel.launcher import TensorParallelRanks
     from splitserve.engine.sequence import Sequence
 
 
 class LoraManager:
     def __init__(self, model, model_cfg: ModelConfig, num_slots: int, max_rank: int,
-                 max_cpu: int, dtype: torch.dtype, live_keys: Callable[[], Iterable[str]]):
+                 max_cpu: int, dtype: torch.dtype, live_keys: Callable[[], Iterable[str]],
+                 tp: "TensorParallelRanks | None" = None):
         """``model``: a CausalLM, whose LoRA stacks this allocates;
         ``live_keys()``: the adapter keys that live requests name (never
-        evicted from host memory)."""
+        evicted from host memory); ``tp``: the replica's other ranks, when
+        ``model`` is rank 0's shard: each rank holds its part of every
+        adapter in a slot (``splitserve.engine.parallel.lora_shards``)."""
         self.model_cfg = model_cfg
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -44,11 +49,16 @@ class LoraManager:
         self.table = SlotTable(num_slots)
         self.host: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._live_keys = live_keys
+        self.tp = tp
 
     # -- host memory -----------------------------------------------------------------
     def read(self, ref: AdapterRef) -> AdapterWeights:
-        """``ref``'s weights from its files (any thread)."""
-        return load_adapter(ref, self.model_cfg, self.max_rank, self.dtype)
+        """``ref``'s weights from its files (any thread); refused here, at
+        registration, where they do not split across the replica's ranks."""
+        weights = load_adapter(ref, self.model_cfg, self.max_rank, self.dtype)
+        if self.tp is not None:
+            shard_adapter(weights.modules, self.tp.plan)
+        return weights
 
     def has(self, key: str) -> bool:
         return key in self.host
@@ -85,6 +95,8 @@ class LoraManager:
         if slot is not None:
             for stack in self.stacks:
                 stack.clear(slot)
+            if self.tp is not None:
+                self.tp.clear_adapter(slot)
 
     # -- device slots (the scheduler's gate) --------------------------------------------
     def try_acquire(self, seq: "Sequence") -> bool:
@@ -114,9 +126,13 @@ class LoraManager:
 
     @torch.no_grad()
     def _write(self, slot: int, weights: AdapterWeights) -> None:
+        modules = weights.modules
+        if self.tp is not None:  # every rank its part; this one, rank 0's
+            self.tp.write_adapter(slot, modules)
+            modules = shard_adapter(modules, self.tp.plan)
         for stack in self.stacks:
             stack.clear(slot)
-        for key, (a, b) in weights.modules.items():
+        for key, (a, b) in modules.items():
             stack, part = self.targets[key]
             stack.write(slot, part, a, b)
 

@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 from splitserve.engine.errors import EngineDeadError
 from splitserve.engine.parallel.group import TPGroup, open_store
 from splitserve.engine.parallel.kv import ShardedKV
-from splitserve.engine.parallel.messages import (RankFailed, RankJoining, RankReady, RankSpec,
-                                                 StepCommand, Stop)
+from splitserve.engine.parallel.lora_shards import shard_adapter
+from splitserve.engine.parallel.messages import (ClearAdapter, RankFailed, RankJoining, RankReady,
+                                                 RankSpec, StepCommand, Stop, WriteAdapter)
 from splitserve.engine.parallel.plan import ShardPlan
 from splitserve.engine.parallel.rank_worker import rank_main
 
@@ -107,11 +108,13 @@ class TensorParallelRanks:
     @classmethod
     def start(cls, plan: ShardPlan, model: str, dtype: torch.dtype, kv_dtype: torch.dtype,
               device: torch.device, num_blocks: int, block_size: int,
-              num_state_slots: int = 0, weight_dtype: str = "auto") -> "TensorParallelRanks":
+              num_state_slots: int = 0, weight_dtype: str = "auto", max_loras: int = 0,
+              max_lora_rank: int = 0) -> "TensorParallelRanks":
         """Spawn ranks 1..N-1 and join the groups with them (they load their
         shards from here on; ``wait_ready`` waits for that). ``num_state_slots``:
         a hybrid model's recurrent-state slots on each rank; ``weight_dtype``
-        "fp8": each rank quantizes its shard's projections, as rank 0 does."""
+        "fp8": each rank quantizes its shard's projections, as rank 0 does;
+        ``max_loras`` LoRA slots of ``max_lora_rank`` on each rank's shard."""
         ctx = mp.get_context("spawn")
         store = open_store(STORE_TIMEOUT_S)
         prefix, secret = secrets.token_hex(16), secrets.token_bytes(32)
@@ -125,7 +128,7 @@ class TensorParallelRanks:
                 num_blocks=num_blocks, block_size=block_size, store_port=store.port,
                 prefix=prefix, secret=secret, num_threads=torch.get_num_threads(),
                 parent_pid=os.getpid(), num_state_slots=num_state_slots,
-                weight_dtype=weight_dtype)
+                weight_dtype=weight_dtype, max_loras=max_loras, max_lora_rank=max_lora_rank)
             p = ctx.Process(target=rank_main, args=(spec, theirs, kv_theirs),
                             name=f"splitserve-tp-rank{r}", daemon=True)
             p.start()
@@ -157,13 +160,29 @@ class TensorParallelRanks:
 
     def send_step(self, cmd: StepCommand) -> None:
         """Hand the step to every other rank (they run it as rank 0 does)."""
-        for p, c in zip(self._procs, self._conns):
-            if not p.is_alive():
-                raise self.broken(RuntimeError(f"rank process {p.name} exited ({p.exitcode})"))
-            try:
-                c.send(cmd)
-            except (OSError, ValueError) as e:
-                raise self.broken(e) from e
+        for r in range(1, self.plan.size):
+            self._send(r, cmd)
+
+    def write_adapter(self, slot: int, modules: dict) -> None:
+        """Give every other rank its part of the adapter ``modules`` (the
+        whole model's (A, B) per (layer, projection)) for LoRA slot ``slot``;
+        they take it before the next step."""
+        for r in range(1, self.plan.size):
+            part = shard_adapter(modules, ShardPlan(self.plan.cfg, self.plan.size, r))
+            self._send(r, WriteAdapter(slot, part))
+
+    def clear_adapter(self, slot: int) -> None:
+        for r in range(1, self.plan.size):
+            self._send(r, ClearAdapter(slot))
+
+    def _send(self, rank: int, msg) -> None:
+        p, c = self._procs[rank - 1], self._conns[rank - 1]
+        if not p.is_alive():
+            raise self.broken(RuntimeError(f"rank process {p.name} exited ({p.exitcode})"))
+        try:
+            c.send(msg)
+        except (OSError, ValueError) as e:
+            raise self.broken(e) from e
 
     def broken(self, exc: BaseException) -> EngineDeadError:
         """A step failed part way: the ranks may be stuck in a collective, so
@@ -193,5 +212,5 @@ def start_ranks(cfg, checkpoint, dtype: torch.dtype,
     num_blocks = num_kv_blocks(cfg, plan.local_config(), kv_dtype)
     ranks = TensorParallelRanks.start(plan, str(checkpoint.path), dtype, kv_dtype, device,
                                       num_blocks, cfg.block_size, num_state_slots(cfg),
-                                      cfg.weight_dtype)
+                                      cfg.weight_dtype, cfg.max_loras, cfg.max_lora_rank)
     return ranks, num_blocks

@@ -30,6 +30,8 @@ class RankSpec:
     parent_pid: int  # the rank exits when this process is gone
     num_state_slots: int = 0  # a hybrid model's recurrent-state slots (as rank 0 holds)
     weight_dtype: str = "auto"  # "fp8": quantize the shard's projections once loaded
+    max_loras: int = 0  # LoRA slots on the shard's projections (as rank 0 holds)
+    max_lora_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,29 @@ class StepCommand:
     state_slots: list[int] | None = None  # AttentionMetadata's state fields, as rank 0's
     query_lens: tuple[int, ...] | None = None
     keep_states: tuple[bool, ...] | None = None
+    # (LoRA slot, tokens) per run of the flat batch (-1: no adapter); None: no token has one
+    lora_runs: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
 class Stop:
     """The replica is shutting down: leave the loop."""
+
+
+@dataclass(frozen=True)
+class WriteAdapter:
+    """Put this rank's part of an adapter in LoRA slot ``slot`` (cleared
+    first): (layer, projection) -> (A, B) (``lora_shards.shard_adapter``)."""
+
+    slot: int
+    modules: dict
+
+
+@dataclass(frozen=True)
+class ClearAdapter:
+    """Empty LoRA slot ``slot`` (its adapter was dropped)."""
+
+    slot: int
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ from splitserve.engine.config import DTYPES
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.parallel import kv
 from splitserve.engine.parallel.group import TPGroup, connect_store
-from splitserve.engine.parallel.messages import (RankFailed, RankJoining, RankReady, RankSpec,
-                                                 StepCommand, Stop)
+from splitserve.engine.parallel.messages import (ClearAdapter, RankFailed, RankJoining, RankReady,
+                                                 RankSpec, StepCommand, Stop, WriteAdapter)
 from splitserve.engine.parallel.plan import ShardPlan
 from splitserve.engine.state_cache import RecurrentState
+from splitserve.kernels.lora import lora_meta_runs
 
 log = logging.getLogger("splitserve.engine.parallel")
 STORE_TIMEOUT_S = 120.0
@@ -64,8 +65,29 @@ def prepare_states(state: RecurrentState, cmd: StepCommand) -> None:
         state.copy_slot(src, dst)
 
 
+class RankAdapters:
+    """This rank's LoRA stacks: its parts of the adapters rank 0 puts in slots."""
+
+    def __init__(self, model, num_slots: int, max_rank: int):
+        self.num_slots = num_slots
+        self.targets = model.enable_lora(num_slots, max_rank)
+        self.stacks = list({id(s): s for s, _ in self.targets.values()}.values())
+
+    @torch.no_grad()
+    def write(self, msg: WriteAdapter) -> None:
+        self.clear(msg.slot)
+        for key, (a, b) in msg.modules.items():
+            stack, part = self.targets[key]
+            stack.write(msg.slot, part, a, b)
+
+    def clear(self, slot: int) -> None:
+        for stack in self.stacks:
+            stack.clear(slot)
+
+
 def run_step(model, cache: torch.Tensor, cmd: StepCommand, device: torch.device,
-             prompt_slice: int, state: RecurrentState | None = None) -> None:
+             prompt_slice: int, state: RecurrentState | None = None,
+             adapters: RankAdapters | None = None) -> None:
     """The forward and LM-head calls of one step, as rank 0 runs them."""
     def t(x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype, device=device)
@@ -79,7 +101,10 @@ def run_step(model, cache: torch.Tensor, cmd: StepCommand, device: torch.device,
         prepare_states(state, cmd)
         meta.state_slots = t(cmd.state_slots)
         meta.query_lens, meta.keep_states = cmd.query_lens, cmd.keep_states
-    hidden = model(t(cmd.input_ids), t(cmd.positions), cache, meta)
+    kwargs = {}
+    if cmd.lora_runs is not None and adapters is not None:
+        kwargs["lora"] = lora_meta_runs(cmd.lora_runs, adapters.num_slots, device)
+    hidden = model(t(cmd.input_ids), t(cmd.positions), cache, meta, **kwargs)
     rows = t(cmd.prompt_rows)
     for a in range(0, len(cmd.prompt_rows), prompt_slice):
         model.compute_logits(hidden.index_select(0, rows[a:a + prompt_slice]))
@@ -106,6 +131,7 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
         group = TPGroup.join(plan, device, store, spec.prefix, spec.secret)
         model = load_model(checkpoint, DTYPES[spec.dtype], device, weight_dtype=spec.weight_dtype,
                            tp=group)
+        adapters = RankAdapters(model, spec.max_loras, spec.max_lora_rank) if spec.max_loras else None
         mc, local = plan.cfg, model.cfg
         cache = torch.zeros(mc.num_cache_layers, mc.kv_planes, spec.num_blocks, spec.block_size,
                             local.num_kv_heads, mc.head_dim, dtype=KV_DTYPES[spec.kv_dtype],
@@ -128,7 +154,12 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
                 return
             if isinstance(cmd, Stop):
                 return
-            run_step(model, cache, cmd, device, PROMPT_LOGPROB_ROWS, state)
+            if isinstance(cmd, WriteAdapter):
+                adapters.write(cmd)
+            elif isinstance(cmd, ClearAdapter):
+                adapters.clear(cmd.slot)
+            else:
+                run_step(model, cache, cmd, device, PROMPT_LOGPROB_ROWS, state, adapters)
     except BaseException:
         log.exception("tensor-parallel rank %d failed; it exits", spec.rank)
         os._exit(1)

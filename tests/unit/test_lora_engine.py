@@ -89,6 +89,29 @@ def test_mixed_batch_matches_peft(family):
     assert eng.kv.all_free()
 
 
+def test_tensor_parallel_ranks_hold_their_parts_of_each_adapter(family):
+    # TP 2: q/k/v and gate/up take A whole and their rows of B, o and down their columns
+    # of A and B whole (summed by the block's all-reduce); 4 adapters through 2 slots, so
+    # slots are rewritten on every rank between steps, and one adapter removed, its slot
+    # emptied on every rank; Qwen3's 2 KV heads split one per rank
+    base, paths, ps, want = family
+    eng = make(base, tensor_parallel_size=2)
+    try:
+        for n, p in paths.items():
+            eng.add_adapter(n, str(p))
+        jobs = [(n, i) for i in range(len(ps)) for n in [*ADAPTERS, None]]
+        got = eng.generate([ps[i] for _, i in jobs], GREEDY, adapters=[n for n, _ in jobs])
+        for (n, i), r in zip(jobs, got):
+            assert r.token_ids == want[n][i], (n, i)
+        assert eng.lora.table.loads > len(ADAPTERS)
+        assert eng.remove_adapter("mlp")
+        assert [r.token_ids for r in eng.generate(ps[:2], GREEDY, adapters=["all", None])] == [
+            want["all"][0], want[None][1]]
+        eng.kv.check_invariants()
+    finally:
+        eng.close()
+
+
 def test_one_slot_chunked_prefill_and_preemption(family):
     base, paths, ps, want = family
     eng = make(base, max_loras=1, max_num_batched_tokens=7, num_blocks=24, max_num_seqs=4)

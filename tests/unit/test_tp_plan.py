@@ -69,3 +69,33 @@ def test_each_rank_loads_its_rows_columns_and_bias_once():
     assert torch.equal(model.embed_tokens.data, full[5:])
     with pytest.raises(CheckpointError, match="model.layers.0.mlp.down_proj.weight"):
         down.load(f"{p}.mlp.down_proj.weight", torch.zeros(16, 20))  # 20 columns, not 24
+
+
+def test_adapters_split_by_rows_and_columns_and_refuse_what_does_not(tiny_checkpoints):
+    from splitserve.engine.loader import load_checkpoint
+    from splitserve.engine.lora.adapter import AdapterError
+    from splitserve.engine.parallel.lora_shards import lora_split_refusal, shard_adapter
+
+    cfg = load_checkpoint(tiny_checkpoints["qwen3"]).model_config  # 4 query heads, 2 KV heads
+    hd, h = cfg.head_dim, cfg.hidden_size
+    a_in, a_q = torch.randn(3, h), torch.randn(3, cfg.num_heads * hd)
+    mods = {(0, "q_proj"): (a_in, torch.randn(cfg.num_heads * hd, 3)),
+            (0, "k_proj"): (a_in, torch.randn(cfg.num_kv_heads * hd, 3)),
+            (0, "o_proj"): (a_q, torch.randn(h, 3)),
+            (1, "down_proj"): (torch.randn(3, cfg.intermediate_size), torch.randn(h, 3))}
+    for r in range(2):
+        part = shard_adapter(mods, ShardPlan(cfg, 2, r))
+        q_rows = cfg.num_heads * hd // 2
+        assert part[(0, "q_proj")][0] is a_in
+        assert torch.equal(part[(0, "q_proj")][1], mods[(0, "q_proj")][1][r * q_rows:(r + 1) * q_rows])
+        assert torch.equal(part[(0, "k_proj")][1], mods[(0, "k_proj")][1][r * hd:(r + 1) * hd])
+        assert torch.equal(part[(0, "o_proj")][0], a_q[:, r * q_rows:(r + 1) * q_rows])
+        assert part[(1, "down_proj")][1] is mods[(1, "down_proj")][1]
+    # 4 ranks over 2 KV heads: each head's rows on two ranks
+    assert torch.equal(shard_adapter(mods, ShardPlan(cfg, 4, 3))[(0, "k_proj")][1],
+                       mods[(0, "k_proj")][1][hd:2 * hd])
+    with pytest.raises(AdapterError, match="in_proj_qkvz is not split"):
+        shard_adapter({(0, "in_proj_qkvz"): (a_in, a_in.T)}, ShardPlan(cfg, 2, 0))
+    assert lora_split_refusal(ShardPlan(cfg, 2, 0)) == ""
+    hybrid = load_checkpoint(tiny_checkpoints["qwen3_next"]).model_config
+    assert "recurrent layers are not split" in lora_split_refusal(ShardPlan(hybrid, 2, 0))
