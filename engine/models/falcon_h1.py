@@ -76,6 +76,7 @@ class FalconH1DecoderLayer(DecoderLayer):
         mlp = FalconH1MLP(cfg, dtype, device, prefix=f"{prefix}.feed_forward")
         super().__init__(cfg, dtype, device, 0, mlp=mlp, mlp_name="feed_forward", prefix=prefix)
         self.mamba = Mamba2Mixer(cfg, dtype, device, state_index)
+        self.mamba.lora_projections = ("in_proj",)  # out_proj takes none (as PEFT refuses it)
         self.scales = cfg.options.falcon_h1
 
     def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,

@@ -91,6 +91,8 @@ class NemotronHCausalLM(HybridCausalLM):
         layout = cfg.options.hybrid
         mixer = (None if layout.layer_kinds[index] == ATTENTION
                  else Mamba2Mixer(cfg, dtype, device, layout.state_index(index)))
+        if mixer is not None:
+            mixer.lora_projections = ("in_proj",)  # out_proj takes none (as PEFT refuses it)
         prefix = f"model.layers.{index}"
         mlp = None
         if cfg.moe is not None and cfg.moe.sparse_layers[index]:

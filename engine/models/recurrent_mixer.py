@@ -43,6 +43,10 @@ class RecurrentMixer(nn.Module):
         for slot in next(iter(kept.values()), {}):
             self.state.keep(self.state_index, slot, {kind: by_slot[slot] for kind, by_slot in kept.items()})
 
+    # the projections that take LoRA where not all do (Falcon-H1's and Nemotron-H's
+    # out_proj: PEFT refuses it there, so no stack is spent on it); None: every one
+    lora_projections: tuple[str, ...] | None = None
+
     def projection_names(self) -> tuple[str, ...]:
         """Its ``Linear`` attributes, by their checkpoint names."""
         return ()
@@ -65,7 +69,7 @@ class RecurrentMixer(nn.Module):
         the model dtype (``dtype``, which mixers that take LoRA keep); the
         adapter's module name -> (its stack, its slice)."""
         targets = {}
-        for name in self.projection_names():
+        for name in self.lora_projections or self.projection_names():
             lin, parts = getattr(self, name), self.lora_parts(name)
             stack = LoraStack(lin.in_features, tuple(rows for _, rows in parts), num_slots, max_rank,
                               self.dtype, lin.weight.device)

@@ -256,8 +256,9 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj", "g_", "b_", "a_"))}
     mixers = {"qwen3_next": {"in_proj_qkvz", "in_proj_ba", "out_proj"},
               "olmo_hybrid": {"g_proj", "b_proj", "a_proj"},  # with q/k/v/o as attention's
-              # (Falcon-H1's and Nemotron-H's out_proj stacks stay empty: PEFT adapts none there)
-              **dict.fromkeys(MAMBA2_HYBRIDS, {"in_proj", "out_proj"})}
+              **dict.fromkeys(MAMBA2_HYBRIDS, {"in_proj", "out_proj"}),
+              # no out_proj stack where PEFT adapts none (Falcon-H1, Nemotron-H)
+              "falcon_h1": {"in_proj"}, "nemotron_h": {"in_proj"}}
     assert linear == mixers.get(variant, {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
