@@ -29,7 +29,6 @@ from splitserve.engine.model_runner import (ModelRunner, kv_cache_dtype, num_kv_
                                             num_live_state_slots, num_state_checkpoints, resolve_dtype)
 from splitserve.engine.outputs import CompletionResult, RequestOutput
 from splitserve.engine.parallel.launcher import start_ranks
-from splitserve.engine.parallel.lora_shards import lora_split_refusal
 from splitserve.engine.request_state import RequestState
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams, validate_request
@@ -76,8 +75,6 @@ class LLMEngine:
             # LoRA: slots allocated before the runner captures CUDA graphs over them
             self.lora: LoraManager | None = None
             if cfg.max_loras > 0:
-                if tp is not None and (why := lora_split_refusal(tp.plan)):
-                    raise CheckpointError(why)
                 self.lora = LoraManager(model, self.model_cfg, cfg.max_loras, cfg.max_lora_rank,
                                         cfg.max_cpu_loras or 4 * cfg.max_loras, self.dtype,
                                         self._live_adapter_keys, tp)

@@ -87,12 +87,10 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
 def check_tensor_parallel(cfg: ClusterConfig) -> None:
     """Raise ConfigError for a pool whose tensor_parallel_size its model's
     checkpoint cannot be split by (heads, intermediate sizes, fp8 scale
-    groups; LoRA adapters where ``max_loras`` is set), before any replica
-    is built."""
+    groups), before any replica is built."""
     from splitserve.cluster.serve.checkpoints import checkpoint_dir
     from splitserve.engine.loader import load_checkpoint
-    from splitserve.engine.parallel.lora_shards import lora_split_refusal
-    from splitserve.engine.parallel.plan import ShardPlan, TensorParallelConfigError, check
+    from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 
     for served in cfg.models:
         degrees = {role: served.engine_spec(role).tensor_parallel_size for role in served.roles()}
@@ -104,8 +102,6 @@ def check_tensor_parallel(cfg: ClusterConfig) -> None:
                 check(mc, tp)
             except TensorParallelConfigError as e:
                 raise ConfigError(f"model {served.model.name!r}, {role.value} pool: {e}") from None
-            if served.model.max_loras and tp > 1 and (why := lora_split_refusal(ShardPlan(mc, tp, 0))):
-                raise ConfigError(f"model {served.model.name!r}, {role.value} pool: {why}")
 
 
 def router_config(cfg: ClusterConfig) -> RouterConfig:

@@ -237,8 +237,11 @@ MAMBA2_HYBRIDS = ("bamba", "granitemoehybrid", "granitemoehybrid_dense", "falcon
 HYBRID_ALPHA = {"zamba2": 2}
 
 
-@pytest.mark.parametrize("variant", sorted(HYBRID_TARGETS))
-def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
+# and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
+# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...)
+@pytest.mark.parametrize("variant,tp", [(v, 1) for v in sorted(HYBRID_TARGETS)]
+                         + [("qwen3_next", 2), ("qwen3_5", 2)])
+def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, request, variant, tp):
     # two adapters and the base model in one batch, through the recurrent layers' state slots
     base = tiny_checkpoints[variant]
     paths = {"mixed": build_adapter(base, tmp_path / "mixed", seed=6, r=4,
@@ -250,7 +253,8 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     refs[None] = hf_model(base)
     want = {n: hf_greedy(m, ps, MAX_NEW) for n, m in refs.items()}
     assert want["mixed"] != want[None] and want["attn"] != want[None]
-    eng = make(base)
+    eng = make(base, tensor_parallel_size=tp)
+    request.addfinalizer(eng.close)
     for n, p in paths.items():
         eng.add_adapter(n, str(p))
     linear = {name for _, name in eng.lora.targets if name.startswith(("in_proj", "out_proj", "g_", "b_", "a_"))}

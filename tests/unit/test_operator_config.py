@@ -312,12 +312,9 @@ def test_pools_pick_their_own_tensor_parallel_degree_and_reserve_per_rank(tiny_c
     with pytest.raises(ConfigError, match="num_gpus counts per rank"):
         parse_config({"models": [{"model": {"tensor_parallel_size": 2},
                                   "decode": {"num_gpus": 0.5}}]})
-    # LoRA adapters split across ranks (attention, dense MLPs), not a hybrid's recurrent layers
+    # LoRA adapters split across ranks with their projections (max_loras is no refusal)
     lora = {"name": "m", "path": path, "tensor_parallel_size": 2, "max_loras": 2}
     check_tensor_parallel(parse_config({"models": [{"model": lora}]}))
-    hybrid = parse_config({"models": [{"model": {**lora, "path": str(tiny_checkpoints["qwen3_next"])}}]})
-    with pytest.raises(ConfigError, match="model 'm', prefill pool: .*recurrent layers are not split"):
-        check_tensor_parallel(hybrid)
 
 
 def test_speculative_settings_reach_decode_engines_only():

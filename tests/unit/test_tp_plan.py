@@ -74,7 +74,7 @@ def test_each_rank_loads_its_rows_columns_and_bias_once():
 def test_adapters_split_by_rows_and_columns_and_refuse_what_does_not(tiny_checkpoints):
     from splitserve.engine.loader import load_checkpoint
     from splitserve.engine.lora.adapter import AdapterError
-    from splitserve.engine.parallel.lora_shards import lora_split_refusal, shard_adapter
+    from splitserve.engine.parallel.lora_shards import shard_adapter
 
     cfg = load_checkpoint(tiny_checkpoints["qwen3"]).model_config  # 4 query heads, 2 KV heads
     hd, h = cfg.head_dim, cfg.hidden_size
@@ -94,8 +94,12 @@ def test_adapters_split_by_rows_and_columns_and_refuse_what_does_not(tiny_checkp
     # 4 ranks over 2 KV heads: each head's rows on two ranks
     assert torch.equal(shard_adapter(mods, ShardPlan(cfg, 4, 3))[(0, "k_proj")][1],
                        mods[(0, "k_proj")][1][hd:2 * hd])
-    with pytest.raises(AdapterError, match="in_proj_qkvz is not split"):
-        shard_adapter({(0, "in_proj_qkvz"): (a_in, a_in.T)}, ShardPlan(cfg, 2, 0))
-    assert lora_split_refusal(ShardPlan(cfg, 2, 0)) == ""
-    hybrid = load_checkpoint(tiny_checkpoints["qwen3_next"]).model_config
-    assert "recurrent layers are not split" in lora_split_refusal(ShardPlan(hybrid, 2, 0))
+    with pytest.raises(AdapterError, match="in_proj_qkv is not split"):  # no Gated DeltaNet here
+        shard_adapter({(0, "in_proj_qkv"): (a_in, a_in.T)}, ShardPlan(cfg, 2, 0))
+    # Qwen3.5's Gated DeltaNet: in_proj_qkv's rows in the rank's q, k and v channel runs
+    hybrid = load_checkpoint(tiny_checkpoints["qwen3_5"]).model_config
+    plan = ShardPlan(hybrid, 2, 1)
+    g = hybrid.options.gated_delta_net
+    b = torch.arange(float(2 * g.key_dim + g.value_dim))[:, None]
+    part = shard_adapter({(0, "in_proj_qkv"): (a_in, b)}, plan)[(0, "in_proj_qkv")][1]
+    assert part[:, 0].tolist() == [i for s, k in plan.gdn_channels() for i in range(s, s + k)]
