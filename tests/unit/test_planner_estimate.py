@@ -78,14 +78,23 @@ def test_more_replicas_never_estimate_slower(planner):
     assert np.all(ttft[:, :, 1:][both] <= ttft[:, :, :-1][both] * (1 + 1e-9))
 
 
+def one_setting_space(seqs=32, tensor_parallel=(1, 4), weight_dtypes=("bfloat16",)):
+    """A space of one engine setting (bf16 KV, no speculation, the cost router, fixed
+    replicas, at most 2), at the given batch cap, TP degrees and weight dtypes."""
+    return SpaceSpec(max_num_seqs=(seqs,), max_num_batched_tokens=(512,), block_sizes=(16,),
+                     kv_dtypes=("auto",), weight_dtypes=weight_dtypes,
+                     tensor_parallel=tensor_parallel, speculative=("off",), policies=("cost",),
+                     local_prefill=(0,), autoscaling=("fixed",), max_replicas=2)
+
+
+def short_workload(rate=1, prompt="64", output="16"):
+    return synthetic_workload(rate, parse_length_dist(prompt), parse_length_dist(output),
+                              sample=100, window=10)
+
+
 def test_memory_bound(tmp_path):
     db = ProfileDB(tmp_path / "p.db")
-    wl = synthetic_workload(1, parse_length_dist("64"), parse_length_dist("16"), sample=100,
-                            window=10)
-    space = SpaceSpec(max_num_seqs=(32,), max_num_batched_tokens=(512,), block_sizes=(16,),
-                      kv_dtypes=("auto",), weight_dtypes=("bfloat16",), tensor_parallel=(1, 4),
-                      speculative=("off",), policies=("cost",), local_prefill=(0,),
-                      autoscaling=("fixed",), max_replicas=2)
+    wl, space = short_workload(), one_setting_space()
     req = PlanRequest(PRESETS["llama-3.1-70b"], "big", None, wl, SLO(5.0, 1.0),
                       [Offer("l40s", 8)], space=space)
     p = Planner(req, db)
@@ -127,12 +136,7 @@ def test_the_estimate_reads_a_mixture_of_experts_as_the_step_model_does(tmp_path
     from splitserve.cluster.planning.planner.units import Forms
 
     db = ProfileDB(tmp_path / "p.db")
-    wl = synthetic_workload(2, parse_length_dist("256"), parse_length_dist("64"), sample=100,
-                            window=10)
-    space = SpaceSpec(max_num_seqs=(64,), max_num_batched_tokens=(512,), block_sizes=(16,),
-                      kv_dtypes=("auto",), weight_dtypes=("bfloat16",), tensor_parallel=(2, 4),
-                      speculative=("off",), policies=("cost",), local_prefill=(0,),
-                      autoscaling=("fixed",), max_replicas=2)
+    wl, space = short_workload(2, "256", "64"), one_setting_space(64, (2, 4))
     shape = PRESETS["mixtral-8x7b"]
     p = Planner(PlanRequest(shape, "moe", None, wl, SLO(5.0, 1.0), [Offer("h100-sxm", 8)],
                             space=space), db)
@@ -162,12 +166,7 @@ def test_an_fp8_checkpoint_is_planned_in_fp8(tmp_path):
     from splitserve.cluster.planning.sim.options import engine_settings
 
     db = ProfileDB(tmp_path / "p.db")
-    wl = synthetic_workload(1, parse_length_dist("64"), parse_length_dist("16"), sample=100,
-                            window=10)
-    space = SpaceSpec(max_num_seqs=(32,), max_num_batched_tokens=(512,), block_sizes=(16,),
-                      kv_dtypes=("auto",), tensor_parallel=(1, 2), speculative=("off",),
-                      policies=("cost",), local_prefill=(0,), autoscaling=("fixed",),
-                      max_replicas=2)
+    wl, space = short_workload(), one_setting_space(32, (1, 2), ("bfloat16", "fp8"))
     bf16 = PRESETS["llama-3.1-70b"]
     fp8 = dataclasses.replace(bf16, fp8_weights=True)
     assert fp8.key != bf16.key  # measured rows of one are not the other's

@@ -50,17 +50,24 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
         assert [r.acceptance for r in db.speculation(LLAMA.name, "ngram")] == [0.3]
 
 
+def older_file(path, shape, columns, version):
+    """A database file as ``version`` wrote it: ``shape`` stored, ``columns``
+    of the models table not there yet."""
+    with ProfileDB(path) as db:
+        db.put_model(shape)
+        for col in columns:
+            db.conn.execute(f"ALTER TABLE models DROP COLUMN {col}")
+        db.conn.execute(f"PRAGMA user_version = {version}")
+        db.conn.commit()
+    return path
+
+
 def test_a_version_2_file_gains_num_cache_layers_and_keeps_its_models(tmp_path):
     # version 2's models table had no num_cache_layers: opening the file adds it (0: every
     # layer), and a hybrid shape stored then reads back with its attention layers
     import dataclasses
 
-    path = tmp_path / "v2.db"
-    with ProfileDB(path) as db:
-        db.put_model(LLAMA)
-        db.conn.execute("ALTER TABLE models DROP COLUMN num_cache_layers")
-        db.conn.execute("PRAGMA user_version = 2")
-        db.conn.commit()
+    path = older_file(tmp_path / "v2.db", LLAMA, ["num_cache_layers"], 2)
     hybrid = dataclasses.replace(LLAMA, name="hybrid", num_cache_layers=LLAMA.num_layers // 4)
     with ProfileDB(path) as db:
         assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -79,13 +86,7 @@ def test_a_version_3_file_gains_counts_and_states_and_keeps_its_models(tmp_path)
     from splitserve.cluster.planning.db_schema import ADDED_COLUMNS
 
     v4 = [c for c in ADDED_COLUMNS["models"] if c != "num_cache_layers"]
-    path = tmp_path / "v3.db"
-    with ProfileDB(path) as db:
-        db.put_model(LLAMA)
-        for col in v4:
-            db.conn.execute(f"ALTER TABLE models DROP COLUMN {col}")
-        db.conn.execute("PRAGMA user_version = 3")
-        db.conn.commit()
+    path = older_file(tmp_path / "v3.db", LLAMA, v4, 3)
     counted = dataclasses.replace(LLAMA, params_total=8_030_261_248, params_active=7_504_924_672,
                                   max_position=131072)
     hybrid = PRESETS["qwen3-next-80b-a3b"]
@@ -109,12 +110,7 @@ def test_a_version_5_file_gains_the_routed_experts_count(tmp_path):
     import dataclasses
 
     hybrid = PRESETS["qwen3-next-80b-a3b"]
-    path = tmp_path / "v5.db"
-    with ProfileDB(path) as db:
-        db.put_model(hybrid)
-        db.conn.execute("ALTER TABLE models DROP COLUMN params_routed")
-        db.conn.execute("PRAGMA user_version = 5")
-        db.conn.commit()
+    path = older_file(tmp_path / "v5.db", hybrid, ["params_routed", "fp8_weights"], 5)
     with ProfileDB(path) as db:
         old = db.model(hybrid.key)
         assert old == dataclasses.replace(hybrid, params_routed=0) and old.routed_params == 0
