@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -166,3 +167,10 @@ def rank_main(spec: RankSpec, conn: Connection, kv_conn: Connection) -> None:
     finally:
         if group is not None:
             group.shutdown()
+        # leave without the interpreter's exit: torn down there, the collectives' threads
+        # aborted the process (SIGABRT, "terminate called without an active exception")
+        # in most stops; everything this rank holds goes with its process
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
