@@ -50,12 +50,15 @@ class LoraManager:
         self.host: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._live_keys = live_keys
         self.tp = tp
+        self.adapter_rows = getattr(model, "adapter_rows", lambda name, b: b)
 
     # -- host memory -----------------------------------------------------------------
     def read(self, ref: AdapterRef) -> AdapterWeights:
         """``ref``'s weights from its files (any thread); refused here, at
         registration, where they do not split across the replica's ranks."""
         weights = load_adapter(ref, self.model_cfg, self.max_rank, self.dtype)
+        weights = AdapterWeights(weights.ref, {  # in the row order the model holds its weights
+            key: (a, self.adapter_rows(key[1], b)) for key, (a, b) in weights.modules.items()})
         if self.tp is not None:
             shard_adapter(weights.modules, self.tp.plan)
         return weights

@@ -64,9 +64,6 @@ class CohereCausalLM(HeliumCausalLM):
     """Cohere (``CohereForCausalLM``): ``CohereDecoderLayer`` layers, q/k rows
     and per-head norm weights reordered at load, scaled logits."""
 
-    lora_refusal = ("LoRA adapters are not supported for Cohere checkpoints (its q/k rows are "
-                    "reordered at load; adapters' would need the same)")
-
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:
         return CohereDecoderLayer(self.cfg, dtype, device, window, prefix=f"model.layers.{index}")

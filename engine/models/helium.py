@@ -44,10 +44,11 @@ def deinterleave_heads(tensor: torch.Tensor, head_dim: int,
 
 
 class HeliumCausalLM(MappedCausalLM):
-    """Helium (``HeliumForCausalLM``): q/k rows reordered at load."""
+    """Helium (``HeliumForCausalLM``): q/k rows reordered at load (adapters' too)."""
 
-    lora_refusal = ("LoRA adapters are not supported for Helium checkpoints (its q/k rows are "
-                    "reordered at load; adapters' would need the same)")
+    def adapter_rows(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """q/k adapters' lora_B rows reordered as their weights' are at load."""
+        return deinterleave_heads(b, self.cfg.head_dim, self.reordered_dims()) if name in _ROTATED else b
 
     def reordered_dims(self) -> int | None:
         """How many of each q/k head's first dims rotate in pairs (None: all of them)."""

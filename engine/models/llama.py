@@ -142,6 +142,12 @@ class CausalLM(nn.Module):
         return {(i, name): target for i, layer in enumerate(self.layers)
                 for name, target in layer.enable_lora(num_slots, max_rank).items()}
 
+    def adapter_rows(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """An adapter's lora_B [out, r] for projection ``name`` in the row order
+        this model holds the projection's weight in: as stored, unless the
+        family reorders the weight's rows at load (``HeliumCausalLM``)."""
+        return b
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (tensor parallel: on rank 0, from
         every rank's vocabulary rows; None on the other ranks)."""

@@ -141,14 +141,15 @@ def test_tensor_parallel_is_refused(arch, name):
         check(ModelConfig.from_hf(raw(arch)), 2)
 
 
-def test_cohere2_moe_variant_layers_and_lora_refused(parity_models):
+def test_cohere2_moe_variant_layers(parity_models):
     model, _ = parity_models("cohere2_moe")
     assert model.cfg.options.nope_layers == (2,)  # layer 0 (dense, full) rotates: force_rope
     dense = model.layers[0].mlp
     assert not isinstance(dense, Cohere2MoeBlock) and dense.down_proj.in_features == 96
     assert all(isinstance(layer.mlp, Cohere2MoeBlock) for layer in model.layers[1:])
-    with pytest.raises(CheckpointError, match="LoRA"):
-        model.enable_lora(1, 4)
+    # LoRA on its attention (and dense first MLP), not its experts (test_lora_engine)
+    assert {name for _, name in model.enable_lora(1, 4)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_cohere2_moe_rms_norm_matches_transformers(tiny_checkpoints, tmp_path):

@@ -158,12 +158,6 @@ def test_tensor_parallel_splits_all_but_olmo3():
         check(ModelConfig.from_hf(raw("Olmo3ForCausalLM")), 2)
 
 
-def test_ernie4_5_lora_is_refused(tiny_checkpoints):
-    model = load_model(load_checkpoint(tiny_checkpoints["ernie4_5"]), torch.float32)
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for ERNIE 4.5"):
-        model.enable_lora(2, 4)
-
-
 def test_variants_exercise_their_differences(tiny_checkpoints):
     # HunYuan's norms after RoPE and OLMo 3's sliding-layer table change the logits
     # (else parity would not tell them apart from the Llama order / one table)

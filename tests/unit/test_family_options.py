@@ -11,7 +11,6 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.helium import deinterleave_heads
 from splitserve.engine.models.layers import LayerNorm
 from splitserve.engine.models.plain_blocks import ParallelDecoderLayer, PlainMLP
@@ -77,14 +76,11 @@ def test_helium_refuses_heads_not_spanning_hidden_size():
         ModelConfig.from_hf(raw("HeliumForCausalLM", head_dim=32))  # 4 x 32 != 64
 
 
-def test_helium_refuses_fp8_checkpoints_and_lora(tiny_checkpoints):
+def test_helium_refuses_fp8_checkpoints(tiny_checkpoints):
     quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
              "weight_block_size": [16, 16]}
     with pytest.raises(CheckpointError, match="fp8 HeliumForCausalLM checkpoints are not supported"):
         ModelConfig.from_hf(raw("HeliumForCausalLM", head_dim=16, quantization_config=quant))
-    model = load_model(load_checkpoint(tiny_checkpoints["helium"]), torch.float32)
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Helium"):
-        model.enable_lora(2, 4)
 
 
 def test_deinterleave_turns_pairwise_rotation_into_rotate_half():

@@ -174,8 +174,9 @@ def test_unknown_and_unservable_adapters(family, tmp_path):
         eng.add_request(None, prompt_token_ids=ps[0], params=GREEDY, adapter=moved)
 
 
-def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
-    base = tiny_checkpoints["qwen3_moe"]
+@pytest.mark.parametrize("variant", ["qwen3_moe", "cohere2_moe", "ernie4_5_moe"])
+def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path, variant):
+    base = tiny_checkpoints[variant]
     path = build_adapter(base, tmp_path / "moe-attn", seed=5, r=4,
                          target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     ps = prompts(hf_model(base).config.vocab_size, lengths=(3, 11, 20))
@@ -188,12 +189,15 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path):
     assert eng.kv.all_free()
 
 
-@pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3", "hyperclovax"])
+@pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3", "hyperclovax", "helium",
+                                     "cohere_qk_norm", "ernie4_5", "cohere2"])
 def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     # the same module names as Llama's; Granite (and HyperCLOVA X, after its post-norms)
     # scales the adapted blocks' outputs,
     # OLMo 2 and Gemma 3 norm them after the LoRA delta is added (Gemma 3 per head
-    # before RoPE too), SmolLM3 adapts its NoPE layer like the others
+    # before RoPE too), SmolLM3 adapts its NoPE layer like the others; Helium, Cohere (its
+    # attention and MLP in parallel, per-head q/k norms) and ERNIE 4.5 rotate adjacent pairs:
+    # their q/k weights' rows are reordered at load, and so are their adapters' lora_B rows
     base = tiny_checkpoints[variant]
     adapter = build_adapter(base, tmp_path / "all", **ADAPTERS["all"])
     ps = prompts(hf_model(base).config.vocab_size)
