@@ -92,10 +92,16 @@ class Llama4MoeBlock(SparseMoeBlock):
 
 class Llama4CausalLM(HeliumCausalLM, SmolLM3CausalLM):
     """Llama 4 (``Llama4ForCausalLM``, ``Llama4ForConditionalGeneration``'s text part):
-    q/k rows reordered (Helium's), NoPE layers (SmolLM3's), fused experts split at load."""
+    q/k rows reordered (Helium's, LoRA adapters' lora_B rows too), NoPE layers (SmolLM3's),
+    fused experts split at load."""
 
-    lora_refusal = ("LoRA adapters are not supported for Llama 4 checkpoints (its q/k rows are "
-                    "reordered at load for its interleaved RoPE; adapters' would need the same)")
+    @property
+    def lora_refusal(self) -> str:
+        if self.cfg.architecture == "Llama4ForConditionalGeneration":
+            return ("LoRA adapters are not supported for Llama4ForConditionalGeneration checkpoints "
+                    "(PEFT names the wrapper's modules); serve its text model as Llama4ForCausalLM "
+                    "for them")
+        return ""
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:

@@ -7,6 +7,8 @@ variant is in test_moe_parity."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from splitserve.engine.config import EngineConfig, ModelConfig
 from splitserve.engine.errors import CheckpointError, InvalidRequestError
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint, load_model
+from splitserve.engine.models import build_model
 from splitserve.engine.models.llama4 import Llama4Attention, Llama4MoeBlock
 from splitserve.engine.parallel.plan import check
 from splitserve.engine.sampling_params import SamplingParams
@@ -95,15 +98,18 @@ def test_unsupported_options_are_refused(extra, match):
         ModelConfig.from_hf(raw(**extra))
 
 
-def test_fp8_wrapped_checkpoint_and_lora_refused_tensor_parallel_allowed(parity_models):
+def test_fp8_wrapped_checkpoint_refused_tensor_parallel_allowed(parity_models):
     text = {k: v for k, v in raw().items() if k != "architectures"}
     with pytest.raises(CheckpointError, match="fp8 Llama 4 checkpoints"):
         ModelConfig.from_hf({"architectures": [WRAPPED], "text_config": text,
                              "quantization_config": {"quant_method": "fp8"}})
     model, _ = parity_models("llama4")
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Llama 4"):
-        model.enable_lora(2, 4)
     check(model.cfg, 2)
+    # LoRA on its attention (test_lora_engine), but not through the wrapper's module names
+    assert {name for _, name in model.enable_lora(1, 4)} >= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    wrapped = build_model(dataclasses.replace(model.cfg, architecture=WRAPPED), torch.float32, "meta")
+    with pytest.raises(CheckpointError, match="serve its text model as Llama4ForCausalLM"):
+        wrapped.enable_lora(2, 4)
 
 
 def test_context_is_capped_at_the_chunk_size(tiny_checkpoints, parity_models):

@@ -174,7 +174,7 @@ def test_unknown_and_unservable_adapters(family, tmp_path):
         eng.add_request(None, prompt_token_ids=ps[0], params=GREEDY, adapter=moved)
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "cohere2_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "cohere2_moe", "ernie4_5_moe", "llama4"])
 def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path, variant):
     base = tiny_checkpoints[variant]
     path = build_adapter(base, tmp_path / "moe-attn", seed=5, r=4,
