@@ -11,6 +11,7 @@ its engine's process (``rank_worker`` exits when it is gone).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
@@ -169,7 +170,9 @@ class TensorParallelRanks:
         they take it before the next step."""
         for r in range(1, self.plan.size):
             part = shard_adapter(modules, ShardPlan(self.plan.cfg, self.plan.size, r))
-            self._send(r, WriteAdapter(slot, part))
+            buf = io.BytesIO()
+            torch.save(part, buf)
+            self._send(r, WriteAdapter(slot, buf.getvalue()))
 
     def clear_adapter(self, slot: int) -> None:
         for r in range(1, self.plan.size):

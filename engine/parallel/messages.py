@@ -94,10 +94,12 @@ class Stop:
 @dataclass(frozen=True)
 class WriteAdapter:
     """Put this rank's part of an adapter in LoRA slot ``slot`` (cleared
-    first): (layer, projection) -> (A, B) (``lora_shards.shard_adapter``)."""
+    first): (layer, projection) -> (A, B) (``lora_shards.shard_adapter``),
+    as ``torch.save`` bytes: they travel inside the pipe's message, where
+    tensors would go through shared memory (small in many containers)."""
 
     slot: int
-    modules: dict
+    modules: bytes
 
 
 @dataclass(frozen=True)

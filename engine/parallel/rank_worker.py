@@ -17,6 +17,7 @@ engine stops).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -77,7 +78,8 @@ class RankAdapters:
     @torch.no_grad()
     def write(self, msg: WriteAdapter) -> None:
         self.clear(msg.slot)
-        for key, (a, b) in msg.modules.items():
+        modules = torch.load(io.BytesIO(msg.modules), weights_only=True)
+        for key, (a, b) in modules.items():
             stack, part = self.targets[key]
             stack.write(msg.slot, part, a, b)
 
