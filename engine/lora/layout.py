@@ -36,7 +36,7 @@ from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, Ad
                                             adapter_files, read_adapter_config)
 
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
-_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
+_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
                    r"\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -76,9 +76,9 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
     if place == "zamba2_block":
         return zamba2_block_shape(cfg, module)
-    if place == "plain_mlp":  # Nemotron-H's MLP blocks
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        return {"up_proj": (h, i), "down_proj": (i, h)}[module]
+    if place == "plain_mlp":  # the ungated MLP (FamilyOptions.plain_mlp: up, down), Nemotron-H's MLP blocks
+        (up, down), h, i = cfg.options.plain_mlp, cfg.hidden_size, cfg.intermediate_size
+        return {up: (h, i), down: (i, h)}[module]
     if place == "shared_mlp":  # Granite 4.0-H's fused dense MLP, in every layer
         h, i = cfg.hidden_size, cfg.intermediate_size
         return {"input_linear": (h, 2 * i), "output_linear": (i, h)}[module]
@@ -150,19 +150,53 @@ def _refusal(name: str) -> str:
             "a Mamba-2 hybrid's mamba in_proj/out_proj)")
 
 
-def _target(model: ModelConfig, m: re.Match) -> tuple[int, str] | str | None:
-    """(engine layer, place) of the tensor ``m`` names, where LoRA is served
-    on it: attention and MLP projections, a Gated DeltaNet layer's
-    ``linear_attn`` ones, the Mamba-2 hybrids' (``hybrid_layout``); a str:
-    why it is refused; None: no served name."""
+def _target(model: ModelConfig, m: re.Match) -> tuple[int, str, str] | str | None:
+    """(engine layer, place, projection) of the tensor ``m`` names, where LoRA
+    is served on it: attention and MLP projections (an ungated MLP's by its
+    own names, place ``plain_mlp``), a Gated DeltaNet layer's ``linear_attn``
+    ones, the Mamba-2 hybrids' (``hybrid_layout``); a str: why it is refused;
+    None: no served name."""
     root, layer, place, module = m.group(2), int(m.group(3)), m.group(4) or "", m.group(5)
     if model.family in MAMBA2_LORA:
-        return mamba2_target(model, root, layer, place, module)
-    if root != "model":
+        target = mamba2_target(model, root, layer, place, module)
+        return target + (module,) if isinstance(target, tuple) else target
+    if root == "gpt_neox" and model.family == "gpt_neox":
+        place = {"attention": "self_attn"}.get(place, place)
+    elif root != "model":
         return None
     if place == "linear_attn":
-        return (layer, place) if module in _LINEAR_ATTN else None
-    return (layer, place) if _PLACE.get(module) == place else None
+        return (layer, place, module) if module in _LINEAR_ATTN else None
+    if place == "self_attn":
+        return _attention_target(model, layer, module)
+    if place == "mlp" and model.options.plain_mlp:
+        return _plain_mlp_target(model, layer, module)
+    return (layer, place, module) if _PLACE.get(module) == place else None
+
+
+def _attention_target(model: ModelConfig, layer: int, module: str) -> tuple[int, str, str] | str | None:
+    """An attention projection's target; the output projection by the model's
+    own name for it (Phi's and GPT-NeoX's ``dense``) lands on ``o_proj``."""
+    out = model.options.o_proj_name
+    if model.family == "gpt_neox":
+        out = "dense"
+        if module == "query_key_value":
+            return ("GPT-NeoX's fused query_key_value (each head's q, k and v rows together) takes no "
+                    "LoRA; its attention dense and MLP projections do")
+    if module == out:
+        return layer, "self_attn", "o_proj"
+    if module == "o_proj" or _PLACE.get(module) != "self_attn":
+        return None
+    return layer, "self_attn", module
+
+
+def _plain_mlp_target(model: ModelConfig, layer: int, module: str) -> tuple[int, str, str] | str | None:
+    """A projection of the ungated MLP (``FamilyOptions.plain_mlp``), by its own name."""
+    if module in model.options.plain_mlp:
+        return layer, "plain_mlp", module
+    if _PLACE.get(module) == "mlp":
+        return (f"{model.architecture}'s MLP is ungated ({' / '.join(model.options.plain_mlp)}): it "
+                f"has no {module}; LoRA on those two projections is served")
+    return None
 
 
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
@@ -175,14 +209,10 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if not isinstance(target, tuple):
             raise AdapterError(f"{source}: tensor {name!r}: {target or _refusal(name)}",
                                param="target_modules")
-        (layer, place), path, module = target, m.group(1), m.group(5)
+        (layer, place, module), path = target, m.group(1)
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
-        if place == "mlp" and model.options.plain_mlp:
-            raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
-                               f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
-                               "attention projections do", param="target_modules")
         if lacks := layer_lacks(model, layer, place, module):
             raise AdapterError(f"{source}: tensor {name!r}: {lacks}; LoRA on a projection the "
                                "model lacks is refused", param="target_modules")

@@ -44,8 +44,10 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class PlainMLP(nn.Module):
     """``down(act(up(x)))`` with optional biases; checkpoint names from
     ``FamilyOptions.plain_mlp`` (StarCoder2 c_fc/c_proj, Phi fc1/fc2). Takes
-    LoRA adapters only where its layer calls ``enable_lora`` (Nemotron-H's MLP
-    blocks; ``DecoderLayer.enable_lora`` gives the attention's only)."""
+    LoRA adapters on up and down once its layer calls ``enable_lora``
+    (``DecoderLayer.enable_lora``, Nemotron-H's MLP blocks)."""
+
+    takes_lora = True  # DecoderLayer enables its stacks and passes it the tokens' slots
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, prefix: str):
         super().__init__()
