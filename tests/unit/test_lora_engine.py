@@ -244,6 +244,9 @@ PLAIN_MLP_TARGETS = {
     "starcoder2": "all-linear",
     "phi": "all-linear",
     "gpt_neox": ("dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "nemotron": "all-linear",
+    "arcee": "all-linear",
+    "jais2": "all-linear",
 }
 # the second adapter where the model has no q_proj / v_proj
 ATTN_TARGETS = {"gpt_neox": ("dense",)}
