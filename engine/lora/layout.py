@@ -8,10 +8,15 @@ with a 400 before any replica sees it. PEFT writes each projection's pair as
     base_model.model.model.layers.<i>.mlp.<gate|up|down>_proj.lora_B.weight   [out, r]
 
 Every tensor must be such a pair's half on a projection the model has: the
-attention projections of every attention layer, the MLP projections of dense
-layers (an MoE layer's experts and router take no LoRA, nor does the ungated
-MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
-layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
+attention projections of every attention layer (the output one by the
+family's own name where it has one, Phi's and GPT-NeoX's ``dense``), the MLP
+projections of dense layers (an MoE layer's experts and router take no
+LoRA), an ungated MLP's up and down by their names in
+``FamilyOptions.plain_mlp`` (StarCoder2's ``c_fc`` / ``c_proj``, Phi's
+``fc1`` / ``fc2``, GPT-NeoX's ``dense_h_to_4h`` / ``dense_4h_to_h`` under
+``gpt_neox.layers.<i>``, whose fused ``query_key_value`` takes none;
+Nemotron's, Arcee's, Jais 2's ``up_proj`` / ``down_proj``) and, in a hybrid
+model's Gated DeltaNet layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
 ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
@@ -146,8 +151,9 @@ def _refusal(name: str) -> str:
     if any(k in name for k in ("experts", "block_sparse_moe", ".gate.", "shared_expert")):
         return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
     return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
-            "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections, nor of "
-            "a Mamba-2 hybrid's mamba in_proj/out_proj)")
+            "model.layers.<i> (nor of an ungated MLP's up/down by its own names, nor of a Gated "
+            "DeltaNet layer's linear_attn projections, nor of a Mamba-2 hybrid's mamba "
+            "in_proj/out_proj)")
 
 
 def _target(model: ModelConfig, m: re.Match) -> tuple[int, str, str] | str | None:

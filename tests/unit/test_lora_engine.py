@@ -11,7 +11,9 @@ a KV hand-off carries its adapter to the decoding engine, the
 attention projections of an MoE model take LoRA, and so do the attention,
 dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
 hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
-hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2).
+hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2), and the
+attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee
+and Jais 2 by their own module names.
 """
 
 from __future__ import annotations
@@ -253,9 +255,10 @@ ATTN_TARGETS = {"gpt_neox": ("dense",)}
 
 
 # and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
-# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...)
+# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...), and
+# Arcee's ungated MLP (up_proj's rows, down_proj's columns, as its weights split)
 @pytest.mark.parametrize("variant,tp", [(v, 1) for v in sorted(HYBRID_TARGETS)]
-                         + [(v, 1) for v in PLAIN_MLP_TARGETS] + [("qwen3_next", 2), ("qwen3_5", 2)])
+                         + [(v, 1) for v in PLAIN_MLP_TARGETS] + [("qwen3_next", 2), ("qwen3_5", 2), ("arcee", 2)])
 def test_hybrids_and_plain_mlps_take_lora_like_peft(tiny_checkpoints, tmp_path, request, variant, tp):
     # two adapters and the base model in one batch, through the recurrent layers' state slots
     base = tiny_checkpoints[variant]
