@@ -14,7 +14,7 @@ projections of dense layers (an MoE layer's experts and router take no
 LoRA), an ungated MLP's up and down by their names in
 ``FamilyOptions.plain_mlp`` (StarCoder2's ``c_fc`` / ``c_proj``, Phi's
 ``fc1`` / ``fc2``, GPT-NeoX's ``dense_h_to_4h`` / ``dense_4h_to_h`` under
-``gpt_neox.layers.<i>``, whose fused ``query_key_value`` takes none;
+``gpt_neox.layers.<i>``, whose fused ``query_key_value`` lands on q/k/v;
 Nemotron's, Arcee's, Jais 2's ``up_proj`` / ``down_proj``) and, in a hybrid
 model's Gated DeltaNet layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
 ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
@@ -62,6 +62,7 @@ class ModuleLora:
     a_name: str  # its tensors' names in the file
     b_name: str
     b_rows: tuple[int, int] = (0, 0)  # (first, count) of lora_B's rows this target takes; count 0: all
+    b_period: int = 0  # b_rows within each run of this many rows (per head); 0: within the whole
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
         return _delta_net_shapes(cfg).get(module)
     q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     q_rows = 2 * q if cfg.family in QUERY_GATED else q
+    if module == "query_key_value":  # GPT-NeoX's fused projection
+        return h, q + 2 * kv
     return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}[module]
 
 
@@ -185,14 +188,24 @@ def _attention_target(model: ModelConfig, layer: int, module: str) -> tuple[int,
     out = model.options.o_proj_name
     if model.family == "gpt_neox":
         out = "dense"
-        if module == "query_key_value":
-            return ("GPT-NeoX's fused query_key_value (each head's q, k and v rows together) takes no "
-                    "LoRA; its attention dense and MLP projections do")
+        if module == "query_key_value":  # split by head into q/k/v (_parts)
+            return layer, "self_attn", module
     if module == out:
         return layer, "self_attn", "o_proj"
     if module == "o_proj" or _PLACE.get(module) != "self_attn":
         return None
     return layer, "self_attn", module
+
+
+def _parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int, int, int], ...]:
+    """The engine targets of one PEFT projection: (name, first row, rows, period)
+    of its lora_B (``ModuleLora``). GPT-NeoX's fused ``query_key_value`` holds
+    each head's q, k and v rows together: its q, k and v parts take ``head_dim``
+    rows of every ``3 * head_dim``, as its weight is split at load."""
+    if place == "self_attn" and module == "query_key_value":
+        d = model.head_dim
+        return tuple((name, i * d, d, 3 * d) for i, name in enumerate(("q_proj", "k_proj", "v_proj")))
+    return tuple((name, first, rows, 0) for name, first, rows in engine_parts(model, place, module))
 
 
 def _plain_mlp_target(model: ModelConfig, layer: int, module: str) -> tuple[int, str, str] | str | None:
@@ -242,8 +255,8 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if r > max_rank:
             raise AdapterError(f"{source}: {key} has rank {r}, above this model's max_lora_rank "
                                f"({max_rank})", param="r")
-        for part, first, rows in engine_parts(model, place, module):
-            modules[(layer, part)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name, (first, rows))
+        for part, first, rows, period in _parts(model, place, module):
+            modules[(layer, part)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name, (first, rows), period)
     if not modules:
         raise AdapterError(f"{source}: no LoRA weights", param="target_modules")
     return AdapterLayout(modules)

@@ -106,7 +106,7 @@ def test_an_ungated_mlp_takes_lora_by_its_own_names():
     up and down; an adapter naming gate/up/down_proj (trained for another
     base) is refused by name, not failed when written. GPT-NeoX's layers are
     gpt_neox.layers.<i>, its attention output ``dense`` (o_proj); its fused
-    query_key_value is refused."""
+    query_key_value's lora_B rows go to q/k/v by head, as its weight does."""
     cfg = parse_adapter_config(BASE)
     shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
              "num_attention_heads": 4}
@@ -123,8 +123,13 @@ def test_an_ungated_mlp_takes_lora_by_its_own_names():
     ok = {f"{stem}.attention.dense.lora_A.weight": (4, 32), f"{stem}.attention.dense.lora_B.weight": (32, 4),
           f"{stem}.mlp.dense_4h_to_h.lora_A.weight": (4, 48), f"{stem}.mlp.dense_4h_to_h.lora_B.weight": (32, 4)}
     assert set(adapter_layout(cfg, ok, neox, 8).modules) == {(0, "o_proj"), (0, "dense_4h_to_h")}
-    with pytest.raises(AdapterError, match="fused query_key_value"):
-        adapter_layout(cfg, {f"{stem}.attention.query_key_value.lora_A.weight": (4, 32)}, neox, 8)
+    qkv = {f"{stem}.attention.query_key_value.lora_A.weight": (4, 32),
+           f"{stem}.attention.query_key_value.lora_B.weight": (96, 4)}
+    parts = adapter_layout(cfg, qkv, neox, 8).modules
+    assert [(parts[(0, n)].b_rows, parts[(0, n)].b_period) for n in ("q_proj", "k_proj", "v_proj")] \
+        == [((0, 8), 24), ((8, 8), 24), ((16, 8), 24)]
+    with pytest.raises(AdapterError, match="do not fit"):
+        adapter_layout(cfg, {**qkv, f"{stem}.attention.query_key_value.lora_B.weight": (32, 4)}, neox, 8)
 
 
 def test_hybrid_layers_take_lora_on_the_projections_they_have():

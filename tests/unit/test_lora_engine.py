@@ -241,17 +241,17 @@ HYBRID_ALPHA = {"zamba2": 2}
 
 # The ungated (plain) MLPs by their own names: StarCoder2's c_fc / c_proj, Phi's fc1 / fc2 (and
 # its attention output, dense), GPT-NeoX's dense_h_to_4h / dense_4h_to_h and attention dense
-# (its fused query_key_value takes none), the up_proj / down_proj of Nemotron, Arcee, Jais 2
+# (its fused query_key_value split by head), the up_proj / down_proj of Nemotron, Arcee, Jais 2
 PLAIN_MLP_TARGETS = {
     "starcoder2": "all-linear",
     "phi": "all-linear",
-    "gpt_neox": ("dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "gpt_neox": "all-linear",
     "nemotron": "all-linear",
     "arcee": "all-linear",
     "jais2": "all-linear",
 }
 # the second adapter where the model has no q_proj / v_proj
-ATTN_TARGETS = {"gpt_neox": ("dense",)}
+ATTN_TARGETS = {"gpt_neox": ("query_key_value",)}
 
 
 # and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
