@@ -15,9 +15,9 @@ LoRA), an ungated MLP's up and down by their names in
 ``FamilyOptions.plain_mlp`` (StarCoder2's ``c_fc`` / ``c_proj``, Phi's
 ``fc1`` / ``fc2``, GPT-NeoX's ``dense_h_to_4h`` / ``dense_4h_to_h`` under
 ``gpt_neox.layers.<i>``, whose fused ``query_key_value`` lands on q/k/v;
-Nemotron's, Arcee's, Jais 2's ``up_proj`` / ``down_proj``) and, in a hybrid
-model's Gated DeltaNet layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
-``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
+Nemotron's, Arcee's, Jais 2's, Apertus' ``up_proj`` / ``down_proj``) and,
+in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
+(Qwen3-Next's ``in_proj_qkvz``, ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
 Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own

@@ -12,8 +12,8 @@ attention projections of an MoE model take LoRA, and so do the attention,
 dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
 hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2), and the
-attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee
-and Jais 2 by their own module names.
+attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee,
+Jais 2 and Apertus by their own module names.
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ HYBRID_ALPHA = {"zamba2": 2}
 
 # The ungated (plain) MLPs by their own names: StarCoder2's c_fc / c_proj, Phi's fc1 / fc2 (and
 # its attention output, dense), GPT-NeoX's dense_h_to_4h / dense_4h_to_h and attention dense
-# (its fused query_key_value split by head), the up_proj / down_proj of Nemotron, Arcee, Jais 2
+# (its fused query_key_value split by head), the up_proj / down_proj of Nemotron, Arcee, Jais 2,
+# Apertus
 PLAIN_MLP_TARGETS = {
     "starcoder2": "all-linear",
     "phi": "all-linear",
@@ -249,6 +250,7 @@ PLAIN_MLP_TARGETS = {
     "nemotron": "all-linear",
     "arcee": "all-linear",
     "jais2": "all-linear",
+    "apertus": "all-linear",  # the xIELU MLP, PlainMLP's stacks
 }
 # the second adapter where the model has no q_proj / v_proj
 ATTN_TARGETS = {"gpt_neox": ("query_key_value",)}
