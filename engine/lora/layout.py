@@ -41,8 +41,8 @@ from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, Ad
                                             adapter_files, read_adapter_config)
 
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
-_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
-                   r"\.lora_(A|B)\.weight$")
+_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\."
+                   r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
