@@ -251,9 +251,11 @@ PLAIN_MLP_TARGETS = {
     "arcee": "all-linear",
     "jais2": "all-linear",
     "apertus": "all-linear",  # the xIELU MLP, PlainMLP's stacks
+    "gpt_neox_sequential": "all-linear",  # GPT-NeoX without the parallel residual
+    "stablelm_parallel": "all-linear",  # and StableLM's gated MLP behind the parallel residual
 }
 # the second adapter where the model has no q_proj / v_proj
-ATTN_TARGETS = {"gpt_neox": ("query_key_value",)}
+ATTN_TARGETS = dict.fromkeys(("gpt_neox", "gpt_neox_sequential"), ("query_key_value",))
 
 
 # and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
