@@ -7,7 +7,9 @@ down_proj`` (default relu2, squared ReLU), biases per ``mlp_bias``;
 ``attention_bias`` covers q/k/v and o_proj; RMSNorm with eps 1e-5 by
 default; untied embeddings, 4096 positions, bos 128000, eos 128001 by
 default; RoPE scalings as Llama's (AFM uses yarn). Its checkpoints use
-Llama's tensor names (``splitserve.engine.models.arcee``).
+Llama's tensor names, loaded by the shared decoder
+(``splitserve.engine.models.llama``), and LoRA adapters take the attention
+projections and the MLP's up_proj / down_proj.
 """
 
 from __future__ import annotations

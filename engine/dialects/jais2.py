@@ -8,8 +8,9 @@ hidden_act -> down_proj`` (default relu2, squared ReLU). ``attention_bias``
 (default on) covers q/k/v and o_proj, ``mlp_bias`` (default on) up and
 down; every dim of each head rotates, rotate-half as Llama's; head_dim
 hidden_size / heads unless given; untied embeddings, 8192 positions, bos 0,
-eos 150024 by default. Its checkpoints use Llama's tensor names
-(``splitserve.engine.models.jais2``).
+eos 150024 by default. Its checkpoints use Llama's tensor names, loaded by
+the shared decoder (``splitserve.engine.models.llama``), and LoRA adapters
+take the attention projections and the MLP's up_proj / down_proj.
 
 Refused: a ``partial_rotary_factor`` other than 1 (transformers' default
 RoPE for Jais 2 rotates every dim whatever it says), activations the

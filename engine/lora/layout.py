@@ -8,11 +8,16 @@ with a 400 before any replica sees it. PEFT writes each projection's pair as
     base_model.model.model.layers.<i>.mlp.<gate|up|down>_proj.lora_B.weight   [out, r]
 
 Every tensor must be such a pair's half on a projection the model has: the
-attention projections of every attention layer, the MLP projections of dense
-layers (an MoE layer's experts and router take no LoRA, nor does the ungated
-MLP of StarCoder2, Phi or GPT-NeoX) and, in a hybrid model's Gated DeltaNet
-layers, the ``linear_attn`` projections (Qwen3-Next's ``in_proj_qkvz``,
-``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
+attention projections of every attention layer (the output one by the
+family's own name where it has one, Phi's and GPT-NeoX's ``dense``), the MLP
+projections of dense layers (an MoE layer's experts and router take no
+LoRA), an ungated MLP's up and down by their names in
+``FamilyOptions.plain_mlp`` (StarCoder2's ``c_fc`` / ``c_proj``, Phi's
+``fc1`` / ``fc2``, GPT-NeoX's ``dense_h_to_4h`` / ``dense_4h_to_h`` under
+``gpt_neox.layers.<i>``, whose fused ``query_key_value`` lands on q/k/v;
+Nemotron's, Arcee's, Jais 2's, Apertus' ``up_proj`` / ``down_proj``) and,
+in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
+(Qwen3-Next's ``in_proj_qkvz``, ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
 Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own
@@ -36,8 +41,8 @@ from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, Ad
                                             adapter_files, read_adapter_config)
 
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
-_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone)\.layers\.(\d+)\.(?:([\w.]+?)\.)?(\w+))"
-                   r"\.lora_(A|B)\.weight$")
+_NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\."
+                   r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
@@ -57,6 +62,7 @@ class ModuleLora:
     a_name: str  # its tensors' names in the file
     b_name: str
     b_rows: tuple[int, int] = (0, 0)  # (first, count) of lora_B's rows this target takes; count 0: all
+    b_period: int = 0  # b_rows within each run of this many rows (per head); 0: within the whole
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,9 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
     layer's MLP, or a hybrid layer of the other kind: see ``layer_lacks``)."""
     if place == "zamba2_block":
         return zamba2_block_shape(cfg, module)
-    if place == "plain_mlp":  # Nemotron-H's MLP blocks
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        return {"up_proj": (h, i), "down_proj": (i, h)}[module]
+    if place == "plain_mlp":  # the ungated MLP (FamilyOptions.plain_mlp: up, down), Nemotron-H's MLP blocks
+        (up, down), h, i = cfg.options.plain_mlp, cfg.hidden_size, cfg.intermediate_size
+        return {up: (h, i), down: (i, h)}[module]
     if place == "shared_mlp":  # Granite 4.0-H's fused dense MLP, in every layer
         h, i = cfg.hidden_size, cfg.intermediate_size
         return {"input_linear": (h, 2 * i), "output_linear": (i, h)}[module]
@@ -98,6 +104,8 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
         return _delta_net_shapes(cfg).get(module)
     q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     q_rows = 2 * q if cfg.family in QUERY_GATED else q
+    if module == "query_key_value":  # GPT-NeoX's fused projection
+        return h, q + 2 * kv
     return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}[module]
 
 
@@ -146,23 +154,68 @@ def _refusal(name: str) -> str:
     if any(k in name for k in ("experts", "block_sparse_moe", ".gate.", "shared_expert")):
         return "MoE experts, routers and shared experts take no LoRA (attention and dense MLP do)"
     return (f"it is no lora_A/lora_B weight of {', '.join(SUPPORTED_MODULES)} in "
-            "model.layers.<i> (nor of a Gated DeltaNet layer's linear_attn projections, nor of "
-            "a Mamba-2 hybrid's mamba in_proj/out_proj)")
+            "model.layers.<i> (nor of an ungated MLP's up/down by its own names, nor of a Gated "
+            "DeltaNet layer's linear_attn projections, nor of a Mamba-2 hybrid's mamba "
+            "in_proj/out_proj)")
 
 
-def _target(model: ModelConfig, m: re.Match) -> tuple[int, str] | str | None:
-    """(engine layer, place) of the tensor ``m`` names, where LoRA is served
-    on it: attention and MLP projections, a Gated DeltaNet layer's
-    ``linear_attn`` ones, the Mamba-2 hybrids' (``hybrid_layout``); a str:
-    why it is refused; None: no served name."""
+def _target(model: ModelConfig, m: re.Match) -> tuple[int, str, str] | str | None:
+    """(engine layer, place, projection) of the tensor ``m`` names, where LoRA
+    is served on it: attention and MLP projections (an ungated MLP's by its
+    own names, place ``plain_mlp``), a Gated DeltaNet layer's ``linear_attn``
+    ones, the Mamba-2 hybrids' (``hybrid_layout``); a str: why it is refused;
+    None: no served name."""
     root, layer, place, module = m.group(2), int(m.group(3)), m.group(4) or "", m.group(5)
     if model.family in MAMBA2_LORA:
-        return mamba2_target(model, root, layer, place, module)
-    if root != "model":
+        target = mamba2_target(model, root, layer, place, module)
+        return target + (module,) if isinstance(target, tuple) else target
+    if root == "gpt_neox" and model.family == "gpt_neox":
+        place = {"attention": "self_attn"}.get(place, place)
+    elif root != "model":
         return None
     if place == "linear_attn":
-        return (layer, place) if module in _LINEAR_ATTN else None
-    return (layer, place) if _PLACE.get(module) == place else None
+        return (layer, place, module) if module in _LINEAR_ATTN else None
+    if place == "self_attn":
+        return _attention_target(model, layer, module)
+    if place == "mlp" and model.options.plain_mlp:
+        return _plain_mlp_target(model, layer, module)
+    return (layer, place, module) if _PLACE.get(module) == place else None
+
+
+def _attention_target(model: ModelConfig, layer: int, module: str) -> tuple[int, str, str] | str | None:
+    """An attention projection's target; the output projection by the model's
+    own name for it (Phi's and GPT-NeoX's ``dense``) lands on ``o_proj``."""
+    out = model.options.o_proj_name
+    if model.family == "gpt_neox":
+        out = "dense"
+        if module == "query_key_value":  # split by head into q/k/v (_parts)
+            return layer, "self_attn", module
+    if module == out:
+        return layer, "self_attn", "o_proj"
+    if module == "o_proj" or _PLACE.get(module) != "self_attn":
+        return None
+    return layer, "self_attn", module
+
+
+def _parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int, int, int], ...]:
+    """The engine targets of one PEFT projection: (name, first row, rows, period)
+    of its lora_B (``ModuleLora``). GPT-NeoX's fused ``query_key_value`` holds
+    each head's q, k and v rows together: its q, k and v parts take ``head_dim``
+    rows of every ``3 * head_dim``, as its weight is split at load."""
+    if place == "self_attn" and module == "query_key_value":
+        d = model.head_dim
+        return tuple((name, i * d, d, 3 * d) for i, name in enumerate(("q_proj", "k_proj", "v_proj")))
+    return tuple((name, first, rows, 0) for name, first, rows in engine_parts(model, place, module))
+
+
+def _plain_mlp_target(model: ModelConfig, layer: int, module: str) -> tuple[int, str, str] | str | None:
+    """A projection of the ungated MLP (``FamilyOptions.plain_mlp``), by its own name."""
+    if module in model.options.plain_mlp:
+        return layer, "plain_mlp", module
+    if _PLACE.get(module) == "mlp":
+        return (f"{model.architecture}'s MLP is ungated ({' / '.join(model.options.plain_mlp)}): it "
+                f"has no {module}; LoRA on those two projections is served")
+    return None
 
 
 def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model: ModelConfig,
@@ -175,14 +228,10 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if not isinstance(target, tuple):
             raise AdapterError(f"{source}: tensor {name!r}: {target or _refusal(name)}",
                                param="target_modules")
-        (layer, place), path, module = target, m.group(1), m.group(5)
+        (layer, place, module), path = target, m.group(1)
         if layer >= model.num_layers:
             raise AdapterError(f"{source}: tensor {name!r} is for layer {layer}; the model has "
                                f"{model.num_layers} layers", param="target_modules")
-        if place == "mlp" and model.options.plain_mlp:
-            raise AdapterError(f"{source}: tensor {name!r}: {model.architecture}'s MLP is ungated "
-                               f"({' / '.join(model.options.plain_mlp)}) and takes no LoRA; its "
-                               "attention projections do", param="target_modules")
         if lacks := layer_lacks(model, layer, place, module):
             raise AdapterError(f"{source}: tensor {name!r}: {lacks}; LoRA on a projection the "
                                "model lacks is refused", param="target_modules")
@@ -206,8 +255,8 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
         if r > max_rank:
             raise AdapterError(f"{source}: {key} has rank {r}, above this model's max_lora_rank "
                                f"({max_rank})", param="r")
-        for part, first, rows in engine_parts(model, place, module):
-            modules[(layer, part)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name, (first, rows))
+        for part, first, rows, period in _parts(model, place, module):
+            modules[(layer, part)] = ModuleLora(r, cfg.scaling_of(key), a_name, b_name, (first, rows), period)
     if not modules:
         raise AdapterError(f"{source}: no LoRA weights", param="target_modules")
     return AdapterLayout(modules)

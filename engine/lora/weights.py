@@ -49,8 +49,8 @@ def load_adapter(ref: AdapterRef, model: ModelConfig, max_rank: int,
             # scaling folded into B in float32, rounded once to the model's dtype
             b = f.get_tensor(m.b_name)
             first, rows = m.b_rows
-            if rows:  # one part of a fused projection's lora_B (its A is shared)
-                b = b[first:first + rows]
+            if rows:  # one part of a fused projection's lora_B (its A is shared), in each period
+                b = b.reshape(-1, m.b_period or b.shape[0], b.shape[-1])[:, first:first + rows].flatten(0, 1)
             b = (b.float() * m.scaling).to(dtype)
             modules[key] = (a.contiguous(), b.contiguous())
     return AdapterWeights(ref, modules)

@@ -6,7 +6,6 @@ import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
-from splitserve.engine.models.arcee import ArceeCausalLM
 from splitserve.engine.models.axk1 import AXK1CausalLM
 from splitserve.engine.models.bloom import BloomCausalLM
 from splitserve.engine.models.cohere import CohereCausalLM
@@ -68,7 +67,6 @@ from splitserve.engine.models.codegen import CodeGenCausalLM
 from splitserve.engine.models.granite_swa import GraniteSwaCausalLM
 from splitserve.engine.models.granitemoe_swa import GraniteMoeSwaCausalLM
 from splitserve.engine.models.hyperclovax import HyperCLOVAXCausalLM
-from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.mimo_v2_flash import MiMoV2FlashCausalLM
 from splitserve.engine.models.kolibri1 import Kolibri1CausalLM
 from splitserve.engine.models.minicpm5_moe import MiniCPM5MoeCausalLM
@@ -152,7 +150,7 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     "glm4": Glm4CausalLM,
     "cohere2": Cohere2CausalLM,
     "nemotron": NemotronCausalLM,
-    "arcee": ArceeCausalLM,
+    "arcee": CausalLM,
     # GPT-BigCode, GPT-Neo: GPT-2's learned positions and names, nn.Linear weights; GPT-BigCode's
     # c_attn split by KV head (multi-query), GPT-Neo's windowed layers unscaled
     "gpt_bigcode": GPTBigCodeCausalLM,
@@ -221,7 +219,7 @@ MODEL_FAMILIES: dict[str, type[CausalLM]] = {
     # no q/k norms (FamilyOptions)
     "solar_open": MoECausalLM,
     # Jais 2: Llama with LayerNorms and the plain relu2 MLP (FamilyOptions)
-    "jais2": Jais2CausalLM,
+    "jais2": CausalLM,
     # HyperCLOVA X: Granite's scalars, logits multiplied, Gemma 2's sandwich norms renamed
     "hyperclovax": HyperCLOVAXCausalLM,
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM-4.5's experts, dense layers by
@@ -350,11 +348,11 @@ __all__ = ["Qwen3NextForCausalLM", "CausalLM", "CohereCausalLM", "GPT2CausalLM",
            "MODEL_FAMILIES",
            "MoECausalLM", "OPTCausalLM", "Olmo2CausalLM", "Phi3CausalLM", "SmolLM3CausalLM", "build_model",
            "FalconCausalLM", "GPTJCausalLM", "Glm4CausalLM", "Cohere2CausalLM", "NemotronCausalLM",
-           "ArceeCausalLM", "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
+           "GPTBigCodeCausalLM", "GPTNeoCausalLM", "Olmo3CausalLM",
            "Exaone4CausalLM", "Ernie4_5CausalLM", "HunYuanDenseCausalLM",
            "ApertusCausalLM", "PhimoeCausalLM", "DbrxCausalLM", "GptOssCausalLM", "Llama4CausalLM",
            "DeepseekCausalLM", "BloomCausalLM", "MptCausalLM", "FlexOlmoCausalLM",
            "MiniMaxM2CausalLM", "ExaoneCausalLM", "VaultGemmaCausalLM",
            "GraniteSwaCausalLM", "GraniteMoeSwaCausalLM", "CodeGenCausalLM", "Ministral3CausalLM",
-           "HyperCLOVAXCausalLM", "Jais2CausalLM", "YoutuCausalLM", "Gemma4CausalLM",
+           "HyperCLOVAXCausalLM", "YoutuCausalLM", "Gemma4CausalLM",
            "AXK1CausalLM", "Kolibri1CausalLM", "MiniCPM5MoeCausalLM", "KimiLinearForCausalLM", "MambaCausalLM", "JambaCausalLM"]

@@ -16,7 +16,7 @@ renamed at load onto the shared decoder's slots, and the four scalars
 (``mlp.act_fn.*``, stored as shape [1] or []) are read as shape [1].
 Projections keep Llama's names, so tensor parallelism splits up_proj and
 down_proj as any MLP's (the scalars whole on every rank). LoRA adapters
-are refused: the MLP has no gate_proj and takes none.
+take the attention projections and the MLP's up_proj / down_proj.
 """
 
 from __future__ import annotations
@@ -25,31 +25,25 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.models.decoder_layer import DecoderLayer
-from splitserve.engine.models.layers import Linear, ShardSlot, empty_param, linear_slots
+from splitserve.engine.models.layers import ShardSlot, empty_param
 from splitserve.engine.models.mapped import MappedCausalLM, renamed
-from splitserve.engine.quantization import layer_groups
+from splitserve.engine.models.plain_blocks import PlainMLP
 
 _RENAMES = ((".attention_layernorm.", ".input_layernorm."),
             (".feedforward_layernorm.", ".post_attention_layernorm."))
 _SCALARS = ("alpha_p", "alpha_n", "beta", "eps")
 
 
-class XieluMLP(nn.Module):
+class XieluMLP(PlainMLP):
     """``down_proj(xielu(up_proj(x)))``, no biases; the activation's scalars
-    are this layer's ``act_fn.alpha_p`` / ``alpha_n`` / ``beta`` / ``eps``."""
+    are this layer's ``act_fn.alpha_p`` / ``alpha_n`` / ``beta`` / ``eps``.
+    LoRA on up_proj / down_proj as ``PlainMLP``'s."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, prefix: str):
-        super().__init__()
-        self.quant = cfg.quantization
-        hidden, i = cfg.hidden_size, cfg.intermediate_size
-        self.up_proj = Linear(hidden, i, False, dtype, device, fp8_groups=layer_groups(
-            self.quant, [(f"{prefix}.up_proj.weight", i)], hidden))
-        self.down_proj = Linear(i, hidden, False, dtype, device, fp8_groups=layer_groups(
-            self.quant, [(f"{prefix}.down_proj.weight", hidden)], i))
+        super().__init__(cfg, dtype, device, prefix, act=self.xielu)
         for name in _SCALARS:
             setattr(self, name, empty_param(1, dtype=dtype, device=device))
 
@@ -59,26 +53,14 @@ class XieluMLP(nn.Module):
         return torch.where(x > 0, alpha_p * x * x + self.beta * x,
                            (torch.expm1(torch.minimum(x, self.eps)) - x) * alpha_n + self.beta * x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.xielu(self.up_proj(x)))
-
-    def quantize_fp8_(self) -> None:
-        self.up_proj.quantize_fp8_()
-        self.down_proj.quantize_fp8_()
-
     def weight_slots(self, prefix: str) -> dict[str, ShardSlot]:
-        slots = linear_slots(self.up_proj, [(f"{prefix}.up_proj", 0, self.up_proj.out_features)], self.quant)
-        slots.update(linear_slots(self.down_proj, [(f"{prefix}.down_proj", 0, self.down_proj.out_features)],
-                                  self.quant))
+        slots = super().weight_slots(prefix)
         slots.update({f"{prefix}.act_fn.{name}": ShardSlot(getattr(self, name)) for name in _SCALARS})
         return slots
 
 
 class ApertusCausalLM(MappedCausalLM):
     """Apertus (``ApertusForCausalLM``): ``XieluMLP`` layers, norms renamed at load."""
-
-    lora_refusal = ("LoRA adapters are not supported for Apertus checkpoints (its ungated MLP takes "
-                    "none)")
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,
                     device: torch.device | str) -> DecoderLayer:

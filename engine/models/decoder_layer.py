@@ -70,7 +70,7 @@ class DecoderLayer(nn.Module):
 
     def feed_forward(self, h: torch.Tensor, lora: LoraMeta | None) -> torch.Tensor:
         """The MLP (or the experts) on normed ``h``, summed over TP ranks."""
-        if lora is not None and isinstance(self.mlp, MLP):  # MoE experts take no LoRA
+        if lora is not None and self.mlp_takes_lora:  # MoE experts take no LoRA
             h = self.mlp(h, lora)
         else:
             h = self.mlp(h)
@@ -78,10 +78,18 @@ class DecoderLayer(nn.Module):
             h = self.tp.all_reduce(h)
         return h
 
+    @property
+    def mlp_takes_lora(self) -> bool:
+        """Whether the MLP is one that takes LoRA: the gated ``MLP`` (and its
+        variants) or the ungated ``PlainMLP`` (``takes_lora``); not experts."""
+        return isinstance(self.mlp, MLP) or getattr(self.mlp, "takes_lora", False)
+
     def enable_lora(self, num_slots: int, max_rank: int) -> dict[str, tuple[LoraStack, int]]:
-        """LoRA stacks on the attention projections and, in a dense layer, the MLP's."""
+        """LoRA stacks on the attention projections and, in a dense layer, the
+        MLP's (the gated one's gate/up/down, the ungated one's up/down by
+        their checkpoint names)."""
         out = self.self_attn.enable_lora(num_slots, max_rank)
-        if type(self.mlp) is MLP:
+        if type(self.mlp) is MLP or getattr(self.mlp, "takes_lora", False):
             out.update(self.mlp.enable_lora(num_slots, max_rank))
         return out
 

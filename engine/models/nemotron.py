@@ -8,9 +8,9 @@ computed in the input's dtype (no float32 cast). Here each norm weight is
 loaded as ``1 + weight``, summed in the model dtype (``PlusOneSlot``), and
 the norms are ``layers.LayerNorm``. The MLP is ``PlainMLP`` (``up_proj ->
 relu2 -> down_proj``); the first ``rotary_dim`` dims of each head rotate,
-rotate-half, the rest pass through. LoRA adapters are refused: the MLP has
-no gate_proj and takes none. LayerNorm layers are not split across
-tensor-parallel ranks (``splitserve.engine.parallel.plan.check``).
+rotate-half, the rest pass through. LoRA adapters take the attention
+projections and the MLP's up_proj / down_proj. LayerNorm layers are not
+split across tensor-parallel ranks (``splitserve.engine.parallel.plan.check``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.errors import CheckpointError
 from splitserve.engine.models.layers import ShardSlot
 from splitserve.engine.models.llama import CausalLM
-from splitserve.engine.models.lora_layers import LoraStack
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,3 @@ class NemotronCausalLM(CausalLM):
         return {name: PlusOneSlot(slot.param, slot.start, slot.size) if name.endswith("norm.weight") else slot
                 for name, slot in super().weight_slots().items()}
 
-    def enable_lora(self, num_slots: int, max_rank: int) -> dict[tuple[int, str], tuple[LoraStack, int]]:
-        raise CheckpointError("LoRA adapters are not supported for Nemotron checkpoints (its "
-                              "ungated MLP takes none)")

@@ -44,15 +44,20 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class PlainMLP(nn.Module):
     """``down(act(up(x)))`` with optional biases; checkpoint names from
     ``FamilyOptions.plain_mlp`` (StarCoder2 c_fc/c_proj, Phi fc1/fc2). Takes
-    LoRA adapters only where its layer calls ``enable_lora`` (Nemotron-H's MLP
-    blocks; ``DecoderLayer.enable_lora`` gives the attention's only)."""
+    LoRA adapters on up and down once its layer calls ``enable_lora``
+    (``DecoderLayer.enable_lora``, Nemotron-H's MLP blocks)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, prefix: str):
+    takes_lora = True  # DecoderLayer enables its stacks and passes it the tokens' slots
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, prefix: str,
+                 act: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``act``: the activation where ``hidden_act`` names none of the plain
+        ones (Apertus' xIELU with its learned scalars)."""
         super().__init__()
         self.up_name, self.down_name = cfg.options.plain_mlp
         self.quant = cfg.quantization
         hidden, i = cfg.hidden_size, cfg.intermediate_size
-        self.act = _ACTIVATIONS[cfg.options.hidden_act]
+        self.act = act or _ACTIVATIONS[cfg.options.hidden_act]
         self.dtype = dtype
         self.up_lora: LoraStack | None = None  # enable_lora
         self.down_lora: LoraStack | None = None

@@ -18,7 +18,6 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.loader import load_checkpoint, load_model
 from splitserve.engine.models.granite import GraniteDecoderLayer
 from splitserve.engine.models.hyperclovax import PeriNormDecoderLayer
-from splitserve.engine.models.jais2 import Jais2CausalLM
 from splitserve.engine.models.layers import LayerNorm
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
@@ -116,15 +115,14 @@ def test_jais2_defaults():
         check(cfg, 2)
 
 
-def test_jais2_layer_norms_load_and_lora_is_refused(tiny_checkpoints):
+def test_jais2_layer_norms_load_and_lora_takes_the_ungated_mlp(tiny_checkpoints):
     model = load_model(load_checkpoint(tiny_checkpoints["jais2"]), dtype=torch.float32, device="cpu")
     norm = model.layers[0].input_layernorm
     assert isinstance(norm, LayerNorm) and norm.eps == 1e-2
     ref = hf_model(tiny_checkpoints["jais2"]).model.layers[0].input_layernorm
     torch.testing.assert_close(norm.bias, ref.bias)  # the perturbed bias, where transformers has it
-    assert isinstance(model, Jais2CausalLM)
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Jais2ForCausalLM"):
-        model.enable_lora(2, 4)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "up_proj", "down_proj"}
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -1,7 +1,8 @@
 """config.json parsing of the GLM-4, Cohere 2, Nemotron and Arcee families:
 the defaults transformers' config classes fill in, the options read, the
 LayerNorm1P and relu2 pieces against transformers' own, and a clear
-CheckpointError for what the engine does not support. Token parity is in
+CheckpointError for what the engine does not support; Nemotron's and
+Arcee's LoRA stacks (PEFT parity in test_lora_engine). Token parity is in
 test_model_parity / test_engine_parity (variants glm4, cohere2, nemotron,
 arcee), at tensor_parallel_size 2 in test_tp_engine, and Cohere 2's live
 hand-off in tests/integration/test_family_handoff.py."""
@@ -120,9 +121,16 @@ def test_layer_norm_1p_and_relu2_match_transformers(dtype):
     assert torch.equal(PlainMLP(cfg, dtype, "cpu", "mlp").act(x), ACT2FN["relu2"](x))
 
 
-@pytest.mark.parametrize("variant, name", [("glm4", "GLM"), ("cohere2", "Cohere"),
-                                           ("nemotron", "Nemotron"), ("arcee", "Arcee")])
+@pytest.mark.parametrize("variant, name", [("glm4", "GLM"), ("cohere2", "Cohere")])
 def test_lora_is_refused(tiny_checkpoints, variant, name):
     model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32)
     with pytest.raises(CheckpointError, match=f"LoRA adapters are not supported for {name}"):
         model.enable_lora(2, 4)
+
+
+@pytest.mark.parametrize("variant", ["nemotron", "arcee"])
+def test_ungated_mlp_takes_lora(tiny_checkpoints, variant):
+    # the attention's and the ungated MLP's stacks (PEFT parity: test_lora_engine)
+    model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "up_proj", "down_proj"}

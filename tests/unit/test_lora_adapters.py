@@ -101,16 +101,35 @@ def test_moe_layers_take_lora_on_attention_and_dense_mlp_only():
         adapter_layout(cfg, expert, moe, 8)
 
 
-def test_an_ungated_mlp_takes_no_lora():
-    """StarCoder2's MLP is c_fc / c_proj: an adapter naming gate/up/down_proj
-    (trained for another base) is refused by name, not failed when written."""
+def test_an_ungated_mlp_takes_lora_by_its_own_names():
+    """StarCoder2's MLP is c_fc / c_proj: their LoRA lands on the ungated MLP's
+    up and down; an adapter naming gate/up/down_proj (trained for another
+    base) is refused by name, not failed when written. GPT-NeoX's layers are
+    gpt_neox.layers.<i>, its attention output ``dense`` (o_proj); its fused
+    query_key_value's lora_B rows go to q/k/v by head, as its weight does."""
     cfg = parse_adapter_config(BASE)
-    sc2 = ModelConfig.from_hf({"architectures": ["Starcoder2ForCausalLM"], "vocab_size": 64,
-                               "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-                               "num_attention_heads": 4, "num_key_value_heads": 2})
-    assert len(adapter_layout(cfg, pair(0, "q_proj", 4, 32, 32), sc2, 8).modules) == 1
-    with pytest.raises(AdapterError, match="Starcoder2ForCausalLM's MLP is ungated \\(c_fc / c_proj\\)"):
+    shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    sc2 = ModelConfig.from_hf({"architectures": ["Starcoder2ForCausalLM"], **shape, "num_key_value_heads": 2})
+    mlp = {f"base_model.model.model.layers.1.mlp.{n}.lora_{ab}.weight": s
+           for n, a, b in (("c_fc", 32, 48), ("c_proj", 48, 32)) for ab, s in (("A", (4, a)), ("B", (b, 4)))}
+    layout = adapter_layout(cfg, {**pair(0, "q_proj", 4, 32, 32), **mlp}, sc2, 8)
+    assert set(layout.modules) == {(0, "q_proj"), (1, "c_fc"), (1, "c_proj")}
+    with pytest.raises(AdapterError, match="Starcoder2ForCausalLM's MLP is ungated \\(c_fc / c_proj\\): "
+                                           "it has no up_proj"):
         adapter_layout(cfg, {**pair(0, "q_proj", 4, 32, 32), **pair(1, "up_proj", 4, 32, 48)}, sc2, 8)
+    neox = ModelConfig.from_hf({"architectures": ["GPTNeoXForCausalLM"], **shape})
+    stem = "base_model.model.gpt_neox.layers.0"
+    ok = {f"{stem}.attention.dense.lora_A.weight": (4, 32), f"{stem}.attention.dense.lora_B.weight": (32, 4),
+          f"{stem}.mlp.dense_4h_to_h.lora_A.weight": (4, 48), f"{stem}.mlp.dense_4h_to_h.lora_B.weight": (32, 4)}
+    assert set(adapter_layout(cfg, ok, neox, 8).modules) == {(0, "o_proj"), (0, "dense_4h_to_h")}
+    qkv = {f"{stem}.attention.query_key_value.lora_A.weight": (4, 32),
+           f"{stem}.attention.query_key_value.lora_B.weight": (96, 4)}
+    parts = adapter_layout(cfg, qkv, neox, 8).modules
+    assert [(parts[(0, n)].b_rows, parts[(0, n)].b_period) for n in ("q_proj", "k_proj", "v_proj")] \
+        == [((0, 8), 24), ((8, 8), 24), ((16, 8), 24)]
+    with pytest.raises(AdapterError, match="do not fit"):
+        adapter_layout(cfg, {**qkv, f"{stem}.attention.query_key_value.lora_B.weight": (32, 4)}, neox, 8)
 
 
 def test_hybrid_layers_take_lora_on_the_projections_they_have():

@@ -11,7 +11,9 @@ a KV hand-off carries its adapter to the decoding engine, the
 attention projections of an MoE model take LoRA, and so do the attention,
 dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
 hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
-hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2).
+hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2), and the
+attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee,
+Jais 2 and Apertus by their own module names.
 """
 
 from __future__ import annotations
@@ -241,17 +243,38 @@ MAMBA2_HYBRIDS = ("bamba", "granitemoehybrid", "granitemoehybrid_dense", "falcon
 HYBRID_ALPHA = {"zamba2": 2}
 
 
+# The ungated (plain) MLPs by their own names: StarCoder2's c_fc / c_proj, Phi's fc1 / fc2 (and
+# its attention output, dense), GPT-NeoX's dense_h_to_4h / dense_4h_to_h and attention dense
+# (its fused query_key_value split by head), the up_proj / down_proj of Nemotron, Arcee, Jais 2,
+# Apertus
+PLAIN_MLP_TARGETS = {
+    "starcoder2": "all-linear",
+    "phi": "all-linear",
+    "gpt_neox": "all-linear",
+    "nemotron": "all-linear",
+    "arcee": "all-linear",
+    "jais2": "all-linear",
+    "apertus": "all-linear",  # the xIELU MLP, PlainMLP's stacks
+    "gpt_neox_sequential": "all-linear",  # GPT-NeoX without the parallel residual
+    "stablelm_parallel": "all-linear",  # and StableLM's gated MLP behind the parallel residual
+}
+# the second adapter where the model has no q_proj / v_proj
+ATTN_TARGETS = dict.fromkeys(("gpt_neox", "gpt_neox_sequential"), ("query_key_value",))
+
+
 # and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
-# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...)
+# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...), and
+# Arcee's ungated MLP (up_proj's rows, down_proj's columns, as its weights split)
 @pytest.mark.parametrize("variant,tp", [(v, 1) for v in sorted(HYBRID_TARGETS)]
-                         + [("qwen3_next", 2), ("qwen3_5", 2)])
-def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, request, variant, tp):
+                         + [(v, 1) for v in PLAIN_MLP_TARGETS] + [("qwen3_next", 2), ("qwen3_5", 2), ("arcee", 2)])
+def test_hybrids_and_plain_mlps_take_lora_like_peft(tiny_checkpoints, tmp_path, request, variant, tp):
     # two adapters and the base model in one batch, through the recurrent layers' state slots
     base = tiny_checkpoints[variant]
+    attn = {**ADAPTERS["attn"], "target_modules": ATTN_TARGETS.get(variant, ADAPTERS["attn"]["target_modules"])}
     paths = {"mixed": build_adapter(base, tmp_path / "mixed", seed=6, r=4,
                                     lora_alpha=HYBRID_ALPHA.get(variant, 8),
-                                    target_modules=HYBRID_TARGETS[variant]),
-             "attn": build_adapter(base, tmp_path / "attn", **ADAPTERS["attn"])}
+                                    target_modules={**HYBRID_TARGETS, **PLAIN_MLP_TARGETS}[variant]),
+             "attn": build_adapter(base, tmp_path / "attn", **attn)}
     ps = prompts(hf_model(base).config.vocab_size, lengths=(5, 14))
     refs = {n: peft_model(base, p) for n, p in paths.items()}
     refs[None] = hf_model(base)
@@ -266,7 +289,8 @@ def test_hybrids_take_lora_like_peft(tiny_checkpoints, tmp_path, request, varian
               "olmo_hybrid": {"g_proj", "b_proj", "a_proj"},  # with q/k/v/o as attention's
               **dict.fromkeys(MAMBA2_HYBRIDS, {"in_proj", "out_proj"}),
               # no out_proj stack where PEFT adapts none (Falcon-H1, Nemotron-H)
-              "falcon_h1": {"in_proj"}, "nemotron_h": {"in_proj"}}
+              "falcon_h1": {"in_proj"}, "nemotron_h": {"in_proj"},
+              **dict.fromkeys(PLAIN_MLP_TARGETS, set())}
     assert linear == mixers.get(variant, {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"})
     jobs = [(n, i) for i in range(len(ps)) for n in ("mixed", "attn", None)]
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
