@@ -15,7 +15,9 @@ LoRA), an ungated MLP's up and down by their names in
 ``FamilyOptions.plain_mlp`` (StarCoder2's ``c_fc`` / ``c_proj``, Phi's
 ``fc1`` / ``fc2``, GPT-NeoX's ``dense_h_to_4h`` / ``dense_4h_to_h`` under
 ``gpt_neox.layers.<i>``, whose fused ``query_key_value`` lands on q/k/v;
-Nemotron's, Arcee's, Jais 2's, Apertus' ``up_proj`` / ``down_proj``) and,
+Nemotron's, Arcee's, Jais 2's, Apertus' ``up_proj`` / ``down_proj``), the
+fused projections of Phi-3 (``qkv_proj``: [q | k | v] rows; ``gate_up_proj``)
+and GLM / GLM-4 (``gate_up_proj``), each served as parts sharing its A, and,
 in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
 (Qwen3-Next's ``in_proj_qkvz``, ``in_proj_ba``; Qwen3.5's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
@@ -50,6 +52,10 @@ _LINEAR_ATTN = ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_pr
                 "out_proj", "q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj", "o_proj")
 # families whose q_proj gives each head's query and output gate (Qwen3-Next's gated attention)
 QUERY_GATED = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+# families whose checkpoints (and so PEFT's modules) fuse q/k/v as qkv_proj ([q | k | v] rows)
+# or gate/up as gate_up_proj ([gate | up] rows): one LoRA served as parts sharing A
+FUSED_QKV = ("phi3",)
+FUSED_GATE_UP = ("phi3", "glm", "glm4")
 GATED_DELTA_NET = "gated_delta_net"  # the hybrid layer kind whose linear_attn takes LoRA
 
 
@@ -97,14 +103,15 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
         if cfg.moe is not None and cfg.moe.sparse_layers[layer]:
             return None
         h, i = cfg.hidden_size, cfg.intermediate_size
-        return {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
+        return {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+                "gate_up_proj": (h, 2 * i)}[module]
     if layer_lacks(cfg, layer, place, module):
         return None
     if place == "linear_attn":
         return _delta_net_shapes(cfg).get(module)
     q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     q_rows = 2 * q if cfg.family in QUERY_GATED else q
-    if module == "query_key_value":  # GPT-NeoX's fused projection
+    if module in ("query_key_value", "qkv_proj"):  # GPT-NeoX's and Phi-3's fused projections
         return h, q + 2 * kv
     return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}[module]
 
@@ -179,6 +186,8 @@ def _target(model: ModelConfig, m: re.Match) -> tuple[int, str, str] | str | Non
         return _attention_target(model, layer, module)
     if place == "mlp" and model.options.plain_mlp:
         return _plain_mlp_target(model, layer, module)
+    if place == "mlp" and module == "gate_up_proj" and model.family in FUSED_GATE_UP:
+        return layer, place, module
     return (layer, place, module) if _PLACE.get(module) == place else None
 
 
@@ -192,6 +201,8 @@ def _attention_target(model: ModelConfig, layer: int, module: str) -> tuple[int,
             return layer, "self_attn", module
     if module == out:
         return layer, "self_attn", "o_proj"
+    if module == "qkv_proj" and model.family in FUSED_QKV:  # [q | k | v] rows (_parts)
+        return layer, "self_attn", module
     if module == "o_proj" or _PLACE.get(module) != "self_attn":
         return None
     return layer, "self_attn", module
@@ -205,6 +216,12 @@ def _parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int,
     if place == "self_attn" and module == "query_key_value":
         d = model.head_dim
         return tuple((name, i * d, d, 3 * d) for i, name in enumerate(("q_proj", "k_proj", "v_proj")))
+    if place == "self_attn" and module == "qkv_proj":  # Phi-3's [q | k | v], as its weight splits
+        q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+        return ("q_proj", 0, q, 0), ("k_proj", q, kv, 0), ("v_proj", q + kv, kv, 0)
+    if place == "mlp" and module == "gate_up_proj":  # [gate | up]
+        i = model.intermediate_size
+        return ("gate_proj", 0, i, 0), ("up_proj", i, i, 0)
     return tuple((name, first, rows, 0) for name, first, rows in engine_parts(model, place, module))
 
 

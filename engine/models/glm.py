@@ -25,8 +25,5 @@ class GlmCausalLM(HeliumCausalLM, Phi3CausalLM):
     """GLM (``GlmForCausalLM``): q/k rows reordered (Helium's, over the rotated
     dims only), then gate_up_proj split (Phi-3's) at load."""
 
-    lora_refusal = ("LoRA adapters are not supported for GLM checkpoints (its q/k rows are "
-                    "reordered at load; adapters' would need the same)")
-
     def reordered_dims(self) -> int | None:
         return rotary_dim(self.cfg)

@@ -121,11 +121,11 @@ def test_layer_norm_1p_and_relu2_match_transformers(dtype):
     assert torch.equal(PlainMLP(cfg, dtype, "cpu", "mlp").act(x), ACT2FN["relu2"](x))
 
 
-@pytest.mark.parametrize("variant, name", [("glm4", "GLM")])  # Cohere2 takes them (test_lora_engine)
-def test_lora_is_refused(tiny_checkpoints, variant, name):
-    model = load_model(load_checkpoint(tiny_checkpoints[variant]), torch.float32)
-    with pytest.raises(CheckpointError, match=f"LoRA adapters are not supported for {name}"):
-        model.enable_lora(2, 4)
+def test_glm4_takes_lora_on_attention_and_its_fused_gate_up(tiny_checkpoints):
+    # its gate_up_proj adapters land on the gate and up parts (PEFT parity: test_lora_engine)
+    model = load_model(load_checkpoint(tiny_checkpoints["glm4"]), torch.float32)
+    assert {name for _, name in model.enable_lora(2, 4)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 @pytest.mark.parametrize("variant", ["nemotron", "arcee"])

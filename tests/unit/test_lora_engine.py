@@ -192,14 +192,16 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path, variant):
 
 
 @pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3", "hyperclovax", "helium",
-                                     "cohere_qk_norm", "ernie4_5", "cohere2"])
+                                     "cohere_qk_norm", "ernie4_5", "cohere2", "phi3", "glm", "glm4"])
 def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     # the same module names as Llama's; Granite (and HyperCLOVA X, after its post-norms)
     # scales the adapted blocks' outputs,
     # OLMo 2 and Gemma 3 norm them after the LoRA delta is added (Gemma 3 per head
     # before RoPE too), SmolLM3 adapts its NoPE layer like the others; Helium, Cohere (its
     # attention and MLP in parallel, per-head q/k norms) and ERNIE 4.5 rotate adjacent pairs:
-    # their q/k weights' rows are reordered at load, and so are their adapters' lora_B rows
+    # their q/k weights' rows are reordered at load, and so are their adapters' lora_B rows;
+    # Phi-3's fused qkv_proj and gate_up_proj (GLM's gate_up_proj, with GLM's partial rotary
+    # reordering) are served as parts sharing A
     base = tiny_checkpoints[variant]
     adapter = build_adapter(base, tmp_path / "all", **ADAPTERS["all"])
     ps = prompts(hf_model(base).config.vocab_size)
