@@ -75,18 +75,15 @@ def weight_of_scale(name: str) -> str | None:
     return None
 
 
-def scale_part(name: str, slot: ScaleSlot, weight_part: object) -> object:
-    """The rank's part of scale ``name`` whose weight loads through
+def scale_part(slot: ScaleSlot, weight_part: object) -> object:
+    """The rank's part of the scale in ``slot`` whose weight loads through
     ``weight_part`` (a ``RankSlice``, ``RankPieces`` or a whole slot)."""
-    from splitserve.engine.models.layers import ScaleSlot
     from splitserve.engine.parallel.sharding import RankPieces, RankSlice
 
     if isinstance(weight_part, RankSlice):
         return RankScale(slot, weight_part.dim, ((weight_part.start, weight_part.size),))
     if isinstance(weight_part, RankPieces):
         return RankScale(slot, 0, weight_part.pieces)
-    if isinstance(weight_part, ScaleSlot) or not hasattr(weight_part, "load"):
-        raise CheckpointError(f"tensor {name!r}: no weight of this scale is loaded on this rank")
     return slot  # the weight is whole on every rank: so is its scale
 
 

@@ -156,5 +156,5 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
         weight = weight_of_scale(name)
         if weight not in out:
             raise CheckpointError(f"tensor {name!r} is an fp8 scale of no weight this model loads")
-        out[name] = scale_part(name, slot, out[weight])
+        out[name] = scale_part(slot, out[weight])
     return out
