@@ -106,7 +106,10 @@ class AdapterSync:
     """Keeps one ingress's ``AdapterRegistry`` equal to the operator's
     adapters (``configured``) plus the store's, and writes the runtime
     API's loads and unloads to the store. One lock orders a load or unload
-    against a refresh, so a refresh never undoes a change it did not see."""
+    against a refresh's changes, and a refresh whose read of the store began
+    before a load or unload here is dropped (the next one reads after it):
+    a stale read would otherwise bring back an adapter just unloaded, or
+    remove one just loaded."""
 
     def __init__(self, registry: AdapterRegistry, configured: set[str],
                  store: AdapterStore, period_s: float):
@@ -117,6 +120,7 @@ class AdapterSync:
         self.lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._skipped: dict[str, StoredAdapter] = {}  # entries this ingress cannot serve
+        self._changes = 0  # loads and unloads through this ingress so far
 
     async def start(self) -> None:
         """The stored adapters now, then refreshed every period."""
@@ -131,10 +135,16 @@ class AdapterSync:
             except Exception:  # noqa: BLE001 - the GCS away a moment: keep what is served
                 log.warning("reading the stored adapters failed", exc_info=True)
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> bool:
+        """Serve what the store holds. False (nothing changed) when a load or
+        unload here overtook the read."""
+        seen = self._changes
         stored = await asyncio.to_thread(self.store.all)
         async with self.lock:
+            if self._changes != seen:
+                return False
             await self._apply(stored)
+            return True
 
     async def _apply(self, stored: dict[str, StoredAdapter]) -> None:
         reg = self.registry
@@ -175,6 +185,7 @@ class AdapterSync:
                                       "first, or load with load_inplace")
             if name in self.registry.bases:
                 raise AdapterConflict(f"{name!r} is the name of a served base model")
+            self._changes += 1
             if not await asyncio.to_thread(self.store.put, StoredAdapter.of(served), replace):
                 raise AdapterConflict(f"an adapter named {name!r} was just loaded through "
                                       "another ingress; unload it first, or load with "
@@ -188,6 +199,7 @@ class AdapterSync:
             raise AdapterConflict(f"{name!r} is an adapter of the operator config; remove it "
                                   "there (models[].model.adapters)")
         async with self.lock:
+            self._changes += 1
             deleted = await asyncio.to_thread(self.store.delete, name)
             try:
                 self.registry.remove(name)
