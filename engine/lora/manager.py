@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import AdapterError
 from splitserve.engine.lora.adapter import AdapterRef
 from splitserve.engine.lora.slots import SlotTable
 from splitserve.engine.lora.weights import AdapterWeights, load_adapter
@@ -57,6 +58,11 @@ class LoraManager:
         """``ref``'s weights from its files (any thread); refused here, at
         registration, where they do not split across the replica's ranks."""
         weights = load_adapter(ref, self.model_cfg, self.max_rank, self.dtype)
+        unserved = sorted({proj for layer, proj in weights.modules
+                           if (layer, proj) not in self.targets})
+        if unserved:  # the layout took a projection this model keeps no stack for
+            raise AdapterError(f"adapter {ref.name!r}: this model serves no adapter on "
+                               f"{', '.join(unserved)}", param="target_modules")
         weights = AdapterWeights(weights.ref, {  # in the row order the model holds its weights
             key: (a, self.adapter_rows(key[1], b)) for key, (a, b) in weights.modules.items()})
         if self.tp is not None:

@@ -27,6 +27,7 @@ pytest.importorskip("peft")
 
 from splitserve.engine.config import EngineConfig  # noqa: E402
 from splitserve.engine.llm_engine import LLMEngine  # noqa: E402
+from splitserve.engine.errors import AdapterError  # noqa: E402
 from splitserve.engine.lora.adapter import AdapterUnavailableError, UnknownAdapterError  # noqa: E402
 from splitserve.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.fixtures.checkpoints import hf_greedy, hf_model  # noqa: E402
@@ -174,6 +175,10 @@ def test_unknown_and_unservable_adapters(family, tmp_path):
     cfg.write_text(cfg.read_text().replace('"lora_alpha": 8', '"lora_alpha": 9'))
     with pytest.raises(AdapterUnavailableError, match="changed"):
         eng.add_request(None, prompt_token_ids=ps[0], params=GREEDY, adapter=moved)
+    # a projection the layout takes but the model keeps no stack for: named, not a KeyError
+    del eng.lora.targets[(1, "v_proj")]
+    with pytest.raises(AdapterError, match="no adapter on v_proj"):
+        eng.add_adapter("attn", str(paths["attn"]))
 
 
 @pytest.mark.parametrize("variant", ["qwen3_moe", "cohere2_moe", "ernie4_5_moe", "llama4"])
