@@ -412,6 +412,9 @@ CRAFTED = [
     # refused by the engine, with the model's own tokens: named as the client's field
     (C, {**OK_C, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
     (R, {**OK_R, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
+    # each message counts one token's characters: many empty ones are refused before rendering
+    ("/tokenize", {"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * (CONTEXT + 1)},
+     "messages"),
     # a regex that unrolls to a million positions: refused by its shape, before it compiles
     (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
