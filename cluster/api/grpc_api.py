@@ -52,9 +52,9 @@ from splitserve.cluster.api.grpc_interceptors import (DETAILS_CHARS, PARAM_METAD
                                                      ApiKeyInterceptor, DecodeErrorInterceptor,
                                                      MetadataLimitInterceptor, OneRequestInterceptor)
 from splitserve.cluster.api.grpc_stall import WRITE_STALL_S, WriteStallInterceptor
-from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_kwargs, generate_response,
-                                                 messages_chars, request_tools, sampling_params,
-                                                 template_tools)
+from splitserve.cluster.api.grpc_messages import (chat_messages, chat_template_kwargs, check_chat_chars,
+                                                 generate_response, messages_chars, request_tools,
+                                                 sampling_params, template_tools)
 from splitserve.cluster.api.health import HealthService
 from splitserve.cluster.api.prepare import INLINE_MESSAGES, PreparePool, shared_pool
 from splitserve.cluster.api.proto import health_pb2_grpc
@@ -127,7 +127,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         tokenizing (on the loop: it only counts)."""
         max_model_len = self.backend.model_info(req.model).max_model_len
         if req.messages:
-            check_prompt_chars(messages_chars(req.messages), max_model_len, "messages")
+            check_chat_chars(req, max_model_len)
         else:
             check_prompt_chars(len(req.text), max_model_len, "text")
 

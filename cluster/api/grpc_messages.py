@@ -14,6 +14,7 @@ from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import PROMPT_CHARS_PER_TOKEN, check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import choice_spec, json_object_spec
 
@@ -174,4 +175,21 @@ def chat_template_kwargs(text: str) -> dict:
 
 
 def messages_chars(msgs) -> int:
-    return sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in msgs)
+    """Characters the chat template may render of the messages: each one's
+    strings (role, content, tool_call_id, its tool calls' ids, names and
+    arguments), and at least one token's worth per message (its role's
+    marker), so that many empty messages are bounded as well as long ones."""
+    return sum(PROMPT_CHARS_PER_TOKEN + len(m.role) + len(m.content) + len(m.tool_call_id)
+               + sum(len(c.id) + len(c.name) + len(c.arguments) for c in m.tool_calls) for m in msgs)
+
+
+def check_chat_chars(req: pb.GenerateRequest | pb.TokenizeRequest, max_model_len: int) -> None:
+    """A chat's text bounded by the model's context before it is rendered:
+    the messages, then with the tools (names, descriptions, parameters) and
+    ``chat_template_kwargs`` the template renders too; the refusal names the
+    field that passes the bound."""
+    chars = messages_chars(req.messages)
+    check_prompt_chars(chars, max_model_len, "messages")
+    chars += sum(len(t.name) + len(t.description) + len(t.parameters) for t in req.tools)
+    check_prompt_chars(chars, max_model_len, "tools")
+    check_prompt_chars(chars + len(req.chat_template_kwargs), max_model_len, "chat_template_kwargs")

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from splitserve.cluster.api.chat_prompt import ChatRequest
 from splitserve.cluster.api.openai_structured import structured_output
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_CHOICES, MAX_PROMPTS
+from splitserve.engine.limits import MAX_CHOICES, MAX_PROMPTS, PROMPT_CHARS_PER_TOKEN
 from splitserve.engine.sampling_params import SamplingParams
 
 # OpenAI's default for /v1/completions; chat completions default to no limit.
@@ -392,15 +392,18 @@ class ChatCompletionRequest(_Common):
         return [m.to_template(i) for i, m in enumerate(self.messages)]
 
     def text_chars(self) -> int:
-        """Characters of the messages' text (contents, tool call arguments):
-        what the prompt's length in tokens follows."""
+        """Characters of the messages' text (``messages_text_chars``): what
+        the prompt's length in tokens follows."""
         return messages_text_chars(self.messages)
 
 
 def messages_text_chars(messages: list[ChatMessage]) -> int:
-    """Characters of the messages' text (contents, tool call arguments)."""
+    """Characters of the messages' text (contents, tool call arguments, roles,
+    names, tool_call_ids), and one token's worth per message (its role's
+    marker), so that many empty messages are bounded as well as long ones."""
     total = 0
     for m in messages:
+        total += PROMPT_CHARS_PER_TOKEN + len(m.role) + len(m.name or "") + len(m.tool_call_id or "")
         parts = m.content if isinstance(m.content, list) else [m.content]
         total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
         for call in m.tool_calls or ():

@@ -243,6 +243,10 @@ def grpc_cases():
         (G, dict(messages=[pb.ChatMessage(role="assistant", tool_calls=[
             pb.ToolCall(name="f", arguments="[" * 900 + "]" * 900)])]), "messages[0].tool_calls[0].arguments"),
         (G, dict(token_ids=pb.TokenIds(ids=list(range(20000)))), "prompt"),
+        # each message counts at least one token's characters (200000 empty ones, 1.6 MB, once
+        # took the preparation thread 27 s to render and tokenize); tools count toward the chat too
+        (T, dict(messages=[pb.ChatMessage(role="user")] * (CONTEXT + 1)), "messages"),
+        (T, dict(messages=HI, tools=[pb.Tool(name="f", description=big)]), "tools"),
     ]
     rng = random.Random(16)
     strings = ["", "x", "\u0000\u202e", "é" * 3000, "x" * 20000, "{", "[" * 3000, "null"]
@@ -408,6 +412,9 @@ CRAFTED = [
     # refused by the engine, with the model's own tokens: named as the client's field
     (C, {**OK_C, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
     (R, {**OK_R, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
+    # each message counts one token's characters: many empty ones are refused before rendering
+    ("/tokenize", {"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * (CONTEXT + 1)},
+     "messages"),
     # a regex that unrolls to a million positions: refused by its shape, before it compiles
     (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {

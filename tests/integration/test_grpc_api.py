@@ -340,6 +340,10 @@ HI = [pb.ChatMessage(role="user", content="hi")]
           params=P(structured_output=pb.StructuredOutput(json_object=True))), "tool_choice"),
     (dict(messages=[pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(name="f", arguments="{x")])]),
      "messages[0].tool_calls[0].arguments"),
+    # every string the template may render counts toward the chat's characters, before rendering
+    (dict(messages=[pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(name="f" * 5000)])]), "messages"),
+    (dict(messages=HI, tools=[pb.Tool(name="f", description="x" * 5000)]), "tools"),
+    (dict(messages=HI, chat_template_kwargs=json.dumps({"a": "x" * 5000})), "chat_template_kwargs"),
 ])
 def test_invalid_arguments_name_the_field(stub, local, engines, kw, param):
     err = code_of(lambda: generate(stub, model="tiny-llama", **kw))
