@@ -10,6 +10,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+import jsonschema
+
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import PARAM, check_spec, choice_spec, json_object_spec
 
@@ -34,6 +36,22 @@ def check_constraint(spec: dict[str, str], param: str) -> None:
         except (ValueError, RecursionError):  # not JSON: check_spec says so
             pass
     check_spec(spec, param)
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming ``param`` unless ``schema`` is a JSON schema by its
+    metaschema (its ``$schema``'s draft, else 2020-12): for a schema the
+    model only reads (a tool's parameters under tool_choice auto or none),
+    which need not be one llguidance compiles."""
+    cls = jsonschema.Draft202012Validator
+    if isinstance(schema.get("$schema"), str):  # otherwise 2020-12's metaschema says what is wrong
+        cls = jsonschema.validators.validator_for(schema, default=cls)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.path)
+        raise InvalidRequestError(f"{param} is not a JSON schema: at {where or 'the top'}: "
+                                  f"{e.message[:200]}", param=param) from None
 
 
 def constraint_refusal(e: BaseException, field: str | None) -> BaseException:

@@ -331,6 +331,7 @@ OK_R = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2}
 MISSING_TOKEN = "start: <[9999]>"
 BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
 BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
+NOT_A_SCHEMA = {"type": "object", "properties": 5}
 TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
 # Crafted requests once answered with a 500, a 200 that served something else
 # than asked, or a 400 naming another field; each with the field its 400 names.
@@ -408,6 +409,14 @@ CRAFTED = [
     # refused by the engine, with the model's own tokens: named as the client's field
     (C, {**OK_C, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
     (R, {**OK_R, "structured_outputs": {"grammar": MISSING_TOKEN}}, "structured_outputs"),
+    # parameters that are not a JSON schema, whatever tool_choice: once shown to the model as they were
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": NOT_A_SCHEMA}}]},
+     "tools[0].function.parameters"),
+    (R, {**OK_R, "tools": [{"type": "function", "name": "f", "parameters": NOT_A_SCHEMA}], "tool_choice": "none"},
+     "tools[0].parameters"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "tools": [
+        TOOL, {"type": "function", "function": {"name": "g", "parameters": NOT_A_SCHEMA}}]},
+     "tools[1].function.parameters"),
     # a regex that unrolls to a million positions: refused by its shape, before it compiles
     (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
