@@ -121,9 +121,20 @@ def structured_output(response_format: dict[str, Any] | None,
     if unknown:
         raise InvalidRequestError(f"response_format.json_schema: unknown fields {sorted(unknown)}"[:200],
                                   param="response_format.json_schema")
+    check_schema_fields(js, "response_format.json_schema")
     spec = {"type": "json", "value": json.dumps(js["schema"])}
     check_constraint(spec, "response_format")
     return spec
+
+
+def check_schema_fields(fmt: dict[str, Any], where: str) -> None:
+    """The fields beside a JSON schema (chat's ``response_format.json_schema``,
+    the Responses API's ``text.format``) each of its type when given: a
+    400 naming it otherwise."""
+    for key, kind, what in (("name", str, "a string"), ("description", str, "a string"),
+                            ("strict", bool, "a boolean")):
+        if fmt.get(key) is not None and not isinstance(fmt[key], kind):
+            raise InvalidRequestError(f"{where}.{key} must be {what}", param=f"{where}.{key}")
 
 
 def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:

@@ -417,6 +417,17 @@ CRAFTED = [
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "tools": [
         TOOL, {"type": "function", "function": {"name": "g", "parameters": NOT_A_SCHEMA}}]},
      "tools[1].function.parameters"),
+    # the fields beside a schema, and the Responses fields accepted and ignored: each of its type
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": 5, "schema": {}}}},
+     "response_format.json_schema.name"),
+    (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "strict": "yes"}}},
+     "text.format.strict"),
+    (R, {**OK_R, "reasoning": {"effort": 5}}, "reasoning.effort"),
+    (R, {**OK_R, "reasoning": {"efort": "low"}}, "reasoning"),
+    (R, {**OK_R, "text": {"verbosity": ["low"]}}, "text.verbosity"),
+    (R, {**OK_R, "stream_options": {"include_obfuscation": False}}, "stream_options"),
+    (R, {**OK_R, "stream": True, "stream_options": {"include_usage": True}}, "stream_options"),
+    (R, {**OK_R, "max_tool_calls": -1}, "max_tool_calls"),
     # a regex that unrolls to a million positions: refused by its shape, before it compiles
     (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
