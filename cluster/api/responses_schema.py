@@ -63,8 +63,9 @@ def _text(content: Any, where: str, field: str = "content") -> str:
     or text parts joined with newlines."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        _fail(f"{where}.{field} must be a string or a list of text parts", f"{where}.{field}")
+    if not isinstance(content, list) or not content:  # as OpenAI: an empty list is refused
+        _fail(f"{where}.{field} must be a string or a non-empty list of text parts",
+              f"{where}.{field}")
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None

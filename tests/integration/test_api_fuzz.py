@@ -398,6 +398,9 @@ CRAFTED = [
     (R, {**OK_R, "text": {"format": {"type": "text", "schema": {}}}}, "text.format"),
     (CH, {**OK_CH, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
      "messages[0].content[0].text"),
+    # an empty list of parts, once read as an empty message (OpenAI refuses it)
+    (CH, {**OK_CH, "messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    (R, {**OK_R, "input": [{"role": "user", "content": []}]}, "input[0].content"),
     # only an assistant's content may be left out (as OpenAI)
     (CH, {**OK_CH, "messages": [{"role": "user"}]}, "messages[0].content"),
     (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
