@@ -6,6 +6,7 @@ the field the client used."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,15 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
     metaschema (its ``$schema``'s draft, else 2020-12): for a schema the
     model only reads (a tool's parameters under tool_choice auto or none),
     which need not be one llguidance compiles."""
+    error = _schema_error(json.dumps(schema, sort_keys=True))
+    if error:
+        raise InvalidRequestError(f"{param} is not a JSON schema: {error}", param=param)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_error(text: str) -> str:
+    # milliseconds per schema: cached, as clients send the same tools with every turn
+    schema = json.loads(text)
     cls = jsonschema.Draft202012Validator
     if isinstance(schema.get("$schema"), str):  # otherwise 2020-12's metaschema says what is wrong
         cls = jsonschema.validators.validator_for(schema, default=cls)
@@ -50,8 +60,8 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
         cls.check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.path)
-        raise InvalidRequestError(f"{param} is not a JSON schema: at {where or 'the top'}: "
-                                  f"{e.message[:200]}", param=param) from None
+        return f"at {where or 'the top'}: {e.message[:200]}"
+    return ""
 
 
 def constraint_refusal(e: BaseException, field: str | None) -> BaseException:
