@@ -98,7 +98,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     connection is closed. The body has its own bound (``BodyDeadline``).
 
     The head may be at most ``MAX_HEAD_BYTES`` (counted as it arrives, so a
-    head one byte over it is refused at the latest one read later): past it
+    head one byte over it is refused at the latest one read later; a body
+    arriving in the same read as its head's end does not count): past it
     the answer is 431 ``request_header_too_large``. A request the parser
     rejects gets 400 ``invalid_http_request`` naming the parser's reason
     rather than uvicorn's plain-text 400. Both close the connection: what
@@ -132,11 +133,22 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(ApiError(431, f"the request line and headers exceed {MAX_HEAD_BYTES} "
-                                      "bytes", code="request_header_too_large"))
+            room = MAX_HEAD_BYTES - self._head_bytes
+            if len(data) > room:
+                # one read may hold the head's end and the body after it: the
+                # head's share is parsed first, and only a head that did not
+                # end within it is refused (an end resets the count to 0)
+                self._head_bytes = MAX_HEAD_BYTES
+                super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._head_bytes == MAX_HEAD_BYTES:
+                    self._refuse(ApiError(431, f"the request line and headers exceed "
+                                          f"{MAX_HEAD_BYTES} bytes", code="request_header_too_large"))
+                    return
+                self.data_received(data[room:])
                 return
+            self._head_bytes += len(data)
         super().data_received(data)
 
     def on_message_begin(self) -> None:

@@ -304,6 +304,9 @@ class ChatMessage(RequestBody):
             raise InvalidRequestError(f"messages[{index}].content is required for a {self.role[:40]!r} message",
                                       param=f"messages[{index}].content")
         if isinstance(content, list):
+            if not content:  # as OpenAI
+                raise InvalidRequestError(f"messages[{index}].content must not be an empty list",
+                                          param=f"messages[{index}].content")
             texts = []
             for k, part in enumerate(content):
                 if part.type != "text":

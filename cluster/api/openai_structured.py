@@ -6,9 +6,12 @@ the field the client used."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import TYPE_CHECKING, Any
+
+import jsonschema
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import PARAM, check_spec, choice_spec, json_object_spec
@@ -34,6 +37,31 @@ def check_constraint(spec: dict[str, str], param: str) -> None:
         except (ValueError, RecursionError):  # not JSON: check_spec says so
             pass
     check_spec(spec, param)
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming ``param`` unless ``schema`` is a JSON schema by its
+    metaschema (its ``$schema``'s draft, else 2020-12): for a schema the
+    model only reads (a tool's parameters under tool_choice auto or none),
+    which need not be one llguidance compiles."""
+    error = _schema_error(json.dumps(schema, sort_keys=True))
+    if error:
+        raise InvalidRequestError(f"{param} is not a JSON schema: {error}", param=param)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_error(text: str) -> str:
+    # milliseconds per schema: cached, as clients send the same tools with every turn
+    schema = json.loads(text)
+    cls = jsonschema.Draft202012Validator
+    if isinstance(schema.get("$schema"), str):  # otherwise 2020-12's metaschema says what is wrong
+        cls = jsonschema.validators.validator_for(schema, default=cls)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.path)
+        return f"at {where or 'the top'}: {e.message[:200]}"
+    return ""
 
 
 def constraint_refusal(e: BaseException, field: str | None) -> BaseException:
@@ -103,9 +131,20 @@ def structured_output(response_format: dict[str, Any] | None,
     if unknown:
         raise InvalidRequestError(f"response_format.json_schema: unknown fields {sorted(unknown)}"[:200],
                                   param="response_format.json_schema")
+    check_schema_fields(js, "response_format.json_schema")
     spec = {"type": "json", "value": json.dumps(js["schema"])}
     check_constraint(spec, "response_format")
     return spec
+
+
+def check_schema_fields(fmt: dict[str, Any], where: str) -> None:
+    """The fields beside a JSON schema (chat's ``response_format.json_schema``,
+    the Responses API's ``text.format``) each of its type when given: a
+    400 naming it otherwise."""
+    for key, kind, what in (("name", str, "a string"), ("description", str, "a string"),
+                            ("strict", bool, "a boolean")):
+        if fmt.get(key) is not None and not isinstance(fmt[key], kind):
+            raise InvalidRequestError(f"{where}.{key} must be {what}", param=f"{where}.{key}")
 
 
 def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:

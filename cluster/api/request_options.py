@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 from splitserve.cluster.api.backend import RequestOptions
 from splitserve.cluster.api.openai_schema import ApiError
 
 TIMEOUT_HEADER = "x-request-timeout"
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII decimal
 MAX_TIMEOUT_S = 86400.0
 PRIORITY_BOUND = 2**31 - 1  # gRPC's int32; the same bound over HTTP
 
@@ -33,10 +35,8 @@ def http_options(headers, priority: int | None, arrival: float) -> RequestOption
     raw = headers.get(TIMEOUT_HEADER)
     deadline = None
     if raw is not None:
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            timeout_s = math.nan
+        # float() would also read "1_0", other scripts' digits and "infinity"
+        timeout_s = float(raw) if _SECONDS.fullmatch(raw) else math.nan
         if not (0 < timeout_s <= MAX_TIMEOUT_S):
             raise ApiError(400, f"{TIMEOUT_HEADER} must be a number of seconds in "
                            f"(0, {MAX_TIMEOUT_S:g}], got {raw[:40]!r}", param=TIMEOUT_HEADER,

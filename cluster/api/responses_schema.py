@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 from splitserve.cluster.api.chat_prompt import ChatRequest, template_kwargs
 from splitserve.cluster.api.openai_schema import ApiError, Sampling, renamed
-from splitserve.cluster.api.openai_structured import check_constraint, structured_output
+from splitserve.cluster.api.openai_structured import (check_constraint, check_schema_fields,
+                                                      structured_output)
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
 from splitserve.engine.structured import json_object_spec
@@ -62,8 +63,9 @@ def _text(content: Any, where: str, field: str = "content") -> str:
     or text parts joined with newlines."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        _fail(f"{where}.{field} must be a string or a list of text parts", f"{where}.{field}")
+    if not isinstance(content, list) or not content:  # as OpenAI: an empty list is refused
+        _fail(f"{where}.{field} must be a string or a non-empty list of text parts",
+              f"{where}.{field}")
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -151,6 +153,20 @@ def _check_include(include: list[str]) -> None:
               "/v1/chat/completions", "include")
 
 
+def _check_fields(obj: dict[str, Any] | None, where: str, types: dict[str, type | None]) -> None:
+    """``obj``'s fields are among ``types``, each of its type unless null
+    (a type of None: checked elsewhere)."""
+    if obj is None:
+        return
+    unknown = sorted(set(obj) - set(types))
+    if unknown:
+        _fail(f"{where}: unknown fields {unknown}"[:200], where)
+    for key, kind in types.items():
+        if kind is not None and obj.get(key) is not None and not isinstance(obj[key], kind):
+            what = {str: "a string", bool: "a boolean"}[kind]
+            _fail(f"{where}.{key} must be {what}", f"{where}.{key}")
+
+
 def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     """Function tools in chat's shape; other tool types are refused."""
     if tools is None:
@@ -200,6 +216,7 @@ def text_format(text: dict[str, Any] | None) -> dict[str, str] | None:
     if kind != "json_schema" or not isinstance(fmt.get("schema"), dict):
         _fail('text.format must be {"type": "text"}, {"type": "json_object"} or {"type": '
               '"json_schema", "name", "schema": {...}}', "text.format")
+    check_schema_fields(fmt, "text.format")
     spec = {"type": "json", "value": json.dumps(fmt["schema"])}
     check_constraint(spec, "text.format")
     return spec
@@ -249,9 +266,15 @@ class ResponsesRequest(Sampling):
         _check_include(self.include or [])
         if isinstance(self.input, list):
             _check_items(self.input)
-        if self.text is not None and set(self.text) - {"format", "verbosity"}:
-            _fail(f"text: unknown fields {sorted(set(self.text) - {'format', 'verbosity'})}"[:200],
-                  "text")
+        # the fields accepted and ignored are type-checked all the same
+        _check_fields(self.text, "text", {"format": None, "verbosity": str})
+        _check_fields(self.reasoning, "reasoning",
+                      {"effort": str, "summary": str, "generate_summary": str})
+        _check_fields(self.stream_options, "stream_options", {"include_obfuscation": bool})
+        if self.stream_options is not None and not self.stream:
+            _fail("stream_options is only allowed when stream is true", "stream_options")
+        if self.max_tool_calls is not None and self.max_tool_calls < 0:
+            _fail(f"max_tool_calls must be >= 0, got {self.max_tool_calls}", "max_tool_calls")
         if isinstance(self.input, list) and not self.input:
             _fail("input must not be empty", "input")
         if self.text_format() is not None and self.structured_outputs is not None:

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.cluster.api.openai_structured import check_constraint
+from splitserve.cluster.api.openai_structured import check_constraint, check_json_schema
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, MAX_TOOLS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
@@ -216,6 +216,8 @@ def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         _fail(f"{where}.function.parameters must be a JSON schema of an object",
               f"{where}.function.parameters")
+    # whatever tool_choice (a forced call compiles it too): not shown to the model unless a schema
+    check_json_schema(params, f"{where}.function.parameters")
     return name, params
 
 

@@ -200,8 +200,9 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     cfg_file, _ = adapter_files(path)
     try:
         data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file}: invalid JSON: {e}", param="lora_path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # nested past the stack
+        raise AdapterError(f"{cfg_file}: invalid JSON: {type(e).__name__}: {e}"[:400],
+                           param="lora_path") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object", param="lora_path")
     return parse_adapter_config(data, str(cfg_file))

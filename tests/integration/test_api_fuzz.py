@@ -335,6 +335,7 @@ OK_R = {"model": "tiny-llama", "input": "hi", "max_output_tokens": 2}
 MISSING_TOKEN = "start: <[9999]>"
 BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
 BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
+NOT_A_SCHEMA = {"type": "object", "properties": 5}
 TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
 # Crafted requests once answered with a 500, a 200 that served something else
 # than asked, or a 400 naming another field; each with the field its 400 names.
@@ -401,6 +402,9 @@ CRAFTED = [
     (R, {**OK_R, "text": {"format": {"type": "text", "schema": {}}}}, "text.format"),
     (CH, {**OK_CH, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
      "messages[0].content[0].text"),
+    # an empty list of parts, once read as an empty message (OpenAI refuses it)
+    (CH, {**OK_CH, "messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    (R, {**OK_R, "input": [{"role": "user", "content": []}]}, "input[0].content"),
     # only an assistant's content may be left out (as OpenAI)
     (CH, {**OK_CH, "messages": [{"role": "user"}]}, "messages[0].content"),
     (CH, {**OK_CH, "messages": [{"role": "assistant", "tool_calls": [
@@ -415,6 +419,25 @@ CRAFTED = [
     # each message counts one token's characters: many empty ones are refused before rendering
     ("/tokenize", {"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * (CONTEXT + 1)},
      "messages"),
+    # parameters that are not a JSON schema, whatever tool_choice: once shown to the model as they were
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": NOT_A_SCHEMA}}]},
+     "tools[0].function.parameters"),
+    (R, {**OK_R, "tools": [{"type": "function", "name": "f", "parameters": NOT_A_SCHEMA}], "tool_choice": "none"},
+     "tools[0].parameters"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "tools": [
+        TOOL, {"type": "function", "function": {"name": "g", "parameters": NOT_A_SCHEMA}}]},
+     "tools[1].function.parameters"),
+    # the fields beside a schema, and the Responses fields accepted and ignored: each of its type
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": 5, "schema": {}}}},
+     "response_format.json_schema.name"),
+    (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "strict": "yes"}}},
+     "text.format.strict"),
+    (R, {**OK_R, "reasoning": {"effort": 5}}, "reasoning.effort"),
+    (R, {**OK_R, "reasoning": {"efort": "low"}}, "reasoning"),
+    (R, {**OK_R, "text": {"verbosity": ["low"]}}, "text.verbosity"),
+    (R, {**OK_R, "stream_options": {"include_obfuscation": False}}, "stream_options"),
+    (R, {**OK_R, "stream": True, "stream_options": {"include_usage": True}}, "stream_options"),
+    (R, {**OK_R, "max_tool_calls": -1}, "max_tool_calls"),
     # a regex that unrolls to a million positions: refused by its shape, before it compiles
     (C, {**OK_C, "structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs"),
     (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {

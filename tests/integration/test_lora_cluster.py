@@ -123,7 +123,7 @@ def test_adapters_and_base_in_concurrent_requests(cluster, reference):
     assert streamed == reference["chat"][0]
 
 
-def test_runtime_load_request_unload(cluster, adapters, reference):
+def test_runtime_load_request_unload(cluster, adapters, reference, tmp_path):
     _, paths = adapters
     c = client(cluster)
     http = httpx.Client(base_url=f"http://127.0.0.1:{cluster.endpoints.http_port}",
@@ -139,6 +139,13 @@ def test_runtime_load_request_unload(cluster, adapters, reference):
     assert r.status_code == 400 and r.json()["error"]["param"] == "use_dora"
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    # a config nested past the stack (once a 500), beside the weights of an adapter that loads
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (nested / "adapter_model.safetensors").write_bytes((paths["sql"] / "adapter_model.safetensors").read_bytes())
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(nested)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "x"})
     assert r.status_code == 400
     assert httpx.post(f"{http.base_url}/v1/load_lora_adapter",

@@ -3,7 +3,8 @@ server (``endpoints.http_server: ingress``): the real app, API keys on, on a
 real uvicorn on loopback, spoken to over raw sockets. Broken framing gets a
 400 and an oversized head a 431, both in OpenAI's error shape with the
 connection closed; valid but unusual framing (pipelining, HTTP/1.0, chunked
-bodies with extensions and trailers, ``Expect: 100-continue``) is served;
+bodies with extensions and trailers, ``Expect: 100-continue``, a body past
+the head's bound sent in one write with its head) is served;
 two Authorization headers and a trailing slash are refused in OpenAI's
 shape; and the server serves the next client after each, leaving no
 connection or task behind."""
@@ -165,6 +166,9 @@ def test_a_head_under_the_bound_is_served():
     _serve(check)
 
 
+BIG = json.dumps({"model": "x", "prompt": "a" * (3 * MAX_HEAD_BYTES)}).encode()
+
+
 def test_unusual_but_valid_framing_is_served():
     chunked = f"{len(BODY):x}".encode()
     cases = {
@@ -177,6 +181,13 @@ def test_unusual_but_valid_framing_is_served():
             + b";ext=1\r\n" + BODY + b"\r\n0\r\nX-Trailer: 1\r\n\r\n", [404]),
         "Expect: 100-continue": (f"{POST}Expect: 100-continue\r\nContent-Length: {len(BODY)}\r\n"
                                  "Connection: close\r\n\r\n".encode() + BODY, [100, 404]),
+        # a body past the head's bound, in the same write (and read) as its head
+        "a large body in one write with its head": (
+            f"{POST}Content-Length: {len(BIG)}\r\nConnection: close\r\n\r\n".encode() + BIG, [404]),
+        "pipelined, the second with a large body": (
+            f"{POST}Content-Length: {len(BODY)}\r\n\r\n".encode() + BODY
+            + f"{POST}Content-Length: {len(BIG)}\r\nConnection: close\r\n\r\n".encode() + BIG,
+            [404, 404]),
         "an absolute-form target": (f"GET http://elsewhere.example/v1/models HTTP/1.1\r\n"
                                     f"Host: t\r\n{AUTH}Connection: close\r\n\r\n".encode(), [200]),
     }

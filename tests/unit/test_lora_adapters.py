@@ -17,7 +17,8 @@ import pytest
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hashing import ROOT_HASH, adapter_root_hash, block_hashes
 from splitserve.engine.kv_manager import KVCacheManager
-from splitserve.engine.lora.adapter import AdapterError, AdapterRef, parse_adapter_config
+from splitserve.engine.lora.adapter import (AdapterError, AdapterRef, parse_adapter_config,
+                                            read_adapter_config)
 from splitserve.engine.lora.layout import adapter_layout
 from splitserve.engine.lora.slots import SlotTable
 from splitserve.engine.sampling_params import SamplingParams
@@ -39,6 +40,15 @@ def test_unserved_features_are_refused_by_field(field, value):
     with pytest.raises(AdapterError) as e:
         parse_adapter_config({**BASE, field: value})
     assert e.value.param == field and field in str(e.value)
+
+
+def test_a_config_nested_past_the_stack_is_refused_naming_the_path(tmp_path):
+    # json.loads raised RecursionError: a 500 on POST /v1/load_lora_adapter
+    (tmp_path / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError, match="invalid JSON: RecursionError") as e:
+        read_adapter_config(tmp_path)
+    assert e.value.param == "lora_path"
 
 
 def test_rank_and_scaling_per_module():

@@ -15,10 +15,13 @@ from splitserve.cluster.serve.stream_deadlines import StreamDeadlines
 def test_http_priority_and_timeout():
     assert http_options({}, None, 100.0) == RequestOptions(0, None)
     assert http_options({"x-request-timeout": "2.5"}, -3, 100.0) == RequestOptions(-3, 102.5)
+    for written in ("10", "1e1", "10.", ".1e2", "10.0E+0"):
+        assert http_options({"x-request-timeout": written}, None, 0.0).deadline == 10.0
     assert http_options({}, PRIORITY_BOUND, 0.0).priority == PRIORITY_BOUND
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "86400.5", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "86400.5", "", "1_0", "\uff11\uff10",
+                                   "0x10", "1e999"])
 def test_a_bad_timeout_header_is_a_400_naming_it(value):
     with pytest.raises(ApiError) as e:
         http_options({"x-request-timeout": value}, None, 0.0)

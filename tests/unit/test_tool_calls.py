@@ -170,11 +170,18 @@ def test_bad_tools_name_the_field(tools, choice, param):
     assert err.value.param == param
 
 
-def test_bad_schema_is_accepted_for_auto():
-    # auto never compiles the schemas: the model only reads them
+def test_auto_and_none_check_schemas_without_compiling_them():
+    # the model only reads them: a JSON schema llguidance does not compile ("not") is served
+    uncompiled = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "not": {"required": ["a"]}}}}
+    assert tool_request([uncompiled], "auto", None, "").constraint is None
+    # what is no JSON schema at all is refused, naming it
     bad = {"type": "function", "function": {"name": "bad", "parameters": {
         "type": "object", "properties": {"a": {"type": "foo"}}}}}
-    assert tool_request([bad], "auto", None, "").constraint is None
+    for choice in ("auto", "none"):
+        with pytest.raises(InvalidRequestError, match="not a JSON schema: at .properties.a.type") as err:
+            tool_request([TIME, bad], choice, None, "")
+        assert err.value.param == "tools[1].function.parameters"
 
 
 def test_template_messages_give_arguments_as_objects():
