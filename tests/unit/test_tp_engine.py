@@ -73,6 +73,18 @@ def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
 
+# The LayerNorm / ungated-MLP families: starcoder2 (c_fc / c_proj, biases), phi (fc1 / fc2,
+# dense, parallel residual, partial rotary, the LM head's bias), gpt_neox (query_key_value
+# split per head at load, a norm each for the parallel attention and MLP), nemotron
+# (LayerNorm1P, relu2 up / down), falcon (the grouped query_key_value split at load)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "nemotron", "falcon"])
+def test_tp2_layer_norm_families(tiny_checkpoints, engines, family):
+    eng = check_parity(tiny_checkpoints[family], 2, engines)
+    mlp = eng.runner.model.layers[0].mlp
+    assert mlp.up_proj.out_features == eng.model_cfg.intermediate_size // 2
+
+
 @pytest.mark.slow
 def test_tp2_chunked_prefill_bias_and_tied_embeddings(tiny_checkpoints, engines):
     # row-parallel biases added once; tied LM head read from the embedding shard
@@ -158,9 +170,13 @@ def test_tp_refuses_a_model_that_does_not_split(tiny_checkpoints):
         make(tiny_checkpoints["llama"], 3)
 
 
-def test_tp_refuses_the_layer_norm_families(tiny_checkpoints):
-    with pytest.raises(ValueError, match=r"parallel-residual layers \(\w+ForCausalLM\) are not split"):
-        make(tiny_checkpoints["starcoder2"], 2)
+def test_tp_refuses_a_layer_norm_family_whose_heads_do_not_split(tiny_checkpoints):
+    # the tiny Bloom has 3 heads, one KV head each; its LayerNorms and MLP (192 wide) would split
+    with pytest.raises(ValueError, match=r"BloomForCausalLM cannot run at tensor_parallel_size 2: "
+                                         r"num_attention_heads \(3\) is not a multiple of it; "
+                                         r"num_key_value_heads \(3\) neither divides it") as err:
+        make(tiny_checkpoints["bloom"], 2)
+    assert "intermediate_size" not in str(err.value) and "LayerNorm" not in str(err.value)
 
 
 @pytest.mark.slow
