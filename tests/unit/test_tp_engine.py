@@ -18,7 +18,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.handoff.protocol import check_state_fits
-from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, write_hf_checkpoint
 
 MAX_NEW = 6
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -83,6 +83,17 @@ def test_tp2_layer_norm_families(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     mlp = eng.runner.model.layers[0].mlp
     assert mlp.up_proj.out_features == eng.model_cfg.intermediate_size // 2
+
+
+@pytest.mark.slow
+def test_tp2_bloom_blocks_add_to_their_normed_input(tmp_path, tiny_tokenizer_dir, engines):
+    # Bloom with apply_residual_connection_post_layernorm: each block's output joins its normed
+    # input, so attention's partial sums are reduced first; 4 heads, 2 per rank with their ALiBi
+    # slopes, the fused query_key_value split per head, the embeddings' norm whole
+    path = write_hf_checkpoint(tmp_path / "bloom", "BloomConfig",
+                               {**COMMON, "vocab_size": 512, "apply_residual_connection_post_layernorm": True},
+                               120, {}, tiny_tokenizer_dir)
+    check_parity(path, 2, engines)
 
 
 @pytest.mark.slow
