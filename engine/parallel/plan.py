@@ -9,9 +9,10 @@ Megatron-style layout over ``size`` ranks:
   dimension: I/N per rank;
 - vocabulary (embedding rows, LM head rows and bias): ceil(V/N) per rank,
   the last shard padded with zero rows;
-- norms (RMSNorm, LayerNorm weights and biases): whole on every rank, so the
-  LayerNorm / ungated-MLP families (StarCoder2, Phi, GPT-NeoX, Falcon, ...)
-  split as Llama does, by heads and intermediate dimension;
+- norms (RMSNorm, LayerNorm weights and biases) and learned position tables
+  (GPT-2, OPT): whole on every rank, so the LayerNorm / ungated-MLP families
+  (StarCoder2, Phi, GPT-NeoX, Falcon, GPT-2, ...) split as Llama does, by
+  heads and intermediate dimension;
 - Gated DeltaNet layers (Qwen3-Next, Qwen3.5): ``linear_num_key_heads / N``
   key heads per rank and the value heads each serves, so each rank's
   recurrent states hold its heads only (``GatedDeltaNetShape.split``).
@@ -66,9 +67,6 @@ def check(cfg: ModelConfig, size: int) -> None:
     elif cfg.options.hybrid is not None:
         problems.append("its recurrent layers and their states are not split across ranks (serve it at "
                         "tensor_parallel_size 1)")
-    if cfg.options.position_table:
-        problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
-                        "(serve it at tensor_parallel_size 1)")
     problems += check_fp8_split(cfg, size)
     if problems:
         raise TensorParallelConfigError(

@@ -154,15 +154,13 @@ def test_biogpt_refuses_fp8_checkpoints():
 
 # --- all four ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw", [xglm(), openai_gpt(), biogpt()], ids=["xglm", "openai_gpt", "biogpt"])
-def test_tensor_parallel_is_refused_for_position_tables(raw):
-    with pytest.raises(TensorParallelConfigError, match="position table"):
-        check(ModelConfig.from_hf(raw), 2)
-
-
-def test_persimmon_splits_by_heads():
-    # its shared per-head q/k LayerNorms whole on every rank, query_key_value split per head
-    check(ModelConfig.from_hf(persimmon()), 2)
+@pytest.mark.parametrize("raw", [persimmon(), xglm(), openai_gpt(), biogpt()],
+                         ids=["persimmon", "xglm", "openai_gpt", "biogpt"])
+def test_tensor_parallel_splits_by_heads(raw):
+    # norms, Persimmon's shared q/k norms and the position tables whole on every rank
+    check(ModelConfig.from_hf(raw), 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
+        check(ModelConfig.from_hf(raw), 3)
 
 
 @pytest.mark.parametrize("variant", ["persimmon", "xglm", "openai_gpt", "biogpt"])

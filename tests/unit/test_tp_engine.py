@@ -76,9 +76,10 @@ def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
 # The LayerNorm / ungated-MLP families: starcoder2 (c_fc / c_proj, biases), phi (fc1 / fc2,
 # dense, parallel residual, partial rotary, the LM head's bias), gpt_neox (query_key_value
 # split per head at load, a norm each for the parallel attention and MLP), nemotron
-# (LayerNorm1P, relu2 up / down), falcon (the grouped query_key_value split at load)
+# (LayerNorm1P, relu2 up / down), falcon (the grouped query_key_value split at load),
+# openai_gpt (a learned position table whole on every rank, post-norm blocks, c_attn split)
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "nemotron", "falcon"])
+@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "nemotron", "falcon", "openai_gpt"])
 def test_tp2_layer_norm_families(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     mlp = eng.runner.model.layers[0].mlp
