@@ -188,8 +188,9 @@ def test_dbrx_defaults_as_its_config_class():
     assert moe.expert_weight_norm == ffn.moe_normalize_expert_weights and not moe.renormalize
     assert ours.options.clip_qkv is None and ours.options.float_layer_norm == "weight"
     assert (ours.attention_bias, ours.o_proj_bias, ours.mlp_bias) == (False, False, False)
-    with pytest.raises(TensorParallelConfigError, match="fused Wqkv and experts"):
-        check(ours, 2)
+    check(ours, 2)  # Wqkv and the experts split at load, then sharded (TP=2 parity: test_tp_engine)
+    with pytest.raises(TensorParallelConfigError, match="DbrxForCausalLM cannot run at tensor_parallel_size 3"):
+        check(ours, 3)
 
 
 def test_dbrx_rope_theta():
