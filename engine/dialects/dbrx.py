@@ -22,8 +22,9 @@ in Llama's keys, as transformers' DbrxConfig reads it, and its
 - tied embeddings are refused, as transformers refuses them.
 
 Tensors are renamed and split at load (``splitserve.engine.models.dbrx``),
-so fp8 checkpoints are refused (``weight_dtype: fp8`` quantizes at load), and
-so is tensor parallelism (``FamilyOptions.tensor_parallel_refusal``).
+so fp8 checkpoints are refused (``weight_dtype: fp8`` quantizes at load).
+Tensor parallelism splits them with the full model's sizes before each rank
+takes its part (its experts' intermediate dimension, as Mixtral's).
 """
 
 from __future__ import annotations
@@ -96,10 +97,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     if clip is not None and float(clip) <= 0:
         raise ValueError(f"attn_config.clip_qkv must be positive, got {clip}")
     return FamilyOptions(hidden_act="silu", float_layer_norm="weight",
-                         clip_qkv=None if clip is None else float(clip),
-                         tensor_parallel_refusal="its fused Wqkv and experts (DBRX), split at load, are "
-                                                 "not split across ranks yet (serve it at "
-                                                 "tensor_parallel_size 1)")
+                         clip_qkv=None if clip is None else float(clip))
 
 
 DIALECT = Dialect(architectures=("DbrxForCausalLM",), llama_keys=llama_keys, options=options)

@@ -7,8 +7,10 @@ after a RoPE that turns the other way; the ungated MLP ``fc1 -> hidden_act ->
 fc2`` (default relu2, no biases); the logits soft-capped at
 ``final_logit_softcapping`` (15; null: none); q/k/v/o biases per
 ``attention_bias``; untied embeddings by default
-(``splitserve.engine.models.nanochat``). Refused: a ``partial_rotary_factor``
-other than 1, fp8 checkpoints (q/k rows negated at load), tensor parallelism.
+(``splitserve.engine.models.nanochat``). Tensor parallelism splits it as
+Llama's (the weightless norms need no part; q/k rows are negated per head).
+Refused: a ``partial_rotary_factor`` other than 1, fp8 checkpoints (q/k rows
+negated at load).
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ def options(cfg: dict[str, Any]) -> FamilyOptions:
     cap = cfg.get("final_logit_softcapping", 15.0)
     return FamilyOptions(
         hidden_act=plain_activation(cfg, "nanochat", "relu2", key="hidden_act"),
-        plain_mlp=("fc1", "fc2"), final_softcap=float(cap or 0.0), rope_qk_l2_norm=True,
-        tensor_parallel_refusal="its weightless norms and flipped q/k rows (nanochat) are not "
-                                "split across ranks (serve it at tensor_parallel_size 1)")
+        plain_mlp=("fc1", "fc2"), final_softcap=float(cap or 0.0), rope_qk_l2_norm=True)
 
 
 DIALECT = Dialect(architectures=("NanoChatForCausalLM",), llama_keys=llama_keys, options=options)

@@ -42,7 +42,9 @@ class NormedResidualLayer(DecoderLayer):
     """Bloom's block with ``apply_residual_connection_post_layernorm``:
     ``h = ln1(x); a = h + attn(h); y = ln2(a); out = y + mlp(y)``. Its
     output is the whole stream, so it returns no separate residual (and
-    takes none: the previous layer returned None too)."""
+    takes none: the previous layer returned None too). At tensor
+    parallelism the attention's partial sums are reduced before they join
+    ``h`` (the MLP's in ``feed_forward``)."""
 
     def forward(
         self,
@@ -55,7 +57,8 @@ class NormedResidualLayer(DecoderLayer):
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, None]:
         h, _ = self.input_layernorm(x)
-        a = h + self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
+        attn = self.self_attn(positions, h, layer_cache, meta, cos_sin_cache, lora)
+        a = h + (attn if self.tp is None else self.tp.all_reduce(attn))
         h, _ = self.post_attention_layernorm(a)
         return h + self.feed_forward(h, lora), None
 

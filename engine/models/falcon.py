@@ -52,8 +52,10 @@ class FalconCausalLM(MappedCausalLM):
                     "query_key_value and dense, which are split and renamed at load)")
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """``query_key_value.{weight,bias}`` -> q_proj, k_proj and v_proj's."""
-        cfg = self.cfg
+        """``query_key_value.{weight,bias}`` -> q_proj, k_proj and v_proj's, whole
+        (tensor parallel: the full model's heads; each rank's slots then
+        take their part)."""
+        cfg = self.cfg if self.tp is None else self.tp.plan.cfg
         heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rows = (heads + 2 * kv) * d
         if tensor.dim() < 1 or tensor.shape[0] != rows:

@@ -9,8 +9,9 @@ loaded as ``1 + weight``, summed in the model dtype (``PlusOneSlot``), and
 the norms are ``layers.LayerNorm``. The MLP is ``PlainMLP`` (``up_proj ->
 relu2 -> down_proj``); the first ``rotary_dim`` dims of each head rotate,
 rotate-half, the rest pass through. LoRA adapters take the attention
-projections and the MLP's up_proj / down_proj. LayerNorm layers are not
-split across tensor-parallel ranks (``splitserve.engine.parallel.plan.check``).
+projections and the MLP's up_proj / down_proj. Tensor-parallel ranks each
+hold every norm whole (loaded plus one on each) and their part of the
+heads and of the MLP (``splitserve.engine.parallel.sharding``).
 """
 
 from __future__ import annotations

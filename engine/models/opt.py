@@ -49,7 +49,8 @@ _LAYER_RENAMES = ((".self_attn_layer_norm.", ".input_layernorm."),
 class PostNormDecoderLayer(DecoderLayer):
     """OPT-350m's layer: ``x = ln1(x + attn(x))``, then ``x = ln2(x + mlp(x))``.
     Its output is the whole stream, so it returns no separate residual (and
-    takes none: the previous layer returned None too)."""
+    takes none: the previous layer returned None too). At tensor
+    parallelism each block's partial sums are reduced before the add."""
 
     def forward(
         self,
@@ -62,6 +63,8 @@ class PostNormDecoderLayer(DecoderLayer):
         lora: LoraMeta | None = None,
     ) -> tuple[torch.Tensor, None]:
         h = self.self_attn(positions, x, layer_cache, meta, cos_sin_cache, lora)
+        if self.tp is not None:  # the rank's partial sums, whole before the add
+            h = self.tp.all_reduce(h)
         x, _ = self.input_layernorm(h, x)
         x, _ = self.post_attention_layernorm(self.feed_forward(x, lora), x)
         return x, None

@@ -11,8 +11,9 @@ longest position of the call, as Phi-3's factors are: the table here
 switches at that position, exactly transformers' as long as no single
 prefill crosses it, see ``splitserve.engine.models.longrope``). Without
 rope scaling the table is the default one. Tensor names are Mixtral's and
-Llama's, so checkpoints load as they are; tensor parallelism is refused
-for its LayerNorms (``splitserve.engine.parallel.plan``).
+Llama's, so checkpoints load as they are and split across tensor-parallel
+ranks as Mixtral's do (its LayerNorms whole on every rank, its LM head's
+bias by vocabulary rows).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ write_adapter``), and a step's adapter slots travel with its command.
 
 Split: attention (q/k/v rows by query and KV heads, replicated KV heads
 included, Qwen3-Next's query-and-gate rows per head too; o) and dense MLPs
-(gate/up rows, down), and the Gated DeltaNet layers of Qwen3-Next and
+(gate/up rows, down; an ungated MLP's up and down by their names in
+``FamilyOptions.plain_mlp``, StarCoder2's c_fc / c_proj, as up and down), and the Gated DeltaNet layers of Qwen3-Next and
 Qwen3.5 as their weights split (``sharding.gated_delta_net_part``): the
 rows of in_proj_qkvz / in_proj_ba (per key head) and in_proj_z / _b / _a
 (per value head), in_proj_qkv's q, k and v channel runs, out_proj's
@@ -43,14 +44,15 @@ def shard_adapter(modules: Modules, plan: ShardPlan) -> Modules:
     out: Modules = {}
     hd, r, n = plan.cfg.head_dim, plan.rank, plan.size
     gdn = plan.cfg.options.gated_delta_net is not None
+    up, down = plan.cfg.options.plain_mlp or ("up_proj", "down_proj")
     for (layer, name), (a, b) in modules.items():
-        if name in ROWS:  # q_proj: Qwen3-Next's query and gate rows of a head are adjacent
+        if name in ROWS or name == up:  # q_proj: Qwen3-Next's query and gate rows of a head are adjacent
             rows = b.shape[0] // n
             out[(layer, name)] = (a, b[r * rows:(r + 1) * rows].contiguous())
         elif name in KV_ROWS:
             h0, h1 = plan.kv_heads()
             out[(layer, name)] = (a, b[h0 * hd:h1 * hd].contiguous())
-        elif name in COLUMNS or (gdn and name in GDN_COLUMNS):
+        elif name in COLUMNS or name == down or (gdn and name in GDN_COLUMNS):
             cols = a.shape[1] // n
             out[(layer, name)] = (a[:, r * cols:(r + 1) * cols].contiguous(), b)
         elif gdn and name in GDN_CHANNELS:

@@ -7,8 +7,12 @@ Megatron-style layout over ``size`` ranks:
   query heads share, replicated on N/Hk ranks;
 - MLP (and each expert's, and Qwen2-MoE's shared expert's) intermediate
   dimension: I/N per rank;
-- vocabulary (embedding rows, LM head rows): ceil(V/N) per rank, the last
-  shard padded with zero rows;
+- vocabulary (embedding rows, LM head rows and bias): ceil(V/N) per rank,
+  the last shard padded with zero rows;
+- norms (RMSNorm, LayerNorm weights and biases) and learned position tables
+  (GPT-2, OPT): whole on every rank, so the LayerNorm / ungated-MLP families
+  (StarCoder2, Phi, GPT-NeoX, Falcon, GPT-2, ...) split as Llama does, by
+  heads and intermediate dimension;
 - Gated DeltaNet layers (Qwen3-Next, Qwen3.5): ``linear_num_key_heads / N``
   key heads per rank and the value heads each serves, so each rank's
   recurrent states hold its heads only (``GatedDeltaNetShape.split``).
@@ -52,9 +56,6 @@ def check(cfg: ModelConfig, size: int) -> None:
     if cfg.options.full_qk_norm:
         problems.append("its q_norm/k_norm (OLMo 2, OLMo 3, OLMoE) normalise across all heads at once, which "
                         "are not split across ranks (serve it at tensor_parallel_size 1)")
-    if cfg.options.layer_norm:
-        problems.append(f"its LayerNorm / ungated-MLP / parallel-residual layers ({cfg.architecture}) "
-                        "are not split across ranks yet (serve it at tensor_parallel_size 1)")
     gdn = cfg.options.gated_delta_net
     if cfg.options.tensor_parallel_refusal:
         problems.append(cfg.options.tensor_parallel_refusal)
@@ -66,9 +67,6 @@ def check(cfg: ModelConfig, size: int) -> None:
     elif cfg.options.hybrid is not None:
         problems.append("its recurrent layers and their states are not split across ranks (serve it at "
                         "tensor_parallel_size 1)")
-    if cfg.options.position_table:
-        problems.append("its learned position table (GPT-2, OPT) is not split across ranks yet "
-                        "(serve it at tensor_parallel_size 1)")
     problems += check_fp8_split(cfg, size)
     if problems:
         raise TensorParallelConfigError(

@@ -7,14 +7,19 @@ rank's part before the slot copies it. Which part, by the projection's
 name in Hugging Face checkpoints:
 
 - column-parallel (output rows split): q_proj, gate_proj, up_proj,
-  Mixtral's w1/w3 (every expert's too) and DeepSeek's q_b_proj / kv_b_proj
-  (their rows are per head): rows [rank * n, (rank + 1) * n) for the
+  Mixtral's w1/w3 (every expert's too), DeepSeek's q_b_proj / kv_b_proj
+  (their rows are per head) and an ungated MLP's up projection by its
+  family's name (``FamilyOptions.plain_mlp``: StarCoder2 c_fc, Phi fc1,
+  GPT-NeoX dense_h_to_4h): rows [rank * n, (rank + 1) * n) for the
   slot's n rows; k_proj/v_proj: the rows of the rank's KV heads
   (``ShardPlan.kv_heads``, replicated heads included);
 - row-parallel (input columns split, output summed by one all-reduce):
-  o_proj, down_proj, Mixtral's w2: columns likewise; their bias is added
-  once, by rank 0 (the other ranks hold zeros);
-- vocabulary-parallel: embed_tokens, lm_head: the rank's vocabulary rows;
+  o_proj (or the family's ``o_proj_name``: Phi's dense), down_proj (or the
+  ungated MLP's down: c_proj, fc2, dense_4h_to_h), Mixtral's w2: columns
+  likewise; their bias is added once, by rank 0 (the other ranks hold
+  zeros);
+- vocabulary-parallel: embed_tokens, lm_head (and Phi's lm_head bias): the
+  rank's vocabulary rows;
 - attention sinks (gpt-oss ``self_attn.sinks``, one per query head): the
   rank's query heads';
 - Gated DeltaNet layers (``linear_attn.``): the rank's key heads and their
@@ -23,7 +28,7 @@ name in Hugging Face checkpoints:
   in_proj_b, in_proj_a), of A_log and dt_bias; in_proj_qkv's and the
   convolution's rows in three parts (the rank's q, k and v channels);
   out_proj row-parallel; the per-head output norm whole;
-- everything else (norms, q/k norms, MoE routers, the shared expert's
+- everything else (norms, LayerNorms' weights and biases, q/k norms, MoE routers, the shared expert's
   gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank;
 - an fp8 checkpoint's scales follow their weights (``scale_shards``).
 A slot whose shape does not match the narrowed tensor fails the load with
@@ -47,7 +52,7 @@ ROW = frozenset({"o_proj", "down_proj", "w2"})
 GDN_ROWS = frozenset({"in_proj_qkvz", "in_proj_ba", "in_proj_z", "in_proj_b", "in_proj_a"})
 GDN_CHANNELS = frozenset({"in_proj_qkv", "conv1d"})  # [q | k | v] channels
 GDN_PER_HEAD = frozenset({"A_log", "dt_bias"})
-VOCAB = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
+VOCAB = frozenset({"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"})
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,21 @@ def gated_delta_net_part(name: str, module: str, kind: str, slot: ShardSlot,
     return None
 
 
+def projection_names(plan: ShardPlan) -> tuple[frozenset[str], frozenset[str]]:
+    """The column- and row-parallel projections' module names for the
+    model's family: the shared ones plus its ungated MLP's up and down and
+    its attention output projection, by their checkpoint names."""
+    opts = plan.cfg.options
+    up_down = opts.plain_mlp or ("up_proj", "down_proj")
+    return COLUMN | {up_down[0]}, ROW | {up_down[1], opts.o_proj_name}
+
+
 def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, object]:
     """The model's slots (built from ``plan.local_config()``), each reading
     its rank's part of the full checkpoint tensor."""
     out: dict[str, object] = {}
     head_dim = plan.cfg.head_dim
+    column, row = projection_names(plan)
     scales = {n: s for n, s in slots.items() if isinstance(s, ScaleSlot)}
     for name, slot in slots.items():
         if name in scales:
@@ -140,14 +155,14 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
         elif kind == "sinks":
             h0, h1 = plan.q_heads()
             out[name] = RankSlice(slot, 0, h0, h1 - h0)
-        elif module in COLUMN:
+        elif module in column:
             out[name] = RankSlice(slot, 0, plan.rank * rows, rows)
         elif module in KV:
             h0, h1 = plan.kv_heads()
             out[name] = RankSlice(slot, 0, h0 * head_dim, (h1 - h0) * head_dim)
-        elif module in ROW and kind == "bias":
+        elif module in row and kind == "bias":
             out[name] = slot if plan.rank == 0 else ZeroOnThisRank(slot)
-        elif module in ROW:
+        elif module in row:
             cols = slot.target.shape[1]
             out[name] = RankSlice(slot, 1, plan.rank * cols, cols)
         else:

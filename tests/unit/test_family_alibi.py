@@ -146,9 +146,10 @@ def test_falcon_alibi_slopes_are_scaled_bfloat16():
 
 
 @pytest.mark.parametrize("cfg", [bloom(), falcon(new_decoder_architecture=True, num_kv_heads=2)])
-def test_tensor_parallel_refused_for_the_layer_norm_families(cfg):
-    with pytest.raises(TensorParallelConfigError, match="LayerNorm .* not split across ranks yet"):
-        check(ModelConfig.from_hf(cfg), 2)
+def test_tensor_parallel_splits_the_layer_norm_families_by_their_heads(cfg):
+    check(ModelConfig.from_hf(cfg), 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(4\) is not a multiple"):
+        check(ModelConfig.from_hf(cfg), 8)
 
 
 def test_tensor_parallel_ranks_take_their_heads_slopes():

@@ -100,10 +100,11 @@ def test_unsupported_options_are_refused(raw, match):
 
 
 @pytest.mark.parametrize("raw", [bigcode_raw(), neo_raw()])
-def test_tensor_parallel_and_lora_are_refused(raw):
+def test_tensor_parallel_splits_by_heads_and_lora_is_refused(raw):
     cfg = ModelConfig.from_hf(raw)
-    with pytest.raises(TensorParallelConfigError, match="learned position table"):
-        check(cfg, 2)
+    check(cfg, 2)  # the position table whole on every rank, as the norms
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
+        check(cfg, 3)
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
         build_model(cfg, torch.float32, "cpu").enable_lora(2, 4)
 

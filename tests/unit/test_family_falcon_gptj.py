@@ -181,9 +181,10 @@ def test_gptj_refuses_lora(parity_models):
 # --- both -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [falcon(new_decoder_architecture=True, num_kv_heads=2), gptj()])
-def test_tensor_parallel_refused(cfg):
-    with pytest.raises(TensorParallelConfigError, match="not split across ranks yet"):
-        check(ModelConfig.from_hf(cfg), 2)
+def test_tensor_parallel_splits_by_heads(cfg):
+    check(ModelConfig.from_hf(cfg), 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
+        check(ModelConfig.from_hf(cfg), 3)
 
 
 @pytest.mark.parametrize("variant", ["falcon", "gptj", "bloom", "mpt"])

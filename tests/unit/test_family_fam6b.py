@@ -111,8 +111,9 @@ def test_jais2_defaults():
     assert cfg.rms_norm_eps == 1e-3
     assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (False, False, False)
     assert cfg.max_position == 8192
-    with pytest.raises(TensorParallelConfigError, match="Jais2ForCausalLM"):
-        check(cfg, 2)
+    check(cfg, 2)  # its LayerNorms whole on every rank, heads and MLP split
+    with pytest.raises(TensorParallelConfigError, match="Jais2ForCausalLM cannot run at tensor_parallel_size 3"):
+        check(cfg, 3)
 
 
 def test_jais2_layer_norms_load_and_lora_takes_the_ungated_mlp(tiny_checkpoints):

@@ -155,12 +155,13 @@ def test_codegen_refusals(extra, match):
     refused(codegen(**extra), match)
 
 
-def test_codegen_refuses_lora_and_tensor_parallel(parity_models):
+def test_codegen_refuses_lora_and_splits_by_heads(parity_models):
     model, _ = parity_models("codegen")
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported for CodeGen"):
         model.enable_lora(1, 4)
-    with pytest.raises(TensorParallelConfigError, match="not split across ranks yet"):
-        check(model.cfg, 2)
+    check(model.cfg, 2)  # qkv_proj split at load, then sharded as q/k/v
+    with pytest.raises(TensorParallelConfigError, match="CodeGenForCausalLM cannot run at tensor_parallel_size 3"):
+        check(model.cfg, 3)
 
 
 def test_codegen_refuses_a_misshapen_qkv_proj(parity_models):

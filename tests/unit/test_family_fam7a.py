@@ -126,12 +126,13 @@ def test_nanochat_refusals_name_the_option(extra, match):
     refused(raw("NanoChatForCausalLM", **extra), match)
 
 
-def test_nanochat_refuses_lora_and_tensor_parallel(parity_models):
+def test_nanochat_refuses_lora_and_splits_by_heads(parity_models):
     model, _ = parity_models("nanochat")
     with pytest.raises(CheckpointError, match="LoRA adapters are not supported for nanochat"):
         model.enable_lora(1, 4)
-    with pytest.raises(TensorParallelConfigError, match="weightless norms and flipped q/k rows"):
-        check(model.cfg, 2)
+    check(model.cfg, 2)  # fc1 / fc2 split as up / down, q/k rows negated per head
+    with pytest.raises(TensorParallelConfigError, match="NanoChatForCausalLM cannot run at tensor_parallel_size 3"):
+        check(model.cfg, 3)
 
 
 def test_nanochat_weight_dtype_fp8_quantizes_at_load(tiny_checkpoints, parity_models):

@@ -156,9 +156,11 @@ def test_biogpt_refuses_fp8_checkpoints():
 
 @pytest.mark.parametrize("raw", [persimmon(), xglm(), openai_gpt(), biogpt()],
                          ids=["persimmon", "xglm", "openai_gpt", "biogpt"])
-def test_tensor_parallel_is_refused(raw):
-    with pytest.raises(TensorParallelConfigError, match="LayerNorm"):
-        check(ModelConfig.from_hf(raw), 2)
+def test_tensor_parallel_splits_by_heads(raw):
+    # norms, Persimmon's shared q/k norms and the position tables whole on every rank
+    check(ModelConfig.from_hf(raw), 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
+        check(ModelConfig.from_hf(raw), 3)
 
 
 @pytest.mark.parametrize("variant", ["persimmon", "xglm", "openai_gpt", "biogpt"])

@@ -68,8 +68,9 @@ def test_nemotron_defaults():
                                                    "partial_rotary_factor": 1.0}))
     assert cfg.rms_norm_eps == 1e-3 and cfg.options.rotary_dim is None
     assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (True, True, True)
-    with pytest.raises(TensorParallelConfigError, match="NemotronForCausalLM"):
-        check(cfg, 2)
+    check(cfg, 2)  # its LayerNorm1Ps whole on every rank, heads and MLP split
+    with pytest.raises(TensorParallelConfigError, match="NemotronForCausalLM cannot run at tensor_parallel_size 3"):
+        check(cfg, 3)
 
 
 def test_arcee_defaults():

@@ -166,9 +166,11 @@ def test_layers_built_from_the_options(parity_models):
 
 @pytest.mark.parametrize("arch", ["Starcoder2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
                                   "GPTNeoXForCausalLM"])
-def test_tensor_parallel_refused_for_layer_norm_families(arch):
-    with pytest.raises(TensorParallelConfigError, match="not split across ranks yet"):
-        check(ModelConfig.from_hf(raw(arch)), 2)
+def test_tensor_parallel_splits_layer_norm_families_by_their_heads(arch):
+    # LayerNorms whole on every rank; heads and the (ungated) MLP split as Llama's
+    check(ModelConfig.from_hf(raw(arch)), 2)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(4\) is not a multiple"):
+        check(ModelConfig.from_hf(raw(arch)), 3)
 
 
 @pytest.mark.parametrize("arch", ["MinistralForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM"])

@@ -270,10 +270,13 @@ ATTN_TARGETS = dict.fromkeys(("gpt_neox", "gpt_neox_sequential"), ("query_key_va
 
 
 # and at TP 2, the Gated DeltaNet hybrids that split: each rank its part of every adapter
-# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...), and
-# Arcee's ungated MLP (up_proj's rows, down_proj's columns, as its weights split)
+# (engine.parallel.lora_shards: in_proj_qkv's q, k and v runs, out_proj's columns, ...),
+# Arcee's ungated MLP (up_proj's rows, down_proj's columns, as its weights split) and
+# GPT-NeoX's (dense_h_to_4h / dense_4h_to_h by their names; query_key_value's q/k/v parts
+# and dense as q/k/v and o)
 @pytest.mark.parametrize("variant,tp", [(v, 1) for v in sorted(HYBRID_TARGETS)]
-                         + [(v, 1) for v in PLAIN_MLP_TARGETS] + [("qwen3_next", 2), ("qwen3_5", 2), ("arcee", 2)])
+                         + [(v, 1) for v in PLAIN_MLP_TARGETS]
+                         + [("qwen3_next", 2), ("qwen3_5", 2), ("arcee", 2), ("gpt_neox", 2)])
 def test_hybrids_and_plain_mlps_take_lora_like_peft(tiny_checkpoints, tmp_path, request, variant, tp):
     # two adapters and the base model in one batch, through the recurrent layers' state slots
     base = tiny_checkpoints[variant]

@@ -18,7 +18,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.handoff.protocol import check_state_fits
-from tests.fixtures.checkpoints import hf_greedy, hf_model
+from tests.fixtures.checkpoints import COMMON, hf_greedy, hf_model, write_hf_checkpoint
 
 MAX_NEW = 6
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -73,6 +73,31 @@ def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
     check_parity(tiny_checkpoints[family], 2, engines)
 
 
+# The LayerNorm / ungated-MLP families: starcoder2 (c_fc / c_proj, biases), phi (fc1 / fc2,
+# dense, parallel residual, partial rotary, the LM head's bias), gpt_neox (query_key_value
+# split per head at load, a norm each for the parallel attention and MLP), nemotron
+# (LayerNorm1P, relu2 up / down; Jais 2's and nanochat's MLPs split alike), falcon (the
+# grouped query_key_value split at load), openai_gpt (a learned position table whole on
+# every rank, post-norm blocks, c_attn split)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "nemotron", "falcon", "openai_gpt"])
+def test_tp2_layer_norm_families(tiny_checkpoints, engines, family):
+    eng = check_parity(tiny_checkpoints[family], 2, engines)
+    mlp = eng.runner.model.layers[0].mlp
+    assert mlp.up_proj.out_features == eng.model_cfg.intermediate_size // 2
+
+
+@pytest.mark.slow
+def test_tp2_bloom_blocks_add_to_their_normed_input(tmp_path, tiny_tokenizer_dir, engines):
+    # Bloom with apply_residual_connection_post_layernorm: each block's output joins its normed
+    # input, so attention's partial sums are reduced first; 4 heads, 2 per rank with their ALiBi
+    # slopes, the fused query_key_value split per head, the embeddings' norm whole
+    path = write_hf_checkpoint(tmp_path / "bloom", "BloomConfig",
+                               {**COMMON, "vocab_size": 512, "apply_residual_connection_post_layernorm": True},
+                               120, {}, tiny_tokenizer_dir)
+    check_parity(path, 2, engines)
+
+
 @pytest.mark.slow
 def test_tp2_chunked_prefill_bias_and_tied_embeddings(tiny_checkpoints, engines):
     # row-parallel biases added once; tied LM head read from the embedding shard
@@ -89,9 +114,10 @@ def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
 
 @pytest.mark.slow
 # gpt_oss: sinks split too; solar_open: GLM-4.5's grouped router and shared expert in every layer;
-# sarvam_moe: its fused query_key_value split at load, then sharded as q/k/v
+# sarvam_moe: its fused query_key_value split at load, then sharded as q/k/v; dbrx: its fused
+# Wqkv and experts split at load with the whole model's sizes, then sharded
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4", "granitemoe_swa",
-                                    "solar_open", "sarvam_moe"])
+                                    "solar_open", "sarvam_moe", "dbrx"])
 def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
@@ -158,9 +184,13 @@ def test_tp_refuses_a_model_that_does_not_split(tiny_checkpoints):
         make(tiny_checkpoints["llama"], 3)
 
 
-def test_tp_refuses_the_layer_norm_families(tiny_checkpoints):
-    with pytest.raises(ValueError, match=r"parallel-residual layers \(\w+ForCausalLM\) are not split"):
-        make(tiny_checkpoints["starcoder2"], 2)
+def test_tp_refuses_a_layer_norm_family_whose_heads_do_not_split(tiny_checkpoints):
+    # the tiny Bloom has 3 heads, one KV head each; its LayerNorms and MLP (192 wide) would split
+    with pytest.raises(ValueError, match=r"BloomForCausalLM cannot run at tensor_parallel_size 2: "
+                                         r"num_attention_heads \(3\) is not a multiple of it; "
+                                         r"num_key_value_heads \(3\) neither divides it") as err:
+        make(tiny_checkpoints["bloom"], 2)
+    assert "intermediate_size" not in str(err.value) and "LayerNorm" not in str(err.value)
 
 
 @pytest.mark.slow
