@@ -75,12 +75,12 @@ def test_tp2_greedy_parity_with_transformers(tiny_checkpoints, engines, family):
 
 # The LayerNorm / ungated-MLP families: starcoder2 (c_fc / c_proj, biases), phi (fc1 / fc2,
 # dense, parallel residual, partial rotary, the LM head's bias), gpt_neox (query_key_value
-# split per head at load, a norm each for the parallel attention and MLP), nemotron
-# (LayerNorm1P, relu2 up / down; Jais 2's and nanochat's MLPs split alike), falcon (the
-# grouped query_key_value split at load), openai_gpt (a learned position table whole on
+# split per head at load, a norm each for the parallel attention and MLP; Nemotron's, Jais 2's
+# and nanochat's ungated MLPs split alike), falcon (the grouped query_key_value split at
+# load), openai_gpt (a learned position table whole on
 # every rank, post-norm blocks, c_attn split)
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "nemotron", "falcon", "openai_gpt"])
+@pytest.mark.parametrize("family", ["starcoder2", "phi", "gpt_neox", "falcon", "openai_gpt"])
 def test_tp2_layer_norm_families(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     mlp = eng.runner.model.layers[0].mlp
@@ -114,10 +114,10 @@ def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
 
 @pytest.mark.slow
 # gpt_oss: sinks split too; solar_open: GLM-4.5's grouped router and shared expert in every layer;
-# sarvam_moe: its fused query_key_value split at load, then sharded as q/k/v; dbrx: its fused
-# Wqkv and experts split at load with the whole model's sizes, then sharded
+# sarvam_moe: its fused query_key_value split at load, then sharded as q/k/v (DBRX's fused
+# Wqkv and experts are split the same way at load)
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4", "granitemoe_swa",
-                                    "solar_open", "sarvam_moe", "dbrx"])
+                                    "solar_open", "sarvam_moe"])
 def test_tp2_moe_experts_split(tiny_checkpoints, engines, family):
     eng = check_parity(tiny_checkpoints[family], 2, engines)
     moe = next(layer.mlp for layer in eng.runner.model.layers if hasattr(layer.mlp, "w_down"))
