@@ -2,8 +2,8 @@
 (``splitserve.engine.models.olmo2.Olmo2DecoderLayer``: norms on the
 attention and MLP outputs, none before them, q/k norms over all heads) with
 OLMoE's sparse MLP (``splitserve.engine.models.moe.SparseMoeBlock``: softmax
-router, top-k experts) in every layer. Its all-head q/k norms keep it off
-tensor-parallel ranks, as OLMo 2 (``splitserve.engine.parallel.plan.check``)."""
+router, top-k experts) in every layer. Its all-head q/k norms split
+across tensor-parallel ranks as OLMo 2's."""
 
 from __future__ import annotations
 

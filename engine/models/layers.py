@@ -277,6 +277,7 @@ class Attention(nn.Module):
         q_dim, k_dim = (self.q_size, self.kv_size) if self.full_qk_norm else (self.head_dim, self.head_dim)
         self.q_norm = model_norm(cfg, q_dim, dtype, device) if cfg.qk_norm else None
         self.k_norm = model_norm(cfg, k_dim, dtype, device) if cfg.qk_norm else None
+        self.split_qk_norm = None  # tensor parallel, full_qk_norm: splitserve.engine.parallel.qk_norm
         self.clip_qkv = opts.clip_qkv  # OLMo, OLMoE: q, k and v clamped to [-c, c]
         self.qk_norm_after_rope = opts.qk_norm_after_rope  # HunYuan: q/k normed once rotated
         # gpt-oss: a learned logit per query head joining its softmax's denominator
@@ -344,7 +345,9 @@ class Attention(nn.Module):
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D] and k [T, Hk, D] normed before RoPE (after it: HunYuan). Qwen3,
         Gemma 3: RMSNorm over each head's D dims; OLMo 2: over a token's whole q (Hq*D)
-        and k (Hk*D)."""
+        and k (Hk*D), across the tensor-parallel ranks' heads when split."""
+        if self.split_qk_norm is not None:
+            return self.split_qk_norm(q, k, self.q_norm, self.k_norm)
         rows = q.shape[0] if self.full_qk_norm else -1
         q = self.q_norm(q.view(rows, self.q_norm.weight.shape[0]))[0].view(q.shape)
         k = self.k_norm(k.view(rows, self.k_norm.weight.shape[0]))[0].view(k.shape)

@@ -31,6 +31,7 @@ from splitserve.engine.models.lora_layers import LoraStack
 from splitserve.engine.models.plain_blocks import ParallelDecoderLayer, PlainMLP
 from splitserve.engine.models.rope import build_cos_sin_cache
 from splitserve.engine.parallel.group import TPGroup
+from splitserve.engine.parallel.qk_norm import SplitQKNorm
 from splitserve.engine.parallel.sharding import shard_slots
 from splitserve.kernels import ops
 from splitserve.kernels.lora import LoraMeta
@@ -68,11 +69,14 @@ class CausalLM(nn.Module):
     def attach_tensor_parallel(self, tp: TPGroup) -> None:
         """Make this model (built from ``tp.plan.local_config()``) one rank
         of a tensor-parallel replica: vocabulary-parallel embedding and LM
-        head, an all-reduce after each attention and MLP block, and the
-        rank's part of each checkpoint tensor at load."""
+        head, an all-reduce after each attention and MLP block (and one
+        for all-head q/k norms), and the rank's part of each checkpoint
+        tensor at load."""
         self.tp = tp
         for layer in self.layers:
             layer.tp = tp
+            if getattr(layer.self_attn, "full_qk_norm", False) and layer.self_attn.q_norm is not None:
+                layer.self_attn.split_qk_norm = SplitQKNorm(tp)
         shard_alibi_slopes(self.layers, tp.plan)  # ALiBi: the rank's heads' slopes
 
     def build_layer(self, index: int, window: int, dtype: torch.dtype,

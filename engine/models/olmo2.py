@@ -6,9 +6,10 @@
   ``model.norm`` stays.
 - q_norm / k_norm: RMSNorm over a token's whole q (all query heads) and k
   (all KV heads), before the head split and RoPE (``Attention`` with
-  ``FamilyOptions.full_qk_norm``). Such a norm spans every rank's heads, so
-  OLMo 2 is not split across tensor-parallel ranks
-  (``splitserve.engine.parallel.plan.check`` refuses it).
+  ``FamilyOptions.full_qk_norm``). Such a norm spans every rank's heads:
+  under tensor parallelism each rank norms its heads' slice with the sum
+  of squares all-reduced over the ranks
+  (``splitserve.engine.parallel.qk_norm``).
 - Biases follow ``attention_bias`` (q/k/v and o_proj); the MLP has none.
 """
 

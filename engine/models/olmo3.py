@@ -2,7 +2,7 @@
 
 Everything of OLMo 2 (``splitserve.engine.models.olmo2``): norms on the
 attention and MLP outputs, none before them; q/k RMSNorms over all heads
-at once, so OLMo 3 is not split across tensor-parallel ranks either. What
+at once, split across tensor-parallel ranks as OLMo 2's. What
 it adds (``splitserve.engine.dialects.olmo3``):
 
 - the layers ``layer_types`` marks ``sliding_attention`` attend to the last

@@ -9,7 +9,10 @@ Megatron-style layout over ``size`` ranks:
   dimension: I/N per rank;
 - vocabulary (embedding rows, LM head rows and bias): ceil(V/N) per rank,
   the last shard padded with zero rows;
-- norms (RMSNorm, LayerNorm weights and biases) and learned position tables
+- q/k RMSNorms over all heads at once (OLMo 2, OLMoE, ...: ``full_qk_norm``):
+  the weight slices of the rank's query and KV heads, the mean of squares
+  summed over the ranks (``qk_norm``);
+- other norms (RMSNorm, LayerNorm weights and biases) and learned position tables
   (GPT-2, OPT): whole on every rank, so the LayerNorm / ungated-MLP families
   (StarCoder2, Phi, GPT-NeoX, Falcon, GPT-2, ...) split as Llama does, by
   heads and intermediate dimension;
@@ -53,9 +56,6 @@ def check(cfg: ModelConfig, size: int) -> None:
         if cfg.moe.shared_expert_intermediate_size % size:
             problems.append("shared_expert_intermediate_size "
                             f"({cfg.moe.shared_expert_intermediate_size}) is not a multiple of it")
-    if cfg.options.full_qk_norm:
-        problems.append("its q_norm/k_norm (OLMo 2, OLMo 3, OLMoE) normalise across all heads at once, which "
-                        "are not split across ranks (serve it at tensor_parallel_size 1)")
     gdn = cfg.options.gated_delta_net
     if cfg.options.tensor_parallel_refusal:
         problems.append(cfg.options.tensor_parallel_refusal)

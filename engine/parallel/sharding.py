@@ -13,6 +13,8 @@ name in Hugging Face checkpoints:
   GPT-NeoX dense_h_to_4h): rows [rank * n, (rank + 1) * n) for the
   slot's n rows; k_proj/v_proj: the rows of the rank's KV heads
   (``ShardPlan.kv_heads``, replicated heads included);
+- all-head q/k norms (``FamilyOptions.full_qk_norm``: OLMo 2, OLMoE, ...):
+  q_norm's weight as q_proj's rows, k_norm's as k_proj's (``qk_norm``);
 - row-parallel (input columns split, output summed by one all-reduce):
   o_proj (or the family's ``o_proj_name``: Phi's dense), down_proj (or the
   ungated MLP's down: c_proj, fc2, dense_4h_to_h), Mixtral's w2: columns
@@ -28,7 +30,7 @@ name in Hugging Face checkpoints:
   in_proj_b, in_proj_a), of A_log and dt_bias; in_proj_qkv's and the
   convolution's rows in three parts (the rank's q, k and v channels);
   out_proj row-parallel; the per-head output norm whole;
-- everything else (norms, LayerNorms' weights and biases, q/k norms, MoE routers, the shared expert's
+- everything else (norms, LayerNorms' weights and biases, per-head q/k norms, MoE routers, the shared expert's
   gate, DeepSeek's q_a_proj and kv_a_proj_with_mqa) is whole on every rank;
 - an fp8 checkpoint's scales follow their weights (``scale_shards``).
 A slot whose shape does not match the narrowed tensor fails the load with
@@ -123,13 +125,17 @@ def gated_delta_net_part(name: str, module: str, kind: str, slot: ShardSlot,
     return None
 
 
-def projection_names(plan: ShardPlan) -> tuple[frozenset[str], frozenset[str]]:
-    """The column- and row-parallel projections' module names for the
-    model's family: the shared ones plus its ungated MLP's up and down and
-    its attention output projection, by their checkpoint names."""
+def projection_names(plan: ShardPlan) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The column-parallel, KV-head and row-parallel module names for the
+    model's family: the shared ones plus its ungated MLP's up and down, its
+    attention output projection by their checkpoint names, and all-head
+    q/k norms (``full_qk_norm``: split as q and k are)."""
     opts = plan.cfg.options
     up_down = opts.plain_mlp or ("up_proj", "down_proj")
-    return COLUMN | {up_down[0]}, ROW | {up_down[1], opts.o_proj_name}
+    column, kv = COLUMN | {up_down[0]}, KV
+    if opts.full_qk_norm:
+        column, kv = column | {"q_norm"}, kv | {"k_norm"}
+    return column, kv, ROW | {up_down[1], opts.o_proj_name}
 
 
 def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, object]:
@@ -137,7 +143,7 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
     its rank's part of the full checkpoint tensor."""
     out: dict[str, object] = {}
     head_dim = plan.cfg.head_dim
-    column, row = projection_names(plan)
+    column, kv, row = projection_names(plan)
     scales = {n: s for n, s in slots.items() if isinstance(s, ScaleSlot)}
     for name, slot in slots.items():
         if name in scales:
@@ -157,7 +163,7 @@ def shard_slots(slots: dict[str, ShardSlot], plan: ShardPlan) -> dict[str, objec
             out[name] = RankSlice(slot, 0, h0, h1 - h0)
         elif module in column:
             out[name] = RankSlice(slot, 0, plan.rank * rows, rows)
-        elif module in KV:
+        elif module in kv:
             h0, h1 = plan.kv_heads()
             out[name] = RankSlice(slot, 0, h0 * head_dim, (h1 - h0) * head_dim)
         elif module in row and kind == "bias":

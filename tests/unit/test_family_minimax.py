@@ -74,9 +74,13 @@ def test_unsupported_options_are_refused(arch, extra, match):
 
 
 @pytest.mark.parametrize("arch", ["MiniMaxM2ForCausalLM", "FlexOlmoForCausalLM"])
-def test_all_head_qk_norms_refuse_tensor_parallel(arch):
-    with pytest.raises(TensorParallelConfigError, match="normalise across all heads"):
-        check(ModelConfig.from_hf(raw(arch, num_key_value_heads=2)), 2)
+def test_all_head_qk_norms_split_by_heads(arch):
+    # test_tp_engine checks MiniMax-M2's tokens at TP 2 (FlexOlmo's norms split as OLMo 2's)
+    cfg = ModelConfig.from_hf(raw(arch, num_key_value_heads=2))
+    check(cfg, 2)
+    check(cfg, 4)  # each KV head, and its slice of k_norm, on two ranks
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(4\) is not a multiple"):
+        check(cfg, 3)
 
 
 def test_minimax_m2_router_bias_is_renamed_and_chooses(tiny_checkpoints):

@@ -151,11 +151,13 @@ def test_unsupported_options_are_refused(arch, extra, match):
         ModelConfig.from_hf(raw(arch, **extra))
 
 
-def test_tensor_parallel_splits_all_but_olmo3():
+def test_tensor_parallel_splits_by_heads():
     for arch in ("Exaone4ForCausalLM", "Ernie4_5ForCausalLM", "HunYuanDenseV1ForCausalLM"):
         check(ModelConfig.from_hf(raw(arch)), 2)  # test_tp_engine checks their tokens at TP=2
-    with pytest.raises(TensorParallelConfigError, match="OLMo 3"):
-        check(ModelConfig.from_hf(raw("Olmo3ForCausalLM")), 2)
+    olmo3 = ModelConfig.from_hf(raw("Olmo3ForCausalLM"))  # all-head q/k norms, as OLMo 2's
+    check(olmo3, 4)
+    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(4\) is not a multiple"):
+        check(olmo3, 3)
 
 
 def test_variants_exercise_their_differences(tiny_checkpoints):

@@ -3,8 +3,10 @@
 transformers does for every dense family, batched with chunked prefill and
 prefix-cache hits; MoE families split their experts' intermediate dimension
 the same way; Qwen3-Next and Qwen3.5 split their Gated DeltaNet layers and
-recurrent states by heads; TP=4 replicates the tiny models' two KV heads;
-and the engine's ranks stop with it."""
+recurrent states by heads; the all-head q/k norms of OLMo 2, OLMoE and
+MiniMax-M2 sum their squares over the ranks; TP=4 replicates the tiny
+models' two KV heads (OLMo 2's, each counted once in its k_norm); and the
+engine's ranks stop with it."""
 
 from __future__ import annotations
 
@@ -59,6 +61,13 @@ def check_parity(path, tp: int, engines, **kw) -> LLMEngine:
     return eng
 
 
+def check_norm_slices(eng: LLMEngine, tp: int) -> None:
+    """Rank 0's all-head q/k norm weights: its query heads' and KV head's slices."""
+    attn, cfg = eng.runner.model.layers[0].self_attn, eng.model_cfg
+    assert attn.q_norm.weight.shape[0] == cfg.num_heads * cfg.head_dim // tp
+    assert attn.k_norm.weight.shape[0] == max(1, cfg.num_kv_heads // tp) * cfg.head_dim
+
+
 # Mistral without a window is the Llama decoder with Llama's weight names (the
 # same split); test_model_parity checks its config at TP=1 and
 # test_sliding_window its window.
@@ -107,9 +116,20 @@ def test_tp2_chunked_prefill_bias_and_tied_embeddings(tiny_checkpoints, engines)
 
 @pytest.mark.slow
 def test_tp4_replicates_kv_heads(tiny_checkpoints, engines):
-    # 4 query heads, 2 KV heads over 4 ranks: each KV head on two ranks
-    eng = check_parity(tiny_checkpoints["qwen3"], 4, engines)
+    # 4 query heads, 2 KV heads over 4 ranks: each KV head on two ranks; OLMo 2's k_norm
+    # over all KV heads counts each once in its sum of squares
+    eng = check_parity(tiny_checkpoints["olmo2"], 4, engines)
     assert eng.runner.kv_cache.shape[-2] == 1
+    check_norm_slices(eng, 4)
+
+
+@pytest.mark.slow
+# q/k RMSNorms over all heads (OLMoE's, after which q/k/v are clamped; MiniMax-M2's, before
+# partial RoPE): each rank norms its heads' slice, the sums of squares all-reduced (OLMo 2's
+# at TP 4 in test_tp4_replicates_kv_heads)
+@pytest.mark.parametrize("family", ["olmoe", "minimax_m2"])
+def test_tp2_all_head_qk_norms_split(tiny_checkpoints, engines, family):
+    check_norm_slices(check_parity(tiny_checkpoints[family], 2, engines), 2)
 
 
 @pytest.mark.slow
