@@ -24,8 +24,9 @@ in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
 Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own
 names for attention and MLPs (``splitserve.engine.lora.hybrid_layout``),
-and, by transformers' ``transformer.h.<i>`` paths, the projections of GPT-2
-and GPT-BigCode, fused q/k/v split as their loaders split the weights (``splitserve.engine.lora.mapped_layout``).
+and, by transformers' ``transformer.h.<i>`` paths, the projections of GPT-2,
+GPT-BigCode, Falcon, Bloom and MPT, fused q/k/v split as
+their loaders split the weights (``splitserve.engine.lora.mapped_layout``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """
@@ -48,8 +49,8 @@ from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, Ad
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
 _NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\."
                    r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
-# the same groups under GPT-2's names (root: transformer.h)
-_MAPPED_NAME = re.compile(r"^(?:base_model\.model\.)?((transformer\.h)\.(\d+)\."
+# the same groups under GPT-2's names (root: transformer.h, MPT's transformer.blocks)
+_MAPPED_NAME = re.compile(r"^(?:base_model\.model\.)?((transformer\.(?:h|blocks))\.(\d+)\."
                           r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

@@ -2,7 +2,7 @@
 keep GPT-2's ``transformer.`` names (``MAPPED_LORA``).
 
 PEFT names each projection by transformers' module path,
-``transformer.h.<i>.<place>.<module>``;
+``transformer.h.<i>.<place>.<module>`` (MPT: ``transformer.blocks.<i>``);
 ``mapped_target`` maps it onto the engine's layer and one of
 ``splitserve.engine.lora.layout``'s places (``self_attn``, ``plain_mlp``),
 as the family's loader renames its weights:
@@ -11,6 +11,10 @@ as the family's loader renames its weights:
   ``mlp.c_fc`` / ``mlp.c_proj``. GPT-2's Conv1D weights are stored
   [in, out], but PEFT's lora_A / lora_B on them are [r, in] / [out, r] as
   on nn.Linear (its ``fan_in_fan_out`` only transposes a merged delta).
+- Falcon, Bloom: ``self_attention.query_key_value`` (fused),
+  ``self_attention.dense`` (o), ``mlp.dense_h_to_4h`` / ``mlp.dense_4h_to_h``.
+- MPT: ``attn.Wqkv`` (fused), ``attn.out_proj`` (o), ``ffn.up_proj`` /
+  ``ffn.down_proj``.
 
 A fused projection's LoRA is served as q, k and v parts sharing its A,
 each part taking the rows of lora_B that the loader takes of the weight
@@ -24,12 +28,21 @@ from splitserve.engine.config import ModelConfig
 # family -> (PEFT's layer container, PEFT's "place.module" -> (engine place, engine module))
 _GPT2 = ("transformer.h", {"attn.c_attn": ("self_attn", "c_attn"), "attn.c_proj": ("self_attn", "o_proj"),
                            "mlp.c_fc": ("plain_mlp", "c_fc"), "mlp.c_proj": ("plain_mlp", "c_proj")})
+_FALCON = ("transformer.h", {"self_attention.query_key_value": ("self_attn", "query_key_value"),
+                             "self_attention.dense": ("self_attn", "o_proj"),
+                             "mlp.dense_h_to_4h": ("plain_mlp", "dense_h_to_4h"),
+                             "mlp.dense_4h_to_h": ("plain_mlp", "dense_4h_to_h")})
 MAPPED_LORA: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "gpt2": _GPT2,
     "gpt_bigcode": _GPT2,
+    "falcon": _FALCON,
+    "bloom": _FALCON,
+    "mpt": ("transformer.blocks", {"attn.Wqkv": ("self_attn", "Wqkv"), "attn.out_proj": ("self_attn", "o_proj"),
+                                   "ffn.up_proj": ("plain_mlp", "up_proj"),
+                                   "ffn.down_proj": ("plain_mlp", "down_proj")}),
 }
 # the fused q/k/v projections' engine names: [in, q + 2 * kv] like the weights they split
-FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj")
+FUSED_QKV_NAMES = ("c_attn", "query_key_value", "Wqkv", "qkv_proj")
 
 
 def mapped_target(model: ModelConfig, root: str, layer: int, place: str,
@@ -52,13 +65,14 @@ def mapped_parts(model: ModelConfig, module: str) -> tuple[tuple[str, int, int, 
     first row, rows, period) of its lora_B (``layout.ModuleLora``), a fused
     q/k/v split as ``splitserve.engine.models``' loader splits the weight:
 
-    - GPT-2's ``c_attn``: [q | k | v];
-    - GPT-BigCode's ``c_attn``: per KV head its query heads, its key, its
-      value (``FalconCausalLM.split_qkv``)."""
+    - GPT-2's ``c_attn``, MPT's ``Wqkv``: [q | k | v];
+    - Falcon's and Bloom's ``query_key_value``, GPT-BigCode's ``c_attn``:
+      per KV head its query heads, its key, its value
+      (``FalconCausalLM.split_qkv``)."""
     if module not in FUSED_QKV_NAMES:
         return ((module, 0, 0, 0),)  # 0 rows: the whole of lora_B
     d, heads, kv = model.head_dim, model.num_heads, model.num_kv_heads
-    if model.family == "gpt2":
+    if model.family in ("gpt2", "mpt"):
         q = heads * d
         return ("q_proj", 0, q, 0), ("k_proj", q, kv * d, 0), ("v_proj", q + kv * d, kv * d, 0)
     group = heads // kv * d  # one KV head's query rows
