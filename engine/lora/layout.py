@@ -24,9 +24,10 @@ in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
 Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own
 names for attention and MLPs (``splitserve.engine.lora.hybrid_layout``),
-and, by transformers' ``transformer.h.<i>`` paths, the projections of GPT-2,
-GPT-BigCode, Falcon, Bloom and MPT, fused q/k/v split as
-their loaders split the weights (``splitserve.engine.lora.mapped_layout``).
+and, by transformers' ``transformer.h.<i>`` paths (MPT's
+``transformer.blocks.<i>``), the projections of GPT-2, GPT-BigCode, Falcon,
+Bloom, MPT, GPT-J and CodeGen, fused q/k/v split as their loaders split the
+weights (``splitserve.engine.lora.mapped_layout``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """

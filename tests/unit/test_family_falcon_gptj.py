@@ -173,10 +173,15 @@ def test_partial_deinterleave_turns_pairwise_rotation_into_rotate_half():
     torch.testing.assert_close(y, deinterleave_heads(want.flatten(), d, r).view(2, d))
 
 
-def test_gptj_refuses_lora(parity_models):
+def test_gptj_reorders_its_adapters_q_k_rows(parity_models):
     model, _ = parity_models("gptj")
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for GPT-J"):
-        model.enable_lora(2, 4)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "fc_in", "fc_out"}
+    b = torch.randn(model.cfg.num_heads * model.cfg.head_dim, 3)
+    d, r = model.cfg.head_dim, model.cfg.options.rotary_dim
+    for name in ("q_proj", "k_proj"):  # as the weights' rows at load (PEFT parity: test_lora_engine)
+        torch.testing.assert_close(model.adapter_rows(name, b), deinterleave_heads(b, d, r))
+    assert model.adapter_rows("v_proj", b) is b
 
 
 # --- both -------------------------------------------------------------------------
