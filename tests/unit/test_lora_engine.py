@@ -13,7 +13,9 @@ dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
 hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2), and the
 attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee,
-Jais 2 and Apertus by their own module names.
+Jais 2 and Apertus by their own module names, and the fused q/k/v of GPT-2,
+GPT-BigCode, Falcon, Bloom, MPT and CodeGen (and GPT-J's reordered q/k)
+split as their loaders split the weights.
 """
 
 from __future__ import annotations
