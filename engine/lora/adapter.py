@@ -14,6 +14,9 @@ names as PEFT matches them) and ``target_modules``. Features the engine
 does not implement are refused with ``AdapterError`` naming the field
 (``param``): DoRA, biases, modules_to_save, embedding or lm_head LoRA,
 trainable tokens, expert parameters, and the other PEFT variants below.
+``fan_in_fan_out`` (PEFT sets it on GPT-2's Conv1D projections) is served:
+it transposes only a merged delta; lora_A / lora_B are [r, in] / [out, r]
+either way.
 """
 
 from __future__ import annotations
@@ -103,7 +106,6 @@ _REFUSED: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained modules saved beside the LoRA",
-    "fan_in_fan_out": "transposed (Conv1D) base weights",
     "trainable_token_indices": "trained embedding rows",
     "target_parameters": "LoRA on parameters (MoE expert weights)",
     "layer_replication": "replicated layers",

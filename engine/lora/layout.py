@@ -23,7 +23,11 @@ in a hybrid model's Gated DeltaNet layers, the ``linear_attn`` projections
 ``in_proj_a``; their ``out_proj``; OLMo Hybrid's ``q_proj`` ... ``o_proj``)
 and, in the Mamba-2 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H,
 Zamba2), the Mamba-2 mixers' ``in_proj`` and ``out_proj`` and their own
-names for attention and MLPs (``splitserve.engine.lora.hybrid_layout``).
+names for attention and MLPs (``splitserve.engine.lora.hybrid_layout``),
+and, by transformers' ``transformer.h.<i>`` paths (MPT's
+``transformer.blocks.<i>``), the projections of GPT-2, GPT-BigCode, Falcon,
+Bloom, MPT, GPT-J and CodeGen, fused q/k/v split as their loaders split the
+weights (``splitserve.engine.lora.mapped_layout``).
 Anything else is refused by name: embedding and lm_head LoRA, DoRA
 magnitudes, biases, MoE experts, projections a layer lacks.
 """
@@ -39,12 +43,16 @@ from safetensors import SafetensorError, safe_open
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hybrid_config import ATTENTION
 from splitserve.engine.lora.hybrid_layout import MAMBA2_LORA, engine_parts, mamba2_target, zamba2_block_shape
+from splitserve.engine.lora.mapped_layout import FUSED_QKV_NAMES, MAPPED_LORA, mapped_parts, mapped_target
 from splitserve.engine.lora.adapter import (SUPPORTED_MODULES, AdapterConfig, AdapterError,
                                             adapter_files, read_adapter_config)
 
 # (the module's path, its root, layer, place (dotted where nested), projection, A or B)
 _NAME = re.compile(r"^(?:base_model\.model\.)?((model|backbone|gpt_neox)\.layers\.(\d+)\."
                    r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
+# the same groups under GPT-2's names (root: transformer.h, MPT's transformer.blocks)
+_MAPPED_NAME = re.compile(r"^(?:base_model\.model\.)?((transformer\.(?:h|blocks))\.(\d+)\."
+                          r"(?:([\w.]+?)\.)?(\w+))\.lora_(A|B)\.weight$")
 _PLACE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # the linear_attn projections of every Gated DeltaNet variant (``_delta_net_shapes``)
@@ -111,7 +119,7 @@ def projection_shape(cfg: ModelConfig, layer: int, place: str, module: str) -> t
         return _delta_net_shapes(cfg).get(module)
     q, kv, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     q_rows = 2 * q if cfg.family in QUERY_GATED else q
-    if module in ("query_key_value", "qkv_proj"):  # GPT-NeoX's and Phi-3's fused projections
+    if module in FUSED_QKV_NAMES:  # GPT-NeoX's, Phi-3's and MAPPED_LORA's fused projections
         return h, q + 2 * kv
     return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}[module]
 
@@ -173,6 +181,8 @@ def _target(model: ModelConfig, m: re.Match) -> tuple[int, str, str] | str | Non
     ones, the Mamba-2 hybrids' (``hybrid_layout``); a str: why it is refused;
     None: no served name."""
     root, layer, place, module = m.group(2), int(m.group(3)), m.group(4) or "", m.group(5)
+    if root.startswith("transformer.") or model.family in MAPPED_LORA:  # GPT-2's names
+        return mapped_target(model, root, layer, place, module)
     if model.family in MAMBA2_LORA:
         target = mamba2_target(model, root, layer, place, module)
         return target + (module,) if isinstance(target, tuple) else target
@@ -212,7 +222,10 @@ def _parts(model: ModelConfig, place: str, module: str) -> tuple[tuple[str, int,
     """The engine targets of one PEFT projection: (name, first row, rows, period)
     of its lora_B (``ModuleLora``). GPT-NeoX's fused ``query_key_value`` holds
     each head's q, k and v rows together: its q, k and v parts take ``head_dim``
-    rows of every ``3 * head_dim``, as its weight is split at load."""
+    rows of every ``3 * head_dim``, as its weight is split at load; the
+    ``MAPPED_LORA`` families' as ``mapped_parts`` says."""
+    if model.family in MAPPED_LORA:
+        return mapped_parts(model, module)
     if place == "self_attn" and module == "query_key_value":
         d = model.head_dim
         return tuple((name, i * d, d, 3 * d) for i, name in enumerate(("q_proj", "k_proj", "v_proj")))
@@ -240,7 +253,7 @@ def adapter_layout(cfg: AdapterConfig, shapes: dict[str, tuple[int, ...]], model
     """Check tensor ``shapes`` (name -> shape) against ``model``; return the layout."""
     halves: dict[tuple[int, str, str, str], dict[str, tuple[str, tuple[int, ...]]]] = {}
     for name, shape in shapes.items():
-        m = _NAME.match(name)
+        m = _NAME.match(name) or _MAPPED_NAME.match(name)
         target = None if m is None else _target(model, m)
         if not isinstance(target, tuple):
             raise AdapterError(f"{source}: tensor {name!r}: {target or _refusal(name)}",

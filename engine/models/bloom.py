@@ -66,9 +66,6 @@ class NormedResidualLayer(DecoderLayer):
 class BloomCausalLM(FalconCausalLM):
     """Bloom: Falcon's checkpoint names and q/k/v split, a norm on the embeddings."""
 
-    lora_refusal = ("LoRA adapters are not supported for Bloom checkpoints (PEFT trains its fused "
-                    "query_key_value and dense, which are split and renamed at load)")
-
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)
         self.embed_layernorm = model_norm(cfg, cfg.hidden_size, dtype, device)

@@ -11,6 +11,8 @@ key. So the weight, viewed as [4, 3, n_embd / 4, n_embd], holds q_proj in
 [:, 0], v_proj in [:, 1] and k_proj in [:, 2], each reshaped to
 [n_embd, n_embd]; they then go through GPT-J's mapping as GPT-J's own
 q/k/v_proj do. Older exports' ``attn.causal_mask`` buffers are skipped.
+LoRA adapters' qkv_proj lora_B rows take the same split
+(``splitserve.engine.lora.mapped_layout``), then GPT-J's reordering.
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ _PARTS = ("q_proj", "v_proj", "k_proj")  # each shard's order
 
 class CodeGenCausalLM(GPTJCausalLM):
     """CodeGen (``CodeGenForCausalLM``): the fused qkv_proj split, then GPT-J's mapping."""
-
-    lora_refusal = ("LoRA adapters are not supported for CodeGen checkpoints (its q/k/v rows are "
-                    "split from the fused qkv_proj and q/k rows reordered at load; adapters' would "
-                    "need the same)")
 
     def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         if name.endswith(_MASK_BUFFERS):

@@ -23,8 +23,9 @@ transformers' ``FalconAttention`` reads it:
 The last two are the first with one group, or with one query head per
 group: one split covers all three.
 
-LoRA adapters are refused: PEFT trains Falcon's fused ``query_key_value``
-and ``dense``, which the engine's adapter slots do not name.
+LoRA adapters on ``query_key_value``, ``dense`` and the MLP are served,
+``query_key_value``'s lora_B rows split as the weight's
+(``splitserve.engine.lora.mapped_layout``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ _LAYER_RENAMES = ((".self_attention.dense.", ".self_attn.o_proj."), (".self_atte
 
 class FalconCausalLM(MappedCausalLM):
     """Falcon (``FalconForCausalLM``): checkpoint names mapped, q/k/v split at load."""
-
-    lora_refusal = ("LoRA adapters are not supported for Falcon checkpoints (PEFT trains its fused "
-                    "query_key_value and dense, which are split and renamed at load)")
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """``query_key_value.{weight,bias}`` -> q_proj, k_proj and v_proj's, whole

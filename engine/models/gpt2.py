@@ -14,6 +14,8 @@ weights are stored [in, out] and are transposed; the fused ``attn.c_attn``
 holds [q | k | v] along its output dim and is split into q/k/v_proj. Older
 exports' causal-mask buffers (``attn.bias``, ``attn.masked_bias``) are
 skipped. The LM head is tied to ``wte`` unless config.json says otherwise.
+LoRA adapters on c_attn, c_proj, c_fc and mlp.c_proj are served, c_attn's
+lora_B split as its weight is (``splitserve.engine.lora.mapped_layout``).
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ class GPT2CausalLM(MappedCausalLM):
     """GPT-2 (``GPT2LMHeadModel``): checkpoint names and layouts mapped at load."""
 
     conv1d_weights = _CONV1D  # the weights stored [in, out]; families of nn.Linear name none
-    lora_refusal = ("LoRA adapters are not supported for GPT-2 checkpoints (its fused c_attn and "
-                    "Conv1D projections have no q/k/v/o_proj to adapt)")
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
         super().__init__(cfg, dtype, device)

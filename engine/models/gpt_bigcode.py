@@ -8,7 +8,8 @@ then the one key head and the one value head ([q (n_embd) | k | v]);
 without it q, k and v per head ([h0: q | k | v, h1: ...], a view as
 [heads, 3 * head_dim]). Both are Falcon's ``query_key_value`` layout, one
 group per KV head holding its query heads then its key and value, which
-``FalconCausalLM.split_qkv`` splits.
+``FalconCausalLM.split_qkv`` splits. LoRA adapters' c_attn lora_B rows
+split the same way (``splitserve.engine.lora.mapped_layout``).
 """
 
 from __future__ import annotations
@@ -22,5 +23,3 @@ class GPTBigCodeCausalLM(GPT2CausalLM):
 
     conv1d_weights = ()
     split_qkv = FalconCausalLM.split_qkv
-    lora_refusal = ("LoRA adapters are not supported for GPT-BigCode checkpoints (PEFT trains its "
-                    "fused c_attn, which is split at load)")

@@ -18,7 +18,8 @@ Checkpoint names are mapped at load onto the shared decoder's:
 ``self_attn`` (``out_proj`` -> ``o_proj``), ``transformer.ln_f`` ->
 ``model.norm``; the MLP keeps ``fc_in`` / ``fc_out``. Older exports'
 causal-mask buffers (``attn.bias``, ``attn.masked_bias``) are skipped.
-LoRA adapters are refused: their q/k rows would need the same reordering.
+LoRA adapters are served (``splitserve.engine.lora.mapped_layout``), their
+q/k lora_B rows reordered as the weights' (``adapter_rows``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ _ROTATED = (".self_attn.q_proj.", ".self_attn.k_proj.")
 class GPTJCausalLM(MappedCausalLM):
     """GPT-J (``GPTJForCausalLM``): names mapped, q/k rows reordered at load."""
 
-    lora_refusal = ("LoRA adapters are not supported for GPT-J checkpoints (its q/k rows are "
-                    "reordered at load; adapters' would need the same)")
+    def adapter_rows(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """q/k adapters' lora_B rows reordered as their weights' are at load."""
+        if name in ("q_proj", "k_proj"):
+            return deinterleave_heads(b, self.cfg.head_dim, self.cfg.options.rotary_dim)
+        return b
 
     def mapped(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         if name.endswith(_MASK_BUFFERS):

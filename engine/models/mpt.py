@@ -15,8 +15,9 @@ load onto the shared decoder's slots: ``transformer.wte`` ->
 into q/k/v_proj. The LM head is tied to ``wte`` unless config.json says
 otherwise.
 
-LoRA adapters are refused: PEFT trains MPT's fused ``Wqkv`` and
-``out_proj``, which the engine's adapter slots do not name. Tensor
+LoRA adapters on ``Wqkv``, ``out_proj``, ``up_proj`` and ``down_proj``
+are served, ``Wqkv``'s lora_B split as the weight
+(``splitserve.engine.lora.mapped_layout``). Tensor
 parallelism splits it as Llama's decoder (q/k/v_proj by head, the MLP by
 its width, the norms whole), each rank with its heads' ALiBi slopes.
 """
@@ -42,9 +43,6 @@ _LAYER_RENAMES = ((".norm_1.", ".input_layernorm."), (".norm_2.", ".post_attenti
 
 class MptCausalLM(MappedCausalLM):
     """MPT (``MptForCausalLM``): checkpoint names mapped, ``Wqkv`` split at load."""
-
-    lora_refusal = ("LoRA adapters are not supported for MPT checkpoints (PEFT trains its fused "
-                    "Wqkv and out_proj, which are split and renamed at load)")
 
     def split_qkv(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """``Wqkv.weight`` ([q | k | v] rows) -> q_proj, k_proj and v_proj's."""

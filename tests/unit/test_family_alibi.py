@@ -2,8 +2,8 @@
 transformers' own formulas, config.json parsing (the defaults transformers'
 config classes fill in, older key names, what is read and what is refused,
 naming the option), the Bloom names a bare BloomModel export uses, fp8
-weights quantized at load, and the LoRA and tensor-parallel refusals
-(MPT's per-rank slopes). Layouts beyond the parity variants
+weights quantized at load, and the LoRA stacks and tensor-parallel
+splits (MPT's per-rank slopes). Layouts beyond the parity variants
 (Bloom's residual after the norm, Falcon-RW's) are checked against
 transformers here; the variants' token parity is in test_model_parity /
 test_engine_parity, the kernels' bias in test_triton_attention /
@@ -78,7 +78,7 @@ def test_bloom_refusals_name_the_option(extra, match):
         ModelConfig.from_hf(bloom(**extra))
 
 
-def test_bloom_reads_bare_model_names_and_refuses_lora(parity_models):
+def test_bloom_reads_bare_model_names_and_takes_lora(parity_models):
     model, _ = parity_models("bloom")
     assert model.cos_sin_cache is None  # ALiBi: no RoPE table
     attn = model.layers[0].self_attn
@@ -87,8 +87,9 @@ def test_bloom_reads_bare_model_names_and_refuses_lora(parity_models):
     assert list(named) == ["model.embed_layernorm.bias"]
     assert list(dict(model.mapped("h.1.self_attention.dense.weight", torch.zeros(1)))) == \
         ["model.layers.1.self_attn.o_proj.weight"]
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Bloom"):
-        model.enable_lora(2, 4)
+    # query_key_value's per-head q/k/v parts, dense as o_proj (PEFT parity: test_lora_engine)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "dense_h_to_4h", "dense_4h_to_h"}
 
 
 # --- MPT --------------------------------------------------------------------------
@@ -127,11 +128,12 @@ def test_mpt_refusals_name_the_option(attn, extra, match):
         ModelConfig.from_hf(mpt(attn, **extra))
 
 
-def test_mpt_refuses_lora(parity_models):
+def test_mpt_takes_lora(parity_models):
     model, _ = parity_models("mpt")
     assert model.cos_sin_cache is None and model.layers[0].self_attn.clip_qkv == 1.2
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for MPT"):
-        model.enable_lora(2, 4)
+    # Wqkv's q/k/v parts, out_proj as o_proj (PEFT parity: test_lora_engine)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "up_proj", "down_proj"}
 
 
 # --- Falcon with alibi --------------------------------------------------------------

@@ -1,6 +1,6 @@
 """config.json parsing of the Falcon and GPT-J families: the defaults
 transformers' config classes fill in, older key names, the layer shapes
-read, and a clear CheckpointError (or tensor parallel / LoRA refusal) for
+read, their LoRA stacks, and a clear CheckpointError (or tensor parallel refusal) for
 what the engine does not support. Falcon's layouts beyond the parity
 variants (sequential, per-head q/k/v; the new architecture on one norm)
 are checked against transformers here; the variants' token parity is in
@@ -110,7 +110,7 @@ def test_falcon_layouts_match_transformers(tmp_path, tiny_tokenizer_dir, layout)
     assert greedy_tokens(ours, 6) == want  # decode steps through the paged cache
 
 
-def test_falcon_loads_two_norms_and_refuses_lora(parity_models):
+def test_falcon_loads_two_norms_and_takes_lora(parity_models):
     model, _ = parity_models("falcon")  # ln_attn / ln_mlp loaded as the parallel layer's two norms
     layer = model.layers[0]
     assert isinstance(layer, ParallelDecoderLayer)
@@ -119,8 +119,9 @@ def test_falcon_loads_two_norms_and_refuses_lora(parity_models):
     mq, _ = parity_models("falcon_mq")
     assert mq.layers[0].post_attention_layernorm is None and mq.lm_head is None
     assert mq.layers[0].self_attn.num_kv_heads == 1
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for Falcon"):
-        model.enable_lora(2, 4)
+    # query_key_value's q/k/v parts, dense as o_proj (PEFT parity: test_lora_engine)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "dense_h_to_4h", "dense_4h_to_h"}
 
 
 # --- GPT-J ----------------------------------------------------------------------
@@ -172,10 +173,15 @@ def test_partial_deinterleave_turns_pairwise_rotation_into_rotate_half():
     torch.testing.assert_close(y, deinterleave_heads(want.flatten(), d, r).view(2, d))
 
 
-def test_gptj_refuses_lora(parity_models):
+def test_gptj_reorders_its_adapters_q_k_rows(parity_models):
     model, _ = parity_models("gptj")
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for GPT-J"):
-        model.enable_lora(2, 4)
+    assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "fc_in", "fc_out"}
+    b = torch.randn(model.cfg.num_heads * model.cfg.head_dim, 3)
+    d, r = model.cfg.head_dim, model.cfg.options.rotary_dim
+    for name in ("q_proj", "k_proj"):  # as the weights' rows at load (PEFT parity: test_lora_engine)
+        torch.testing.assert_close(model.adapter_rows(name, b), deinterleave_heads(b, d, r))
+    assert model.adapter_rows("v_proj", b) is b
 
 
 # --- both -------------------------------------------------------------------------

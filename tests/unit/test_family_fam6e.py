@@ -155,10 +155,11 @@ def test_codegen_refusals(extra, match):
     refused(codegen(**extra), match)
 
 
-def test_codegen_refuses_lora_and_splits_by_heads(parity_models):
+def test_codegen_takes_lora_and_splits_by_heads(parity_models):
     model, _ = parity_models("codegen")
-    with pytest.raises(CheckpointError, match="LoRA adapters are not supported for CodeGen"):
-        model.enable_lora(1, 4)
+    # qkv_proj's q/k/v parts, GPT-J's names beside (PEFT parity: test_lora_engine)
+    assert {name for _, name in model.enable_lora(1, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "fc_in", "fc_out"}
     check(model.cfg, 2)  # qkv_proj split at load, then sharded as q/k/v
     with pytest.raises(TensorParallelConfigError, match="CodeGenForCausalLM cannot run at tensor_parallel_size 3"):
         check(model.cfg, 3)

@@ -31,7 +31,7 @@ BASE = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "use_dora"
 
 @pytest.mark.parametrize("field, value", [
     ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("modules_to_save", ["lm_head"]),
-    ("lora_bias", True), ("fan_in_fan_out", True), ("trainable_token_indices", [1, 2]),
+    ("lora_bias", True), ("trainable_token_indices", [1, 2]),
     ("target_parameters", ["experts.gate_up_proj"]), ("peft_type", "IA3"),
     ("target_modules", ["q_proj", "embed_tokens"]), ("target_modules", ["lm_head"]),
     ("layer_replication", [[0, 1]]), ("r", 0),
@@ -140,6 +140,27 @@ def test_an_ungated_mlp_takes_lora_by_its_own_names():
         == [((0, 8), 24), ((8, 8), 24), ((16, 8), 24)]
     with pytest.raises(AdapterError, match="do not fit"):
         adapter_layout(cfg, {**qkv, f"{stem}.attention.query_key_value.lora_B.weight": (32, 4)}, neox, 8)
+
+
+def test_gpt2_named_families_take_lora_by_transformer_h_paths():
+    """GPT-BigCode's multi-query c_attn ([q (n_embd) | k | v]) goes to q/k/v
+    as the weight splits; a module the family has not, or a Llama path, is
+    refused naming the family's targets (PEFT parity: test_lora_engine)."""
+    cfg = parse_adapter_config(BASE)
+    bigcode = ModelConfig.from_hf({"architectures": ["GPTBigCodeForCausalLM"], "vocab_size": 64, "n_embd": 32,
+                                   "n_layer": 2, "n_head": 4, "n_inner": 48, "n_positions": 64})
+    stem = "base_model.model.transformer.h.1"
+    ok = {f"{stem}.attn.c_attn.lora_A.weight": (4, 32), f"{stem}.attn.c_attn.lora_B.weight": (48, 4),
+          f"{stem}.mlp.c_proj.lora_A.weight": (4, 48), f"{stem}.mlp.c_proj.lora_B.weight": (32, 4),
+          f"{stem}.attn.c_proj.lora_A.weight": (4, 32), f"{stem}.attn.c_proj.lora_B.weight": (32, 4)}
+    parts = adapter_layout(cfg, ok, bigcode, 8).modules
+    assert sorted(parts) == [(1, "c_proj"), (1, "k_proj"), (1, "o_proj"), (1, "q_proj"), (1, "v_proj")]
+    assert [(parts[(1, n)].b_rows, parts[(1, n)].b_period) for n in ("q_proj", "k_proj", "v_proj")] \
+        == [((0, 32), 48), ((32, 8), 48), ((40, 8), 48)]
+    for name in (f"{stem}.attn.q_proj", "base_model.model.model.layers.0.self_attn.q_proj"):
+        with pytest.raises(AdapterError, match="GPTBigCodeForCausalLM's LoRA targets are "
+                                               "transformer.h.<i>.attn.c_attn, "):
+            adapter_layout(cfg, {f"{name}.lora_A.weight": (4, 32)}, bigcode, 8)
 
 
 def test_hybrid_layers_take_lora_on_the_projections_they_have():

@@ -13,7 +13,9 @@ dense MLP and Gated DeltaNet projections of the Qwen3-Next and Qwen3.5
 hybrids and the attention, MLP and Mamba-2 projections of the Mamba-2
 hybrids (Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H, Zamba2), and the
 attention and ungated MLPs of StarCoder2, Phi, GPT-NeoX, Nemotron, Arcee,
-Jais 2 and Apertus by their own module names.
+Jais 2 and Apertus by their own module names, and the fused q/k/v of GPT-2,
+GPT-BigCode, Falcon, Bloom, MPT and CodeGen (and GPT-J's reordered q/k)
+split as their loaders split the weights.
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ def test_moe_attention_takes_lora(tiny_checkpoints, tmp_path, variant):
 
 
 @pytest.mark.parametrize("variant", ["granite", "olmo2", "gemma3", "smollm3", "hyperclovax", "helium",
-                                     "cohere_qk_norm", "ernie4_5", "cohere2", "phi3", "glm", "glm4"])
+                                     "cohere_qk_norm", "ernie4_5", "cohere2", "phi3", "glm", "glm4",
+                                     "gpt_bigcode", "gpt2", "falcon", "gptj", "mpt", "bloom", "codegen"])
 def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_path, variant):
     # the same module names as Llama's; Granite (and HyperCLOVA X, after its post-norms)
     # scales the adapted blocks' outputs,
@@ -206,7 +209,10 @@ def test_granite_olmo2_gemma3_smollm3_take_lora_like_peft(tiny_checkpoints, tmp_
     # attention and MLP in parallel, per-head q/k norms) and ERNIE 4.5 rotate adjacent pairs:
     # their q/k weights' rows are reordered at load, and so are their adapters' lora_B rows;
     # Phi-3's fused qkv_proj and gate_up_proj (GLM's gate_up_proj, with GLM's partial rotary
-    # reordering) are served as parts sharing A
+    # reordering) are served as parts sharing A; so are the fused q/k/v of GPT-BigCode
+    # (multi-query c_attn), GPT-2 (c_attn, on Conv1D), Falcon (query_key_value by KV-head
+    # group), MPT (Wqkv), Bloom (query_key_value per head) and CodeGen (qkv_proj's mp_num
+    # shards, then GPT-J's q/k row reordering), their MLPs by their own names
     base = tiny_checkpoints[variant]
     adapter = build_adapter(base, tmp_path / "all", **ADAPTERS["all"])
     ps = prompts(hf_model(base).config.vocab_size)
