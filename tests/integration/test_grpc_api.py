@@ -309,7 +309,7 @@ HI = [pb.ChatMessage(role="user", content="hi")]
     (dict(token_ids=pb.TokenIds(ids=list(range(3, 303)))), "prompt"),
     (dict(token_ids=pb.TokenIds(ids=[1, 100000])), "prompt"),
     (dict(messages=[pb.ChatMessage(role="user", content="x " * 1000)]), "messages"),
-    (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages"),
+    (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages[0].role"),
     (dict(text="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "messages"),
     (dict(text="hi", tools=[WEATHER]), "tools"),
     (dict(messages=HI, tools=[pb.Tool(name="a b")]), "tools[0].name"),

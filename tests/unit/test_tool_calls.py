@@ -194,6 +194,9 @@ def test_template_messages_give_arguments_as_objects():
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert out[0] is msgs[0] and out[2] is msgs[2]
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # not mutated
+    # OpenAI's clients send instructions as "developer": the template gets a system message
+    dev = {"role": "developer", "content": "be brief"}
+    assert template_messages([dev, *msgs]) == [{**dev, "role": "system"}, *out]
 
 
 @pytest.mark.parametrize("msg,param", [
@@ -206,6 +209,9 @@ def test_template_messages_give_arguments_as_objects():
      "messages[0].tool_calls[0].function.arguments"),
     ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 5000}}]},
      "messages[0].tool_calls[0].function.arguments"),  # too deep to parse
+    # a role OpenAI does not define: once refused by the template, naming only "messages"
+    ({"role": "wizard", "content": "hi"}, "messages[0].role"),
+    ({"role": "function", "content": "hi"}, "messages[0].role"),
 ])
 def test_bad_tool_calls_in_messages_name_the_field(msg, param):
     with pytest.raises(InvalidRequestError) as err:
