@@ -16,22 +16,30 @@ from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.tokenizer import SPECIAL_TOKEN_KEYS
 
 # Template variables a client may not set through chat_template_kwargs: those
-# the route sets, and "self" (the renderer's own; it cannot be passed on).
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools", "documents",
-                                      "self"})
+# the renderer sets (splitserve.engine.tokenizer.render_chat_template: the
+# conversation, the special tokens, its helpers) and "self" (the renderer's
+# own; it cannot be passed on). Setting one would rewrite the prompt's
+# structure (a fake BOS, no generation prompt) or silence the template's checks.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", *SPECIAL_TOKEN_KEYS,
+    "raise_exception", "strftime_now", "self"})
 
 
 def template_kwargs(kwargs: Any, param: str = "chat_template_kwargs") -> dict[str, Any]:
-    """The client's extra chat template variables (e.g. ``enable_thinking``), checked."""
+    """The client's extra chat template variables (e.g. ``enable_thinking``),
+    checked: a reserved or non-identifier name is a 400 naming ``param.<key>``."""
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
         raise InvalidRequestError(f"{param} must be an object", param=param)
     bad = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
     if bad:
-        raise InvalidRequestError(f"{param} may not set {bad[0][:50]!r}", param=param)
+        key = bad[0][:50]
+        why = "is set by the server" if key in RESERVED_TEMPLATE_KWARGS else "is not a variable name"
+        raise InvalidRequestError(f"{param} may not set {key!r}: it {why}", param=f"{param}.{key}")
     return kwargs
 
 

@@ -382,11 +382,18 @@ CRAFTED = [
     (C, {**OK_C, "logit_bias": {str(10**6): 5}}, "logit_bias"),
     (CH, {**OK_CH, "max_tokens": None, "min_tokens": CONTEXT}, "min_tokens"),
     # names the template renderer's own parameters take
-    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
+    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs.self"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
-     "chat_template_kwargs"),
+     "chat_template_kwargs.self"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"],
-                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs"),
+                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs.documents"),
+    # and the variables the renderer sets: a forged BOS, a template check silenced
+    (CH, {**OK_CH, "chat_template_kwargs": {"bos_token": "<|im_end|>"}}, "chat_template_kwargs.bos_token"),
+    (R, {**OK_R, "chat_template_kwargs": {"raise_exception": None}}, "chat_template_kwargs.raise_exception"),
+    # a role OpenAI does not define: once named "messages" by the template's refusal
+    (CH, {**OK_CH, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("/tokenize", {"model": "tiny-llama", "messages": [*OK_CH["messages"], {"role": "ipython", "content": "x"}]},
+     "messages[1].role"),
     # a role or a part type that is a list or an object: once a 500 (looked up in a set)
     (R, {**OK_R, "input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
     (R, {**OK_R, "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "hi"}]}]},
@@ -524,7 +531,9 @@ GRPC_CRAFTED = [
     (dict(messages=HI, tools=[pb.Tool(name="f", parameters=json.dumps(BIG_INT_PARAMS))], tool_choice="required"),
      "tools[0].parameters"),
     (dict(messages=[*HI, pb.ChatMessage(role="tool", content="sunny")]), "messages[1].tool_call_id"),
-    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs.self"),
+    (dict(messages=HI, chat_template_kwargs='{"add_generation_prompt": false}'),
+     "chat_template_kwargs.add_generation_prompt"),
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar="start: start"))),
      "structured_output"),
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_schema='{"$ref": "#"}'))),

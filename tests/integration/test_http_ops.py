@@ -175,7 +175,7 @@ def test_tokenize_chat_matches_the_chat_template(url, engines):
      400, "messages"),
     ("/tokenize", {"model": A, "messages": []}, 400, "messages"),
     ("/tokenize", {"model": A, "messages": MSGS, "chat_template_kwargs": {"messages": []}}, 400,
-     "chat_template_kwargs"),
+     "chat_template_kwargs.messages"),
     ("/tokenize", {"model": A, "messages": MSGS, "chat_template": "{{ 7 }}"}, 400, "chat_template"),
     ("/tokenize", {"model": A, "messages": MSGS, "continue_final_message": True}, 400,
      "continue_final_message"),
