@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.cluster.api.openai_structured import check_constraint, check_json_schema
+from splitserve.cluster.api.openai_structured import OPENAI_NAME, check_constraint, check_json_schema
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, MAX_TOOLS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # OpenAI's message roles, each as the chat template receives it: "developer"
 # (what OpenAI's clients send for instructions) becomes "system", as OpenAI
 # does for models without a developer role.
@@ -210,8 +208,8 @@ def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
     if unknown:
         _fail(f"{where}.function: unknown fields {unknown}"[:200], f"{where}.function")
     name = fn.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        _fail(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'",
+    if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name):
+        _fail(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'",
               f"{where}.function.name")
     if not isinstance(fn.get("description", ""), str):
         _fail(f"{where}.function.description must be a string", f"{where}.function.description")

@@ -439,6 +439,13 @@ CRAFTED = [
      "response_format.json_schema.name"),
     (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "strict": "yes"}}},
      "text.format.strict"),
+    # a schema's name as OpenAI allows it: 1-64 letters, digits, '_' or '-'
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "", "schema": {}}}},
+     "response_format.json_schema.name"),
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name"),
+    (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x" * 65, "schema": {}}}},
+     "text.format.name"),
     (R, {**OK_R, "reasoning": {"effort": 5}}, "reasoning.effort"),
     (R, {**OK_R, "reasoning": {"efort": "low"}}, "reasoning"),
     (R, {**OK_R, "text": {"verbosity": ["low"]}}, "text.verbosity"),

@@ -140,6 +140,9 @@ def test_tool_choice_none_and_no_tools():
     ([{"type": "function", "function": {"name": "x"}, "extra": 1}], None, "tools[0]"),
     ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "x" * 65}}], None, "tools[0].function.name"),
+    # OpenAI's rule for function names: letters, digits, '_' and '-' only
+    ([{"type": "function", "function": {"name": "a.b"}}], None, "tools[0].function.name"),
+    ([{"type": "function", "function": {"name": "f\n"}}], None, "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "x", "color": "red"}}], None, "tools[0].function"),
     ([{"type": "function", "function": {"name": "x", "description": 5}}], None,
      "tools[0].function.description"),
