@@ -429,7 +429,7 @@ INVALID = "invalid_request_error"
     (C, {**OK_C, "min_tokens": 5}, "min_tokens"),
     (CH, {**OK_CH, "messages": []}, "messages"),
     (CH, {**OK_CH, "messages": [{"role": "user", "content": "x " * 1000}]}, "messages"),
-    (CH, {**OK_CH, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    (CH, {**OK_CH, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     (CH, {**OK_CH, "messages": [{"content": "hi"}]}, "messages[0].role"),
     (CH, {**OK_CH, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
