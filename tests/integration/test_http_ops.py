@@ -181,7 +181,7 @@ def test_tokenize_chat_matches_the_chat_template(url, engines):
      "continue_final_message"),
     ("/tokenize", {"model": A, "messages": MSGS, "tools": [{"type": "function", "function": {}}]},
      400, "tools[0].function.name"),
-    ("/tokenize", {"model": A, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/tokenize", {"model": A, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("/detokenize", {"model": A, "tokens": [5, 512]}, 400, "tokens[1]"),
     ("/detokenize", {"model": A, "tokens": [-1]}, 400, "tokens[0]"),
     ("/detokenize", {"model": A, "tokens": [5] * 257}, 400, "tokens"),
