@@ -8,6 +8,7 @@ Runs on a preparation thread (splitserve.cluster.api.prepare)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from splitserve.cluster.api.backend import Backend
 from splitserve.cluster.api.reasoning import Reasoning, reasoning_for
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.limits import check_prompt_chars
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tokenizer import SPECIAL_TOKEN_KEYS
 
@@ -41,6 +43,24 @@ def template_kwargs(kwargs: Any, param: str = "chat_template_kwargs") -> dict[st
         why = "is set by the server" if key in RESERVED_TEMPLATE_KWARGS else "is not a variable name"
         raise InvalidRequestError(f"{param} may not set {key!r}: it {why}", param=f"{param}.{key}")
     return kwargs
+
+
+def json_chars(value: Any) -> int:
+    """Characters of parsed JSON (tools, ``chat_template_kwargs``) written
+    out, as a template's ``tojson`` writes them; 0 for None."""
+    return 0 if value is None else len(json.dumps(value, ensure_ascii=False))
+
+
+def check_chat_chars(messages: int, tools: int, kwargs: int, max_model_len: int,
+                     messages_param: str = "messages") -> None:
+    """A chat's text bounded by the model's context before it is rendered
+    (``check_prompt_chars``), on every API: the messages' characters, then
+    with the tools' (names, descriptions, parameters) and the
+    ``chat_template_kwargs``' the template renders too; the refusal names
+    the field that passes the bound (``messages_param`` for the messages)."""
+    check_prompt_chars(messages, max_model_len, messages_param)
+    check_prompt_chars(messages + tools, max_model_len, "tools")
+    check_prompt_chars(messages + tools + kwargs, max_model_len, "chat_template_kwargs")
 
 
 @dataclass(frozen=True)

@@ -336,6 +336,7 @@ MISSING_TOKEN = "start: <[9999]>"
 BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
 BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
 NOT_A_SCHEMA = {"type": "object", "properties": 5}
+LONG = "x" * (max_prompt_chars(CONTEXT) + 1)  # one character past the prompt bound
 TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
 # Crafted requests once answered with a 500, a 200 that served something else
 # than asked, or a 400 naming another field; each with the field its 400 names.
@@ -391,7 +392,6 @@ CRAFTED = [
     (CH, {**OK_CH, "chat_template_kwargs": {"bos_token": "<|im_end|>"}}, "chat_template_kwargs.bos_token"),
     (R, {**OK_R, "chat_template_kwargs": {"raise_exception": None}}, "chat_template_kwargs.raise_exception"),
     # a role OpenAI does not define: once named "messages" by the template's refusal
-    (CH, {**OK_CH, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ("/tokenize", {"model": "tiny-llama", "messages": [*OK_CH["messages"], {"role": "ipython", "content": "x"}]},
      "messages[1].role"),
     # a role or a part type that is a list or an object: once a 500 (looked up in a set)
@@ -426,6 +426,14 @@ CRAFTED = [
     # each message counts one token's characters: many empty ones are refused before rendering
     ("/tokenize", {"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * (CONTEXT + 1)},
      "messages"),
+    # the tools and chat_template_kwargs the template renders count too, refused before rendering
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "description": LONG}}]}, "tools"),
+    (CH, {**OK_CH, "chat_template_kwargs": {"notes": LONG}}, "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": LONG}}}]},
+     "tools"),
+    (R, {**OK_R, "tools": [{"type": "function", "name": "f", "description": LONG}]}, "tools"),
+    (R, {**OK_R, "chat_template_kwargs": {"notes": LONG}}, "chat_template_kwargs"),
     # parameters that are not a JSON schema, whatever tool_choice: once shown to the model as they were
     (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": NOT_A_SCHEMA}}]},
      "tools[0].function.parameters"),
