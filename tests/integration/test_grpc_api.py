@@ -249,6 +249,12 @@ def test_tokenize_list_models_and_health(stub, channel, refs, health, server):
                       metadata=MD)
     assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}])
     assert list(r.token_ids) == tok.encode(r.prompt, add_special_tokens=False)
+    # the developer role is rendered as system, as over HTTP
+    r = stub.Tokenize(pb.TokenizeRequest(model="tiny-llama", messages=[
+        pb.ChatMessage(role="developer", content="be brief"), pb.ChatMessage(role="user", content="yo")]),
+        metadata=MD)
+    assert r.prompt == tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "yo"}])
     r = stub.Tokenize(pb.TokenizeRequest(model="tiny-llama", messages=[pb.ChatMessage(role="user", content="yo")],
                                          tools=[pb.Tool(name="f")]), metadata=MD)
     assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}], tools=[
