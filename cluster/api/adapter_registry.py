@@ -86,14 +86,16 @@ class AdapterRegistry:
         return base
 
     def check(self, name: str, path: str, base: str | None = None) -> ServedAdapter:
-        """Read and check the adapter (its config, tensor header and digest)
-        without registering it. Raises AdapterError (400)."""
+        """Read and check the adapter (its config, tensor header, tensor
+        values and digest) without registering it. Raises AdapterError (400)."""
         from splitserve.engine.lora.layout import read_layout
+        from splitserve.engine.lora.weights import check_adapter_values
 
         check_name(name)
         base = self.base_for(base)
         facts = self.bases[base]
         read_layout(path, facts.model_cfg, facts.max_lora_rank)
+        check_adapter_values(path)
         return ServedAdapter(describe_adapter(name, path), base, int(time.time()))
 
     def add(self, served: ServedAdapter, replace: bool = False) -> None:

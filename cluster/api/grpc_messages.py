@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from splitserve.engine import json_text
 from splitserve.cluster.api.chat_output import ChatOutput
+from splitserve.cluster.api.chat_prompt import check_chat_chars as chat_chars
 from splitserve.cluster.api.chat_prompt import template_kwargs
 from splitserve.cluster.api.openai_schema import renamed
 from splitserve.cluster.api.openai_structured import check_constraint
 from splitserve.cluster.api.proto import splitserve_pb2 as pb
 from splitserve.cluster.api.tool_calls import ToolRequest, template_messages, tool_request
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import PROMPT_CHARS_PER_TOKEN, check_prompt_chars
+from splitserve.engine.limits import PROMPT_CHARS_PER_TOKEN
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.structured import choice_spec, json_object_spec
 
@@ -184,12 +185,8 @@ def messages_chars(msgs) -> int:
 
 
 def check_chat_chars(req: pb.GenerateRequest | pb.TokenizeRequest, max_model_len: int) -> None:
-    """A chat's text bounded by the model's context before it is rendered:
-    the messages, then with the tools (names, descriptions, parameters) and
-    ``chat_template_kwargs`` the template renders too; the refusal names the
-    field that passes the bound."""
-    chars = messages_chars(req.messages)
-    check_prompt_chars(chars, max_model_len, "messages")
-    chars += sum(len(t.name) + len(t.description) + len(t.parameters) for t in req.tools)
-    check_prompt_chars(chars, max_model_len, "tools")
-    check_prompt_chars(chars + len(req.chat_template_kwargs), max_model_len, "chat_template_kwargs")
+    """A chat's text bounded by the model's context before it is rendered
+    (chat_prompt's ``check_chat_chars``): the messages, the tools' names,
+    descriptions and parameters, ``chat_template_kwargs``' text."""
+    tools = sum(len(t.name) + len(t.description) + len(t.parameters) for t in req.tools)
+    chat_chars(messages_chars(req.messages), tools, len(req.chat_template_kwargs), max_model_len)

@@ -47,7 +47,8 @@ from splitserve.cluster.api import responses_api
 from splitserve.cluster.api.adapters_api import add_adapter_routes
 from splitserve.cluster.api.body_deadline import BodyDeadline
 from splitserve.cluster.api.backend import Backend, ModelInfo, RequestOptions
-from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat, template_kwargs
+from splitserve.cluster.api.chat_prompt import (ChatPrompt, check_chat_chars, json_chars, prepare_chat,
+                                                template_kwargs)
 from splitserve.cluster.api.health import add_health_routes
 from splitserve.cluster.api.http_stream import (  # noqa: F401 - api_error, choice_params: re-exported
     REQUEST_ID_HEADER, TIMINGS_HEADER, ClientGone, Choices, SSEResponse, api_error, choice_params,
@@ -186,8 +187,8 @@ def build_http_app(backend: Backend, api_keys: list[str], max_body_bytes: int,
         options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
         kwargs = template_kwargs(body.chat_template_kwargs)
-        check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len,
-                           "messages")
+        check_chat_chars(body.text_chars(), json_chars(body.tools), json_chars(body.chat_template_kwargs),
+                         backend.model_info(body.model).max_model_len)
         chat = await pool.run(_prepare_chat, backend, body, kwargs, size=_chat_size(body))
         return await _respond(request, backend, "chat", body, [chat.token_ids], chat.params, t0,
                               options, chat.tools, reasoning=chat.reasoning, routed=routed)

@@ -401,9 +401,11 @@ class ChatCompletionRequest(_Common):
 
 
 def messages_text_chars(messages: list[ChatMessage]) -> int:
-    """Characters of the messages' text (contents, tool call arguments, roles,
-    names, tool_call_ids), and one token's worth per message (its role's
-    marker), so that many empty messages are bounded as well as long ones."""
+    """Characters of the messages' text (contents, roles, names,
+    tool_call_ids, tool calls' ids, names and arguments), and one token's
+    worth per message (its role's marker), so that many empty messages are
+    bounded as well as long ones. Tools and ``chat_template_kwargs`` are
+    added by chat_prompt's ``check_chat_chars``."""
     total = 0
     for m in messages:
         total += PROMPT_CHARS_PER_TOKEN + len(m.role) + len(m.name or "") + len(m.tool_call_id or "")
@@ -411,8 +413,9 @@ def messages_text_chars(messages: list[ChatMessage]) -> int:
         total += sum(len(p if isinstance(p, str) else p.text or "") for p in parts if p is not None)
         for call in m.tool_calls or ():
             fn = call.get("function")
-            args = fn.get("arguments") if isinstance(fn, dict) else None
+            fn = fn if isinstance(fn, dict) else {}
+            args = fn.get("arguments")
             if isinstance(args, dict):  # accepted as an object too; the template writes it out
                 args = json.dumps(args)
-            total += len(args) if isinstance(args, str) else 0
+            total += sum(len(v) for v in (call.get("id"), fn.get("name"), args) if isinstance(v, str))
     return total

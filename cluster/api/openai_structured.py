@@ -24,6 +24,8 @@ _VLLM = "structured_outputs"
 # one fails inside it as a server fault, so it is refused here.
 _INT_MIN, _INT_MAX = -2**63, 2**64 - 1
 _LONG_DIGITS = re.compile(r"\d{19}")  # the shortest integer that may be out of that range
+# OpenAI's rule for the names a client gives a JSON schema or a function
+OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_constraint(spec: dict[str, str], param: str) -> None:
@@ -139,12 +141,15 @@ def structured_output(response_format: dict[str, Any] | None,
 
 def check_schema_fields(fmt: dict[str, Any], where: str) -> None:
     """The fields beside a JSON schema (chat's ``response_format.json_schema``,
-    the Responses API's ``text.format``) each of its type when given: a
-    400 naming it otherwise."""
+    the Responses API's ``text.format``) each of its type when given, and
+    the name as OpenAI allows it (``OPENAI_NAME``): a 400 naming it otherwise."""
     for key, kind, what in (("name", str, "a string"), ("description", str, "a string"),
                             ("strict", bool, "a boolean")):
         if fmt.get(key) is not None and not isinstance(fmt[key], kind):
             raise InvalidRequestError(f"{where}.{key} must be {what}", param=f"{where}.{key}")
+    if fmt.get("name") is not None and not OPENAI_NAME.fullmatch(fmt["name"]):
+        raise InvalidRequestError(f"{where}.name must be 1-64 letters, digits, '_' or '-'",
+                                  param=f"{where}.name")
 
 
 def _vllm_structured(so: dict[str, Any]) -> dict[str, str]:

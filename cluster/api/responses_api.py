@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from splitserve.cluster.api.backend import Backend
 from splitserve.cluster.api.chat_output import ChatOutput
-from splitserve.cluster.api.chat_prompt import ChatPrompt, prepare_chat
+from splitserve.cluster.api.chat_prompt import ChatPrompt, check_chat_chars, json_chars, prepare_chat
 from splitserve.cluster.api.http_stream import (REQUEST_ID_HEADER, TIMINGS_HEADER, Choices, ClientGone, SSEResponse,
                                                 api_error, open_choices, sse_data)
 from splitserve.cluster.api.http_body import read_request
@@ -44,7 +44,6 @@ from splitserve.cluster.api.responses_output import OutputItems, response_usage,
 from splitserve.cluster.api.openai_structured import constraint_field, constraint_refusal
 from splitserve.cluster.api.responses_schema import ResponsesRequest, prepare_error
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import check_prompt_chars
 
 
 def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes: int) -> None:
@@ -54,7 +53,8 @@ def add_route(app: FastAPI, backend: Backend, pool: PreparePool, max_body_bytes:
         body: ResponsesRequest = await read_request(request, ResponsesRequest, max_body_bytes)
         options = http_options(request.headers, body.priority, arrival)
         routed, body = resolve_http(backend, request.headers, body)
-        check_prompt_chars(body.text_chars(), backend.model_info(body.model).max_model_len, "input")
+        check_chat_chars(body.text_chars(), json_chars(body.tools), json_chars(body.chat_template_kwargs),
+                         backend.model_info(body.model).max_model_len, "input")
         chat = await pool.run(_prepare, backend, body)
         rid = f"resp_{uuid.uuid4().hex}"
         prepare_s = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from splitserve.cluster.api.openai_schema import ApiError, Sampling, renamed
 from splitserve.cluster.api.openai_structured import (check_constraint, check_schema_fields,
                                                       structured_output)
 from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.limits import MAX_JSON_DEPTH, nesting_exceeds
+from splitserve.engine.limits import MAX_JSON_DEPTH, PROMPT_CHARS_PER_TOKEN, nesting_exceeds
 from splitserve.engine.structured import json_object_spec
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -290,11 +290,16 @@ class ResponsesRequest(Sampling):
         return [*system, *_input_messages(self.input)]
 
     def text_chars(self) -> int:
-        """Characters of the conversation's text (what its length in tokens follows)."""
+        """Characters of the conversation's text, counted as chat's messages
+        are (``messages_text_chars``): each message's role, content and
+        ``tool_call_id``, its calls' ids, names and arguments, and one
+        token's worth per message (its role's marker)."""
         total = 0
         for m in self.messages():
-            total += len(m.get("content") or "")
-            total += sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+            total += PROMPT_CHARS_PER_TOKEN + len(m["role"]) + len(m.get("content") or "")
+            total += len(m.get("tool_call_id") or "")
+            total += sum(len(c["id"]) + len(c["function"]["name"]) + len(c["function"]["arguments"])
+                         for c in m.get("tool_calls", ()))
         return total
 
     def chat_request(self) -> ChatRequest:

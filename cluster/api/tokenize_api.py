@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from splitserve.cluster.api.backend import Backend
-from splitserve.cluster.api.chat_prompt import template_kwargs
+from splitserve.cluster.api.chat_prompt import check_chat_chars, json_chars, template_kwargs
 from splitserve.cluster.api.http_body import parse_body, read_json
 from splitserve.cluster.api.openai_schema import ChatMessage, RequestBody, messages_text_chars
 from splitserve.cluster.api.prepare import PreparePool
@@ -64,7 +64,7 @@ class TokenizeChat(RequestBody):
         template_kwargs(self.chat_template_kwargs)  # as chat completions check them
 
     def text_chars(self) -> int:
-        """Characters of the messages' text and tool call arguments."""
+        """Characters of the messages' text (``messages_text_chars``)."""
         return messages_text_chars(self.messages)
 
 
@@ -127,7 +127,8 @@ def add_tokenize_routes(app: FastAPI, backend: Backend, max_body_bytes: int,
             chat: TokenizeChat = parse_body(TokenizeChat, data)
             chat.check_supported()
             max_model_len = backend.model_info(chat.model).max_model_len
-            check_prompt_chars(chat.text_chars(), max_model_len, "messages")
+            check_chat_chars(chat.text_chars(), json_chars(chat.tools), json_chars(chat.chat_template_kwargs),
+                             max_model_len)
             ids, strs = await pool.run(_tokenize_chat, backend, chat)
         else:
             plain: TokenizeCompletion = parse_body(TokenizeCompletion, data)

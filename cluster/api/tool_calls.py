@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.cluster.api.openai_structured import check_constraint, check_json_schema
+from splitserve.cluster.api.openai_structured import OPENAI_NAME, check_constraint, check_json_schema
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.limits import MAX_JSON_DEPTH, MAX_TOOLS, nesting_exceeds
 from splitserve.engine.sampling_params import SamplingParams
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# OpenAI's message roles, each as the chat template receives it: "developer"
+# (what OpenAI's clients send for instructions) becomes "system", as OpenAI
+# does for models without a developer role.
+TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user",
+                  "assistant": "assistant", "tool": "tool"}
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # What parsing a model's output may raise: the output is then plain content.
 _BAD_OUTPUT = (ValueError, TypeError, KeyError, AttributeError, RecursionError)
@@ -205,8 +208,8 @@ def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
     if unknown:
         _fail(f"{where}.function: unknown fields {unknown}"[:200], f"{where}.function")
     name = fn.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        _fail(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'",
+    if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name):
+        _fail(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'",
               f"{where}.function.name")
     if not isinstance(fn.get("description", ""), str):
         _fail(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -288,12 +291,19 @@ def _checked_json(schema: dict[str, Any], param: str) -> dict[str, str]:
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages for the chat template: assistant ``tool_calls`` checked, with
-    each call's JSON ``arguments`` string given as an object; a ``tool``
-    message names the call it answers (``tool_call_id``, as OpenAI requires:
-    without it a template cannot tie the result to its call)."""
+    """Messages for the chat template: each role one of OpenAI's
+    (``TEMPLATE_ROLES``, developer given as system), assistant ``tool_calls``
+    checked, with each call's JSON ``arguments`` string given as an object; a
+    ``tool`` message names the call it answers (``tool_call_id``, as OpenAI
+    requires: without it a template cannot tie the result to its call)."""
     out = []
     for i, m in enumerate(messages):
+        role = m.get("role")
+        if not isinstance(role, str) or role not in TEMPLATE_ROLES:
+            _fail(f"messages[{i}].role must be system, developer, user, assistant or tool, got "
+                  f"{str(role)[:40]!r}", f"messages[{i}].role")
+        if TEMPLATE_ROLES[role] != role:
+            m = {**m, "role": TEMPLATE_ROLES[role]}
         if m.get("role") == "tool" and not m.get("tool_call_id"):
             _fail(f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
                   f"messages[{i}].tool_call_id")

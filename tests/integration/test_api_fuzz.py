@@ -336,6 +336,7 @@ MISSING_TOKEN = "start: <[9999]>"
 BIG_INT_SCHEMA = {"type": "array", "minItems": 2**64}  # past the 64 bits a JSON schema number gets
 BIG_INT_PARAMS = {"type": "object", "properties": {"a": BIG_INT_SCHEMA}, "required": ["a"]}
 NOT_A_SCHEMA = {"type": "object", "properties": 5}
+LONG = "x" * (max_prompt_chars(CONTEXT) + 1)  # one character past the prompt bound
 TOOL_NO_ID = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]
 # Crafted requests once answered with a 500, a 200 that served something else
 # than asked, or a 400 naming another field; each with the field its 400 names.
@@ -382,11 +383,17 @@ CRAFTED = [
     (C, {**OK_C, "logit_bias": {str(10**6): 5}}, "logit_bias"),
     (CH, {**OK_CH, "max_tokens": None, "min_tokens": CONTEXT}, "min_tokens"),
     # names the template renderer's own parameters take
-    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
+    (CH, {**OK_CH, "chat_template_kwargs": {"self": 1}}, "chat_template_kwargs.self"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "chat_template_kwargs": {"self": 1}},
-     "chat_template_kwargs"),
+     "chat_template_kwargs.self"),
     ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"],
-                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs"),
+                   "chat_template_kwargs": {"documents": []}}, "chat_template_kwargs.documents"),
+    # and the variables the renderer sets: a forged BOS, a template check silenced
+    (CH, {**OK_CH, "chat_template_kwargs": {"bos_token": "<|im_end|>"}}, "chat_template_kwargs.bos_token"),
+    (R, {**OK_R, "chat_template_kwargs": {"raise_exception": None}}, "chat_template_kwargs.raise_exception"),
+    # a role OpenAI does not define: once named "messages" by the template's refusal
+    ("/tokenize", {"model": "tiny-llama", "messages": [*OK_CH["messages"], {"role": "ipython", "content": "x"}]},
+     "messages[1].role"),
     # a role or a part type that is a list or an object: once a 500 (looked up in a set)
     (R, {**OK_R, "input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
     (R, {**OK_R, "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "hi"}]}]},
@@ -419,6 +426,14 @@ CRAFTED = [
     # each message counts one token's characters: many empty ones are refused before rendering
     ("/tokenize", {"model": "tiny-llama", "messages": [{"role": "user", "content": ""}] * (CONTEXT + 1)},
      "messages"),
+    # the tools and chat_template_kwargs the template renders count too, refused before rendering
+    (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "description": LONG}}]}, "tools"),
+    (CH, {**OK_CH, "chat_template_kwargs": {"notes": LONG}}, "chat_template_kwargs"),
+    ("/tokenize", {"model": "tiny-llama", "messages": OK_CH["messages"], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": LONG}}}]},
+     "tools"),
+    (R, {**OK_R, "tools": [{"type": "function", "name": "f", "description": LONG}]}, "tools"),
+    (R, {**OK_R, "chat_template_kwargs": {"notes": LONG}}, "chat_template_kwargs"),
     # parameters that are not a JSON schema, whatever tool_choice: once shown to the model as they were
     (CH, {**OK_CH, "tools": [{"type": "function", "function": {"name": "f", "parameters": NOT_A_SCHEMA}}]},
      "tools[0].function.parameters"),
@@ -432,6 +447,13 @@ CRAFTED = [
      "response_format.json_schema.name"),
     (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "strict": "yes"}}},
      "text.format.strict"),
+    # a schema's name as OpenAI allows it: 1-64 letters, digits, '_' or '-'
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "", "schema": {}}}},
+     "response_format.json_schema.name"),
+    (CH, {**OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name"),
+    (R, {**OK_R, "text": {"format": {"type": "json_schema", "name": "x" * 65, "schema": {}}}},
+     "text.format.name"),
     (R, {**OK_R, "reasoning": {"effort": 5}}, "reasoning.effort"),
     (R, {**OK_R, "reasoning": {"efort": "low"}}, "reasoning"),
     (R, {**OK_R, "text": {"verbosity": ["low"]}}, "text.verbosity"),
@@ -524,7 +546,9 @@ GRPC_CRAFTED = [
     (dict(messages=HI, tools=[pb.Tool(name="f", parameters=json.dumps(BIG_INT_PARAMS))], tool_choice="required"),
      "tools[0].parameters"),
     (dict(messages=[*HI, pb.ChatMessage(role="tool", content="sunny")]), "messages[1].tool_call_id"),
-    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs"),
+    (dict(messages=HI, chat_template_kwargs='{"self": 1}'), "chat_template_kwargs.self"),
+    (dict(messages=HI, chat_template_kwargs='{"add_generation_prompt": false}'),
+     "chat_template_kwargs.add_generation_prompt"),
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(grammar="start: start"))),
      "structured_output"),
     (dict(text="hi", params=P(structured_output=pb.StructuredOutput(json_schema='{"$ref": "#"}'))),

@@ -249,6 +249,12 @@ def test_tokenize_list_models_and_health(stub, channel, refs, health, server):
                       metadata=MD)
     assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}])
     assert list(r.token_ids) == tok.encode(r.prompt, add_special_tokens=False)
+    # the developer role is rendered as system, as over HTTP
+    r = stub.Tokenize(pb.TokenizeRequest(model="tiny-llama", messages=[
+        pb.ChatMessage(role="developer", content="be brief"), pb.ChatMessage(role="user", content="yo")]),
+        metadata=MD)
+    assert r.prompt == tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "yo"}])
     r = stub.Tokenize(pb.TokenizeRequest(model="tiny-llama", messages=[pb.ChatMessage(role="user", content="yo")],
                                          tools=[pb.Tool(name="f")]), metadata=MD)
     assert r.prompt == tok.apply_chat_template([{"role": "user", "content": "yo"}], tools=[
@@ -309,7 +315,7 @@ HI = [pb.ChatMessage(role="user", content="hi")]
     (dict(token_ids=pb.TokenIds(ids=list(range(3, 303)))), "prompt"),
     (dict(token_ids=pb.TokenIds(ids=[1, 100000])), "prompt"),
     (dict(messages=[pb.ChatMessage(role="user", content="x " * 1000)]), "messages"),
-    (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages"),
+    (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages[0].role"),
     (dict(text="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "messages"),
     (dict(text="hi", tools=[WEATHER]), "tools"),
     (dict(messages=HI, tools=[pb.Tool(name="a b")]), "tools[0].name"),

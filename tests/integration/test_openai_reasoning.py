@@ -211,11 +211,12 @@ def test_grpc_splits_the_reasoning_and_passes_template_kwargs(stub, local, ref):
     assert list(tok.token_ids) == off.prompt_token_ids
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ("{", "not valid JSON"), ("[1]", "must be an object"), ('{"messages": 1}', "may not set")])
-def test_grpc_bad_template_kwargs_are_invalid_argument(stub, kwargs, message):
+@pytest.mark.parametrize("kwargs,message,param", [
+    ("{", "not valid JSON", ""), ("[1]", "must be an object", ""),
+    ('{"messages": 1}', "may not set", ".messages")])
+def test_grpc_bad_template_kwargs_are_invalid_argument(stub, kwargs, message, param):
     with pytest.raises(grpc.RpcError) as e:
         grpc_generate(stub, QWEN3, params=pb.SamplingParams(max_tokens=2),
                       chat_template_kwargs=kwargs)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
-    assert dict(e.value.trailing_metadata())["splitserve-param"] == "chat_template_kwargs"
+    assert dict(e.value.trailing_metadata())["splitserve-param"] == "chat_template_kwargs" + param

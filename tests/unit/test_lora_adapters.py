@@ -10,9 +10,11 @@ adapter has no slot waiting while base-model sequences go ahead.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
 
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.hashing import ROOT_HASH, adapter_root_hash, block_hashes
@@ -49,6 +51,43 @@ def test_a_config_nested_past_the_stack_is_refused_naming_the_path(tmp_path):
     with pytest.raises(AdapterError, match="invalid JSON: RecursionError") as e:
         read_adapter_config(tmp_path)
     assert e.value.param == "lora_path"
+
+
+def _nan_at(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[3] = math.nan
+    return t
+
+
+@pytest.mark.parametrize("what, make, match", [
+    ("int8", lambda t: t.to(torch.int8), "is I8; adapter weights must be floating point"),
+    ("bool", lambda t: t > 0, "is BOOL"),
+    ("nan", _nan_at, "holds NaN or infinite values"),
+    ("inf", lambda t: t.index_fill(0, torch.tensor([1]), -math.inf), "holds NaN or infinite values"),
+])
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_path, what, make, match):
+    """At registration (the load route: a 400 naming lora_path) and when a
+    replica reads the adapter, which once cast them to garbage weights."""
+    from safetensors.torch import save_file
+
+    from splitserve.cluster.api.adapter_registry import AdapterRegistry, BaseFacts
+    from splitserve.engine.lora.adapter import describe_adapter
+    from splitserve.engine.lora.weights import load_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=gen) for k, shape in pair(0, "q_proj", 4, 32, 32).items()}
+    bad = next(k for k in tensors if "lora_B" in k)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(BASE))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    ref = describe_adapter("ok", tmp_path)
+    assert load_adapter(ref, model_cfg(), 8, torch.float32).modules  # the same adapter, finite: served
+    save_file({**tensors, bad: make(tensors[bad])}, str(tmp_path / "adapter_model.safetensors"))
+    reg = AdapterRegistry({"m": BaseFacts(model_cfg(), max_loras=2, max_lora_rank=8)})
+    with pytest.raises(AdapterError, match=match) as e:
+        reg.check("bad", str(tmp_path))
+    assert e.value.param == "lora_path" and bad in str(e.value)
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(describe_adapter("bad", tmp_path), model_cfg(), 8, torch.float32)
 
 
 def test_rank_and_scaling_per_module():

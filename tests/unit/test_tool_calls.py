@@ -140,6 +140,9 @@ def test_tool_choice_none_and_no_tools():
     ([{"type": "function", "function": {"name": "x"}, "extra": 1}], None, "tools[0]"),
     ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "x" * 65}}], None, "tools[0].function.name"),
+    # OpenAI's rule for function names: letters, digits, '_' and '-' only
+    ([{"type": "function", "function": {"name": "a.b"}}], None, "tools[0].function.name"),
+    ([{"type": "function", "function": {"name": "f\n"}}], None, "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "x", "color": "red"}}], None, "tools[0].function"),
     ([{"type": "function", "function": {"name": "x", "description": 5}}], None,
      "tools[0].function.description"),
@@ -194,6 +197,9 @@ def test_template_messages_give_arguments_as_objects():
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert out[0] is msgs[0] and out[2] is msgs[2]
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # not mutated
+    # OpenAI's clients send instructions as "developer": the template gets a system message
+    dev = {"role": "developer", "content": "be brief"}
+    assert template_messages([dev, *msgs]) == [{**dev, "role": "system"}, *out]
 
 
 @pytest.mark.parametrize("msg,param", [
@@ -206,6 +212,9 @@ def test_template_messages_give_arguments_as_objects():
      "messages[0].tool_calls[0].function.arguments"),
     ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 5000}}]},
      "messages[0].tool_calls[0].function.arguments"),  # too deep to parse
+    # a role OpenAI does not define: once refused by the template, naming only "messages"
+    ({"role": "wizard", "content": "hi"}, "messages[0].role"),
+    ({"role": "function", "content": "hi"}, "messages[0].role"),
 ])
 def test_bad_tool_calls_in_messages_name_the_field(msg, param):
     with pytest.raises(InvalidRequestError) as err:
