@@ -234,20 +234,19 @@ class ResponsesRequest(Sampling):
     # Accepted and ignored: reasoning effort and summaries (thinking is
     # switched with chat_template_kwargs), extra output (include: OpenAI's
     # values only, _INCLUDE), limits of
-    # built-in tools, stream obfuscation, cache retention.
+    # built-in tools, cache retention.
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     max_tool_calls: int | None = None
-    stream_options: dict[str, Any] | None = None
     prompt_cache_retention: str | None = None
+    stream_options: dict[str, Any] | None = None  # with stream only; obfuscation is not done
     # accepted at their default only
     background: bool | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        *Sampling.IGNORED, "reasoning", "include", "max_tool_calls", "stream_options",
-        "prompt_cache_retention")
+        *Sampling.IGNORED, "reasoning", "include", "max_tool_calls", "prompt_cache_retention")
     ONLY: ClassVar[dict[str, tuple[Any, str]]] = {
         **Sampling.ONLY,
         "background": (False, "responses run while the request is open"),

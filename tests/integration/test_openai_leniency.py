@@ -38,8 +38,7 @@ IGNORED_VALUES = {
     "prompt_cache_key": "conversation-7", "safety_identifier": "hash-1",
     "request_id": "req-1", "length_penalty": 1.5, "reasoning_effort": "low", "verbosity": "low",
     "reasoning": {"effort": "low", "summary": "auto"}, "include": ["reasoning.encrypted_content"],
-    "max_tool_calls": 2, "stream_options": {"include_obfuscation": False},
-    "prompt_cache_retention": "24h",
+    "max_tool_calls": 2, "prompt_cache_retention": "24h",
 }
 # a value other than the one accepted, of each field accepted at one value only
 OTHER_VALUES = {"use_beam_search": True, "return_tokens_as_token_ids": True,
