@@ -83,6 +83,12 @@ def test_serve_flag_errors_name_the_flag(capsys):
         capsys.readouterr().err
     assert main(["serve", "--max-num-seqs", "0", "--print-config"]) == 2
     assert "--max-num-seqs (models.0.model.max_num_seqs)" in capsys.readouterr().err
+    assert main(["serve", "--decode-replicas", "5000", "--print-config"]) == 2
+    assert capsys.readouterr().err == "error: --decode-replicas must be from 1 to 1024, got 5000\n"
+    assert main(["serve", "--mode", "colocated", "--prefill-replicas", "2", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("error: --prefill-replicas: a colocated model has no "
+                                       "prefill pool (one pool does both: size it with "
+                                       "--decode-replicas)\n")
 
 
 # -- traces ---------------------------------------------------------------------------
