@@ -102,8 +102,6 @@ def test_bad_flag_exits_2_with_the_reason(capsys):
 
 
 def test_tensor_parallel_size_sets_the_model_and_its_replicas_resources(tmp_path, capsys):
-    from splitserve.engine.roles import Role
-
     cfg = config_from_args(args_of("/models/tiny", "-tp", "2"))
     served = cfg.models[0]
     assert served.model.tensor_parallel_size == 2
