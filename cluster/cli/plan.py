@@ -11,6 +11,8 @@ from pathlib import Path
 
 from splitserve.cluster.cli.common import (fraction, int_list, interrupts_deferred, output_problem,
                                            positive, str_list)
+from splitserve.cluster.planning.sim.cli_args import (SYNTHETIC, check_no_synthetic_flags,
+                                                      check_span)
 
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
@@ -77,11 +79,13 @@ def add_subcommand(sub) -> None:
                    help="API key for a URL's /metrics (default: $SPLITSERVE_API_KEY)")
     w.add_argument("--rate", type=positive(float), default=None, metavar="R",
                    help="synthetic workload: mean requests/s")
-    w.add_argument("--input-len", default="uniform:64:512",
+    w.add_argument("--input-len", default=SYNTHETIC["input_len"],
                    help="synthetic: prompt tokens, N | uniform:LO:HI | normal:MEAN:STD[:LO:HI] | "
                         "lognormal:MU:SIGMA[:LO:HI]")
-    w.add_argument("--output-len", default="128", help="synthetic: output tokens, same forms")
-    w.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
+    w.add_argument("--output-len", default=SYNTHETIC["output_len"],
+                   help="synthetic: output tokens, same forms")
+    w.add_argument("--burstiness", type=positive(float), default=SYNTHETIC["burstiness"],
+                   metavar="SHAPE",
                    help="synthetic: gamma shape of the gaps (1 = Poisson, < 1 burstier)")
     w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
                    help="rate follows a day curve (peak and trough as multiples of --rate): "
@@ -291,6 +295,7 @@ def build_request(args, db):
         raise inputs.PlanInputError("give one workload: --trace FILE, --observed BENCH.json, or "
                                     "--rate R (with --input-len/--output-len)")
     if args.trace:
+        check_no_synthetic_flags(args)
         wl = inputs.from_trace(args.trace, args.time_scale, window=args.sim_requests)
     elif args.observed and all(o.startswith(("http://", "https://")) for o in args.observed):
         wl = _observe(args)
@@ -301,6 +306,7 @@ def build_request(args, db):
         wl = inputs.from_bench_record(args.observed[0], args.observed_run,
                                       window=args.sim_requests)
     else:
+        check_span(args.rate, args.sim_requests, "--sim-requests")
         diurnal = None
         if args.diurnal:
             try:

@@ -406,3 +406,32 @@ def test_profile_of_a_corrupt_safetensors_header_is_one_line(tmp_path, capsys):
     assert err.endswith(f"error: {weights}: unreadable safetensors file: Error while "
                         "deserializing header: header too large\n"), err
     assert not db.exists()
+
+
+# -- workload flags that cannot apply -----------------------------------------------------
+SAMPLE = "cluster/planning/samples/mooncake_sample.jsonl"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["simulate", "--config", GPU_CFG, *H100, "--trace", SAMPLE, "--input-len", "100",
+      "--burstiness", "2"],
+     "--input-len, --burstiness: synthetic arrivals only; a --trace brings its own lengths and "
+     "arrival times"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--trace", SAMPLE,
+      "--prefix-groups", "4"],
+     "--prefix-groups: synthetic arrivals only; a --trace brings its own lengths and arrival "
+     "times"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1e-9", "--num-requests", "3"],
+     "--num-requests 3 at --rate 1e-09 span about 3e+09 s, which is more than 366 days of "
+     "arrivals"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--duration", "1e12"],
+     "--duration 1e+12 s is more than 366 days of arrivals"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "1e-9"],
+     "--sim-requests 800 at --rate 1e-09 span about 8e+11 s, which is more than 366 days of "
+     "arrivals"),
+])
+def test_workload_flags_that_cannot_apply_are_refused(tmp_path, capsys, argv, message):
+    """A synthetic flag beside a trace was ignored; arrivals spread over
+    centuries simulated without end."""
+    assert main([*argv, "--db", str(tmp_path / "p.db")]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
