@@ -106,6 +106,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         archs = cfg.get("architectures") or []
+        if not isinstance(archs, list):  # a bare name would be read letter by letter
+            raise CheckpointError(f"{source}: 'architectures' must be a list of class names, "
+                                  f"got {type(archs).__name__} {archs!r}")
+        if not archs and not cfg.get("model_type"):
+            raise CheckpointError(f"{source}: no 'architectures' list, so no model class to "
+                                  f"load (a Hugging Face config.json names it)")
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise CheckpointError(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from splitserve.cluster.cli.common import (fraction, int_list, interrupts_deferred, output_problem,
                                            positive, str_list)
+from splitserve.cluster.planning.sim.cli_args import (SYNTHETIC, check_no_synthetic_flags,
+                                                      check_span)
 
 EXAMPLES = """examples:
   # Llama-3.1-8B chat on H100s and L40s (derived profiles), 40 req/s
@@ -77,11 +79,13 @@ def add_subcommand(sub) -> None:
                    help="API key for a URL's /metrics (default: $SPLITSERVE_API_KEY)")
     w.add_argument("--rate", type=positive(float), default=None, metavar="R",
                    help="synthetic workload: mean requests/s")
-    w.add_argument("--input-len", default="uniform:64:512",
+    w.add_argument("--input-len", default=SYNTHETIC["input_len"],
                    help="synthetic: prompt tokens, N | uniform:LO:HI | normal:MEAN:STD[:LO:HI] | "
                         "lognormal:MU:SIGMA[:LO:HI]")
-    w.add_argument("--output-len", default="128", help="synthetic: output tokens, same forms")
-    w.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
+    w.add_argument("--output-len", default=SYNTHETIC["output_len"],
+                   help="synthetic: output tokens, same forms")
+    w.add_argument("--burstiness", type=positive(float), default=SYNTHETIC["burstiness"],
+                   metavar="SHAPE",
                    help="synthetic: gamma shape of the gaps (1 = Poisson, < 1 burstier)")
     w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
                    help="rate follows a day curve (peak and trough as multiples of --rate): "
@@ -185,24 +189,47 @@ def _speculative(value: str) -> bool:
     return value == "off" or (bool(method) and sep == ":" and k.isdigit() and int(k) >= 1)
 
 
-def _space(args):
-    """The search space the flags describe; ValueError naming the flag."""
-    from splitserve.cluster.planning.planner.space import AUTOSCALING, SpaceSpec
+def _space(args, shape):
+    """The search space the flags describe, each value one the operator
+    config takes and, for --tensor-parallel, one ``shape`` splits over;
+    ValueError naming the flag."""
+    from splitserve.cluster.planning.planner.space import AUTOSCALING, SpaceSpec, tp_splits
 
+    blocks = int_list("--block-sizes", args.block_sizes)
+    bad = [b for b in blocks if b > 256 or b & (b - 1)]
+    if bad:
+        raise ValueError(f"--block-sizes {args.block_sizes!r}: block sizes are powers of two "
+                         f"up to 256, got {bad[0]}")
+    tps = int_list("--tensor-parallel", args.tensor_parallel)
+    if not any(tp_splits(shape, t) for t in tps):
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel!r}: {shape.name} splits over "
+                         f"none of these ({shape.num_heads} attention heads, "
+                         f"{shape.num_kv_heads} KV heads, intermediate size "
+                         f"{shape.intermediate_size})")
     return SpaceSpec(
         layouts=str_list("--layouts", args.layouts, LAYOUTS),
         max_num_seqs=int_list("--max-num-seqs", args.max_num_seqs),
-        max_num_batched_tokens=int_list("--max-num-batched-tokens", args.max_num_batched_tokens),
-        block_sizes=int_list("--block-sizes", args.block_sizes),
+        max_num_batched_tokens=int_list("--max-num-batched-tokens", args.max_num_batched_tokens,
+                                        minimum=16),
+        block_sizes=blocks,
         kv_dtypes=str_list("--kv-dtypes", args.kv_dtypes, KV_DTYPES),
         weight_dtypes=str_list("--weight-dtypes", args.weight_dtypes, WEIGHT_DTYPES),
-        tensor_parallel=int_list("--tensor-parallel", args.tensor_parallel),
+        tensor_parallel=tps,
         speculative=str_list("--speculative", args.speculative, _speculative,
                              "off or METHOD:K, e.g. ngram:4"),
         policies=str_list("--policies", args.policies, POLICIES),
         local_prefill=int_list("--local-prefill", args.local_prefill, minimum=0),
         autoscaling=str_list("--autoscaling", args.autoscaling, AUTOSCALING),
-        max_replicas=args.max_replicas, spec_acceptance=args.spec_acceptance)
+        max_replicas=_max_replicas(args.max_replicas), spec_acceptance=args.spec_acceptance)
+
+
+def _max_replicas(n: int) -> int:
+    """``--max-replicas`` within what a pool of the emitted config may hold."""
+    from splitserve.cluster.config.models import MAX_REPLICAS
+
+    if n > MAX_REPLICAS:
+        raise ValueError(f"--max-replicas {n}: a pool holds at most {MAX_REPLICAS} replicas")
+    return n
 
 
 def _floor(text: str) -> float | None:
@@ -268,6 +295,7 @@ def build_request(args, db):
         raise inputs.PlanInputError("give one workload: --trace FILE, --observed BENCH.json, or "
                                     "--rate R (with --input-len/--output-len)")
     if args.trace:
+        check_no_synthetic_flags(args)
         wl = inputs.from_trace(args.trace, args.time_scale, window=args.sim_requests)
     elif args.observed and all(o.startswith(("http://", "https://")) for o in args.observed):
         wl = _observe(args)
@@ -278,6 +306,7 @@ def build_request(args, db):
         wl = inputs.from_bench_record(args.observed[0], args.observed_run,
                                       window=args.sim_requests)
     else:
+        check_span(args.rate, args.sim_requests, "--sim-requests")
         diurnal = None
         if args.diurnal:
             try:
@@ -297,7 +326,7 @@ def build_request(args, db):
     offers = [inputs.parse_offer(h) for h in args.hardware]
     if not offers:
         offers = [inputs.Offer(k, 16) for k in db.hardware_keys() if not k.startswith("cpu:")]
-    space = _space(args)
+    space = _space(args, shape)
     req = PlanRequest(shape=shape, model_name=name, model_path=path, workload=wl, slo=slo,
                       offers=offers, max_ppl_increase=_floor(args.max_ppl_increase),
                       budget_per_hour=args.budget, space=space, finalists=args.finalists,

@@ -96,6 +96,7 @@ def cmd_profile(args) -> int:
     from splitserve.cluster.planning.db import ProfileDB, ProfileDBError, default_db_path
     from splitserve.cluster.planning.hardware import CatalogError
     from splitserve.cluster.planning.shapes import ShapeError
+    from splitserve.engine.errors import CheckpointError
 
     problem = None if args.list or args.serving_url else device_problem(args.device)
     if problem:
@@ -143,7 +144,7 @@ def cmd_profile(args) -> int:
                 db.close()
                 path.unlink(missing_ok=True)
             raise
-    except (ConfigError, ProfileDBError, CatalogError, ShapeError) as e:
+    except (ConfigError, ProfileDBError, CatalogError, ShapeError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from splitserve.cluster.config import ClusterConfig, ConfigError, load_config, parse_config
+from splitserve.cluster.config.models import MAX_REPLICAS
 
 # vLLM's spellings of the dtypes we support
 _DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
@@ -102,8 +103,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _fixed_pool(pool: dict[str, Any], n: int, flag: str) -> dict[str, Any]:
-    if n < 1:
-        raise ConfigError(f"{flag} must be at least 1, got {n}")
+    if not 1 <= n <= MAX_REPLICAS:
+        raise ConfigError(f"{flag} must be from 1 to {MAX_REPLICAS}, got {n}")
     return {**pool, "min_replicas": n, "max_replicas": n, "initial_replicas": None,
             "autoscaling": None}
 
@@ -141,6 +142,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     served["model"].update(model_updates)
     served.update(served_updates)
     if args.prefill_replicas is not None:
+        if served["mode"] == "colocated":  # the pool the flag sizes is not deployed
+            raise ConfigError("--prefill-replicas: a colocated model has no prefill pool (one "
+                              "pool does both: size it with --decode-replicas)")
         served["prefill"] = _fixed_pool(served["prefill"], args.prefill_replicas,
                                         "--prefill-replicas")
     if args.decode_replicas is not None:

@@ -178,11 +178,17 @@ class PoolEngineSpec(_Strict):
                                              "num_gpus per rank. None: the model's.")
 
 
+MAX_REPLICAS = 1024  # per pool; past it a typo's extra digits, not a cluster
+
+
 class PoolSpec(_Strict):
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas; at least 1 when the pool "
-                              "autoscales (its metrics come from running replicas).")
-    max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at first deploy; "
+    min_replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Fewest replicas; at least "
+                              "1 when the pool autoscales (its metrics come from running "
+                              "replicas).")
+    max_replicas: int = Field(1, ge=1, le=MAX_REPLICAS, description="Most replicas (at most "
+                              f"{MAX_REPLICAS} per pool).")
+    initial_replicas: int | None = Field(None, ge=0, le=MAX_REPLICAS, description="Replicas "
+                                         "at first deploy; "
                                          "None: min_replicas. Ignored when re-applied to a "
                                          "running pool.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves, per "

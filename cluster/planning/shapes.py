@@ -201,16 +201,21 @@ def shape_from_config_json(path: str | Path, name: str | None = None) -> ModelSh
     read with the engine's own config parser; its parameters counted on the
     engine's own model built on the meta device (``param_count``)."""
     from splitserve.cluster.planning.param_count import count_parameters, state_elements
+    from splitserve.engine.checkpoint_files import read_json
     from splitserve.engine.config import ModelConfig
     from splitserve.engine.errors import CheckpointError
 
     p = Path(path)
+    if not p.exists():
+        raise ShapeError(f"{p}: no such checkpoint folder")
     cfg_path = p / "config.json" if p.is_dir() else p
+    try:  # read_json's errors name the file: a folder, not JSON, not an object
+        mc = ModelConfig.from_hf(read_json(cfg_path, "model config"), str(cfg_path))
+    except (OSError, CheckpointError) as e:
+        raise ShapeError(f"cannot read the model shape: {e}") from None
     try:
-        raw = json.loads(cfg_path.read_text())
-        mc = ModelConfig.from_hf(raw, str(cfg_path))
         count = count_parameters(mc)
-    except (OSError, json.JSONDecodeError, CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         raise ShapeError(f"{cfg_path}: cannot read the model shape: {e}") from None
     state, state_fp32 = state_elements(mc)
     return ModelShape(

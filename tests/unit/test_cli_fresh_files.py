@@ -362,3 +362,76 @@ def test_draft_cost_ratio_must_be_finite(capsys):
         main(["simulate", "--config", GPU_CFG, "--rate", "1", "--num-requests", "1",
               "--draft-cost-ratio", "nan"])
     assert "argument --draft-cost-ratio: must be >= 0, got 'nan'" in capsys.readouterr().err
+
+
+# -- model folders ----------------------------------------------------------------------
+@pytest.mark.parametrize("config,message", [
+    ("[]", "cannot read the model shape: {d}/config.json: expected a JSON object, got list"),
+    ('{"architectures": "LlamaForCausalLM"}',
+     "cannot read the model shape: {d}/config.json: 'architectures' must be a list of class "
+     "names, got str 'LlamaForCausalLM'"),
+    ("{}", "cannot read the model shape: {d}/config.json: no 'architectures' list, so no model "
+           "class to load (a Hugging Face config.json names it)"),
+    (None, "cannot read the model shape: {d}: model config config.json not found"),
+])
+def test_a_model_folder_without_a_usable_config_is_one_line(tmp_path, capsys, config, message):
+    d = tmp_path / "model"
+    d.mkdir()
+    if config is not None:
+        (d / "config.json").write_text(config)
+    db = tmp_path / "p.db"
+    for argv in (["profile", "--model", str(d), "--fast", "--db", str(db)],
+                 ["plan", "--model", str(d), "--rate", "1", "--hardware", "h100-sxm:2",
+                  "--db", str(tmp_path / "plan.db")]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: {message.format(d=d)}\n"
+    assert not db.exists()  # profile checks the folder before creating its database
+
+
+def test_profile_of_a_corrupt_safetensors_header_is_one_line(tmp_path, capsys):
+    """The engine's checkpoint error, not a traceback; the database this run
+    would have created is not left behind."""
+    import shutil
+    import struct
+
+    from splitserve.engine.default_model import default_model_path
+
+    d = tmp_path / "model"
+    shutil.copytree(default_model_path(), d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 1 << 62) + weights.read_bytes()[8:64])
+    db = tmp_path / "p.db"
+    assert main(["profile", "--model", str(d), "--fast", "--no-quality", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {weights}: unreadable safetensors file: Error while "
+                        "deserializing header: header too large\n"), err
+    assert not db.exists()
+
+
+# -- workload flags that cannot apply -----------------------------------------------------
+SAMPLE = "cluster/planning/samples/mooncake_sample.jsonl"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["simulate", "--config", GPU_CFG, *H100, "--trace", SAMPLE, "--input-len", "100",
+      "--burstiness", "2"],
+     "--input-len, --burstiness: synthetic arrivals only; a --trace brings its own lengths and "
+     "arrival times"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--trace", SAMPLE,
+      "--prefix-groups", "4"],
+     "--prefix-groups: synthetic arrivals only; a --trace brings its own lengths and arrival "
+     "times"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1e-9", "--num-requests", "3"],
+     "--num-requests 3 at --rate 1e-09 span about 3e+09 s, which is more than 366 days of "
+     "arrivals"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--duration", "1e12"],
+     "--duration 1e+12 s is more than 366 days of arrivals"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "1e-9"],
+     "--sim-requests 800 at --rate 1e-09 span about 8e+11 s, which is more than 366 days of "
+     "arrivals"),
+])
+def test_workload_flags_that_cannot_apply_are_refused(tmp_path, capsys, argv, message):
+    """A synthetic flag beside a trace was ignored; arrivals spread over
+    centuries simulated without end."""
+    assert main([*argv, "--db", str(tmp_path / "p.db")]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -34,11 +34,11 @@ def test_model_and_vllm_flags_set_the_one_model():
 def test_served_model_name_endpoints_keys_pools_and_transport():
     cfg = config_from_args(args_of(
         "/ckpt", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "9000",
-        "--grpc-port", "9001", "--api-key", "k1", "--api-key", "k2", "--mode", "colocated",
+        "--grpc-port", "9001", "--api-key", "k1", "--api-key", "k2", "--mode", "disaggregated",
         "--decode-replicas", "3", "--prefill-replicas", "2", "--transport", "torch_dist",
         "--http-server", "ingress"))
     served = cfg.models[0]
-    assert (served.model.name, served.model.path, served.mode) == ("chat", "/ckpt", "colocated")
+    assert (served.model.name, served.model.path, served.mode) == ("chat", "/ckpt", "disaggregated")
     assert (served.decode.min_replicas, served.decode.max_replicas, served.decode.autoscaling) \
         == (3, 3, None)
     assert (served.prefill.min_replicas, served.prefill.max_replicas) == (2, 2)
@@ -73,7 +73,7 @@ def test_model_flags_are_refused_for_a_config_of_several_models(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (("--tensor-parallel-size", "0"), "--tensor-parallel-size must be at least 1"),
-    (("--decode-replicas", "0"), "--decode-replicas must be at least 1"),
+    (("--decode-replicas", "0"), "--decode-replicas must be from 1 to 1024, got 0"),
     (("--block-size", "24"), "block_size must be a power of two"),
     (("--port", "70000"), "endpoints.http_port"),
     (("--port", "0", "--http-server", "ingress"), "set a fixed http_port"),
@@ -102,8 +102,6 @@ def test_bad_flag_exits_2_with_the_reason(capsys):
 
 
 def test_tensor_parallel_size_sets_the_model_and_its_replicas_resources(tmp_path, capsys):
-    from splitserve.engine.roles import Role
-
     cfg = config_from_args(args_of("/models/tiny", "-tp", "2"))
     served = cfg.models[0]
     assert served.model.tensor_parallel_size == 2

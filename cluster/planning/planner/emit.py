@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from splitserve.cluster.config import ClusterConfig, parse_config
+from splitserve.cluster.config.models import MAX_REPLICAS
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def _pool(p: PoolPlan, role: str, plan: Plan, ctx: EmitContext) -> dict:
             low = max(1, math.ceil(n / 2))
         out.update(min_replicas=low, max_replicas=n, initial_replicas=n)
     else:  # burst: the plan's size, room for half as many again
-        out.update(min_replicas=n, max_replicas=max(n + 1, math.ceil(n * 1.5)))
+        out.update(min_replicas=n,
+                   max_replicas=min(MAX_REPLICAS, max(n + 1, math.ceil(n * 1.5))))
     if p.cpu:
         out.update(num_cpus=p.threads, num_gpus=0)
     else:  # per rank: a replica of tp ranks reserves tp GPUs

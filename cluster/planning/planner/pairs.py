@@ -163,6 +163,8 @@ def _prefill_variants(grid, up, tp_):
     each, the TTFTs of all its chunk sizes (ascending, inf padded), so pairs
     are scored once per prefill allocation and counted for every chunk size."""
     flat = np.flatnonzero(tp_.est_ok)
+    if not len(flat):  # no prefill row within the estimate: no pair either
+        return flat, np.empty((0, 1))
     pu, po, pr = np.unravel_index(flat, tp_.shape)
     ttft = tp_.metrics["ttft_p"].ravel()[flat]
     _, alloc = np.unique(np.stack([up.dev, up.tp, grid.shared_key[up.e]]), axis=1,

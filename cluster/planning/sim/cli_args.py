@@ -24,6 +24,11 @@ EXAMPLES = """examples:
 """
 
 
+# the synthetic workload's flags and their defaults: a --trace takes none of them
+SYNTHETIC = {"input_len": "uniform:64:512", "output_len": "128", "burstiness": 1.0,
+             "diurnal": None, "prefix_groups": 0, "prefix_tokens": 0}
+
+
 def add_simulate_arguments(p) -> None:
     import argparse
 
@@ -59,11 +64,12 @@ def add_simulate_arguments(p) -> None:
                    help="multiply the trace's gaps (0.5 = twice the rate)")
     w.add_argument("--rate", type=positive(float), default=None, metavar="R",
                    help="synthetic: mean requests/s")
-    w.add_argument("--burstiness", type=positive(float), default=1.0, metavar="SHAPE",
+    w.add_argument("--burstiness", type=positive(float), default=SYNTHETIC["burstiness"],
+                   metavar="SHAPE",
                    help="synthetic: gamma shape of the gaps (1 = Poisson)")
-    w.add_argument("--input-len", default="uniform:64:512", help="synthetic: prompt length "
+    w.add_argument("--input-len", default=SYNTHETIC["input_len"], help="synthetic: prompt length "
                    "distribution, as `splitserve bench` writes it (default: %(default)s)")
-    w.add_argument("--output-len", default="128",
+    w.add_argument("--output-len", default=SYNTHETIC["output_len"],
                    help="synthetic: output length distribution, same forms")
     w.add_argument("--diurnal", default=None, metavar="PERIOD:PEAK:TROUGH",
                    help="synthetic: rate follows a day curve, e.g. 86400:1.6:0.4 (peak and "
@@ -189,6 +195,7 @@ def workload_from_args(args):
     if args.trace and args.rate:
         raise ValueError("give --trace or --rate, not both")
     if args.trace:
+        check_no_synthetic_flags(args)
         it = read_trace(args.trace, args.time_scale)
         if args.num_requests is not None or args.duration is not None:
             it = _limit(it, args.num_requests, args.duration)
@@ -198,6 +205,7 @@ def workload_from_args(args):
                          "--duration")
     if args.num_requests is None and args.duration is None:
         raise ValueError("synthetic arrivals need --num-requests or --duration")
+    check_span(args.rate, args.num_requests, "--num-requests", args.duration)
     diurnal = None
     if args.diurnal:
         try:
@@ -215,6 +223,29 @@ def workload_from_args(args):
             + (f", {args.prefix_groups} shared prefixes of {args.prefix_tokens} tokens"
                if prefix else ""))
     return it, desc
+
+
+def check_no_synthetic_flags(args) -> None:
+    """With a trace: ValueError naming each synthetic-workload flag given
+    (it would be ignored: the trace brings its own lengths and arrivals)."""
+    given = [f"--{k.replace('_', '-')}" for k, v in SYNTHETIC.items() if getattr(args, k) != v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: synthetic arrivals only; a --trace brings its "
+                         "own lengths and arrival times")
+
+
+def check_span(rate: float, count: int | None, count_flag: str,
+               duration: float | None = None) -> None:
+    """ValueError when ``count`` synthetic arrivals at ``rate`` (or
+    ``duration``) would span more than a trace may: a unit slip, and a
+    simulation without end."""
+    from splitserve.cluster.planning.workload import MAX_SPAN_S
+
+    span = min(duration or float("inf"), (count or float("inf")) / rate)
+    if span > MAX_SPAN_S:
+        what = (f"--duration {duration:g} s" if span == duration else
+                f"{count_flag} {count} at --rate {rate:g} span about {span:.3g} s, which")
+        raise ValueError(f"{what} is more than {MAX_SPAN_S / 86400:.0f} days of arrivals")
 
 
 def _limit(it, n, duration):
