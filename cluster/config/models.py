@@ -178,7 +178,7 @@ class PoolEngineSpec(_Strict):
                                              "num_gpus per rank. None: the model's.")
 
 
-MAX_REPLICAS = 1024  # per pool; past it a typo's extra digits, not a cluster
+MAX_REPLICAS = 10_000  # per pool (tens of thousands of GPUs); past it a typo's extra digits
 
 
 class PoolSpec(_Strict):

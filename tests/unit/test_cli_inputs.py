@@ -60,7 +60,7 @@ def test_help_of_each_subcommand_prints_and_exits_0(capsys):
      "equal to 0"),
     (b"models:\n  - decode: {max_replicas: 99999999999999999999}\n",
      "models.0.decode.max_replicas (line 2, column 14): Input should be less than or equal "
-     "to 1024"),
+     "to 10000"),
 ])
 def test_bad_operator_yaml_is_one_line_naming_file_and_place(tmp_path, capsys, content, message):
     p = tmp_path / "cluster.yaml"
@@ -83,8 +83,8 @@ def test_serve_flag_errors_name_the_flag(capsys):
         capsys.readouterr().err
     assert main(["serve", "--max-num-seqs", "0", "--print-config"]) == 2
     assert "--max-num-seqs (models.0.model.max_num_seqs)" in capsys.readouterr().err
-    assert main(["serve", "--decode-replicas", "5000", "--print-config"]) == 2
-    assert capsys.readouterr().err == "error: --decode-replicas must be from 1 to 1024, got 5000\n"
+    assert main(["serve", "--decode-replicas", "50000", "--print-config"]) == 2
+    assert capsys.readouterr().err == "error: --decode-replicas must be from 1 to 10000, got 50000\n"
     assert main(["serve", "--mode", "colocated", "--prefill-replicas", "2", "--print-config"]) == 2
     assert capsys.readouterr().err == ("error: --prefill-replicas: a colocated model has no "
                                        "prefill pool (one pool does both: size it with "
@@ -176,7 +176,7 @@ def test_bad_flag_is_a_usage_error_naming_it(capsys, argv, message):
     (["--tensor-parallel", "3,5"], "--tensor-parallel '3,5': llama-3.1-8b splits over none of "
                                    "these (32 attention heads, 8 KV heads, intermediate size "
                                    "14336)"),
-    (["--max-replicas", "5000"], "--max-replicas 5000: a pool holds at most 1024 replicas"),
+    (["--max-replicas", "50000"], "--max-replicas 50000: a pool holds at most 10000 replicas"),
 ])
 def test_plan_search_space_values_are_checked(tmp_path, capsys, extra, message):
     rc = main(["plan", "--shape", "llama-3.1-8b", "--rate", "1", "--hardware", "h100-sxm:2",

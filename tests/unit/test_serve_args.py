@@ -73,7 +73,7 @@ def test_model_flags_are_refused_for_a_config_of_several_models(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (("--tensor-parallel-size", "0"), "--tensor-parallel-size must be at least 1"),
-    (("--decode-replicas", "0"), "--decode-replicas must be from 1 to 1024, got 0"),
+    (("--decode-replicas", "0"), "--decode-replicas must be from 1 to 10000, got 0"),
     (("--block-size", "24"), "block_size must be a power of two"),
     (("--port", "70000"), "endpoints.http_port"),
     (("--port", "0", "--http-server", "ingress"), "set a fixed http_port"),
