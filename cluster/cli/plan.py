@@ -307,15 +307,11 @@ def build_request(args, db):
                                       window=args.sim_requests)
     else:
         check_span(args.rate, args.sim_requests, "--sim-requests")
-        diurnal = None
-        if args.diurnal:
-            try:
-                period, peak, trough = (float(x) for x in args.diurnal.split(":"))
-            except ValueError:
-                raise inputs.PlanInputError(f"--diurnal {args.diurnal!r}: expected "
-                                            "PERIOD:PEAK:TROUGH") from None
-            diurnal = Diurnal(period, peak, trough)
-        prefix = PrefixSpec(args.prefix_groups, args.prefix_tokens) if args.prefix_groups else None
+        try:
+            diurnal = Diurnal.parse(args.diurnal) if args.diurnal else None
+            prefix = PrefixSpec.from_flags(args.prefix_groups, args.prefix_tokens)
+        except ValueError as e:
+            raise inputs.PlanInputError(str(e)) from None
         wl = inputs.synthetic_workload(
             args.rate, parse_length_dist(args.input_len), parse_length_dist(args.output_len),
             burstiness=args.burstiness, diurnal=diurnal, prefix=prefix, seed=args.seed,

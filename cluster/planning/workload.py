@@ -280,6 +280,24 @@ class Diurnal:
     peak: float = 1.6
     trough: float = 0.4
 
+    def __post_init__(self):
+        if not all(math.isfinite(v) for v in (self.period_s, self.peak, self.trough)):
+            raise ValueError("period, peak and trough must be finite numbers")
+        if self.period_s <= 0 or self.trough <= 0 or self.peak < self.trough:
+            raise ValueError(f"expected period > 0 and peak >= trough > 0, got period "
+                             f"{self.period_s:g}, peak {self.peak:g}, trough {self.trough:g}")
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--diurnal") -> "Diurnal":
+        """``PERIOD:PEAK:TROUGH``; ValueError naming ``flag``."""
+        try:
+            period, peak, trough = (float(x) for x in text.split(":"))
+            return cls(period, peak, trough)
+        except ValueError as e:
+            why = str(e) if "expected" in str(e) or "finite" in str(e) else \
+                "expected PERIOD:PEAK:TROUGH (seconds, then multiples of the mean rate)"
+            raise ValueError(f"{flag} {text!r}: {why}") from None
+
     def factor(self, t: float) -> float:
         return self.trough + (self.peak - self.trough) * (1 - math.cos(2 * math.pi * t / self.period_s)) / 2
 
@@ -302,6 +320,7 @@ class Diurnal:
 
 
 PREFIX_BLOCK_TOKENS = 16  # granularity of synthetic shared prefixes
+MAX_PREFIX_GROUPS = 1_000_000  # each group's popularity is one float drawn from per batch
 
 
 @dataclass(frozen=True)
@@ -313,6 +332,28 @@ class PrefixSpec:
     groups: int
     tokens: int
     zipf: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.groups <= MAX_PREFIX_GROUPS:
+            raise ValueError(f"--prefix-groups must be from 1 to {MAX_PREFIX_GROUPS}, "
+                             f"got {self.groups}")
+        if not PREFIX_BLOCK_TOKENS <= self.tokens <= MAX_TOKENS:
+            raise ValueError(f"--prefix-tokens must be from {PREFIX_BLOCK_TOKENS} (one "
+                             f"{PREFIX_BLOCK_TOKENS}-token block) to {MAX_TOKENS}, got {self.tokens}")
+        if not (math.isfinite(self.zipf) and self.zipf >= 0):
+            raise ValueError(f"prefix popularity exponent must be >= 0, got {self.zipf}")
+
+    @classmethod
+    def from_flags(cls, groups: int, tokens: int) -> "PrefixSpec | None":
+        """``--prefix-groups`` and ``--prefix-tokens``: both or neither."""
+        if not groups and not tokens:
+            return None
+        if not groups or not tokens:
+            given, missing = (("--prefix-groups", "--prefix-tokens") if groups else
+                              ("--prefix-tokens", "--prefix-groups"))
+            raise ValueError(f"{given} needs {missing}: shared prefixes take both a count and "
+                             "a length")
+        return cls(groups, tokens)
 
 
 def synthetic(rate: float, input_len: LengthDist, output_len: LengthDist, *, seed: int = 0,

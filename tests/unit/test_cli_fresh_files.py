@@ -429,9 +429,34 @@ SAMPLE = "cluster/planning/samples/mooncake_sample.jsonl"
     (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "1e-9"],
      "--sim-requests 800 at --rate 1e-09 span about 8e+11 s, which is more than 366 days of "
      "arrivals"),
+    # a curve, prefixes and a timeline step that cannot run (a division by zero, or no end)
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "3",
+      "--diurnal", "0:1:1"],
+     "--diurnal '0:1:1': expected period > 0 and peak >= trough > 0, got period 0, peak 1, "
+     "trough 1"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "1",
+      "--diurnal", "100:1:nan"],
+     "--diurnal '100:1:nan': period, peak and trough must be finite numbers"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "3",
+      "--prefix-groups", "999999999", "--prefix-tokens", "64"],
+     "--prefix-groups must be from 1 to 1000000, got 999999999"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "3",
+      "--prefix-groups", "2", "--prefix-tokens", "99999999999"],
+     "--prefix-tokens must be from 16 (one 16-token block) to 16777216, got 99999999999"),
+    (["plan", "--shape", "llama-3.1-8b", "--hardware", "h100-sxm:2", "--rate", "1",
+      "--prefix-tokens", "64"],
+     "--prefix-tokens needs --prefix-groups: shared prefixes take both a count and a length"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--num-requests", "3",
+      "--sample-s", "1e-9"],
+     "--sample-s 1e-09: the timeline's step is at least 0.001 s"),
+    (["simulate", "--config", GPU_CFG, *H100, "--rate", "1", "--duration", "86400",
+      "--sample-s", "0.001"],
+     "--sample-s 0.001: 8.64e+07 timeline points over 86400 s of arrivals, more than 10000000; "
+     "raise --sample-s"),
 ])
 def test_workload_flags_that_cannot_apply_are_refused(tmp_path, capsys, argv, message):
     """A synthetic flag beside a trace was ignored; arrivals spread over
-    centuries simulated without end."""
+    centuries, a million prefix groups or a nanosecond timeline step
+    simulated without end; a zero-length day divided by zero."""
     assert main([*argv, "--db", str(tmp_path / "p.db")]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"

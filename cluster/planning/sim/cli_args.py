@@ -25,6 +25,8 @@ EXAMPLES = """examples:
 
 
 # the synthetic workload's flags and their defaults: a --trace takes none of them
+MIN_SAMPLE_S = 1e-3  # the timeline's finest step
+MAX_SAMPLES = 10_000_000  # timeline points over a synthetic run's arrivals
 SYNTHETIC = {"input_len": "uniform:64:512", "output_len": "128", "burstiness": 1.0,
              "diurnal": None, "prefix_groups": 0, "prefix_tokens": 0}
 
@@ -206,14 +208,8 @@ def workload_from_args(args):
     if args.num_requests is None and args.duration is None:
         raise ValueError("synthetic arrivals need --num-requests or --duration")
     check_span(args.rate, args.num_requests, "--num-requests", args.duration)
-    diurnal = None
-    if args.diurnal:
-        try:
-            period, peak, trough = (float(x) for x in args.diurnal.split(":"))
-        except ValueError:
-            raise ValueError(f"--diurnal {args.diurnal!r}: expected PERIOD:PEAK:TROUGH") from None
-        diurnal = Diurnal(period, peak, trough)
-    prefix = PrefixSpec(args.prefix_groups, args.prefix_tokens) if args.prefix_groups else None
+    diurnal = Diurnal.parse(args.diurnal) if args.diurnal else None
+    prefix = PrefixSpec.from_flags(args.prefix_groups, args.prefix_tokens)
     it = synthetic(args.rate, parse_length_dist(args.input_len), parse_length_dist(args.output_len),
                    seed=args.seed, num_requests=args.num_requests, duration_s=args.duration,
                    burstiness=args.burstiness, diurnal=diurnal, prefix=prefix)
@@ -246,6 +242,19 @@ def check_span(rate: float, count: int | None, count_flag: str,
         what = (f"--duration {duration:g} s" if span == duration else
                 f"{count_flag} {count} at --rate {rate:g} span about {span:.3g} s, which")
         raise ValueError(f"{what} is more than {MAX_SPAN_S / 86400:.0f} days of arrivals")
+
+
+def check_sample(sample_s: float, args) -> None:
+    """ValueError when the timeline's step would make more points than a run
+    can hold (each is an event): --sample-s 1e-9 ran without end."""
+    if sample_s < MIN_SAMPLE_S:
+        raise ValueError(f"--sample-s {sample_s:g}: the timeline's step is at least "
+                         f"{MIN_SAMPLE_S:g} s")
+    span = args.duration or (args.num_requests / args.rate if args.rate and args.num_requests
+                             else None)
+    if span and span / sample_s > MAX_SAMPLES:
+        raise ValueError(f"--sample-s {sample_s:g}: {span / sample_s:.3g} timeline points over "
+                         f"{span:g} s of arrivals, more than {MAX_SAMPLES}; raise --sample-s")
 
 
 def _limit(it, n, duration):
@@ -285,6 +294,7 @@ def run_from_args(args) -> int:
                              f"{args.duration:g} s brings none; raise --rate or --duration")
         workload = itertools.chain([first], workload)
         sample_s = args.sample_s or (max(1.0, args.duration / 3000) if args.duration else 1.0)
+        check_sample(sample_s, args)
         spec = {}
         if args.spec_acceptance is not None:
             if not 0.0 <= args.spec_acceptance <= 1.0:
