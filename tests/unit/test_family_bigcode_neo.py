@@ -14,7 +14,6 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CheckpointError
 from splitserve.engine.loader import load_checkpoint
 from splitserve.engine.models import build_model
-from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from tests.unit.test_model_parity import ATOL, PROMPT, hf_logits, prompt_logits
 
 
@@ -97,21 +96,6 @@ def test_unsupported_options_are_refused(raw, match):
     with pytest.raises(CheckpointError, match=match) as e:
         ModelConfig.from_hf(raw)
     assert str(e.value).startswith("config.json")
-
-
-@pytest.mark.parametrize("raw", [bigcode_raw(), neo_raw()])
-def test_tensor_parallel_splits_by_heads_and_lora_stacks(raw):
-    cfg = ModelConfig.from_hf(raw)
-    check(cfg, 2)  # the position table whole on every rank, as the norms
-    with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
-        check(cfg, 3)
-    model = build_model(cfg, torch.float32, "cpu")
-    if cfg.family == "gpt_neo":
-        with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
-            model.enable_lora(2, 4)
-    else:  # c_attn's q/k/v parts, c_proj as o_proj, the MLP by its names (PEFT parity: test_lora_engine)
-        assert {name for _, name in model.enable_lora(2, 4)} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "c_fc", "c_proj"}
 
 
 def test_gpt_neo_mask_buffers_of_older_exports_are_skipped(parity_models, tiny_checkpoints):

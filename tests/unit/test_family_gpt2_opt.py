@@ -19,6 +19,7 @@ from splitserve.engine.models import build_model
 from splitserve.engine.parallel.plan import TensorParallelConfigError, check
 from splitserve.engine.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import COMMON, VARIANTS, hf_greedy, hf_model, write_hf_checkpoint
+from tests.unit.test_family_bigcode_neo import bigcode_raw, neo_raw
 from tests.unit.test_model_parity import ATOL, PROMPT, hf_logits, prompt_logits
 
 
@@ -91,14 +92,15 @@ def test_unsupported_options_are_refused(raw, match):
     assert str(e.value).startswith("config.json")
 
 
-@pytest.mark.parametrize("raw", [gpt2_raw(), opt_raw()])
+@pytest.mark.parametrize("raw", [gpt2_raw(), opt_raw(), bigcode_raw(), neo_raw()])
 def test_tensor_parallel_splits_by_heads_and_lora_stacks(raw):
+    # the learned-position-table families (GPT-BigCode's and GPT-Neo's configs: test_family_bigcode_neo)
     cfg = ModelConfig.from_hf(raw)
     check(cfg, 2)  # the position table whole on every rank, as the norms
     with pytest.raises(TensorParallelConfigError, match=r"num_attention_heads \(\d+\) is not a multiple"):
         check(cfg, 3)
     model = build_model(cfg, torch.float32, "cpu")
-    if cfg.family == "opt":
+    if cfg.family in ("opt", "gpt_neo"):
         with pytest.raises(CheckpointError, match="LoRA adapters are not supported"):
             model.enable_lora(2, 4)
     else:  # c_attn's q/k/v parts, c_proj as o_proj, the MLP by its names (PEFT parity: test_lora_engine)
